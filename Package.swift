@@ -1,0 +1,82 @@
+// swift-tools-version: 6.1
+//
+// STOQ: a kernel-bypass QUIC data plane for Linux, IPv6 only.
+// Dependencies point one way, down this list (see README "Architecture").
+import PackageDescription
+
+let systemQUIC: [LinkerSetting] = [
+    .linkedLibrary("ngtcp2_crypto_gnutls"),
+    .linkedLibrary("ngtcp2"),
+    .linkedLibrary("nghttp3"),
+    .linkedLibrary("gnutls"),
+]
+
+let package = Package(
+    name: "stoq",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "STOQ", targets: ["STOQ"]),
+        .executable(name: "stoq-node", targets: ["stoq-node"]),
+        .executable(name: "stoq", targets: ["stoq"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-asn1", from: "1.3.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+    ],
+    targets: [
+        // Shared vocabulary: addresses, time, errors. No I/O.
+        .target(name: "STOQCore"),
+
+        // C shim over ngtcp2 0.12 + ngtcp2_crypto_gnutls + GnuTLS + nghttp3.
+        .target(name: "CNgtcp2", linkerSettings: systemQUIC),
+        // Sans-IO QUIC endpoint + HTTP/3 session.
+        .target(
+            name: "STOQQUIC",
+            dependencies: ["STOQCore", "CNgtcp2", .product(name: "DequeModule", package: "swift-collections")]),
+
+        // The datapath contract, and its io_uring implementation.
+        .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
+        .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
+
+        // Pinned per-core loop: RX -> endpoint -> handlers -> TX.
+        .target(name: "STOQWorker", dependencies: ["STOQQUIC", "STOQDatapath", .product(name: "Logging", package: "swift-log")]),
+
+        .target(
+            name: "STOQConfig",
+            dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
+
+        .target(
+            name: "STOQNode",
+            dependencies: [
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]),
+        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore"]),
+
+        .executableTarget(
+            name: "stoq-node",
+            dependencies: ["STOQ", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(
+            name: "stoq",
+            dependencies: ["STOQ", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")]),
+
+        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC"], path: "Tests/STOQTestSupport"),
+
+        .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
+        .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
+        .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing"]),
+        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
+    ]
+)
