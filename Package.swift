@@ -37,7 +37,7 @@ let package = Package(
         // Sans-IO QUIC endpoint + HTTP/3 session.
         .target(
             name: "STOQQUIC",
-            dependencies: ["STOQCore", "CNgtcp2", .product(name: "DequeModule", package: "swift-collections")]),
+            dependencies: ["STOQCore", "CNgtcp2", .product(name: "HeapModule", package: "swift-collections")]),
 
         // The datapath contract, and its io_uring implementation.
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
@@ -47,6 +47,16 @@ let package = Package(
         // Pinned per-core loop: RX -> endpoint -> handlers -> TX.
         .target(name: "STOQWorker", dependencies: ["STOQQUIC", "STOQDatapath", .product(name: "Logging", package: "swift-log")]),
 
+        // TrustChain: identities, CA, ACME, transparency log (the embedded identity for now).
+        .target(
+            name: "STOQTrust",
+            dependencies: [
+                "STOQCore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]),
+
         .target(
             name: "STOQConfig",
             dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
@@ -54,11 +64,8 @@ let package = Package(
         .target(
             name: "STOQNode",
             dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig",
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig", "STOQTrust",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "X509", package: "swift-certificates"),
-                .product(name: "SwiftASN1", package: "swift-asn1"),
             ]),
         .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore"]),
 
@@ -71,7 +78,7 @@ let package = Package(
             dependencies: ["STOQ", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
-        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC"], path: "Tests/STOQTestSupport"),
+        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),

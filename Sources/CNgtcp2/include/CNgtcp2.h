@@ -1,1 +1,254 @@
-#pragma once
+/*
+ * CNgtcp2: the one place STOQ touches ngtcp2 0.12, ngtcp2_crypto_gnutls, GnuTLS
+ * and nghttp3.
+ *
+ * Why a shim: the libraries' headers are large, versioned through macros and full
+ * of callbacks; Swift sees only this small, stable, sans-IO surface. A connection
+ * here is QUIC + TLS + HTTP/3 together. It never opens a socket, reads a clock or
+ * starts a thread: callers pass datagrams and `now` (nanoseconds, monotonic) in,
+ * and get packets written into buffers they own. Bodies are zero-copy: a response
+ * body is a caller-owned memory region (an mmap of the object), and received bodies
+ * go straight to a file descriptor, so the per-packet path allocates nothing.
+ */
+#ifndef CNGTCP2_H
+#define CNGTCP2_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <netinet/in.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** The largest connection ID QUIC allows. */
+#define STOQ_MAX_CIDLEN 20
+/** The length of the connection IDs STOQ issues; byte 0 is the worker id. */
+#define STOQ_SCIDLEN 16
+/** Bytes of a static secret (tokens, stateless reset). */
+#define STOQ_SECRETLEN 32
+/** Longest request target STOQ accepts; longer gets 414. */
+#define STOQ_MAX_PATH 4096
+
+/* ---- TLS credentials ------------------------------------------------------ */
+
+/** GnuTLS certificate credentials for one role; immutable once made, shared by workers. */
+typedef struct stoq_tls_ctx stoq_tls_ctx;
+
+/** Loads a PEM certificate chain and key for serving. NULL with `err` filled on failure. */
+stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen);
+/** Client credentials: trust `ca_file` (PEM, may be NULL for the system store) or, with `insecure`, nothing. */
+stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, size_t errlen);
+/** Frees credentials. Only once no connection uses them. */
+void stoq_tls_free(stoq_tls_ctx *ctx);
+
+/* ---- Endpoint configuration ----------------------------------------------- */
+
+typedef struct stoq_conn stoq_conn;
+typedef struct stoq_stream stoq_stream;
+
+/** A request head as parsed by the server side. Strings are NUL-terminated, valid during the callback. */
+typedef struct stoq_request {
+  const char *method;
+  const char *path;
+  const char *authority;
+  const char *range;      /* "" when absent */
+  int64_t content_length; /* -1 when absent */
+  int path_too_long;      /* the path exceeded STOQ_MAX_PATH and was cut */
+  int malformed;          /* a pseudo-header was missing or repeated */
+  int has_body;           /* the stream did not end with the headers */
+} stoq_request;
+
+/** Application events. Each gets `ctx` back. Called on the connection's worker thread only. */
+typedef struct stoq_events {
+  void *ctx;
+  /** Server: a request head is complete. Respond now or later with stoq_stream_respond. */
+  void (*on_request)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_request *req);
+  /** Server: the request body (if any) ended; `aborted` when the peer reset the stream. */
+  void (*on_request_end)(void *ctx, stoq_conn *c, stoq_stream *s, int aborted);
+  /** Client: a response head arrived. */
+  void (*on_response)(void *ctx, stoq_conn *c, stoq_stream *s, int status, int64_t content_length);
+  /** Both: the stream is gone; the handle is invalid after this returns. */
+  void (*on_stream_close)(void *ctx, stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
+  /** Both: a connection ID of ours was added (`added`=1) or retired (0): keep the endpoint's table in step. */
+  void (*on_cid)(void *ctx, stoq_conn *c, const uint8_t *cid, size_t cidlen, int added);
+  /** Both: the handshake completed. */
+  void (*on_handshake)(void *ctx, stoq_conn *c);
+} stoq_events;
+
+/** Transport settings shared by an endpoint's connections. */
+typedef struct stoq_settings {
+  uint8_t cc_algo;              /* 0 reno, 1 cubic, 2 bbr, 3 bbr2 */
+  uint8_t worker_id;            /* first byte of every CID this endpoint issues */
+  int enable_retry;             /* server: stateless Retry before accepting */
+  int log;                      /* ngtcp2 debug log to stderr */
+  uint64_t idle_timeout;        /* ns */
+  uint64_t handshake_timeout;   /* ns */
+  uint64_t initial_max_data;
+  uint64_t initial_max_stream_data;
+  uint64_t max_window;
+  uint64_t max_stream_window;
+  uint64_t max_streams_bidi;
+  size_t max_udp_payload_size;
+  size_t ack_thresh;
+  uint8_t static_secret[STOQ_SECRETLEN];
+} stoq_settings;
+
+/** An endpoint's immutable context: role, credentials, settings, events. */
+typedef struct stoq_endpoint_ctx stoq_endpoint_ctx;
+
+/** Makes a context. `tls` must outlive it. `is_server` picks the role. */
+stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const stoq_settings *settings,
+                                         const stoq_events *events);
+/** Swaps the credentials new handshakes use (rotation); existing connections keep theirs. */
+void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls);
+void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep);
+
+/* ---- Stateless packet handling -------------------------------------------- */
+
+/** What the header of a received datagram says. */
+typedef struct stoq_pkt_ids {
+  uint32_t version;
+  int is_long;
+  size_t dcidlen, scidlen;
+  uint8_t dcid[STOQ_MAX_CIDLEN];
+  uint8_t scid[255];
+} stoq_pkt_ids;
+
+enum {
+  STOQ_PKT_OK = 0,
+  STOQ_PKT_VERSION_NEGOTIATION = 1, /* unknown version: answer with Version Negotiation */
+  STOQ_PKT_INVALID = -1,            /* not a QUIC packet we can route: drop and count */
+};
+
+/** Reads version and connection IDs (short headers: `short_dcidlen` bytes of DCID). */
+int stoq_pkt_decode_ids(const uint8_t *pkt, size_t len, size_t short_dcidlen, stoq_pkt_ids *out);
+/** Writes a Version Negotiation packet answering `ids`. Returns its length or <0. */
+ssize_t stoq_pkt_write_version_negotiation(uint8_t *buf, size_t cap, const stoq_pkt_ids *ids);
+/** Writes a Stateless Reset for a packet of `received_len` bytes to `dcid`. Returns its length, 0 if the packet was too small to answer, or <0. */
+ssize_t stoq_pkt_write_stateless_reset(const stoq_endpoint_ctx *ep, uint8_t *buf, size_t cap, const uint8_t *dcid,
+                                       size_t dcidlen, size_t received_len);
+
+/* ---- Connections ----------------------------------------------------------- */
+
+enum {
+  STOQ_ACCEPT_OK = 0,
+  STOQ_ACCEPT_DROP = 1,  /* not an acceptable Initial: drop and count */
+  STOQ_ACCEPT_REPLY = 2, /* `out` holds a Retry or a stateless CONNECTION_CLOSE to send back */
+};
+
+/** Server: accepts a client's first Initial. Returns the connection (the caller then feeds it the
+ *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. Announces the
+ *  client's original DCID and our first SCID through on_cid; `app` is set before that. */
+stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len,
+                            const struct sockaddr_in6 *local, const struct sockaddr_in6 *remote, uint64_t now,
+                            void *app, uint8_t *out, size_t outcap, ssize_t *outlen, int *action);
+
+/** Client: starts a connection to `remote`; `server_name` is verified against the certificate
+ *  (an IPv6 literal is checked against IP SANs, and is not sent as SNI). */
+stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, const struct sockaddr_in6 *local,
+                             const struct sockaddr_in6 *remote, uint64_t now, void *app, char *err, size_t errlen);
+
+/** Frees a connection (and every stream, releasing bodies). */
+void stoq_conn_free(stoq_conn *c);
+
+enum {
+  STOQ_CONN_OK = 0,
+  STOQ_CONN_CLOSE = -1,    /* fatal: write a CONNECTION_CLOSE with stoq_conn_write_close, then drop */
+  STOQ_CONN_DRAINING = -2, /* the peer closed: keep quiet until the drain deadline, then drop */
+  STOQ_CONN_DROP = -3,     /* drop now, silently (idle timeout, handshake timeout, hopeless) */
+};
+
+/** Feeds one received datagram. */
+int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, const struct sockaddr_in6 *local,
+                   const struct sockaddr_in6 *remote, uint64_t now);
+
+/** Writes as many packets as congestion, pacing and `max_pkts` allow into `buf` as one GSO run:
+ *  equal-size datagrams of `*segment_size` bytes, the last may be shorter. Returns the bytes
+ *  written (0: nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
+ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t *segment_size,
+                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
+
+/** Writes the CONNECTION_CLOSE for the connection's error (or a graceful close with `app_error`
+ *  when there is none). Returns its length, 0 if nothing is owed, or <0. */
+ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t app_error, uint64_t now);
+
+/** Next time stoq_conn_handle_expiry must run (ns, UINT64_MAX for never). */
+uint64_t stoq_conn_expiry(stoq_conn *c);
+/** Runs timers that are due. Returns STOQ_CONN_OK or an error as for read. */
+int stoq_conn_handle_expiry(stoq_conn *c, uint64_t now);
+/** The drain/closing deadline once closing or draining (3 PTO). */
+uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now);
+
+/** Starts a key update (for tests and for policy). Returns 0 or an ngtcp2 error code. */
+int stoq_conn_initiate_key_update(stoq_conn *c, uint64_t now);
+/** The connection's application pointer. */
+void stoq_conn_set_app(stoq_conn *c, void *app);
+void *stoq_conn_get_app(const stoq_conn *c);
+/** Handshake done? */
+int stoq_conn_is_established(const stoq_conn *c);
+/** The remote address of the current path. */
+void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
+/** The last error, human readable ("" if none). */
+const char *stoq_conn_error_string(const stoq_conn *c);
+
+/** Per-connection counters. */
+typedef struct stoq_conn_stats {
+  uint64_t bytes_in_flight, cwnd, smoothed_rtt_ns, min_rtt_ns, pkts_lost;
+  uint64_t body_bytes_received, body_bytes_sent;
+  uint64_t streams_open;
+} stoq_conn_stats;
+void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out);
+
+/* ---- HTTP/3 streams --------------------------------------------------------- */
+
+/** A response or request header beyond the pseudo-headers. */
+typedef struct stoq_header {
+  const char *name;
+  const char *value;
+} stoq_header;
+
+/** Server: answers a request. `body`/`body_len` is a region that stays valid until `release(arg)`
+ *  is called (at stream close); NULL/0 with `has_body` = 0 sends headers only (HEAD, errors). */
+int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
+                        const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg);
+
+/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond. */
+stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
+                                      const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
+                                      int has_body, void (*release)(void *), void *arg, void *app, char *err,
+                                      size_t errlen);
+
+/** Routes the peer's body for this stream to `fd` (pwrite from `offset`; -1 discards). At most
+ *  `limit` bytes are accepted; more resets the stream. With `hash` the body's SHA-256 is kept. */
+void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash);
+/** Body bytes received so far, and whether writing them to the sink failed (errno, 0 if fine). */
+uint64_t stoq_stream_received(const stoq_stream *s);
+int stoq_stream_sink_errno(const stoq_stream *s);
+/** Copies the SHA-256 of the received body (32 bytes) once the body has ended. Returns 0 if available. */
+int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]);
+/** Whether the peer finished the body (fin seen). */
+int stoq_stream_body_complete(const stoq_stream *s);
+/** Abandons a stream in both directions with an HTTP/3 error code. */
+void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
+/** Per-stream application pointer. */
+void stoq_stream_set_app(stoq_stream *s, void *app);
+void *stoq_stream_get_app(const stoq_stream *s);
+int64_t stoq_stream_id(const stoq_stream *s);
+
+/** HTTP/3 error codes the application uses. */
+#define STOQ_H3_NO_ERROR 0x0100
+#define STOQ_H3_INTERNAL_ERROR 0x0102
+#define STOQ_H3_REQUEST_REJECTED 0x010b
+#define STOQ_H3_REQUEST_CANCELLED 0x010c
+#define STOQ_H3_EXCESSIVE_LOAD 0x0107
+#define STOQ_H3_MESSAGE_ERROR 0x010e
+
+/** Random bytes from GnuTLS's CSPRNG. */
+int stoq_random(uint8_t *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

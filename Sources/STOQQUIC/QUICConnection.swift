@@ -1,0 +1,156 @@
+import CNgtcp2
+import STOQCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One QUIC connection (with its TLS session and HTTP/3 session), owned by one
+/// endpoint on one worker thread.
+public final class QUICConnection {
+    enum State {
+        case active
+        /// We sent CONNECTION_CLOSE; answer further packets with it until the deadline.
+        case closing(deadline: Timestamp, packet: [UInt8])
+        /// The peer closed; stay silent until the deadline.
+        case draining(deadline: Timestamp)
+    }
+
+    let raw: OpaquePointer
+    unowned let endpoint: QUICEndpoint
+    var state: State = .active
+    /// CIDs this connection answers to in the endpoint's table.
+    var cids: [ConnectionID] = []
+    /// The deadline it is scheduled at in the endpoint's timer heap.
+    var scheduled: Timestamp = .max
+    var isDirty = false
+    var removed = false
+    var closeReason = ""
+    var closeResends = 0
+
+    /// The peer's address as first seen (the path may migrate; packets go where ngtcp2 says).
+    public let peer: IPv6Endpoint
+    /// The local address the connection arrived on.
+    public let local: IPv6Endpoint
+    /// An application value.
+    public var userData: AnyObject?
+
+    init(raw: OpaquePointer, endpoint: QUICEndpoint, peer: IPv6Endpoint, local: IPv6Endpoint) {
+        self.raw = raw
+        self.endpoint = endpoint
+        self.peer = peer
+        self.local = local
+    }
+
+    deinit { stoq_conn_free(raw) }
+
+    /// The handshake completed.
+    public var isEstablished: Bool { stoq_conn_is_established(raw) != 0 }
+    /// Closing or draining.
+    public var isClosed: Bool { if case .active = state { false } else { true } }
+
+    /// Live transport numbers.
+    public var stats: stoq_conn_stats {
+        var s = stoq_conn_stats()
+        stoq_conn_get_stats(raw, &s)
+        return s
+    }
+
+    /// The last error, if any.
+    public var errorDescription: String { String(cString: stoq_conn_error_string(raw)) }
+
+    /// Server: answers `stream` with `status`, `headers` and a body sent zero-copy from `body`
+    /// (nil: headers only). Returns false when HTTP/3 refused (the stream is then reset).
+    @discardableResult
+    public func respond(_ stream: HTTPStream, status: Int, headers: [(String, String)] = [], body: BodyRegion?) -> Bool {
+        let rc = withCHeaders(headers) { hdrs, n in
+            if let body {
+                let arg = Unmanaged.passRetained(body).toOpaque()
+                let rc = stoq_stream_respond(raw, stream.raw, Int32(status), hdrs, n,
+                                             body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
+                                             releaseBody, arg)
+                return rc
+            }
+            return stoq_stream_respond(raw, stream.raw, Int32(status), hdrs, n, nil, 0, 0, nil, nil)
+        }
+        endpoint.markDirty(self)
+        if rc != 0 { reset(stream, errorCode: H3Error.internalError); return false }
+        return true
+    }
+
+    /// Client: sends a request; the body (if any) is sent zero-copy from `body`.
+    public func request(method: String, authority: String, path: String, headers: [(String, String)] = [],
+                        body: BodyRegion? = nil) throws(QUICError) -> HTTPStream {
+        var err = [CChar](repeating: 0, count: 256)
+        let s: OpaquePointer? = withCHeaders(headers) { hdrs, n in
+            if let body {
+                let arg = Unmanaged.passRetained(body).toOpaque()
+                let s = stoq_conn_submit_request(raw, method, authority, path, hdrs, n,
+                                                 body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
+                                                 releaseBody, arg, nil, &err, err.count)
+                if s == nil { Unmanaged<BodyRegion>.fromOpaque(arg).release() }
+                return s
+            }
+            return stoq_conn_submit_request(raw, method, authority, path, hdrs, n, nil, 0, 0, nil, nil, nil,
+                                            &err, err.count)
+        }
+        guard let s else { throw QUICError(.stream, String(cString: err)) }
+        endpoint.markDirty(self)
+        return HTTPStream(raw: s)
+    }
+
+    /// Abandons a stream in both directions.
+    public func reset(_ stream: HTTPStream, errorCode: UInt64) {
+        stoq_stream_reset(raw, stream.raw, errorCode)
+        endpoint.markDirty(self)
+    }
+
+    /// Starts a TLS key update (RFC 9001 §6).
+    public func initiateKeyUpdate(now: Timestamp) -> Bool {
+        let ok = stoq_conn_initiate_key_update(raw, now) == 0
+        endpoint.markDirty(self)
+        return ok
+    }
+
+    /// Closes the connection gracefully with an HTTP/3 application code.
+    public func close(errorCode: UInt64 = H3Error.noError, now: Timestamp) {
+        endpoint.close(self, errorCode: errorCode, now: now)
+    }
+}
+
+private func releaseBody(_ arg: UnsafeMutableRawPointer?) {
+    guard let arg else { return }
+    Unmanaged<BodyRegion>.fromOpaque(arg).release()
+}
+
+/// Calls `body` with the headers as C strings (valid only during the call).
+func withCHeaders<R>(_ headers: [(String, String)], _ body: (UnsafePointer<stoq_header>?, Int) -> R) -> R {
+    if headers.isEmpty { return body(nil, 0) }
+    var strings: [UnsafeMutablePointer<CChar>] = []
+    strings.reserveCapacity(headers.count * 2)
+    var list: [stoq_header] = []
+    list.reserveCapacity(headers.count)
+    for (n, v) in headers {
+        let cn = strdup(n)!, cv = strdup(v)!
+        strings.append(cn)
+        strings.append(cv)
+        list.append(stoq_header(name: cn, value: cv))
+    }
+    defer { strings.forEach { free($0) } }
+    return list.withUnsafeBufferPointer { body($0.baseAddress, $0.count) }
+}
+
+/// A QUIC failure.
+public struct QUICError: Error, Sendable, CustomStringConvertible {
+    /// What failed.
+    public struct Code: Hashable, Sendable {
+        let name: String
+        public static let connect = Code(name: "connect")
+        public static let stream = Code(name: "stream")
+        public static let tls = Code(name: "tls")
+        public static let closed = Code(name: "closed")
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    public var description: String { "\(code.name): \(message)" }
+}

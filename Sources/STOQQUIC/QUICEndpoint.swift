@@ -1,0 +1,536 @@
+import CNgtcp2
+import HeapModule
+import STOQCore
+
+/// What an endpoint counted. Plain integers: an endpoint belongs to one worker thread.
+public struct EndpointCounters: Sendable {
+    public var datagramsIn: UInt64 = 0
+    public var datagramsOut: UInt64 = 0
+    /// Not a QUIC packet we can parse (too short, bad header, oversized CID).
+    public var droppedMalformed: UInt64 = 0
+    /// For a connection we do not know and cannot answer.
+    public var droppedUnknown: UInt64 = 0
+    /// Initials refused (connection limit, bad token, not an Initial).
+    public var droppedInitials: UInt64 = 0
+    /// Replies we could not queue (reply queue full).
+    public var droppedReplies: UInt64 = 0
+    public var versionNegotiations: UInt64 = 0
+    public var retriesSent: UInt64 = 0
+    public var statelessResets: UInt64 = 0
+    public var connectionsAccepted: UInt64 = 0
+    public var connectionsClosed: UInt64 = 0
+    /// Connections that ended with an error (handshake failure, protocol violation, timeout).
+    public var connectionErrors: UInt64 = 0
+    public init() {}
+}
+
+/// One datagram run to send: `length` bytes at the start of the caller's buffer, cut
+/// into `segmentSize` datagrams (the last may be shorter).
+public struct Transmit: Sendable {
+    public var length: Int
+    public var segmentSize: Int
+    public var destination: IPv6Endpoint
+    public var ecn: ECN
+}
+
+/// A sans-IO QUIC endpoint (server or client): it takes datagrams and `now`, and writes
+/// packets into buffers the caller owns. It never opens a socket, reads a clock or starts
+/// a thread (quinn-proto's cut), so it runs the same in a worker and in a test.
+public final class QUICEndpoint {
+    /// Server or client.
+    public let isServer: Bool
+    /// The worker id carried in byte 0 of every CID this endpoint issues.
+    public let workerID: UInt8
+    public let settings: QUICSettings
+    /// Counters.
+    public private(set) var counters = EndpointCounters()
+    /// The application that handles requests and responses.
+    public var application: QUICApplication?
+
+    private var ctx: OpaquePointer!
+    private var credentials: TLSCredentials
+    private var table: [ConnectionID: QUICConnection] = [:]
+    private var connections: [ObjectIdentifier: QUICConnection] = [:]
+    private var timers = Heap<TimerEntry>()
+    private var dirty: [QUICConnection] = []
+    private var replies: ReplyQueue
+    private let scratch: UnsafeMutableRawBufferPointer
+
+    /// Creates an endpoint. `secret` must be shared by all workers of a node.
+    public init(isServer: Bool, credentials: TLSCredentials, settings: QUICSettings, workerID: UInt8,
+                secret: StaticSecret) {
+        self.isServer = isServer
+        self.workerID = workerID
+        self.settings = settings
+        self.credentials = credentials
+        self.replies = ReplyQueue(slots: 256, slotSize: 1500)
+        self.scratch = .allocate(byteCount: 65536, alignment: 16)
+        dirty.reserveCapacity(1024)
+        var raw = settings.raw(workerID: workerID, secret: secret.bytes)
+        var ev = stoq_events()
+        ev.ctx = Unmanaged.passUnretained(self).toOpaque()
+        ev.on_request = onRequest
+        ev.on_request_end = onRequestEnd
+        ev.on_response = onResponse
+        ev.on_stream_close = onStreamClose
+        ev.on_cid = onCID
+        ev.on_handshake = onHandshake
+        ctx = stoq_endpoint_ctx_new(isServer ? 1 : 0, credentials.raw, &raw, &ev)
+    }
+
+    deinit {
+        for c in connections.values { c.removed = true }
+        connections.removeAll()
+        table.removeAll()
+        timers = Heap()
+        dirty.removeAll()
+        stoq_endpoint_ctx_free(ctx)
+        scratch.deallocate()
+        replies.deallocate()
+    }
+
+    /// Number of live connections (including closing ones).
+    public var connectionCount: Int { connections.count }
+
+    /// All live connections.
+    public var allConnections: some Collection<QUICConnection> { connections.values }
+
+    /// Swaps the credentials new handshakes use (certificate rotation); established
+    /// connections keep the session they have.
+    public func replaceCredentials(_ creds: TLSCredentials) {
+        credentials = creds
+        stoq_endpoint_ctx_set_tls(ctx, creds.raw)
+    }
+
+    // MARK: Receive
+
+    /// Handles one received datagram.
+    public func handle(datagram: UnsafeRawBufferPointer, from peer: IPv6Endpoint, to local: IPv6Endpoint, ecn: ECN,
+                       now: Timestamp) {
+        counters.datagramsIn &+= 1
+        guard let base = datagram.baseAddress?.assumingMemoryBound(to: UInt8.self), datagram.count > 0 else {
+            counters.droppedMalformed &+= 1
+            return
+        }
+        var ids = stoq_pkt_ids()
+        let rc = stoq_pkt_decode_ids(base, datagram.count, Int(STOQ_SCIDLEN), &ids)
+        if rc == Int32(STOQ_PKT_INVALID) {
+            counters.droppedMalformed &+= 1
+            return
+        }
+        if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
+            guard isServer else { counters.droppedUnknown &+= 1; return }
+            counters.versionNegotiations &+= 1
+            queueReply(to: peer) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
+            return
+        }
+        let dcid = withUnsafeBytes(of: &ids.dcid) { ConnectionID(UnsafeRawBufferPointer(rebasing: $0[0..<ids.dcidlen])) }
+        if let conn = table[dcid] {
+            deliver(conn, base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
+            return
+        }
+        guard isServer else { counters.droppedUnknown &+= 1; return }
+        if ids.is_long == 0 {
+            // A short-header packet for a connection we do not have: tell the peer with a
+            // stateless reset so it stops waiting (RFC 9000 §10.3).
+            let ctx = self.ctx
+            let size = datagram.count
+            let queued = withUnsafeBytes(of: &ids.dcid) { cid in
+                queueReply(to: peer) { buf, cap in
+                    stoq_pkt_write_stateless_reset(ctx, buf, cap, cid.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                                                   ids.dcidlen, size)
+                }
+            }
+            if queued { counters.statelessResets &+= 1 } else { counters.droppedUnknown &+= 1 }
+            return
+        }
+        accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
+    }
+
+    private func accept(_ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint,
+                        ecn: ECN, now: Timestamp) {
+        guard connections.count < settings.maxConnections else {
+            counters.droppedInitials &+= 1
+            return
+        }
+        var localSA = local.sockaddr, peerSA = peer.sockaddr
+        var outlen = 0
+        var action: Int32 = 0
+        let holder = ConnectionHolder()
+        let app = Unmanaged.passUnretained(holder).toOpaque()
+        pendingHolder = holder
+        defer { pendingHolder = nil }
+        let raw = stoq_conn_accept(ctx, base, count, &localSA, &peerSA, now, app, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
+        guard let raw else {
+            if action == Int32(STOQ_ACCEPT_REPLY), outlen > 0 {
+                let n = outlen
+                let src = scratch
+                if queueReply(to: peer, { buf, cap in
+                    guard n <= cap else { return -1 }
+                    buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
+                    return n
+                }) { counters.retriesSent &+= 1 }
+            } else {
+                counters.droppedInitials &+= 1
+            }
+            return
+        }
+        let conn = QUICConnection(raw: raw, endpoint: self, peer: peer, local: local)
+        stoq_conn_set_app(raw, Unmanaged.passUnretained(conn).toOpaque())
+        connections[ObjectIdentifier(conn)] = conn
+        for cid in holder.cids { register(cid, conn) }
+        counters.connectionsAccepted &+= 1
+        deliver(conn, base, count, from: peer, to: local, ecn: ecn, now: now)
+    }
+
+    private func deliver(_ conn: QUICConnection, _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint,
+                         to local: IPv6Endpoint, ecn: ECN, now: Timestamp) {
+        switch conn.state {
+        case .active:
+            var localSA = local.sockaddr, peerSA = peer.sockaddr
+            let rc = stoq_conn_read(conn.raw, base, count, ecn.rawValue, &localSA, &peerSA, now)
+            after(conn, rc: rc, now: now)
+        case .closing(_, let packet):
+            // Repeat our CONNECTION_CLOSE, but ever more rarely (RFC 9000 §10.2.1).
+            conn.closeResends += 1
+            if conn.closeResends & (conn.closeResends - 1) == 0 {
+                _ = packet.withUnsafeBytes { p in
+                    queueReply(to: peer) { buf, cap in
+                        guard p.count <= cap else { return -1 }
+                        buf.update(from: p.baseAddress!.assumingMemoryBound(to: UInt8.self), count: p.count)
+                        return p.count
+                    }
+                }
+            }
+        case .draining:
+            break
+        }
+    }
+
+    /// Applies the outcome of a read or timer.
+    private func after(_ conn: QUICConnection, rc: Int32, now: Timestamp) {
+        switch rc {
+        case Int32(STOQ_CONN_OK):
+            markDirty(conn)
+            schedule(conn)
+        case Int32(STOQ_CONN_CLOSE):
+            conn.closeReason = conn.errorDescription
+            counters.connectionErrors &+= 1
+            beginClosing(conn, errorCode: H3Error.noError, now: now)
+        case Int32(STOQ_CONN_DRAINING):
+            conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
+            schedule(conn, force: true)
+        default:
+            conn.closeReason = conn.errorDescription
+            if conn.closeReason.isEmpty { conn.closeReason = "dropped" }
+            if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { counters.connectionErrors &+= 1 }
+            remove(conn)
+        }
+    }
+
+    // MARK: Connect (client)
+
+    /// Starts a client connection to `remote`, verifying the certificate for `serverName`.
+    public func connect(to remote: IPv6Endpoint, from local: IPv6Endpoint, serverName: String,
+                        now: Timestamp) throws(QUICError) -> QUICConnection {
+        var localSA = local.sockaddr, remoteSA = remote.sockaddr
+        var err = [CChar](repeating: 0, count: 256)
+        let holder = ConnectionHolder()
+        pendingHolder = holder
+        defer { pendingHolder = nil }
+        guard let raw = stoq_conn_connect(ctx, serverName, &localSA, &remoteSA, now,
+                                          Unmanaged.passUnretained(holder).toOpaque(), &err, err.count) else {
+            throw QUICError(.connect, String(cString: err))
+        }
+        let conn = QUICConnection(raw: raw, endpoint: self, peer: remote, local: local)
+        stoq_conn_set_app(raw, Unmanaged.passUnretained(conn).toOpaque())
+        connections[ObjectIdentifier(conn)] = conn
+        for cid in holder.cids { register(cid, conn) }
+        markDirty(conn)
+        schedule(conn)
+        return conn
+    }
+
+    // MARK: Transmit
+
+    /// Writes the next datagram run into `buffer` (at most `maxSegments` datagrams), or
+    /// returns nil when nothing is owed now. Call until nil or out of buffers.
+    public func pollTransmit(into buffer: UnsafeMutableRawBufferPointer, maxSegments: Int, now: Timestamp) -> Transmit? {
+        if let t = replies.pop(into: buffer) {
+            counters.datagramsOut &+= 1
+            return t
+        }
+        while let conn = dirty.last {
+            guard case .active = conn.state, !conn.removed else {
+                dirty.removeLast()
+                conn.isDirty = false
+                continue
+            }
+            var seg = 0
+            var remote = sockaddr_in6()
+            var ecn: UInt8 = 0
+            let n = stoq_conn_write(conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
+                                    maxSegments, &seg, &remote, &ecn, now)
+            if n > 0 {
+                schedule(conn)
+                let segments = (n + seg - 1) / max(seg, 1)
+                counters.datagramsOut &+= UInt64(segments)
+                return Transmit(length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
+                                ecn: ECN(rawValue: ecn & 3) ?? .notECT)
+            }
+            dirty.removeLast()
+            conn.isDirty = false
+            if n < 0 {
+                after(conn, rc: Int32(n), now: now)
+                if let t = replies.pop(into: buffer) {
+                    counters.datagramsOut &+= 1
+                    return t
+                }
+            } else {
+                schedule(conn)
+            }
+        }
+        return nil
+    }
+
+    // MARK: Timers
+
+    /// When `handleTimeouts` must next run, or nil for never.
+    public func nextTimeout() -> Timestamp? {
+        while let top = timers.min {
+            if top.connection.removed || top.connection.scheduled != top.deadline {
+                _ = timers.removeMin()
+                continue
+            }
+            return top.deadline
+        }
+        return nil
+    }
+
+    /// Runs every timer due at `now`.
+    public func handleTimeouts(now: Timestamp) {
+        while let top = timers.min, top.deadline <= now {
+            _ = timers.removeMin()
+            let conn = top.connection
+            guard !conn.removed, conn.scheduled == top.deadline else { continue }
+            conn.scheduled = .max
+            switch conn.state {
+            case .active:
+                if stoq_conn_expiry(conn.raw) <= now {
+                    after(conn, rc: stoq_conn_handle_expiry(conn.raw, now), now: now)
+                } else {
+                    schedule(conn)
+                }
+            case .closing(let deadline, _), .draining(let deadline):
+                if deadline <= now { remove(conn) } else { schedule(conn) }
+            }
+        }
+    }
+
+    // MARK: Closing
+
+    /// Closes every connection gracefully (node shutdown).
+    public func closeAll(errorCode: UInt64 = H3Error.noError, now: Timestamp) {
+        for conn in Array(connections.values) { close(conn, errorCode: errorCode, now: now) }
+    }
+
+    func close(_ conn: QUICConnection, errorCode: UInt64, now: Timestamp) {
+        guard case .active = conn.state, !conn.removed else { return }
+        beginClosing(conn, errorCode: errorCode, now: now)
+    }
+
+    private func beginClosing(_ conn: QUICConnection, errorCode: UInt64, now: Timestamp) {
+        let n = stoq_conn_write_close(conn.raw, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                                      min(scratch.count, 1500), errorCode, now)
+        guard n > 0 else {
+            remove(conn)
+            return
+        }
+        let packet = Array(UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+        conn.state = .closing(deadline: stoq_conn_close_deadline(conn.raw, now), packet: packet)
+        var remote = sockaddr_in6()
+        stoq_conn_remote(conn.raw, &remote)
+        _ = packet.withUnsafeBytes { p in
+            queueReply(to: IPv6Endpoint(remote)) { buf, cap in
+                guard p.count <= cap else { return -1 }
+                buf.update(from: p.baseAddress!.assumingMemoryBound(to: UInt8.self), count: p.count)
+                return p.count
+            }
+        }
+        schedule(conn, force: true)
+    }
+
+    private func remove(_ conn: QUICConnection) {
+        guard !conn.removed else { return }
+        conn.removed = true
+        for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
+        conn.cids.removeAll()
+        connections.removeValue(forKey: ObjectIdentifier(conn))
+        counters.connectionsClosed &+= 1
+        application?.connectionClosed(connection: conn, reason: conn.closeReason)
+    }
+
+    // MARK: Bookkeeping
+
+    func markDirty(_ conn: QUICConnection) {
+        guard !conn.isDirty, !conn.removed else { return }
+        conn.isDirty = true
+        dirty.append(conn)
+    }
+
+    private func schedule(_ conn: QUICConnection, force: Bool = false) {
+        if force { conn.scheduled = .max }
+        let deadline: Timestamp
+        switch conn.state {
+        case .active: deadline = stoq_conn_expiry(conn.raw)
+        case .closing(let d, _), .draining(let d): deadline = d
+        }
+        guard deadline < conn.scheduled else { return }
+        conn.scheduled = deadline
+        timers.insert(TimerEntry(deadline: deadline, connection: conn))
+    }
+
+    fileprivate func register(_ cid: ConnectionID, _ conn: QUICConnection) {
+        table[cid] = conn
+        conn.cids.append(cid)
+    }
+
+    fileprivate func unregister(_ cid: ConnectionID, _ conn: QUICConnection) {
+        if table[cid] === conn { table.removeValue(forKey: cid) }
+        if let i = conn.cids.firstIndex(of: cid) { conn.cids.remove(at: i) }
+    }
+
+    /// Holds CIDs announced while a connection is being created, before its object exists.
+    fileprivate var pendingHolder: ConnectionHolder?
+
+    @discardableResult
+    private func queueReply(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
+        if replies.push(to: peer, write) { return true }
+        counters.droppedReplies &+= 1
+        return false
+    }
+
+    fileprivate static func from(_ ctx: UnsafeMutableRawPointer?) -> QUICEndpoint {
+        Unmanaged<QUICEndpoint>.fromOpaque(ctx!).takeUnretainedValue()
+    }
+}
+
+/// Collects CIDs for a connection under construction.
+final class ConnectionHolder {
+    var cids: [ConnectionID] = []
+}
+
+struct TimerEntry: Comparable {
+    var deadline: Timestamp
+    var connection: QUICConnection
+    static func < (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline < b.deadline }
+    static func == (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline == b.deadline && a.connection === b.connection }
+}
+
+/// Stateless replies (Version Negotiation, Retry, Stateless Reset, repeated CONNECTION_CLOSE)
+/// in fixed slots allocated once: answering a flood never allocates.
+struct ReplyQueue {
+    let storage: UnsafeMutableRawBufferPointer
+    let slotSize: Int
+    let slots: Int
+    var lengths: [Int]
+    var peers: [IPv6Endpoint]
+    var head = 0
+    var count = 0
+
+    init(slots: Int, slotSize: Int) {
+        self.slots = slots
+        self.slotSize = slotSize
+        storage = .allocate(byteCount: slots * slotSize, alignment: 16)
+        lengths = Array(repeating: 0, count: slots)
+        peers = Array(repeating: IPv6Endpoint(address: .any, port: 0), count: slots)
+    }
+
+    func deallocate() { storage.deallocate() }
+
+    mutating func push(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
+        guard count < slots else { return false }
+        let i = (head + count) % slots
+        let p = (storage.baseAddress! + i * slotSize).assumingMemoryBound(to: UInt8.self)
+        let n = write(p, slotSize)
+        guard n > 0 else { return false }
+        lengths[i] = n
+        peers[i] = peer
+        count += 1
+        return true
+    }
+
+    mutating func pop(into buffer: UnsafeMutableRawBufferPointer) -> Transmit? {
+        guard count > 0 else { return nil }
+        let n = lengths[head]
+        let src = UnsafeRawBufferPointer(start: storage.baseAddress! + head * slotSize, count: n)
+        buffer.copyMemory(from: src)
+        let t = Transmit(length: n, segmentSize: n, destination: peers[head], ecn: .notECT)
+        head = (head + 1) % slots
+        count -= 1
+        return t
+    }
+}
+
+// MARK: C event trampolines
+
+private func connection(_ c: OpaquePointer?) -> QUICConnection? {
+    guard let p = stoq_conn_get_app(c) else { return nil }
+    return Unmanaged<QUICConnection>.fromOpaque(p).takeUnretainedValue()
+}
+
+private let onCID: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, UnsafePointer<UInt8>?, Int, Int32) -> Void = {
+    ctx, c, cid, len, added in
+    let ep = QUICEndpoint.from(ctx)
+    let id = ConnectionID(pointer: cid!, count: len)
+    if let holder = ep.pendingHolder, stoq_conn_get_app(c) == Unmanaged.passUnretained(holder).toOpaque() {
+        if added != 0 { holder.cids.append(id) } else { holder.cids.removeAll { $0 == id } }
+        return
+    }
+    guard let conn = connection(c) else { return }
+    if added != 0 { ep.register(id, conn) } else { ep.unregister(id, conn) }
+}
+
+private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UnsafePointer<stoq_request>?) -> Void = {
+    ctx, c, s, req in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s, let r = req?.pointee else { return }
+    let request = HTTPRequest(
+        method: String(cString: r.method), path: String(cString: r.path), authority: String(cString: r.authority),
+        range: String(cString: r.range), contentLength: r.content_length >= 0 ? r.content_length : nil,
+        pathTooLong: r.path_too_long != 0, malformed: r.malformed != 0, hasBody: r.has_body != 0)
+    if let app = ep.application {
+        app.request(request, stream: HTTPStream(raw: s), connection: conn)
+    } else {
+        conn.reset(HTTPStream(raw: s), errorCode: H3Error.requestRejected)
+    }
+}
+
+private let onRequestEnd: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, Int32) -> Void = {
+    ctx, c, s, aborted in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s else { return }
+    ep.application?.requestEnded(stream: HTTPStream(raw: s), connection: conn, aborted: aborted != 0)
+    ep.markDirty(conn)
+}
+
+private let onResponse: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, Int32, Int64) -> Void = {
+    ctx, c, s, status, length in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s else { return }
+    ep.application?.response(status: Int(status), contentLength: length >= 0 ? length : nil, stream: HTTPStream(raw: s),
+                             connection: conn)
+}
+
+private let onStreamClose: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UInt64) -> Void = {
+    ctx, c, s, code in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s else { return }
+    ep.application?.streamClosed(stream: HTTPStream(raw: s), connection: conn, errorCode: code)
+}
+
+private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c) else { return }
+    ep.application?.handshakeCompleted(connection: conn)
+}

@@ -1,0 +1,75 @@
+import CNgtcp2
+import Foundation
+
+/// Congestion controllers ngtcp2 0.12 offers.
+public enum CongestionControl: String, Sendable, CaseIterable {
+    case reno, cubic, bbr, bbr2
+
+    var raw: UInt8 {
+        switch self {
+        case .reno: 0
+        case .cubic: 1
+        case .bbr: 2
+        case .bbr2: 3
+        }
+    }
+}
+
+/// Transport settings for an endpoint's connections. Defaults suit a high
+/// bandwidth-delay path on a 1500-byte MTU.
+public struct QUICSettings: Sendable, Equatable {
+    public var congestionControl: CongestionControl = .cubic
+    /// Send a stateless Retry before accepting (address validation under attack).
+    public var retry = false
+    public var idleTimeout: UInt64 = 30 * 1_000_000_000
+    public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
+    public var initialMaxData: UInt64 = 16 << 20
+    public var initialMaxStreamData: UInt64 = 8 << 20
+    public var maxWindow: UInt64 = 64 << 20
+    public var maxStreamWindow: UInt64 = 32 << 20
+    public var maxStreamsBidi: UInt64 = 256
+    /// UDP payload per packet: 1452 fills a 1500-byte Ethernet MTU over IPv6.
+    public var maxUDPPayloadSize: Int = 1452
+    /// Packets received before an ACK is owed.
+    public var ackThreshold: Int = 2
+    /// ngtcp2's debug log on stderr.
+    public var debugLog = ProcessInfo.processInfo.environment["STOQ_NGTCP2_LOG"] != nil
+    /// The most connections the endpoint keeps; further Initials are refused.
+    public var maxConnections: Int = 10_000
+
+    public init() {}
+
+    func raw(workerID: UInt8, secret: [UInt8]) -> stoq_settings {
+        var s = stoq_settings()
+        s.cc_algo = congestionControl.raw
+        s.worker_id = workerID
+        s.enable_retry = retry ? 1 : 0
+        s.log = debugLog ? 1 : 0
+        s.idle_timeout = idleTimeout
+        s.handshake_timeout = handshakeTimeout
+        s.initial_max_data = initialMaxData
+        s.initial_max_stream_data = initialMaxStreamData
+        s.max_window = maxWindow
+        s.max_stream_window = maxStreamWindow
+        s.max_streams_bidi = maxStreamsBidi
+        s.max_udp_payload_size = maxUDPPayloadSize
+        s.ack_thresh = ackThreshold
+        withUnsafeMutableBytes(of: &s.static_secret) { dst in
+            for i in 0..<min(dst.count, secret.count) { dst[i] = secret[i] }
+        }
+        return s
+    }
+}
+
+/// A 32-byte secret that makes Retry tokens and stateless reset tokens. Every
+/// worker of a node shares one, so that any of them can answer for the others.
+public struct StaticSecret: Sendable {
+    public let bytes: [UInt8]
+    /// A fresh random secret.
+    public static func random() -> StaticSecret {
+        var b = [UInt8](repeating: 0, count: Int(STOQ_SECRETLEN))
+        _ = b.withUnsafeMutableBytes { stoq_random($0.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.count) }
+        return StaticSecret(bytes: b)
+    }
+    public init(bytes: [UInt8]) { self.bytes = bytes }
+}

@@ -1,0 +1,211 @@
+import Crypto
+import Foundation
+import STOQCore
+import STOQQUIC
+import STOQTestSupport
+import Testing
+
+/// Serves one in-memory object at any path; PUT bodies go to a temp file.
+final class MemoryServer: QUICApplication {
+    var object: [UInt8]
+    var requests: [HTTPRequest] = []
+    var uploads: [Int64: Int32] = [:]
+    var uploadedSHA: [UInt8]?
+    init(object: [UInt8]) { self.object = object }
+
+    func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        requests.append(request)
+        if request.method == "PUT" {
+            stream.setBodySink(fd: -1, hash: true)
+            return
+        }
+        connection.respond(stream, status: 200, headers: [("content-length", "\(object.count)")],
+                           body: BodyRegion(copying: object))
+    }
+
+    func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+        guard requests.last?.method == "PUT" else { return }
+        uploadedSHA = stream.bodySHA256()
+        connection.respond(stream, status: 201, body: nil)
+    }
+}
+
+/// Records what the client saw.
+final class RecordingClient: QUICApplication {
+    var status: Int?
+    var closedCode: UInt64?
+    var sha: [UInt8]?
+    var received: UInt64 = 0
+    var handshakes = 0
+    var closedReason: String?
+    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        self.status = status
+        stream.setBodySink(fd: -1, hash: true)
+    }
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        closedCode = errorCode
+        sha = stream.bodySHA256()
+        received = stream.bytesReceived
+    }
+    func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
+    func connectionClosed(connection: QUICConnection, reason: String) { closedReason = reason }
+}
+
+func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
+    var rng = SeededRandom(seed: seed)
+    return (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) }
+}
+
+@Suite(.serialized) struct QUICEndpointTests {
+    let identity: TestIdentity
+    init() throws { identity = try TestIdentity() }
+
+    /// Handshake then GET; returns the client recorder.
+    func download(size: Int, serverSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+                  midway: ((EndpointPair, QUICConnection) -> Void)? = nil) throws -> (RecordingClient, [UInt8], EndpointPair) {
+        let pair = try EndpointPair(identity: identity, serverSettings: serverSettings, link: link)
+        let object = randomBytes(size, seed: UInt64(size))
+        let server = MemoryServer(object: object)
+        let client = RecordingClient()
+        pair.server.application = server
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        if let midway {
+            pair.run { client.received > 0 || client.closedCode != nil }
+            midway(pair, conn)
+        }
+        #expect(pair.run(for: 600_000_000_000) { client.closedCode != nil })
+        return (client, object, pair)
+    }
+
+    @Test func downloadsByteIdentical() throws {
+        for size in [0, 1, 1200, 100_000, 3 << 20] {
+            let (client, object, _) = try download(size: size)
+            #expect(client.status == 200)
+            #expect(client.closedCode == H3Error.noError)
+            #expect(client.received == UInt64(size))
+            #expect(client.sha == Array(SHA256.hash(data: object)), "size \(size)")
+        }
+    }
+
+    @Test func survivesLossAndReordering() throws {
+        let link = SimulatedLink(delay: 10_000_000, lossRate: 0.05, reorderRate: 0.1, reorderDelay: 8_000_000, seed: 7)
+        let (client, object, pair) = try download(size: 2 << 20, link: link)
+        #expect(pair.toClient.lost > 0, "the link must actually have lost packets")
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+    }
+
+    @Test func uploadsBody() throws {
+        let pair = try EndpointPair(identity: identity)
+        let server = MemoryServer(object: [])
+        let client = RecordingClient()
+        pair.server.application = server
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        let body = randomBytes(1 << 20, seed: 99)
+        _ = try conn.request(method: "PUT", authority: "x", path: "/objects/up", body: BodyRegion(copying: body))
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 201)
+        #expect(server.uploadedSHA == Array(SHA256.hash(data: body)))
+    }
+
+    @Test func retryThenServe() throws {
+        var settings = QUICSettings()
+        settings.retry = true
+        let (client, object, pair) = try download(size: 50_000, serverSettings: settings)
+        #expect(pair.server.counters.retriesSent == 1)
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+    }
+
+    @Test func keyUpdateMidTransfer() throws {
+        var updated = false
+        let (client, object, _) = try download(size: 4 << 20) { pair, conn in
+            updated = conn.initiateKeyUpdate(now: pair.now)
+        }
+        #expect(updated)
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+    }
+
+    @Test func refusesUntrustedCertificate() throws {
+        let pair = try EndpointPair(identity: identity)
+        pair.server.application = MemoryServer(object: [])
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect(serverName: "fd00::99")  // not in the certificate's SANs
+        pair.run(for: 5_000_000_000) { client.closedReason != nil }
+        #expect(!conn.isEstablished)
+        #expect(client.closedReason != nil)
+        #expect(pair.client.counters.connectionErrors >= 1)
+    }
+
+    @Test func versionNegotiationForUnknownVersion() throws {
+        let pair = try EndpointPair(identity: identity)
+        var pkt = [UInt8](repeating: 0, count: 1200)
+        pkt[0] = 0xC0
+        pkt[1...4] = [0x1a, 0x2a, 0x3a, 0x4a]
+        pkt[5] = 8
+        for i in 0..<8 { pkt[6 + i] = UInt8(i + 1) }
+        pkt[14] = 4
+        for i in 0..<4 { pkt[15 + i] = UInt8(0xA0 + i) }
+        let prober = IPv6Endpoint(address: IPv6Address("fd00::77")!, port: 999)
+        pair.inject(pkt, from: prober)
+        pair.run(for: 1_000_000_000) { !pair.strayReplies.isEmpty }
+        #expect(pair.server.counters.versionNegotiations == 1)
+        let vn = try #require(pair.strayReplies.first)
+        #expect(vn[1...4] == [0, 0, 0, 0])  // version 0 = Version Negotiation
+        #expect(vn.count >= 7 + 4 + 8 + 4)
+        let versions = stride(from: 7 + 4 + 8, to: vn.count, by: 4).map { Array(vn[$0..<$0 + 4]) }
+        #expect(versions.contains([0, 0, 0, 1]))
+    }
+
+    @Test func malformedDatagramsAreDroppedAndCounted() throws {
+        let pair = try EndpointPair(identity: identity)
+        let junk = IPv6Endpoint(address: IPv6Address("fd00::66")!, port: 1)
+        var rng = SeededRandom(seed: 3)
+        for len in [0, 1, 2, 5, 6, 7, 20, 100, 1199] {
+            var b = (0..<len).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            if len > 0 { b[0] |= 0x80 }  // long header so it is not a short-header probe
+            pair.inject(b, from: junk)
+        }
+        pair.run(for: 1_000_000_000) { false }
+        let c = pair.server.counters
+        #expect(c.droppedMalformed + c.droppedInitials == 9, "\(c)")
+        #expect(pair.server.connectionCount == 0)
+        // and the server still serves
+        let (client, object, _) = try download(size: 10_000)
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+    }
+
+    @Test func statelessResetForUnknownShortHeader() throws {
+        let pair = try EndpointPair(identity: identity)
+        var pkt = randomBytes(100, seed: 5)
+        pkt[0] = 0x40
+        pair.inject(pkt, from: IPv6Endpoint(address: IPv6Address("fd00::55")!, port: 2))
+        pair.run(for: 1_000_000_000) { !pair.strayReplies.isEmpty }
+        #expect(pair.server.counters.statelessResets == 1)
+        let reset = try #require(pair.strayReplies.first)
+        #expect(reset.count < 100)
+        #expect(reset[0] & 0xC0 == 0x40)
+    }
+
+    @Test func idleTimeoutRemovesConnections() throws {
+        var settings = QUICSettings()
+        settings.idleTimeout = 2_000_000_000
+        let (_, _, pair) = try download(size: 1000, serverSettings: settings)
+        #expect(pair.server.connectionCount == 1)
+        pair.run(for: 10_000_000_000) { pair.server.connectionCount == 0 }
+        #expect(pair.server.connectionCount == 0)
+    }
+
+    @Test func gracefulCloseReachesThePeer() throws {
+        let (client, _, pair) = try download(size: 1000)
+        pair.server.closeAll(now: pair.now)
+        pair.run(for: 5_000_000_000) { client.closedReason != nil && pair.server.connectionCount == 0 }
+        #expect(client.closedReason != nil)
+        #expect(pair.server.connectionCount == 0)
+        #expect(pair.client.connectionCount == 0)
+    }
+}
