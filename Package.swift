@@ -45,7 +45,8 @@ let package = Package(
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
 
         // Pinned per-core loop: RX -> endpoint -> handlers -> TX.
-        .target(name: "STOQWorker", dependencies: ["STOQQUIC", "STOQDatapath", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "CSTOQSystem"),
+        .target(name: "STOQWorker", dependencies: ["STOQQUIC", "STOQDatapath", "CSTOQSystem", .product(name: "Logging", package: "swift-log")]),
 
         // TrustChain: identities, CA, ACME, transparency log (the embedded identity for now).
         .target(

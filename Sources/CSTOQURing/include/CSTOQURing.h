@@ -1,1 +1,81 @@
-#pragma once
+/*
+ * CSTOQURing: STOQ's io_uring UDP engine.
+ *
+ * Why C: this is the packet path. One engine is one socket and one ring, owned by
+ * one worker thread: receive is a single multishot recvmsg over a provided-buffer
+ * ring (GRO-coalesced batches land in 64 KiB buffers), transmit is SENDMSG from a
+ * fixed pool of slots with UDP_SEGMENT (GSO). Everything is allocated at open; the
+ * steady state allocates nothing. Offloads the kernel refuses are turned off at run
+ * time, counted, and never lose a datagram.
+ */
+#ifndef CSTOQURING_H
+#define CSTOQURING_H
+
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** Feature bits; the same values as STOQDatapath's DatapathFeatures. */
+enum {
+  STOQ_URING_F_GSO = 1 << 0,
+  STOQ_URING_F_GRO = 1 << 1,
+  STOQ_URING_F_ECN = 1 << 2,
+  STOQ_URING_F_MULTISHOT = 1 << 3,
+};
+
+typedef struct stoq_uring_config {
+  struct sockaddr_in6 bind;
+  unsigned worker_index; /* this socket's place in the reuseport group */
+  unsigned worker_count; /* >1: SO_REUSEPORT + steering on the first CID byte */
+  unsigned rx_buffers;   /* provided buffers (power of two) */
+  unsigned rx_buffer_size;
+  unsigned tx_slots;
+  unsigned tx_slot_size;
+  int disable_gso, disable_gro;
+} stoq_uring_config;
+
+/** One received buffer (GRO: several datagrams of `segment_size`). Valid until stoq_uring_rx_done. */
+typedef struct stoq_uring_rx {
+  const uint8_t *data;
+  uint32_t len;
+  uint32_t segment_size;
+  uint8_t ecn;
+  struct sockaddr_in6 peer;
+  struct in6_addr local;
+} stoq_uring_rx;
+
+typedef struct stoq_uring_counters {
+  uint64_t rx_datagrams, rx_bytes, tx_datagrams, tx_bytes, rx_dropped, tx_errors, offload_fallbacks;
+} stoq_uring_counters;
+
+typedef struct stoq_uring stoq_uring;
+
+/** Opens the socket and ring. NULL with `err` ("call: reason") on failure. */
+stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errlen);
+void stoq_uring_close(stoq_uring *u);
+unsigned stoq_uring_features(const stoq_uring *u);
+void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out);
+const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u);
+unsigned stoq_uring_max_segments(const stoq_uring *u);
+unsigned stoq_uring_slot_size(const stoq_uring *u);
+
+/** Waits up to `timeout_ns` (0: poll) and returns up to `max` received buffers, or -errno. */
+int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, int max);
+/** Gives the buffers of the last receive back to the kernel. */
+void stoq_uring_rx_done(stoq_uring *u);
+
+/** A free transmit slot's buffer, or NULL when all are in flight. */
+uint8_t *stoq_uring_tx_reserve(stoq_uring *u);
+/** Queues the reserved slot: `len` bytes in datagrams of `segment_size`. */
+void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn);
+/** Submits queued sends and reaps finished ones. Returns 0 or -errno. */
+int stoq_uring_flush(stoq_uring *u);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,17 @@
+#define _GNU_SOURCE
+#include "CSTOQSystem.h"
+#include <pthread.h>
+#include <sched.h>
+
+int stoq_pin_current_thread(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+int stoq_allowed_cpus(void) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return CPU_COUNT(&set);
+}

@@ -1,0 +1,507 @@
+/* io_uring UDP engine; see include/CSTOQURing.h. */
+#define _GNU_SOURCE
+#include "CSTOQURing.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <linux/filter.h>
+#include <liburing.h>
+#include <netinet/udp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+#define BGID 7
+#define TAG_RX (1ull << 63)
+#define CMSG_SPACE_RX (CMSG_SPACE(sizeof(int)) * 2 + CMSG_SPACE(sizeof(struct in6_pktinfo)))
+#define CMSG_SPACE_TX (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)))
+
+struct tx_slot {
+  uint8_t *buf;
+  struct msghdr msg;
+  struct iovec iov;
+  struct sockaddr_in6 to;
+  size_t len, segsize;
+  uint8_t ecn;
+  int in_flight;
+  union {
+    char buf[CMSG_SPACE_TX];
+    struct cmsghdr align;
+  } cmsg;
+};
+
+struct stoq_uring {
+  int fd;
+  struct io_uring ring;
+  unsigned features;
+  struct sockaddr_in6 local;
+  stoq_uring_counters counters;
+  /* receive */
+  struct io_uring_buf_ring *br;
+  uint8_t *rx_mem;
+  unsigned rx_count, rx_size;
+  struct msghdr rx_msg; /* template for multishot: name + control lengths */
+  int rx_armed;
+  uint16_t *done_bids;
+  unsigned ndone;
+  /* fallback receive (no multishot) */
+  int plain_rx;
+  /* transmit */
+  struct tx_slot *slots;
+  unsigned nslots, slot_size;
+  unsigned *free_list;
+  unsigned nfree;
+  int reserved; /* slot index reserved, -1 if none */
+  unsigned queued;
+};
+
+static void set_err(char *err, size_t n, const char *fmt, ...) {
+  if (!err || !n) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, n, fmt, ap);
+  va_end(ap);
+}
+
+/* Classic BPF for SO_ATTACH_REUSEPORT_CBPF: pick the socket from the first byte of
+ * the QUIC destination connection ID (the worker id STOQ puts there). The program
+ * sees the UDP payload at offset 0. Out-of-range results make the kernel hash. */
+static int attach_steering(int fd, unsigned nworkers) {
+  struct sock_filter code[] = {
+      /* A = payload[0] */
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),
+      /* long header? */
+      BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x80, 0, 2),
+      /* long: A = payload[6] (first DCID byte) */
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 6),
+      BPF_JUMP(BPF_JMP | BPF_JA, 1, 0, 0),
+      /* short: A = payload[1] */
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 1),
+      BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, nworkers),
+      BPF_STMT(BPF_RET | BPF_A, 0),
+  };
+  struct sock_fprog prog = {.len = sizeof(code) / sizeof(code[0]), .filter = code};
+  return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog));
+}
+
+static void arm_rx(stoq_uring *u) {
+  struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+  if (!sqe) {
+    io_uring_submit(&u->ring);
+    sqe = io_uring_get_sqe(&u->ring);
+    if (!sqe) return;
+  }
+  io_uring_prep_recvmsg_multishot(sqe, u->fd, &u->rx_msg, 0);
+  sqe->flags |= IOSQE_BUFFER_SELECT;
+  sqe->buf_group = BGID;
+  io_uring_sqe_set_data64(sqe, TAG_RX);
+  u->rx_armed = 1;
+}
+
+stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errlen) {
+  stoq_uring *u = calloc(1, sizeof(*u));
+  if (!u) return NULL;
+  u->fd = -1;
+  u->reserved = -1;
+  u->rx_count = cfg->rx_buffers ? cfg->rx_buffers : 256;
+  u->rx_size = cfg->rx_buffer_size ? cfg->rx_buffer_size : 65536;
+  u->nslots = cfg->tx_slots ? cfg->tx_slots : 64;
+  u->slot_size = cfg->tx_slot_size ? cfg->tx_slot_size : 65536;
+  int one = 1;
+
+  u->fd = socket(AF_INET6, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (u->fd < 0) {
+    set_err(err, errlen, "socket: %s", strerror(errno));
+    goto fail;
+  }
+  /* IPv6 only: an IPv4 datagram must never reach QUIC. */
+  if (setsockopt(u->fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) {
+    set_err(err, errlen, "setsockopt(IPV6_V6ONLY): %s", strerror(errno));
+    goto fail;
+  }
+  int bufsz = 8 << 20;
+  if (setsockopt(u->fd, SOL_SOCKET, SO_RCVBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
+    setsockopt(u->fd, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
+  if (setsockopt(u->fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
+    setsockopt(u->fd, SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
+  setsockopt(u->fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof(one));
+  if (setsockopt(u->fd, IPPROTO_IPV6, IPV6_RECVTCLASS, &one, sizeof(one)) == 0) u->features |= STOQ_URING_F_ECN;
+  if (!cfg->disable_gro && setsockopt(u->fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0) u->features |= STOQ_URING_F_GRO;
+  if (!cfg->disable_gso) {
+    int seg = 0;
+    socklen_t sl = sizeof(seg);
+    if (getsockopt(u->fd, SOL_UDP, UDP_SEGMENT, &seg, &sl) == 0) u->features |= STOQ_URING_F_GSO;
+  }
+  if (cfg->worker_count > 1) {
+    if (setsockopt(u->fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) {
+      set_err(err, errlen, "setsockopt(SO_REUSEPORT): %s", strerror(errno));
+      goto fail;
+    }
+  }
+  if (bind(u->fd, (const struct sockaddr *)&cfg->bind, sizeof(cfg->bind)) != 0) {
+    char a[INET6_ADDRSTRLEN];
+    inet_ntop(AF_INET6, &cfg->bind.sin6_addr, a, sizeof(a));
+    set_err(err, errlen, "bind([%s]:%u): %s", a, ntohs(cfg->bind.sin6_port), strerror(errno));
+    goto fail;
+  }
+  if (cfg->worker_count > 1 && cfg->worker_index == 0 && attach_steering(u->fd, cfg->worker_count) != 0) {
+    set_err(err, errlen, "setsockopt(SO_ATTACH_REUSEPORT_CBPF): %s", strerror(errno));
+    goto fail;
+  }
+  socklen_t ll = sizeof(u->local);
+  getsockname(u->fd, (struct sockaddr *)&u->local, &ll);
+
+  struct io_uring_params p = {0};
+  p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER;
+  int rv = io_uring_queue_init_params(1024, &u->ring, &p);
+  if (rv < 0) {
+    memset(&p, 0, sizeof(p));
+    rv = io_uring_queue_init_params(1024, &u->ring, &p);
+  }
+  if (rv < 0) {
+    set_err(err, errlen, "io_uring_queue_init: %s", strerror(-rv));
+    goto fail_noring;
+  }
+
+  /* Receive buffers: one region, handed to the kernel as a provided-buffer ring. */
+  u->rx_mem = aligned_alloc(4096, (size_t)u->rx_count * u->rx_size);
+  u->done_bids = calloc(u->rx_count, sizeof(uint16_t));
+  if (!u->rx_mem || !u->done_bids) {
+    set_err(err, errlen, "allocating receive buffers: out of memory");
+    goto fail;
+  }
+  size_t ring_bytes = u->rx_count * sizeof(struct io_uring_buf);
+  u->br = aligned_alloc(4096, (ring_bytes + 4095) & ~(size_t)4095);
+  if (u->br) {
+    io_uring_buf_ring_init(u->br);
+    struct io_uring_buf_reg reg = {.ring_addr = (unsigned long)u->br, .ring_entries = u->rx_count, .bgid = BGID};
+    if (io_uring_register_buf_ring(&u->ring, &reg, 0) == 0) {
+      int mask = io_uring_buf_ring_mask(u->rx_count);
+      for (unsigned i = 0; i < u->rx_count; i++)
+        io_uring_buf_ring_add(u->br, u->rx_mem + (size_t)i * u->rx_size, u->rx_size, (unsigned short)i, mask, (int)i);
+      io_uring_buf_ring_advance(u->br, (int)u->rx_count);
+      u->features |= STOQ_URING_F_MULTISHOT;
+    } else {
+      free(u->br);
+      u->br = NULL;
+    }
+  }
+  if (!(u->features & STOQ_URING_F_MULTISHOT)) u->plain_rx = 1;
+  u->rx_msg.msg_namelen = sizeof(struct sockaddr_in6);
+  u->rx_msg.msg_controllen = CMSG_SPACE_RX;
+
+  /* Transmit slots. */
+  u->slots = calloc(u->nslots, sizeof(*u->slots));
+  u->free_list = calloc(u->nslots, sizeof(unsigned));
+  uint8_t *txmem = aligned_alloc(4096, (size_t)u->nslots * u->slot_size);
+  if (!u->slots || !u->free_list || !txmem) {
+    set_err(err, errlen, "allocating transmit slots: out of memory");
+    free(txmem);
+    goto fail;
+  }
+  for (unsigned i = 0; i < u->nslots; i++) {
+    u->slots[i].buf = txmem + (size_t)i * u->slot_size;
+    u->free_list[u->nfree++] = u->nslots - 1 - i;
+  }
+  if (u->plain_rx == 0) arm_rx(u);
+  io_uring_submit(&u->ring);
+  return u;
+
+fail:
+  io_uring_queue_exit(&u->ring);
+fail_noring:
+  if (u->fd >= 0) close(u->fd);
+  free(u->rx_mem);
+  free(u->done_bids);
+  free(u->br);
+  free(u->slots);
+  free(u->free_list);
+  free(u);
+  return NULL;
+}
+
+void stoq_uring_close(stoq_uring *u) {
+  if (!u) return;
+  io_uring_queue_exit(&u->ring);
+  close(u->fd);
+  if (u->slots) free(u->slots[0].buf);
+  free(u->slots);
+  free(u->free_list);
+  free(u->rx_mem);
+  free(u->done_bids);
+  free(u->br);
+  free(u);
+}
+
+unsigned stoq_uring_features(const stoq_uring *u) { return u->features; }
+void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out) { *out = u->local; }
+const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u) { return &u->counters; }
+unsigned stoq_uring_slot_size(const stoq_uring *u) { return u->slot_size; }
+unsigned stoq_uring_max_segments(const stoq_uring *u) { return (u->features & STOQ_URING_F_GSO) ? 64 : 1; }
+
+static void parse_cmsgs(struct msghdr *m, struct cmsghdr *first, stoq_uring_rx *rx) {
+  for (struct cmsghdr *c = first; c; c = CMSG_NXTHDR(m, c)) {
+    if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+      int seg;
+      memcpy(&seg, CMSG_DATA(c), sizeof(seg));
+      rx->segment_size = (uint32_t)seg;
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_TCLASS) {
+      int tc;
+      memcpy(&tc, CMSG_DATA(c), sizeof(tc));
+      rx->ecn = (uint8_t)(tc & 3);
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+      struct in6_pktinfo pi;
+      memcpy(&pi, CMSG_DATA(c), sizeof(pi));
+      rx->local = pi.ipi6_addr;
+    }
+  }
+}
+
+static int is_v4_mapped(const struct in6_addr *a) { return IN6_IS_ADDR_V4MAPPED(a); }
+
+/* Resends a slot one datagram at a time after the kernel refused GSO. */
+static void resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
+  size_t off = 0;
+  while (off < s->len) {
+    size_t n = s->len - off < s->segsize ? s->len - off : s->segsize;
+    ssize_t r = sendto(u->fd, s->buf + off, n, 0, (struct sockaddr *)&s->to, sizeof(s->to));
+    if (r < 0) u->counters.tx_errors++;
+    else {
+      u->counters.tx_datagrams++;
+      u->counters.tx_bytes += n;
+    }
+    off += n;
+  }
+}
+
+static void complete_tx(stoq_uring *u, unsigned idx, int res) {
+  struct tx_slot *s = &u->slots[idx];
+  if (res < 0) {
+    if ((res == -EIO || res == -EINVAL) && s->segsize < s->len && (u->features & STOQ_URING_F_GSO)) {
+      u->features &= ~STOQ_URING_F_GSO;
+      u->counters.offload_fallbacks++;
+      resend_unsegmented(u, s);
+    } else {
+      u->counters.tx_errors++;
+    }
+  } else {
+    size_t segs = s->segsize ? (s->len + s->segsize - 1) / s->segsize : 1;
+    u->counters.tx_datagrams += segs;
+    u->counters.tx_bytes += s->len;
+  }
+  s->in_flight = 0;
+  u->free_list[u->nfree++] = idx;
+}
+
+static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
+  /* Fallback when the kernel has no buffer rings: plain recvmsg into our buffers. */
+  int n = 0;
+  while (n < max && (unsigned)n < u->rx_count) {
+    uint8_t *buf = u->rx_mem + (size_t)n * u->rx_size;
+    struct iovec iov = {buf, u->rx_size};
+    char cbuf[CMSG_SPACE_RX];
+    struct msghdr m = {.msg_name = &out[n].peer, .msg_namelen = sizeof(out[n].peer), .msg_iov = &iov,
+                       .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+    ssize_t r = recvmsg(u->fd, &m, MSG_DONTWAIT);
+    if (r < 0) break;
+    memset(&out[n].local, 0, sizeof(out[n].local));
+    out[n].segment_size = 0;
+    out[n].ecn = 0;
+    parse_cmsgs(&m, CMSG_FIRSTHDR(&m), &out[n]);
+    if ((m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
+      u->counters.rx_dropped++;
+      continue;
+    }
+    out[n].data = buf;
+    out[n].len = (uint32_t)r;
+    if (!out[n].segment_size) out[n].segment_size = (uint32_t)r;
+    u->counters.rx_datagrams += (r + out[n].segment_size - 1) / out[n].segment_size;
+    u->counters.rx_bytes += (uint64_t)r;
+    n++;
+  }
+  return n;
+}
+
+int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, int max) {
+  if (!u->plain_rx && !u->rx_armed) arm_rx(u);
+  struct io_uring_cqe *cqe;
+  int rv;
+  if (timeout_ns == 0) {
+    rv = io_uring_submit(&u->ring);
+  } else {
+    struct __kernel_timespec ts = {.tv_sec = (long long)(timeout_ns / 1000000000ull),
+                                   .tv_nsec = (long long)(timeout_ns % 1000000000ull)};
+    if (u->plain_rx) {
+      /* Poll the socket through the ring so timeouts still work. */
+      struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+      if (sqe) {
+        io_uring_prep_poll_add(sqe, u->fd, POLLIN);
+        io_uring_sqe_set_data64(sqe, TAG_RX | 1);
+      }
+    }
+    rv = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+  }
+  if (rv < 0 && rv != -ETIME && rv != -EINTR && rv != -EAGAIN && rv != -EBUSY) return rv;
+
+  int n = 0;
+  unsigned head, seen = 0;
+  io_uring_for_each_cqe(&u->ring, head, cqe) {
+    seen++;
+    uint64_t tag = io_uring_cqe_get_data64(cqe);
+    if (!(tag & TAG_RX)) {
+      complete_tx(u, (unsigned)tag, cqe->res);
+      continue;
+    }
+    if (tag == (TAG_RX | 1)) continue; /* poll wakeup (fallback mode) */
+    if (!(cqe->flags & IORING_CQE_F_MORE)) u->rx_armed = 0;
+    if (cqe->res < 0) {
+      if (cqe->res != -ENOBUFS) u->counters.rx_dropped++;
+      continue;
+    }
+    if (!(cqe->flags & IORING_CQE_F_BUFFER)) continue;
+    uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+    u->done_bids[u->ndone++] = bid;
+    if (n >= max) {
+      u->counters.rx_dropped++;
+      continue;
+    }
+    uint8_t *buf = u->rx_mem + (size_t)bid * u->rx_size;
+    struct io_uring_recvmsg_out *o = io_uring_recvmsg_validate(buf, cqe->res, &u->rx_msg);
+    if (!o || (o->flags & MSG_TRUNC) || o->namelen < sizeof(struct sockaddr_in6)) {
+      u->counters.rx_dropped++;
+      continue;
+    }
+    stoq_uring_rx *rx = &out[n];
+    memcpy(&rx->peer, io_uring_recvmsg_name(o), sizeof(rx->peer));
+    if (is_v4_mapped(&rx->peer.sin6_addr)) {
+      u->counters.rx_dropped++;
+      continue;
+    }
+    memset(&rx->local, 0, sizeof(rx->local));
+    rx->segment_size = 0;
+    rx->ecn = 0;
+    parse_cmsgs(&u->rx_msg, io_uring_recvmsg_cmsg_firsthdr(o, &u->rx_msg), rx);
+    rx->data = io_uring_recvmsg_payload(o, &u->rx_msg);
+    rx->len = io_uring_recvmsg_payload_length(o, cqe->res, &u->rx_msg);
+    if (!rx->segment_size) rx->segment_size = rx->len ? rx->len : 1;
+    u->counters.rx_datagrams += (rx->len + rx->segment_size - 1) / rx->segment_size;
+    u->counters.rx_bytes += rx->len;
+    n++;
+  }
+  io_uring_cq_advance(&u->ring, seen);
+  if (u->plain_rx) n += plain_receive(u, out + n, max - n);
+  return n;
+}
+
+void stoq_uring_rx_done(stoq_uring *u) {
+  if (!u->ndone || !u->br) {
+    u->ndone = 0;
+    return;
+  }
+  int mask = io_uring_buf_ring_mask(u->rx_count);
+  for (unsigned i = 0; i < u->ndone; i++)
+    io_uring_buf_ring_add(u->br, u->rx_mem + (size_t)u->done_bids[i] * u->rx_size, u->rx_size, u->done_bids[i], mask,
+                          (int)i);
+  io_uring_buf_ring_advance(u->br, (int)u->ndone);
+  u->ndone = 0;
+}
+
+uint8_t *stoq_uring_tx_reserve(stoq_uring *u) {
+  if (u->reserved >= 0) return u->slots[u->reserved].buf;
+  if (u->nfree == 0) {
+    /* Reap what finished before saying no. */
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(&u->ring, head, cqe) {
+      uint64_t tag = io_uring_cqe_get_data64(cqe);
+      if (tag & TAG_RX) break; /* leave receive completions for receive */
+      complete_tx(u, (unsigned)tag, cqe->res);
+      seen++;
+    }
+    io_uring_cq_advance(&u->ring, seen);
+    if (u->nfree == 0) return NULL;
+  }
+  u->reserved = (int)u->free_list[--u->nfree];
+  return u->slots[u->reserved].buf;
+}
+
+void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struct sockaddr_in6 *to, uint8_t ecn) {
+  if (u->reserved < 0) return;
+  unsigned idx = (unsigned)u->reserved;
+  u->reserved = -1;
+  struct tx_slot *s = &u->slots[idx];
+  s->len = len;
+  s->segsize = segsize ? segsize : len;
+  s->to = *to;
+  s->ecn = ecn;
+  s->iov.iov_base = s->buf;
+  s->iov.iov_len = len;
+  memset(&s->msg, 0, sizeof(s->msg));
+  s->msg.msg_name = &s->to;
+  s->msg.msg_namelen = sizeof(s->to);
+  s->msg.msg_iov = &s->iov;
+  s->msg.msg_iovlen = 1;
+  size_t clen = 0;
+  if (s->segsize < len && (u->features & STOQ_URING_F_GSO)) clen += CMSG_SPACE(sizeof(uint16_t));
+  if (ecn) clen += CMSG_SPACE(sizeof(int));
+  if (clen) {
+    s->msg.msg_control = s->cmsg.buf;
+    s->msg.msg_controllen = clen;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&s->msg);
+    if (s->segsize < len && (u->features & STOQ_URING_F_GSO)) {
+      c->cmsg_level = SOL_UDP;
+      c->cmsg_type = UDP_SEGMENT;
+      c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+      uint16_t seg = (uint16_t)s->segsize;
+      memcpy(CMSG_DATA(c), &seg, sizeof(seg));
+      c = CMSG_NXTHDR(&s->msg, c);
+    }
+    if (ecn) {
+      c->cmsg_level = IPPROTO_IPV6;
+      c->cmsg_type = IPV6_TCLASS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      int tc = ecn & 3;
+      memcpy(CMSG_DATA(c), &tc, sizeof(tc));
+    }
+  }
+  if (s->segsize < len && !(u->features & STOQ_URING_F_GSO)) {
+    /* No GSO: send the run one datagram at a time, right now. */
+    resend_unsegmented(u, s);
+    u->free_list[u->nfree++] = idx;
+    return;
+  }
+  struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+  if (!sqe) {
+    io_uring_submit(&u->ring);
+    sqe = io_uring_get_sqe(&u->ring);
+  }
+  if (!sqe) {
+    u->counters.tx_errors++;
+    u->free_list[u->nfree++] = idx;
+    return;
+  }
+  io_uring_prep_sendmsg(sqe, u->fd, &s->msg, 0);
+  io_uring_sqe_set_data64(sqe, idx);
+  s->in_flight = 1;
+  u->queued++;
+}
+
+int stoq_uring_flush(stoq_uring *u) {
+  if (u->queued) {
+    u->queued = 0;
+    int rv = io_uring_submit(&u->ring);
+    if (rv < 0 && rv != -EBUSY && rv != -EAGAIN) return rv;
+  }
+  return 0;
+}

@@ -1,0 +1,120 @@
+import CSTOQURing
+import STOQCore
+import STOQDatapath
+
+/// Options for one io_uring queue.
+public struct URingOptions: Sendable {
+    /// This queue's index in its reuseport group.
+    public var workerIndex = 0
+    /// How many queues share the address; >1 turns on SO_REUSEPORT with CID steering.
+    public var workerCount = 1
+    public var receiveBuffers = 256
+    public var receiveBufferSize = 65536
+    public var transmitSlots = 64
+    public var transmitSlotSize = 65536
+    public var disableGSO = false
+    public var disableGRO = false
+    public init() {}
+}
+
+/// The io_uring UDP datapath: one socket and one ring per worker (see CSTOQURing).
+public final class URingDatapathQueue: DatapathQueue {
+    private let raw: OpaquePointer
+    private let rx: UnsafeMutablePointer<stoq_uring_rx>
+    private let rxCapacity: Int
+    private var reserved: UnsafeMutableRawBufferPointer?
+    private var closed = false
+
+    public let backendName = "io_uring"
+    public let localEndpoint: IPv6Endpoint
+
+    /// Opens a socket bound to `bind` and its ring.
+    public init(bind: IPv6Endpoint, options: URingOptions = URingOptions()) throws(DatapathError) {
+        if bind.address.isIPv4Mapped {
+            throw DatapathError(.open, operation: "bind", message: "\(bind) is IPv4-mapped; STOQ is IPv6 only")
+        }
+        var cfg = stoq_uring_config()
+        cfg.bind = bind.sockaddr
+        cfg.worker_index = UInt32(options.workerIndex)
+        cfg.worker_count = UInt32(options.workerCount)
+        cfg.rx_buffers = UInt32(options.receiveBuffers)
+        cfg.rx_buffer_size = UInt32(options.receiveBufferSize)
+        cfg.tx_slots = UInt32(options.transmitSlots)
+        cfg.tx_slot_size = UInt32(options.transmitSlotSize)
+        cfg.disable_gso = options.disableGSO ? 1 : 0
+        cfg.disable_gro = options.disableGRO ? 1 : 0
+        var err = [CChar](repeating: 0, count: 256)
+        guard let p = stoq_uring_open(&cfg, &err, err.count) else {
+            let msg = String(cString: err)
+            throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
+        }
+        raw = p
+        rxCapacity = options.receiveBuffers
+        rx = .allocate(capacity: rxCapacity)
+        var sa = sockaddr_in6()
+        stoq_uring_local(p, &sa)
+        localEndpoint = IPv6Endpoint(sa)
+    }
+
+    deinit { close() }
+
+    public var features: DatapathFeatures { DatapathFeatures(rawValue: stoq_uring_features(raw)) }
+    public var maxSegmentsPerSlot: Int { Int(stoq_uring_max_segments(raw)) }
+    public var slotCapacity: Int { Int(stoq_uring_slot_size(raw)) }
+
+    public var counters: DatapathCounters {
+        let c = stoq_uring_get_counters(raw)!.pointee
+        var d = DatapathCounters()
+        d.rxDatagrams = c.rx_datagrams
+        d.rxBytes = c.rx_bytes
+        d.txDatagrams = c.tx_datagrams
+        d.txBytes = c.tx_bytes
+        d.rxDropped = c.rx_dropped
+        d.txErrors = c.tx_errors
+        d.offloadFallbacks = c.offload_fallbacks
+        return d
+    }
+
+    public func receive(timeoutNanoseconds: UInt64, _ body: (borrowing ReceivedDatagrams) -> Void) throws -> Int {
+        let n = stoq_uring_receive(raw, timeoutNanoseconds, rx, Int32(rxCapacity))
+        if n < 0 { throw DatapathError(.receive, operation: "io_uring_submit_and_wait_timeout", errno: -n) }
+        let local = localEndpoint
+        for i in 0..<Int(n) {
+            let r = rx[i]
+            var to = local
+            to.address = IPv6Address(r.local)
+            let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
+                                      segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
+                                      ecn: ECN(rawValue: r.ecn & 3) ?? .notECT)
+            body(d)
+        }
+        stoq_uring_rx_done(raw)
+        return Int(n)
+    }
+
+    public func reserveTransmit() -> UnsafeMutableRawBufferPointer? {
+        if let reserved { return reserved }
+        guard let p = stoq_uring_tx_reserve(raw) else { return nil }
+        let b = UnsafeMutableRawBufferPointer(start: p, count: slotCapacity)
+        reserved = b
+        return b
+    }
+
+    public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN) {
+        reserved = nil
+        var sa = peer.sockaddr
+        stoq_uring_tx_commit(raw, length, segmentSize, &sa, ecn.rawValue)
+    }
+
+    public func flush() throws {
+        let rc = stoq_uring_flush(raw)
+        if rc < 0 { throw DatapathError(.transmit, operation: "io_uring_submit", errno: -rc) }
+    }
+
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        stoq_uring_close(raw)
+        rx.deallocate()
+    }
+}

@@ -1,0 +1,97 @@
+import CSTOQSystem
+import Logging
+import STOQCore
+import STOQDatapath
+import STOQQUIC
+import Synchronization
+
+/// The stop signal a worker checks between batches (set from any thread).
+public final class StopFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    public init() {}
+    public func stop() { flag.store(true, ordering: .releasing) }
+    public var isStopped: Bool { flag.load(ordering: .acquiring) }
+}
+
+/// One worker: a datapath queue and a QUIC endpoint, run to completion on one
+/// thread: receive a batch → feed the endpoint → run timers → send a batch. No locks,
+/// no async, no allocation per datagram (the endpoint and the queue own every buffer).
+public final class Worker {
+    public let queue: DatapathQueue
+    public let endpoint: QUICEndpoint
+    /// Longest sleep when no timer is due, so that stop is noticed promptly.
+    public var idleWait: UInt64 = 50_000_000
+    private let maxPayload: Int
+
+    public init(queue: DatapathQueue, endpoint: QUICEndpoint) {
+        self.queue = queue
+        self.endpoint = endpoint
+        self.maxPayload = max(endpoint.settings.maxUDPPayloadSize, 1200)
+    }
+
+    /// Pins the calling thread to `cpu` (best effort; returns whether it worked).
+    @discardableResult
+    public static func pinCurrentThread(to cpu: Int) -> Bool { stoq_pin_current_thread(Int32(cpu)) == 0 }
+
+    /// CPUs this process may use.
+    public static var availableCPUs: Int { Int(stoq_allowed_cpus()) }
+
+    /// One turn of the loop: timers, transmit, then wait up to the next timer for datagrams.
+    public func turn() throws {
+        var now = monotonicNow()
+        endpoint.handleTimeouts(now: now)
+        try transmit(now: now)
+        var wait = idleWait
+        if let next = endpoint.nextTimeout() { wait = next > now ? min(next - now, idleWait) : 0 }
+        let ep = endpoint
+        _ = try queue.receive(timeoutNanoseconds: wait) { batch in
+            let peer = batch.peer, local = batch.local, ecn = batch.ecn
+            let t = now
+            batch.forEachDatagram { ep.handle(datagram: $0, from: peer, to: local, ecn: ecn, now: t) }
+        }
+        now = monotonicNow()
+        endpoint.handleTimeouts(now: now)
+        try transmit(now: now)
+    }
+
+    /// Writes everything the endpoint owes into transmit slots and hands them to the kernel.
+    public func transmit(now: Timestamp) throws {
+        let segments = max(1, min(queue.maxSegmentsPerSlot, queue.slotCapacity / maxPayload))
+        while true {
+            var slot = queue.reserveTransmit()
+            if slot == nil {
+                try queue.flush()
+                slot = queue.reserveTransmit()
+            }
+            guard let slot else { break }
+            guard let t = endpoint.pollTransmit(into: slot, maxSegments: segments, now: now) else { break }
+            queue.commitTransmit(length: t.length, segmentSize: t.segmentSize, to: t.destination, ecn: t.ecn)
+        }
+        try queue.flush()
+    }
+
+    /// Runs until `stop` is set, then closes every connection gracefully and keeps
+    /// running (at most `drainTimeout`) until they are gone.
+    public func run(stop: StopFlag, drainTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
+        while !stop.isStopped {
+            do { try turn() } catch { logger?.error("worker: \(error)") }
+        }
+        endpoint.closeAll(now: monotonicNow())
+        let deadline = monotonicNow() + drainTimeout
+        while endpoint.connectionCount > 0 && monotonicNow() < deadline {
+            do { try turn() } catch { break }
+        }
+    }
+
+    /// Runs until `done` returns true or `timeout` passes. Returns whether `done` held.
+    @discardableResult
+    public func run(timeout: UInt64, until done: () -> Bool) throws -> Bool {
+        let deadline = monotonicNow() + timeout
+        while !done() {
+            if monotonicNow() > deadline { return false }
+            try turn()
+        }
+        try transmit(now: monotonicNow())
+        return true
+    }
+}
