@@ -1,0 +1,240 @@
+import Foundation
+import STOQCore
+import TOMLKit
+
+/// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
+/// reported together, each naming key, value and what is allowed.
+public enum ConfigLoader {
+    /// Reads and validates a file.
+    public static func load(path: String) throws(ConfigErrors) -> NodeConfig {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw ConfigErrors(source: path, errors: [ConfigError(code: .io, key: "", value: "",
+                                                                 allowed: "cannot read the file (missing, unreadable or not UTF-8)")])
+        }
+        return try parse(text, source: path)
+    }
+
+    /// Validates TOML text.
+    public static func parse(_ text: String, source: String = "<config>") throws(ConfigErrors) -> NodeConfig {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw ConfigErrors(source: source, errors: [ConfigError(code: .syntax, key: "", value: "",
+                                                                   allowed: "TOML syntax error at \(e.source.begin.debugDescription): \(e.description)")])
+        } catch {
+            throw ConfigErrors(source: source, errors: [ConfigError(code: .syntax, key: "", value: "", allowed: "\(error)")])
+        }
+        var r = Reader(root: table)
+        var c = NodeConfig()
+        r.section("node") { s in
+            s.string("data_dir", &c.node.dataDir, nonEmpty: true)
+        }
+        r.section("network") { s in
+            s.endpoint("listen_addr", &c.network.listenAddress)
+            s.int("max_connections", &c.network.maxConnections, 1...1_000_000)
+            s.int("workers", &c.network.workers, 0...1024)
+            s.bool("retry", &c.network.retry)
+            s.choice("cc", &c.network.congestionControl, ["reno", "cubic", "bbr", "bbr2"])
+            s.choice("datapath", &c.network.datapath, ["auto", "io_uring", "af_xdp"])
+            s.string("interface", &c.network.interface)
+            s.subsection("quic_config") { q in
+                q.duration("idle_timeout", &c.network.quic.idleTimeout, 1_000_000_000...3_600_000_000_000)
+                q.duration("handshake_timeout", &c.network.quic.handshakeTimeout, 1_000_000_000...600_000_000_000)
+                q.int("max_streams_bidi", &c.network.quic.maxStreamsBidi, 1...65535)
+                q.size("initial_max_data", &c.network.quic.initialMaxData, 1 << 16...1 << 40)
+                q.size("initial_max_stream_data", &c.network.quic.initialMaxStreamData, 1 << 16...1 << 40)
+                q.size("max_window", &c.network.quic.maxWindow, 1 << 16...1 << 40)
+                q.size("max_stream_window", &c.network.quic.maxStreamWindow, 1 << 16...1 << 40)
+                q.int("max_udp_payload_size", &c.network.quic.maxUDPPayloadSize, 1200...65527)
+                q.int("ack_thresh", &c.network.quic.ackThreshold, 1...64)
+            }
+        }
+        r.section("storage") { s in
+            s.string("path", &c.storage.path, nonEmpty: true)
+            s.size("max_object_size", &c.storage.maxObjectSize, 1...(1 << 50))
+        }
+        r.section("tls") { s in
+            s.string("cert_file", &c.tls.certFile)
+            s.string("key_file", &c.tls.keyFile)
+        }
+        if c.tls.certFile.isEmpty != c.tls.keyFile.isEmpty {
+            r.errors.append(ConfigError(code: .badValue, key: "tls.cert_file/tls.key_file",
+                                        value: "\"\(c.tls.certFile)\"/\"\(c.tls.keyFile)\"",
+                                        allowed: "both set, or both empty for the embedded identity"))
+        }
+        r.section("routing") { s in
+            s.choice("algorithm", &c.routing.algorithm, ["shortest_path", "latency", "adaptive"])
+            s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
+            s.int("max_hops", &c.routing.maxHops, 1...64)
+        }
+        r.section("chunking") { s in
+            s.choice("algorithm", &c.chunking.algorithm, ["content_aware", "fixed"])
+            s.size("min_chunk_size", &c.chunking.minChunkSize, 1 << 10...1 << 30)
+            s.size("avg_chunk_size", &c.chunking.avgChunkSize, 1 << 10...1 << 30)
+            s.size("max_chunk_size", &c.chunking.maxChunkSize, 1 << 10...1 << 30)
+            s.bool("dedup_enabled", &c.chunking.dedupEnabled)
+        }
+        if !(c.chunking.minChunkSize <= c.chunking.avgChunkSize && c.chunking.avgChunkSize <= c.chunking.maxChunkSize) {
+            r.errors.append(ConfigError(code: .badValue, key: "chunking.min_chunk_size/avg_chunk_size/max_chunk_size",
+                                        value: "\(c.chunking.minChunkSize)/\(c.chunking.avgChunkSize)/\(c.chunking.maxChunkSize)",
+                                        allowed: "min_chunk_size ≤ avg_chunk_size ≤ max_chunk_size"))
+        }
+        r.section("edge") { s in
+            s.bool("enable_caching", &c.edge.enableCaching)
+            s.size("cache_size", &c.edge.cacheSize, 1 << 20...1 << 50)
+            s.duration("ttl_default", &c.edge.ttlDefault, 0...(365 * 86_400_000_000_000))
+            s.origin("origin", &c.edge.origin)
+        }
+        if c.edge.enableCaching && c.edge.origin.isEmpty {
+            r.errors.append(ConfigError(code: .badValue, key: "edge.origin", value: "\"\"",
+                                        allowed: "an https://[ipv6]:port URL when edge.enable_caching = true"))
+        }
+        r.section("log") { s in
+            s.choice("level", &c.log.level, ["trace", "debug", "info", "notice", "warning", "error", "critical"])
+        }
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "routing", "chunking", "edge", "log"])
+        if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
+        return c
+    }
+}
+
+/// Walks one table, taking the keys it knows and remembering what it saw.
+struct Reader {
+    let root: TOMLTable
+    var errors: [ConfigError] = []
+
+    init(root: TOMLTable) { self.root = root }
+
+    mutating func section(_ name: String, _ body: (inout Section) -> Void) {
+        guard let v = root[name] else { return }
+        guard let t = v.table else {
+            errors.append(ConfigError(code: .badType, key: name, value: "\(v)", allowed: "a [\(name)] table"))
+            return
+        }
+        var s = Section(prefix: name, table: t)
+        body(&s)
+        s.rejectUnknown()
+        errors += s.errors
+    }
+
+    mutating func rejectUnknownSections(_ known: [String]) {
+        for k in root.keys where !known.contains(k) {
+            errors.append(ConfigError(code: .unknownKey, key: k, value: "…",
+                                      allowed: "one of the sections " + known.map { "[\($0)]" }.joined(separator: ", ")))
+        }
+    }
+}
+
+struct Section {
+    let prefix: String
+    let table: TOMLTable
+    var seen: [String] = []
+    var errors: [ConfigError] = []
+
+    init(prefix: String, table: TOMLTable) {
+        self.prefix = prefix
+        self.table = table
+    }
+
+    private mutating func value(_ key: String) -> TOMLValueConvertible? {
+        seen.append(key)
+        return table[key]
+    }
+
+    private mutating func fail(_ code: ConfigError.Code, _ key: String, _ v: TOMLValueConvertible, _ allowed: String) {
+        errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: render(v), allowed: allowed))
+    }
+
+    private func render(_ v: TOMLValueConvertible) -> String {
+        if let s = v.string { return "\"\(s)\"" }
+        return v.debugDescription
+    }
+
+    mutating func string(_ key: String, _ out: inout String, nonEmpty: Bool = false) {
+        guard let v = value(key) else { return }
+        guard let s = v.string else { return fail(.badType, key, v, "a string") }
+        if nonEmpty && s.isEmpty { return fail(.badValue, key, v, "a non-empty string") }
+        out = s
+    }
+
+    mutating func choice(_ key: String, _ out: inout String, _ allowed: [String]) {
+        guard let v = value(key) else { return }
+        let list = "one of " + allowed.map { "\"\($0)\"" }.joined(separator: ", ")
+        guard let s = v.string else { return fail(.badType, key, v, list) }
+        guard allowed.contains(s) else { return fail(.badValue, key, v, list) }
+        out = s
+    }
+
+    mutating func bool(_ key: String, _ out: inout Bool) {
+        guard let v = value(key) else { return }
+        guard let b = v.bool else { return fail(.badType, key, v, "true or false") }
+        out = b
+    }
+
+    mutating func int(_ key: String, _ out: inout Int, _ range: ClosedRange<Int>) {
+        guard let v = value(key) else { return }
+        let allowed = "an integer from \(range.lowerBound) to \(range.upperBound)"
+        guard v.type == .int, let i = v.int else { return fail(.badType, key, v, allowed) }
+        guard range.contains(i) else { return fail(.outOfRange, key, v, allowed) }
+        out = i
+    }
+
+    mutating func size(_ key: String, _ out: inout UInt64, _ range: ClosedRange<UInt64>) {
+        guard let v = value(key) else { return }
+        let allowed = "a size such as 64KB, 1MB, 10GB (from \(range.lowerBound) to \(range.upperBound) bytes)"
+        var parsed: UInt64?
+        if v.type == .int, let i = v.int, i >= 0 { parsed = UInt64(i) } else if let s = v.string { parsed = Units.size(s) }
+        guard let n = parsed else { return fail(.badValue, key, v, allowed) }
+        guard range.contains(n) else { return fail(.outOfRange, key, v, allowed) }
+        out = n
+    }
+
+    mutating func duration(_ key: String, _ out: inout UInt64, _ range: ClosedRange<UInt64>) {
+        guard let v = value(key) else { return }
+        let allowed = "a duration such as 250ms, 1s, 5m, 1h, 24h (from \(range.lowerBound / 1_000_000)ms to \(range.upperBound / 1_000_000_000)s)"
+        guard let s = v.string, let n = Units.duration(s) else { return fail(.badValue, key, v, allowed) }
+        guard range.contains(n) else { return fail(.outOfRange, key, v, allowed) }
+        out = n
+    }
+
+    mutating func endpoint(_ key: String, _ out: inout IPv6Endpoint) {
+        guard let v = value(key) else { return }
+        let allowed = "\"[ipv6-address]:port\", e.g. \"[::]:4433\" (STOQ is IPv6 only)"
+        guard let s = v.string else { return fail(.badType, key, v, allowed) }
+        switch IPv6Endpoint.parse(s) {
+        case .success(let ep): out = ep
+        case .failure(let e):
+            fail(e.reason.contains("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(e.reason)")
+        }
+    }
+
+    mutating func origin(_ key: String, _ out: inout String) {
+        guard let v = value(key) else { return }
+        let allowed = "\"\" or an https://[ipv6]:port URL (STOQ is IPv6 only)"
+        guard let s = v.string else { return fail(.badType, key, v, allowed) }
+        if s.isEmpty { out = s; return }
+        guard s.hasPrefix("https://") else { return fail(.badValue, key, v, allowed) }
+        let hostPort = String(s.dropFirst(8).prefix { $0 != "/" })
+        if case .failure(let e) = IPv6Endpoint.parse(hostPort) {
+            return fail(e.reason.contains("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(e.reason)")
+        }
+        out = s
+    }
+
+    mutating func subsection(_ key: String, _ body: (inout Section) -> Void) {
+        guard let v = value(key) else { return }
+        guard let t = v.table else { return fail(.badType, key, v, "a [\(prefix).\(key)] table") }
+        var s = Section(prefix: "\(prefix).\(key)", table: t)
+        body(&s)
+        s.rejectUnknown()
+        errors += s.errors
+    }
+
+    mutating func rejectUnknown() {
+        for k in table.keys where !seen.contains(k) {
+            errors.append(ConfigError(code: .unknownKey, key: "\(prefix).\(k)", value: render(table[k]!),
+                                      allowed: "one of " + seen.joined(separator: ", ")))
+        }
+    }
+}

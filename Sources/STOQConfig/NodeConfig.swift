@@ -1,0 +1,74 @@
+import STOQCore
+
+/// A node's whole configuration: plain values, validated, immutable once loaded.
+/// Every default here is also written, with its documentation, in config/node.toml.
+public struct NodeConfig: Sendable, Equatable {
+    public struct Node: Sendable, Equatable {
+        /// Identity and state live here.
+        public var dataDir = "stoq-data"
+    }
+    public struct QUIC: Sendable, Equatable {
+        public var idleTimeout: UInt64 = 30_000_000_000
+        public var handshakeTimeout: UInt64 = 10_000_000_000
+        public var maxStreamsBidi: Int = 256
+        public var initialMaxData: UInt64 = 16 << 20
+        public var initialMaxStreamData: UInt64 = 8 << 20
+        public var maxWindow: UInt64 = 64 << 20
+        public var maxStreamWindow: UInt64 = 32 << 20
+        public var maxUDPPayloadSize: Int = 1452
+        public var ackThreshold: Int = 2
+    }
+    public struct Network: Sendable, Equatable {
+        public var listenAddress = IPv6Endpoint(address: .any, port: 4433)
+        public var maxConnections = 10_000
+        /// 0 = one per available core.
+        public var workers = 0
+        public var retry = false
+        public var congestionControl = "cubic"
+        public var datapath = "auto"
+        public var interface = ""
+        public var quic = QUIC()
+    }
+    public struct Storage: Sendable, Equatable {
+        public var path = "stoq-data/objects"
+        public var maxObjectSize: UInt64 = 64 << 30
+    }
+    public struct TLS: Sendable, Equatable {
+        public var certFile = ""
+        public var keyFile = ""
+    }
+    public struct Routing: Sendable, Equatable {
+        public var algorithm = "adaptive"
+        public var updateInterval: UInt64 = 5_000_000_000
+        public var maxHops = 8
+    }
+    public struct Chunking: Sendable, Equatable {
+        public var algorithm = "content_aware"
+        public var minChunkSize: UInt64 = 64 << 10
+        public var avgChunkSize: UInt64 = 256 << 10
+        public var maxChunkSize: UInt64 = 1 << 20
+        public var dedupEnabled = true
+    }
+    public struct Edge: Sendable, Equatable {
+        public var enableCaching = false
+        public var cacheSize: UInt64 = 10 << 30
+        public var ttlDefault: UInt64 = 3_600_000_000_000
+        public var origin = ""
+    }
+    public struct Log: Sendable, Equatable {
+        public var level = "info"
+    }
+
+    public var node = Node()
+    public var network = Network()
+    public var storage = Storage()
+    public var tls = TLS()
+    public var routing = Routing()
+    public var chunking = Chunking()
+    public var edge = Edge()
+    public var log = Log()
+
+    /// The embedded default: what `stoq-node` runs with no config file.
+    public static let `default` = NodeConfig()
+    public init() {}
+}

@@ -1,0 +1,99 @@
+import Foundation
+import STOQCore
+import Testing
+@testable import STOQConfig
+
+@Suite struct ConfigLoaderTests {
+    @Test func seedFileIsTheDefault() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../config/node.toml").path
+        #expect(try ConfigLoader.load(path: path) == NodeConfig.default)
+    }
+
+    @Test func emptyFileIsTheDefault() throws {
+        #expect(try ConfigLoader.parse("") == NodeConfig.default)
+    }
+
+    @Test func readsValues() throws {
+        let c = try ConfigLoader.parse("""
+            [network]
+            listen_addr = "[::1]:9000"
+            workers = 2
+            cc = "bbr"
+            [network.quic_config]
+            max_window = "128MB"
+            idle_timeout = "5s"
+            [storage]
+            path = "/srv/objects"
+            """)
+        #expect(c.network.listenAddress == IPv6Endpoint(address: .loopback, port: 9000))
+        #expect(c.network.workers == 2)
+        #expect(c.network.congestionControl == "bbr")
+        #expect(c.network.quic.maxWindow == 128 << 20)
+        #expect(c.network.quic.idleTimeout == 5_000_000_000)
+        #expect(c.storage.path == "/srv/objects")
+    }
+
+    func errors(_ text: String) -> [ConfigError] {
+        do {
+            _ = try ConfigLoader.parse(text, source: "t.toml")
+            return []
+        } catch { return error.errors }
+    }
+
+    @Test func refusesIPv4NamingTheKey() {
+        let e = errors("[network]\nlisten_addr = \"127.0.0.1:4433\"")
+        #expect(e.count == 1)
+        #expect(e.first?.key == "network.listen_addr")
+        #expect(e.first?.code == .ipv4NotSupported)
+        #expect(e.first?.description.contains("IPv6 only") == true)
+        #expect(errors("[network]\nlisten_addr = \"[::ffff:1.2.3.4]:1\"").first?.code == .ipv4NotSupported)
+        #expect(errors("[edge]\norigin = \"https://10.0.0.1:4433\"").first?.key == "edge.origin")
+    }
+
+    @Test func reportsEveryErrorTogether() {
+        let e = errors("""
+            [network]
+            workers = -1
+            cc = "vegas"
+            colour = "blue"
+            [network.quic_config]
+            idle_timeout = "soon"
+            max_window = "10XB"
+            [bogus]
+            x = 1
+            """)
+        let keys = Set(e.map(\.key))
+        #expect(keys == ["network.workers", "network.cc", "network.colour", "network.quic_config.idle_timeout",
+                         "network.quic_config.max_window", "bogus"])
+        let cc = e.first { $0.key == "network.cc" }!
+        #expect(cc.description == "network.cc = \"vegas\": bad value; expected one of \"reno\", \"cubic\", \"bbr\", \"bbr2\"")
+        #expect(e.first { $0.key == "network.workers" }?.code == .outOfRange)
+        #expect(e.first { $0.key == "network.colour" }?.code == .unknownKey)
+    }
+
+    @Test func crossChecksChunkSizes() {
+        let e = errors("[chunking]\nmin_chunk_size = \"2MB\"\nmax_chunk_size = \"1MB\"")
+        #expect(e.first?.key.hasPrefix("chunking.min_chunk_size") == true)
+    }
+
+    @Test func syntaxErrorsSayWhere() {
+        let e = errors("[network\nworkers = 1")
+        #expect(e.first?.code == .syntax)
+        #expect(e.first?.description.contains("line") == true)
+    }
+
+    @Test func unitsParseAndReject() {
+        #expect(Units.size("64KB") == 65536)
+        #expect(Units.size("1MB") == 1 << 20)
+        #expect(Units.size("10GB") == 10 << 30)
+        #expect(Units.size("512") == 512)
+        #expect(Units.size("10XB") == nil)
+        #expect(Units.size("-1MB") == nil)
+        #expect(Units.size("1.5.2GB") == nil)
+        #expect(Units.duration("1s") == 1_000_000_000)
+        #expect(Units.duration("24h") == 86_400_000_000_000)
+        #expect(Units.duration("250ms") == 250_000_000)
+        #expect(Units.duration("1x") == nil)
+        #expect(Units.duration("s") == nil)
+    }
+}
