@@ -163,7 +163,8 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   getsockname(u->fd, (struct sockaddr *)&u->local, &ll);
 
   struct io_uring_params p = {0};
-  p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER;
+  /* No SINGLE_ISSUER: the node opens queues on the main thread and hands them to workers. */
+  p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN;
   int rv = io_uring_queue_init_params(1024, &u->ring, &p);
   if (rv < 0) {
     memset(&p, 0, sizeof(p));
@@ -250,8 +251,8 @@ const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u) { return
 unsigned stoq_uring_slot_size(const stoq_uring *u) { return u->slot_size; }
 unsigned stoq_uring_max_segments(const stoq_uring *u) { return (u->features & STOQ_URING_F_GSO) ? 64 : 1; }
 
-static void parse_cmsgs(struct msghdr *m, struct cmsghdr *first, stoq_uring_rx *rx) {
-  for (struct cmsghdr *c = first; c; c = CMSG_NXTHDR(m, c)) {
+static void parse_cmsg(struct cmsghdr *c, stoq_uring_rx *rx) {
+  {
     if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
       int seg;
       memcpy(&seg, CMSG_DATA(c), sizeof(seg));
@@ -266,6 +267,16 @@ static void parse_cmsgs(struct msghdr *m, struct cmsghdr *first, stoq_uring_rx *
       rx->local = pi.ipi6_addr;
     }
   }
+}
+
+static void parse_cmsgs(struct msghdr *m, stoq_uring_rx *rx) {
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) parse_cmsg(c, rx);
+}
+
+/* The multishot layout keeps control data inside the buffer: walk it with liburing's helpers. */
+static void parse_multishot_cmsgs(struct io_uring_recvmsg_out *o, struct msghdr *m, stoq_uring_rx *rx) {
+  for (struct cmsghdr *c = io_uring_recvmsg_cmsg_firsthdr(o, m); c; c = io_uring_recvmsg_cmsg_nexthdr(o, m, c))
+    parse_cmsg(c, rx);
 }
 
 static int is_v4_mapped(const struct in6_addr *a) { return IN6_IS_ADDR_V4MAPPED(a); }
@@ -318,7 +329,7 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
     memset(&out[n].local, 0, sizeof(out[n].local));
     out[n].segment_size = 0;
     out[n].ecn = 0;
-    parse_cmsgs(&m, CMSG_FIRSTHDR(&m), &out[n]);
+    parse_cmsgs(&m, &out[n]);
     if ((m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
       u->counters.rx_dropped++;
       continue;
@@ -391,7 +402,7 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     memset(&rx->local, 0, sizeof(rx->local));
     rx->segment_size = 0;
     rx->ecn = 0;
-    parse_cmsgs(&u->rx_msg, io_uring_recvmsg_cmsg_firsthdr(o, &u->rx_msg), rx);
+    parse_multishot_cmsgs(o, &u->rx_msg, rx);
     rx->data = io_uring_recvmsg_payload(o, &u->rx_msg);
     rx->len = io_uring_recvmsg_payload_length(o, cqe->res, &u->rx_msg);
     if (!rx->segment_size) rx->segment_size = rx->len ? rx->len : 1;

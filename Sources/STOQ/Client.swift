@@ -1,0 +1,237 @@
+import Foundation
+import STOQCore
+import STOQDatapath
+import STOQDatapathURing
+import STOQQUIC
+import STOQWorker
+
+/// A `https://host:port/path` URL, resolved to an IPv6 endpoint.
+public struct STOQURL: Sendable, CustomStringConvertible {
+    public var endpoint: IPv6Endpoint
+    /// What the certificate must name (host name or IPv6 literal).
+    public var host: String
+    public var authority: String
+    public var path: String
+    public var description: String { "https://\(authority)\(path)" }
+
+    /// Parses and resolves (IPv6 only: IPv4 literals and IPv4-only names are refused).
+    public init(_ text: String) throws(ClientError) {
+        guard text.hasPrefix("https://") else { throw ClientError(.badURL, "\(text): expected https://[ipv6]:port/path") }
+        let rest = text.dropFirst(8)
+        let authority = String(rest.prefix { $0 != "/" })
+        let path = String(rest.dropFirst(authority.count))
+        self.authority = authority
+        self.path = path.isEmpty ? "/" : path
+        var host: String, port: UInt16 = 443
+        if authority.hasPrefix("[") {
+            guard let close = authority.firstIndex(of: "]") else { throw ClientError(.badURL, "\(text): unterminated [") }
+            host = String(authority[authority.index(after: authority.startIndex)..<close])
+            let after = authority[authority.index(after: close)...]
+            if after.hasPrefix(":") {
+                guard let p = UInt16(after.dropFirst()) else { throw ClientError(.badURL, "\(text): bad port") }
+                port = p
+            }
+        } else {
+            let parts = authority.split(separator: ":", maxSplits: 1)
+            host = String(parts.first ?? "")
+            if parts.count == 2 {
+                guard let p = UInt16(parts[1]) else { throw ClientError(.badURL, "\(text): bad port") }
+                port = p
+            }
+        }
+        self.host = host
+        if host.contains(".") && host.allSatisfy({ $0.isNumber || $0 == "." }) {
+            throw ClientError(.badURL, "\(text): IPv4 is not supported; STOQ is IPv6 only")
+        }
+        if let a = IPv6Address(host) {
+            endpoint = IPv6Endpoint(address: a, port: port)
+        } else if host.lowercased().hasPrefix("::ffff:") {
+            throw ClientError(.badURL, "\(text): IPv4-mapped addresses are not supported; STOQ is IPv6 only")
+        } else {
+            var hints = addrinfo()
+            hints.ai_family = AF_INET6
+            hints.ai_socktype = Int32(SOCK_DGRAM.rawValue)
+            var res: UnsafeMutablePointer<addrinfo>?
+            guard getaddrinfo(host, nil, &hints, &res) == 0, let r = res else {
+                throw ClientError(.badURL, "\(text): \(host) has no IPv6 address")
+            }
+            defer { freeaddrinfo(res) }
+            let sa = r.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee }
+            endpoint = IPv6Endpoint(address: IPv6Address(sa.sin6_addr), port: port)
+        }
+    }
+}
+
+/// What a transfer did.
+public struct TransferResult: Sendable, Codable {
+    public var status: Int
+    public var bytes: UInt64
+    public var seconds: Double
+    public var gbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e9 : 0 }
+    /// SHA-256 of the body received (GET) or sent (PUT), hex.
+    public var sha256: String
+}
+
+/// A client-side failure, naming what went wrong.
+public struct ClientError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable {
+        let name: String
+        public static let badURL = Code(name: "bad URL")
+        public static let tls = Code(name: "TLS")
+        public static let connect = Code(name: "connect")
+        public static let transfer = Code(name: "transfer")
+        public static let http = Code(name: "HTTP")
+        public static let io = Code(name: "I/O")
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    public var description: String { message }
+}
+
+/// Trust settings for a client.
+public struct ClientTrust: Sendable {
+    /// PEM file of certificates to trust (a node's cert.pem); nil = the system store.
+    public var caFile: String?
+    /// Skip verification (explicit opt-in only).
+    public var insecure = false
+    public init(caFile: String? = nil, insecure: Bool = false) { self.caFile = caFile; self.insecure = insecure }
+}
+
+final class TransferApp: QUICApplication {
+    var status: Int?
+    var contentLength: Int64?
+    var closed: UInt64?
+    var received: UInt64 = 0
+    var sha: [UInt8]?
+    var connectionError: String?
+    let sinkFD: Int32
+    var stream: HTTPStream?
+    init(sinkFD: Int32) { self.sinkFD = sinkFD }
+    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        self.status = status
+        self.contentLength = contentLength
+        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : -1, hash: true)
+    }
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        closed = errorCode
+        received = stream.bytesReceived
+        sha = stream.bodySHA256()
+        self.stream = nil
+    }
+    func connectionClosed(connection: QUICConnection, reason: String) {
+        connectionError = reason.isEmpty ? "connection closed by the server" : reason
+    }
+}
+
+/// The STOQ client: one connection, one request, on the calling thread.
+public enum STOQClient {
+    /// The local address the kernel would send from toward `remote`: the QUIC path must
+    /// name it exactly, because replies arrive addressed to it.
+    static func sourceAddress(toward remote: IPv6Endpoint) -> IPv6Address {
+        let fd = socket(AF_INET6, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { return .any }
+        defer { close(fd) }
+        var sa = remote.sockaddr
+        let ok = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        }
+        guard ok == 0 else { return .any }
+        var local = sockaddr_in6()
+        var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
+        _ = withUnsafeMutablePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return IPv6Address(local.sin6_addr)
+    }
+
+    /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive.
+    public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, timeout: Double = 300,
+                           progress: ((UInt64, UInt64?) -> Void)? = nil) throws(ClientError) -> TransferResult {
+        try transfer(url, method: "GET", body: nil, sinkFD: fd, trust: trust, timeout: timeout, progress: progress)
+    }
+
+    /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap).
+    public static func put(file: String, to url: STOQURL, trust: ClientTrust, timeout: Double = 300) throws(ClientError) -> TransferResult {
+        let fd = open(file, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        fstat(fd, &st)
+        guard let region = BodyRegion.mapping(fd: fd, offset: 0, length: Int(st.st_size)) else {
+            throw ClientError(.io, "\(file): cannot map")
+        }
+        return try transfer(url, method: "PUT", body: region, sinkFD: -1, trust: trust, timeout: timeout, progress: nil)
+    }
+
+    static func transfer(_ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, trust: ClientTrust,
+                         timeout: Double, progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
+        let creds: TLSCredentials
+        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
+            throw ClientError(.tls, "\(error)")
+        }
+        let queue: URingDatapathQueue
+        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
+            throw ClientError(.connect, "\(error)")
+        }
+        defer { queue.close() }
+        var settings = QUICSettings()
+        settings.maxWindow = 256 << 20
+        settings.maxStreamWindow = 256 << 20
+        let endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
+                                    secret: StaticSecret.random())
+        let app = TransferApp(sinkFD: sinkFD)
+        endpoint.application = app
+        let worker = Worker(queue: queue, endpoint: endpoint)
+        let start = monotonicNow()
+        let conn: QUICConnection
+        do {
+            let source = IPv6Endpoint(address: sourceAddress(toward: url.endpoint), port: queue.localEndpoint.port)
+            conn = try endpoint.connect(to: url.endpoint, from: source,
+                                        serverName: url.host, now: start)
+        } catch { throw ClientError(.connect, "\(error)") }
+        let deadline = UInt64(timeout * 1e9)
+        do {
+            try worker.run(timeout: deadline) { conn.isEstablished || app.connectionError != nil }
+        } catch { throw ClientError(.connect, "\(error)") }
+        guard conn.isEstablished else {
+            throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
+        }
+        let stream: HTTPStream
+        do {
+            stream = try conn.request(method: method, authority: url.authority, path: url.path,
+                                      headers: body.map { [("content-length", "\($0.count)")] } ?? [], body: body)
+        } catch { throw ClientError(.transfer, "\(error)") }
+        app.stream = stream
+        let t0 = monotonicNow()
+        var lastReport: UInt64 = 0
+        do {
+            try worker.run(timeout: deadline) {
+                if let progress, let s = app.stream {
+                    let now = monotonicNow()
+                    if now - lastReport > 100_000_000 {
+                        lastReport = now
+                        progress(s.bytesReceived, app.contentLength.map { UInt64($0) })
+                    }
+                }
+                return app.closed != nil || app.connectionError != nil
+            }
+        } catch { throw ClientError(.transfer, "\(error)") }
+        let seconds = Double(monotonicNow() - t0) / 1e9
+        conn.close(now: monotonicNow())
+        _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+        guard let closed = app.closed else {
+            throw ClientError(.transfer, "transfer failed: \(app.connectionError ?? "timed out")")
+        }
+        guard let status = app.status else {
+            throw ClientError(.transfer, "stream reset by the server (HTTP/3 error 0x\(String(closed, radix: 16)))")
+        }
+        if closed != H3Error.noError {
+            throw ClientError(.transfer, "transfer aborted (HTTP/3 error 0x\(String(closed, radix: 16))) after \(app.received) bytes")
+        }
+        progress?(app.received, app.contentLength.map { UInt64($0) })
+        let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
+        return TransferResult(status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
+                              seconds: seconds, sha256: sha)
+    }
+}

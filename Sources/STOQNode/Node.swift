@@ -1,0 +1,179 @@
+import Foundation
+import Logging
+import STOQConfig
+import STOQCore
+import STOQDatapath
+import STOQDatapathURing
+import STOQQUIC
+import STOQTrust
+import STOQWorker
+
+/// A running node: its identity, one pinned worker thread per core (each with its own
+/// datapath queue, QUIC endpoint and object service), and a clean drain on stop.
+public final class Node: @unchecked Sendable {
+    public let config: NodeConfig
+    public let logger: Logger
+    public private(set) var certificatePath = ""
+    public private(set) var listenAddress: IPv6Endpoint
+    private let stopFlag = StopFlag()
+    private var threads: [Thread] = []
+    private let finished = DispatchGroup()
+
+    public init(config: NodeConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+        self.listenAddress = config.network.listenAddress
+    }
+
+    /// The node's IPv6 addresses (for the certificate's SANs).
+    static func localAddresses() -> [IPv6Address] {
+        var out: [IPv6Address] = []
+        var ifa: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&ifa) == 0 else { return [] }
+        defer { freeifaddrs(ifa) }
+        var p = ifa
+        while let cur = p {
+            if let sa = cur.pointee.ifa_addr, sa.pointee.sa_family == sa_family_t(AF_INET6) {
+                let a = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { IPv6Address($0.pointee.sin6_addr) }
+                let linkLocal = withUnsafeBytes(of: a.bytes) { $0[0] == 0xfe && ($0[1] & 0xc0) == 0x80 }
+                if !linkLocal { out.append(a) }
+            }
+            p = cur.pointee.ifa_next
+        }
+        return out
+    }
+
+    /// Starts the workers. Returns once every worker is listening.
+    public func start() throws {
+        let cfg = config
+        // Identity: configured files, or the embedded one under data_dir.
+        let certFile: String, keyFile: String
+        if cfg.tls.certFile.isEmpty {
+            do {
+                var names = [ProcessInfo.processInfo.hostName]
+                if names[0].isEmpty { names = [] }
+                let id = try EmbeddedIdentity.loadOrCreate(in: cfg.node.dataDir + "/identity", names: names,
+                                                           addresses: Self.localAddresses())
+                certFile = id.certificatePath
+                keyFile = id.keyPath
+            } catch {
+                throw NodeError(.identity, "cannot create the node identity under \(cfg.node.dataDir)/identity: \(error)")
+            }
+        } else {
+            certFile = cfg.tls.certFile
+            keyFile = cfg.tls.keyFile
+        }
+        certificatePath = certFile
+        let creds: TLSCredentials
+        do { creds = try TLSCredentials(certificateFile: certFile, keyFile: keyFile) } catch {
+            throw NodeError(.identity, "\(error)")
+        }
+        let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
+        if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
+
+        switch cfg.network.datapath {
+        case "af_xdp":
+            throw NodeError(.datapath, "network.datapath = \"af_xdp\": the AF_XDP datapath is not part of this build yet; use \"io_uring\" or \"auto\"")
+        case "auto":
+            logger.info("datapath auto: using io_uring (AF_XDP is not part of this build yet)")
+        default: break
+        }
+
+        var settings = QUICSettings()
+        settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
+        settings.retry = cfg.network.retry
+        settings.idleTimeout = cfg.network.quic.idleTimeout
+        settings.handshakeTimeout = cfg.network.quic.handshakeTimeout
+        settings.initialMaxData = cfg.network.quic.initialMaxData
+        settings.initialMaxStreamData = cfg.network.quic.initialMaxStreamData
+        settings.maxWindow = cfg.network.quic.maxWindow
+        settings.maxStreamWindow = cfg.network.quic.maxStreamWindow
+        settings.maxStreamsBidi = UInt64(cfg.network.quic.maxStreamsBidi)
+        settings.maxUDPPayloadSize = cfg.network.quic.maxUDPPayloadSize
+        settings.ackThreshold = cfg.network.quic.ackThreshold
+        settings.maxConnections = cfg.network.maxConnections
+        let workers = cfg.network.workers == 0 ? max(1, Worker.availableCPUs) : cfg.network.workers
+        let secret = StaticSecret.random()
+        let quicSettings = settings
+
+        // Open every queue here, in worker order (the reuseport group's order is the
+        // steering order), so that a bind error stops start-up with a clear message.
+        var queues: [URingDatapathQueue] = []
+        for i in 0..<workers {
+            var opts = URingOptions()
+            opts.workerIndex = i
+            opts.workerCount = workers
+            var bind = cfg.network.listenAddress
+            if i > 0 { bind.port = queues[0].localEndpoint.port }
+            do { queues.append(try URingDatapathQueue(bind: bind, options: opts)) } catch {
+                throw NodeError(.datapath, "cannot listen on \(bind): \(error)")
+            }
+        }
+        listenAddress = queues[0].localEndpoint
+        logger.info("datapath io_uring, \(workers) worker(s), features \(queues[0].features)")
+
+        let ready = DispatchGroup()
+        let errors = ErrorBox()
+        for (i, queue) in queues.enumerated() {
+            let box = QueueBox(queue)
+            ready.enter()
+            finished.enter()
+            let stop = stopFlag, log = logger, group = finished
+            let t = Thread {
+                Worker.pinCurrentThread(to: i % max(1, Worker.availableCPUs))
+                let endpoint = QUICEndpoint(isServer: true, credentials: creds, settings: quicSettings,
+                                            workerID: UInt8(i), secret: secret)
+                do {
+                    endpoint.application = try ObjectService(root: cfg.storage.path,
+                                                             maxObjectSize: cfg.storage.maxObjectSize, logger: log)
+                } catch {
+                    errors.set("\(error)")
+                    ready.leave()
+                    group.leave()
+                    return
+                }
+                let worker = Worker(queue: box.queue, endpoint: endpoint)
+                ready.leave()
+                worker.run(stop: stop, logger: log)
+                let c = endpoint.counters
+                log.info("worker \(i) stopped", metadata: [
+                    "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
+                    "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
+                ])
+                box.queue.close()
+                group.leave()
+            }
+            t.name = "stoq-worker-\(i)"
+            threads.append(t)
+            t.start()
+        }
+        ready.wait()
+        if let e = errors.value {
+            stop()
+            throw NodeError(.storage, e)
+        }
+    }
+
+    /// Asks every worker to close its connections gracefully and stop.
+    public func stop() { stopFlag.stop() }
+
+    /// Waits until every worker has stopped, at most `timeout` seconds.
+    @discardableResult
+    public func wait(timeout: Double = .infinity) -> Bool {
+        if timeout.isInfinite { finished.wait(); return true }
+        return finished.wait(timeout: .now() + timeout) == .success
+    }
+}
+
+/// Hands a queue to the worker thread that will own it from then on.
+final class QueueBox: @unchecked Sendable {
+    let queue: URingDatapathQueue
+    init(_ q: URingDatapathQueue) { queue = q }
+}
+
+final class ErrorBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _value: String?
+    var value: String? { lock.withLock { _value } }
+    func set(_ v: String) { lock.withLock { _value = v } }
+}

@@ -1,0 +1,209 @@
+import Foundation
+import Logging
+import STOQQUIC
+
+/// Serves `/objects/<name>` from one directory: GET/HEAD (with a single `Range`)
+/// zero-copy from an mmap of the file, and PUT stored atomically (temp file, fsync,
+/// rename, directory fsync) so that an interrupted upload leaves nothing visible.
+/// One instance per worker; it runs on that worker's thread only.
+public final class ObjectService: QUICApplication {
+    struct Upload {
+        var fd: Int32
+        var temp: String
+        var name: String
+    }
+
+    /// What the service counted.
+    public struct Counters: Sendable {
+        public var requests: UInt64 = 0
+        public var badRequests: UInt64 = 0
+        public var notFound: UInt64 = 0
+        public var uploadsStored: UInt64 = 0
+        public var uploadsAborted: UInt64 = 0
+    }
+
+    private let rootFD: Int32
+    private let maxObjectSize: UInt64
+    private let logger: Logger
+    private var uploads: [HTTPStream: Upload] = [:]
+    public private(set) var counters = Counters()
+
+    /// Serves from `root` (created if missing).
+    public init(root: String, maxObjectSize: UInt64, logger: Logger) throws {
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        rootFD = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard rootFD >= 0 else { throw NodeError(.storage, "cannot open storage directory \(root): \(String(cString: strerror(errno)))") }
+        self.maxObjectSize = maxObjectSize
+        self.logger = logger
+    }
+
+    deinit {
+        for u in uploads.values { discard(u) }
+        close(rootFD)
+    }
+
+    /// Removes temp files left by uploads a crash interrupted.
+    public static func removeStaleUploads(in root: String) -> Int {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        var n = 0
+        for name in names where name.hasPrefix(".upload-") {
+            if unlink(root + "/" + name) == 0 { n += 1 }
+        }
+        return n
+    }
+
+    /// Object names are one path segment of `[A-Za-z0-9._-]`, not starting with a dot:
+    /// nothing a client sends can name a file outside the storage directory.
+    static func objectName(fromPath path: String) -> String? {
+        guard path.hasPrefix("/objects/") else { return nil }
+        let name = path.dropFirst("/objects/".count).prefix { $0 != "?" }
+        guard !name.isEmpty, name.count <= 255, name.first != "." else { return nil }
+        for u in name.utf8 {
+            let ok = (u >= 0x30 && u <= 0x39) || (u >= 0x41 && u <= 0x5a) || (u >= 0x61 && u <= 0x7a) || u == 0x2e
+                || u == 0x2d || u == 0x5f
+            if !ok { return nil }
+        }
+        return String(name)
+    }
+
+    /// `bytes=a-b`, `bytes=a-`, `bytes=-n` against `size`: the range, `nil` for "no range",
+    /// or `.failure` for unsatisfiable.
+    static func parseRange(_ header: String, size: UInt64) -> Result<ClosedRange<UInt64>, RangeError>? {
+        guard !header.isEmpty else { return nil }
+        guard header.hasPrefix("bytes="), !header.contains(",") else { return .failure(.malformed) }
+        let spec = header.dropFirst(6)
+        guard let dash = spec.firstIndex(of: "-") else { return .failure(.malformed) }
+        let a = spec[..<dash], b = spec[spec.index(after: dash)...]
+        if a.isEmpty {
+            guard let n = UInt64(b), n > 0 else { return .failure(.malformed) }
+            guard size > 0 else { return .failure(.unsatisfiable) }
+            return .success((size - min(n, size))...(size - 1))
+        }
+        guard let start = UInt64(a) else { return .failure(.malformed) }
+        guard start < size else { return .failure(.unsatisfiable) }
+        if b.isEmpty { return .success(start...(size - 1)) }
+        guard let end = UInt64(b), end >= start else { return .failure(.malformed) }
+        return .success(start...min(end, size - 1))
+    }
+
+    enum RangeError: Error { case malformed, unsatisfiable }
+
+    public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        counters.requests += 1
+        if request.malformed { return fail(stream, connection, 400, "malformed request") }
+        if request.pathTooLong { return fail(stream, connection, 414, "path too long") }
+        guard let name = Self.objectName(fromPath: request.path) else {
+            return fail(stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
+                        "bad object path \(request.path.prefix(200))")
+        }
+        switch request.method {
+        case "GET", "HEAD": serve(name, request, stream, connection)
+        case "PUT": beginUpload(name, request, stream, connection)
+        default:
+            connection.respond(stream, status: 405, headers: [("allow", "GET, HEAD, PUT")], body: nil)
+        }
+    }
+
+    private func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String) {
+        if status == 404 { counters.notFound += 1 } else { counters.badRequests += 1 }
+        logger.debug("request refused", metadata: ["status": "\(status)", "reason": "\(why)"])
+        let body = BodyRegion(copying: Array("\(why)\n".utf8))
+        connection.respond(stream, status: status,
+                           headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
+    }
+
+    private func serve(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return fail(stream, connection, 404, "no object \(name)") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            return fail(stream, connection, 404, "no object \(name)")
+        }
+        let size = UInt64(st.st_size)
+        var status = 200
+        var range = size == 0 ? nil : Optional(0...(size - 1))
+        var headers = [("accept-ranges", "bytes")]
+        switch Self.parseRange(request.range, size: size) {
+        case nil: break
+        case .success(let r):
+            status = 206
+            range = r
+            headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
+        case .failure(.unsatisfiable):
+            connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
+            return
+        case .failure(.malformed):
+            return fail(stream, connection, 400, "bad Range header")
+        }
+        let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
+        headers.append(("content-length", "\(length)"))
+        if request.method == "HEAD" {
+            connection.respond(stream, status: status, headers: headers, body: nil)
+            return
+        }
+        guard let region = BodyRegion.mapping(fd: fd, offset: range?.lowerBound ?? 0, length: length) else {
+            return fail(stream, connection, 500, "cannot map \(name)")
+        }
+        connection.respond(stream, status: status, headers: headers, body: region)
+    }
+
+    private func beginUpload(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        if let n = request.contentLength, UInt64(n) > maxObjectSize {
+            return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
+        }
+        let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
+        let fd = openat(rootFD, temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return fail(stream, connection, 500, "cannot create upload file") }
+        uploads[stream] = Upload(fd: fd, temp: temp, name: name)
+        stream.setBodySink(fd: fd, limit: maxObjectSize)
+        if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
+    }
+
+    public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+        guard let up = uploads.removeValue(forKey: stream) else { return }
+        if aborted || stream.sinkErrno != 0 {
+            discard(up)
+            counters.uploadsAborted += 1
+            if !aborted { fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))") }
+            return
+        }
+        // Durable before visible: data, then the name, then the directory entry.
+        guard fsync(up.fd) == 0, close(up.fd) == 0, renameat(rootFD, up.temp, rootFD, up.name) == 0 else {
+            let e = errno
+            discard(up)
+            counters.uploadsAborted += 1
+            return fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(e)))")
+        }
+        fsync(rootFD)
+        counters.uploadsStored += 1
+        connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
+    }
+
+    public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        if let up = uploads.removeValue(forKey: stream) {
+            discard(up)
+            counters.uploadsAborted += 1
+        }
+    }
+
+    private func discard(_ up: Upload) {
+        close(up.fd)
+        unlinkat(rootFD, up.temp, 0)
+    }
+}
+
+/// A node failed to start or run.
+public struct NodeError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable {
+        let name: String
+        public static let storage = Code(name: "storage")
+        public static let identity = Code(name: "identity")
+        public static let datapath = Code(name: "datapath")
+        public static let config = Code(name: "config")
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    public var description: String { message }
+}

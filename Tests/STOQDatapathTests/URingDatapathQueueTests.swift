@@ -1,0 +1,78 @@
+import STOQCore
+import STOQDatapath
+import STOQDatapathURing
+import Testing
+
+@Suite struct URingDatapathQueueTests {
+    func pair() throws -> (URingDatapathQueue, URingDatapathQueue) {
+        let a = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
+        let b = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
+        return (a, b)
+    }
+
+    func send(_ q: URingDatapathQueue, _ bytes: [UInt8], segment: Int, to: IPv6Endpoint, ecn: ECN = .notECT) throws {
+        let slot = try #require(q.reserveTransmit())
+        slot.copyBytes(from: bytes)
+        q.commitTransmit(length: bytes.count, segmentSize: segment, to: to, ecn: ecn)
+        try q.flush()
+    }
+
+    func receiveAll(_ q: URingDatapathQueue, count: Int) throws -> [([UInt8], ECN, IPv6Endpoint)] {
+        var got: [([UInt8], ECN, IPv6Endpoint)] = []
+        var tries = 0
+        while got.count < count && tries < 40 {
+            tries += 1
+            _ = try q.receive(timeoutNanoseconds: 50_000_000) { d in
+                let ecn = d.ecn, peer = d.peer
+                d.forEachDatagram { got.append((Array($0), ecn, peer)) }
+            }
+        }
+        return got
+    }
+
+    @Test func datagramsArriveByteIdentical() throws {
+        let (a, b) = try pair()
+        var rng = SystemRandomNumberGenerator()
+        var sent: [[UInt8]] = []
+        for i in 0..<200 {
+            let n = 1 + (i * 37) % 1452
+            let d = (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            sent.append(d)
+            try send(a, d, segment: d.count, to: b.localEndpoint)
+        }
+        let got = try receiveAll(b, count: sent.count)
+        #expect(got.count == sent.count)
+        #expect(Set(got.map(\.0)) == Set(sent))
+        #expect(got.allSatisfy { $0.2 == a.localEndpoint })
+        #expect(b.counters.rxDatagrams == UInt64(sent.count))
+        _ = try a.receive(timeoutNanoseconds: 0) { _ in }  // reaps send completions
+        #expect(a.counters.txDatagrams == UInt64(sent.count))
+    }
+
+    @Test func gsoRunArrivesAsSeparateDatagrams() throws {
+        let (a, b) = try pair()
+        #expect(a.features.contains(.segmentationOffload))
+        var run: [UInt8] = []
+        var expected: [[UInt8]] = []
+        for i in 0..<10 { let d = [UInt8](repeating: UInt8(i), count: 1200); expected.append(d); run += d }
+        let tail = [UInt8](repeating: 0xEE, count: 700)
+        expected.append(tail)
+        run += tail
+        try send(a, run, segment: 1200, to: b.localEndpoint)
+        let got = try receiveAll(b, count: 11)
+        #expect(got.map(\.0) == expected)
+    }
+
+    @Test func ecnPassesThrough() throws {
+        let (a, b) = try pair()
+        try send(a, [1, 2, 3], segment: 3, to: b.localEndpoint, ecn: .ect0)
+        let got = try receiveAll(b, count: 1)
+        #expect(got.first?.1 == .ect0)
+    }
+
+    @Test func refusesIPv4Mapped() {
+        #expect(throws: DatapathError.self) {
+            _ = try URingDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1)), port: 0))
+        }
+    }
+}
