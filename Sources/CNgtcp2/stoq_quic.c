@@ -62,6 +62,7 @@ struct stoq_stream {
   int body_complete;
   int reset_by_peer;
   int responded;
+  size_t header_bytes;
   /* body we send: a caller-owned region */
   const uint8_t *src;
   uint64_t src_len, src_off;
@@ -374,6 +375,8 @@ static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, ng
   (void)h3; (void)stream_id; (void)name; (void)flags; (void)ud;
   stoq_stream *s = sud;
   if (!s) return 0;
+  /* RFC 9114 §4.2.2 counts name + value + 32 per field. */
+  s->header_bytes += nghttp3_rcbuf_get_buf(name).len + nghttp3_rcbuf_get_buf(value).len + 32;
   switch (token) {
   case NGHTTP3_QPACK_TOKEN__METHOD:
     s->dup_pseudo |= s->have_method;
@@ -431,6 +434,7 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
         .path_too_long = s->path_too_long,
         .malformed = s->dup_pseudo || !s->have_method || !s->have_path || !s->have_scheme,
         .has_body = !fin,
+        .headers_too_large = s->header_bytes > STOQ_MAX_FIELD_SECTION,
     };
     if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &req);
   } else {

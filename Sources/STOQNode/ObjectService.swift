@@ -92,6 +92,7 @@ public final class ObjectService: QUICApplication {
         counters.requests += 1
         if request.malformed { return fail(stream, connection, 400, "malformed request") }
         if request.pathTooLong { return fail(stream, connection, 414, "path too long") }
+        if request.headersTooLarge { return fail(stream, connection, 431, "request header fields too large") }
         guard let name = Self.objectName(fromPath: request.path) else {
             return fail(stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
                         "bad object path \(request.path.prefix(200))")

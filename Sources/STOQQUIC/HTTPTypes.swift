@@ -19,6 +19,8 @@ public struct HTTPRequest: Sendable {
     public var malformed: Bool
     /// A body follows the head.
     public var hasBody: Bool
+    /// The header fields were larger than the node accepts.
+    public var headersTooLarge: Bool = false
 }
 
 /// A region of memory a response or request body is sent from, without copying:

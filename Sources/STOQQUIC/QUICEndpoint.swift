@@ -498,7 +498,8 @@ private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?,
     let request = HTTPRequest(
         method: String(cString: r.method), path: String(cString: r.path), authority: String(cString: r.authority),
         range: String(cString: r.range), contentLength: r.content_length >= 0 ? r.content_length : nil,
-        pathTooLong: r.path_too_long != 0, malformed: r.malformed != 0, hasBody: r.has_body != 0)
+        pathTooLong: r.path_too_long != 0, malformed: r.malformed != 0, hasBody: r.has_body != 0,
+        headersTooLarge: r.headers_too_large != 0)
     if let app = ep.application {
         app.request(request, stream: HTTPStream(raw: s), connection: conn)
     } else {

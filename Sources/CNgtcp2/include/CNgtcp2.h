@@ -30,6 +30,8 @@ extern "C" {
 #define STOQ_SECRETLEN 32
 /** Longest request target STOQ accepts; longer gets 414. */
 #define STOQ_MAX_PATH 4096
+/** Largest request field section (RFC 9114 §4.2.2 size) STOQ serves; larger gets 431. */
+#define STOQ_MAX_FIELD_SECTION 16384
 
 /* ---- TLS credentials ------------------------------------------------------ */
 
@@ -58,6 +60,7 @@ typedef struct stoq_request {
   int path_too_long;      /* the path exceeded STOQ_MAX_PATH and was cut */
   int malformed;          /* a pseudo-header was missing or repeated */
   int has_body;           /* the stream did not end with the headers */
+  int headers_too_large;  /* the field section exceeded STOQ_MAX_FIELD_SECTION (answer 431) */
 } stoq_request;
 
 /** Application events. Each gets `ctx` back. Called on the connection's worker thread only. */

@@ -1,0 +1,107 @@
+"""Fixtures for STOQ's integration tests: a real stoq-node on real sockets, and the
+real peers (ngtcp2's gtlsclient/gtlsserver, aioquic) talking to it."""
+import hashlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SIZES = [0, 1, 1200, 65536, (1 << 20) + 7, 16 << 20, 256 << 20]
+
+
+def bin_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("STOQ_BIN_DIR", ROOT / ".build" / "debug"))
+
+
+def need_binary(name: str) -> pathlib.Path:
+    p = bin_dir() / name
+    if not p.exists():
+        pytest.skip(f"{name} not built at {p}: run `swift build` first (scripts/test does)")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Node:
+    def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = ""):
+        self.workdir = workdir
+        self.port = free_port()
+        self.storage = workdir / "objects"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "node.toml"
+        self.config.write_text(
+            f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[::1]:{self.port}"\n'
+            f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\n')
+        self.log = open(workdir / "node.log", "w+")
+        self.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(self.config)],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.cert = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("trust: "):
+                self.cert = line.split(": ", 1)[1].strip()
+            if line.startswith("listening: "):
+                return
+        self.proc.kill()
+        self.log.seek(0)
+        raise RuntimeError(f"stoq-node did not start: {self.log.read()[-2000:]}")
+
+    def url(self, name: str) -> str:
+        return f"https://[::1]:{self.port}/objects/{name}"
+
+    def add_object(self, name: str, size: int) -> str:
+        path = self.storage / name
+        with open(path, "wb") as f:
+            left = size
+            while left > 0:
+                n = min(left, 1 << 20)
+                f.write(os.urandom(n))
+                left -= n
+        return sha256_file(path)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -999
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("node"))
+    n.digests = {f"obj-{s}.bin": n.add_object(f"obj-{s}.bin", s) for s in SIZES}
+    yield n
+    code = n.stop()
+    assert code == 0, f"stoq-node did not exit cleanly on SIGTERM (exit {code})"
+
+
+def run(cmd, timeout=180, **kw):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def stoq(*args, timeout=180):
+    return run([need_binary("stoq"), *args], timeout=timeout)

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
+
+Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...]
+Prints one JSON line: {"status": 200, "bytes": N, "sha256": "..."}; exit 1 on failure.
+"""
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+from urllib.parse import urlparse
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamReset
+
+
+class Client(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.done = asyncio.get_event_loop().create_future()
+        self.status = None
+        self.hash = hashlib.sha256()
+        self.bytes = 0
+        self.out = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamReset) and not self.done.done():
+            self.done.set_exception(RuntimeError(f"stream reset, error 0x{event.error_code:x}"))
+            return
+        for ev in self.h3.handle_event(event):
+            if isinstance(ev, HeadersReceived):
+                for k, v in ev.headers:
+                    if k == b":status":
+                        self.status = int(v)
+                if ev.stream_ended and not self.done.done():
+                    self.done.set_result(True)
+            elif isinstance(ev, DataReceived):
+                self.bytes += len(ev.data)
+                self.hash.update(ev.data)
+                if self.out:
+                    self.out.write(ev.data)
+                if ev.stream_ended and not self.done.done():
+                    self.done.set_result(True)
+
+    async def request(self, method, url, headers):
+        u = urlparse(url)
+        sid = self._quic.get_next_available_stream_id()
+        hdrs = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", u.netloc.encode()),
+                (b":path", (u.path or "/").encode())] + headers
+        self.h3.send_headers(sid, hdrs, end_stream=True)
+        self.transmit()
+        await asyncio.wait_for(self.done, 120)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("--ca")
+    ap.add_argument("--out")
+    ap.add_argument("--method", default="GET")
+    ap.add_argument("--header", action="append", default=[])
+    a = ap.parse_args()
+    u = urlparse(a.url)
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
+    if a.ca:
+        cfg.load_verify_locations(a.ca)
+    host = u.hostname
+    headers = [(k.strip().lower().encode(), v.strip().encode()) for k, v in (h.split(":", 1) for h in a.header)]
+    async with connect(host, u.port or 443, configuration=cfg, create_protocol=Client) as c:
+        if a.out:
+            c.out = open(a.out, "wb")
+        await c.request(a.method, a.url, headers)
+        print(json.dumps({"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest()}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(asyncio.run(main()))
+    except Exception as e:  # noqa: BLE001 - report any failure as one line
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)

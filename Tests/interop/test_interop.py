@@ -1,0 +1,101 @@
+"""Byte-identical transfers between STOQ and implementations nobody here wrote."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SIZES, free_port, need_binary, run, sha256_file, stoq
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_gtlsclient_downloads_from_stoq_node(node, size, tmp_path):
+    if not shutil.which("gtlsclient"):
+        pytest.fail("gtlsclient missing: scripts/install-deps installs ngtcp2-client")
+    name = f"obj-{size}.bin"
+    r = run(["gtlsclient", "--exit-on-all-streams-close", "-q", f"--download={tmp_path}", "::1", node.port,
+             node.url(name)], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sha256_file(tmp_path / name) == node.digests[name]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_stoq_get_from_stoq_node(node, size, tmp_path):
+    name = f"obj-{size}.bin"
+    out = tmp_path / name
+    r = stoq("get", node.url(name), "-o", out, "--ca", node.cert, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["status"] == 200 and res["bytes"] == size
+    assert res["sha256"] == node.digests[name]
+    assert sha256_file(out) == node.digests[name]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_aioquic_downloads_from_stoq_node(node, size):
+    name = f"obj-{size}.bin"
+    r = run([sys.executable, HERE / "h3client.py", node.url(name), "--ca", node.cert], timeout=300)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0, res
+    assert res["status"] == 200 and res["bytes"] == size
+    assert res["sha256"] == node.digests[name]
+
+
+def test_stoq_get_from_gtlsserver(node, tmp_path):
+    """Our client against ngtcp2's server, with the node's identity as its certificate."""
+    if not shutil.which("gtlsserver") and not os.path.exists("/usr/sbin/gtlsserver"):
+        pytest.fail("gtlsserver missing: scripts/install-deps installs ngtcp2-server")
+    gtls = shutil.which("gtlsserver") or "/usr/sbin/gtlsserver"
+    htdocs = tmp_path / "htdocs"
+    htdocs.mkdir()
+    digests = {}
+    # gtlsserver cannot serve an empty file (it mmaps it: EINVAL), so its sizes start at 1.
+    for size in [1, 1200, (1 << 20) + 7, 256 << 20]:
+        name = f"g-{size}.bin"
+        with open(htdocs / name, "wb") as f:
+            f.write(os.urandom(size))
+        digests[name] = sha256_file(htdocs / name)
+    key = pathlib.Path(node.cert).with_name("key.pem")
+    port = free_port()
+    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), node.cert],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        for name, digest in digests.items():
+            out = tmp_path / ("out-" + name)
+            r = stoq("get", f"https://[::1]:{port}/{name}", "-o", out, "--ca", node.cert, "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["sha256"] == digest
+            assert sha256_file(out) == digest
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+
+
+def test_put_then_get_round_trip(node, tmp_path):
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom((3 << 20) + 11))
+    r = stoq("put", src, node.url("uploaded.bin"), "--ca", node.cert, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == 201
+    assert sha256_file(node.storage / "uploaded.bin") == sha256_file(src)
+    assert not [p for p in node.storage.iterdir() if p.name.startswith(".upload-")], "temp file left behind"
+    r = stoq("get", node.url("uploaded.bin"), "--ca", node.cert, "--json")
+    assert json.loads(r.stdout)["sha256"] == sha256_file(src)
+
+
+def test_range_request(node):
+    name = "obj-1200.bin"
+    data = (node.storage / name).read_bytes()
+    r = run([sys.executable, HERE / "h3client.py", node.url(name), "--ca", node.cert, "--header", "range: bytes=100-199"])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    import hashlib
+    assert res["status"] == 206 and res["bytes"] == 100
+    assert res["sha256"] == hashlib.sha256(data[100:200]).hexdigest()
