@@ -31,6 +31,8 @@ static const uint8_t ALPN_H3[] = "h3";
 #define RETRY_TOKEN_TIMEOUT (10ull * NGTCP2_SECONDS)
 /* How much response body one nghttp3 DATA frame carries. */
 #define BODY_CHUNK (1u << 20)
+/* How much received body is gathered before one pwrite. */
+#define SINK_BUFFER (256u << 10)
 
 struct stoq_tls_ctx {
   gnutls_certificate_credentials_t cred;
@@ -72,6 +74,9 @@ struct stoq_stream {
   int sink_fd;
   uint64_t sink_off, sink_limit, received;
   int sink_errno;
+  /* received body is staged here and written in large pwrites, not one per packet */
+  uint8_t *wbuf;
+  size_t wlen;
   int hashing;
   int digest_done;
   gnutls_hash_hd_t hash;
@@ -250,7 +255,28 @@ static stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   return s;
 }
 
+static void sink_write(stoq_stream *s, const uint8_t *data, size_t len, uint64_t at) {
+  size_t off = 0;
+  while (off < len && !s->sink_errno) {
+    ssize_t n = pwrite(s->sink_fd, data + off, len - off, (off_t)(at + off));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      s->sink_errno = errno;
+      break;
+    }
+    off += (size_t)n;
+  }
+}
+
+/* Writes what is staged; the staged bytes end at s->received. */
+static void sink_flush(stoq_stream *s) {
+  if (s->wlen && s->sink_fd >= 0) sink_write(s, s->wbuf, s->wlen, s->sink_off + s->received - s->wlen);
+  s->wlen = 0;
+}
+
 static void stream_free(stoq_conn *c, stoq_stream *s) {
+  sink_flush(s);
+  free(s->wbuf);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
   if (s->next) s->next->prev = s->prev;
@@ -268,7 +294,9 @@ int stoq_stream_sink_errno(const stoq_stream *s) { return s->sink_errno; }
 int stoq_stream_body_complete(const stoq_stream *s) { return s->body_complete; }
 
 void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash) {
+  sink_flush(s);
   s->sink_fd = fd;
+  if (fd >= 0 && !s->wbuf) s->wbuf = malloc(SINK_BUFFER);
   s->sink_off = offset;
   s->sink_limit = limit;
   if (hash && !s->hashing) {
@@ -326,15 +354,13 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
     return 0;
   }
   if (s->sink_fd >= 0 && !s->sink_errno) {
-    size_t off = 0;
-    while (off < len) {
-      ssize_t n = pwrite(s->sink_fd, data + off, len - off, (off_t)(s->sink_off + s->received + off));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        s->sink_errno = errno;
-        break;
-      }
-      off += (size_t)n;
+    if (!s->wbuf || len >= SINK_BUFFER) {
+      sink_flush(s);
+      sink_write(s, data, len, s->sink_off + s->received);
+    } else {
+      if (s->wlen + len > SINK_BUFFER) sink_flush(s);
+      memcpy(s->wbuf + s->wlen, data, len);
+      s->wlen += len;
     }
   }
   if (s->hashing) gnutls_hash(s->hash, data, len);
@@ -449,6 +475,7 @@ static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *su
   stoq_stream *s = sud;
   if (!s) return 0;
   s->body_complete = 1;
+  sink_flush(s);
   stream_finish_digest(s);
   if (c->is_server && c->ep->ev.on_request_end) c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
   return 0;

@@ -309,6 +309,7 @@ static void complete_tx(stoq_uring *u, unsigned idx, int res) {
   } else {
     size_t segs = s->segsize ? (s->len + s->segsize - 1) / s->segsize : 1;
     u->counters.tx_datagrams += segs;
+    u->counters.tx_sends++;
     u->counters.tx_bytes += s->len;
   }
   s->in_flight = 0;
@@ -408,6 +409,7 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     if (!rx->segment_size) rx->segment_size = rx->len ? rx->len : 1;
     u->counters.rx_datagrams += (rx->len + rx->segment_size - 1) / rx->segment_size;
     u->counters.rx_bytes += rx->len;
+    u->counters.rx_buffers++;
     n++;
   }
   io_uring_cq_advance(&u->ring, seen);

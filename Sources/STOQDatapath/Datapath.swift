@@ -66,6 +66,10 @@ public struct ReceivedDatagrams {
 /// Counters every datapath keeps (plain integers: a queue belongs to one worker thread).
 public struct DatapathCounters: Sendable {
     public var rxDatagrams: UInt64 = 0
+    /// Receive buffers handed over (less than rxDatagrams when GRO coalesces).
+    public var rxBuffers: UInt64 = 0
+    /// Send calls that completed (less than txDatagrams when GSO batches).
+    public var txSends: UInt64 = 0
     public var rxBytes: UInt64 = 0
     public var txDatagrams: UInt64 = 0
     public var txBytes: UInt64 = 0

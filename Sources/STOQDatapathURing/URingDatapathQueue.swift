@@ -66,6 +66,8 @@ public final class URingDatapathQueue: DatapathQueue {
         let c = stoq_uring_get_counters(raw)!.pointee
         var d = DatapathCounters()
         d.rxDatagrams = c.rx_datagrams
+        d.rxBuffers = c.rx_buffers
+        d.txSends = c.tx_sends
         d.rxBytes = c.rx_bytes
         d.txDatagrams = c.tx_datagrams
         d.txBytes = c.tx_bytes

@@ -135,8 +135,10 @@ public final class Node: @unchecked Sendable {
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
                 ready.leave()
                 worker.run(stop: stop, logger: log)
-                let c = endpoint.counters
+                let c = endpoint.counters, d = box.queue.counters
                 log.info("worker \(i) stopped", metadata: [
+                    "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
+                    "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
                     "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
                     "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
                 ])

@@ -46,7 +46,7 @@ struct Get: ParsableCommand {
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @Option(name: .shortAndLong, help: "Write the body here (default: discard).") var output: String?
     @OptionGroup var trust: TrustOptions
-    @Flag(help: "Print one JSON object with status, bytes, seconds, gbps, sha256.") var json = false
+    @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
 
     func run() throws {
@@ -63,7 +63,7 @@ struct Get: ParsableCommand {
         let start = Date()
         let result: TransferResult
         do {
-            result = try STOQClient.get(u, into: fd, trust: trust.trust, timeout: timeout) { got, total in
+            result = try STOQClient.get(u, into: fd, trust: trust.trust, hash: json || tty, timeout: timeout) { got, total in
                 guard tty else { return }
                 let secs = max(Date().timeIntervalSince(start), 0.001)
                 let rate = Double(got) / secs
