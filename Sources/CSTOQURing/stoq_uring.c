@@ -130,7 +130,8 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
     set_err(err, errlen, "setsockopt(IPV6_V6ONLY): %s", strerror(errno));
     goto fail;
   }
-  int bufsz = 8 << 20;
+  /* Deep socket buffers: a GRO burst from a fast sender must not overflow while the worker is busy. */
+  int bufsz = 32 << 20;
   if (setsockopt(u->fd, SOL_SOCKET, SO_RCVBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
     setsockopt(u->fd, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
   if (setsockopt(u->fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
