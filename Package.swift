@@ -68,7 +68,7 @@ let package = Package(
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig", "STOQTrust",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore"]),
+        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust"]),
 
         .executableTarget(
             name: "stoq-node",
