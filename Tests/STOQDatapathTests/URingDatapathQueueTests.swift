@@ -76,3 +76,45 @@ import Testing
         }
     }
 }
+
+@Suite struct ReuseportSteeringTests {
+    /// Two workers share a port; the kernel picks the socket from the CID's first byte
+    /// (the worker id STOQ puts there), for short and long headers alike.
+    @Test func steersOnTheConnectionIDsFirstByte() throws {
+        var o0 = URingOptions(), o1 = URingOptions()
+        o0.workerIndex = 0; o0.workerCount = 2
+        o1.workerIndex = 1; o1.workerCount = 2
+        let w0 = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0), options: o0)
+        let w1 = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: w0.localEndpoint.port), options: o1)
+        let sender = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
+        func packet(long: Bool, worker: UInt8, tag: UInt8) -> [UInt8] {
+            if long { return [0xC0, 0, 0, 0, 1, 8, worker, 1, 2, 3, 4, 5, 6, 7, 0, tag] + [UInt8](repeating: 0, count: 40) }
+            return [0x40, worker, 9, 9, 9, 9, 9, 9, 9, 9, tag] + [UInt8](repeating: 0, count: 40)
+        }
+        var expected: [UInt8: Set<UInt8>] = [0: [], 1: []]
+        var tag: UInt8 = 0
+        for long in [false, true] {
+            for worker: UInt8 in [0, 1, 2, 3] {
+                for _ in 0..<5 {
+                    let p = packet(long: long, worker: worker, tag: tag)
+                    expected[worker % 2]!.insert(tag)
+                    let slot = try #require(sender.reserveTransmit())
+                    slot.copyBytes(from: p)
+                    sender.commitTransmit(length: p.count, segmentSize: p.count, to: w0.localEndpoint, ecn: .notECT)
+                    try sender.flush()
+                    tag += 1
+                }
+            }
+        }
+        var got: [UInt8: Set<UInt8>] = [0: [], 1: []]
+        for _ in 0..<40 where got[0]!.count + got[1]!.count < Int(tag) {
+            _ = try w0.receive(timeoutNanoseconds: 20_000_000) { d in
+                d.forEachDatagram { got[0]!.insert($0[$0[0] & 0x80 != 0 ? 15 : 10]) }
+            }
+            _ = try w1.receive(timeoutNanoseconds: 1_000_000) { d in
+                d.forEachDatagram { got[1]!.insert($0[$0[0] & 0x80 != 0 ? 15 : 10]) }
+            }
+        }
+        #expect(got == expected)
+    }
+}
