@@ -9,7 +9,7 @@ struct Stoq: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
-        subcommands: [Get.self, Put.self, ConfigCommand.self])
+        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self])
 }
 
 struct TrustOptions: ParsableArguments {
@@ -142,5 +142,45 @@ struct ConfigCommand: ParsableCommand {
                 throw ExitCode(2)
             }
         }
+    }
+}
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Load a node: many connections × streams of GETs; prints goodput, requests/s, latency p50/p99.",
+        discussion: "Example: stoq bench https://[::1]:4433/objects/1m.bin --connections 4 --streams 8 --duration 10 --ca stoq-data/identity/cert.pem")
+
+    @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
+    @Option(help: "Concurrent connections.") var connections = 1
+    @Option(help: "Concurrent requests per connection.") var streams = 1
+    @Option(help: "Run this many seconds (default 10 unless --bytes is given).") var duration: Double?
+    @Option(help: "Stop after this many body bytes.") var bytes: UInt64?
+    @OptionGroup var trust: TrustOptions
+    @Flag(help: "Print one JSON object.") var json = false
+
+    func validate() throws {
+        guard connections >= 1, connections <= 10_000 else { throw ValidationError("--connections \(connections): expected 1…10000") }
+        guard streams >= 1, streams <= 256 else { throw ValidationError("--streams \(streams): expected 1…256") }
+        if let duration, duration <= 0 { throw ValidationError("--duration \(duration): expected seconds > 0") }
+    }
+
+    func run() throws {
+        let u: STOQURL
+        do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        let r: BenchResult
+        do {
+            r = try STOQClient.bench(u, connections: connections, streams: streams,
+                                     duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust)
+        } catch { throw fail("\(error)") }
+        if json {
+            let data = try JSONEncoder().encode(r)
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        print(String(format: "%d connection(s) × %d stream(s): %d requests (%d failed) in %.2fs",
+                     r.connections, r.streams, r.requests, r.failed, r.seconds))
+        print(String(format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
+                     r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
     }
 }

@@ -99,3 +99,13 @@ def test_range_request(node):
     import hashlib
     assert res["status"] == 206 and res["bytes"] == 100
     assert res["sha256"] == hashlib.sha256(data[100:200]).hexdigest()
+
+
+def test_stoq_bench_against_node(node):
+    r = stoq("bench", node.url(f"obj-{(1 << 20) + 7}.bin"), "--connections", 3, "--streams", 2, "--bytes", 20 << 20,
+             "--ca", node.cert, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["failed"] == 0 and res["requests"] >= 19, res
+    assert res["bytes"] == res["requests"] * ((1 << 20) + 7)
+    assert res["latencyP99Ms"] >= res["latencyP50Ms"] > 0

@@ -1,0 +1,114 @@
+import Foundation
+import STOQCore
+import STOQDatapathURing
+import STOQQUIC
+import STOQWorker
+
+/// What `STOQClient.bench` measured.
+public struct BenchResult: Sendable, Codable {
+    public var connections: Int
+    public var streams: Int
+    public var requests: Int
+    public var failed: Int
+    public var bytes: UInt64
+    public var seconds: Double
+    public var gbps: Double
+    public var requestsPerSecond: Double
+    /// Request latency (request sent → stream closed), milliseconds.
+    public var latencyP50Ms: Double
+    public var latencyP99Ms: Double
+}
+
+final class BenchApp: QUICApplication {
+    var started: [HTTPStream: Timestamp] = [:]
+    var latencies: [UInt64] = []
+    var bytes: UInt64 = 0
+    var failed = 0
+    var finished: [QUICConnection] = []
+    var connectionErrors: [String] = []
+    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        stream.setBodySink(fd: -1)
+        if status / 100 != 2 { failed += 1 }
+    }
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        if let t0 = started.removeValue(forKey: stream) {
+            latencies.append(monotonicNow() - t0)
+            if errorCode != H3Error.noError { failed += 1 }
+        }
+        bytes += stream.bytesReceived
+        finished.append(connection)
+    }
+    func connectionClosed(connection: QUICConnection, reason: String) {
+        if !reason.isEmpty { connectionErrors.append(reason) }
+    }
+}
+
+extension STOQClient {
+    /// Keeps `connections` × `streams` GETs of `url` in flight until `duration` seconds pass
+    /// or `bytes` have arrived, on one worker thread; reports goodput, requests/s and latency.
+    public static func bench(_ url: STOQURL, connections: Int, streams: Int, duration: Double?, bytes: UInt64?,
+                             trust: ClientTrust) throws(ClientError) -> BenchResult {
+        let creds: TLSCredentials
+        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
+            throw ClientError(.tls, "\(error)")
+        }
+        let queue: URingDatapathQueue
+        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
+            throw ClientError(.connect, "\(error)")
+        }
+        defer { queue.close() }
+        var settings = QUICSettings()
+        settings.maxWindow = 256 << 20
+        settings.maxStreamWindow = 256 << 20
+        settings.ackThreshold = 8
+        let endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
+                                    secret: StaticSecret.random())
+        let app = BenchApp()
+        endpoint.application = app
+        let worker = Worker(queue: queue, endpoint: endpoint)
+        let source = IPv6Endpoint(address: sourceAddress(toward: url.endpoint), port: queue.localEndpoint.port)
+        var conns: [QUICConnection] = []
+        do {
+            for _ in 0..<connections {
+                conns.append(try endpoint.connect(to: url.endpoint, from: source, serverName: url.host, now: monotonicNow()))
+            }
+            try worker.run(timeout: 10_000_000_000) { conns.allSatisfy { $0.isEstablished } || !app.connectionErrors.isEmpty }
+        } catch { throw ClientError(.connect, "\(error)") }
+        guard conns.allSatisfy({ $0.isEstablished }) else {
+            throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionErrors.first ?? "timed out")")
+        }
+        func issue(on c: QUICConnection) -> Bool {
+            guard let s = try? c.request(method: "GET", authority: url.authority, path: url.path) else { return false }
+            app.started[s] = monotonicNow()
+            return true
+        }
+        for c in conns { for _ in 0..<streams { _ = issue(on: c) } }
+        let t0 = monotonicNow()
+        let end = duration.map { t0 + UInt64($0 * 1e9) }
+        var stopping = false
+        do {
+            try worker.run(timeout: UInt64((duration ?? 3600) * 1e9) + 60_000_000_000) {
+                let now = monotonicNow()
+                if !stopping, (end.map { now >= $0 } ?? false) || (bytes.map { app.bytes >= $0 } ?? false) {
+                    stopping = true
+                }
+                if !stopping {
+                    for c in app.finished where !c.isClosed { _ = issue(on: c) }
+                }
+                app.finished.removeAll(keepingCapacity: true)
+                return (stopping && app.started.isEmpty) || !app.connectionErrors.isEmpty
+            }
+        } catch { throw ClientError(.transfer, "\(error)") }
+        let seconds = Double(monotonicNow() - t0) / 1e9
+        for c in conns { c.close(now: monotonicNow()) }
+        _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+        if let e = app.connectionErrors.first, app.latencies.isEmpty { throw ClientError(.transfer, e) }
+        let sorted = app.latencies.sorted()
+        func pct(_ p: Double) -> Double {
+            sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1e6
+        }
+        return BenchResult(connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
+                           bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,
+                           requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99))
+    }
+}
