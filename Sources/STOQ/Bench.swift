@@ -48,24 +48,10 @@ extension STOQClient {
     /// or `bytes` have arrived, on one worker thread; reports goodput, requests/s and latency.
     public static func bench(_ url: STOQURL, connections: Int, streams: Int, duration: Double?, bytes: UInt64?,
                              trust: ClientTrust) throws(ClientError) -> BenchResult {
-        let creds: TLSCredentials
-        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
-            throw ClientError(.tls, "\(error)")
-        }
-        let queue: URingDatapathQueue
-        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
-            throw ClientError(.connect, "\(error)")
-        }
-        defer { queue.close() }
-        var settings = QUICSettings()
-        settings.maxWindow = 256 << 20
-        settings.maxStreamWindow = 256 << 20
-        settings.ackThreshold = 8
-        let endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
-                                    secret: StaticSecret.random())
         let app = BenchApp()
-        endpoint.application = app
-        let worker = Worker(queue: queue, endpoint: endpoint)
+        let rig = try ClientRig(trust: trust, application: app)
+        defer { rig.queue.close() }
+        let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let source = IPv6Endpoint(address: sourceAddress(toward: url.endpoint), port: queue.localEndpoint.port)
         var conns: [QUICConnection] = []
         do {

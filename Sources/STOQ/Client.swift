@@ -125,6 +125,34 @@ final class TransferApp: QUICApplication {
     }
 }
 
+/// What every client run needs: credentials, one socket and ring, a client endpoint
+/// tuned for receiving, and the worker loop that drives them on the calling thread.
+struct ClientRig {
+    let queue: URingDatapathQueue
+    let endpoint: QUICEndpoint
+    let worker: Worker
+
+    init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
+        let creds: TLSCredentials
+        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
+            throw ClientError(.tls, "\(error)")
+        }
+        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
+            throw ClientError(.connect, "\(error)")
+        }
+        var settings = QUICSettings()
+        settings.maxWindow = 256 << 20
+        settings.maxStreamWindow = 256 << 20
+        // A receiver acknowledges every 8th packet (and on the ACK-delay timer) instead of every 2nd:
+        // a quarter of the ACKs to build, encrypt and send, and to process on the sender.
+        settings.ackThreshold = ProcessInfo.processInfo.environment["STOQ_ACK_THRESH"].flatMap { Int($0) } ?? 8
+        endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
+                                secret: StaticSecret.random())
+        endpoint.application = application
+        worker = Worker(queue: queue, endpoint: endpoint)
+    }
+}
+
 /// The STOQ client: one connection, one request, on the calling thread.
 public enum STOQClient {
     /// The local address the kernel would send from toward `remote`: the QUIC path must
@@ -169,26 +197,10 @@ public enum STOQClient {
 
     static func transfer(_ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
                          timeout: Double, progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
-        let creds: TLSCredentials
-        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
-            throw ClientError(.tls, "\(error)")
-        }
-        let queue: URingDatapathQueue
-        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
-            throw ClientError(.connect, "\(error)")
-        }
-        defer { queue.close() }
-        var settings = QUICSettings()
-        settings.maxWindow = 256 << 20
-        settings.maxStreamWindow = 256 << 20
-        // A receiver acknowledges every 8th packet (and on the ACK-delay timer) instead of every 2nd:
-        // a quarter of the ACKs to build, encrypt and send, and to process on the sender.
-        settings.ackThreshold = ProcessInfo.processInfo.environment["STOQ_ACK_THRESH"].flatMap { Int($0) } ?? 8
-        let endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
-                                    secret: StaticSecret.random())
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
-        endpoint.application = app
-        let worker = Worker(queue: queue, endpoint: endpoint)
+        let rig = try ClientRig(trust: trust, application: app)
+        defer { rig.queue.close() }
+        let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()
         let conn: QUICConnection
         do {

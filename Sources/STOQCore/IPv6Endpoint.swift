@@ -75,7 +75,7 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
         var raw = in6
         var buf = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         _ = inet_ntop(AF_INET6, &raw, &buf, socklen_t(buf.count))
-        return String(cString: buf)
+        return String(cBuffer: buf)
     }
 }
 

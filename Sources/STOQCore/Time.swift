@@ -22,3 +22,10 @@ public enum Nanos {
     public static let millisecond: UInt64 = 1_000_000
     public static let second: UInt64 = 1_000_000_000
 }
+
+extension String {
+    /// Decodes a NUL-terminated C character buffer (the error text the C shims fill in).
+    public init(cBuffer: [CChar]) {
+        self = String(decoding: cBuffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

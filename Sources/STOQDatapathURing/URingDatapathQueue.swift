@@ -45,7 +45,7 @@ public final class URingDatapathQueue: DatapathQueue {
         cfg.disable_gro = options.disableGRO ? 1 : 0
         var err = [CChar](repeating: 0, count: 256)
         guard let p = stoq_uring_open(&cfg, &err, err.count) else {
-            let msg = String(cString: err)
+            let msg = String(cBuffer: err)
             throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
         }
         raw = p

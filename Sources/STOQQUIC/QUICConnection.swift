@@ -93,7 +93,7 @@ public final class QUICConnection {
             return stoq_conn_submit_request(raw, method, authority, path, hdrs, n, nil, 0, 0, nil, nil, nil,
                                             &err, err.count)
         }
-        guard let s else { throw QUICError(.stream, String(cString: err)) }
+        guard let s else { throw QUICError(.stream, String(cBuffer: err)) }
         endpoint.markDirty(self)
         return HTTPStream(raw: s)
     }

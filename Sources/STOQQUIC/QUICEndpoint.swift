@@ -240,7 +240,7 @@ public final class QUICEndpoint {
         defer { pendingHolder = nil }
         guard let raw = stoq_conn_connect(ctx, serverName, &localSA, &remoteSA, now,
                                           Unmanaged.passUnretained(holder).toOpaque(), &err, err.count) else {
-            throw QUICError(.connect, String(cString: err))
+            throw QUICError(.connect, String(cBuffer: err))
         }
         let conn = QUICConnection(raw: raw, endpoint: self, peer: remote, local: local)
         stoq_conn_set_app(raw, Unmanaged.passUnretained(conn).toOpaque())

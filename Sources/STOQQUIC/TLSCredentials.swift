@@ -1,4 +1,5 @@
 import CNgtcp2
+import STOQCore
 
 /// Certificates and keys for one TLS role, loaded once and shared (read-only) by
 /// every worker. A new instance replaces an old one on rotation.
@@ -11,7 +12,7 @@ public final class TLSCredentials: @unchecked Sendable {
     public init(certificateFile: String, keyFile: String) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_server_new(certificateFile, keyFile, &err, err.count) else {
-            throw TLSError(message: String(cString: err))
+            throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = true
@@ -21,7 +22,7 @@ public final class TLSCredentials: @unchecked Sendable {
     public init(trusting caFile: String?, insecure: Bool = false) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_client_new(caFile, insecure ? 1 : 0, &err, err.count) else {
-            throw TLSError(message: String(cString: err))
+            throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = false
