@@ -1,0 +1,47 @@
+/*
+ * Shared by bpf/stoq_xdp.bpf.c and user space (CSTOQXDP, scripts, tests): map
+ * names, structs and counter indices. The single source of truth for both sides.
+ */
+#ifndef STOQ_KERN_USER_H
+#define STOQ_KERN_USER_H
+
+#define STOQ_MAP_XSK "xsk_map"
+#define STOQ_MAP_PORTS "stoq_ports"
+#define STOQ_MAP_CONFIG "stoq_config"
+#define STOQ_MAP_STATS "stoq_xdp_stats"
+
+/** Most AF_XDP sockets (queues or workers) one interface can feed. */
+#define STOQ_MAX_SOCKETS 64
+/** Most UDP ports the node listens on. */
+#define STOQ_MAX_PORTS 16
+/** IPv6 extension headers walked before giving up (and passing the frame). */
+#define STOQ_MAX_EXT_HEADERS 6
+/** Workers whose steering is counted one by one (stats STOQ_STAT_WORKER_0 + n). */
+#define STOQ_MAX_COUNTED_WORKERS 8
+
+/** stoq_config[0]. */
+struct stoq_config {
+  __u32 workers; /* sockets in xsk_map when steering by CID; 0 = steer by receive queue */
+  __u32 flags;   /* STOQ_F_* */
+};
+
+/** Steer by the worker id in the first byte of the QUIC destination CID. */
+#define STOQ_F_STEER_BY_CID 0x1
+
+/** Indices into the per-CPU stoq_xdp_stats array. */
+enum stoq_stat {
+  STOQ_STAT_REDIRECTED = 0,      /* QUIC datagram handed to an AF_XDP socket */
+  STOQ_STAT_PASSED_NOT_IP,       /* not IPv6 or IPv4 (ARP, …) */
+  STOQ_STAT_PASSED_NOT_UDP,      /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
+  STOQ_STAT_PASSED_OTHER_PORT,   /* UDP to a port the node does not own */
+  STOQ_STAT_DROPPED_IPV4,        /* IPv4 UDP aimed at a node port: STOQ is IPv6 only */
+  STOQ_STAT_PASSED_NO_SOCKET,    /* no AF_XDP socket at the chosen index */
+  STOQ_STAT_PASSED_TRUNCATED,    /* frame ends inside a header */
+  STOQ_STAT_PASSED_EXT_LIMIT,    /* more extension headers than STOQ_MAX_EXT_HEADERS */
+  STOQ_STAT_PASSED_FRAGMENT,     /* a non-first IPv6 fragment */
+  STOQ_STAT_STEERED_BY_CID,      /* the worker came from the destination CID */
+  STOQ_STAT_WORKER_0,            /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
+  STOQ_STAT_MAX = STOQ_STAT_WORKER_0 + STOQ_MAX_COUNTED_WORKERS,
+};
+
+#endif

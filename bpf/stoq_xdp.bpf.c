@@ -1,0 +1,127 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
+/*
+ * STOQ's XDP program: QUIC datagrams for the node's UDP ports go to an AF_XDP socket;
+ * everything else goes to the kernel untouched (ND, SSH, the admin API, other UDP).
+ * IPv4 aimed at a node port is dropped: STOQ is IPv6 only. Every verdict is counted.
+ *
+ * Steering: with STOQ_F_STEER_BY_CID the socket is chosen by the worker id in the
+ * first byte of the QUIC destination connection ID (short header: payload[1]; long
+ * header: payload[6]), the way katran picks a server from a CID; otherwise by the
+ * receiving queue.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "stoq_maps.h"
+
+#define VLAN_HLEN 4
+
+static __always_inline void count(__u32 stat) {
+  __u64 *v = bpf_map_lookup_elem(&stoq_xdp_stats, &stat);
+  if (v) *v += 1;
+}
+
+static __always_inline int pass(__u32 stat) {
+  count(stat);
+  return XDP_PASS;
+}
+
+static __always_inline int is_node_port(__u16 port) {
+  return bpf_map_lookup_elem(&stoq_ports, &port) != NULL;
+}
+
+SEC("xdp")
+int stoq_xdp(struct xdp_md *ctx) {
+  void *data = (void *)(long)ctx->data;
+  void *end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+  if ((void *)(eth + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+  __u16 proto = eth->h_proto;
+  void *l3 = eth + 1;
+  if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
+    if (l3 + VLAN_HLEN > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+    proto = *(__u16 *)(l3 + 2);
+    l3 += VLAN_HLEN;
+  }
+
+  if (proto == bpf_htons(ETH_P_IP)) {
+    struct iphdr *ip4 = l3;
+    if ((void *)(ip4 + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+    if (ip4->protocol != IPPROTO_UDP) return pass(STOQ_STAT_PASSED_NOT_UDP);
+    __u32 ihl = ip4->ihl * 4;
+    if (ihl < sizeof(*ip4)) return pass(STOQ_STAT_PASSED_TRUNCATED);
+    struct udphdr *udp4 = l3 + ihl;
+    if ((void *)(udp4 + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+    if (is_node_port(bpf_ntohs(udp4->dest))) {
+      count(STOQ_STAT_DROPPED_IPV4);
+      return XDP_DROP;
+    }
+    return pass(STOQ_STAT_PASSED_OTHER_PORT);
+  }
+  if (proto != bpf_htons(ETH_P_IPV6)) return pass(STOQ_STAT_PASSED_NOT_IP);
+
+  struct ipv6hdr *ip6 = l3;
+  if ((void *)(ip6 + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+  __u8 next = ip6->nexthdr;
+  void *l4 = ip6 + 1;
+
+  /* Walk a bounded chain of extension headers. */
+#pragma unroll
+  for (int i = 0; i < STOQ_MAX_EXT_HEADERS; i++) {
+    if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+      __u8 *h = l4;
+      if ((void *)(h + 2) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      next = h[0];
+      l4 += ((__u32)h[1] + 1) * 8;
+    } else if (next == IPPROTO_FRAGMENT) {
+      __u8 *h = l4;
+      if ((void *)(h + 8) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      __u16 off = bpf_ntohs(*(__u16 *)(h + 2)) & 0xfff8;
+      if (off != 0) return pass(STOQ_STAT_PASSED_FRAGMENT);
+      next = h[0];
+      l4 += 8;
+    } else {
+      break;
+    }
+  }
+  if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS || next == IPPROTO_FRAGMENT)
+    return pass(STOQ_STAT_PASSED_EXT_LIMIT);
+  if (next != IPPROTO_UDP) return pass(STOQ_STAT_PASSED_NOT_UDP);
+
+  struct udphdr *udp = l4;
+  if ((void *)(udp + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+  if (!is_node_port(bpf_ntohs(udp->dest))) return pass(STOQ_STAT_PASSED_OTHER_PORT);
+
+  __u32 index = ctx->rx_queue_index;
+  __u32 zero = 0;
+  struct stoq_config *cfg = bpf_map_lookup_elem(&stoq_config, &zero);
+  if (cfg && (cfg->flags & STOQ_F_STEER_BY_CID) && cfg->workers > 0) {
+    __u8 *q = (__u8 *)(udp + 1);
+    if ((void *)(q + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+    __u8 worker;
+    if (q[0] & 0x80) {
+      if ((void *)(q + 7) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      if (q[5] == 0) return pass(STOQ_STAT_PASSED_TRUNCATED); /* no DCID to steer by */
+      worker = q[6];
+    } else {
+      if ((void *)(q + 2) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      worker = q[1];
+    }
+    index = worker % cfg->workers;
+    count(STOQ_STAT_STEERED_BY_CID);
+  }
+  if (index < STOQ_MAX_COUNTED_WORKERS) count(STOQ_STAT_WORKER_0 + index);
+
+  /* No socket at that index: the flag makes the helper return XDP_PASS. */
+  int verdict = bpf_redirect_map(&xsk_map, index, XDP_PASS);
+  count(verdict == XDP_REDIRECT ? STOQ_STAT_REDIRECTED : STOQ_STAT_PASSED_NO_SOCKET);
+  return verdict;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
