@@ -9,6 +9,7 @@ struct {
   __uint(max_entries, STOQ_MAX_SOCKETS);
   __type(key, __u32);
   __type(value, __u32);
+  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
 } xsk_map SEC(".maps");
 
 /* The node's UDP ports (host order) → 1. */
@@ -17,6 +18,7 @@ struct {
   __uint(max_entries, STOQ_MAX_PORTS);
   __type(key, __u16);
   __type(value, __u8);
+  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
 } stoq_ports SEC(".maps");
 
 /* One struct stoq_config: worker count and steering flags. */
@@ -25,6 +27,7 @@ struct {
   __uint(max_entries, 1);
   __type(key, __u32);
   __type(value, struct stoq_config);
+  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
 } stoq_config SEC(".maps");
 
 /* Per-CPU counters, one per enum stoq_stat. */
@@ -33,6 +36,7 @@ struct {
   __uint(max_entries, STOQ_STAT_MAX);
   __type(key, __u32);
   __type(value, __u64);
+  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
 } stoq_xdp_stats SEC(".maps");
 
 #endif

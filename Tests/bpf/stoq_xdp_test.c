@@ -86,7 +86,11 @@ static size_t long_header(uint8_t *p, uint8_t worker) {
 int main(int argc, char **argv) {
   if (argc < 2) { fprintf(stderr, "usage: %s stoq_xdp.bpf.o\n", argv[0]); return 2; }
   struct bpf_object *obj = bpf_object__open_file(argv[1], NULL);
-  if (!obj || bpf_object__load(obj) != 0) { fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
+  if (!obj) { fprintf(stderr, "cannot open %s\n", argv[1]); return 1; }
+  /* The maps pin by name when an operator attaches; a test run must not touch bpffs. */
+  struct bpf_map *m;
+  bpf_object__for_each_map(m, obj) bpf_map__set_pin_path(m, NULL);
+  if (bpf_object__load(obj) != 0) { fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
   prog_fd = bpf_program__fd(bpf_object__find_program_by_name(obj, "stoq_xdp"));
   stats_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_STATS));
   config_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_CONFIG));
