@@ -145,7 +145,7 @@ struct ClientRig {
         settings.maxStreamWindow = 256 << 20
         // A receiver acknowledges every 8th packet (and on the ACK-delay timer) instead of every 2nd:
         // a quarter of the ACKs to build, encrypt and send, and to process on the sender.
-        settings.ackThreshold = ProcessInfo.processInfo.environment["STOQ_ACK_THRESH"].flatMap { Int($0) } ?? 8
+        settings.ackThreshold = 8
         endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
                                 secret: StaticSecret.random())
         endpoint.application = application

@@ -1,17 +1,16 @@
 /// A QUIC connection ID (0–20 bytes), stored inline so that table lookups on the
 /// packet path never allocate.
 public struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
-    @usableFromInline var a: UInt64 = 0
-    @usableFromInline var b: UInt64 = 0
-    @usableFromInline var c: UInt32 = 0
+    var a: UInt64 = 0
+    var b: UInt64 = 0
+    var c: UInt32 = 0
     /// Number of bytes, 0...20.
-    public var count: UInt8 = 0
+    public private(set) var count: UInt8 = 0
 
     /// The empty connection ID.
     public init() {}
 
     /// Copies up to 20 bytes.
-    @inlinable
     public init(_ bytes: UnsafeRawBufferPointer) {
         let n = min(bytes.count, 20)
         count = UInt8(n)
@@ -25,7 +24,6 @@ public struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// Copies from a C pointer and length.
-    @inlinable
     public init(pointer: UnsafePointer<UInt8>, count: Int) {
         self.init(UnsafeRawBufferPointer(start: pointer, count: count))
     }
