@@ -43,6 +43,12 @@ let package = Package(
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
         .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
+        // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
+        // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
+        .target(
+            name: "CSTOQXDP", cSettings: [.headerSearchPath("../../bpf")],
+            linkerSettings: [.linkedLibrary("xdp"), .linkedLibrary("bpf")]),
+        .target(name: "STOQDatapathXDP", dependencies: ["STOQDatapath", "CSTOQXDP"]),
 
         // Pinned per-core loop: RX -> endpoint -> handlers -> TX.
         .target(name: "CSTOQSystem"),
@@ -65,7 +71,7 @@ let package = Package(
         .target(
             name: "STOQNode",
             dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig", "STOQTrust",
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust"]),
@@ -84,7 +90,7 @@ let package = Package(
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
-        .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing"]),
+        .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
     ]
 )

@@ -38,6 +38,15 @@ public enum ConfigLoader {
             s.choice("cc", &c.network.congestionControl, ["reno", "cubic", "bbr", "bbr2"])
             s.choice("datapath", &c.network.datapath, ["auto", "io_uring", "af_xdp"])
             s.string("interface", &c.network.interface)
+            s.int("queues", &c.network.queues, 0...64)
+            s.choice("xdp_mode", &c.network.xdpMode, ["auto", "native", "skb"])
+            s.choice("zero_copy", &c.network.zeroCopy, ["auto", "on", "off"])
+            s.subsection("xdp") { x in
+                x.int("frame_size", &c.network.xdp.frameSize, 2048...4096)
+                x.int("frames", &c.network.xdp.frames, 1024...1 << 20)
+                x.int("ring_size", &c.network.xdp.ringSize, 64...1 << 16)
+                x.int("busy_poll_usec", &c.network.xdp.busyPollMicroseconds, 0...10_000)
+            }
             s.subsection("quic_config") { q in
                 q.duration("idle_timeout", &c.network.quic.idleTimeout, 1_000_000_000...3_600_000_000_000)
                 q.duration("handshake_timeout", &c.network.quic.handshakeTimeout, 1_000_000_000...600_000_000_000)
@@ -57,6 +66,19 @@ public enum ConfigLoader {
         r.section("tls") { s in
             s.string("cert_file", &c.tls.certFile)
             s.string("key_file", &c.tls.keyFile)
+        }
+        if c.network.xdp.frameSize != 2048 && c.network.xdp.frameSize != 4096 {
+            r.errors.append(ConfigError(code: .badValue, key: "network.xdp.frame_size", value: "\(c.network.xdp.frameSize)",
+                                        allowed: "2048 or 4096"))
+        }
+        if c.network.xdp.ringSize.nonzeroBitCount != 1 || c.network.xdp.frames <= c.network.xdp.ringSize {
+            r.errors.append(ConfigError(code: .badValue, key: "network.xdp.ring_size/frames",
+                                        value: "\(c.network.xdp.ringSize)/\(c.network.xdp.frames)",
+                                        allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
+        }
+        if c.network.datapath == "af_xdp" && c.network.interface.isEmpty {
+            r.errors.append(ConfigError(code: .badValue, key: "network.interface", value: "\"\"",
+                                        allowed: "the interface to bind when network.datapath = \"af_xdp\""))
         }
         if c.tls.certFile.isEmpty != c.tls.keyFile.isEmpty {
             r.errors.append(ConfigError(code: .badValue, key: "tls.cert_file/tls.key_file",

@@ -18,6 +18,13 @@ public struct NodeConfig: Sendable, Equatable {
         public var maxUDPPayloadSize: Int = 1452
         public var ackThreshold: Int = 2
     }
+    /// AF_XDP socket sizing.
+    public struct XDP: Sendable, Equatable {
+        public var frameSize = 2048
+        public var frames = 16384
+        public var ringSize = 2048
+        public var busyPollMicroseconds = 0
+    }
     public struct Network: Sendable, Equatable {
         public var listenAddress = IPv6Endpoint(address: .any, port: 4433)
         public var maxConnections = 10_000
@@ -26,7 +33,15 @@ public struct NodeConfig: Sendable, Equatable {
         public var retry = false
         public var congestionControl = "cubic"
         public var datapath = "auto"
+        /// The interface AF_XDP binds ("" = none; `auto` then uses io_uring).
         public var interface = ""
+        /// AF_XDP queues (= workers) to bind; 0 = every receive queue of the interface.
+        public var queues = 0
+        /// How the XDP program must be attached: "native", "skb", or "auto" (either).
+        public var xdpMode = "auto"
+        /// Zero-copy bind: "auto" (where the driver can), "on" (or fail), "off".
+        public var zeroCopy = "auto"
+        public var xdp = XDP()
         public var quic = QUIC()
     }
     public struct Storage: Sendable, Equatable {

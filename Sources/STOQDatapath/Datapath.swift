@@ -131,6 +131,9 @@ public struct DatapathError: Error, Sendable, CustomStringConvertible {
         public static let receive = Code(name: "receive")
         public static let transmit = Code(name: "transmit")
         public static let unsupported = Code(name: "unsupported")
+        /// The queue lost what it depends on at run time (AF_XDP: the XDP program was
+        /// detached). The worker should move to another datapath.
+        public static let detached = Code(name: "detached")
     }
     public var code: Code
     /// The system call or step that failed.

@@ -3,7 +3,6 @@ import Logging
 import STOQConfig
 import STOQCore
 import STOQDatapath
-import STOQDatapathURing
 import STOQQUIC
 import STOQTrust
 import STOQWorker
@@ -71,14 +70,6 @@ public final class Node: @unchecked Sendable {
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
 
-        switch cfg.network.datapath {
-        case "af_xdp":
-            throw NodeError(.datapath, "network.datapath = \"af_xdp\": the AF_XDP datapath is not part of this build yet; use \"io_uring\" or \"auto\"")
-        case "auto":
-            logger.info("datapath auto: using io_uring (AF_XDP is not part of this build yet)")
-        default: break
-        }
-
         var settings = QUICSettings()
         settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
         settings.retry = cfg.network.retry
@@ -92,25 +83,15 @@ public final class Node: @unchecked Sendable {
         settings.maxUDPPayloadSize = cfg.network.quic.maxUDPPayloadSize
         settings.ackThreshold = cfg.network.quic.ackThreshold
         settings.maxConnections = cfg.network.maxConnections
-        let workers = cfg.network.workers == 0 ? max(1, Worker.availableCPUs) : cfg.network.workers
         let secret = StaticSecret.random()
         let quicSettings = settings
 
-        // Open every queue here, in worker order (the reuseport group's order is the
-        // steering order), so that a bind error stops start-up with a clear message.
-        var queues: [URingDatapathQueue] = []
-        for i in 0..<workers {
-            var opts = URingOptions()
-            opts.workerIndex = i
-            opts.workerCount = workers
-            var bind = cfg.network.listenAddress
-            if i > 0 { bind.port = queues[0].localEndpoint.port }
-            do { queues.append(try URingDatapathQueue(bind: bind, options: opts)) } catch {
-                throw NodeError(.datapath, "cannot listen on \(bind): \(error)")
-            }
-        }
+        // Open every queue here, in worker order, so that a bind error stops start-up
+        // with a clear message.
+        let selection = DatapathSelection(config: cfg, logger: logger)
+        let queues = try selection.open()
         listenAddress = queues[0].localEndpoint
-        logger.info("datapath io_uring, \(workers) worker(s), features \(queues[0].features)")
+        let fallback = FallbackQueues(selection: selection, workers: queues.count, port: listenAddress.port)
 
         let ready = DispatchGroup()
         let errors = ErrorBox()
@@ -133,16 +114,18 @@ public final class Node: @unchecked Sendable {
                     return
                 }
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
+                worker.fallback = { _ in fallback.queue(for: i) }
                 ready.leave()
                 worker.run(stop: stop, logger: log)
-                let c = endpoint.counters, d = box.queue.counters
+                let c = endpoint.counters, d = worker.queue.counters
                 log.info("worker \(i) stopped", metadata: [
                     "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
                     "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
                     "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
                     "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
+                    "datapath": "\(worker.queue.backendName)",
                 ])
-                box.queue.close()
+                worker.queue.close()
                 group.leave()
             }
             t.name = "stoq-worker-\(i)"
@@ -169,8 +152,8 @@ public final class Node: @unchecked Sendable {
 
 /// Hands a queue to the worker thread that will own it from then on.
 final class QueueBox: @unchecked Sendable {
-    let queue: URingDatapathQueue
-    init(_ q: URingDatapathQueue) { queue = q }
+    let queue: DatapathQueue
+    init(_ q: DatapathQueue) { queue = q }
 }
 
 final class ErrorBox: @unchecked Sendable {

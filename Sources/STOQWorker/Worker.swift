@@ -17,7 +17,12 @@ public final class StopFlag: Sendable {
 /// thread: receive a batch → feed the endpoint → run timers → send a batch. No locks,
 /// no async, no allocation per datagram (the endpoint and the queue own every buffer).
 public final class Worker {
-    public let queue: DatapathQueue
+    /// The datapath queue this worker owns (replaced only by `fallback`).
+    public private(set) var queue: DatapathQueue
+    /// Called when the queue reports `.detached` (AF_XDP lost its XDP program): returns
+    /// the queue to carry on with (the QUIC endpoint and its connections stay), or nil
+    /// to stop the worker.
+    public var fallback: ((DatapathError) -> DatapathQueue?)?
     public let endpoint: QUICEndpoint
     /// Longest sleep when no timer is due, so that stop is noticed promptly.
     public var idleWait: UInt64 = 50_000_000
@@ -74,7 +79,15 @@ public final class Worker {
     /// running (at most `drainTimeout`) until they are gone.
     public func run(stop: StopFlag, drainTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
         while !stop.isStopped {
-            do { try turn() } catch { logger?.error("worker: \(error)") }
+            do { try turn() } catch let e as DatapathError where e.code == .detached {
+                guard let next = fallback?(e) else {
+                    logger?.error("worker: \(e); no fallback datapath, stopping")
+                    break
+                }
+                logger?.warning("worker: \(e); moved to \(next.backendName) on \(next.localEndpoint), connections kept")
+                queue.close()
+                queue = next
+            } catch { logger?.error("worker: \(error)") }
         }
         endpoint.closeAll(now: monotonicNow())
         let deadline = monotonicNow() + drainTimeout

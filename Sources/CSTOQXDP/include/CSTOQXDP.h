@@ -1,0 +1,126 @@
+/*
+ * CSTOQXDP: STOQ's AF_XDP engine.
+ *
+ * Why C: this is the kernel-bypass packet path. One engine is one AF_XDP socket
+ * bound to one NIC queue, with its own UMEM, owned by one worker thread. Receive
+ * peeks the RX ring and parses Ethernet/IPv6/UDP in place (the worker reads the
+ * QUIC payload straight from the UMEM frame); transmit lends a UMEM frame whose
+ * payload the QUIC core writes directly, then prepends Ethernet/IPv6/UDP headers
+ * with a software checksum. Everything is allocated at open: UMEM, a free stack of
+ * transmit frames and a fixed neighbour table. The steady state allocates nothing
+ * and makes at most one kick syscall per batch.
+ *
+ * Frame accounting: every UMEM frame is in exactly one place (fill ring / kernel,
+ * held by the caller after receive, free for transmit, reserved, in flight on TX).
+ * stoq_xsk_frames() reports each, so tests can prove nothing leaks.
+ *
+ * The XDP program (bpf/stoq_xdp.bpf.c) is attached by scripts/xdp-attach, which pins
+ * its maps under /sys/fs/bpf/stoq/<iface>; the engine registers its socket and the
+ * node's port there by map name (bpf/stoq_kern_user.h).
+ */
+#ifndef CSTOQXDP_H
+#define CSTOQXDP_H
+
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** Bytes of Ethernet + IPv6 + UDP header the engine writes in front of each payload. */
+#define STOQ_XSK_HEADROOM 62
+
+enum stoq_xsk_zero_copy { STOQ_XSK_ZC_AUTO = 0, STOQ_XSK_ZC_ON = 1, STOQ_XSK_ZC_OFF = 2 };
+
+typedef struct stoq_xsk_config {
+  char ifname[16];
+  uint32_t queue_id;
+  /** The node's address (may be ::, then replies leave from the address the peer sent to) and port. */
+  struct sockaddr_in6 local;
+  uint32_t frame_size;  /* 2048 or 4096 */
+  uint32_t frame_count; /* UMEM frames: half receive (fill ring), half transmit */
+  uint32_t ring_size;   /* RX, TX, fill and completion ring entries (power of two) */
+  int zero_copy;        /* enum stoq_xsk_zero_copy */
+  uint32_t busy_poll_usec; /* 0: interrupts; >0: SO_BUSY_POLL with SO_PREFER_BUSY_POLL */
+  /** Directory of the pinned maps ("/sys/fs/bpf/stoq/<iface>"); the socket goes in its xsk_map. */
+  char pin_dir[128];
+  /** Index in xsk_map (the queue id when steering by queue, the worker id when by CID). */
+  uint32_t xsk_map_index;
+} stoq_xsk_config;
+
+/** One received datagram (the UDP payload, in the UMEM). Valid until stoq_xsk_rx_done. */
+typedef struct stoq_xsk_rx {
+  const uint8_t *data;
+  uint32_t len;
+  uint8_t ecn;
+  struct sockaddr_in6 peer;
+  struct in6_addr local;
+} stoq_xsk_rx;
+
+typedef struct stoq_xsk_counters {
+  uint64_t rx_datagrams, rx_bytes, tx_datagrams, tx_bytes;
+  uint64_t tx_kicks;            /* sendto wakeups */
+  uint64_t rx_wakeups;          /* fill-ring wakeups (need_wakeup) */
+  uint64_t rx_dropped;          /* frames that were not IPv6/UDP to our port, or malformed */
+  uint64_t rx_checksum_errors;  /* UDP checksum wrong: dropped */
+  uint64_t tx_errors;           /* kicks the kernel refused with a real error */
+  uint64_t tx_no_neighbour;     /* datagrams dropped: next-hop MAC unknown (kernel asked to resolve) */
+  uint64_t neighbour_refreshes; /* netlink dumps of the neighbour table */
+  /* The kernel's own counters for this socket (XDP_STATISTICS). */
+  uint64_t k_rx_dropped, k_rx_invalid_descs, k_tx_invalid_descs, k_rx_ring_full, k_fill_ring_empty, k_tx_ring_empty;
+} stoq_xsk_counters;
+
+/** Where every UMEM frame is right now. kernel_rx + held + tx_free + tx_reserved + tx_in_flight == total. */
+typedef struct stoq_xsk_frames {
+  uint32_t total, kernel_rx, held, tx_free, tx_reserved, tx_in_flight;
+} stoq_xsk_frames;
+
+typedef struct stoq_xsk stoq_xsk;
+
+/** Creates UMEM + socket, binds (zero-copy if asked/possible, else copy), fills the fill
+ *  ring, registers in the pinned xsk_map. NULL with `err` ("step: reason") on failure. */
+stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen);
+/** Removes the socket from xsk_map (if still ours), closes it and frees the UMEM. */
+void stoq_xsk_close(stoq_xsk *x);
+
+/** 1 when the socket is bound zero-copy, 0 in copy mode. */
+int stoq_xsk_zero_copy(const stoq_xsk *x);
+/** The XDP attach mode of the interface's program: "native", "skb", "hw" or "none". */
+const char *stoq_xsk_xdp_mode(const stoq_xsk *x);
+/** 1 while an XDP program is attached to the interface (the one seen at open). */
+int stoq_xsk_program_attached(stoq_xsk *x);
+void stoq_xsk_local(const stoq_xsk *x, struct sockaddr_in6 *out);
+/** Counters, with the kernel's XDP_STATISTICS refreshed. */
+const stoq_xsk_counters *stoq_xsk_get_counters(stoq_xsk *x);
+stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x);
+/** Payload bytes one transmit frame holds. */
+uint32_t stoq_xsk_slot_size(const stoq_xsk *x);
+
+/** Waits up to `timeout_ns` (0: do not wait) and returns up to `max` datagrams, or -errno. */
+int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max);
+/** Gives the frames of the last receive back to the fill ring. */
+void stoq_xsk_rx_done(stoq_xsk *x);
+
+/** A free transmit frame's payload area (stoq_xsk_slot_size bytes), or NULL when all are in flight. */
+uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x);
+/** Frames the reserved payload (`len` bytes) to `to`, with ECN bits `ecn`, and queues it. */
+void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, const struct sockaddr_in6 *to, uint8_t ecn);
+/** Hands queued frames to the kernel and reaps completed ones. 0 or -errno. */
+int stoq_xsk_flush(stoq_xsk *x);
+
+/** Receive queues of `ifname` in the calling thread's network namespace (netlink
+ *  IFLA_NUM_RX_QUEUES), or -errno (-ENODEV: no such interface). */
+int stoq_xsk_interface_rx_queues(const char *ifname);
+
+/** Teaches the engine a neighbour (tests and callers that know it better). */
+void stoq_xsk_learn_neighbour(stoq_xsk *x, const struct in6_addr *peer, const uint8_t mac[6]);
+
+/** RFC 768/8200 UDP checksum over the IPv6 pseudo-header; exposed for tests. */
+uint16_t stoq_xsk_udp6_checksum(const struct in6_addr *src, const struct in6_addr *dst, const uint8_t *udp, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

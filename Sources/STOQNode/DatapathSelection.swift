@@ -1,0 +1,131 @@
+import Foundation
+import Logging
+import STOQConfig
+import STOQCore
+import STOQDatapath
+import STOQDatapathURing
+import STOQDatapathXDP
+import STOQWorker
+
+/// Opens the worker queues the configuration asks for: AF_XDP on `network.interface`
+/// when `network.datapath` is "af_xdp" (or "auto" and the XDP program is attached
+/// there), io_uring UDP sockets otherwise. This is the only place that names a backend.
+struct DatapathSelection {
+    let config: NodeConfig
+    let logger: Logger
+
+    /// The opened queues, in worker order.
+    func open() throws(NodeError) -> [DatapathQueue] {
+        let net = config.network
+        switch net.datapath {
+        case "io_uring":
+            return try openURing(workers: workerCount())
+        case "af_xdp":
+            do { return try openXDP() } catch {
+                throw NodeError(.datapath, "network.datapath = \"af_xdp\" on \(net.interface): \(error)")
+            }
+        default:
+            if net.interface.isEmpty {
+                logger.info("datapath auto: io_uring (network.interface is not set, so AF_XDP is not tried)")
+                return try openURing(workers: workerCount())
+            }
+            do { return try openXDP() } catch {
+                logger.warning("datapath auto: AF_XDP on \(net.interface) unavailable (\(error)); using io_uring")
+                return try openURing(workers: workerCount())
+            }
+        }
+    }
+
+    private func workerCount() -> Int {
+        config.network.workers == 0 ? max(1, Worker.availableCPUs) : config.network.workers
+    }
+
+    /// One socket per worker in one SO_REUSEPORT group, opened in worker order (the
+    /// group's order is the CID steering order).
+    func openURing(workers: Int, port: UInt16? = nil) throws(NodeError) -> [DatapathQueue] {
+        var queues: [URingDatapathQueue] = []
+        for i in 0..<workers {
+            var opts = URingOptions()
+            opts.workerIndex = i
+            opts.workerCount = workers
+            var bind = config.network.listenAddress
+            if let port { bind.port = port }
+            if i > 0 { bind.port = queues[0].localEndpoint.port }
+            do { queues.append(try URingDatapathQueue(bind: bind, options: opts)) } catch {
+                for q in queues { q.close() }
+                throw NodeError(.datapath, "cannot listen on \(bind): \(error)")
+            }
+        }
+        logger.info("datapath io_uring: \(workers) worker(s) on \(queues[0].localEndpoint), features \(queues[0].features)")
+        return queues
+    }
+
+    /// One AF_XDP socket per receive queue, each registered at its queue's index.
+    private func openXDP() throws(DatapathError) -> [DatapathQueue] {
+        let net = config.network
+        let available = try XDPDatapathQueue.receiveQueues(of: net.interface)
+        let count = net.queues == 0 ? available : net.queues
+        guard count <= available else {
+            throw DatapathError(.open, operation: "RTM_GETLINK",
+                                message: "network.queues = \(count) but \(net.interface) has \(available) receive queue(s)")
+        }
+        var queues: [XDPDatapathQueue] = []
+        for q in 0..<count {
+            var opts = XDPOptions(interface: net.interface)
+            opts.queueID = q
+            opts.mapIndex = q
+            opts.frameSize = net.xdp.frameSize
+            opts.frameCount = net.xdp.frames
+            opts.ringSize = net.xdp.ringSize
+            opts.busyPollMicroseconds = net.xdp.busyPollMicroseconds
+            opts.zeroCopy = XDPOptions.ZeroCopy(rawValue: net.zeroCopy) ?? .auto
+            do { queues.append(try XDPDatapathQueue(bind: net.listenAddress, options: opts)) } catch {
+                for x in queues { x.close() }
+                throw error
+            }
+        }
+        let first = queues[0]
+        if net.xdpMode != "auto" && first.xdpMode != net.xdpMode {
+            for x in queues { x.close() }
+            throw DatapathError(.open, operation: "bpf_xdp_query",
+                                message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
+        }
+        if net.workers != 0 && net.workers != count {
+            logger.notice("AF_XDP: one worker per queue, so \(count) worker(s) (network.workers = \(net.workers) applies to io_uring)")
+        }
+        let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == "off" ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
+        logger.notice("datapath af_xdp: \(net.interface), \(count) queue(s), XDP \(first.xdpMode), \(copy), \(first.localEndpoint)")
+        return queues
+    }
+}
+
+/// Hands every worker its io_uring replacement when AF_XDP goes away under a running
+/// node. The first worker to ask opens all of them, in worker order, so that the
+/// reuseport group's CID steering matches the workers' ids. Rare path: a lock is fine.
+final class FallbackQueues: @unchecked Sendable {
+    private let lock = NSLock()
+    private let selection: DatapathSelection
+    private let workers: Int
+    private let port: UInt16
+    private var opened: [DatapathQueue]?
+    private var failed = false
+
+    init(selection: DatapathSelection, workers: Int, port: UInt16) {
+        self.selection = selection
+        self.workers = workers
+        self.port = port
+    }
+
+    /// Worker `index`'s replacement queue, or nil when io_uring cannot open either.
+    func queue(for index: Int) -> DatapathQueue? {
+        lock.withLock {
+            if opened == nil && !failed {
+                do { opened = try selection.openURing(workers: workers, port: port) } catch {
+                    selection.logger.error("fallback to io_uring failed: \(error)")
+                    failed = true
+                }
+            }
+            return opened?[index]
+        }
+    }
+}
