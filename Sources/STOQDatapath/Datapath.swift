@@ -120,6 +120,13 @@ public protocol DatapathQueue: AnyObject {
 
     /// Releases the queue's kernel resources. Further calls are errors.
     func close()
+
+    /// Backend-specific state worth logging (AF_XDP: bind mode, where every UMEM frame is).
+    var diagnostics: [(String, String)] { get }
+}
+
+extension DatapathQueue {
+    public var diagnostics: [(String, String)] { [] }
 }
 
 /// Why a datapath failed, with the call and errno that failed.
@@ -151,7 +158,7 @@ public struct DatapathError: Error, Sendable, CustomStringConvertible {
     }
 
     public var description: String {
-        var s = "datapath \(code.name) failed in \(operation)"
+        var s = code == .detached ? "datapath detached (\(operation))" : "datapath \(code.name) failed in \(operation)"
         if errno != 0 { s += ": errno \(errno)" }
         if !message.isEmpty { s += ": \(message)" }
         return s

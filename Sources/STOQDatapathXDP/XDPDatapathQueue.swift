@@ -137,6 +137,16 @@ public final class XDPDatapathQueue: DatapathQueue {
     /// Where each UMEM frame is; `total` always equals the sum of the others.
     public var frames: stoq_xsk_frames { stoq_xsk_get_frames(raw) }
 
+    public var diagnostics: [(String, String)] {
+        let f = frames, c = engineCounters
+        return [("xdp_mode", xdpMode), ("zero_copy", "\(isZeroCopy)"), ("frames_total", "\(f.total)"),
+                ("frames_kernel_rx", "\(f.kernel_rx)"), ("frames_held", "\(f.held)"), ("frames_tx_free", "\(f.tx_free)"),
+                ("frames_tx_reserved", "\(f.tx_reserved)"), ("frames_tx_in_flight", "\(f.tx_in_flight)"),
+                ("rx_checksum_errors", "\(c.rx_checksum_errors)"), ("tx_no_neighbour", "\(c.tx_no_neighbour)"),
+                ("kernel_rx_dropped", "\(c.k_rx_dropped)"), ("kernel_rx_ring_full", "\(c.k_rx_ring_full)"),
+                ("kernel_fill_ring_empty", "\(c.k_fill_ring_empty)")]
+    }
+
     public func receive(timeoutNanoseconds: UInt64, _ body: (borrowing ReceivedDatagrams) -> Void) throws -> Int {
         let now = monotonicNow()
         if now >= nextAttachCheck {

@@ -117,14 +117,19 @@ public final class Node: @unchecked Sendable {
                 worker.fallback = { _ in fallback.queue(for: i) }
                 ready.leave()
                 worker.run(stop: stop, logger: log)
+                // Let transmit completions come back before the frames are accounted for.
+                let settle = monotonicNow() + 200_000_000
+                while monotonicNow() < settle { try? worker.queue.flush(); usleep(10_000) }
                 let c = endpoint.counters, d = worker.queue.counters
-                log.info("worker \(i) stopped", metadata: [
+                var meta: Logger.Metadata = [:]
+                for (k, v) in worker.queue.diagnostics { meta[k] = "\(v)" }
+                log.info("worker \(i) stopped", metadata: meta.merging([
                     "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
                     "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
                     "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
                     "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
                     "datapath": "\(worker.queue.backendName)",
-                ])
+                ]) { a, _ in a })
                 worker.queue.close()
                 group.leave()
             }
