@@ -54,6 +54,7 @@ let package = Package(
             dependencies: [
                 "STOQCore",
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]),
@@ -86,5 +87,16 @@ let package = Package(
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing"]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
+        .testTarget(
+            name: "STOQTrustTests",
+            dependencies: [
+                "STOQTrust", "STOQCore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            // rfc6962.py is run by path (python3), not bundled.
+            exclude: ["Resources"]),
     ]
 )
