@@ -77,7 +77,8 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", .product(name: "X509", package: "swift-certificates"),
+                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),

@@ -32,7 +32,7 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
     public init(_ certificate: Certificate) {
         subject = certificate.subject.description
         issuer = certificate.issuer.description
-        serial = certificate.serialNumber.bytes.map { String(format: "%02x", $0) }.joined()
+        serial = Self.hex(certificate.serialNumber)
         notBefore = certificate.notValidBefore
         notAfter = certificate.notValidAfter
         let (dns, ips) = Self.alternativeNames(certificate)
@@ -45,6 +45,12 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         }
         keyType = Self.keyStrength(certificate.publicKey).name
         if case .isCertificateAuthority = (try? certificate.extensions.basicConstraints) ?? nil { isCA = true } else { isCA = false }
+    }
+
+    /// A serial number as plain lower-case hex: the one form `show` prints, refusals name and
+    /// revocation files accept.
+    static func hex(_ serial: Certificate.SerialNumber) -> String {
+        serial.bytes.map { String(format: "%02x", $0) }.joined()
     }
 
     /// The DNS names and IP addresses in the subject alternative name extension.

@@ -31,6 +31,38 @@ public enum PEMFiles {
         try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
     }
 
+    /// The certificate signing request in a PEM file.
+    public static func readCSR(_ path: String) throws -> CertificateSigningRequest {
+        do { return try CertificateSigningRequest(pemEncoded: try readText(path)) } catch let e as TrustError {
+            throw e
+        } catch {
+            throw TrustError(.invalidPEM, "\(path): not a PEM certificate signing request (\(error))")
+        }
+    }
+
+    /// Revoked serial numbers from a text file: one hex serial per line (colons and spaces
+    /// allowed, `#` starts a comment), the form `stoq trust show` prints.
+    public static func readSerials(_ path: String) throws -> Set<Certificate.SerialNumber> {
+        var serials = Set<Certificate.SerialNumber>()
+        for (n, raw) in try readText(path).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let hex = line.filter { $0 != ":" && !$0.isWhitespace }
+            if hex.isEmpty { continue }
+            guard hex.count % 2 == 0, hex.allSatisfy(\.isHexDigit) else {
+                throw TrustError(.invalidPEM, "\(path):\(n + 1): \(line) is not a hex serial number")
+            }
+            var bytes: [UInt8] = []
+            var i = hex.startIndex
+            while i < hex.endIndex {
+                let j = hex.index(i, offsetBy: 2)
+                bytes.append(UInt8(hex[i..<j], radix: 16)!)
+                i = j
+            }
+            serials.insert(Certificate.SerialNumber(bytes: bytes))
+        }
+        return serials
+    }
+
     static func readText(_ path: String) throws -> String {
         guard FileManager.default.fileExists(atPath: path) else {
             throw TrustError(.missingFile, "\(path): no such file")
@@ -43,7 +75,7 @@ public enum PEMFiles {
 
     /// Writes `text` to `path` atomically (temporary file, fsync, rename) with `mode`; keys get
     /// 0600 from the moment the temporary file exists, never a wider window.
-    static func writeFile(_ text: String, to path: String, mode: mode_t) throws {
+    public static func writeFile(_ text: String, to path: String, mode: mode_t) throws {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
         guard fd >= 0 else { throw TrustError(.io, "\(tmp): \(String(cString: strerror(errno)))") }

@@ -148,7 +148,7 @@ struct PeerPolicy: VerifierPolicy {
             }
         }
         for (i, c) in certs.enumerated() where revoked.contains(c.serialNumber) {
-            return Self.fail(.revoked, "\(role(i)) \(c.subject) serial \(c.serialNumber) is revoked")
+            return Self.fail(.revoked, "\(role(i)) \(c.subject) serial \(CertificateSummary.hex(c.serialNumber)) is revoked")
         }
         let leaf = certs[0]
         let eku: ExtendedKeyUsage?

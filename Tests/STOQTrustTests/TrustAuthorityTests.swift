@@ -174,3 +174,29 @@ import X509
         #expect(key.publicKey == issued.certificate.publicKey)
     }
 }
+
+@Suite struct PEMFilesTests {
+    @Test func readsRevocationLists() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/revoked.txt"
+        try "# revoked 2026-11\n23bb96d2636c6a6d\n\n7F:A6:24:9E  # with colons\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let serials = try PEMFiles.readSerials(path)
+        #expect(serials == [Certificate.SerialNumber(bytes: [0x23, 0xbb, 0x96, 0xd2, 0x63, 0x6c, 0x6a, 0x6d]),
+                            Certificate.SerialNumber(bytes: [0x7f, 0xa6, 0x24, 0x9e])])
+        try "abc\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(throws: TrustError(.invalidPEM, "\(path):1: abc is not a hex serial number")) { try PEMFiles.readSerials(path) }
+    }
+
+    @Test func refusesNonPEMAndMissingFiles() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        #expect(throws: TrustError(.missingFile, "\(dir.path)/none.pem: no such file")) {
+            try PEMFiles.readCertificates(dir.path + "/none.pem")
+        }
+        try "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".write(toFile: dir.path + "/k.pem", atomically: true, encoding: .utf8)
+        #expect(throws: TrustError(.invalidPEM, "\(dir.path)/k.pem: no CERTIFICATE block")) {
+            try PEMFiles.readCertificates(dir.path + "/k.pem")
+        }
+    }
+}
