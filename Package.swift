@@ -60,6 +60,7 @@ let package = Package(
             dependencies: [
                 "STOQCore",
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]),
@@ -82,7 +83,8 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", .product(name: "X509", package: "swift-certificates"),
+                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
@@ -92,5 +94,16 @@ let package = Package(
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
+        .testTarget(
+            name: "STOQTrustTests",
+            dependencies: [
+                "STOQTrust", "STOQCore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            // rfc6962.py is run by path (python3), not bundled.
+            exclude: ["Resources"]),
     ]
 )

@@ -3,13 +3,19 @@ import Foundation
 import STOQ
 import STOQConfig
 
+// Top-level entry rather than @main: with more than one file in the target, SwiftPM
+// compiles main.swift as top-level code, where @main is not allowed. The call goes through
+// an async function because at top level `Stoq.main()` resolves to ParsableCommand's
+// synchronous overload, which refuses to run async subcommands (`trust verify`).
+func runStoq() async { await Stoq.main() }
+await runStoq()
+
 /// The operator CLI.
-@main
-struct Stoq: ParsableCommand {
+struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swift-certificates' Verifier
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
-        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self])
+        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, TrustCommand.self])
 }
 
 struct TrustOptions: ParsableArguments {

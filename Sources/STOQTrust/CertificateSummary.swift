@@ -1,0 +1,89 @@
+import _CryptoExtras
+import Crypto
+import Foundation
+import STOQCore
+import SwiftASN1
+import X509
+
+/// The facts about a certificate an operator asks for (`stoq trust show`), in plain values.
+public struct CertificateSummary: Sendable, Equatable, Codable {
+    /// Subject distinguished name, RFC 4514 form.
+    public var subject: String
+    /// Issuer distinguished name.
+    public var issuer: String
+    /// Serial number, lower-case hex.
+    public var serial: String
+    /// Start of validity.
+    public var notBefore: Date
+    /// End of validity.
+    public var notAfter: Date
+    /// DNS subject alternative names.
+    public var dnsNames: [String]
+    /// IP subject alternative names (IPv6 in RFC 5952 form; IPv4 shown dotted if present).
+    public var ipAddresses: [String]
+    /// Extended key usages (`serverAuth`, `clientAuth`, …).
+    public var extendedKeyUsage: [String]
+    /// Key type, e.g. `ECDSA P-256`, `RSA-2048`, `Ed25519`.
+    public var keyType: String
+    /// Whether the certificate is a CA.
+    public var isCA: Bool
+
+    /// Summarizes `certificate`.
+    public init(_ certificate: Certificate) {
+        subject = certificate.subject.description
+        issuer = certificate.issuer.description
+        serial = Self.hex(certificate.serialNumber)
+        notBefore = certificate.notValidBefore
+        notAfter = certificate.notValidAfter
+        let (dns, ips) = Self.alternativeNames(certificate)
+        dnsNames = dns
+        ipAddresses = ips
+        if let eku = (try? certificate.extensions.extendedKeyUsage) ?? nil {
+            extendedKeyUsage = eku.map { $0.description }
+        } else {
+            extendedKeyUsage = []
+        }
+        keyType = Self.keyStrength(certificate.publicKey).name
+        if case .isCertificateAuthority = (try? certificate.extensions.basicConstraints) ?? nil { isCA = true } else { isCA = false }
+    }
+
+    /// A serial number as plain lower-case hex: the one form `show` prints, refusals name and
+    /// revocation files accept.
+    static func hex(_ serial: Certificate.SerialNumber) -> String {
+        serial.bytes.map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// The DNS names and IP addresses in the subject alternative name extension.
+    static func alternativeNames(_ certificate: Certificate) -> (dns: [String], ips: [String]) {
+        var dns: [String] = [], ips: [String] = []
+        guard let sans = (try? certificate.extensions.subjectAlternativeNames) ?? nil else { return ([], []) }
+        for name in sans {
+            switch name {
+            case .dnsName(let n): dns.append(n)
+            case .ipAddress(let octets):
+                let b = Array(octets.bytes)
+                if b.count == 16 {
+                    let a = IPv6Address(bytes: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                                                b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
+                    ips.append(a.description)
+                } else {
+                    ips.append(b.map(String.init).joined(separator: "."))
+                }
+            default: continue
+            }
+        }
+        return (dns, ips)
+    }
+
+    /// A key's name and whether STOQ accepts it: ECDSA P-256/P-384, Ed25519, RSA ≥ 2048.
+    /// P-521 is refused only because peers (GnuTLS defaults, most TLS stacks' preferences) do
+    /// not need it and a short list is easier to reason about.
+    static func keyStrength(_ key: Certificate.PublicKey) -> (name: String, acceptable: Bool) {
+        if P256.Signing.PublicKey(key) != nil { return ("ECDSA P-256", true) }
+        if P384.Signing.PublicKey(key) != nil { return ("ECDSA P-384", true) }
+        if Curve25519.Signing.PublicKey(key) != nil { return ("Ed25519", true) }
+        if let rsa = _RSA.Signing.PublicKey(key) { return ("RSA-\(rsa.keySizeInBits)", rsa.keySizeInBits >= 2048) }
+        if P521.Signing.PublicKey(key) != nil { return ("ECDSA P-521", false) }
+        return ("\(key)", false)
+    }
+}

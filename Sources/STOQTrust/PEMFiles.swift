@@ -1,0 +1,102 @@
+import Foundation
+import SwiftASN1
+import X509
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Reading and writing the PEM files TrustChain keeps on disk.
+public enum PEMFiles {
+    /// Every certificate in a PEM file, in file order (a chain file is leaf first).
+    public static func readCertificates(_ path: String) throws -> [Certificate] {
+        let text = try readText(path)
+        let docs: [PEMDocument]
+        do { docs = try PEMDocument.parseMultiple(pemString: text) } catch {
+            throw TrustError(.invalidPEM, "\(path): not PEM (\(error))")
+        }
+        var certs: [Certificate] = []
+        for doc in docs where doc.discriminator == Certificate.defaultPEMDiscriminator {
+            do { certs.append(try Certificate(pemDocument: doc)) } catch {
+                throw TrustError(.invalidPEM, "\(path): certificate \(certs.count + 1) does not parse (\(error))")
+            }
+        }
+        guard !certs.isEmpty else { throw TrustError(.invalidPEM, "\(path): no CERTIFICATE block") }
+        return certs
+    }
+
+    /// The PEM text of `certificates`, one block each, in order.
+    public static func pem(_ certificates: [Certificate]) throws -> String {
+        try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+    }
+
+    /// The certificate signing request in a PEM file.
+    public static func readCSR(_ path: String) throws -> CertificateSigningRequest {
+        do { return try CertificateSigningRequest(pemEncoded: try readText(path)) } catch let e as TrustError {
+            throw e
+        } catch {
+            throw TrustError(.invalidPEM, "\(path): not a PEM certificate signing request (\(error))")
+        }
+    }
+
+    /// Revoked serial numbers from a text file: one hex serial per line (colons and spaces
+    /// allowed, `#` starts a comment), the form `stoq trust show` prints.
+    public static func readSerials(_ path: String) throws -> Set<Certificate.SerialNumber> {
+        var serials = Set<Certificate.SerialNumber>()
+        for (n, raw) in try readText(path).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let hex = line.filter { $0 != ":" && !$0.isWhitespace }
+            if hex.isEmpty { continue }
+            guard hex.count % 2 == 0, hex.allSatisfy(\.isHexDigit) else {
+                throw TrustError(.invalidPEM, "\(path):\(n + 1): \(line) is not a hex serial number")
+            }
+            var bytes: [UInt8] = []
+            var i = hex.startIndex
+            while i < hex.endIndex {
+                let j = hex.index(i, offsetBy: 2)
+                bytes.append(UInt8(hex[i..<j], radix: 16)!)
+                i = j
+            }
+            serials.insert(Certificate.SerialNumber(bytes: bytes))
+        }
+        return serials
+    }
+
+    static func readText(_ path: String) throws -> String {
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw TrustError(.missingFile, "\(path): no such file")
+        }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw TrustError(.io, "\(path): cannot be read")
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Writes `text` to `path` atomically (temporary file, fsync, rename) with `mode`; keys get
+    /// 0600 from the moment the temporary file exists, never a wider window.
+    public static func writeFile(_ text: String, to path: String, mode: mode_t) throws {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw TrustError(.io, "\(tmp): \(String(cString: strerror(errno)))") }
+        let bytes = Array(text.utf8)
+        var done = 0
+        while done < bytes.count {
+            let r = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else {
+                let e = String(cString: strerror(errno))
+                close(fd); unlink(tmp)
+                throw TrustError(.io, "\(tmp): \(e)")
+            }
+            done += r
+        }
+        // The umask may have narrowed `mode`; set it exactly.
+        let ok = fchmod(fd, mode) == 0 && fsync(fd) == 0
+        close(fd)
+        guard ok, rename(tmp, path) == 0 else {
+            unlink(tmp)
+            throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
+        }
+    }
+}

@@ -1,0 +1,221 @@
+import Crypto
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// An append-only transparency log: entries (for example DER certificates) kept in one file,
+/// a Merkle tree over them (RFC 6962), proofs, and tree heads signed with the log's key.
+///
+/// File format: the 8 magic bytes `STOQTLG1`, then one record per entry:
+/// `u32 big-endian length || entry || SHA-256(0x00 || entry)`. The trailing leaf hash lets a
+/// reload tell a complete record from a torn one. Every append is fsync'd before it returns,
+/// so an entry whose index was handed out survives a crash.
+///
+/// On open, an incomplete last record (a crash mid-append, or a zero-filled tail the file
+/// system left behind) is truncated and reported in `recovery`; damage before the last record
+/// throws `corruptRecord`, because silently dropping history is what a log must never do.
+///
+/// One process appends at a time (an exclusive `flock`); within it the log has one owner,
+/// so it is a class that is not `Sendable`.
+public final class TransparencyLog {
+    /// The file's first bytes.
+    public static let magic: [UInt8] = Array("STOQTLG1".utf8)
+    /// The largest entry a record holds: certificates are a few KiB; a bigger length read back
+    /// from disk is damage, not data.
+    public static let maxEntrySize = 1 << 24
+
+    /// The log file.
+    public let path: String
+    /// The Merkle tree over every entry.
+    public private(set) var tree = MerkleTree()
+    /// Set when opening repaired the file (code `tornRecordTruncated`); nil when it was intact.
+    public private(set) var recovery: TransparencyLogError?
+    private var entries: [[UInt8]] = []
+    private let signingKey: P256.Signing.PrivateKey
+    private var fd: Int32
+    private var fileSize: Int
+
+    /// Opens the log at `path`, creating it (mode 0600) if it does not exist, and reloads
+    /// every entry. Tree heads are signed with `signingKey`.
+    public init(path: String, signingKey: P256.Signing.PrivateKey) throws {
+        self.path = path
+        self.signingKey = signingKey
+        let existed = FileManager.default.fileExists(atPath: path)
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw Self.ioError("open", path) }
+        fileSize = 0
+        do {
+            guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+                throw TransparencyLogError(.io, "\(path): another process has the log open for appending")
+            }
+            try load()
+            if !existed { try Self.syncDirectory(of: path) }
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// The number of entries.
+    public var size: Int { tree.size }
+
+    /// The log's public key, which verifies its signed tree heads.
+    public var publicKey: P256.Signing.PublicKey { signingKey.publicKey }
+
+    /// The entry at `index`.
+    public func entry(at index: Int) throws -> [UInt8] {
+        guard index >= 0, index < entries.count else {
+            throw TransparencyLogError(.invalidLeafIndex, "entry \(index) is outside 0…\(entries.count - 1)")
+        }
+        return entries[index]
+    }
+
+    /// Appends an entry, durably (written and fsync'd), and returns its index.
+    @discardableResult
+    public func append(_ entry: some DataProtocol) throws -> Int {
+        let data = Array(entry)
+        guard data.count <= Self.maxEntrySize else {
+            throw TransparencyLogError(.entryTooLarge, "entry of \(data.count) bytes exceeds \(Self.maxEntrySize)")
+        }
+        let leaf = MerkleTree.leafHash(data)
+        var record: [UInt8] = []
+        record.reserveCapacity(4 + data.count + 32)
+        let n = UInt32(data.count)
+        record += [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)]
+        record += data
+        record += leaf
+        do {
+            try writeAll(record, at: fileSize)
+            guard fsync(fd) == 0 else { throw Self.ioError("fsync", path) }
+        } catch {
+            // Leave no partial record behind for the next append to follow.
+            _ = ftruncate(fd, off_t(fileSize))
+            throw error
+        }
+        fileSize += record.count
+        entries.append(data)
+        return tree.append(leafHash: leaf)
+    }
+
+    /// The root hash of the first `size` entries (default: all).
+    public func rootHash(size: Int? = nil) throws -> MerkleHash { try tree.rootHash(size: size) }
+
+    /// The inclusion proof of entry `index` in the tree of `treeSize` entries (default: all).
+    public func inclusionProof(index: Int, treeSize: Int? = nil) throws -> [MerkleHash] {
+        try tree.inclusionProof(leafIndex: index, treeSize: treeSize)
+    }
+
+    /// The consistency proof between the trees of `oldSize` and `newSize` entries.
+    public func consistencyProof(from oldSize: Int, to newSize: Int? = nil) throws -> [MerkleHash] {
+        try tree.consistencyProof(from: oldSize, to: newSize)
+    }
+
+    /// A signed tree head over the whole log, timestamped `now`.
+    public func signedTreeHead(now: Date = Date()) throws -> SignedTreeHead {
+        let ms = UInt64(max(0, now.timeIntervalSince1970 * 1000))
+        return try SignedTreeHead.sign(treeSize: UInt64(size), timestamp: ms, rootHash: try tree.rootHash(),
+                                       key: signingKey)
+    }
+
+    // MARK: file handling
+
+    private func load() throws {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw Self.ioError("fstat", path) }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        var got = 0
+        while got < bytes.count {
+            let r = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + got, $0.count - got, off_t(got)) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { throw Self.ioError("read", path) }
+            got += r
+        }
+        let magic = Self.magic
+        if bytes.count < magic.count {
+            // New file, or a crash while the header was written.
+            guard bytes.elementsEqual(magic.prefix(bytes.count)) else {
+                throw TransparencyLogError(.badHeader, "\(path): not a STOQ transparency log (bad magic)")
+            }
+            if !bytes.isEmpty {
+                recovery = TransparencyLogError(.tornRecordTruncated,
+                                                "\(path): incomplete header (\(bytes.count) bytes) rewritten; the log is empty")
+            }
+            try truncate(to: 0)
+            try writeAll(magic, at: 0)
+            guard fsync(fd) == 0 else { throw Self.ioError("fsync", path) }
+            fileSize = magic.count
+            return
+        }
+        guard bytes.prefix(magic.count).elementsEqual(magic) else {
+            throw TransparencyLogError(.badHeader, "\(path): not a STOQ transparency log (bad magic)")
+        }
+        var off = magic.count
+        while off < bytes.count {
+            let rest = bytes.count - off
+            var torn = rest < 4
+            var end = bytes.count
+            if !torn {
+                let len = Int(bytes[off]) << 24 | Int(bytes[off + 1]) << 16 | Int(bytes[off + 2]) << 8 | Int(bytes[off + 3])
+                end = off + 4 + len + 32
+                if len > Self.maxEntrySize || end > bytes.count {
+                    torn = true
+                } else {
+                    let data = Array(bytes[(off + 4)..<(off + 4 + len)])
+                    let leaf = MerkleTree.leafHash(data)
+                    if leaf.elementsEqual(bytes[(end - 32)..<end]) {
+                        entries.append(data)
+                        tree.append(leafHash: leaf)
+                        off = end
+                        continue
+                    }
+                    // A bad last record, or a zero-filled tail, is what a crash leaves; damage
+                    // followed by more data is not.
+                    torn = end == bytes.count || bytes[off...].allSatisfy { $0 == 0 }
+                }
+            }
+            guard torn else {
+                throw TransparencyLogError(.corruptRecord,
+                                           "\(path): record \(entries.count) at offset \(off) is damaged and is not the last one")
+            }
+            recovery = TransparencyLogError(
+                .tornRecordTruncated,
+                "\(path): incomplete last record at offset \(off) (\(rest) bytes) truncated, probably a crash during append; \(entries.count) entries kept")
+            try truncate(to: off)
+            break
+        }
+        fileSize = off
+    }
+
+    private func truncate(to size: Int) throws {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw Self.ioError("ftruncate", path) }
+        guard fsync(fd) == 0 else { throw Self.ioError("fsync", path) }
+    }
+
+    private func writeAll(_ bytes: [UInt8], at offset: Int) throws {
+        var done = 0
+        while done < bytes.count {
+            let r = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, $0.count - done, off_t(offset + done)) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { throw Self.ioError("write", path) }
+            done += r
+        }
+    }
+
+    /// A new file's directory entry is only durable once the directory itself is fsync'd.
+    private static func syncDirectory(of path: String) throws {
+        let dir = (path as NSString).deletingLastPathComponent
+        let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dfd >= 0 else { throw ioError("open", dir) }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw ioError("fsync", dir) }
+    }
+
+    private static func ioError(_ call: String, _ path: String) -> TransparencyLogError {
+        TransparencyLogError(.io, "\(call) \(path): \(String(cString: strerror(errno)))")
+    }
+}

@@ -1,0 +1,245 @@
+import Crypto
+import Foundation
+import STOQCore
+import SwiftASN1
+import X509
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The TrustChain certificate authority: an offline-capable root, an online intermediate, and
+/// node certificates issued by the intermediate.
+///
+/// Files under the authority's directory (mode 0700):
+/// - `root.pem` — the root certificate: the bundle peers trust.
+/// - `root-key.pem` (0600) — the root key, in its own file so it can be moved offline;
+///   issuing never reads it.
+/// - `intermediate.pem`, `intermediate-key.pem` (0600) — the issuing CA.
+///
+/// All keys are ECDSA P-256. The root allows one CA below it (pathlen 1) and the intermediate
+/// none (pathlen 0), so a leaked node key can never mint certificates.
+public struct TrustAuthority: Sendable {
+    /// File names inside the authority's directory.
+    public enum FileName {
+        /// The root certificate.
+        public static let rootCertificate = "root.pem"
+        /// The root key (move it offline after `create`).
+        public static let rootKey = "root-key.pem"
+        /// The intermediate certificate.
+        public static let intermediateCertificate = "intermediate.pem"
+        /// The intermediate key.
+        public static let intermediateKey = "intermediate-key.pem"
+    }
+
+    /// The default node certificate lifetime: short, so rotation rather than revocation is
+    /// the normal way a certificate stops being trusted.
+    public static let defaultLifetime: TimeInterval = 24 * 3600
+    /// How far notBefore is backdated, so peers whose clocks lag slightly accept a fresh certificate.
+    public static let backdate: TimeInterval = 60
+
+    /// The directory holding the authority's files.
+    public let directory: String
+    /// The root certificate (the trust anchor).
+    public let root: Certificate
+    /// The intermediate certificate, which signs node certificates.
+    public let intermediate: Certificate
+    private let intermediateKey: Certificate.PrivateKey
+
+    /// Creates a new root and intermediate under `directory` and writes them out. Refuses if
+    /// any of the authority's files already exists: keys are never overwritten.
+    public static func create(in directory: String, name: String = "STOQ", now: Date = Date(),
+                              rootLifetime: TimeInterval = 10 * 365 * 86400,
+                              intermediateLifetime: TimeInterval = 3 * 365 * 86400) throws -> TrustAuthority {
+        let fm = FileManager.default
+        for f in [FileName.rootCertificate, FileName.rootKey, FileName.intermediateCertificate, FileName.intermediateKey]
+        where fm.fileExists(atPath: directory + "/" + f) {
+            throw TrustError(.alreadyExists, "\(directory)/\(f) already exists; refusing to overwrite an authority")
+        }
+        guard rootLifetime > 0, intermediateLifetime > 0, intermediateLifetime <= rootLifetime else {
+            throw TrustError(.invalidLifetime, "CA lifetimes must be positive and the intermediate's within the root's")
+        }
+        do {
+            try fm.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                   attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw TrustError(.io, "\(directory): cannot create (\(error.localizedDescription))")
+        }
+
+        let rootP256 = P256.Signing.PrivateKey()
+        let rootKey = Certificate.PrivateKey(rootP256)
+        let rootName = try DistinguishedName {
+            OrganizationName(name)
+            CommonName("\(name) Root CA")
+        }
+        let rootSKI = SubjectKeyIdentifier(hash: rootKey.publicKey)
+        let root = try Certificate(
+            version: .v3, serialNumber: randomSerial(), publicKey: rootKey.publicKey,
+            notValidBefore: now.addingTimeInterval(-backdate), notValidAfter: now.addingTimeInterval(rootLifetime),
+            issuer: rootName, subject: rootName, signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 1))
+                Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+                rootSKI
+            },
+            issuerPrivateKey: rootKey)
+
+        let interP256 = P256.Signing.PrivateKey()
+        let interKey = Certificate.PrivateKey(interP256)
+        let interName = try DistinguishedName {
+            OrganizationName(name)
+            CommonName("\(name) Intermediate CA")
+        }
+        let intermediate = try Certificate(
+            version: .v3, serialNumber: randomSerial(), publicKey: interKey.publicKey,
+            notValidBefore: now.addingTimeInterval(-backdate), notValidAfter: now.addingTimeInterval(intermediateLifetime),
+            issuer: rootName, subject: interName, signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+                Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+                SubjectKeyIdentifier(hash: interKey.publicKey)
+                AuthorityKeyIdentifier(keyIdentifier: rootSKI.keyIdentifier)
+            },
+            issuerPrivateKey: rootKey)
+
+        // Keys first: a crash part-way leaves files that make the next `create` refuse rather
+        // than certificates whose keys are lost.
+        try PEMFiles.writeFile(rootP256.pemRepresentation + "\n", to: directory + "/" + FileName.rootKey, mode: 0o600)
+        try PEMFiles.writeFile(interP256.pemRepresentation + "\n", to: directory + "/" + FileName.intermediateKey, mode: 0o600)
+        try PEMFiles.writeFile(try PEMFiles.pem([root]), to: directory + "/" + FileName.rootCertificate, mode: 0o644)
+        try PEMFiles.writeFile(try PEMFiles.pem([intermediate]), to: directory + "/" + FileName.intermediateCertificate, mode: 0o644)
+        return TrustAuthority(directory: directory, root: root, intermediate: intermediate, intermediateKey: interKey)
+    }
+
+    /// Loads an authority created by `create`. Needs the root certificate, the intermediate
+    /// certificate and the intermediate key — not the root key.
+    public static func load(from directory: String) throws -> TrustAuthority {
+        let root = try PEMFiles.readCertificates(directory + "/" + FileName.rootCertificate)[0]
+        let intermediate = try PEMFiles.readCertificates(directory + "/" + FileName.intermediateCertificate)[0]
+        let keyPath = directory + "/" + FileName.intermediateKey
+        let key: Certificate.PrivateKey
+        do { key = try Certificate.PrivateKey(pemEncoded: try PEMFiles.readText(keyPath)) } catch let e as TrustError {
+            throw e
+        } catch {
+            throw TrustError(.invalidPEM, "\(keyPath): not a private key (\(error))")
+        }
+        guard key.publicKey == intermediate.publicKey else {
+            throw TrustError(.invalidPEM, "\(keyPath) does not match \(directory)/\(FileName.intermediateCertificate)")
+        }
+        return TrustAuthority(directory: directory, root: root, intermediate: intermediate, intermediateKey: key)
+    }
+
+    /// Issues a node certificate for `publicKey`, signed by the intermediate.
+    ///
+    /// - Parameters:
+    ///   - dnsNames: host names for the subject alternative name (at least one name or address overall).
+    ///   - ipv6Addresses: IPv6 addresses in text form; IPv4 is refused (`ipv4Refused`).
+    ///   - lifetime: seconds from `now` (default 24 h); may not outlive the intermediate.
+    public func issue(publicKey: Certificate.PublicKey, dnsNames: [String], ipv6Addresses: [String] = [],
+                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date()) throws -> Certificate {
+        let names = try dnsNames.map(Self.validatedDNSName)
+        let addresses = try ipv6Addresses.map(Self.parseIPv6)
+        guard !names.isEmpty || !addresses.isEmpty else {
+            throw TrustError(.noSubjectAlternativeNames, "a node certificate needs at least one DNS name or IPv6 address")
+        }
+        guard lifetime > 0 else {
+            throw TrustError(.invalidLifetime, "lifetime \(String(format: "%g", lifetime))s: expected more than 0 seconds")
+        }
+        let notAfter = now.addingTimeInterval(lifetime)
+        guard notAfter <= intermediate.notValidAfter else {
+            throw TrustError(.invalidLifetime,
+                             "lifetime \(Int(lifetime))s ends after the intermediate CA expires (\(intermediate.notValidAfter))")
+        }
+        var sans: [GeneralName] = []
+        var seenNames = Set<String>(), seenAddrs = Set<IPv6Address>()
+        for n in names where seenNames.insert(n).inserted { sans.append(.dnsName(n)) }
+        for a in addresses where seenAddrs.insert(a).inserted {
+            sans.append(.ipAddress(ASN1OctetString(contentBytes: ArraySlice(withUnsafeBytes(of: a.bytes) { Array($0) }))))
+        }
+        let subject = try DistinguishedName { CommonName(names.first ?? addresses[0].description) }
+        let issuerSKI = (try? intermediate.extensions.subjectKeyIdentifier)??.keyIdentifier
+            ?? SubjectKeyIdentifier(hash: intermediate.publicKey).keyIdentifier
+        return try Certificate(
+            version: .v3, serialNumber: Self.randomSerial(), publicKey: publicKey,
+            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
+            issuer: intermediate.subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true))
+                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                SubjectAlternativeNames(sans)
+                SubjectKeyIdentifier(hash: publicKey)
+                AuthorityKeyIdentifier(keyIdentifier: issuerSKI)
+            },
+            issuerPrivateKey: intermediateKey)
+    }
+
+    /// Issues a node certificate for the key in a certificate signing request, after checking
+    /// the request's signature (proof the requester holds the key). Names come from the
+    /// arguments, never from the request: the authority decides what a node may claim.
+    public func issue(csr: CertificateSigningRequest, dnsNames: [String], ipv6Addresses: [String] = [],
+                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date()) throws -> Certificate {
+        guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
+            throw TrustError(.invalidCSR, "the CSR's signature does not verify with its own public key")
+        }
+        return try issue(publicKey: csr.publicKey, dnsNames: dnsNames, ipv6Addresses: ipv6Addresses,
+                         lifetime: lifetime, now: now)
+    }
+
+    /// Generates a P-256 key and issues a certificate for it. Returns the chain (node, then
+    /// intermediate) as PEM, ready for a TLS server to present, and the key as PEM.
+    public func issueWithNewKey(dnsNames: [String], ipv6Addresses: [String] = [],
+                                lifetime: TimeInterval = TrustAuthority.defaultLifetime,
+                                now: Date = Date()) throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) {
+        let key = P256.Signing.PrivateKey()
+        let cert = try issue(publicKey: Certificate.PublicKey(key.publicKey), dnsNames: dnsNames,
+                             ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now)
+        return (cert, try PEMFiles.pem([cert, intermediate]), key.pemRepresentation + "\n")
+    }
+
+    // MARK: validation helpers
+
+    /// Parses an IPv6 address, refusing IPv4 (dotted or mapped) by name.
+    static func parseIPv6(_ text: String) throws -> IPv6Address {
+        if let a = IPv6Address(text) { return a }
+        var v4 = in_addr()
+        if text.withCString({ inet_pton(AF_INET, $0, &v4) }) == 1 || text.lowercased().hasPrefix("::ffff:") {
+            throw TrustError(.ipv4Refused, "\(text) is an IPv4 address; STOQ is IPv6 only")
+        }
+        throw TrustError(.invalidAddress, "\(text) is not an IPv6 address (e.g. 2001:db8::1)")
+    }
+
+    /// Lower-cases and checks a host name: labels of 1–63 letters, digits or hyphens (not at
+    /// either end), at most 253 characters. Wildcards are refused: node certificates name nodes.
+    static func validatedDNSName(_ text: String) throws -> String {
+        var name = text.lowercased()
+        if name.hasSuffix(".") { name.removeLast() }
+        var v4 = in_addr()
+        if name.withCString({ inet_pton(AF_INET, $0, &v4) }) == 1 {
+            throw TrustError(.ipv4Refused, "\(text) is an IPv4 address; STOQ is IPv6 only")
+        }
+        if IPv6Address(name) != nil {
+            throw TrustError(.invalidDNSName, "\(text) is an IP address; pass it as an IPv6 address, not a DNS name")
+        }
+        let labels = name.split(separator: ".", omittingEmptySubsequences: false)
+        let ok = !name.isEmpty && name.utf8.count <= 253 && labels.allSatisfy { l in
+            (1...63).contains(l.utf8.count) && l.first != "-" && l.last != "-"
+                && l.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }
+        }
+        guard ok else {
+            throw TrustError(.invalidDNSName,
+                             "\(text) is not a valid DNS name (labels of 1-63 letters, digits, hyphens; no wildcards)")
+        }
+        return name
+    }
+
+    /// 16 random bytes with the top bit clear and never a leading zero byte: positive, and
+    /// within the 20 bytes GnuTLS accepts.
+    static func randomSerial() -> Certificate.SerialNumber {
+        var g = SystemRandomNumberGenerator()
+        var bytes = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+        bytes[0] = (bytes[0] & 0x7f) | 0x01
+        return Certificate.SerialNumber(bytes: bytes)
+    }
+}

@@ -1,0 +1,180 @@
+import ArgumentParser
+import Foundation
+import STOQConfig
+import STOQTrust
+import X509
+
+/// `stoq trust …`: the TrustChain certificate authority and certificate checks.
+struct TrustCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trust",
+        abstract: "TrustChain: create a certificate authority, issue node certificates, inspect and verify them.",
+        subcommands: [Init.self, Issue.self, Show.self, Verify.self])
+
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a root and an intermediate CA (ECDSA P-256) under a directory.",
+            discussion: """
+                Writes root.pem (the bundle peers trust), root-key.pem, intermediate.pem and \
+                intermediate-key.pem (keys mode 0600, directory 0700). Issuing never reads \
+                root-key.pem: move it offline once the intermediate exists. Never overwrites.
+
+                Example: stoq trust init --dir /etc/stoq/ca
+                """)
+        @Option(help: "Directory for the authority's files (created if missing).") var dir: String
+        @Option(help: "Organization name in the CA subjects.") var name = "STOQ"
+
+        func run() throws {
+            let ca: TrustAuthority
+            do { ca = try TrustAuthority.create(in: dir, name: name) } catch { throw fail("\(error)") }
+            print("root:         \(dir)/\(TrustAuthority.FileName.rootCertificate)  (\(ca.root.subject); give this to peers as --bundle)")
+            print("intermediate: \(dir)/\(TrustAuthority.FileName.intermediateCertificate)  (\(ca.intermediate.subject))")
+            print("root key:     \(dir)/\(TrustAuthority.FileName.rootKey)  (move offline; issuing does not need it)")
+        }
+    }
+
+    struct Issue: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Issue a node certificate signed by the intermediate CA.",
+            discussion: """
+                SANs are DNS names and IPv6 addresses only (IPv4 is refused). The certificate \
+                allows serverAuth and clientAuth. --out gets the chain (node, then intermediate); \
+                without --csr a new P-256 key is written to --key-out (mode 0600).
+
+                Example: stoq trust issue --dir ca --dns node1.example --ip 2001:db8::1 --lifetime 24h --out cert.pem --key-out key.pem
+                """)
+        @Option(help: "The authority's directory (from `stoq trust init`).") var dir: String
+        @Option(help: "A DNS name for the certificate (repeatable).") var dns: [String] = []
+        @Option(help: "An IPv6 address for the certificate (repeatable).") var ip: [String] = []
+        @Option(help: "Validity, e.g. 1h, 24h, 7d.") var lifetime = "24h"
+        @Option(help: "Certify the key in this PEM CSR instead of generating one.") var csr: String?
+        @Option(help: "Write the certificate chain here.") var out: String
+        @Option(name: .customLong("key-out"), help: "Write the new private key here (not with --csr).") var keyOut: String?
+
+        func validate() throws {
+            if csr == nil && keyOut == nil { throw ValidationError("--key-out is required unless --csr is given") }
+            if csr != nil && keyOut != nil { throw ValidationError("--key-out makes no sense with --csr: the key stays with the requester") }
+            guard let ns = Units.duration(lifetime), ns >= 1_000_000_000 else {
+                throw ValidationError("--lifetime \(lifetime): expected a duration of at least 1s, e.g. 1h, 24h, 7d")
+            }
+            _ = ns
+        }
+
+        func run() throws {
+            let seconds = TimeInterval(Units.duration(lifetime)!) / 1e9
+            do {
+                let ca = try TrustAuthority.load(from: dir)
+                let cert: Certificate
+                if let csr {
+                    cert = try ca.issue(csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds)
+                    try PEMFiles.writeFile(try PEMFiles.pem([cert, ca.intermediate]), to: out, mode: 0o644)
+                } else {
+                    let issued = try ca.issueWithNewKey(dnsNames: dns, ipv6Addresses: ip, lifetime: seconds)
+                    cert = issued.certificate
+                    try PEMFiles.writeFile(issued.keyPEM, to: keyOut!, mode: 0o600)
+                    try PEMFiles.writeFile(issued.chainPEM, to: out, mode: 0o644)
+                }
+                let s = CertificateSummary(cert)
+                let names = s.dnsNames.map { "DNS:\($0)" } + s.ipAddresses.map { "IP:\($0)" }
+                print("issued \(s.serial) for \(names.joined(separator: ", ")), valid until \(iso(s.notAfter)) -> \(out)")
+            } catch { throw fail("\(error)") }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print a certificate's subject, issuer, serial, validity, SANs, EKU and key type.",
+            discussion: """
+                Shows every certificate in the file (a chain file lists the node first).
+
+                Example: stoq trust show cert.pem --json
+                """)
+        @Argument(help: "A PEM certificate or chain file.") var cert: String
+        @Flag(help: "Print {\"certificates\": [ … ]} as JSON.") var json = false
+
+        func run() throws {
+            let certs: [Certificate]
+            do { certs = try PEMFiles.readCertificates(cert) } catch { throw fail("\(error)", code: 2) }
+            let summaries = certs.map(CertificateSummary.init)
+            if json {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.sortedKeys]
+                enc.dateEncodingStrategy = .iso8601
+                print(String(decoding: try enc.encode(["certificates": summaries]), as: UTF8.self))
+                return
+            }
+            for (i, s) in summaries.enumerated() {
+                if i > 0 { print("") }
+                print("subject:    \(s.subject)")
+                print("issuer:     \(s.issuer)")
+                print("serial:     \(s.serial)")
+                print("validity:   \(iso(s.notBefore)) … \(iso(s.notAfter))\(s.notAfter < Date() ? " (expired)" : "")")
+                let sans = s.dnsNames.map { "DNS:\($0)" } + s.ipAddresses.map { "IP:\($0)" }
+                print("SANs:       \(sans.isEmpty ? "(none)" : sans.joined(separator: ", "))")
+                print("EKU:        \(s.extendedKeyUsage.isEmpty ? "(none)" : s.extendedKeyUsage.joined(separator: ", "))")
+                print("key:        \(s.keyType)\(s.isCA ? " (CA)" : "")")
+            }
+        }
+    }
+
+    struct Verify: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Verify a certificate chain against a trusted root bundle; exit 0 if valid, 1 with the reason if not.",
+            discussion: """
+                Checks chain to a root in --bundle, validity dates, EKU (serverAuth, or clientAuth \
+                with --client), the name (--dns or --ip), chain length, key strength and --revoked \
+                serials. Reasons: expired, notYetValid, wrongEKU, sanMismatch, unknownRoot, revoked, \
+                chainTooLong, keyTooWeak, invalidChain. Unreadable input or an IPv4 --ip exits 2.
+
+                Example: stoq trust verify cert.pem --bundle ca/root.pem --ip 2001:db8::1
+                """)
+        @Argument(help: "PEM file: the certificate, followed by any intermediates.") var cert: String
+        @Option(help: "PEM file of trusted root certificates.") var bundle: String
+        @Option(help: "The DNS name the certificate must carry.") var dns: String?
+        @Option(help: "The IPv6 address the certificate must carry.") var ip: String?
+        @Flag(help: "Check the certificate as a client's (clientAuth) instead of a server's.") var client = false
+        @Option(help: "File of revoked serial numbers in hex, one per line.") var revoked: String?
+        @Option(name: .customLong("max-chain"), help: "Longest accepted chain, leaf and root included.") var maxChain = 3
+        @Flag(help: "Print {\"valid\": …} as JSON.") var json = false
+
+        func validate() throws {
+            if dns != nil && ip != nil { throw ValidationError("give --dns or --ip, not both") }
+            if maxChain < 1 { throw ValidationError("--max-chain \(maxChain): expected at least 1") }
+        }
+
+        func run() async throws {
+            let chain: [Certificate], roots: [Certificate], serials: Set<Certificate.SerialNumber>
+            do {
+                chain = try PEMFiles.readCertificates(cert)
+                roots = try PEMFiles.readCertificates(bundle)
+                serials = try revoked.map(PEMFiles.readSerials) ?? []
+            } catch { throw fail("\(error)", code: 2) }
+            let verifier = PeerVerifier(roots: roots, revokedSerials: serials, maxChainLength: maxChain,
+                                        role: client ? .client : .server)
+            do {
+                let validated = try await verifier.verify(chain: chain, dnsName: dns, ipv6Address: ip)
+                let subjects = validated.map { $0.subject.description }
+                if json {
+                    printObject(["valid": true, "chain": subjects])
+                } else {
+                    print("valid: \(subjects.joined(separator: " <- "))")
+                }
+            } catch let e as PeerVerificationError {
+                // A bad request (an IPv4 --ip) is a usage error, not a verdict on the certificate.
+                let status: Int32 = e.code == .invalidInput ? 2 : 1
+                if json {
+                    printObject(["valid": false, "reason": e.code.rawValue, "message": e.message])
+                    throw ExitCode(status)
+                }
+                throw fail("\(cert): refused (\(e.code.rawValue)): \(e.message)", code: status)
+            }
+        }
+    }
+}
+
+private func iso(_ d: Date) -> String { ISO8601DateFormatter().string(from: d) }
+
+private func printObject(_ obj: [String: Any]) {
+    let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+    print(String(decoding: data, as: UTF8.self))
+}
