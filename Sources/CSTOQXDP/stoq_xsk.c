@@ -336,7 +336,14 @@ static int create_socket(stoq_xsk *x, uint16_t bind_flags) {
   sc.tx_size = x->cfg.ring_size;
   sc.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD; /* the program is ours, attached by xdp-attach */
   sc.bind_flags = bind_flags | XDP_USE_NEED_WAKEUP;
-  return xsk_socket__create(&x->xsk, x->cfg.ifname, x->cfg.queue_id, x->umem, &x->rx, &x->tx, &sc);
+  /* A socket just closed on this queue (a restarted node) can hold it for a moment while
+   * its last transmitted frames are freed: EBUSY then, so retry for up to a second. */
+  int rc = -EBUSY;
+  for (int i = 0; i < 20 && rc == -EBUSY; i++) {
+    if (i) usleep(50000);
+    rc = xsk_socket__create(&x->xsk, x->cfg.ifname, x->cfg.queue_id, x->umem, &x->rx, &x->tx, &sc);
+  }
+  return rc;
 }
 
 static uint32_t pow2_at_least(uint32_t v) {
