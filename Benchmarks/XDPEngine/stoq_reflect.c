@@ -53,7 +53,7 @@ int main(int argc, char **argv) {
         if (!p) break;
       }
       memcpy(p, rx[i].data, rx[i].len);
-      stoq_xsk_tx_commit(x, rx[i].len, &rx[i].peer, rx[i].ecn);
+      stoq_xsk_tx_commit(x, rx[i].len, rx[i].len, &rx[i].peer, rx[i].ecn);
       reflected++;
     }
     stoq_xsk_rx_done(x);

@@ -1083,8 +1083,8 @@ static int same_addr(const struct sockaddr_in6 *a, const struct sockaddr *b) {
          memcmp(&a->sin6_addr, &b6->sin6_addr, 16) == 0;
 }
 
-ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t *segment_size,
-                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now) {
+ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride,
+                        size_t *segment_size, struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now) {
   *segment_size = 0;
   if (ngtcp2_conn_is_in_closing_period(c->q) || ngtcp2_conn_is_in_draining_period(c->q)) return 0;
 
@@ -1109,13 +1109,15 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
   ngtcp2_path_storage ps;
   ngtcp2_path_storage_zero(&ps);
   ngtcp2_pkt_info pi;
-  uint8_t *p = buf;
+  uint8_t *p = buf; /* where the next datagram goes */
+  uint8_t *end = buf; /* the end of the last one written */
   size_t npkts = 0, gso = 0;
   nghttp3_vec vec[16];
+  if (stride && stride < mtu) mtu = stride;
 
   for (;;) {
     size_t room = cap - (size_t)(p - buf);
-    if (room < mtu) break;
+    if (p > buf + cap || room < mtu) break;
     int64_t sid = -1;
     int fin = 0;
     nghttp3_ssize sveccnt = 0;
@@ -1165,13 +1167,14 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
       memcpy(&c->pending_remote, ps.path.remote.addr, sizeof(c->pending_remote));
       break;
     }
-    p += nwrite;
+    end = p + nwrite;
+    p += stride ? stride : (size_t)nwrite;
     npkts++;
     if (npkts >= max_pkts || (size_t)nwrite < gso) break;
   }
   ngtcp2_conn_update_pkt_tx_time(c->q, now);
   *segment_size = gso;
-  return p - buf;
+  return end - buf;
 }
 
 ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t app_error, uint64_t now) {

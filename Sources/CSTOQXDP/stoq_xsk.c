@@ -40,6 +40,7 @@
 #define NEIGH_PROBE 8
 #define NEIGH_REFRESH_NS 200000000ull
 #define NL_BUF 32768
+#define SLOT_FRAMES 16
 
 struct neigh {
   struct in6_addr peer, local;
@@ -67,12 +68,17 @@ struct stoq_xsk {
   struct xsk_ring_cons comp, rx;
   int map_fd;
 
-  /* frame accounting */
-  uint64_t *tx_free;
-  uint32_t n_tx_free;
-  uint64_t reserved;
+  /* Transmit frames come in slots of SLOT_FRAMES consecutive frames, so that the QUIC
+   * core can write a run of datagrams into one slot, one frame apart (stride). A slot is
+   * free again when the completion ring has returned every frame it sent. */
+  uint64_t tx_base;
+  uint32_t nslots, slot_bytes;
+  uint32_t *slot_free;
+  uint32_t n_slot_free;
+  uint16_t *slot_refs;
+  uint32_t reserved;
   int has_reserved;
-  uint32_t tx_queued, tx_in_flight;
+  uint32_t tx_queued;
   uint64_t *held;
   uint32_t n_held;
   uint32_t kernel_rx;
@@ -376,7 +382,16 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     goto fail;
   }
   x->rx_frames = x->cfg.ring_size;
-  x->tx_frames = x->nframes - x->rx_frames;
+  x->nslots = (x->nframes - x->rx_frames) / SLOT_FRAMES;
+  if (x->nslots == 0) {
+    set_err(err, errlen, "frame_count: %u leaves no transmit slot (%u frames each) after the fill ring's %u", x->nframes,
+            SLOT_FRAMES, x->rx_frames);
+    goto fail;
+  }
+  x->tx_frames = x->nslots * SLOT_FRAMES;
+  x->nframes = x->rx_frames + x->tx_frames;
+  x->slot_bytes = SLOT_FRAMES * x->frame_size;
+  x->tx_base = (uint64_t)x->rx_frames * x->frame_size;
   x->ifindex = (int)if_nametoindex(cfg->ifname);
   if (x->ifindex == 0) {
     set_err(err, errlen, "if_nametoindex: no interface %s", cfg->ifname);
@@ -482,11 +497,12 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     setsockopt(x->fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget));
   }
 
-  x->tx_free = calloc(x->tx_frames, sizeof(uint64_t));
+  x->slot_free = calloc(x->nslots, sizeof(uint32_t));
+  x->slot_refs = calloc(x->nslots, sizeof(uint16_t));
   x->held = calloc(x->cfg.ring_size, sizeof(uint64_t));
   x->neigh = calloc(NEIGH_SLOTS, sizeof(struct neigh));
   x->nl_buf = malloc(NL_BUF);
-  if (!x->tx_free || !x->held || !x->neigh || !x->nl_buf) {
+  if (!x->slot_free || !x->slot_refs || !x->held || !x->neigh || !x->nl_buf) {
     set_err(err, errlen, "calloc: out of memory");
     goto fail;
   }
@@ -501,8 +517,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       *xsk_ring_prod__fill_addr(&x->fill, idx + i) = (uint64_t)i * x->frame_size;
     xsk_ring_prod__submit(&x->fill, x->rx_frames);
     x->kernel_rx = x->rx_frames;
-    for (uint32_t i = 0; i < x->tx_frames; i++) x->tx_free[i] = (uint64_t)(x->rx_frames + i) * x->frame_size;
-    x->n_tx_free = x->tx_frames;
+    for (uint32_t i = 0; i < x->nslots; i++) x->slot_free[i] = x->nslots - 1 - i;
+    x->n_slot_free = x->nslots;
   }
   {
     uint32_t key = cfg->xsk_map_index;
@@ -530,7 +546,8 @@ void stoq_xsk_close(stoq_xsk *x) {
   if (x->umem) xsk_umem__delete(x->umem);
   if (x->area) munmap(x->area, x->area_len);
   if (x->solicit_fd >= 0) close(x->solicit_fd);
-  free(x->tx_free);
+  free(x->slot_free);
+  free(x->slot_refs);
   free(x->held);
   free(x->neigh);
   free(x->nl_buf);
@@ -568,18 +585,21 @@ const stoq_xsk_counters *stoq_xsk_get_counters(stoq_xsk *x) {
 }
 
 stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x) {
+  uint32_t busy = x->nslots - x->n_slot_free - (uint32_t)x->has_reserved;
   stoq_xsk_frames f = {
       .total = x->nframes,
       .kernel_rx = x->kernel_rx,
       .held = x->n_held,
-      .tx_free = x->n_tx_free,
-      .tx_reserved = (uint32_t)x->has_reserved,
-      .tx_in_flight = x->tx_in_flight + x->tx_queued,
+      .tx_free = x->n_slot_free * SLOT_FRAMES,
+      .tx_reserved = (uint32_t)x->has_reserved * SLOT_FRAMES,
+      .tx_in_flight = busy * SLOT_FRAMES,
   };
   return f;
 }
 
-uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->frame_size - STOQ_XSK_HEADROOM; }
+uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->slot_bytes - STOQ_XSK_HEADROOM; }
+uint32_t stoq_xsk_slot_frames(const stoq_xsk *x) { (void)x; return SLOT_FRAMES; }
+uint32_t stoq_xsk_stride(const stoq_xsk *x) { return x->frame_size; }
 
 /* ---- receive ---- */
 
@@ -688,12 +708,17 @@ void stoq_xsk_rx_done(stoq_xsk *x) {
 
 /* ---- transmit ---- */
 
+static inline void slot_release(stoq_xsk *x, uint32_t slot) { x->slot_free[x->n_slot_free++] = slot; }
+
 static void reap(stoq_xsk *x) {
   uint32_t idx;
   uint32_t n = xsk_ring_cons__peek(&x->comp, x->tx_frames, &idx);
-  for (uint32_t i = 0; i < n; i++) x->tx_free[x->n_tx_free++] = *xsk_ring_cons__comp_addr(&x->comp, idx + i);
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t addr = *xsk_ring_cons__comp_addr(&x->comp, idx + i);
+    uint32_t slot = (uint32_t)((addr - x->tx_base) / x->slot_bytes);
+    if (--x->slot_refs[slot] == 0) slot_release(x, slot);
+  }
   if (n) xsk_ring_cons__release(&x->comp, n);
-  x->tx_in_flight -= n;
 }
 
 /* Tells the kernel there is TX work. Copy mode transmits at most 32 frames per call and
@@ -712,59 +737,29 @@ static int kick(stoq_xsk *x, uint32_t pending) {
   return 0;
 }
 
-uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x) {
-  if (x->has_reserved) return (uint8_t *)x->area + x->reserved + STOQ_XSK_HEADROOM;
-  if (x->n_tx_free == 0) reap(x);
-  if (x->n_tx_free == 0) return NULL;
-  x->reserved = x->tx_free[--x->n_tx_free];
-  x->has_reserved = 1;
-  return (uint8_t *)x->area + x->reserved + STOQ_XSK_HEADROOM;
+static inline uint8_t *slot_payload(stoq_xsk *x, uint32_t slot) {
+  return (uint8_t *)x->area + x->tx_base + (uint64_t)slot * x->slot_bytes + STOQ_XSK_HEADROOM;
 }
 
-void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, const struct sockaddr_in6 *to, uint8_t ecn) {
-  if (!x->has_reserved) return;
-  x->has_reserved = 0;
-  uint64_t addr = x->reserved;
-  struct neigh *nb = neigh_find(x, &to->sin6_addr);
-  if (!nb) {
-    refresh_neighbours(x);
-    nb = neigh_find(x, &to->sin6_addr);
-  }
-  if (!nb || len > stoq_xsk_slot_size(x)) {
-    if (!nb) {
-      x->c.tx_no_neighbour++;
-      solicit(x, &to->sin6_addr);
-    } else {
-      x->c.tx_errors++;
-    }
-    x->tx_free[x->n_tx_free++] = addr;
-    return;
-  }
-  uint32_t fidx;
-  if (xsk_ring_prod__reserve(&x->tx, 1, &fidx) != 1) {
-    /* Ring full: hand the kernel what is queued, then try once more. */
-    xsk_ring_prod__submit(&x->tx, x->tx_queued);
-    x->tx_in_flight += x->tx_queued;
-    x->tx_queued = 0;
-    kick(x, x->cfg.ring_size);
-    reap(x);
-    if (xsk_ring_prod__reserve(&x->tx, 1, &fidx) != 1) {
-      x->c.tx_errors++;
-      x->tx_free[x->n_tx_free++] = addr;
-      return;
-    }
-  }
-  uint8_t *f = (uint8_t *)x->area + addr;
-  const struct in6_addr *src = is_any(&x->cfg.local.sin6_addr) ? &nb->local : &x->cfg.local.sin6_addr;
-  /* Ethernet */
+uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x) {
+  if (x->has_reserved) return slot_payload(x, x->reserved);
+  if (x->n_slot_free == 0) reap(x);
+  if (x->n_slot_free == 0) return NULL;
+  x->reserved = x->slot_free[--x->n_slot_free];
+  x->has_reserved = 1;
+  return slot_payload(x, x->reserved);
+}
+
+/* Writes Ethernet + IPv6 + UDP in front of the `len`-byte payload at f + STOQ_XSK_HEADROOM. */
+static inline void frame_headers(stoq_xsk *x, uint8_t *f, size_t len, const struct neigh *nb,
+                                 const struct in6_addr *src, const struct sockaddr_in6 *to, uint8_t ecn) {
   memcpy(f, nb->mac, 6);
   memcpy(f + 6, x->mac, 6);
   f[12] = 0x86;
   f[13] = 0xdd;
-  /* IPv6: version 6, traffic class = ECN bits, no flow label */
   uint8_t *ip6 = f + ETH_HLEN_;
   uint16_t plen = (uint16_t)(UDP_HLEN + len);
-  ip6[0] = 0x60;
+  ip6[0] = 0x60; /* version 6; traffic class = ECN bits; no flow label */
   ip6[1] = (uint8_t)((ecn & 3) << 4);
   ip6[2] = 0;
   ip6[3] = 0;
@@ -774,7 +769,6 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, const struct sockaddr_in6 *to, 
   ip6[7] = 64;
   memcpy(ip6 + 8, src, 16);
   memcpy(ip6 + 24, &to->sin6_addr, 16);
-  /* UDP */
   uint8_t *udp = ip6 + IP6_HLEN;
   memcpy(udp, &x->port_be, 2);
   memcpy(udp + 2, &to->sin6_port, 2);
@@ -785,21 +779,63 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, const struct sockaddr_in6 *to, 
   uint16_t c = (uint16_t)~udp6_sum(src, &to->sin6_addr, udp, plen);
   if (c == 0) c = 0xffff;
   memcpy(udp + 6, &c, 2);
+}
 
-  struct xdp_desc *d = xsk_ring_prod__tx_desc(&x->tx, fidx);
-  d->addr = addr;
-  d->len = ETH_HLEN_ + IP6_HLEN + plen;
-  d->options = 0;
-  x->tx_queued++;
-  x->c.tx_datagrams++;
-  x->c.tx_bytes += len;
+void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn) {
+  if (!x->has_reserved) return;
+  x->has_reserved = 0;
+  uint32_t slot = x->reserved;
+  size_t stride = x->frame_size, room = x->frame_size - STOQ_XSK_HEADROOM;
+  uint32_t nseg = (segment_size == 0 || len <= segment_size) ? 1 : (uint32_t)((len + stride - 1) / stride);
+  struct neigh *nb = neigh_find(x, &to->sin6_addr);
+  if (!nb) {
+    refresh_neighbours(x);
+    nb = neigh_find(x, &to->sin6_addr);
+  }
+  if (len == 0 || !nb || nseg > SLOT_FRAMES || (nseg == 1 ? len : segment_size) > room) {
+    if (!nb) {
+      x->c.tx_no_neighbour += nseg;
+      solicit(x, &to->sin6_addr);
+    } else if (len) {
+      x->c.tx_errors += nseg;
+    }
+    slot_release(x, slot);
+    return;
+  }
+  uint32_t fidx;
+  if (xsk_ring_prod__reserve(&x->tx, nseg, &fidx) != nseg) {
+    /* Ring full: hand the kernel what is queued, then try once more. */
+    xsk_ring_prod__submit(&x->tx, x->tx_queued);
+    x->tx_queued = 0;
+    kick(x, x->cfg.ring_size);
+    reap(x);
+    if (xsk_ring_prod__reserve(&x->tx, nseg, &fidx) != nseg) {
+      x->c.tx_errors += nseg;
+      slot_release(x, slot);
+      return;
+    }
+  }
+  const struct in6_addr *src = is_any(&x->cfg.local.sin6_addr) ? &nb->local : &x->cfg.local.sin6_addr;
+  uint64_t base = x->tx_base + (uint64_t)slot * x->slot_bytes;
+  for (uint32_t i = 0; i < nseg; i++) {
+    size_t plen = i + 1 < nseg ? segment_size : len - (size_t)i * stride;
+    uint64_t addr = base + (uint64_t)i * stride;
+    frame_headers(x, (uint8_t *)x->area + addr, plen, nb, src, to, ecn);
+    struct xdp_desc *d = xsk_ring_prod__tx_desc(&x->tx, fidx + i);
+    d->addr = addr;
+    d->len = (uint32_t)(STOQ_XSK_HEADROOM + plen);
+    d->options = 0;
+    x->c.tx_bytes += plen;
+  }
+  x->slot_refs[slot] = (uint16_t)nseg;
+  x->tx_queued += nseg;
+  x->c.tx_datagrams += nseg;
 }
 
 int stoq_xsk_flush(stoq_xsk *x) {
   uint32_t pending = x->tx_queued;
   if (pending) {
     xsk_ring_prod__submit(&x->tx, pending);
-    x->tx_in_flight += pending;
     x->tx_queued = 0;
   }
   int rc = 0;

@@ -76,6 +76,12 @@ public enum ConfigLoader {
                                         value: "\(c.network.xdp.ringSize)/\(c.network.xdp.frames)",
                                         allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
         }
+        let mayUseXDP = c.network.datapath == "af_xdp" || (c.network.datapath == "auto" && !c.network.interface.isEmpty)
+        if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 62 {
+            r.errors.append(ConfigError(code: .outOfRange, key: "network.quic_config.max_udp_payload_size",
+                                        value: "\(c.network.quic.maxUDPPayloadSize)",
+                                        allowed: "at most network.xdp.frame_size - 62 = \(c.network.xdp.frameSize - 62) when AF_XDP may be used (one datagram and its Ethernet/IPv6/UDP headers per frame)"))
+        }
         if c.network.datapath == "af_xdp" && c.network.interface.isEmpty {
             r.errors.append(ConfigError(code: .badValue, key: "network.interface", value: "\"\"",
                                         allowed: "the interface to bind when network.datapath = \"af_xdp\""))

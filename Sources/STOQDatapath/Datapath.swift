@@ -100,6 +100,9 @@ public protocol DatapathQueue: AnyObject {
     var maxSegmentsPerSlot: Int { get }
     /// The size of one transmit slot's buffer.
     var slotCapacity: Int { get }
+    /// 0: a slot's datagrams are packed back to back (GSO). Otherwise datagram i of a
+    /// slot starts at offset i × stride (AF_XDP: one UMEM frame each, headers in between).
+    var transmitStride: Int { get }
     /// Counters.
     var counters: DatapathCounters { get }
 
@@ -112,7 +115,7 @@ public protocol DatapathQueue: AnyObject {
     func reserveTransmit() -> UnsafeMutableRawBufferPointer?
 
     /// Queues the reserved slot: `length` bytes to `peer`, cut into datagrams of
-    /// `segmentSize` (the last may be shorter).
+    /// `segmentSize` (the last may be shorter), placed as `transmitStride` says.
     func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN)
 
     /// Gives every committed slot to the kernel and reaps finished sends.
@@ -127,6 +130,7 @@ public protocol DatapathQueue: AnyObject {
 
 extension DatapathQueue {
     public var diagnostics: [(String, String)] { [] }
+    public var transmitStride: Int { 0 }
 }
 
 /// Why a datapath failed, with the call and errno that failed.

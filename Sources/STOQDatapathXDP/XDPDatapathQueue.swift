@@ -114,7 +114,8 @@ public final class XDPDatapathQueue: DatapathQueue {
     }
 
     public var features: DatapathFeatures { isZeroCopy ? [.ecn, .zeroCopy] : [.ecn] }
-    public var maxSegmentsPerSlot: Int { 1 }
+    public var maxSegmentsPerSlot: Int { Int(stoq_xsk_slot_frames(raw)) }
+    public var transmitStride: Int { Int(stoq_xsk_stride(raw)) }
     public var slotCapacity: Int { Int(stoq_xsk_slot_size(raw)) }
 
     public var counters: DatapathCounters {
@@ -140,6 +141,7 @@ public final class XDPDatapathQueue: DatapathQueue {
     public var diagnostics: [(String, String)] {
         let f = frames, c = engineCounters
         return [("xdp_mode", xdpMode), ("zero_copy", "\(isZeroCopy)"), ("frames_total", "\(f.total)"),
+                ("frames_per_slot", "\(maxSegmentsPerSlot)"),
                 ("frames_kernel_rx", "\(f.kernel_rx)"), ("frames_held", "\(f.held)"), ("frames_tx_free", "\(f.tx_free)"),
                 ("frames_tx_reserved", "\(f.tx_reserved)"), ("frames_tx_in_flight", "\(f.tx_in_flight)"),
                 ("rx_checksum_errors", "\(c.rx_checksum_errors)"), ("tx_no_neighbour", "\(c.tx_no_neighbour)"),
@@ -182,7 +184,7 @@ public final class XDPDatapathQueue: DatapathQueue {
     public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN) {
         reserved = nil
         var sa = peer.sockaddr
-        stoq_xsk_tx_commit(raw, length, &sa, ecn.rawValue)
+        stoq_xsk_tx_commit(raw, length, segmentSize, &sa, ecn.rawValue)
     }
 
     public func flush() throws {

@@ -255,7 +255,10 @@ public final class QUICEndpoint {
 
     /// Writes the next datagram run into `buffer` (at most `maxSegments` datagrams), or
     /// returns nil when nothing is owed now. Call until nil or out of buffers.
-    public func pollTransmit(into buffer: UnsafeMutableRawBufferPointer, maxSegments: Int, now: Timestamp) -> Transmit? {
+    /// `stride` 0 packs the datagrams back to back (GSO); otherwise datagram i starts at
+    /// offset i × stride (one AF_XDP frame each), and `Transmit.length` ends at the last one.
+    public func pollTransmit(into buffer: UnsafeMutableRawBufferPointer, maxSegments: Int, stride: Int = 0,
+                             now: Timestamp) -> Transmit? {
         if let t = replies.pop(into: buffer) {
             counters.datagramsOut &+= 1
             return t
@@ -270,10 +273,11 @@ public final class QUICEndpoint {
             var remote = sockaddr_in6()
             var ecn: UInt8 = 0
             let n = stoq_conn_write(conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
-                                    maxSegments, &seg, &remote, &ecn, now)
+                                    maxSegments, stride, &seg, &remote, &ecn, now)
             if n > 0 {
                 schedule(conn)
-                let segments = (n + seg - 1) / max(seg, 1)
+                let step = stride > 0 ? stride : max(seg, 1)
+                let segments = (n + step - 1) / step
                 counters.datagramsOut &+= UInt64(segments)
                 return Transmit(length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
                                 ecn: ECN(rawValue: ecn & 3) ?? .notECT)

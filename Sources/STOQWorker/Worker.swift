@@ -61,7 +61,9 @@ public final class Worker {
 
     /// Writes everything the endpoint owes into transmit slots and hands them to the kernel.
     public func transmit(now: Timestamp) throws {
-        let segments = max(1, min(queue.maxSegmentsPerSlot, queue.slotCapacity / maxPayload))
+        let stride = queue.transmitStride
+        let segments = stride > 0 ? queue.maxSegmentsPerSlot
+            : max(1, min(queue.maxSegmentsPerSlot, queue.slotCapacity / maxPayload))
         while true {
             var slot = queue.reserveTransmit()
             if slot == nil {
@@ -69,7 +71,7 @@ public final class Worker {
                 slot = queue.reserveTransmit()
             }
             guard let slot else { break }
-            guard let t = endpoint.pollTransmit(into: slot, maxSegments: segments, now: now) else { break }
+            guard let t = endpoint.pollTransmit(into: slot, maxSegments: segments, stride: stride, now: now) else { break }
             queue.commitTransmit(length: t.length, segmentSize: t.segmentSize, to: t.destination, ecn: t.ecn)
         }
         try queue.flush()

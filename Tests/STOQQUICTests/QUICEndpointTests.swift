@@ -62,8 +62,10 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
 
     /// Handshake then GET; returns the client recorder.
     func download(size: Int, serverSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+                  stride: Int = 0,
                   midway: ((EndpointPair, QUICConnection) -> Void)? = nil) throws -> (RecordingClient, [UInt8], EndpointPair) {
         let pair = try EndpointPair(identity: identity, serverSettings: serverSettings, link: link)
+        pair.transmitStride = stride
         let object = randomBytes(size, seed: UInt64(size))
         let server = MemoryServer(object: object)
         let client = RecordingClient()
@@ -87,6 +89,17 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
             #expect(client.closedCode == H3Error.noError)
             #expect(client.received == UInt64(size))
             #expect(client.sha == Array(SHA256.hash(data: object)), "size \(size)")
+        }
+    }
+
+    /// Runs laid out one frame apart (the AF_XDP layout) carry the same bytes as packed ones.
+    @Test func stridedTransmitRunsDownloadByteIdentical() throws {
+        for size in [1200, 3 << 20] {
+            let (client, object, pair) = try download(size: size, stride: 2048)
+            #expect(client.status == 200)
+            #expect(client.received == UInt64(size))
+            #expect(client.sha == Array(SHA256.hash(data: object)), "size \(size)")
+            #expect(pair.server.counters.datagramsOut > 100 || size < 10_000)
         }
     }
 

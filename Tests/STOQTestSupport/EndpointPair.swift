@@ -29,6 +29,9 @@ public final class EndpointPair {
     public let serverAddress = IPv6Endpoint(address: IPv6Address("fd00::1")!, port: 4433)
     /// Datagrams delivered to the server, for tests that inspect raw packets.
     public var onServerReceive: ((UnsafeRawBufferPointer) -> Void)?
+    /// 0: transmit runs are packed (GSO); otherwise datagram i of a run starts at i × stride
+    /// (how the AF_XDP datapath lays them out, one frame each).
+    public var transmitStride = 0
     /// Replies the server sent to addresses other than the client (stateless probes).
     public private(set) var strayReplies: [[UInt8]] = []
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
@@ -60,7 +63,7 @@ public final class EndpointPair {
 
     private func flush(_ ep: QUICEndpoint, _ fromAddr: IPv6Endpoint, toServerSide: Bool) -> Bool {
         var progressed = false
-        while let t = ep.pollTransmit(into: buffer, maxSegments: 16, now: now) {
+        while let t = ep.pollTransmit(into: buffer, maxSegments: 16, stride: transmitStride, now: now) {
             progressed = true
             var off = 0
             while off < t.length {
@@ -73,7 +76,7 @@ public final class EndpointPair {
                 } else {
                     strayReplies.append(Array(dgram))
                 }
-                off += n
+                off += transmitStride > 0 ? transmitStride : n
             }
         }
         return progressed

@@ -167,11 +167,13 @@ enum {
 int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, const struct sockaddr_in6 *local,
                    const struct sockaddr_in6 *remote, uint64_t now);
 
-/** Writes as many packets as congestion, pacing and `max_pkts` allow into `buf` as one GSO run:
- *  equal-size datagrams of `*segment_size` bytes, the last may be shorter. Returns the bytes
- *  written (0: nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
-ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t *segment_size,
-                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
+/** Writes as many packets as congestion, pacing and `max_pkts` allow into `buf` as one run:
+ *  equal-size datagrams of `*segment_size` bytes, the last may be shorter. With `stride` 0 they
+ *  are packed back to back (a GSO buffer); otherwise datagram i starts at buf + i * stride (one
+ *  AF_XDP frame each). Returns the run's length — the offset of the last datagram's end — (0:
+ *  nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
+ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride,
+                        size_t *segment_size, struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
 
 /** Writes the CONNECTION_CLOSE for the connection's error (or a graceful close with `app_error`
  *  when there is none). Returns its length, 0 if nothing is owed, or <0. */

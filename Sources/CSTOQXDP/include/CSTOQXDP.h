@@ -72,7 +72,8 @@ typedef struct stoq_xsk_counters {
   uint64_t k_rx_dropped, k_rx_invalid_descs, k_tx_invalid_descs, k_rx_ring_full, k_fill_ring_empty, k_tx_ring_empty;
 } stoq_xsk_counters;
 
-/** Where every UMEM frame is right now. kernel_rx + held + tx_free + tx_reserved + tx_in_flight == total. */
+/** Where every UMEM frame is right now. kernel_rx + held + tx_free + tx_reserved + tx_in_flight == total.
+ *  Transmit frames are counted by slot (a slot is in flight until all its frames complete). */
 typedef struct stoq_xsk_frames {
   uint32_t total, kernel_rx, held, tx_free, tx_reserved, tx_in_flight;
 } stoq_xsk_frames;
@@ -95,18 +96,24 @@ void stoq_xsk_local(const stoq_xsk *x, struct sockaddr_in6 *out);
 /** Counters, with the kernel's XDP_STATISTICS refreshed. */
 const stoq_xsk_counters *stoq_xsk_get_counters(stoq_xsk *x);
 stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x);
-/** Payload bytes one transmit frame holds. */
+/** Bytes of one transmit slot from its payload start: SLOT_FRAMES consecutive frames. */
 uint32_t stoq_xsk_slot_size(const stoq_xsk *x);
+/** Datagrams one transmit slot carries (one frame each). */
+uint32_t stoq_xsk_slot_frames(const stoq_xsk *x);
+/** Distance between consecutive datagrams in a slot (the frame size); each has room for
+ *  stride - STOQ_XSK_HEADROOM payload bytes. */
+uint32_t stoq_xsk_stride(const stoq_xsk *x);
 
 /** Waits up to `timeout_ns` (0: do not wait) and returns up to `max` datagrams, or -errno. */
 int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max);
 /** Gives the frames of the last receive back to the fill ring. */
 void stoq_xsk_rx_done(stoq_xsk *x);
 
-/** A free transmit frame's payload area (stoq_xsk_slot_size bytes), or NULL when all are in flight. */
+/** A free transmit slot's first payload byte, or NULL when every slot is in flight. */
 uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x);
-/** Frames the reserved payload (`len` bytes) to `to`, with ECN bits `ecn`, and queues it. */
-void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, const struct sockaddr_in6 *to, uint8_t ecn);
+/** Frames and queues the reserved slot's run: datagram i (`segment_size` bytes, the last
+ *  `len - i * stride`) starts at i * stride; all go to `to` with ECN bits `ecn`. */
+void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn);
 /** Hands queued frames to the kernel and reaps completed ones. 0 or -errno. */
 int stoq_xsk_flush(stoq_xsk *x);
 
