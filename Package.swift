@@ -83,7 +83,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", .product(name: "X509", package: "swift-certificates"),
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQDatapathXDP", .product(name: "X509", package: "swift-certificates"),
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 

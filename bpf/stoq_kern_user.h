@@ -44,4 +44,9 @@ enum stoq_stat {
   STOQ_STAT_MAX = STOQ_STAT_WORKER_0 + STOQ_MAX_COUNTED_WORKERS,
 };
 
+/** User-space names of the counters above, in enum order (the worker_n ones follow). */
+#define STOQ_STAT_NAMES                                                                                  \
+  "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4", "passed_no_socket", \
+      "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid"
+
 #endif

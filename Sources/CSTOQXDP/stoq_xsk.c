@@ -303,6 +303,49 @@ int stoq_xsk_interface_rx_queues(const char *ifname) {
   return result;
 }
 
+static void query_mode(stoq_xsk *x);
+
+int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *prog_id) {
+  stoq_xsk probe;
+  memset(&probe, 0, sizeof(probe));
+  probe.ifindex = (int)if_nametoindex(ifname);
+  if (probe.ifindex == 0) return -ENODEV;
+  query_mode(&probe);
+  snprintf(mode, modelen, "%s", probe.mode);
+  *prog_id = probe.prog_id;
+  return 0;
+}
+
+int stoq_xdp_read_stats(const char *pin_dir, uint64_t *out, int max) {
+  char path[256];
+  snprintf(path, sizeof(path), "%s/%s", pin_dir, STOQ_MAP_STATS);
+  int fd = bpf_obj_get(path);
+  if (fd < 0) return -errno;
+  int ncpu = libbpf_num_possible_cpus();
+  if (ncpu <= 0) {
+    close(fd);
+    return ncpu < 0 ? ncpu : -EINVAL;
+  }
+  uint64_t values[ncpu];
+  int n = 0;
+  for (uint32_t k = 0; k < STOQ_STAT_MAX && (int)k < max; k++) {
+    if (bpf_map_lookup_elem(fd, &k, values) != 0) break;
+    uint64_t sum = 0;
+    for (int c = 0; c < ncpu; c++) sum += values[c];
+    out[n++] = sum;
+  }
+  close(fd);
+  return n;
+}
+
+const char *stoq_xdp_stat_name(int index, char *buf, size_t len) {
+  static const char *names[] = {STOQ_STAT_NAMES};
+  int named = (int)(sizeof(names) / sizeof(names[0]));
+  if (index >= 0 && index < named) return names[index];
+  snprintf(buf, len, "worker_%d", index - named);
+  return buf;
+}
+
 /* ---- open / close ---- */
 
 static int interface_address(const char *ifname, struct in6_addr *out) {

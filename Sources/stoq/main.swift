@@ -15,7 +15,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
-        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, TrustCommand.self])
+        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, TrustCommand.self, XDPCommand.self])
 }
 
 struct TrustOptions: ParsableArguments {

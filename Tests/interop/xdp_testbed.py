@@ -2,6 +2,7 @@
 two-queue veth): the real XDP program attached by scripts/xdp-attach in native and
 in generic (skb) mode, stoq-node on AF_XDP sockets, and clients in the other
 namespace. Needs root (namespaces, bpf()); skipped, loudly, without it."""
+import json
 import os
 import re
 import signal
@@ -32,9 +33,12 @@ def in_b(*cmd):
 
 
 def counters():
-    r = run(in_a(ROOT / "scripts/xdp-attach", "--status", VA))
+    """The XDP program's counters, as `stoq xdp status --json` reads them from the pinned map."""
+    r = run(in_a(need_binary("stoq"), "xdp", "status", VA, "--json"))
     assert r.returncode == 0, r.stderr
-    return {k: int(v) for k, v in re.findall(r"^\s+(\w+): (\d+)$", r.stdout, re.M)}
+    status = json.loads(r.stdout)
+    assert status["mode"] in ("native", "skb", "multi"), status
+    return status["counters"]
 
 
 class XDPNode:

@@ -121,6 +121,16 @@ int stoq_xsk_flush(stoq_xsk *x);
  *  IFLA_NUM_RX_QUEUES), or -errno (-ENODEV: no such interface). */
 int stoq_xsk_interface_rx_queues(const char *ifname);
 
+/** What is attached to `ifname`: writes the mode ("native", "skb", "hw", "multi" or
+ *  "none") and the program id. 0 or -errno (-ENODEV: no such interface). */
+int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *prog_id);
+
+/** Reads the pinned per-CPU counters under `pin_dir` (stoq_xdp_stats), summed over CPUs,
+ *  into `out` (up to `max` entries, in enum stoq_stat order). Returns the count or -errno. */
+int stoq_xdp_read_stats(const char *pin_dir, uint64_t *out, int max);
+/** The name of counter `index` ("worker_3" for the per-worker ones). */
+const char *stoq_xdp_stat_name(int index, char *buf, size_t len);
+
 /** Teaches the engine a neighbour (tests and callers that know it better). */
 void stoq_xsk_learn_neighbour(stoq_xsk *x, const struct in6_addr *peer, const uint8_t mac[6]);
 
