@@ -3,13 +3,23 @@
 #define STOQ_MAPS_H
 #include "stoq_kern_user.h"
 
+/* libxdp (xdp-loader -p DIR) pins maps marked by name under DIR. bpftool's loadall has
+ * no pin root: for it build-bpf makes a second object with STOQ_NO_AUTOPIN, whose maps
+ * carry no pinning attribute and are pinned into DIR by `pinmaps` instead (otherwise
+ * libbpf would pin them at /sys/fs/bpf/<name>, shared across interfaces). */
+#ifdef STOQ_NO_AUTOPIN
+#define STOQ_PIN_BY_NAME
+#else
+#define STOQ_PIN_BY_NAME __uint(pinning, LIBBPF_PIN_BY_NAME);
+#endif
+
 /* AF_XDP sockets, indexed by receive queue (or by worker when steering by CID). */
 struct {
   __uint(type, BPF_MAP_TYPE_XSKMAP);
   __uint(max_entries, STOQ_MAX_SOCKETS);
   __type(key, __u32);
   __type(value, __u32);
-  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
+  STOQ_PIN_BY_NAME
 } xsk_map SEC(".maps");
 
 /* The node's UDP ports (host order) → 1. */
@@ -18,7 +28,7 @@ struct {
   __uint(max_entries, STOQ_MAX_PORTS);
   __type(key, __u16);
   __type(value, __u8);
-  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
+  STOQ_PIN_BY_NAME
 } stoq_ports SEC(".maps");
 
 /* One struct stoq_config: worker count and steering flags. */
@@ -27,7 +37,7 @@ struct {
   __uint(max_entries, 1);
   __type(key, __u32);
   __type(value, struct stoq_config);
-  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
+  STOQ_PIN_BY_NAME
 } stoq_config SEC(".maps");
 
 /* Per-CPU counters, one per enum stoq_stat. */
@@ -36,7 +46,7 @@ struct {
   __uint(max_entries, STOQ_STAT_MAX);
   __type(key, __u32);
   __type(value, __u64);
-  __uint(pinning, LIBBPF_PIN_BY_NAME); /* pinned under the loader's pin path */
+  STOQ_PIN_BY_NAME
 } stoq_xdp_stats SEC(".maps");
 
 #endif

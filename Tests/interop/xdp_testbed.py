@@ -109,8 +109,11 @@ def testbed(tmp_path_factory):
 @pytest.fixture(scope="module", params=["native", "skb"])
 def xdp_node(request, testbed):
     work, digests = testbed
-    r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--mode", request.param, "--ports", PORT))
+    # native through libxdp's dispatcher, skb as the program alone (bpftool): both attach paths.
+    extra = ["--no-dispatcher"] if request.param == "skb" else []
+    r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--mode", request.param, "--ports", PORT, *extra))
     assert r.returncode == 0, r.stderr
+    assert ("single program" in r.stdout) == (request.param == "skb"), r.stdout
     node = XDPNode(work, request.param)
     node.digests = digests
     yield node
