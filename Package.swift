@@ -98,9 +98,11 @@ let package = Package(
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
+        // Puts chunks and objects in a loop until killed: the crash test's victim.
+        .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
         .testTarget(
             name: "STOQStoreTests",
-            dependencies: ["STOQStore", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
         .testTarget(
             name: "STOQTrustTests",

@@ -215,7 +215,7 @@ final class ChunkStoreTests: StoreTestCase {
         do {
             let store = try ChunkStore(root: root)
             let message = assertStoreError(.locked) { try ChunkStore(root: root) }
-            XCTAssertEqual(message, "\(root) is already open in another process (or another ChunkStore of this one): \(root)/lock is locked")
+            XCTAssertEqual(message, "store \(root) is already open (by another process, or by another ChunkStore in this one): \(root)/lock is locked")
             withExtendedLifetime(store) {}
         }
         // Closed, it opens again.
