@@ -39,11 +39,16 @@ public final class ChunkStore: @unchecked Sendable {
         /// alone, because an upload puts its chunks before the object that references
         /// them. Default one hour.
         public var collectGracePeriod: Duration
+        /// The largest chunk a put accepts, and the largest file a read loads (a bigger one
+        /// cannot be a chunk this store wrote, so it is treated as corrupt rather than read
+        /// into memory). Default 64 MiB, far above any content-defined chunk size.
+        public var maxChunkSize: Int
 
         /// Options with the defaults above, or the values given.
-        public init(dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600)) {
+        public init(dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20) {
             self.dedup = dedup
             self.collectGracePeriod = collectGracePeriod
+            self.maxChunkSize = maxChunkSize
         }
     }
 
@@ -83,7 +88,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// The options it was opened with.
     public let options: Options
     /// What opening it repaired.
-    public private(set) var recovery = Recovery(tempFilesRemoved: 0)
+    public let recovery: Recovery
 
     let rootDir: Directory
     let lock: StoreLock
@@ -115,7 +120,7 @@ public final class ChunkStore: @unchecked Sendable {
         chunksDir = try Directory("chunks", in: rootDir, create: true)
         quarantineDir = try Directory("quarantine", in: rootDir, create: true)
         try rootDir.sync()
-        let removed = try removeTempFiles()
+        let removed = try Self.removeTempFiles(in: chunksDir)
         recovery = Recovery(tempFilesRemoved: removed)
         counterValues.staleTempFilesRemoved = UInt64(removed)
         if removed > 0 {
@@ -131,9 +136,14 @@ public final class ChunkStore: @unchecked Sendable {
     /// Stores `bytes` as chunk `id`, durably, after checking that they hash to `id`
     /// (`.digestMismatch` names both digests otherwise). With dedup on, a chunk already
     /// stored and still verifying is not rewritten (`.alreadyPresent`); a stored copy that
-    /// no longer verifies is quarantined and replaced.
+    /// no longer verifies is quarantined and replaced. Chunks over `maxChunkSize` are
+    /// refused (`.chunkTooLarge`).
     @discardableResult
     public func put(id: ChunkID, bytes: some ContiguousBytes) throws -> PutResult {
+        let count = bytes.withUnsafeBytes { $0.count }
+        guard count <= options.maxChunkSize else {
+            throw StoreError(.chunkTooLarge, "chunk \(id) is \(count) bytes, over the store's limit of \(options.maxChunkSize) bytes")
+        }
         let actual = ChunkID(digestOf: bytes)
         guard actual == id else {
             throw StoreError(.digestMismatch, "chunk bytes do not match their id: expected digest \(id), actual digest \(actual)")
@@ -214,10 +224,10 @@ public final class ChunkStore: @unchecked Sendable {
             if let bytes = refetch(id, because: "missing") { return bytes }
             throw StoreError(.chunkNotFound, "chunk \(id) is not in the store"
                              + (source == nil ? "" : ", and the chunk source did not supply it"))
-        case .corrupt(let actual, let quarantined):
+        case .corrupt(let why, let quarantined):
             if let bytes = refetch(id, because: "corrupt") { return bytes }
             let whereTo = quarantined.map { "moved to quarantine/\($0)" } ?? "already moved away by another reader"
-            throw StoreError(.corrupt, "chunk \(id) is corrupt on disk: its bytes hash to \(actual); \(whereTo)"
+            throw StoreError(.corrupt, "chunk \(id) is corrupt on disk: \(why); \(whereTo)"
                              + (source == nil ? "" : "; the chunk source did not supply a good copy"))
         }
     }
@@ -226,8 +236,8 @@ public final class ChunkStore: @unchecked Sendable {
         /// The verified bytes and the still-open descriptor (the caller closes it).
         case ok([UInt8], Int32)
         case missing
-        /// The digest the bytes had, and the quarantine name if this call moved the file.
-        case corrupt(ChunkID, String?)
+        /// What was wrong, and the quarantine name if this call moved the file.
+        case corrupt(String, String?)
     }
 
     private func readLocal(_ id: ChunkID, countRead: Bool) throws -> LocalRead {
@@ -242,6 +252,12 @@ public final class ChunkStore: @unchecked Sendable {
         let bytes: [UInt8]
         do {
             guard fstat(fd, &st) == 0 else { throw StoreError.io("fstat", chunksDir.path + "/" + rel) }
+            if st.st_size > options.maxChunkSize {
+                // Not loaded: no chunk this store accepted is that big.
+                close(fd)
+                let why = "it is \(st.st_size) bytes, over the store's limit of \(options.maxChunkSize) bytes"
+                return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
+            }
             bytes = try Directory.readWhole(fd, size: Int(st.st_size), path: chunksDir.path + "/" + rel)
         } catch {
             close(fd)
@@ -250,7 +266,8 @@ public final class ChunkStore: @unchecked Sendable {
         let actual = ChunkID(digestOf: bytes)
         guard actual == id else {
             defer { close(fd) }
-            return .corrupt(actual, quarantine(id, rel: rel, file: st, actual: actual))
+            let why = "its bytes hash to \(actual)"
+            return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
         }
         if countRead {
             state.withLock {
@@ -264,7 +281,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// Moves the corrupt file (the one described by `file`) out of `chunks/`. Returns the
     /// quarantine name, or nil when the name no longer points at that file (another reader
     /// moved it, or a put replaced it with a good copy, which must stay).
-    private func quarantine(_ id: ChunkID, rel: String, file: Glibc.stat, actual: ChunkID) -> String? {
+    private func quarantine(_ id: ChunkID, rel: String, file: Glibc.stat, why: String) -> String? {
         guard let now = try? chunksDir.stat(rel), now.st_ino == file.st_ino, now.st_dev == file.st_dev else { return nil }
         let qname = "\(id.hex).\(Self.timestamp())"
         if renameat(chunksDir.fd, rel, quarantineDir.fd, qname) != 0 {
@@ -278,7 +295,7 @@ public final class ChunkStore: @unchecked Sendable {
         try? quarantineDir.sync()
         state.withLock { counterValues.corruptQuarantined += 1 }
         logger.error("corrupt chunk quarantined", metadata: [
-            "chunk": "\(id)", "actualDigest": "\(actual)", "size": "\(file.st_size)", "quarantine": "\(quarantineDir.path)/\(qname)",
+            "chunk": "\(id)", "problem": "\(why)", "size": "\(file.st_size)", "quarantine": "\(quarantineDir.path)/\(qname)",
         ])
         return qname
     }
@@ -377,6 +394,10 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Calls `body` with each shard directory (`chunks/ab/cd`) and its entries.
     private func forEachShard(_ body: (Directory, [String]) throws -> Void) throws {
+        try Self.forEachShard(of: chunksDir, body)
+    }
+
+    private static func forEachShard(of chunksDir: Directory, _ body: (Directory, [String]) throws -> Void) throws {
         for a in try chunksDir.names().sorted() where Self.isShardName(a) {
             let outer = try Directory(a, in: chunksDir)
             for b in try outer.names().sorted() where Self.isShardName(b) {
@@ -386,9 +407,9 @@ public final class ChunkStore: @unchecked Sendable {
         }
     }
 
-    private func removeTempFiles() throws -> Int {
+    private static func removeTempFiles(in chunksDir: Directory) throws -> Int {
         var removed = 0
-        try forEachShard { dir, names in
+        try forEachShard(of: chunksDir) { dir, names in
             var here = 0
             for name in names where name.hasPrefix(".tmp-") {
                 if unlinkat(dir.fd, name, 0) == 0 { here += 1 }

@@ -19,6 +19,8 @@ import Musl
 ///   a put of a chunk the store already has refreshes its mtime. An upload that takes longer
 ///   than the grace period between its chunks and its object gets `.missingChunks` listing
 ///   what to resend.
+/// - Puts wait while a collection runs (it walks the whole chunk tree); collections are
+///   meant to be occasional.
 /// - One process has a store open at a time (`lock` file), so the rule is in-process only.
 ///
 /// Thread-safe.

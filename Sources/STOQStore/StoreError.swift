@@ -19,8 +19,8 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         public static let corrupt = Code("corrupt")
         /// The store does not have the chunk (and no `ChunkSource` could supply it).
         public static let chunkNotFound = Code("chunkNotFound")
-        /// A chunk id that is not 64 hexadecimal digits.
-        public static let invalidChunkID = Code("invalidChunkID")
+        /// A chunk larger than the store's `maxChunkSize`.
+        public static let chunkTooLarge = Code("chunkTooLarge")
         /// An object name that is not one path segment of `[A-Za-z0-9._-]` not starting with a dot.
         public static let invalidObjectName = Code("invalidObjectName")
         /// An object refers to chunks the store does not have; the message lists them.

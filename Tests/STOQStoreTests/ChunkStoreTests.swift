@@ -122,6 +122,23 @@ final class ChunkStoreTests: StoreTestCase {
         XCTAssertEqual(store.counters.corruptQuarantined, 1)
     }
 
+    func testChunksOverTheSizeLimit() throws {
+        let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
+        let big = [UInt8](repeating: 1, count: 1001)
+        let id = ChunkID(digestOf: big)
+        XCTAssertEqual(assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) },
+                       "chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes")
+        XCTAssertNoThrow(try store.put(id: ChunkID(digestOf: big.dropLast()), bytes: Array(big.dropLast())))
+        // A file that big in the chunk tree is not read into memory: it is damage.
+        let small = bytes("small")
+        let sid = ChunkID(digestOf: small)
+        try store.put(id: sid, bytes: small)
+        try Data(big).write(to: URL(fileURLWithPath: path(of: sid)))
+        let message = assertStoreError(.corrupt) { try store.read(sid) }
+        XCTAssertTrue(message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"), message)
+        XCTAssertEqual(store.counters.corruptQuarantined, 1)
+    }
+
     func testCorruptChunkIsRefetchedFromSource() throws {
         let data = [UInt8](repeating: 0xa5, count: 10_000)
         let id = ChunkID(digestOf: data)
@@ -202,8 +219,8 @@ final class ChunkStoreTests: StoreTestCase {
             try store.put(id: id, bytes: data)
         }
         let shard = (path(of: id) as NSString).deletingLastPathComponent
-        FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-1234", contents: Data([1, 2, 3]))
-        FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-5678", contents: Data())
+        XCTAssertTrue(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-1234", contents: Data([1, 2, 3])))
+        XCTAssertTrue(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-5678", contents: Data()))
         let store = try ChunkStore(root: root)
         XCTAssertEqual(store.recovery.tempFilesRemoved, 2)
         XCTAssertEqual(store.counters.staleTempFilesRemoved, 2)

@@ -168,7 +168,7 @@ final class ObjectIndexTests: StoreTestCase {
             try index.putObject("broken", manifest: [], chunkIDs: [ids[1], ids[2]])
         }
         XCTAssertEqual(unlink(path(of: ids[2])), 0)
-        FileManager.default.createFile(atPath: root + "/objects/.tmp-half-written-1", contents: Data([0]))
+        XCTAssertTrue(FileManager.default.createFile(atPath: root + "/objects/.tmp-half-written-1", contents: Data([0])))
         let store = try ChunkStore(root: root)
         let index = try ObjectIndex(chunks: store)
         XCTAssertEqual(index.recovery.tempFilesRemoved, 1)
