@@ -75,6 +75,11 @@ let package = Package(
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        // Content-addressed chunk store and object index (not wired into the node yet).
+        .target(
+            name: "STOQStore",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log")]),
+
         .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust"]),
 
         .executableTarget(
@@ -93,6 +98,11 @@ let package = Package(
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
+        // Puts chunks and objects in a loop until killed: the crash test's victim.
+        .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
+        .testTarget(
+            name: "STOQStoreTests",
+            dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
         .testTarget(
             name: "STOQTrustTests",

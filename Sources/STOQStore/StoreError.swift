@@ -1,0 +1,55 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Why a chunk store or object index operation failed.
+public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The kind of failure; `message` says what exactly.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's name, as it appears in logs.
+        public let name: String
+        private init(_ name: String) { self.name = name }
+        public var description: String { name }
+
+        /// Bytes given for a chunk do not hash to the id they were given under.
+        public static let digestMismatch = Code("digestMismatch")
+        /// A stored chunk's bytes no longer match its id. The copy was quarantined, never returned.
+        public static let corrupt = Code("corrupt")
+        /// The store does not have the chunk (and no `ChunkSource` could supply it).
+        public static let chunkNotFound = Code("chunkNotFound")
+        /// A chunk larger than the store's `maxChunkSize`.
+        public static let chunkTooLarge = Code("chunkTooLarge")
+        /// An object name that is not one path segment of `[A-Za-z0-9._-]` not starting with a dot.
+        public static let invalidObjectName = Code("invalidObjectName")
+        /// An object refers to chunks the store does not have; the message lists them.
+        public static let missingChunks = Code("missingChunks")
+        /// No object of that name.
+        public static let objectNotFound = Code("objectNotFound")
+        /// An object record on disk is damaged (bad magic, length or checksum).
+        public static let corruptRecord = Code("corruptRecord")
+        /// Another process has the store directory open.
+        public static let locked = Code("locked")
+        /// A system call failed; the message names the call, the path and errno.
+        public static let io = Code("io")
+    }
+
+    /// The kind of failure.
+    public var code: Code
+    /// A sentence naming the chunk, object, file or digest involved.
+    public var message: String
+
+    /// Creates an error.
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { message }
+
+    /// An `.io` error for the call that just failed, naming the path and `errno`.
+    static func io(_ call: String, _ path: String, errno e: Int32 = errno) -> StoreError {
+        StoreError(.io, "\(call) \(path): \(String(cString: strerror(e))) (errno \(e))")
+    }
+}

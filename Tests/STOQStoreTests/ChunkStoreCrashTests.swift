@@ -1,0 +1,82 @@
+import Foundation
+import STOQStore
+import XCTest
+
+/// SIGKILLs a process that is writing to the store (`stoq-store-crash`) at random moments
+/// and checks what it left: every object listed is complete and self-consistent, every chunk
+/// verifies or is absent, no temp file survives an open. SIGKILL tests the write ordering
+/// (temp → rename, chunks before records, GC under its lock), not power loss: the page
+/// cache survives a killed process, so the fsyncs are not exercised here.
+final class ChunkStoreCrashTests: StoreTestCase {
+    /// The helper sits next to the test bundle (both are products of this package);
+    /// `STOQ_STORE_CRASH_HELPER` overrides.
+    private func helperPath() throws -> String {
+        if let p = ProcessInfo.processInfo.environment["STOQ_STORE_CRASH_HELPER"] { return p }
+        var dirs = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()]
+        if let exe = Bundle.main.executableURL { dirs.append(exe.deletingLastPathComponent()) }
+        dirs += Bundle.allBundles.map { $0.bundleURL.deletingLastPathComponent() }
+        for d in dirs {
+            let p = d.appendingPathComponent("stoq-store-crash").path
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        throw StoreError(.io, "stoq-store-crash not found next to the tests (looked in \(dirs.map(\.path)))")
+    }
+
+    func testSIGKILLAtRandomMomentsLeavesAConsistentStore() throws {
+        let helper = try helperPath()
+        let kills = 10
+        var objects = Set<String>()
+        var tempFilesLeftByKills = 0
+        var staleRemoved = 0
+        for iteration in 0..<kills {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: helper)
+            process.arguments = [root]
+            process.standardOutput = FileHandle.nullDevice
+            let stderr = Pipe()
+            process.standardError = stderr
+            try process.run()
+            usleep(UInt32.random(in: 150_000...800_000))
+            let diedByItself = !process.isRunning
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            let said = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            XCTAssertFalse(diedByItself, "iteration \(iteration): the helper exited on its own: \(said)")
+            XCTAssertEqual(process.terminationReason, .uncaughtSignal, said)
+            XCTAssertEqual(process.terminationStatus, SIGKILL, said)
+
+            tempFilesLeftByKills += tempFiles().count
+            let (names, removed) = try checkStore(iteration)
+            objects.formUnion(names)
+            staleRemoved += removed
+        }
+        // The kills really landed mid-work: objects were written across runs.
+        XCTAssertGreaterThan(objects.count, kills)
+        print("crash test: \(objects.count) objects written over \(kills) kills; temp files left by kills \(tempFilesLeftByKills), removed on open \(staleRemoved)")
+    }
+
+    /// Opens the store as a restarted node would and checks it; returns the objects and the
+    /// number of temp files recovery removed.
+    private func checkStore(_ iteration: Int) throws -> ([String], Int) {
+        let store = try ChunkStore(root: root)
+        let index = try ObjectIndex(chunks: store)
+        XCTAssertEqual(tempFiles(), [], "iteration \(iteration): temp files survived the open")
+        XCTAssertEqual(index.recovery.incompleteObjects, [:], "iteration \(iteration)")
+        XCTAssertEqual(index.recovery.unreadableObjects, [:], "iteration \(iteration)")
+        let names = try index.listObjects()
+        for name in names {
+            let record = try index.object(name)
+            XCTAssertFalse(record.chunkIDs.isEmpty, name)
+            XCTAssertEqual(String(decoding: record.manifest, as: UTF8.self), record.chunkIDs.map(\.hex).joined(separator: "\n"),
+                           "iteration \(iteration): \(name)'s record does not match its own manifest")
+            for id in record.chunkIDs {
+                XCTAssertNoThrow(try store.read(id), "iteration \(iteration): \(name) chunk \(id)")
+            }
+        }
+        let scrub = try store.verifyAll()
+        XCTAssertEqual(scrub.corrupt, [], "iteration \(iteration)")
+        XCTAssertEqual(quarantined(), [], "iteration \(iteration)")
+        XCTAssertEqual(store.counters.corruptQuarantined, 0)
+        return (names, store.recovery.tempFilesRemoved + index.recovery.tempFilesRemoved)
+    }
+}
