@@ -62,13 +62,19 @@ let package = Package(
             name: "STOQConfig",
             dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
 
+        // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
+        // the only I/O is an optional streaming reader over a file descriptor.
+        .target(
+            name: "STOQChunking",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+
         .target(
             name: "STOQNode",
             dependencies: [
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQConfig", "STOQTrust",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust"]),
+        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust", "STOQChunking"]),
 
         .executableTarget(
             name: "stoq-node",
@@ -76,7 +82,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            dependencies: ["STOQ", "STOQConfig", "STOQChunking", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
@@ -85,6 +91,7 @@ let package = Package(
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing"]),
+        .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
     ]
 )
