@@ -33,6 +33,34 @@ final class StreamingChunkerTests: XCTestCase {
         }
     }
 
+    /// Every read lands inside one buffer of `max + readSize` bytes: that is all the memory the
+    /// stream holds, however long it is.
+    func testMemoryIsOneMaxChunkPlusOneRead() throws {
+        final class Spans { var low = UInt.max, high = UInt.min, reads = 0 }
+        struct Recording: ChunkSource {
+            var inner: BytesSource
+            let spans: Spans
+            mutating func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+                let start = UInt(bitPattern: buffer.baseAddress)
+                spans.low = min(spans.low, start)
+                spans.high = max(spans.high, start + UInt(buffer.count))
+                spans.reads += 1
+                return try inner.read(into: buffer)
+            }
+        }
+        let bytes = pseudoRandomBytes(count: 2 << 20, seed: 31)
+        for readSize in [100, 4096, 65_536] {
+            let spans = Spans()
+            let s = StreamingChunker(source: Recording(inner: BytesSource(bytes, maxRead: 3000), spans: spans),
+                                     parameters: smallParameters, readSize: readSize)
+            var count = 0
+            while try s.next() != nil { count += 1 }
+            XCTAssertGreaterThan(count, 200)
+            XCTAssertGreaterThan(spans.reads, 100)
+            XCTAssertLessThanOrEqual(spans.high - spans.low, UInt(smallParameters.maxSize + readSize))
+        }
+    }
+
     func testEmptyAndTinyStreams() throws {
         XCTAssertEqual(try stream([], smallParameters, maxRead: 10, readSize: 10), [])
         let one = try stream([42], smallParameters, maxRead: 10, readSize: 10)
