@@ -29,16 +29,18 @@ public enum ChunkingAlgorithm: UInt8, Sendable, Hashable, CaseIterable, CustomSt
 
 /// The algorithm and its sizes. Together with the bytes, these determine every cut point:
 /// the same object chunks identically on every machine (see the Chunking article).
+///
+/// Read-only once made: the cut loop relies on the checked bounds (it reads from `min - 64`).
 public struct ChunkingParameters: Sendable, Hashable, CustomStringConvertible {
     /// Content-defined or fixed.
-    public var algorithm: ChunkingAlgorithm
+    public private(set) var algorithm: ChunkingAlgorithm
     /// No chunk but the last is shorter than this (content-aware: every non-final chunk is longer).
-    public var minSize: Int
+    public private(set) var minSize: Int
     /// Target average; a power of two, because the hash masks are derived from its log2.
     /// Fixed chunking uses it as the chunk size.
-    public var avgSize: Int
+    public private(set) var avgSize: Int
     /// No chunk is longer than this.
-    public var maxSize: Int
+    public private(set) var maxSize: Int
 
     /// Smallest allowed `minSize`: the rolling-hash window is 64 bytes, and the window of the
     /// first tested position must lie inside the chunk.
