@@ -69,6 +69,12 @@ let package = Package(
             name: "STOQConfig",
             dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
 
+        // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
+        // the only I/O is an optional streaming reader over a file descriptor.
+        .target(
+            name: "STOQChunking",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+
         .target(
             name: "STOQNode",
             dependencies: [
@@ -80,7 +86,7 @@ let package = Package(
             name: "STOQStore",
             dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log")]),
 
-        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust"]),
+        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust", "STOQChunking"]),
 
         .executableTarget(
             name: "stoq-node",
@@ -88,7 +94,8 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQDatapathXDP", .product(name: "X509", package: "swift-certificates"),
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQDatapathXDP", "STOQChunking",
+                           .product(name: "X509", package: "swift-certificates"),
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
@@ -98,6 +105,7 @@ let package = Package(
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
+        .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
         .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
         .testTarget(

@@ -1,5 +1,6 @@
 // The STOQ library product: the client API in this module, plus the building blocks a
 // Swift application embeds (sans-IO QUIC endpoint, datapath, worker loop, identity).
+@_exported import STOQChunking
 @_exported import STOQCore
 @_exported import STOQDatapath
 @_exported import STOQDatapathURing

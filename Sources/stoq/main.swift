@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import STOQ
+import STOQChunking
 import STOQConfig
 
 // Top-level entry rather than @main: with more than one file in the target, SwiftPM
@@ -15,7 +16,8 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
-        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, TrustCommand.self, XDPCommand.self])
+        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
+                      XDPCommand.self])
 }
 
 struct TrustOptions: ParsableArguments {
@@ -189,4 +191,156 @@ struct BenchCommand: ParsableCommand {
         print(String(format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
                      r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
     }
+}
+
+
+/// `stoq chunk`: cuts a file the way a node would store it and prints the chunks.
+struct ChunkCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "chunk",
+        abstract: "Cut a file into content-defined (or fixed-size) chunks; print offset, length and SHA-256 of each, and the throughput.",
+        discussion: """
+            Example: stoq chunk big.iso --min 64KB --avg 256KB --max 1MB
+                     stoq chunk big.iso --json --summary --no-hash     # cut search alone, for benchmarks
+                     stoq chunk big.iso --manifest big.iso.manifest    # also write the binary manifest
+            """)
+
+    @Argument(help: "The file to chunk.") var file: String
+    @Option(help: "content_aware or fixed (fixed-size chunks of --avg bytes).") var algorithm = "content_aware"
+    @Option(help: "Minimum chunk size, e.g. 64KB.") var min = "64KB"
+    @Option(help: "Average chunk size, a power of two, e.g. 256KB.") var avg = "256KB"
+    @Option(help: "Maximum chunk size, e.g. 1MB.") var max = "1MB"
+    @Flag(help: "Find the cut points only, without SHA-256 (ids print as zeros): measures the cut search.") var noHash = false
+    @Flag(help: "Print the totals only, not every chunk.") var summary = false
+    @Option(help: "Write the binary manifest (computes the whole-file SHA-256 too) to this path.") var manifest: String?
+    @Option(help: "Bytes per read(2), e.g. 4MB.") var readSize = "4MB"
+    @Flag(help: "Benchmarks: read the whole file into memory first (untimed) and time the chunking of memory alone.") var inMemory = false
+    @Flag(help: "Print one JSON object.") var json = false
+
+    func run() throws {
+        guard let alg = ChunkingAlgorithm(name: algorithm) else {
+            throw ValidationError("--algorithm \(algorithm): expected content_aware or fixed")
+        }
+        func size(_ flag: String, _ text: String) throws -> Int {
+            guard let v = Units.size(text), v > 0, v <= UInt64(Int32.max) else {
+                throw ValidationError("--\(flag) \(text): expected a size such as 64KB, 256KB, 1MB")
+            }
+            return Int(v)
+        }
+        let parameters: ChunkingParameters
+        do {
+            parameters = try ChunkingParameters(algorithm: alg, minSize: try size("min", min),
+                                                avgSize: try size("avg", avg), maxSize: try size("max", max))
+        } catch let e as ChunkingParameterError {
+            throw ValidationError("--min/--avg/--max: \(e.message)")
+        }
+        let readBytes = try size("read-size", readSize)
+        if noHash && manifest != nil { throw ValidationError("--manifest needs the chunk ids: drop --no-hash") }
+
+        let fd = open(file, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw fail("\(file): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_SEQUENTIAL))
+
+        var chunks = [Chunk]()
+        var bytes: UInt64 = 0
+        var objectDigest: ContentDigest?
+        let clock = ContinuousClock()
+        var started = clock.now
+        var cpuStarted = cpuSeconds()
+        if inMemory {
+            // For benchmarks: the file is read first, untimed, so the figure is the cut loop
+            // (and SHA-256) over memory, without read(2)'s copy.
+            var whole = [UInt8]()
+            do {
+                var source = FileDescriptorSource(fd: fd)
+                var piece = [UInt8](repeating: 0, count: 1 << 22)
+                while true {
+                    let n = try piece.withUnsafeMutableBytes { try source.read(into: $0) }
+                    if n == 0 { break }
+                    whole.append(contentsOf: piece[0..<n])
+                }
+            } catch { throw fail("\(file): \(error)") }
+            started = clock.now
+            cpuStarted = cpuSeconds()
+            whole.withUnsafeBytes { region in
+                let chunker = Chunker(parameters)
+                if noHash {
+                    var offset: UInt64 = 0
+                    chunks = chunker.chunkLengths(of: region).map { len in
+                        defer { offset += UInt64(len) }
+                        return Chunk(offset: offset, length: len, id: .zero)
+                    }
+                } else {
+                    chunks = chunker.chunks(of: region)
+                }
+                if manifest != nil { objectDigest = .sha256(region) }
+            }
+            bytes = UInt64(whole.count)
+        } else {
+            let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters,
+                                           readSize: readBytes, digestObject: manifest != nil)
+            do {
+                if noHash {
+                    while let c = try chunker.nextBoundary() { chunks.append(c) }
+                } else {
+                    while let c = try chunker.next() { chunks.append(c) }
+                }
+            } catch { throw fail("\(file): \(error)") }
+            bytes = chunker.bytesConsumed
+            objectDigest = chunker.objectDigest
+        }
+        let elapsed = clock.now - started
+        let cpu = cpuSeconds() - cpuStarted
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        let gbps = seconds > 0 ? Double(bytes) / seconds / 1e9 : 0
+        // Per core: on a shared machine wall time includes waiting for a CPU, CPU time does not.
+        let gbpsCPU = cpu > 0 ? Double(bytes) / cpu / 1e9 : 0
+
+        if let manifest {
+            let m: Manifest
+            do {
+                m = try Manifest(totalLength: bytes, digest: objectDigest!, parameters: parameters,
+                                 chunks: chunks.map { Manifest.Entry(id: $0.id, length: UInt32($0.length)) })
+            } catch { throw fail("\(file): \(error)") }
+            guard FileManager.default.createFile(atPath: manifest, contents: Data(m.encode())) else {
+                throw fail("--manifest \(manifest): cannot write")
+            }
+        }
+
+        let unique = Set(chunks.map(\.id)).count
+        if json {
+            var obj: [String: Any] = [
+                "file": file, "algorithm": parameters.algorithm.description,
+                "min": parameters.minSize, "avg": parameters.avgSize, "max": parameters.maxSize,
+                "bytes": bytes, "count": chunks.count, "seconds": seconds, "gbps": gbps, "hashed": !noHash,
+                "cpu_seconds": cpu, "gbps_cpu": gbpsCPU, "in_memory": inMemory,
+            ]
+            if !noHash { obj["unique"] = unique }
+            if let d = objectDigest { obj["sha256"] = d.hex }
+            if !summary {
+                obj["chunks"] = chunks.map { ["offset": $0.offset, "length": $0.length, "id": $0.id.hex] as [String: Any] }
+            }
+            let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        if !summary {
+            var out = ""
+            out.reserveCapacity(chunks.count * 90)
+            for c in chunks { out += "\(c.offset)\t\(c.length)\t\(c.id.hex)\n" }
+            FileHandle.standardOutput.write(Data(out.utf8))
+        }
+        let mean = chunks.isEmpty ? 0 : Double(bytes) / Double(chunks.count)
+        print(String(format: "%@: %llu bytes, %d chunks (%@), mean %@, %@ %.3fs: %.2f GB/s (%.2f GB/s per CPU second)",
+                     file, bytes, chunks.count, parameters.description, human(mean),
+                     noHash ? "cut search" : "cut + SHA-256", seconds, gbps, gbpsCPU))
+    }
+}
+
+/// User + system CPU seconds of this process.
+func cpuSeconds() -> Double {
+    var r = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &r)  // Glibc imports the who-enum as a type of its own
+    return Double(r.ru_utime.tv_sec + r.ru_stime.tv_sec) + Double(r.ru_utime.tv_usec + r.ru_stime.tv_usec) * 1e-6
 }
