@@ -75,18 +75,23 @@ let package = Package(
             name: "STOQChunking",
             dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
 
-        .target(
-            name: "STOQNode",
-            dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
-                .product(name: "Logging", package: "swift-log"),
-            ]),
-        // Content-addressed chunk store and object index (not wired into the node yet).
+        // Content-addressed chunk store and object index.
         .target(
             name: "STOQStore",
             dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log")]),
 
-        .target(name: "STOQ", dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust", "STOQChunking"]),
+        .target(
+            name: "STOQNode",
+            dependencies: [
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
+                "STOQStore", "STOQChunking", "CSTOQSystem",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        .target(
+            name: "STOQ",
+            dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust",
+                           "STOQChunking", "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
 
         .executableTarget(
             name: "stoq-node",

@@ -2,6 +2,7 @@
 #include "CSTOQSystem.h"
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 
 int stoq_pin_current_thread(int cpu) {
   cpu_set_t set;
@@ -15,3 +16,5 @@ int stoq_allowed_cpus(void) {
   if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
   return CPU_COUNT(&set);
 }
+
+int stoq_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }

@@ -61,6 +61,7 @@ public enum ConfigLoader {
         }
         r.section("storage") { s in
             s.string("path", &c.storage.path, nonEmpty: true)
+            s.string("content_path", &c.storage.contentPath, nonEmpty: true)
             s.size("max_object_size", &c.storage.maxObjectSize, 1...(1 << 50))
         }
         r.section("tls") { s in

@@ -46,6 +46,8 @@ public struct NodeConfig: Sendable, Equatable {
     }
     public struct Storage: Sendable, Equatable {
         public var path = "stoq-data/objects"
+        /// The content-addressed chunk store and object index (chunked transfers).
+        public var contentPath = "stoq-data/content"
         public var maxObjectSize: UInt64 = 64 << 30
     }
     public struct TLS: Sendable, Equatable {

@@ -4,6 +4,7 @@ import STOQConfig
 import STOQCore
 import STOQDatapath
 import STOQQUIC
+import STOQStore
 import STOQTrust
 import STOQWorker
 
@@ -14,6 +15,8 @@ public final class Node: @unchecked Sendable {
     public let logger: Logger
     public private(set) var certificatePath = ""
     public private(set) var listenAddress: IPv6Endpoint
+    /// The content store's object index (chunks and manifests), shared by every worker.
+    public private(set) var contentIndex: ObjectIndex?
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
@@ -69,6 +72,20 @@ public final class Node: @unchecked Sendable {
         }
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
+        let content: ObjectIndex
+        do {
+            let store = try ChunkStore(root: cfg.storage.contentPath,
+                                       options: .init(dedup: cfg.chunking.dedupEnabled,
+                                                      maxChunkSize: Int(cfg.chunking.maxChunkSize)),
+                                       logger: Logger(label: "stoq.store"))
+            content = try ObjectIndex(chunks: store)
+        } catch {
+            throw NodeError(.storage, "cannot open the content store at \(cfg.storage.contentPath): \(error)")
+        }
+        if !content.recovery.incompleteObjects.isEmpty {
+            logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
+        }
+        contentIndex = content
 
         var settings = QUICSettings()
         settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
@@ -105,8 +122,10 @@ public final class Node: @unchecked Sendable {
                 let endpoint = QUICEndpoint(isServer: true, credentials: creds, settings: quicSettings,
                                             workerID: UInt8(i), secret: secret)
                 do {
-                    endpoint.application = try ObjectService(root: cfg.storage.path,
-                                                             maxObjectSize: cfg.storage.maxObjectSize, logger: log)
+                    let objects = try ObjectService(root: cfg.storage.path, maxObjectSize: cfg.storage.maxObjectSize,
+                                                    logger: log)
+                    let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log)
+                    endpoint.application = NodeRouter(objects: objects, content: chunks)
                 } catch {
                     errors.set("\(error)")
                     ready.leave()

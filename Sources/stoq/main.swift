@@ -56,10 +56,24 @@ struct Get: ParsableCommand {
     @OptionGroup var trust: TrustOptions
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
+    @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
+    var chunked = false
+    @Option(help: "Chunk requests in flight with --chunked.") var concurrency = 16
 
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        if chunked {
+            guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
+            let r: ChunkedGetResult
+            do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, concurrency: concurrency, timeout: timeout) } catch {
+                throw fail("\(error)")
+            }
+            if json { printCodable(r) } else {
+                FileHandle.standardError.write(Data("\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(r.chunksFetched) fetched (\(human(Double(r.bytesFetched)))), \(r.chunksReused) already here; sha256 \(r.sha256)\n".utf8))
+            }
+            return
+        }
         var fd: Int32 = -1
         var temp: String?
         if let output, output != "-" {
@@ -113,10 +127,26 @@ struct Put: ParsableCommand {
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @OptionGroup var trust: TrustOptions
     @Flag(help: "Print one JSON object.") var json = false
+    @Flag(help: "Chunk the file, ask the node which chunks it lacks, send only those, then the manifest.")
+    var chunked = false
+    @OptionGroup var chunking: ChunkingOptions
+    @Option(help: "Chunk uploads in flight with --chunked.") var concurrency = 16
 
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        if chunked {
+            let parameters = try chunking.parameters()
+            let r: ChunkedPutResult
+            do {
+                r = try STOQClient.putChunked(file: file, to: u, parameters: parameters, trust: trust.trust,
+                                              concurrency: concurrency)
+            } catch { throw fail("\(error)") }
+            if json { printCodable(r) } else {
+                FileHandle.standardError.write(Data("\(human(Double(r.totalBytes))) in \(r.chunks) chunks: sent \(r.chunksSent) (\(human(Double(r.bytesSent)))), the node had the rest\n".utf8))
+            }
+            return
+        }
         let r: TransferResult
         do { r = try STOQClient.put(file: file, to: u, trust: trust.trust) } catch { throw fail("\(error)") }
         if json { printJSON(r) }
@@ -206,10 +236,7 @@ struct ChunkCommand: ParsableCommand {
             """)
 
     @Argument(help: "The file to chunk.") var file: String
-    @Option(help: "content_aware or fixed (fixed-size chunks of --avg bytes).") var algorithm = "content_aware"
-    @Option(help: "Minimum chunk size, e.g. 64KB.") var min = "64KB"
-    @Option(help: "Average chunk size, a power of two, e.g. 256KB.") var avg = "256KB"
-    @Option(help: "Maximum chunk size, e.g. 1MB.") var max = "1MB"
+    @OptionGroup var chunking: ChunkingOptions
     @Flag(help: "Find the cut points only, without SHA-256 (ids print as zeros): measures the cut search.") var noHash = false
     @Flag(help: "Print the totals only, not every chunk.") var summary = false
     @Option(help: "Write the binary manifest (computes the whole-file SHA-256 too) to this path.") var manifest: String?
@@ -218,23 +245,8 @@ struct ChunkCommand: ParsableCommand {
     @Flag(help: "Print one JSON object.") var json = false
 
     func run() throws {
-        guard let alg = ChunkingAlgorithm(name: algorithm) else {
-            throw ValidationError("--algorithm \(algorithm): expected content_aware or fixed")
-        }
-        func size(_ flag: String, _ text: String) throws -> Int {
-            guard let v = Units.size(text), v > 0, v <= UInt64(Int32.max) else {
-                throw ValidationError("--\(flag) \(text): expected a size such as 64KB, 256KB, 1MB")
-            }
-            return Int(v)
-        }
-        let parameters: ChunkingParameters
-        do {
-            parameters = try ChunkingParameters(algorithm: alg, minSize: try size("min", min),
-                                                avgSize: try size("avg", avg), maxSize: try size("max", max))
-        } catch let e as ChunkingParameterError {
-            throw ValidationError("--min/--avg/--max: \(e.message)")
-        }
-        let readBytes = try size("read-size", readSize)
+        let parameters = try chunking.parameters()
+        let readBytes = try ChunkingOptions.size("read-size", readSize)
         if noHash && manifest != nil { throw ValidationError("--manifest needs the chunk ids: drop --no-hash") }
 
         let fd = open(file, O_RDONLY | O_CLOEXEC)
@@ -343,4 +355,39 @@ func cpuSeconds() -> Double {
     var r = rusage()
     getrusage(RUSAGE_SELF.rawValue, &r)  // Glibc imports the who-enum as a type of its own
     return Double(r.ru_utime.tv_sec + r.ru_stime.tv_sec) + Double(r.ru_utime.tv_usec + r.ru_stime.tv_usec) * 1e-6
+}
+
+/// How files are cut into chunks (`stoq chunk`, `stoq put --chunked`).
+struct ChunkingOptions: ParsableArguments {
+    @Option(help: "content_aware or fixed (fixed-size chunks of --avg bytes).") var algorithm = "content_aware"
+    @Option(help: "Minimum chunk size, e.g. 64KB.") var min = "64KB"
+    @Option(help: "Average chunk size, a power of two, e.g. 256KB.") var avg = "256KB"
+    @Option(help: "Maximum chunk size, e.g. 1MB.") var max = "1MB"
+
+    static func size(_ flag: String, _ text: String) throws -> Int {
+        guard let v = Units.size(text), v > 0, v <= UInt64(Int32.max) else {
+            throw ValidationError("--\(flag) \(text): expected a size such as 64KB, 256KB, 1MB")
+        }
+        return Int(v)
+    }
+
+    func parameters() throws -> ChunkingParameters {
+        guard let alg = ChunkingAlgorithm(name: algorithm) else {
+            throw ValidationError("--algorithm \(algorithm): expected content_aware or fixed")
+        }
+        do {
+            return try ChunkingParameters(algorithm: alg, minSize: try Self.size("min", min),
+                                          avgSize: try Self.size("avg", avg), maxSize: try Self.size("max", max))
+        } catch let e as ChunkingParameterError {
+            throw ValidationError("--min/--avg/--max: \(e.message)")
+        }
+    }
+}
+
+/// One JSON object with snake_case keys.
+func printCodable(_ value: some Encodable) {
+    let enc = JSONEncoder()
+    enc.keyEncodingStrategy = .convertToSnakeCase
+    enc.outputFormatting = [.sortedKeys]
+    print(String(decoding: (try? enc.encode(value)) ?? Data("{}".utf8), as: UTF8.self))
 }

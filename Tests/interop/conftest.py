@@ -50,7 +50,8 @@ class Node:
         self.config = workdir / "node.toml"
         self.config.write_text(
             f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[::1]:{self.port}"\n'
-            f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\n')
+            f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\ncontent_path = "{workdir}/content"\n')
+        self.content = workdir / "content"
         self.log = open(workdir / "node.log", "w+")
         self.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(self.config)],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)

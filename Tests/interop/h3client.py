@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
-Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...]
-Prints one JSON line: {"status": 200, "bytes": N, "sha256": "..."}; exit 1 on failure.
+Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...] [--body FILE]
+Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>"};
+exit 1 on failure.
 """
 import argparse
 import asyncio
@@ -28,6 +29,7 @@ class Client(QuicConnectionProtocol):
         self.hash = hashlib.sha256()
         self.bytes = 0
         self.out = None
+        self.head = b""
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset) and not self.done.done():
@@ -43,17 +45,23 @@ class Client(QuicConnectionProtocol):
             elif isinstance(ev, DataReceived):
                 self.bytes += len(ev.data)
                 self.hash.update(ev.data)
+                if len(self.head) < 2048:
+                    self.head += ev.data[:2048 - len(self.head)]
                 if self.out:
                     self.out.write(ev.data)
                 if ev.stream_ended and not self.done.done():
                     self.done.set_result(True)
 
-    async def request(self, method, url, headers):
+    async def request(self, method, url, headers, body=None):
         u = urlparse(url)
         sid = self._quic.get_next_available_stream_id()
         hdrs = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", u.netloc.encode()),
                 (b":path", (u.path or "/").encode())] + headers
-        self.h3.send_headers(sid, hdrs, end_stream=True)
+        if body is None:
+            self.h3.send_headers(sid, hdrs, end_stream=True)
+        else:
+            self.h3.send_headers(sid, hdrs + [(b"content-length", str(len(body)).encode())], end_stream=False)
+            self.h3.send_data(sid, body, end_stream=True)
         self.transmit()
         await asyncio.wait_for(self.done, 120)
 
@@ -65,6 +73,7 @@ async def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--method", default="GET")
     ap.add_argument("--header", action="append", default=[])
+    ap.add_argument("--body", help="send this file as the request body")
     a = ap.parse_args()
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
@@ -75,8 +84,10 @@ async def main() -> int:
     async with connect(host, u.port or 443, configuration=cfg, create_protocol=Client) as c:
         if a.out:
             c.out = open(a.out, "wb")
-        await c.request(a.method, a.url, headers)
-        print(json.dumps({"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest()}))
+        body = open(a.body, "rb").read() if a.body else None
+        await c.request(a.method, a.url, headers, body)
+        print(json.dumps({"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
+                          "text": c.head.decode("utf-8", "replace")}))
     return 0
 
 

@@ -1,0 +1,307 @@
+import CSTOQSystem
+import Crypto
+import Foundation
+import STOQChunking
+import STOQCore
+import STOQQUIC
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a chunked upload did.
+public struct ChunkedPutResult: Sendable, Codable {
+    /// Chunks in the object, and how many distinct ones the node lacked and were sent.
+    public var chunks: Int
+    public var chunksSent: Int
+    /// Chunk bytes sent (the manifest and the have/want query are not counted).
+    public var bytesSent: UInt64
+    public var totalBytes: UInt64
+    public var seconds: Double
+    /// SHA-256 of the whole object, hex.
+    public var sha256: String
+}
+
+/// What a chunked download did.
+public struct ChunkedGetResult: Sendable, Codable {
+    public var chunks: Int
+    /// Chunks fetched now, and chunks found already verified in a previous partial download.
+    public var chunksFetched: Int
+    public var chunksReused: Int
+    public var bytesFetched: UInt64
+    public var totalBytes: UInt64
+    public var seconds: Double
+    /// SHA-256 of the file written, hex (checked against the manifest's).
+    public var sha256: String
+}
+
+/// Several requests in flight on one connection, each with its own body sink.
+final class MultiRequestApp: QUICApplication {
+    /// Where a response body goes; error bodies are discarded unless `keepErrors`.
+    struct Sink { var fd: Int32; var offset: UInt64; var hash: Bool; var tag: Int; var keepErrors = false }
+    struct Done { var tag: Int; var status: Int?; var errorCode: UInt64; var received: UInt64; var sha256: [UInt8]? }
+    var sinks: [HTTPStream: Sink] = [:]
+    var statuses: [HTTPStream: Int] = [:]
+    var done: [Done] = []
+    var connectionError: String?
+
+    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        statuses[stream] = status
+        let s = sinks[stream]
+        let keep = status / 100 == 2 || s?.keepErrors == true
+        stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, hash: s?.hash ?? false)
+    }
+
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        guard let s = sinks.removeValue(forKey: stream) else { return }
+        done.append(Done(tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
+                         received: stream.bytesReceived, sha256: stream.bodySHA256()))
+    }
+
+    func connectionClosed(connection: QUICConnection, reason: String) {
+        connectionError = reason.isEmpty ? "connection closed by the server" : reason
+    }
+}
+
+/// One connection carrying many requests, driven on the calling thread.
+final class ClientSession {
+    let app = MultiRequestApp()
+    let rig: ClientRig
+    let connection: QUICConnection
+    let url: STOQURL
+    let deadline: Timestamp
+
+    init(_ url: STOQURL, trust: ClientTrust, timeout: Double) throws(ClientError) {
+        self.url = url
+        rig = try ClientRig(trust: trust, application: app)
+        let start = monotonicNow()
+        deadline = start + UInt64(timeout * 1e9)
+        do {
+            let source = IPv6Endpoint(address: STOQClient.sourceAddress(toward: url.endpoint), port: rig.queue.localEndpoint.port)
+            connection = try rig.endpoint.connect(to: url.endpoint, from: source, serverName: url.host, now: start)
+            try rig.worker.run(timeout: deadline - start) { [app, connection] in
+                connection.isEstablished || app.connectionError != nil
+            }
+        } catch { throw ClientError(.connect, "\(error)") }
+        guard connection.isEstablished else {
+            rig.queue.close()
+            throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
+        }
+    }
+
+    /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard).
+    func submit(_ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
+                hash: Bool = false, tag: Int = 0, keepErrors: Bool = false) throws(ClientError) {
+        let stream: HTTPStream
+        do {
+            stream = try connection.request(method: method, authority: url.authority, path: path,
+                                            headers: [("content-length", "\(body?.count ?? 0)")], body: body)
+        } catch { throw ClientError(.transfer, "\(method) \(path): \(error)") }
+        app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, hash: hash, tag: tag, keepErrors: keepErrors)
+    }
+
+    /// Drives the connection until `done` holds; throws on timeout or a lost connection.
+    func run(until done: () -> Bool) throws(ClientError) {
+        let now = monotonicNow()
+        guard now < deadline else { throw ClientError(.transfer, "timed out") }
+        let ok: Bool
+        do { ok = try rig.worker.run(timeout: deadline - now) { done() || app.connectionError != nil } } catch {
+            throw ClientError(.transfer, "\(error)")
+        }
+        if let e = app.connectionError { throw ClientError(.transfer, "connection lost: \(e)") }
+        if !ok { throw ClientError(.transfer, "timed out") }
+    }
+
+    /// One request, waited for; the response body (if any) comes back in memory.
+    func call(_ method: String, _ path: String, body: BodyRegion? = nil) throws(ClientError) -> (status: Int, body: [UInt8]) {
+        let fd = stoq_memfd("stoq-response")
+        guard fd >= 0 else { throw ClientError(.io, "memfd_create: \(String(cString: strerror(errno)))") }
+        defer { Glibc.close(fd) }
+        let tag = -1 - app.done.count
+        try submit(method, path, body: body, sinkFD: fd, tag: tag, keepErrors: true)
+        try run { app.done.contains { $0.tag == tag } }
+        let d = app.done.first { $0.tag == tag }!
+        app.done.removeAll { $0.tag == tag }
+        guard let status = d.status else {
+            throw ClientError(.transfer, "\(method) \(path): stream reset (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))")
+        }
+        var bytes = [UInt8](repeating: 0, count: Int(d.received))
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard n == bytes.count else { throw ClientError(.io, "reading the response of \(method) \(path) back failed") }
+        return (status, bytes)
+    }
+
+    func close() {
+        connection.close(now: monotonicNow())
+        _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
+        rig.queue.close()
+    }
+}
+
+extension STOQClient {
+    /// The object name and the node's base from `https://host:port/objects/<name>`.
+    static func objectName(_ url: STOQURL) throws(ClientError) -> String {
+        guard url.path.hasPrefix("/objects/"), url.path.count > 9 else {
+            throw ClientError(.badURL, "\(url): a chunked transfer needs https://[ipv6]:port/objects/<name>")
+        }
+        return String(url.path.dropFirst(9))
+    }
+
+    /// Uploads `file` as object `<name>` in chunks: chunks it locally, asks the node which
+    /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
+    /// flight, each straight from an mmap of the file), then the manifest.
+    public static func putChunked(file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
+                                  concurrency: Int = 16, timeout: Double = 600) throws(ClientError) -> ChunkedPutResult {
+        let name = try objectName(url)
+        let fd = open(file, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let t0 = monotonicNow()
+        let manifest: Manifest
+        do { manifest = try Manifest(chunking: FileDescriptorSource(fd: fd), parameters: parameters) } catch {
+            throw ClientError(.io, "\(file): \(error)")
+        }
+        var offsets: [UInt64] = []
+        offsets.reserveCapacity(manifest.chunks.count)
+        var at: UInt64 = 0
+        for c in manifest.chunks { offsets.append(at); at += UInt64(c.length) }
+
+        let session = try ClientSession(url, trust: trust, timeout: timeout)
+        defer { session.close() }
+        var query = [UInt8]()
+        query.reserveCapacity(manifest.chunks.count * 32)
+        for c in manifest.chunks { query += c.id.bytes }
+        let answer = try session.call("POST", "/_stoq/missing", body: BodyRegion(copying: query))
+        guard answer.status == 200, answer.body.count % 32 == 0 else {
+            throw ClientError(.http, "POST /_stoq/missing: HTTP \(answer.status) \(String(decoding: answer.body.prefix(300), as: UTF8.self))")
+        }
+        var missing = Set<ContentDigest>()
+        for i in stride(from: 0, to: answer.body.count, by: 32) { missing.insert(ContentDigest(Array(answer.body[i..<i + 32]))!) }
+
+        // The first place each missing chunk occurs in the file, in file order.
+        var sends: [Int] = []
+        var queued = Set<ContentDigest>()
+        for (i, c) in manifest.chunks.enumerated() where missing.contains(c.id) && queued.insert(c.id).inserted { sends.append(i) }
+        var next = 0, inFlight = 0, bytesSent: UInt64 = 0
+        while next < sends.count || inFlight > 0 {
+            while next < sends.count && inFlight < concurrency {
+                let i = sends[next]
+                guard let region = BodyRegion.mapping(fd: fd, offset: offsets[i], length: Int(manifest.chunks[i].length)) else {
+                    throw ClientError(.io, "\(file): cannot map chunk \(i)")
+                }
+                try session.submit("PUT", "/chunks/\(manifest.chunks[i].id.hex)", body: region, tag: i)
+                next += 1
+                inFlight += 1
+            }
+            try session.run { !session.app.done.isEmpty }
+            for d in session.app.done {
+                inFlight -= 1
+                guard let status = d.status, status == 200 || status == 201 else {
+                    throw ClientError(.http, "PUT /chunks/\(manifest.chunks[d.tag].id.hex): HTTP \(d.status.map(String.init) ?? "reset")")
+                }
+                bytesSent += UInt64(manifest.chunks[d.tag].length)
+            }
+            session.app.done.removeAll()
+        }
+        let stored = try session.call("PUT", "/manifests/\(name)", body: BodyRegion(copying: manifest.encode()))
+        guard stored.status == 201 else {
+            throw ClientError(.http, "PUT /manifests/\(name): HTTP \(stored.status) \(String(decoding: stored.body.prefix(500), as: UTF8.self))")
+        }
+        return ChunkedPutResult(chunks: manifest.chunks.count, chunksSent: sends.count, bytesSent: bytesSent,
+                                totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
+                                sha256: manifest.digest.hex)
+    }
+
+    /// Downloads object `<name>` in chunks into `output`: fetches the manifest, then the
+    /// chunks (several in flight, each written in place at its offset and verified against
+    /// its id). Work goes to `output.part`; a chunk already there and verified is not
+    /// fetched again, so an interrupted download resumes. The finished file is checked
+    /// against the manifest's digest, made durable and renamed into place.
+    public static func getChunked(_ url: STOQURL, output: String, trust: ClientTrust, concurrency: Int = 16,
+                                  timeout: Double = 600) throws(ClientError) -> ChunkedGetResult {
+        let name = try objectName(url)
+        let t0 = monotonicNow()
+        let session = try ClientSession(url, trust: trust, timeout: timeout)
+        defer { session.close() }
+        let m = try session.call("GET", "/manifests/\(name)")
+        guard m.status == 200 else {
+            throw ClientError(.http, "GET /manifests/\(name): HTTP \(m.status) \(String(decoding: m.body.prefix(300), as: UTF8.self))")
+        }
+        let manifest: Manifest
+        do { manifest = try Manifest(decoding: m.body) } catch { throw ClientError(.transfer, "the node's manifest for \(name): \(error)") }
+
+        let part = output + ".part"
+        let fd = open(part, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ClientError(.io, "\(part): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        fstat(fd, &st)
+        let existing = UInt64(st.st_size)
+        guard ftruncate(fd, off_t(manifest.totalLength)) == 0 else {
+            throw ClientError(.io, "\(part): \(String(cString: strerror(errno)))")
+        }
+
+        // What a previous attempt already wrote and verifies stays.
+        var offsets: [UInt64] = []
+        var todo: [Int] = []
+        var at: UInt64 = 0
+        for (i, c) in manifest.chunks.enumerated() {
+            offsets.append(at)
+            if at + UInt64(c.length) <= existing, chunkVerifies(fd: fd, offset: at, length: Int(c.length), id: c.id) {
+                // reused
+            } else {
+                todo.append(i)
+            }
+            at += UInt64(c.length)
+        }
+        var next = 0, inFlight = 0, bytesFetched: UInt64 = 0
+        while next < todo.count || inFlight > 0 {
+            while next < todo.count && inFlight < concurrency {
+                let i = todo[next]
+                try session.submit("GET", "/chunks/\(manifest.chunks[i].id.hex)", sinkFD: fd, offset: offsets[i], hash: true, tag: i)
+                next += 1
+                inFlight += 1
+            }
+            try session.run { !session.app.done.isEmpty }
+            for d in session.app.done {
+                inFlight -= 1
+                let c = manifest.chunks[d.tag]
+                guard d.status == 200 else {
+                    throw ClientError(.http, "GET /chunks/\(c.id.hex): HTTP \(d.status.map(String.init) ?? "reset")")
+                }
+                guard d.received == UInt64(c.length), let sha = d.sha256, sha == c.id.bytes else {
+                    throw ClientError(.transfer, "chunk \(c.id.hex) from the node does not match its id (\(d.received) bytes)")
+                }
+                bytesFetched += d.received
+            }
+            session.app.done.removeAll()
+        }
+        let digest = fileDigest(fd: fd, length: manifest.totalLength)
+        guard digest == manifest.digest else {
+            throw ClientError(.transfer, "\(part): the assembled object's SHA-256 \(digest.hex) is not the manifest's \(manifest.digest.hex)")
+        }
+        guard fsync(fd) == 0, rename(part, output) == 0 else {
+            throw ClientError(.io, "\(output): \(String(cString: strerror(errno)))")
+        }
+        return ChunkedGetResult(chunks: manifest.chunks.count, chunksFetched: todo.count,
+                                chunksReused: manifest.chunks.count - todo.count, bytesFetched: bytesFetched,
+                                totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
+                                sha256: digest.hex)
+    }
+
+    static func chunkVerifies(fd: Int32, offset: UInt64, length: Int, id: ContentDigest) -> Bool {
+        guard let region = BodyRegion.mapping(fd: fd, offset: offset, length: length) else { return false }
+        return ContentDigest.sha256(UnsafeRawBufferPointer(start: region.base, count: region.count)) == id
+    }
+
+    static func fileDigest(fd: Int32, length: UInt64) -> ContentDigest {
+        var h = SHA256()
+        var at: UInt64 = 0
+        while at < length {
+            let n = Int(min(64 << 20, length - at))
+            guard let region = BodyRegion.mapping(fd: fd, offset: at, length: n) else { break }
+            h.update(bufferPointer: UnsafeRawBufferPointer(start: region.base, count: region.count))
+            at += UInt64(n)
+        }
+        return ContentDigest(h.finalize())
+    }
+}
