@@ -45,6 +45,10 @@ struct stoq_endpoint_ctx {
   stoq_tls_ctx *tls;
   stoq_settings s;
   stoq_events ev;
+  /* Connections may outlive the endpoint (an application still holds one): each holds a
+   * reference, and freeing the endpoint only silences its events; the memory goes with
+   * the last reference. */
+  unsigned refs;
 };
 
 struct stoq_stream {
@@ -70,6 +74,17 @@ struct stoq_stream {
   uint64_t src_len, src_off;
   void (*release)(void *);
   void *release_arg;
+  /* streamed body: pieces the application appends as they are wanted, released when acked */
+  int streamed, stream_eof, stream_blocked;
+  struct body_piece {
+    const uint8_t *base;
+    uint64_t len;
+    void (*release)(void *);
+    void *arg;
+  } pieces[STOQ_BODY_PIECES];
+  unsigned p_head, p_count, p_read; /* ring start, pieces held, pieces fully read (from head) */
+  uint64_t p_read_off;              /* read position inside piece p_read */
+  uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
   /* body we receive */
   int sink_fd;
   uint64_t sink_off, sink_limit, received;
@@ -190,11 +205,21 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->tls = tls;
   ep->s = *s;
   ep->ev = *ev;
+  ep->refs = 1;
   return ep;
 }
 
+static void endpoint_release(stoq_endpoint_ctx *ep) {
+  if (--ep->refs == 0) free(ep);
+}
+
 void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls) { ep->tls = tls; }
-void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep) { free(ep); }
+void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep) {
+  stoq_events none = {0};
+  ep->ev = none; /* connections still alive call no one */
+  ep->tls = NULL;
+  endpoint_release(ep);
+}
 
 /* ---- Stateless packets ---------------------------------------------------- */
 
@@ -281,6 +306,10 @@ static void stream_free(stoq_conn *c, stoq_stream *s) {
   else c->streams = s->next;
   if (s->next) s->next->prev = s->prev;
   if (s->release) s->release(s->release_arg);
+  for (unsigned i = 0; i < s->p_count; i++) {
+    struct body_piece *p = &s->pieces[(s->p_head + i) % STOQ_BODY_PIECES];
+    if (p->release) p->release(p->arg);
+  }
   if (s->hashing && !s->digest_done) gnutls_hash_deinit(s->hash, NULL);
   c->streams_open--;
   free(s);
@@ -325,8 +354,23 @@ static void consume(stoq_conn *c, int64_t stream_id, size_t n) {
 }
 
 static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)datalen; (void)ud; (void)sud;
-  return 0; /* bodies live until the stream closes; nothing to free per ack */
+  (void)h3; (void)stream_id; (void)ud;
+  stoq_stream *s = sud;
+  /* A whole-region body lives until the stream closes; a streamed one gives back each piece
+   * once the peer has acknowledged all of it (acks arrive in order: nghttp3 counts them). */
+  if (!s || !s->streamed) return 0;
+  s->p_acked += datalen;
+  while (s->p_count && s->p_read > 0) {
+    struct body_piece *p = &s->pieces[s->p_head];
+    if (s->p_acked < p->len) break;
+    s->p_acked -= p->len;
+    if (p->release) p->release(p->arg);
+    p->release = NULL;
+    s->p_head = (s->p_head + 1) % STOQ_BODY_PIECES;
+    s->p_count--;
+    s->p_read--;
+  }
+  return 0;
 }
 
 static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_error_code, void *ud, void *sud) {
@@ -541,11 +585,40 @@ static int setup_h3(stoq_conn *c) {
   return 0;
 }
 
+static nghttp3_ssize streamed_read(stoq_conn *c, stoq_stream *s, nghttp3_vec *vec, uint32_t *pflags) {
+  if (s->p_read == s->p_count && !s->stream_eof && s->p_count < STOQ_BODY_PIECES && c->ep->ev.on_body_wanted)
+    c->ep->ev.on_body_wanted(c->ep->ev.ctx, c, s); /* may append right here */
+  /* Skip empty pieces (an empty last piece carries only the end of the body). */
+  while (s->p_read < s->p_count && s->pieces[(s->p_head + s->p_read) % STOQ_BODY_PIECES].len == 0) s->p_read++;
+  if (s->p_read == s->p_count) {
+    if (s->stream_eof) {
+      *pflags |= NGHTTP3_DATA_FLAG_EOF;
+      return 0;
+    }
+    s->stream_blocked = 1;
+    return NGHTTP3_ERR_WOULDBLOCK;
+  }
+  struct body_piece *p = &s->pieces[(s->p_head + s->p_read) % STOQ_BODY_PIECES];
+  uint64_t left = p->len - s->p_read_off;
+  size_t n = left > BODY_CHUNK ? BODY_CHUNK : (size_t)left;
+  vec[0].base = (uint8_t *)(uintptr_t)(p->base + s->p_read_off);
+  vec[0].len = n;
+  s->p_read_off += n;
+  c->body_tx += n;
+  if (s->p_read_off == p->len) {
+    s->p_read++;
+    s->p_read_off = 0;
+  }
+  if (s->p_read == s->p_count && s->stream_eof) *pflags |= NGHTTP3_DATA_FLAG_EOF;
+  return 1;
+}
+
 static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt,
                                uint32_t *pflags, void *ud, void *sud) {
   (void)h3; (void)stream_id; (void)veccnt;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
+  if (s->streamed) return streamed_read(c, s, vec, pflags);
   uint64_t left = s->src_len - s->src_off;
   size_t n = left > BODY_CHUNK ? BODY_CHUNK : (size_t)left;
   vec[0].base = (uint8_t *)(uintptr_t)(s->src + s->src_off);
@@ -572,6 +645,38 @@ static size_t build_nv(nghttp3_nv *nva, size_t at, const stoq_header *hdrs, size
 static nghttp3_nv make_nv(const char *n, const char *v) {
   nghttp3_nv nv = {(uint8_t *)(uintptr_t)n, (uint8_t *)(uintptr_t)v, strlen(n), strlen(v), NGHTTP3_NV_FLAG_NONE};
   return nv;
+}
+
+int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
+  if (s->responded) return NGHTTP3_ERR_INVALID_STATE;
+  char st[8];
+  snprintf(st, sizeof(st), "%d", status);
+  nghttp3_nv nva[MAX_NV];
+  nva[0] = make_nv(":status", st);
+  nva[1] = make_nv("server", "stoq");
+  size_t n = build_nv(nva, 2, hdrs, nhdrs);
+  s->streamed = 1;
+  nghttp3_data_reader dr = {.read_data = body_read};
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
+  if (rv == 0) s->responded = 1;
+  return rv;
+}
+
+int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
+                            void (*release)(void *), void *arg) {
+  if (!s->streamed || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
+  struct body_piece *p = &s->pieces[(s->p_head + s->p_count) % STOQ_BODY_PIECES];
+  p->base = base;
+  p->len = len;
+  p->release = release;
+  p->arg = arg;
+  s->p_count++;
+  if (eof) s->stream_eof = 1;
+  if (s->stream_blocked) {
+    s->stream_blocked = 0;
+    nghttp3_conn_resume_stream(c->h3, s->id);
+  }
+  return 0;
 }
 
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
@@ -873,6 +978,7 @@ static stoq_conn *conn_alloc(stoq_endpoint_ctx *ep, const struct sockaddr_in6 *l
   stoq_conn *c = calloc(1, sizeof(*c));
   if (!c) return NULL;
   c->ep = ep;
+  ep->refs++;
   c->is_server = ep->is_server;
   c->local = *local;
   c->remote = *remote;
@@ -1026,6 +1132,7 @@ void stoq_conn_free(stoq_conn *c) {
   if (c->q) ngtcp2_conn_del(c->q);
   if (c->tls) gnutls_deinit(c->tls);
   free(c->pending);
+  endpoint_release(c->ep);
   free(c);
 }
 

@@ -43,7 +43,17 @@ public final class ContentService: QUICApplication {
     /// The largest manifest body.
     static let maxManifestBytes: UInt64 = UInt64(Manifest.headerSize + Manifest.entrySize * Manifest.maxChunkCount)
 
+    /// A chunked object being sent as one body: the chunks still to go, and the byte range.
+    struct ObjectSend {
+        var name: String
+        var chunks: [Manifest.Entry]
+        var next: Int          // index of the next chunk to append
+        var skip: Int          // bytes of that chunk before the range starts
+        var remaining: UInt64  // body bytes still to append
+    }
+
     private let index: ObjectIndex
+    private var sends: [HTTPStream: ObjectSend] = [:]
     private let maxChunkSize: UInt64
     private let logger: Logger
     private var uploads: [HTTPStream: Upload] = [:]
@@ -96,6 +106,72 @@ public final class ContentService: QUICApplication {
             } catch { fail(stream, connection, 500, "\(error)") }
         default: notAllowed(stream, connection, "GET, HEAD, PUT, DELETE")
         }
+    }
+
+    /// Whether the store has object `name` (a chunked upload's manifest).
+    func hasObject(_ name: String) -> Bool { (try? index.object(name)) != nil }
+
+    /// `GET`/`HEAD /objects/<name>` for a chunked object: one body (with a single `Range`),
+    /// streamed chunk by chunk from the store, each verified as it is read.
+    func serveObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let manifest: Manifest
+        do { manifest = try Manifest(decoding: index.object(name).manifest) } catch {
+            return fail(stream, connection, 500, "object \(name): \(error)")
+        }
+        let size = manifest.totalLength
+        var status = 200
+        var range = size == 0 ? nil : Optional(0...(size - 1))
+        var headers = [("accept-ranges", "bytes")]
+        switch ObjectService.parseRange(request.range, size: size) {
+        case nil: break
+        case .success(let r):
+            status = 206
+            range = r
+            headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
+        case .failure(.unsatisfiable):
+            connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
+            return
+        case .failure(.malformed):
+            return fail(stream, connection, 400, "bad Range header")
+        }
+        let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
+        headers.append(("content-length", "\(length)"))
+        if request.method == "HEAD" || length == 0 {
+            connection.respond(stream, status: status, headers: headers, body: nil)
+            return
+        }
+        // Find the chunk the range starts in.
+        var first = 0, at: UInt64 = 0
+        let start = range!.lowerBound
+        while at + UInt64(manifest.chunks[first].length) <= start {
+            at += UInt64(manifest.chunks[first].length)
+            first += 1
+        }
+        sends[stream] = ObjectSend(name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length)
+        connection.respondStreamed(stream, status: status, headers: headers)
+    }
+
+    public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
+        guard var send = sends[stream], send.remaining > 0, send.next < send.chunks.count else { return }
+        let entry = send.chunks[send.next]
+        let id = ChunkID(bytes: entry.id.bytes)!
+        let bytes: [UInt8]
+        do { bytes = try index.chunks.read(id) } catch {
+            // Never send bytes the store cannot vouch for: the client sees the stream fail.
+            logger.error("object \(send.name): chunk \(id.hex) unavailable mid-response: \(error)")
+            sends[stream] = nil
+            connection.reset(stream, errorCode: H3Error.internalError)
+            return
+        }
+        let take = Int(min(UInt64(bytes.count - send.skip), send.remaining))
+        let piece = send.skip == 0 && take == bytes.count
+            ? BodyRegion(copying: bytes) : BodyRegion(copying: bytes[send.skip..<send.skip + take])
+        send.remaining -= UInt64(take)
+        send.next += 1
+        send.skip = 0
+        counters.chunksServed += 1
+        sends[stream] = send.remaining == 0 ? nil : send
+        connection.appendBody(stream, piece, last: send.remaining == 0)
     }
 
     private func serveChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -201,6 +277,7 @@ public final class ContentService: QUICApplication {
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         if let up = uploads.removeValue(forKey: stream) { close(up.fd) }
+        sends[stream] = nil
     }
 
     private func notAllowed(_ stream: HTTPStream, _ connection: QUICConnection, _ allow: String) {
@@ -231,9 +308,17 @@ final class NodeRouter: QUICApplication {
     func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         if ContentService.handles(request.path) {
             content.request(request, stream: stream, connection: connection)
+        } else if request.method == "GET" || request.method == "HEAD",
+                  let name = ObjectService.objectName(fromPath: request.path),
+                  !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name) {
+            content.serveObject(name, request, stream, connection)
         } else {
             objects.request(request, stream: stream, connection: connection)
         }
+    }
+
+    func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
+        content.bodyWanted(stream: stream, connection: connection)
     }
 
     func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {

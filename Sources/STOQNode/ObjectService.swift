@@ -66,6 +66,12 @@ public final class ObjectService: QUICApplication {
         return String(name)
     }
 
+    /// Whether `/objects/<name>` names a plain file here (else the content store may have it).
+    func hasFile(_ name: String) -> Bool {
+        var st = stat()
+        return fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+    }
+
     /// `bytes=a-b`, `bytes=a-`, `bytes=-n` against `size`: the range, `nil` for "no range",
     /// or `.failure` for unsatisfiable.
     static func parseRange(_ header: String, size: UInt64) -> Result<ClosedRange<UInt64>, RangeError>? {

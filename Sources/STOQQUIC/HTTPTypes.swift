@@ -110,6 +110,8 @@ public protocol QUICApplication: AnyObject {
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection)
     /// The stream is gone; `errorCode` is the HTTP/3 code (0x100 = no error).
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64)
+    /// Server: a streamed response (`respondStreamed`) has room for its next piece.
+    func bodyWanted(stream: HTTPStream, connection: QUICConnection)
     /// The handshake completed.
     func handshakeCompleted(connection: QUICConnection)
     /// The connection is gone. `reason` is empty for a clean close.
@@ -123,6 +125,7 @@ extension QUICApplication {
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {}
     public func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {}
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {}
+    public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {}
     public func handshakeCompleted(connection: QUICConnection) {}
     public func connectionClosed(connection: QUICConnection, reason: String) {}
 }

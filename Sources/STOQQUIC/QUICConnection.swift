@@ -58,6 +58,32 @@ public final class QUICConnection {
     /// The last error, if any.
     public var errorDescription: String { String(cString: stoq_conn_error_string(raw)) }
 
+    /// Server: answers `stream` with `status` and `headers`, the body to follow piece by
+    /// piece: the application's `bodyWanted` asks for each next piece, given with
+    /// `appendBody`. Each piece is released once the peer has acknowledged it.
+    @discardableResult
+    public func respondStreamed(_ stream: HTTPStream, status: Int, headers: [(String, String)] = []) -> Bool {
+        let rc = withCHeaders(headers) { hdrs, n in stoq_stream_respond_streamed(raw, stream.raw, Int32(status), hdrs, n) }
+        endpoint.markDirty(self)
+        if rc != 0 { reset(stream, errorCode: H3Error.internalError); return false }
+        return true
+    }
+
+    /// Server: the next piece of a streamed body (`last` ends it). Returns false when
+    /// `STOQ_BODY_PIECES` pieces are already held: wait for `bodyWanted`.
+    @discardableResult
+    public func appendBody(_ stream: HTTPStream, _ piece: BodyRegion, last: Bool) -> Bool {
+        let arg = Unmanaged.passRetained(piece).toOpaque()
+        let rc = stoq_stream_body_append(raw, stream.raw, piece.base?.assumingMemoryBound(to: UInt8.self),
+                                         UInt64(piece.count), last ? 1 : 0, releaseBody, arg)
+        if rc != 0 {
+            Unmanaged<BodyRegion>.fromOpaque(arg).release()
+            return false
+        }
+        endpoint.markDirty(self)
+        return true
+    }
+
     /// Server: answers `stream` with `status`, `headers` and a body sent zero-copy from `body`
     /// (nil: headers only). Returns false when HTTP/3 refused (the stream is then reset).
     @discardableResult

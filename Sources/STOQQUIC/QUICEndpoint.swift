@@ -75,16 +75,19 @@ public final class QUICEndpoint {
         ev.on_stream_close = onStreamClose
         ev.on_cid = onCID
         ev.on_handshake = onHandshake
+        ev.on_body_wanted = onBodyWanted
         ctx = stoq_endpoint_ctx_new(isServer ? 1 : 0, credentials.raw, &raw, &ev)
     }
 
     deinit {
+        // Silence the C endpoint first: connections freed below (or later, by an application
+        // still holding one) must not call back into this object.
+        stoq_endpoint_ctx_free(ctx)
         for c in connections.values { c.removed = true }
         connections.removeAll()
         table.removeAll()
         timers = Heap()
         dirty.removeAll()
-        stoq_endpoint_ctx_free(ctx)
         scratch.deallocate()
         replies.deallocate()
     }
@@ -532,6 +535,12 @@ private let onStreamClose: @convention(c) (UnsafeMutableRawPointer?, OpaquePoint
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c), let s else { return }
     ep.application?.streamClosed(stream: HTTPStream(raw: s), connection: conn, errorCode: code)
+}
+
+private let onBodyWanted: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?) -> Void = { ctx, c, s in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s else { return }
+    ep.application?.bodyWanted(stream: HTTPStream(raw: s), connection: conn)
 }
 
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in

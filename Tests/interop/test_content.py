@@ -138,3 +138,29 @@ def test_a_corrupt_chunk_is_never_served(node, tmp_path):
     assert r.returncode != 0 and chunk in r.stderr, r.stderr
     # The node keeps serving everything else.
     assert h3(node, "GET", f"/chunks/{json.loads(stoq('chunk', src, '--json').stdout)['chunks'][0]['id']}")["status"] == 200
+
+
+def test_a_chunked_object_is_one_body_at_objects_for_any_client(node, tmp_path):
+    src = random_file(tmp_path / "o.bin", 40 * MiB + 12345, 6)
+    put(node, src, "content-plain")
+    want = sha256_file(src)
+    # stoq get without --chunked, Python aioquic, and ngtcp2's gtlsclient: one plain GET each.
+    r = stoq("get", f"https://[::1]:{node.port}/objects/content-plain", "--ca", node.cert, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sha256"] == want
+    r = h3(node, "GET", "/objects/content-plain")
+    assert r["status"] == 200 and r["bytes"] == 40 * MiB + 12345 and r["sha256"] == want
+    dl = tmp_path / "gtls"
+    dl.mkdir()
+    r = run(["gtlsclient", "--exit-on-all-streams-close", "-q", f"--download={dl}", "::1", node.port,
+             f"https://[::1]:{node.port}/objects/content-plain"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sha256_file(dl / "content-plain") == want
+    # A range that starts and ends inside chunks.
+    data = src.read_bytes()
+    lo, hi = 5 * MiB + 17, 21 * MiB + 3
+    r = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}/objects/content-plain", "--ca",
+             node.cert, "--header", f"range: bytes={lo}-{hi}"], timeout=60)
+    res = json.loads(r.stdout)
+    assert res["status"] == 206 and res["bytes"] == hi - lo + 1
+    assert res["sha256"] == __import__("hashlib").sha256(data[lo:hi + 1]).hexdigest()

@@ -78,6 +78,9 @@ typedef struct stoq_events {
   void (*on_cid)(void *ctx, stoq_conn *c, const uint8_t *cid, size_t cidlen, int added);
   /** Both: the handshake completed. */
   void (*on_handshake)(void *ctx, stoq_conn *c);
+  /** Server: a streamed response (stoq_stream_respond_streamed) has sent everything it was
+   *  given and has room for more: append the next piece with stoq_stream_body_append. */
+  void (*on_body_wanted)(void *ctx, stoq_conn *c, stoq_stream *s);
 } stoq_events;
 
 /** Transport settings shared by an endpoint's connections. */
@@ -218,6 +221,19 @@ typedef struct stoq_header {
  *  is called (at stream close); NULL/0 with `has_body` = 0 sends headers only (HEAD, errors). */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg);
+
+/** Most body pieces a streamed response holds at once (sent and not yet acknowledged, or queued). */
+#define STOQ_BODY_PIECES 32
+
+/** Server: answers a request whose body the application supplies piece by piece with
+ *  stoq_stream_body_append, as on_body_wanted asks; each piece is released as soon as the
+ *  peer has acknowledged all of it, so a large body never sits in memory whole. */
+int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs);
+
+/** Appends a piece (valid until `release(arg)`); `eof` marks the last. Returns 0, or -1 when
+ *  STOQ_BODY_PIECES are already held (wait for on_body_wanted) or the body already ended. */
+int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
+                            void (*release)(void *), void *arg);
 
 /** Client: sends a request; returns the stream or NULL (err filled). Body as for respond. */
 stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
