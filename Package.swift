@@ -129,5 +129,17 @@ let package = Package(
             ],
             // rfc6962.py is run by path (python3), not bundled.
             exclude: ["Resources"]),
+        .testTarget(
+            name: "STOQACMETests",
+            dependencies: [
+                "STOQACME", "STOQTrust",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]),
     ]
 )
