@@ -107,7 +107,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQDatapathXDP", .product(name: "X509", package: "swift-certificates"),
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore", "STOQDatapathXDP", .product(name: "X509", package: "swift-certificates"),
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 

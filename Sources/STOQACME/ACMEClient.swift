@@ -184,6 +184,14 @@ public actor ACMEClient {
         return true
     }
 
+    /// A transport error in words an operator can act on.
+    private static func explain(_ error: Error) -> String {
+        if let e = error as? NIOSSLError, case .handshakeFailed = e {
+            return "TLS handshake failed: the server's certificate does not verify against the trusted roots (--ca-file) (\(e))"
+        }
+        return "\(error)"
+    }
+
     private func backoff(_ attempt: Int) async {
         let d = min(options.maxDelay, options.baseDelay * pow(2, Double(attempt))) * Double.random(in: 0.5...1)
         try? await Task.sleep(nanoseconds: UInt64(d * 1e9))
@@ -205,7 +213,7 @@ public actor ACMEClient {
                 throw e
             } catch {
                 guard attempt + 1 < options.maxAttempts, Self.retryable(error) else {
-                    throw ACMEClientError(.transport, "GET \(url): \(error) (after \(attempt + 1) tries)")
+                    throw ACMEClientError(.transport, "GET \(url): \(Self.explain(error)) (after \(attempt + 1) tries)")
                 }
                 transientRetries += 1
                 await backoff(attempt); attempt += 1
@@ -241,7 +249,7 @@ public actor ACMEClient {
                 throw e
             } catch {
                 guard attempt + 1 < options.maxAttempts, Self.retryable(error) else {
-                    throw ACMEClientError(.transport, "HEAD \(d.newNonce): \(error) (after \(attempt + 1) tries)")
+                    throw ACMEClientError(.transport, "HEAD \(d.newNonce): \(Self.explain(error)) (after \(attempt + 1) tries)")
                 }
             }
             transientRetries += 1
@@ -268,7 +276,7 @@ public actor ACMEClient {
             let r: Response
             do { r = try await send(.POST, url, body: jws.serialized()) } catch {
                 guard attempt + 1 < options.maxAttempts, Self.retryable(error) else {
-                    throw ACMEClientError(.transport, "POST \(url): \(error) (after \(attempt + 1) tries)")
+                    throw ACMEClientError(.transport, "POST \(url): \(Self.explain(error)) (after \(attempt + 1) tries)")
                 }
                 transientRetries += 1
                 nonce = nil
