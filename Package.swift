@@ -27,6 +27,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.0"),
         .package(url: "https://github.com/apple/swift-asn1", from: "1.3.0"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        // ACME over HTTPS (STOQACME): the server on swift-nio + NIOSSL + NIOHTTP1, the client on
+        // async-http-client, which brings those same NIO packages anyway.
+        .package(url: "https://github.com/apple/swift-nio", from: "2.100.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // Shared vocabulary: addresses, time, errors. No I/O.
@@ -65,6 +70,25 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]),
 
+        // ACME (RFC 8555) for TrustChain: wire types and JWS shared by the server role (issues
+        // through TrustAuthority, logs to TransparencyLog) and the client. Networking lives here,
+        // not in STOQTrust, so the CA and log stay usable without NIO.
+        .target(
+            name: "STOQACME",
+            dependencies: [
+                "STOQTrust", "STOQCore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
         .target(
             name: "STOQConfig",
             dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
@@ -99,7 +123,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQDatapathXDP", "STOQChunking",
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore", "STOQDatapathXDP", "STOQChunking",
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
@@ -128,5 +152,17 @@ let package = Package(
             ],
             // rfc6962.py is run by path (python3), not bundled.
             exclude: ["Resources"]),
+        .testTarget(
+            name: "STOQACMETests",
+            dependencies: [
+                "STOQACME", "STOQTrust",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]),
     ]
 )

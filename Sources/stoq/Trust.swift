@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
+import Logging
+import STOQACME
 import STOQConfig
+import STOQCore
 import STOQTrust
 import X509
 
@@ -9,7 +12,7 @@ struct TrustCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trust",
         abstract: "TrustChain: create a certificate authority, issue node certificates, inspect and verify them.",
-        subcommands: [Init.self, Issue.self, Show.self, Verify.self])
+        subcommands: [Init.self, Issue.self, Show.self, Verify.self, AddNode.self, Serve.self, ACMEIssue.self])
 
     struct Init: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -167,6 +170,153 @@ struct TrustCommand: ParsableCommand {
                     throw ExitCode(status)
                 }
                 throw fail("\(cert): refused (\(e.code.rawValue)): \(e.message)", code: status)
+            }
+        }
+    }
+}
+
+extension TrustCommand {
+    struct AddNode: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "add-node",
+            abstract: "Create an ACME external account binding (EAB) key that authorizes a node's names and addresses.",
+            discussion: """
+                Stores the key under <dir>/acme-eab/<kid>.json (mode 0600) and prints the key id and \
+                the base64url HMAC key: hand both to the node (stoq trust acme-issue --eab-kid … \
+                --eab-hmac-key …, or any ACME client's EAB options). Orders for any other identifier \
+                are refused with rejectedIdentifier. Delete the file to withdraw the node's authority.
+
+                Example: stoq trust add-node node1 --dir ca --dns node1.example --ip 2001:db8::1
+                """)
+        @Argument(help: "The node's name (lower-case letters, digits, hyphens).") var name: String
+        @Option(help: "The authority's directory.") var dir: String
+        @Option(help: "A DNS name the node may hold (repeatable).") var dns: [String] = []
+        @Option(help: "An IPv6 address the node may hold (repeatable).") var ip: [String] = []
+        @Flag(help: "Print {\"kid\": …, \"hmac_key\": …} as JSON.") var json = false
+
+        func run() throws {
+            do {
+                _ = try TrustAuthority.load(from: dir)
+                let key = try ExternalAccountKeyStore(caDirectory: dir).add(name: name, dnsNames: dns, ipAddresses: ip)
+                if json {
+                    printObject(["kid": key.kid, "hmac_key": key.hmacKey, "dns": key.dnsNames, "ip": key.ipAddresses])
+                } else {
+                    print("kid:      \(key.kid)")
+                    print("hmac key: \(key.hmacKey)")
+                    let ids = key.dnsNames.map { "DNS:\($0)" } + key.ipAddresses.map { "IP:\($0)" }
+                    print("allows:   \(ids.joined(separator: ", "))")
+                }
+            } catch { throw fail("\(error)") }
+        }
+    }
+
+    struct Serve: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run the TrustChain ACME server (RFC 8555, HTTPS) in the foreground.",
+            discussion: """
+                Accounts must carry an external account binding from `stoq trust add-node`; orders \
+                for the identifiers that key allows are ready at once (no challenge), others are \
+                refused. Certificates are issued by the intermediate and appended to \
+                <dir>/transparency.log before they are returned; revocations go to <dir>/revoked.txt. \
+                Without --cert/--key the server issues its own TLS certificate from the CA for the \
+                listen address and --tls-dns names: clients then trust <dir>/root.pem.
+
+                Example: stoq trust serve --dir ca --listen [::1]:14000   (directory: https://[::1]:14000/directory)
+                """)
+        @Option(help: "The authority's directory.") var dir: String
+        @Option(help: "[ipv6]:port to listen on (IPv6 only).") var listen = "[::1]:14000"
+        @Option(help: "TLS certificate chain PEM (default: issue one from the CA).") var cert: String?
+        @Option(help: "TLS private key PEM (with --cert).") var key: String?
+        @Option(name: .customLong("tls-dns"), help: "DNS names for the self-issued TLS certificate (repeatable).") var tlsDNS: [String] = ["localhost"]
+        @Option(name: .customLong("base-url"), help: "The URL clients use (default: https:// + the request's Host header).") var baseURL: String?
+        @Option(help: "Lifetime of issued certificates, e.g. 24h.") var lifetime = "24h"
+
+        func validate() throws {
+            if (cert == nil) != (key == nil) { throw ValidationError("give --cert and --key together, or neither") }
+            guard let ns = Units.duration(lifetime), ns >= 1_000_000_000 else {
+                throw ValidationError("--lifetime \(lifetime): expected a duration of at least 1s, e.g. 1h, 24h")
+            }
+            if case .failure(let e) = IPv6Endpoint.parse(listen) { throw ValidationError("--listen \(listen): \(e.reason)") }
+        }
+
+        func run() async throws {
+            let endpoint = try IPv6Endpoint.parse(listen).get()
+            LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+            do {
+                let ca = try TrustAuthority.load(from: dir)
+                var config = ACMEServer.Configuration(baseURL: baseURL)
+                config.certificateLifetime = TimeInterval(Units.duration(lifetime)!) / 1e9
+                let chainPEM: String, keyPEM: String
+                if let cert, let key {
+                    chainPEM = try String(contentsOfFile: cert, encoding: .utf8)
+                    keyPEM = try String(contentsOfFile: key, encoding: .utf8)
+                } else {
+                    let ips = endpoint.address.isUnspecified ? ["::1"] : [endpoint.address.description]
+                    let tls = try ca.issueWithNewKey(dnsNames: tlsDNS, ipv6Addresses: ips)
+                    chainPEM = tls.chainPEM
+                    keyPEM = tls.keyPEM
+                }
+                let server = try ACMEServer(caDirectory: dir, configuration: config)
+                let https = try await ACMEHTTPSServer.start(server: server, address: endpoint, certificateChainPEM: chainPEM, keyPEM: keyPEM)
+                print("ACME directory: https://[\(https.localAddress.address)]:\(https.localAddress.port)/directory  (TLS trust: \(cert == nil ? dir + "/root.pem" : cert!); log: \(dir)/\(ACMEServer.FileName.transparencyLog), \(await server.transparencyLogSize) entries)")
+                fflush(nil)  // scripts wait for this line on a pipe
+                await https.waitUntilClosed()
+            } catch { throw fail("\(error)") }
+        }
+    }
+
+    struct ACMEIssue: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "acme-issue",
+            abstract: "Obtain a certificate from an ACME server (STOQ's or any RFC 8555 server).",
+            discussion: """
+                Creates an account (with the EAB key when given), orders the names, answers pending \
+                challenges with {} (only servers that validate by other means, e.g. pebble with \
+                PEBBLE_VA_ALWAYS_VALID=1), finalizes with a CSR for a fresh P-256 key and downloads \
+                the chain. Retries badNonce, 5xx and connection errors with backoff.
+
+                Example: stoq trust acme-issue --directory https://[::1]:14000/directory --ca-file ca/root.pem \
+                  --dns node1.example --eab-kid node1-… --eab-hmac-key … --out cert.pem --key-out key.pem
+                """)
+        @Option(help: "The ACME directory URL.") var directory: String
+        @Option(name: .customLong("ca-file"), help: "PEM roots that verify the ACME server's TLS certificate.") var caFile: String?
+        @Option(help: "A DNS name (repeatable).") var dns: [String] = []
+        @Option(help: "An IPv6 address (repeatable).") var ip: [String] = []
+        @Option(name: .customLong("eab-kid"), help: "External account binding key id.") var eabKid: String?
+        @Option(name: .customLong("eab-hmac-key"), help: "External account binding HMAC key, base64url.") var eabHmacKey: String?
+        @Option(help: "Contact e-mail for the account.") var email: String?
+        @Option(help: "Write the certificate chain here.") var out: String
+        @Option(name: .customLong("key-out"), help: "Write the private key here (mode 0600).") var keyOut: String
+        @Flag(help: "Print {\"serial\": …} as JSON.") var json = false
+
+        func validate() throws {
+            if dns.isEmpty && ip.isEmpty { throw ValidationError("give at least one --dns or --ip") }
+            if (eabKid == nil) != (eabHmacKey == nil) { throw ValidationError("give --eab-kid and --eab-hmac-key together") }
+        }
+
+        func run() async throws {
+            var trust: String?
+            if let caFile {
+                do { trust = try String(contentsOfFile: caFile, encoding: .utf8) } catch { throw fail("\(caFile): cannot read (\(error.localizedDescription))", code: 2) }
+            }
+            let ids = dns.map(ACMEIdentifier.dns) + ip.map(ACMEIdentifier.ip)
+            let client: ACMEClient
+            do { client = try ACMEClient(directoryURL: directory, trustRootsPEM: trust) } catch { throw fail("\(error)", code: 2) }
+            do {
+                let eab = eabKid.map { ExternalAccountBinding(kid: $0, hmacKeyBase64URL: eabHmacKey!) }
+                let got = try await client.obtainCertificate(for: ids, eab: eab, contact: email.map { ["mailto:\($0)"] } ?? [])
+                try PEMFiles.writeFile(got.privateKeyPEM, to: keyOut, mode: 0o600)
+                try PEMFiles.writeFile(got.chainPEM, to: out, mode: 0o644)
+                let s = CertificateSummary(got.chain[0])
+                await client.shutdown()
+                if json {
+                    printObject(["serial": s.serial, "not_after": iso(s.notAfter), "issuer": s.issuer, "out": out])
+                } else {
+                    print("issued \(s.serial) by \(s.issuer), valid until \(iso(s.notAfter)) -> \(out) (key \(keyOut))")
+                }
+            } catch {
+                await client.shutdown()
+                throw fail("\(error)")
             }
         }
     }

@@ -1,0 +1,269 @@
+import AsyncHTTPClient
+@preconcurrency import Crypto
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import STOQACME
+import STOQTrust
+import SwiftASN1
+import X509
+import XCTest
+@preconcurrency import _CryptoExtras
+
+/// STOQ's ACME client against STOQ's ACME server over HTTPS on [::1].
+final class ACMEServerTests: XCTestCase {
+    func testIssuesAuthorizedNamesVerifiesAndLogs() async throws {
+        let f = try await ACMEFixture.start()
+        let eab = try f.addNode("node1", dns: ["node1.example"], ip: ["2001:db8::1"])
+        let client = try f.client()
+        let got = try await client.obtainCertificate(for: [.dns("node1.example"), .ip("2001:0db8::1")], eab: eab)
+        await client.shutdown()
+
+        XCTAssertEqual(got.chain.count, 2, "leaf + intermediate")
+        let s = CertificateSummary(got.chain[0])
+        XCTAssertEqual(s.dnsNames, ["node1.example"])
+        XCTAssertEqual(s.ipAddresses, ["2001:db8::1"])
+        let verifier = PeerVerifier(roots: [f.authority.root])
+        _ = try await verifier.verify(chain: got.chain, dnsName: "node1.example")
+        _ = try await verifier.verify(chain: got.chain, ipv6Address: "2001:db8::1")
+        // The key handed back is the one certified.
+        let key = try P256.Signing.PrivateKey(pemRepresentation: got.privateKeyPEM)
+        XCTAssertEqual(got.chain[0].publicKey, Certificate.PublicKey(key.publicKey))
+
+        // The serial is in the transparency log on disk, with a valid inclusion proof.
+        await f.stop()
+        let logKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: f.caDirectory + "/log-key.pem", encoding: .utf8))
+        let log = try TransparencyLog(path: f.caDirectory + "/transparency.log", signingKey: logKey)
+        XCTAssertEqual(log.size, 1)
+        let logged = try Certificate(derEncoded: log.entry(at: 0))
+        XCTAssertEqual(logged.serialNumber, got.chain[0].serialNumber)
+        XCTAssertEqual(logged, got.chain[0])
+        let proof = try log.inclusionProof(index: 0)
+        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: MerkleTree.leafHash(try log.entry(at: 0)), leafIndex: 0, treeSize: 1,
+                                                 proof: proof, rootHash: try log.rootHash()))
+    }
+
+    func testUnauthorizedIdentifiersAreRejected() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node2", dns: ["node2.example"])
+        let client = try f.client()
+        defer { Task { await client.shutdown() } }
+        try await client.register(eab: eab)
+        await assertProblem(.rejectedIdentifier, detailContains: "dns:other.example") {
+            _ = try await client.newOrder([.dns("node2.example"), .dns("other.example")])
+        }
+        await assertProblem(.rejectedIdentifier, detailContains: "2001:db8::99") {
+            _ = try await client.newOrder([.ip("2001:db8::99")])
+        }
+        await assertProblem(.rejectedIdentifier, detailContains: "IPv6 only") {
+            _ = try await client.newOrder([.ip("192.0.2.1")])
+        }
+        await assertProblem(.unsupportedIdentifier, detailContains: "email") {
+            _ = try await client.newOrder([ACMEIdentifier(type: "email", value: "a@b.example")])
+        }
+        // The authorized name still works on the same account.
+        let (_, order) = try await client.newOrder([.dns("NODE2.example.")])
+        XCTAssertEqual(order.status, "ready")
+        XCTAssertEqual(order.identifiers, [.dns("node2.example")])
+        // Withdrawing the EAB key (deleting its file) withdraws the authority at once.
+        try FileManager.default.removeItem(atPath: f.caDirectory + "/acme-eab/\(eab.kid).json")
+        await assertProblem(.unauthorized, detailContains: eab.kid) {
+            _ = try await client.newOrder([.dns("node2.example")])
+        }
+    }
+
+    func testBadExternalAccountBindingIsRefused() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node3", dns: ["node3.example"])
+        let c1 = try f.client(), c2 = try f.client(), c3 = try f.client()
+        defer { Task { await c1.shutdown(); await c2.shutdown(); await c3.shutdown() } }
+        let wrongKey = Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
+        await assertProblem(.unauthorized, detailContains: "HMAC does not verify") {
+            try await c1.register(eab: ExternalAccountBinding(kid: eab.kid, hmacKeyBase64URL: wrongKey))
+        }
+        await assertProblem(.unauthorized, detailContains: "nope-123") {
+            try await c2.register(eab: ExternalAccountBinding(kid: "nope-123", hmacKeyBase64URL: eab.hmacKeyBase64URL))
+        }
+        await assertProblem(.externalAccountRequired) { try await c3.register() }
+        let noAccount = await c3.accountURL
+        XCTAssertNil(noAccount)
+    }
+
+    /// Raw JWS requests: a replayed nonce, a wrong url header, an RS256 account key.
+    func testNonceReplayURLMismatchAndRS256() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node4", dns: ["node4.example"])
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(f.rootPEM.utf8)))
+        let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: tls))
+        defer { Task { try? await http.shutdown() } }
+        let base = f.directoryURL.replacingOccurrences(of: "/directory", with: "")
+
+        func send(_ url: String, _ body: Data?, method: HTTPMethod = .POST) async throws -> (Int, HTTPHeaders, Data) {
+            var req = HTTPClientRequest(url: url)
+            req.method = method
+            if let body {
+                req.headers.add(name: "Content-Type", value: "application/jose+json")
+                req.body = .bytes(ByteBuffer(bytes: body))
+            }
+            let r = try await http.execute(req, timeout: .seconds(10))
+            return (Int(r.status.code), r.headers, Data(try await r.body.collect(upTo: 1 << 20).readableBytesView))
+        }
+        func nonce() async throws -> String {
+            let (status, h, _) = try await send(base + "/acme/new-nonce", nil, method: .HEAD)
+            XCTAssertEqual(status, 200)
+            return try XCTUnwrap(h.first(name: "Replay-Nonce"))
+        }
+
+        // RS256: an RSA-2048 account key registers with EAB.
+        let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
+        let jwk = JWK.rsa(rsa.publicKey)
+        let inner = try JWS.sign(header: ["kid": eab.kid, "url": base + "/acme/new-account"],
+                                 payload: JSONSerialization.data(withJSONObject: jwk.members, options: [.sortedKeys]),
+                                 with: .hmac(SymmetricKey(data: Base64URL.decode(eab.hmacKeyBase64URL)!)))
+        let payload = try JSONSerialization.data(withJSONObject: ["termsOfServiceAgreed": true, "externalAccountBinding": inner.jsonObject])
+        let reg = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-account", "jwk": jwk.members],
+                               payload: payload, with: .rsa(rsa))
+        let (s1, h1, b1) = try await send(base + "/acme/new-account", reg.serialized())
+        XCTAssertEqual(s1, 201, String(decoding: b1, as: UTF8.self))
+        let account = try XCTUnwrap(h1.first(name: "Location"))
+
+        // A POST-as-GET of the account, then the very same JWS again: badNonce, with a fresh nonce.
+        let get = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(), with: .rsa(rsa))
+        let (s2, _, _) = try await send(account, get.serialized())
+        XCTAssertEqual(s2, 200)
+        let (s3, h3, b3) = try await send(account, get.serialized())
+        XCTAssertEqual(s3, 400)
+        XCTAssertEqual(h3.first(name: "Content-Type"), "application/problem+json")
+        let p3 = try XCTUnwrap(ACMEProblem(json: b3, status: s3))
+        XCTAssertEqual(p3.code, .badNonce)
+        XCTAssertTrue(p3.detail.contains("already used"), p3.detail)
+        let fresh = try XCTUnwrap(h3.first(name: "Replay-Nonce"))
+        // That fresh nonce works.
+        let retry = try JWS.sign(header: ["nonce": fresh, "url": account, "kid": account], payload: Data(), with: .rsa(rsa))
+        let (s4, _, _) = try await send(account, retry.serialized())
+        XCTAssertEqual(s4, 200)
+
+        // A url header that is not the request URL.
+        let wrongURL = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-order", "kid": account],
+                                    payload: Data(), with: .rsa(rsa))
+        let (s5, _, b5) = try await send(account, wrongURL.serialized())
+        let p5 = try XCTUnwrap(ACMEProblem(json: b5, status: s5))
+        XCTAssertEqual(p5.code, .unauthorized)
+        XCTAssertTrue(p5.detail.contains("does not match the request URL"), p5.detail)
+
+        // A signature by another key under the account's kid.
+        let other = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(),
+                                 with: .p256(P256.Signing.PrivateKey()))
+        let (s6, _, b6) = try await send(account, other.serialized())
+        let p6 = try XCTUnwrap(ACMEProblem(json: b6, status: s6))
+        XCTAssertEqual(p6.code, .badSignatureAlgorithm, p6.detail)  // ES256 against an RSA account key
+
+        // Both jwk and kid.
+        let both = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account, "jwk": jwk.members],
+                                payload: Data(), with: .rsa(rsa))
+        let (s7, _, b7) = try await send(account, both.serialized())
+        XCTAssertEqual(ACMEProblem(json: b7, status: s7)?.code, .malformed)
+
+        // Wrong content type.
+        var req = HTTPClientRequest(url: account)
+        req.method = .POST
+        req.headers.add(name: "Content-Type", value: "application/json")
+        req.body = .bytes(ByteBuffer(bytes: retry.serialized()))
+        let r8 = try await http.execute(req, timeout: .seconds(10))
+        XCTAssertEqual(r8.status.code, 415)
+    }
+
+    func testRevocation() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node5", dns: ["node5.example"])
+        let client = try f.client()
+        defer { Task { await client.shutdown() } }
+        let got = try await client.obtainCertificate(for: [.dns("node5.example")], eab: eab)
+        let serial = CertificateSummary(got.chain[0]).serial
+
+        // Another account (authorized for other names) may not revoke it.
+        let other = try f.client()
+        defer { Task { await other.shutdown() } }
+        try await other.register(eab: try f.addNode("node6", dns: ["node6.example"]))
+        await assertProblem(.unauthorized, detailContains: serial) { try await other.revoke(got.chain[0]) }
+        await assertProblem(.badRevocationReason) { try await client.revoke(got.chain[0], reason: 2) }
+
+        try await client.revoke(got.chain[0], reason: 4)
+        await assertProblem(.alreadyRevoked, detailContains: serial) { try await client.revoke(got.chain[0]) }
+        let revokedSerials = await f.server.revokedSerials
+        XCTAssertEqual(revokedSerials, [serial])
+        // revoked.txt is what `stoq trust verify --revoked` reads; the verifier now refuses the chain.
+        let serials = try PEMFiles.readSerials(f.caDirectory + "/revoked.txt")
+        let verifier = PeerVerifier(roots: [f.authority.root], revokedSerials: serials)
+        do {
+            _ = try await verifier.verify(chain: got.chain, dnsName: "node5.example")
+            XCTFail("a revoked certificate verified")
+        } catch let e as PeerVerificationError {
+            XCTAssertEqual(e.code, .revoked)
+        }
+        // A certificate this CA never issued.
+        let foreign = try f.authority.issueWithNewKey(dnsNames: ["node5.example"]).certificate
+        await assertProblem(.malformed, detailContains: "not issued by this CA") { try await client.revoke(foreign) }
+    }
+
+    func testFinalizeRefusesCSRThatDiffersFromTheOrder() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node7", dns: ["node7.example", "alt7.example"])
+        let client = try f.client()
+        defer { Task { await client.shutdown() } }
+        try await client.register(eab: eab)
+        let (url, order) = try await client.newOrder([.dns("node7.example")])
+        let csr = try ACMEClient.makeCSR(identifiers: [.dns("node7.example"), .dns("alt7.example")], key: P256.Signing.PrivateKey())
+        await assertProblem(.badCSR, detailContains: "extra: dns:alt7.example") {
+            _ = try await client.finalize(orderURL: url, order: order, csrDER: csr)
+        }
+        let good = try ACMEClient.makeCSR(identifiers: [.dns("node7.example")], key: P256.Signing.PrivateKey())
+        let done = try await client.finalize(orderURL: url, order: order, csrDER: good)
+        XCTAssertEqual(done.status, "valid")
+        await assertProblem(.orderNotReady) { _ = try await client.finalize(orderURL: url, order: order, csrDER: good) }
+    }
+
+    func testClientRetriesConnectionErrorsButNotAnUntrustedCertificate() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        var o = ACMEClient.Options()
+        o.maxAttempts = 4
+        o.baseDelay = 0.01
+        // Short, so a hung attempt cannot stretch the test.
+        o.requestTimeout = 1
+        let started = Date()
+        // A certificate from another CA: refused at once, not retried.
+        let otherRoot = try TrustAuthority.create(in: try temporaryDirectory("stoq-other") + "/ca")
+        let untrusting = try ACMEClient(directoryURL: f.directoryURL, trustRootsPEM: try PEMFiles.pem([otherRoot.root]), options: o)
+        do {
+            _ = try await untrusting.directory()
+            XCTFail("a server certificate from another CA was accepted")
+        } catch let e as ACMEClientError {
+            XCTAssertEqual(e.code, .transport, "\(e)")
+        }
+        let r1 = await untrusting.transientRetries
+        XCTAssertEqual(r1, 0)
+        print("untrusted certificate refused after \(String(format: "%.2f", Date().timeIntervalSince(started))) s")
+        await untrusting.shutdown()
+        // Nothing listening: retried with backoff, then given up after maxAttempts tries.
+        let port = try freeLoopbackPort()
+        let nobody = try ACMEClient(directoryURL: "https://[::1]:\(port)/directory", trustRootsPEM: f.rootPEM, options: o)
+        do {
+            _ = try await nobody.directory()
+            XCTFail("connected to a closed port")
+        } catch let e as ACMEClientError {
+            XCTAssertEqual(e.code, .transport)
+            XCTAssertTrue(e.message.contains("after 4 tries"), e.message)
+        }
+        let r2 = await nobody.transientRetries
+        XCTAssertEqual(r2, 3)
+        await nobody.shutdown()
+    }
+}
