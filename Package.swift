@@ -91,7 +91,7 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", .product(name: "TOMLKit", package: "TOMLKit")]),
+            dependencies: ["STOQCore", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit")]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.

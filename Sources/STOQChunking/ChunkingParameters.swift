@@ -71,7 +71,9 @@ public struct ChunkingParameters: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// Why these sizes are not allowed, or nil if they are.
-    static func problem(minSize: Int, avgSize: Int, maxSize: Int) -> String? {
+    /// What is wrong with these sizes (nil: they make valid parameters); config validation
+    /// asks the same question before a node starts.
+    public static func problem(minSize: Int, avgSize: Int, maxSize: Int) -> String? {
         if minSize < smallestMinSize { return "min \(minSize) is below \(smallestMinSize) bytes (the rolling-hash window)" }
         if avgSize < smallestAvgSize { return "avg \(avgSize) is below \(smallestAvgSize) bytes" }
         if avgSize & (avgSize - 1) != 0 { return "avg \(avgSize) is not a power of two" }

@@ -1,4 +1,5 @@
 import Foundation
+import STOQChunking
 import STOQCore
 import TOMLKit
 
@@ -104,10 +105,11 @@ public enum ConfigLoader {
             s.size("max_chunk_size", &c.chunking.maxChunkSize, 1 << 10...1 << 30)
             s.bool("dedup_enabled", &c.chunking.dedupEnabled)
         }
-        if !(c.chunking.minChunkSize <= c.chunking.avgChunkSize && c.chunking.avgChunkSize <= c.chunking.maxChunkSize) {
+        if let problem = ChunkingParameters.problem(minSize: Int(c.chunking.minChunkSize), avgSize: Int(c.chunking.avgChunkSize),
+                                                    maxSize: Int(c.chunking.maxChunkSize)) {
             r.errors.append(ConfigError(code: .badValue, key: "chunking.min_chunk_size/avg_chunk_size/max_chunk_size",
                                         value: "\(c.chunking.minChunkSize)/\(c.chunking.avgChunkSize)/\(c.chunking.maxChunkSize)",
-                                        allowed: "min_chunk_size ≤ avg_chunk_size ≤ max_chunk_size"))
+                                        allowed: "min_chunk_size < avg_chunk_size < max_chunk_size, avg a power of two (\(problem))"))
         }
         r.section("edge") { s in
             s.bool("enable_caching", &c.edge.enableCaching)

@@ -76,6 +76,15 @@ import Testing
         #expect(e.first?.key.hasPrefix("chunking.min_chunk_size") == true)
     }
 
+    /// The chunker's own rule: a config that passes check must chunk.
+    @Test func refusesChunkSizesTheChunkerWouldRefuse() {
+        let e = errors("[chunking]\nmin_chunk_size = \"64KB\"\navg_chunk_size = \"300KB\"\nmax_chunk_size = \"1MB\"")
+        #expect(e.count == 1)
+        #expect(e.first?.allowed.contains("avg 307200 is not a power of two") == true)
+        #expect(errors("[chunking]\nmin_chunk_size = \"256KB\"\navg_chunk_size = \"256KB\"").first?.allowed
+            .contains("expected min < avg < max") == true)
+    }
+
     @Test func syntaxErrorsSayWhere() {
         let e = errors("[network\nworkers = 1")
         #expect(e.first?.code == .syntax)
