@@ -124,7 +124,13 @@ public enum ConfigLoader {
         r.section("log") { s in
             s.choice("level", &c.log.level, ["trace", "debug", "info", "notice", "warning", "error", "critical"])
         }
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "routing", "chunking", "edge", "log"])
+        r.section("admin") { s in
+            var listen = IPv6Endpoint(address: .any, port: 0)
+            var given = false
+            s.optionalEndpoint("listen", &listen, given: &given)
+            c.admin.listen = given ? listen : nil
+        }
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "routing", "chunking", "edge", "log", "admin"])
         if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
         return c
     }
@@ -238,6 +244,18 @@ struct Section {
         case .failure(let e):
             fail(e.reason.contains("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(e.reason)")
         }
+    }
+
+    /// Like `endpoint`, but "" means "not set".
+    mutating func optionalEndpoint(_ key: String, _ out: inout IPv6Endpoint, given: inout Bool) {
+        guard let v = table[key], let s = v.string, s.isEmpty else {
+            let before = errors.count
+            endpoint(key, &out)
+            given = table[key] != nil && errors.count == before
+            return
+        }
+        seen.append(key)
+        given = false
     }
 
     mutating func origin(_ key: String, _ out: inout String) {

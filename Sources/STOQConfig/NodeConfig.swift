@@ -75,6 +75,11 @@ public struct NodeConfig: Sendable, Equatable {
     public struct Log: Sendable, Equatable {
         public var level = "info"
     }
+    /// The admin API (HTTP/1.1 over TCP): `/metrics` (Prometheus text) and `/status` (JSON).
+    public struct Admin: Sendable, Equatable {
+        /// Where it listens; nil = off.
+        public var listen: IPv6Endpoint?
+    }
 
     public var node = Node()
     public var network = Network()
@@ -84,6 +89,7 @@ public struct NodeConfig: Sendable, Equatable {
     public var chunking = Chunking()
     public var edge = Edge()
     public var log = Log()
+    public var admin = Admin()
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

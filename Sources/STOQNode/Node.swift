@@ -17,6 +17,8 @@ public final class Node: @unchecked Sendable {
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
+    private var snapshots: [WorkerSnapshot] = []
+    private var admin: AdminServer?
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
@@ -112,8 +114,11 @@ public final class Node: @unchecked Sendable {
 
         let ready = DispatchGroup()
         let errors = ErrorBox()
+        let snapshots = queues.map { _ in WorkerSnapshot() }
+        self.snapshots = snapshots
         for (i, queue) in queues.enumerated() {
             let box = QueueBox(queue)
+            let snapshot = snapshots[i]
             ready.enter()
             finished.enter()
             let stop = stopFlag, log = logger, group = finished
@@ -121,11 +126,13 @@ public final class Node: @unchecked Sendable {
                 Worker.pinCurrentThread(to: i % max(1, Worker.availableCPUs))
                 let endpoint = QUICEndpoint(isServer: true, credentials: creds, settings: quicSettings,
                                             workerID: UInt8(i), secret: secret)
+                let router: NodeRouter
                 do {
                     let objects = try ObjectService(root: cfg.storage.path, maxObjectSize: cfg.storage.maxObjectSize,
                                                     logger: log)
                     let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log)
-                    endpoint.application = NodeRouter(objects: objects, content: chunks)
+                    router = NodeRouter(objects: objects, content: chunks)
+                    endpoint.application = router
                 } catch {
                     errors.set("\(error)")
                     ready.leave()
@@ -134,6 +141,16 @@ public final class Node: @unchecked Sendable {
                 }
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
                 worker.fallback = { _ in fallback.queue(for: i) }
+                let publish = {
+                    let q = worker.queue
+                    snapshot.publish(WorkerStats(
+                        index: i, backend: q.backendName, features: "\(q.features)",
+                        diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
+                        endpoint: endpoint.counters, datapath: q.counters, connections: endpoint.connectionCount,
+                        objects: router.objects.counters, content: router.content.counters))
+                }
+                worker.onTick = publish
+                publish()
                 ready.leave()
                 worker.run(stop: stop, logger: log)
                 // Let transmit completions come back before the frames are accounted for.
@@ -149,6 +166,7 @@ public final class Node: @unchecked Sendable {
                     "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
                     "datapath": "\(worker.queue.backendName)",
                 ]) { a, _ in a })
+                publish()
                 worker.queue.close()
                 group.leave()
             }
@@ -161,7 +179,29 @@ public final class Node: @unchecked Sendable {
             stop()
             throw NodeError(.storage, e)
         }
+        if let listen = cfg.admin.listen {
+            let store = content.chunks
+            do {
+                admin = try AdminServer(listen: listen, logger: logger) { path in
+                    let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters)
+                    switch path {
+                    case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+                    case "/status": return (metrics.json(), "application/json")
+                    default: return nil
+                    }
+                }
+            } catch {
+                stop()
+                throw error
+            }
+        }
     }
+
+    /// Where the admin API listens, if it is on.
+    public var adminAddress: IPv6Endpoint? { admin?.localAddress }
+
+    /// Each worker's latest published numbers.
+    public var workerStats: [WorkerStats] { snapshots.compactMap(\.latest) }
 
     /// Asks every worker to close its connections gracefully and stop.
     public func stop() { stopFlag.stop() }
@@ -169,8 +209,9 @@ public final class Node: @unchecked Sendable {
     /// Waits until every worker has stopped, at most `timeout` seconds.
     @discardableResult
     public func wait(timeout: Double = .infinity) -> Bool {
-        if timeout.isInfinite { finished.wait(); return true }
-        return finished.wait(timeout: .now() + timeout) == .success
+        let done = timeout.isInfinite ? { finished.wait(); return true }() : finished.wait(timeout: .now() + timeout) == .success
+        if done { admin?.shutdown() }
+        return done
     }
 }
 

@@ -26,6 +26,11 @@ public final class Worker {
     public let endpoint: QUICEndpoint
     /// Longest sleep when no timer is due, so that stop is noticed promptly.
     public var idleWait: UInt64 = 50_000_000
+    /// Called on the worker thread about every `tickInterval` between batches: where the
+    /// worker publishes its counters for the control plane (it never waits on it).
+    public var onTick: (() -> Void)?
+    public var tickInterval: UInt64 = 1_000_000_000
+    private var nextTick: Timestamp = 0
     private let maxPayload: Int
 
     public init(queue: DatapathQueue, endpoint: QUICEndpoint) {
@@ -81,6 +86,10 @@ public final class Worker {
     /// running (at most `drainTimeout`) until they are gone.
     public func run(stop: StopFlag, drainTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
         while !stop.isStopped {
+            if let onTick {
+                let now = monotonicNow()
+                if now >= nextTick { nextTick = now + tickInterval; onTick() }
+            }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {
                     logger?.error("worker: \(e); no fallback datapath, stopping")

@@ -56,6 +56,7 @@ class Node:
         self.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(self.config)],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.cert = None
+        self.admin = None
         deadline = time.time() + 30
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -63,6 +64,8 @@ class Node:
                 break
             if line.startswith("trust: "):
                 self.cert = line.split(": ", 1)[1].strip()
+            if line.startswith("admin: "):
+                self.admin = line.split(": ", 1)[1].strip()
             if line.startswith("listening: "):
                 return
         self.proc.kill()

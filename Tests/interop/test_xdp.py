@@ -76,3 +76,13 @@ def test_tcp_to_the_host_still_works_while_attached(xdp_node):
     assert counters()["passed_not_udp"] > 0
 
 
+
+
+def test_metrics_expose_the_af_xdp_mode_and_frames(xdp_node):
+    """The admin API (in the node's namespace) says which datapath each worker got."""
+    r = run(in_a("python3", "-c", f"import urllib.request; print(urllib.request.urlopen('{xdp_node.admin}').read().decode())"))
+    assert r.returncode == 0, r.stderr
+    for w in (0, 1):
+        assert (f'stoq_datapath_info{{worker="{w}",backend="af_xdp",features="ecn",xdp_mode="{xdp_node.mode}",'
+                f'zero_copy="false"}} 1') in r.stdout, r.stdout[-3000:]
+        assert f'stoq_xdp_frames{{worker="{w}",place="kernel_rx"}} 2048' in r.stdout

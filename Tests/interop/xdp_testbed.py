@@ -49,19 +49,23 @@ class XDPNode:
         cfg.write_text(
             f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[{ADDR_A}]:{PORT}"\n'
             f'datapath = "af_xdp"\ninterface = "{VA}"\nxdp_mode = "{mode}"\n'
-            f'[storage]\npath = "{workdir}/objects"\n')
+            f'[storage]\npath = "{workdir}/objects"\ncontent_path = "{workdir}/content"\n'
+            f'[admin]\nlisten = "[::1]:0"\n')
         self.logpath = workdir / f"node-{mode}.log"
         self.log = open(self.logpath, "w+")
         self.proc = subprocess.Popen(in_a(need_binary("stoq-node"), "--config", cfg, "--log-level", "info"),
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         deadline = time.time() + 30
         self.cert = None
+        self.admin = None
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
             if line.startswith("trust: "):
                 self.cert = line.split(": ", 1)[1].strip()
+            if line.startswith("admin: "):
+                self.admin = line.split(": ", 1)[1].strip()
             if line.startswith("listening: "):
                 return
         self.proc.kill()

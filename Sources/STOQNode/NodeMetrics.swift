@@ -1,0 +1,116 @@
+import Foundation
+import STOQDatapath
+import STOQQUIC
+import STOQStore
+
+/// What one worker last published (about once a second, from its own thread): the
+/// control plane reads these snapshots and never touches a worker's live state.
+public struct WorkerStats: Sendable {
+    public var index: Int
+    public var backend: String
+    public var features: String
+    /// Backend detail: AF_XDP bind mode and where every UMEM frame is.
+    public var diagnostics: [String: String]
+    public var endpoint: EndpointCounters
+    public var datapath: DatapathCounters
+    public var connections: Int
+    public var objects: ObjectService.Counters
+    public var content: ContentService.Counters
+}
+
+/// The latest snapshot of each worker, behind one lock each (taken once a second by the
+/// worker, and by the admin API when asked).
+final class WorkerSnapshot: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: WorkerStats?
+    func publish(_ s: WorkerStats) { lock.withLock { value = s } }
+    var latest: WorkerStats? { lock.withLock { value } }
+}
+
+/// Renders the node's numbers for the admin API.
+struct NodeMetrics {
+    var workers: [WorkerStats]
+    var store: StoreCounters?
+
+    /// Prometheus text exposition format (version 0.0.4).
+    func prometheus() -> String {
+        var out = ""
+        func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, UInt64)]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (labels, v) in samples { out += "\(name)\(labels) \(v)\n" }
+        }
+        func perWorker(_ name: String, _ help: String, type: String = "counter", _ f: (WorkerStats) -> UInt64) {
+            family(name, type, help, workers.map { ("{worker=\"\($0.index)\"}", f($0)) })
+        }
+        perWorker("stoq_quic_datagrams_received_total", "Datagrams the QUIC endpoint handled.") { $0.endpoint.datagramsIn }
+        perWorker("stoq_quic_datagrams_sent_total", "Datagrams the QUIC endpoint wrote.") { $0.endpoint.datagramsOut }
+        perWorker("stoq_quic_dropped_malformed_total", "Datagrams dropped as malformed.") { $0.endpoint.droppedMalformed }
+        perWorker("stoq_quic_dropped_initials_total", "Initial packets refused (limits, flood).") { $0.endpoint.droppedInitials }
+        perWorker("stoq_quic_version_negotiations_total", "Version Negotiation packets sent.") { $0.endpoint.versionNegotiations }
+        perWorker("stoq_quic_retries_total", "Stateless Retry packets sent.") { $0.endpoint.retriesSent }
+        perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }
+        perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }
+        perWorker("stoq_quic_connections_closed_total", "Connections closed.") { $0.endpoint.connectionsClosed }
+        perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
+        perWorker("stoq_datapath_rx_datagrams_total", "Datagrams the datapath received.") { $0.datapath.rxDatagrams }
+        perWorker("stoq_datapath_tx_datagrams_total", "Datagrams the datapath sent.") { $0.datapath.txDatagrams }
+        perWorker("stoq_datapath_rx_bytes_total", "UDP payload bytes received.") { $0.datapath.rxBytes }
+        perWorker("stoq_datapath_tx_bytes_total", "UDP payload bytes sent.") { $0.datapath.txBytes }
+        perWorker("stoq_datapath_rx_dropped_total", "Datagrams the datapath dropped on receive.") { $0.datapath.rxDropped }
+        perWorker("stoq_datapath_tx_errors_total", "Sends the kernel refused or could not address.") { $0.datapath.txErrors }
+        perWorker("stoq_datapath_offload_fallbacks_total", "Offloads turned off at run time.") { $0.datapath.offloadFallbacks }
+        perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
+        perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
+        perWorker("stoq_content_chunks_served_total", "Chunks served.") { $0.content.chunksServed }
+        perWorker("stoq_content_chunks_stored_total", "Chunks stored.") { $0.content.chunksStored }
+        perWorker("stoq_content_chunks_already_present_total", "Chunk uploads the node already had.") { $0.content.chunksAlreadyPresent }
+        // The datapath each worker got, as an info metric: backend, features, AF_XDP mode.
+        out += "# HELP stoq_datapath_info The datapath a worker runs on.\n# TYPE stoq_datapath_info gauge\n"
+        for w in workers {
+            var labels = "worker=\"\(w.index)\",backend=\"\(w.backend)\",features=\"\(w.features)\""
+            if let m = w.diagnostics["xdp_mode"] { labels += ",xdp_mode=\"\(m)\"" }
+            if let z = w.diagnostics["zero_copy"] { labels += ",zero_copy=\"\(z)\"" }
+            out += "stoq_datapath_info{\(labels)} 1\n"
+        }
+        let frameKeys = ["frames_kernel_rx", "frames_held", "frames_tx_free", "frames_tx_reserved", "frames_tx_in_flight"]
+        let xdp = workers.filter { $0.diagnostics["frames_total"] != nil }
+        if !xdp.isEmpty {
+            out += "# HELP stoq_xdp_frames Where each AF_XDP UMEM frame is.\n# TYPE stoq_xdp_frames gauge\n"
+            for w in xdp {
+                for k in frameKeys {
+                    let place = k.dropFirst("frames_".count)
+                    out += "stoq_xdp_frames{worker=\"\(w.index)\",place=\"\(place)\"} \(w.diagnostics[k] ?? "0")\n"
+                }
+            }
+        }
+        if let s = store {
+            family("stoq_store_chunks_written_total", "counter", "Chunks written to the store.", [("", s.chunksWritten)])
+            family("stoq_store_bytes_written_total", "counter", "Chunk bytes written to the store.", [("", s.bytesWritten)])
+            family("stoq_store_dedup_hits_total", "counter", "Chunk puts the store already had.", [("", s.dedupHits)])
+            family("stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
+                   [("", s.corruptQuarantined)])
+        }
+        return out
+    }
+
+    /// The same numbers as JSON, per worker.
+    func json() -> String {
+        var list: [[String: Any]] = []
+        for w in workers {
+            list.append([
+                "worker": w.index, "backend": w.backend, "features": w.features, "diagnostics": w.diagnostics,
+                "connections": w.connections, "datagrams_in": w.endpoint.datagramsIn, "datagrams_out": w.endpoint.datagramsOut,
+                "connections_accepted": w.endpoint.connectionsAccepted, "rx_datagrams": w.datapath.rxDatagrams,
+                "tx_datagrams": w.datapath.txDatagrams, "requests": w.objects.requests,
+                "chunks_served": w.content.chunksServed, "chunks_stored": w.content.chunksStored,
+            ])
+        }
+        var obj: [String: Any] = ["workers": list]
+        if let s = store {
+            obj["store"] = ["chunks_written": s.chunksWritten, "bytes_written": s.bytesWritten, "dedup_hits": s.dedupHits,
+                            "corrupt_quarantined": s.corruptQuarantined]
+        }
+        let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}

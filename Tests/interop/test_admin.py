@@ -1,0 +1,62 @@
+"""The admin API of a real node: /metrics in Prometheus text format and /status as JSON,
+with counters that move when the node works, over TCP on IPv6 only."""
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import Node, stoq
+
+
+@pytest.fixture(scope="module")
+def admin_node(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("admin"), workers=2, extra='[admin]\nlisten = "[::1]:0"')
+    n.add_object("a.bin", 3 << 20)
+    yield n
+    assert n.stop() == 0
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers.get("content-type"), r.read().decode()
+
+
+def sample(text, name, **labels):
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}{{{re.escape(sel)}}} (\d+)$" if sel else rf"^{name} (\d+)$", text, re.M)
+    assert m, f"{name}{{{sel}}} not in /metrics"
+    return int(m.group(1))
+
+
+def total(text, name):
+    return sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M))
+
+
+def test_metrics_move_with_traffic(admin_node):
+    assert admin_node.admin and admin_node.admin.startswith("http://[::1]:")
+    status, ctype, before = fetch(admin_node.admin)
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    assert "# TYPE stoq_quic_datagrams_received_total counter" in before
+    assert sample(before, "stoq_datapath_info", worker=0, backend="io_uring", features="gso,gro,ecn,multishot") == 1
+    r = stoq("get", admin_node.url("a.bin"), "--ca", admin_node.cert, "--json")
+    assert r.returncode == 0, r.stderr
+    import time
+    time.sleep(2.2)  # workers publish about once a second
+    _, _, after = fetch(admin_node.admin)
+    assert total(after, "stoq_quic_connections_accepted_total") >= total(before, "stoq_quic_connections_accepted_total") + 1
+    assert total(after, "stoq_datapath_tx_bytes_total") - total(before, "stoq_datapath_tx_bytes_total") >= 3 << 20
+    assert total(after, "stoq_http_requests_total") >= 1
+
+
+def test_status_is_json_and_unknown_paths_are_404(admin_node):
+    status, ctype, body = fetch(admin_node.admin.replace("/metrics", "/status"))
+    assert status == 200 and ctype == "application/json"
+    doc = json.loads(body)
+    assert [w["worker"] for w in doc["workers"]] == [0, 1]
+    assert all(w["backend"] == "io_uring" for w in doc["workers"])
+    assert "store" in doc
+    with pytest.raises(urllib.error.HTTPError) as e:
+        fetch(admin_node.admin.replace("/metrics", "/nope"))
+    assert e.value.code == 404
