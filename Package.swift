@@ -108,7 +108,8 @@ let package = Package(
             name: "STOQNode",
             dependencies: [
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
-                "STOQStore", "STOQChunking", "CSTOQSystem",
+                "STOQStore", "STOQChunking", "CSTOQSystem", "STOQACME",
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

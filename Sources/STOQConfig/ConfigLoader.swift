@@ -93,6 +93,25 @@ public enum ConfigLoader {
                                         value: "\"\(c.tls.certFile)\"/\"\(c.tls.keyFile)\"",
                                         allowed: "both set, or both empty for the embedded identity"))
         }
+        r.section("trust") { s in
+            s.choice("mode", &c.trust.mode, ["embedded", "acme"])
+            s.duration("cert_lifetime", &c.trust.certLifetime, 10_000_000_000...(397 * 86_400_000_000_000))
+            s.duration("renew_before", &c.trust.renewBefore, 0...(397 * 86_400_000_000_000))
+            s.subsection("acme") { a in
+                a.string("directory", &c.trust.acme.directory)
+                a.string("eab_kid", &c.trust.acme.eabKid)
+                a.string("eab_hmac_key", &c.trust.acme.eabHmacKey)
+                a.string("ca", &c.trust.acme.ca)
+            }
+        }
+        if c.trust.renewBefore >= c.trust.certLifetime {
+            r.errors.append(ConfigError(code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
+                                        allowed: "less than trust.cert_lifetime (\(c.trust.certLifetime / 1_000_000_000)s)"))
+        }
+        if c.trust.mode == "acme" && !c.trust.acme.directory.hasPrefix("https://") {
+            r.errors.append(ConfigError(code: .badValue, key: "trust.acme.directory", value: "\"\(c.trust.acme.directory)\"",
+                                        allowed: "the https:// URL of the ACME directory when trust.mode = \"acme\""))
+        }
         r.section("routing") { s in
             s.choice("algorithm", &c.routing.algorithm, ["shortest_path", "latency", "adaptive"])
             s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
@@ -130,7 +149,7 @@ public enum ConfigLoader {
             s.optionalEndpoint("listen", &listen, given: &given)
             c.admin.listen = given ? listen : nil
         }
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "routing", "chunking", "edge", "log", "admin"])
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin"])
         if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
         return c
     }

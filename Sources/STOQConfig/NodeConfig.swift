@@ -54,6 +54,24 @@ public struct NodeConfig: Sendable, Equatable {
         public var certFile = ""
         public var keyFile = ""
     }
+    /// Where the node's certificate comes from and how it rotates (unless `tls.cert_file`
+    /// names fixed files).
+    public struct Trust: Sendable, Equatable {
+        /// "embedded": the node runs its own TrustChain CA under data_dir/trust and issues
+        /// itself certificates; "acme": an RFC 8555 CA issues them.
+        public var mode = "embedded"
+        public var certLifetime: UInt64 = 86_400_000_000_000
+        /// Renew this long before expiry; 0 = a third of the lifetime.
+        public var renewBefore: UInt64 = 0
+        public var acme = ACME()
+    }
+    public struct ACME: Sendable, Equatable {
+        public var directory = ""
+        public var eabKid = ""
+        public var eabHmacKey = ""
+        /// PEM file that verifies the ACME server's HTTPS certificate ("" = the system's).
+        public var ca = ""
+    }
     public struct Routing: Sendable, Equatable {
         public var algorithm = "adaptive"
         public var updateInterval: UInt64 = 5_000_000_000
@@ -85,6 +103,7 @@ public struct NodeConfig: Sendable, Equatable {
     public var network = Network()
     public var storage = Storage()
     public var tls = TLS()
+    public var trust = Trust()
     public var routing = Routing()
     public var chunking = Chunking()
     public var edge = Edge()

@@ -13,7 +13,11 @@ import STOQWorker
 public final class Node: @unchecked Sendable {
     public let config: NodeConfig
     public let logger: Logger
+    /// The certificate clients should trust (the embedded CA's root, or the configured chain).
     public private(set) var certificatePath = ""
+    /// The chain the node presents (its key is key.pem beside it).
+    public private(set) var servingCertificatePath = ""
+    private var certificates: CertificateManager?
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
@@ -50,27 +54,25 @@ public final class Node: @unchecked Sendable {
     /// Starts the workers. Returns once every worker is listening.
     public func start() throws {
         let cfg = config
-        // Identity: configured files, or the embedded one under data_dir.
-        let certFile: String, keyFile: String
-        if cfg.tls.certFile.isEmpty {
-            do {
-                var names = [ProcessInfo.processInfo.hostName]
-                if names[0].isEmpty { names = [] }
-                let id = try EmbeddedIdentity.loadOrCreate(in: cfg.node.dataDir + "/identity", names: names,
-                                                           addresses: Self.localAddresses())
-                certFile = id.certificatePath
-                keyFile = id.keyPath
-            } catch {
-                throw NodeError(.identity, "cannot create the node identity under \(cfg.node.dataDir)/identity: \(error)")
-            }
-        } else {
-            certFile = cfg.tls.certFile
-            keyFile = cfg.tls.keyFile
-        }
-        certificatePath = certFile
+        // Identity: fixed files, or certificates the node keeps renewing (its own CA, or ACME).
         let creds: TLSCredentials
-        do { creds = try TLSCredentials(certificateFile: certFile, keyFile: keyFile) } catch {
-            throw NodeError(.identity, "\(error)")
+        if cfg.tls.certFile.isEmpty {
+            var names = [ProcessInfo.processInfo.hostName]
+            if names[0].isEmpty { names = [] }
+            let manager = CertificateManager(trust: cfg.trust, dataDirectory: cfg.node.dataDir, names: names,
+                                             addresses: Self.localAddresses(), logger: logger)
+            do { creds = try manager.start() } catch {
+                throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
+            }
+            certificates = manager
+            certificatePath = manager.trustAnchorPath
+            servingCertificatePath = manager.identityDirectory + "/cert.pem"
+        } else {
+            do { creds = try TLSCredentials(certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile) } catch {
+                throw NodeError(.identity, "\(error)")
+            }
+            certificatePath = cfg.tls.certFile
+            servingCertificatePath = cfg.tls.certFile
         }
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
@@ -116,6 +118,7 @@ public final class Node: @unchecked Sendable {
         let errors = ErrorBox()
         let snapshots = queues.map { _ in WorkerSnapshot() }
         self.snapshots = snapshots
+        let certificates = self.certificates
         for (i, queue) in queues.enumerated() {
             let box = QueueBox(queue)
             let snapshot = snapshots[i]
@@ -149,7 +152,13 @@ public final class Node: @unchecked Sendable {
                         endpoint: endpoint.counters, datapath: q.counters, connections: endpoint.connectionCount,
                         objects: router.objects.counters, content: router.content.counters))
                 }
-                worker.onTick = publish
+                var credentialsVersion = 0
+                let published = certificates?.published
+                worker.onTick = {
+                    // A rotated certificate: new handshakes use it from now on.
+                    if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
+                    publish()
+                }
                 publish()
                 ready.leave()
                 worker.run(stop: stop, logger: log)
@@ -204,7 +213,15 @@ public final class Node: @unchecked Sendable {
     public var workerStats: [WorkerStats] { snapshots.compactMap(\.latest) }
 
     /// Asks every worker to close its connections gracefully and stop.
-    public func stop() { stopFlag.stop() }
+    public func stop() {
+        certificates?.stop()
+        stopFlag.stop()
+    }
+
+    /// Certificate rotations done and failed, and the current certificate's expiry.
+    public var certificateStatus: (rotations: UInt64, failures: UInt64, notAfter: Date)? {
+        certificates.map { let c = $0.counters; return (c.rotations, c.failures, c.notAfter) }
+    }
 
     /// Waits until every worker has stopped, at most `timeout` seconds.
     @discardableResult

@@ -34,9 +34,14 @@ public final class QUICConnection {
     /// An application value.
     public var userData: AnyObject?
 
+    /// The credentials this connection's TLS session was made with: kept alive as long as
+    /// the session, whatever the endpoint has rotated to since.
+    let credentials: TLSCredentials
+
     init(raw: OpaquePointer, endpoint: QUICEndpoint, peer: IPv6Endpoint, local: IPv6Endpoint) {
         self.raw = raw
         self.endpoint = endpoint
+        self.credentials = endpoint.credentials
         self.peer = peer
         self.local = local
     }

@@ -48,7 +48,7 @@ public final class QUICEndpoint {
     public var application: QUICApplication?
 
     private var ctx: OpaquePointer!
-    private var credentials: TLSCredentials
+    private(set) var credentials: TLSCredentials
     private var table: [ConnectionID: QUICConnection] = [:]
     private var connections: [ObjectIdentifier: QUICConnection] = [:]
     private var timers = Heap<TimerEntry>()

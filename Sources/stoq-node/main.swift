@@ -72,6 +72,7 @@ struct StoqNode: ParsableCommand {
             throw ExitCode(1)
         }
         print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")
+        print("certificate: \(URL(fileURLWithPath: node.servingCertificatePath).standardizedFileURL.path)")
         if let admin = node.adminAddress { print("admin: http://\(admin)/metrics") }
         print("listening: \(node.listenAddress)")
         fflush(nil)

@@ -64,6 +64,8 @@ class Node:
                 break
             if line.startswith("trust: "):
                 self.cert = line.split(": ", 1)[1].strip()
+            if line.startswith("certificate: "):
+                self.identity_cert = line.split(": ", 1)[1].strip()
             if line.startswith("admin: "):
                 self.admin = line.split(": ", 1)[1].strip()
             if line.startswith("listening: "):

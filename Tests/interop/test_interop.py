@@ -62,9 +62,10 @@ def test_stoq_get_from_gtlsserver(node, tmp_path):
         with open(htdocs / name, "wb") as f:
             f.write(os.urandom(size))
         digests[name] = sha256_file(htdocs / name)
-    key = pathlib.Path(node.cert).with_name("key.pem")
+    # gtlsserver presents the node's own chain (issued by the node's CA, which the client trusts).
+    key = pathlib.Path(node.identity_cert).with_name("key.pem")
     port = free_port()
-    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), node.cert],
+    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), node.identity_cert],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(0.5)

@@ -1,0 +1,200 @@
+import Foundation
+import Logging
+import STOQACME
+import STOQConfig
+import STOQCore
+import STOQQUIC
+import STOQTrust
+import X509
+
+/// The node's TLS identity over time: issues the first certificate at start, renews it at
+/// `cert_lifetime − renew_before` (jittered), and publishes each new one to the workers,
+/// which swap it in between batches. Established connections keep the credentials their
+/// session was made with; a failed renewal keeps the current certificate, logs, counts
+/// and retries with backoff while it is still valid.
+final class CertificateManager: @unchecked Sendable {
+    /// The credentials new handshakes should use, with a version the workers compare.
+    final class Published: @unchecked Sendable {
+        private let lock = NSLock()
+        private var version = 0
+        private var credentials: TLSCredentials
+        init(_ c: TLSCredentials) { credentials = c }
+        func publish(_ c: TLSCredentials) { lock.withLock { credentials = c; version += 1 } }
+        /// The credentials if they changed since `seen` (which is updated).
+        func take(after seen: inout Int) -> TLSCredentials? {
+            lock.withLock {
+                guard version != seen else { return nil }
+                seen = version
+                return credentials
+            }
+        }
+        var current: TLSCredentials { lock.withLock { credentials } }
+    }
+
+    /// What the rotation did, for metrics.
+    struct Counters: Sendable {
+        var rotations: UInt64 = 0
+        var failures: UInt64 = 0
+        var notAfter: Date = .distantPast
+        var serial = ""
+    }
+
+    let trust: NodeConfig.Trust
+    let identityDirectory: String
+    let caDirectory: String
+    let names: [String]
+    let addresses: [String]
+    let logger: Logger
+    /// The certificate clients should trust: the embedded CA's root, or the first chain.
+    private(set) var trustAnchorPath = ""
+    private(set) var published: Published!
+    private let state = NSLock()
+    private var counterValues = Counters()
+    private let stopped = StopSignal()
+
+    var counters: Counters { state.withLock { counterValues } }
+
+    init(trust: NodeConfig.Trust, dataDirectory: String, names: [String], addresses: [IPv6Address], logger: Logger) {
+        self.trust = trust
+        self.identityDirectory = dataDirectory + "/identity"
+        self.caDirectory = dataDirectory + "/trust"
+        // Only what a certificate can name: valid DNS labels, and IPv6 (the node is IPv6 only).
+        self.names = names.filter { n in n.split(separator: ".").allSatisfy { l in
+            !l.isEmpty && l.count <= 63 && l.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" } && l.first != "-" && l.last != "-"
+        } }
+        self.addresses = addresses.map(\.description)
+        self.logger = logger
+    }
+
+    /// Issues the first certificate (blocking) and starts the renewal thread.
+    func start() throws -> TLSCredentials {
+        let creds = try renew()
+        published = Published(creds)
+        let t = Thread { [self] in rotationLoop() }
+        t.name = "stoq-cert-rotation"
+        t.start()
+        return creds
+    }
+
+    func stop() { stopped.set() }
+
+    /// When to renew a certificate that expires at `notAfter`: `renew_before` ahead (a third
+    /// of the lifetime by default), minus up to 10 % of that window at random, so that a
+    /// fleet issued together does not renew together.
+    func renewalTime(notAfter: Date) -> Date {
+        let lifetime = Double(trust.certLifetime) / 1e9
+        let before = trust.renewBefore > 0 ? Double(trust.renewBefore) / 1e9 : lifetime / 3
+        return notAfter.addingTimeInterval(-before - Double.random(in: 0...(before * 0.1)))
+    }
+
+    private func rotationLoop() {
+        var backoff = 1.0
+        while !stopped.isSet {
+            let next = renewalTime(notAfter: counters.notAfter)
+            if stopped.wait(until: next) { return }
+            do {
+                let creds = try renew()
+                published.publish(creds)
+                backoff = 1
+            } catch {
+                state.withLock { counterValues.failures += 1 }
+                let left = counters.notAfter.timeIntervalSinceNow
+                logger.error("certificate renewal failed (the current one stays, valid for \(Int(left))s more): \(error)")
+                // Retry soon, but at most every tenth of the time left.
+                if stopped.wait(until: Date().addingTimeInterval(min(backoff, max(1, left / 10)))) { return }
+                backoff = min(backoff * 2, 300)
+            }
+        }
+    }
+
+    /// Issues (embedded CA or ACME), writes the chain and key atomically under identity/,
+    /// and loads them.
+    private func renew() throws -> TLSCredentials {
+        let lifetime = Double(trust.certLifetime) / 1e9
+        let chainPEM: String, keyPEM: String, leaf: Certificate
+        switch trust.mode {
+        case "acme":
+            (chainPEM, keyPEM, leaf) = try acmeIssue()
+            if trustAnchorPath.isEmpty { trustAnchorPath = trust.acme.ca.isEmpty ? identityDirectory + "/cert.pem" : trust.acme.ca }
+        default:
+            let ca = try embeddedAuthority()
+            let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime)
+            (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
+            trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
+        }
+        try FileManager.default.createDirectory(atPath: identityDirectory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        try Self.writeAtomically(keyPEM, to: identityDirectory + "/key.pem", mode: 0o600)
+        try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
+        let creds = try TLSCredentials(certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem")
+        let serial = leaf.serialNumber.description
+        state.withLock {
+            counterValues.rotations += 1
+            counterValues.notAfter = leaf.notValidAfter
+            counterValues.serial = serial
+        }
+        logger.notice("certificate issued", metadata: [
+            "serial": "\(serial)", "not_after": "\(leaf.notValidAfter)", "mode": "\(trust.mode)",
+            "renews_at": "\(renewalTime(notAfter: leaf.notValidAfter))",
+        ])
+        return creds
+    }
+
+    private func embeddedAuthority() throws -> TrustAuthority {
+        let root = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
+        if FileManager.default.fileExists(atPath: root) { return try TrustAuthority.load(from: caDirectory) }
+        logger.notice("creating the node's TrustChain CA under \(caDirectory)")
+        return try TrustAuthority.create(in: caDirectory)
+    }
+
+    /// One ACME issuance, run to completion on this thread (the control plane's, never a worker's).
+    private func acmeIssue() throws -> (String, String, Certificate) {
+        let a = trust.acme
+        let roots = a.ca.isEmpty ? nil : try String(contentsOfFile: a.ca, encoding: .utf8)
+        let identifiers = names.map(ACMEIdentifier.dns) + addresses.map(ACMEIdentifier.ip)
+        let eab = a.eabKid.isEmpty ? nil : ExternalAccountBinding(kid: a.eabKid, hmacKeyBase64URL: a.eabHmacKey)
+        let client = try ACMEClient(directoryURL: a.directory, trustRootsPEM: roots, logger: logger)
+        let result = ResultBox()
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            do { result.value = .success(try await client.obtainCertificate(for: identifiers, eab: eab)) } catch {
+                result.value = .failure(error)
+            }
+            await client.shutdown()
+            done.signal()
+        }
+        done.wait()
+        let issued = try result.value!.get()
+        return (issued.chainPEM, issued.privateKeyPEM, issued.chain[0])
+    }
+
+    final class ResultBox: @unchecked Sendable { var value: Result<ACMEIssuedCertificate, Error>? }
+
+    static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
+        let temp = path + ".tmp-\(UInt32.random(in: 0...UInt32.max))"
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw NodeError(.identity, "\(temp): \(String(cString: strerror(errno)))") }
+        let bytes = Array(text.utf8)
+        let ok = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) == $0.count } && fsync(fd) == 0
+        close(fd)
+        guard ok, rename(temp, path) == 0 else {
+            unlink(temp)
+            throw NodeError(.identity, "\(path): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+/// A stop signal a thread can sleep on until a deadline.
+final class StopSignal: @unchecked Sendable {
+    private let cond = NSCondition()
+    private var set_ = false
+    var isSet: Bool { cond.withLock { set_ } }
+    func set() { cond.withLock { set_ = true; cond.broadcast() } }
+    /// Sleeps until `deadline` or the signal; returns whether the signal came.
+    func wait(until deadline: Date) -> Bool {
+        cond.withLock {
+            while !set_ && Date() < deadline { _ = cond.wait(until: deadline) }
+            return set_
+        }
+    }
+}
