@@ -192,7 +192,8 @@ public final class Node: @unchecked Sendable {
             let store = content.chunks
             do {
                 admin = try AdminServer(listen: listen, logger: logger) { path in
-                    let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters)
+                    let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters,
+                                              certificate: certificates?.counters)
                     switch path {
                     case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                     case "/status": return (metrics.json(), "application/json")

@@ -31,6 +31,7 @@ final class WorkerSnapshot: @unchecked Sendable {
 struct NodeMetrics {
     var workers: [WorkerStats]
     var store: StoreCounters?
+    var certificate: CertificateManager.Counters?
 
     /// Prometheus text exposition format (version 0.0.4).
     func prometheus() -> String {
@@ -89,6 +90,14 @@ struct NodeMetrics {
             family("stoq_store_dedup_hits_total", "counter", "Chunk puts the store already had.", [("", s.dedupHits)])
             family("stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
                    [("", s.corruptQuarantined)])
+        }
+        if let c = certificate {
+            family("stoq_tls_certificates_issued_total", "counter", "Certificates the node obtained (first and renewals).",
+                   [("", c.rotations)])
+            family("stoq_tls_renewal_failures_total", "counter", "Certificate renewals that failed (the current one stays).",
+                   [("", c.failures)])
+            family("stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
+                   [("", UInt64(max(0, c.notAfter.timeIntervalSince1970)))])
         }
         return out
     }

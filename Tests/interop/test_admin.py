@@ -2,6 +2,7 @@
 with counters that move when the node works, over TCP on IPv6 only."""
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -42,12 +43,14 @@ def test_metrics_move_with_traffic(admin_node):
     assert sample(before, "stoq_datapath_info", worker=0, backend="io_uring", features="gso,gro,ecn,multishot") == 1
     r = stoq("get", admin_node.url("a.bin"), "--ca", admin_node.cert, "--json")
     assert r.returncode == 0, r.stderr
-    import time
     time.sleep(2.2)  # workers publish about once a second
     _, _, after = fetch(admin_node.admin)
     assert total(after, "stoq_quic_connections_accepted_total") >= total(before, "stoq_quic_connections_accepted_total") + 1
     assert total(after, "stoq_datapath_tx_bytes_total") - total(before, "stoq_datapath_tx_bytes_total") >= 3 << 20
     assert total(after, "stoq_http_requests_total") >= 1
+    assert sample(after, "stoq_tls_certificates_issued_total") == 1
+    assert sample(after, "stoq_tls_renewal_failures_total") == 0
+    assert sample(after, "stoq_tls_certificate_not_after_seconds") > time.time() + 3600
 
 
 def test_status_is_json_and_unknown_paths_are_404(admin_node):
