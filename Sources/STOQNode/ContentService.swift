@@ -300,9 +300,12 @@ final class NodeRouter: QUICApplication {
     let objects: ObjectService
     let content: ContentService
 
-    init(objects: ObjectService, content: ContentService) {
+    let logger: Logger
+
+    init(objects: ObjectService, content: ContentService, logger: Logger) {
         self.objects = objects
         self.content = content
+        self.logger = logger
     }
 
     func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
@@ -319,6 +322,15 @@ final class NodeRouter: QUICApplication {
 
     func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
         content.bodyWanted(stream: stream, connection: connection)
+    }
+
+    func connectionClosed(connection: QUICConnection, reason: String) {
+        let s = connection.stats
+        logger.debug("connection closed", metadata: [
+            "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",
+            "cwnd": "\(s.cwnd)", "srtt_us": "\(s.smoothed_rtt_ns / 1000)", "min_rtt_us": "\(s.min_rtt_ns / 1000)",
+            "body_sent": "\(s.body_bytes_sent)", "body_received": "\(s.body_bytes_received)",
+        ])
     }
 
     func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {

@@ -134,7 +134,7 @@ public final class Node: @unchecked Sendable {
                     let objects = try ObjectService(root: cfg.storage.path, maxObjectSize: cfg.storage.maxObjectSize,
                                                     logger: log)
                     let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log)
-                    router = NodeRouter(objects: objects, content: chunks)
+                    router = NodeRouter(objects: objects, content: chunks, logger: log)
                     endpoint.application = router
                 } catch {
                     errors.set("\(error)")

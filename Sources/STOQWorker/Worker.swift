@@ -30,6 +30,8 @@ public final class Worker {
     /// worker publishes its counters for the control plane (it never waits on it).
     public var onTick: (() -> Void)?
     public var tickInterval: UInt64 = 1_000_000_000
+    /// Datagrams handled between transmit passes within one receive batch.
+    public var flushBudget = 64
     private var nextTick: Timestamp = 0
     private let maxPayload: Int
 
@@ -54,11 +56,26 @@ public final class Worker {
         var wait = idleWait
         if let next = endpoint.nextTimeout() { wait = next > now ? min(next - now, idleWait) : 0 }
         let ep = endpoint
+        var sinceFlush = 0
+        var flushError: Error?
         _ = try queue.receive(timeoutNanoseconds: wait) { batch in
             let peer = batch.peer, local = batch.local, ecn = batch.ecn
-            let t = now
-            batch.forEachDatagram { ep.handle(datagram: $0, from: peer, to: local, ecn: ecn, now: t) }
+            // A fresh clock per buffer: one batch can take a millisecond to decrypt, and
+            // stale receive times would inflate the RTT samples ngtcp2 takes.
+            let t = monotonicNow()
+            batch.forEachDatagram {
+                ep.handle(datagram: $0, from: peer, to: local, ecn: ecn, now: t)
+                sinceFlush += 1
+            }
+            // Work budget: ACKs (and data) go out every `flushBudget` datagrams, not only after
+            // a whole batch; otherwise a large GRO batch delays ACKs past ngtcp2's loss-time
+            // threshold and the sender sees spurious losses.
+            if sinceFlush >= flushBudget {
+                sinceFlush = 0
+                do { try transmit(now: monotonicNow()) } catch { flushError = error }
+            }
         }
+        if let flushError { throw flushError }
         now = monotonicNow()
         endpoint.handleTimeouts(now: now)
         try transmit(now: now)
