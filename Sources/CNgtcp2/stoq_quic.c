@@ -15,6 +15,7 @@
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <nghttp3/nghttp3.h>
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
@@ -38,6 +39,11 @@ struct stoq_tls_ctx {
   gnutls_certificate_credentials_t cred;
   int is_server;
   int insecure;
+  /* mutual TLS (server side) */
+  int client_auth;
+  unsigned max_depth;
+  uint8_t (*revoked)[20]; /* serials, zero-padded on the left to 20 bytes */
+  size_t nrevoked;
 };
 
 struct stoq_endpoint_ctx {
@@ -102,6 +108,8 @@ struct stoq_conn {
   stoq_endpoint_ctx *ep;
   ngtcp2_conn *q;
   gnutls_session_t tls;
+  stoq_tls_ctx *tls_ctx; /* the credentials the session was made with (they may rotate since) */
+  int peer_refused;      /* mutual TLS refused the peer's certificate */
   ngtcp2_crypto_conn_ref ref;
   nghttp3_conn *h3;
   struct sockaddr_in6 local, remote;
@@ -189,8 +197,45 @@ stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, 
   return t;
 }
 
+int stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode, const char *const *trust_files, size_t ntrust,
+                                    unsigned max_depth, const uint8_t *const *revoked, const size_t *revoked_len,
+                                    size_t nrevoked, char *err, size_t errlen) {
+  for (size_t i = 0; i < ntrust; i++) {
+    int rv = gnutls_certificate_set_x509_trust_file(t->cred, trust_files[i], GNUTLS_X509_FMT_PEM);
+    if (rv <= 0) {
+      set_err(err, errlen, "loading client-certificate roots from %s: %s", trust_files[i],
+              rv == 0 ? "no certificate found" : gnutls_strerror(rv));
+      return -1;
+    }
+  }
+  t->revoked = nrevoked ? calloc(nrevoked, sizeof(*t->revoked)) : NULL;
+  if (nrevoked && !t->revoked) {
+    set_err(err, errlen, "calloc: out of memory");
+    return -1;
+  }
+  for (size_t i = 0; i < nrevoked; i++) {
+    size_t n = revoked_len[i] > 20 ? 20 : revoked_len[i];
+    memcpy(t->revoked[i] + (20 - n), revoked[i] + (revoked_len[i] - n), n);
+  }
+  t->nrevoked = nrevoked;
+  t->max_depth = max_depth;
+  t->client_auth = mode;
+  return 0;
+}
+
+int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
+                                    size_t errlen) {
+  int rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
+  if (rv < 0) {
+    set_err(err, errlen, "loading client certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
+    return -1;
+  }
+  return 0;
+}
+
 void stoq_tls_free(stoq_tls_ctx *t) {
   if (!t) return;
+  free(t->revoked);
   if (t->cred) gnutls_certificate_free_credentials(t->cred);
   free(t);
 }
@@ -932,6 +977,74 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
   p->active_connection_id_limit = 7;
 }
 
+/* Refuses the peer: records why (the connection's error string) and fails the handshake. */
+static int refuse_peer(stoq_conn *c, const char *why) {
+  conn_fail(c, "client certificate refused: %s", why);
+  c->peer_refused = 1;
+  return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+}
+
+/* Server: mutual TLS. GnuTLS checks the chain against the roots, validity, signatures and
+ * constraints, and the key purpose (clientAuth); then depth and the revoked serials. */
+static int verify_client(gnutls_session_t session) {
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  stoq_tls_ctx *t = c->tls_ctx;
+  unsigned n = 0;
+  const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
+  if (!chain || n == 0) return t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? refuse_peer(c, "none was presented") : 0;
+  if (t->max_depth && n > t->max_depth) {
+    char why[96];
+    snprintf(why, sizeof(why), "chain too long (%u certificates, at most %u)", n, t->max_depth);
+    return refuse_peer(c, why);
+  }
+  gnutls_typed_vdata_st purpose = {.type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT};
+  unsigned status = 0;
+  int rv = gnutls_certificate_verify_peers(session, &purpose, 1, &status);
+  if (rv < 0) return refuse_peer(c, gnutls_strerror(rv));
+  if (status) {
+    gnutls_datum_t out = {0};
+    char why[256] = "not trusted";
+    if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+      snprintf(why, sizeof(why), "%s", out.data);
+      gnutls_free(out.data);
+    }
+    return refuse_peer(c, why);
+  }
+  gnutls_x509_crt_t crt;
+  if (gnutls_x509_crt_init(&crt) != 0) return refuse_peer(c, "out of memory");
+  if (gnutls_x509_crt_import(crt, &chain[0], GNUTLS_X509_FMT_DER) != 0) {
+    gnutls_x509_crt_deinit(crt);
+    return refuse_peer(c, "the certificate does not parse");
+  }
+  /* Key strength: RSA/DSA under 2048 bits or EC under 256 bits is too weak. */
+  unsigned bits = 0;
+  int pk = gnutls_x509_crt_get_pk_algorithm(crt, &bits);
+  int weak = (pk == GNUTLS_PK_RSA || pk == GNUTLS_PK_RSA_PSS || pk == GNUTLS_PK_DSA) ? bits < 2048
+             : pk == GNUTLS_PK_ECDSA ? bits < 256 : 0;
+  if (weak) {
+    char why[96];
+    snprintf(why, sizeof(why), "key too weak (%s, %u bits)", gnutls_pk_get_name(pk), bits);
+    gnutls_x509_crt_deinit(crt);
+    return refuse_peer(c, why);
+  }
+  uint8_t serial[20] = {0}, padded[20] = {0};
+  size_t slen = sizeof(serial);
+  if (t->nrevoked && gnutls_x509_crt_get_serial(crt, serial, &slen) == 0 && slen <= 20) {
+    memcpy(padded + (20 - slen), serial, slen);
+    for (size_t i = 0; i < t->nrevoked; i++) {
+      if (memcmp(t->revoked[i], padded, 20) == 0) {
+        gnutls_x509_crt_deinit(crt);
+        return refuse_peer(c, "the certificate is revoked");
+      }
+    }
+  }
+  gnutls_x509_crt_deinit(crt);
+  return 0;
+}
+
+int stoq_conn_peer_refused(const stoq_conn *c) { return c->peer_refused; }
+
 static int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
   int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT);
@@ -947,6 +1060,12 @@ static int setup_tls(stoq_conn *c, const char *server_name) {
   c->ref.user_data = c;
   gnutls_session_set_ptr(c->tls, &c->ref);
   if ((rv = gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, t->cred)) != 0) goto fail;
+  c->tls_ctx = t;
+  if (c->is_server && t->client_auth != STOQ_CLIENT_AUTH_NONE) {
+    gnutls_certificate_server_set_request(
+        c->tls, t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST);
+    gnutls_session_set_verify_function(c->tls, verify_client);
+  }
   gnutls_datum_t alpn = {.data = (unsigned char *)(uintptr_t)ALPN_H3, .size = 2};
   gnutls_alpn_set_protocols(c->tls, &alpn, 1, GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
   if (!c->is_server && server_name && *server_name) {
@@ -1154,6 +1273,11 @@ static int map_error(stoq_conn *c, int rv) {
       ngtcp2_connection_close_error_set_transport_error_tls_alert(&c->last_error, ngtcp2_conn_get_tls_alert(c->q),
                                                                   NULL, 0);
       c->has_error = 1;
+    }
+    if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED) {
+      /* GnuTLS ends the handshake itself when a required certificate is missing. */
+      unsigned n = 0;
+      if (!gnutls_certificate_get_peers(c->tls, &n) || n == 0) refuse_peer(c, "none was presented");
     }
     if (!c->errstr[0]) {
       unsigned status = gnutls_session_get_verify_cert_status(c->tls);

@@ -95,7 +95,15 @@ public struct ClientTrust: Sendable {
     public var caFile: String?
     /// Skip verification (explicit opt-in only).
     public var insecure = false
-    public init(caFile: String? = nil, insecure: Bool = false) { self.caFile = caFile; self.insecure = insecure }
+    /// A certificate chain and key to present when the server asks (mutual TLS).
+    public var certificateFile: String?
+    public var keyFile: String?
+    public init(caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil) {
+        self.caFile = caFile
+        self.insecure = insecure
+        self.certificateFile = certificateFile
+        self.keyFile = keyFile
+    }
 }
 
 final class TransferApp: QUICApplication {
@@ -134,7 +142,10 @@ struct ClientRig {
 
     init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
         let creds: TLSCredentials
-        do { creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure) } catch {
+        do {
+            creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure,
+                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile)
+        } catch {
             throw ClientError(.tls, "\(error)")
         }
         do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {

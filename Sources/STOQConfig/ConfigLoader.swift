@@ -38,6 +38,7 @@ public enum ConfigLoader {
             s.bool("retry", &c.network.retry)
             s.choice("cc", &c.network.congestionControl, ["reno", "cubic", "bbr", "bbr2"])
             s.choice("datapath", &c.network.datapath, ["auto", "io_uring", "af_xdp"])
+            s.choice("client_auth", &c.network.clientAuth, ["none", "optional", "required"])
             s.string("interface", &c.network.interface)
             s.int("queues", &c.network.queues, 0...64)
             s.choice("xdp_mode", &c.network.xdpMode, ["auto", "native", "skb"])
@@ -97,12 +98,17 @@ public enum ConfigLoader {
             s.choice("mode", &c.trust.mode, ["embedded", "acme"])
             s.duration("cert_lifetime", &c.trust.certLifetime, 10_000_000_000...(397 * 86_400_000_000_000))
             s.duration("renew_before", &c.trust.renewBefore, 0...(397 * 86_400_000_000_000))
+            s.string("bundle", &c.trust.bundle)
             s.subsection("acme") { a in
                 a.string("directory", &c.trust.acme.directory)
                 a.string("eab_kid", &c.trust.acme.eabKid)
                 a.string("eab_hmac_key", &c.trust.acme.eabHmacKey)
                 a.string("ca", &c.trust.acme.ca)
             }
+        }
+        if c.network.clientAuth != "none" && c.trust.bundle.isEmpty && (c.trust.mode == "acme" || !c.tls.certFile.isEmpty) {
+            r.errors.append(ConfigError(code: .badValue, key: "trust.bundle", value: "\"\"",
+                                        allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
         }
         if c.trust.renewBefore >= c.trust.certLifetime {
             r.errors.append(ConfigError(code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",

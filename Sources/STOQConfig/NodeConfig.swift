@@ -33,6 +33,8 @@ public struct NodeConfig: Sendable, Equatable {
         public var retry = false
         public var congestionControl = "cubic"
         public var datapath = "auto"
+        /// Mutual TLS: "none", "optional" or "required" client certificates.
+        public var clientAuth = "none"
         /// The interface AF_XDP binds ("" = none; `auto` then uses io_uring).
         public var interface = ""
         /// AF_XDP queues (= workers) to bind; 0 = every receive queue of the interface.
@@ -63,6 +65,8 @@ public struct NodeConfig: Sendable, Equatable {
         public var certLifetime: UInt64 = 86_400_000_000_000
         /// Renew this long before expiry; 0 = a third of the lifetime.
         public var renewBefore: UInt64 = 0
+        /// PEM file of extra roots peers' certificates may chain to ("" = none).
+        public var bundle = ""
         public var acme = ACME()
     }
     public struct ACME: Sendable, Equatable {

@@ -40,6 +40,8 @@ final class CertificateManager: @unchecked Sendable {
     }
 
     let trust: NodeConfig.Trust
+    /// What clients' certificates must satisfy (mutual TLS), applied to every credential issued.
+    let clientAuth: ClientAuthentication?
     let identityDirectory: String
     let caDirectory: String
     let names: [String]
@@ -54,8 +56,10 @@ final class CertificateManager: @unchecked Sendable {
 
     var counters: Counters { state.withLock { counterValues } }
 
-    init(trust: NodeConfig.Trust, dataDirectory: String, names: [String], addresses: [IPv6Address], logger: Logger) {
+    init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
+         addresses: [IPv6Address], logger: Logger) {
         self.trust = trust
+        self.clientAuth = clientAuth
         self.identityDirectory = dataDirectory + "/identity"
         self.caDirectory = dataDirectory + "/trust"
         // Only what a certificate can name: valid DNS labels, and IPv6 (the node is IPv6 only).
@@ -126,7 +130,8 @@ final class CertificateManager: @unchecked Sendable {
                                                 attributes: [.posixPermissions: 0o700])
         try Self.writeAtomically(keyPEM, to: identityDirectory + "/key.pem", mode: 0o600)
         try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
-        let creds = try TLSCredentials(certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem")
+        let creds = try TLSCredentials(certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
+                                       clientAuth: clientAuth)
         let serial = leaf.serialNumber.description
         state.withLock {
             counterValues.rotations += 1

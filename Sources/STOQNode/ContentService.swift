@@ -325,6 +325,10 @@ final class NodeRouter: QUICApplication {
     }
 
     func connectionClosed(connection: QUICConnection, reason: String) {
+        if reason.hasPrefix("client certificate refused") {
+            logger.notice("\(reason)", metadata: ["peer": "\(connection.peer)"])
+            return
+        }
         let s = connection.stats
         logger.debug("connection closed", metadata: [
             "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",

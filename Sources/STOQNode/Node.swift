@@ -51,16 +51,44 @@ public final class Node: @unchecked Sendable {
         return out
     }
 
+    /// Mutual TLS from the config: the roots client certificates must chain to (the node's
+    /// own CA in embedded mode, plus trust.bundle) and the revoked serials (the CA's list).
+    static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
+        guard let mode = ClientAuthentication.Mode(rawValue: cfg.network.clientAuth), mode != .none else { return nil }
+        var roots: [String] = []
+        let caDirectory = cfg.node.dataDir + "/trust"
+        if cfg.tls.certFile.isEmpty && cfg.trust.mode == "embedded" { roots.append(caDirectory + "/root.pem") }
+        if !cfg.trust.bundle.isEmpty { roots.append(cfg.trust.bundle) }
+        var revoked: [[UInt8]] = []
+        if let text = try? String(contentsOfFile: caDirectory + "/revoked.txt", encoding: .utf8) {
+            for line in text.split(whereSeparator: \.isNewline) {
+                let hex = line.split(separator: "#").first.map { $0.filter(\.isHexDigit) } ?? ""
+                guard !hex.isEmpty else { continue }
+                let padded = hex.count % 2 == 1 ? "0" + hex : hex
+                var bytes: [UInt8] = []
+                var i = padded.startIndex
+                while i < padded.endIndex {
+                    let j = padded.index(i, offsetBy: 2)
+                    bytes.append(UInt8(padded[i..<j], radix: 16)!)
+                    i = j
+                }
+                revoked.append(bytes)
+            }
+        }
+        return ClientAuthentication(mode: mode, trustFiles: roots, revokedSerials: revoked)
+    }
+
     /// Starts the workers. Returns once every worker is listening.
     public func start() throws {
         let cfg = config
         // Identity: fixed files, or certificates the node keeps renewing (its own CA, or ACME).
         let creds: TLSCredentials
+        let clientAuth = try Self.clientAuthentication(cfg)
         if cfg.tls.certFile.isEmpty {
             var names = [ProcessInfo.processInfo.hostName]
             if names[0].isEmpty { names = [] }
-            let manager = CertificateManager(trust: cfg.trust, dataDirectory: cfg.node.dataDir, names: names,
-                                             addresses: Self.localAddresses(), logger: logger)
+            let manager = CertificateManager(trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
+                                             names: names, addresses: Self.localAddresses(), logger: logger)
             do { creds = try manager.start() } catch {
                 throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
             }
@@ -68,7 +96,7 @@ public final class Node: @unchecked Sendable {
             certificatePath = manager.trustAnchorPath
             servingCertificatePath = manager.identityDirectory + "/cert.pem"
         } else {
-            do { creds = try TLSCredentials(certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile) } catch {
+            do { creds = try TLSCredentials(certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile, clientAuth: clientAuth) } catch {
                 throw NodeError(.identity, "\(error)")
             }
             certificatePath = cfg.tls.certFile

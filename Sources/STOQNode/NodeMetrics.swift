@@ -53,6 +53,9 @@ struct NodeMetrics {
         perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }
         perWorker("stoq_quic_connections_closed_total", "Connections closed.") { $0.endpoint.connectionsClosed }
         perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
+        perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
+            $0.endpoint.peerCertificatesRefused
+        }
         perWorker("stoq_datapath_rx_datagrams_total", "Datagrams the datapath received.") { $0.datapath.rxDatagrams }
         perWorker("stoq_datapath_tx_datagrams_total", "Datagrams the datapath sent.") { $0.datapath.txDatagrams }
         perWorker("stoq_datapath_rx_bytes_total", "UDP payload bytes received.") { $0.datapath.rxBytes }

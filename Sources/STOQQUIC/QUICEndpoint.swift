@@ -21,6 +21,8 @@ public struct EndpointCounters: Sendable {
     public var connectionsClosed: UInt64 = 0
     /// Connections that ended with an error (handshake failure, protocol violation, timeout).
     public var connectionErrors: UInt64 = 0
+    /// Handshakes refused because the peer's certificate did not verify (mutual TLS).
+    public var peerCertificatesRefused: UInt64 = 0
     public init() {}
 }
 
@@ -219,6 +221,7 @@ public final class QUICEndpoint {
         case Int32(STOQ_CONN_CLOSE):
             conn.closeReason = conn.errorDescription
             counters.connectionErrors &+= 1
+            if stoq_conn_peer_refused(conn.raw) != 0 { counters.peerCertificatesRefused &+= 1 }
             beginClosing(conn, errorCode: H3Error.noError, now: now)
         case Int32(STOQ_CONN_DRAINING):
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))

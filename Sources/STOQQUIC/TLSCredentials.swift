@@ -1,5 +1,8 @@
 import CNgtcp2
 import STOQCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Certificates and keys for one TLS role, loaded once and shared (read-only) by
 /// every worker. A new instance replaces an old one on rotation.
@@ -8,24 +11,54 @@ public final class TLSCredentials: @unchecked Sendable {
     /// Whether these serve (server) or verify (client).
     public let isServer: Bool
 
-    /// Server credentials from PEM files.
-    public init(certificateFile: String, keyFile: String) throws(TLSError) {
+    /// Server credentials from PEM files; with `clientAuth`, clients are asked for a
+    /// certificate (mutual TLS) and refused, with the reason, unless it verifies.
+    public init(certificateFile: String, keyFile: String, clientAuth: ClientAuthentication? = nil) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_server_new(certificateFile, keyFile, &err, err.count) else {
             throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = true
+        if let a = clientAuth, a.mode != .none {
+            let files = a.trustFiles.map { strdup($0) }
+            defer { files.forEach { free($0) } }
+            let serials = a.revokedSerials.map { s in
+                let b = UnsafeMutablePointer<UInt8>.allocate(capacity: max(s.count, 1))
+                b.initialize(from: s, count: s.count)
+                return b
+            }
+            defer { serials.forEach { $0.deallocate() } }
+            let lengths = a.revokedSerials.map(\.count)
+            let rc = files.map { UnsafePointer($0) }.withUnsafeBufferPointer { f in
+                serials.map { UnsafePointer($0) }.withUnsafeBufferPointer { r in
+                    lengths.withUnsafeBufferPointer { l in
+                        stoq_tls_server_set_client_auth(p, a.mode.raw, f.baseAddress, f.count, UInt32(a.maxChainLength),
+                                                        r.baseAddress, l.baseAddress, r.count, &err, err.count)
+                    }
+                }
+            }
+            if rc != 0 {
+                stoq_tls_free(p)
+                throw TLSError(message: String(cBuffer: err))
+            }
+        }
     }
 
-    /// Client credentials: trust `caFile` (PEM), the system store when nil, or nothing when `insecure`.
-    public init(trusting caFile: String?, insecure: Bool = false) throws(TLSError) {
+    /// Client credentials: trust `caFile` (PEM), the system store when nil, or nothing when
+    /// `insecure`; with `certificateFile`/`keyFile`, present that chain when a server asks.
+    public init(trusting caFile: String?, insecure: Bool = false, certificateFile: String? = nil,
+                keyFile: String? = nil) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_client_new(caFile, insecure ? 1 : 0, &err, err.count) else {
             throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = false
+        if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
+            stoq_tls_free(p)
+            throw TLSError(message: String(cBuffer: err))
+        }
     }
 
     deinit { stoq_tls_free(raw) }
@@ -35,4 +68,32 @@ public final class TLSCredentials: @unchecked Sendable {
 public struct TLSError: Error, Sendable, CustomStringConvertible {
     public var message: String
     public var description: String { message }
+}
+
+/// What a server asks of clients' certificates (mutual TLS).
+public struct ClientAuthentication: Sendable, Equatable {
+    public enum Mode: String, Sendable {
+        case none, optional, required
+        var raw: Int32 {
+            switch self {
+            case .none: Int32(STOQ_CLIENT_AUTH_NONE)
+            case .optional: Int32(STOQ_CLIENT_AUTH_OPTIONAL)
+            case .required: Int32(STOQ_CLIENT_AUTH_REQUIRED)
+            }
+        }
+    }
+    public var mode: Mode
+    /// PEM files of the roots client certificates must chain to.
+    public var trustFiles: [String]
+    /// Longest chain accepted (leaf included).
+    public var maxChainLength: Int
+    /// Serial numbers (big-endian bytes) that are refused as revoked.
+    public var revokedSerials: [[UInt8]]
+
+    public init(mode: Mode, trustFiles: [String], maxChainLength: Int = 4, revokedSerials: [[UInt8]] = []) {
+        self.mode = mode
+        self.trustFiles = trustFiles
+        self.maxChainLength = maxChainLength
+        self.revokedSerials = revokedSerials
+    }
 }

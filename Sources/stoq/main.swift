@@ -25,7 +25,11 @@ struct TrustOptions: ParsableArguments {
     var ca: String?
     @Flag(help: "Do not verify the server's certificate (only for experiments).")
     var insecure = false
-    var trust: ClientTrust { ClientTrust(caFile: ca, insecure: insecure) }
+    @Option(help: "Certificate chain (PEM) to present when the node asks for one (mutual TLS).")
+    var cert: String?
+    @Option(help: "The key of --cert (PEM).")
+    var key: String?
+    var trust: ClientTrust { ClientTrust(caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key) }
 }
 
 func fail(_ message: String, code: Int32 = 1) -> ExitCode {

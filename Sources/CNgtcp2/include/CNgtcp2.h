@@ -45,6 +45,22 @@ stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, 
 /** Frees credentials. Only once no connection uses them. */
 void stoq_tls_free(stoq_tls_ctx *ctx);
 
+/** Client authentication a server asks for (mutual TLS). */
+enum { STOQ_CLIENT_AUTH_NONE = 0, STOQ_CLIENT_AUTH_OPTIONAL = 1, STOQ_CLIENT_AUTH_REQUIRED = 2 };
+
+/** Server: ask clients for a certificate (`mode`), verified against the PEM roots in
+ *  `trust_files` (`ntrust` files), for EKU clientAuth, at most `max_depth` certificates deep,
+ *  and not among the `nrevoked` serials (raw big-endian bytes, each `revoked_len[i]` long).
+ *  A refused peer fails the handshake; the connection's error string says why. 0 or -1 (err). */
+int stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode, const char *const *trust_files, size_t ntrust,
+                                    unsigned max_depth, const uint8_t *const *revoked, const size_t *revoked_len,
+                                    size_t nrevoked, char *err, size_t errlen);
+
+/** Client: present this certificate chain and key when a server asks (mutual TLS). 0 or -1 (err). */
+int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
+                                    size_t errlen);
+
+
 /* ---- Endpoint configuration ----------------------------------------------- */
 
 typedef struct stoq_conn stoq_conn;
@@ -177,6 +193,9 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
  *  nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
 ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride,
                         size_t *segment_size, struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
+
+/** Whether the connection failed because the peer's certificate was refused (mutual TLS). */
+int stoq_conn_peer_refused(const stoq_conn *c);
 
 /** Writes the CONNECTION_CLOSE for the connection's error (or a graceful close with `app_error`
  *  when there is none). Returns its length, 0 if nothing is owed, or <0. */

@@ -1,0 +1,130 @@
+"""Mutual TLS: a node with network.client_auth = "required" accepts a client certificate
+from its own CA and refuses every bad one — each with its reason in the node's log and a
+counter on /metrics — while it keeps serving good clients."""
+import json
+import pathlib
+import re
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Node, run, stoq
+
+
+def certtool_cert(tmp, name, ca_dir, template, key_type=("--key-type", "ecdsa")):
+    """A certificate signed by the node's intermediate with GnuTLS's certtool (an
+    independent tool), for the shapes STOQ's own CA refuses to make."""
+    key, cert, tpl = tmp / f"{name}.key", tmp / f"{name}.crt", tmp / f"{name}.tpl"
+    tpl.write_text(template)
+    r = run(["certtool", "--generate-privkey", *key_type, "--outfile", key])
+    assert r.returncode == 0, r.stderr
+    r = run(["certtool", "--generate-certificate", "--load-privkey", key, "--load-ca-certificate",
+             ca_dir / "intermediate.pem", "--load-ca-privkey", ca_dir / "intermediate-key.pem",
+             "--template", tpl, "--outfile", cert])
+    assert r.returncode == 0, r.stderr
+    chain = tmp / f"{name}.chain.pem"
+    chain.write_text(cert.read_text() + (ca_dir / "intermediate.pem").read_text())
+    return chain, key
+
+
+@pytest.fixture(scope="module")
+def mtls(tmp_path_factory):
+    if subprocess.run(["which", "certtool"], capture_output=True).returncode != 0:
+        pytest.fail("certtool missing: scripts/install-deps installs gnutls-bin")
+    work = tmp_path_factory.mktemp("mtls")
+    first = Node(work, workers=1)           # creates the node's CA
+    assert first.stop() == 0
+    ca = work / "data" / "trust"
+    certs = work / "certs"
+    certs.mkdir()
+
+    def issue(name, *extra, directory=ca):
+        out, key = certs / f"{name}.pem", certs / f"{name}.key"
+        r = stoq("trust", "issue", "--dir", directory, "--dns", f"{name}.client.example", "--out", out,
+                 "--key-out", key, *extra)
+        assert r.returncode == 0, r.stderr
+        return out, key
+
+    c = {"good": issue("good"), "expired": issue("expired", "--lifetime", "1s"), "revoked": issue("revoked")}
+    assert stoq("trust", "init", "--dir", work / "other-ca").returncode == 0
+    c["unknown-root"] = issue("stranger", directory=work / "other-ca")
+    serial = json.loads(stoq("trust", "show", c["revoked"][0], "--json").stdout)["certificates"][0]["serial"]
+    (ca / "revoked.txt").write_text(serial + "\n")
+    c["wrong-eku"] = certtool_cert(certs, "server-only", ca, 'cn = "server-only"\ntls_www_server\nsigning_key\n'
+                                                          'expiration_days = 1\n')
+    c["not-yet-valid"] = certtool_cert(certs, "future", ca, 'cn = "future"\ntls_www_client\nsigning_key\n'
+                                                       'activation_date = "2031-01-01 00:00:00 UTC"\n'
+                                                       'expiration_date = "2032-01-01 00:00:00 UTC"\n')
+    c["weak-key"] = certtool_cert(certs, "weak", ca, 'cn = "weak"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
+                                  key_type=("--key-type", "rsa", "--bits", "1024"))
+    # Five distinct certificates: leaf <- sub2 <- sub1 <- intermediate <- root.
+    def sign(name, template, ca_cert, ca_key):
+        key, cert, tpl = certs / f"{name}.key", certs / f"{name}.crt", certs / f"{name}.tpl"
+        tpl.write_text(template)
+        assert run(["certtool", "--generate-privkey", "--key-type", "ecdsa", "--outfile", key]).returncode == 0
+        r = run(["certtool", "--generate-certificate", "--load-privkey", key, "--load-ca-certificate", ca_cert,
+                 "--load-ca-privkey", ca_key, "--template", tpl, "--outfile", cert])
+        assert r.returncode == 0, r.stderr
+        return cert, key
+    sub_ca = 'cn = "{}"\nca\ncert_signing_key\nexpiration_days = 1\n'
+    sub1 = sign("sub1", sub_ca.format("sub1"), ca / "intermediate.pem", ca / "intermediate-key.pem")
+    sub2 = sign("sub2", sub_ca.format("sub2"), *sub1)
+    leaf = sign("deep", 'cn = "deep"\ntls_www_client\nsigning_key\nexpiration_days = 1\n', *sub2)
+    long_chain = certs / "long.pem"
+    long_chain.write_text("".join(p.read_text() for p in (leaf[0], sub2[0], sub1[0], ca / "intermediate.pem",
+                                                          ca / "root.pem")))
+    c["chain-too-long"] = (long_chain, leaf[1])
+    time.sleep(2)                            # the 1 s certificate has expired
+    node = Node(work, workers=1, extra='client_auth = "required"\n[admin]\nlisten = "[::1]:0"')
+    node.add_object("a.bin", 100_000)
+    node.client_certs = c
+    yield node
+    assert node.stop() == 0
+
+
+def get(node, cert=None):
+    args = ["get", node.url("a.bin"), "--ca", node.cert, "--json", "--timeout", "10"]
+    if cert:
+        args += ["--cert", cert[0], "--key", cert[1]]
+    return stoq(*args)
+
+
+def refusals(node):
+    node.log.flush()
+    return re.findall(r"client certificate refused: (.*)$", pathlib.Path(node.log.name).read_text(), re.M)
+
+
+def test_a_certificate_from_the_nodes_ca_is_accepted(mtls):
+    r = get(mtls, mtls.client_certs["good"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes"] == 100_000
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("none", "none was presented"),
+    ("expired", "expired"),
+    ("unknown-root", "issuer is unknown"),
+    ("revoked", "revoked"),
+    ("wrong-eku", "purpose"),
+    ("not-yet-valid", "not yet valid"),
+    ("weak-key", "key too weak"),
+    ("chain-too-long", "chain too long"),
+])
+def test_bad_client_certificates_are_refused_with_their_reason(mtls, case, reason):
+    before = len(refusals(mtls))
+    r = get(mtls, None if case == "none" else mtls.client_certs[case])
+    assert r.returncode != 0, f"{case}: the node accepted it"
+    time.sleep(0.2)
+    new = refusals(mtls)[before:]
+    assert new and reason in new[-1], f"{case}: logged {new}"
+    # The node keeps serving good clients.
+    assert get(mtls, mtls.client_certs["good"]).returncode == 0
+
+
+def test_refusals_are_counted(mtls):
+    time.sleep(1.2)
+    text = urllib.request.urlopen(mtls.admin, timeout=5).read().decode()
+    counted = sum(int(v) for v in re.findall(r'^stoq_tls_peer_certificates_refused_total\{[^}]*\} (\d+)$', text, re.M))
+    assert counted == len(refusals(mtls)) >= 8
