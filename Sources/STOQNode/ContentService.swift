@@ -118,24 +118,11 @@ public final class ContentService: QUICApplication {
         do { manifest = try Manifest(decoding: index.object(name).manifest) } catch {
             return fail(stream, connection, 500, "object \(name): \(error)")
         }
-        let size = manifest.totalLength
-        var status = 200
-        var range = size == 0 ? nil : Optional(0...(size - 1))
-        var headers = [("accept-ranges", "bytes")]
-        switch ObjectService.parseRange(request.range, size: size) {
-        case nil: break
-        case .success(let r):
-            status = 206
-            range = r
-            headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
-        case .failure(.unsatisfiable):
-            connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
-            return
-        case .failure(.malformed):
-            return fail(stream, connection, 400, "bad Range header")
-        }
+        guard let (status, headers, range) = ObjectService.bodyHead(
+            size: manifest.totalLength, request: request, stream: stream, connection: connection,
+            fail: { fail(stream, connection, $0, $1) })
+        else { return }
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
-        headers.append(("content-length", "\(length)"))
         if request.method == "HEAD" || length == 0 {
             connection.respond(stream, status: status, headers: headers, body: nil)
             return

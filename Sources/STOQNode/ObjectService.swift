@@ -94,6 +94,31 @@ public final class ObjectService: QUICApplication {
 
     enum RangeError: Error { case malformed, unsatisfiable }
 
+    /// The head of a response to GET/HEAD of an object of `size` bytes with the request's
+    /// `Range`: status, headers (content-length included) and the byte range to send (nil:
+    /// none). Answers 416 or 400 itself and returns nil when the range cannot be served.
+    static func bodyHead(size: UInt64, request: HTTPRequest, stream: HTTPStream, connection: QUICConnection,
+                         fail: (Int, String) -> Void) -> (status: Int, headers: [(String, String)], range: ClosedRange<UInt64>?)? {
+        var status = 200
+        var range = size == 0 ? nil : Optional(0...(size - 1))
+        var headers = [("accept-ranges", "bytes")]
+        switch parseRange(request.range, size: size) {
+        case nil: break
+        case .success(let r):
+            status = 206
+            range = r
+            headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
+        case .failure(.unsatisfiable):
+            connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
+            return nil
+        case .failure(.malformed):
+            fail(400, "bad Range header")
+            return nil
+        }
+        headers.append(("content-length", "\(range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0)"))
+        return (status, headers, range)
+    }
+
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         counters.requests += 1
         if request.malformed { return fail(stream, connection, 400, "malformed request") }
@@ -127,24 +152,10 @@ public final class ObjectService: QUICApplication {
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
             return fail(stream, connection, 404, "no object \(name)")
         }
-        let size = UInt64(st.st_size)
-        var status = 200
-        var range = size == 0 ? nil : Optional(0...(size - 1))
-        var headers = [("accept-ranges", "bytes")]
-        switch Self.parseRange(request.range, size: size) {
-        case nil: break
-        case .success(let r):
-            status = 206
-            range = r
-            headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
-        case .failure(.unsatisfiable):
-            connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
-            return
-        case .failure(.malformed):
-            return fail(stream, connection, 400, "bad Range header")
-        }
+        guard let (status, headers, range) = Self.bodyHead(size: UInt64(st.st_size), request: request, stream: stream,
+                                                           connection: connection, fail: { fail(stream, connection, $0, $1) })
+        else { return }
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
-        headers.append(("content-length", "\(length)"))
         if request.method == "HEAD" {
             connection.respond(stream, status: status, headers: headers, body: nil)
             return
