@@ -305,3 +305,13 @@ extension STOQClient {
         return ContentDigest(h.finalize())
     }
 }
+
+extension STOQClient {
+    /// One GET whose response body comes back in memory: for small documents (manifests,
+    /// transparency-log heads and proofs).
+    public static func fetch(_ url: STOQURL, trust: ClientTrust, timeout: Double = 30) throws(ClientError) -> (status: Int, body: [UInt8]) {
+        let session = try ClientSession(url, trust: trust, timeout: timeout)
+        defer { session.close() }
+        return try session.call("GET", url.path)
+    }
+}

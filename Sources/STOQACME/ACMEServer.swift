@@ -147,17 +147,7 @@ public actor ACMEServer {
         self.logger = logger
         authority = try TrustAuthority.load(from: caDirectory)
         eabKeys = ExternalAccountKeyStore(caDirectory: caDirectory)
-        let keyPath = caDirectory + "/" + FileName.logKey
-        let logKey: P256.Signing.PrivateKey
-        if let pem = FileManager.default.contents(atPath: keyPath) {
-            do { logKey = try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
-                throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
-            }
-        } else {
-            logKey = P256.Signing.PrivateKey()
-            try PEMFiles.writeFile(logKey.pemRepresentation + "\n", to: keyPath, mode: 0o600)
-        }
-        let log = try TransparencyLog(path: caDirectory + "/" + FileName.transparencyLog, signingKey: logKey)
+        let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
         self.log = log
         revokedPath = caDirectory + "/" + FileName.revoked
         if FileManager.default.fileExists(atPath: revokedPath) {

@@ -5,6 +5,7 @@ import STOQConfig
 import STOQCore
 import STOQQUIC
 import STOQTrust
+import SwiftASN1
 import X509
 
 /// The node's TLS identity over time: issues the first certificate at start, renews it at
@@ -55,6 +56,9 @@ final class CertificateManager: @unchecked Sendable {
     private let stopped = StopSignal()
 
     var counters: Counters { state.withLock { counterValues } }
+
+    /// The embedded CA's transparency log: every certificate is appended before it is used.
+    private(set) var log: CertificateLogService?
 
     init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
          addresses: [IPv6Address], logger: Logger) {
@@ -124,6 +128,10 @@ final class CertificateManager: @unchecked Sendable {
             let ca = try embeddedAuthority()
             let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime)
             (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
+            if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
+            var der = DER.Serializer()
+            try der.serialize(leaf)
+            try log!.append(der.serializedBytes)
             trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
         }
         try FileManager.default.createDirectory(atPath: identityDirectory, withIntermediateDirectories: true,

@@ -295,8 +295,20 @@ final class NodeRouter: QUICApplication {
         self.logger = logger
     }
 
+    /// The embedded CA's transparency log, served under /_stoq/log/ (nil: not this node's).
+    var log: CertificateLogService?
+
     func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        if ContentService.handles(request.path) {
+        if request.path.hasPrefix("/_stoq/log/") {
+            guard let log, request.method == "GET" || request.method == "HEAD" else {
+                let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
+                connection.respond(stream, status: log == nil ? 404 : 405, headers: [("content-length", "\(body.count)")], body: body)
+                return
+            }
+            let (status, type, bytes) = log.handle(path: request.path)
+            connection.respond(stream, status: status, headers: [("content-type", type), ("content-length", "\(bytes.count)")],
+                               body: request.method == "HEAD" ? nil : BodyRegion(copying: bytes))
+        } else if ContentService.handles(request.path) {
             content.request(request, stream: stream, connection: connection)
         } else if request.method == "GET" || request.method == "HEAD",
                   let name = ObjectService.objectName(fromPath: request.path),

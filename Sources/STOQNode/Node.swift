@@ -163,6 +163,7 @@ public final class Node: @unchecked Sendable {
                                                     logger: log)
                     let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log)
                     router = NodeRouter(objects: objects, content: chunks, logger: log)
+                    router.log = certificates?.log
                     endpoint.application = router
                 } catch {
                     errors.set("\(error)")

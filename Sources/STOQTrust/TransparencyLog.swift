@@ -21,6 +21,22 @@ import Musl
 /// One process appends at a time (an exclusive `flock`); within it the log has one owner,
 /// so it is a class that is not `Sendable`.
 public final class TransparencyLog {
+    /// The log a CA directory keeps (`transparency.log`, signed with `log-key.pem`, which is
+    /// created — mode 0600 — on first use). The ACME server and a node's own CA share it.
+    public static func openForAuthority(caDirectory: String) throws -> TransparencyLog {
+        let keyPath = caDirectory + "/log-key.pem"
+        let key: P256.Signing.PrivateKey
+        if let pem = FileManager.default.contents(atPath: keyPath) {
+            do { key = try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
+                throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
+            }
+        } else {
+            key = P256.Signing.PrivateKey()
+            try PEMFiles.writeFile(key.pemRepresentation + "\n", to: keyPath, mode: 0o600)
+        }
+        return try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: key)
+    }
+
     /// The file's first bytes.
     public static let magic: [UInt8] = Array("STOQTLG1".utf8)
     /// The largest entry a record holds: certificates are a few KiB; a bigger length read back

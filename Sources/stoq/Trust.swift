@@ -12,7 +12,7 @@ struct TrustCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trust",
         abstract: "TrustChain: create a certificate authority, issue node certificates, inspect and verify them.",
-        subcommands: [Init.self, Issue.self, Show.self, Verify.self, AddNode.self, Serve.self, ACMEIssue.self])
+        subcommands: [Init.self, Issue.self, Show.self, Verify.self, AddNode.self, Serve.self, ACMEIssue.self, Audit.self])
 
     struct Init: ParsableCommand {
         static let configuration = CommandConfiguration(

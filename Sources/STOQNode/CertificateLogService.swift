@@ -1,0 +1,90 @@
+import Crypto
+import Foundation
+import STOQTrust
+
+/// The node's CA transparency log (RFC 6962 hashing), shared by the certificate manager,
+/// which appends every certificate before it is used, and the workers, which serve it
+/// under `/_stoq/log/`: `sth` (signed tree head), `key` (the log's public key, PEM),
+/// `inclusion?hash=<leaf hash hex>[&size=N]` and `consistency?first=M&second=N`.
+/// Requests are rare and small, so one lock guards the log.
+final class CertificateLogService: @unchecked Sendable {
+    private let lock = NSLock()
+    private let log: TransparencyLog
+
+    init(caDirectory: String) throws {
+        log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
+    }
+
+    /// Appends one entry (a DER certificate); returns its index.
+    @discardableResult
+    func append(_ entry: [UInt8]) throws -> Int { try lock.withLock { try log.append(entry) } }
+
+    var size: Int { lock.withLock { log.size } }
+
+    /// Answers a `/_stoq/log/…` request: status, content type, body.
+    func handle(path: String) -> (Int, String, [UInt8]) {
+        let parts = path.split(separator: "?", maxSplits: 1)
+        let route = String(parts.first ?? "")
+        var query: [String: String] = [:]
+        if parts.count == 2 {
+            for pair in parts[1].split(separator: "&") {
+                let kv = pair.split(separator: "=", maxSplits: 1)
+                if kv.count == 2 { query[String(kv[0])] = String(kv[1]) }
+            }
+        }
+        func json(_ obj: [String: Any]) -> (Int, String, [UInt8]) {
+            let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data()
+            return (200, "application/json", Array(data))
+        }
+        func bad(_ status: Int, _ why: String) -> (Int, String, [UInt8]) { (status, "text/plain", Array("\(why)\n".utf8)) }
+        return lock.withLock {
+            do {
+                switch route {
+                case "/_stoq/log/sth":
+                    let sth = try log.signedTreeHead()
+                    return json(["tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": hex(sth.rootHash),
+                                 "signature": Data(sth.signature).base64EncodedString()])
+                case "/_stoq/log/key":
+                    return (200, "application/x-pem-file", Array((log.publicKey.pemRepresentation + "\n").utf8))
+                case "/_stoq/log/inclusion":
+                    guard let h = query["hash"].flatMap(unhex), h.count == 32 else {
+                        return bad(400, "inclusion needs hash=<64 hex digits: the entry's RFC 6962 leaf hash>")
+                    }
+                    let size = query["size"].flatMap(Int.init) ?? log.size
+                    guard size >= 1, size <= log.size else { return bad(400, "size \(size) is outside 1…\(log.size)") }
+                    guard let index = log.tree.leafHashes.prefix(size).firstIndex(of: h) else {
+                        return bad(404, "no entry with leaf hash \(hex(h)) in the first \(size)")
+                    }
+                    let proof = try log.inclusionProof(index: index, treeSize: size)
+                    return json(["index": index, "tree_size": size, "path": proof.map(hex)])
+                case "/_stoq/log/consistency":
+                    guard let first = query["first"].flatMap(Int.init), let second = query["second"].flatMap(Int.init),
+                          first >= 0, first <= second, second <= log.size else {
+                        return bad(400, "consistency needs 0 ≤ first ≤ second ≤ \(log.size)")
+                    }
+                    let proof = try log.consistencyProof(from: first, to: second)
+                    return json(["first": first, "second": second, "path": proof.map(hex)])
+                default:
+                    return bad(404, "no \(route): try /_stoq/log/sth, /key, /inclusion, /consistency")
+                }
+            } catch {
+                return bad(500, "\(error)")
+            }
+        }
+    }
+}
+
+func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+func unhex(_ text: String) -> [UInt8]? {
+    guard text.count % 2 == 0 else { return nil }
+    var out: [UInt8] = []
+    var i = text.startIndex
+    while i < text.endIndex {
+        let j = text.index(i, offsetBy: 2)
+        guard let b = UInt8(text[i..<j], radix: 16) else { return nil }
+        out.append(b)
+        i = j
+    }
+    return out
+}

@@ -1,0 +1,120 @@
+import ArgumentParser
+import Crypto
+import Foundation
+import STOQ
+import STOQTrust
+import SwiftASN1
+import X509
+
+/// `stoq trust audit`: checks a node's transparency log from the outside.
+struct Audit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Audit a node's certificate transparency log: signed tree head, consistency with an earlier one, inclusion of a certificate.",
+        discussion: """
+            Example: stoq trust audit https://[2001:db8::10]:4433 --ca root.pem --log-key log.pem \\
+                       --previous sth.json --include node.pem --save sth.json
+            Verifies the tree head's signature with --log-key (without it, the key the node serves,
+            which is trust on first use: save it), that the log only grew since --previous (an RFC 6962
+            consistency proof), and that --include's first certificate is in it (an inclusion proof).
+            Exit 0 when every check passes, 1 with the failed check named.
+            """)
+
+    @Argument(help: "The node, https://[ipv6]:port") var node: String
+    @OptionGroup var trust: TrustOptions
+    @Option(help: "The log's public key (PEM), as published by its operator.") var logKey: String?
+    @Option(help: "A tree head saved earlier with --save: the log must be consistent with it.") var previous: String?
+    @Option(help: "A PEM certificate that must be in the log.") var include: String?
+    @Option(help: "Write the verified tree head here (JSON), for the next audit's --previous.") var save: String?
+    @Flag(help: "Print one JSON object.") var json = false
+
+    struct Head: Codable {
+        var treeSize: UInt64
+        var timestamp: UInt64
+        var rootHash: String
+        var signature: String
+        enum CodingKeys: String, CodingKey {
+            case treeSize = "tree_size", timestamp, rootHash = "root_hash", signature
+        }
+    }
+
+    func get(_ path: String) throws -> [UInt8] {
+        let base = node.hasSuffix("/") ? String(node.dropLast()) : node
+        let url: STOQURL
+        do { url = try STOQURL(base + path) } catch { throw fail("<node>: \(error)", code: 2) }
+        let r: (status: Int, body: [UInt8])
+        do { r = try STOQClient.fetch(url, trust: trust.trust) } catch { throw fail("\(path): \(error)") }
+        guard r.status == 200 else { throw fail("\(path): HTTP \(r.status) \(String(decoding: r.body.prefix(300), as: UTF8.self))") }
+        return r.body
+    }
+
+    func run() throws {
+        var report: [String: Any] = ["node": node]
+        func check(_ ok: Bool, _ what: String) throws {
+            report[what] = ok
+            if !ok {
+                if json { printReport(report) }
+                throw fail("audit failed: \(what)")
+            }
+        }
+        let keyPEM = try logKey.map { try String(contentsOfFile: $0, encoding: .utf8) }
+            ?? String(decoding: try get("/_stoq/log/key"), as: UTF8.self)
+        let key: P256.Signing.PublicKey
+        do { key = try P256.Signing.PublicKey(pemRepresentation: keyPEM) } catch { throw fail("the log key is not a P-256 public key: \(error)") }
+        report["log_key_from"] = logKey == nil ? "the node (trust on first use)" : logKey!
+        let head = try JSONDecoder().decode(Head.self, from: Data(try get("/_stoq/log/sth")))
+        guard let root = hexBytes(head.rootHash), let sig = Data(base64Encoded: head.signature) else {
+            throw fail("the node's tree head does not parse")
+        }
+        let sth = SignedTreeHead(treeSize: head.treeSize, timestamp: head.timestamp, rootHash: root, signature: Array(sig))
+        report["tree_size"] = head.treeSize
+        try check(sth.verify(with: key), "tree head signature")
+
+        if let previous {
+            let old = try JSONDecoder().decode(Head.self, from: Data(contentsOf: URL(fileURLWithPath: previous)))
+            guard let oldRoot = hexBytes(old.rootHash) else { throw fail("\(previous): bad root_hash") }
+            try check(old.treeSize <= head.treeSize, "log did not shrink")
+            let proof = try proofPath(try get("/_stoq/log/consistency?first=\(old.treeSize)&second=\(head.treeSize)"))
+            try check(MerkleTree.verifyConsistency(oldSize: Int(old.treeSize), newSize: Int(head.treeSize), oldRoot: oldRoot,
+                                                   newRoot: root, proof: proof), "consistent with \(previous)")
+        }
+        if let cert = include {
+            guard let leaf = try PEMFiles.readCertificates(cert).first else { throw fail("\(cert): no certificate") }
+            var der = DER.Serializer()
+            try der.serialize(leaf)
+            let leafHash = MerkleTree.leafHash(der.serializedBytes)
+            let body = try get("/_stoq/log/inclusion?hash=\(leafHash.map { String(format: "%02x", $0) }.joined())&size=\(head.treeSize)")
+            let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
+            let index = obj["index"] as? Int ?? -1
+            report["cert_index"] = index
+            try check(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: index, treeSize: Int(head.treeSize),
+                                                 proof: try proofPath(body), rootHash: root), "\(cert) included")
+        }
+        if let save { try JSONEncoder().encode(head).write(to: URL(fileURLWithPath: save)) }
+        if json { printReport(report) } else {
+            print("audit ok: tree size \(head.treeSize), signature valid\(previous.map { ", consistent with \($0)" } ?? "")\(include.map { ", \($0) included" } ?? "")")
+        }
+    }
+
+    func proofPath(_ body: [UInt8]) throws -> [MerkleHash] {
+        let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
+        return (obj["path"] as? [String] ?? []).compactMap(hexBytes)
+    }
+
+    func printReport(_ report: [String: Any]) {
+        let data = (try? JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])) ?? Data("{}".utf8)
+        print(String(decoding: data, as: UTF8.self))
+    }
+}
+
+func hexBytes(_ text: String) -> [UInt8]? {
+    guard text.count % 2 == 0 else { return nil }
+    var out: [UInt8] = []
+    var i = text.startIndex
+    while i < text.endIndex {
+        let j = text.index(i, offsetBy: 2)
+        guard let b = UInt8(text[i..<j], radix: 16) else { return nil }
+        out.append(b)
+        i = j
+    }
+    return out
+}
