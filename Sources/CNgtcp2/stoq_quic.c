@@ -399,7 +399,7 @@ static void consume(stoq_conn *c, int64_t stream_id, size_t n) {
 }
 
 static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)ud;
+  (void)ud;
   stoq_stream *s = sud;
   /* A whole-region body lives until the stream closes; a streamed one gives back each piece
    * once the peer has acknowledged all of it (acks arrive in order: nghttp3 counts them). */
@@ -414,6 +414,11 @@ static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t da
     s->p_head = (s->p_head + 1) % STOQ_BODY_PIECES;
     s->p_count--;
     s->p_read--;
+  }
+  /* A stream that blocked because every piece slot was taken can ask for more now. */
+  if (s->stream_blocked && s->p_count < STOQ_BODY_PIECES && !s->stream_eof) {
+    s->stream_blocked = 0;
+    nghttp3_conn_resume_stream(h3, stream_id);
   }
   return 0;
 }
