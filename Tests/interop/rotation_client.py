@@ -4,7 +4,7 @@ GET every `--every` seconds, and opens one new connection every `--every` second
 see which certificate new handshakes get. Prints one JSON object:
 {"requests_ok", "requests_failed", "connections_lost", "serials", "handshake_ms"}.
 
-Usage: rotation_client.py URL --ca ROOT [--connections 100] [--seconds 45] [--every 2]
+Usage: rotation_client.py URL --ca ROOT [--connections 100] [--seconds 45] [--every 2] [--probe-every S]
 """
 import argparse
 import asyncio
@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
-from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, StreamReset
 
@@ -73,6 +73,7 @@ async def main():
     ap.add_argument("--connections", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=45)
     ap.add_argument("--every", type=float, default=2)
+    ap.add_argument("--probe-every", type=float, default=None, help="new handshakes this often (default: --every)")
     a = ap.parse_args()
     u = urlparse(a.url)
     stats = {"requests_ok": 0, "requests_failed": 0, "connections_lost": 0, "serials": [], "handshake_ms": [],
@@ -112,7 +113,7 @@ async def main():
                     stats["serials"].append(format(cert.serial_number, "x"))
             except Exception as e:  # noqa: BLE001
                 stats["errors"].append(f"probe: {type(e).__name__}: {e}")
-            await asyncio.sleep(a.every)
+            await asyncio.sleep(a.probe_every or a.every)
 
     await asyncio.gather(prober(), *(long_lived(i) for i in range(a.connections)))
     stats["errors"] = stats["errors"][:20]
