@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import STOQCore
 import STOQTrust
 
 /// The node's CA transparency log (RFC 6962 hashing), shared by the certificate manager,
@@ -42,28 +43,28 @@ final class CertificateLogService: @unchecked Sendable {
                 switch route {
                 case "/_stoq/log/sth":
                     let sth = try log.signedTreeHead()
-                    return json(["tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": hex(sth.rootHash),
+                    return json(["tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": Hex.encode(sth.rootHash),
                                  "signature": Data(sth.signature).base64EncodedString()])
                 case "/_stoq/log/key":
                     return (200, "application/x-pem-file", Array((log.publicKey.pemRepresentation + "\n").utf8))
                 case "/_stoq/log/inclusion":
-                    guard let h = query["hash"].flatMap(unhex), h.count == 32 else {
+                    guard let h = query["hash"].flatMap { Hex.decode($0) }, h.count == 32 else {
                         return bad(400, "inclusion needs hash=<64 hex digits: the entry's RFC 6962 leaf hash>")
                     }
                     let size = query["size"].flatMap(Int.init) ?? log.size
                     guard size >= 1, size <= log.size else { return bad(400, "size \(size) is outside 1…\(log.size)") }
                     guard let index = log.tree.leafHashes.prefix(size).firstIndex(of: h) else {
-                        return bad(404, "no entry with leaf hash \(hex(h)) in the first \(size)")
+                        return bad(404, "no entry with leaf hash \(Hex.encode(h)) in the first \(size)")
                     }
                     let proof = try log.inclusionProof(index: index, treeSize: size)
-                    return json(["index": index, "tree_size": size, "path": proof.map(hex)])
+                    return json(["index": index, "tree_size": size, "path": proof.map { Hex.encode($0) }])
                 case "/_stoq/log/consistency":
                     guard let first = query["first"].flatMap(Int.init), let second = query["second"].flatMap(Int.init),
                           first >= 0, first <= second, second <= log.size else {
                         return bad(400, "consistency needs 0 ≤ first ≤ second ≤ \(log.size)")
                     }
                     let proof = try log.consistencyProof(from: first, to: second)
-                    return json(["first": first, "second": second, "path": proof.map(hex)])
+                    return json(["first": first, "second": second, "path": proof.map { Hex.encode($0) }])
                 default:
                     return bad(404, "no \(route): try /_stoq/log/sth, /key, /inclusion, /consistency")
                 }
@@ -72,19 +73,4 @@ final class CertificateLogService: @unchecked Sendable {
             }
         }
     }
-}
-
-func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
-
-func unhex(_ text: String) -> [UInt8]? {
-    guard text.count % 2 == 0 else { return nil }
-    var out: [UInt8] = []
-    var i = text.startIndex
-    while i < text.endIndex {
-        let j = text.index(i, offsetBy: 2)
-        guard let b = UInt8(text[i..<j], radix: 16) else { return nil }
-        out.append(b)
-        i = j
-    }
-    return out
 }

@@ -64,14 +64,7 @@ public final class Node: @unchecked Sendable {
             for line in text.split(whereSeparator: \.isNewline) {
                 let hex = line.split(separator: "#").first.map { $0.filter(\.isHexDigit) } ?? ""
                 guard !hex.isEmpty else { continue }
-                let padded = hex.count % 2 == 1 ? "0" + hex : hex
-                var bytes: [UInt8] = []
-                var i = padded.startIndex
-                while i < padded.endIndex {
-                    let j = padded.index(i, offsetBy: 2)
-                    bytes.append(UInt8(padded[i..<j], radix: 16)!)
-                    i = j
-                }
+                guard let bytes = Hex.decode(hex.count % 2 == 1 ? "0" + hex : hex) else { continue }
                 revoked.append(bytes)
             }
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Crypto
 import Foundation
 import STOQ
+import STOQCore
 import STOQTrust
 import SwiftASN1
 import X509
@@ -62,7 +63,7 @@ struct Audit: ParsableCommand {
         do { key = try P256.Signing.PublicKey(pemRepresentation: keyPEM) } catch { throw fail("the log key is not a P-256 public key: \(error)") }
         report["log_key_from"] = logKey == nil ? "the node (trust on first use)" : logKey!
         let head = try JSONDecoder().decode(Head.self, from: Data(try get("/_stoq/log/sth")))
-        guard let root = hexBytes(head.rootHash), let sig = Data(base64Encoded: head.signature) else {
+        guard let root = Hex.decode(head.rootHash), let sig = Data(base64Encoded: head.signature) else {
             throw fail("the node's tree head does not parse")
         }
         let sth = SignedTreeHead(treeSize: head.treeSize, timestamp: head.timestamp, rootHash: root, signature: Array(sig))
@@ -71,7 +72,7 @@ struct Audit: ParsableCommand {
 
         if let previous {
             let old = try JSONDecoder().decode(Head.self, from: Data(contentsOf: URL(fileURLWithPath: previous)))
-            guard let oldRoot = hexBytes(old.rootHash) else { throw fail("\(previous): bad root_hash") }
+            guard let oldRoot = Hex.decode(old.rootHash) else { throw fail("\(previous): bad root_hash") }
             try check(old.treeSize <= head.treeSize, "log did not shrink")
             let proof = try proofPath(try get("/_stoq/log/consistency?first=\(old.treeSize)&second=\(head.treeSize)"))
             try check(MerkleTree.verifyConsistency(oldSize: Int(old.treeSize), newSize: Int(head.treeSize), oldRoot: oldRoot,
@@ -82,7 +83,7 @@ struct Audit: ParsableCommand {
             var der = DER.Serializer()
             try der.serialize(leaf)
             let leafHash = MerkleTree.leafHash(der.serializedBytes)
-            let body = try get("/_stoq/log/inclusion?hash=\(leafHash.map { String(format: "%02x", $0) }.joined())&size=\(head.treeSize)")
+            let body = try get("/_stoq/log/inclusion?hash=\(Hex.encode(leafHash))&size=\(head.treeSize)")
             let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
             let index = obj["index"] as? Int ?? -1
             report["cert_index"] = index
@@ -97,24 +98,11 @@ struct Audit: ParsableCommand {
 
     func proofPath(_ body: [UInt8]) throws -> [MerkleHash] {
         let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
-        return (obj["path"] as? [String] ?? []).compactMap(hexBytes)
+        return (obj["path"] as? [String] ?? []).compactMap { Hex.decode($0) }
     }
 
     func printReport(_ report: [String: Any]) {
         let data = (try? JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])) ?? Data("{}".utf8)
         print(String(decoding: data, as: UTF8.self))
     }
-}
-
-func hexBytes(_ text: String) -> [UInt8]? {
-    guard text.count % 2 == 0 else { return nil }
-    var out: [UInt8] = []
-    var i = text.startIndex
-    while i < text.endIndex {
-        let j = text.index(i, offsetBy: 2)
-        guard let b = UInt8(text[i..<j], radix: 16) else { return nil }
-        out.append(b)
-        i = j
-    }
-    return out
 }
