@@ -41,6 +41,28 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def read_banner(node, timeout=30):
+    """Reads what stoq-node prints once it serves (trust:, certificate:, admin:, listening:)
+    into node.cert, node.identity_cert, node.admin; kills it and raises with its log if it
+    does not get there."""
+    node.cert = node.identity_cert = node.admin = None
+    keys = {"trust": "cert", "certificate": "identity_cert", "admin": "admin"}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = node.proc.stdout.readline()
+        if not line:
+            break
+        key, _, value = line.partition(": ")
+        if key in keys:
+            setattr(node, keys[key], value.strip())
+        if key == "listening":
+            return
+    node.proc.kill()
+    node.log.flush()
+    node.log.seek(0)
+    raise RuntimeError(f"stoq-node did not start: {node.log.read()[-2000:]}")
+
+
 class Node:
     def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = ""):
         self.workdir = workdir
@@ -55,24 +77,7 @@ class Node:
         self.log = open(workdir / "node.log", "w+")
         self.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(self.config)],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.cert = None
-        self.admin = None
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("trust: "):
-                self.cert = line.split(": ", 1)[1].strip()
-            if line.startswith("certificate: "):
-                self.identity_cert = line.split(": ", 1)[1].strip()
-            if line.startswith("admin: "):
-                self.admin = line.split(": ", 1)[1].strip()
-            if line.startswith("listening: "):
-                return
-        self.proc.kill()
-        self.log.seek(0)
-        raise RuntimeError(f"stoq-node did not start: {self.log.read()[-2000:]}")
+        read_banner(self)
 
     def url(self, name: str) -> str:
         return f"https://[::1]:{self.port}/objects/{name}"

@@ -4,7 +4,6 @@ head is consistent with an earlier one; a tampered head or a certificate not in 
 fail the audit, naming the check."""
 import json
 import pathlib
-import re
 import time
 
 import pytest

@@ -7,11 +7,10 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import ROOT, need_binary, run, sha256_file
+from conftest import ROOT, need_binary, read_banner, run, sha256_file
 
 A, B, VA = "stoq-a", "stoq-b", "veth-a"
 ADDR_A, ADDR_B = "fd00:5704::1", "fd00:5704::2"
@@ -55,21 +54,7 @@ class XDPNode:
         self.log = open(self.logpath, "w+")
         self.proc = subprocess.Popen(in_a(need_binary("stoq-node"), "--config", cfg, "--log-level", "info"),
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
-        deadline = time.time() + 30
-        self.cert = None
-        self.admin = None
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("trust: "):
-                self.cert = line.split(": ", 1)[1].strip()
-            if line.startswith("admin: "):
-                self.admin = line.split(": ", 1)[1].strip()
-            if line.startswith("listening: "):
-                return
-        self.proc.kill()
-        raise RuntimeError(f"stoq-node on AF_XDP did not start: {self.text()[-2000:]}")
+        read_banner(self)
 
     def text(self):
         self.log.flush()
