@@ -40,9 +40,12 @@ final class CertificateManager: @unchecked Sendable {
         var serial = ""
     }
 
-    let trust: NodeConfig.Trust
-    /// What clients' certificates must satisfy (mutual TLS), applied to every credential issued.
-    let clientAuth: ClientAuthentication?
+    private var trustValue: NodeConfig.Trust
+    private var clientAuthValue: ClientAuthentication?
+    /// Lifetimes, mode and ACME settings (a reload may change them; the next renewal uses them).
+    var trust: NodeConfig.Trust { state.withLock { trustValue } }
+    /// What clients' certificates must satisfy (mutual TLS), applied to every credential made.
+    var clientAuth: ClientAuthentication? { state.withLock { clientAuthValue } }
     let identityDirectory: String
     let caDirectory: String
     let names: [String]
@@ -54,6 +57,7 @@ final class CertificateManager: @unchecked Sendable {
     private let state = NSLock()
     private var counterValues = Counters()
     private let stopped = StopSignal()
+    private let wake = StopSignal()
 
     var counters: Counters { state.withLock { counterValues } }
 
@@ -62,8 +66,8 @@ final class CertificateManager: @unchecked Sendable {
 
     init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
          addresses: [IPv6Address], logger: Logger) {
-        self.trust = trust
-        self.clientAuth = clientAuth
+        self.trustValue = trust
+        self.clientAuthValue = clientAuth
         self.identityDirectory = dataDirectory + "/identity"
         self.caDirectory = dataDirectory + "/trust"
         // Only what a certificate can name: valid DNS labels, and IPv6 (the node is IPv6 only).
@@ -84,7 +88,26 @@ final class CertificateManager: @unchecked Sendable {
         return creds
     }
 
-    func stop() { stopped.set() }
+    func stop() {
+        stopped.set()
+        wake.set()
+    }
+
+    /// A reload: new trust settings take effect at the next renewal; new client-certificate
+    /// rules at once (the current certificate is loaded again with them and published).
+    func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
+        let rulesChanged = state.withLock { () -> Bool in
+            let changed = clientAuthValue != clientAuth
+            trustValue = trust
+            clientAuthValue = clientAuth
+            return changed
+        }
+        wake.set()
+        if rulesChanged {
+            published.publish(try TLSCredentials(certificateFile: identityDirectory + "/cert.pem",
+                                                 keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth))
+        }
+    }
 
     /// When to renew a certificate that expires at `notAfter`: `renew_before` ahead (a third
     /// of the lifetime by default), minus up to 10 % of that window at random, so that a
@@ -99,7 +122,12 @@ final class CertificateManager: @unchecked Sendable {
         var backoff = 1.0
         while !stopped.isSet {
             let next = renewalTime(notAfter: counters.notAfter)
-            if stopped.wait(until: next) { return }
+            // A reload (new lifetimes) wakes the wait early, to compute the time again.
+            if wake.wait(until: next) {
+                if stopped.isSet { return }
+                wake.reset()
+                continue
+            }
             do {
                 let creds = try renew()
                 published.publish(creds)
@@ -203,6 +231,7 @@ final class StopSignal: @unchecked Sendable {
     private var set_ = false
     var isSet: Bool { cond.withLock { set_ } }
     func set() { cond.withLock { set_ = true; cond.broadcast() } }
+    func reset() { cond.withLock { set_ = false } }
     /// Sleeps until `deadline` or the signal; returns whether the signal came.
     func wait(until deadline: Date) -> Bool {
         cond.withLock {

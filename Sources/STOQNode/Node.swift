@@ -11,7 +11,8 @@ import STOQWorker
 /// A running node: its identity, one pinned worker thread per core (each with its own
 /// datapath queue, QUIC endpoint and object service), and a clean drain on stop.
 public final class Node: @unchecked Sendable {
-    public let config: NodeConfig
+    /// The configuration in force (a reload updates what it applies).
+    public private(set) var config: NodeConfig
     public let logger: Logger
     /// The certificate clients should trust (the embedded CA's root, or the configured chain).
     public private(set) var certificatePath = ""
@@ -234,6 +235,54 @@ public final class Node: @unchecked Sendable {
 
     /// Each worker's latest published numbers.
     public var workerStats: [WorkerStats] { snapshots.compactMap(\.latest) }
+
+    /// What a reload did: the keys it applied while running, and those that need a restart.
+    public struct ReloadReport: Sendable {
+        public var applied: [String] = []
+        public var restartNeeded: [String] = []
+    }
+
+    /// Applies a new, already validated configuration where it can while running: mutual-TLS
+    /// rules (at once) and certificate lifetimes (from the next renewal). `log.level` is the
+    /// caller's (it owns the log handler). Everything else is reported as needing a restart.
+    public func reload(_ fresh: NodeConfig) throws(NodeError) -> ReloadReport {
+        var report = ReloadReport()
+        var next = config
+        let old = config
+        func note(_ key: String, _ changed: Bool, live: Bool) {
+            guard changed else { return }
+            if live { report.applied.append(key) } else { report.restartNeeded.append(key) }
+        }
+        let manager = certificates
+        let trustChanged = fresh.trust != old.trust, authChanged = fresh.network.clientAuth != old.network.clientAuth
+        if let manager, trustChanged || authChanged, fresh.trust.mode == old.trust.mode {
+            do { try manager.update(trust: fresh.trust, clientAuth: try Self.clientAuthentication(fresh)) } catch {
+                throw NodeError(.identity, "applying the new trust settings: \(error)")
+            }
+            next.trust = fresh.trust
+            next.network.clientAuth = fresh.network.clientAuth
+            note("trust", trustChanged, live: true)
+            note("network.client_auth", authChanged, live: true)
+        } else {
+            note("trust", trustChanged, live: false)
+            note("network.client_auth", authChanged, live: false)
+        }
+        if fresh.log != old.log { next.log = fresh.log; report.applied.append("log.level") }
+        var restOld = old, restNew = fresh
+        (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
+        restOld.network.clientAuth = ""
+        restNew.network.clientAuth = ""
+        note("network", restNew.network != restOld.network, live: false)
+        note("node", restNew.node != restOld.node, live: false)
+        note("storage", restNew.storage != restOld.storage, live: false)
+        note("tls", restNew.tls != restOld.tls, live: false)
+        note("admin", restNew.admin != restOld.admin, live: false)
+        note("chunking", restNew.chunking != restOld.chunking, live: false)
+        note("edge", restNew.edge != restOld.edge, live: false)
+        note("routing", restNew.routing != restOld.routing, live: false)
+        config = next
+        return report
+    }
 
     /// Asks every worker to close its connections gracefully and stop.
     public func stop() {

@@ -37,11 +37,8 @@ struct StoqNode: ParsableCommand {
             FileHandle.standardError.write(Data("stoq-node: --log-level \(levelText): expected trace, debug, info, notice, warning, error or critical\n".utf8))
             throw ExitCode(2)
         }
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        let levelBox = LevelBox(level)
+        LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
         let node = Node(config: cfg, logger: logger)
         signal(SIGTERM, SIG_IGN)
@@ -56,15 +53,39 @@ struct StoqNode: ParsableCommand {
             s.resume()
             return s
         }
-        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        hup.setEventHandler {
-            guard let path = config else { return logger.notice("SIGHUP: no config file to reload") }
+        // SIGHUP, or a change to the file seen by its modification time, reloads: the node applies
+        // what it can live and names what needs a restart; an invalid file changes nothing.
+        let reloadQueue = DispatchQueue(label: "stoq-node.reload")
+        let reload: @Sendable (String) -> Void = { why in
+            guard let path = config else { return logger.notice("\(why): no config file to reload") }
             do {
                 let fresh = try ConfigLoader.load(path: path)
-                if fresh == cfg { logger.notice("SIGHUP: \(path) unchanged") } else {
-                    logger.warning("SIGHUP: \(path) changed; live reload of these keys is not implemented yet — restart to apply")
+                let report = try node.reload(fresh)
+                if report.applied.contains("log.level"), let l = Logger.Level(rawValue: fresh.log.level), logLevel == nil {
+                    levelBox.level = l
                 }
-            } catch { logger.error("SIGHUP: \(path) is invalid, keeping the running configuration:\n\(error)") }
+                if report.applied.isEmpty && report.restartNeeded.isEmpty {
+                    logger.notice("\(why): \(path) unchanged")
+                } else {
+                    logger.notice("\(why): reloaded \(path)", metadata: [
+                        "applied": "\(report.applied.joined(separator: ","))",
+                        "restart_needed": "\(report.restartNeeded.joined(separator: ","))",
+                    ])
+                }
+            } catch { logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)") }
+        }
+        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: reloadQueue)
+        hup.setEventHandler { reload("SIGHUP") }
+        let watch = config.map { path in
+            let timer = DispatchSource.makeTimerSource(queue: reloadQueue)
+            var last = ConfigWatch.modificationTime(path)
+            timer.schedule(deadline: .now() + 2, repeating: 2)
+            timer.setEventHandler {
+                let now = ConfigWatch.modificationTime(path)
+                if now != last { last = now; reload("config file changed") }
+            }
+            timer.resume()
+            return timer
         }
         hup.resume()
         do { try node.start() } catch {
@@ -79,6 +100,54 @@ struct StoqNode: ParsableCommand {
         node.wait()
         withExtendedLifetime(stopSignals) {}
         withExtendedLifetime(hup) {}
+        withExtendedLifetime(watch) {}
         logger.notice("stopped")
+    }
+}
+
+/// The log level, changeable while running (a reload).
+final class LevelBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Logger.Level
+    init(_ l: Logger.Level) { value = l }
+    var level: Logger.Level {
+        get { lock.withLock { value } }
+        set { lock.withLock { value = newValue } }
+    }
+}
+
+/// swift-log's stream handler, with its level read from a `LevelBox` so a reload can change it.
+struct ReloadableLogHandler: LogHandler {
+    private var inner: StreamLogHandler
+    private let box: LevelBox
+    init(label: String, level: LevelBox) {
+        inner = StreamLogHandler.standardError(label: label)
+        box = level
+    }
+    var logLevel: Logger.Level {
+        get { box.level }
+        set { box.level = newValue }
+    }
+    var metadata: Logger.Metadata {
+        get { inner.metadata }
+        set { inner.metadata = newValue }
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { inner[metadataKey: key] }
+        set { inner[metadataKey: key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
+             function: String, line: UInt) {
+        guard level >= box.level else { return }
+        inner.log(level: level, message: message, metadata: metadata, source: source, file: file, function: function, line: line)
+    }
+}
+
+enum ConfigWatch {
+    /// The file's modification time (nanoseconds), 0 when it cannot be read.
+    static func modificationTime(_ path: String) -> Int {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return 0 }
+        return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
     }
 }

@@ -1,0 +1,66 @@
+"""Hot reload: a changed config file (or SIGHUP) applies mutual-TLS rules and the log level
+to a running node, names the keys that need a restart, and an invalid file changes nothing
+while the node keeps serving."""
+import pathlib
+import re
+import signal
+import time
+
+import pytest
+
+from conftest import Node, stoq
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = Node(tmp_path, workers=1)
+    n.add_object("a.bin", 50_000)
+    yield n
+    assert n.stop() == 0
+
+
+def log_text(n):
+    n.log.flush()
+    return pathlib.Path(n.log.name).read_text()
+
+
+def wait_for(n, pattern, seconds=8):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        m = re.search(pattern, log_text(n))
+        if m:
+            return m
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} never appeared in the node's log:\n{log_text(n)[-2000:]}")
+
+
+def get(n, *extra):
+    return stoq("get", n.url("a.bin"), "--ca", n.cert, "--json", "--timeout", "10", *extra)
+
+
+def test_a_changed_file_applies_live_and_names_what_needs_a_restart(node, tmp_path):
+    assert get(node).returncode == 0
+    cfg = node.config.read_text()
+    cfg = cfg.replace("workers = 1\n", 'workers = 2\nclient_auth = "required"\n')
+    cfg += '[log]\nlevel = "debug"\n'
+    node.config.write_text(cfg)
+    m = wait_for(node, r"applied=(\S+) restart_needed=(\S*) .*reloaded")
+    assert set(m.group(1).split(",")) == {"network.client_auth", "log.level"}
+    assert m.group(2) == "network"                     # workers: a restart
+    r = get(node)                                       # no client certificate now: refused
+    assert r.returncode != 0
+    wait_for(node, r"client certificate refused: none was presented")
+    # A client certificate from the node's CA is accepted; debug logging is on.
+    ca = pathlib.Path(node.cert).parent
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    assert stoq("trust", "issue", "--dir", ca, "--dns", "client.example", "--out", cert, "--key-out", key).returncode == 0
+    assert get(node, "--cert", cert, "--key", key).returncode == 0
+    wait_for(node, r"debug stoq-node: .*connection closed")
+
+
+def test_sighup_with_an_invalid_file_keeps_the_running_configuration(node):
+    node.config.write_text(node.config.read_text().replace("workers = 1", "workers = -3"))
+    node.proc.send_signal(signal.SIGHUP)
+    wait_for(node, r"is invalid, keeping the running configuration")
+    assert "network.workers" in log_text(node)
+    assert get(node).returncode == 0
