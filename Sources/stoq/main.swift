@@ -17,7 +17,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
         subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
-                      XDPCommand.self])
+                      XDPCommand.self, StatusCommand.self])
 }
 
 struct TrustOptions: ParsableArguments {

@@ -63,3 +63,16 @@ def test_status_is_json_and_unknown_paths_are_404(admin_node):
     with pytest.raises(urllib.error.HTTPError) as e:
         fetch(admin_node.admin.replace("/metrics", "/nope"))
     assert e.value.code == 404
+
+
+def test_stoq_status_reads_the_admin_api(admin_node):
+    r = stoq("status", admin_node.admin)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("worker  datapath")
+    assert len([l for l in lines if re.match(r"^\s+\d+\s+io_uring", l)]) == 2
+    assert lines[-1].startswith("store: ")
+    r = stoq("status", admin_node.admin, "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["workers"]) == 2
+    r = stoq("status", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "IPv6 only" in r.stderr

@@ -1,0 +1,56 @@
+import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+
+/// `stoq status`: a node's live numbers from its admin API (`[admin] listen`).
+struct StatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show a node's workers, datapaths and counters (from its admin API).",
+        discussion: """
+            Example: stoq status http://[::1]:9464
+                     stoq status http://[::1]:9464 --json
+            The node must run with [admin] listen set; stoq-node prints the address as "admin:".
+            """)
+
+    @Argument(help: "The admin API, http://[ipv6]:port") var admin: String
+    @Flag(help: "Print the node's /status JSON as it is.") var json = false
+
+    func run() async throws {
+        let base = admin.replacingOccurrences(of: "/metrics", with: "").trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+        guard base.hasPrefix("http://[") else { throw fail("<admin>: expected http://[ipv6]:port (IPv6 only)", code: 2) }
+        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let body: ByteBuffer
+        do {
+            let response = try await client.execute(HTTPClientRequest(url: base + "/status"), timeout: .seconds(10))
+            guard response.status == .ok else {
+                try? await client.shutdown()
+                throw fail("\(base)/status: HTTP \(response.status.code)")
+            }
+            body = try await response.body.collect(upTo: 16 << 20)
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            try? await client.shutdown()
+            throw fail("\(base)/status: \(error)")
+        }
+        try? await client.shutdown()
+        let text = String(buffer: body)
+        if json { print(text); return }
+        guard let doc = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
+              let workers = doc["workers"] as? [[String: Any]] else { throw fail("\(base)/status: not a STOQ status document") }
+        print("worker  datapath  connections  datagrams in/out        requests  chunks served/stored  detail")
+        for w in workers {
+            let diag = (w["diagnostics"] as? [String: String]) ?? [:]
+            let detail = diag["xdp_mode"].map { "xdp \($0), zero-copy \(diag["zero_copy"] ?? "?")" } ?? "\(w["features"] ?? "")"
+            print(String(format: "%6d  %-8@  %11d  %10d / %-10d  %8d  %8d / %-8d  %@",
+                         w["worker"] as? Int ?? 0, (w["backend"] as? String ?? "?") as NSString, w["connections"] as? Int ?? 0,
+                         w["datagrams_in"] as? Int ?? 0, w["datagrams_out"] as? Int ?? 0, w["requests"] as? Int ?? 0,
+                         w["chunks_served"] as? Int ?? 0, w["chunks_stored"] as? Int ?? 0, detail as NSString))
+        }
+        if let s = doc["store"] as? [String: Any] {
+            print("store: \(s["chunks_written"] ?? 0) chunks written (\(s["bytes_written"] ?? 0) bytes), \(s["dedup_hits"] ?? 0) dedup hits, \(s["corrupt_quarantined"] ?? 0) quarantined")
+        }
+    }
+}
