@@ -130,7 +130,8 @@ struct stoq_conn {
   size_t max_pkt;
   /* what the certificate must name when the server is an IP literal; GnuTLS keeps a pointer */
   uint8_t verify_ip[16];
-  gnutls_typed_vdata_st verify_data;
+  char verify_name[256];
+  gnutls_typed_vdata_st verify_data[2]; /* the server's name or address, and EKU serverAuth */
 };
 
 int stoq_random(uint8_t *buf, size_t len) {
@@ -1078,16 +1079,23 @@ static int setup_tls(stoq_conn *c, const char *server_name) {
     int is_ip = inet_pton(AF_INET6, server_name, &a6) == 1;
     if (!is_ip) gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, server_name, strlen(server_name));
     if (!t->insecure) {
+      /* The server's certificate must name it (an IP literal matches an IP SAN; GnuTLS wants
+       * the raw bytes for that) and be meant for a TLS server (EKU serverAuth). */
       if (is_ip) {
-        /* An IP literal must match an IP SAN; GnuTLS wants the raw bytes for that. */
         memcpy(c->verify_ip, &a6, 16);
-        c->verify_data.type = GNUTLS_DT_IP_ADDRESS;
-        c->verify_data.data = c->verify_ip;
-        c->verify_data.size = 16;
-        gnutls_session_set_verify_cert2(c->tls, &c->verify_data, 1, 0);
+        c->verify_data[0].type = GNUTLS_DT_IP_ADDRESS;
+        c->verify_data[0].data = c->verify_ip;
+        c->verify_data[0].size = 16;
       } else {
-        gnutls_session_set_verify_cert(c->tls, server_name, 0);
+        snprintf(c->verify_name, sizeof(c->verify_name), "%s", server_name);
+        c->verify_data[0].type = GNUTLS_DT_DNS_HOSTNAME;
+        c->verify_data[0].data = (unsigned char *)c->verify_name;
+        c->verify_data[0].size = 0;
       }
+      c->verify_data[1].type = GNUTLS_DT_KEY_PURPOSE_OID;
+      c->verify_data[1].data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER;
+      c->verify_data[1].size = 0;
+      gnutls_session_set_verify_cert2(c->tls, c->verify_data, 2, 0);
     }
   }
   ngtcp2_conn_set_tls_native_handle(c->q, c->tls);

@@ -128,3 +128,37 @@ def test_refusals_are_counted(mtls):
     text = urllib.request.urlopen(mtls.admin, timeout=5).read().decode()
     counted = sum(int(v) for v in re.findall(r'^stoq_tls_peer_certificates_refused_total\{[^}]*\} (\d+)$', text, re.M))
     assert counted == len(refusals(mtls)) >= 8
+
+
+def test_a_server_certificate_without_server_auth_is_refused_by_the_client(mtls, tmp_path):
+    """The other direction: a node (stoq) connecting to a peer refuses a certificate that
+    chains to a trusted root but is not meant for a TLS server (EKU clientAuth only)."""
+    import shutil
+    import subprocess as sp
+    from conftest import free_port
+    ca = pathlib.Path(mtls.cert).parent
+    chain, key = certtool_cert(tmp_path, "client-only", ca, 'cn = "client-only"\ntls_www_client\nsigning_key\n'
+                                                           'ip_address = "::1"\nexpiration_days = 1\n')
+    htdocs = tmp_path / "htdocs"
+    htdocs.mkdir()
+    (htdocs / "x.bin").write_bytes(b"x" * 1000)
+    port = free_port()
+    gtls = shutil.which("gtlsserver") or "/usr/sbin/gtlsserver"
+    srv = sp.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), str(chain)],
+                   stdout=sp.DEVNULL, stderr=sp.DEVNULL)
+    try:
+        time.sleep(0.5)
+        r = stoq("get", f"https://[::1]:{port}/x.bin", "--ca", mtls.cert, "--timeout", "10")
+        assert r.returncode != 0 and "intended purpose" in r.stderr, r.stderr
+        # The node's own chain (EKU serverAuth + clientAuth) from the same server software works.
+        srv.terminate()
+        srv.wait(timeout=10)
+        ident = pathlib.Path(mtls.identity_cert)
+        srv = sp.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(ident.with_name("key.pem")), str(ident)],
+                       stdout=sp.DEVNULL, stderr=sp.DEVNULL)
+        time.sleep(0.5)
+        r = stoq("get", f"https://[::1]:{port}/x.bin", "--ca", mtls.cert, "--json", "--timeout", "10")
+        assert r.returncode == 0, r.stderr
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
