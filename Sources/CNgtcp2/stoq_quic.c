@@ -75,13 +75,9 @@ struct stoq_stream {
   int reset_by_peer;
   int responded;
   size_t header_bytes;
-  /* body we send: a caller-owned region */
-  const uint8_t *src;
-  uint64_t src_len, src_off;
-  void (*release)(void *);
-  void *release_arg;
-  /* streamed body: pieces the application appends as they are wanted, released when acked */
-  int streamed, stream_eof, stream_blocked;
+  /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
+   * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
+  int stream_eof, stream_blocked;
   struct body_piece {
     const uint8_t *base;
     uint64_t len;
@@ -351,7 +347,6 @@ static void stream_free(stoq_conn *c, stoq_stream *s) {
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
   if (s->next) s->next->prev = s->prev;
-  if (s->release) s->release(s->release_arg);
   for (unsigned i = 0; i < s->p_count; i++) {
     struct body_piece *p = &s->pieces[(s->p_head + i) % STOQ_BODY_PIECES];
     if (p->release) p->release(p->arg);
@@ -402,9 +397,9 @@ static void consume(stoq_conn *c, int64_t stream_id, size_t n) {
 static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
   (void)ud;
   stoq_stream *s = sud;
-  /* A whole-region body lives until the stream closes; a streamed one gives back each piece
-   * once the peer has acknowledged all of it (acks arrive in order: nghttp3 counts them). */
-  if (!s || !s->streamed) return 0;
+  /* Each piece goes back once the peer has acknowledged all of it (acks arrive in order:
+   * nghttp3 counts them). */
+  if (!s) return 0;
   s->p_acked += datalen;
   while (s->p_count && s->p_read > 0) {
     struct body_piece *p = &s->pieces[s->p_head];
@@ -636,7 +631,14 @@ static int setup_h3(stoq_conn *c) {
   return 0;
 }
 
-static nghttp3_ssize streamed_read(stoq_conn *c, stoq_stream *s, nghttp3_vec *vec, uint32_t *pflags) {
+/* nghttp3 wants body bytes: the next slice of the current piece. A streamed body that has
+ * sent every piece it holds asks the application for more first; with no room or nothing
+ * yet, the stream waits (resumed by an append or by acks that free a slot). */
+static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt,
+                               uint32_t *pflags, void *ud, void *sud) {
+  (void)h3; (void)stream_id; (void)veccnt;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
   if (s->p_read == s->p_count && !s->stream_eof && s->p_count < STOQ_BODY_PIECES && c->ep->ev.on_body_wanted)
     c->ep->ev.on_body_wanted(c->ep->ev.ctx, c, s); /* may append right here */
   /* Skip empty pieces (an empty last piece carries only the end of the body). */
@@ -664,20 +666,12 @@ static nghttp3_ssize streamed_read(stoq_conn *c, stoq_stream *s, nghttp3_vec *ve
   return 1;
 }
 
-static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt,
-                               uint32_t *pflags, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)veccnt;
-  stoq_conn *c = ud;
-  stoq_stream *s = sud;
-  if (s->streamed) return streamed_read(c, s, vec, pflags);
-  uint64_t left = s->src_len - s->src_off;
-  size_t n = left > BODY_CHUNK ? BODY_CHUNK : (size_t)left;
-  vec[0].base = (uint8_t *)(uintptr_t)(s->src + s->src_off);
-  vec[0].len = n;
-  s->src_off += n;
-  c->body_tx += n;
-  if (s->src_off == s->src_len) *pflags |= NGHTTP3_DATA_FLAG_EOF;
-  return 1;
+/* A whole-region body: one piece that ends it (released when acknowledged, or at close). */
+static void set_whole_body(stoq_stream *s, const uint8_t *body, uint64_t len, void (*release)(void *), void *arg) {
+  s->pieces[0] = (struct body_piece){.base = body, .len = len, .release = release, .arg = arg};
+  s->p_head = 0;
+  s->p_count = 1;
+  s->stream_eof = 1;
 }
 
 #define MAX_NV 24
@@ -706,7 +700,6 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
   nva[0] = make_nv(":status", st);
   nva[1] = make_nv("server", "stoq");
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
-  s->streamed = 1;
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
   if (rv == 0) s->responded = 1;
@@ -715,7 +708,7 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg) {
-  if (!s->streamed || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
+  if (!s->responded || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
   struct body_piece *p = &s->pieces[(s->p_head + s->p_count) % STOQ_BODY_PIECES];
   p->base = base;
   p->len = len;
@@ -739,11 +732,7 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   nva[0] = make_nv(":status", st);
   nva[1] = make_nv("server", "stoq");
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
-  s->src = body;
-  s->src_len = body_len;
-  s->src_off = 0;
-  s->release = release;
-  s->release_arg = arg;
+  set_whole_body(s, body, body_len, release, arg);
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 ? &dr : NULL);
   if (rv == 0) s->responded = 1;
@@ -767,10 +756,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   stoq_stream *s = stream_new(c, sid);
   if (!s) return NULL;
   s->app = app;
-  s->src = body;
-  s->src_len = body_len;
-  s->release = release;
-  s->release_arg = arg;
+  set_whole_body(s, body, body_len, release, arg);
   nghttp3_nv nva[MAX_NV];
   nva[0] = make_nv(":method", method);
   nva[1] = make_nv(":scheme", "https");
@@ -782,7 +768,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && body_len > 0 ? &dr : NULL, s);
   if (rv != 0) {
     set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));
-    s->release = NULL; /* the caller keeps ownership on failure */
+    s->pieces[0].release = NULL; /* the caller keeps ownership on failure */
     stream_free(c, s);
     return NULL;
   }
