@@ -145,6 +145,7 @@ let package = Package(
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
+        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
         .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
         .testTarget(

@@ -57,6 +57,8 @@ struct stoq_uring {
   unsigned ndone;
   /* fallback receive (no multishot) */
   int plain_rx;
+  /* another worker's nudge (eventfd, -1: none), watched by a multishot poll */
+  int wake_fd, wake_armed;
   /* transmit */
   struct tx_slot *slots;
   unsigned nslots, slot_size;
@@ -114,6 +116,7 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   if (!u) return NULL;
   u->fd = -1;
   u->reserved = -1;
+  u->wake_fd = -1;
   u->rx_count = cfg->rx_buffers ? cfg->rx_buffers : 256;
   u->rx_size = cfg->rx_buffer_size ? cfg->rx_buffer_size : 65536;
   u->nslots = cfg->tx_slots ? cfg->tx_slots : 64;
@@ -346,8 +349,23 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
   return n;
 }
 
+void stoq_uring_set_wake_fd(stoq_uring *u, int fd) {
+  u->wake_fd = fd;
+  u->wake_armed = 0;
+}
+
+#define TAG_WAKE (TAG_RX | 2)
+
 int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, int max) {
   if (!u->plain_rx && !u->rx_armed) arm_rx(u);
+  if (u->wake_fd >= 0 && !u->wake_armed) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    if (sqe) {
+      io_uring_prep_poll_multishot(sqe, u->wake_fd, POLLIN);
+      io_uring_sqe_set_data64(sqe, TAG_WAKE);
+      u->wake_armed = 1;
+    }
+  }
   struct io_uring_cqe *cqe;
   int rv;
   if (timeout_ns == 0) {
@@ -377,6 +395,12 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
       continue;
     }
     if (tag == (TAG_RX | 1)) continue; /* poll wakeup (fallback mode) */
+    if (tag == TAG_WAKE) {
+      uint64_t v;
+      if (read(u->wake_fd, &v, sizeof(v)) < 0) { /* already drained */ }
+      if (!(cqe->flags & IORING_CQE_F_MORE)) u->wake_armed = 0;
+      continue;
+    }
     if (!(cqe->flags & IORING_CQE_F_MORE)) u->rx_armed = 0;
     if (cqe->res < 0) {
       if (cqe->res != -ENOBUFS) u->counters.rx_dropped++;

@@ -88,6 +88,7 @@ struct stoq_xsk {
   uint64_t last_refresh;
   uint8_t *nl_buf;
   int solicit_fd;
+  int wake_fd; /* another worker's nudge (eventfd), or -1 */
 };
 
 static void set_err(char *err, size_t n, const char *fmt, ...) {
@@ -411,6 +412,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   x->fd = -1;
   x->map_fd = -1;
   x->solicit_fd = -1;
+  x->wake_fd = -1;
   x->frame_size = cfg->frame_size ? cfg->frame_size : 2048;
   if (x->cfg.ring_size == 0) x->cfg.ring_size = 2048;
   x->cfg.ring_size = pow2_at_least(x->cfg.ring_size);
@@ -699,15 +701,21 @@ static int parse(stoq_xsk *x, uint8_t *p, uint32_t len, stoq_xsk_rx *out) {
   return 1;
 }
 
+void stoq_xsk_set_wake_fd(stoq_xsk *x, int fd) { x->wake_fd = fd; }
+
 int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max) {
   if (max > (int)x->cfg.ring_size) max = (int)x->cfg.ring_size;
   uint32_t idx = 0;
   uint32_t n = xsk_ring_cons__peek(&x->rx, (uint32_t)max, &idx);
   if (n == 0 && timeout_ns > 0) {
-    struct pollfd pfd = {.fd = x->fd, .events = POLLIN};
+    struct pollfd pfd[2] = {{.fd = x->fd, .events = POLLIN}, {.fd = x->wake_fd, .events = POLLIN}};
     struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000ull), .tv_nsec = (long)(timeout_ns % 1000000000ull)};
-    int rc = ppoll(&pfd, 1, &ts, NULL);
+    int rc = ppoll(pfd, x->wake_fd >= 0 ? 2 : 1, &ts, NULL);
     if (rc < 0 && errno != EINTR) return -errno;
+    if (rc > 0 && (pfd[1].revents & POLLIN)) {
+      uint64_t v;
+      if (read(x->wake_fd, &v, sizeof(v)) < 0) { /* already drained */ }
+    }
     n = xsk_ring_cons__peek(&x->rx, (uint32_t)max, &idx);
   } else if (n == 0 && xsk_ring_prod__needs_wakeup(&x->fill)) {
     x->c.rx_wakeups++;

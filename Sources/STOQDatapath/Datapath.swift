@@ -121,6 +121,11 @@ public protocol DatapathQueue: AnyObject {
     /// Gives every committed slot to the kernel and reaps finished sends.
     func flush() throws
 
+    /// Makes a waiting `receive` also return when `fileDescriptor` (an eventfd another
+    /// worker writes to hand it datagrams; -1: none) becomes readable. The queue drains
+    /// it but does not own it.
+    func setWakeup(fileDescriptor: Int32)
+
     /// Releases the queue's kernel resources. Further calls are errors.
     func close()
 

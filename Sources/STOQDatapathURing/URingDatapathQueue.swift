@@ -113,6 +113,8 @@ public final class URingDatapathQueue: DatapathQueue {
         if rc < 0 { throw DatapathError(.transmit, operation: "io_uring_submit", errno: -rc) }
     }
 
+    public func setWakeup(fileDescriptor: Int32) { stoq_uring_set_wake_fd(raw, fileDescriptor) }
+
     public func close() {
         guard !closed else { return }
         closed = true

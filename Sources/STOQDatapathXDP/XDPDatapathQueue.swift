@@ -192,6 +192,8 @@ public final class XDPDatapathQueue: DatapathQueue {
         if rc < 0 { throw DatapathError(.transmit, operation: "sendto", errno: -rc) }
     }
 
+    public func setWakeup(fileDescriptor: Int32) { stoq_xsk_set_wake_fd(raw, fileDescriptor) }
+
     public func close() {
         guard !closed else { return }
         closed = true

@@ -135,6 +135,12 @@ public final class Node: @unchecked Sendable {
         let queues = try selection.open()
         listenAddress = queues[0].localEndpoint
         let fallback = FallbackQueues(selection: selection, workers: queues.count, port: listenAddress.port)
+        // Datagrams that reach a worker other than their connection's go to the owner.
+        let mesh: WorkerMesh?
+        do { mesh = queues.count > 1 ? try WorkerMesh(workers: queues.count) : nil } catch {
+            for q in queues { q.close() }
+            throw NodeError(.datapath, "\(error)")
+        }
 
         let ready = DispatchGroup()
         let errors = ErrorBox()
@@ -167,12 +173,14 @@ public final class Node: @unchecked Sendable {
                 }
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
                 worker.fallback = { _ in fallback.queue(for: i) }
+                if let mesh { worker.join(mesh, as: i) }
                 let publish = {
                     let q = worker.queue
                     snapshot.publish(WorkerStats(
                         index: i, backend: q.backendName, features: "\(q.features)",
                         diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
-                        endpoint: endpoint.counters, datapath: q.counters, connections: endpoint.connectionCount,
+                        endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
+                        connections: endpoint.connectionCount,
                         objects: router.objects.counters, content: router.content.counters))
                 }
                 var credentialsVersion = 0

@@ -2,6 +2,7 @@ import Foundation
 import STOQDatapath
 import STOQQUIC
 import STOQStore
+import STOQWorker
 
 /// What one worker last published (about once a second, from its own thread): the
 /// control plane reads these snapshots and never touches a worker's live state.
@@ -13,6 +14,8 @@ public struct WorkerStats: Sendable {
     public var diagnostics: [String: String]
     public var endpoint: EndpointCounters
     public var datapath: DatapathCounters
+    /// Datagrams passed between workers (to the worker owning their connection).
+    public var handoff: HandoffCounters
     public var connections: Int
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
@@ -63,6 +66,9 @@ struct NodeMetrics {
         perWorker("stoq_datapath_rx_dropped_total", "Datagrams the datapath dropped on receive.") { $0.datapath.rxDropped }
         perWorker("stoq_datapath_tx_errors_total", "Sends the kernel refused or could not address.") { $0.datapath.txErrors }
         perWorker("stoq_datapath_offload_fallbacks_total", "Offloads turned off at run time.") { $0.datapath.offloadFallbacks }
+        perWorker("stoq_worker_handoff_sent_total", "Datagrams passed to the worker owning their connection.") { $0.handoff.sent }
+        perWorker("stoq_worker_handoff_received_total", "Datagrams other workers passed to this one.") { $0.handoff.received }
+        perWorker("stoq_worker_handoff_dropped_total", "Datagrams not passed on: the owner's inbox was full.") { $0.handoff.dropped }
         perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
         perWorker("stoq_content_chunks_served_total", "Chunks served.") { $0.content.chunksServed }

@@ -34,11 +34,27 @@ public final class Worker {
     public var flushBudget = 64
     private var nextTick: Timestamp = 0
     private let maxPayload: Int
+    /// The node's hand-off mesh and this worker's place in it (nil: a lone worker).
+    public private(set) var mesh: WorkerMesh?
+    public private(set) var index = 0
+    /// Datagrams passed to and taken from other workers.
+    public private(set) var handoff = HandoffCounters()
+    /// Workers this one handed datagrams to during the current receive batch.
+    private var toWake: [Bool] = []
 
     public init(queue: DatapathQueue, endpoint: QUICEndpoint) {
         self.queue = queue
         self.endpoint = endpoint
         self.maxPayload = max(endpoint.settings.maxUDPPayloadSize, 1200)
+    }
+
+    /// Makes this worker worker `index` of `mesh`: datagrams for connections of other
+    /// workers go to them, and theirs for this one wake it up.
+    public func join(_ mesh: WorkerMesh, as index: Int) {
+        self.mesh = mesh
+        self.index = index
+        toWake = [Bool](repeating: false, count: mesh.count)
+        queue.setWakeup(fileDescriptor: mesh.wakeFileDescriptor(of: index))
     }
 
     /// Pins the calling thread to `cpu` (best effort; returns whether it worked).
@@ -52,18 +68,30 @@ public final class Worker {
     public func turn() throws {
         var now = monotonicNow()
         endpoint.handleTimeouts(now: now)
+        takeHandedOff()
         try transmit(now: now)
         var wait = idleWait
         if let next = endpoint.nextTimeout() { wait = next > now ? min(next - now, idleWait) : 0 }
         let ep = endpoint
         var sinceFlush = 0
         var flushError: Error?
+        var handedOff = false
         _ = try queue.receive(timeoutNanoseconds: wait) { batch in
             let peer = batch.peer, local = batch.local, ecn = batch.ecn
             // A fresh clock per buffer: one batch can take a millisecond to decrypt, and
             // stale receive times would inflate the RTT samples ngtcp2 takes.
             let t = monotonicNow()
             batch.forEachDatagram {
+                if let mesh, let owner = mesh.owner(of: $0), owner != index {
+                    if mesh.push($0, into: owner, peer: peer, local: local, ecn: ecn) {
+                        handoff.sent += 1
+                        toWake[owner] = true
+                        handedOff = true
+                    } else {
+                        handoff.dropped += 1
+                    }
+                    return
+                }
                 ep.handle(datagram: $0, from: peer, to: local, ecn: ecn, now: t)
                 sinceFlush += 1
             }
@@ -76,9 +104,25 @@ public final class Worker {
             }
         }
         if let flushError { throw flushError }
+        if handedOff, let mesh {
+            for w in toWake.indices where toWake[w] {
+                toWake[w] = false
+                mesh.wake(w)
+            }
+        }
+        takeHandedOff()
         now = monotonicNow()
         endpoint.handleTimeouts(now: now)
         try transmit(now: now)
+    }
+
+    /// Feeds the endpoint what other workers handed this one.
+    @inline(__always)
+    private func takeHandedOff() {
+        guard let mesh else { return }
+        let ep = endpoint
+        let t = monotonicNow()
+        handoff.received &+= UInt64(mesh.drain(index) { ep.handle(datagram: $0, from: $1, to: $2, ecn: $3, now: t) })
     }
 
     /// Writes everything the endpoint owes into transmit slots and hands them to the kernel.
@@ -115,6 +159,7 @@ public final class Worker {
                 logger?.warning("worker: \(e); moved to \(next.backendName) on \(next.localEndpoint), connections kept")
                 queue.close()
                 queue = next
+                if let mesh { queue.setWakeup(fileDescriptor: mesh.wakeFileDescriptor(of: index)) }
             } catch { logger?.error("worker: \(error)") }
         }
         endpoint.closeAll(now: monotonicNow())

@@ -1,6 +1,7 @@
 /*
  * CSTOQSystem: the few Linux calls Swift cannot make directly (CPU_SET and friends
- * are macros; memfd_create needs _GNU_SOURCE). Kept tiny on purpose.
+ * are macros; memfd_create needs _GNU_SOURCE), and the lock-free queue through which
+ * workers hand each other datagrams (C11 atomics over preallocated cells).
  */
 #ifndef CSTOQSYSTEM_H
 #define CSTOQSYSTEM_H
@@ -11,4 +12,38 @@ int stoq_allowed_cpus(void);
 /** An anonymous memory file (memfd_create, close-on-exec), or -1 with errno set: where
  *  request bodies are collected without touching the heap or the disk. */
 int stoq_memfd(const char *name);
+
+#include <netinet/in.h>
+#include <stdint.h>
+
+/* ---- hand-off between workers (stoq_handoff.c) ---- */
+
+/** A datagram handed to the worker that owns its connection. */
+typedef struct stoq_handoff_item {
+  const uint8_t *data;
+  uint32_t len;
+  uint8_t ecn;
+  struct sockaddr_in6 peer, local;
+} stoq_handoff_item;
+
+/** A bounded lock-free queue into one worker: any worker pushes, the owner pops. */
+typedef struct stoq_handoff stoq_handoff;
+
+/** `capacity` (a power of two) datagrams of at most `max_datagram` bytes, all allocated
+ *  now, and an eventfd the owner's datapath waits on. NULL on failure (errno set). */
+stoq_handoff *stoq_handoff_create(uint32_t capacity, uint32_t max_datagram);
+void stoq_handoff_destroy(stoq_handoff *h);
+/** The eventfd that `stoq_handoff_wake` signals. */
+int stoq_handoff_wake_fd(const stoq_handoff *h);
+/** Any thread: copies the datagram in. 1 = queued; 0 = full or too large (counted). */
+int stoq_handoff_push(stoq_handoff *h, const uint8_t *data, uint32_t len, const struct sockaddr_in6 *peer,
+                      const struct sockaddr_in6 *local, uint8_t ecn);
+/** Any thread, after pushing: wakes the owner if it sleeps in its datapath. */
+void stoq_handoff_wake(const stoq_handoff *h);
+/** The owner: the oldest datagram, valid until stoq_handoff_pop; NULL when empty. */
+const stoq_handoff_item *stoq_handoff_peek(stoq_handoff *h);
+/** The owner: frees the datagram stoq_handoff_peek returned. */
+void stoq_handoff_pop(stoq_handoff *h);
+/** Datagrams refused (full or too large). */
+uint64_t stoq_handoff_dropped(const stoq_handoff *h);
 #endif
