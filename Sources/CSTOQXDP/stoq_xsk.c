@@ -89,6 +89,7 @@ struct stoq_xsk {
   uint8_t *nl_buf;
   int solicit_fd;
   int wake_fd; /* another worker's nudge (eventfd), or -1 */
+  stoq_xsk *learner; /* whose neighbour table received frames teach (itself, or its group's transmitter) */
 };
 
 static void set_err(char *err, size_t n, const char *fmt, ...) {
@@ -697,11 +698,16 @@ static int parse(stoq_xsk *x, uint8_t *p, uint32_t len, stoq_xsk_rx *out) {
   out->peer.sin6_addr = src;
   memcpy(&out->peer.sin6_port, udp, 2);
   out->local = dst;
-  neigh_set(x, &src, p + 6, &dst); /* reply through whoever delivered it, from where it was sent to */
+  /* reply through whoever delivered it, from where it was sent to */
+  neigh_set(x->learner ? x->learner : x, &src, p + 6, &dst);
   return 1;
 }
 
 void stoq_xsk_set_wake_fd(stoq_xsk *x, int fd) { x->wake_fd = fd; }
+
+void stoq_xsk_teach(stoq_xsk *x, stoq_xsk *transmitter) { x->learner = transmitter; }
+
+int stoq_xsk_fd(const stoq_xsk *x) { return x->fd; }
 
 int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max) {
   if (max > (int)x->cfg.ring_size) max = (int)x->cfg.ring_size;

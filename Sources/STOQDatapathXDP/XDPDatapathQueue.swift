@@ -39,7 +39,7 @@ public struct XDPOptions: Sendable {
 /// read from and written into UMEM frames in place; the engine does its own
 /// Ethernet/IPv6/UDP framing. Nothing outside this module knows AF_XDP exists.
 public final class XDPDatapathQueue: DatapathQueue {
-    private let raw: OpaquePointer
+    let raw: OpaquePointer
     private let rx: UnsafeMutablePointer<stoq_xsk_rx>
     private let rxCapacity: Int
     private var reserved: UnsafeMutableRawBufferPointer?

@@ -60,7 +60,9 @@ struct DatapathSelection {
         return queues
     }
 
-    /// One AF_XDP socket per receive queue, each registered at its queue's index.
+    /// One AF_XDP socket per receive queue, each registered at its queue's index, read by
+    /// `network.workers` workers (0: one per queue; never more than the queues): worker w
+    /// reads queues w, w + workers, …
     private func openXDP() throws(DatapathError) -> [DatapathQueue] {
         let net = config.network
         let available = try XDPDatapathQueue.receiveQueues(of: net.interface)
@@ -90,12 +92,19 @@ struct DatapathSelection {
             throw DatapathError(.open, operation: "bpf_xdp_query",
                                 message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
         }
-        if net.workers != 0 && net.workers != count {
-            logger.notice("AF_XDP: one worker per queue, so \(count) worker(s) (network.workers = \(net.workers) applies to io_uring)")
+        var workers = net.workers == 0 ? count : net.workers
+        if workers > count {
+            logger.notice("AF_XDP: \(count) queue(s) on \(net.interface), so \(count) worker(s), not network.workers = \(net.workers): a worker transmits on a queue of its own")
+            workers = count
         }
         let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == "off" ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
         logger.notice("datapath af_xdp: \(net.interface), \(count) queue(s), XDP \(first.xdpMode), \(copy), \(first.localEndpoint)")
-        return queues
+        if workers == count { return queues }
+        let groups = (0..<workers).map { w in XDPQueueGroup(Swift.stride(from: w, to: count, by: workers).map { queues[$0] }) }
+        for (w, g) in groups.enumerated() {
+            logger.notice("AF_XDP: worker \(w) reads queue(s) \(g.queueIDs.map(String.init).joined(separator: ", "))")
+        }
+        return groups
     }
 }
 

@@ -107,6 +107,11 @@ uint32_t stoq_xsk_stride(const stoq_xsk *x);
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The socket does not own it. */
 void stoq_xsk_set_wake_fd(stoq_xsk *x, int fd);
+/** Frames `x` receives teach `transmitter`'s neighbour table instead of its own: a worker
+ *  that reads several queues sends through one of them. Same thread only. */
+void stoq_xsk_teach(stoq_xsk *x, stoq_xsk *transmitter);
+/** The socket's file descriptor (to wait on several at once). */
+int stoq_xsk_fd(const stoq_xsk *x);
 /** Waits up to `timeout_ns` (0: do not wait) and returns up to `max` datagrams, or -errno. */
 int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max);
 /** Gives the frames of the last receive back to the fill ring. */
