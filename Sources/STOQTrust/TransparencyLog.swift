@@ -1,13 +1,20 @@
 import Crypto
 import Foundation
+import X509
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
 
-/// An append-only transparency log: entries (for example DER certificates) kept in one file,
-/// a Merkle tree over them (RFC 6962), proofs, and tree heads signed with the log's key.
+/// An append-only transparency log: entries kept in one file, a Merkle tree over them
+/// (RFC 6962), proofs, and tree heads signed with the log's key.
+///
+/// A CA's log holds one RFC 6962 `MerkleTreeLeaf` (timestamped precert entry) per certificate,
+/// appended by `addPrecertificate`, so a leaf hash is recomputable from the final certificate
+/// and its SCT. Logs written before SCTs existed hold plain DER certificates (first byte 0x30,
+/// never 0x00 like a `MerkleTreeLeaf`); they stay readable and provable as they are, and new
+/// entries are appended after them — no migration is needed.
 ///
 /// File format: the 8 magic bytes `STOQTLG1`, then one record per entry:
 /// `u32 big-endian length || entry || SHA-256(0x00 || entry)`. The trailing leaf hash lets a
@@ -24,17 +31,27 @@ public final class TransparencyLog {
     /// The log a CA directory keeps (`transparency.log`, signed with `log-key.pem`, which is
     /// created — mode 0600 — on first use). The ACME server and a node's own CA share it.
     public static func openForAuthority(caDirectory: String) throws -> TransparencyLog {
+        try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: try authorityLogKey(caDirectory: caDirectory))
+    }
+
+    /// The signing key of a CA directory's log (`log-key.pem`), created (0600, in a 0700
+    /// directory) if missing. Nodes that trust their own CA's log read its public half.
+    public static func authorityLogKey(caDirectory: String) throws -> P256.Signing.PrivateKey {
         let keyPath = caDirectory + "/log-key.pem"
-        let key: P256.Signing.PrivateKey
         if let pem = FileManager.default.contents(atPath: keyPath) {
-            do { key = try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
+            do { return try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
                 throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
             }
-        } else {
-            key = P256.Signing.PrivateKey()
-            try PEMFiles.writeFile(key.pemRepresentation + "\n", to: keyPath, mode: 0o600)
         }
-        return try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: key)
+        do {
+            try FileManager.default.createDirectory(atPath: caDirectory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw TrustError(.io, "\(caDirectory): cannot create (\(error.localizedDescription))")
+        }
+        let key = P256.Signing.PrivateKey()
+        try PEMFiles.writeFile(key.pemRepresentation + "\n", to: keyPath, mode: 0o600)
+        return key
     }
 
     /// The file's first bytes.
@@ -116,6 +133,29 @@ public final class TransparencyLog {
         fileSize += record.count
         entries.append(data)
         return tree.append(leafHash: leaf)
+    }
+
+    /// The log's id in SCTs: SHA-256 of its public key (DER SubjectPublicKeyInfo).
+    public var logID: [UInt8] { CertificateTransparency.logID(of: signingKey.publicKey) }
+
+    /// The precertificate flow's log side (RFC 6962 §3.1): checks that `precert` carries the
+    /// critical poison and `issuer`'s signature, appends the RFC 6962 `MerkleTreeLeaf` for its
+    /// precert entry (issuer key hash, TBS without the poison) durably, and returns the SCT
+    /// signed over the same entry and timestamp.
+    public func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
+        try addPrecertificate(precert, issuer: issuer, now: Date())
+    }
+
+    /// As `addPrecertificate(_:issuer:)`, timestamped `now`.
+    public func addPrecertificate(_ precert: Certificate, issuer: Certificate, now: Date) throws -> SignedCertificateTimestamp {
+        guard issuer.publicKey.isValidSignature(precert.signature, for: precert) else {
+            throw TransparencyError(.invalidPrecertificate, "\(precert.subject): the precertificate is not signed by \(issuer.subject)")
+        }
+        let entry = try CertificateTransparency.entry(forPrecertificate: precert, issuer: issuer)
+        let ms = UInt64(max(0, now.timeIntervalSince1970 * 1000))
+        let sct = try SignedCertificateTimestamp.sign(entry: entry, timestamp: ms, key: signingKey)
+        try append(CertificateTransparency.merkleTreeLeaf(timestamp: ms, entry: entry))
+        return sct
     }
 
     /// The root hash of the first `size` entries (default: all).
@@ -235,3 +275,5 @@ public final class TransparencyLog {
         TransparencyLogError(.io, "\(call) \(path): \(String(cString: strerror(errno)))")
     }
 }
+
+extension TransparencyLog: PrecertificateLog {}
