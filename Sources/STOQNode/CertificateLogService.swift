@@ -2,13 +2,14 @@ import Crypto
 import Foundation
 import STOQCore
 import STOQTrust
+import X509
 
 /// The node's CA transparency log (RFC 6962 hashing), shared by the certificate manager,
-/// which appends every certificate before it is used, and the workers, which serve it
+/// whose CA logs every precertificate before the certificate exists, and the workers, which serve it
 /// under `/_stoq/log/`: `sth` (signed tree head), `key` (the log's public key, PEM),
 /// `inclusion?hash=<leaf hash hex>[&size=N]` and `consistency?first=M&second=N`.
 /// Requests are rare and small, so one lock guards the log.
-final class CertificateLogService: @unchecked Sendable {
+final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
     private let lock = NSLock()
     private let log: TransparencyLog
 
@@ -16,11 +17,15 @@ final class CertificateLogService: @unchecked Sendable {
         log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
     }
 
-    /// Appends one entry (a DER certificate); returns its index.
-    @discardableResult
-    func append(_ entry: [UInt8]) throws -> Int { try lock.withLock { try log.append(entry) } }
+    /// The log's public key (what peers put in `trust.transparency_logs`).
+    var publicKey: P256.Signing.PublicKey { log.publicKey }
 
     var size: Int { lock.withLock { log.size } }
+
+    /// The CA's precertificate submission: logged durably before the SCT comes back.
+    func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
+        try lock.withLock { try log.addPrecertificate(precert, issuer: issuer) }
+    }
 
     /// Answers a `/_stoq/log/…` request: status, content type, body.
     func handle(path: String) -> (Int, String, [UInt8]) {
