@@ -35,8 +35,13 @@ public enum CertificateTransparency {
     }
 
     /// SHA-256 of the issuer's DER SubjectPublicKeyInfo.
+    /// (swift-certificates' `subjectPublicKeyInfoBytes` is only the BIT STRING's contents; the
+    /// DER serialization of `Certificate.PublicKey` is the whole SubjectPublicKeyInfo.)
     public static func issuerKeyHash(_ issuer: Certificate) -> [UInt8] {
-        Array(SHA256.hash(data: Array(issuer.publicKey.subjectPublicKeyInfoBytes)))
+        var der = DER.Serializer()
+        // Serializing an already parsed key cannot fail.
+        try! der.serialize(issuer.publicKey)
+        return Array(SHA256.hash(data: der.serializedBytes))
     }
 
     /// RFC 6962 §3.2, the bytes an SCT signs for a precert entry:

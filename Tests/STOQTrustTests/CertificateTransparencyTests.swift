@@ -76,7 +76,9 @@ import X509
         let logged = try #require(CertificateTransparency.parseMerkleTreeLeaf(try f.log.entry(at: 0)))
         let recomputed = try #require(try CertificateTransparency.entry(forFinalCertificate: cert, issuer: f.ca.intermediate))
         #expect(logged.entry == recomputed && logged.timestamp == scts[0].timestamp)
-        #expect(recomputed.issuerKeyHash == Array(SHA256.hash(data: Array(f.ca.intermediate.publicKey.subjectPublicKeyInfoBytes))))
+        // SHA-256 over the intermediate's whole SubjectPublicKeyInfo, as found in its own DER.
+        let spki = try #require(P256.Signing.PublicKey(f.ca.intermediate.publicKey)).derRepresentation
+        #expect(recomputed.issuerKeyHash == Array(SHA256.hash(data: spki)))
         #expect(scts[0].verify(entry: recomputed, key: f.log.publicKey))
         // Its Merkle leaf hash is the one an auditor recomputes.
         let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: scts[0].timestamp, entry: recomputed))
