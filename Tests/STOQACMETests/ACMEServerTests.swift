@@ -31,16 +31,20 @@ final class ACMEServerTests: XCTestCase {
         let key = try P256.Signing.PrivateKey(pemRepresentation: got.privateKeyPEM)
         XCTAssertEqual(got.chain[0].publicKey, Certificate.PublicKey(key.publicKey))
 
-        // The serial is in the transparency log on disk, with a valid inclusion proof.
+        // The precertificate is in the transparency log on disk, with a valid inclusion proof,
+        // and the certificate carries that log's SCT over it.
         await f.stop()
         let logKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: f.caDirectory + "/log-key.pem", encoding: .utf8))
         let log = try TransparencyLog(path: f.caDirectory + "/transparency.log", signingKey: logKey)
         XCTAssertEqual(log.size, 1)
-        let logged = try Certificate(derEncoded: log.entry(at: 0))
-        XCTAssertEqual(logged.serialNumber, got.chain[0].serialNumber)
-        XCTAssertEqual(logged, got.chain[0])
+        let logged = try XCTUnwrap(CertificateTransparency.parseMerkleTreeLeaf(try log.entry(at: 0)))
+        XCTAssertEqual(try CertificateTransparency.serialNumber(ofTBS: logged.entry.tbsCertificate), got.chain[0].serialNumber)
+        XCTAssertEqual(try CertificateTransparency.entry(forFinalCertificate: got.chain[0], issuer: got.chain[1]), logged.entry)
+        XCTAssertEqual(CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey]),
+                       .valid(logID: log.logID, timestamp: logged.timestamp))
         let proof = try log.inclusionProof(index: 0)
-        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: MerkleTree.leafHash(try log.entry(at: 0)), leafIndex: 0, treeSize: 1,
+        let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: logged.timestamp, entry: logged.entry))
+        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: 0, treeSize: 1,
                                                  proof: proof, rootHash: try log.rootHash()))
     }
 
