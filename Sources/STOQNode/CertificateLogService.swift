@@ -45,6 +45,8 @@ final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
         func bad(_ status: Int, _ why: String) -> (Int, String, [UInt8]) { (status, "text/plain", Array("\(why)\n".utf8)) }
         return lock.withLock {
             do {
+                // `stoq trust issue` on this CA appends from another process.
+                try log.refresh()
                 switch route {
                 case "/_stoq/log/sth":
                     let sth = try log.signedTreeHead()

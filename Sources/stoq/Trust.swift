@@ -45,7 +45,7 @@ struct TrustCommand: ParsableCommand {
                 allows serverAuth and clientAuth. --out gets the chain (node, then intermediate); \
                 without --csr a new P-256 key is written to --key-out (mode 0600). The precertificate \
                 is appended to <dir>/transparency.log first and the certificate embeds the log's SCT \
-                (the log is locked while a node or `stoq trust serve` uses this CA: stop it first).
+                (a node serving this CA's log sees the entry at its next request).
 
                 Example: stoq trust issue --dir ca --dns node1.example --ip 2001:db8::1 --lifetime 24h --out cert.pem --key-out key.pem
                 """)
