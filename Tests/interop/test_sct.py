@@ -277,3 +277,30 @@ def test_the_client_requires_transparency_and_a_matching_name(ct, tmp_path):
         finally:
             srv.terminate()
             srv.wait(timeout=10)
+
+
+def test_a_certificate_issued_while_the_node_runs_is_logged_and_audited(ct, tmp_path):
+    """`stoq trust issue` on the running node's CA appends to the same log (another process);
+    the audit finds the certificate by its recomputed precert leaf and checks its SCT."""
+    pub = tmp_path / "log.pub.pem"
+    assert run(["openssl", "pkey", "-in", ct.ca_dir / "log-key.pem", "-pubout", "-out", pub]).returncode == 0
+    cert, key = tmp_path / "late.pem", tmp_path / "late.key"
+    r = stoq("trust", "issue", "--dir", ct.ca_dir, "--dns", "late.client.example", "--out", cert, "--key-out", key)
+    assert r.returncode == 0, r.stderr
+    good = ct.client_certs["good"]
+    r = stoq("trust", "audit", f"https://[::1]:{ct.port}", "--ca", ct.cert, "--cert", good[0], "--key", good[1],
+             "--require-transparency", "--log-key", pub, "--include", cert, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report[f"{cert} included"] and report[f"{cert} SCT signature"]
+    # The leaf alone needs its issuer to recompute the entry.
+    leaf_only = tmp_path / "leaf.pem"
+    leaf_only.write_bytes(load(cert)[0].public_bytes(serialization.Encoding.PEM))
+    r = stoq("trust", "audit", f"https://[::1]:{ct.port}", "--ca", ct.cert, "--cert", good[0], "--key", good[1],
+             "--log-key", pub, "--include", leaf_only)
+    assert r.returncode == 2 and "its issuer is needed" in r.stderr, r.stderr
+    r = stoq("trust", "audit", f"https://[::1]:{ct.port}", "--ca", ct.cert, "--cert", good[0], "--key", good[1],
+             "--log-key", pub, "--include", leaf_only, "--issuer", ct.ca_dir / "intermediate.pem")
+    assert r.returncode == 0, r.stderr
+    # The late certificate is accepted by the node too (its SCT is from the trusted log).
+    assert get(ct, (cert, key)).returncode == 0
