@@ -1070,36 +1070,41 @@ static int verify_client(gnutls_session_t session) {
   return 0;
 }
 
-/* Appends "; the certificate names DNS:a, IP:b" (its subject alternative names) to `why`. */
+/* Appends to the NUL-terminated `buf` (of `len` bytes), truncating. */
+static void appendf(char *buf, size_t len, const char *fmt, ...) {
+  size_t used = strnlen(buf, len);
+  if (used + 1 >= len) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf + used, len - used, fmt, ap);
+  va_end(ap);
+}
+
+/* Appends " (the certificate names DNS:a, IP:b)" (its subject alternative names) to `why`. */
 static void append_names(const gnutls_datum_t *der, char *why, size_t whylen) {
   gnutls_x509_crt_t crt;
   if (gnutls_x509_crt_init(&crt) != 0) return;
   if (gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER) == 0) {
-    size_t used = strlen(why);
-    used += snprintf(why + used, used < whylen ? whylen - used : 0, " (the certificate names ");
+    appendf(why, whylen, " (the certificate names ");
     int any = 0;
-    for (unsigned i = 0; used < whylen; i++) {
+    for (unsigned i = 0; i < 64; i++) {
       char buf[256];
       size_t size = sizeof(buf) - 1;
       int type = gnutls_x509_crt_get_subject_alt_name(crt, i, buf, &size, NULL);
       if (type == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE) break;
-      if (type < 0) continue;
-      char text[INET6_ADDRSTRLEN + 8];
       if (type == GNUTLS_SAN_DNSNAME) {
         buf[size] = 0;
-        snprintf(text, sizeof(text), "DNS:%.*s", (int)(sizeof(text) - 5), buf);
+        appendf(why, whylen, "%sDNS:%s", any ? ", " : "", buf);
       } else if (type == GNUTLS_SAN_IPADDRESS && size == 16) {
         char a[INET6_ADDRSTRLEN];
         inet_ntop(AF_INET6, buf, a, sizeof(a));
-        snprintf(text, sizeof(text), "IP:%s", a);
+        appendf(why, whylen, "%sIP:%s", any ? ", " : "", a);
       } else {
         continue;
       }
-      used += snprintf(why + used, used < whylen ? whylen - used : 0, "%s%s", any ? ", " : "", text);
       any = 1;
     }
-    if (!any && used < whylen) used += snprintf(why + used, whylen - used, "nothing");
-    if (used < whylen) snprintf(why + used, whylen - used, ")");
+    appendf(why, whylen, "%s)", any ? "" : "nothing");
   }
   gnutls_x509_crt_deinit(crt);
 }
@@ -1130,13 +1135,12 @@ static int verify_server(gnutls_session_t session) {
       gnutls_free(out.data);
     }
     if (status & GNUTLS_CERT_UNEXPECTED_OWNER) {
-      size_t used = strlen(why);
       if (c->verify_data[0].type == GNUTLS_DT_IP_ADDRESS) {
         char a[INET6_ADDRSTRLEN];
         inet_ntop(AF_INET6, c->verify_ip, a, sizeof(a));
-        snprintf(why + used, sizeof(why) - used, " SAN mismatch: dialed IP:%s", a);
+        appendf(why, sizeof(why), " SAN mismatch: dialed IP:%s", a);
       } else {
-        snprintf(why + used, sizeof(why) - used, " SAN mismatch: dialed DNS:%s", c->verify_name);
+        appendf(why, sizeof(why), " SAN mismatch: dialed DNS:%s", c->verify_name);
       }
       append_names(&chain[0], why, sizeof(why));
     }

@@ -17,9 +17,6 @@ final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
         log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
     }
 
-    /// The log's public key (what peers put in `trust.transparency_logs`).
-    var publicKey: P256.Signing.PublicKey { log.publicKey }
-
     var size: Int { lock.withLock { log.size } }
 
     /// The CA's precertificate submission: logged durably before the SCT comes back.
