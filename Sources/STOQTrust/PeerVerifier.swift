@@ -181,7 +181,11 @@ struct PeerPolicy: VerifierPolicy {
                 return Self.fail(.sanMismatch, "leaf \(leaf.subject) names [\(names.joined(separator: ", "))], not \(wanted)")
             }
         }
-        if let logs = transparencyLogs, certs.count >= 2 {
+        if let logs = transparencyLogs {
+            // A trusted root presented as the leaf has no issuer to recompute an entry with.
+            guard certs.count >= 2 else {
+                return Self.fail(.sctMissing, "leaf \(leaf.subject) is itself a root; transparency needs a logged, issued certificate")
+            }
             switch CertificateTransparency.verify(leaf, issuer: certs[1], trustedLogs: logs.keys) {
             case .valid: break
             case .missing:
