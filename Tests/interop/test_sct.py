@@ -304,3 +304,27 @@ def test_a_certificate_issued_while_the_node_runs_is_logged_and_audited(ct, tmp_
     assert r.returncode == 0, r.stderr
     # The late certificate is accepted by the node too (its SCT is from the trusted log).
     assert get(ct, (cert, key)).returncode == 0
+
+
+def test_require_transparency_applies_on_reload(ct, tmp_path):
+    """A node that only asks for client certificates accepts one without SCT; once the config
+    file says require_transparency = true, the same certificate is refused (hot reload)."""
+    n = Node(tmp_path, workers=1, extra='client_auth = "required"')
+    try:
+        n.add_object("a.bin", 1000)
+        ca = pathlib.Path(n.cert).parent
+        nosct = certtool_cert(tmp_path, "reload-nosct", ca, 'cn = "r"\ntls_www_client\nsigning_key\nexpiration_days = 1\n')
+        assert get(n, nosct).returncode == 0
+        n.config.write_text(n.config.read_text() + "[trust]\nrequire_transparency = true\n")
+        deadline = time.time() + 10
+        while time.time() < deadline and get(n, nosct).returncode == 0:
+            time.sleep(0.3)
+        assert get(n, nosct).returncode != 0
+        assert refusals(n)[-1] == "SCT missing"
+        # Its own CA's certificates (SCT from its own log, the default trusted log) still pass.
+        cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+        assert stoq("trust", "issue", "--dir", ca, "--dns", "c.example", "--out", cert, "--key-out", key).returncode == 0
+        r = get(n, (cert, key))
+        assert r.returncode == 0, r.stderr
+    finally:
+        assert n.stop() == 0
