@@ -44,6 +44,9 @@ struct stoq_tls_ctx {
   unsigned max_depth;
   uint8_t (*revoked)[20]; /* serials, zero-padded on the left to 20 bytes */
   size_t nrevoked;
+  /* an extra check of the peer's leaf (certificate transparency), either side */
+  stoq_peer_check_fn peer_check;
+  void *peer_check_ctx;
 };
 
 struct stoq_endpoint_ctx {
@@ -111,7 +114,7 @@ struct stoq_conn {
   struct sockaddr_in6 local, remote;
   ngtcp2_connection_close_error last_error;
   int has_error;
-  char errstr[160];
+  char errstr[400]; /* room for a refusal that names the certificate's SANs */
   void *app;
   stoq_stream *streams;
   uint64_t streams_open;
@@ -228,6 +231,11 @@ int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, cons
     return -1;
   }
   return 0;
+}
+
+void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) {
+  t->peer_check = fn;
+  t->peer_check_ctx = ctx;
 }
 
 void stoq_tls_free(stoq_tls_ctx *t) {
@@ -976,6 +984,31 @@ static int refuse_peer(stoq_conn *c, const char *why) {
   return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
 }
 
+/* Runs the credentials' peer check on the leaf (chain[0]) and its issuer: chain[1] when the
+ * peer sent it, else the issuer GnuTLS found among the trusted certificates. 0 = accepted. */
+static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, char *why, size_t whylen) {
+  if (!t->peer_check) return 0;
+  gnutls_datum_t issuer = {0};
+  int owned = 0;
+  if (n >= 2) {
+    issuer = chain[1];
+  } else {
+    gnutls_x509_crt_t leaf, iss;
+    if (gnutls_x509_crt_init(&leaf) == 0) {
+      if (gnutls_x509_crt_import(leaf, &chain[0], GNUTLS_X509_FMT_DER) == 0 &&
+          gnutls_certificate_get_issuer(t->cred, leaf, &iss, 0) == 0 &&
+          gnutls_x509_crt_export2(iss, GNUTLS_X509_FMT_DER, &issuer) == 0)
+        owned = 1;
+      gnutls_x509_crt_deinit(leaf);
+    }
+  }
+  why[0] = 0;
+  int rc = t->peer_check(t->peer_check_ctx, chain[0].data, chain[0].size, issuer.data, issuer.size, why, whylen);
+  if (owned) gnutls_free(issuer.data);
+  if (rc != 0 && !why[0]) snprintf(why, whylen, "refused by the peer check");
+  return rc;
+}
+
 /* Server: mutual TLS. GnuTLS checks the chain against the roots, validity, signatures and
  * constraints, and the key purpose (clientAuth); then depth and the revoked serials. */
 static int verify_client(gnutls_session_t session) {
@@ -1032,6 +1065,88 @@ static int verify_client(gnutls_session_t session) {
     }
   }
   gnutls_x509_crt_deinit(crt);
+  char why[256];
+  if (run_peer_check(t, chain, n, why, sizeof(why)) != 0) return refuse_peer(c, why);
+  return 0;
+}
+
+/* Appends to the NUL-terminated `buf` (of `len` bytes), truncating. */
+static void appendf(char *buf, size_t len, const char *fmt, ...) {
+  size_t used = strnlen(buf, len);
+  if (used + 1 >= len) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf + used, len - used, fmt, ap);
+  va_end(ap);
+}
+
+/* Appends " (the certificate names DNS:a, IP:b)" (its subject alternative names) to `why`. */
+static void append_names(const gnutls_datum_t *der, char *why, size_t whylen) {
+  gnutls_x509_crt_t crt;
+  if (gnutls_x509_crt_init(&crt) != 0) return;
+  if (gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER) == 0) {
+    appendf(why, whylen, " (the certificate names ");
+    int any = 0;
+    for (unsigned i = 0; i < 64; i++) {
+      char buf[256];
+      size_t size = sizeof(buf) - 1;
+      int type = gnutls_x509_crt_get_subject_alt_name(crt, i, buf, &size, NULL);
+      if (type == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE) break;
+      if (type == GNUTLS_SAN_DNSNAME) {
+        buf[size] = 0;
+        appendf(why, whylen, "%sDNS:%s", any ? ", " : "", buf);
+      } else if (type == GNUTLS_SAN_IPADDRESS && size == 16) {
+        char a[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, buf, a, sizeof(a));
+        appendf(why, whylen, "%sIP:%s", any ? ", " : "", a);
+      } else {
+        continue;
+      }
+      any = 1;
+    }
+    appendf(why, whylen, "%s)", any ? "" : "nothing");
+  }
+  gnutls_x509_crt_deinit(crt);
+}
+
+/* Refuses the server's certificate (client side): the connection's error string says why. */
+static int refuse_server(stoq_conn *c, const char *why) {
+  conn_fail(c, "TLS handshake failed: peer certificate refused: %s", why);
+  c->peer_refused = 1;
+  return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+}
+
+/* Client: the server's chain against the trusted roots, for its name or address and EKU
+ * serverAuth (what gnutls_session_set_verify_cert2 does), naming the certificate's names on a
+ * mismatch; then the credentials' peer check (certificate transparency). */
+static int verify_server(gnutls_session_t session) {
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  unsigned n = 0, status = 0;
+  const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
+  if (!chain || n == 0) return refuse_server(c, "the server presented no certificate");
+  int rv = gnutls_certificate_verify_peers(session, c->verify_data, 2, &status);
+  if (rv < 0) return refuse_server(c, gnutls_strerror(rv));
+  char why[512] = "not trusted";
+  if (status) {
+    gnutls_datum_t out = {0};
+    if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+      snprintf(why, sizeof(why), "%s", out.data);
+      gnutls_free(out.data);
+    }
+    if (status & GNUTLS_CERT_UNEXPECTED_OWNER) {
+      if (c->verify_data[0].type == GNUTLS_DT_IP_ADDRESS) {
+        char a[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, c->verify_ip, a, sizeof(a));
+        appendf(why, sizeof(why), " SAN mismatch: dialed IP:%s", a);
+      } else {
+        appendf(why, sizeof(why), " SAN mismatch: dialed DNS:%s", c->verify_name);
+      }
+      append_names(&chain[0], why, sizeof(why));
+    }
+    return refuse_server(c, why);
+  }
+  if (run_peer_check(c->tls_ctx, chain, n, why, sizeof(why)) != 0) return refuse_server(c, why);
   return 0;
 }
 
@@ -1081,7 +1196,7 @@ static int setup_tls(stoq_conn *c, const char *server_name) {
       c->verify_data[1].type = GNUTLS_DT_KEY_PURPOSE_OID;
       c->verify_data[1].data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER;
       c->verify_data[1].size = 0;
-      gnutls_session_set_verify_cert2(c->tls, c->verify_data, 2, 0);
+      gnutls_session_set_verify_function(c->tls, verify_server);
     }
   }
   ngtcp2_conn_set_tls_native_handle(c->q, c->tls);

@@ -3,6 +3,7 @@ import STOQCore
 import STOQDatapath
 import STOQDatapathURing
 import STOQQUIC
+import STOQTrust
 import STOQWorker
 
 /// A `https://host:port/path` URL, resolved to an IPv6 endpoint.
@@ -98,7 +99,12 @@ public struct ClientTrust: Sendable {
     /// A certificate chain and key to present when the server asks (mutual TLS).
     public var certificateFile: String?
     public var keyFile: String?
-    public init(caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil) {
+    /// When non-empty, transparency is required: the server's certificate must carry an
+    /// embedded SCT that verifies with one of these log public keys (PEM files).
+    public var transparencyLogs: [String] = []
+    public init(caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil,
+                transparencyLogs: [String] = []) {
+        self.transparencyLogs = transparencyLogs
         self.caFile = caFile
         self.insecure = insecure
         self.certificateFile = certificateFile
@@ -143,8 +149,16 @@ struct ClientRig {
     init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
         let creds: TLSCredentials
         do {
+            var check: PeerCertificateCheck?
+            if !trust.transparencyLogs.isEmpty {
+                let logs = TrustedLogKeys(try CertificateTransparency.loadLogKeys(trust.transparencyLogs))
+                check = PeerCertificateCheck(identity: "transparency") { leaf, issuer in
+                    guard let issuer else { return "SCT missing: no issuer certificate to check it against" }
+                    return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: logs.keys).refusal
+                }
+            }
             creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure,
-                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile)
+                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile, peerCheck: check)
         } catch {
             throw ClientError(.tls, "\(error)")
         }

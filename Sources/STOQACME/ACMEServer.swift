@@ -139,6 +139,9 @@ public actor ACMEServer {
     private var issued: [String: Issued] = [:]
     private var issuedBySerial: [String: String] = [:]
     private var revoked: Set<String> = []
+    /// Serial → precert TBS of certificates logged before this process started (their
+    /// account is unknown; revocation by certificate key or an authorized account still works).
+    private var loggedTBS: [String: [UInt8]] = [:]
 
     /// Opens the server for the authority in `caDirectory`: loads the CA, the EAB keys, the
     /// transparency log (creating it and its key on first use) and the revoked serials.
@@ -153,9 +156,17 @@ public actor ACMEServer {
         if FileManager.default.fileExists(atPath: revokedPath) {
             revoked = Set(try PEMFiles.readSerials(revokedPath).map { CertificateSummary.hexSerial($0) })
         }
-        // Certificates issued before a restart can still be revoked: the log holds each leaf.
+        // Certificates issued before a restart can still be revoked: the log holds each one's
+        // precert TBS (older logs: the whole certificate).
         for i in 0..<log.size {
-            guard let leaf = try? Certificate(derEncoded: try log.entry(at: i)) else { continue }
+            guard let bytes = try? log.entry(at: i) else { continue }
+            if let (_, entry) = CertificateTransparency.parseMerkleTreeLeaf(bytes) {
+                if let serial = try? CertificateTransparency.serialNumber(ofTBS: entry.tbsCertificate) {
+                    loggedTBS[CertificateSummary.hexSerial(serial)] = entry.tbsCertificate
+                }
+                continue
+            }
+            guard let leaf = try? Certificate(derEncoded: bytes) else { continue }
             let id = "log\(i)"
             issued[id] = Issued(id: id, accountID: nil, leaf: leaf, chainPEM: (try? PEMFiles.pem([leaf, authority.intermediate])) ?? "")
             issuedBySerial[CertificateSummary.hexSerial(leaf.serialNumber)] = id
@@ -528,14 +539,15 @@ public actor ACMEServer {
         let ips = order.identifiers.filter { $0.type == "ip" }.map(\.value)
         let cert: Certificate
         do {
-            cert = try authority.issue(csr: csr, dnsNames: dns, ipv6Addresses: ips, lifetime: configuration.certificateLifetime)
+            // Logged (as a precertificate) before it exists: a certificate the log does not hold
+            // is never issued, and it carries the log's SCT.
+            guard let log else { throw ACMEProblem(.serverInternal, "finalize: the server is shutting down (transparency log closed)") }
+            cert = try authority.issue(csr: csr, dnsNames: dns, ipv6Addresses: ips, lifetime: configuration.certificateLifetime,
+                                       log: log)
         } catch let e as TrustError {
             throw ACMEProblem(e.code == .invalidCSR ? .badCSR : .serverInternal, "finalize: \(e.message)")
         }
-        // Logged before it is handed out: a certificate the log does not hold is never issued.
-        guard let log else { throw ACMEProblem(.serverInternal, "finalize: the server is shutting down (transparency log closed)") }
-        let der2 = try DERBytes.of(cert)
-        let index = try log.append(der2)
+        let index = (log?.size ?? 0) - 1
         let issuedID = Self.randomID()
         let serial = CertificateSummary.hexSerial(cert.serialNumber)
         issued[issuedID] = Issued(id: issuedID, accountID: order.accountID, leaf: cert,
@@ -617,7 +629,14 @@ public actor ACMEServer {
             }
         }
         let serial = CertificateSummary.hexSerial(cert.serialNumber)
-        guard let id = issuedBySerial[serial], let entry = issued[id], entry.leaf == cert else {
+        let entry: Issued
+        if let id = issuedBySerial[serial], let e = issued[id], e.leaf == cert {
+            entry = e
+        } else if let tbs = loggedTBS[serial],
+                  (try? CertificateTransparency.entry(forFinalCertificate: cert, issuer: authority.intermediate))??.tbsCertificate == tbs,
+                  authority.intermediate.publicKey.isValidSignature(cert.signature, for: cert) {
+            entry = Issued(id: "logged", accountID: nil, leaf: cert, chainPEM: "")
+        } else {
             throw ACMEProblem(.malformed, "revokeCert: certificate \(serial) was not issued by this CA", status: 404)
         }
         switch v.signer {

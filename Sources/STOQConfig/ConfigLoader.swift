@@ -99,6 +99,8 @@ public enum ConfigLoader {
             s.duration("cert_lifetime", &c.trust.certLifetime, 10_000_000_000...(397 * 86_400_000_000_000))
             s.duration("renew_before", &c.trust.renewBefore, 0...(397 * 86_400_000_000_000))
             s.string("bundle", &c.trust.bundle)
+            s.bool("require_transparency", &c.trust.requireTransparency)
+            s.stringArray("transparency_logs", &c.trust.transparencyLogs)
             s.subsection("acme") { a in
                 a.string("directory", &c.trust.acme.directory)
                 a.string("eab_kid", &c.trust.acme.eabKid)
@@ -109,6 +111,10 @@ public enum ConfigLoader {
         if c.network.clientAuth != "none" && c.trust.bundle.isEmpty && (c.trust.mode == "acme" || !c.tls.certFile.isEmpty) {
             r.errors.append(ConfigError(code: .badValue, key: "trust.bundle", value: "\"\"",
                                         allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
+        }
+        if c.trust.requireTransparency && c.trust.transparencyLogs.isEmpty && (c.trust.mode == "acme" || !c.tls.certFile.isEmpty) {
+            r.errors.append(ConfigError(code: .badValue, key: "trust.transparency_logs", value: "[]",
+                                        allowed: "PEM files of the trusted logs' public keys, when trust.require_transparency is on and the node does not run its own CA"))
         }
         if c.trust.renewBefore >= c.trust.certLifetime {
             r.errors.append(ConfigError(code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
@@ -218,6 +224,18 @@ struct Section {
         guard let s = v.string else { return fail(.badType, key, v, "a string") }
         if nonEmpty && s.isEmpty { return fail(.badValue, key, v, "a non-empty string") }
         out = s
+    }
+
+    mutating func stringArray(_ key: String, _ out: inout [String]) {
+        guard let v = value(key) else { return }
+        let allowed = "an array of non-empty strings, e.g. [\"log.pem\"]"
+        guard let a = v.array else { return fail(.badType, key, v, allowed) }
+        var r: [String] = []
+        for e in a {
+            guard let s = e.string, !s.isEmpty else { return fail(.badValue, key, v, allowed) }
+            r.append(s)
+        }
+        out = r
     }
 
     mutating func choice(_ key: String, _ out: inout String, _ allowed: [String]) {

@@ -67,6 +67,11 @@ public struct NodeConfig: Sendable, Equatable {
         public var renewBefore: UInt64 = 0
         /// PEM file of extra roots peers' certificates may chain to ("" = none).
         public var bundle = ""
+        /// Refuse peer certificates (client certificates under client_auth) without a valid
+        /// embedded SCT from a trusted log.
+        public var requireTransparency = false
+        /// PEM files of trusted logs' public keys; empty = this node's own CA log (embedded mode).
+        public var transparencyLogs: [String] = []
         public var acme = ACME()
     }
     public struct ACME: Sendable, Equatable {

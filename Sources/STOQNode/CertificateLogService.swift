@@ -2,13 +2,14 @@ import Crypto
 import Foundation
 import STOQCore
 import STOQTrust
+import X509
 
 /// The node's CA transparency log (RFC 6962 hashing), shared by the certificate manager,
-/// which appends every certificate before it is used, and the workers, which serve it
+/// whose CA logs every precertificate before the certificate exists, and the workers, which serve it
 /// under `/_stoq/log/`: `sth` (signed tree head), `key` (the log's public key, PEM),
 /// `inclusion?hash=<leaf hash hex>[&size=N]` and `consistency?first=M&second=N`.
 /// Requests are rare and small, so one lock guards the log.
-final class CertificateLogService: @unchecked Sendable {
+final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
     private let lock = NSLock()
     private let log: TransparencyLog
 
@@ -16,11 +17,12 @@ final class CertificateLogService: @unchecked Sendable {
         log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
     }
 
-    /// Appends one entry (a DER certificate); returns its index.
-    @discardableResult
-    func append(_ entry: [UInt8]) throws -> Int { try lock.withLock { try log.append(entry) } }
-
     var size: Int { lock.withLock { log.size } }
+
+    /// The CA's precertificate submission: logged durably before the SCT comes back.
+    func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
+        try lock.withLock { try log.addPrecertificate(precert, issuer: issuer) }
+    }
 
     /// Answers a `/_stoq/log/…` request: status, content type, body.
     func handle(path: String) -> (Int, String, [UInt8]) {
@@ -40,6 +42,8 @@ final class CertificateLogService: @unchecked Sendable {
         func bad(_ status: Int, _ why: String) -> (Int, String, [UInt8]) { (status, "text/plain", Array("\(why)\n".utf8)) }
         return lock.withLock {
             do {
+                // `stoq trust issue` on this CA appends from another process.
+                try log.refresh()
                 switch route {
                 case "/_stoq/log/sth":
                     let sth = try log.signedTreeHead()

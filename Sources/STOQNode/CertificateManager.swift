@@ -154,12 +154,10 @@ final class CertificateManager: @unchecked Sendable {
             if trustAnchorPath.isEmpty { trustAnchorPath = trust.acme.ca.isEmpty ? identityDirectory + "/cert.pem" : trust.acme.ca }
         default:
             let ca = try embeddedAuthority()
-            let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime)
-            (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
             if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
-            var der = DER.Serializer()
-            try der.serialize(leaf)
-            try log!.append(der.serializedBytes)
+            // Logged (as a precertificate) before it exists; the SCT is embedded.
+            let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
+            (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
             trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
         }
         try FileManager.default.createDirectory(atPath: identityDirectory, withIntermediateDirectories: true,

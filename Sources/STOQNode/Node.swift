@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Logging
 import STOQConfig
@@ -69,7 +70,33 @@ public final class Node: @unchecked Sendable {
                 revoked.append(bytes)
             }
         }
-        return ClientAuthentication(mode: mode, trustFiles: roots, revokedSerials: revoked)
+        return ClientAuthentication(mode: mode, trustFiles: roots, revokedSerials: revoked,
+                                    peerCheck: try transparencyCheck(cfg))
+    }
+
+    /// `trust.require_transparency`: a client certificate must carry an embedded SCT that
+    /// verifies with a key in `trust.transparency_logs` (default: the node's own CA log). Runs
+    /// inside the TLS handshake; a refusal is logged as "client certificate refused: SCT …".
+    static func transparencyCheck(_ cfg: NodeConfig) throws(NodeError) -> PeerCertificateCheck? {
+        guard cfg.trust.requireTransparency else { return nil }
+        let logs: [P256.Signing.PublicKey]
+        do {
+            if cfg.trust.transparencyLogs.isEmpty {
+                logs = [try TransparencyLog.authorityLogKey(caDirectory: cfg.node.dataDir + "/trust").publicKey]
+            } else {
+                logs = try CertificateTransparency.loadLogKeys(cfg.trust.transparencyLogs)
+            }
+        } catch {
+            throw NodeError(.identity, "trust.transparency_logs: \(error)")
+        }
+        let ids = logs.map { Data(CertificateTransparency.logID(of: $0)).base64EncodedString() }
+        let trusted = TrustedLogKeys(logs)
+        return PeerCertificateCheck(identity: "transparency:" + ids.joined(separator: ",")) { leaf, issuer in
+            guard let issuer else {
+                return "SCT missing: no issuer certificate to check it against (the peer sent only its leaf)"
+            }
+            return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: trusted.keys).refusal
+        }
     }
 
     /// Starts the workers. Returns once every worker is listening.

@@ -10,6 +10,8 @@ public final class TLSCredentials: @unchecked Sendable {
     let raw: OpaquePointer
     /// Whether these serve (server) or verify (client).
     public let isServer: Bool
+    /// Kept alive as long as the C credentials point at it.
+    private var peerCheck: PeerCertificateCheck?
 
     /// Server credentials from PEM files; with `clientAuth`, clients are asked for a
     /// certificate (mutual TLS) and refused, with the reason, unless it verifies.
@@ -21,6 +23,10 @@ public final class TLSCredentials: @unchecked Sendable {
         raw = p
         isServer = true
         if let a = clientAuth, a.mode != .none {
+            if let check = a.peerCheck {
+                peerCheck = check
+                stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(check).toOpaque())
+            }
             let files = a.trustFiles.map { strdup($0) }
             defer { files.forEach { free($0) } }
             let serials = a.revokedSerials.map { s in
@@ -47,14 +53,19 @@ public final class TLSCredentials: @unchecked Sendable {
 
     /// Client credentials: trust `caFile` (PEM), the system store when nil, or nothing when
     /// `insecure`; with `certificateFile`/`keyFile`, present that chain when a server asks.
+    /// With `peerCheck`, the server's certificate must also pass it (certificate transparency).
     public init(trusting caFile: String?, insecure: Bool = false, certificateFile: String? = nil,
-                keyFile: String? = nil) throws(TLSError) {
+                keyFile: String? = nil, peerCheck: PeerCertificateCheck? = nil) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_client_new(caFile, insecure ? 1 : 0, &err, err.count) else {
             throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = false
+        if let peerCheck {
+            self.peerCheck = peerCheck
+            stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(peerCheck).toOpaque())
+        }
         if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
             stoq_tls_free(p)
             throw TLSError(message: String(cBuffer: err))
@@ -62,6 +73,39 @@ public final class TLSCredentials: @unchecked Sendable {
     }
 
     deinit { stoq_tls_free(raw) }
+}
+
+/// An extra check of a peer's leaf certificate, run inside the TLS handshake once GnuTLS has
+/// accepted the chain (STOQ uses it for certificate transparency). It runs on the worker
+/// thread, once per handshake: it may allocate, but must not block.
+public final class PeerCertificateCheck: Sendable, Equatable {
+    /// Returns nil to accept `leaf` (DER), or the reason to refuse it. `issuer` is the DER of
+    /// its issuer (sent by the peer, or found among the trusted roots), nil if neither.
+    public let check: @Sendable (_ leaf: [UInt8], _ issuer: [UInt8]?) -> String?
+    /// What the check enforces, e.g. the trusted log ids: equal identities are the same rule
+    /// (a configuration reload compares them).
+    public let identity: String
+
+    /// Creates a check.
+    public init(identity: String, _ check: @escaping @Sendable (_ leaf: [UInt8], _ issuer: [UInt8]?) -> String?) {
+        self.identity = identity
+        self.check = check
+    }
+
+    public static func == (a: PeerCertificateCheck, b: PeerCertificateCheck) -> Bool { a.identity == b.identity }
+}
+
+/// The C side calls this with the `PeerCertificateCheck` registered on the credentials.
+private let peerCheckThunk: stoq_peer_check_fn = { ctx, leaf, leafLen, issuer, issuerLen, why, whyLen in
+    guard let ctx, let leaf, let why else { return -1 }
+    let check = Unmanaged<PeerCertificateCheck>.fromOpaque(ctx).takeUnretainedValue()
+    let leafDER = Array(UnsafeBufferPointer(start: leaf, count: leafLen))
+    let issuerDER = issuer.map { Array(UnsafeBufferPointer(start: $0, count: issuerLen)) }
+    guard let reason = check.check(leafDER, issuerDER) else { return 0 }
+    let bytes = Array(reason.utf8.prefix(max(0, whyLen - 1)))
+    for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
+    why[bytes.count] = 0
+    return 1
 }
 
 /// A certificate, key or trust store could not be used.
@@ -89,8 +133,12 @@ public struct ClientAuthentication: Sendable, Equatable {
     public var maxChainLength: Int
     /// Serial numbers (big-endian bytes) that are refused as revoked.
     public var revokedSerials: [[UInt8]]
+    /// An extra check client certificates must pass (certificate transparency), if any.
+    public var peerCheck: PeerCertificateCheck?
 
-    public init(mode: Mode, trustFiles: [String], maxChainLength: Int = 4, revokedSerials: [[UInt8]] = []) {
+    public init(mode: Mode, trustFiles: [String], maxChainLength: Int = 4, revokedSerials: [[UInt8]] = [],
+                peerCheck: PeerCertificateCheck? = nil) {
+        self.peerCheck = peerCheck
         self.mode = mode
         self.trustFiles = trustFiles
         self.maxChainLength = maxChainLength

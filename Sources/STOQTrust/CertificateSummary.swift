@@ -27,6 +27,32 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
     public var keyType: String
     /// Whether the certificate is a CA.
     public var isCA: Bool
+    /// Embedded signed certificate timestamps (RFC 6962), in the certificate's order.
+    public var scts: [SCTSummary]
+
+    /// One embedded SCT as `stoq trust show` reports it.
+    public struct SCTSummary: Sendable, Equatable, Codable {
+        /// The log id, base64 (as CT tools print it).
+        public var logID: String
+        /// When the log accepted the precertificate.
+        public var timestamp: Date
+        /// `valid`, `invalid` (a known log's signature does not verify: forged or altered),
+        /// `unknown log`, or `unchecked` (no issuer certificate to recompute the entry).
+        public var status: String
+        enum CodingKeys: String, CodingKey { case logID = "log_id", timestamp, status }
+    }
+
+    /// Checks each SCT against `logs` with `issuer` (the certificate's issuer) and records
+    /// the outcome in `status`.
+    public mutating func checkSCTs(of certificate: Certificate, issuer: Certificate, logs: [P256.Signing.PublicKey]) {
+        guard let scts = try? CertificateTransparency.embeddedSCTs(certificate),
+              let entry = try? CertificateTransparency.entry(forFinalCertificate: certificate, issuer: issuer) else { return }
+        let byID = Dictionary(logs.map { (CertificateTransparency.logID(of: $0), $0) }, uniquingKeysWith: { a, _ in a })
+        for (i, sct) in scts.enumerated() where i < self.scts.count {
+            guard let key = byID[sct.logID] else { self.scts[i].status = "unknown log"; continue }
+            self.scts[i].status = sct.verify(entry: entry, key: key) ? "valid" : "invalid"
+        }
+    }
 
     /// Summarizes `certificate`.
     public init(_ certificate: Certificate) {
@@ -45,6 +71,10 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         }
         keyType = Self.keyStrength(certificate.publicKey).name
         if case .isCertificateAuthority = (try? certificate.extensions.basicConstraints) ?? nil { isCA = true } else { isCA = false }
+        scts = ((try? CertificateTransparency.embeddedSCTs(certificate)) ?? []).map {
+            SCTSummary(logID: Data($0.logID).base64EncodedString(),
+                       timestamp: Date(timeIntervalSince1970: TimeInterval($0.timestamp) / 1000), status: "unchecked")
+        }
     }
 
     /// A serial number as plain lower-case hex: the one form `show` prints, refusals name and

@@ -23,6 +23,13 @@ public struct PeerVerificationError: Error, Sendable, Equatable, CustomStringCon
         /// The chain breaks another RFC 5280 rule (basic constraints, name constraints,
         /// version, unhandled critical extension); the message carries the detail.
         case invalidChain
+        /// Transparency is required and the leaf carries no embedded SCT.
+        case sctMissing
+        /// An SCT names a trusted log, but its signature does not cover this certificate
+        /// (a forged or transplanted SCT), or the SCT list does not parse.
+        case sctInvalid
+        /// Transparency is required and every SCT is from a log not in the trusted set.
+        case sctUnknownLog
         /// The request itself is unusable: no certificate, or an IPv4 / malformed expected address.
         case invalidInput
     }

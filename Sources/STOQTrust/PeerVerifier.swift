@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import STOQCore
 import SwiftASN1
@@ -31,10 +32,18 @@ public struct PeerVerifier: Sendable {
     public var maxChainLength: Int
     /// The role the peer plays.
     public var role: Role
+    /// When set, transparency is required: the leaf must carry an embedded SCT that verifies
+    /// with one of these log keys (`trust.require_transparency`).
+    public var transparencyLogs: [P256.Signing.PublicKey]? {
+        get { logKeys?.keys }
+        set { logKeys = newValue.map(TrustedLogKeys.init) }
+    }
+    private var logKeys: TrustedLogKeys?
 
     /// Creates a verifier trusting `roots`.
     public init(roots: [Certificate], revokedSerials: Set<Certificate.SerialNumber> = [], maxChainLength: Int = 3,
-                role: Role = .server) {
+                role: Role = .server, transparencyLogs: [P256.Signing.PublicKey]? = nil) {
+        self.logKeys = transparencyLogs.map(TrustedLogKeys.init)
         self.roots = roots
         self.revokedSerials = revokedSerials
         self.maxChainLength = maxChainLength
@@ -57,7 +66,7 @@ public struct PeerVerifier: Sendable {
         }
         let policy = PeerPolicy(now: now, maxChainLength: maxChainLength, revoked: revokedSerials,
                                 usage: role == .server ? .serverAuth : .clientAuth,
-                                dnsName: dnsName, ipv6Address: ipv6Address)
+                                dnsName: dnsName, ipv6Address: ipv6Address, transparencyLogs: logKeys)
         var handled = policy.verifyingCriticalExtensions
         handled += RFC5280Policy(fixedExpiryValidationTime: now).verifyingCriticalExtensions
         // The library reports an unknown critical extension as "no chain"; name it instead.
@@ -109,6 +118,7 @@ struct PeerPolicy: VerifierPolicy {
     let usage: ExtendedKeyUsage.Usage
     let dnsName: String?
     let ipv6Address: String?
+    let transparencyLogs: TrustedLogKeys?
 
     static let prefix = "stoq.trust."
 
@@ -169,6 +179,21 @@ struct PeerPolicy: VerifierPolicy {
                 let names = dns.map { "DNS:\($0)" } + ips.map { "IP:\($0)" }
                 let wanted = [dnsName.map { "DNS:\($0)" }, ipv6Address.map { "IP:\($0)" }].compactMap { $0 }.joined(separator: " or ")
                 return Self.fail(.sanMismatch, "leaf \(leaf.subject) names [\(names.joined(separator: ", "))], not \(wanted)")
+            }
+        }
+        if let logs = transparencyLogs {
+            // A trusted root presented as the leaf has no issuer to recompute an entry with.
+            guard certs.count >= 2 else {
+                return Self.fail(.sctMissing, "leaf \(leaf.subject) is itself a root; transparency needs a logged, issued certificate")
+            }
+            switch CertificateTransparency.verify(leaf, issuer: certs[1], trustedLogs: logs.keys) {
+            case .valid: break
+            case .missing:
+                return Self.fail(.sctMissing, "leaf \(leaf.subject) carries no SCT; transparency is required")
+            case .forged(let why):
+                return Self.fail(.sctInvalid, "leaf \(leaf.subject): SCT signature invalid (forged): \(why)")
+            case .unknownLog(let ids):
+                return Self.fail(.sctUnknownLog, "leaf \(leaf.subject) has SCTs only from unknown logs (log id \(ids.map { Data($0).base64EncodedString() }.joined(separator: ", ")))")
             }
         }
         return .meetsPolicy

@@ -1,13 +1,20 @@
 import Crypto
 import Foundation
+import X509
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
 
-/// An append-only transparency log: entries (for example DER certificates) kept in one file,
-/// a Merkle tree over them (RFC 6962), proofs, and tree heads signed with the log's key.
+/// An append-only transparency log: entries kept in one file, a Merkle tree over them
+/// (RFC 6962), proofs, and tree heads signed with the log's key.
+///
+/// A CA's log holds one RFC 6962 `MerkleTreeLeaf` (timestamped precert entry) per certificate,
+/// appended by `addPrecertificate`, so a leaf hash is recomputable from the final certificate
+/// and its SCT. Logs written before SCTs existed hold plain DER certificates (first byte 0x30,
+/// never 0x00 like a `MerkleTreeLeaf`); they stay readable and provable as they are, and new
+/// entries are appended after them — no migration is needed.
 ///
 /// File format: the 8 magic bytes `STOQTLG1`, then one record per entry:
 /// `u32 big-endian length || entry || SHA-256(0x00 || entry)`. The trailing leaf hash lets a
@@ -18,23 +25,36 @@ import Musl
 /// system left behind) is truncated and reported in `recovery`; damage before the last record
 /// throws `corruptRecord`, because silently dropping history is what a log must never do.
 ///
-/// One process appends at a time (an exclusive `flock`); within it the log has one owner,
-/// so it is a class that is not `Sendable`.
+/// Several processes may have the log open (a node serving its CA's log while an operator runs
+/// `stoq trust issue` on the same CA): each append takes an exclusive `flock`, first reads the
+/// records others appended since (so the tree stays one sequence), then writes and fsyncs its
+/// own; `refresh` catches up under a shared lock before serving tree heads or proofs. Within a
+/// process the log has one owner, so it is a class that is not `Sendable`.
 public final class TransparencyLog {
     /// The log a CA directory keeps (`transparency.log`, signed with `log-key.pem`, which is
     /// created — mode 0600 — on first use). The ACME server and a node's own CA share it.
     public static func openForAuthority(caDirectory: String) throws -> TransparencyLog {
+        try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: try authorityLogKey(caDirectory: caDirectory))
+    }
+
+    /// The signing key of a CA directory's log (`log-key.pem`), created (0600, in a 0700
+    /// directory) if missing. Nodes that trust their own CA's log read its public half.
+    public static func authorityLogKey(caDirectory: String) throws -> P256.Signing.PrivateKey {
         let keyPath = caDirectory + "/log-key.pem"
-        let key: P256.Signing.PrivateKey
         if let pem = FileManager.default.contents(atPath: keyPath) {
-            do { key = try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
+            do { return try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
                 throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
             }
-        } else {
-            key = P256.Signing.PrivateKey()
-            try PEMFiles.writeFile(key.pemRepresentation + "\n", to: keyPath, mode: 0o600)
         }
-        return try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: key)
+        do {
+            try FileManager.default.createDirectory(atPath: caDirectory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw TrustError(.io, "\(caDirectory): cannot create (\(error.localizedDescription))")
+        }
+        let key = P256.Signing.PrivateKey()
+        try PEMFiles.writeFile(key.pemRepresentation + "\n", to: keyPath, mode: 0o600)
+        return key
     }
 
     /// The file's first bytes.
@@ -64,15 +84,26 @@ public final class TransparencyLog {
         guard fd >= 0 else { throw Self.ioError("open", path) }
         fileSize = 0
         do {
-            guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-                throw TransparencyLogError(.io, "\(path): another process has the log open for appending")
-            }
-            try load()
+            try locked(LOCK_EX) { try load() }
             if !existed { try Self.syncDirectory(of: path) }
         } catch {
             close(fd)
             throw error
         }
+    }
+
+    /// Runs `body` holding `flock(operation)` on the log file.
+    private func locked<T>(_ operation: Int32, _ body: () throws -> T) throws -> T {
+        while flock(fd, operation) != 0 {
+            guard errno == EINTR else { throw Self.ioError("flock", path) }
+        }
+        defer { _ = flock(fd, LOCK_UN) }
+        return try body()
+    }
+
+    /// Reads the entries other processes appended since this one last looked.
+    public func refresh() throws {
+        try locked(LOCK_SH) { try catchUp(exclusive: false) }
     }
 
     deinit { close(fd) }
@@ -105,17 +136,43 @@ public final class TransparencyLog {
         record += [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)]
         record += data
         record += leaf
-        do {
-            try writeAll(record, at: fileSize)
-            guard fsync(fd) == 0 else { throw Self.ioError("fsync", path) }
-        } catch {
-            // Leave no partial record behind for the next append to follow.
-            _ = ftruncate(fd, off_t(fileSize))
-            throw error
+        return try locked(LOCK_EX) {
+            try catchUp(exclusive: true)
+            do {
+                try writeAll(record, at: fileSize)
+                guard fsync(fd) == 0 else { throw Self.ioError("fsync", path) }
+            } catch {
+                // Leave no partial record behind for the next append to follow.
+                _ = ftruncate(fd, off_t(fileSize))
+                throw error
+            }
+            fileSize += record.count
+            entries.append(data)
+            return tree.append(leafHash: leaf)
         }
-        fileSize += record.count
-        entries.append(data)
-        return tree.append(leafHash: leaf)
+    }
+
+    /// The log's id in SCTs: SHA-256 of its public key (DER SubjectPublicKeyInfo).
+    public var logID: [UInt8] { CertificateTransparency.logID(of: signingKey.publicKey) }
+
+    /// The precertificate flow's log side (RFC 6962 §3.1): checks that `precert` carries the
+    /// critical poison and `issuer`'s signature, appends the RFC 6962 `MerkleTreeLeaf` for its
+    /// precert entry (issuer key hash, TBS without the poison) durably, and returns the SCT
+    /// signed over the same entry and timestamp.
+    public func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
+        try addPrecertificate(precert, issuer: issuer, now: Date())
+    }
+
+    /// As `addPrecertificate(_:issuer:)`, timestamped `now`.
+    public func addPrecertificate(_ precert: Certificate, issuer: Certificate, now: Date) throws -> SignedCertificateTimestamp {
+        guard issuer.publicKey.isValidSignature(precert.signature, for: precert) else {
+            throw TransparencyError(.invalidPrecertificate, "\(precert.subject): the precertificate is not signed by \(issuer.subject)")
+        }
+        let entry = try CertificateTransparency.entry(forPrecertificate: precert, issuer: issuer)
+        let ms = UInt64(max(0, now.timeIntervalSince1970 * 1000))
+        let sct = try SignedCertificateTimestamp.sign(entry: entry, timestamp: ms, key: signingKey)
+        try append(CertificateTransparency.merkleTreeLeaf(timestamp: ms, entry: entry))
+        return sct
     }
 
     /// The root hash of the first `size` entries (default: all).
@@ -140,17 +197,26 @@ public final class TransparencyLog {
 
     // MARK: file handling
 
-    private func load() throws {
+    /// The file's bytes from `offset` to its end.
+    private func read(from offset: Int) throws -> [UInt8] {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw Self.ioError("fstat", path) }
-        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        guard Int(st.st_size) >= offset else {
+            throw TransparencyLogError(.corruptRecord, "\(path): the file shrank below \(offset) bytes while open")
+        }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size) - offset)
         var got = 0
         while got < bytes.count {
-            let r = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + got, $0.count - got, off_t(got)) }
+            let r = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + got, $0.count - got, off_t(offset + got)) }
             if r < 0 && errno == EINTR { continue }
             guard r > 0 else { throw Self.ioError("read", path) }
             got += r
         }
+        return bytes
+    }
+
+    private func load() throws {
+        let bytes = try read(from: 0)
         let magic = Self.magic
         if bytes.count < magic.count {
             // New file, or a crash while the header was written.
@@ -170,7 +236,17 @@ public final class TransparencyLog {
         guard bytes.prefix(magic.count).elementsEqual(magic) else {
             throw TransparencyLogError(.badHeader, "\(path): not a STOQ transparency log (bad magic)")
         }
-        var off = magic.count
+        fileSize = magic.count
+        try catchUp(exclusive: true)
+    }
+
+    /// Parses the records after `fileSize` (appended by another process, or all of them on
+    /// open). A torn last record is what a crashed appender leaves: truncated when this process
+    /// holds the exclusive lock, otherwise left for the next appender.
+    private func catchUp(exclusive: Bool) throws {
+        let bytes = try read(from: fileSize)
+        let base = fileSize
+        var off = 0
         while off < bytes.count {
             let rest = bytes.count - off
             var torn = rest < 4
@@ -196,15 +272,16 @@ public final class TransparencyLog {
             }
             guard torn else {
                 throw TransparencyLogError(.corruptRecord,
-                                           "\(path): record \(entries.count) at offset \(off) is damaged and is not the last one")
+                                           "\(path): record \(entries.count) at offset \(base + off) is damaged and is not the last one")
             }
+            guard exclusive else { break }
             recovery = TransparencyLogError(
                 .tornRecordTruncated,
-                "\(path): incomplete last record at offset \(off) (\(rest) bytes) truncated, probably a crash during append; \(entries.count) entries kept")
-            try truncate(to: off)
+                "\(path): incomplete last record at offset \(base + off) (\(rest) bytes) truncated, probably a crash during append; \(entries.count) entries kept")
+            try truncate(to: base + off)
             break
         }
-        fileSize = off
+        fileSize = base + off
     }
 
     private func truncate(to size: Int) throws {
@@ -235,3 +312,5 @@ public final class TransparencyLog {
         TransparencyLogError(.io, "\(call) \(path): \(String(cString: strerror(errno)))")
     }
 }
+
+extension TransparencyLog: PrecertificateLog {}

@@ -136,8 +136,14 @@ public struct TrustAuthority: Sendable {
     ///   - dnsNames: host names for the subject alternative name (at least one name or address overall).
     ///   - ipv6Addresses: IPv6 addresses in text form; IPv4 is refused (`ipv4Refused`).
     ///   - lifetime: seconds from `now` (default 24 h); may not outlive the intermediate.
+    ///   - log: the transparency log. With one, the precertificate flow of RFC 6962 §3.1 runs:
+    ///     a precertificate (same fields plus the critical poison) is signed and logged — durably,
+    ///     before this returns — and the final certificate carries the log's SCT as its last
+    ///     extension. Without one (tests, tools that only need a certificate) nothing is logged
+    ///     and the certificate has no SCT; every CA role in STOQ passes its log.
     public func issue(publicKey: Certificate.PublicKey, dnsNames: [String], ipv6Addresses: [String] = [],
-                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date()) throws -> Certificate {
+                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
+                      log: (any PrecertificateLog)? = nil) throws -> Certificate {
         let names = try dnsNames.map(Self.validatedDNSName)
         let addresses = try ipv6Addresses.map(Self.parseIPv6)
         guard !names.isEmpty || !addresses.isEmpty else {
@@ -160,41 +166,54 @@ public struct TrustAuthority: Sendable {
         let subject = try DistinguishedName { CommonName(names.first ?? addresses[0].description) }
         let issuerSKI = (try? intermediate.extensions.subjectKeyIdentifier)??.keyIdentifier
             ?? SubjectKeyIdentifier(hash: intermediate.publicKey).keyIdentifier
-        return try Certificate(
-            version: .v3, serialNumber: Self.randomSerial(), publicKey: publicKey,
-            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
-            issuer: intermediate.subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
-            extensions: try Certificate.Extensions {
-                Critical(BasicConstraints.notCertificateAuthority)
-                Critical(KeyUsage(digitalSignature: true))
-                try ExtendedKeyUsage([.serverAuth, .clientAuth])
-                SubjectAlternativeNames(sans)
-                SubjectKeyIdentifier(hash: publicKey)
-                AuthorityKeyIdentifier(keyIdentifier: issuerSKI)
-            },
-            issuerPrivateKey: intermediateKey)
+        let extensions = try Certificate.Extensions {
+            Critical(BasicConstraints.notCertificateAuthority)
+            Critical(KeyUsage(digitalSignature: true))
+            try ExtendedKeyUsage([.serverAuth, .clientAuth])
+            SubjectAlternativeNames(sans)
+            SubjectKeyIdentifier(hash: publicKey)
+            AuthorityKeyIdentifier(keyIdentifier: issuerSKI)
+        }
+        // Precertificate and final certificate share every field but the last extension, so
+        // the log's entry (TBS without poison) is the final TBS without its SCT list.
+        let serial = Self.randomSerial()
+        func sign(_ last: Certificate.Extension?) throws -> Certificate {
+            var exts = extensions
+            if let last { try exts.append(last) }
+            return try Certificate(
+                version: .v3, serialNumber: serial, publicKey: publicKey,
+                notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
+                issuer: intermediate.subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
+                extensions: exts, issuerPrivateKey: intermediateKey)
+        }
+        guard let log else { return try sign(nil) }
+        let precert = try sign(CertificateTransparency.poison)
+        let sct = try log.addPrecertificate(precert, issuer: intermediate)
+        return try sign(CertificateTransparency.sctListExtension([sct]))
     }
 
     /// Issues a node certificate for the key in a certificate signing request, after checking
     /// the request's signature (proof the requester holds the key). Names come from the
     /// arguments, never from the request: the authority decides what a node may claim.
     public func issue(csr: CertificateSigningRequest, dnsNames: [String], ipv6Addresses: [String] = [],
-                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date()) throws -> Certificate {
+                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
+                      log: (any PrecertificateLog)? = nil) throws -> Certificate {
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
             throw TrustError(.invalidCSR, "the CSR's signature does not verify with its own public key")
         }
         return try issue(publicKey: csr.publicKey, dnsNames: dnsNames, ipv6Addresses: ipv6Addresses,
-                         lifetime: lifetime, now: now)
+                         lifetime: lifetime, now: now, log: log)
     }
 
     /// Generates a P-256 key and issues a certificate for it. Returns the chain (node, then
     /// intermediate) as PEM, ready for a TLS server to present, and the key as PEM.
     public func issueWithNewKey(dnsNames: [String], ipv6Addresses: [String] = [],
                                 lifetime: TimeInterval = TrustAuthority.defaultLifetime,
-                                now: Date = Date()) throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) {
+                                now: Date = Date(), log: (any PrecertificateLog)? = nil)
+        throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) {
         let key = P256.Signing.PrivateKey()
         let cert = try issue(publicKey: Certificate.PublicKey(key.publicKey), dnsNames: dnsNames,
-                             ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now)
+                             ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now, log: log)
         return (cert, try PEMFiles.pem([cert, intermediate]), key.pemRepresentation + "\n")
     }
 

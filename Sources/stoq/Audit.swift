@@ -17,14 +17,20 @@ struct Audit: ParsableCommand {
             Verifies the tree head's signature with --log-key (without it, the key the node serves,
             which is trust on first use: save it), that the log only grew since --previous (an RFC 6962
             consistency proof), and that --include's first certificate is in it (an inclusion proof).
+            A certificate with an embedded SCT from this log is found by its precert entry (RFC 6962:
+            its TBS without the SCT list, the issuer's key hash, the SCT's timestamp), and the SCT's
+            signature is checked too; one without an SCT by its DER (logs from before SCTs).
             Exit 0 when every check passes, 1 with the failed check named.
             """)
 
     @Argument(help: "The node, https://[ipv6]:port") var node: String
     @OptionGroup var trust: TrustOptions
-    @Option(help: "The log's public key (PEM), as published by its operator.") var logKey: String?
+    /// The log's public key (PEM), as published by its operator: TrustOptions' --log-key.
+    var logKey: String? { trust.logKeys.first }
     @Option(help: "A tree head saved earlier with --save: the log must be consistent with it.") var previous: String?
-    @Option(help: "A PEM certificate that must be in the log.") var include: String?
+    @Option(help: "A PEM certificate (or chain: leaf, then its issuer) that must be in the log.") var include: String?
+    @Option(name: .customLong("issuer"), help: "The issuer of --include's certificate, when that file holds only the leaf.")
+    var issuerPath: String?
     @Option(help: "Write the verified tree head here (JSON), for the next audit's --previous.") var save: String?
     @Flag(help: "Print one JSON object.") var json = false
 
@@ -79,10 +85,29 @@ struct Audit: ParsableCommand {
                                                    newRoot: root, proof: proof), "consistent with \(previous)")
         }
         if let cert = include {
-            guard let leaf = try PEMFiles.readCertificates(cert).first else { throw fail("\(cert): no certificate") }
-            var der = DER.Serializer()
-            try der.serialize(leaf)
-            let leafHash = MerkleTree.leafHash(der.serializedBytes)
+            let certs = try PEMFiles.readCertificates(cert)
+            guard let leaf = certs.first else { throw fail("\(cert): no certificate") }
+            let leafHash: MerkleHash
+            let scts = (try? CertificateTransparency.embeddedSCTs(leaf)) ?? []
+            let logID = CertificateTransparency.logID(of: key)
+            if let sct = scts.first(where: { $0.logID == logID }) {
+                // Logged as a precertificate: the leaf is the MerkleTreeLeaf recomputed from the
+                // final certificate (TBS without its SCT list) and the SCT's timestamp.
+                let given = try issuerPath.map { try PEMFiles.readCertificates($0)[0] }
+                guard let issuer = certs.dropFirst().first ?? given else {
+                    throw fail("\(cert) carries an SCT: its issuer is needed to recompute the log entry (a chain file, or --issuer)", code: 2)
+                }
+                guard let entry = try CertificateTransparency.entry(forFinalCertificate: leaf, issuer: issuer) else {
+                    throw fail("\(cert): the SCT list extension does not parse")
+                }
+                try check(sct.verify(entry: entry, key: key), "\(cert) SCT signature")
+                leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: sct.timestamp, entry: entry))
+            } else {
+                // Logs written before SCTs hold the DER certificate itself.
+                var der = DER.Serializer()
+                try der.serialize(leaf)
+                leafHash = MerkleTree.leafHash(der.serializedBytes)
+            }
             let body = try get("/_stoq/log/inclusion?hash=\(Hex.encode(leafHash))&size=\(head.treeSize)")
             let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
             let index = obj["index"] as? Int ?? -1

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Crypto
 import Foundation
 import Logging
 import STOQACME
@@ -42,7 +43,9 @@ struct TrustCommand: ParsableCommand {
             discussion: """
                 SANs are DNS names and IPv6 addresses only (IPv4 is refused). The certificate \
                 allows serverAuth and clientAuth. --out gets the chain (node, then intermediate); \
-                without --csr a new P-256 key is written to --key-out (mode 0600).
+                without --csr a new P-256 key is written to --key-out (mode 0600). The precertificate \
+                is appended to <dir>/transparency.log first and the certificate embeds the log's SCT \
+                (a node serving this CA's log sees the entry at its next request).
 
                 Example: stoq trust issue --dir ca --dns node1.example --ip 2001:db8::1 --lifetime 24h --out cert.pem --key-out key.pem
                 """)
@@ -67,38 +70,56 @@ struct TrustCommand: ParsableCommand {
             let seconds = TimeInterval(Units.duration(lifetime)!) / 1e9
             do {
                 let ca = try TrustAuthority.load(from: dir)
+                // The CA's own log: the precertificate is logged before the certificate exists.
+                let log = try TransparencyLog.openForAuthority(caDirectory: dir)
                 let cert: Certificate
                 if let csr {
-                    cert = try ca.issue(csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds)
+                    cert = try ca.issue(csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds,
+                                        log: log)
                     try PEMFiles.writeFile(try PEMFiles.pem([cert, ca.intermediate]), to: out, mode: 0o644)
                 } else {
-                    let issued = try ca.issueWithNewKey(dnsNames: dns, ipv6Addresses: ip, lifetime: seconds)
+                    let issued = try ca.issueWithNewKey(dnsNames: dns, ipv6Addresses: ip, lifetime: seconds, log: log)
                     cert = issued.certificate
                     try PEMFiles.writeFile(issued.keyPEM, to: keyOut!, mode: 0o600)
                     try PEMFiles.writeFile(issued.chainPEM, to: out, mode: 0o644)
                 }
                 let s = CertificateSummary(cert)
                 let names = s.dnsNames.map { "DNS:\($0)" } + s.ipAddresses.map { "IP:\($0)" }
-                print("issued \(s.serial) for \(names.joined(separator: ", ")), valid until \(iso(s.notAfter)) -> \(out)")
+                print("issued \(s.serial) for \(names.joined(separator: ", ")), valid until \(iso(s.notAfter)) -> \(out) (log entry \(log.size - 1))")
             } catch { throw fail("\(error)") }
         }
     }
 
     struct Show: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Print a certificate's subject, issuer, serial, validity, SANs, EKU and key type.",
+            abstract: "Print a certificate's subject, issuer, serial, validity, SANs, EKU, key type and SCTs.",
             discussion: """
-                Shows every certificate in the file (a chain file lists the node first).
+                Shows every certificate in the file (a chain file lists the node first). Embedded \
+                SCTs are checked against --log-key (repeatable) using the next certificate in the \
+                file (or --issuer) as the issuer: valid, invalid (forged or altered), unknown log, \
+                or unchecked when there is no issuer or no log key.
 
-                Example: stoq trust show cert.pem --json
+                Example: stoq trust show cert.pem --log-key log.pub.pem --json
                 """)
         @Argument(help: "A PEM certificate or chain file.") var cert: String
+        @Option(name: .customLong("log-key"), help: "A trusted log's public key (PEM), to check SCTs (repeatable).") var logKeys: [String] = []
+        @Option(help: "The issuer's certificate (PEM), when the file holds only the leaf.") var issuer: String?
         @Flag(help: "Print {\"certificates\": [ … ]} as JSON.") var json = false
 
         func run() throws {
-            let certs: [Certificate]
-            do { certs = try PEMFiles.readCertificates(cert) } catch { throw fail("\(error)", code: 2) }
-            let summaries = certs.map(CertificateSummary.init)
+            let certs: [Certificate], logs: [P256.Signing.PublicKey], extraIssuer: Certificate?
+            do {
+                certs = try PEMFiles.readCertificates(cert)
+                logs = try CertificateTransparency.loadLogKeys(logKeys)
+                extraIssuer = try issuer.map { try PEMFiles.readCertificates($0)[0] }
+            } catch { throw fail("\(error)", code: 2) }
+            let summaries = certs.enumerated().map { i, c in
+                var s = CertificateSummary(c)
+                if let iss = i + 1 < certs.count ? certs[i + 1] : extraIssuer, !logs.isEmpty {
+                    s.checkSCTs(of: c, issuer: iss, logs: logs)
+                }
+                return s
+            }
             if json {
                 let enc = JSONEncoder()
                 enc.outputFormatting = [.sortedKeys]
@@ -116,6 +137,10 @@ struct TrustCommand: ParsableCommand {
                 print("SANs:       \(sans.isEmpty ? "(none)" : sans.joined(separator: ", "))")
                 print("EKU:        \(s.extendedKeyUsage.isEmpty ? "(none)" : s.extendedKeyUsage.joined(separator: ", "))")
                 print("key:        \(s.keyType)\(s.isCA ? " (CA)" : "")")
+                if s.scts.isEmpty && !s.isCA { print("SCTs:       (none)") }
+                for sct in s.scts {
+                    print("SCT:        log \(sct.logID) at \(iso(sct.timestamp)): \(sct.status)")
+                }
             }
         }
     }
@@ -126,8 +151,10 @@ struct TrustCommand: ParsableCommand {
             discussion: """
                 Checks chain to a root in --bundle, validity dates, EKU (serverAuth, or clientAuth \
                 with --client), the name (--dns or --ip), chain length, key strength and --revoked \
-                serials. Reasons: expired, notYetValid, wrongEKU, sanMismatch, unknownRoot, revoked, \
-                chainTooLong, keyTooWeak, invalidChain. Unreadable input or an IPv4 --ip exits 2.
+                serials; with --require-transparency, an embedded SCT that verifies with a --log-key. \
+                Reasons: expired, notYetValid, wrongEKU, sanMismatch, unknownRoot, revoked, \
+                chainTooLong, keyTooWeak, invalidChain, sctMissing, sctInvalid, sctUnknownLog. \
+                Unreadable input or an IPv4 --ip exits 2.
 
                 Example: stoq trust verify cert.pem --bundle ca/root.pem --ip 2001:db8::1
                 """)
@@ -138,22 +165,27 @@ struct TrustCommand: ParsableCommand {
         @Flag(help: "Check the certificate as a client's (clientAuth) instead of a server's.") var client = false
         @Option(help: "File of revoked serial numbers in hex, one per line.") var revoked: String?
         @Option(name: .customLong("max-chain"), help: "Longest accepted chain, leaf and root included.") var maxChain = 3
+        @Flag(name: .customLong("require-transparency"), help: "Require an embedded SCT from a log given by --log-key.")
+        var requireTransparency = false
+        @Option(name: .customLong("log-key"), help: "A trusted log's public key (PEM; repeatable).") var logKeys: [String] = []
         @Flag(help: "Print {\"valid\": …} as JSON.") var json = false
 
         func validate() throws {
+            if requireTransparency && logKeys.isEmpty { throw ValidationError("--require-transparency needs at least one --log-key") }
             if dns != nil && ip != nil { throw ValidationError("give --dns or --ip, not both") }
             if maxChain < 1 { throw ValidationError("--max-chain \(maxChain): expected at least 1") }
         }
 
         func run() async throws {
-            let chain: [Certificate], roots: [Certificate], serials: Set<Certificate.SerialNumber>
+            let chain: [Certificate], roots: [Certificate], serials: Set<Certificate.SerialNumber>, logs: [P256.Signing.PublicKey]
             do {
+                logs = try CertificateTransparency.loadLogKeys(logKeys)
                 chain = try PEMFiles.readCertificates(cert)
                 roots = try PEMFiles.readCertificates(bundle)
                 serials = try revoked.map(PEMFiles.readSerials) ?? []
             } catch { throw fail("\(error)", code: 2) }
             let verifier = PeerVerifier(roots: roots, revokedSerials: serials, maxChainLength: maxChain,
-                                        role: client ? .client : .server)
+                                        role: client ? .client : .server, transparencyLogs: requireTransparency ? logs : nil)
             do {
                 let validated = try await verifier.verify(chain: chain, dnsName: dns, ipv6Address: ip)
                 let subjects = validated.map { $0.subject.description }
@@ -252,7 +284,12 @@ extension TrustCommand {
                     keyPEM = try String(contentsOfFile: key, encoding: .utf8)
                 } else {
                     let ips = endpoint.address.isUnspecified ? ["::1"] : [endpoint.address.description]
-                    let tls = try ca.issueWithNewKey(dnsNames: tlsDNS, ipv6Addresses: ips)
+                    // Logged like any other certificate; the log is closed again before the
+                    // ACME server opens (and locks) it.
+                    let tls = try { () throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) in
+                        let log = try TransparencyLog.openForAuthority(caDirectory: dir)
+                        return try ca.issueWithNewKey(dnsNames: tlsDNS, ipv6Addresses: ips, log: log)
+                    }()
                     chainPEM = tls.chainPEM
                     keyPEM = tls.keyPEM
                 }

@@ -29,7 +29,19 @@ struct TrustOptions: ParsableArguments {
     var cert: String?
     @Option(help: "The key of --cert (PEM).")
     var key: String?
-    var trust: ClientTrust { ClientTrust(caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key) }
+    @Flag(name: .customLong("require-transparency"),
+          help: "Refuse a server certificate without a valid embedded SCT from a --log-key log.")
+    var requireTransparency = false
+    @Option(name: .customLong("log-key"), help: "A trusted transparency log's public key (PEM; repeatable).")
+    var logKeys: [String] = []
+    var trust: ClientTrust {
+        ClientTrust(caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key,
+                    transparencyLogs: requireTransparency ? logKeys : [])
+    }
+
+    func validate() throws {
+        if requireTransparency && logKeys.isEmpty { throw ValidationError("--require-transparency needs at least one --log-key") }
+    }
 }
 
 func fail(_ message: String, code: Int32 = 1) -> ExitCode {

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import STOQACME
+import STOQCore
 import STOQTrust
 import SwiftASN1
 import X509
@@ -31,16 +32,20 @@ final class ACMEServerTests: XCTestCase {
         let key = try P256.Signing.PrivateKey(pemRepresentation: got.privateKeyPEM)
         XCTAssertEqual(got.chain[0].publicKey, Certificate.PublicKey(key.publicKey))
 
-        // The serial is in the transparency log on disk, with a valid inclusion proof.
+        // The precertificate is in the transparency log on disk, with a valid inclusion proof,
+        // and the certificate carries that log's SCT over it.
         await f.stop()
         let logKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: f.caDirectory + "/log-key.pem", encoding: .utf8))
         let log = try TransparencyLog(path: f.caDirectory + "/transparency.log", signingKey: logKey)
         XCTAssertEqual(log.size, 1)
-        let logged = try Certificate(derEncoded: log.entry(at: 0))
-        XCTAssertEqual(logged.serialNumber, got.chain[0].serialNumber)
-        XCTAssertEqual(logged, got.chain[0])
+        let logged = try XCTUnwrap(CertificateTransparency.parseMerkleTreeLeaf(try log.entry(at: 0)))
+        XCTAssertEqual(try CertificateTransparency.serialNumber(ofTBS: logged.entry.tbsCertificate), got.chain[0].serialNumber)
+        XCTAssertEqual(try CertificateTransparency.entry(forFinalCertificate: got.chain[0], issuer: got.chain[1]), logged.entry)
+        XCTAssertEqual(CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey]),
+                       .valid(logID: log.logID, timestamp: logged.timestamp))
         let proof = try log.inclusionProof(index: 0)
-        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: MerkleTree.leafHash(try log.entry(at: 0)), leafIndex: 0, treeSize: 1,
+        let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: logged.timestamp, entry: logged.entry))
+        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: 0, treeSize: 1,
                                                  proof: proof, rootHash: try log.rootHash()))
     }
 
@@ -176,6 +181,32 @@ final class ACMEServerTests: XCTestCase {
         req.body = .bytes(ByteBuffer(bytes: retry.serialized()))
         let r8 = try await http.execute(req, timeout: .seconds(10))
         XCTAssertEqual(r8.status.code, 415)
+    }
+
+    func testACertificateIssuedBeforeARestartCanStillBeRevoked() async throws {
+        // The log holds precert entries (TBS without the SCT list), not certificates: after a
+        // restart the server matches a revocation request against them.
+        let f = try await ACMEFixture.start()
+        let eab = try f.addNode("node7", dns: ["node7.example"])
+        let client = try f.client()
+        let got = try await client.obtainCertificate(for: [.dns("node7.example")], eab: eab)
+        await client.shutdown()
+        await f.stop()
+        let server = try ACMEServer(caDirectory: f.caDirectory, configuration: ACMEServer.Configuration())
+        let tls = try f.authority.issueWithNewKey(dnsNames: ["localhost"], ipv6Addresses: ["::1"])
+        let https = try await ACMEHTTPSServer.start(server: server, address: IPv6Endpoint(address: .loopback, port: 0),
+                                                    certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
+        let g = ACMEFixture(dir: f.dir, authority: f.authority, server: server, https: https, rootPEM: f.rootPEM)
+        defer { Task { await g.stop() } }
+        let again = try g.client()
+        defer { Task { await again.shutdown() } }
+        try await again.register(eab: eab)
+        // A certificate the CA never issued, with the same names, is still refused.
+        let foreign = try TrustAuthority.create(in: f.dir + "/other").issueWithNewKey(dnsNames: ["node7.example"]).certificate
+        await assertProblem(.malformed) { try await again.revoke(foreign) }
+        try await again.revoke(got.chain[0], reason: 4)
+        let revoked = await server.revokedSerials
+        XCTAssertEqual(revoked, [CertificateSummary(got.chain[0]).serial])
     }
 
     func testRevocation() async throws {

@@ -71,6 +71,18 @@ import Testing
         #expect(e.first { $0.key == "network.colour" }?.code == .unknownKey)
     }
 
+    @Test func readsTransparencySettings() throws {
+        #expect(NodeConfig.default.trust.requireTransparency == false && NodeConfig.default.trust.transparencyLogs.isEmpty)
+        let c = try ConfigLoader.parse("[trust]\nrequire_transparency = true\ntransparency_logs = [\"a.pem\", \"b.pem\"]")
+        #expect(c.trust.requireTransparency && c.trust.transparencyLogs == ["a.pem", "b.pem"])
+        #expect(errors("[trust]\ntransparency_logs = \"a.pem\"").first?.key == "trust.transparency_logs")
+        #expect(errors("[trust]\ntransparency_logs = [\"\"]").first?.key == "trust.transparency_logs")
+        #expect(errors("[trust]\nrequire_transparency = \"yes\"").first?.key == "trust.require_transparency")
+        // Without its own CA the node must be told which logs to trust.
+        let e = errors("[trust]\nmode = \"acme\"\nrequire_transparency = true\n[trust.acme]\ndirectory = \"https://[::1]:1/d\"")
+        #expect(e.map(\.key) == ["trust.transparency_logs"])
+    }
+
     @Test func crossChecksChunkSizes() {
         let e = errors("[chunking]\nmin_chunk_size = \"2MB\"\nmax_chunk_size = \"1MB\"")
         #expect(e.first?.key.hasPrefix("chunking.min_chunk_size") == true)

@@ -188,4 +188,30 @@ import X509
             #expect(names.contains(required))
         }
     }
+    @Test func transparencyRequiresAValidSCTFromATrustedLog() async throws {
+        let f = try AuthorityFixture()
+        defer { f.dir.cleanup() }
+        let log = try TransparencyLog.openForAuthority(caDirectory: f.dir.path + "/ct")
+        let logged = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["n.test"], log: log)
+        let bare = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["n.test"])
+        let strict = PeerVerifier(roots: [f.authority.root], transparencyLogs: [log.publicKey])
+        #expect(await refusal(strict, [logged, f.authority.intermediate]) == nil)
+        #expect(await refusal(strict, [bare, f.authority.intermediate])?.code == .sctMissing)
+        // Not required: a certificate without SCT is fine.
+        #expect(await refusal(PeerVerifier(roots: [f.authority.root]), [bare, f.authority.intermediate]) == nil)
+        // A log the verifier does not trust.
+        let other = PeerVerifier(roots: [f.authority.root], transparencyLogs: [P256.Signing.PrivateKey().publicKey])
+        #expect(await refusal(other, [logged, f.authority.intermediate])?.code == .sctUnknownLog)
+        // The logged certificate's SCT list on a different certificate (same CA, same serial
+        // space): the signature does not cover it.
+        var exts = Array(bare.extensions)
+        exts.append(try #require(Array(logged.extensions).last))
+        let forged = try Certificate(
+            version: .v3, serialNumber: bare.serialNumber, publicKey: bare.publicKey,
+            notValidBefore: bare.notValidBefore, notValidAfter: bare.notValidAfter, issuer: bare.issuer,
+            subject: bare.subject, signatureAlgorithm: .ecdsaWithSHA256, extensions: try Certificate.Extensions(exts),
+            issuerPrivateKey: f.intermediateKey)
+        let e = await refusal(strict, [forged, f.authority.intermediate])
+        #expect(e?.code == .sctInvalid && e!.message.contains("SCT signature invalid (forged)"), "\(String(describing: e))")
+    }
 }

@@ -108,15 +108,26 @@ import Testing
         }
     }
 
-    @Test func oneAppenderAtATime() throws {
+    @Test func twoOpenersAppendToOneSequence() throws {
+        // A node serving its CA's log and `stoq trust issue` on the same CA: each append first
+        // reads what the other appended, so both see one log and neither overwrites the other.
         let dir = TempDir()
         defer { dir.cleanup() }
         let path = dir.path + "/log"
-        let first = try TransparencyLog(path: path, signingKey: key)
-        #expect(throws: TransparencyLogError(.io, "\(path): another process has the log open for appending")) {
-            try TransparencyLog(path: path, signingKey: key)
-        }
-        _ = first
+        let a = try TransparencyLog(path: path, signingKey: key)
+        let b = try TransparencyLog(path: path, signingKey: key)
+        #expect(try a.append(Array("one".utf8)) == 0)
+        #expect(try b.append(Array("two".utf8)) == 1)
+        #expect(try a.append(Array("three".utf8)) == 2)
+        #expect(b.size == 2)
+        try b.refresh()
+        let rootA = try a.rootHash()
+        #expect(b.size == 3)
+        #expect(try b.rootHash() == rootA)
+        #expect(try b.entry(at: 2) == Array("three".utf8))
+        let reopened = try TransparencyLog(path: path, signingKey: key)
+        #expect(reopened.size == 3 && reopened.recovery == nil)
+        #expect(try reopened.rootHash() == rootA)
     }
 
     @Test func signedTreeHeadVerifiesAndTamperingFails() throws {

@@ -56,6 +56,18 @@ int stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode, const char *const
                                     unsigned max_depth, const uint8_t *const *revoked, const size_t *revoked_len,
                                     size_t nrevoked, char *err, size_t errlen);
 
+/** A check of the peer's leaf certificate run inside the TLS verify callback, after GnuTLS has
+ *  accepted the chain (STOQ: certificate transparency, written in Swift). `leaf` and `issuer`
+ *  are DER; `issuer` is the next certificate the peer sent, or the trusted issuer when the peer
+ *  sent only its leaf, or NULL. Returns 0 to accept, else writes the reason to `why` (NUL-
+ *  terminated) and returns nonzero. Runs once per handshake, on the worker's thread. */
+typedef int (*stoq_peer_check_fn)(void *ctx, const uint8_t *leaf, size_t leaf_len, const uint8_t *issuer,
+                                  size_t issuer_len, char *why, size_t why_len);
+
+/** Registers `fn` (with `ctx`, which must outlive the credentials) on server credentials with
+ *  client authentication, or on client credentials (run on the server's certificate). */
+void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx);
+
 /** Client: present this certificate chain and key when a server asks (mutual TLS). 0 or -1 (err). */
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen);
