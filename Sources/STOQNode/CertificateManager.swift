@@ -166,7 +166,7 @@ final class CertificateManager: @unchecked Sendable {
         try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
         let creds = try TLSCredentials(certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
                                        clientAuth: clientAuth)
-        let serial = leaf.serialNumber.description
+        let serial = CertificateSummary.hex(leaf.serialNumber)
         state.withLock {
             counterValues.rotations += 1
             counterValues.notAfter = leaf.notValidAfter

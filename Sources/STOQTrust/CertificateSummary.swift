@@ -79,7 +79,8 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
 
     /// A serial number as plain lower-case hex: the one form `show` prints, refusals name and
     /// revocation files accept.
-    static func hex(_ serial: Certificate.SerialNumber) -> String {
+    /// A serial number as lowercase hex, two digits a byte (as `openssl x509 -serial` prints it).
+    public static func hex(_ serial: Certificate.SerialNumber) -> String {
         serial.bytes.map { String(format: "%02x", $0) }.joined()
     }
 

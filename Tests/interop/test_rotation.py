@@ -35,5 +35,7 @@ def test_connections_survive_three_rotations(rotating_node):
     n.log.flush()
     issued = re.findall(r"serial=(\S+) .*certificate issued", pathlib.Path(n.log.name).read_text())
     assert len(issued) >= 4
+    # Every certificate a handshake saw is one the node logged as issued (same serial).
+    assert {int(s, 16) for s in serials} <= {int(s, 16) for s in issued}, (serials, issued)
     p = sorted(res["handshake_ms"])
     print(f"handshakes: {len(p)}, p50 {p[len(p) // 2]:.1f} ms, max {p[-1]:.1f} ms")
