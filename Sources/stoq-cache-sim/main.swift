@@ -1,4 +1,4 @@
-// Replays a request trace through STOQ's eviction policies and prints one JSON line per
+// Replays a request trace through STOQ's eviction policies (S3-FIFO, W-TinyLFU, LRU) and prints one JSON line per
 // (policy, capacity): the driver behind scripts/bench-cache, which generates the trace
 // (seeded) and feeds the same file to libCacheSim.
 //
@@ -39,4 +39,6 @@ for c in capacities {
     // The threshold libCacheSim defaults to: two hits in the small queue to reach main.
     var s3t2 = S3FIFO<UInt64>(capacity: c, promoteAfter: 2)
     replay(&s3t2, "stoq-s3fifo-t2", c, keys)
+    var w = WTinyLFU<UInt64>(capacity: c, expectedEntries: Int(c))
+    replay(&w, "stoq-wtinylfu", c, keys)
 }

@@ -163,3 +163,39 @@ final class LRUTests: XCTestCase {
         XCTAssertEqual(c.usedBytes, 3)
     }
 }
+
+final class WTinyLFUTests: XCTestCase {
+    func testFrequentKeysWinAdmissionAndTheBoundHolds() {
+        var c = WTinyLFU<Int>(capacity: 100, expectedEntries: 100)
+        // A hot set asked often, then a long scan of one-time keys: the scan's candidates
+        // lose the frequency contest against the hot entries in main.
+        for _ in 0..<20 { for k in 0..<50 { _ = c.request(k, size: 1) } }
+        var scanEvictedHot = 0
+        for k in 1000..<5000 {
+            _ = c.request(k, size: 1) { if $0 < 50 { scanEvictedHot += 1 } }
+            XCTAssertLessThanOrEqual(c.usedBytes, 100)
+        }
+        XCTAssertEqual(scanEvictedHot, 0, "a scan must not push the hot set out")
+        var hits = 0
+        for k in 0..<50 where c.touch(k) { hits += 1 }
+        XCTAssertEqual(hits, 50)
+    }
+
+    func testMixedSizesRemoveAndDecline() {
+        var c = WTinyLFU<Int>(capacity: 1000, expectedEntries: 64)
+        func size(_ k: Int) -> UInt64 { UInt64(1 + (k * 37) % 150) }
+        for i in 0..<3000 {
+            let k = (i * 7919 + i / 7) % 300
+            if c.touch(k) { continue }
+            var evicted: [Int] = []
+            c.insert(k, size: size(k)) { evicted.append($0) }
+            XCTAssertTrue(evicted.allSatisfy { !c.contains($0) })
+            XCTAssertLessThanOrEqual(c.usedBytes, 1000)
+            XCTAssertEqual(c.usedBytes, (0..<300).filter { c.contains($0) }.reduce(0) { $0 + size($1) })
+        }
+        let some = (0..<300).first { c.contains($0) }!
+        c.remove(some)
+        XCTAssertFalse(c.contains(some))
+        XCTAssertFalse(c.insert(-1, size: 1001) { _ in XCTFail() })
+    }
+}
