@@ -113,6 +113,12 @@ def test_edge_fetch_is_byte_identical_and_the_second_comes_from_cache(origin, ed
     second = get(edge, "edge-a", tmp_path / "second.bin")
     assert second.returncode == 0, second.stderr
     assert sha256_file(tmp_path / "second.bin") == up["sha256"]
+    # A Range through the edge (aioquic), from the cache.
+    r = run([sys.executable, HERE / "h3client.py", edge.url("edge-a"), "--ca", edge.cert,
+             "--header", "range: bytes=1000000-3999999"], timeout=60)
+    part = json.loads(r.stdout)
+    assert part["status"] == 206 and part["bytes"] == 3_000_000, part
+    assert part["sha256"] == __import__("hashlib").sha256(src.read_bytes()[1_000_000:4_000_000]).hexdigest()
     # Also the chunked path through the edge: manifest + chunks, each verified by the client.
     chunked = get(edge, "edge-a", tmp_path / "chunked.bin", "--chunked")
     assert chunked.returncode == 0, chunked.stderr
