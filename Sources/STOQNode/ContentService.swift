@@ -79,8 +79,6 @@ public final class ContentService: QUICApplication {
         }
     }
 
-    /// Chunks asked of the origin ahead of the one an edge object stream is sending.
-    static let edgeReadAhead = 16
 
     private let index: ObjectIndex
     private var sends: [HTTPStream: ObjectSend] = [:]
@@ -200,7 +198,7 @@ public final class ContentService: QUICApplication {
         let bytes: [UInt8]
         if send.edge, let edge {
             // Ask the origin for the chunks ahead now, so they arrive while these are sent.
-            let horizon = min(send.chunks.count, send.next + 1 + Self.edgeReadAhead)
+            let horizon = min(send.chunks.count, send.next + 1 + edge.readAheadChunks)
             while send.readAhead < horizon {
                 let ahead = ChunkID(bytes: send.chunks[send.readAhead].id.bytes)!
                 if send.readAhead > send.next, (try? index.chunks.has(ahead)) != true, !edge.holds(ahead) {

@@ -120,6 +120,10 @@ public final class EdgeCache: @unchecked Sendable {
 
     public let origin: STOQURL
     public let store: ChunkStore
+    /// Chunks a streamed object asks for ahead of the one being sent: up to 16, and no more
+    /// than a quarter of the cache's bound in max-size chunks, so that read-ahead cannot evict
+    /// what it fetched before it is sent.
+    public let readAheadChunks: Int
     let root: String
     let ttlDefault: Double
     let trust: ClientTrust
@@ -148,6 +152,7 @@ public final class EdgeCache: @unchecked Sendable {
         store = try ChunkStore(root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
                                logger: Logger(label: "stoq.edge.store"))
         policy = S3FIFO(capacity: capacity)
+        readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
         try FileManager.default.createDirectory(atPath: root + "/manifests", withIntermediateDirectories: true)
         try loadIndex()
         loadManifests()
