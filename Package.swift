@@ -164,7 +164,9 @@ let package = Package(
         .testTarget(
             name: "STOQStoreTests",
             dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
+        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig", "STOQStore", "STOQCache", "STOQTransfer",
+                                                          .product(name: "Crypto", package: "swift-crypto"),
+                                                          .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "STOQTrustTests",
             dependencies: [

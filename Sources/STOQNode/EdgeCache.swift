@@ -118,7 +118,9 @@ public final class EdgeCache: @unchecked Sendable {
     public static let connectTimeout = 3.0
     public static let requestTimeout: UInt64 = 30_000_000_000
 
+    /// Where misses are fetched from (`edge.origin`).
     public let origin: STOQURL
+    /// The cache's own chunk store (`<content_path>/edge`).
     public let store: ChunkStore
     /// Chunks a streamed object asks for ahead of the one being sent: up to 16, and no more
     /// than a quarter of the cache's bound in max-size chunks, so that read-ahead cannot evict
@@ -243,6 +245,7 @@ public final class EdgeCache: @unchecked Sendable {
         }
     }
 
+    /// What the cache counted, with its current size.
     public var counters: Counters {
         lock.withLock {
             var c = counterValues
@@ -269,6 +272,7 @@ public final class EdgeCache: @unchecked Sendable {
         }
     }
 
+    /// Whether the cache holds chunk `id` (no hit counted).
     public func holds(_ id: ChunkID) -> Bool { lock.withLock { policy.contains(id) } }
 
     /// The cached manifest of `name` and whether it is still fresh.
@@ -318,6 +322,7 @@ public final class EdgeCache: @unchecked Sendable {
 
     // MARK: - Fetcher
 
+    /// Starts the fetcher thread.
     public func start() {
         finished.enter()
         let t = Thread { [self] in
@@ -329,6 +334,7 @@ public final class EdgeCache: @unchecked Sendable {
         t.start()
     }
 
+    /// Stops the fetcher (failing what is in flight) and writes the index; waits up to 10 s.
     public func stop() {
         stopFlag.store(true, ordering: .releasing)
         wake.signal()
