@@ -104,11 +104,22 @@ let package = Package(
             name: "STOQStore",
             dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log")]),
 
+        // Cache eviction policies (S3-FIFO, LRU) and their crash-safe index file. Pure: keys and
+        // sizes only, no threads.
+        .target(name: "STOQCache", dependencies: [.product(name: "DequeModule", package: "swift-collections")]),
+
+        // The HTTP/3 client: one connection driven on the calling thread (get/put, chunked
+        // transfer), used by the CLI and by a node fetching from its origin (edge cache).
+        .target(
+            name: "STOQTransfer",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQChunking",
+                           "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
+
         .target(
             name: "STOQNode",
             dependencies: [
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
-                "STOQStore", "STOQChunking", "CSTOQSystem", "STOQACME",
+                "STOQStore", "STOQChunking", "CSTOQSystem", "STOQACME", "STOQCache", "STOQTransfer",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -120,8 +131,8 @@ let package = Package(
 
         .target(
             name: "STOQ",
-            dependencies: ["STOQNode", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore", "STOQTrust",
-                           "STOQChunking", "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["STOQNode", "STOQTransfer", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore",
+                           "STOQTrust", "STOQChunking", "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
 
         .executableTarget(
             name: "stoq-node",
@@ -146,12 +157,17 @@ let package = Package(
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
+        .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
+        // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
+        .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
         .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
         .testTarget(
             name: "STOQStoreTests",
             dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig"]),
+        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig", "STOQStore", "STOQCache", "STOQTransfer",
+                                                          .product(name: "Crypto", package: "swift-crypto"),
+                                                          .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "STOQTrustTests",
             dependencies: [

@@ -72,6 +72,7 @@ struct stoq_stream {
   char path[STOQ_MAX_PATH + 1];
   int have_method, have_path, have_scheme, have_authority, dup_pseudo, path_too_long;
   int64_t content_length;
+  int64_t max_age; /* a response's Cache-Control max-age, seconds; -1: none */
   int status;
   int fin_with_headers;
   int body_complete;
@@ -321,6 +322,7 @@ static stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   s->id = id;
   s->conn = c;
   s->content_length = -1;
+  s->max_age = -1;
   s->sink_fd = -1;
   s->sink_limit = UINT64_MAX;
   s->next = c->streams;
@@ -370,6 +372,7 @@ int64_t stoq_stream_id(const stoq_stream *s) { return s->id; }
 uint64_t stoq_stream_received(const stoq_stream *s) { return s->received; }
 int stoq_stream_sink_errno(const stoq_stream *s) { return s->sink_errno; }
 int stoq_stream_body_complete(const stoq_stream *s) { return s->body_complete; }
+int64_t stoq_stream_max_age(const stoq_stream *s) { return s->max_age; }
 
 void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash) {
   sink_flush(s);
@@ -526,6 +529,18 @@ static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, ng
     char tmp[8];
     copy_field(tmp, sizeof(tmp), value, NULL);
     s->status = atoi(tmp);
+    break;
+  }
+  case NGHTTP3_QPACK_TOKEN_CACHE_CONTROL: {
+    /* Only max-age matters to STOQ (an edge node's freshness for what an origin sent). */
+    char tmp[128];
+    copy_field(tmp, sizeof(tmp), value, NULL);
+    const char *m = strstr(tmp, "max-age=");
+    if (m) {
+      char *end = NULL;
+      unsigned long long v = strtoull(m + 8, &end, 10);
+      if (end != m + 8) s->max_age = v > INT64_MAX ? INT64_MAX : (int64_t)v;
+    }
     break;
   }
   case NGHTTP3_QPACK_TOKEN_CONTENT_LENGTH: {

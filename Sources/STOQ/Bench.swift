@@ -2,6 +2,7 @@ import Foundation
 import STOQCore
 import STOQDatapathURing
 import STOQQUIC
+import STOQTransfer
 import STOQWorker
 
 /// What `STOQClient.bench` measured.

@@ -7,3 +7,4 @@
 @_exported import STOQQUIC
 @_exported import STOQTrust
 @_exported import STOQWorker
+@_exported import STOQTransfer

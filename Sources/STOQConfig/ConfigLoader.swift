@@ -147,6 +147,9 @@ public enum ConfigLoader {
             s.size("cache_size", &c.edge.cacheSize, 1 << 20...1 << 50)
             s.duration("ttl_default", &c.edge.ttlDefault, 0...(365 * 86_400_000_000_000))
             s.origin("origin", &c.edge.origin)
+            var maxAge = UInt64.max
+            s.duration("origin_max_age", &maxAge, 0...(365 * 86_400_000_000_000))
+            c.edge.originMaxAge = maxAge == .max ? nil : maxAge
         }
         if c.edge.enableCaching && c.edge.origin.isEmpty {
             r.errors.append(ConfigError(code: .badValue, key: "edge.origin", value: "\"\"",

@@ -98,6 +98,10 @@ public struct NodeConfig: Sendable, Equatable {
         public var cacheSize: UInt64 = 10 << 30
         public var ttlDefault: UInt64 = 3_600_000_000_000
         public var origin = ""
+        /// As an origin: the `Cache-Control: max-age` (nanoseconds, sent in whole seconds)
+        /// this node puts on manifests and chunked objects; nil = none (caches then use
+        /// their own `ttl_default`).
+        public var originMaxAge: UInt64? = nil
     }
     public struct Log: Sendable, Equatable {
         public var level = "info"

@@ -28,6 +28,11 @@ public final class ContentService: QUICApplication {
         public var chunkBytesReceived: UInt64 = 0
         public var manifestsStored: UInt64 = 0
         public var refused: UInt64 = 0
+        /// Manifests and chunked objects served (an origin's request counters).
+        public var manifestsServed: UInt64 = 0
+        public var objectsServed: UInt64 = 0
+        /// Requests answered from the edge cache or by fetching from the origin.
+        public var edgeRequests: UInt64 = 0
     }
 
     enum Kind { case chunk(ChunkID), missing, manifest(String) }
@@ -50,7 +55,30 @@ public final class ContentService: QUICApplication {
         var next: Int          // index of the next chunk to append
         var skip: Int          // bytes of that chunk before the range starts
         var remaining: UInt64  // body bytes still to append
+        var edge = false       // chunks come from the edge cache (and its origin)
+        var waiting = false    // the next chunk is being fetched from the origin
+        var readAhead = 0      // chunks up to here have been asked of the origin
     }
+
+    /// A request waiting for the edge cache's fetcher (by ticket).
+    enum EdgeWait {
+        case object(String, HTTPRequest, HTTPStream, QUICConnection)
+        case manifest(String, head: Bool, HTTPStream, QUICConnection)
+        case chunk(ChunkID, head: Bool, HTTPStream, QUICConnection)
+        case objectChunk(HTTPStream, QUICConnection)
+
+        var stream: HTTPStream {
+            switch self {
+            case .object(_, _, let s, _), .manifest(_, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
+            }
+        }
+        var connection: QUICConnection {
+            switch self {
+            case .object(_, _, _, let c), .manifest(_, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
+            }
+        }
+    }
+
 
     private let index: ObjectIndex
     private var sends: [HTTPStream: ObjectSend] = [:]
@@ -58,12 +86,23 @@ public final class ContentService: QUICApplication {
     private let logger: Logger
     private var uploads: [HTTPStream: Upload] = [:]
     public private(set) var counters = Counters()
+    /// The node's edge cache (nil: not an edge node), and this worker's inbox for it.
+    let edge: EdgeCache?
+    let inbox = EdgeCache.Inbox()
+    private var edgeWaits: [UInt64: EdgeWait] = [:]
+    private var completions: [EdgeCache.Completion] = []
+    /// `Cache-Control` sent with manifests and chunked objects (origin side), if any.
+    private let cacheControl: (String, String)?
 
-    /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are refused.
-    public init(index: ObjectIndex, maxChunkSize: UInt64, logger: Logger) {
+    /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
+    /// refused. With `edge`, what the node lacks is served through the edge cache.
+    /// `maxAge` (seconds) is the `Cache-Control: max-age` put on manifests and objects.
+    public init(index: ObjectIndex, maxChunkSize: UInt64, logger: Logger, edge: EdgeCache? = nil, maxAge: UInt64? = nil) {
         self.index = index
         self.maxChunkSize = maxChunkSize
         self.logger = logger
+        self.edge = edge
+        self.cacheControl = maxAge.map { ("cache-control", "public, max-age=\($0)") }
     }
 
     deinit { for u in uploads.values { close(u.fd) } }
@@ -87,7 +126,11 @@ public final class ContentService: QUICApplication {
                 return fail(stream, connection, 400, "bad chunk id \(path.dropFirst(8).prefix(100)): expected 64 hex digits")
             }
             switch request.method {
-            case "GET", "HEAD": return serveChunk(id, head: request.method == "HEAD", stream, connection)
+            case "GET", "HEAD":
+                if let edge, (try? index.chunks.has(id)) != true {
+                    return serveEdgeChunk(edge, id, head: request.method == "HEAD", stream, connection)
+                }
+                return serveChunk(id, head: request.method == "HEAD", stream, connection)
             case "PUT": return begin(.chunk(id), limit: maxChunkSize, request, stream, connection)
             default: return notAllowed(stream, connection, "GET, HEAD, PUT")
             }
@@ -95,7 +138,9 @@ public final class ContentService: QUICApplication {
         let name = String(path.dropFirst("/manifests/".count))
         do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
         switch request.method {
-        case "GET", "HEAD": serveManifest(name, head: request.method == "HEAD", stream, connection)
+        case "GET", "HEAD":
+            if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: request.method == "HEAD", stream, connection) }
+            serveManifest(name, head: request.method == "HEAD", stream, connection)
         case "PUT": begin(.manifest(name), limit: Self.maxManifestBytes, request, stream, connection)
         case "DELETE":
             do {
@@ -118,10 +163,17 @@ public final class ContentService: QUICApplication {
         do { manifest = try Manifest(decoding: index.object(name).manifest) } catch {
             return fail(stream, connection, 500, "object \(name): \(error)")
         }
-        guard let (status, headers, range) = ObjectService.bodyHead(
+        sendObject(name, manifest, edge: false, request, stream, connection)
+    }
+
+    private func sendObject(_ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
+                            _ connection: QUICConnection) {
+        guard var (status, headers, range) = ObjectService.bodyHead(
             size: manifest.totalLength, request: request, stream: stream, connection: connection,
             fail: { fail(stream, connection, $0, $1) })
         else { return }
+        if let cacheControl, !edge { headers.append(cacheControl) }
+        counters.objectsServed += 1
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
         if request.method == "HEAD" || length == 0 {
             connection.respond(stream, status: status, headers: headers, body: nil)
@@ -134,21 +186,43 @@ public final class ContentService: QUICApplication {
             at += UInt64(manifest.chunks[first].length)
             first += 1
         }
-        sends[stream] = ObjectSend(name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length)
+        sends[stream] = ObjectSend(name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
+                                   edge: edge, readAhead: first)
         connection.respondStreamed(stream, status: status, headers: headers)
     }
 
     public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
-        guard var send = sends[stream], send.remaining > 0, send.next < send.chunks.count else { return }
+        guard var send = sends[stream], send.remaining > 0, send.next < send.chunks.count, !send.waiting else { return }
         let entry = send.chunks[send.next]
         let id = ChunkID(bytes: entry.id.bytes)!
         let bytes: [UInt8]
+        if send.edge, let edge {
+            // Ask the origin for the chunks ahead now, so they arrive while these are sent.
+            let horizon = min(send.chunks.count, send.next + 1 + edge.readAheadChunks)
+            while send.readAhead < horizon {
+                let ahead = ChunkID(bytes: send.chunks[send.readAhead].id.bytes)!
+                if send.readAhead > send.next, (try? index.chunks.has(ahead)) != true, !edge.holds(ahead) {
+                    edge.fetch(.chunk(ahead), inbox: nil)
+                }
+                send.readAhead += 1
+            }
+            if let b = edge.readChunk(id) ?? (try? index.chunks.read(id)) {
+                bytes = b
+            } else {
+                send.waiting = true
+                sends[stream] = send
+                let ticket = edge.fetch(.chunk(id), inbox: inbox)
+                edgeWaits[ticket] = .objectChunk(stream, connection)
+                return
+            }
+        } else {
         do { bytes = try index.chunks.read(id) } catch {
             // Never send bytes the store cannot vouch for: the client sees the stream fail.
             logger.error("object \(send.name): chunk \(id.hex) unavailable mid-response: \(error)")
             sends[stream] = nil
             connection.reset(stream, errorCode: H3Error.internalError)
             return
+        }
         }
         let take = Int(min(UInt64(bytes.count - send.skip), send.remaining))
         let piece = send.skip == 0 && take == bytes.count
@@ -170,6 +244,10 @@ public final class ContentService: QUICApplication {
             default: return fail(stream, connection, 500, e.message)
             }
         } catch { return fail(stream, connection, 500, "\(error)") }
+        respondChunk(bytes, head: head, stream, connection)
+    }
+
+    private func respondChunk(_ bytes: [UInt8], head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
         counters.chunksServed += 1
         let headers = [("content-length", "\(bytes.count)"), ("content-type", "application/octet-stream"),
                        ("cache-control", "public, max-age=31536000, immutable")]
@@ -181,9 +259,113 @@ public final class ContentService: QUICApplication {
         do { record = try index.object(name) } catch let e as StoreError where e.code == .objectNotFound {
             return fail(stream, connection, 404, e.message)
         } catch { return fail(stream, connection, 500, "\(error)") }
-        connection.respond(stream, status: 200, headers: [("content-length", "\(record.manifest.count)"),
-                                                          ("content-type", "application/vnd.stoq.manifest")],
-                           body: head ? nil : BodyRegion(copying: record.manifest))
+        respondManifest(record.manifest, head: head, origin: true, stream, connection)
+    }
+
+    private func respondManifest(_ bytes: [UInt8], head: Bool, origin: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        counters.manifestsServed += 1
+        var headers = [("content-length", "\(bytes.count)"), ("content-type", "application/vnd.stoq.manifest")]
+        if origin, let cacheControl { headers.append(cacheControl) }
+        connection.respond(stream, status: 200, headers: headers, body: head ? nil : BodyRegion(copying: bytes))
+    }
+
+    // MARK: - Edge cache
+
+    /// `GET /objects/<name>` on an edge node for an object it does not store itself.
+    func serveEdgeObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        guard let edge else { return }
+        counters.edgeRequests += 1
+        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection) }
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox)] = .object(name, request, stream, connection)
+    }
+
+    private func sendEdgeObject(_ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let manifest: Manifest
+        do { manifest = try Manifest(decoding: bytes) } catch { return fail(stream, connection, 502, "edge: cached manifest of \(name): \(error)") }
+        sendObject(name, manifest, edge: true, request, stream, connection)
+    }
+
+    private func serveEdgeManifest(_ edge: EdgeCache, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        counters.edgeRequests += 1
+        if let m = edge.manifest(name), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox)] = .manifest(name, head: head, stream, connection)
+    }
+
+    private func serveEdgeChunk(_ edge: EdgeCache, _ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        counters.edgeRequests += 1
+        if let bytes = edge.readChunk(id) { return respondChunk(bytes, head: head, stream, connection) }
+        edgeWaits[edge.fetch(.chunk(id), inbox: inbox)] = .chunk(id, head: head, stream, connection)
+    }
+
+    /// Whether requests of this worker wait for the edge cache's fetcher.
+    public var edgePending: Bool { inbox.pending }
+
+    /// Completes what the edge cache's fetcher finished for this worker (called by the
+    /// worker between batches).
+    public func drainEdge() {
+        inbox.drain(into: &completions)
+        guard !completions.isEmpty else { return }
+        for c in completions {
+            guard let wait = edgeWaits.removeValue(forKey: c.ticket), let edge else { continue }
+            switch wait {
+            case .object(let name, let request, let stream, let connection):
+                if let f = c.failure {
+                    if f.status != 404, let stale = edge.manifest(name) {
+                        edge.countStale(name, f.reason)
+                        sendEdgeObject(name, stale.bytes, request, stream, connection)
+                    } else {
+                        fail(stream, connection, f.status, f.reason)
+                    }
+                } else if let m = edge.manifest(name) {
+                    sendEdgeObject(name, m.bytes, request, stream, connection)
+                } else {
+                    fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
+                }
+            case .manifest(let name, let head, let stream, let connection):
+                if let f = c.failure {
+                    if f.status != 404, let stale = edge.manifest(name) {
+                        edge.countStale(name, f.reason)
+                        respondManifest(stale.bytes, head: head, origin: false, stream, connection)
+                    } else {
+                        fail(stream, connection, f.status, f.reason)
+                    }
+                } else if let m = edge.manifest(name) {
+                    respondManifest(m.bytes, head: head, origin: false, stream, connection)
+                } else {
+                    fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
+                }
+            case .chunk(let id, let head, let stream, let connection):
+                if let f = c.failure { fail(stream, connection, f.status, f.reason) }
+                else if let bytes = edge.readChunk(id) { respondChunk(bytes, head: head, stream, connection) }
+                else { fail(stream, connection, 502, "edge: chunk \(id.hex) could not be kept in the cache") }
+            case .objectChunk(let stream, let connection):
+                guard var send = sends[stream] else { continue }
+                send.waiting = false
+                if let f = c.failure {
+                    // The head is out: all that can be done is to fail the stream.
+                    logger.error("object \(send.name) via edge: \(f.reason)")
+                    sends[stream] = nil
+                    connection.reset(stream, errorCode: H3Error.internalError)
+                    continue
+                }
+                let id = ChunkID(bytes: send.chunks[send.next].id.bytes)!
+                if !edge.holds(id) {
+                    logger.error("object \(send.name) via edge: chunk \(id.hex) could not be kept in the cache")
+                    sends[stream] = nil
+                    connection.reset(stream, errorCode: H3Error.internalError)
+                    continue
+                }
+                sends[stream] = send
+                bodyWanted(stream: stream, connection: connection)
+            }
+        }
+        completions.removeAll(keepingCapacity: true)
+    }
+
+    /// Forgets what `connection`'s streams waited for (it is gone).
+    func connectionClosed(_ connection: QUICConnection) {
+        guard !edgeWaits.isEmpty else { return }
+        edgeWaits = edgeWaits.filter { $0.value.connection !== connection }
     }
 
     private func begin(_ kind: Kind, limit: UInt64, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -265,6 +447,7 @@ public final class ContentService: QUICApplication {
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         if let up = uploads.removeValue(forKey: stream) { close(up.fd) }
         sends[stream] = nil
+        if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
     }
 
     private func notAllowed(_ stream: HTTPStream, _ connection: QUICConnection, _ allow: String) {
@@ -314,6 +497,10 @@ final class NodeRouter: QUICApplication {
                   let name = ObjectService.objectName(fromPath: request.path),
                   !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name) {
             content.serveObject(name, request, stream, connection)
+        } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
+                  let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
+                  (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name) {
+            content.serveEdgeObject(name, request, stream, connection)
         } else {
             objects.request(request, stream: stream, connection: connection)
         }
@@ -324,6 +511,7 @@ final class NodeRouter: QUICApplication {
     }
 
     func connectionClosed(connection: QUICConnection, reason: String) {
+        content.connectionClosed(connection)
         if reason.hasPrefix("client certificate refused") {
             logger.notice("\(reason)", metadata: ["peer": "\(connection.peer)"])
             return

@@ -6,6 +6,7 @@ import STOQCore
 import STOQDatapath
 import STOQQUIC
 import STOQStore
+import STOQTransfer
 import STOQTrust
 import STOQWorker
 
@@ -23,6 +24,8 @@ public final class Node: @unchecked Sendable {
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
+    /// The edge cache, when `edge.enable_caching` is on.
+    public private(set) var edge: EdgeCache?
     private var snapshots: [WorkerSnapshot] = []
     private var admin: AdminServer?
     private let stopFlag = StopFlag()
@@ -139,6 +142,21 @@ public final class Node: @unchecked Sendable {
             logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
         }
         contentIndex = content
+        var opened: EdgeCache?
+        if cfg.edge.enableCaching {
+            do {
+                opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
+                                     ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
+                                     trust: ClientTrust(caFile: cfg.trust.bundle.isEmpty ? nil : cfg.trust.bundle),
+                                     maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
+            } catch {
+                throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
+            }
+            opened?.start()
+        }
+        let edge = opened
+        self.edge = edge
+        let originMaxAge = cfg.edge.originMaxAge.map { $0 / 1_000_000_000 }
 
         var settings = QUICSettings()
         settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
@@ -188,7 +206,8 @@ public final class Node: @unchecked Sendable {
                 do {
                     let objects = try ObjectService(root: cfg.storage.path, maxObjectSize: cfg.storage.maxObjectSize,
                                                     logger: log)
-                    let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log)
+                    let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log,
+                                                edge: edge, maxAge: originMaxAge)
                     router = NodeRouter(objects: objects, content: chunks, logger: log)
                     router.log = certificates?.log
                     endpoint.application = router
@@ -201,6 +220,12 @@ public final class Node: @unchecked Sendable {
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
                 worker.fallback = { _ in fallback.queue(for: i) }
                 if let mesh { worker.join(mesh, as: i) }
+                if edge != nil {
+                    // Origin fetches finish on the edge cache's thread; responses complete here.
+                    let content = router.content
+                    worker.onTurn = { content.drainEdge() }
+                    worker.handoffPending = { content.edgePending }
+                }
                 let publish = {
                     let q = worker.queue
                     snapshot.publish(WorkerStats(
@@ -251,7 +276,7 @@ public final class Node: @unchecked Sendable {
             do {
                 admin = try AdminServer(listen: listen, logger: logger) { path in
                     let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters,
-                                              certificate: certificates?.counters)
+                                              certificate: certificates?.counters, edge: edge?.counters)
                     switch path {
                     case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                     case "/status": return (metrics.json(), "application/json")
@@ -323,6 +348,7 @@ public final class Node: @unchecked Sendable {
     public func stop() {
         certificates?.stop()
         stopFlag.stop()
+        edge?.stop()
     }
 
     /// Certificate rotations done and failed, and the current certificate's expiry.

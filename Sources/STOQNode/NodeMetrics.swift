@@ -35,6 +35,7 @@ struct NodeMetrics {
     var workers: [WorkerStats]
     var store: StoreCounters?
     var certificate: CertificateManager.Counters?
+    var edge: EdgeCache.Counters? = nil
 
     /// Prometheus text exposition format (version 0.0.4).
     func prometheus() -> String {
@@ -74,6 +75,9 @@ struct NodeMetrics {
         perWorker("stoq_content_chunks_served_total", "Chunks served.") { $0.content.chunksServed }
         perWorker("stoq_content_chunks_stored_total", "Chunks stored.") { $0.content.chunksStored }
         perWorker("stoq_content_chunks_already_present_total", "Chunk uploads the node already had.") { $0.content.chunksAlreadyPresent }
+        perWorker("stoq_content_manifests_served_total", "Manifests served.") { $0.content.manifestsServed }
+        perWorker("stoq_content_objects_served_total", "Chunked objects served as one body (GET/HEAD /objects/).") { $0.content.objectsServed }
+        perWorker("stoq_content_edge_requests_total", "Requests answered through the edge cache.") { $0.content.edgeRequests }
         // The datapath each worker got, as an info metric: backend, features, AF_XDP mode.
         out += "# HELP stoq_datapath_info The datapath a worker runs on.\n# TYPE stoq_datapath_info gauge\n"
         for w in workers {
@@ -99,6 +103,23 @@ struct NodeMetrics {
             family("stoq_store_dedup_hits_total", "counter", "Chunk puts the store already had.", [("", s.dedupHits)])
             family("stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
                    [("", s.corruptQuarantined)])
+        }
+        if let e = edge {
+            family("stoq_edge_hits_total", "counter", "Chunk reads served from the edge cache.", [("", e.hits)])
+            family("stoq_edge_misses_total", "counter", "Chunks asked of the edge cache that it did not hold.", [("", e.misses)])
+            family("stoq_edge_manifest_hits_total", "counter", "Fresh cached manifests used.", [("", e.manifestHits)])
+            family("stoq_edge_manifest_misses_total", "counter", "Manifests absent or expired in the edge cache.", [("", e.manifestMisses)])
+            family("stoq_edge_origin_chunk_fetches_total", "counter", "Chunk requests sent to the origin.", [("", e.originChunkFetches)])
+            family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
+            family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
+            family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
+            family("stoq_edge_origin_bytes_total", "counter", "Body bytes received from the origin.", [("", e.bytesFromOrigin)])
+            family("stoq_edge_verification_failures_total", "counter", "Chunks from the origin refused: bytes not matching their id.", [("", e.verificationFailures)])
+            family("stoq_edge_origin_errors_total", "counter", "Origin fetches that failed (unreachable, lost, timed out, bad answer).", [("", e.originErrors)])
+            family("stoq_edge_stale_served_total", "counter", "Expired manifests served because the origin failed.", [("", e.staleServed)])
+            family("stoq_edge_cached_bytes", "gauge", "Chunk bytes in the edge cache.", [("", e.cachedBytes)])
+            family("stoq_edge_cached_chunks", "gauge", "Chunks in the edge cache.", [("", e.cachedChunks)])
+            family("stoq_edge_capacity_bytes", "gauge", "edge.cache_size.", [("", e.capacity)])
         }
         if let c = certificate {
             family("stoq_tls_certificates_issued_total", "counter", "Certificates the node obtained (first and renewals).",

@@ -86,6 +86,8 @@ public struct HTTPStream: Hashable, @unchecked Sendable {
     public var sinkErrno: Int32 { stoq_stream_sink_errno(raw) }
     /// The peer ended the body.
     public var bodyComplete: Bool { stoq_stream_body_complete(raw) != 0 }
+    /// Client: the response's `Cache-Control: max-age` in seconds, nil when it had none.
+    public var maxAge: Int64? { let v = stoq_stream_max_age(raw); return v < 0 ? nil : v }
 
     /// Sends the body the peer uploads to `fd` (from `offset`), refusing more than `limit`
     /// bytes; `hash` keeps a SHA-256 of it. `fd` -1 discards.

@@ -182,6 +182,17 @@ public final class ChunkStore: @unchecked Sendable {
         }
     }
 
+    /// Deletes chunk `id` (an edge cache evicting it). Returns whether there was one. The
+    /// caller makes sure nothing still needs it: no object record is checked here. A
+    /// reader that already opened the file keeps reading it.
+    @discardableResult
+    public func remove(_ id: ChunkID) throws -> Bool {
+        let (shard, name) = Self.location(id)
+        if unlinkat(chunksDir.fd, shard + "/" + name, 0) == 0 { return true }
+        if errno == ENOENT { return false }
+        throw StoreError.io("unlink", "\(chunksDir.path)/\(shard)/\(name)")
+    }
+
     // MARK: - Reading
 
     /// Whether the store has chunk `id` (by name; bytes are verified when read).

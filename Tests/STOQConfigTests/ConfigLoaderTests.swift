@@ -33,6 +33,23 @@ import Testing
         #expect(c.storage.path == "/srv/objects")
     }
 
+    @Test func readsTheEdgeKeys() throws {
+        let c = try ConfigLoader.parse("""
+            [edge]
+            enable_caching = true
+            origin = "https://[::1]:4433"
+            cache_size = "2MB"
+            ttl_default = "30s"
+            origin_max_age = "0s"
+            """)
+        #expect(c.edge.enableCaching && c.edge.origin == "https://[::1]:4433")
+        #expect(c.edge.cacheSize == 2 << 20 && c.edge.ttlDefault == 30_000_000_000)
+        #expect(c.edge.originMaxAge == 0)
+        #expect(try ConfigLoader.parse("").edge.originMaxAge == nil)
+        #expect(errors("[edge]\norigin_max_age = \"soon\"").first?.key == "edge.origin_max_age")
+        #expect(errors("[edge]\nenable_caching = true").first?.key == "edge.origin")
+    }
+
     func errors(_ text: String) -> [ConfigError] {
         do {
             _ = try ConfigLoader.parse(text, source: "t.toml")

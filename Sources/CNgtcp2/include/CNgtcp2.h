@@ -282,6 +282,8 @@ int stoq_stream_sink_errno(const stoq_stream *s);
 int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]);
 /** Whether the peer finished the body (fin seen). */
 int stoq_stream_body_complete(const stoq_stream *s);
+/* A response's Cache-Control max-age in seconds, or -1 when it had none. */
+int64_t stoq_stream_max_age(const stoq_stream *s);
 /** Abandons a stream in both directions with an HTTP/3 error code. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
 /** Per-stream application pointer. */

@@ -35,42 +35,44 @@ public struct ChunkedGetResult: Sendable, Codable {
 }
 
 /// Several requests in flight on one connection, each with its own body sink.
-final class MultiRequestApp: QUICApplication {
+package final class MultiRequestApp: QUICApplication {
     /// Where a response body goes; error bodies are discarded unless `keepErrors`.
     struct Sink { var fd: Int32; var offset: UInt64; var hash: Bool; var tag: Int; var keepErrors = false }
-    struct Done { var tag: Int; var status: Int?; var errorCode: UInt64; var received: UInt64; var sha256: [UInt8]? }
+    package struct Done { package var tag: Int; package var status: Int?; package var errorCode: UInt64; package var received: UInt64; package var sha256: [UInt8]?
+        /// The response's Cache-Control max-age (seconds), if it had one.
+        package var maxAge: Int64? = nil }
     var sinks: [HTTPStream: Sink] = [:]
     var statuses: [HTTPStream: Int] = [:]
-    var done: [Done] = []
-    var connectionError: String?
+    package var done: [Done] = []
+    package var connectionError: String?
 
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    package func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
         statuses[stream] = status
         let s = sinks[stream]
         let keep = status / 100 == 2 || s?.keepErrors == true
         stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, hash: s?.hash ?? false)
     }
 
-    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+    package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         guard let s = sinks.removeValue(forKey: stream) else { return }
         done.append(Done(tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                         received: stream.bytesReceived, sha256: stream.bodySHA256()))
+                         received: stream.bytesReceived, sha256: stream.bodySHA256(), maxAge: stream.maxAge))
     }
 
-    func connectionClosed(connection: QUICConnection, reason: String) {
+    package func connectionClosed(connection: QUICConnection, reason: String) {
         connectionError = reason.isEmpty ? "connection closed by the server" : reason
     }
 }
 
 /// One connection carrying many requests, driven on the calling thread.
-final class ClientSession {
-    let app = MultiRequestApp()
-    let rig: ClientRig
-    let connection: QUICConnection
-    let url: STOQURL
+package final class ClientSession {
+    package let app = MultiRequestApp()
+    package let rig: ClientRig
+    package let connection: QUICConnection
+    package let url: STOQURL
     let deadline: Timestamp
 
-    init(_ url: STOQURL, trust: ClientTrust, timeout: Double) throws(ClientError) {
+    package init(_ url: STOQURL, trust: ClientTrust, timeout: Double) throws(ClientError) {
         self.url = url
         rig = try ClientRig(trust: trust, application: app)
         let start = monotonicNow()
@@ -89,7 +91,7 @@ final class ClientSession {
     }
 
     /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard).
-    func submit(_ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
+    package func submit(_ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
                 hash: Bool = false, tag: Int = 0, keepErrors: Bool = false) throws(ClientError) {
         let stream: HTTPStream
         do {
@@ -100,7 +102,7 @@ final class ClientSession {
     }
 
     /// Drives the connection until `done` holds; throws on timeout or a lost connection.
-    func run(until done: () -> Bool) throws(ClientError) {
+    package func run(until done: () -> Bool) throws(ClientError) {
         let now = monotonicNow()
         guard now < deadline else { throw ClientError(.transfer, "timed out") }
         let ok: Bool
@@ -112,7 +114,7 @@ final class ClientSession {
     }
 
     /// One request, waited for; the response body (if any) comes back in memory.
-    func call(_ method: String, _ path: String, body: BodyRegion? = nil) throws(ClientError) -> (status: Int, body: [UInt8]) {
+    package func call(_ method: String, _ path: String, body: BodyRegion? = nil) throws(ClientError) -> (status: Int, body: [UInt8]) {
         let fd = stoq_memfd("stoq-response")
         guard fd >= 0 else { throw ClientError(.io, "memfd_create: \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
@@ -130,7 +132,16 @@ final class ClientSession {
         return (status, bytes)
     }
 
-    func close() {
+    /// Drives the connection for at most `nanoseconds`, or until `done` holds (a long-lived
+    /// session, as the edge cache's origin fetcher keeps, has no overall deadline). Returns
+    /// whether `done` held; throws only when the datapath fails.
+    package func drive(forNanoseconds nanoseconds: UInt64, until done: () -> Bool) throws(ClientError) -> Bool {
+        do { return try rig.worker.run(timeout: nanoseconds) { done() || app.connectionError != nil } } catch {
+            throw ClientError(.transfer, "\(error)")
+        }
+    }
+
+    package func close() {
         connection.close(now: monotonicNow())
         _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
         rig.queue.close()

@@ -141,12 +141,12 @@ final class TransferApp: QUICApplication {
 
 /// What every client run needs: credentials, one socket and ring, a client endpoint
 /// tuned for receiving, and the worker loop that drives them on the calling thread.
-struct ClientRig {
-    let queue: URingDatapathQueue
-    let endpoint: QUICEndpoint
-    let worker: Worker
+package struct ClientRig {
+    package let queue: URingDatapathQueue
+    package let endpoint: QUICEndpoint
+    package let worker: Worker
 
-    init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
+    package init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
         let creds: TLSCredentials
         do {
             var check: PeerCertificateCheck?
@@ -182,7 +182,7 @@ struct ClientRig {
 public enum STOQClient {
     /// The local address the kernel would send from toward `remote`: the QUIC path must
     /// name it exactly, because replies arrive addressed to it.
-    static func sourceAddress(toward remote: IPv6Endpoint) -> IPv6Address {
+    package static func sourceAddress(toward remote: IPv6Endpoint) -> IPv6Address {
         let fd = socket(AF_INET6, Int32(SOCK_DGRAM.rawValue), 0)
         guard fd >= 0 else { return .any }
         defer { close(fd) }

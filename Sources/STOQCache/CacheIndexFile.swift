@@ -1,0 +1,109 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The on-disk form of a policy's resident entries, so that a cache's index survives a
+/// restart: written whole to a temp file, fsynced, renamed over the old one and the
+/// directory fsynced, so a crash leaves either the previous snapshot or the new one.
+///
+/// Format: `STOQCIX1`, entry count (UInt64 LE), key length (UInt32 LE), then per entry
+/// key bytes, size (UInt64 LE), frequency (UInt8), queue (UInt8); last an FNV-1a 64 of
+/// everything before it (UInt64 LE), which catches a torn or edited file.
+public enum CacheIndexFile {
+    static let magic = Array("STOQCIX1".utf8)
+
+    public struct Error: Swift.Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public static func encode<K>(_ entries: [S3FIFO<K>.Entry], keyLength: Int, keyBytes: (K) -> [UInt8]) -> [UInt8] {
+        var out = magic
+        out.reserveCapacity(24 + entries.count * (keyLength + 10))
+        append(&out, UInt64(entries.count))
+        append(&out, UInt32(keyLength))
+        for e in entries {
+            let k = keyBytes(e.key)
+            precondition(k.count == keyLength)
+            out += k
+            append(&out, e.size)
+            out.append(e.frequency)
+            out.append(e.queue.rawValue)
+        }
+        append(&out, fnv1a(out[...]))
+        return out
+    }
+
+    public static func decode<K>(_ bytes: [UInt8], key: (ArraySlice<UInt8>) -> K?) throws(Error) -> [S3FIFO<K>.Entry] {
+        guard bytes.count >= 28, Array(bytes[0..<8]) == magic else { throw Error(description: "not a cache index (bad magic)") }
+        let body = bytes[0..<bytes.count - 8]
+        guard read64(bytes, bytes.count - 8) == fnv1a(body) else { throw Error(description: "cache index checksum mismatch") }
+        let n = read64(bytes, 8), klen = Int(read32(bytes, 16))
+        let per = klen + 10
+        guard klen > 0, klen <= 1024, n <= UInt64((bytes.count - 28) / per), 20 + Int(n) * per == body.count else {
+            throw Error(description: "cache index length does not match its entry count \(n)")
+        }
+        var out: [S3FIFO<K>.Entry] = []
+        out.reserveCapacity(Int(n))
+        var at = 20
+        for _ in 0..<Int(n) {
+            guard let k = key(bytes[at..<at + klen]) else { throw Error(description: "cache index: bad key at byte \(at)") }
+            let size = read64(bytes, at + klen)
+            let q = S3FIFO<K>.Queue(rawValue: bytes[at + klen + 9]) ?? .small
+            out.append(.init(key: k, size: size, frequency: bytes[at + klen + 8], queue: q))
+            at += per
+        }
+        return out
+    }
+
+    /// Writes `bytes` to `path` crash-safely (temp, fsync, rename, directory fsync).
+    public static func write(_ bytes: [UInt8], to path: String) throws(Error) {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw Error(description: "\(tmp): \(String(cString: strerror(errno)))") }
+        var ok = bytes.withUnsafeBytes { b in
+            var off = 0
+            while off < b.count {
+                let n = Glibc.write(fd, b.baseAddress! + off, b.count - off)
+                if n < 0 { if errno == EINTR { continue }; return false }
+                off += n
+            }
+            return true
+        }
+        ok = ok && fsync(fd) == 0
+        close(fd)
+        guard ok, rename(tmp, path) == 0 else {
+            let e = String(cString: strerror(errno))
+            unlink(tmp)
+            throw Error(description: "\(path): \(e)")
+        }
+        let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 { fsync(dfd); close(dfd) }
+    }
+
+    /// The file's bytes, or nil when there is none.
+    public static func read(_ path: String) throws(Error) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw Error(description: "\(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        var st = stat()
+        fstat(fd, &st)
+        var out = [UInt8](repeating: 0, count: Int(st.st_size))
+        let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard n == out.count else { throw Error(description: "\(path): short read") }
+        return out
+    }
+
+    static func append(_ out: inout [UInt8], _ v: UInt64) { for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
+    static func append(_ out: inout [UInt8], _ v: UInt32) { for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
+    static func read64(_ b: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[at + $1]) << (8 * $1) } }
+    static func read32(_ b: [UInt8], _ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[at + $1]) << (8 * $1) } }
+    static func fnv1a(_ b: ArraySlice<UInt8>) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for x in b { h = (h ^ UInt64(x)) &* 0x100_0000_01b3 }
+        return h
+    }
+}

@@ -1,0 +1,521 @@
+import CSTOQSystem
+import Foundation
+import Logging
+import STOQCache
+import STOQChunking
+import STOQQUIC
+import STOQStore
+import STOQTransfer
+import Synchronization
+
+/// The edge cache: a node with `edge.enable_caching` serves objects it lacks from its
+/// origin, fetching each manifest and chunk from the origin once and keeping them.
+///
+/// - **Chunks** live in a chunk store of their own (`<content_path>/edge`), so eviction
+///   never touches the node's own objects. Which chunks stay is decided by S3-FIFO
+///   (`STOQCache`) over their sizes, bounded by `edge.cache_size`. A chunk is content
+///   addressed, so it never goes stale: it leaves only by eviction. Every chunk from the
+///   origin is verified (SHA-256 = its id) by the store's put before it is cached or
+///   served; one that is not is refused, logged and counted. Served chunks are verified
+///   again as they are read, like every chunk the node serves.
+/// - **Manifests** (name → chunks) are what changes at an origin: each is fresh for the
+///   origin's `Cache-Control: max-age`, else `edge.ttl_default`, then fetched again. If the
+///   origin cannot be reached, a stale manifest is served (and counted) rather than none.
+/// - **Fetching** happens on one thread of its own with one QUIC connection to the origin
+///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
+///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
+///   ticket and picks the completion up from its `Inbox` between batches.
+/// - **Restart**: the policy's entries are snapshotted crash-safely (`CacheIndexFile`) every
+///   couple of seconds when they changed and at stop; on open the snapshot is checked
+///   against the chunks actually on disk (missing ones dropped, strays adopted), so the
+///   bound holds and nothing leaks whatever moment the node died at.
+public final class EdgeCache: @unchecked Sendable {
+    /// What the cache counted since the node started.
+    public struct Counters: Sendable {
+        /// Chunk reads served from the cache, and chunk requests it did not hold.
+        public var hits: UInt64 = 0
+        public var misses: UInt64 = 0
+        public var manifestHits: UInt64 = 0
+        public var manifestMisses: UInt64 = 0
+        /// Requests sent to the origin.
+        public var originChunkFetches: UInt64 = 0
+        public var originManifestFetches: UInt64 = 0
+        /// Requests that joined a fetch already in flight instead of starting one.
+        public var coalesced: UInt64 = 0
+        public var evictions: UInt64 = 0
+        public var bytesFromOrigin: UInt64 = 0
+        /// Chunks from the origin whose bytes did not hash to their id (refused).
+        public var verificationFailures: UInt64 = 0
+        /// Origin requests that failed: unreachable, connection lost, timed out, bad answers.
+        public var originErrors: UInt64 = 0
+        /// Expired manifests served because the origin could not be asked.
+        public var staleServed: UInt64 = 0
+        public var cachedBytes: UInt64 = 0
+        public var cachedChunks: UInt64 = 0
+        public var capacity: UInt64 = 0
+    }
+
+    /// What is fetched from the origin.
+    public enum Key: Hashable, Sendable {
+        case chunk(ChunkID)
+        case manifest(String)
+    }
+
+    /// Why a fetch failed: the status and message the waiting client gets.
+    public struct Failure: Sendable, Error {
+        public var status: Int
+        public var reason: String
+    }
+
+    /// A finished fetch, for the worker that asked (`failure` nil: it is in the cache now).
+    public struct Completion: Sendable {
+        public var ticket: UInt64
+        public var failure: Failure?
+    }
+
+    /// One worker's completions. Posted from the fetcher thread; drained on the worker.
+    public final class Inbox: @unchecked Sendable {
+        private let lock = NSLock()
+        private var items: [Completion] = []
+        private let ready = Atomic<Int>(0)
+        private let outstanding = Atomic<Int>(0)
+        /// Tickets handed off and not yet drained: the worker polls more often meanwhile.
+        public var pending: Bool { outstanding.load(ordering: .relaxed) > 0 }
+
+        func expect() { outstanding.add(1, ordering: .relaxed) }
+
+        func post(_ c: Completion) {
+            lock.withLock { items.append(c) }
+            ready.add(1, ordering: .releasing)
+        }
+
+        /// Moves every posted completion into `out` (cheap when there are none).
+        public func drain(into out: inout [Completion]) {
+            guard ready.load(ordering: .acquiring) > 0 else { return }
+            lock.withLock {
+                out.append(contentsOf: items)
+                ready.subtract(items.count, ordering: .relaxed)
+                outstanding.subtract(items.count, ordering: .relaxed)
+                items.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+
+    struct CachedManifest {
+        var bytes: [UInt8]
+        /// Unix time (seconds) until which it is fresh.
+        var expires: Double
+    }
+
+    struct Waiter {
+        var inbox: Inbox
+        var ticket: UInt64
+    }
+
+    /// Requests in flight to the origin at once.
+    public static let maxInFlight = 32
+    /// How long connecting to the origin may take, and one request.
+    public static let connectTimeout = 3.0
+    public static let requestTimeout: UInt64 = 30_000_000_000
+
+    /// Where misses are fetched from (`edge.origin`).
+    public let origin: STOQURL
+    /// The cache's own chunk store (`<content_path>/edge`).
+    public let store: ChunkStore
+    /// Chunks a streamed object asks for ahead of the one being sent: up to 16, and no more
+    /// than a quarter of the cache's bound in max-size chunks, so that read-ahead cannot evict
+    /// what it fetched before it is sent.
+    public let readAheadChunks: Int
+    let root: String
+    let ttlDefault: Double
+    let trust: ClientTrust
+    let logger: Logger
+    private let lock = NSLock()
+    private var policy: S3FIFO<ChunkID>
+    private var manifests: [String: CachedManifest] = [:]
+    private var inflight: [Key: [Waiter]] = [:]
+    private var jobs: [Key] = []
+    private var counterValues = Counters()
+    private var dirty = false
+    private let wake = DispatchSemaphore(value: 0)
+    private let stopFlag = Atomic<Bool>(false)
+    private let finished = DispatchGroup()
+    private let tickets = Atomic<UInt64>(1)
+
+    /// Opens the cache under `root` (creating it), reconciles its index with the chunks on
+    /// disk, and loads the cached manifests. `start()` starts the fetcher.
+    public init(root: String, capacity: UInt64, ttlDefault: UInt64, origin: String, trust: ClientTrust,
+                maxChunkSize: Int, logger: Logger) throws {
+        do { self.origin = try STOQURL(origin) } catch { throw NodeError(.storage, "edge.origin \(origin): \(error)") }
+        self.root = root
+        self.ttlDefault = Double(ttlDefault) / 1e9
+        self.trust = trust
+        self.logger = logger
+        store = try ChunkStore(root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
+                               logger: Logger(label: "stoq.edge.store"))
+        policy = S3FIFO(capacity: capacity)
+        readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
+        try FileManager.default.createDirectory(atPath: root + "/manifests", withIntermediateDirectories: true)
+        try loadIndex()
+        loadManifests()
+        counterValues.capacity = capacity
+    }
+
+    var indexPath: String { root + "/index" }
+
+    /// The snapshot, checked against the store: entries whose chunk is gone are dropped,
+    /// chunks the snapshot does not know (fetched after it, before a crash) join the small
+    /// queue, and anything over the bound is evicted now.
+    private func loadIndex() throws {
+        var entries: [S3FIFO<ChunkID>.Entry] = []
+        do {
+            if let bytes = try CacheIndexFile.read(indexPath) {
+                entries = try CacheIndexFile.decode(bytes) { ChunkID(bytes: $0) }
+            }
+        } catch {
+            logger.warning("edge cache index unreadable, rebuilding it from the chunks on disk: \(error)")
+            entries = []
+        }
+        let onDisk = try store.allChunkIDs()
+        let present = Set(onDisk)
+        var known = Set<ChunkID>()
+        var kept: [S3FIFO<ChunkID>.Entry] = []
+        for e in entries where present.contains(e.key) && known.insert(e.key).inserted {
+            if let size = try store.size(e.key) { var e = e; e.size = UInt64(size); kept.append(e) }
+        }
+        var adopted = 0
+        for id in onDisk where !known.contains(id) {
+            if let size = try store.size(id) {
+                kept.append(.init(key: id, size: UInt64(size), frequency: 0, queue: .small))
+                adopted += 1
+            }
+        }
+        var evicted: [ChunkID] = []
+        policy.restore(kept) { evicted.append($0) }
+        for id in evicted { _ = try? store.remove(id) }
+        // Chunks the policy declined (larger than the whole cache) do not stay either.
+        for e in kept where !policy.contains(e.key) && !evicted.contains(e.key) { _ = try? store.remove(e.key) }
+        counterValues.evictions += UInt64(evicted.count)
+        logger.info("edge cache opened", metadata: [
+            "root": "\(root)", "chunks": "\(policy.count)", "bytes": "\(policy.usedBytes)", "capacity": "\(policy.capacity)",
+            "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)", "dropped": "\(entries.count - (kept.count - adopted))",
+            "origin": "\(origin)",
+        ])
+        dirty = adopted > 0 || kept.count != entries.count || !evicted.isEmpty
+    }
+
+    /// Cached manifest file: `STOQEM1\0`, expiry (Unix ms, UInt64 LE), the manifest bytes.
+    static let manifestMagic = Array("STOQEM1\0".utf8)
+
+    private func loadManifests() {
+        let dir = root + "/manifests"
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
+            if name.hasSuffix(".tmp") { unlink(dir + "/" + name); continue }
+            guard (try? ObjectIndex.validateName(name)) != nil,
+                  let bytes = try? CacheIndexFile.read(dir + "/" + name), bytes.count >= 16,
+                  Array(bytes[0..<8]) == Self.manifestMagic,
+                  (try? Manifest(decoding: Array(bytes[16...]))) != nil
+            else { continue }
+            let ms = (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[8 + $1]) << (8 * $1) }
+            manifests[name] = CachedManifest(bytes: Array(bytes[16...]), expires: Double(ms) / 1000)
+        }
+    }
+
+    private func saveManifest(_ name: String, _ m: CachedManifest) {
+        var out = Self.manifestMagic
+        let ms = UInt64(max(0, m.expires * 1000))
+        for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: ms >> (8 * i))) }
+        out += m.bytes
+        do { try CacheIndexFile.write(out, to: root + "/manifests/" + name) } catch {
+            logger.error("edge cache: cannot save the manifest of \(name): \(error)")
+        }
+    }
+
+    /// Writes the policy's entries if they changed since the last snapshot.
+    public func persist() {
+        let entries: [S3FIFO<ChunkID>.Entry]? = lock.withLock {
+            guard dirty else { return nil }
+            dirty = false
+            return policy.entries()
+        }
+        guard let entries else { return }
+        do { try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 32) { $0.bytes }, to: indexPath) } catch {
+            logger.error("edge cache: cannot write the index: \(error)")
+            lock.withLock { dirty = true }
+        }
+    }
+
+    /// What the cache counted, with its current size.
+    public var counters: Counters {
+        lock.withLock {
+            var c = counterValues
+            c.cachedBytes = policy.usedBytes
+            c.cachedChunks = UInt64(policy.count)
+            return c
+        }
+    }
+
+    // MARK: - Worker side
+
+    /// A cached chunk's bytes (verified as they are read), counted as a hit; nil when the
+    /// cache does not hold it (or its copy failed verification and was dropped).
+    public func readChunk(_ id: ChunkID) -> [UInt8]? {
+        guard lock.withLock({ policy.touch(id) }) else { return nil }
+        do {
+            let bytes = try store.read(id)
+            lock.withLock { counterValues.hits += 1 }
+            return bytes
+        } catch {
+            logger.error("edge cache: cached chunk \(id.hex) unreadable, dropping it: \(error)")
+            lock.withLock { policy.remove(id); dirty = true }
+            return nil
+        }
+    }
+
+    /// Whether the cache holds chunk `id` (no hit counted).
+    public func holds(_ id: ChunkID) -> Bool { lock.withLock { policy.contains(id) } }
+
+    /// The cached manifest of `name` and whether it is still fresh.
+    public func manifest(_ name: String) -> (bytes: [UInt8], fresh: Bool)? {
+        let now = Date().timeIntervalSince1970
+        return lock.withLock {
+            guard let m = manifests[name] else { counterValues.manifestMisses += 1; return nil }
+            let fresh = m.expires > now
+            if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
+            return (m.bytes, fresh)
+        }
+    }
+
+    /// Counts that an expired manifest was served because the origin failed.
+    public func countStale(_ name: String, _ why: String) {
+        lock.withLock { counterValues.staleServed += 1 }
+        logger.warning("edge cache: serving the expired manifest of \(name): origin failed: \(why)")
+    }
+
+    /// Asks for `key` from the origin. With an `inbox`, returns the ticket its completion
+    /// will carry; without one (read-ahead), nothing will be posted. A chunk the cache
+    /// already holds completes at once; a key already in flight is joined, not refetched.
+    @discardableResult
+    public func fetch(_ key: Key, inbox: Inbox?) -> UInt64 {
+        let ticket = inbox == nil ? 0 : tickets.add(1, ordering: .relaxed).newValue
+        inbox?.expect()
+        var immediate = false
+        var signal = false
+        lock.withLock {
+            if case .chunk(let id) = key, policy.contains(id) {
+                immediate = true
+                return
+            }
+            if inflight[key] != nil {
+                if let inbox { inflight[key]!.append(Waiter(inbox: inbox, ticket: ticket)); counterValues.coalesced += 1 }
+                return
+            }
+            if case .chunk = key { counterValues.misses += 1 }
+            inflight[key] = inbox.map { [Waiter(inbox: $0, ticket: ticket)] } ?? []
+            jobs.append(key)
+            signal = true
+        }
+        if immediate { inbox?.post(Completion(ticket: ticket, failure: nil)) }
+        if signal { wake.signal() }
+        return ticket
+    }
+
+    // MARK: - Fetcher
+
+    /// Starts the fetcher thread.
+    public func start() {
+        finished.enter()
+        let t = Thread { [self] in
+            run()
+            persist()
+            finished.leave()
+        }
+        t.name = "stoq-edge-fetcher"
+        t.start()
+    }
+
+    /// Stops the fetcher (failing what is in flight) and writes the index; waits up to 10 s.
+    public func stop() {
+        stopFlag.store(true, ordering: .releasing)
+        wake.signal()
+        _ = finished.wait(timeout: .now() + 10)
+    }
+
+    struct Active {
+        var key: Key
+        var fd: Int32
+        var started: UInt64
+    }
+
+    private func complete(_ key: Key, _ failure: Failure?) {
+        let waiters = lock.withLock { inflight.removeValue(forKey: key) ?? [] }
+        for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure)) }
+    }
+
+    private func originFailed(_ key: Key, _ failure: Failure) {
+        lock.withLock { counterValues.originErrors += 1 }
+        complete(key, failure)
+    }
+
+    private func path(_ key: Key) -> String {
+        switch key {
+        case .chunk(let id): return "/chunks/\(id.hex)"
+        case .manifest(let name): return "/manifests/\(name)"
+        }
+    }
+
+    private func run() {
+        var session: ClientSession?
+        var active: [Int: Active] = [:]
+        var backlog: [Key] = []
+        var nextTag = 0
+        var lastPersist = DispatchTime.now().uptimeNanoseconds
+        var lastUse = lastPersist
+        var lastConnectFailure: (at: UInt64, why: String)?
+        func dropSession(_ why: String) {
+            for (_, a) in active {
+                close(a.fd)
+                originFailed(a.key, Failure(status: 502, reason: "edge: lost the connection to origin \(origin): \(why)"))
+            }
+            active.removeAll()
+            session?.rig.queue.close()
+            session = nil
+        }
+        while !stopFlag.load(ordering: .acquiring) {
+            let now = DispatchTime.now().uptimeNanoseconds
+            if now - lastPersist > 2_000_000_000 { persist(); lastPersist = now }
+            lock.withLock { backlog += jobs; jobs.removeAll() }
+            if backlog.isEmpty && active.isEmpty {
+                if let s = session {
+                    // Idle: keep the connection's timers going; close it after a while.
+                    if now - lastUse > 10_000_000_000 { s.close(); session = nil; continue }
+                    s.rig.worker.idleWait = 5_000_000
+                    do { try s.rig.worker.turn() } catch { dropSession("\(error)") }
+                    if let e = session?.app.connectionError { dropSession(e) }
+                } else {
+                    _ = wake.wait(timeout: .now() + .milliseconds(500))
+                }
+                continue
+            }
+            lastUse = now
+            if session == nil {
+                // Right after a failed connect, fail fast instead of stalling every request.
+                if let f = lastConnectFailure, now - f.at < 1_000_000_000 {
+                    for k in backlog { originFailed(k, Failure(status: 502, reason: f.why)) }
+                    backlog.removeAll()
+                    continue
+                }
+                do {
+                    session = try ClientSession(origin, trust: trust, timeout: Self.connectTimeout)
+                    lastConnectFailure = nil
+                    logger.info("edge cache: connected to origin \(origin)")
+                } catch {
+                    let why = "edge: origin \(origin) unreachable: \(error)"
+                    logger.error("\(why)")
+                    lastConnectFailure = (DispatchTime.now().uptimeNanoseconds, why)
+                    for k in backlog { originFailed(k, Failure(status: 502, reason: why)) }
+                    backlog.removeAll()
+                    continue
+                }
+            }
+            guard let s = session else { continue }
+            while !backlog.isEmpty && active.count < Self.maxInFlight {
+                let key = backlog.removeFirst()
+                let fd = stoq_memfd("stoq-edge-fetch")
+                guard fd >= 0 else {
+                    originFailed(key, Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
+                    continue
+                }
+                let tag = nextTag
+                nextTag += 1
+                do { try s.submit("GET", path(key), sinkFD: fd, tag: tag, keepErrors: true) } catch {
+                    close(fd)
+                    originFailed(key, Failure(status: 502, reason: "edge: requesting \(path(key)) from origin: \(error)"))
+                    continue
+                }
+                lock.withLock {
+                    if case .chunk = key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
+                }
+                active[tag] = Active(key: key, fd: fd, started: DispatchTime.now().uptimeNanoseconds)
+            }
+            s.rig.worker.idleWait = 1_000_000
+            do { _ = try s.drive(forNanoseconds: 2_000_000) { !s.app.done.isEmpty } } catch { dropSession("\(error)"); continue }
+            for d in s.app.done {
+                guard let a = active.removeValue(forKey: d.tag) else { continue }
+                finish(a, d)
+                close(a.fd)
+            }
+            s.app.done.removeAll()
+            if let e = s.app.connectionError { dropSession(e); continue }
+            let t = DispatchTime.now().uptimeNanoseconds
+            for (tag, a) in active where t - a.started > Self.requestTimeout {
+                active[tag] = nil
+                close(a.fd)
+                originFailed(a.key, Failure(status: 504, reason: "edge: origin \(origin) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"))
+            }
+        }
+        if let session { dropSession("the node is stopping"); _ = session }
+    }
+
+    /// A response from the origin: verified and cached, or a failure for the waiters.
+    private func finish(_ a: Active, _ d: MultiRequestApp.Done) {
+        let p = path(a.key)
+        guard let status = d.status else {
+            return originFailed(a.key, Failure(status: 502, reason: "edge: origin reset \(p) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))"))
+        }
+        let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
+        let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+        guard status == 200 else {
+            let text = String(decoding: body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            let failure = Failure(status: status == 404 ? 404 : 502, reason: "edge: origin answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")")
+            if status == 404 {
+                if case .manifest(let name) = a.key {
+                    lock.withLock { manifests[name] = nil }
+                    unlink(root + "/manifests/" + name)
+                }
+                return complete(a.key, failure)
+            }
+            return originFailed(a.key, failure)
+        }
+        guard d.errorCode == H3Error.noError else {
+            return originFailed(a.key, Failure(status: 502, reason: "edge: the origin's response to \(p) was cut off after \(d.received) bytes"))
+        }
+        lock.withLock { counterValues.bytesFromOrigin += d.received }
+        switch a.key {
+        case .chunk(let id):
+            do {
+                try store.put(id: id, bytes: body)
+            } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
+                lock.withLock { counterValues.verificationFailures += 1 }
+                logger.error("edge cache: refused chunk \(id.hex) from origin \(origin): \(e.message)")
+                return originFailed(a.key, Failure(status: 502, reason: "edge: the origin sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"))
+            } catch {
+                logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
+                return complete(a.key, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
+            }
+            var evicted: [ChunkID] = []
+            let admitted = lock.withLock {
+                let ok = policy.insert(id, size: UInt64(body.count)) { evicted.append($0) }
+                counterValues.evictions += UInt64(evicted.count)
+                dirty = true
+                return ok
+            }
+            for e in evicted { _ = try? store.remove(e) }
+            if !admitted {
+                // Larger than the whole cache: served once from the store copy, then dropped.
+                logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
+            }
+            complete(a.key, nil)
+            if !admitted { _ = try? store.remove(id) }
+        case .manifest(let name):
+            do { _ = try Manifest(decoding: body) } catch {
+                return originFailed(a.key, Failure(status: 502, reason: "edge: the origin's manifest for \(name) is invalid: \(error)"))
+            }
+            let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
+            let m = CachedManifest(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
+            saveManifest(name, m)
+            lock.withLock { manifests[name] = m }
+            complete(a.key, nil)
+        }
+    }
+}

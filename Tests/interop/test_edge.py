@@ -1,0 +1,314 @@
+"""The edge cache between real nodes on [::1]: an edge node (edge.enable_caching) serves
+objects it lacks from its origin over QUIC/HTTP/3, once: the second fetch comes from the
+cache with the origin's counters unchanged; concurrent fetches coalesce; a chunk the origin
+sends with wrong bytes is refused; the cache keeps its bound, honours TTL and the origin's
+max-age, survives kill -9, and keeps serving what it holds while the origin is down."""
+import json
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Node, free_port, run, sha256_file, stoq
+
+HERE = pathlib.Path(__file__).resolve().parent
+MiB = 1 << 20
+ADMIN = '[admin]\nlisten = "[::1]:0"\n'
+
+
+def random_file(path, size, seed):
+    rnd = __import__("random").Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(rnd.randbytes(n))
+            left -= n
+    return path
+
+
+def metrics(node, settle=True):
+    # Workers publish their counters about once a second: wait for the latest.
+    if settle:
+        time.sleep(1.1)
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\d+)$", text, re.M):
+        out[name] = out.get(name, 0) + int(value)
+    return out
+
+
+def origin_counts(origin):
+    m = metrics(origin)
+    return {k: m[k] for k in ("stoq_content_chunks_served_total", "stoq_content_manifests_served_total",
+                              "stoq_content_objects_served_total", "stoq_quic_connections_accepted_total")}
+
+
+def edge_config(origin_port, origin_cert, cache="64MB", ttl="1h"):
+    return (ADMIN + f'[trust]\nbundle = "{origin_cert}"\n'
+            f'[edge]\nenable_caching = true\norigin = "https://[::1]:{origin_port}"\n'
+            f'cache_size = "{cache}"\nttl_default = "{ttl}"\n')
+
+
+def put(node, path, name):
+    r = stoq("put", path, node.url(name), "--chunked", "--ca", node.cert, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def get(node, name, out, *extra, timeout=120):
+    return stoq("get", node.url(name), "-o", out, "--ca", node.cert, "--json", "--timeout", "60", *extra, timeout=timeout)
+
+
+def h3(node_port, cert, path):
+    r = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{node_port}{path}", "--ca", cert], timeout=60)
+    return json.loads(r.stdout)
+
+
+def chunk_list(path):
+    r = stoq("chunk", path, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    return doc["chunks"] if isinstance(doc, dict) else doc
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("origin"), workers=2, extra=ADMIN)
+    yield n
+    assert n.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def edge(origin, tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("edge"), workers=2, extra=edge_config(origin.port, origin.cert))
+    yield n
+    assert n.stop() == 0
+
+
+def test_edge_fetch_is_byte_identical_and_the_second_comes_from_cache(origin, edge, tmp_path):
+    src = random_file(tmp_path / "a.bin", 24 * MiB, 11)
+    up = put(origin, src, "edge-a")
+    distinct = len({c["id"] for c in chunk_list(src)})
+    assert up["chunks"] >= distinct > 10
+    o0, e0 = origin_counts(origin), metrics(edge)
+
+    first = get(edge, "edge-a", tmp_path / "first.bin")
+    assert first.returncode == 0, first.stderr
+    assert sha256_file(tmp_path / "first.bin") == sha256_file(src) == up["sha256"]
+    o1, e1 = origin_counts(origin), metrics(edge)
+    assert o1["stoq_content_chunks_served_total"] - o0["stoq_content_chunks_served_total"] == distinct
+    assert o1["stoq_content_manifests_served_total"] - o0["stoq_content_manifests_served_total"] == 1
+    assert e1["stoq_edge_origin_chunk_fetches_total"] - e0["stoq_edge_origin_chunk_fetches_total"] == distinct
+    assert e1["stoq_edge_origin_bytes_total"] - e0["stoq_edge_origin_bytes_total"] >= 24 * MiB
+    assert e1["stoq_edge_verification_failures_total"] == 0
+
+    second = get(edge, "edge-a", tmp_path / "second.bin")
+    assert second.returncode == 0, second.stderr
+    assert sha256_file(tmp_path / "second.bin") == up["sha256"]
+    # A Range through the edge (aioquic), from the cache.
+    r = run([sys.executable, HERE / "h3client.py", edge.url("edge-a"), "--ca", edge.cert,
+             "--header", "range: bytes=1000000-3999999"], timeout=60)
+    part = json.loads(r.stdout)
+    assert part["status"] == 206 and part["bytes"] == 3_000_000, part
+    assert part["sha256"] == __import__("hashlib").sha256(src.read_bytes()[1_000_000:4_000_000]).hexdigest()
+    # Also the chunked path through the edge: manifest + chunks, each verified by the client.
+    chunked = get(edge, "edge-a", tmp_path / "chunked.bin", "--chunked")
+    assert chunked.returncode == 0, chunked.stderr
+    assert json.loads(chunked.stdout)["sha256"] == up["sha256"]
+    o2, e2 = origin_counts(origin), metrics(edge)
+    for k in ("stoq_content_chunks_served_total", "stoq_content_manifests_served_total",
+              "stoq_content_objects_served_total"):
+        assert o2[k] == o1[k], f"origin counter {k} moved: {o1[k]} -> {o2[k]}"
+    assert e2["stoq_edge_origin_chunk_fetches_total"] == e1["stoq_edge_origin_chunk_fetches_total"]
+    assert e2["stoq_edge_hits_total"] - e1["stoq_edge_hits_total"] >= 2 * distinct
+    assert e2["stoq_edge_cached_chunks"] == distinct
+
+
+def test_concurrent_fetches_coalesce_into_one_origin_fetch_per_chunk(origin, edge, tmp_path):
+    src = random_file(tmp_path / "c.bin", 16 * MiB, 12)
+    up = put(origin, src, "edge-c")
+    distinct = len({c["id"] for c in chunk_list(src)})
+    o0, e0 = origin_counts(origin), metrics(edge)
+    procs = [subprocess.Popen([str(pathlib.Path(edge.proc.args[0]).with_name("stoq")), "get", edge.url("edge-c"),
+                               "-o", str(tmp_path / f"c{i}.bin"), "--ca", edge.cert, "--timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for i in range(6):
+        assert sha256_file(tmp_path / f"c{i}.bin") == up["sha256"]
+    o1, e1 = origin_counts(origin), metrics(edge)
+    assert o1["stoq_content_chunks_served_total"] - o0["stoq_content_chunks_served_total"] == distinct
+    assert o1["stoq_content_manifests_served_total"] - o0["stoq_content_manifests_served_total"] == 1
+    assert e1["stoq_edge_origin_chunk_fetches_total"] - e0["stoq_edge_origin_chunk_fetches_total"] == distinct
+    assert e1["stoq_edge_coalesced_total"] > e0["stoq_edge_coalesced_total"]
+
+
+def test_a_chunk_with_wrong_bytes_from_the_origin_is_refused(origin, tmp_path):
+    """The origin here is ngtcp2's gtlsserver serving files (an independent HTTP/3 server
+    with the origin node's own certificate): the real manifest, and chunk files of which one
+    has a flipped byte."""
+    gtls = shutil.which("gtlsserver") or "/usr/sbin/gtlsserver"
+    if not pathlib.Path(gtls).exists():
+        pytest.fail("gtlsserver missing: scripts/install-deps installs ngtcp2-server")
+    src = random_file(tmp_path / "bad.bin", 4 * MiB, 13)
+    put(origin, src, "edge-bad")
+    htdocs = tmp_path / "htdocs"
+    (htdocs / "manifests").mkdir(parents=True)
+    (htdocs / "chunks").mkdir()
+    m = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{origin.port}/manifests/edge-bad", "--ca", origin.cert,
+             "--out", htdocs / "manifests" / "edge-bad"])
+    assert m.returncode == 0 and json.loads(m.stdout)["status"] == 200, m.stdout
+    data = src.read_bytes()
+    chunks = chunk_list(src)
+    bad = chunks[1]
+    for c in chunks:
+        b = bytearray(data[c["offset"]:c["offset"] + c["length"]])
+        if c is bad:
+            b[len(b) // 2] ^= 0x01
+        (htdocs / "chunks" / c["id"]).write_bytes(bytes(b))
+    port = free_port()
+    ident = pathlib.Path(origin.identity_cert)
+    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(ident.with_name("key.pem")), str(ident)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    edge = None
+    try:
+        time.sleep(0.5)
+        edge = Node(tmp_path / "edge", workers=1, extra=edge_config(port, origin.cert))
+        # A good chunk passes; the bad one is refused with a reason and never stored.
+        good = h3(edge.port, edge.cert, f"/chunks/{chunks[0]['id']}")
+        assert good["status"] == 200 and good["sha256"] == chunks[0]["id"], good
+        r = h3(edge.port, edge.cert, f"/chunks/{bad['id']}")
+        assert r["status"] == 502 and "do not verify" in r["text"], r
+        assert not list((tmp_path / "edge" / "content" / "edge" / "chunks").rglob(bad["id"]))
+        # The whole object cannot be served correctly: it fails rather than send wrong bytes.
+        whole = get(edge, "edge-bad", tmp_path / "bad-out.bin")
+        assert whole.returncode != 0
+        assert not (tmp_path / "bad-out.bin").exists()
+        m = metrics(edge)
+        assert m["stoq_edge_verification_failures_total"] >= 2
+        edge.log.flush()
+        assert "refused chunk " + bad["id"] in (tmp_path / "edge" / "node.log").read_text()
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+        if edge:
+            assert edge.stop() == 0
+
+
+def test_the_cache_keeps_its_bound_and_evicts(origin, tmp_path):
+    src = random_file(tmp_path / "big.bin", 12 * MiB, 14)
+    up = put(origin, src, "edge-big")
+    edge = Node(tmp_path / "edge", workers=2, extra=edge_config(origin.port, origin.cert, cache="3MB"))
+    try:
+        for i in range(2):
+            r = get(edge, "edge-big", tmp_path / f"big{i}.bin")
+            assert r.returncode == 0, r.stderr
+            assert sha256_file(tmp_path / f"big{i}.bin") == up["sha256"]
+        m = metrics(edge)
+        assert m["stoq_edge_capacity_bytes"] == 3 * MiB
+        assert 0 < m["stoq_edge_cached_bytes"] <= 3 * MiB
+        assert m["stoq_edge_evictions_total"] > 0
+        # What is on disk is what the index says, within the bound.
+        on_disk = sum(p.stat().st_size for p in (tmp_path / "edge" / "content" / "edge" / "chunks").rglob("*") if p.is_file())
+        assert on_disk == m["stoq_edge_cached_bytes"]
+        # The second pass could not come from a 3 MB cache: the origin was asked again.
+        assert m["stoq_edge_origin_chunk_fetches_total"] > len(chunk_list(src))
+    finally:
+        assert edge.stop() == 0
+
+
+def test_ttl_expiry_and_origin_max_age_refetch_the_manifest(origin, tmp_path):
+    src = random_file(tmp_path / "t1.bin", 3 * MiB, 15)
+    put(origin, src, "edge-ttl")
+    edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert, ttl="4s"))
+    try:
+        assert get(edge, "edge-ttl", tmp_path / "t-a.bin").returncode == 0
+        fetched = time.time()
+        o0, e0 = origin_counts(origin), metrics(edge, settle=False)
+        assert get(edge, "edge-ttl", tmp_path / "t-b.bin").returncode == 0   # fresh: nothing asked
+        assert time.time() - fetched < 4, "too slow to observe a fresh manifest"
+        assert origin_counts(origin) == o0
+        # A new version under the same name; after the TTL the edge asks again and sees it.
+        v2 = random_file(tmp_path / "t2.bin", 3 * MiB, 16)
+        up2 = put(origin, v2, "edge-ttl")
+        o1 = origin_counts(origin)
+        time.sleep(max(0.0, fetched + 4.3 - time.time()))
+        r = get(edge, "edge-ttl", tmp_path / "t-c.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "t-c.bin") == up2["sha256"]
+        o2, e2 = origin_counts(origin), metrics(edge, settle=False)
+        assert o2["stoq_content_manifests_served_total"] - o1["stoq_content_manifests_served_total"] == 1
+        assert e2["stoq_edge_origin_manifest_fetches_total"] - e0["stoq_edge_origin_manifest_fetches_total"] == 1
+    finally:
+        assert edge.stop() == 0
+
+    # The origin's Cache-Control: max-age overrides a long edge.ttl_default.
+    short = Node(tmp_path / "origin2", workers=1, extra=ADMIN + '[edge]\norigin_max_age = "4s"\n')
+    edge = Node(tmp_path / "edge2", workers=1, extra=edge_config(short.port, short.cert, ttl="1h"))
+    try:
+        put(short, src, "edge-ma")
+        assert get(edge, "edge-ma", tmp_path / "m-a.bin").returncode == 0
+        fetched = time.time()
+        a = origin_counts(short)["stoq_content_manifests_served_total"]
+        assert get(edge, "edge-ma", tmp_path / "m-b.bin").returncode == 0
+        assert time.time() - fetched < 4, "too slow to observe a fresh manifest"
+        assert origin_counts(short)["stoq_content_manifests_served_total"] == a
+        time.sleep(max(0.0, fetched + 4.3 - time.time()))
+        assert get(edge, "edge-ma", tmp_path / "m-c.bin").returncode == 0
+        assert origin_counts(short)["stoq_content_manifests_served_total"] == a + 1
+        assert sha256_file(tmp_path / "m-c.bin") == sha256_file(src)
+    finally:
+        assert edge.stop() == 0
+        assert short.stop() == 0
+
+
+def test_the_index_survives_kill_9_and_the_edge_serves_while_the_origin_is_down(tmp_path):
+    origin = Node(tmp_path / "origin", workers=1, extra=ADMIN)
+    edge = None
+    try:
+        a = random_file(tmp_path / "a.bin", 6 * MiB, 17)
+        b = random_file(tmp_path / "b.bin", 2 * MiB, 18)
+        up_a = put(origin, a, "down-a")
+        put(origin, b, "down-b")
+        edge = Node(tmp_path / "edge", workers=2, extra=edge_config(origin.port, origin.cert))
+        assert get(edge, "down-a", tmp_path / "a1.bin").returncode == 0
+        cached = metrics(edge)["stoq_edge_cached_chunks"]
+        assert cached > 0
+        edge.proc.send_signal(signal.SIGKILL)   # no clean shutdown: the index must still hold
+        edge.proc.wait(timeout=10)
+        o0 = origin_counts(origin)
+        assert origin.stop() == 0                # and the origin is gone from here on
+
+        edge = Node(tmp_path / "edge", workers=2, extra=edge_config(origin.port, origin.cert))
+        assert metrics(edge)["stoq_edge_cached_chunks"] == cached
+        r = get(edge, "down-a", tmp_path / "a2.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "a2.bin") == up_a["sha256"]
+        m = metrics(edge)
+        assert m["stoq_edge_origin_chunk_fetches_total"] == 0 and m["stoq_edge_hits_total"] >= cached
+
+        # Not cached, origin down: a clear error, quickly, and the node keeps serving.
+        t0 = time.time()
+        r = h3(edge.port, edge.cert, "/objects/down-b")
+        assert r["status"] == 502 and "unreachable" in r["text"], r
+        assert time.time() - t0 < 15
+        assert metrics(edge)["stoq_edge_origin_errors_total"] >= 1
+        edge.log.flush()
+        assert "unreachable" in (tmp_path / "edge" / "node.log").read_text()
+        r = get(edge, "down-a", tmp_path / "a3.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "a3.bin") == up_a["sha256"]
+        assert o0["stoq_content_chunks_served_total"] > 0
+    finally:
+        if edge:
+            assert edge.stop() == 0
+        if origin.proc.poll() is None:
+            origin.stop()
