@@ -297,9 +297,6 @@ public final class ContentService: QUICApplication {
         edgeWaits[edge.fetch(.chunk(id), inbox: inbox)] = .chunk(id, head: head, stream, connection)
     }
 
-    /// Whether requests of this worker wait for the edge cache's fetcher.
-    public var edgePending: Bool { inbox.pending }
-
     /// Completes what the edge cache's fetcher finished for this worker (called by the
     /// worker between batches).
     public func drainEdge() {

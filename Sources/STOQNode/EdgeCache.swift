@@ -78,15 +78,14 @@ public final class EdgeCache: @unchecked Sendable {
         private let lock = NSLock()
         private var items: [Completion] = []
         private let ready = Atomic<Int>(0)
-        private let outstanding = Atomic<Int>(0)
-        /// Tickets handed off and not yet drained: the worker polls more often meanwhile.
-        public var pending: Bool { outstanding.load(ordering: .relaxed) > 0 }
-
-        func expect() { outstanding.add(1, ordering: .relaxed) }
+        /// Called after each post (on the fetcher's thread): wakes the worker that drains it.
+        /// Set once, before the worker runs.
+        public var onPost: (@Sendable () -> Void)?
 
         func post(_ c: Completion) {
             lock.withLock { items.append(c) }
             ready.add(1, ordering: .releasing)
+            onPost?()
         }
 
         /// Moves every posted completion into `out` (cheap when there are none).
@@ -95,7 +94,6 @@ public final class EdgeCache: @unchecked Sendable {
             lock.withLock {
                 out.append(contentsOf: items)
                 ready.subtract(items.count, ordering: .relaxed)
-                outstanding.subtract(items.count, ordering: .relaxed)
                 items.removeAll(keepingCapacity: true)
             }
         }
@@ -298,7 +296,6 @@ public final class EdgeCache: @unchecked Sendable {
     @discardableResult
     public func fetch(_ key: Key, inbox: Inbox?) -> UInt64 {
         let ticket = inbox == nil ? 0 : tickets.add(1, ordering: .relaxed).newValue
-        inbox?.expect()
         var immediate = false
         var signal = false
         lock.withLock {

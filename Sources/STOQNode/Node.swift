@@ -182,7 +182,8 @@ public final class Node: @unchecked Sendable {
         let fallback = FallbackQueues(selection: selection, workers: queues.count, port: listenAddress.port)
         // Datagrams that reach a worker other than their connection's go to the owner.
         let mesh: WorkerMesh?
-        do { mesh = queues.count > 1 ? try WorkerMesh(workers: queues.count) : nil } catch {
+        // It is also how the edge cache's fetcher wakes a worker whose request it finished.
+        do { mesh = queues.count > 1 || edge != nil ? try WorkerMesh(workers: queues.count) : nil } catch {
             for q in queues { q.close() }
             throw NodeError(.datapath, "\(error)")
         }
@@ -224,7 +225,7 @@ public final class Node: @unchecked Sendable {
                     // Origin fetches finish on the edge cache's thread; responses complete here.
                     let content = router.content
                     worker.onTurn = { content.drainEdge() }
-                    worker.handoffPending = { content.edgePending }
+                    if let mesh { content.inbox.onPost = { mesh.wake(i) } }
                 }
                 let publish = {
                     let q = worker.queue

@@ -71,8 +71,9 @@ public final class WorkerMesh: @unchecked Sendable {
                                  UInt32(datagram.count), &p, &l, ecn.rawValue) == 1
     }
 
-    /// Wakes worker `index` if it sleeps in its datapath.
-    func wake(_ index: Int) { stoq_handoff_wake(inboxes[index]) }
+    /// Wakes worker `index` if it sleeps in its datapath (any thread: also how work finished
+    /// off the workers, such as an origin fetch, gets their attention).
+    public func wake(_ index: Int) { stoq_handoff_wake(inboxes[index]) }
 
     /// Worker `index` only: hands every datagram waiting in its inbox to `body`. Returns how many.
     @inline(__always)

@@ -34,12 +34,8 @@ public final class Worker {
     public var flushBudget = 64
     /// Called on the worker thread at the start of every turn: where handlers pick up work
     /// finished elsewhere (an edge cache's origin fetches) and complete their responses.
+    /// Whoever finishes such work wakes the worker with `WorkerMesh.wake`.
     public var onTurn: (() -> Void)?
-    /// While this returns true (work handed off and not yet back), the receive wait is
-    /// capped at `handoffWait` so `onTurn` sees completions promptly; otherwise the worker
-    /// sleeps up to the next timer as usual. A check per turn, not per datagram.
-    public var handoffPending: (() -> Bool)?
-    public var handoffWait: UInt64 = 200_000
     private var nextTick: Timestamp = 0
     private let maxPayload: Int
     /// The node's hand-off mesh and this worker's place in it (nil: a lone worker).
@@ -81,7 +77,6 @@ public final class Worker {
         try transmit(now: now)
         var wait = idleWait
         if let next = endpoint.nextTimeout() { wait = next > now ? min(next - now, idleWait) : 0 }
-        if let handoffPending, handoffPending() { wait = min(wait, handoffWait) }
         let ep = endpoint
         var sinceFlush = 0
         var flushError: Error?
