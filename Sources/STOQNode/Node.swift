@@ -77,6 +77,27 @@ public final class Node: @unchecked Sendable {
                                     peerCheck: try transparencyCheck(cfg))
     }
 
+    /// How this node connects to a peer (its edge origin): it verifies the peer's certificate
+    /// against `trust.bundle` (the system store when empty) and its name, requires an SCT from
+    /// `trust.transparency_logs` (default: this node's CA log) when `trust.require_transparency`
+    /// is on, and presents its own certificate for mutual TLS. The files are read at each
+    /// connect, so a rotated certificate is presented from the next connection on.
+    static func peerTrust(_ cfg: NodeConfig) -> ClientTrust {
+        var t = ClientTrust(caFile: cfg.trust.bundle.isEmpty ? nil : cfg.trust.bundle)
+        if cfg.tls.certFile.isEmpty {
+            t.certificateFile = cfg.node.dataDir + "/identity/cert.pem"
+            t.keyFile = cfg.node.dataDir + "/identity/key.pem"
+        } else {
+            t.certificateFile = cfg.tls.certFile
+            t.keyFile = cfg.tls.keyFile
+        }
+        if cfg.trust.requireTransparency {
+            t.transparencyLogs = cfg.trust.transparencyLogs.isEmpty ? [cfg.node.dataDir + "/trust/log-key.pem"]
+                                                                    : cfg.trust.transparencyLogs
+        }
+        return t
+    }
+
     /// `trust.require_transparency`: a client certificate must carry an embedded SCT that
     /// verifies with a key in `trust.transparency_logs` (default: the node's own CA log). Runs
     /// inside the TLS handshake; a refusal is logged as "client certificate refused: SCT …".
@@ -147,7 +168,7 @@ public final class Node: @unchecked Sendable {
             do {
                 opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                                      ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
-                                     trust: ClientTrust(caFile: cfg.trust.bundle.isEmpty ? nil : cfg.trust.bundle),
+                                     trust: Self.peerTrust(cfg),
                                      maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
             } catch {
                 throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")

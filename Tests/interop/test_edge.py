@@ -312,3 +312,40 @@ def test_the_index_survives_kill_9_and_the_edge_serves_while_the_origin_is_down(
             assert edge.stop() == 0
         if origin.proc.poll() is None:
             origin.stop()
+
+
+def test_edge_and_origin_authenticate_each_other(tmp_path):
+    """Node to node is mutual TLS: an origin with client_auth = "required" serves an edge
+    that presents its own node certificate from a CA the origin trusts, and refuses (with its
+    reason) an edge whose CA it does not know; that edge answers its client 502."""
+    edge_dir, stranger_dir = tmp_path / "edge", tmp_path / "stranger"
+    for d in (edge_dir, stranger_dir):
+        r = stoq("trust", "init", "--dir", d / "data" / "trust")   # the edge's own CA, made ahead
+        assert r.returncode == 0, r.stderr
+    origin = Node(tmp_path / "origin", workers=1,
+                  extra='client_auth = "required"\n' + ADMIN + f'[trust]\nbundle = "{edge_dir}/data/trust/root.pem"\n')
+    edge = stranger = None
+    try:
+        # The origin itself is reached with a client certificate of the edge's CA.
+        client_cert, client_key = tmp_path / "c.pem", tmp_path / "c.key"
+        assert stoq("trust", "issue", "--dir", edge_dir / "data" / "trust", "--dns", "op.example", "--out", client_cert,
+                    "--key-out", client_key).returncode == 0
+        src = random_file(tmp_path / "m.bin", 3 * MiB, seed=7)
+        r = stoq("put", src, origin.url("m.bin"), "--chunked", "--ca", origin.cert, "--json",
+                 "--cert", client_cert, "--key", client_key)
+        assert r.returncode == 0, r.stderr
+        edge = Node(edge_dir, workers=1, extra=edge_config(origin.port, origin.cert))
+        out = tmp_path / "via-edge.bin"
+        r = get(edge, "m.bin", out)
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(out) == sha256_file(src)
+        stranger = Node(stranger_dir, workers=1, extra=edge_config(origin.port, origin.cert))
+        r = get(stranger, "m.bin", tmp_path / "refused.bin")
+        assert r.returncode != 0 and "502" in (r.stderr + r.stdout), r.stderr
+        origin.log.flush()
+        log = pathlib.Path(origin.log.name).read_text()
+        assert re.search(r"client certificate refused: .*(issuer is unknown|not trusted|signer)", log), log[-2000:]
+    finally:
+        for n in (stranger, edge, origin):
+            if n:
+                assert n.stop() == 0
