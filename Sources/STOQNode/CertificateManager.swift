@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 import STOQACME
 import STOQConfig
@@ -18,12 +19,26 @@ final class CertificateManager: @unchecked Sendable {
     final class Published: @unchecked Sendable {
         private let lock = NSLock()
         private var version = 0
+        /// `version`, readable without the lock: workers look at it every turn.
+        private let latest = Atomic<Int>(0)
         private var credentials: TLSCredentials
+        /// Called after each publish (set once at start): wakes the workers so that they
+        /// take the new credentials at once rather than at their next turn.
+        var onPublish: (@Sendable () -> Void)?
         init(_ c: TLSCredentials) { credentials = c }
-        func publish(_ c: TLSCredentials) { lock.withLock { credentials = c; version += 1 } }
-        /// The credentials if they changed since `seen` (which is updated).
-        func take(after seen: inout Int) -> TLSCredentials? {
+        func publish(_ c: TLSCredentials) {
             lock.withLock {
+                credentials = c
+                version += 1
+                latest.store(version, ordering: .releasing)
+            }
+            onPublish?()
+        }
+        /// The credentials if they changed since `seen` (which is updated). One atomic load
+        /// when they did not.
+        func take(after seen: inout Int) -> TLSCredentials? {
+            guard latest.load(ordering: .acquiring) != seen else { return nil }
+            return lock.withLock {
                 guard version != seen else { return nil }
                 seen = version
                 return credentials

@@ -201,13 +201,14 @@ public final class Node: @unchecked Sendable {
         let queues = try selection.open()
         listenAddress = queues[0].localEndpoint
         let fallback = FallbackQueues(selection: selection, workers: queues.count, port: listenAddress.port)
-        // Datagrams that reach a worker other than their connection's go to the owner.
-        let mesh: WorkerMesh?
-        // It is also how the edge cache's fetcher wakes a worker whose request it finished.
-        do { mesh = queues.count > 1 || edge != nil ? try WorkerMesh(workers: queues.count) : nil } catch {
+        // The workers' mesh: datagrams that reach a worker other than their connection's go to
+        // the owner, and it is how others wake a worker (finished origin fetches, new credentials).
+        let mesh: WorkerMesh
+        do { mesh = try WorkerMesh(workers: queues.count) } catch {
             for q in queues { q.close() }
             throw NodeError(.datapath, "\(error)")
         }
+        certificates?.published.onPublish = { for w in 0..<mesh.count { mesh.wake(w) } }
 
         let ready = DispatchGroup()
         let errors = ErrorBox()
@@ -241,12 +242,16 @@ public final class Node: @unchecked Sendable {
                 }
                 let worker = Worker(queue: box.queue, endpoint: endpoint)
                 worker.fallback = { _ in fallback.queue(for: i) }
-                if let mesh { worker.join(mesh, as: i) }
-                if edge != nil {
+                worker.join(mesh, as: i)
+                var credentialsVersion = 0
+                let published = certificates?.published
+                let content = router.content
+                if edge != nil { content.inbox.onPost = { mesh.wake(i) } }
+                worker.onTurn = {
+                    // A rotated or reloaded certificate: new handshakes use it from now on.
+                    if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
                     // Origin fetches finish on the edge cache's thread; responses complete here.
-                    let content = router.content
-                    worker.onTurn = { content.drainEdge() }
-                    if let mesh { content.inbox.onPost = { mesh.wake(i) } }
+                    if edge != nil { content.drainEdge() }
                 }
                 let publish = {
                     let q = worker.queue
@@ -257,13 +262,7 @@ public final class Node: @unchecked Sendable {
                         connections: endpoint.connectionCount,
                         objects: router.objects.counters, content: router.content.counters))
                 }
-                var credentialsVersion = 0
-                let published = certificates?.published
-                worker.onTick = {
-                    // A rotated certificate: new handshakes use it from now on.
-                    if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
-                    publish()
-                }
+                worker.onTick = publish
                 publish()
                 ready.leave()
                 worker.run(stop: stop, logger: log)

@@ -87,7 +87,7 @@ public final class Worker {
             // stale receive times would inflate the RTT samples ngtcp2 takes.
             let t = monotonicNow()
             batch.forEachDatagram {
-                if let mesh, let owner = mesh.owner(of: $0), owner != index {
+                if let mesh, mesh.count > 1, let owner = mesh.owner(of: $0), owner != index {
                     if mesh.push($0, into: owner, peer: peer, local: local, ecn: ecn) {
                         handoff.sent += 1
                         toWake[owner] = true
