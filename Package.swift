@@ -112,7 +112,7 @@ let package = Package(
         // transfer), used by the CLI and by a node fetching from its origin (edge cache).
         .target(
             name: "STOQTransfer",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQChunking",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQChunking",
                            "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
 
         .target(

@@ -59,13 +59,9 @@ public enum CertificateTransparency {
     /// RFC 6962 §3.4 `MerkleTreeLeaf` for a precert entry: `version v1(0) || leaf_type
     /// timestamped_entry(0) || timestamp(8) || entry_type precert_entry(1, u16) || PreCert ||
     /// extensions<u16>`. Its leaf hash is `SHA-256(0x00 || leaf)`.
+    /// For v1 these are the very bytes an SCT signs (both start with two zero bytes).
     public static func merkleTreeLeaf(timestamp: UInt64, entry: PrecertificateEntry, extensions: [UInt8] = []) -> [UInt8] {
-        var b: [UInt8] = [0, 0]
-        TLSWriter.u64(timestamp, into: &b)
-        TLSWriter.u16(1, into: &b)
-        b += entry.encoded
-        TLSWriter.opaque16(extensions, into: &b)
-        return b
+        signedBytes(timestamp: timestamp, entry: entry, extensions: extensions)
     }
 
     /// Parses a precert `MerkleTreeLeaf` written by `merkleTreeLeaf`; nil for anything else

@@ -116,3 +116,15 @@ def run(cmd, timeout=180, **kw):
 
 def stoq(*args, timeout=180):
     return run([need_binary("stoq"), *args], timeout=timeout)
+
+
+def random_file(path, size, seed):
+    """`size` bytes of seeded pseudo-random data at `path` (the same bytes for the same seed)."""
+    rnd = __import__("random").Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            f.write(rnd.randbytes(n))
+            left -= n
+    return path

@@ -7,7 +7,7 @@ import os
 import pathlib
 import sys
 
-from conftest import run, sha256_file, stoq
+from conftest import random_file, run, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -31,17 +31,6 @@ def h3(node, method, path, body=None):
     r = run(cmd, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout)
-
-
-def random_file(path, size, seed):
-    rnd = __import__("random").Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rnd.randbytes(n))
-            left -= n
-    return path
 
 
 def test_put_sends_only_missing_chunks_and_get_is_byte_identical(node, tmp_path):

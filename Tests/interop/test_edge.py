@@ -15,22 +15,11 @@ import urllib.request
 
 import pytest
 
-from conftest import Node, free_port, run, sha256_file, stoq
+from conftest import Node, free_port, random_file, run, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
-
-
-def random_file(path, size, seed):
-    rnd = __import__("random").Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rnd.randbytes(n))
-            left -= n
-    return path
 
 
 def metrics(node, settle=True):
