@@ -168,10 +168,11 @@ public final class ContentService: QUICApplication {
 
     private func sendObject(_ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
                             _ connection: QUICConnection) {
-        guard var (status, headers, range) = ObjectService.bodyHead(
+        guard let (status, head, range) = ObjectService.bodyHead(
             size: manifest.totalLength, request: request, stream: stream, connection: connection,
             fail: { fail(stream, connection, $0, $1) })
         else { return }
+        var headers = head
         if let cacheControl, !edge { headers.append(cacheControl) }
         counters.objectsServed += 1
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
