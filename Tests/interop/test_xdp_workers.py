@@ -32,7 +32,9 @@ def test_one_worker_reads_two_queues(testbed, tmp_path):
             assert json.loads(r.stdout)["sha256"] == digests["big.bin"] == sha256_file(out)
             after = counters()
             moved = {q: after[f"worker_{q}"] - before[f"worker_{q}"] for q in (0, 1)}
-            assert moved[cpu] > 1000 and moved[1 - cpu] == 0, (cpu, moved)
+            # Nearly all on that CPU's queue (a stray datagram may leave from an io_uring
+            # worker thread of the client elsewhere).
+            assert moved[cpu] > 1000 and moved[1 - cpu] * 100 < moved[cpu], (cpu, moved)
         metrics = run(in_a("python3", "-c", f"import urllib.request; print(urllib.request.urlopen('{node.admin}').read().decode())"))
         assert re.findall(r'^stoq_datapath_info\{worker="(\d+)"', metrics.stdout, re.M) == ["0"], metrics.stdout[-2000:]
     finally:
