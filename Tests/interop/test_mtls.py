@@ -84,8 +84,9 @@ def mtls(tmp_path_factory):
     assert node.stop() == 0
 
 
-def get(node, cert=None):
-    args = ["get", node.url("a.bin"), "--ca", node.cert, "--json", "--timeout", "10"]
+def get(node, cert=None, *extra, url=None):
+    """`stoq get` of a.bin (or `url`) from `node`, presenting `cert` (chain, key) when given."""
+    args = ["get", url or node.url("a.bin"), "--ca", node.cert, "--json", "--timeout", "10", *extra]
     if cert:
         args += ["--cert", cert[0], "--key", cert[1]]
     return stoq(*args)

@@ -22,7 +22,7 @@ from cryptography.x509.certificate_transparency import LogEntryType, Version
 from cryptography.x509.oid import ExtensionOID
 
 from conftest import Node, free_port, run, stoq
-from test_mtls import certtool_cert
+from test_mtls import certtool_cert, get, refusals
 
 SCT_OID = x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.2")
 
@@ -130,18 +130,6 @@ def ct(tmp_path_factory):
     node.work = work
     yield node
     assert node.stop() == 0
-
-
-def get(node, cert=None, *extra, url=None):
-    args = ["get", url or node.url("a.bin"), "--ca", node.cert, "--json", "--timeout", "10", *extra]
-    if cert:
-        args += ["--cert", cert[0], "--key", cert[1]]
-    return stoq(*args)
-
-
-def refusals(node):
-    node.log.flush()
-    return re.findall(r"client certificate refused: (.*)$", pathlib.Path(node.log.name).read_text(), re.M)
 
 
 def test_the_sct_verifies_independently_with_the_served_log_key(ct, tmp_path):
