@@ -27,7 +27,6 @@ struct stoq_handoff {
   uint32_t max_datagram, cell_size;
   uint8_t *cells;
   int wake_fd;
-  _Atomic uint64_t dropped;
 };
 
 static inline struct cell *cell_at(const stoq_handoff *h, size_t pos) {
@@ -66,10 +65,7 @@ int stoq_handoff_wake_fd(const stoq_handoff *h) { return h->wake_fd; }
 
 int stoq_handoff_push(stoq_handoff *h, const uint8_t *data, uint32_t len, const struct sockaddr_in6 *peer,
                       const struct sockaddr_in6 *local, uint8_t ecn) {
-  if (len > h->max_datagram) {
-    atomic_fetch_add_explicit(&h->dropped, 1, memory_order_relaxed);
-    return 0;
-  }
+  if (len > h->max_datagram) return 0;
   size_t pos = atomic_load_explicit(&h->tail, memory_order_relaxed);
   struct cell *c;
   for (;;) {
@@ -80,8 +76,7 @@ int stoq_handoff_push(stoq_handoff *h, const uint8_t *data, uint32_t len, const 
       if (atomic_compare_exchange_weak_explicit(&h->tail, &pos, pos + 1, memory_order_relaxed, memory_order_relaxed))
         break;
     } else if (dif < 0) {
-      atomic_fetch_add_explicit(&h->dropped, 1, memory_order_relaxed); /* full: QUIC recovers a lost datagram */
-      return 0;
+      return 0; /* full: QUIC recovers a lost datagram */
     } else {
       pos = atomic_load_explicit(&h->tail, memory_order_relaxed);
     }
@@ -110,8 +105,4 @@ void stoq_handoff_pop(stoq_handoff *h) {
   struct cell *c = cell_at(h, h->head);
   atomic_store_explicit(&c->seq, h->head + h->mask + 1, memory_order_release);
   h->head++;
-}
-
-uint64_t stoq_handoff_dropped(const stoq_handoff *h) {
-  return atomic_load_explicit(&((stoq_handoff *)h)->dropped, memory_order_relaxed);
 }

@@ -38,9 +38,6 @@ public final class WorkerMesh: @unchecked Sendable {
     /// The eventfd worker `index`'s datapath should wake on.
     public func wakeFileDescriptor(of index: Int) -> Int32 { stoq_handoff_wake_fd(inboxes[index]) }
 
-    /// Datagrams dropped on the way into worker `index` (its inbox was full).
-    public func dropped(into index: Int) -> UInt64 { stoq_handoff_dropped(inboxes[index]) }
-
     /// The worker that owns the connection `datagram` belongs to, by the worker byte of its
     /// destination CID, or nil when it may be handled anywhere: Initial and 0-RTT packets
     /// (their CID is the client's choice until the server answers, and the worker that
@@ -63,7 +60,8 @@ public final class WorkerMesh: @unchecked Sendable {
         return Int(datagram[6]) % inboxes.count
     }
 
-    /// Copies `datagram` into worker `index`'s inbox. False when it was full (counted).
+    /// Copies `datagram` into worker `index`'s inbox. False when it was full or the datagram
+    /// too large (the caller counts the drop).
     @inline(__always)
     func push(_ datagram: UnsafeRawBufferPointer, into index: Int, peer: IPv6Endpoint, local: IPv6Endpoint, ecn: ECN) -> Bool {
         var p = peer.sockaddr, l = local.sockaddr

@@ -80,7 +80,6 @@ public final class Worker {
         let ep = endpoint
         var sinceFlush = 0
         var flushError: Error?
-        var handedOff = false
         _ = try queue.receive(timeoutNanoseconds: wait) { batch in
             let peer = batch.peer, local = batch.local, ecn = batch.ecn
             // A fresh clock per buffer: one batch can take a millisecond to decrypt, and
@@ -91,7 +90,6 @@ public final class Worker {
                     if mesh.push($0, into: owner, peer: peer, local: local, ecn: ecn) {
                         handoff.sent += 1
                         toWake[owner] = true
-                        handedOff = true
                     } else {
                         handoff.dropped += 1
                     }
@@ -109,7 +107,7 @@ public final class Worker {
             }
         }
         if let flushError { throw flushError }
-        if handedOff, let mesh {
+        if let mesh {
             for w in toWake.indices where toWake[w] {
                 toWake[w] = false
                 mesh.wake(w)

@@ -35,7 +35,7 @@ stoq_handoff *stoq_handoff_create(uint32_t capacity, uint32_t max_datagram);
 void stoq_handoff_destroy(stoq_handoff *h);
 /** The eventfd that `stoq_handoff_wake` signals. */
 int stoq_handoff_wake_fd(const stoq_handoff *h);
-/** Any thread: copies the datagram in. 1 = queued; 0 = full or too large (counted). */
+/** Any thread: copies the datagram in. 1 = queued; 0 = full or too large (the caller counts it). */
 int stoq_handoff_push(stoq_handoff *h, const uint8_t *data, uint32_t len, const struct sockaddr_in6 *peer,
                       const struct sockaddr_in6 *local, uint8_t ecn);
 /** Any thread, after pushing: wakes the owner if it sleeps in its datapath. */
@@ -44,6 +44,4 @@ void stoq_handoff_wake(const stoq_handoff *h);
 const stoq_handoff_item *stoq_handoff_peek(stoq_handoff *h);
 /** The owner: frees the datagram stoq_handoff_peek returned. */
 void stoq_handoff_pop(stoq_handoff *h);
-/** Datagrams refused (full or too large). */
-uint64_t stoq_handoff_dropped(const stoq_handoff *h);
 #endif
