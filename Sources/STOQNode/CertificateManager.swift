@@ -18,9 +18,8 @@ final class CertificateManager: @unchecked Sendable {
     /// The credentials new handshakes should use, with a version the workers compare.
     final class Published: @unchecked Sendable {
         private let lock = NSLock()
-        private var version = 0
-        /// `version`, readable without the lock: workers look at it every turn.
-        private let latest = Atomic<Int>(0)
+        /// Bumped with each publish, under the lock; read without it every turn.
+        private let version = Atomic<Int>(0)
         private var credentials: TLSCredentials
         /// Called after each publish (set once at start): wakes the workers so that they
         /// take the new credentials at once rather than at their next turn.
@@ -29,18 +28,16 @@ final class CertificateManager: @unchecked Sendable {
         func publish(_ c: TLSCredentials) {
             lock.withLock {
                 credentials = c
-                version += 1
-                latest.store(version, ordering: .releasing)
+                version.add(1, ordering: .releasing)
             }
             onPublish?()
         }
         /// The credentials if they changed since `seen` (which is updated). One atomic load
         /// when they did not.
         func take(after seen: inout Int) -> TLSCredentials? {
-            guard latest.load(ordering: .acquiring) != seen else { return nil }
+            guard version.load(ordering: .acquiring) != seen else { return nil }
             return lock.withLock {
-                guard version != seen else { return nil }
-                seen = version
+                seen = version.load(ordering: .relaxed)
                 return credentials
             }
         }
