@@ -314,8 +314,8 @@ public final class ContentService: QUICApplication {
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
-                } else if let m = edge.manifest(name) {
-                    sendEdgeObject(name, m.bytes, request, stream, connection)
+                } else if let m = c.manifest ?? edge.manifest(name)?.bytes {
+                    sendEdgeObject(name, m, request, stream, connection)
                 } else {
                     fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
                 }
@@ -327,8 +327,8 @@ public final class ContentService: QUICApplication {
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
-                } else if let m = edge.manifest(name) {
-                    respondManifest(m.bytes, head: head, origin: false, stream, connection)
+                } else if let m = c.manifest ?? edge.manifest(name)?.bytes {
+                    respondManifest(m, head: head, origin: false, stream, connection)
                 } else {
                     fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
                 }

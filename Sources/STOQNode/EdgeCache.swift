@@ -21,6 +21,8 @@ import Synchronization
 /// - **Manifests** (name → chunks) are what changes at an origin: each is fresh for the
 ///   origin's `Cache-Control: max-age`, else `edge.ttl_default`, then fetched again. If the
 ///   origin cannot be reached, a stale manifest is served (and counted) rather than none.
+///   They take at most a sixteenth of `edge.cache_size` (`EdgeManifests`, least recently
+///   used out first) and the chunks the rest, so the bound holds for both together.
 /// - **Fetching** happens on one thread of its own with one QUIC connection to the origin
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
@@ -42,7 +44,9 @@ public final class EdgeCache: @unchecked Sendable {
         public var originManifestFetches: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
+        /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
         public var evictions: UInt64 = 0
+        public var manifestEvictions: UInt64 = 0
         public var bytesFromOrigin: UInt64 = 0
         /// Chunks from the origin whose bytes did not hash to their id (refused).
         public var verificationFailures: UInt64 = 0
@@ -50,8 +54,10 @@ public final class EdgeCache: @unchecked Sendable {
         public var originErrors: UInt64 = 0
         /// Expired manifests served because the origin could not be asked.
         public var staleServed: UInt64 = 0
+        /// Bytes held, chunks and manifests together (bounded by `capacity`).
         public var cachedBytes: UInt64 = 0
         public var cachedChunks: UInt64 = 0
+        public var cachedManifests: UInt64 = 0
         public var capacity: UInt64 = 0
     }
 
@@ -71,6 +77,9 @@ public final class EdgeCache: @unchecked Sendable {
     public struct Completion: Sendable {
         public var ticket: UInt64
         public var failure: Failure?
+        /// A fetched manifest's bytes, handed over with the completion so that the worker
+        /// does not depend on it still being cached when it drains its inbox.
+        public var manifest: [UInt8]? = nil
     }
 
     /// One worker's completions: posted from the fetcher thread, drained on the worker,
@@ -119,12 +128,6 @@ public final class EdgeCache: @unchecked Sendable {
         }
     }
 
-    struct CachedManifest {
-        var bytes: [UInt8]
-        /// Unix time (seconds) until which it is fresh.
-        var expires: Double
-    }
-
     struct Waiter {
         var inbox: Inbox
         var ticket: UInt64
@@ -145,12 +148,13 @@ public final class EdgeCache: @unchecked Sendable {
     /// what it fetched before it is sent.
     public let readAheadChunks: Int
     let root: String
+    let manifestDir: String
     let ttlDefault: Double
     let trust: ClientTrust
     let logger: Logger
     private let lock = NSLock()
     private var policy: S3FIFO<ChunkID>
-    private var manifests: [String: CachedManifest] = [:]
+    private var manifests: EdgeManifests
     private var inflight: [Key: [Waiter]] = [:]
     private var jobs: [Key] = []
     private var counterValues = Counters()
@@ -166,16 +170,18 @@ public final class EdgeCache: @unchecked Sendable {
                 maxChunkSize: Int, logger: Logger) throws {
         do { self.origin = try STOQURL(origin) } catch { throw NodeError(.storage, "edge.origin \(origin): \(error)") }
         self.root = root
+        manifestDir = root + "/manifests"
         self.ttlDefault = Double(ttlDefault) / 1e9
         self.trust = trust
         self.logger = logger
         store = try ChunkStore(root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
                                logger: Logger(label: "stoq.edge.store"))
-        policy = S3FIFO(capacity: capacity)
+        let manifestBudget = EdgeManifests.budget(of: capacity)
+        policy = S3FIFO(capacity: capacity - manifestBudget)
         readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
-        try FileManager.default.createDirectory(atPath: root + "/manifests", withIntermediateDirectories: true)
+        manifests = try EdgeManifests(dir: manifestDir, capacity: manifestBudget, logger: logger)
+        counterValues.manifestEvictions = UInt64(manifests.evictedOnLoad)
         try loadIndex()
-        loadManifests()
         counterValues.capacity = capacity
     }
 
@@ -222,33 +228,6 @@ public final class EdgeCache: @unchecked Sendable {
         dirty = adopted > 0 || kept.count != entries.count || !evicted.isEmpty
     }
 
-    /// Cached manifest file: `STOQEM1\0`, expiry (Unix ms, UInt64 LE), the manifest bytes.
-    static let manifestMagic = Array("STOQEM1\0".utf8)
-
-    private func loadManifests() {
-        let dir = root + "/manifests"
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
-            if name.hasSuffix(".tmp") { unlink(dir + "/" + name); continue }
-            guard (try? ObjectIndex.validateName(name)) != nil,
-                  let bytes = try? CacheIndexFile.read(dir + "/" + name), bytes.count >= 16,
-                  Array(bytes[0..<8]) == Self.manifestMagic,
-                  (try? Manifest(decoding: Array(bytes[16...]))) != nil
-            else { continue }
-            let ms = (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[8 + $1]) << (8 * $1) }
-            manifests[name] = CachedManifest(bytes: Array(bytes[16...]), expires: Double(ms) / 1000)
-        }
-    }
-
-    private func saveManifest(_ name: String, _ m: CachedManifest) {
-        var out = Self.manifestMagic
-        let ms = UInt64(max(0, m.expires * 1000))
-        for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: ms >> (8 * i))) }
-        out += m.bytes
-        do { try CacheIndexFile.write(out, to: root + "/manifests/" + name) } catch {
-            logger.error("edge cache: cannot save the manifest of \(name): \(error)")
-        }
-    }
-
     /// Writes the policy's entries if they changed since the last snapshot.
     public func persist() {
         let entries: [S3FIFO<ChunkID>.Entry]? = lock.withLock {
@@ -267,8 +246,9 @@ public final class EdgeCache: @unchecked Sendable {
     public var counters: Counters {
         lock.withLock {
             var c = counterValues
-            c.cachedBytes = policy.usedBytes
+            c.cachedBytes = policy.usedBytes + manifests.usedBytes
             c.cachedChunks = UInt64(policy.count)
+            c.cachedManifests = UInt64(manifests.count)
             return c
         }
     }
@@ -297,7 +277,7 @@ public final class EdgeCache: @unchecked Sendable {
     public func manifest(_ name: String) -> (bytes: [UInt8], fresh: Bool)? {
         let now = Date().timeIntervalSince1970
         return lock.withLock {
-            guard let m = manifests[name] else { counterValues.manifestMisses += 1; return nil }
+            guard let m = manifests.get(name) else { counterValues.manifestMisses += 1; return nil }
             let fresh = m.expires > now
             if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
             return (m.bytes, fresh)
@@ -364,9 +344,9 @@ public final class EdgeCache: @unchecked Sendable {
         var started: UInt64
     }
 
-    private func complete(_ key: Key, _ failure: Failure?) {
+    private func complete(_ key: Key, _ failure: Failure?, manifest: [UInt8]? = nil) {
         let waiters = lock.withLock { inflight.removeValue(forKey: key) ?? [] }
-        for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure)) }
+        for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure, manifest: manifest)) }
     }
 
     private func originFailed(_ key: Key, _ failure: Failure) {
@@ -487,8 +467,8 @@ public final class EdgeCache: @unchecked Sendable {
             let failure = Failure(status: status == 404 ? 404 : 502, reason: "edge: origin answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")")
             if status == 404 {
                 if case .manifest(let name) = a.key {
-                    lock.withLock { manifests[name] = nil }
-                    unlink(root + "/manifests/" + name)
+                    lock.withLock { manifests.remove(name) }
+                    unlink(manifestDir + "/" + name)
                 }
                 return complete(a.key, failure)
             }
@@ -529,10 +509,22 @@ public final class EdgeCache: @unchecked Sendable {
                 return originFailed(a.key, Failure(status: 502, reason: "edge: the origin's manifest for \(name) is invalid: \(error)"))
             }
             let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
-            let m = CachedManifest(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
-            saveManifest(name, m)
-            lock.withLock { manifests[name] = m }
-            complete(a.key, nil)
+            let m = EdgeManifests.Entry(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
+            let file = manifestDir + "/" + name
+            do { try CacheIndexFile.write(EdgeManifests.encode(m), to: file) } catch {
+                logger.error("edge cache: cannot save the manifest of \(name): \(error)")
+            }
+            let (kept, evicted) = lock.withLock {
+                let r = manifests.insert(name, m)
+                counterValues.manifestEvictions += UInt64(r.evicted.count)
+                return r
+            }
+            for n in evicted { unlink(manifestDir + "/" + n) }
+            if !kept {
+                unlink(file)
+                logger.warning("edge cache: the manifest of \(name) (\(body.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
+            }
+            complete(a.key, nil, manifest: m.bytes)
         }
     }
 }

@@ -113,12 +113,14 @@ struct NodeMetrics {
             family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
             family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
+            family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])
             family("stoq_edge_origin_bytes_total", "counter", "Body bytes received from the origin.", [("", e.bytesFromOrigin)])
             family("stoq_edge_verification_failures_total", "counter", "Chunks from the origin refused: bytes not matching their id.", [("", e.verificationFailures)])
             family("stoq_edge_origin_errors_total", "counter", "Origin fetches that failed (unreachable, lost, timed out, bad answer).", [("", e.originErrors)])
             family("stoq_edge_stale_served_total", "counter", "Expired manifests served because the origin failed.", [("", e.staleServed)])
-            family("stoq_edge_cached_bytes", "gauge", "Chunk bytes in the edge cache.", [("", e.cachedBytes)])
+            family("stoq_edge_cached_bytes", "gauge", "Chunk and manifest bytes in the edge cache.", [("", e.cachedBytes)])
             family("stoq_edge_cached_chunks", "gauge", "Chunks in the edge cache.", [("", e.cachedChunks)])
+            family("stoq_edge_cached_manifests", "gauge", "Manifests in the edge cache.", [("", e.cachedManifests)])
             family("stoq_edge_capacity_bytes", "gauge", "edge.cache_size.", [("", e.capacity)])
         }
         if let c = certificate {

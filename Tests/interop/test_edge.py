@@ -206,8 +206,10 @@ def test_the_cache_keeps_its_bound_and_evicts(origin, tmp_path):
         assert m["stoq_edge_capacity_bytes"] == 3 * MiB
         assert 0 < m["stoq_edge_cached_bytes"] <= 3 * MiB
         assert m["stoq_edge_evictions_total"] > 0
-        # What is on disk is what the index says, within the bound.
-        on_disk = sum(p.stat().st_size for p in (tmp_path / "edge" / "content" / "edge" / "chunks").rglob("*") if p.is_file())
+        # What is on disk (chunks and the manifest) is what the cache counts, within the bound.
+        cache = tmp_path / "edge" / "content" / "edge"
+        on_disk = sum(p.stat().st_size for d in ("chunks", "manifests") for p in (cache / d).rglob("*") if p.is_file())
+        assert m["stoq_edge_cached_manifests"] == 1
         assert on_disk == m["stoq_edge_cached_bytes"]
         # The second pass could not come from a 3 MB cache: the origin was asked again.
         assert m["stoq_edge_origin_chunk_fetches_total"] > len(chunk_list(src))
