@@ -2,12 +2,12 @@
 import Glibc
 #endif
 
-/// The on-disk form of a policy's resident entries, so that a cache's index survives a
+/// The on-disk form of a policy's entries (resident, and ghost keys), so that a cache's index survives a
 /// restart: written whole to a temp file, fsynced, renamed over the old one and the
 /// directory fsynced, so a crash leaves either the previous snapshot or the new one.
 ///
 /// Format: `STOQCIX1`, entry count (UInt64 LE), key length (UInt32 LE), then per entry
-/// key bytes, size (UInt64 LE), frequency (UInt8), queue (UInt8); last an FNV-1a 64 of
+/// key bytes, size (UInt64 LE), frequency (UInt8), queue (UInt8: 0 small, 1 main, 2 ghost); last an FNV-1a 64 of
 /// everything before it (UInt64 LE), which catches a torn or edited file.
 public enum CacheIndexFile {
     static let magic = Array("STOQCIX1".utf8)

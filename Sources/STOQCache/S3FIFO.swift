@@ -12,10 +12,11 @@ import DequeModule
 ///
 /// Pure and single-threaded: the caller serializes access (the edge cache holds a lock).
 public struct S3FIFO<Key: Hashable>: CachePolicy {
-    /// Which queue an entry is in.
-    public enum Queue: UInt8, Sendable { case small = 0, main = 1 }
+    /// Which queue an entry is in. `ghost` only appears in a `snapshot()`: a key that left
+    /// the small queue recently, remembered without its bytes.
+    public enum Queue: UInt8, Sendable { case small = 0, main = 1, ghost = 2 }
 
-    /// One resident entry, as `entries()` lists them and `restore` takes them back.
+    /// One entry, as `entries()` and `snapshot()` list them and `restore` takes them back.
     public struct Entry {
         public var key: Key
         public var size: UInt64
@@ -118,12 +119,26 @@ public struct S3FIFO<Key: Hashable>: CachePolicy {
         return out
     }
 
-    /// Puts entries back as `entries()` listed them (a restart). Entries that no longer fit
-    /// in `capacity` are passed to `evicted` like any eviction.
+    /// Resident entries as `entries()` lists them, then the ghost queue's keys, oldest first
+    /// (queue `.ghost`): what a restart needs to carry on as if it had not happened.
+    public func snapshot() -> [Entry] {
+        var out = entries()
+        for g in ghost where ghostIndex[g.key] == g.stamp {
+            out.append(Entry(key: g.key, size: g.size, frequency: 0, queue: .ghost))
+        }
+        return out
+    }
+
+    /// Puts entries back as `entries()` or `snapshot()` listed them (a restart). Entries
+    /// that no longer fit in `capacity` are passed to `evicted` like any eviction; ghost
+    /// entries are remembered again (unless resident), within the ghost queue's bound.
     public mutating func restore(_ list: [Entry], evicted: (Key) -> Void) {
-        for e in list where index[e.key] == nil && e.size <= capacity {
+        for e in list where e.queue != .ghost && index[e.key] == nil && e.size <= capacity {
             while usedBytes + e.size > capacity { evictOne(evicted) }
             place(e.key, size: e.size, frequency: min(e.frequency, Self.maxFrequency), queue: e.queue)
+        }
+        for e in list where e.queue == .ghost && index[e.key] == nil {
+            remember(e.key, size: e.size)
         }
     }
 

@@ -27,7 +27,7 @@ import Synchronization
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
 ///   ticket and picks the completion up from its `Inbox` between batches.
-/// - **Restart**: the policy's entries are snapshotted crash-safely (`CacheIndexFile`) every
+/// - **Restart**: the policy's entries (and ghost keys) are snapshotted crash-safely (`CacheIndexFile`) every
 ///   couple of seconds when they changed and at stop; on open the snapshot is checked
 ///   against the chunks actually on disk (missing ones dropped, strays adopted), so the
 ///   bound holds and nothing leaks whatever moment the node died at.
@@ -204,7 +204,9 @@ public final class EdgeCache: @unchecked Sendable {
         let present = Set(onDisk)
         var known = Set<ChunkID>()
         var kept: [S3FIFO<ChunkID>.Entry] = []
-        for e in entries where present.contains(e.key) && known.insert(e.key).inserted {
+        // Ghosts are keys without bytes: nothing on disk to check them against.
+        let ghosts = entries.filter { $0.queue == .ghost }
+        for e in entries where e.queue != .ghost && present.contains(e.key) && known.insert(e.key).inserted {
             if let size = try store.size(e.key) { var e = e; e.size = UInt64(size); kept.append(e) }
         }
         var adopted = 0
@@ -215,17 +217,18 @@ public final class EdgeCache: @unchecked Sendable {
             }
         }
         var evicted: [ChunkID] = []
-        policy.restore(kept) { evicted.append($0) }
+        policy.restore(kept + ghosts) { evicted.append($0) }
         for id in evicted { _ = try? store.remove(id) }
         // Chunks the policy declined (larger than the whole cache) do not stay either.
         for e in kept where !policy.contains(e.key) && !evicted.contains(e.key) { _ = try? store.remove(e.key) }
         counterValues.evictions += UInt64(evicted.count)
         logger.info("edge cache opened", metadata: [
             "root": "\(root)", "chunks": "\(policy.count)", "bytes": "\(policy.usedBytes)", "capacity": "\(policy.capacity)",
-            "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)", "dropped": "\(entries.count - (kept.count - adopted))",
+            "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)",
+            "dropped": "\(entries.count - ghosts.count - (kept.count - adopted))", "ghosts": "\(ghosts.count)",
             "origin": "\(origin)",
         ])
-        dirty = adopted > 0 || kept.count != entries.count || !evicted.isEmpty
+        dirty = adopted > 0 || kept.count + ghosts.count != entries.count || !evicted.isEmpty
     }
 
     /// Writes the policy's entries if they changed since the last snapshot.
@@ -233,7 +236,7 @@ public final class EdgeCache: @unchecked Sendable {
         let entries: [S3FIFO<ChunkID>.Entry]? = lock.withLock {
             guard dirty else { return nil }
             dirty = false
-            return policy.entries()
+            return policy.snapshot()
         }
         guard let entries else { return }
         do { try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 32) { $0.bytes }, to: indexPath) } catch {

@@ -31,6 +31,31 @@ final class S3FIFOTests: XCTestCase {
         XCTAssertEqual(c.entries().first { $0.key == 1000 }?.queue, .small)
     }
 
+    /// A restart keeps the ghost queue: a key filtered out of small before it still goes
+    /// straight to main after, through the index file's bytes.
+    func testTheGhostQueueSurvivesASnapshotAndRestore() throws {
+        var c = S3FIFO<Int>(capacity: 10)
+        for k in 0..<12 { c.insert(k, size: 1) { _ in } }
+        let snap = c.snapshot()
+        XCTAssertEqual(snap.filter { $0.queue == .ghost }.map(\.key), [0, 1])
+        XCTAssertEqual(snap.count, c.entries().count + 2)
+        let bytes = CacheIndexFile.encode(snap, keyLength: 8) { k in withUnsafeBytes(of: UInt64(k).littleEndian) { Array($0) } }
+        let back: [S3FIFO<Int>.Entry] = try CacheIndexFile.decode(bytes) { b in
+            Int(b.reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        }
+        var d = S3FIFO<Int>(capacity: 10)
+        d.restore(back) { _ in XCTFail("nothing to evict") }
+        XCTAssertEqual(d.entries().map(\.key), c.entries().map(\.key))
+        XCTAssertEqual(d.usedBytes, 10)
+        d.insert(0, size: 1) { _ in }
+        XCTAssertEqual(d.entries().first { $0.key == 0 }?.queue, .main, "remembered across the restart")
+        // Without the ghosts (an older index file), the same key starts in small.
+        var e = S3FIFO<Int>(capacity: 10)
+        e.restore(back.filter { $0.queue != .ghost }) { _ in }
+        e.insert(0, size: 1) { _ in }
+        XCTAssertEqual(e.entries().first { $0.key == 0 }?.queue, .small)
+    }
+
     func testMainGivesHitEntriesAnotherRound() {
         var c = S3FIFO<Int>(capacity: 3, smallFraction: 0.34)   // small target: 1
         c.restore([0, 1, 2].map { .init(key: $0, size: 1, frequency: 0, queue: .main) }) { _ in XCTFail() }
