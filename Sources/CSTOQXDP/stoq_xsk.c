@@ -20,6 +20,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 #include <xdp/xsk.h>
@@ -42,6 +43,27 @@
 #define NL_BUF 32768
 #define SLOT_FRAMES 16
 
+/* TX metadata (Linux 6.8; XDP_UMEM_TX_METADATA_LEN 6.11), newer than Debian 12's headers
+ * and libxdp 1.3.1, which is why the socket is set up here rather than by libxdp. The
+ * metadata sits right before a frame's first byte; with XDP_TXMD_FLAGS_CHECKSUM the kernel
+ * (copy mode: the skb goes out CHECKSUM_PARTIAL) or the NIC fills in the UDP checksum. */
+#ifndef XDP_TX_METADATA
+#define XDP_TX_METADATA (1 << 1)
+#endif
+#define STOQ_UMEM_TX_METADATA_LEN (1 << 2)
+#define STOQ_TXMD_FLAGS_CHECKSUM (1 << 1)
+struct stoq_umem_reg {
+  uint64_t addr, len;
+  uint32_t chunk_size, headroom, flags, tx_metadata_len;
+};
+struct stoq_tx_metadata {
+  uint64_t flags;
+  uint16_t csum_start, csum_offset; /* from the frame's first byte; from csum_start */
+  uint32_t pad;
+  uint64_t launch_time; /* unused; 6.15 made the request this large */
+};
+#define TX_META_LEN ((uint32_t)sizeof(struct stoq_tx_metadata))
+
 struct neigh {
   struct in6_addr peer, local;
   uint8_t mac[6];
@@ -61,12 +83,17 @@ struct stoq_xsk {
   void *area;
   size_t area_len;
   uint32_t frame_size, nframes, rx_frames, tx_frames;
-  struct xsk_umem *umem;
-  struct xsk_socket *xsk;
   int fd;
+  int bound;
   struct xsk_ring_prod fill, tx;
   struct xsk_ring_cons comp, rx;
+  void *ring_map[4]; /* fill, completion, rx, tx */
+  size_t ring_len[4];
   int map_fd;
+  /* Transmit frames start tx_off bytes into their UMEM frame (room for TX metadata when
+   * the UMEM reserved it); tx_csum_offload: the kernel or NIC sums the UDP checksum. */
+  uint32_t tx_off;
+  int tx_csum_offload;
 
   /* Transmit frames come in slots of SLOT_FRAMES consecutive frames, so that the QUIC
    * core can write a run of datagrams into one slot, one frame apart (stride). A slot is
@@ -151,17 +178,19 @@ static inline uint16_t csum_fold(uint64_t sum) {
   return (uint16_t)sum;
 }
 
-/* Ones' complement sum of the pseudo-header and `len` bytes of UDP header + payload, in memory order. */
-static inline uint16_t udp6_sum(const struct in6_addr *src, const struct in6_addr *dst, const uint8_t *udp,
-                                size_t len) {
+/* Ones' complement sum (unfolded) of the IPv6 pseudo-header of a `len`-byte UDP datagram. */
+static inline uint64_t pseudo_sum(const struct in6_addr *src, const struct in6_addr *dst, size_t len) {
   uint64_t sum = 0;
   sum = csum_add(sum, (const uint8_t *)src, 16);
   sum = csum_add(sum, (const uint8_t *)dst, 16);
   uint32_t l = htonl((uint32_t)len), nh = htonl(IPPROTO_UDP);
-  sum += l;
-  sum += nh;
-  sum = csum_add(sum, udp, len);
-  return csum_fold(sum);
+  return sum + l + nh;
+}
+
+/* Ones' complement sum of the pseudo-header and `len` bytes of UDP header + payload, in memory order. */
+static inline uint16_t udp6_sum(const struct in6_addr *src, const struct in6_addr *dst, const uint8_t *udp,
+                                size_t len) {
+  return csum_fold(csum_add(pseudo_sum(src, dst, len), udp, len));
 }
 
 uint16_t stoq_xsk_udp6_checksum(const struct in6_addr *src, const struct in6_addr *dst, const uint8_t *udp,
@@ -380,27 +409,94 @@ static void query_mode(stoq_xsk *x) {
   }
 }
 
-static int create_socket(stoq_xsk *x, uint16_t bind_flags) {
-  struct xsk_socket_config sc;
-  memset(&sc, 0, sizeof(sc));
-  sc.rx_size = x->cfg.ring_size;
-  sc.tx_size = x->cfg.ring_size;
-  sc.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD; /* the program is ours, attached by xdp-attach */
-  sc.bind_flags = bind_flags | XDP_USE_NEED_WAKEUP;
-  /* A socket just closed on this queue (a restarted node) can hold it for a moment while
-   * its last transmitted frames are freed: EBUSY then, so retry for up to a second. */
-  int rc = -EBUSY;
-  for (int i = 0; i < 20 && rc == -EBUSY; i++) {
-    if (i) usleep(50000);
-    rc = xsk_socket__create(&x->xsk, x->cfg.ifname, x->cfg.queue_id, x->umem, &x->rx, &x->tx, &sc);
-  }
-  return rc;
-}
-
 static uint32_t pow2_at_least(uint32_t v) {
   uint32_t p = 1;
   while (p < v) p <<= 1;
   return p;
+}
+
+static int kernel_at_least(int major, int minor) {
+  struct utsname u;
+  int a = 0, b = 0;
+  if (uname(&u) != 0 || sscanf(u.release, "%d.%d", &a, &b) != 2) return 0;
+  return a > major || (a == major && b >= minor);
+}
+
+/* Registers the UMEM on the socket: with TX metadata room where the kernel has it (6.11
+ * wants the flag, 6.8-6.10 refuse it), else without. Returns 0 or -errno. */
+static int register_umem(stoq_xsk *x) {
+  struct stoq_umem_reg r = {.addr = (uint64_t)(uintptr_t)x->area, .len = x->area_len, .chunk_size = x->frame_size};
+  if (kernel_at_least(6, 8)) {
+    r.tx_metadata_len = TX_META_LEN;
+    r.flags = STOQ_UMEM_TX_METADATA_LEN;
+    if (setsockopt(x->fd, SOL_XDP, XDP_UMEM_REG, &r, sizeof(r)) == 0) goto metadata;
+    r.flags = 0;
+    if (setsockopt(x->fd, SOL_XDP, XDP_UMEM_REG, &r, sizeof(r)) == 0) goto metadata;
+    r.tx_metadata_len = 0;
+  }
+  struct xdp_umem_reg plain = {.addr = r.addr, .len = r.len, .chunk_size = r.chunk_size};
+  return setsockopt(x->fd, SOL_XDP, XDP_UMEM_REG, &plain, sizeof(plain)) == 0 ? 0 : -errno;
+metadata:
+  x->tx_off = TX_META_LEN;
+  return 0;
+}
+
+/* Maps ring `which` (entries of `entry` bytes) and fills in libxdp's ring view of it. */
+static int map_ring(stoq_xsk *x, int which, const struct xdp_ring_offset *o, uint32_t n, size_t entry, off_t pgoff,
+                    struct xsk_ring_prod *prod, struct xsk_ring_cons *cons) {
+  size_t len = o->desc + (size_t)n * entry;
+  uint8_t *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, x->fd, pgoff);
+  if (m == MAP_FAILED) return -errno;
+  x->ring_map[which] = m;
+  x->ring_len[which] = len;
+  uint32_t *producer = (uint32_t *)(m + o->producer), *consumer = (uint32_t *)(m + o->consumer);
+  if (prod) {
+    *prod = (struct xsk_ring_prod){.cached_prod = *producer, .cached_cons = *consumer + n, .mask = n - 1, .size = n,
+                                   .producer = producer, .consumer = consumer, .ring = m + o->desc,
+                                   .flags = (uint32_t *)(m + o->flags)};
+  } else {
+    *cons = (struct xsk_ring_cons){.cached_prod = *producer, .cached_cons = *consumer, .mask = n - 1, .size = n,
+                                   .producer = producer, .consumer = consumer, .ring = m + o->desc,
+                                   .flags = (uint32_t *)(m + o->flags)};
+  }
+  return 0;
+}
+
+/* The AF_XDP socket, its UMEM and its four rings. Sets `step` to what failed. */
+static int create_socket(stoq_xsk *x, const char **step) {
+  x->fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0);
+  if (x->fd < 0) return *step = "socket(AF_XDP)", -errno;
+  int rc = register_umem(x);
+  if (rc) return *step = "setsockopt(XDP_UMEM_REG)", rc;
+  uint32_t fill = x->cfg.ring_size, comp = pow2_at_least(x->tx_frames), ring = x->cfg.ring_size;
+  if (setsockopt(x->fd, SOL_XDP, XDP_UMEM_FILL_RING, &fill, sizeof(fill)) ||
+      setsockopt(x->fd, SOL_XDP, XDP_UMEM_COMPLETION_RING, &comp, sizeof(comp)) ||
+      setsockopt(x->fd, SOL_XDP, XDP_RX_RING, &ring, sizeof(ring)) ||
+      setsockopt(x->fd, SOL_XDP, XDP_TX_RING, &ring, sizeof(ring)))
+    return *step = "setsockopt(ring sizes)", -errno;
+  struct xdp_mmap_offsets off;
+  socklen_t ol = sizeof(off);
+  if (getsockopt(x->fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &ol)) return *step = "getsockopt(XDP_MMAP_OFFSETS)", -errno;
+  *step = "mmap(rings)";
+  if ((rc = map_ring(x, 0, &off.fr, fill, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING, &x->fill, NULL)) ||
+      (rc = map_ring(x, 1, &off.cr, comp, sizeof(uint64_t), XDP_UMEM_PGOFF_COMPLETION_RING, NULL, &x->comp)) ||
+      (rc = map_ring(x, 2, &off.rx, ring, sizeof(struct xdp_desc), XDP_PGOFF_RX_RING, NULL, &x->rx)) ||
+      (rc = map_ring(x, 3, &off.tx, ring, sizeof(struct xdp_desc), XDP_PGOFF_TX_RING, &x->tx, NULL)))
+    return rc;
+  return 0;
+}
+
+/* Binds to the queue. A socket just closed on this queue (a restarted node) can hold it for
+ * a moment while its last transmitted frames are freed: EBUSY then, so retry for up to a second. */
+static int bind_socket(stoq_xsk *x, uint16_t bind_flags) {
+  struct sockaddr_xdp sa = {.sxdp_family = AF_XDP, .sxdp_ifindex = (uint32_t)x->ifindex,
+                            .sxdp_queue_id = x->cfg.queue_id, .sxdp_flags = bind_flags | XDP_USE_NEED_WAKEUP};
+  int rc = -EBUSY;
+  for (int i = 0; i < 20 && rc == -EBUSY; i++) {
+    if (i) usleep(50000);
+    rc = bind(x->fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 ? 0 : -errno;
+  }
+  return rc;
 }
 
 stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
@@ -505,36 +601,30 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     goto fail;
   }
   {
-    struct xsk_umem_config uc = {
-        .fill_size = x->cfg.ring_size,
-        .comp_size = pow2_at_least(x->tx_frames),
-        .frame_size = x->frame_size,
-        .frame_headroom = 0,
-        .flags = 0,
-    };
-    int rc = xsk_umem__create(&x->umem, x->area, x->area_len, &x->fill, &x->comp, &uc);
+    const char *step = "";
+    int rc = create_socket(x, &step);
     if (rc) {
-      set_err(err, errlen, "xsk_umem__create: %s", strerror(-rc));
+      set_err(err, errlen, "%s: %s queue %u: %s", step, cfg->ifname, cfg->queue_id, strerror(-rc));
       goto fail;
     }
-  }
-  {
-    int rc;
     if (cfg->zero_copy == STOQ_XSK_ZC_OFF) {
-      rc = create_socket(x, XDP_COPY);
+      rc = bind_socket(x, XDP_COPY);
     } else {
-      rc = create_socket(x, XDP_ZEROCOPY);
-      if (rc && cfg->zero_copy == STOQ_XSK_ZC_AUTO) rc = create_socket(x, XDP_COPY);
+      rc = bind_socket(x, XDP_ZEROCOPY);
+      if (rc && cfg->zero_copy == STOQ_XSK_ZC_AUTO) rc = bind_socket(x, XDP_COPY);
     }
     if (rc) {
-      set_err(err, errlen, "xsk_socket__create: %s queue %u (%s): %s", cfg->ifname, cfg->queue_id,
+      set_err(err, errlen, "bind(AF_XDP): %s queue %u (%s): %s", cfg->ifname, cfg->queue_id,
               cfg->zero_copy == STOQ_XSK_ZC_ON ? "zero-copy" : "copy", strerror(-rc));
       goto fail;
     }
-    x->fd = xsk_socket__fd(x->xsk);
+    x->bound = 1;
     struct xdp_options o;
     socklen_t ol = sizeof(o);
     x->zc = getsockopt(x->fd, SOL_XDP, XDP_OPTIONS, &o, &ol) == 0 && (o.flags & XDP_OPTIONS_ZEROCOPY);
+    /* Copy mode always honours the checksum request (the NIC, else the kernel's software
+     * fallback); a zero-copy driver may not, and whether it does is not probed yet. */
+    x->tx_csum_offload = x->tx_off != 0 && !x->zc;
   }
   if (cfg->busy_poll_usec) {
     int one = 1, usec = (int)cfg->busy_poll_usec, budget = 64;
@@ -585,11 +675,12 @@ void stoq_xsk_close(stoq_xsk *x) {
   if (!x) return;
   if (x->map_fd >= 0) {
     uint32_t key = x->cfg.xsk_map_index;
-    if (x->xsk) bpf_map_delete_elem(x->map_fd, &key);
+    if (x->bound) bpf_map_delete_elem(x->map_fd, &key);
     close(x->map_fd);
   }
-  if (x->xsk) xsk_socket__delete(x->xsk);
-  if (x->umem) xsk_umem__delete(x->umem);
+  for (int i = 0; i < 4; i++)
+    if (x->ring_map[i]) munmap(x->ring_map[i], x->ring_len[i]);
+  if (x->fd >= 0) close(x->fd);
   if (x->area) munmap(x->area, x->area_len);
   if (x->solicit_fd >= 0) close(x->solicit_fd);
   free(x->slot_free);
@@ -643,7 +734,8 @@ stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x) {
   return f;
 }
 
-uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->slot_bytes - STOQ_XSK_HEADROOM; }
+uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->slot_bytes - x->tx_off - STOQ_XSK_HEADROOM; }
+int stoq_xsk_tx_checksum_offload(const stoq_xsk *x) { return x->tx_csum_offload; }
 uint32_t stoq_xsk_slot_frames(const stoq_xsk *x) { (void)x; return SLOT_FRAMES; }
 uint32_t stoq_xsk_stride(const stoq_xsk *x) { return x->frame_size; }
 
@@ -795,7 +887,7 @@ static int kick(stoq_xsk *x, uint32_t pending) {
 }
 
 static inline uint8_t *slot_payload(stoq_xsk *x, uint32_t slot) {
-  return (uint8_t *)x->area + x->tx_base + (uint64_t)slot * x->slot_bytes + STOQ_XSK_HEADROOM;
+  return (uint8_t *)x->area + x->tx_base + (uint64_t)slot * x->slot_bytes + x->tx_off + STOQ_XSK_HEADROOM;
 }
 
 uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x) {
@@ -807,7 +899,9 @@ uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x) {
   return slot_payload(x, x->reserved);
 }
 
-/* Writes Ethernet + IPv6 + UDP in front of the `len`-byte payload at f + STOQ_XSK_HEADROOM. */
+/* Writes Ethernet + IPv6 + UDP in front of the `len`-byte payload at f + STOQ_XSK_HEADROOM.
+ * With checksum offload the UDP checksum field gets the pseudo-header's sum, which the
+ * kernel or NIC completes over the datagram (as for any CHECKSUM_PARTIAL packet). */
 static inline void frame_headers(stoq_xsk *x, uint8_t *f, size_t len, const struct neigh *nb,
                                  const struct in6_addr *src, const struct sockaddr_in6 *to, uint8_t ecn) {
   memcpy(f, nb->mac, 6);
@@ -833,8 +927,17 @@ static inline void frame_headers(stoq_xsk *x, uint8_t *f, size_t len, const stru
   udp[5] = (uint8_t)plen;
   udp[6] = 0;
   udp[7] = 0;
-  uint16_t c = (uint16_t)~udp6_sum(src, &to->sin6_addr, udp, plen);
-  if (c == 0) c = 0xffff;
+  uint16_t c;
+  if (x->tx_csum_offload) {
+    c = csum_fold(pseudo_sum(src, &to->sin6_addr, plen));
+    struct stoq_tx_metadata *m = (struct stoq_tx_metadata *)(f - TX_META_LEN);
+    m->flags = STOQ_TXMD_FLAGS_CHECKSUM;
+    m->csum_start = ETH_HLEN_ + IP6_HLEN;
+    m->csum_offset = 6;
+  } else {
+    c = (uint16_t)~udp6_sum(src, &to->sin6_addr, udp, plen);
+    if (c == 0) c = 0xffff;
+  }
   memcpy(udp + 6, &c, 2);
 }
 
@@ -842,7 +945,7 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
   if (!x->has_reserved) return;
   x->has_reserved = 0;
   uint32_t slot = x->reserved;
-  size_t stride = x->frame_size, room = x->frame_size - STOQ_XSK_HEADROOM;
+  size_t stride = x->frame_size, room = x->frame_size - x->tx_off - STOQ_XSK_HEADROOM;
   uint32_t nseg = (segment_size == 0 || len <= segment_size) ? 1 : (uint32_t)((len + stride - 1) / stride);
   struct neigh *nb = neigh_find(x, &to->sin6_addr);
   if (!nb) {
@@ -876,12 +979,12 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
   uint64_t base = x->tx_base + (uint64_t)slot * x->slot_bytes;
   for (uint32_t i = 0; i < nseg; i++) {
     size_t plen = i + 1 < nseg ? segment_size : len - (size_t)i * stride;
-    uint64_t addr = base + (uint64_t)i * stride;
+    uint64_t addr = base + (uint64_t)i * stride + x->tx_off;
     frame_headers(x, (uint8_t *)x->area + addr, plen, nb, src, to, ecn);
     struct xdp_desc *d = xsk_ring_prod__tx_desc(&x->tx, fidx + i);
     d->addr = addr;
     d->len = (uint32_t)(STOQ_XSK_HEADROOM + plen);
-    d->options = 0;
+    d->options = x->tx_csum_offload ? XDP_TX_METADATA : 0;
     x->c.tx_bytes += plen;
   }
   x->slot_refs[slot] = (uint16_t)nseg;

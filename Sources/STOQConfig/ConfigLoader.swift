@@ -80,10 +80,12 @@ public enum ConfigLoader {
                                         allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
         }
         let mayUseXDP = c.network.datapath == "af_xdp" || (c.network.datapath == "auto" && !c.network.interface.isEmpty)
-        if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 62 {
+        // A frame holds one datagram, its Ethernet/IPv6/UDP headers (62) and the 24 bytes of
+        // TX metadata (the checksum request) the engine reserves on kernels that have it.
+        if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 86 {
             r.errors.append(ConfigError(code: .outOfRange, key: "network.quic_config.max_udp_payload_size",
                                         value: "\(c.network.quic.maxUDPPayloadSize)",
-                                        allowed: "at most network.xdp.frame_size - 62 = \(c.network.xdp.frameSize - 62) when AF_XDP may be used (one datagram and its Ethernet/IPv6/UDP headers per frame)"))
+                                        allowed: "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"))
         }
         if c.network.datapath == "af_xdp" && c.network.interface.isEmpty {
             r.errors.append(ConfigError(code: .badValue, key: "network.interface", value: "\"\"",

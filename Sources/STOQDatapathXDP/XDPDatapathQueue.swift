@@ -55,6 +55,9 @@ public final class XDPDatapathQueue: DatapathQueue {
     public let xdpMode: String
     /// Whether the socket got a zero-copy bind.
     public let isZeroCopy: Bool
+    /// Whether the kernel or NIC fills in transmitted UDP checksums (TX metadata) rather
+    /// than the engine.
+    public let checksumOffload: Bool
 
     /// Binds a socket to `options.interface` queue `options.queueID` and registers it in
     /// the pinned xsk_map; `bind` gives the node's address (may be `::`) and UDP port.
@@ -100,6 +103,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         localEndpoint = IPv6Endpoint(sa)
         xdpMode = String(cString: stoq_xsk_xdp_mode(p))
         isZeroCopy = stoq_xsk_zero_copy(p) != 0
+        checksumOffload = stoq_xsk_tx_checksum_offload(p) != 0
     }
 
     deinit { close() }

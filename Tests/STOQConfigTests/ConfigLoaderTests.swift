@@ -67,6 +67,20 @@ import Testing
         #expect(errors("[edge]\norigin = \"https://10.0.0.1:4433\"").first?.key == "edge.origin")
     }
 
+    /// A datagram, its headers and the TX metadata must fit one UMEM frame when AF_XDP may be used.
+    @Test func refusesADatagramTooLargeForAnXDPFrame() throws {
+        let xdp = "[network]\ndatapath = \"af_xdp\"\ninterface = \"eth0\"\n"
+        let e = errors(xdp + "[network.quic_config]\nmax_udp_payload_size = 1963\n")
+        #expect(e.count == 1)
+        #expect(e.first?.key == "network.quic_config.max_udp_payload_size")
+        #expect(e.first?.description.contains("at most network.xdp.frame_size - 86 = 1962") == true)
+        #expect(try ConfigLoader.parse(xdp + "[network.quic_config]\nmax_udp_payload_size = 1962\n").network.quic.maxUDPPayloadSize == 1962)
+        #expect(try ConfigLoader.parse(xdp + "[network.xdp]\nframe_size = 4096\n[network.quic_config]\nmax_udp_payload_size = 4010\n")
+            .network.quic.maxUDPPayloadSize == 4010)
+        // io_uring only: no frame to fit.
+        #expect(errors("[network.quic_config]\nmax_udp_payload_size = 4000\n").isEmpty)
+    }
+
     @Test func reportsEveryErrorTogether() {
         let e = errors("""
             [network]

@@ -2,6 +2,7 @@
 two-queue veth): the real XDP program attached by scripts/xdp-attach in native and
 in generic (skb) mode, stoq-node on AF_XDP sockets, clients in the other namespace."""
 import json
+import os
 import re
 import subprocess
 import time
@@ -39,6 +40,34 @@ def test_gtlsclient_256_mib_over_af_xdp(xdp_node, tmp_path):
                  xdp_node.url("big.bin")), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sha256_file(tmp_path / "big.bin") == xdp_node.digests["big.bin"]
+
+
+def udp6_checksum_errors():
+    r = run(in_b("cat", "/proc/net/snmp6"))
+    assert r.returncode == 0, r.stderr
+    return int(re.search(r"^Udp6InCsumErrors\s+(\d+)$", r.stdout, re.M).group(1))
+
+
+def test_checksums_left_to_the_kernel_come_out_right(xdp_node, tmp_path):
+    """On Linux 6.8+ the node asks, through AF_XDP TX metadata, for each datagram's UDP
+    checksum to be completed by the NIC or the kernel. Over veth such a packet crosses
+    unsummed and is trusted, so this turns the server veth's tx checksum offload off: the
+    kernel then completes every checksum in software, and the client's kernel checks each
+    (a wrong one is dropped and counted in Udp6InCsumErrors)."""
+    release = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    if release < (6, 8):
+        pytest.skip(f"SKIPPED: kernel {os.uname().release} has no AF_XDP TX metadata (6.8+), so the node sums checksums itself")
+    assert "tx checksum: offloaded" in xdp_node.text()
+    assert run(in_a("ethtool", "-K", VA, "tx", "off")).returncode == 0
+    try:
+        before = udp6_checksum_errors()
+        out = tmp_path / "big.bin"
+        r = run(in_b(need_binary("stoq"), "get", xdp_node.url("big.bin"), "-o", out, "--ca", xdp_node.cert), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert sha256_file(out) == xdp_node.digests["big.bin"]
+        assert udp6_checksum_errors() == before
+    finally:
+        run(in_a("ethtool", "-K", VA, "tx", "on"))
 
 
 def test_ipv4_to_the_port_never_reaches_the_node(xdp_node):

@@ -5,8 +5,9 @@
  * bound to one NIC queue, with its own UMEM, owned by one worker thread. Receive
  * peeks the RX ring and parses Ethernet/IPv6/UDP in place (the worker reads the
  * QUIC payload straight from the UMEM frame); transmit lends a UMEM frame whose
- * payload the QUIC core writes directly, then prepends Ethernet/IPv6/UDP headers
- * with a software checksum. Everything is allocated at open: UMEM, a free stack of
+ * payload the QUIC core writes directly, then prepends Ethernet/IPv6/UDP headers;
+ * the UDP checksum is left to the kernel or NIC through TX metadata where the kernel
+ * has it (Linux 6.8+) and the socket is in copy mode, else summed here. Everything is allocated at open: UMEM, a free stack of
  * transmit frames and a fixed neighbour table. The steady state allocates nothing
  * and makes at most one kick syscall per batch.
  *
@@ -101,8 +102,10 @@ uint32_t stoq_xsk_slot_size(const stoq_xsk *x);
 /** Datagrams one transmit slot carries (one frame each). */
 uint32_t stoq_xsk_slot_frames(const stoq_xsk *x);
 /** Distance between consecutive datagrams in a slot (the frame size); each has room for
- *  stride - STOQ_XSK_HEADROOM payload bytes. */
+ *  stride - STOQ_XSK_HEADROOM payload bytes, less the TX metadata's 24 when it is reserved. */
 uint32_t stoq_xsk_stride(const stoq_xsk *x);
+/** 1 when the kernel or NIC fills in the UDP checksum (TX metadata), 0 when the engine sums it. */
+int stoq_xsk_tx_checksum_offload(const stoq_xsk *x);
 
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The socket does not own it. */
