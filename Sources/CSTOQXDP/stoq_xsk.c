@@ -614,8 +614,9 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       if (rc && cfg->zero_copy == STOQ_XSK_ZC_AUTO) rc = bind_socket(x, XDP_COPY);
     }
     if (rc) {
-      set_err(err, errlen, "bind(AF_XDP): %s queue %u (%s): %s", cfg->ifname, cfg->queue_id,
-              cfg->zero_copy == STOQ_XSK_ZC_ON ? "zero-copy" : "copy", strerror(-rc));
+      set_err(err, errlen, "bind(AF_XDP): %s queue %u (%s): %s%s", cfg->ifname, cfg->queue_id,
+              cfg->zero_copy == STOQ_XSK_ZC_ON ? "zero-copy" : "copy", strerror(-rc),
+              rc == -EBUSY ? " (another AF_XDP socket holds this queue: is another stoq-node using the interface?)" : "");
       goto fail;
     }
     x->bound = 1;
