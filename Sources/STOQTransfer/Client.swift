@@ -146,7 +146,8 @@ package struct ClientRig {
     package let endpoint: QUICEndpoint
     package let worker: Worker
 
-    package init(trust: ClientTrust, application: QUICApplication) throws(ClientError) {
+    package init(trust: ClientTrust, application: QUICApplication,
+                 congestionControl: CongestionControl = .cubic) throws(ClientError) {
         let creds: TLSCredentials
         do {
             var check: PeerCertificateCheck?
@@ -171,6 +172,8 @@ package struct ClientRig {
         // A receiver acknowledges every 8th packet (and on the ACK-delay timer) instead of every 2nd:
         // a quarter of the ACKs to build, encrypt and send, and to process on the sender.
         settings.ackThreshold = 8
+        // Matters when this end sends (uploads).
+        settings.congestionControl = congestionControl
         endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
                                 secret: StaticSecret.random())
         endpoint.application = application
@@ -202,12 +205,16 @@ public enum STOQClient {
     /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive.
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
     public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, hash: Bool = true, timeout: Double = 300,
+                           congestionControl: CongestionControl = .cubic,
                            progress: ((UInt64, UInt64?) -> Void)? = nil) throws(ClientError) -> TransferResult {
-        try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, timeout: timeout, progress: progress)
+        try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, timeout: timeout,
+                     congestionControl: congestionControl, progress: progress)
     }
 
-    /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap).
-    public static func put(file: String, to url: STOQURL, trust: ClientTrust, timeout: Double = 300) throws(ClientError) -> TransferResult {
+    /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
+    /// `congestionControl` paces it.
+    public static func put(file: String, to url: STOQURL, trust: ClientTrust, timeout: Double = 300,
+                           congestionControl: CongestionControl = .cubic) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -217,13 +224,14 @@ public enum STOQClient {
             throw ClientError(.io, "\(file): cannot map")
         }
         return try transfer(url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, timeout: timeout,
-                            progress: nil)
+                            congestionControl: congestionControl, progress: nil)
     }
 
     static func transfer(_ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
-                         timeout: Double, progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
+                         timeout: Double, congestionControl: CongestionControl,
+                         progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
-        let rig = try ClientRig(trust: trust, application: app)
+        let rig = try ClientRig(trust: trust, application: app, congestionControl: congestionControl)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()
@@ -248,8 +256,20 @@ public enum STOQClient {
         app.stream = stream
         let t0 = monotonicNow()
         var lastReport: UInt64 = 0
+        // STOQ_STATS=1: the transport's state every 100 ms, then the datapath's counters (stderr).
+        let stats = ProcessInfo.processInfo.environment["STOQ_STATS"] != nil
+        var lastSample: UInt64 = 0
         do {
             try worker.run(timeout: deadline) {
+                if stats {
+                    let now = monotonicNow()
+                    if now - lastSample > 100_000_000 {
+                        lastSample = now
+                        let st = conn.stats
+                        FileHandle.standardError.write(Data(("transport: t=\((now - t0) / 1_000_000)ms cwnd=\(st.cwnd) "
+                            + "in_flight=\(st.bytes_in_flight) srtt=\(st.smoothed_rtt_ns / 1000)us min_rtt=\(st.min_rtt_ns / 1000)us\n").utf8))
+                    }
+                }
                 if let progress, let s = app.stream {
                     let now = monotonicNow()
                     if now - lastReport > 100_000_000 {
@@ -261,7 +281,7 @@ public enum STOQClient {
             }
         } catch { throw ClientError(.transfer, "\(error)") }
         let seconds = Double(monotonicNow() - t0) / 1e9
-        if ProcessInfo.processInfo.environment["STOQ_STATS"] != nil {
+        if stats {
             let d = queue.counters, e = endpoint.counters
             FileHandle.standardError.write(Data("stats: rx \(d.rxDatagrams) datagrams in \(d.rxBuffers) buffers, tx \(d.txDatagrams) datagrams in \(d.txSends) sends; endpoint in \(e.datagramsIn) out \(e.datagramsOut)\n".utf8))
         }

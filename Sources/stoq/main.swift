@@ -44,6 +44,8 @@ struct TrustOptions: ParsableArguments {
     }
 }
 
+extension CongestionControl: ExpressibleByArgument {}
+
 func fail(_ message: String, code: Int32 = 1) -> ExitCode {
     FileHandle.standardError.write(Data("stoq: \(message)\n".utf8))
     return ExitCode(code)
@@ -72,6 +74,8 @@ struct Get: ParsableCommand {
     @OptionGroup var trust: TrustOptions
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
+    @Option(help: "Congestion control of this end: reno, cubic, bbr or bbr2 (it paces what this end sends).")
+    var cc: CongestionControl = .cubic
     @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
     var chunked = false
     @Option(help: "Chunk requests in flight with --chunked.") var concurrency = 16
@@ -101,7 +105,8 @@ struct Get: ParsableCommand {
         let start = Date()
         let result: TransferResult
         do {
-            result = try STOQClient.get(u, into: fd, trust: trust.trust, hash: json || tty, timeout: timeout) { got, total in
+            result = try STOQClient.get(u, into: fd, trust: trust.trust, hash: json || tty, timeout: timeout,
+                                        congestionControl: cc) { got, total in
                 guard tty else { return }
                 let secs = max(Date().timeIntervalSince(start), 0.001)
                 let rate = Double(got) / secs
@@ -147,6 +152,7 @@ struct Put: ParsableCommand {
     var chunked = false
     @OptionGroup var chunking: ChunkingOptions
     @Option(help: "Chunk uploads in flight with --chunked.") var concurrency = 16
+    @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = .cubic
 
     func run() throws {
         let u: STOQURL
@@ -164,7 +170,7 @@ struct Put: ParsableCommand {
             return
         }
         let r: TransferResult
-        do { r = try STOQClient.put(file: file, to: u, trust: trust.trust) } catch { throw fail("\(error)") }
+        do { r = try STOQClient.put(file: file, to: u, trust: trust.trust, congestionControl: cc) } catch { throw fail("\(error)") }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)") }
     }
