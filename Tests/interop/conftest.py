@@ -114,8 +114,9 @@ def run(cmd, timeout=180, **kw):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def stoq(*args, timeout=180):
-    return run([need_binary("stoq"), *args], timeout=timeout)
+def stoq(*args, timeout=180, env=None):
+    """The stoq CLI; `env` adds variables to this environment."""
+    return run([need_binary("stoq"), *args], timeout=timeout, env={**os.environ, **env} if env else None)
 
 
 def random_file(path, size, seed):
