@@ -314,10 +314,10 @@ public final class ContentService: QUICApplication {
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
-                } else if let m = c.manifest ?? edge.manifest(name)?.bytes {
+                } else if let m = c.manifest {
                     sendEdgeObject(name, m, request, stream, connection)
                 } else {
-                    fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
+                    fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }
             case .manifest(let name, let head, let stream, let connection):
                 if let f = c.failure {
@@ -327,10 +327,10 @@ public final class ContentService: QUICApplication {
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
-                } else if let m = c.manifest ?? edge.manifest(name)?.bytes {
+                } else if let m = c.manifest {
                     respondManifest(m, head: head, origin: false, stream, connection)
                 } else {
-                    fail(stream, connection, 502, "edge: the manifest of \(name) vanished from the cache")
+                    fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }
             case .chunk(let id, let head, let stream, let connection):
                 if let f = c.failure { fail(stream, connection, f.status, f.reason) }

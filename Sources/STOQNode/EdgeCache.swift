@@ -357,6 +357,10 @@ public final class EdgeCache: @unchecked Sendable {
         complete(key, failure)
     }
 
+    /// A cached manifest's file (the fetcher's own copy of `EdgeManifests`' directory, so
+    /// that it never reads the struct another thread may be changing under the lock).
+    private func manifestFile(_ name: String) -> String { manifestDir + "/" + name }
+
     private func path(_ key: Key) -> String {
         switch key {
         case .chunk(let id): return "/chunks/\(id.hex)"
@@ -471,7 +475,7 @@ public final class EdgeCache: @unchecked Sendable {
             if status == 404 {
                 if case .manifest(let name) = a.key {
                     lock.withLock { manifests.remove(name) }
-                    unlink(manifestDir + "/" + name)
+                    unlink(manifestFile(name))
                 }
                 return complete(a.key, failure)
             }
@@ -513,7 +517,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
             let m = EdgeManifests.Entry(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
-            let file = manifestDir + "/" + name
+            let file = manifestFile(name)
             do { try CacheIndexFile.write(EdgeManifests.encode(m), to: file) } catch {
                 logger.error("edge cache: cannot save the manifest of \(name): \(error)")
             }
@@ -522,7 +526,7 @@ public final class EdgeCache: @unchecked Sendable {
                 counterValues.manifestEvictions += UInt64(r.evicted.count)
                 return r
             }
-            for n in evicted { unlink(manifestDir + "/" + n) }
+            for n in evicted { unlink(manifestFile(n)) }
             if !kept {
                 unlink(file)
                 logger.warning("edge cache: the manifest of \(name) (\(body.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
