@@ -115,6 +115,15 @@ let package = Package(
             dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQChunking",
                            "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
 
+        // The mesh: link-state adverts (signed, versioned), neighbour liveness and link metrics,
+        // discovery. Pure where it can be; the node assembly wires it to connections.
+        .target(
+            name: "STOQMesh",
+            dependencies: ["STOQCore",
+                           .product(name: "Crypto", package: "swift-crypto"),
+                           .product(name: "X509", package: "swift-certificates"),
+                           .product(name: "SwiftASN1", package: "swift-asn1")]),
+
         .target(
             name: "STOQNode",
             dependencies: [
@@ -158,6 +167,12 @@ let package = Package(
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
+        .testTarget(
+            name: "STOQMeshTests",
+            dependencies: ["STOQMesh", "STOQTrust", .product(name: "SwiftASN1", package: "swift-asn1"),
+                           .product(name: "Crypto", package: "swift-crypto"),
+                           .product(name: "X509", package: "swift-certificates")],
+            exclude: ["Resources"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.

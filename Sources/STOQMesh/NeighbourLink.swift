@@ -1,0 +1,156 @@
+/// One neighbour as this node sees it: is the link up, and what are its round-trip time, its
+/// variance, its loss, its delivery rate and the neighbour's load.
+///
+/// Sans-IO like the QUIC core: the mesh service tells it what happened (a probe sent, answered or
+/// given up on, an RTT sample from the QUIC connection, bytes delivered) and `now`, and asks it
+/// whether the state changed. So the liveness rules are tested with a manual clock.
+///
+/// Liveness: a link is declared down when no probe has been answered for `downAfter`, and up
+/// again after `upAfterAnswers` answers in a row. With probes every 100 ms and the default 600 ms,
+/// six probes in a row must go unanswered: at 1 % loss each way that happens about once in
+/// 10¹⁰ probes, so a lossy link does not flap, and a dead one is known within 0.6 s plus one RTT.
+public struct NeighbourLink: Sendable {
+    /// How fast to decide, and how surely.
+    public struct Settings: Hashable, Sendable {
+        /// How long without an answer before the link is down. Nanoseconds.
+        public var downAfter: UInt64
+        /// Answers in a row that bring a down link back.
+        public var upAfterAnswers: Int
+        /// A probe not answered within this time counts as lost (and keeps counting as down
+        /// time). Nanoseconds.
+        public var probeTimeout: UInt64
+        /// Weight of the newest probe outcome in the loss estimate (exponential moving average):
+        /// 0.01 averages over about 100 probes, ten seconds at the usual interval.
+        public var lossWeight: Double
+        /// Weight of the newest delivery-rate sample.
+        public var rateWeight: Double
+
+        /// Defaults: down after 600 ms of silence, up after 2 answers, probes lost after 500 ms.
+        public init(downAfter: UInt64 = 600_000_000, upAfterAnswers: Int = 2, probeTimeout: UInt64 = 500_000_000,
+                    lossWeight: Double = 0.01, rateWeight: Double = 0.05) {
+            self.downAfter = downAfter
+            self.upAfterAnswers = upAfterAnswers
+            self.probeTimeout = probeTimeout
+            self.lossWeight = lossWeight
+            self.rateWeight = rateWeight
+        }
+    }
+
+    /// Whether the link carries traffic.
+    public enum State: String, Sendable {
+        /// Nothing answered yet.
+        case unknown
+        /// Answering.
+        case up
+        /// Silent for `downAfter`; stays down until `upAfterAnswers` answers in a row.
+        case down
+    }
+
+    /// The link's metrics, as advertised and as routes are computed on.
+    public struct Metrics: Hashable, Sendable {
+        /// Smoothed RTT (RFC 6298), nanoseconds; 0 before the first sample.
+        public var srtt: UInt64 = 0
+        /// RTT mean deviation (RFC 6298), nanoseconds.
+        public var rttvar: UInt64 = 0
+        /// Share of probes lost, 0...1 (moving average).
+        public var loss: Double = 0
+        /// Bytes per second delivered from this neighbour (moving average); 0 before a sample.
+        public var deliveryRate: Double = 0
+        /// The neighbour's load as it last reported it, 0...1.
+        public var peerLoad: Double = 0
+    }
+
+    /// The rules.
+    public let settings: Settings
+    /// Current state.
+    public private(set) var state: State = .unknown
+    /// Current metrics.
+    public private(set) var metrics = Metrics()
+    /// When a probe was last answered; nil before the first answer.
+    public private(set) var lastAnswer: UInt64?
+    /// When the link was created or last went down: silence is measured from here before any
+    /// answer.
+    private var since: UInt64
+    private var answersInARow = 0
+    /// When the newest answered probe was sent: a probe sent before it that times out now is
+    /// old news (lost before the link came back) and does not break a streak of answers.
+    private var newestAnsweredSentAt: UInt64 = 0
+    /// Probes in flight: sequence and send time. A few at most (one per probe interval within
+    /// the timeout), so a small array beats a dictionary.
+    private var outstanding: [(sequence: UInt64, sentAt: UInt64)] = []
+
+    /// A link first seen at `now`.
+    public init(settings: Settings = Settings(), now: UInt64) {
+        self.settings = settings
+        self.since = now
+    }
+
+    /// A probe went out.
+    public mutating func probeSent(sequence: UInt64, now: UInt64) {
+        outstanding.append((sequence, now))
+    }
+
+    /// A probe came back. Returns the new state if it changed. An answer to a probe already
+    /// given up on (or never sent) changes nothing: a duplicate or a late echo must not make a
+    /// dead link look alive.
+    public mutating func probeAnswered(sequence: UInt64, peerLoad: Double, now: UInt64) -> State? {
+        guard let i = outstanding.firstIndex(where: { $0.sequence == sequence }) else { return nil }
+        let sentAt = outstanding.remove(at: i).sentAt
+        rttSample(now &- sentAt)
+        lossSample(lost: false)
+        metrics.peerLoad = min(max(peerLoad, 0), 1)
+        lastAnswer = now
+        newestAnsweredSentAt = max(newestAnsweredSentAt, sentAt)
+        answersInARow += 1
+        if state != .up && (state == .unknown || answersInARow >= settings.upAfterAnswers) {
+            state = .up
+            return .up
+        }
+        return nil
+    }
+
+    /// An RTT measured elsewhere (the QUIC connection's own samples), nanoseconds.
+    public mutating func rttSample(_ rtt: UInt64) {
+        if metrics.srtt == 0 {
+            metrics.srtt = rtt
+            metrics.rttvar = rtt / 2
+        } else {
+            let diff = metrics.srtt > rtt ? metrics.srtt - rtt : rtt - metrics.srtt
+            metrics.rttvar = (3 * metrics.rttvar + diff) / 4
+            metrics.srtt = (7 * metrics.srtt + rtt) / 8
+        }
+    }
+
+    /// `bytes` arrived from this neighbour over `interval` nanoseconds of transfer.
+    public mutating func delivered(bytes: Int, interval: UInt64) {
+        guard interval > 0, bytes > 0 else { return }
+        let rate = Double(bytes) / (Double(interval) / 1e9)
+        metrics.deliveryRate = metrics.deliveryRate == 0 ? rate : ema(metrics.deliveryRate, rate, settings.rateWeight)
+    }
+
+    /// Gives up on probes older than the timeout and decides whether the link went down.
+    /// Call it at least once per probe interval. Returns the new state if it changed.
+    public mutating func tick(now: UInt64) -> State? {
+        while let first = outstanding.first, now &- first.sentAt >= settings.probeTimeout {
+            let lost = outstanding.removeFirst()
+            lossSample(lost: true)
+            if lost.sentAt > newestAnsweredSentAt { answersInARow = 0 }
+        }
+        let silentSince = max(lastAnswer ?? since, since)
+        if state != .down, now &- silentSince >= settings.downAfter {
+            state = .down
+            since = now
+            answersInARow = 0
+            return .down
+        }
+        return nil
+    }
+
+    private mutating func lossSample(lost: Bool) {
+        metrics.loss = ema(metrics.loss, lost ? 1 : 0, settings.lossWeight)
+    }
+
+    private func ema(_ old: Double, _ sample: Double, _ weight: Double) -> Double {
+        old + weight * (sample - old)
+    }
+}

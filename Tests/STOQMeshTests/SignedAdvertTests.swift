@@ -1,0 +1,180 @@
+import Crypto
+import Foundation
+import STOQMesh
+import SwiftASN1
+import STOQTrust
+import Testing
+import X509
+
+/// One authority and nodes it certified, made once for the suite.
+struct MeshFixture: Sendable {
+    struct Node: Sendable {
+        let chain: [Certificate]
+        let keyPEM: String
+        var key: P256.Signing.PrivateKey { try! P256.Signing.PrivateKey(pemRepresentation: keyPEM) }
+        var id: NodeID { NodeID(publicKey: chain[0].publicKey) }
+    }
+
+    let ca: TrustAuthority
+    let nodes: [Node]
+    let stranger: Node
+
+    static let shared: MeshFixture = {
+        func node(_ ca: TrustAuthority, _ n: Int) -> Node {
+            let issued = try! ca.issueWithNewKey(dnsNames: ["node\(n).mesh"])
+            return Node(chain: [issued.certificate, ca.intermediate], keyPEM: issued.keyPEM)
+        }
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-mesh-\(UUID())").path
+        let ca = try! TrustAuthority.create(in: dir + "/ca")
+        let other = try! TrustAuthority.create(in: dir + "/other", name: "Elsewhere")
+        return MeshFixture(ca: ca, nodes: (1...3).map { node(ca, $0) }, stranger: node(other, 9))
+    }()
+
+    /// The node role's verifier over this authority: what a mesh node runs on an advert's chain.
+    func trust(_ chain: [Certificate]) async throws {
+        _ = try await PeerVerifier(roots: [ca.root], role: .server).verify(chain: chain)
+    }
+}
+
+let now: UInt64 = UInt64(Date().timeIntervalSince1970 * 1000)
+
+func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 = 7, issued: UInt64 = now,
+            lifetime: UInt32 = 30_000) throws -> LinkStateAdvert {
+    try LinkStateAdvert(origin: from.id, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime, loadPPM: 125_000,
+                        links: to.enumerated().map { i, n in
+                            .init(neighbour: n.id, rttMicros: 1_000 * UInt32(i + 1), rttVarMicros: 250, lossPPM: 10_000,
+                                  deliveryKbps: 100_000)
+                        })
+}
+
+@Suite struct SignedAdvertTests {
+    let f = MeshFixture.shared
+
+    @Test func signedAdvertRoundTripsAndVerifies() async throws {
+        let a = try advert(f.nodes[0], to: [f.nodes[1], f.nodes[2]])
+        let signed = try SignedAdvert.sign(a, chain: f.nodes[0].chain, key: f.nodes[0].key)
+        let back = try await SignedAdvert.verify(signed.bytes, nowMillis: now, trust: f.trust)
+        #expect(back.advert == a)
+        #expect(back.advert.links.map(\.neighbour) == [f.nodes[1].id, f.nodes[2].id])
+        #expect(back.bytes == signed.bytes)
+        #expect(signed.bytes.count < SignedAdvert.maxSize)
+    }
+
+    /// Every way an advert can be wrong is refused with its own code, and a refusal never
+    /// depends on which check ran first when only one rule is broken.
+    @Test func forgedAlteredAndUntrustedAdvertsAreRefusedByName() async throws {
+        let n = f.nodes
+        let good = try SignedAdvert.sign(advert(n[0], to: [n[1]]), chain: n[0].chain, key: n[0].key).bytes
+
+        // One flipped bit in a link's RTT: the signature no longer verifies.
+        var altered = good
+        altered[LinkStateAdvert.headerSize + 33] ^= 0x01
+        await expectRefused(altered, .badSignature)
+
+        // Node 1's advert, signed by node 2's key with node 2's chain: origin is not the signer.
+        let body = try advert(n[0], to: [n[1]])
+        await #expect(throws: AdvertError.self) { _ = try SignedAdvert.sign(body, chain: n[1].chain, key: n[1].key) }
+        let forged = replaceChainAndSign(body.encodeBody(), chain: n[1].chain, key: n[1].key)
+        await expectRefused(forged, .originMismatch)
+
+        // A stranger's well-formed, correctly signed advert: its CA is not ours.
+        let strange = try SignedAdvert.sign(advert(f.stranger, to: [n[0]]), chain: f.stranger.chain, key: f.stranger.key)
+        await expectRefused(strange.bytes, .untrustedSigner)
+
+        // Old and future adverts.
+        let old = try SignedAdvert.sign(advert(n[0], to: [n[1]], issued: now - 60_000, lifetime: 30_000), chain: n[0].chain, key: n[0].key)
+        await expectRefused(old.bytes, .expired)
+        let future = try SignedAdvert.sign(advert(n[0], to: [n[1]], issued: now + 60_000), chain: n[0].chain, key: n[0].key)
+        await expectRefused(future.bytes, .fromTheFuture)
+
+        // Structure.
+        await expectRefused(Array(good.prefix(20)), .malformed)
+        await expectRefused(good + [0], .malformed)
+        await expectRefused([0x53, 0x51, 0x4C, 0x42] + good.dropFirst(4), .badMagic)
+        var v2 = good
+        v2[4] = 2
+        await expectRefused(v2, .unsupportedVersion)
+        await expectRefused(good + [UInt8](repeating: 0, count: SignedAdvert.maxSize), .oversized)
+        var noChain = Array(body.encodeBody())
+        noChain.append(0)
+        await expectRefused(noChain, .badChain)
+    }
+
+    @Test func theBodyRulesHoldForTheEncoderAndTheDecoderAlike() throws {
+        let n = f.nodes
+        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[0]]) }             // a link to itself
+        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1], n[1]]) }       // the same neighbour twice
+        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1]], lifetime: 10) }
+        // The same rules on the wire: a body that repeats a neighbour does not decode.
+        var twice = try advert(n[0], to: [n[1], n[2]]).encodeBody()
+        let first = LinkStateAdvert.headerSize
+        twice.replaceSubrange((first + LinkStateAdvert.linkSize)..<(first + LinkStateAdvert.linkSize + 32), with: n[1].id.bytes)
+        do {
+            _ = try LinkStateAdvert.decodeBody(twice[...])
+            Issue.record("a repeated neighbour decoded")
+        } catch {
+            #expect(error.code == .badValue)
+            #expect(error.detail == "link 1 repeats neighbour \(n[1].id)")
+        }
+    }
+
+    /// The format article's independent reader (Python, `cryptography`) decodes and verifies what
+    /// this encoder writes, field for field.
+    @Test func anIndependentReaderAgreesFieldForField() throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Resources/advert.py").path
+        let a = try advert(f.nodes[0], to: [f.nodes[1], f.nodes[2]])
+        let signed = try SignedAdvert.sign(a, chain: f.nodes[0].chain, key: f.nodes[0].key)
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("advert-\(UUID()).bin")
+        try Data(signed.bytes).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", script, file.path]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0, "advert.py failed: \(String(decoding: data, as: UTF8.self))")
+        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(json["origin"] as? String == a.origin.hex)
+        #expect(json["signer_key_sha256"] as? String == a.origin.hex)
+        #expect(json["signature_valid"] as? Bool == true)
+        #expect((json["sequence"] as? NSNumber)?.uint64Value == a.sequence)
+        #expect((json["issued_ms"] as? NSNumber)?.uint64Value == a.issuedMillis)
+        #expect((json["lifetime_ms"] as? NSNumber)?.uint32Value == a.lifetimeMillis)
+        #expect((json["load_ppm"] as? NSNumber)?.uint32Value == a.loadPPM)
+        let links = try #require(json["links"] as? [[String: Any]])
+        #expect(links.count == 2)
+        for (l, mine) in zip(links, a.links) {
+            #expect(l["neighbour"] as? String == mine.neighbour.hex)
+            #expect((l["rtt_us"] as? NSNumber)?.uint32Value == mine.rttMicros)
+            #expect((l["rtt_var_us"] as? NSNumber)?.uint32Value == mine.rttVarMicros)
+            #expect((l["loss_ppm"] as? NSNumber)?.uint32Value == mine.lossPPM)
+            #expect((l["delivery_kbps"] as? NSNumber)?.uint32Value == mine.deliveryKbps)
+        }
+        #expect((json["chain"] as? [String])?.count == 2)
+    }
+
+    private func expectRefused(_ bytes: [UInt8], _ code: AdvertError.Code, sourceLocation: SourceLocation = #_sourceLocation) async {
+        do {
+            _ = try await SignedAdvert.verify(bytes, nowMillis: now, trust: f.trust)
+            Issue.record("accepted an advert that breaks \(code)", sourceLocation: sourceLocation)
+        } catch {
+            #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Builds the wire form by hand around `body`, as a forger would.
+    private func replaceChainAndSign(_ body: [UInt8], chain: [Certificate], key: P256.Signing.PrivateKey) -> [UInt8] {
+        var out = body
+        out.append(UInt8(chain.count))
+        for c in chain {
+            var s = DER.Serializer()
+            try! s.serialize(c)
+            out += [UInt8(s.serializedBytes.count >> 8), UInt8(s.serializedBytes.count & 0xff)] + s.serializedBytes
+        }
+        let sig = try! key.signature(for: out).derRepresentation
+        return out + [UInt8(sig.count >> 8), UInt8(sig.count & 0xff)] + sig
+    }
+}
