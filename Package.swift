@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "STOQCore"),
 
         // C shim over ngtcp2 0.12 + ngtcp2_crypto_gnutls + GnuTLS + nghttp3.
-        .target(name: "CNgtcp2", linkerSettings: systemQUIC),
+        .target(name: "CNgtcp2", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: systemQUIC),
         // Sans-IO QUIC endpoint + HTTP/3 session.
         .target(
             name: "STOQQUIC",
@@ -46,7 +46,7 @@ let package = Package(
 
         // The datapath contract, and its io_uring implementation.
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
-        .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "CSTOQURing", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
         // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
         // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
