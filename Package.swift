@@ -91,7 +91,8 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit")]),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+                           .product(name: "Logging", package: "swift-log")]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.
@@ -152,7 +153,9 @@ let package = Package(
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
+                                                            .product(name: "TOMLKit", package: "TOMLKit"),
+                                                            .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),

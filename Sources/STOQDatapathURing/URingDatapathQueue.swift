@@ -97,7 +97,7 @@ public final class URingDatapathQueue: DatapathQueue {
             to.address = IPv6Address(r.local)
             let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
                                       segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
-                                      ecn: ECN(rawValue: r.ecn & 3) ?? .notECT)
+                                      ecn: ECN(lowBitsOf: r.ecn))
             body(d)
         }
         stoq_uring_rx_done(raw)

@@ -89,7 +89,7 @@ public final class WorkerMesh: @unchecked Sendable {
         while let item = stoq_handoff_peek(h) {
             let it = item.pointee
             body(UnsafeRawBufferPointer(start: it.data, count: Int(it.len)), IPv6Endpoint(it.peer),
-                 IPv6Endpoint(it.local), ECN(rawValue: it.ecn & 3) ?? .notECT)
+                 IPv6Endpoint(it.local), ECN(lowBitsOf: it.ecn))
             stoq_handoff_pop(h)
             n += 1
         }

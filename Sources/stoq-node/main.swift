@@ -32,10 +32,13 @@ struct StoqNode: ParsableCommand {
         } else {
             cfg = .default
         }
-        let levelText = logLevel ?? cfg.log.level
-        guard let level = Logger.Level(rawValue: levelText) else {
-            FileHandle.standardError.write(Data("stoq-node: --log-level \(levelText): expected trace, debug, info, notice, warning, error or critical\n".utf8))
-            throw ExitCode(2)
+        var level = cfg.log.level
+        if let logLevel {
+            guard let l = Logger.Level(rawValue: logLevel) else {
+                FileHandle.standardError.write(Data("stoq-node: --log-level \(logLevel): expected trace, debug, info, notice, warning, error or critical\n".utf8))
+                throw ExitCode(2)
+            }
+            level = l
         }
         let levelBox = LevelBox(level)
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
@@ -61,9 +64,7 @@ struct StoqNode: ParsableCommand {
             do {
                 let fresh = try ConfigLoader.load(path: path)
                 let report = try node.reload(fresh)
-                if report.applied.contains("log.level"), let l = Logger.Level(rawValue: fresh.log.level), logLevel == nil {
-                    levelBox.level = l
-                }
+                if report.applied.contains("log.level"), logLevel == nil { levelBox.level = fresh.log.level }
                 if report.applied.isEmpty && report.restartNeeded.isEmpty {
                     logger.notice("\(why): \(path) unchanged")
                 } else {

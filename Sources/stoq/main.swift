@@ -189,8 +189,15 @@ struct ConfigCommand: ParsableCommand {
 
         func run() throws {
             do {
-                _ = try ConfigLoader.load(path: file)
-                if json { print("{\"valid\":true,\"errors\":[]}") } else { print("\(file): valid") }
+                let cfg = try ConfigLoader.load(path: file)
+                if json {
+                    let data = try! JSONSerialization.data(withJSONObject: ["valid": true, "errors": [String](), "notices": cfg.notices],
+                                                           options: [.sortedKeys])
+                    print(String(decoding: data, as: UTF8.self))
+                } else {
+                    print("\(file): valid")
+                    for line in cfg.notices { print("notice: \(line)") }
+                }
             } catch {
                 if json {
                     let errs = error.errors.map { ["key": $0.key, "value": $0.value, "allowed": $0.allowed, "message": $0.description] }
