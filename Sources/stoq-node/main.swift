@@ -20,7 +20,7 @@ struct StoqNode: ParsableCommand {
     var config: String?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical (overrides log.level).")
-    var logLevel: String?
+    var logLevel: Logger.Level?
 
     func run() throws {
         let cfg: NodeConfig
@@ -32,15 +32,7 @@ struct StoqNode: ParsableCommand {
         } else {
             cfg = .default
         }
-        var level = cfg.log.level
-        if let logLevel {
-            guard let l = Logger.Level(rawValue: logLevel) else {
-                FileHandle.standardError.write(Data("stoq-node: --log-level \(logLevel): expected trace, debug, info, notice, warning, error or critical\n".utf8))
-                throw ExitCode(2)
-            }
-            level = l
-        }
-        let levelBox = LevelBox(level)
+        let levelBox = LevelBox(logLevel ?? cfg.log.level)
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
         let node = Node(config: cfg, logger: logger)
@@ -152,3 +144,6 @@ enum ConfigWatch {
         return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
     }
 }
+
+/// `--log-level` is parsed into its type by ArgumentParser, as `log.level` is by the config loader.
+extension Logger.Level: @retroactive ExpressibleByArgument {}
