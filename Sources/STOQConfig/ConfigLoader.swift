@@ -51,7 +51,7 @@ public enum ConfigLoader {
             s.bool("retry", &c.network.quic.retry)
             s.choice("cc", &c.network.quic.congestionControl)
             s.choice("datapath", &c.network.datapath)
-            s.choice("client_auth", &c.network.clientAuth, clientAuthModes)
+            s.choice("client_auth", &c.network.clientAuth)
             s.string("interface", &c.network.interface)
             s.int("queues", &c.network.queues, 0...64)
             s.choice("xdp_mode", &c.network.xdpMode)
@@ -181,8 +181,6 @@ public enum ConfigLoader {
         return (c, r)
     }
 }
-
-private let clientAuthModes: [(String, ClientAuthentication.Mode)] = [("none", .none), ("optional", .optional), ("required", .required)]
 
 /// Walks one table, taking the keys it knows and remembering what it saw.
 struct Reader {
