@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "STOQCore"),
 
         // C shim over ngtcp2 0.12 + ngtcp2_crypto_gnutls + GnuTLS + nghttp3.
-        .target(name: "CNgtcp2", linkerSettings: systemQUIC),
+        .target(name: "CNgtcp2", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: systemQUIC),
         // Sans-IO QUIC endpoint + HTTP/3 session.
         .target(
             name: "STOQQUIC",
@@ -46,7 +46,7 @@ let package = Package(
 
         // The datapath contract, and its io_uring implementation.
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
-        .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "CSTOQURing", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
         // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
         // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
@@ -91,7 +91,8 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit")]),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+                           .product(name: "Logging", package: "swift-log")]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.
@@ -161,11 +162,17 @@ let package = Package(
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
+                                                            .product(name: "TOMLKit", package: "TOMLKit"),
+                                                            .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
-        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
+        // Test only: runs bpf/stoq_xdp.bpf.o through BPF_PROG_TEST_RUN (the steering agreement test).
+        .target(name: "CSTOQXDPProbe", path: "Tests/CSTOQXDPProbe", cSettings: [.headerSearchPath("../../bpf")],
+                linkerSettings: [.linkedLibrary("bpf")]),
+        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore", "STOQDatapath", "STOQDatapathURing", "STOQQUIC",
+                                                            "STOQTestSupport", "CSTOQXDPProbe"]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "CNgtcp2.h"
+#include "stoq_kern_user.h" /* the CID layout make_cid follows */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -812,7 +813,7 @@ static void cb_rand(uint8_t *dest, size_t len, const ngtcp2_rand_ctx *ctx) {
 static void make_cid(const stoq_endpoint_ctx *ep, ngtcp2_cid *cid, size_t len) {
   cid->datalen = len;
   stoq_random(cid->data, len);
-  cid->data[0] = ep->s.worker_id;
+  cid->data[STOQ_CID_WORKER_BYTE] = ep->s.worker_id; /* bpf/stoq_kern_user.h */
 }
 
 static int cb_get_new_connection_id(ngtcp2_conn *q, ngtcp2_cid *cid, uint8_t *token, size_t cidlen, void *ud) {

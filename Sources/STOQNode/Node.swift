@@ -59,10 +59,10 @@ public final class Node: @unchecked Sendable {
     /// Mutual TLS from the config: the roots client certificates must chain to (the node's
     /// own CA in embedded mode, plus trust.bundle) and the revoked serials (the CA's list).
     static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
-        guard let mode = ClientAuthentication.Mode(rawValue: cfg.network.clientAuth), mode != .none else { return nil }
+        guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
         var roots: [String] = []
         let caDirectory = cfg.node.dataDir + "/trust"
-        if cfg.tls.certFile.isEmpty && cfg.trust.mode == "embedded" { roots.append(caDirectory + "/root.pem") }
+        if cfg.tls.certFile.isEmpty && cfg.trust.mode == .embedded { roots.append(caDirectory + "/root.pem") }
         if !cfg.trust.bundle.isEmpty { roots.append(cfg.trust.bundle) }
         var revoked: [[UInt8]] = []
         if let text = try? String(contentsOfFile: caDirectory + "/revoked.txt", encoding: .utf8) {
@@ -163,8 +163,9 @@ public final class Node: @unchecked Sendable {
             logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
         }
         contentIndex = content
+        for line in cfg.notices { logger.notice("\(line)") }
         var opened: EdgeCache?
-        if cfg.edge.enableCaching {
+        if cfg.edge.enableCaching && !cfg.edge.origin.isEmpty {  // no origin: a notice until the mesh
             do {
                 opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                                      ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
@@ -179,21 +180,8 @@ public final class Node: @unchecked Sendable {
         self.edge = edge
         let originMaxAge = cfg.edge.originMaxAge.map { $0 / 1_000_000_000 }
 
-        var settings = QUICSettings()
-        settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
-        settings.retry = cfg.network.retry
-        settings.idleTimeout = cfg.network.quic.idleTimeout
-        settings.handshakeTimeout = cfg.network.quic.handshakeTimeout
-        settings.initialMaxData = cfg.network.quic.initialMaxData
-        settings.initialMaxStreamData = cfg.network.quic.initialMaxStreamData
-        settings.maxWindow = cfg.network.quic.maxWindow
-        settings.maxStreamWindow = cfg.network.quic.maxStreamWindow
-        settings.maxStreamsBidi = UInt64(cfg.network.quic.maxStreamsBidi)
-        settings.maxUDPPayloadSize = cfg.network.quic.maxUDPPayloadSize
-        settings.ackThreshold = cfg.network.quic.ackThreshold
-        settings.maxConnections = cfg.network.maxConnections
+        let quicSettings = cfg.network.quic
         let secret = StaticSecret.random()
-        let quicSettings = settings
 
         // Open every queue here, in worker order, so that a bind error stops start-up
         // with a clear message.
@@ -351,8 +339,8 @@ public final class Node: @unchecked Sendable {
         if fresh.log != old.log { next.log = fresh.log; report.applied.append("log.level") }
         var restOld = old, restNew = fresh
         (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
-        restOld.network.clientAuth = ""
-        restNew.network.clientAuth = ""
+        restOld.network.clientAuth = .none
+        restNew.network.clientAuth = .none
         note("network", restNew.network != restOld.network, live: false)
         note("node", restNew.node != restOld.node, live: false)
         note("storage", restNew.storage != restOld.storage, live: false)

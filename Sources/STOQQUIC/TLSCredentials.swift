@@ -116,7 +116,7 @@ public struct TLSError: Error, Sendable, CustomStringConvertible {
 
 /// What a server asks of clients' certificates (mutual TLS).
 public struct ClientAuthentication: Sendable, Equatable {
-    public enum Mode: String, Sendable {
+    public enum Mode: String, Sendable, CaseIterable {
         case none, optional, required
         var raw: Int32 {
             switch self {

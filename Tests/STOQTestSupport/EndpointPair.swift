@@ -37,12 +37,13 @@ public final class EndpointPair {
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
 
     public init(identity: TestIdentity, serverSettings: QUICSettings = QUICSettings(),
-                clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink()) throws {
+                clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+                serverWorkerID: UInt8 = 0) throws {
         let secret = StaticSecret.random()
         let serverCreds = try TLSCredentials(certificateFile: identity.identity.certificatePath,
                                              keyFile: identity.identity.keyPath)
         let clientCreds = try TLSCredentials(trusting: identity.identity.certificatePath)
-        server = QUICEndpoint(isServer: true, credentials: serverCreds, settings: serverSettings, workerID: 0, secret: secret)
+        server = QUICEndpoint(isServer: true, credentials: serverCreds, settings: serverSettings, workerID: serverWorkerID, secret: secret)
         client = QUICEndpoint(isServer: false, credentials: clientCreds, settings: clientSettings, workerID: 0,
                               secret: StaticSecret.random())
         toServer = link
