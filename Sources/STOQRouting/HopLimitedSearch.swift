@@ -199,6 +199,45 @@ public final class HopLimitedSearch {
         return count
     }
 
+    /// Writes every reached node's route in fixed-stride rows: row v of `paths` (stride
+    /// `maxHops + 1`) holds the route's nodes, source first, `lengths[v]` of them (0 for the
+    /// source and unreached nodes, whose rows are left alone); `costs[v]` its cost; every edge
+    /// used gets its bit set in `used`. One pass over the reached nodes, O(reached · maxHops),
+    /// no allocation. `reachable` receives the reached nodes but the source, in order of first
+    /// reach; returns their count.
+    func writeRoutes(graph: RoutingGraph, stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
+                     costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>) -> Int {
+        precondition(stride > maxHops)
+        let cap = capacity, mask = self.mask, parent = self.parent, dist = self.dist, src = source
+        var count = 0
+        graph.sources.withUnsafeBufferPointer { sources in
+            let sources = sources.baseAddress!
+            for i in 0..<touchedCount {
+                let v = Int(touched[i])
+                if Int32(v) == src { continue }
+                var h = 63 - mask[v].leadingZeroBitCount
+                let row = paths + v * stride
+                lengths[v] = UInt8(truncatingIfNeeded: h + 1)
+                costs[v] = dist[v]
+                reachable[count] = Int32(truncatingIfNeeded: v)
+                count &+= 1
+                var node = v
+                while h > 0 {
+                    row[h] = Int32(truncatingIfNeeded: node)
+                    let e = Int(parent[h * cap + node])
+                    used[e >> 6] |= UInt64(1) << UInt64(e & 63)
+                    let u = Int(sources[e])
+                    let below = mask[u] & ((1 << UInt64(h)) &- 1)
+                    let hu = 63 - below.leadingZeroBitCount
+                    node = u
+                    h = hu
+                }
+                row[0] = src
+            }
+        }
+        return count
+    }
+
     /// The best route to `v` as dense node indices, source first; empty when unreachable.
     public func path(to v: Int32, graph: RoutingGraph) -> [Int32] {
         if hops(v) < 0 { return [] }

@@ -49,27 +49,29 @@ public final class RouteTable: Sendable {
 
     let index: [NodeID: Int32]
     let nodeIDs: [NodeID]
+    /// Row length of `paths` and `backupPaths`: maxHops + 1.
+    let stride: Int
     let cost: [Float]
-    /// `pathStart[v] ..< pathStart[v+1]` in `pathNodes`: the route to v, source first (empty
-    /// when unreachable).
-    let pathStart: [Int32]
-    let pathNodes: [Int32]
-    let backupStart: [Int32]
-    let backupNodes: [Int32]
+    /// Row v (`v * stride ..< v * stride + lengths[v]`): the route to v, source first.
+    /// `lengths[v]` is 0 when v is unreachable or the source.
+    let paths: [Int32]
+    let lengths: [UInt8]
+    let backupPaths: [Int32]
+    let backupLengths: [UInt8]
     let backupCost: [Float]
     /// Bit per edge index of the graph the table came from: the links some route (primary or
     /// backup) uses. A link off this set getting dearer or vanishing changes nothing here.
     let usedEdges: [UInt64]
-    /// Destinations with a route, by dense index.
+    /// Destinations with a route, by dense index, in order of first reach.
     let reachable: [Int32]
 
     init(source: NodeID, algorithm: RoutingAlgorithm, maxHops: Int, version: UInt64, index: [NodeID: Int32], nodeIDs: [NodeID],
-         cost: [Float], pathStart: [Int32], pathNodes: [Int32], backupStart: [Int32], backupNodes: [Int32], backupCost: [Float],
+         cost: [Float], paths: [Int32], lengths: [UInt8], backupPaths: [Int32], backupLengths: [UInt8], backupCost: [Float],
          usedEdges: [UInt64], reachable: [Int32]) {
         self.source = source; self.algorithm = algorithm; self.maxHops = maxHops; self.version = version
-        self.index = index; self.nodeIDs = nodeIDs; self.cost = cost
-        self.pathStart = pathStart; self.pathNodes = pathNodes
-        self.backupStart = backupStart; self.backupNodes = backupNodes; self.backupCost = backupCost
+        self.index = index; self.nodeIDs = nodeIDs; self.stride = maxHops + 1; self.cost = cost
+        self.paths = paths; self.lengths = lengths
+        self.backupPaths = backupPaths; self.backupLengths = backupLengths; self.backupCost = backupCost
         self.usedEdges = usedEdges; self.reachable = reachable
     }
 
@@ -82,37 +84,34 @@ public final class RouteTable: Sendable {
     /// The neighbour to send to for `destination`, or nil when there is no route. No allocation.
     @inline(__always)
     public func nextHop(to destination: NodeID) -> NodeID? {
-        guard let v = index[destination] else { return nil }
-        let s = Int(pathStart[Int(v)]), e = Int(pathStart[Int(v) + 1])
-        guard e - s >= 2 else { return nil }
-        return nodeIDs[Int(pathNodes[s + 1])]
+        guard let v = index[destination], lengths[Int(v)] >= 2 else { return nil }
+        return nodeIDs[Int(paths[Int(v) * stride + 1])]
     }
 
     /// The neighbour to send to on the backup route, or nil when there is none. No allocation.
     @inline(__always)
     public func backupNextHop(to destination: NodeID) -> NodeID? {
-        guard let v = index[destination] else { return nil }
-        let s = Int(backupStart[Int(v)]), e = Int(backupStart[Int(v) + 1])
-        guard e - s >= 2 else { return nil }
-        return nodeIDs[Int(backupNodes[s + 1])]
+        guard let v = index[destination], backupLengths[Int(v)] >= 2 else { return nil }
+        return nodeIDs[Int(backupPaths[Int(v) * stride + 1])]
     }
 
     /// Cost of the primary route to `destination`, or nil.
     public func cost(to destination: NodeID) -> Double? {
-        guard let v = index[destination], cost[Int(v)].isFinite, destination != source else { return nil }
+        guard let v = index[destination], lengths[Int(v)] >= 2 else { return nil }
         return Double(cost[Int(v)])
     }
 
     /// The routes to `destination`, or nil when it is unknown, unreachable or the source itself.
     public func route(to destination: NodeID) -> Route? {
         guard let v = index[destination] else { return nil }
-        let s = Int(pathStart[Int(v)]), e = Int(pathStart[Int(v) + 1])
-        guard e - s >= 2 else { return nil }
-        let primary = RoutePath(nodes: pathNodes[s..<e].map { nodeIDs[Int($0)] }, cost: Double(cost[Int(v)]))
+        let n = Int(lengths[Int(v)])
+        guard n >= 2 else { return nil }
+        let row = Int(v) * stride
+        let primary = RoutePath(nodes: paths[row..<row + n].map { nodeIDs[Int($0)] }, cost: Double(cost[Int(v)]))
         var backup: RoutePath?
-        let bs = Int(backupStart[Int(v)]), be = Int(backupStart[Int(v) + 1])
-        if be - bs >= 2 {
-            backup = RoutePath(nodes: backupNodes[bs..<be].map { nodeIDs[Int($0)] }, cost: Double(backupCost[Int(v)]))
+        let bn = Int(backupLengths[Int(v)])
+        if bn >= 2 {
+            backup = RoutePath(nodes: backupPaths[row..<row + bn].map { nodeIDs[Int($0)] }, cost: Double(backupCost[Int(v)]))
         }
         return Route(destination: destination, primary: primary, backup: backup)
     }
