@@ -113,6 +113,39 @@ public final class HopLimitedSearch {
             let off = off.baseAddress!, tgt = tgt.baseAddress!, w = w.baseAddress!
             var k = 1
             while k <= hops && frontierCount > 0 {
+                if target >= 0 && k == hops {
+                    // One destination, last layer: only the edges into it matter. Pull them
+                    // (O(in-degree)) instead of pushing every frontier edge. Before this layer
+                    // writes anything, dist[u] is u's cost of ≤ k−1 hops for every u, and the
+                    // route found keeps exactly k links (the hop count the mask records).
+                    let t = Int(target)
+                    let bit: UInt64 = 1 << UInt64(k)
+                    let m = mask[t]
+                    if fewestHops && m != 0 { break }
+                    var best = dist[t]
+                    var bestEdge: Int32 = -1
+                    graph.inOffsets.withUnsafeBufferPointer { io in
+                    graph.inEdges.withUnsafeBufferPointer { ie in
+                    graph.sources.withUnsafeBufferPointer { src in
+                        for i in Int(io[t])..<Int(io[t + 1]) {
+                            let e = Int(ie[i])
+                            let u = Int(src[e])
+                            // Only the last frontier: a node that last improved earlier was
+                            // expanded then (or cut, as no better than the target).
+                            guard mask[u] & (bit >> 1) != 0 else { continue }
+                            relaxed &+= 1
+                            let nd = dist[u] + w[e]
+                            if nd < best { best = nd; bestEdge = Int32(truncatingIfNeeded: e) }
+                        }
+                    }}}
+                    if bestEdge >= 0 {
+                        dist[t] = best
+                        parent[k * cap + t] = bestEdge
+                        if m == 0 { touched[touchedCount] = target; touchedCount &+= 1 }
+                        mask[t] = m | bit
+                    }
+                    break
+                }
                 let bit: UInt64 = 1 << UInt64(k)
                 let earlier = bit &- 1
                 let last = k == hops

@@ -18,6 +18,12 @@ public struct RoutingGraph: Sendable {
     /// Cost of each edge (`LinkCost.weight`), `.infinity` for a link removed since the arrays were
     /// built (removal does not reshape the arrays; the next rebuild drops it).
     public var weights: [Float]
+    /// `inEdges[inOffsets[v] ..< inOffsets[v+1]]` are the indices of the edges into v: a search
+    /// that wants one destination pulls its last hop through these instead of pushing the
+    /// whole last layer.
+    public private(set) var inOffsets: [Int32]
+    /// Edge indices grouped by head (see `inOffsets`).
+    public private(set) var inEdges: [Int32]
 
     /// Number of nodes (dense indices `0 ..< nodeCount`).
     public var nodeCount: Int { nodeIDs.count }
@@ -54,6 +60,17 @@ public struct RoutingGraph: Sendable {
         self.targets = targets
         self.sources = sources
         self.weights = weights
+        var inOffsets = [Int32](repeating: 0, count: n + 1)
+        for t in targets { inOffsets[Int(t) + 1] += 1 }
+        for i in 0..<n { inOffsets[i + 1] += inOffsets[i] }
+        var inFill = inOffsets
+        var inEdges = [Int32](repeating: 0, count: targets.count)
+        for (e, t) in targets.enumerated() {
+            inEdges[Int(inFill[Int(t)])] = Int32(e)
+            inFill[Int(t)] += 1
+        }
+        self.inOffsets = inOffsets
+        self.inEdges = inEdges
     }
 
     /// Edge index of the link `from → to`, or nil. Linear in `from`'s degree.

@@ -143,3 +143,24 @@ import Testing
         #expect(e.stats.tablesInvalidated > 0)
     }
 }
+
+@Suite struct TargetedSearchTests {
+    @Test(arguments: [false, true], [1, 2, 3, 4])
+    func aSearchForOneTargetFindsWhatTheFullSearchFinds(fewestHops: Bool, maxHops: Int) {
+        var rng = SplitMix64(state: 7 + UInt64(maxHops))
+        for _ in 0..<10 {
+            let edges = RoutingPropertyTests.randomEdges(&rng, nodes: 16, outDegree: 3)
+            let g = engine(edges, backups: .none).graph
+            let full = HopLimitedSearch(), one = HopLimitedSearch()
+            for s in Int32(0)..<Int32(g.nodeCount) {
+                full.run(g, source: s, maxHops: maxHops, fewestHops: fewestHops)
+                for t in Int32(0)..<Int32(g.nodeCount) where t != s {
+                    one.run(g, source: s, maxHops: maxHops, fewestHops: fewestHops, target: t)
+                    #expect(one.cost(t) == full.cost(t))
+                    #expect(one.hops(t) == full.hops(t))
+                    #expect(one.path(to: t, graph: g).count == max(full.hops(t), -1) + 1)
+                }
+            }
+        }
+    }
+}
