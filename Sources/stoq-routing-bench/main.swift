@@ -238,6 +238,16 @@ for s in sources {
     }
 }
 
+// A sample of the first source's answers, for scripts/bench-routing to check against networkx.
+search.run(graph, source: sources[0], maxHops: opt.maxHops, fewestHops: false)
+dijkstra.run(graph, source: sources[0])
+var sample: [[Any]] = []
+for _ in 0..<200 {
+    let v = Int32(rng.next() % UInt64(graph.nodeCount))
+    let c = search.cost(v), d = dijkstra.dist[Int(v)]
+    sample.append([Int(graph.nodeIDs[Int(v)].rawValue), d.isFinite ? Double(d) : NSNull(), c.isFinite ? Double(c) : NSNull()])
+}
+
 // Warm-up, then timed runs: each run visits every source once with each method, interleaved so
 // both see the same cache and frequency conditions.
 for s in sources { search.run(graph, source: s, maxHops: opt.maxHops, fewestHops: false); dijkstra.run(graph, source: s) }
@@ -300,6 +310,8 @@ let result: [String: Any] = [
     "graph": ["nodes": graph.nodeCount, "edges": graph.edgeCount, "file": opt.edges],
     "max_hops": opt.maxHops,
     "sources": sources.count,
+    "source_ids": sources.map { Int(graph.nodeIDs[Int($0)].rawValue) },
+    "sample": sample,
     "runs": opt.runs,
     "load_ms": Double(tLoad1 - tLoad0) / 1e6,
     "adverts_to_graph_ms": Double(tAdv1 - tAdv0) / 1e6,
