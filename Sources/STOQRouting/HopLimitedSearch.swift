@@ -17,10 +17,12 @@ public final class HopLimitedSearch {
     private var layerCapacity = 0
     private var dist: UnsafeMutablePointer<Float>
     private var mask: UnsafeMutablePointer<UInt64>
-    /// `parent[k * capacity + v]`: the edge that gave v its cost in layer k (valid where bit k
+    /// `parent[k * capacity + v]`: the edge that gave v its cost in layer k, in the low 32 bits,
+    /// and that edge's tail in the high 32 (one load per step when routes are written out;
+    /// the tail from `graph.sources` would be a second random read). Valid where bit k
     /// of `mask[v]` is set). Per layer, because a node's route of ≤ k hops and its route of
     /// ≤ k+1 hops may differ, and a longer route may pass through it at hop k.
-    private var parent: UnsafeMutablePointer<Int32>
+    private var parent: UnsafeMutablePointer<UInt64>
     private var touched: UnsafeMutablePointer<Int32>
     private var frontier: UnsafeMutablePointer<Int32>
     private var frontierCost: UnsafeMutablePointer<Float>
@@ -124,6 +126,7 @@ public final class HopLimitedSearch {
                     if fewestHops && m != 0 { break }
                     var best = dist[t]
                     var bestEdge: Int32 = -1
+                    var bestTail: Int32 = -1
                     graph.inOffsets.withUnsafeBufferPointer { io in
                     graph.inEdges.withUnsafeBufferPointer { ie in
                     graph.sources.withUnsafeBufferPointer { src in
@@ -135,12 +138,12 @@ public final class HopLimitedSearch {
                             guard mask[u] & (bit >> 1) != 0 else { continue }
                             relaxed &+= 1
                             let nd = dist[u] + w[e]
-                            if nd < best { best = nd; bestEdge = Int32(truncatingIfNeeded: e) }
+                            if nd < best { best = nd; bestEdge = Int32(truncatingIfNeeded: e); bestTail = Int32(truncatingIfNeeded: u) }
                         }
                     }}}
                     if bestEdge >= 0 {
                         dist[t] = best
-                        parent[k * cap + t] = bestEdge
+                        parent[k * cap + t] = UInt64(UInt32(bitPattern: bestEdge)) | UInt64(UInt32(bitPattern: bestTail)) << 32
                         if m == 0 { touched[touchedCount] = target; touchedCount &+= 1 }
                         mask[t] = m | bit
                     }
@@ -154,6 +157,7 @@ public final class HopLimitedSearch {
                 for i in 0..<frontierCount {
                     let u = Int(frontier[i])
                     let du = frontierCost[i]
+                    let tail = UInt64(UInt32(truncatingIfNeeded: u)) << 32
                     if target >= 0 && !fewestHops && du >= dist[Int(target)] { continue }
                     let end = Int(off[u + 1])
                     var e = Int(off[u])
@@ -165,7 +169,7 @@ public final class HopLimitedSearch {
                             let m = mask[v]
                             if !fewestHops || m & earlier == 0 {
                                 dist[v] = nd
-                                layerParent[v] = Int32(truncatingIfNeeded: e)
+                                layerParent[v] = tail | UInt64(UInt32(truncatingIfNeeded: e))
                                 if m & bit == 0 {
                                     if m == 0 { touched[touchedCount] = Int32(truncatingIfNeeded: v); touchedCount &+= 1 }
                                     mask[v] = m | bit
@@ -220,10 +224,10 @@ public final class HopLimitedSearch {
         var node = Int(v)
         var count = 0
         while h > 0 {
-            let e = parent[h * capacity + node]
-            out.append(e)
+            let pe = parent[h * capacity + node]
+            out.append(Int32(truncatingIfNeeded: pe))
             count += 1
-            let u = Int(graph.sources[Int(e)])
+            let u = Int(pe >> 32)
             // u's cost when it was expanded for layer h: its last improvement before layer h.
             let below = mask[u] & ((1 << UInt64(h)) &- 1)
             h = below == 0 ? 0 : 63 - below.leadingZeroBitCount
@@ -238,35 +242,32 @@ public final class HopLimitedSearch {
     /// used gets its bit set in `used`. One pass over the reached nodes, O(reached · maxHops),
     /// no allocation. `reachable` receives the reached nodes but the source, in order of first
     /// reach; returns their count.
-    func writeRoutes(graph: RoutingGraph, stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
+    func writeRoutes(stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
                      costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>) -> Int {
         precondition(stride > maxHops)
         let cap = capacity, mask = self.mask, parent = self.parent, dist = self.dist, src = source
         var count = 0
-        graph.sources.withUnsafeBufferPointer { sources in
-            let sources = sources.baseAddress!
-            for i in 0..<touchedCount {
-                let v = Int(touched[i])
-                if Int32(v) == src { continue }
-                var h = 63 - mask[v].leadingZeroBitCount
-                let row = paths + v * stride
-                lengths[v] = UInt8(truncatingIfNeeded: h + 1)
-                costs[v] = dist[v]
-                reachable[count] = Int32(truncatingIfNeeded: v)
-                count &+= 1
-                var node = v
-                while h > 0 {
-                    row[h] = Int32(truncatingIfNeeded: node)
-                    let e = Int(parent[h * cap + node])
-                    used[e >> 6] |= UInt64(1) << UInt64(e & 63)
-                    let u = Int(sources[e])
-                    let below = mask[u] & ((1 << UInt64(h)) &- 1)
-                    let hu = 63 - below.leadingZeroBitCount
-                    node = u
-                    h = hu
-                }
-                row[0] = src
+        for i in 0..<touchedCount {
+            let v = Int(touched[i])
+            if Int32(v) == src { continue }
+            var h = 63 - mask[v].leadingZeroBitCount
+            let row = paths + v * stride
+            lengths[v] = UInt8(truncatingIfNeeded: h + 1)
+            costs[v] = dist[v]
+            reachable[count] = Int32(truncatingIfNeeded: v)
+            count &+= 1
+            var node = v
+            // A node improved in layer h was reached from one improved in layer h−1 (the
+            // frontier), so the walk steps down one layer per link: no mask reads needed.
+            while h > 0 {
+                row[h] = Int32(truncatingIfNeeded: node)
+                let pe = parent[h * cap + node]
+                let e = Int(pe & 0xFFFF_FFFF)
+                used[e >> 6] |= UInt64(1) << UInt64(e & 63)
+                node = Int(pe >> 32)
+                h -= 1
             }
+            row[0] = src
         }
         return count
     }

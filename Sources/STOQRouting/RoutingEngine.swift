@@ -221,7 +221,7 @@ public final class RoutingEngine {
             used.withUnsafeMutableBufferPointer { u in
             paths.withUnsafeMutableBufferPointer { p in
             reachable.withUnsafeMutableBufferPointer { r in
-                search.writeRoutes(graph: graphStore, stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!,
+                search.writeRoutes(stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!,
                                    costs: c.baseAddress!, used: u.baseAddress!, reachable: r.baseAddress!)
             }}}}
         }
