@@ -181,10 +181,22 @@ public final class HopLimitedSearch {
                     }
                 }
                 // The next layer expands the nodes improved in this one, at this layer's cost.
-                for i in 0..<nextCount {
-                    let v = nextBuf[i]
-                    frontier[i] = v
-                    frontierCost[i] = dist[Int(v)]
+                if nextCount > n >> 4 {
+                    // A large frontier is taken in index order (a scan of the layer bits), so
+                    // its adjacency rows are read in address order: the edge arrays stream
+                    // instead of being read in the order nodes happened to improve.
+                    var j = 0
+                    for v in 0..<n where mask[v] & bit != 0 {
+                        frontier[j] = Int32(truncatingIfNeeded: v)
+                        frontierCost[j] = dist[v]
+                        j &+= 1
+                    }
+                } else {
+                    for i in 0..<nextCount {
+                        let v = nextBuf[i]
+                        frontier[i] = v
+                        frontierCost[i] = dist[Int(v)]
+                    }
                 }
                 frontierCount = nextCount
                 if fewestHops && target >= 0 && mask[Int(target)] != 0 { break }
