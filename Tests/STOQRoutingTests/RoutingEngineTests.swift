@@ -134,4 +134,38 @@ import Testing
         #expect(throws: LinkStateError.self) { try e.apply(adverts(diamond, sequence: 1)[0], now: 12 * Nanos.second) }
         #expect(e.database.refused[.stale] == 1)
     }
+
+    @Test func onlyChangesThatCanAffectATableRecomputeIt() throws {
+        let e = engine(diamond, backups: .none)
+        var seq: UInt64 = 1
+        func readvertise(_ origin: UInt64, _ change: (inout [(UInt64, UInt64, Double)]) -> Void) throws {
+            var edges = diamond.filter { $0.0 == origin }
+            change(&edges)
+            seq += 1
+            try e.apply(adverts(edges, sequence: seq)[0], now: 0)
+        }
+        let before = e.routes(from: 1)
+        #expect(e.stats.fullComputes == 1)
+        // 2 → 4 is on no route from 1 (4 is reached through 6): dearer, the table is kept.
+        try readvertise(2) { $0 = $0.map { $0.1 == 4 ? ($0.0, $0.1, 30) : $0 } }
+        #expect(e.stats.tablesKept == 1)
+        #expect(e.routes(from: 1) === before)
+        #expect(e.stats.fullComputes == 1)
+        // 5 → 6 is on the route to 4: dearer, the table goes and is recomputed when asked.
+        try readvertise(5) { $0 = $0.map { $0.1 == 6 ? ($0.0, $0.1, 40) : $0 } }
+        #expect(e.stats.tablesInvalidated == 1)
+        #expect(e.routes(from: 1).route(to: 4)?.primary.nodes == ids([1, 2, 4]))
+        #expect(e.stats.fullComputes == 2)
+        // Several changes before the next request: one recompute for all of them.
+        try readvertise(3) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
+        try readvertise(6) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
+        _ = e.routes(from: 1)
+        #expect(e.stats.fullComputes == 3)
+        // Only the delivery rate moved: the cost is the same, nothing is dropped.
+        let t = e.routes(from: 1)
+        let m = ["1>2": LinkMetrics(rttMs: 10, deliveryRate: 1e6)]
+        seq += 1
+        try e.apply(adverts(diamond.filter { $0.0 == 1 }, sequence: seq, metrics: m)[0], now: 0)
+        #expect(e.routes(from: 1) === t)
+    }
 }
