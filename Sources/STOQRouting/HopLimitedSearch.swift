@@ -27,6 +27,9 @@ public final class HopLimitedSearch {
     private var frontier: UnsafeMutablePointer<Int32>
     private var frontierCost: UnsafeMutablePointer<Float>
     private var next: UnsafeMutablePointer<Int32>
+    private var pullNode: UnsafeMutablePointer<Int32>
+    private var pullCost: UnsafeMutablePointer<Float>
+    private var pullParent: UnsafeMutablePointer<UInt64>
     private var touchedCount = 0
 
     /// Source of the last run.
@@ -48,11 +51,15 @@ public final class HopLimitedSearch {
         frontier = .allocate(capacity: 1)
         frontierCost = .allocate(capacity: 1)
         next = .allocate(capacity: 1)
+        pullNode = .allocate(capacity: 1)
+        pullCost = .allocate(capacity: 1)
+        pullParent = .allocate(capacity: 1)
     }
 
     deinit {
         dist.deallocate(); mask.deallocate(); parent.deallocate(); touched.deallocate()
         frontier.deallocate(); frontierCost.deallocate(); next.deallocate()
+        pullNode.deallocate(); pullCost.deallocate(); pullParent.deallocate()
     }
 
     private func reserve(nodes n: Int, layers: Int) {
@@ -65,6 +72,10 @@ public final class HopLimitedSearch {
             frontier = .allocate(capacity: n)
             frontierCost = .allocate(capacity: n)
             next = .allocate(capacity: n)
+            pullNode.deallocate(); pullCost.deallocate(); pullParent.deallocate()
+            pullNode = .allocate(capacity: n + 1)
+            pullCost = .allocate(capacity: n + 1)
+            pullParent = .allocate(capacity: n + 1)
             capacity = n
             touchedCount = 0
             layerCapacity = 0
@@ -106,6 +117,7 @@ public final class HopLimitedSearch {
         var frontierCount = 1
         let cap = capacity
         let dist = self.dist, mask = self.mask, parent = self.parent
+        let pullNode = self.pullNode, pullCost = self.pullCost, pullParent = self.pullParent
         let touched = self.touched, nextBuf = self.next
         var touchedCount = self.touchedCount
         var relaxed = 0
@@ -115,39 +127,59 @@ public final class HopLimitedSearch {
             let off = off.baseAddress!, tgt = tgt.baseAddress!, w = w.baseAddress!
             var k = 1
             while k <= hops && frontierCount > 0 {
-                if target >= 0 && k == hops {
-                    // One destination, last layer: only the edges into it matter. Pull them
-                    // (O(in-degree)) instead of pushing every frontier edge. Before this layer
-                    // writes anything, dist[u] is u's cost of ≤ k−1 hops for every u, and the
-                    // route found keeps exactly k links (the hop count the mask records).
+                if target >= 0 && k >= hops - 1 {
+                    // One destination, last two layers: only the target's in-neighbours (layer
+                    // hops−1) and the target (layer hops) can still matter. Pull their in-edges
+                    // from the previous layer's frontier — O(Σ in-degree) — instead of pushing
+                    // the frontier's whole out-degree, which is most of a search's work.
                     let t = Int(target)
+                    if fewestHops && mask[t] != 0 { break }
                     let bit: UInt64 = 1 << UInt64(k)
-                    let m = mask[t]
-                    if fewestHops && m != 0 { break }
-                    var best = dist[t]
-                    var bestEdge: Int32 = -1
-                    var bestTail: Int32 = -1
+                    var count = 0
                     graph.inOffsets.withUnsafeBufferPointer { io in
                     graph.inEdges.withUnsafeBufferPointer { ie in
                     graph.sources.withUnsafeBufferPointer { src in
-                        for i in Int(io[t])..<Int(io[t + 1]) {
-                            let e = Int(ie[i])
-                            let u = Int(src[e])
-                            // Only the last frontier: a node that last improved earlier was
-                            // expanded then (or cut, as no better than the target).
-                            guard mask[u] & (bit >> 1) != 0 else { continue }
-                            relaxed &+= 1
-                            let nd = dist[u] + w[e]
-                            if nd < best { best = nd; bestEdge = Int32(truncatingIfNeeded: e); bestTail = Int32(truncatingIfNeeded: u) }
+                        if k < hops {
+                            for i in Int(io[t])..<Int(io[t + 1]) { pullNode[count] = src[Int(ie[i])]; count &+= 1 }
+                        }
+                        pullNode[count] = target
+                        count &+= 1
+                        // Candidates first, writes after: every read sees costs of ≤ k−1 hops.
+                        for j in 0..<count {
+                            let x = Int(pullNode[j])
+                            pullParent[j] = .max
+                            if fewestHops && mask[x] & (bit &- 1) != 0 { continue }
+                            var best = dist[x]
+                            for i in Int(io[x])..<Int(io[x + 1]) {
+                                let e = Int(ie[i])
+                                let u = Int(src[e])
+                                // Only the last frontier: a node that last improved earlier was
+                                // expanded then (or cut, as no better than the target).
+                                guard mask[u] & (bit >> 1) != 0 else { continue }
+                                relaxed &+= 1
+                                let nd = dist[u] + w[e]
+                                if nd < best {
+                                    best = nd
+                                    pullParent[j] = UInt64(UInt32(truncatingIfNeeded: u)) << 32 | UInt64(UInt32(truncatingIfNeeded: e))
+                                }
+                            }
+                            pullCost[j] = best
                         }
                     }}}
-                    if bestEdge >= 0 {
-                        dist[t] = best
-                        parent[k * cap + t] = UInt64(UInt32(bitPattern: bestEdge)) | UInt64(UInt32(bitPattern: bestTail)) << 32
-                        if m == 0 { touched[touchedCount] = target; touchedCount &+= 1 }
-                        mask[t] = m | bit
+                    var improved = 0
+                    for j in 0..<count where pullParent[j] != .max {
+                        let x = Int(pullNode[j])
+                        dist[x] = pullCost[j]
+                        parent[k * cap + x] = pullParent[j]
+                        let m = mask[x]
+                        if m == 0 { touched[touchedCount] = pullNode[j]; touchedCount &+= 1 }
+                        mask[x] = m | bit
+                        improved &+= 1
                     }
-                    break
+                    // The next (last) layer pulls again; it needs only the layer bits.
+                    frontierCount = improved
+                    k += 1
+                    continue
                 }
                 let bit: UInt64 = 1 << UInt64(k)
                 let earlier = bit &- 1

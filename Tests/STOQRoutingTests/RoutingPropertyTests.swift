@@ -145,7 +145,7 @@ import Testing
 }
 
 @Suite struct TargetedSearchTests {
-    @Test(arguments: [false, true], [1, 2, 3, 4])
+    @Test(arguments: [false, true], [1, 2, 3, 4, 5, 6])
     func aSearchForOneTargetFindsWhatTheFullSearchFinds(fewestHops: Bool, maxHops: Int) {
         var rng = SplitMix64(state: 7 + UInt64(maxHops))
         for _ in 0..<10 {
