@@ -94,6 +94,12 @@ let package = Package(
             dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
                            .product(name: "Logging", package: "swift-log")]),
 
+        // The mesh's routing engine: link-state database, hop-limited route computation, disjoint
+        // backups, route tables. Pure and sans-IO (callers pass `now`); docs/routing.md.
+        .target(name: "STOQRouting", dependencies: ["STOQCore"]),
+        // scripts/bench-routing: route computation on the 10,000-node overlay vs plain Dijkstra.
+        .executableTarget(name: "stoq-routing-bench", dependencies: ["STOQRouting", "STOQCore"]),
+
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.
         .target(
@@ -180,6 +186,7 @@ let package = Package(
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
+        .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
