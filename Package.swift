@@ -126,7 +126,7 @@ let package = Package(
         // discovery. Pure where it can be; the node assembly wires it to connections.
         .target(
             name: "STOQMesh",
-            dependencies: ["STOQCore",
+            dependencies: ["STOQCore", "STOQRouting",
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "SwiftASN1", package: "swift-asn1")]),
@@ -182,7 +182,7 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", .product(name: "SwiftASN1", package: "swift-asn1"),
+            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
