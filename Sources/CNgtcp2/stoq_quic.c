@@ -149,6 +149,25 @@ static void conn_fail(stoq_conn *c, const char *fmt, ...) {
 
 /* ---- TLS credentials ---------------------------------------------------- */
 
+/* GnuTLS will not sign a TLS 1.3 handshake with a certificate whose keyUsage lacks
+ * digitalSignature: it would fail every handshake (a client would silently send no
+ * certificate). Say so when the credentials load instead. 0 or -1 (err). */
+static int check_signing_usage(stoq_tls_ctx *t, const char *cert_file, char *err, size_t errlen) {
+  gnutls_datum_t der = {0};
+  gnutls_x509_crt_t crt;
+  if (gnutls_certificate_get_crt_raw(t->cred, 0, 0, &der) != 0 || gnutls_x509_crt_init(&crt) != 0) return 0;
+  unsigned usage = 0, critical = 0;
+  int rv = gnutls_x509_crt_import(crt, &der, GNUTLS_X509_FMT_DER) == 0 ? gnutls_x509_crt_get_key_usage(crt, &usage, &critical)
+                                                                        : GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE;
+  gnutls_x509_crt_deinit(crt);
+  if (rv >= 0 && !(usage & GNUTLS_KEY_DIGITAL_SIGNATURE)) {
+    set_err(err, errlen, "%s: the certificate's keyUsage lacks digitalSignature, so it cannot sign a TLS 1.3 handshake",
+            cert_file);
+    return -1;
+  }
+  return 0;
+}
+
 stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen) {
   stoq_tls_ctx *t = calloc(1, sizeof(*t));
   if (!t) return NULL;
@@ -157,6 +176,10 @@ stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, c
   if (rv == 0) rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
   if (rv != 0) {
     set_err(err, errlen, "loading certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
+    stoq_tls_free(t);
+    return NULL;
+  }
+  if (check_signing_usage(t, cert_file, err, errlen) != 0) {
     stoq_tls_free(t);
     return NULL;
   }
@@ -185,7 +208,7 @@ int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, cons
     set_err(err, errlen, "loading client certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
     return -1;
   }
-  return 0;
+  return check_signing_usage(t, cert_file, err, errlen);
 }
 
 void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) {

@@ -50,7 +50,7 @@ public final class TLSCredentials: @unchecked Sendable {
             stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(policy).toOpaque())
         }
         if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
-            stoq_tls_free(p)
+            // Every property is set: deinit runs and frees `raw`.
             throw TLSError(message: String(cBuffer: err))
         }
     }

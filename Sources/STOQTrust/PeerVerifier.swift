@@ -276,9 +276,13 @@ struct PeerPolicy {
             let names = dns.map { "DNS:\($0)" } + ips.map { "IP:\($0)" }
             let wanted = [dnsName.map { "DNS:\($0)" }, ipv6Address.map { "IP:\($0)" }].compactMap { $0 }.joined(separator: " or ")
             // RFC 9525: names are matched in the subject alternative names only. The library
-            // falls back to the subject CN when there are none, so that case stops here.
-            if ((try? leaf.extensions.subjectAlternativeNames) ?? nil) == nil {
+            // falls back to the subject CN when no SAN of the wanted type exists, so those
+            // cases stop here.
+            if names.isEmpty {
                 throw fail(.sanMismatch, "leaf \(leaf.subject) has no subject alternative name, not \(wanted) (the subject CN is not a name, RFC 9525)")
+            }
+            if (dnsName != nil && dns.isEmpty && ipv6Address == nil) || (ipv6Address != nil && ips.isEmpty && dnsName == nil) {
+                throw fail(.sanMismatch, "leaf \(leaf.subject) names [\(names.joined(separator: ", "))], not \(wanted)")
             }
             // RFC 6125 matching (case, trailing dot, wildcards) is the library's.
             var identity = ServerIdentityPolicy(serverHostname: dnsName, serverIP: ipv6Address)
