@@ -1266,10 +1266,11 @@ static int map_error(stoq_conn *c, int rv) {
                                                                   NULL, 0);
       c->has_error = 1;
     }
-    if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED) {
-      /* GnuTLS ends the handshake itself when a required certificate is missing. */
-      unsigned n = 0;
-      if (!gnutls_certificate_get_peers(c->tls, &n) || n == 0) refuse_peer(c, "none was presented");
+    if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED &&
+        ngtcp2_conn_get_tls_alert(c->q) == GNUTLS_A_CERTIFICATE_REQUIRED) {
+      /* GnuTLS ends the handshake itself when a required certificate is missing; any other
+       * alert (no common ALPN, no common group…) happened before a certificate was due. */
+      refuse_peer(c, "none was presented");
     }
     if (!c->errstr[0]) {
       /* Not a certificate verdict (those set errstr): name the alert the TLS stack sent. */

@@ -159,6 +159,38 @@ def test_the_node_and_stoq_trust_verify_agree(mtls, case):
         assert clock(new[-1]) == clock(f'{verdict["reason"]}: {verdict["message"]}')
 
 
+def test_a_handshake_failing_for_another_reason_logs_that_reason(mtls):
+    """A client that speaks no protocol the node serves (ALPN h2): the node logs the TLS alert
+    it sent, not a certificate refusal with every GnuTLS verify flag."""
+    import asyncio
+    import ssl
+    from aioquic.asyncio.client import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    async def attempt():
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=["h2"], verify_mode=ssl.CERT_NONE)
+        try:
+            async with connect("::1", mtls.port, configuration=cfg):
+                return "connected"
+        except Exception as e:     # noqa: BLE001 - any failure is the expected outcome
+            return repr(e)
+
+    before = len(refusals(mtls))
+    outcome = asyncio.run(asyncio.wait_for(attempt(), 15))
+    assert outcome != "connected", outcome
+    want = "TLS handshake failed: No supported application protocol could be negotiated (alert 120)"
+    deadline = time.time() + 10     # logged when the connection leaves its closing period
+    while True:
+        mtls.log.flush()
+        log = pathlib.Path(mtls.log.name).read_text()
+        if want in log or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert want in log, log[-2000:]
+    assert "TOFU" not in log
+    assert len(refusals(mtls)) == before
+
+
 def test_refusals_are_counted(mtls):
     time.sleep(1.2)
     text = urllib.request.urlopen(mtls.admin, timeout=5).read().decode()
