@@ -13,14 +13,14 @@ import pytest
 from conftest import Node, run, stoq
 
 
-def certtool_cert(tmp, name, ca_dir, template, key_type=("--key-type", "ecdsa")):
+def certtool_cert(tmp, name, ca_dir, template, key_type=("--key-type", "ecdsa"), sign_args=()):
     """A certificate signed by the node's intermediate with GnuTLS's certtool (an
     independent tool), for the shapes STOQ's own CA refuses to make."""
     key, cert, tpl = tmp / f"{name}.key", tmp / f"{name}.crt", tmp / f"{name}.tpl"
     tpl.write_text(template)
     r = run(["certtool", "--generate-privkey", *key_type, "--outfile", key])
     assert r.returncode == 0, r.stderr
-    r = run(["certtool", "--generate-certificate", "--load-privkey", key, "--load-ca-certificate",
+    r = run(["certtool", "--generate-certificate", *sign_args, "--load-privkey", key, "--load-ca-certificate",
              ca_dir / "intermediate.pem", "--load-ca-privkey", ca_dir / "intermediate-key.pem",
              "--template", tpl, "--outfile", cert])
     assert r.returncode == 0, r.stderr
@@ -60,6 +60,8 @@ def mtls(tmp_path_factory):
     c["no-eku"] = certtool_cert(certs, "no-eku", ca, 'cn = "no-eku"\nsigning_key\nexpiration_days = 1\n')
     c["p521"] = certtool_cert(certs, "p521", ca, 'cn = "p521"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
                               key_type=("--key-type", "ecdsa", "--curve", "secp521r1"))
+    c["sha1"] = certtool_cert(certs, "sha1", ca, 'cn = "sha1"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
+                              sign_args=("--hash", "SHA1"))
     c["weak-key"] = certtool_cert(certs, "weak", ca, 'cn = "weak"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
                                   key_type=("--key-type", "rsa", "--bits", "1024"))
     # Five distinct certificates: leaf <- sub2 <- sub1 <- intermediate <- root.
@@ -117,6 +119,7 @@ def test_a_certificate_from_the_nodes_ca_is_accepted(mtls):
     ("no-eku", "wrongEKU: leaf CN=no-eku has no extended key usage; clientAuth is required"),
     ("not-yet-valid", "notYetValid: leaf CN=future is not valid before 2031-01-01T00:00:00Z"),
     ("weak-key", "keyTooWeak: leaf CN=weak has a RSA-1024 key"),
+    ("sha1", "weakSignature: leaf CN=sha1 is signed with SHA-1 (ecdsa-with-SHA1); accepted: SHA-256 or stronger"),
     # Depth is counted leaf to root over the verified path: five, though the client sent them all.
     ("chain-too-long", "chainTooLong: chain of 5 certificates (leaf to root) exceeds the maximum of 4"),
 ])
@@ -138,13 +141,14 @@ def test_a_p521_client_certificate_is_accepted(mtls):
 
 
 @pytest.mark.parametrize("case", ["good", "p521", "expired", "unknown-root", "revoked", "wrong-eku", "no-eku",
-                                  "not-yet-valid", "weak-key", "chain-too-long"])
+                                  "not-yet-valid", "weak-key", "sha1", "chain-too-long"])
 def test_the_node_and_stoq_trust_verify_agree(mtls, case):
     """One policy: the verdict and words the node logs for a client certificate over a real
     socket are exactly what `stoq trust verify --client` says about the same files."""
     chain, key = mtls.client_certs[case]
     ca = pathlib.Path(mtls.cert).parent
     v = stoq("trust", "verify", chain, "--bundle", ca / "root.pem", "--client", "--revoked", ca / "revoked.txt", "--json")
+    # A verdict (0 valid, 1 refused), never 2 "does not parse": RSA-1024 and SHA-1 included.
     assert v.returncode in (0, 1), v.stderr
     verdict = json.loads(v.stdout)
     before = len(refusals(mtls))
