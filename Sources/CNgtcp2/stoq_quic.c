@@ -157,8 +157,8 @@ static int check_signing_usage(stoq_tls_ctx *t, const char *cert_file, char *err
   gnutls_x509_crt_t crt;
   if (gnutls_certificate_get_crt_raw(t->cred, 0, 0, &der) != 0 || gnutls_x509_crt_init(&crt) != 0) return 0;
   unsigned usage = 0, critical = 0;
-  int rv = gnutls_x509_crt_import(crt, &der, GNUTLS_X509_FMT_DER) == 0 ? gnutls_x509_crt_get_key_usage(crt, &usage, &critical)
-                                                                        : GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE;
+  int rv = gnutls_x509_crt_import(crt, &der, GNUTLS_X509_FMT_DER);
+  if (rv == 0) rv = gnutls_x509_crt_get_key_usage(crt, &usage, &critical); /* < 0: no keyUsage, anything goes */
   gnutls_x509_crt_deinit(crt);
   if (rv >= 0 && !(usage & GNUTLS_KEY_DIGITAL_SIGNATURE)) {
     set_err(err, errlen, "%s: the certificate's keyUsage lacks digitalSignature, so it cannot sign a TLS 1.3 handshake",
