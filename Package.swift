@@ -200,7 +200,8 @@ let package = Package(
         .testTarget(
             name: "STOQTrustTests",
             dependencies: [
-                "STOQTrust", "STOQCore",
+                // STOQQUIC and STOQTestSupport: the policy-agreement test runs the real handshake.
+                "STOQTrust", "STOQCore", "STOQQUIC", "STOQTestSupport",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

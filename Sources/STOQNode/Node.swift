@@ -62,19 +62,21 @@ public final class Node: @unchecked Sendable {
         guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
         var roots: [String] = []
         let caDirectory = cfg.node.dataDir + "/trust"
-        if cfg.tls.certFile.isEmpty && cfg.trust.mode == .embedded { roots.append(caDirectory + "/root.pem") }
+        let embedded = cfg.tls.certFile.isEmpty && cfg.trust.mode == .embedded
+        if embedded { roots.append(caDirectory + "/root.pem") }
         if !cfg.trust.bundle.isEmpty { roots.append(cfg.trust.bundle) }
-        var revoked: [[UInt8]] = []
-        if let text = try? String(contentsOfFile: caDirectory + "/revoked.txt", encoding: .utf8) {
-            for line in text.split(whereSeparator: \.isNewline) {
-                let hex = line.split(separator: "#").first.map { $0.filter(\.isHexDigit) } ?? ""
-                guard !hex.isEmpty else { continue }
-                guard let bytes = Hex.decode(hex.count % 2 == 1 ? "0" + hex : hex) else { continue }
-                revoked.append(bytes)
-            }
+        do {
+            // The node's CA signs its clients: it must exist before its root can be trusted.
+            if embedded && !FileManager.default.fileExists(atPath: roots[0]) { _ = try TrustAuthority.create(in: caDirectory) }
+            let verifier = PeerVerifier(roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
+                                        revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
+                                        role: .client, transparencyLogs: try transparencyLogKeys(cfg))
+            return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+        } catch let e as NodeError {
+            throw e
+        } catch {
+            throw NodeError(.identity, "network.client_auth: \(error)")
         }
-        return ClientAuthentication(mode: mode, trustFiles: roots, revokedSerials: revoked,
-                                    peerCheck: try transparencyCheck(cfg))
     }
 
     /// How this node connects to a peer (its edge origin): it verifies the peer's certificate
@@ -98,28 +100,18 @@ public final class Node: @unchecked Sendable {
         return t
     }
 
-    /// `trust.require_transparency`: a client certificate must carry an embedded SCT that
-    /// verifies with a key in `trust.transparency_logs` (default: the node's own CA log). Runs
-    /// inside the TLS handshake; a refusal is logged as "client certificate refused: SCT …".
-    static func transparencyCheck(_ cfg: NodeConfig) throws(NodeError) -> PeerCertificateCheck? {
+    /// `trust.require_transparency`: the log keys a client certificate's embedded SCT must
+    /// verify with, from `trust.transparency_logs` (default: the node's own CA log); nil when
+    /// transparency is not required. A refusal is logged as "client certificate refused: sct…".
+    static func transparencyLogKeys(_ cfg: NodeConfig) throws(NodeError) -> [P256.Signing.PublicKey]? {
         guard cfg.trust.requireTransparency else { return nil }
-        let logs: [P256.Signing.PublicKey]
         do {
             if cfg.trust.transparencyLogs.isEmpty {
-                logs = [try TransparencyLog.authorityLogKey(caDirectory: cfg.node.dataDir + "/trust").publicKey]
-            } else {
-                logs = try CertificateTransparency.loadLogKeys(cfg.trust.transparencyLogs)
+                return [try TransparencyLog.authorityLogKey(caDirectory: cfg.node.dataDir + "/trust").publicKey]
             }
+            return try CertificateTransparency.loadLogKeys(cfg.trust.transparencyLogs)
         } catch {
             throw NodeError(.identity, "trust.transparency_logs: \(error)")
-        }
-        let ids = logs.map { Data(CertificateTransparency.logID(of: $0)).base64EncodedString() }
-        let trusted = TrustedLogKeys(logs)
-        return PeerCertificateCheck(identity: "transparency:" + ids.joined(separator: ",")) { leaf, issuer in
-            guard let issuer else {
-                return "SCT missing: no issuer certificate to check it against (the peer sent only its leaf)"
-            }
-            return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: trusted.keys).refusal
         }
     }
 

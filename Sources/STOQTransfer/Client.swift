@@ -150,16 +150,16 @@ package struct ClientRig {
                  congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) {
         let creds: TLSCredentials
         do {
-            var check: PeerCertificateCheck?
-            if !trust.transparencyLogs.isEmpty {
-                let logs = TrustedLogKeys(try CertificateTransparency.loadLogKeys(trust.transparencyLogs))
-                check = PeerCertificateCheck(identity: "transparency") { leaf, issuer in
-                    guard let issuer else { return "SCT missing: no issuer certificate to check it against" }
-                    return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: logs.keys).refusal
-                }
+            // The one certificate policy (PeerVerifier, role server), as `stoq trust verify` runs it.
+            var policy: PeerCertificateCheck?
+            if !trust.insecure {
+                let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
+                let logs = trust.transparencyLogs.isEmpty ? nil : try CertificateTransparency.loadLogKeys(trust.transparencyLogs)
+                let verifier = PeerVerifier(roots: roots, role: .server, transparencyLogs: logs)
+                policy = PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal)
             }
-            creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure,
-                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile, peerCheck: check)
+            creds = try TLSCredentials(policy: policy, insecure: trust.insecure,
+                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile)
         } catch {
             throw ClientError(.tls, "\(error)")
         }
