@@ -149,14 +149,15 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
-        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
+        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
-        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
+        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore", "STOQDatapath", "STOQQUIC", "STOQTestSupport",
+                                                    .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
