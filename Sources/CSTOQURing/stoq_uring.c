@@ -335,7 +335,7 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
     out[n].segment_size = 0;
     out[n].ecn = 0;
     parse_cmsgs(&m, &out[n]);
-    if ((m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
+    if (r == 0 || (m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
       u->counters.rx_dropped++;
       continue;
     }
@@ -431,6 +431,10 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     parse_multishot_cmsgs(o, &u->rx_msg, rx);
     rx->data = io_uring_recvmsg_payload(o, &u->rx_msg);
     rx->len = io_uring_recvmsg_payload_length(o, cqe->res, &u->rx_msg);
+    if (rx->len == 0) { /* an empty datagram carries no packet: count it, hand nothing over */
+      u->counters.rx_dropped++;
+      continue;
+    }
     if (!rx->segment_size) rx->segment_size = rx->len ? rx->len : 1;
     u->counters.rx_datagrams += (rx->len + rx->segment_size - 1) / rx->segment_size;
     u->counters.rx_bytes += rx->len;
