@@ -238,6 +238,13 @@ fail_noring:
 
 void stoq_uring_close(stoq_uring *u) {
   if (!u) return;
+  /* io_uring_queue_exit tears the ring down in a kernel worker, after it returns: requests
+     still pending there (the multishot receive, the wakeup read) keep the socket open and
+     its port bound for a while after close. Cancel them all synchronously first (kernel
+     6.0+; older kernels refuse and keep the old behaviour). */
+  struct io_uring_sync_cancel_reg cancel = {.fd = -1, .flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
+                                            .timeout = {.tv_sec = 1, .tv_nsec = 0}};
+  (void)io_uring_register_sync_cancel(&u->ring, &cancel);
   io_uring_queue_exit(&u->ring);
   close(u->fd);
   if (u->slots) free(u->slots[0].buf);
