@@ -384,6 +384,8 @@ enum Testbed {
     /// step's output, when any step fails.
     static func up() throws {
         let steps = [
+            // From scratch: an earlier testbed (two queues, another program) would be kept by `up`.
+            "scripts/testbed down",
             "scripts/testbed up --xdp --queues 1",
             "nsenter --net=\(namespaceA) scripts/xdp-attach veth-a --mode native --ports \(port) --no-dispatcher",
             "ip -n stoq-a neigh replace \(addressB) lladdr $(ip -n stoq-b -o link show veth-b | sed 's/.*link.ether \\([^ ]*\\).*/\\1/') dev veth-a nud permanent",
