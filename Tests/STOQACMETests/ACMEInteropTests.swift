@@ -159,7 +159,7 @@ import Testing
 
     /// Waits until something accepts TCP on [::1]:port, or fails with the child's output.
     private func waitForListener(port: UInt16, child: Child) async throws {
-        let deadline = Date().addingTimeInterval(15)
+        let deadline = Date().addingTimeInterval(60)
         while Date() < deadline {
             guard child.process.isRunning else { Issue.record("exited early:\n\(child.log)"); try Test.cancel("child exited") }
             let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
@@ -174,6 +174,6 @@ import Testing
             if ok { return }
             try await Task.sleep(nanoseconds: 100_000_000)
         }
-        Issue.record("nothing listened on [::1]:\(port) within 15 s:\n\(child.log)")
+        Issue.record("nothing listened on [::1]:\(port) within 60 s:\n\(child.log)")
     }
 }
