@@ -188,7 +188,8 @@ let package = Package(
             name: "stoq-node",
             dependencies: ["STOQNode", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log"),
-                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                           .product(name: "UnixSignals", package: "swift-service-lifecycle")]),
         .executableTarget(
             name: "stoq",
             dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore",
