@@ -37,6 +37,9 @@ public struct ReloadService: Service {
     let path: String?
     let interval: Duration
     let reload: @Sendable (String) async -> Void
+    /// The file's modification time when the service was made (before the node started),
+    /// so that a change made while the node starts is seen too.
+    let seen: Int
 
     /// `hangups` is made before the node starts (`UnixSignalsSequence(trapping: .sighup)`),
     /// so that a SIGHUP sent as soon as the node listens is not lost. Without `path` only
@@ -47,6 +50,7 @@ public struct ReloadService: Service {
         self.path = path
         self.interval = interval
         self.reload = reload
+        self.seen = path.map(Self.modificationTime) ?? 0
     }
 
     public func run() async throws {
@@ -57,8 +61,8 @@ public struct ReloadService: Service {
                 trigger.finish()
             }
             if let path {
-                group.addTask { [interval] in
-                    var last = Self.modificationTime(path)
+                group.addTask { [interval, seen] in
+                    var last = seen
                     while !Task.isShuttingDownGracefully {
                         do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) } } catch { break }
                         let now = Self.modificationTime(path)
