@@ -129,7 +129,8 @@ public final class Node: @unchecked Sendable {
 
     /// Starts the node: its identity, the content store and edge cache, one datapath queue
     /// and pinned worker per core, then the admin API. Returns once every worker is
-    /// listening; on any failure what was started is stopped and the error names the step.
+    /// listening. Each step's error names what failed (a worker or admin failure also stops
+    /// the workers already started).
     public func start() throws {
         let cfg = config
         let credentials = try startIdentity(cfg)
