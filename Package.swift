@@ -23,9 +23,11 @@ let package = Package(
         .executable(name: "stoq-node", targets: ["stoq-node"]),
         .executable(name: "stoq", targets: ["stoq"]),
     ],
-    // AF_XDP is optional: `swift build --disable-default-traits` builds without CSTOQXDP,
-    // STOQDatapathXDP, libxdp and libbpf; the node then refuses network.datapath = "af_xdp"
-    // ("not compiled in") and "auto" uses io_uring.
+    // AF_XDP is optional. Without this trait
+    //   swift build --disable-default-traits --product stoq-node   (likewise --product stoq)
+    // neither compiles nor links CSTOQXDP, STOQDatapathXDP, libxdp or libbpf; the node refuses
+    // network.datapath = "af_xdp" ("not compiled in") and "auto" uses io_uring. (A plain
+    // `swift build` compiles every target, used or not, but links them into nothing.)
     traits: [
         .trait(name: "AFXDP", description: "The AF_XDP datapath (kernel bypass; links libxdp and libbpf)."),
         .default(enabledTraits: ["AFXDP"]),
