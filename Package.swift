@@ -64,7 +64,8 @@ let package = Package(
         .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
         // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
-        // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
+        // STOQNode (and `stoq xdp status`) name it, both under the AFXDP trait. The C target
+        // shares bpf/stoq_kern_user.h with the XDP program.
         .target(
             name: "CSTOQXDP", cSettings: [.headerSearchPath("../../bpf")],
             linkerSettings: [.linkedLibrary("xdp"), .linkedLibrary("bpf")]),
@@ -105,8 +106,8 @@ let package = Package(
             ]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
-        // the only I/O is an optional streaming reader over a file descriptor. Vocabulary that
-        // the config ([chunking] is validated by ChunkingParameters) and everything above use.
+        // the only I/O is an optional streaming reader over a file descriptor. Vocabulary for
+        // the targets below, STOQConfig first ([chunking] is validated by ChunkingParameters).
         .target(
             name: "STOQChunking",
             dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
