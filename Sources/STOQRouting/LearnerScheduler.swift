@@ -24,6 +24,11 @@ public struct LearnerSettings: Sendable, Equatable {
     public var cusumThreshold: Double = 6
     /// Fraction of evidence kept when a change is detected.
     public var keepOnChange: Double = 0.05
+    /// Late binding: a chunk is held back (choose returns nil) while the route it would finish
+    /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its latency)
+    /// seconds of work queued, so few chunks are committed to a route that may change.
+    public var queueHorizon: Double = 0.25
+    public var queueHorizonRTTs: Double = 4
     /// Seed of the sampling stream.
     public var seed: UInt64 = 1
     /// Creates the defaults.
@@ -46,12 +51,14 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         var l0 = 0.05, th0 = 0.1
         // Posterior (mean, covariance Cholesky factor), noise variance.
         var mL = 0.05, mT = 0.1, c11 = 0.0, c21 = 0.0, c22 = 0.0, sigma2 = 0.0
+        // The Thompson draw decisions use until the posterior next changes.
+        var sL = 0.05, sT = 0.1
         // Discounted failures and trials.
         var fails = 0.0, trials = 0.0
         var cusumUp = 0.0, cusumDown = 0.0
         var changes = 0
         // Outstanding requests in dispatch order (time, predicted duration); lazily popped.
-        var outstanding: [(at: Double, expect: Double, bytes: Int)] = []
+        var outstanding: [(at: Double, expect: Double, bytes: Int, x: Double)] = []
         var head = 0
     }
 
@@ -122,6 +129,12 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         m.c21 = v12 / m.c11
         m.c22 = max(v22 - m.c21 * m.c21, 0).squareRoot()
         m.sigma2 = sigma2
+        // One draw per posterior, not per decision: within a burst of decisions the queue term
+        // then stays consistent (a fresh optimistic draw per chunk would pile a burst onto a
+        // slow route). Clamped to [½, 2]× the mean so one unlucky draw cannot flood a route.
+        let z1 = rng.normal(), z2 = rng.normal()
+        m.sL = min(max(m.mL + m.c11 * z1, 0), 2 * max(m.mL, 0) + 0.002)
+        m.sT = min(max(m.mT + m.c21 * z1 + m.c22 * z2, 0.5 * m.mT), 2 * m.mT)
         models[i] = m
     }
 
@@ -150,36 +163,36 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         var best = -1
         var bestT = Double.infinity
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
-            let m = models[i]
-            let z1 = rng.normal(), z2 = rng.normal()
-            let l = m.mL + m.c11 * z1
-            let th = m.mT + m.c21 * z1 + m.c22 * z2
-            let t = completionTime(i, l: l, theta: th, bytes: bytes, now: now)
+            let t = completionTime(i, l: models[i].sL, theta: models[i].sT, bytes: bytes, now: now)
             if t < bestT { bestT = t; best = i }
         }
-        return best < 0 ? nil : routes[best].id
+        guard best >= 0 else { return nil }
+        if excluding == nil {
+            let m = models[best]
+            let queued = m.sT * Double(routes[best].inFlightBytes) / Self.mb
+            if queued > max(settings.queueHorizon, settings.queueHorizonRTTs * m.sL) { return nil }
+        }
+        return routes[best].id
     }
 
     public override func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
         guard let i = index[route] else { return }
         let expect = expectedDuration(route: route, bytes: bytes, now: now)
+        // The regressor: bytes ahead of and including this chunk on the route, at dispatch.
+        let x = Double(routes[i].inFlightBytes + bytes) / Self.mb
         super.dispatched(transfer: transfer, route: route, bytes: bytes, now: now)
-        models[i].outstanding.append((now, max(expect, 1e-4), bytes))
+        models[i].outstanding.append((now, max(expect, 1e-4), bytes, x))
     }
 
     public override func completed(_ c: MultipathCompletion, now: Double) {
         guard let i = index[c.route] else { return }
-        // The in-flight bytes ahead of this chunk when it was sent are not stored per request;
-        // the outstanding queue gives them back: everything sent earlier and still counted.
-        var ahead = 0
+        // Find the request (same route, time and size are indistinguishable, any will do).
+        var x = Double(c.bytes) / Self.mb
         var found = -1
         var k = models[i].head
         while k < models[i].outstanding.count {
             let o = models[i].outstanding[k]
-            if o.bytes >= 0 {
-                if o.at == c.requestedAt && o.bytes == c.bytes && found < 0 { found = k; break }
-                ahead += o.bytes
-            }
+            if o.bytes >= 0 && o.at == c.requestedAt && o.bytes == c.bytes { found = k; x = o.x; break }
             k += 1
         }
         if found >= 0 { models[i].outstanding[found].bytes = -1 }
@@ -199,10 +212,10 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
             models[i].fails += 1
             models[i].trials += 1
             // A timeout is a lower bound on the time: learn from it as an observation.
-            observe(i, x: Double(ahead + c.bytes) / Self.mb, t: c.endedAt - c.requestedAt)
+            observe(i, x: x, t: c.endedAt - c.requestedAt)
         case .delivered:
             models[i].trials += 1
-            observe(i, x: Double(ahead + c.bytes) / Self.mb, t: c.endedAt - c.requestedAt)
+            observe(i, x: x, t: c.endedAt - c.requestedAt)
         }
         refresh(i, now: now)
     }

@@ -121,11 +121,13 @@ public enum MeshSimRunner {
         // One scheduler per client node, in order of first appearance (deterministic).
         var clientOf: [Int: Int] = [:]
         var schedulers: [any MultipathChunkScheduler] = []
+        var budgets: [MultipathHedgeBudget] = []
         var clientRoutes: [[Int]] = []
         var clientNodes: [Int] = []
         for t in s.transfers where clientOf[t.client] == nil {
             clientOf[t.client] = schedulers.count
             schedulers.append(make(t.client))
+            budgets.append(MultipathHedgeBudget(fraction: s.transferSettings.hedgeBudget))
             clientRoutes.append([])
             clientNodes.append(t.client)
         }
@@ -197,7 +199,9 @@ public enum MeshSimRunner {
             let reqs = tr.poll(now: now, scheduler: sched)
             transfers[t] = tr
             send(t, reqs, now: now)
-            if let d = tr.nextDeadline, d < pollAt[t] {
+            if let deadline = tr.nextDeadline, deadline < pollAt[t] {
+                // Never in the past: a deadline poll cannot act on is retried, not spun on.
+                let d = max(deadline, now + 1e-6)
                 pollAt[t] = d
                 push(d, .poll(t))
             }
@@ -212,7 +216,7 @@ public enum MeshSimRunner {
                 let spec = s.transfers[t]
                 transfers[t] = MultipathTransfer(id: t, chunkBytes: spec.chunkBytes,
                                                  routes: spec.routes.map { MultipathRouteID($0) },
-                                                 settings: s.transferSettings)
+                                                 settings: s.transferSettings, budget: budgets[clientOf[spec.client]!])
                 active.append(t)
                 poll(t, now: now)
             case .poll(let t):
@@ -252,15 +256,14 @@ public enum MeshSimRunner {
                     if k >= 0 { copies[k].cancelled = true }
                 }
                 transfers[t] = tr
-                if tr.isComplete {
-                    if finished[t] < 0 {
-                        finished[t] = now
-                        remaining -= 1
-                        active.removeAll { $0 == t }
-                    }
-                } else {
-                    poll(t, now: now)
+                if tr.isComplete && finished[t] < 0 {
+                    finished[t] = now
+                    remaining -= 1
+                    active.removeAll { $0 == t }
                 }
+                // The answer freed room on a route every transfer of this client shares.
+                let client = s.transfers[t].client
+                for u in active where s.transfers[u].client == client { poll(u, now: now) }
             }
         }
 

@@ -11,7 +11,10 @@ public class MultipathRouteBook {
         var features: MultipathRouteFeatures
         var active: Bool
         var inFlightBytes = 0
+        var inFlightChunks = 0
         var share = 0.0
+        /// Least RTT ever advertised: the propagation part, which sizes a window.
+        var minRTT = Double.infinity
     }
     var routes: [Route] = []
     var index: [MultipathRouteID: Int] = [:]
@@ -26,9 +29,10 @@ public class MultipathRouteBook {
             if let i = index[c.id] {
                 routes[i].features = c.features
                 routes[i].active = true
+                routes[i].minRTT = min(routes[i].minRTT, c.features.rttMean)
             } else {
                 index[c.id] = routes.count
-                routes.append(Route(id: c.id, features: c.features, active: true))
+                routes.append(Route(id: c.id, features: c.features, active: true, minRTT: c.features.rttMean))
                 routeAdded(at: routes.count - 1, now: now)
             }
         }
@@ -49,17 +53,22 @@ public class MultipathRouteBook {
         perTransfer[transfer].map { $0.count > i ? $0[i] : 0 } ?? 0
     }
 
-    /// The per-transfer window a baseline keeps on a route: two bandwidth-delay products in
-    /// chunks (a congestion window with headroom), at least two chunks.
+    /// The window a baseline keeps on a route, over all transfers (every chunk request to a
+    /// neighbour rides one QUIC connection, hence one congestion window): two bandwidth-delay
+    /// products of the propagation RTT in chunks, at least two chunks.
     func window(route i: Int, bytes: Int) -> Int {
         let f = routes[i].features
-        let bdp = f.deliveryRate * f.rttMean
+        let bdp = f.deliveryRate * routes[i].minRTT
         return max(2, Int((2 * bdp / Double(max(1, bytes))).rounded(.up)))
     }
+
+    /// True when the route's window has room for one more chunk.
+    func hasRoom(route i: Int, bytes: Int) -> Bool { routes[i].inFlightChunks < window(route: i, bytes: bytes) }
 
     public func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
         guard let i = index[route] else { return }
         routes[i].inFlightBytes += bytes
+        routes[i].inFlightChunks += 1
         var counts = perTransfer[transfer] ?? []
         if counts.count < routes.count { counts += Array(repeating: 0, count: routes.count - counts.count) }
         counts[i] += 1
@@ -71,6 +80,7 @@ public class MultipathRouteBook {
     public func completed(_ c: MultipathCompletion, now: Double) {
         guard let i = index[c.route] else { return }
         routes[i].inFlightBytes = max(0, routes[i].inFlightBytes - c.bytes)
+        routes[i].inFlightChunks = max(0, routes[i].inFlightChunks - 1)
         if var counts = perTransfer[c.transfer], counts.count > i {
             counts[i] = max(0, counts[i] - 1)
             if counts.allSatisfy({ $0 == 0 }) { perTransfer[c.transfer] = nil } else { perTransfer[c.transfer] = counts }
@@ -102,7 +112,7 @@ public final class MinRTTScheduler: MultipathRouteBook, MultipathChunkScheduler 
                        now: Double) -> MultipathRouteID? {
         var best = -1
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
-            guard inFlight(transfer: transfer, route: i) < window(route: i, bytes: bytes) else { continue }
+            guard hasRoom(route: i, bytes: bytes) else { continue }
             if best < 0 || routes[i].features.rttMean < routes[best].features.rttMean { best = i }
         }
         return best < 0 ? nil : routes[best].id
@@ -120,7 +130,7 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
         for k in 0..<n {
             let i = (next + k) % n
             guard usable(i, among: among, excluding: excluding),
-                  inFlight(transfer: transfer, route: i) < window(route: i, bytes: bytes) else { continue }
+                  hasRoom(route: i, bytes: bytes) else { continue }
             next = (i + 1) % n
             return routes[i].id
         }
@@ -142,7 +152,7 @@ public final class BestSingleScheduler: MultipathRouteBook, MultipathChunkSchedu
             let rate = f.deliveryRate * (1 - f.loss)
             if best < 0 || rate > bestRate { best = i; bestRate = rate }
         }
-        guard best >= 0, inFlight(transfer: transfer, route: best) < window(route: best, bytes: bytes) else { return nil }
+        guard best >= 0, hasRoom(route: best, bytes: bytes) else { return nil }
         return routes[best].id
     }
 }

@@ -8,7 +8,8 @@
 public struct MultipathTransferSettings: Sendable, Equatable {
     /// Requests (first copies) outstanding at once per transfer.
     public var window: Int = 16
-    /// Extra bytes hedges may cost, as a fraction of the object's bytes.
+    /// Extra bytes hedges may cost, as a fraction of the bytes requested (when the transfer
+    /// has its own budget).
     public var hedgeBudget: Double = 0.05
     /// A request is stalled, and hedged, once older than hedgeFactor × its expected duration
     /// plus hedgeSlack seconds.
@@ -20,6 +21,29 @@ public struct MultipathTransferSettings: Sendable, Equatable {
     public var failFloor: Double = 1
     /// Creates the defaults.
     public init() {}
+}
+
+/// Bytes hedges may still spend, shared by every transfer of a node: each first request earns
+/// `fraction` of its bytes, each hedge spends its chunk's bytes (so hedges stay within ~5 %
+/// extra bytes overall, while a single small object can still hedge its one stalled chunk).
+public final class MultipathHedgeBudget {
+    /// Share of requested bytes hedges may add.
+    public let fraction: Double
+    /// Bytes available now.
+    public private(set) var available: Double
+    /// Bytes spent on hedges so far.
+    public private(set) var spent = 0.0
+    /// Starts with `initial` bytes (one chunk lets the very first transfer hedge).
+    public init(fraction: Double = 0.05, initial: Double = 0) {
+        self.fraction = fraction
+        self.available = initial
+    }
+    func earn(_ bytes: Int) { available += fraction * Double(bytes) }
+    func canSpend(_ bytes: Int) -> Bool { Double(bytes) <= available }
+    func spend(_ bytes: Int) {
+        available -= Double(bytes)
+        spent += Double(bytes)
+    }
 }
 
 /// One chunk request to send.
@@ -37,7 +61,7 @@ public struct MultipathChunkRequest: Sendable, Equatable {
 }
 
 /// The state of one object's multipath fetch.
-public struct MultipathTransfer: Sendable {
+public struct MultipathTransfer {
     struct Outstanding: Sendable {
         var request: Int
         var chunk: Int
@@ -45,6 +69,8 @@ public struct MultipathTransfer: Sendable {
         var at: Double
         var expect: Double
         var isHedge: Bool
+        /// When this request counts as stalled; pushed back when no other route could take a hedge.
+        var hedgeAt: Double
     }
 
     /// The transfer's id at the scheduler.
@@ -61,7 +87,7 @@ public struct MultipathTransfer: Sendable {
     private var queueHead = 0
     private var outstanding: [Outstanding] = []
     private var nextRequest = 0
-    private var hedgeBytesLeft: Double
+    private let budget: MultipathHedgeBudget
     /// Chunks verified so far.
     public private(set) var completedChunks = 0
     /// Hedge requests sent, retries after failures, and bytes received twice.
@@ -70,8 +96,9 @@ public struct MultipathTransfer: Sendable {
     public private(set) var duplicateBytes = 0
 
     /// Starts a transfer of chunks of the given sizes.
+    /// `budget` is shared by the transfers of a node; by default the transfer has its own.
     public init(id: MultipathTransferID, chunkBytes: [Int], routes: [MultipathRouteID]? = nil,
-                settings: MultipathTransferSettings = MultipathTransferSettings()) {
+                settings: MultipathTransferSettings = MultipathTransferSettings(), budget: MultipathHedgeBudget? = nil) {
         self.id = id
         self.chunkBytes = chunkBytes
         self.routes = routes
@@ -80,7 +107,7 @@ public struct MultipathTransfer: Sendable {
         hedged = done
         copies = Array(repeating: 0, count: chunkBytes.count)
         queue = Array(chunkBytes.indices)
-        hedgeBytesLeft = settings.hedgeBudget * Double(chunkBytes.reduce(0, +))
+        self.budget = budget ?? MultipathHedgeBudget(fraction: settings.hedgeBudget)
     }
 
     /// Every chunk verified.
@@ -113,14 +140,16 @@ public struct MultipathTransfer: Sendable {
             }
         }
         // 2. Hedges: one extra copy of a stalled chunk on another route, within the budget.
-        for o in outstanding where !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 {
+        for (k, o) in outstanding.enumerated() where !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 {
             let bytes = chunkBytes[o.chunk]
-            guard Double(bytes) <= hedgeBytesLeft,
-                  now - o.at >= settings.hedgeFactor * o.expect + settings.hedgeSlack else { continue }
+            guard budget.canSpend(bytes), now >= o.hedgeAt else { continue }
             guard let route = scheduler.choose(transfer: id, bytes: bytes, among: routes, excluding: o.route, now: now)
-            else { continue }
+            else {
+                outstanding[k].hedgeAt = now + max(o.expect, 0.05)
+                continue
+            }
             hedged[o.chunk] = true
-            hedgeBytesLeft -= Double(bytes)
+            budget.spend(bytes)
             hedges += 1
             out.append(send(chunk: o.chunk, route: route, isHedge: true, now: now, scheduler: scheduler))
         }
@@ -141,10 +170,12 @@ public struct MultipathTransfer: Sendable {
         let bytes = chunkBytes[chunk]
         let expect = max(scheduler.expectedDuration(route: route, bytes: bytes, now: now), 1e-4)
         scheduler.dispatched(transfer: id, route: route, bytes: bytes, now: now)
+        if !isHedge { budget.earn(bytes) }
         let r = nextRequest
         nextRequest += 1
         copies[chunk] += 1
-        outstanding.append(Outstanding(request: r, chunk: chunk, route: route, at: now, expect: expect, isHedge: isHedge))
+        outstanding.append(Outstanding(request: r, chunk: chunk, route: route, at: now, expect: expect, isHedge: isHedge,
+                                       hedgeAt: now + settings.hedgeFactor * expect + settings.hedgeSlack))
         return MultipathChunkRequest(request: r, chunk: chunk, route: route, bytes: bytes, isHedge: isHedge)
     }
 
@@ -191,8 +222,8 @@ public struct MultipathTransfer: Sendable {
         var t = Double.infinity
         for o in outstanding {
             t = min(t, o.at + max(settings.failFactor * o.expect, settings.failFloor))
-            if !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 && Double(chunkBytes[o.chunk]) <= hedgeBytesLeft {
-                t = min(t, o.at + settings.hedgeFactor * o.expect + settings.hedgeSlack)
+            if !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 && budget.canSpend(chunkBytes[o.chunk]) {
+                t = min(t, o.hedgeAt)
             }
         }
         return t.isFinite ? t : nil
