@@ -157,8 +157,8 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         return t
     }
 
-    public func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                       now: Double) -> MultipathRouteID? {
+    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
         decisions += 1
         var best = -1
         var bestT = Double.infinity
@@ -167,12 +167,27 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
             if t < bestT { bestT = t; best = i }
         }
         guard best >= 0 else { return nil }
-        if excluding == nil {
-            let m = models[best]
-            let queued = m.sT * Double(routes[best].inFlightBytes) / Self.mb
-            if queued > max(settings.queueHorizon, settings.queueHorizonRTTs * m.sL) { return nil }
+        guard excluding == nil, isFull(best) else { return routes[best].id }
+        // The fastest route is full. Waiting for it is right unless this transfer's own backlog,
+        // queued behind what is in flight there, would finish later than this chunk on the best
+        // route with room (the earliest-completion-first rule, ECF): only then can a slower
+        // route help this object rather than become its straggler.
+        let waitingBytes = Double(backlog)
+        let m = models[best]
+        let drainBest = m.sL + m.sT * (Double(routes[best].inFlightBytes) + waitingBytes) / Self.mb
+        var alt = -1
+        var altT = Double.infinity
+        for i in routes.indices where i != best && usable(i, among: among, excluding: nil) && !isFull(i) {
+            let t = completionTime(i, l: models[i].sL, theta: models[i].sT, bytes: bytes, now: now)
+            if t < altT { altT = t; alt = i }
         }
-        return routes[best].id
+        return alt >= 0 && altT <= drainBest ? routes[alt].id : nil
+    }
+
+    /// More than the late-binding horizon of work already queued on route i.
+    @inline(__always) private func isFull(_ i: Int) -> Bool {
+        let m = models[i]
+        return m.sT * Double(routes[i].inFlightBytes) / Self.mb > max(settings.queueHorizon, settings.queueHorizonRTTs * m.sL)
     }
 
     public override func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
@@ -188,11 +203,12 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         guard let i = index[c.route] else { return }
         // Find the request (same route, time and size are indistinguishable, any will do).
         var x = Double(c.bytes) / Self.mb
+        var expect = Double.infinity
         var found = -1
         var k = models[i].head
         while k < models[i].outstanding.count {
             let o = models[i].outstanding[k]
-            if o.bytes >= 0 && o.at == c.requestedAt && o.bytes == c.bytes { found = k; x = o.x; break }
+            if o.bytes >= 0 && o.at == c.requestedAt && o.bytes == c.bytes { found = k; x = o.x; expect = o.expect; break }
             k += 1
         }
         if found >= 0 { models[i].outstanding[found].bytes = -1 }
@@ -207,7 +223,14 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         refresh(i, now: now)
         switch c.outcome {
         case .cancelled:
-            return
+            // The copy lost to a hedge. If it was the stalled one (well past its expectation),
+            // that is a censored observation — it would have taken at least this long — and a
+            // failure to deliver in time; otherwise it says nothing.
+            let age = c.endedAt - c.requestedAt
+            guard age > 2 * expect else { return }
+            models[i].fails += 1
+            models[i].trials += 1
+            observe(i, x: x, t: age)
         case .failed:
             models[i].fails += 1
             models[i].trials += 1

@@ -31,6 +31,12 @@ struct MeshSimLink {
     var changes: [MeshSimLinkChange] = []
     var freeAt = 0.0
     var cursor = 0
+    /// Chunks waiting (copy ids, FIFO) and whether one is being served; a cancelled chunk is
+    /// skipped when its turn comes, as a relay drops a stream its requester reset.
+    var waiting: [Int] = []
+    var waitingHead = 0
+    var busy = false
+    var queuedBytes = 0
 
     func parameters(at t: Double) -> (rate: Double, loss: Double) {
         var r = (spec.rate, spec.loss)
@@ -61,10 +67,7 @@ struct MeshSimLink {
     }
 
     /// Queueing delay a probe sent now would see, seconds.
-    func queueDelay(now: Double) -> Double {
-        if let trace = spec.trace { return max(0, trace.time(cursor) - now) }
-        return max(0, freeAt - now)
-    }
+    func queueDelay(now: Double) -> Double { Double(queuedBytes) / measuredRate(now: now) }
 
     /// Capacity a measurement over the last second would report, bytes per second.
     func measuredRate(now: Double) -> Double {

@@ -76,6 +76,7 @@ public enum MeshSimRunner {
     private enum Kind {
         case start(Int)
         case hop(copy: Int, hop: Int)
+        case served(link: Int, copy: Int, hop: Int)
         case deliver(copy: Int)
         case poll(Int)
         case refresh
@@ -193,6 +194,27 @@ public enum MeshSimRunner {
             }
         }
 
+        var hopOf: [Int: Int] = [:]
+        func startService(_ l: Int, now: Double) {
+            while links[l].waitingHead < links[l].waiting.count {
+                let c = links[l].waiting[links[l].waitingHead]
+                links[l].waitingHead += 1
+                if copies[c].cancelled {
+                    links[l].queuedBytes -= copies[c].bytes
+                    continue
+                }
+                links[l].busy = true
+                let departure = links[l].serve(arrival: now, bytes: copies[c].bytes, rng: &rng)
+                push(departure, .served(link: l, copy: c, hop: hopOf[c]!))
+                if links[l].waitingHead > 256 && links[l].waitingHead * 2 > links[l].waiting.count {
+                    links[l].waiting.removeFirst(links[l].waitingHead)
+                    links[l].waitingHead = 0
+                }
+                return
+            }
+            links[l].busy = false
+        }
+
         func poll(_ t: Int, now: Double) {
             guard var tr = transfers[t] else { return }
             let sched = schedulers[clientOf[s.transfers[t].client]!]
@@ -222,6 +244,9 @@ public enum MeshSimRunner {
             case .poll(let t):
                 if now >= pollAt[t] { pollAt[t] = .infinity }
                 poll(t, now: now)
+                // A failure it declared may have freed a window other transfers wait on.
+                let client = s.transfers[t].client
+                for u in active where u != t && s.transfers[u].client == client { poll(u, now: now) }
             case .refresh:
                 for c in schedulers.indices {
                     var cands: [MultipathCandidate] = []
@@ -238,9 +263,19 @@ public enum MeshSimRunner {
                 let p = s.routes[copy.route]
                 guard s.network.isUp(p[h], at: now), s.network.isUp(p[h + 1], at: now) else { continue }
                 let l = routeLinks[copy.route][h]
-                let departure = links[l].serve(arrival: now, bytes: copy.bytes, rng: &rng)
-                let arrival = departure + links[l].spec.latency
-                if h + 2 == p.count { push(arrival, .deliver(copy: c)) } else { push(arrival, .hop(copy: c, hop: h + 1)) }
+                links[l].waiting.append(c)
+                links[l].queuedBytes += copy.bytes
+                hopOf[c] = h
+                if !links[l].busy { startService(l, now: now) }
+            case .served(let l, let c, let h):
+                links[l].queuedBytes -= copies[c].bytes
+                let copy = copies[c]
+                let p = s.routes[copy.route]
+                if !copy.cancelled && s.network.isUp(p[h], at: now) {
+                    let arrival = now + links[l].spec.latency
+                    if h + 2 == p.count { push(arrival, .deliver(copy: c)) } else { push(arrival, .hop(copy: c, hop: h + 1)) }
+                }
+                startService(l, now: now)
             case .deliver(let c):
                 let copy = copies[c]
                 if copy.cancelled { continue }

@@ -108,8 +108,8 @@ public class MultipathRouteBook {
 public final class MinRTTScheduler: MultipathRouteBook, MultipathChunkScheduler {
     public var name: String { MultipathSchedulerKind.minRTT.rawValue }
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                       now: Double) -> MultipathRouteID? {
+    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
         var best = -1
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
             guard hasRoom(route: i, bytes: bytes) else { continue }
@@ -124,8 +124,8 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
     public var name: String { MultipathSchedulerKind.roundRobin.rawValue }
     private var next = 0
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                       now: Double) -> MultipathRouteID? {
+    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
         let n = routes.count
         for k in 0..<n {
             let i = (next + k) % n
@@ -143,8 +143,8 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
 public final class BestSingleScheduler: MultipathRouteBook, MultipathChunkScheduler {
     public var name: String { MultipathSchedulerKind.bestSingle.rawValue }
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                       now: Double) -> MultipathRouteID? {
+    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
         var best = -1
         var bestRate = 0.0
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
@@ -175,8 +175,8 @@ public final class FixedSplitScheduler: MultipathRouteBook, MultipathChunkSchedu
 
     override func routeAdded(at i: Int, now: Double) { credit.append(0) }
 
-    public func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                       now: Double) -> MultipathRouteID? {
+    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
         var pool: [(w: Double, i: Int)] = []
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
             let w = weights[routes[i].id] ?? 0

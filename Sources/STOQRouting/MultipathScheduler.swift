@@ -126,10 +126,11 @@ public protocol MultipathChunkScheduler: AnyObject {
     /// withdrawn: never chosen again until they come back).
     func update(candidates: [MultipathCandidate], now: Double)
     /// Picks a route for a chunk of `bytes` of `transfer`, or nil to wait (every usable route
-    /// is at its window). `among` restricts the choice (routes to sources holding the chunk);
+    /// is at its window). `backlog` is the bytes the transfer has not requested yet, this
+    /// chunk included. `among` restricts the choice (routes to sources holding the chunk);
     /// `excluding` is the route a hedge must avoid.
-    func choose(transfer: MultipathTransferID, bytes: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?,
-                now: Double) -> MultipathRouteID?
+    func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                excluding: MultipathRouteID?, now: Double) -> MultipathRouteID?
     /// Records that a request went out on `route` (after `choose`, or for a hedge).
     func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double)
     /// Feeds back how a request ended.

@@ -88,6 +88,8 @@ public struct MultipathTransfer {
     private var outstanding: [Outstanding] = []
     private var nextRequest = 0
     private let budget: MultipathHedgeBudget
+    /// Bytes of chunks not requested yet (retries included).
+    private var pendingBytes: Int
     /// Chunks verified so far.
     public private(set) var completedChunks = 0
     /// Hedge requests sent, retries after failures, and bytes received twice.
@@ -108,6 +110,7 @@ public struct MultipathTransfer {
         copies = Array(repeating: 0, count: chunkBytes.count)
         queue = Array(chunkBytes.indices)
         self.budget = budget ?? MultipathHedgeBudget(fraction: settings.hedgeBudget)
+        pendingBytes = chunkBytes.reduce(0, +)
     }
 
     /// Every chunk verified.
@@ -134,6 +137,7 @@ public struct MultipathTransfer {
                     retries += 1
                     // Retried first, ahead of fresh chunks: the object waits for it.
                     queue.insert(o.chunk, at: queueHead)
+                    pendingBytes += chunkBytes[o.chunk]
                 }
             } else {
                 k += 1
@@ -143,7 +147,8 @@ public struct MultipathTransfer {
         for (k, o) in outstanding.enumerated() where !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 {
             let bytes = chunkBytes[o.chunk]
             guard budget.canSpend(bytes), now >= o.hedgeAt else { continue }
-            guard let route = scheduler.choose(transfer: id, bytes: bytes, among: routes, excluding: o.route, now: now)
+            guard let route = scheduler.choose(transfer: id, bytes: bytes, backlog: pendingBytes + bytes, among: routes,
+                                               excluding: o.route, now: now)
             else {
                 outstanding[k].hedgeAt = now + max(o.expect, 0.05)
                 continue
@@ -157,9 +162,11 @@ public struct MultipathTransfer {
         while queueHead < queue.count && outstanding.count(where: { !$0.isHedge }) < settings.window {
             let chunk = queue[queueHead]
             if done[chunk] || copies[chunk] > 0 { queueHead += 1; continue }
-            guard let route = scheduler.choose(transfer: id, bytes: chunkBytes[chunk], among: routes, excluding: nil, now: now)
+            guard let route = scheduler.choose(transfer: id, bytes: chunkBytes[chunk], backlog: pendingBytes, among: routes,
+                                               excluding: nil, now: now)
             else { break }
             queueHead += 1
+            pendingBytes -= chunkBytes[chunk]
             out.append(send(chunk: chunk, route: route, isHedge: false, now: now, scheduler: scheduler))
         }
         return out
@@ -195,6 +202,7 @@ public struct MultipathTransfer {
             if copies[o.chunk] == 0 && !done[o.chunk] {
                 retries += 1
                 queue.insert(o.chunk, at: queueHead)
+                pendingBytes += chunkBytes[o.chunk]
             }
             return []
         }

@@ -57,7 +57,7 @@ if decideBench {
     learner.update(candidates: cands, now: 0)
     var now = 0.0
     for k in 0..<2000 {
-        let r = learner.choose(transfer: k % 4, bytes: 262_144, among: nil, excluding: nil, now: now)!
+        let r = learner.choose(transfer: k % 4, bytes: 262_144, backlog: 262_144, among: nil, excluding: nil, now: now) ?? MultipathRouteID(0)
         learner.dispatched(transfer: k % 4, route: r, bytes: 262_144, now: now)
         now += 0.001
         learner.completed(MultipathCompletion(route: r, transfer: k % 4, bytes: 262_144, requestedAt: now - 0.001,
@@ -66,7 +66,7 @@ if decideBench {
     let n = 1_000_000
     var sink = 0
     let t0 = DispatchTime.now().uptimeNanoseconds
-    for k in 0..<n { sink &+= learner.choose(transfer: k & 3, bytes: 262_144, among: nil, excluding: nil, now: now)!.rawValue }
+    for k in 0..<n { sink &+= (learner.choose(transfer: k & 3, bytes: 262_144, backlog: 262_144, among: nil, excluding: nil, now: now)?.rawValue ?? 0) }
     let choose = Double(DispatchTime.now().uptimeNanoseconds - t0) / Double(n)
     let m = 200_000
     let t1 = DispatchTime.now().uptimeNanoseconds
