@@ -59,9 +59,9 @@ if decideBench {
     for k in 0..<2000 {
         let r = learner.choose(transfer: k % 4, bytes: 262_144, backlog: 262_144, among: nil, excluding: nil, now: now) ?? MultipathRouteID(0)
         learner.dispatched(transfer: k % 4, route: r, bytes: 262_144, now: now)
-        now += 0.001
-        learner.completed(MultipathCompletion(route: r, transfer: k % 4, bytes: 262_144, requestedAt: now - 0.001,
+        learner.completed(MultipathCompletion(route: r, transfer: k % 4, bytes: 262_144, requestedAt: now,
                                               endedAt: now + 0.02, outcome: .delivered), now: now + 0.02)
+        now += 0.001
     }
     let n = 1_000_000
     var sink = 0
