@@ -93,6 +93,12 @@ let package = Package(
             name: "STOQConfig",
             dependencies: ["STOQCore", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit")]),
 
+        // The mesh's routing engine: link-state database, hop-limited route computation, disjoint
+        // backups, route tables. Pure and sans-IO (callers pass `now`); docs/routing.md.
+        .target(name: "STOQRouting", dependencies: ["STOQCore"]),
+        // scripts/bench-routing: route computation on the 10,000-node overlay vs plain Dijkstra.
+        .executableTarget(name: "stoq-routing-bench", dependencies: ["STOQRouting", "STOQCore"]),
+
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.
         .target(
@@ -163,6 +169,7 @@ let package = Package(
         .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting"]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
+        .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
