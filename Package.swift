@@ -155,8 +155,6 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
-        // Link-state DB, routes and path choice, the multipath learner and its simulator (pure, sans-IO).
-        .target(name: "STOQRouting", dependencies: ["STOQCore"]),
         // Runs the multipath scenarios on the simulated mesh (scripts/bench-multipath).
         .executableTarget(name: "stoq-mesh-sim", dependencies: ["STOQRouting"]),
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
@@ -167,7 +165,6 @@ let package = Package(
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
-        .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting"]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
