@@ -221,6 +221,8 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
+        // Runs the multipath scenarios on the simulated mesh (scripts/bench-multipath).
+        .executableTarget(name: "stoq-mesh-sim", dependencies: ["STOQRouting"]),
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
