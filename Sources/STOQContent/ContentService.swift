@@ -58,6 +58,7 @@ public final class ContentService: QUICApplication {
         var remaining: UInt64  // body bytes still to append
         var edge = false       // chunks come from the edge cache (and its origin)
         var waiting = false    // the next chunk is being fetched from the origin
+        var fetched: [UInt8]?  // the next chunk's verified bytes, as its fetch handed them over
         var readAhead = 0      // chunks up to here have been asked of the origin
     }
 
@@ -208,8 +209,9 @@ public final class ContentService: QUICApplication {
                 }
                 send.readAhead += 1
             }
-            if let b = edge.readChunk(id) ?? (try? index.chunks.read(id)) {
+            if let b = send.fetched ?? edge.readChunk(id) ?? (try? index.chunks.read(id)) {
                 bytes = b
+                send.fetched = nil
             } else {
                 send.waiting = true
                 sends[stream] = send
@@ -335,7 +337,7 @@ public final class ContentService: QUICApplication {
                 }
             case .chunk(let id, let head, let stream, let connection):
                 if let f = c.failure { fail(stream, connection, f.status, f.reason) }
-                else if let bytes = edge.readChunk(id) { respondChunk(bytes, head: head, stream, connection) }
+                else if let bytes = c.chunk ?? edge.readChunk(id) { respondChunk(bytes, head: head, stream, connection) }
                 else { fail(stream, connection, 502, "edge: chunk \(id.hex) could not be kept in the cache") }
             case .objectChunk(let stream, let connection):
                 guard var send = sends[stream] else { continue }
@@ -348,7 +350,10 @@ public final class ContentService: QUICApplication {
                     continue
                 }
                 let id = ChunkID(bytes: send.chunks[send.next].id.bytes)!
-                if !edge.holds(id) {
+                // The fetch hands over the chunk's bytes: under cache pressure another fetch
+                // may evict it before this worker drains its inbox.
+                send.fetched = c.chunk
+                if send.fetched == nil && !edge.holds(id) {
                     logger.error("object \(send.name) via edge: chunk \(id.hex) could not be kept in the cache")
                     sends[stream] = nil
                     connection.reset(stream, errorCode: H3Error.internalError)

@@ -116,6 +116,9 @@ public final class EdgeCache: @unchecked Sendable {
         /// A fetched manifest's bytes, handed over with the completion so that the worker
         /// does not depend on it still being cached when it drains its inbox.
         public var manifest: [UInt8]? = nil
+        /// A fetched chunk's verified bytes, likewise: a small cache may evict the chunk (for
+        /// another fetch) before the worker that asked for it drains its inbox.
+        public var chunk: [UInt8]? = nil
     }
 
     /// One worker's completions: posted from the fetcher thread, drained on the worker,
@@ -389,9 +392,10 @@ public final class EdgeCache: @unchecked Sendable {
         var started: UInt64
     }
 
-    private func complete(_ key: Key, _ failure: Failure?, manifest: [UInt8]? = nil) {
+    private func complete(_ key: Key, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
         let waiters = lock.withLock { inflight.removeValue(forKey: key) ?? [] }
-        for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure, manifest: manifest)) }
+        let bytes = waiters.isEmpty ? nil : chunk.map { Array($0) }  // read-ahead fetches have no waiter: no copy
+        for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure, manifest: manifest, chunk: bytes)) }
     }
 
     private func originFailed(_ key: Key, _ failure: Failure) {
@@ -551,7 +555,7 @@ public final class EdgeCache: @unchecked Sendable {
                 // Larger than the whole cache: served once from the store copy, then dropped.
                 logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
             }
-            complete(a.key, nil)
+            complete(a.key, nil, chunk: body)
             if !admitted { _ = try? store.remove(id) }
         case .manifest(let name):
             do { _ = try Manifest(decoding: body) } catch {
