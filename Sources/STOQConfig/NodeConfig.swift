@@ -122,6 +122,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var edge = Edge()
     public var log = Log()
     public var admin = Admin()
+    /// `[mesh]`: MeshConfig.swift.
+    public var mesh = Mesh()
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

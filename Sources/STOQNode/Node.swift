@@ -147,6 +147,9 @@ public final class Node: @unchecked Sendable {
             certificatePath = cfg.tls.certFile
             servingCertificatePath = cfg.tls.certFile
         }
+        if cfg.mesh != NodeConfig.Mesh() {
+            logger.notice("mesh: [mesh] is configured (discovery \(cfg.mesh.discovery.rawValue), \(cfg.mesh.peers.count) peer(s)) but the mesh service is not running yet: this node serves alone")
+        }
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
         let content: ObjectIndex
@@ -361,6 +364,7 @@ public final class Node: @unchecked Sendable {
         note("chunking", restNew.chunking != restOld.chunking, live: false)
         note("edge", restNew.edge != restOld.edge, live: false)
         note("routing", restNew.routing != restOld.routing, live: false)
+        note("mesh", restNew.mesh != restOld.mesh, live: false)
         config = next
         return report
     }
