@@ -119,10 +119,14 @@ let package = Package(
         // discovery. Pure where it can be; the node assembly wires it to connections.
         .target(
             name: "STOQMesh",
-            dependencies: ["STOQCore",
+            dependencies: ["STOQCore", "STOQConfig",
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates"),
-                           .product(name: "SwiftASN1", package: "swift-asn1")]),
+                           .product(name: "SwiftASN1", package: "swift-asn1"),
+                           // Discovery: logs, and etcd's JSON gateway over HTTP (node-side only).
+                           .product(name: "Logging", package: "swift-log"),
+                           .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "AsyncHTTPClient", package: "async-http-client")]),
 
         .target(
             name: "STOQNode",
@@ -169,7 +173,8 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", .product(name: "SwiftASN1", package: "swift-asn1"),
+            dependencies: ["STOQMesh", "STOQTrust", "STOQConfig", .product(name: "SwiftASN1", package: "swift-asn1"),
+                           .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
