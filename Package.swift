@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "STOQCore"),
 
         // C shim over ngtcp2 0.12 + ngtcp2_crypto_gnutls + GnuTLS + nghttp3.
-        .target(name: "CNgtcp2", linkerSettings: systemQUIC),
+        .target(name: "CNgtcp2", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: systemQUIC),
         // Sans-IO QUIC endpoint + HTTP/3 session.
         .target(
             name: "STOQQUIC",
@@ -46,7 +46,7 @@ let package = Package(
 
         // The datapath contract, and its io_uring implementation.
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),
-        .target(name: "CSTOQURing", linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "CSTOQURing", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
         // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
         // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
@@ -91,7 +91,14 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit")]),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+                           .product(name: "Logging", package: "swift-log")]),
+
+        // The mesh's routing engine: link-state database, hop-limited route computation, disjoint
+        // backups, route tables. Pure and sans-IO (callers pass `now`); docs/routing.md.
+        .target(name: "STOQRouting", dependencies: ["STOQCore"]),
+        // scripts/bench-routing: route computation on the 10,000-node overlay vs plain Dijkstra.
+        .executableTarget(name: "stoq-routing-bench", dependencies: ["STOQRouting", "STOQCore"]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
         // the only I/O is an optional streaming reader over a file descriptor.
@@ -119,7 +126,7 @@ let package = Package(
         // discovery. Pure where it can be; the node assembly wires it to connections.
         .target(
             name: "STOQMesh",
-            dependencies: ["STOQCore", "STOQConfig",
+            dependencies: ["STOQCore", "STOQRouting", "STOQConfig",
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -165,19 +172,27 @@ let package = Package(
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig"]),
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
+                                                            .product(name: "TOMLKit", package: "TOMLKit"),
+                                                            .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
-        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore"]),
+        // Test only: runs bpf/stoq_xdp.bpf.o through BPF_PROG_TEST_RUN (the steering agreement test).
+        .target(name: "CSTOQXDPProbe", path: "Tests/CSTOQXDPProbe", cSettings: [.headerSearchPath("../../bpf")],
+                linkerSettings: [.linkedLibrary("bpf")]),
+        .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore", "STOQDatapath", "STOQDatapathURing", "STOQQUIC",
+                                                            "STOQTestSupport", "CSTOQXDPProbe"]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", "STOQConfig", .product(name: "SwiftASN1", package: "swift-asn1"),
+            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", "STOQConfig",
+                           .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
+        .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.
@@ -191,7 +206,8 @@ let package = Package(
         .testTarget(
             name: "STOQTrustTests",
             dependencies: [
-                "STOQTrust", "STOQCore",
+                // STOQQUIC and STOQTestSupport: the policy-agreement test runs the real handshake.
+                "STOQTrust", "STOQCore", "STOQQUIC", "STOQTestSupport",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

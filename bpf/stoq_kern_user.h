@@ -5,6 +5,34 @@
 #ifndef STOQ_KERN_USER_H
 #define STOQ_KERN_USER_H
 
+#include <linux/types.h>
+
+/*
+ * Connection ID -> worker: the one rule every steering point follows. The node puts the
+ * id of the worker that owns a connection in byte STOQ_CID_WORKER_BYTE of every CID it
+ * issues (make_cid in CNgtcp2); the XDP program (stoq_xdp.bpf.c), the reuseport program
+ * (CSTOQURing) and the worker hand-off (STOQWorker's Handoff.swift) read that byte from a
+ * datagram's destination CID and pick worker `byte % workers`. Where the DCID starts is
+ * QUIC's invariant header (RFC 8999): short header after the first byte; long header after
+ * the first byte, the 4-byte version and the 1-byte DCID length. Plain integer literals so
+ * that classic BPF, BPF C and Swift (through a C module) all read the same numbers.
+ */
+/** The first byte's header-form bit: set = long header. */
+#define STOQ_QUIC_LONG_HEADER_BIT 0x80
+/** Long header: offset of the DCID length byte (0 = no DCID to steer by). */
+#define STOQ_QUIC_LONG_DCID_LEN_OFFSET 5
+/** Long header: offset of the DCID. */
+#define STOQ_QUIC_LONG_DCID_OFFSET 6
+/** Short header: offset of the DCID. */
+#define STOQ_QUIC_SHORT_DCID_OFFSET 1
+/** Byte of a node-issued CID that holds the worker id. */
+#define STOQ_CID_WORKER_BYTE 0
+/** Offsets of the worker byte in a datagram (DCID offset + STOQ_CID_WORKER_BYTE). */
+#define STOQ_QUIC_LONG_WORKER_OFFSET 6
+#define STOQ_QUIC_SHORT_WORKER_OFFSET 1
+_Static_assert(STOQ_QUIC_LONG_WORKER_OFFSET == STOQ_QUIC_LONG_DCID_OFFSET + STOQ_CID_WORKER_BYTE, "long-header worker byte");
+_Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + STOQ_CID_WORKER_BYTE, "short-header worker byte");
+
 #define STOQ_MAP_XSK "xsk_map"
 #define STOQ_MAP_PORTS "stoq_ports"
 #define STOQ_MAP_CONFIG "stoq_config"

@@ -5,9 +5,8 @@
  * IPv4 aimed at a node port is dropped: STOQ is IPv6 only. Every verdict is counted.
  *
  * Steering: with STOQ_F_STEER_BY_CID the socket is chosen by the worker id in the
- * first byte of the QUIC destination connection ID (short header: payload[1]; long
- * header: payload[6]), the way katran picks a server from a CID; otherwise by the
- * receiving queue.
+ * QUIC destination connection ID (the layout is in stoq_kern_user.h), the way katran
+ * picks a server from a CID; otherwise by the receiving queue.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -105,13 +104,13 @@ int stoq_xdp(struct xdp_md *ctx) {
     __u8 *q = (__u8 *)(udp + 1);
     if ((void *)(q + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
     __u8 worker;
-    if (q[0] & 0x80) {
-      if ((void *)(q + 7) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
-      if (q[5] == 0) return pass(STOQ_STAT_PASSED_TRUNCATED); /* no DCID to steer by */
-      worker = q[6];
+    if (q[0] & STOQ_QUIC_LONG_HEADER_BIT) {
+      if ((void *)(q + STOQ_QUIC_LONG_WORKER_OFFSET + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      if (q[STOQ_QUIC_LONG_DCID_LEN_OFFSET] == 0) return pass(STOQ_STAT_PASSED_TRUNCATED); /* no DCID to steer by */
+      worker = q[STOQ_QUIC_LONG_WORKER_OFFSET];
     } else {
-      if ((void *)(q + 2) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
-      worker = q[1];
+      if ((void *)(q + STOQ_QUIC_SHORT_WORKER_OFFSET + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
+      worker = q[STOQ_QUIC_SHORT_WORKER_OFFSET];
     }
     index = worker % cfg->workers;
     count(STOQ_STAT_STEERED_BY_CID);

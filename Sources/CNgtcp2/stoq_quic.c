@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "CNgtcp2.h"
+#include "stoq_kern_user.h" /* the CID layout make_cid follows */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -41,10 +42,7 @@ struct stoq_tls_ctx {
   int insecure;
   /* mutual TLS (server side) */
   int client_auth;
-  unsigned max_depth;
-  uint8_t (*revoked)[20]; /* serials, zero-padded on the left to 20 bytes */
-  size_t nrevoked;
-  /* an extra check of the peer's leaf (certificate transparency), either side */
+  /* the certificate policy (Swift's PeerVerifier), either side: the only judge of a chain */
   stoq_peer_check_fn peer_check;
   void *peer_check_ctx;
 };
@@ -128,10 +126,7 @@ struct stoq_conn {
   struct sockaddr_in6 pending_remote;
   uint8_t pending_ecn;
   size_t max_pkt;
-  /* what the certificate must name when the server is an IP literal; GnuTLS keeps a pointer */
-  uint8_t verify_ip[16];
-  char verify_name[256];
-  gnutls_typed_vdata_st verify_data[2]; /* the server's name or address, and EKU serverAuth */
+  char verify_name[256]; /* what the client dialled: the server's certificate must name it */
 };
 
 int stoq_random(uint8_t *buf, size_t len) {
@@ -155,6 +150,25 @@ static void conn_fail(stoq_conn *c, const char *fmt, ...) {
 
 /* ---- TLS credentials ---------------------------------------------------- */
 
+/* GnuTLS will not sign a TLS 1.3 handshake with a certificate whose keyUsage lacks
+ * digitalSignature: it would fail every handshake (a client would silently send no
+ * certificate). Say so when the credentials load instead. 0 or -1 (err). */
+static int check_signing_usage(stoq_tls_ctx *t, const char *cert_file, char *err, size_t errlen) {
+  gnutls_datum_t der = {0};
+  gnutls_x509_crt_t crt;
+  if (gnutls_certificate_get_crt_raw(t->cred, 0, 0, &der) != 0 || gnutls_x509_crt_init(&crt) != 0) return 0;
+  unsigned usage = 0, critical = 0;
+  int rv = gnutls_x509_crt_import(crt, &der, GNUTLS_X509_FMT_DER);
+  if (rv == 0) rv = gnutls_x509_crt_get_key_usage(crt, &usage, &critical); /* < 0: no keyUsage, anything goes */
+  gnutls_x509_crt_deinit(crt);
+  if (rv >= 0 && !(usage & GNUTLS_KEY_DIGITAL_SIGNATURE)) {
+    set_err(err, errlen, "%s: the certificate's keyUsage lacks digitalSignature, so it cannot sign a TLS 1.3 handshake",
+            cert_file);
+    return -1;
+  }
+  return 0;
+}
+
 stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen) {
   stoq_tls_ctx *t = calloc(1, sizeof(*t));
   if (!t) return NULL;
@@ -166,10 +180,14 @@ stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, c
     stoq_tls_free(t);
     return NULL;
   }
+  if (check_signing_usage(t, cert_file, err, errlen) != 0) {
+    stoq_tls_free(t);
+    return NULL;
+  }
   return t;
 }
 
-stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, size_t errlen) {
+stoq_tls_ctx *stoq_tls_client_new(int insecure, char *err, size_t errlen) {
   stoq_tls_ctx *t = calloc(1, sizeof(*t));
   if (!t) return NULL;
   t->insecure = insecure;
@@ -179,50 +197,10 @@ stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, 
     stoq_tls_free(t);
     return NULL;
   }
-  if (ca_file && *ca_file) {
-    rv = gnutls_certificate_set_x509_trust_file(t->cred, ca_file, GNUTLS_X509_FMT_PEM);
-    if (rv <= 0) {
-      set_err(err, errlen, "loading trusted certificates from %s: %s", ca_file,
-              rv == 0 ? "no certificate found" : gnutls_strerror(rv));
-      stoq_tls_free(t);
-      return NULL;
-    }
-  } else if (!insecure) {
-    rv = gnutls_certificate_set_x509_system_trust(t->cred);
-    if (rv < 0) {
-      set_err(err, errlen, "loading the system trust store: %s", gnutls_strerror(rv));
-      stoq_tls_free(t);
-      return NULL;
-    }
-  }
   return t;
 }
 
-int stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode, const char *const *trust_files, size_t ntrust,
-                                    unsigned max_depth, const uint8_t *const *revoked, const size_t *revoked_len,
-                                    size_t nrevoked, char *err, size_t errlen) {
-  for (size_t i = 0; i < ntrust; i++) {
-    int rv = gnutls_certificate_set_x509_trust_file(t->cred, trust_files[i], GNUTLS_X509_FMT_PEM);
-    if (rv <= 0) {
-      set_err(err, errlen, "loading client-certificate roots from %s: %s", trust_files[i],
-              rv == 0 ? "no certificate found" : gnutls_strerror(rv));
-      return -1;
-    }
-  }
-  t->revoked = nrevoked ? calloc(nrevoked, sizeof(*t->revoked)) : NULL;
-  if (nrevoked && !t->revoked) {
-    set_err(err, errlen, "calloc: out of memory");
-    return -1;
-  }
-  for (size_t i = 0; i < nrevoked; i++) {
-    size_t n = revoked_len[i] > 20 ? 20 : revoked_len[i];
-    memcpy(t->revoked[i] + (20 - n), revoked[i] + (revoked_len[i] - n), n);
-  }
-  t->nrevoked = nrevoked;
-  t->max_depth = max_depth;
-  t->client_auth = mode;
-  return 0;
-}
+void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode) { t->client_auth = mode; }
 
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen) {
@@ -231,7 +209,7 @@ int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, cons
     set_err(err, errlen, "loading client certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
     return -1;
   }
-  return 0;
+  return check_signing_usage(t, cert_file, err, errlen);
 }
 
 void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) {
@@ -241,7 +219,6 @@ void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) 
 
 void stoq_tls_free(stoq_tls_ctx *t) {
   if (!t) return;
-  free(t->revoked);
   if (t->cred) gnutls_certificate_free_credentials(t->cred);
   free(t);
 }
@@ -812,7 +789,7 @@ static void cb_rand(uint8_t *dest, size_t len, const ngtcp2_rand_ctx *ctx) {
 static void make_cid(const stoq_endpoint_ctx *ep, ngtcp2_cid *cid, size_t len) {
   cid->datalen = len;
   stoq_random(cid->data, len);
-  cid->data[0] = ep->s.worker_id;
+  cid->data[STOQ_CID_WORKER_BYTE] = ep->s.worker_id; /* bpf/stoq_kern_user.h */
 }
 
 static int cb_get_new_connection_id(ngtcp2_conn *q, ngtcp2_cid *cid, uint8_t *token, size_t cidlen, void *ud) {
@@ -999,33 +976,36 @@ static int refuse_peer(stoq_conn *c, const char *why) {
   return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
 }
 
-/* Runs the credentials' peer check on the leaf (chain[0]) and its issuer: chain[1] when the
- * peer sent it, else the issuer GnuTLS found among the trusted certificates. 0 = accepted. */
-static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, char *why, size_t whylen) {
-  if (!t->peer_check) return 0;
-  gnutls_datum_t issuer = {0};
-  int owned = 0;
-  if (n >= 2) {
-    issuer = chain[1];
-  } else {
-    gnutls_x509_crt_t leaf, iss;
-    if (gnutls_x509_crt_init(&leaf) == 0) {
-      if (gnutls_x509_crt_import(leaf, &chain[0], GNUTLS_X509_FMT_DER) == 0 &&
-          gnutls_certificate_get_issuer(t->cred, leaf, &iss, 0) == 0 &&
-          gnutls_x509_crt_export2(iss, GNUTLS_X509_FMT_DER, &issuer) == 0)
-        owned = 1;
-      gnutls_x509_crt_deinit(leaf);
-    }
-  }
+/* Hands the chain the peer sent (DER, leaf first) and the name the client dialled (NULL on
+ * the server) to the credentials' policy. 0 = accepted; else `why` holds the policy's reason.
+ * No policy registered refuses: C never judges a certificate itself. */
+static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, const char *server_name,
+                          char *why, size_t whylen) {
   why[0] = 0;
-  int rc = t->peer_check(t->peer_check_ctx, chain[0].data, chain[0].size, issuer.data, issuer.size, why, whylen);
-  if (owned) gnutls_free(issuer.data);
-  if (rc != 0 && !why[0]) snprintf(why, whylen, "refused by the peer check");
+  if (!t->peer_check) {
+    snprintf(why, whylen, "no certificate policy is registered");
+    return -1;
+  }
+  const uint8_t **certs = calloc(n, sizeof(*certs));
+  size_t *lens = calloc(n, sizeof(*lens));
+  int rc = -1;
+  if (certs && lens) {
+    for (unsigned i = 0; i < n; i++) {
+      certs[i] = chain[i].data;
+      lens[i] = chain[i].size;
+    }
+    rc = t->peer_check(t->peer_check_ctx, certs, lens, n, server_name, why, whylen);
+  } else {
+    snprintf(why, whylen, "out of memory");
+  }
+  free(certs);
+  free(lens);
+  if (rc != 0 && !why[0]) snprintf(why, whylen, "refused by the certificate policy");
   return rc;
 }
 
-/* Server: mutual TLS. GnuTLS checks the chain against the roots, validity, signatures and
- * constraints, and the key purpose (clientAuth); then depth and the revoked serials. */
+/* Server: mutual TLS. Whether a certificate was presented is a handshake fact; what to make
+ * of it is the policy's (chain, dates, keys, usages, revocation, transparency). */
 static int verify_client(gnutls_session_t session) {
   ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
   stoq_conn *c = ref->user_data;
@@ -1033,95 +1013,9 @@ static int verify_client(gnutls_session_t session) {
   unsigned n = 0;
   const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
   if (!chain || n == 0) return t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? refuse_peer(c, "none was presented") : 0;
-  if (t->max_depth && n > t->max_depth) {
-    char why[96];
-    snprintf(why, sizeof(why), "chain too long (%u certificates, at most %u)", n, t->max_depth);
-    return refuse_peer(c, why);
-  }
-  gnutls_typed_vdata_st purpose = {.type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT};
-  unsigned status = 0;
-  int rv = gnutls_certificate_verify_peers(session, &purpose, 1, &status);
-  if (rv < 0) return refuse_peer(c, gnutls_strerror(rv));
-  if (status) {
-    gnutls_datum_t out = {0};
-    char why[256] = "not trusted";
-    if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
-      snprintf(why, sizeof(why), "%s", out.data);
-      gnutls_free(out.data);
-    }
-    return refuse_peer(c, why);
-  }
-  gnutls_x509_crt_t crt;
-  if (gnutls_x509_crt_init(&crt) != 0) return refuse_peer(c, "out of memory");
-  if (gnutls_x509_crt_import(crt, &chain[0], GNUTLS_X509_FMT_DER) != 0) {
-    gnutls_x509_crt_deinit(crt);
-    return refuse_peer(c, "the certificate does not parse");
-  }
-  /* Key strength: RSA/DSA under 2048 bits or EC under 256 bits is too weak. */
-  unsigned bits = 0;
-  int pk = gnutls_x509_crt_get_pk_algorithm(crt, &bits);
-  int weak = (pk == GNUTLS_PK_RSA || pk == GNUTLS_PK_RSA_PSS || pk == GNUTLS_PK_DSA) ? bits < 2048
-             : pk == GNUTLS_PK_ECDSA ? bits < 256 : 0;
-  if (weak) {
-    char why[96];
-    snprintf(why, sizeof(why), "key too weak (%s, %u bits)", gnutls_pk_get_name(pk), bits);
-    gnutls_x509_crt_deinit(crt);
-    return refuse_peer(c, why);
-  }
-  uint8_t serial[20] = {0}, padded[20] = {0};
-  size_t slen = sizeof(serial);
-  if (t->nrevoked && gnutls_x509_crt_get_serial(crt, serial, &slen) == 0 && slen <= 20) {
-    memcpy(padded + (20 - slen), serial, slen);
-    for (size_t i = 0; i < t->nrevoked; i++) {
-      if (memcmp(t->revoked[i], padded, 20) == 0) {
-        gnutls_x509_crt_deinit(crt);
-        return refuse_peer(c, "the certificate is revoked");
-      }
-    }
-  }
-  gnutls_x509_crt_deinit(crt);
-  char why[256];
-  if (run_peer_check(t, chain, n, why, sizeof(why)) != 0) return refuse_peer(c, why);
+  char why[sizeof(c->errstr)];
+  if (run_peer_check(t, chain, n, NULL, why, sizeof(why)) != 0) return refuse_peer(c, why);
   return 0;
-}
-
-/* Appends to the NUL-terminated `buf` (of `len` bytes), truncating. */
-static void appendf(char *buf, size_t len, const char *fmt, ...) {
-  size_t used = strnlen(buf, len);
-  if (used + 1 >= len) return;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf + used, len - used, fmt, ap);
-  va_end(ap);
-}
-
-/* Appends " (the certificate names DNS:a, IP:b)" (its subject alternative names) to `why`. */
-static void append_names(const gnutls_datum_t *der, char *why, size_t whylen) {
-  gnutls_x509_crt_t crt;
-  if (gnutls_x509_crt_init(&crt) != 0) return;
-  if (gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER) == 0) {
-    appendf(why, whylen, " (the certificate names ");
-    int any = 0;
-    for (unsigned i = 0; i < 64; i++) {
-      char buf[256];
-      size_t size = sizeof(buf) - 1;
-      int type = gnutls_x509_crt_get_subject_alt_name(crt, i, buf, &size, NULL);
-      if (type == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE) break;
-      if (type == GNUTLS_SAN_DNSNAME) {
-        buf[size] = 0;
-        appendf(why, whylen, "%sDNS:%s", any ? ", " : "", buf);
-      } else if (type == GNUTLS_SAN_IPADDRESS && size == 16) {
-        char a[INET6_ADDRSTRLEN];
-        inet_ntop(AF_INET6, buf, a, sizeof(a));
-        appendf(why, whylen, "%sIP:%s", any ? ", " : "", a);
-      } else {
-        continue;
-      }
-      any = 1;
-    }
-    appendf(why, whylen, "%s)", any ? "" : "nothing");
-  }
-  gnutls_x509_crt_deinit(crt);
 }
 
 /* Refuses the server's certificate (client side): the connection's error string says why. */
@@ -1131,37 +1025,16 @@ static int refuse_server(stoq_conn *c, const char *why) {
   return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
 }
 
-/* Client: the server's chain against the trusted roots, for its name or address and EKU
- * serverAuth (what gnutls_session_set_verify_cert2 does), naming the certificate's names on a
- * mismatch; then the credentials' peer check (certificate transparency). */
+/* Client: the server's chain and the name it was dialled by go to the policy. */
 static int verify_server(gnutls_session_t session) {
   ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
   stoq_conn *c = ref->user_data;
-  unsigned n = 0, status = 0;
+  unsigned n = 0;
   const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
   if (!chain || n == 0) return refuse_server(c, "the server presented no certificate");
-  int rv = gnutls_certificate_verify_peers(session, c->verify_data, 2, &status);
-  if (rv < 0) return refuse_server(c, gnutls_strerror(rv));
-  char why[512] = "not trusted";
-  if (status) {
-    gnutls_datum_t out = {0};
-    if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
-      snprintf(why, sizeof(why), "%s", out.data);
-      gnutls_free(out.data);
-    }
-    if (status & GNUTLS_CERT_UNEXPECTED_OWNER) {
-      if (c->verify_data[0].type == GNUTLS_DT_IP_ADDRESS) {
-        char a[INET6_ADDRSTRLEN];
-        inet_ntop(AF_INET6, c->verify_ip, a, sizeof(a));
-        appendf(why, sizeof(why), " SAN mismatch: dialed IP:%s", a);
-      } else {
-        appendf(why, sizeof(why), " SAN mismatch: dialed DNS:%s", c->verify_name);
-      }
-      append_names(&chain[0], why, sizeof(why));
-    }
+  char why[sizeof(c->errstr)];
+  if (run_peer_check(c->tls_ctx, chain, n, c->verify_name[0] ? c->verify_name : NULL, why, sizeof(why)) != 0)
     return refuse_server(c, why);
-  }
-  if (run_peer_check(c->tls_ctx, chain, n, why, sizeof(why)) != 0) return refuse_server(c, why);
   return 0;
 }
 
@@ -1186,31 +1059,22 @@ static int setup_tls(stoq_conn *c, const char *server_name) {
   if (c->is_server && t->client_auth != STOQ_CLIENT_AUTH_NONE) {
     gnutls_certificate_server_set_request(
         c->tls, t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST);
+    /* Name no acceptable CAs: a client then sends the certificate it has (GnuTLS clients send
+     * nothing when none matches the list), and the policy refuses it with a reason instead
+     * of the client silently staying anonymous. */
+    gnutls_certificate_send_x509_rdn_sequence(c->tls, 1);
     gnutls_session_set_verify_function(c->tls, verify_client);
   }
   gnutls_datum_t alpn = {.data = (unsigned char *)(uintptr_t)ALPN_H3, .size = 2};
   gnutls_alpn_set_protocols(c->tls, &alpn, 1, GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
-  if (!c->is_server && server_name && *server_name) {
+  if (!c->is_server) {
     struct in6_addr a6;
-    int is_ip = inet_pton(AF_INET6, server_name, &a6) == 1;
-    if (!is_ip) gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, server_name, strlen(server_name));
+    int is_ip = server_name && inet_pton(AF_INET6, server_name, &a6) == 1;
+    if (server_name && *server_name && !is_ip)
+      gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, server_name, strlen(server_name));
+    /* The policy checks the certificate names what was dialled (a DNS name or an address). */
     if (!t->insecure) {
-      /* The server's certificate must name it (an IP literal matches an IP SAN; GnuTLS wants
-       * the raw bytes for that) and be meant for a TLS server (EKU serverAuth). */
-      if (is_ip) {
-        memcpy(c->verify_ip, &a6, 16);
-        c->verify_data[0].type = GNUTLS_DT_IP_ADDRESS;
-        c->verify_data[0].data = c->verify_ip;
-        c->verify_data[0].size = 16;
-      } else {
-        snprintf(c->verify_name, sizeof(c->verify_name), "%s", server_name);
-        c->verify_data[0].type = GNUTLS_DT_DNS_HOSTNAME;
-        c->verify_data[0].data = (unsigned char *)c->verify_name;
-        c->verify_data[0].size = 0;
-      }
-      c->verify_data[1].type = GNUTLS_DT_KEY_PURPOSE_OID;
-      c->verify_data[1].data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER;
-      c->verify_data[1].size = 0;
+      snprintf(c->verify_name, sizeof(c->verify_name), "%s", server_name ? server_name : "");
       gnutls_session_set_verify_function(c->tls, verify_server);
     }
   }
@@ -1403,20 +1267,17 @@ static int map_error(stoq_conn *c, int rv) {
                                                                   NULL, 0);
       c->has_error = 1;
     }
-    if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED) {
-      /* GnuTLS ends the handshake itself when a required certificate is missing. */
-      unsigned n = 0;
-      if (!gnutls_certificate_get_peers(c->tls, &n) || n == 0) refuse_peer(c, "none was presented");
+    if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED &&
+        ngtcp2_conn_get_tls_alert(c->q) == GNUTLS_A_CERTIFICATE_REQUIRED) {
+      /* GnuTLS ends the handshake itself when a required certificate is missing; any other
+       * alert (no common ALPN, no common group…) happened before a certificate was due. */
+      refuse_peer(c, "none was presented");
     }
     if (!c->errstr[0]) {
-      unsigned status = gnutls_session_get_verify_cert_status(c->tls);
-      gnutls_datum_t out = {0};
-      if (status && gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
-        conn_fail(c, "TLS handshake failed: peer certificate refused: %s", out.data);
-        gnutls_free(out.data);
-      } else {
-        conn_fail(c, "TLS handshake failed (alert %u)", ngtcp2_conn_get_tls_alert(c->q));
-      }
+      /* Not a certificate verdict (those set errstr): name the alert the TLS stack sent. */
+      unsigned alert = ngtcp2_conn_get_tls_alert(c->q);
+      const char *name = gnutls_alert_get_name((gnutls_alert_description_t)alert);
+      conn_fail(c, "TLS handshake failed: %s (alert %u)", name ? name : "unknown alert", alert);
     }
     return STOQ_CONN_CLOSE;
   default:

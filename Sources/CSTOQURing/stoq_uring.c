@@ -1,6 +1,7 @@
 /* io_uring UDP engine; see include/CSTOQURing.h. */
 #define _GNU_SOURCE
 #include "CSTOQURing.h"
+#include "stoq_kern_user.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -76,20 +77,20 @@ static void set_err(char *err, size_t n, const char *fmt, ...) {
   va_end(ap);
 }
 
-/* Classic BPF for SO_ATTACH_REUSEPORT_CBPF: pick the socket from the first byte of
- * the QUIC destination connection ID (the worker id STOQ puts there). The program
- * sees the UDP payload at offset 0. Out-of-range results make the kernel hash. */
+/* Classic BPF for SO_ATTACH_REUSEPORT_CBPF: pick the socket from the worker byte of the
+ * QUIC destination connection ID (bpf/stoq_kern_user.h). The program sees the UDP
+ * payload at offset 0. Out-of-range results make the kernel hash. */
 static int attach_steering(int fd, unsigned nworkers) {
   struct sock_filter code[] = {
       /* A = payload[0] */
       BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),
       /* long header? */
-      BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x80, 0, 2),
-      /* long: A = payload[6] (first DCID byte) */
-      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 6),
+      BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, STOQ_QUIC_LONG_HEADER_BIT, 0, 2),
+      /* long: A = the worker byte of the DCID */
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, STOQ_QUIC_LONG_WORKER_OFFSET),
       BPF_JUMP(BPF_JMP | BPF_JA, 1, 0, 0),
-      /* short: A = payload[1] */
-      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 1),
+      /* short: A = the worker byte of the DCID */
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS, STOQ_QUIC_SHORT_WORKER_OFFSET),
       BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, nworkers),
       BPF_STMT(BPF_RET | BPF_A, 0),
   };

@@ -48,7 +48,9 @@ public enum CacheIndexFile {
         for _ in 0..<Int(n) {
             guard let k = key(bytes[at..<at + klen]) else { throw Error(description: "cache index: bad key at byte \(at)") }
             let size = read64(bytes, at + klen)
-            let q = S3FIFO<K>.Queue(rawValue: bytes[at + klen + 9]) ?? .small
+            guard let q = S3FIFO<K>.Queue(rawValue: bytes[at + klen + 9]) else {
+                throw Error(description: "cache index: bad queue \(bytes[at + klen + 9]) at byte \(at + klen + 9)")
+            }
             out.append(.init(key: k, size: size, frequency: bytes[at + klen + 8], queue: q))
             at += per
         }

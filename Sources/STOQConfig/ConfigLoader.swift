@@ -1,6 +1,8 @@
 import Foundation
+import Logging
 import STOQChunking
 import STOQCore
+import STOQQUIC
 import TOMLKit
 
 /// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
@@ -26,30 +28,41 @@ public enum ConfigLoader {
         } catch {
             throw ConfigErrors(source: source, errors: [ConfigError(code: .syntax, key: "", value: "", allowed: "\(error)")])
         }
+        let (c, r) = read(table, collecting: false)
+        if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
+        return c
+    }
+
+    /// Every key the loader reads, dotted (`network.quic_config.max_window`): what
+    /// config/node.toml must document.
+    static var knownKeys: [String] { read(TOMLTable(), collecting: true).1.known }
+
+    private static func read(_ table: TOMLTable, collecting: Bool) -> (NodeConfig, Reader) {
         var r = Reader(root: table)
+        r.collecting = collecting
         var c = NodeConfig()
         r.section("node") { s in
             s.string("data_dir", &c.node.dataDir, nonEmpty: true)
         }
         r.section("network") { s in
             s.endpoint("listen_addr", &c.network.listenAddress)
-            s.int("max_connections", &c.network.maxConnections, 1...1_000_000)
+            s.int("max_connections", &c.network.quic.maxConnections, 1...1_000_000)
             s.int("workers", &c.network.workers, 0...1024)
-            s.bool("retry", &c.network.retry)
-            s.choice("cc", &c.network.congestionControl, ["reno", "cubic", "bbr", "bbr2"])
-            s.choice("datapath", &c.network.datapath, ["auto", "io_uring", "af_xdp"])
-            s.choice("client_auth", &c.network.clientAuth, ["none", "optional", "required"])
+            s.bool("retry", &c.network.quic.retry)
+            s.choice("cc", &c.network.quic.congestionControl)
+            s.choice("datapath", &c.network.datapath)
+            s.choice("client_auth", &c.network.clientAuth)
             s.string("interface", &c.network.interface)
             s.int("queues", &c.network.queues, 0...64)
-            s.choice("xdp_mode", &c.network.xdpMode, ["auto", "native", "skb"])
-            s.choice("zero_copy", &c.network.zeroCopy, ["auto", "on", "off"])
+            s.choice("xdp_mode", &c.network.xdpMode)
+            s.choice("zero_copy", &c.network.zeroCopy)
             s.subsection("xdp") { x in
                 x.int("frame_size", &c.network.xdp.frameSize, 2048...4096)
                 x.int("frames", &c.network.xdp.frames, 1024...1 << 20)
                 x.int("ring_size", &c.network.xdp.ringSize, 64...1 << 16)
                 x.int("busy_poll_usec", &c.network.xdp.busyPollMicroseconds, 0...10_000)
             }
-            s.subsection("quic_config") { q in
+            s.profileOrTable("quic_config", { $0.apply(to: &c.network.quic) }, QUICProfile.allCases.map { ($0.rawValue, $0) }) { q in
                 q.duration("idle_timeout", &c.network.quic.idleTimeout, 1_000_000_000...3_600_000_000_000)
                 q.duration("handshake_timeout", &c.network.quic.handshakeTimeout, 1_000_000_000...600_000_000_000)
                 q.int("max_streams_bidi", &c.network.quic.maxStreamsBidi, 1...65535)
@@ -79,7 +92,7 @@ public enum ConfigLoader {
                                         value: "\(c.network.xdp.ringSize)/\(c.network.xdp.frames)",
                                         allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
         }
-        let mayUseXDP = c.network.datapath == "af_xdp" || (c.network.datapath == "auto" && !c.network.interface.isEmpty)
+        let mayUseXDP = c.network.datapath == .afXDP || (c.network.datapath == .auto && !c.network.interface.isEmpty)
         // A frame holds one datagram, its Ethernet/IPv6/UDP headers (62) and the 24 bytes of
         // TX metadata (the checksum request) the engine reserves on kernels that have it.
         if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 86 {
@@ -87,7 +100,7 @@ public enum ConfigLoader {
                                         value: "\(c.network.quic.maxUDPPayloadSize)",
                                         allowed: "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"))
         }
-        if c.network.datapath == "af_xdp" && c.network.interface.isEmpty {
+        if c.network.datapath == .afXDP && c.network.interface.isEmpty {
             r.errors.append(ConfigError(code: .badValue, key: "network.interface", value: "\"\"",
                                         allowed: "the interface to bind when network.datapath = \"af_xdp\""))
         }
@@ -97,7 +110,7 @@ public enum ConfigLoader {
                                         allowed: "both set, or both empty for the embedded identity"))
         }
         r.section("trust") { s in
-            s.choice("mode", &c.trust.mode, ["embedded", "acme"])
+            s.choice("mode", &c.trust.mode)
             s.duration("cert_lifetime", &c.trust.certLifetime, 10_000_000_000...(397 * 86_400_000_000_000))
             s.duration("renew_before", &c.trust.renewBefore, 0...(397 * 86_400_000_000_000))
             s.string("bundle", &c.trust.bundle)
@@ -110,11 +123,11 @@ public enum ConfigLoader {
                 a.string("ca", &c.trust.acme.ca)
             }
         }
-        if c.network.clientAuth != "none" && c.trust.bundle.isEmpty && (c.trust.mode == "acme" || !c.tls.certFile.isEmpty) {
+        if c.network.clientAuth != .none && c.trust.bundle.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
             r.errors.append(ConfigError(code: .badValue, key: "trust.bundle", value: "\"\"",
                                         allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
         }
-        if c.trust.requireTransparency && c.trust.transparencyLogs.isEmpty && (c.trust.mode == "acme" || !c.tls.certFile.isEmpty) {
+        if c.trust.requireTransparency && c.trust.transparencyLogs.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
             r.errors.append(ConfigError(code: .badValue, key: "trust.transparency_logs", value: "[]",
                                         allowed: "PEM files of the trusted logs' public keys, when trust.require_transparency is on and the node does not run its own CA"))
         }
@@ -122,17 +135,17 @@ public enum ConfigLoader {
             r.errors.append(ConfigError(code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
                                         allowed: "less than trust.cert_lifetime (\(c.trust.certLifetime / 1_000_000_000)s)"))
         }
-        if c.trust.mode == "acme" && !c.trust.acme.directory.hasPrefix("https://") {
+        if c.trust.mode == .acme && !c.trust.acme.directory.hasPrefix("https://") {
             r.errors.append(ConfigError(code: .badValue, key: "trust.acme.directory", value: "\"\(c.trust.acme.directory)\"",
                                         allowed: "the https:// URL of the ACME directory when trust.mode = \"acme\""))
         }
         r.section("routing") { s in
-            s.choice("algorithm", &c.routing.algorithm, ["shortest_path", "latency", "adaptive"])
+            s.choice("algorithm", &c.routing.algorithm)
             s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
             s.int("max_hops", &c.routing.maxHops, 1...64)
         }
         r.section("chunking") { s in
-            s.choice("algorithm", &c.chunking.algorithm, ["content_aware", "fixed"])
+            s.choice("algorithm", &c.chunking.algorithm, ChunkingAlgorithm.allCases.map { ($0.description, $0) })
             s.size("min_chunk_size", &c.chunking.minChunkSize, 1 << 10...1 << 30)
             s.size("avg_chunk_size", &c.chunking.avgChunkSize, 1 << 10...1 << 30)
             s.size("max_chunk_size", &c.chunking.maxChunkSize, 1 << 10...1 << 30)
@@ -153,12 +166,10 @@ public enum ConfigLoader {
             s.duration("origin_max_age", &maxAge, 0...(365 * 86_400_000_000_000))
             c.edge.originMaxAge = maxAge == .max ? nil : maxAge
         }
-        if c.edge.enableCaching && c.edge.origin.isEmpty {
-            r.errors.append(ConfigError(code: .badValue, key: "edge.origin", value: "\"\"",
-                                        allowed: "an https://[ipv6]:port URL when edge.enable_caching = true"))
-        }
+        // edge.enable_caching with no origin is accepted: it is a `NodeConfig.notices` line
+        // until the mesh can fetch for it.
         r.section("log") { s in
-            s.choice("level", &c.log.level, ["trace", "debug", "info", "notice", "warning", "error", "critical"])
+            s.choice("level", &c.log.level)
         }
         r.section("admin") { s in
             var listen = IPv6Endpoint(address: .any, port: 0)
@@ -168,8 +179,7 @@ public enum ConfigLoader {
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh"])
-        if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
-        return c
+        return (c, r)
     }
 }
 
@@ -177,19 +187,24 @@ public enum ConfigLoader {
 struct Reader {
     let root: TOMLTable
     var errors: [ConfigError] = []
+    /// Walk absent sections too, recording every key asked for in `known` (`knownKeys`).
+    var collecting = false
+    var known: [String] = []
 
     init(root: TOMLTable) { self.root = root }
 
     mutating func section(_ name: String, _ body: (inout Section) -> Void) {
-        guard let v = root[name] else { return }
+        guard let v = root[name] ?? (collecting ? TOMLTable() : nil) else { return }
         guard let t = v.table else {
             errors.append(ConfigError(code: .badType, key: name, value: "\(v)", allowed: "a [\(name)] table"))
             return
         }
         var s = Section(prefix: name, table: t)
+        s.collecting = collecting
         body(&s)
         s.rejectUnknown()
         errors += s.errors
+        known += s.known
     }
 
     mutating func rejectUnknownSections(_ known: [String]) {
@@ -205,6 +220,8 @@ struct Section {
     let table: TOMLTable
     var seen: [String] = []
     var errors: [ConfigError] = []
+    var collecting = false
+    var known: [String] = []
 
     init(prefix: String, table: TOMLTable) {
         self.prefix = prefix
@@ -213,7 +230,22 @@ struct Section {
 
     private mutating func value(_ key: String) -> TOMLValueConvertible? {
         seen.append(key)
+        known.append("\(prefix).\(key)")
         return table[key]
+    }
+
+    /// A nested table, or when collecting and it is absent, an empty one to walk.
+    private mutating func nested(_ key: String, _ v: TOMLValueConvertible?) -> TOMLValueConvertible? {
+        v ?? (collecting ? TOMLTable() : nil)
+    }
+
+    private mutating func walk(_ key: String, _ t: TOMLTable, _ body: (inout Section) -> Void) {
+        var s = Section(prefix: "\(prefix).\(key)", table: t)
+        s.collecting = collecting
+        body(&s)
+        s.rejectUnknown()
+        errors += s.errors
+        known += s.known
     }
 
     private mutating func fail(_ code: ConfigError.Code, _ key: String, _ v: TOMLValueConvertible, _ allowed: String) {
@@ -244,12 +276,17 @@ struct Section {
         out = r
     }
 
-    mutating func choice(_ key: String, _ out: inout String, _ allowed: [String]) {
+    /// One of `options` by name: the only place a config word becomes its type.
+    mutating func choice<T>(_ key: String, _ out: inout T, _ options: [(String, T)]) {
         guard let v = value(key) else { return }
-        let list = "one of " + allowed.map { "\"\($0)\"" }.joined(separator: ", ")
+        let list = "one of " + options.map { "\"\($0.0)\"" }.joined(separator: ", ")
         guard let s = v.string else { return fail(.badType, key, v, list) }
-        guard allowed.contains(s) else { return fail(.badValue, key, v, list) }
-        out = s
+        guard let hit = options.first(where: { $0.0 == s }) else { return fail(.badValue, key, v, list) }
+        out = hit.1
+    }
+
+    mutating func choice<T: RawRepresentable & CaseIterable>(_ key: String, _ out: inout T) where T.RawValue == String {
+        choice(key, &out, T.allCases.map { ($0.rawValue, $0) })
     }
 
     mutating func bool(_ key: String, _ out: inout Bool) {
@@ -258,12 +295,12 @@ struct Section {
         out = b
     }
 
-    mutating func int(_ key: String, _ out: inout Int, _ range: ClosedRange<Int>) {
+    mutating func int<T: BinaryInteger>(_ key: String, _ out: inout T, _ range: ClosedRange<Int>) {
         guard let v = value(key) else { return }
         let allowed = "an integer from \(range.lowerBound) to \(range.upperBound)"
         guard v.type == .int, let i = v.int else { return fail(.badType, key, v, allowed) }
         guard range.contains(i) else { return fail(.outOfRange, key, v, allowed) }
-        out = i
+        out = T(i)
     }
 
     mutating func size(_ key: String, _ out: inout UInt64, _ range: ClosedRange<UInt64>) {
@@ -320,13 +357,31 @@ struct Section {
         out = s
     }
 
+    /// A named profile (`key = "name"`), or a table whose optional `profile` key names the
+    /// one its other keys start from. `apply` sets the profile before `body` reads the keys.
+    mutating func profileOrTable<P>(_ key: String, _ apply: (P) -> Void, _ profiles: [(String, P)],
+                                    _ body: (inout Section) -> Void) {
+        guard let v = nested(key, value(key)) else { return }
+        let names = profiles.map { "\"\($0.0)\"" }.joined(separator: ", ")
+        if let name = v.string {
+            guard let p = profiles.first(where: { $0.0 == name }) else {
+                return fail(.badValue, key, v, "a profile (\(names)) or a [\(prefix).\(key)] table")
+            }
+            return apply(p.1)
+        }
+        guard let t = v.table else { return fail(.badType, key, v, "a profile (\(names)) or a [\(prefix).\(key)] table") }
+        walk(key, t) { s in
+            var chosen: P?
+            s.choice("profile", &chosen, profiles.map { ($0.0, Optional($0.1)) })
+            if let chosen { apply(chosen) }
+            body(&s)
+        }
+    }
+
     mutating func subsection(_ key: String, _ body: (inout Section) -> Void) {
-        guard let v = value(key) else { return }
+        guard let v = nested(key, value(key)) else { return }
         guard let t = v.table else { return fail(.badType, key, v, "a [\(prefix).\(key)] table") }
-        var s = Section(prefix: "\(prefix).\(key)", table: t)
-        body(&s)
-        s.rejectUnknown()
-        errors += s.errors
+        walk(key, t, body)
     }
 
     mutating func rejectUnknown() {

@@ -90,9 +90,7 @@ extension Reader {
         let present = root["mesh"] != nil
         section("mesh") { s in
             s.meshURLs("peers", &m.peers, scheme: "https")
-            var discovery = m.discovery.rawValue
-            s.choice("discovery", &discovery, NodeConfig.Mesh.Discovery.allCases.map(\.rawValue))
-            m.discovery = NodeConfig.Mesh.Discovery(rawValue: discovery) ?? .static
+            s.choice("discovery", &m.discovery)
             s.dnsName("dns_name", &m.dnsName)
             var server = IPv6Endpoint(address: .any, port: 0)
             var given = false
@@ -141,6 +139,13 @@ extension Reader {
 }
 
 extension Section {
+    /// The value of `key`, marking it read (and known, for `ConfigLoader.knownKeys`).
+    private mutating func meshValue(_ key: String) -> TOMLValueConvertible? {
+        seen.append(key)
+        known.append("\(prefix).\(key)")
+        return table[key]
+    }
+
     private mutating func meshFail(_ code: ConfigError.Code, _ key: String, _ value: String, _ allowed: String) {
         errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: value, allowed: allowed))
     }
@@ -152,8 +157,7 @@ extension Section {
 
     /// A list of `scheme://[ipv6]:port` URLs, each named in its own error; repeats refused.
     mutating func meshURLs(_ key: String, _ out: inout [MeshURL], scheme: String) {
-        seen.append(key)
-        guard let v = table[key] else { return }
+        guard let v = meshValue(key) else { return }
         let allowed = "a list of \(scheme)://[ipv6]:port URLs, e.g. [\"\(scheme)://[2001:db8::1]:\(scheme == "http" ? 2379 : 4433)\"] (STOQ is IPv6 only)"
         guard let a = v.array else { return meshFail(.badType, key, Self.quoted(v), allowed) }
         var urls: [MeshURL] = []
@@ -184,8 +188,7 @@ extension Section {
     /// "" or a DNS name: dot-separated labels of letters, digits, "-" and "_" (SRV owner names
     /// start with "_"), each 1-63 bytes, 253 in all; one trailing dot allowed.
     mutating func dnsName(_ key: String, _ out: inout String) {
-        seen.append(key)
-        guard let v = table[key] else { return }
+        guard let v = meshValue(key) else { return }
         let allowed = "\"\" or a DNS name such as \"stoq.mesh.svc.cluster.local\" or \"_stoq._udp.stoq.mesh.svc.cluster.local\" (labels of letters, digits, '-' and '_', 1-63 bytes each, 253 in all)"
         guard let s = v.string else { return meshFail(.badType, key, Self.quoted(v), allowed) }
         if s.isEmpty { out = s; return }
@@ -212,8 +215,7 @@ extension Section {
     /// A key prefix: printable ASCII, no spaces, ending with "/" (so "/stoq/mesh/" never
     /// matches "/stoq/mesh2/…").
     mutating func etcdPrefix(_ key: String, _ out: inout String) {
-        seen.append(key)
-        guard let v = table[key] else { return }
+        guard let v = meshValue(key) else { return }
         let allowed = "a key prefix of printable ASCII without spaces, ending with \"/\", e.g. \"/stoq/mesh/\""
         guard let s = v.string else { return meshFail(.badType, key, Self.quoted(v), allowed) }
         guard s.count >= 1, s.count <= 256, s.hasSuffix("/"), s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {

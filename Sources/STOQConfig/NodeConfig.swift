@@ -1,22 +1,36 @@
+import Logging
+import STOQChunking
 import STOQCore
+import STOQQUIC
 
-/// A node's whole configuration: plain values, validated, immutable once loaded.
-/// Every default here is also written, with its documentation, in config/node.toml.
+/// A node's whole configuration: plain values, validated, immutable once loaded, every
+/// choice already a type. Every default here is also written, with its documentation, in
+/// config/node.toml (a test holds the two together); the transport's defaults are
+/// `QUICSettings`' own.
 public struct NodeConfig: Sendable, Equatable {
     public struct Node: Sendable, Equatable {
         /// Identity and state live here.
         public var dataDir = "stoq-data"
     }
-    public struct QUIC: Sendable, Equatable {
-        public var idleTimeout: UInt64 = 30_000_000_000
-        public var handshakeTimeout: UInt64 = 10_000_000_000
-        public var maxStreamsBidi: Int = 256
-        public var initialMaxData: UInt64 = 16 << 20
-        public var initialMaxStreamData: UInt64 = 8 << 20
-        public var maxWindow: UInt64 = 64 << 20
-        public var maxStreamWindow: UInt64 = 32 << 20
-        public var maxUDPPayloadSize: Int = 1452
-        public var ackThreshold: Int = 2
+    /// `network.datapath`.
+    public enum Datapath: String, Sendable, CaseIterable {
+        /// AF_XDP when the XDP program is attached to `network.interface`, io_uring otherwise.
+        case auto
+        case ioURing = "io_uring"
+        case afXDP = "af_xdp"
+    }
+    /// `network.xdp_mode`: how the XDP program must be attached.
+    public enum XDPMode: String, Sendable, CaseIterable {
+        case auto, native, skb
+    }
+    /// `network.zero_copy`: the AF_XDP bind.
+    public enum ZeroCopy: String, Sendable, CaseIterable {
+        /// Zero-copy where the driver supports it, else copy mode.
+        case auto
+        /// Zero-copy or fail.
+        case on
+        /// Copy mode always.
+        case off
     }
     /// AF_XDP socket sizing.
     public struct XDP: Sendable, Equatable {
@@ -27,24 +41,21 @@ public struct NodeConfig: Sendable, Equatable {
     }
     public struct Network: Sendable, Equatable {
         public var listenAddress = IPv6Endpoint(address: .any, port: 4433)
-        public var maxConnections = 10_000
         /// 0 = one per available core.
         public var workers = 0
-        public var retry = false
-        public var congestionControl = "cubic"
-        public var datapath = "auto"
-        /// Mutual TLS: "none", "optional" or "required" client certificates.
-        public var clientAuth = "none"
+        public var datapath = Datapath.auto
+        /// Mutual TLS: whether clients are asked for a certificate.
+        public var clientAuth = ClientAuthentication.Mode.none
         /// The interface AF_XDP binds ("" = none; `auto` then uses io_uring).
         public var interface = ""
         /// AF_XDP queues (= workers) to bind; 0 = every receive queue of the interface.
         public var queues = 0
-        /// How the XDP program must be attached: "native", "skb", or "auto" (either).
-        public var xdpMode = "auto"
-        /// Zero-copy bind: "auto" (where the driver can), "on" (or fail), "off".
-        public var zeroCopy = "auto"
+        public var xdpMode = XDPMode.auto
+        public var zeroCopy = ZeroCopy.auto
         public var xdp = XDP()
-        public var quic = QUIC()
+        /// The transport: `network.cc`, `network.retry`, `network.max_connections` and
+        /// `network.quic_config` (a table or a `QUICProfile`). Its defaults are the defaults.
+        public var quic = QUICSettings()
     }
     public struct Storage: Sendable, Equatable {
         public var path = "stoq-data/objects"
@@ -59,9 +70,14 @@ public struct NodeConfig: Sendable, Equatable {
     /// Where the node's certificate comes from and how it rotates (unless `tls.cert_file`
     /// names fixed files).
     public struct Trust: Sendable, Equatable {
-        /// "embedded": the node runs its own TrustChain CA under data_dir/trust and issues
-        /// itself certificates; "acme": an RFC 8555 CA issues them.
-        public var mode = "embedded"
+        /// Where the node's certificates come from (`trust.mode`).
+        public enum Mode: String, Sendable, CaseIterable {
+            /// The node runs its own TrustChain CA under data_dir/trust and issues itself certificates.
+            case embedded
+            /// An RFC 8555 CA issues them.
+            case acme
+        }
+        public var mode = Mode.embedded
         public var certLifetime: UInt64 = 86_400_000_000_000
         /// Renew this long before expiry; 0 = a third of the lifetime.
         public var renewBefore: UInt64 = 0
@@ -81,13 +97,14 @@ public struct NodeConfig: Sendable, Equatable {
         /// PEM file that verifies the ACME server's HTTPS certificate ("" = the system's).
         public var ca = ""
     }
+    /// Parsed and checked, but no routing runs until the mesh exists (`notices` says so).
     public struct Routing: Sendable, Equatable {
-        public var algorithm = "adaptive"
+        public var algorithm = RoutingAlgorithm.adaptive
         public var updateInterval: UInt64 = 5_000_000_000
         public var maxHops = 8
     }
     public struct Chunking: Sendable, Equatable {
-        public var algorithm = "content_aware"
+        public var algorithm = ChunkingAlgorithm.contentAware
         public var minChunkSize: UInt64 = 64 << 10
         public var avgChunkSize: UInt64 = 256 << 10
         public var maxChunkSize: UInt64 = 1 << 20
@@ -104,7 +121,7 @@ public struct NodeConfig: Sendable, Equatable {
         public var originMaxAge: UInt64? = nil
     }
     public struct Log: Sendable, Equatable {
-        public var level = "info"
+        public var level = Logger.Level.info
     }
     /// The admin API (HTTP/1.1 over TCP): `/metrics` (Prometheus text) and `/status` (JSON).
     public struct Admin: Sendable, Equatable {
@@ -128,4 +145,15 @@ public struct NodeConfig: Sendable, Equatable {
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()
     public init() {}
+
+    /// What this configuration asks for that the node cannot do yet, one line each: the node
+    /// logs them at start and `stoq config check` prints them, so nothing is silently ignored.
+    public var notices: [String] {
+        var n: [String] = []
+        n.append("routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect yet: there is no mesh, so every request is served from this node's store (or its edge origin)")
+        if edge.enableCaching && edge.origin.isEmpty {
+            n.append("edge: enable_caching = true with no edge.origin: fetching through the mesh comes with the mesh; until then this node caches nothing and serves only its own content")
+        }
+        return n
+    }
 }

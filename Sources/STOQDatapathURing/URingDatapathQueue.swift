@@ -58,7 +58,17 @@ public final class URingDatapathQueue: DatapathQueue {
 
     deinit { close() }
 
-    public var features: DatapathFeatures { DatapathFeatures(rawValue: stoq_uring_features(raw)) }
+    /// The engine's bits, named one by one: `DatapathFeatures` is the only definition of
+    /// the contract's values, and the C enum's values are the engine's own.
+    public var features: DatapathFeatures {
+        let bits = stoq_uring_features(raw)
+        var f: DatapathFeatures = []
+        if bits & UInt32(STOQ_URING_F_GSO.rawValue) != 0 { f.insert(.segmentationOffload) }
+        if bits & UInt32(STOQ_URING_F_GRO.rawValue) != 0 { f.insert(.receiveCoalescing) }
+        if bits & UInt32(STOQ_URING_F_ECN.rawValue) != 0 { f.insert(.ecn) }
+        if bits & UInt32(STOQ_URING_F_MULTISHOT.rawValue) != 0 { f.insert(.multishotReceive) }
+        return f
+    }
     public var maxSegmentsPerSlot: Int { Int(stoq_uring_max_segments(raw)) }
     public var slotCapacity: Int { Int(stoq_uring_slot_size(raw)) }
 
@@ -87,7 +97,7 @@ public final class URingDatapathQueue: DatapathQueue {
             to.address = IPv6Address(r.local)
             let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
                                       segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
-                                      ecn: ECN(rawValue: r.ecn & 3) ?? .notECT)
+                                      ecn: ECN(lowBitsOf: r.ecn))
             body(d)
         }
         stoq_uring_rx_done(raw)

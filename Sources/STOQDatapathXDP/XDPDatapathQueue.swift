@@ -170,7 +170,7 @@ public final class XDPDatapathQueue: DatapathQueue {
             let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
                                       segmentSize: Int(r.len), peer: IPv6Endpoint(r.peer),
                                       local: IPv6Endpoint(address: IPv6Address(r.local), port: localEndpoint.port),
-                                      ecn: ECN(rawValue: r.ecn & 3) ?? .notECT)
+                                      ecn: ECN(lowBitsOf: r.ecn))
             body(d)
         }
         stoq_xsk_rx_done(raw)

@@ -9,10 +9,10 @@ public struct MeshMember: Hashable, Sendable, CustomStringConvertible {
     /// `https://[ipv6]:port`.
     public var url: MeshURL
     /// SHA-256 of the member's node key, if the backend says.
-    public var nodeID: NodeID?
+    public var nodeID: NodeIdentity?
 
     /// A member at `url`.
-    public init(url: MeshURL, nodeID: NodeID? = nil) {
+    public init(url: MeshURL, nodeID: NodeIdentity? = nil) {
         self.url = url
         self.nodeID = nodeID
     }

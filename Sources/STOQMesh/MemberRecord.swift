@@ -66,13 +66,13 @@ public enum MemberRecord {
         case .failure(let e):
             return refuse(e.reason.contains("IPv4") ? Refusal.ipv4 : Refusal.badURL, "url \"\(text.prefix(80))\": \(e.reason)")
         }
-        var id: NodeID?
+        var id: NodeIdentity?
         if let raw = object["node_id"] {
             guard let hex = raw as? String, hex.utf8.count == 64,
                   let bytes = Self.bytes(hex: hex) else {
                 return refuse(Refusal.badNodeID, "node_id is not 64 lowercase hex characters")
             }
-            id = NodeID(bytes)
+            id = NodeIdentity(bytes)
         }
         let member = MeshMember(url: url, nodeID: id)
         let expected = id?.hex ?? url.endpoint.description

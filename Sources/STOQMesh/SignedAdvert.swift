@@ -23,7 +23,7 @@ public struct SignedAdvert: Sendable {
     public static let clockSkewMillis: UInt64 = 5_000
 
     /// The advert.
-    public let advert: LinkStateAdvert
+    public let advert: AdvertBody
     /// The origin's certificate chain, leaf first.
     public let chain: [Certificate]
     /// The wire form, as signed and as forwarded (a relaying node never re-encodes).
@@ -31,12 +31,12 @@ public struct SignedAdvert: Sendable {
 
     /// Signs `advert` with the origin's node key. `chain` is the origin's certificate chain, leaf
     /// first; the advert's origin must be the hash of the leaf's key.
-    public static func sign(_ advert: LinkStateAdvert, chain: [Certificate], key: P256.Signing.PrivateKey) throws -> SignedAdvert {
+    public static func sign(_ advert: AdvertBody, chain: [Certificate], key: P256.Signing.PrivateKey) throws -> SignedAdvert {
         guard let leaf = chain.first, chainRange.contains(chain.count) else {
             throw AdvertError(.badChain, "\(chain.count) certificates; an advert carries \(chainRange.lowerBound) to \(chainRange.upperBound)")
         }
-        guard NodeID(publicKey: leaf.publicKey) == advert.origin else {
-            throw AdvertError(.originMismatch, "the advert's origin \(advert.origin) is not the leaf's key \(NodeID(publicKey: leaf.publicKey))")
+        guard NodeIdentity(publicKey: leaf.publicKey) == advert.origin else {
+            throw AdvertError(.originMismatch, "the advert's origin \(advert.origin) is not the leaf's key \(NodeIdentity(publicKey: leaf.publicKey))")
         }
         guard Certificate.PublicKey(key.publicKey) == leaf.publicKey else {
             throw AdvertError(.originMismatch, "the signing key is not the leaf certificate's key")
@@ -66,7 +66,7 @@ public struct SignedAdvert: Sendable {
     public static func verify(_ bytes: [UInt8], nowMillis: UInt64,
                               trust: ([Certificate]) async throws -> Void) async throws(AdvertError) -> SignedAdvert {
         guard bytes.count <= maxSize else { throw AdvertError(.oversized, "\(bytes.count) bytes; at most \(maxSize)") }
-        let (advert, bodyLength) = try LinkStateAdvert.decodeBody(bytes[...])
+        let (advert, bodyLength) = try AdvertBody.decodeBody(bytes[...])
         var r = Reader(bytes[bodyLength...])
         let count = Int(try r.u8("chain count"))
         guard chainRange.contains(count) else {
@@ -89,7 +89,7 @@ public struct SignedAdvert: Sendable {
         guard r.remaining == 0 else { throw AdvertError(.malformed, "\(r.remaining) bytes after the signature") }
 
         let leaf = chain[0]
-        let signer = NodeID(publicKey: leaf.publicKey)
+        let signer = NodeIdentity(publicKey: leaf.publicKey)
         guard signer == advert.origin else {
             throw AdvertError(.originMismatch, "origin \(advert.origin) but signed by the key of \(signer) (\(leaf.subject))")
         }
@@ -115,7 +115,7 @@ public struct SignedAdvert: Sendable {
     }
 }
 
-extension NodeID {
+extension NodeIdentity {
     /// The id of the node whose key this is: SHA-256 of the subjectPublicKey bit string's bytes
     /// (for P-256, the 65-byte uncompressed point): RFC 7093's method 1, untruncated.
     public init(publicKey: Certificate.PublicKey) {

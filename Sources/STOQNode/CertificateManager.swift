@@ -161,10 +161,10 @@ final class CertificateManager: @unchecked Sendable {
         let lifetime = Double(trust.certLifetime) / 1e9
         let chainPEM: String, keyPEM: String, leaf: Certificate
         switch trust.mode {
-        case "acme":
+        case .acme:
             (chainPEM, keyPEM, leaf) = try acmeIssue()
             if trustAnchorPath.isEmpty { trustAnchorPath = trust.acme.ca.isEmpty ? identityDirectory + "/cert.pem" : trust.acme.ca }
-        default:
+        case .embedded:
             let ca = try embeddedAuthority()
             if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
             // Logged (as a precertificate) before it exists; the SCT is embedded.

@@ -510,7 +510,9 @@ final class NodeRouter: QUICApplication {
 
     func connectionClosed(connection: QUICConnection, reason: String) {
         content.connectionClosed(connection)
-        if reason.hasPrefix("client certificate refused") {
+        // A refused certificate, or a handshake that failed for another reason (named by the
+        // TLS alert): both are what an operator looks for when a peer cannot connect.
+        if reason.hasPrefix("client certificate refused") || reason.hasPrefix("TLS handshake failed") {
             logger.notice("\(reason)", metadata: ["peer": "\(connection.peer)"])
             return
         }

@@ -18,13 +18,13 @@ struct DatapathSelection {
     func open() throws(NodeError) -> [DatapathQueue] {
         let net = config.network
         switch net.datapath {
-        case "io_uring":
+        case .ioURing:
             return try openURing(workers: workerCount())
-        case "af_xdp":
+        case .afXDP:
             do { return try openXDP() } catch {
                 throw NodeError(.datapath, "network.datapath = \"af_xdp\" on \(net.interface): \(error)")
             }
-        default:
+        case .auto:
             if net.interface.isEmpty {
                 logger.info("datapath auto: io_uring (network.interface is not set, so AF_XDP is not tried)")
                 return try openURing(workers: workerCount())
@@ -80,14 +80,14 @@ struct DatapathSelection {
             opts.frameCount = net.xdp.frames
             opts.ringSize = net.xdp.ringSize
             opts.busyPollMicroseconds = net.xdp.busyPollMicroseconds
-            opts.zeroCopy = XDPOptions.ZeroCopy(rawValue: net.zeroCopy) ?? .auto
+            opts.zeroCopy = switch net.zeroCopy { case .auto: .auto; case .on: .on; case .off: .off }
             do { queues.append(try XDPDatapathQueue(bind: net.listenAddress, options: opts)) } catch {
                 for x in queues { x.close() }
                 throw error
             }
         }
         let first = queues[0]
-        if net.xdpMode != "auto" && first.xdpMode != net.xdpMode {
+        if net.xdpMode != .auto && first.xdpMode != net.xdpMode.rawValue {
             for x in queues { x.close() }
             throw DatapathError(.open, operation: "bpf_xdp_query",
                                 message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
@@ -97,7 +97,7 @@ struct DatapathSelection {
             logger.notice("AF_XDP: \(count) queue(s) on \(net.interface), so \(count) worker(s), not network.workers = \(net.workers): a worker transmits on a queue of its own")
             workers = count
         }
-        let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == "off" ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
+        let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == .off ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
         let checksum = first.checksumOffload ? "tx checksum: offloaded" : "tx checksum: software"
         logger.notice("datapath af_xdp: \(net.interface), \(count) queue(s), XDP \(first.xdpMode), \(copy), \(checksum), \(first.localEndpoint)")
         if workers == count { return queues }

@@ -59,22 +59,24 @@ public final class Node: @unchecked Sendable {
     /// Mutual TLS from the config: the roots client certificates must chain to (the node's
     /// own CA in embedded mode, plus trust.bundle) and the revoked serials (the CA's list).
     static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
-        guard let mode = ClientAuthentication.Mode(rawValue: cfg.network.clientAuth), mode != .none else { return nil }
+        guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
         var roots: [String] = []
         let caDirectory = cfg.node.dataDir + "/trust"
-        if cfg.tls.certFile.isEmpty && cfg.trust.mode == "embedded" { roots.append(caDirectory + "/root.pem") }
+        let embedded = cfg.tls.certFile.isEmpty && cfg.trust.mode == .embedded
+        if embedded { roots.append(caDirectory + "/root.pem") }
         if !cfg.trust.bundle.isEmpty { roots.append(cfg.trust.bundle) }
-        var revoked: [[UInt8]] = []
-        if let text = try? String(contentsOfFile: caDirectory + "/revoked.txt", encoding: .utf8) {
-            for line in text.split(whereSeparator: \.isNewline) {
-                let hex = line.split(separator: "#").first.map { $0.filter(\.isHexDigit) } ?? ""
-                guard !hex.isEmpty else { continue }
-                guard let bytes = Hex.decode(hex.count % 2 == 1 ? "0" + hex : hex) else { continue }
-                revoked.append(bytes)
-            }
+        do {
+            // The node's CA signs its clients: it must exist before its root can be trusted.
+            if embedded && !FileManager.default.fileExists(atPath: roots[0]) { _ = try TrustAuthority.create(in: caDirectory) }
+            let verifier = PeerVerifier(roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
+                                        revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
+                                        role: .client, transparencyLogs: try transparencyLogKeys(cfg))
+            return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+        } catch let e as NodeError {
+            throw e
+        } catch {
+            throw NodeError(.identity, "network.client_auth: \(error)")
         }
-        return ClientAuthentication(mode: mode, trustFiles: roots, revokedSerials: revoked,
-                                    peerCheck: try transparencyCheck(cfg))
     }
 
     /// How this node connects to a peer (its edge origin): it verifies the peer's certificate
@@ -98,28 +100,18 @@ public final class Node: @unchecked Sendable {
         return t
     }
 
-    /// `trust.require_transparency`: a client certificate must carry an embedded SCT that
-    /// verifies with a key in `trust.transparency_logs` (default: the node's own CA log). Runs
-    /// inside the TLS handshake; a refusal is logged as "client certificate refused: SCT …".
-    static func transparencyCheck(_ cfg: NodeConfig) throws(NodeError) -> PeerCertificateCheck? {
+    /// `trust.require_transparency`: the log keys a client certificate's embedded SCT must
+    /// verify with, from `trust.transparency_logs` (default: the node's own CA log); nil when
+    /// transparency is not required. A refusal is logged as "client certificate refused: sct…".
+    static func transparencyLogKeys(_ cfg: NodeConfig) throws(NodeError) -> [P256.Signing.PublicKey]? {
         guard cfg.trust.requireTransparency else { return nil }
-        let logs: [P256.Signing.PublicKey]
         do {
             if cfg.trust.transparencyLogs.isEmpty {
-                logs = [try TransparencyLog.authorityLogKey(caDirectory: cfg.node.dataDir + "/trust").publicKey]
-            } else {
-                logs = try CertificateTransparency.loadLogKeys(cfg.trust.transparencyLogs)
+                return [try TransparencyLog.authorityLogKey(caDirectory: cfg.node.dataDir + "/trust").publicKey]
             }
+            return try CertificateTransparency.loadLogKeys(cfg.trust.transparencyLogs)
         } catch {
             throw NodeError(.identity, "trust.transparency_logs: \(error)")
-        }
-        let ids = logs.map { Data(CertificateTransparency.logID(of: $0)).base64EncodedString() }
-        let trusted = TrustedLogKeys(logs)
-        return PeerCertificateCheck(identity: "transparency:" + ids.joined(separator: ",")) { leaf, issuer in
-            guard let issuer else {
-                return "SCT missing: no issuer certificate to check it against (the peer sent only its leaf)"
-            }
-            return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: trusted.keys).refusal
         }
     }
 
@@ -166,8 +158,9 @@ public final class Node: @unchecked Sendable {
             logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
         }
         contentIndex = content
+        for line in cfg.notices { logger.notice("\(line)") }
         var opened: EdgeCache?
-        if cfg.edge.enableCaching {
+        if cfg.edge.enableCaching && !cfg.edge.origin.isEmpty {  // no origin: a notice until the mesh
             do {
                 opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                                      ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
@@ -182,21 +175,8 @@ public final class Node: @unchecked Sendable {
         self.edge = edge
         let originMaxAge = cfg.edge.originMaxAge.map { $0 / 1_000_000_000 }
 
-        var settings = QUICSettings()
-        settings.congestionControl = CongestionControl(rawValue: cfg.network.congestionControl) ?? .cubic
-        settings.retry = cfg.network.retry
-        settings.idleTimeout = cfg.network.quic.idleTimeout
-        settings.handshakeTimeout = cfg.network.quic.handshakeTimeout
-        settings.initialMaxData = cfg.network.quic.initialMaxData
-        settings.initialMaxStreamData = cfg.network.quic.initialMaxStreamData
-        settings.maxWindow = cfg.network.quic.maxWindow
-        settings.maxStreamWindow = cfg.network.quic.maxStreamWindow
-        settings.maxStreamsBidi = UInt64(cfg.network.quic.maxStreamsBidi)
-        settings.maxUDPPayloadSize = cfg.network.quic.maxUDPPayloadSize
-        settings.ackThreshold = cfg.network.quic.ackThreshold
-        settings.maxConnections = cfg.network.maxConnections
+        let quicSettings = cfg.network.quic
         let secret = StaticSecret.random()
-        let quicSettings = settings
 
         // Open every queue here, in worker order, so that a bind error stops start-up
         // with a clear message.
@@ -354,8 +334,8 @@ public final class Node: @unchecked Sendable {
         if fresh.log != old.log { next.log = fresh.log; report.applied.append("log.level") }
         var restOld = old, restNew = fresh
         (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
-        restOld.network.clientAuth = ""
-        restNew.network.clientAuth = ""
+        restOld.network.clientAuth = .none
+        restNew.network.clientAuth = .none
         note("network", restNew.network != restOld.network, live: false)
         note("node", restNew.node != restOld.node, live: false)
         note("storage", restNew.storage != restOld.storage, live: false)

@@ -286,7 +286,7 @@ public final class QUICEndpoint {
                 let segments = (n + step - 1) / step
                 counters.datagramsOut &+= UInt64(segments)
                 return Transmit(length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
-                                ecn: ECN(rawValue: ecn & 3) ?? .notECT)
+                                ecn: ECN(lowBitsOf: ecn))
             }
             dirty.removeLast()
             conn.isDirty = false

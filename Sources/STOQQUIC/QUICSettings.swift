@@ -16,7 +16,8 @@ public enum CongestionControl: String, Sendable, CaseIterable {
 }
 
 /// Transport settings for an endpoint's connections. Defaults suit a high
-/// bandwidth-delay path on a 1500-byte MTU.
+/// bandwidth-delay path on a 1500-byte MTU. They are the node's defaults too: its config
+/// holds one of these (`NodeConfig.network.quic`), and a test holds config/node.toml to it.
 public struct QUICSettings: Sendable, Equatable {
     public var congestionControl: CongestionControl = .cubic
     /// Send a stateless Retry before accepting (address validation under attack).

@@ -14,7 +14,8 @@ public final class TLSCredentials: @unchecked Sendable {
     private var peerCheck: PeerCertificateCheck?
 
     /// Server credentials from PEM files; with `clientAuth`, clients are asked for a
-    /// certificate (mutual TLS) and refused, with the reason, unless it verifies.
+    /// certificate (mutual TLS) and its policy judges it: a refused client fails the handshake
+    /// with the policy's reason.
     public init(certificateFile: String, keyFile: String, clientAuth: ClientAuthentication? = nil) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_server_new(certificateFile, keyFile, &err, err.count) else {
@@ -23,51 +24,33 @@ public final class TLSCredentials: @unchecked Sendable {
         raw = p
         isServer = true
         if let a = clientAuth, a.mode != .none {
-            if let check = a.peerCheck {
-                peerCheck = check
-                stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(check).toOpaque())
-            }
-            let files = a.trustFiles.map { strdup($0) }
-            defer { files.forEach { free($0) } }
-            let serials = a.revokedSerials.map { s in
-                let b = UnsafeMutablePointer<UInt8>.allocate(capacity: max(s.count, 1))
-                b.initialize(from: s, count: s.count)
-                return b
-            }
-            defer { serials.forEach { $0.deallocate() } }
-            let lengths = a.revokedSerials.map(\.count)
-            let rc = files.map { UnsafePointer($0) }.withUnsafeBufferPointer { f in
-                serials.map { UnsafePointer($0) }.withUnsafeBufferPointer { r in
-                    lengths.withUnsafeBufferPointer { l in
-                        stoq_tls_server_set_client_auth(p, a.mode.raw, f.baseAddress, f.count, UInt32(a.maxChainLength),
-                                                        r.baseAddress, l.baseAddress, r.count, &err, err.count)
-                    }
-                }
-            }
-            if rc != 0 {
-                stoq_tls_free(p)
-                throw TLSError(message: String(cBuffer: err))
-            }
+            peerCheck = a.policy
+            stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(a.policy).toOpaque())
+            stoq_tls_server_set_client_auth(p, a.mode.raw)
         }
     }
 
-    /// Client credentials: trust `caFile` (PEM), the system store when nil, or nothing when
-    /// `insecure`; with `certificateFile`/`keyFile`, present that chain when a server asks.
-    /// With `peerCheck`, the server's certificate must also pass it (certificate transparency).
-    public init(trusting caFile: String?, insecure: Bool = false, certificateFile: String? = nil,
-                keyFile: String? = nil, peerCheck: PeerCertificateCheck? = nil) throws(TLSError) {
+    /// Client credentials: `policy` judges the server's certificate chain and the name it was
+    /// dialled by (STOQ's is `PeerVerifier`, through `PeerCertificateCheck`). Only `insecure`
+    /// may omit it, and then nothing is checked. With `certificateFile`/`keyFile`, present that
+    /// chain when a server asks.
+    public init(policy: PeerCertificateCheck?, insecure: Bool = false, certificateFile: String? = nil,
+                keyFile: String? = nil) throws(TLSError) {
+        guard policy != nil || insecure else {
+            throw TLSError(message: "client credentials need a certificate policy (or insecure)")
+        }
         var err = [CChar](repeating: 0, count: 512)
-        guard let p = stoq_tls_client_new(caFile, insecure ? 1 : 0, &err, err.count) else {
+        guard let p = stoq_tls_client_new(insecure ? 1 : 0, &err, err.count) else {
             throw TLSError(message: String(cBuffer: err))
         }
         raw = p
         isServer = false
-        if let peerCheck {
-            self.peerCheck = peerCheck
-            stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(peerCheck).toOpaque())
+        if let policy, !insecure {
+            self.peerCheck = policy
+            stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(policy).toOpaque())
         }
         if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
-            stoq_tls_free(p)
+            // Every property is set: deinit runs and frees `raw`.
             throw TLSError(message: String(cBuffer: err))
         }
     }
@@ -75,19 +58,21 @@ public final class TLSCredentials: @unchecked Sendable {
     deinit { stoq_tls_free(raw) }
 }
 
-/// An extra check of a peer's leaf certificate, run inside the TLS handshake once GnuTLS has
-/// accepted the chain (STOQ uses it for certificate transparency). It runs on the worker
-/// thread, once per handshake: it may allocate, but must not block.
+/// The certificate policy the TLS handshake asks, in either role: STOQ's is `PeerVerifier`
+/// (`PeerCertificateCheck(identity: v.fingerprint, v.refusal)`), the same code `stoq trust
+/// verify` runs. The C shim only extracts the chain and fails the handshake with the reason.
+/// It runs on the worker thread, once per handshake: it may allocate, but must not block.
 public final class PeerCertificateCheck: Sendable, Equatable {
-    /// Returns nil to accept `leaf` (DER), or the reason to refuse it. `issuer` is the DER of
-    /// its issuer (sent by the peer, or found among the trusted roots), nil if neither.
-    public let check: @Sendable (_ leaf: [UInt8], _ issuer: [UInt8]?) -> String?
-    /// What the check enforces, e.g. the trusted log ids: equal identities are the same rule
-    /// (a configuration reload compares them).
+    /// Returns nil to accept `chain` (DER, leaf first, as the peer sent it), or the reason to
+    /// refuse it. `serverName` is the name or IPv6 literal the client dialled when judging a
+    /// server; nil when judging a client.
+    public let check: @Sendable (_ chain: [[UInt8]], _ serverName: String?) -> String?
+    /// What the check enforces (the verifier's fingerprint): equal identities are the same
+    /// rule (a configuration reload compares them).
     public let identity: String
 
     /// Creates a check.
-    public init(identity: String, _ check: @escaping @Sendable (_ leaf: [UInt8], _ issuer: [UInt8]?) -> String?) {
+    public init(identity: String, _ check: @escaping @Sendable (_ chain: [[UInt8]], _ serverName: String?) -> String?) {
         self.identity = identity
         self.check = check
     }
@@ -96,12 +81,16 @@ public final class PeerCertificateCheck: Sendable, Equatable {
 }
 
 /// The C side calls this with the `PeerCertificateCheck` registered on the credentials.
-private let peerCheckThunk: stoq_peer_check_fn = { ctx, leaf, leafLen, issuer, issuerLen, why, whyLen in
-    guard let ctx, let leaf, let why else { return -1 }
+private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverName, why, whyLen in
+    guard let ctx, let certs, let lens, let why, whyLen > 0 else { return -1 }
     let check = Unmanaged<PeerCertificateCheck>.fromOpaque(ctx).takeUnretainedValue()
-    let leafDER = Array(UnsafeBufferPointer(start: leaf, count: leafLen))
-    let issuerDER = issuer.map { Array(UnsafeBufferPointer(start: $0, count: issuerLen)) }
-    guard let reason = check.check(leafDER, issuerDER) else { return 0 }
+    var chain: [[UInt8]] = []
+    chain.reserveCapacity(n)
+    for i in 0..<n {
+        guard let p = certs[i] else { return -1 }
+        chain.append(Array(UnsafeBufferPointer(start: p, count: lens[i])))
+    }
+    guard let reason = check.check(chain, serverName.map { String(cString: $0) }) else { return 0 }
     let bytes = Array(reason.utf8.prefix(max(0, whyLen - 1)))
     for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
     why[bytes.count] = 0
@@ -116,7 +105,7 @@ public struct TLSError: Error, Sendable, CustomStringConvertible {
 
 /// What a server asks of clients' certificates (mutual TLS).
 public struct ClientAuthentication: Sendable, Equatable {
-    public enum Mode: String, Sendable {
+    public enum Mode: String, Sendable, CaseIterable {
         case none, optional, required
         var raw: Int32 {
             switch self {
@@ -127,21 +116,11 @@ public struct ClientAuthentication: Sendable, Equatable {
         }
     }
     public var mode: Mode
-    /// PEM files of the roots client certificates must chain to.
-    public var trustFiles: [String]
-    /// Longest chain accepted (leaf included).
-    public var maxChainLength: Int
-    /// Serial numbers (big-endian bytes) that are refused as revoked.
-    public var revokedSerials: [[UInt8]]
-    /// An extra check client certificates must pass (certificate transparency), if any.
-    public var peerCheck: PeerCertificateCheck?
+    /// The policy client certificates must pass (STOQ's `PeerVerifier`, role client).
+    public var policy: PeerCertificateCheck
 
-    public init(mode: Mode, trustFiles: [String], maxChainLength: Int = 4, revokedSerials: [[UInt8]] = [],
-                peerCheck: PeerCertificateCheck? = nil) {
-        self.peerCheck = peerCheck
+    public init(mode: Mode, policy: PeerCertificateCheck) {
         self.mode = mode
-        self.trustFiles = trustFiles
-        self.maxChainLength = maxChainLength
-        self.revokedSerials = revokedSerials
+        self.policy = policy
     }
 }

@@ -147,19 +147,19 @@ package struct ClientRig {
     package let worker: Worker
 
     package init(trust: ClientTrust, application: QUICApplication,
-                 congestionControl: CongestionControl = .cubic) throws(ClientError) {
+                 congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) {
         let creds: TLSCredentials
         do {
-            var check: PeerCertificateCheck?
-            if !trust.transparencyLogs.isEmpty {
-                let logs = TrustedLogKeys(try CertificateTransparency.loadLogKeys(trust.transparencyLogs))
-                check = PeerCertificateCheck(identity: "transparency") { leaf, issuer in
-                    guard let issuer else { return "SCT missing: no issuer certificate to check it against" }
-                    return CertificateTransparency.verify(leafDER: leaf, issuerDER: issuer, trustedLogs: logs.keys).refusal
-                }
+            // The one certificate policy (PeerVerifier, role server), as `stoq trust verify` runs it.
+            var policy: PeerCertificateCheck?
+            if !trust.insecure {
+                let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
+                let logs = trust.transparencyLogs.isEmpty ? nil : try CertificateTransparency.loadLogKeys(trust.transparencyLogs)
+                let verifier = PeerVerifier(roots: roots, role: .server, transparencyLogs: logs)
+                policy = PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal)
             }
-            creds = try TLSCredentials(trusting: trust.caFile, insecure: trust.insecure,
-                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile, peerCheck: check)
+            creds = try TLSCredentials(policy: policy, insecure: trust.insecure,
+                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile)
         } catch {
             throw ClientError(.tls, "\(error)")
         }
@@ -205,7 +205,7 @@ public enum STOQClient {
     /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive.
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
     public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, hash: Bool = true, timeout: Double = 300,
-                           congestionControl: CongestionControl = .cubic,
+                           congestionControl: CongestionControl = QUICSettings().congestionControl,
                            progress: ((UInt64, UInt64?) -> Void)? = nil) throws(ClientError) -> TransferResult {
         try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, timeout: timeout,
                      congestionControl: congestionControl, progress: progress)
@@ -214,7 +214,7 @@ public enum STOQClient {
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
     /// `congestionControl` paces it.
     public static func put(file: String, to url: STOQURL, trust: ClientTrust, timeout: Double = 300,
-                           congestionControl: CongestionControl = .cubic) throws(ClientError) -> TransferResult {
+                           congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
         defer { close(fd) }

@@ -106,15 +106,15 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         return (dns, ips)
     }
 
-    /// A key's name and whether STOQ accepts it: ECDSA P-256/P-384, Ed25519, RSA ≥ 2048.
-    /// P-521 is refused only because peers (GnuTLS defaults, most TLS stacks' preferences) do
-    /// not need it and a short list is easier to reason about.
+    /// A key's name and whether STOQ accepts it: ECDSA P-256/P-384/P-521, Ed25519, RSA ≥ 2048.
+    /// P-521 is accepted: a NIST curve that GnuTLS (the handshake) and swift-crypto both
+    /// implement, at least as strong as P-384; refusing it would only turn away valid peers.
     static func keyStrength(_ key: Certificate.PublicKey) -> (name: String, acceptable: Bool) {
         if P256.Signing.PublicKey(key) != nil { return ("ECDSA P-256", true) }
         if P384.Signing.PublicKey(key) != nil { return ("ECDSA P-384", true) }
         if Curve25519.Signing.PublicKey(key) != nil { return ("Ed25519", true) }
         if let rsa = _RSA.Signing.PublicKey(key) { return ("RSA-\(rsa.keySizeInBits)", rsa.keySizeInBits >= 2048) }
-        if P521.Signing.PublicKey(key) != nil { return ("ECDSA P-521", false) }
+        if P521.Signing.PublicKey(key) != nil { return ("ECDSA P-521", true) }
         return ("\(key)", false)
     }
 }

@@ -26,6 +26,33 @@ public enum PEMFiles {
         return certs
     }
 
+    /// The DER of every CERTIFICATE block in a PEM file, in file order, unparsed: what
+    /// `PeerVerifier.verify(derChain:)` takes, so a certificate swift-certificates refuses to
+    /// parse (an RSA-1024 key) still gets a verdict, exactly as in the handshake.
+    public static func readCertificateDER(_ path: String) throws -> [[UInt8]] {
+        let text = try readText(path)
+        let docs: [PEMDocument]
+        do { docs = try PEMDocument.parseMultiple(pemString: text) } catch {
+            throw TrustError(.invalidPEM, "\(path): not PEM (\(error))")
+        }
+        let ders = docs.filter { $0.discriminator == Certificate.defaultPEMDiscriminator }.map(\.derBytes)
+        guard !ders.isEmpty else { throw TrustError(.invalidPEM, "\(path): no CERTIFICATE block") }
+        return ders
+    }
+
+    /// The system's trusted roots (Debian's and Fedora's bundle paths), for a client given no
+    /// CA file. A root swift-certificates cannot parse is skipped: it could never anchor a
+    /// chain STOQ accepts.
+    public static func systemRoots() throws -> [Certificate] {
+        let paths = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+        guard let path = paths.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw TrustError(.missingFile, "no system trust store (looked for \(paths.joined(separator: ", "))); give a CA file")
+        }
+        let roots = try readCertificateDER(path).compactMap { try? Certificate(derEncoded: $0) }
+        guard !roots.isEmpty else { throw TrustError(.invalidPEM, "\(path): no usable certificate") }
+        return roots
+    }
+
     /// The PEM text of `certificates`, one block each, in order.
     public static func pem(_ certificates: [Certificate]) throws -> String {
         try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
@@ -40,10 +67,15 @@ public enum PEMFiles {
         }
     }
 
-    /// Revoked serial numbers from a text file: one hex serial per line (colons and spaces
-    /// allowed, `#` starts a comment), the form `stoq trust show` prints.
-    public static func readSerials(_ path: String) throws -> Set<Certificate.SerialNumber> {
+    /// Revoked serial numbers from a text file (`revoked.txt`): one hex serial per line (colons
+    /// and spaces allowed, `#` starts a comment), the form `stoq trust show` prints. This is the
+    /// one parser of that file (the node, the ACME server, `stoq trust verify`): a line that is
+    /// not a serial is refused with the file and line, never skipped, because a skipped line is
+    /// a revocation silently not enforced. With `missingIsEmpty`, an absent file (nothing
+    /// revoked yet) is an empty list.
+    public static func readSerials(_ path: String, missingIsEmpty: Bool = false) throws -> Set<Certificate.SerialNumber> {
         var serials = Set<Certificate.SerialNumber>()
+        if missingIsEmpty && !FileManager.default.fileExists(atPath: path) { return serials }
         for (n, raw) in try readText(path).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
             let hex = line.filter { $0 != ":" && !$0.isWhitespace }

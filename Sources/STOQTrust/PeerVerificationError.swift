@@ -18,10 +18,17 @@ public struct PeerVerificationError: Error, Sendable, Equatable, CustomStringCon
         /// The chain (leaf to root inclusive) is longer than allowed.
         case chainTooLong
         /// A key is weaker than allowed: RSA under 2048 bits, or a type other than
-        /// ECDSA P-256/P-384, Ed25519 or RSA ≥ 2048.
+        /// ECDSA P-256/P-384/P-521, Ed25519 or RSA ≥ 2048.
         case keyTooWeak
+        /// A certificate on the path (other than the trusted root) is signed with a broken
+        /// hash: SHA-1 or MD5.
+        case weakSignature
+        /// A key usage extension forbids the certificate's job: a leaf without
+        /// digitalSignature, or an issuer without keyCertSign.
+        case wrongKeyUsage
         /// The chain breaks another RFC 5280 rule (basic constraints, name constraints,
-        /// version, unhandled critical extension); the message carries the detail.
+        /// version, unhandled critical extension, a CA:TRUE leaf, a certificate that does not
+        /// parse); the message carries the detail.
         case invalidChain
         /// Transparency is required and the leaf carries no embedded SCT.
         case sctMissing

@@ -38,18 +38,26 @@ public final class WorkerMesh: @unchecked Sendable {
     /// The eventfd worker `index`'s datapath should wake on.
     public func wakeFileDescriptor(of index: Int) -> Int32 { stoq_handoff_wake_fd(inboxes[index]) }
 
-    /// The worker that owns the connection `datagram` belongs to, by the worker byte of its
-    /// destination CID, or nil when it may be handled anywhere: Initial and 0-RTT packets
-    /// (their CID is the client's choice until the server answers, and the worker that
-    /// receives the first one creates the connection), Version Negotiation, or too short
-    /// to tell. Steering on the same byte as the XDP program (`bpf/stoq_xdp.bpf.c`) and
-    /// the reuseport program keeps every datagram of a connection on one worker.
+    /// The worker that owns the connection `datagram` belongs to, or nil when it may be
+    /// handled anywhere (see `owner(of:workers:)`).
     @inline(__always)
     public func owner(of datagram: UnsafeRawBufferPointer) -> Int? {
-        guard datagram.count > 1 else { return nil }
+        WorkerMesh.owner(of: datagram, workers: inboxes.count)
+    }
+
+    /// The worker, of `workers`, that owns the connection `datagram` belongs to, by the
+    /// worker byte of its destination CID (layout in `bpf/stoq_kern_user.h`, shared with
+    /// `make_cid`, the XDP program and the reuseport program), or nil when it may be
+    /// handled anywhere: Initial and 0-RTT packets (their CID is the client's choice until
+    /// the server answers, and the worker that receives the first one creates the
+    /// connection), Version Negotiation, or too short to tell.
+    @inline(__always)
+    public static func owner(of datagram: UnsafeRawBufferPointer, workers: Int) -> Int? {
+        let shortAt = Int(STOQ_QUIC_SHORT_WORKER_OFFSET), longAt = Int(STOQ_QUIC_LONG_WORKER_OFFSET)
+        guard datagram.count > shortAt else { return nil }
         let first = datagram[0]
-        if first & 0x80 == 0 { return Int(datagram[1]) % inboxes.count }  // short header: DCID at 1
-        guard datagram.count > 6, datagram[5] > 0 else { return nil }
+        if first & UInt8(STOQ_QUIC_LONG_HEADER_BIT) == 0 { return Int(datagram[shortAt]) % workers }
+        guard datagram.count > longAt, datagram[Int(STOQ_QUIC_LONG_DCID_LEN_OFFSET)] > 0 else { return nil }
         let version = UInt32(datagram[1]) << 24 | UInt32(datagram[2]) << 16 | UInt32(datagram[3]) << 8 | UInt32(datagram[4])
         let type = (first >> 4) & 0x3
         switch version {
@@ -57,7 +65,7 @@ public final class WorkerMesh: @unchecked Sendable {
         case 0x6b33_43cf: if type == 1 || type == 2 { return nil }  // QUIC v2: Initial = 1, 0-RTT = 2
         default: if type == 0 || type == 1 { return nil }     // v1 and drafts: Initial = 0, 0-RTT = 1
         }
-        return Int(datagram[6]) % inboxes.count
+        return Int(datagram[longAt]) % workers
     }
 
     /// Copies `datagram` into worker `index`'s inbox. False when it was full or the datagram
@@ -81,7 +89,7 @@ public final class WorkerMesh: @unchecked Sendable {
         while let item = stoq_handoff_peek(h) {
             let it = item.pointee
             body(UnsafeRawBufferPointer(start: it.data, count: Int(it.len)), IPv6Endpoint(it.peer),
-                 IPv6Endpoint(it.local), ECN(rawValue: it.ecn & 3) ?? .notECT)
+                 IPv6Endpoint(it.local), ECN(lowBitsOf: it.ecn))
             stoq_handoff_pop(h)
             n += 1
         }

@@ -20,7 +20,7 @@ struct StoqNode: ParsableCommand {
     var config: String?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical (overrides log.level).")
-    var logLevel: String?
+    var logLevel: Logger.Level?
 
     func run() throws {
         let cfg: NodeConfig
@@ -32,12 +32,7 @@ struct StoqNode: ParsableCommand {
         } else {
             cfg = .default
         }
-        let levelText = logLevel ?? cfg.log.level
-        guard let level = Logger.Level(rawValue: levelText) else {
-            FileHandle.standardError.write(Data("stoq-node: --log-level \(levelText): expected trace, debug, info, notice, warning, error or critical\n".utf8))
-            throw ExitCode(2)
-        }
-        let levelBox = LevelBox(level)
+        let levelBox = LevelBox(logLevel ?? cfg.log.level)
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
         let node = Node(config: cfg, logger: logger)
@@ -61,9 +56,7 @@ struct StoqNode: ParsableCommand {
             do {
                 let fresh = try ConfigLoader.load(path: path)
                 let report = try node.reload(fresh)
-                if report.applied.contains("log.level"), let l = Logger.Level(rawValue: fresh.log.level), logLevel == nil {
-                    levelBox.level = l
-                }
+                if report.applied.contains("log.level"), logLevel == nil { levelBox.level = fresh.log.level }
                 if report.applied.isEmpty && report.restartNeeded.isEmpty {
                     logger.notice("\(why): \(path) unchanged")
                 } else {
@@ -151,3 +144,6 @@ enum ConfigWatch {
         return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
     }
 }
+
+/// `--log-level` is parsed into its type by ArgumentParser, as `log.level` is by the config loader.
+extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -149,12 +149,15 @@ struct TrustCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Verify a certificate chain against a trusted root bundle; exit 0 if valid, 1 with the reason if not.",
             discussion: """
-                Checks chain to a root in --bundle, validity dates, EKU (serverAuth, or clientAuth \
-                with --client), the name (--dns or --ip), chain length, key strength and --revoked \
-                serials; with --require-transparency, an embedded SCT that verifies with a --log-key. \
+                The same policy (PeerVerifier) the node applies to client certificates and \
+                stoq get to servers, with the same reasons: chain to a root in --bundle, chain \
+                length leaf to root, validity dates, key strength and signature hash, --revoked \
+                serials, an end-entity leaf, keyUsage, EKU (serverAuth, or clientAuth with \
+                --client), the name (--dns or --ip, in a SAN only); with --require-transparency, \
+                an embedded SCT that verifies with a --log-key. \
                 Reasons: expired, notYetValid, wrongEKU, sanMismatch, unknownRoot, revoked, \
-                chainTooLong, keyTooWeak, invalidChain, sctMissing, sctInvalid, sctUnknownLog. \
-                Unreadable input or an IPv4 --ip exits 2.
+                chainTooLong, keyTooWeak, weakSignature, wrongKeyUsage, invalidChain, sctMissing, \
+                sctInvalid, sctUnknownLog. Unreadable input or an IPv4 --ip exits 2.
 
                 Example: stoq trust verify cert.pem --bundle ca/root.pem --ip 2001:db8::1
                 """)
@@ -164,7 +167,8 @@ struct TrustCommand: ParsableCommand {
         @Option(help: "The IPv6 address the certificate must carry.") var ip: String?
         @Flag(help: "Check the certificate as a client's (clientAuth) instead of a server's.") var client = false
         @Option(help: "File of revoked serial numbers in hex, one per line.") var revoked: String?
-        @Option(name: .customLong("max-chain"), help: "Longest accepted chain, leaf and root included.") var maxChain = 3
+        @Option(name: .customLong("max-chain"), help: "Longest accepted chain, leaf and root included.")
+        var maxChain = PeerVerifier.defaultMaxChainLength
         @Flag(name: .customLong("require-transparency"), help: "Require an embedded SCT from a log given by --log-key.")
         var requireTransparency = false
         @Option(name: .customLong("log-key"), help: "A trusted log's public key (PEM; repeatable).") var logKeys: [String] = []
@@ -177,24 +181,25 @@ struct TrustCommand: ParsableCommand {
         }
 
         func run() async throws {
-            let chain: [Certificate], roots: [Certificate], serials: Set<Certificate.SerialNumber>, logs: [P256.Signing.PublicKey]
+            let chain: [[UInt8]], roots: [Certificate], serials: Set<Certificate.SerialNumber>, logs: [P256.Signing.PublicKey]
             do {
                 logs = try CertificateTransparency.loadLogKeys(logKeys)
-                chain = try PEMFiles.readCertificates(cert)
+                // DER, unparsed: a certificate swift-certificates refuses still gets a verdict.
+                chain = try PEMFiles.readCertificateDER(cert)
                 roots = try PEMFiles.readCertificates(bundle)
-                serials = try revoked.map(PEMFiles.readSerials) ?? []
+                serials = try revoked.map { try PEMFiles.readSerials($0) } ?? []
             } catch { throw fail("\(error)", code: 2) }
             let verifier = PeerVerifier(roots: roots, revokedSerials: serials, maxChainLength: maxChain,
                                         role: client ? .client : .server, transparencyLogs: requireTransparency ? logs : nil)
-            do {
-                let validated = try await verifier.verify(chain: chain, dnsName: dns, ipv6Address: ip)
+            switch Result(catching: { () throws(PeerVerificationError) in try verifier.verify(derChain: chain, dnsName: dns, ipv6Address: ip) }) {
+            case .success(let validated):
                 let subjects = validated.map { $0.subject.description }
                 if json {
                     printObject(["valid": true, "chain": subjects])
                 } else {
                     print("valid: \(subjects.joined(separator: " <- "))")
                 }
-            } catch let e as PeerVerificationError {
+            case .failure(let e):
                 // A bad request (an IPv4 --ip) is a usage error, not a verdict on the certificate.
                 let status: Int32 = e.code == .invalidInput ? 2 : 1
                 if json {

@@ -75,7 +75,7 @@ struct Get: ParsableCommand {
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
     @Option(help: "Congestion control of this end: reno, cubic, bbr or bbr2 (it paces what this end sends).")
-    var cc: CongestionControl = .cubic
+    var cc: CongestionControl = QUICSettings().congestionControl
     @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
     var chunked = false
     @Option(help: "Chunk requests in flight with --chunked.") var concurrency = 16
@@ -152,7 +152,7 @@ struct Put: ParsableCommand {
     var chunked = false
     @OptionGroup var chunking: ChunkingOptions
     @Option(help: "Chunk uploads in flight with --chunked.") var concurrency = 16
-    @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = .cubic
+    @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = QUICSettings().congestionControl
 
     func run() throws {
         let u: STOQURL
@@ -189,8 +189,15 @@ struct ConfigCommand: ParsableCommand {
 
         func run() throws {
             do {
-                _ = try ConfigLoader.load(path: file)
-                if json { print("{\"valid\":true,\"errors\":[]}") } else { print("\(file): valid") }
+                let cfg = try ConfigLoader.load(path: file)
+                if json {
+                    let data = try! JSONSerialization.data(withJSONObject: ["valid": true, "errors": [String](), "notices": cfg.notices],
+                                                           options: [.sortedKeys])
+                    print(String(decoding: data, as: UTF8.self))
+                } else {
+                    print("\(file): valid")
+                    for line in cfg.notices { print("notice: \(line)") }
+                }
             } catch {
                 if json {
                     let errs = error.errors.map { ["key": $0.key, "value": $0.value, "allowed": $0.allowed, "message": $0.description] }

@@ -183,5 +183,5 @@ func eventually(timeout: Duration = .seconds(20), _ condition: () async -> Bool)
 }
 
 func member(_ text: String, _ id: UInt8? = nil) -> MeshMember {
-    MeshMember(url: try! MeshURL.parse(text).get(), nodeID: id.map { NodeID([UInt8](repeating: $0, count: 32)) })
+    MeshMember(url: try! MeshURL.parse(text).get(), nodeID: id.map { NodeIdentity([UInt8](repeating: $0, count: 32)) })
 }

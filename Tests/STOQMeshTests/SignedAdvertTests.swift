@@ -1,6 +1,8 @@
 import Crypto
 import Foundation
+import STOQCore
 import STOQMesh
+import STOQRouting
 import SwiftASN1
 import STOQTrust
 import Testing
@@ -12,7 +14,7 @@ struct MeshFixture: Sendable {
         let chain: [Certificate]
         let keyPEM: String
         var key: P256.Signing.PrivateKey { try! P256.Signing.PrivateKey(pemRepresentation: keyPEM) }
-        var id: NodeID { NodeID(publicKey: chain[0].publicKey) }
+        var id: NodeIdentity { NodeIdentity(publicKey: chain[0].publicKey) }
     }
 
     let ca: TrustAuthority
@@ -39,11 +41,11 @@ struct MeshFixture: Sendable {
 let now: UInt64 = UInt64(Date().timeIntervalSince1970 * 1000)
 
 func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 = 7, issued: UInt64 = now,
-            lifetime: UInt32 = 30_000) throws -> LinkStateAdvert {
-    try LinkStateAdvert(origin: from.id, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime, loadPPM: 125_000,
+            lifetime: UInt32 = 30_000) throws -> AdvertBody {
+    try AdvertBody(origin: from.id, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime, loadPPM: 125_000,
                         links: to.enumerated().map { i, n in
                             .init(neighbour: n.id, rttMicros: 1_000 * UInt32(i + 1), rttVarMicros: 250, lossPPM: 10_000,
-                                  deliveryKbps: 100_000)
+                                  deliveryKbps: 100_000, peerLoadPPM: 300_000 + UInt32(i))
                         })
 }
 
@@ -68,7 +70,7 @@ func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 =
 
         // One flipped bit in a link's RTT: the signature no longer verifies.
         var altered = good
-        altered[LinkStateAdvert.headerSize + 33] ^= 0x01
+        altered[AdvertBody.headerSize + 33] ^= 0x01
         await expectRefused(altered, .badSignature)
 
         // Node 1's advert, signed by node 2's key with node 2's chain: origin is not the signer.
@@ -107,15 +109,32 @@ func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 =
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1]], lifetime: 10) }
         // The same rules on the wire: a body that repeats a neighbour does not decode.
         var twice = try advert(n[0], to: [n[1], n[2]]).encodeBody()
-        let first = LinkStateAdvert.headerSize
-        twice.replaceSubrange((first + LinkStateAdvert.linkSize)..<(first + LinkStateAdvert.linkSize + 32), with: n[1].id.bytes)
+        let first = AdvertBody.headerSize
+        twice.replaceSubrange((first + AdvertBody.linkSize)..<(first + AdvertBody.linkSize + 32), with: n[1].id.bytes)
         do {
-            _ = try LinkStateAdvert.decodeBody(twice[...])
+            _ = try AdvertBody.decodeBody(twice[...])
             Issue.record("a repeated neighbour decoded")
         } catch {
             #expect(error.code == .badValue)
             #expect(error.detail == "link 1 repeats neighbour \(n[1].id)")
         }
+    }
+
+    /// What a node accepted goes into the routing database in routing's units, and a replay of
+    /// the same advert is the database's `duplicate`.
+    @Test func anAcceptedAdvertFeedsTheLinkStateDatabase() async throws {
+        let n = f.nodes
+        let signed = try SignedAdvert.sign(advert(n[0], to: [n[1], n[2]]), chain: n[0].chain, key: n[0].key)
+        let accepted = try await SignedAdvert.verify(signed.bytes, nowMillis: now, trust: f.trust)
+        let ls = accepted.advert.linkState
+        #expect(ls.origin == n[0].id.routingID && ls.sequence == 7)
+        #expect(ls.links.map(\.peer) == [n[1].id.routingID, n[2].id.routingID])
+        #expect(ls.links[1].metrics == LinkMetrics(rttMs: 2, rttVarMs: 0.25, lossRate: 0.01, deliveryRate: 12_500_000, load: 0.300001))
+        var db = LinkStateDatabase()
+        let changes = try db.apply(ls, now: 1)
+        #expect(changes.count == 2)
+        #expect(throws: LinkStateError.self) { _ = try db.apply(ls, now: 2) }
+        #expect(db.refused[.duplicate] == 1)
     }
 
     /// The format article's independent reader (Python, `cryptography`) decodes and verifies what
@@ -152,6 +171,7 @@ func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 =
             #expect((l["rtt_var_us"] as? NSNumber)?.uint32Value == mine.rttVarMicros)
             #expect((l["loss_ppm"] as? NSNumber)?.uint32Value == mine.lossPPM)
             #expect((l["delivery_kbps"] as? NSNumber)?.uint32Value == mine.deliveryKbps)
+            #expect((l["peer_load_ppm"] as? NSNumber)?.uint32Value == mine.peerLoadPPM)
         }
         #expect((json["chain"] as? [String])?.count == 2)
     }

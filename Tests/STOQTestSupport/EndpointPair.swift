@@ -36,13 +36,24 @@ public final class EndpointPair {
     public private(set) var strayReplies: [[UInt8]] = []
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
 
-    public init(identity: TestIdentity, serverSettings: QUICSettings = QUICSettings(),
-                clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink()) throws {
-        let secret = StaticSecret.random()
+    public convenience init(identity: TestIdentity, serverSettings: QUICSettings = QUICSettings(),
+                clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+                serverWorkerID: UInt8 = 0) throws {
         let serverCreds = try TLSCredentials(certificateFile: identity.identity.certificatePath,
                                              keyFile: identity.identity.keyPath)
-        let clientCreds = try TLSCredentials(trusting: identity.identity.certificatePath)
-        server = QUICEndpoint(isServer: true, credentials: serverCreds, settings: serverSettings, workerID: 0, secret: secret)
+        let verifier = PeerVerifier(roots: try PEMFiles.readCertificates(identity.identity.certificatePath))
+        let clientCreds = try TLSCredentials(policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+        try self.init(serverCredentials: serverCreds, clientCredentials: clientCreds, serverSettings: serverSettings,
+                      clientSettings: clientSettings, link: link, serverWorkerID: serverWorkerID)
+    }
+
+    /// A pair with the given credentials: the handshake runs the real C/GnuTLS code and the
+    /// credentials' certificate policies, in memory.
+    public init(serverCredentials serverCreds: TLSCredentials, clientCredentials clientCreds: TLSCredentials,
+                serverSettings: QUICSettings = QUICSettings(), clientSettings: QUICSettings = QUICSettings(),
+                link: SimulatedLink = SimulatedLink(), serverWorkerID: UInt8 = 0) throws {
+        let secret = StaticSecret.random()
+        server = QUICEndpoint(isServer: true, credentials: serverCreds, settings: serverSettings, workerID: serverWorkerID, secret: secret)
         client = QUICEndpoint(isServer: false, credentials: clientCreds, settings: clientSettings, workerID: 0,
                               secret: StaticSecret.random())
         toServer = link

@@ -149,11 +149,15 @@ import X509
         let root = CertFactory.root("Root")
         let i1 = CertFactory.intermediate("Inter 1", issuer: root)
         let i2 = CertFactory.intermediate("Inter 2", issuer: i1)
-        let leaf = CertFactory.leaf("n.test", publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), issuer: i2)
-        let e = await refusal(PeerVerifier(roots: [root.cert]), [leaf, i2.cert, i1.cert])
-        #expect(e == PeerVerificationError(.chainTooLong, "chain of 4 certificates (leaf to root) exceeds the maximum of 3"))
+        let i3 = CertFactory.intermediate("Inter 3", issuer: i2)
+        let leaf = CertFactory.leaf("n.test", publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), issuer: i3)
+        // Counted over the verified path (leaf to root: 5), though the peer sent four.
+        let e = await refusal(PeerVerifier(roots: [root.cert]), [leaf, i3.cert, i2.cert, i1.cert])
+        #expect(e == PeerVerificationError(.chainTooLong, "chain of 5 certificates (leaf to root) exceeds the maximum of 4"))
         // The length was the only problem.
-        #expect(await refusal(PeerVerifier(roots: [root.cert], maxChainLength: 4), [leaf, i2.cert, i1.cert]) == nil)
+        #expect(await refusal(PeerVerifier(roots: [root.cert], maxChainLength: 5), [leaf, i3.cert, i2.cert, i1.cert]) == nil)
+        // The same limit for a client's chain.
+        #expect(await refusal(PeerVerifier(roots: [root.cert], role: .client), [leaf, i3.cert, i2.cert, i1.cert])?.code == .chainTooLong)
     }
 
     @Test func refusesWeakKeys() async throws {
@@ -164,10 +168,15 @@ import X509
         let weak = CertFactory.leaf("n.test", publicKey: rsa1024, issuer: f.issuer)
         var e = await refusal(v, [weak, f.authority.intermediate])
         #expect(e == PeerVerificationError(
-            .keyTooWeak, "leaf CN=n.test has a RSA-1024 key; accepted: ECDSA P-256, ECDSA P-384, Ed25519, RSA ≥ 2048"))
+            .keyTooWeak, "leaf CN=n.test has a RSA-1024 key; accepted: ECDSA P-256, ECDSA P-384, ECDSA P-521, Ed25519, RSA ≥ 2048"))
+        // The DER entry (the handshake's, and stoq trust verify's) gives the same verdict for a
+        // certificate swift-certificates will not even parse.
+        #expect(throws: e!) { try v.verify(derChain: [PeerVerifier.der(weak), PeerVerifier.der(f.authority.intermediate)]) }
+        // P-521 is accepted, in both roles (GnuTLS and swift-crypto implement it).
         let p521 = CertFactory.leaf("n.test", publicKey: Certificate.PublicKey(P521.Signing.PrivateKey().publicKey), issuer: f.issuer)
         e = await refusal(v, [p521, f.authority.intermediate])
-        #expect(e?.code == .keyTooWeak)
+        #expect(e == nil)
+        #expect(await refusal(PeerVerifier(roots: [f.authority.root], role: .client), [p521, f.authority.intermediate]) == nil)
     }
 
     @Test func reportsOtherRFC5280ViolationsAsInvalidChain() async throws {
@@ -178,7 +187,88 @@ import X509
         let node = CertFactory.leaf("node.test", publicKey: nodeKey.publicKey, issuer: f.issuer)
         let below = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: (node, nodeKey))
         let e = await refusal(PeerVerifier(roots: [f.authority.root], maxChainLength: 4), [below, node, f.authority.intermediate])
-        #expect(e?.code == .invalidChain)
+        // Its keyUsage (digitalSignature only) is the first rule it breaks.
+        #expect(e == PeerVerificationError(.wrongKeyUsage, "intermediate CN=node.test issues CN=n.test but its keyUsage \((try node.extensions.keyUsage)!) lacks keyCertSign"))
+        // With keyCertSign but CA:FALSE, basic constraints refuse it.
+        let signer = try Certificate(
+            version: .v3, serialNumber: CertFactory.serial(), publicKey: nodeKey.publicKey,
+            notValidBefore: Date() - 60, notValidAfter: Date() + 3600, issuer: f.authority.intermediate.subject,
+            subject: CertFactory.name("signer.test"), signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(keyCertSign: true))
+            },
+            issuerPrivateKey: f.intermediateKey)
+        let below2 = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: (signer, nodeKey))
+        let e2 = await refusal(PeerVerifier(roots: [f.authority.root]), [below2, signer, f.authority.intermediate])
+        #expect(e2?.code == .invalidChain)
+    }
+
+    @Test func refusesACALeafUnlessItIsThePinnedAnchor() async throws {
+        let f = try AuthorityFixture()
+        defer { f.dir.cleanup() }
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let caLeaf = try Certificate(
+            version: .v3, serialNumber: CertFactory.serial(), publicKey: key.publicKey,
+            notValidBefore: Date() - 60, notValidAfter: Date() + 3600, issuer: f.authority.intermediate.subject,
+            subject: CertFactory.name("n.test"), signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+                Critical(KeyUsage(digitalSignature: true, keyCertSign: true))
+                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                SubjectAlternativeNames([.dnsName("n.test")])
+            },
+            issuerPrivateKey: f.intermediateKey)
+        let e = await refusal(PeerVerifier(roots: [f.authority.root]), [caLeaf, f.authority.intermediate])
+        #expect(e == PeerVerificationError(.invalidChain, "leaf CN=n.test is a CA certificate (basicConstraints CA:TRUE); a peer must present an end-entity certificate"))
+        // A self-signed identity the bundle pins (TestIdentity, TOFU) is its own anchor.
+        let pinned = try Certificate(pemEncoded: try EmbeddedIdentity.makeSelfSigned(names: ["stoq.test"], addresses: []).certificate)
+        #expect(await refusal(PeerVerifier(roots: [pinned]), [pinned], dns: "stoq.test") == nil)
+    }
+
+    @Test func namesAreMatchedInSANsOnly() async throws {
+        let f = try AuthorityFixture()
+        defer { f.dir.cleanup() }
+        let cnOnly = CertFactory.leaf("node1.stoq.test", publicKey: f.newKey(), issuer: f.issuer, dns: [])
+        let e = await refusal(PeerVerifier(roots: [f.authority.root]), [cnOnly, f.authority.intermediate], dns: "node1.stoq.test")
+        #expect(e == PeerVerificationError(.sanMismatch, "leaf CN=node1.stoq.test has no subject alternative name, not DNS:node1.stoq.test (the subject CN is not a name, RFC 9525)"))
+        // Only an address in the SANs: a DNS name is not looked for in the CN either.
+        let ipOnly = try f.authority.issue(publicKey: f.newKey(), dnsNames: [], ipv6Addresses: ["2001:db8::1"])
+        let e2 = await refusal(PeerVerifier(roots: [f.authority.root]), [ipOnly, f.authority.intermediate], dns: "node1.stoq.test")
+        #expect(e2?.code == .sanMismatch)
+    }
+
+    @Test func refusesSHA1AndNamesTheBrokenSignature() async throws {
+        let f = try AuthorityFixture()
+        defer { f.dir.cleanup() }
+        let rsa = Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits2048))
+        let inter = try Certificate(
+            version: .v3, serialNumber: CertFactory.serial(), publicKey: rsa.publicKey,
+            notValidBefore: Date() - 60, notValidAfter: Date() + 3600, issuer: f.authority.intermediate.subject,
+            subject: CertFactory.name("RSA Inter"), signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+                Critical(KeyUsage(keyCertSign: true))
+            },
+            issuerPrivateKey: f.intermediateKey)
+        let sha1 = try Certificate(
+            version: .v3, serialNumber: CertFactory.serial(), publicKey: f.newKey(),
+            notValidBefore: Date() - 60, notValidAfter: Date() + 3600, issuer: inter.subject,
+            subject: CertFactory.name("n.test"), signatureAlgorithm: .sha1WithRSAEncryption,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                try ExtendedKeyUsage([.serverAuth])
+                SubjectAlternativeNames([.dnsName("n.test")])
+            },
+            issuerPrivateKey: rsa)
+        let v = PeerVerifier(roots: [f.authority.root])
+        #expect(await refusal(v, [sha1, inter, f.authority.intermediate]) == PeerVerificationError(
+            .weakSignature, "leaf CN=n.test is signed with SHA-1 (sha1WithRSAEncryption); accepted: SHA-256 or stronger"))
+        // A leaf naming the real intermediate but signed by another key: the leaf is blamed.
+        let stranger = CertFactory.root("STOQ Intermediate CA")
+        let forged = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: (f.authority.intermediate, stranger.key))
+        let e = await refusal(v, [forged, f.authority.intermediate])
+        #expect(e == PeerVerificationError(.unknownRoot, "signature of leaf CN=n.test does not verify with the key of its issuer \(f.authority.intermediate.subject)"))
     }
 
     @Test func everyCodeHasADistinctName() {

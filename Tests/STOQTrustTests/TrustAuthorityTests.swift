@@ -186,6 +186,14 @@ import X509
                             Certificate.SerialNumber(bytes: [0x7f, 0xa6, 0x24, 0x9e])])
         try "abc\n".write(toFile: path, atomically: true, encoding: .utf8)
         #expect(throws: TrustError(.invalidPEM, "\(path):1: abc is not a hex serial number")) { try PEMFiles.readSerials(path) }
+        // The one parser refuses a bad line anywhere (the node used to skip it), naming the line.
+        try "23bb96d2636c6a6d\nnot-a-serial # oops\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(throws: TrustError(.invalidPEM, "\(path):2: not-a-serial  is not a hex serial number")) {
+            try PEMFiles.readSerials(path, missingIsEmpty: true)
+        }
+        // Nothing revoked yet: no file is an empty list where the caller says so.
+        #expect(try PEMFiles.readSerials(dir.path + "/absent.txt", missingIsEmpty: true).isEmpty)
+        #expect(throws: TrustError.self) { try PEMFiles.readSerials(dir.path + "/absent.txt") }
     }
 
     @Test func refusesNonPEMAndMissingFiles() throws {

@@ -13,14 +13,14 @@ import pytest
 from conftest import Node, run, stoq
 
 
-def certtool_cert(tmp, name, ca_dir, template, key_type=("--key-type", "ecdsa")):
+def certtool_cert(tmp, name, ca_dir, template, key_type=("--key-type", "ecdsa"), sign_args=()):
     """A certificate signed by the node's intermediate with GnuTLS's certtool (an
     independent tool), for the shapes STOQ's own CA refuses to make."""
     key, cert, tpl = tmp / f"{name}.key", tmp / f"{name}.crt", tmp / f"{name}.tpl"
     tpl.write_text(template)
     r = run(["certtool", "--generate-privkey", *key_type, "--outfile", key])
     assert r.returncode == 0, r.stderr
-    r = run(["certtool", "--generate-certificate", "--load-privkey", key, "--load-ca-certificate",
+    r = run(["certtool", "--generate-certificate", *sign_args, "--load-privkey", key, "--load-ca-certificate",
              ca_dir / "intermediate.pem", "--load-ca-privkey", ca_dir / "intermediate-key.pem",
              "--template", tpl, "--outfile", cert])
     assert r.returncode == 0, r.stderr
@@ -57,6 +57,11 @@ def mtls(tmp_path_factory):
     c["not-yet-valid"] = certtool_cert(certs, "future", ca, 'cn = "future"\ntls_www_client\nsigning_key\n'
                                                        'activation_date = "2031-01-01 00:00:00 UTC"\n'
                                                        'expiration_date = "2032-01-01 00:00:00 UTC"\n')
+    c["no-eku"] = certtool_cert(certs, "no-eku", ca, 'cn = "no-eku"\nsigning_key\nexpiration_days = 1\n')
+    c["p521"] = certtool_cert(certs, "p521", ca, 'cn = "p521"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
+                              key_type=("--key-type", "ecdsa", "--curve", "secp521r1"))
+    c["sha1"] = certtool_cert(certs, "sha1", ca, 'cn = "sha1"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
+                              sign_args=("--hash", "SHA1"))
     c["weak-key"] = certtool_cert(certs, "weak", ca, 'cn = "weak"\ntls_www_client\nsigning_key\nexpiration_days = 1\n',
                                   key_type=("--key-type", "rsa", "--bits", "1024"))
     # Five distinct certificates: leaf <- sub2 <- sub1 <- intermediate <- root.
@@ -105,13 +110,18 @@ def test_a_certificate_from_the_nodes_ca_is_accepted(mtls):
 
 @pytest.mark.parametrize("case,reason", [
     ("none", "none was presented"),
-    ("expired", "expired"),
-    ("unknown-root", "issuer is unknown"),
-    ("revoked", "revoked"),
-    ("wrong-eku", "purpose"),
-    ("not-yet-valid", "not yet valid"),
-    ("weak-key", "key too weak"),
-    ("chain-too-long", "chain too long"),
+    ("expired", "expired: leaf CN=expired.client.example expired at "),
+    # The stranger's CA has the same names as the node's: the signature is what fails. The
+    # client sends its certificate though its chain matches no CA the node trusts.
+    ("unknown-root", "unknownRoot: signature of intermediate CN=STOQ Intermediate CA,O=STOQ does not verify"),
+    ("revoked", "revoked: leaf CN=revoked.client.example serial "),
+    ("wrong-eku", "wrongEKU: leaf CN=server-only allows [serverAuth]; clientAuth is required"),
+    ("no-eku", "wrongEKU: leaf CN=no-eku has no extended key usage; clientAuth is required"),
+    ("not-yet-valid", "notYetValid: leaf CN=future is not valid before 2031-01-01T00:00:00Z"),
+    ("weak-key", "keyTooWeak: leaf CN=weak has a RSA-1024 key"),
+    ("sha1", "weakSignature: leaf CN=sha1 is signed with SHA-1 (ecdsa-with-SHA1); accepted: SHA-256 or stronger"),
+    # Depth is counted leaf to root over the verified path: five, though the client sent them all.
+    ("chain-too-long", "chainTooLong: chain of 5 certificates (leaf to root) exceeds the maximum of 4"),
 ])
 def test_bad_client_certificates_are_refused_with_their_reason(mtls, case, reason):
     before = len(refusals(mtls))
@@ -122,6 +132,67 @@ def test_bad_client_certificates_are_refused_with_their_reason(mtls, case, reaso
     assert new and reason in new[-1], f"{case}: logged {new}"
     # The node keeps serving good clients.
     assert get(mtls, mtls.client_certs["good"]).returncode == 0
+
+
+def test_a_p521_client_certificate_is_accepted(mtls):
+    """P-521 is accepted in both roles (one key policy); the node serves it."""
+    r = get(mtls, mtls.client_certs["p521"])
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("case", ["good", "p521", "expired", "unknown-root", "revoked", "wrong-eku", "no-eku",
+                                  "not-yet-valid", "weak-key", "sha1", "chain-too-long"])
+def test_the_node_and_stoq_trust_verify_agree(mtls, case):
+    """One policy: the verdict and words the node logs for a client certificate over a real
+    socket are exactly what `stoq trust verify --client` says about the same files."""
+    chain, key = mtls.client_certs[case]
+    ca = pathlib.Path(mtls.cert).parent
+    v = stoq("trust", "verify", chain, "--bundle", ca / "root.pem", "--client", "--revoked", ca / "revoked.txt", "--json")
+    # A verdict (0 valid, 1 refused), never 2 "does not parse": RSA-1024 and SHA-1 included.
+    assert v.returncode in (0, 1), v.stderr
+    verdict = json.loads(v.stdout)
+    before = len(refusals(mtls))
+    r = get(mtls, (chain, key))
+    time.sleep(0.2)
+    new = refusals(mtls)[before:]
+    if verdict["valid"]:
+        assert r.returncode == 0 and not new, f"{case}: trust verify accepts, the node logged {new}: {r.stderr}"
+    else:
+        assert r.returncode != 0 and new, f"{case}: trust verify refuses ({verdict}), the node accepted"
+        clock = lambda s: re.sub(r" \(now [^)]*\)", "", s)
+        assert clock(new[-1]) == clock(f'{verdict["reason"]}: {verdict["message"]}')
+
+
+def test_a_handshake_failing_for_another_reason_logs_that_reason(mtls):
+    """A client that speaks no protocol the node serves (ALPN h2): the node logs the TLS alert
+    it sent, not a certificate refusal with every GnuTLS verify flag."""
+    import asyncio
+    import ssl
+    from aioquic.asyncio.client import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    async def attempt():
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=["h2"], verify_mode=ssl.CERT_NONE)
+        try:
+            async with connect("::1", mtls.port, configuration=cfg):
+                return "connected"
+        except Exception as e:     # noqa: BLE001 - any failure is the expected outcome
+            return repr(e)
+
+    before = len(refusals(mtls))
+    outcome = asyncio.run(asyncio.wait_for(attempt(), 15))
+    assert outcome != "connected", outcome
+    want = "TLS handshake failed: No supported application protocol could be negotiated (alert 120)"
+    deadline = time.time() + 10     # logged when the connection leaves its closing period
+    while True:
+        mtls.log.flush()
+        log = pathlib.Path(mtls.log.name).read_text()
+        if want in log or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert want in log, log[-2000:]
+    assert "TOFU" not in log
+    assert len(refusals(mtls)) == before
 
 
 def test_refusals_are_counted(mtls):
@@ -150,7 +221,8 @@ def test_a_server_certificate_without_server_auth_is_refused_by_the_client(mtls,
     try:
         time.sleep(0.5)
         r = stoq("get", f"https://[::1]:{port}/x.bin", "--ca", mtls.cert, "--timeout", "10")
-        assert r.returncode != 0 and "intended purpose" in r.stderr, r.stderr
+        assert r.returncode != 0 and "wrongEKU: leaf CN=client-only allows [clientAuth]; serverAuth is required" in r.stderr, \
+            r.stderr
         # The node's own chain (EKU serverAuth + clientAuth) from the same server software works.
         srv.terminate()
         srv.wait(timeout=10)

@@ -184,10 +184,10 @@ def test_a_certificate_with_a_valid_sct_is_accepted(ct):
 
 
 @pytest.mark.parametrize("case,reason", [
-    ("missing", "SCT missing"),
-    ("transplanted", "SCT signature invalid (forged)"),
-    ("corrupt", "SCT signature invalid (forged)"),
-    ("unknown-log", "SCT from an unknown log"),
+    ("missing", "sctMissing: leaf CN=nosct carries no SCT"),
+    ("transplanted", "sctInvalid: leaf CN=impostor: SCT signature invalid (forged)"),
+    ("corrupt", "sctInvalid: leaf CN=good.client.example: SCT signature invalid (forged)"),
+    ("unknown-log", "sctUnknownLog: leaf CN=rogue.client.example has SCTs only from unknown logs"),
 ])
 def test_certificates_without_a_valid_sct_are_refused(ct, case, reason):
     before = len(refusals(ct))
@@ -236,7 +236,7 @@ def test_the_client_requires_transparency_and_a_matching_name(ct, tmp_path):
     other.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     r = get(ct, good, "--require-transparency", "--log-key", other)
-    assert r.returncode != 0 and "SCT from an unknown log" in r.stderr, r.stderr
+    assert r.returncode != 0 and "sctUnknownLog: " in r.stderr and "has SCTs only from unknown logs" in r.stderr, r.stderr
     htdocs = tmp_path / "htdocs"
     htdocs.mkdir()
     (htdocs / "x.bin").write_bytes(b"x" * 1000)
@@ -247,8 +247,8 @@ def test_the_client_requires_transparency_and_a_matching_name(ct, tmp_path):
                                                               'dns_name = "elsewhere.example"\n'
                                                               'ip_address = "2001:db8::99"\nexpiration_days = 1\n')
     for (chain, key), args, expect in [
-        (nosct, ["--require-transparency", "--log-key", pub], ["SCT missing"]),
-        (elsewhere, [], ["SAN mismatch: dialed IP:::1", "DNS:elsewhere.example", "IP:2001:db8::99"]),
+        (nosct, ["--require-transparency", "--log-key", pub], ["sctMissing: leaf CN=", "carries no SCT"]),
+        (elsewhere, [], ["sanMismatch: leaf CN=", "names [DNS:elsewhere.example, IP:2001:db8::99], not IP:::1"]),
     ]:
         port = free_port()
         srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), str(chain)],
@@ -308,7 +308,7 @@ def test_require_transparency_applies_on_reload(ct, tmp_path):
         while time.time() < deadline and get(n, nosct).returncode == 0:
             time.sleep(0.3)
         assert get(n, nosct).returncode != 0
-        assert refusals(n)[-1] == "SCT missing"
+        assert refusals(n)[-1] == "sctMissing: leaf CN=r carries no SCT; transparency is required"
         # Its own CA's certificates (SCT from its own log, the default trusted log) still pass.
         cert, key = tmp_path / "c.pem", tmp_path / "c.key"
         assert stoq("trust", "issue", "--dir", ca, "--dns", "c.example", "--out", cert, "--key-out", key).returncode == 0

@@ -40,32 +40,30 @@ typedef struct stoq_tls_ctx stoq_tls_ctx;
 
 /** Loads a PEM certificate chain and key for serving. NULL with `err` filled on failure. */
 stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen);
-/** Client credentials: trust `ca_file` (PEM, may be NULL for the system store) or, with `insecure`, nothing. */
-stoq_tls_ctx *stoq_tls_client_new(const char *ca_file, int insecure, char *err, size_t errlen);
+/** Client credentials. Unless `insecure`, a policy (`stoq_tls_set_peer_check`) must judge the
+ *  server's certificate; without one every server is refused. */
+stoq_tls_ctx *stoq_tls_client_new(int insecure, char *err, size_t errlen);
 /** Frees credentials. Only once no connection uses them. */
 void stoq_tls_free(stoq_tls_ctx *ctx);
 
 /** Client authentication a server asks for (mutual TLS). */
 enum { STOQ_CLIENT_AUTH_NONE = 0, STOQ_CLIENT_AUTH_OPTIONAL = 1, STOQ_CLIENT_AUTH_REQUIRED = 2 };
 
-/** Server: ask clients for a certificate (`mode`), verified against the PEM roots in
- *  `trust_files` (`ntrust` files), for EKU clientAuth, at most `max_depth` certificates deep,
- *  and not among the `nrevoked` serials (raw big-endian bytes, each `revoked_len[i]` long).
- *  A refused peer fails the handshake; the connection's error string says why. 0 or -1 (err). */
-int stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode, const char *const *trust_files, size_t ntrust,
-                                    unsigned max_depth, const uint8_t *const *revoked, const size_t *revoked_len,
-                                    size_t nrevoked, char *err, size_t errlen);
+/** Server: ask clients for a certificate (`mode`). The policy registered with
+ *  `stoq_tls_set_peer_check` judges it; a refused peer fails the handshake and the
+ *  connection's error string says why. */
+void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode);
 
-/** A check of the peer's leaf certificate run inside the TLS verify callback, after GnuTLS has
- *  accepted the chain (STOQ: certificate transparency, written in Swift). `leaf` and `issuer`
- *  are DER; `issuer` is the next certificate the peer sent, or the trusted issuer when the peer
- *  sent only its leaf, or NULL. Returns 0 to accept, else writes the reason to `why` (NUL-
- *  terminated) and returns nonzero. Runs once per handshake, on the worker's thread. */
-typedef int (*stoq_peer_check_fn)(void *ctx, const uint8_t *leaf, size_t leaf_len, const uint8_t *issuer,
-                                  size_t issuer_len, char *why, size_t why_len);
+/** The certificate policy, run inside the TLS verify callback on the worker's thread, once per
+ *  handshake. `certs[i]` (`lens[i]` bytes, DER) is the chain the peer sent, leaf first, `n` of
+ *  them; `server_name` is what the client dialled (DNS name or IPv6 literal) when judging a
+ *  server, NULL when judging a client. Returns 0 to accept, else writes the reason to `why`
+ *  (NUL-terminated) and returns nonzero. STOQ's is Swift's PeerVerifier: C judges nothing. */
+typedef int (*stoq_peer_check_fn)(void *ctx, const uint8_t *const *certs, const size_t *lens, size_t n,
+                                  const char *server_name, char *why, size_t why_len);
 
-/** Registers `fn` (with `ctx`, which must outlive the credentials) on server credentials with
- *  client authentication, or on client credentials (run on the server's certificate). */
+/** Registers the policy `fn` (with `ctx`, which must outlive the credentials): on server
+ *  credentials with client authentication, or on client credentials. */
 void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx);
 
 /** Client: present this certificate chain and key when a server asks (mutual TLS). 0 or -1 (err). */

@@ -16,6 +16,11 @@ int stoq_memfd(const char *name);
 #include <netinet/in.h>
 #include <stdint.h>
 
+/* The CID -> worker layout (STOQ_QUIC_*_WORKER_OFFSET …) that the worker hand-off shares
+ * with make_cid and the XDP and reuseport programs. By path, relative to this header: a
+ * target's headerSearchPath does not reach the Swift modules that import it. */
+#include "../../../bpf/stoq_kern_user.h"
+
 /* ---- hand-off between workers (stoq_handoff.c) ---- */
 
 /** A datagram handed to the worker that owns its connection. */

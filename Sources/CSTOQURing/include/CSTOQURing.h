@@ -19,8 +19,9 @@
 extern "C" {
 #endif
 
-/** Feature bits; the same values as STOQDatapath's DatapathFeatures. */
-enum {
+/** The engine's feature bits (stoq_uring_features). STOQDatapathURing maps each to its
+ *  DatapathFeatures member by name, so these values are this engine's alone. */
+enum stoq_uring_feature {
   STOQ_URING_F_GSO = 1 << 0,
   STOQ_URING_F_GRO = 1 << 1,
   STOQ_URING_F_ECN = 1 << 2,

@@ -35,8 +35,9 @@ def read(data):
     links = []
     for i in range(count):
         n = take(32, f"link {i}").hex()
-        rtt, var, loss, rate = struct.unpack(">IIII", take(16, f"link {i} metrics"))
-        links.append({"neighbour": n, "rtt_us": rtt, "rtt_var_us": var, "loss_ppm": loss, "delivery_kbps": rate})
+        rtt, var, loss, rate, peer_load = struct.unpack(">IIIII", take(20, f"link {i} metrics"))
+        links.append({"neighbour": n, "rtt_us": rtt, "rtt_var_us": var, "loss_ppm": loss, "delivery_kbps": rate,
+                      "peer_load_ppm": peer_load})
     (chain_count,) = take(1, "chain count")
     chain = []
     for i in range(chain_count):

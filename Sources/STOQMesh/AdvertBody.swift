@@ -6,16 +6,16 @@
 ///
 /// The wire format (version 1) is specified in docs/mesh.md ("Link-state adverts"); all integers
 /// are big-endian. An advert is signed by its origin's node key (`SignedAdvert`), and its origin
-/// id is the SHA-256 of that key (`NodeID(publicKey:)`), so an advert names who sent it and can
+/// id is the SHA-256 of that key (`NodeIdentity(publicKey:)`), so an advert names who sent it and can
 /// be checked by any node that trusts the origin's certificate authority.
 ///
 /// An advert is always valid: the initializer and the decoder check the same rules
 /// (`validate`), so `encodeBody()` never writes something `init(decodingBody:)` would refuse.
-public struct LinkStateAdvert: Hashable, Sendable {
+public struct AdvertBody: Hashable, Sendable {
     /// One directed link from the origin to a neighbour, as the origin measures it.
     public struct Link: Hashable, Sendable {
         /// The neighbour's node id.
-        public var neighbour: NodeID
+        public var neighbour: NodeIdentity
         /// Smoothed round-trip time, microseconds.
         public var rttMicros: UInt32
         /// Round-trip time variance (mean deviation), microseconds.
@@ -24,14 +24,18 @@ public struct LinkStateAdvert: Hashable, Sendable {
         public var lossPPM: UInt32
         /// Delivery rate, kilobits per second (0: not measured yet).
         public var deliveryKbps: UInt32
+        /// The neighbour's load as it last told the origin, parts per million.
+        public var peerLoadPPM: UInt32
 
         /// A link.
-        public init(neighbour: NodeID, rttMicros: UInt32, rttVarMicros: UInt32, lossPPM: UInt32, deliveryKbps: UInt32) {
+        public init(neighbour: NodeIdentity, rttMicros: UInt32, rttVarMicros: UInt32, lossPPM: UInt32, deliveryKbps: UInt32,
+                    peerLoadPPM: UInt32 = 0) {
             self.neighbour = neighbour
             self.rttMicros = rttMicros
             self.rttVarMicros = rttVarMicros
             self.lossPPM = lossPPM
             self.deliveryKbps = deliveryKbps
+            self.peerLoadPPM = peerLoadPPM
         }
     }
 
@@ -43,14 +47,14 @@ public struct LinkStateAdvert: Hashable, Sendable {
     /// load, link count.
     public static let headerSize = 4 + 1 + 1 + 32 + 8 + 8 + 4 + 4 + 2
     /// Bytes per link.
-    public static let linkSize = 32 + 4 * 4
+    public static let linkSize = 32 + 5 * 4
     /// No node advertises more neighbours than this.
     public static let maxLinks = 255
     /// Lifetimes a node may give its advert: from one second to one hour.
     public static let lifetimeRange: ClosedRange<UInt32> = 1_000...3_600_000
 
-    /// The origin: SHA-256 of its node key (`NodeID(publicKey:)`).
-    public let origin: NodeID
+    /// The origin: SHA-256 of its node key (`NodeIdentity(publicKey:)`).
+    public let origin: NodeIdentity
     /// Increases with every advert the origin issues; a receiver keeps only the highest.
     public let sequence: UInt64
     /// When the origin issued it, Unix milliseconds.
@@ -64,7 +68,7 @@ public struct LinkStateAdvert: Hashable, Sendable {
     public let links: [Link]
 
     /// An advert, checked like a decoded one.
-    public init(origin: NodeID, sequence: UInt64, issuedMillis: UInt64, lifetimeMillis: UInt32, loadPPM: UInt32,
+    public init(origin: NodeIdentity, sequence: UInt64, issuedMillis: UInt64, lifetimeMillis: UInt32, loadPPM: UInt32,
                 links: [Link]) throws(AdvertError) {
         self.origin = origin
         self.sequence = sequence
@@ -97,13 +101,14 @@ public struct LinkStateAdvert: Hashable, Sendable {
             put(l.rttVarMicros)
             put(l.lossPPM)
             put(l.deliveryKbps)
+            put(l.peerLoadPPM)
         }
         return out
     }
 
     /// Decodes the body at the start of `bytes`; returns the advert and the bytes it took.
     /// Refuses, with the rule it broke, anything `encodeBody()` would not write.
-    public static func decodeBody(_ bytes: ArraySlice<UInt8>) throws(AdvertError) -> (LinkStateAdvert, Int) {
+    public static func decodeBody(_ bytes: ArraySlice<UInt8>) throws(AdvertError) -> (AdvertBody, Int) {
         var r = Reader(bytes)
         guard try r.u32("magic") == magic else { throw AdvertError(.badMagic, "the advert does not start with SQLA") }
         let version = try r.u8("version")
@@ -111,7 +116,7 @@ public struct LinkStateAdvert: Hashable, Sendable {
             throw AdvertError(.unsupportedVersion, "version \(version); this node reads version \(currentVersion)")
         }
         guard try r.u8("reserved") == 0 else { throw AdvertError(.malformed, "the reserved byte is not zero") }
-        let origin = NodeID(try r.bytes(32, "origin"))
+        let origin = NodeIdentity(try r.bytes(32, "origin"))
         let sequence = try r.u64("sequence")
         let issued = try r.u64("issued")
         let lifetime = try r.u32("lifetime")
@@ -121,41 +126,45 @@ public struct LinkStateAdvert: Hashable, Sendable {
         var links = [Link]()
         links.reserveCapacity(count)
         for i in 0..<count {
-            let n = NodeID(try r.bytes(32, "link \(i) neighbour"))
+            let n = NodeIdentity(try r.bytes(32, "link \(i) neighbour"))
             links.append(Link(neighbour: n, rttMicros: try r.u32("link \(i) rtt"), rttVarMicros: try r.u32("link \(i) rtt variance"),
-                              lossPPM: try r.u32("link \(i) loss"), deliveryKbps: try r.u32("link \(i) delivery rate")))
+                              lossPPM: try r.u32("link \(i) loss"), deliveryKbps: try r.u32("link \(i) delivery rate"),
+                              peerLoadPPM: try r.u32("link \(i) peer load")))
         }
-        let advert = try LinkStateAdvert(origin: origin, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime,
+        let advert = try AdvertBody(origin: origin, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime,
                                          loadPPM: load, links: links)
         return (advert, r.offset)
     }
 
-    static func validate(origin: NodeID, lifetimeMillis: UInt32, loadPPM: UInt32, links: [Link]) throws(AdvertError) {
+    static func validate(origin: NodeIdentity, lifetimeMillis: UInt32, loadPPM: UInt32, links: [Link]) throws(AdvertError) {
         guard lifetimeRange.contains(lifetimeMillis) else {
             throw AdvertError(.badValue, "lifetime \(lifetimeMillis) ms; allowed \(lifetimeRange.lowerBound) to \(lifetimeRange.upperBound) ms")
         }
         guard loadPPM <= 1_000_000 else { throw AdvertError(.badValue, "load \(loadPPM) ppm; at most 1000000") }
         guard links.count <= maxLinks else { throw AdvertError(.tooManyLinks, "\(links.count) links; at most \(maxLinks)") }
-        var seen = Set<NodeID>()
+        var seen = Set<NodeIdentity>()
         for (i, l) in links.enumerated() {
             guard l.neighbour != origin else { throw AdvertError(.badValue, "link \(i) leads back to the origin") }
             guard seen.insert(l.neighbour).inserted else {
                 throw AdvertError(.badValue, "link \(i) repeats neighbour \(l.neighbour)")
             }
-            guard l.lossPPM <= 1_000_000 else { throw AdvertError(.badValue, "link \(i) loss \(l.lossPPM) ppm; at most 1000000") }
+            guard l.lossPPM < 1_000_000 else { throw AdvertError(.badValue, "link \(i) loss \(l.lossPPM) ppm; below 1000000") }
+            guard l.peerLoadPPM <= 1_000_000 else {
+                throw AdvertError(.badValue, "link \(i) peer load \(l.peerLoadPPM) ppm; at most 1000000")
+            }
         }
     }
 }
 
-/// A node's name in the mesh: SHA-256 of its node key (`NodeID(publicKey:)`), so a node's name
+/// A node's name in the mesh: SHA-256 of its node key (`NodeIdentity(publicKey:)`), so a node's name
 /// cannot be claimed without its key.
-public struct NodeID: Hashable, Sendable, Comparable, CustomStringConvertible {
+public struct NodeIdentity: Hashable, Sendable, Comparable, CustomStringConvertible {
     /// The 32 bytes.
     public let bytes: [UInt8]
 
     /// A node id from exactly 32 bytes.
     public init(_ bytes: some Collection<UInt8>) {
-        precondition(bytes.count == 32, "a NodeID is 32 bytes")
+        precondition(bytes.count == 32, "a NodeIdentity is 32 bytes")
         self.bytes = Array(bytes)
     }
 
@@ -164,7 +173,7 @@ public struct NodeID: Hashable, Sendable, Comparable, CustomStringConvertible {
     /// Lowercase hex of all 32 bytes.
     public var hex: String { String(hex: bytes) }
 
-    public static func < (a: NodeID, b: NodeID) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+    public static func < (a: NodeIdentity, b: NodeIdentity) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
 }
 
 /// Why an advert was refused. Every refusal is counted by its code and logged with its detail.
@@ -181,7 +190,7 @@ public struct AdvertError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let badMagic = Code(name: "bad_magic")
         /// A version this node does not read.
         public static let unsupportedVersion = Code(name: "unsupported_version")
-        /// More links than `LinkStateAdvert.maxLinks`.
+        /// More links than `AdvertBody.maxLinks`.
         public static let tooManyLinks = Code(name: "too_many_links")
         /// A field out of its range (lifetime, load, loss, a repeated or self link).
         public static let badValue = Code(name: "bad_value")

@@ -1,0 +1,24 @@
+import STOQRouting
+
+extension NodeIdentity {
+    /// The id routing computes with: the identity's first 8 bytes, big-endian. Routing only
+    /// needs ids stable and distinct; 64 bits of a SHA-256 are, for any mesh that fits in memory,
+    /// and an advert's full identity is still checked against its signer's key before it gets here.
+    public var routingID: NodeID {
+        NodeID(bytes.prefix(8).reduce(0) { $0 << 8 | UInt64($1) })
+    }
+}
+
+extension AdvertBody {
+    /// The advert as the link-state database takes it, in routing's units (milliseconds, shares,
+    /// bytes per second). Only for an advert `SignedAdvert.verify` accepted.
+    public var linkState: LinkStateAdvert {
+        LinkStateAdvert(origin: origin.routingID, sequence: sequence, links: links.map { l in
+            AdvertisedLink(peer: l.neighbour.routingID,
+                           metrics: LinkMetrics(rttMs: Double(l.rttMicros) / 1_000, rttVarMs: Double(l.rttVarMicros) / 1_000,
+                                                lossRate: Double(l.lossPPM) / 1_000_000,
+                                                deliveryRate: Double(l.deliveryKbps) * 1_000 / 8,
+                                                load: Double(l.peerLoadPPM) / 1_000_000))
+        })
+    }
+}

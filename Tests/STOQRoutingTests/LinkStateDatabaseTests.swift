@@ -1,0 +1,80 @@
+import STOQCore
+import Testing
+@testable import STOQRouting
+
+@Suite struct LinkStateDatabaseTests {
+    let link = AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 5))
+
+    @Test func olderAndEqualSequencesAreRefusedByName() throws {
+        var db = LinkStateDatabase()
+        try db.apply(LinkStateAdvert(origin: 1, sequence: 5, links: [link]), now: 0)
+        #expect(throws: LinkStateError.self) { try db.apply(LinkStateAdvert(origin: 1, sequence: 4, links: []), now: 1) }
+        do {
+            try db.apply(LinkStateAdvert(origin: 1, sequence: 4, links: []), now: 1)
+            Issue.record("stale advert accepted")
+        } catch {
+            #expect(error.code == .stale)
+        }
+        do {
+            try db.apply(LinkStateAdvert(origin: 1, sequence: 5, links: []), now: 1)
+            Issue.record("duplicate advert accepted")
+        } catch {
+            #expect(error.code == .duplicate)
+        }
+        #expect(db.refused[.stale] == 2)
+        #expect(db.refused[.duplicate] == 1)
+        #expect(db.accepted == 1)
+        // The refused adverts changed nothing.
+        #expect(db.links(from: 1) == [link])
+        let changes = try db.apply(LinkStateAdvert(origin: 1, sequence: 6, links: []), now: 2)
+        #expect(changes == [LinkChange(from: 1, to: 2, old: link.metrics, new: nil)])
+        #expect(db.links(from: 1).isEmpty)
+    }
+
+    @Test(arguments: [
+        ([AdvertisedLink(peer: 1, metrics: LinkMetrics(rttMs: 1))], "itself"),
+        ([AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1)), AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 2))], "twice"),
+        ([AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: .nan))], "rtt_ms"),
+        ([AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: -1))], "rtt_ms"),
+        ([AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1, lossRate: 1))], "loss_rate"),
+        ([AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1, load: 1.5))], "load"),
+    ])
+    func malformedAdvertsAreRefused(links: [AdvertisedLink], mentions: String) {
+        var db = LinkStateDatabase()
+        do {
+            try db.apply(LinkStateAdvert(origin: 1, sequence: 1, links: links), now: 0)
+            Issue.record("malformed advert accepted")
+        } catch {
+            #expect(error.code == .malformed)
+            #expect(error.message.contains(mentions))
+        }
+        #expect(db.refused[.malformed] == 1)
+        #expect(db.origins.isEmpty)
+    }
+
+    @Test func oversizedAdvertIsRefused() {
+        var db = LinkStateDatabase(maxLinksPerAdvert: 2)
+        let links = (2...4).map { AdvertisedLink(peer: NodeID(UInt64($0)), metrics: LinkMetrics(rttMs: 1)) }
+        #expect(throws: LinkStateError(.oversized, "advert from n1 has 3 links, more than the 2 allowed")) {
+            try db.apply(LinkStateAdvert(origin: 1, sequence: 1, links: links), now: 0)
+        }
+        #expect(db.refused[.oversized] == 1)
+    }
+
+    @Test func advertsExpireAndTheirSequenceIsRemembered() throws {
+        var db = LinkStateDatabase(maxAge: 10 * Nanos.second)
+        try db.apply(LinkStateAdvert(origin: 1, sequence: 7, links: [link]), now: 0)
+        try db.apply(LinkStateAdvert(origin: 3, sequence: 1, links: [AdvertisedLink(peer: 1, metrics: LinkMetrics(rttMs: 1))]), now: 5 * Nanos.second)
+        #expect(db.expire(now: 10 * Nanos.second).origins.isEmpty)   // exactly maxAge old: still valid
+        let (gone, changes) = db.expire(now: 10 * Nanos.second + 1)
+        #expect(gone == [1])
+        #expect(changes == [LinkChange(from: 1, to: 2, old: link.metrics, new: nil)])
+        #expect(db.links(from: 1).isEmpty)
+        #expect(db.links(from: 3).count == 1)
+        #expect(db.linkCount == 1)
+        // A delayed copy of the expired advert is still stale; a newer one brings the links back.
+        #expect(throws: LinkStateError.self) { try db.apply(LinkStateAdvert(origin: 1, sequence: 7, links: [link]), now: 11 * Nanos.second) }
+        let back = try db.apply(LinkStateAdvert(origin: 1, sequence: 8, links: [link]), now: 12 * Nanos.second)
+        #expect(back == [LinkChange(from: 1, to: 2, old: nil, new: link.metrics)])
+    }
+}

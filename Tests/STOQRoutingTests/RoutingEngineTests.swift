@@ -1,0 +1,171 @@
+import STOQCore
+import Testing
+@testable import STOQRouting
+
+@Suite struct RoutingEngineTests {
+    // 1 ─10─ 2 ─10─ 4         the direct 1→4 costs 50; the long way round 1-3-5-6-4 costs 4;
+    // │ ╲___50_____╱ │        the middle way 1-2-4 costs 20.
+    // 1 ─1─ 3 ─1─ 5 ─1─ 6 ─1─ 4
+    let diamond: [(UInt64, UInt64, Double)] = both([(1, 2, 10), (2, 4, 10), (1, 4, 50), (1, 3, 1), (3, 5, 1), (5, 6, 1), (6, 4, 1)])
+
+    @Test func latencyTakesTheCheapestRouteWithinMaxHops() {
+        #expect(engine(diamond, maxHops: 4).routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 3, 5, 6, 4]), cost: 4))
+        #expect(engine(diamond, maxHops: 3).routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 2, 4]), cost: 20))
+        #expect(engine(diamond, maxHops: 1).routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 4]), cost: 50))
+    }
+
+    @Test func shortestPathCountsHopsFirstAndBreaksTiesByRTT() {
+        let t = engine(diamond, algorithm: .shortestPath).routes(from: 1)
+        #expect(t.route(to: 4)?.primary == RoutePath(nodes: ids([1, 4]), cost: 50))
+        // Two 2-hop routes to 7: via 2 (10 + 30) and via 3 (1 + 5): the lower RTT wins.
+        let t2 = engine(diamond + both([(2, 7, 30), (3, 7, 5)]), algorithm: .shortestPath).routes(from: 1)
+        #expect(t2.route(to: 7)?.primary == RoutePath(nodes: ids([1, 3, 7]), cost: 6))
+        // 6 is 3 hops away via 3-5 (cost 3) and 2 hops away via 4 (cost 51): fewer hops win.
+        #expect(t2.route(to: 6)?.primary == RoutePath(nodes: ids([1, 4, 6]), cost: 51))
+    }
+
+    @Test func adaptiveWeighsLossAndLoad() {
+        // 1→2→4 and 1→3→4, both 20 ms. Loss on 1→2 and load at 3: the formula decides.
+        let edges: [(UInt64, UInt64, Double)] = [(1, 2, 10), (2, 4, 10), (1, 3, 10), (3, 4, 10)]
+        let lossy = ["1>2": LinkMetrics(rttMs: 10, lossRate: 0.2)]            // 10·(1 + 2·0.25) = 15
+        let loaded = ["1>3": LinkMetrics(rttMs: 10, load: 0.6)]               // 10·1.6 = 16
+        var m = lossy; m.merge(loaded) { a, _ in a }
+        let t = engine(edges, algorithm: .adaptive, metrics: m).routes(from: 1)
+        #expect(t.route(to: 4)?.primary.nodes == ids([1, 2, 4]))
+        #expect(t.route(to: 4)?.primary.cost == 25)
+        // Latency alone ignores both and takes the first of the equal routes.
+        let l = engine(edges, algorithm: .latency, metrics: m).routes(from: 1)
+        #expect(l.route(to: 4)?.primary.cost == 20)
+        // Variance counts one mean deviation: 1→2 at 10 + 7 = 17 loses to the loaded 16.
+        let jittery = ["1>2": LinkMetrics(rttMs: 10, rttVarMs: 7)]
+        var m2 = jittery; m2.merge(loaded) { a, _ in a }
+        #expect(engine(edges, algorithm: .adaptive, metrics: m2).routes(from: 1).route(to: 4)?.primary.nodes == ids([1, 3, 4]))
+        #expect(LinkCost.weight(LinkMetrics(rttMs: 10, rttVarMs: 2, lossRate: 0.5, load: 1), .adaptive) == 12 * 3 * 2)
+    }
+
+    @Test func mlOptimizedUsesTheAdaptiveRoutesAsCandidates() {
+        let m = ["1>2": LinkMetrics(rttMs: 10, lossRate: 0.3)]
+        let a = engine(diamond, algorithm: .adaptive, metrics: m).routes(from: 1)
+        let ml = engine(diamond, algorithm: .mlOptimized, metrics: m).routes(from: 1)
+        for d in a.destinations { #expect(a.route(to: d) == ml.route(to: d)) }
+    }
+
+    @Test(arguments: 1...6)
+    func noRouteHasMoreLinksThanMaxHops(maxHops: Int) {
+        // A chain 1-2-…-8 plus a cheap ring: every destination is reachable, some only far away.
+        var edges = both((1...7).map { (UInt64($0), UInt64($0 + 1), 1.0) })
+        edges += both([(1, 8, 100)])
+        let e = engine(edges, maxHops: maxHops)
+        let t = e.routes(from: 1)
+        for d in 2...8 {
+            let hopsAway = min(d - 1, 9 - d)
+            let r = t.route(to: NodeID(UInt64(d)))
+            if hopsAway > maxHops {
+                #expect(r == nil)
+            } else {
+                #expect(r != nil)
+                #expect(r!.primary.hops <= maxHops)
+                if let b = r!.backup { #expect(b.hops <= maxHops) }
+            }
+        }
+        #expect(t.maxHops == maxHops)
+    }
+
+    @Test func backupsShareNoLinkWithThePrimaryInEitherDirection() {
+        // A 3x3 grid: between corners there are two link-disjoint routes of 4 hops.
+        var edges: [(UInt64, UInt64, Double)] = []
+        for r in 0..<3 { for c in 0..<3 {
+            let n = UInt64(r * 3 + c + 1)
+            if c < 2 { edges.append((n, n + 1, Double(1 + r))) }
+            if r < 2 { edges.append((n, n + 3, Double(1 + c))) }
+        } }
+        let t = engine(both(edges)).routes(from: 1)
+        for d in t.destinations {
+            guard let r = t.route(to: d) else { Issue.record("no route to \(d)"); continue }
+            guard let b = r.backup else { continue }   // remove-and-recompute may need > 4 hops
+            let p = Set(zip(r.primary.nodes, r.primary.nodes.dropFirst()).flatMap { [[$0.0, $0.1], [$0.1, $0.0]] })
+            let q = Set(zip(b.nodes, b.nodes.dropFirst()).map { [$0.0, $0.1] })
+            #expect(p.isDisjoint(with: q), "backup \(b.nodes) reuses a link of \(r.primary.nodes)")
+            #expect(b.nodes.first == 1 && b.nodes.last == d)
+            #expect(b.cost >= r.primary.cost)
+            #expect(t.backupNextHop(to: d) == b.nextHop)
+        }
+        #expect(t.route(to: 9)?.backup?.hops == 4)
+        #expect(t.route(to: 2)?.backup?.hops == 3)
+        #expect(t.destinations.filter { t.backupNextHop(to: $0) != nil }.count >= 6)
+    }
+
+    @Test func noBackupAcrossABridgeOrBeyondMaxHops() {
+        // 1-2 is a bridge; 2..5 a ring.
+        let edges = both([(1, 2, 1), (2, 3, 1), (3, 4, 1), (4, 5, 1), (5, 2, 1)])
+        let t = engine(edges).routes(from: 1)
+        #expect(t.route(to: 4) != nil)
+        #expect(t.route(to: 4)?.backup == nil)
+        // From 2, node 4 has two disjoint routes (2-3-4, 2-5-4), but not within 1 hop.
+        #expect(engine(edges).disjointRoutes(from: 2, to: 4)?.backup?.nodes == ids([2, 5, 4]))
+        #expect(engine(edges, maxHops: 2).routes(from: 2).route(to: 4)?.backup != nil)
+        let e1 = engine(edges + both([(2, 4, 10)]), maxHops: 1)
+        #expect(e1.disjointRoutes(from: 2, to: 4)?.primary.nodes == ids([2, 4]))
+        #expect(e1.disjointRoutes(from: 2, to: 4)?.backup == nil)
+    }
+
+    @Test func lookupsOfUnknownUnreachableAndSourceAreNil() {
+        let e = engine(both([(1, 2, 1)]) + [(3, 1, 1)])
+        let t = e.routes(from: 1)
+        #expect(t.nextHop(to: 2) == 2)
+        #expect(t.nextHop(to: 1) == nil)
+        #expect(t.nextHop(to: 3) == nil)       // 3 → 1 exists, 1 → 3 does not
+        #expect(t.route(to: 99) == nil)
+        #expect(t.cost(to: 2) == 1)
+        #expect(t.count == 1)
+        #expect(e.routes(from: 99).count == 0)
+    }
+
+    @Test func expiredAdvertsTakeTheirLinksOutOfTheRoutes() throws {
+        let e = RoutingEngine(advertMaxAge: 10 * Nanos.second)
+        for a in adverts(diamond, sequence: 1) { try e.apply(a, now: 0) }
+        // 3 keeps advertising; 5 goes silent, so 5 → 6 disappears and 1-3-5-6-4 with it.
+        for a in adverts(diamond, sequence: 2) where a.origin != 5 { try e.apply(a, now: 8 * Nanos.second) }
+        #expect(e.routes(from: 1).route(to: 4)?.primary.cost == 4)
+        #expect(e.expire(now: 11 * Nanos.second) == [5])
+        #expect(e.routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 2, 4]), cost: 20))
+        // 5 is still reachable through the link 3 advertises towards it.
+        #expect(e.routes(from: 1).route(to: 5)?.primary.nodes == ids([1, 3, 5]))
+        #expect(throws: LinkStateError.self) { try e.apply(adverts(diamond, sequence: 1)[0], now: 12 * Nanos.second) }
+        #expect(e.database.refused[.stale] == 1)
+    }
+
+    @Test func onlyChangesThatCanAffectATableRecomputeIt() throws {
+        let e = engine(diamond, backups: .none)
+        var seq: UInt64 = 1
+        func readvertise(_ origin: UInt64, _ change: (inout [(UInt64, UInt64, Double)]) -> Void) throws {
+            var edges = diamond.filter { $0.0 == origin }
+            change(&edges)
+            seq += 1
+            try e.apply(adverts(edges, sequence: seq)[0], now: 0)
+        }
+        let before = e.routes(from: 1)
+        #expect(e.stats.fullComputes == 1)
+        // 2 → 4 is on no route from 1 (4 is reached through 6): dearer, the table is kept.
+        try readvertise(2) { $0 = $0.map { $0.1 == 4 ? ($0.0, $0.1, 30) : $0 } }
+        #expect(e.stats.tablesKept == 1)
+        #expect(e.routes(from: 1) === before)
+        #expect(e.stats.fullComputes == 1)
+        // 5 → 6 is on the route to 4: dearer, the table goes and is recomputed when asked.
+        try readvertise(5) { $0 = $0.map { $0.1 == 6 ? ($0.0, $0.1, 40) : $0 } }
+        #expect(e.stats.tablesInvalidated == 1)
+        #expect(e.routes(from: 1).route(to: 4)?.primary.nodes == ids([1, 2, 4]))
+        #expect(e.stats.fullComputes == 2)
+        // Several changes before the next request: one recompute for all of them.
+        try readvertise(3) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
+        try readvertise(6) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
+        _ = e.routes(from: 1)
+        #expect(e.stats.fullComputes == 3)
+        // Only the delivery rate moved: the cost is the same, nothing is dropped.
+        let t = e.routes(from: 1)
+        let m = ["1>2": LinkMetrics(rttMs: 10, deliveryRate: 1e6)]
+        seq += 1
+        try e.apply(adverts(diamond.filter { $0.0 == 1 }, sequence: seq, metrics: m)[0], now: 0)
+        #expect(e.routes(from: 1) === t)
+    }
+}
