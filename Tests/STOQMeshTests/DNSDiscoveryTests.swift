@@ -201,6 +201,26 @@ import Testing
         server.stop()
     }
 
+    /// An SRV target whose address is not in the additional section is asked for; a CNAME
+    /// chain (the SRV target's, and the name's own) is followed to the AAAA.
+    @Test func looksUpSRVTargetsAndFollowsCNAMEs() async throws {
+        let dir = try temporaryDirectory("dns-cname")
+        let port = freePort()
+        let server = try Self.dnsmasq(port: port, dir: dir, records: [
+            "--host-record=node1.stoq.test,fd00:57::1", "--cname=alias.stoq.test,node1.stoq.test",
+            "--srv-host=_c._udp.stoq.test,alias.stoq.test,4500", "--cname=svc.stoq.test,node1.stoq.test",
+        ])
+        var o = DNSDiscovery.Options(name: "_c._udp.stoq.test", defaultPort: 4433)
+        o.server = IPv6Endpoint(address: .loopback, port: port)
+        let (viaTarget, _) = try await DNSDiscovery(options: o, logger: Logger(label: "test.dns")).resolve()
+        #expect(viaTarget == [member("https://[fd00:57::1]:4500")])
+        o.name = "svc.stoq.test"
+        let (viaCNAME, _) = try await DNSDiscovery(options: o, logger: Logger(label: "test.dns")).resolve()
+        #expect(viaCNAME == [member("https://[fd00:57::1]:4433")])
+        #expect(server.output.contains("query[AAAA] alias.stoq.test"))
+        server.stop()
+    }
+
     /// Without `dns_server`, the nameservers of resolv.conf are asked (port 53).
     @Test func usesTheSystemResolver() async throws {
         let dir = try temporaryDirectory("dns-sys")
