@@ -33,8 +33,9 @@ public struct DiscoveryCounters: Sendable, Equatable {
     public var recoveries: UInt64 = 0
     /// Times this node registered itself (etcd: a lease granted and the record put).
     public var registrations: UInt64 = 0
-    /// Records refused, by reason (DNS: `bad_address`, `bad_port`, `too_many`; etcd: the
-    /// `MemberRecord.Refusal` codes). The rest of the answer is still used.
+    /// Records refused, by reason (DNS: `bad_address`, `bad_port`, `too_many`, counted every
+    /// round the record is still served; etcd: the `MemberRecord.Refusal` codes, counted each
+    /// time the record is read). The rest of the answer is still used.
     public var refused: [String: UInt64] = [:]
     /// The last failure, for `/status` and logs.
     public var lastError: String?
@@ -170,9 +171,6 @@ struct Backoff {
         let ns = d.nanoseconds
         return .nanoseconds(ns / 2 + Int64.random(in: 0...max(0, ns / 2)))
     }
-
-    /// What `next` will draw from, for the log line.
-    var upcoming: Duration { current }
 
     mutating func reset() { current = initial }
 }
