@@ -169,7 +169,7 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
-        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
+        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
@@ -182,7 +182,8 @@ let package = Package(
         .target(name: "CSTOQXDPProbe", path: "Tests/CSTOQXDPProbe", cSettings: [.headerSearchPath("../../bpf")],
                 linkerSettings: [.linkedLibrary("bpf")]),
         .testTarget(name: "STOQWorkerTests", dependencies: ["STOQWorker", "STOQCore", "STOQDatapath", "STOQDatapathURing", "STOQQUIC",
-                                                            "STOQTestSupport", "CSTOQXDPProbe"]),
+                                                            "STOQTestSupport", "CSTOQXDPProbe",
+                                                            .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",

@@ -127,6 +127,7 @@ struct stoq_conn {
   uint8_t pending_ecn;
   size_t max_pkt;
   char verify_name[256]; /* what the client dialled: the server's certificate must name it */
+  uint64_t rx_key_phase[2];             /* 1-RTT packets decrypted with key phase bit 0 / 1 */
 };
 
 int stoq_random(uint8_t *buf, size_t len) {
@@ -911,6 +912,20 @@ static void cb_log(void *ud, const char *fmt, ...) {
 
 static ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref) { return ((stoq_conn *)ref->user_data)->q; }
 
+/* The connection ngtcp2_conn_read_pkt is reading for: ngtcp2's decrypt callback carries no
+   user data, and each endpoint is driven by one thread, so a thread-local names it exactly. */
+static _Thread_local stoq_conn *reading_conn;
+
+/* Counts 1-RTT packets by the key phase they decrypted under, so a test can see that a peer
+   moved to updated keys (RFC 9001 §6). `aad` is the header with protection removed. */
+static int cb_decrypt(uint8_t *dest, const ngtcp2_crypto_aead *aead, const ngtcp2_crypto_aead_ctx *aead_ctx,
+                      const uint8_t *ciphertext, size_t ciphertextlen, const uint8_t *nonce, size_t noncelen,
+                      const uint8_t *aad, size_t aadlen) {
+  int rv = ngtcp2_crypto_decrypt_cb(dest, aead, aead_ctx, ciphertext, ciphertextlen, nonce, noncelen, aad, aadlen);
+  if (rv == 0 && reading_conn && aadlen > 0 && !(aad[0] & 0x80)) reading_conn->rx_key_phase[(aad[0] >> 2) & 1]++;
+  return rv;
+}
+
 static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
   memset(cb, 0, sizeof(*cb));
   if (is_server) {
@@ -924,7 +939,7 @@ static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
   cb->recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb;
   cb->handshake_completed = cb_handshake_completed;
   cb->encrypt = ngtcp2_crypto_encrypt_cb;
-  cb->decrypt = ngtcp2_crypto_decrypt_cb;
+  cb->decrypt = cb_decrypt;
   cb->hp_mask = ngtcp2_crypto_hp_mask_cb;
   cb->recv_stream_data = cb_recv_stream_data;
   cb->acked_stream_data_offset = cb_acked_stream_data_offset;
@@ -1295,7 +1310,10 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
   struct sockaddr_in6 l = *local, r = *remote;
   ngtcp2_path path = make_path(&l, &r);
   ngtcp2_pkt_info pi = {.ecn = ecn};
-  return map_error(c, ngtcp2_conn_read_pkt(c->q, &path, &pi, pkt, len, now));
+  reading_conn = c;
+  int rv = ngtcp2_conn_read_pkt(c->q, &path, &pi, pkt, len, now);
+  reading_conn = NULL;
+  return map_error(c, rv);
 }
 
 static int same_addr(const struct sockaddr_in6 *a, const struct sockaddr *b) {
@@ -1420,6 +1438,7 @@ int stoq_conn_handle_expiry(stoq_conn *c, uint64_t now) { return map_error(c, ng
 uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now) { return now + 3 * ngtcp2_conn_get_pto(c->q); }
 
 int stoq_conn_initiate_key_update(stoq_conn *c, uint64_t now) { return ngtcp2_conn_initiate_key_update(c->q, now); }
+uint64_t stoq_conn_rx_key_phase_packets(const stoq_conn *c, int phase) { return c->rx_key_phase[phase & 1]; }
 
 void stoq_conn_set_app(stoq_conn *c, void *app) { c->app = app; }
 void *stoq_conn_get_app(const stoq_conn *c) { return c->app; }

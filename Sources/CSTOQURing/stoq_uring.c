@@ -239,6 +239,13 @@ fail_noring:
 
 void stoq_uring_close(stoq_uring *u) {
   if (!u) return;
+  /* io_uring_queue_exit tears the ring down in a kernel worker, after it returns: requests
+     still pending there (the multishot receive, the wakeup read) keep the socket open and
+     its port bound for a while after close. Cancel them all synchronously first (kernel
+     6.0+; older kernels refuse and keep the old behaviour). */
+  struct io_uring_sync_cancel_reg cancel = {.fd = -1, .flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
+                                            .timeout = {.tv_sec = 1, .tv_nsec = 0}};
+  (void)io_uring_register_sync_cancel(&u->ring, &cancel);
   io_uring_queue_exit(&u->ring);
   close(u->fd);
   if (u->slots) free(u->slots[0].buf);
@@ -336,7 +343,7 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
     out[n].segment_size = 0;
     out[n].ecn = 0;
     parse_cmsgs(&m, &out[n]);
-    if ((m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
+    if (r == 0 || (m.msg_flags & MSG_TRUNC) || is_v4_mapped(&out[n].peer.sin6_addr)) {
       u->counters.rx_dropped++;
       continue;
     }
@@ -432,6 +439,10 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     parse_multishot_cmsgs(o, &u->rx_msg, rx);
     rx->data = io_uring_recvmsg_payload(o, &u->rx_msg);
     rx->len = io_uring_recvmsg_payload_length(o, cqe->res, &u->rx_msg);
+    if (rx->len == 0) { /* an empty datagram carries no packet: count it, hand nothing over */
+      u->counters.rx_dropped++;
+      continue;
+    }
     if (!rx->segment_size) rx->segment_size = rx->len ? rx->len : 1;
     u->counters.rx_datagrams += (rx->len + rx->segment_size - 1) / rx->segment_size;
     u->counters.rx_bytes += rx->len;

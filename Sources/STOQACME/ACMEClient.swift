@@ -13,19 +13,24 @@ import X509
 /// Why an ACME client operation failed.
 public struct ACMEClientError: Error, Sendable, CustomStringConvertible {
     /// The kind of failure.
-    public enum Code: String, Sendable {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stable name (what logs and JSON print).
+        public let rawValue: String
+        /// Wraps a name; STOQ's own codes are the static members.
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
         /// The server answered with a problem document (see `problem`).
-        case problem
+        public static let problem = Code(rawValue: "problem")
         /// The connection failed (after retries).
-        case transport
+        public static let transport = Code(rawValue: "transport")
         /// The server answered something ACME does not allow (missing header, bad JSON, …).
-        case protocolViolation
+        public static let protocolViolation = Code(rawValue: "protocolViolation")
         /// An order or authorization did not reach a final state in time.
-        case timeout
+        public static let timeout = Code(rawValue: "timeout")
         /// An order or authorization became invalid.
-        case invalid
+        public static let invalid = Code(rawValue: "invalid")
         /// A local input (CA file, identifier, EAB key) is unusable.
-        case invalidInput
+        public static let invalidInput = Code(rawValue: "invalidInput")
     }
     /// The kind of failure.
     public var code: Code

@@ -19,11 +19,16 @@ public final class ACMEHTTPSServer: Sendable {
     /// Why the listener could not start.
     public struct StartError: Error, Sendable, CustomStringConvertible {
         /// The kind of failure.
-        public enum Code: String, Sendable {
+        public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+            /// The stable name (what logs and JSON print).
+            public let rawValue: String
+            /// Wraps a name; STOQ's own codes are the static members.
+            public init(rawValue: String) { self.rawValue = rawValue }
+            public var description: String { rawValue }
             /// The certificate or key PEM does not load.
-            case invalidTLSCredentials
+            public static let invalidTLSCredentials = Code(rawValue: "invalidTLSCredentials")
             /// The address is not IPv6 or cannot be bound.
-            case bindFailed
+            public static let bindFailed = Code(rawValue: "bindFailed")
         }
         /// The kind of failure.
         public var code: Code

@@ -32,19 +32,24 @@ public struct ExternalAccountKey: Codable, Sendable, Equatable {
 /// Why an external account key could not be created or read.
 public struct ExternalAccountKeyError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The kind of failure.
-    public enum Code: String, Sendable, Equatable {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stable name (what logs and JSON print).
+        public let rawValue: String
+        /// Wraps a name; STOQ's own codes are the static members.
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
         /// The node name is not 1–63 letters, digits or hyphens.
-        case invalidName
+        public static let invalidName = Code(rawValue: "invalidName")
         /// An identifier is not a valid DNS name or IPv6 address (IPv4 is refused).
-        case invalidIdentifier
+        public static let invalidIdentifier = Code(rawValue: "invalidIdentifier")
         /// Neither a DNS name nor an address was given.
-        case noIdentifiers
+        public static let noIdentifiers = Code(rawValue: "noIdentifiers")
         /// A key for this node name already exists.
-        case alreadyExists
+        public static let alreadyExists = Code(rawValue: "alreadyExists")
         /// A key file is unreadable or damaged.
-        case invalidFile
+        public static let invalidFile = Code(rawValue: "invalidFile")
         /// Reading or writing failed.
-        case io
+        public static let io = Code(rawValue: "io")
     }
     /// The kind of failure.
     public var code: Code

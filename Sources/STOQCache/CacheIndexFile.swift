@@ -12,8 +12,31 @@ import Glibc
 public enum CacheIndexFile {
     static let magic = Array("STOQCIX1".utf8)
 
-    public struct Error: Swift.Error, CustomStringConvertible {
-        public var description: String
+    /// Why an index file could not be read, decoded or written.
+    ///
+    /// A struct with a nested `Code` (static members) so codes can be added without breaking
+    /// callers that switch on them.
+    public struct Error: Swift.Error, Sendable, Equatable, CustomStringConvertible {
+        /// The kind of failure; `message` says what exactly.
+        public struct Code: Hashable, Sendable, CustomStringConvertible {
+            /// Stable name.
+            public let name: String
+            /// Creates a code; STOQ's own are the static members.
+            public init(name: String) { self.name = name }
+            /// Not an index file, torn, edited, or with a key the caller refuses.
+            public static let corrupt = Code(name: "corrupt")
+            /// Opening, writing, renaming or reading the file failed.
+            public static let io = Code(name: "io")
+            public var description: String { name }
+        }
+
+        /// The kind of failure.
+        public var code: Code
+        /// The file or byte offset and what was wrong there.
+        public var message: String
+        /// Creates an error.
+        public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+        public var description: String { message }
     }
 
     public static func encode<K>(_ entries: [S3FIFO<K>.Entry], keyLength: Int, keyBytes: (K) -> [UInt8]) -> [UInt8] {
@@ -34,22 +57,22 @@ public enum CacheIndexFile {
     }
 
     public static func decode<K>(_ bytes: [UInt8], key: (ArraySlice<UInt8>) -> K?) throws(Error) -> [S3FIFO<K>.Entry] {
-        guard bytes.count >= 28, Array(bytes[0..<8]) == magic else { throw Error(description: "not a cache index (bad magic)") }
+        guard bytes.count >= 28, Array(bytes[0..<8]) == magic else { throw Error(.corrupt, "not a cache index (bad magic)") }
         let body = bytes[0..<bytes.count - 8]
-        guard read64(bytes, bytes.count - 8) == fnv1a(body) else { throw Error(description: "cache index checksum mismatch") }
+        guard read64(bytes, bytes.count - 8) == fnv1a(body) else { throw Error(.corrupt, "cache index checksum mismatch") }
         let n = read64(bytes, 8), klen = Int(read32(bytes, 16))
         let per = klen + 10
         guard klen > 0, klen <= 1024, n <= UInt64((bytes.count - 28) / per), 20 + Int(n) * per == body.count else {
-            throw Error(description: "cache index length does not match its entry count \(n)")
+            throw Error(.corrupt, "cache index length does not match its entry count \(n)")
         }
         var out: [S3FIFO<K>.Entry] = []
         out.reserveCapacity(Int(n))
         var at = 20
         for _ in 0..<Int(n) {
-            guard let k = key(bytes[at..<at + klen]) else { throw Error(description: "cache index: bad key at byte \(at)") }
+            guard let k = key(bytes[at..<at + klen]) else { throw Error(.corrupt, "cache index: bad key at byte \(at)") }
             let size = read64(bytes, at + klen)
             guard let q = S3FIFO<K>.Queue(rawValue: bytes[at + klen + 9]) else {
-                throw Error(description: "cache index: bad queue \(bytes[at + klen + 9]) at byte \(at + klen + 9)")
+                throw Error(.corrupt, "cache index: bad queue \(bytes[at + klen + 9]) at byte \(at + klen + 9)")
             }
             out.append(.init(key: k, size: size, frequency: bytes[at + klen + 8], queue: q))
             at += per
@@ -61,7 +84,7 @@ public enum CacheIndexFile {
     public static func write(_ bytes: [UInt8], to path: String) throws(Error) {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw Error(description: "\(tmp): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw Error(.io, "\(tmp): \(String(cString: strerror(errno)))") }
         var ok = bytes.withUnsafeBytes { b in
             var off = 0
             while off < b.count {
@@ -76,7 +99,7 @@ public enum CacheIndexFile {
         guard ok, rename(tmp, path) == 0 else {
             let e = String(cString: strerror(errno))
             unlink(tmp)
-            throw Error(description: "\(path): \(e)")
+            throw Error(.io, "\(path): \(e)")
         }
         let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -88,14 +111,14 @@ public enum CacheIndexFile {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 {
             if errno == ENOENT { return nil }
-            throw Error(description: "\(path): \(String(cString: strerror(errno)))")
+            throw Error(.io, "\(path): \(String(cString: strerror(errno)))")
         }
         defer { close(fd) }
         var st = stat()
         fstat(fd, &st)
         var out = [UInt8](repeating: 0, count: Int(st.st_size))
         let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
-        guard n == out.count else { throw Error(description: "\(path): short read") }
+        guard n == out.count else { throw Error(.io, "\(path): short read") }
         return out
     }
 

@@ -57,9 +57,7 @@ public struct ChunkingParameters: Sendable, Hashable, CustomStringConvertible {
 
     /// Validates `min < avg < max`, `avg` a power of two and the bounds above.
     public init(algorithm: ChunkingAlgorithm = .contentAware, minSize: Int, avgSize: Int, maxSize: Int) throws(ChunkingParameterError) {
-        if let problem = Self.problem(minSize: minSize, avgSize: avgSize, maxSize: maxSize) {
-            throw ChunkingParameterError(message: problem)
-        }
+        if let error = Self.check(minSize: minSize, avgSize: avgSize, maxSize: maxSize) { throw error }
         self.init(uncheckedAlgorithm: algorithm, minSize: minSize, avgSize: avgSize, maxSize: maxSize)
     }
 
@@ -70,15 +68,20 @@ public struct ChunkingParameters: Sendable, Hashable, CustomStringConvertible {
         self.maxSize = maxSize
     }
 
-    /// Why these sizes are not allowed, or nil if they are.
     /// What is wrong with these sizes (nil: they make valid parameters); config validation
     /// asks the same question before a node starts.
     public static func problem(minSize: Int, avgSize: Int, maxSize: Int) -> String? {
-        if minSize < smallestMinSize { return "min \(minSize) is below \(smallestMinSize) bytes (the rolling-hash window)" }
-        if avgSize < smallestAvgSize { return "avg \(avgSize) is below \(smallestAvgSize) bytes" }
-        if avgSize & (avgSize - 1) != 0 { return "avg \(avgSize) is not a power of two" }
-        if maxSize > largestMaxSize { return "max \(maxSize) is above \(largestMaxSize) bytes (1 GiB)" }
-        if !(minSize < avgSize && avgSize < maxSize) { return "expected min < avg < max, got \(minSize) / \(avgSize) / \(maxSize)" }
+        check(minSize: minSize, avgSize: avgSize, maxSize: maxSize)?.message
+    }
+
+    /// The first rule these sizes break, or nil.
+    static func check(minSize: Int, avgSize: Int, maxSize: Int) -> ChunkingParameterError? {
+        typealias E = ChunkingParameterError
+        if minSize < smallestMinSize { return E(.minTooSmall, "min \(minSize) is below \(smallestMinSize) bytes (the rolling-hash window)") }
+        if avgSize < smallestAvgSize { return E(.avgTooSmall, "avg \(avgSize) is below \(smallestAvgSize) bytes") }
+        if avgSize & (avgSize - 1) != 0 { return E(.avgNotPowerOfTwo, "avg \(avgSize) is not a power of two") }
+        if maxSize > largestMaxSize { return E(.maxTooLarge, "max \(maxSize) is above \(largestMaxSize) bytes (1 GiB)") }
+        if !(minSize < avgSize && avgSize < maxSize) { return E(.notOrdered, "expected min < avg < max, got \(minSize) / \(avgSize) / \(maxSize)") }
         return nil
     }
 
@@ -96,9 +99,35 @@ public struct ChunkingParameters: Sendable, Hashable, CustomStringConvertible {
 }
 
 /// Sizes that `ChunkingParameters` refuses; the message names the value and the rule.
+///
+/// A struct with a nested `Code` (static members) so codes can be added without breaking
+/// callers that switch on them.
 public struct ChunkingParameterError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// Which rule the sizes break.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// Stable name, e.g. `avg_not_power_of_two`.
+        public let name: String
+        /// Creates a code; STOQ's own are the static members.
+        public init(name: String) { self.name = name }
+        /// `min` is below `ChunkingParameters.smallestMinSize`.
+        public static let minTooSmall = Code(name: "min_too_small")
+        /// `avg` is below `ChunkingParameters.smallestAvgSize`.
+        public static let avgTooSmall = Code(name: "avg_too_small")
+        /// `avg` is not a power of two.
+        public static let avgNotPowerOfTwo = Code(name: "avg_not_power_of_two")
+        /// `max` is above `ChunkingParameters.largestMaxSize`.
+        public static let maxTooLarge = Code(name: "max_too_large")
+        /// Not `min < avg < max`.
+        public static let notOrdered = Code(name: "not_ordered")
+        public var description: String { name }
+    }
+
+    /// The rule broken.
+    public let code: Code
     /// What was wrong, e.g. `avg 300000 is not a power of two`.
     public let message: String
+    /// Creates an error.
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
     /// The message.
     public var description: String { message }
 }

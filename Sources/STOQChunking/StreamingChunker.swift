@@ -60,11 +60,31 @@ public struct BytesSource: ChunkSource {
 }
 
 /// A failed read: errno and the call that set it.
+///
+/// A struct with a nested `Code` (static members) so codes can be added without breaking
+/// callers that switch on them.
 public struct ChunkSourceError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// What failed.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// Stable name.
+        public let name: String
+        /// Creates a code; STOQ's own are the static members.
+        public init(name: String) { self.name = name }
+        /// A system call on the source failed; `errno` and `call` say which and why.
+        public static let io = Code(name: "io")
+        public var description: String { name }
+    }
+
+    /// What failed.
+    public let code: Code
     /// The errno value.
     public let errno: Int32
     /// The system call, e.g. `read`.
     public let call: String
+    /// Creates an error for a failed system call.
+    public init(_ code: Code = .io, errno: Int32, call: String) { self.code = code; self.errno = errno; self.call = call }
+    /// The description.
+    public var message: String { description }
     /// `read: Input/output error (errno 5)`.
     public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
 }

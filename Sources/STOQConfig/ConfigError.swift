@@ -25,9 +25,29 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
 }
 
 /// Every error a config file has, so an operator can fix them all in one go.
+///
+/// The same shape as every STOQ error: its `Code` says whether the file could be read at all.
 public struct ConfigErrors: Error, Sendable, CustomStringConvertible {
+    /// Whether the file was read; each of `errors` carries its own `ConfigError.Code`.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// Stable name.
+        public let name: String
+        /// Creates a code; STOQ's own are the static members.
+        public init(name: String) { self.name = name }
+        /// The file could not be read (`errors` holds one `.io` error).
+        public static let unreadable = Code(name: "unreadable")
+        /// The file was read and breaks at least one rule (syntax, keys, values).
+        public static let invalid = Code(name: "invalid")
+        public var description: String { name }
+    }
+
+    /// Whether the file could be read; derived from `errors`, so it never disagrees with them.
+    public var code: Code { errors.contains { $0.code == .io } ? .unreadable : .invalid }
+    /// Every error, one line each, prefixed by `source`.
+    public var message: String { description }
     /// Where the config came from.
     public var source: String
+    /// Every error found, in file order.
     public var errors: [ConfigError]
     public var description: String {
         errors.map { "\(source): \($0)" }.joined(separator: "\n")

@@ -100,9 +100,9 @@ public struct IPv6Endpoint: Hashable, Sendable, CustomStringConvertible {
     public static func parse(_ text: String) -> Result<IPv6Endpoint, AddressError> {
         guard text.first == "[", let close = text.lastIndex(of: "]") else {
             if text.contains(".") && !text.contains(":") || text.split(separator: ":").count == 2 && text.contains(".") {
-                return .failure(AddressError(text: text, reason: "IPv4 is not supported; STOQ is IPv6 only (use [addr]:port)"))
+                return .failure(AddressError(.ipv4Refused, text: text, reason: "IPv4 is not supported; STOQ is IPv6 only (use [addr]:port)"))
             }
-            return .failure(AddressError(text: text, reason: "expected [ipv6-address]:port"))
+            return .failure(AddressError(.syntax, text: text, reason: "expected [ipv6-address]:port"))
         }
         var host = String(text[text.index(after: text.startIndex)..<close])
         var scope: UInt32 = 0
@@ -110,21 +110,21 @@ public struct IPv6Endpoint: Hashable, Sendable, CustomStringConvertible {
             let name = String(host[host.index(after: pct)...])
             host = String(host[..<pct])
             scope = UInt32(name) ?? if_nametoindex(name)
-            if scope == 0 { return .failure(AddressError(text: text, reason: "unknown interface '\(name)'")) }
+            if scope == 0 { return .failure(AddressError(.unknownInterface, text: text, reason: "unknown interface '\(name)'")) }
         }
         let rest = text[text.index(after: close)...]
         guard rest.first == ":", let port = UInt16(rest.dropFirst()) else {
-            return .failure(AddressError(text: text, reason: "expected a port 0-65535 after ']:'"))
+            return .failure(AddressError(.invalidPort, text: text, reason: "expected a port 0-65535 after ']:'"))
         }
         if host.contains(".") && host.lowercased().hasPrefix("::ffff:") {
-            return .failure(AddressError(text: text, reason: "IPv4-mapped addresses are not supported; STOQ is IPv6 only"))
+            return .failure(AddressError(.ipv4Refused, text: text, reason: "IPv4-mapped addresses are not supported; STOQ is IPv6 only"))
         }
         guard let addr = IPv6Address(host) else {
             var probe = in6_addr()
             if host.withCString({ inet_pton(AF_INET6, $0, &probe) }) == 1 {
-                return .failure(AddressError(text: text, reason: "IPv4-mapped addresses are not supported; STOQ is IPv6 only"))
+                return .failure(AddressError(.ipv4Refused, text: text, reason: "IPv4-mapped addresses are not supported; STOQ is IPv6 only"))
             }
-            return .failure(AddressError(text: text, reason: "'\(host)' is not an IPv6 address"))
+            return .failure(AddressError(.syntax, text: text, reason: "'\(host)' is not an IPv6 address"))
         }
         return .success(IPv6Endpoint(address: addr, port: port, scopeID: scope))
     }
@@ -153,12 +153,36 @@ public struct IPv6Endpoint: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// Why an address was refused.
-public struct AddressError: Error, Sendable, CustomStringConvertible {
+///
+/// A struct with a nested `Code` (static members) so codes can be added without breaking
+/// callers that switch on them.
+public struct AddressError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The kind of refusal; `reason` says what exactly.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// A short name for logs.
+        public let name: String
+        /// Creates a code; STOQ's own are the static members.
+        public init(name: String) { self.name = name }
+        /// An IPv4 or IPv4-mapped address: STOQ is IPv6 only.
+        public static let ipv4Refused = Code(name: "IPv4 refused")
+        /// Not of the form `[ipv6-address]:port`, or not an IPv6 address.
+        public static let syntax = Code(name: "syntax")
+        /// The port is missing or outside 0-65535.
+        public static let invalidPort = Code(name: "invalid port")
+        /// The `%interface` scope names no interface on this host.
+        public static let unknownInterface = Code(name: "unknown interface")
+        public var description: String { name }
+    }
+
+    /// The kind of refusal.
+    public var code: Code
     /// The text that was given.
     public var text: String
     /// What was wrong with it.
     public var reason: String
     /// Creates an error.
-    public init(text: String, reason: String) { self.text = text; self.reason = reason }
+    public init(_ code: Code, text: String, reason: String) { self.code = code; self.text = text; self.reason = reason }
+    /// The message: the text given and the reason.
+    public var message: String { description }
     public var description: String { "'\(text)': \(reason)" }
 }

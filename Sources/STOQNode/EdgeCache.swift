@@ -68,9 +68,44 @@ public final class EdgeCache: @unchecked Sendable {
     }
 
     /// Why a fetch failed: the status and message the waiting client gets.
-    public struct Failure: Sendable, Error {
+    ///
+    /// The shape of every STOQ error (a nested `Code`); the code follows from the status the
+    /// client is answered with, so the two cannot disagree.
+    public struct Failure: Sendable, Error, CustomStringConvertible {
+        /// The kind of failure.
+        public struct Code: Hashable, Sendable, CustomStringConvertible {
+            /// Stable name.
+            public let name: String
+            /// Creates a code; STOQ's own are the static members.
+            public init(name: String) { self.name = name }
+            /// The origin has no such object (404).
+            public static let notFound = Code(name: "not found")
+            /// The origin did not answer in time (504).
+            public static let originTimeout = Code(name: "origin timeout")
+            /// The edge itself failed, e.g. could not make a buffer (500).
+            public static let local = Code(name: "local")
+            /// The origin is unreachable, reset the request, answered an error or sent bytes
+            /// that do not verify (502).
+            public static let originFailed = Code(name: "origin failed")
+            public var description: String { name }
+        }
+
+        /// The HTTP status the waiting client gets.
         public var status: Int
+        /// The message the waiting client gets.
         public var reason: String
+        /// The kind of failure, from `status`.
+        public var code: Code {
+            switch status {
+            case 404: .notFound
+            case 504: .originTimeout
+            case 500: .local
+            default: .originFailed
+            }
+        }
+        /// Same as `reason`.
+        public var message: String { reason }
+        public var description: String { reason }
     }
 
     /// A finished fetch, for the worker that asked (`failure` nil: it is in the cache now).

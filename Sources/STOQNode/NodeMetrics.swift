@@ -51,6 +51,7 @@ struct NodeMetrics {
         perWorker("stoq_quic_datagrams_sent_total", "Datagrams the QUIC endpoint wrote.") { $0.endpoint.datagramsOut }
         perWorker("stoq_quic_dropped_malformed_total", "Datagrams dropped as malformed.") { $0.endpoint.droppedMalformed }
         perWorker("stoq_quic_dropped_initials_total", "Initial packets refused (limits, flood).") { $0.endpoint.droppedInitials }
+        perWorker("stoq_quic_dropped_unknown_total", "Datagrams for no known connection that got no answer.") { $0.endpoint.droppedUnknown }
         perWorker("stoq_quic_version_negotiations_total", "Version Negotiation packets sent.") { $0.endpoint.versionNegotiations }
         perWorker("stoq_quic_retries_total", "Stateless Retry packets sent.") { $0.endpoint.retriesSent }
         perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }

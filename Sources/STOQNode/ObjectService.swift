@@ -92,7 +92,20 @@ public final class ObjectService: QUICApplication {
         return .success(start...min(end, size - 1))
     }
 
-    enum RangeError: Error { case malformed, unsatisfiable }
+    /// Why a `Range` header cannot be served: a struct with a nested `Code`, like every STOQ error.
+    struct RangeError: Error, Equatable {
+        struct Code: Hashable {
+            let name: String
+            /// Not `bytes=a-b`, `bytes=a-` or `bytes=-n` with one range: answered 400.
+            static let malformed = Code(name: "malformed")
+            /// Well formed, but starts past the end (or the object is empty): answered 416.
+            static let unsatisfiable = Code(name: "unsatisfiable")
+        }
+        var code: Code
+        var message: String { code == .malformed ? "bad Range header" : "range not satisfiable" }
+        static let malformed = RangeError(code: .malformed)
+        static let unsatisfiable = RangeError(code: .unsatisfiable)
+    }
 
     /// The head of a response to GET/HEAD of an object of `size` bytes with the request's
     /// `Range`: status, headers (content-length included) and the byte range to send (nil:
@@ -108,11 +121,11 @@ public final class ObjectService: QUICApplication {
             status = 206
             range = r
             headers.append(("content-range", "bytes \(r.lowerBound)-\(r.upperBound)/\(size)"))
-        case .failure(.unsatisfiable):
+        case .failure(let e) where e.code == .unsatisfiable:
             connection.respond(stream, status: 416, headers: [("content-range", "bytes */\(size)")], body: nil)
             return nil
-        case .failure(.malformed):
-            fail(400, "bad Range header")
+        case .failure(let e):
+            fail(400, e.message)
             return nil
         }
         headers.append(("content-length", "\(range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0)"))

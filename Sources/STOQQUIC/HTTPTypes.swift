@@ -139,12 +139,62 @@ extension QUICApplication {
     public func connectionClosed(connection: QUICConnection, reason: String) {}
 }
 
-/// HTTP/3 error codes (RFC 9114 §8.1).
-public enum H3Error {
-    public static let noError: UInt64 = 0x100
-    public static let internalError: UInt64 = 0x102
-    public static let excessiveLoad: UInt64 = 0x107
-    public static let requestRejected: UInt64 = 0x10b
-    public static let requestCancelled: UInt64 = 0x10c
-    public static let messageError: UInt64 = 0x10e
+/// An HTTP/3 error (RFC 9114 §8.1): the application error code a stream or connection was
+/// reset or closed with, and what STOQ knows about why.
+///
+/// The same shape as every STOQ error: a struct with a nested `Code` (static members, so
+/// codes can be added). The static `UInt64` members below are the wire values of the codes
+/// STOQ sends, for `reset(_:errorCode:)` and `close(errorCode:now:)`, which take the number.
+public struct H3Error: Error, Sendable, Hashable, CustomStringConvertible {
+    /// An HTTP/3 application error code; any value a peer sends is representable.
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The code on the wire.
+        public var rawValue: UInt64
+        /// Wraps a wire value.
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// H3_NO_ERROR: graceful close, or a stream no longer needed.
+        public static let noError = Code(rawValue: 0x100)
+        /// H3_INTERNAL_ERROR: STOQ failed (a read, a write) while serving the stream.
+        public static let internalError = Code(rawValue: 0x102)
+        /// H3_EXCESSIVE_LOAD: the peer generates more load than is allowed.
+        public static let excessiveLoad = Code(rawValue: 0x107)
+        /// H3_REQUEST_REJECTED: refused before any processing; safe to retry.
+        public static let requestRejected = Code(rawValue: 0x10b)
+        /// H3_REQUEST_CANCELLED: the request or its response was cancelled.
+        public static let requestCancelled = Code(rawValue: 0x10c)
+        /// H3_MESSAGE_ERROR: a malformed request or response.
+        public static let messageError = Code(rawValue: 0x10e)
+        private static let names: [UInt64: String] = [
+            0x100: "H3_NO_ERROR", 0x102: "H3_INTERNAL_ERROR", 0x107: "H3_EXCESSIVE_LOAD",
+            0x10b: "H3_REQUEST_REJECTED", 0x10c: "H3_REQUEST_CANCELLED", 0x10e: "H3_MESSAGE_ERROR",
+        ]
+        /// The RFC's name, or the number in hex for codes STOQ does not name.
+        public var description: String { Self.names[rawValue] ?? "0x\(String(rawValue, radix: 16))" }
+    }
+
+    /// The code sent or received.
+    public var code: Code
+    /// What happened, e.g. which stream and what the peer did.
+    public var message: String
+
+    /// Creates an error.
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "\(code): \(message)" }
+
+    /// Wire value of `Code.noError`.
+    public static let noError: UInt64 = Code.noError.rawValue
+    /// Wire value of `Code.internalError`.
+    public static let internalError: UInt64 = Code.internalError.rawValue
+    /// Wire value of `Code.excessiveLoad`.
+    public static let excessiveLoad: UInt64 = Code.excessiveLoad.rawValue
+    /// Wire value of `Code.requestRejected`.
+    public static let requestRejected: UInt64 = Code.requestRejected.rawValue
+    /// Wire value of `Code.requestCancelled`.
+    public static let requestCancelled: UInt64 = Code.requestCancelled.rawValue
+    /// Wire value of `Code.messageError`.
+    public static let messageError: UInt64 = Code.messageError.rawValue
 }

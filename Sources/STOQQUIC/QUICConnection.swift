@@ -142,6 +142,12 @@ public final class QUICConnection {
         return ok
     }
 
+    /// 1-RTT packets received and decrypted under each key phase bit (RFC 9001 §6). Packets
+    /// under phase one mean the peer has moved to updated keys at least once.
+    public var packetsDecrypted: (keyPhaseZero: UInt64, keyPhaseOne: UInt64) {
+        (stoq_conn_rx_key_phase_packets(raw, 0), stoq_conn_rx_key_phase_packets(raw, 1))
+    }
+
     /// Closes the connection gracefully with an HTTP/3 application code.
     public func close(errorCode: UInt64 = H3Error.noError, now: Timestamp) {
         endpoint.close(self, errorCode: errorCode, now: now)

@@ -19,7 +19,7 @@ public final class TLSCredentials: @unchecked Sendable {
     public init(certificateFile: String, keyFile: String, clientAuth: ClientAuthentication? = nil) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_server_new(certificateFile, keyFile, &err, err.count) else {
-            throw TLSError(message: String(cBuffer: err))
+            throw TLSError(.serverCredentials, String(cBuffer: err))
         }
         raw = p
         isServer = true
@@ -37,11 +37,11 @@ public final class TLSCredentials: @unchecked Sendable {
     public init(policy: PeerCertificateCheck?, insecure: Bool = false, certificateFile: String? = nil,
                 keyFile: String? = nil) throws(TLSError) {
         guard policy != nil || insecure else {
-            throw TLSError(message: "client credentials need a certificate policy (or insecure)")
+            throw TLSError(.trustStore, "client credentials need a certificate policy (or insecure)")
         }
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_client_new(insecure ? 1 : 0, &err, err.count) else {
-            throw TLSError(message: String(cBuffer: err))
+            throw TLSError(.trustStore, String(cBuffer: err))
         }
         raw = p
         isServer = false
@@ -51,7 +51,7 @@ public final class TLSCredentials: @unchecked Sendable {
         }
         if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
             // Every property is set: deinit runs and frees `raw`.
-            throw TLSError(message: String(cBuffer: err))
+            throw TLSError(.clientCertificate, String(cBuffer: err))
         }
     }
 
@@ -98,8 +98,41 @@ private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverNa
 }
 
 /// A certificate, key or trust store could not be used.
-public struct TLSError: Error, Sendable, CustomStringConvertible {
+///
+/// A struct with a nested `Code` (static members, not enum cases) so codes can be added
+/// without breaking callers that switch on them.
+public struct TLSError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Which credentials could not be set up; `message` says what exactly.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// A short name for logs.
+        public let name: String
+        /// Creates a code; STOQ's own are the static members.
+        public init(name: String) { self.name = name }
+        /// The server's certificate chain or key does not load or do not match.
+        public static let serverCredentials = Code(name: "server credentials")
+        /// The client's trust store (CA file or system store) does not load.
+        public static let trustStore = Code(name: "trust store")
+        /// The client's own certificate chain or key (mutual TLS) does not load.
+        public static let clientCertificate = Code(name: "client certificate")
+        /// The client-authentication policy (trust files, revocation list, depth) is refused.
+        public static let clientAuthentication = Code(name: "client authentication")
+        public var description: String { name }
+    }
+
+    /// The kind of failure.
+    public var code: Code
+    /// GnuTLS's or the shim's sentence naming the file and the problem.
     public var message: String
+
+    /// Creates an error.
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    /// Creates an error about the server's credentials (the form used before codes existed).
+    public init(message: String) { self.init(.serverCredentials, message) }
+
     public var description: String { message }
 }
 

@@ -123,13 +123,18 @@ public struct PrecertificateEntry: Sendable, Equatable {
 /// Why certificate-transparency data was refused.
 public struct TransparencyError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The reason.
-    public enum Code: String, Sendable, Equatable {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stable name (what logs and JSON print).
+        public let rawValue: String
+        /// Wraps a name; STOQ's own codes are the static members.
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
         /// An SCT, SCT list or Merkle tree leaf does not parse.
-        case malformedSCT
+        public static let malformedSCT = Code(rawValue: "malformedSCT")
         /// A precertificate lacks the critical poison extension or its issuer's signature.
-        case invalidPrecertificate
+        public static let invalidPrecertificate = Code(rawValue: "invalidPrecertificate")
         /// A certificate's TBS does not parse far enough to find its extensions.
-        case malformedCertificate
+        public static let malformedCertificate = Code(rawValue: "malformedCertificate")
     }
     /// The reason.
     public var code: Code

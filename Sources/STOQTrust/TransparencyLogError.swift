@@ -1,23 +1,28 @@
 /// Why a transparency log or Merkle tree operation failed, or what a reload had to repair.
 public struct TransparencyLogError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The kind of failure; `message` says what exactly.
-    public enum Code: String, Sendable, Equatable {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stable name (what logs and JSON print).
+        public let rawValue: String
+        /// Wraps a name; STOQ's own codes are the static members.
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
         /// A tree size beyond the log, or an old size larger than the new one.
-        case invalidTreeSize
+        public static let invalidTreeSize = Code(rawValue: "invalidTreeSize")
         /// A leaf index outside the tree.
-        case invalidLeafIndex
+        public static let invalidLeafIndex = Code(rawValue: "invalidLeafIndex")
         /// The last record of the log file was incomplete (a crash mid-append); the log
         /// truncated it and carried on. Reported, not thrown.
-        case tornRecordTruncated
+        public static let tornRecordTruncated = Code(rawValue: "tornRecordTruncated")
         /// A record before the end of the file is damaged: history cannot be trusted, so the
         /// log refuses to open rather than silently dropping entries.
-        case corruptRecord
+        public static let corruptRecord = Code(rawValue: "corruptRecord")
         /// The file does not start with the log's magic bytes.
-        case badHeader
+        public static let badHeader = Code(rawValue: "badHeader")
         /// An entry is larger than a record can hold.
-        case entryTooLarge
+        public static let entryTooLarge = Code(rawValue: "entryTooLarge")
         /// A read, write, fsync or truncate failed.
-        case io
+        public static let io = Code(rawValue: "io")
     }
 
     /// The kind of failure.

@@ -9,47 +9,46 @@ import STOQCore
 import STOQTrust
 import SwiftASN1
 import X509
-import XCTest
+import Testing
 @preconcurrency import _CryptoExtras
 
 /// STOQ's ACME client against STOQ's ACME server over HTTPS on [::1].
-final class ACMEServerTests: XCTestCase {
-    func testIssuesAuthorizedNamesVerifiesAndLogs() async throws {
+@Suite struct ACMEServerTests {
+    @Test func issuesAuthorizedNamesVerifiesAndLogs() async throws {
         let f = try await ACMEFixture.start()
         let eab = try f.addNode("node1", dns: ["node1.example"], ip: ["2001:db8::1"])
         let client = try f.client()
         let got = try await client.obtainCertificate(for: [.dns("node1.example"), .ip("2001:0db8::1")], eab: eab)
         await client.shutdown()
 
-        XCTAssertEqual(got.chain.count, 2, "leaf + intermediate")
+        #expect(got.chain.count == 2, "leaf + intermediate")
         let s = CertificateSummary(got.chain[0])
-        XCTAssertEqual(s.dnsNames, ["node1.example"])
-        XCTAssertEqual(s.ipAddresses, ["2001:db8::1"])
+        #expect(s.dnsNames == ["node1.example"])
+        #expect(s.ipAddresses == ["2001:db8::1"])
         let verifier = PeerVerifier(roots: [f.authority.root])
         _ = try await verifier.verify(chain: got.chain, dnsName: "node1.example")
         _ = try await verifier.verify(chain: got.chain, ipv6Address: "2001:db8::1")
         // The key handed back is the one certified.
         let key = try P256.Signing.PrivateKey(pemRepresentation: got.privateKeyPEM)
-        XCTAssertEqual(got.chain[0].publicKey, Certificate.PublicKey(key.publicKey))
+        #expect(got.chain[0].publicKey == Certificate.PublicKey(key.publicKey))
 
         // The precertificate is in the transparency log on disk, with a valid inclusion proof,
         // and the certificate carries that log's SCT over it.
         await f.stop()
         let logKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: f.caDirectory + "/log-key.pem", encoding: .utf8))
         let log = try TransparencyLog(path: f.caDirectory + "/transparency.log", signingKey: logKey)
-        XCTAssertEqual(log.size, 1)
-        let logged = try XCTUnwrap(CertificateTransparency.parseMerkleTreeLeaf(try log.entry(at: 0)))
-        XCTAssertEqual(try CertificateTransparency.serialNumber(ofTBS: logged.entry.tbsCertificate), got.chain[0].serialNumber)
-        XCTAssertEqual(try CertificateTransparency.entry(forFinalCertificate: got.chain[0], issuer: got.chain[1]), logged.entry)
-        XCTAssertEqual(CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey]),
-                       .valid(logID: log.logID, timestamp: logged.timestamp))
+        #expect(log.size == 1)
+        let logged = try #require(CertificateTransparency.parseMerkleTreeLeaf(try log.entry(at: 0)))
+        #expect(try CertificateTransparency.serialNumber(ofTBS: logged.entry.tbsCertificate) == got.chain[0].serialNumber)
+        #expect(try CertificateTransparency.entry(forFinalCertificate: got.chain[0], issuer: got.chain[1]) == logged.entry)
+        #expect(CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey]) == .valid(logID: log.logID, timestamp: logged.timestamp))
         let proof = try log.inclusionProof(index: 0)
         let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: logged.timestamp, entry: logged.entry))
-        XCTAssertTrue(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: 0, treeSize: 1,
+        #expect(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: 0, treeSize: 1,
                                                  proof: proof, rootHash: try log.rootHash()))
     }
 
-    func testUnauthorizedIdentifiersAreRejected() async throws {
+    @Test func unauthorizedIdentifiersAreRejected() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node2", dns: ["node2.example"])
@@ -70,8 +69,8 @@ final class ACMEServerTests: XCTestCase {
         }
         // The authorized name still works on the same account.
         let (_, order) = try await client.newOrder([.dns("NODE2.example.")])
-        XCTAssertEqual(order.status, "ready")
-        XCTAssertEqual(order.identifiers, [.dns("node2.example")])
+        #expect(order.status == "ready")
+        #expect(order.identifiers == [.dns("node2.example")])
         // Withdrawing the EAB key (deleting its file) withdraws the authority at once.
         try FileManager.default.removeItem(atPath: f.caDirectory + "/acme-eab/\(eab.kid).json")
         await assertProblem(.unauthorized, detailContains: eab.kid) {
@@ -79,7 +78,7 @@ final class ACMEServerTests: XCTestCase {
         }
     }
 
-    func testBadExternalAccountBindingIsRefused() async throws {
+    @Test func badExternalAccountBindingIsRefused() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node3", dns: ["node3.example"])
@@ -94,11 +93,11 @@ final class ACMEServerTests: XCTestCase {
         }
         await assertProblem(.externalAccountRequired) { try await c3.register() }
         let noAccount = await c3.accountURL
-        XCTAssertNil(noAccount)
+        #expect(noAccount == nil)
     }
 
     /// Raw JWS requests: a replayed nonce, a wrong url header, an RS256 account key.
-    func testNonceReplayURLMismatchAndRS256() async throws {
+    @Test func nonceReplayURLMismatchAndRS256() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node4", dns: ["node4.example"])
@@ -120,8 +119,8 @@ final class ACMEServerTests: XCTestCase {
         }
         func nonce() async throws -> String {
             let (status, h, _) = try await send(base + "/acme/new-nonce", nil, method: .HEAD)
-            XCTAssertEqual(status, 200)
-            return try XCTUnwrap(h.first(name: "Replay-Nonce"))
+            #expect(status == 200)
+            return try #require(h.first(name: "Replay-Nonce"))
         }
 
         // RS256: an RSA-2048 account key registers with EAB.
@@ -134,45 +133,45 @@ final class ACMEServerTests: XCTestCase {
         let reg = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-account", "jwk": jwk.members],
                                payload: payload, with: .rsa(rsa))
         let (s1, h1, b1) = try await send(base + "/acme/new-account", reg.serialized())
-        XCTAssertEqual(s1, 201, String(decoding: b1, as: UTF8.self))
-        let account = try XCTUnwrap(h1.first(name: "Location"))
+        #expect(s1 == 201, Comment(rawValue: String(decoding: b1, as: UTF8.self)))
+        let account = try #require(h1.first(name: "Location"))
 
         // A POST-as-GET of the account, then the very same JWS again: badNonce, with a fresh nonce.
         let get = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(), with: .rsa(rsa))
         let (s2, _, _) = try await send(account, get.serialized())
-        XCTAssertEqual(s2, 200)
+        #expect(s2 == 200)
         let (s3, h3, b3) = try await send(account, get.serialized())
-        XCTAssertEqual(s3, 400)
-        XCTAssertEqual(h3.first(name: "Content-Type"), "application/problem+json")
-        let p3 = try XCTUnwrap(ACMEProblem(json: b3, status: s3))
-        XCTAssertEqual(p3.code, .badNonce)
-        XCTAssertTrue(p3.detail.contains("already used"), p3.detail)
-        let fresh = try XCTUnwrap(h3.first(name: "Replay-Nonce"))
+        #expect(s3 == 400)
+        #expect(h3.first(name: "Content-Type") == "application/problem+json")
+        let p3 = try #require(ACMEProblem(json: b3, status: s3))
+        #expect(p3.code == .badNonce)
+        #expect(p3.detail.contains("already used"), Comment(rawValue: p3.detail))
+        let fresh = try #require(h3.first(name: "Replay-Nonce"))
         // That fresh nonce works.
         let retry = try JWS.sign(header: ["nonce": fresh, "url": account, "kid": account], payload: Data(), with: .rsa(rsa))
         let (s4, _, _) = try await send(account, retry.serialized())
-        XCTAssertEqual(s4, 200)
+        #expect(s4 == 200)
 
         // A url header that is not the request URL.
         let wrongURL = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-order", "kid": account],
                                     payload: Data(), with: .rsa(rsa))
         let (s5, _, b5) = try await send(account, wrongURL.serialized())
-        let p5 = try XCTUnwrap(ACMEProblem(json: b5, status: s5))
-        XCTAssertEqual(p5.code, .unauthorized)
-        XCTAssertTrue(p5.detail.contains("does not match the request URL"), p5.detail)
+        let p5 = try #require(ACMEProblem(json: b5, status: s5))
+        #expect(p5.code == .unauthorized)
+        #expect(p5.detail.contains("does not match the request URL"), Comment(rawValue: p5.detail))
 
         // A signature by another key under the account's kid.
         let other = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(),
                                  with: .p256(P256.Signing.PrivateKey()))
         let (s6, _, b6) = try await send(account, other.serialized())
-        let p6 = try XCTUnwrap(ACMEProblem(json: b6, status: s6))
-        XCTAssertEqual(p6.code, .badSignatureAlgorithm, p6.detail)  // ES256 against an RSA account key
+        let p6 = try #require(ACMEProblem(json: b6, status: s6))
+        #expect(p6.code == .badSignatureAlgorithm, Comment(rawValue: p6.detail))  // ES256 against an RSA account key
 
         // Both jwk and kid.
         let both = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account, "jwk": jwk.members],
                                 payload: Data(), with: .rsa(rsa))
         let (s7, _, b7) = try await send(account, both.serialized())
-        XCTAssertEqual(ACMEProblem(json: b7, status: s7)?.code, .malformed)
+        #expect(ACMEProblem(json: b7, status: s7)?.code == .malformed)
 
         // Wrong content type.
         var req = HTTPClientRequest(url: account)
@@ -180,10 +179,10 @@ final class ACMEServerTests: XCTestCase {
         req.headers.add(name: "Content-Type", value: "application/json")
         req.body = .bytes(ByteBuffer(bytes: retry.serialized()))
         let r8 = try await http.execute(req, timeout: .seconds(10))
-        XCTAssertEqual(r8.status.code, 415)
+        #expect(r8.status.code == 415)
     }
 
-    func testACertificateIssuedBeforeARestartCanStillBeRevoked() async throws {
+    @Test func aCertificateIssuedBeforeARestartCanStillBeRevoked() async throws {
         // The log holds precert entries (TBS without the SCT list), not certificates: after a
         // restart the server matches a revocation request against them.
         let f = try await ACMEFixture.start()
@@ -206,10 +205,10 @@ final class ACMEServerTests: XCTestCase {
         await assertProblem(.malformed) { try await again.revoke(foreign) }
         try await again.revoke(got.chain[0], reason: 4)
         let revoked = await server.revokedSerials
-        XCTAssertEqual(revoked, [CertificateSummary(got.chain[0]).serial])
+        #expect(revoked == [CertificateSummary(got.chain[0]).serial])
     }
 
-    func testRevocation() async throws {
+    @Test func revocation() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node5", dns: ["node5.example"])
@@ -228,22 +227,22 @@ final class ACMEServerTests: XCTestCase {
         try await client.revoke(got.chain[0], reason: 4)
         await assertProblem(.alreadyRevoked, detailContains: serial) { try await client.revoke(got.chain[0]) }
         let revokedSerials = await f.server.revokedSerials
-        XCTAssertEqual(revokedSerials, [serial])
+        #expect(revokedSerials == [serial])
         // revoked.txt is what `stoq trust verify --revoked` reads; the verifier now refuses the chain.
         let serials = try PEMFiles.readSerials(f.caDirectory + "/revoked.txt")
         let verifier = PeerVerifier(roots: [f.authority.root], revokedSerials: serials)
         do {
             _ = try await verifier.verify(chain: got.chain, dnsName: "node5.example")
-            XCTFail("a revoked certificate verified")
+            Issue.record("a revoked certificate verified")
         } catch let e as PeerVerificationError {
-            XCTAssertEqual(e.code, .revoked)
+            #expect(e.code == .revoked)
         }
         // A certificate this CA never issued.
         let foreign = try f.authority.issueWithNewKey(dnsNames: ["node5.example"]).certificate
         await assertProblem(.malformed, detailContains: "not issued by this CA") { try await client.revoke(foreign) }
     }
 
-    func testFinalizeRefusesCSRThatDiffersFromTheOrder() async throws {
+    @Test func finalizeRefusesCSRThatDiffersFromTheOrder() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node7", dns: ["node7.example", "alt7.example"])
@@ -257,11 +256,11 @@ final class ACMEServerTests: XCTestCase {
         }
         let good = try ACMEClient.makeCSR(identifiers: [.dns("node7.example")], key: P256.Signing.PrivateKey())
         let done = try await client.finalize(orderURL: url, order: order, csrDER: good)
-        XCTAssertEqual(done.status, "valid")
+        #expect(done.status == "valid")
         await assertProblem(.orderNotReady) { _ = try await client.finalize(orderURL: url, order: order, csrDER: good) }
     }
 
-    func testClientRetriesConnectionErrorsButNotAnUntrustedCertificate() async throws {
+    @Test func clientRetriesConnectionErrorsButNotAnUntrustedCertificate() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         var o = ACMEClient.Options()
@@ -275,12 +274,12 @@ final class ACMEServerTests: XCTestCase {
         let untrusting = try ACMEClient(directoryURL: f.directoryURL, trustRootsPEM: try PEMFiles.pem([otherRoot.root]), options: o)
         do {
             _ = try await untrusting.directory()
-            XCTFail("a server certificate from another CA was accepted")
+            Issue.record("a server certificate from another CA was accepted")
         } catch let e as ACMEClientError {
-            XCTAssertEqual(e.code, .transport, "\(e)")
+            #expect(e.code == .transport, "\(e)")
         }
         let r1 = await untrusting.transientRetries
-        XCTAssertEqual(r1, 0)
+        #expect(r1 == 0)
         print("untrusted certificate refused after \(String(format: "%.2f", Date().timeIntervalSince(started))) s")
         await untrusting.shutdown()
         // Nothing listening: retried with backoff, then given up after maxAttempts tries.
@@ -288,13 +287,13 @@ final class ACMEServerTests: XCTestCase {
         let nobody = try ACMEClient(directoryURL: "https://[::1]:\(port)/directory", trustRootsPEM: f.rootPEM, options: o)
         do {
             _ = try await nobody.directory()
-            XCTFail("connected to a closed port")
+            Issue.record("connected to a closed port")
         } catch let e as ACMEClientError {
-            XCTAssertEqual(e.code, .transport)
-            XCTAssertTrue(e.message.contains("after 4 tries"), e.message)
+            #expect(e.code == .transport)
+            #expect(e.message.contains("after 4 tries"), Comment(rawValue: e.message))
         }
         let r2 = await nobody.transientRetries
-        XCTAssertEqual(r2, 3)
+        #expect(r2 == 3)
         await nobody.shutdown()
     }
 }

@@ -2,7 +2,7 @@ import Foundation
 import STOQACME
 import STOQCore
 import STOQTrust
-import XCTest
+import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -60,7 +60,7 @@ func temporaryDirectory(_ prefix: String) throws -> String {
 /// A TCP port on [::1] that was free a moment ago (for servers the test starts as processes).
 func freeLoopbackPort() throws -> UInt16 {
     let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw XCTSkip("cannot open a socket") }
+    guard fd >= 0 else { try Test.cancel("cannot open a socket") }
     defer { close(fd) }
     var sa = sockaddr_in6()
     sa.sin6_family = sa_family_t(AF_INET6)
@@ -69,7 +69,7 @@ func freeLoopbackPort() throws -> UInt16 {
     let ok = withUnsafeMutablePointer(to: &sa) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
     }
-    guard ok else { throw XCTSkip("cannot bind [::1]:0") }
+    guard ok else { try Test.cancel("cannot bind [::1]:0") }
     return UInt16(bigEndian: sa.sin6_port)
 }
 
@@ -83,16 +83,16 @@ func findExecutable(_ name: String) -> String? {
 }
 
 /// Asserts that `body` throws an ACME problem of type `code` whose detail contains `detail`.
-func assertProblem(_ code: ACMEProblem.Code, detailContains detail: String? = nil, file: StaticString = #filePath, line: UInt = #line,
+func assertProblem(_ code: ACMEProblem.Code, detailContains detail: String? = nil, sourceLocation: SourceLocation = #_sourceLocation,
                    _ body: () async throws -> Void) async {
     do {
         try await body()
-        XCTFail("expected \(code), but it succeeded", file: file, line: line)
+        Issue.record("expected \(code), but it succeeded", sourceLocation: sourceLocation)
     } catch let e as ACMEClientError {
-        guard let p = e.problem else { return XCTFail("expected \(code), got \(e)", file: file, line: line) }
-        XCTAssertEqual(p.code, code, "\(p)", file: file, line: line)
-        if let detail { XCTAssertTrue(p.detail.contains(detail), "detail \"\(p.detail)\" lacks \"\(detail)\"", file: file, line: line) }
+        guard let p = e.problem else { Issue.record("expected \(code), got \(e)", sourceLocation: sourceLocation); return }
+        #expect(p.code == code, "\(p)", sourceLocation: sourceLocation)
+        if let detail { #expect(p.detail.contains(detail), "detail \"\(p.detail)\" lacks \"\(detail)\"", sourceLocation: sourceLocation) }
     } catch {
-        XCTFail("expected \(code), got \(error)", file: file, line: line)
+        Issue.record("expected \(code), got \(error)", sourceLocation: sourceLocation)
     }
 }

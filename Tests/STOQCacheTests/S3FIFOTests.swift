@@ -1,79 +1,79 @@
 import Foundation
 import STOQCache
-import XCTest
+import Testing
 
-final class S3FIFOTests: XCTestCase {
-    func testOneHitWondersLeaveFromSmallWithoutTouchingMain() {
+@Suite struct S3FIFOTests {
+    @Test func oneHitWondersLeaveFromSmallWithoutTouchingMain() {
         var c = S3FIFO<Int>(capacity: 10)   // small: 1 entry of size 1
         var evicted: [Int] = []
         // Key 1 is hit while in small, so it moves to main when small overflows.
         c.insert(1, size: 1) { evicted.append($0) }
         c.touch(1)
         for k in 2...10 { c.insert(k, size: 1) { evicted.append($0) } }
-        XCTAssertEqual(c.usedBytes, 10)
-        XCTAssertTrue(evicted.isEmpty)
+        #expect(c.usedBytes == 10)
+        #expect(evicted.isEmpty)
         // A scan of one-time keys: each evicts from small, and 1 (in main) survives it.
         for k in 100..<200 { c.insert(k, size: 1) { evicted.append($0) } }
-        XCTAssertTrue(c.contains(1), "a key hit in small must be promoted to main and survive a scan")
-        XCTAssertFalse(evicted.contains(1))
-        XCTAssertEqual(evicted.count, 100)
-        XCTAssertLessThanOrEqual(c.usedBytes, c.capacity)
+        #expect(c.contains(1), "a key hit in small must be promoted to main and survive a scan")
+        #expect(!evicted.contains(1))
+        #expect(evicted.count == 100)
+        #expect(c.usedBytes <= c.capacity)
     }
 
-    func testGhostHitGoesStraightToMain() {
+    @Test func ghostHitGoesStraightToMain() {
         var c = S3FIFO<Int>(capacity: 10)
         var evicted: [Int] = []
         for k in 0..<12 { c.insert(k, size: 1) { evicted.append($0) } }
-        XCTAssertEqual(evicted, [0, 1])   // filtered out of small into the ghost queue
+        #expect(evicted == [0, 1])   // filtered out of small into the ghost queue
         c.insert(0, size: 1) { _ in }      // remembered by the ghost queue
-        XCTAssertEqual(c.entries().first { $0.key == 0 }?.queue, .main)
+        #expect((c.entries().first { $0.key == 0 }?.queue) == .main)
         c.insert(1000, size: 1) { _ in }   // never seen: small
-        XCTAssertEqual(c.entries().first { $0.key == 1000 }?.queue, .small)
+        #expect((c.entries().first { $0.key == 1000 }?.queue) == .small)
     }
 
     /// A restart keeps the ghost queue: a key filtered out of small before it still goes
     /// straight to main after, through the index file's bytes.
-    func testTheGhostQueueSurvivesASnapshotAndRestore() throws {
+    @Test func theGhostQueueSurvivesASnapshotAndRestore() throws {
         var c = S3FIFO<Int>(capacity: 10)
         for k in 0..<12 { c.insert(k, size: 1) { _ in } }
         let snap = c.snapshot()
-        XCTAssertEqual(snap.filter { $0.queue == .ghost }.map(\.key), [0, 1])
-        XCTAssertEqual(snap.count, c.entries().count + 2)
+        #expect((snap.filter { $0.queue == .ghost }.map(\.key)) == [0, 1])
+        #expect(snap.count == (c.entries().count + 2))
         let bytes = CacheIndexFile.encode(snap, keyLength: 8) { k in withUnsafeBytes(of: UInt64(k).littleEndian) { Array($0) } }
         let back: [S3FIFO<Int>.Entry] = try CacheIndexFile.decode(bytes) { b in
             Int(b.reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
         }
         var d = S3FIFO<Int>(capacity: 10)
-        d.restore(back) { _ in XCTFail("nothing to evict") }
-        XCTAssertEqual(d.entries().map(\.key), c.entries().map(\.key))
-        XCTAssertEqual(d.usedBytes, 10)
+        d.restore(back) { _ in Issue.record("nothing to evict") }
+        #expect(d.entries().map(\.key) == c.entries().map(\.key))
+        #expect(d.usedBytes == 10)
         d.insert(0, size: 1) { _ in }
-        XCTAssertEqual(d.entries().first { $0.key == 0 }?.queue, .main, "remembered across the restart")
+        #expect((d.entries().first { $0.key == 0 }?.queue) == .main, "remembered across the restart")
         // Without the ghosts (an older index file), the same key starts in small.
         var e = S3FIFO<Int>(capacity: 10)
         e.restore(back.filter { $0.queue != .ghost }) { _ in }
         e.insert(0, size: 1) { _ in }
-        XCTAssertEqual(e.entries().first { $0.key == 0 }?.queue, .small)
+        #expect((e.entries().first { $0.key == 0 }?.queue) == .small)
     }
 
-    func testMainGivesHitEntriesAnotherRound() {
+    @Test func mainGivesHitEntriesAnotherRound() {
         var c = S3FIFO<Int>(capacity: 3, smallFraction: 0.34)   // small target: 1
-        c.restore([0, 1, 2].map { .init(key: $0, size: 1, frequency: 0, queue: .main) }) { _ in XCTFail() }
+        c.restore([0, 1, 2].map { .init(key: $0, size: 1, frequency: 0, queue: .main) }) { _ in Issue.record() }
         c.touch(0)
         var evicted: [Int] = []
         c.insert(10, size: 1) { evicted.append($0) }   // small is empty: main's tail goes
-        XCTAssertEqual(evicted, [1], "main's tail (0) was hit: it gets another round and 1 leaves")
-        XCTAssertTrue(c.contains(0))
-        XCTAssertEqual(c.entries().first { $0.key == 0 }?.frequency, 0)
-        XCTAssertEqual(c.entries().filter { $0.queue == .main }.map(\.key), [2, 0])
+        #expect(evicted == [1], "main's tail (0) was hit: it gets another round and 1 leaves")
+        #expect(c.contains(0))
+        #expect((c.entries().first { $0.key == 0 }?.frequency) == 0)
+        #expect((c.entries().filter { $0.queue == .main }.map(\.key)) == [2, 0])
         // Ghost too small to remember anything past its bound: a far older key comes back to small.
         var d = S3FIFO<Int>(capacity: 10)
         for k in 0..<30 { d.insert(k, size: 1) { _ in } }
         d.insert(0, size: 1) { _ in }
-        XCTAssertEqual(d.entries().first { $0.key == 0 }?.queue, .small)
+        #expect((d.entries().first { $0.key == 0 }?.queue) == .small)
     }
 
-    func testByteBoundHoldsWithMixedSizesAndLargeEntriesAreDeclined() {
+    @Test func byteBoundHoldsWithMixedSizesAndLargeEntriesAreDeclined() {
         var c = S3FIFO<Int>(capacity: 1000)
         var rng = SystemRandomNumberGenerator()
         var evictedBytes: UInt64 = 0, insertedBytes: UInt64 = 0
@@ -85,27 +85,27 @@ final class S3FIFOTests: XCTestCase {
             sizes[k] = size
             c.insert(k, size: size) { evictedBytes += sizes[$0]! }
             insertedBytes += size
-            XCTAssertLessThanOrEqual(c.usedBytes, 1000, "bound broken at request \(i)")
+            #expect(c.usedBytes <= 1000, "bound broken at request \(i)")
         }
-        XCTAssertEqual(insertedBytes - evictedBytes, c.usedBytes)
-        XCTAssertEqual(c.entries().reduce(0) { $0 + $1.size }, c.usedBytes)
-        XCTAssertFalse(c.insert(-1, size: 1001) { _ in XCTFail("nothing may be evicted for an entry that cannot fit") })
-        XCTAssertFalse(c.contains(-1))
+        #expect((insertedBytes - evictedBytes) == c.usedBytes)
+        #expect((c.entries().reduce(0) { $0 + $1.size }) == c.usedBytes)
+        #expect(!c.insert(-1, size: 1001) { _ in Issue.record("nothing may be evicted for an entry that cannot fit") })
+        #expect(!c.contains(-1))
     }
 
-    func testRemoveForgetsWithoutReportingEviction() {
+    @Test func removeForgetsWithoutReportingEviction() {
         var c = S3FIFO<Int>(capacity: 10)
         for k in 0..<5 { c.insert(k, size: 2) { _ in } }
         c.remove(3)
-        XCTAssertFalse(c.contains(3))
-        XCTAssertEqual(c.usedBytes, 8)
+        #expect(!c.contains(3))
+        #expect(c.usedBytes == 8)
         var evicted: [Int] = []
         for k in 10..<20 { c.insert(k, size: 2) { evicted.append($0) } }
-        XCTAssertFalse(evicted.contains(3), "a removed key must not come back as an eviction")
-        XCTAssertLessThanOrEqual(c.usedBytes, 10)
+        #expect(!evicted.contains(3), "a removed key must not come back as an eviction")
+        #expect(c.usedBytes <= 10)
     }
 
-    func testBeatsLRUUnderScanPollution() {
+    @Test func beatsLRUUnderScanPollution() {
         // A hot set that fits, hit repeatedly, interleaved with long scans of one-time keys.
         var s3 = S3FIFO<Int>(capacity: 100), lru = LRU<Int>(capacity: 100)
         var hitsS3 = 0, hitsLRU = 0, scanKey = 1_000_000
@@ -122,10 +122,10 @@ final class S3FIFOTests: XCTestCase {
                 }
             }
         }
-        XCTAssertGreaterThan(hitsS3, hitsLRU + 1000, "S3-FIFO \(hitsS3) vs LRU \(hitsLRU)")
+        #expect(hitsS3 > (hitsLRU + 1000), "S3-FIFO \(hitsS3) vs LRU \(hitsLRU)")
     }
 
-    func testIndexFileRoundTripAndCorruptionIsDetected() throws {
+    @Test func indexFileRoundTripAndCorruptionIsDetected() throws {
         var c = S3FIFO<UInt64>(capacity: 1 << 20)
         for k in UInt64(0)..<300 { c.insert(k, size: 1000 + k) { _ in } }
         for k in UInt64(0)..<300 where k % 3 == 0 { c.touch(k) }
@@ -138,59 +138,59 @@ final class S3FIFOTests: XCTestCase {
         defer { try? FileManager.default.removeItem(at: dir) }
         let path = dir.path + "/index"
         try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 8, keyBytes: keyBytes), to: path)
-        XCTAssertFalse(FileManager.default.fileExists(atPath: path + ".tmp"))
-        let back = try CacheIndexFile.decode(try XCTUnwrap(CacheIndexFile.read(path)), key: key)
-        XCTAssertEqual(back.map(\.key), entries.map(\.key))
-        XCTAssertEqual(back.map(\.size), entries.map(\.size))
-        XCTAssertEqual(back.map(\.frequency), entries.map(\.frequency))
-        XCTAssertEqual(back.map(\.queue), entries.map(\.queue))
+        #expect(!FileManager.default.fileExists(atPath: path + ".tmp"))
+        let back = try CacheIndexFile.decode(try #require(try CacheIndexFile.read(path)), key: key)
+        #expect(back.map(\.key) == entries.map(\.key))
+        #expect(back.map(\.size) == entries.map(\.size))
+        #expect(back.map(\.frequency) == entries.map(\.frequency))
+        #expect(back.map(\.queue) == entries.map(\.queue))
 
         var restored = S3FIFO<UInt64>(capacity: 1 << 20)
-        restored.restore(back) { _ in XCTFail("everything fits") }
-        XCTAssertEqual(restored.usedBytes, c.usedBytes)
-        XCTAssertEqual(restored.entries().map(\.key), entries.map(\.key))
+        restored.restore(back) { _ in Issue.record("everything fits") }
+        #expect(restored.usedBytes == c.usedBytes)
+        #expect(restored.entries().map(\.key) == entries.map(\.key))
         // The restored policy evicts what the original would have.
         var e1: [UInt64] = [], e2: [UInt64] = []
         for k in UInt64(5000)..<5400 {
             c.insert(k, size: 1000) { e1.append($0) }
             restored.insert(k, size: 1000) { e2.append($0) }
         }
-        XCTAssertEqual(e1, e2)
+        #expect(e1 == e2)
 
         // Restoring into a smaller cache keeps the bound by evicting.
         var small = S3FIFO<UInt64>(capacity: 100_000)
         var dropped = 0
         small.restore(back) { _ in dropped += 1 }
-        XCTAssertLessThanOrEqual(small.usedBytes, 100_000)
-        XCTAssertGreaterThan(dropped, 0)
+        #expect(small.usedBytes <= 100_000)
+        #expect(dropped > 0)
 
-        var bytes = try XCTUnwrap(CacheIndexFile.read(path))
+        var bytes = try #require(try CacheIndexFile.read(path))
         bytes[40] ^= 1
-        XCTAssertThrowsError(try CacheIndexFile.decode(bytes, key: key))
-        XCTAssertThrowsError(try CacheIndexFile.decode(Array(bytes.prefix(30)), key: key))
-        XCTAssertNil(try CacheIndexFile.read(dir.path + "/absent"))
+        #expect(throws: CacheIndexFile.Error.self) { try CacheIndexFile.decode(bytes, key: key) }
+        #expect(throws: CacheIndexFile.Error.self) { try CacheIndexFile.decode(Array(bytes.prefix(30)), key: key) }
+        #expect(try (CacheIndexFile.read(dir.path + "/absent")) == nil)
     }
 }
 
-final class LRUTests: XCTestCase {
-    func testEvictsLeastRecentlyUsed() {
+@Suite struct LRUTests {
+    @Test func evictsLeastRecentlyUsed() {
         var c = LRU<Int>(capacity: 3)
         var evicted: [Int] = []
         for k in 0..<3 { c.insert(k, size: 1) { evicted.append($0) } }
         c.touch(0)
         c.insert(3, size: 1) { evicted.append($0) }
-        XCTAssertEqual(evicted, [1])
+        #expect(evicted == [1])
         c.remove(2)
         c.insert(4, size: 1) { evicted.append($0) }
-        XCTAssertEqual(evicted, [1])
+        #expect(evicted == [1])
         c.insert(5, size: 2) { evicted.append($0) }
-        XCTAssertEqual(evicted, [1, 0, 3])
-        XCTAssertEqual(c.usedBytes, 3)
+        #expect(evicted == [1, 0, 3])
+        #expect(c.usedBytes == 3)
     }
 }
 
-final class WTinyLFUTests: XCTestCase {
-    func testFrequentKeysWinAdmissionAndTheBoundHolds() {
+@Suite struct WTinyLFUTests {
+    @Test func frequentKeysWinAdmissionAndTheBoundHolds() {
         var c = WTinyLFU<Int>(capacity: 100, expectedEntries: 100)
         // A hot set asked often, still asked during a long scan of one-time keys: the scan's
         // candidates lose the frequency contest against the hot entries in main.
@@ -199,15 +199,15 @@ final class WTinyLFUTests: XCTestCase {
         for k in 1000..<5000 {
             _ = c.request(k, size: 1) { if $0 < 50 { scanEvictedHot += 1 } }
             _ = c.request(k % 50, size: 1) { if $0 < 50 { scanEvictedHot += 1 } }
-            XCTAssertLessThanOrEqual(c.usedBytes, 100)
+            #expect(c.usedBytes <= 100)
         }
-        XCTAssertEqual(scanEvictedHot, 0, "a scan must not push the hot set out")
+        #expect(scanEvictedHot == 0, "a scan must not push the hot set out")
         var hits = 0
         for k in 0..<50 where c.touch(k) { hits += 1 }
-        XCTAssertEqual(hits, 50)
+        #expect(hits == 50)
     }
 
-    func testMixedSizesRemoveAndDecline() {
+    @Test func mixedSizesRemoveAndDecline() {
         var c = WTinyLFU<Int>(capacity: 1000, expectedEntries: 64)
         func size(_ k: Int) -> UInt64 { UInt64(1 + (k * 37) % 150) }
         for i in 0..<3000 {
@@ -215,13 +215,13 @@ final class WTinyLFUTests: XCTestCase {
             if c.touch(k) { continue }
             var evicted: [Int] = []
             c.insert(k, size: size(k)) { evicted.append($0) }
-            XCTAssertTrue(evicted.allSatisfy { !c.contains($0) })
-            XCTAssertLessThanOrEqual(c.usedBytes, 1000)
-            XCTAssertEqual(c.usedBytes, (0..<300).filter { c.contains($0) }.reduce(0) { $0 + size($1) })
+            #expect(evicted.allSatisfy { !c.contains($0) })
+            #expect(c.usedBytes <= 1000)
+            #expect(c.usedBytes == ((0..<300).filter { c.contains($0) }.reduce(0) { $0 + size($1) }))
         }
         let some = (0..<300).first { c.contains($0) }!
         c.remove(some)
-        XCTAssertFalse(c.contains(some))
-        XCTAssertFalse(c.insert(-1, size: 1001) { _ in XCTFail() })
+        #expect(!c.contains(some))
+        #expect(!c.insert(-1, size: 1001) { _ in Issue.record("nothing may be evicted") })
     }
 }

@@ -1,7 +1,8 @@
-import XCTest
+import Foundation
+import Testing
 @testable import STOQChunking
 
-final class ManifestTests: XCTestCase {
+@Suite struct ManifestTests {
     private let bytes = pseudoRandomBytes(count: 10_000, seed: 12)
 
     private func sample(_ p: ChunkingParameters = smallParameters) throws -> Manifest {
@@ -16,55 +17,56 @@ final class ManifestTests: XCTestCase {
         do { _ = try Manifest(decoding: enc); return nil } catch { return error }
     }
 
-    private func assertError(_ enc: [UInt8], _ code: ManifestError.Code, _ message: String, line: UInt = #line) {
-        guard let e = decodeError(enc) else { return XCTFail("decoded", line: line) }
-        XCTAssertEqual(e.code, code, line: line)
-        XCTAssertEqual(e.message, message, line: line)
-        XCTAssertEqual(e.description, "manifest \(code.name): \(message)", line: line)
+    private func assertError(_ enc: [UInt8], _ code: ManifestError.Code, _ message: String,
+                             sourceLocation: SourceLocation = #_sourceLocation) {
+        guard let e = decodeError(enc) else { Issue.record("decoded", sourceLocation: sourceLocation); return }
+        #expect(e.code == code, sourceLocation: sourceLocation)
+        #expect(e.message == message, sourceLocation: sourceLocation)
+        #expect(e.description == "manifest \(code.name): \(message)", sourceLocation: sourceLocation)
     }
 
-    func testRoundTrip() throws {
+    @Test func roundTrip() throws {
         let fixed = try ChunkingParameters(algorithm: .fixed, minSize: 512, avgSize: 2048, maxSize: 8192)
         for p in [smallParameters, fixed, .default] {
             let m = try sample(p)
             let enc = m.encode()
-            XCTAssertEqual(enc.count, m.encodedSize)
-            XCTAssertEqual(enc.count, Manifest.headerSize + Manifest.entrySize * m.chunks.count)
+            #expect(enc.count == m.encodedSize)
+            #expect(enc.count == (Manifest.headerSize + Manifest.entrySize * m.chunks.count))
             let back = try Manifest(decoding: enc)
-            XCTAssertEqual(back, m)
-            XCTAssertEqual(back.encode(), enc)
-            XCTAssertEqual(back.version, 1)
-            XCTAssertEqual(back.parameters, p)
-            XCTAssertEqual(back.digest, .sha256(bytes))
+            #expect(back == m)
+            #expect(back.encode() == enc)
+            #expect(back.version == 1)
+            #expect(back.parameters == p)
+            #expect(back.digest == .sha256(bytes))
         }
         let empty = try Manifest(chunking: BytesSource([]), parameters: smallParameters)
-        XCTAssertEqual(empty.chunks, [])
-        XCTAssertEqual(try Manifest(decoding: empty.encode()), empty)
+        #expect(empty.chunks == [])
+        #expect(try Manifest(decoding: empty.encode()) == empty)
     }
 
     /// The layout in the doc comment, byte by byte.
-    func testEncodingLayout() throws {
+    @Test func encodingLayout() throws {
         let m = try sample()
         let enc = m.encode()
-        XCTAssertEqual(Array(enc[0..<4]), Array("STQM".utf8))
-        XCTAssertEqual(enc[4], 1)
-        XCTAssertEqual(enc[5], 1)
-        XCTAssertEqual(Array(enc[6..<8]), [0, 0])
-        XCTAssertEqual(Array(enc[8..<12]), [0, 0, 2, 0])         // min 512
-        XCTAssertEqual(Array(enc[12..<16]), [0, 0, 8, 0])        // avg 2048
-        XCTAssertEqual(Array(enc[16..<20]), [0, 0, 0x20, 0])     // max 8192
-        XCTAssertEqual(Array(enc[20..<28]), [0, 0, 0, 0, 0, 0, 0x27, 0x10])  // 10000
-        XCTAssertEqual(Array(enc[28..<60]), ContentDigest.sha256(bytes).bytes)
-        XCTAssertEqual(Array(enc[60..<64]), [0, 0, 0, UInt8(m.chunks.count)])
-        XCTAssertEqual(Array(enc[64..<96]), m.chunks[0].id.bytes)
-        XCTAssertEqual(Array(enc[96..<100]), withUnsafeBytes(of: m.chunks[0].length.bigEndian) { Array($0) })
+        #expect((Array(enc[0..<4])) == Array("STQM".utf8))
+        #expect(enc[4] == 1)
+        #expect(enc[5] == 1)
+        #expect((Array(enc[6..<8])) == [0, 0])
+        #expect((Array(enc[8..<12])) == [0, 0, 2, 0])         // min 512
+        #expect((Array(enc[12..<16])) == [0, 0, 8, 0])        // avg 2048
+        #expect((Array(enc[16..<20])) == [0, 0, 0x20, 0])     // max 8192
+        #expect((Array(enc[20..<28])) == [0, 0, 0, 0, 0, 0, 0x27, 0x10])  // 10000
+        #expect((Array(enc[28..<60])) == ContentDigest.sha256(bytes).bytes)
+        #expect((Array(enc[60..<64])) == [0, 0, 0, UInt8(m.chunks.count)])
+        #expect((Array(enc[64..<96])) == m.chunks[0].id.bytes)
+        #expect((Array(enc[96..<100])) == withUnsafeBytes(of: m.chunks[0].length.bigEndian) { Array($0) })
     }
 
-    func testEveryErrorCode() throws {
+    @Test func everyErrorCode() throws {
         let m = try sample()
         let enc = m.encode()
         let n = m.chunks.count
-        XCTAssertGreaterThan(n, 2)
+        #expect(n > 2)
         var e: [UInt8]
 
         assertError(Array(enc[0..<10]), .truncated, "10 bytes, the header alone is 64")
@@ -117,21 +119,23 @@ final class ManifestTests: XCTestCase {
     }
 
     /// The initializer applies the decoder's rules, so no invalid manifest can be encoded.
-    func testInitializerValidates() throws {
+    @Test func initializerValidates() throws {
         let m = try sample()
-        XCTAssertThrowsError(try Manifest(totalLength: m.totalLength + 1, digest: m.digest, parameters: m.parameters, chunks: m.chunks)) {
-            XCTAssertEqual(($0 as? ManifestError)?.code, .lengthMismatch)
+        let e1 = #expect(throws: ManifestError.self) {
+            try Manifest(totalLength: m.totalLength + 1, digest: m.digest, parameters: m.parameters, chunks: m.chunks)
         }
+        #expect(e1?.code == .lengthMismatch)
         var chunks = m.chunks
         chunks[0].length = 0
-        XCTAssertThrowsError(try Manifest(totalLength: m.totalLength, digest: m.digest, parameters: m.parameters, chunks: chunks)) {
-            XCTAssertEqual(($0 as? ManifestError)?.code, .emptyChunk)
+        let e2 = #expect(throws: ManifestError.self) {
+            try Manifest(totalLength: m.totalLength, digest: m.digest, parameters: m.parameters, chunks: chunks)
         }
+        #expect(e2?.code == .emptyChunk)
     }
 
     /// Thousands of mutated and truncated encodings: never a crash, and each either throws or
     /// decodes to a manifest whose encoding is exactly the input (there is one encoding per manifest).
-    func testRandomizedMutations() throws {
+    @Test func randomizedMutations() throws {
         let fixed = try ChunkingParameters(algorithm: .fixed, minSize: 512, avgSize: 2048, maxSize: 8192)
         let seeds = [try sample().encode(), try sample(fixed).encode(),
                      try Manifest(chunking: BytesSource([]), parameters: smallParameters).encode(),
@@ -161,16 +165,16 @@ final class ManifestTests: XCTestCase {
             }
             do {
                 let m = try Manifest(decoding: e)
-                XCTAssertEqual(m.encode(), e)
-                XCTAssertEqual(try Manifest(decoding: m.encode()), m)
+                #expect(m.encode() == e)
+                #expect(try Manifest(decoding: m.encode()) == m)
                 decoded += 1
             } catch {
                 codes.insert(error.code.name)
                 refused += 1
             }
         }
-        XCTAssertGreaterThan(decoded, 100)
-        XCTAssertGreaterThan(refused, 1000)
-        XCTAssertGreaterThanOrEqual(codes.count, 10, "\(codes.sorted())")
+        #expect(decoded > 100)
+        #expect(refused > 1000)
+        #expect(codes.count >= 10, "\(codes.sorted())")
     }
 }

@@ -11,17 +11,20 @@ import Testing
 
     @Test func refusesIPv4() {
         guard case .failure(let e) = IPv6Endpoint.parse("127.0.0.1:4433") else { Issue.record("accepted IPv4"); return }
+        #expect(e.code == .ipv4Refused)
         #expect(e.reason.contains("IPv6 only"))
     }
 
     @Test func refusesIPv4Mapped() {
         guard case .failure(let e) = IPv6Endpoint.parse("[::ffff:10.0.0.1]:4433") else { Issue.record("accepted mapped"); return }
+        #expect(e.code == .ipv4Refused)
         #expect(e.reason.contains("IPv4-mapped"))
         #expect(IPv6Address("::ffff:10.0.0.1") == nil)
     }
 
     @Test func refusesMissingPort() {
         guard case .failure(let e) = IPv6Endpoint.parse("[::1]") else { Issue.record("accepted"); return }
+        #expect(e.code == .invalidPort)
         #expect(e.reason.contains("port"))
     }
 

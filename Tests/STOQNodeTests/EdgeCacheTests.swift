@@ -5,7 +5,7 @@ import STOQCache
 import STOQChunking
 import STOQStore
 import STOQTransfer
-import XCTest
+import Testing
 
 @testable import STOQNode
 
@@ -13,14 +13,14 @@ import XCTest
 /// index snapshot (a crash can leave chunks the snapshot never saw, or a snapshot naming
 /// chunks that are gone), and the bound holds on open — for chunks (which get fifteen
 /// sixteenths of it) and manifests (one sixteenth) alike.
-final class EdgeCacheTests: XCTestCase {
-    var root = ""
+@Suite final class EdgeCacheTests {
+    let root: String
 
-    override func setUp() {
+    init() {
         root = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-edge-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
     }
 
-    override func tearDown() { try? FileManager.default.removeItem(atPath: root) }
+    deinit { try? FileManager.default.removeItem(atPath: root) }
 
     func open(capacity: UInt64) throws -> EdgeCache {
         try EdgeCache(root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, origin: "https://[::1]:9",
@@ -33,11 +33,11 @@ final class EdgeCacheTests: XCTestCase {
         return (ChunkID(digestOf: bytes), bytes)
     }
 
-    func testChunksOnDiskAreAdoptedAndTheBoundHoldsOnOpen() throws {
+    @Test func chunksOnDiskAreAdoptedAndTheBoundHoldsOnOpen() throws {
         var ids: [ChunkID] = []
         do {
             let cache = try open(capacity: 1_200_000)
-            XCTAssertEqual(cache.counters.cachedChunks, 0)
+            #expect(cache.counters.cachedChunks == 0)
             // As if fetched just before a crash, before any snapshot was written.
             for i in 0..<10 {
                 let (id, bytes) = chunk(i, 100_000)
@@ -47,40 +47,40 @@ final class EdgeCacheTests: XCTestCase {
         }
         do {
             let cache = try open(capacity: 1_200_000)
-            XCTAssertEqual(cache.counters.cachedChunks, 10)
-            XCTAssertEqual(cache.counters.cachedBytes, 1_000_000)
-            XCTAssertNotNil(cache.readChunk(ids[3]))
+            #expect(cache.counters.cachedChunks == 10)
+            #expect(cache.counters.cachedBytes == 1_000_000)
+            #expect(cache.readChunk(ids[3]) != nil)
             cache.persist()
-            XCTAssertTrue(FileManager.default.fileExists(atPath: root + "/index"))
+            #expect(FileManager.default.fileExists(atPath: root + "/index"))
         }
         // A chunk deleted behind the cache's back is dropped from the index on open.
         let (shard, name) = (ids[5].hex.prefix(2) + "/" + ids[5].hex.dropFirst(2).prefix(2), ids[5].hex)
-        XCTAssertEqual(unlink(root + "/chunks/\(shard)/\(name)"), 0)
+        #expect((unlink(root + "/chunks/\(shard)/\(name)")) == 0)
         do {
             let cache = try open(capacity: 1_200_000)
-            XCTAssertEqual(cache.counters.cachedChunks, 9)
-            XCTAssertFalse(cache.holds(ids[5]))
-            XCTAssertNil(cache.readChunk(ids[5]))
+            #expect(cache.counters.cachedChunks == 9)
+            #expect(!cache.holds(ids[5]))
+            #expect(cache.readChunk(ids[5]) == nil)
         }
         // Reopened with a smaller bound: it evicts down to it, on disk too.
         do {
             let cache = try open(capacity: 480_000)  // 450 000 for chunks
             let c = cache.counters
-            XCTAssertLessThanOrEqual(c.cachedBytes, 450_000)
-            XCTAssertEqual(c.cachedChunks, 4)
-            XCTAssertEqual(c.evictions, 5)
-            XCTAssertEqual(try cache.store.allChunkIDs().count, 4)
+            #expect(c.cachedBytes <= 450_000)
+            #expect(c.cachedChunks == 4)
+            #expect(c.evictions == 5)
+            #expect(try cache.store.allChunkIDs().count == 4)
         }
     }
 
-    func testACorruptIndexIsRebuiltFromTheChunks() throws {
+    @Test func aCorruptIndexIsRebuiltFromTheChunks() throws {
         do {
             let cache = try open(capacity: 1_200_000)
             for i in 0..<3 { let (id, b) = chunk(i, 5000); try cache.store.put(id: id, bytes: b) }
         }
         try Data("not an index".utf8).write(to: URL(fileURLWithPath: root + "/index"))
         let cache = try open(capacity: 1_200_000)
-        XCTAssertEqual(cache.counters.cachedChunks, 3)
+        #expect(cache.counters.cachedChunks == 3)
     }
 
     func manifest(_ seed: Int, bytes count: Int) throws -> [UInt8] {
@@ -92,7 +92,7 @@ final class EdgeCacheTests: XCTestCase {
     /// Manifests have a budget of a sixteenth of the bound: the least recently used leave
     /// first (file and all), one larger than the budget is not kept, and on reopen the saved
     /// ones come back most recent last, within a budget that may have shrunk.
-    func testManifestsStayWithinTheirShareLeastRecentlyUsedFirst() throws {
+    @Test func manifestsStayWithinTheirShareLeastRecentlyUsedFirst() throws {
         let dir = root + "/manifests"
         let m = try manifest(1, bytes: 256 * 40)  // 40 chunks
         let entry = EdgeManifests.Entry(bytes: m, expires: 1e12)
@@ -103,45 +103,44 @@ final class EdgeCacheTests: XCTestCase {
             for i in 0..<3 {
                 names.append("m\(i)")
                 try CacheIndexFile.write(EdgeManifests.encode(entry), to: ms.path(names[i]))
-                XCTAssertEqual(ms.insert(names[i], entry).evicted, [])
+                #expect(ms.insert(names[i], entry).evicted == [])
                 usleep(10_000)  // distinct modification times
             }
-            XCTAssertNotNil(ms.get("m0"))  // m0 used: m1 is now the least recently used
+            #expect(ms.get("m0") != nil)  // m0 used: m1 is now the least recently used
             try CacheIndexFile.write(EdgeManifests.encode(entry), to: ms.path("m3"))
             let r = ms.insert("m3", entry)
-            XCTAssertTrue(r.kept)
-            XCTAssertEqual(r.evicted, ["m1"])
+            #expect(r.kept)
+            #expect(r.evicted == ["m1"])
             unlink(ms.path("m1"))
-            XCTAssertNil(ms.get("m1"))
-            XCTAssertEqual(ms.count, 3)
-            XCTAssertEqual(ms.usedBytes, budget)
+            #expect(ms.get("m1") == nil)
+            #expect(ms.count == 3)
+            #expect(ms.usedBytes == budget)
             let big = EdgeManifests.Entry(bytes: try manifest(2, bytes: 256 * 200), expires: 1e12)
-            XCTAssertFalse(ms.insert("big", big).kept)
-            XCTAssertNil(ms.get("big"))
-            XCTAssertEqual(ms.count, 3, "a manifest too large for the budget evicts nothing")
+            #expect(!ms.insert("big", big).kept)
+            #expect(ms.get("big") == nil)
+            #expect(ms.count == 3, "a manifest too large for the budget evicts nothing")
         }
         try Data("garbage".utf8).write(to: URL(fileURLWithPath: dir + "/bad"))
         do {
             // Reopened with room for two: the oldest file (m0, written first) goes.
             let ms = try EdgeManifests(dir: dir, capacity: entry.size * 2, logger: Logger(label: "test"))
-            XCTAssertEqual(ms.count, 2)
-            XCTAssertEqual(ms.evictedOnLoad, 1)
-            XCTAssertEqual(Set(try FileManager.default.contentsOfDirectory(atPath: dir)), ["m2", "m3"],
-                           "the evicted and the unreadable files are deleted")
+            #expect(ms.count == 2)
+            #expect(ms.evictedOnLoad == 1)
+            #expect(Set(try FileManager.default.contentsOfDirectory(atPath: dir)) == ["m2", "m3"], "the evicted and the unreadable files are deleted")
         }
     }
 
     /// The edge cache reports manifests in its size, and the chunks' share leaves room for them.
-    func testCachedBytesCountManifests() throws {
+    @Test func cachedBytesCountManifests() throws {
         let dir = root + "/manifests"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let entry = EdgeManifests.Entry(bytes: try manifest(3, bytes: 256 * 10), expires: 1e12)
         try CacheIndexFile.write(EdgeManifests.encode(entry), to: dir + "/obj")
         let cache = try open(capacity: 1_600_000)
         let c = cache.counters
-        XCTAssertEqual(c.cachedManifests, 1)
-        XCTAssertEqual(c.cachedBytes, entry.size)
-        XCTAssertEqual(cache.manifest("obj")?.bytes, entry.bytes)
-        XCTAssertEqual(cache.manifest("obj")?.fresh, true)
+        #expect(c.cachedManifests == 1)
+        #expect(c.cachedBytes == entry.size)
+        #expect(cache.manifest("obj")?.bytes == entry.bytes)
+        #expect(cache.manifest("obj")?.fresh == true)
     }
 }

@@ -1,12 +1,12 @@
 import Foundation
 import Synchronization
-import XCTest
+import Testing
 
 @testable import STOQNode
 
 /// The worker's inbox of finished origin fetches: lock-free, many posters, one drainer.
-final class EdgeInboxTests: XCTestCase {
-    func testEveryCompletionArrivesOnceInEachPostersOrderAndPostsWake() {
+@Suite struct EdgeInboxTests {
+    @Test func everyCompletionArrivesOnceInEachPostersOrderAndPostsWake() {
         let inbox = EdgeCache.Inbox()
         let wakes = Atomic<Int>(0)
         inbox.onPost = { wakes.add(1, ordering: .relaxed) }
@@ -27,17 +27,17 @@ final class EdgeInboxTests: XCTestCase {
             inbox.drain(into: &got)
             if finished { inbox.drain(into: &got); break }
         }
-        XCTAssertEqual(got.count, 2 * perPoster)
+        #expect(got.count == (2 * perPoster))
         var last = [-1, -1]
         for c in got {
             let poster = Int(c.ticket >> 32), i = Int(c.ticket & 0xffff_ffff)
-            XCTAssertGreaterThan(i, last[poster], "poster \(poster)'s completions out of order")
+            #expect(i > last[poster], "poster \(poster)'s completions out of order")
             last[poster] = i
-            XCTAssertEqual(c.failure?.reason, i % 7 == 0 ? "poster \(poster)" : nil)
+            #expect(c.failure?.reason == (i % 7 == 0 ? "poster \(poster)" : nil))
         }
-        XCTAssertEqual(wakes.load(ordering: .relaxed), 2 * perPoster)
+        #expect(wakes.load(ordering: .relaxed) == (2 * perPoster))
         var none: [EdgeCache.Completion] = []
         inbox.drain(into: &none)
-        XCTAssertTrue(none.isEmpty)
+        #expect(none.isEmpty)
     }
 }

@@ -11,10 +11,13 @@ final class MemoryServer: QUICApplication {
     var requests: [HTTPRequest] = []
     var uploads: [Int64: Int32] = [:]
     var uploadedSHA: [UInt8]?
+    /// The connection the last request came on (to read its per-connection state).
+    var connection: QUICConnection?
     init(object: [UInt8]) { self.object = object }
 
     func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         requests.append(request)
+        self.connection = connection
         if request.method == "PUT" {
             stream.setBodySink(fd: -1, hash: true)
             return
@@ -38,8 +41,13 @@ final class RecordingClient: QUICApplication {
     var received: UInt64 = 0
     var handshakes = 0
     var closedReason: String?
+    /// The response's stream while it is open.
+    var stream: HTTPStream?
+    /// Body bytes received so far (the open stream's count, then the final one).
+    var receivedSoFar: UInt64 { closedCode == nil ? (stream?.bytesReceived ?? 0) : received }
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
         self.status = status
+        self.stream = stream
         stream.setBodySink(fd: -1, hash: true)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -75,7 +83,9 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(pair.run { conn.isEstablished })
         _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
         if let midway {
-            pair.run { client.received > 0 || client.closedCode != nil }
+            // Mid-transfer: some body bytes in, the stream still open (`received` alone is
+            // only set when the stream closes, which made this run after the transfer).
+            pair.run { client.receivedSoFar > 0 || client.closedCode != nil }
             midway(pair, conn)
         }
         #expect(pair.run(for: 600_000_000_000) { client.closedCode != nil })
@@ -134,12 +144,36 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
     }
 
     @Test func keyUpdateMidTransfer() throws {
+        // Without an update, no packet is ever under key phase one (the counter can tell).
+        let (_, _, plain) = try download(size: 64 << 10)
+        let plainServer = try #require((plain.server.application as? MemoryServer)?.connection)
+        #expect(plainServer.packetsDecrypted.keyPhaseZero > 0)
+        #expect(plainServer.packetsDecrypted.keyPhaseOne == 0)
+
         var updated = false
-        let (client, object, _) = try download(size: 4 << 20) { pair, conn in
+        var clientConnection: QUICConnection?
+        var beforeUpdate: UInt64?
+        let (client, object, pair) = try download(size: 4 << 20) { pair, conn in
+            clientConnection = conn
+            let recorder = pair.client.application as? RecordingClient
+            #expect(recorder?.closedCode == nil)
+            #expect((recorder?.receivedSoFar ?? 0) < 4 << 20)
+            beforeUpdate = conn.packetsDecrypted.keyPhaseOne
             updated = conn.initiateKeyUpdate(now: pair.now)
         }
         #expect(updated)
+        #expect(beforeUpdate == 0)
         #expect(client.sha == Array(SHA256.hash(data: object)))
+        let serverConnection = try #require((pair.server.application as? MemoryServer)?.connection)
+        let clientSide = try #require(clientConnection).packetsDecrypted
+        let serverSide = serverConnection.packetsDecrypted
+        // The server accepted the client's packets under the updated keys...
+        #expect(serverSide.keyPhaseZero > 0)
+        #expect(serverSide.keyPhaseOne > 0)
+        // ...and moved its own keys too: the client decrypted server packets under phase one,
+        // which a server sends only after it has updated (RFC 9001 §6.2).
+        #expect(clientSide.keyPhaseZero > 0)
+        #expect(clientSide.keyPhaseOne > 0)
     }
 
     @Test func refusesUntrustedCertificate() throws {
@@ -152,6 +186,16 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(!conn.isEstablished)
         #expect(client.closedReason != nil)
         #expect(pair.client.counters.connectionErrors >= 1)
+        // The handshake failed because the certificate was refused, not for any other reason
+        // (a timeout, a protocol error): the refusal counter moved and the reason says why,
+        // naming the address dialed that the certificate does not carry.
+        #expect(pair.client.counters.peerCertificatesRefused == 1)
+        let reason = client.closedReason ?? ""
+        #expect(reason.contains("peer certificate refused"), Comment(rawValue: reason))
+        #expect(reason.contains("sanMismatch: ") && reason.hasSuffix("not IP:fd00::99"), Comment(rawValue: reason))
+        #expect(conn.errorDescription == reason)
+        #expect(pair.server.counters.connectionsAccepted == 1)
+        #expect(pair.server.counters.peerCertificatesRefused == 0)
     }
 
     @Test func versionNegotiationForUnknownVersion() throws {

@@ -1,13 +1,13 @@
 import Foundation
 import STOQStore
-import XCTest
+import Testing
 
 /// SIGKILLs a process that is writing to the store (`stoq-store-crash`) at random moments
 /// and checks what it left: every object listed is complete and self-consistent, every chunk
 /// verifies or is absent, no temp file survives an open. SIGKILL tests the write ordering
 /// (temp → rename, chunks before records, GC under its lock), not power loss: the page
 /// cache survives a killed process, so the fsyncs are not exercised here.
-final class ChunkStoreCrashTests: StoreTestCase {
+@Suite final class ChunkStoreCrashTests: StoreTestCase {
     /// The helper sits next to the test bundle (both are products of this package);
     /// `STOQ_STORE_CRASH_HELPER` overrides.
     private func helperPath() throws -> String {
@@ -22,7 +22,7 @@ final class ChunkStoreCrashTests: StoreTestCase {
         throw StoreError(.io, "stoq-store-crash not found next to the tests (looked in \(dirs.map(\.path)))")
     }
 
-    func testSIGKILLAtRandomMomentsLeavesAConsistentStore() throws {
+    @Test func sigkillAtRandomMomentsLeavesAConsistentStore() throws {
         let helper = try helperPath()
         let kills = 10
         var objects = Set<String>()
@@ -41,9 +41,9 @@ final class ChunkStoreCrashTests: StoreTestCase {
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
             let said = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            XCTAssertFalse(diedByItself, "iteration \(iteration): the helper exited on its own: \(said)")
-            XCTAssertEqual(process.terminationReason, .uncaughtSignal, said)
-            XCTAssertEqual(process.terminationStatus, SIGKILL, said)
+            #expect(!diedByItself, "iteration \(iteration): the helper exited on its own: \(said)")
+            #expect(process.terminationReason == .uncaughtSignal, Comment(rawValue: said))
+            #expect(process.terminationStatus == SIGKILL, Comment(rawValue: said))
 
             tempFilesLeftByKills += tempFiles().count
             let (names, removed) = try checkStore(iteration)
@@ -51,7 +51,7 @@ final class ChunkStoreCrashTests: StoreTestCase {
             staleRemoved += removed
         }
         // The kills really landed mid-work: objects were written across runs.
-        XCTAssertGreaterThan(objects.count, kills)
+        #expect(objects.count > kills)
         print("crash test: \(objects.count) objects written over \(kills) kills; temp files left by kills \(tempFilesLeftByKills), removed on open \(staleRemoved)")
     }
 
@@ -60,23 +60,22 @@ final class ChunkStoreCrashTests: StoreTestCase {
     private func checkStore(_ iteration: Int) throws -> ([String], Int) {
         let store = try ChunkStore(root: root)
         let index = try ObjectIndex(chunks: store)
-        XCTAssertEqual(tempFiles(), [], "iteration \(iteration): temp files survived the open")
-        XCTAssertEqual(index.recovery.incompleteObjects, [:], "iteration \(iteration)")
-        XCTAssertEqual(index.recovery.unreadableObjects, [:], "iteration \(iteration)")
+        #expect(tempFiles() == [], "iteration \(iteration): temp files survived the open")
+        #expect(index.recovery.incompleteObjects == [:], "iteration \(iteration)")
+        #expect(index.recovery.unreadableObjects == [:], "iteration \(iteration)")
         let names = try index.listObjects()
         for name in names {
             let record = try index.object(name)
-            XCTAssertFalse(record.chunkIDs.isEmpty, name)
-            XCTAssertEqual(String(decoding: record.manifest, as: UTF8.self), record.chunkIDs.map(\.hex).joined(separator: "\n"),
-                           "iteration \(iteration): \(name)'s record does not match its own manifest")
+            #expect(!record.chunkIDs.isEmpty, Comment(rawValue: name))
+            #expect(String(decoding: record.manifest, as: UTF8.self) == record.chunkIDs.map(\.hex).joined(separator: "\n"), "iteration \(iteration): \(name)'s record does not match its own manifest")
             for id in record.chunkIDs {
-                XCTAssertNoThrow(try store.read(id), "iteration \(iteration): \(name) chunk \(id)")
+                #expect(throws: Never.self, "iteration \(iteration): \(name) chunk \(id)") { try store.read(id) }
             }
         }
         let scrub = try store.verifyAll()
-        XCTAssertEqual(scrub.corrupt, [], "iteration \(iteration)")
-        XCTAssertEqual(quarantined(), [], "iteration \(iteration)")
-        XCTAssertEqual(store.counters.corruptQuarantined, 0)
+        #expect(scrub.corrupt == [], "iteration \(iteration)")
+        #expect(quarantined() == [], "iteration \(iteration)")
+        #expect(store.counters.corruptQuarantined == 0)
         return (names, store.recovery.tempFilesRemoved + index.recovery.tempFilesRemoved)
     }
 }

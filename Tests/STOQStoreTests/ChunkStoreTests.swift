@@ -1,93 +1,93 @@
 import Foundation
 import STOQStore
-import XCTest
+import Testing
 
-final class ChunkStoreTests: StoreTestCase {
-    func testPutThenReadLaysOutByDigest() throws {
+@Suite final class ChunkStoreTests: StoreTestCase {
+    @Test func putThenReadLaysOutByDigest() throws {
         let store = try ChunkStore(root: root)
         let data = bytes("hello, chunk")
         let id = ChunkID(digestOf: data)
-        XCTAssertEqual(try store.put(id: id, bytes: data), .stored)
-        XCTAssertTrue(FileManager.default.fileExists(atPath: path(of: id)))
-        XCTAssertTrue(try store.has(id))
-        XCTAssertEqual(try store.size(id), data.count)
-        XCTAssertEqual(try store.read(id), data)
-        XCTAssertEqual(tempFiles(), [])
+        #expect(try store.put(id: id, bytes: data) == .stored)
+        #expect(FileManager.default.fileExists(atPath: path(of: id)))
+        #expect(try store.has(id))
+        #expect(try store.size(id) == data.count)
+        #expect(try store.read(id) == data)
+        #expect(tempFiles() == [])
         let c = store.counters
-        XCTAssertEqual(c.chunksWritten, 1)
-        XCTAssertEqual(c.bytesWritten, UInt64(data.count))
-        XCTAssertEqual(c.chunksRead, 1)
-        XCTAssertEqual(c.bytesRead, UInt64(data.count))
-        XCTAssertEqual(c.dedupHits, 0)
+        #expect(c.chunksWritten == 1)
+        #expect(c.bytesWritten == UInt64(data.count))
+        #expect(c.chunksRead == 1)
+        #expect(c.bytesRead == UInt64(data.count))
+        #expect(c.dedupHits == 0)
     }
 
-    func testEmptyChunk() throws {
+    @Test func emptyChunk() throws {
         let store = try ChunkStore(root: root)
         let id = ChunkID(digestOf: [UInt8]())
-        XCTAssertEqual(id.hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(id.hex == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         try store.put(id: id, bytes: [UInt8]())
-        XCTAssertEqual(try store.read(id), [])
-        XCTAssertEqual(try store.size(id), 0)
+        #expect(try store.read(id) == [])
+        #expect(try store.size(id) == 0)
     }
 
-    func testSecondPutIsDedupHitAndRefreshesMtime() throws {
+    @Test func secondPutIsDedupHitAndRefreshesMtime() throws {
         let store = try ChunkStore(root: root)
         let data = bytes("stored once")
         let id = ChunkID(digestOf: data)
         try store.put(id: id, bytes: data)
         let ino = inode(path(of: id))
         age(path(of: id), secondsAgo: 7200)
-        XCTAssertEqual(try store.put(id: id, bytes: data), .alreadyPresent)
-        XCTAssertEqual(inode(path(of: id)), ino, "not rewritten")
-        XCTAssertGreaterThan(mtime(path(of: id)), Int(Date().timeIntervalSince1970) - 60, "grace period restarted")
-        XCTAssertEqual(store.counters.chunksWritten, 1)
-        XCTAssertEqual(store.counters.dedupHits, 1)
+        #expect(try store.put(id: id, bytes: data) == .alreadyPresent)
+        #expect(inode(path(of: id)) == ino, "not rewritten")
+        #expect(mtime(path(of: id)) > (Int(Date().timeIntervalSince1970) - 60), "grace period restarted")
+        #expect(store.counters.chunksWritten == 1)
+        #expect(store.counters.dedupHits == 1)
     }
 
-    func testDedupOffRewritesEveryPut() throws {
+    @Test func dedupOffRewritesEveryPut() throws {
         let store = try ChunkStore(root: root, options: .init(dedup: false))
         let data = bytes("stored twice")
         let id = ChunkID(digestOf: data)
-        XCTAssertEqual(try store.put(id: id, bytes: data), .stored)
+        #expect(try store.put(id: id, bytes: data) == .stored)
         let ino = inode(path(of: id))
-        XCTAssertEqual(try store.put(id: id, bytes: data), .stored)
-        XCTAssertNotEqual(inode(path(of: id)), ino, "a new file renamed over the old one")
-        XCTAssertEqual(store.counters.chunksWritten, 2)
-        XCTAssertEqual(store.counters.dedupHits, 0)
-        XCTAssertEqual(try store.read(id), data)
+        #expect(try store.put(id: id, bytes: data) == .stored)
+        #expect(inode(path(of: id)) != ino, "a new file renamed over the old one")
+        #expect(store.counters.chunksWritten == 2)
+        #expect(store.counters.dedupHits == 0)
+        #expect(try store.read(id) == data)
     }
 
-    func testPutRefusesBytesThatDoNotHashToTheID() throws {
+    @Test func putRefusesBytesThatDoNotHashToTheID() throws {
         let store = try ChunkStore(root: root)
         let claimed = ChunkID(digestOf: bytes("what the id says"))
         let actual = ChunkID(digestOf: bytes("what was sent"))
         let message = assertStoreError(.digestMismatch) { try store.put(id: claimed, bytes: self.bytes("what was sent")) }
-        XCTAssertEqual(message, "chunk bytes do not match their id: expected digest \(claimed.hex), actual digest \(actual.hex)")
-        XCTAssertFalse(try store.has(claimed))
-        XCTAssertFalse(try store.has(actual))
-        XCTAssertEqual(store.counters.chunksWritten, 0)
+        #expect(message == "chunk bytes do not match their id: expected digest \(claimed.hex), actual digest \(actual.hex)")
+        #expect(try !store.has(claimed))
+        #expect(try !store.has(actual))
+        #expect(store.counters.chunksWritten == 0)
     }
 
-    func testReadOfAbsentChunk() throws {
+    @Test func readOfAbsentChunk() throws {
         let store = try ChunkStore(root: root)
         let id = ChunkID(digestOf: bytes("never stored"))
         let message = assertStoreError(.chunkNotFound) { try store.read(id) }
-        XCTAssertEqual(message, "chunk \(id.hex) is not in the store")
-        XCTAssertFalse(try store.has(id))
-        XCTAssertNil(try store.size(id))
+        #expect(message == ("chunk \(id.hex) is not in the store"))
+        #expect(try !store.has(id))
+        #expect(try store.size(id) == nil)
     }
 
-    func testMissingKeepsOrderAndDropsDuplicates() throws {
+    @Test func missingKeepsOrderAndDropsDuplicates() throws {
         let store = try ChunkStore(root: root)
         let have = ChunkID(digestOf: bytes("have"))
         try store.put(id: have, bytes: bytes("have"))
         let a = ChunkID(digestOf: bytes("a")), b = ChunkID(digestOf: bytes("b"))
-        XCTAssertEqual(try store.missing([b, have, a, b, have]), [b, a])
-        XCTAssertEqual(try store.missing([have]), [])
-        XCTAssertEqual(try store.missing([]), [])
+        #expect(try store.missing([b, have, a, b, have]) == [b, a])
+        #expect(try store.missing([have]) == [])
+        #expect(try store.missing([]) == [])
     }
 
-    func testCorruptChunkIsQuarantinedNeverReturned() throws {
+    @Test func corruptChunkIsQuarantinedNeverReturned() throws {
         let store = try ChunkStore(root: root)
         let data = [UInt8](repeating: 0x5a, count: 4096)
         let id = ChunkID(digestOf: data)
@@ -99,47 +99,46 @@ final class ChunkStoreTests: StoreTestCase {
 
         let message = assertStoreError(.corrupt) { try store.read(id) }
         let q = quarantined()
-        XCTAssertEqual(q.count, 1)
-        XCTAssertTrue(q[0].hasPrefix(id.hex + "."), q[0])
-        XCTAssertEqual(message, "chunk \(id.hex) is corrupt on disk: its bytes hash to \(actual.hex); moved to quarantine/\(q[0])")
-        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: root + "/quarantine/" + q[0])), Data(damaged), "kept for inspection")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: path(of: id)))
-        XCTAssertFalse(try store.has(id))
-        XCTAssertEqual(store.counters.corruptQuarantined, 1)
-        XCTAssertEqual(store.counters.chunksRead, 0)
+        #expect(q.count == 1)
+        #expect(q[0].hasPrefix(id.hex + "."), Comment(rawValue: q[0]))
+        #expect(message == ("chunk \(id.hex) is corrupt on disk: its bytes hash to \(actual.hex); moved to quarantine/\(q[0])"))
+        #expect(try (Data(contentsOf: URL(fileURLWithPath: root + "/quarantine/" + q[0]))) == Data(damaged), "kept for inspection")
+        #expect(!FileManager.default.fileExists(atPath: path(of: id)))
+        #expect(try !store.has(id))
+        #expect(store.counters.corruptQuarantined == 1)
+        #expect(store.counters.chunksRead == 0)
         // Gone now, not corrupt: the next read says so.
         assertStoreError(.chunkNotFound) { try store.read(id) }
-        XCTAssertEqual(store.counters.corruptQuarantined, 1)
+        #expect(store.counters.corruptQuarantined == 1)
     }
 
-    func testTruncatedChunkIsCorrupt() throws {
+    @Test func truncatedChunkIsCorrupt() throws {
         let store = try ChunkStore(root: root)
         let data = [UInt8](repeating: 7, count: 1000)
         let id = ChunkID(digestOf: data)
         try store.put(id: id, bytes: data)
-        XCTAssertEqual(truncate(path(of: id), 10), 0)
+        #expect(truncate(path(of: id), 10) == 0)
         assertStoreError(.corrupt) { try store.read(id) }
-        XCTAssertEqual(store.counters.corruptQuarantined, 1)
+        #expect(store.counters.corruptQuarantined == 1)
     }
 
-    func testChunksOverTheSizeLimit() throws {
+    @Test func chunksOverTheSizeLimit() throws {
         let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
         let big = [UInt8](repeating: 1, count: 1001)
         let id = ChunkID(digestOf: big)
-        XCTAssertEqual(assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) },
-                       "chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes")
-        XCTAssertNoThrow(try store.put(id: ChunkID(digestOf: big.dropLast()), bytes: Array(big.dropLast())))
+        #expect(assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) } == ("chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes"))
+        #expect(throws: Never.self) { try store.put(id: ChunkID(digestOf: big.dropLast()), bytes: Array(big.dropLast())) }
         // A file that big in the chunk tree is not read into memory: it is damage.
         let small = bytes("small")
         let sid = ChunkID(digestOf: small)
         try store.put(id: sid, bytes: small)
         try Data(big).write(to: URL(fileURLWithPath: path(of: sid)))
         let message = assertStoreError(.corrupt) { try store.read(sid) }
-        XCTAssertTrue(message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"), message)
-        XCTAssertEqual(store.counters.corruptQuarantined, 1)
+        #expect(message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"), Comment(rawValue: message))
+        #expect(store.counters.corruptQuarantined == 1)
     }
 
-    func testCorruptChunkIsRefetchedFromSource() throws {
+    @Test func corruptChunkIsRefetchedFromSource() throws {
         let data = [UInt8](repeating: 0xa5, count: 10_000)
         let id = ChunkID(digestOf: data)
         let asked = Counter()
@@ -151,67 +150,67 @@ final class ChunkStoreTests: StoreTestCase {
         try store.put(id: id, bytes: data)
         try flipByte(path(of: id), at: 9_999)
 
-        XCTAssertEqual(try store.read(id), data)
-        XCTAssertEqual(asked.value, 1)
-        XCTAssertEqual(quarantined().count, 1)
+        #expect(try store.read(id) == data)
+        #expect(asked.value == 1)
+        #expect(quarantined().count == 1)
         let c = store.counters
-        XCTAssertEqual(c.corruptQuarantined, 1)
-        XCTAssertEqual(c.refetched, 1)
-        XCTAssertEqual(c.refetchFailed, 0)
-        XCTAssertEqual(c.chunksWritten, 2, "the refetched copy is stored again")
+        #expect(c.corruptQuarantined == 1)
+        #expect(c.refetched == 1)
+        #expect(c.refetchFailed == 0)
+        #expect(c.chunksWritten == 2, "the refetched copy is stored again")
         // The stored copy is good again: read locally, no second fetch.
-        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: path(of: id))), Data(data))
-        XCTAssertEqual(try store.read(id), data)
-        XCTAssertEqual(asked.value, 1)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path(of: id))) == Data(data))
+        #expect(try store.read(id) == data)
+        #expect(asked.value == 1)
     }
 
-    func testMissingChunkIsFetchedFromSource() throws {
+    @Test func missingChunkIsFetchedFromSource() throws {
         let data = bytes("only the origin has it")
         let id = ChunkID(digestOf: data)
         let store = try ChunkStore(root: root, source: ClosureChunkSource { $0 == id ? data : nil })
-        XCTAssertEqual(try store.read(id), data)
-        XCTAssertTrue(try store.has(id))
-        XCTAssertEqual(store.counters.refetched, 1)
+        #expect(try store.read(id) == data)
+        #expect(try store.has(id))
+        #expect(store.counters.refetched == 1)
         let other = ChunkID(digestOf: bytes("nobody has it"))
         let message = assertStoreError(.chunkNotFound) { try store.read(other) }
-        XCTAssertEqual(message, "chunk \(other.hex) is not in the store, and the chunk source did not supply it")
-        XCTAssertEqual(store.counters.refetchFailed, 1)
+        #expect(message == ("chunk \(other.hex) is not in the store, and the chunk source did not supply it"))
+        #expect(store.counters.refetchFailed == 1)
     }
 
-    func testSourceSendingWrongBytesIsRejected() throws {
+    @Test func sourceSendingWrongBytesIsRejected() throws {
         let data = bytes("the real chunk")
         let id = ChunkID(digestOf: data)
         let store = try ChunkStore(root: root, source: ClosureChunkSource { _ in Array("a lie".utf8) })
         try store.put(id: id, bytes: data)
         try flipByte(path(of: id))
         let message = assertStoreError(.corrupt) { try store.read(id) }
-        XCTAssertTrue(message.hasSuffix("; the chunk source did not supply a good copy"), message)
-        XCTAssertFalse(try store.has(id), "the lie was not stored")
-        XCTAssertEqual(store.counters.refetchFailed, 1)
-        XCTAssertEqual(store.counters.refetched, 0)
+        #expect(message.hasSuffix("; the chunk source did not supply a good copy"), Comment(rawValue: message))
+        #expect(try !store.has(id), "the lie was not stored")
+        #expect(store.counters.refetchFailed == 1)
+        #expect(store.counters.refetched == 0)
     }
 
-    func testSourceThatThrowsCountsAsFailedRefetch() throws {
+    @Test func sourceThatThrowsCountsAsFailedRefetch() throws {
         struct Down: Error {}
         let id = ChunkID(digestOf: bytes("x"))
         let store = try ChunkStore(root: root, source: ClosureChunkSource { _ in throw Down() })
         assertStoreError(.chunkNotFound) { try store.read(id) }
-        XCTAssertEqual(store.counters.refetchFailed, 1)
+        #expect(store.counters.refetchFailed == 1)
     }
 
-    func testPutReplacesACorruptCopyInsteadOfDeduplicating() throws {
+    @Test func putReplacesACorruptCopyInsteadOfDeduplicating() throws {
         let store = try ChunkStore(root: root)
         let data = bytes("replace me")
         let id = ChunkID(digestOf: data)
         try store.put(id: id, bytes: data)
         try flipByte(path(of: id))
-        XCTAssertEqual(try store.put(id: id, bytes: data), .stored)
-        XCTAssertEqual(store.counters.corruptQuarantined, 1)
-        XCTAssertEqual(store.counters.dedupHits, 0)
-        XCTAssertEqual(try store.read(id), data)
+        #expect(try store.put(id: id, bytes: data) == .stored)
+        #expect(store.counters.corruptQuarantined == 1)
+        #expect(store.counters.dedupHits == 0)
+        #expect(try store.read(id) == data)
     }
 
-    func testOpenRemovesTempFilesOfInterruptedWrites() throws {
+    @Test func openRemovesTempFilesOfInterruptedWrites() throws {
         let data = bytes("kept")
         let id = ChunkID(digestOf: data)
         do {
@@ -219,27 +218,27 @@ final class ChunkStoreTests: StoreTestCase {
             try store.put(id: id, bytes: data)
         }
         let shard = (path(of: id) as NSString).deletingLastPathComponent
-        XCTAssertTrue(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-1234", contents: Data([1, 2, 3])))
-        XCTAssertTrue(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-5678", contents: Data()))
+        #expect(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-1234", contents: Data([1, 2, 3])))
+        #expect(FileManager.default.createFile(atPath: shard + "/.tmp-\(id.hex)-5678", contents: Data()))
         let store = try ChunkStore(root: root)
-        XCTAssertEqual(store.recovery.tempFilesRemoved, 2)
-        XCTAssertEqual(store.counters.staleTempFilesRemoved, 2)
-        XCTAssertEqual(tempFiles(), [])
-        XCTAssertEqual(try store.read(id), data)
+        #expect(store.recovery.tempFilesRemoved == 2)
+        #expect(store.counters.staleTempFilesRemoved == 2)
+        #expect(tempFiles() == [])
+        #expect(try store.read(id) == data)
     }
 
-    func testOneOpenStorePerDirectory() throws {
+    @Test func oneOpenStorePerDirectory() throws {
         do {
             let store = try ChunkStore(root: root)
             let message = assertStoreError(.locked) { try ChunkStore(root: root) }
-            XCTAssertEqual(message, "store \(root) is already open (by another process, or by another ChunkStore in this one): \(root)/lock is locked")
+            #expect(message == ("store \(root) is already open (by another process, or by another ChunkStore in this one): \(root)/lock is locked"))
             withExtendedLifetime(store) {}
         }
         // Closed, it opens again.
-        XCTAssertNoThrow(try ChunkStore(root: root))
+        #expect(throws: Never.self) { try ChunkStore(root: root) }
     }
 
-    func testVerifyAllFindsAndQuarantinesCorruptChunks() throws {
+    @Test func verifyAllFindsAndQuarantinesCorruptChunks() throws {
         let store = try ChunkStore(root: root)
         var ids: [ChunkID] = []
         for i in 0..<20 {
@@ -250,13 +249,13 @@ final class ChunkStoreTests: StoreTestCase {
         try flipByte(path(of: ids[3]))
         try flipByte(path(of: ids[11]))
         let report = try store.verifyAll()
-        XCTAssertEqual(report.checked, 20)
-        XCTAssertEqual(Set(report.corrupt), [ids[3], ids[11]])
-        XCTAssertEqual(quarantined().count, 2)
-        XCTAssertEqual(Set(try store.allChunkIDs()).count, 18)
+        #expect(report.checked == 20)
+        #expect(Set(report.corrupt) == [ids[3], ids[11]])
+        #expect(quarantined().count == 2)
+        #expect(Set(try store.allChunkIDs()).count == 18)
     }
 
-    func testConcurrentPutsOfTheSameChunks() throws {
+    @Test func concurrentPutsOfTheSameChunks() throws {
         let store = try ChunkStore(root: root)
         let chunks = (0..<50).map { i in [UInt8](repeating: UInt8(i), count: 100 + i) }
         let failures = Counter()
@@ -265,11 +264,11 @@ final class ChunkStoreTests: StoreTestCase {
                 do { try store.put(id: ChunkID(digestOf: c), bytes: c) } catch { failures.bump() }
             }
         }
-        XCTAssertEqual(failures.value, 0)
-        XCTAssertEqual(try store.allChunkIDs().count, 50)
-        XCTAssertEqual(try store.verifyAll().corrupt, [])
-        XCTAssertEqual(tempFiles(), [])
-        XCTAssertEqual(store.counters.chunksWritten + store.counters.dedupHits, 200)
+        #expect(failures.value == 0)
+        #expect(try store.allChunkIDs().count == 50)
+        #expect(try store.verifyAll().corrupt == [])
+        #expect(tempFiles() == [])
+        #expect((store.counters.chunksWritten + store.counters.dedupHits) == 200)
     }
 }
 

@@ -1,18 +1,19 @@
 import Foundation
 import STOQStore
-import XCTest
+import Testing
 
-/// A fresh directory under the system temp directory, removed by `tearDown`.
-class StoreTestCase: XCTestCase {
-    var root = ""
+/// A fresh directory under the system temp directory for each test, removed when the test's
+/// suite instance goes away (swift-testing makes one instance per test).
+class StoreTestCase {
+    let root: String
 
-    override func setUpWithError() throws {
+    init() throws {
         var template = Array((NSTemporaryDirectory() + "/stoq-store-XXXXXX").utf8CString)
         guard let made = mkdtemp(&template) else { throw StoreError(.io, "mkdtemp failed") }
         root = String(cString: made)
     }
 
-    override func tearDown() {
+    deinit {
         try? FileManager.default.removeItem(atPath: root)
     }
 
@@ -40,9 +41,9 @@ class StoreTestCase: XCTestCase {
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
         bytes[at] ^= 0x01
         let fd = open(path, O_WRONLY)
-        XCTAssertGreaterThanOrEqual(fd, 0)
+        #expect(fd >= 0)
         defer { close(fd) }
-        XCTAssertEqual(pwrite(fd, bytes, bytes.count, 0), bytes.count)
+        #expect(pwrite(fd, bytes, bytes.count, 0) == bytes.count)
     }
 
     /// Sets the mtime of `path` to `secondsAgo` in the past.
@@ -50,18 +51,18 @@ class StoreTestCase: XCTestCase {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         var times = [timespec(tv_sec: now.tv_sec - secondsAgo, tv_nsec: 0), timespec(tv_sec: now.tv_sec - secondsAgo, tv_nsec: 0)]
-        XCTAssertEqual(utimensat(AT_FDCWD, path, &times, 0), 0)
+        #expect(utimensat(AT_FDCWD, path, &times, 0) == 0)
     }
 
     func mtime(_ path: String) -> Int {
         var st = stat()
-        XCTAssertEqual(stat(path, &st), 0)
+        #expect(stat(path, &st) == 0)
         return st.st_mtim.tv_sec
     }
 
     func inode(_ path: String) -> UInt {
         var st = stat()
-        XCTAssertEqual(stat(path, &st), 0)
+        #expect(stat(path, &st) == 0)
         return UInt(st.st_ino)
     }
 
@@ -69,16 +70,16 @@ class StoreTestCase: XCTestCase {
 
     /// Asserts `body` throws a `StoreError` with `code`, and returns its message.
     @discardableResult
-    func assertStoreError<T>(_ code: StoreError.Code, file: StaticString = #filePath, line: UInt = #line,
+    func assertStoreError<T>(_ code: StoreError.Code, sourceLocation: SourceLocation = #_sourceLocation,
                              _ body: () throws -> T) -> String {
         do {
             _ = try body()
-            XCTFail("expected StoreError \(code), nothing thrown", file: file, line: line)
+            Issue.record("expected StoreError \(code), nothing thrown", sourceLocation: sourceLocation)
         } catch let e as StoreError {
-            XCTAssertEqual(e.code, code, "message: \(e.message)", file: file, line: line)
+            #expect(e.code == code, "message: \(e.message)", sourceLocation: sourceLocation)
             return e.message
         } catch {
-            XCTFail("expected StoreError \(code), got \(error)", file: file, line: line)
+            Issue.record("expected StoreError \(code), got \(error)", sourceLocation: sourceLocation)
         }
         return ""
     }

@@ -15,6 +15,12 @@ public struct TestIdentity {
     }
 
     public func remove() { try? FileManager.default.removeItem(atPath: directory) }
+
+    /// Client credentials that trust this identity (and nothing else), under STOQ's one policy.
+    public func clientCredentials() throws -> TLSCredentials {
+        let verifier = PeerVerifier(roots: try PEMFiles.readCertificates(identity.certificatePath))
+        return try TLSCredentials(policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+    }
 }
 
 /// A client and a server endpoint joined by two simulated links and driven by a
@@ -41,8 +47,7 @@ public final class EndpointPair {
                 serverWorkerID: UInt8 = 0) throws {
         let serverCreds = try TLSCredentials(certificateFile: identity.identity.certificatePath,
                                              keyFile: identity.identity.keyPath)
-        let verifier = PeerVerifier(roots: try PEMFiles.readCertificates(identity.identity.certificatePath))
-        let clientCreds = try TLSCredentials(policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+        let clientCreds = try identity.clientCredentials()
         try self.init(serverCredentials: serverCreds, clientCredentials: clientCreds, serverSettings: serverSettings,
                       clientSettings: clientSettings, link: link, serverWorkerID: serverWorkerID)
     }

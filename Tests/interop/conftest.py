@@ -64,14 +64,14 @@ def read_banner(node, timeout=30):
 
 
 class Node:
-    def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = ""):
+    def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = "", listen: str = "::1"):
         self.workdir = workdir
         self.port = free_port()
         self.storage = workdir / "objects"
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "node.toml"
         self.config.write_text(
-            f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[::1]:{self.port}"\n'
+            f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[{listen}]:{self.port}"\n'
             f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\ncontent_path = "{workdir}/content"\n')
         self.content = workdir / "content"
         self.log = open(workdir / "node.log", "w+")

@@ -3,15 +3,17 @@ damaged, and the node keeps serving everyone else."""
 import json
 import os
 import socket
+import re
 import struct
 import subprocess
 import sys
 import time
 import pathlib
+import urllib.request
 
 import pytest
 
-from conftest import need_binary, sha256_file, stoq
+from conftest import Node, need_binary, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -29,13 +31,100 @@ def udp(node):
     return s
 
 
-def test_malformed_and_truncated_datagrams(node):
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory):
+    """A node with /metrics, listening on [::] (the wildcard, where an IPv4 datagram could
+    arrive as an IPv4-mapped address if the socket allowed it), for the tests that prove
+    with counters what the node did with their input."""
+    n = Node(tmp_path_factory.mktemp("metered"), workers=2, extra='[admin]\nlisten = "[::1]:0"', listen="::")
+    n.digests = {"obj-65536.bin": n.add_object("obj-65536.bin", 65536)}
+    yield n
+    assert n.stop() == 0
+
+
+COUNTERS = ["stoq_quic_datagrams_received_total", "stoq_quic_dropped_malformed_total",
+            "stoq_quic_dropped_initials_total", "stoq_quic_dropped_unknown_total",
+            "stoq_quic_version_negotiations_total", "stoq_quic_retries_total",
+            "stoq_quic_stateless_resets_total", "stoq_quic_connections_accepted_total",
+            "stoq_datapath_rx_datagrams_total", "stoq_datapath_rx_dropped_total",
+            "stoq_worker_handoff_dropped_total", "stoq_quic_connections_closed_total", "stoq_quic_connections",
+            "stoq_datapath_tx_datagrams_total"]
+# Every way the endpoint disposes of a datagram for no known connection.
+OUTCOMES = ["stoq_quic_dropped_malformed_total", "stoq_quic_dropped_initials_total",
+            "stoq_quic_dropped_unknown_total", "stoq_quic_version_negotiations_total",
+            "stoq_quic_retries_total", "stoq_quic_stateless_resets_total",
+            "stoq_quic_connections_accepted_total"]
+
+
+def counters(node):
+    """The node's counters, summed over workers."""
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in COUNTERS}
+
+
+def deltas_once(node, before, name, at_least, timeout=20):
+    """Polls /metrics until `name` has moved by `at_least` (workers publish about once a
+    second), then returns every counter's change since `before`."""
+    deadline = time.time() + timeout
+    while True:
+        now = counters(node)
+        d = {k: now[k] - before[k] for k in COUNTERS}
+        if d[name] >= at_least or time.time() > deadline:
+            # One more publication period, so that a counter still moving shows up too.
+            time.sleep(1.2)
+            now = counters(node)
+            return {k: now[k] - before[k] for k in COUNTERS}
+        time.sleep(0.2)
+
+
+def kernel_udp(version):
+    """This network namespace's UDP counters (the test runs alone in it under wtrun)."""
+    if version == 4:
+        lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+        return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    out = {}
+    for l in open("/proc/net/snmp6"):
+        k, v = l.split()
+        if k.startswith("Udp6"):
+            out[k[4:]] = int(v)
+    return out
+
+
+def test_malformed_and_truncated_datagrams(metered):
+    node = metered
     s = udp(node)
-    for n in [0, 1, 2, 5, 6, 7, 20, 100, 1199, 1200, 1500]:
+    # Random junk: what each one is depends on its bytes, but the kernel delivers every one;
+    # the empty datagram is dropped by the datapath (it carries no packet), every other one
+    # reaches the endpoint and is disposed of by exactly one of its refusal paths.
+    before, kernel = counters(node), kernel_udp(6)
+    junk = [0, 1, 2, 5, 6, 7, 20, 100, 1199, 1200, 1500]
+    for n in junk:
         s.send(os.urandom(n))
+    d = deltas_once(node, before, "stoq_quic_datagrams_received_total", len(junk) - 1)
+    print("junk:", d)
+    assert kernel_udp(6)["InDatagrams"] - kernel["InDatagrams"] == len(junk)
+    assert d["stoq_datapath_rx_dropped_total"] == 1, d
+    assert d["stoq_datapath_rx_datagrams_total"] == len(junk) - 1, d
+    assert d["stoq_quic_datagrams_received_total"] == len(junk) - 1, d
+    assert sum(d[k] for k in OUTCOMES) == len(junk) - 1, d
+    assert d["stoq_quic_connections_accepted_total"] == 0, d
+    assert d["stoq_quic_dropped_malformed_total"] >= 5, d  # 1, 2, 5, 6 and 7 bytes cannot parse
+
+    # A v1 Initial header cut at every length: up to the end of its connection IDs (14
+    # bytes) it does not parse; from there on it is an Initial shorter than the 1200 bytes
+    # RFC 9000 §14.1 requires, which the server must drop.
     initial = bytes([0xC0]) + struct.pack(">I", 1) + bytes([8]) + os.urandom(8) + bytes([0]) + os.urandom(30)
+    before = counters(node)
     for cut in range(1, len(initial)):
         s.send(initial[:cut])
+    d = deltas_once(node, before, "stoq_quic_datagrams_received_total", len(initial) - 1)
+    print("truncated:", d)
+    assert d["stoq_datapath_rx_datagrams_total"] == len(initial) - 1, d
+    assert d["stoq_quic_datagrams_received_total"] == len(initial) - 1, d
+    assert d["stoq_quic_dropped_malformed_total"] == 14, d
+    assert d["stoq_quic_dropped_initials_total"] == len(initial) - 1 - 14, d
+    assert d["stoq_quic_connections_accepted_total"] == 0, d
     still_serves(node)
 
 
@@ -53,18 +142,42 @@ def test_unknown_version_gets_version_negotiation(node):
     assert 1 in versions
 
 
-def test_initial_flood(node):
+def test_initial_flood(metered):
+    node = metered
     s = udp(node)
+    before, kernel = counters(node), kernel_udp(6)
+    sent = 0
     start = time.time()
     for i in range(20000):
         pkt = bytes([0xC0]) + struct.pack(">I", 1) + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8)
         pkt += bytes([0, 0x44, 0xD0]) + os.urandom(1200 - len(pkt) - 3)
         try:
             s.send(pkt)
+            sent += 1
         except BlockingIOError:
             pass
         if time.time() - start > 20:
             break
+    kernel_dropped = kernel_udp(6)["RcvbufErrors"] - kernel["RcvbufErrors"]
+    d = deltas_once(node, before, "stoq_datapath_rx_datagrams_total", sent - kernel_dropped)
+    print(f"flood: sent {sent}, kernel dropped {kernel_dropped} (receive buffer full):", d)
+    # Every datagram sent is accounted for: the kernel dropped it (receive buffer full) or
+    # the node's datapath received it; what the datapath received reached an endpoint unless
+    # the hand-off to its owner was full; and each Initial was refused, none accepted.
+    assert sent > 0
+    assert d["stoq_datapath_rx_datagrams_total"] + kernel_dropped == sent, d
+    assert d["stoq_datapath_rx_dropped_total"] == 0, d
+    received = d["stoq_quic_datagrams_received_total"]
+    assert received == d["stoq_datapath_rx_datagrams_total"] - d["stoq_worker_handoff_dropped_total"], d
+    assert received > 0
+    assert sum(d[k] for k in OUTCOMES) == received, d
+    # These Initials have a valid v1 header, which is all the server can check before it
+    # makes connection state (the payload is only found undecryptable by that connection):
+    # each is accepted, fails to decrypt and is released at once, and nothing is answered.
+    assert d["stoq_quic_connections_accepted_total"] == received, d
+    assert d["stoq_quic_connections_closed_total"] == received, d
+    assert d["stoq_quic_connections"] == 0, d
+    assert d["stoq_datapath_tx_datagrams_total"] == 0, d
     still_serves(node)
 
 
@@ -108,10 +221,32 @@ def test_client_vanishes_mid_transfer(node):
     assert sha256_file(node.storage / f"obj-{256 << 20}.bin") == node.digests[f"obj-{256 << 20}.bin"]
 
 
-def test_ipv4_never_reaches_the_node(node):
-    s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s4.settimeout(0.5)
+def test_ipv4_never_reaches_the_node(metered):
+    """The node listens on [::], the wildcard: a dual-stack socket there would take IPv4 too
+    (as ::ffff:a.b.c.d). Its socket is IPV6_V6ONLY, so the kernel finds no socket for an IPv4
+    datagram to that port, counts it as NoPorts and answers ICMP port unreachable; the node
+    never sees it. The same probe over IPv6 is answered, so the port, the probe and the
+    counters are live: were IPv4 let through, the probe would be received (or dropped as
+    mapped by the datapath) and these asserts would fail."""
+    node = metered
     pkt = bytes([0xC0]) + struct.pack(">I", 0x1A2A3A4A) + bytes([8]) + os.urandom(8) + bytes([4]) + os.urandom(4)
-    s4.sendto(pkt + bytes(1200 - len(pkt)), ("127.0.0.1", node.port))
-    with pytest.raises((socket.timeout, ConnectionRefusedError)):
+    pkt += bytes(1200 - len(pkt))
+    before, kernel = counters(node), kernel_udp(4)
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s4.settimeout(5)
+    s4.connect(("127.0.0.1", node.port))
+    s4.send(pkt)
+    with pytest.raises(ConnectionRefusedError):
         s4.recv(2048)
+    assert kernel_udp(4)["NoPorts"] == kernel["NoPorts"] + 1
+
+    s6 = udp(node)
+    s6.send(pkt)
+    reply = s6.recv(2048)
+    assert struct.unpack(">I", reply[1:5])[0] == 0, "the IPv6 probe must get a Version Negotiation"
+    d = deltas_once(node, before, "stoq_quic_datagrams_received_total", 1)
+    print("ipv4 then ipv6 probe:", d)
+    assert d["stoq_datapath_rx_datagrams_total"] == 1, d
+    assert d["stoq_datapath_rx_dropped_total"] == 0, d
+    assert d["stoq_quic_datagrams_received_total"] == 1, d
+    assert d["stoq_quic_version_negotiations_total"] == 1, d

@@ -220,6 +220,8 @@ uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now);
 
 /** Starts a key update (for tests and for policy). Returns 0 or an ngtcp2 error code. */
 int stoq_conn_initiate_key_update(stoq_conn *c, uint64_t now);
+/** 1-RTT packets received and decrypted with key phase bit `phase` (0 or 1). */
+uint64_t stoq_conn_rx_key_phase_packets(const stoq_conn *c, int phase);
 /** The connection's application pointer. */
 void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
