@@ -20,27 +20,27 @@ public struct MeshURL: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "\(scheme)://\(endpoint)" }
 
     /// Parses `scheme://[addr]:port` (one trailing "/" is tolerated). The failure's reason says
-    /// what was wrong; it contains "IPv4" when an IPv4 address was given.
+    /// what was wrong; its code is `.ipv4Refused` when an IPv4 address was given.
     public static func parse(_ text: String, scheme: String = "https") -> Result<MeshURL, AddressError> {
         let head = scheme + "://"
         guard text.hasPrefix(head) else {
-            return .failure(AddressError(text: text, reason: "expected a \(head)[ipv6]:port URL"))
+            return .failure(AddressError(.syntax, text: text, reason: "expected a \(head)[ipv6]:port URL"))
         }
         var rest = Substring(text.dropFirst(head.count))
         if rest.last == "/" { rest = rest.dropLast() }
         if rest.contains("/") || rest.contains("?") || rest.contains("#") {
-            return .failure(AddressError(text: text, reason: "a mesh URL has no path, query or fragment"))
+            return .failure(AddressError(.syntax, text: text, reason: "a mesh URL has no path, query or fragment"))
         }
-        if rest.contains("@") { return .failure(AddressError(text: text, reason: "a mesh URL has no user info")) }
+        if rest.contains("@") { return .failure(AddressError(.syntax, text: text, reason: "a mesh URL has no user info")) }
         if rest.first != "[" && rest.contains(where: { $0.isLetter }) {
-            return .failure(AddressError(text: text, reason: "a mesh URL names an address, not a host name (expected [ipv6]:port)"))
+            return .failure(AddressError(.syntax, text: text, reason: "a mesh URL names an address, not a host name (expected [ipv6]:port)"))
         }
         switch IPv6Endpoint.parse(String(rest)) {
-        case .failure(let e): return .failure(AddressError(text: text, reason: e.reason))
+        case .failure(let e): return .failure(AddressError(e.code, text: text, reason: e.reason))
         case .success(let ep):
-            if ep.port == 0 { return .failure(AddressError(text: text, reason: "port 0 is not a port a node listens on")) }
+            if ep.port == 0 { return .failure(AddressError(.invalidPort, text: text, reason: "port 0 is not a port a node listens on")) }
             if ep.address.isUnspecified {
-                return .failure(AddressError(text: text, reason: "[::] is not an address a node can be reached at"))
+                return .failure(AddressError(.syntax, text: text, reason: "[::] is not an address a node can be reached at"))
             }
             return .success(MeshURL(scheme: scheme, endpoint: ep))
         }
@@ -177,7 +177,7 @@ extension Section {
                     urls.append(u)
                 }
             case .failure(let err):
-                meshFail(err.reason.contains("IPv4") ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", "\"\(s)\"",
+                meshFail(err.code == .ipv4Refused ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", "\"\(s)\"",
                          "\(allowed) — \(err.reason)")
                 ok = false
             }

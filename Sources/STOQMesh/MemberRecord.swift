@@ -1,5 +1,6 @@
 import Foundation
 import STOQConfig
+import STOQCore
 
 /// A node's registration under `mesh.etcd_prefix`: key `<prefix><name>`, where `<name>` is the
 /// node id in lowercase hex (64 characters), or `[addr]:port` for a node registered without one;
@@ -64,7 +65,7 @@ public enum MemberRecord {
         switch MeshURL.parse(text, scheme: "https") {
         case .success(let u): url = u
         case .failure(let e):
-            return refuse(e.reason.contains("IPv4") ? Refusal.ipv4 : Refusal.badURL, "url \"\(text.prefix(80))\": \(e.reason)")
+            return refuse(e.code == .ipv4Refused ? Refusal.ipv4 : Refusal.badURL, "url \"\(text.prefix(80))\": \(e.reason)")
         }
         var id: NodeIdentity?
         if let raw = object["node_id"] {
