@@ -148,7 +148,7 @@ import Testing
         var srvOptions = DNSDiscovery.Options(name: "_stoq._udp.stoq.test", defaultPort: 4433)
         srvOptions.server = IPv6Endpoint(address: .loopback, port: port)
         srvOptions.interval = .seconds(1)
-        srvOptions.timeout = .milliseconds(500)
+        srvOptions.timeout = .seconds(2)
         var aaaaOptions = srvOptions
         aaaaOptions.name = "headless.stoq.test"
         let srv = DNSDiscovery(options: srvOptions, logger: logger), headless = DNSDiscovery(options: aaaaOptions, logger: logger)

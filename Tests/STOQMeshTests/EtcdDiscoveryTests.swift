@@ -63,7 +63,9 @@ import Testing
         deinit { daemon?.kill() }
     }
 
-    func backend(_ etcd: Etcd, _ me: MeshMember?, ttl: Int64 = 2) -> EtcdDiscovery {
+    /// A backend with a 4 s lease (renewed every 1.3 s: a loaded test machine does not lose it;
+    /// the member whose lease must expire is etcdctl's, with 2 s).
+    func backend(_ etcd: Etcd, _ me: MeshMember?, ttl: Int64 = 4) -> EtcdDiscovery {
         var o = EtcdDiscovery.Options(endpoints: [etcd.endpoint], prefix: "/stoq/mesh/")
         o.leaseTTLSeconds = ttl
         o.registration = me
