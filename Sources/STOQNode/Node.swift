@@ -139,9 +139,6 @@ public final class Node: @unchecked Sendable {
             certificatePath = cfg.tls.certFile
             servingCertificatePath = cfg.tls.certFile
         }
-        if cfg.mesh != NodeConfig.Mesh() {
-            logger.notice("mesh: [mesh] is configured (discovery \(cfg.mesh.discovery.rawValue), \(cfg.mesh.peers.count) peer(s)) but the mesh service is not running yet: this node serves alone")
-        }
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
         let content: ObjectIndex
