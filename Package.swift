@@ -1,7 +1,8 @@
 // swift-tools-version: 6.1
 //
 // STOQ: a kernel-bypass QUIC data plane for Linux, IPv6 only.
-// Dependencies point one way, down this list (see README "Architecture").
+// Dependencies point one way: a target depends only on targets declared above it
+// (scripts/check-modules checks it, and that the STOQ product stays client-only).
 import PackageDescription
 
 let systemQUIC: [LinkerSetting] = [
@@ -15,9 +16,21 @@ let package = Package(
     name: "stoq",
     platforms: [.macOS(.v14)],
     products: [
+        // What a Swift application embeds to fetch from and upload to STOQ nodes: the client,
+        // the sans-IO QUIC endpoint, the datapath contract with io_uring, identity. No node,
+        // no AF_XDP, no NIO, no ACME (scripts/check-modules fails the build if one creeps in).
         .library(name: "STOQ", targets: ["STOQ"]),
         .executable(name: "stoq-node", targets: ["stoq-node"]),
         .executable(name: "stoq", targets: ["stoq"]),
+    ],
+    // AF_XDP is optional. Without this trait
+    //   swift build --disable-default-traits --product stoq-node   (likewise --product stoq)
+    // neither compiles nor links CSTOQXDP, STOQDatapathXDP, libxdp or libbpf; the node refuses
+    // network.datapath = "af_xdp" ("not compiled in") and "auto" uses io_uring. (A plain
+    // `swift build` compiles every target, used or not, but links them into nothing.)
+    traits: [
+        .trait(name: "AFXDP", description: "The AF_XDP datapath (kernel bypass; links libxdp and libbpf)."),
+        .default(enabledTraits: ["AFXDP"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -32,6 +45,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.100.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        // The daemon's lifecycle: signals, graceful shutdown, reload (stoq-node).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // Shared vocabulary: addresses, time, errors. No I/O.
@@ -49,7 +64,8 @@ let package = Package(
         .target(name: "CSTOQURing", cSettings: [.headerSearchPath("../../bpf")], linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "STOQDatapathURing", dependencies: ["STOQDatapath", "CSTOQURing"]),
         // AF_XDP (kernel bypass): the engine over libxdp, and its datapath. Removable: only
-        // STOQNode names it. The C target shares bpf/stoq_kern_user.h with the XDP program.
+        // STOQNode (and `stoq xdp status`) name it, both under the AFXDP trait. The C target
+        // shares bpf/stoq_kern_user.h with the XDP program.
         .target(
             name: "CSTOQXDP", cSettings: [.headerSearchPath("../../bpf")],
             linkerSettings: [.linkedLibrary("xdp"), .linkedLibrary("bpf")]),
@@ -89,11 +105,6 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
 
-        .target(
-            name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
-                           .product(name: "Logging", package: "swift-log")]),
-
         // The mesh's routing engine: link-state database, hop-limited route computation, disjoint
         // backups, route tables. Pure and sans-IO (callers pass `now`); docs/routing.md.
         .target(name: "STOQRouting", dependencies: ["STOQCore"]),
@@ -101,10 +112,16 @@ let package = Package(
         .executableTarget(name: "stoq-routing-bench", dependencies: ["STOQRouting", "STOQCore"]),
 
         // Content-defined chunking (FastCDC-style), chunk ids and manifests. Pure functions;
-        // the only I/O is an optional streaming reader over a file descriptor.
+        // the only I/O is an optional streaming reader over a file descriptor. Vocabulary for
+        // the targets below, STOQConfig first ([chunking] is validated by ChunkingParameters).
         .target(
             name: "STOQChunking",
             dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+
+        .target(
+            name: "STOQConfig",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+                           .product(name: "Logging", package: "swift-log")]),
 
         // Content-addressed chunk store and object index.
         .target(
@@ -116,10 +133,11 @@ let package = Package(
         .target(name: "STOQCache", dependencies: [.product(name: "DequeModule", package: "swift-collections")]),
 
         // The HTTP/3 client: one connection driven on the calling thread (get/put, chunked
-        // transfer), used by the CLI and by a node fetching from its origin (edge cache).
+        // transfer) over any DatapathQueue its caller opens, used by the CLI and by a node
+        // fetching from its origin (edge cache). It names no datapath backend.
         .target(
             name: "STOQTransfer",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQChunking",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQTrust", "STOQDatapath", "STOQWorker", "STOQChunking",
                            "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
 
         // The mesh: link-state adverts (signed, versioned), neighbour liveness and link metrics,
@@ -135,32 +153,70 @@ let package = Package(
                            .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "AsyncHTTPClient", package: "async-http-client")]),
 
+        // The node's parts, one concern each; STOQNode assembles them.
+        // The edge cache: chunks and manifests fetched from the origin, kept under S3-FIFO.
         .target(
-            name: "STOQNode",
+            name: "STOQEdge",
+            dependencies: ["STOQQUIC", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer", "CSTOQSystem",
+                           .product(name: "Logging", package: "swift-log")]),
+        // The worker-side HTTP/3 applications: objects, chunks, manifests, and the router.
+        .target(
+            name: "STOQContent",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "CSTOQSystem",
+                           .product(name: "Logging", package: "swift-log")]),
+        // The node's TLS identity over time: issue, renew, publish to workers (embedded CA or ACME),
+        // and the CA's transparency log.
+        .target(
+            name: "STOQRenewal",
             dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP", "STOQWorker", "STOQConfig", "STOQTrust",
-                "STOQStore", "STOQChunking", "CSTOQSystem", "STOQACME", "STOQCache", "STOQTransfer",
+                "STOQCore", "STOQQUIC", "STOQConfig", "STOQTrust", "STOQACME",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // The admin API (HTTP/1.1 on NIO): /metrics and /status from the workers' snapshots.
+        .target(
+            name: "STOQAdmin",
+            dependencies: [
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQWorker", "STOQStore", "STOQContent", "STOQEdge",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]),
+        // Assembly only: picks the datapath (the one place that names backends), starts the
+        // workers and the services, reloads.
+        .target(
+            name: "STOQNode",
+            dependencies: [
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing",
+                .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"])),
+                "STOQWorker", "STOQConfig", "STOQTrust", "STOQStore", "STOQTransfer",
+                "STOQEdge", "STOQContent", "STOQRenewal", "STOQAdmin",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]),
 
+        // The library product: the client API (STOQTransfer) plus the building blocks an
+        // application embeds, and the one factory that picks io_uring for a client.
         .target(
             name: "STOQ",
-            dependencies: ["STOQNode", "STOQTransfer", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore",
-                           "STOQTrust", "STOQChunking", "CSTOQSystem", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["STOQTransfer", "STOQQUIC", "STOQDatapath", "STOQDatapathURing", "STOQWorker", "STOQCore",
+                           "STOQTrust", "STOQChunking"]),
 
         .executableTarget(
             name: "stoq-node",
-            dependencies: ["STOQ", .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                           .product(name: "Logging", package: "swift-log")]),
+            dependencies: ["STOQNode", "STOQConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log"),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                           .product(name: "UnixSignals", package: "swift-service-lifecycle")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore", "STOQDatapathXDP", "STOQChunking",
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore",
+                           .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"])), "STOQChunking",
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Crypto", package: "swift-crypto"),
@@ -169,6 +225,8 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]),
 
+        // Runs the multipath scenarios on the simulated mesh (scripts/bench-multipath).
+        .executableTarget(name: "stoq-mesh-sim", dependencies: ["STOQRouting"]),
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
@@ -176,7 +234,8 @@ let package = Package(
                                                             .product(name: "TOMLKit", package: "TOMLKit"),
                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
-        .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQDatapathXDP"]),
+        .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQCore",
+                                                              .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"]))]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
         // Test only: runs bpf/stoq_xdp.bpf.o through BPF_PROG_TEST_RUN (the steering agreement test).
         .target(name: "CSTOQXDPProbe", path: "Tests/CSTOQXDPProbe", cSettings: [.headerSearchPath("../../bpf")],
@@ -201,7 +260,12 @@ let package = Package(
         .testTarget(
             name: "STOQStoreTests",
             dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "STOQNodeTests", dependencies: ["STOQ", "STOQNode", "STOQConfig", "STOQStore", "STOQCache", "STOQTransfer",
+        .testTarget(name: "STOQNodeTests", dependencies: [
+            "STOQNode",
+            .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+        ]),
+        .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "Logging", package: "swift-log")]),
         .testTarget(

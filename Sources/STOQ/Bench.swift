@@ -1,6 +1,5 @@
 import Foundation
 import STOQCore
-import STOQDatapathURing
 import STOQQUIC
 import STOQTransfer
 import STOQWorker
@@ -48,9 +47,9 @@ extension STOQClient {
     /// Keeps `connections` × `streams` GETs of `url` in flight until `duration` seconds pass
     /// or `bytes` have arrived, on one worker thread; reports goodput, requests/s and latency.
     public static func bench(_ url: STOQURL, connections: Int, streams: Int, duration: Double?, bytes: UInt64?,
-                             trust: ClientTrust) throws(ClientError) -> BenchResult {
+                             trust: ClientTrust, datapath: ClientDatapath) throws(ClientError) -> BenchResult {
         let app = BenchApp()
-        let rig = try ClientRig(trust: trust, application: app)
+        let rig = try ClientRig(trust: trust, datapath: datapath, application: app)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let source = IPv6Endpoint(address: sourceAddress(toward: url.endpoint), port: queue.localEndpoint.port)

@@ -1,5 +1,8 @@
-// The STOQ library product: the client API in this module, plus the building blocks a
-// Swift application embeds (sans-IO QUIC endpoint, datapath, worker loop, identity).
+// The STOQ library product: what a Swift application embeds to talk to STOQ nodes. The
+// client API (STOQTransfer, with `ClientDatapath.ioUring` as its default backend), the
+// building blocks beneath it (sans-IO QUIC endpoint, datapath contract and io_uring, worker
+// loop, identity, chunking) and nothing of the node: no STOQNode, no AF_XDP, no NIO, no ACME
+// (scripts/check-modules keeps it so).
 @_exported import STOQChunking
 @_exported import STOQCore
 @_exported import STOQDatapath

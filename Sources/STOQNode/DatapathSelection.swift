@@ -4,15 +4,26 @@ import STOQConfig
 import STOQCore
 import STOQDatapath
 import STOQDatapathURing
+#if AFXDP
 import STOQDatapathXDP
+#endif
+import STOQTransfer
 import STOQWorker
 
 /// Opens the worker queues the configuration asks for: AF_XDP on `network.interface`
 /// when `network.datapath` is "af_xdp" (or "auto" and the XDP program is attached
-/// there), io_uring UDP sockets otherwise. This is the only place that names a backend.
+/// there), io_uring UDP sockets otherwise. This is the only place in the node that names
+/// a backend. Built without the `AFXDP` package trait, "af_xdp" is refused as not
+/// compiled in and "auto" means io_uring.
 struct DatapathSelection {
     let config: NodeConfig
     let logger: Logger
+
+    /// The edge cache's connection to its origin: one client connection, on io_uring (it
+    /// works on any interface and needs no queue of the NIC's, which the workers own).
+    static let originFetch = ClientDatapath {
+        try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0))
+    }
 
     /// The opened queues, in worker order.
     func open() throws(NodeError) -> [DatapathQueue] {
@@ -64,6 +75,7 @@ struct DatapathSelection {
     /// `network.workers` workers (0: one per queue; never more than the queues): worker w
     /// reads queues w, w + workers, …
     private func openXDP() throws(DatapathError) -> [DatapathQueue] {
+        #if AFXDP
         let net = config.network
         let available = try XDPDatapathQueue.receiveQueues(of: net.interface)
         let count = net.queues == 0 ? available : net.queues
@@ -106,6 +118,10 @@ struct DatapathSelection {
             logger.notice("AF_XDP: worker \(w) reads queue(s) \(g.queueIDs.map(String.init).joined(separator: ", "))")
         }
         return groups
+        #else
+        throw DatapathError(.open, operation: "af_xdp",
+                            message: "af_xdp is not compiled in (stoq-node was built without the AFXDP package trait)")
+        #endif
     }
 }
 

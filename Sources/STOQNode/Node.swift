@@ -1,10 +1,14 @@
 import Crypto
 import Foundation
 import Logging
+import STOQAdmin
 import STOQConfig
+import STOQContent
 import STOQCore
 import STOQDatapath
+import STOQEdge
 import STOQQUIC
+import STOQRenewal
 import STOQStore
 import STOQTransfer
 import STOQTrust
@@ -115,30 +119,60 @@ public final class Node: @unchecked Sendable {
         }
     }
 
-    /// Starts the workers. Returns once every worker is listening.
+    /// Starts the node: its identity, the content store and edge cache, one datapath queue
+    /// and pinned worker per core, then the admin API. Returns once every worker is
+    /// listening. Each step's error names what failed (a worker or admin failure also stops
+    /// the workers already started).
     public func start() throws {
         let cfg = config
-        // Identity: fixed files, or certificates the node keeps renewing (its own CA, or ACME).
-        let creds: TLSCredentials
+        let credentials = try startIdentity(cfg)
+        let content = try openContentStore(cfg)
+        for line in cfg.notices { logger.notice("\(line)") }
+        let edge = try openEdgeCache(cfg)
+        let queues = try DatapathSelection(config: cfg, logger: logger).open()
+        listenAddress = queues[0].localEndpoint
+        let mesh = try connectWorkers(queues)
+        let assembly = WorkerAssembly(
+            config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
+            content: content, edge: edge, originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
+            certificates: certificates, mesh: mesh,
+            fallback: FallbackQueues(selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
+                                     port: listenAddress.port),
+            stop: stopFlag, finished: finished, logger: logger)
+        try startWorkers(assembly, queues: queues)
+        try startAdmin(cfg, content: content, edge: edge)
+    }
+
+    /// The node's TLS identity: fixed files (`tls.cert_file`), or certificates the node keeps
+    /// renewing (its own CA, or ACME), published to the workers as they change.
+    private func startIdentity(_ cfg: NodeConfig) throws -> TLSCredentials {
         let clientAuth = try Self.clientAuthentication(cfg)
-        if cfg.tls.certFile.isEmpty {
-            var names = [ProcessInfo.processInfo.hostName]
-            if names[0].isEmpty { names = [] }
-            let manager = CertificateManager(trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
-                                             names: names, addresses: Self.localAddresses(), logger: logger)
-            do { creds = try manager.start() } catch {
-                throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
-            }
-            certificates = manager
-            certificatePath = manager.trustAnchorPath
-            servingCertificatePath = manager.identityDirectory + "/cert.pem"
-        } else {
+        guard cfg.tls.certFile.isEmpty else {
+            let creds: TLSCredentials
             do { creds = try TLSCredentials(certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile, clientAuth: clientAuth) } catch {
                 throw NodeError(.identity, "\(error)")
             }
             certificatePath = cfg.tls.certFile
             servingCertificatePath = cfg.tls.certFile
+            return creds
         }
+        var names = [ProcessInfo.processInfo.hostName]
+        if names[0].isEmpty { names = [] }
+        let manager = CertificateManager(trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
+                                         names: names, addresses: Self.localAddresses(), logger: logger)
+        let creds: TLSCredentials
+        do { creds = try manager.start() } catch {
+            throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
+        }
+        certificates = manager
+        certificatePath = manager.trustAnchorPath
+        servingCertificatePath = manager.identityDirectory + "/cert.pem"
+        return creds
+    }
+
+    /// The content store (chunks and manifests) every worker shares, after removing the
+    /// uploads a previous run left half-written.
+    private func openContentStore(_ cfg: NodeConfig) throws -> ObjectIndex {
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
         let content: ObjectIndex
@@ -155,113 +189,52 @@ public final class Node: @unchecked Sendable {
             logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
         }
         contentIndex = content
-        for line in cfg.notices { logger.notice("\(line)") }
-        var opened: EdgeCache?
-        if cfg.edge.enableCaching && !cfg.edge.origin.isEmpty {  // no origin: a notice until the mesh
-            do {
-                opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
-                                     ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
-                                     trust: Self.peerTrust(cfg),
-                                     maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
-            } catch {
-                throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
-            }
-            opened?.start()
+        return content
+    }
+
+    /// The edge cache and its origin fetcher, when `edge.enable_caching` is on.
+    private func openEdgeCache(_ cfg: NodeConfig) throws -> EdgeCache? {
+        guard cfg.edge.enableCaching && !cfg.edge.origin.isEmpty else { return nil }  // no origin: a notice, until the mesh
+        let opened: EdgeCache
+        do {
+            opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
+                                   ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
+                                   trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
+                                   maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
+        } catch {
+            throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
-        let edge = opened
-        self.edge = edge
-        let originMaxAge = cfg.edge.originMaxAge.map { $0 / 1_000_000_000 }
+        opened.start()
+        edge = opened
+        return opened
+    }
 
-        let quicSettings = cfg.network.quic
-        let secret = StaticSecret.random()
 
-        // Open every queue here, in worker order, so that a bind error stops start-up
-        // with a clear message.
-        let selection = DatapathSelection(config: cfg, logger: logger)
-        let queues = try selection.open()
-        listenAddress = queues[0].localEndpoint
-        let fallback = FallbackQueues(selection: selection, workers: queues.count, port: listenAddress.port)
-        // The workers' mesh: datagrams that reach a worker other than their connection's go to
-        // the owner, and it is how others wake a worker (finished origin fetches, new credentials).
+    /// The workers' mesh: datagrams that reach a worker other than their connection's go to
+    /// the owner, and it is how others wake a worker (finished origin fetches, new credentials).
+    private func connectWorkers(_ queues: [DatapathQueue]) throws -> WorkerMesh {
         let mesh: WorkerMesh
         do { mesh = try WorkerMesh(workers: queues.count) } catch {
             for q in queues { q.close() }
             throw NodeError(.datapath, "\(error)")
         }
         certificates?.published.onPublish = { for w in 0..<mesh.count { mesh.wake(w) } }
+        return mesh
+    }
 
+    /// One pinned thread per queue, in worker order; returns once each is serving (or
+    /// stops them all and throws the first worker's error).
+    private func startWorkers(_ assembly: WorkerAssembly, queues: [DatapathQueue]) throws {
         let ready = DispatchGroup()
         let errors = ErrorBox()
-        let snapshots = queues.map { _ in WorkerSnapshot() }
-        self.snapshots = snapshots
-        let certificates = self.certificates
+        snapshots = queues.map { _ in WorkerSnapshot() }
         for (i, queue) in queues.enumerated() {
             let box = QueueBox(queue)
             let snapshot = snapshots[i]
             ready.enter()
             finished.enter()
-            let stop = stopFlag, log = logger, group = finished
             let t = Thread {
-                Worker.pinCurrentThread(to: i % max(1, Worker.availableCPUs))
-                let endpoint = QUICEndpoint(isServer: true, credentials: creds, settings: quicSettings,
-                                            workerID: UInt8(i), secret: secret)
-                let router: NodeRouter
-                do {
-                    let objects = try ObjectService(root: cfg.storage.path, maxObjectSize: cfg.storage.maxObjectSize,
-                                                    logger: log)
-                    let chunks = ContentService(index: content, maxChunkSize: cfg.chunking.maxChunkSize, logger: log,
-                                                edge: edge, maxAge: originMaxAge)
-                    router = NodeRouter(objects: objects, content: chunks, logger: log)
-                    router.log = certificates?.log
-                    endpoint.application = router
-                } catch {
-                    errors.set("\(error)")
-                    ready.leave()
-                    group.leave()
-                    return
-                }
-                let worker = Worker(queue: box.queue, endpoint: endpoint)
-                worker.fallback = { _ in fallback.queue(for: i) }
-                worker.join(mesh, as: i)
-                var credentialsVersion = 0
-                let published = certificates?.published
-                let content = router.content
-                if edge != nil { content.inbox.onPost = { mesh.wake(i) } }
-                worker.onTurn = {
-                    // A rotated or reloaded certificate: new handshakes use it from now on.
-                    if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
-                    // Origin fetches finish on the edge cache's thread; responses complete here.
-                    if edge != nil { content.drainEdge() }
-                }
-                let publish = {
-                    let q = worker.queue
-                    snapshot.publish(WorkerStats(
-                        index: i, backend: q.backendName, features: "\(q.features)",
-                        diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
-                        endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
-                        connections: endpoint.connectionCount,
-                        objects: router.objects.counters, content: router.content.counters))
-                }
-                worker.onTick = publish
-                publish()
-                ready.leave()
-                worker.run(stop: stop, logger: log)
-                // Let transmit completions come back before the frames are accounted for.
-                let settle = monotonicNow() + 200_000_000
-                while monotonicNow() < settle { try? worker.queue.flush(); usleep(10_000) }
-                let c = endpoint.counters, d = worker.queue.counters
-                var meta: Logger.Metadata = [:]
-                for (k, v) in worker.queue.diagnostics { meta[k] = "\(v)" }
-                log.info("worker \(i) stopped", metadata: meta.merging([
-                    "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
-                    "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
-                    "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
-                    "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
-                    "datapath": "\(worker.queue.backendName)",
-                ]) { a, _ in a })
-                publish()
-                worker.queue.close()
-                group.leave()
+                assembly.run(worker: i, queue: box.queue, snapshot: snapshot, ready: ready, errors: errors)
             }
             t.name = "stoq-worker-\(i)"
             threads.append(t)
@@ -272,22 +245,29 @@ public final class Node: @unchecked Sendable {
             stop()
             throw NodeError(.storage, e)
         }
-        if let listen = cfg.admin.listen {
-            let store = content.chunks
-            do {
-                admin = try AdminServer(listen: listen, logger: logger) { path in
-                    let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters,
-                                              certificate: certificates?.counters, edge: edge?.counters)
-                    switch path {
-                    case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
-                    case "/status": return (metrics.json(), "application/json")
-                    default: return nil
-                    }
+    }
+
+    /// The admin API (`admin.listen`): metrics and status from the workers' snapshots.
+    private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
+        guard let listen = cfg.admin.listen else { return }
+        let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates
+        do {
+            admin = try AdminServer(listen: listen, logger: logger) { path in
+                let certificate = certificates.map {
+                    let c = $0.counters
+                    return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
                 }
-            } catch {
-                stop()
-                throw error
+                let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters,
+                                          certificate: certificate, edge: edge?.counters)
+                switch path {
+                case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+                case "/status": return (metrics.json(), "application/json")
+                default: return nil
+                }
             }
+        } catch {
+            stop()
+            throw error
         }
     }
 

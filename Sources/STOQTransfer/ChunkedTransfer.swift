@@ -72,9 +72,9 @@ package final class ClientSession {
     package let url: STOQURL
     let deadline: Timestamp
 
-    package init(_ url: STOQURL, trust: ClientTrust, timeout: Double) throws(ClientError) {
+    package init(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double) throws(ClientError) {
         self.url = url
-        rig = try ClientRig(trust: trust, application: app)
+        rig = try ClientRig(trust: trust, datapath: datapath, application: app)
         let start = monotonicNow()
         deadline = start + UInt64(timeout * 1e9)
         do {
@@ -161,6 +161,7 @@ extension STOQClient {
     /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
     /// flight, each straight from an mmap of the file), then the manifest.
     public static func putChunked(file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
+                                  datapath: ClientDatapath,
                                   concurrency: Int = 16, timeout: Double = 600) throws(ClientError) -> ChunkedPutResult {
         let name = try objectName(url)
         let fd = open(file, O_RDONLY | O_CLOEXEC)
@@ -176,7 +177,7 @@ extension STOQClient {
         var at: UInt64 = 0
         for c in manifest.chunks { offsets.append(at); at += UInt64(c.length) }
 
-        let session = try ClientSession(url, trust: trust, timeout: timeout)
+        let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         defer { session.close() }
         var query = [UInt8]()
         query.reserveCapacity(manifest.chunks.count * 32)
@@ -227,11 +228,11 @@ extension STOQClient {
     /// its id). Work goes to `output.part`; a chunk already there and verified is not
     /// fetched again, so an interrupted download resumes. The finished file is checked
     /// against the manifest's digest, made durable and renamed into place.
-    public static func getChunked(_ url: STOQURL, output: String, trust: ClientTrust, concurrency: Int = 16,
+    public static func getChunked(_ url: STOQURL, output: String, trust: ClientTrust, datapath: ClientDatapath, concurrency: Int = 16,
                                   timeout: Double = 600) throws(ClientError) -> ChunkedGetResult {
         let name = try objectName(url)
         let t0 = monotonicNow()
-        let session = try ClientSession(url, trust: trust, timeout: timeout)
+        let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         defer { session.close() }
         let m = try session.call("GET", "/manifests/\(name)")
         guard m.status == 200 else {
@@ -320,8 +321,8 @@ extension STOQClient {
 extension STOQClient {
     /// One GET whose response body comes back in memory: for small documents (manifests,
     /// transparency-log heads and proofs).
-    public static func fetch(_ url: STOQURL, trust: ClientTrust, timeout: Double = 30) throws(ClientError) -> (status: Int, body: [UInt8]) {
-        let session = try ClientSession(url, trust: trust, timeout: timeout)
+    public static func fetch(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 30) throws(ClientError) -> (status: Int, body: [UInt8]) {
+        let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         defer { session.close() }
         return try session.call("GET", url.path)
     }

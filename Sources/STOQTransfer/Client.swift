@@ -1,7 +1,6 @@
 import Foundation
 import STOQCore
 import STOQDatapath
-import STOQDatapathURing
 import STOQQUIC
 import STOQTrust
 import STOQWorker
@@ -142,11 +141,11 @@ final class TransferApp: QUICApplication {
 /// What every client run needs: credentials, one socket and ring, a client endpoint
 /// tuned for receiving, and the worker loop that drives them on the calling thread.
 package struct ClientRig {
-    package let queue: URingDatapathQueue
+    package let queue: DatapathQueue
     package let endpoint: QUICEndpoint
     package let worker: Worker
 
-    package init(trust: ClientTrust, application: QUICApplication,
+    package init(trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
                  congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) {
         let creds: TLSCredentials
         do {
@@ -163,7 +162,7 @@ package struct ClientRig {
         } catch {
             throw ClientError(.tls, "\(error)")
         }
-        do { queue = try URingDatapathQueue(bind: IPv6Endpoint(address: .any, port: 0)) } catch {
+        do { queue = try datapath.open() } catch {
             throw ClientError(.connect, "\(error)")
         }
         var settings = QUICSettings()
@@ -204,16 +203,16 @@ public enum STOQClient {
 
     /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive.
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
-    public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, hash: Bool = true, timeout: Double = 300,
+    public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
                            congestionControl: CongestionControl = QUICSettings().congestionControl,
                            progress: ((UInt64, UInt64?) -> Void)? = nil) throws(ClientError) -> TransferResult {
-        try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, timeout: timeout,
+        try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
                      congestionControl: congestionControl, progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
     /// `congestionControl` paces it.
-    public static func put(file: String, to url: STOQURL, trust: ClientTrust, timeout: Double = 300,
+    public static func put(file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
                            congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
@@ -223,15 +222,15 @@ public enum STOQClient {
         guard let region = BodyRegion.mapping(fd: fd, offset: 0, length: Int(st.st_size)) else {
             throw ClientError(.io, "\(file): cannot map")
         }
-        return try transfer(url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, timeout: timeout,
+        return try transfer(url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, datapath: datapath, timeout: timeout,
                             congestionControl: congestionControl, progress: nil)
     }
 
     static func transfer(_ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
-                         timeout: Double, congestionControl: CongestionControl,
+                         datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl,
                          progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
-        let rig = try ClientRig(trust: trust, application: app, congestionControl: congestionControl)
+        let rig = try ClientRig(trust: trust, datapath: datapath, application: app, congestionControl: congestionControl)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()

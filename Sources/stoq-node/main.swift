@@ -3,17 +3,20 @@ import Foundation
 import Logging
 import STOQConfig
 import STOQNode
+import ServiceLifecycle
+import UnixSignals
 
 /// The STOQ daemon.
 @main
-struct StoqNode: ParsableCommand {
+struct StoqNode: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoq-node",
         abstract: "Run a STOQ node: QUIC + HTTP/3 over IPv6, one pinned worker per core.",
         discussion: """
             Example: stoq-node --config config/node.toml
             Without --config the embedded default runs: [::]:4433, data under ./stoq-data.
-            SIGTERM/SIGINT close every connection gracefully and exit 0.
+            SIGTERM/SIGINT close every connection gracefully and exit 0; SIGHUP or a changed
+            config file reloads it.
             """)
 
     @Option(help: "TOML configuration file (see config/node.toml).")
@@ -22,7 +25,7 @@ struct StoqNode: ParsableCommand {
     @Option(help: "trace, debug, info, notice, warning, error or critical (overrides log.level).")
     var logLevel: Logger.Level?
 
-    func run() throws {
+    func run() async throws {
         let cfg: NodeConfig
         if let config {
             do { cfg = try ConfigLoader.load(path: config) } catch {
@@ -36,27 +39,18 @@ struct StoqNode: ParsableCommand {
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
         let node = Node(config: cfg, logger: logger)
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        signal(SIGHUP, SIG_IGN)
-        let stopSignals = [SIGTERM, SIGINT].map { sig in
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler {
-                logger.notice("signal \(sig): draining connections and stopping")
-                node.stop()
-            }
-            s.resume()
-            return s
-        }
-        // SIGHUP, or a change to the file seen by its modification time, reloads: the node applies
-        // what it can live and names what needs a restart; an invalid file changes nothing.
-        let reloadQueue = DispatchQueue(label: "stoq-node.reload")
-        let reload: @Sendable (String) -> Void = { why in
-            guard let path = config else { return logger.notice("\(why): no config file to reload") }
+        // Until the group's own handlers are in place, these signals must not kill the process.
+        for sig in [SIGTERM, SIGINT, SIGHUP] { signal(sig, SIG_IGN) }
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let configPath = config, pinnedLevel = logLevel != nil
+        // SIGHUP, or a change to the file, reloads: the node applies what it can live and names
+        // what needs a restart; an invalid file changes nothing.
+        let reload = ReloadService(hangups: hangups, watching: config) { why in
+            guard let path = configPath else { return logger.notice("\(why): no config file to reload") }
             do {
                 let fresh = try ConfigLoader.load(path: path)
                 let report = try node.reload(fresh)
-                if report.applied.contains("log.level"), logLevel == nil { levelBox.level = fresh.log.level }
+                if report.applied.contains("log.level"), !pinnedLevel { levelBox.level = fresh.log.level }
                 if report.applied.isEmpty && report.restartNeeded.isEmpty {
                     logger.notice("\(why): \(path) unchanged")
                 } else {
@@ -67,35 +61,30 @@ struct StoqNode: ParsableCommand {
                 }
             } catch { logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)") }
         }
-        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: reloadQueue)
-        hup.setEventHandler { reload("SIGHUP") }
-        let watch = config.map { path in
-            let timer = DispatchSource.makeTimerSource(queue: reloadQueue)
-            var last = ConfigWatch.modificationTime(path)
-            timer.schedule(deadline: .now() + 2, repeating: 2)
-            timer.setEventHandler {
-                let now = ConfigWatch.modificationTime(path)
-                if now != last { last = now; reload("config file changed") }
-            }
-            timer.resume()
-            return timer
+        let service = NodeService(node: node) { node in
+            print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")
+            print("certificate: \(URL(fileURLWithPath: node.servingCertificatePath).standardizedFileURL.path)")
+            if let admin = node.adminAddress { print("admin: http://\(admin)/metrics") }
+            print("listening: \(node.listenAddress)")
+            fflush(nil)
         }
-        hup.resume()
-        do { try node.start() } catch {
+        // SIGTERM/SIGINT: graceful shutdown of the group; the node drains its connections and
+        // its return (or failure) ends the reload service too.
+        let group = ServiceGroup(configuration: .init(
+            services: [
+                .init(service: service, successTerminationBehavior: .gracefullyShutdownGroup,
+                      failureTerminationBehavior: .gracefullyShutdownGroup, serviceName: "node"),
+                .init(service: reload, serviceName: "reload"),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: Logger(label: "stoq-node.lifecycle")))
+        do { try await group.run() } catch {
             FileHandle.standardError.write(Data("stoq-node: \(error)\n".utf8))
             throw ExitCode(1)
         }
-        print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")
-        print("certificate: \(URL(fileURLWithPath: node.servingCertificatePath).standardizedFileURL.path)")
-        if let admin = node.adminAddress { print("admin: http://\(admin)/metrics") }
-        print("listening: \(node.listenAddress)")
-        fflush(nil)
-        node.wait()
-        withExtendedLifetime(stopSignals) {}
-        withExtendedLifetime(hup) {}
-        withExtendedLifetime(watch) {}
         logger.notice("stopped")
     }
+
 }
 
 /// The log level, changeable while running (a reload).
@@ -133,15 +122,6 @@ struct ReloadableLogHandler: LogHandler {
              function: String, line: UInt) {
         guard level >= box.level else { return }
         inner.log(level: level, message: message, metadata: metadata, source: source, file: file, function: function, line: line)
-    }
-}
-
-enum ConfigWatch {
-    /// The file's modification time (nanoseconds), 0 when it cannot be read.
-    static func modificationTime(_ path: String) -> Int {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return 0 }
-        return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
     }
 }
 

@@ -49,7 +49,7 @@ struct Audit: ParsableCommand {
         let url: STOQURL
         do { url = try STOQURL(base + path) } catch { throw fail("<node>: \(error)", code: 2) }
         let r: (status: Int, body: [UInt8])
-        do { r = try STOQClient.fetch(url, trust: trust.trust) } catch { throw fail("\(path): \(error)") }
+        do { r = try STOQClient.fetch(url, trust: trust.trust, datapath: .ioUring) } catch { throw fail("\(path): \(error)") }
         guard r.status == 200 else { throw fail("\(path): HTTP \(r.status) \(String(decoding: r.body.prefix(300), as: UTF8.self))") }
         return r.body
     }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
+#if AFXDP
 import STOQDatapathXDP
+#endif
 
 /// `stoq xdp …`: the operator's view of STOQ's XDP program. Attach and detach run
 /// scripts/xdp-attach (the one implementation of both); status reads the pinned maps.
@@ -63,6 +65,7 @@ struct XDPCommand: ParsableCommand {
         @Argument(help: "The interface.") var interface: String
         @Flag(help: "Print one JSON object.") var json = false
         func run() throws {
+            #if AFXDP
             let s: XDPProgramStatus
             do { s = try XDPProgramStatus.read(interface: interface) } catch { throw fail("\(interface): \(error)") }
             if json {
@@ -79,6 +82,9 @@ struct XDPCommand: ParsableCommand {
                 print("  no STOQ maps pinned at \(s.pinDirectory) (attach with: stoq xdp attach \(interface))")
             }
             for c in s.counters { print("  \(c.name): \(c.value)") }
+            #else
+            throw fail("af_xdp is not compiled in (this stoq was built without the AFXDP package trait)")
+            #endif
         }
     }
 }

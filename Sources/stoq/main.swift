@@ -86,7 +86,7 @@ struct Get: ParsableCommand {
         if chunked {
             guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
             let r: ChunkedGetResult
-            do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, concurrency: concurrency, timeout: timeout) } catch {
+            do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout) } catch {
                 throw fail("\(error)")
             }
             if json { printCodable(r) } else {
@@ -105,7 +105,7 @@ struct Get: ParsableCommand {
         let start = Date()
         let result: TransferResult
         do {
-            result = try STOQClient.get(u, into: fd, trust: trust.trust, hash: json || tty, timeout: timeout,
+            result = try STOQClient.get(u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
                                         congestionControl: cc) { got, total in
                 guard tty else { return }
                 let secs = max(Date().timeIntervalSince(start), 0.001)
@@ -161,7 +161,7 @@ struct Put: ParsableCommand {
             let parameters = try chunking.parameters()
             let r: ChunkedPutResult
             do {
-                r = try STOQClient.putChunked(file: file, to: u, parameters: parameters, trust: trust.trust,
+                r = try STOQClient.putChunked(file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
                                               concurrency: concurrency)
             } catch { throw fail("\(error)") }
             if json { printCodable(r) } else {
@@ -170,7 +170,7 @@ struct Put: ParsableCommand {
             return
         }
         let r: TransferResult
-        do { r = try STOQClient.put(file: file, to: u, trust: trust.trust, congestionControl: cc) } catch { throw fail("\(error)") }
+        do { r = try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc) } catch { throw fail("\(error)") }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)") }
     }
@@ -238,7 +238,7 @@ struct BenchCommand: ParsableCommand {
         let r: BenchResult
         do {
             r = try STOQClient.bench(u, connections: connections, streams: streams,
-                                     duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust)
+                                     duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
         } catch { throw fail("\(error)") }
         if json {
             let data = try JSONEncoder().encode(r)

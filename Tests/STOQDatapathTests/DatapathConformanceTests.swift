@@ -2,7 +2,9 @@ import Foundation
 import STOQCore
 import STOQDatapath
 import STOQDatapathURing
+#if AFXDP
 import STOQDatapathXDP
+#endif
 import Testing
 
 #if canImport(Glibc)
@@ -357,6 +359,9 @@ enum Testbed {
 
     /// Why AF_XDP cannot run here, or nil.
     static var unavailable: String? {
+        #if !AFXDP
+        return "this build has no AF_XDP (the AFXDP package trait is off)"
+        #endif
         if geteuid() != 0 { return "AF_XDP needs root (network namespaces, bpf()): run under sudo or wtrun" }
         for tool in ["ip", "nsenter", "bpftool", "ethtool"] where sh("command -v \(tool)").status != 0 {
             return "\(tool) is not installed (scripts/install-deps installs it)"
@@ -408,8 +413,12 @@ enum Testbed {
     /// An AF_XDP queue on veth-a queue 0 (call on a thread inside stoq-a), copy mode: veth
     /// has no zero-copy.
     static func openQueue() throws -> DatapathQueue {
+        #if AFXDP
         var o = XDPOptions(interface: "veth-a")
         o.zeroCopy = .off
         return try XDPDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(addressA)!, port: port), options: o)
+        #else
+        throw DatapathError(.unsupported, "this build has no AF_XDP (the AFXDP package trait is off)")
+        #endif
     }
 }

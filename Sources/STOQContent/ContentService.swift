@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import STOQChunking
 import STOQQUIC
+import STOQEdge
 import STOQStore
 
 /// Chunk-level transfer over HTTP/3, on the node's content-addressed store:
@@ -87,8 +88,8 @@ public final class ContentService: QUICApplication {
     private var uploads: [HTTPStream: Upload] = [:]
     public private(set) var counters = Counters()
     /// The node's edge cache (nil: not an edge node), and this worker's inbox for it.
-    let edge: EdgeCache?
-    let inbox = EdgeCache.Inbox()
+    package let edge: EdgeCache?
+    package let inbox = EdgeCache.Inbox()
     private var edgeWaits: [UInt64: EdgeWait] = [:]
     private var completions: [EdgeCache.Completion] = []
     /// `Cache-Control` sent with manifests and chunked objects (origin side), if any.
@@ -459,78 +460,5 @@ public final class ContentService: QUICApplication {
         let body = BodyRegion(copying: Array("\(why.prefix(2000))\n".utf8))
         connection.respond(stream, status: status,
                            headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
-    }
-}
-
-/// Sends each request to the service that owns its path: content (chunks, manifests,
-/// have/want) or objects. Both ignore stream events for streams they do not own.
-final class NodeRouter: QUICApplication {
-    let objects: ObjectService
-    let content: ContentService
-
-    let logger: Logger
-
-    init(objects: ObjectService, content: ContentService, logger: Logger) {
-        self.objects = objects
-        self.content = content
-        self.logger = logger
-    }
-
-    /// The embedded CA's transparency log, served under /_stoq/log/ (nil: not this node's).
-    var log: CertificateLogService?
-
-    func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        if request.path.hasPrefix("/_stoq/log/") {
-            guard let log, request.method == "GET" || request.method == "HEAD" else {
-                let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
-                connection.respond(stream, status: log == nil ? 404 : 405, headers: [("content-length", "\(body.count)")], body: body)
-                return
-            }
-            let (status, type, bytes) = log.handle(path: request.path)
-            connection.respond(stream, status: status, headers: [("content-type", type), ("content-length", "\(bytes.count)")],
-                               body: request.method == "HEAD" ? nil : BodyRegion(copying: bytes))
-        } else if ContentService.handles(request.path) {
-            content.request(request, stream: stream, connection: connection)
-        } else if request.method == "GET" || request.method == "HEAD",
-                  let name = ObjectService.objectName(fromPath: request.path),
-                  !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name) {
-            content.serveObject(name, request, stream, connection)
-        } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
-                  let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
-                  (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name) {
-            content.serveEdgeObject(name, request, stream, connection)
-        } else {
-            objects.request(request, stream: stream, connection: connection)
-        }
-    }
-
-    func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
-        content.bodyWanted(stream: stream, connection: connection)
-    }
-
-    func connectionClosed(connection: QUICConnection, reason: String) {
-        content.connectionClosed(connection)
-        // A refused certificate, or a handshake that failed for another reason (named by the
-        // TLS alert): both are what an operator looks for when a peer cannot connect.
-        if reason.hasPrefix("client certificate refused") || reason.hasPrefix("TLS handshake failed") {
-            logger.notice("\(reason)", metadata: ["peer": "\(connection.peer)"])
-            return
-        }
-        let s = connection.stats
-        logger.debug("connection closed", metadata: [
-            "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",
-            "cwnd": "\(s.cwnd)", "srtt_us": "\(s.smoothed_rtt_ns / 1000)", "min_rtt_us": "\(s.min_rtt_ns / 1000)",
-            "body_sent": "\(s.body_bytes_sent)", "body_received": "\(s.body_bytes_received)",
-        ])
-    }
-
-    func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
-        objects.requestEnded(stream: stream, connection: connection, aborted: aborted)
-        content.requestEnded(stream: stream, connection: connection, aborted: aborted)
-    }
-
-    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
-        objects.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
-        content.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
     }
 }

@@ -1,5 +1,7 @@
 import Foundation
+import STOQContent
 import STOQDatapath
+import STOQEdge
 import STOQQUIC
 import STOQStore
 import STOQWorker
@@ -19,26 +21,48 @@ public struct WorkerStats: Sendable {
     public var connections: Int
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
+
+    package init(index: Int, backend: String, features: String, diagnostics: [String: String], endpoint: EndpointCounters,
+                 datapath: DatapathCounters, handoff: HandoffCounters, connections: Int, objects: ObjectService.Counters,
+                 content: ContentService.Counters) {
+        (self.index, self.backend, self.features, self.diagnostics) = (index, backend, features, diagnostics)
+        (self.endpoint, self.datapath, self.handoff, self.connections) = (endpoint, datapath, handoff, connections)
+        (self.objects, self.content) = (objects, content)
+    }
 }
 
 /// The latest snapshot of each worker, behind one lock each (taken once a second by the
 /// worker, and by the admin API when asked).
-final class WorkerSnapshot: @unchecked Sendable {
+package final class WorkerSnapshot: @unchecked Sendable {
     private let lock = NSLock()
     private var value: WorkerStats?
-    func publish(_ s: WorkerStats) { lock.withLock { value = s } }
-    var latest: WorkerStats? { lock.withLock { value } }
+    package init() {}
+    package func publish(_ s: WorkerStats) { lock.withLock { value = s } }
+    package var latest: WorkerStats? { lock.withLock { value } }
 }
 
 /// Renders the node's numbers for the admin API.
-struct NodeMetrics {
+package struct NodeMetrics {
+    /// What certificate renewal reports (the admin API knows no more of it).
+    package struct Certificate: Sendable {
+        package var rotations: UInt64
+        package var failures: UInt64
+        package var notAfter: Date
+        package init(rotations: UInt64, failures: UInt64, notAfter: Date) {
+            (self.rotations, self.failures, self.notAfter) = (rotations, failures, notAfter)
+        }
+    }
     var workers: [WorkerStats]
     var store: StoreCounters?
-    var certificate: CertificateManager.Counters?
-    var edge: EdgeCache.Counters? = nil
+    var certificate: Certificate?
+    var edge: EdgeCache.Counters?
+
+    package init(workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?) {
+        (self.workers, self.store, self.certificate, self.edge) = (workers, store, certificate, edge)
+    }
 
     /// Prometheus text exposition format (version 0.0.4).
-    func prometheus() -> String {
+    package func prometheus() -> String {
         var out = ""
         func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, UInt64)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
@@ -136,7 +160,7 @@ struct NodeMetrics {
     }
 
     /// The same numbers as JSON, per worker.
-    func json() -> String {
+    package func json() -> String {
         var list: [[String: Any]] = []
         for w in workers {
             list.append([

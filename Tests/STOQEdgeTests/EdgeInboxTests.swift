@@ -2,7 +2,7 @@ import Foundation
 import Synchronization
 import Testing
 
-@testable import STOQNode
+@testable import STOQEdge
 
 /// The worker's inbox of finished origin fetches: lock-free, many posters, one drainer.
 @Suite struct EdgeInboxTests {

@@ -7,14 +7,14 @@ import STOQCore
 /// The admin API: plain HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own
 /// event loop thread, far from the workers: `GET /metrics` (Prometheus text) and
 /// `GET /status` (JSON). It reads the snapshots workers publish and nothing else.
-final class AdminServer: @unchecked Sendable {
+package final class AdminServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let channel: Channel
     /// Where it listens (the port the kernel chose, for port 0).
-    let localAddress: IPv6Endpoint
+    package let localAddress: IPv6Endpoint
 
     /// Binds and starts serving `render(path)`: nil for 404.
-    init(listen: IPv6Endpoint, logger: Logger, render: @escaping @Sendable (String) -> (String, String)?) throws {
+    package init(listen: IPv6Endpoint, logger: Logger, render: @escaping @Sendable (String) -> (String, String)?) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -37,7 +37,7 @@ final class AdminServer: @unchecked Sendable {
         logger.info("admin API on http://\(localAddress)/metrics and /status")
     }
 
-    func shutdown() {
+    package func shutdown() {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
     }

@@ -7,7 +7,7 @@ import STOQStore
 import STOQTransfer
 import Testing
 
-@testable import STOQNode
+@testable import STOQEdge
 
 /// The edge cache's restart path without a network: what is on disk is reconciled with the
 /// index snapshot (a crash can leave chunks the snapshot never saw, or a snapshot naming
@@ -24,8 +24,11 @@ import Testing
 
     func open(capacity: UInt64) throws -> EdgeCache {
         try EdgeCache(root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, origin: "https://[::1]:9",
-                      trust: ClientTrust(), maxChunkSize: 1 << 20, logger: Logger(label: "test"))
+                      trust: ClientTrust(), datapath: Self.noNetwork, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
     }
+
+    /// These tests never reach an origin: a connect fails at once.
+    static let noNetwork = ClientDatapath { throw ClientError(.connect, "no network in EdgeCacheTests") }
 
     func chunk(_ i: Int, _ size: Int) -> (ChunkID, [UInt8]) {
         var bytes = [UInt8](repeating: 0, count: size)

@@ -9,7 +9,7 @@ import X509
 /// under `/_stoq/log/`: `sth` (signed tree head), `key` (the log's public key, PEM),
 /// `inclusion?hash=<leaf hash hex>[&size=N]` and `consistency?first=M&second=N`.
 /// Requests are rare and small, so one lock guards the log.
-final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
+package final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
     private let lock = NSLock()
     private let log: TransparencyLog
 
@@ -20,12 +20,12 @@ final class CertificateLogService: PrecertificateLog, @unchecked Sendable {
     var size: Int { lock.withLock { log.size } }
 
     /// The CA's precertificate submission: logged durably before the SCT comes back.
-    func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
+    package func addPrecertificate(_ precert: Certificate, issuer: Certificate) throws -> SignedCertificateTimestamp {
         try lock.withLock { try log.addPrecertificate(precert, issuer: issuer) }
     }
 
     /// Answers a `/_stoq/log/…` request: status, content type, body.
-    func handle(path: String) -> (Int, String, [UInt8]) {
+    package func handle(path: String) -> (Int, String, [UInt8]) {
         let parts = path.split(separator: "?", maxSplits: 1)
         let route = String(parts.first ?? "")
         var query: [String: String] = [:]

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import STOQCore
 import STOQQUIC
 
 /// Serves `/objects/<name>` from one directory: GET/HEAD (with a single `Range`)
@@ -222,19 +223,4 @@ public final class ObjectService: QUICApplication {
         close(up.fd)
         unlinkat(rootFD, up.temp, 0)
     }
-}
-
-/// A node failed to start or run.
-public struct NodeError: Error, Sendable, CustomStringConvertible {
-    public struct Code: Hashable, Sendable {
-        let name: String
-        public static let storage = Code(name: "storage")
-        public static let identity = Code(name: "identity")
-        public static let datapath = Code(name: "datapath")
-        public static let config = Code(name: "config")
-    }
-    public var code: Code
-    public var message: String
-    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
-    public var description: String { message }
 }

@@ -2,6 +2,7 @@ import CSTOQSystem
 import Foundation
 import Logging
 import STOQCache
+import STOQCore
 import STOQChunking
 import STOQQUIC
 import STOQStore
@@ -131,6 +132,9 @@ public final class EdgeCache: @unchecked Sendable {
         /// Set once, before the worker runs.
         public var onPost: (@Sendable () -> Void)?
 
+        /// An empty inbox (one per worker).
+        public init() {}
+
         deinit {
             var out: [Completion] = []
             drain(into: &out)
@@ -186,6 +190,8 @@ public final class EdgeCache: @unchecked Sendable {
     let manifestDir: String
     let ttlDefault: Double
     let trust: ClientTrust
+    /// The datapath the origin connection runs on (the node's assembly picks it).
+    let datapath: ClientDatapath
     let logger: Logger
     private let lock = NSLock()
     private var policy: S3FIFO<ChunkID>
@@ -202,12 +208,13 @@ public final class EdgeCache: @unchecked Sendable {
     /// Opens the cache under `root` (creating it), reconciles its index with the chunks on
     /// disk, and loads the cached manifests. `start()` starts the fetcher.
     public init(root: String, capacity: UInt64, ttlDefault: UInt64, origin: String, trust: ClientTrust,
-                maxChunkSize: Int, logger: Logger) throws {
+                datapath: ClientDatapath, maxChunkSize: Int, logger: Logger) throws {
         do { self.origin = try STOQURL(origin) } catch { throw NodeError(.storage, "edge.origin \(origin): \(error)") }
         self.root = root
         manifestDir = root + "/manifests"
         self.ttlDefault = Double(ttlDefault) / 1e9
         self.trust = trust
+        self.datapath = datapath
         self.logger = logger
         store = try ChunkStore(root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
                                logger: Logger(label: "stoq.edge.store"))
@@ -445,7 +452,7 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 do {
-                    session = try ClientSession(origin, trust: trust, timeout: Self.connectTimeout)
+                    session = try ClientSession(origin, trust: trust, datapath: datapath, timeout: Self.connectTimeout)
                     lastConnectFailure = nil
                     logger.info("edge cache: connected to origin \(origin)")
                 } catch {

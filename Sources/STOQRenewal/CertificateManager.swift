@@ -14,16 +14,16 @@ import X509
 /// which swap it in between batches. Established connections keep the credentials their
 /// session was made with; a failed renewal keeps the current certificate, logs, counts
 /// and retries with backoff while it is still valid.
-final class CertificateManager: @unchecked Sendable {
+package final class CertificateManager: @unchecked Sendable {
     /// The credentials new handshakes should use, with a version the workers compare.
-    final class Published: @unchecked Sendable {
+    package final class Published: @unchecked Sendable {
         private let lock = NSLock()
         /// Bumped with each publish, under the lock; read without it every turn.
         private let version = Atomic<Int>(0)
         private var credentials: TLSCredentials
         /// Called after each publish (set once at start): wakes the workers so that they
         /// take the new credentials at once rather than at their next turn.
-        var onPublish: (@Sendable () -> Void)?
+        package var onPublish: (@Sendable () -> Void)?
         init(_ c: TLSCredentials) { credentials = c }
         func publish(_ c: TLSCredentials) {
             lock.withLock {
@@ -34,22 +34,22 @@ final class CertificateManager: @unchecked Sendable {
         }
         /// The credentials if they changed since `seen` (which is updated). One atomic load
         /// when they did not.
-        func take(after seen: inout Int) -> TLSCredentials? {
+        package func take(after seen: inout Int) -> TLSCredentials? {
             guard version.load(ordering: .acquiring) != seen else { return nil }
             return lock.withLock {
                 seen = version.load(ordering: .relaxed)
                 return credentials
             }
         }
-        var current: TLSCredentials { lock.withLock { credentials } }
+        package var current: TLSCredentials { lock.withLock { credentials } }
     }
 
     /// What the rotation did, for metrics.
-    struct Counters: Sendable {
-        var rotations: UInt64 = 0
-        var failures: UInt64 = 0
-        var notAfter: Date = .distantPast
-        var serial = ""
+    package struct Counters: Sendable {
+        package var rotations: UInt64 = 0
+        package var failures: UInt64 = 0
+        package var notAfter: Date = .distantPast
+        package var serial = ""
     }
 
     private var trustValue: NodeConfig.Trust
@@ -58,25 +58,25 @@ final class CertificateManager: @unchecked Sendable {
     var trust: NodeConfig.Trust { state.withLock { trustValue } }
     /// What clients' certificates must satisfy (mutual TLS), applied to every credential made.
     var clientAuth: ClientAuthentication? { state.withLock { clientAuthValue } }
-    let identityDirectory: String
+    package let identityDirectory: String
     let caDirectory: String
     let names: [String]
     let addresses: [String]
     let logger: Logger
     /// The certificate clients should trust: the embedded CA's root, or the first chain.
-    private(set) var trustAnchorPath = ""
-    private(set) var published: Published!
+    package private(set) var trustAnchorPath = ""
+    package private(set) var published: Published!
     private let state = NSLock()
     private var counterValues = Counters()
     private let stopped = StopSignal()
     private let wake = StopSignal()
 
-    var counters: Counters { state.withLock { counterValues } }
+    package var counters: Counters { state.withLock { counterValues } }
 
     /// The embedded CA's transparency log: every certificate is appended before it is used.
-    private(set) var log: CertificateLogService?
+    package private(set) var log: CertificateLogService?
 
-    init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
+    package init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
          addresses: [IPv6Address], logger: Logger) {
         self.trustValue = trust
         self.clientAuthValue = clientAuth
@@ -91,7 +91,7 @@ final class CertificateManager: @unchecked Sendable {
     }
 
     /// Issues the first certificate (blocking) and starts the renewal thread.
-    func start() throws -> TLSCredentials {
+    package func start() throws -> TLSCredentials {
         let creds = try renew()
         published = Published(creds)
         let t = Thread { [self] in rotationLoop() }
@@ -100,14 +100,14 @@ final class CertificateManager: @unchecked Sendable {
         return creds
     }
 
-    func stop() {
+    package func stop() {
         stopped.set()
         wake.set()
     }
 
     /// A reload: new trust settings take effect at the next renewal; new client-certificate
     /// rules at once (the current certificate is loaded again with them and published).
-    func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
+    package func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
         let rulesChanged = state.withLock { () -> Bool in
             let changed = clientAuthValue != clientAuth
             trustValue = trust

@@ -1,0 +1,80 @@
+import Foundation
+import Logging
+import STOQQUIC
+import STOQStore
+
+/// Sends each request to the service that owns its path: content (chunks, manifests,
+/// have/want), objects, or the CA's transparency log. The services ignore stream events for
+/// streams they do not own. One per worker, on its thread.
+package final class NodeRouter: QUICApplication {
+    package let objects: ObjectService
+    package let content: ContentService
+
+    let logger: Logger
+
+    package init(objects: ObjectService, content: ContentService, logger: Logger) {
+        self.objects = objects
+        self.content = content
+        self.logger = logger
+    }
+
+    /// Answers a `GET`/`HEAD /_stoq/log/…` request (status, content type, body): the
+    /// embedded CA's transparency log, which certificate renewal keeps (nil: this node keeps
+    /// none). A closure, so that content knows nothing of renewal; the assembly wires them.
+    package var log: (@Sendable (String) -> (Int, String, [UInt8]))?
+
+    package func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        if request.path.hasPrefix("/_stoq/log/") {
+            guard let log, request.method == "GET" || request.method == "HEAD" else {
+                let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
+                connection.respond(stream, status: log == nil ? 404 : 405, headers: [("content-length", "\(body.count)")], body: body)
+                return
+            }
+            let (status, type, bytes) = log(request.path)
+            connection.respond(stream, status: status, headers: [("content-type", type), ("content-length", "\(bytes.count)")],
+                               body: request.method == "HEAD" ? nil : BodyRegion(copying: bytes))
+        } else if ContentService.handles(request.path) {
+            content.request(request, stream: stream, connection: connection)
+        } else if request.method == "GET" || request.method == "HEAD",
+                  let name = ObjectService.objectName(fromPath: request.path),
+                  !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name) {
+            content.serveObject(name, request, stream, connection)
+        } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
+                  let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
+                  (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name) {
+            content.serveEdgeObject(name, request, stream, connection)
+        } else {
+            objects.request(request, stream: stream, connection: connection)
+        }
+    }
+
+    package func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
+        content.bodyWanted(stream: stream, connection: connection)
+    }
+
+    package func connectionClosed(connection: QUICConnection, reason: String) {
+        content.connectionClosed(connection)
+        // A refused certificate, or a handshake that failed for another reason (named by the
+        // TLS alert): both are what an operator looks for when a peer cannot connect.
+        if reason.hasPrefix("client certificate refused") || reason.hasPrefix("TLS handshake failed") {
+            logger.notice("\(reason)", metadata: ["peer": "\(connection.peer)"])
+            return
+        }
+        let s = connection.stats
+        logger.debug("connection closed", metadata: [
+            "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",
+            "cwnd": "\(s.cwnd)", "srtt_us": "\(s.smoothed_rtt_ns / 1000)", "min_rtt_us": "\(s.min_rtt_ns / 1000)",
+            "body_sent": "\(s.body_bytes_sent)", "body_received": "\(s.body_bytes_received)",
+        ])
+    }
+
+    package func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+        objects.requestEnded(stream: stream, connection: connection, aborted: aborted)
+        content.requestEnded(stream: stream, connection: connection, aborted: aborted)
+    }
+
+    package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        objects.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
+        content.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import UnixSignals
+
+/// The node as a swift-service-lifecycle `Service`: `run` starts it, serves until the
+/// group shuts down gracefully (SIGTERM/SIGINT), then drains every connection and returns
+/// once the workers have stopped. Put it in a `ServiceGroup` with
+/// `successTerminationBehavior: .gracefullyShutdownGroup`, so that its return ends the rest.
+public struct NodeService: Service {
+    let node: Node
+    let started: @Sendable (Node) -> Void
+
+    /// Runs `node`; `started` is called once it listens (to print its addresses).
+    public init(node: Node, started: @escaping @Sendable (Node) -> Void = { _ in }) {
+        self.node = node
+        self.started = started
+    }
+
+    public func run() async throws {
+        try node.start()
+        started(node)
+        // Cancellation (the group failing) drains the same way as a graceful shutdown.
+        try? await gracefulShutdown()
+        node.logger.notice("draining connections and stopping")
+        node.stop()
+        await node.stopped()
+    }
+}
+
+/// Reloads the configuration on SIGHUP and when the file changes (its modification time,
+/// polled every `interval`, because the file may be replaced by a rename or live on a
+/// volume without inotify). One reload at a time, in arrival order; stops at graceful
+/// shutdown.
+public struct ReloadService: Service {
+    let hangups: UnixSignalsSequence
+    let path: String?
+    let interval: Duration
+    let reload: @Sendable (String) async -> Void
+    /// The file's modification time when the service was made (before the node started),
+    /// so that a change made while the node starts is seen too.
+    let seen: Int
+
+    /// `hangups` is made before the node starts (`UnixSignalsSequence(trapping: .sighup)`),
+    /// so that a SIGHUP sent as soon as the node listens is not lost. Without `path` only
+    /// SIGHUP triggers (and `reload` says there is nothing to read).
+    public init(hangups: UnixSignalsSequence, watching path: String?, every interval: Duration = .seconds(2),
+                reload: @escaping @Sendable (String) async -> Void) {
+        self.hangups = hangups
+        self.path = path
+        self.interval = interval
+        self.reload = reload
+        self.seen = path.map(Self.modificationTime) ?? 0
+    }
+
+    public func run() async throws {
+        let (reasons, trigger) = AsyncStream<String>.makeStream()
+        await withDiscardingTaskGroup { group in
+            group.addTask { [hangups] in
+                for await _ in hangups.cancelOnGracefulShutdown() { trigger.yield("SIGHUP") }
+                trigger.finish()
+            }
+            if let path {
+                group.addTask { [interval, seen] in
+                    var last = seen
+                    while !Task.isShuttingDownGracefully {
+                        do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) } } catch { break }
+                        let now = Self.modificationTime(path)
+                        if now != last { last = now; trigger.yield("config file changed") }
+                    }
+                    trigger.finish()
+                }
+            }
+            for await why in reasons { await reload(why) }
+        }
+    }
+
+    /// The file's modification time (nanoseconds), 0 when it cannot be read.
+    static func modificationTime(_ path: String) -> Int {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return 0 }
+        return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
+    }
+}
+
+extension Node {
+    /// Suspends until every worker has stopped (after `stop()`), without holding a
+    /// cooperative thread: the blocking wait runs on a thread of its own.
+    public func stopped() async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let t = Thread { [self] in
+                wait()
+                done.resume()
+            }
+            t.name = "stoq-node-drain"
+            t.start()
+        }
+    }
+}

@@ -1,0 +1,112 @@
+import Foundation
+import Logging
+import STOQAdmin
+import STOQConfig
+import STOQContent
+import STOQCore
+import STOQDatapath
+import STOQEdge
+import STOQQUIC
+import STOQRenewal
+import STOQStore
+import STOQWorker
+
+/// Everything one worker thread is built from, fixed at start: the node's shared parts
+/// (credentials, content store, edge cache, certificate renewal, the workers' mesh) and how
+/// to make the worker-owned ones (endpoint, HTTP applications). `run` is the thread's body.
+struct WorkerAssembly: @unchecked Sendable {
+    let config: NodeConfig
+    let credentials: TLSCredentials
+    let settings: QUICSettings
+    let secret: StaticSecret
+    let content: ObjectIndex
+    let edge: EdgeCache?
+    /// `Cache-Control: max-age` (seconds) on manifests and chunked objects, if set.
+    let originMaxAge: UInt64?
+    let certificates: CertificateManager?
+    let mesh: WorkerMesh
+    let fallback: FallbackQueues
+    let stop: StopFlag
+    let finished: DispatchGroup
+    let logger: Logger
+
+    /// Worker `i`'s thread: pins itself, builds its endpoint and applications, reports
+    /// `ready`, runs until `stop`, then settles its datapath and reports what it did.
+    func run(worker i: Int, queue: DatapathQueue, snapshot: WorkerSnapshot, ready: DispatchGroup, errors: ErrorBox) {
+        defer { finished.leave() }
+        Worker.pinCurrentThread(to: i % max(1, Worker.availableCPUs))
+        let endpoint = QUICEndpoint(isServer: true, credentials: credentials, settings: settings,
+                                    workerID: UInt8(i), secret: secret)
+        let router: NodeRouter
+        do { router = try makeRouter() } catch {
+            errors.set("\(error)")
+            ready.leave()
+            return
+        }
+        endpoint.application = router
+        let worker = Worker(queue: queue, endpoint: endpoint)
+        worker.fallback = { _ in fallback.queue(for: i) }
+        worker.join(mesh, as: i)
+        worker.onTurn = turnHook(worker: i, endpoint: endpoint, content: router.content)
+        let publish = {
+            let q = worker.queue
+            snapshot.publish(WorkerStats(
+                index: i, backend: q.backendName, features: "\(q.features)",
+                diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
+                endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
+                connections: endpoint.connectionCount,
+                objects: router.objects.counters, content: router.content.counters))
+        }
+        worker.onTick = publish
+        publish()
+        ready.leave()
+        worker.run(stop: stop, logger: logger)
+        settle(worker, endpoint: endpoint, index: i)
+        publish()
+        worker.queue.close()
+    }
+
+    /// The worker's HTTP/3 applications: objects, content (through the edge cache when on),
+    /// and the CA's transparency log when this node keeps one.
+    private func makeRouter() throws -> NodeRouter {
+        let objects = try ObjectService(root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
+                                        logger: logger)
+        let chunks = ContentService(index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
+                                    edge: edge, maxAge: originMaxAge)
+        let router = NodeRouter(objects: objects, content: chunks, logger: logger)
+        if let log = certificates?.log { router.log = { log.handle(path: $0) } }
+        return router
+    }
+
+    /// What the worker does between batches: take rotated credentials, and complete the
+    /// requests whose origin fetches finished (those wake it through the mesh).
+    private func turnHook(worker i: Int, endpoint: QUICEndpoint, content: ContentService) -> () -> Void {
+        var credentialsVersion = 0
+        let published = certificates?.published
+        let edgeOn = edge != nil
+        if edgeOn { content.inbox.onPost = { [mesh] in mesh.wake(i) } }
+        return {
+            // A rotated or reloaded certificate: new handshakes use it from now on.
+            if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
+            // Origin fetches finish on the edge cache's thread; responses complete here.
+            if edgeOn { content.drainEdge() }
+        }
+    }
+
+    /// Lets transmit completions come back before the frames are accounted for, then logs
+    /// the worker's totals.
+    private func settle(_ worker: Worker, endpoint: QUICEndpoint, index i: Int) {
+        let settle = monotonicNow() + 200_000_000
+        while monotonicNow() < settle { try? worker.queue.flush(); usleep(10_000) }
+        let c = endpoint.counters, d = worker.queue.counters
+        var meta: Logger.Metadata = [:]
+        for (k, v) in worker.queue.diagnostics { meta[k] = "\(v)" }
+        logger.info("worker \(i) stopped", metadata: meta.merging([
+            "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
+            "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
+            "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
+            "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
+            "datapath": "\(worker.queue.backendName)",
+        ]) { a, _ in a })
+    }
+}

@@ -1,0 +1,52 @@
+import Foundation
+import ServiceLifecycleTestKit
+import Synchronization
+import Testing
+import UnixSignals
+
+@testable import STOQNode
+
+/// The daemon's reload triggers: a changed config file and SIGHUP each reload once, in
+/// order, and graceful shutdown ends the service.
+@Suite struct ReloadServiceTests {
+    final class Reasons: Sendable {
+        let list = Mutex<[String]>([])
+        func append(_ s: String) { list.withLock { $0.append(s) } }
+        var value: [String] { list.withLock { $0 } }
+        /// Waits (bounded by a number of polls, not by a clock assertion) until `n` reasons came.
+        func await(_ n: Int) async throws {
+            for _ in 0..<2_000 where value.count < n { try await Task.sleep(for: .milliseconds(5)) }
+        }
+    }
+
+    @Test func aChangedFileThenSIGHUPReloadEachOnceAndShutdownEndsTheService() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-reload-\(getpid()).toml").path
+        defer { unlink(path) }
+        try Data("[log]\nlevel = \"info\"\n".utf8).write(to: URL(fileURLWithPath: path))
+        signal(SIGHUP, SIG_IGN)
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let reasons = Reasons()
+        let service = ReloadService(hangups: hangups, watching: path, every: .milliseconds(10)) { reasons.append($0) }
+        try await testGracefulShutdown { shutdown in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await service.run() }
+                // A new modification time (set explicitly: a rewrite within the clock's
+                // granularity could keep the old one).
+                var times = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+                #expect(utimensat(AT_FDCWD, path, &times, 0) == 0)
+                try await reasons.await(1)
+                #expect(reasons.value == ["config file changed"])
+                kill(getpid(), SIGHUP)
+                try await reasons.await(2)
+                #expect(reasons.value == ["config file changed", "SIGHUP"])
+                shutdown.triggerGracefulShutdown()
+                try await group.waitForAll()
+            }
+        }
+        #expect(reasons.value == ["config file changed", "SIGHUP"])
+    }
+
+    @Test func anUnreadableFileHasModificationTimeZero() {
+        #expect(ReloadService.modificationTime("/nonexistent/stoq-\(getpid())") == 0)
+    }
+}
