@@ -111,9 +111,9 @@ extension Reader {
             s.duration("down_after", &m.downAfter, 20_000_000...60_000_000_000)
         }
         guard present else { return }
-        if m.dnsServer?.port == 0 {
-            errors.append(ConfigError(code: .badValue, key: "mesh.dns_server", value: "\"\(m.dnsServer!)\"",
-                                      allowed: "\"\" (the nameservers of /etc/resolv.conf) or \"[ipv6]:port\" with a port 1-65535"))
+        if let server = m.dnsServer, server.port == 0 || server.address.isUnspecified {
+            errors.append(ConfigError(code: .badValue, key: "mesh.dns_server", value: "\"\(server)\"",
+                                      allowed: "\"\" (the nameservers of /etc/resolv.conf) or \"[ipv6]:port\" of a server: an address other than [::], a port 1-65535"))
         }
         if m.etcdLeaseTTL % 1_000_000_000 != 0 {
             errors.append(ConfigError(code: .badValue, key: "mesh.etcd_lease_ttl", value: "\(m.etcdLeaseTTL / 1_000_000)ms",
