@@ -144,10 +144,14 @@ let package = Package(
         // discovery. Pure where it can be; the node assembly wires it to connections.
         .target(
             name: "STOQMesh",
-            dependencies: ["STOQCore", "STOQRouting",
+            dependencies: ["STOQCore", "STOQRouting", "STOQConfig",
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates"),
-                           .product(name: "SwiftASN1", package: "swift-asn1")]),
+                           .product(name: "SwiftASN1", package: "swift-asn1"),
+                           // Discovery: logs, and etcd's JSON gateway over HTTP (node-side only).
+                           .product(name: "Logging", package: "swift-log"),
+                           .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "AsyncHTTPClient", package: "async-http-client")]),
 
         // The node's parts, one concern each; STOQNode assembles them.
         // The edge cache: chunks and manifests fetched from the origin, kept under S3-FIFO.
@@ -242,7 +246,9 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", .product(name: "SwiftASN1", package: "swift-asn1"),
+            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", "STOQConfig",
+                           .product(name: "SwiftASN1", package: "swift-asn1"),
+                           .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),

@@ -177,7 +177,8 @@ public enum ConfigLoader {
             s.optionalEndpoint("listen", &listen, given: &given)
             c.admin.listen = given ? listen : nil
         }
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin"])
+        r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh"])
         return (c, r)
     }
 }

@@ -139,6 +139,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var edge = Edge()
     public var log = Log()
     public var admin = Admin()
+    /// `[mesh]`: MeshConfig.swift.
+    public var mesh = Mesh()
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()
@@ -152,6 +154,7 @@ public struct NodeConfig: Sendable, Equatable {
         if edge.enableCaching && edge.origin.isEmpty {
             n.append("edge: enable_caching = true with no edge.origin: fetching through the mesh comes with the mesh; until then this node caches nothing and serves only its own content")
         }
+        if let line = mesh.notice { n.append(line) }
         return n
     }
 }

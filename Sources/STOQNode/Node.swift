@@ -321,6 +321,7 @@ public final class Node: @unchecked Sendable {
         note("chunking", restNew.chunking != restOld.chunking, live: false)
         note("edge", restNew.edge != restOld.edge, live: false)
         note("routing", restNew.routing != restOld.routing, live: false)
+        note("mesh", restNew.mesh != restOld.mesh, live: false)
         config = next
         return report
     }

@@ -1,0 +1,327 @@
+import AsyncHTTPClient
+import Foundation
+import Logging
+import NIOCore
+import STOQConfig
+
+/// `mesh.discovery = "etcd"`: every node registers under `mesh.etcd_prefix` with a lease it keeps
+/// alive, and watches the prefix; the members are the records under it (`MemberRecord`). Spoken
+/// over etcd's JSON gateway (etcd 3.4: `/v3/lease/grant`, `/v3/lease/keepalive`, `/v3/kv/put`,
+/// `/v3/kv/range`, `/v3/watch`, `/v3/lease/revoke`), base64 keys and values.
+///
+/// One session: grant a lease of `mesh.etcd_lease_ttl`, put this node's record with it, read the
+/// prefix, then keep the lease alive (every TTL/3) and follow the watch from the revision read.
+/// Anything that ends a session — an endpoint gone, the lease unknown to etcd (expired during an
+/// outage, or the cluster's data lost), the watch cancelled or compacted — is counted, logged
+/// once, and a new session starts on the next endpoint after a backoff: it registers again and
+/// reads the prefix afresh. Until then the last member set stays. A node that stops keeping its
+/// lease alive is removed by etcd when the lease expires, and the watch reports it; a node that
+/// stops cleanly revokes its lease, so it disappears at once.
+public final class EtcdDiscovery: DiscoveryBackend {
+    /// Where and how.
+    public struct Options: Sendable {
+        /// `mesh.etcd_endpoints`, tried in turn.
+        public var endpoints: [MeshURL]
+        /// `mesh.etcd_prefix` (ends with "/").
+        public var prefix: String
+        /// `mesh.etcd_lease_ttl`, in seconds.
+        public var leaseTTLSeconds: Int64 = 10
+        /// This node's record; nil = watch only.
+        public var registration: MeshMember?
+        /// One request's time limit (the watch has none: it ends with its connection).
+        public var requestTimeout: Duration = .seconds(3)
+        /// The longest wait between two sessions.
+        public var maxBackoff: Duration = .seconds(5)
+        /// Records beyond this many are refused (`too_many`).
+        public var maxMembers = 4096
+
+        /// Options for the cluster at `endpoints`, records under `prefix`.
+        public init(endpoints: [MeshURL], prefix: String) {
+            self.endpoints = endpoints
+            self.prefix = prefix
+        }
+    }
+
+    /// The options it runs with.
+    public let options: Options
+    private let logger: Logger
+    private let box = CounterBox()
+    private let state = State()
+    private let client: HTTPClient
+
+    /// A backend; nothing happens until `run`. `client` defaults to AsyncHTTPClient's shared one.
+    public init(options: Options, logger: Logger, client: HTTPClient = .shared) {
+        self.options = options
+        self.logger = logger
+        self.client = client
+    }
+
+    public var backendName: String { "etcd" }
+    public var counters: DiscoveryCounters { box.snapshot }
+
+    /// The last set reported, the lease held, and the refusals already logged.
+    private final class State: @unchecked Sendable {
+        let lock = NSLock()
+        var last: Set<MeshMember>?
+        var lease: (MeshURL, Int64)?
+        var logged: Set<String> = []
+    }
+
+    public func run(_ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async {
+        var log = FailureLog(logger: logger, what: "mesh discovery (etcd)")
+        var backoff = Backoff(initial: .milliseconds(200), maximum: options.maxBackoff)
+        var index = 0
+        while !Task.isCancelled && !options.endpoints.isEmpty {
+            let endpoint = options.endpoints[index % options.endpoints.count]
+            do {
+                let (lease, revision, view) = try await open(endpoint)
+                log.succeeded(counters: box)
+                backoff.reset()
+                await publish(view, report)
+                try await follow(endpoint, lease: lease, revision: revision, view: view, report)
+            } catch {
+                if Task.isCancelled { break }
+                let e = error as? DiscoveryError ?? DiscoveryError(.unreachable, "etcd \(endpoint): \(error)")
+                index += 1
+                let wait = backoff.next()
+                log.failed(e, counters: box, retryIn: wait)
+                if !(await pause(wait)) { break }
+            }
+        }
+        await withdraw()
+    }
+
+    /// Registers (if this node has a record) and reads the prefix: the lease, the revision read
+    /// at, and the members by key.
+    private func open(_ endpoint: MeshURL) async throws -> (Int64?, Int64, [String: MeshMember]) {
+        var lease: Int64?
+        if let me = options.registration {
+            let granted = try await post(endpoint, "/v3/lease/grant", ["TTL": options.leaseTTLSeconds])
+            guard let id = Self.int(granted["ID"]), id != 0 else {
+                throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/lease/grant: no lease ID in the answer")
+            }
+            state.lock.withLock { state.lease = (endpoint, id) }
+            let key = MemberRecord.key(prefix: options.prefix, for: me)
+            _ = try await post(endpoint, "/v3/kv/put", ["key": Self.b64(Array(key.utf8)),
+                                                        "value": Self.b64(MemberRecord.encode(me)), "lease": String(id)])
+            lease = id
+            box.update { $0.registrations += 1 }
+            logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(id) of \(options.leaseTTLSeconds)s")
+        }
+        let answer = try await post(endpoint, "/v3/kv/range", ["key": Self.b64(Array(options.prefix.utf8)),
+                                                              "range_end": Self.b64(Self.rangeEnd(options.prefix))])
+        guard let header = answer["header"] as? [String: Any], let revision = Self.int(header["revision"]) else {
+            throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: no header revision")
+        }
+        var view: [String: MeshMember] = [:]
+        for kv in answer["kvs"] as? [[String: Any]] ?? [] { apply(kv, deleted: false, to: &view) }
+        return (lease, revision, view)
+    }
+
+    /// Keeps the lease alive and follows the watch until either fails; always throws.
+    private func follow(_ endpoint: MeshURL, lease: Int64?, revision: Int64, view: [String: MeshMember],
+                        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            if let lease {
+                group.addTask { try await self.keepAlive(endpoint, lease: lease) }
+            }
+            group.addTask { try await self.watch(endpoint, from: revision + 1, view: view, report) }
+            defer { group.cancelAll() }
+            try await group.next()
+            throw DiscoveryError(.watchEnded, "etcd \(endpoint): session ended")
+        }
+    }
+
+    private func keepAlive(_ endpoint: MeshURL, lease: Int64) async throws {
+        let period = Duration.milliseconds(max(500, options.leaseTTLSeconds * 1000 / 3))
+        while await pause(period) {
+            let answer = try await post(endpoint, "/v3/lease/keepalive", ["ID": String(lease)])
+            let result = answer["result"] as? [String: Any] ?? [:]
+            // etcd answers an unknown lease with its ID and no TTL (TTL 0 is left out of the JSON).
+            guard let ttl = Self.int(result["TTL"]), ttl > 0 else {
+                throw DiscoveryError(.leaseLost, "etcd \(endpoint): lease \(lease) is gone (expired, revoked or the cluster lost it); registering again")
+            }
+        }
+        throw CancellationError()
+    }
+
+    private func watch(_ endpoint: MeshURL, from revision: Int64, view start: [String: MeshMember],
+                       _ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async throws {
+        var view = start
+        let create: [String: Any] = ["create_request": [
+            "key": Self.b64(Array(options.prefix.utf8)), "range_end": Self.b64(Self.rangeEnd(options.prefix)),
+            "start_revision": String(revision),
+        ]]
+        var request = HTTPClientRequest(url: "\(endpoint)/v3/watch")
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: create)))
+        let response: HTTPClientResponse
+        do { response = try await client.execute(request, deadline: .distantFuture) } catch {
+            throw DiscoveryError(.unreachable, "etcd \(endpoint) /v3/watch: \(error)")
+        }
+        guard response.status == .ok else {
+            throw DiscoveryError(.serverError, "etcd \(endpoint) /v3/watch: HTTP \(response.status.code)")
+        }
+        // The gateway streams one JSON object per line. A line longer than any sane event
+        // batch is a broken or hostile server.
+        var pending: [UInt8] = []
+        let maxLine = 8 << 20
+        do {
+            for try await chunk in response.body {
+                pending.append(contentsOf: chunk.readableBytesView)
+                while let nl = pending.firstIndex(of: 0x0A) {
+                    let line = Array(pending[..<nl])
+                    pending.removeSubrange(...nl)
+                    if try handle(line, endpoint, &view) { await publish(view, report) }
+                }
+                guard pending.count <= maxLine else {
+                    throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: a message of more than \(maxLine) bytes")
+                }
+            }
+        } catch let e as DiscoveryError {
+            throw e
+        } catch {
+            if Task.isCancelled { throw CancellationError() }
+            throw DiscoveryError(.watchEnded, "etcd \(endpoint) /v3/watch: \(error)")
+        }
+        throw DiscoveryError(.watchEnded, "etcd \(endpoint) /v3/watch: the stream closed")
+    }
+
+    /// Applies one watch message; true when events came.
+    private func handle(_ line: [UInt8], _ endpoint: MeshURL, _ view: inout [String: MeshMember]) throws -> Bool {
+        if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) { return false }
+        guard let message = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any] else {
+            throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: a message that is not a JSON object")
+        }
+        if let error = message["error"] {
+            throw DiscoveryError(.serverError, "etcd \(endpoint) /v3/watch: \(error)")
+        }
+        guard let result = message["result"] as? [String: Any] else {
+            throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: a message without \"result\"")
+        }
+        if result["canceled"] as? Bool == true {
+            let why = result["cancel_reason"] as? String ?? (Self.int(result["compact_revision"]).map { "compacted to revision \($0)" } ?? "no reason given")
+            throw DiscoveryError(.watchEnded, "etcd \(endpoint): watch cancelled (\(why)); reading the prefix again")
+        }
+        guard let events = result["events"] as? [[String: Any]] else { return false }
+        for event in events {
+            guard let kv = event["kv"] as? [String: Any] else {
+                throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: an event without \"kv\"")
+            }
+            apply(kv, deleted: event["type"] as? String == "DELETE", to: &view)
+        }
+        return true
+    }
+
+    /// Puts one key's record into the view (or takes it out); a refused record is counted,
+    /// logged once, and leaves its key out.
+    private func apply(_ kv: [String: Any], deleted: Bool, to view: inout [String: MeshMember]) {
+        let keyBytes = (kv["key"] as? String).flatMap { Data(base64Encoded: $0) }.map { Array($0) }
+        let prefix = Array(options.prefix.utf8)
+        guard let keyBytes, keyBytes.starts(with: prefix) else {
+            return refuse(MemberRecord.Refusal(code: MemberRecord.Refusal.badKey, detail: "a key that is not base64 under \(options.prefix)"))
+        }
+        let key = String(decoding: keyBytes, as: UTF8.self)
+        if deleted {
+            view.removeValue(forKey: key)
+            return
+        }
+        guard let value = kv["value"].map({ ($0 as? String).flatMap { Data(base64Encoded: $0) } }) ?? Data() else {
+            view.removeValue(forKey: key)
+            return refuse(MemberRecord.Refusal(code: MemberRecord.Refusal.notJSON, detail: "key \(key.prefix(120)): the value is not base64"))
+        }
+        switch MemberRecord.decode(name: String(key.dropFirst(options.prefix.count)), value: Array(value)) {
+        case .success(let m):
+            if view[key] == nil && view.count >= options.maxMembers {
+                return refuse(MemberRecord.Refusal(code: "too_many", detail: "more than \(options.maxMembers) members"))
+            }
+            view[key] = m
+        case .failure(let r):
+            view.removeValue(forKey: key)
+            refuse(r)
+        }
+    }
+
+    private func refuse(_ r: MemberRecord.Refusal) {
+        box.update { $0.refused[r.code, default: 0] += 1 }
+        let first = state.lock.withLock { () -> Bool in
+            guard state.logged.count < 4096 else { return false }
+            return state.logged.insert(r.description).inserted
+        }
+        if first { logger.warning("mesh discovery (etcd): refused a record under \(options.prefix): \(r)") }
+    }
+
+    private func publish(_ view: [String: MeshMember], _ report: @Sendable (Set<MeshMember>) async -> Void) async {
+        let set = Set(view.values)
+        let changed = state.lock.withLock { () -> Bool in
+            guard set != state.last else { return false }
+            state.last = set
+            return true
+        }
+        guard changed else { return }
+        box.update {
+            $0.updates += 1
+            $0.members = set.count
+        }
+        await report(set)
+    }
+
+    /// Revokes the lease on the way out, so this node leaves the others' view at once instead
+    /// of after the TTL. Best effort, bounded by one request timeout.
+    private func withdraw() async {
+        guard let (endpoint, id) = state.lock.withLock({ state.lease }) else { return }
+        let done = await Task.detached { () -> Bool in
+            (try? await self.post(endpoint, "/v3/lease/revoke", ["ID": String(id)])) != nil
+        }.value
+        logger.info("mesh discovery (etcd): stopped; lease \(id) \(done ? "revoked" : "not revoked (it expires by itself)")")
+    }
+
+    /// One unary gateway call: JSON in, JSON object out; an HTTP or etcd error throws.
+    private func post(_ endpoint: MeshURL, _ path: String, _ body: [String: Any]) async throws -> [String: Any] {
+        var request = HTTPClientRequest(url: "\(endpoint)\(path)")
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+        let bytes: ByteBuffer
+        let status: UInt
+        do {
+            let response = try await client.execute(request, timeout: .nanoseconds(options.requestTimeout.nanoseconds))
+            status = response.status.code
+            bytes = try await response.body.collect(upTo: 16 << 20)
+        } catch {
+            if Task.isCancelled { throw CancellationError() }
+            throw DiscoveryError(.unreachable, "etcd \(endpoint) \(path): \(error)")
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(bytes.readableBytesView)) as? [String: Any] else {
+            throw DiscoveryError(.malformed, "etcd \(endpoint) \(path): HTTP \(status), the body is not a JSON object")
+        }
+        if let message = object["error"] ?? object["message"], status != 200 || object["error"] != nil {
+            throw DiscoveryError(.serverError, "etcd \(endpoint) \(path): HTTP \(status): \(message)")
+        }
+        guard status == 200 else { throw DiscoveryError(.serverError, "etcd \(endpoint) \(path): HTTP \(status)") }
+        return object
+    }
+
+    /// etcd's int64 fields arrive as JSON strings.
+    static func int(_ v: Any?) -> Int64? {
+        if let s = v as? String { return Int64(s) }
+        if let n = v as? NSNumber { return n.int64Value }
+        return nil
+    }
+
+    static func b64(_ bytes: [UInt8]) -> String { Data(bytes).base64EncodedString() }
+
+    /// The end of the key range that is exactly the keys starting with `prefix`.
+    static func rangeEnd(_ prefix: String) -> [UInt8] {
+        var b = Array(prefix.utf8)
+        while let last = b.last {
+            if last < 0xFF {
+                b[b.count - 1] = last + 1
+                return b
+            }
+            b.removeLast()
+        }
+        return [0]
+    }
+}

@@ -1,0 +1,197 @@
+import Foundation
+import Logging
+import STOQConfig
+import STOQCore
+import Testing
+@testable import STOQMesh
+
+/// The etcd backend against a real etcd 3.4 (Debian's etcd-server), started here on loopback
+/// ports with a temporary data directory; foreign writes come from Debian's etcdctl.
+@Suite struct EtcdDiscoveryTests {
+    /// One single-member etcd cluster.
+    final class Etcd {
+        let client: UInt16, peer: UInt16
+        let dir: URL
+        var data: URL
+        var daemon: Daemon?
+
+        init(dir: URL) throws {
+            client = freePort()
+            peer = freePort()
+            self.dir = dir
+            data = dir.appendingPathComponent("data")
+            try start()
+        }
+
+        var url: String { "http://[::1]:\(client)" }
+        var endpoint: MeshURL { try! MeshURL.parse(url, scheme: "http").get() }
+
+        func start() throws {
+            let bin = try requireBinary("/usr/bin/etcd", package: "etcd-server")
+            let p = "http://[::1]:\(peer)"
+            daemon = try Daemon(bin, ["--name", "t", "--data-dir", data.path,
+                                      "--listen-client-urls", url, "--advertise-client-urls", url,
+                                      "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
+                                      "--initial-cluster", "t=\(p)", "--log-level", "warn"], dir: dir, name: "etcd")
+            let ok = (0..<200).contains { _ in
+                if (try? ctl(["endpoint", "health"])) != nil { return true }
+                usleep(50_000)
+                return false
+            }
+            if !ok { Issue.record("etcd did not become healthy:\n\(daemon?.output ?? "")") }
+        }
+
+        /// Runs etcdctl against this cluster; its standard output, or throws with its errors.
+        @discardableResult
+        func ctl(_ args: [String]) throws -> String {
+            let bin = try requireBinary("/usr/bin/etcdctl", package: "etcd-client")
+            let (status, out, _) = try runTool(bin, ["--endpoints", url, "--dial-timeout", "1s", "--command-timeout", "2s"] + args,
+                                               dir: dir, environment: ["ETCDCTL_API=3"])
+            guard status == 0 else {
+                throw MissingBinary(path: "etcdctl \(args.joined(separator: " ")) failed (\(status)): \(out)", package: "etcd-client")
+            }
+            return out
+        }
+
+        /// SIGKILL; with `wipe`, its data is lost too (every lease and key gone).
+        func crash(wipe: Bool) throws {
+            daemon?.kill()
+            daemon = nil
+            if wipe { try FileManager.default.removeItem(at: data) }
+        }
+
+        deinit { daemon?.kill() }
+    }
+
+    /// A backend with a 4 s lease (renewed every 1.3 s: a loaded test machine does not lose it;
+    /// the member whose lease must expire is etcdctl's, with 2 s).
+    func backend(_ etcd: Etcd, _ me: MeshMember?, ttl: Int64 = 4) -> EtcdDiscovery {
+        var o = EtcdDiscovery.Options(endpoints: [etcd.endpoint], prefix: "/stoq/mesh/")
+        o.leaseTTLSeconds = ttl
+        o.registration = me
+        o.maxBackoff = .seconds(1)
+        return EtcdDiscovery(options: o, logger: Logger(label: "test.etcd"))
+    }
+
+    static let a = member("https://[fd00:57::1]:4433", 0xA1)
+    static let b = member("https://[fd00:57::2]:4433", 0xB2)
+    static let c = member("https://[fd00:57::3]:4433", 0xC3)
+
+    /// Two registrations see each other; a member whose lease is not kept alive (written by
+    /// etcdctl) disappears when its TTL runs out; a node that stops revokes its lease and leaves
+    /// the other's view at once.
+    @Test func registrationsSeeEachOtherAndDeadLeasesExpire() async throws {
+        let etcd = try Etcd(dir: try temporaryDirectory("etcd"))
+        let na = backend(etcd, Self.a), nb = backend(etcd, Self.b)
+        let la = MemberLog(), lb = MemberLog()
+        let ta = start(na, into: la), tb = start(nb, into: lb)
+        defer { ta.cancel(); tb.cancel() }
+        #expect(await la.wait { $0 == [Self.a, Self.b] })
+        #expect(await lb.wait { $0 == [Self.a, Self.b] })
+        #expect(na.counters.registrations == 1 && nb.counters.registrations == 1)
+        // The record as other tools see it.
+        let value = try etcd.ctl(["get", "--print-value-only", "/stoq/mesh/" + String(repeating: "a1", count: 32)])
+        #expect(value.trimmingCharacters(in: .whitespacesAndNewlines)
+                == "{\"url\":\"https://[fd00:57::1]:4433\",\"node_id\":\"\(String(repeating: "a1", count: 32))\"}")
+
+        // A third member registered with a 2 s lease nobody keeps alive.
+        let grant = try etcd.ctl(["lease", "grant", "2"])  // "lease 694d… granted with TTL(2s)"
+        let lease = try #require(grant.split(separator: " ").dropFirst().first.map(String.init))
+        try etcd.ctl(["put", "--lease=\(lease)", "/stoq/mesh/" + String(repeating: "c3", count: 32),
+                      String(decoding: MemberRecord.encode(Self.c), as: UTF8.self)])
+        #expect(await lb.wait { $0 == [Self.a, Self.b, Self.c] })
+        let clock = ContinuousClock(), seen = clock.now
+        #expect(await lb.wait { $0 == [Self.a, Self.b] })
+        print("etcd: an unrenewed 2 s lease left the view \(clock.now - seen) after it was seen")
+        // A and B kept theirs alive all along (several TTLs have passed by now).
+        #expect(await la.latest == [Self.a, Self.b])
+
+        // A stops: it revokes its lease, and B's view loses it without waiting for a TTL.
+        ta.cancel()
+        await ta.value
+        let stopped = clock.now
+        #expect(await lb.wait { $0 == [Self.b] })
+        print("etcd: a stopped node left the other's view \(clock.now - stopped) after it stopped")
+        #expect(nb.counters.failures == 0)
+    }
+
+    /// Malformed values under the prefix are refused with their reason and counted; the backend
+    /// keeps going and still sees the valid members.
+    @Test func refusesMalformedRecordsAndCountsThem() async throws {
+        let etcd = try Etcd(dir: try temporaryDirectory("etcd-bad"))
+        let nb = backend(etcd, Self.b)
+        let lb = MemberLog()
+        let tb = start(nb, into: lb)
+        defer { tb.cancel() }
+        #expect(await lb.wait { $0 == [Self.b] })
+        let p = "/stoq/mesh/"
+        let bad: [(String, String, String)] = [
+            ("garbage", "not json at all", "not_json"),
+            ("[fd00::9]:1", "{\"url\":\"https://10.0.0.1:4433\"}", "ipv4"),
+            ("[fd00::9]:2", "{\"url\":\"https://node9.mesh:4433\"}", "bad_url"),
+            ("[fd00::9]:3", "{\"node_id\":\"00\"}", "bad_url"),
+            (String(repeating: "0", count: 64), "{\"url\":\"https://[fd00::9]:4433\",\"node_id\":\"XYZ\"}", "bad_node_id"),
+            ("someone-else", "{\"url\":\"https://[fd00::9]:4433\"}", "key_mismatch"),
+            ("[fd00::9]:4", "{\"url\":\"https://[fd00::9]:4\",\"pad\":\"" + String(repeating: "x", count: 2000) + "\"}", "too_large"),
+        ]
+        for (name, value, _) in bad { try etcd.ctl(["put", p + name, value]) }
+        // Then a valid one: seeing it proves the watch outlived every refusal.
+        try etcd.ctl(["put", p + String(repeating: "c3", count: 32), String(decoding: MemberRecord.encode(Self.c), as: UTF8.self)])
+        #expect(await lb.wait { $0 == [Self.b, Self.c] })
+        var expected: [String: UInt64] = [:]
+        for (_, _, why) in bad { expected[why, default: 0] += 1 }
+        #expect(nb.counters.refused == expected)
+        // A fresh reader refuses the same records from its initial range.
+        let reader = backend(etcd, nil)
+        let lr = MemberLog()
+        let tr = start(reader, into: lr)
+        defer { tr.cancel() }
+        #expect(await lr.wait { $0 == [Self.b, Self.c] })
+        #expect(reader.counters.refused == expected)
+        #expect(reader.counters.registrations == 0)
+    }
+
+    /// etcd dies and comes back with its data lost: both nodes register again on their own and
+    /// see each other again; the outage is counted, and the last view stayed meanwhile.
+    @Test func survivesAnEtcdOutageWithDataLoss() async throws {
+        let etcd = try Etcd(dir: try temporaryDirectory("etcd-outage"))
+        let na = backend(etcd, Self.a), nb = backend(etcd, Self.b)
+        let la = MemberLog(), lb = MemberLog()
+        let ta = start(na, into: la), tb = start(nb, into: lb)
+        defer { ta.cancel(); tb.cancel() }
+        #expect(await la.wait { $0 == [Self.a, Self.b] })
+        #expect(await lb.wait { $0 == [Self.a, Self.b] })
+        let before = await la.sets.count
+        try etcd.crash(wipe: true)
+        #expect(await eventually { na.counters.failures >= 1 && nb.counters.failures >= 1 })
+        #expect(await la.sets.count == before)  // an outage does not empty the view
+        try etcd.start()
+        #expect(await eventually { na.counters.registrations >= 2 && nb.counters.registrations >= 2 })
+        #expect(await eventually {
+            let keys = (try? etcd.ctl(["get", "--prefix", "--keys-only", "/stoq/mesh/"])) ?? ""
+            return keys.contains(String(repeating: "a1", count: 32)) && keys.contains(String(repeating: "b2", count: 32))
+        })
+        #expect(await la.wait { $0 == [Self.a, Self.b] })
+        #expect(await lb.wait { $0 == [Self.a, Self.b] })
+        #expect(na.counters.recoveries >= 1)
+        print("etcd outage: A \(na.counters), B \(nb.counters)")
+    }
+
+    @Test func memberRecordsRoundTripAndRefuse() throws {
+        for m in [Self.a, member("https://[fd00::7]:9")] {
+            let key = MemberRecord.key(prefix: "/p/", for: m)
+            #expect(try MemberRecord.decode(name: String(key.dropFirst(3)), value: MemberRecord.encode(m)).get() == m)
+        }
+        #expect(MemberRecord.key(prefix: "/p/", for: member("https://[fd00::7]:9")) == "/p/[fd00::7]:9")
+        func code(_ name: String, _ value: String) -> String? {
+            if case .failure(let r) = MemberRecord.decode(name: name, value: Array(value.utf8)) { return r.code }
+            return nil
+        }
+        #expect(code("x", "[1]") == "not_json")
+        #expect(code("x", "{\"url\":1}") == "bad_url")
+        #expect(code("[::1]:1", "{\"url\":\"https://[::1]:1\",\"node_id\":\"" + String(repeating: "A", count: 64) + "\"}") == "bad_node_id")
+        #expect(code("[::1]:2", "{\"url\":\"https://[::1]:1\"}") == "key_mismatch")
+        #expect(code("[::1]:1", "{\"url\":\"https://[::1]:1\",\"future\":true}") == nil)
+        #expect(EtcdDiscovery.rangeEnd("/stoq/mesh/") == Array("/stoq/mesh0".utf8))
+    }
+}
