@@ -1,0 +1,129 @@
+/*
+ * What the CNgtcp2 files share, and nothing else includes: the structs behind the public
+ * handles and the few helpers one file calls in another. Private to the target (it is not
+ * under include/), and every function here is hidden so none leaves the library.
+ */
+#ifndef STOQ_INTERNAL_H
+#define STOQ_INTERNAL_H
+
+#include "CNgtcp2.h"
+
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+#include <nghttp3/nghttp3.h>
+#include <ngtcp2/ngtcp2.h>
+#include <ngtcp2/ngtcp2_crypto.h>
+
+#define STOQ_HIDDEN __attribute__((visibility("hidden")))
+
+struct stoq_tls_ctx {
+  gnutls_certificate_credentials_t cred;
+  int is_server;
+  int insecure;
+  /* mutual TLS (server side) */
+  int client_auth;
+  unsigned max_depth;
+  uint8_t (*revoked)[20]; /* serials, zero-padded on the left to 20 bytes */
+  size_t nrevoked;
+  /* an extra check of the peer's leaf (certificate transparency), either side */
+  stoq_peer_check_fn peer_check;
+  void *peer_check_ctx;
+};
+
+struct stoq_endpoint_ctx {
+  int is_server;
+  stoq_tls_ctx *tls;
+  stoq_settings s;
+  stoq_events ev;
+  /* Connections may outlive the endpoint (an application still holds one): each holds a
+   * reference, and freeing the endpoint only silences its events; the memory goes with
+   * the last reference. */
+  unsigned refs;
+};
+
+struct stoq_stream {
+  int64_t id;
+  stoq_conn *conn;
+  stoq_stream *prev, *next;
+  void *app;
+  /* parsed head */
+  char method[16];
+  char authority[256];
+  char range[128];
+  char path[STOQ_MAX_PATH + 1];
+  int have_method, have_path, have_scheme, have_authority, dup_pseudo, path_too_long;
+  int64_t content_length;
+  int64_t max_age; /* a response's Cache-Control max-age, seconds; -1: none */
+  int status;
+  int fin_with_headers;
+  int body_complete;
+  int reset_by_peer;
+  int responded;
+  size_t header_bytes;
+  /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
+   * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
+  int stream_eof, stream_blocked;
+  struct body_piece {
+    const uint8_t *base;
+    uint64_t len;
+    void (*release)(void *);
+    void *arg;
+  } pieces[STOQ_BODY_PIECES];
+  unsigned p_head, p_count, p_read; /* ring start, pieces held, pieces fully read (from head) */
+  uint64_t p_read_off;              /* read position inside piece p_read */
+  uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
+  /* body we receive */
+  int sink_fd;
+  uint64_t sink_off, sink_limit, received;
+  int sink_errno;
+  /* received body is staged here and written in large pwrites, not one per packet */
+  uint8_t *wbuf;
+  size_t wlen;
+  int hashing;
+  int digest_done;
+  gnutls_hash_hd_t hash;
+  uint8_t digest[32];
+};
+
+struct stoq_conn {
+  stoq_endpoint_ctx *ep;
+  ngtcp2_conn *q;
+  gnutls_session_t tls;
+  stoq_tls_ctx *tls_ctx; /* the credentials the session was made with (they may rotate since) */
+  int peer_refused;      /* mutual TLS refused the peer's certificate */
+  ngtcp2_crypto_conn_ref ref;
+  nghttp3_conn *h3;
+  struct sockaddr_in6 local, remote;
+  ngtcp2_connection_close_error last_error;
+  int has_error;
+  char errstr[400]; /* room for a refusal that names the certificate's SANs */
+  void *app;
+  stoq_stream *streams;
+  uint64_t streams_open;
+  uint64_t body_rx, body_tx;
+  int is_server;
+  int established;
+  /* a packet that could not join the previous GSO run; sent first next time */
+  uint8_t *pending;
+  size_t pending_len;
+  struct sockaddr_in6 pending_remote;
+  uint8_t pending_ecn;
+  size_t max_pkt;
+  /* what the certificate must name when the server is an IP literal; GnuTLS keeps a pointer */
+  uint8_t verify_ip[16];
+  char verify_name[256];
+  gnutls_typed_vdata_st verify_data[2]; /* the server's name or address, and EKU serverAuth */
+};
+
+/* Fills `err` (may be NULL) printf-style. */
+STOQ_HIDDEN void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Records why the connection failed (its error string). */
+STOQ_HIDDEN void conn_fail(stoq_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* ngtcp2_crypto's way from a TLS session back to its QUIC connection. */
+STOQ_HIDDEN ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref);
+
+/* TLS (stoq_tls.c): a connection's GnuTLS session; refusing the peer's certificate. */
+STOQ_HIDDEN int setup_tls(stoq_conn *c, const char *server_name);
+STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
+
+#endif
