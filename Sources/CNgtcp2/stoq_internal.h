@@ -126,4 +126,20 @@ STOQ_HIDDEN ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref);
 STOQ_HIDDEN int setup_tls(stoq_conn *c, const char *server_name);
 STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
 
+/* Streams (stoq_h3.c). */
+STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);
+STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
+/* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
+STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
+/* Opens HTTP/3 once the application keys are there. */
+STOQ_HIDDEN int setup_h3(stoq_conn *c);
+
+/* Body sinks (stoq_sink.c). */
+STOQ_HIDDEN void sink_take(stoq_stream *s, const uint8_t *data, size_t len);
+STOQ_HIDDEN void sink_flush(stoq_stream *s);
+STOQ_HIDDEN void stream_finish_digest(stoq_stream *s);
+
+/* Connections (stoq_conn.c). */
+STOQ_HIDDEN ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote);
+
 #endif
