@@ -25,7 +25,6 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   if (!s) return NULL;
   s->id = id;
   s->conn = c;
-  s->content_length = -1;
   s->max_age = -1;
   s->sink_fd = -1;
   s->sink_limit = UINT64_MAX;
@@ -40,6 +39,7 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_flush(s);
   free(s->wbuf);
+  free(s->head);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
   if (s->next) s->next->prev = s->prev;
@@ -57,6 +57,7 @@ void *stoq_stream_get_app(const stoq_stream *s) { return s->app; }
 int64_t stoq_stream_id(const stoq_stream *s) { return s->id; }
 int stoq_stream_body_complete(const stoq_stream *s) { return s->body_complete; }
 int64_t stoq_stream_max_age(const stoq_stream *s) { return s->max_age; }
+void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age) { s->max_age = max_age; }
 
 /* ---- nghttp3 glue ----------------------------------------------------------- */
 
@@ -125,84 +126,48 @@ static int h3_deferred_consume(nghttp3_conn *h3, int64_t stream_id, size_t n, vo
   return 0;
 }
 
+/* A head's fields are gathered into the stream's buffer (allocated here, once per head, freed
+ * once the head is handed over) and given to the application whole at the end of the head. */
 static int h3_begin_headers(nghttp3_conn *h3, int64_t stream_id, void *ud, void *sud) {
   stoq_conn *c = ud;
-  if (sud) return 0;
-  if (!c->is_server) return 0;
-  stoq_stream *s = stream_new(c, stream_id);
-  if (!s) return NGHTTP3_ERR_NOMEM;
-  nghttp3_conn_set_stream_user_data(h3, stream_id, s);
+  stoq_stream *s = sud;
+  if (!s) {
+    if (!c->is_server) return 0;
+    s = stream_new(c, stream_id);
+    if (!s) return NGHTTP3_ERR_NOMEM;
+    nghttp3_conn_set_stream_user_data(h3, stream_id, s);
+  }
+  if (!s->head) s->head = malloc(STOQ_HEAD_BUFFER);
+  s->head_len = 0;
+  s->head_nfields = 0;
+  s->head_dropped = 0;
+  s->head_section = 0;
   return 0;
 }
 
-static void copy_field(char *dst, size_t cap, nghttp3_rcbuf *v, int *truncated) {
-  nghttp3_vec b = nghttp3_rcbuf_get_buf(v);
-  size_t n = b.len;
-  if (n >= cap) {
-    n = cap - 1;
-    if (truncated) *truncated = 1;
-  }
-  memcpy(dst, b.base, n);
-  dst[n] = 0;
-}
-
+/* Keeps one field: what does not fit is counted (section size, dropped fields), not kept; a
+ * value that fits only in part keeps its start and its length on the wire. No HTTP rule here. */
 static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, nghttp3_rcbuf *name,
                           nghttp3_rcbuf *value, uint8_t flags, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)name; (void)flags; (void)ud;
+  (void)h3; (void)stream_id; (void)token; (void)flags; (void)ud;
   stoq_stream *s = sud;
   if (!s) return 0;
+  nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
   /* RFC 9114 §4.2.2 counts name + value + 32 per field. */
-  s->header_bytes += nghttp3_rcbuf_get_buf(name).len + nghttp3_rcbuf_get_buf(value).len + 32;
-  switch (token) {
-  case NGHTTP3_QPACK_TOKEN__METHOD:
-    s->dup_pseudo |= s->have_method;
-    s->have_method = 1;
-    copy_field(s->method, sizeof(s->method), value, &s->dup_pseudo);
-    break;
-  case NGHTTP3_QPACK_TOKEN__PATH:
-    s->dup_pseudo |= s->have_path;
-    s->have_path = 1;
-    copy_field(s->path, sizeof(s->path), value, &s->path_too_long);
-    break;
-  case NGHTTP3_QPACK_TOKEN__SCHEME:
-    s->have_scheme = 1;
-    break;
-  case NGHTTP3_QPACK_TOKEN__AUTHORITY:
-    s->have_authority = 1;
-    copy_field(s->authority, sizeof(s->authority), value, NULL);
-    break;
-  case NGHTTP3_QPACK_TOKEN_RANGE:
-    copy_field(s->range, sizeof(s->range), value, NULL);
-    break;
-  case NGHTTP3_QPACK_TOKEN__STATUS: {
-    char tmp[8];
-    copy_field(tmp, sizeof(tmp), value, NULL);
-    s->status = atoi(tmp);
-    break;
+  s->head_section += n.len + v.len + 32;
+  size_t room = s->head ? STOQ_HEAD_BUFFER - s->head_len : 0;
+  if (room < sizeof(stoq_field_hdr) + n.len || n.len > UINT32_MAX || v.len > UINT32_MAX) {
+    s->head_dropped++;
+    return 0;
   }
-  case NGHTTP3_QPACK_TOKEN_CACHE_CONTROL: {
-    /* Only max-age matters to STOQ (an edge node's freshness for what an origin sent). */
-    char tmp[128];
-    copy_field(tmp, sizeof(tmp), value, NULL);
-    const char *m = strstr(tmp, "max-age=");
-    if (m) {
-      char *end = NULL;
-      unsigned long long v = strtoull(m + 8, &end, 10);
-      if (end != m + 8) s->max_age = v > INT64_MAX ? INT64_MAX : (int64_t)v;
-    }
-    break;
-  }
-  case NGHTTP3_QPACK_TOKEN_CONTENT_LENGTH: {
-    char tmp[24];
-    copy_field(tmp, sizeof(tmp), value, NULL);
-    char *end = NULL;
-    unsigned long long v = strtoull(tmp, &end, 10);
-    if (end && *end == 0 && tmp[0] != 0) s->content_length = (int64_t)v;
-    break;
-  }
-  default:
-    break;
-  }
+  room -= sizeof(stoq_field_hdr) + n.len;
+  stoq_field_hdr fh = {(uint32_t)n.len, (uint32_t)v.len, (uint32_t)(v.len < room ? v.len : room)};
+  uint8_t *at = s->head + s->head_len;
+  memcpy(at, &fh, sizeof(fh));
+  memcpy(at + sizeof(fh), n.base, n.len);
+  memcpy(at + sizeof(fh) + n.len, v.base, fh.value_kept);
+  s->head_len += sizeof(fh) + n.len + fh.value_kept;
+  s->head_nfields++;
   return 0;
 }
 
@@ -212,22 +177,23 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
   stoq_stream *s = sud;
   if (!s) return 0;
   s->fin_with_headers = fin;
+  /* The buffer leaves the stream first: the callback may end the stream (and free it). */
+  uint8_t *buf = s->head;
+  s->head = NULL;
+  stoq_head head = {
+      .fields = buf,
+      .fields_len = buf ? s->head_len : 0,
+      .nfields = buf ? s->head_nfields : 0,
+      .dropped = s->head_dropped,
+      .section_size = s->head_section,
+      .has_body = !fin,
+  };
   if (c->is_server) {
-    stoq_request req = {
-        .method = s->method,
-        .path = s->path,
-        .authority = s->authority,
-        .range = s->range,
-        .content_length = s->content_length,
-        .path_too_long = s->path_too_long,
-        .malformed = s->dup_pseudo || !s->have_method || !s->have_path || !s->have_scheme,
-        .has_body = !fin,
-        .headers_too_large = s->header_bytes > STOQ_MAX_FIELD_SECTION,
-    };
-    if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &req);
+    if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &head);
   } else {
-    if (c->ep->ev.on_response) c->ep->ev.on_response(c->ep->ev.ctx, c, s, s->status, s->content_length);
+    if (c->ep->ev.on_response) c->ep->ev.on_response(c->ep->ev.ctx, c, s, &head);
   }
+  free(buf);
   return 0;
 }
 
@@ -277,7 +243,7 @@ int setup_h3(stoq_conn *c) {
   nghttp3_settings_default(&st);
   st.qpack_max_dtable_capacity = 4096;
   st.qpack_blocked_streams = 100;
-  st.max_field_section_size = 16384 + STOQ_MAX_PATH;
+  st.max_field_section_size = STOQ_HEAD_BUFFER;
   int rv = c->is_server ? nghttp3_conn_server_new(&c->h3, &cb, &st, nghttp3_mem_default(), c)
                         : nghttp3_conn_client_new(&c->h3, &cb, &st, nghttp3_mem_default(), c);
   if (rv != 0) {

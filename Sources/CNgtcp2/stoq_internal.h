@@ -46,20 +46,15 @@ struct stoq_stream {
   stoq_conn *conn;
   stoq_stream *prev, *next;
   void *app;
-  /* parsed head */
-  char method[16];
-  char authority[256];
-  char range[128];
-  char path[STOQ_MAX_PATH + 1];
-  int have_method, have_path, have_scheme, have_authority, dup_pseudo, path_too_long;
-  int64_t content_length;
-  int64_t max_age; /* a response's Cache-Control max-age, seconds; -1: none */
-  int status;
+  /* the head being received: its fields packed as stoq_head describes (NULL between heads) */
+  uint8_t *head;
+  size_t head_len, head_nfields, head_dropped;
+  uint64_t head_section;
+  int64_t max_age; /* the application's (Swift parses Cache-Control); -1: none */
   int fin_with_headers;
   int body_complete;
   int reset_by_peer;
   int responded;
-  size_t header_bytes;
   /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
    * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
   int stream_eof, stream_blocked;
