@@ -17,15 +17,9 @@
 
 #ifndef SO_PREFER_BUSY_POLL
 #define SO_PREFER_BUSY_POLL 69
-/* Packet path (stoq_xsk.c): reloads the neighbour table from the kernel (rate-limited). */
-STOQ_HIDDEN void refresh_neighbours(stoq_xsk *x);
-
 #endif
 #ifndef SO_BUSY_POLL_BUDGET
 #define SO_BUSY_POLL_BUDGET 70
-/* Packet path (stoq_xsk.c): reloads the neighbour table from the kernel (rate-limited). */
-STOQ_HIDDEN void refresh_neighbours(stoq_xsk *x);
-
 #endif
 
 #define ETH_HLEN_ 14
@@ -43,9 +37,6 @@ STOQ_HIDDEN void refresh_neighbours(stoq_xsk *x);
  * (copy mode: the skb goes out CHECKSUM_PARTIAL) or the NIC fills in the UDP checksum. */
 #ifndef XDP_TX_METADATA
 #define XDP_TX_METADATA (1 << 1)
-/* Packet path (stoq_xsk.c): reloads the neighbour table from the kernel (rate-limited). */
-STOQ_HIDDEN void refresh_neighbours(stoq_xsk *x);
-
 #endif
 #define STOQ_UMEM_TX_METADATA_LEN (1 << 2)
 #define STOQ_TXMD_FLAGS_CHECKSUM (1 << 1)

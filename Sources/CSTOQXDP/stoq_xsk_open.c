@@ -25,13 +25,6 @@
 
 #include "stoq_kern_user.h"
 
-#ifndef SO_PREFER_BUSY_POLL
-#define SO_PREFER_BUSY_POLL 69
-#endif
-#ifndef SO_BUSY_POLL_BUDGET
-#define SO_BUSY_POLL_BUDGET 70
-#endif
-
 static void set_err(char *err, size_t n, const char *fmt, ...) {
   if (!err || !n) return;
   va_list ap;
