@@ -35,7 +35,6 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   return s;
 }
 
-
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_flush(s);
   free(s->wbuf);

@@ -9,6 +9,12 @@
  * and get packets written into buffers they own. Bodies are zero-copy: a response
  * body is a caller-owned memory region (an mmap of the object), and received bodies
  * go straight to a file descriptor, so the per-packet path allocates nothing.
+ *
+ * What a head means is not decided here: the shim keeps a head's fields in a bounded
+ * per-stream buffer and hands them to Swift once, at the end of the head (stoq_head), where
+ * STOQQUIC's HTTPRequestHead applies the HTTP rules. Files: stoq_conn.c (lifecycle, ngtcp2
+ * callbacks), stoq_io.c (packets in and out), stoq_h3.c (nghttp3), stoq_sink.c (received
+ * bodies), stoq_pkt.c (stateless packets), stoq_tls.c (credentials, verify callbacks).
  */
 #ifndef CNGTCP2_H
 #define CNGTCP2_H
