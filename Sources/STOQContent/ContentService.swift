@@ -115,9 +115,7 @@ public final class ContentService: QUICApplication {
     }
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        if request.malformed { return fail(stream, connection, 400, "malformed request") }
-        if request.pathTooLong { return fail(stream, connection, 414, "path too long") }
-        if request.headersTooLarge { return fail(stream, connection, 431, "request header fields too large") }
+        if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         let path = String(request.path.prefix { $0 != "?" })
         if path == "/_stoq/missing" {
             guard request.method == "POST" else { return notAllowed(stream, connection, "POST") }

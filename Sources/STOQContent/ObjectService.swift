@@ -73,40 +73,13 @@ public final class ObjectService: QUICApplication {
         return fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && (st.st_mode & S_IFMT) == S_IFREG
     }
 
-    /// `bytes=a-b`, `bytes=a-`, `bytes=-n` against `size`: the range, `nil` for "no range",
-    /// or `.failure` for unsatisfiable.
+    /// The request's `Range` against `size` (HTTPRange's rules): the range, `nil` for "no range",
+    /// or why it cannot be served.
     static func parseRange(_ header: String, size: UInt64) -> Result<ClosedRange<UInt64>, RangeError>? {
-        guard !header.isEmpty else { return nil }
-        guard header.hasPrefix("bytes="), !header.contains(",") else { return .failure(.malformed) }
-        let spec = header.dropFirst(6)
-        guard let dash = spec.firstIndex(of: "-") else { return .failure(.malformed) }
-        let a = spec[..<dash], b = spec[spec.index(after: dash)...]
-        if a.isEmpty {
-            guard let n = UInt64(b), n > 0 else { return .failure(.malformed) }
-            guard size > 0 else { return .failure(.unsatisfiable) }
-            return .success((size - min(n, size))...(size - 1))
-        }
-        guard let start = UInt64(a) else { return .failure(.malformed) }
-        guard start < size else { return .failure(.unsatisfiable) }
-        if b.isEmpty { return .success(start...(size - 1)) }
-        guard let end = UInt64(b), end >= start else { return .failure(.malformed) }
-        return .success(start...min(end, size - 1))
+        HTTPRange.resolve(header, size: size)
     }
 
-    /// Why a `Range` header cannot be served: a struct with a nested `Code`, like every STOQ error.
-    struct RangeError: Error, Equatable {
-        struct Code: Hashable {
-            let name: String
-            /// Not `bytes=a-b`, `bytes=a-` or `bytes=-n` with one range: answered 400.
-            static let malformed = Code(name: "malformed")
-            /// Well formed, but starts past the end (or the object is empty): answered 416.
-            static let unsatisfiable = Code(name: "unsatisfiable")
-        }
-        var code: Code
-        var message: String { code == .malformed ? "bad Range header" : "range not satisfiable" }
-        static let malformed = RangeError(code: .malformed)
-        static let unsatisfiable = RangeError(code: .unsatisfiable)
-    }
+    typealias RangeError = HTTPRangeError
 
     /// The head of a response to GET/HEAD of an object of `size` bytes with the request's
     /// `Range`: status, headers (content-length included) and the byte range to send (nil:
@@ -135,9 +108,7 @@ public final class ObjectService: QUICApplication {
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         counters.requests += 1
-        if request.malformed { return fail(stream, connection, 400, "malformed request") }
-        if request.pathTooLong { return fail(stream, connection, 414, "path too long") }
-        if request.headersTooLarge { return fail(stream, connection, 431, "request header fields too large") }
+        if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         guard let name = Self.objectName(fromPath: request.path) else {
             return fail(stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
                         "bad object path \(request.path.prefix(200))")

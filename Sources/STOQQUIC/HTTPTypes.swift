@@ -3,7 +3,8 @@ import CNgtcp2
 import Glibc
 #endif
 
-/// A request head, as the server side sees it.
+/// A request head, as the server side sees it: what `HTTPRequestHead.parse` made of the
+/// fields the C shim gathered.
 public struct HTTPRequest: Sendable {
     public var method: String
     /// The request target, e.g. `/objects/a.bin`.
@@ -21,6 +22,9 @@ public struct HTTPRequest: Sendable {
     public var hasBody: Bool
     /// The header fields were larger than the node accepts.
     public var headersTooLarge: Bool = false
+    /// The answer the head gets when it cannot be served (the first of malformed, path too
+    /// long, fields too large), nil when it can.
+    public var refusal: HTTPRefusal? = nil
 }
 
 /// A region of memory a response or request body is sent from, without copying:
@@ -87,7 +91,10 @@ public struct HTTPStream: Hashable, @unchecked Sendable {
     /// The peer ended the body.
     public var bodyComplete: Bool { stoq_stream_body_complete(raw) != 0 }
     /// Client: the response's `Cache-Control: max-age` in seconds, nil when it had none.
-    public var maxAge: Int64? { let v = stoq_stream_max_age(raw); return v < 0 ? nil : v }
+    public var maxAge: Int64? {
+        get { let v = stoq_stream_max_age(raw); return v < 0 ? nil : v }
+        nonmutating set { stoq_stream_set_max_age(raw, newValue.map { max($0, 0) } ?? -1) }
+    }
 
     /// Sends the body the peer uploads to `fd` (from `offset`), refusing more than `limit`
     /// bytes; `hash` keeps a SHA-256 of it. `fd` -1 discards.

@@ -501,15 +501,12 @@ private let onCID: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, Uns
     if added != 0 { ep.register(id, conn) } else { ep.unregister(id, conn) }
 }
 
-private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UnsafePointer<stoq_request>?) -> Void = {
-    ctx, c, s, req in
+private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UnsafePointer<stoq_head>?) -> Void = {
+    ctx, c, s, head in
     let ep = QUICEndpoint.from(ctx)
-    guard let conn = connection(c), let s, let r = req?.pointee else { return }
-    let request = HTTPRequest(
-        method: String(cString: r.method), path: String(cString: r.path), authority: String(cString: r.authority),
-        range: String(cString: r.range), contentLength: r.content_length >= 0 ? r.content_length : nil,
-        pathTooLong: r.path_too_long != 0, malformed: r.malformed != 0, hasBody: r.has_body != 0,
-        headersTooLarge: r.headers_too_large != 0)
+    guard let conn = connection(c), let s, let h = head?.pointee else { return }
+    // Once per request: the whole head, parsed by the HTTP rules in HTTPRequestHead.
+    let request = HTTPRequestHead.parse(h.httpFields, sectionSize: Int(clamping: h.section_size), hasBody: h.has_body != 0)
     if let app = ep.application {
         app.request(request, stream: HTTPStream(raw: s), connection: conn)
     } else {
@@ -525,11 +522,14 @@ private let onRequestEnd: @convention(c) (UnsafeMutableRawPointer?, OpaquePointe
     ep.markDirty(conn)
 }
 
-private let onResponse: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, Int32, Int64) -> Void = {
-    ctx, c, s, status, length in
+private let onResponse: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UnsafePointer<stoq_head>?) -> Void = {
+    ctx, c, s, head in
     let ep = QUICEndpoint.from(ctx)
-    guard let conn = connection(c), let s else { return }
-    ep.application?.response(status: Int(status), contentLength: length >= 0 ? length : nil, stream: HTTPStream(raw: s),
+    guard let conn = connection(c), let s, let h = head?.pointee else { return }
+    let response = HTTPResponseHead.parse(h.httpFields)
+    let stream = HTTPStream(raw: s)
+    stream.maxAge = response.maxAge
+    ep.application?.response(status: response.status, contentLength: response.contentLength, stream: stream,
                              connection: conn)
 }
 

@@ -9,6 +9,12 @@
  * and get packets written into buffers they own. Bodies are zero-copy: a response
  * body is a caller-owned memory region (an mmap of the object), and received bodies
  * go straight to a file descriptor, so the per-packet path allocates nothing.
+ *
+ * What a head means is not decided here: the shim keeps a head's fields in a bounded
+ * per-stream buffer and hands them to Swift once, at the end of the head (stoq_head), where
+ * STOQQUIC's HTTPRequestHead applies the HTTP rules. Files: stoq_conn.c (lifecycle, ngtcp2
+ * callbacks), stoq_io.c (packets in and out), stoq_h3.c (nghttp3), stoq_sink.c (received
+ * bodies), stoq_pkt.c (stateless packets), stoq_tls.c (credentials, verify callbacks).
  */
 #ifndef CNGTCP2_H
 #define CNGTCP2_H
@@ -28,9 +34,9 @@ extern "C" {
 #define STOQ_SCIDLEN 16
 /** Bytes of a static secret (tokens, stateless reset). */
 #define STOQ_SECRETLEN 32
-/** Longest request target STOQ accepts; longer gets 414. */
+/** Longest request target STOQ accepts; longer gets 414 (the rule is HTTPRequestHead's). */
 #define STOQ_MAX_PATH 4096
-/** Largest request field section (RFC 9114 §4.2.2 size) STOQ serves; larger gets 431. */
+/** Largest request field section (RFC 9114 §4.2.2 size) STOQ serves; larger gets 431 (ditto). */
 #define STOQ_MAX_FIELD_SECTION 16384
 
 /* ---- TLS credentials ------------------------------------------------------ */
@@ -76,28 +82,36 @@ int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, cons
 typedef struct stoq_conn stoq_conn;
 typedef struct stoq_stream stoq_stream;
 
-/** A request head as parsed by the server side. Strings are NUL-terminated, valid during the callback. */
-typedef struct stoq_request {
-  const char *method;
-  const char *path;
-  const char *authority;
-  const char *range;      /* "" when absent */
-  int64_t content_length; /* -1 when absent */
-  int path_too_long;      /* the path exceeded STOQ_MAX_PATH and was cut */
-  int malformed;          /* a pseudo-header was missing or repeated */
-  int has_body;           /* the stream did not end with the headers */
-  int headers_too_large;  /* the field section exceeded STOQ_MAX_FIELD_SECTION (answer 431) */
-} stoq_request;
+/** Bytes of one head's fields a stream keeps: the largest field section a request may have
+ *  plus the longest path (what nghttp3 is told to accept). A larger head is counted, not kept. */
+#define STOQ_HEAD_BUFFER (STOQ_MAX_FIELD_SECTION + STOQ_MAX_PATH)
+
+/** One field of a received head, packed: this, then `name_len` bytes of name, then
+ *  `value_kept` bytes of value (`value_len` is its length on the wire; it was cut when the
+ *  buffer ran out). Unaligned: copy it out. */
+typedef struct stoq_field_hdr {
+  uint32_t name_len, value_len, value_kept;
+} stoq_field_hdr;
+
+/** A received head (request or response) exactly as it came: the shim applies no HTTP rule;
+ *  the application parses it (STOQQUIC's HTTPRequestHead). Valid during the callback only. */
+typedef struct stoq_head {
+  const uint8_t *fields; /* `nfields` packed fields in the order received */
+  size_t fields_len, nfields;
+  size_t dropped;        /* fields that did not fit at all (counted in section_size only) */
+  uint64_t section_size; /* RFC 9114 §4.2.2 size of the whole section: name + value + 32 each */
+  int has_body;          /* the stream did not end with the head */
+} stoq_head;
 
 /** Application events. Each gets `ctx` back. Called on the connection's worker thread only. */
 typedef struct stoq_events {
   void *ctx;
-  /** Server: a request head is complete. Respond now or later with stoq_stream_respond. */
-  void (*on_request)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_request *req);
+  /** Server: a request head is complete (once per request). Respond now or later with stoq_stream_respond. */
+  void (*on_request)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_head *head);
   /** Server: the request body (if any) ended; `aborted` when the peer reset the stream. */
   void (*on_request_end)(void *ctx, stoq_conn *c, stoq_stream *s, int aborted);
-  /** Client: a response head arrived. */
-  void (*on_response)(void *ctx, stoq_conn *c, stoq_stream *s, int status, int64_t content_length);
+  /** Client: a response head arrived (once per response). */
+  void (*on_response)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_head *head);
   /** Both: the stream is gone; the handle is invalid after this returns. */
   void (*on_stream_close)(void *ctx, stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
   /** Both: a connection ID of ours was added (`added`=1) or retired (0): keep the endpoint's table in step. */
@@ -282,8 +296,10 @@ int stoq_stream_sink_errno(const stoq_stream *s);
 int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]);
 /** Whether the peer finished the body (fin seen). */
 int stoq_stream_body_complete(const stoq_stream *s);
-/* A response's Cache-Control max-age in seconds, or -1 when it had none. */
+/** A value the application keeps on the stream: a response's Cache-Control max-age in seconds
+ *  (the application parses the head and sets it), -1 when none. */
 int64_t stoq_stream_max_age(const stoq_stream *s);
+void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age);
 /** Abandons a stream in both directions with an HTTP/3 error code. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
 /** Per-stream application pointer. */

@@ -1,0 +1,459 @@
+/*
+ * One STOQ connection's life: the endpoint context connections share, accepting and dialling,
+ * the ngtcp2 callbacks, and freeing. Packets in and out are in stoq_io.c.
+ *
+ * Why C: ngtcp2 drives a connection through some thirty C callbacks that take its own structs
+ * by pointer and run inside ngtcp2_conn_read_pkt / write; answering them in C keeps those
+ * structs and their versioned layouts out of Swift, and costs no bridging per packet. See
+ * include/CNgtcp2.h for what the whole shim promises.
+ */
+#define _GNU_SOURCE
+#include "stoq_internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <ngtcp2/ngtcp2_crypto.h>
+
+/* How long a Retry token stays good. */
+#define RETRY_TOKEN_TIMEOUT (10ull * NGTCP2_SECONDS)
+
+int stoq_random(uint8_t *buf, size_t len) {
+  return gnutls_rnd(GNUTLS_RND_RANDOM, buf, len) == 0 ? 0 : -1;
+}
+
+void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  if (!err || !errlen) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+void conn_fail(stoq_conn *c, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->errstr, sizeof(c->errstr), fmt, ap);
+  va_end(ap);
+}
+
+/* ---- Endpoint context ----------------------------------------------------- */
+
+stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const stoq_settings *s,
+                                         const stoq_events *ev) {
+  stoq_endpoint_ctx *ep = calloc(1, sizeof(*ep));
+  if (!ep) return NULL;
+  ep->is_server = is_server;
+  ep->tls = tls;
+  ep->s = *s;
+  ep->ev = *ev;
+  ep->refs = 1;
+  return ep;
+}
+
+static void endpoint_release(stoq_endpoint_ctx *ep) {
+  if (--ep->refs == 0) free(ep);
+}
+
+void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls) { ep->tls = tls; }
+void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep) {
+  stoq_events none = {0};
+  ep->ev = none; /* connections still alive call no one */
+  ep->tls = NULL;
+  endpoint_release(ep);
+}
+
+
+/* ---- ngtcp2 callbacks -------------------------------------------------------- */
+
+static void cb_rand(uint8_t *dest, size_t len, const ngtcp2_rand_ctx *ctx) {
+  (void)ctx;
+  stoq_random(dest, len);
+}
+
+static void make_cid(const stoq_endpoint_ctx *ep, ngtcp2_cid *cid, size_t len) {
+  cid->datalen = len;
+  stoq_random(cid->data, len);
+  cid->data[STOQ_CID_WORKER_BYTE] = ep->s.worker_id; /* bpf/stoq_kern_user.h */
+}
+
+static int cb_get_new_connection_id(ngtcp2_conn *q, ngtcp2_cid *cid, uint8_t *token, size_t cidlen, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  make_cid(c->ep, cid, cidlen);
+  if (ngtcp2_crypto_generate_stateless_reset_token(token, c->ep->s.static_secret, STOQ_SECRETLEN, cid) != 0)
+    return NGTCP2_ERR_CALLBACK_FAILURE;
+  if (c->ep->ev.on_cid) c->ep->ev.on_cid(c->ep->ev.ctx, c, cid->data, cid->datalen, 1);
+  return 0;
+}
+
+static int cb_remove_connection_id(ngtcp2_conn *q, const ngtcp2_cid *cid, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  if (c->ep->ev.on_cid) c->ep->ev.on_cid(c->ep->ev.ctx, c, cid->data, cid->datalen, 0);
+  return 0;
+}
+
+static int cb_recv_stream_data(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, uint64_t offset,
+                               const uint8_t *data, size_t len, void *ud, void *sud) {
+  (void)q; (void)offset; (void)sud;
+  stoq_conn *c = ud;
+  if (!c->h3) return 0;
+  nghttp3_ssize n = nghttp3_conn_read_stream(c->h3, stream_id, data, len, flags & NGTCP2_STREAM_DATA_FLAG_FIN);
+  if (n < 0) {
+    ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code((int)n),
+                                                        NULL, 0);
+    c->has_error = 1;
+    conn_fail(c, "HTTP/3: %s", nghttp3_strerror((int)n));
+    return NGTCP2_ERR_CALLBACK_FAILURE;
+  }
+  consume(c, stream_id, (size_t)n);
+  return 0;
+}
+
+static int cb_acked_stream_data_offset(ngtcp2_conn *q, int64_t stream_id, uint64_t offset, uint64_t len, void *ud,
+                                       void *sud) {
+  (void)q; (void)offset; (void)sud;
+  stoq_conn *c = ud;
+  if (!c->h3) return 0;
+  return nghttp3_conn_add_ack_offset(c->h3, stream_id, len) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_stream_close(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, uint64_t code, void *ud, void *sud) {
+  (void)q; (void)sud;
+  stoq_conn *c = ud;
+  if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET)) code = NGHTTP3_H3_NO_ERROR;
+  if (!c->h3) return 0;
+  int rv = nghttp3_conn_close_stream(c->h3, stream_id, code);
+  if (rv != 0 && rv != NGHTTP3_ERR_STREAM_NOT_FOUND) {
+    ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code(rv),
+                                                        NULL, 0);
+    c->has_error = 1;
+    return NGTCP2_ERR_CALLBACK_FAILURE;
+  }
+  return 0;
+}
+
+static int cb_stream_reset(ngtcp2_conn *q, int64_t stream_id, uint64_t final_size, uint64_t code, void *ud,
+                           void *sud) {
+  (void)q; (void)final_size; (void)code; (void)sud;
+  stoq_conn *c = ud;
+  if (!c->h3) return 0;
+  return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_stream_stop_sending(ngtcp2_conn *q, int64_t stream_id, uint64_t code, void *ud, void *sud) {
+  (void)q; (void)code; (void)sud;
+  stoq_conn *c = ud;
+  if (!c->h3) return 0;
+  return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_extend_max_stream_data(ngtcp2_conn *q, int64_t stream_id, uint64_t max_data, void *ud, void *sud) {
+  (void)q; (void)max_data; (void)sud;
+  stoq_conn *c = ud;
+  if (!c->h3) return 0;
+  return nghttp3_conn_unblock_stream(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_extend_max_remote_streams_bidi(ngtcp2_conn *q, uint64_t max_streams, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  if (c->h3) nghttp3_conn_set_max_client_streams_bidi(c->h3, max_streams);
+  return 0;
+}
+
+static int cb_recv_tx_key(ngtcp2_conn *q, ngtcp2_crypto_level level, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  if (level != NGTCP2_CRYPTO_LEVEL_APPLICATION || !c->is_server) return 0;
+  return setup_h3(c) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_recv_rx_key(ngtcp2_conn *q, ngtcp2_crypto_level level, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  if (level != NGTCP2_CRYPTO_LEVEL_APPLICATION || c->is_server) return 0;
+  return setup_h3(c) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
+}
+
+static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  c->established = 1;
+  if (c->ep->ev.on_handshake) c->ep->ev.on_handshake(c->ep->ev.ctx, c);
+  return 0;
+}
+
+static void cb_log(void *ud, const char *fmt, ...) {
+  (void)ud;
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+}
+
+ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref) { return ((stoq_conn *)ref->user_data)->q; }
+
+/* The connection ngtcp2_conn_read_pkt is reading for: ngtcp2's decrypt callback carries no
+   user data, and each endpoint is driven by one thread, so a thread-local names it exactly. */
+_Thread_local stoq_conn *reading_conn;
+
+/* Counts 1-RTT packets by the key phase they decrypted under, so a test can see that a peer
+   moved to updated keys (RFC 9001 §6). `aad` is the header with protection removed. */
+static int cb_decrypt(uint8_t *dest, const ngtcp2_crypto_aead *aead, const ngtcp2_crypto_aead_ctx *aead_ctx,
+                      const uint8_t *ciphertext, size_t ciphertextlen, const uint8_t *nonce, size_t noncelen,
+                      const uint8_t *aad, size_t aadlen) {
+  int rv = ngtcp2_crypto_decrypt_cb(dest, aead, aead_ctx, ciphertext, ciphertextlen, nonce, noncelen, aad, aadlen);
+  if (rv == 0 && reading_conn && aadlen > 0 && !(aad[0] & 0x80)) reading_conn->rx_key_phase[(aad[0] >> 2) & 1]++;
+  return rv;
+}
+
+static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
+  memset(cb, 0, sizeof(*cb));
+  if (is_server) {
+    cb->recv_client_initial = ngtcp2_crypto_recv_client_initial_cb;
+    cb->recv_tx_key = cb_recv_tx_key;
+  } else {
+    cb->client_initial = ngtcp2_crypto_client_initial_cb;
+    cb->recv_retry = ngtcp2_crypto_recv_retry_cb;
+    cb->recv_rx_key = cb_recv_rx_key;
+  }
+  cb->recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb;
+  cb->handshake_completed = cb_handshake_completed;
+  cb->encrypt = ngtcp2_crypto_encrypt_cb;
+  cb->decrypt = cb_decrypt;
+  cb->hp_mask = ngtcp2_crypto_hp_mask_cb;
+  cb->recv_stream_data = cb_recv_stream_data;
+  cb->acked_stream_data_offset = cb_acked_stream_data_offset;
+  cb->stream_close = cb_stream_close;
+  cb->rand = cb_rand;
+  cb->get_new_connection_id = cb_get_new_connection_id;
+  cb->remove_connection_id = cb_remove_connection_id;
+  cb->update_key = ngtcp2_crypto_update_key_cb;
+  cb->stream_reset = cb_stream_reset;
+  cb->extend_max_remote_streams_bidi = cb_extend_max_remote_streams_bidi;
+  cb->extend_max_stream_data = cb_extend_max_stream_data;
+  cb->delete_crypto_aead_ctx = ngtcp2_crypto_delete_crypto_aead_ctx_cb;
+  cb->delete_crypto_cipher_ctx = ngtcp2_crypto_delete_crypto_cipher_ctx_cb;
+  cb->get_path_challenge_data = ngtcp2_crypto_get_path_challenge_data_cb;
+  cb->stream_stop_sending = cb_stream_stop_sending;
+  cb->version_negotiation = ngtcp2_crypto_version_negotiation_cb;
+}
+
+static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtcp2_transport_params *p, uint64_t now) {
+  const stoq_settings *s = &ep->s;
+  ngtcp2_settings_default(st);
+  st->initial_ts = now;
+  st->cc_algo = (ngtcp2_cc_algo)s->cc_algo;
+  if (s->max_window) st->max_window = s->max_window;
+  if (s->max_stream_window) st->max_stream_window = s->max_stream_window;
+  if (s->handshake_timeout) st->handshake_timeout = s->handshake_timeout;
+  if (s->ack_thresh) st->ack_thresh = s->ack_thresh;
+  if (s->max_udp_payload_size) {
+    st->max_tx_udp_payload_size = s->max_udp_payload_size;
+    st->no_tx_udp_payload_size_shaping = 1;
+  }
+  if (s->log) st->log_printf = cb_log;
+
+  ngtcp2_transport_params_default(p);
+  p->initial_max_stream_data_bidi_local = s->initial_max_stream_data;
+  p->initial_max_stream_data_bidi_remote = s->initial_max_stream_data;
+  p->initial_max_stream_data_uni = s->initial_max_stream_data;
+  p->initial_max_data = s->initial_max_data;
+  p->initial_max_streams_bidi = ep->is_server ? s->max_streams_bidi : 0;
+  p->initial_max_streams_uni = 8;
+  p->max_idle_timeout = s->idle_timeout;
+  p->active_connection_id_limit = 7;
+}
+
+int stoq_conn_peer_refused(const stoq_conn *c) { return c->peer_refused; }
+
+static stoq_conn *conn_alloc(stoq_endpoint_ctx *ep, const struct sockaddr_in6 *local,
+                             const struct sockaddr_in6 *remote) {
+  stoq_conn *c = calloc(1, sizeof(*c));
+  if (!c) return NULL;
+  c->ep = ep;
+  ep->refs++;
+  c->is_server = ep->is_server;
+  c->local = *local;
+  c->remote = *remote;
+  c->max_pkt = ep->s.max_udp_payload_size ? ep->s.max_udp_payload_size : 1452;
+  if (c->max_pkt < NGTCP2_MAX_UDP_PAYLOAD_SIZE) c->max_pkt = NGTCP2_MAX_UDP_PAYLOAD_SIZE;
+  c->pending = malloc(c->max_pkt);
+  if (!c->pending) {
+    free(c);
+    return NULL;
+  }
+  ngtcp2_connection_close_error_default(&c->last_error);
+  return c;
+}
+
+ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote) {
+  ngtcp2_path p = {
+      .local = {.addr = (ngtcp2_sockaddr *)local, .addrlen = sizeof(*local)},
+      .remote = {.addr = (ngtcp2_sockaddr *)remote, .addrlen = sizeof(*remote)},
+      .user_data = NULL,
+  };
+  return p;
+}
+
+stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len,
+                            const struct sockaddr_in6 *local, const struct sockaddr_in6 *remote, uint64_t now,
+                            void *app, uint8_t *out, size_t outcap, ssize_t *outlen, int *action) {
+  *action = STOQ_ACCEPT_DROP;
+  *outlen = 0;
+  ngtcp2_pkt_hd hd;
+  int rv = ngtcp2_accept(&hd, pkt, len);
+  if (rv != 0 && rv != NGTCP2_ERR_RETRY) return NULL;
+
+  ngtcp2_cid odcid, *pocid = NULL;
+  const uint8_t *token = NULL;
+  size_t tokenlen = 0;
+  int need_retry = rv == NGTCP2_ERR_RETRY;
+
+  if (hd.token.len > 0 && hd.token.base[0] == NGTCP2_CRYPTO_TOKEN_MAGIC_RETRY) {
+    if (ngtcp2_crypto_verify_retry_token(&odcid, hd.token.base, hd.token.len, ep->s.static_secret, STOQ_SECRETLEN,
+                                         hd.version, (const ngtcp2_sockaddr *)remote, sizeof(*remote), &hd.dcid,
+                                         RETRY_TOKEN_TIMEOUT, now) != 0) {
+      /* A forged or stale Retry token: tell the client plainly (INVALID_TOKEN), statelessly. */
+      ssize_t n = ngtcp2_crypto_write_connection_close(out, outcap, hd.version, &hd.scid, &hd.dcid,
+                                                       NGTCP2_INVALID_TOKEN, NULL, 0);
+      if (n > 0) {
+        *outlen = n;
+        *action = STOQ_ACCEPT_REPLY;
+      }
+      return NULL;
+    }
+    pocid = &odcid;
+    token = hd.token.base;
+    tokenlen = hd.token.len;
+    need_retry = 0;
+  } else if (ep->s.enable_retry) {
+    need_retry = 1;
+  }
+
+  if (need_retry) {
+    if (outcap > len * 3) outcap = len * 3; /* stay inside the anti-amplification limit */
+    ngtcp2_cid scid;
+    make_cid(ep, &scid, STOQ_SCIDLEN);
+    uint8_t tok[NGTCP2_CRYPTO_MAX_RETRY_TOKENLEN];
+    ssize_t tl = ngtcp2_crypto_generate_retry_token(tok, ep->s.static_secret, STOQ_SECRETLEN, hd.version,
+                                                    (const ngtcp2_sockaddr *)remote, sizeof(*remote), &scid,
+                                                    &hd.dcid, now);
+    if (tl < 0) return NULL;
+    ssize_t n = ngtcp2_crypto_write_retry(out, outcap, hd.version, &hd.scid, &scid, &hd.dcid, tok, (size_t)tl);
+    if (n > 0) {
+      *outlen = n;
+      *action = STOQ_ACCEPT_REPLY;
+    }
+    return NULL;
+  }
+
+  stoq_conn *c = conn_alloc(ep, local, remote);
+  if (!c) return NULL;
+  c->app = app;
+  ngtcp2_callbacks cb;
+  fill_callbacks(&cb, 1);
+  ngtcp2_settings st;
+  ngtcp2_transport_params p;
+  fill_settings(ep, &st, &p, now);
+  st.token = (ngtcp2_vec){(uint8_t *)(uintptr_t)token, tokenlen};
+  ngtcp2_cid scid;
+  make_cid(ep, &scid, STOQ_SCIDLEN);
+  if (pocid) {
+    p.original_dcid = *pocid;
+    p.retry_scid = hd.dcid;
+    p.retry_scid_present = 1;
+  } else {
+    p.original_dcid = hd.dcid;
+  }
+  p.stateless_reset_token_present = 1;
+  ngtcp2_crypto_generate_stateless_reset_token(p.stateless_reset_token, ep->s.static_secret, STOQ_SECRETLEN, &scid);
+  ngtcp2_path path = make_path(&c->local, &c->remote);
+  rv = ngtcp2_conn_server_new(&c->q, &hd.scid, &scid, &path, hd.version, &cb, &st, &p, NULL, c);
+  if (rv != 0 || setup_tls(c, NULL) != 0) {
+    stoq_conn_free(c);
+    return NULL;
+  }
+  if (ep->ev.on_cid) {
+    ep->ev.on_cid(ep->ev.ctx, c, hd.dcid.data, hd.dcid.datalen, 1);
+    ep->ev.on_cid(ep->ev.ctx, c, scid.data, scid.datalen, 1);
+  }
+  *action = STOQ_ACCEPT_OK;
+  return c;
+}
+
+stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, const struct sockaddr_in6 *local,
+                             const struct sockaddr_in6 *remote, uint64_t now, void *app, char *err, size_t errlen) {
+  stoq_conn *c = conn_alloc(ep, local, remote);
+  if (!c) {
+    set_err(err, errlen, "out of memory");
+    return NULL;
+  }
+  c->app = app;
+  ngtcp2_callbacks cb;
+  fill_callbacks(&cb, 0);
+  ngtcp2_settings st;
+  ngtcp2_transport_params p;
+  fill_settings(ep, &st, &p, now);
+  ngtcp2_cid dcid, scid;
+  dcid.datalen = 18;
+  stoq_random(dcid.data, dcid.datalen);
+  make_cid(ep, &scid, STOQ_SCIDLEN);
+  ngtcp2_path path = make_path(&c->local, &c->remote);
+  int rv = ngtcp2_conn_client_new(&c->q, &dcid, &scid, &path, NGTCP2_PROTO_VER_V1, &cb, &st, &p, NULL, c);
+  if (rv != 0) {
+    set_err(err, errlen, "ngtcp2_conn_client_new: %s", ngtcp2_strerror(rv));
+    stoq_conn_free(c);
+    return NULL;
+  }
+  if (setup_tls(c, server_name) != 0) {
+    set_err(err, errlen, "%s", c->errstr);
+    stoq_conn_free(c);
+    return NULL;
+  }
+  if (ep->ev.on_cid) ep->ev.on_cid(ep->ev.ctx, c, scid.data, scid.datalen, 1);
+  return c;
+}
+
+void stoq_conn_free(stoq_conn *c) {
+  if (!c) return;
+  while (c->streams) {
+    stoq_stream *s = c->streams;
+    if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_CANCELLED);
+    stream_free(c, s);
+  }
+  if (c->h3) nghttp3_conn_del(c->h3);
+  if (c->q) ngtcp2_conn_del(c->q);
+  if (c->tls) gnutls_deinit(c->tls);
+  free(c->pending);
+  endpoint_release(c->ep);
+  free(c);
+}
+
+void stoq_conn_set_app(stoq_conn *c, void *app) { c->app = app; }
+void *stoq_conn_get_app(const stoq_conn *c) { return c->app; }
+int stoq_conn_is_established(const stoq_conn *c) { return c->established; }
+const char *stoq_conn_error_string(const stoq_conn *c) { return c->errstr; }
+
+void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out) {
+  const ngtcp2_path *p = ngtcp2_conn_get_path(c->q);
+  memcpy(out, p->remote.addr, sizeof(*out));
+}
+
+void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out) {
+  ngtcp2_conn_stat st;
+  ngtcp2_conn_get_conn_stat(c->q, &st);
+  out->bytes_in_flight = st.bytes_in_flight;
+  out->cwnd = st.cwnd;
+  out->smoothed_rtt_ns = st.smoothed_rtt;
+  out->min_rtt_ns = st.min_rtt;
+  out->pkts_lost = 0;
+  out->body_bytes_received = c->body_rx;
+  out->body_bytes_sent = c->body_tx;
+  out->streams_open = c->streams_open;
+}

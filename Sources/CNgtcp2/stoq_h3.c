@@ -1,0 +1,417 @@
+/*
+ * HTTP/3 over one connection: nghttp3's callbacks, request and response heads, and the body
+ * a stream sends (caller-owned pieces, released as the peer acknowledges them).
+ *
+ * Why C: nghttp3 calls back per header field and per DATA frame from inside
+ * nghttp3_conn_read_stream, with its own rcbuf and vec structs. The head's fields are gathered
+ * here into the stream's buffer and handed to Swift once, at the end of the head, where the
+ * HTTP rules live (STOQQUIC's HTTPRequestHead); bodies never cross into Swift at all.
+ */
+#define _GNU_SOURCE
+#include "stoq_internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* How much response body one nghttp3 DATA frame carries. */
+#define BODY_CHUNK (1u << 20)
+
+/* ---- Streams --------------------------------------------------------------- */
+
+stoq_stream *stream_new(stoq_conn *c, int64_t id) {
+  stoq_stream *s = calloc(1, sizeof(*s));
+  if (!s) return NULL;
+  s->id = id;
+  s->conn = c;
+  s->max_age = -1;
+  s->sink_fd = -1;
+  s->sink_limit = UINT64_MAX;
+  s->next = c->streams;
+  if (c->streams) c->streams->prev = s;
+  c->streams = s;
+  c->streams_open++;
+  return s;
+}
+
+void stream_free(stoq_conn *c, stoq_stream *s) {
+  sink_flush(s);
+  free(s->wbuf);
+  free(s->head);
+  if (s->prev) s->prev->next = s->next;
+  else c->streams = s->next;
+  if (s->next) s->next->prev = s->prev;
+  for (unsigned i = 0; i < s->p_count; i++) {
+    struct body_piece *p = &s->pieces[(s->p_head + i) % STOQ_BODY_PIECES];
+    if (p->release) p->release(p->arg);
+  }
+  if (s->hashing && !s->digest_done) gnutls_hash_deinit(s->hash, NULL);
+  c->streams_open--;
+  free(s);
+}
+
+void stoq_stream_set_app(stoq_stream *s, void *app) { s->app = app; }
+void *stoq_stream_get_app(const stoq_stream *s) { return s->app; }
+int64_t stoq_stream_id(const stoq_stream *s) { return s->id; }
+int stoq_stream_body_complete(const stoq_stream *s) { return s->body_complete; }
+int64_t stoq_stream_max_age(const stoq_stream *s) { return s->max_age; }
+void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age) { s->max_age = max_age; }
+
+/* ---- nghttp3 glue ----------------------------------------------------------- */
+
+void consume(stoq_conn *c, int64_t stream_id, size_t n) {
+  ngtcp2_conn_extend_max_stream_offset(c->q, stream_id, n);
+  ngtcp2_conn_extend_max_offset(c->q, n);
+}
+
+static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
+  (void)ud;
+  stoq_stream *s = sud;
+  /* Each piece goes back once the peer has acknowledged all of it (acks arrive in order:
+   * nghttp3 counts them). */
+  if (!s) return 0;
+  s->p_acked += datalen;
+  while (s->p_count && s->p_read > 0) {
+    struct body_piece *p = &s->pieces[s->p_head];
+    if (s->p_acked < p->len) break;
+    s->p_acked -= p->len;
+    if (p->release) p->release(p->arg);
+    p->release = NULL;
+    s->p_head = (s->p_head + 1) % STOQ_BODY_PIECES;
+    s->p_count--;
+    s->p_read--;
+  }
+  /* A stream that blocked because every piece slot was taken can ask for more now. */
+  if (s->stream_blocked && s->p_count < STOQ_BODY_PIECES && !s->stream_eof) {
+    s->stream_blocked = 0;
+    nghttp3_conn_resume_stream(h3, stream_id);
+  }
+  return 0;
+}
+
+static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_error_code, void *ud, void *sud) {
+  (void)h3;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (s) {
+    if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, app_error_code);
+    stream_free(c, s);
+  }
+  if (c->is_server && ngtcp2_is_bidi_stream(stream_id)) ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
+  return 0;
+}
+
+static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data, size_t len, void *ud, void *sud) {
+  (void)h3;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  consume(c, stream_id, len);
+  if (!s) return 0;
+  if (s->received + len > s->sink_limit) {
+    /* More body than allowed: refuse the rest of the stream, keep the connection. */
+    ngtcp2_conn_shutdown_stream(c->q, stream_id, STOQ_H3_EXCESSIVE_LOAD);
+    s->sink_errno = EFBIG;
+    return 0;
+  }
+  sink_take(s, data, len);
+  c->body_rx += len;
+  return 0;
+}
+
+static int h3_deferred_consume(nghttp3_conn *h3, int64_t stream_id, size_t n, void *ud, void *sud) {
+  (void)h3; (void)sud;
+  consume(ud, stream_id, n);
+  return 0;
+}
+
+/* A head's fields are gathered into the stream's buffer (allocated here, once per head, freed
+ * once the head is handed over) and given to the application whole at the end of the head. */
+static int h3_begin_headers(nghttp3_conn *h3, int64_t stream_id, void *ud, void *sud) {
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (!s) {
+    if (!c->is_server) return 0;
+    s = stream_new(c, stream_id);
+    if (!s) return NGHTTP3_ERR_NOMEM;
+    nghttp3_conn_set_stream_user_data(h3, stream_id, s);
+  }
+  if (!s->head) s->head = malloc(STOQ_HEAD_BUFFER);
+  s->head_len = 0;
+  s->head_nfields = 0;
+  s->head_dropped = 0;
+  s->head_section = 0;
+  return 0;
+}
+
+/* Keeps one field: what does not fit is counted (section size, dropped fields), not kept; a
+ * value that fits only in part keeps its start and its length on the wire. No HTTP rule here. */
+static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, nghttp3_rcbuf *name,
+                          nghttp3_rcbuf *value, uint8_t flags, void *ud, void *sud) {
+  (void)h3; (void)stream_id; (void)token; (void)flags; (void)ud;
+  stoq_stream *s = sud;
+  if (!s) return 0;
+  nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
+  /* RFC 9114 §4.2.2 counts name + value + 32 per field. */
+  s->head_section += n.len + v.len + 32;
+  size_t room = s->head ? STOQ_HEAD_BUFFER - s->head_len : 0;
+  if (room < sizeof(stoq_field_hdr) + n.len || n.len > UINT32_MAX || v.len > UINT32_MAX) {
+    s->head_dropped++;
+    return 0;
+  }
+  room -= sizeof(stoq_field_hdr) + n.len;
+  stoq_field_hdr fh = {(uint32_t)n.len, (uint32_t)v.len, (uint32_t)(v.len < room ? v.len : room)};
+  uint8_t *at = s->head + s->head_len;
+  memcpy(at, &fh, sizeof(fh));
+  memcpy(at + sizeof(fh), n.base, n.len);
+  memcpy(at + sizeof(fh) + n.len, v.base, fh.value_kept);
+  s->head_len += sizeof(fh) + n.len + fh.value_kept;
+  s->head_nfields++;
+  return 0;
+}
+
+static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud, void *sud) {
+  (void)h3; (void)stream_id;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (!s) return 0;
+  s->fin_with_headers = fin;
+  /* The buffer leaves the stream first: the callback may end the stream (and free it). */
+  uint8_t *buf = s->head;
+  s->head = NULL;
+  stoq_head head = {
+      .fields = buf,
+      .fields_len = buf ? s->head_len : 0,
+      .nfields = buf ? s->head_nfields : 0,
+      .dropped = s->head_dropped,
+      .section_size = s->head_section,
+      .has_body = !fin,
+  };
+  if (c->is_server) {
+    if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &head);
+  } else {
+    if (c->ep->ev.on_response) c->ep->ev.on_response(c->ep->ev.ctx, c, s, &head);
+  }
+  free(buf);
+  return 0;
+}
+
+static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *sud) {
+  (void)h3; (void)stream_id;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (!s) return 0;
+  s->body_complete = 1;
+  sink_flush(s);
+  stream_finish_digest(s);
+  if (c->is_server && c->ep->ev.on_request_end) c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
+  return 0;
+}
+
+static int h3_stop_sending(nghttp3_conn *h3, int64_t stream_id, uint64_t code, void *ud, void *sud) {
+  (void)h3; (void)sud;
+  stoq_conn *c = ud;
+  return ngtcp2_conn_shutdown_stream_read(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
+}
+
+static int h3_reset_stream(nghttp3_conn *h3, int64_t stream_id, uint64_t code, void *ud, void *sud) {
+  (void)h3; (void)sud;
+  stoq_conn *c = ud;
+  return ngtcp2_conn_shutdown_stream_write(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
+}
+
+int setup_h3(stoq_conn *c) {
+  if (c->h3) return 0;
+  if (ngtcp2_conn_get_max_local_streams_uni(c->q) < 3) {
+    conn_fail(c, "peer allows fewer than 3 unidirectional streams");
+    return -1;
+  }
+  nghttp3_callbacks cb = {
+      .acked_stream_data = h3_acked_stream_data,
+      .stream_close = h3_stream_close,
+      .recv_data = h3_recv_data,
+      .deferred_consume = h3_deferred_consume,
+      .begin_headers = h3_begin_headers,
+      .recv_header = h3_recv_header,
+      .end_headers = h3_end_headers,
+      .stop_sending = h3_stop_sending,
+      .end_stream = h3_end_stream,
+      .reset_stream = h3_reset_stream,
+  };
+  nghttp3_settings st;
+  nghttp3_settings_default(&st);
+  st.qpack_max_dtable_capacity = 4096;
+  st.qpack_blocked_streams = 100;
+  st.max_field_section_size = STOQ_HEAD_BUFFER;
+  int rv = c->is_server ? nghttp3_conn_server_new(&c->h3, &cb, &st, nghttp3_mem_default(), c)
+                        : nghttp3_conn_client_new(&c->h3, &cb, &st, nghttp3_mem_default(), c);
+  if (rv != 0) {
+    conn_fail(c, "nghttp3 conn: %s", nghttp3_strerror(rv));
+    return -1;
+  }
+  if (c->is_server) {
+    const ngtcp2_transport_params *p = ngtcp2_conn_get_local_transport_params(c->q);
+    nghttp3_conn_set_max_client_streams_bidi(c->h3, p->initial_max_streams_bidi);
+  }
+  int64_t ctrl, enc, dec;
+  if ((rv = ngtcp2_conn_open_uni_stream(c->q, &ctrl, NULL)) != 0 ||
+      (rv = ngtcp2_conn_open_uni_stream(c->q, &enc, NULL)) != 0 ||
+      (rv = ngtcp2_conn_open_uni_stream(c->q, &dec, NULL)) != 0) {
+    conn_fail(c, "opening HTTP/3 streams: %s", ngtcp2_strerror(rv));
+    return -1;
+  }
+  if ((rv = nghttp3_conn_bind_control_stream(c->h3, ctrl)) != 0 ||
+      (rv = nghttp3_conn_bind_qpack_streams(c->h3, enc, dec)) != 0) {
+    conn_fail(c, "binding HTTP/3 streams: %s", nghttp3_strerror(rv));
+    return -1;
+  }
+  return 0;
+}
+
+/* nghttp3 wants body bytes: the next slice of the current piece. A streamed body that has
+ * sent every piece it holds asks the application for more first; with no room or nothing
+ * yet, the stream waits (resumed by an append or by acks that free a slot). */
+static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt,
+                               uint32_t *pflags, void *ud, void *sud) {
+  (void)h3; (void)stream_id; (void)veccnt;
+  stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (s->p_read == s->p_count && !s->stream_eof && s->p_count < STOQ_BODY_PIECES && c->ep->ev.on_body_wanted)
+    c->ep->ev.on_body_wanted(c->ep->ev.ctx, c, s); /* may append right here */
+  /* Skip empty pieces (an empty last piece carries only the end of the body). */
+  while (s->p_read < s->p_count && s->pieces[(s->p_head + s->p_read) % STOQ_BODY_PIECES].len == 0) s->p_read++;
+  if (s->p_read == s->p_count) {
+    if (s->stream_eof) {
+      *pflags |= NGHTTP3_DATA_FLAG_EOF;
+      return 0;
+    }
+    s->stream_blocked = 1;
+    return NGHTTP3_ERR_WOULDBLOCK;
+  }
+  struct body_piece *p = &s->pieces[(s->p_head + s->p_read) % STOQ_BODY_PIECES];
+  uint64_t left = p->len - s->p_read_off;
+  size_t n = left > BODY_CHUNK ? BODY_CHUNK : (size_t)left;
+  vec[0].base = (uint8_t *)(uintptr_t)(p->base + s->p_read_off);
+  vec[0].len = n;
+  s->p_read_off += n;
+  c->body_tx += n;
+  if (s->p_read_off == p->len) {
+    s->p_read++;
+    s->p_read_off = 0;
+  }
+  if (s->p_read == s->p_count && s->stream_eof) *pflags |= NGHTTP3_DATA_FLAG_EOF;
+  return 1;
+}
+
+/* A whole-region body: one piece that ends it (released when acknowledged, or at close). */
+static void set_whole_body(stoq_stream *s, const uint8_t *body, uint64_t len, void (*release)(void *), void *arg) {
+  s->pieces[0] = (struct body_piece){.base = body, .len = len, .release = release, .arg = arg};
+  s->p_head = 0;
+  s->p_count = 1;
+  s->stream_eof = 1;
+}
+
+#define MAX_NV 24
+
+static size_t build_nv(nghttp3_nv *nva, size_t at, const stoq_header *hdrs, size_t nhdrs) {
+  for (size_t i = 0; i < nhdrs && at < MAX_NV; i++, at++) {
+    nva[at].name = (uint8_t *)(uintptr_t)hdrs[i].name;
+    nva[at].namelen = strlen(hdrs[i].name);
+    nva[at].value = (uint8_t *)(uintptr_t)hdrs[i].value;
+    nva[at].valuelen = strlen(hdrs[i].value);
+    nva[at].flags = NGHTTP3_NV_FLAG_NONE;
+  }
+  return at;
+}
+
+static nghttp3_nv make_nv(const char *n, const char *v) {
+  nghttp3_nv nv = {(uint8_t *)(uintptr_t)n, (uint8_t *)(uintptr_t)v, strlen(n), strlen(v), NGHTTP3_NV_FLAG_NONE};
+  return nv;
+}
+
+int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
+  if (s->responded) return NGHTTP3_ERR_INVALID_STATE;
+  char st[8];
+  snprintf(st, sizeof(st), "%d", status);
+  nghttp3_nv nva[MAX_NV];
+  nva[0] = make_nv(":status", st);
+  nva[1] = make_nv("server", "stoq");
+  size_t n = build_nv(nva, 2, hdrs, nhdrs);
+  nghttp3_data_reader dr = {.read_data = body_read};
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
+  if (rv == 0) s->responded = 1;
+  return rv;
+}
+
+int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
+                            void (*release)(void *), void *arg) {
+  if (!s->responded || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
+  struct body_piece *p = &s->pieces[(s->p_head + s->p_count) % STOQ_BODY_PIECES];
+  p->base = base;
+  p->len = len;
+  p->release = release;
+  p->arg = arg;
+  s->p_count++;
+  if (eof) s->stream_eof = 1;
+  if (s->stream_blocked) {
+    s->stream_blocked = 0;
+    nghttp3_conn_resume_stream(c->h3, s->id);
+  }
+  return 0;
+}
+
+int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
+                        const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg) {
+  if (s->responded) return NGHTTP3_ERR_INVALID_STATE; /* one response per request */
+  char st[8];
+  snprintf(st, sizeof(st), "%d", status);
+  nghttp3_nv nva[MAX_NV];
+  nva[0] = make_nv(":status", st);
+  nva[1] = make_nv("server", "stoq");
+  size_t n = build_nv(nva, 2, hdrs, nhdrs);
+  set_whole_body(s, body, body_len, release, arg);
+  nghttp3_data_reader dr = {.read_data = body_read};
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 ? &dr : NULL);
+  if (rv == 0) s->responded = 1;
+  return rv;
+}
+
+stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
+                                      const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
+                                      int has_body, void (*release)(void *), void *arg, void *app, char *err,
+                                      size_t errlen) {
+  if (!c->h3) {
+    set_err(err, errlen, "the connection is not established");
+    return NULL;
+  }
+  int64_t sid;
+  int rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
+  if (rv != 0) {
+    set_err(err, errlen, "no stream available: %s", ngtcp2_strerror(rv));
+    return NULL;
+  }
+  stoq_stream *s = stream_new(c, sid);
+  if (!s) return NULL;
+  s->app = app;
+  set_whole_body(s, body, body_len, release, arg);
+  nghttp3_nv nva[MAX_NV];
+  nva[0] = make_nv(":method", method);
+  nva[1] = make_nv(":scheme", "https");
+  nva[2] = make_nv(":authority", authority);
+  nva[3] = make_nv(":path", path);
+  nva[4] = make_nv("user-agent", "stoq");
+  size_t n = build_nv(nva, 5, hdrs, nhdrs);
+  nghttp3_data_reader dr = {.read_data = body_read};
+  rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && body_len > 0 ? &dr : NULL, s);
+  if (rv != 0) {
+    set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));
+    s->pieces[0].release = NULL; /* the caller keeps ownership on failure */
+    stream_free(c, s);
+    return NULL;
+  }
+  return s;
+}
+
+void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
+  ngtcp2_conn_shutdown_stream(c->q, s->id, code);
+}

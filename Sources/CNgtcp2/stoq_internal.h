@@ -1,0 +1,139 @@
+/*
+ * What the CNgtcp2 files share, and nothing else includes: the structs behind the public
+ * handles and the few helpers one file calls in another. Private to the target (it is not
+ * under include/), and every function here is hidden so none leaves the library.
+ */
+#ifndef STOQ_INTERNAL_H
+#define STOQ_INTERNAL_H
+
+#include "CNgtcp2.h"
+#include "stoq_kern_user.h" /* the CID layout make_cid follows */
+
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+#include <nghttp3/nghttp3.h>
+#include <ngtcp2/ngtcp2.h>
+#include <ngtcp2/ngtcp2_crypto.h>
+
+#define STOQ_HIDDEN __attribute__((visibility("hidden")))
+
+struct stoq_tls_ctx {
+  gnutls_certificate_credentials_t cred;
+  int is_server;
+  int insecure;
+  /* mutual TLS (server side) */
+  int client_auth;
+  /* the certificate policy (Swift's PeerVerifier), either side: the only judge of a chain */
+  stoq_peer_check_fn peer_check;
+  void *peer_check_ctx;
+};
+
+struct stoq_endpoint_ctx {
+  int is_server;
+  stoq_tls_ctx *tls;
+  stoq_settings s;
+  stoq_events ev;
+  /* Connections may outlive the endpoint (an application still holds one): each holds a
+   * reference, and freeing the endpoint only silences its events; the memory goes with
+   * the last reference. */
+  unsigned refs;
+};
+
+struct stoq_stream {
+  int64_t id;
+  stoq_conn *conn;
+  stoq_stream *prev, *next;
+  void *app;
+  /* the head being received: its fields packed as stoq_head describes (NULL between heads) */
+  uint8_t *head;
+  size_t head_len, head_nfields, head_dropped;
+  uint64_t head_section;
+  int64_t max_age; /* the application's (Swift parses Cache-Control); -1: none */
+  int fin_with_headers;
+  int body_complete;
+  int reset_by_peer;
+  int responded;
+  /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
+   * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
+  int stream_eof, stream_blocked;
+  struct body_piece {
+    const uint8_t *base;
+    uint64_t len;
+    void (*release)(void *);
+    void *arg;
+  } pieces[STOQ_BODY_PIECES];
+  unsigned p_head, p_count, p_read; /* ring start, pieces held, pieces fully read (from head) */
+  uint64_t p_read_off;              /* read position inside piece p_read */
+  uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
+  /* body we receive */
+  int sink_fd;
+  uint64_t sink_off, sink_limit, received;
+  int sink_errno;
+  /* received body is staged here and written in large pwrites, not one per packet */
+  uint8_t *wbuf;
+  size_t wlen;
+  int hashing;
+  int digest_done;
+  gnutls_hash_hd_t hash;
+  uint8_t digest[32];
+};
+
+struct stoq_conn {
+  stoq_endpoint_ctx *ep;
+  ngtcp2_conn *q;
+  gnutls_session_t tls;
+  stoq_tls_ctx *tls_ctx; /* the credentials the session was made with (they may rotate since) */
+  int peer_refused;      /* mutual TLS refused the peer's certificate */
+  ngtcp2_crypto_conn_ref ref;
+  nghttp3_conn *h3;
+  struct sockaddr_in6 local, remote;
+  ngtcp2_connection_close_error last_error;
+  int has_error;
+  char errstr[400]; /* room for a refusal that names the certificate's SANs */
+  void *app;
+  stoq_stream *streams;
+  uint64_t streams_open;
+  uint64_t body_rx, body_tx;
+  int is_server;
+  int established;
+  /* a packet that could not join the previous GSO run; sent first next time */
+  uint8_t *pending;
+  size_t pending_len;
+  struct sockaddr_in6 pending_remote;
+  uint8_t pending_ecn;
+  size_t max_pkt;
+  char verify_name[256]; /* what the client dialled: the server's certificate must name it */
+  uint64_t rx_key_phase[2];             /* 1-RTT packets decrypted with key phase bit 0 / 1 */
+};
+
+/* Fills `err` (may be NULL) printf-style. */
+STOQ_HIDDEN void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Records why the connection failed (its error string). */
+STOQ_HIDDEN void conn_fail(stoq_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* ngtcp2_crypto's way from a TLS session back to its QUIC connection. */
+STOQ_HIDDEN ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref);
+/* The connection ngtcp2_conn_read_pkt is reading for (stoq_io.c sets it around the call): the
+   decrypt callback counts key phases on it (stoq_conn.c). */
+STOQ_HIDDEN extern _Thread_local stoq_conn *reading_conn;
+
+/* TLS (stoq_tls.c): a connection's GnuTLS session; refusing the peer's certificate. */
+STOQ_HIDDEN int setup_tls(stoq_conn *c, const char *server_name);
+STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
+
+/* Streams (stoq_h3.c). */
+STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);
+STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
+/* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
+STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
+/* Opens HTTP/3 once the application keys are there. */
+STOQ_HIDDEN int setup_h3(stoq_conn *c);
+
+/* Body sinks (stoq_sink.c). */
+STOQ_HIDDEN void sink_take(stoq_stream *s, const uint8_t *data, size_t len);
+STOQ_HIDDEN void sink_flush(stoq_stream *s);
+STOQ_HIDDEN void stream_finish_digest(stoq_stream *s);
+
+/* Connections (stoq_conn.c). */
+STOQ_HIDDEN ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote);
+
+#endif

@@ -1,0 +1,217 @@
+/*
+ * TLS for one STOQ connection: GnuTLS credentials, the session a connection runs, and the
+ * certificate checks GnuTLS calls back into during the handshake.
+ *
+ * Why C: ngtcp2_crypto_gnutls drives the handshake inside GnuTLS, and GnuTLS's verify hook
+ * is a C function pointer called with only the session, mid-handshake, on the worker's
+ * thread. The trampolines reach the connection through the session pointer and call the
+ * Swift peer check (stoq_peer_check_fn) from there.
+ */
+#define _GNU_SOURCE
+#include "stoq_internal.h"
+
+#include <arpa/inet.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <ngtcp2/ngtcp2_crypto_gnutls.h>
+
+/* TLS 1.3 only; AES-128-GCM first because it is the fastest with AES-NI. */
+static const char PRIORITY[] =
+    "%DISABLE_TLS13_COMPAT_MODE:NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"
+    "+CHACHA20-POLY1305:+AES-128-CCM:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:+GROUP-SECP384R1:+GROUP-SECP521R1";
+
+static const uint8_t ALPN_H3[] = "h3";
+
+/* ---- TLS credentials ---------------------------------------------------- */
+
+/* GnuTLS will not sign a TLS 1.3 handshake with a certificate whose keyUsage lacks
+ * digitalSignature: it would fail every handshake (a client would silently send no
+ * certificate). Say so when the credentials load instead. 0 or -1 (err). */
+static int check_signing_usage(stoq_tls_ctx *t, const char *cert_file, char *err, size_t errlen) {
+  gnutls_datum_t der = {0};
+  gnutls_x509_crt_t crt;
+  if (gnutls_certificate_get_crt_raw(t->cred, 0, 0, &der) != 0 || gnutls_x509_crt_init(&crt) != 0) return 0;
+  unsigned usage = 0, critical = 0;
+  int rv = gnutls_x509_crt_import(crt, &der, GNUTLS_X509_FMT_DER);
+  if (rv == 0) rv = gnutls_x509_crt_get_key_usage(crt, &usage, &critical); /* < 0: no keyUsage, anything goes */
+  gnutls_x509_crt_deinit(crt);
+  if (rv >= 0 && !(usage & GNUTLS_KEY_DIGITAL_SIGNATURE)) {
+    set_err(err, errlen, "%s: the certificate's keyUsage lacks digitalSignature, so it cannot sign a TLS 1.3 handshake",
+            cert_file);
+    return -1;
+  }
+  return 0;
+}
+
+stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen) {
+  stoq_tls_ctx *t = calloc(1, sizeof(*t));
+  if (!t) return NULL;
+  t->is_server = 1;
+  int rv = gnutls_certificate_allocate_credentials(&t->cred);
+  if (rv == 0) rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
+  if (rv != 0) {
+    set_err(err, errlen, "loading certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
+    stoq_tls_free(t);
+    return NULL;
+  }
+  if (check_signing_usage(t, cert_file, err, errlen) != 0) {
+    stoq_tls_free(t);
+    return NULL;
+  }
+  return t;
+}
+
+stoq_tls_ctx *stoq_tls_client_new(int insecure, char *err, size_t errlen) {
+  stoq_tls_ctx *t = calloc(1, sizeof(*t));
+  if (!t) return NULL;
+  t->insecure = insecure;
+  int rv = gnutls_certificate_allocate_credentials(&t->cred);
+  if (rv != 0) {
+    set_err(err, errlen, "gnutls_certificate_allocate_credentials: %s", gnutls_strerror(rv));
+    stoq_tls_free(t);
+    return NULL;
+  }
+  return t;
+}
+
+void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode) { t->client_auth = mode; }
+
+int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
+                                    size_t errlen) {
+  int rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
+  if (rv < 0) {
+    set_err(err, errlen, "loading client certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
+    return -1;
+  }
+  return check_signing_usage(t, cert_file, err, errlen);
+}
+
+void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) {
+  t->peer_check = fn;
+  t->peer_check_ctx = ctx;
+}
+
+void stoq_tls_free(stoq_tls_ctx *t) {
+  if (!t) return;
+  if (t->cred) gnutls_certificate_free_credentials(t->cred);
+  free(t);
+}
+
+/* Refuses the peer: records why (the connection's error string) and fails the handshake. */
+int refuse_peer(stoq_conn *c, const char *why) {
+  conn_fail(c, "client certificate refused: %s", why);
+  c->peer_refused = 1;
+  return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+}
+
+/* Hands the chain the peer sent (DER, leaf first) and the name the client dialled (NULL on
+ * the server) to the credentials' policy. 0 = accepted; else `why` holds the policy's reason.
+ * No policy registered refuses: C never judges a certificate itself. */
+static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, const char *server_name,
+                          char *why, size_t whylen) {
+  why[0] = 0;
+  if (!t->peer_check) {
+    snprintf(why, whylen, "no certificate policy is registered");
+    return -1;
+  }
+  const uint8_t **certs = calloc(n, sizeof(*certs));
+  size_t *lens = calloc(n, sizeof(*lens));
+  int rc = -1;
+  if (certs && lens) {
+    for (unsigned i = 0; i < n; i++) {
+      certs[i] = chain[i].data;
+      lens[i] = chain[i].size;
+    }
+    rc = t->peer_check(t->peer_check_ctx, certs, lens, n, server_name, why, whylen);
+  } else {
+    snprintf(why, whylen, "out of memory");
+  }
+  free(certs);
+  free(lens);
+  if (rc != 0 && !why[0]) snprintf(why, whylen, "refused by the certificate policy");
+  return rc;
+}
+
+/* Server: mutual TLS. Whether a certificate was presented is a handshake fact; what to make
+ * of it is the policy's (chain, dates, keys, usages, revocation, transparency). */
+static int verify_client(gnutls_session_t session) {
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  stoq_tls_ctx *t = c->tls_ctx;
+  unsigned n = 0;
+  const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
+  if (!chain || n == 0) return t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? refuse_peer(c, "none was presented") : 0;
+  char why[sizeof(c->errstr)];
+  if (run_peer_check(t, chain, n, NULL, why, sizeof(why)) != 0) return refuse_peer(c, why);
+  return 0;
+}
+
+/* Refuses the server's certificate (client side): the connection's error string says why. */
+static int refuse_server(stoq_conn *c, const char *why) {
+  conn_fail(c, "TLS handshake failed: peer certificate refused: %s", why);
+  c->peer_refused = 1;
+  return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+}
+
+/* Client: the server's chain and the name it was dialled by go to the policy. */
+static int verify_server(gnutls_session_t session) {
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  unsigned n = 0;
+  const gnutls_datum_t *chain = gnutls_certificate_get_peers(session, &n);
+  if (!chain || n == 0) return refuse_server(c, "the server presented no certificate");
+  char why[sizeof(c->errstr)];
+  if (run_peer_check(c->tls_ctx, chain, n, c->verify_name[0] ? c->verify_name : NULL, why, sizeof(why)) != 0)
+    return refuse_server(c, why);
+  return 0;
+}
+
+int setup_tls(stoq_conn *c, const char *server_name) {
+  stoq_tls_ctx *t = c->ep->tls;
+  int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT);
+  if (rv != 0) goto fail;
+  if ((rv = gnutls_priority_set_direct(c->tls, PRIORITY, NULL)) != 0) goto fail;
+  rv = c->is_server ? ngtcp2_crypto_gnutls_configure_server_session(c->tls)
+                    : ngtcp2_crypto_gnutls_configure_client_session(c->tls);
+  if (rv != 0) {
+    conn_fail(c, "ngtcp2_crypto_gnutls_configure_session failed");
+    return -1;
+  }
+  c->ref.get_conn = get_conn;
+  c->ref.user_data = c;
+  gnutls_session_set_ptr(c->tls, &c->ref);
+  if ((rv = gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, t->cred)) != 0) goto fail;
+  c->tls_ctx = t;
+  if (c->is_server && t->client_auth != STOQ_CLIENT_AUTH_NONE) {
+    gnutls_certificate_server_set_request(
+        c->tls, t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST);
+    /* Name no acceptable CAs: a client then sends the certificate it has (GnuTLS clients send
+     * nothing when none matches the list), and the policy refuses it with a reason instead
+     * of the client silently staying anonymous. */
+    gnutls_certificate_send_x509_rdn_sequence(c->tls, 1);
+    gnutls_session_set_verify_function(c->tls, verify_client);
+  }
+  gnutls_datum_t alpn = {.data = (unsigned char *)(uintptr_t)ALPN_H3, .size = 2};
+  gnutls_alpn_set_protocols(c->tls, &alpn, 1, GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
+  if (!c->is_server) {
+    struct in6_addr a6;
+    int is_ip = server_name && inet_pton(AF_INET6, server_name, &a6) == 1;
+    if (server_name && *server_name && !is_ip)
+      gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, server_name, strlen(server_name));
+    /* The policy checks the certificate names what was dialled (a DNS name or an address). */
+    if (!t->insecure) {
+      snprintf(c->verify_name, sizeof(c->verify_name), "%s", server_name ? server_name : "");
+      gnutls_session_set_verify_function(c->tls, verify_server);
+    }
+  }
+  ngtcp2_conn_set_tls_native_handle(c->q, c->tls);
+  return 0;
+fail:
+  conn_fail(c, "TLS setup: %s", gnutls_strerror(rv));
+  return -1;
+}
