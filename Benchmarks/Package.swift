@@ -18,6 +18,6 @@ let package = Package(
                 .product(name: "STOQ", package: "stoq"),
             ],
             path: "Benchmarks/PacketPath",
-            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]),
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")])
     ]
 )

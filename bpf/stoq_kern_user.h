@@ -30,8 +30,10 @@
 /** Offsets of the worker byte in a datagram (DCID offset + STOQ_CID_WORKER_BYTE). */
 #define STOQ_QUIC_LONG_WORKER_OFFSET 6
 #define STOQ_QUIC_SHORT_WORKER_OFFSET 1
-_Static_assert(STOQ_QUIC_LONG_WORKER_OFFSET == STOQ_QUIC_LONG_DCID_OFFSET + STOQ_CID_WORKER_BYTE, "long-header worker byte");
-_Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + STOQ_CID_WORKER_BYTE, "short-header worker byte");
+_Static_assert(STOQ_QUIC_LONG_WORKER_OFFSET == STOQ_QUIC_LONG_DCID_OFFSET + STOQ_CID_WORKER_BYTE,
+               "long-header worker byte");
+_Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + STOQ_CID_WORKER_BYTE,
+               "short-header worker byte");
 
 #define STOQ_MAP_XSK "xsk_map"
 #define STOQ_MAP_PORTS "stoq_ports"
@@ -58,23 +60,23 @@ struct stoq_config {
 
 /** Indices into the per-CPU stoq_xdp_stats array. */
 enum stoq_stat {
-  STOQ_STAT_REDIRECTED = 0,      /* QUIC datagram handed to an AF_XDP socket */
-  STOQ_STAT_PASSED_NOT_IP,       /* not IPv6 or IPv4 (ARP, …) */
-  STOQ_STAT_PASSED_NOT_UDP,      /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
-  STOQ_STAT_PASSED_OTHER_PORT,   /* UDP to a port the node does not own */
-  STOQ_STAT_DROPPED_IPV4,        /* IPv4 UDP aimed at a node port: STOQ is IPv6 only */
-  STOQ_STAT_PASSED_NO_SOCKET,    /* no AF_XDP socket at the chosen index */
-  STOQ_STAT_PASSED_TRUNCATED,    /* frame ends inside a header */
-  STOQ_STAT_PASSED_EXT_LIMIT,    /* more extension headers than STOQ_MAX_EXT_HEADERS */
-  STOQ_STAT_PASSED_FRAGMENT,     /* a non-first IPv6 fragment */
-  STOQ_STAT_STEERED_BY_CID,      /* the worker came from the destination CID */
-  STOQ_STAT_WORKER_0,            /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
+  STOQ_STAT_REDIRECTED = 0,    /* QUIC datagram handed to an AF_XDP socket */
+  STOQ_STAT_PASSED_NOT_IP,     /* not IPv6 or IPv4 (ARP, …) */
+  STOQ_STAT_PASSED_NOT_UDP,    /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
+  STOQ_STAT_PASSED_OTHER_PORT, /* UDP to a port the node does not own */
+  STOQ_STAT_DROPPED_IPV4,      /* IPv4 UDP aimed at a node port: STOQ is IPv6 only */
+  STOQ_STAT_PASSED_NO_SOCKET,  /* no AF_XDP socket at the chosen index */
+  STOQ_STAT_PASSED_TRUNCATED,  /* frame ends inside a header */
+  STOQ_STAT_PASSED_EXT_LIMIT,  /* more extension headers than STOQ_MAX_EXT_HEADERS */
+  STOQ_STAT_PASSED_FRAGMENT,   /* a non-first IPv6 fragment */
+  STOQ_STAT_STEERED_BY_CID,    /* the worker came from the destination CID */
+  STOQ_STAT_WORKER_0,          /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
   STOQ_STAT_MAX = STOQ_STAT_WORKER_0 + STOQ_MAX_COUNTED_WORKERS,
 };
 
 /** User-space names of the counters above, in enum order (the worker_n ones follow). */
-#define STOQ_STAT_NAMES                                                                                  \
-  "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4", "passed_no_socket", \
+#define STOQ_STAT_NAMES                                                                                                \
+  "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4", "passed_no_socket",            \
       "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid"
 
 #endif

@@ -31,9 +31,7 @@ static __always_inline int pass(__u32 stat) {
   return XDP_PASS;
 }
 
-static __always_inline int is_node_port(__u16 port) {
-  return bpf_map_lookup_elem(&stoq_ports, &port) != NULL;
-}
+static __always_inline int is_node_port(__u16 port) { return bpf_map_lookup_elem(&stoq_ports, &port) != NULL; }
 
 SEC("xdp")
 int stoq_xdp(struct xdp_md *ctx) {

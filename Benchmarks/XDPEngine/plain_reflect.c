@@ -43,7 +43,8 @@ int main(int argc, char **argv) {
   const char *ifname = argv[1];
   unsigned queue = (unsigned)atoi(argv[2]);
   double seconds = atof(argv[4]);
-  void *area = mmap(NULL, (size_t)FRAMES * FRAME, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  void *area =
+      mmap(NULL, (size_t)FRAMES * FRAME, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   struct xsk_ring_prod fill, tx;
   struct xsk_ring_cons comp, rx;
   struct xsk_umem *umem;
@@ -54,7 +55,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   struct xsk_socket *xsk;
-  struct xsk_socket_config sc = {.rx_size = RING, .tx_size = RING,
+  struct xsk_socket_config sc = {.rx_size = RING,
+                                 .tx_size = RING,
                                  .libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
                                  .bind_flags = XDP_USE_NEED_WAKEUP | XDP_COPY};
   rc = -EBUSY;
@@ -93,9 +95,9 @@ int main(int argc, char **argv) {
     for (uint32_t i = 0; i < n; i++) {
       const struct xdp_desc *d = xsk_ring_cons__rx_desc(&rx, ri + i);
       unsigned char *f = (unsigned char *)area + d->addr;
-      swap(f, f + 6, 6);         /* Ethernet */
-      swap(f + 22, f + 38, 16);  /* IPv6 source and destination */
-      swap(f + 54, f + 56, 2);   /* UDP ports */
+      swap(f, f + 6, 6);        /* Ethernet */
+      swap(f + 22, f + 38, 16); /* IPv6 source and destination */
+      swap(f + 54, f + 56, 2);  /* UDP ports */
       struct xdp_desc *t = xsk_ring_prod__tx_desc(&tx, ti + i);
       t->addr = d->addr;
       t->len = d->len;
@@ -111,7 +113,8 @@ int main(int argc, char **argv) {
       uint32_t fi;
       while (xsk_ring_prod__reserve(&fill, c, &fi) != c) {
       }
-      for (uint32_t i = 0; i < c; i++) *xsk_ring_prod__fill_addr(&fill, fi + i) = *xsk_ring_cons__comp_addr(&comp, ci + i);
+      for (uint32_t i = 0; i < c; i++)
+        *xsk_ring_prod__fill_addr(&fill, fi + i) = *xsk_ring_cons__comp_addr(&comp, ci + i);
       xsk_ring_prod__submit(&fill, c);
       xsk_ring_cons__release(&comp, c);
     }

@@ -20,9 +20,7 @@
 /* How long a Retry token stays good. */
 #define RETRY_TOKEN_TIMEOUT (10ull * NGTCP2_SECONDS)
 
-int stoq_random(uint8_t *buf, size_t len) {
-  return gnutls_rnd(GNUTLS_RND_RANDOM, buf, len) == 0 ? 0 : -1;
-}
+int stoq_random(uint8_t *buf, size_t len) { return gnutls_rnd(GNUTLS_RND_RANDOM, buf, len) == 0 ? 0 : -1; }
 
 void set_err(char *err, size_t errlen, const char *fmt, ...) {
   if (!err || !errlen) return;
@@ -65,7 +63,6 @@ void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep) {
   endpoint_release(ep);
 }
 
-
 /* ---- ngtcp2 callbacks -------------------------------------------------------- */
 
 static void cb_rand(uint8_t *dest, size_t len, const ngtcp2_rand_ctx *ctx) {
@@ -96,9 +93,11 @@ static int cb_remove_connection_id(ngtcp2_conn *q, const ngtcp2_cid *cid, void *
   return 0;
 }
 
-static int cb_recv_stream_data(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, uint64_t offset,
-                               const uint8_t *data, size_t len, void *ud, void *sud) {
-  (void)q; (void)offset; (void)sud;
+static int cb_recv_stream_data(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, uint64_t offset, const uint8_t *data,
+                               size_t len, void *ud, void *sud) {
+  (void)q;
+  (void)offset;
+  (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   nghttp3_ssize n = nghttp3_conn_read_stream(c->h3, stream_id, data, len, flags & NGTCP2_STREAM_DATA_FLAG_FIN);
@@ -115,44 +114,53 @@ static int cb_recv_stream_data(ngtcp2_conn *q, uint32_t flags, int64_t stream_id
 
 static int cb_acked_stream_data_offset(ngtcp2_conn *q, int64_t stream_id, uint64_t offset, uint64_t len, void *ud,
                                        void *sud) {
-  (void)q; (void)offset; (void)sud;
+  (void)q;
+  (void)offset;
+  (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   return nghttp3_conn_add_ack_offset(c->h3, stream_id, len) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 
 static int cb_stream_close(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, uint64_t code, void *ud, void *sud) {
-  (void)q; (void)sud;
+  (void)q;
+  (void)sud;
   stoq_conn *c = ud;
   if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET)) code = NGHTTP3_H3_NO_ERROR;
   if (!c->h3) return 0;
   int rv = nghttp3_conn_close_stream(c->h3, stream_id, code);
   if (rv != 0 && rv != NGHTTP3_ERR_STREAM_NOT_FOUND) {
-    ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code(rv),
-                                                        NULL, 0);
+    ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code(rv), NULL,
+                                                        0);
     c->has_error = 1;
     return NGTCP2_ERR_CALLBACK_FAILURE;
   }
   return 0;
 }
 
-static int cb_stream_reset(ngtcp2_conn *q, int64_t stream_id, uint64_t final_size, uint64_t code, void *ud,
-                           void *sud) {
-  (void)q; (void)final_size; (void)code; (void)sud;
+static int cb_stream_reset(ngtcp2_conn *q, int64_t stream_id, uint64_t final_size, uint64_t code, void *ud, void *sud) {
+  (void)q;
+  (void)final_size;
+  (void)code;
+  (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 
 static int cb_stream_stop_sending(ngtcp2_conn *q, int64_t stream_id, uint64_t code, void *ud, void *sud) {
-  (void)q; (void)code; (void)sud;
+  (void)q;
+  (void)code;
+  (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 
 static int cb_extend_max_stream_data(ngtcp2_conn *q, int64_t stream_id, uint64_t max_data, void *ud, void *sud) {
-  (void)q; (void)max_data; (void)sud;
+  (void)q;
+  (void)max_data;
+  (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   return nghttp3_conn_unblock_stream(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
@@ -301,9 +309,9 @@ ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote) {
   return p;
 }
 
-stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len,
-                            const struct sockaddr_in6 *local, const struct sockaddr_in6 *remote, uint64_t now,
-                            void *app, uint8_t *out, size_t outcap, ssize_t *outlen, int *action) {
+stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, uint8_t *out, size_t outcap,
+                            ssize_t *outlen, int *action) {
   *action = STOQ_ACCEPT_DROP;
   *outlen = 0;
   ngtcp2_pkt_hd hd;
@@ -341,9 +349,9 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
     ngtcp2_cid scid;
     make_cid(ep, &scid, STOQ_SCIDLEN);
     uint8_t tok[NGTCP2_CRYPTO_MAX_RETRY_TOKENLEN];
-    ssize_t tl = ngtcp2_crypto_generate_retry_token(tok, ep->s.static_secret, STOQ_SECRETLEN, hd.version,
-                                                    (const ngtcp2_sockaddr *)remote, sizeof(*remote), &scid,
-                                                    &hd.dcid, now);
+    ssize_t tl =
+        ngtcp2_crypto_generate_retry_token(tok, ep->s.static_secret, STOQ_SECRETLEN, hd.version,
+                                           (const ngtcp2_sockaddr *)remote, sizeof(*remote), &scid, &hd.dcid, now);
     if (tl < 0) return NULL;
     ssize_t n = ngtcp2_crypto_write_retry(out, outcap, hd.version, &hd.scid, &scid, &hd.dcid, tok, (size_t)tl);
     if (n > 0) {

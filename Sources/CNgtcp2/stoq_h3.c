@@ -120,7 +120,8 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
 }
 
 static int h3_deferred_consume(nghttp3_conn *h3, int64_t stream_id, size_t n, void *ud, void *sud) {
-  (void)h3; (void)sud;
+  (void)h3;
+  (void)sud;
   consume(ud, stream_id, n);
   return 0;
 }
@@ -146,9 +147,13 @@ static int h3_begin_headers(nghttp3_conn *h3, int64_t stream_id, void *ud, void 
 
 /* Keeps one field: what does not fit is counted (section size, dropped fields), not kept; a
  * value that fits only in part keeps its start and its length on the wire. No HTTP rule here. */
-static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, nghttp3_rcbuf *name,
-                          nghttp3_rcbuf *value, uint8_t flags, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)token; (void)flags; (void)ud;
+static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, nghttp3_rcbuf *name, nghttp3_rcbuf *value,
+                          uint8_t flags, void *ud, void *sud) {
+  (void)h3;
+  (void)stream_id;
+  (void)token;
+  (void)flags;
+  (void)ud;
   stoq_stream *s = sud;
   if (!s) return 0;
   nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
@@ -171,7 +176,8 @@ static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, ng
 }
 
 static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud, void *sud) {
-  (void)h3; (void)stream_id;
+  (void)h3;
+  (void)stream_id;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (!s) return 0;
@@ -197,7 +203,8 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
 }
 
 static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *sud) {
-  (void)h3; (void)stream_id;
+  (void)h3;
+  (void)stream_id;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (!s) return 0;
@@ -209,13 +216,15 @@ static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *su
 }
 
 static int h3_stop_sending(nghttp3_conn *h3, int64_t stream_id, uint64_t code, void *ud, void *sud) {
-  (void)h3; (void)sud;
+  (void)h3;
+  (void)sud;
   stoq_conn *c = ud;
   return ngtcp2_conn_shutdown_stream_read(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
 }
 
 static int h3_reset_stream(nghttp3_conn *h3, int64_t stream_id, uint64_t code, void *ud, void *sud) {
-  (void)h3; (void)sud;
+  (void)h3;
+  (void)sud;
   stoq_conn *c = ud;
   return ngtcp2_conn_shutdown_stream_write(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
 }
@@ -271,9 +280,11 @@ int setup_h3(stoq_conn *c) {
 /* nghttp3 wants body bytes: the next slice of the current piece. A streamed body that has
  * sent every piece it holds asks the application for more first; with no room or nothing
  * yet, the stream waits (resumed by an append or by acks that free a slot). */
-static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt,
-                               uint32_t *pflags, void *ud, void *sud) {
-  (void)h3; (void)stream_id; (void)veccnt;
+static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec *vec, size_t veccnt, uint32_t *pflags,
+                               void *ud, void *sud) {
+  (void)h3;
+  (void)stream_id;
+  (void)veccnt;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (s->p_read == s->p_count && !s->stream_eof && s->p_count < STOQ_BODY_PIECES && c->ep->ev.on_body_wanted)
@@ -412,6 +423,4 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   return s;
 }
 
-void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
-  ngtcp2_conn_shutdown_stream(c->q, s->id, code);
-}
+void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) { ngtcp2_conn_shutdown_stream(c->q, s->id, code); }

@@ -102,8 +102,8 @@ struct stoq_conn {
   struct sockaddr_in6 pending_remote;
   uint8_t pending_ecn;
   size_t max_pkt;
-  char verify_name[256]; /* what the client dialled: the server's certificate must name it */
-  uint64_t rx_key_phase[2];             /* 1-RTT packets decrypted with key phase bit 0 / 1 */
+  char verify_name[256];    /* what the client dialled: the server's certificate must name it */
+  uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
 };
 
 /* Fills `err` (may be NULL) printf-style. */

@@ -30,8 +30,8 @@ static int map_error(stoq_conn *c, int rv) {
     return STOQ_CONN_DROP;
   case NGTCP2_ERR_CRYPTO:
     if (!c->has_error) {
-      ngtcp2_connection_close_error_set_transport_error_tls_alert(&c->last_error, ngtcp2_conn_get_tls_alert(c->q),
-                                                                  NULL, 0);
+      ngtcp2_connection_close_error_set_transport_error_tls_alert(&c->last_error, ngtcp2_conn_get_tls_alert(c->q), NULL,
+                                                                  0);
       c->has_error = 1;
     }
     if (!c->errstr[0] && c->is_server && c->tls_ctx && c->tls_ctx->client_auth == STOQ_CLIENT_AUTH_REQUIRED &&
@@ -70,12 +70,11 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
 
 static int same_addr(const struct sockaddr_in6 *a, const struct sockaddr *b) {
   const struct sockaddr_in6 *b6 = (const struct sockaddr_in6 *)b;
-  return b6->sin6_family == AF_INET6 && a->sin6_port == b6->sin6_port &&
-         memcmp(&a->sin6_addr, &b6->sin6_addr, 16) == 0;
+  return b6->sin6_family == AF_INET6 && a->sin6_port == b6->sin6_port && memcmp(&a->sin6_addr, &b6->sin6_addr, 16) == 0;
 }
 
-ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride,
-                        size_t *segment_size, struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now) {
+ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride, size_t *segment_size,
+                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now) {
   *segment_size = 0;
   if (ngtcp2_conn_is_in_closing_period(c->q) || ngtcp2_conn_is_in_draining_period(c->q)) return 0;
 
@@ -100,7 +99,7 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
   ngtcp2_path_storage ps;
   ngtcp2_path_storage_zero(&ps);
   ngtcp2_pkt_info pi;
-  uint8_t *p = buf; /* where the next datagram goes */
+  uint8_t *p = buf;   /* where the next datagram goes */
   uint8_t *end = buf; /* the end of the last one written */
   size_t npkts = 0, gso = 0;
   nghttp3_vec vec[16];

@@ -35,7 +35,6 @@ void sink_flush(stoq_stream *s) {
   s->wlen = 0;
 }
 
-
 uint64_t stoq_stream_received(const stoq_stream *s) { return s->received; }
 int stoq_stream_sink_errno(const stoq_stream *s) { return s->sink_errno; }
 

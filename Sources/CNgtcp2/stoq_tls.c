@@ -112,8 +112,8 @@ int refuse_peer(stoq_conn *c, const char *why) {
 /* Hands the chain the peer sent (DER, leaf first) and the name the client dialled (NULL on
  * the server) to the credentials' policy. 0 = accepted; else `why` holds the policy's reason.
  * No policy registered refuses: C never judges a certificate itself. */
-static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, const char *server_name,
-                          char *why, size_t whylen) {
+static int run_peer_check(stoq_tls_ctx *t, const gnutls_datum_t *chain, unsigned n, const char *server_name, char *why,
+                          size_t whylen) {
   why[0] = 0;
   if (!t->peer_check) {
     snprintf(why, whylen, "no certificate policy is registered");
@@ -188,8 +188,8 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   if ((rv = gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, t->cred)) != 0) goto fail;
   c->tls_ctx = t;
   if (c->is_server && t->client_auth != STOQ_CLIENT_AUTH_NONE) {
-    gnutls_certificate_server_set_request(
-        c->tls, t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST);
+    gnutls_certificate_server_set_request(c->tls, t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? GNUTLS_CERT_REQUIRE
+                                                                                              : GNUTLS_CERT_REQUEST);
     /* Name no acceptable CAs: a client then sends the certificate it has (GnuTLS clients send
      * nothing when none matches the list), and the policy refuses it with a reason instead
      * of the client silently staying anonymous. */
@@ -197,7 +197,8 @@ int setup_tls(stoq_conn *c, const char *server_name) {
     gnutls_session_set_verify_function(c->tls, verify_client);
   }
   gnutls_datum_t alpn = {.data = (unsigned char *)(uintptr_t)ALPN_H3, .size = 2};
-  gnutls_alpn_set_protocols(c->tls, &alpn, 1, GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
+  gnutls_alpn_set_protocols(c->tls, &alpn, 1,
+                            GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
   if (!c->is_server) {
     struct in6_addr a6;
     int is_ip = server_name && inet_pton(AF_INET6, server_name, &a6) == 1;

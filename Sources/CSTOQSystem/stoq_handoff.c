@@ -92,7 +92,8 @@ int stoq_handoff_push(stoq_handoff *h, const uint8_t *data, uint32_t len, const 
 
 void stoq_handoff_wake(const stoq_handoff *h) {
   uint64_t one = 1;
-  if (write(h->wake_fd, &one, sizeof(one)) < 0) { /* the counter is saturated: already awake */ }
+  if (write(h->wake_fd, &one, sizeof(one)) < 0) { /* the counter is saturated: already awake */
+  }
 }
 
 const stoq_handoff_item *stoq_handoff_peek(stoq_handoff *h) {

@@ -243,8 +243,8 @@ void stoq_uring_close(stoq_uring *u) {
      still pending there (the multishot receive, the wakeup read) keep the socket open and
      its port bound for a while after close. Cancel them all synchronously first (kernel
      6.0+; older kernels refuse and keep the old behaviour). */
-  struct io_uring_sync_cancel_reg cancel = {.fd = -1, .flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
-                                            .timeout = {.tv_sec = 1, .tv_nsec = 0}};
+  struct io_uring_sync_cancel_reg cancel = {
+      .fd = -1, .flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY, .timeout = {.tv_sec = 1, .tv_nsec = 0}};
   (void)io_uring_register_sync_cancel(&u->ring, &cancel);
   io_uring_queue_exit(&u->ring);
   close(u->fd);
@@ -335,8 +335,12 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
     uint8_t *buf = u->rx_mem + (size_t)n * u->rx_size;
     struct iovec iov = {buf, u->rx_size};
     char cbuf[CMSG_SPACE_RX];
-    struct msghdr m = {.msg_name = &out[n].peer, .msg_namelen = sizeof(out[n].peer), .msg_iov = &iov,
-                       .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+    struct msghdr m = {.msg_name = &out[n].peer,
+                       .msg_namelen = sizeof(out[n].peer),
+                       .msg_iov = &iov,
+                       .msg_iovlen = 1,
+                       .msg_control = cbuf,
+                       .msg_controllen = sizeof(cbuf)};
     ssize_t r = recvmsg(u->fd, &m, MSG_DONTWAIT);
     if (r < 0) break;
     memset(&out[n].local, 0, sizeof(out[n].local));
@@ -405,7 +409,8 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     if (tag == (TAG_RX | 1)) continue; /* poll wakeup (fallback mode) */
     if (tag == TAG_WAKE) {
       uint64_t v;
-      if (read(u->wake_fd, &v, sizeof(v)) < 0) { /* already drained */ }
+      if (read(u->wake_fd, &v, sizeof(v)) < 0) { /* already drained */
+      }
       if (!(cqe->flags & IORING_CQE_F_MORE)) u->wake_armed = 0;
       continue;
     }

@@ -56,7 +56,6 @@ int stoq_xsk_interface_rx_queues(const char *ifname) {
   return result;
 }
 
-
 int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *prog_id) {
   stoq_xsk probe;
   memset(&probe, 0, sizeof(probe));
@@ -122,14 +121,26 @@ void query_mode(stoq_xsk *x) {
   x->prog_id = 0;
   if (bpf_xdp_query(x->ifindex, 0, &q) != 0) return;
   switch (q.attach_mode) {
-  case XDP_ATTACHED_DRV: x->mode = "native"; x->prog_id = q.drv_prog_id; break;
-  case XDP_ATTACHED_SKB: x->mode = "skb"; x->prog_id = q.skb_prog_id; break;
-  case XDP_ATTACHED_HW: x->mode = "hw"; x->prog_id = q.hw_prog_id; break;
-  case XDP_ATTACHED_MULTI: x->mode = "multi"; x->prog_id = q.drv_prog_id ? q.drv_prog_id : q.skb_prog_id; break;
-  default: break;
+  case XDP_ATTACHED_DRV:
+    x->mode = "native";
+    x->prog_id = q.drv_prog_id;
+    break;
+  case XDP_ATTACHED_SKB:
+    x->mode = "skb";
+    x->prog_id = q.skb_prog_id;
+    break;
+  case XDP_ATTACHED_HW:
+    x->mode = "hw";
+    x->prog_id = q.hw_prog_id;
+    break;
+  case XDP_ATTACHED_MULTI:
+    x->mode = "multi";
+    x->prog_id = q.drv_prog_id ? q.drv_prog_id : q.skb_prog_id;
+    break;
+  default:
+    break;
   }
 }
-
 
 int kernel_at_least(int major, int minor) {
   struct utsname u;
@@ -137,4 +148,3 @@ int kernel_at_least(int major, int minor) {
   if (uname(&u) != 0 || sscanf(u.release, "%d.%d", &a, &b) != 2) return 0;
   return a > major || (a == major && b >= minor);
 }
-

@@ -121,10 +121,8 @@ static void neigh_set(stoq_xsk *x, const struct in6_addr *peer, const uint8_t ma
     return;
   slot->peer = *peer;
   memcpy(slot->mac, mac, 6);
-  if (local)
-    slot->local = *local;
-  else if (!slot->used)
-    slot->local = x->default_local;
+  if (local) slot->local = *local;
+  else if (!slot->used) slot->local = x->default_local;
   slot->used = 1;
 }
 
@@ -257,12 +255,14 @@ int stoq_xsk_receive(stoq_xsk *x, uint64_t timeout_ns, stoq_xsk_rx *out, int max
   uint32_t n = xsk_ring_cons__peek(&x->rx, (uint32_t)max, &idx);
   if (n == 0 && timeout_ns > 0) {
     struct pollfd pfd[2] = {{.fd = x->fd, .events = POLLIN}, {.fd = x->wake_fd, .events = POLLIN}};
-    struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000ull), .tv_nsec = (long)(timeout_ns % 1000000000ull)};
+    struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000ull),
+                          .tv_nsec = (long)(timeout_ns % 1000000000ull)};
     int rc = ppoll(pfd, x->wake_fd >= 0 ? 2 : 1, &ts, NULL);
     if (rc < 0 && errno != EINTR) return -errno;
     if (rc > 0 && (pfd[1].revents & POLLIN)) {
       uint64_t v;
-      if (read(x->wake_fd, &v, sizeof(v)) < 0) { /* already drained */ }
+      if (read(x->wake_fd, &v, sizeof(v)) < 0) { /* already drained */
+      }
     }
     n = xsk_ring_cons__peek(&x->rx, (uint32_t)max, &idx);
   } else if (n == 0 && xsk_ring_prod__needs_wakeup(&x->fill)) {

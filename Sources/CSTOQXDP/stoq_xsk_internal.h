@@ -103,7 +103,7 @@ struct stoq_xsk {
   uint64_t last_refresh;
   uint8_t *nl_buf;
   int solicit_fd;
-  int wake_fd; /* another worker's nudge (eventfd), or -1 */
+  int wake_fd;       /* another worker's nudge (eventfd), or -1 */
   stoq_xsk *learner; /* whose neighbour table received frames teach (itself, or its group's transmitter) */
 };
 

@@ -39,7 +39,6 @@ static uint32_t pow2_at_least(uint32_t v) {
   return p;
 }
 
-
 /* Registers the UMEM on the socket: with TX metadata room where the kernel has it (6.11
  * wants the flag, 6.8-6.10 refuse it), else without. Returns 0 or -errno. */
 static int register_umem(stoq_xsk *x) {
@@ -69,12 +68,22 @@ static int map_ring(stoq_xsk *x, int which, const struct xdp_ring_offset *o, uin
   x->ring_len[which] = len;
   uint32_t *producer = (uint32_t *)(m + o->producer), *consumer = (uint32_t *)(m + o->consumer);
   if (prod) {
-    *prod = (struct xsk_ring_prod){.cached_prod = *producer, .cached_cons = *consumer + n, .mask = n - 1, .size = n,
-                                   .producer = producer, .consumer = consumer, .ring = m + o->desc,
+    *prod = (struct xsk_ring_prod){.cached_prod = *producer,
+                                   .cached_cons = *consumer + n,
+                                   .mask = n - 1,
+                                   .size = n,
+                                   .producer = producer,
+                                   .consumer = consumer,
+                                   .ring = m + o->desc,
                                    .flags = (uint32_t *)(m + o->flags)};
   } else {
-    *cons = (struct xsk_ring_cons){.cached_prod = *producer, .cached_cons = *consumer, .mask = n - 1, .size = n,
-                                   .producer = producer, .consumer = consumer, .ring = m + o->desc,
+    *cons = (struct xsk_ring_cons){.cached_prod = *producer,
+                                   .cached_cons = *consumer,
+                                   .mask = n - 1,
+                                   .size = n,
+                                   .producer = producer,
+                                   .consumer = consumer,
+                                   .ring = m + o->desc,
                                    .flags = (uint32_t *)(m + o->flags)};
   }
   return 0;
@@ -107,8 +116,10 @@ static int create_socket(stoq_xsk *x, const char **step) {
 /* Binds to the queue. A socket just closed on this queue (a restarted node) can hold it for
  * a moment while its last transmitted frames are freed: EBUSY then, so retry for up to a second. */
 static int bind_socket(stoq_xsk *x, uint16_t bind_flags) {
-  struct sockaddr_xdp sa = {.sxdp_family = AF_XDP, .sxdp_ifindex = (uint32_t)x->ifindex,
-                            .sxdp_queue_id = x->cfg.queue_id, .sxdp_flags = bind_flags | XDP_USE_NEED_WAKEUP};
+  struct sockaddr_xdp sa = {.sxdp_family = AF_XDP,
+                            .sxdp_ifindex = (uint32_t)x->ifindex,
+                            .sxdp_queue_id = x->cfg.queue_id,
+                            .sxdp_flags = bind_flags | XDP_USE_NEED_WAKEUP};
   int rc = -EBUSY;
   for (int i = 0; i < 20 && rc == -EBUSY; i++) {
     if (i) usleep(50000);
@@ -137,15 +148,15 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     goto fail;
   }
   if (x->nframes <= x->cfg.ring_size) {
-    set_err(err, errlen, "frame_count: %u must exceed ring_size %u (the fill ring takes ring_size frames)",
-            x->nframes, x->cfg.ring_size);
+    set_err(err, errlen, "frame_count: %u must exceed ring_size %u (the fill ring takes ring_size frames)", x->nframes,
+            x->cfg.ring_size);
     goto fail;
   }
   x->rx_frames = x->cfg.ring_size;
   x->nslots = (x->nframes - x->rx_frames) / SLOT_FRAMES;
   if (x->nslots == 0) {
-    set_err(err, errlen, "frame_count: %u leaves no transmit slot (%u frames each) after the fill ring's %u", x->nframes,
-            SLOT_FRAMES, x->rx_frames);
+    set_err(err, errlen, "frame_count: %u leaves no transmit slot (%u frames each) after the fill ring's %u",
+            x->nframes, SLOT_FRAMES, x->rx_frames);
     goto fail;
   }
   x->tx_frames = x->nslots * SLOT_FRAMES;
@@ -158,8 +169,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     goto fail;
   }
   x->port_be = cfg->local.sin6_port;
-  if (!is_any(&cfg->local.sin6_addr))
-    x->default_local = cfg->local.sin6_addr;
+  if (!is_any(&cfg->local.sin6_addr)) x->default_local = cfg->local.sin6_addr;
   else if (interface_address(cfg->ifname, &x->default_local) != 0) {
     set_err(err, errlen, "getifaddrs: %s has no global IPv6 address", cfg->ifname);
     goto fail;
@@ -234,7 +244,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     if (rc) {
       set_err(err, errlen, "bind(AF_XDP): %s queue %u (%s): %s%s", cfg->ifname, cfg->queue_id,
               cfg->zero_copy == STOQ_XSK_ZC_ON ? "zero-copy" : "copy", strerror(-rc),
-              rc == -EBUSY ? " (another AF_XDP socket holds this queue: is another stoq-node using the interface?)" : "");
+              rc == -EBUSY ? " (another AF_XDP socket holds this queue: is another stoq-node using the interface?)"
+                           : "");
       goto fail;
     }
     x->bound = 1;
@@ -355,5 +366,8 @@ stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x) {
 
 uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->slot_bytes - x->tx_off - STOQ_XSK_HEADROOM; }
 int stoq_xsk_tx_checksum_offload(const stoq_xsk *x) { return x->tx_csum_offload; }
-uint32_t stoq_xsk_slot_frames(const stoq_xsk *x) { (void)x; return SLOT_FRAMES; }
+uint32_t stoq_xsk_slot_frames(const stoq_xsk *x) {
+  (void)x;
+  return SLOT_FRAMES;
+}
 uint32_t stoq_xsk_stride(const stoq_xsk *x) { return x->frame_size; }

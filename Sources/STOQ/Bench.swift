@@ -46,8 +46,10 @@ final class BenchApp: QUICApplication {
 extension STOQClient {
     /// Keeps `connections` × `streams` GETs of `url` in flight until `duration` seconds pass
     /// or `bytes` have arrived, on one worker thread; reports goodput, requests/s and latency.
-    public static func bench(_ url: STOQURL, connections: Int, streams: Int, duration: Double?, bytes: UInt64?,
-                             trust: ClientTrust, datapath: ClientDatapath) throws(ClientError) -> BenchResult {
+    public static func bench(
+        _ url: STOQURL, connections: Int, streams: Int, duration: Double?, bytes: UInt64?,
+        trust: ClientTrust, datapath: ClientDatapath
+    ) throws(ClientError) -> BenchResult {
         let app = BenchApp()
         let rig = try ClientRig(trust: trust, datapath: datapath, application: app)
         defer { rig.queue.close() }
@@ -93,8 +95,9 @@ extension STOQClient {
         func pct(_ p: Double) -> Double {
             sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1e6
         }
-        return BenchResult(connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
-                           bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,
-                           requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99))
+        return BenchResult(
+            connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
+            bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,
+            requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99))
     }
 }

@@ -122,8 +122,10 @@ public actor ACMEClient {
 
     /// A client for the server whose directory is at `directoryURL`. With `trustRootsPEM`,
     /// only those certificates are trusted for the server's TLS certificate; without, the system's.
-    public init(directoryURL: String, trustRootsPEM: String? = nil, accountKey: P256.Signing.PrivateKey = .init(),
-                options: Options = Options(), logger: Logger = Logger(label: "stoq.acme.client")) throws {
+    public init(
+        directoryURL: String, trustRootsPEM: String? = nil, accountKey: P256.Signing.PrivateKey = .init(),
+        options: Options = Options(), logger: Logger = Logger(label: "stoq.acme.client")
+    ) throws {
         var tls = TLSConfiguration.makeClientConfiguration()
         if let pem = trustRootsPEM {
             do { tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(pem.utf8))) } catch {
@@ -321,8 +323,9 @@ public actor ACMEClient {
                 throw ACMEClientError(.invalidInput, "EAB HMAC key is not base64url")
             }
             let jwkJSON = try JSONSerialization.data(withJSONObject: JWK.p256(accountKey.publicKey).members, options: [.sortedKeys])
-            let inner = try JWS.sign(header: ["kid": eab.kid, "url": d.newAccount], payload: jwkJSON,
-                                     with: .hmac(SymmetricKey(data: mac)))
+            let inner = try JWS.sign(
+                header: ["kid": eab.kid, "url": d.newAccount], payload: jwkJSON,
+                with: .hmac(SymmetricKey(data: mac)))
             payload["externalAccountBinding"] = inner.jsonObject
         }
         let r = try await post(d.newAccount, payload: try JSONSerialization.data(withJSONObject: payload), useJWK: true)
@@ -418,8 +421,10 @@ public actor ACMEClient {
 
     /// The whole flow: account (with `eab`), order, authorizations, a fresh P-256 key and its
     /// CSR, finalize, poll, download.
-    public func obtainCertificate(for identifiers: [ACMEIdentifier], eab: ExternalAccountBinding? = nil,
-                                  contact: [String] = []) async throws -> ACMEIssuedCertificate {
+    public func obtainCertificate(
+        for identifiers: [ACMEIdentifier], eab: ExternalAccountBinding? = nil,
+        contact: [String] = []
+    ) async throws -> ACMEIssuedCertificate {
         if accountURL == nil { try await register(eab: eab, contact: contact) }
         let (orderURL, order) = try await newOrder(identifiers)
         try await completeAuthorizations(order)
@@ -437,9 +442,11 @@ public actor ACMEClient {
         guard let leaf = chain.first, leaf.publicKey == Certificate.PublicKey(key.publicKey) else {
             throw ACMEClientError(.protocolViolation, "\(certURL): the leaf certificate is not for the key in our CSR")
         }
-        logger.info("acme certificate obtained", metadata: [
-            "serial": "\(CertificateSummary(leaf).serial)", "identifiers": "\(identifiers.map(\.description).joined(separator: ","))",
-        ])
+        logger.info(
+            "acme certificate obtained",
+            metadata: [
+                "serial": "\(CertificateSummary(leaf).serial)", "identifiers": "\(identifiers.map(\.description).joined(separator: ","))",
+            ])
         return ACMEIssuedCertificate(chainPEM: pem, chain: chain, privateKeyPEM: key.pemRepresentation + "\n", orderURL: orderURL)
     }
 
@@ -462,8 +469,9 @@ public actor ACMEClient {
         let subject = try DistinguishedName { if let firstDNS { CommonName(firstDNS) } }
         let ext = try Certificate.Extensions { SubjectAlternativeNames(sans) }
         let attrs = CertificateSigningRequest.Attributes([try .init(ExtensionRequest(extensions: ext))])
-        let csr = try CertificateSigningRequest(version: .v1, subject: subject, privateKey: Certificate.PrivateKey(key),
-                                                attributes: attrs, signatureAlgorithm: .ecdsaWithSHA256)
+        let csr = try CertificateSigningRequest(
+            version: .v1, subject: subject, privateKey: Certificate.PrivateKey(key),
+            attributes: attrs, signatureAlgorithm: .ecdsaWithSHA256)
         return try DERBytes.of(csr)
     }
 

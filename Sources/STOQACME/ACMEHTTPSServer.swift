@@ -51,15 +51,18 @@ public final class ACMEHTTPSServer: Sendable {
 
     /// Starts listening on `address` (IPv6 only; port 0 picks a free one) with the given TLS
     /// certificate chain (leaf first) and key, both PEM.
-    public static func start(server: ACMEServer, address: IPv6Endpoint, certificateChainPEM: String, keyPEM: String,
-                             group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                             logger: Logger = Logger(label: "stoq.acme.https")) async throws -> ACMEHTTPSServer {
+    public static func start(
+        server: ACMEServer, address: IPv6Endpoint, certificateChainPEM: String, keyPEM: String,
+        group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "stoq.acme.https")
+    ) async throws -> ACMEHTTPSServer {
         let context: NIOSSLContext
         do {
             let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificateChainPEM.utf8))
             let key = try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem)
-            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) },
-                                                               privateKey: .privateKey(key))
+            var tls = TLSConfiguration.makeServerConfiguration(
+                certificateChain: chain.map { .certificate($0) },
+                privateKey: .privateKey(key))
             tls.minimumTLSVersion = .tlsv12
             context = try NIOSSLContext(configuration: tls)
         } catch {
@@ -134,8 +137,9 @@ private final class ACMEHTTPHandler: ChannelInboundHandler {
             var headers: [String: String] = [:]
             for (name, value) in h.headers { headers[name.lowercased()] = value }
             let path = String(h.uri.split(separator: "?", maxSplits: 1).first ?? "")
-            let request = ACMEHTTPRequest(method: h.method.rawValue, path: path, headers: headers,
-                                          body: tooLarge ? Data(count: maxBody + 1) : Data(body.readableBytesView))
+            let request = ACMEHTTPRequest(
+                method: h.method.rawValue, path: path, headers: headers,
+                body: tooLarge ? Data(count: maxBody + 1) : Data(body.readableBytesView))
             let keepAlive = h.isKeepAlive
             let version = h.version
             let server = self.server
@@ -153,8 +157,12 @@ private final class ACMEHTTPHandler: ChannelInboundHandler {
         var headers = HTTPHeaders(r.headers)
         headers.replaceOrAdd(name: "Content-Length", value: "\(r.body.count)")
         if !keepAlive { headers.replaceOrAdd(name: "Connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: HTTPResponseStatus(statusCode: r.status),
-                                                             headers: headers))), promise: nil)
+        context.write(
+            wrapOutboundOut(
+                .head(
+                    HTTPResponseHead(
+                        version: version, status: HTTPResponseStatus(statusCode: r.status),
+                        headers: headers))), promise: nil)
         if !isHead && !r.body.isEmpty {
             context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: r.body)))), promise: nil)
         }

@@ -201,9 +201,11 @@ public actor ACMEServer {
             // Only a bracketed IPv6 literal or a host name with an optional port is used; anything
             // else could smuggle a different URL into the directory.
             let host = request.headers["host"] ?? ""
-            let ok = !host.isEmpty && host.utf8.allSatisfy { c in
-                (c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || ":[].-".utf8.contains(c)
-            }
+            let ok =
+                !host.isEmpty
+                && host.utf8.allSatisfy { c in
+                    (c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || ":[].-".utf8.contains(c)
+                }
             base = "https://" + (ok ? host : "localhost")
         }
         do {
@@ -266,11 +268,12 @@ public actor ACMEServer {
             throw ACMEProblem(.malformed, "Content-Type \(r.headers["content-type"] ?? "(none)"): expected application/jose+json", status: 415)
         }
         let endpoint = parts[0]
-        let keyRule: KeyRule = switch endpoint {
-        case "new-account": .jwk
-        case "revoke-cert": .either
-        default: .kid
-        }
+        let keyRule: KeyRule =
+            switch endpoint {
+            case "new-account": .jwk
+            case "revoke-cert": .either
+            default: .kid
+            }
         let v = try verify(r, keyRule: keyRule)
         switch (endpoint, parts.count) {
         case ("new-account", 1): return try newAccount(v)
@@ -320,10 +323,11 @@ public actor ACMEServer {
         default:
             throw ACMEProblem(.malformed, "JWS header has neither jwk nor kid")
         }
-        let key: JWK = switch signer {
-        case .account(let a): a.key
-        case .key(let k): k
-        }
+        let key: JWK =
+            switch signer {
+            case .account(let a): a.key
+            case .key(let k): k
+            }
         guard try jws.verify(with: key) else {
             throw ACMEProblem(.malformed, "JWS signature does not verify with the \(keyRule == .kid ? "account" : "jwk") key")
         }
@@ -370,8 +374,9 @@ public actor ACMEServer {
             throw ACMEProblem(.accountDoesNotExist, "no account exists for this key (onlyReturnExisting)")
         }
         guard let eabObject = o["externalAccountBinding"] else {
-            throw ACMEProblem(.externalAccountRequired,
-                              "this server requires externalAccountBinding; get a key id and HMAC key from `stoq trust add-node`")
+            throw ACMEProblem(
+                .externalAccountRequired,
+                "this server requires externalAccountBinding; get a key id and HMAC key from `stoq trust add-node`")
         }
         let eab: JWS
         do { eab = try JWS(json: eabObject) } catch let p as ACMEProblem {
@@ -390,7 +395,8 @@ public actor ACMEServer {
             throw ACMEProblem(.unauthorized, "externalAccountBinding: HMAC does not verify for key id \(kid)")
         }
         guard let inner = try? JSONSerialization.jsonObject(with: try eab.payloadData()) as? [String: Any],
-              let bound = try? JWK(members: inner), bound.sameKey(as: key) else {
+            let bound = try? JWK(members: inner), bound.sameKey(as: key)
+        else {
             throw ACMEProblem(.malformed, "externalAccountBinding: payload is not the account's jwk")
         }
         if o["termsOfServiceAgreed"] != nil && !(o["termsOfServiceAgreed"] is Bool) {
@@ -458,8 +464,10 @@ public actor ACMEServer {
         let allowed = eab.identifiers
         let refused = ids.filter { !allowed.contains($0) }
         guard refused.isEmpty else {
-            throw ACMEProblem(.rejectedIdentifier,
-                              "\(refused.map(\.description).joined(separator: ", ")) not authorized for external account key \(eab.kid) (it allows \(allowed.map(\.description).sorted().joined(separator: ", ")))")
+            throw ACMEProblem(
+                .rejectedIdentifier,
+                "\(refused.map(\.description).joined(separator: ", ")) not authorized for external account key \(eab.kid) (it allows \(allowed.map(\.description).sorted().joined(separator: ", ")))"
+            )
         }
         let expires = Date().addingTimeInterval(configuration.orderLifetime)
         var authzIDs: [String] = []
@@ -468,8 +476,9 @@ public actor ACMEServer {
             authorizations[z.id] = z
             authzIDs.append(z.id)
         }
-        let order = Order(id: Self.randomID(), accountID: a.id, identifiers: ids, authorizationIDs: authzIDs,
-                          status: "ready", expires: expires)
+        let order = Order(
+            id: Self.randomID(), accountID: a.id, identifiers: ids, authorizationIDs: authzIDs,
+            status: "ready", expires: expires)
         orders[order.id] = order
         return json(201, orderJSON(order), location: url("/acme/order/\(order.id)"))
     }
@@ -503,10 +512,12 @@ public actor ACMEServer {
         guard let z = authorizations[id] else { throw ACMEProblem(.malformed, "authorization \(id) does not exist", status: 404) }
         guard z.accountID == a.id else { throw ACMEProblem(.unauthorized, "authorization \(id) belongs to another account") }
         // Valid without a challenge: the external account key already authorizes the identifier.
-        return json(200, [
-            "identifier": ["type": z.identifier.type, "value": z.identifier.value],
-            "status": "valid", "expires": RFC3339.string(z.expires), "challenges": [[String: Any]](),
-        ])
+        return json(
+            200,
+            [
+                "identifier": ["type": z.identifier.type, "value": z.identifier.value],
+                "status": "valid", "expires": RFC3339.string(z.expires), "challenges": [[String: Any]](),
+            ])
     }
 
     // MARK: finalize and certificates
@@ -533,7 +544,10 @@ public actor ACMEServer {
         guard requested == ordered else {
             let extra = requested.subtracting(ordered).map(\.description).sorted()
             let missing = ordered.subtracting(requested).map(\.description).sorted()
-            throw ACMEProblem(.badCSR, "finalize: CSR names differ from the order (extra: \(extra.isEmpty ? "none" : extra.joined(separator: ", ")); missing: \(missing.isEmpty ? "none" : missing.joined(separator: ", ")))")
+            throw ACMEProblem(
+                .badCSR,
+                "finalize: CSR names differ from the order (extra: \(extra.isEmpty ? "none" : extra.joined(separator: ", ")); missing: \(missing.isEmpty ? "none" : missing.joined(separator: ", ")))"
+            )
         }
         let dns = order.identifiers.filter { $0.type == "dns" }.map(\.value)
         let ips = order.identifiers.filter { $0.type == "ip" }.map(\.value)
@@ -542,24 +556,28 @@ public actor ACMEServer {
             // Logged (as a precertificate) before it exists: a certificate the log does not hold
             // is never issued, and it carries the log's SCT.
             guard let log else { throw ACMEProblem(.serverInternal, "finalize: the server is shutting down (transparency log closed)") }
-            cert = try authority.issue(csr: csr, dnsNames: dns, ipv6Addresses: ips, lifetime: configuration.certificateLifetime,
-                                       log: log)
+            cert = try authority.issue(
+                csr: csr, dnsNames: dns, ipv6Addresses: ips, lifetime: configuration.certificateLifetime,
+                log: log)
         } catch let e as TrustError {
             throw ACMEProblem(e.code == .invalidCSR ? .badCSR : .serverInternal, "finalize: \(e.message)")
         }
         let index = (log?.size ?? 0) - 1
         let issuedID = Self.randomID()
         let serial = CertificateSummary.hexSerial(cert.serialNumber)
-        issued[issuedID] = Issued(id: issuedID, accountID: order.accountID, leaf: cert,
-                                  chainPEM: try PEMFiles.pem([cert, authority.intermediate]))
+        issued[issuedID] = Issued(
+            id: issuedID, accountID: order.accountID, leaf: cert,
+            chainPEM: try PEMFiles.pem([cert, authority.intermediate]))
         issuedBySerial[serial] = issuedID
         order.status = "valid"
         order.certificateID = issuedID
         orders[order.id] = order
-        logger.info("acme certificate issued", metadata: [
-            "serial": "\(serial)", "identifiers": "\(order.identifiers.map(\.description).joined(separator: ","))",
-            "log_index": "\(index)",
-        ])
+        logger.info(
+            "acme certificate issued",
+            metadata: [
+                "serial": "\(serial)", "identifiers": "\(order.identifiers.map(\.description).joined(separator: ","))",
+                "log_index": "\(index)",
+            ])
         return json(200, orderJSON(order), location: url("/acme/order/\(order.id)"))
     }
 
@@ -609,8 +627,9 @@ public actor ACMEServer {
         let a = try requireAccount(v)
         guard let c = issued[id] else { throw ACMEProblem(.malformed, "certificate \(id) does not exist", status: 404) }
         guard c.accountID == a.id else { throw ACMEProblem(.unauthorized, "certificate \(id) belongs to another account") }
-        return ACMEHTTPResponse(status: 200, headers: baseHeaders() + [("Content-Type", "application/pem-certificate-chain")],
-                                body: Data(c.chainPEM.utf8))
+        return ACMEHTTPResponse(
+            status: 200, headers: baseHeaders() + [("Content-Type", "application/pem-certificate-chain")],
+            body: Data(c.chainPEM.utf8))
     }
 
     /// RFC 5280 reasons a subscriber may give: unspecified, keyCompromise, affiliationChanged,
@@ -620,7 +639,8 @@ public actor ACMEServer {
     private func revoke(_ v: Verified) throws -> ACMEHTTPResponse {
         let o = try payloadObject(v, what: "revokeCert")
         guard let text = o["certificate"] as? String, let der = Base64URL.decode(text),
-              let cert = try? Certificate(derEncoded: Array(der)) else {
+            let cert = try? Certificate(derEncoded: Array(der))
+        else {
             throw ACMEProblem(.malformed, "revokeCert: certificate must be the base64url DER of a certificate")
         }
         if let reason = o["reason"] {
@@ -633,8 +653,9 @@ public actor ACMEServer {
         if let id = issuedBySerial[serial], let e = issued[id], e.leaf == cert {
             entry = e
         } else if let tbs = loggedTBS[serial],
-                  (try? CertificateTransparency.entry(forFinalCertificate: cert, issuer: authority.intermediate))??.tbsCertificate == tbs,
-                  authority.intermediate.publicKey.isValidSignature(cert.signature, for: cert) {
+            (try? CertificateTransparency.entry(forFinalCertificate: cert, issuer: authority.intermediate))??.tbsCertificate == tbs,
+            authority.intermediate.publicKey.isValidSignature(cert.signature, for: cert)
+        {
             entry = Issued(id: "logged", accountID: nil, leaf: cert, chainPEM: "")
         } else {
             throw ACMEProblem(.malformed, "revokeCert: certificate \(serial) was not issued by this CA", status: 404)

@@ -78,14 +78,16 @@ public struct ACMEProblem: Error, Sendable, Equatable, CustomStringConvertible {
 
     /// The JSON body (`application/problem+json`).
     public func json() -> Data {
-        try! JSONSerialization.data(withJSONObject: ["type": type, "detail": detail, "status": status] as [String: Any],
-                                    options: [.sortedKeys, .withoutEscapingSlashes])
+        try! JSONSerialization.data(
+            withJSONObject: ["type": type, "detail": detail, "status": status] as [String: Any],
+            options: [.sortedKeys, .withoutEscapingSlashes])
     }
 
     /// Reads a problem document; nil when `body` is not one.
     public init?(json body: Data, status: Int) {
         guard let o = try? JSONSerialization.jsonObject(with: body) as? [String: Any],
-              let type = o["type"] as? String else { return nil }
+            let type = o["type"] as? String
+        else { return nil }
         let name = type.hasPrefix(Self.urnPrefix) ? String(type.dropFirst(Self.urnPrefix.count)) : type
         self.init(Code(rawValue: name), o["detail"] as? String ?? "", status: status)
     }

@@ -77,7 +77,8 @@ public struct ExternalAccountKeyStore: Sendable {
     /// the file; then add again).
     public func add(name: String, dnsNames: [String], ipAddresses: [String]) throws -> ExternalAccountKey {
         guard (1...63).contains(name.utf8.count),
-              name.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }) else {
+            name.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d })
+        else {
             throw ExternalAccountKeyError(.invalidName, "node name \"\(name)\": expected 1-63 lower-case letters, digits or hyphens")
         }
         let names = try dnsNames.map(Self.normalizedDNSName)
@@ -91,11 +92,13 @@ public struct ExternalAccountKeyStore: Sendable {
         var rng = SystemRandomNumberGenerator()
         let suffix = (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &rng)) }.joined()
         let mac = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        let key = ExternalAccountKey(kid: "\(name)-\(suffix)", name: name, hmacKey: Base64URL.encode(mac),
-                                     dnsNames: Array(Set(names)).sorted(), ipAddresses: Array(Set(addrs)).sorted())
+        let key = ExternalAccountKey(
+            kid: "\(name)-\(suffix)", name: name, hmacKey: Base64URL.encode(mac),
+            dnsNames: Array(Set(names)).sorted(), ipAddresses: Array(Set(addrs)).sorted())
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(
+                atPath: directory, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
         } catch {
             throw ExternalAccountKeyError(.io, "\(directory): cannot create (\(error.localizedDescription))")
         }
@@ -132,12 +135,15 @@ public struct ExternalAccountKeyStore: Sendable {
         var n = text.lowercased()
         if n.hasSuffix(".") { n.removeLast() }
         let labels = n.split(separator: ".", omittingEmptySubsequences: false)
-        let ok = !n.isEmpty && n.utf8.count <= 253 && IPv6Address(n) == nil && labels.allSatisfy { l in
-            (1...63).contains(l.utf8.count) && l.first != "-" && l.last != "-"
-                && l.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }
-        } && !labels.allSatisfy { $0.allSatisfy(\.isNumber) }
+        let ok =
+            !n.isEmpty && n.utf8.count <= 253 && IPv6Address(n) == nil
+            && labels.allSatisfy { l in
+                (1...63).contains(l.utf8.count) && l.first != "-" && l.last != "-"
+                    && l.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }
+            } && !labels.allSatisfy { $0.allSatisfy(\.isNumber) }
         guard ok else {
-            throw ExternalAccountKeyError(.invalidIdentifier, "\(text) is not a valid DNS name (labels of 1-63 letters, digits, hyphens; no wildcards, no IPv4)")
+            throw ExternalAccountKeyError(
+                .invalidIdentifier, "\(text) is not a valid DNS name (labels of 1-63 letters, digits, hyphens; no wildcards, no IPv4)")
         }
         return n
     }

@@ -64,10 +64,11 @@ public enum JWK: Sendable {
 
     /// The members that RFC 7638 hashes, in lexicographic order, without whitespace.
     public var canonicalJSON: String {
-        let required: [String] = switch self {
-        case .p256, .p384: ["crv", "kty", "x", "y"]
-        case .rsa: ["e", "kty", "n"]
-        }
+        let required: [String] =
+            switch self {
+            case .p256, .p384: ["crv", "kty", "x", "y"]
+            case .rsa: ["e", "kty", "n"]
+            }
         let m = members
         return "{" + required.map { "\"\($0)\":\"\(m[$0]!)\"" }.joined(separator: ",") + "}"
     }
@@ -127,8 +128,9 @@ public enum JWK: Sendable {
             guard let sig = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
             return k.isValidSignature(sig, for: input)
         case .rsa(let k):
-            return k.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: input,
-                                      padding: .insecurePKCS1v1_5)
+            return k.isValidSignature(
+                _RSA.Signing.RSASignature(rawRepresentation: signature), for: input,
+                padding: .insecurePKCS1v1_5)
         }
     }
 
@@ -221,7 +223,8 @@ public struct JWS: Sendable {
     /// The decoded protected header.
     public func header() throws -> [String: Any] {
         guard let d = Base64URL.decode(protected),
-              let h = try? JSONSerialization.jsonObject(with: d) as? [String: Any] else {
+            let h = try? JSONSerialization.jsonObject(with: d) as? [String: Any]
+        else {
             throw ACMEProblem(.malformed, "JWS protected header is not base64url JSON")
         }
         return h

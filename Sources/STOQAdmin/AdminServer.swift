@@ -73,8 +73,9 @@ private final class AdminHandler: ChannelInboundHandler {
             }
             var headers = HTTPHeaders([("content-type", type), ("content-length", "\(body.utf8.count)")])
             if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))),
-                          promise: nil)
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))),
+                promise: nil)
             if h.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil) }
             let keepAlive = h.isKeepAlive
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [channel = context.channel] _ in

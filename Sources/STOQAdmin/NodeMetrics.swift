@@ -22,9 +22,11 @@ public struct WorkerStats: Sendable {
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
 
-    package init(index: Int, backend: String, features: String, diagnostics: [String: String], endpoint: EndpointCounters,
-                 datapath: DatapathCounters, handoff: HandoffCounters, connections: Int, objects: ObjectService.Counters,
-                 content: ContentService.Counters) {
+    package init(
+        index: Int, backend: String, features: String, diagnostics: [String: String], endpoint: EndpointCounters,
+        datapath: DatapathCounters, handoff: HandoffCounters, connections: Int, objects: ObjectService.Counters,
+        content: ContentService.Counters
+    ) {
         (self.index, self.backend, self.features, self.diagnostics) = (index, backend, features, diagnostics)
         (self.endpoint, self.datapath, self.handoff, self.connections) = (endpoint, datapath, handoff, connections)
         (self.objects, self.content) = (objects, content)
@@ -126,8 +128,9 @@ package struct NodeMetrics {
             family("stoq_store_chunks_written_total", "counter", "Chunks written to the store.", [("", s.chunksWritten)])
             family("stoq_store_bytes_written_total", "counter", "Chunk bytes written to the store.", [("", s.bytesWritten)])
             family("stoq_store_dedup_hits_total", "counter", "Chunk puts the store already had.", [("", s.dedupHits)])
-            family("stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
-                   [("", s.corruptQuarantined)])
+            family(
+                "stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
+                [("", s.corruptQuarantined)])
         }
         if let e = edge {
             family("stoq_edge_hits_total", "counter", "Chunk reads served from the edge cache.", [("", e.hits)])
@@ -140,7 +143,9 @@ package struct NodeMetrics {
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
             family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])
             family("stoq_edge_origin_bytes_total", "counter", "Body bytes received from the origin.", [("", e.bytesFromOrigin)])
-            family("stoq_edge_verification_failures_total", "counter", "Chunks from the origin refused: bytes not matching their id.", [("", e.verificationFailures)])
+            family(
+                "stoq_edge_verification_failures_total", "counter", "Chunks from the origin refused: bytes not matching their id.",
+                [("", e.verificationFailures)])
             family("stoq_edge_origin_errors_total", "counter", "Origin fetches that failed (unreachable, lost, timed out, bad answer).", [("", e.originErrors)])
             family("stoq_edge_stale_served_total", "counter", "Expired manifests served because the origin failed.", [("", e.staleServed)])
             family("stoq_edge_cached_bytes", "gauge", "Chunk and manifest bytes in the edge cache.", [("", e.cachedBytes)])
@@ -149,12 +154,15 @@ package struct NodeMetrics {
             family("stoq_edge_capacity_bytes", "gauge", "edge.cache_size.", [("", e.capacity)])
         }
         if let c = certificate {
-            family("stoq_tls_certificates_issued_total", "counter", "Certificates the node obtained (first and renewals).",
-                   [("", c.rotations)])
-            family("stoq_tls_renewal_failures_total", "counter", "Certificate renewals that failed (the current one stays).",
-                   [("", c.failures)])
-            family("stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
-                   [("", UInt64(max(0, c.notAfter.timeIntervalSince1970)))])
+            family(
+                "stoq_tls_certificates_issued_total", "counter", "Certificates the node obtained (first and renewals).",
+                [("", c.rotations)])
+            family(
+                "stoq_tls_renewal_failures_total", "counter", "Certificate renewals that failed (the current one stays).",
+                [("", c.failures)])
+            family(
+                "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
+                [("", UInt64(max(0, c.notAfter.timeIntervalSince1970)))])
         }
         return out
     }
@@ -173,8 +181,10 @@ package struct NodeMetrics {
         }
         var obj: [String: Any] = ["workers": list]
         if let s = store {
-            obj["store"] = ["chunks_written": s.chunksWritten, "bytes_written": s.bytesWritten, "dedup_hits": s.dedupHits,
-                            "corrupt_quarantined": s.corruptQuarantined]
+            obj["store"] = [
+                "chunks_written": s.chunksWritten, "bytes_written": s.bytesWritten, "dedup_hits": s.dedupHits,
+                "corrupt_quarantined": s.corruptQuarantined,
+            ]
         }
         let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)

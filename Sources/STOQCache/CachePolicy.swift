@@ -62,7 +62,9 @@ public struct LRU<Key: Hashable>: CachePolicy {
             evicted(k)
         }
         let s: Int32
-        if let f = free.popLast() { s = f; slots[Int(s)] = Slot(key: key, size: size, prev: -1, next: -1) } else {
+        if let f = free.popLast() {
+            s = f; slots[Int(s)] = Slot(key: key, size: size, prev: -1, next: -1)
+        } else {
             s = Int32(slots.count)
             slots.append(Slot(key: key, size: size, prev: -1, next: -1))
         }

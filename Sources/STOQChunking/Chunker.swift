@@ -48,8 +48,9 @@ public struct Chunker: Sendable {
         if parameters.algorithm == .fixed { return Swift.min(n, avgSize) }
         if n <= minSize { return n }
         let end = Swift.min(n, maxSize)
-        return Self.findCut(p, minSize: minSize, normal: Swift.min(end, avgSize), end: end,
-                            maskBeforeAvg: maskBeforeAvg, maskAfterAvg: maskAfterAvg, gear: GearTable.pointer)
+        return Self.findCut(
+            p, minSize: minSize, normal: Swift.min(end, avgSize), end: end,
+            maskBeforeAvg: maskBeforeAvg, maskAfterAvg: maskAfterAvg, gear: GearTable.pointer)
     }
 
     /// The hot loop. Returns the chunk length: the first `i + 1` with `minSize <= i < end` whose
@@ -67,8 +68,10 @@ public struct Chunker: Sendable {
     /// (`h<<1 + g0`, `h<<2 + t01`, …) hang off it in parallel: ~2.9 GB/s (measured in C with
     /// clang -O3 too: same speed, so this stays in Swift).
     @inline(__always)
-    static func findCut(_ p: UnsafePointer<UInt8>, minSize: Int, normal: Int, end: Int,
-                        maskBeforeAvg: UInt64, maskAfterAvg: UInt64, gear: UnsafePointer<UInt64>) -> Int {
+    static func findCut(
+        _ p: UnsafePointer<UInt8>, minSize: Int, normal: Int, end: Int,
+        maskBeforeAvg: UInt64, maskAfterAvg: UInt64, gear: UnsafePointer<UInt64>
+    ) -> Int {
         var h: UInt64 = 0
         var i = minSize - 64
         while i < minSize {
@@ -125,8 +128,9 @@ public struct Chunker: Sendable {
         var offset = 0
         return chunkLengths(of: bytes).map { len in
             defer { offset += len }
-            return Chunk(offset: UInt64(offset), length: len,
-                         id: .sha256(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + len])))
+            return Chunk(
+                offset: UInt64(offset), length: len,
+                id: .sha256(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + len])))
         }
     }
 

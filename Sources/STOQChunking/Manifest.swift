@@ -186,8 +186,9 @@ public struct Manifest: Hashable, Sendable {
             if count > maxChunkCount {
                 throw ManifestError(.tooManyChunks, "\(count) chunks, the limit is \(maxChunkCount)")
             }
-            throw ManifestError(.tooManyChunks,
-                                "\(count) chunks, at most \(bound) fit \(totalLength) bytes with min \(parameters.minSize)")
+            throw ManifestError(
+                .tooManyChunks,
+                "\(count) chunks, at most \(bound) fit \(totalLength) bytes with min \(parameters.minSize)")
         }
     }
 
@@ -203,13 +204,15 @@ public struct Manifest: Hashable, Sendable {
             switch parameters.algorithm {
             case .contentAware:
                 guard i == last || length >= parameters.minSize else {
-                    throw ManifestError(.chunkTooShort,
-                                        "chunk \(i) is \(length) bytes, shorter than min \(parameters.minSize) (only the last chunk may be)")
+                    throw ManifestError(
+                        .chunkTooShort,
+                        "chunk \(i) is \(length) bytes, shorter than min \(parameters.minSize) (only the last chunk may be)")
                 }
             case .fixed:
                 guard i == last ? length <= parameters.avgSize : length == parameters.avgSize else {
-                    throw ManifestError(.fixedSizeMismatch,
-                                        "chunk \(i) is \(length) bytes, fixed chunking makes every chunk but the last \(parameters.avgSize) bytes and the last at most that")
+                    throw ManifestError(
+                        .fixedSizeMismatch,
+                        "chunk \(i) is \(length) bytes, fixed chunking makes every chunk but the last \(parameters.avgSize) bytes and the last at most that")
                 }
             }
             sum += UInt64(length)

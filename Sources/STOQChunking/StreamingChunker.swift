@@ -103,17 +103,19 @@ public final class StreamingChunker<Source: ChunkSource> {
     private let buffer: UnsafeMutableRawPointer
     private let capacity: Int
     private let readSize: Int
-    private var start = 0          // first unconsumed byte in `buffer`
-    private var fill = 0           // one past the last buffered byte
+    private var start = 0  // first unconsumed byte in `buffer`
+    private var fill = 0  // one past the last buffered byte
     private var atEnd = false
-    private var offset: UInt64 = 0 // object offset of `buffer[start]`
+    private var offset: UInt64 = 0  // object offset of `buffer[start]`
     private var objectHasher: SHA256?
     private var finalDigest: ContentDigest?
 
     /// Chunks `source`. `readSize` is the least that each read asks for; `digestObject` also
     /// computes the SHA-256 of the whole stream (a second pass of SHA-256 over every byte).
-    public init(source: Source, parameters: ChunkingParameters = .default,
-                readSize: Int = 4 << 20, digestObject: Bool = false) {
+    public init(
+        source: Source, parameters: ChunkingParameters = .default,
+        readSize: Int = 4 << 20, digestObject: Bool = false
+    ) {
         self.parameters = parameters
         self.chunker = Chunker(parameters)
         self.source = source

@@ -11,8 +11,13 @@ public enum ConfigLoader {
     /// Reads and validates a file.
     public static func load(path: String) throws(ConfigErrors) -> NodeConfig {
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
-            throw ConfigErrors(source: path, errors: [ConfigError(code: .io, key: "", value: "",
-                                                                 allowed: "cannot read the file (missing, unreadable or not UTF-8)")])
+            throw ConfigErrors(
+                source: path,
+                errors: [
+                    ConfigError(
+                        code: .io, key: "", value: "",
+                        allowed: "cannot read the file (missing, unreadable or not UTF-8)")
+                ])
         }
         return try parse(text, source: path)
     }
@@ -23,8 +28,13 @@ public enum ConfigLoader {
         do {
             table = try TOMLTable(string: text)
         } catch let e as TOMLParseError {
-            throw ConfigErrors(source: source, errors: [ConfigError(code: .syntax, key: "", value: "",
-                                                                   allowed: "TOML syntax error at \(e.source.begin.debugDescription): \(e.description)")])
+            throw ConfigErrors(
+                source: source,
+                errors: [
+                    ConfigError(
+                        code: .syntax, key: "", value: "",
+                        allowed: "TOML syntax error at \(e.source.begin.debugDescription): \(e.description)")
+                ])
         } catch {
             throw ConfigErrors(source: source, errors: [ConfigError(code: .syntax, key: "", value: "", allowed: "\(error)")])
         }
@@ -84,30 +94,42 @@ public enum ConfigLoader {
             s.string("key_file", &c.tls.keyFile)
         }
         if c.network.xdp.frameSize != 2048 && c.network.xdp.frameSize != 4096 {
-            r.errors.append(ConfigError(code: .badValue, key: "network.xdp.frame_size", value: "\(c.network.xdp.frameSize)",
-                                        allowed: "2048 or 4096"))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "network.xdp.frame_size", value: "\(c.network.xdp.frameSize)",
+                    allowed: "2048 or 4096"))
         }
         if c.network.xdp.ringSize.nonzeroBitCount != 1 || c.network.xdp.frames <= c.network.xdp.ringSize {
-            r.errors.append(ConfigError(code: .badValue, key: "network.xdp.ring_size/frames",
-                                        value: "\(c.network.xdp.ringSize)/\(c.network.xdp.frames)",
-                                        allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "network.xdp.ring_size/frames",
+                    value: "\(c.network.xdp.ringSize)/\(c.network.xdp.frames)",
+                    allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
         }
         let mayUseXDP = c.network.datapath == .afXDP || (c.network.datapath == .auto && !c.network.interface.isEmpty)
         // A frame holds one datagram, its Ethernet/IPv6/UDP headers (62) and the 24 bytes of
         // TX metadata (the checksum request) the engine reserves on kernels that have it.
         if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 86 {
-            r.errors.append(ConfigError(code: .outOfRange, key: "network.quic_config.max_udp_payload_size",
-                                        value: "\(c.network.quic.maxUDPPayloadSize)",
-                                        allowed: "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"))
+            r.errors.append(
+                ConfigError(
+                    code: .outOfRange, key: "network.quic_config.max_udp_payload_size",
+                    value: "\(c.network.quic.maxUDPPayloadSize)",
+                    allowed:
+                        "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"
+                ))
         }
         if c.network.datapath == .afXDP && c.network.interface.isEmpty {
-            r.errors.append(ConfigError(code: .badValue, key: "network.interface", value: "\"\"",
-                                        allowed: "the interface to bind when network.datapath = \"af_xdp\""))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "network.interface", value: "\"\"",
+                    allowed: "the interface to bind when network.datapath = \"af_xdp\""))
         }
         if c.tls.certFile.isEmpty != c.tls.keyFile.isEmpty {
-            r.errors.append(ConfigError(code: .badValue, key: "tls.cert_file/tls.key_file",
-                                        value: "\"\(c.tls.certFile)\"/\"\(c.tls.keyFile)\"",
-                                        allowed: "both set, or both empty for the embedded identity"))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "tls.cert_file/tls.key_file",
+                    value: "\"\(c.tls.certFile)\"/\"\(c.tls.keyFile)\"",
+                    allowed: "both set, or both empty for the embedded identity"))
         }
         r.section("trust") { s in
             s.choice("mode", &c.trust.mode)
@@ -124,20 +146,28 @@ public enum ConfigLoader {
             }
         }
         if c.network.clientAuth != .none && c.trust.bundle.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
-            r.errors.append(ConfigError(code: .badValue, key: "trust.bundle", value: "\"\"",
-                                        allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "trust.bundle", value: "\"\"",
+                    allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
         }
         if c.trust.requireTransparency && c.trust.transparencyLogs.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
-            r.errors.append(ConfigError(code: .badValue, key: "trust.transparency_logs", value: "[]",
-                                        allowed: "PEM files of the trusted logs' public keys, when trust.require_transparency is on and the node does not run its own CA"))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "trust.transparency_logs", value: "[]",
+                    allowed: "PEM files of the trusted logs' public keys, when trust.require_transparency is on and the node does not run its own CA"))
         }
         if c.trust.renewBefore >= c.trust.certLifetime {
-            r.errors.append(ConfigError(code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
-                                        allowed: "less than trust.cert_lifetime (\(c.trust.certLifetime / 1_000_000_000)s)"))
+            r.errors.append(
+                ConfigError(
+                    code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
+                    allowed: "less than trust.cert_lifetime (\(c.trust.certLifetime / 1_000_000_000)s)"))
         }
         if c.trust.mode == .acme && !c.trust.acme.directory.hasPrefix("https://") {
-            r.errors.append(ConfigError(code: .badValue, key: "trust.acme.directory", value: "\"\(c.trust.acme.directory)\"",
-                                        allowed: "the https:// URL of the ACME directory when trust.mode = \"acme\""))
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "trust.acme.directory", value: "\"\(c.trust.acme.directory)\"",
+                    allowed: "the https:// URL of the ACME directory when trust.mode = \"acme\""))
         }
         r.section("routing") { s in
             s.choice("algorithm", &c.routing.algorithm)
@@ -151,11 +181,15 @@ public enum ConfigLoader {
             s.size("max_chunk_size", &c.chunking.maxChunkSize, 1 << 10...1 << 30)
             s.bool("dedup_enabled", &c.chunking.dedupEnabled)
         }
-        if let problem = ChunkingParameters.problem(minSize: Int(c.chunking.minChunkSize), avgSize: Int(c.chunking.avgChunkSize),
-                                                    maxSize: Int(c.chunking.maxChunkSize)) {
-            r.errors.append(ConfigError(code: .badValue, key: "chunking.min_chunk_size/avg_chunk_size/max_chunk_size",
-                                        value: "\(c.chunking.minChunkSize)/\(c.chunking.avgChunkSize)/\(c.chunking.maxChunkSize)",
-                                        allowed: "min_chunk_size < avg_chunk_size < max_chunk_size, avg a power of two (\(problem))"))
+        if let problem = ChunkingParameters.problem(
+            minSize: Int(c.chunking.minChunkSize), avgSize: Int(c.chunking.avgChunkSize),
+            maxSize: Int(c.chunking.maxChunkSize))
+        {
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "chunking.min_chunk_size/avg_chunk_size/max_chunk_size",
+                    value: "\(c.chunking.minChunkSize)/\(c.chunking.avgChunkSize)/\(c.chunking.maxChunkSize)",
+                    allowed: "min_chunk_size < avg_chunk_size < max_chunk_size, avg a power of two (\(problem))"))
         }
         r.section("edge") { s in
             s.bool("enable_caching", &c.edge.enableCaching)
@@ -209,8 +243,10 @@ struct Reader {
 
     mutating func rejectUnknownSections(_ known: [String]) {
         for k in root.keys where !known.contains(k) {
-            errors.append(ConfigError(code: .unknownKey, key: k, value: "…",
-                                      allowed: "one of the sections " + known.map { "[\($0)]" }.joined(separator: ", ")))
+            errors.append(
+                ConfigError(
+                    code: .unknownKey, key: k, value: "…",
+                    allowed: "one of the sections " + known.map { "[\($0)]" }.joined(separator: ", ")))
         }
     }
 }
@@ -359,8 +395,10 @@ struct Section {
 
     /// A named profile (`key = "name"`), or a table whose optional `profile` key names the
     /// one its other keys start from. `apply` sets the profile before `body` reads the keys.
-    mutating func profileOrTable<P>(_ key: String, _ apply: (P) -> Void, _ profiles: [(String, P)],
-                                    _ body: (inout Section) -> Void) {
+    mutating func profileOrTable<P>(
+        _ key: String, _ apply: (P) -> Void, _ profiles: [(String, P)],
+        _ body: (inout Section) -> Void
+    ) {
         guard let v = nested(key, value(key)) else { return }
         let names = profiles.map { "\"\($0.0)\"" }.joined(separator: ", ")
         if let name = v.string {
@@ -386,8 +424,10 @@ struct Section {
 
     mutating func rejectUnknown() {
         for k in table.keys where !seen.contains(k) {
-            errors.append(ConfigError(code: .unknownKey, key: "\(prefix).\(k)", value: render(table[k]!),
-                                      allowed: "one of " + seen.joined(separator: ", ")))
+            errors.append(
+                ConfigError(
+                    code: .unknownKey, key: "\(prefix).\(k)", value: render(table[k]!),
+                    allowed: "one of " + seen.joined(separator: ", ")))
         }
     }
 }

@@ -86,7 +86,8 @@ extension NodeConfig {
         /// mesh is accepted, and said to be not running, rather than silently ignored.
         public var notice: String? {
             guard self != Mesh() else { return nil }
-            return "mesh: [mesh] is configured (discovery \(discovery.rawValue), \(peers.count) peer(s)) but the mesh service is not running yet: this node serves alone"
+            return
+                "mesh: [mesh] is configured (discovery \(discovery.rawValue), \(peers.count) peer(s)) but the mesh service is not running yet: this node serves alone"
         }
     }
 }
@@ -112,35 +113,49 @@ extension Reader {
         }
         guard present else { return }
         if let server = m.dnsServer, server.port == 0 || server.address.isUnspecified {
-            errors.append(ConfigError(code: .badValue, key: "mesh.dns_server", value: "\"\(server)\"",
-                                      allowed: "\"\" (the nameservers of /etc/resolv.conf) or \"[ipv6]:port\" of a server: an address other than [::], a port 1-65535"))
+            errors.append(
+                ConfigError(
+                    code: .badValue, key: "mesh.dns_server", value: "\"\(server)\"",
+                    allowed: "\"\" (the nameservers of /etc/resolv.conf) or \"[ipv6]:port\" of a server: an address other than [::], a port 1-65535"))
         }
         if m.etcdLeaseTTL % 1_000_000_000 != 0 {
-            errors.append(ConfigError(code: .badValue, key: "mesh.etcd_lease_ttl", value: "\(m.etcdLeaseTTL / 1_000_000)ms",
-                                      allowed: "whole seconds (etcd leases are granted in seconds), 2s to 1h"))
+            errors.append(
+                ConfigError(
+                    code: .badValue, key: "mesh.etcd_lease_ttl", value: "\(m.etcdLeaseTTL / 1_000_000)ms",
+                    allowed: "whole seconds (etcd leases are granted in seconds), 2s to 1h"))
         }
         if m.downAfter <= m.probeInterval {
-            errors.append(ConfigError(code: .outOfRange, key: "mesh.down_after", value: "\(m.downAfter / 1_000_000)ms",
-                                      allowed: "more than mesh.probe_interval (\(m.probeInterval / 1_000_000)ms): a neighbour is down only after unanswered probes"))
+            errors.append(
+                ConfigError(
+                    code: .outOfRange, key: "mesh.down_after", value: "\(m.downAfter / 1_000_000)ms",
+                    allowed: "more than mesh.probe_interval (\(m.probeInterval / 1_000_000)ms): a neighbour is down only after unanswered probes"))
         }
         switch m.discovery {
         case .static:
             break
         case .dns:
             if m.dnsName.isEmpty {
-                errors.append(ConfigError(code: .badValue, key: "mesh.dns_name", value: "\"\"",
-                                          allowed: "the DNS name whose AAAA or SRV records list the members, when mesh.discovery = \"dns\""))
+                errors.append(
+                    ConfigError(
+                        code: .badValue, key: "mesh.dns_name", value: "\"\"",
+                        allowed: "the DNS name whose AAAA or SRV records list the members, when mesh.discovery = \"dns\""))
             }
         case .etcd:
             if m.etcdEndpoints.isEmpty {
-                errors.append(ConfigError(code: .badValue, key: "mesh.etcd_endpoints", value: "[]",
-                                          allowed: "at least one http://[ipv6]:port client URL of the etcd cluster, when mesh.discovery = \"etcd\""))
+                errors.append(
+                    ConfigError(
+                        code: .badValue, key: "mesh.etcd_endpoints", value: "[]",
+                        allowed: "at least one http://[ipv6]:port client URL of the etcd cluster, when mesh.discovery = \"etcd\""))
             }
         }
         if m.discovery != .static && !m.peers.isEmpty {
-            errors.append(ConfigError(code: .badValue, key: "mesh.peers",
-                                      value: "[" + m.peers.map { "\"\($0)\"" }.joined(separator: ", ") + "]",
-                                      allowed: "[] when mesh.discovery = \"\(m.discovery.rawValue)\": the members then come from \(m.discovery == .dns ? "mesh.dns_name" : "etcd"), and peers is the \"static\" backend's list"))
+            errors.append(
+                ConfigError(
+                    code: .badValue, key: "mesh.peers",
+                    value: "[" + m.peers.map { "\"\($0)\"" }.joined(separator: ", ") + "]",
+                    allowed:
+                        "[] when mesh.discovery = \"\(m.discovery.rawValue)\": the members then come from \(m.discovery == .dns ? "mesh.dns_name" : "etcd"), and peers is the \"static\" backend's list"
+                ))
         }
     }
 }
@@ -184,8 +199,9 @@ extension Section {
                     urls.append(u)
                 }
             case .failure(let err):
-                meshFail(err.code == .ipv4Refused ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", "\"\(s)\"",
-                         "\(allowed) — \(err.reason)")
+                meshFail(
+                    err.code == .ipv4Refused ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", "\"\(s)\"",
+                    "\(allowed) — \(err.reason)")
                 ok = false
             }
         }
@@ -196,7 +212,8 @@ extension Section {
     /// start with "_"), each 1-63 bytes, 253 in all; one trailing dot allowed.
     mutating func dnsName(_ key: String, _ out: inout String) {
         guard let v = meshValue(key) else { return }
-        let allowed = "\"\" or a DNS name such as \"stoq.mesh.svc.cluster.local\" or \"_stoq._udp.stoq.mesh.svc.cluster.local\" (labels of letters, digits, '-' and '_', 1-63 bytes each, 253 in all)"
+        let allowed =
+            "\"\" or a DNS name such as \"stoq.mesh.svc.cluster.local\" or \"_stoq._udp.stoq.mesh.svc.cluster.local\" (labels of letters, digits, '-' and '_', 1-63 bytes each, 253 in all)"
         guard let s = v.string else { return meshFail(.badType, key, Self.quoted(v), allowed) }
         if s.isEmpty { out = s; return }
         if let problem = Self.dnsNameProblem(s) { return meshFail(.badValue, key, "\"\(s)\"", "\(allowed) — \(problem)") }

@@ -150,9 +150,13 @@ public struct NodeConfig: Sendable, Equatable {
     /// logs them at start and `stoq config check` prints them, so nothing is silently ignored.
     public var notices: [String] {
         var n: [String] = []
-        n.append("routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect yet: there is no mesh, so every request is served from this node's store (or its edge origin)")
+        n.append(
+            "routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect yet: there is no mesh, so every request is served from this node's store (or its edge origin)"
+        )
         if edge.enableCaching && edge.origin.isEmpty {
-            n.append("edge: enable_caching = true with no edge.origin: fetching through the mesh comes with the mesh; until then this node caches nothing and serves only its own content")
+            n.append(
+                "edge: enable_caching = true with no edge.origin: fetching through the mesh comes with the mesh; until then this node caches nothing and serves only its own content"
+            )
         }
         if let line = mesh.notice { n.append(line) }
         return n

@@ -53,13 +53,13 @@ public final class ContentService: QUICApplication {
     struct ObjectSend {
         var name: String
         var chunks: [Manifest.Entry]
-        var next: Int          // index of the next chunk to append
-        var skip: Int          // bytes of that chunk before the range starts
+        var next: Int  // index of the next chunk to append
+        var skip: Int  // bytes of that chunk before the range starts
         var remaining: UInt64  // body bytes still to append
-        var edge = false       // chunks come from the edge cache (and its origin)
-        var waiting = false    // the next chunk is being fetched from the origin
+        var edge = false  // chunks come from the edge cache (and its origin)
+        var waiting = false  // the next chunk is being fetched from the origin
         var fetched: [UInt8]?  // the next chunk's verified bytes, as its fetch handed them over
-        var readAhead = 0      // chunks up to here have been asked of the origin
+        var readAhead = 0  // chunks up to here have been asked of the origin
     }
 
     /// A request waiting for the edge cache's fetcher (by ticket).
@@ -166,11 +166,14 @@ public final class ContentService: QUICApplication {
         sendObject(name, manifest, edge: false, request, stream, connection)
     }
 
-    private func sendObject(_ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
-                            _ connection: QUICConnection) {
-        guard let (status, head, range) = ObjectService.bodyHead(
-            size: manifest.totalLength, request: request, stream: stream, connection: connection,
-            fail: { fail(stream, connection, $0, $1) })
+    private func sendObject(
+        _ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
+        _ connection: QUICConnection
+    ) {
+        guard
+            let (status, head, range) = ObjectService.bodyHead(
+                size: manifest.totalLength, request: request, stream: stream, connection: connection,
+                fail: { fail(stream, connection, $0, $1) })
         else { return }
         var headers = head
         if let cacheControl, !edge { headers.append(cacheControl) }
@@ -187,8 +190,9 @@ public final class ContentService: QUICApplication {
             at += UInt64(manifest.chunks[first].length)
             first += 1
         }
-        sends[stream] = ObjectSend(name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
-                                   edge: edge, readAhead: first)
+        sends[stream] = ObjectSend(
+            name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
+            edge: edge, readAhead: first)
         connection.respondStreamed(stream, status: status, headers: headers)
     }
 
@@ -218,16 +222,17 @@ public final class ContentService: QUICApplication {
                 return
             }
         } else {
-        do { bytes = try index.chunks.read(id) } catch {
-            // Never send bytes the store cannot vouch for: the client sees the stream fail.
-            logger.error("object \(send.name): chunk \(id.hex) unavailable mid-response: \(error)")
-            sends[stream] = nil
-            connection.reset(stream, errorCode: H3Error.internalError)
-            return
-        }
+            do { bytes = try index.chunks.read(id) } catch {
+                // Never send bytes the store cannot vouch for: the client sees the stream fail.
+                logger.error("object \(send.name): chunk \(id.hex) unavailable mid-response: \(error)")
+                sends[stream] = nil
+                connection.reset(stream, errorCode: H3Error.internalError)
+                return
+            }
         }
         let take = Int(min(UInt64(bytes.count - send.skip), send.remaining))
-        let piece = send.skip == 0 && take == bytes.count
+        let piece =
+            send.skip == 0 && take == bytes.count
             ? BodyRegion(copying: bytes) : BodyRegion(copying: bytes[send.skip..<send.skip + take])
         send.remaining -= UInt64(take)
         send.next += 1
@@ -251,8 +256,10 @@ public final class ContentService: QUICApplication {
 
     private func respondChunk(_ bytes: [UInt8], head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
         counters.chunksServed += 1
-        let headers = [("content-length", "\(bytes.count)"), ("content-type", "application/octet-stream"),
-                       ("cache-control", "public, max-age=31536000, immutable")]
+        let headers = [
+            ("content-length", "\(bytes.count)"), ("content-type", "application/octet-stream"),
+            ("cache-control", "public, max-age=31536000, immutable"),
+        ]
         connection.respond(stream, status: 200, headers: headers, body: head ? nil : BodyRegion(copying: bytes))
     }
 
@@ -334,9 +341,13 @@ public final class ContentService: QUICApplication {
                     fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }
             case .chunk(let id, let head, let stream, let connection):
-                if let f = c.failure { fail(stream, connection, f.status, f.reason) }
-                else if let bytes = c.chunk ?? edge.readChunk(id) { respondChunk(bytes, head: head, stream, connection) }
-                else { fail(stream, connection, 502, "edge: chunk \(id.hex) could not be kept in the cache") }
+                if let f = c.failure {
+                    fail(stream, connection, f.status, f.reason)
+                } else if let bytes = c.chunk ?? edge.readChunk(id) {
+                    respondChunk(bytes, head: head, stream, connection)
+                } else {
+                    fail(stream, connection, 502, "edge: chunk \(id.hex) could not be kept in the cache")
+                }
             case .objectChunk(let stream, let connection):
                 guard var send = sends[stream] else { continue }
                 send.waiting = false
@@ -386,8 +397,9 @@ public final class ContentService: QUICApplication {
         defer { close(up.fd) }
         if aborted { return }
         if stream.sinkErrno != 0 {
-            return fail(stream, connection, stream.sinkErrno == EFBIG ? 413 : 500,
-                        "receiving the body failed: \(String(cString: strerror(stream.sinkErrno)))")
+            return fail(
+                stream, connection, stream.sinkErrno == EFBIG ? 413 : 500,
+                "receiving the body failed: \(String(cString: strerror(stream.sinkErrno)))")
         }
         let length = Int(stream.bytesReceived)
         guard let region = BodyRegion.mapping(fd: up.fd, offset: 0, length: length) else {
@@ -461,7 +473,8 @@ public final class ContentService: QUICApplication {
         counters.refused += 1
         logger.debug("content request refused", metadata: ["status": "\(status)", "reason": "\(why)"])
         let body = BodyRegion(copying: Array("\(why.prefix(2000))\n".utf8))
-        connection.respond(stream, status: status,
-                           headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
+        connection.respond(
+            stream, status: status,
+            headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
     }
 }

@@ -31,17 +31,20 @@ package final class NodeRouter: QUICApplication {
                 return
             }
             let (status, type, bytes) = log(request.path)
-            connection.respond(stream, status: status, headers: [("content-type", type), ("content-length", "\(bytes.count)")],
-                               body: request.method == "HEAD" ? nil : BodyRegion(copying: bytes))
+            connection.respond(
+                stream, status: status, headers: [("content-type", type), ("content-length", "\(bytes.count)")],
+                body: request.method == "HEAD" ? nil : BodyRegion(copying: bytes))
         } else if ContentService.handles(request.path) {
             content.request(request, stream: stream, connection: connection)
         } else if request.method == "GET" || request.method == "HEAD",
-                  let name = ObjectService.objectName(fromPath: request.path),
-                  !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name) {
+            let name = ObjectService.objectName(fromPath: request.path),
+            !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name)
+        {
             content.serveObject(name, request, stream, connection)
         } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
-                  let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
-                  (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name) {
+            let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
+            (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name)
+        {
             content.serveEdgeObject(name, request, stream, connection)
         } else {
             objects.request(request, stream: stream, connection: connection)
@@ -61,11 +64,13 @@ package final class NodeRouter: QUICApplication {
             return
         }
         let s = connection.stats
-        logger.debug("connection closed", metadata: [
-            "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",
-            "cwnd": "\(s.cwnd)", "srtt_us": "\(s.smoothed_rtt_ns / 1000)", "min_rtt_us": "\(s.min_rtt_ns / 1000)",
-            "body_sent": "\(s.body_bytes_sent)", "body_received": "\(s.body_bytes_received)",
-        ])
+        logger.debug(
+            "connection closed",
+            metadata: [
+                "peer": "\(connection.peer)", "reason": "\(reason.isEmpty ? "clean" : reason)",
+                "cwnd": "\(s.cwnd)", "srtt_us": "\(s.smoothed_rtt_ns / 1000)", "min_rtt_us": "\(s.min_rtt_ns / 1000)",
+                "body_sent": "\(s.body_bytes_sent)", "body_received": "\(s.body_bytes_received)",
+            ])
     }
 
     package func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {

@@ -60,7 +60,8 @@ public final class ObjectService: QUICApplication {
         let name = path.dropFirst("/objects/".count).prefix { $0 != "?" }
         guard !name.isEmpty, name.count <= 255, name.first != "." else { return nil }
         for u in name.utf8 {
-            let ok = (u >= 0x30 && u <= 0x39) || (u >= 0x41 && u <= 0x5a) || (u >= 0x61 && u <= 0x7a) || u == 0x2e
+            let ok =
+                (u >= 0x30 && u <= 0x39) || (u >= 0x41 && u <= 0x5a) || (u >= 0x61 && u <= 0x7a) || u == 0x2e
                 || u == 0x2d || u == 0x5f
             if !ok { return nil }
         }
@@ -84,8 +85,10 @@ public final class ObjectService: QUICApplication {
     /// The head of a response to GET/HEAD of an object of `size` bytes with the request's
     /// `Range`: status, headers (content-length included) and the byte range to send (nil:
     /// none). Answers 416 or 400 itself and returns nil when the range cannot be served.
-    static func bodyHead(size: UInt64, request: HTTPRequest, stream: HTTPStream, connection: QUICConnection,
-                         fail: (Int, String) -> Void) -> (status: Int, headers: [(String, String)], range: ClosedRange<UInt64>?)? {
+    static func bodyHead(
+        size: UInt64, request: HTTPRequest, stream: HTTPStream, connection: QUICConnection,
+        fail: (Int, String) -> Void
+    ) -> (status: Int, headers: [(String, String)], range: ClosedRange<UInt64>?)? {
         var status = 200
         var range = size == 0 ? nil : Optional(0...(size - 1))
         var headers = [("accept-ranges", "bytes")]
@@ -110,8 +113,9 @@ public final class ObjectService: QUICApplication {
         counters.requests += 1
         if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         guard let name = Self.objectName(fromPath: request.path) else {
-            return fail(stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
-                        "bad object path \(request.path.prefix(200))")
+            return fail(
+                stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
+                "bad object path \(request.path.prefix(200))")
         }
         switch request.method {
         case "GET", "HEAD": serve(name, request, stream, connection)
@@ -125,8 +129,9 @@ public final class ObjectService: QUICApplication {
         if status == 404 { counters.notFound += 1 } else { counters.badRequests += 1 }
         logger.debug("request refused", metadata: ["status": "\(status)", "reason": "\(why)"])
         let body = BodyRegion(copying: Array("\(why)\n".utf8))
-        connection.respond(stream, status: status,
-                           headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
+        connection.respond(
+            stream, status: status,
+            headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
     }
 
     private func serve(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -137,8 +142,10 @@ public final class ObjectService: QUICApplication {
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
             return fail(stream, connection, 404, "no object \(name)")
         }
-        guard let (status, headers, range) = Self.bodyHead(size: UInt64(st.st_size), request: request, stream: stream,
-                                                           connection: connection, fail: { fail(stream, connection, $0, $1) })
+        guard
+            let (status, headers, range) = Self.bodyHead(
+                size: UInt64(st.st_size), request: request, stream: stream,
+                connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
         if request.method == "HEAD" {

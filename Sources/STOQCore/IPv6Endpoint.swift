@@ -11,8 +11,11 @@ import Darwin
 /// STOQ is IPv6 only: parsing refuses IPv4 and IPv4-mapped (`::ffff:a.b.c.d`) addresses.
 public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
     /// The 16 address bytes in network order.
-    public var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                       UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)
+    public var bytes:
+        (
+            UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+            UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8
+        )
 
     /// `::` — the unspecified address.
     public static let any = IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
@@ -20,8 +23,12 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
     public static let loopback = IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1))
 
     /// Creates an address from its 16 network-order bytes.
-    public init(bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                        UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)) {
+    public init(
+        bytes: (
+            UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+            UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8
+        )
+    ) {
         self.bytes = bytes
     }
 

@@ -95,9 +95,10 @@ public final class URingDatapathQueue: DatapathQueue {
             let r = rx[i]
             var to = local
             to.address = IPv6Address(r.local)
-            let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
-                                      segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
-                                      ecn: ECN(lowBitsOf: r.ecn))
+            let d = ReceivedDatagrams(
+                bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
+                segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
+                ecn: ECN(lowBitsOf: r.ecn))
             body(d)
         }
         stoq_uring_rx_done(raw)

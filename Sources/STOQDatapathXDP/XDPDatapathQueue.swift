@@ -144,13 +144,15 @@ public final class XDPDatapathQueue: DatapathQueue {
 
     public var diagnostics: [(String, String)] {
         let f = frames, c = engineCounters
-        return [("xdp_mode", xdpMode), ("zero_copy", "\(isZeroCopy)"), ("frames_total", "\(f.total)"),
-                ("frames_per_slot", "\(maxSegmentsPerSlot)"),
-                ("frames_kernel_rx", "\(f.kernel_rx)"), ("frames_held", "\(f.held)"), ("frames_tx_free", "\(f.tx_free)"),
-                ("frames_tx_reserved", "\(f.tx_reserved)"), ("frames_tx_in_flight", "\(f.tx_in_flight)"),
-                ("rx_checksum_errors", "\(c.rx_checksum_errors)"), ("tx_no_neighbour", "\(c.tx_no_neighbour)"),
-                ("kernel_rx_dropped", "\(c.k_rx_dropped)"), ("kernel_rx_ring_full", "\(c.k_rx_ring_full)"),
-                ("kernel_fill_ring_empty", "\(c.k_fill_ring_empty)")]
+        return [
+            ("xdp_mode", xdpMode), ("zero_copy", "\(isZeroCopy)"), ("frames_total", "\(f.total)"),
+            ("frames_per_slot", "\(maxSegmentsPerSlot)"),
+            ("frames_kernel_rx", "\(f.kernel_rx)"), ("frames_held", "\(f.held)"), ("frames_tx_free", "\(f.tx_free)"),
+            ("frames_tx_reserved", "\(f.tx_reserved)"), ("frames_tx_in_flight", "\(f.tx_in_flight)"),
+            ("rx_checksum_errors", "\(c.rx_checksum_errors)"), ("tx_no_neighbour", "\(c.tx_no_neighbour)"),
+            ("kernel_rx_dropped", "\(c.k_rx_dropped)"), ("kernel_rx_ring_full", "\(c.k_rx_ring_full)"),
+            ("kernel_fill_ring_empty", "\(c.k_fill_ring_empty)"),
+        ]
     }
 
     public func receive(timeoutNanoseconds: UInt64, _ body: (borrowing ReceivedDatagrams) -> Void) throws -> Int {
@@ -158,8 +160,9 @@ public final class XDPDatapathQueue: DatapathQueue {
         if now >= nextAttachCheck {
             nextAttachCheck = now + attachCheckInterval
             if stoq_xsk_program_attached(raw) == 0 {
-                throw DatapathError(.detached, operation: "bpf_xdp_query",
-                                    message: "the XDP program was detached from \(options.interface)")
+                throw DatapathError(
+                    .detached, operation: "bpf_xdp_query",
+                    message: "the XDP program was detached from \(options.interface)")
             }
         }
         let wait = min(timeoutNanoseconds, attachCheckInterval)
@@ -167,10 +170,11 @@ public final class XDPDatapathQueue: DatapathQueue {
         if n < 0 { throw DatapathError(.receive, operation: "ppoll", errno: -n) }
         for i in 0..<Int(n) {
             let r = rx[i]
-            let d = ReceivedDatagrams(bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
-                                      segmentSize: Int(r.len), peer: IPv6Endpoint(r.peer),
-                                      local: IPv6Endpoint(address: IPv6Address(r.local), port: localEndpoint.port),
-                                      ecn: ECN(lowBitsOf: r.ecn))
+            let d = ReceivedDatagrams(
+                bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
+                segmentSize: Int(r.len), peer: IPv6Endpoint(r.peer),
+                local: IPv6Endpoint(address: IPv6Address(r.local), port: localEndpoint.port),
+                ecn: ECN(lowBitsOf: r.ecn))
             body(d)
         }
         stoq_xsk_rx_done(raw)

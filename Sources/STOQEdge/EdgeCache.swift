@@ -210,8 +210,10 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// Opens the cache under `root` (creating it), reconciles its index with the chunks on
     /// disk, and loads the cached manifests. `start()` starts the fetcher.
-    public init(root: String, capacity: UInt64, ttlDefault: UInt64, origin: String, trust: ClientTrust,
-                datapath: ClientDatapath, maxChunkSize: Int, logger: Logger) throws {
+    public init(
+        root: String, capacity: UInt64, ttlDefault: UInt64, origin: String, trust: ClientTrust,
+        datapath: ClientDatapath, maxChunkSize: Int, logger: Logger
+    ) throws {
         do { self.origin = try STOQURL(origin) } catch { throw NodeError(.storage, "edge.origin \(origin): \(error)") }
         self.root = root
         manifestDir = root + "/manifests"
@@ -219,8 +221,9 @@ public final class EdgeCache: @unchecked Sendable {
         self.trust = trust
         self.datapath = datapath
         self.logger = logger
-        store = try ChunkStore(root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
-                               logger: Logger(label: "stoq.edge.store"))
+        store = try ChunkStore(
+            root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
+            logger: Logger(label: "stoq.edge.store"))
         let manifestBudget = EdgeManifests.budget(of: capacity)
         policy = S3FIFO(capacity: capacity - manifestBudget)
         readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
@@ -267,12 +270,14 @@ public final class EdgeCache: @unchecked Sendable {
         // Chunks the policy declined (larger than the whole cache) do not stay either.
         for e in kept where !policy.contains(e.key) && !evicted.contains(e.key) { _ = try? store.remove(e.key) }
         counterValues.evictions += UInt64(evicted.count)
-        logger.info("edge cache opened", metadata: [
-            "root": "\(root)", "chunks": "\(policy.count)", "bytes": "\(policy.usedBytes)", "capacity": "\(policy.capacity)",
-            "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)",
-            "dropped": "\(entries.count - ghosts.count - (kept.count - adopted))", "ghosts": "\(ghosts.count)",
-            "origin": "\(origin)",
-        ])
+        logger.info(
+            "edge cache opened",
+            metadata: [
+                "root": "\(root)", "chunks": "\(policy.count)", "bytes": "\(policy.usedBytes)", "capacity": "\(policy.capacity)",
+                "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)",
+                "dropped": "\(entries.count - ghosts.count - (kept.count - adopted))", "ghosts": "\(ghosts.count)",
+                "origin": "\(origin)",
+            ])
         dirty = adopted > 0 || kept.count + ghosts.count != entries.count || !evicted.isEmpty
     }
 
@@ -313,7 +318,9 @@ public final class EdgeCache: @unchecked Sendable {
             return bytes
         } catch {
             logger.error("edge cache: cached chunk \(id.hex) unreadable, dropping it: \(error)")
-            lock.withLock { policy.remove(id); dirty = true }
+            lock.withLock {
+                policy.remove(id); dirty = true
+            }
             return nil
         }
     }
@@ -434,7 +441,9 @@ public final class EdgeCache: @unchecked Sendable {
         while !stopFlag.load(ordering: .acquiring) {
             let now = DispatchTime.now().uptimeNanoseconds
             if now - lastPersist > 2_000_000_000 { persist(); lastPersist = now }
-            lock.withLock { backlog += jobs; jobs.removeAll() }
+            lock.withLock {
+                backlog += jobs; jobs.removeAll()
+            }
             if backlog.isEmpty && active.isEmpty {
                 if let s = session {
                     // Idle: keep the connection's timers going; close it after a while.
@@ -501,7 +510,8 @@ public final class EdgeCache: @unchecked Sendable {
             for (tag, a) in active where t - a.started > Self.requestTimeout {
                 active[tag] = nil
                 close(a.fd)
-                originFailed(a.key, Failure(status: 504, reason: "edge: origin \(origin) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"))
+                originFailed(
+                    a.key, Failure(status: 504, reason: "edge: origin \(origin) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"))
             }
         }
         if let session { dropSession("the node is stopping"); _ = session }
@@ -538,7 +548,8 @@ public final class EdgeCache: @unchecked Sendable {
             } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
                 lock.withLock { counterValues.verificationFailures += 1 }
                 logger.error("edge cache: refused chunk \(id.hex) from origin \(origin): \(e.message)")
-                return originFailed(a.key, Failure(status: 502, reason: "edge: the origin sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"))
+                return originFailed(
+                    a.key, Failure(status: 502, reason: "edge: the origin sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"))
             } catch {
                 logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
                 return complete(a.key, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))

@@ -47,7 +47,7 @@ struct EdgeManifests {
             let path = dir + "/" + name
             if name.hasSuffix(".tmp") { unlink(path); continue }
             guard (try? ObjectIndex.validateName(name)) != nil, let bytes = try? CacheIndexFile.read(path),
-                  let entry = Self.decode(bytes)
+                let entry = Self.decode(bytes)
             else {
                 logger.warning("edge cache: dropping unreadable cached manifest \(path)")
                 unlink(path)
@@ -100,7 +100,7 @@ struct EdgeManifests {
 
     static func decode(_ bytes: [UInt8]) -> Entry? {
         guard bytes.count >= headerLength, Array(bytes[0..<8]) == magic,
-              (try? Manifest(decoding: Array(bytes[headerLength...]))) != nil
+            (try? Manifest(decoding: Array(bytes[headerLength...]))) != nil
         else { return nil }
         let ms = (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[8 + $1]) << (8 * $1) }
         return Entry(bytes: Array(bytes[headerLength...]), expires: Double(ms) / 1000)

@@ -28,8 +28,10 @@ public struct AdvertBody: Hashable, Sendable {
         public var peerLoadPPM: UInt32
 
         /// A link.
-        public init(neighbour: NodeIdentity, rttMicros: UInt32, rttVarMicros: UInt32, lossPPM: UInt32, deliveryKbps: UInt32,
-                    peerLoadPPM: UInt32 = 0) {
+        public init(
+            neighbour: NodeIdentity, rttMicros: UInt32, rttVarMicros: UInt32, lossPPM: UInt32, deliveryKbps: UInt32,
+            peerLoadPPM: UInt32 = 0
+        ) {
             self.neighbour = neighbour
             self.rttMicros = rttMicros
             self.rttVarMicros = rttVarMicros
@@ -68,8 +70,10 @@ public struct AdvertBody: Hashable, Sendable {
     public let links: [Link]
 
     /// An advert, checked like a decoded one.
-    public init(origin: NodeIdentity, sequence: UInt64, issuedMillis: UInt64, lifetimeMillis: UInt32, loadPPM: UInt32,
-                links: [Link]) throws(AdvertError) {
+    public init(
+        origin: NodeIdentity, sequence: UInt64, issuedMillis: UInt64, lifetimeMillis: UInt32, loadPPM: UInt32,
+        links: [Link]
+    ) throws(AdvertError) {
         self.origin = origin
         self.sequence = sequence
         self.issuedMillis = issuedMillis
@@ -127,12 +131,15 @@ public struct AdvertBody: Hashable, Sendable {
         links.reserveCapacity(count)
         for i in 0..<count {
             let n = NodeIdentity(try r.bytes(32, "link \(i) neighbour"))
-            links.append(Link(neighbour: n, rttMicros: try r.u32("link \(i) rtt"), rttVarMicros: try r.u32("link \(i) rtt variance"),
-                              lossPPM: try r.u32("link \(i) loss"), deliveryKbps: try r.u32("link \(i) delivery rate"),
-                              peerLoadPPM: try r.u32("link \(i) peer load")))
+            links.append(
+                Link(
+                    neighbour: n, rttMicros: try r.u32("link \(i) rtt"), rttVarMicros: try r.u32("link \(i) rtt variance"),
+                    lossPPM: try r.u32("link \(i) loss"), deliveryKbps: try r.u32("link \(i) delivery rate"),
+                    peerLoadPPM: try r.u32("link \(i) peer load")))
         }
-        let advert = try AdvertBody(origin: origin, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime,
-                                         loadPPM: load, links: links)
+        let advert = try AdvertBody(
+            origin: origin, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime,
+            loadPPM: load, links: links)
         return (advert, r.offset)
     }
 
@@ -209,9 +216,11 @@ public struct AdvertError: Error, Hashable, Sendable, CustomStringConvertible {
         /// Not newer than the advert already held for that origin.
         public static let stale = Code(name: "stale")
         /// Every code, for counters.
-        public static let all: [Code] = [.malformed, .oversized, .badMagic, .unsupportedVersion, .tooManyLinks, .badValue,
-                                         .badChain, .untrustedSigner, .originMismatch, .badSignature, .expired,
-                                         .fromTheFuture, .stale]
+        public static let all: [Code] = [
+            .malformed, .oversized, .badMagic, .unsupportedVersion, .tooManyLinks, .badValue,
+            .badChain, .untrustedSigner, .originMismatch, .badSignature, .expired,
+            .fromTheFuture, .stale,
+        ]
         public var description: String { name }
     }
 

@@ -13,12 +13,16 @@ extension AdvertBody {
     /// The advert as the link-state database takes it, in routing's units (milliseconds, shares,
     /// bytes per second). Only for an advert `SignedAdvert.verify` accepted.
     public var linkState: LinkStateAdvert {
-        LinkStateAdvert(origin: origin.routingID, sequence: sequence, links: links.map { l in
-            AdvertisedLink(peer: l.neighbour.routingID,
-                           metrics: LinkMetrics(rttMs: Double(l.rttMicros) / 1_000, rttVarMs: Double(l.rttVarMicros) / 1_000,
-                                                lossRate: Double(l.lossPPM) / 1_000_000,
-                                                deliveryRate: Double(l.deliveryKbps) * 1_000 / 8,
-                                                load: Double(l.peerLoadPPM) / 1_000_000))
-        })
+        LinkStateAdvert(
+            origin: origin.routingID, sequence: sequence,
+            links: links.map { l in
+                AdvertisedLink(
+                    peer: l.neighbour.routingID,
+                    metrics: LinkMetrics(
+                        rttMs: Double(l.rttMicros) / 1_000, rttVarMs: Double(l.rttVarMicros) / 1_000,
+                        lossRate: Double(l.lossPPM) / 1_000_000,
+                        deliveryRate: Double(l.deliveryKbps) * 1_000 / 8,
+                        load: Double(l.peerLoadPPM) / 1_000_000))
+            })
     }
 }

@@ -156,7 +156,8 @@ public final class DNSDiscovery: DiscoveryBackend {
         var chain: Set<String> = [owner]
         for _ in 0..<8 {
             guard let next = r.answers.first(where: { $0.owner == owner && $0.type == DNSMessage.typeCNAME }),
-                  case .cname(let target) = next.data, !chain.contains(target) else { break }
+                case .cname(let target) = next.data, !chain.contains(target)
+            else { break }
             owner = target
             chain.insert(target)
         }
@@ -177,8 +178,10 @@ public final class DNSDiscovery: DiscoveryBackend {
                     return response
                 default:
                     let names = [2: "SERVFAIL", 1: "FORMERR", 4: "NOTIMP", 5: "REFUSED"]
-                    throw DiscoveryError(.serverError,
-                                         "DNS \(server) answered \(names[Int(response.rcode)] ?? "rcode \(response.rcode)") for \(name) (\(type == DNSMessage.typeSRV ? "SRV" : "AAAA"))")
+                    throw DiscoveryError(
+                        .serverError,
+                        "DNS \(server) answered \(names[Int(response.rcode)] ?? "rcode \(response.rcode)") for \(name) (\(type == DNSMessage.typeSRV ? "SRV" : "AAAA"))"
+                    )
                 }
             } catch {
                 lastError = error

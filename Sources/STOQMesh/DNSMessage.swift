@@ -175,8 +175,12 @@ enum DNSMessage {
                 case typeAAAA:
                     guard rdlength == 16 else { throw bad("\(what): AAAA data is \(rdlength) bytes, not 16") }
                     let b = Array(bytes[start..<(start + 16)])
-                    data = .aaaa(IPv6Address(bytes: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                                                     b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])))
+                    data = .aaaa(
+                        IPv6Address(
+                            bytes: (
+                                b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                                b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+                            )))
                     offset += 16
                 case typeSRV:
                     guard rdlength >= 7 else { throw bad("\(what): SRV data is \(rdlength) bytes, less than 7") }

@@ -7,8 +7,10 @@ import STOQCore
 enum DNSTransport {
     /// Sends `query` to `server` and returns the raw answer whose id is `id` (UDP datagrams with
     /// another id are dropped: a spoofer must also guess the id and our port).
-    static func exchange(_ query: [UInt8], id: UInt16, server: IPv6Endpoint, tcp: Bool,
-                         timeout: Duration) async throws(DiscoveryError) -> [UInt8] {
+    static func exchange(
+        _ query: [UInt8], id: UInt16, server: IPv6Endpoint, tcp: Bool,
+        timeout: Duration
+    ) async throws(DiscoveryError) -> [UInt8] {
         let result: Result<[UInt8], DiscoveryError> = await withCheckedContinuation { c in
             let t = Thread {
                 do throws(DiscoveryError) {
@@ -57,8 +59,10 @@ enum DNSTransport {
         }
     }
 
-    private static func exchangeUDP(_ query: [UInt8], _ id: UInt16, _ server: IPv6Endpoint,
-                                    _ timeout: Duration) throws(DiscoveryError) -> [UInt8] {
+    private static func exchangeUDP(
+        _ query: [UInt8], _ id: UInt16, _ server: IPv6Endpoint,
+        _ timeout: Duration
+    ) throws(DiscoveryError) -> [UInt8] {
         let fd = try open(Int32(SOCK_DGRAM.rawValue), server)
         defer { close(fd) }
         guard connectTo(fd, server) == 0 else {
@@ -80,8 +84,10 @@ enum DNSTransport {
         throw DiscoveryError(.timeout, "DNS \(server): no answer over UDP within \(timeout)")
     }
 
-    private static func exchangeTCP(_ query: [UInt8], _ id: UInt16, _ server: IPv6Endpoint,
-                                    _ timeout: Duration) throws(DiscoveryError) -> [UInt8] {
+    private static func exchangeTCP(
+        _ query: [UInt8], _ id: UInt16, _ server: IPv6Endpoint,
+        _ timeout: Duration
+    ) throws(DiscoveryError) -> [UInt8] {
         let fd = try open(Int32(SOCK_STREAM.rawValue), server)
         defer { close(fd) }
         let deadline = ContinuousClock.now + timeout
@@ -145,8 +151,10 @@ enum ResolvConf {
                 var v4 = in_addr()
                 if inet_pton(AF_INET, a, &v4) == 1 {
                     let b = withUnsafeBytes(of: v4.s_addr) { Array($0) }
-                    out.append(IPv6Endpoint(address: IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, b[0], b[1], b[2], b[3])),
-                                            port: 53))
+                    out.append(
+                        IPv6Endpoint(
+                            address: IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, b[0], b[1], b[2], b[3])),
+                            port: 53))
                 }
             }
         }

@@ -6,8 +6,10 @@ public enum DiscoverySelection {
     /// The backend for `config`. `listenPort` is the port DNS AAAA records mean (theirs carry
     /// none); `registration` is how this node lists itself where the backend has registration
     /// (etcd), nil to only watch.
-    public static func backend(for config: NodeConfig.Mesh, listenPort: UInt16, registration: MeshMember?,
-                               logger: Logger) -> DiscoveryBackend {
+    public static func backend(
+        for config: NodeConfig.Mesh, listenPort: UInt16, registration: MeshMember?,
+        logger: Logger
+    ) -> DiscoveryBackend {
         switch config.discovery {
         case .static:
             return StaticDiscovery(peers: config.peers)

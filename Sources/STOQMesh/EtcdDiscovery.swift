@@ -102,14 +102,22 @@ public final class EtcdDiscovery: DiscoveryBackend {
             }
             state.lock.withLock { state.lease = (endpoint, id) }
             let key = MemberRecord.key(prefix: options.prefix, for: me)
-            _ = try await post(endpoint, "/v3/kv/put", ["key": Self.b64(Array(key.utf8)),
-                                                        "value": Self.b64(MemberRecord.encode(me)), "lease": String(id)])
+            _ = try await post(
+                endpoint, "/v3/kv/put",
+                [
+                    "key": Self.b64(Array(key.utf8)),
+                    "value": Self.b64(MemberRecord.encode(me)), "lease": String(id),
+                ])
             lease = id
             box.update { $0.registrations += 1 }
             logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(id) of \(options.leaseTTLSeconds)s")
         }
-        let answer = try await post(endpoint, "/v3/kv/range", ["key": Self.b64(Array(options.prefix.utf8)),
-                                                              "range_end": Self.b64(Self.rangeEnd(options.prefix))])
+        let answer = try await post(
+            endpoint, "/v3/kv/range",
+            [
+                "key": Self.b64(Array(options.prefix.utf8)),
+                "range_end": Self.b64(Self.rangeEnd(options.prefix)),
+            ])
         guard let header = answer["header"] as? [String: Any], let revision = Self.int(header["revision"]) else {
             throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: no header revision")
         }
@@ -119,8 +127,10 @@ public final class EtcdDiscovery: DiscoveryBackend {
     }
 
     /// Keeps the lease alive and follows the watch until either fails; always throws.
-    private func follow(_ endpoint: MeshURL, lease: Int64?, revision: Int64, view: [String: MeshMember],
-                        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async throws {
+    private func follow(
+        _ endpoint: MeshURL, lease: Int64?, revision: Int64, view: [String: MeshMember],
+        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void
+    ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             if let lease {
                 group.addTask { try await self.keepAlive(endpoint, lease: lease) }
@@ -145,13 +155,17 @@ public final class EtcdDiscovery: DiscoveryBackend {
         throw CancellationError()
     }
 
-    private func watch(_ endpoint: MeshURL, from revision: Int64, view start: [String: MeshMember],
-                       _ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async throws {
+    private func watch(
+        _ endpoint: MeshURL, from revision: Int64, view start: [String: MeshMember],
+        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void
+    ) async throws {
         var view = start
-        let create: [String: Any] = ["create_request": [
-            "key": Self.b64(Array(options.prefix.utf8)), "range_end": Self.b64(Self.rangeEnd(options.prefix)),
-            "start_revision": String(revision),
-        ]]
+        let create: [String: Any] = [
+            "create_request": [
+                "key": Self.b64(Array(options.prefix.utf8)), "range_end": Self.b64(Self.rangeEnd(options.prefix)),
+                "start_revision": String(revision),
+            ]
+        ]
         var request = HTTPClientRequest(url: "\(endpoint)/v3/watch")
         request.method = .POST
         request.headers.add(name: "content-type", value: "application/json")

@@ -70,7 +70,8 @@ public enum MemberRecord {
         var id: NodeIdentity?
         if let raw = object["node_id"] {
             guard let hex = raw as? String, hex.utf8.count == 64,
-                  let bytes = Self.bytes(hex: hex) else {
+                let bytes = Self.bytes(hex: hex)
+            else {
                 return refuse(Refusal.badNodeID, "node_id is not 64 lowercase hex characters")
             }
             id = NodeIdentity(bytes)

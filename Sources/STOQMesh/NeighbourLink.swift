@@ -26,8 +26,10 @@ public struct NeighbourLink: Sendable {
         public var rateWeight: Double
 
         /// Defaults: down after 600 ms of silence, up after 2 answers, probes lost after 500 ms.
-        public init(downAfter: UInt64 = 600_000_000, upAfterAnswers: Int = 2, probeTimeout: UInt64 = 500_000_000,
-                    lossWeight: Double = 0.01, rateWeight: Double = 0.05) {
+        public init(
+            downAfter: UInt64 = 600_000_000, upAfterAnswers: Int = 2, probeTimeout: UInt64 = 500_000_000,
+            lossWeight: Double = 0.01, rateWeight: Double = 0.05
+        ) {
             self.downAfter = downAfter
             self.upAfterAnswers = upAfterAnswers
             self.probeTimeout = probeTimeout

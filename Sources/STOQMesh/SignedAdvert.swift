@@ -63,8 +63,10 @@ public struct SignedAdvert: Sendable {
     /// breaks. `nowMillis` is this node's Unix time; `trust` throws when the chain (leaf first)
     /// does not lead to this node's trust. Staleness (a sequence not newer than the one held) is
     /// the link-state database's check, not this one's.
-    public static func verify(_ bytes: [UInt8], nowMillis: UInt64,
-                              trust: ([Certificate]) async throws -> Void) async throws(AdvertError) -> SignedAdvert {
+    public static func verify(
+        _ bytes: [UInt8], nowMillis: UInt64,
+        trust: ([Certificate]) async throws -> Void
+    ) async throws(AdvertError) -> SignedAdvert {
         guard bytes.count <= maxSize else { throw AdvertError(.oversized, "\(bytes.count) bytes; at most \(maxSize)") }
         let (advert, bodyLength) = try AdvertBody.decodeBody(bytes[...])
         var r = Reader(bytes[bodyLength...])

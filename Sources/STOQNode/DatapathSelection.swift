@@ -80,8 +80,9 @@ struct DatapathSelection {
         let available = try XDPDatapathQueue.receiveQueues(of: net.interface)
         let count = net.queues == 0 ? available : net.queues
         guard count <= available else {
-            throw DatapathError(.open, operation: "RTM_GETLINK",
-                                message: "network.queues = \(count) but \(net.interface) has \(available) receive queue(s)")
+            throw DatapathError(
+                .open, operation: "RTM_GETLINK",
+                message: "network.queues = \(count) but \(net.interface) has \(available) receive queue(s)")
         }
         var queues: [XDPDatapathQueue] = []
         for q in 0..<count {
@@ -92,7 +93,12 @@ struct DatapathSelection {
             opts.frameCount = net.xdp.frames
             opts.ringSize = net.xdp.ringSize
             opts.busyPollMicroseconds = net.xdp.busyPollMicroseconds
-            opts.zeroCopy = switch net.zeroCopy { case .auto: .auto; case .on: .on; case .off: .off }
+            opts.zeroCopy =
+                switch net.zeroCopy {
+                case .auto: .auto;
+                case .on: .on;
+                case .off: .off
+                }
             do { queues.append(try XDPDatapathQueue(bind: net.listenAddress, options: opts)) } catch {
                 for x in queues { x.close() }
                 throw error
@@ -101,12 +107,15 @@ struct DatapathSelection {
         let first = queues[0]
         if net.xdpMode != .auto && first.xdpMode != net.xdpMode.rawValue {
             for x in queues { x.close() }
-            throw DatapathError(.open, operation: "bpf_xdp_query",
-                                message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
+            throw DatapathError(
+                .open, operation: "bpf_xdp_query",
+                message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
         }
         var workers = net.workers == 0 ? count : net.workers
         if workers > count {
-            logger.notice("AF_XDP: \(count) queue(s) on \(net.interface), so \(count) worker(s), not network.workers = \(net.workers): a worker transmits on a queue of its own")
+            logger.notice(
+                "AF_XDP: \(count) queue(s) on \(net.interface), so \(count) worker(s), not network.workers = \(net.workers): a worker transmits on a queue of its own"
+            )
             workers = count
         }
         let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == .off ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
@@ -119,8 +128,9 @@ struct DatapathSelection {
         }
         return groups
         #else
-        throw DatapathError(.open, operation: "af_xdp",
-                            message: "af_xdp is not compiled in (stoq-node was built without the AFXDP package trait)")
+        throw DatapathError(
+            .open, operation: "af_xdp",
+            message: "af_xdp is not compiled in (stoq-node was built without the AFXDP package trait)")
         #endif
     }
 }

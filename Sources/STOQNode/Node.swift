@@ -72,9 +72,10 @@ public final class Node: @unchecked Sendable {
         do {
             // The node's CA signs its clients: it must exist before its root can be trusted.
             if embedded && !FileManager.default.fileExists(atPath: roots[0]) { _ = try TrustAuthority.create(in: caDirectory) }
-            let verifier = PeerVerifier(roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
-                                        revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
-                                        role: .client, transparencyLogs: try transparencyLogKeys(cfg))
+            let verifier = PeerVerifier(
+                roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
+                revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
+                role: .client, transparencyLogs: try transparencyLogKeys(cfg))
             return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
         } catch let e as NodeError {
             throw e
@@ -98,8 +99,10 @@ public final class Node: @unchecked Sendable {
             t.keyFile = cfg.tls.keyFile
         }
         if cfg.trust.requireTransparency {
-            t.transparencyLogs = cfg.trust.transparencyLogs.isEmpty ? [cfg.node.dataDir + "/trust/log-key.pem"]
-                                                                    : cfg.trust.transparencyLogs
+            t.transparencyLogs =
+                cfg.trust.transparencyLogs.isEmpty
+                ? [cfg.node.dataDir + "/trust/log-key.pem"]
+                : cfg.trust.transparencyLogs
         }
         return t
     }
@@ -136,8 +139,9 @@ public final class Node: @unchecked Sendable {
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, edge: edge, originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, mesh: mesh,
-            fallback: FallbackQueues(selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
-                                     port: listenAddress.port),
+            fallback: FallbackQueues(
+                selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
+                port: listenAddress.port),
             stop: stopFlag, finished: finished, logger: logger)
         try startWorkers(assembly, queues: queues)
         try startAdmin(cfg, content: content, edge: edge)
@@ -158,8 +162,9 @@ public final class Node: @unchecked Sendable {
         }
         var names = [ProcessInfo.processInfo.hostName]
         if names[0].isEmpty { names = [] }
-        let manager = CertificateManager(trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
-                                         names: names, addresses: Self.localAddresses(), logger: logger)
+        let manager = CertificateManager(
+            trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
+            names: names, addresses: Self.localAddresses(), logger: logger)
         let creds: TLSCredentials
         do { creds = try manager.start() } catch {
             throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
@@ -177,16 +182,20 @@ public final class Node: @unchecked Sendable {
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
         let content: ObjectIndex
         do {
-            let store = try ChunkStore(root: cfg.storage.contentPath,
-                                       options: .init(dedup: cfg.chunking.dedupEnabled,
-                                                      maxChunkSize: Int(cfg.chunking.maxChunkSize)),
-                                       logger: Logger(label: "stoq.store"))
+            let store = try ChunkStore(
+                root: cfg.storage.contentPath,
+                options: .init(
+                    dedup: cfg.chunking.dedupEnabled,
+                    maxChunkSize: Int(cfg.chunking.maxChunkSize)),
+                logger: Logger(label: "stoq.store"))
             content = try ObjectIndex(chunks: store)
         } catch {
             throw NodeError(.storage, "cannot open the content store at \(cfg.storage.contentPath): \(error)")
         }
         if !content.recovery.incompleteObjects.isEmpty {
-            logger.warning("content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))")
+            logger.warning(
+                "content store: \(content.recovery.incompleteObjects.count) object(s) miss chunks: \(content.recovery.incompleteObjects.keys.sorted().joined(separator: ", "))"
+            )
         }
         contentIndex = content
         return content
@@ -197,10 +206,11 @@ public final class Node: @unchecked Sendable {
         guard cfg.edge.enableCaching && !cfg.edge.origin.isEmpty else { return nil }  // no origin: a notice, until the mesh
         let opened: EdgeCache
         do {
-            opened = try EdgeCache(root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
-                                   ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
-                                   trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
-                                   maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
+            opened = try EdgeCache(
+                root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
+                ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
+                trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
+                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
@@ -257,8 +267,9 @@ public final class Node: @unchecked Sendable {
                     let c = $0.counters
                     return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
                 }
-                let metrics = NodeMetrics(workers: snapshots.compactMap(\.latest), store: store.counters,
-                                          certificate: certificate, edge: edge?.counters)
+                let metrics = NodeMetrics(
+                    workers: snapshots.compactMap(\.latest), store: store.counters,
+                    certificate: certificate, edge: edge?.counters)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
@@ -335,13 +346,19 @@ public final class Node: @unchecked Sendable {
 
     /// Certificate rotations done and failed, and the current certificate's expiry.
     public var certificateStatus: (rotations: UInt64, failures: UInt64, notAfter: Date)? {
-        certificates.map { let c = $0.counters; return (c.rotations, c.failures, c.notAfter) }
+        certificates.map {
+            let c = $0.counters; return (c.rotations, c.failures, c.notAfter)
+        }
     }
 
     /// Waits until every worker has stopped, at most `timeout` seconds.
     @discardableResult
     public func wait(timeout: Double = .infinity) -> Bool {
-        let done = timeout.isInfinite ? { finished.wait(); return true }() : finished.wait(timeout: .now() + timeout) == .success
+        let done =
+            timeout.isInfinite
+            ? {
+                finished.wait(); return true
+            }() : finished.wait(timeout: .now() + timeout) == .success
         if done { admin?.shutdown() }
         return done
     }

@@ -44,8 +44,10 @@ public struct ReloadService: Service {
     /// `hangups` is made before the node starts (`UnixSignalsSequence(trapping: .sighup)`),
     /// so that a SIGHUP sent as soon as the node listens is not lost. Without `path` only
     /// SIGHUP triggers (and `reload` says there is nothing to read).
-    public init(hangups: UnixSignalsSequence, watching path: String?, every interval: Duration = .seconds(2),
-                reload: @escaping @Sendable (String) async -> Void) {
+    public init(
+        hangups: UnixSignalsSequence, watching path: String?, every interval: Duration = .seconds(2),
+        reload: @escaping @Sendable (String) async -> Void
+    ) {
         self.hangups = hangups
         self.path = path
         self.interval = interval

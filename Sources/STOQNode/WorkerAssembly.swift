@@ -35,8 +35,9 @@ struct WorkerAssembly: @unchecked Sendable {
     func run(worker i: Int, queue: DatapathQueue, snapshot: WorkerSnapshot, ready: DispatchGroup, errors: ErrorBox) {
         defer { finished.leave() }
         Worker.pinCurrentThread(to: i % max(1, Worker.availableCPUs))
-        let endpoint = QUICEndpoint(isServer: true, credentials: credentials, settings: settings,
-                                    workerID: UInt8(i), secret: secret)
+        let endpoint = QUICEndpoint(
+            isServer: true, credentials: credentials, settings: settings,
+            workerID: UInt8(i), secret: secret)
         let router: NodeRouter
         do { router = try makeRouter() } catch {
             errors.set("\(error)")
@@ -50,12 +51,13 @@ struct WorkerAssembly: @unchecked Sendable {
         worker.onTurn = turnHook(worker: i, endpoint: endpoint, content: router.content)
         let publish = {
             let q = worker.queue
-            snapshot.publish(WorkerStats(
-                index: i, backend: q.backendName, features: "\(q.features)",
-                diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
-                endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
-                connections: endpoint.connectionCount,
-                objects: router.objects.counters, content: router.content.counters))
+            snapshot.publish(
+                WorkerStats(
+                    index: i, backend: q.backendName, features: "\(q.features)",
+                    diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
+                    endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
+                    connections: endpoint.connectionCount,
+                    objects: router.objects.counters, content: router.content.counters))
         }
         worker.onTick = publish
         publish()
@@ -69,10 +71,12 @@ struct WorkerAssembly: @unchecked Sendable {
     /// The worker's HTTP/3 applications: objects, content (through the edge cache when on),
     /// and the CA's transparency log when this node keeps one.
     private func makeRouter() throws -> NodeRouter {
-        let objects = try ObjectService(root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
-                                        logger: logger)
-        let chunks = ContentService(index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
-                                    edge: edge, maxAge: originMaxAge)
+        let objects = try ObjectService(
+            root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
+            logger: logger)
+        let chunks = ContentService(
+            index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
+            edge: edge, maxAge: originMaxAge)
         let router = NodeRouter(objects: objects, content: chunks, logger: logger)
         if let log = certificates?.log { router.log = { log.handle(path: $0) } }
         return router
@@ -101,12 +105,14 @@ struct WorkerAssembly: @unchecked Sendable {
         let c = endpoint.counters, d = worker.queue.counters
         var meta: Logger.Metadata = [:]
         for (k, v) in worker.queue.diagnostics { meta[k] = "\(v)" }
-        logger.info("worker \(i) stopped", metadata: meta.merging([
-            "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
-            "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
-            "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
-            "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
-            "datapath": "\(worker.queue.backendName)",
-        ]) { a, _ in a })
+        logger.info(
+            "worker \(i) stopped",
+            metadata: meta.merging([
+                "rx_datagrams": "\(d.rxDatagrams)", "rx_buffers": "\(d.rxBuffers)",
+                "tx_datagrams": "\(d.txDatagrams)", "tx_sends": "\(d.txSends)", "tx_errors": "\(d.txErrors)",
+                "accepted": "\(c.connectionsAccepted)", "datagrams_in": "\(c.datagramsIn)",
+                "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
+                "datapath": "\(worker.queue.backendName)",
+            ]) { a, _ in a })
     }
 }

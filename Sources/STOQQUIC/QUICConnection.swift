@@ -79,8 +79,9 @@ public final class QUICConnection {
     @discardableResult
     public func appendBody(_ stream: HTTPStream, _ piece: BodyRegion, last: Bool) -> Bool {
         let arg = Unmanaged.passRetained(piece).toOpaque()
-        let rc = stoq_stream_body_append(raw, stream.raw, piece.base?.assumingMemoryBound(to: UInt8.self),
-                                         UInt64(piece.count), last ? 1 : 0, releaseBody, arg)
+        let rc = stoq_stream_body_append(
+            raw, stream.raw, piece.base?.assumingMemoryBound(to: UInt8.self),
+            UInt64(piece.count), last ? 1 : 0, releaseBody, arg)
         if rc != 0 {
             Unmanaged<BodyRegion>.fromOpaque(arg).release()
             return false
@@ -96,9 +97,10 @@ public final class QUICConnection {
         let rc = withCHeaders(headers) { hdrs, n in
             if let body {
                 let arg = Unmanaged.passRetained(body).toOpaque()
-                let rc = stoq_stream_respond(raw, stream.raw, Int32(status), hdrs, n,
-                                             body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
-                                             releaseBody, arg)
+                let rc = stoq_stream_respond(
+                    raw, stream.raw, Int32(status), hdrs, n,
+                    body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
+                    releaseBody, arg)
                 return rc
             }
             return stoq_stream_respond(raw, stream.raw, Int32(status), hdrs, n, nil, 0, 0, nil, nil)
@@ -109,20 +111,24 @@ public final class QUICConnection {
     }
 
     /// Client: sends a request; the body (if any) is sent zero-copy from `body`.
-    public func request(method: String, authority: String, path: String, headers: [(String, String)] = [],
-                        body: BodyRegion? = nil) throws(QUICError) -> HTTPStream {
+    public func request(
+        method: String, authority: String, path: String, headers: [(String, String)] = [],
+        body: BodyRegion? = nil
+    ) throws(QUICError) -> HTTPStream {
         var err = [CChar](repeating: 0, count: 256)
         let s: OpaquePointer? = withCHeaders(headers) { hdrs, n in
             if let body {
                 let arg = Unmanaged.passRetained(body).toOpaque()
-                let s = stoq_conn_submit_request(raw, method, authority, path, hdrs, n,
-                                                 body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
-                                                 releaseBody, arg, nil, &err, err.count)
+                let s = stoq_conn_submit_request(
+                    raw, method, authority, path, hdrs, n,
+                    body.base?.assumingMemoryBound(to: UInt8.self), UInt64(body.count), 1,
+                    releaseBody, arg, nil, &err, err.count)
                 if s == nil { Unmanaged<BodyRegion>.fromOpaque(arg).release() }
                 return s
             }
-            return stoq_conn_submit_request(raw, method, authority, path, hdrs, n, nil, 0, 0, nil, nil, nil,
-                                            &err, err.count)
+            return stoq_conn_submit_request(
+                raw, method, authority, path, hdrs, n, nil, 0, 0, nil, nil, nil,
+                &err, err.count)
         }
         guard let s else { throw QUICError(.stream, String(cBuffer: err)) }
         endpoint.markDirty(self)

@@ -59,8 +59,10 @@ public final class QUICEndpoint {
     private let scratch: UnsafeMutableRawBufferPointer
 
     /// Creates an endpoint. `secret` must be shared by all workers of a node.
-    public init(isServer: Bool, credentials: TLSCredentials, settings: QUICSettings, workerID: UInt8,
-                secret: StaticSecret) {
+    public init(
+        isServer: Bool, credentials: TLSCredentials, settings: QUICSettings, workerID: UInt8,
+        secret: StaticSecret
+    ) {
         self.isServer = isServer
         self.workerID = workerID
         self.settings = settings
@@ -110,8 +112,10 @@ public final class QUICEndpoint {
     // MARK: Receive
 
     /// Handles one received datagram.
-    public func handle(datagram: UnsafeRawBufferPointer, from peer: IPv6Endpoint, to local: IPv6Endpoint, ecn: ECN,
-                       now: Timestamp) {
+    public func handle(
+        datagram: UnsafeRawBufferPointer, from peer: IPv6Endpoint, to local: IPv6Endpoint, ecn: ECN,
+        now: Timestamp
+    ) {
         counters.datagramsIn &+= 1
         guard let base = datagram.baseAddress?.assumingMemoryBound(to: UInt8.self), datagram.count > 0 else {
             counters.droppedMalformed &+= 1
@@ -142,8 +146,9 @@ public final class QUICEndpoint {
             let size = datagram.count
             let queued = withUnsafeBytes(of: &ids.dcid) { cid in
                 queueReply(to: peer) { buf, cap in
-                    stoq_pkt_write_stateless_reset(ctx, buf, cap, cid.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                                   ids.dcidlen, size)
+                    stoq_pkt_write_stateless_reset(
+                        ctx, buf, cap, cid.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        ids.dcidlen, size)
                 }
             }
             if queued { counters.statelessResets &+= 1 } else { counters.droppedUnknown &+= 1 }
@@ -152,8 +157,10 @@ public final class QUICEndpoint {
         accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
     }
 
-    private func accept(_ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint,
-                        ecn: ECN, now: Timestamp) {
+    private func accept(
+        _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint,
+        ecn: ECN, now: Timestamp
+    ) {
         guard connections.count < settings.maxConnections else {
             counters.droppedInitials &+= 1
             return
@@ -165,16 +172,22 @@ public final class QUICEndpoint {
         let app = Unmanaged.passUnretained(holder).toOpaque()
         pendingHolder = holder
         defer { pendingHolder = nil }
-        let raw = stoq_conn_accept(ctx, base, count, &localSA, &peerSA, now, app, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
+        let raw = stoq_conn_accept(
+            ctx, base, count, &localSA, &peerSA, now, app, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
         guard let raw else {
             if action == Int32(STOQ_ACCEPT_REPLY), outlen > 0 {
                 let n = outlen
                 let src = scratch
-                if queueReply(to: peer, { buf, cap in
-                    guard n <= cap else { return -1 }
-                    buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
-                    return n
-                }) { counters.retriesSent &+= 1 }
+                if queueReply(
+                    to: peer,
+                    { buf, cap in
+                        guard n <= cap else { return -1 }
+                        buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
+                        return n
+                    })
+                {
+                    counters.retriesSent &+= 1
+                }
             } else {
                 counters.droppedInitials &+= 1
             }
@@ -188,8 +201,10 @@ public final class QUICEndpoint {
         deliver(conn, base, count, from: peer, to: local, ecn: ecn, now: now)
     }
 
-    private func deliver(_ conn: QUICConnection, _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint,
-                         to local: IPv6Endpoint, ecn: ECN, now: Timestamp) {
+    private func deliver(
+        _ conn: QUICConnection, _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint,
+        to local: IPv6Endpoint, ecn: ECN, now: Timestamp
+    ) {
         switch conn.state {
         case .active:
             var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -237,15 +252,20 @@ public final class QUICEndpoint {
     // MARK: Connect (client)
 
     /// Starts a client connection to `remote`, verifying the certificate for `serverName`.
-    public func connect(to remote: IPv6Endpoint, from local: IPv6Endpoint, serverName: String,
-                        now: Timestamp) throws(QUICError) -> QUICConnection {
+    public func connect(
+        to remote: IPv6Endpoint, from local: IPv6Endpoint, serverName: String,
+        now: Timestamp
+    ) throws(QUICError) -> QUICConnection {
         var localSA = local.sockaddr, remoteSA = remote.sockaddr
         var err = [CChar](repeating: 0, count: 256)
         let holder = ConnectionHolder()
         pendingHolder = holder
         defer { pendingHolder = nil }
-        guard let raw = stoq_conn_connect(ctx, serverName, &localSA, &remoteSA, now,
-                                          Unmanaged.passUnretained(holder).toOpaque(), &err, err.count) else {
+        guard
+            let raw = stoq_conn_connect(
+                ctx, serverName, &localSA, &remoteSA, now,
+                Unmanaged.passUnretained(holder).toOpaque(), &err, err.count)
+        else {
             throw QUICError(.connect, String(cBuffer: err))
         }
         let conn = QUICConnection(raw: raw, endpoint: self, peer: remote, local: local)
@@ -263,8 +283,10 @@ public final class QUICEndpoint {
     /// returns nil when nothing is owed now. Call until nil or out of buffers.
     /// `stride` 0 packs the datagrams back to back (GSO); otherwise datagram i starts at
     /// offset i × stride (one AF_XDP frame each), and `Transmit.length` ends at the last one.
-    public func pollTransmit(into buffer: UnsafeMutableRawBufferPointer, maxSegments: Int, stride: Int = 0,
-                             now: Timestamp) -> Transmit? {
+    public func pollTransmit(
+        into buffer: UnsafeMutableRawBufferPointer, maxSegments: Int, stride: Int = 0,
+        now: Timestamp
+    ) -> Transmit? {
         if let t = replies.pop(into: buffer) {
             counters.datagramsOut &+= 1
             return t
@@ -278,15 +300,17 @@ public final class QUICEndpoint {
             var seg = 0
             var remote = sockaddr_in6()
             var ecn: UInt8 = 0
-            let n = stoq_conn_write(conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
-                                    maxSegments, stride, &seg, &remote, &ecn, now)
+            let n = stoq_conn_write(
+                conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
+                maxSegments, stride, &seg, &remote, &ecn, now)
             if n > 0 {
                 schedule(conn)
                 let step = stride > 0 ? stride : max(seg, 1)
                 let segments = (n + step - 1) / step
                 counters.datagramsOut &+= UInt64(segments)
-                return Transmit(length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
-                                ecn: ECN(lowBitsOf: ecn))
+                return Transmit(
+                    length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
+                    ecn: ECN(lowBitsOf: ecn))
             }
             dirty.removeLast()
             conn.isDirty = false
@@ -350,8 +374,9 @@ public final class QUICEndpoint {
     }
 
     private func beginClosing(_ conn: QUICConnection, errorCode: UInt64, now: Timestamp) {
-        let n = stoq_conn_write_close(conn.raw, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                      min(scratch.count, 1500), errorCode, now)
+        let n = stoq_conn_write_close(
+            conn.raw, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self),
+            min(scratch.count, 1500), errorCode, now)
         guard n > 0 else {
             remove(conn)
             return
@@ -529,8 +554,9 @@ private let onResponse: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?
     let response = HTTPResponseHead.parse(h.httpFields)
     let stream = HTTPStream(raw: s)
     stream.maxAge = response.maxAge
-    ep.application?.response(status: response.status, contentLength: response.contentLength, stream: stream,
-                             connection: conn)
+    ep.application?.response(
+        status: response.status, contentLength: response.contentLength, stream: stream,
+        connection: conn)
 }
 
 private let onStreamClose: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UInt64) -> Void = {

@@ -34,8 +34,10 @@ public final class TLSCredentials: @unchecked Sendable {
     /// dialled by (STOQ's is `PeerVerifier`, through `PeerCertificateCheck`). Only `insecure`
     /// may omit it, and then nothing is checked. With `certificateFile`/`keyFile`, present that
     /// chain when a server asks.
-    public init(policy: PeerCertificateCheck?, insecure: Bool = false, certificateFile: String? = nil,
-                keyFile: String? = nil) throws(TLSError) {
+    public init(
+        policy: PeerCertificateCheck?, insecure: Bool = false, certificateFile: String? = nil,
+        keyFile: String? = nil
+    ) throws(TLSError) {
         guard policy != nil || insecure else {
             throw TLSError(.trustStore, "client credentials need a certificate policy (or insecure)")
         }

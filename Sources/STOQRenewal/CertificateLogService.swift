@@ -47,8 +47,10 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                 switch route {
                 case "/_stoq/log/sth":
                     let sth = try log.signedTreeHead()
-                    return json(["tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": Hex.encode(sth.rootHash),
-                                 "signature": Data(sth.signature).base64EncodedString()])
+                    return json([
+                        "tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": Hex.encode(sth.rootHash),
+                        "signature": Data(sth.signature).base64EncodedString(),
+                    ])
                 case "/_stoq/log/key":
                     return (200, "application/x-pem-file", Array((log.publicKey.pemRepresentation + "\n").utf8))
                 case "/_stoq/log/inclusion":
@@ -64,7 +66,8 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                     return json(["index": index, "tree_size": size, "path": proof.map { Hex.encode($0) }])
                 case "/_stoq/log/consistency":
                     guard let first = query["first"].flatMap(Int.init), let second = query["second"].flatMap(Int.init),
-                          first >= 0, first <= second, second <= log.size else {
+                        first >= 0, first <= second, second <= log.size
+                    else {
                         return bad(400, "consistency needs 0 ≤ first ≤ second ≤ \(log.size)")
                     }
                     let proof = try log.consistencyProof(from: first, to: second)

@@ -76,16 +76,20 @@ package final class CertificateManager: @unchecked Sendable {
     /// The embedded CA's transparency log: every certificate is appended before it is used.
     package private(set) var log: CertificateLogService?
 
-    package init(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
-         addresses: [IPv6Address], logger: Logger) {
+    package init(
+        trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
+        addresses: [IPv6Address], logger: Logger
+    ) {
         self.trustValue = trust
         self.clientAuthValue = clientAuth
         self.identityDirectory = dataDirectory + "/identity"
         self.caDirectory = dataDirectory + "/trust"
         // Only what a certificate can name: valid DNS labels, and IPv6 (the node is IPv6 only).
-        self.names = names.filter { n in n.split(separator: ".").allSatisfy { l in
-            !l.isEmpty && l.count <= 63 && l.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" } && l.first != "-" && l.last != "-"
-        } }
+        self.names = names.filter { n in
+            n.split(separator: ".").allSatisfy { l in
+                !l.isEmpty && l.count <= 63 && l.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" } && l.first != "-" && l.last != "-"
+            }
+        }
         self.addresses = addresses.map(\.description)
         self.logger = logger
     }
@@ -116,8 +120,10 @@ package final class CertificateManager: @unchecked Sendable {
         }
         wake.set()
         if rulesChanged {
-            published.publish(try TLSCredentials(certificateFile: identityDirectory + "/cert.pem",
-                                                 keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth))
+            published.publish(
+                try TLSCredentials(
+                    certificateFile: identityDirectory + "/cert.pem",
+                    keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth))
         }
     }
 
@@ -172,22 +178,26 @@ package final class CertificateManager: @unchecked Sendable {
             (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
             trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
         }
-        try FileManager.default.createDirectory(atPath: identityDirectory, withIntermediateDirectories: true,
-                                                attributes: [.posixPermissions: 0o700])
+        try FileManager.default.createDirectory(
+            atPath: identityDirectory, withIntermediateDirectories: true,
+            attributes: [.posixPermissions: 0o700])
         try Self.writeAtomically(keyPEM, to: identityDirectory + "/key.pem", mode: 0o600)
         try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
-        let creds = try TLSCredentials(certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
-                                       clientAuth: clientAuth)
+        let creds = try TLSCredentials(
+            certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
+            clientAuth: clientAuth)
         let serial = CertificateSummary.hex(leaf.serialNumber)
         state.withLock {
             counterValues.rotations += 1
             counterValues.notAfter = leaf.notValidAfter
             counterValues.serial = serial
         }
-        logger.notice("certificate issued", metadata: [
-            "serial": "\(serial)", "not_after": "\(leaf.notValidAfter)", "mode": "\(trust.mode)",
-            "renews_at": "\(renewalTime(notAfter: leaf.notValidAfter))",
-        ])
+        logger.notice(
+            "certificate issued",
+            metadata: [
+                "serial": "\(serial)", "not_after": "\(leaf.notValidAfter)", "mode": "\(trust.mode)",
+                "renews_at": "\(renewalTime(notAfter: leaf.notValidAfter))",
+            ])
         return creds
     }
 
@@ -240,7 +250,11 @@ final class StopSignal: @unchecked Sendable {
     private let cond = NSCondition()
     private var set_ = false
     var isSet: Bool { cond.withLock { set_ } }
-    func set() { cond.withLock { set_ = true; cond.broadcast() } }
+    func set() {
+        cond.withLock {
+            set_ = true; cond.broadcast()
+        }
+    }
     func reset() { cond.withLock { set_ = false } }
     /// Sleeps until `deadline` or the signal; returns whether the signal came.
     func wait(until deadline: Date) -> Bool {

@@ -122,119 +122,123 @@ public final class HopLimitedSearch {
         var touchedCount = self.touchedCount
         var relaxed = 0
         graph.offsets.withUnsafeBufferPointer { off in
-        graph.targets.withUnsafeBufferPointer { tgt in
-        graph.weights.withUnsafeBufferPointer { w in
-            let off = off.baseAddress!, tgt = tgt.baseAddress!, w = w.baseAddress!
-            var k = 1
-            while k <= hops && frontierCount > 0 {
-                if target >= 0 && k >= hops - 1 {
-                    // One destination, last two layers: only the target's in-neighbours (layer
-                    // hops−1) and the target (layer hops) can still matter. Pull their in-edges
-                    // from the previous layer's frontier — O(Σ in-degree) — instead of pushing
-                    // the frontier's whole out-degree, which is most of a search's work.
-                    let t = Int(target)
-                    if fewestHops && mask[t] != 0 { break }
-                    let bit: UInt64 = 1 << UInt64(k)
-                    var count = 0
-                    graph.inOffsets.withUnsafeBufferPointer { io in
-                    graph.inEdges.withUnsafeBufferPointer { ie in
-                    graph.sources.withUnsafeBufferPointer { src in
-                        if k < hops {
-                            for i in Int(io[t])..<Int(io[t + 1]) { pullNode[count] = src[Int(ie[i])]; count &+= 1 }
-                        }
-                        pullNode[count] = target
-                        count &+= 1
-                        // Candidates first, writes after: every read sees costs of ≤ k−1 hops.
-                        for j in 0..<count {
-                            let x = Int(pullNode[j])
-                            pullParent[j] = .max
-                            if fewestHops && mask[x] & (bit &- 1) != 0 { continue }
-                            var best = dist[x]
-                            for i in Int(io[x])..<Int(io[x + 1]) {
-                                let e = Int(ie[i])
-                                let u = Int(src[e])
-                                // Only the last frontier: a node that last improved earlier was
-                                // expanded then (or cut, as no better than the target).
-                                guard mask[u] & (bit >> 1) != 0 else { continue }
-                                relaxed &+= 1
-                                let nd = dist[u] + w[e]
-                                if nd < best {
-                                    best = nd
-                                    pullParent[j] = UInt64(UInt32(truncatingIfNeeded: u)) << 32 | UInt64(UInt32(truncatingIfNeeded: e))
+            graph.targets.withUnsafeBufferPointer { tgt in
+                graph.weights.withUnsafeBufferPointer { w in
+                    let off = off.baseAddress!, tgt = tgt.baseAddress!, w = w.baseAddress!
+                    var k = 1
+                    while k <= hops && frontierCount > 0 {
+                        if target >= 0 && k >= hops - 1 {
+                            // One destination, last two layers: only the target's in-neighbours (layer
+                            // hops−1) and the target (layer hops) can still matter. Pull their in-edges
+                            // from the previous layer's frontier — O(Σ in-degree) — instead of pushing
+                            // the frontier's whole out-degree, which is most of a search's work.
+                            let t = Int(target)
+                            if fewestHops && mask[t] != 0 { break }
+                            let bit: UInt64 = 1 << UInt64(k)
+                            var count = 0
+                            graph.inOffsets.withUnsafeBufferPointer { io in
+                                graph.inEdges.withUnsafeBufferPointer { ie in
+                                    graph.sources.withUnsafeBufferPointer { src in
+                                        if k < hops {
+                                            for i in Int(io[t])..<Int(io[t + 1]) { pullNode[count] = src[Int(ie[i])]; count &+= 1 }
+                                        }
+                                        pullNode[count] = target
+                                        count &+= 1
+                                        // Candidates first, writes after: every read sees costs of ≤ k−1 hops.
+                                        for j in 0..<count {
+                                            let x = Int(pullNode[j])
+                                            pullParent[j] = .max
+                                            if fewestHops && mask[x] & (bit &- 1) != 0 { continue }
+                                            var best = dist[x]
+                                            for i in Int(io[x])..<Int(io[x + 1]) {
+                                                let e = Int(ie[i])
+                                                let u = Int(src[e])
+                                                // Only the last frontier: a node that last improved earlier was
+                                                // expanded then (or cut, as no better than the target).
+                                                guard mask[u] & (bit >> 1) != 0 else { continue }
+                                                relaxed &+= 1
+                                                let nd = dist[u] + w[e]
+                                                if nd < best {
+                                                    best = nd
+                                                    pullParent[j] = UInt64(UInt32(truncatingIfNeeded: u)) << 32 | UInt64(UInt32(truncatingIfNeeded: e))
+                                                }
+                                            }
+                                            pullCost[j] = best
+                                        }
+                                    }
                                 }
                             }
-                            pullCost[j] = best
+                            var improved = 0
+                            for j in 0..<count where pullParent[j] != .max {
+                                let x = Int(pullNode[j])
+                                dist[x] = pullCost[j]
+                                parent[k * cap + x] = pullParent[j]
+                                let m = mask[x]
+                                if m == 0 { touched[touchedCount] = pullNode[j]; touchedCount &+= 1 }
+                                mask[x] = m | bit
+                                improved &+= 1
+                            }
+                            // The next (last) layer pulls again; it needs only the layer bits.
+                            frontierCount = improved
+                            k += 1
+                            continue
                         }
-                    }}}
-                    var improved = 0
-                    for j in 0..<count where pullParent[j] != .max {
-                        let x = Int(pullNode[j])
-                        dist[x] = pullCost[j]
-                        parent[k * cap + x] = pullParent[j]
-                        let m = mask[x]
-                        if m == 0 { touched[touchedCount] = pullNode[j]; touchedCount &+= 1 }
-                        mask[x] = m | bit
-                        improved &+= 1
-                    }
-                    // The next (last) layer pulls again; it needs only the layer bits.
-                    frontierCount = improved
-                    k += 1
-                    continue
-                }
-                let bit: UInt64 = 1 << UInt64(k)
-                let earlier = bit &- 1
-                let last = k == hops
-                let layerParent = parent + k * cap
-                var nextCount = 0
-                for i in 0..<frontierCount {
-                    let u = Int(frontier[i])
-                    let du = frontierCost[i]
-                    let tail = UInt64(UInt32(truncatingIfNeeded: u)) << 32
-                    if target >= 0 && !fewestHops && du >= dist[Int(target)] { continue }
-                    let end = Int(off[u + 1])
-                    var e = Int(off[u])
-                    relaxed &+= end &- e
-                    while e < end {
-                        let v = Int(tgt[e])
-                        let nd = du + w[e]
-                        if nd < dist[v] {
-                            let m = mask[v]
-                            if !fewestHops || m & earlier == 0 {
-                                dist[v] = nd
-                                layerParent[v] = tail | UInt64(UInt32(truncatingIfNeeded: e))
-                                if m & bit == 0 {
-                                    if m == 0 { touched[touchedCount] = Int32(truncatingIfNeeded: v); touchedCount &+= 1 }
-                                    mask[v] = m | bit
-                                    if !last { nextBuf[nextCount] = Int32(truncatingIfNeeded: v); nextCount &+= 1 }
+                        let bit: UInt64 = 1 << UInt64(k)
+                        let earlier = bit &- 1
+                        let last = k == hops
+                        let layerParent = parent + k * cap
+                        var nextCount = 0
+                        for i in 0..<frontierCount {
+                            let u = Int(frontier[i])
+                            let du = frontierCost[i]
+                            let tail = UInt64(UInt32(truncatingIfNeeded: u)) << 32
+                            if target >= 0 && !fewestHops && du >= dist[Int(target)] { continue }
+                            let end = Int(off[u + 1])
+                            var e = Int(off[u])
+                            relaxed &+= end &- e
+                            while e < end {
+                                let v = Int(tgt[e])
+                                let nd = du + w[e]
+                                if nd < dist[v] {
+                                    let m = mask[v]
+                                    if !fewestHops || m & earlier == 0 {
+                                        dist[v] = nd
+                                        layerParent[v] = tail | UInt64(UInt32(truncatingIfNeeded: e))
+                                        if m & bit == 0 {
+                                            if m == 0 { touched[touchedCount] = Int32(truncatingIfNeeded: v); touchedCount &+= 1 }
+                                            mask[v] = m | bit
+                                            if !last { nextBuf[nextCount] = Int32(truncatingIfNeeded: v); nextCount &+= 1 }
+                                        }
+                                    }
                                 }
+                                e &+= 1
                             }
                         }
-                        e &+= 1
+                        // The next layer expands the nodes improved in this one, at this layer's cost.
+                        if nextCount > n >> 4 {
+                            // A large frontier is taken in index order (a scan of the layer bits), so
+                            // its adjacency rows are read in address order: the edge arrays stream
+                            // instead of being read in the order nodes happened to improve.
+                            var j = 0
+                            for v in 0..<n where mask[v] & bit != 0 {
+                                frontier[j] = Int32(truncatingIfNeeded: v)
+                                frontierCost[j] = dist[v]
+                                j &+= 1
+                            }
+                        } else {
+                            for i in 0..<nextCount {
+                                let v = nextBuf[i]
+                                frontier[i] = v
+                                frontierCost[i] = dist[Int(v)]
+                            }
+                        }
+                        frontierCount = nextCount
+                        if fewestHops && target >= 0 && mask[Int(target)] != 0 { break }
+                        k += 1
                     }
                 }
-                // The next layer expands the nodes improved in this one, at this layer's cost.
-                if nextCount > n >> 4 {
-                    // A large frontier is taken in index order (a scan of the layer bits), so
-                    // its adjacency rows are read in address order: the edge arrays stream
-                    // instead of being read in the order nodes happened to improve.
-                    var j = 0
-                    for v in 0..<n where mask[v] & bit != 0 {
-                        frontier[j] = Int32(truncatingIfNeeded: v)
-                        frontierCost[j] = dist[v]
-                        j &+= 1
-                    }
-                } else {
-                    for i in 0..<nextCount {
-                        let v = nextBuf[i]
-                        frontier[i] = v
-                        frontierCost[i] = dist[Int(v)]
-                    }
-                }
-                frontierCount = nextCount
-                if fewestHops && target >= 0 && mask[Int(target)] != 0 { break }
-                k += 1
             }
-        }}}
+        }
         self.touchedCount = touchedCount
         relaxations = relaxed
     }
@@ -286,8 +290,10 @@ public final class HopLimitedSearch {
     /// used gets its bit set in `used`. One pass over the reached nodes, O(reached · maxHops),
     /// no allocation. `reachable` receives the reached nodes but the source, in order of first
     /// reach; returns their count.
-    func writeRoutes(stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
-                     costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>) -> Int {
+    func writeRoutes(
+        stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
+        costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>
+    ) -> Int {
         precondition(stride > maxHops)
         let cap = capacity, mask = self.mask, parent = self.parent, dist = self.dist, src = source
         var count = 0

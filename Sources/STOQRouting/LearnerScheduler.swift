@@ -157,8 +157,10 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         return t
     }
 
-    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+    public func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
         decisions += 1
         var best = -1
         var bestT = Double.infinity
@@ -272,10 +274,11 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
     public override func estimates(now: Double) -> [MultipathRouteEstimate] {
         routes.indices.map { i in
             let m = models[i]
-            return MultipathRouteEstimate(route: routes[i].id, latency: max(m.mL, 0), rate: Self.mb / max(m.mT, 1e-9),
-                                          failureProbability: (m.fails + 0.02) / (m.trials + 1),
-                                          inFlightBytes: routes[i].inFlightBytes, chunkShare: routes[i].share,
-                                          evidence: m.n)
+            return MultipathRouteEstimate(
+                route: routes[i].id, latency: max(m.mL, 0), rate: Self.mb / max(m.mT, 1e-9),
+                failureProbability: (m.fails + 0.02) / (m.trials + 1),
+                inFlightBytes: routes[i].inFlightBytes, chunkShare: routes[i].share,
+                evidence: m.n)
         }
     }
 }

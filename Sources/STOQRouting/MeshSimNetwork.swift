@@ -5,9 +5,9 @@
 
 /// A directed link's parameters.
 public struct MeshSimLinkSpec: Sendable {
-    public var latency: Double          // one-way, seconds
-    public var rate: Double             // bytes per second (ignored with a trace)
-    public var loss: Double             // 0...1 per packet
+    public var latency: Double  // one-way, seconds
+    public var rate: Double  // bytes per second (ignored with a trace)
+    public var loss: Double  // 0...1 per packet
     public var trace: MeshSimTrace?
     public init(latency: Double, rate: Double, loss: Double = 0, trace: MeshSimTrace? = nil) {
         self.latency = latency
@@ -175,8 +175,11 @@ public struct MeshSimNetwork: Sendable {
         var usedDirect = false
         var routes: [[Int]] = []
         for _ in 0..<k {
-            guard let p = shortestPath(from: source, to: client, banned: banned, maxHops: maxHops,
-                                       skipDirect: usedDirect) else { break }
+            guard
+                let p = shortestPath(
+                    from: source, to: client, banned: banned, maxHops: maxHops,
+                    skipDirect: usedDirect)
+            else { break }
             routes.append(p)
             if p.count == 2 { usedDirect = true }
             for n in p.dropFirst().dropLast() { banned.insert(n) }
@@ -194,7 +197,7 @@ public struct MeshSimNetwork: Sendable {
         heap.push((0, s, 0))
         while let (d, u, h) = heap.pop() {
             if d > best[u * (maxHops + 1) + h] { continue }
-            if u == t { 
+            if u == t {
                 var path = [t]
                 var state = u * (maxHops + 1) + h
                 while prev[state] >= 0 { state = prev[state]; path.append(state / (maxHops + 1)) }

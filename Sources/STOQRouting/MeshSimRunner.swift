@@ -110,8 +110,10 @@ public enum MeshSimRunner {
     }
 
     /// Runs the scenario with one scheduler per client node, made by `make(client)`.
-    public static func run(_ s: MeshSimScenario, seed: UInt64, algorithm: String,
-                           make: (Int) -> any MultipathChunkScheduler) -> MeshSimResult {
+    public static func run(
+        _ s: MeshSimScenario, seed: UInt64, algorithm: String,
+        make: (Int) -> any MultipathChunkScheduler
+    ) -> MeshSimResult {
         var rng = MultipathRandom(seed: seed ^ 0x5EED_11E7)
         var links = s.network.links.map { e -> MeshSimLink in
             var l = MeshSimLink(from: e.from, to: e.to, spec: e.spec)
@@ -174,8 +176,9 @@ public enum MeshSimRunner {
             var keep = 1.0
             for l in routeLinks[r] { keep *= 1 - links[l].parameters(at: now).loss }
             let firstQueue = links[routeLinks[r][0]].queueDelay(now: now)
-            return MultipathRouteFeatures(rttMean: rtt + queue, rttVariance: (0.5 * queue) * (0.5 * queue), loss: 1 - keep,
-                                          deliveryRate: rate, hopCount: p.count - 1, peerLoad: min(0.9, firstQueue))
+            return MultipathRouteFeatures(
+                rttMean: rtt + queue, rttVariance: (0.5 * queue) * (0.5 * queue), loss: 1 - keep,
+                deliveryRate: rate, hopCount: p.count - 1, peerLoad: min(0.9, firstQueue))
         }
 
         func send(_ t: Int, _ reqs: [MultipathChunkRequest], now: Double) {
@@ -236,9 +239,10 @@ public enum MeshSimRunner {
             switch e.kind {
             case .start(let t):
                 let spec = s.transfers[t]
-                transfers[t] = MultipathTransfer(id: t, chunkBytes: spec.chunkBytes,
-                                                 routes: spec.routes.map { MultipathRouteID($0) },
-                                                 settings: s.transferSettings, budget: budgets[clientOf[spec.client]!])
+                transfers[t] = MultipathTransfer(
+                    id: t, chunkBytes: spec.chunkBytes,
+                    routes: spec.routes.map { MultipathRouteID($0) },
+                    settings: s.transferSettings, budget: budgets[clientOf[spec.client]!])
                 active.append(t)
                 poll(t, now: now)
             case .poll(let t):
@@ -322,8 +326,9 @@ public enum MeshSimRunner {
             }
         }
         let lastTime = s.transfers.map(\.start).max() ?? 0
-        return MeshSimResult(algorithm: algorithm, completion: completion, goodput: goodput, incomplete: incomplete,
-                             routeBytes: routeBytes, hedges: hedges, retries: retries, duplicateBytes: dup, events: events,
-                             estimates: schedulers.first?.estimates(now: lastTime) ?? [])
+        return MeshSimResult(
+            algorithm: algorithm, completion: completion, goodput: goodput, incomplete: incomplete,
+            routeBytes: routeBytes, hedges: hedges, retries: retries, duplicateBytes: dup, events: events,
+            estimates: schedulers.first?.estimates(now: lastTime) ?? [])
     }
 }

@@ -6,8 +6,10 @@
 public enum MeshSimScenarios {
     /// Poisson arrivals of equal objects from `start` for `duration` seconds at `rate` per
     /// second; each arrival picks one entry of `choices` (client, routes) uniformly.
-    static func poisson(rng: inout MultipathRandom, rate: Double, duration: Double, start: Double = 0.5,
-                        objectBytes: Int, chunkBytes: Int, choices: [(client: Int, routes: [Int])]) -> [MeshSimTransferSpec] {
+    static func poisson(
+        rng: inout MultipathRandom, rate: Double, duration: Double, start: Double = 0.5,
+        objectBytes: Int, chunkBytes: Int, choices: [(client: Int, routes: [Int])]
+    ) -> [MeshSimTransferSpec] {
         var out: [MeshSimTransferSpec] = []
         var t = start
         let chunks = chunkList(objectBytes: objectBytes, chunkBytes: chunkBytes)
@@ -70,8 +72,10 @@ public enum MeshSimScenarios {
             summary = "50 transfers of 4 MiB start within 100 ms on the 5 Pantheon paths"
             var specs: [MeshSimTransferSpec] = []
             for k in 0..<50 {
-                specs.append(MeshSimTransferSpec(start: 0.5 + Double(k) * 0.002, client: c, routes: all,
-                                                 chunkBytes: chunkList(objectBytes: object, chunkBytes: chunk)))
+                specs.append(
+                    MeshSimTransferSpec(
+                        start: 0.5 + Double(k) * 0.002, client: c, routes: all,
+                        chunkBytes: chunkList(objectBytes: object, chunkBytes: chunk)))
             }
             probe.network = net
             probe.name = variant
@@ -85,8 +89,9 @@ public enum MeshSimScenarios {
         probe.network = net
         probe.name = variant
         probe.summary = summary
-        probe.transfers = poisson(rng: &rng, rate: rate, duration: duration, objectBytes: object, chunkBytes: chunk,
-                                  choices: [(c, all)])
+        probe.transfers = poisson(
+            rng: &rng, rate: rate, duration: duration, objectBytes: object, chunkBytes: chunk,
+            choices: [(c, all)])
         probe.horizon = 300
         return probe
     }
@@ -111,17 +116,21 @@ public enum MeshSimScenarios {
         var rng = MultipathRandom(seed: seed)
         let object = 2 << 20, chunk = 128 << 10
         let rate = load * caps.reduce(0, +) / Double(object)
-        sc.transfers = poisson(rng: &rng, rate: rate, duration: 100, objectBytes: object, chunkBytes: chunk,
-                               choices: [(c, Array(routes.indices))])
-        sc.summary = "\(traces.count) routes over cellular downlinks (\(traces.map(\.name).joined(separator: ", "))), "
+        sc.transfers = poisson(
+            rng: &rng, rate: rate, duration: 100, objectBytes: object, chunkBytes: chunk,
+            choices: [(c, Array(routes.indices))])
+        sc.summary =
+            "\(traces.count) routes over cellular downlinks (\(traces.map(\.name).joined(separator: ", "))), "
             + "2 MiB objects at 50 % load for 100 s"
         return sc
     }
 
     /// Many clients on a large graph: objects held by 3 sources each, 2 disjoint routes per
     /// source; edges without a rate get one drawn log-uniformly in 10…100 Mbit/s from the seed.
-    public static func graph(_ topo: MeshSimTopology, name: String, maxNodes: Int?, clients: Int, seed: UInt64,
-                             duration: Double = 30) -> MeshSimScenario? {
+    public static func graph(
+        _ topo: MeshSimTopology, name: String, maxNodes: Int?, clients: Int, seed: UInt64,
+        duration: Double = 30
+    ) -> MeshSimScenario? {
         var rateRng = MultipathRandom(seed: seed ^ 0xED6E)
         var edges = topo.edges
         if let maxNodes { edges = subgraph(edges, maxNodes: maxNodes) }
@@ -160,9 +169,11 @@ public enum MeshSimScenarios {
         let object = 4 << 20, chunk = 256 << 10
         // Per client the offered load is graphLoad of the mean capacity its routes add up to.
         let rate = graphLoad * meanCap / Double(object) * Double(Set(choices.map(\.client)).count)
-        sc.transfers = poisson(rng: &rng, rate: rate, duration: duration, objectBytes: object, chunkBytes: chunk,
-                               choices: choices)
-        sc.summary = "\(n) nodes, \(edges.count) edges, \(Set(choices.map(\.client)).count) clients, objects on 3 sources, "
+        sc.transfers = poisson(
+            rng: &rng, rate: rate, duration: duration, objectBytes: object, chunkBytes: chunk,
+            choices: choices)
+        sc.summary =
+            "\(n) nodes, \(edges.count) edges, \(Set(choices.map(\.client)).count) clients, objects on 3 sources, "
             + "\(sc.transfers.count) transfers of 4 MiB"
         return sc
     }
@@ -224,11 +235,12 @@ public struct MeshSimComparison: Sendable {
     public static func run(_ s: MeshSimScenario, seed: UInt64) -> MeshSimComparison {
         let caps = MeshSimRunner.routeCapacities(s)
         var results: [MeshSimResult] = []
-        results.append(MeshSimRunner.run(s, seed: seed, algorithm: "ml_optimized") { client in
-            var st = LearnerSettings()
-            st.seed = seed &+ UInt64(client) &* 0x9E37_79B9
-            return LearnerScheduler(settings: st)
-        })
+        results.append(
+            MeshSimRunner.run(s, seed: seed, algorithm: "ml_optimized") { client in
+                var st = LearnerSettings()
+                st.seed = seed &+ UInt64(client) &* 0x9E37_79B9
+                return LearnerScheduler(settings: st)
+            })
         results.append(MeshSimRunner.run(s, seed: seed, algorithm: "min_rtt") { _ in MinRTTScheduler() })
         results.append(MeshSimRunner.run(s, seed: seed, algorithm: "round_robin") { _ in RoundRobinScheduler() })
         results.append(MeshSimRunner.run(s, seed: seed, algorithm: "best_single") { _ in BestSingleScheduler() })
@@ -252,8 +264,9 @@ public struct MeshSimComparison: Sendable {
             }
         }
         results.append(best!)
-        return MeshSimComparison(scenario: s.name, summary: s.summary, routeCapacity: caps, results: results,
-                                 oracleSplit: bestName, oracleCandidates: candidates)
+        return MeshSimComparison(
+            scenario: s.name, summary: s.summary, routeCapacity: caps, results: results,
+            oracleSplit: bestName, oracleCandidates: candidates)
     }
 }
 

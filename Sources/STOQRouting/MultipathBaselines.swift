@@ -97,9 +97,10 @@ public class MultipathRouteBook {
 
     public func estimates(now: Double) -> [MultipathRouteEstimate] {
         routes.map { r in
-            MultipathRouteEstimate(route: r.id, latency: r.features.rttMean, rate: r.features.deliveryRate,
-                                   failureProbability: r.features.loss, inFlightBytes: r.inFlightBytes,
-                                   chunkShare: r.share, evidence: 0)
+            MultipathRouteEstimate(
+                route: r.id, latency: r.features.rttMean, rate: r.features.deliveryRate,
+                failureProbability: r.features.loss, inFlightBytes: r.inFlightBytes,
+                chunkShare: r.share, evidence: 0)
         }
     }
 }
@@ -108,8 +109,10 @@ public class MultipathRouteBook {
 public final class MinRTTScheduler: MultipathRouteBook, MultipathChunkScheduler {
     public var name: String { MultipathSchedulerKind.minRTT.rawValue }
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+    public func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
         var best = -1
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
             guard hasRoom(route: i, bytes: bytes) else { continue }
@@ -124,13 +127,16 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
     public var name: String { MultipathSchedulerKind.roundRobin.rawValue }
     private var next = 0
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+    public func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
         let n = routes.count
         for k in 0..<n {
             let i = (next + k) % n
             guard usable(i, among: among, excluding: excluding),
-                  hasRoom(route: i, bytes: bytes) else { continue }
+                hasRoom(route: i, bytes: bytes)
+            else { continue }
             next = (i + 1) % n
             return routes[i].id
         }
@@ -143,8 +149,10 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
 public final class BestSingleScheduler: MultipathRouteBook, MultipathChunkScheduler {
     public var name: String { MultipathSchedulerKind.bestSingle.rawValue }
     public override init() {}
-    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+    public func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
         var best = -1
         var bestRate = 0.0
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
@@ -175,8 +183,10 @@ public final class FixedSplitScheduler: MultipathRouteBook, MultipathChunkSchedu
 
     override func routeAdded(at i: Int, now: Double) { credit.append(0) }
 
-    public func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                       excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+    public func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
         var pool: [(w: Double, i: Int)] = []
         for i in routes.indices where usable(i, among: among, excluding: excluding) {
             let w = weights[routes[i].id] ?? 0

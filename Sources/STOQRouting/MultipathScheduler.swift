@@ -32,8 +32,10 @@ public struct MultipathRouteFeatures: Sendable, Equatable {
 
     /// Creates features; values are clamped to their domains so a bad advert cannot poison a
     /// scheduler with NaN or negative rates.
-    public init(rttMean: Double, rttVariance: Double = 0, loss: Double = 0, deliveryRate: Double, hopCount: Int = 1,
-                peerLoad: Double = 0) {
+    public init(
+        rttMean: Double, rttVariance: Double = 0, loss: Double = 0, deliveryRate: Double, hopCount: Int = 1,
+        peerLoad: Double = 0
+    ) {
         self.rttMean = rttMean.isFinite ? max(0, rttMean) : 1
         self.rttVariance = rttVariance.isFinite ? max(0, rttVariance) : 0
         self.loss = loss.isFinite ? min(max(0, loss), 0.99) : 0
@@ -84,8 +86,10 @@ public struct MultipathCompletion: Sendable, Equatable {
     public var outcome: Outcome
 
     /// Creates a completion record.
-    public init(route: MultipathRouteID, transfer: MultipathTransferID, bytes: Int, requestedAt: Double, endedAt: Double,
-                outcome: Outcome) {
+    public init(
+        route: MultipathRouteID, transfer: MultipathTransferID, bytes: Int, requestedAt: Double, endedAt: Double,
+        outcome: Outcome
+    ) {
         self.route = route
         self.transfer = transfer
         self.bytes = bytes
@@ -129,8 +133,10 @@ public protocol MultipathChunkScheduler: AnyObject {
     /// is at its window). `backlog` is the bytes the transfer has not requested yet, this
     /// chunk included. `among` restricts the choice (routes to sources holding the chunk);
     /// `excluding` is the route a hedge must avoid.
-    func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                excluding: MultipathRouteID?, now: Double) -> MultipathRouteID?
+    func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID?
     /// Records that a request went out on `route` (after `choose`, or for a hedge).
     func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double)
     /// Feeds back how a request ended.

@@ -99,8 +99,10 @@ public struct MultipathTransfer {
 
     /// Starts a transfer of chunks of the given sizes.
     /// `budget` is shared by the transfers of a node; by default the transfer has its own.
-    public init(id: MultipathTransferID, chunkBytes: [Int], routes: [MultipathRouteID]? = nil,
-                settings: MultipathTransferSettings = MultipathTransferSettings(), budget: MultipathHedgeBudget? = nil) {
+    public init(
+        id: MultipathTransferID, chunkBytes: [Int], routes: [MultipathRouteID]? = nil,
+        settings: MultipathTransferSettings = MultipathTransferSettings(), budget: MultipathHedgeBudget? = nil
+    ) {
         self.id = id
         self.chunkBytes = chunkBytes
         self.routes = routes
@@ -131,8 +133,9 @@ public struct MultipathTransfer {
                 outstanding.remove(at: k)
                 copies[o.chunk] -= 1
                 scheduler.completed(
-                    MultipathCompletion(route: o.route, transfer: id, bytes: chunkBytes[o.chunk], requestedAt: o.at,
-                                        endedAt: now, outcome: .failed), now: now)
+                    MultipathCompletion(
+                        route: o.route, transfer: id, bytes: chunkBytes[o.chunk], requestedAt: o.at,
+                        endedAt: now, outcome: .failed), now: now)
                 if copies[o.chunk] == 0 && !done[o.chunk] {
                     retries += 1
                     // Retried first, ahead of fresh chunks: the object waits for it.
@@ -147,8 +150,10 @@ public struct MultipathTransfer {
         for (k, o) in outstanding.enumerated() where !o.isHedge && !hedged[o.chunk] && copies[o.chunk] == 1 {
             let bytes = chunkBytes[o.chunk]
             guard budget.canSpend(bytes), now >= o.hedgeAt else { continue }
-            guard let route = scheduler.choose(transfer: id, bytes: bytes, backlog: pendingBytes + bytes, among: routes,
-                                               excluding: o.route, now: now)
+            guard
+                let route = scheduler.choose(
+                    transfer: id, bytes: bytes, backlog: pendingBytes + bytes, among: routes,
+                    excluding: o.route, now: now)
             else {
                 outstanding[k].hedgeAt = now + max(o.expect, 0.05)
                 continue
@@ -162,8 +167,10 @@ public struct MultipathTransfer {
         while queueHead < queue.count && outstanding.count(where: { !$0.isHedge }) < settings.window {
             let chunk = queue[queueHead]
             if done[chunk] || copies[chunk] > 0 { queueHead += 1; continue }
-            guard let route = scheduler.choose(transfer: id, bytes: chunkBytes[chunk], backlog: pendingBytes, among: routes,
-                                               excluding: nil, now: now)
+            guard
+                let route = scheduler.choose(
+                    transfer: id, bytes: chunkBytes[chunk], backlog: pendingBytes, among: routes,
+                    excluding: nil, now: now)
             else { break }
             queueHead += 1
             pendingBytes -= chunkBytes[chunk]
@@ -172,8 +179,10 @@ public struct MultipathTransfer {
         return out
     }
 
-    private mutating func send(chunk: Int, route: MultipathRouteID, isHedge: Bool, now: Double,
-                               scheduler: some MultipathChunkScheduler) -> MultipathChunkRequest {
+    private mutating func send(
+        chunk: Int, route: MultipathRouteID, isHedge: Bool, now: Double,
+        scheduler: some MultipathChunkScheduler
+    ) -> MultipathChunkRequest {
         let bytes = chunkBytes[chunk]
         let expect = max(scheduler.expectedDuration(route: route, bytes: bytes, now: now), 1e-4)
         scheduler.dispatched(transfer: id, route: route, bytes: bytes, now: now)
@@ -181,23 +190,28 @@ public struct MultipathTransfer {
         let r = nextRequest
         nextRequest += 1
         copies[chunk] += 1
-        outstanding.append(Outstanding(request: r, chunk: chunk, route: route, at: now, expect: expect, isHedge: isHedge,
-                                       hedgeAt: now + settings.hedgeFactor * expect + settings.hedgeSlack))
+        outstanding.append(
+            Outstanding(
+                request: r, chunk: chunk, route: route, at: now, expect: expect, isHedge: isHedge,
+                hedgeAt: now + settings.hedgeFactor * expect + settings.hedgeSlack))
         return MultipathChunkRequest(request: r, chunk: chunk, route: route, bytes: bytes, isHedge: isHedge)
     }
 
     /// Reports the answer to a request (`verified` false: reset or digest mismatch). Returns the
     /// requests to cancel (the losing copy of a hedged chunk). Answers to requests already
     /// declared failed or cancelled are ignored.
-    public mutating func receive(request: Int, verified: Bool, now: Double,
-                                 scheduler: some MultipathChunkScheduler) -> [MultipathChunkRequest] {
+    public mutating func receive(
+        request: Int, verified: Bool, now: Double,
+        scheduler: some MultipathChunkScheduler
+    ) -> [MultipathChunkRequest] {
         guard let k = outstanding.firstIndex(where: { $0.request == request }) else { return [] }
         let o = outstanding.remove(at: k)
         copies[o.chunk] -= 1
         let bytes = chunkBytes[o.chunk]
         scheduler.completed(
-            MultipathCompletion(route: o.route, transfer: id, bytes: bytes, requestedAt: o.at, endedAt: now,
-                                outcome: verified ? .delivered : .failed), now: now)
+            MultipathCompletion(
+                route: o.route, transfer: id, bytes: bytes, requestedAt: o.at, endedAt: now,
+                outcome: verified ? .delivered : .failed), now: now)
         guard verified else {
             if copies[o.chunk] == 0 && !done[o.chunk] {
                 retries += 1
@@ -217,10 +231,13 @@ public struct MultipathTransfer {
             let c = outstanding.remove(at: j)
             copies[c.chunk] -= 1
             scheduler.completed(
-                MultipathCompletion(route: c.route, transfer: id, bytes: bytes, requestedAt: c.at, endedAt: now,
-                                    outcome: .cancelled), now: now)
-            cancelled.append(MultipathChunkRequest(request: c.request, chunk: c.chunk, route: c.route, bytes: bytes,
-                                                   isHedge: c.isHedge))
+                MultipathCompletion(
+                    route: c.route, transfer: id, bytes: bytes, requestedAt: c.at, endedAt: now,
+                    outcome: .cancelled), now: now)
+            cancelled.append(
+                MultipathChunkRequest(
+                    request: c.request, chunk: c.chunk, route: c.route, bytes: bytes,
+                    isHedge: c.isHedge))
         }
         return cancelled
     }

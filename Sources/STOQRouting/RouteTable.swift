@@ -65,9 +65,11 @@ public final class RouteTable: Sendable {
     /// Destinations with a route, by dense index, in order of first reach.
     let reachable: [Int32]
 
-    init(source: NodeID, algorithm: RoutingAlgorithm, maxHops: Int, version: UInt64, index: [NodeID: Int32], nodeIDs: [NodeID],
-         cost: [Float], paths: [Int32], lengths: [UInt8], backupPaths: [Int32], backupLengths: [UInt8], backupCost: [Float],
-         usedEdges: [UInt64], reachable: [Int32]) {
+    init(
+        source: NodeID, algorithm: RoutingAlgorithm, maxHops: Int, version: UInt64, index: [NodeID: Int32], nodeIDs: [NodeID],
+        cost: [Float], paths: [Int32], lengths: [UInt8], backupPaths: [Int32], backupLengths: [UInt8], backupCost: [Float],
+        usedEdges: [UInt64], reachable: [Int32]
+    ) {
         self.source = source; self.algorithm = algorithm; self.maxHops = maxHops; self.version = version
         self.index = index; self.nodeIDs = nodeIDs; self.stride = maxHops + 1; self.cost = cost
         self.paths = paths; self.lengths = lengths

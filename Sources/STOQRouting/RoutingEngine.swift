@@ -67,8 +67,10 @@ public final class RoutingEngine {
     private let backupSearch = HopLimitedSearch()
 
     /// Creates an engine with an empty database.
-    public init(algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4, backups: BackupPolicy = .all,
-                advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024) {
+    public init(
+        algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4, backups: BackupPolicy = .all,
+        advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024
+    ) {
         self.algorithm = algorithm
         self.maxHops = min(max(maxHops, 1), HopLimitedSearch.hopLimit)
         self.backups = backups
@@ -129,9 +131,10 @@ public final class RoutingEngine {
         let primary = search.path(to: d, graph: graphStore)
         let primaryCost = search.cost(d)
         let backup = backupPath(source: s, destination: d, primary: primary)
-        return Route(destination: destination,
-                     primary: RoutePath(nodes: primary.map { graphStore.nodeIDs[Int($0)] }, cost: Double(primaryCost)),
-                     backup: backup.map { RoutePath(nodes: $0.nodes.map { graphStore.nodeIDs[Int($0)] }, cost: Double($0.cost)) })
+        return Route(
+            destination: destination,
+            primary: RoutePath(nodes: primary.map { graphStore.nodeIDs[Int($0)] }, cost: Double(primaryCost)),
+            backup: backup.map { RoutePath(nodes: $0.nodes.map { graphStore.nodeIDs[Int($0)] }, cost: Double($0.cost)) })
     }
 
     // MARK: - Incremental maintenance
@@ -140,7 +143,8 @@ public final class RoutingEngine {
         for c in changes {
             if graphStale { return dropAll() }
             guard let old = c.old, let u = graphStore.index[c.from], let v = graphStore.index[c.to],
-                  let e = graphStore.edge(from: u, to: v) else {
+                let e = graphStore.edge(from: u, to: v)
+            else {
                 // A new link (and maybe new nodes): the arrays change shape.
                 graphStale = true
                 return dropAll()
@@ -199,9 +203,10 @@ public final class RoutingEngine {
     // MARK: - Table construction
 
     private func emptyTable(source: NodeID) -> RouteTable {
-        RouteTable(source: source, algorithm: algorithm, maxHops: maxHops, version: database.version, index: [:], nodeIDs: [],
-                   cost: [], paths: [], lengths: [], backupPaths: [], backupLengths: [], backupCost: [],
-                   usedEdges: [], reachable: [])
+        RouteTable(
+            source: source, algorithm: algorithm, maxHops: maxHops, version: database.version, index: [:], nodeIDs: [],
+            cost: [], paths: [], lengths: [], backupPaths: [], backupLengths: [], backupCost: [],
+            usedEdges: [], reachable: [])
     }
 
     private func compute(from s: Int32) -> RouteTable {
@@ -218,12 +223,16 @@ public final class RoutingEngine {
         var paths = [Int32](repeating: 0, count: n * stride)
         let reachedCount = cost.withUnsafeMutableBufferPointer { c in
             lengths.withUnsafeMutableBufferPointer { l in
-            used.withUnsafeMutableBufferPointer { u in
-            paths.withUnsafeMutableBufferPointer { p in
-            reachable.withUnsafeMutableBufferPointer { r in
-                search.writeRoutes(stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!,
-                                   costs: c.baseAddress!, used: u.baseAddress!, reachable: r.baseAddress!)
-            }}}}
+                used.withUnsafeMutableBufferPointer { u in
+                    paths.withUnsafeMutableBufferPointer { p in
+                        reachable.withUnsafeMutableBufferPointer { r in
+                            search.writeRoutes(
+                                stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!,
+                                costs: c.baseAddress!, used: u.baseAddress!, reachable: r.baseAddress!)
+                        }
+                    }
+                }
+            }
         }
         reachable.removeLast(n - reachedCount)
 
@@ -252,10 +261,11 @@ public final class RoutingEngine {
                 for e in b.edges { used[Int(e) >> 6] |= UInt64(1) << UInt64(Int(e) & 63) }
             }
         }
-        return RouteTable(source: ids[Int(s)], algorithm: algorithm, maxHops: maxHops, version: database.version,
-                          index: graphStore.index, nodeIDs: ids, cost: cost, paths: paths, lengths: lengths,
-                          backupPaths: backupPaths, backupLengths: backupLengths, backupCost: backupCost,
-                          usedEdges: used, reachable: reachable)
+        return RouteTable(
+            source: ids[Int(s)], algorithm: algorithm, maxHops: maxHops, version: database.version,
+            index: graphStore.index, nodeIDs: ids, cost: cost, paths: paths, lengths: lengths,
+            backupPaths: backupPaths, backupLengths: backupLengths, backupCost: backupCost,
+            usedEdges: used, reachable: reachable)
     }
 
     /// The best route of ≤ maxHops links from s to d that uses no link of `primary` in either

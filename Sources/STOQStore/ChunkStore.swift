@@ -104,8 +104,10 @@ public final class ChunkStore: @unchecked Sendable {
     /// Opens (creating if needed) the store at `root`, takes its lock, and removes temp
     /// files of interrupted writes. `source`, when given, is asked for chunks that are
     /// missing or corrupt on read.
-    public init(root: String, options: Options = Options(), source: (any ChunkSource)? = nil,
-                logger: Logger = Logger(label: "stoq.store")) throws {
+    public init(
+        root: String, options: Options = Options(), source: (any ChunkSource)? = nil,
+        logger: Logger = Logger(label: "stoq.store")
+    ) throws {
         do {
             try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         } catch {
@@ -233,13 +235,17 @@ public final class ChunkStore: @unchecked Sendable {
             return bytes
         case .missing:
             if let bytes = refetch(id, because: "missing") { return bytes }
-            throw StoreError(.chunkNotFound, "chunk \(id) is not in the store"
-                             + (source == nil ? "" : ", and the chunk source did not supply it"))
+            throw StoreError(
+                .chunkNotFound,
+                "chunk \(id) is not in the store"
+                    + (source == nil ? "" : ", and the chunk source did not supply it"))
         case .corrupt(let why, let quarantined):
             if let bytes = refetch(id, because: "corrupt") { return bytes }
             let whereTo = quarantined.map { "moved to quarantine/\($0)" } ?? "already moved away by another reader"
-            throw StoreError(.corrupt, "chunk \(id) is corrupt on disk: \(why); \(whereTo)"
-                             + (source == nil ? "" : "; the chunk source did not supply a good copy"))
+            throw StoreError(
+                .corrupt,
+                "chunk \(id) is corrupt on disk: \(why); \(whereTo)"
+                    + (source == nil ? "" : "; the chunk source did not supply a good copy"))
         }
     }
 
@@ -299,15 +305,18 @@ public final class ChunkStore: @unchecked Sendable {
             let e = errno
             if e == ENOENT { return nil }
             // Cannot keep it for inspection; it still must never be served.
-            logger.error("cannot move corrupt chunk to quarantine; deleting it",
-                         metadata: ["chunk": "\(id)", "error": "\(String(cString: strerror(e)))"])
+            logger.error(
+                "cannot move corrupt chunk to quarantine; deleting it",
+                metadata: ["chunk": "\(id)", "error": "\(String(cString: strerror(e)))"])
             unlinkat(chunksDir.fd, rel, 0)
         }
         try? quarantineDir.sync()
         state.withLock { counterValues.corruptQuarantined += 1 }
-        logger.error("corrupt chunk quarantined", metadata: [
-            "chunk": "\(id)", "problem": "\(why)", "size": "\(file.st_size)", "quarantine": "\(quarantineDir.path)/\(qname)",
-        ])
+        logger.error(
+            "corrupt chunk quarantined",
+            metadata: [
+                "chunk": "\(id)", "problem": "\(why)", "size": "\(file.st_size)", "quarantine": "\(quarantineDir.path)/\(qname)",
+            ])
         return qname
     }
 

@@ -90,11 +90,13 @@ public final class ObjectIndex: @unchecked Sendable {
             }
         }
         if removed > 0 || !recovery.incompleteObjects.isEmpty || !recovery.unreadableObjects.isEmpty {
-            logger.warning("object index recovery", metadata: [
-                "tempFilesRemoved": "\(removed)",
-                "incompleteObjects": "\(recovery.incompleteObjects.keys.sorted())",
-                "unreadableObjects": "\(recovery.unreadableObjects.keys.sorted())",
-            ])
+            logger.warning(
+                "object index recovery",
+                metadata: [
+                    "tempFilesRemoved": "\(removed)",
+                    "incompleteObjects": "\(recovery.incompleteObjects.keys.sorted())",
+                    "unreadableObjects": "\(recovery.unreadableObjects.keys.sorted())",
+                ])
         }
     }
 
@@ -122,8 +124,10 @@ public final class ObjectIndex: @unchecked Sendable {
         try chunks.lock.shared {
             let missing = try chunks.missing(chunkIDs)
             guard missing.isEmpty else {
-                throw StoreError(.missingChunks, "object \(name) refers to \(missing.count) chunk(s) the store does not have: "
-                                 + missing.map(\.hex).joined(separator: ", "))
+                throw StoreError(
+                    .missingChunks,
+                    "object \(name) refers to \(missing.count) chunk(s) the store does not have: "
+                        + missing.map(\.hex).joined(separator: ", "))
             }
             let temp = ".tmp-\(name.prefix(200))-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
             try record.withUnsafeBytes { try dir.replace(name, tempName: temp, with: $0) }
@@ -191,12 +195,15 @@ public final class ObjectIndex: @unchecked Sendable {
                 keep.formUnion(record.chunkIDs)
             }
             let sweep = try chunks.sweepLocked(keeping: keep, grace: gracePeriod ?? chunks.options.collectGracePeriod)
-            let result = CollectResult(objectsScanned: names.count, chunksReferenced: sweep.kept,
-                                       chunksInGracePeriod: sweep.young, chunksRemoved: sweep.removed, bytesFreed: sweep.bytesFreed)
-            logger.info("garbage collection", metadata: [
-                "objects": "\(result.objectsScanned)", "kept": "\(result.chunksReferenced)",
-                "young": "\(result.chunksInGracePeriod)", "removed": "\(result.chunksRemoved)", "bytesFreed": "\(result.bytesFreed)",
-            ])
+            let result = CollectResult(
+                objectsScanned: names.count, chunksReferenced: sweep.kept,
+                chunksInGracePeriod: sweep.young, chunksRemoved: sweep.removed, bytesFreed: sweep.bytesFreed)
+            logger.info(
+                "garbage collection",
+                metadata: [
+                    "objects": "\(result.objectsScanned)", "kept": "\(result.chunksReferenced)",
+                    "young": "\(result.chunksInGracePeriod)", "removed": "\(result.chunksRemoved)", "bytesFreed": "\(result.bytesFreed)",
+                ])
             return result
         }
     }

@@ -24,7 +24,8 @@ final class StoreLock: @unchecked Sendable {
             let e = errno
             close(lockFD)
             if e == EWOULDBLOCK {
-                throw StoreError(.locked, "store \(root.path) is already open (by another process, or by another ChunkStore in this one): \(root.path)/lock is locked")
+                throw StoreError(
+                    .locked, "store \(root.path) is already open (by another process, or by another ChunkStore in this one): \(root.path)/lock is locked")
             }
             throw StoreError.io("flock", root.path + "/lock", errno: e)
         }

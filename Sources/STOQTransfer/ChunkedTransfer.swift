@@ -38,9 +38,11 @@ public struct ChunkedGetResult: Sendable, Codable {
 package final class MultiRequestApp: QUICApplication {
     /// Where a response body goes; error bodies are discarded unless `keepErrors`.
     struct Sink { var fd: Int32; var offset: UInt64; var hash: Bool; var tag: Int; var keepErrors = false }
-    package struct Done { package var tag: Int; package var status: Int?; package var errorCode: UInt64; package var received: UInt64; package var sha256: [UInt8]?
+    package struct Done {
+        package var tag: Int; package var status: Int?; package var errorCode: UInt64; package var received: UInt64; package var sha256: [UInt8]?
         /// The response's Cache-Control max-age (seconds), if it had one.
-        package var maxAge: Int64? = nil }
+        package var maxAge: Int64? = nil
+    }
     var sinks: [HTTPStream: Sink] = [:]
     var statuses: [HTTPStream: Int] = [:]
     package var done: [Done] = []
@@ -55,8 +57,10 @@ package final class MultiRequestApp: QUICApplication {
 
     package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         guard let s = sinks.removeValue(forKey: stream) else { return }
-        done.append(Done(tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                         received: stream.bytesReceived, sha256: stream.bodySHA256(), maxAge: stream.maxAge))
+        done.append(
+            Done(
+                tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
+                received: stream.bytesReceived, sha256: stream.bodySHA256(), maxAge: stream.maxAge))
     }
 
     package func connectionClosed(connection: QUICConnection, reason: String) {
@@ -91,12 +95,15 @@ package final class ClientSession {
     }
 
     /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard).
-    package func submit(_ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
-                hash: Bool = false, tag: Int = 0, keepErrors: Bool = false) throws(ClientError) {
+    package func submit(
+        _ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
+        hash: Bool = false, tag: Int = 0, keepErrors: Bool = false
+    ) throws(ClientError) {
         let stream: HTTPStream
         do {
-            stream = try connection.request(method: method, authority: url.authority, path: path,
-                                            headers: [("content-length", "\(body?.count ?? 0)")], body: body)
+            stream = try connection.request(
+                method: method, authority: url.authority, path: path,
+                headers: [("content-length", "\(body?.count ?? 0)")], body: body)
         } catch { throw ClientError(.transfer, "\(method) \(path): \(error)") }
         app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, hash: hash, tag: tag, keepErrors: keepErrors)
     }
@@ -160,9 +167,11 @@ extension STOQClient {
     /// Uploads `file` as object `<name>` in chunks: chunks it locally, asks the node which
     /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
     /// flight, each straight from an mmap of the file), then the manifest.
-    public static func putChunked(file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
-                                  datapath: ClientDatapath,
-                                  concurrency: Int = 16, timeout: Double = 600) throws(ClientError) -> ChunkedPutResult {
+    public static func putChunked(
+        file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
+        datapath: ClientDatapath,
+        concurrency: Int = 16, timeout: Double = 600
+    ) throws(ClientError) -> ChunkedPutResult {
         let name = try objectName(url)
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
@@ -218,9 +227,10 @@ extension STOQClient {
         guard stored.status == 201 else {
             throw ClientError(.http, "PUT /manifests/\(name): HTTP \(stored.status) \(String(decoding: stored.body.prefix(500), as: UTF8.self))")
         }
-        return ChunkedPutResult(chunks: manifest.chunks.count, chunksSent: sends.count, bytesSent: bytesSent,
-                                totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
-                                sha256: manifest.digest.hex)
+        return ChunkedPutResult(
+            chunks: manifest.chunks.count, chunksSent: sends.count, bytesSent: bytesSent,
+            totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
+            sha256: manifest.digest.hex)
     }
 
     /// Downloads object `<name>` in chunks into `output`: fetches the manifest, then the
@@ -228,8 +238,10 @@ extension STOQClient {
     /// its id). Work goes to `output.part`; a chunk already there and verified is not
     /// fetched again, so an interrupted download resumes. The finished file is checked
     /// against the manifest's digest, made durable and renamed into place.
-    public static func getChunked(_ url: STOQURL, output: String, trust: ClientTrust, datapath: ClientDatapath, concurrency: Int = 16,
-                                  timeout: Double = 600) throws(ClientError) -> ChunkedGetResult {
+    public static func getChunked(
+        _ url: STOQURL, output: String, trust: ClientTrust, datapath: ClientDatapath, concurrency: Int = 16,
+        timeout: Double = 600
+    ) throws(ClientError) -> ChunkedGetResult {
         let name = try objectName(url)
         let t0 = monotonicNow()
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
@@ -294,10 +306,11 @@ extension STOQClient {
         guard fsync(fd) == 0, rename(part, output) == 0 else {
             throw ClientError(.io, "\(output): \(String(cString: strerror(errno)))")
         }
-        return ChunkedGetResult(chunks: manifest.chunks.count, chunksFetched: todo.count,
-                                chunksReused: manifest.chunks.count - todo.count, bytesFetched: bytesFetched,
-                                totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
-                                sha256: digest.hex)
+        return ChunkedGetResult(
+            chunks: manifest.chunks.count, chunksFetched: todo.count,
+            chunksReused: manifest.chunks.count - todo.count, bytesFetched: bytesFetched,
+            totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
+            sha256: digest.hex)
     }
 
     static func chunkVerifies(fd: Int32, offset: UInt64, length: Int, id: ContentDigest) -> Bool {
@@ -321,7 +334,9 @@ extension STOQClient {
 extension STOQClient {
     /// One GET whose response body comes back in memory: for small documents (manifests,
     /// transparency-log heads and proofs).
-    public static func fetch(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 30) throws(ClientError) -> (status: Int, body: [UInt8]) {
+    public static func fetch(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 30) throws(ClientError) -> (
+        status: Int, body: [UInt8]
+    ) {
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         defer { session.close() }
         return try session.call("GET", url.path)

@@ -101,8 +101,10 @@ public struct ClientTrust: Sendable {
     /// When non-empty, transparency is required: the server's certificate must carry an
     /// embedded SCT that verifies with one of these log public keys (PEM files).
     public var transparencyLogs: [String] = []
-    public init(caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil,
-                transparencyLogs: [String] = []) {
+    public init(
+        caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil,
+        transparencyLogs: [String] = []
+    ) {
         self.transparencyLogs = transparencyLogs
         self.caFile = caFile
         self.insecure = insecure
@@ -145,8 +147,10 @@ package struct ClientRig {
     package let endpoint: QUICEndpoint
     package let worker: Worker
 
-    package init(trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
-                 congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) {
+    package init(
+        trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
+        congestionControl: CongestionControl = QUICSettings().congestionControl
+    ) throws(ClientError) {
         let creds: TLSCredentials
         do {
             // The one certificate policy (PeerVerifier, role server), as `stoq trust verify` runs it.
@@ -157,8 +161,9 @@ package struct ClientRig {
                 let verifier = PeerVerifier(roots: roots, role: .server, transparencyLogs: logs)
                 policy = PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal)
             }
-            creds = try TLSCredentials(policy: policy, insecure: trust.insecure,
-                                       certificateFile: trust.certificateFile, keyFile: trust.keyFile)
+            creds = try TLSCredentials(
+                policy: policy, insecure: trust.insecure,
+                certificateFile: trust.certificateFile, keyFile: trust.keyFile)
         } catch {
             throw ClientError(.tls, "\(error)")
         }
@@ -173,8 +178,9 @@ package struct ClientRig {
         settings.ackThreshold = 8
         // Matters when this end sends (uploads).
         settings.congestionControl = congestionControl
-        endpoint = QUICEndpoint(isServer: false, credentials: creds, settings: settings, workerID: 0,
-                                secret: StaticSecret.random())
+        endpoint = QUICEndpoint(
+            isServer: false, credentials: creds, settings: settings, workerID: 0,
+            secret: StaticSecret.random())
         endpoint.application = application
         worker = Worker(queue: queue, endpoint: endpoint)
     }
@@ -203,17 +209,22 @@ public enum STOQClient {
 
     /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive.
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
-    public static func get(_ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
-                           congestionControl: CongestionControl = QUICSettings().congestionControl,
-                           progress: ((UInt64, UInt64?) -> Void)? = nil) throws(ClientError) -> TransferResult {
-        try transfer(url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
-                     congestionControl: congestionControl, progress: progress)
+    public static func get(
+        _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
+        congestionControl: CongestionControl = QUICSettings().congestionControl,
+        progress: ((UInt64, UInt64?) -> Void)? = nil
+    ) throws(ClientError) -> TransferResult {
+        try transfer(
+            url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
+            congestionControl: congestionControl, progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
     /// `congestionControl` paces it.
-    public static func put(file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
-                           congestionControl: CongestionControl = QUICSettings().congestionControl) throws(ClientError) -> TransferResult {
+    public static func put(
+        file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
+        congestionControl: CongestionControl = QUICSettings().congestionControl
+    ) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -222,13 +233,16 @@ public enum STOQClient {
         guard let region = BodyRegion.mapping(fd: fd, offset: 0, length: Int(st.st_size)) else {
             throw ClientError(.io, "\(file): cannot map")
         }
-        return try transfer(url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, datapath: datapath, timeout: timeout,
-                            congestionControl: congestionControl, progress: nil)
+        return try transfer(
+            url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, datapath: datapath, timeout: timeout,
+            congestionControl: congestionControl, progress: nil)
     }
 
-    static func transfer(_ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
-                         datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl,
-                         progress: ((UInt64, UInt64?) -> Void)?) throws(ClientError) -> TransferResult {
+    static func transfer(
+        _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
+        datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl,
+        progress: ((UInt64, UInt64?) -> Void)?
+    ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
         let rig = try ClientRig(trust: trust, datapath: datapath, application: app, congestionControl: congestionControl)
         defer { rig.queue.close() }
@@ -237,8 +251,9 @@ public enum STOQClient {
         let conn: QUICConnection
         do {
             let source = IPv6Endpoint(address: sourceAddress(toward: url.endpoint), port: queue.localEndpoint.port)
-            conn = try endpoint.connect(to: url.endpoint, from: source,
-                                        serverName: url.host, now: start)
+            conn = try endpoint.connect(
+                to: url.endpoint, from: source,
+                serverName: url.host, now: start)
         } catch { throw ClientError(.connect, "\(error)") }
         let deadline = UInt64(timeout * 1e9)
         do {
@@ -249,8 +264,9 @@ public enum STOQClient {
         }
         let stream: HTTPStream
         do {
-            stream = try conn.request(method: method, authority: url.authority, path: url.path,
-                                      headers: body.map { [("content-length", "\($0.count)")] } ?? [], body: body)
+            stream = try conn.request(
+                method: method, authority: url.authority, path: url.path,
+                headers: body.map { [("content-length", "\($0.count)")] } ?? [], body: body)
         } catch { throw ClientError(.transfer, "\(error)") }
         app.stream = stream
         let t0 = monotonicNow()
@@ -265,8 +281,10 @@ public enum STOQClient {
                     if now - lastSample > 100_000_000 {
                         lastSample = now
                         let st = conn.stats
-                        FileHandle.standardError.write(Data(("transport: t=\((now - t0) / 1_000_000)ms cwnd=\(st.cwnd) "
-                            + "in_flight=\(st.bytes_in_flight) srtt=\(st.smoothed_rtt_ns / 1000)us min_rtt=\(st.min_rtt_ns / 1000)us\n").utf8))
+                        FileHandle.standardError.write(
+                            Data(
+                                ("transport: t=\((now - t0) / 1_000_000)ms cwnd=\(st.cwnd) "
+                                    + "in_flight=\(st.bytes_in_flight) srtt=\(st.smoothed_rtt_ns / 1000)us min_rtt=\(st.min_rtt_ns / 1000)us\n").utf8))
                     }
                 }
                 if let progress, let s = app.stream {
@@ -282,7 +300,10 @@ public enum STOQClient {
         let seconds = Double(monotonicNow() - t0) / 1e9
         if stats {
             let d = queue.counters, e = endpoint.counters
-            FileHandle.standardError.write(Data("stats: rx \(d.rxDatagrams) datagrams in \(d.rxBuffers) buffers, tx \(d.txDatagrams) datagrams in \(d.txSends) sends; endpoint in \(e.datagramsIn) out \(e.datagramsOut)\n".utf8))
+            FileHandle.standardError.write(
+                Data(
+                    "stats: rx \(d.rxDatagrams) datagrams in \(d.rxBuffers) buffers, tx \(d.txDatagrams) datagrams in \(d.txSends) sends; endpoint in \(e.datagramsIn) out \(e.datagramsOut)\n"
+                        .utf8))
         }
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
@@ -297,7 +318,8 @@ public enum STOQClient {
         }
         progress?(app.received, app.contentLength.map { UInt64($0) })
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
-        return TransferResult(status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
-                              seconds: seconds, sha256: sha)
+        return TransferResult(
+            status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
+            seconds: seconds, sha256: sha)
     }
 }

@@ -46,7 +46,8 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
     /// the outcome in `status`.
     public mutating func checkSCTs(of certificate: Certificate, issuer: Certificate, logs: [P256.Signing.PublicKey]) {
         guard let scts = try? CertificateTransparency.embeddedSCTs(certificate),
-              let entry = try? CertificateTransparency.entry(forFinalCertificate: certificate, issuer: issuer) else { return }
+            let entry = try? CertificateTransparency.entry(forFinalCertificate: certificate, issuer: issuer)
+        else { return }
         let byID = Dictionary(logs.map { (CertificateTransparency.logID(of: $0), $0) }, uniquingKeysWith: { a, _ in a })
         for (i, sct) in scts.enumerated() where i < self.scts.count {
             guard let key = byID[sct.logID] else { self.scts[i].status = "unknown log"; continue }
@@ -72,8 +73,9 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         keyType = Self.keyStrength(certificate.publicKey).name
         if case .isCertificateAuthority = (try? certificate.extensions.basicConstraints) ?? nil { isCA = true } else { isCA = false }
         scts = ((try? CertificateTransparency.embeddedSCTs(certificate)) ?? []).map {
-            SCTSummary(logID: Data($0.logID).base64EncodedString(),
-                       timestamp: Date(timeIntervalSince1970: TimeInterval($0.timestamp) / 1000), status: "unchecked")
+            SCTSummary(
+                logID: Data($0.logID).base64EncodedString(),
+                timestamp: Date(timeIntervalSince1970: TimeInterval($0.timestamp) / 1000), status: "unchecked")
         }
     }
 
@@ -94,8 +96,11 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
             case .ipAddress(let octets):
                 let b = Array(octets.bytes)
                 if b.count == 16 {
-                    let a = IPv6Address(bytes: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                                                b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
+                    let a = IPv6Address(
+                        bytes: (
+                            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                            b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+                        ))
                     ips.append(a.description)
                 } else {
                     ips.append(b.map(String.init).joined(separator: "."))

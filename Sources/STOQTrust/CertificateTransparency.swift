@@ -25,8 +25,9 @@ public enum CertificateTransparency {
 
     /// The extension carrying `scts`: extnValue is an OCTET STRING wrapping the TLS list.
     public static func sctListExtension(_ scts: [SignedCertificateTimestamp]) -> Certificate.Extension {
-        Certificate.Extension(oid: sctListOID, critical: false,
-                              value: ArraySlice(DERWalk.wrap(0x04, SignedCertificateTimestamp.encodeList(scts))))
+        Certificate.Extension(
+            oid: sctListOID, critical: false,
+            value: ArraySlice(DERWalk.wrap(0x04, SignedCertificateTimestamp.encodeList(scts))))
     }
 
     /// A log's id: SHA-256 of its public key's DER SubjectPublicKeyInfo.
@@ -69,7 +70,8 @@ public enum CertificateTransparency {
     public static func parseMerkleTreeLeaf(_ leaf: [UInt8]) -> (timestamp: UInt64, entry: PrecertificateEntry)? {
         var r = TLSReader(leaf)
         guard (try? r.u8()) == 0, (try? r.u8()) == 0, let ts = try? r.u64(), (try? r.uint(2)) == 1,
-              let ikh = try? r.bytes(32), let tbs = try? r.opaque24(), (try? r.opaque16()) != nil, r.atEnd else { return nil }
+            let ikh = try? r.bytes(32), let tbs = try? r.opaque24(), (try? r.opaque16()) != nil, r.atEnd
+        else { return nil }
         return (ts, PrecertificateEntry(issuerKeyHash: ikh, tbsCertificate: tbs))
     }
 
@@ -264,7 +266,8 @@ enum DERWalk {
     /// `tbs` without the extension `oid`, and that extension's criticality and extnValue
     /// content (nil when it is absent).
     static func removingExtension(_ oid: ASN1ObjectIdentifier, fromTBS tbs: [UInt8]) throws
-        -> (tbs: [UInt8], removed: (critical: Bool, value: [UInt8])?) {
+        -> (tbs: [UInt8], removed: (critical: Bool, value: [UInt8])?)
+    {
         var ser = DER.Serializer()
         try ser.serialize(oid)
         let oidDER = ser.serializedBytes
@@ -287,7 +290,8 @@ enum DERWalk {
                 throw TransparencyError(.malformedCertificate, "an extension does not start with its OID")
             }
             if Array(tbs[first.start..<first.end]) == oidDER, removed == nil {
-                let critical = parts.count == 3 && parts[1].tag == 0x01 && parts[1].end > parts[1].contentStart
+                let critical =
+                    parts.count == 3 && parts[1].tag == 0x01 && parts[1].end > parts[1].contentStart
                     && tbs[parts[1].contentStart] != 0
                 guard let value = parts.last, value.tag == 0x04 else {
                     throw TransparencyError(.malformedCertificate, "extension \(oid) has no OCTET STRING value")

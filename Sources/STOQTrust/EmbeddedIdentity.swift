@@ -15,15 +15,18 @@ public struct EmbeddedIdentity: Sendable {
 
     /// Loads the identity under `directory`, creating it first if it does not exist.
     /// The certificate names `localhost`, `names`, `::1` and `addresses`.
-    public static func loadOrCreate(in directory: String, names: [String], addresses: [IPv6Address],
-                                    lifetime: TimeInterval = 365 * 86400) throws -> EmbeddedIdentity {
+    public static func loadOrCreate(
+        in directory: String, names: [String], addresses: [IPv6Address],
+        lifetime: TimeInterval = 365 * 86400
+    ) throws -> EmbeddedIdentity {
         let fm = FileManager.default
         let cert = directory + "/cert.pem", key = directory + "/key.pem"
         if fm.fileExists(atPath: cert) && fm.fileExists(atPath: key) {
             return EmbeddedIdentity(certificatePath: cert, keyPath: key)
         }
-        try fm.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                               attributes: [.posixPermissions: 0o700])
+        try fm.createDirectory(
+            atPath: directory, withIntermediateDirectories: true,
+            attributes: [.posixPermissions: 0o700])
         let (certPEM, keyPEM) = try makeSelfSigned(names: names, addresses: addresses, lifetime: lifetime)
         try writePrivate(keyPEM, to: key)
         try writePrivate(certPEM, to: cert)
@@ -31,8 +34,10 @@ public struct EmbeddedIdentity: Sendable {
     }
 
     /// A self-signed certificate and key as PEM strings.
-    public static func makeSelfSigned(names: [String], addresses: [IPv6Address],
-                                      lifetime: TimeInterval = 365 * 86400) throws -> (certificate: String, key: String) {
+    public static func makeSelfSigned(
+        names: [String], addresses: [IPv6Address],
+        lifetime: TimeInterval = 365 * 86400
+    ) throws -> (certificate: String, key: String) {
         let signingKey = P256.Signing.PrivateKey()
         let key = Certificate.PrivateKey(signingKey)
         let subject = try DistinguishedName {
@@ -72,8 +77,11 @@ public struct EmbeddedIdentity: Sendable {
 
     private static func writePrivate(_ text: String, to path: String) throws {
         let tmp = path + ".tmp"
-        guard FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8),
-                                             attributes: [.posixPermissions: 0o600]) else {
+        guard
+            FileManager.default.createFile(
+                atPath: tmp, contents: Data(text.utf8),
+                attributes: [.posixPermissions: 0o600])
+        else {
             throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: tmp])
         }
         guard rename(tmp, path) == 0 else {

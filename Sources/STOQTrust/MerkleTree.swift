@@ -163,8 +163,10 @@ public struct MerkleTree: Sendable, Equatable {
 
     /// True when `proof` shows that `leafHash` is leaf `leafIndex` of the tree of size
     /// `treeSize` whose head is `rootHash`.
-    public static func verifyInclusion(leafHash: MerkleHash, leafIndex: Int, treeSize: Int,
-                                       proof: [MerkleHash], rootHash: MerkleHash) -> Bool {
+    public static func verifyInclusion(
+        leafHash: MerkleHash, leafIndex: Int, treeSize: Int,
+        proof: [MerkleHash], rootHash: MerkleHash
+    ) -> Bool {
         guard leafIndex >= 0, leafIndex < treeSize else { return false }
         var fn = leafIndex, sn = treeSize - 1
         var r = leafHash
@@ -186,8 +188,10 @@ public struct MerkleTree: Sendable, Equatable {
 
     /// True when `proof` shows that the tree of size `oldSize` with head `oldRoot` is a
     /// prefix of the tree of size `newSize` with head `newRoot`.
-    public static func verifyConsistency(oldSize: Int, newSize: Int, oldRoot: MerkleHash, newRoot: MerkleHash,
-                                         proof: [MerkleHash]) -> Bool {
+    public static func verifyConsistency(
+        oldSize: Int, newSize: Int, oldRoot: MerkleHash, newRoot: MerkleHash,
+        proof: [MerkleHash]
+    ) -> Bool {
         guard oldSize >= 0, oldSize <= newSize else { return false }
         // Trivial cases RFC 9162 leaves to the caller: nothing to prove, so the proof must be empty.
         if oldSize == 0 { return proof.isEmpty }

@@ -58,9 +58,11 @@ public struct PeerVerifier: Sendable {
     private var logKeys: TrustedLogKeys?
 
     /// Creates a verifier trusting `roots`.
-    public init(roots: [Certificate], revokedSerials: Set<Certificate.SerialNumber> = [],
-                maxChainLength: Int = PeerVerifier.defaultMaxChainLength,
-                role: Role = .server, transparencyLogs: [P256.Signing.PublicKey]? = nil) {
+    public init(
+        roots: [Certificate], revokedSerials: Set<Certificate.SerialNumber> = [],
+        maxChainLength: Int = PeerVerifier.defaultMaxChainLength,
+        role: Role = .server, transparencyLogs: [P256.Signing.PublicKey]? = nil
+    ) {
         self.logKeys = transparencyLogs.map(TrustedLogKeys.init)
         self.roots = roots
         self.revokedSerials = revokedSerials
@@ -82,8 +84,10 @@ public struct PeerVerifier: Sendable {
     /// Verifies `chain` (leaf first, then any intermediates the peer sent) at `now`. When
     /// `dnsName` or `ipv6Address` is given, the leaf must name it. Returns the validated chain,
     /// leaf to root; throws `PeerVerificationError` otherwise.
-    public func verify(chain: [Certificate], dnsName: String? = nil, ipv6Address: String? = nil,
-                       now: Date = Date()) async throws -> [Certificate] {
+    public func verify(
+        chain: [Certificate], dnsName: String? = nil, ipv6Address: String? = nil,
+        now: Date = Date()
+    ) async throws -> [Certificate] {
         try verify(derChain: chain.map(Self.der), dnsName: dnsName, ipv6Address: ipv6Address, now: now)
     }
 
@@ -105,16 +109,21 @@ public struct PeerVerifier: Sendable {
 
     /// Verifies the DER chain the peer sent (leaf first) at `now`, synchronously: the TLS
     /// handshake calls it from the worker thread. Returns the validated path, leaf to root.
-    public func verify(derChain: [[UInt8]], dnsName: String? = nil, ipv6Address: String? = nil,
-                       now: Date = Date()) throws(PeerVerificationError) -> [Certificate] {
+    public func verify(
+        derChain: [[UInt8]], dnsName: String? = nil, ipv6Address: String? = nil,
+        now: Date = Date()
+    ) throws(PeerVerificationError) -> [Certificate] {
         guard !derChain.isEmpty else {
             throw PeerVerificationError(.invalidInput, "no certificate to verify")
         }
         if let ipv6Address, IPv6Address(ipv6Address) == nil {
             var v4 = in_addr()
             let isV4 = ipv6Address.withCString { inet_pton(AF_INET, $0, &v4) } == 1 || ipv6Address.lowercased().hasPrefix("::ffff:")
-            throw PeerVerificationError(.invalidInput, isV4 ? "\(ipv6Address) is an IPv4 address; STOQ is IPv6 only"
-                                                            : "\(ipv6Address) is not an IPv6 address")
+            throw PeerVerificationError(
+                .invalidInput,
+                isV4
+                    ? "\(ipv6Address) is an IPv4 address; STOQ is IPv6 only"
+                    : "\(ipv6Address) is not an IPv6 address")
         }
         var sent: [Certificate] = []
         for (i, der) in derChain.enumerated() {
@@ -125,9 +134,11 @@ public struct PeerVerifier: Sendable {
             }
         }
         let path = try buildPath(sent)
-        try PeerPolicy(now: now, maxChainLength: maxChainLength, revoked: revokedSerials,
-                       usage: role == .server ? .serverAuth : .clientAuth, dnsName: dnsName, ipv6Address: ipv6Address,
-                       transparencyLogs: logKeys).check(path)
+        try PeerPolicy(
+            now: now, maxChainLength: maxChainLength, revoked: revokedSerials,
+            usage: role == .server ? .serverAuth : .clientAuth, dnsName: dnsName, ipv6Address: ipv6Address,
+            transparencyLogs: logKeys
+        ).check(path)
         return path
     }
 
@@ -145,11 +156,14 @@ public struct PeerVerifier: Sendable {
             guard path.count <= 16 else { return nil }
             for root in roots where root.subject == tip.issuer {
                 if root.publicKey.isValidSignature(tip.signature, for: tip) { return path + [root] }
-                badSignature = badSignature ?? "signature of \(role(path.count - 1)) \(tip.subject) does not verify with the key of its issuer, trusted root \(root.subject)"
+                badSignature =
+                    badSignature
+                    ?? "signature of \(role(path.count - 1)) \(tip.subject) does not verify with the key of its issuer, trusted root \(root.subject)"
             }
             for next in intermediates where next.subject == tip.issuer && !path.contains(next) {
                 guard next.publicKey.isValidSignature(tip.signature, for: tip) else {
-                    badSignature = badSignature ?? "signature of \(role(path.count - 1)) \(tip.subject) does not verify with the key of its issuer \(next.subject)"
+                    badSignature =
+                        badSignature ?? "signature of \(role(path.count - 1)) \(tip.subject) does not verify with the key of its issuer \(next.subject)"
                     continue
                 }
                 if let done = extend(path + [next]) { return done }
@@ -178,9 +192,10 @@ public struct PeerVerifier: Sendable {
 /// library's failure reason is a string; `decode` turns it into a typed error.
 struct PeerPolicy {
     /// Critical extensions STOQ processes (here or in the library's RFC 5280 policy).
-    static let handledCriticalExtensions: [ASN1ObjectIdentifier] = [
-        .X509ExtensionID.extendedKeyUsage, .X509ExtensionID.subjectAlternativeName, .X509ExtensionID.keyUsage,
-    ] + RFC5280Policy().verifyingCriticalExtensions
+    static let handledCriticalExtensions: [ASN1ObjectIdentifier] =
+        [
+            .X509ExtensionID.extendedKeyUsage, .X509ExtensionID.subjectAlternativeName, .X509ExtensionID.keyUsage,
+        ] + RFC5280Policy().verifyingCriticalExtensions
     let now: Date
     let maxChainLength: Int
     let revoked: Set<Certificate.SerialNumber>
@@ -305,7 +320,9 @@ struct PeerPolicy {
             case .forged(let why):
                 throw fail(.sctInvalid, "leaf \(leaf.subject): SCT signature invalid (forged): \(why)")
             case .unknownLog(let ids):
-                throw fail(.sctUnknownLog, "leaf \(leaf.subject) has SCTs only from unknown logs (log id \(ids.map { Data($0).base64EncodedString() }.joined(separator: ", ")))")
+                throw fail(
+                    .sctUnknownLog,
+                    "leaf \(leaf.subject) has SCTs only from unknown logs (log id \(ids.map { Data($0).base64EncodedString() }.joined(separator: ", ")))")
             }
         }
     }
@@ -316,11 +333,15 @@ struct PeerPolicy {
 enum RawCertificate {
     static let rsaEncryption = "1.2.840.113549.1.1.1"
     static let ecPublicKey = "1.2.840.10045.2.1"
-    static let curves = ["1.2.840.10045.3.1.7": "ECDSA P-256", "1.3.132.0.34": "ECDSA P-384", "1.3.132.0.35": "ECDSA P-521",
-                         "1.2.840.10045.3.1.1": "ECDSA P-192", "1.3.132.0.33": "ECDSA P-224"]
-    static let weakSignatures = ["1.2.840.113549.1.1.5": "SHA-1 (sha1WithRSAEncryption)", "1.2.840.10045.4.1": "SHA-1 (ecdsa-with-SHA1)",
-                                 "1.2.840.113549.1.1.4": "MD5 (md5WithRSAEncryption)", "1.2.840.10040.4.3": "SHA-1 (dsa-with-sha1)",
-                                 "1.3.14.3.2.29": "SHA-1 (sha1WithRSASignature)"]
+    static let curves = [
+        "1.2.840.10045.3.1.7": "ECDSA P-256", "1.3.132.0.34": "ECDSA P-384", "1.3.132.0.35": "ECDSA P-521",
+        "1.2.840.10045.3.1.1": "ECDSA P-192", "1.3.132.0.33": "ECDSA P-224",
+    ]
+    static let weakSignatures = [
+        "1.2.840.113549.1.1.5": "SHA-1 (sha1WithRSAEncryption)", "1.2.840.10045.4.1": "SHA-1 (ecdsa-with-SHA1)",
+        "1.2.840.113549.1.1.4": "MD5 (md5WithRSAEncryption)", "1.2.840.10040.4.3": "SHA-1 (dsa-with-sha1)",
+        "1.3.14.3.2.29": "SHA-1 (sha1WithRSASignature)",
+    ]
 
     /// The weak hash a signature algorithm uses, by the library's description or by OID.
     static func weakSignatureName(_ description: String, oid: String?) -> String? {
@@ -333,7 +354,8 @@ enum RawCertificate {
     /// The refusal for the certificate at `index` of what the peer sent, which did not parse.
     static func verdict(_ der: [UInt8], role: String, index: Int, parseError: Error) -> PeerVerificationError {
         guard let top = try? DER.parse(der), case .constructed(let outer) = top.content,
-              let tbs = outer.first(where: { _ in true }), case .constructed(let tbsNodes) = tbs.content else {
+            let tbs = outer.first(where: { _ in true }), case .constructed(let tbsNodes) = tbs.content
+        else {
             return PeerVerificationError(.invalidChain, "certificate \(index + 1) of the chain is not DER X.509 (\(parseError))")
         }
         var fields = Array(tbsNodes)
@@ -353,7 +375,8 @@ enum RawCertificate {
 
     static func firstOID(_ node: ASN1Node) -> String? {
         guard case .constructed(let c) = node.content, let n = c.first(where: { _ in true }),
-              let oid = try? ASN1ObjectIdentifier(derEncoded: n) else { return nil }
+            let oid = try? ASN1ObjectIdentifier(derEncoded: n)
+        else { return nil }
         return oid.description
     }
 
@@ -370,8 +393,9 @@ enum RawCertificate {
             return (name, ["ECDSA P-256", "ECDSA P-384", "ECDSA P-521"].contains(name))
         }
         guard oid == rsaEncryption, let bits = try? ASN1BitString(derEncoded: p[1]),
-              let key = try? DER.parse(Array(bits.bytes)), case .constructed(let nums) = key.content,
-              let modulus = nums.first(where: { _ in true }), case .primitive(let m) = modulus.content else { return nil }
+            let key = try? DER.parse(Array(bits.bytes)), case .constructed(let nums) = key.content,
+            let modulus = nums.first(where: { _ in true }), case .primitive(let m) = modulus.content
+        else { return nil }
         let bytes = m.drop(while: { $0 == 0 })
         let size = bytes.isEmpty ? 0 : bytes.count * 8 - (bytes.first!.leadingZeroBitCount)
         return ("RSA-\(size)", size >= 2048)

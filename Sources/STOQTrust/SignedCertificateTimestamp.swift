@@ -24,8 +24,10 @@ public struct SignedCertificateTimestamp: Sendable, Equatable, Codable {
     public var signature: [UInt8]
 
     /// Creates a timestamp from its parts.
-    public init(version: UInt8 = 0, logID: [UInt8], timestamp: UInt64, extensions: [UInt8] = [],
-                hashAlgorithm: UInt8 = 4, signatureAlgorithm: UInt8 = 3, signature: [UInt8]) {
+    public init(
+        version: UInt8 = 0, logID: [UInt8], timestamp: UInt64, extensions: [UInt8] = [],
+        hashAlgorithm: UInt8 = 4, signatureAlgorithm: UInt8 = 3, signature: [UInt8]
+    ) {
         self.version = version
         self.logID = logID
         self.timestamp = timestamp
@@ -39,16 +41,21 @@ public struct SignedCertificateTimestamp: Sendable, Equatable, Codable {
     public static func sign(entry: PrecertificateEntry, timestamp: UInt64, key: P256.Signing.PrivateKey) throws -> SignedCertificateTimestamp {
         let tbs = CertificateTransparency.signedBytes(timestamp: timestamp, entry: entry, extensions: [])
         let sig = try key.signature(for: tbs)
-        return SignedCertificateTimestamp(logID: CertificateTransparency.logID(of: key.publicKey), timestamp: timestamp,
-                                          signature: Array(sig.derRepresentation))
+        return SignedCertificateTimestamp(
+            logID: CertificateTransparency.logID(of: key.publicKey), timestamp: timestamp,
+            signature: Array(sig.derRepresentation))
     }
 
     /// True when this is a v1 ECDSA/SHA-256 timestamp whose signature is `key`'s over `entry`.
     public func verify(entry: PrecertificateEntry, key: P256.Signing.PublicKey) -> Bool {
         guard version == 0, hashAlgorithm == 4, signatureAlgorithm == 3,
-              let sig = try? P256.Signing.ECDSASignature(derRepresentation: signature) else { return false }
-        return key.isValidSignature(sig, for: CertificateTransparency.signedBytes(timestamp: timestamp, entry: entry,
-                                                                                   extensions: extensions))
+            let sig = try? P256.Signing.ECDSASignature(derRepresentation: signature)
+        else { return false }
+        return key.isValidSignature(
+            sig,
+            for: CertificateTransparency.signedBytes(
+                timestamp: timestamp, entry: entry,
+                extensions: extensions))
     }
 
     /// The TLS encoding of this timestamp (one `SerializedSCT`, without its length prefix).

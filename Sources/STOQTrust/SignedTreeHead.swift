@@ -17,12 +17,15 @@ public struct SignedTreeHead: Sendable, Equatable, Codable {
     public var signature: [UInt8]
 
     /// Signs a tree head.
-    public static func sign(treeSize: UInt64, timestamp: UInt64, rootHash: MerkleHash,
-                            key: P256.Signing.PrivateKey) throws -> SignedTreeHead {
+    public static func sign(
+        treeSize: UInt64, timestamp: UInt64, rootHash: MerkleHash,
+        key: P256.Signing.PrivateKey
+    ) throws -> SignedTreeHead {
         let tbs = signedBytes(treeSize: treeSize, timestamp: timestamp, rootHash: rootHash)
         let sig = try key.signature(for: tbs)
-        return SignedTreeHead(treeSize: treeSize, timestamp: timestamp, rootHash: rootHash,
-                              signature: Array(sig.derRepresentation))
+        return SignedTreeHead(
+            treeSize: treeSize, timestamp: timestamp, rootHash: rootHash,
+            signature: Array(sig.derRepresentation))
     }
 
     /// Creates a tree head from its parts (for example, as received from a peer).

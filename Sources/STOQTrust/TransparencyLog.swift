@@ -47,8 +47,9 @@ public final class TransparencyLog {
             }
         }
         do {
-            try FileManager.default.createDirectory(atPath: caDirectory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(
+                atPath: caDirectory, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
         } catch {
             throw TrustError(.io, "\(caDirectory): cannot create (\(error.localizedDescription))")
         }
@@ -191,8 +192,9 @@ public final class TransparencyLog {
     /// A signed tree head over the whole log, timestamped `now`.
     public func signedTreeHead(now: Date = Date()) throws -> SignedTreeHead {
         let ms = UInt64(max(0, now.timeIntervalSince1970 * 1000))
-        return try SignedTreeHead.sign(treeSize: UInt64(size), timestamp: ms, rootHash: try tree.rootHash(),
-                                       key: signingKey)
+        return try SignedTreeHead.sign(
+            treeSize: UInt64(size), timestamp: ms, rootHash: try tree.rootHash(),
+            key: signingKey)
     }
 
     // MARK: file handling
@@ -224,8 +226,9 @@ public final class TransparencyLog {
                 throw TransparencyLogError(.badHeader, "\(path): not a STOQ transparency log (bad magic)")
             }
             if !bytes.isEmpty {
-                recovery = TransparencyLogError(.tornRecordTruncated,
-                                                "\(path): incomplete header (\(bytes.count) bytes) rewritten; the log is empty")
+                recovery = TransparencyLogError(
+                    .tornRecordTruncated,
+                    "\(path): incomplete header (\(bytes.count) bytes) rewritten; the log is empty")
             }
             try truncate(to: 0)
             try writeAll(magic, at: 0)
@@ -271,13 +274,15 @@ public final class TransparencyLog {
                 }
             }
             guard torn else {
-                throw TransparencyLogError(.corruptRecord,
-                                           "\(path): record \(entries.count) at offset \(base + off) is damaged and is not the last one")
+                throw TransparencyLogError(
+                    .corruptRecord,
+                    "\(path): record \(entries.count) at offset \(base + off) is damaged and is not the last one")
             }
             guard exclusive else { break }
             recovery = TransparencyLogError(
                 .tornRecordTruncated,
-                "\(path): incomplete last record at offset \(base + off) (\(rest) bytes) truncated, probably a crash during append; \(entries.count) entries kept")
+                "\(path): incomplete last record at offset \(base + off) (\(rest) bytes) truncated, probably a crash during append; \(entries.count) entries kept"
+            )
             try truncate(to: base + off)
             break
         }

@@ -49,9 +49,11 @@ public struct TrustAuthority: Sendable {
 
     /// Creates a new root and intermediate under `directory` and writes them out. Refuses if
     /// any of the authority's files already exists: keys are never overwritten.
-    public static func create(in directory: String, name: String = "STOQ", now: Date = Date(),
-                              rootLifetime: TimeInterval = 10 * 365 * 86400,
-                              intermediateLifetime: TimeInterval = 3 * 365 * 86400) throws -> TrustAuthority {
+    public static func create(
+        in directory: String, name: String = "STOQ", now: Date = Date(),
+        rootLifetime: TimeInterval = 10 * 365 * 86400,
+        intermediateLifetime: TimeInterval = 3 * 365 * 86400
+    ) throws -> TrustAuthority {
         let fm = FileManager.default
         for f in [FileName.rootCertificate, FileName.rootKey, FileName.intermediateCertificate, FileName.intermediateKey]
         where fm.fileExists(atPath: directory + "/" + f) {
@@ -61,8 +63,9 @@ public struct TrustAuthority: Sendable {
             throw TrustError(.invalidLifetime, "CA lifetimes must be positive and the intermediate's within the root's")
         }
         do {
-            try fm.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                   attributes: [.posixPermissions: 0o700])
+            try fm.createDirectory(
+                atPath: directory, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
         } catch {
             throw TrustError(.io, "\(directory): cannot create (\(error.localizedDescription))")
         }
@@ -141,9 +144,11 @@ public struct TrustAuthority: Sendable {
     ///     before this returns — and the final certificate carries the log's SCT as its last
     ///     extension. Without one (tests, tools that only need a certificate) nothing is logged
     ///     and the certificate has no SCT; every CA role in STOQ passes its log.
-    public func issue(publicKey: Certificate.PublicKey, dnsNames: [String], ipv6Addresses: [String] = [],
-                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
-                      log: (any PrecertificateLog)? = nil) throws -> Certificate {
+    public func issue(
+        publicKey: Certificate.PublicKey, dnsNames: [String], ipv6Addresses: [String] = [],
+        lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
+        log: (any PrecertificateLog)? = nil
+    ) throws -> Certificate {
         let names = try dnsNames.map(Self.validatedDNSName)
         let addresses = try ipv6Addresses.map(Self.parseIPv6)
         guard !names.isEmpty || !addresses.isEmpty else {
@@ -154,8 +159,9 @@ public struct TrustAuthority: Sendable {
         }
         let notAfter = now.addingTimeInterval(lifetime)
         guard notAfter <= intermediate.notValidAfter else {
-            throw TrustError(.invalidLifetime,
-                             "lifetime \(Int(lifetime))s ends after the intermediate CA expires (\(intermediate.notValidAfter))")
+            throw TrustError(
+                .invalidLifetime,
+                "lifetime \(Int(lifetime))s ends after the intermediate CA expires (\(intermediate.notValidAfter))")
         }
         var sans: [GeneralName] = []
         var seenNames = Set<String>(), seenAddrs = Set<IPv6Address>()
@@ -164,7 +170,8 @@ public struct TrustAuthority: Sendable {
             sans.append(.ipAddress(ASN1OctetString(contentBytes: ArraySlice(withUnsafeBytes(of: a.bytes) { Array($0) }))))
         }
         let subject = try DistinguishedName { CommonName(names.first ?? addresses[0].description) }
-        let issuerSKI = (try? intermediate.extensions.subjectKeyIdentifier)??.keyIdentifier
+        let issuerSKI =
+            (try? intermediate.extensions.subjectKeyIdentifier)??.keyIdentifier
             ?? SubjectKeyIdentifier(hash: intermediate.publicKey).keyIdentifier
         let extensions = try Certificate.Extensions {
             Critical(BasicConstraints.notCertificateAuthority)
@@ -195,25 +202,32 @@ public struct TrustAuthority: Sendable {
     /// Issues a node certificate for the key in a certificate signing request, after checking
     /// the request's signature (proof the requester holds the key). Names come from the
     /// arguments, never from the request: the authority decides what a node may claim.
-    public func issue(csr: CertificateSigningRequest, dnsNames: [String], ipv6Addresses: [String] = [],
-                      lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
-                      log: (any PrecertificateLog)? = nil) throws -> Certificate {
+    public func issue(
+        csr: CertificateSigningRequest, dnsNames: [String], ipv6Addresses: [String] = [],
+        lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
+        log: (any PrecertificateLog)? = nil
+    ) throws -> Certificate {
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
             throw TrustError(.invalidCSR, "the CSR's signature does not verify with its own public key")
         }
-        return try issue(publicKey: csr.publicKey, dnsNames: dnsNames, ipv6Addresses: ipv6Addresses,
-                         lifetime: lifetime, now: now, log: log)
+        return try issue(
+            publicKey: csr.publicKey, dnsNames: dnsNames, ipv6Addresses: ipv6Addresses,
+            lifetime: lifetime, now: now, log: log)
     }
 
     /// Generates a P-256 key and issues a certificate for it. Returns the chain (node, then
     /// intermediate) as PEM, ready for a TLS server to present, and the key as PEM.
-    public func issueWithNewKey(dnsNames: [String], ipv6Addresses: [String] = [],
-                                lifetime: TimeInterval = TrustAuthority.defaultLifetime,
-                                now: Date = Date(), log: (any PrecertificateLog)? = nil)
-        throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) {
+    public func issueWithNewKey(
+        dnsNames: [String], ipv6Addresses: [String] = [],
+        lifetime: TimeInterval = TrustAuthority.defaultLifetime,
+        now: Date = Date(), log: (any PrecertificateLog)? = nil
+    )
+        throws -> (certificate: Certificate, chainPEM: String, keyPEM: String)
+    {
         let key = P256.Signing.PrivateKey()
-        let cert = try issue(publicKey: Certificate.PublicKey(key.publicKey), dnsNames: dnsNames,
-                             ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now, log: log)
+        let cert = try issue(
+            publicKey: Certificate.PublicKey(key.publicKey), dnsNames: dnsNames,
+            ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now, log: log)
         return (cert, try PEMFiles.pem([cert, intermediate]), key.pemRepresentation + "\n")
     }
 
@@ -242,13 +256,16 @@ public struct TrustAuthority: Sendable {
             throw TrustError(.invalidDNSName, "\(text) is an IP address; pass it as an IPv6 address, not a DNS name")
         }
         let labels = name.split(separator: ".", omittingEmptySubsequences: false)
-        let ok = !name.isEmpty && name.utf8.count <= 253 && labels.allSatisfy { l in
-            (1...63).contains(l.utf8.count) && l.first != "-" && l.last != "-"
-                && l.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }
-        }
+        let ok =
+            !name.isEmpty && name.utf8.count <= 253
+            && labels.allSatisfy { l in
+                (1...63).contains(l.utf8.count) && l.first != "-" && l.last != "-"
+                    && l.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }
+            }
         guard ok else {
-            throw TrustError(.invalidDNSName,
-                             "\(text) is not a valid DNS name (labels of 1-63 letters, digits, hyphens; no wildcards)")
+            throw TrustError(
+                .invalidDNSName,
+                "\(text) is not a valid DNS name (labels of 1-63 letters, digits, hyphens; no wildcards)")
         }
         return name
     }

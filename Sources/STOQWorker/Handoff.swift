@@ -61,9 +61,9 @@ public final class WorkerMesh: @unchecked Sendable {
         let version = UInt32(datagram[1]) << 24 | UInt32(datagram[2]) << 16 | UInt32(datagram[3]) << 8 | UInt32(datagram[4])
         let type = (first >> 4) & 0x3
         switch version {
-        case 0: return nil                                    // Version Negotiation
+        case 0: return nil  // Version Negotiation
         case 0x6b33_43cf: if type == 1 || type == 2 { return nil }  // QUIC v2: Initial = 1, 0-RTT = 2
-        default: if type == 0 || type == 1 { return nil }     // v1 and drafts: Initial = 0, 0-RTT = 1
+        default: if type == 0 || type == 1 { return nil }  // v1 and drafts: Initial = 0, 0-RTT = 1
         }
         return Int(datagram[longAt]) % workers
     }
@@ -73,8 +73,9 @@ public final class WorkerMesh: @unchecked Sendable {
     @inline(__always)
     func push(_ datagram: UnsafeRawBufferPointer, into index: Int, peer: IPv6Endpoint, local: IPv6Endpoint, ecn: ECN) -> Bool {
         var p = peer.sockaddr, l = local.sockaddr
-        return stoq_handoff_push(inboxes[index], datagram.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                 UInt32(datagram.count), &p, &l, ecn.rawValue) == 1
+        return stoq_handoff_push(
+            inboxes[index], datagram.baseAddress!.assumingMemoryBound(to: UInt8.self),
+            UInt32(datagram.count), &p, &l, ecn.rawValue) == 1
     }
 
     /// Wakes worker `index` if it sleeps in its datapath (any thread: also how work finished
@@ -88,8 +89,9 @@ public final class WorkerMesh: @unchecked Sendable {
         var n = 0
         while let item = stoq_handoff_peek(h) {
             let it = item.pointee
-            body(UnsafeRawBufferPointer(start: it.data, count: Int(it.len)), IPv6Endpoint(it.peer),
-                 IPv6Endpoint(it.local), ECN(lowBitsOf: it.ecn))
+            body(
+                UnsafeRawBufferPointer(start: it.data, count: Int(it.len)), IPv6Endpoint(it.peer),
+                IPv6Endpoint(it.local), ECN(lowBitsOf: it.ecn))
             stoq_handoff_pop(h)
             n += 1
         }

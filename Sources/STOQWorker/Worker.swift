@@ -131,7 +131,9 @@ public final class Worker {
     /// Writes everything the endpoint owes into transmit slots and hands them to the kernel.
     public func transmit(now: Timestamp) throws {
         let stride = queue.transmitStride
-        let segments = stride > 0 ? queue.maxSegmentsPerSlot
+        let segments =
+            stride > 0
+            ? queue.maxSegmentsPerSlot
             : max(1, min(queue.maxSegmentsPerSlot, queue.slotCapacity / maxPayload))
         while true {
             var slot = queue.reserveTransmit()

@@ -26,9 +26,10 @@ func replay<P: CachePolicy>(_ policy: inout P, _ name: String, _ capacity: UInt6
     let t0 = DispatchTime.now().uptimeNanoseconds
     for k in keys where policy.request(k, size: 1, evicted: { _ in evictions += 1 }) { hits += 1 }
     let ns = DispatchTime.now().uptimeNanoseconds - t0
-    print("{\"policy\":\"\(name)\",\"capacity\":\(capacity),\"requests\":\(keys.count),\"hits\":\(hits),"
-          + "\"hit_ratio\":\(Double(hits) / Double(max(1, keys.count))),\"evictions\":\(evictions),"
-          + "\"ns_per_request\":\(Double(ns) / Double(max(1, keys.count)))}")
+    print(
+        "{\"policy\":\"\(name)\",\"capacity\":\(capacity),\"requests\":\(keys.count),\"hits\":\(hits),"
+            + "\"hit_ratio\":\(Double(hits) / Double(max(1, keys.count))),\"evictions\":\(evictions),"
+            + "\"ns_per_request\":\(Double(ns) / Double(max(1, keys.count)))}")
 }
 
 for c in capacities {

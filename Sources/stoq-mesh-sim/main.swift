@@ -39,8 +39,9 @@ while let a = args.popFirst() {
     case "--decide-bench": decideBench = true
     case "--routes": guard let n = Int(value(a)), n > 0 else { die("--routes needs a positive integer") }; benchRoutes = n
     case "-h", "--help":
-        print("usage: stoq-mesh-sim [--json] [--seed N] [--scenario NAME]... [--pantheon FILE] [--trace FILE]... "
-              + "[--leios FILE] [--topology FILE]...\n       stoq-mesh-sim --decide-bench [--routes N]")
+        print(
+            "usage: stoq-mesh-sim [--json] [--seed N] [--scenario NAME]... [--pantheon FILE] [--trace FILE]... "
+                + "[--leios FILE] [--topology FILE]...\n       stoq-mesh-sim --decide-bench [--routes N]")
         exit(0)
     default: die("unknown argument \(a)")
     }
@@ -51,16 +52,21 @@ if decideBench {
     let learner = LearnerScheduler()
     var cands: [MultipathCandidate] = []
     for i in 0..<benchRoutes {
-        cands.append(MultipathCandidate(id: MultipathRouteID(i), features: MultipathRouteFeatures(
-            rttMean: 0.01 + 0.01 * Double(i), deliveryRate: 1e6 * Double(1 + i), hopCount: 1 + i % 3)))
+        cands.append(
+            MultipathCandidate(
+                id: MultipathRouteID(i),
+                features: MultipathRouteFeatures(
+                    rttMean: 0.01 + 0.01 * Double(i), deliveryRate: 1e6 * Double(1 + i), hopCount: 1 + i % 3)))
     }
     learner.update(candidates: cands, now: 0)
     var now = 0.0
     for k in 0..<2000 {
         let r = learner.choose(transfer: k % 4, bytes: 262_144, backlog: 262_144, among: nil, excluding: nil, now: now) ?? MultipathRouteID(0)
         learner.dispatched(transfer: k % 4, route: r, bytes: 262_144, now: now)
-        learner.completed(MultipathCompletion(route: r, transfer: k % 4, bytes: 262_144, requestedAt: now,
-                                              endedAt: now + 0.02, outcome: .delivered), now: now + 0.02)
+        learner.completed(
+            MultipathCompletion(
+                route: r, transfer: k % 4, bytes: 262_144, requestedAt: now,
+                endedAt: now + 0.02, outcome: .delivered), now: now + 0.02)
         now += 0.001
     }
     let n = 1_000_000
@@ -73,13 +79,17 @@ if decideBench {
     for k in 0..<m {
         let r = MultipathRouteID(k % benchRoutes)
         learner.dispatched(transfer: 0, route: r, bytes: 262_144, now: now)
-        learner.completed(MultipathCompletion(route: r, transfer: 0, bytes: 262_144, requestedAt: now, endedAt: now + 0.02,
-                                              outcome: .delivered), now: now + 0.02)
+        learner.completed(
+            MultipathCompletion(
+                route: r, transfer: 0, bytes: 262_144, requestedAt: now, endedAt: now + 0.02,
+                outcome: .delivered), now: now + 0.02)
         now += 1e-5
     }
     let update = Double(DispatchTime.now().uptimeNanoseconds - t1) / Double(m)
-    print(String(format: "ml_optimized decision over %d routes: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
-                 benchRoutes, choose, update, sink & 1))
+    print(
+        String(
+            format: "ml_optimized decision over %d routes: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
+            benchRoutes, choose, update, sink & 1))
     exit(0)
 }
 
@@ -144,8 +154,10 @@ if json {
             mean += r.completion.reduce(0, +)
             oracleMean += o.completion.reduce(0, +)
         }
-        out += "\(ai == 0 ? "" : ",")\n  \"\(a)\": {\"p50_s\": \(f(MeshSimResult.quantile(all, 0.5), 4)), \"p99_s\": \(f(MeshSimResult.quantile(all, 0.99), 4)), "
-        out += "\"goodput_mbit\": \(f(goods.reduce(0, +) / Double(max(1, goods.count)) / 1e6, 3)), \"regret\": \(f(oracleMean > 0 ? (mean - oracleMean) / oracleMean : 0, 4)), "
+        out +=
+            "\(ai == 0 ? "" : ",")\n  \"\(a)\": {\"p50_s\": \(f(MeshSimResult.quantile(all, 0.5), 4)), \"p99_s\": \(f(MeshSimResult.quantile(all, 0.99), 4)), "
+        out +=
+            "\"goodput_mbit\": \(f(goods.reduce(0, +) / Double(max(1, goods.count)) / 1e6, 3)), \"regret\": \(f(oracleMean > 0 ? (mean - oracleMean) / oracleMean : 0, 4)), "
         out += "\"scenarios\": {"
         for (ci, c) in comparisons.enumerated() {
             guard let r = c.result(a) else { continue }
@@ -165,31 +177,44 @@ for c in comparisons {
     print("== \(c.scenario): \(c.summary)")
     print("   route capacity (true mean, Mbit/s): " + c.routeCapacity.map { f($0 * 8 / 1e6, 1) }.joined(separator: " "))
     print("   oracle = best of \(c.oracleCandidates) fixed splits: \(c.oracleSplit)")
-    print("   " + ["algorithm", "p50_s", "p99_s", "mean_s", "goodput_Mbit", "regret", "load_skew", "hedges", "retries", "incomplete"]
-        .enumerated().map { $0.offset == 0 ? $0.element.padding(toLength: 13, withPad: " ", startingAt: 0)
-            : String(repeating: " ", count: max(0, 12 - $0.element.count)) + $0.element }.joined())
+    print(
+        "   "
+            + ["algorithm", "p50_s", "p99_s", "mean_s", "goodput_Mbit", "regret", "load_skew", "hedges", "retries", "incomplete"]
+            .enumerated().map {
+                $0.offset == 0
+                    ? $0.element.padding(toLength: 13, withPad: " ", startingAt: 0)
+                    : String(repeating: " ", count: max(0, 12 - $0.element.count)) + $0.element
+            }.joined())
     for a in algorithms {
         guard let r = c.result(a) else { continue }
-        let cols = [f(r.quantile(0.5)), f(r.quantile(0.99)), f(r.mean), f(r.meanGoodputMbit, 2), pct(c.regret(a)),
-                    f(c.loadSkew(a), 3), "\(r.hedges)", "\(r.retries)", "\(r.incomplete)/\(r.completion.count)"]
-        print("   " + a.padding(toLength: 13, withPad: " ", startingAt: 0)
-            + cols.map { String(repeating: " ", count: max(0, 12 - $0.count)) + $0 }.joined())
+        let cols = [
+            f(r.quantile(0.5)), f(r.quantile(0.99)), f(r.mean), f(r.meanGoodputMbit, 2), pct(c.regret(a)),
+            f(c.loadSkew(a), 3), "\(r.hedges)", "\(r.retries)", "\(r.incomplete)/\(r.completion.count)",
+        ]
+        print(
+            "   " + a.padding(toLength: 13, withPad: " ", startingAt: 0)
+                + cols.map { String(repeating: " ", count: max(0, 12 - $0.count)) + $0 }.joined())
     }
     if let ml = c.result("ml_optimized") {
         for b in ["min_rtt", "round_robin", "best_single"] {
             guard let r = c.result(b) else { continue }
-            print("   ml_optimized vs \(b.padding(toLength: 11, withPad: " ", startingAt: 0)): p99 "
-                  + pct(ml.quantile(0.99) / r.quantile(0.99) - 1) + ", goodput " + pct(ml.meanGoodputMbit / r.meanGoodputMbit - 1))
+            print(
+                "   ml_optimized vs \(b.padding(toLength: 11, withPad: " ", startingAt: 0)): p99 "
+                    + pct(ml.quantile(0.99) / r.quantile(0.99) - 1) + ", goodput " + pct(ml.meanGoodputMbit / r.meanGoodputMbit - 1))
         }
         let total = Double(max(1, ml.routeBytes.reduce(0, +)))
         let cap = c.routeCapacity.reduce(0, +)
         if c.routeCapacity.count <= 12 {
-            print("   load share ml_optimized (capacity share): " + ml.routeBytes.indices.map {
-                "r\($0) \(f(100 * Double(ml.routeBytes[$0]) / total, 1))% (\(f(100 * c.routeCapacity[$0] / cap, 1))%)"
-            }.joined(separator: ", "))
-            print("   learner's view at the last arrival (stoq mesh routes): " + ml.estimates.map {
-                "\($0.route) \(f($0.rate * 8 / 1e6, 1)) Mbit/s, \(f($0.latency * 1000, 0)) ms, share \(f(100 * $0.chunkShare, 0))%"
-            }.joined(separator: "; "))
+            print(
+                "   load share ml_optimized (capacity share): "
+                    + ml.routeBytes.indices.map {
+                        "r\($0) \(f(100 * Double(ml.routeBytes[$0]) / total, 1))% (\(f(100 * c.routeCapacity[$0] / cap, 1))%)"
+                    }.joined(separator: ", "))
+            print(
+                "   learner's view at the last arrival (stoq mesh routes): "
+                    + ml.estimates.map {
+                        "\($0.route) \(f($0.rate * 8 / 1e6, 1)) Mbit/s, \(f($0.latency * 1000, 0)) ms, share \(f(100 * $0.chunkShare, 0))%"
+                    }.joined(separator: "; "))
         }
     }
     print("")

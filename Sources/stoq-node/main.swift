@@ -54,10 +54,12 @@ struct StoqNode: AsyncParsableCommand {
                 if report.applied.isEmpty && report.restartNeeded.isEmpty {
                     logger.notice("\(why): \(path) unchanged")
                 } else {
-                    logger.notice("\(why): reloaded \(path)", metadata: [
-                        "applied": "\(report.applied.joined(separator: ","))",
-                        "restart_needed": "\(report.restartNeeded.joined(separator: ","))",
-                    ])
+                    logger.notice(
+                        "\(why): reloaded \(path)",
+                        metadata: [
+                            "applied": "\(report.applied.joined(separator: ","))",
+                            "restart_needed": "\(report.restartNeeded.joined(separator: ","))",
+                        ])
                 }
             } catch { logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)") }
         }
@@ -70,14 +72,16 @@ struct StoqNode: AsyncParsableCommand {
         }
         // SIGTERM/SIGINT: graceful shutdown of the group; the node drains its connections and
         // its return (or failure) ends the reload service too.
-        let group = ServiceGroup(configuration: .init(
-            services: [
-                .init(service: service, successTerminationBehavior: .gracefullyShutdownGroup,
-                      failureTerminationBehavior: .gracefullyShutdownGroup, serviceName: "node"),
-                .init(service: reload, serviceName: "reload"),
-            ],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: Logger(label: "stoq-node.lifecycle")))
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    .init(
+                        service: service, successTerminationBehavior: .gracefullyShutdownGroup,
+                        failureTerminationBehavior: .gracefullyShutdownGroup, serviceName: "node"),
+                    .init(service: reload, serviceName: "reload"),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: Logger(label: "stoq-node.lifecycle")))
         do { try await group.run() } catch {
             FileHandle.standardError.write(Data("stoq-node: \(error)\n".utf8))
             throw ExitCode(1)
@@ -118,8 +122,10 @@ struct ReloadableLogHandler: LogHandler {
         get { inner[metadataKey: key] }
         set { inner[metadataKey: key] = newValue }
     }
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
-             function: String, line: UInt) {
+    func log(
+        level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
+        function: String, line: UInt
+    ) {
         guard level >= box.level else { return }
         inner.log(level: level, message: message, metadata: metadata, source: source, file: file, function: function, line: line)
     }

@@ -94,58 +94,64 @@ final class PlainDijkstra {
         var count = 0
         var popped = 0
         dist.withUnsafeMutableBufferPointer { dist in
-        hops.withUnsafeMutableBufferPointer { hops in
-        heapCost.withUnsafeMutableBufferPointer { hc in
-        heapNode.withUnsafeMutableBufferPointer { hn in
-        g.offsets.withUnsafeBufferPointer { off in
-        g.targets.withUnsafeBufferPointer { tgt in
-        g.weights.withUnsafeBufferPointer { w in
-            func push(_ c: Float, _ v: Int32) {
-                var i = count
-                count += 1
-                while i > 0 {
-                    let p = (i - 1) >> 1
-                    if hc[p] <= c { break }
-                    hc[i] = hc[p]; hn[i] = hn[p]
-                    i = p
-                }
-                hc[i] = c; hn[i] = v
-            }
-            func pop() -> (Float, Int32) {
-                let top = (hc[0], hn[0])
-                count -= 1
-                let c = hc[count], v = hn[count]
-                var i = 0
-                while true {
-                    var child = 2 * i + 1
-                    if child >= count { break }
-                    if child + 1 < count && hc[child + 1] < hc[child] { child += 1 }
-                    if c <= hc[child] { break }
-                    hc[i] = hc[child]; hn[i] = hn[child]
-                    i = child
-                }
-                hc[i] = c; hn[i] = v
-                return top
-            }
-            dist[Int(source)] = 0
-            hops[Int(source)] = 0
-            push(0, source)
-            while count > 0 {
-                let (d, u) = pop()
-                popped += 1
-                if d > dist[Int(u)] { continue }
-                let hu = hops[Int(u)]
-                for e in Int(off[Int(u)])..<Int(off[Int(u) + 1]) {
-                    let v = Int(tgt[e])
-                    let nd = d + w[e]
-                    if nd < dist[v] {
-                        dist[v] = nd
-                        hops[v] = hu + 1
-                        push(nd, Int32(v))
+            hops.withUnsafeMutableBufferPointer { hops in
+                heapCost.withUnsafeMutableBufferPointer { hc in
+                    heapNode.withUnsafeMutableBufferPointer { hn in
+                        g.offsets.withUnsafeBufferPointer { off in
+                            g.targets.withUnsafeBufferPointer { tgt in
+                                g.weights.withUnsafeBufferPointer { w in
+                                    func push(_ c: Float, _ v: Int32) {
+                                        var i = count
+                                        count += 1
+                                        while i > 0 {
+                                            let p = (i - 1) >> 1
+                                            if hc[p] <= c { break }
+                                            hc[i] = hc[p]; hn[i] = hn[p]
+                                            i = p
+                                        }
+                                        hc[i] = c; hn[i] = v
+                                    }
+                                    func pop() -> (Float, Int32) {
+                                        let top = (hc[0], hn[0])
+                                        count -= 1
+                                        let c = hc[count], v = hn[count]
+                                        var i = 0
+                                        while true {
+                                            var child = 2 * i + 1
+                                            if child >= count { break }
+                                            if child + 1 < count && hc[child + 1] < hc[child] { child += 1 }
+                                            if c <= hc[child] { break }
+                                            hc[i] = hc[child]; hn[i] = hn[child]
+                                            i = child
+                                        }
+                                        hc[i] = c; hn[i] = v
+                                        return top
+                                    }
+                                    dist[Int(source)] = 0
+                                    hops[Int(source)] = 0
+                                    push(0, source)
+                                    while count > 0 {
+                                        let (d, u) = pop()
+                                        popped += 1
+                                        if d > dist[Int(u)] { continue }
+                                        let hu = hops[Int(u)]
+                                        for e in Int(off[Int(u)])..<Int(off[Int(u) + 1]) {
+                                            let v = Int(tgt[e])
+                                            let nd = d + w[e]
+                                            if nd < dist[v] {
+                                                dist[v] = nd
+                                                hops[v] = hu + 1
+                                                push(nd, Int32(v))
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
-        }}}}}}}
+        }
         pops = popped
     }
 }
@@ -320,8 +326,10 @@ let result: [String: Any] = [
     "table_ms": summary(tTable),
     "dijkstra_ms": summary(tDijkstra),
     "relaxations_mean": relaxations.reduce(0, +) / Double(max(relaxations.count, 1)),
-    "check": ["mismatches": mismatches, "cap_binding_nodes": capBinding, "reached_hop_limited": reachedSearch,
-              "reached_dijkstra": reachedDijkstra, "max_hops_seen": maxHopsSeen],
+    "check": [
+        "mismatches": mismatches, "cap_binding_nodes": capBinding, "reached_hop_limited": reachedSearch,
+        "reached_dijkstra": reachedDijkstra, "max_hops_seen": maxHopsSeen,
+    ],
     "lookup_next_hop_us": summary(tNext),
     "lookup_route_us": summary(tRoute),
     "clock_read_us": summary(tClock),

@@ -63,7 +63,8 @@ struct Audit: ParsableCommand {
                 throw fail("audit failed: \(what)")
             }
         }
-        let keyPEM = try logKey.map { try String(contentsOfFile: $0, encoding: .utf8) }
+        let keyPEM =
+            try logKey.map { try String(contentsOfFile: $0, encoding: .utf8) }
             ?? String(decoding: try get("/_stoq/log/key"), as: UTF8.self)
         let key: P256.Signing.PublicKey
         do { key = try P256.Signing.PublicKey(pemRepresentation: keyPEM) } catch { throw fail("the log key is not a P-256 public key: \(error)") }
@@ -81,8 +82,10 @@ struct Audit: ParsableCommand {
             guard let oldRoot = Hex.decode(old.rootHash) else { throw fail("\(previous): bad root_hash") }
             try check(old.treeSize <= head.treeSize, "log did not shrink")
             let proof = try proofPath(try get("/_stoq/log/consistency?first=\(old.treeSize)&second=\(head.treeSize)"))
-            try check(MerkleTree.verifyConsistency(oldSize: Int(old.treeSize), newSize: Int(head.treeSize), oldRoot: oldRoot,
-                                                   newRoot: root, proof: proof), "consistent with \(previous)")
+            try check(
+                MerkleTree.verifyConsistency(
+                    oldSize: Int(old.treeSize), newSize: Int(head.treeSize), oldRoot: oldRoot,
+                    newRoot: root, proof: proof), "consistent with \(previous)")
         }
         if let cert = include {
             let certs = try PEMFiles.readCertificates(cert)
@@ -112,12 +115,18 @@ struct Audit: ParsableCommand {
             let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
             let index = obj["index"] as? Int ?? -1
             report["cert_index"] = index
-            try check(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: index, treeSize: Int(head.treeSize),
-                                                 proof: try proofPath(body), rootHash: root), "\(cert) included")
+            try check(
+                MerkleTree.verifyInclusion(
+                    leafHash: leafHash, leafIndex: index, treeSize: Int(head.treeSize),
+                    proof: try proofPath(body), rootHash: root), "\(cert) included")
         }
         if let save { try JSONEncoder().encode(head).write(to: URL(fileURLWithPath: save)) }
-        if json { printReport(report) } else {
-            print("audit ok: tree size \(head.treeSize), signature valid\(previous.map { ", consistent with \($0)" } ?? "")\(include.map { ", \($0) included" } ?? "")")
+        if json {
+            printReport(report)
+        } else {
+            print(
+                "audit ok: tree size \(head.treeSize), signature valid\(previous.map { ", consistent with \($0)" } ?? "")\(include.map { ", \($0) included" } ?? "")"
+            )
         }
     }
 

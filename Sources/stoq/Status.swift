@@ -39,18 +39,23 @@ struct StatusCommand: AsyncParsableCommand {
         let text = String(buffer: body)
         if json { print(text); return }
         guard let doc = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
-              let workers = doc["workers"] as? [[String: Any]] else { throw fail("\(base)/status: not a STOQ status document") }
+            let workers = doc["workers"] as? [[String: Any]]
+        else { throw fail("\(base)/status: not a STOQ status document") }
         print("worker  datapath  connections  datagrams in/out        requests  chunks served/stored  detail")
         for w in workers {
             let diag = (w["diagnostics"] as? [String: String]) ?? [:]
             let detail = diag["xdp_mode"].map { "xdp \($0), zero-copy \(diag["zero_copy"] ?? "?")" } ?? "\(w["features"] ?? "")"
-            print(String(format: "%6d  %-8@  %11d  %10d / %-10d  %8d  %8d / %-8d  %@",
-                         w["worker"] as? Int ?? 0, (w["backend"] as? String ?? "?") as NSString, w["connections"] as? Int ?? 0,
-                         w["datagrams_in"] as? Int ?? 0, w["datagrams_out"] as? Int ?? 0, w["requests"] as? Int ?? 0,
-                         w["chunks_served"] as? Int ?? 0, w["chunks_stored"] as? Int ?? 0, detail as NSString))
+            print(
+                String(
+                    format: "%6d  %-8@  %11d  %10d / %-10d  %8d  %8d / %-8d  %@",
+                    w["worker"] as? Int ?? 0, (w["backend"] as? String ?? "?") as NSString, w["connections"] as? Int ?? 0,
+                    w["datagrams_in"] as? Int ?? 0, w["datagrams_out"] as? Int ?? 0, w["requests"] as? Int ?? 0,
+                    w["chunks_served"] as? Int ?? 0, w["chunks_stored"] as? Int ?? 0, detail as NSString))
         }
         if let s = doc["store"] as? [String: Any] {
-            print("store: \(s["chunks_written"] ?? 0) chunks written (\(s["bytes_written"] ?? 0) bytes), \(s["dedup_hits"] ?? 0) dedup hits, \(s["corrupt_quarantined"] ?? 0) quarantined")
+            print(
+                "store: \(s["chunks_written"] ?? 0) chunks written (\(s["bytes_written"] ?? 0) bytes), \(s["dedup_hits"] ?? 0) dedup hits, \(s["corrupt_quarantined"] ?? 0) quarantined"
+            )
         }
     }
 }

@@ -74,8 +74,9 @@ struct TrustCommand: ParsableCommand {
                 let log = try TransparencyLog.openForAuthority(caDirectory: dir)
                 let cert: Certificate
                 if let csr {
-                    cert = try ca.issue(csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds,
-                                        log: log)
+                    cert = try ca.issue(
+                        csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds,
+                        log: log)
                     try PEMFiles.writeFile(try PEMFiles.pem([cert, ca.intermediate]), to: out, mode: 0o644)
                 } else {
                     let issued = try ca.issueWithNewKey(dnsNames: dns, ipv6Addresses: ip, lifetime: seconds, log: log)
@@ -189,8 +190,9 @@ struct TrustCommand: ParsableCommand {
                 roots = try PEMFiles.readCertificates(bundle)
                 serials = try revoked.map { try PEMFiles.readSerials($0) } ?? []
             } catch { throw fail("\(error)", code: 2) }
-            let verifier = PeerVerifier(roots: roots, revokedSerials: serials, maxChainLength: maxChain,
-                                        role: client ? .client : .server, transparencyLogs: requireTransparency ? logs : nil)
+            let verifier = PeerVerifier(
+                roots: roots, revokedSerials: serials, maxChainLength: maxChain,
+                role: client ? .client : .server, transparencyLogs: requireTransparency ? logs : nil)
             switch Result(catching: { () throws(PeerVerificationError) in try verifier.verify(derChain: chain, dnsName: dns, ipv6Address: ip) }) {
             case .success(let validated):
                 let subjects = validated.map { $0.subject.description }
@@ -300,7 +302,9 @@ extension TrustCommand {
                 }
                 let server = try ACMEServer(caDirectory: dir, configuration: config)
                 let https = try await ACMEHTTPSServer.start(server: server, address: endpoint, certificateChainPEM: chainPEM, keyPEM: keyPEM)
-                print("ACME directory: https://[\(https.localAddress.address)]:\(https.localAddress.port)/directory  (TLS trust: \(cert == nil ? dir + "/root.pem" : cert!); log: \(dir)/\(ACMEServer.FileName.transparencyLog), \(await server.transparencyLogSize) entries)")
+                print(
+                    "ACME directory: https://[\(https.localAddress.address)]:\(https.localAddress.port)/directory  (TLS trust: \(cert == nil ? dir + "/root.pem" : cert!); log: \(dir)/\(ACMEServer.FileName.transparencyLog), \(await server.transparencyLogSize) entries)"
+                )
                 fflush(nil)  // scripts wait for this line on a pipe
                 await https.waitUntilClosed()
             } catch { throw fail("\(error)") }
@@ -339,7 +343,9 @@ extension TrustCommand {
         func run() async throws {
             var trust: String?
             if let caFile {
-                do { trust = try String(contentsOfFile: caFile, encoding: .utf8) } catch { throw fail("\(caFile): cannot read (\(error.localizedDescription))", code: 2) }
+                do { trust = try String(contentsOfFile: caFile, encoding: .utf8) } catch {
+                    throw fail("\(caFile): cannot read (\(error.localizedDescription))", code: 2)
+                }
             }
             let ids = dns.map(ACMEIdentifier.dns) + ip.map(ACMEIdentifier.ip)
             let client: ACMEClient

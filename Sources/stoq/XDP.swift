@@ -71,8 +71,10 @@ struct XDPCommand: ParsableCommand {
             if json {
                 var counters: [String: UInt64] = [:]
                 for c in s.counters { counters[c.name] = c.value }
-                let obj: [String: Any] = ["interface": interface, "mode": s.mode, "program_id": s.programID,
-                                          "pinned": s.pinDirectory, "counters": counters]
+                let obj: [String: Any] = [
+                    "interface": interface, "mode": s.mode, "program_id": s.programID,
+                    "pinned": s.pinDirectory, "counters": counters,
+                ]
                 let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
                 print(String(decoding: data, as: UTF8.self))
                 return

@@ -16,8 +16,10 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
-        subcommands: [Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
-                      XDPCommand.self, StatusCommand.self])
+        subcommands: [
+            Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
+            XDPCommand.self, StatusCommand.self,
+        ])
 }
 
 struct TrustOptions: ParsableArguments {
@@ -29,14 +31,16 @@ struct TrustOptions: ParsableArguments {
     var cert: String?
     @Option(help: "The key of --cert (PEM).")
     var key: String?
-    @Flag(name: .customLong("require-transparency"),
-          help: "Refuse a server certificate without a valid embedded SCT from a --log-key log.")
+    @Flag(
+        name: .customLong("require-transparency"),
+        help: "Refuse a server certificate without a valid embedded SCT from a --log-key log.")
     var requireTransparency = false
     @Option(name: .customLong("log-key"), help: "A trusted transparency log's public key (PEM; repeatable).")
     var logKeys: [String] = []
     var trust: ClientTrust {
-        ClientTrust(caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key,
-                    transparencyLogs: requireTransparency ? logKeys : [])
+        ClientTrust(
+            caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key,
+            transparencyLogs: requireTransparency ? logKeys : [])
     }
 
     func validate() throws {
@@ -89,8 +93,13 @@ struct Get: ParsableCommand {
             do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout) } catch {
                 throw fail("\(error)")
             }
-            if json { printCodable(r) } else {
-                FileHandle.standardError.write(Data("\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(r.chunksFetched) fetched (\(human(Double(r.bytesFetched)))), \(r.chunksReused) already here; sha256 \(r.sha256)\n".utf8))
+            if json {
+                printCodable(r)
+            } else {
+                FileHandle.standardError.write(
+                    Data(
+                        "\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(r.chunksFetched) fetched (\(human(Double(r.bytesFetched)))), \(r.chunksReused) already here; sha256 \(r.sha256)\n"
+                            .utf8))
             }
             return
         }
@@ -105,8 +114,10 @@ struct Get: ParsableCommand {
         let start = Date()
         let result: TransferResult
         do {
-            result = try STOQClient.get(u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
-                                        congestionControl: cc) { got, total in
+            result = try STOQClient.get(
+                u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
+                congestionControl: cc
+            ) { got, total in
                 guard tty else { return }
                 let secs = max(Date().timeIntervalSince(start), 0.001)
                 let rate = Double(got) / secs
@@ -133,8 +144,12 @@ struct Get: ParsableCommand {
         guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)") }
         if !json && !tty { return }
         if !json {
-            FileHandle.standardError.write(Data(String(format: "%@ in %.2fs (%.2f Gbps), sha256 %@\n",
-                                                      human(Double(result.bytes)), result.seconds, result.gbps, result.sha256).utf8))
+            FileHandle.standardError.write(
+                Data(
+                    String(
+                        format: "%@ in %.2fs (%.2f Gbps), sha256 %@\n",
+                        human(Double(result.bytes)), result.seconds, result.gbps, result.sha256
+                    ).utf8))
         }
     }
 }
@@ -161,11 +176,17 @@ struct Put: ParsableCommand {
             let parameters = try chunking.parameters()
             let r: ChunkedPutResult
             do {
-                r = try STOQClient.putChunked(file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
-                                              concurrency: concurrency)
+                r = try STOQClient.putChunked(
+                    file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
+                    concurrency: concurrency)
             } catch { throw fail("\(error)") }
-            if json { printCodable(r) } else {
-                FileHandle.standardError.write(Data("\(human(Double(r.totalBytes))) in \(r.chunks) chunks: sent \(r.chunksSent) (\(human(Double(r.bytesSent)))), the node had the rest\n".utf8))
+            if json {
+                printCodable(r)
+            } else {
+                FileHandle.standardError.write(
+                    Data(
+                        "\(human(Double(r.totalBytes))) in \(r.chunks) chunks: sent \(r.chunksSent) (\(human(Double(r.bytesSent)))), the node had the rest\n"
+                            .utf8))
             }
             return
         }
@@ -191,8 +212,9 @@ struct ConfigCommand: ParsableCommand {
             do {
                 let cfg = try ConfigLoader.load(path: file)
                 if json {
-                    let data = try! JSONSerialization.data(withJSONObject: ["valid": true, "errors": [String](), "notices": cfg.notices],
-                                                           options: [.sortedKeys])
+                    let data = try! JSONSerialization.data(
+                        withJSONObject: ["valid": true, "errors": [String](), "notices": cfg.notices],
+                        options: [.sortedKeys])
                     print(String(decoding: data, as: UTF8.self))
                 } else {
                     print("\(file): valid")
@@ -237,18 +259,23 @@ struct BenchCommand: ParsableCommand {
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
         let r: BenchResult
         do {
-            r = try STOQClient.bench(u, connections: connections, streams: streams,
-                                     duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
+            r = try STOQClient.bench(
+                u, connections: connections, streams: streams,
+                duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
         } catch { throw fail("\(error)") }
         if json {
             let data = try JSONEncoder().encode(r)
             print(String(decoding: data, as: UTF8.self))
             return
         }
-        print(String(format: "%d connection(s) × %d stream(s): %d requests (%d failed) in %.2fs",
-                     r.connections, r.streams, r.requests, r.failed, r.seconds))
-        print(String(format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
-                     r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
+        print(
+            String(
+                format: "%d connection(s) × %d stream(s): %d requests (%d failed) in %.2fs",
+                r.connections, r.streams, r.requests, r.failed, r.seconds))
+        print(
+            String(
+                format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
+                r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
     }
 }
 
@@ -319,8 +346,9 @@ struct ChunkCommand: ParsableCommand {
             }
             bytes = UInt64(whole.count)
         } else {
-            let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters,
-                                           readSize: readBytes, digestObject: manifest != nil)
+            let chunker = StreamingChunker(
+                source: FileDescriptorSource(fd: fd), parameters: parameters,
+                readSize: readBytes, digestObject: manifest != nil)
             do {
                 if noHash {
                     while let c = try chunker.nextBoundary() { chunks.append(c) }
@@ -341,8 +369,9 @@ struct ChunkCommand: ParsableCommand {
         if let manifest {
             let m: Manifest
             do {
-                m = try Manifest(totalLength: bytes, digest: objectDigest!, parameters: parameters,
-                                 chunks: chunks.map { Manifest.Entry(id: $0.id, length: UInt32($0.length)) })
+                m = try Manifest(
+                    totalLength: bytes, digest: objectDigest!, parameters: parameters,
+                    chunks: chunks.map { Manifest.Entry(id: $0.id, length: UInt32($0.length)) })
             } catch { throw fail("\(file): \(error)") }
             guard FileManager.default.createFile(atPath: manifest, contents: Data(m.encode())) else {
                 throw fail("--manifest \(manifest): cannot write")
@@ -373,9 +402,11 @@ struct ChunkCommand: ParsableCommand {
             FileHandle.standardOutput.write(Data(out.utf8))
         }
         let mean = chunks.isEmpty ? 0 : Double(bytes) / Double(chunks.count)
-        print(String(format: "%@: %llu bytes, %d chunks (%@), mean %@, %@ %.3fs: %.2f GB/s (%.2f GB/s per CPU second)",
-                     file, bytes, chunks.count, parameters.description, human(mean),
-                     noHash ? "cut search" : "cut + SHA-256", seconds, gbps, gbpsCPU))
+        print(
+            String(
+                format: "%@: %llu bytes, %d chunks (%@), mean %@, %@ %.3fs: %.2f GB/s (%.2f GB/s per CPU second)",
+                file, bytes, chunks.count, parameters.description, human(mean),
+                noHash ? "cut search" : "cut + SHA-256", seconds, gbps, gbpsCPU))
     }
 }
 
@@ -405,8 +436,9 @@ struct ChunkingOptions: ParsableArguments {
             throw ValidationError("--algorithm \(algorithm): expected content_aware or fixed")
         }
         do {
-            return try ChunkingParameters(algorithm: alg, minSize: try Self.size("min", min),
-                                          avgSize: try Self.size("avg", avg), maxSize: try Self.size("max", max))
+            return try ChunkingParameters(
+                algorithm: alg, minSize: try Self.size("min", min),
+                avgSize: try Self.size("avg", avg), maxSize: try Self.size("max", max))
         } catch let e as ChunkingParameterError {
             throw ValidationError("--min/--avg/--max: \(e.message)")
         }

@@ -62,7 +62,8 @@ stoq_xdp_probe *stoq_xdp_probe_open(const char *object, uint32_t workers, uint16
   uint8_t one = 1;
   uint32_t zero = 0;
   struct stoq_config c = {.workers = workers, .flags = STOQ_F_STEER_BY_CID};
-  if (bpf_map_update_elem(ports_fd, &port, &one, BPF_ANY) != 0 || bpf_map_update_elem(config_fd, &zero, &c, BPF_ANY) != 0) {
+  if (bpf_map_update_elem(ports_fd, &port, &one, BPF_ANY) != 0 ||
+      bpf_map_update_elem(config_fd, &zero, &c, BPF_ANY) != 0) {
     snprintf(err, errlen, "bpf_map_update_elem: %s", strerror(errno));
     stoq_xdp_probe_close(p);
     return NULL;
@@ -74,23 +75,29 @@ int stoq_xdp_probe_worker(stoq_xdp_probe *p, const uint8_t *payload, size_t len)
   uint8_t frame[14 + 40 + 8 + 2048], out[sizeof(frame)];
   if (len > 2048) return -1001;
   memset(frame, 0, 14 + 40 + 8);
-  frame[12] = 0x86; frame[13] = 0xdd;
+  frame[12] = 0x86;
+  frame[13] = 0xdd;
   uint8_t *ip = frame + 14;
   ip[0] = 0x60;
   uint16_t pl = htons((uint16_t)(8 + len));
   memcpy(ip + 4, &pl, 2);
   ip[6] = 17;
   ip[7] = 64;
-  ip[8] = 0xfd; ip[23] = 2; ip[24] = 0xfd; ip[39] = 1;
+  ip[8] = 0xfd;
+  ip[23] = 2;
+  ip[24] = 0xfd;
+  ip[39] = 1;
   uint8_t *udp = ip + 40;
   uint16_t sp = htons(50000), dp = htons(p->port), ul = htons((uint16_t)(8 + len));
-  memcpy(udp, &sp, 2); memcpy(udp + 2, &dp, 2); memcpy(udp + 4, &ul, 2);
+  memcpy(udp, &sp, 2);
+  memcpy(udp + 2, &dp, 2);
+  memcpy(udp + 4, &ul, 2);
   memcpy(udp + 8, payload, len);
 
   uint64_t steered = stat_sum(p, STOQ_STAT_STEERED_BY_CID), before[STOQ_MAX_COUNTED_WORKERS];
   for (uint32_t w = 0; w < p->workers; w++) before[w] = stat_sum(p, STOQ_STAT_WORKER_0 + w);
-  LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = frame, .data_size_in = (uint32_t)(14 + 40 + 8 + len),
-              .data_out = out, .data_size_out = sizeof(out), .repeat = 1);
+  LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = frame, .data_size_in = (uint32_t)(14 + 40 + 8 + len), .data_out = out,
+              .data_size_out = sizeof(out), .repeat = 1);
   if (bpf_prog_test_run_opts(p->prog_fd, &opts) != 0) return -1000 - errno;
   if (stat_sum(p, STOQ_STAT_STEERED_BY_CID) != steered + 1) return -1;
   int found = -1;

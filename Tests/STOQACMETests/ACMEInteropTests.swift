@@ -51,18 +51,23 @@ import Testing
         try tls.keyPEM.write(toFile: dir + "/key.pem", atomically: true, encoding: .utf8)
         let port = try freeLoopbackPort(), mgmt = try freeLoopbackPort()
         let mac = Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
-        let config: [String: Any] = ["pebble": [
-            "listenAddress": "[::1]:\(port)", "managementListenAddress": "[::1]:\(mgmt)",
-            "certificate": dir + "/cert.pem", "privateKey": dir + "/key.pem",
-            "httpPort": 5002, "tlsPort": 5001, "ocspResponderURL": "",
-            "externalAccountBindingRequired": true, "externalAccountMACKeys": ["stoq-kid-1": mac],
-        ] as [String: Any]]
+        let config: [String: Any] = [
+            "pebble": [
+                "listenAddress": "[::1]:\(port)", "managementListenAddress": "[::1]:\(mgmt)",
+                "certificate": dir + "/cert.pem", "privateKey": dir + "/key.pem",
+                "httpPort": 5002, "tlsPort": 5001, "ocspResponderURL": "",
+                "externalAccountBindingRequired": true, "externalAccountMACKeys": ["stoq-kid-1": mac],
+            ] as [String: Any]
+        ]
         try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: dir + "/pebble.json"))
         // NONCEREJECT 25: pebble refuses a quarter of good nonces, which exercises the badNonce retry.
-        let child = try Child(pebble, ["-config", dir + "/pebble.json"],
-                              env: ["PEBBLE_VA_ALWAYS_VALID": "1", "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "25",
-                                    "PEBBLE_AUTHZREUSE": "0"],
-                              output: dir + "/pebble.log")
+        let child = try Child(
+            pebble, ["-config", dir + "/pebble.json"],
+            env: [
+                "PEBBLE_VA_ALWAYS_VALID": "1", "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "25",
+                "PEBBLE_AUTHZREUSE": "0",
+            ],
+            output: dir + "/pebble.log")
         defer { child.stop() }
 
         var o = ACMEClient.Options()
@@ -86,8 +91,9 @@ import Testing
         }
 
         let start = Date()
-        let got = try await client.obtainCertificate(for: [.dns("node1.example"), .dns("www.node1.example"), .ip("::1")],
-                                                     eab: ExternalAccountBinding(kid: "stoq-kid-1", hmacKeyBase64URL: mac))
+        let got = try await client.obtainCertificate(
+            for: [.dns("node1.example"), .dns("www.node1.example"), .ip("::1")],
+            eab: ExternalAccountBinding(kid: "stoq-kid-1", hmacKeyBase64URL: mac))
         let seconds = Date().timeIntervalSince(start)
         let s = CertificateSummary(got.chain[0])
         #expect(Set(s.dnsNames) == ["node1.example", "www.node1.example"])
@@ -108,7 +114,9 @@ import Testing
 
         try await client.revoke(got.chain[0])
         let nonceRetries = await client.badNonceRetries
-        print("pebble: certificate \(s.serial) for \((s.dnsNames + s.ipAddresses).joined(separator: ",")) in \(String(format: "%.2f", seconds)) s, \(nonceRetries) badNonce retries, revoked")
+        print(
+            "pebble: certificate \(s.serial) for \((s.dnsNames + s.ipAddresses).joined(separator: ",")) in \(String(format: "%.2f", seconds)) s, \(nonceRetries) badNonce retries, revoked"
+        )
     }
 
     @Test func legoAgainstSTOQServer() async throws {
@@ -125,11 +133,13 @@ import Testing
         let start = Date()
         // --http is required by lego's CLI; its solver is never used because STOQ's
         // authorizations are already valid through the EAB key.
-        let child = try Child(lego, [
-            "--server", f.directoryURL, "--eab", "--kid", eab.kid, "--hmac", eab.hmacKeyBase64URL,
-            "--email", "ops@lego.example", "--domains", "lego.example", "--domains", "www.lego.example",
-            "--accept-tos", "--key-type", "ec256", "--http", "--http.port", "[::1]:\(httpPort)", "--path", work + "/lego", "run",
-        ], env: ["LEGO_CA_CERTIFICATES": work + "/root.pem"], output: work + "/lego.log")
+        let child = try Child(
+            lego,
+            [
+                "--server", f.directoryURL, "--eab", "--kid", eab.kid, "--hmac", eab.hmacKeyBase64URL,
+                "--email", "ops@lego.example", "--domains", "lego.example", "--domains", "www.lego.example",
+                "--accept-tos", "--key-type", "ec256", "--http", "--http.port", "[::1]:\(httpPort)", "--path", work + "/lego", "run",
+            ], env: ["LEGO_CA_CERTIFICATES": work + "/root.pem"], output: work + "/lego.log")
         let deadline = Date().addingTimeInterval(30)
         while child.process.isRunning && Date() < deadline { try await Task.sleep(nanoseconds: 100_000_000) }
         child.stop()
@@ -142,11 +152,13 @@ import Testing
         #expect(logSize == 1)
 
         // lego asking for a name its EAB key does not allow fails, and the log does not grow.
-        let bad = try Child(lego, [
-            "--server", f.directoryURL, "--eab", "--kid", eab.kid, "--hmac", eab.hmacKeyBase64URL,
-            "--email", "ops@lego.example", "--domains", "evil.example", "--accept-tos", "--key-type", "ec256",
-            "--http", "--http.port", "[::1]:\(httpPort)", "--path", work + "/lego2", "run",
-        ], env: ["LEGO_CA_CERTIFICATES": work + "/root.pem"], output: work + "/lego2.log")
+        let bad = try Child(
+            lego,
+            [
+                "--server", f.directoryURL, "--eab", "--kid", eab.kid, "--hmac", eab.hmacKeyBase64URL,
+                "--email", "ops@lego.example", "--domains", "evil.example", "--accept-tos", "--key-type", "ec256",
+                "--http", "--http.port", "[::1]:\(httpPort)", "--path", work + "/lego2", "run",
+            ], env: ["LEGO_CA_CERTIFICATES": work + "/root.pem"], output: work + "/lego2.log")
         let deadline2 = Date().addingTimeInterval(30)
         while bad.process.isRunning && Date() < deadline2 { try await Task.sleep(nanoseconds: 100_000_000) }
         bad.stop()
@@ -154,7 +166,9 @@ import Testing
         #expect(bad.log.contains("rejectedIdentifier"), Comment(rawValue: bad.log))
         let logSize2 = await f.server.transparencyLogSize
         #expect(logSize2 == 1)
-        print("lego: certificate \(CertificateSummary(chain[0]).serial) for lego.example,www.lego.example from the STOQ ACME server in \(String(format: "%.2f", seconds)) s; evil.example refused (rejectedIdentifier)")
+        print(
+            "lego: certificate \(CertificateSummary(chain[0]).serial) for lego.example,www.lego.example from the STOQ ACME server in \(String(format: "%.2f", seconds)) s; evil.example refused (rejectedIdentifier)"
+        )
     }
 
     /// Waits until something accepts TCP on [::1]:port, or fails with the child's output.

@@ -41,11 +41,15 @@ import Testing
         let logged = try #require(CertificateTransparency.parseMerkleTreeLeaf(try log.entry(at: 0)))
         #expect(try CertificateTransparency.serialNumber(ofTBS: logged.entry.tbsCertificate) == got.chain[0].serialNumber)
         #expect(try CertificateTransparency.entry(forFinalCertificate: got.chain[0], issuer: got.chain[1]) == logged.entry)
-        #expect(CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey]) == .valid(logID: log.logID, timestamp: logged.timestamp))
+        #expect(
+            CertificateTransparency.verify(got.chain[0], issuer: got.chain[1], trustedLogs: [logKey.publicKey])
+                == .valid(logID: log.logID, timestamp: logged.timestamp))
         let proof = try log.inclusionProof(index: 0)
         let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: logged.timestamp, entry: logged.entry))
-        #expect(MerkleTree.verifyInclusion(leafHash: leafHash, leafIndex: 0, treeSize: 1,
-                                                 proof: proof, rootHash: try log.rootHash()))
+        #expect(
+            MerkleTree.verifyInclusion(
+                leafHash: leafHash, leafIndex: 0, treeSize: 1,
+                proof: proof, rootHash: try log.rootHash()))
     }
 
     @Test func unauthorizedIdentifiersAreRejected() async throws {
@@ -83,7 +87,11 @@ import Testing
         defer { Task { await f.stop() } }
         let eab = try f.addNode("node3", dns: ["node3.example"])
         let c1 = try f.client(), c2 = try f.client(), c3 = try f.client()
-        defer { Task { await c1.shutdown(); await c2.shutdown(); await c3.shutdown() } }
+        defer {
+            Task {
+                await c1.shutdown(); await c2.shutdown(); await c3.shutdown()
+            }
+        }
         let wrongKey = Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
         await assertProblem(.unauthorized, detailContains: "HMAC does not verify") {
             try await c1.register(eab: ExternalAccountBinding(kid: eab.kid, hmacKeyBase64URL: wrongKey))
@@ -126,12 +134,14 @@ import Testing
         // RS256: an RSA-2048 account key registers with EAB.
         let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
         let jwk = JWK.rsa(rsa.publicKey)
-        let inner = try JWS.sign(header: ["kid": eab.kid, "url": base + "/acme/new-account"],
-                                 payload: JSONSerialization.data(withJSONObject: jwk.members, options: [.sortedKeys]),
-                                 with: .hmac(SymmetricKey(data: Base64URL.decode(eab.hmacKeyBase64URL)!)))
+        let inner = try JWS.sign(
+            header: ["kid": eab.kid, "url": base + "/acme/new-account"],
+            payload: JSONSerialization.data(withJSONObject: jwk.members, options: [.sortedKeys]),
+            with: .hmac(SymmetricKey(data: Base64URL.decode(eab.hmacKeyBase64URL)!)))
         let payload = try JSONSerialization.data(withJSONObject: ["termsOfServiceAgreed": true, "externalAccountBinding": inner.jsonObject])
-        let reg = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-account", "jwk": jwk.members],
-                               payload: payload, with: .rsa(rsa))
+        let reg = try JWS.sign(
+            header: ["nonce": try await nonce(), "url": base + "/acme/new-account", "jwk": jwk.members],
+            payload: payload, with: .rsa(rsa))
         let (s1, h1, b1) = try await send(base + "/acme/new-account", reg.serialized())
         #expect(s1 == 201, Comment(rawValue: String(decoding: b1, as: UTF8.self)))
         let account = try #require(h1.first(name: "Location"))
@@ -153,23 +163,26 @@ import Testing
         #expect(s4 == 200)
 
         // A url header that is not the request URL.
-        let wrongURL = try JWS.sign(header: ["nonce": try await nonce(), "url": base + "/acme/new-order", "kid": account],
-                                    payload: Data(), with: .rsa(rsa))
+        let wrongURL = try JWS.sign(
+            header: ["nonce": try await nonce(), "url": base + "/acme/new-order", "kid": account],
+            payload: Data(), with: .rsa(rsa))
         let (s5, _, b5) = try await send(account, wrongURL.serialized())
         let p5 = try #require(ACMEProblem(json: b5, status: s5))
         #expect(p5.code == .unauthorized)
         #expect(p5.detail.contains("does not match the request URL"), Comment(rawValue: p5.detail))
 
         // A signature by another key under the account's kid.
-        let other = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(),
-                                 with: .p256(P256.Signing.PrivateKey()))
+        let other = try JWS.sign(
+            header: ["nonce": try await nonce(), "url": account, "kid": account], payload: Data(),
+            with: .p256(P256.Signing.PrivateKey()))
         let (s6, _, b6) = try await send(account, other.serialized())
         let p6 = try #require(ACMEProblem(json: b6, status: s6))
         #expect(p6.code == .badSignatureAlgorithm, Comment(rawValue: p6.detail))  // ES256 against an RSA account key
 
         // Both jwk and kid.
-        let both = try JWS.sign(header: ["nonce": try await nonce(), "url": account, "kid": account, "jwk": jwk.members],
-                                payload: Data(), with: .rsa(rsa))
+        let both = try JWS.sign(
+            header: ["nonce": try await nonce(), "url": account, "kid": account, "jwk": jwk.members],
+            payload: Data(), with: .rsa(rsa))
         let (s7, _, b7) = try await send(account, both.serialized())
         #expect(ACMEProblem(json: b7, status: s7)?.code == .malformed)
 
@@ -193,8 +206,9 @@ import Testing
         await f.stop()
         let server = try ACMEServer(caDirectory: f.caDirectory, configuration: ACMEServer.Configuration())
         let tls = try f.authority.issueWithNewKey(dnsNames: ["localhost"], ipv6Addresses: ["::1"])
-        let https = try await ACMEHTTPSServer.start(server: server, address: IPv6Endpoint(address: .loopback, port: 0),
-                                                    certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
+        let https = try await ACMEHTTPSServer.start(
+            server: server, address: IPv6Endpoint(address: .loopback, port: 0),
+            certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
         let g = ACMEFixture(dir: f.dir, authority: f.authority, server: server, https: https, rootPEM: f.rootPEM)
         defer { Task { await g.stop() } }
         let again = try g.client()

@@ -25,8 +25,9 @@ struct ACMEFixture {
         var config = ACMEServer.Configuration()
         config.certificateLifetime = lifetime
         let server = try ACMEServer(caDirectory: dir + "/ca", configuration: config)
-        let https = try await ACMEHTTPSServer.start(server: server, address: IPv6Endpoint(address: .loopback, port: 0),
-                                                    certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
+        let https = try await ACMEHTTPSServer.start(
+            server: server, address: IPv6Endpoint(address: .loopback, port: 0),
+            certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
         let rootPEM = try String(contentsOfFile: dir + "/ca/root.pem", encoding: .utf8)
         return ACMEFixture(dir: dir, authority: ca, server: server, https: https, rootPEM: rootPEM)
     }
@@ -83,8 +84,10 @@ func findExecutable(_ name: String) -> String? {
 }
 
 /// Asserts that `body` throws an ACME problem of type `code` whose detail contains `detail`.
-func assertProblem(_ code: ACMEProblem.Code, detailContains detail: String? = nil, sourceLocation: SourceLocation = #_sourceLocation,
-                   _ body: () async throws -> Void) async {
+func assertProblem(
+    _ code: ACMEProblem.Code, detailContains detail: String? = nil, sourceLocation: SourceLocation = #_sourceLocation,
+    _ body: () async throws -> Void
+) async {
     do {
         try await body()
         Issue.record("expected \(code), but it succeeded", sourceLocation: sourceLocation)

@@ -4,7 +4,7 @@ import Testing
 
 @Suite struct S3FIFOTests {
     @Test func oneHitWondersLeaveFromSmallWithoutTouchingMain() {
-        var c = S3FIFO<Int>(capacity: 10)   // small: 1 entry of size 1
+        var c = S3FIFO<Int>(capacity: 10)  // small: 1 entry of size 1
         var evicted: [Int] = []
         // Key 1 is hit while in small, so it moves to main when small overflows.
         c.insert(1, size: 1) { evicted.append($0) }
@@ -24,10 +24,10 @@ import Testing
         var c = S3FIFO<Int>(capacity: 10)
         var evicted: [Int] = []
         for k in 0..<12 { c.insert(k, size: 1) { evicted.append($0) } }
-        #expect(evicted == [0, 1])   // filtered out of small into the ghost queue
-        c.insert(0, size: 1) { _ in }      // remembered by the ghost queue
+        #expect(evicted == [0, 1])  // filtered out of small into the ghost queue
+        c.insert(0, size: 1) { _ in }  // remembered by the ghost queue
         #expect((c.entries().first { $0.key == 0 }?.queue) == .main)
-        c.insert(1000, size: 1) { _ in }   // never seen: small
+        c.insert(1000, size: 1) { _ in }  // never seen: small
         #expect((c.entries().first { $0.key == 1000 }?.queue) == .small)
     }
 
@@ -57,11 +57,11 @@ import Testing
     }
 
     @Test func mainGivesHitEntriesAnotherRound() {
-        var c = S3FIFO<Int>(capacity: 3, smallFraction: 0.34)   // small target: 1
+        var c = S3FIFO<Int>(capacity: 3, smallFraction: 0.34)  // small target: 1
         c.restore([0, 1, 2].map { .init(key: $0, size: 1, frequency: 0, queue: .main) }) { _ in Issue.record() }
         c.touch(0)
         var evicted: [Int] = []
-        c.insert(10, size: 1) { evicted.append($0) }   // small is empty: main's tail goes
+        c.insert(10, size: 1) { evicted.append($0) }  // small is empty: main's tail goes
         #expect(evicted == [1], "main's tail (0) was hit: it gets another round and 1 leaves")
         #expect(c.contains(0))
         #expect((c.entries().first { $0.key == 0 }?.frequency) == 0)

@@ -17,8 +17,10 @@ import Testing
         do { _ = try Manifest(decoding: enc); return nil } catch { return error }
     }
 
-    private func assertError(_ enc: [UInt8], _ code: ManifestError.Code, _ message: String,
-                             sourceLocation: SourceLocation = #_sourceLocation) {
+    private func assertError(
+        _ enc: [UInt8], _ code: ManifestError.Code, _ message: String,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
         guard let e = decodeError(enc) else { Issue.record("decoded", sourceLocation: sourceLocation); return }
         #expect(e.code == code, sourceLocation: sourceLocation)
         #expect(e.message == message, sourceLocation: sourceLocation)
@@ -52,9 +54,9 @@ import Testing
         #expect(enc[4] == 1)
         #expect(enc[5] == 1)
         #expect((Array(enc[6..<8])) == [0, 0])
-        #expect((Array(enc[8..<12])) == [0, 0, 2, 0])         // min 512
-        #expect((Array(enc[12..<16])) == [0, 0, 8, 0])        // avg 2048
-        #expect((Array(enc[16..<20])) == [0, 0, 0x20, 0])     // max 8192
+        #expect((Array(enc[8..<12])) == [0, 0, 2, 0])  // min 512
+        #expect((Array(enc[12..<16])) == [0, 0, 8, 0])  // avg 2048
+        #expect((Array(enc[16..<20])) == [0, 0, 0x20, 0])  // max 8192
         #expect((Array(enc[20..<28])) == [0, 0, 0, 0, 0, 0, 0x27, 0x10])  // 10000
         #expect((Array(enc[28..<60])) == ContentDigest.sha256(bytes).bytes)
         #expect((Array(enc[60..<64])) == [0, 0, 0, UInt8(m.chunks.count)])
@@ -111,8 +113,9 @@ import Testing
         let fixed = try ChunkingParameters(algorithm: .fixed, minSize: 512, avgSize: 2048, maxSize: 8192)
         let f = try sample(fixed).encode()
         e = f; put(UInt32(2000), at: 64 + 32, in: &e)
-        assertError(e, .fixedSizeMismatch,
-                    "chunk 0 is 2000 bytes, fixed chunking makes every chunk but the last 2048 bytes and the last at most that")
+        assertError(
+            e, .fixedSizeMismatch,
+            "chunk 0 is 2000 bytes, fixed chunking makes every chunk but the last 2048 bytes and the last at most that")
 
         e = enc; put(UInt64(10_001), at: 20, in: &e)
         assertError(e, .lengthMismatch, "chunk lengths sum to 10000, the total length is 10001")
@@ -137,9 +140,11 @@ import Testing
     /// decodes to a manifest whose encoding is exactly the input (there is one encoding per manifest).
     @Test func randomizedMutations() throws {
         let fixed = try ChunkingParameters(algorithm: .fixed, minSize: 512, avgSize: 2048, maxSize: 8192)
-        let seeds = [try sample().encode(), try sample(fixed).encode(),
-                     try Manifest(chunking: BytesSource([]), parameters: smallParameters).encode(),
-                     try Manifest(chunking: BytesSource([7]), parameters: smallParameters).encode()]
+        let seeds = [
+            try sample().encode(), try sample(fixed).encode(),
+            try Manifest(chunking: BytesSource([]), parameters: smallParameters).encode(),
+            try Manifest(chunking: BytesSource([7]), parameters: smallParameters).encode(),
+        ]
         var rng: UInt64 = 0x9E37_79B9_7F4A_7C15
         func next(_ bound: Int) -> Int {
             rng ^= rng >> 12; rng ^= rng << 25; rng ^= rng >> 27

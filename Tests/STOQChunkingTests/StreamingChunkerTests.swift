@@ -51,8 +51,9 @@ import Testing
         let bytes = pseudoRandomBytes(count: 2 << 20, seed: 31)
         for readSize in [100, 4096, 65_536] {
             let spans = Spans()
-            let s = StreamingChunker(source: Recording(inner: BytesSource(bytes, maxRead: 3000), spans: spans),
-                                     parameters: smallParameters, readSize: readSize)
+            let s = StreamingChunker(
+                source: Recording(inner: BytesSource(bytes, maxRead: 3000), spans: spans),
+                parameters: smallParameters, readSize: readSize)
             var count = 0
             while try s.next() != nil { count += 1 }
             #expect(count > 200)

@@ -73,7 +73,8 @@ import TOMLKit
 
     /// Every choice is a type once loaded; nothing downstream parses a config word again.
     @Test func choicesAreParsedIntoTheirTypes() throws {
-        let c = try ConfigLoader.parse("""
+        let c = try ConfigLoader.parse(
+            """
             [network]
             cc = "reno"
             datapath = "io_uring"
@@ -94,8 +95,9 @@ import TOMLKit
         #expect(c.trust.mode == .embedded && c.routing.algorithm == .mlOptimized)
         #expect(c.chunking.algorithm == .fixed && c.log.level == .debug)
         #expect(errors("[log]\nlevel = \"loud\"").first?.key == "log.level")
-        #expect(errors("[routing]\nalgorithm = \"random\"").first?.allowed
-            == "one of \"shortest_path\", \"latency\", \"adaptive\", \"ml_optimized\"")
+        #expect(
+            errors("[routing]\nalgorithm = \"random\"").first?.allowed
+                == "one of \"shortest_path\", \"latency\", \"adaptive\", \"ml_optimized\"")
     }
 
     /// The operator's file from issue #17, as written: valid, with a notice for each thing
@@ -122,7 +124,8 @@ import TOMLKit
     }
 
     @Test func readsValues() throws {
-        let c = try ConfigLoader.parse("""
+        let c = try ConfigLoader.parse(
+            """
             [network]
             listen_addr = "[::1]:9000"
             workers = 2
@@ -142,7 +145,8 @@ import TOMLKit
     }
 
     @Test func readsTheEdgeKeys() throws {
-        let c = try ConfigLoader.parse("""
+        let c = try ConfigLoader.parse(
+            """
             [edge]
             enable_caching = true
             origin = "https://[::1]:4433"
@@ -183,14 +187,16 @@ import TOMLKit
         #expect(e.first?.key == "network.quic_config.max_udp_payload_size")
         #expect(e.first?.description.contains("at most network.xdp.frame_size - 86 = 1962") == true)
         #expect(try ConfigLoader.parse(xdp + "[network.quic_config]\nmax_udp_payload_size = 1962\n").network.quic.maxUDPPayloadSize == 1962)
-        #expect(try ConfigLoader.parse(xdp + "[network.xdp]\nframe_size = 4096\n[network.quic_config]\nmax_udp_payload_size = 4010\n")
-            .network.quic.maxUDPPayloadSize == 4010)
+        #expect(
+            try ConfigLoader.parse(xdp + "[network.xdp]\nframe_size = 4096\n[network.quic_config]\nmax_udp_payload_size = 4010\n")
+                .network.quic.maxUDPPayloadSize == 4010)
         // io_uring only: no frame to fit.
         #expect(errors("[network.quic_config]\nmax_udp_payload_size = 4000\n").isEmpty)
     }
 
     @Test func reportsEveryErrorTogether() {
-        let e = errors("""
+        let e = errors(
+            """
             [network]
             workers = -1
             cc = "vegas"
@@ -202,8 +208,11 @@ import TOMLKit
             x = 1
             """)
         let keys = Set(e.map(\.key))
-        #expect(keys == ["network.workers", "network.cc", "network.colour", "network.quic_config.idle_timeout",
-                         "network.quic_config.max_window", "bogus"])
+        #expect(
+            keys == [
+                "network.workers", "network.cc", "network.colour", "network.quic_config.idle_timeout",
+                "network.quic_config.max_window", "bogus",
+            ])
         let cc = e.first { $0.key == "network.cc" }!
         #expect(cc.description == "network.cc = \"vegas\": bad value; expected one of \"reno\", \"cubic\", \"bbr\", \"bbr2\"")
         #expect(e.first { $0.key == "network.workers" }?.code == .outOfRange)
@@ -232,8 +241,9 @@ import TOMLKit
         let e = errors("[chunking]\nmin_chunk_size = \"64KB\"\navg_chunk_size = \"300KB\"\nmax_chunk_size = \"1MB\"")
         #expect(e.count == 1)
         #expect(e.first?.allowed.contains("avg 307200 is not a power of two") == true)
-        #expect(errors("[chunking]\nmin_chunk_size = \"256KB\"\navg_chunk_size = \"256KB\"").first?.allowed
-            .contains("expected min < avg < max") == true)
+        #expect(
+            errors("[chunking]\nmin_chunk_size = \"256KB\"\navg_chunk_size = \"256KB\"").first?.allowed
+                .contains("expected min < avg < max") == true)
     }
 
     @Test func syntaxErrorsSayWhere() {

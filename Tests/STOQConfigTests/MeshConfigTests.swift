@@ -30,36 +30,42 @@ import Testing
     }
 
     @Test func readsStaticPeers() throws {
-        let m = try ConfigLoader.parse("""
+        let m = try ConfigLoader.parse(
+            """
             [mesh]
             peers = ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443/"]
             probe_interval = "50ms"
             down_after = "1s"
-            """).mesh
+            """
+        ).mesh
         #expect(m.peers == [MeshURL(endpoint: ep("[fd00:57::2]:4433")), MeshURL(endpoint: ep("[2001:db8::9]:443"))])
         #expect(m.peers.map(\.description) == ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443"])
         #expect(m.probeInterval == 50_000_000 && m.downAfter == 1_000_000_000)
     }
 
     @Test func readsDNSAndEtcd() throws {
-        let d = try ConfigLoader.parse("""
+        let d = try ConfigLoader.parse(
+            """
             [mesh]
             discovery = "dns"
             dns_name = "_stoq._udp.stoq.mesh.svc.cluster.local."
             dns_server = "[::1]:5353"
             dns_interval = "5s"
-            """).mesh
+            """
+        ).mesh
         #expect(d.discovery == .dns)
         #expect(d.dnsName == "_stoq._udp.stoq.mesh.svc.cluster.local.")
         #expect(d.dnsServer == ep("[::1]:5353"))
         #expect(d.dnsInterval == 5_000_000_000)
-        let e = try ConfigLoader.parse("""
+        let e = try ConfigLoader.parse(
+            """
             [mesh]
             discovery = "etcd"
             etcd_endpoints = ["http://[::1]:2379", "http://[fd00::2]:2379"]
             etcd_prefix = "/prod/stoq/"
             etcd_lease_ttl = "3s"
-            """).mesh
+            """
+        ).mesh
         #expect(e.discovery == .etcd)
         #expect(e.etcdEndpoints.map(\.description) == ["http://[::1]:2379", "http://[fd00::2]:2379"])
         #expect(e.etcdPrefix == "/prod/stoq/" && e.etcdLeaseTTL == 3_000_000_000)
@@ -116,8 +122,9 @@ import Testing
 
     @Test func refusesBadValues() {
         #expect(errors("[mesh]\ndown_after = \"100ms\"").map(\.key) == ["mesh.down_after"])
-        #expect(errors("[mesh]\nprobe_interval = \"1s\"\ndown_after = \"1s\"").first?.description
-                    .contains("more than mesh.probe_interval (1000ms)") == true)
+        #expect(
+            errors("[mesh]\nprobe_interval = \"1s\"\ndown_after = \"1s\"").first?.description
+                .contains("more than mesh.probe_interval (1000ms)") == true)
         #expect(errors("[mesh]\netcd_lease_ttl = \"2500ms\"").first?.description.contains("whole seconds") == true)
         #expect(errors("[mesh]\netcd_lease_ttl = \"1s\"").first?.code == .outOfRange)
         #expect(errors("[mesh]\ndns_interval = \"10ms\"").first?.code == .outOfRange)

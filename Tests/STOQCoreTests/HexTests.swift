@@ -7,7 +7,7 @@ import Testing
         #expect(Hex.encode(bytes) == "00017f80abff")
         #expect(Hex.decode("00017F80ABff") == bytes)
         #expect(Hex.decode("") == [])
-        #expect(Hex.decode("abc") == nil)       // odd length
-        #expect(Hex.decode("zz") == nil)        // not hex
+        #expect(Hex.decode("abc") == nil)  // odd length
+        #expect(Hex.decode("zz") == nil)  // not hex
     }
 }

@@ -184,7 +184,9 @@ final class PeerSocket {
         var tv = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var sa = bind.sockaddr
-        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
+        let rc = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        }
         guard rc == 0 else { let e = errno; Glibc.close(fd); throw DatapathError(.open, operation: "bind \(bind)", errno: e) }
         var out = sockaddr_in6()
         var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
@@ -200,9 +202,11 @@ final class PeerSocket {
         setsockopt(fd, Int32(IPPROTO_IPV6), 67 /* IPV6_TCLASS */, &tc, 4)
         var sa = to.sockaddr
         _ = bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                sendto(fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
-            } }
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                }
+            }
         }
     }
 
@@ -220,8 +224,9 @@ final class PeerSocket {
                     withUnsafeMutablePointer(to: &from) { f in
                         var iov = iovec(iov_base: b.baseAddress, iov_len: b.count)
                         return withUnsafeMutablePointer(to: &iov) { iovp in
-                            var m = msghdr(msg_name: UnsafeMutableRawPointer(f), msg_namelen: socklen_t(MemoryLayout<sockaddr_in6>.size),
-                                           msg_iov: iovp, msg_iovlen: 1, msg_control: c.baseAddress, msg_controllen: c.count, msg_flags: 0)
+                            var m = msghdr(
+                                msg_name: UnsafeMutableRawPointer(f), msg_namelen: socklen_t(MemoryLayout<sockaddr_in6>.size),
+                                msg_iov: iovp, msg_iovlen: 1, msg_control: c.baseAddress, msg_controllen: c.count, msg_flags: 0)
                             let r = recvmsg(fd, &m, 0)
                             controlLength = max(0, min(c.count, Int(m.msg_controllen)))
                             return r

@@ -23,8 +23,9 @@ import Testing
     deinit { try? FileManager.default.removeItem(atPath: root) }
 
     func open(capacity: UInt64) throws -> EdgeCache {
-        try EdgeCache(root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, origin: "https://[::1]:9",
-                      trust: ClientTrust(), datapath: Self.noNetwork, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
+        try EdgeCache(
+            root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, origin: "https://[::1]:9",
+            trust: ClientTrust(), datapath: Self.noNetwork, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
     }
 
     /// These tests never reach an origin: a connect fails at once.

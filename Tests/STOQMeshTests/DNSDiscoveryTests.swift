@@ -15,8 +15,11 @@ import Testing
 
     /// A response to `q`: its header with `flags` and counts, the question, then `records` raw.
     static func response(to q: [UInt8], flags: UInt16 = 0x8180, an: UInt16, ar: UInt16 = 0, _ records: [UInt8]) -> [UInt8] {
-        var m = Array(q[0..<2]) + [UInt8(flags >> 8), UInt8(flags & 0xFF), 0, 1, UInt8(an >> 8), UInt8(an & 0xFF), 0, 0,
-                                   UInt8(ar >> 8), UInt8(ar & 0xFF)]
+        var m =
+            Array(q[0..<2]) + [
+                UInt8(flags >> 8), UInt8(flags & 0xFF), 0, 1, UInt8(an >> 8), UInt8(an & 0xFF), 0, 0,
+                UInt8(ar >> 8), UInt8(ar & 0xFF),
+            ]
         // The question as sent, without the query's OPT record (11 bytes at the end).
         m += q[12..<(q.count - 11)]
         return m + records
@@ -56,9 +59,13 @@ import Testing
             ("after the last record", Self.response(to: q, an: 1, good + [0])),
             ("not the one asked", Self.response(to: DNSMessage.query(id: 0x1234, name: "other.test", type: 28), an: 1, good)),
             ("label type 0x40", Self.response(to: q, an: 1, [0x41] + Array(good.dropFirst(2)))),
-            ("longer than 255", Self.response(to: q, an: 1,
-                                              [UInt8](repeating: 0, count: 0) + (0..<5).flatMap { _ in [63] + [UInt8](repeating: 0x61, count: 63) } + [0]
-                                                  + Array(good.dropFirst(2)))),
+            (
+                "longer than 255",
+                Self.response(
+                    to: q, an: 1,
+                    [UInt8](repeating: 0, count: 0) + (0..<5).flatMap { _ in [63] + [UInt8](repeating: 0x61, count: 63) } + [0]
+                        + Array(good.dropFirst(2)))
+            ),
             ("not printable", Self.response(to: q, an: 1, [1, 0x00, 0] + Array(good.dropFirst(2)))),
         ]
         for (why, bytes) in cases {
@@ -110,9 +117,13 @@ import Testing
 
     static func dnsmasq(port: UInt16, dir: URL, records: [String]) throws -> Daemon {
         let bin = try requireBinary("/usr/sbin/dnsmasq", package: "dnsmasq")
-        let d = try Daemon(bin, ["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--pid-file=",
-                                 "--port=\(port)", "--listen-address=::1", "--bind-interfaces", "--local=/stoq.test/",
-                                 "--log-queries", "--log-facility=-"] + records, dir: dir, name: "dnsmasq")
+        let d = try Daemon(
+            bin,
+            [
+                "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--pid-file=",
+                "--port=\(port)", "--listen-address=::1", "--bind-interfaces", "--local=/stoq.test/",
+                "--log-queries", "--log-facility=-",
+            ] + records, dir: dir, name: "dnsmasq")
         // Ready when it answers on TCP (it binds UDP and TCP together).
         let ready = (0..<100).contains { _ in
             let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
@@ -165,11 +176,13 @@ import Testing
 
         // Node 2 leaves, node 3 joins: dnsmasq restarts with the new records on the same port.
         server.stop()
-        server = try Self.dnsmasq(port: port, dir: dir, records: [
-            "--host-record=node1.stoq.test,fd00:57::1", "--host-record=node3.stoq.test,fd00:57::5",
-            "--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501", "--srv-host=_stoq._udp.stoq.test,node3.stoq.test,4505",
-            "--host-record=headless.stoq.test,fd00:57::3",
-        ])
+        server = try Self.dnsmasq(
+            port: port, dir: dir,
+            records: [
+                "--host-record=node1.stoq.test,fd00:57::1", "--host-record=node3.stoq.test,fd00:57::5",
+                "--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501", "--srv-host=_stoq._udp.stoq.test,node3.stoq.test,4505",
+                "--host-record=headless.stoq.test,fd00:57::3",
+            ])
         let changed: Set = [member("https://[fd00:57::1]:4501"), member("https://[fd00:57::5]:4505")]
         #expect(await srvLog.wait { $0 == changed })
         #expect(await headlessLog.wait { $0 == [member("https://[fd00:57::3]:4433")] })
@@ -180,8 +193,12 @@ import Testing
         #expect(await eventually { srv.counters.failures >= 2 })
         #expect(await srvLog.sets.count == updatesBefore)
         #expect(srv.counters.lastError?.contains("[::1]:\(port)") == true)
-        server = try Self.dnsmasq(port: port, dir: dir, records: ["--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501",
-                                                                  "--host-record=node1.stoq.test,fd00:57::1"])
+        server = try Self.dnsmasq(
+            port: port, dir: dir,
+            records: [
+                "--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501",
+                "--host-record=node1.stoq.test,fd00:57::1",
+            ])
         #expect(await srvLog.wait { $0 == [member("https://[fd00:57::1]:4501")] })
         #expect(srv.counters.recoveries >= 1)
         print("dns: srv backend counters \(srv.counters)")
@@ -206,10 +223,12 @@ import Testing
     @Test func looksUpSRVTargetsAndFollowsCNAMEs() async throws {
         let dir = try temporaryDirectory("dns-cname")
         let port = freePort()
-        let server = try Self.dnsmasq(port: port, dir: dir, records: [
-            "--host-record=node1.stoq.test,fd00:57::1", "--cname=alias.stoq.test,node1.stoq.test",
-            "--srv-host=_c._udp.stoq.test,alias.stoq.test,4500", "--cname=svc.stoq.test,node1.stoq.test",
-        ])
+        let server = try Self.dnsmasq(
+            port: port, dir: dir,
+            records: [
+                "--host-record=node1.stoq.test,fd00:57::1", "--cname=alias.stoq.test,node1.stoq.test",
+                "--srv-host=_c._udp.stoq.test,alias.stoq.test,4500", "--cname=svc.stoq.test,node1.stoq.test",
+            ])
         var o = DNSDiscovery.Options(name: "_c._udp.stoq.test", defaultPort: 4433)
         o.server = IPv6Endpoint(address: .loopback, port: port)
         let (viaTarget, _) = try await DNSDiscovery(options: o, logger: Logger(label: "test.dns")).resolve()

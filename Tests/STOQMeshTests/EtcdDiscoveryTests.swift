@@ -29,10 +29,14 @@ import Testing
         func start() throws {
             let bin = try requireBinary("/usr/bin/etcd", package: "etcd-server")
             let p = "http://[::1]:\(peer)"
-            daemon = try Daemon(bin, ["--name", "t", "--data-dir", data.path,
-                                      "--listen-client-urls", url, "--advertise-client-urls", url,
-                                      "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-                                      "--initial-cluster", "t=\(p)", "--log-level", "warn"], dir: dir, name: "etcd")
+            daemon = try Daemon(
+                bin,
+                [
+                    "--name", "t", "--data-dir", data.path,
+                    "--listen-client-urls", url, "--advertise-client-urls", url,
+                    "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
+                    "--initial-cluster", "t=\(p)", "--log-level", "warn",
+                ], dir: dir, name: "etcd")
             let ok = (0..<200).contains { _ in
                 if (try? ctl(["endpoint", "health"])) != nil { return true }
                 usleep(50_000)
@@ -45,8 +49,9 @@ import Testing
         @discardableResult
         func ctl(_ args: [String]) throws -> String {
             let bin = try requireBinary("/usr/bin/etcdctl", package: "etcd-client")
-            let (status, out, _) = try runTool(bin, ["--endpoints", url, "--dial-timeout", "1s", "--command-timeout", "2s"] + args,
-                                               dir: dir, environment: ["ETCDCTL_API=3"])
+            let (status, out, _) = try runTool(
+                bin, ["--endpoints", url, "--dial-timeout", "1s", "--command-timeout", "2s"] + args,
+                dir: dir, environment: ["ETCDCTL_API=3"])
             guard status == 0 else {
                 throw MissingBinary(path: "etcdctl \(args.joined(separator: " ")) failed (\(status)): \(out)", package: "etcd-client")
             }
@@ -91,14 +96,17 @@ import Testing
         #expect(na.counters.registrations == 1 && nb.counters.registrations == 1)
         // The record as other tools see it.
         let value = try etcd.ctl(["get", "--print-value-only", "/stoq/mesh/" + String(repeating: "a1", count: 32)])
-        #expect(value.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(
+            value.trimmingCharacters(in: .whitespacesAndNewlines)
                 == "{\"url\":\"https://[fd00:57::1]:4433\",\"node_id\":\"\(String(repeating: "a1", count: 32))\"}")
 
         // A third member registered with a 2 s lease nobody keeps alive.
         let grant = try etcd.ctl(["lease", "grant", "2"])  // "lease 694d… granted with TTL(2s)"
         let lease = try #require(grant.split(separator: " ").dropFirst().first.map(String.init))
-        try etcd.ctl(["put", "--lease=\(lease)", "/stoq/mesh/" + String(repeating: "c3", count: 32),
-                      String(decoding: MemberRecord.encode(Self.c), as: UTF8.self)])
+        try etcd.ctl([
+            "put", "--lease=\(lease)", "/stoq/mesh/" + String(repeating: "c3", count: 32),
+            String(decoding: MemberRecord.encode(Self.c), as: UTF8.self),
+        ])
         #expect(await lb.wait { $0 == [Self.a, Self.b, Self.c] })
         let clock = ContinuousClock(), seen = clock.now
         #expect(await lb.wait { $0 == [Self.a, Self.b] })
@@ -167,10 +175,11 @@ import Testing
         #expect(await la.sets.count == before)  // an outage does not empty the view
         try etcd.start()
         #expect(await eventually { na.counters.registrations >= 2 && nb.counters.registrations >= 2 })
-        #expect(await eventually {
-            let keys = (try? etcd.ctl(["get", "--prefix", "--keys-only", "/stoq/mesh/"])) ?? ""
-            return keys.contains(String(repeating: "a1", count: 32)) && keys.contains(String(repeating: "b2", count: 32))
-        })
+        #expect(
+            await eventually {
+                let keys = (try? etcd.ctl(["get", "--prefix", "--keys-only", "/stoq/mesh/"])) ?? ""
+                return keys.contains(String(repeating: "a1", count: 32)) && keys.contains(String(repeating: "b2", count: 32))
+            })
         #expect(await la.wait { $0 == [Self.a, Self.b] })
         #expect(await lb.wait { $0 == [Self.a, Self.b] })
         #expect(na.counters.recoveries >= 1)

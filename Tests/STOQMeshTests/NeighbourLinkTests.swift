@@ -8,8 +8,10 @@ import Testing
 
     /// Drives probes from `start` for `count` intervals; `answered(i)` says whether probe i comes
     /// back after `rtt`. Returns the state changes seen, with their times.
-    static func drive(_ link: inout NeighbourLink, from start: UInt64, count: Int, seq: inout UInt64, rtt: UInt64 = 2 * ms,
-                      answered: (Int) -> Bool) -> [(UInt64, NeighbourLink.State)] {
+    static func drive(
+        _ link: inout NeighbourLink, from start: UInt64, count: Int, seq: inout UInt64, rtt: UInt64 = 2 * ms,
+        answered: (Int) -> Bool
+    ) -> [(UInt64, NeighbourLink.State)] {
         var changes = [(UInt64, NeighbourLink.State)]()
         for i in 0..<count {
             let t = start + UInt64(i) * interval
@@ -59,10 +61,10 @@ import Testing
 
     @Test func aLateOrForeignAnswerDoesNotRevive() {
         var link = NeighbourLink(now: 0)
-        #expect(link.probeAnswered(sequence: 99, peerLoad: 0, now: Self.ms) == nil)   // never sent
+        #expect(link.probeAnswered(sequence: 99, peerLoad: 0, now: Self.ms) == nil)  // never sent
         link.probeSent(sequence: 1, now: 0)
-        #expect(link.tick(now: 700 * Self.ms) == .down)                                // timed out, then down
-        #expect(link.probeAnswered(sequence: 1, peerLoad: 0, now: 701 * Self.ms) == nil) // given up on already
+        #expect(link.tick(now: 700 * Self.ms) == .down)  // timed out, then down
+        #expect(link.probeAnswered(sequence: 1, peerLoad: 0, now: 701 * Self.ms) == nil)  // given up on already
         #expect(link.state == .down)
     }
 
@@ -71,11 +73,11 @@ import Testing
         link.rttSample(8 * Self.ms)
         #expect(link.metrics.srtt == 8 * Self.ms && link.metrics.rttvar == 4 * Self.ms)
         link.rttSample(16 * Self.ms)
-        #expect(link.metrics.srtt == 9 * Self.ms)          // 7/8 · 8 + 1/8 · 16
-        #expect(link.metrics.rttvar == 5 * Self.ms)        // 3/4 · 4 + 1/4 · 8
+        #expect(link.metrics.srtt == 9 * Self.ms)  // 7/8 · 8 + 1/8 · 16
+        #expect(link.metrics.rttvar == 5 * Self.ms)  // 3/4 · 4 + 1/4 · 8
         link.delivered(bytes: 1_000_000, interval: 1_000 * Self.ms)
         #expect(link.metrics.deliveryRate == 1_000_000)
         link.delivered(bytes: 2_000_000, interval: 1_000 * Self.ms)
-        #expect(link.metrics.deliveryRate == 1_050_000)    // moving average, weight 0.05
+        #expect(link.metrics.deliveryRate == 1_050_000)  // moving average, weight 0.05
     }
 }

@@ -40,13 +40,17 @@ struct MeshFixture: Sendable {
 
 let now: UInt64 = UInt64(Date().timeIntervalSince1970 * 1000)
 
-func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 = 7, issued: UInt64 = now,
-            lifetime: UInt32 = 30_000) throws -> AdvertBody {
-    try AdvertBody(origin: from.id, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime, loadPPM: 125_000,
-                        links: to.enumerated().map { i, n in
-                            .init(neighbour: n.id, rttMicros: 1_000 * UInt32(i + 1), rttVarMicros: 250, lossPPM: 10_000,
-                                  deliveryKbps: 100_000, peerLoadPPM: 300_000 + UInt32(i))
-                        })
+func advert(
+    _ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 = 7, issued: UInt64 = now,
+    lifetime: UInt32 = 30_000
+) throws -> AdvertBody {
+    try AdvertBody(
+        origin: from.id, sequence: sequence, issuedMillis: issued, lifetimeMillis: lifetime, loadPPM: 125_000,
+        links: to.enumerated().map { i, n in
+            .init(
+                neighbour: n.id, rttMicros: 1_000 * UInt32(i + 1), rttVarMicros: 250, lossPPM: 10_000,
+                deliveryKbps: 100_000, peerLoadPPM: 300_000 + UInt32(i))
+        })
 }
 
 @Suite struct SignedAdvertTests {
@@ -104,8 +108,8 @@ func advert(_ from: MeshFixture.Node, to: [MeshFixture.Node], sequence: UInt64 =
 
     @Test func theBodyRulesHoldForTheEncoderAndTheDecoderAlike() throws {
         let n = f.nodes
-        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[0]]) }             // a link to itself
-        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1], n[1]]) }       // the same neighbour twice
+        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[0]]) }  // a link to itself
+        #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1], n[1]]) }  // the same neighbour twice
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1]], lifetime: 10) }
         // The same rules on the wire: a body that repeats a neighbour does not decode.
         var twice = try advert(n[0], to: [n[1], n[2]]).encodeBody()

@@ -6,8 +6,10 @@ import Testing
 struct HTTPRequestHeadTests {
     /// A well-formed GET's fields, with `extra` after them.
     func fields(method: String = "GET", path: String = "/objects/a.bin", _ extra: [HTTPField] = []) -> [HTTPField] {
-        [HTTPField(":method", method), HTTPField(":scheme", "https"), HTTPField(":authority", "node"),
-         HTTPField(":path", path)] + extra
+        [
+            HTTPField(":method", method), HTTPField(":scheme", "https"), HTTPField(":authority", "node"),
+            HTTPField(":path", path),
+        ] + extra
     }
 
     /// The section size (RFC 9114 §4.2.2) the shim would report for `fields`.
@@ -18,8 +20,10 @@ struct HTTPRequestHeadTests {
     }
 
     /// The refusal, its exact status and the exact reason the node sends.
-    func refused(_ r: HTTPRequest, _ cause: HTTPRefusal.Cause, _ status: Int, _ reason: String,
-                 sourceLocation: SourceLocation = #_sourceLocation) {
+    func refused(
+        _ r: HTTPRequest, _ cause: HTTPRefusal.Cause, _ status: Int, _ reason: String,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
         #expect(r.refusal?.cause == cause, sourceLocation: sourceLocation)
         #expect(r.refusal?.status == status, sourceLocation: sourceLocation)
         #expect(r.refusal?.reason == reason, sourceLocation: sourceLocation)
@@ -124,8 +128,10 @@ struct HTTPRequestHeadTests {
         #expect(r("bytes=-1", 0) == .failure(.unsatisfiable))
         #expect(r("bytes=100-50", 10) == .failure(.unsatisfiable))  // the start is judged first
         #expect(r("bytes=100-50") == .failure(.malformed))
-        for bad in ["bytes=-0", "bytes=0-1,5-6", "items=0-1", "bytes=5", "bytes=a-9", "bytes=0-z", "bytes=-", "bytes= 1-2",
-                    "0-1"] {
+        for bad in [
+            "bytes=-0", "bytes=0-1,5-6", "items=0-1", "bytes=5", "bytes=a-9", "bytes=0-z", "bytes=-", "bytes= 1-2",
+            "0-1",
+        ] {
             #expect(r(bad) == .failure(.malformed), "\(bad)")
         }
     }
@@ -144,9 +150,11 @@ struct HTTPRequestHeadTests {
     }
 
     @Test func responseHead() {
-        let h = HTTPResponseHead.parse([HTTPField(":status", "206"), HTTPField("content-length", "100"),
-                                        HTTPField("cache-control", "public, max-age=30"),
-                                        HTTPField("cache-control", "no-transform")])
+        let h = HTTPResponseHead.parse([
+            HTTPField(":status", "206"), HTTPField("content-length", "100"),
+            HTTPField("cache-control", "public, max-age=30"),
+            HTTPField("cache-control", "no-transform"),
+        ])
         #expect(h == HTTPResponseHead(status: 206, contentLength: 100, maxAge: 30))
         #expect(HTTPResponseHead.parse([HTTPField(":status", "404")]) == HTTPResponseHead(status: 404, contentLength: nil, maxAge: nil))
         #expect(HTTPResponseHead.parse([]).status == 0)

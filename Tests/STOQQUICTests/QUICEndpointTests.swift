@@ -22,8 +22,9 @@ final class MemoryServer: QUICApplication {
             stream.setBodySink(fd: -1, hash: true)
             return
         }
-        connection.respond(stream, status: 200, headers: [("content-length", "\(object.count)")],
-                           body: BodyRegion(copying: object))
+        connection.respond(
+            stream, status: 200, headers: [("content-length", "\(object.count)")],
+            body: BodyRegion(copying: object))
     }
 
     func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
@@ -69,9 +70,11 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
     init() throws { identity = try TestIdentity() }
 
     /// Handshake then GET; returns the client recorder.
-    func download(size: Int, serverSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
-                  stride: Int = 0,
-                  midway: ((EndpointPair, QUICConnection) -> Void)? = nil) throws -> (RecordingClient, [UInt8], EndpointPair) {
+    func download(
+        size: Int, serverSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+        stride: Int = 0,
+        midway: ((EndpointPair, QUICConnection) -> Void)? = nil
+    ) throws -> (RecordingClient, [UInt8], EndpointPair) {
         let pair = try EndpointPair(identity: identity, serverSettings: serverSettings, link: link)
         pair.transmitStride = stride
         let object = randomBytes(size, seed: UInt64(size))

@@ -65,7 +65,7 @@ import Testing
         var db = LinkStateDatabase(maxAge: 10 * Nanos.second)
         try db.apply(LinkStateAdvert(origin: 1, sequence: 7, links: [link]), now: 0)
         try db.apply(LinkStateAdvert(origin: 3, sequence: 1, links: [AdvertisedLink(peer: 1, metrics: LinkMetrics(rttMs: 1))]), now: 5 * Nanos.second)
-        #expect(db.expire(now: 10 * Nanos.second).origins.isEmpty)   // exactly maxAge old: still valid
+        #expect(db.expire(now: 10 * Nanos.second).origins.isEmpty)  // exactly maxAge old: still valid
         let (gone, changes) = db.expire(now: 10 * Nanos.second + 1)
         #expect(gone == [1])
         #expect(changes == [LinkChange(from: 1, to: 2, old: link.metrics, new: nil)])

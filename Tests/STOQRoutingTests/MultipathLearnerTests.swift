@@ -46,17 +46,20 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         #expect(routes.count == 2)
         let fast = routes.firstIndex { net.names[$0[1]] == "fast" }!
         let chunks = Array(repeating: 64 << 10, count: 256)
-        let scenario = MeshSimScenario(name: "t", summary: "", network: net, routes: routes,
-                                       transfers: [MeshSimTransferSpec(start: 0, client: c, routes: [0, 1], chunkBytes: chunks)],
-                                       horizon: 60)
+        let scenario = MeshSimScenario(
+            name: "t", summary: "", network: net, routes: routes,
+            transfers: [MeshSimTransferSpec(start: 0, client: c, routes: [0, 1], chunkBytes: chunks)],
+            horizon: 60)
         // Record, in dispatch order, the route of every chunk request after the change.
         final class Recorder: MultipathChunkScheduler {
             let inner = learner()
             var before: [Int] = [], after: [Int] = []
             var name: String { inner.name }
             func update(candidates: [MultipathCandidate], now: Double) { inner.update(candidates: candidates, now: now) }
-            func choose(transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
-                        excluding: MultipathRouteID?, now: Double) -> MultipathRouteID? {
+            func choose(
+                transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+                excluding: MultipathRouteID?, now: Double
+            ) -> MultipathRouteID? {
                 inner.choose(transfer: transfer, bytes: bytes, backlog: backlog, among: among, excluding: excluding, now: now)
             }
             func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
@@ -87,8 +90,9 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         let s = try #require(MeshSimScenarios.pantheon(try pantheonFile(), variant: "herding", seed: 1))
         #expect(s.transfers.count == 50)
         let ml = MeshSimRunner.run(s, seed: 1, algorithm: "ml_optimized") { _ in learner() }
-        let cmp = MeshSimComparison(scenario: s.name, summary: s.summary, routeCapacity: MeshSimRunner.routeCapacities(s),
-                                    results: [ml], oracleSplit: "", oracleCandidates: 0)
+        let cmp = MeshSimComparison(
+            scenario: s.name, summary: s.summary, routeCapacity: MeshSimRunner.routeCapacities(s),
+            results: [ml], oracleSplit: "", oracleCandidates: 0)
         #expect(ml.incomplete == 0)
         // Bytes per route within 0.15 (total variation) of the routes' capacity shares, and no
         // route above 1.5x its capacity share plus 2 points.
@@ -139,8 +143,10 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         let s = BestSingleScheduler()
         s.update(candidates: candidates(), now: 0)
         #expect(s.choose(transfer: 0, bytes: 1000, backlog: 1000, among: nil, excluding: nil, now: 0)?.rawValue == 1)
-        #expect(s.choose(transfer: 0, bytes: 1000, backlog: 1000, among: [MultipathRouteID(2), MultipathRouteID(3)],
-                         excluding: nil, now: 0)?.rawValue == 3)
+        #expect(
+            s.choose(
+                transfer: 0, bytes: 1000, backlog: 1000, among: [MultipathRouteID(2), MultipathRouteID(3)],
+                excluding: nil, now: 0)?.rawValue == 3)
     }
 
     @Test func fixedSplitFollowsItsWeights() {
@@ -188,16 +194,17 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         #expect(t.edges[1] == MeshSimEdge(a: "y", b: "z", latencyMs: 2, rateMbit: 50, lossPercent: 0.1))
     }
 
-    @Test(arguments: [
-        ("x,y\n", MeshSimInputError.Code.fieldCount, 1),
-        ("x,y,1\nx,y,abc\n", .notANumber, 2),
-        ("x,y,-1\n", .outOfRange, 1),
-        ("x,x,1\n", .selfLoop, 1),
-        ("x,y,1,0,0\n", .outOfRange, 1),
-        ("x,y,1,10,100\n", .outOfRange, 1),
-        ("x,y,1,10\n", .fieldCount, 1),
-        ("# nothing\n", .empty, nil),
-    ] as [(String, MeshSimInputError.Code, Int?)])
+    @Test(
+        arguments: [
+            ("x,y\n", MeshSimInputError.Code.fieldCount, 1),
+            ("x,y,1\nx,y,abc\n", .notANumber, 2),
+            ("x,y,-1\n", .outOfRange, 1),
+            ("x,x,1\n", .selfLoop, 1),
+            ("x,y,1,0,0\n", .outOfRange, 1),
+            ("x,y,1,10,100\n", .outOfRange, 1),
+            ("x,y,1,10\n", .fieldCount, 1),
+            ("# nothing\n", .empty, nil),
+        ] as [(String, MeshSimInputError.Code, Int?)])
     func edgeListRefuses(text: String, code: MeshSimInputError.Code, line: Int?) {
         #expect {
             try MeshSimTopology.parseEdgeList(text, source: "t.csv")
@@ -229,13 +236,14 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         #expect(tr.meanRate(from: 0, to: 1) == Double(400 * 1500))
     }
 
-    @Test(arguments: [
-        ("0\n5\n3\n", MeshSimInputError.Code.notMonotonic, 3),
-        ("0\nx\n", .notANumber, 2),
-        ("0\n-1\n", .outOfRange, 2),
-        ("0\n0\n", .zeroDuration, nil),
-        ("\n", .empty, nil),
-    ] as [(String, MeshSimInputError.Code, Int?)])
+    @Test(
+        arguments: [
+            ("0\n5\n3\n", MeshSimInputError.Code.notMonotonic, 3),
+            ("0\nx\n", .notANumber, 2),
+            ("0\n-1\n", .outOfRange, 2),
+            ("0\n0\n", .zeroDuration, nil),
+            ("\n", .empty, nil),
+        ] as [(String, MeshSimInputError.Code, Int?)])
     func traceRefuses(text: String, code: MeshSimInputError.Code, line: Int?) {
         #expect {
             try MeshSimTrace.parse(text, name: "t.down")

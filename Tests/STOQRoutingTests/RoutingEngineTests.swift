@@ -27,8 +27,8 @@ import Testing
     @Test func adaptiveWeighsLossAndLoad() {
         // 1→2→4 and 1→3→4, both 20 ms. Loss on 1→2 and load at 3: the formula decides.
         let edges: [(UInt64, UInt64, Double)] = [(1, 2, 10), (2, 4, 10), (1, 3, 10), (3, 4, 10)]
-        let lossy = ["1>2": LinkMetrics(rttMs: 10, lossRate: 0.2)]            // 10·(1 + 2·0.25) = 15
-        let loaded = ["1>3": LinkMetrics(rttMs: 10, load: 0.6)]               // 10·1.6 = 16
+        let lossy = ["1>2": LinkMetrics(rttMs: 10, lossRate: 0.2)]  // 10·(1 + 2·0.25) = 15
+        let loaded = ["1>3": LinkMetrics(rttMs: 10, load: 0.6)]  // 10·1.6 = 16
         var m = lossy; m.merge(loaded) { a, _ in a }
         let t = engine(edges, algorithm: .adaptive, metrics: m).routes(from: 1)
         #expect(t.route(to: 4)?.primary.nodes == ids([1, 2, 4]))
@@ -74,15 +74,17 @@ import Testing
     @Test func backupsShareNoLinkWithThePrimaryInEitherDirection() {
         // A 3x3 grid: between corners there are two link-disjoint routes of 4 hops.
         var edges: [(UInt64, UInt64, Double)] = []
-        for r in 0..<3 { for c in 0..<3 {
-            let n = UInt64(r * 3 + c + 1)
-            if c < 2 { edges.append((n, n + 1, Double(1 + r))) }
-            if r < 2 { edges.append((n, n + 3, Double(1 + c))) }
-        } }
+        for r in 0..<3 {
+            for c in 0..<3 {
+                let n = UInt64(r * 3 + c + 1)
+                if c < 2 { edges.append((n, n + 1, Double(1 + r))) }
+                if r < 2 { edges.append((n, n + 3, Double(1 + c))) }
+            }
+        }
         let t = engine(both(edges)).routes(from: 1)
         for d in t.destinations {
             guard let r = t.route(to: d) else { Issue.record("no route to \(d)"); continue }
-            guard let b = r.backup else { continue }   // remove-and-recompute may need > 4 hops
+            guard let b = r.backup else { continue }  // remove-and-recompute may need > 4 hops
             let p = Set(zip(r.primary.nodes, r.primary.nodes.dropFirst()).flatMap { [[$0.0, $0.1], [$0.1, $0.0]] })
             let q = Set(zip(b.nodes, b.nodes.dropFirst()).map { [$0.0, $0.1] })
             #expect(p.isDisjoint(with: q), "backup \(b.nodes) reuses a link of \(r.primary.nodes)")
@@ -114,7 +116,7 @@ import Testing
         let t = e.routes(from: 1)
         #expect(t.nextHop(to: 2) == 2)
         #expect(t.nextHop(to: 1) == nil)
-        #expect(t.nextHop(to: 3) == nil)       // 3 → 1 exists, 1 → 3 does not
+        #expect(t.nextHop(to: 3) == nil)  // 3 → 1 exists, 1 → 3 does not
         #expect(t.route(to: 99) == nil)
         #expect(t.cost(to: 2) == 1)
         #expect(t.count == 1)

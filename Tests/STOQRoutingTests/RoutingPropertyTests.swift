@@ -125,7 +125,7 @@ import Testing
             }
             links[a] = l
             try advertise(a)
-            if step % 3 == 0 { continue }   // let some changes batch up
+            if step % 3 == 0 { continue }  // let some changes batch up
             let full = Self.fresh(from: e.database, algorithm: algorithm, maxHops: 3)
             for s in sources {
                 let inc = e.routes(from: s)

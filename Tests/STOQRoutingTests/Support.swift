@@ -2,8 +2,10 @@ import STOQCore
 import STOQRouting
 
 /// Builds adverts from directed edges `(from, to, rttMs)` and applies them at `now`.
-func engine(_ edges: [(UInt64, UInt64, Double)], algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4,
-            backups: BackupPolicy = .all, metrics: [String: LinkMetrics] = [:], now: Timestamp = 0) -> RoutingEngine {
+func engine(
+    _ edges: [(UInt64, UInt64, Double)], algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4,
+    backups: BackupPolicy = .all, metrics: [String: LinkMetrics] = [:], now: Timestamp = 0
+) -> RoutingEngine {
     let e = RoutingEngine(algorithm: algorithm, maxHops: maxHops, backups: backups)
     for advert in adverts(edges, sequence: 1, metrics: metrics) {
         try! e.apply(advert, now: now)

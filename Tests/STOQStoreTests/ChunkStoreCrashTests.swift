@@ -52,7 +52,9 @@ import Testing
         }
         // The kills really landed mid-work: objects were written across runs.
         #expect(objects.count > kills)
-        print("crash test: \(objects.count) objects written over \(kills) kills; temp files left by kills \(tempFilesLeftByKills), removed on open \(staleRemoved)")
+        print(
+            "crash test: \(objects.count) objects written over \(kills) kills; temp files left by kills \(tempFilesLeftByKills), removed on open \(staleRemoved)"
+        )
     }
 
     /// Opens the store as a restarted node would and checks it; returns the objects and the
@@ -67,7 +69,9 @@ import Testing
         for name in names {
             let record = try index.object(name)
             #expect(!record.chunkIDs.isEmpty, Comment(rawValue: name))
-            #expect(String(decoding: record.manifest, as: UTF8.self) == record.chunkIDs.map(\.hex).joined(separator: "\n"), "iteration \(iteration): \(name)'s record does not match its own manifest")
+            #expect(
+                String(decoding: record.manifest, as: UTF8.self) == record.chunkIDs.map(\.hex).joined(separator: "\n"),
+                "iteration \(iteration): \(name)'s record does not match its own manifest")
             for id in record.chunkIDs {
                 #expect(throws: Never.self, "iteration \(iteration): \(name) chunk \(id)") { try store.read(id) }
             }

@@ -126,7 +126,8 @@ import Testing
         let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
         let big = [UInt8](repeating: 1, count: 1001)
         let id = ChunkID(digestOf: big)
-        #expect(assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) } == ("chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes"))
+        #expect(
+            assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) } == ("chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes"))
         #expect(throws: Never.self) { try store.put(id: ChunkID(digestOf: big.dropLast()), bytes: Array(big.dropLast())) }
         // A file that big in the chunk tree is not read into memory: it is damage.
         let small = bytes("small")
@@ -134,7 +135,9 @@ import Testing
         try store.put(id: sid, bytes: small)
         try Data(big).write(to: URL(fileURLWithPath: path(of: sid)))
         let message = assertStoreError(.corrupt) { try store.read(sid) }
-        #expect(message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"), Comment(rawValue: message))
+        #expect(
+            message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"),
+            Comment(rawValue: message))
         #expect(store.counters.corruptQuarantined == 1)
     }
 

@@ -50,7 +50,10 @@ import Testing
             ("/etc/passwd", "object name \"/etc/passwd\" is not allowed: it contains \"/\"; only A-Z a-z 0-9 . _ - are allowed"),
             ("caf\u{e9}", "object name \"caf\u{e9}\" is not allowed: it contains \"\u{e9}\"; only A-Z a-z 0-9 . _ - are allowed"),
             ("a b", "object name \"a b\" is not allowed: it contains \" \"; only A-Z a-z 0-9 . _ - are allowed"),
-            (String(repeating: "x", count: 256), "object name \"\(String(repeating: "x", count: 256))\" is not allowed: it is 256 bytes long, the limit is 255"),
+            (
+                String(repeating: "x", count: 256),
+                "object name \"\(String(repeating: "x", count: 256))\" is not allowed: it is 256 bytes long, the limit is 255"
+            ),
         ]
         for (name, expected) in cases {
             #expect(assertStoreError(.invalidObjectName) { try index.putObject(name, manifest: [], chunkIDs: []) } == expected)
@@ -85,8 +88,11 @@ import Testing
 
         try index.deleteObject("A")
         result = try index.collect()
-        #expect(result == .init(objectsScanned: 1, chunksReferenced: 2, chunksInGracePeriod: 0, chunksRemoved: 1,
-                                     bytesFreed: UInt64("only in A".utf8.count)))
+        #expect(
+            result
+                == .init(
+                    objectsScanned: 1, chunksReferenced: 2, chunksInGracePeriod: 0, chunksRemoved: 1,
+                    bytesFreed: UInt64("only in A".utf8.count)))
         #expect(try !store.has(ids[0]))
         #expect(try store.has(ids[1]))
         #expect(try store.has(ids[2]))
@@ -200,6 +206,8 @@ import Testing
         #expect(try store.has(ids[0]), "nothing swept")
 
         #expect((truncate(root + "/objects/obj", 5)) == 0)
-        #expect(assertStoreError(.corruptRecord) { try index.object("obj") } == ("object record \(root)/objects/obj is damaged: 5 bytes is shorter than any record"))
+        #expect(
+            assertStoreError(.corruptRecord) { try index.object("obj") } == ("object record \(root)/objects/obj is damaged: 5 bytes is shorter than any record")
+        )
     }
 }

@@ -70,8 +70,10 @@ class StoreTestCase {
 
     /// Asserts `body` throws a `StoreError` with `code`, and returns its message.
     @discardableResult
-    func assertStoreError<T>(_ code: StoreError.Code, sourceLocation: SourceLocation = #_sourceLocation,
-                             _ body: () throws -> T) -> String {
+    func assertStoreError<T>(
+        _ code: StoreError.Code, sourceLocation: SourceLocation = #_sourceLocation,
+        _ body: () throws -> T
+    ) -> String {
         do {
             _ = try body()
             Issue.record("expected StoreError \(code), nothing thrown", sourceLocation: sourceLocation)

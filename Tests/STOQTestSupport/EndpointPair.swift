@@ -10,8 +10,9 @@ public struct TestIdentity {
 
     public init() throws {
         directory = NSTemporaryDirectory() + "stoq-test-\(UUID().uuidString)"
-        identity = try EmbeddedIdentity.loadOrCreate(in: directory + "/identity", names: ["stoq.test"],
-                                                     addresses: [IPv6Address("fd00::1")!])
+        identity = try EmbeddedIdentity.loadOrCreate(
+            in: directory + "/identity", names: ["stoq.test"],
+            addresses: [IPv6Address("fd00::1")!])
     }
 
     public func remove() { try? FileManager.default.removeItem(atPath: directory) }
@@ -42,25 +43,32 @@ public final class EndpointPair {
     public private(set) var strayReplies: [[UInt8]] = []
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
 
-    public convenience init(identity: TestIdentity, serverSettings: QUICSettings = QUICSettings(),
-                clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
-                serverWorkerID: UInt8 = 0) throws {
-        let serverCreds = try TLSCredentials(certificateFile: identity.identity.certificatePath,
-                                             keyFile: identity.identity.keyPath)
+    public convenience init(
+        identity: TestIdentity, serverSettings: QUICSettings = QUICSettings(),
+        clientSettings: QUICSettings = QUICSettings(), link: SimulatedLink = SimulatedLink(),
+        serverWorkerID: UInt8 = 0
+    ) throws {
+        let serverCreds = try TLSCredentials(
+            certificateFile: identity.identity.certificatePath,
+            keyFile: identity.identity.keyPath)
         let clientCreds = try identity.clientCredentials()
-        try self.init(serverCredentials: serverCreds, clientCredentials: clientCreds, serverSettings: serverSettings,
-                      clientSettings: clientSettings, link: link, serverWorkerID: serverWorkerID)
+        try self.init(
+            serverCredentials: serverCreds, clientCredentials: clientCreds, serverSettings: serverSettings,
+            clientSettings: clientSettings, link: link, serverWorkerID: serverWorkerID)
     }
 
     /// A pair with the given credentials: the handshake runs the real C/GnuTLS code and the
     /// credentials' certificate policies, in memory.
-    public init(serverCredentials serverCreds: TLSCredentials, clientCredentials clientCreds: TLSCredentials,
-                serverSettings: QUICSettings = QUICSettings(), clientSettings: QUICSettings = QUICSettings(),
-                link: SimulatedLink = SimulatedLink(), serverWorkerID: UInt8 = 0) throws {
+    public init(
+        serverCredentials serverCreds: TLSCredentials, clientCredentials clientCreds: TLSCredentials,
+        serverSettings: QUICSettings = QUICSettings(), clientSettings: QUICSettings = QUICSettings(),
+        link: SimulatedLink = SimulatedLink(), serverWorkerID: UInt8 = 0
+    ) throws {
         let secret = StaticSecret.random()
         server = QUICEndpoint(isServer: true, credentials: serverCreds, settings: serverSettings, workerID: serverWorkerID, secret: secret)
-        client = QUICEndpoint(isServer: false, credentials: clientCreds, settings: clientSettings, workerID: 0,
-                              secret: StaticSecret.random())
+        client = QUICEndpoint(
+            isServer: false, credentials: clientCreds, settings: clientSettings, workerID: 0,
+            secret: StaticSecret.random())
         toServer = link
         toClient = link
     }

@@ -71,8 +71,10 @@ public final class FakeDatapathQueue: DatapathQueue {
     /// A queue bound to `local` with `slots` transmit slots of `slotCapacity` bytes, each
     /// carrying up to `maxSegmentsPerSlot` datagrams packed (`transmitStride` 0, GSO) or
     /// one per `transmitStride` bytes (AF_XDP's layout).
-    public init(local: IPv6Endpoint, features: DatapathFeatures = [.segmentationOffload, .ecn], slots: Int = 8,
-                slotCapacity: Int = 65536, maxSegmentsPerSlot: Int = 44, transmitStride: Int = 0) {
+    public init(
+        local: IPv6Endpoint, features: DatapathFeatures = [.segmentationOffload, .ecn], slots: Int = 8,
+        slotCapacity: Int = 65536, maxSegmentsPerSlot: Int = 44, transmitStride: Int = 0
+    ) {
         self.localEndpoint = local
         self.features = features
         self.slotCount = slots

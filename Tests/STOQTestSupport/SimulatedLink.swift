@@ -40,8 +40,10 @@ public struct SimulatedLink {
     private var inFlight: [Packet] = []
     private var rng: SeededRandom
 
-    public init(delay: UInt64 = 5_000_000, lossRate: Double = 0, reorderRate: Double = 0,
-                reorderDelay: UInt64 = 3_000_000, seed: UInt64 = 1) {
+    public init(
+        delay: UInt64 = 5_000_000, lossRate: Double = 0, reorderRate: Double = 0,
+        reorderDelay: UInt64 = 3_000_000, seed: UInt64 = 1
+    ) {
         self.delay = delay
         self.lossRate = lossRate
         self.reorderRate = reorderRate
@@ -50,8 +52,10 @@ public struct SimulatedLink {
     }
 
     /// Puts a datagram on the link at `now`.
-    public mutating func send(_ bytes: UnsafeRawBufferPointer, from: IPv6Endpoint, to: IPv6Endpoint, ecn: ECN,
-                              now: Timestamp) {
+    public mutating func send(
+        _ bytes: UnsafeRawBufferPointer, from: IPv6Endpoint, to: IPv6Endpoint, ecn: ECN,
+        now: Timestamp
+    ) {
         sent += 1
         if down || Double.random(in: 0..<1, using: &rng) < lossRate {
             lost += 1

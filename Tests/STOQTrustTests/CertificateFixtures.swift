@@ -19,7 +19,8 @@ enum CertFactory {
 
     /// A self-signed CA with `pathLength` (nil: unlimited).
     static func root(_ cn: String, pathLength: Int? = nil, now: Date = Date())
-        -> (cert: Certificate, key: Certificate.PrivateKey) {
+        -> (cert: Certificate, key: Certificate.PrivateKey)
+    {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         let cert = try! Certificate(
             version: .v3, serialNumber: serial(), publicKey: key.publicKey,
@@ -34,8 +35,10 @@ enum CertFactory {
     }
 
     /// A CA signed by `issuer`.
-    static func intermediate(_ cn: String, issuer: (cert: Certificate, key: Certificate.PrivateKey),
-                             pathLength: Int? = nil, now: Date = Date()) -> (cert: Certificate, key: Certificate.PrivateKey) {
+    static func intermediate(
+        _ cn: String, issuer: (cert: Certificate, key: Certificate.PrivateKey),
+        pathLength: Int? = nil, now: Date = Date()
+    ) -> (cert: Certificate, key: Certificate.PrivateKey) {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         let cert = try! Certificate(
             version: .v3, serialNumber: serial(), publicKey: key.publicKey,
@@ -50,10 +53,12 @@ enum CertFactory {
     }
 
     /// A leaf for `publicKey` signed by `issuer`, with the given EKUs and SANs.
-    static func leaf(_ cn: String, publicKey: Certificate.PublicKey, issuer: (cert: Certificate, key: Certificate.PrivateKey),
-                     eku: [ExtendedKeyUsage.Usage]? = [.serverAuth, .clientAuth], dns: [String] = ["node1.stoq.test"],
-                     notBefore: Date = Date() - 60, notAfter: Date = Date() + 3600,
-                     serialNumber: Certificate.SerialNumber = serial()) -> Certificate {
+    static func leaf(
+        _ cn: String, publicKey: Certificate.PublicKey, issuer: (cert: Certificate, key: Certificate.PrivateKey),
+        eku: [ExtendedKeyUsage.Usage]? = [.serverAuth, .clientAuth], dns: [String] = ["node1.stoq.test"],
+        notBefore: Date = Date() - 60, notAfter: Date = Date() + 3600,
+        serialNumber: Certificate.SerialNumber = serial()
+    ) -> Certificate {
         try! Certificate(
             version: .v3, serialNumber: serialNumber, publicKey: publicKey,
             notValidBefore: notBefore, notValidAfter: notAfter,

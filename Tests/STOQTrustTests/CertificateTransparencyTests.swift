@@ -39,8 +39,10 @@ import X509
         #expect(Int(list[0]) << 8 | Int(list[1]) == list.count - 2)
         #expect(try SignedCertificateTimestamp.decodeList(list) == [sct, sct])
         #expect(sct.verify(entry: entry, key: key.publicKey))
-        #expect(!sct.verify(entry: PrecertificateEntry(issuerKeyHash: entry.issuerKeyHash, tbsCertificate: [0x30, 0x01, 0x00]),
-                            key: key.publicKey))
+        #expect(
+            !sct.verify(
+                entry: PrecertificateEntry(issuerKeyHash: entry.issuerKeyHash, tbsCertificate: [0x30, 0x01, 0x00]),
+                key: key.publicKey))
         #expect(!sct.verify(entry: entry, key: P256.Signing.PrivateKey().publicKey))
         // Truncation, trailing bytes and unknown versions are refused.
         #expect(throws: TransparencyError.self) { try SignedCertificateTimestamp(encoded: bytes.dropLast()) }
@@ -83,7 +85,8 @@ import X509
         // Its Merkle leaf hash is the one an auditor recomputes.
         let leafHash = MerkleTree.leafHash(CertificateTransparency.merkleTreeLeaf(timestamp: scts[0].timestamp, entry: recomputed))
         #expect(f.log.tree.leafHashes[0] == leafHash)
-        #expect(CertificateTransparency.verify(cert, issuer: f.ca.intermediate, trustedLogs: [f.log.publicKey])
+        #expect(
+            CertificateTransparency.verify(cert, issuer: f.ca.intermediate, trustedLogs: [f.log.publicKey])
                 == .valid(logID: f.log.logID, timestamp: scts[0].timestamp))
         // The final certificate still verifies under the intermediate.
         #expect(f.ca.intermediate.publicKey.isValidSignature(cert.signature, for: cert))
@@ -115,8 +118,9 @@ import X509
             version: .v3, serialNumber: other.serialNumber, publicKey: other.publicKey,
             notValidBefore: other.notValidBefore, notValidAfter: other.notValidAfter, issuer: other.issuer,
             subject: other.subject, signatureAlgorithm: .ecdsaWithSHA256, extensions: try Certificate.Extensions(exts),
-            issuerPrivateKey: Certificate.PrivateKey(try P256.Signing.PrivateKey(
-                pemRepresentation: String(contentsOfFile: f.dir.path + "/ca/intermediate-key.pem", encoding: .utf8))))
+            issuerPrivateKey: Certificate.PrivateKey(
+                try P256.Signing.PrivateKey(
+                    pemRepresentation: String(contentsOfFile: f.dir.path + "/ca/intermediate-key.pem", encoding: .utf8))))
         guard case .forged = CertificateTransparency.verify(transplanted, issuer: f.ca.intermediate, trustedLogs: logs) else {
             Issue.record("a transplanted SCT was accepted")
             return
@@ -129,12 +133,16 @@ import X509
         }
         // A log nobody trusts.
         let stranger = P256.Signing.PrivateKey().publicKey
-        #expect(CertificateTransparency.verify(good, issuer: f.ca.intermediate, trustedLogs: [stranger])
+        #expect(
+            CertificateTransparency.verify(good, issuer: f.ca.intermediate, trustedLogs: [stranger])
                 == .unknownLog([f.log.logID]))
         #expect(CertificateTransparency.Verdict.unknownLog([f.log.logID]).refusal!.hasPrefix("SCT from an unknown log"))
         // DER entry point, as the TLS callback uses it.
-        #expect(CertificateTransparency.verify(leafDER: try Self.der(good), issuerDER: try Self.der(f.ca.intermediate),
-                                               trustedLogs: logs).refusal == nil)
+        #expect(
+            CertificateTransparency.verify(
+                leafDER: try Self.der(good), issuerDER: try Self.der(f.ca.intermediate),
+                trustedLogs: logs
+            ).refusal == nil)
     }
 
     @Test func removingTheSCTListRestoresThePrecertTBSByteForByte() throws {

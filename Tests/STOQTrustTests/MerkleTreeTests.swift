@@ -127,8 +127,9 @@ func unhex(_ s: String) -> [UInt8] {
         for n in 1...64 {
             for m in 0...n {
                 let proof = try tree.consistencyProof(from: m, to: n)
-                #expect(MerkleTree.verifyConsistency(oldSize: m, newSize: n, oldRoot: roots[m], newRoot: roots[n], proof: proof),
-                        "PROOF(\(m), \(n))")
+                #expect(
+                    MerkleTree.verifyConsistency(oldSize: m, newSize: n, oldRoot: roots[m], newRoot: roots[n], proof: proof),
+                    "PROOF(\(m), \(n))")
                 guard m > 0, m < n else { continue }
                 for i in proof.indices {
                     var bad = proof

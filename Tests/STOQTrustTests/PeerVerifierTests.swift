@@ -8,8 +8,10 @@ import X509
 
 @Suite struct PeerVerifierTests {
     /// The refusal code for `chain`, or nil when it verifies.
-    func refusal(_ verifier: PeerVerifier, _ chain: [Certificate], dns: String? = nil, ip: String? = nil,
-                 now: Date = Date()) async -> PeerVerificationError? {
+    func refusal(
+        _ verifier: PeerVerifier, _ chain: [Certificate], dns: String? = nil, ip: String? = nil,
+        now: Date = Date()
+    ) async -> PeerVerificationError? {
         do {
             _ = try await verifier.verify(chain: chain, dnsName: dns, ipv6Address: ip, now: now)
             return nil
@@ -56,8 +58,9 @@ import X509
     @Test func refusesExpired() async throws {
         let f = try AuthorityFixture()
         defer { f.dir.cleanup() }
-        let cert = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["n.test"], lifetime: 3600,
-                                         now: Date() - 7200)
+        let cert = try f.authority.issue(
+            publicKey: f.newKey(), dnsNames: ["n.test"], lifetime: 3600,
+            now: Date() - 7200)
         let e = await refusal(PeerVerifier(roots: [f.authority.root]), [cert, f.authority.intermediate])
         #expect(e?.code == .expired)
         #expect(e?.message.hasPrefix("leaf CN=n.test expired at ") == true)
@@ -71,8 +74,10 @@ import X509
         #expect(e?.code == .notYetValid)
         #expect(e?.message.hasPrefix("leaf CN=n.test is not valid before ") == true)
         // The same certificate is fine once its time has come.
-        #expect(await refusal(PeerVerifier(roots: [f.authority.root]), [cert, f.authority.intermediate],
-                              now: Date() + 7200) == nil)
+        #expect(
+            await refusal(
+                PeerVerifier(roots: [f.authority.root]), [cert, f.authority.intermediate],
+                now: Date() + 7200) == nil)
     }
 
     @Test func refusesWrongEKU() async throws {
@@ -125,8 +130,11 @@ import X509
         let stranger = CertFactory.root("Stranger CA")
         let lone = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: stranger)
         let e2 = await refusal(PeerVerifier(roots: [f.authority.root]), [lone])
-        #expect(e2 == PeerVerificationError(.unknownRoot,
-                                            "no chain to a trusted root: issuer CN=Stranger CA of CN=n.test is not in the trust bundle"))
+        #expect(
+            e2
+                == PeerVerificationError(
+                    .unknownRoot,
+                    "no chain to a trusted root: issuer CN=Stranger CA of CN=n.test is not in the trust bundle"))
     }
 
     @Test func refusesRevoked() async throws {
@@ -167,8 +175,10 @@ import X509
         let rsa1024 = Certificate.PublicKey(try _RSA.Signing.PrivateKey(unsafeKeySize: .init(bitCount: 1024)).publicKey)
         let weak = CertFactory.leaf("n.test", publicKey: rsa1024, issuer: f.issuer)
         var e = await refusal(v, [weak, f.authority.intermediate])
-        #expect(e == PeerVerificationError(
-            .keyTooWeak, "leaf CN=n.test has a RSA-1024 key; accepted: ECDSA P-256, ECDSA P-384, ECDSA P-521, Ed25519, RSA ≥ 2048"))
+        #expect(
+            e
+                == PeerVerificationError(
+                    .keyTooWeak, "leaf CN=n.test has a RSA-1024 key; accepted: ECDSA P-256, ECDSA P-384, ECDSA P-521, Ed25519, RSA ≥ 2048"))
         // The DER entry (the handshake's, and stoq trust verify's) gives the same verdict for a
         // certificate swift-certificates will not even parse.
         #expect(throws: e!) { try v.verify(derChain: [PeerVerifier.der(weak), PeerVerifier.der(f.authority.intermediate)]) }
@@ -188,7 +198,10 @@ import X509
         let below = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: (node, nodeKey))
         let e = await refusal(PeerVerifier(roots: [f.authority.root], maxChainLength: 4), [below, node, f.authority.intermediate])
         // Its keyUsage (digitalSignature only) is the first rule it breaks.
-        #expect(e == PeerVerificationError(.wrongKeyUsage, "intermediate CN=node.test issues CN=n.test but its keyUsage \((try node.extensions.keyUsage)!) lacks keyCertSign"))
+        #expect(
+            e
+                == PeerVerificationError(
+                    .wrongKeyUsage, "intermediate CN=node.test issues CN=n.test but its keyUsage \((try node.extensions.keyUsage)!) lacks keyCertSign"))
         // With keyCertSign but CA:FALSE, basic constraints refuse it.
         let signer = try Certificate(
             version: .v3, serialNumber: CertFactory.serial(), publicKey: nodeKey.publicKey,
@@ -220,7 +233,10 @@ import X509
             },
             issuerPrivateKey: f.intermediateKey)
         let e = await refusal(PeerVerifier(roots: [f.authority.root]), [caLeaf, f.authority.intermediate])
-        #expect(e == PeerVerificationError(.invalidChain, "leaf CN=n.test is a CA certificate (basicConstraints CA:TRUE); a peer must present an end-entity certificate"))
+        #expect(
+            e
+                == PeerVerificationError(
+                    .invalidChain, "leaf CN=n.test is a CA certificate (basicConstraints CA:TRUE); a peer must present an end-entity certificate"))
         // A self-signed identity the bundle pins (TestIdentity, TOFU) is its own anchor.
         let pinned = try Certificate(pemEncoded: try EmbeddedIdentity.makeSelfSigned(names: ["stoq.test"], addresses: []).certificate)
         #expect(await refusal(PeerVerifier(roots: [pinned]), [pinned], dns: "stoq.test") == nil)
@@ -231,7 +247,10 @@ import X509
         defer { f.dir.cleanup() }
         let cnOnly = CertFactory.leaf("node1.stoq.test", publicKey: f.newKey(), issuer: f.issuer, dns: [])
         let e = await refusal(PeerVerifier(roots: [f.authority.root]), [cnOnly, f.authority.intermediate], dns: "node1.stoq.test")
-        #expect(e == PeerVerificationError(.sanMismatch, "leaf CN=node1.stoq.test has no subject alternative name, not DNS:node1.stoq.test (the subject CN is not a name, RFC 9525)"))
+        #expect(
+            e
+                == PeerVerificationError(
+                    .sanMismatch, "leaf CN=node1.stoq.test has no subject alternative name, not DNS:node1.stoq.test (the subject CN is not a name, RFC 9525)"))
         // Only an address in the SANs: a DNS name is not looked for in the CN either.
         let ipOnly = try f.authority.issue(publicKey: f.newKey(), dnsNames: [], ipv6Addresses: ["2001:db8::1"])
         let e2 = await refusal(PeerVerifier(roots: [f.authority.root]), [ipOnly, f.authority.intermediate], dns: "node1.stoq.test")
@@ -262,13 +281,18 @@ import X509
             },
             issuerPrivateKey: rsa)
         let v = PeerVerifier(roots: [f.authority.root])
-        #expect(await refusal(v, [sha1, inter, f.authority.intermediate]) == PeerVerificationError(
-            .weakSignature, "leaf CN=n.test is signed with SHA-1 (sha1WithRSAEncryption); accepted: SHA-256 or stronger"))
+        #expect(
+            await refusal(v, [sha1, inter, f.authority.intermediate])
+                == PeerVerificationError(
+                    .weakSignature, "leaf CN=n.test is signed with SHA-1 (sha1WithRSAEncryption); accepted: SHA-256 or stronger"))
         // A leaf naming the real intermediate but signed by another key: the leaf is blamed.
         let stranger = CertFactory.root("STOQ Intermediate CA")
         let forged = CertFactory.leaf("n.test", publicKey: f.newKey(), issuer: (f.authority.intermediate, stranger.key))
         let e = await refusal(v, [forged, f.authority.intermediate])
-        #expect(e == PeerVerificationError(.unknownRoot, "signature of leaf CN=n.test does not verify with the key of its issuer \(f.authority.intermediate.subject)"))
+        #expect(
+            e
+                == PeerVerificationError(
+                    .unknownRoot, "signature of leaf CN=n.test does not verify with the key of its issuer \(f.authority.intermediate.subject)"))
     }
 
     @Test func everyCodeHasADistinctName() {

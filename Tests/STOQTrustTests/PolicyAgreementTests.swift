@@ -51,16 +51,19 @@ final class HandshakeRecorder: QUICApplication {
         defer { node.remove() }
         switch c.role {
         case .server:
-            pair = try EndpointPair(serverCredentials: TLSCredentials(certificateFile: chainPath, keyFile: keyPath),
-                                    clientCredentials: TLSCredentials(policy: policy))
+            pair = try EndpointPair(
+                serverCredentials: TLSCredentials(certificateFile: chainPath, keyFile: keyPath),
+                clientCredentials: TLSCredentials(policy: policy))
         case .client:
             // The node: a pinned self-signed identity, and client certificates judged by the policy.
             let trustNode = PeerVerifier(roots: try PEMFiles.readCertificates(node.identity.certificatePath))
             pair = try EndpointPair(
-                serverCredentials: TLSCredentials(certificateFile: node.identity.certificatePath, keyFile: node.identity.keyPath,
-                                                  clientAuth: ClientAuthentication(mode: .required, policy: policy)),
-                clientCredentials: TLSCredentials(policy: PeerCertificateCheck(identity: trustNode.fingerprint, trustNode.refusal),
-                                                  certificateFile: chainPath, keyFile: keyPath))
+                serverCredentials: TLSCredentials(
+                    certificateFile: node.identity.certificatePath, keyFile: node.identity.keyPath,
+                    clientAuth: ClientAuthentication(mode: .required, policy: policy)),
+                clientCredentials: TLSCredentials(
+                    policy: PeerCertificateCheck(identity: trustNode.fingerprint, trustNode.refusal),
+                    certificateFile: chainPath, keyFile: keyPath))
         }
         let serverApp = HandshakeRecorder(), clientApp = HandshakeRecorder()
         pair.server.application = serverApp

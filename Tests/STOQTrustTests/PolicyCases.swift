@@ -63,11 +63,13 @@ struct PolicyCase: Sendable, CustomStringConvertible {
 enum PolicyCases {
     static let name = "node1.stoq.test"
 
-    static func certificate(_ cn: String, key: Certificate.PublicKey, issuer: Signer?, selfKey: Certificate.PrivateKey? = nil,
-                            signatureAlgorithm: Certificate.SignatureAlgorithm? = nil, ca: Bool = false,
-                            keyUsage: KeyUsage? = nil, eku: [ExtendedKeyUsage.Usage]? = [.serverAuth, .clientAuth],
-                            dns: [String]? = [name], ips: [String] = [],
-                            notBefore: Date = Date() - 600, notAfter: Date = Date() + 86400) throws -> Certificate {
+    static func certificate(
+        _ cn: String, key: Certificate.PublicKey, issuer: Signer?, selfKey: Certificate.PrivateKey? = nil,
+        signatureAlgorithm: Certificate.SignatureAlgorithm? = nil, ca: Bool = false,
+        keyUsage: KeyUsage? = nil, eku: [ExtendedKeyUsage.Usage]? = [.serverAuth, .clientAuth],
+        dns: [String]? = [name], ips: [String] = [],
+        notBefore: Date = Date() - 600, notAfter: Date = Date() + 86400
+    ) throws -> Certificate {
         let subject = try DistinguishedName { CommonName(cn) }
         let ku = keyUsage ?? (ca ? KeyUsage(keyCertSign: true) : KeyUsage(digitalSignature: true))
         let exts = try Certificate.Extensions {
@@ -75,11 +77,13 @@ enum PolicyCases {
             Critical(ku)
             if let eku { try ExtendedKeyUsage(eku) }
             if dns != nil || !ips.isEmpty {
-                SubjectAlternativeNames((dns ?? []).map { .dnsName($0) } + ips.map { ip in
-                    var a = in6_addr()
-                    _ = inet_pton(AF_INET6, ip, &a)
-                    return .ipAddress(ASN1OctetString(contentBytes: ArraySlice(withUnsafeBytes(of: &a) { Array($0) })))
-                })
+                SubjectAlternativeNames(
+                    (dns ?? []).map { .dnsName($0) }
+                        + ips.map { ip in
+                            var a = in6_addr()
+                            _ = inet_pton(AF_INET6, ip, &a)
+                            return .ipAddress(ASN1OctetString(contentBytes: ArraySlice(withUnsafeBytes(of: &a) { Array($0) })))
+                        })
             }
         }
         return try Certificate(
@@ -91,14 +95,16 @@ enum PolicyCases {
 
     static func root(_ cn: String) throws -> Signer {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
-        return Signer(cert: try certificate(cn, key: key.publicKey, issuer: nil, selfKey: key, ca: true, eku: nil, dns: nil),
-                      key: key, algorithm: .ecdsaWithSHA256)
+        return Signer(
+            cert: try certificate(cn, key: key.publicKey, issuer: nil, selfKey: key, ca: true, eku: nil, dns: nil),
+            key: key, algorithm: .ecdsaWithSHA256)
     }
 
     static func intermediate(_ cn: String, under issuer: Signer, kind: KeyKind = .p256, keyUsage: KeyUsage? = nil) throws -> Signer {
         let (key, alg) = try kind.make()
-        return Signer(cert: try certificate(cn, key: key.publicKey, issuer: issuer, ca: true, keyUsage: keyUsage, eku: nil, dns: nil),
-                      key: key, algorithm: alg)
+        return Signer(
+            cert: try certificate(cn, key: key.publicKey, issuer: issuer, ca: true, keyUsage: keyUsage, eku: nil, dns: nil),
+            key: key, algorithm: alg)
     }
 
     static func pem(_ key: Certificate.PrivateKey) throws -> String { try key.serializeAsPEM().pemString + "\n" }
@@ -112,16 +118,20 @@ enum PolicyCases {
         var cases: [PolicyCase] = []
         let dialled = role == .server ? name : nil
 
-        func add(_ name: String, _ kind: KeyKind = .p256, issuer: Signer? = nil, extra: [Certificate]? = nil,
-                 roots: [Certificate]? = nil, revokeLeaf: Bool = false, serverName: String? = dialled,
-                 expect: PeerVerificationError.Code?, contains: String? = nil,
-                 leaf build: ((Certificate.PublicKey, Signer) throws -> Certificate)? = nil) throws {
+        func add(
+            _ name: String, _ kind: KeyKind = .p256, issuer: Signer? = nil, extra: [Certificate]? = nil,
+            roots: [Certificate]? = nil, revokeLeaf: Bool = false, serverName: String? = dialled,
+            expect: PeerVerificationError.Code?, contains: String? = nil,
+            leaf build: ((Certificate.PublicKey, Signer) throws -> Certificate)? = nil
+        ) throws {
             let (key, _) = try kind.make()
             let signer = issuer ?? inter
             let leaf = try build?(key.publicKey, signer) ?? certificate("leaf.test", key: key.publicKey, issuer: signer)
-            cases.append(PolicyCase(name: name, role: role, chain: [leaf] + (extra ?? [inter.cert]), keyPEM: try pem(key),
-                                    roots: roots ?? [root.cert], revoked: revokeLeaf ? [leaf.serialNumber] : [],
-                                    serverName: serverName, expected: expect, messageContains: contains))
+            cases.append(
+                PolicyCase(
+                    name: name, role: role, chain: [leaf] + (extra ?? [inter.cert]), keyPEM: try pem(key),
+                    roots: roots ?? [root.cert], revoked: revokeLeaf ? [leaf.serialNumber] : [],
+                    serverName: serverName, expected: expect, messageContains: contains))
         }
 
         try add("valid P-256", expect: nil)
@@ -131,8 +141,10 @@ enum PolicyCases {
         try add("valid RSA-2048", .rsa2048, expect: nil)
         try add("RSA-1024", .rsa1024, expect: .keyTooWeak, contains: "has a RSA-1024 key")
         let rsaInter = try intermediate("RSA Intermediate", under: root, kind: .rsa2048)
-        try add("SHA-1 signature", .rsa2048, issuer: rsaInter, extra: [rsaInter.cert], expect: .weakSignature,
-                contains: "leaf CN=leaf.test is signed with SHA-1") { k, s in
+        try add(
+            "SHA-1 signature", .rsa2048, issuer: rsaInter, extra: [rsaInter.cert], expect: .weakSignature,
+            contains: "leaf CN=leaf.test is signed with SHA-1"
+        ) { k, s in
             try certificate("leaf.test", key: k, issuer: s, signatureAlgorithm: .sha1WithRSAEncryption)
         }
         try add("no EKU", expect: .wrongEKU, contains: "has no extended key usage") { k, s in
@@ -149,8 +161,9 @@ enum PolicyCases {
             try certificate("leaf.test", key: k, issuer: s, keyUsage: KeyUsage(keyCertSign: true))
         }
         let noSign = try intermediate("No-Sign Intermediate", under: root, keyUsage: KeyUsage(digitalSignature: true))
-        try add("intermediate without keyCertSign", issuer: noSign, extra: [noSign.cert], expect: .wrongKeyUsage,
-                contains: "lacks keyCertSign")
+        try add(
+            "intermediate without keyCertSign", issuer: noSign, extra: [noSign.cert], expect: .wrongKeyUsage,
+            contains: "lacks keyCertSign")
         try add("expired", expect: .expired) { k, s in
             try certificate("leaf.test", key: k, issuer: s, notBefore: Date() - 7200, notAfter: Date() - 3600)
         }
@@ -158,8 +171,10 @@ enum PolicyCases {
             try certificate("leaf.test", key: k, issuer: s, notBefore: Date() + 3600, notAfter: Date() + 7200)
         }
         try add("unknown root", issuer: otherInter, extra: [otherInter.cert], expect: .unknownRoot)
-        try add("broken leaf signature", expect: .unknownRoot,
-                contains: "signature of leaf CN=leaf.test does not verify with the key of its issuer CN=Case Intermediate") { k, _ in
+        try add(
+            "broken leaf signature", expect: .unknownRoot,
+            contains: "signature of leaf CN=leaf.test does not verify with the key of its issuer CN=Case Intermediate"
+        ) { k, _ in
             // Names the real intermediate as issuer, signed by another key.
             try certificate("leaf.test", key: k, issuer: otherInter)
         }
@@ -169,22 +184,25 @@ enum PolicyCases {
         let i2 = try intermediate("Depth 2", under: i1)
         let i3 = try intermediate("Depth 3", under: i2)
         try add("depth 4 (leaf, 2 intermediates, root)", issuer: i2, extra: [i2.cert, i1.cert], expect: nil)
-        try add("depth 5, four sent", issuer: i3, extra: [i3.cert, i2.cert, i1.cert], expect: .chainTooLong,
-                contains: "chain of 5 certificates (leaf to root) exceeds the maximum of 4")
+        try add(
+            "depth 5, four sent", issuer: i3, extra: [i3.cert, i2.cert, i1.cert], expect: .chainTooLong,
+            contains: "chain of 5 certificates (leaf to root) exceeds the maximum of 4")
         var deep = root
         var sent: [Certificate] = []
         for d in 1...8 {
             deep = try intermediate("Deep \(d)", under: deep)
             sent.insert(deep.cert, at: 0)
         }
-        try add("depth 10", issuer: deep, extra: sent, expect: .chainTooLong,
-                contains: "chain of 10 certificates (leaf to root) exceeds the maximum of 4")
+        try add(
+            "depth 10", issuer: deep, extra: sent, expect: .chainTooLong,
+            contains: "chain of 10 certificates (leaf to root) exceeds the maximum of 4")
         if role == .server {
             try add("name only in the subject CN", expect: .sanMismatch, contains: "has no subject alternative name") { k, s in
                 try certificate(name, key: k, issuer: s, dns: nil)
             }
-            try add("SAN names another host", serverName: "node2.stoq.test", expect: .sanMismatch,
-                    contains: "names [DNS:node1.stoq.test], not DNS:node2.stoq.test")
+            try add(
+                "SAN names another host", serverName: "node2.stoq.test", expect: .sanMismatch,
+                contains: "names [DNS:node1.stoq.test], not DNS:node2.stoq.test")
             try add("IPv6 SAN dialled by address", serverName: "fd00::1", expect: nil) { k, s in
                 try certificate("leaf.test", key: k, issuer: s, ips: ["fd00::1"])
             }

@@ -36,8 +36,10 @@ import Testing
         #expect(try log.entry(at: 3) == Array("cert 3".utf8))
         #expect(try log.rootHash() == MerkleTree(entries: (0..<10).map { Array("cert \($0)".utf8) } + [[]]).rootHash())
         let proof = try log.inclusionProof(index: 3)
-        #expect(MerkleTree.verifyInclusion(leafHash: MerkleTree.leafHash(Array("cert 3".utf8)), leafIndex: 3, treeSize: 11,
-                                           proof: proof, rootHash: root))
+        #expect(
+            MerkleTree.verifyInclusion(
+                leafHash: MerkleTree.leafHash(Array("cert 3".utf8)), leafIndex: 3, treeSize: 11,
+                proof: proof, rootHash: root))
         let c = try log.consistencyProof(from: 6)
         #expect(MerkleTree.verifyConsistency(oldSize: 6, newSize: 11, oldRoot: try log.rootHash(size: 6), newRoot: root, proof: c))
     }

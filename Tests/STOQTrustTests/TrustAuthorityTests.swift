@@ -61,8 +61,9 @@ import X509
         let f = try AuthorityFixture()
         defer { f.dir.cleanup() }
         let now = Date()
-        let cert = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["Node1.STOQ.test", "node1.stoq.test"],
-                                         ipv6Addresses: ["2001:db8::1", "2001:0db8:0::1", "::1"], now: now)
+        let cert = try f.authority.issue(
+            publicKey: f.newKey(), dnsNames: ["Node1.STOQ.test", "node1.stoq.test"],
+            ipv6Addresses: ["2001:db8::1", "2001:0db8:0::1", "::1"], now: now)
         #expect(cert.issuer == f.authority.intermediate.subject)
         #expect(f.authority.intermediate.publicKey.isValidSignature(cert.signature, for: cert))
         #expect(cert.signatureAlgorithm == .ecdsaWithSHA256)
@@ -182,8 +183,11 @@ import X509
         let path = dir.path + "/revoked.txt"
         try "# revoked 2026-11\n23bb96d2636c6a6d\n\n7F:A6:24:9E  # with colons\n".write(toFile: path, atomically: true, encoding: .utf8)
         let serials = try PEMFiles.readSerials(path)
-        #expect(serials == [Certificate.SerialNumber(bytes: [0x23, 0xbb, 0x96, 0xd2, 0x63, 0x6c, 0x6a, 0x6d]),
-                            Certificate.SerialNumber(bytes: [0x7f, 0xa6, 0x24, 0x9e])])
+        #expect(
+            serials == [
+                Certificate.SerialNumber(bytes: [0x23, 0xbb, 0x96, 0xd2, 0x63, 0x6c, 0x6a, 0x6d]),
+                Certificate.SerialNumber(bytes: [0x7f, 0xa6, 0x24, 0x9e]),
+            ])
         try "abc\n".write(toFile: path, atomically: true, encoding: .utf8)
         #expect(throws: TrustError(.invalidPEM, "\(path):1: abc is not a hex serial number")) { try PEMFiles.readSerials(path) }
         // The one parser refuses a bad line anywhere (the node used to skip it), naming the line.

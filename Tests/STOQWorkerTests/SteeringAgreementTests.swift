@@ -94,7 +94,7 @@ import STOQWorker
         for worker: UInt8 in [1, 3] {
             let seen = try clientDatagrams(serverWorker: worker)
             let isInitial = { (d: [UInt8]) in d[0] & 0xb0 == 0x80 }  // v1 long header, type 0
-            let handshake = seen.filter { $0[0] & 0xb0 == 0xa0 }       // v1 long header, type 2
+            let handshake = seen.filter { $0[0] & 0xb0 == 0xa0 }  // v1 long header, type 2
             let short = seen.filter { $0[0] & 0x80 == 0 }
             #expect(!handshake.isEmpty && !short.isEmpty && seen.contains(where: isInitial))
             // make_cid: the DCID the client echoes (a CID the server issued) starts with its worker id.

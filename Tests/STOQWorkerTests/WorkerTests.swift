@@ -12,8 +12,9 @@ private final class ObjectServer: QUICApplication {
     let object: [UInt8]
     init(object: [UInt8]) { self.object = object }
     func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        connection.respond(stream, status: 200, headers: [("content-length", "\(object.count)")],
-                           body: BodyRegion(copying: object))
+        connection.respond(
+            stream, status: 200, headers: [("content-length", "\(object.count)")],
+            body: BodyRegion(copying: object))
     }
 }
 

@@ -55,47 +55,68 @@ static void set_config(uint32_t workers, uint32_t flags) {
 static size_t ipv6_udp(uint8_t *f, uint16_t dport, const uint8_t *ext, size_t extlen, uint8_t first_next,
                        const uint8_t *payload, size_t plen) {
   memset(f, 0, 14 + 40);
-  f[12] = 0x86; f[13] = 0xdd;
+  f[12] = 0x86;
+  f[13] = 0xdd;
   uint8_t *ip = f + 14;
   ip[0] = 0x60;
   uint16_t pl = htons((uint16_t)(extlen + 8 + plen));
   memcpy(ip + 4, &pl, 2);
   ip[6] = extlen ? first_next : 17;
   ip[7] = 64;
-  ip[8] = 0xfd; ip[23] = 2; ip[24] = 0xfd; ip[39] = 1;
+  ip[8] = 0xfd;
+  ip[23] = 2;
+  ip[24] = 0xfd;
+  ip[39] = 1;
   memcpy(ip + 40, ext, extlen);
   uint8_t *udp = ip + 40 + extlen;
   uint16_t sp = htons(50000), dp = htons(dport), ul = htons((uint16_t)(8 + plen));
-  memcpy(udp, &sp, 2); memcpy(udp + 2, &dp, 2); memcpy(udp + 4, &ul, 2); udp[6] = udp[7] = 0;
+  memcpy(udp, &sp, 2);
+  memcpy(udp + 2, &dp, 2);
+  memcpy(udp + 4, &ul, 2);
+  udp[6] = udp[7] = 0;
   memcpy(udp + 8, payload, plen);
   return 14 + 40 + extlen + 8 + plen;
 }
 
 static size_t short_header(uint8_t *p, uint8_t worker) {
   memset(p, 0xab, 40);
-  p[0] = 0x40; p[1] = worker;
+  p[0] = 0x40;
+  p[1] = worker;
   return 40;
 }
 
 static size_t long_header(uint8_t *p, uint8_t worker) {
   memset(p, 0, 1200);
-  p[0] = 0xc0; p[4] = 1; p[5] = 8; p[6] = worker;
+  p[0] = 0xc0;
+  p[4] = 1;
+  p[5] = 8;
+  p[6] = worker;
   return 1200;
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2) { fprintf(stderr, "usage: %s stoq_xdp.bpf.o\n", argv[0]); return 2; }
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s stoq_xdp.bpf.o\n", argv[0]);
+    return 2;
+  }
   struct bpf_object *obj = bpf_object__open_file(argv[1], NULL);
-  if (!obj) { fprintf(stderr, "cannot open %s\n", argv[1]); return 1; }
+  if (!obj) {
+    fprintf(stderr, "cannot open %s\n", argv[1]);
+    return 1;
+  }
   /* The maps pin by name when an operator attaches; a test run must not touch bpffs. */
   struct bpf_map *m;
   bpf_object__for_each_map(m, obj) bpf_map__set_pin_path(m, NULL);
-  if (bpf_object__load(obj) != 0) { fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
+  if (bpf_object__load(obj) != 0) {
+    fprintf(stderr, "cannot load %s\n", argv[1]);
+    return 1;
+  }
   prog_fd = bpf_program__fd(bpf_object__find_program_by_name(obj, "stoq_xdp"));
   stats_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_STATS));
   config_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_CONFIG));
   int ports_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_PORTS));
-  uint16_t port = PORT; uint8_t one = 1;
+  uint16_t port = PORT;
+  uint8_t one = 1;
   bpf_map_update_elem(ports_fd, &port, &one, BPF_ANY);
 
   uint8_t f[2048], p[1500];
@@ -124,21 +145,23 @@ int main(int argc, char **argv) {
     size_t n = ipv6_udp(f, PORT, NULL, 0, 0, p, short_header(p, 7));
     uint64_t before = stat(STOQ_STAT_WORKER_0), cid = stat(STOQ_STAT_STEERED_BY_CID);
     int v = run(f, n);
-    expect("queue steering: DCID ignored, queue 0", v == XDP_PASS && stat(STOQ_STAT_WORKER_0) == before + 1 &&
-                                                        stat(STOQ_STAT_STEERED_BY_CID) == cid);
+    expect("queue steering: DCID ignored, queue 0",
+           v == XDP_PASS && stat(STOQ_STAT_WORKER_0) == before + 1 && stat(STOQ_STAT_STEERED_BY_CID) == cid);
   }
   set_config(2, STOQ_F_STEER_BY_CID);
 
   /* IPv4 UDP to the node's port: dropped. */
   {
     memset(f, 0, 64);
-    f[12] = 0x08; f[13] = 0x00;
-    f[14] = 0x45; f[14 + 9] = 17;
+    f[12] = 0x08;
+    f[13] = 0x00;
+    f[14] = 0x45;
+    f[14 + 9] = 17;
     uint16_t dp = htons(PORT);
     memcpy(f + 14 + 20 + 2, &dp, 2);
     uint64_t before = stat(STOQ_STAT_DROPPED_IPV4);
-    expect("IPv4 UDP to the node port -> XDP_DROP, counted", run(f, 14 + 20 + 8 + 16) == XDP_DROP &&
-                                                               stat(STOQ_STAT_DROPPED_IPV4) == before + 1);
+    expect("IPv4 UDP to the node port -> XDP_DROP, counted",
+           run(f, 14 + 20 + 8 + 16) == XDP_DROP && stat(STOQ_STAT_DROPPED_IPV4) == before + 1);
     dp = htons(53);
     memcpy(f + 14 + 20 + 2, &dp, 2);
     expect("IPv4 UDP to another port -> XDP_PASS", run(f, 14 + 20 + 8 + 16) == XDP_PASS);
@@ -156,28 +179,36 @@ int main(int argc, char **argv) {
     before = stat(STOQ_STAT_PASSED_OTHER_PORT);
     expect("UDP to another port -> XDP_PASS", run(f, n) == XDP_PASS && stat(STOQ_STAT_PASSED_OTHER_PORT) == before + 1);
     memset(f, 0, 64);
-    f[12] = 0x08; f[13] = 0x06; /* ARP */
+    f[12] = 0x08;
+    f[13] = 0x06; /* ARP */
     expect("ARP -> XDP_PASS", run(f, 60) == XDP_PASS);
   }
 
   /* Extension headers: within the bound they are walked; beyond it the frame passes. */
   {
     uint8_t ext[8 * 8];
-    for (int k = 0; k < 3; k++) { ext[k * 8] = k == 2 ? 17 : 60; ext[k * 8 + 1] = 0; memset(ext + k * 8 + 2, 1, 6); }
+    for (int k = 0; k < 3; k++) {
+      ext[k * 8] = k == 2 ? 17 : 60;
+      ext[k * 8 + 1] = 0;
+      memset(ext + k * 8 + 2, 1, 6);
+    }
     size_t n = ipv6_udp(f, PORT, ext, 24, 0 /* hop-by-hop */, p, short_header(p, 1));
     uint64_t before = stat(STOQ_STAT_WORKER_0 + 1);
-    expect("hop-by-hop + 2 destination options + UDP -> steered", run(f, n) == XDP_PASS &&
-                                                                   stat(STOQ_STAT_WORKER_0 + 1) == before + 1);
-    for (int k = 0; k < 8; k++) { ext[k * 8] = k == 7 ? 17 : 60; ext[k * 8 + 1] = 0; }
+    expect("hop-by-hop + 2 destination options + UDP -> steered",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_WORKER_0 + 1) == before + 1);
+    for (int k = 0; k < 8; k++) {
+      ext[k * 8] = k == 7 ? 17 : 60;
+      ext[k * 8 + 1] = 0;
+    }
     n = ipv6_udp(f, PORT, ext, 64, 60, p, short_header(p, 1));
     before = stat(STOQ_STAT_PASSED_EXT_LIMIT);
-    expect("8 extension headers (bound is 6) -> XDP_PASS, counted", run(f, n) == XDP_PASS &&
-                                                                      stat(STOQ_STAT_PASSED_EXT_LIMIT) == before + 1);
+    expect("8 extension headers (bound is 6) -> XDP_PASS, counted",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_PASSED_EXT_LIMIT) == before + 1);
     uint8_t frag[8] = {17, 0, 0x00, 0x08, 1, 2, 3, 4}; /* offset 1 (x8): not the first fragment */
     n = ipv6_udp(f, PORT, frag, 8, 44, p, short_header(p, 1));
     before = stat(STOQ_STAT_PASSED_FRAGMENT);
-    expect("non-first fragment -> XDP_PASS, counted", run(f, n) == XDP_PASS &&
-                                                          stat(STOQ_STAT_PASSED_FRAGMENT) == before + 1);
+    expect("non-first fragment -> XDP_PASS, counted",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_PASSED_FRAGMENT) == before + 1);
     uint8_t frag0[8] = {17, 0, 0x00, 0x01, 1, 2, 3, 4}; /* first fragment, more follow */
     n = ipv6_udp(f, PORT, frag0, 8, 44, p, short_header(p, 0));
     before = stat(STOQ_STAT_WORKER_0);

@@ -19,13 +19,15 @@ final class Pump {
     init() throws {
         let dir = NSTemporaryDirectory() + "stoq-bench-\(UUID().uuidString)"
         let id = try EmbeddedIdentity.loadOrCreate(in: dir, names: ["bench"], addresses: [IPv6Address("fd00::1")!])
-        server = QUICEndpoint(isServer: true, credentials: try TLSCredentials(certificateFile: id.certificatePath, keyFile: id.keyPath),
-                              settings: QUICSettings(), workerID: 0, secret: .random())
+        server = QUICEndpoint(
+            isServer: true, credentials: try TLSCredentials(certificateFile: id.certificatePath, keyFile: id.keyPath),
+            settings: QUICSettings(), workerID: 0, secret: .random())
         var cs = QUICSettings()
         cs.maxWindow = 256 << 20
         cs.maxStreamWindow = 256 << 20
-        client = QUICEndpoint(isServer: false, credentials: try TLSCredentials(trusting: id.certificatePath),
-                              settings: cs, workerID: 0, secret: .random())
+        client = QUICEndpoint(
+            isServer: false, credentials: try TLSCredentials(trusting: id.certificatePath),
+            settings: cs, workerID: 0, secret: .random())
     }
 
     /// One round: everything each side owes goes to the other; then the clock moves to the next timer.
@@ -79,9 +81,12 @@ let benchmarks: @Sendable () -> Void = {
 
     // 256 MiB body; the first 128 MiB warm up (windows and cwnd grow, ngtcp2 fills its object
     // pools); the second 128 MiB are measured.
-    Benchmark("QUIC+HTTP/3 download, 128 MiB measured, in memory", configuration: .init(
-        metrics: [.wallClock, .mallocCountTotal, .custom("datagrams", polarity: .prefersSmaller, useScalingFactor: false)],
-        maxIterations: 3)) { benchmark in
+    Benchmark(
+        "QUIC+HTTP/3 download, 128 MiB measured, in memory",
+        configuration: .init(
+            metrics: [.wallClock, .mallocCountTotal, .custom("datagrams", polarity: .prefersSmaller, useScalingFactor: false)],
+            maxIterations: 3)
+    ) { benchmark in
         let pump = try Pump()
         let sink = Sink()
         pump.server.application = Source(size: 256 << 20)
@@ -97,8 +102,11 @@ let benchmarks: @Sendable () -> Void = {
         benchmark.measurement(.custom("datagrams"), pump.datagrams)
     }
 
-    Benchmark("io_uring datagrams over [::1], 1200 B", configuration: .init(
-        metrics: [.wallClock, .mallocCountTotal, .throughput], scalingFactor: .kilo, maxIterations: 5)) { benchmark in
+    Benchmark(
+        "io_uring datagrams over [::1], 1200 B",
+        configuration: .init(
+            metrics: [.wallClock, .mallocCountTotal, .throughput], scalingFactor: .kilo, maxIterations: 5)
+    ) { benchmark in
         let a = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
         let b = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
         let dest = b.localEndpoint

@@ -76,7 +76,6 @@ void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx);
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen);
 
-
 /* ---- Endpoint configuration ----------------------------------------------- */
 
 typedef struct stoq_conn stoq_conn;
@@ -125,12 +124,12 @@ typedef struct stoq_events {
 
 /** Transport settings shared by an endpoint's connections. */
 typedef struct stoq_settings {
-  uint8_t cc_algo;              /* 0 reno, 1 cubic, 2 bbr, 3 bbr2 */
-  uint8_t worker_id;            /* first byte of every CID this endpoint issues */
-  int enable_retry;             /* server: stateless Retry before accepting */
-  int log;                      /* ngtcp2 debug log to stderr */
-  uint64_t idle_timeout;        /* ns */
-  uint64_t handshake_timeout;   /* ns */
+  uint8_t cc_algo;            /* 0 reno, 1 cubic, 2 bbr, 3 bbr2 */
+  uint8_t worker_id;          /* first byte of every CID this endpoint issues */
+  int enable_retry;           /* server: stateless Retry before accepting */
+  int log;                    /* ngtcp2 debug log to stderr */
+  uint64_t idle_timeout;      /* ns */
+  uint64_t handshake_timeout; /* ns */
   uint64_t initial_max_data;
   uint64_t initial_max_stream_data;
   uint64_t max_window;
@@ -187,9 +186,9 @@ enum {
 /** Server: accepts a client's first Initial. Returns the connection (the caller then feeds it the
  *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. Announces the
  *  client's original DCID and our first SCID through on_cid; `app` is set before that. */
-stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len,
-                            const struct sockaddr_in6 *local, const struct sockaddr_in6 *remote, uint64_t now,
-                            void *app, uint8_t *out, size_t outcap, ssize_t *outlen, int *action);
+stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, uint8_t *out, size_t outcap,
+                            ssize_t *outlen, int *action);
 
 /** Client: starts a connection to `remote`; `server_name` is verified against the certificate
  *  (an IPv6 literal is checked against IP SANs, and is not sent as SNI). */
@@ -215,8 +214,8 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
  *  are packed back to back (a GSO buffer); otherwise datagram i starts at buf + i * stride (one
  *  AF_XDP frame each). Returns the run's length — the offset of the last datagram's end — (0:
  *  nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
-ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride,
-                        size_t *segment_size, struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
+ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride, size_t *segment_size,
+                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
 
 /** Whether the connection failed because the peer's certificate was refused (mutual TLS). */
 int stoq_conn_peer_refused(const stoq_conn *c);

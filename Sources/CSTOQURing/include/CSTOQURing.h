@@ -50,7 +50,8 @@ typedef struct stoq_uring_rx {
 } stoq_uring_rx;
 
 typedef struct stoq_uring_counters {
-  uint64_t rx_datagrams, rx_buffers, rx_bytes, tx_datagrams, tx_sends, tx_bytes, rx_dropped, tx_errors, offload_fallbacks;
+  uint64_t rx_datagrams, rx_buffers, rx_bytes, tx_datagrams, tx_sends, tx_bytes, rx_dropped, tx_errors,
+      offload_fallbacks;
 } stoq_uring_counters;
 
 typedef struct stoq_uring stoq_uring;

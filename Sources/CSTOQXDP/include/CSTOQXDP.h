@@ -40,10 +40,10 @@ typedef struct stoq_xsk_config {
   uint32_t queue_id;
   /** The node's address (may be ::, then replies leave from the address the peer sent to) and port. */
   struct sockaddr_in6 local;
-  uint32_t frame_size;  /* 2048 or 4096 */
-  uint32_t frame_count; /* UMEM frames: half receive (fill ring), half transmit */
-  uint32_t ring_size;   /* RX, TX, fill and completion ring entries (power of two) */
-  int zero_copy;        /* enum stoq_xsk_zero_copy */
+  uint32_t frame_size;     /* 2048 or 4096 */
+  uint32_t frame_count;    /* UMEM frames: half receive (fill ring), half transmit */
+  uint32_t ring_size;      /* RX, TX, fill and completion ring entries (power of two) */
+  int zero_copy;           /* enum stoq_xsk_zero_copy */
   uint32_t busy_poll_usec; /* 0: interrupts; >0: SO_BUSY_POLL with SO_PREFER_BUSY_POLL */
   /** Directory of the pinned maps ("/sys/fs/bpf/stoq/<iface>"); the socket goes in its xsk_map. */
   char pin_dir[128];
