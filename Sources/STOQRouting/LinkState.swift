@@ -92,15 +92,22 @@ public struct LinkStateAdvert: Sendable, Equatable {
 /// callers that switch on them. The database counts every refusal by code.
 public struct LinkStateError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The kind of refusal; `message` says what exactly.
-    public enum Code: String, Sendable, Equatable, CaseIterable {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stable name (what logs and JSON print).
+        public let rawValue: String
+        /// Wraps a name; STOQ's own codes are the static members.
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
         /// The advert's sequence is older than the one held for its origin.
-        case stale
+        public static let stale = Code(rawValue: "stale")
         /// The advert's sequence equals the one held (a flooded copy seen again).
-        case duplicate
+        public static let duplicate = Code(rawValue: "duplicate")
         /// A link to itself, a peer listed twice, or a metric out of range.
-        case malformed
+        public static let malformed = Code(rawValue: "malformed")
         /// More links than `LinkStateDatabase.maxLinksPerAdvert`.
-        case oversized
+        public static let oversized = Code(rawValue: "oversized")
+        /// Every code STOQ defines, for counters and documentation.
+        public static let allCases: [Code] = [.stale, .duplicate, .malformed, .oversized]
     }
 
     /// The kind of refusal.
