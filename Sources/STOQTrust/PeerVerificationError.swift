@@ -45,7 +45,10 @@ public struct PeerVerificationError: Error, Sendable, Equatable, CustomStringCon
         /// The request itself is unusable: no certificate, or an IPv4 / malformed expected address.
         public static let invalidInput = Code(rawValue: "invalidInput")
         /// Every code STOQ defines, for counters and documentation.
-        public static let allCases: [Code] = [.expired, .notYetValid, .wrongEKU, .sanMismatch, .unknownRoot, .revoked, .chainTooLong, .keyTooWeak, .weakSignature, .wrongKeyUsage, .invalidChain, .sctMissing, .sctInvalid, .sctUnknownLog, .invalidInput]
+        public static let allCases: [Code] = [
+            .expired, .notYetValid, .wrongEKU, .sanMismatch, .unknownRoot, .revoked, .chainTooLong, .keyTooWeak, .weakSignature, .wrongKeyUsage, .invalidChain,
+            .sctMissing, .sctInvalid, .sctUnknownLog, .invalidInput,
+        ]
     }
 
     /// The reason for the refusal.
