@@ -63,6 +63,21 @@ def counters(node):
     return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in COUNTERS}
 
 
+def settled(node, timeout=20):
+    """The node's counters once they stop moving: workers publish about once a second, so what
+    an earlier test sent can still show up a second later; two equal readings 1.2 s apart mean
+    every worker has published everything it has seen."""
+    deadline = time.time() + timeout
+    last = counters(node)
+    while time.time() < deadline:
+        time.sleep(1.2)
+        now = counters(node)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def deltas_once(node, before, name, at_least, timeout=20):
     """Polls /metrics until `name` has moved by `at_least` (workers publish about once a
     second), then returns every counter's change since `before`."""
@@ -97,7 +112,7 @@ def test_malformed_and_truncated_datagrams(metered):
     # Random junk: what each one is depends on its bytes, but the kernel delivers every one;
     # the empty datagram is dropped by the datapath (it carries no packet), every other one
     # reaches the endpoint and is disposed of by exactly one of its refusal paths.
-    before, kernel = counters(node), kernel_udp(6)
+    before, kernel = settled(node), kernel_udp(6)
     junk = [0, 1, 2, 5, 6, 7, 20, 100, 1199, 1200, 1500]
     for n in junk:
         s.send(os.urandom(n))
@@ -115,7 +130,7 @@ def test_malformed_and_truncated_datagrams(metered):
     # bytes) it does not parse; from there on it is an Initial shorter than the 1200 bytes
     # RFC 9000 §14.1 requires, which the server must drop.
     initial = bytes([0xC0]) + struct.pack(">I", 1) + bytes([8]) + os.urandom(8) + bytes([0]) + os.urandom(30)
-    before = counters(node)
+    before = settled(node)
     for cut in range(1, len(initial)):
         s.send(initial[:cut])
     d = deltas_once(node, before, "stoq_quic_datagrams_received_total", len(initial) - 1)
@@ -145,7 +160,7 @@ def test_unknown_version_gets_version_negotiation(node):
 def test_initial_flood(metered):
     node = metered
     s = udp(node)
-    before, kernel = counters(node), kernel_udp(6)
+    before, kernel = settled(node), kernel_udp(6)
     sent = 0
     start = time.time()
     for i in range(20000):
@@ -231,7 +246,7 @@ def test_ipv4_never_reaches_the_node(metered):
     node = metered
     pkt = bytes([0xC0]) + struct.pack(">I", 0x1A2A3A4A) + bytes([8]) + os.urandom(8) + bytes([4]) + os.urandom(4)
     pkt += bytes(1200 - len(pkt))
-    before, kernel = counters(node), kernel_udp(4)
+    before, kernel = settled(node), kernel_udp(4)
     s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s4.settimeout(5)
     s4.connect(("127.0.0.1", node.port))
