@@ -175,17 +175,6 @@ func summary(_ xs: [Double]) -> [String: Any] {
     ["median": percentile(xs, 50), "p99": percentile(xs, 99), "min": xs.min() ?? .nan, "max": xs.max() ?? .nan, "n": xs.count]
 }
 
-/// Deterministic PRNG (SplitMix64) so every run picks the same sources and destinations.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 let opt = parseOptions()
 let tLoad0 = monotonicNow()
@@ -207,7 +196,7 @@ for (a, links) in byNode {
 let graph = engine.graph
 let tAdv1 = monotonicNow()
 
-var rng = SplitMix64(state: 42)
+var rng = MultipathRandom(seed: 42)
 let candidates = (0..<graph.nodeCount).filter { graph.offsets[$0 + 1] > graph.offsets[$0] }
 var sources: [Int32] = []
 while sources.count < min(opt.sources, candidates.count) {

@@ -4,7 +4,7 @@ import Testing
 
 /// Seeded random graphs and change sequences: the same cases every run.
 @Suite struct RoutingPropertyTests {
-    static func randomEdges(_ rng: inout SplitMix64, nodes: Int, outDegree: Int) -> [(UInt64, UInt64, Double)] {
+    static func randomEdges(_ rng: inout MultipathRandom, nodes: Int, outDegree: Int) -> [(UInt64, UInt64, Double)] {
         var edges: [(UInt64, UInt64, Double)] = []
         for a in 1...nodes {
             var peers = Set<Int>()
@@ -41,7 +41,7 @@ import Testing
 
     @Test(arguments: [RoutingAlgorithm.latency, .shortestPath], [1, 2, 3, 4, 5])
     func searchIsExactAgainstEnumerationOfAllWalks(algorithm: RoutingAlgorithm, maxHops: Int) {
-        var rng = SplitMix64(state: 0x5EED + UInt64(maxHops))
+        var rng = MultipathRandom(seed: 0x5EED + UInt64(maxHops))
         for _ in 0..<20 {
             let edges = Self.randomEdges(&rng, nodes: 10, outDegree: 3)
             let e = engine(edges, algorithm: algorithm, maxHops: maxHops, backups: .none)
@@ -75,7 +75,7 @@ import Testing
 
     @Test(arguments: [RoutingAlgorithm.latency, .shortestPath, .adaptive])
     func incrementalEqualsFullRecomputeOnRandomChangeSequences(algorithm: RoutingAlgorithm) throws {
-        var rng = SplitMix64(state: 42)
+        var rng = MultipathRandom(seed: 42)
         let nodes = 24
         let maxAge = 100 * Nanos.second
         let e = RoutingEngine(algorithm: algorithm, maxHops: 3, backups: .all, advertMaxAge: maxAge)
@@ -147,7 +147,7 @@ import Testing
 @Suite struct TargetedSearchTests {
     @Test(arguments: [false, true], [1, 2, 3, 4, 5, 6])
     func aSearchForOneTargetFindsWhatTheFullSearchFinds(fewestHops: Bool, maxHops: Int) {
-        var rng = SplitMix64(state: 7 + UInt64(maxHops))
+        var rng = MultipathRandom(seed: 7 + UInt64(maxHops))
         for _ in 0..<10 {
             let edges = RoutingPropertyTests.randomEdges(&rng, nodes: 16, outDegree: 3)
             let g = engine(edges, backups: .none).graph

@@ -28,15 +28,3 @@ func both(_ edges: [(UInt64, UInt64, Double)]) -> [(UInt64, UInt64, Double)] {
 }
 
 func ids(_ xs: [UInt64]) -> [NodeID] { xs.map { NodeID($0) } }
-
-/// Deterministic PRNG (SplitMix64): property tests replay the same sequences every run.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
