@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <sys/eventfd.h>
 #include "CSTOQSystem.h"
 #include <pthread.h>
 #include <sched.h>
@@ -18,3 +19,5 @@ int stoq_allowed_cpus(void) {
 }
 
 int stoq_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+int stoq_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }

@@ -13,6 +13,10 @@ int stoq_allowed_cpus(void);
  *  request bodies are collected without touching the heap or the disk. */
 int stoq_memfd(const char *name);
 
+/** A non-blocking, close-on-exec eventfd (another thread writes 8 bytes to wake a datapath
+ *  waiting on it); -1 with errno on failure. */
+int stoq_eventfd(void);
+
 #include <netinet/in.h>
 #include <stdint.h>
 

@@ -1,0 +1,259 @@
+import CSTOQSystem
+import Foundation
+import STOQCore
+import STOQQUIC
+
+/// Many client connections, one per upstream, on one endpoint and one socket, driven by the
+/// thread that owns the pool: what the mesh service keeps to its neighbours and the edge
+/// fetcher to the nodes it fetches through. Connecting never blocks the thread: requests for
+/// an upstream whose handshake is still running wait in its queue, and a handshake that fails
+/// or times out fails them.
+///
+/// Every request ends in exactly one `Done`: answered (`status` set), reset, or failed with the
+/// reason (`failure`: the connection was lost, refused or timed out, or the caller dropped it).
+package final class ConnectionPool {
+    /// How one request ended.
+    package struct Done: Sendable {
+        package var tag: Int
+        /// The response's status; nil when it never came.
+        package var status: Int?
+        /// The stream's HTTP/3 error code (`H3Error.noError` when it ended cleanly).
+        package var errorCode: UInt64
+        /// Body bytes received.
+        package var received: UInt64
+        /// The response's `Cache-Control: max-age` (seconds), if it had one.
+        package var maxAge: Int64?
+        /// Why the request failed without an answer (the connection's fate); nil otherwise.
+        package var failure: String?
+    }
+
+    struct Request {
+        var method: String
+        var path: String
+        var headers: [(String, String)]
+        var body: BodyRegion?
+        var sinkFD: Int32
+        var tag: Int
+        var keepErrors: Bool
+    }
+
+    final class Upstream {
+        let url: STOQURL
+        let connection: QUICConnection
+        let startedAt: Timestamp
+        var pending: [Request] = []
+        var streams: Set<Int> = []
+        init(url: STOQURL, connection: QUICConnection, startedAt: Timestamp) {
+            (self.url, self.connection, self.startedAt) = (url, connection, startedAt)
+        }
+    }
+
+    final class App: QUICApplication {
+        struct Sink { var fd: Int32; var tag: Int; var keepErrors: Bool }
+        var sinks: [HTTPStream: Sink] = [:]
+        var statuses: [HTTPStream: Int] = [:]
+        var done: [Done] = []
+        var closed: [(QUICConnection, String)] = []
+        var handshakes = 0
+
+        func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+            statuses[stream] = status
+            let s = sinks[stream]
+            let keep = status / 100 == 2 || s?.keepErrors == true
+            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, hash: false)
+        }
+
+        func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+            guard let s = sinks.removeValue(forKey: stream) else { return }
+            done.append(
+                Done(
+                    tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
+                    received: stream.bytesReceived, maxAge: stream.maxAge))
+        }
+
+        func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
+
+        func connectionClosed(connection: QUICConnection, reason: String) {
+            closed.append((connection, reason.isEmpty ? "connection closed by the peer" : reason))
+        }
+    }
+
+    /// How long a handshake may take before its requests fail.
+    package let connectTimeout: UInt64
+    let app = App()
+    package let rig: ClientRig
+    private var upstreams: [IPv6Endpoint: Upstream] = [:]
+    /// Where each request in flight is: its upstream and, once sent, its stream.
+    private var requests: [Int: (upstream: IPv6Endpoint, stream: HTTPStream?)] = [:]
+    /// Wakes the pool's `drive` from another thread.
+    package let waker: Waker
+    private var seenHandshakes = 0
+
+    /// A pool whose connections present `trust`'s client certificate and verify upstreams
+    /// against it, on a queue `datapath` opens.
+    package init(trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000) throws(ClientError) {
+        self.connectTimeout = connectTimeout
+        rig = try ClientRig(trust: trust, datapath: datapath, application: app)
+        waker = Waker()
+        if waker.fd >= 0 { rig.queue.setWakeup(fileDescriptor: waker.fd) }
+    }
+
+    /// An eventfd the pool's datapath also waits on; it lives as long as anyone holds it.
+    package final class Waker: Sendable {
+        let fd = stoq_eventfd()
+        deinit { if fd >= 0 { Glibc.close(fd) } }
+
+        /// Makes a `drive` waiting on another thread return now (new work). Any thread.
+        package func wake() {
+            guard fd >= 0 else { return }
+            var one: UInt64 = 1
+            _ = Glibc.write(fd, &one, 8)
+        }
+    }
+
+    /// Same as `waker.wake()`.
+    package func wake() { waker.wake() }
+
+    /// Sends a request to `url`'s upstream, connecting first if needed; its body goes to
+    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`). Its end comes back from
+    /// `drive` as a `Done` carrying `tag` (unique among the requests in flight).
+    package func submit(
+        to url: STOQURL, _ method: String, _ path: String, headers: [(String, String)] = [], body: BodyRegion? = nil,
+        sinkFD: Int32 = -1, tag: Int, keepErrors: Bool = false
+    ) {
+        let request = Request(
+            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, tag: tag, keepErrors: keepErrors)
+        let up: Upstream
+        if let u = upstreams[url.endpoint] {
+            up = u
+        } else {
+            let now = monotonicNow()
+            do {
+                let source = IPv6Endpoint(address: STOQClient.sourceAddress(toward: url.endpoint), port: rig.queue.localEndpoint.port)
+                let c = try rig.endpoint.connect(to: url.endpoint, from: source, serverName: url.host, now: now)
+                up = Upstream(url: url, connection: c, startedAt: now)
+                upstreams[url.endpoint] = up
+            } catch {
+                app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: "cannot connect to \(url.endpoint): \(error)"))
+                return
+            }
+        }
+        requests[tag] = (url.endpoint, nil)
+        if up.connection.isEstablished { send(request, on: up) } else { up.pending.append(request) }
+    }
+
+    private func send(_ r: Request, on up: Upstream) {
+        do {
+            let stream = try up.connection.request(
+                method: r.method, authority: up.url.authority, path: r.path,
+                headers: r.headers + [("content-length", "\(r.body?.count ?? 0)")], body: r.body)
+            app.sinks[stream] = App.Sink(fd: r.sinkFD, tag: r.tag, keepErrors: r.keepErrors)
+            requests[r.tag] = (up.url.endpoint, stream)
+            up.streams.insert(r.tag)
+        } catch {
+            requests[r.tag] = nil
+            app.done.append(Done(tag: r.tag, status: nil, errorCode: 0, received: 0, failure: "\(r.method) \(r.path): \(error)"))
+        }
+    }
+
+    /// Body bytes received so far for request `tag` (0 before its response).
+    package func received(_ tag: Int) -> UInt64 {
+        requests[tag]?.stream?.bytesReceived ?? 0
+    }
+
+    /// Abandons request `tag` (resets its stream); no `Done` comes for it.
+    package func cancel(_ tag: Int) {
+        guard let r = requests.removeValue(forKey: tag), let up = upstreams[r.upstream] else { return }
+        up.pending.removeAll { $0.tag == tag }
+        up.streams.remove(tag)
+        if let s = r.stream {
+            app.sinks[s] = nil
+            app.statuses[s] = nil
+            up.connection.reset(s, errorCode: H3Error.requestCancelled)
+        }
+    }
+
+    /// Whether the connection to `endpoint` is established.
+    package func isConnected(_ endpoint: IPv6Endpoint) -> Bool { upstreams[endpoint]?.connection.isEstablished == true }
+
+    /// The connection to `endpoint`'s smoothed RTT (nanoseconds), once it has one.
+    package func smoothedRTT(_ endpoint: IPv6Endpoint) -> UInt64? {
+        guard let c = upstreams[endpoint]?.connection, c.isEstablished else { return nil }
+        let rtt = c.stats.smoothed_rtt_ns
+        return rtt > 0 ? rtt : nil
+    }
+
+    /// Requests in flight or waiting on the connection to `endpoint`.
+    package func load(_ endpoint: IPv6Endpoint) -> Int {
+        guard let up = upstreams[endpoint] else { return 0 }
+        return up.streams.count + up.pending.count
+    }
+
+    /// Closes the connection to `endpoint`, failing its requests with `reason`.
+    package func drop(_ endpoint: IPv6Endpoint, reason: String) {
+        guard let up = upstreams.removeValue(forKey: endpoint) else { return }
+        fail(up, reason)
+        up.connection.close(now: monotonicNow())
+    }
+
+    private func fail(_ up: Upstream, _ reason: String) {
+        for r in up.pending {
+            requests[r.tag] = nil
+            app.done.append(Done(tag: r.tag, status: nil, errorCode: 0, received: 0, failure: reason))
+        }
+        up.pending.removeAll()
+        for tag in up.streams {
+            guard let r = requests.removeValue(forKey: tag) else { continue }
+            if let s = r.stream {
+                app.sinks[s] = nil
+                app.statuses[s] = nil
+            }
+            app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: reason))
+        }
+        up.streams.removeAll()
+    }
+
+    /// Drives every connection for at most `nanoseconds` (less when a request ends, a
+    /// handshake completes, a connection is lost or `wake` is called), and returns the
+    /// requests that ended. Throws only when the datapath fails.
+    package func drive(forNanoseconds nanoseconds: UInt64) throws(ClientError) -> [Done] {
+        rig.worker.idleWait = nanoseconds
+        do { try rig.worker.turn() } catch { throw ClientError(.transfer, "\(error)") }
+        settle()
+        let out = app.done
+        app.done.removeAll(keepingCapacity: true)
+        for d in out { requests[d.tag] = nil; for up in upstreams.values { up.streams.remove(d.tag) } }
+        return out
+    }
+
+    /// Sends what waited for a handshake, fails what a lost or slow connection held.
+    private func settle() {
+        for (c, reason) in app.closed {
+            guard let (ep, up) = upstreams.first(where: { $0.value.connection === c }) else { continue }
+            upstreams[ep] = nil
+            fail(up, "connection to \(ep) lost: \(reason)")
+        }
+        app.closed.removeAll()
+        let now = monotonicNow()
+        for (ep, up) in upstreams {
+            if up.connection.isEstablished {
+                if !up.pending.isEmpty {
+                    let waiting = up.pending
+                    up.pending.removeAll()
+                    for r in waiting { send(r, on: up) }
+                }
+            } else if now &- up.startedAt > connectTimeout {
+                upstreams[ep] = nil
+                fail(up, "cannot connect to \(ep): no handshake within \(connectTimeout / 1_000_000) ms")
+                up.connection.close(now: now)
+            }
+        }
+    }
+
+    /// Closes every connection (failing what is in flight) and the socket.
+    package func close() {
+        for ep in Array(upstreams.keys) { drop(ep, reason: "the pool is closing") }
+        _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
+        rig.queue.close()
+    }
+}

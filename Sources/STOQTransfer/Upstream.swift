@@ -1,0 +1,90 @@
+import STOQCore
+
+/// What a node fetches from elsewhere: a chunk by its SHA-256, or an object's manifest.
+public enum UpstreamResource: Hashable, Sendable, CustomStringConvertible {
+    case chunk(hex: String)
+    case manifest(name: String)
+
+    /// The path a node serves it under.
+    public var path: String {
+        switch self {
+        case .chunk(let hex): "/chunks/\(hex)"
+        case .manifest(let name): "/manifests/\(name)"
+        }
+    }
+
+    public var description: String { path }
+}
+
+/// Where a relayed request is headed and how far it came: the node that holds the resource,
+/// and the hops the request has taken to reach this node.
+public struct RelayHint: Sendable, Hashable {
+    /// The holder's node id (hex).
+    public var holder: String
+    /// Hops taken so far (1 when a node's neighbour asked it).
+    public var hops: Int
+    /// The address the request came from: never sent back there (split horizon).
+    public var from: IPv6Address?
+
+    public init(holder: String, hops: Int, from: IPv6Address? = nil) {
+        self.holder = holder
+        self.hops = hops
+        self.from = from
+    }
+}
+
+/// One place to ask for a resource: whom to connect to, and what to request there.
+public struct UpstreamAttempt: Sendable {
+    /// The upstream connected to (an origin, or the neighbour that is the next hop).
+    public var url: STOQURL
+    /// The path requested there.
+    public var path: String
+    /// Extra request headers (a relay's hop count).
+    public var headers: [(String, String)]
+    /// The node that holds the resource, when the upstream is a mesh (for learning); nil for an origin.
+    public var holder: String?
+    /// How logs and errors name it ("origin https://…", "node 3f2a… via https://[…]").
+    public var label: String
+
+    public init(url: STOQURL, path: String, headers: [(String, String)] = [], holder: String? = nil, label: String) {
+        (self.url, self.path, self.headers, self.holder, self.label) = (url, path, headers, holder, label)
+    }
+
+    /// Whether two attempts ask the same upstream for the same path.
+    public func same(as other: UpstreamAttempt) -> Bool { url.endpoint == other.url.endpoint && path == other.path }
+}
+
+/// Where a fetcher's misses go: the edge cache's origin, or the mesh (the next hop towards a
+/// node that holds what is missing). The fetcher asks for attempts one at a time as earlier
+/// ones fail, so a route that changed in between is taken into account.
+public protocol FetchUpstream: AnyObject, Sendable, CustomStringConvertible {
+    /// Where to ask for `resource`, best first. `hint` is set when this node relays a request
+    /// another node addressed to a holder. Empty: nowhere (the fetch fails with 404, or 502
+    /// when `unreachable` says why).
+    func attempts(for resource: UpstreamResource, hint: RelayHint?) -> [UpstreamAttempt]
+    /// Why no attempt can be made for `resource`, when `attempts` is empty for a reason other
+    /// than "nobody has it" (no route to the holder); nil otherwise.
+    func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String?
+    /// Whether requests in flight to `url` should be abandoned now (its link is down).
+    func isDown(_ url: STOQURL) -> Bool
+    /// A fetch through `attempt` succeeded: `body` verified, after `seconds`.
+    func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double)
+}
+
+/// The edge cache's upstream of old: one origin, asked for everything.
+public final class OriginUpstream: FetchUpstream {
+    /// `edge.origin`.
+    public let origin: STOQURL
+
+    public init(_ origin: STOQURL) { self.origin = origin }
+
+    public var description: String { "origin \(origin)" }
+
+    public func attempts(for resource: UpstreamResource, hint: RelayHint?) -> [UpstreamAttempt] {
+        [UpstreamAttempt(url: origin, path: resource.path, label: "origin \(origin)")]
+    }
+
+    public func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? { nil }
+    public func isDown(_ url: STOQURL) -> Bool { false }
+    public func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {}
+}
