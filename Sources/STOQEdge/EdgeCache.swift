@@ -40,7 +40,7 @@ public final class EdgeCache: @unchecked Sendable {
         public var misses: UInt64 = 0
         public var manifestHits: UInt64 = 0
         public var manifestMisses: UInt64 = 0
-        /// Requests sent to the origin.
+        /// Requests sent upstream (to the origin, or through the mesh), retries included.
         public var originChunkFetches: UInt64 = 0
         public var originManifestFetches: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
@@ -51,8 +51,11 @@ public final class EdgeCache: @unchecked Sendable {
         public var bytesFromOrigin: UInt64 = 0
         /// Chunks from the origin whose bytes did not hash to their id (refused).
         public var verificationFailures: UInt64 = 0
-        /// Origin requests that failed: unreachable, connection lost, timed out, bad answers.
+        /// Fetches that failed on every upstream attempt: unreachable, connection lost, timed
+        /// out, bad answers.
         public var originErrors: UInt64 = 0
+        /// Fetches moved to another attempt (route or holder) after one failed or stalled.
+        public var failovers: UInt64 = 0
         /// Expired manifests served because the origin could not be asked.
         public var staleServed: UInt64 = 0
         /// Bytes held, chunks and manifests together (bounded by `capacity`).
@@ -175,14 +178,18 @@ public final class EdgeCache: @unchecked Sendable {
         var ticket: UInt64
     }
 
-    /// Requests in flight to the origin at once.
+    /// Requests in flight upstream at once.
     public static let maxInFlight = 32
-    /// How long connecting to the origin may take, and one request.
+    /// How long connecting to an upstream may take, and one fetch (all its attempts).
     public static let connectTimeout = 3.0
     public static let requestTimeout: UInt64 = 30_000_000_000
+    /// An attempt that receives no byte for this long is abandoned for the next one. Relays
+    /// verify a whole chunk before they send its first byte, so this is generous; a link known
+    /// to be down (`FetchUpstream.isDown`) is abandoned at once.
+    public static let stallTimeout: UInt64 = 5_000_000_000
 
-    /// Where misses are fetched from (`edge.origin`).
-    public let origin: STOQURL
+    /// Where misses are fetched from: `edge.origin`, or the mesh.
+    public let upstream: FetchUpstream
     /// The cache's own chunk store (`<content_path>/edge`).
     public let store: ChunkStore
     /// Chunks a streamed object asks for ahead of the one being sent: up to 16, and no more
@@ -199,8 +206,23 @@ public final class EdgeCache: @unchecked Sendable {
     private let lock = NSLock()
     private var policy: S3FIFO<ChunkID>
     private var manifests: EdgeManifests
-    private var inflight: [Key: [Waiter]] = [:]
-    private var jobs: [Key] = []
+    /// A fetch in flight: what, and for which holder when it relays a request addressed to one.
+    /// Relays for a holder never join this node's own search for the same key: a request that
+    /// came back around a loop would otherwise wait on itself.
+    struct FetchKey: Hashable {
+        var key: Key
+        var holder: String?
+    }
+    private var inflight: [FetchKey: [Waiter]] = [:]
+    private var jobs: [(Key, RelayHint?)] = []
+    /// Wakes the fetcher's connection pool when it is driving connections (set by the fetcher).
+    private var onPoolWake: (() -> Void)? {
+        get { lock.withLock { poolWake } }
+        set { lock.withLock { poolWake = newValue } }
+    }
+    private var poolWake: (() -> Void)?
+    /// Stands in for an attempt never made (a fetch with no attempt at all).
+    private let placeholderURL = try! STOQURL("https://[::1]:1/")
     private var counterValues = Counters()
     private var dirty = false
     private let wake = DispatchSemaphore(value: 0)
@@ -211,10 +233,10 @@ public final class EdgeCache: @unchecked Sendable {
     /// Opens the cache under `root` (creating it), reconciles its index with the chunks on
     /// disk, and loads the cached manifests. `start()` starts the fetcher.
     public init(
-        root: String, capacity: UInt64, ttlDefault: UInt64, origin: String, trust: ClientTrust,
+        root: String, capacity: UInt64, ttlDefault: UInt64, upstream: FetchUpstream, trust: ClientTrust,
         datapath: ClientDatapath, maxChunkSize: Int, logger: Logger
     ) throws {
-        do { self.origin = try STOQURL(origin) } catch { throw NodeError(.storage, "edge.origin \(origin): \(error)") }
+        self.upstream = upstream
         self.root = root
         manifestDir = root + "/manifests"
         self.ttlDefault = Double(ttlDefault) / 1e9
@@ -276,7 +298,7 @@ public final class EdgeCache: @unchecked Sendable {
                 "root": "\(root)", "chunks": "\(policy.count)", "bytes": "\(policy.usedBytes)", "capacity": "\(policy.capacity)",
                 "from_index": "\(kept.count - adopted)", "adopted": "\(adopted)",
                 "dropped": "\(entries.count - ghosts.count - (kept.count - adopted))", "ghosts": "\(ghosts.count)",
-                "origin": "\(origin)",
+                "upstream": "\(upstream)",
             ])
         dirty = adopted > 0 || kept.count + ghosts.count != entries.count || !evicted.isEmpty
     }
@@ -345,11 +367,12 @@ public final class EdgeCache: @unchecked Sendable {
         logger.warning("edge cache: serving the expired manifest of \(name): origin failed: \(why)")
     }
 
-    /// Asks for `key` from the origin. With an `inbox`, returns the ticket its completion
+    /// Asks for `key` from upstream. With an `inbox`, returns the ticket its completion
     /// will carry; without one (read-ahead), nothing will be posted. A chunk the cache
     /// already holds completes at once; a key already in flight is joined, not refetched.
+    /// `hint` names the holder when this node relays a request addressed to it.
     @discardableResult
-    public func fetch(_ key: Key, inbox: Inbox?) -> UInt64 {
+    public func fetch(_ key: Key, inbox: Inbox?, hint: RelayHint? = nil) -> UInt64 {
         let ticket = inbox == nil ? 0 : tickets.add(1, ordering: .relaxed).newValue
         var immediate = false
         var signal = false
@@ -358,17 +381,21 @@ public final class EdgeCache: @unchecked Sendable {
                 immediate = true
                 return
             }
-            if inflight[key] != nil {
-                if let inbox { inflight[key]!.append(Waiter(inbox: inbox, ticket: ticket)); counterValues.coalesced += 1 }
+            let fk = FetchKey(key: key, holder: hint?.holder)
+            if inflight[fk] != nil {
+                if let inbox { inflight[fk]!.append(Waiter(inbox: inbox, ticket: ticket)); counterValues.coalesced += 1 }
                 return
             }
             if case .chunk = key { counterValues.misses += 1 }
-            inflight[key] = inbox.map { [Waiter(inbox: $0, ticket: ticket)] } ?? []
-            jobs.append(key)
+            inflight[fk] = inbox.map { [Waiter(inbox: $0, ticket: ticket)] } ?? []
+            jobs.append((key, hint))
             signal = true
         }
         if immediate { inbox?.post(Completion(ticket: ticket, failure: nil)) }
-        if signal { wake.signal() }
+        if signal {
+            wake.signal()
+            onPoolWake?()
+        }
         return ticket
     }
 
@@ -390,22 +417,34 @@ public final class EdgeCache: @unchecked Sendable {
     public func stop() {
         stopFlag.store(true, ordering: .releasing)
         wake.signal()
+        onPoolWake?()
         _ = finished.wait(timeout: .now() + 10)
     }
 
+    /// One fetch in flight: what it is for, where its body goes, and the attempts made so far.
     struct Active {
         var key: Key
+        var hint: RelayHint?
+        var fetchKey: FetchKey { FetchKey(key: key, holder: hint?.holder) }
         var fd: Int32
         var started: UInt64
+        var attempt: UpstreamAttempt
+        var tried: [UpstreamAttempt]
+        /// Body bytes seen at the last check, and when they last grew.
+        var seen: UInt64 = 0
+        var progressAt: UInt64
+        /// Whether every attempt so far answered 404, and the last failure's reason.
+        var allNotFound = true
+        var lastFailure: String?
     }
 
-    private func complete(_ key: Key, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
+    private func complete(_ key: FetchKey, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
         let waiters = lock.withLock { inflight.removeValue(forKey: key) ?? [] }
         let bytes = waiters.isEmpty ? nil : chunk.map { Array($0) }  // read-ahead fetches have no waiter: no copy
         for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure, manifest: manifest, chunk: bytes)) }
     }
 
-    private func originFailed(_ key: Key, _ failure: Failure) {
+    private func originFailed(_ key: FetchKey, _ failure: Failure) {
         lock.withLock { counterValues.originErrors += 1 }
         complete(key, failure)
     }
@@ -414,30 +453,77 @@ public final class EdgeCache: @unchecked Sendable {
     /// that it never reads the struct another thread may be changing under the lock).
     private func manifestFile(_ name: String) -> String { manifestDir + "/" + name }
 
-    private func path(_ key: Key) -> String {
+    static func resource(_ key: Key) -> UpstreamResource {
         switch key {
-        case .chunk(let id): return "/chunks/\(id.hex)"
-        case .manifest(let name): return "/manifests/\(name)"
+        case .chunk(let id): .chunk(hex: id.hex)
+        case .manifest(let name): .manifest(name: name)
         }
     }
 
+    private func path(_ key: Key) -> String { Self.resource(key).path }
+
+    /// The next attempt for `a` that was not tried yet (the upstream is asked again, so a route
+    /// that changed since the last attempt counts), or nil when none is left.
+    private func nextAttempt(_ a: Active) -> UpstreamAttempt? {
+        upstream.attempts(for: Self.resource(a.key), hint: a.hint).first { c in !a.tried.contains { $0.same(as: c) } }
+    }
+
     private func run() {
-        var session: ClientSession?
+        var pool: ConnectionPool?
         var active: [Int: Active] = [:]
-        var backlog: [Key] = []
+        var backlog: [(Key, RelayHint?)] = []
         var nextTag = 0
         var lastPersist = DispatchTime.now().uptimeNanoseconds
         var lastUse = lastPersist
-        var lastConnectFailure: (at: UInt64, why: String)?
-        func dropSession(_ why: String) {
-            for (_, a) in active {
-                close(a.fd)
-                originFailed(a.key, Failure(status: 502, reason: "edge: lost the connection to origin \(origin): \(why)"))
+        var lastCheck = lastPersist
+
+        /// Gives up on `a`: every attempt failed (or there was none).
+        func giveUp(_ a: Active) {
+            close(a.fd)
+            let p = path(a.key)
+            if a.allNotFound {
+                if case .manifest(let name) = a.key {
+                    lock.withLock { manifests.remove(name) }
+                    unlink(manifestFile(name))
+                }
+                if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
+                    return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
+                }
+                return complete(a.fetchKey, Failure(status: 404, reason: "edge: no upstream has \(p) (\(upstream))"))
             }
-            active.removeAll()
-            session?.rig.queue.close()
-            session = nil
+            originFailed(a.fetchKey, Failure(status: 502, reason: a.lastFailure ?? "edge: \(p) failed"))
         }
+
+        /// Sends `a` to its current attempt.
+        func submit(_ a: Active, _ p: ConnectionPool) {
+            let tag = nextTag
+            nextTag += 1
+            ftruncate(a.fd, 0)
+            var a = a
+            a.seen = 0
+            a.progressAt = DispatchTime.now().uptimeNanoseconds
+            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: a.attempt.headers, sinkFD: a.fd, tag: tag, keepErrors: true)
+            lock.withLock {
+                if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
+            }
+            active[tag] = a
+        }
+
+        /// Moves `a` to its next attempt after `why` (a failover when the upstream had more
+        /// than a 404 to say), or gives up.
+        func retry(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
+            var a = a
+            if !notFound { a.allNotFound = false; a.lastFailure = why } else if a.allNotFound { a.lastFailure = nil }
+            guard let next = nextAttempt(a) else { return giveUp(a) }
+            if !notFound {
+                lock.withLock { counterValues.failovers += 1 }
+                logger.notice("edge: \(path(a.key)) via \(a.attempt.label) failed (\(why)); trying \(next.label)")
+            }
+            a.attempt = next
+            a.tried.append(next)
+            submit(a, p)
+        }
+
         while !stopFlag.load(ordering: .acquiring) {
             let now = DispatchTime.now().uptimeNanoseconds
             if now - lastPersist > 2_000_000_000 { persist(); lastPersist = now }
@@ -445,115 +531,119 @@ public final class EdgeCache: @unchecked Sendable {
                 backlog += jobs; jobs.removeAll()
             }
             if backlog.isEmpty && active.isEmpty {
-                if let s = session {
-                    // Idle: keep the connection's timers going; close it after a while.
-                    if now - lastUse > 10_000_000_000 { s.close(); session = nil; continue }
-                    s.rig.worker.idleWait = 5_000_000
-                    do { try s.rig.worker.turn() } catch { dropSession("\(error)") }
-                    if let e = session?.app.connectionError { dropSession(e) }
+                if let p = pool {
+                    // Idle: keep the connections' timers going; close them after a while.
+                    if now - lastUse > 10_000_000_000 { p.close(); pool = nil; continue }
+                    do { _ = try p.drive(forNanoseconds: 5_000_000) } catch { p.close(); pool = nil }
                 } else {
                     _ = wake.wait(timeout: .now() + .milliseconds(500))
                 }
                 continue
             }
             lastUse = now
-            if session == nil {
-                // Right after a failed connect, fail fast instead of stalling every request.
-                if let f = lastConnectFailure, now - f.at < 1_000_000_000 {
-                    for k in backlog { originFailed(k, Failure(status: 502, reason: f.why)) }
-                    backlog.removeAll()
-                    continue
-                }
-                do {
-                    session = try ClientSession(origin, trust: trust, datapath: datapath, timeout: Self.connectTimeout)
-                    lastConnectFailure = nil
-                    logger.info("edge cache: connected to origin \(origin)")
-                } catch {
-                    let why = "edge: origin \(origin) unreachable: \(error)"
+            if pool == nil {
+                do { pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9)) } catch {
+                    let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")
-                    lastConnectFailure = (DispatchTime.now().uptimeNanoseconds, why)
-                    for k in backlog { originFailed(k, Failure(status: 502, reason: why)) }
+                    for (k, h) in backlog { originFailed(FetchKey(key: k, holder: h?.holder), Failure(status: 502, reason: why)) }
                     backlog.removeAll()
+                    _ = wake.wait(timeout: .now() + .milliseconds(500))
                     continue
                 }
+                onPoolWake = { [weak p = pool] in p?.wake() }
             }
-            guard let s = session else { continue }
+            guard let p = pool else { continue }
             while !backlog.isEmpty && active.count < Self.maxInFlight {
-                let key = backlog.removeFirst()
+                let (key, hint) = backlog.removeFirst()
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {
-                    originFailed(key, Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
+                    originFailed(FetchKey(key: key, holder: hint?.holder), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
                     continue
                 }
-                let tag = nextTag
-                nextTag += 1
-                do { try s.submit("GET", path(key), sinkFD: fd, tag: tag, keepErrors: true) } catch {
-                    close(fd)
-                    originFailed(key, Failure(status: 502, reason: "edge: requesting \(path(key)) from origin: \(error)"))
+                let t = DispatchTime.now().uptimeNanoseconds
+                guard let first = upstream.attempts(for: Self.resource(key), hint: hint).first else {
+                    giveUp(Active(key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [], progressAt: t))
                     continue
                 }
-                lock.withLock {
-                    if case .chunk = key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
-                }
-                active[tag] = Active(key: key, fd: fd, started: DispatchTime.now().uptimeNanoseconds)
+                submit(Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t), p)
             }
-            s.rig.worker.idleWait = 1_000_000
-            do { _ = try s.drive(forNanoseconds: 2_000_000) { !s.app.done.isEmpty } } catch { dropSession("\(error)"); continue }
-            for d in s.app.done {
+            let done: [ConnectionPool.Done]
+            do { done = try p.drive(forNanoseconds: 1_000_000) } catch {
+                logger.error("edge: the fetcher's datapath failed: \(error)")
+                for (_, a) in active { close(a.fd); originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(error)")) }
+                active.removeAll()
+                p.close()
+                pool = nil
+                continue
+            }
+            for d in done {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
-                finish(a, d)
+                if let failure = d.failure { retry(a, "\(a.attempt.label): \(failure)", notFound: false, p); continue }
+                guard let status = d.status else {
+                    retry(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
+                    continue
+                }
+                if status == 404 { retry(a, "", notFound: true, p); continue }
+                if let why = finish(a, d, status: status) { retry(a, why, notFound: false, p); continue }
                 close(a.fd)
             }
-            s.app.done.removeAll()
-            if let e = s.app.connectionError { dropSession(e); continue }
+            // Stalls: a link the upstream knows is down, or no byte for `stallTimeout`.
             let t = DispatchTime.now().uptimeNanoseconds
-            for (tag, a) in active where t - a.started > Self.requestTimeout {
-                active[tag] = nil
-                close(a.fd)
-                originFailed(
-                    a.key, Failure(status: 504, reason: "edge: origin \(origin) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"))
+            if t - lastCheck > 20_000_000 {
+                lastCheck = t
+                for (tag, var a) in active {
+                    let got = p.received(tag)
+                    if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
+                    let down = upstream.isDown(a.attempt.url)
+                    guard down || t - a.progressAt > Self.stallTimeout else { continue }
+                    p.cancel(tag)
+                    active[tag] = nil
+                    let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
+                    if t - a.started > Self.requestTimeout {
+                        var a = a
+                        a.allNotFound = false
+                        a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"
+                        giveUp(a)
+                    } else {
+                        retry(a, why, notFound: false, p)
+                    }
+                }
             }
         }
-        if let session { dropSession("the node is stopping"); _ = session }
+        for (_, a) in active { close(a.fd); originFailed(a.fetchKey, Failure(status: 502, reason: "edge: the node is stopping")) }
+        pool?.close()
     }
 
-    /// A response from the origin: verified and cached, or a failure for the waiters.
-    private func finish(_ a: Active, _ d: MultiRequestApp.Done) {
-        let p = path(a.key)
-        guard let status = d.status else {
-            return originFailed(a.key, Failure(status: 502, reason: "edge: origin reset \(p) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))"))
-        }
+    /// A response from the upstream: verified and cached (nil), or why the attempt failed so
+    /// that the fetch moves on to the next one. A local failure completes the fetch itself.
+    private func finish(_ a: Active, _ d: ConnectionPool.Done, status: Int) -> String? {
+        let p = a.attempt.path
+        let from = a.attempt.label
         let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         guard status == 200 else {
             let text = String(decoding: body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            let failure = Failure(status: status == 404 ? 404 : 502, reason: "edge: origin answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")")
-            if status == 404 {
-                if case .manifest(let name) = a.key {
-                    lock.withLock { manifests.remove(name) }
-                    unlink(manifestFile(name))
-                }
-                return complete(a.key, failure)
-            }
-            return originFailed(a.key, failure)
+            return "edge: \(from) answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")"
         }
         guard d.errorCode == H3Error.noError else {
-            return originFailed(a.key, Failure(status: 502, reason: "edge: the origin's response to \(p) was cut off after \(d.received) bytes"))
+            return "edge: the response of \(from) to \(p) was cut off after \(d.received) bytes"
         }
         lock.withLock { counterValues.bytesFromOrigin += d.received }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.started) / 1e9
         switch a.key {
         case .chunk(let id):
             do {
                 try store.put(id: id, bytes: body)
             } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
                 lock.withLock { counterValues.verificationFailures += 1 }
-                logger.error("edge cache: refused chunk \(id.hex) from origin \(origin): \(e.message)")
-                return originFailed(
-                    a.key, Failure(status: 502, reason: "edge: the origin sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"))
+                logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
+                return "edge: \(from) sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"
             } catch {
                 logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
-                return complete(a.key, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
+                complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
+                return nil
             }
+            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
             var evicted: [ChunkID] = []
             let admitted = lock.withLock {
                 let ok = policy.insert(id, size: UInt64(body.count)) { evicted.append($0) }
@@ -566,12 +656,13 @@ public final class EdgeCache: @unchecked Sendable {
                 // Larger than the whole cache: served once from the store copy, then dropped.
                 logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
             }
-            complete(a.key, nil, chunk: body)
+            complete(a.fetchKey, nil, chunk: body)
             if !admitted { _ = try? store.remove(id) }
         case .manifest(let name):
             do { _ = try Manifest(decoding: body) } catch {
-                return originFailed(a.key, Failure(status: 502, reason: "edge: the origin's manifest for \(name) is invalid: \(error)"))
+                return "edge: the manifest of \(name) from \(from) is invalid: \(error)"
             }
+            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
             let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
             let m = EdgeManifests.Entry(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
             let file = manifestFile(name)
@@ -588,7 +679,8 @@ public final class EdgeCache: @unchecked Sendable {
                 unlink(file)
                 logger.warning("edge cache: the manifest of \(name) (\(body.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
             }
-            complete(a.key, nil, manifest: m.bytes)
+            complete(a.fetchKey, nil, manifest: m.bytes)
         }
+        return nil
     }
 }

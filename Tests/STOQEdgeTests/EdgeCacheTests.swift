@@ -24,7 +24,7 @@ import Testing
 
     func open(capacity: UInt64) throws -> EdgeCache {
         try EdgeCache(
-            root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, origin: "https://[::1]:9",
+            root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, upstream: OriginUpstream(try STOQURL("https://[::1]:9")),
             trust: ClientTrust(), datapath: Self.noNetwork, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
     }
 
