@@ -144,7 +144,9 @@ let package = Package(
         // discovery. Pure where it can be; the node assembly wires it to connections.
         .target(
             name: "STOQMesh",
-            dependencies: ["STOQCore", "STOQRouting", "STOQConfig",
+            dependencies: ["STOQCore", "STOQRouting", "STOQConfig", "STOQQUIC", "STOQTrust", "STOQChunking",
+                           // The mesh service's connections to its neighbours.
+                           "STOQTransfer", "CSTOQSystem",
                            .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -162,8 +164,8 @@ let package = Package(
         // The worker-side HTTP/3 applications: objects, chunks, manifests, and the router.
         .target(
             name: "STOQContent",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "CSTOQSystem",
-                           .product(name: "Logging", package: "swift-log")]),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "STOQMesh", "STOQTransfer",
+                           "CSTOQSystem", .product(name: "Logging", package: "swift-log")]),
         // The node's TLS identity over time: issue, renew, publish to workers (embedded CA or ACME),
         // and the CA's transparency log.
         .target(

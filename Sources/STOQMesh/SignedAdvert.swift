@@ -67,6 +67,28 @@ public struct SignedAdvert: Sendable {
         _ bytes: [UInt8], nowMillis: UInt64,
         trust: ([Certificate]) async throws -> Void
     ) async throws(AdvertError) -> SignedAdvert {
+        let advert = try check(bytes, nowMillis: nowMillis)
+        do { try await trust(advert.chain) } catch {
+            throw AdvertError(.untrustedSigner, "origin \(advert.advert.origin) (\(advert.chain[0].subject)): \(error)")
+        }
+        return advert
+    }
+
+    /// `verify`, for a caller on a thread of its own (the mesh service): `trust` is synchronous
+    /// (`PeerVerifier.verify(derChain:)`).
+    public static func verify(
+        _ bytes: [UInt8], nowMillis: UInt64,
+        trusting trust: ([Certificate]) throws -> Void
+    ) throws(AdvertError) -> SignedAdvert {
+        let advert = try check(bytes, nowMillis: nowMillis)
+        do { try trust(advert.chain) } catch {
+            throw AdvertError(.untrustedSigner, "origin \(advert.advert.origin) (\(advert.chain[0].subject)): \(error)")
+        }
+        return advert
+    }
+
+    /// Every rule but trust, in order: size, format, chain shape, origin, signature, time.
+    private static func check(_ bytes: [UInt8], nowMillis: UInt64) throws(AdvertError) -> SignedAdvert {
         guard bytes.count <= maxSize else { throw AdvertError(.oversized, "\(bytes.count) bytes; at most \(maxSize)") }
         let (advert, bodyLength) = try AdvertBody.decodeBody(bytes[...])
         var r = Reader(bytes[bodyLength...])
@@ -104,9 +126,6 @@ public struct SignedAdvert: Sendable {
         }
         guard advert.issuedMillis <= nowMillis &+ clockSkewMillis else {
             throw AdvertError(.fromTheFuture, "issued \(advert.issuedMillis - nowMillis) ms in the future; clocks may differ by \(clockSkewMillis) ms")
-        }
-        do { try await trust(chain) } catch {
-            throw AdvertError(.untrustedSigner, "origin \(advert.origin) (\(leaf.subject)): \(error)")
         }
         return SignedAdvert(advert: advert, chain: chain, bytes: bytes)
     }

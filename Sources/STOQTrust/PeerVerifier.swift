@@ -91,6 +91,12 @@ public struct PeerVerifier: Sendable {
         try verify(derChain: chain.map(Self.der), dnsName: dnsName, ipv6Address: ipv6Address, now: now)
     }
 
+    /// `verify(chain:)` for a caller that must not suspend (the mesh thread checking an
+    /// advert's signer).
+    public func verifySynchronously(chain: [Certificate], now: Date = Date()) throws(PeerVerificationError) -> [Certificate] {
+        try verify(derChain: chain.map(Self.der), now: now)
+    }
+
     /// The TLS handshake's entry: nil to accept the DER chain the peer sent (leaf first), else
     /// the refusal as "code: message". `serverName` is what the client dialled (a DNS name or
     /// an IPv6 literal); nil when verifying a client.

@@ -1,0 +1,339 @@
+import CSTOQSystem
+import Foundation
+import Logging
+import STOQCore
+import STOQQUIC
+import STOQRouting
+import STOQTransfer
+
+/// The mesh thread's state: connections, links, link-state. Owned by that thread alone.
+final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touched only there
+    /// One neighbour: where it listens, what its link looks like, and what a probe learned.
+    struct Neighbour {
+        var url: STOQURL
+        var link: NeighbourLink
+        var id: NodeIdentity?
+        /// Where probe answers are written (one small memory file per neighbour).
+        var answerFD: Int32
+        var probesSent: UInt64 = 0
+        var probesAnswered: UInt64 = 0
+        var downs: UInt64 = 0
+        var ups: UInt64 = 0
+    }
+
+    enum Pending {
+        case probe(IPv6Endpoint)
+        case advert
+    }
+
+    unowned let service: MeshService
+    let pool: ConnectionPool
+    let engine: RoutingEngine
+    var logger: Logger { service.logger }
+    var neighbours: [IPv6Endpoint: Neighbour] = [:]
+    var pending: [Int: Pending] = [:]
+    var nextTag = 1
+    var identities: [NodeID: NodeIdentity] = [:]
+    var counters = MeshStatus.Counters()
+    var memberCount = 0
+    var lastProbe: UInt64 = 0
+    var lastAdvert: UInt64 = 0
+    var advertDue = true
+    var lastExpire: UInt64 = 0
+    var lastStatus: UInt64 = 0
+    var viewDirty = true
+    var lastRoutesVersion: UInt64 = .max
+    var ownSequence: UInt64 = 0
+
+    init(service: MeshService) throws {
+        self.service = service
+        do {
+            pool = try ConnectionPool(trust: service.settings.trust, datapath: service.datapath, connectTimeout: 3 * Nanos.second)
+        } catch {
+            throw NodeError(.datapath, "mesh: cannot open the socket for neighbour connections: \(error)")
+        }
+        engine = RoutingEngine(
+            algorithm: service.settings.algorithm, maxHops: service.settings.maxHops, backups: .all,
+            advertMaxAge: service.settings.advertLifetime)
+        identities[service.identity.routingID] = service.identity
+    }
+
+    var me: NodeIdentity { service.identity }
+
+    func run() {
+        while !service.stopping {
+            let now = monotonicNow()
+            if let set = service.takeMembers() { updateMembers(set, now: now) }
+            if now &- lastProbe >= service.settings.probeInterval {
+                lastProbe = now
+                probe(now: now)
+            }
+            let done: [ConnectionPool.Done]
+            do { done = try pool.drive(forNanoseconds: min(service.settings.probeInterval / 4, 20_000_000)) } catch {
+                logger.error("mesh: the neighbour connections' datapath failed: \(error)")
+                usleep(100_000)
+                continue
+            }
+            let t = monotonicNow()
+            for d in done { finished(d, now: t) }
+            for (ep, d) in service.takeDeliveries() { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
+            tick(now: t)
+            for bytes in service.takeAdverts() { received(bytes, now: t) }
+            if advertDue && t &- lastAdvert >= 50_000_000 || t &- lastAdvert >= service.settings.updateInterval {
+                advertise(now: t)
+            }
+            if t &- lastExpire >= Nanos.second {
+                lastExpire = t
+                if !engine.expire(now: t).isEmpty { viewDirty = true }
+            }
+            if viewDirty { publishView() }
+            if t &- lastStatus >= service.settings.probeInterval {
+                lastStatus = t
+                if let load = service.loadSource { service.setLoad(load()) }
+                publishStatus(now: t)
+            }
+        }
+        for n in neighbours.values { close(n.answerFD) }
+        pool.close()
+    }
+
+    // MARK: Members
+
+    private func updateMembers(_ set: Set<MeshMember>, now: UInt64) {
+        memberCount = set.count
+        var wanted: [IPv6Endpoint: MeshMember] = [:]
+        for m in set where !isMe(m) { wanted[m.url.endpoint] = m }
+        for (ep, n) in neighbours where wanted[ep] == nil {
+            logger.notice("mesh: \(n.url) left the member list")
+            pool.drop(ep, reason: "no longer a member")
+            close(n.answerFD)
+            neighbours[ep] = nil
+            advertDue = true
+            viewDirty = true
+        }
+        for (ep, m) in wanted where neighbours[ep] == nil {
+            guard let url = try? STOQURL(m.url.description + "/") else { continue }
+            let fd = stoq_memfd("stoq-mesh-probe")
+            guard fd >= 0 else { continue }
+            var link = NeighbourLink.Settings(downAfter: service.settings.downAfter)
+            link.probeTimeout = min(link.probeTimeout, service.settings.downAfter)
+            neighbours[ep] = Neighbour(url: url, link: NeighbourLink(settings: link, now: now), id: m.nodeID, answerFD: fd)
+            logger.info("mesh: neighbour \(m)")
+        }
+    }
+
+    private func isMe(_ m: MeshMember) -> Bool {
+        if m.nodeID == me { return true }
+        return m.url.endpoint.port == service.settings.listenPort && service.settings.localAddresses.contains(m.url.endpoint.address)
+    }
+
+    // MARK: Probes
+
+    private func probe(now: UInt64) {
+        for (ep, n) in neighbours {
+            let tag = nextTag
+            nextTag += 1
+            pending[tag] = .probe(ep)
+            neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
+            neighbours[ep]!.probesSent += 1
+            pool.submit(to: n.url, "GET", MeshWire.probePath, sinkFD: n.answerFD, tag: tag)
+        }
+    }
+
+    private func finished(_ d: ConnectionPool.Done, now: UInt64) {
+        guard let p = pending.removeValue(forKey: d.tag) else { return }
+        switch p {
+        case .advert:
+            if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
+        case .probe(let ep):
+            guard var n = neighbours[ep] else { return }
+            if let f = d.failure {
+                if f.contains("certificate") || f.contains("TLS") {
+                    counters.peersRefused += 1
+                    logger.warning("mesh: \(n.url) refused: \(f)")
+                } else if f.contains("cannot connect") {
+                    counters.connectFailures += 1
+                }
+                return
+            }
+            guard d.status == 200, d.received > 0, d.received <= 512 else { return }
+            var bytes = [UInt8](repeating: 0, count: Int(d.received))
+            guard bytes.withUnsafeMutableBytes({ pread(n.answerFD, $0.baseAddress, $0.count, 0) }) == bytes.count else { return }
+            let answer: MeshWire.ProbeAnswer
+            do { answer = try MeshWire.ProbeAnswer(decoding: bytes) } catch {
+                logger.warning("mesh: \(n.url) answered a probe with \(error)")
+                return
+            }
+            if answer.node == me {
+                // This node, under another address: not a neighbour.
+                logger.notice("mesh: \(n.url) is this node; dropping it")
+                pool.drop(ep, reason: "this node")
+                close(n.answerFD)
+                neighbours[ep] = nil
+                return
+            }
+            if n.id != answer.node {
+                n.id = answer.node
+                identities[answer.node.routingID] = answer.node
+                viewDirty = true
+                advertDue = true
+            }
+            n.probesAnswered += 1
+            if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: Double(answer.loadPPM) / 1e6, now: now) {
+                n.ups += 1
+                changed(n, change)
+            }
+            neighbours[ep] = n
+        }
+    }
+
+    private func tick(now: UInt64) {
+        for ep in Array(neighbours.keys) {
+            let was = neighbours[ep]!.link.state
+            guard let change = neighbours[ep]!.link.tick(now: now) else { continue }
+            if was == .unknown {
+                // Never answered yet (it may still be starting): not news.
+                logger.debug("mesh: \(neighbours[ep]!.url) has not answered yet")
+                continue
+            }
+            neighbours[ep]!.downs += 1
+            changed(neighbours[ep]!, change)
+            // Streams to a silent neighbour would pile up: start afresh when it answers again.
+            pool.drop(ep, reason: "the link is down")
+        }
+    }
+
+    private func changed(_ n: Neighbour, _ state: NeighbourLink.State) {
+        logger.notice("mesh: link to \(n.id.map { "\($0)" } ?? "?") at \(n.url) is \(state.rawValue)")
+        advertDue = true
+        viewDirty = true
+    }
+
+    // MARK: Adverts
+
+    private func advertise(now: UInt64) {
+        advertDue = false
+        lastAdvert = now
+        let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
+        // Unix milliseconds: newer than anything a previous run of this node signed.
+        ownSequence = max(ownSequence + 1, nowMillis)
+        var links: [AdvertBody.Link] = []
+        for n in neighbours.values.sorted(by: { $0.url.description < $1.url.description }) {
+            guard n.link.state == .up, let id = n.id else { continue }
+            let m = n.link.metrics
+            links.append(
+                AdvertBody.Link(
+                    neighbour: id, rttMicros: UInt32(min(m.srtt / 1_000, UInt64(UInt32.max))),
+                    rttVarMicros: UInt32(min(m.rttvar / 1_000, UInt64(UInt32.max))),
+                    lossPPM: UInt32(min(max(m.loss, 0), 1) * 1_000_000),
+                    deliveryKbps: UInt32(min(m.deliveryRate * 8 / 1_000, Double(UInt32.max))),
+                    peerLoadPPM: UInt32(min(max(m.peerLoad, 0), 1) * 1_000_000)))
+        }
+        let signed: SignedAdvert
+        do {
+            let body = try AdvertBody(
+                origin: me, sequence: ownSequence, issuedMillis: nowMillis,
+                lifetimeMillis: UInt32(service.settings.advertLifetime / Nanos.millisecond), loadPPM: service.ownLoadPPM,
+                links: Array(links.prefix(AdvertBody.maxLinks)))
+            signed = try SignedAdvert.sign(body, chain: service.settings.chain, key: service.settings.key)
+        } catch {
+            logger.error("mesh: cannot sign this node's advert: \(error)")
+            return
+        }
+        service.signed(sequence: ownSequence)
+        do { try engine.apply(signed.advert.linkState, now: now) } catch {
+            logger.error("mesh: this node's own advert was refused: \(error)")
+        }
+        viewDirty = true
+        counters.advertsOriginated += 1
+        send(signed.bytes, except: nil)
+    }
+
+    private func send(_ bytes: [UInt8], except origin: NodeIdentity?) {
+        let body = BodyRegion(copying: bytes)
+        for n in neighbours.values where n.link.state == .up && n.id != origin {
+            let tag = nextTag
+            nextTag += 1
+            pending[tag] = .advert
+            pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: body, tag: tag)
+            if origin != nil { counters.advertsForwarded += 1 }
+        }
+    }
+
+    private func received(_ bytes: [UInt8], now: UInt64) {
+        counters.advertsReceived += 1
+        let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
+        let signed: SignedAdvert
+        do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.settings.verifyChain) } catch {
+            counters.advertsRefused[error.code.name, default: 0] += 1
+            logger.warning("mesh: \(error)")
+            return
+        }
+        guard signed.advert.origin != me else {
+            counters.advertsDuplicate += 1
+            return
+        }
+        do {
+            try engine.apply(signed.advert.linkState, now: now)
+        } catch {
+            if error.code == .duplicate {
+                counters.advertsDuplicate += 1
+            } else {
+                counters.advertsRefused[error.code.rawValue, default: 0] += 1
+                if error.code != .stale { logger.warning("mesh: advert of \(signed.advert.origin) refused: \(error)") }
+            }
+            return
+        }
+        counters.advertsAccepted += 1
+        identities[signed.advert.origin.routingID] = signed.advert.origin
+        for l in signed.advert.links { identities[l.neighbour.routingID] = l.neighbour }
+        viewDirty = true
+        send(bytes, except: signed.advert.origin)
+    }
+
+    // MARK: Publishing
+
+    private func publishView() {
+        viewDirty = false
+        let table = engine.routes(from: me.routingID)
+        if table.version != lastRoutesVersion {
+            lastRoutesVersion = table.version
+            counters.routeComputations += 1
+        }
+        var urls: [NodeID: STOQURL] = [:]
+        var down = Set<IPv6Endpoint>()
+        for (ep, n) in neighbours {
+            if let id = n.id { urls[id.routingID] = n.url }
+            if n.link.state != .up { down.insert(ep) }
+        }
+        service.publish(
+            view: MeshView(me: me, routes: table, identities: identities, neighbourURLs: urls, down: down, maxHops: engine.maxHops))
+    }
+
+    private func publishStatus(now: UInt64) {
+        let table = engine.routes(from: me.routingID)
+        func name(_ id: NodeID) -> String { identities[id]?.hex ?? String(id.rawValue, radix: 16) }
+        let routes = table.destinations.compactMap { d -> MeshStatus.Route? in
+            guard let r = table.route(to: d) else { return nil }
+            return MeshStatus.Route(
+                destination: name(d), path: r.primary.nodes.map(name), cost: r.primary.cost,
+                backupPath: r.backup.map { $0.nodes.map(name) }, backupCost: r.backup?.cost)
+        }.sorted { $0.destination < $1.destination }
+        let ns = neighbours.map { (ep, n) in
+            MeshStatus.Neighbour(
+                url: n.url.description.hasSuffix("/") ? String(n.url.description.dropLast()) : n.url.description,
+                node: n.id?.hex ?? "", state: n.link.state.rawValue, connected: pool.isConnected(ep),
+                srttMicros: n.link.metrics.srtt / 1_000, rttvarMicros: n.link.metrics.rttvar / 1_000, loss: n.link.metrics.loss,
+                deliveryBytesPerSecond: n.link.metrics.deliveryRate, peerLoad: n.link.metrics.peerLoad,
+                lastAnswerMillisAgo: n.link.lastAnswer.map { (now &- $0) / 1_000_000 }, probesSent: n.probesSent,
+                probesAnswered: n.probesAnswered, downs: n.downs, ups: n.ups)
+        }.sorted { $0.url < $1.url }
+        let db = engine.database
+        service.publish(
+            status: MeshStatus(
+                node: me.hex, algorithm: engine.algorithm.rawValue, maxHops: engine.maxHops,
+                discovery: service.discovery.backendName, discoveryCounters: service.discovery.counters, neighbours: ns,
+                routes: routes, nodesKnown: db.origins.values.filter(\.live).count, linksKnown: db.linkCount,
+                counters: counters))
+    }
+}

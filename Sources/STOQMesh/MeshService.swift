@@ -1,0 +1,275 @@
+import CSTOQSystem
+import Crypto
+import Foundation
+import Logging
+import STOQCore
+import STOQQUIC
+import STOQRouting
+import STOQTransfer
+import Synchronization
+import X509
+
+/// The mesh, running: one thread that keeps a QUIC connection with mutual TLS to every
+/// neighbour discovery reports, probes each, keeps its `NeighbourLink`, signs this node's
+/// adverts and floods everyone's, and computes routes. Workers and the edge fetcher read what
+/// it publishes (`view`, `status`) and hand it what arrives for it (`receiveAdvert`); nothing
+/// here runs on a worker's packet path.
+///
+/// - **Neighbours** are the members discovery reports, minus this node. Each gets a
+///   connection from one `ConnectionPool` (one socket, one endpoint). A peer whose certificate
+///   this node's trust refuses fails its handshake and is counted (`peersRefused`).
+/// - **Probes**: `GET /_stoq/mesh/probe` every `mesh.probe_interval` on each connection. The
+///   answer names the neighbour's node id and load; answers and timeouts drive its
+///   `NeighbourLink` (RTT, variance, loss, down within `mesh.down_after`).
+/// - **Adverts**: this node signs one when a link goes up or down, and every
+///   `routing.update_interval` with fresh metrics; it lives three intervals (at least 10 s).
+///   Received adverts are verified (`SignedAdvert.verify`: format, signature, time, chain to
+///   this node's trust), applied to the link-state database, and forwarded to every neighbour
+///   when new. A node forwards an advert once (a second copy is a duplicate and stops there),
+///   so each crosses each link at most twice.
+/// - **Routes**: `RoutingEngine` with `routing.algorithm` and `max_hops`, a link-disjoint
+///   backup per destination; recomputed when link-state changes, published as a `MeshView`.
+public final class MeshService: @unchecked Sendable {
+    /// Everything the service is built from.
+    public struct Settings: @unchecked Sendable {  // a P256 key is immutable
+        /// This node's certificate chain (leaf first) and its key: adverts are signed with it,
+        /// and its key's digest is the node's id.
+        public var chain: [Certificate]
+        public var key: P256.Signing.PrivateKey
+        /// How connections to neighbours verify them and present this node's certificate.
+        public var trust: ClientTrust
+        /// What an advert's signer must chain to (this node's trust roots).
+        public var verifyChain: @Sendable ([Certificate]) throws -> Void
+        /// The port this node listens on, and its addresses: a member at one of them is itself.
+        public var listenPort: UInt16
+        public var localAddresses: Set<IPv6Address>
+        public var probeInterval: UInt64 = 100_000_000
+        public var downAfter: UInt64 = 600_000_000
+        public var updateInterval: UInt64 = 5_000_000_000
+        public var algorithm: RoutingAlgorithm = .adaptive
+        public var maxHops = 8
+
+        public init(
+            chain: [Certificate], key: P256.Signing.PrivateKey, trust: ClientTrust,
+            verifyChain: @escaping @Sendable ([Certificate]) throws -> Void, listenPort: UInt16,
+            localAddresses: Set<IPv6Address>
+        ) {
+            (self.chain, self.key, self.trust, self.verifyChain) = (chain, key, trust, verifyChain)
+            (self.listenPort, self.localAddresses) = (listenPort, localAddresses)
+        }
+
+        /// How long this node's adverts live: three update intervals, at least 10 s.
+        var advertLifetime: UInt64 { max(3 * updateInterval, 10 * Nanos.second) }
+    }
+
+    /// This node's id.
+    public let identity: NodeIdentity
+    public let settings: Settings
+    let discovery: DiscoveryBackend
+    let datapath: ClientDatapath
+    let logger: Logger
+
+    private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
+    private let inbox = Mutex<[[UInt8]]>([])
+    private let members = Mutex<Set<MeshMember>?>(nil)
+    private let deliveries = Mutex<[IPv6Endpoint: (bytes: Int, nanos: UInt64)]>([:])
+    private let relay = Mutex(MeshStatus.Counters())
+    private let loadPPM = Atomic<UInt32>(0)
+    private let ownSequence = Atomic<UInt64>(0)
+    private let stopFlag = Atomic<Bool>(false)
+    private let wakeHook = Mutex<(@Sendable () -> Void)?>(nil)
+    private let finished = DispatchGroup()
+    private var discoveryTask: Task<Void, Never>?
+    /// Connections, probes and adverts: the mesh thread's alone.
+    private var state: MeshLoop?
+
+    /// A service for this node; `start` runs it.
+    public init(settings: Settings, discovery: DiscoveryBackend, datapath: ClientDatapath, logger: Logger) {
+        self.settings = settings
+        self.identity = NodeIdentity(publicKey: settings.chain[0].publicKey)
+        self.discovery = discovery
+        self.datapath = datapath
+        self.logger = logger
+        published.withLock { $0.view = MeshView(me: identity, maxHops: settings.maxHops) }
+    }
+
+    // MARK: - Any thread
+
+    /// What routes and neighbours look like now.
+    public var view: MeshView { published.withLock { $0.view } }
+
+    /// The operator's view, refreshed about every probe interval (nil before the first).
+    public var status: MeshStatus? {
+        let relayCounters = relay.withLock { $0 }
+        return published.withLock { p in
+            guard var s = p.status else { return nil }
+            s.counters.relayServed = relayCounters.relayServed
+            s.counters.relayForwarded = relayCounters.relayForwarded
+            s.counters.maxHopsRefused = relayCounters.maxHopsRefused
+            s.counters.maxHopsSeen = relayCounters.maxHopsSeen
+            s.counters.failovers = relayCounters.failovers
+            return s
+        }
+    }
+
+    /// The answer to a probe (a worker calls this; it reads two atomics).
+    public func probeAnswer() -> [UInt8] {
+        MeshWire.ProbeAnswer(
+            node: identity, loadPPM: loadPPM.load(ordering: .relaxed), sequence: ownSequence.load(ordering: .relaxed)
+        ).encoded
+    }
+
+    /// Where the mesh thread reads this node's load (0...1) from, every probe interval; set
+    /// before `start`.
+    public var loadSource: (@Sendable () -> Double)?
+
+    /// This node's load, 0...1 (the node sets it from its workers' connection counts).
+    public func setLoad(_ load: Double) {
+        loadPPM.store(UInt32(min(max(load, 0), 1) * 1_000_000), ordering: .relaxed)
+    }
+
+    /// An advert a neighbour `PUT`: queued for the mesh thread, which verifies it.
+    public func receiveAdvert(_ bytes: [UInt8]) {
+        inbox.withLock { q in
+            // A flood of adverts from a broken or hostile neighbour must not grow without bound.
+            if q.count < 4096 { q.append(bytes) }
+        }
+        wakeHook.withLock { $0 }?()
+    }
+
+    /// A relayed request that arrived having taken `hops` hops, and what this node did with it.
+    public enum RelayOutcome: Sendable { case served, forwarded, refusedMaxHops }
+
+    /// Counts a relayed request (a worker calls this once per request).
+    public func countRelay(_ outcome: RelayOutcome, hops: Int) {
+        relay.withLock { c in
+            c.maxHopsSeen = max(c.maxHopsSeen, UInt64(max(hops, 0)))
+            switch outcome {
+            case .served: c.relayServed += 1
+            case .forwarded: c.relayForwarded += 1
+            case .refusedMaxHops: c.maxHopsRefused += 1
+            }
+        }
+    }
+
+    /// Counts a fetch that moved to another route (the edge fetcher calls this).
+    public func countFailover() { relay.withLock { $0.failovers += 1 } }
+
+    /// `bytes` arrived from the neighbour at `endpoint` in `nanos` (a chunk fetched through it):
+    /// its delivery rate.
+    public func delivered(from endpoint: IPv6Endpoint, bytes: Int, nanos: UInt64) {
+        deliveries.withLock { d in
+            let old = d[endpoint] ?? (0, 0)
+            d[endpoint] = (old.bytes + bytes, old.nanos + nanos)
+        }
+    }
+
+    // MARK: - Lifecycle
+
+    /// Starts discovery and the mesh thread.
+    public func start() throws {
+        let loop = try MeshLoop(service: self)
+        state = loop
+        let waker = loop.pool.waker
+        wakeHook.withLock { $0 = { waker.wake() } }
+        let backend = discovery
+        discoveryTask = Task { [self] in
+            await backend.run { set in
+                self.members.withLock { $0 = set }
+                self.wakeHook.withLock { $0 }?()
+            }
+        }
+        finished.enter()
+        let t = Thread { [self] in
+            loop.run()
+            finished.leave()
+        }
+        t.name = "stoq-mesh"
+        t.start()
+        logger.info(
+            "mesh: node \(identity) started",
+            metadata: [
+                "discovery": "\(discovery.backendName)", "algorithm": "\(settings.algorithm.rawValue)",
+                "max_hops": "\(settings.maxHops)", "probe_interval_ms": "\(settings.probeInterval / 1_000_000)",
+                "down_after_ms": "\(settings.downAfter / 1_000_000)",
+            ])
+    }
+
+    /// Stops the thread and discovery (withdrawing this node's registration); waits up to 5 s.
+    public func stop() {
+        stopFlag.store(true, ordering: .releasing)
+        wakeHook.withLock { $0 }?()
+        discoveryTask?.cancel()
+        _ = finished.wait(timeout: .now() + 5)
+    }
+
+    // MARK: - For the mesh thread
+
+    var stopping: Bool { stopFlag.load(ordering: .acquiring) }
+    func takeMembers() -> Set<MeshMember>? { members.withLock { m in defer { m = nil }; return m } }
+    func takeAdverts() -> [[UInt8]] { inbox.withLock { q in defer { q.removeAll() }; return q } }
+    func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] { deliveries.withLock { d in defer { d.removeAll() }; return d } }
+    func publish(view: MeshView) { published.withLock { $0.view = view } }
+    func publish(status: MeshStatus) { published.withLock { $0.status = status } }
+    func signed(sequence: UInt64) { ownSequence.store(sequence, ordering: .relaxed) }
+    var ownLoadPPM: UInt32 { loadPPM.load(ordering: .relaxed) }
+}
+
+/// What routes and neighbours look like at one moment: immutable, so that the edge fetcher
+/// reads it without a lock held while it decides.
+public struct MeshView: Sendable {
+    /// This node.
+    public let me: NodeIdentity
+    /// Routes from this node (nil before any link-state).
+    public let routes: RouteTable?
+    /// Every node id heard of, by routing id.
+    public let identities: [NodeID: NodeIdentity]
+    /// The neighbours' URLs, by routing id (those whose id a probe answer named).
+    public let neighbourURLs: [NodeID: STOQURL]
+    /// Neighbours whose link is down now: requests through them are abandoned.
+    public let down: Set<IPv6Endpoint>
+    public let maxHops: Int
+
+    static let empty = MeshView(me: NodeIdentity([UInt8](repeating: 0, count: 32)), maxHops: 0)
+
+    init(me: NodeIdentity, maxHops: Int) {
+        self.init(me: me, routes: nil, identities: [:], neighbourURLs: [:], down: [], maxHops: maxHops)
+    }
+
+    init(
+        me: NodeIdentity, routes: RouteTable?, identities: [NodeID: NodeIdentity], neighbourURLs: [NodeID: STOQURL],
+        down: Set<IPv6Endpoint>, maxHops: Int
+    ) {
+        (self.me, self.routes, self.identities, self.neighbourURLs, self.down, self.maxHops) =
+            (me, routes, identities, neighbourURLs, down, maxHops)
+    }
+
+    /// The node with id `hex`, if known.
+    public func node(hex: String) -> NodeIdentity? {
+        guard let bytes = Hex.decode(hex), bytes.count == 32 else { return nil }
+        let id = NodeIdentity(bytes)
+        return identities[id.routingID] == id ? id : nil
+    }
+
+    /// The neighbours to ask for something `holder` has, best first: the primary route's next
+    /// hop, then the backup's. Empty when `holder` is unreachable within `max_hops`.
+    public func nextHops(to holder: NodeIdentity) -> [STOQURL] {
+        guard let routes, let route = routes.route(to: holder.routingID) else { return [] }
+        var out: [STOQURL] = []
+        for hop in [route.primary.nextHop, route.backup?.nextHop] {
+            if let hop, let url = neighbourURLs[hop], !down.contains(url.endpoint), !out.contains(where: { $0.endpoint == url.endpoint }) {
+                out.append(url)
+            }
+        }
+        return out
+    }
+
+    /// Every node this one has a route to, nearest first.
+    public var reachable: [NodeIdentity] {
+        guard let routes else { return [] }
+        return routes.destinations
+            .compactMap { d in identities[d].map { (id: $0, cost: routes.cost(to: d) ?? .infinity) } }
+            .sorted { $0.cost < $1.cost }
+            .map(\.id)
+    }
+}
