@@ -82,13 +82,6 @@ extension NodeConfig {
 
         public init() {}
 
-        /// The `NodeConfig.notices` line while the mesh service does not exist: a configured
-        /// mesh is accepted, and said to be not running, rather than silently ignored.
-        public var notice: String? {
-            guard self != Mesh() else { return nil }
-            return
-                "mesh: [mesh] is configured (discovery \(discovery.rawValue), \(peers.count) peer(s)) but the mesh service is not running yet: this node serves alone"
-        }
     }
 }
 

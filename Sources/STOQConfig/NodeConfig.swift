@@ -146,19 +146,25 @@ public struct NodeConfig: Sendable, Equatable {
     public static let `default` = NodeConfig()
     public init() {}
 
-    /// What this configuration asks for that the node cannot do yet, one line each: the node
+    /// What this configuration asks for that the node cannot do (yet), one line each: the node
     /// logs them at start and `stoq config check` prints them, so nothing is silently ignored.
     public var notices: [String] {
         var n: [String] = []
-        n.append(
-            "routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect yet: there is no mesh, so every request is served from this node's store (or its edge origin)"
-        )
-        if edge.enableCaching && edge.origin.isEmpty {
+        let meshOn = !mesh.peers.isEmpty || mesh.discovery != .static
+        if !meshOn {
             n.append(
-                "edge: enable_caching = true with no edge.origin: fetching through the mesh comes with the mesh; until then this node caches nothing and serves only its own content"
+                "routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect without a mesh: no [mesh] peers or discovery are configured, so every request is served from this node's store (or its edge origin)"
+            )
+        } else if routing.algorithm == .mlOptimized {
+            n.append(
+                "routing: algorithm = ml_optimized computes routes like adaptive for now: spreading one object's chunks over several routes is not wired into fetches yet"
             )
         }
-        if let line = mesh.notice { n.append(line) }
+        if edge.enableCaching && edge.origin.isEmpty && !meshOn {
+            n.append(
+                "edge: enable_caching = true with neither edge.origin nor [mesh]: this node has nowhere to fetch from, so it caches nothing and serves only its own content"
+            )
+        }
         return n
     }
 }

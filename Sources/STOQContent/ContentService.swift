@@ -4,7 +4,9 @@ import Logging
 import STOQChunking
 import STOQQUIC
 import STOQEdge
+import STOQMesh
 import STOQStore
+import STOQTransfer
 
 /// Chunk-level transfer over HTTP/3, on the node's content-addressed store:
 ///
@@ -36,7 +38,7 @@ public final class ContentService: QUICApplication {
         public var edgeRequests: UInt64 = 0
     }
 
-    enum Kind { case chunk(ChunkID), missing, manifest(String) }
+    enum Kind { case chunk(ChunkID), missing, manifest(String), advert }
 
     struct Upload {
         var kind: Kind
@@ -82,7 +84,7 @@ public final class ContentService: QUICApplication {
     }
 
 
-    private let index: ObjectIndex
+    let index: ObjectIndex
     private var sends: [HTTPStream: ObjectSend] = [:]
     private let maxChunkSize: UInt64
     private let logger: Logger
@@ -91,15 +93,21 @@ public final class ContentService: QUICApplication {
     /// The node's edge cache (nil: not an edge node), and this worker's inbox for it.
     package let edge: EdgeCache?
     package let inbox = EdgeCache.Inbox()
-    private var edgeWaits: [UInt64: EdgeWait] = [:]
+    var edgeWaits: [UInt64: EdgeWait] = [:]
     private var completions: [EdgeCache.Completion] = []
     /// `Cache-Control` sent with manifests and chunked objects (origin side), if any.
     private let cacheControl: (String, String)?
+    /// The mesh service, when this node is in a mesh: probes, adverts and relays.
+    package let mesh: MeshService?
 
     /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
     /// refused. With `edge`, what the node lacks is served through the edge cache.
     /// `maxAge` (seconds) is the `Cache-Control: max-age` put on manifests and objects.
-    public init(index: ObjectIndex, maxChunkSize: UInt64, logger: Logger, edge: EdgeCache? = nil, maxAge: UInt64? = nil) {
+    public init(
+        index: ObjectIndex, maxChunkSize: UInt64, logger: Logger, edge: EdgeCache? = nil, maxAge: UInt64? = nil,
+        mesh: MeshService? = nil
+    ) {
+        self.mesh = mesh
         self.index = index
         self.maxChunkSize = maxChunkSize
         self.logger = logger
@@ -111,12 +119,13 @@ public final class ContentService: QUICApplication {
 
     /// Whether a request path belongs to this service.
     public static func handles(_ path: String) -> Bool {
-        path.hasPrefix("/chunks/") || path.hasPrefix("/manifests/") || path == "/_stoq/missing"
+        path.hasPrefix("/chunks/") || path.hasPrefix("/manifests/") || path == "/_stoq/missing" || MeshWire.handles(path)
     }
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         let path = String(request.path.prefix { $0 != "?" })
+        if MeshWire.handles(path) { return meshRequest(path, request, stream, connection) }
         if path == "/_stoq/missing" {
             guard request.method == "POST" else { return notAllowed(stream, connection, "POST") }
             return begin(.missing, limit: Self.maxQueryBytes, request, stream, connection)
@@ -242,7 +251,7 @@ public final class ContentService: QUICApplication {
         connection.appendBody(stream, piece, last: send.remaining == 0)
     }
 
-    private func serveChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    func serveChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
         let bytes: [UInt8]
         do { bytes = try index.chunks.read(id) } catch let e as StoreError {
             switch e.code {
@@ -263,7 +272,7 @@ public final class ContentService: QUICApplication {
         connection.respond(stream, status: 200, headers: headers, body: head ? nil : BodyRegion(copying: bytes))
     }
 
-    private func serveManifest(_ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    func serveManifest(_ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
         let record: ObjectRecord
         do { record = try index.object(name) } catch let e as StoreError where e.code == .objectNotFound {
             return fail(stream, connection, 404, e.message)
@@ -294,16 +303,20 @@ public final class ContentService: QUICApplication {
         sendObject(name, manifest, edge: true, request, stream, connection)
     }
 
-    private func serveEdgeManifest(_ edge: EdgeCache, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    func serveEdgeManifest(
+        _ edge: EdgeCache, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil
+    ) {
         counters.edgeRequests += 1
         if let m = edge.manifest(name), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox)] = .manifest(name, head: head, stream, connection)
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint)] = .manifest(name, head: head, stream, connection)
     }
 
-    private func serveEdgeChunk(_ edge: EdgeCache, _ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    func serveEdgeChunk(
+        _ edge: EdgeCache, _ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil
+    ) {
         counters.edgeRequests += 1
         if let bytes = edge.readChunk(id) { return respondChunk(bytes, head: head, stream, connection) }
-        edgeWaits[edge.fetch(.chunk(id), inbox: inbox)] = .chunk(id, head: head, stream, connection)
+        edgeWaits[edge.fetch(.chunk(id), inbox: inbox, hint: hint)] = .chunk(id, head: head, stream, connection)
     }
 
     /// Completes what the edge cache's fetcher finished for this worker (called by the
@@ -381,7 +394,7 @@ public final class ContentService: QUICApplication {
         edgeWaits = edgeWaits.filter { $0.value.connection !== connection }
     }
 
-    private func begin(_ kind: Kind, limit: UInt64, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+    func begin(_ kind: Kind, limit: UInt64, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
         if let n = request.contentLength, UInt64(n) > limit {
             return fail(stream, connection, 413, "body of \(n) bytes is over the limit of \(limit)")
         }
@@ -410,6 +423,9 @@ public final class ContentService: QUICApplication {
         case .chunk(let id): storeChunk(id, body, stream, connection)
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, stream, connection)
+        case .advert:
+            mesh?.receiveAdvert(Array(body))
+            connection.respond(stream, status: 202, headers: [("content-length", "0")], body: nil)
         }
     }
 
@@ -464,12 +480,12 @@ public final class ContentService: QUICApplication {
         if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
     }
 
-    private func notAllowed(_ stream: HTTPStream, _ connection: QUICConnection, _ allow: String) {
+    func notAllowed(_ stream: HTTPStream, _ connection: QUICConnection, _ allow: String) {
         counters.refused += 1
         connection.respond(stream, status: 405, headers: [("allow", allow)], body: nil)
     }
 
-    private func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String) {
+    func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String) {
         counters.refused += 1
         logger.debug("content request refused", metadata: ["status": "\(status)", "reason": "\(why)"])
         let body = BodyRegion(copying: Array("\(why.prefix(2000))\n".utf8))

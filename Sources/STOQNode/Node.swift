@@ -7,6 +7,7 @@ import STOQContent
 import STOQCore
 import STOQDatapath
 import STOQEdge
+import STOQMesh
 import STOQQUIC
 import STOQRenewal
 import STOQStore
@@ -30,6 +31,8 @@ public final class Node: @unchecked Sendable {
     public private(set) var contentIndex: ObjectIndex?
     /// The edge cache, when `edge.enable_caching` is on.
     public private(set) var edge: EdgeCache?
+    /// The mesh service, when `[mesh]` is configured.
+    public private(set) var mesh: MeshService?
     private var snapshots: [WorkerSnapshot] = []
     private var admin: AdminServer?
     private let stopFlag = StopFlag()
@@ -131,19 +134,32 @@ public final class Node: @unchecked Sendable {
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
         for line in cfg.notices { logger.notice("\(line)") }
-        let edge = try openEdgeCache(cfg)
+        let meshService = try Self.makeMesh(
+            cfg, certificate: servingCertificatePath,
+            key: cfg.tls.certFile.isEmpty ? (certificates?.identityDirectory ?? cfg.node.dataDir + "/identity") + "/key.pem" : cfg.tls.keyFile,
+            logger: logger)
+        mesh = meshService
+        let edge = try openEdgeCache(cfg, mesh: meshService)
         let queues = try DatapathSelection(config: cfg, logger: logger).open()
         listenAddress = queues[0].localEndpoint
         let mesh = try connectWorkers(queues)
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, edge: edge, originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, mesh: mesh,
+            certificates: certificates, mesh: mesh, meshService: meshService,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
             stop: stopFlag, finished: finished, logger: logger)
         try startWorkers(assembly, queues: queues)
+        if let meshService {
+            let snapshots = self.snapshots, most = Double(max(1, cfg.network.quic.maxConnections))
+            meshService.loadSource = { Double(snapshots.compactMap(\.latest).reduce(0) { $0 + $1.connections }) / most }
+            do { try meshService.start() } catch {
+                stop()
+                throw error
+            }
+        }
         try startAdmin(cfg, content: content, edge: edge)
     }
 
@@ -201,14 +217,24 @@ public final class Node: @unchecked Sendable {
         return content
     }
 
-    /// The edge cache and its origin fetcher, when `edge.enable_caching` is on.
-    private func openEdgeCache(_ cfg: NodeConfig) throws -> EdgeCache? {
-        guard cfg.edge.enableCaching && !cfg.edge.origin.isEmpty else { return nil }  // no origin: a notice, until the mesh
+    /// The edge cache and its fetcher: with `edge.origin`, misses go to the origin; in a mesh
+    /// (without an origin), through the mesh, and the cache also carries what this node relays.
+    private func openEdgeCache(_ cfg: NodeConfig, mesh: MeshService?) throws -> EdgeCache? {
+        let upstream: FetchUpstream
+        if cfg.edge.enableCaching && !cfg.edge.origin.isEmpty {
+            do { upstream = OriginUpstream(try STOQURL(cfg.edge.origin)) } catch {
+                throw NodeError(.storage, "edge.origin \(cfg.edge.origin): \(error)")
+            }
+        } else if let mesh {
+            upstream = MeshUpstream(service: mesh)
+        } else {
+            return nil
+        }
         let opened: EdgeCache
         do {
             opened = try EdgeCache(
                 root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
-                ttlDefault: cfg.edge.ttlDefault, origin: cfg.edge.origin,
+                ttlDefault: cfg.edge.ttlDefault, upstream: upstream,
                 trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
                 maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
         } catch {
@@ -340,6 +366,7 @@ public final class Node: @unchecked Sendable {
     /// Asks every worker to close its connections gracefully and stop.
     public func stop() {
         certificates?.stop()
+        mesh?.stop()
         stopFlag.stop()
         edge?.stop()
     }

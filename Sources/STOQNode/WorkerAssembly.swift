@@ -6,6 +6,7 @@ import STOQContent
 import STOQCore
 import STOQDatapath
 import STOQEdge
+import STOQMesh
 import STOQQUIC
 import STOQRenewal
 import STOQStore
@@ -25,6 +26,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let originMaxAge: UInt64?
     let certificates: CertificateManager?
     let mesh: WorkerMesh
+    /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
+    let meshService: MeshService?
     let fallback: FallbackQueues
     let stop: StopFlag
     let finished: DispatchGroup
@@ -76,7 +79,7 @@ struct WorkerAssembly: @unchecked Sendable {
             logger: logger)
         let chunks = ContentService(
             index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
-            edge: edge, maxAge: originMaxAge)
+            edge: edge, maxAge: originMaxAge, mesh: meshService)
         let router = NodeRouter(objects: objects, content: chunks, logger: logger)
         if let log = certificates?.log { router.log = { log.handle(path: $0) } }
         return router

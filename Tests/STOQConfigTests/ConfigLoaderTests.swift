@@ -114,8 +114,8 @@ import TOMLKit
         #expect(c.chunking.algorithm == .contentAware && c.chunking.minChunkSize == 64 << 10 && c.chunking.maxChunkSize == 1 << 20)
         #expect(c.edge.enableCaching && c.edge.origin.isEmpty && c.edge.cacheSize == 10 << 30 && c.edge.ttlDefault == 3_600_000_000_000)
         #expect(c.notices.count == 2)
-        #expect(c.notices.first?.hasPrefix("routing: algorithm = ml_optimized, update_interval and max_hops have no effect yet") == true)
-        #expect(c.notices.last?.hasPrefix("edge: enable_caching = true with no edge.origin") == true)
+        #expect(c.notices.first?.hasPrefix("routing: algorithm = ml_optimized, update_interval and max_hops have no effect without a mesh") == true)
+        #expect(c.notices.last?.hasPrefix("edge: enable_caching = true with neither edge.origin nor [mesh]") == true)
         #expect(NodeConfig.default.notices.count == 1)  // routing only
     }
 

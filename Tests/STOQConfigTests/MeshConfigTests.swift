@@ -21,12 +21,11 @@ import Testing
         #expect(m.probeInterval == 100_000_000 && m.downAfter == 600_000_000)
     }
 
-    /// Until the mesh service exists, a configured mesh is a notice (logged at start, printed
-    /// by `stoq config check`); the default mesh says nothing.
-    @Test func aConfiguredMeshIsANotice() throws {
+    /// A configured mesh runs: no notice says it is ignored, and routing's keys take effect.
+    @Test func aConfiguredMeshRaisesNoNotice() throws {
         let c = try ConfigLoader.parse("[mesh]\npeers = [\"https://[fd00:57::2]:4433\"]")
-        #expect(c.notices.contains("mesh: [mesh] is configured (discovery static, 1 peer(s)) but the mesh service is not running yet: this node serves alone"))
-        #expect(!NodeConfig.default.notices.contains { $0.hasPrefix("mesh:") })
+        #expect(c.notices.isEmpty)
+        #expect(NodeConfig.default.notices.count == 1 && NodeConfig.default.notices[0].hasPrefix("routing:"))
     }
 
     @Test func readsStaticPeers() throws {

@@ -9,8 +9,8 @@ import types
 from conftest import ROOT, need_binary, read_banner, sha256_file, stoq
 
 FIXTURE = ROOT / "Tests" / "fixtures" / "operator-node.toml"
-ROUTING = "routing: algorithm = ml_optimized, update_interval and max_hops have no effect yet"
-EDGE = "edge: enable_caching = true with no edge.origin"
+ROUTING = "routing: algorithm = ml_optimized, update_interval and max_hops have no effect without a mesh"
+EDGE = "edge: enable_caching = true with neither edge.origin nor [mesh]"
 
 
 def test_config_check_passes_it_with_notices():

@@ -1,0 +1,67 @@
+import Crypto
+import Foundation
+import Logging
+import STOQConfig
+import STOQCore
+import STOQMesh
+import STOQTransfer
+import STOQTrust
+import X509
+
+extension NodeConfig.Mesh {
+    /// Whether `[mesh]` asks for a mesh: neighbours listed, or a discovery backend other than
+    /// the (empty) static list.
+    var enabled: Bool { !peers.isEmpty || discovery != .static }
+}
+
+extension Node {
+    /// The mesh service, when `[mesh]` asks for one: this node's certificate and key sign its
+    /// adverts; neighbours are verified like an edge's origin (`peerTrust`), and adverts'
+    /// signers against the same roots. Started by `start()` once the workers serve.
+    static func makeMesh(_ cfg: NodeConfig, certificate: String, key: String, logger: Logger) throws(NodeError) -> MeshService? {
+        guard cfg.mesh.enabled else { return nil }
+        let chain: [Certificate]
+        let signingKey: P256.Signing.PrivateKey
+        do {
+            chain = try PEMFiles.readCertificates(certificate)
+            signingKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: key, encoding: .utf8))
+        } catch {
+            throw NodeError(.identity, "mesh: the node's certificate \(certificate) and P-256 key \(key) sign its adverts: \(error)")
+        }
+        guard !chain.isEmpty else { throw NodeError(.identity, "mesh: \(certificate) holds no certificate") }
+        let trust = peerTrust(cfg)
+        let verifier: PeerVerifier
+        do {
+            let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
+            verifier = PeerVerifier(roots: roots, role: .client)
+        } catch {
+            throw NodeError(.identity, "mesh: cannot read the roots adverts are verified against: \(error)")
+        }
+        var local = Set(localAddresses())
+        local.insert(IPv6Address.loopback)
+        var s = MeshService.Settings(
+            chain: chain, key: signingKey, trust: trust,
+            verifyChain: { _ = try verifier.verifySynchronously(chain: $0) },
+            listenPort: cfg.network.listenAddress.port, localAddresses: local)
+        s.probeInterval = cfg.mesh.probeInterval
+        s.downAfter = cfg.mesh.downAfter
+        s.updateInterval = cfg.routing.updateInterval
+        s.algorithm = cfg.routing.algorithm
+        s.maxHops = cfg.routing.maxHops
+        let identity = NodeIdentity(publicKey: chain[0].publicKey)
+        let registration = registrationURL(cfg).map { MeshMember(url: $0, nodeID: identity) }
+        let discovery = DiscoverySelection.backend(
+            for: cfg.mesh, listenPort: cfg.network.listenAddress.port, registration: registration, logger: logger)
+        return MeshService(settings: s, discovery: discovery, datapath: DatapathSelection.originFetch, logger: logger)
+    }
+
+    /// The URL this node registers under (etcd): its listen address when that is specific, else
+    /// its first global address (a /128 on the loopback first: a node's own address in a routed mesh).
+    static func registrationURL(_ cfg: NodeConfig) -> MeshURL? {
+        let listen = cfg.network.listenAddress
+        if !listen.address.isUnspecified { return MeshURL(endpoint: listen) }
+        let candidates = localAddresses().filter { $0 != .loopback }
+        guard let a = candidates.first else { return nil }
+        return MeshURL(endpoint: IPv6Endpoint(address: a, port: listen.port))
+    }
+}
