@@ -84,7 +84,9 @@ package enum MeshMetrics {
         let d = m.discoveryCounters
         let backend = "{backend=\"\(label(m.discovery))\"}"
         family("stoq_mesh_discovery_updates_total", "counter", "Member sets discovery reported (the first and every change).", [(backend, "\(d.updates)")])
-        family("stoq_mesh_discovery_failures_total", "counter", "Failed discovery attempts (resolution, etcd request, lost watch or lease).", [(backend, "\(d.failures)")])
+        family(
+            "stoq_mesh_discovery_failures_total", "counter", "Failed discovery attempts (resolution, etcd request, lost watch or lease).",
+            [(backend, "\(d.failures)")])
         family("stoq_mesh_discovery_recoveries_total", "counter", "Times discovery worked again after failing.", [(backend, "\(d.recoveries)")])
         family("stoq_mesh_discovery_registrations_total", "counter", "Times this node registered itself (etcd).", [(backend, "\(d.registrations)")])
         family("stoq_mesh_discovery_members", "gauge", "Members in the last set discovery reported.", [(backend, "\(max(d.members, 0))")])
