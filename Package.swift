@@ -181,7 +181,7 @@ let package = Package(
         .target(
             name: "STOQAdmin",
             dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQWorker", "STOQStore", "STOQContent", "STOQEdge",
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQWorker", "STOQStore", "STOQContent", "STOQEdge", "STOQMesh",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -263,10 +263,12 @@ let package = Package(
             name: "STOQStoreTests",
             dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQNodeTests", dependencies: [
-            "STOQNode",
+            "STOQNode", "STOQAdmin", "STOQMesh",
             .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),
+        // `stoq mesh`'s tables and errors, on the fixture STOQNodeTests checks the admin API renders.
+        .testTarget(name: "stoqTests", dependencies: ["stoq"]),
         .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "Logging", package: "swift-log")]),

@@ -2,6 +2,7 @@ import Foundation
 import STOQContent
 import STOQDatapath
 import STOQEdge
+import STOQMesh
 import STOQQUIC
 import STOQStore
 import STOQWorker
@@ -58,9 +59,14 @@ package struct NodeMetrics {
     var store: StoreCounters?
     var certificate: Certificate?
     var edge: EdgeCache.Counters?
+    /// What the mesh service last published; nil when the node runs no mesh.
+    var mesh: MeshStatus?
 
-    package init(workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?) {
-        (self.workers, self.store, self.certificate, self.edge) = (workers, store, certificate, edge)
+    package init(
+        workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
+        mesh: MeshStatus? = nil
+    ) {
+        (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -164,6 +170,7 @@ package struct NodeMetrics {
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
                 [("", UInt64(max(0, c.notAfter.timeIntervalSince1970)))])
         }
+        if let m = mesh { out += MeshMetrics.prometheus(m) }
         return out
     }
 
@@ -186,6 +193,7 @@ package struct NodeMetrics {
                 "corrupt_quarantined": s.corruptQuarantined,
             ]
         }
+        if let m = mesh { obj["mesh"] = MeshMetrics.json(m) }
         let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

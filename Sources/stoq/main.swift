@@ -18,7 +18,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
         abstract: "STOQ command-line client and operator tool.",
         subcommands: [
             Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
-            XDPCommand.self, StatusCommand.self,
+            XDPCommand.self, StatusCommand.self, MeshCommand.self,
         ])
 }
 
