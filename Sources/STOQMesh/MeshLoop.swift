@@ -22,7 +22,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     }
 
     enum Pending {
-        case probe(IPv6Endpoint)
+        /// A probe to a neighbour; `sample` when it was sent on an established connection.
+        case probe(IPv6Endpoint, sample: Bool)
         case advert
     }
 
@@ -131,11 +132,18 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
 
     private func probe(now: UInt64) {
         for (ep, n) in neighbours {
+            let connected = pool.isConnected(ep)
+            // Until the handshake is done, one probe at a time opens the connection; it is not
+            // a sample (its time includes the handshake, and a neighbour still starting up has
+            // not lost anything).
+            if !connected && pending.values.contains(where: { if case .probe(ep, _) = $0 { true } else { false } }) { continue }
             let tag = nextTag
             nextTag += 1
-            pending[tag] = .probe(ep)
-            neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
-            neighbours[ep]!.probesSent += 1
+            pending[tag] = .probe(ep, sample: connected)
+            if connected {
+                neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
+                neighbours[ep]!.probesSent += 1
+            }
             pool.submit(to: n.url, "GET", MeshWire.probePath, sinkFD: n.answerFD, tag: tag)
         }
     }
@@ -145,7 +153,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         switch p {
         case .advert:
             if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
-        case .probe(let ep):
+        case .probe(let ep, let sample):
             guard var n = neighbours[ep] else { return }
             if let f = d.failure {
                 if f.contains("certificate") || f.contains("TLS") {
@@ -177,6 +185,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 identities[answer.node.routingID] = answer.node
                 viewDirty = true
                 advertDue = true
+            }
+            guard sample else {
+                neighbours[ep] = n
+                return
             }
             n.probesAnswered += 1
             if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: Double(answer.loadPPM) / 1e6, now: now) {

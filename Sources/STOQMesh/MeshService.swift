@@ -107,7 +107,6 @@ public final class MeshService: @unchecked Sendable {
             s.counters.relayForwarded = relayCounters.relayForwarded
             s.counters.maxHopsRefused = relayCounters.maxHopsRefused
             s.counters.maxHopsSeen = relayCounters.maxHopsSeen
-            s.counters.failovers = relayCounters.failovers
             return s
         }
     }
@@ -151,9 +150,6 @@ public final class MeshService: @unchecked Sendable {
             }
         }
     }
-
-    /// Counts a fetch that moved to another route (the edge fetcher calls this).
-    public func countFailover() { relay.withLock { $0.failovers += 1 } }
 
     /// `bytes` arrived from the neighbour at `endpoint` in `nanos` (a chunk fetched through it):
     /// its delivery rate.

@@ -286,16 +286,20 @@ public final class Node: @unchecked Sendable {
     /// The admin API (`admin.listen`): metrics and status from the workers' snapshots.
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
-        let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates
+        let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
         do {
             admin = try AdminServer(listen: listen, logger: logger) { path in
                 let certificate = certificates.map {
                     let c = $0.counters
                     return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
                 }
+                let edgeCounters = edge?.counters
+                var meshStatus = meshService?.status
+                // The edge fetcher is where relayed fetches fail over.
+                meshStatus?.counters.failovers = edgeCounters?.failovers ?? 0
                 let metrics = NodeMetrics(
                     workers: snapshots.compactMap(\.latest), store: store.counters,
-                    certificate: certificate, edge: edge?.counters)
+                    certificate: certificate, edge: edgeCounters, mesh: meshStatus)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
