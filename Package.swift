@@ -248,7 +248,7 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", "STOQConfig",
+            dependencies: ["STOQMesh", "STOQTrust", "STOQTransfer", "STOQRouting", "STOQCore", "STOQConfig",
                            .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
