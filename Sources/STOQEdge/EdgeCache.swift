@@ -244,7 +244,7 @@ public final class EdgeCache: @unchecked Sendable {
         self.datapath = datapath
         self.logger = logger
         store = try ChunkStore(
-            root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
+            root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize, durable: false),
             logger: Logger(label: "stoq.edge.store"))
         let manifestBudget = EdgeManifests.budget(of: capacity)
         policy = S3FIFO(capacity: capacity - manifestBudget)
@@ -503,6 +503,7 @@ public final class EdgeCache: @unchecked Sendable {
             a.seen = 0
             a.progressAt = DispatchTime.now().uptimeNanoseconds
             p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: a.attempt.headers, sinkFD: a.fd, tag: tag, keepErrors: true)
+            upstream.dispatched(Self.resource(a.key), via: a.attempt)
             lock.withLock {
                 if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
             }
@@ -512,6 +513,7 @@ public final class EdgeCache: @unchecked Sendable {
         /// Moves `a` to its next attempt after `why` (a failover when the upstream had more
         /// than a 404 to say), or gives up.
         func retry(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
+            upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
             var a = a
             if !notFound { a.allNotFound = false; a.lastFailure = why } else if a.allNotFound { a.lastFailure = nil }
             guard let next = nextAttempt(a) else { return giveUp(a) }
@@ -600,6 +602,7 @@ public final class EdgeCache: @unchecked Sendable {
                     active[tag] = nil
                     let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
                     if t - a.started > Self.requestTimeout {
+                        upstream.failed(Self.resource(a.key), via: a.attempt, notFound: false)
                         var a = a
                         a.allNotFound = false
                         a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"
