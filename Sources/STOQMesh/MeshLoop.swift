@@ -318,8 +318,37 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let id = n.id { urls[id.routingID] = n.url }
             if n.link.state != .up { down.insert(ep) }
         }
+        var paths: [NodeID: [MeshView.PathChoice]] = [:]
+        for d in table.destinations {
+            guard let r = table.route(to: d) else { continue }
+            paths[d] = ([r.primary] + (r.backup.map { [$0] } ?? [])).compactMap { p in
+                p.nextHop.map { MeshView.PathChoice(nextHop: $0, features: features(of: p.nodes)) }
+            }
+        }
         service.publish(
-            view: MeshView(me: me, routes: table, identities: identities, neighbourURLs: urls, down: down, maxHops: engine.maxHops))
+            view: MeshView(
+                me: me, routes: table, identities: identities, neighbourURLs: urls, down: down, maxHops: engine.maxHops,
+                paths: paths))
+    }
+
+    /// A path's link-state metrics, combined: RTTs and variances add, losses compound, the
+    /// bottleneck's delivery rate (links nothing was fetched over yet count as 10 MB/s, so that
+    /// a scheduler's prior does not write them off), the busiest node's load.
+    static let unmeasuredRate = 10_000_000.0
+
+    private func features(of nodes: [NodeID]) -> MultipathRouteFeatures {
+        var rtt = 0.0, variance = 0.0, delivered = 1.0, rate = Double.infinity, load = 0.0
+        for (a, b) in zip(nodes, nodes.dropFirst()) {
+            guard let l = engine.database.links(from: a).first(where: { $0.peer == b })?.metrics else { continue }
+            rtt += l.rttMs / 1_000
+            variance += (l.rttVarMs / 1_000) * (l.rttVarMs / 1_000)
+            delivered *= 1 - l.lossRate
+            rate = min(rate, l.deliveryRate > 0 ? l.deliveryRate : Self.unmeasuredRate)
+            load = max(load, l.load)
+        }
+        return MultipathRouteFeatures(
+            rttMean: rtt, rttVariance: variance, loss: 1 - delivered, deliveryRate: rate.isFinite ? rate : Self.unmeasuredRate,
+            hopCount: nodes.count - 1, peerLoad: load)
     }
 
     private func publishStatus(now: UInt64) {
