@@ -2,7 +2,8 @@
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
 Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...] [--body FILE]
-Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>"};
+Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
+"headers": {"content-length": "N", ...}};
 exit 1 on failure.
 """
 import argparse
@@ -30,6 +31,7 @@ class Client(QuicConnectionProtocol):
         self.bytes = 0
         self.out = None
         self.head = b""
+        self.headers = {}
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset) and not self.done.done():
@@ -40,6 +42,8 @@ class Client(QuicConnectionProtocol):
                 for k, v in ev.headers:
                     if k == b":status":
                         self.status = int(v)
+                    else:
+                        self.headers[k.decode()] = v.decode()
                 if ev.stream_ended and not self.done.done():
                     self.done.set_result(True)
             elif isinstance(ev, DataReceived):
@@ -55,6 +59,10 @@ class Client(QuicConnectionProtocol):
     async def request(self, method, url, headers, body=None):
         u = urlparse(url)
         sid = self._quic.get_next_available_stream_id()
+        if method == "HEAD":
+            # A HEAD response's content-length is the GET body's; aioquic 1.x checks it against
+            # the (empty) body and fails the connection, so skip that check for HEAD.
+            self.h3._check_content_length = lambda stream: None
         hdrs = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", u.netloc.encode()),
                 (b":path", (u.path or "/").encode())] + headers
         if body is None:
@@ -87,7 +95,7 @@ async def main() -> int:
         body = open(a.body, "rb").read() if a.body else None
         await c.request(a.method, a.url, headers, body)
         print(json.dumps({"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
-                          "text": c.head.decode("utf-8", "replace")}))
+                          "text": c.head.decode("utf-8", "replace"), "headers": c.headers}))
     return 0
 
 
