@@ -21,9 +21,8 @@ import STOQStore
 /// replaced atomically (from here the new version is what `/manifests/` and `/objects/`
 /// serve); then the flat file an earlier upload of the name may have left (it would shadow
 /// the record) and the temp file are removed. A crash before the record leaves the old
-/// version; after it, the new one — except that a crash between the record and removing an
-/// older *flat* copy of the same name leaves that flat copy served until the name is put
-/// again.
+/// version; after it, the new one: a flat copy a crash left beside a newer record is
+/// removed when the pool starts (`removeShadowedFlatFiles`).
 ///
 /// Thread-safe: workers call `submit` from their own threads.
 public final class ObjectIngest: @unchecked Sendable {
@@ -90,12 +89,41 @@ public final class ObjectIngest: @unchecked Sendable {
         self.index = index
         self.parameters = parameters
         self.logger = logger
+        let shadowed = removeShadowedFlatFiles()
+        if !shadowed.isEmpty {
+            logger.notice("removed flat copies older than their ingested objects: \(shadowed.joined(separator: ", "))")
+        }
         running = max(1, threads)
         for i in 0..<running {
             let t = Thread { [self] in work() }
             t.name = "stoq-ingest-\(i)"
             t.start()
         }
+    }
+
+    /// Removes every flat file in the storage directory that an object record of the same
+    /// name is newer than: what a crash between an ingest's record and its removal of the
+    /// older flat copy leaves (the flat file would keep serving the old version). A flat file
+    /// newer than the record (stored while dedup was off) stays. Returns the names removed.
+    func removeShadowedFlatFiles() -> [String] {
+        guard let dir = fdopendir(dup(rootFD)) else { return [] }
+        defer { closedir(dir) }
+        var removed: [String] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard !name.hasPrefix("."), (try? ObjectIndex.validateName(name)) != nil else { continue }
+            var flat = stat(), record = stat()
+            // The record's file (the store's documented layout: <content>/objects/<name>).
+            guard fstatat(rootFD, name, &flat, AT_SYMLINK_NOFOLLOW) == 0, (flat.st_mode & S_IFMT) == S_IFREG,
+                stat(index.chunks.root + "/objects/" + name, &record) == 0
+            else { continue }
+            let newer =
+                record.st_mtim.tv_sec > flat.st_mtim.tv_sec
+                || (record.st_mtim.tv_sec == flat.st_mtim.tv_sec && record.st_mtim.tv_nsec > flat.st_mtim.tv_nsec)
+            if newer, unlinkat(rootFD, name, 0) == 0 { removed.append(name) }
+        }
+        if !removed.isEmpty { fsync(rootFD) }
+        return removed.sorted()
     }
 
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds
@@ -141,6 +169,7 @@ public final class ObjectIngest: @unchecked Sendable {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
         }
+        let t0 = DispatchTime.now().uptimeNanoseconds
         do {
             let report = try Self.ingest(fd: job.fd, as: job.name, into: index, parameters: parameters)
             // The record is durable: a flat copy of the name from before would shadow it.
@@ -150,6 +179,7 @@ public final class ObjectIngest: @unchecked Sendable {
                 metadata: [
                     "object": "\(job.name)", "bytes": "\(report.bytes)", "chunks": "\(report.chunks)",
                     "new_bytes": "\(report.newBytes)", "reused_bytes": "\(report.reusedBytes)",
+                    "ms": "\((DispatchTime.now().uptimeNanoseconds - t0) / 1_000_000)",
                 ])
             return Outcome(ticket: job.ticket, failure: nil, report: report)
         } catch {
