@@ -2,6 +2,7 @@
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
 Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...] [--body FILE]
+                   [--close-after-send]
 Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
 "headers": {"content-length": "N", ...}};
 exit 1 on failure.
@@ -56,7 +57,7 @@ class Client(QuicConnectionProtocol):
                 if ev.stream_ended and not self.done.done():
                     self.done.set_result(True)
 
-    async def request(self, method, url, headers, body=None):
+    async def request(self, method, url, headers, body=None, close_after_send=False):
         u = urlparse(url)
         sid = self._quic.get_next_available_stream_id()
         if method == "HEAD":
@@ -71,6 +72,13 @@ class Client(QuicConnectionProtocol):
             self.h3.send_headers(sid, hdrs + [(b"content-length", str(len(body)).encode())], end_stream=False)
             self.h3.send_data(sid, body, end_stream=True)
         self.transmit()
+        if close_after_send:
+            # Go away once the server has acknowledged the whole request, before its answer.
+            stream = self._quic._streams[sid]
+            while not stream.sender.is_finished:
+                await asyncio.sleep(0.005)
+            self.close()
+            return
         await asyncio.wait_for(self.done, 120)
 
 
@@ -82,6 +90,8 @@ async def main() -> int:
     ap.add_argument("--method", default="GET")
     ap.add_argument("--header", action="append", default=[])
     ap.add_argument("--body", help="send this file as the request body")
+    ap.add_argument("--close-after-send", action="store_true",
+                    help="close the connection once the request is acknowledged, without waiting for the response")
     a = ap.parse_args()
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
@@ -93,7 +103,7 @@ async def main() -> int:
         if a.out:
             c.out = open(a.out, "wb")
         body = open(a.body, "rb").read() if a.body else None
-        await c.request(a.method, a.url, headers, body)
+        await c.request(a.method, a.url, headers, body, a.close_after_send)
         print(json.dumps({"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
                           "text": c.head.decode("utf-8", "replace"), "headers": c.headers}))
     return 0

@@ -173,6 +173,17 @@ def test_aioquic_put_is_deduplicated_too(inode, tmp_path):
     assert c1["stoq_ingest_dedup_bytes_total"] - c0["stoq_ingest_dedup_bytes_total"] == 8 * MiB
 
 
+def test_a_client_that_leaves_before_the_answer_still_gets_its_object_stored(inode, tmp_path):
+    src = random_file(tmp_path / "gone.bin", 32 * MiB, 17)
+    c0 = counters(inode)
+    res = h3(inode, "/objects/gone.bin", "--method", "PUT", "--body", str(src), "--close-after-send")
+    assert res["status"] is None, res                       # it never waited for the 201
+    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+    assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 32 * MiB
+    assert h3(inode, "/objects/gone.bin")["sha256"] == sha256_file(src)
+    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+
+
 def test_with_dedup_off_a_plain_put_stays_a_flat_file(tmp_path_factory, tmp_path):
     n = Node(tmp_path_factory.mktemp("flat"), workers=1, extra='[chunking]\ndedup_enabled = false')
     try:
