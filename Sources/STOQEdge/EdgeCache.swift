@@ -124,54 +124,9 @@ public final class EdgeCache: @unchecked Sendable {
         public var chunk: [UInt8]? = nil
     }
 
-    /// One worker's completions: posted from the fetcher thread, drained on the worker,
-    /// lock-free (a Treiber stack the worker takes whole with one exchange and reverses).
-    /// One small node per completed request, never per packet.
-    public final class Inbox: @unchecked Sendable {
-        private final class Node {
-            let completion: Completion
-            var next: UnsafeMutableRawPointer?
-            init(_ c: Completion) { completion = c }
-        }
-        private let head = Atomic<UnsafeMutableRawPointer?>(nil)
-        /// Called after each post (on the fetcher's thread): wakes the worker that drains it.
-        /// Set once, before the worker runs.
-        public var onPost: (@Sendable () -> Void)?
-
-        /// An empty inbox (one per worker).
-        public init() {}
-
-        deinit {
-            var out: [Completion] = []
-            drain(into: &out)
-        }
-
-        func post(_ c: Completion) {
-            let node = Unmanaged.passRetained(Node(c))
-            let raw = node.toOpaque()
-            var seen = head.load(ordering: .relaxed)
-            while true {
-                node.takeUnretainedValue().next = seen
-                let (done, current) = head.compareExchange(expected: seen, desired: raw, ordering: .releasing)
-                if done { break }
-                seen = current
-            }
-            onPost?()
-        }
-
-        /// Moves every posted completion into `out`, oldest first (one load when there are none).
-        public func drain(into out: inout [Completion]) {
-            guard head.load(ordering: .relaxed) != nil, var p = head.exchange(nil, ordering: .acquiring) else { return }
-            let start = out.count
-            while true {
-                let node = Unmanaged<Node>.fromOpaque(p).takeRetainedValue()
-                out.append(node.completion)
-                guard let next = node.next else { break }
-                p = next
-            }
-            out[start...].reverse()
-        }
-    }
+    /// One worker's completions: posted from the fetcher thread, drained on the worker
+    /// between batches (`CompletionInbox`, shared with plain-upload ingest).
+    public typealias Inbox = CompletionInbox<Completion>
 
     struct Waiter {
         var inbox: Inbox

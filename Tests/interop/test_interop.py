@@ -87,7 +87,9 @@ def test_put_then_get_round_trip(node, tmp_path):
     r = stoq("put", src, node.url("uploaded.bin"), "--ca", node.cert, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"] == 201
-    assert sha256_file(node.storage / "uploaded.bin") == sha256_file(src)
+    # chunking.dedup_enabled (the default): the upload became chunks + a manifest, no flat file.
+    assert not (node.storage / "uploaded.bin").exists()
+    assert (node.content / "objects" / "uploaded.bin").exists()
     assert not [p for p in node.storage.iterdir() if p.name.startswith(".upload-")], "temp file left behind"
     r = stoq("get", node.url("uploaded.bin"), "--ca", node.cert, "--json")
     assert json.loads(r.stdout)["sha256"] == sha256_file(src)
@@ -101,7 +103,8 @@ def test_put_with_each_congestion_control(node, tmp_path, cc):
     src.write_bytes(os.urandom((8 << 20) + 3))
     r = stoq("put", src, node.url(f"cc-{cc}.bin"), "--ca", node.cert, "--cc", cc, "--json", env={"STOQ_STATS": "1"})
     assert r.returncode == 0, r.stderr
-    assert sha256_file(node.storage / f"cc-{cc}.bin") == sha256_file(src)
+    r2 = stoq("get", node.url(f"cc-{cc}.bin"), "--ca", node.cert, "--json")
+    assert r2.returncode == 0 and json.loads(r2.stdout)["sha256"] == sha256_file(src), r2.stderr
     assert re.search(r"^transport: t=\d+ms cwnd=\d+ in_flight=\d+ srtt=\d+us", r.stderr, re.M), r.stderr[-500:]
 
 
