@@ -5,6 +5,7 @@ import pathlib
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -132,3 +133,19 @@ def test_stoq_bench_against_node(node):
     assert res["failed"] == 0 and res["requests"] >= 19, res
     assert res["bytes"] == res["requests"] * ((1 << 20) + 7)
     assert res["latencyP99Ms"] >= res["latencyP50Ms"] > 0
+
+
+def test_get_into_a_device_writes_in_place(node, tmp_path):
+    """`-o /dev/null` (or any non-regular file) is written in place: renaming a temp file over
+    it once replaced the machine's /dev/null with a regular file. `--chunked`, which resumes
+    into a regular file, refuses one with a clear error."""
+    name = sorted(node.digests)[0]
+    before = os.stat("/dev/null")
+    r = stoq("get", node.url(name), "-o", "/dev/null", "--ca", node.cert)
+    assert r.returncode == 0, r.stderr
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    assert not os.path.exists("/dev/null.part")
+    r = stoq("get", "--chunked", node.url(name), "-o", "/dev/null", "--ca", node.cert)
+    assert r.returncode == 2 and "is not one" in r.stderr, r.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
