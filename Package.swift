@@ -120,7 +120,7 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", .product(name: "TOMLKit", package: "TOMLKit"),
                            .product(name: "Logging", package: "swift-log")]),
 
         // Content-addressed chunk store and object index.

@@ -173,6 +173,7 @@ public enum ConfigLoader {
             s.choice("algorithm", &c.routing.algorithm)
             s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
             s.int("max_hops", &c.routing.maxHops, 1...64)
+            s.choice("multipath_scheduler", &c.routing.multipathScheduler, NodeConfig.Routing.multipathSchedulers.map { ($0.rawValue, $0) })
         }
         r.section("chunking") { s in
             s.choice("algorithm", &c.chunking.algorithm, ChunkingAlgorithm.allCases.map { ($0.description, $0) })

@@ -14,7 +14,7 @@ import Synchronization
 /// the lock is there for the admin API's reads.
 final class MeshMultipath: @unchecked Sendable {
     struct State {
-        let scheduler: LearnerScheduler
+        let scheduler: any MultipathChunkScheduler
         var ids: [String: MultipathRouteID] = [:]
         var names: [MultipathRouteID: (holder: NodeIdentity, nextHop: NodeID)] = [:]
         var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
@@ -25,8 +25,16 @@ final class MeshMultipath: @unchecked Sendable {
     private let state: Mutex<State>
     private let epoch = monotonicNow()
 
-    init(settings: LearnerSettings = LearnerSettings()) {
-        state = Mutex(State(scheduler: LearnerScheduler(settings: settings)))
+    /// A scheduler of `kind` (the learner, or a baseline to compare it with).
+    init(kind: MultipathSchedulerKind) {
+        let scheduler: any MultipathChunkScheduler =
+            switch kind {
+            case .minRTT: MinRTTScheduler()
+            case .roundRobin: RoundRobinScheduler()
+            case .bestSingle: BestSingleScheduler()
+            case .mlOptimized, .fixedSplit: LearnerScheduler()
+            }
+        state = Mutex(State(scheduler: scheduler))
     }
 
     var now: Double { Double(monotonicNow() &- epoch) / 1e9 }

@@ -48,6 +48,8 @@ public final class MeshService: @unchecked Sendable {
         public var updateInterval: UInt64 = 5_000_000_000
         public var algorithm: RoutingAlgorithm = .adaptive
         public var maxHops = 8
+        /// With `ml_optimized`: the scheduler that spreads chunks over routes.
+        public var multipathScheduler = MultipathSchedulerKind.mlOptimized
 
         public init(
             chain: [Certificate], key: P256.Signing.PrivateKey, trust: ClientTrust,

@@ -29,7 +29,7 @@ public final class MeshUpstream: FetchUpstream {
 
     public init(service: MeshService) {
         self.service = service
-        multipath = service.settings.algorithm == .mlOptimized ? MeshMultipath() : nil
+        multipath = service.settings.algorithm == .mlOptimized ? MeshMultipath(kind: service.settings.multipathScheduler) : nil
         if let multipath { service.multipathSource = { multipath.estimates() } }
     }
 
