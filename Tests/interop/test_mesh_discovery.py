@@ -133,14 +133,25 @@ def test_dns_members_are_neighbours_and_leave_with_their_record(tmp_path, state)
     # Node 3's record leaves the answer (hosts file rewritten, dnsmasq SIGHUP): within a few
     # re-resolutions (dns_interval 1 s) nodes 1 and 2 no longer list it.
     mesh("discovery", "leave", 3, state=state)
+    left = time.monotonic()
     st = wait_for(state, "nodes 1 and 2 drop node 3 once its AAAA record is gone",
                   lambda n, s: all_others_up(n, s, members=(1, 2)) and s["discovery_counters"]["members"] == 2,
                   nodes=(1, 2), timeout=15)
     assert all(s["discovery_counters"]["updates"] >= 2 for s in st.values())
+    print(f"dns: node 3 left nodes 1 and 2's neighbours {time.monotonic() - left:.1f} s after its record went")
 
     # And comes back when the record does.
     mesh("discovery", "join", 3, state=state)
     wait_for(state, "nodes 1 and 2 see node 3 up again once its record is back", all_others_up, nodes=(1, 2), timeout=15)
+
+
+def running(pid):
+    """Whether pid runs (a zombie nobody reaped yet does not)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def etcd_keys(state):
@@ -165,20 +176,24 @@ def test_etcd_registers_every_node_and_a_killed_node_leaves_after_its_lease(tmp_
 
     # A crash: nobody revokes node 3's lease, so its key goes when the 3 s TTL runs out, and
     # the watch tells nodes 1 and 2.
+    killed = time.monotonic()
     mesh("node", 3, "kill", state=state)
-    deadline = time.monotonic() + 20
+    deadline = killed + 20
     while f"/stoq/mesh/{ids[3]}" in etcd_keys(state):
         assert time.monotonic() < deadline, "node 3's key outlived its lease by far"
         time.sleep(0.3)
+    print(f"etcd: node 3's key vanished {time.monotonic() - killed:.1f} s after SIGKILL (lease TTL 3 s)")
     wait_for(state, "nodes 1 and 2 drop node 3 once its key is gone",
              lambda n, s: all_others_up(n, s, members=(1, 2)) and s["discovery_counters"]["members"] == 2,
              nodes=(1, 2), timeout=15)
 
     # Restarted, it registers again (same key: same node key) and everyone sees everyone up.
     mesh("node", 3, "start", state=state)
+    started = time.monotonic()
     st = wait_for(state, "node 3 registers again and all three see each other up",
                   lambda n, s: all_others_up(n, s) and s["discovery_counters"]["registrations"] >= 1)
     assert st[3]["node"] == ids[3]
+    print(f"etcd: restarted node 3 up at all three {time.monotonic() - started:.1f} s after it served again")
     assert set(etcd_keys(state)) == {f"/stoq/mesh/{ids[n]}" for n in (1, 2, 3)}
 
 
@@ -205,3 +220,11 @@ def test_etcd_unreachable_at_start_then_the_nodes_register(tmp_path, state):
                   lambda n, s: all_others_up(n, s) and s["discovery_counters"]["registrations"] >= 1
                   and s["discovery_counters"]["recoveries"] >= 1)
     assert len(etcd_keys(state)) == 3
+
+    # `down` stops what `up` started: the nodes, etcd, and every namespace.
+    pids = [int(f.read_text()) for f in state.glob("**/*.pid")]
+    assert len(pids) == 4, pids
+    mesh("down", state=state)
+    assert not [pid for pid in pids if running(pid)]
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not re.search(r"^stoq-m(\d+|svc)\b", names, re.M), names
