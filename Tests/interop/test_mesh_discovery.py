@@ -196,6 +196,13 @@ def test_etcd_registers_every_node_and_a_killed_node_leaves_after_its_lease(tmp_
     print(f"etcd: restarted node 3 up at all three {time.monotonic() - started:.1f} s after it served again")
     assert set(etcd_keys(state)) == {f"/stoq/mesh/{ids[n]}" for n in (1, 2, 3)}
 
+    # A clean stop revokes the lease on the way out: the key is gone when the process is, not
+    # a TTL later.
+    mesh("node", 2, "stop", state=state)
+    log = (state / "node2" / "node.log").read_text()
+    assert re.search(r"mesh discovery \(etcd\): stopped; lease \d+ revoked", log), log[-2000:]
+    assert set(etcd_keys(state)) == {f"/stoq/mesh/{ids[n]}" for n in (1, 3)}
+
 
 def test_etcd_unreachable_at_start_then_the_nodes_register(tmp_path, state):
     need_daemon(("etcd", "etcd-server"), ("etcdctl", "etcd-client"))
