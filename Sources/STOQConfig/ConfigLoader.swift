@@ -201,8 +201,8 @@ public enum ConfigLoader {
             s.duration("origin_max_age", &maxAge, 0...(365 * 86_400_000_000_000))
             c.edge.originMaxAge = maxAge == .max ? nil : maxAge
         }
-        // edge.enable_caching with no origin is accepted: it is a `NodeConfig.notices` line
-        // until the mesh can fetch for it.
+        // edge.enable_caching with no origin is accepted: the mesh fetches for it, and without
+        // a mesh it is a `NodeConfig.notices` line.
         r.section("log") { s in
             s.choice("level", &c.log.level)
         }
