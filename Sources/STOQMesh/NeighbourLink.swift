@@ -5,6 +5,10 @@
 /// given up on, an RTT sample from the QUIC connection, bytes delivered) and `now`, and asks it
 /// whether the state changed. So the liveness rules are tested with a manual clock.
 ///
+/// Loss: probes ride a QUIC connection, which retransmits what is lost, so a lost probe usually
+/// comes back late rather than not at all. An answer later than srtt + 4·rttvar + `lateSlack`
+/// counts as lost for the loss estimate; one that never comes counts too.
+///
 /// Liveness: a link is declared down when no probe has been answered for `downAfter`, and up
 /// again after `upAfterAnswers` answers in a row. With probes every 100 ms and the default 600 ms,
 /// six probes in a row must go unanswered: at 1 % loss each way that happens about once in
@@ -24,12 +28,17 @@ public struct NeighbourLink: Sendable {
         public var lossWeight: Double
         /// Weight of the newest delivery-rate sample.
         public var rateWeight: Double
+        /// An answer later than srtt + 4·rttvar + this counts as a lost probe for the loss
+        /// estimate (QUIC recovered it by retransmission, so it still proves the link alive, and
+        /// its time is not an RTT sample). 25 ms is QUIC's default max ACK delay.
+        public var lateSlack: UInt64
 
         /// Defaults: down after 600 ms of silence, up after 2 answers, probes lost after 500 ms.
         public init(
             downAfter: UInt64 = 600_000_000, upAfterAnswers: Int = 2, probeTimeout: UInt64 = 500_000_000,
-            lossWeight: Double = 0.01, rateWeight: Double = 0.05
+            lossWeight: Double = 0.01, rateWeight: Double = 0.05, lateSlack: UInt64 = 25_000_000
         ) {
+            self.lateSlack = lateSlack
             self.downAfter = downAfter
             self.upAfterAnswers = upAfterAnswers
             self.probeTimeout = probeTimeout
@@ -98,8 +107,14 @@ public struct NeighbourLink: Sendable {
     public mutating func probeAnswered(sequence: UInt64, peerLoad: Double, now: UInt64) -> State? {
         guard let i = outstanding.firstIndex(where: { $0.sequence == sequence }) else { return nil }
         let sentAt = outstanding.remove(at: i).sentAt
-        rttSample(now &- sentAt)
-        lossSample(lost: false)
+        let rtt = now &- sentAt
+        if metrics.srtt > 0 && rtt > metrics.srtt + 4 * metrics.rttvar + settings.lateSlack {
+            // Lost on the way and retransmitted: a loss, not a slow link.
+            lossSample(lost: true)
+        } else {
+            rttSample(rtt)
+            lossSample(lost: false)
+        }
         metrics.peerLoad = min(max(peerLoad, 0), 1)
         lastAnswer = now
         newestAnsweredSentAt = max(newestAnsweredSentAt, sentAt)

@@ -68,6 +68,26 @@ import Testing
         #expect(link.state == .down)
     }
 
+    /// QUIC retransmits a lost probe, so it comes back late: counted as a loss, not as an RTT
+    /// sample, and the link stays up.
+    @Test func aLateAnswerIsALossNotAnRTT() throws {
+        var link = NeighbourLink(now: 0)
+        link.probeSent(sequence: 1, now: 0)
+        #expect(link.probeAnswered(sequence: 1, peerLoad: 0, now: 4 * Self.ms) == .up)
+        let srtt = link.metrics.srtt, rttvar = link.metrics.rttvar  // 4 ms, 2 ms
+        #expect(link.metrics.loss == 0)
+        // Later than srtt + 4·rttvar + 25 ms = 37 ms: retransmitted.
+        link.probeSent(sequence: 2, now: 100 * Self.ms)
+        #expect(link.probeAnswered(sequence: 2, peerLoad: 0, now: 140 * Self.ms) == nil)
+        #expect(link.metrics.srtt == srtt && link.metrics.rttvar == rttvar)
+        #expect(abs(link.metrics.loss - 0.01) < 1e-9)  // one loss sample at weight 0.01
+        #expect(link.state == .up && link.lastAnswer == 140 * Self.ms)
+        // Within the bound: an RTT sample.
+        link.probeSent(sequence: 3, now: 200 * Self.ms)
+        _ = link.probeAnswered(sequence: 3, peerLoad: 0, now: 230 * Self.ms)
+        #expect(link.metrics.srtt > srtt)
+    }
+
     @Test func rttFollowsRFC6298AndDeliveryRateAverages() {
         var link = NeighbourLink(now: 0)
         link.rttSample(8 * Self.ms)
