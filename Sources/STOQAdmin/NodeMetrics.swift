@@ -161,6 +161,11 @@ package struct NodeMetrics {
                 [("", e.verificationFailures)])
             family("stoq_edge_origin_errors_total", "counter", "Origin fetches that failed (unreachable, lost, timed out, bad answer).", [("", e.originErrors)])
             family("stoq_edge_stale_served_total", "counter", "Expired manifests served because the origin failed.", [("", e.staleServed)])
+            family(
+                "stoq_edge_failovers_total", "counter", "Fetches moved to another route or holder after the one in use failed or stalled.",
+                [("", e.failovers)])
+            family("stoq_edge_hedges_total", "counter", "Second requests for a late chunk on another route.", [("", e.hedges)])
+            family("stoq_edge_hedge_wins_total", "counter", "Hedges that delivered before the request they hedged.", [("", e.hedgeWins)])
             family("stoq_edge_cached_bytes", "gauge", "Chunk and manifest bytes in the edge cache.", [("", e.cachedBytes)])
             family("stoq_edge_cached_chunks", "gauge", "Chunks in the edge cache.", [("", e.cachedChunks)])
             family("stoq_edge_cached_manifests", "gauge", "Manifests in the edge cache.", [("", e.cachedManifests)])

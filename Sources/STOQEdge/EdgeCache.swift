@@ -56,6 +56,9 @@ public final class EdgeCache: @unchecked Sendable {
         public var originErrors: UInt64 = 0
         /// Fetches moved to another attempt (route or holder) after one failed or stalled.
         public var failovers: UInt64 = 0
+        /// Hedges: second requests for a late chunk on another route, and those that won.
+        public var hedges: UInt64 = 0
+        public var hedgeWins: UInt64 = 0
         /// Expired manifests served because the origin could not be asked.
         public var staleServed: UInt64 = 0
         /// Bytes held, chunks and manifests together (bounded by `capacity`).
@@ -391,6 +394,13 @@ public final class EdgeCache: @unchecked Sendable {
         /// Whether every attempt so far answered 404, and the last failure's reason.
         var allNotFound = true
         var lastFailure: String?
+        /// When the current attempt was sent.
+        var submittedAt: UInt64 = 0
+        /// A hedge: a second request for the same key on another route, started because the
+        /// first was late (`FetchUpstream.hedgeDelay`). The two name each other; the first to
+        /// deliver wins and the other is cancelled, and one that fails leaves the other alone.
+        var partner: Int?
+        var hedge = false
     }
 
     private func complete(_ key: FetchKey, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
@@ -449,20 +459,48 @@ public final class EdgeCache: @unchecked Sendable {
             originFailed(a.fetchKey, Failure(status: 502, reason: a.lastFailure ?? "edge: \(p) failed"))
         }
 
-        /// Sends `a` to its current attempt.
-        func submit(_ a: Active, _ p: ConnectionPool) {
+        /// Sends `a` to its current attempt; returns its tag.
+        @discardableResult
+        func submit(_ a: Active, _ p: ConnectionPool) -> Int {
             let tag = nextTag
             nextTag += 1
             ftruncate(a.fd, 0)
             var a = a
             a.seen = 0
             a.progressAt = DispatchTime.now().uptimeNanoseconds
+            a.submittedAt = a.progressAt
             p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: a.attempt.headers, sinkFD: a.fd, tag: tag, keepErrors: true)
             upstream.dispatched(Self.resource(a.key), via: a.attempt)
             lock.withLock {
                 if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
             }
             active[tag] = a
+            return tag
+        }
+
+        /// `a`'s request failed (`why`): its hedge partner, if still out, carries on alone;
+        /// otherwise `a` moves to its next attempt.
+        func failed(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
+            guard let partner = a.partner, var b = active[partner] else { return retry(a, why, notFound: notFound, p) }
+            upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
+            close(a.fd)
+            b.partner = nil
+            for t in a.tried where !b.tried.contains(where: { $0.same(as: t) }) { b.tried.append(t) }
+            if !notFound {
+                b.allNotFound = false
+                b.lastFailure = why
+            }
+            active[partner] = b
+        }
+
+        /// `a` delivered: its hedge partner, if any, is cancelled.
+        func delivered(_ a: Active, _ p: ConnectionPool) {
+            close(a.fd)
+            if a.hedge { lock.withLock { counterValues.hedgeWins += 1 } }
+            guard let partner = a.partner, let b = active.removeValue(forKey: partner) else { return }
+            p.cancel(partner)
+            close(b.fd)
+            upstream.cancelled(Self.resource(b.key), via: b.attempt)
         }
 
         /// Moves `a` to its next attempt after `why` (a failover when the upstream had more
@@ -535,28 +573,50 @@ public final class EdgeCache: @unchecked Sendable {
             }
             for d in done {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
-                if let failure = d.failure { retry(a, "\(a.attempt.label): \(failure)", notFound: false, p); continue }
+                if let failure = d.failure { failed(a, "\(a.attempt.label): \(failure)", notFound: false, p); continue }
                 guard let status = d.status else {
-                    retry(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
+                    failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
                     continue
                 }
-                if status == 404 { retry(a, "", notFound: true, p); continue }
-                if let why = finish(a, d, status: status) { retry(a, why, notFound: false, p); continue }
-                close(a.fd)
+                if status == 404 { failed(a, "", notFound: true, p); continue }
+                if let why = finish(a, d, status: status) { failed(a, why, notFound: false, p); continue }
+                delivered(a, p)
             }
             // Stalls: a link the upstream knows is down, or no byte for `stallTimeout`.
             let t = DispatchTime.now().uptimeNanoseconds
             if t - lastCheck > 20_000_000 {
                 lastCheck = t
+                var hedges = active.values.reduce(0) { $0 + ($1.hedge ? 1 : 0) }
                 for (tag, var a) in active {
+                    guard active[tag] != nil else { continue }  // a partner's fate settled it above
                     let got = p.received(tag)
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
-                    guard down || t - a.progressAt > Self.stallTimeout else { continue }
+                    guard down || t - a.progressAt > Self.stallTimeout else {
+                        // Late but not stalled: hedge on another route, within the budget.
+                        if a.partner == nil, !a.hedge, got == 0, hedges < max(2, active.count / 4),
+                            let delay = upstream.hedgeDelay(Self.resource(a.key), via: a.attempt), t - a.submittedAt > delay,
+                            let next = nextAttempt(a)
+                        {
+                            let fd = stoq_memfd("stoq-edge-hedge")
+                            guard fd >= 0 else { continue }
+                            var h = a
+                            (h.fd, h.attempt, h.hedge, h.partner) = (fd, next, true, tag)
+                            h.tried.append(next)
+                            a.tried.append(next)
+                            a.partner = submit(h, p)
+                            active[tag] = a
+                            hedges += 1
+                            lock.withLock { counterValues.hedges += 1 }
+                        }
+                        continue
+                    }
                     p.cancel(tag)
                     active[tag] = nil
                     let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
-                    if t - a.started > Self.requestTimeout {
+                    if a.partner != nil {
+                        failed(a, why, notFound: false, p)
+                    } else if t - a.started > Self.requestTimeout {
                         upstream.failed(Self.resource(a.key), via: a.attempt, notFound: false)
                         var a = a
                         a.allNotFound = false

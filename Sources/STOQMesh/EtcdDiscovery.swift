@@ -53,10 +53,8 @@ public final class EtcdDiscovery: DiscoveryBackend {
     private let current = Mutex<HTTPClient?>(nil)
     private var client: HTTPClient { current.withLock { $0 } ?? given ?? .shared }
 
-    /// A backend; nothing happens until `run`. Without a `client`, `run` makes its own that fails
-    /// a request at once when the endpoint refuses the connection (AsyncHTTPClient's default
-    /// retries connecting until the request's deadline, which turned every attempt against a
-    /// dead endpoint into a full `requestTimeout` and kept the next endpoint waiting).
+    /// A backend; nothing happens until `run`. Without a `client`, `run` makes its own whose
+    /// connection attempts give up after at most a second (see `run`).
     public init(options: Options, logger: Logger, client: HTTPClient? = nil) {
         self.options = options
         self.logger = logger
@@ -78,8 +76,11 @@ public final class EtcdDiscovery: DiscoveryBackend {
         var own: HTTPClient?
         if given == nil {
             var c = HTTPClient.Configuration()
-            c.connectionPool.retryConnectionEstablishment = false
-            c.timeout.connect = .nanoseconds(options.requestTimeout.nanoseconds)
+            // AsyncHTTPClient retries a refused connection until the connect timeout; the
+            // default (10 s, capped by the request's 3 s deadline) made every attempt against a
+            // dead endpoint cost the whole request timeout. One second still rides out a
+            // transient refusal (an etcd restarting), and fails over sooner.
+            c.timeout.connect = .nanoseconds(min(options.requestTimeout.nanoseconds, 1_000_000_000))
             own = HTTPClient(eventLoopGroupProvider: .singleton, configuration: c)
             current.withLock { $0 = own }
         }

@@ -18,7 +18,7 @@ final class MeshMultipath: @unchecked Sendable {
         var ids: [String: MultipathRouteID] = [:]
         var names: [MultipathRouteID: (holder: NodeIdentity, nextHop: NodeID)] = [:]
         var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
-        /// Requests out: path → route, bytes, when.
+        /// Requests out: next hop and path → route, bytes, when.
         var out: [String: (route: MultipathRouteID, bytes: Int, at: Double)] = [:]
     }
 
@@ -75,6 +75,9 @@ final class MeshMultipath: @unchecked Sendable {
         return out
     }
 
+    /// A request out: the same path may go to two next hops at once (a hedge).
+    static func key(_ attempt: UpstreamAttempt) -> String { "\(attempt.url.endpoint) \(attempt.path)" }
+
     /// The route an attempt's path took, if the learner knows it.
     private func route(_ s: State, _ attempt: UpstreamAttempt, nextHop: NodeID?) -> MultipathRouteID? {
         guard let holder = attempt.holder, let nextHop else { return nil }
@@ -86,18 +89,38 @@ final class MeshMultipath: @unchecked Sendable {
         state.withLock { s in
             guard let r = route(s, attempt, nextHop: nextHop) else { return }
             s.scheduler.dispatched(transfer: 0, route: r, bytes: bytes, now: t)
-            s.out[attempt.path] = (r, bytes, t)
+            s.out[Self.key(attempt)] = (r, bytes, t)
         }
     }
 
     func ended(_ attempt: UpstreamAttempt, delivered: Bool) {
         let t = now
         state.withLock { s in
-            guard let o = s.out.removeValue(forKey: attempt.path) else { return }
+            guard let o = s.out.removeValue(forKey: Self.key(attempt)) else { return }
             s.scheduler.completed(
                 MultipathCompletion(
                     route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t,
                     outcome: delivered ? .delivered : .failed), now: t)
+        }
+    }
+
+    /// A request cancelled because its hedge partner won: no information about its route.
+    func cancelled(_ attempt: UpstreamAttempt) {
+        let t = now
+        state.withLock { s in
+            guard let o = s.out.removeValue(forKey: Self.key(attempt)) else { return }
+            s.scheduler.completed(
+                MultipathCompletion(route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t, outcome: .cancelled),
+                now: t)
+        }
+    }
+
+    /// How long the scheduler expects the request out through `attempt` to take, seconds.
+    func expected(_ attempt: UpstreamAttempt) -> Double? {
+        let t = now
+        return state.withLock { s in
+            guard let o = s.out[Self.key(attempt)] else { return nil }
+            return s.scheduler.expectedDuration(route: o.route, bytes: o.bytes, now: t)
         }
     }
 

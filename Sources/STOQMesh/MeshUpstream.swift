@@ -99,6 +99,17 @@ public final class MeshUpstream: FetchUpstream {
         multipath?.ended(attempt, delivered: false)
     }
 
+    public func cancelled(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {
+        multipath?.cancelled(attempt)
+    }
+
+    /// With a scheduler: a chunk with no byte after three times what the scheduler expects
+    /// (at least 200 ms, at most the fetcher's stall timeout) is hedged on another route.
+    public func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64? {
+        guard let multipath, case .chunk = resource, let expected = multipath.expected(attempt) else { return nil }
+        return UInt64(min(max(3 * expected, 0.2), 5) * 1e9)
+    }
+
     public func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? {
         let view = service.view
         if let hint {

@@ -73,11 +73,18 @@ public protocol FetchUpstream: AnyObject, Sendable, CustomStringConvertible {
     func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt)
     /// The request through `attempt` failed, stalled or answered 404 (`notFound`).
     func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool)
+    /// The request through `attempt` was cancelled: its hedge partner delivered first.
+    func cancelled(_ resource: UpstreamResource, via attempt: UpstreamAttempt)
+    /// How long a request through `attempt` may go without a byte before a second one is sent
+    /// on another route (a hedge: the first to deliver wins); nil for never.
+    func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64?
 }
 
 extension FetchUpstream {
     public func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {}
     public func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool) {}
+    public func cancelled(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {}
+    public func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64? { nil }
 }
 
 /// The edge cache's upstream of old: one origin, asked for everything.
