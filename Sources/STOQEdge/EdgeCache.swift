@@ -456,7 +456,9 @@ public final class EdgeCache: @unchecked Sendable {
                 }
                 return complete(a.fetchKey, Failure(status: 404, reason: "edge: no upstream has \(p) (\(upstream))"))
             }
-            originFailed(a.fetchKey, Failure(status: 502, reason: a.lastFailure ?? "edge: \(p) failed"))
+            let why = a.lastFailure ?? "edge: \(p) failed"
+            logger.warning("\(why)")
+            originFailed(a.fetchKey, Failure(status: 502, reason: why))
         }
 
         /// Sends `a` to its current attempt; returns its tag.
@@ -573,7 +575,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             for d in done {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
-                if let failure = d.failure { failed(a, "\(a.attempt.label): \(failure)", notFound: false, p); continue }
+                if let failure = d.failure { failed(a, "edge: \(a.attempt.label): \(failure)", notFound: false, p); continue }
                 guard let status = d.status else {
                     failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
                     continue

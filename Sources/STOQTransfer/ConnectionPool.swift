@@ -244,7 +244,7 @@ package final class ConnectionPool {
                 }
             } else if now &- up.startedAt > connectTimeout {
                 upstreams[ep] = nil
-                fail(up, "cannot connect to \(ep): no handshake within \(connectTimeout / 1_000_000) ms")
+                fail(up, "cannot connect to \(ep): unreachable, no handshake within \(connectTimeout / 1_000_000) ms")
                 up.connection.close(now: now)
             }
         }
