@@ -573,7 +573,8 @@ public final class EdgeCache: @unchecked Sendable {
                 pool = nil
                 continue
             }
-            for d in done {
+            // Oldest first, like stalls below: a relay that lost its link fails them all at once.
+            for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
                 if let failure = d.failure { failed(a, "edge: \(a.attempt.label): \(failure)", notFound: false, p); continue }
                 guard let status = d.status else {
@@ -589,7 +590,9 @@ public final class EdgeCache: @unchecked Sendable {
             if t - lastCheck > 20_000_000 {
                 lastCheck = t
                 var hedges = active.values.reduce(0) { $0 + ($1.hedge ? 1 : 0) }
-                for (tag, var a) in active {
+                // Oldest first: when a link dies every fetch over it moves at once, and the next
+                // route serves them in the order they arrive, so the chunk a reader waits on goes first.
+                for (tag, var a) in active.sorted(by: { $0.value.started < $1.value.started }) {
                     guard active[tag] != nil else { continue }  // a partner's fate settled it above
                     let got = p.received(tag)
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }

@@ -83,6 +83,11 @@ struct Get: ParsableCommand {
     @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
     var chunked = false
     @Option(help: "Chunk requests in flight with --chunked.") var concurrency = 16
+    @Option(
+        help: ArgumentHelp(
+            "Log when body bytes arrive: one line \"SECONDS BYTES\" (CLOCK_MONOTONIC seconds, bytes so far) each time the count grows.",
+            discussion: "For benchmarks that time pauses at the client (scripts/bench-routing's failover)."))
+    var progressLog: String?
 
     func run() throws {
         let u: STOQURL
@@ -123,13 +128,20 @@ struct Get: ParsableCommand {
         }
         let tty = isatty(STDERR_FILENO) == 1 && !json
         let start = Date()
+        var log: ProgressLog?
+        if let progressLog {
+            log = ProgressLog(path: progressLog)
+            guard log != nil else { throw fail("--progress-log \(progressLog): \(String(cString: strerror(errno)))", code: 2) }
+        }
+        defer { log?.close() }
         let result: TransferResult
         do {
             result = try STOQClient.get(
                 u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
-                congestionControl: cc
+                congestionControl: cc, progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
-                guard tty else { return }
+                log?.record(got)
+                guard tty, log == nil || log!.dueForDisplay() else { return }
                 let secs = max(Date().timeIntervalSince(start), 0.001)
                 let rate = Double(got) / secs
                 var line = "\r\(human(Double(got)))"
@@ -162,6 +174,51 @@ struct Get: ParsableCommand {
                         human(Double(result.bytes)), result.seconds, result.gbps, result.sha256
                     ).utf8))
         }
+    }
+}
+
+/// `stoq get --progress-log`: the times body bytes arrived, written in batches so that logging
+/// every turn of the event loop costs no syscall per packet.
+final class ProgressLog {
+    let fd: Int32
+    var text = "# stoq get: CLOCK_MONOTONIC seconds, body bytes received so far\n"
+    var last: UInt64 = .max
+    var lastFlush = monotonicNow()
+    var lastDisplay: UInt64 = 0
+
+    /// Nil when `path` cannot be opened (errno says why).
+    init?(path: String) {
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return nil }
+    }
+
+    func record(_ bytes: UInt64) {
+        let now = monotonicNow()
+        if bytes != last {
+            last = bytes
+            text += String(format: "%llu.%06llu %llu\n", now / 1_000_000_000, now % 1_000_000_000 / 1_000, bytes)
+        }
+        // Flushed every 100 ms, so that a benchmark can follow the file while the transfer runs.
+        if now - lastFlush >= 100_000_000 { flush(); lastFlush = now }
+    }
+
+    /// Whether the terminal's progress line is due (every 100 ms, as without the log).
+    func dueForDisplay() -> Bool {
+        let now = monotonicNow()
+        guard now - lastDisplay >= 100_000_000 else { return false }
+        lastDisplay = now
+        return true
+    }
+
+    func flush() {
+        guard !text.isEmpty else { return }
+        _ = text.utf8.withContiguousStorageIfAvailable { write(fd, $0.baseAddress, $0.count) }
+        text = ""
+    }
+
+    func close() {
+        flush()
+        Glibc.close(fd)
     }
 }
 

@@ -115,6 +115,18 @@ def test_nodes_serve_with_the_shared_trust_root(tmp_path, state):
     assert sha256_file(out) == sha256_file(src)
 
 
+def test_mesh_keys_reach_every_node_and_a_refused_one_leaves_nothing(tmp_path, state):
+    need_binary("stoq-node")
+    t = topology(tmp_path, "a,b,rate_mbit,delay_ms,loss_pct\n1,2,0,0,0\n")
+    r = mesh("up", "--topology", t, "--mesh", "no_such_key=1", state=state, check=False)
+    assert r.returncode == 1 and "mesh.no_such_key = 1: unknown key" in r.stderr, r.stderr
+    # Nothing half-built is left: the same state and namespaces come up at once.
+    mesh("up", "--topology", t, "--mesh", "down_after=250ms", "--mesh", "probe_interval=50ms", state=state)
+    for n in (1, 2):
+        cfg = (state / f"node{n}" / "node.toml").read_text()
+        assert 'down_after = "250ms"\nprobe_interval = "50ms"\n' in cfg, cfg
+
+
 @pytest.mark.parametrize("text,error", [
     ("a,b,rate\n1,2,3\n", "the first line must be the header a,b,rate_mbit,delay_ms,loss_pct"),
     ("a,b,rate_mbit,delay_ms,loss_pct\n1,1,10,1,0\n", "line 2: a link from node 1 to itself"),
