@@ -213,7 +213,25 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
     }
 
+    /// Neighbours whose link is down, or suspect: up, but silent for longer than
+    /// `suspectAfter`. Fetches through a suspect move to another route at once (a wrong guess
+    /// costs one request again); routes change only when the link is declared down.
+    private var unusable = Set<IPv6Endpoint>()
+
+    /// Three probe intervals, or the RTT's usual bound if that is longer.
+    private func suspectAfter(_ n: Neighbour) -> UInt64 {
+        max(3 * service.settings.probeInterval, 2 * n.link.metrics.srtt + 4 * n.link.metrics.rttvar)
+    }
+
     private func tick(now: UInt64) {
+        var nowUnusable = Set<IPv6Endpoint>()
+        for (ep, n) in neighbours where n.link.state != .up || now &- (n.link.lastAnswer ?? 0) > suspectAfter(n) {
+            nowUnusable.insert(ep)
+        }
+        if nowUnusable != unusable {
+            unusable = nowUnusable
+            viewDirty = true
+        }
         for ep in Array(neighbours.keys) {
             let was = neighbours[ep]!.link.state
             guard let change = neighbours[ep]!.link.tick(now: now) else { continue }
@@ -327,11 +345,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             counters.routeComputations += 1
         }
         var urls: [NodeID: STOQURL] = [:]
-        var down = Set<IPv6Endpoint>()
-        for (ep, n) in neighbours {
+        for n in neighbours.values {
             if let id = n.id { urls[id.routingID] = n.url }
-            if n.link.state != .up { down.insert(ep) }
         }
+        let down = unusable
         var paths: [NodeID: [MeshView.PathChoice]] = [:]
         for d in table.destinations {
             guard let r = table.route(to: d) else { continue }

@@ -230,7 +230,8 @@ public struct MeshView: Sendable {
     public let identities: [NodeID: NodeIdentity]
     /// The neighbours' URLs, by routing id (those whose id a probe answer named).
     public let neighbourURLs: [NodeID: STOQURL]
-    /// Neighbours whose link is down now: requests through them are abandoned.
+    /// Neighbours whose link is down, or suspect (silent for three probe intervals): requests
+    /// through them are abandoned, and no new one goes their way.
     public let down: Set<IPv6Endpoint>
     public let maxHops: Int
     /// For each destination, its primary and backup paths as a multipath scheduler sees them.

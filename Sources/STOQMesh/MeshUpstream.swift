@@ -23,6 +23,8 @@ public final class MeshUpstream: FetchUpstream {
     private let holders = Mutex<[String: (node: NodeIdentity, length: Int)]>([:])
     /// The learner, with `routing.algorithm = "ml_optimized"`.
     let multipath: MeshMultipath?
+    /// Smoothed time a chunk fetch took (seconds; weight 1/8), nil before the first.
+    private let chunkSeconds = Mutex<Double?>(nil)
     static let maxHints = 1 << 20
     /// At most this many attempts for one fetch.
     static let maxAttempts = 12
@@ -103,10 +105,14 @@ public final class MeshUpstream: FetchUpstream {
         multipath?.cancelled(attempt)
     }
 
-    /// With a scheduler: a chunk with no byte after three times what the scheduler expects
-    /// (at least 200 ms, at most the fetcher's stall timeout) is hedged on another route.
+    /// A chunk with no byte after three times what it should take (at least 200 ms, at most
+    /// the fetcher's 5 s stall timeout) is hedged on another route: what the scheduler expects
+    /// for its route with `ml_optimized`, else the smoothed time of the chunks fetched so far.
+    /// A link cut beyond the first hop shows up here well before any neighbour declares it down.
     public func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64? {
-        guard let multipath, case .chunk = resource, let expected = multipath.expected(attempt) else { return nil }
+        guard case .chunk = resource else { return nil }
+        let expected = multipath?.expected(attempt) ?? chunkSeconds.withLock { $0 }
+        guard let expected else { return nil }
         return UInt64(min(max(3 * expected, 0.2), 5) * 1e9)
     }
 
@@ -125,6 +131,7 @@ public final class MeshUpstream: FetchUpstream {
     public func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {
         service.delivered(from: attempt.url.endpoint, bytes: body.count, nanos: UInt64(seconds * 1e9))
         multipath?.ended(attempt, delivered: true)
+        if case .chunk = resource { chunkSeconds.withLock { $0 = $0.map { $0 + (seconds - $0) / 8 } ?? seconds } }
         guard let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
         let holder = NodeIdentity(bytes)
         var keys = [(Self.hintKey(resource), body.count)]
