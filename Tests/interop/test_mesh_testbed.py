@@ -258,7 +258,7 @@ class Mesh:
 
     @staticmethod
     def each(fn, nodes):
-        """fn(n) for every node at once: one admin fetch is a process in a namespace (~0.2 s)."""
+        """fn(n) for every node in `nodes`, at once."""
         with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
             return dict(zip(nodes, pool.map(fn, nodes)))
 
