@@ -120,7 +120,7 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", .product(name: "TOMLKit", package: "TOMLKit"),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", .product(name: "TOMLKit", package: "TOMLKit"),
                            .product(name: "Logging", package: "swift-log")]),
 
         // Content-addressed chunk store and object index.
@@ -248,7 +248,7 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", "STOQRouting", "STOQCore", "STOQConfig",
+            dependencies: ["STOQMesh", "STOQTrust", "STOQTransfer", "STOQRouting", "STOQCore", "STOQConfig",
                            .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
@@ -269,6 +269,8 @@ let package = Package(
         ]),
         // `stoq mesh`'s tables and errors, on the fixture STOQNodeTests checks the admin API renders.
         .testTarget(name: "stoqTests", dependencies: ["stoq"]),
+        .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore",
+                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "Logging", package: "swift-log")]),

@@ -124,6 +124,13 @@ package enum MeshMetrics {
                     "backup_cost": r.backupCost.map { finite($0) as Any } ?? NSNull(),
                 ]
             },
+            "multipath": m.multipath.map { r -> [String: Any] in
+                [
+                    "holder": r.holder, "next_hop": r.nextHop, "latency_ms": finite(r.latencyMillis),
+                    "rate_bytes_per_second": finite(r.rateBytesPerSecond), "failure_probability": finite(r.failureProbability),
+                    "in_flight_bytes": r.inFlightBytes, "chunk_share": finite(r.chunkShare), "evidence": finite(r.evidence),
+                ]
+            },
             "counters": [
                 "adverts_originated": c.advertsOriginated, "adverts_received": c.advertsReceived,
                 "adverts_accepted": c.advertsAccepted, "adverts_forwarded": c.advertsForwarded,

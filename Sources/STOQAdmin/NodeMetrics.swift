@@ -105,6 +105,13 @@ package struct NodeMetrics {
         perWorker("stoq_worker_handoff_dropped_total", "Datagrams not passed on: the owner's inbox was full.") { $0.handoff.dropped }
         perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
+        perWorker("stoq_ingest_objects_total", "Plain uploads chunked into the content store (dedup on ingest).") { $0.objects.ingests }
+        perWorker("stoq_ingest_failures_total", "Plain uploads whose ingest failed (answered 500).") { $0.objects.ingestFailures }
+        perWorker("stoq_ingest_bytes_total", "Bytes of the plain uploads ingested.") { $0.objects.ingestBytes }
+        perWorker("stoq_ingest_new_bytes_total", "Ingested bytes in chunks the store did not have (written).") { $0.objects.ingestNewBytes }
+        perWorker("stoq_ingest_dedup_bytes_total", "Ingested bytes in chunks the store already had (not written again).") {
+            $0.objects.ingestDedupBytes
+        }
         perWorker("stoq_content_chunks_served_total", "Chunks served.") { $0.content.chunksServed }
         perWorker("stoq_content_chunks_stored_total", "Chunks stored.") { $0.content.chunksStored }
         perWorker("stoq_content_chunks_already_present_total", "Chunk uploads the node already had.") { $0.content.chunksAlreadyPresent }
@@ -184,6 +191,8 @@ package struct NodeMetrics {
                 "connections_accepted": w.endpoint.connectionsAccepted, "rx_datagrams": w.datapath.rxDatagrams,
                 "tx_datagrams": w.datapath.txDatagrams, "requests": w.objects.requests,
                 "chunks_served": w.content.chunksServed, "chunks_stored": w.content.chunksStored,
+                "ingests": w.objects.ingests, "ingest_bytes": w.objects.ingestBytes,
+                "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
             ])
         }
         var obj: [String: Any] = ["workers": list]

@@ -173,6 +173,7 @@ public enum ConfigLoader {
             s.choice("algorithm", &c.routing.algorithm)
             s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
             s.int("max_hops", &c.routing.maxHops, 1...64)
+            s.choice("multipath_scheduler", &c.routing.multipathScheduler, NodeConfig.Routing.multipathSchedulers.map { ($0.rawValue, $0) })
         }
         r.section("chunking") { s in
             s.choice("algorithm", &c.chunking.algorithm, ChunkingAlgorithm.allCases.map { ($0.description, $0) })
@@ -200,8 +201,8 @@ public enum ConfigLoader {
             s.duration("origin_max_age", &maxAge, 0...(365 * 86_400_000_000_000))
             c.edge.originMaxAge = maxAge == .max ? nil : maxAge
         }
-        // edge.enable_caching with no origin is accepted: it is a `NodeConfig.notices` line
-        // until the mesh can fetch for it.
+        // edge.enable_caching with no origin is accepted: the mesh fetches for it, and without
+        // a mesh it is a `NodeConfig.notices` line.
         r.section("log") { s in
             s.choice("level", &c.log.level)
         }

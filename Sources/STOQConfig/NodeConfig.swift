@@ -1,6 +1,7 @@
 import Logging
 import STOQChunking
 import STOQCore
+import STOQRouting
 import STOQQUIC
 
 /// A node's whole configuration: plain values, validated, immutable once loaded, every
@@ -97,11 +98,23 @@ public struct NodeConfig: Sendable, Equatable {
         /// PEM file that verifies the ACME server's HTTPS certificate ("" = the system's).
         public var ca = ""
     }
-    /// Parsed and checked, but no routing runs until the mesh exists (`notices` says so).
+    /// How the mesh computes routes and, with `ml_optimized`, spreads chunks over them.
     public struct Routing: Sendable, Equatable {
         public var algorithm = RoutingAlgorithm.adaptive
         public var updateInterval: UInt64 = 5_000_000_000
         public var maxHops = 8
+        /// With `ml_optimized`: which scheduler spreads a fetch's chunks over the routes. The
+        /// learner by default; the baselines are there to compare against (bench-multipath).
+        public var multipathScheduler = MultipathSchedulerKind.mlOptimized
+        /// The schedulers `multipath_scheduler` may name (a fixed split needs weights from outside).
+        public static let multipathSchedulers: [MultipathSchedulerKind] = [.mlOptimized, .minRTT, .roundRobin, .bestSingle]
+
+        public init(
+            algorithm: RoutingAlgorithm = .adaptive, updateInterval: UInt64 = 5_000_000_000, maxHops: Int = 8,
+            multipathScheduler: MultipathSchedulerKind = .mlOptimized
+        ) {
+            (self.algorithm, self.updateInterval, self.maxHops, self.multipathScheduler) = (algorithm, updateInterval, maxHops, multipathScheduler)
+        }
     }
     public struct Chunking: Sendable, Equatable {
         public var algorithm = ChunkingAlgorithm.contentAware
@@ -154,10 +167,6 @@ public struct NodeConfig: Sendable, Equatable {
         if !meshOn {
             n.append(
                 "routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect without a mesh: no [mesh] peers or discovery are configured, so every request is served from this node's store (or its edge origin)"
-            )
-        } else if routing.algorithm == .mlOptimized {
-            n.append(
-                "routing: algorithm = ml_optimized computes routes like adaptive for now: spreading one object's chunks over several routes is not wired into fetches yet"
             )
         }
         if edge.enableCaching && edge.origin.isEmpty && !meshOn {

@@ -57,6 +57,7 @@ package final class NodeRouter: QUICApplication {
 
     package func connectionClosed(connection: QUICConnection, reason: String) {
         content.connectionClosed(connection)
+        objects.connectionClosed(connection)
         // A refused certificate, or a handshake that failed for another reason (named by the
         // TLS alert): both are what an operator looks for when a peer cannot connect.
         if reason.hasPrefix("client certificate refused") || reason.hasPrefix("TLS handshake failed") {

@@ -6,6 +6,8 @@ import STOQQUIC
 /// Serves `/objects/<name>` from one directory: GET/HEAD (with a single `Range`)
 /// zero-copy from an mmap of the file, and PUT stored atomically (temp file, fsync,
 /// rename, directory fsync) so that an interrupted upload leaves nothing visible.
+/// With an `ObjectIngest` (`chunking.dedup_enabled`), a finished upload is chunked into the
+/// content store instead, off this thread, and answered when it is durable and indexed.
 /// One instance per worker; it runs on that worker's thread only.
 public final class ObjectService: QUICApplication {
     struct Upload {
@@ -21,6 +23,14 @@ public final class ObjectService: QUICApplication {
         public var notFound: UInt64 = 0
         public var uploadsStored: UInt64 = 0
         public var uploadsAborted: UInt64 = 0
+        /// Uploads chunked into the content store (dedup on ingest), and those that failed.
+        public var ingests: UInt64 = 0
+        public var ingestFailures: UInt64 = 0
+        /// Bytes of the ingested objects; of those, bytes of chunks written (new to the
+        /// store) and of chunks the store already had (deduplicated).
+        public var ingestBytes: UInt64 = 0
+        public var ingestNewBytes: UInt64 = 0
+        public var ingestDedupBytes: UInt64 = 0
     }
 
     private let rootFD: Int32
@@ -28,14 +38,23 @@ public final class ObjectService: QUICApplication {
     private let logger: Logger
     private var uploads: [HTTPStream: Upload] = [:]
     public private(set) var counters = Counters()
+    /// Where finished uploads are chunked (nil: they are stored as flat files).
+    private let ingest: ObjectIngest?
+    /// This worker's finished ingests; the worker drains it (`drainIngest`) between batches.
+    package let ingestInbox = ObjectIngest.Inbox()
+    /// Uploads being ingested, by ticket: whom to answer.
+    private var ingesting: [UInt64: (stream: HTTPStream, connection: QUICConnection)] = [:]
+    private var nextTicket: UInt64 = 1
+    private var outcomes: [ObjectIngest.Outcome] = []
 
-    /// Serves from `root` (created if missing).
-    public init(root: String, maxObjectSize: UInt64, logger: Logger) throws {
+    /// Serves from `root` (created if missing); with `ingest`, uploads become chunked objects.
+    public init(root: String, maxObjectSize: UInt64, logger: Logger, ingest: ObjectIngest? = nil) throws {
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         rootFD = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard rootFD >= 0 else { throw NodeError(.storage, "cannot open storage directory \(root): \(String(cString: strerror(errno)))") }
         self.maxObjectSize = maxObjectSize
         self.logger = logger
+        self.ingest = ingest
     }
 
     deinit {
@@ -163,7 +182,7 @@ public final class ObjectService: QUICApplication {
             return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
         }
         let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
-        let fd = openat(rootFD, temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        let fd = openat(rootFD, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { return fail(stream, connection, 500, "cannot create upload file") }
         uploads[stream] = Upload(fd: fd, temp: temp, name: name)
         stream.setBodySink(fd: fd, limit: maxObjectSize)
@@ -176,6 +195,14 @@ public final class ObjectService: QUICApplication {
             discard(up)
             counters.uploadsAborted += 1
             if !aborted { fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))") }
+            return
+        }
+        if let ingest {
+            // The pool owns the file from here; the answer comes when it posts the outcome.
+            let ticket = nextTicket
+            nextTicket += 1
+            ingesting[ticket] = (stream, connection)
+            ingest.submit(fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox)
             return
         }
         // Durable before visible: data, then the name, then the directory entry.
@@ -195,6 +222,35 @@ public final class ObjectService: QUICApplication {
             discard(up)
             counters.uploadsAborted += 1
         }
+        // An upload being ingested is still stored; there is just no one left to tell.
+        if !ingesting.isEmpty { ingesting = ingesting.filter { $0.value.stream != stream } }
+    }
+
+    /// Forgets whom to answer on `connection` (it is gone).
+    package func connectionClosed(_ connection: QUICConnection) {
+        if !ingesting.isEmpty { ingesting = ingesting.filter { $0.value.connection !== connection } }
+    }
+
+    /// Answers the uploads whose ingest finished (called by the worker between batches).
+    package func drainIngest() {
+        ingestInbox.drain(into: &outcomes)
+        guard !outcomes.isEmpty else { return }
+        for o in outcomes {
+            let wait = ingesting.removeValue(forKey: o.ticket)
+            if let failure = o.failure {
+                counters.ingestFailures += 1
+                counters.uploadsAborted += 1
+                if let wait { fail(wait.stream, wait.connection, 500, "storing the upload failed: \(failure)") }
+                continue
+            }
+            counters.ingests += 1
+            counters.uploadsStored += 1
+            counters.ingestBytes += o.report.bytes
+            counters.ingestNewBytes += o.report.newBytes
+            counters.ingestDedupBytes += o.report.reusedBytes
+            if let wait { wait.connection.respond(wait.stream, status: 201, headers: [("content-length", "0")], body: nil) }
+        }
+        outcomes.removeAll(keepingCapacity: true)
     }
 
     private func discard(_ up: Upload) {

@@ -124,54 +124,9 @@ public final class EdgeCache: @unchecked Sendable {
         public var chunk: [UInt8]? = nil
     }
 
-    /// One worker's completions: posted from the fetcher thread, drained on the worker,
-    /// lock-free (a Treiber stack the worker takes whole with one exchange and reverses).
-    /// One small node per completed request, never per packet.
-    public final class Inbox: @unchecked Sendable {
-        private final class Node {
-            let completion: Completion
-            var next: UnsafeMutableRawPointer?
-            init(_ c: Completion) { completion = c }
-        }
-        private let head = Atomic<UnsafeMutableRawPointer?>(nil)
-        /// Called after each post (on the fetcher's thread): wakes the worker that drains it.
-        /// Set once, before the worker runs.
-        public var onPost: (@Sendable () -> Void)?
-
-        /// An empty inbox (one per worker).
-        public init() {}
-
-        deinit {
-            var out: [Completion] = []
-            drain(into: &out)
-        }
-
-        func post(_ c: Completion) {
-            let node = Unmanaged.passRetained(Node(c))
-            let raw = node.toOpaque()
-            var seen = head.load(ordering: .relaxed)
-            while true {
-                node.takeUnretainedValue().next = seen
-                let (done, current) = head.compareExchange(expected: seen, desired: raw, ordering: .releasing)
-                if done { break }
-                seen = current
-            }
-            onPost?()
-        }
-
-        /// Moves every posted completion into `out`, oldest first (one load when there are none).
-        public func drain(into out: inout [Completion]) {
-            guard head.load(ordering: .relaxed) != nil, var p = head.exchange(nil, ordering: .acquiring) else { return }
-            let start = out.count
-            while true {
-                let node = Unmanaged<Node>.fromOpaque(p).takeRetainedValue()
-                out.append(node.completion)
-                guard let next = node.next else { break }
-                p = next
-            }
-            out[start...].reverse()
-        }
-    }
+    /// One worker's completions: posted from the fetcher thread, drained on the worker
+    /// between batches (`CompletionInbox`, shared with plain-upload ingest).
+    public typealias Inbox = CompletionInbox<Completion>
 
     struct Waiter {
         var inbox: Inbox
@@ -244,7 +199,7 @@ public final class EdgeCache: @unchecked Sendable {
         self.datapath = datapath
         self.logger = logger
         store = try ChunkStore(
-            root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize),
+            root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize, durable: false),
             logger: Logger(label: "stoq.edge.store"))
         let manifestBudget = EdgeManifests.budget(of: capacity)
         policy = S3FIFO(capacity: capacity - manifestBudget)
@@ -503,6 +458,7 @@ public final class EdgeCache: @unchecked Sendable {
             a.seen = 0
             a.progressAt = DispatchTime.now().uptimeNanoseconds
             p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: a.attempt.headers, sinkFD: a.fd, tag: tag, keepErrors: true)
+            upstream.dispatched(Self.resource(a.key), via: a.attempt)
             lock.withLock {
                 if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
             }
@@ -512,6 +468,7 @@ public final class EdgeCache: @unchecked Sendable {
         /// Moves `a` to its next attempt after `why` (a failover when the upstream had more
         /// than a 404 to say), or gives up.
         func retry(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
+            upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
             var a = a
             if !notFound { a.allNotFound = false; a.lastFailure = why } else if a.allNotFound { a.lastFailure = nil }
             guard let next = nextAttempt(a) else { return giveUp(a) }
@@ -600,6 +557,7 @@ public final class EdgeCache: @unchecked Sendable {
                     active[tag] = nil
                     let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
                     if t - a.started > Self.requestTimeout {
+                        upstream.failed(Self.resource(a.key), via: a.attempt, notFound: false)
                         var a = a
                         a.allNotFound = false
                         a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"

@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import Foundation
+import Synchronization
 import Logging
 import NIOCore
 import STOQConfig
@@ -47,13 +48,19 @@ public final class EtcdDiscovery: DiscoveryBackend {
     private let logger: Logger
     private let box = CounterBox()
     private let state = State()
-    private let client: HTTPClient
+    /// The client given, if any; else `run` makes its own for as long as it runs.
+    private let given: HTTPClient?
+    private let current = Mutex<HTTPClient?>(nil)
+    private var client: HTTPClient { current.withLock { $0 } ?? given ?? .shared }
 
-    /// A backend; nothing happens until `run`. `client` defaults to AsyncHTTPClient's shared one.
-    public init(options: Options, logger: Logger, client: HTTPClient = .shared) {
+    /// A backend; nothing happens until `run`. Without a `client`, `run` makes its own that fails
+    /// a request at once when the endpoint refuses the connection (AsyncHTTPClient's default
+    /// retries connecting until the request's deadline, which turned every attempt against a
+    /// dead endpoint into a full `requestTimeout` and kept the next endpoint waiting).
+    public init(options: Options, logger: Logger, client: HTTPClient? = nil) {
         self.options = options
         self.logger = logger
-        self.client = client
+        self.given = client
     }
 
     public var backendName: String { "etcd" }
@@ -68,6 +75,14 @@ public final class EtcdDiscovery: DiscoveryBackend {
     }
 
     public func run(_ report: @escaping @Sendable (Set<MeshMember>) async -> Void) async {
+        var own: HTTPClient?
+        if given == nil {
+            var c = HTTPClient.Configuration()
+            c.connectionPool.retryConnectionEstablishment = false
+            c.timeout.connect = .nanoseconds(options.requestTimeout.nanoseconds)
+            own = HTTPClient(eventLoopGroupProvider: .singleton, configuration: c)
+            current.withLock { $0 = own }
+        }
         var log = FailureLog(logger: logger, what: "mesh discovery (etcd)")
         var backoff = Backoff(initial: .milliseconds(200), maximum: options.maxBackoff)
         var index = 0
@@ -89,6 +104,10 @@ public final class EtcdDiscovery: DiscoveryBackend {
             }
         }
         await withdraw()
+        if let own {
+            current.withLock { $0 = nil }
+            try? await own.shutdown()
+        }
     }
 
     /// Registers (if this node has a record) and reads the prefix: the lease, the revision read

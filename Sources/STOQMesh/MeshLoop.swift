@@ -19,6 +19,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         var probesAnswered: UInt64 = 0
         var downs: UInt64 = 0
         var ups: UInt64 = 0
+        /// Connection attempts that failed in a row, and when the next may start: a neighbour
+        /// that refuses this node (or is refused) is not asked ten times a second.
+        var failures = 0
+        var retryAt: UInt64 = 0
     }
 
     enum Pending {
@@ -133,6 +137,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     private func probe(now: UInt64) {
         for (ep, n) in neighbours {
             let connected = pool.isConnected(ep)
+            if !connected && now < n.retryAt { continue }
             // Until the handshake is done, one probe at a time opens the connection; it is not
             // a sample (its time includes the handshake, and a neighbour still starting up has
             // not lost anything).
@@ -156,13 +161,22 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         case .probe(let ep, let sample):
             guard var n = neighbours[ep] else { return }
             if let f = d.failure {
-                if f.contains("certificate") || f.contains("TLS") {
-                    counters.peersRefused += 1
-                    logger.warning("mesh: \(n.url) refused: \(f)")
-                } else if f.contains("cannot connect") {
-                    counters.connectFailures += 1
+                let refused = f.contains("certificate") || f.contains("TLS")
+                if refused { counters.peersRefused += 1 } else if f.contains("cannot connect") { counters.connectFailures += 1 }
+                guard refused || f.contains("cannot connect") else { return }
+                // Backoff from 100 ms, doubling to 5 s; logged once per run of failures.
+                n.failures += 1
+                n.retryAt = now + min(100_000_000 << UInt64(min(n.failures - 1, 6)), 5 * Nanos.second)
+                if n.failures == 1 {
+                    logger.warning("mesh: \(n.url) \(refused ? "refused" : "unreachable"): \(f); retrying with backoff, logged once until it works")
                 }
+                neighbours[ep] = n
                 return
+            }
+            if n.failures > 0 {
+                logger.notice("mesh: \(n.url) answers again after \(n.failures) failed connection attempt(s)")
+                n.failures = 0
+                n.retryAt = 0
             }
             guard d.status == 200, d.received > 0, d.received <= 512 else { return }
             var bytes = [UInt8](repeating: 0, count: Int(d.received))
@@ -318,8 +332,37 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let id = n.id { urls[id.routingID] = n.url }
             if n.link.state != .up { down.insert(ep) }
         }
+        var paths: [NodeID: [MeshView.PathChoice]] = [:]
+        for d in table.destinations {
+            guard let r = table.route(to: d) else { continue }
+            paths[d] = ([r.primary] + (r.backup.map { [$0] } ?? [])).compactMap { p in
+                p.nextHop.map { MeshView.PathChoice(nextHop: $0, features: features(of: p.nodes)) }
+            }
+        }
         service.publish(
-            view: MeshView(me: me, routes: table, identities: identities, neighbourURLs: urls, down: down, maxHops: engine.maxHops))
+            view: MeshView(
+                me: me, routes: table, identities: identities, neighbourURLs: urls, down: down, maxHops: engine.maxHops,
+                paths: paths))
+    }
+
+    /// A path's link-state metrics, combined: RTTs and variances add, losses compound, the
+    /// bottleneck's delivery rate (links nothing was fetched over yet count as 10 MB/s, so that
+    /// a scheduler's prior does not write them off), the busiest node's load.
+    static let unmeasuredRate = 10_000_000.0
+
+    private func features(of nodes: [NodeID]) -> MultipathRouteFeatures {
+        var rtt = 0.0, variance = 0.0, delivered = 1.0, rate = Double.infinity, load = 0.0
+        for (a, b) in zip(nodes, nodes.dropFirst()) {
+            guard let l = engine.database.links(from: a).first(where: { $0.peer == b })?.metrics else { continue }
+            rtt += l.rttMs / 1_000
+            variance += (l.rttVarMs / 1_000) * (l.rttVarMs / 1_000)
+            delivered *= 1 - l.lossRate
+            rate = min(rate, l.deliveryRate > 0 ? l.deliveryRate : Self.unmeasuredRate)
+            load = max(load, l.load)
+        }
+        return MultipathRouteFeatures(
+            rttMean: rtt, rttVariance: variance, loss: 1 - delivered, deliveryRate: rate.isFinite ? rate : Self.unmeasuredRate,
+            hopCount: nodes.count - 1, peerLoad: load)
     }
 
     private func publishStatus(now: UInt64) {

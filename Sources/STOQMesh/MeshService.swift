@@ -48,6 +48,8 @@ public final class MeshService: @unchecked Sendable {
         public var updateInterval: UInt64 = 5_000_000_000
         public var algorithm: RoutingAlgorithm = .adaptive
         public var maxHops = 8
+        /// With `ml_optimized`: the scheduler that spreads chunks over routes.
+        public var multipathScheduler = MultipathSchedulerKind.mlOptimized
 
         public init(
             chain: [Certificate], key: P256.Signing.PrivateKey, trust: ClientTrust,
@@ -101,14 +103,14 @@ public final class MeshService: @unchecked Sendable {
     /// The operator's view, refreshed about every probe interval (nil before the first).
     public var status: MeshStatus? {
         let relayCounters = relay.withLock { $0 }
-        return published.withLock { p in
-            guard var s = p.status else { return nil }
-            s.counters.relayServed = relayCounters.relayServed
-            s.counters.relayForwarded = relayCounters.relayForwarded
-            s.counters.maxHopsRefused = relayCounters.maxHopsRefused
-            s.counters.maxHopsSeen = relayCounters.maxHopsSeen
-            return s
-        }
+        let published: MeshStatus? = self.published.withLock { $0.status }
+        guard var s = published else { return nil }
+        s.counters.relayServed = relayCounters.relayServed
+        s.counters.relayForwarded = relayCounters.relayForwarded
+        s.counters.maxHopsRefused = relayCounters.maxHopsRefused
+        s.counters.maxHopsSeen = relayCounters.maxHopsSeen
+        s.multipath = multipathSource?() ?? []
+        return s
     }
 
     /// The answer to a probe (a worker calls this; it reads two atomics).
@@ -121,6 +123,12 @@ public final class MeshService: @unchecked Sendable {
     /// Where the mesh thread reads this node's load (0...1) from, every probe interval; set
     /// before `start`.
     public var loadSource: (@Sendable () -> Double)?
+    /// The learner's routes for `status` (set by `MeshUpstream` with `ml_optimized`).
+    var multipathSource: (@Sendable () -> [MeshStatus.MultipathRoute])? {
+        get { multipathHook.withLock { $0 } }
+        set { multipathHook.withLock { $0 = newValue } }
+    }
+    private let multipathHook = Mutex<(@Sendable () -> [MeshStatus.MultipathRoute])?>(nil)
 
     /// This node's load, 0...1 (the node sets it from its workers' connection counts).
     public func setLoad(_ load: Double) {
@@ -225,19 +233,28 @@ public struct MeshView: Sendable {
     /// Neighbours whose link is down now: requests through them are abandoned.
     public let down: Set<IPv6Endpoint>
     public let maxHops: Int
+    /// For each destination, its primary and backup paths as a multipath scheduler sees them.
+    public let paths: [NodeID: [PathChoice]]
+
+    /// One path to a destination: its first hop and what link-state says about it.
+    public struct PathChoice: Sendable {
+        public var nextHop: NodeID
+        public var features: MultipathRouteFeatures
+    }
 
     static let empty = MeshView(me: NodeIdentity([UInt8](repeating: 0, count: 32)), maxHops: 0)
 
     init(me: NodeIdentity, maxHops: Int) {
-        self.init(me: me, routes: nil, identities: [:], neighbourURLs: [:], down: [], maxHops: maxHops)
+        self.init(me: me, routes: nil, identities: [:], neighbourURLs: [:], down: [], maxHops: maxHops, paths: [:])
     }
 
     init(
         me: NodeIdentity, routes: RouteTable?, identities: [NodeID: NodeIdentity], neighbourURLs: [NodeID: STOQURL],
-        down: Set<IPv6Endpoint>, maxHops: Int
+        down: Set<IPv6Endpoint>, maxHops: Int, paths: [NodeID: [PathChoice]]
     ) {
         (self.me, self.routes, self.identities, self.neighbourURLs, self.down, self.maxHops) =
             (me, routes, identities, neighbourURLs, down, maxHops)
+        self.paths = paths
     }
 
     /// The node with id `hex`, if known.

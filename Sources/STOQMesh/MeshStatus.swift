@@ -56,6 +56,31 @@ public struct MeshStatus: Sendable, Equatable {
         }
     }
 
+    /// With `routing.algorithm = "ml_optimized"`: one route (a holder, through a next hop) as
+    /// the learner sees it, and the share of chunks it gets.
+    public struct MultipathRoute: Sendable, Equatable {
+        public var holder: String
+        /// The next hop's short id (16 hex digits).
+        public var nextHop: String
+        /// Estimated fixed part of a chunk's time, and service rate.
+        public var latencyMillis: Double
+        public var rateBytesPerSecond: Double
+        public var failureProbability: Double
+        public var inFlightBytes: Int
+        /// Share of recent chunk requests, 0...1.
+        public var chunkShare: Double
+        /// Discounted completions the estimate rests on (0: link-state prior only).
+        public var evidence: Double
+
+        public init(
+            holder: String, nextHop: String, latencyMillis: Double, rateBytesPerSecond: Double, failureProbability: Double,
+            inFlightBytes: Int, chunkShare: Double, evidence: Double
+        ) {
+            (self.holder, self.nextHop, self.latencyMillis, self.rateBytesPerSecond) = (holder, nextHop, latencyMillis, rateBytesPerSecond)
+            (self.failureProbability, self.inFlightBytes, self.chunkShare, self.evidence) = (failureProbability, inFlightBytes, chunkShare, evidence)
+        }
+    }
+
     /// Counters since the node started.
     public struct Counters: Sendable, Equatable {
         /// Adverts this node signed and sent (each counted once, whatever the neighbours).
@@ -102,6 +127,8 @@ public struct MeshStatus: Sendable, Equatable {
     public var nodesKnown: Int
     public var linksKnown: Int
     public var counters: Counters
+    /// The learner's routes (empty unless `ml_optimized`).
+    public var multipath: [MultipathRoute] = []
 
     public init(
         node: String, algorithm: String, maxHops: Int, discovery: String, discoveryCounters: DiscoveryCounters,

@@ -1,6 +1,7 @@
 import Foundation
 import STOQChunking
 import STOQCore
+import STOQRouting
 import STOQTransfer
 import Synchronization
 
@@ -16,14 +17,21 @@ import Synchronization
 ///   the primary route and then the backup; if that fails, of every other node, nearest first.
 public final class MeshUpstream: FetchUpstream {
     let service: MeshService
-    /// Who had what: manifest names and chunk ids (hex) → the node that served them. Bounded:
-    /// forgotten wholesale when full (they are only hints; a search finds them again).
-    private let holders = Mutex<[String: NodeIdentity]>([:])
+    /// Who had what: manifest names and chunk ids (hex) → the node that served them, and a
+    /// chunk's length. Bounded: forgotten wholesale when full (they are only hints; a search
+    /// finds them again).
+    private let holders = Mutex<[String: (node: NodeIdentity, length: Int)]>([:])
+    /// The learner, with `routing.algorithm = "ml_optimized"`.
+    let multipath: MeshMultipath?
     static let maxHints = 1 << 20
     /// At most this many attempts for one fetch.
     static let maxAttempts = 12
 
-    public init(service: MeshService) { self.service = service }
+    public init(service: MeshService) {
+        self.service = service
+        multipath = service.settings.algorithm == .mlOptimized ? MeshMultipath(kind: service.settings.multipathScheduler) : nil
+        if let multipath { service.multipathSource = { multipath.estimates() } }
+    }
 
     public var description: String { "the mesh" }
 
@@ -41,7 +49,13 @@ public final class MeshUpstream: FetchUpstream {
             return via(view, holder, hops: hint.hops + 1, resource).filter { $0.url.endpoint.address != hint.from }
         }
         var out: [UpstreamAttempt] = []
-        if let known = holders.withLock({ $0[Self.hintKey(resource)] }) { out += via(view, known, hops: 1, resource) }
+        if let known = holders.withLock({ $0[Self.hintKey(resource)] }) {
+            if let multipath, case .chunk = resource {
+                out += multipath.order(choices(view, known.node, resource), bytes: known.length)
+            } else {
+                out += via(view, known.node, hops: 1, resource)
+            }
+        }
         for node in view.reachable where out.count < Self.maxAttempts {
             for a in via(view, node, hops: 1, resource).prefix(1) where !out.contains(where: { $0.same(as: a) }) { out.append(a) }
         }
@@ -54,6 +68,35 @@ public final class MeshUpstream: FetchUpstream {
                 url: url, path: MeshWire.relayPath(holder: holder, hops: hops, resource), holder: holder.hex,
                 label: "node \(holder) via \(url.endpoint)")
         }
+    }
+
+    /// The routes to `holder` (primary, backup) whose first hop is up, with their attempts.
+    private func choices(_ view: MeshView, _ holder: NodeIdentity, _ resource: UpstreamResource)
+        -> [(holder: NodeIdentity, path: MeshView.PathChoice, attempt: UpstreamAttempt)]
+    {
+        (view.paths[holder.routingID] ?? []).compactMap { p in
+            guard let url = view.neighbourURLs[p.nextHop], !view.down.contains(url.endpoint) else { return nil }
+            return (
+                holder, p,
+                UpstreamAttempt(
+                    url: url, path: MeshWire.relayPath(holder: holder, hops: 1, resource), holder: holder.hex,
+                    label: "node \(holder) via \(url.endpoint)")
+            )
+        }
+    }
+
+    private func nextHop(_ attempt: UpstreamAttempt) -> NodeID? {
+        service.view.neighbourURLs.first { $0.value.endpoint == attempt.url.endpoint }?.key
+    }
+
+    public func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {
+        guard let multipath, case .chunk = resource else { return }
+        let length = holders.withLock { $0[Self.hintKey(resource)]?.length } ?? 256 << 10
+        multipath.dispatched(attempt, nextHop: nextHop(attempt), bytes: length)
+    }
+
+    public func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool) {
+        multipath?.ended(attempt, delivered: false)
     }
 
     public func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? {
@@ -70,15 +113,16 @@ public final class MeshUpstream: FetchUpstream {
 
     public func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {
         service.delivered(from: attempt.url.endpoint, bytes: body.count, nanos: UInt64(seconds * 1e9))
+        multipath?.ended(attempt, delivered: true)
         guard let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
         let holder = NodeIdentity(bytes)
-        var keys = [Self.hintKey(resource)]
+        var keys = [(Self.hintKey(resource), body.count)]
         if case .manifest = resource, let m = try? Manifest(decoding: body) {
-            keys += m.chunks.map { Hex.encode($0.id.bytes) }
+            keys += m.chunks.map { (Hex.encode($0.id.bytes), Int($0.length)) }
         }
         holders.withLock { h in
             if h.count + keys.count > Self.maxHints { h.removeAll() }
-            for k in keys { h[k] = holder }
+            for (k, length) in keys { h[k] = (holder, length) }
         }
     }
 }

@@ -145,7 +145,8 @@ public final class Node: @unchecked Sendable {
         let mesh = try connectWorkers(queues)
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
-            content: content, edge: edge, originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
+            content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
+            originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, mesh: mesh, meshService: meshService,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,

@@ -48,6 +48,7 @@ extension Node {
         s.updateInterval = cfg.routing.updateInterval
         s.algorithm = cfg.routing.algorithm
         s.maxHops = cfg.routing.maxHops
+        s.multipathScheduler = cfg.routing.multipathScheduler
         let identity = NodeIdentity(publicKey: chain[0].publicKey)
         let registration = registrationURL(cfg).map { MeshMember(url: $0, nodeID: identity) }
         let discovery = DiscoverySelection.backend(

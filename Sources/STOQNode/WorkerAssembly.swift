@@ -3,6 +3,7 @@ import Logging
 import STOQAdmin
 import STOQConfig
 import STOQContent
+import STOQChunking
 import STOQCore
 import STOQDatapath
 import STOQEdge
@@ -21,6 +22,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let settings: QUICSettings
     let secret: StaticSecret
     let content: ObjectIndex
+    /// Where plain uploads are chunked (`chunking.dedup_enabled`; nil: stored flat).
+    let ingest: ObjectIngest?
     let edge: EdgeCache?
     /// `Cache-Control: max-age` (seconds) on manifests and chunked objects, if set.
     let originMaxAge: UInt64?
@@ -51,7 +54,7 @@ struct WorkerAssembly: @unchecked Sendable {
         let worker = Worker(queue: queue, endpoint: endpoint)
         worker.fallback = { _ in fallback.queue(for: i) }
         worker.join(mesh, as: i)
-        worker.onTurn = turnHook(worker: i, endpoint: endpoint, content: router.content)
+        worker.onTurn = turnHook(worker: i, endpoint: endpoint, router: router)
         let publish = {
             let q = worker.queue
             snapshot.publish(
@@ -76,7 +79,7 @@ struct WorkerAssembly: @unchecked Sendable {
     private func makeRouter() throws -> NodeRouter {
         let objects = try ObjectService(
             root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
-            logger: logger)
+            logger: logger, ingest: ingest)
         let chunks = ContentService(
             index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
             edge: edge, maxAge: originMaxAge, mesh: meshService)
@@ -86,17 +89,40 @@ struct WorkerAssembly: @unchecked Sendable {
     }
 
     /// What the worker does between batches: take rotated credentials, and complete the
-    /// requests whose origin fetches finished (those wake it through the mesh).
-    private func turnHook(worker i: Int, endpoint: QUICEndpoint, content: ContentService) -> () -> Void {
+    /// requests whose origin fetches or upload ingests finished (those wake it through the
+    /// mesh).
+    private func turnHook(worker i: Int, endpoint: QUICEndpoint, router: NodeRouter) -> () -> Void {
         var credentialsVersion = 0
         let published = certificates?.published
-        let edgeOn = edge != nil
+        let content = router.content, objects = router.objects
+        let edgeOn = edge != nil, ingestOn = ingest != nil
         if edgeOn { content.inbox.onPost = { [mesh] in mesh.wake(i) } }
+        if ingestOn { objects.ingestInbox.onPost = { [mesh] in mesh.wake(i) } }
         return {
             // A rotated or reloaded certificate: new handshakes use it from now on.
             if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
             // Origin fetches finish on the edge cache's thread; responses complete here.
             if edgeOn { content.drainEdge() }
+            // Uploads are chunked on the ingest pool's threads; their 201s go out here.
+            if ingestOn { objects.drainIngest() }
+        }
+    }
+
+    /// The pool that chunks plain uploads into `content` when `chunking.dedup_enabled` is
+    /// on (nil otherwise): one thread per four CPUs, at least one, at most four, since a
+    /// node's cores belong to its workers first.
+    static func makeIngest(_ cfg: NodeConfig, content: ObjectIndex, logger: Logger) throws -> ObjectIngest? {
+        guard cfg.chunking.dedupEnabled else { return nil }
+        let c = cfg.chunking
+        do {
+            let parameters = try ChunkingParameters(
+                algorithm: c.algorithm, minSize: Int(c.minChunkSize), avgSize: Int(c.avgChunkSize),
+                maxSize: Int(c.maxChunkSize))
+            return try ObjectIngest(
+                index: content, parameters: parameters, storagePath: cfg.storage.path,
+                threads: min(4, max(1, Worker.availableCPUs / 4)), logger: logger)
+        } catch {
+            throw NodeError(.storage, "cannot start ingest (chunking.dedup_enabled): \(error)")
         }
     }
 

@@ -43,9 +43,16 @@ public final class ChunkStore: @unchecked Sendable {
         /// cannot be a chunk this store wrote, so it is treated as corrupt rather than read
         /// into memory). Default 64 MiB, far above any content-defined chunk size.
         public var maxChunkSize: Int
+        /// fsync each chunk and its directory before a put returns (default). Off for a cache:
+        /// after a crash a chunk may be missing or torn, and a torn one fails verification
+        /// when read and is dropped like any corrupt chunk.
+        public var durable: Bool
 
         /// Options with the defaults above, or the values given.
-        public init(dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20) {
+        public init(
+            dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20, durable: Bool = true
+        ) {
+            self.durable = durable
             self.dedup = dedup
             self.collectGracePeriod = collectGracePeriod
             self.maxChunkSize = maxChunkSize
@@ -162,7 +169,7 @@ public final class ChunkStore: @unchecked Sendable {
             }
             let dir = try shardDirectory(id, shard)
             let temp = ".tmp-\(name)-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
-            try dir.replace(name, tempName: temp, with: bytes)
+            try dir.replace(name, tempName: temp, with: bytes, durable: options.durable)
             state.withLock {
                 counterValues.chunksWritten += 1
                 counterValues.bytesWritten += UInt64(bytes.count)
@@ -469,8 +476,10 @@ public final class ChunkStore: @unchecked Sendable {
         }
         let outer = try Directory(String(shard.prefix(2)), in: chunksDir, create: true)
         let inner = try Directory(String(shard.suffix(2)), in: outer, create: true)
-        try outer.sync()
-        try chunksDir.sync()
+        if options.durable {
+            try outer.sync()
+            try chunksDir.sync()
+        }
         _ = state.withLock { durableShards.insert(key) }
         return inner
     }

@@ -35,14 +35,16 @@ final class Directory {
     /// file or the complete new one: write a temp file in this directory, fsync it,
     /// rename it over `name`, fsync the directory. `tempName` must be a name the store
     /// recognises as a temp file, so recovery can remove it.
-    func replace(_ name: String, tempName: String, with bytes: UnsafeRawBufferPointer) throws {
+    /// Without `durable` (a cache, whose reads verify every byte anyway) nothing is fsynced:
+    /// the rename still makes the file appear whole or not at all while the system runs.
+    func replace(_ name: String, tempName: String, with bytes: UnsafeRawBufferPointer, durable: Bool = true) throws {
         let tfd = openat(fd, tempName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard tfd >= 0 else { throw StoreError.io("create", path + "/" + tempName) }
         var open = true
         do {
             try Self.writeAll(tfd, bytes, path: path + "/" + tempName)
             // Data durable before the name points at it.
-            guard fsync(tfd) == 0 else { throw StoreError.io("fsync", path + "/" + tempName) }
+            guard !durable || fsync(tfd) == 0 else { throw StoreError.io("fsync", path + "/" + tempName) }
             open = false
             guard close(tfd) == 0 else { throw StoreError.io("close", path + "/" + tempName) }
             guard renameat(fd, tempName, fd, name) == 0 else { throw StoreError.io("rename", path + "/" + name) }
@@ -51,7 +53,7 @@ final class Directory {
             unlinkat(fd, tempName, 0)
             throw error
         }
-        try sync()
+        if durable { try sync() }
     }
 
     /// Reads the regular file `fd` refers to whole, with one buffer of its size and as few

@@ -69,6 +69,15 @@ public protocol FetchUpstream: AnyObject, Sendable, CustomStringConvertible {
     func isDown(_ url: STOQURL) -> Bool
     /// A fetch through `attempt` succeeded: `body` verified, after `seconds`.
     func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double)
+    /// A request went out through `attempt`.
+    func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt)
+    /// The request through `attempt` failed, stalled or answered 404 (`notFound`).
+    func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool)
+}
+
+extension FetchUpstream {
+    public func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {}
+    public func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool) {}
 }
 
 /// The edge cache's upstream of old: one origin, asked for everything.

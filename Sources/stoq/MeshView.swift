@@ -62,6 +62,19 @@ struct MeshStatusView: Decodable, Sendable {
     var nodesKnown: Int
     var linksKnown: Int
     var counters: Counters
+    /// The learner's routes (`ml_optimized` only).
+    var multipath: [Multipath]?
+
+    struct Multipath: Decodable {
+        var holder: String
+        var nextHop: String
+        var latencyMs: Double
+        var rateBytesPerSecond: Double
+        var failureProbability: Double
+        var inFlightBytes: Int
+        var chunkShare: Double
+        var evidence: Double
+    }
 
     /// Reads a whole `/status` document; `nil` when the node runs no mesh (no "mesh" key).
     static func decode(status data: Data) throws -> MeshStatusView? {
@@ -157,7 +170,21 @@ enum MeshTables {
             ])
         }
         if m.routes.isEmpty { return table(rows, right: [1, 2]) + "(no routes: this node knows no other node yet)\n" }
-        return table(rows, right: [1, 2])
+        return table(rows, right: [1, 2]) + learned(m.multipath ?? [])
+    }
+
+    /// What `ml_optimized` learned: each route to a holder, its estimate and its share of chunks.
+    static func learned(_ routes: [MeshStatusView.Multipath]) -> String {
+        guard !routes.isEmpty else { return "" }
+        var rows = [["holder", "next hop", "latency ms", "rate Mbit/s", "fail %", "in flight KiB", "share %", "evidence"]]
+        for r in routes.sorted(by: { ($0.holder, $0.nextHop) < ($1.holder, $1.nextHop) }) {
+            rows.append([
+                short(r.holder), short(r.nextHop), String(format: "%.2f", r.latencyMs), String(format: "%.1f", r.rateBytesPerSecond * 8 / 1e6),
+                String(format: "%.1f", r.failureProbability * 100), "\(r.inFlightBytes / 1024)", String(format: "%.1f", r.chunkShare * 100),
+                String(format: "%.1f", r.evidence),
+            ])
+        }
+        return "\nml_optimized: routes to holders as the learner sees them\n" + table(rows, right: [2, 3, 4, 5, 6, 7])
     }
 
     /// The route whose destination starts with `prefix` (at least 4 hex digits, unique).

@@ -89,6 +89,10 @@ struct Get: ParsableCommand {
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
         if chunked {
             guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
+            var st = stat()
+            if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
+                throw fail("--chunked resumes into a regular file and renames it into place; \(output) is not one", code: 2)
+            }
             let r: ChunkedGetResult
             do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout) } catch {
                 throw fail("\(error)")
@@ -106,8 +110,15 @@ struct Get: ParsableCommand {
         var fd: Int32 = -1
         var temp: String?
         if let output, output != "-" {
-            temp = output + ".part"
-            fd = open(temp!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            var st = stat()
+            if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
+                // A device or a pipe (/dev/null, a FIFO): written in place; a temp file renamed
+                // over it would replace the device with a file.
+                fd = open(output, O_WRONLY | O_CLOEXEC)
+            } else {
+                temp = output + ".part"
+                fd = open(temp!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            }
             guard fd >= 0 else { throw fail("-o \(output): \(String(cString: strerror(errno)))") }
         }
         let tty = isatty(STDERR_FILENO) == 1 && !json
@@ -132,13 +143,13 @@ struct Get: ParsableCommand {
                 FileHandle.standardError.write(Data(line.utf8))
             }
         } catch {
-            if fd >= 0 { close(fd); unlink(temp!) }
+            if fd >= 0 { close(fd); if let temp { unlink(temp) } }
             throw fail("\(error)")
         }
         if tty { FileHandle.standardError.write(Data("\n".utf8)) }
         if fd >= 0 {
             close(fd)
-            if result.status / 100 == 2 { rename(temp!, output!) } else { unlink(temp!) }
+            if let temp { if result.status / 100 == 2 { rename(temp, output!) } else { unlink(temp) } }
         }
         if json { printJSON(result) }
         guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)") }

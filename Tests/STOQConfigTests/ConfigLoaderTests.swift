@@ -169,6 +169,13 @@ import TOMLKit
         } catch { return error.errors }
     }
 
+    @Test func multipathSchedulerIsAScheduleNotAFixedSplit() throws {
+        #expect(try ConfigLoader.parse("[routing]\nmultipath_scheduler = \"round_robin\"").routing.multipathScheduler == .roundRobin)
+        let e = errors("[routing]\nmultipath_scheduler = \"fixed_split\"")
+        #expect(e.count == 1 && e.first?.key == "routing.multipath_scheduler")
+        #expect(e.first?.allowed == "one of \"ml_optimized\", \"min_rtt\", \"round_robin\", \"best_single\"")
+    }
+
     @Test func refusesIPv4NamingTheKey() {
         let e = errors("[network]\nlisten_addr = \"127.0.0.1:4433\"")
         #expect(e.count == 1)

@@ -5,6 +5,7 @@ import pathlib
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -87,7 +88,9 @@ def test_put_then_get_round_trip(node, tmp_path):
     r = stoq("put", src, node.url("uploaded.bin"), "--ca", node.cert, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"] == 201
-    assert sha256_file(node.storage / "uploaded.bin") == sha256_file(src)
+    # chunking.dedup_enabled (the default): the upload became chunks + a manifest, no flat file.
+    assert not (node.storage / "uploaded.bin").exists()
+    assert (node.content / "objects" / "uploaded.bin").exists()
     assert not [p for p in node.storage.iterdir() if p.name.startswith(".upload-")], "temp file left behind"
     r = stoq("get", node.url("uploaded.bin"), "--ca", node.cert, "--json")
     assert json.loads(r.stdout)["sha256"] == sha256_file(src)
@@ -101,7 +104,8 @@ def test_put_with_each_congestion_control(node, tmp_path, cc):
     src.write_bytes(os.urandom((8 << 20) + 3))
     r = stoq("put", src, node.url(f"cc-{cc}.bin"), "--ca", node.cert, "--cc", cc, "--json", env={"STOQ_STATS": "1"})
     assert r.returncode == 0, r.stderr
-    assert sha256_file(node.storage / f"cc-{cc}.bin") == sha256_file(src)
+    r2 = stoq("get", node.url(f"cc-{cc}.bin"), "--ca", node.cert, "--json")
+    assert r2.returncode == 0 and json.loads(r2.stdout)["sha256"] == sha256_file(src), r2.stderr
     assert re.search(r"^transport: t=\d+ms cwnd=\d+ in_flight=\d+ srtt=\d+us", r.stderr, re.M), r.stderr[-500:]
 
 
@@ -129,3 +133,19 @@ def test_stoq_bench_against_node(node):
     assert res["failed"] == 0 and res["requests"] >= 19, res
     assert res["bytes"] == res["requests"] * ((1 << 20) + 7)
     assert res["latencyP99Ms"] >= res["latencyP50Ms"] > 0
+
+
+def test_get_into_a_device_writes_in_place(node, tmp_path):
+    """`-o /dev/null` (or any non-regular file) is written in place: renaming a temp file over
+    it once replaced the machine's /dev/null with a regular file. `--chunked`, which resumes
+    into a regular file, refuses one with a clear error."""
+    name = sorted(node.digests)[0]
+    before = os.stat("/dev/null")
+    r = stoq("get", node.url(name), "-o", "/dev/null", "--ca", node.cert)
+    assert r.returncode == 0, r.stderr
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    assert not os.path.exists("/dev/null.part")
+    r = stoq("get", "--chunked", node.url(name), "-o", "/dev/null", "--ca", node.cert)
+    assert r.returncode == 2 and "is not one" in r.stderr, r.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -1,0 +1,117 @@
+import Foundation
+import STOQCore
+import STOQRouting
+import STOQTransfer
+import Synchronization
+
+/// `routing.algorithm = "ml_optimized"` in a node: the learner (`LearnerScheduler`) picks, for
+/// every chunk this node fetches from a holder, which of the routes to it the request takes —
+/// the primary's next hop, the backup's, or another holder's — and learns from how each
+/// chunk fetch ended. One object's chunks are fetched several at a time (the edge's read-ahead),
+/// so they spread over the routes in the proportion the learner finds fastest.
+///
+/// A route is (holder, next hop). The edge fetcher's thread makes every call but `estimates`;
+/// the lock is there for the admin API's reads.
+final class MeshMultipath: @unchecked Sendable {
+    struct State {
+        let scheduler: any MultipathChunkScheduler
+        var ids: [String: MultipathRouteID] = [:]
+        var names: [MultipathRouteID: (holder: NodeIdentity, nextHop: NodeID)] = [:]
+        var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
+        /// Requests out: path → route, bytes, when.
+        var out: [String: (route: MultipathRouteID, bytes: Int, at: Double)] = [:]
+    }
+
+    private let state: Mutex<State>
+    private let epoch = monotonicNow()
+
+    /// A scheduler of `kind` (the learner, or a baseline to compare it with).
+    init(kind: MultipathSchedulerKind) {
+        let scheduler: any MultipathChunkScheduler =
+            switch kind {
+            case .minRTT: MinRTTScheduler()
+            case .roundRobin: RoundRobinScheduler()
+            case .bestSingle: BestSingleScheduler()
+            case .mlOptimized, .fixedSplit: LearnerScheduler()
+            }
+        state = Mutex(State(scheduler: scheduler))
+    }
+
+    var now: Double { Double(monotonicNow() &- epoch) / 1e9 }
+
+    /// Orders `choices` (the routes to holders of a chunk of `bytes`) with the learner's pick
+    /// first; the rest keep their order (primary before backup) for failover.
+    func order(_ choices: [(holder: NodeIdentity, path: MeshView.PathChoice, attempt: UpstreamAttempt)], bytes: Int) -> [UpstreamAttempt] {
+        guard choices.count > 1 else { return choices.map(\.attempt) }
+        let t = now
+        let chosen: Int? = state.withLock { s in
+            var ids: [MultipathRouteID] = []
+            var changed = false
+            for c in choices {
+                let key = "\(c.holder.hex)|\(c.path.nextHop.rawValue)"
+                let id: MultipathRouteID
+                if let known = s.ids[key] {
+                    id = known
+                } else {
+                    id = MultipathRouteID(s.ids.count)
+                    s.ids[key] = id
+                    s.names[id] = (c.holder, c.path.nextHop)
+                }
+                if s.candidates[id] != c.path.features { s.candidates[id] = c.path.features; changed = true }
+                ids.append(id)
+            }
+            if changed {
+                s.scheduler.update(
+                    candidates: s.candidates.map { MultipathCandidate(id: $0.key, features: $0.value) }.sorted { $0.id < $1.id }, now: t)
+            }
+            let pick =
+                s.scheduler.choose(transfer: 0, bytes: bytes, backlog: bytes, among: ids, excluding: nil, now: t)
+                ?? ids.min { s.scheduler.expectedDuration(route: $0, bytes: bytes, now: t) < s.scheduler.expectedDuration(route: $1, bytes: bytes, now: t) }
+            return pick.flatMap { ids.firstIndex(of: $0) }
+        }
+        guard let chosen else { return choices.map(\.attempt) }
+        var out = [choices[chosen].attempt]
+        for (i, c) in choices.enumerated() where i != chosen { out.append(c.attempt) }
+        return out
+    }
+
+    /// The route an attempt's path took, if the learner knows it.
+    private func route(_ s: State, _ attempt: UpstreamAttempt, nextHop: NodeID?) -> MultipathRouteID? {
+        guard let holder = attempt.holder, let nextHop else { return nil }
+        return s.ids["\(holder)|\(nextHop.rawValue)"]
+    }
+
+    func dispatched(_ attempt: UpstreamAttempt, nextHop: NodeID?, bytes: Int) {
+        let t = now
+        state.withLock { s in
+            guard let r = route(s, attempt, nextHop: nextHop) else { return }
+            s.scheduler.dispatched(transfer: 0, route: r, bytes: bytes, now: t)
+            s.out[attempt.path] = (r, bytes, t)
+        }
+    }
+
+    func ended(_ attempt: UpstreamAttempt, delivered: Bool) {
+        let t = now
+        state.withLock { s in
+            guard let o = s.out.removeValue(forKey: attempt.path) else { return }
+            s.scheduler.completed(
+                MultipathCompletion(
+                    route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t,
+                    outcome: delivered ? .delivered : .failed), now: t)
+        }
+    }
+
+    /// Each route's estimate and share, for `stoq mesh routes`.
+    func estimates() -> [MeshStatus.MultipathRoute] {
+        let t = now
+        return state.withLock { s in
+            s.scheduler.estimates(now: t).compactMap { e in
+                guard let n = s.names[e.route] else { return nil }
+                return MeshStatus.MultipathRoute(
+                    holder: n.holder.hex, nextHop: Hex.encode(withUnsafeBytes(of: n.nextHop.rawValue.bigEndian) { Array($0) }), latencyMillis: e.latency * 1_000,
+                    rateBytesPerSecond: e.rate, failureProbability: e.failureProbability, inFlightBytes: e.inFlightBytes,
+                    chunkShare: e.chunkShare, evidence: e.evidence)
+            }
+        }
+    }
+}

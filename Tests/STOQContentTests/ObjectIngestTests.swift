@@ -1,0 +1,149 @@
+import Foundation
+import Logging
+import STOQChunking
+import STOQStore
+import Testing
+
+@testable import STOQContent
+
+/// Dedup on ingest: a plain upload's file becomes exactly the chunked object a
+/// `stoq put --chunked` of the same bytes would leave, each chunk stored once.
+final class ObjectIngestTests {
+    let dir: String
+    let storage: String
+    let index: ObjectIndex
+    /// Small chunks, so a few hundred KiB make dozens of them.
+    let parameters = try! ChunkingParameters(minSize: 4 << 10, avgSize: 16 << 10, maxSize: 64 << 10)
+
+    init() throws {
+        var template = Array((NSTemporaryDirectory() + "/stoq-ingest-XXXXXX").utf8CString)
+        guard let made = mkdtemp(&template) else { throw StoreError(.io, "mkdtemp failed") }
+        dir = String(cString: made)
+        storage = dir + "/objects"
+        try FileManager.default.createDirectory(atPath: storage, withIntermediateDirectories: true)
+        index = try ObjectIndex(chunks: ChunkStore(root: dir + "/content"))
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
+    static func bytes(_ count: Int, seed: UInt64) -> [UInt8] {
+        var s = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        return (0..<count).map { _ in
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17
+            return UInt8(truncatingIfNeeded: s)
+        }
+    }
+
+    /// A file under the storage directory holding `bytes`, open read-write (as an upload's is).
+    func upload(_ bytes: [UInt8], named name: String) throws -> Int32 {
+        let fd = open(storage + "/" + name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        #expect(fd >= 0)
+        #expect(write(fd, bytes, bytes.count) == bytes.count)
+        return fd
+    }
+
+    func stored(_ name: String) throws -> [UInt8] {
+        try index.object(name).chunkIDs.flatMap { try index.chunks.read($0) }
+    }
+
+    @Test func anUploadBecomesTheChunkedObjectAChunkedPutWouldLeave() throws {
+        let data = Self.bytes(700_000, seed: 1)
+        let fd = try upload(data, named: ".upload-1")
+        defer { close(fd) }
+        let report = try ObjectIngest.ingest(fd: fd, as: "a.bin", into: index, parameters: parameters)
+        let expected = try Manifest(chunking: BytesSource(data, maxRead: 5000), parameters: parameters)
+        #expect(report.manifest == expected.encode())
+        #expect(try index.object("a.bin").manifest == expected.encode())
+        #expect(try index.object("a.bin").chunkIDs == expected.chunks.map { ChunkID(bytes: $0.id.bytes)! })
+        #expect(report.bytes == 700_000 && report.chunks == expected.chunks.count && report.chunks > 10)
+        #expect(report.newBytes + report.reusedBytes == 700_000)
+        #expect(try stored("a.bin") == data)
+    }
+
+    @Test func theSameBytesAgainWriteNothingNewAndAnEditWritesLittle() throws {
+        var data = Self.bytes(600_000, seed: 2)
+        let fd = try upload(data, named: ".upload-2")
+        let first = try ObjectIngest.ingest(fd: fd, as: "v1", into: index, parameters: parameters)
+        close(fd)
+        #expect(first.newBytes == 600_000 && first.reusedBytes == 0)
+        let written = index.chunks.counters.bytesWritten
+
+        let again = try upload(data, named: ".upload-3")
+        let second = try ObjectIngest.ingest(fd: again, as: "v1", into: index, parameters: parameters)
+        close(again)
+        #expect(second.newBytes == 0 && second.reusedBytes == 600_000 && second.reusedChunks == first.chunks)
+        #expect(index.chunks.counters.bytesWritten == written)
+
+        data[300_000] ^= 0xff
+        let edited = try upload(data, named: ".upload-4")
+        let third = try ObjectIngest.ingest(fd: edited, as: "v2", into: index, parameters: parameters)
+        close(edited)
+        #expect(third.newChunks >= 1 && third.newChunks <= 2 && third.newBytes <= 2 * 64 << 10)
+        #expect(try stored("v2") == data)
+    }
+
+    @Test func replacingAnObjectRecordsTheNewChunks() throws {
+        let a = Self.bytes(200_000, seed: 3), b = Self.bytes(90_000, seed: 4)
+        for (i, bytes) in [a, b].enumerated() {
+            let fd = try upload(bytes, named: ".upload-r\(i)")
+            _ = try ObjectIngest.ingest(fd: fd, as: "same", into: index, parameters: parameters)
+            close(fd)
+        }
+        #expect(try stored("same") == b)
+        #expect(try Manifest(decoding: index.object("same").manifest).totalLength == 90_000)
+    }
+
+    @Test func anEmptyUploadIsAnEmptyObject() throws {
+        let fd = try upload([], named: ".upload-e")
+        defer { close(fd) }
+        let report = try ObjectIngest.ingest(fd: fd, as: "empty", into: index, parameters: parameters)
+        #expect(report.bytes == 0 && report.chunks == 0)
+        let m = try Manifest(decoding: index.object("empty").manifest)
+        #expect(m.totalLength == 0 && m.chunks.isEmpty)
+    }
+
+    @Test func thePoolAnswersThroughTheInboxAndRemovesTempAndFlatFiles() throws {
+        let pool = try ObjectIngest(
+            index: index, parameters: parameters, storagePath: storage, threads: 2, logger: Logger(label: "test"))
+        defer { pool.stop() }
+        let inbox = ObjectIngest.Inbox()
+        let posted = DispatchSemaphore(value: 0)
+        inbox.onPost = { posted.signal() }
+        // An older flat copy of the name, which would shadow the chunked object.
+        close(try upload(Self.bytes(1000, seed: 5), named: "obj"))
+        let data = Self.bytes(150_000, seed: 6)
+        pool.submit(fd: try upload(data, named: ".upload-p"), temp: ".upload-p", name: "obj", ticket: 7, inbox: inbox)
+        // A name the index refuses: the outcome says why, and the temp file still goes.
+        pool.submit(fd: try upload(data, named: ".upload-q"), temp: ".upload-q", name: ".hidden", ticket: 8, inbox: inbox)
+        for _ in 0..<2 { #expect(posted.wait(timeout: .now() + 30) == .success) }
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        let byTicket = Dictionary(uniqueKeysWithValues: outcomes.map { ($0.ticket, $0) })
+        #expect(byTicket[7]?.failure == nil && byTicket[7]?.report.bytes == 150_000)
+        #expect(byTicket[8]?.failure?.contains("starts with a dot") == true)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: storage) == [])
+        #expect(try stored("obj") == data)
+    }
+}
+
+extension ObjectIngestTests {
+    /// A crash between an ingest's record and its removal of the older flat copy leaves both;
+    /// the pool's start removes the flat copy, but not a flat file newer than its record.
+    @Test func startingThePoolRemovesFlatCopiesOlderThanTheirRecords() throws {
+        for name in ["crashed", "flat-later"] {
+            let fd = try upload(Self.bytes(50_000, seed: 9), named: ".upload-\(name)")
+            _ = try ObjectIngest.ingest(fd: fd, as: name, into: index, parameters: parameters)
+            close(fd)
+        }
+        // "crashed": the flat copy is from before the record; "flat-later": written after it.
+        close(try upload(Self.bytes(10, seed: 10), named: "crashed"))
+        var old = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+        #expect(utimensat(AT_FDCWD, storage + "/crashed", &old, 0) == 0)
+        close(try upload(Self.bytes(10, seed: 11), named: "flat-later"))
+        close(try upload(Self.bytes(10, seed: 12), named: "only-flat"))
+        let pool = try ObjectIngest(index: index, parameters: parameters, storagePath: storage, logger: Logger(label: "test"))
+        pool.stop()
+        let objects = try FileManager.default.contentsOfDirectory(atPath: storage).filter { !$0.hasPrefix(".") }
+        #expect(objects.sorted() == ["flat-later", "only-flat"])
+    }
+}

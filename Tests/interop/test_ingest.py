@@ -1,0 +1,210 @@
+"""Dedup on ingest against a real stoq-node: a plain `PUT /objects/<name>` (not --chunked),
+from `stoq put` or from aioquic, becomes content-addressed chunks plus a manifest, so the
+same 256 MiB put twice stores almost nothing more; GET/HEAD/Range serve it as before, a
+replaced object serves its new bytes, and with `chunking.dedup_enabled = false` uploads
+stay flat files."""
+import hashlib
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Node, random_file, run, sha256_file, stoq
+
+HERE = pathlib.Path(__file__).resolve().parent
+MiB = 1 << 20
+INGEST = ["stoq_ingest_objects_total", "stoq_ingest_bytes_total", "stoq_ingest_new_bytes_total",
+          "stoq_ingest_dedup_bytes_total", "stoq_ingest_failures_total"]
+
+
+@pytest.fixture(scope="module")
+def inode(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("ingest"), workers=2, extra='[admin]\nlisten = "[::1]:0"')
+    yield n
+    assert n.stop() == 0
+
+
+def counters(node):
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    return {k: sum(int(v) for v in re.findall(rf"^{k}{{[^}}]*}} (\d+)$", text, re.M)) for k in INGEST}
+
+
+def settled(node, timeout=20):
+    """The counters once they stop moving: workers publish about once a second, so what an
+    earlier test did can still show up; two equal readings 1.2 s apart mean it all has."""
+    deadline = time.time() + timeout
+    last = counters(node)
+    while time.time() < deadline:
+        time.sleep(1.2)
+        now = counters(node)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def counters_after(node, before, key, at_least, timeout=20):
+    """The counters once `key` has moved by `at_least` (workers publish about once a second)."""
+    deadline = time.time() + timeout
+    while True:
+        now = counters(node)
+        if now[key] - before[key] >= at_least or time.time() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def disk_bytes(*dirs):
+    """Bytes the files under `dirs` take on disk (st_blocks, like du), and their apparent sizes."""
+    used = apparent = 0
+    for d in dirs:
+        for root, _, files in os.walk(d):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(root, f))
+                except FileNotFoundError:
+                    continue
+                used += st.st_blocks * 512
+                apparent += st.st_size
+    return used, apparent
+
+
+def put(node, path, name):
+    r = stoq("put", path, node.url(name), "--ca", node.cert, "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == 201
+    return r
+
+
+def get_sha(node, name, out, chunked=False):
+    args = ["get", node.url(name), "-o", out, "--ca", node.cert, "--json"] + (["--chunked"] if chunked else [])
+    r = stoq(*args, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return sha256_file(out)
+
+
+def h3(node, path, *extra):
+    r = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}{path}", "--ca", node.cert, *extra],
+            timeout=300)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in res, res
+    return res
+
+
+def test_plain_put_of_the_same_256_mib_twice_stores_under_1_mib_more(inode, tmp_path):
+    src = random_file(tmp_path / "big.bin", 256 * MiB, 11)
+    digest = sha256_file(src)
+    c0 = settled(inode)
+    put(inode, src, "big.bin")
+    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+    assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 256 * MiB
+    assert c1["stoq_ingest_new_bytes_total"] - c0["stoq_ingest_new_bytes_total"] == 256 * MiB
+    # The object is a chunked object now: no flat file, no temp file, a record in the index.
+    assert not (inode.storage / "big.bin").exists()
+    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+    assert (inode.content / "objects" / "big.bin").exists()
+    used1, apparent1 = disk_bytes(inode.storage, inode.content)
+
+    put(inode, src, "big.bin")
+    c2 = counters_after(inode, c1, "stoq_ingest_objects_total", 1)
+    used2, apparent2 = disk_bytes(inode.storage, inode.content)
+    print(f"after first PUT: {used1} bytes on disk ({apparent1} apparent); after second: {used2} ({apparent2}); "
+          f"growth {used2 - used1} ({apparent2 - apparent1} apparent)")
+    print("ingest counters after the second PUT:", {k: c2[k] - c1[k] for k in INGEST})
+    assert used2 - used1 < MiB and apparent2 - apparent1 < MiB
+    assert c2["stoq_ingest_dedup_bytes_total"] - c1["stoq_ingest_dedup_bytes_total"] == 256 * MiB
+    assert c2["stoq_ingest_new_bytes_total"] == c1["stoq_ingest_new_bytes_total"]
+    assert c2["stoq_ingest_failures_total"] == c0["stoq_ingest_failures_total"]
+
+    # Byte-identical back: as one body, and chunk by chunk through /manifests and /chunks.
+    assert get_sha(inode, "big.bin", tmp_path / "big.out") == digest
+    (tmp_path / "big.out").unlink()
+    assert get_sha(inode, "big.bin", tmp_path / "big.chunked", chunked=True) == digest
+
+
+def test_ingested_object_serves_head_range_and_404_like_a_flat_one(inode, tmp_path):
+    src = random_file(tmp_path / "r.bin", 3 * MiB + 5, 12)
+    data = src.read_bytes()
+    put(inode, src, "ranged.bin")
+    assert not (inode.storage / "ranged.bin").exists()
+    head = h3(inode, "/objects/ranged.bin", "--method", "HEAD")
+    assert head["status"] == 200 and head["bytes"] == 0
+    assert head["headers"]["content-length"] == str(len(data))
+    for lo, hi in [(0, 0), (100, 199), (MiB - 10, 2 * MiB + 10), (len(data) - 7, len(data) - 1)]:
+        res = h3(inode, "/objects/ranged.bin", "--header", f"range: bytes={lo}-{hi}")
+        assert res["status"] == 206 and res["bytes"] == hi - lo + 1, (lo, hi, res)
+        assert res["headers"]["content-range"] == f"bytes {lo}-{hi}/{len(data)}"
+        assert res["sha256"] == hashlib.sha256(data[lo:hi + 1]).hexdigest()
+    res = h3(inode, "/objects/ranged.bin", "--header", "range: bytes=-10")
+    assert res["status"] == 206 and res["sha256"] == hashlib.sha256(data[-10:]).hexdigest()
+    res = h3(inode, "/objects/ranged.bin", "--header", f"range: bytes={len(data)}-")
+    assert res["status"] == 416
+    assert h3(inode, "/objects/never-put.bin")["status"] == 404
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    put(inode, empty, "empty.bin")
+    res = h3(inode, "/objects/empty.bin")
+    assert res["status"] == 200 and res["bytes"] == 0 and res["headers"]["content-length"] == "0"
+
+
+def test_replacing_an_object_serves_the_new_bytes(inode, tmp_path):
+    a = random_file(tmp_path / "a.bin", 5 * MiB, 13)
+    b = random_file(tmp_path / "b.bin", 2 * MiB + 3, 14)
+    put(inode, a, "replaced.bin")
+    assert get_sha(inode, "replaced.bin", tmp_path / "1.out") == sha256_file(a)
+    put(inode, b, "replaced.bin")
+    assert get_sha(inode, "replaced.bin", tmp_path / "2.out") == sha256_file(b)
+    # An object stored flat before (an earlier node, or dedup off) is replaced too.
+    inode.add_object("was-flat.bin", MiB)
+    assert (inode.storage / "was-flat.bin").exists()
+    put(inode, a, "was-flat.bin")
+    assert not (inode.storage / "was-flat.bin").exists()
+    assert get_sha(inode, "was-flat.bin", tmp_path / "3.out") == sha256_file(a)
+
+
+def test_a_flat_object_from_before_still_serves(inode, tmp_path):
+    digest = inode.add_object("old-flat.bin", 2 * MiB)
+    assert get_sha(inode, "old-flat.bin", tmp_path / "o.out") == digest
+
+
+def test_aioquic_put_is_deduplicated_too(inode, tmp_path):
+    src = random_file(tmp_path / "aq.bin", 8 * MiB, 15)
+    c0 = settled(inode)
+    for name in ["aioquic-1.bin", "aioquic-2.bin"]:
+        res = h3(inode, f"/objects/{name}", "--method", "PUT", "--body", str(src))
+        assert res["status"] == 201, res
+        assert not (inode.storage / name).exists()
+        assert h3(inode, f"/manifests/{name}")["status"] == 200
+        assert h3(inode, f"/objects/{name}")["sha256"] == sha256_file(src)
+    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 2)
+    assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 16 * MiB
+    assert c1["stoq_ingest_new_bytes_total"] - c0["stoq_ingest_new_bytes_total"] == 8 * MiB
+    assert c1["stoq_ingest_dedup_bytes_total"] - c0["stoq_ingest_dedup_bytes_total"] == 8 * MiB
+
+
+def test_a_client_that_leaves_before_the_answer_still_gets_its_object_stored(inode, tmp_path):
+    src = random_file(tmp_path / "gone.bin", 32 * MiB, 17)
+    c0 = settled(inode)
+    res = h3(inode, "/objects/gone.bin", "--method", "PUT", "--body", str(src), "--close-after-send")
+    assert res["status"] is None, res                       # it never waited for the 201
+    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+    assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 32 * MiB
+    assert h3(inode, "/objects/gone.bin")["sha256"] == sha256_file(src)
+    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+
+
+def test_with_dedup_off_a_plain_put_stays_a_flat_file(tmp_path_factory, tmp_path):
+    n = Node(tmp_path_factory.mktemp("flat"), workers=1, extra='[chunking]\ndedup_enabled = false')
+    try:
+        src = random_file(tmp_path / "f.bin", 3 * MiB, 16)
+        put(n, src, "flat.bin")
+        assert sha256_file(n.storage / "flat.bin") == sha256_file(src)
+        assert not (n.content / "objects" / "flat.bin").exists()
+        assert get_sha(n, "flat.bin", tmp_path / "f.out") == sha256_file(src)
+    finally:
+        assert n.stop() == 0
