@@ -18,6 +18,9 @@ extension ContentService {
                 body: BodyRegion(copying: answer))
         case MeshWire.advertPath:
             guard request.method == "PUT" else { return notAllowed(stream, connection, "PUT") }
+            if let n = request.contentLength, n > SignedAdvert.maxSize {
+                mesh.countRefusedAdvert("oversized", "a PUT of \(n) bytes; at most \(SignedAdvert.maxSize)")
+            }
             begin(.advert, limit: UInt64(SignedAdvert.maxSize), request, stream, connection)
         default:
             relay(path, mesh, request, stream, connection)

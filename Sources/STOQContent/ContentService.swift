@@ -410,6 +410,9 @@ public final class ContentService: QUICApplication {
         defer { close(up.fd) }
         if aborted { return }
         if stream.sinkErrno != 0 {
+            if case .advert = up.kind, stream.sinkErrno == EFBIG {
+                mesh?.countRefusedAdvert("oversized", "a PUT of more than \(SignedAdvert.maxSize) bytes")
+            }
             return fail(
                 stream, connection, stream.sinkErrno == EFBIG ? 413 : 500,
                 "receiving the body failed: \(String(cString: strerror(stream.sinkErrno)))")

@@ -110,6 +110,7 @@ public final class MeshService: @unchecked Sendable {
         s.counters.maxHopsRefused = relayCounters.maxHopsRefused
         s.counters.maxHopsSeen = relayCounters.maxHopsSeen
         s.multipath = multipathSource?() ?? []
+        for (code, n) in refusedEarly.withLock({ $0 }) { s.counters.advertsRefused[code, default: 0] += n }
         return s
     }
 
@@ -146,6 +147,13 @@ public final class MeshService: @unchecked Sendable {
 
     /// A relayed request that arrived having taken `hops` hops, and what this node did with it.
     public enum RelayOutcome: Sendable { case served, forwarded, refusedMaxHops }
+
+    /// Counts an advert refused before the mesh thread saw it (a worker refused its body).
+    public func countRefusedAdvert(_ code: String, _ detail: String) {
+        refusedEarly.withLock { $0[code, default: 0] += 1 }
+        logger.warning("mesh: advert refused (\(code)): \(detail)")
+    }
+    private let refusedEarly = Mutex<[String: UInt64]>([:])
 
     /// Counts a relayed request (a worker calls this once per request).
     public func countRelay(_ outcome: RelayOutcome, hops: Int) {

@@ -1,3 +1,4 @@
+import CSTOQSystem
 import Foundation
 import STOQCore
 import STOQDatapath
@@ -70,6 +71,8 @@ public struct TransferResult: Sendable, Codable {
     public var gbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e9 : 0 }
     /// SHA-256 of the body received (GET) or sent (PUT), hex.
     public var sha256: String
+    /// The body of an answer that was not 2xx (the server's reason, at most 2000 bytes).
+    public var message: String? = nil
 }
 
 /// A client-side failure, naming what went wrong.
@@ -123,16 +126,26 @@ final class TransferApp: QUICApplication {
     let sinkFD: Int32
     let hash: Bool
     var stream: HTTPStream?
+    /// Where an answer that is not 2xx lands (its text is the server's reason).
+    var errorFD: Int32 = -1
+    var errorText: String?
     init(sinkFD: Int32, hash: Bool) { self.sinkFD = sinkFD; self.hash = hash }
+    deinit { if errorFD >= 0 { close(errorFD) } }
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
         self.status = status
         self.contentLength = contentLength
-        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : -1, hash: hash)
+        if status / 100 != 2 && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
+        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : errorFD, hash: hash)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         closed = errorCode
         received = stream.bytesReceived
         sha = stream.bodySHA256()
+        if errorFD >= 0 {
+            var bytes = [UInt8](repeating: 0, count: Int(min(stream.bytesReceived, 2000)))
+            let n = bytes.withUnsafeMutableBytes { pread(errorFD, $0.baseAddress, $0.count, 0) }
+            if n > 0 { errorText = String(decoding: bytes.prefix(n), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) }
+        }
         self.stream = nil
     }
     func connectionClosed(connection: QUICConnection, reason: String) {
@@ -322,6 +335,6 @@ public enum STOQClient {
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
-            seconds: seconds, sha256: sha)
+            seconds: seconds, sha256: sha, message: app.errorText)
     }
 }

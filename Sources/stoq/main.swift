@@ -164,7 +164,7 @@ struct Get: ParsableCommand {
             if let temp { if result.status / 100 == 2 { rename(temp, output!) } else { unlink(temp) } }
         }
         if json { printJSON(result) }
-        guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)") }
+        guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)\(result.message.map { ": \($0)" } ?? "")") }
         if !json && !tty { return }
         if !json {
             FileHandle.standardError.write(
@@ -261,7 +261,7 @@ struct Put: ParsableCommand {
         let r: TransferResult
         do { r = try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc) } catch { throw fail("\(error)") }
         if json { printJSON(r) }
-        guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)") }
+        guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)\(r.message.map { ": \($0)" } ?? "")") }
     }
 }
 

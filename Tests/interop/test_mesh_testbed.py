@@ -491,11 +491,15 @@ def test_forged_and_malformed_adverts_are_refused_by_reason(tmp_path, line5):
                    lambda: ((v := m.metrics(target).get(key_, 0)) == was + 1, v))
         assert f"mesh: advert refused ({reason}): " in m.log(target), name
 
-    # Too big for an advert: refused before it reaches the mesh, with the limit named.
+    # Too big for an advert: refused before it reaches the mesh, with the limit named, and counted.
     f = tmp_path / "huge"
     f.write_bytes(os.urandom(20_000))
+    key_ = 'stoq_mesh_adverts_refused_total{reason="oversized"}'
+    was = m.metrics(target).get(key_, 0)
     j = h3get(m, target, url, method="PUT", body=f)
     assert j.get("status") == 413 and "over the limit of 16384" in j["text"], j
+    wait_until(f"oversized: {key_} on node {target}", 5, lambda: ((v := m.metrics(target).get(key_, 0)) == was + 1, v))
+    assert "mesh: advert refused (oversized): a PUT of 20000 bytes" in m.log(target)
 
     f = tmp_path / "good"
     f.write_bytes(good)
@@ -507,7 +511,7 @@ def test_forged_and_malformed_adverts_are_refused_by_reason(tmp_path, line5):
         # `stale` is the flood's own business (a copy overtaken by a newer one), not these adverts'.
         refused = {k: delta(after[n], before[n], k) for k in after[n]
                    if k.startswith("stoq_mesh_adverts_refused_total") and 'reason="stale"' not in k}
-        assert sum(refused.values()) == (4 if n == target else 0), (n, refused)
+        assert sum(refused.values()) == (5 if n == target else 0), (n, refused)
     # Still serving and still in the mesh: a neighbour fetches through it.
     src = random_file(tmp_path / "s", 1 << 20, seed=14)
     m.run(2, "stoq", "put", "--chunked", "--ca", m.ca, src, f"{m.urls[2]}/objects/after-adverts")
@@ -543,6 +547,7 @@ def test_a_relay_refuses_a_request_past_max_hops(tmp_path, testbed):
 
     r = m.run(4, "stoq", "get", "--ca", m.ca, f"{m.urls[4]}/objects/far", "-o", tmp_path / "far.out", check=False)
     assert r.returncode == 1 and "/objects/far: HTTP 502" in r.stderr, r.stdout + r.stderr
+    assert "routing.max_hops is 2" in r.stderr, r.stderr  # the relay's reason reaches the client
     assert not (tmp_path / "far.out").exists()
     j = h3get(m, 4, f"{m.urls[4]}/objects/far")
     assert j.get("status") == 502, j
