@@ -1,7 +1,5 @@
 import ArgumentParser
-import AsyncHTTPClient
 import Foundation
-import NIOCore
 
 /// `stoq mesh status|routes|path`: what a node's mesh service last published, read from the
 /// "mesh" object of its admin API's `/status` (docs/mesh.md, "Watching the mesh").
@@ -67,25 +65,7 @@ struct MeshCommand: AsyncParsableCommand {
     /// GETs `/status` and returns its "mesh" object, decoded and raw; exits 2 on a bad URL, 1
     /// when the node cannot be read or runs no mesh.
     static func load(_ admin: String) async throws -> (MeshStatusView, [String: Any]) {
-        let base: String
-        do { base = try MeshTables.adminBase(admin) } catch let e as MeshViewError { throw fail(e.message, code: 2) }
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
-        let body: ByteBuffer
-        do {
-            let response = try await client.execute(HTTPClientRequest(url: base + "/status"), timeout: .seconds(10))
-            guard response.status == .ok else {
-                try? await client.shutdown()
-                throw fail("\(base)/status: HTTP \(response.status.code)")
-            }
-            body = try await response.body.collect(upTo: 64 << 20)
-        } catch let e as ExitCode {
-            throw e
-        } catch {
-            try? await client.shutdown()
-            throw fail("\(base)/status: \(error)")
-        }
-        try? await client.shutdown()
-        let data = Data(body.readableBytesView)
+        let (base, data) = try await AdminAPI.status(admin)
         let view: MeshStatusView?
         do { view = try MeshStatusView.decode(status: data) } catch {
             throw fail("\(base)/status: not a STOQ status document with a readable \"mesh\" object: \(error)")

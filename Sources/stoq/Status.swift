@@ -18,25 +18,8 @@ struct StatusCommand: AsyncParsableCommand {
     @Flag(help: "Print the node's /status JSON as it is.") var json = false
 
     func run() async throws {
-        let base = admin.replacingOccurrences(of: "/metrics", with: "").trimmingCharacters(in: CharacterSet(charactersIn: "/"))
-        guard base.hasPrefix("http://[") else { throw fail("<admin>: expected http://[ipv6]:port (IPv6 only)", code: 2) }
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
-        let body: ByteBuffer
-        do {
-            let response = try await client.execute(HTTPClientRequest(url: base + "/status"), timeout: .seconds(10))
-            guard response.status == .ok else {
-                try? await client.shutdown()
-                throw fail("\(base)/status: HTTP \(response.status.code)")
-            }
-            body = try await response.body.collect(upTo: 16 << 20)
-        } catch let e as ExitCode {
-            throw e
-        } catch {
-            try? await client.shutdown()
-            throw fail("\(base)/status: \(error)")
-        }
-        try? await client.shutdown()
-        let text = String(buffer: body)
+        let (base, data) = try await AdminAPI.status(admin)
+        let text = String(decoding: data, as: UTF8.self)
         if json { print(text); return }
         guard let doc = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
             let workers = doc["workers"] as? [[String: Any]]
@@ -57,5 +40,32 @@ struct StatusCommand: AsyncParsableCommand {
                 "store: \(s["chunks_written"] ?? 0) chunks written (\(s["bytes_written"] ?? 0) bytes), \(s["dedup_hits"] ?? 0) dedup hits, \(s["corrupt_quarantined"] ?? 0) quarantined"
             )
         }
+    }
+}
+
+/// The admin API's `/status` document, for `stoq status` and `stoq mesh`.
+enum AdminAPI {
+    /// GETs `<admin>/status`: the base URL and the body. Exits 2 on a URL that is not
+    /// `http://[ipv6]:port`, 1 when the node cannot be read.
+    static func status(_ admin: String) async throws -> (base: String, data: Data) {
+        let base: String
+        do { base = try MeshTables.adminBase(admin) } catch let e as MeshViewError { throw fail(e.message, code: 2) }
+        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let body: ByteBuffer
+        do {
+            let response = try await client.execute(HTTPClientRequest(url: base + "/status"), timeout: .seconds(10))
+            guard response.status == .ok else {
+                try? await client.shutdown()
+                throw fail("\(base)/status: HTTP \(response.status.code)")
+            }
+            body = try await response.body.collect(upTo: 64 << 20)
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            try? await client.shutdown()
+            throw fail("\(base)/status: \(error)")
+        }
+        try? await client.shutdown()
+        return (base, Data(body.readableBytesView))
     }
 }

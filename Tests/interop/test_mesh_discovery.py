@@ -14,21 +14,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, bin_dir, need_binary, random_file, sha256_file
+from conftest import need_binary, random_file, sha256_file
+from test_mesh_testbed import mesh, state, testbed  # noqa: F401  (state and testbed are fixtures)
 
-MESH = ROOT / "scripts" / "mesh"
 TRIANGLE = "a,b,rate_mbit,delay_ms,loss_pct\n1,2,0,0,0\n2,3,0,0,0\n1,3,0,0,0\n"
 ADMIN = "http://[::1]:9180"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the mesh testbed needs root (network namespaces)")
-
-
-def mesh(*args, state, check=True, timeout=120):
-    env = dict(os.environ, STOQ_MESH_STATE=str(state), STOQ_BIN_DIR=str(bin_dir()))
-    r = subprocess.run([str(MESH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
-    if check:
-        assert r.returncode == 0, f"scripts/mesh {' '.join(map(str, args))}: {r.stdout}\n{r.stderr}"
-    return r
 
 
 def need_daemon(*names):
@@ -38,11 +30,6 @@ def need_daemon(*names):
             pytest.fail(f"{name} is missing: apt-get install -y {package} (scripts/install-deps does)")
 
 
-@pytest.fixture
-def state(tmp_path):
-    s = tmp_path / "mesh"
-    yield s
-    mesh("down", state=s, check=False)
 
 
 def up(tmp_path, state, discovery, *extra):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import bin_dir, need_binary
-from test_mesh_testbed import mesh, state, topology  # noqa: F401  (state is a fixture)
+from test_mesh_testbed import mesh, state, testbed, topology  # noqa: F401  (state and testbed are fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the mesh testbed needs root (network namespaces)")
 
