@@ -32,7 +32,8 @@ extension ContentService {
     private func relay(_ path: String, _ mesh: MeshService, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
         guard request.method == "GET" || request.method == "HEAD" else { return notAllowed(stream, connection, "GET, HEAD") }
         guard let (holder, hops, resourcePath) = MeshWire.parseRelay(path) else {
-            return fail(stream, connection, 400, "bad relay path \(path.prefix(200)): expected /_stoq/relay/<64 hex>/<hops>/chunks/<sha256> or …/manifests/<name>")
+            return fail(
+                stream, connection, 400, "bad relay path \(path.prefix(200)): expected /_stoq/relay/<64 hex>/<hops>/chunks/<sha256> or …/manifests/<name>")
         }
         let head = request.method == "HEAD"
         let isHolder = holder == mesh.identity.hex
@@ -64,7 +65,9 @@ extension ContentService {
         let maxHops = mesh.settings.maxHops
         guard hops < maxHops else {
             mesh.countRelay(.refusedMaxHops, hops: hops)
-            fail(stream, connection, 508, "mesh: a request for node \(holder.prefix(16)) that took \(hops) hops cannot go further: routing.max_hops is \(maxHops)")
+            fail(
+                stream, connection, 508,
+                "mesh: a request for node \(holder.prefix(16)) that took \(hops) hops cannot go further: routing.max_hops is \(maxHops)")
             return nil
         }
         guard let edge else {

@@ -554,12 +554,16 @@ public final class EdgeCache: @unchecked Sendable {
                 let (key, hint) = backlog.removeFirst()
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {
-                    originFailed(FetchKey(key: key, holder: hint?.holder), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
+                    originFailed(
+                        FetchKey(key: key, holder: hint?.holder), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
                     continue
                 }
                 let t = DispatchTime.now().uptimeNanoseconds
                 guard let first = upstream.attempts(for: Self.resource(key), hint: hint).first else {
-                    giveUp(Active(key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [], progressAt: t))
+                    giveUp(
+                        Active(
+                            key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [],
+                            progressAt: t))
                     continue
                 }
                 submit(Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t), p)

@@ -131,7 +131,8 @@ final class MeshMultipath: @unchecked Sendable {
             s.scheduler.estimates(now: t).compactMap { e in
                 guard let n = s.names[e.route] else { return nil }
                 return MeshStatus.MultipathRoute(
-                    holder: n.holder.hex, nextHop: Hex.encode(withUnsafeBytes(of: n.nextHop.rawValue.bigEndian) { Array($0) }), latencyMillis: e.latency * 1_000,
+                    holder: n.holder.hex, nextHop: Hex.encode(withUnsafeBytes(of: n.nextHop.rawValue.bigEndian) { Array($0) }),
+                    latencyMillis: e.latency * 1_000,
                     rateBytesPerSecond: e.rate, failureProbability: e.failureProbability, inFlightBytes: e.inFlightBytes,
                     chunkShare: e.chunkShare, evidence: e.evidence)
             }

@@ -218,9 +218,21 @@ public final class MeshService: @unchecked Sendable {
     // MARK: - For the mesh thread
 
     var stopping: Bool { stopFlag.load(ordering: .acquiring) }
-    func takeMembers() -> Set<MeshMember>? { members.withLock { m in defer { m = nil }; return m } }
-    func takeAdverts() -> [[UInt8]] { inbox.withLock { q in defer { q.removeAll() }; return q } }
-    func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] { deliveries.withLock { d in defer { d.removeAll() }; return d } }
+    func takeMembers() -> Set<MeshMember>? {
+        members.withLock { m in
+            defer { m = nil }; return m
+        }
+    }
+    func takeAdverts() -> [[UInt8]] {
+        inbox.withLock { q in
+            defer { q.removeAll() }; return q
+        }
+    }
+    func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] {
+        deliveries.withLock { d in
+            defer { d.removeAll() }; return d
+        }
+    }
     func publish(view: MeshView) { published.withLock { $0.view = view } }
     func publish(status: MeshStatus) { published.withLock { $0.status = status } }
     func signed(sequence: UInt64) { ownSequence.store(sequence, ordering: .relaxed) }
