@@ -25,7 +25,7 @@ public struct LearnerSettings: Sendable, Equatable {
     /// Fraction of evidence kept when a change is detected.
     public var keepOnChange: Double = 0.05
     /// Late binding: a chunk is held back (choose returns nil) while the route it would finish
-    /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its latency)
+    /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its least RTT)
     /// seconds of work queued, so few chunks are committed to a route that may change.
     public var queueHorizon: Double = 0.25
     public var queueHorizonRTTs: Double = 4
@@ -229,9 +229,13 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
     }
 
     /// More than the late-binding horizon of work already queued on route i.
+    /// The horizon counts round trips of the route's least advertised RTT (its propagation), not
+    /// of the learned L: L also holds standing queues and outages, and a horizon that grew with
+    /// them committed seconds of chunks to the route that had just turned slow.
     @inline(__always) private func isFull(_ i: Int) -> Bool {
         let m = models[i]
-        return m.sT * Double(routes[i].inFlightBytes) / Self.mb > max(settings.queueHorizon, settings.queueHorizonRTTs * m.sL)
+        let rtt = routes[i].minRTT.isFinite ? routes[i].minRTT : m.l0
+        return m.sT * Double(routes[i].inFlightBytes) / Self.mb > max(settings.queueHorizon, settings.queueHorizonRTTs * rtt)
     }
 
     public override func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
