@@ -317,6 +317,13 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         return completionTime(i, l: m.mL, theta: m.mT, bytes: bytes, now: now)
     }
 
+    /// The predictive standard deviation at the route's current queue: the transfer hedges a
+    /// chunk once it is late for what the learner knows, not at a fixed multiple.
+    public func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        guard let i = index[route] else { return 0.5 }
+        return spread(i, bytes: bytes)
+    }
+
     public override func estimates(now: Double) -> [MultipathRouteEstimate] {
         routes.indices.map { i in
             let m = models[i]

@@ -181,6 +181,9 @@ final class ExplainingScheduler: MultipathChunkScheduler {
     func expectedDuration(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
         inner.expectedDuration(route: route, bytes: bytes, now: now)
     }
+    func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        inner.expectedSpread(route: route, bytes: bytes, now: now)
+    }
     func estimates(now: Double) -> [MultipathRouteEstimate] { inner.estimates(now: now) }
 }
 
