@@ -74,6 +74,9 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
     /// binding holds at the node. ECF counts the part ahead of a transfer (smaller ids started
     /// earlier and are served first).
     private var pending: [MultipathTransferID: (bytes: Int, at: Double)] = [:]
+    /// Size past which expired entries of `pending` are dropped (doubles with live transfers, so
+    /// the purge stays amortised O(1) per decision).
+    private var pendingPurgeAt = 256
     private var rng: MultipathRandom
     private let settings: LearnerSettings
     /// Chunk-size-agnostic count of decisions, for operators and the benchmark.
@@ -197,9 +200,10 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
             fullBytes += Double(routes[i].inFlightBytes)
             fullL = min(fullL, models[i].sL)
         }
-        var ahead = Double(backlog)
-        for (u, p) in pending where u < transfer && now - p.at < settings.pendingExpiry { ahead += Double(p.bytes) }
-        let drain = fullL + (fullBytes + ahead) / Self.mb / fullRate
+        // Summed as integers: the dictionary's order differs between processes, the sum must not.
+        var ahead = backlog
+        for (u, p) in pending where u < transfer && now - p.at < settings.pendingExpiry { ahead += p.bytes }
+        let drain = fullL + (fullBytes + Double(ahead)) / Self.mb / fullRate
         var alt = -1
         var altT = Double.infinity
         for i in routes.indices where usable(i, among: among, excluding: nil) && !isFull(i) {
@@ -217,6 +221,12 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
 
     @inline(__always) private func notePending(_ t: MultipathTransferID, _ bytes: Int, now: Double) {
         if bytes > 0 { pending[t] = (bytes, now) } else { pending[t] = nil }
+        // A transfer abandoned with chunks left never reports 0: drop the expired ones now and
+        // then, so a long-lived node's table stays as small as its live transfers.
+        if pending.count > pendingPurgeAt {
+            pending = pending.filter { now - $0.value.at < settings.pendingExpiry }
+            pendingPurgeAt = max(256, 2 * pending.count)
+        }
     }
 
     /// One predictive standard deviation of a chunk's time on route i sent now: the posterior's
