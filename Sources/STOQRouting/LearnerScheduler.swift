@@ -25,10 +25,17 @@ public struct LearnerSettings: Sendable, Equatable {
     /// Fraction of evidence kept when a change is detected.
     public var keepOnChange: Double = 0.05
     /// Late binding: a chunk is held back (choose returns nil) while the route it would finish
-    /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its latency)
+    /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its least RTT)
     /// seconds of work queued, so few chunks are committed to a route that may change.
     public var queueHorizon: Double = 0.25
     public var queueHorizonRTTs: Double = 4
+    /// Earliest-completion-first margin: a slower route takes a chunk held back from the full
+    /// ones only if the chunk's completion there, mean plus this many predictive standard
+    /// deviations, is before the node's queue ahead of it drains through the full routes. The
+    /// chunk a slower route takes is often its transfer's last, so its variance is the tail.
+    public var ecfRiskSDs: Double = 2
+    /// A transfer not heard from for this long no longer counts in the node's queue, seconds.
+    public var pendingExpiry: Double = 5
     /// Seed of the sampling stream.
     public var seed: UInt64 = 1
     /// Creates the defaults.
@@ -63,6 +70,13 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
     }
 
     private var models: [Model] = []
+    /// Bytes each transfer had not requested yet at its last decision, and when: the queue late
+    /// binding holds at the node. ECF counts the part ahead of a transfer (smaller ids started
+    /// earlier and are served first).
+    private var pending: [MultipathTransferID: (bytes: Int, at: Double)] = [:]
+    /// Size past which expired entries of `pending` are dropped (doubles with live transfers, so
+    /// the purge stays amortised O(1) per decision).
+    private var pendingPurgeAt = 256
     private var rng: MultipathRandom
     private let settings: LearnerSettings
     /// Chunk-size-agnostic count of decisions, for operators and the benchmark.
@@ -169,27 +183,69 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
             if t < bestT { bestT = t; best = i }
         }
         guard best >= 0 else { return nil }
-        guard excluding == nil, isFull(best) else { return routes[best].id }
-        // The fastest route is full. Waiting for it is right unless this transfer's own backlog,
-        // queued behind what is in flight there, would finish later than this chunk on the best
-        // route with room (the earliest-completion-first rule, ECF): only then can a slower
-        // route help this object rather than become its straggler.
-        let waitingBytes = Double(backlog)
-        let m = models[best]
-        let drainBest = m.sL + m.sT * (Double(routes[best].inFlightBytes) + waitingBytes) / Self.mb
+        guard excluding == nil else { return routes[best].id }
+        guard isFull(best) else {
+            notePending(transfer, backlog - bytes, now: now)
+            return routes[best].id
+        }
+        // The fastest route is full. Waiting for it is right unless the chunk would finish
+        // sooner on a route with room than the node's queue ahead of it — this transfer's
+        // backlog and the earlier transfers' — drains through the full routes together (the
+        // earliest-completion-first rule, ECF, with the queue the node holds back counted).
+        // The slower route must win by a margin of its own uncertainty: the chunk it takes is
+        // often its transfer's last, so its variance is the object's tail.
+        var fullRate = 0.0, fullBytes = 0.0, fullL = Double.infinity
+        for i in routes.indices where usable(i, among: among, excluding: nil) && isFull(i) {
+            fullRate += 1 / max(models[i].sT, 1e-9)
+            fullBytes += Double(routes[i].inFlightBytes)
+            fullL = min(fullL, models[i].sL)
+        }
+        // Summed as integers: the dictionary's order differs between processes, the sum must not.
+        var ahead = backlog
+        for (u, p) in pending where u < transfer && now - p.at < settings.pendingExpiry { ahead += p.bytes }
+        let drain = fullL + (fullBytes + Double(ahead)) / Self.mb / fullRate
         var alt = -1
         var altT = Double.infinity
-        for i in routes.indices where i != best && usable(i, among: among, excluding: nil) && !isFull(i) {
+        for i in routes.indices where usable(i, among: among, excluding: nil) && !isFull(i) {
             let t = completionTime(i, l: models[i].sL, theta: models[i].sT, bytes: bytes, now: now)
+                + settings.ecfRiskSDs * spread(i, bytes: bytes)
             if t < altT { altT = t; alt = i }
         }
-        return alt >= 0 && altT <= drainBest ? routes[alt].id : nil
+        guard alt >= 0 && altT <= drain else {
+            notePending(transfer, backlog, now: now)
+            return nil
+        }
+        notePending(transfer, backlog - bytes, now: now)
+        return routes[alt].id
+    }
+
+    @inline(__always) private func notePending(_ t: MultipathTransferID, _ bytes: Int, now: Double) {
+        if bytes > 0 { pending[t] = (bytes, now) } else { pending[t] = nil }
+        // A transfer abandoned with chunks left never reports 0: drop the expired ones now and
+        // then, so a long-lived node's table stays as small as its live transfers.
+        if pending.count > pendingPurgeAt {
+            pending = pending.filter { now - $0.value.at < settings.pendingExpiry }
+            pendingPurgeAt = max(256, 2 * pending.count)
+        }
+    }
+
+    /// One predictive standard deviation of a chunk's time on route i sent now: the posterior's
+    /// uncertainty about (L, θ) at this queue, plus the noise.
+    @inline(__always) private func spread(_ i: Int, bytes: Int) -> Double {
+        let m = models[i]
+        let x = Double(routes[i].inFlightBytes + bytes) / Self.mb
+        let a = m.c11 + x * m.c21, b = x * m.c22
+        return (a * a + b * b + m.sigma2).squareRoot()
     }
 
     /// More than the late-binding horizon of work already queued on route i.
+    /// The horizon counts round trips of the route's least advertised RTT (its propagation), not
+    /// of the learned L: L also holds standing queues and outages, and a horizon that grew with
+    /// them committed seconds of chunks to the route that had just turned slow.
     @inline(__always) private func isFull(_ i: Int) -> Bool {
         let m = models[i]
-        return m.sT * Double(routes[i].inFlightBytes) / Self.mb > max(settings.queueHorizon, settings.queueHorizonRTTs * m.sL)
+        let rtt = routes[i].minRTT.isFinite ? routes[i].minRTT : m.l0
+        return m.sT * Double(routes[i].inFlightBytes) / Self.mb > max(settings.queueHorizon, settings.queueHorizonRTTs * rtt)
     }
 
     public override func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
@@ -269,6 +325,13 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         guard let i = index[route] else { return 1 }
         let m = models[i]
         return completionTime(i, l: m.mL, theta: m.mT, bytes: bytes, now: now)
+    }
+
+    /// The predictive standard deviation at the route's current queue: the transfer hedges a
+    /// chunk once it is late for what the learner knows, not at a fixed multiple.
+    public func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        guard let i = index[route] else { return 0.5 }
+        return spread(i, bytes: bytes)
     }
 
     public override func estimates(now: Double) -> [MultipathRouteEstimate] {

@@ -144,8 +144,20 @@ public protocol MultipathChunkScheduler: AnyObject {
     /// The time the scheduler expects a chunk of `bytes` dispatched now on `route` to take
     /// (used by the transfer to spot a stalled chunk), seconds.
     func expectedDuration(route: MultipathRouteID, bytes: Int, now: Double) -> Double
+    /// How sure the scheduler is of `expectedDuration`: one standard deviation of the duration,
+    /// seconds. A transfer hedges a request `hedgeSpreads` of these past its expectation (and
+    /// never later than `hedgeFactor` times it).
+    func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double
     /// Current per-route estimates, for operators.
     func estimates(now: Double) -> [MultipathRouteEstimate]
+}
+
+extension MultipathChunkScheduler {
+    /// A scheduler with no model of its uncertainty: half its expectation, so the transfer's
+    /// default hedging (2 spreads) hedges at twice the expectation, as it always did.
+    public func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        0.5 * expectedDuration(route: route, bytes: bytes, now: now)
+    }
 }
 
 /// The schedulers this module provides, by the name operators and the benchmark use.

@@ -11,8 +11,12 @@ public struct MultipathTransferSettings: Sendable, Equatable {
     /// Extra bytes hedges may cost, as a fraction of the bytes requested (when the transfer
     /// has its own budget).
     public var hedgeBudget: Double = 0.05
-    /// A request is stalled, and hedged, once older than hedgeFactor × its expected duration
-    /// plus hedgeSlack seconds.
+    /// A request is stalled, and hedged, once older than its expected duration plus
+    /// hedgeSpreads × the scheduler's spread of it (`expectedSpread`), at most hedgeFactor × its
+    /// expected duration, plus hedgeSlack seconds. One rule for every scheduler: a scheduler
+    /// that knows its uncertainty hedges when a request is late for what it knows, one that
+    /// does not (spread = half the expectation) at twice the expectation.
+    public var hedgeSpreads: Double = 2
     public var hedgeFactor: Double = 2
     public var hedgeSlack: Double = 0.02
     /// A request has failed once older than failFactor × its expected duration, and at least
@@ -185,6 +189,8 @@ public struct MultipathTransfer {
     ) -> MultipathChunkRequest {
         let bytes = chunkBytes[chunk]
         let expect = max(scheduler.expectedDuration(route: route, bytes: bytes, now: now), 1e-4)
+        let spread = max(scheduler.expectedSpread(route: route, bytes: bytes, now: now), 0)
+        let stall = min(settings.hedgeFactor * expect, expect + settings.hedgeSpreads * spread)
         scheduler.dispatched(transfer: id, route: route, bytes: bytes, now: now)
         if !isHedge { budget.earn(bytes) }
         let r = nextRequest
@@ -193,7 +199,7 @@ public struct MultipathTransfer {
         outstanding.append(
             Outstanding(
                 request: r, chunk: chunk, route: route, at: now, expect: expect, isHedge: isHedge,
-                hedgeAt: now + settings.hedgeFactor * expect + settings.hedgeSlack))
+                hedgeAt: now + stall + settings.hedgeSlack))
         return MultipathChunkRequest(request: r, chunk: chunk, route: route, bytes: bytes, isHedge: isHedge)
     }
 

@@ -5,6 +5,7 @@
 // usage: stoq-mesh-sim [--json] [--seed N] [--scenario NAME]... [--pantheon FILE]
 //                      [--trace FILE]... [--leios FILE] [--topology FILE]...
 //        stoq-mesh-sim --decide-bench [--routes N]
+//        stoq-mesh-sim --explain ALGORITHM [--scenario NAME]...   (where the slowest transfers lost time)
 import Foundation
 import STOQRouting
 
@@ -22,6 +23,7 @@ var leiosPath: String?
 var topologyPaths: [String] = []
 var decideBench = false
 var benchRoutes = 8
+var explain: String?
 var args = CommandLine.arguments.dropFirst()
 @MainActor func value(_ flag: String) -> String {
     guard let v = args.popFirst() else { die("\(flag) needs a value") }
@@ -37,6 +39,7 @@ while let a = args.popFirst() {
     case "--leios": leiosPath = value(a)
     case "--topology": topologyPaths.append(value(a))
     case "--decide-bench": decideBench = true
+    case "--explain": explain = value(a)
     case "--routes": guard let n = Int(value(a)), n > 0 else { die("--routes needs a positive integer") }; benchRoutes = n
     case "-h", "--help":
         print(
@@ -86,10 +89,17 @@ if decideBench {
         now += 1e-5
     }
     let update = Double(DispatchTime.now().uptimeNanoseconds - t1) / Double(m)
+    // The held-back path: every route past its late-binding horizon and 50 transfers waiting,
+    // so each decision runs the ECF comparison over the node's queue.
+    for i in 0..<benchRoutes { learner.dispatched(transfer: 1000, route: MultipathRouteID(i), bytes: 64 << 20, now: now) }
+    for k in 0..<50 { _ = learner.choose(transfer: k, bytes: 262_144, backlog: 4 << 20, among: nil, excluding: nil, now: now) }
+    let t2 = DispatchTime.now().uptimeNanoseconds
+    for k in 0..<n { sink &+= (learner.choose(transfer: k % 50, bytes: 262_144, backlog: 4 << 20, among: nil, excluding: nil, now: now)?.rawValue ?? 0) }
+    let held = Double(DispatchTime.now().uptimeNanoseconds - t2) / Double(n)
     print(
         String(
-            format: "ml_optimized decision over %d routes: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
-            benchRoutes, choose, update, sink & 1))
+            format: "ml_optimized decision over %d routes: %.0f ns; all routes full, 50 transfers waiting: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
+            benchRoutes, choose, held, update, sink & 1))
     exit(0)
 }
 
@@ -133,6 +143,103 @@ do {
     die("\(error)")
 }
 if scenarios.isEmpty { die("no scenario selected (names: stable degrade node_failure herding cellular leios1k, or a --topology file's name)") }
+
+/// Records every request a scheduler sees, per transfer, so `--explain` can show where the
+/// slowest transfers lost their time (diagnosis of the tail, not part of the benchmark).
+final class ExplainingScheduler: MultipathChunkScheduler {
+    struct Request {
+        var route: MultipathRouteID
+        var at: Double
+        var expect: Double
+        var isHedge: Bool
+        var end = -1.0
+        var outcome: MultipathCompletion.Outcome?
+    }
+    let inner: any MultipathChunkScheduler
+    var requests: [MultipathTransferID: [Request]] = [:]
+    /// Decisions that returned nil (the chunk was held back) per transfer.
+    var held: [MultipathTransferID: Int] = [:]
+    private var lastWasHedge = false
+    init(_ inner: any MultipathChunkScheduler) { self.inner = inner }
+    var name: String { inner.name }
+    func update(candidates: [MultipathCandidate], now: Double) { inner.update(candidates: candidates, now: now) }
+    func choose(
+        transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
+        excluding: MultipathRouteID?, now: Double
+    ) -> MultipathRouteID? {
+        let r = inner.choose(transfer: transfer, bytes: bytes, backlog: backlog, among: among, excluding: excluding, now: now)
+        lastWasHedge = excluding != nil
+        if r == nil && excluding == nil { held[transfer, default: 0] += 1 }
+        return r
+    }
+    func dispatched(transfer: MultipathTransferID, route: MultipathRouteID, bytes: Int, now: Double) {
+        let e = inner.expectedDuration(route: route, bytes: bytes, now: now)
+        requests[transfer, default: []].append(Request(route: route, at: now, expect: e, isHedge: lastWasHedge))
+        lastWasHedge = false
+        inner.dispatched(transfer: transfer, route: route, bytes: bytes, now: now)
+    }
+    func completed(_ c: MultipathCompletion, now: Double) {
+        if let k = requests[c.transfer]?.firstIndex(where: { $0.route == c.route && $0.at == c.requestedAt && $0.outcome == nil }) {
+            requests[c.transfer]![k].end = c.endedAt
+            requests[c.transfer]![k].outcome = c.outcome
+        }
+        inner.completed(c, now: now)
+    }
+    func expectedDuration(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        inner.expectedDuration(route: route, bytes: bytes, now: now)
+    }
+    func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+        inner.expectedSpread(route: route, bytes: bytes, now: now)
+    }
+    func estimates(now: Double) -> [MultipathRouteEstimate] { inner.estimates(now: now) }
+}
+
+@MainActor func makeScheduler(_ algorithm: String, client: Int) -> any MultipathChunkScheduler {
+    switch algorithm {
+    case "min_rtt": return MinRTTScheduler()
+    case "round_robin": return RoundRobinScheduler()
+    case "best_single": return BestSingleScheduler()
+    default:
+        var st = LearnerSettings()
+        st.seed = seed &+ UInt64(client) &* 0x9E37_79B9
+        return LearnerScheduler(settings: st)
+    }
+}
+
+if let explain {
+    for s in scenarios {
+        var recorders: [ExplainingScheduler] = []
+        let r = MeshSimRunner.run(s, seed: seed, algorithm: explain) { client in
+            let x = ExplainingScheduler(makeScheduler(explain, client: client))
+            recorders.append(x)
+            return x
+        }
+        print("== \(s.name) \(explain): p99 \(String(format: "%.3f", r.quantile(0.99))) s; the five slowest transfers")
+        let slow = r.completion.indices.sorted { r.completion[$0] > r.completion[$1] }.prefix(5)
+        for t in slow {
+            let start = s.transfers[t].start
+            guard let reqs = recorders.lazy.compactMap({ $0.requests[t] }).first else { continue }
+            let held = recorders.lazy.compactMap({ $0.held[t] }).first ?? 0
+            var perRoute: [MultipathRouteID: Int] = [:]
+            for q in reqs where !q.isHedge { perRoute[q.route, default: 0] += 1 }
+            let routes = perRoute.keys.sorted().map { "\($0)×\(perRoute[$0]!)" }.joined(separator: " ")
+            print(
+                String(
+                    format: "  transfer %d: start %.2f, took %.3f s; %d requests (%@), %d hedges, %d failed, %d cancelled, %d held decisions",
+                    t, start, r.completion[t], reqs.count, routes, reqs.filter(\.isHedge).count,
+                    reqs.filter { $0.outcome == .failed }.count, reqs.filter { $0.outcome == .cancelled }.count, held))
+            // The requests that ended last: the ones the object waited for.
+            for q in reqs.sorted(by: { ($0.end < 0 ? .infinity : $0.end) > ($1.end < 0 ? .infinity : $1.end) }).prefix(4) {
+                print(
+                    String(
+                        format: "    %@%@ sent +%.3f took %.3f (expected %.3f) %@", q.route.description, q.isHedge ? " hedge" : "",
+                        q.at - start, q.end < 0 ? -1 : q.end - q.at, q.expect,
+                        q.outcome.map { "\($0)" } ?? "unanswered"))
+            }
+        }
+    }
+    exit(0)
+}
 
 let algorithms = ["ml_optimized", "min_rtt", "round_robin", "best_single", "oracle"]
 var comparisons: [MeshSimComparison] = []

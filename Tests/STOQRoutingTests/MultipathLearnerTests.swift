@@ -70,6 +70,9 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
             func expectedDuration(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
                 inner.expectedDuration(route: route, bytes: bytes, now: now)
             }
+            func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {
+                inner.expectedSpread(route: route, bytes: bytes, now: now)
+            }
             func estimates(now: Double) -> [MultipathRouteEstimate] { inner.estimates(now: now) }
         }
         let rec = Recorder()
