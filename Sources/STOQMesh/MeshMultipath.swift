@@ -20,6 +20,9 @@ final class MeshMultipath: @unchecked Sendable {
         var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
         /// Requests out: path → route, bytes, when.
         var out: [String: (route: MultipathRouteID, bytes: Int, at: Double)] = [:]
+        /// Per route since start: chunk requests sent, verified bytes delivered.
+        var sent: [MultipathRouteID: Int] = [:]
+        var delivered: [MultipathRouteID: Int] = [:]
     }
 
     private let state: Mutex<State>
@@ -87,6 +90,7 @@ final class MeshMultipath: @unchecked Sendable {
             guard let r = route(s, attempt, nextHop: nextHop) else { return }
             s.scheduler.dispatched(transfer: 0, route: r, bytes: bytes, now: t)
             s.out[attempt.path] = (r, bytes, t)
+            s.sent[r, default: 0] += 1
         }
     }
 
@@ -94,6 +98,7 @@ final class MeshMultipath: @unchecked Sendable {
         let t = now
         state.withLock { s in
             guard let o = s.out.removeValue(forKey: attempt.path) else { return }
+            if delivered { s.delivered[o.route, default: 0] += o.bytes }
             s.scheduler.completed(
                 MultipathCompletion(
                     route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t,
@@ -110,7 +115,8 @@ final class MeshMultipath: @unchecked Sendable {
                 return MeshStatus.MultipathRoute(
                     holder: n.holder.hex, nextHop: Hex.encode(withUnsafeBytes(of: n.nextHop.rawValue.bigEndian) { Array($0) }), latencyMillis: e.latency * 1_000,
                     rateBytesPerSecond: e.rate, failureProbability: e.failureProbability, inFlightBytes: e.inFlightBytes,
-                    chunkShare: e.chunkShare, evidence: e.evidence)
+                    chunkShare: e.chunkShare, evidence: e.evidence, dispatchedChunks: s.sent[e.route] ?? 0,
+                    deliveredBytes: s.delivered[e.route] ?? 0)
             }
         }
     }
