@@ -129,6 +129,7 @@ package enum MeshMetrics {
                     "holder": r.holder, "next_hop": r.nextHop, "latency_ms": finite(r.latencyMillis),
                     "rate_bytes_per_second": finite(r.rateBytesPerSecond), "failure_probability": finite(r.failureProbability),
                     "in_flight_bytes": r.inFlightBytes, "chunk_share": finite(r.chunkShare), "evidence": finite(r.evidence),
+                    "dispatched_chunks": r.dispatchedChunks, "delivered_bytes": r.deliveredBytes,
                 ]
             },
             "counters": [

@@ -71,13 +71,19 @@ public struct MeshStatus: Sendable, Equatable {
         public var chunkShare: Double
         /// Discounted completions the estimate rests on (0: link-state prior only).
         public var evidence: Double
+        /// Chunk requests sent on this route since the node started: `chunkShare` is discounted
+        /// and lags, so a shift is measured from differences of these (scripts/bench-multipath).
+        public var dispatchedChunks: Int
+        /// Verified chunk bytes this route delivered since the node started.
+        public var deliveredBytes: Int
 
         public init(
             holder: String, nextHop: String, latencyMillis: Double, rateBytesPerSecond: Double, failureProbability: Double,
-            inFlightBytes: Int, chunkShare: Double, evidence: Double
+            inFlightBytes: Int, chunkShare: Double, evidence: Double, dispatchedChunks: Int = 0, deliveredBytes: Int = 0
         ) {
             (self.holder, self.nextHop, self.latencyMillis, self.rateBytesPerSecond) = (holder, nextHop, latencyMillis, rateBytesPerSecond)
             (self.failureProbability, self.inFlightBytes, self.chunkShare, self.evidence) = (failureProbability, inFlightBytes, chunkShare, evidence)
+            (self.dispatchedChunks, self.deliveredBytes) = (dispatchedChunks, deliveredBytes)
         }
     }
 

@@ -74,6 +74,9 @@ struct MeshStatusView: Decodable, Sendable {
         var inFlightBytes: Int
         var chunkShare: Double
         var evidence: Double
+        /// Since the node started (absent from nodes older than these counters).
+        var dispatchedChunks: Int?
+        var deliveredBytes: Int?
     }
 
     /// Reads a whole `/status` document; `nil` when the node runs no mesh (no "mesh" key).
@@ -176,15 +179,16 @@ enum MeshTables {
     /// What `ml_optimized` learned: each route to a holder, its estimate and its share of chunks.
     static func learned(_ routes: [MeshStatusView.Multipath]) -> String {
         guard !routes.isEmpty else { return "" }
-        var rows = [["holder", "next hop", "latency ms", "rate Mbit/s", "fail %", "in flight KiB", "share %", "evidence"]]
+        var rows = [["holder", "next hop", "latency ms", "rate Mbit/s", "fail %", "in flight KiB", "share %", "evidence", "chunks sent", "MiB delivered"]]
         for r in routes.sorted(by: { ($0.holder, $0.nextHop) < ($1.holder, $1.nextHop) }) {
             rows.append([
                 short(r.holder), short(r.nextHop), String(format: "%.2f", r.latencyMs), String(format: "%.1f", r.rateBytesPerSecond * 8 / 1e6),
                 String(format: "%.1f", r.failureProbability * 100), "\(r.inFlightBytes / 1024)", String(format: "%.1f", r.chunkShare * 100),
-                String(format: "%.1f", r.evidence),
+                String(format: "%.1f", r.evidence), r.dispatchedChunks.map { "\($0)" } ?? "-",
+                r.deliveredBytes.map { String(format: "%.1f", Double($0) / 1_048_576) } ?? "-",
             ])
         }
-        return "\nml_optimized: routes to holders as the learner sees them\n" + table(rows, right: [2, 3, 4, 5, 6, 7])
+        return "\nml_optimized: routes to holders as the learner sees them\n" + table(rows, right: [2, 3, 4, 5, 6, 7, 8, 9])
     }
 
     /// The route whose destination starts with `prefix` (at least 4 hex digits, unique).
