@@ -132,12 +132,16 @@ final class MeshMultipath: @unchecked Sendable {
         }
     }
 
-    /// How long the scheduler expects the request out through `attempt` to take, seconds.
-    func expected(_ attempt: UpstreamAttempt) -> Double? {
+    /// When the request out through `attempt` is late enough to hedge, seconds after it was
+    /// sent: the simulator's rule (`MultipathTransferSettings.hedgeAfter`) on what the scheduler
+    /// expects of its route and how sure it is.
+    func hedgeAfter(_ attempt: UpstreamAttempt) -> Double? {
         let t = now
         return state.withLock { s in
             guard let o = s.out[Self.key(attempt)] else { return nil }
-            return s.scheduler.expectedDuration(route: o.route, bytes: o.bytes, now: t)
+            return MultipathTransferSettings().hedgeAfter(
+                expected: s.scheduler.expectedDuration(route: o.route, bytes: o.bytes, now: t),
+                spread: s.scheduler.expectedSpread(route: o.route, bytes: o.bytes, now: t))
         }
     }
 

@@ -105,15 +105,22 @@ public final class MeshUpstream: FetchUpstream {
         multipath?.cancelled(attempt)
     }
 
-    /// A chunk with no byte after three times what it should take (at least 200 ms, at most
-    /// the fetcher's 5 s stall timeout) is hedged on another route: what the scheduler expects
-    /// for its route with `ml_optimized`, else the smoothed time of the chunks fetched so far.
-    /// A link cut beyond the first hop shows up here well before any neighbour declares it down.
+    /// A chunk with no byte when it is late is hedged on another route. With a scheduler
+    /// (`ml_optimized`), late is the simulator's rule on what the scheduler expects of its
+    /// route and its spread; without one, three times the smoothed time of the chunks fetched
+    /// so far (at least 200 ms). Never past the fetcher's 5 s stall timeout. A link cut beyond
+    /// the first hop shows up here well before any neighbour declares it down.
     public func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64? {
         guard case .chunk = resource else { return nil }
-        let expected = multipath?.expected(attempt) ?? chunkSeconds.withLock { $0 }
-        guard let expected else { return nil }
-        return UInt64(min(max(3 * expected, 0.2), 5) * 1e9)
+        let after: Double
+        if let multipath {
+            guard let a = multipath.hedgeAfter(attempt) else { return nil }
+            after = a
+        } else {
+            guard let mean = chunkSeconds.withLock({ $0 }) else { return nil }
+            after = max(3 * mean, 0.2)
+        }
+        return UInt64(min(after, 5) * 1e9)
     }
 
     public func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? {

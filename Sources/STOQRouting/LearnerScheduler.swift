@@ -207,7 +207,8 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         var alt = -1
         var altT = Double.infinity
         for i in routes.indices where usable(i, among: among, excluding: nil) && !isFull(i) {
-            let t = completionTime(i, l: models[i].sL, theta: models[i].sT, bytes: bytes, now: now)
+            let t =
+                completionTime(i, l: models[i].sL, theta: models[i].sT, bytes: bytes, now: now)
                 + settings.ecfRiskSDs * spread(i, bytes: bytes)
             if t < altT { altT = t; alt = i }
         }

@@ -19,6 +19,17 @@ public struct MultipathTransferSettings: Sendable, Equatable {
     public var hedgeSpreads: Double = 2
     public var hedgeFactor: Double = 2
     public var hedgeSlack: Double = 0.02
+
+    /// How long after dispatch a request with this expected duration and spread (seconds) is
+    /// hedged: the rule above. The simulator's transfers and the node's edge fetcher both use it.
+    public func hedgeAfter(expected: Double, spread: Double) -> Double {
+        stallAfter(expected: max(expected, 1e-4), spread: max(spread, 0)) + hedgeSlack
+    }
+
+    /// The rule without the slack.
+    func stallAfter(expected: Double, spread: Double) -> Double {
+        min(hedgeFactor * expected, expected + hedgeSpreads * spread)
+    }
     /// A request has failed once older than failFactor × its expected duration, and at least
     /// failFloor seconds.
     public var failFactor: Double = 6
@@ -190,7 +201,7 @@ public struct MultipathTransfer {
         let bytes = chunkBytes[chunk]
         let expect = max(scheduler.expectedDuration(route: route, bytes: bytes, now: now), 1e-4)
         let spread = max(scheduler.expectedSpread(route: route, bytes: bytes, now: now), 0)
-        let stall = min(settings.hedgeFactor * expect, expect + settings.hedgeSpreads * spread)
+        let stall = settings.stallAfter(expected: expect, spread: spread)
         scheduler.dispatched(transfer: id, route: route, bytes: bytes, now: now)
         if !isHedge { budget.earn(bytes) }
         let r = nextRequest

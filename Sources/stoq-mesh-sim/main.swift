@@ -98,7 +98,8 @@ if decideBench {
     let held = Double(DispatchTime.now().uptimeNanoseconds - t2) / Double(n)
     print(
         String(
-            format: "ml_optimized decision over %d routes: %.0f ns; all routes full, 50 transfers waiting: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
+            format:
+                "ml_optimized decision over %d routes: %.0f ns; all routes full, 50 transfers waiting: %.0f ns; dispatch+completion update: %.0f ns (sink %d)",
             benchRoutes, choose, held, update, sink & 1))
     exit(0)
 }
