@@ -3,12 +3,14 @@ real peers (ngtcp2's gtlsclient/gtlsserver, aioquic) talking to it."""
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -129,3 +131,25 @@ def random_file(path, size, seed):
             f.write(rnd.randbytes(n))
             left -= n
     return path
+
+
+def summed_counters(node, names):
+    """The node's /metrics samples of each counter in `names`, summed over their labels (workers)."""
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in names}
+
+
+def settled(read, timeout=20):
+    """What `read()` returns once it stops moving: workers publish their counters about once a
+    second, so what an earlier test did can still show up a second later; two equal readings
+    1.2 s apart mean every worker has published everything it has seen."""
+    deadline = time.time() + timeout
+    last = read()
+    while time.time() < deadline:
+        time.sleep(1.2)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last

@@ -3,17 +3,16 @@ damaged, and the node keeps serving everyone else."""
 import json
 import os
 import socket
-import re
 import struct
 import subprocess
 import sys
 import time
 import pathlib
-import urllib.request
 
 import pytest
 
-from conftest import Node, need_binary, sha256_file, stoq
+from conftest import Node, need_binary, sha256_file, stoq, summed_counters
+from conftest import settled as settled_reading
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -58,24 +57,12 @@ OUTCOMES = ["stoq_quic_dropped_malformed_total", "stoq_quic_dropped_initials_tot
 
 def counters(node):
     """The node's counters, summed over workers."""
-    with urllib.request.urlopen(node.admin, timeout=10) as r:
-        text = r.read().decode()
-    return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in COUNTERS}
+    return summed_counters(node, COUNTERS)
 
 
 def settled(node, timeout=20):
-    """The node's counters once they stop moving: workers publish about once a second, so what
-    an earlier test sent can still show up a second later; two equal readings 1.2 s apart mean
-    every worker has published everything it has seen."""
-    deadline = time.time() + timeout
-    last = counters(node)
-    while time.time() < deadline:
-        time.sleep(1.2)
-        now = counters(node)
-        if now == last:
-            return now
-        last = now
-    return last
+    """The node's counters once they stop moving (conftest.settled)."""
+    return settled_reading(lambda: counters(node), timeout)
 
 
 def deltas_once(node, before, name, at_least, timeout=20):

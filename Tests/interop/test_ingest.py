@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from conftest import Node, random_file, run, sha256_file, stoq
+from conftest import Node, random_file, run, sha256_file, stoq, summed_counters
+from conftest import settled as settled_reading
 
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -30,23 +29,12 @@ def inode(tmp_path_factory):
 
 
 def counters(node):
-    with urllib.request.urlopen(node.admin, timeout=10) as r:
-        text = r.read().decode()
-    return {k: sum(int(v) for v in re.findall(rf"^{k}{{[^}}]*}} (\d+)$", text, re.M)) for k in INGEST}
+    return summed_counters(node, INGEST)
 
 
 def settled(node, timeout=20):
-    """The counters once they stop moving: workers publish about once a second, so what an
-    earlier test did can still show up; two equal readings 1.2 s apart mean it all has."""
-    deadline = time.time() + timeout
-    last = counters(node)
-    while time.time() < deadline:
-        time.sleep(1.2)
-        now = counters(node)
-        if now == last:
-            return now
-        last = now
-    return last
+    """The node's counters once they stop moving (conftest.settled)."""
+    return settled_reading(lambda: counters(node), timeout)
 
 
 def counters_after(node, before, key, at_least, timeout=20):
