@@ -40,7 +40,6 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var nextTag = 1
     var identities: [NodeID: NodeIdentity] = [:]
     var counters = MeshStatus.Counters()
-    var memberCount = 0
     var lastProbe: UInt64 = 0
     var lastAdvert: UInt64 = 0
     var advertDue = true
@@ -105,7 +104,6 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     // MARK: Members
 
     private func updateMembers(_ set: Set<MeshMember>, now: UInt64) {
-        memberCount = set.count
         var wanted: [IPv6Endpoint: MeshMember] = [:]
         for m in set where !isMe(m) { wanted[m.url.endpoint] = m }
         for (ep, n) in neighbours where wanted[ep] == nil {

@@ -176,19 +176,6 @@ package final class ConnectionPool {
     /// Whether the connection to `endpoint` is established.
     package func isConnected(_ endpoint: IPv6Endpoint) -> Bool { upstreams[endpoint]?.connection.isEstablished == true }
 
-    /// The connection to `endpoint`'s smoothed RTT (nanoseconds), once it has one.
-    package func smoothedRTT(_ endpoint: IPv6Endpoint) -> UInt64? {
-        guard let c = upstreams[endpoint]?.connection, c.isEstablished else { return nil }
-        let rtt = c.stats.smoothed_rtt_ns
-        return rtt > 0 ? rtt : nil
-    }
-
-    /// Requests in flight or waiting on the connection to `endpoint`.
-    package func load(_ endpoint: IPv6Endpoint) -> Int {
-        guard let up = upstreams[endpoint] else { return 0 }
-        return up.streams.count + up.pending.count
-    }
-
     /// Closes the connection to `endpoint`, failing its requests with `reason`.
     package func drop(_ endpoint: IPv6Endpoint, reason: String) {
         guard let up = upstreams.removeValue(forKey: endpoint) else { return }
