@@ -209,7 +209,11 @@ package final class ConnectionPool {
         settle()
         let out = app.done
         app.done.removeAll(keepingCapacity: true)
-        for d in out { requests[d.tag] = nil; for up in upstreams.values { up.streams.remove(d.tag) } }
+        // A request that ended on its stream still names its upstream; one failed with its
+        // connection was already taken off both.
+        for d in out {
+            if let r = requests.removeValue(forKey: d.tag) { upstreams[r.upstream]?.streams.remove(d.tag) }
+        }
         return out
     }
 
