@@ -61,12 +61,26 @@ package struct NodeMetrics {
     var edge: EdgeCache.Counters?
     /// What the mesh service last published; nil when the node runs no mesh.
     var mesh: MeshStatus?
+    /// What the configuration asked for (`network.datapath`, `network.interface`): next to
+    /// `stoq_datapath_info` (what each worker got), it tells a fallback from a choice.
+    var configuredDatapath: ConfiguredDatapath?
+    /// Expiry of a fixed certificate (`tls.cert_file`), which no renewal reports; ignored when
+    /// `certificate` is set.
+    var fixedCertificateNotAfter: Date?
+
+    /// `network.datapath` and `network.interface` as written.
+    package struct ConfiguredDatapath: Sendable {
+        package var datapath: String
+        package var interface: String
+        package init(datapath: String, interface: String) { (self.datapath, self.interface) = (datapath, interface) }
+    }
 
     package init(
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
-        mesh: MeshStatus? = nil
+        mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil
     ) {
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
+        (self.configuredDatapath, self.fixedCertificateNotAfter) = (configuredDatapath, fixedCertificateNotAfter)
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -89,6 +103,12 @@ package struct NodeMetrics {
         perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }
         perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }
         perWorker("stoq_quic_connections_closed_total", "Connections closed.") { $0.endpoint.connectionsClosed }
+        perWorker("stoq_quic_connection_errors_total", "Connections that ended with an error (handshake, protocol, timeout).") {
+            $0.endpoint.connectionErrors
+        }
+        perWorker("stoq_quic_handshake_failures_total", "Connections that ended before their handshake completed.") {
+            $0.endpoint.handshakeFailures
+        }
         perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused
@@ -125,6 +145,11 @@ package struct NodeMetrics {
             if let m = w.diagnostics["xdp_mode"] { labels += ",xdp_mode=\"\(m)\"" }
             if let z = w.diagnostics["zero_copy"] { labels += ",zero_copy=\"\(z)\"" }
             out += "stoq_datapath_info{\(labels)} 1\n"
+        }
+        if let c = configuredDatapath {
+            family(
+                "stoq_datapath_configured_info", "gauge", "The datapath the configuration asked for (network.datapath, network.interface).",
+                [("{datapath=\"\(MeshMetrics.label(c.datapath))\",interface=\"\(MeshMetrics.label(c.interface))\"}", 1)])
         }
         let frameKeys = ["frames_kernel_rx", "frames_held", "frames_tx_free", "frames_tx_reserved", "frames_tx_in_flight"]
         let xdp = workers.filter { $0.diagnostics["frames_total"] != nil }
@@ -178,9 +203,11 @@ package struct NodeMetrics {
             family(
                 "stoq_tls_renewal_failures_total", "counter", "Certificate renewals that failed (the current one stays).",
                 [("", c.failures)])
+        }
+        if let notAfter = certificate?.notAfter ?? fixedCertificateNotAfter {
             family(
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
-                [("", UInt64(max(0, c.notAfter.timeIntervalSince1970)))])
+                [("", UInt64(max(0, notAfter.timeIntervalSince1970)))])
         }
         if let m = mesh { out += MeshMetrics.prometheus(m) }
         return out

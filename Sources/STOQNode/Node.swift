@@ -288,6 +288,11 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
+        // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
+        let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
+        // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
+        // file was just loaded, so a failure here would have failed the start).
+        let fixedNotAfter = cfg.tls.certFile.isEmpty ? nil : (try? PEMFiles.readCertificates(cfg.tls.certFile))?.first?.notValidAfter
         do {
             admin = try AdminServer(listen: listen, logger: logger) { path in
                 let certificate = certificates.map {
@@ -300,7 +305,8 @@ public final class Node: @unchecked Sendable {
                 meshStatus?.counters.failovers = edgeCounters?.failovers ?? 0
                 let metrics = NodeMetrics(
                     workers: snapshots.compactMap(\.latest), store: store.counters,
-                    certificate: certificate, edge: edgeCounters, mesh: meshStatus)
+                    certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
+                    fixedCertificateNotAfter: fixedNotAfter)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")

@@ -23,6 +23,9 @@ public struct EndpointCounters: Sendable {
     public var connectionErrors: UInt64 = 0
     /// Handshakes refused because the peer's certificate did not verify (mutual TLS).
     public var peerCertificatesRefused: UInt64 = 0
+    /// Connections that ended before their handshake completed, whichever side closed or
+    /// timed out: the operator's "handshake failures" (a refused certificate is one).
+    public var handshakeFailures: UInt64 = 0
     public init() {}
 }
 
@@ -237,14 +240,19 @@ public final class QUICEndpoint {
             conn.closeReason = conn.errorDescription
             counters.connectionErrors &+= 1
             if stoq_conn_peer_refused(conn.raw) != 0 { counters.peerCertificatesRefused &+= 1 }
+            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
             beginClosing(conn, errorCode: H3Error.noError, now: now)
         case Int32(STOQ_CONN_DRAINING):
+            // The peer closed: before the handshake completed, that is a failed handshake
+            // (a client refusing this node's certificate ends up here).
+            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
             schedule(conn, force: true)
         default:
             conn.closeReason = conn.errorDescription
             if conn.closeReason.isEmpty { conn.closeReason = "dropped" }
             if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { counters.connectionErrors &+= 1 }
+            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
             remove(conn)
         }
     }

@@ -199,6 +199,11 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(conn.errorDescription == reason)
         #expect(pair.server.counters.connectionsAccepted == 1)
         #expect(pair.server.counters.peerCertificatesRefused == 0)
+        // Both sides count a handshake that never completed: the client that refused, and the
+        // server that got its CONNECTION_CLOSE (stoq_quic_handshake_failures_total).
+        #expect(pair.client.counters.handshakeFailures == 1)
+        pair.run(for: 5_000_000_000) { pair.server.counters.handshakeFailures > 0 }
+        #expect(pair.server.counters.handshakeFailures == 1)
     }
 
     @Test func versionNegotiationForUnknownVersion() throws {

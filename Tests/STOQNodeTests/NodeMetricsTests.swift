@@ -1,0 +1,34 @@
+import Foundation
+import Testing
+
+@testable import STOQAdmin
+
+/// The node-level families the monitoring rules (deploy/prometheus/) depend on, rendered from
+/// hand-built inputs: the configured datapath next to the one in use, and a fixed
+/// certificate's expiry.
+@Suite struct NodeMetricsTests {
+    static let expiry = Date(timeIntervalSince1970: 1_900_000_000)
+
+    @Test func configuredDatapathAndFixedCertificateExpiry() {
+        let m = NodeMetrics(
+            workers: [], store: nil, certificate: nil, edge: nil,
+            configuredDatapath: .init(datapath: "af_xdp", interface: "eth\"0"), fixedCertificateNotAfter: Self.expiry)
+        let lines = Set(m.prometheus().split(separator: "\n").map(String.init))
+        #expect(lines.contains("# TYPE stoq_datapath_configured_info gauge"))
+        #expect(lines.contains(#"stoq_datapath_configured_info{datapath="af_xdp",interface="eth\"0"} 1"#))
+        #expect(lines.contains("# TYPE stoq_tls_certificate_not_after_seconds gauge"))
+        #expect(lines.contains("stoq_tls_certificate_not_after_seconds 1900000000"))
+        // A fixed certificate is not renewed: no renewal counters that would read as "never issued".
+        #expect(!m.prometheus().contains("stoq_tls_certificates_issued_total"))
+    }
+
+    @Test func renewedCertificateWinsOverTheFixedOne() {
+        let renewed = NodeMetrics.Certificate(rotations: 2, failures: 1, notAfter: Date(timeIntervalSince1970: 1_800_000_000))
+        let text = NodeMetrics(
+            workers: [], store: nil, certificate: renewed, edge: nil, fixedCertificateNotAfter: Self.expiry
+        ).prometheus()
+        #expect(text.contains("\nstoq_tls_certificate_not_after_seconds 1800000000\n"))
+        #expect(text.contains("\nstoq_tls_certificates_issued_total 2\n"))
+        #expect(!text.contains("stoq_datapath_configured_info"))
+    }
+}
