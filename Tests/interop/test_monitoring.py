@@ -120,6 +120,25 @@ def resolve(name: str, names: set, families: dict) -> bool:
     return False
 
 
+def test_dashboard_is_importable_json():
+    """What Grafana's import needs and what a hand edit most often breaks: unique panel ids,
+    every query with a refId and the datasource variable, panels inside the 24-column grid."""
+    doc = json.loads(DASHBOARD.read_text())
+    assert doc["uid"] == "stoq-node" and doc["title"] == "STOQ node"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    names = {v["name"] for v in doc["templating"]["list"]}
+    assert names == {"datasource", "instance"}
+    for p in doc["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}" and t["expr"], p["title"]
+            assert 'instance=~"$instance"' in t["expr"] or t["expr"].startswith("up{"), (p["title"], t["expr"])
+
+
 # --- promtool ----------------------------------------------------------------------------------
 
 def test_promtool_checks_and_tests_the_rules():
