@@ -5,7 +5,9 @@ metric that a rule or a dashboard query (deploy/grafana/stoq-node.json) names is
 the running nodes' /metrics.
 
 Node A keeps its own certificates (trust.mode embedded, its CA seeded with the test's root);
-node B serves a fixed tls.cert_file issued by the same root, so each certificate path shows."""
+node B serves a fixed tls.cert_file issued by the same root, so each certificate path shows, and
+expects AF_XDP on lo where no XDP program is attached, so it runs on io_uring (a fallback).
+The tests share the nodes and run in file order; the last one kills B."""
 import json
 import os
 import pathlib
@@ -207,7 +209,9 @@ def setup(tmp_path_factory):
     a = start_node(tmp / "a", pa, f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = ["https://[::1]:{pb}"]\n')
     nodes = [a]
     try:
-        b = start_node(tmp / "b", pb, f'[tls]\ncert_file = "{tmp}/b.pem"\nkey_file = "{tmp}/b.key"\n'
+        # B expects AF_XDP on lo (auto + interface) but no XDP program is attached there: it
+        # starts on io_uring, the fallback StoqDatapathFallback is about.
+        b = start_node(tmp / "b", pb, f'interface = "lo"\n[tls]\ncert_file = "{tmp}/b.pem"\nkey_file = "{tmp}/b.key"\n'
                                       f'[trust]\nbundle = "{ca}/root.pem"\n'
                                       f'[mesh]\npeers = ["https://[::1]:{pa}"]\n')
         nodes.append(b)
@@ -312,8 +316,9 @@ def test_a_request_moves_the_counter_and_the_rules(setup):
     # A: a renewed embedded certificate (24 h by default); B: the 7-day tls.cert_file.
     assert 3600 < by_instance[a.target] <= 24 * 3600, by_instance
     assert 6 * 86400 < by_instance[setup.b.target] <= 7 * 86400, by_instance
-    # auto with no interface: io_uring is the choice, so AF_XDP is not expected and nothing fell back.
-    assert query(api, "instance:stoq_datapath_xdp_expected:bool") == {}
+    # A: auto with no interface, io_uring is the choice. B: auto on lo, AF_XDP expected.
+    expected = query(api, "instance:stoq_datapath_xdp_expected:bool")
+    assert {dict(k)["instance"]: v for k, v in expected.items()} == {setup.b.target: 1}
     assert one(api, f"instance:stoq_datapath_io_uring_workers:count{{{sel}}}") == 1
 
 
@@ -338,6 +343,7 @@ def test_every_rule_and_dashboard_metric_is_exported(setup):
         families.update(dict(re.findall(r"^# TYPE (\S+) (\S+)$", t, re.M)))
     # What this change added to the node, on the node that has each.
     assert re.search(r'^stoq_datapath_configured_info\{datapath="auto",interface=""\} 1$', texts[0], re.M)
+    assert re.search(r'^stoq_datapath_configured_info\{datapath="auto",interface="lo"\} 1$', texts[1], re.M)
     assert re.search(r"^stoq_tls_certificate_not_after_seconds \d+$", texts[1], re.M)  # fixed tls.cert_file
     assert "stoq_tls_certificates_issued_total" not in texts[1]
     for t in texts:
@@ -359,21 +365,32 @@ def test_every_rule_and_dashboard_metric_is_exported(setup):
     assert not missing, "not exported by stoq-node:\n" + "\n".join(missing)
 
 
+def alert(api, name, **labels):
+    """The alerts named `name` with `labels` that Prometheus holds now (pending or firing)."""
+    with urllib.request.urlopen(f"{api}/api/v1/alerts", timeout=10) as r:
+        alerts = json.loads(r.read())["data"]["alerts"]
+    return [x for x in alerts if x["labels"].get("alertname") == name
+            and all(x["labels"].get(k) == v for k, v in labels.items())]
+
+
+def test_datapath_fallback_alert(setup):
+    """B runs io_uring where its config expects AF_XDP; A chose io_uring. `for: 1m`: pending
+    proves the expression matched; waiting a minute for firing would add nothing."""
+    api, a, b = setup.api, setup.a, setup.b
+    got = wait(lambda: alert(api, "StoqDatapathFallback", instance=b.target), 30, "StoqDatapathFallback for B")
+    assert got[0]["state"] in ("pending", "firing") and float(got[0]["value"]) == 1
+    assert not alert(api, "StoqDatapathFallback", instance=a.target)
+    assert "datapath auto: AF_XDP on lo unavailable (" in (b.workdir / "node.log").read_text()
+
+
 def test_killed_node_raises_node_down_and_mesh_link_down(setup):
     api, a, b = setup.api, setup.a, setup.b
     wait(lambda: one(api, f'up{{instance="{b.target}"}}') == 1, 30, "B up")
     b.proc.kill()
     b.proc.wait()
     wait(lambda: one(api, f'up{{instance="{b.target}"}}') == 0, 30, "B's up to drop to 0")
-
-    def alert(name, **labels):
-        with urllib.request.urlopen(f"{api}/api/v1/alerts", timeout=10) as r:
-            alerts = json.loads(r.read())["data"]["alerts"]
-        return [x for x in alerts if x["labels"].get("alertname") == name
-                and all(x["labels"].get(k) == v for k, v in labels.items())]
-    # `for: 1m`: pending proves the expression matched; waiting a minute for firing adds nothing.
-    down = wait(lambda: alert("StoqNodeDown", instance=b.target), 30, "StoqNodeDown for B")
+    down = wait(lambda: alert(api, "StoqNodeDown", instance=b.target), 30, "StoqNodeDown for B")
     assert down[0]["state"] in ("pending", "firing") and down[0]["labels"]["severity"] == "critical"
-    link = wait(lambda: alert("StoqMeshLinkDown", instance=a.target), 30, "StoqMeshLinkDown on A")
+    link = wait(lambda: alert(api, "StoqMeshLinkDown", instance=a.target), 30, "StoqMeshLinkDown on A")
     assert link[0]["labels"]["neighbour"] == f"https://[::1]:{b.port}"
-    assert not alert("StoqNodeDown", instance=a.target)
+    assert not alert(api, "StoqNodeDown", instance=a.target)
