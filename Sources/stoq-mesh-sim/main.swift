@@ -272,7 +272,9 @@ if json {
             out += "\(ci == 0 ? "" : ", ")\"\(c.scenario)\": {\"p50_s\": \(f(r.quantile(0.5), 4)), \"p99_s\": \(f(r.quantile(0.99), 4)), "
             out += "\"mean_s\": \(f(r.mean, 4)), \"goodput_mbit\": \(f(r.meanGoodputMbit, 3)), \"regret\": \(f(c.regret(a), 4)), "
             out += "\"load_skew\": \(f(c.loadSkew(a), 4)), \"transfers\": \(r.completion.count), \"incomplete\": \(r.incomplete), "
-            out += "\"hedges\": \(r.hedges), \"retries\": \(r.retries), \"route_bytes\": [\(r.routeBytes.map(String.init).joined(separator: ","))]}"
+            out += "\"hedges\": \(r.hedges), \"retries\": \(r.retries), \"route_bytes\": [\(r.routeBytes.map(String.init).joined(separator: ","))]"
+            if let floor = c.lastTransferFloor { out += ", \"p99_floor_s\": \(f(floor, 4))" }
+            out += "}"
         }
         out += "}}"
     }
@@ -302,6 +304,13 @@ for c in comparisons {
         print(
             "   " + a.padding(toLength: 13, withPad: " ", startingAt: 0)
                 + cols.map { String(repeating: " ", count: max(0, 12 - $0.count)) + $0 }.joined())
+    }
+    if let floor = c.lastTransferFloor, let ml = c.result("ml_optimized"), let m = c.result("min_rtt") {
+        // Said next to the comparison: in a burst the p99 is the last transfer, and how far
+        // any scheduler can beat another is how far that one is above this floor.
+        print(
+            "   floor: the last transfer of the burst cannot finish before \(f(floor)) s (all bytes over all capacity); "
+                + "ml_optimized is \(pct(ml.quantile(0.99) / floor - 1)) above it, min_rtt \(pct(m.quantile(0.99) / floor - 1))")
     }
     if let ml = c.result("ml_optimized") {
         for b in ["min_rtt", "round_robin", "best_single"] {
