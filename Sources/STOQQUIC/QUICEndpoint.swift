@@ -1,4 +1,5 @@
 import CNgtcp2
+import Glibc
 import HeapModule
 import STOQCore
 
@@ -107,6 +108,24 @@ public final class QUICEndpoint {
     public func replaceCredentials(_ creds: TLSCredentials) {
         credentials = creds
         stoq_endpoint_ctx_set_tls(ctx, creds.raw)
+    }
+
+    /// Writes a qlog (ngtcp2's, JSON-SEQ) for a `sample` fraction (0 … 1) of the connections
+    /// made from now on, each to `directory/<odcid-hex>.<server|client>.sqlog`; "" or 0 turns
+    /// it off. Connections already open keep what they had. Throws `.qlog` when the directory
+    /// does not exist or is not writable (and changes nothing). The endpoint's thread calls it.
+    public func setQLog(directory: String, sample: Double) throws(QUICError) {
+        let rc = stoq_endpoint_ctx_set_qlog(ctx, directory, sample)
+        guard rc == 0 else {
+            throw QUICError(.qlog, "qlog directory \"\(directory)\": \(String(cString: strerror(rc)))")
+        }
+    }
+
+    /// What qlog did on this endpoint: connections sampled, bytes written, files that failed.
+    public var qlogCounters: (connections: UInt64, bytes: UInt64, errors: UInt64) {
+        var s = stoq_qlog_stats()
+        stoq_endpoint_ctx_qlog_stats(ctx, &s)
+        return (s.connections, s.bytes, s.errors)
     }
 
     // MARK: Receive
@@ -401,6 +420,9 @@ public final class QUICEndpoint {
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
+        // The application may hold the connection (and so its qlog's end) a while longer;
+        // what is logged so far goes to disk now.
+        stoq_conn_qlog_flush(conn.raw)
         counters.connectionsClosed &+= 1
         application?.connectionClosed(connection: conn, reason: conn.closeReason)
     }
