@@ -24,6 +24,12 @@ public struct EndpointCounters: Sendable {
     public var connectionErrors: UInt64 = 0
     /// Handshakes refused because the peer's certificate did not verify (mutual TLS).
     public var peerCertificatesRefused: UInt64 = 0
+    /// Connections that write a qlog (sampled, their file opened).
+    public var qlogConnections: UInt64 = 0
+    /// Bytes written to qlog files.
+    public var qlogBytes: UInt64 = 0
+    /// qlog files that could not be opened or written (that connection's qlog stops there).
+    public var qlogErrors: UInt64 = 0
     public init() {}
 }
 
@@ -45,8 +51,15 @@ public final class QUICEndpoint {
     /// The worker id carried in byte 0 of every CID this endpoint issues.
     public let workerID: UInt8
     public let settings: QUICSettings
-    /// Counters.
-    public private(set) var counters = EndpointCounters()
+    /// Counters (the qlog ones as the C endpoint keeps them).
+    public var counters: EndpointCounters {
+        var c = tally
+        var q = stoq_qlog_stats()
+        stoq_endpoint_ctx_qlog_stats(ctx, &q)
+        (c.qlogConnections, c.qlogBytes, c.qlogErrors) = (q.connections, q.bytes, q.errors)
+        return c
+    }
+    private var tally = EndpointCounters()
     /// The application that handles requests and responses.
     public var application: QUICApplication?
 
@@ -121,13 +134,6 @@ public final class QUICEndpoint {
         }
     }
 
-    /// What qlog did on this endpoint: connections sampled, bytes written, files that failed.
-    public var qlogCounters: (connections: UInt64, bytes: UInt64, errors: UInt64) {
-        var s = stoq_qlog_stats()
-        stoq_endpoint_ctx_qlog_stats(ctx, &s)
-        return (s.connections, s.bytes, s.errors)
-    }
-
     // MARK: Receive
 
     /// Handles one received datagram.
@@ -135,20 +141,20 @@ public final class QUICEndpoint {
         datagram: UnsafeRawBufferPointer, from peer: IPv6Endpoint, to local: IPv6Endpoint, ecn: ECN,
         now: Timestamp
     ) {
-        counters.datagramsIn &+= 1
+        tally.datagramsIn &+= 1
         guard let base = datagram.baseAddress?.assumingMemoryBound(to: UInt8.self), datagram.count > 0 else {
-            counters.droppedMalformed &+= 1
+            tally.droppedMalformed &+= 1
             return
         }
         var ids = stoq_pkt_ids()
         let rc = stoq_pkt_decode_ids(base, datagram.count, Int(STOQ_SCIDLEN), &ids)
         if rc == Int32(STOQ_PKT_INVALID) {
-            counters.droppedMalformed &+= 1
+            tally.droppedMalformed &+= 1
             return
         }
         if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
-            guard isServer else { counters.droppedUnknown &+= 1; return }
-            counters.versionNegotiations &+= 1
+            guard isServer else { tally.droppedUnknown &+= 1; return }
+            tally.versionNegotiations &+= 1
             queueReply(to: peer) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
             return
         }
@@ -157,7 +163,7 @@ public final class QUICEndpoint {
             deliver(conn, base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
             return
         }
-        guard isServer else { counters.droppedUnknown &+= 1; return }
+        guard isServer else { tally.droppedUnknown &+= 1; return }
         if ids.is_long == 0 {
             // A short-header packet for a connection we do not have: tell the peer with a
             // stateless reset so it stops waiting (RFC 9000 §10.3).
@@ -170,7 +176,7 @@ public final class QUICEndpoint {
                         ids.dcidlen, size)
                 }
             }
-            if queued { counters.statelessResets &+= 1 } else { counters.droppedUnknown &+= 1 }
+            if queued { tally.statelessResets &+= 1 } else { tally.droppedUnknown &+= 1 }
             return
         }
         accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
@@ -181,7 +187,7 @@ public final class QUICEndpoint {
         ecn: ECN, now: Timestamp
     ) {
         guard connections.count < settings.maxConnections else {
-            counters.droppedInitials &+= 1
+            tally.droppedInitials &+= 1
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -205,10 +211,10 @@ public final class QUICEndpoint {
                         return n
                     })
                 {
-                    counters.retriesSent &+= 1
+                    tally.retriesSent &+= 1
                 }
             } else {
-                counters.droppedInitials &+= 1
+                tally.droppedInitials &+= 1
             }
             return
         }
@@ -216,7 +222,7 @@ public final class QUICEndpoint {
         stoq_conn_set_app(raw, Unmanaged.passUnretained(conn).toOpaque())
         connections[ObjectIdentifier(conn)] = conn
         for cid in holder.cids { register(cid, conn) }
-        counters.connectionsAccepted &+= 1
+        tally.connectionsAccepted &+= 1
         deliver(conn, base, count, from: peer, to: local, ecn: ecn, now: now)
     }
 
@@ -254,8 +260,8 @@ public final class QUICEndpoint {
             schedule(conn)
         case Int32(STOQ_CONN_CLOSE):
             conn.closeReason = conn.errorDescription
-            counters.connectionErrors &+= 1
-            if stoq_conn_peer_refused(conn.raw) != 0 { counters.peerCertificatesRefused &+= 1 }
+            tally.connectionErrors &+= 1
+            if stoq_conn_peer_refused(conn.raw) != 0 { tally.peerCertificatesRefused &+= 1 }
             beginClosing(conn, errorCode: H3Error.noError, now: now)
         case Int32(STOQ_CONN_DRAINING):
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
@@ -263,7 +269,7 @@ public final class QUICEndpoint {
         default:
             conn.closeReason = conn.errorDescription
             if conn.closeReason.isEmpty { conn.closeReason = "dropped" }
-            if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { counters.connectionErrors &+= 1 }
+            if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { tally.connectionErrors &+= 1 }
             remove(conn)
         }
     }
@@ -307,7 +313,7 @@ public final class QUICEndpoint {
         now: Timestamp
     ) -> Transmit? {
         if let t = replies.pop(into: buffer) {
-            counters.datagramsOut &+= 1
+            tally.datagramsOut &+= 1
             return t
         }
         while let conn = dirty.last {
@@ -326,7 +332,7 @@ public final class QUICEndpoint {
                 schedule(conn)
                 let step = stride > 0 ? stride : max(seg, 1)
                 let segments = (n + step - 1) / step
-                counters.datagramsOut &+= UInt64(segments)
+                tally.datagramsOut &+= UInt64(segments)
                 return Transmit(
                     length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
                     ecn: ECN(lowBitsOf: ecn))
@@ -336,7 +342,7 @@ public final class QUICEndpoint {
             if n < 0 {
                 after(conn, rc: Int32(n), now: now)
                 if let t = replies.pop(into: buffer) {
-                    counters.datagramsOut &+= 1
+                    tally.datagramsOut &+= 1
                     return t
                 }
             } else {
@@ -423,7 +429,7 @@ public final class QUICEndpoint {
         // The application may hold the connection (and so its qlog's end) a while longer;
         // what is logged so far goes to disk now.
         stoq_conn_qlog_flush(conn.raw)
-        counters.connectionsClosed &+= 1
+        tally.connectionsClosed &+= 1
         application?.connectionClosed(connection: conn, reason: conn.closeReason)
     }
 
@@ -463,7 +469,7 @@ public final class QUICEndpoint {
     @discardableResult
     private func queueReply(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
         if replies.push(to: peer, write) { return true }
-        counters.droppedReplies &+= 1
+        tally.droppedReplies &+= 1
         return false
     }
 

@@ -97,17 +97,17 @@ struct QLogFile {
         #expect(server.count("recovery:packet_lost") > 0)
         let cwnds = Set(server.events.compactMap { ($0["data"] as? [String: Any])?["congestion_window"] as? Int })
         #expect(cwnds.count > 3, "congestion_window must move: \(cwnds.sorted().prefix(8))")
-        let written = pair.server.qlogCounters
-        #expect(written.connections == 1 && written.errors == 0)
+        let written = pair.server.counters
+        #expect(written.qlogConnections == 1 && written.qlogErrors == 0)
         let size = try #require(FileManager.default.attributesOfItem(atPath: directory + "/" + server.name)[.size] as? UInt64)
-        #expect(written.bytes == size)
+        #expect(written.qlogBytes == size)
     }
 
     @Test func sampleZeroWritesNothing() throws {
         defer { identity.remove() }
         let pair = try transfer(size: 100_000, sample: 0, connections: 3)
         #expect(try files().isEmpty)
-        #expect(pair.server.qlogCounters.connections == 0 && pair.server.qlogCounters.bytes == 0)
+        #expect(pair.server.counters.qlogConnections == 0 && pair.server.counters.qlogBytes == 0)
     }
 
     /// Each connection is drawn once: with 0.5, some of 40 are logged and some are not
@@ -115,7 +115,7 @@ struct QLogFile {
     @Test func sampleHalfLogsSomeConnections() throws {
         defer { identity.remove() }
         let pair = try transfer(size: 1000, sample: 0.5, connections: 40)
-        let logged = pair.server.qlogCounters.connections
+        let logged = pair.server.counters.qlogConnections
         #expect(logged > 0 && logged < 40)
         #expect(try files().filter { $0.hasSuffix(".server.sqlog") }.count == Int(logged))
     }

@@ -8,7 +8,7 @@ import re
 import signal
 import time
 
-from conftest import Node, sha256_file, stoq
+from conftest import Node, settled, sha256_file, stoq, summed_counters
 
 
 def read_json_seq(path: pathlib.Path):
@@ -49,13 +49,17 @@ def get(node, name, *extra):
 
 def test_a_transfer_is_logged_by_both_ends(tmp_path):
     qdir = tmp_path / "qlog-server"                     # the node makes it
-    n = Node(tmp_path, workers=2, extra=f'[log]\nqlog_dir = "{qdir}"\nqlog_sample = 1.0')
+    n = Node(tmp_path, workers=2, extra=f'[log]\nqlog_dir = "{qdir}"\nqlog_sample = 1.0\n[admin]\nlisten = "[::1]:0"')
     try:
         digest = n.add_object("four.bin", 4 << 20)
         out = tmp_path / "four.out"
         r = get(n, "four.bin", "-o", out, "--qlog-dir", tmp_path / "qlog-client")
         assert r.returncode == 0, r.stderr
         assert sha256_file(out) == digest
+        names = ["stoq_qlog_connections_total", "stoq_qlog_bytes_total", "stoq_qlog_errors_total"]
+        m = settled(lambda: summed_counters(n, names))
+        assert m["stoq_qlog_connections_total"] == 1 and m["stoq_qlog_errors_total"] == 0
+        assert m["stoq_qlog_bytes_total"] > 1_000_000
     finally:
         assert n.stop() == 0                             # every connection freed: files complete
     [server] = list(qdir.iterdir())
