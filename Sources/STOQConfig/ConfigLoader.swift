@@ -347,7 +347,11 @@ struct Section {
         guard let v = value(key) else { return }
         let allowed = "a number from 0.0 to 1.0, the fraction of connections (0.01 = one in a hundred)"
         let d: Double
-        if v.type == .double, let x = v.double { d = x } else if v.type == .int, let i = v.int { d = Double(i) } else {
+        if v.type == .double, let x = v.double {
+            d = x
+        } else if v.type == .int, let i = v.int {
+            d = Double(i)
+        } else {
             return fail(.badType, key, v, allowed)
         }
         guard d.isFinite, d >= 0, d <= 1 else { return fail(.outOfRange, key, v, allowed) }
