@@ -6,9 +6,10 @@
  *
  * Why here and buffered: ngtcp2 calls the write callback once per event — several per
  * packet — on the worker's thread. Each sampled connection gathers them in one buffer
- * allocated when it is made, and writes the buffer with one write(2) when it is full, when
- * the endpoint lets the connection go, and at the end (NGTCP2_QLOG_WRITE_FLAG_FIN, from
- * ngtcp2_conn_del). A connection that is not sampled costs nothing: ngtcp2 gets no callback
+ * allocated when it is made, and writes the buffer with one write(2) when it is full, and
+ * when the endpoint lets the connection go (stoq_conn_qlog_close) or ngtcp2 ends the log
+ * (NGTCP2_QLOG_WRITE_FLAG_FIN, from ngtcp2_conn_del), whichever comes first: the file and
+ * the buffer go then. A connection that is not sampled costs nothing: ngtcp2 gets no callback
  * and formats no event. The file is opened when the connection is made, so a failure to
  * create it is known at once and counted; the connection then runs without qlog.
  */
@@ -24,6 +25,10 @@
 /* Events gathered before one write(2). A busy transfer logs some 300-600 bytes per packet,
    so this is one syscall per ~150 packets; the cost in memory is per sampled connection. */
 #define QLOG_BUFFER (64u << 10)
+/* Sampled connections an endpoint (one worker) keeps open at once: a bound on the memory
+   (68 KB each with ngtcp2's own buffer) and on the file descriptors qlog may take from the
+   rest of the node (object files), however many connections the sample picks. */
+#define QLOG_MAX_OPEN 1024
 
 struct stoq_qlog {
   int fd;
@@ -55,12 +60,17 @@ int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sa
 
 void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out) { *out = ep->qlog_stats; }
 
-static int sampled(const stoq_endpoint_ctx *ep) {
+static int sampled(stoq_endpoint_ctx *ep) {
   if (ep->qlog_dirfd < 0 || ep->qlog_threshold == 0) return 0;
-  if (ep->qlog_threshold >= (UINT64_C(1) << 32)) return 1;
-  uint32_t r;
-  if (gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof(r)) != 0) return 0;
-  return r < ep->qlog_threshold;
+  if (ep->qlog_threshold < (UINT64_C(1) << 32)) {
+    uint32_t r;
+    if (gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof(r)) != 0 || r >= ep->qlog_threshold) return 0;
+  }
+  if (ep->qlog_open >= QLOG_MAX_OPEN) {
+    ep->qlog_stats.skipped++;
+    return 0;
+  }
+  return 1;
 }
 
 static void qlog_flush(stoq_conn *c) {
@@ -130,18 +140,20 @@ void qlog_attach(stoq_conn *c, ngtcp2_settings *st, const ngtcp2_cid *odcid) {
   }
   q->len = 0;
   c->qlog = q;
+  ep->qlog_open++;
   ep->qlog_stats.connections++;
   st->qlog.odcid = *odcid;
   st->qlog.write = cb_qlog_write;
 }
 
-void stoq_conn_qlog_flush(stoq_conn *c) {
-  if (c->qlog) qlog_flush(c);
-}
+void stoq_conn_qlog_close(stoq_conn *c) { qlog_free(c); }
 
+/* After this ngtcp2 may still call the writer (the FIN from ngtcp2_conn_del): with no qlog
+   left it does nothing. */
 void qlog_free(stoq_conn *c) {
   if (!c->qlog) return;
   qlog_close(c);
   free(c->qlog);
   c->qlog = NULL;
+  c->ep->qlog_open--;
 }

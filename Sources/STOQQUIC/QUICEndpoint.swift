@@ -30,6 +30,8 @@ public struct EndpointCounters: Sendable {
     public var qlogBytes: UInt64 = 0
     /// qlog files that could not be opened or written (that connection's qlog stops there).
     public var qlogErrors: UInt64 = 0
+    /// Connections the sample picked while 1,024 logged ones were open (not logged).
+    public var qlogSkipped: UInt64 = 0
     public init() {}
 }
 
@@ -56,7 +58,7 @@ public final class QUICEndpoint {
         var c = tally
         var q = stoq_qlog_stats()
         stoq_endpoint_ctx_qlog_stats(ctx, &q)
-        (c.qlogConnections, c.qlogBytes, c.qlogErrors) = (q.connections, q.bytes, q.errors)
+        (c.qlogConnections, c.qlogBytes, c.qlogErrors, c.qlogSkipped) = (q.connections, q.bytes, q.errors, q.skipped)
         return c
     }
     private var tally = EndpointCounters()
@@ -426,9 +428,9 @@ public final class QUICEndpoint {
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
-        // The application may hold the connection (and so its qlog's end) a while longer;
-        // what is logged so far goes to disk now.
-        stoq_conn_qlog_flush(conn.raw)
+        // The application may hold the connection a while longer; its qlog file and buffer
+        // go now.
+        stoq_conn_qlog_close(conn.raw)
         tally.connectionsClosed &+= 1
         application?.connectionClosed(connection: conn, reason: conn.closeReason)
     }

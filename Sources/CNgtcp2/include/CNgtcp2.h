@@ -165,6 +165,7 @@ typedef struct stoq_qlog_stats {
   uint64_t connections; /* connections sampled (a file opened) */
   uint64_t bytes;       /* bytes written to qlog files */
   uint64_t errors;      /* files that could not be opened or written (their qlog stops there) */
+  uint64_t skipped;     /* sampled, but 1024 logged connections were already open */
 } stoq_qlog_stats;
 void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out);
 
@@ -215,8 +216,9 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
 
 /** Frees a connection (and every stream, releasing bodies); its qlog, if any, is finished. */
 void stoq_conn_free(stoq_conn *c);
-/** Writes out what the connection's qlog holds (the endpoint is done with it). */
-void stoq_conn_qlog_flush(stoq_conn *c);
+/** Writes out and closes the connection's qlog, if it has one (the endpoint is done with it:
+ *  the file descriptor and buffer go now, not when an application lets go of the handle). */
+void stoq_conn_qlog_close(stoq_conn *c);
 
 enum {
   STOQ_CONN_OK = 0,
