@@ -40,7 +40,7 @@ struct stoq_endpoint_ctx {
   /* qlog: the directory (O_PATH, -1: off) and the sampling threshold out of 2^32 */
   int qlog_dirfd;
   uint64_t qlog_threshold;
-  unsigned qlog_open; /* connections with a qlog file open */
+  unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
   stoq_qlog_stats qlog_stats;
 };
 

@@ -25,10 +25,6 @@
 /* Events gathered before one write(2). A busy transfer logs some 300-600 bytes per packet,
    so this is one syscall per ~150 packets; the cost in memory is per sampled connection. */
 #define QLOG_BUFFER (64u << 10)
-/* Sampled connections an endpoint (one worker) keeps open at once: a bound on the memory
-   (68 KB each with ngtcp2's own buffer) and on the file descriptors qlog may take from the
-   rest of the node (object files), however many connections the sample picks. */
-#define QLOG_MAX_OPEN 1024
 
 struct stoq_qlog {
   int fd;
@@ -36,7 +32,8 @@ struct stoq_qlog {
   uint8_t buf[QLOG_BUFFER];
 };
 
-int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sample) {
+int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sample, unsigned max_open) {
+  ep->qlog_max_open = max_open;
   if (!dir || !*dir || !(sample > 0)) {
     if (ep->qlog_dirfd >= 0) close(ep->qlog_dirfd);
     ep->qlog_dirfd = -1;
@@ -66,7 +63,7 @@ static int sampled(stoq_endpoint_ctx *ep) {
     uint32_t r;
     if (gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof(r)) != 0 || r >= ep->qlog_threshold) return 0;
   }
-  if (ep->qlog_open >= QLOG_MAX_OPEN) {
+  if (ep->qlog_open >= ep->qlog_max_open) {
     ep->qlog_stats.skipped++;
     return 0;
   }

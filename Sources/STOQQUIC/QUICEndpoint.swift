@@ -30,7 +30,7 @@ public struct EndpointCounters: Sendable {
     public var qlogBytes: UInt64 = 0
     /// qlog files that could not be opened or written (that connection's qlog stops there).
     public var qlogErrors: UInt64 = 0
-    /// Connections the sample picked while 1,024 logged ones were open (not logged).
+    /// Connections the sample picked while `setQLog`'s `maxOpen` logged ones were open (not logged).
     public var qlogSkipped: UInt64 = 0
     public init() {}
 }
@@ -127,10 +127,12 @@ public final class QUICEndpoint {
 
     /// Writes a qlog (ngtcp2's, JSON-SEQ) for a `sample` fraction (0 … 1) of the connections
     /// made from now on, each to `directory/<odcid-hex>.<server|client>.sqlog`; "" or 0 turns
-    /// it off. Connections already open keep what they had. Throws `.qlog` when the directory
-    /// does not exist or is not writable (and changes nothing). The endpoint's thread calls it.
-    public func setQLog(directory: String, sample: Double) throws(QUICError) {
-        let rc = stoq_endpoint_ctx_set_qlog(ctx, directory, sample)
+    /// it off. At most `maxOpen` logged connections are open at once (64 KB of buffer and a
+    /// file descriptor each); the sample's further picks are counted in `qlogSkipped`.
+    /// Connections already open keep what they had. Throws `.qlog` when the directory does
+    /// not exist or is not writable (and changes nothing). The endpoint's thread calls it.
+    public func setQLog(directory: String, sample: Double, maxOpen: Int = 1024) throws(QUICError) {
+        let rc = stoq_endpoint_ctx_set_qlog(ctx, directory, sample, UInt32(clamping: maxOpen))
         guard rc == 0 else {
             throw QUICError(.qlog, "qlog directory \"\(directory)\": \(String(cString: strerror(rc)))")
         }

@@ -120,6 +120,24 @@ struct QLogFile {
         #expect(try files().filter { $0.hasSuffix(".server.sqlog") }.count == Int(logged))
     }
 
+    /// Logged connections open at once are bounded; a closed one makes room again.
+    @Test func openLoggedConnectionsAreBounded() throws {
+        defer { identity.remove() }
+        let pair = try EndpointPair(identity: identity)
+        try pair.server.setQLog(directory: directory, sample: 1, maxOpen: 2)
+        pair.server.application = MemoryServer(object: [])
+        pair.client.application = RecordingClient()
+        let conns = try (0..<3).map { _ in try pair.connect() }
+        #expect(pair.run { conns.allSatisfy(\.isEstablished) })
+        #expect(pair.server.counters.qlogConnections == 2 && pair.server.counters.qlogSkipped == 1)
+        pair.server.closeAll(now: pair.now)
+        pair.run(for: 10_000_000_000) { pair.server.connectionCount == 0 }
+        let again = try pair.connect()
+        #expect(pair.run { again.isEstablished })
+        #expect(pair.server.counters.qlogConnections == 3 && pair.server.counters.qlogSkipped == 1)
+        #expect(try files().filter { $0.hasSuffix(".server.sqlog") }.count == 3)
+    }
+
     @Test func unusableDirectoryIsRefused() throws {
         defer { identity.remove() }
         let pair = try EndpointPair(identity: identity)

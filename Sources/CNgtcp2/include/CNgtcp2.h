@@ -155,17 +155,19 @@ void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep);
 
 /** Connections made from now on write a qlog (ngtcp2's own, JSON-SEQ) to
  *  `dir/<odcid-hex>.<server|client>.sqlog` with probability `sample` (0 … 1; each connection
- *  is drawn once, when it is made). NULL or "" dir, or `sample` 0: off. Existing connections
- *  keep what they had. Returns 0, or the errno that makes `dir` unusable (it must exist and be
- *  writable). Call on the endpoint's thread. */
-int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sample);
+ *  is drawn once, when it is made), while fewer than `max_open` logged ones are open: a bound
+ *  on memory (68 KB each) and on the descriptors qlog takes from the rest of the process.
+ *  NULL or "" dir, or `sample` 0: off. Existing connections keep what they had. Returns 0, or
+ *  the errno that makes `dir` unusable (it must exist and be writable). Call on the endpoint's
+ *  thread. */
+int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sample, unsigned max_open);
 
 /** What an endpoint's qlog did. */
 typedef struct stoq_qlog_stats {
   uint64_t connections; /* connections sampled (a file opened) */
   uint64_t bytes;       /* bytes written to qlog files */
   uint64_t errors;      /* files that could not be opened or written (their qlog stops there) */
-  uint64_t skipped;     /* sampled, but 1024 logged connections were already open */
+  uint64_t skipped;     /* sampled, but max_open logged connections were already open */
 } stoq_qlog_stats;
 void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out);
 
