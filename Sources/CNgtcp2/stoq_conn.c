@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <ngtcp2/ngtcp2_crypto.h>
 
@@ -48,11 +49,14 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->s = *s;
   ep->ev = *ev;
   ep->refs = 1;
+  ep->qlog_dirfd = -1;
   return ep;
 }
 
 static void endpoint_release(stoq_endpoint_ctx *ep) {
-  if (--ep->refs == 0) free(ep);
+  if (--ep->refs) return;
+  if (ep->qlog_dirfd >= 0) close(ep->qlog_dirfd);
+  free(ep);
 }
 
 void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls) { ep->tls = tls; }
@@ -381,6 +385,7 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   }
   p.stateless_reset_token_present = 1;
   ngtcp2_crypto_generate_stateless_reset_token(p.stateless_reset_token, ep->s.static_secret, STOQ_SECRETLEN, &scid);
+  qlog_attach(c, &st, &p.original_dcid);
   ngtcp2_path path = make_path(&c->local, &c->remote);
   rv = ngtcp2_conn_server_new(&c->q, &hd.scid, &scid, &path, hd.version, &cb, &st, &p, NULL, c);
   if (rv != 0 || setup_tls(c, NULL) != 0) {
@@ -412,6 +417,7 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
   dcid.datalen = 18;
   stoq_random(dcid.data, dcid.datalen);
   make_cid(ep, &scid, STOQ_SCIDLEN);
+  qlog_attach(c, &st, &dcid); /* a client's ODCID is the DCID it starts with */
   ngtcp2_path path = make_path(&c->local, &c->remote);
   int rv = ngtcp2_conn_client_new(&c->q, &dcid, &scid, &path, NGTCP2_PROTO_VER_V1, &cb, &st, &p, NULL, c);
   if (rv != 0) {
@@ -436,7 +442,8 @@ void stoq_conn_free(stoq_conn *c) {
     stream_free(c, s);
   }
   if (c->h3) nghttp3_conn_del(c->h3);
-  if (c->q) ngtcp2_conn_del(c->q);
+  if (c->q) ngtcp2_conn_del(c->q); /* writes the qlog's end */
+  qlog_free(c);
   if (c->tls) gnutls_deinit(c->tls);
   free(c->pending);
   endpoint_release(c->ep);

@@ -37,6 +37,11 @@ struct stoq_endpoint_ctx {
    * reference, and freeing the endpoint only silences its events; the memory goes with
    * the last reference. */
   unsigned refs;
+  /* qlog: the directory (O_PATH, -1: off) and the sampling threshold out of 2^32 */
+  int qlog_dirfd;
+  uint64_t qlog_threshold;
+  unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
+  stoq_qlog_stats qlog_stats;
 };
 
 struct stoq_stream {
@@ -104,6 +109,7 @@ struct stoq_conn {
   size_t max_pkt;
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
+  struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
 };
 
 /* Fills `err` (may be NULL) printf-style. */
@@ -132,6 +138,11 @@ STOQ_HIDDEN int setup_h3(stoq_conn *c);
 STOQ_HIDDEN void sink_take(stoq_stream *s, const uint8_t *data, size_t len);
 STOQ_HIDDEN void sink_flush(stoq_stream *s);
 STOQ_HIDDEN void stream_finish_digest(stoq_stream *s);
+
+/* qlog (stoq_qlog.c): samples the connection and, if chosen, opens its file and points
+   `st`'s qlog at it; frees it (after ngtcp2_conn_del has written the end). */
+STOQ_HIDDEN void qlog_attach(stoq_conn *c, ngtcp2_settings *st, const ngtcp2_cid *odcid);
+STOQ_HIDDEN void qlog_free(stoq_conn *c);
 
 /* Connections (stoq_conn.c). */
 STOQ_HIDDEN ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote);

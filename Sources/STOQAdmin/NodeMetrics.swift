@@ -113,6 +113,10 @@ package struct NodeMetrics {
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused
         }
+        perWorker("stoq_qlog_connections_total", "Connections that wrote a qlog (log.qlog_dir, sampled).") { $0.endpoint.qlogConnections }
+        perWorker("stoq_qlog_bytes_total", "Bytes written to qlog files.") { $0.endpoint.qlogBytes }
+        perWorker("stoq_qlog_errors_total", "qlog files that could not be opened or written (a full disk).") { $0.endpoint.qlogErrors }
+        perWorker("stoq_qlog_skipped_total", "Connections sampled but not logged: 1024 logged ones were open on the worker.") { $0.endpoint.qlogSkipped }
         perWorker("stoq_datapath_rx_datagrams_total", "Datagrams the datapath received.") { $0.datapath.rxDatagrams }
         perWorker("stoq_datapath_tx_datagrams_total", "Datagrams the datapath sent.") { $0.datapath.txDatagrams }
         perWorker("stoq_datapath_rx_bytes_total", "UDP payload bytes received.") { $0.datapath.rxBytes }

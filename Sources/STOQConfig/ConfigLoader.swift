@@ -205,6 +205,8 @@ public enum ConfigLoader {
         // a mesh it is a `NodeConfig.notices` line.
         r.section("log") { s in
             s.choice("level", &c.log.level)
+            s.string("qlog_dir", &c.log.qlogDir)
+            s.fraction("qlog_sample", &c.log.qlogSample)
         }
         r.section("admin") { s in
             var listen = IPv6Endpoint(address: .any, port: 0)
@@ -338,6 +340,22 @@ struct Section {
         guard v.type == .int, let i = v.int else { return fail(.badType, key, v, allowed) }
         guard range.contains(i) else { return fail(.outOfRange, key, v, allowed) }
         out = T(i)
+    }
+
+    /// A fraction from 0 to 1, written as a float (`0.01`) or as 0 or 1.
+    mutating func fraction(_ key: String, _ out: inout Double) {
+        guard let v = value(key) else { return }
+        let allowed = "a number from 0.0 to 1.0, the fraction of connections (0.01 = one in a hundred)"
+        let d: Double
+        if v.type == .double, let x = v.double {
+            d = x
+        } else if v.type == .int, let i = v.int {
+            d = Double(i)
+        } else {
+            return fail(.badType, key, v, allowed)
+        }
+        guard d.isFinite, d >= 0, d <= 1 else { return fail(.outOfRange, key, v, allowed) }
+        out = d
     }
 
     mutating func size(_ key: String, _ out: inout UInt64, _ range: ClosedRange<UInt64>) {

@@ -135,6 +135,12 @@ public struct NodeConfig: Sendable, Equatable {
     }
     public struct Log: Sendable, Equatable {
         public var level = Logger.Level.info
+        /// Where sampled connections write their qlog, `<odcid-hex>.server.sqlog` each
+        /// (created at start, and at a reload that names a new one); "" = off.
+        public var qlogDir = ""
+        /// The fraction of connections (0 … 1), each drawn once when it is made, that write a
+        /// qlog when `qlogDir` is set.
+        public var qlogSample = 1.0
     }
     /// The admin API (HTTP/1.1 over TCP): `/metrics` (Prometheus text) and `/status` (JSON).
     public struct Admin: Sendable, Equatable {
@@ -173,6 +179,9 @@ public struct NodeConfig: Sendable, Equatable {
             n.append(
                 "edge: enable_caching = true with neither edge.origin nor [mesh]: this node has nowhere to fetch from, so it caches nothing and serves only its own content"
             )
+        }
+        if log.qlogDir.isEmpty && log.qlogSample != 1.0 {
+            n.append("log: qlog_sample = \(log.qlogSample) has no effect while log.qlog_dir is empty (qlog is off)")
         }
         return n
     }

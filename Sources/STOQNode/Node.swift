@@ -38,11 +38,14 @@ public final class Node: @unchecked Sendable {
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
+    /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
+    private let qlog: QLogControl
 
     public init(config: NodeConfig, logger: Logger) {
         self.config = config
         self.logger = logger
         self.listenAddress = config.network.listenAddress
+        self.qlog = QLogControl(config.log)
     }
 
     /// The node's IPv6 addresses (for the certificate's SANs).
@@ -131,6 +134,7 @@ public final class Node: @unchecked Sendable {
     /// the workers already started).
     public func start() throws {
         let cfg = config
+        try QLogControl.prepare(cfg.log)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
         for line in cfg.notices { logger.notice("\(line)") }
@@ -147,7 +151,7 @@ public final class Node: @unchecked Sendable {
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, mesh: mesh, meshService: meshService,
+            certificates: certificates, qlog: qlog, mesh: mesh, meshService: meshService,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
@@ -332,12 +336,16 @@ public final class Node: @unchecked Sendable {
     }
 
     /// Applies a new, already validated configuration where it can while running: mutual-TLS
-    /// rules (at once) and certificate lifetimes (from the next renewal). `log.level` is the
-    /// caller's (it owns the log handler). Everything else is reported as needing a restart.
+    /// rules (at once), certificate lifetimes (from the next renewal) and qlog (for
+    /// connections made from then on). `log.level` is the caller's (it owns the log handler).
+    /// Everything else is reported as needing a restart. A qlog directory that cannot be made
+    /// throws before anything is applied.
     public func reload(_ fresh: NodeConfig) throws(NodeError) -> ReloadReport {
         var report = ReloadReport()
         var next = config
         let old = config
+        let qlogChanged = (fresh.log.qlogDir, fresh.log.qlogSample) != (old.log.qlogDir, old.log.qlogSample)
+        if qlogChanged { try QLogControl.prepare(fresh.log) }
         func note(_ key: String, _ changed: Bool, live: Bool) {
             guard changed else { return }
             if live { report.applied.append(key) } else { report.restartNeeded.append(key) }
@@ -356,7 +364,13 @@ public final class Node: @unchecked Sendable {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)
         }
-        if fresh.log != old.log { next.log = fresh.log; report.applied.append("log.level") }
+        if fresh.log.level != old.log.level { next.log.level = fresh.log.level; report.applied.append("log.level") }
+        if qlogChanged {
+            (next.log.qlogDir, next.log.qlogSample) = (fresh.log.qlogDir, fresh.log.qlogSample)
+            qlog.publish(next.log)
+            if fresh.log.qlogDir != old.log.qlogDir { report.applied.append("log.qlog_dir") }
+            if fresh.log.qlogSample != old.log.qlogSample { report.applied.append("log.qlog_sample") }
+        }
         var restOld = old, restNew = fresh
         (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
         restOld.network.clientAuth = .none

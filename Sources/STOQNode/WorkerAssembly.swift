@@ -28,6 +28,8 @@ struct WorkerAssembly: @unchecked Sendable {
     /// `Cache-Control: max-age` (seconds) on manifests and chunked objects, if set.
     let originMaxAge: UInt64?
     let certificates: CertificateManager?
+    /// qlog settings, applied at start and taken again between batches after a reload.
+    let qlog: QLogControl
     let mesh: WorkerMesh
     /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
     let meshService: MeshService?
@@ -45,7 +47,11 @@ struct WorkerAssembly: @unchecked Sendable {
             isServer: true, credentials: credentials, settings: settings,
             workerID: UInt8(i), secret: secret)
         let router: NodeRouter
-        do { router = try makeRouter() } catch {
+        var qlogVersion = 0
+        do {
+            if let q = qlog.take(after: &qlogVersion) { try QLogControl.apply(q, to: endpoint) }
+            router = try makeRouter()
+        } catch {
             errors.set("\(error)")
             ready.leave()
             return
@@ -54,7 +60,7 @@ struct WorkerAssembly: @unchecked Sendable {
         let worker = Worker(queue: queue, endpoint: endpoint)
         worker.fallback = { _ in fallback.queue(for: i) }
         worker.join(mesh, as: i)
-        worker.onTurn = turnHook(worker: i, endpoint: endpoint, router: router)
+        worker.onTurn = turnHook(worker: i, endpoint: endpoint, router: router, qlogVersion: qlogVersion)
         let publish = {
             let q = worker.queue
             snapshot.publish(
@@ -91,8 +97,10 @@ struct WorkerAssembly: @unchecked Sendable {
     /// What the worker does between batches: take rotated credentials, and complete the
     /// requests whose origin fetches or upload ingests finished (those wake it through the
     /// mesh).
-    private func turnHook(worker i: Int, endpoint: QUICEndpoint, router: NodeRouter) -> () -> Void {
+    private func turnHook(worker i: Int, endpoint: QUICEndpoint, router: NodeRouter, qlogVersion: Int) -> () -> Void {
         var credentialsVersion = 0
+        var qlogVersion = qlogVersion
+        let qlog = self.qlog, logger = self.logger
         let published = certificates?.published
         let content = router.content, objects = router.objects
         let edgeOn = edge != nil, ingestOn = ingest != nil
@@ -101,6 +109,10 @@ struct WorkerAssembly: @unchecked Sendable {
         return {
             // A rotated or reloaded certificate: new handshakes use it from now on.
             if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
+            // A reloaded qlog setting: connections made from now on follow it.
+            if let q = qlog.take(after: &qlogVersion) {
+                do { try QLogControl.apply(q, to: endpoint) } catch { logger.error("worker \(i): \(error)") }
+            }
             // Origin fetches finish on the edge cache's thread; responses complete here.
             if edgeOn { content.drainEdge() }
             // Uploads are chunked on the ingest pool's threads; their 201s go out here.

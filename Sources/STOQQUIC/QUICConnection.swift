@@ -191,6 +191,8 @@ public struct QUICError: Error, Sendable, CustomStringConvertible {
         public static let stream = Code(name: "stream")
         public static let tls = Code(name: "tls")
         public static let closed = Code(name: "closed")
+        /// The qlog directory cannot be used (`QUICEndpoint.setQLog`).
+        public static let qlog = Code(name: "qlog")
     }
     public var code: Code
     public var message: String

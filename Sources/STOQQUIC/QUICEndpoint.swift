@@ -1,4 +1,5 @@
 import CNgtcp2
+import Glibc
 import HeapModule
 import STOQCore
 
@@ -26,6 +27,14 @@ public struct EndpointCounters: Sendable {
     /// Connections that ended before their handshake completed, whichever side closed or
     /// timed out: the operator's "handshake failures" (a refused certificate is one).
     public var handshakeFailures: UInt64 = 0
+    /// Connections that write a qlog (sampled, their file opened).
+    public var qlogConnections: UInt64 = 0
+    /// Bytes written to qlog files.
+    public var qlogBytes: UInt64 = 0
+    /// qlog files that could not be opened or written (that connection's qlog stops there).
+    public var qlogErrors: UInt64 = 0
+    /// Connections the sample picked while `setQLog`'s `maxOpen` logged ones were open (not logged).
+    public var qlogSkipped: UInt64 = 0
     public init() {}
 }
 
@@ -47,8 +56,15 @@ public final class QUICEndpoint {
     /// The worker id carried in byte 0 of every CID this endpoint issues.
     public let workerID: UInt8
     public let settings: QUICSettings
-    /// Counters.
-    public private(set) var counters = EndpointCounters()
+    /// Counters (the qlog ones as the C endpoint keeps them).
+    public var counters: EndpointCounters {
+        var c = tally
+        var q = stoq_qlog_stats()
+        stoq_endpoint_ctx_qlog_stats(ctx, &q)
+        (c.qlogConnections, c.qlogBytes, c.qlogErrors, c.qlogSkipped) = (q.connections, q.bytes, q.errors, q.skipped)
+        return c
+    }
+    private var tally = EndpointCounters()
     /// The application that handles requests and responses.
     public var application: QUICApplication?
 
@@ -112,6 +128,19 @@ public final class QUICEndpoint {
         stoq_endpoint_ctx_set_tls(ctx, creds.raw)
     }
 
+    /// Writes a qlog (ngtcp2's, JSON-SEQ) for a `sample` fraction (0 … 1) of the connections
+    /// made from now on, each to `directory/<odcid-hex>.<server|client>.sqlog`; "" or 0 turns
+    /// it off. At most `maxOpen` logged connections are open at once (64 KB of buffer and a
+    /// file descriptor each); the sample's further picks are counted in `qlogSkipped`.
+    /// Connections already open keep what they had. Throws `.qlog` when the directory does
+    /// not exist or is not writable (and changes nothing). The endpoint's thread calls it.
+    public func setQLog(directory: String, sample: Double, maxOpen: Int = 1024) throws(QUICError) {
+        let rc = stoq_endpoint_ctx_set_qlog(ctx, directory, sample, UInt32(clamping: maxOpen))
+        guard rc == 0 else {
+            throw QUICError(.qlog, "qlog directory \"\(directory)\": \(String(cString: strerror(rc)))")
+        }
+    }
+
     // MARK: Receive
 
     /// Handles one received datagram.
@@ -119,20 +148,20 @@ public final class QUICEndpoint {
         datagram: UnsafeRawBufferPointer, from peer: IPv6Endpoint, to local: IPv6Endpoint, ecn: ECN,
         now: Timestamp
     ) {
-        counters.datagramsIn &+= 1
+        tally.datagramsIn &+= 1
         guard let base = datagram.baseAddress?.assumingMemoryBound(to: UInt8.self), datagram.count > 0 else {
-            counters.droppedMalformed &+= 1
+            tally.droppedMalformed &+= 1
             return
         }
         var ids = stoq_pkt_ids()
         let rc = stoq_pkt_decode_ids(base, datagram.count, Int(STOQ_SCIDLEN), &ids)
         if rc == Int32(STOQ_PKT_INVALID) {
-            counters.droppedMalformed &+= 1
+            tally.droppedMalformed &+= 1
             return
         }
         if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
-            guard isServer else { counters.droppedUnknown &+= 1; return }
-            counters.versionNegotiations &+= 1
+            guard isServer else { tally.droppedUnknown &+= 1; return }
+            tally.versionNegotiations &+= 1
             queueReply(to: peer) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
             return
         }
@@ -141,7 +170,7 @@ public final class QUICEndpoint {
             deliver(conn, base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
             return
         }
-        guard isServer else { counters.droppedUnknown &+= 1; return }
+        guard isServer else { tally.droppedUnknown &+= 1; return }
         if ids.is_long == 0 {
             // A short-header packet for a connection we do not have: tell the peer with a
             // stateless reset so it stops waiting (RFC 9000 §10.3).
@@ -154,7 +183,7 @@ public final class QUICEndpoint {
                         ids.dcidlen, size)
                 }
             }
-            if queued { counters.statelessResets &+= 1 } else { counters.droppedUnknown &+= 1 }
+            if queued { tally.statelessResets &+= 1 } else { tally.droppedUnknown &+= 1 }
             return
         }
         accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
@@ -165,7 +194,7 @@ public final class QUICEndpoint {
         ecn: ECN, now: Timestamp
     ) {
         guard connections.count < settings.maxConnections else {
-            counters.droppedInitials &+= 1
+            tally.droppedInitials &+= 1
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -189,10 +218,10 @@ public final class QUICEndpoint {
                         return n
                     })
                 {
-                    counters.retriesSent &+= 1
+                    tally.retriesSent &+= 1
                 }
             } else {
-                counters.droppedInitials &+= 1
+                tally.droppedInitials &+= 1
             }
             return
         }
@@ -200,7 +229,7 @@ public final class QUICEndpoint {
         stoq_conn_set_app(raw, Unmanaged.passUnretained(conn).toOpaque())
         connections[ObjectIdentifier(conn)] = conn
         for cid in holder.cids { register(cid, conn) }
-        counters.connectionsAccepted &+= 1
+        tally.connectionsAccepted &+= 1
         deliver(conn, base, count, from: peer, to: local, ecn: ecn, now: now)
     }
 
@@ -238,21 +267,21 @@ public final class QUICEndpoint {
             schedule(conn)
         case Int32(STOQ_CONN_CLOSE):
             conn.closeReason = conn.errorDescription
-            counters.connectionErrors &+= 1
-            if stoq_conn_peer_refused(conn.raw) != 0 { counters.peerCertificatesRefused &+= 1 }
-            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
+            tally.connectionErrors &+= 1
+            if stoq_conn_peer_refused(conn.raw) != 0 { tally.peerCertificatesRefused &+= 1 }
+            if !conn.isEstablished { tally.handshakeFailures &+= 1 }
             beginClosing(conn, errorCode: H3Error.noError, now: now)
         case Int32(STOQ_CONN_DRAINING):
             // The peer closed: before the handshake completed, that is a failed handshake
             // (a client refusing this node's certificate ends up here).
-            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
+            if !conn.isEstablished { tally.handshakeFailures &+= 1 }
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
             schedule(conn, force: true)
         default:
             conn.closeReason = conn.errorDescription
             if conn.closeReason.isEmpty { conn.closeReason = "dropped" }
-            if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { counters.connectionErrors &+= 1 }
-            if !conn.isEstablished { counters.handshakeFailures &+= 1 }
+            if !conn.closeReason.hasPrefix("ERR_IDLE_CLOSE") { tally.connectionErrors &+= 1 }
+            if !conn.isEstablished { tally.handshakeFailures &+= 1 }
             remove(conn)
         }
     }
@@ -296,7 +325,7 @@ public final class QUICEndpoint {
         now: Timestamp
     ) -> Transmit? {
         if let t = replies.pop(into: buffer) {
-            counters.datagramsOut &+= 1
+            tally.datagramsOut &+= 1
             return t
         }
         while let conn = dirty.last {
@@ -315,7 +344,7 @@ public final class QUICEndpoint {
                 schedule(conn)
                 let step = stride > 0 ? stride : max(seg, 1)
                 let segments = (n + step - 1) / step
-                counters.datagramsOut &+= UInt64(segments)
+                tally.datagramsOut &+= UInt64(segments)
                 return Transmit(
                     length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
                     ecn: ECN(lowBitsOf: ecn))
@@ -325,7 +354,7 @@ public final class QUICEndpoint {
             if n < 0 {
                 after(conn, rc: Int32(n), now: now)
                 if let t = replies.pop(into: buffer) {
-                    counters.datagramsOut &+= 1
+                    tally.datagramsOut &+= 1
                     return t
                 }
             } else {
@@ -409,7 +438,10 @@ public final class QUICEndpoint {
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
-        counters.connectionsClosed &+= 1
+        // The application may hold the connection a while longer; its qlog file and buffer
+        // go now.
+        stoq_conn_qlog_close(conn.raw)
+        tally.connectionsClosed &+= 1
         application?.connectionClosed(connection: conn, reason: conn.closeReason)
     }
 
@@ -449,7 +481,7 @@ public final class QUICEndpoint {
     @discardableResult
     private func queueReply(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
         if replies.push(to: peer, write) { return true }
-        counters.droppedReplies &+= 1
+        tally.droppedReplies &+= 1
         return false
     }
 

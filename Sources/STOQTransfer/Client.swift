@@ -162,7 +162,7 @@ package struct ClientRig {
 
     package init(
         trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
-        congestionControl: CongestionControl = QUICSettings().congestionControl
+        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil
     ) throws(ClientError) {
         let creds: TLSCredentials
         do {
@@ -195,6 +195,12 @@ package struct ClientRig {
             isServer: false, credentials: creds, settings: settings, workerID: 0,
             secret: StaticSecret.random())
         endpoint.application = application
+        if let qlogDirectory {
+            do { try endpoint.setQLog(directory: qlogDirectory, sample: 1) } catch {
+                queue.close()
+                throw ClientError(.io, "\(error)")
+            }
+        }
         worker = Worker(queue: queue, endpoint: endpoint)
     }
 }
@@ -224,14 +230,16 @@ public enum STOQClient {
     /// at most once per `progressInterval` nanoseconds (0: after every turn of the event loop, for
     /// a benchmark timing the bytes).
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
+    /// With `qlogDirectory` the connection writes its qlog there (`<odcid-hex>.client.sqlog`).
     public static func get(
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
-        congestionControl: CongestionControl = QUICSettings().congestionControl,
+        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, progressInterval: progressInterval, progress: progress)
+            congestionControl: congestionControl, qlogDirectory: qlogDirectory, progressInterval: progressInterval,
+            progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
@@ -255,11 +263,13 @@ public enum STOQClient {
 
     static func transfer(
         _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
-        datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl,
+        datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl, qlogDirectory: String? = nil,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
-        let rig = try ClientRig(trust: trust, datapath: datapath, application: app, congestionControl: congestionControl)
+        let rig = try ClientRig(
+            trust: trust, datapath: datapath, application: app, congestionControl: congestionControl,
+            qlogDirectory: qlogDirectory)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()

@@ -88,10 +88,21 @@ struct Get: ParsableCommand {
             "Log when body bytes arrive: one line \"SECONDS BYTES\" (CLOCK_MONOTONIC seconds, bytes so far) each time the count grows.",
             discussion: "For benchmarks that time pauses at the client (scripts/bench-routing's failover)."))
     var progressLog: String?
+    @Option(
+        help: ArgumentHelp(
+            "Write the connection's qlog into this directory (made if missing) as <odcid>.client.sqlog.",
+            discussion: "JSON-SEQ, as ngtcp2 writes it; qvis (https://qvis.quictools.info) loads it. Not with --chunked."))
+    var qlogDir: String?
 
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        if let qlogDir {
+            guard !chunked else { throw fail("--qlog-dir logs one connection; --chunked uses a pool of them: not supported together", code: 2) }
+            do { try FileManager.default.createDirectory(atPath: qlogDir, withIntermediateDirectories: true) } catch {
+                throw fail("--qlog-dir \(qlogDir): \(error.localizedDescription)", code: 2)
+            }
+        }
         if chunked {
             guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
             var st = stat()
@@ -138,7 +149,7 @@ struct Get: ParsableCommand {
         do {
             result = try STOQClient.get(
                 u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
-                congestionControl: cc, progressInterval: log == nil ? 100_000_000 : 0
+                congestionControl: cc, qlogDirectory: qlogDir, progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)
                 guard tty, log == nil || log!.dueForDisplay() else { return }

@@ -14,7 +14,8 @@
  * per-stream buffer and hands them to Swift once, at the end of the head (stoq_head), where
  * STOQQUIC's HTTPRequestHead applies the HTTP rules. Files: stoq_conn.c (lifecycle, ngtcp2
  * callbacks), stoq_io.c (packets in and out), stoq_h3.c (nghttp3), stoq_sink.c (received
- * bodies), stoq_pkt.c (stateless packets), stoq_tls.c (credentials, verify callbacks).
+ * bodies), stoq_pkt.c (stateless packets), stoq_tls.c (credentials, verify callbacks),
+ * stoq_qlog.c (sampled qlog files).
  */
 #ifndef CNGTCP2_H
 #define CNGTCP2_H
@@ -150,6 +151,26 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
 void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls);
 void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep);
 
+/* ---- qlog (stoq_qlog.c) ------------------------------------------------------ */
+
+/** Connections made from now on write a qlog (ngtcp2's own, JSON-SEQ) to
+ *  `dir/<odcid-hex>.<server|client>.sqlog` with probability `sample` (0 … 1; each connection
+ *  is drawn once, when it is made), while fewer than `max_open` logged ones are open: a bound
+ *  on memory (68 KB each) and on the descriptors qlog takes from the rest of the process.
+ *  NULL or "" dir, or `sample` 0: off. Existing connections keep what they had. Returns 0, or
+ *  the errno that makes `dir` unusable (it must exist and be writable). Call on the endpoint's
+ *  thread. */
+int stoq_endpoint_ctx_set_qlog(stoq_endpoint_ctx *ep, const char *dir, double sample, unsigned max_open);
+
+/** What an endpoint's qlog did. */
+typedef struct stoq_qlog_stats {
+  uint64_t connections; /* connections sampled (a file opened) */
+  uint64_t bytes;       /* bytes written to qlog files */
+  uint64_t errors;      /* files that could not be opened or written (their qlog stops there) */
+  uint64_t skipped;     /* sampled, but max_open logged connections were already open */
+} stoq_qlog_stats;
+void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out);
+
 /* ---- Stateless packet handling -------------------------------------------- */
 
 /** What the header of a received datagram says. */
@@ -195,8 +216,11 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
 stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, const struct sockaddr_in6 *local,
                              const struct sockaddr_in6 *remote, uint64_t now, void *app, char *err, size_t errlen);
 
-/** Frees a connection (and every stream, releasing bodies). */
+/** Frees a connection (and every stream, releasing bodies); its qlog, if any, is finished. */
 void stoq_conn_free(stoq_conn *c);
+/** Writes out and closes the connection's qlog, if it has one (the endpoint is done with it:
+ *  the file descriptor and buffer go now, not when an application lets go of the handle). */
+void stoq_conn_qlog_close(stoq_conn *c);
 
 enum {
   STOQ_CONN_OK = 0,
