@@ -139,7 +139,8 @@ def test_gtlsclient_from_each_address(two_address_node, addr, tmp_path):
         pytest.fail("gtlsclient missing: scripts/install-deps installs ngtcp2-client")
     r = attempt(in_client("gtlsclient", "--exit-on-all-streams-close", "-q", "--handshake-timeout=10s",
                           f"--download={tmp_path}", addr, PORT, url(addr)))
-    assert r.returncode == 0, r.stderr[-2000:]
+    # gtlsclient exits 0 when its handshake times out: what it saved is the verdict.
+    assert r.returncode == 0 and (tmp_path / "obj.bin").exists(), f"gtlsclient saved nothing (exit {r.returncode})"
     assert sha256_file(tmp_path / "obj.bin") == two_address_node.digest
 
 
