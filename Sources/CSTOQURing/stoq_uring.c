@@ -344,9 +344,9 @@ size_t stoq_uring_encode_tx_cmsgs(void *control, size_t cap, uint16_t segment_si
 static int is_v4_mapped(const struct in6_addr *a) { return IN6_IS_ADDR_V4MAPPED(a); }
 
 /* Resends a slot one datagram at a time after the kernel refused GSO: same destination,
- * ECN and source as the slot, no UDP_SEGMENT. */
-static void resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
-  size_t off = 0;
+ * ECN and source as the slot, no UDP_SEGMENT. Returns how many datagrams the kernel took. */
+static size_t resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
+  size_t off = 0, sent = 0;
   union {
     char buf[CMSG_SPACE_TX];
     struct cmsghdr align;
@@ -367,18 +367,23 @@ static void resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
     else {
       u->counters.tx_datagrams++;
       u->counters.tx_bytes += n;
+      sent++;
     }
     off += n;
   }
+  return sent;
 }
 
 static void complete_tx(stoq_uring *u, unsigned idx, int res) {
   struct tx_slot *s = &u->slots[idx];
   if (res < 0) {
     if ((res == -EIO || res == -EINVAL) && s->segsize < s->len && (u->features & STOQ_URING_F_GSO)) {
-      u->features &= ~STOQ_URING_F_GSO;
-      u->counters.offload_fallbacks++;
-      resend_unsegmented(u, s);
+      /* EINVAL also means a source address the host no longer has (IPV6_PKTINFO): then the
+       * single datagrams fail too, and GSO was not to blame. */
+      if (resend_unsegmented(u, s) > 0 || !s->has_src) {
+        u->features &= ~STOQ_URING_F_GSO;
+        u->counters.offload_fallbacks++;
+      }
     } else {
       u->counters.tx_errors++;
     }

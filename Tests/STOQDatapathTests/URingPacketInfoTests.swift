@@ -90,6 +90,17 @@ import Testing
         #expect(any.counters.txDatagrams == 0)
         try sendFrom(any, IPv6Endpoint(address: .loopback, port: 0))
         #expect(any.counters.txDatagrams == 1)
+        // A GSO run refused for its source is not GSO's fault: the offload stays on.
+        if any.features.contains(.segmentationOffload) {
+            let slot = try #require(any.reserveTransmit())
+            slot.copyBytes(from: [UInt8](repeating: 7, count: 2400))
+            any.commitTransmit(length: 2400, segmentSize: 1200, to: receiver.localEndpoint, from: foreign, ecn: .notECT)
+            try any.flush()
+            for _ in 0..<10 { _ = try any.receive(timeoutNanoseconds: 10_000_000) { _ in } }
+            #expect(any.counters.txErrors == 3)
+            #expect(any.counters.offloadFallbacks == 0)
+            #expect(any.features.contains(.segmentationOffload))
+        }
 
         let bound = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
         try sendFrom(bound, foreign)
