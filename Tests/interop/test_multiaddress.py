@@ -66,17 +66,21 @@ def two_address_node(tmp_path_factory):
     if shutil.which("ip") is None:
         pytest.fail("iproute2 missing: scripts/install-deps installs it")
     teardown_namespaces()
-    for ns in (NODE_NS, CLIENT_NS):
-        must(["ip", "netns", "add", ns])
-    must(["ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", CLIENT_IF])
-    must(["ip", "link", "set", NODE_IF, "netns", NODE_NS])
-    must(["ip", "link", "set", CLIENT_IF, "netns", CLIENT_NS])
-    for a in ADDRS:  # nodad: usable at once, no duplicate address detection to wait for
-        must(in_node("ip", "addr", "add", f"{a}/64", "dev", NODE_IF, "nodad"))
-    must(in_client("ip", "addr", "add", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF, "nodad"))
-    for ns, dev in ((NODE_NS, NODE_IF), (CLIENT_NS, CLIENT_IF)):
-        must(["ip", "-n", ns, "link", "set", "lo", "up"])
-        must(["ip", "-n", ns, "link", "set", dev, "up"])
+    try:
+        for ns in (NODE_NS, CLIENT_NS):
+            must(["ip", "netns", "add", ns])
+        must(["ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", CLIENT_IF])
+        must(["ip", "link", "set", NODE_IF, "netns", NODE_NS])
+        must(["ip", "link", "set", CLIENT_IF, "netns", CLIENT_NS])
+        for a in ADDRS:  # nodad: usable at once, no duplicate address detection to wait for
+            must(in_node("ip", "addr", "add", f"{a}/64", "dev", NODE_IF, "nodad"))
+        must(in_client("ip", "addr", "add", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF, "nodad"))
+        for ns, dev in ((NODE_NS, NODE_IF), (CLIENT_NS, CLIENT_IF)):
+            must(["ip", "-n", ns, "link", "set", "lo", "up"])
+            must(["ip", "-n", ns, "link", "set", dev, "up"])
+    except BaseException:
+        teardown_namespaces()
+        raise
 
     work = tmp_path_factory.mktemp("multiaddress")
     objects = work / "objects"
@@ -97,7 +101,11 @@ def two_address_node(tmp_path_factory):
     node.log = open(work / "node.log", "w+")
     node.proc = subprocess.Popen(in_node(need_binary("stoq-node"), "--config", cfg), stdout=subprocess.PIPE,
                                  stderr=node.log, text=True)
-    read_banner(node)
+    try:
+        read_banner(node)
+    except BaseException:
+        teardown_namespaces()
+        raise
     node.digest = sha256_file(objects / "obj.bin")
     yield node
     node.proc.send_signal(signal.SIGTERM)
