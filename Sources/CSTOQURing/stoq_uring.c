@@ -351,8 +351,8 @@ static size_t resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
     char buf[CMSG_SPACE_TX];
     struct cmsghdr align;
   } cmsg;
-  size_t clen = stoq_uring_encode_tx_cmsgs(cmsg.buf, sizeof(cmsg.buf), 0, s->ecn, s->has_src ? &s->src : NULL,
-                                           s->src_ifindex);
+  size_t clen =
+      stoq_uring_encode_tx_cmsgs(cmsg.buf, sizeof(cmsg.buf), 0, s->ecn, s->has_src ? &s->src : NULL, s->src_ifindex);
   while (off < s->len) {
     size_t n = s->len - off < s->segsize ? s->len - off : s->segsize;
     struct iovec iov = {s->buf + off, n};
@@ -577,7 +577,8 @@ void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struc
   s->has_src = u->bound_any && from && !IN6_IS_ADDR_UNSPECIFIED(&from->sin6_addr);
   if (s->has_src) {
     s->src = from->sin6_addr;
-    s->src_ifindex = IN6_IS_ADDR_LINKLOCAL(&from->sin6_addr) ? (from->sin6_scope_id ? from->sin6_scope_id : to->sin6_scope_id) : 0;
+    s->src_ifindex =
+        IN6_IS_ADDR_LINKLOCAL(&from->sin6_addr) ? (from->sin6_scope_id ? from->sin6_scope_id : to->sin6_scope_id) : 0;
   }
   s->iov.iov_base = s->buf;
   s->iov.iov_len = len;
