@@ -105,6 +105,7 @@ struct stoq_conn {
   uint8_t *pending;
   size_t pending_len;
   struct sockaddr_in6 pending_remote;
+  struct sockaddr_in6 pending_local;
   uint8_t pending_ecn;
   size_t max_pkt;
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */

@@ -74,7 +74,7 @@ static int same_addr(const struct sockaddr_in6 *a, const struct sockaddr *b) {
 }
 
 ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride, size_t *segment_size,
-                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now) {
+                        struct sockaddr_in6 *remote, struct sockaddr_in6 *local, uint8_t *ecn, uint64_t now) {
   *segment_size = 0;
   if (ngtcp2_conn_is_in_closing_period(c->q) || ngtcp2_conn_is_in_draining_period(c->q)) return 0;
 
@@ -84,6 +84,7 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
     memcpy(buf, c->pending, c->pending_len);
     *segment_size = c->pending_len;
     *remote = c->pending_remote;
+    *local = c->pending_local;
     *ecn = c->pending_ecn;
     ssize_t n = (ssize_t)c->pending_len;
     c->pending_len = 0;
@@ -149,12 +150,15 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
       gso = (size_t)nwrite;
       *ecn = (uint8_t)pi.ecn;
       memcpy(remote, ps.path.remote.addr, sizeof(*remote));
-    } else if ((size_t)nwrite > gso || pi.ecn != *ecn || !same_addr(remote, ps.path.remote.addr)) {
+      memcpy(local, ps.path.local.addr, sizeof(*local));
+    } else if ((size_t)nwrite > gso || pi.ecn != *ecn || !same_addr(remote, ps.path.remote.addr) ||
+               !same_addr(local, ps.path.local.addr)) {
       /* Cannot join this run: keep it for the next call. */
       memcpy(c->pending, dst, (size_t)nwrite);
       c->pending_len = (size_t)nwrite;
       c->pending_ecn = (uint8_t)pi.ecn;
       memcpy(&c->pending_remote, ps.path.remote.addr, sizeof(c->pending_remote));
+      memcpy(&c->pending_local, ps.path.local.addr, sizeof(c->pending_local));
       break;
     }
     end = p + nwrite;

@@ -26,13 +26,16 @@
 #define BGID 7
 #define TAG_RX (1ull << 63)
 #define CMSG_SPACE_RX (CMSG_SPACE(sizeof(int)) * 2 + CMSG_SPACE(sizeof(struct in6_pktinfo)))
-#define CMSG_SPACE_TX (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)))
+#define CMSG_SPACE_TX (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo)))
 
 struct tx_slot {
   uint8_t *buf;
   struct msghdr msg;
   struct iovec iov;
   struct sockaddr_in6 to;
+  struct in6_addr src; /* IPV6_PKTINFO source when has_src */
+  uint32_t src_ifindex;
+  int has_src;
   size_t len, segsize;
   uint8_t ecn;
   int in_flight;
@@ -47,6 +50,7 @@ struct stoq_uring {
   struct io_uring ring;
   unsigned features;
   struct sockaddr_in6 local;
+  int bound_any; /* bound to [::]: every send names its source (IPV6_PKTINFO) */
   stoq_uring_counters counters;
   /* receive */
   struct io_uring_buf_ring *br;
@@ -166,6 +170,7 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   }
   socklen_t ll = sizeof(u->local);
   getsockname(u->fd, (struct sockaddr *)&u->local, &ll);
+  u->bound_any = IN6_IS_ADDR_UNSPECIFIED(&u->local.sin6_addr);
 
   struct io_uring_params p = {0};
   /* No SINGLE_ISSUER: the node opens queues on the main thread and hands them to workers. */
@@ -277,6 +282,9 @@ static void parse_cmsg(struct cmsghdr *c, stoq_uring_rx *rx) {
       struct in6_pktinfo pi;
       memcpy(&pi, CMSG_DATA(c), sizeof(pi));
       rx->local = pi.ipi6_addr;
+      /* A link-local address means nothing without its interface; a global one needs none,
+       * and a scope on it would make the same path look different. */
+      rx->local_scope_id = IN6_IS_ADDR_LINKLOCAL(&pi.ipi6_addr) ? (uint32_t)pi.ipi6_ifindex : 0;
     }
   }
 }
@@ -291,30 +299,91 @@ static void parse_multishot_cmsgs(struct io_uring_recvmsg_out *o, struct msghdr 
     parse_cmsg(c, rx);
 }
 
+void stoq_uring_decode_rx_cmsgs(const void *control, size_t len, stoq_uring_rx *rx) {
+  struct msghdr m = {.msg_control = (void *)control, .msg_controllen = len};
+  parse_cmsgs(&m, rx);
+}
+
+size_t stoq_uring_tx_cmsg_space(void) { return CMSG_SPACE_TX; }
+
+size_t stoq_uring_encode_tx_cmsgs(void *control, size_t cap, uint16_t segment_size, uint8_t ecn,
+                                  const struct in6_addr *source, uint32_t ifindex) {
+  size_t clen = 0;
+  if (segment_size) clen += CMSG_SPACE(sizeof(uint16_t));
+  if (ecn) clen += CMSG_SPACE(sizeof(int));
+  if (source) clen += CMSG_SPACE(sizeof(struct in6_pktinfo));
+  if (!clen || clen > cap) return 0;
+  memset(control, 0, clen);
+  struct msghdr m = {.msg_control = control, .msg_controllen = clen};
+  struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+  if (segment_size) {
+    c->cmsg_level = SOL_UDP;
+    c->cmsg_type = UDP_SEGMENT;
+    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    memcpy(CMSG_DATA(c), &segment_size, sizeof(segment_size));
+    c = CMSG_NXTHDR(&m, c);
+  }
+  if (ecn) {
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_TCLASS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    int tc = ecn & 3;
+    memcpy(CMSG_DATA(c), &tc, sizeof(tc));
+    c = CMSG_NXTHDR(&m, c);
+  }
+  if (source) {
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_PKTINFO;
+    c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
+    struct in6_pktinfo pi = {.ipi6_addr = *source, .ipi6_ifindex = ifindex};
+    memcpy(CMSG_DATA(c), &pi, sizeof(pi));
+  }
+  return clen;
+}
+
 static int is_v4_mapped(const struct in6_addr *a) { return IN6_IS_ADDR_V4MAPPED(a); }
 
-/* Resends a slot one datagram at a time after the kernel refused GSO. */
-static void resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
-  size_t off = 0;
+/* Resends a slot one datagram at a time after the kernel refused GSO: same destination,
+ * ECN and source as the slot, no UDP_SEGMENT. Returns how many datagrams the kernel took. */
+static size_t resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
+  size_t off = 0, sent = 0;
+  union {
+    char buf[CMSG_SPACE_TX];
+    struct cmsghdr align;
+  } cmsg;
+  size_t clen =
+      stoq_uring_encode_tx_cmsgs(cmsg.buf, sizeof(cmsg.buf), 0, s->ecn, s->has_src ? &s->src : NULL, s->src_ifindex);
   while (off < s->len) {
     size_t n = s->len - off < s->segsize ? s->len - off : s->segsize;
-    ssize_t r = sendto(u->fd, s->buf + off, n, 0, (struct sockaddr *)&s->to, sizeof(s->to));
+    struct iovec iov = {s->buf + off, n};
+    struct msghdr m = {.msg_name = &s->to,
+                       .msg_namelen = sizeof(s->to),
+                       .msg_iov = &iov,
+                       .msg_iovlen = 1,
+                       .msg_control = clen ? cmsg.buf : NULL,
+                       .msg_controllen = clen};
+    ssize_t r = sendmsg(u->fd, &m, 0);
     if (r < 0) u->counters.tx_errors++;
     else {
       u->counters.tx_datagrams++;
       u->counters.tx_bytes += n;
+      sent++;
     }
     off += n;
   }
+  return sent;
 }
 
 static void complete_tx(stoq_uring *u, unsigned idx, int res) {
   struct tx_slot *s = &u->slots[idx];
   if (res < 0) {
     if ((res == -EIO || res == -EINVAL) && s->segsize < s->len && (u->features & STOQ_URING_F_GSO)) {
-      u->features &= ~STOQ_URING_F_GSO;
-      u->counters.offload_fallbacks++;
-      resend_unsegmented(u, s);
+      /* EINVAL also means a source address the host no longer has (IPV6_PKTINFO): then the
+       * single datagrams fail too, and GSO was not to blame. */
+      if (resend_unsegmented(u, s) > 0 || !s->has_src) {
+        u->features &= ~STOQ_URING_F_GSO;
+        u->counters.offload_fallbacks++;
+      }
     } else {
       u->counters.tx_errors++;
     }
@@ -344,6 +413,7 @@ static int plain_receive(stoq_uring *u, stoq_uring_rx *out, int max) {
     ssize_t r = recvmsg(u->fd, &m, MSG_DONTWAIT);
     if (r < 0) break;
     memset(&out[n].local, 0, sizeof(out[n].local));
+    out[n].local_scope_id = 0;
     out[n].segment_size = 0;
     out[n].ecn = 0;
     parse_cmsgs(&m, &out[n]);
@@ -439,6 +509,7 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
       continue;
     }
     memset(&rx->local, 0, sizeof(rx->local));
+    rx->local_scope_id = 0;
     rx->segment_size = 0;
     rx->ecn = 0;
     parse_multishot_cmsgs(o, &u->rx_msg, rx);
@@ -491,7 +562,8 @@ uint8_t *stoq_uring_tx_reserve(stoq_uring *u) {
   return u->slots[u->reserved].buf;
 }
 
-void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struct sockaddr_in6 *to, uint8_t ecn) {
+void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struct sockaddr_in6 *to,
+                          const struct sockaddr_in6 *from, uint8_t ecn) {
   if (u->reserved < 0) return;
   unsigned idx = (unsigned)u->reserved;
   u->reserved = -1;
@@ -500,6 +572,14 @@ void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struc
   s->segsize = segsize ? segsize : len;
   s->to = *to;
   s->ecn = ecn;
+  /* Bound to one address, the kernel already sends from it; bound to [::] it would pick by
+   * route, which on a host with several addresses is often not the one the peer wrote to. */
+  s->has_src = u->bound_any && from && !IN6_IS_ADDR_UNSPECIFIED(&from->sin6_addr);
+  if (s->has_src) {
+    s->src = from->sin6_addr;
+    s->src_ifindex =
+        IN6_IS_ADDR_LINKLOCAL(&from->sin6_addr) ? (from->sin6_scope_id ? from->sin6_scope_id : to->sin6_scope_id) : 0;
+  }
   s->iov.iov_base = s->buf;
   s->iov.iov_len = len;
   memset(&s->msg, 0, sizeof(s->msg));
@@ -507,28 +587,12 @@ void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segsize, const struc
   s->msg.msg_namelen = sizeof(s->to);
   s->msg.msg_iov = &s->iov;
   s->msg.msg_iovlen = 1;
-  size_t clen = 0;
-  if (s->segsize < len && (u->features & STOQ_URING_F_GSO)) clen += CMSG_SPACE(sizeof(uint16_t));
-  if (ecn) clen += CMSG_SPACE(sizeof(int));
+  uint16_t gso = (s->segsize < len && (u->features & STOQ_URING_F_GSO)) ? (uint16_t)s->segsize : 0;
+  size_t clen = stoq_uring_encode_tx_cmsgs(s->cmsg.buf, sizeof(s->cmsg.buf), gso, ecn, s->has_src ? &s->src : NULL,
+                                           s->src_ifindex);
   if (clen) {
     s->msg.msg_control = s->cmsg.buf;
     s->msg.msg_controllen = clen;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&s->msg);
-    if (s->segsize < len && (u->features & STOQ_URING_F_GSO)) {
-      c->cmsg_level = SOL_UDP;
-      c->cmsg_type = UDP_SEGMENT;
-      c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-      uint16_t seg = (uint16_t)s->segsize;
-      memcpy(CMSG_DATA(c), &seg, sizeof(seg));
-      c = CMSG_NXTHDR(&s->msg, c);
-    }
-    if (ecn) {
-      c->cmsg_level = IPPROTO_IPV6;
-      c->cmsg_type = IPV6_TCLASS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      int tc = ecn & 3;
-      memcpy(CMSG_DATA(c), &tc, sizeof(tc));
-    }
   }
   if (s->segsize < len && !(u->features & STOQ_URING_F_GSO)) {
     /* No GSO: send the run one datagram at a time, right now. */

@@ -118,6 +118,13 @@ public protocol DatapathQueue: AnyObject {
     /// `segmentSize` (the last may be shorter), placed as `transmitStride` says.
     func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN)
 
+    /// As `commitTransmit(length:segmentSize:to:ecn:)`, leaving from `source`: the local
+    /// address the peer wrote to (`.any`: the queue's choice). A queue bound to `[::]` on a
+    /// host with several addresses must honour it, or the peer sees replies from an address
+    /// it never wrote to and drops them. Queues that build their own headers and already
+    /// answer from the address a peer wrote to (AF_XDP) may ignore it.
+    func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN)
+
     /// Gives every committed slot to the kernel and reaps finished sends.
     func flush() throws
 
@@ -135,6 +142,9 @@ public protocol DatapathQueue: AnyObject {
 
 extension DatapathQueue {
     public var diagnostics: [(String, String)] { [] }
+    public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN) {
+        commitTransmit(length: length, segmentSize: segmentSize, to: peer, ecn: ecn)
+    }
     public var transmitStride: Int { 0 }
 }
 

@@ -95,6 +95,7 @@ public final class URingDatapathQueue: DatapathQueue {
             let r = rx[i]
             var to = local
             to.address = IPv6Address(r.local)
+            to.scopeID = r.local_scope_id
             let d = ReceivedDatagrams(
                 bytes: UnsafeRawBufferPointer(start: r.data, count: Int(r.len)),
                 segmentSize: Int(r.segment_size), peer: IPv6Endpoint(r.peer), local: to,
@@ -116,7 +117,16 @@ public final class URingDatapathQueue: DatapathQueue {
     public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN) {
         reserved = nil
         var sa = peer.sockaddr
-        stoq_uring_tx_commit(raw, length, segmentSize, &sa, ecn.rawValue)
+        stoq_uring_tx_commit(raw, length, segmentSize, &sa, nil, ecn.rawValue)
+    }
+
+    /// Leaves from `source` when the socket is bound to `[::]` (IPV6_PKTINFO, written into
+    /// the slot's own control buffer: nothing is allocated).
+    public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN) {
+        reserved = nil
+        var sa = peer.sockaddr
+        var src = source.sockaddr
+        stoq_uring_tx_commit(raw, length, segmentSize, &sa, &src, ecn.rawValue)
     }
 
     public func flush() throws {

@@ -44,6 +44,10 @@ public struct Transmit: Sendable {
     public var length: Int
     public var segmentSize: Int
     public var destination: IPv6Endpoint
+    /// The local address the run must leave from: the one the peer wrote to (the
+    /// connection path's local address). A socket bound to `[::]` must say so on send, or
+    /// the kernel picks a source the peer does not know and drops.
+    public var source: IPv6Endpoint
     public var ecn: ECN
 }
 
@@ -162,7 +166,7 @@ public final class QUICEndpoint {
         if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
             guard isServer else { tally.droppedUnknown &+= 1; return }
             tally.versionNegotiations &+= 1
-            queueReply(to: peer) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
+            queueReply(to: peer, from: local) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
             return
         }
         let dcid = withUnsafeBytes(of: &ids.dcid) { ConnectionID(UnsafeRawBufferPointer(rebasing: $0[0..<ids.dcidlen])) }
@@ -177,7 +181,7 @@ public final class QUICEndpoint {
             let ctx = self.ctx
             let size = datagram.count
             let queued = withUnsafeBytes(of: &ids.dcid) { cid in
-                queueReply(to: peer) { buf, cap in
+                queueReply(to: peer, from: local) { buf, cap in
                     stoq_pkt_write_stateless_reset(
                         ctx, buf, cap, cid.baseAddress!.assumingMemoryBound(to: UInt8.self),
                         ids.dcidlen, size)
@@ -211,7 +215,7 @@ public final class QUICEndpoint {
                 let n = outlen
                 let src = scratch
                 if queueReply(
-                    to: peer,
+                    to: peer, from: local,
                     { buf, cap in
                         guard n <= cap else { return -1 }
                         buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
@@ -247,7 +251,7 @@ public final class QUICEndpoint {
             conn.closeResends += 1
             if conn.closeResends & (conn.closeResends - 1) == 0 {
                 _ = packet.withUnsafeBytes { p in
-                    queueReply(to: peer) { buf, cap in
+                    queueReply(to: peer, from: local) { buf, cap in
                         guard p.count <= cap else { return -1 }
                         buf.update(from: p.baseAddress!.assumingMemoryBound(to: UInt8.self), count: p.count)
                         return p.count
@@ -336,10 +340,11 @@ public final class QUICEndpoint {
             }
             var seg = 0
             var remote = sockaddr_in6()
+            var local = sockaddr_in6()
             var ecn: UInt8 = 0
             let n = stoq_conn_write(
                 conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
-                maxSegments, stride, &seg, &remote, &ecn, now)
+                maxSegments, stride, &seg, &remote, &local, &ecn, now)
             if n > 0 {
                 schedule(conn)
                 let step = stride > 0 ? stride : max(seg, 1)
@@ -347,7 +352,7 @@ public final class QUICEndpoint {
                 tally.datagramsOut &+= UInt64(segments)
                 return Transmit(
                     length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
-                    ecn: ECN(lowBitsOf: ecn))
+                    source: IPv6Endpoint(local), ecn: ECN(lowBitsOf: ecn))
             }
             dirty.removeLast()
             conn.isDirty = false
@@ -423,7 +428,7 @@ public final class QUICEndpoint {
         var remote = sockaddr_in6()
         stoq_conn_remote(conn.raw, &remote)
         _ = packet.withUnsafeBytes { p in
-            queueReply(to: IPv6Endpoint(remote)) { buf, cap in
+            queueReply(to: IPv6Endpoint(remote), from: conn.local) { buf, cap in
                 guard p.count <= cap else { return -1 }
                 buf.update(from: p.baseAddress!.assumingMemoryBound(to: UInt8.self), count: p.count)
                 return p.count
@@ -479,8 +484,10 @@ public final class QUICEndpoint {
     fileprivate var pendingHolder: ConnectionHolder?
 
     @discardableResult
-    private func queueReply(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
-        if replies.push(to: peer, write) { return true }
+    private func queueReply(
+        to peer: IPv6Endpoint, from local: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int
+    ) -> Bool {
+        if replies.push(to: peer, from: local, write) { return true }
         tally.droppedReplies &+= 1
         return false
     }
@@ -510,6 +517,7 @@ struct ReplyQueue {
     let slots: Int
     var lengths: [Int]
     var peers: [IPv6Endpoint]
+    var locals: [IPv6Endpoint]
     var head = 0
     var count = 0
 
@@ -519,11 +527,12 @@ struct ReplyQueue {
         storage = .allocate(byteCount: slots * slotSize, alignment: 16)
         lengths = Array(repeating: 0, count: slots)
         peers = Array(repeating: IPv6Endpoint(address: .any, port: 0), count: slots)
+        locals = peers
     }
 
     func deallocate() { storage.deallocate() }
 
-    mutating func push(to peer: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
+    mutating func push(to peer: IPv6Endpoint, from local: IPv6Endpoint, _ write: (UnsafeMutablePointer<UInt8>, Int) -> Int) -> Bool {
         guard count < slots else { return false }
         let i = (head + count) % slots
         let p = (storage.baseAddress! + i * slotSize).assumingMemoryBound(to: UInt8.self)
@@ -531,6 +540,7 @@ struct ReplyQueue {
         guard n > 0 else { return false }
         lengths[i] = n
         peers[i] = peer
+        locals[i] = local
         count += 1
         return true
     }
@@ -540,7 +550,7 @@ struct ReplyQueue {
         let n = lengths[head]
         let src = UnsafeRawBufferPointer(start: storage.baseAddress! + head * slotSize, count: n)
         buffer.copyMemory(from: src)
-        let t = Transmit(length: n, segmentSize: n, destination: peers[head], ecn: .notECT)
+        let t = Transmit(length: n, segmentSize: n, destination: peers[head], source: locals[head], ecn: .notECT)
         head = (head + 1) % slots
         count -= 1
         return t

@@ -143,7 +143,8 @@ public final class Worker {
             }
             guard let slot else { break }
             guard let t = endpoint.pollTransmit(into: slot, maxSegments: segments, stride: stride, now: now) else { break }
-            queue.commitTransmit(length: t.length, segmentSize: t.segmentSize, to: t.destination, ecn: t.ecn)
+            queue.commitTransmit(
+                length: t.length, segmentSize: t.segmentSize, to: t.destination, from: t.source, ecn: t.ecn)
         }
         try queue.flush()
     }

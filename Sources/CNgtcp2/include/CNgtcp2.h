@@ -237,9 +237,11 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
  *  equal-size datagrams of `*segment_size` bytes, the last may be shorter. With `stride` 0 they
  *  are packed back to back (a GSO buffer); otherwise datagram i starts at buf + i * stride (one
  *  AF_XDP frame each). Returns the run's length — the offset of the last datagram's end — (0:
- *  nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them. */
+ *  nothing to send now) or a STOQ_CONN_* error. `*remote` is where to send them and `*local` the
+ *  path's local address they must leave from (a node bound to [::] answers from the address the
+ *  peer wrote to, or the peer drops the reply). */
 ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride, size_t *segment_size,
-                        struct sockaddr_in6 *remote, uint8_t *ecn, uint64_t now);
+                        struct sockaddr_in6 *remote, struct sockaddr_in6 *local, uint8_t *ecn, uint64_t now);
 
 /** Whether the connection failed because the peer's certificate was refused (mutual TLS). */
 int stoq_conn_peer_refused(const stoq_conn *c);

@@ -46,7 +46,10 @@ typedef struct stoq_uring_rx {
   uint32_t segment_size;
   uint8_t ecn;
   struct sockaddr_in6 peer;
+  /* The address the datagram was sent to (IPV6_PKTINFO; all zero if the kernel gave none),
+   * and for a link-local one the interface it arrived on (0 otherwise). */
   struct in6_addr local;
+  uint32_t local_scope_id;
 } stoq_uring_rx;
 
 typedef struct stoq_uring_counters {
@@ -75,10 +78,29 @@ void stoq_uring_rx_done(stoq_uring *u);
 
 /** A free transmit slot's buffer, or NULL when all are in flight. */
 uint8_t *stoq_uring_tx_reserve(stoq_uring *u);
-/** Queues the reserved slot: `len` bytes in datagrams of `segment_size`. */
-void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn);
+/** Queues the reserved slot: `len` bytes in datagrams of `segment_size`, leaving from `from`
+ *  (NULL or unspecified: the kernel picks). A socket bound to a single address always sends
+ *  from it; one bound to [::] attaches IPV6_PKTINFO so a host with several addresses answers
+ *  from the one the peer wrote to. */
+void stoq_uring_tx_commit(stoq_uring *u, size_t len, size_t segment_size, const struct sockaddr_in6 *to,
+                          const struct sockaddr_in6 *from, uint8_t ecn);
 /** Submits queued sends and reaps finished ones. Returns 0 or -errno. */
 int stoq_uring_flush(stoq_uring *u);
+
+/* The ancillary data of one send and one receive, exposed so tests can check the encoding
+ * without a socket. The engine uses exactly these. */
+
+/** Bytes a send's control buffer needs at most (UDP_SEGMENT + IPV6_TCLASS + IPV6_PKTINFO). */
+size_t stoq_uring_tx_cmsg_space(void);
+/** Writes a send's cmsgs into `control` (`cap` bytes, cmsghdr-aligned): UDP_SEGMENT when
+ *  `segment_size` is nonzero, IPV6_TCLASS when `ecn` is, IPV6_PKTINFO with `source` and
+ *  `ifindex` when `source` is non-NULL. Returns the control length (0: none), or 0 if `cap`
+ *  is too small. */
+size_t stoq_uring_encode_tx_cmsgs(void *control, size_t cap, uint16_t segment_size, uint8_t ecn,
+                                  const struct in6_addr *source, uint32_t ifindex);
+/** Reads a receive's cmsgs (UDP_GRO, IPV6_TCLASS, IPV6_PKTINFO) from `control` into the
+ *  segment_size, ecn, local and local_scope_id of `rx`; leaves the rest of `rx` alone. */
+void stoq_uring_decode_rx_cmsgs(const void *control, size_t len, stoq_uring_rx *rx);
 
 #ifdef __cplusplus
 }
