@@ -64,14 +64,16 @@ def attached():
 class ConfinedNode:
     """stoq-node as uid 65534 with exactly `caps`, in the testbed's server namespace."""
 
-    def __init__(self, work, caps):
+    def __init__(self, work, caps, seccomp_profile=None):
         sets = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
+        # Under the profile, as a runtime applies it: last, just before the node's execve.
+        confine = ["/usr/bin/python3", ROOT / "Tests/interop/seccomp_exec.py", seccomp_profile, "--"] if seccomp_profile else []
         cmd = in_a(
             "unshare", "-m", "--propagation", "private", "sh", "-c",
             'mount -o remount,bind,ro /sys/fs/bpf && exec "$@"', "sh",
             "prlimit", "--memlock=8388608",
             "setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs",
-            f"--inh-caps={sets}", f"--ambient-caps={sets}", f"--bounding-set={sets}", "--",
+            f"--inh-caps={sets}", f"--ambient-caps={sets}", f"--bounding-set={sets}", "--", *confine,
             need_binary("stoq-node"), "--config", work / "node.toml", "--log-level", "info")
         self.logpath = work / f"node-{len(caps)}-{'-'.join(caps) or 'none'}.log"
         self.log = open(self.logpath, "w+")
@@ -105,8 +107,26 @@ def test_the_list_is_what_the_unit_grants():
         assert m and sorted(m.group(1).split()) == sorted(CAPS), (key, m and m.group(1), CAPS)
 
 
-def test_serves_on_af_xdp_with_exactly_the_listed_capabilities(attached, tmp_path):
-    node = ConfinedNode(attached, CAPS)
+def seccomp_profile_file(work):
+    """The DaemonSet's seccomp profile (the unit's SystemCallFilter=, expanded) as a JSON file."""
+    import yaml
+    doc = yaml.safe_load((ROOT / "deploy/kubernetes/seccomp.yaml").read_text())
+    path = work / "seccomp.json"
+    path.write_text(doc["data"]["stoq-node.json"])
+    os.chmod(path, 0o644)
+    return path
+
+
+@pytest.mark.parametrize("syscalls", ["any", "unit-filter"])
+def test_serves_on_af_xdp_with_exactly_the_listed_capabilities(attached, tmp_path, syscalls):
+    """…and, with "unit-filter", under the system call allow list the unit and the DaemonSet
+    give it (deploy/kubernetes/seccomp.yaml), loaded by libseccomp's Python bindings."""
+    profile = None
+    if syscalls == "unit-filter":
+        if subprocess.run(["/usr/bin/python3", "-c", "import seccomp"], capture_output=True).returncode != 0:
+            pytest.fail("python3-seccomp missing: scripts/install-deps installs it")
+        profile = seccomp_profile_file(attached)
+    node = ConfinedNode(attached, CAPS, profile)
     try:
         read_banner(node)
         status = pathlib.Path(f"/proc/{node.proc.pid}/status").read_text()
@@ -114,6 +134,8 @@ def test_serves_on_af_xdp_with_exactly_the_listed_capabilities(attached, tmp_pat
         assert fields["Uid"].split() == [str(UID)] * 4, fields["Uid"]
         for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
             assert capability_names(fields[field]) == sorted(CAPS), (field, fields[field])
+        assert fields["Seccomp"] == ("2" if profile else "0"), fields["Seccomp"]
+        assert fields["NoNewPrivs"] == "1"
         assert f"datapath af_xdp: {VA}, 2 queue(s), XDP native" in node.text(), node.text()[-2000:]
         out = tmp_path / "probe.bin"
         r = run(in_b(need_binary("stoq"), "get", f"https://[{ADDR_A}]:{PORT}/objects/probe.bin", "-o", out,
