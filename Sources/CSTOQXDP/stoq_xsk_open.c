@@ -33,6 +33,24 @@ static void set_err(char *err, size_t n, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* The capability (or ownership) a failed step lacked, for a node that runs with only the ones
+ * it needs: the one place in the node that names them. deploy/capabilities lists the same set
+ * for the systemd unit and the DaemonSet; Tests/interop/test_deploy_caps.py drops each in turn
+ * and expects its name here. "" when the errno says nothing about privilege. */
+static const char *privilege_hint(const char *step, int e) {
+  if (strcmp(step, "socket(AF_XDP)") == 0 && e == EPERM) return " (needs CAP_NET_RAW)";
+  /* The kernel charges the UMEM to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. */
+  if (strcmp(step, "setsockopt(XDP_UMEM_REG)") == 0 && (e == ENOBUFS || e == ENOMEM || e == EPERM))
+    return " (the UMEM is locked memory beyond RLIMIT_MEMLOCK: needs CAP_IPC_LOCK, or a memlock limit above "
+           "frames x frame_size per queue)";
+  if (strcmp(step, "bpf_obj_get") == 0 && e == EACCES)
+    return " (the pinned maps belong to another user: scripts/xdp-attach --owner USER gives them to the node's)";
+  /* Before Linux 6.5, kernel.unprivileged_bpf_disabled refused every bpf() call without CAP_BPF. */
+  if (strcmp(step, "bpf_obj_get") == 0 && e == EPERM)
+    return " (needs CAP_BPF on this kernel: before Linux 6.5 kernel.unprivileged_bpf_disabled covers every bpf() call)";
+  return "";
+}
+
 static uint32_t pow2_at_least(uint32_t v) {
   uint32_t p = 1;
   while (p < v) p <<= 1;
@@ -201,14 +219,17 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     snprintf(path, sizeof(path), "%s/%s", cfg->pin_dir, STOQ_MAP_XSK);
     x->map_fd = bpf_obj_get(path);
     if (x->map_fd < 0) {
-      set_err(err, errlen, "bpf_obj_get: %s: %s (attach with scripts/xdp-attach %s)", path, strerror(errno),
-              cfg->ifname);
+      int e = errno;
+      if (e == ENOENT)
+        set_err(err, errlen, "bpf_obj_get: %s: %s (attach with scripts/xdp-attach %s)", path, strerror(e), cfg->ifname);
+      else set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
       goto fail;
     }
     snprintf(path, sizeof(path), "%s/%s", cfg->pin_dir, STOQ_MAP_PORTS);
     int ports = bpf_obj_get(path);
     if (ports < 0) {
-      set_err(err, errlen, "bpf_obj_get: %s: %s", path, strerror(errno));
+      int e = errno;
+      set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
       goto fail;
     }
     uint16_t port = ntohs(x->port_be);
@@ -232,7 +253,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     const char *step = "";
     int rc = create_socket(x, &step);
     if (rc) {
-      set_err(err, errlen, "%s: %s queue %u: %s", step, cfg->ifname, cfg->queue_id, strerror(-rc));
+      set_err(err, errlen, "%s: %s queue %u: %s%s", step, cfg->ifname, cfg->queue_id, strerror(-rc),
+              privilege_hint(step, -rc));
       goto fail;
     }
     if (cfg->zero_copy == STOQ_XSK_ZC_OFF) {
