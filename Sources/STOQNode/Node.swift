@@ -11,6 +11,7 @@ import STOQMesh
 import STOQQUIC
 import STOQRenewal
 import STOQStore
+import STOQTracing
 import STOQTransfer
 import STOQTrust
 import STOQWorker
@@ -39,9 +40,13 @@ public final class Node: @unchecked Sendable {
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
 
-    public init(config: NodeConfig, logger: Logger) {
+    /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
+    let tracer: RequestTracer?
+
+    public init(config: NodeConfig, logger: Logger, tracer: RequestTracer? = nil) {
         self.config = config
         self.logger = logger
+        self.tracer = tracer
         self.listenAddress = config.network.listenAddress
     }
 
@@ -151,7 +156,7 @@ public final class Node: @unchecked Sendable {
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
-            stop: stopFlag, finished: finished, logger: logger)
+            stop: stopFlag, finished: finished, tracer: tracer, logger: logger)
         try startWorkers(assembly, queues: queues)
         if let meshService {
             let snapshots = self.snapshots, most = Double(max(1, cfg.network.quic.maxConnections))
@@ -241,6 +246,7 @@ public final class Node: @unchecked Sendable {
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
+        opened.tracer = tracer
         opened.start()
         edge = opened
         return opened
@@ -364,6 +370,7 @@ public final class Node: @unchecked Sendable {
         note("edge", restNew.edge != restOld.edge, live: false)
         note("routing", restNew.routing != restOld.routing, live: false)
         note("mesh", restNew.mesh != restOld.mesh, live: false)
+        note("tracing", restNew.tracing != restOld.tracing, live: false)
         config = next
         return report
     }
