@@ -68,7 +68,7 @@ public final class RequestTracer: Sendable {
         if let failure {
             span.attributes["error.type"] = failure
             span.setStatus(SpanStatus(code: .error, message: failure))
-        } else if status >= 500 || (status == 0 && errorCode.map { $0 != H3Error.noError } == true) {
+        } else if status >= 500 || (errorCode ?? H3Error.noError) != H3Error.noError {
             span.setStatus(SpanStatus(code: .error))
         }
         span.end()
