@@ -172,7 +172,7 @@ extension STOQClient {
     public static func putChunked(
         file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
         datapath: ClientDatapath,
-        concurrency: Int = 16, timeout: Double = 600
+        concurrency: Int = 16, timeout: Double = 600, headers: [(String, String)] = []
     ) throws(ClientError) -> ChunkedPutResult {
         let name = try objectName(url)
         let fd = open(file, O_RDONLY | O_CLOEXEC)
@@ -189,6 +189,7 @@ extension STOQClient {
         for c in manifest.chunks { offsets.append(at); at += UInt64(c.length) }
 
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
+        session.headers = headers
         defer { session.close() }
         var query = [UInt8]()
         query.reserveCapacity(manifest.chunks.count * 32)

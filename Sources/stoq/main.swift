@@ -254,7 +254,7 @@ struct Put: ParsableCommand {
             do {
                 r = try STOQClient.putChunked(
                     file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
-                    concurrency: concurrency)
+                    concurrency: concurrency, headers: traceHeaders)
             } catch { throw fail("\(error)") }
             if json {
                 printCodable(r)

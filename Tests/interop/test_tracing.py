@@ -155,6 +155,31 @@ def test_a_request_without_traceparent_starts_its_own_trace(receiver, origin, tm
     assert spans[0]["attributes"]["http.response.status_code"] == 200
 
 
+def test_a_traced_chunked_put_shows_its_store_writes(receiver, origin, tmp_path):
+    src = random_file(tmp_path / "w.bin", 2 * MiB, 23)
+    r = stoq("put", src, origin.url("written"), "--chunked", "--ca", origin.cert, "--json", "--trace")
+    assert r.returncode == 0, r.stderr
+    trace_id = r.stderr.split("trace: ", 1)[1].split()[0]
+    chunks = json.loads(r.stdout)["chunks_sent"]
+    assert chunks >= 2
+
+    def writes():
+        spans = receiver.spans(trace_id)
+        puts = [s for s in spans if s["kind"] == "server" and s["attributes"]["http.request.method"] == "PUT"]
+        stores = [s for s in spans if s["name"] == "store.write"]
+        return (spans, puts, stores) if len(puts) == chunks + 1 and len(stores) == chunks + 1 else None
+
+    spans, puts, stores = wait_for(f"the PUTs of trace {trace_id}", writes)
+    assert {p["name"] for p in puts} == {"PUT /chunks/{id}", "PUT /manifests/{name}"}
+    assert all(p["attributes"]["http.response.status_code"] == 201 for p in puts)
+    # The client's spans are its own: every server span's parent is the one traceparent it sent.
+    assert len({p["parent_span_id"] for p in puts}) == 1
+    put_ids = {p["span_id"] for p in puts}
+    assert all(w["parent_span_id"] in put_ids for w in stores)
+    assert sum("stoq.chunk" in w["attributes"] for w in stores) == chunks
+    assert [w["attributes"]["stoq.object"] for w in stores if "stoq.object" in w["attributes"]] == ["written"]
+
+
 def test_stoq_trace_flag_and_a_stopping_node_flushes(receiver, tmp_path):
     # A long export interval: the spans can only arrive through the flush at shutdown.
     n = Node(tmp_path / "node", workers=1, extra=tracing(receiver, "stoq-flush", interval="60s"))
