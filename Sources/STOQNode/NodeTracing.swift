@@ -44,6 +44,11 @@ public struct NodeTracing: Sendable {
         c.traces.otlpExporter.endpoint = config.endpoint
         c.traces.otlpExporter.protocol = .httpProtobuf
         c.traces.batchSpanProcessor.scheduleDelay = .nanoseconds(Int64(config.exportInterval))
+        // A collector that is down or slow must not hold the node up: an export (and the flush
+        // at shutdown, which a Kubernetes grace period or systemd's stop timeout bounds) gives
+        // up after 5 s, dropping that batch; the default is 30 s.
+        c.traces.batchSpanProcessor.exportTimeout = .seconds(5)
+        c.traces.otlpExporter.timeout = .seconds(5)
         guard let sampler = type(of: c.traces.sampler).parentBasedTraceIDRatio(ratio: config.sampleRatio)
         else { throw NodeError(.config, "tracing.sample_ratio \(config.sampleRatio): not a ratio from 0 to 1") }
         c.traces.sampler = sampler

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Node, random_file, sha256_file, stoq
+from conftest import Node, free_port, random_file, sha256_file, stoq
 
 pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2",
                     reason="opentelemetry-proto is missing: run scripts/install-deps")
@@ -198,6 +198,21 @@ def test_stoq_trace_flag_and_a_stopping_node_flushes(receiver, tmp_path):
     assert len(server) == 1 and server[0]["service"] == "stoq-flush"
     assert server[0]["attributes"]["http.request.method"] == "PUT"
     assert server[0]["attributes"]["http.response.status_code"] == 201
+
+
+def test_an_unreachable_collector_stops_neither_requests_nor_the_node(tmp_path):
+    dead = f'[tracing]\nenabled = true\nendpoint = "http://[::1]:{free_port()}/v1/traces"\nexport_interval = "50ms"\n'
+    n = Node(tmp_path / "node", workers=1, extra=dead)
+    try:
+        src = random_file(tmp_path / "d.bin", 4096, 9)
+        for i in range(3):
+            r = stoq("put", src, n.url(f"d{i}"), "--ca", n.cert, "--trace")
+            assert r.returncode == 0, r.stderr
+            r = stoq("get", n.url(f"d{i}"), "-o", tmp_path / "d.out", "--ca", n.cert, "--trace")
+            assert r.returncode == 0, r.stderr
+            assert sha256_file(tmp_path / "d.out") == sha256_file(src)
+    finally:
+        assert n.stop() == 0
 
 
 def test_a_bad_traceparent_is_refused_by_the_cli(tmp_path):
