@@ -268,6 +268,7 @@ let package = Package(
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
+        .testTarget(name: "STOQTracingTests", dependencies: ["STOQTracing"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.

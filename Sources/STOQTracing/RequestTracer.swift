@@ -74,10 +74,16 @@ public final class RequestTracer: Sendable {
         span.end()
     }
 
-    /// The route a path belongs to: `/objects/{name}`, `/chunks/{id}`, `/manifests/{name}`, or
-    /// the path itself for node-internal ones (`/_stoq/…`, a handful).
+    /// The route a path belongs to: `/objects/{name}`, `/chunks/{id}`, `/manifests/{name}`, a
+    /// mesh relay's `/_stoq/relay/{holder}/{hops}/chunks/{id}`, or the path itself for the other
+    /// node-internal ones (`/_stoq/…`, a handful).
     public static func route(_ path: String) -> String {
         let p = path.prefix { $0 != "?" }
+        if p.hasPrefix("/_stoq/relay/") {
+            let parts = p.split(separator: "/", maxSplits: 5, omittingEmptySubsequences: false)
+            guard parts.count == 6 else { return "/_stoq/relay/{holder}/{hops}" }
+            return "/_stoq/relay/{holder}/{hops}" + route("/" + parts[5])
+        }
         for prefix in ["/objects/", "/manifests/"] where p.hasPrefix(prefix) { return prefix + "{name}" }
         if p.hasPrefix("/chunks/") { return "/chunks/{id}" }
         if p.hasPrefix("/_stoq/log/") { return "/_stoq/log/{entry}" }

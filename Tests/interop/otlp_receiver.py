@@ -3,6 +3,7 @@ ExportTraceServiceRequest body (decoded with the official opentelemetry-proto de
 answered with an ExportTraceServiceResponse like a collector. Spans are kept flat, each with
 its resource's service.name, ids in hex and attributes as plain Python values."""
 import gzip
+import json
 import http.server
 import socket
 import threading
@@ -91,3 +92,33 @@ class OTLPReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class _FileSink(OTLPReceiver):
+    """Script mode: every span appended to a JSON-lines file as it arrives."""
+
+    def __init__(self, host, port, out):
+        self.out = open(out, "a")
+        _Server.address_family = socket.AF_INET6
+        self.server = _Server((host, port), _Handler)
+        self.server.receiver = self
+        self.lock = threading.Lock()
+        self.requests, self.refused, self._spans = 0, [], []
+
+    def add(self, request):
+        super().add(request)
+        with self.lock:
+            for s in self._spans:
+                self.out.write(json.dumps(s) + "\n")
+            self._spans.clear()
+            self.out.flush()
+
+
+if __name__ == "__main__":
+    # python3 otlp_receiver.py HOST PORT OUT: serve until killed (e.g. in another network
+    # namespace, where the test's own thread cannot listen).
+    import json
+    import sys
+    sink = _FileSink(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    print("listening", flush=True)
+    sink.server.serve_forever()
