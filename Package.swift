@@ -47,6 +47,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         // The daemon's lifecycle: signals, graceful shutdown, reload (stoq-node).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // Distributed tracing: the span API (workers, edge fetcher) and, in the node only, its
+        // OTLP/HTTP+protobuf exporter (the OTLPHTTP trait alone: no gRPC packages are built).
+        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.1.0"),
+        .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0", traits: ["OTLPHTTP"]),
     ],
     targets: [
         // Shared vocabulary: addresses, time, errors. No I/O.
@@ -118,6 +122,11 @@ let package = Package(
             name: "STOQChunking",
             dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
 
+        // Request tracing on the workers: W3C trace context in HTTP/3 headers and spans through
+        // swift-distributed-tracing's synchronous API. The span API only; the exporter
+        // (swift-otel) is bootstrapped by STOQNode.
+        .target(name: "STOQTracing", dependencies: ["STOQQUIC", .product(name: "Tracing", package: "swift-distributed-tracing")]),
+
         .target(
             name: "STOQConfig",
             dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", .product(name: "TOMLKit", package: "TOMLKit"),
@@ -159,13 +168,15 @@ let package = Package(
         // The edge cache: chunks and manifests fetched from the origin, kept under S3-FIFO.
         .target(
             name: "STOQEdge",
-            dependencies: ["STOQQUIC", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer", "CSTOQSystem",
+            dependencies: ["STOQQUIC", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer", "CSTOQSystem", "STOQTracing",
+                           .product(name: "Tracing", package: "swift-distributed-tracing"),
                            .product(name: "Logging", package: "swift-log")]),
         // The worker-side HTTP/3 applications: objects, chunks, manifests, and the router.
         .target(
             name: "STOQContent",
             dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "STOQMesh", "STOQTransfer",
-                           "CSTOQSystem", .product(name: "Logging", package: "swift-log")]),
+                           "CSTOQSystem", "STOQTracing", .product(name: "Tracing", package: "swift-distributed-tracing"),
+                           .product(name: "Logging", package: "swift-log")]),
         // The node's TLS identity over time: issue, renew, publish to workers (embedded CA or ACME),
         // and the CA's transparency log.
         .target(
@@ -195,8 +206,10 @@ let package = Package(
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing",
                 .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"])),
                 "STOQWorker", "STOQConfig", "STOQTrust", "STOQStore", "STOQTransfer",
-                "STOQEdge", "STOQContent", "STOQRenewal", "STOQAdmin",
+                "STOQEdge", "STOQContent", "STOQRenewal", "STOQAdmin", "STOQTracing",
                 .product(name: "Crypto", package: "swift-crypto"),
+                // The OTLP/HTTP span exporter, only when `[tracing] enabled`.
+                .product(name: "OTel", package: "swift-otel"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -255,6 +268,7 @@ let package = Package(
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
+        .testTarget(name: "STOQTracingTests", dependencies: ["STOQTracing"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.

@@ -56,6 +56,7 @@ void *stoq_stream_get_app(const stoq_stream *s) { return s->app; }
 int64_t stoq_stream_id(const stoq_stream *s) { return s->id; }
 int stoq_stream_body_complete(const stoq_stream *s) { return s->body_complete; }
 int64_t stoq_stream_max_age(const stoq_stream *s) { return s->max_age; }
+int stoq_stream_status(const stoq_stream *s) { return s->status; }
 void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age) { s->max_age = max_age; }
 
 /* ---- nghttp3 glue ----------------------------------------------------------- */
@@ -350,7 +351,7 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
-  if (rv == 0) s->responded = 1;
+  if (rv == 0) s->responded = 1, s->status = status;
   return rv;
 }
 
@@ -383,7 +384,7 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   set_whole_body(s, body, body_len, release, arg);
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 ? &dr : NULL);
-  if (rv == 0) s->responded = 1;
+  if (rv == 0) s->responded = 1, s->status = status;
   return rv;
 }
 

@@ -58,6 +58,7 @@ struct stoq_stream {
   int body_complete;
   int reset_by_peer;
   int responded;
+  int status; /* the response's status once sent (0: none yet), for the application's spans */
   /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
    * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
   int stream_eof, stream_blocked;

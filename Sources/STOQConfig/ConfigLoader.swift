@@ -215,7 +215,8 @@ public enum ConfigLoader {
             c.admin.listen = given ? listen : nil
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh"])
+        r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing"])
         return (c, r)
     }
 }

@@ -160,6 +160,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var admin = Admin()
     /// `[mesh]`: MeshConfig.swift.
     public var mesh = Mesh()
+    /// `[tracing]`: TracingConfig.swift.
+    public var tracing = Tracing()
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

@@ -6,6 +6,8 @@ import STOQQUIC
 import STOQEdge
 import STOQMesh
 import STOQStore
+import STOQTracing
+import Tracing
 import STOQTransfer
 
 /// Chunk-level transfer over HTTP/3, on the node's content-addressed store:
@@ -99,6 +101,9 @@ public final class ContentService: QUICApplication {
     private let cacheControl: (String, String)?
     /// The mesh service, when this node is in a mesh: probes, adverts and relays.
     package let mesh: MeshService?
+    /// The worker's request spans when `[tracing]` is on (the router opens and closes them):
+    /// store reads and writes are their children, edge fetches carry their context upstream.
+    package var spans: StreamSpans?
 
     /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
     /// refused. With `edge`, what the node lacks is served through the edge cache.
@@ -168,8 +173,11 @@ public final class ContentService: QUICApplication {
     /// `GET`/`HEAD /objects/<name>` for a chunked object: one body (with a single `Range`),
     /// streamed chunk by chunk from the store, each verified as it is read.
     func serveObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let span = storeSpan("store.read", stream, object: name)
+        defer { span?.end() }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: index.object(name).manifest) } catch {
+            span?.recordError(error)
             return fail(stream, connection, 500, "object \(name): \(error)")
         }
         sendObject(name, manifest, edge: false, request, stream, connection)
@@ -216,7 +224,7 @@ public final class ContentService: QUICApplication {
             while send.readAhead < horizon {
                 let ahead = ChunkID(bytes: send.chunks[send.readAhead].id.bytes)!
                 if send.readAhead > send.next, (try? index.chunks.has(ahead)) != true, !edge.holds(ahead) {
-                    edge.fetch(.chunk(ahead), inbox: nil)
+                    edge.fetch(.chunk(ahead), inbox: nil, trace: spans?.context(of: stream))
                 }
                 send.readAhead += 1
             }
@@ -226,7 +234,7 @@ public final class ContentService: QUICApplication {
             } else {
                 send.waiting = true
                 sends[stream] = send
-                let ticket = edge.fetch(.chunk(id), inbox: inbox)
+                let ticket = edge.fetch(.chunk(id), inbox: inbox, trace: spans?.context(of: stream))
                 edgeWaits[ticket] = .objectChunk(stream, connection)
                 return
             }
@@ -252,8 +260,11 @@ public final class ContentService: QUICApplication {
     }
 
     func serveChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let span = storeSpan("store.read", stream, chunk: id)
+        defer { span?.end() }
         let bytes: [UInt8]
         do { bytes = try index.chunks.read(id) } catch let e as StoreError {
+            span?.recordError(e)
             switch e.code {
             case .chunkNotFound: return fail(stream, connection, 404, "no chunk \(id.hex)")
             case .corrupt: return fail(stream, connection, 500, "chunk \(id.hex) failed verification and was quarantined")
@@ -273,8 +284,11 @@ public final class ContentService: QUICApplication {
     }
 
     func serveManifest(_ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let span = storeSpan("store.read", stream, object: name)
+        defer { span?.end() }
         let record: ObjectRecord
         do { record = try index.object(name) } catch let e as StoreError where e.code == .objectNotFound {
+            span?.attributes["stoq.found"] = false
             return fail(stream, connection, 404, e.message)
         } catch { return fail(stream, connection, 500, "\(error)") }
         respondManifest(record.manifest, head: head, origin: true, stream, connection)
@@ -294,7 +308,7 @@ public final class ContentService: QUICApplication {
         guard let edge else { return }
         counters.edgeRequests += 1
         if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox)] = .object(name, request, stream, connection)
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, trace: spans?.context(of: stream))] = .object(name, request, stream, connection)
     }
 
     private func sendEdgeObject(_ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -308,7 +322,8 @@ public final class ContentService: QUICApplication {
     ) {
         counters.edgeRequests += 1
         if let m = edge.manifest(name), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint)] = .manifest(name, head: head, stream, connection)
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
+            .manifest(name, head: head, stream, connection)
     }
 
     func serveEdgeChunk(
@@ -316,7 +331,7 @@ public final class ContentService: QUICApplication {
     ) {
         counters.edgeRequests += 1
         if let bytes = edge.readChunk(id) { return respondChunk(bytes, head: head, stream, connection) }
-        edgeWaits[edge.fetch(.chunk(id), inbox: inbox, hint: hint)] = .chunk(id, head: head, stream, connection)
+        edgeWaits[edge.fetch(.chunk(id), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] = .chunk(id, head: head, stream, connection)
     }
 
     /// Completes what the edge cache's fetcher finished for this worker (called by the
@@ -433,6 +448,8 @@ public final class ContentService: QUICApplication {
     }
 
     private func storeChunk(_ id: ChunkID, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let span = storeSpan("store.write", stream, chunk: id)
+        defer { span?.end() }
         counters.chunkBytesReceived += UInt64(body.count)
         do {
             switch try index.chunks.put(id: id, bytes: body) {
@@ -465,6 +482,8 @@ public final class ContentService: QUICApplication {
     }
 
     private func storeManifest(_ name: String, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let span = storeSpan("store.write", stream, object: name)
+        defer { span?.end() }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: body) } catch { return fail(stream, connection, 400, "\(error)") }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
@@ -481,6 +500,14 @@ public final class ContentService: QUICApplication {
         if let up = uploads.removeValue(forKey: stream) { close(up.fd) }
         sends[stream] = nil
         if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
+    }
+
+    /// A store read or write of `stream`'s request, when it is traced.
+    private func storeSpan(_ name: String, _ stream: HTTPStream, chunk: ChunkID? = nil, object: String? = nil) -> (any Span)? {
+        guard let spans, let span = spans.child(name, of: stream) else { return nil }
+        if let chunk { span.attributes["stoq.chunk"] = chunk.hex }
+        if let object { span.attributes["stoq.object"] = object }
+        return span
     }
 
     func notAllowed(_ stream: HTTPStream, _ connection: QUICConnection, _ allow: String) {

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import STOQQUIC
 import STOQStore
+import STOQTracing
 
 /// Sends each request to the service that owns its path: content (chunks, manifests,
 /// have/want), objects, or the CA's transparency log. The services ignore stream events for
@@ -23,7 +24,21 @@ package final class NodeRouter: QUICApplication {
     /// none). A closure, so that content knows nothing of renewal; the assembly wires them.
     package var log: (@Sendable (String) -> (Int, String, [UInt8]))?
 
+    /// The worker's request spans, when `[tracing]` is on: every request gets a server span
+    /// from its head to its stream's close, and a handler span for its dispatch.
+    package var spans: StreamSpans? {
+        didSet { content.spans = spans }
+    }
+
     package func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        guard let spans else { return dispatch(request, stream: stream, connection: connection) }
+        spans.begin(request, stream: stream, peer: "\(connection.peer)")
+        let handler = spans.child("handler", of: stream)
+        dispatch(request, stream: stream, connection: connection)
+        handler?.end()
+    }
+
+    private func dispatch(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         if request.path.hasPrefix("/_stoq/log/") {
             guard let log, request.method == "GET" || request.method == "HEAD" else {
                 let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
@@ -82,5 +97,6 @@ package final class NodeRouter: QUICApplication {
     package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         objects.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
         content.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
+        spans?.end(stream, errorCode: errorCode)
     }
 }

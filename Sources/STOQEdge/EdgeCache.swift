@@ -6,7 +6,9 @@ import STOQCore
 import STOQChunking
 import STOQQUIC
 import STOQStore
+import STOQTracing
 import STOQTransfer
+import Tracing
 import Synchronization
 
 /// The edge cache: a node with `edge.enable_caching` serves objects it lacks from its
@@ -172,7 +174,12 @@ public final class EdgeCache: @unchecked Sendable {
         var holder: String?
     }
     private var inflight: [FetchKey: [Waiter]] = [:]
-    private var jobs: [(Key, RelayHint?)] = []
+    /// A fetch to start: what, for which relay, and the trace of the request that asked.
+    typealias Job = (key: Key, hint: RelayHint?, trace: ServiceContext?)
+    private var jobs: [Job] = []
+    /// When `[tracing]` is on: each upstream request is a client span in the trace of the
+    /// request that started the fetch, and carries it on in `traceparent`. Set before `start`.
+    public var tracer: RequestTracer?
     /// Wakes the fetcher's connection pool when it is driving connections (set by the fetcher).
     private var onPoolWake: (() -> Void)? {
         get { lock.withLock { poolWake } }
@@ -328,9 +335,10 @@ public final class EdgeCache: @unchecked Sendable {
     /// Asks for `key` from upstream. With an `inbox`, returns the ticket its completion
     /// will carry; without one (read-ahead), nothing will be posted. A chunk the cache
     /// already holds completes at once; a key already in flight is joined, not refetched.
-    /// `hint` names the holder when this node relays a request addressed to it.
+    /// `hint` names the holder when this node relays a request addressed to it; `trace` is the
+    /// context of the traced request that asked (a fetch joined later stays in the first one's trace).
     @discardableResult
-    public func fetch(_ key: Key, inbox: Inbox?, hint: RelayHint? = nil) -> UInt64 {
+    public func fetch(_ key: Key, inbox: Inbox?, hint: RelayHint? = nil, trace: ServiceContext? = nil) -> UInt64 {
         let ticket = inbox == nil ? 0 : tickets.add(1, ordering: .relaxed).newValue
         var immediate = false
         var signal = false
@@ -346,7 +354,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             if case .chunk = key { counterValues.misses += 1 }
             inflight[fk] = inbox.map { [Waiter(inbox: $0, ticket: ticket)] } ?? []
-            jobs.append((key, hint))
+            jobs.append((key, hint, trace))
             signal = true
         }
         if immediate { inbox?.post(Completion(ticket: ticket, failure: nil)) }
@@ -401,6 +409,14 @@ public final class EdgeCache: @unchecked Sendable {
         /// deliver wins and the other is cancelled, and one that fails leaves the other alone.
         var partner: Int?
         var hedge = false
+        /// The trace of the request that started the fetch, and the current attempt's span.
+        var trace: ServiceContext?
+        var span: (any Span)?
+
+        /// Ends the current attempt's span: answered with `status`, or failed with `failure`.
+        func endSpan(status: Int = 0, errorCode: UInt64? = nil, failure: String? = nil) {
+            if let span { RequestTracer.end(span, status: status, errorCode: errorCode, failure: failure) }
+        }
     }
 
     private func complete(_ key: FetchKey, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
@@ -436,7 +452,7 @@ public final class EdgeCache: @unchecked Sendable {
     private func run() {
         var pool: ConnectionPool?
         var active: [Int: Active] = [:]
-        var backlog: [(Key, RelayHint?)] = []
+        var backlog: [Job] = []
         var nextTag = 0
         var lastPersist = DispatchTime.now().uptimeNanoseconds
         var lastUse = lastPersist
@@ -471,7 +487,16 @@ public final class EdgeCache: @unchecked Sendable {
             a.seen = 0
             a.progressAt = DispatchTime.now().uptimeNanoseconds
             a.submittedAt = a.progressAt
-            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: a.attempt.headers, sinkFD: a.fd, tag: tag, keepErrors: true)
+            var headers = a.attempt.headers
+            a.span = nil
+            if let tracer, let trace = a.trace {
+                let span = tracer.clientSpan(
+                    method: "GET", path: a.attempt.path, server: "\(a.attempt.url.endpoint)", label: a.attempt.label, parent: trace)
+                if a.hedge { span.attributes["stoq.hedge"] = true }
+                headers += tracer.headers(for: span.context)
+                a.span = span
+            }
+            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, tag: tag, keepErrors: true)
             upstream.dispatched(Self.resource(a.key), via: a.attempt)
             lock.withLock {
                 if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
@@ -500,6 +525,7 @@ public final class EdgeCache: @unchecked Sendable {
             close(a.fd)
             if a.hedge { lock.withLock { counterValues.hedgeWins += 1 } }
             guard let partner = a.partner, let b = active.removeValue(forKey: partner) else { return }
+            b.endSpan(failure: "cancelled: the hedge partner delivered first")
             p.cancel(partner)
             close(b.fd)
             upstream.cancelled(Self.resource(b.key), via: b.attempt)
@@ -542,7 +568,7 @@ public final class EdgeCache: @unchecked Sendable {
                 do { pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9)) } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")
-                    for (k, h) in backlog { originFailed(FetchKey(key: k, holder: h?.holder), Failure(status: 502, reason: why)) }
+                    for j in backlog { originFailed(FetchKey(key: j.key, holder: j.hint?.holder), Failure(status: 502, reason: why)) }
                     backlog.removeAll()
                     _ = wake.wait(timeout: .now() + .milliseconds(500))
                     continue
@@ -551,7 +577,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             guard let p = pool else { continue }
             while !backlog.isEmpty && active.count < Self.maxInFlight {
-                let (key, hint) = backlog.removeFirst()
+                let (key, hint, trace) = backlog.removeFirst()
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {
                     originFailed(
@@ -563,15 +589,19 @@ public final class EdgeCache: @unchecked Sendable {
                     giveUp(
                         Active(
                             key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [],
-                            progressAt: t))
+                            progressAt: t, trace: trace))
                     continue
                 }
-                submit(Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t), p)
+                submit(Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace), p)
             }
             let done: [ConnectionPool.Done]
             do { done = try p.drive(forNanoseconds: 1_000_000) } catch {
                 logger.error("edge: the fetcher's datapath failed: \(error)")
-                for (_, a) in active { close(a.fd); originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(error)")) }
+                for (_, a) in active {
+                    a.endSpan(failure: "\(error)")
+                    close(a.fd)
+                    originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(error)"))
+                }
                 active.removeAll()
                 p.close()
                 pool = nil
@@ -580,6 +610,7 @@ public final class EdgeCache: @unchecked Sendable {
             // Oldest first, like stalls below: a relay that lost its link fails them all at once.
             for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
+                a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
                 if let failure = d.failure { failed(a, "edge: \(a.attempt.label): \(failure)", notFound: false, p); continue }
                 guard let status = d.status else {
                     failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
@@ -623,6 +654,7 @@ public final class EdgeCache: @unchecked Sendable {
                     p.cancel(tag)
                     active[tag] = nil
                     let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
+                    a.endSpan(failure: why)
                     if a.partner != nil {
                         failed(a, why, notFound: false, p)
                     } else if t - a.started > Self.requestTimeout {
@@ -637,7 +669,11 @@ public final class EdgeCache: @unchecked Sendable {
                 }
             }
         }
-        for (_, a) in active { close(a.fd); originFailed(a.fetchKey, Failure(status: 502, reason: "edge: the node is stopping")) }
+        for (_, a) in active {
+            a.endSpan(failure: "the node is stopping")
+            close(a.fd)
+            originFailed(a.fetchKey, Failure(status: 502, reason: "edge: the node is stopping"))
+        }
         pool?.close()
     }
 

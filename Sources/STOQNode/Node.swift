@@ -11,6 +11,7 @@ import STOQMesh
 import STOQQUIC
 import STOQRenewal
 import STOQStore
+import STOQTracing
 import STOQTransfer
 import STOQTrust
 import STOQWorker
@@ -41,9 +42,13 @@ public final class Node: @unchecked Sendable {
     /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
     private let qlog: QLogControl
 
-    public init(config: NodeConfig, logger: Logger) {
+    /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
+    let tracer: RequestTracer?
+
+    public init(config: NodeConfig, logger: Logger, tracer: RequestTracer? = nil) {
         self.config = config
         self.logger = logger
+        self.tracer = tracer
         self.listenAddress = config.network.listenAddress
         self.qlog = QLogControl(config.log)
     }
@@ -155,7 +160,7 @@ public final class Node: @unchecked Sendable {
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
-            stop: stopFlag, finished: finished, logger: logger)
+            stop: stopFlag, finished: finished, tracer: tracer, logger: logger)
         try startWorkers(assembly, queues: queues)
         if let meshService {
             let snapshots = self.snapshots, most = Double(max(1, cfg.network.quic.maxConnections))
@@ -245,6 +250,7 @@ public final class Node: @unchecked Sendable {
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
+        opened.tracer = tracer
         opened.start()
         edge = opened
         return opened
@@ -384,6 +390,7 @@ public final class Node: @unchecked Sendable {
         note("edge", restNew.edge != restOld.edge, live: false)
         note("routing", restNew.routing != restOld.routing, live: false)
         note("mesh", restNew.mesh != restOld.mesh, live: false)
+        note("tracing", restNew.tracing != restOld.tracing, live: false)
         config = next
         return report
     }

@@ -11,6 +11,7 @@ import STOQMesh
 import STOQQUIC
 import STOQRenewal
 import STOQStore
+import STOQTracing
 import STOQWorker
 
 /// Everything one worker thread is built from, fixed at start: the node's shared parts
@@ -36,6 +37,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let fallback: FallbackQueues
     let stop: StopFlag
     let finished: DispatchGroup
+    /// `[tracing]`: each worker keeps its requests' spans with it (nil: off).
+    let tracer: RequestTracer?
     let logger: Logger
 
     /// Worker `i`'s thread: pins itself, builds its endpoint and applications, reports
@@ -91,6 +94,7 @@ struct WorkerAssembly: @unchecked Sendable {
             edge: edge, maxAge: originMaxAge, mesh: meshService)
         let router = NodeRouter(objects: objects, content: chunks, logger: logger)
         if let log = certificates?.log { router.log = { log.handle(path: $0) } }
+        if let tracer { router.spans = StreamSpans(tracer: tracer) }
         return router
     }
 

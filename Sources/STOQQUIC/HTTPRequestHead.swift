@@ -66,7 +66,7 @@ public enum HTTPRequestHead {
     /// the whole section, fields the shim could not keep included; `hasBody`: the stream did
     /// not end with the head.
     public static func parse(_ fields: [HTTPField], sectionSize: Int, hasBody: Bool) -> HTTPRequest {
-        var method: String?, path: String?, authority = "", range = ""
+        var method: String?, path: String?, authority = "", range = "", traceparent = "", tracestate = ""
         var scheme = false, pathLength = 0
         var repeated: String?, methodTooLong = false
         var contentLength: Int64?
@@ -83,6 +83,9 @@ public enum HTTPRequestHead {
             case ":scheme": scheme = true
             case ":authority": authority = String(decoding: f.value.utf8.prefix(maxAuthorityLength), as: UTF8.self)
             case "range": range = f.value
+            // Kept only when whole: a cut value would name another trace.
+            case "traceparent" where f.valueLength == f.value.utf8.count: traceparent = f.value
+            case "tracestate" where f.valueLength == f.value.utf8.count: tracestate = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
             default: break
@@ -103,7 +106,8 @@ public enum HTTPRequestHead {
             method: String(decoding: (method ?? "").utf8.prefix(maxMethodLength), as: UTF8.self),
             path: String(decoding: (path ?? "").utf8.prefix(maxPathLength), as: UTF8.self),
             authority: authority, range: range, contentLength: contentLength, pathTooLong: pathTooLong,
-            malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init))
+            malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
+            traceparent: traceparent, tracestate: tracestate)
     }
 
     /// A `Content-Length`: decimal digits only, within Int64.

@@ -25,6 +25,10 @@ public struct HTTPRequest: Sendable {
     /// The answer the head gets when it cannot be served (the first of malformed, path too
     /// long, fields too large), nil when it can.
     public var refusal: HTTPRefusal? = nil
+    /// W3C trace context (`traceparent`, `tracestate`), "" when absent: a traced request's
+    /// spans join the caller's trace.
+    public var traceparent = ""
+    public var tracestate = ""
 }
 
 /// A region of memory a response or request body is sent from, without copying:
@@ -86,6 +90,8 @@ public struct HTTPStream: Hashable, @unchecked Sendable {
     public var id: Int64 { stoq_stream_id(raw) }
     /// Body bytes received so far.
     public var bytesReceived: UInt64 { stoq_stream_received(raw) }
+    /// Server: the status of the response sent, 0 before one is.
+    public var responseStatus: Int { Int(stoq_stream_status(raw)) }
     /// errno of a failed body write, or 0.
     public var sinkErrno: Int32 { stoq_stream_sink_errno(raw) }
     /// The peer ended the body.

@@ -75,6 +75,8 @@ package final class ClientSession {
     package let connection: QUICConnection
     package let url: STOQURL
     let deadline: Timestamp
+    /// Sent with every request (e.g. W3C `traceparent`).
+    package var headers: [(String, String)] = []
 
     package init(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double) throws(ClientError) {
         self.url = url
@@ -103,7 +105,7 @@ package final class ClientSession {
         do {
             stream = try connection.request(
                 method: method, authority: url.authority, path: path,
-                headers: [("content-length", "\(body?.count ?? 0)")], body: body)
+                headers: headers + [("content-length", "\(body?.count ?? 0)")], body: body)
         } catch { throw ClientError(.transfer, "\(method) \(path): \(error)") }
         app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, hash: hash, tag: tag, keepErrors: keepErrors)
     }
@@ -170,7 +172,7 @@ extension STOQClient {
     public static func putChunked(
         file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
         datapath: ClientDatapath,
-        concurrency: Int = 16, timeout: Double = 600
+        concurrency: Int = 16, timeout: Double = 600, headers: [(String, String)] = []
     ) throws(ClientError) -> ChunkedPutResult {
         let name = try objectName(url)
         let fd = open(file, O_RDONLY | O_CLOEXEC)
@@ -187,6 +189,7 @@ extension STOQClient {
         for c in manifest.chunks { offsets.append(at); at += UInt64(c.length) }
 
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
+        session.headers = headers
         defer { session.close() }
         var query = [UInt8]()
         query.reserveCapacity(manifest.chunks.count * 32)
@@ -240,11 +243,12 @@ extension STOQClient {
     /// against the manifest's digest, made durable and renamed into place.
     public static func getChunked(
         _ url: STOQURL, output: String, trust: ClientTrust, datapath: ClientDatapath, concurrency: Int = 16,
-        timeout: Double = 600
+        timeout: Double = 600, headers: [(String, String)] = []
     ) throws(ClientError) -> ChunkedGetResult {
         let name = try objectName(url)
         let t0 = monotonicNow()
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
+        session.headers = headers
         defer { session.close() }
         let m = try session.call("GET", "/manifests/\(name)")
         guard m.status == 200 else {

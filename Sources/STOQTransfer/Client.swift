@@ -231,22 +231,24 @@ public enum STOQClient {
     /// a benchmark timing the bytes).
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
     /// With `qlogDirectory` the connection writes its qlog there (`<odcid-hex>.client.sqlog`).
+    /// `headers` go with the request (e.g. W3C `traceparent`, so the node's spans join a trace).
     public static func get(
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
+        headers: [(String, String)] = [],
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, qlogDirectory: qlogDirectory, progressInterval: progressInterval,
-            progress: progress)
+            congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers,
+            progressInterval: progressInterval, progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
     /// `congestionControl` paces it.
     public static func put(
         file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
-        congestionControl: CongestionControl = QUICSettings().congestionControl
+        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
     ) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
@@ -258,12 +260,13 @@ public enum STOQClient {
         }
         return try transfer(
             url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, progress: nil)
+            congestionControl: congestionControl, headers: headers, progress: nil)
     }
 
     static func transfer(
         _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl, qlogDirectory: String? = nil,
+        headers: [(String, String)] = [],
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
@@ -291,7 +294,7 @@ public enum STOQClient {
         do {
             stream = try conn.request(
                 method: method, authority: url.authority, path: url.path,
-                headers: body.map { [("content-length", "\($0.count)")] } ?? [], body: body)
+                headers: headers + (body.map { [("content-length", "\($0.count)")] } ?? []), body: body)
         } catch { throw ClientError(.transfer, "\(error)") }
         app.stream = stream
         let t0 = monotonicNow()

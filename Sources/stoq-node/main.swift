@@ -38,7 +38,14 @@ struct StoqNode: AsyncParsableCommand {
         let levelBox = LevelBox(logLevel ?? cfg.log.level)
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
-        let node = Node(config: cfg, logger: logger)
+        // [tracing]: the exporter starts before the node and, last in the group's shutdown
+        // order, stops after it, flushing the spans of the last requests.
+        let tracing: NodeTracing
+        do { tracing = try NodeTracing(cfg.tracing, logger: logger) } catch {
+            FileHandle.standardError.write(Data("stoq-node: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        let node = Node(config: cfg, logger: logger, tracer: tracing.tracer)
         // Until the group's own handlers are in place, these signals must not kill the process.
         for sig in [SIGTERM, SIGINT, SIGHUP] { signal(sig, SIG_IGN) }
         let hangups = await UnixSignalsSequence(trapping: .sighup)
@@ -74,7 +81,7 @@ struct StoqNode: AsyncParsableCommand {
         // its return (or failure) ends the reload service too.
         let group = ServiceGroup(
             configuration: .init(
-                services: [
+                services: (tracing.service.map { [.init(service: $0, serviceName: "tracing")] } ?? []) + [
                     .init(
                         service: service, successTerminationBehavior: .gracefullyShutdownGroup,
                         failureTerminationBehavior: .gracefullyShutdownGroup, serviceName: "node"),

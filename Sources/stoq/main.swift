@@ -93,6 +93,7 @@ struct Get: ParsableCommand {
             "Write the connection's qlog into this directory (made if missing) as <odcid>.client.sqlog.",
             discussion: "JSON-SEQ, as ngtcp2 writes it; qvis (https://qvis.quictools.info) loads it. Not with --chunked."))
     var qlogDir: String?
+    @OptionGroup var tracing: TraceOptions
 
     func run() throws {
         let u: STOQURL
@@ -103,6 +104,7 @@ struct Get: ParsableCommand {
                 throw fail("--qlog-dir \(qlogDir): \(error.localizedDescription)", code: 2)
             }
         }
+        let traceHeaders = try tracing.headers()
         if chunked {
             guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
             var st = stat()
@@ -110,7 +112,11 @@ struct Get: ParsableCommand {
                 throw fail("--chunked resumes into a regular file and renames it into place; \(output) is not one", code: 2)
             }
             let r: ChunkedGetResult
-            do { r = try STOQClient.getChunked(u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout) } catch {
+            do {
+                r = try STOQClient.getChunked(
+                    u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout,
+                    headers: traceHeaders)
+            } catch {
                 throw fail("\(error)")
             }
             if json {
@@ -149,7 +155,8 @@ struct Get: ParsableCommand {
         do {
             result = try STOQClient.get(
                 u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
-                congestionControl: cc, qlogDirectory: qlogDir, progressInterval: log == nil ? 100_000_000 : 0
+                congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
+                progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)
                 guard tty, log == nil || log!.dueForDisplay() else { return }
@@ -247,17 +254,19 @@ struct Put: ParsableCommand {
     @OptionGroup var chunking: ChunkingOptions
     @Option(help: "Chunk uploads in flight with --chunked.") var concurrency = 16
     @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = QUICSettings().congestionControl
+    @OptionGroup var tracing: TraceOptions
 
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        let traceHeaders = try tracing.headers()
         if chunked {
             let parameters = try chunking.parameters()
             let r: ChunkedPutResult
             do {
                 r = try STOQClient.putChunked(
                     file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
-                    concurrency: concurrency)
+                    concurrency: concurrency, headers: traceHeaders)
             } catch { throw fail("\(error)") }
             if json {
                 printCodable(r)
@@ -270,7 +279,9 @@ struct Put: ParsableCommand {
             return
         }
         let r: TransferResult
-        do { r = try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc) } catch { throw fail("\(error)") }
+        do {
+            r = try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
+        } catch { throw fail("\(error)") }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)\(r.message.map { ": \($0)" } ?? "")") }
     }

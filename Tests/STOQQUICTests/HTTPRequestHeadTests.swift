@@ -37,6 +37,18 @@ struct HTTPRequestHeadTests {
         #expect(r.range == "bytes=0-9" && r.contentLength == 42 && r.hasBody)
     }
 
+    /// W3C trace context is kept as received, and only whole: a value the shim cut would name
+    /// another trace, so the request then starts its own.
+    @Test func traceContextIsKeptOnlyWhole() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        let r = parse(fields([HTTPField("traceparent", parent), HTTPField("tracestate", "vendor=x")]))
+        #expect(r.traceparent == parent && r.tracestate == "vendor=x")
+        let none = parse(fields())
+        #expect(none.traceparent.isEmpty && none.tracestate.isEmpty)
+        let cut = parse(fields([HTTPField("traceparent", String(parent.prefix(20)), valueLength: parent.utf8.count)]))
+        #expect(cut.traceparent.isEmpty && cut.refusal == nil)
+    }
+
     @Test(arguments: [":method", ":path", ":scheme"])
     func aMissingPseudoHeaderIs400(_ name: String) {
         let r = parse(fields().filter { $0.name != name })

@@ -325,6 +325,8 @@ int stoq_stream_body_complete(const stoq_stream *s);
  *  (the application parses the head and sets it), -1 when none. */
 int64_t stoq_stream_max_age(const stoq_stream *s);
 void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age);
+/** Server: the status of the response sent on the stream, 0 before one is. */
+int stoq_stream_status(const stoq_stream *s);
 /** Abandons a stream in both directions with an HTTP/3 error code. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
 /** Per-stream application pointer. */
