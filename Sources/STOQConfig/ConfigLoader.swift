@@ -206,7 +206,7 @@ public enum ConfigLoader {
         r.section("log") { s in
             s.choice("level", &c.log.level)
             s.string("qlog_dir", &c.log.qlogDir)
-            s.fraction("qlog_sample", &c.log.qlogSample)
+            s.fraction("qlog_sample", &c.log.qlogSample, of: "the fraction of connections (0.01 = one in a hundred)")
         }
         r.section("admin") { s in
             var listen = IPv6Endpoint(address: .any, port: 0)
@@ -268,7 +268,8 @@ struct Section {
         self.table = table
     }
 
-    private mutating func value(_ key: String) -> TOMLValueConvertible? {
+    /// The value of `key`, marking it read (and known, for `ConfigLoader.knownKeys`).
+    mutating func value(_ key: String) -> TOMLValueConvertible? {
         seen.append(key)
         known.append("\(prefix).\(key)")
         return table[key]
@@ -288,8 +289,13 @@ struct Section {
         known += s.known
     }
 
-    private mutating func fail(_ code: ConfigError.Code, _ key: String, _ v: TOMLValueConvertible, _ allowed: String) {
-        errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: render(v), allowed: allowed))
+    mutating func fail(_ code: ConfigError.Code, _ key: String, _ v: TOMLValueConvertible, _ allowed: String) {
+        fail(code, key, shown: render(v), allowed)
+    }
+
+    /// An error whose value is already shown as the operator wrote it (an array element).
+    mutating func fail(_ code: ConfigError.Code, _ key: String, shown: String, _ allowed: String) {
+        errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: shown, allowed: allowed))
     }
 
     private func render(_ v: TOMLValueConvertible) -> String {
@@ -343,10 +349,10 @@ struct Section {
         out = T(i)
     }
 
-    /// A fraction from 0 to 1, written as a float (`0.01`) or as 0 or 1.
-    mutating func fraction(_ key: String, _ out: inout Double) {
+    /// A fraction from 0 to 1, written as a float (`0.01`) or as 0 or 1; `of` says of what.
+    mutating func fraction(_ key: String, _ out: inout Double, of meaning: String) {
         guard let v = value(key) else { return }
-        let allowed = "a number from 0.0 to 1.0, the fraction of connections (0.01 = one in a hundred)"
+        let allowed = "a number from 0.0 to 1.0, \(meaning)"
         let d: Double
         if v.type == .double, let x = v.double {
             d = x

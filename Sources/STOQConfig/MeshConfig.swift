@@ -154,46 +154,30 @@ extension Reader {
 }
 
 extension Section {
-    /// The value of `key`, marking it read (and known, for `ConfigLoader.knownKeys`).
-    private mutating func meshValue(_ key: String) -> TOMLValueConvertible? {
-        seen.append(key)
-        known.append("\(prefix).\(key)")
-        return table[key]
-    }
-
-    private mutating func meshFail(_ code: ConfigError.Code, _ key: String, _ value: String, _ allowed: String) {
-        errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: value, allowed: allowed))
-    }
-
-    private static func quoted(_ v: TOMLValueConvertible) -> String {
-        if let s = v.string { return "\"\(s)\"" }
-        return v.debugDescription
-    }
-
     /// A list of `scheme://[ipv6]:port` URLs, each named in its own error; repeats refused.
     mutating func meshURLs(_ key: String, _ out: inout [MeshURL], scheme: String) {
-        guard let v = meshValue(key) else { return }
+        guard let v = value(key) else { return }
         let allowed = "a list of \(scheme)://[ipv6]:port URLs, e.g. [\"\(scheme)://[2001:db8::1]:\(scheme == "http" ? 2379 : 4433)\"] (STOQ is IPv6 only)"
-        guard let a = v.array else { return meshFail(.badType, key, Self.quoted(v), allowed) }
+        guard let a = v.array else { return fail(.badType, key, v, allowed) }
         var urls: [MeshURL] = []
         var ok = true
         for (i, e) in a.enumerated() {
             guard let s = e.string else {
-                meshFail(.badType, "\(key)[\(i)]", Self.quoted(e), allowed)
+                fail(.badType, "\(key)[\(i)]", e, allowed)
                 ok = false
                 continue
             }
             switch MeshURL.parse(s, scheme: scheme) {
             case .success(let u):
                 if urls.contains(u) {
-                    meshFail(.badValue, "\(key)[\(i)]", "\"\(s)\"", "each URL once (\(u) is listed twice)")
+                    fail(.badValue, "\(key)[\(i)]", shown: "\"\(s)\"", "each URL once (\(u) is listed twice)")
                     ok = false
                 } else {
                     urls.append(u)
                 }
             case .failure(let err):
-                meshFail(
-                    err.code == .ipv4Refused ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", "\"\(s)\"",
+                fail(
+                    err.code == .ipv4Refused ? .ipv4NotSupported : .badValue, "\(key)[\(i)]", shown: "\"\(s)\"",
                     "\(allowed) — \(err.reason)")
                 ok = false
             }
@@ -204,12 +188,12 @@ extension Section {
     /// "" or a DNS name: dot-separated labels of letters, digits, "-" and "_" (SRV owner names
     /// start with "_"), each 1-63 bytes, 253 in all; one trailing dot allowed.
     mutating func dnsName(_ key: String, _ out: inout String) {
-        guard let v = meshValue(key) else { return }
+        guard let v = value(key) else { return }
         let allowed =
             "\"\" or a DNS name such as \"stoq.mesh.svc.cluster.local\" or \"_stoq._udp.stoq.mesh.svc.cluster.local\" (labels of letters, digits, '-' and '_', 1-63 bytes each, 253 in all)"
-        guard let s = v.string else { return meshFail(.badType, key, Self.quoted(v), allowed) }
+        guard let s = v.string else { return fail(.badType, key, v, allowed) }
         if s.isEmpty { out = s; return }
-        if let problem = Self.dnsNameProblem(s) { return meshFail(.badValue, key, "\"\(s)\"", "\(allowed) — \(problem)") }
+        if let problem = Self.dnsNameProblem(s) { return fail(.badValue, key, shown: "\"\(s)\"", "\(allowed) — \(problem)") }
         out = s
     }
 
@@ -232,11 +216,11 @@ extension Section {
     /// A key prefix: printable ASCII, no spaces, ending with "/" (so "/stoq/mesh/" never
     /// matches "/stoq/mesh2/…").
     mutating func etcdPrefix(_ key: String, _ out: inout String) {
-        guard let v = meshValue(key) else { return }
+        guard let v = value(key) else { return }
         let allowed = "a key prefix of printable ASCII without spaces, ending with \"/\", e.g. \"/stoq/mesh/\""
-        guard let s = v.string else { return meshFail(.badType, key, Self.quoted(v), allowed) }
+        guard let s = v.string else { return fail(.badType, key, v, allowed) }
         guard s.count >= 1, s.count <= 256, s.hasSuffix("/"), s.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
-            return meshFail(.badValue, key, "\"\(s)\"", allowed)
+            return fail(.badValue, key, shown: "\"\(s)\"", allowed)
         }
         out = s
     }

@@ -29,51 +29,32 @@ extension Reader {
             s.bool("enabled", &t.enabled)
             s.otlpEndpoint("endpoint", &t.endpoint)
             s.string("service_name", &t.serviceName, nonEmpty: true)
-            s.ratio("sample_ratio", &t.sampleRatio)
+            s.fraction("sample_ratio", &t.sampleRatio, of: "the share of new traces recorded")
             s.duration("export_interval", &t.exportInterval, 10_000_000...60_000_000_000)
         }
     }
 }
 
 extension Section {
-    private mutating func tracingValue(_ key: String) -> TOMLValueConvertible? {
-        seen.append(key)
-        known.append("\(prefix).\(key)")
-        return table[key]
-    }
-
-    private mutating func tracingFail(_ code: ConfigError.Code, _ key: String, _ v: TOMLValueConvertible, _ allowed: String) {
-        let shown = v.string.map { "\"\($0)\"" } ?? v.debugDescription
-        errors.append(ConfigError(code: code, key: "\(prefix).\(key)", value: shown, allowed: allowed))
-    }
-
-    /// A number from 0 to 1 (an integer 0 or 1 too).
-    mutating func ratio(_ key: String, _ out: inout Double) {
-        guard let v = tracingValue(key) else { return }
-        let allowed = "a number from 0.0 to 1.0 (the share of new traces recorded)"
-        let n: Double
-        if v.type == .double, let d = v.double { n = d } else if v.type == .int, let i = v.int { n = Double(i) } else {
-            return tracingFail(.badType, key, v, allowed)
-        }
-        guard n >= 0, n <= 1 else { return tracingFail(.outOfRange, key, v, allowed) }
-        out = n
-    }
-
     /// An OTLP/HTTP URL: `http://` or `https://`, a host (an IPv6 address in brackets, or a name
     /// such as a collector's Service), an optional port and the path (`/v1/traces`). IPv4
     /// literals are refused like everywhere in STOQ.
     mutating func otlpEndpoint(_ key: String, _ out: inout String) {
-        guard let v = tracingValue(key) else { return }
+        guard let v = value(key) else { return }
         let allowed = "an OTLP/HTTP traces URL with its path, e.g. \"http://[::1]:4318/v1/traces\" (IPv6 or a host name; no IPv4)"
-        guard let s = v.string else { return tracingFail(.badType, key, v, allowed) }
+        guard let s = v.string else { return fail(.badType, key, v, allowed) }
         guard let problem = Self.otlpURLProblem(s) else { out = s; return }
-        tracingFail(problem.hasPrefix("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(problem)")
+        fail(problem.hasPrefix("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(problem)")
     }
 
     /// Why `s` is not an OTLP/HTTP URL STOQ accepts, or nil.
     static func otlpURLProblem(_ s: String) -> String? {
         let rest: Substring
-        if s.hasPrefix("http://") { rest = s.dropFirst(7) } else if s.hasPrefix("https://") { rest = s.dropFirst(8) } else {
+        if s.hasPrefix("http://") {
+            rest = s.dropFirst(7)
+        } else if s.hasPrefix("https://") {
+            rest = s.dropFirst(8)
+        } else {
             return "the scheme must be http:// or https://"
         }
         let authority = rest.prefix { $0 != "/" }

@@ -39,7 +39,7 @@ import Testing
         let ratio = errors("[tracing]\nsample_ratio = 1.5")
         #expect(ratio.map(\.key) == ["tracing.sample_ratio"])
         #expect(ratio.first?.code == .outOfRange && ratio.first?.value == "1.5")
-        #expect(ratio.first?.allowed == "a number from 0.0 to 1.0 (the share of new traces recorded)")
+        #expect(ratio.first?.allowed == "a number from 0.0 to 1.0, the share of new traces recorded")
         #expect(errors("[tracing]\nsample_ratio = \"half\"").first?.code == .badType)
         #expect(errors("[tracing]\nenabled = \"yes\"").map(\.key) == ["tracing.enabled"])
         #expect(errors("[tracing]\nservice_name = \"\"").map(\.key) == ["tracing.service_name"])

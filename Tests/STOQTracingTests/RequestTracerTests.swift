@@ -9,8 +9,10 @@ import Testing
         ("/objects/a.bin?x=1", "/objects/{name}"),
         ("/manifests/big", "/manifests/{name}"),
         ("/chunks/" + String(repeating: "ab", count: 32), "/chunks/{id}"),
-        ("/_stoq/relay/" + String(repeating: "0f", count: 32) + "/2/chunks/" + String(repeating: "cd", count: 32),
-         "/_stoq/relay/{holder}/{hops}/chunks/{id}"),
+        (
+            "/_stoq/relay/" + String(repeating: "0f", count: 32) + "/2/chunks/" + String(repeating: "cd", count: 32),
+            "/_stoq/relay/{holder}/{hops}/chunks/{id}"
+        ),
         ("/_stoq/relay/" + String(repeating: "0f", count: 32) + "/1/manifests/m", "/_stoq/relay/{holder}/{hops}/manifests/{name}"),
         ("/_stoq/relay/short", "/_stoq/relay/{holder}/{hops}"),
         ("/_stoq/log/entries/7", "/_stoq/log/{entry}"),
