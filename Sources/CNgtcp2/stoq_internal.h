@@ -126,6 +126,10 @@ STOQ_HIDDEN extern _Thread_local stoq_conn *reading_conn;
 /* TLS (stoq_tls.c): a connection's GnuTLS session; refusing the peer's certificate. */
 STOQ_HIDDEN int setup_tls(stoq_conn *c, const char *server_name);
 STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
+/* Session tickets: the process's ticket key made (0, or GnuTLS's error); a server connection
+   sends its client a ticket (after the handshake, if tickets are on). */
+STOQ_HIDDEN int ticket_key_ready(void);
+STOQ_HIDDEN void send_session_ticket(stoq_conn *c);
 
 /* Streams (stoq_h3.c). */
 STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);

@@ -11,6 +11,7 @@
 #include "stoq_internal.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,36 @@ static const char PRIORITY[] =
     "+CHACHA20-POLY1305:+AES-128-CCM:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:+GROUP-SECP384R1:+GROUP-SECP521R1";
 
 static const uint8_t ALPN_H3[] = "h3";
+
+/* ---- Session tickets --------------------------------------------------------- */
+
+/* One ticket key for the whole process, not per credentials or per worker: a ticket issued
+ * by one worker resumes on another, and a certificate rotation (new credentials) does not
+ * void the tickets clients hold. GnuTLS treats it as a master key: it derives the key that
+ * seals tickets from it and the time, afresh every ticket lifetime
+ * (gnutls_db_set_cache_expiration), and still opens tickets sealed in the previous period.
+ * It lives as long as the process; a restart voids every ticket (the clients then do a full
+ * handshake). */
+static gnutls_datum_t ticket_key;
+static int ticket_key_rv = GNUTLS_E_INTERNAL_ERROR;
+static pthread_once_t ticket_key_once = PTHREAD_ONCE_INIT;
+
+static void ticket_key_make(void) { ticket_key_rv = gnutls_session_ticket_key_generate(&ticket_key); }
+
+int ticket_key_ready(void) {
+  pthread_once(&ticket_key_once, ticket_key_make);
+  return ticket_key_rv;
+}
+
+void send_session_ticket(stoq_conn *c) {
+  if (!c->is_server || !c->ep->s.ticket_lifetime) return;
+  /* One ticket per connection: a client that wants more reconnects with one anyway. A failure
+   * costs only the next handshake's resumption, so it does not fail this connection. */
+  int rv = gnutls_session_ticket_send(c->tls, 1, 0);
+  if (rv != 0 && c->ep->s.log) fprintf(stderr, "gnutls_session_ticket_send: %s\n", gnutls_strerror(rv));
+}
+
+int stoq_conn_is_resumed(const stoq_conn *c) { return c->tls && gnutls_session_is_resumed(c->tls) ? 1 : 0; }
 
 /* ---- TLS credentials ---------------------------------------------------- */
 
@@ -173,9 +204,17 @@ static int verify_server(gnutls_session_t session) {
 
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
-  int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT);
+  int tickets = c->is_server && c->ep->s.ticket_lifetime;
+  /* With tickets, the server sends its NewSessionTicket itself once the handshake is
+   * confirmed (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. */
+  int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER | (tickets ? GNUTLS_NO_AUTO_SEND_TICKET : 0) : GNUTLS_CLIENT);
   if (rv != 0) goto fail;
   if ((rv = gnutls_priority_set_direct(c->tls, PRIORITY, NULL)) != 0) goto fail;
+  if (tickets) {
+    if ((rv = ticket_key_ready()) != 0) goto fail;
+    if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;
+    gnutls_db_set_cache_expiration(c->tls, (int)c->ep->s.ticket_lifetime);
+  }
   rv = c->is_server ? ngtcp2_crypto_gnutls_configure_server_session(c->tls)
                     : ngtcp2_crypto_gnutls_configure_client_session(c->tls);
   if (rv != 0) {

@@ -27,6 +27,8 @@ public struct EndpointCounters: Sendable {
     /// Connections that ended before their handshake completed, whichever side closed or
     /// timed out: the operator's "handshake failures" (a refused certificate is one).
     public var handshakeFailures: UInt64 = 0
+    /// Handshakes that resumed an earlier session from a session ticket (no certificate sent).
+    public var tlsResumed: UInt64 = 0
     /// Connections that write a qlog (sampled, their file opened).
     public var qlogConnections: UInt64 = 0
     /// Bytes written to qlog files.
@@ -69,6 +71,8 @@ public final class QUICEndpoint {
         return c
     }
     private var tally = EndpointCounters()
+    /// The handshake callback's way to count a resumption (it runs on this endpoint's thread).
+    fileprivate func countResumed() { tally.tlsResumed &+= 1 }
     /// The application that handles requests and responses.
     public var application: QUICApplication?
 
@@ -625,5 +629,6 @@ private let onBodyWanted: @convention(c) (UnsafeMutableRawPointer?, OpaquePointe
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c) else { return }
+    if stoq_conn_is_resumed(c) != 0 { ep.countResumed() }
     ep.application?.handshakeCompleted(connection: conn)
 }

@@ -138,6 +138,11 @@ typedef struct stoq_settings {
   uint64_t max_streams_bidi;
   size_t max_udp_payload_size;
   size_t ack_thresh;
+  /* server: issue TLS 1.3 session tickets good for this many seconds (1 … 604800; 0: none).
+     Tickets are sealed under one key per process (stoq_tls.c), so any worker resumes them;
+     GnuTLS derives a fresh sealing key from it every `ticket_lifetime` and still opens
+     tickets sealed under the previous one. */
+  uint32_t ticket_lifetime;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
 
@@ -266,6 +271,8 @@ void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
 /** Handshake done? */
 int stoq_conn_is_established(const stoq_conn *c);
+/** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
+int stoq_conn_is_resumed(const stoq_conn *c);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
 /** The last error, human readable ("" if none). */
