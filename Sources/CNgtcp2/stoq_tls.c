@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
@@ -41,7 +42,58 @@ static gnutls_datum_t ticket_key;
 static int ticket_key_rv = GNUTLS_E_INTERNAL_ERROR;
 static pthread_once_t ticket_key_once = PTHREAD_ONCE_INIT;
 
-static void ticket_key_make(void) { ticket_key_rv = gnutls_session_ticket_key_generate(&ticket_key); }
+/* 0-RTT replay protection (RFC 8446 §8, RFC 9001 §9.2). GnuTLS refuses early data whose
+ * ticket age falls outside its window (10 s) and asks `seen_add` about every ClientHello
+ * inside it: one that was seen before — a replay, on this worker or another — gets no 0-RTT
+ * (the handshake goes on, 1-RTT). One table for the process, behind a mutex: it is touched
+ * once per handshake that offers early data, never per packet. When the table is full of
+ * live entries, early data is refused too (fail closed). */
+#define SEEN_SLOTS 8192
+static struct seen {
+  uint8_t digest[32];
+  time_t expires;
+} seen[SEEN_SLOTS];
+static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
+static gnutls_anti_replay_t anti_replay;
+
+static int seen_add(void *ptr, time_t expires, const gnutls_datum_t *key, const gnutls_datum_t *data) {
+  (void)ptr;
+  (void)data;
+  uint8_t d[32];
+  if (gnutls_hash_fast(GNUTLS_DIG_SHA256, key->data, key->size, d) != 0) return GNUTLS_E_DB_ERROR;
+  time_t now = time(NULL);
+  unsigned h;
+  memcpy(&h, d, sizeof(h));
+  int rv = GNUTLS_E_DB_ERROR;
+  pthread_mutex_lock(&seen_lock);
+  struct seen *free_slot = NULL;
+  for (unsigned i = 0; i < SEEN_SLOTS; i++) {
+    struct seen *e = &seen[(h + i) % SEEN_SLOTS];
+    if (e->expires < now) {
+      if (!free_slot) free_slot = e;
+      if (e->expires == 0) break; /* never used: the probe ends here */
+      continue;
+    }
+    if (memcmp(e->digest, d, sizeof(d)) == 0) {
+      rv = GNUTLS_E_DB_ENTRY_EXISTS;
+      free_slot = NULL;
+      break;
+    }
+  }
+  if (free_slot) {
+    memcpy(free_slot->digest, d, sizeof(d));
+    free_slot->expires = expires > now ? expires : now + 1;
+    rv = 0;
+  }
+  pthread_mutex_unlock(&seen_lock);
+  return rv;
+}
+
+static void ticket_key_make(void) {
+  ticket_key_rv = gnutls_session_ticket_key_generate(&ticket_key);
+  if (ticket_key_rv == 0) ticket_key_rv = gnutls_anti_replay_init(&anti_replay);
+  if (ticket_key_rv == 0) gnutls_anti_replay_set_add_function(anti_replay, seen_add);
+}
 
 int ticket_key_ready(void) {
   pthread_once(&ticket_key_once, ticket_key_make);
@@ -57,6 +109,10 @@ void send_session_ticket(stoq_conn *c) {
 }
 
 int stoq_conn_is_resumed(const stoq_conn *c) { return c->tls && gnutls_session_is_resumed(c->tls) ? 1 : 0; }
+
+int stoq_conn_early_data_accepted(const stoq_conn *c) {
+  return c->tls && (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) ? 1 : 0;
+}
 
 /* ---- TLS credentials ---------------------------------------------------- */
 
@@ -205,15 +261,25 @@ static int verify_server(gnutls_session_t session) {
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
   int tickets = c->is_server && c->ep->s.ticket_lifetime;
+  int early = tickets && c->ep->s.early_data;
   /* With tickets, the server sends its NewSessionTicket itself once the handshake is
-   * confirmed (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. */
-  int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER | (tickets ? GNUTLS_NO_AUTO_SEND_TICKET : 0) : GNUTLS_CLIENT);
+   * complete (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. QUIC has no
+   * EndOfEarlyData message (RFC 9001 §8.3). */
+  unsigned flags = c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT;
+  if (tickets) flags |= GNUTLS_NO_AUTO_SEND_TICKET;
+  if (early) flags |= GNUTLS_ENABLE_EARLY_DATA | GNUTLS_NO_END_OF_EARLY_DATA;
+  int rv = gnutls_init(&c->tls, flags);
   if (rv != 0) goto fail;
   if ((rv = gnutls_priority_set_direct(c->tls, PRIORITY, NULL)) != 0) goto fail;
   if (tickets) {
     if ((rv = ticket_key_ready()) != 0) goto fail;
     if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;
     gnutls_db_set_cache_expiration(c->tls, (int)c->ep->s.ticket_lifetime);
+  }
+  if (early) {
+    gnutls_anti_replay_enable(c->tls, anti_replay);
+    /* QUIC bounds 0-RTT by its flow control; TLS's limit must be this value (RFC 9001 §4.6.1). */
+    gnutls_record_set_max_early_data_size(c->tls, 0xffffffffu);
   }
   rv = c->is_server ? ngtcp2_crypto_gnutls_configure_server_session(c->tls)
                     : ngtcp2_crypto_gnutls_configure_client_session(c->tls);

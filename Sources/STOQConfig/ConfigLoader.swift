@@ -94,6 +94,7 @@ public enum ConfigLoader {
             s.string("key_file", &c.tls.keyFile)
             s.bool("session_tickets", &c.network.quic.sessionTickets)
             s.duration("ticket_lifetime", &c.network.quic.ticketLifetime, 1_000_000_000...604_800_000_000_000)
+            s.bool("early_data", &c.network.quic.earlyData)
         }
         if c.network.xdp.frameSize != 2048 && c.network.xdp.frameSize != 4096 {
             r.errors.append(

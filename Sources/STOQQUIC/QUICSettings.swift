@@ -43,6 +43,9 @@ public struct QUICSettings: Sendable, Equatable {
     /// How long a ticket resumes, in ns (`tls.ticket_lifetime`, 1 s … 7 days: GnuTLS's
     /// bound); the key sealing tickets also changes this often (see `stoq_settings`).
     public var ticketLifetime: UInt64 = 24 * 3600 * 1_000_000_000
+    /// Server, with `sessionTickets`: accept 0-RTT from resuming clients (`tls.early_data`).
+    /// Only GET and HEAD are served from early data; anything else gets 425 Too Early.
+    public var earlyData = true
 
     public init() {}
 
@@ -62,6 +65,7 @@ public struct QUICSettings: Sendable, Equatable {
         s.max_udp_payload_size = maxUDPPayloadSize
         s.ack_thresh = ackThreshold
         s.ticket_lifetime = sessionTickets ? UInt32(max(1, ticketLifetime / 1_000_000_000)) : 0
+        s.early_data = earlyData ? 1 : 0
         withUnsafeMutableBytes(of: &s.static_secret) { dst in
             for i in 0..<min(dst.count, secret.count) { dst[i] = secret[i] }
         }

@@ -8,13 +8,20 @@ import pytest
 
 import pathlib
 
-from conftest import Node, run, settled, summed_counters
+from conftest import Node, run, settled, sha256_file, summed_counters
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+COUNTERS = ["stoq_tls_resumed_total", "stoq_tls_early_data_total", "stoq_http_too_early_total"]
+
+
+def counters(node):
+    return settled(lambda: summed_counters(node, COUNTERS))
+
+
 def resumed(node):
-    return settled(lambda: summed_counters(node, ["stoq_tls_resumed_total"])["stoq_tls_resumed_total"])
+    return counters(node)["stoq_tls_resumed_total"]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +66,60 @@ def test_aioquic_resumes_with_the_ticket_the_node_issued(tnode, tmp_path):
         outs.append(res["resumed"])
     assert outs == [False, True, True]
     assert resumed(tnode) == before + 2
+
+
+def h3client(node, *args):
+    r = run([sys.executable, HERE / "h3client.py", *args, "--ca", node.cert], timeout=60)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0, res
+    return res
+
+
+def test_gtlsclient_gets_in_0rtt_and_a_put_in_0rtt_is_too_early(tnode, tmp_path):
+    """gtlsclient sends its requests in 0-RTT when it resumes. The node serves a GET from early
+    data; a PUT there is answered 425 Too Early (RFC 8470) and never reaches the store."""
+    r = gtlsclient(tnode, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = counters(tnode)
+    (tmp_path / "r.bin").unlink()
+    r = gtlsclient(tnode, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[:status: 200]" in r.stderr
+    assert sha256_file(tmp_path / "r.bin") == tnode.digest
+    after = counters(tnode)
+    assert after["stoq_tls_early_data_total"] == before["stoq_tls_early_data_total"] + 1
+    assert after["stoq_http_too_early_total"] == before["stoq_http_too_early_total"]
+
+    (tmp_path / "body").write_bytes(b"must not be stored")
+    r = run(["gtlsclient", "--exit-on-all-streams-close", f"--session-file={tmp_path / 'session.pem'}",
+             f"--tp-file={tmp_path / 'tp.txt'}", "-m", "PUT", f"--data={tmp_path / 'body'}",
+             "::1", tnode.port, tnode.url("early-put.bin")], timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[:status: 425]" in r.stderr, r.stderr[-2000:]
+    final = counters(tnode)
+    assert final["stoq_tls_early_data_total"] == after["stoq_tls_early_data_total"] + 1
+    assert final["stoq_http_too_early_total"] == after["stoq_http_too_early_total"] + 1
+    assert not (tnode.storage / "early-put.bin").exists()
+    assert not (tnode.content / "objects" / "early-put.bin").exists()
+
+
+def test_aioquic_gets_in_0rtt_and_a_put_in_0rtt_is_too_early(tnode, tmp_path):
+    ticket = tmp_path / "ticket.pickle"
+    first = h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+    assert first["resumed"] is False and first["early_data"] is False
+    before = counters(tnode)
+    res = h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket, "--early-data")
+    assert res["status"] == 200 and res["sha256"] == tnode.digest
+    assert res["resumed"] is True and res["early_data"] is True
+    body = tmp_path / "body"
+    body.write_bytes(b"must not be stored")
+    res = h3client(tnode, tnode.url("early-put2.bin"), "--session-ticket", ticket, "--early-data",
+                   "--method", "PUT", "--body", body)
+    assert res["status"] == 425 and res["early_data"] is True
+    after = counters(tnode)
+    assert after["stoq_tls_early_data_total"] == before["stoq_tls_early_data_total"] + 2
+    assert after["stoq_http_too_early_total"] == before["stoq_http_too_early_total"] + 1
+    assert not (tnode.content / "objects" / "early-put2.bin").exists()
+    # The same PUT after the handshake (no --early-data) is an ordinary upload.
+    res = h3client(tnode, tnode.url("early-put2.bin"), "--session-ticket", ticket, "--method", "PUT", "--body", body)
+    assert res["status"] == 201 and res["resumed"] is True

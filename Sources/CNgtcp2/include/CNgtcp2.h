@@ -143,6 +143,10 @@ typedef struct stoq_settings {
      GnuTLS derives a fresh sealing key from it every `ticket_lifetime` and still opens
      tickets sealed under the previous one. */
   uint32_t ticket_lifetime;
+  /* server, with tickets: accept 0-RTT (early data) from resuming clients. Each ClientHello
+     carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide;
+     what the early requests may do is the application's rule (GET/HEAD only, RFC 8470). */
+  int early_data;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
 
@@ -273,6 +277,9 @@ void *stoq_conn_get_app(const stoq_conn *c);
 int stoq_conn_is_established(const stoq_conn *c);
 /** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
 int stoq_conn_is_resumed(const stoq_conn *c);
+/** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
+ *  handshake completed). */
+int stoq_conn_early_data_accepted(const stoq_conn *c);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
 /** The last error, human readable ("" if none). */
