@@ -1,8 +1,11 @@
 """Session resumption (and 0-RTT) against clients nobody here wrote: ngtcp2's gtlsclient and
 aioquic. The node counts each resumed handshake in stoq_tls_resumed_total, read from /metrics."""
 import json
+import select
 import shutil
+import socket
 import sys
+import threading
 
 import pytest
 
@@ -123,3 +126,60 @@ def test_aioquic_gets_in_0rtt_and_a_put_in_0rtt_is_too_early(tnode, tmp_path):
     # The same PUT after the handshake (no --early-data) is an ordinary upload.
     res = h3client(tnode, tnode.url("early-put2.bin"), "--session-ticket", ticket, "--method", "PUT", "--body", body)
     assert res["status"] == 201 and res["resumed"] is True
+
+
+def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
+    """An attacker who captured a client's first flight (ClientHello with a ticket, and 0-RTT)
+    sends it again: the node runs the handshake but refuses the early data (RFC 9001 §9.2),
+    so the replayed request is not served. A UDP relay in front of the node records aioquic's
+    first datagram and, once that connection is gone, sends it again from a fresh port."""
+    ticket = tmp_path / "ticket.pickle"
+    h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+    relay = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    relay.bind(("::1", 0))
+    upstream = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    upstream.connect(("::1", int(tnode.port)))
+    first, stop = [], threading.Event()
+
+    def pump():
+        client = None
+        while not stop.is_set():
+            ready, _, _ = select.select([relay, upstream], [], [], 0.1)
+            for s in ready:
+                if s is relay:
+                    data, client = relay.recvfrom(65536)
+                    if len(first) < 2:  # the ClientHello and the 0-RTT request (coalesced or not)
+                        first.append(data)
+                    upstream.send(data)
+                elif client:
+                    relay.sendto(upstream.recv(65536), client)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    before = counters(tnode)
+    requests_before = summed_counters(tnode, ["stoq_http_requests_total"])["stoq_http_requests_total"]
+    try:
+        res = h3client(tnode, f"https://[::1]:{relay.getsockname()[1]}/objects/r.bin", "--session-ticket", ticket,
+                       "--early-data")
+    finally:
+        stop.set()
+        t.join()
+    assert res["status"] == 200 and res["early_data"] is True
+    mid = counters(tnode)
+    assert mid["stoq_tls_early_data_total"] == before["stoq_tls_early_data_total"] + 1
+    requests_mid = settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"]
+    assert requests_mid == requests_before + 1
+    accepted = summed_counters(tnode, ["stoq_quic_connections_accepted_total"])["stoq_quic_connections_accepted_total"]
+    # The replay, well inside GnuTLS's 10 s freshness window.
+    attacker = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    for d in first:
+        attacker.sendto(d, ("::1", int(tnode.port)))
+    attacker.settimeout(5)
+    assert attacker.recv(65536), "the node did not answer the replayed Initial"
+    attacker.close()
+    assert settled(lambda: summed_counters(tnode, ["stoq_quic_connections_accepted_total"]))[
+        "stoq_quic_connections_accepted_total"] > accepted, "the replay did not reach the handshake"
+    # Had the node taken the replayed early data, it would have served the GET in it at once,
+    # before the handshake (which the attacker cannot finish) completes.
+    assert settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"] \
+        == requests_mid
