@@ -451,6 +451,7 @@ void stoq_conn_free(stoq_conn *c) {
   if (c->q) ngtcp2_conn_del(c->q); /* writes the qlog's end */
   qlog_free(c);
   if (c->tls) gnutls_deinit(c->tls);
+  gnutls_free(c->session.data);
   free(c->pending);
   endpoint_release(c->ep);
   free(c);

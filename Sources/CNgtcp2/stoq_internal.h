@@ -111,6 +111,7 @@ struct stoq_conn {
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
+  gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
 };
 
 /* Fills `err` (may be NULL) printf-style. */

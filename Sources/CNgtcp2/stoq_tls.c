@@ -114,6 +114,33 @@ int stoq_conn_early_data_accepted(const stoq_conn *c) {
   return c->tls && (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) ? 1 : 0;
 }
 
+/* Client: each NewSessionTicket makes the session resumable; keep its blob for the caller's
+ * cache. Only the newest is kept (a client resumes with one). */
+static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, unsigned incoming,
+                     const gnutls_datum_t *msg) {
+  (void)htype;
+  (void)when;
+  (void)incoming;
+  (void)msg;
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  gnutls_datum_t d = {0};
+  if (gnutls_session_get_data2(session, &d) != 0) return 0;
+  gnutls_free(c->session.data);
+  c->session = d;
+  return 0;
+}
+
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len) {
+  if (c->is_server || !c->tls) return -1;
+  return gnutls_session_set_data(c->tls, data, len) == 0 ? 0 : -1;
+}
+
+size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data) {
+  *data = c->session.data;
+  return c->session.data ? c->session.size : 0;
+}
+
 /* ---- TLS credentials ---------------------------------------------------- */
 
 /* GnuTLS will not sign a TLS 1.3 handshake with a certificate whose keyUsage lacks
@@ -305,6 +332,7 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   gnutls_alpn_set_protocols(c->tls, &alpn, 1,
                             GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
   if (!c->is_server) {
+    gnutls_handshake_set_hook_function(c->tls, GNUTLS_HANDSHAKE_NEW_SESSION_TICKET, GNUTLS_HOOK_POST, on_ticket);
     struct in6_addr a6;
     int is_ip = server_name && inet_pton(AF_INET6, server_name, &a6) == 1;
     if (server_name && *server_name && !is_ip)

@@ -1,17 +1,20 @@
 """Session resumption (and 0-RTT) against clients nobody here wrote: ngtcp2's gtlsclient and
 aioquic. The node counts each resumed handshake in stoq_tls_resumed_total, read from /metrics."""
 import json
+import os
 import select
 import shutil
 import socket
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 import pathlib
 
-from conftest import Node, run, settled, sha256_file, summed_counters
+from conftest import Node, free_port, run, settled, sha256_file, stoq, summed_counters
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -183,3 +186,50 @@ def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
     # before the handshake (which the attacker cannot finish) completes.
     assert settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"] \
         == requests_mid
+
+
+def test_stoq_get_keeps_sessions_per_server_and_resumes(tnode, tmp_path):
+    """`stoq get` keeps the node's newest ticket in $XDG_CACHE_HOME/stoq (mode 0600) and
+    resumes with it next time; --no-session-cache does neither."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    before = resumed(tnode)
+    runs = []
+    for extra in [[], [], ["--no-session-cache"], []]:
+        r = stoq("get", tnode.url("r.bin"), "--ca", tnode.cert, "--json", *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["sha256"] == tnode.digest
+        runs.append(res.get("resumed"))
+    assert runs == [False, True, None, True]
+    assert resumed(tnode) == before + 2
+    files = list((tmp_path / "cache" / "stoq").iterdir())
+    assert [f.name for f in files] == [f"__1_{tnode.port}.session"]
+    assert files[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_stoq_get_resumes_against_gtlsserver(tnode, tmp_path):
+    gtls = shutil.which("gtlsserver") or "/usr/sbin/gtlsserver"
+    if not os.path.exists(gtls):
+        pytest.fail("gtlsserver missing: scripts/install-deps installs ngtcp2-server")
+    htdocs = tmp_path / "htdocs"
+    htdocs.mkdir()
+    (htdocs / "g.bin").write_bytes(os.urandom(3000))
+    digest = sha256_file(htdocs / "g.bin")
+    key = pathlib.Path(tnode.identity_cert).with_name("key.pem")
+    port = free_port()
+    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), tnode.identity_cert],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    try:
+        time.sleep(0.5)
+        runs = []
+        for _ in range(3):
+            r = stoq("get", f"https://[::1]:{port}/g.bin", "--ca", tnode.cert, "--json", env=env)
+            assert r.returncode == 0, r.stderr
+            res = json.loads(r.stdout)
+            assert res["sha256"] == digest
+            runs.append(res["resumed"])
+        assert runs == [False, True, True]
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)

@@ -280,6 +280,13 @@ int stoq_conn_is_resumed(const stoq_conn *c);
 /** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
  *  handshake completed). */
 int stoq_conn_early_data_accepted(const stoq_conn *c);
+/** Client, before the first packet is written: offer the session `data` (a blob an earlier
+ *  connection's `stoq_conn_session` gave) for resumption. 0, or -1 when GnuTLS refuses it
+ *  (the handshake is then a full one). */
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
+/** Client: the session the newest ticket from the server resumes, to keep for the next
+ *  connection (`*data` lives as long as the connection or the next ticket); 0: none yet. */
+size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
 /** The last error, human readable ("" if none). */
