@@ -287,7 +287,9 @@ static int verify_server(gnutls_session_t session) {
 
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
-  int tickets = c->is_server && c->ep->s.ticket_lifetime;
+  /* Under mutual TLS no tickets: a resumed handshake carries no certificate, so the policy
+   * (revocation, transparency, a reloaded trust bundle) would not see the client again. */
+  int tickets = c->is_server && c->ep->s.ticket_lifetime && t->client_auth == STOQ_CLIENT_AUTH_NONE;
   int early = tickets && c->ep->s.early_data;
   /* With tickets, the server sends its NewSessionTicket itself once the handshake is
    * complete (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. QUIC has no

@@ -97,7 +97,7 @@ struct Get: ParsableCommand {
     @Flag(
         help: ArgumentHelp(
             "Neither resume a kept TLS session nor keep the server's new one.",
-            discussion: "Sessions are kept per server in $XDG_CACHE_HOME/stoq (or ~/.cache/stoq), mode 0600; never with --insecure."))
+            discussion: "Sessions are kept per server in $XDG_CACHE_HOME/stoq (or ~/.cache/stoq), mode 0600; never with --insecure or a client certificate."))
     var noSessionCache = false
 
     func run() throws {
@@ -158,7 +158,9 @@ struct Get: ParsableCommand {
                 congestionControl: cc, qlogDirectory: qlogDir,
                 // A session proves the server once; one kept from an unverified run must not
                 // stand in for verification later.
-                sessionCache: noSessionCache || trust.insecure ? nil : SessionCache(directory: SessionCache.defaultDirectory),
+                // Nor with a client certificate: a session resumed without one would present it.
+                sessionCache: noSessionCache || trust.insecure || trust.cert != nil
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory),
                 progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)
