@@ -50,6 +50,11 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->ev = *ev;
   ep->refs = 1;
   ep->qlog_dirfd = -1;
+  /* The ticket key is made when the first server endpoint starts, not mid-handshake. */
+  if (is_server && s->ticket_lifetime && ticket_key_ready() != 0) {
+    free(ep);
+    return NULL;
+  }
   return ep;
 }
 
@@ -195,6 +200,7 @@ static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
   (void)q;
   stoq_conn *c = ud;
   c->established = 1;
+  send_session_ticket(c);
   if (c->ep->ev.on_handshake) c->ep->ev.on_handshake(c->ep->ev.ctx, c);
   return 0;
 }
@@ -445,6 +451,7 @@ void stoq_conn_free(stoq_conn *c) {
   if (c->q) ngtcp2_conn_del(c->q); /* writes the qlog's end */
   qlog_free(c);
   if (c->tls) gnutls_deinit(c->tls);
+  gnutls_free(c->session.data);
   free(c->pending);
   endpoint_release(c->ep);
   free(c);

@@ -112,6 +112,7 @@ struct stoq_conn {
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
+  gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
 };
 
 /* Fills `err` (may be NULL) printf-style. */
@@ -127,6 +128,10 @@ STOQ_HIDDEN extern _Thread_local stoq_conn *reading_conn;
 /* TLS (stoq_tls.c): a connection's GnuTLS session; refusing the peer's certificate. */
 STOQ_HIDDEN int setup_tls(stoq_conn *c, const char *server_name);
 STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
+/* Session tickets: the process's ticket key made (0, or GnuTLS's error); a server connection
+   sends its client a ticket (after the handshake, if tickets are on). */
+STOQ_HIDDEN int ticket_key_ready(void);
+STOQ_HIDDEN void send_session_ticket(stoq_conn *c);
 
 /* Streams (stoq_h3.c). */
 STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);

@@ -11,10 +11,12 @@
 #include "stoq_internal.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
@@ -26,6 +28,118 @@ static const char PRIORITY[] =
     "+CHACHA20-POLY1305:+AES-128-CCM:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:+GROUP-SECP384R1:+GROUP-SECP521R1";
 
 static const uint8_t ALPN_H3[] = "h3";
+
+/* ---- Session tickets --------------------------------------------------------- */
+
+/* One ticket key for the whole process, not per credentials or per worker: a ticket issued
+ * by one worker resumes on another, and a certificate rotation (new credentials) does not
+ * void the tickets clients hold. GnuTLS treats it as a master key: it derives the key that
+ * seals tickets from it and the time, afresh every ticket lifetime
+ * (gnutls_db_set_cache_expiration), and still opens tickets sealed in the previous period.
+ * It lives as long as the process; a restart voids every ticket (the clients then do a full
+ * handshake). */
+static gnutls_datum_t ticket_key;
+static int ticket_key_rv = GNUTLS_E_INTERNAL_ERROR;
+static pthread_once_t ticket_key_once = PTHREAD_ONCE_INIT;
+
+/* 0-RTT replay protection (RFC 8446 §8, RFC 9001 §9.2). GnuTLS refuses early data whose
+ * ticket age falls outside its window (10 s) and asks `seen_add` about every ClientHello
+ * inside it: one that was seen before — a replay, on this worker or another — gets no 0-RTT
+ * (the handshake goes on, 1-RTT). One table for the process, behind a mutex: it is touched
+ * once per handshake that offers early data, never per packet. When the table is full of
+ * live entries, early data is refused too (fail closed). */
+#define SEEN_SLOTS 8192
+static struct seen {
+  uint8_t digest[32];
+  time_t expires;
+} seen[SEEN_SLOTS];
+static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
+static gnutls_anti_replay_t anti_replay;
+
+static int seen_add(void *ptr, time_t expires, const gnutls_datum_t *key, const gnutls_datum_t *data) {
+  (void)ptr;
+  (void)data;
+  uint8_t d[32];
+  if (gnutls_hash_fast(GNUTLS_DIG_SHA256, key->data, key->size, d) != 0) return GNUTLS_E_DB_ERROR;
+  time_t now = time(NULL);
+  unsigned h;
+  memcpy(&h, d, sizeof(h));
+  int rv = GNUTLS_E_DB_ERROR;
+  pthread_mutex_lock(&seen_lock);
+  struct seen *free_slot = NULL;
+  for (unsigned i = 0; i < SEEN_SLOTS; i++) {
+    struct seen *e = &seen[(h + i) % SEEN_SLOTS];
+    if (e->expires < now) {
+      if (!free_slot) free_slot = e;
+      if (e->expires == 0) break; /* never used: the probe ends here */
+      continue;
+    }
+    if (memcmp(e->digest, d, sizeof(d)) == 0) {
+      rv = GNUTLS_E_DB_ENTRY_EXISTS;
+      free_slot = NULL;
+      break;
+    }
+  }
+  if (free_slot) {
+    memcpy(free_slot->digest, d, sizeof(d));
+    free_slot->expires = expires > now ? expires : now + 1;
+    rv = 0;
+  }
+  pthread_mutex_unlock(&seen_lock);
+  return rv;
+}
+
+static void ticket_key_make(void) {
+  ticket_key_rv = gnutls_session_ticket_key_generate(&ticket_key);
+  if (ticket_key_rv == 0) ticket_key_rv = gnutls_anti_replay_init(&anti_replay);
+  if (ticket_key_rv == 0) gnutls_anti_replay_set_add_function(anti_replay, seen_add);
+}
+
+int ticket_key_ready(void) {
+  pthread_once(&ticket_key_once, ticket_key_make);
+  return ticket_key_rv;
+}
+
+void send_session_ticket(stoq_conn *c) {
+  if (!c->is_server || !c->ep->s.ticket_lifetime) return;
+  /* One ticket per connection: a client that wants more reconnects with one anyway. A failure
+   * costs only the next handshake's resumption, so it does not fail this connection. */
+  int rv = gnutls_session_ticket_send(c->tls, 1, 0);
+  if (rv != 0 && c->ep->s.log) fprintf(stderr, "gnutls_session_ticket_send: %s\n", gnutls_strerror(rv));
+}
+
+int stoq_conn_is_resumed(const stoq_conn *c) { return c->tls && gnutls_session_is_resumed(c->tls) ? 1 : 0; }
+
+int stoq_conn_early_data_accepted(const stoq_conn *c) {
+  return c->tls && (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) ? 1 : 0;
+}
+
+/* Client: each NewSessionTicket makes the session resumable; keep its blob for the caller's
+ * cache. Only the newest is kept (a client resumes with one). */
+static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, unsigned incoming,
+                     const gnutls_datum_t *msg) {
+  (void)htype;
+  (void)when;
+  (void)incoming;
+  (void)msg;
+  ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(session);
+  stoq_conn *c = ref->user_data;
+  gnutls_datum_t d = {0};
+  if (gnutls_session_get_data2(session, &d) != 0) return 0;
+  gnutls_free(c->session.data);
+  c->session = d;
+  return 0;
+}
+
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len) {
+  if (c->is_server || !c->tls) return -1;
+  return gnutls_session_set_data(c->tls, data, len) == 0 ? 0 : -1;
+}
+
+size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data) {
+  *data = c->session.data;
+  return c->session.data ? c->session.size : 0;
+}
 
 /* ---- TLS credentials ---------------------------------------------------- */
 
@@ -173,9 +287,29 @@ static int verify_server(gnutls_session_t session) {
 
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
-  int rv = gnutls_init(&c->tls, c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT);
+  /* Under mutual TLS no tickets: a resumed handshake carries no certificate, so the policy
+   * (revocation, transparency, a reloaded trust bundle) would not see the client again. */
+  int tickets = c->is_server && c->ep->s.ticket_lifetime && t->client_auth == STOQ_CLIENT_AUTH_NONE;
+  int early = tickets && c->ep->s.early_data;
+  /* With tickets, the server sends its NewSessionTicket itself once the handshake is
+   * complete (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. QUIC has no
+   * EndOfEarlyData message (RFC 9001 §8.3). */
+  unsigned flags = c->is_server ? GNUTLS_SERVER : GNUTLS_CLIENT;
+  if (tickets) flags |= GNUTLS_NO_AUTO_SEND_TICKET;
+  if (early) flags |= GNUTLS_ENABLE_EARLY_DATA | GNUTLS_NO_END_OF_EARLY_DATA;
+  int rv = gnutls_init(&c->tls, flags);
   if (rv != 0) goto fail;
   if ((rv = gnutls_priority_set_direct(c->tls, PRIORITY, NULL)) != 0) goto fail;
+  if (tickets) {
+    if ((rv = ticket_key_ready()) != 0) goto fail;
+    if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;
+    gnutls_db_set_cache_expiration(c->tls, (int)c->ep->s.ticket_lifetime);
+  }
+  if (early) {
+    gnutls_anti_replay_enable(c->tls, anti_replay);
+    /* QUIC bounds 0-RTT by its flow control; TLS's limit must be this value (RFC 9001 §4.6.1). */
+    gnutls_record_set_max_early_data_size(c->tls, 0xffffffffu);
+  }
   rv = c->is_server ? ngtcp2_crypto_gnutls_configure_server_session(c->tls)
                     : ngtcp2_crypto_gnutls_configure_client_session(c->tls);
   if (rv != 0) {
@@ -200,6 +334,7 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   gnutls_alpn_set_protocols(c->tls, &alpn, 1,
                             GNUTLS_ALPN_MANDATORY | (c->is_server ? GNUTLS_ALPN_SERVER_PRECEDENCE : 0));
   if (!c->is_server) {
+    gnutls_handshake_set_hook_function(c->tls, GNUTLS_HANDSHAKE_NEW_SESSION_TICKET, GNUTLS_HOOK_POST, on_ticket);
     struct in6_addr a6;
     int is_ip = server_name && inet_pton(AF_INET6, server_name, &a6) == 1;
     if (server_name && *server_name && !is_ip)

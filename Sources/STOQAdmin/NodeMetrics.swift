@@ -113,6 +113,15 @@ package struct NodeMetrics {
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused
         }
+        perWorker("stoq_tls_resumed_total", "Handshakes that resumed a session from a ticket (tls.session_tickets).") {
+            $0.endpoint.tlsResumed
+        }
+        perWorker("stoq_tls_early_data_total", "Handshakes whose 0-RTT data the node accepted (tls.early_data).") {
+            $0.endpoint.tlsEarlyData
+        }
+        perWorker("stoq_http_too_early_total", "Requests in 0-RTT that are not GET/HEAD, answered 425 Too Early.") {
+            $0.endpoint.requestsTooEarly
+        }
         perWorker("stoq_qlog_connections_total", "Connections that wrote a qlog (log.qlog_dir, sampled).") { $0.endpoint.qlogConnections }
         perWorker("stoq_qlog_bytes_total", "Bytes written to qlog files.") { $0.endpoint.qlogBytes }
         perWorker("stoq_qlog_errors_total", "qlog files that could not be opened or written (a full disk).") { $0.endpoint.qlogErrors }

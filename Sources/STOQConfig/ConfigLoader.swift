@@ -92,6 +92,9 @@ public enum ConfigLoader {
         r.section("tls") { s in
             s.string("cert_file", &c.tls.certFile)
             s.string("key_file", &c.tls.keyFile)
+            s.bool("session_tickets", &c.network.quic.sessionTickets)
+            s.duration("ticket_lifetime", &c.network.quic.ticketLifetime, 1_000_000_000...604_800_000_000_000)
+            s.bool("early_data", &c.network.quic.earlyData)
         }
         if c.network.xdp.frameSize != 2048 && c.network.xdp.frameSize != 4096 {
             r.errors.append(

@@ -50,6 +50,22 @@ public final class QUICConnection {
 
     /// The handshake completed.
     public var isEstablished: Bool { stoq_conn_is_established(raw) != 0 }
+    /// The handshake resumed an earlier session (a session ticket), without certificates.
+    public var isResumed: Bool { stoq_conn_is_resumed(raw) != 0 }
+    /// Client: the session the server's newest ticket resumes (opaque GnuTLS data to keep
+    /// for the next connection to the same server); nil until a ticket arrived.
+    public var resumableSession: [UInt8]? {
+        var p: UnsafePointer<UInt8>?
+        let n = stoq_conn_session(raw, &p)
+        guard n > 0, let p else { return nil }
+        return Array(UnsafeBufferPointer(start: p, count: n))
+    }
+    /// Client, before the first packet leaves: offer `session` (an earlier connection's
+    /// `resumableSession`). False when GnuTLS cannot use it; the handshake is then a full one.
+    @discardableResult
+    public func offerSession(_ session: [UInt8]) -> Bool {
+        session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count) == 0 }
+    }
     /// Closing or draining.
     public var isClosed: Bool { if case .active = state { false } else { true } }
 

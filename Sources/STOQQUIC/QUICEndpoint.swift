@@ -27,6 +27,13 @@ public struct EndpointCounters: Sendable {
     /// Connections that ended before their handshake completed, whichever side closed or
     /// timed out: the operator's "handshake failures" (a refused certificate is one).
     public var handshakeFailures: UInt64 = 0
+    /// Handshakes that resumed an earlier session from a session ticket (no certificate sent).
+    public var tlsResumed: UInt64 = 0
+    /// Handshakes whose 0-RTT data the server accepted.
+    public var tlsEarlyData: UInt64 = 0
+    /// Requests that came in 0-RTT with a method that is not safe to replay (not GET/HEAD),
+    /// answered 425 Too Early (RFC 8470) without reaching the application.
+    public var requestsTooEarly: UInt64 = 0
     /// Connections that write a qlog (sampled, their file opened).
     public var qlogConnections: UInt64 = 0
     /// Bytes written to qlog files.
@@ -69,6 +76,10 @@ public final class QUICEndpoint {
         return c
     }
     private var tally = EndpointCounters()
+    /// The handshake callback's way to count a resumption (it runs on this endpoint's thread).
+    fileprivate func countResumed() { tally.tlsResumed &+= 1 }
+    fileprivate func countEarlyData() { tally.tlsEarlyData &+= 1 }
+    fileprivate func countTooEarly() { tally.requestsTooEarly &+= 1 }
     /// The application that handles requests and responses.
     public var application: QUICApplication?
 
@@ -582,6 +593,14 @@ private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?,
     guard let conn = connection(c), let s, let h = head?.pointee else { return }
     // Once per request: the whole head, parsed by the HTTP rules in HTTPRequestHead.
     let request = HTTPRequestHead.parse(h.httpFields, sectionSize: Int(clamping: h.section_size), hasBody: h.has_body != 0)
+    // A server sees a request before its handshake completed only in 0-RTT, which an attacker
+    // can replay: only safe, idempotent methods run from it (RFC 9001 §9.2, RFC 8470 §3). The
+    // client may send the others again once the handshake is done.
+    if ep.isServer && !conn.isEstablished && request.method != "GET" && request.method != "HEAD" {
+        ep.countTooEarly()
+        conn.respond(HTTPStream(raw: s), status: 425, headers: [("content-length", "0")], body: nil)
+        return
+    }
     if let app = ep.application {
         app.request(request, stream: HTTPStream(raw: s), connection: conn)
     } else {
@@ -625,5 +644,7 @@ private let onBodyWanted: @convention(c) (UnsafeMutableRawPointer?, OpaquePointe
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c) else { return }
+    if stoq_conn_is_resumed(c) != 0 { ep.countResumed() }
+    if ep.isServer && stoq_conn_early_data_accepted(c) != 0 { ep.countEarlyData() }
     ep.application?.handshakeCompleted(connection: conn)
 }

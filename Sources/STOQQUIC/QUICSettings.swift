@@ -37,6 +37,15 @@ public struct QUICSettings: Sendable, Equatable {
     public var debugLog = ProcessInfo.processInfo.environment["STOQ_NGTCP2_LOG"] != nil
     /// The most connections the endpoint keeps; further Initials are refused.
     public var maxConnections: Int = 10_000
+    /// Server: issue TLS 1.3 session tickets, so a returning client resumes without a full
+    /// handshake (`tls.session_tickets`).
+    public var sessionTickets = true
+    /// How long a ticket resumes, in ns (`tls.ticket_lifetime`, 1 s … 7 days: GnuTLS's
+    /// bound); the key sealing tickets also changes this often (see `stoq_settings`).
+    public var ticketLifetime: UInt64 = 24 * 3600 * 1_000_000_000
+    /// Server, with `sessionTickets`: accept 0-RTT from resuming clients (`tls.early_data`).
+    /// Only GET and HEAD are served from early data; anything else gets 425 Too Early.
+    public var earlyData = true
 
     public init() {}
 
@@ -55,6 +64,8 @@ public struct QUICSettings: Sendable, Equatable {
         s.max_streams_bidi = maxStreamsBidi
         s.max_udp_payload_size = maxUDPPayloadSize
         s.ack_thresh = ackThreshold
+        s.ticket_lifetime = sessionTickets ? UInt32(max(1, ticketLifetime / 1_000_000_000)) : 0
+        s.early_data = earlyData ? 1 : 0
         withUnsafeMutableBytes(of: &s.static_secret) { dst in
             for i in 0..<min(dst.count, secret.count) { dst[i] = secret[i] }
         }

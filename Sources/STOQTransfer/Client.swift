@@ -73,6 +73,44 @@ public struct TransferResult: Sendable, Codable {
     public var sha256: String
     /// The body of an answer that was not 2xx (the server's reason, at most 2000 bytes).
     public var message: String? = nil
+    /// The handshake resumed a session kept from an earlier connection (`SessionCache`).
+    public var resumed: Bool? = nil
+}
+
+/// Sessions kept per server between runs, one file each (`<host>_<port>.session`, mode 0600)
+/// under a directory (`stoq`'s is `$XDG_CACHE_HOME/stoq` or `~/.cache/stoq`): the next
+/// connection to that server resumes instead of a full handshake. A missing, stale or
+/// unreadable file only costs that resumption.
+public struct SessionCache: Sendable {
+    public let directory: String
+    public init(directory: String) { self.directory = directory }
+
+    /// The user's cache directory for stoq.
+    public static var defaultDirectory: String {
+        let env = ProcessInfo.processInfo.environment
+        if let x = env["XDG_CACHE_HOME"], x.hasPrefix("/") { return x + "/stoq" }
+        return (env["HOME"] ?? NSHomeDirectory()) + "/.cache/stoq"
+    }
+
+    func path(for url: STOQURL) -> String {
+        let host = url.host.map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" ? $0 : "_" }
+        return directory + "/" + String(host) + "_\(url.endpoint.port).session"
+    }
+
+    func load(for url: STOQURL) -> [UInt8]? {
+        guard let d = FileManager.default.contents(atPath: path(for: url)), !d.isEmpty else { return nil }
+        return [UInt8](d)
+    }
+
+    /// Writes atomically (temp file, rename), readable by the user only: a session is a secret.
+    func store(_ session: [UInt8], for url: STOQURL) {
+        try? FileManager.default.createDirectory(
+            atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let final = path(for: url), temp = final + ".\(getpid()).tmp"
+        guard FileManager.default.createFile(atPath: temp, contents: Data(session), attributes: [.posixPermissions: 0o600])
+        else { return }
+        if rename(temp, final) != 0 { unlink(temp) }
+    }
 }
 
 /// A client-side failure, naming what went wrong.
@@ -236,11 +274,12 @@ public enum STOQClient {
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
+        sessionCache: SessionCache? = nil,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers,
+            congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
             progressInterval: progressInterval, progress: progress)
     }
 
@@ -267,6 +306,7 @@ public enum STOQClient {
         _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
+        sessionCache: SessionCache? = nil,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
@@ -283,6 +323,7 @@ public enum STOQClient {
                 to: url.endpoint, from: source,
                 serverName: url.host, now: start)
         } catch { throw ClientError(.connect, "\(error)") }
+        if let sessionCache, let session = sessionCache.load(for: url) { conn.offerSession(session) }
         let deadline = UInt64(timeout * 1e9)
         do {
             try worker.run(timeout: deadline) { conn.isEstablished || app.connectionError != nil }
@@ -333,6 +374,8 @@ public enum STOQClient {
                     "stats: rx \(d.rxDatagrams) datagrams in \(d.rxBuffers) buffers, tx \(d.txDatagrams) datagrams in \(d.txSends) sends; endpoint in \(e.datagramsIn) out \(e.datagramsOut)\n"
                         .utf8))
         }
+        if let sessionCache, let session = conn.resumableSession { sessionCache.store(session, for: url) }
+        let resumed = sessionCache == nil ? nil : conn.isResumed
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         guard let closed = app.closed else {
@@ -348,6 +391,6 @@ public enum STOQClient {
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
-            seconds: seconds, sha256: sha, message: app.errorText)
+            seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed)
     }
 }

@@ -56,7 +56,8 @@ func fail(_ message: String, code: Int32 = 1) -> ExitCode {
 }
 
 func printJSON(_ r: TransferResult) {
-    let obj: [String: Any] = ["status": r.status, "bytes": r.bytes, "seconds": r.seconds, "gbps": r.gbps, "sha256": r.sha256]
+    var obj: [String: Any] = ["status": r.status, "bytes": r.bytes, "seconds": r.seconds, "gbps": r.gbps, "sha256": r.sha256]
+    if let resumed = r.resumed { obj["resumed"] = resumed }
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
 }
@@ -94,6 +95,11 @@ struct Get: ParsableCommand {
             discussion: "JSON-SEQ, as ngtcp2 writes it; qvis (https://qvis.quictools.info) loads it. Not with --chunked."))
     var qlogDir: String?
     @OptionGroup var tracing: TraceOptions
+    @Flag(
+        help: ArgumentHelp(
+            "Neither resume a kept TLS session nor keep the server's new one.",
+            discussion: "Sessions are kept per server in $XDG_CACHE_HOME/stoq (or ~/.cache/stoq), mode 0600; never with --insecure or a client certificate."))
+    var noSessionCache = false
 
     func run() throws {
         let u: STOQURL
@@ -156,6 +162,11 @@ struct Get: ParsableCommand {
             result = try STOQClient.get(
                 u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
                 congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
+                // A session proves the server once; one kept from an unverified run must not
+                // stand in for verification later.
+                // Nor with a client certificate: a session resumed without one would present it.
+                sessionCache: noSessionCache || trust.insecure || trust.cert != nil
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory),
                 progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)

@@ -71,6 +71,18 @@ import TOMLKit
         #expect(errors("[network.quic_config]\nprofile = \"fast\"").map(\.key) == ["network.quic_config.profile"])
     }
 
+    /// `[tls]` session tickets and 0-RTT land in the QUIC settings the workers get.
+    @Test func sessionTicketKeysAreValidatedByName() throws {
+        let d = NodeConfig.default.network.quic
+        #expect(d.sessionTickets && d.earlyData && d.ticketLifetime == 24 * 3_600_000_000_000)
+        let q = try ConfigLoader.parse("[tls]\nsession_tickets = false\nticket_lifetime = \"1h\"\nearly_data = false").network.quic
+        #expect(!q.sessionTickets && !q.earlyData && q.ticketLifetime == 3_600_000_000_000)
+        let long = errors("[tls]\nticket_lifetime = \"169h\"")
+        #expect(long.map(\.key) == ["tls.ticket_lifetime"] && long.first?.code == .outOfRange)
+        #expect(errors("[tls]\nsession_tickets = \"yes\"").first?.code == .badType)
+        #expect(errors("[tls]\nearly_data = 1").map(\.key) == ["tls.early_data"])
+    }
+
     /// Every choice is a type once loaded; nothing downstream parses a config word again.
     @Test func choicesAreParsedIntoTheirTypes() throws {
         let c = try ConfigLoader.parse(

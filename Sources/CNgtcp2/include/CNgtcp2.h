@@ -138,6 +138,15 @@ typedef struct stoq_settings {
   uint64_t max_streams_bidi;
   size_t max_udp_payload_size;
   size_t ack_thresh;
+  /* server: issue TLS 1.3 session tickets good for this many seconds (1 … 604800; 0: none).
+     Tickets are sealed under one key per process (stoq_tls.c), so any worker resumes them;
+     GnuTLS derives a fresh sealing key from it every `ticket_lifetime` and still opens
+     tickets sealed under the previous one. */
+  uint32_t ticket_lifetime;
+  /* server, with tickets: accept 0-RTT (early data) from resuming clients. Each ClientHello
+     carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide;
+     what the early requests may do is the application's rule (GET/HEAD only, RFC 8470). */
+  int early_data;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
 
@@ -266,6 +275,18 @@ void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
 /** Handshake done? */
 int stoq_conn_is_established(const stoq_conn *c);
+/** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
+int stoq_conn_is_resumed(const stoq_conn *c);
+/** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
+ *  handshake completed). */
+int stoq_conn_early_data_accepted(const stoq_conn *c);
+/** Client, before the first packet is written: offer the session `data` (a blob an earlier
+ *  connection's `stoq_conn_session` gave) for resumption. 0, or -1 when GnuTLS refuses it
+ *  (the handshake is then a full one). */
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
+/** Client: the session the newest ticket from the server resumes, to keep for the next
+ *  connection (`*data` lives as long as the connection or the next ticket); 0: none yet. */
+size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
 /** The last error, human readable ("" if none). */
