@@ -15,6 +15,9 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# `stoq get` keeps TLS sessions under $XDG_CACHE_HOME/stoq: the tests' go to a directory of their
+# own, never the user's cache (tests that need a cache of their own still set one).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="stoq-test-cache-")
 SIZES = [0, 1, 1200, 65536, (1 << 20) + 7, 16 << 20, 256 << 20]
 
 
