@@ -24,6 +24,15 @@ public enum ConfigLoader {
 
     /// Validates TOML text.
     public static func parse(_ text: String, source: String = "<config>") throws(ConfigErrors) -> NodeConfig {
+        if let line = badTableHeader(text) {
+            throw ConfigErrors(
+                source: source,
+                errors: [
+                    ConfigError(
+                        code: .syntax, key: "", value: "",
+                        allowed: "TOML syntax error at line \(line): a table header must start with a bare or quoted key")
+                ])
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -41,6 +50,59 @@ public enum ConfigLoader {
         let (c, r) = read(table, collecting: false)
         if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
         return c
+    }
+
+    /// The line of the first table header whose key starts with neither a bare-key character
+    /// nor a quote (`[.a]`, `[ `, `[[` + newline), or nil. toml++ (under TOMLKit) does not check
+    /// this before parsing the key: a debug build aborts on its assertion and a release build
+    /// compiles the assertion into an optimiser assumption, so such text must never reach it
+    /// (found by `scripts/fuzz config`). Only headers are looked at: a `[` that opens an array
+    /// value, inside a value or a string, is skipped by tracking brackets, strings and comments.
+    static func badTableHeader(_ text: String) -> Int? {
+        let u = Array(text.utf8)
+        var i = 0, line = 1, depth = 0, lineStart = true
+        func at(_ s: String) -> Bool { u[i...].starts(with: s.utf8) }
+        while i < u.count {
+            let c = u[i]
+            if c == 0x0A { line += 1; lineStart = true; i += 1; continue }
+            if c == 0x20 || c == 0x09 || c == 0x0D { i += 1; continue }
+            if lineStart, depth == 0, c == UInt8(ascii: "[") {
+                var j = i + 1
+                if j < u.count, u[j] == UInt8(ascii: "[") { j += 1 }
+                while j < u.count, u[j] == 0x20 || u[j] == 0x09 { j += 1 }
+                if j < u.count {
+                    let k = u[j]
+                    let bare = (k >= 0x30 && k <= 0x39) || (k >= 0x41 && k <= 0x5A) || (k >= 0x61 && k <= 0x7A) || k == 0x5F || k == 0x2D
+                    if !(bare || k == 0x22 || k == 0x27 || k == UInt8(ascii: "]")) { return line }
+                }
+                while i < u.count, u[i] != 0x0A { i += 1 }  // the rest of a header line is its own
+                continue
+            }
+            lineStart = false
+            if c == UInt8(ascii: "#") {
+                while i < u.count, u[i] != 0x0A { i += 1 }
+            } else if at("\"\"\"") || at("'''") {
+                let close = Array(u[i..<(i + 3)])
+                i += 3
+                while i < u.count, !u[i...].starts(with: close) {
+                    if u[i] == 0x0A { line += 1 }
+                    if close[0] == 0x22, u[i] == 0x5C { i += 1 }
+                    i += 1
+                }
+                i += 3
+            } else if c == 0x22 || c == 0x27 {
+                i += 1
+                while i < u.count, u[i] != c, u[i] != 0x0A {
+                    if c == 0x22, u[i] == 0x5C { i += 1 }
+                    i += 1
+                }
+                i += 1
+            } else {
+                if c == UInt8(ascii: "[") { depth += 1 } else if c == UInt8(ascii: "]") { depth = max(depth - 1, 0) }
+                i += 1
+            }
+        }
+        return nil
     }
 
     /// Every key the loader reads, dotted (`network.quic_config.max_window`): what
