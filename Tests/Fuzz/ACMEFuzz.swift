@@ -10,12 +10,13 @@
 // Properties: nothing crashes; base64url decoding inverts encoding; a problem document keeps
 // the type it was given, minus the ACME URN prefix.
 
-import Crypto
+@preconcurrency import Crypto
 import Foundation
 import X509
 @testable import STOQACME
 
-let eabKey = SymmetricKey(data: Data(repeating: 7, count: 32))
+// Read-only after start; libFuzzer calls in from one thread.
+nonisolated(unsafe) let eabKey = SymmetricKey(data: Data(repeating: 7, count: 32))
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func acmeFuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
