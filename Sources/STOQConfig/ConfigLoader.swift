@@ -60,7 +60,8 @@ public enum ConfigLoader {
     /// strings are not taken for either.
     static func tomlHazard(_ text: String) -> (line: Int, problem: String)? {
         let u = Array(text.utf8)
-        var i = 0, line = 1, lineStart = true, expectElement = false
+        // toml++ skips a UTF-8 byte order mark, so the first line starts after it.
+        var i = u.starts(with: [0xEF, 0xBB, 0xBF]) ? 3 : 0, line = 1, lineStart = true, expectElement = false
         var open: [UInt8] = []  // the brackets and braces of the value being read
         func at(_ s: String) -> Bool { u[i...].starts(with: s.utf8) }
         while i < u.count {

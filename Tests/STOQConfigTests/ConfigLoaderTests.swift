@@ -289,6 +289,12 @@ import TOMLKit
         }
     }
 
+    /// A byte order mark does not hide a header from the check (toml++ skips it too).
+    @Test func tableHeaderAfterAByteOrderMarkIsChecked() {
+        #expect(ConfigLoader.tomlHazard("\u{FEFF}[{")?.line == 1)
+        #expect(ConfigLoader.tomlHazard("\u{FEFF}[log]\nlevel = \"info\"\n") == nil)
+    }
+
     @Test(arguments: ["s=[}", "s=[1,}", "s=[\n}", "s=[ # c\n}", "s=[[}]]", "a = 1\ns={a=[}]}"])
     func arrayValueStartingWithABraceIsASyntaxError(_ text: String) {
         let line = text.split(separator: "\n", omittingEmptySubsequences: false).lastIndex { $0.contains("}") }! + 1
