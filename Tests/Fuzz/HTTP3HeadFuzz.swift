@@ -19,8 +19,9 @@ import CNgtcp2
 public func http3HeadFuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard let data, size >= 6 else { return 0 }
     let section = UInt64(data[1]) | UInt64(data[2]) << 8 | UInt64(data[3]) << 16 | UInt64(data[4]) << 24
-    let head = stoq_head(fields: data + 6, fields_len: size - 6, nfields: Int(data[5]), dropped: 0,
-                         section_size: section, has_body: Int32(data[0] & 1))
+    let head = stoq_head(
+        fields: data + 6, fields_len: size - 6, nfields: Int(data[5]), dropped: 0,
+        section_size: section, has_body: Int32(data[0] & 1))
     let fields = head.httpFields
     guard fields.count <= Int(data[5]) else { fatalError("more fields than nfields") }
     let request = HTTPRequestHead.parse(fields, sectionSize: Int(clamping: head.section_size), hasBody: head.has_body != 0)
