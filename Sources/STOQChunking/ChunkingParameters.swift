@@ -1,4 +1,4 @@
-// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz-manifest).
+// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz manifest).
 
 /// How an object is cut into chunks.
 public enum ChunkingAlgorithm: UInt8, Sendable, Hashable, CaseIterable, CustomStringConvertible {

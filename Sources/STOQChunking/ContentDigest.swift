@@ -1,4 +1,4 @@
-// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz-manifest).
+// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz manifest).
 
 /// A SHA-256 value: a chunk's id, or an object's digest. 32 bytes, compared and hashed by value.
 ///

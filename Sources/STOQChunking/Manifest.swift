@@ -1,4 +1,4 @@
-// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz-manifest).
+// No imports: this file is also compiled into the manifest fuzz target (scripts/fuzz manifest).
 
 /// What an object is made of: its length and digest, how it was chunked, and its chunks in order.
 ///

@@ -24,6 +24,11 @@ public enum ConfigLoader {
 
     /// Validates TOML text.
     public static func parse(_ text: String, source: String = "<config>") throws(ConfigErrors) -> NodeConfig {
+        if let (line, problem) = tomlHazard(text) {
+            throw ConfigErrors(
+                source: source,
+                errors: [ConfigError(code: .syntax, key: "", value: "", allowed: "TOML syntax error at line \(line): \(problem)")])
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -41,6 +46,77 @@ public enum ConfigLoader {
         let (c, r) = read(table, collecting: false)
         if !r.errors.isEmpty { throw ConfigErrors(source: source, errors: r.errors) }
         return c
+    }
+
+    /// The first place where `text` would reach an assertion in toml++ (under TOMLKit), with
+    /// the syntax error to report instead, or nil. toml++ checks these only by assertions: a
+    /// debug build aborts (a reload would kill the node) and a release build compiles them into
+    /// optimiser assumptions, undefined behaviour when false. Both found by `scripts/fuzz
+    /// config`:
+    /// - a table header whose key starts with neither a bare-key character nor a quote
+    ///   (`[.a]`, `[ ` + newline, `[[.]]`);
+    /// - `}` where an array expects a value (`x = [}`, `x = [1, }`).
+    /// Strings and comments are skipped, and brackets tracked, so `[` and `}` inside values and
+    /// strings are not taken for either.
+    static func tomlHazard(_ text: String) -> (line: Int, problem: String)? {
+        let u = Array(text.utf8)
+        // toml++ skips a UTF-8 byte order mark, so the first line starts after it.
+        var i = u.starts(with: [0xEF, 0xBB, 0xBF]) ? 3 : 0, line = 1, lineStart = true, expectElement = false
+        var open: [UInt8] = []  // the brackets and braces of the value being read
+        func at(_ s: String) -> Bool { u[i...].starts(with: s.utf8) }
+        while i < u.count {
+            let c = u[i]
+            if c == 0x0A { line += 1; lineStart = true; i += 1; continue }
+            if c == 0x20 || c == 0x09 || c == 0x0D { i += 1; continue }
+            if lineStart, open.isEmpty, c == UInt8(ascii: "[") {
+                var j = i + 1
+                if j < u.count, u[j] == UInt8(ascii: "[") { j += 1 }
+                while j < u.count, u[j] == 0x20 || u[j] == 0x09 { j += 1 }
+                if j < u.count {
+                    let k = u[j]
+                    let bare = (k >= 0x30 && k <= 0x39) || (k >= 0x41 && k <= 0x5A) || (k >= 0x61 && k <= 0x7A) || k == 0x5F || k == 0x2D
+                    if !(bare || k == 0x22 || k == 0x27 || k == UInt8(ascii: "]")) {
+                        return (line, "a table header must start with a bare or quoted key")
+                    }
+                }
+                while i < u.count, u[i] != 0x0A { i += 1 }  // the rest of a header line is its own
+                continue
+            }
+            lineStart = false
+            if c == UInt8(ascii: "#") {
+                while i < u.count, u[i] != 0x0A { i += 1 }
+                continue
+            }
+            if expectElement, c == UInt8(ascii: "}") { return (line, "an array value cannot start with '}'") }
+            expectElement = false
+            if at("\"\"\"") || at("'''") {
+                let close = Array(u[i..<(i + 3)])
+                i += 3
+                while i < u.count, !u[i...].starts(with: close) {
+                    if u[i] == 0x0A { line += 1 }
+                    if close[0] == 0x22, u[i] == 0x5C { i += 1 }
+                    i += 1
+                }
+                i += 3
+            } else if c == 0x22 || c == 0x27 {
+                i += 1
+                while i < u.count, u[i] != c, u[i] != 0x0A {
+                    if c == 0x22, u[i] == 0x5C { i += 1 }
+                    i += 1
+                }
+                i += 1
+            } else {
+                switch c {
+                case UInt8(ascii: "["): open.append(c); expectElement = true
+                case UInt8(ascii: "{"): open.append(c)
+                case UInt8(ascii: "]"), UInt8(ascii: "}"): _ = open.popLast()
+                case UInt8(ascii: ","): expectElement = open.last == UInt8(ascii: "[")
+                default: break
+                }
+                i += 1
+            }
+        }
+        return nil
     }
 
     /// Every key the loader reads, dotted (`network.quic_config.max_window`): what

@@ -1,4 +1,4 @@
-// No imports: this file is also compiled into the advert fuzz target (scripts/fuzz-advert).
+// No imports: this file is also compiled into the advert fuzz target (scripts/fuzz advert).
 
 /// What one node tells the mesh about itself: its links to its neighbours with their live
 /// metrics, and its load. Every node floods its own adverts; every node keeps the newest advert

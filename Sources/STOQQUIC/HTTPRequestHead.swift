@@ -81,7 +81,7 @@ public enum HTTPRequestHead {
                 path = f.value
                 pathLength = f.valueLength
             case ":scheme": scheme = true
-            case ":authority": authority = String(decoding: f.value.utf8.prefix(maxAuthorityLength), as: UTF8.self)
+            case ":authority": authority = cut(f.value, maxAuthorityLength)
             case "range": range = f.value
             // Kept only when whole: a cut value would name another trace.
             case "traceparent" where f.valueLength == f.value.utf8.count: traceparent = f.value
@@ -103,11 +103,21 @@ public enum HTTPRequestHead {
         }
         let cause = malformed ?? (pathTooLong ? .pathTooLong : tooLarge ? .fieldsTooLarge : nil)
         return HTTPRequest(
-            method: String(decoding: (method ?? "").utf8.prefix(maxMethodLength), as: UTF8.self),
-            path: String(decoding: (path ?? "").utf8.prefix(maxPathLength), as: UTF8.self),
+            method: cut(method ?? "", maxMethodLength), path: cut(path ?? "", maxPathLength),
             authority: authority, range: range, contentLength: contentLength, pathTooLong: pathTooLong,
             malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
             traceparent: traceparent, tracestate: tracestate)
+    }
+
+    /// `s` cut to at most `limit` UTF-8 bytes, at a character boundary. Cutting inside a
+    /// character and decoding would put U+FFFD (3 bytes) in its place, and the result could
+    /// exceed the limit (found by `scripts/fuzz http3`).
+    static func cut(_ s: String, _ limit: Int) -> String {
+        let u = s.utf8
+        guard u.count > limit else { return s }
+        var end = u.index(u.startIndex, offsetBy: limit)
+        while end > u.startIndex, u[end] & 0xC0 == 0x80 { end = u.index(before: end) }
+        return String(s[..<end])
     }
 
     /// A `Content-Length`: decimal digits only, within Int64.

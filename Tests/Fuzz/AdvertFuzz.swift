@@ -1,5 +1,5 @@
 // libFuzzer target for the link-state advert body decoder. Not part of the package build:
-// scripts/fuzz-advert compiles it with `swiftc -sanitize=fuzzer,address` together with
+// scripts/fuzz advert compiles it with `swiftc -sanitize=fuzzer,address` together with
 // Sources/STOQMesh/AdvertBody.swift, which has no imports.
 //
 // Property checked: any input either throws an AdvertError or decodes to an advert whose

@@ -1,4 +1,4 @@
-// libFuzzer target for the manifest decoder. Not part of the package build: scripts/fuzz-manifest
+// libFuzzer target for the manifest decoder. Not part of the package build: scripts/fuzz manifest
 // compiles it with `swiftc -sanitize=fuzzer,address` together with the three STOQChunking files
 // that have no imports (Manifest, ContentDigest, ChunkingParameters), so no package product is needed.
 //

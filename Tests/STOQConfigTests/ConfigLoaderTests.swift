@@ -285,4 +285,57 @@ import TOMLKit
         #expect(Units.duration("1x") == nil)
         #expect(Units.duration("s") == nil)
     }
+
+    /// Found by `scripts/fuzz config` (Tests/Fuzz/corpus/config/regression-*): a table header
+    /// whose key does not start with a key character, or `}` where an array expects a value,
+    /// made toml++ abort on an assertion (debug) or reach an optimiser assumption that is false
+    /// (release). Each is now a syntax error naming the line, before TOMLKit sees the text.
+    @Test(arguments: ["[.", "[.]", "[[.]]", "[ .a]", "[\t.", "[\n", "log.level = \"info\"\n[[\n", "[a]\nx = 1\n[ {"])
+    func tableHeaderWithoutAKeyIsASyntaxError(_ text: String) {
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).firstIndex { $0.hasPrefix("[") && !$0.hasPrefix("[a]") }! + 1
+        #expect {
+            _ = try ConfigLoader.parse(text, source: "t.toml")
+        } throws: { error in
+            guard let e = error as? ConfigErrors, e.errors.count == 1 else { return false }
+            return e.errors[0].code == .syntax && e.errors[0].allowed.hasPrefix("TOML syntax error at line \(line): a table header")
+        }
+    }
+
+    /// A byte order mark does not hide a header from the check (toml++ skips it too).
+    @Test func tableHeaderAfterAByteOrderMarkIsChecked() {
+        #expect(ConfigLoader.tomlHazard("\u{FEFF}[{")?.line == 1)
+        #expect(ConfigLoader.tomlHazard("\u{FEFF}[log]\nlevel = \"info\"\n") == nil)
+    }
+
+    @Test(arguments: ["s=[}", "s=[1,}", "s=[\n}", "s=[ # c\n}", "s=[[}]]", "a = 1\ns={a=[}]}"])
+    func arrayValueStartingWithABraceIsASyntaxError(_ text: String) {
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).lastIndex { $0.contains("}") }! + 1
+        #expect {
+            _ = try ConfigLoader.parse(text, source: "t.toml")
+        } throws: { error in
+            guard let e = error as? ConfigErrors, e.errors.count == 1 else { return false }
+            return e.errors[0].code == .syntax && e.errors[0].allowed == "TOML syntax error at line \(line): an array value cannot start with '}'"
+        }
+    }
+
+    /// The checks look at headers and array values only: brackets inside values, strings and comments, and
+    /// well-formed headers, pass through to TOMLKit unchanged.
+    @Test func tableHeaderCheckLeavesValuesAlone() throws {
+        let text = """
+            # [. not a header
+            [log]
+            level = "info"  # [ .
+            [mesh]
+            peers = [
+              "https://[fd00::1]:4433",
+            ]
+            [ "trust" ]
+            mode = "embedded"
+            """
+        #expect(ConfigLoader.tomlHazard(text) == nil)
+        #expect(ConfigLoader.tomlHazard("x = \"\"\"\n[.\n\"\"\"\n") == nil)
+        #expect(ConfigLoader.tomlHazard("x = [\n[\n1]]\n") == nil)
+        #expect(ConfigLoader.tomlHazard("x = [{a = 1}, {b = \"}\"}]\ny = []\n") == nil)
+        _ = try ConfigLoader.parse(text)
+    }
 }

@@ -171,4 +171,23 @@ struct HTTPRequestHeadTests {
         #expect(HTTPResponseHead.parse([HTTPField(":status", "404")]) == HTTPResponseHead(status: 404, contentLength: nil, maxAge: nil))
         #expect(HTTPResponseHead.parse([]).status == 0)
     }
+
+    /// Found by `scripts/fuzz http3`: a value cut inside a UTF-8 character came back with
+    /// U+FFFD in the cut character's place, 1 or 2 bytes over the limit. Cuts fall on a
+    /// character boundary now.
+    @Test func cutsKeepValuesWithinTheirLimits() {
+        let authority = String(repeating: "a", count: HTTPRequestHead.maxAuthorityLength - 1) + "é"
+        let path = "/" + String(repeating: "p", count: HTTPRequestHead.maxPathLength - 2) + "é"
+        let r = HTTPRequestHead.parse(
+            [HTTPField(":method", "GET"), HTTPField(":scheme", "https"), HTTPField(":authority", authority), HTTPField(":path", path)],
+            sectionSize: 0, hasBody: false)
+        #expect(r.authority == String(repeating: "a", count: HTTPRequestHead.maxAuthorityLength - 1))
+        #expect(r.path == String(path.dropLast()))
+        #expect(r.refusal?.cause == .pathTooLong)
+        let fffd = String(repeating: "\u{FFFD}", count: 100)  // what invalid bytes decode to
+        let r2 = HTTPRequestHead.parse(
+            [HTTPField(":method", "GET"), HTTPField(":scheme", "https"), HTTPField(":authority", fffd), HTTPField(":path", "/")],
+            sectionSize: 0, hasBody: false)
+        #expect(r2.authority.utf8.count == 255)
+    }
 }
