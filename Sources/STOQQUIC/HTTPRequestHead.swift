@@ -67,6 +67,7 @@ public enum HTTPRequestHead {
     /// not end with the head.
     public static func parse(_ fields: [HTTPField], sectionSize: Int, hasBody: Bool) -> HTTPRequest {
         var method: String?, path: String?, authority = "", range = "", traceparent = "", tracestate = ""
+        var authorization = "", ifMatch = "", ifNoneMatch = ""
         var scheme = false, pathLength = 0
         var repeated: String?, methodTooLong = false
         var contentLength: Int64?
@@ -86,6 +87,9 @@ public enum HTTPRequestHead {
             // Kept only when whole: a cut value would name another trace.
             case "traceparent" where f.valueLength == f.value.utf8.count: traceparent = f.value
             case "tracestate" where f.valueLength == f.value.utf8.count: tracestate = f.value
+            case "authorization" where f.valueLength == f.value.utf8.count: authorization = f.value
+            case "if-match" where f.valueLength == f.value.utf8.count: ifMatch = f.value
+            case "if-none-match" where f.valueLength == f.value.utf8.count: ifNoneMatch = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
             default: break
@@ -106,7 +110,8 @@ public enum HTTPRequestHead {
             method: cut(method ?? "", maxMethodLength), path: cut(path ?? "", maxPathLength),
             authority: authority, range: range, contentLength: contentLength, pathTooLong: pathTooLong,
             malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
-            traceparent: traceparent, tracestate: tracestate)
+            traceparent: traceparent, tracestate: tracestate, authorization: authorization, ifMatch: ifMatch,
+            ifNoneMatch: ifNoneMatch)
     }
 
     /// `s` cut to at most `limit` UTF-8 bytes, at a character boundary. Cutting inside a

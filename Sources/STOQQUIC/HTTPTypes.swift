@@ -29,6 +29,15 @@ public struct HTTPRequest: Sendable {
     /// spans join the caller's trace.
     public var traceparent = ""
     public var tracestate = ""
+    /// `Authorization`, "" when absent or cut (a cut credential is no credential).
+    public var authorization = ""
+    /// `If-Match` and `If-None-Match` (RFC 9110 §13.1), "" when absent: conditional writes.
+    public var ifMatch = ""
+    public var ifNoneMatch = ""
+    /// Who sent the request, as the node's access policy identified it (set before the
+    /// request reaches a service): `token:<subject>`, `cert:<subject>`, or `addr:<prefix>/64`
+    /// for anonymous clients. The key quotas, rate limits and object ownership use.
+    public var identity = ""
 }
 
 /// A region of memory a response or request body is sent from, without copying:

@@ -49,6 +49,20 @@ struct HTTPRequestHeadTests {
         #expect(cut.traceparent.isEmpty && cut.refusal == nil)
     }
 
+    /// Credentials and preconditions are kept as received, and only whole: a cut token is
+    /// no token, and a cut entity tag would match another object.
+    @Test func credentialsAndPreconditionsAreKeptOnlyWhole() {
+        let r = parse(
+            fields([
+                HTTPField("authorization", "Bearer abc.def.ghi"), HTTPField("if-match", "\"e1\""),
+                HTTPField("if-none-match", "*"),
+            ]))
+        #expect(r.authorization == "Bearer abc.def.ghi" && r.ifMatch == "\"e1\"" && r.ifNoneMatch == "*")
+        #expect(r.identity.isEmpty)
+        let cut = parse(fields([HTTPField("authorization", "Bearer abc", valueLength: 4000)]))
+        #expect(cut.authorization.isEmpty && cut.refusal == nil)
+    }
+
     @Test(arguments: [":method", ":path", ":scheme"])
     func aMissingPseudoHeaderIs400(_ name: String) {
         let r = parse(fields().filter { $0.name != name })
