@@ -102,6 +102,7 @@ struct stoq_conn {
   uint64_t body_rx, body_tx;
   int is_server;
   int established;
+  int paced; /* an RTT sample exists: packets count toward pacing (see stoq_conn_write) */
   /* a packet that could not join the previous GSO run; sent first next time */
   uint8_t *pending;
   size_t pending_len;

@@ -166,7 +166,18 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
     npkts++;
     if (npkts >= max_pkts || (size_t)nwrite < gso) break;
   }
-  ngtcp2_conn_update_pkt_tx_time(c->q, now);
+  /* ngtcp2 0.12 paces at cwnd / smoothed_rtt × 1.25, and before its first RTT sample
+   * smoothed_rtt is the 333 ms initial guess: a 1452-byte Initial, or a server's handshake
+   * flight, then holds the next paced packet 25-30 ms. That packet is the client's Finished
+   * and, on the server, the first response: every handshake paid it (gtlsclient against
+   * gtlsserver too). ngtcp2 1.x paces only once its congestion controller has set a rate;
+   * STOQ starts at the first RTT sample, and what was sent before it is charged then. */
+  if (!c->paced) {
+    ngtcp2_conn_stat st;
+    ngtcp2_conn_get_conn_stat(c->q, &st);
+    c->paced = st.first_rtt_sample_ts != UINT64_MAX;
+  }
+  if (c->paced) ngtcp2_conn_update_pkt_tx_time(c->q, now);
   *segment_size = gso;
   return end - buf;
 }
