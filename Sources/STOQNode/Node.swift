@@ -220,7 +220,7 @@ public final class Node: @unchecked Sendable {
                 options: .init(
                     dedup: cfg.chunking.dedupEnabled,
                     maxChunkSize: Int(cfg.chunking.maxChunkSize)),
-                logger: Logger(label: "stoq.store"))
+                logger: Logger(label: "stoq.store"), diskFull: DiskFullMonitor(logger: logger))
             content = try ObjectIndex(chunks: store)
         } catch {
             throw NodeError(.storage, "cannot open the content store at \(cfg.storage.contentPath): \(error)")
@@ -253,7 +253,7 @@ public final class Node: @unchecked Sendable {
                 root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                 ttlDefault: cfg.edge.ttlDefault, upstream: upstream,
                 trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
-                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
+                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger, diskFull: contentIndex?.chunks.diskFull)
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
@@ -328,7 +328,8 @@ public final class Node: @unchecked Sendable {
                 let metrics = NodeMetrics(
                     workers: snapshots.compactMap(\.latest), store: store.counters,
                     certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
-                    fixedCertificateNotAfter: fixedNotAfter)
+                    fixedCertificateNotAfter: fixedNotAfter,
+                    diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full))
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
