@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Synchronization
 #if canImport(Glibc)
@@ -10,47 +11,81 @@ import Musl
 /// every writer (the chunk store, the object index, plain uploads, the edge cache) reports to
 /// one instance.
 ///
-/// Every refusal is counted (`stoq_store_disk_full_total`). The log gets one warning when an
-/// episode starts (the first refusal after a write that succeeded) and one notice when it ends
-/// (the first write that succeeds after it), not a line per request. Nothing here refuses or
-/// delays a write: each one is tried, so the node stores again as soon as space returns, and
-/// the episode state only decides what to log.
+/// Every refusal is counted (`stoq_store_disk_full_total`). The log gets one warning per
+/// episode, not a line per request: an episode starts with a refusal and ends with the first
+/// write that succeeds once `quietPeriod` has passed without a refusal (then a notice says
+/// space is back). The quiet period is there because a nearly full disk still takes small
+/// writes (an index snapshot, a 64 KiB chunk) between refused large ones; without it every
+/// such success would start a new episode and a new warning.
 ///
-/// Thread-safe and lock-free (workers report from their own threads).
-public final class DiskFullMonitor: Sendable {
+/// Nothing here refuses or delays a write: each one is tried, so the node stores again the
+/// moment space returns; the episode only decides what is logged, and `full` only reports
+/// whether the last write was refused.
+///
+/// Thread-safe (workers, the ingest pool and the edge fetcher report from their own threads);
+/// a successful write costs one relaxed atomic load while no episode is on.
+public final class DiskFullMonitor: @unchecked Sendable {
+    /// How long without a refusal before a successful write ends an episode.
+    public static let defaultQuietPeriod: Duration = .seconds(30)
+
     private let refusalCount = Atomic<UInt64>(0)
     private let episodeCount = Atomic<UInt64>(0)
-    private let inEpisode = Atomic<Bool>(false)
+    private let lastRefused = Atomic<Bool>(false)
+    private let episodeOpen = Atomic<Bool>(false)
+    private let lock = NSLock()
+    private var lastRefusalAt: UInt64 = 0
+    private let quietNanoseconds: UInt64
+    private let now: @Sendable () -> UInt64
     private let logger: Logger
 
-    /// A monitor logging to `logger`.
-    public init(logger: Logger = Logger(label: "stoq.store")) { self.logger = logger }
+    /// A monitor logging to `logger`. `now` (monotonic nanoseconds) is replaceable for tests.
+    public init(
+        logger: Logger = Logger(label: "stoq.store"), quietPeriod: Duration = DiskFullMonitor.defaultQuietPeriod,
+        now: @escaping @Sendable () -> UInt64 = { DispatchTime.now().uptimeNanoseconds }
+    ) {
+        self.logger = logger
+        self.now = now
+        let c = quietPeriod.components
+        quietNanoseconds = UInt64(c.seconds) * 1_000_000_000 + UInt64(c.attoseconds / 1_000_000_000)
+    }
 
     /// Writes refused for want of space since the start.
     public var refusals: UInt64 { refusalCount.load(ordering: .relaxed) }
-    /// Episodes: runs of refusals with no successful write between them.
+    /// Episodes (each logged once) since the start.
     public var episodes: UInt64 { episodeCount.load(ordering: .relaxed) }
-    /// Whether the last write reported was refused (the disk is full as far as the node knows).
-    public var full: Bool { inEpisode.load(ordering: .relaxed) }
+    /// Whether the last write reported was refused: the disk is full as far as the node knows.
+    public var full: Bool { lastRefused.load(ordering: .relaxed) }
 
-    /// A write refused for want of space; `message` says what was being stored (logged only
-    /// when it starts an episode).
+    /// A write refused for want of space; `message` says what was being stored (logged when
+    /// it starts an episode).
     public func refused(_ message: String) {
         refusalCount.add(1, ordering: .relaxed)
-        if inEpisode.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
-            episodeCount.add(1, ordering: .relaxed)
-            logger.warning(
-                "disk full: writes are refused with 507 until space returns (logged once per episode; stoq_store_disk_full_total counts them)",
-                metadata: ["first": "\(message)"])
+        lastRefused.store(true, ordering: .relaxed)
+        let t = now()
+        let starts = lock.withLock {
+            lastRefusalAt = t
+            if episodeOpen.load(ordering: .relaxed) { return false }
+            episodeOpen.store(true, ordering: .relaxed)
+            return true
         }
+        guard starts else { return }
+        episodeCount.add(1, ordering: .relaxed)
+        logger.warning(
+            "disk full: writes are refused with 507 until space returns (one warning per episode; stoq_store_disk_full_total counts every refusal)",
+            metadata: ["first": "\(message)"])
     }
 
-    /// A write that succeeded: ends an episode if one is on. One relaxed load when none is.
+    /// A write that succeeded.
     public func stored() {
-        guard inEpisode.load(ordering: .relaxed) else { return }
-        if inEpisode.compareExchange(expected: true, desired: false, ordering: .relaxed).exchanged {
-            logger.notice("disk space is back: writes succeed again", metadata: ["refused_so_far": "\(refusals)"])
+        if lastRefused.load(ordering: .relaxed) { lastRefused.store(false, ordering: .relaxed) }
+        guard episodeOpen.load(ordering: .relaxed) else { return }
+        let t = now()
+        let ends = lock.withLock {
+            guard episodeOpen.load(ordering: .relaxed), t &- lastRefusalAt >= quietNanoseconds else { return false }
+            episodeOpen.store(false, ordering: .relaxed)
+            return true
         }
+        if ends { logger.notice("disk space is back: writes succeed again", metadata: ["refused_so_far": "\(refusals)"]) }
     }
 
     /// Reports `error` if it is a write refused for want of space (a `.noSpace` `StoreError`,
