@@ -17,11 +17,10 @@ import os
 import re
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from conftest import Node, random_file, run, sha256_file, stoq
+from conftest import Node, metric_totals, random_file, run, sha256_file, stoq
 
 import pathlib
 
@@ -58,13 +57,7 @@ def temp_files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if TEMP.search(p.name))
 
 
-def metrics(node):
-    with urllib.request.urlopen(node.admin, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\d+)$", text, re.M):
-        out[name] = out.get(name, 0) + int(value)
-    return out
+metrics = metric_totals
 
 
 def h3(node, method, path, body=None):
