@@ -222,6 +222,12 @@ def test_token_auth_answers_401_without_the_token_and_200_with_it(tmp_path):
         assert "stoq_quic_datagrams_received_total" in text
         status, _, body = get_status(url.replace("/metrics", "/status"), {"Authorization": "Bearer 0123456789abcdef-admin-token"})
         assert status == 200 and "workers" in json.loads(body)
+        # stoq status takes the token from STOQ_ADMIN_TOKEN_FILE, and says so when it is missing.
+        base = url.removesuffix("/metrics")
+        r = stoq("status", base)
+        assert r.returncode == 1 and "HTTP 401: the admin API wants a bearer token" in r.stderr, r.stderr
+        r = stoq("status", base, "--json", env={"STOQ_ADMIN_TOKEN_FILE": str(token_file)})
+        assert r.returncode == 0 and json.loads(r.stdout)["workers"], r.stderr
     finally:
         assert n.stop() == 0
 
