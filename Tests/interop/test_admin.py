@@ -277,3 +277,34 @@ def test_mtls_auth_takes_a_certificate_from_the_nodes_ca_and_nothing_else(tmp_pa
         assert "client certificate refused" in (tmp_path / "node.log").read_text()
     finally:
         assert n.stop() == 0
+
+
+def test_mtls_serves_the_rotated_certificate_from_the_next_connection(tmp_path):
+    """The identity certificate rotates (here every ~7 s: a 20 s lifetime renewed a third
+    before expiry); the admin API serves the new one without a restart."""
+    import ssl
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::1]:0"\nauth = "mtls"\n[trust]\ncert_lifetime = "20s"')
+    try:
+        ca = pathlib.Path(n.cert).parent
+        cert, key = tmp_path / "prom.pem", tmp_path / "prom.key"
+        assert stoq("trust", "issue", "--dir", ca, "--dns", "prometheus.example", "--out", cert, "--key-out", key).returncode == 0
+        ctx = ssl.create_default_context(cafile=n.cert)
+        ctx.check_hostname = False
+        ctx.load_cert_chain(cert, key)
+        host, port = re.match(r"https://\[(.*)\]:(\d+)", n.admin).groups()
+
+        def served():
+            with socket.create_connection((host, int(port)), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+                return tls.getpeercert(binary_form=True)
+
+        first = served()
+        deadline = time.time() + 30
+        while time.time() < deadline and len(re.findall(r"certificate issued", (tmp_path / "node.log").read_text())) < 2:
+            time.sleep(0.5)
+        assert len(re.findall(r"certificate issued", (tmp_path / "node.log").read_text())) >= 2, "no rotation"
+        second = served()
+        assert second != first
+        status, _, _ = get_status(n.admin, context=ctx)
+        assert status == 200
+    finally:
+        assert n.stop() == 0
