@@ -181,8 +181,9 @@ public final class ChunkStore: @unchecked Sendable {
                 let temp = ".tmp-\(name)-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
                 try dir.replace(name, tempName: temp, with: bytes, durable: options.durable, what: "chunk \(id.hex)", write: options.write)
             } catch let e as StoreError where e.code == .noSpace {
-                // From mkdir of a new shard directory, or from the file itself (which names its bytes).
-                let refusal = e.message.hasPrefix("mkdir") ? StoreError.noSpace(storing: "chunk \(id.hex)", written: 0) : e
+                // The file's own steps name the chunk and its bytes; a new shard directory's
+                // mkdir or fsync does not, and nothing of the chunk was written then.
+                let refusal = e.message.contains(id.hex + " (") ? e : StoreError.noSpace(storing: "chunk \(id.hex)", written: 0)
                 diskFull.refused(refusal.message)
                 throw refusal
             }
