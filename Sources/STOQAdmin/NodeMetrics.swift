@@ -150,6 +150,9 @@ package struct NodeMetrics {
         perWorker("stoq_worker_handoff_dropped_total", "Datagrams not passed on: the owner's inbox was full.") { $0.handoff.dropped }
         perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
+        perWorker("stoq_http_uploads_no_space_total", "Object uploads answered 507: the disk was full (also in stoq_store_disk_full_total).") {
+            $0.objects.uploadsNoSpace
+        }
         perWorker("stoq_ingest_objects_total", "Plain uploads chunked into the content store (dedup on ingest).") { $0.objects.ingests }
         perWorker("stoq_ingest_failures_total", "Plain uploads whose ingest failed (answered 500).") { $0.objects.ingestFailures }
         perWorker("stoq_ingest_bytes_total", "Bytes of the plain uploads ingested.") { $0.objects.ingestBytes }

@@ -263,6 +263,7 @@ public final class ObjectService: QUICApplication {
             if let failure = o.failure {
                 counters.ingestFailures += 1
                 counters.uploadsAborted += 1
+                if o.noSpace { counters.uploadsNoSpace += 1 }
                 // The ingest counted a full disk with the store; its message names the object.
                 if let wait { fail(wait.stream, wait.connection, o.noSpace ? 507 : 500, o.noSpace ? failure : "storing the upload failed: \(failure)") }
                 continue

@@ -139,6 +139,7 @@ def test_plain_and_chunked_puts_on_a_full_disk(disk, tmp_path, dedup):
         time.sleep(1.2)  # workers publish about once a second; the store counts at once
         m = metrics(node)
         assert m["stoq_store_disk_full_total"] >= 3, m
+        assert m["stoq_http_uploads_no_space_total"] == 1, m     # the plain PUT; the others are content requests
         assert m["stoq_store_disk_full"] == 1
         log = (work / "node.log").read_text()
         # One warning for the episode, not one per refused request.
