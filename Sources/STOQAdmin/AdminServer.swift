@@ -2,28 +2,72 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import STOQCore
+import Synchronization
 
-/// The admin API: plain HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own
-/// event loop thread, far from the workers: `GET /metrics` (Prometheus text) and
-/// `GET /status` (JSON). It reads the snapshots workers publish and nothing else.
+/// The admin API: HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own event
+/// loop thread, far from the workers: `GET /metrics` (Prometheus text) and `GET /status`
+/// (JSON). It reads the snapshots workers publish and nothing else.
+///
+/// Who may ask is `protection` (`admin.auth`): anyone (loopback only), a bearer token checked
+/// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
+/// otherwise). Refusals are counted in `stoq_admin_refused_total`, which the server appends to
+/// `/metrics` itself since it is the only one that sees them.
 package final class AdminServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let channel: Channel
     /// Where it listens (the port the kernel chose, for port 0).
     package let localAddress: IPv6Endpoint
+    /// `https` under mutual TLS, else `http`.
+    package let scheme: String
+    private let refusals: AdminRefusals
 
-    /// Binds and starts serving `render(path)`: nil for 404.
-    package init(listen: IPv6Endpoint, logger: Logger, render: @escaping @Sendable (String) -> (String, String)?) throws {
+    /// Requests and TLS handshakes refused since the start.
+    package var refused: UInt64 { refusals.count.load(ordering: .relaxed) }
+
+    /// Binds and starts serving `render(path)` (nil for 404) to whom `protection` lets in.
+    package init(
+        listen: IPv6Endpoint, protection: AdminProtection = .none, logger: Logger,
+        render: @escaping @Sendable (String) -> (String, String)?
+    ) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let refusals = AdminRefusals()
+        self.refusals = refusals
+        var authorize: (@Sendable (String) -> AdminAuthResult)?
+        var tls: AdminTLS?
+        switch protection {
+        case .none: break
+        case .token(let a): authorize = a
+        case .mtls(let t): tls = t
+        }
+        scheme = tls == nil ? "http" : "https"
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             // IPv6 only, even on [::].
             .serverChannelOption(ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only), value: 1)
-            .childChannelInitializer { channel in
+            .childChannelInitializer { [authorize] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(AdminHandler(render: render))
+                    let ops = channel.pipeline.syncOperations
+                    if let tls {
+                        // A fresh look at the identity files per connection: rotation takes
+                        // effect from the next one.
+                        let context = try tls.context()
+                        let peer = "\(channel.remoteAddress.map { "\($0)" } ?? "?")"
+                        try ops.addHandler(
+                            NIOSSLServerHandler(context: context) { chain, promise in
+                                let der = chain.compactMap { try? $0.toDERBytes() }
+                                if let why = tls.verify(der) {
+                                    logger.notice("admin API: client certificate refused: \(why)", metadata: ["peer": "\(peer)"])
+                                    promise.succeed(.failed)
+                                } else {
+                                    promise.succeed(.certificateVerified)
+                                }
+                            })
+                    }
+                    try ops.configureHTTPServerPipeline(withErrorHandling: true)
+                    try ops.addHandler(AdminHandler(render: render, authorize: authorize, refusals: refusals, logger: logger))
+                    if tls != nil { try ops.addHandler(AdminTLSErrors(refusals: refusals, logger: logger)) }
                 }
             }
         do {
@@ -34,7 +78,13 @@ package final class AdminServer: @unchecked Sendable {
             throw NodeError(.config, "admin.listen = \"\(listen)\": cannot listen: \(error)")
         }
         localAddress = IPv6Endpoint(address: listen.address, port: UInt16(channel.localAddress?.port ?? Int(listen.port)))
-        logger.info("admin API on http://\(localAddress)/metrics and /status")
+        let how: String
+        switch protection {
+        case .none: how = "no authentication (loopback)"
+        case .token: how = "bearer token"
+        case .mtls: how = "client certificates"
+        }
+        logger.info("admin API on \(scheme)://\(localAddress)/metrics and /status, \(how)")
     }
 
     package func shutdown() {
@@ -43,13 +93,50 @@ package final class AdminServer: @unchecked Sendable {
     }
 }
 
+/// What the server refused, shared by its connections.
+final class AdminRefusals: Sendable {
+    let count = Atomic<UInt64>(0)
+    func add() { count.add(1, ordering: .relaxed) }
+
+    /// The family appended to `/metrics`.
+    var prometheus: String {
+        "# HELP stoq_admin_refused_total Admin API requests refused (no or wrong bearer token) and TLS handshakes refused (no or bad client certificate).\n"
+            + "# TYPE stoq_admin_refused_total counter\nstoq_admin_refused_total \(count.load(ordering: .relaxed))\n"
+    }
+}
+
+/// Counts TLS handshakes that failed (no client certificate, one that did not verify) and
+/// closes their connections.
+private final class AdminTLSErrors: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+    private let refusals: AdminRefusals
+    private let logger: Logger
+    init(refusals: AdminRefusals, logger: Logger) { (self.refusals, self.logger) = (refusals, logger) }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let e = error as? NIOSSLError, case .handshakeFailed = e {
+            refusals.add()
+            logger.debug("admin API: TLS handshake refused: \(error)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        }
+        context.close(promise: nil)
+    }
+}
+
 private final class AdminHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     private let render: @Sendable (String) -> (String, String)?
+    private let authorize: (@Sendable (String) -> AdminAuthResult)?
+    private let refusals: AdminRefusals
+    private let logger: Logger
     private var head: HTTPRequestHead?
 
-    init(render: @escaping @Sendable (String) -> (String, String)?) { self.render = render }
+    init(
+        render: @escaping @Sendable (String) -> (String, String)?, authorize: (@Sendable (String) -> AdminAuthResult)?,
+        refusals: AdminRefusals, logger: Logger
+    ) {
+        (self.render, self.authorize, self.refusals, self.logger) = (render, authorize, refusals, logger)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -61,17 +148,25 @@ private final class AdminHandler: ChannelInboundHandler {
             let path = String(h.uri.split(separator: "?", maxSplits: 1).first ?? "")
             var status = HTTPResponseStatus.ok
             var body = "", type = "text/plain; charset=utf-8"
-            if h.method != .GET && h.method != .HEAD {
+            var challenge = false
+            if let authorize, case .deny(let why) = authorize(h.headers["authorization"].first ?? "") {
+                refusals.add()
+                logger.notice("admin API: request refused: \(why)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "path": "\(path)"])
+                status = .unauthorized
+                body = "\(why)\n"
+                challenge = true
+            } else if h.method != .GET && h.method != .HEAD {
                 status = .methodNotAllowed
                 body = "only GET and HEAD\n"
             } else if let (text, contentType) = render(path) {
-                body = text
+                body = path == "/metrics" ? text + refusals.prometheus : text
                 type = contentType
             } else {
                 status = .notFound
                 body = "no \(path): try /metrics or /status\n"
             }
             var headers = HTTPHeaders([("content-type", type), ("content-length", "\(body.utf8.count)")])
+            if challenge { headers.add(name: "www-authenticate", value: "Bearer realm=\"stoq-admin\"") }
             if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
             context.write(
                 wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))),

@@ -67,6 +67,16 @@ package struct NodeMetrics {
     /// Expiry of a fixed certificate (`tls.cert_file`), which no renewal reports; ignored when
     /// `certificate` is set.
     var fixedCertificateNotAfter: Date?
+    /// Writes refused for want of space (`DiskFullMonitor`, node-wide); nil: not reported.
+    var diskFull: DiskFull?
+
+    /// What the node's `DiskFullMonitor` reports.
+    package struct DiskFull: Sendable {
+        package var refusals: UInt64
+        package var episodes: UInt64
+        package var full: Bool
+        package init(refusals: UInt64, episodes: UInt64, full: Bool) { (self.refusals, self.episodes, self.full) = (refusals, episodes, full) }
+    }
 
     /// `network.datapath` and `network.interface` as written.
     package struct ConfiguredDatapath: Sendable {
@@ -77,8 +87,10 @@ package struct NodeMetrics {
 
     package init(
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
-        mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil
+        mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
+        diskFull: DiskFull? = nil
     ) {
+        self.diskFull = diskFull
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
         (self.configuredDatapath, self.fixedCertificateNotAfter) = (configuredDatapath, fixedCertificateNotAfter)
     }
@@ -138,6 +150,9 @@ package struct NodeMetrics {
         perWorker("stoq_worker_handoff_dropped_total", "Datagrams not passed on: the owner's inbox was full.") { $0.handoff.dropped }
         perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
+        perWorker("stoq_http_uploads_no_space_total", "Object uploads answered 507: the disk was full (also in stoq_store_disk_full_total).") {
+            $0.objects.uploadsNoSpace
+        }
         perWorker("stoq_ingest_objects_total", "Plain uploads chunked into the content store (dedup on ingest).") { $0.objects.ingests }
         perWorker("stoq_ingest_failures_total", "Plain uploads whose ingest failed (answered 500).") { $0.objects.ingestFailures }
         perWorker("stoq_ingest_bytes_total", "Bytes of the plain uploads ingested.") { $0.objects.ingestBytes }
@@ -182,6 +197,14 @@ package struct NodeMetrics {
             family(
                 "stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
                 [("", s.corruptQuarantined)])
+        }
+        if let d = diskFull {
+            family(
+                "stoq_store_disk_full_total", "counter",
+                "Writes refused because the filesystem was full (ENOSPC/EDQUOT): uploads answered 507, edge fills served uncached.",
+                [("", d.refusals)])
+            family("stoq_store_disk_full_episodes_total", "counter", "Runs of such refusals with no successful write between them.", [("", d.episodes)])
+            family("stoq_store_disk_full", "gauge", "1 while the last write was refused for want of space.", [("", d.full ? 1 : 0)])
         }
         if let e = edge {
             family("stoq_edge_hits_total", "counter", "Chunk reads served from the edge cache.", [("", e.hits)])
@@ -247,6 +270,7 @@ package struct NodeMetrics {
                 "corrupt_quarantined": s.corruptQuarantined,
             ]
         }
+        if let d = diskFull { obj["disk_full"] = ["refusals": d.refusals, "episodes": d.episodes, "full": d.full] }
         if let m = mesh { obj["mesh"] = MeshMetrics.json(m) }
         let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)

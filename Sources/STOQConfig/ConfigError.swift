@@ -9,17 +9,21 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
         public static let badValue = Code(name: "bad value")
         public static let outOfRange = Code(name: "out of range")
         public static let ipv4NotSupported = Code(name: "IPv4 not supported")
+        /// A value that is well formed but unsafe with the rest of the file; `allowed` then
+        /// says what is wrong and what to set instead.
+        public static let unsafe = Code(name: "unsafe")
     }
     public var code: Code
     /// Dotted key, e.g. `network.listen_addr`; empty for file-level errors.
     public var key: String
     /// The value as written.
     public var value: String
-    /// What would have been accepted.
+    /// What would have been accepted (for `.unsafe`: why not, and what to set instead).
     public var allowed: String
 
     public var description: String {
         if key.isEmpty { return allowed }
+        if code == .unsafe { return "\(key) = \(value) \(allowed)" }
         return "\(key) = \(value): \(code.name); expected \(allowed)"
     }
 }

@@ -292,6 +292,21 @@ public enum ConfigLoader {
             var given = false
             s.optionalEndpoint("listen", &listen, given: &given)
             c.admin.listen = given ? listen : nil
+            s.choice("auth", &c.admin.auth)
+            s.string("token_file", &c.admin.tokenFile)
+        }
+        if let listen = c.admin.listen, listen.address != .loopback, c.admin.auth == .none {
+            // Anyone who can reach the port could read the node's metrics and status.
+            r.errors.append(
+                ConfigError(
+                    code: .unsafe, key: "admin.listen", value: "\"\(listen)\"",
+                    allowed: "is not loopback: set admin.auth = \"token\" or \"mtls\""))
+        }
+        if c.admin.auth == .token && c.admin.tokenFile.isEmpty {
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "admin.token_file", value: "\"\"",
+                    allowed: "the file holding the bearer token when admin.auth = \"token\""))
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift

@@ -144,8 +144,23 @@ public struct NodeConfig: Sendable, Equatable {
     }
     /// The admin API (HTTP/1.1 over TCP): `/metrics` (Prometheus text) and `/status` (JSON).
     public struct Admin: Sendable, Equatable {
+        /// `admin.auth`: what a request must show. Anything but `none` is required when
+        /// `listen` is not loopback (`::1`): the loader refuses the file otherwise.
+        public enum Auth: String, Sendable, CaseIterable {
+            /// Nobody is asked anything: loopback only.
+            case none
+            /// `Authorization: Bearer <token>`, checked against `token_file`.
+            case token
+            /// HTTPS with a client certificate that chains to the node's trust (its CA's root in
+            /// embedded mode, and `trust.bundle`); the server presents the node's identity.
+            case mtls
+        }
         /// Where it listens; nil = off.
         public var listen: IPv6Endpoint?
+        public var auth = Auth.none
+        /// With `auth = "token"`: the file whose content (surrounding whitespace trimmed) is the
+        /// bearer token, read at start.
+        public var tokenFile = ""
     }
 
     public var node = Node()

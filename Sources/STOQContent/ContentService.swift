@@ -23,7 +23,9 @@ import STOQTransfer
 ///   lists is stored (409).
 ///
 /// One instance per worker, on that worker's thread; the store it shares is thread-safe.
-/// Request bodies are collected in an anonymous memory file (memfd), never in the heap.
+/// Request bodies are collected in an anonymous memory file (memfd), never in the heap, and
+/// never on the data disk: a full disk shows only when a chunk or a manifest is stored, which
+/// then answers `507 Insufficient Storage` naming it and leaves nothing behind.
 public final class ContentService: QUICApplication {
     /// What the service counted.
     public struct Counters: Sendable {
@@ -462,6 +464,9 @@ public final class ContentService: QUICApplication {
             }
         } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
             fail(stream, connection, e.code == .chunkTooLarge ? 413 : 400, e.message)
+        } catch let e as StoreError where e.code == .noSpace {
+            // Counted by the store; the client may resend the chunk once space returns.
+            fail(stream, connection, 507, e.message)
         } catch { fail(stream, connection, 500, "\(error)") }
     }
 
@@ -493,6 +498,9 @@ public final class ContentService: QUICApplication {
             connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
         } catch let e as StoreError where e.code == .missingChunks {
             fail(stream, connection, 409, e.message)
+        } catch let e as StoreError where e.code == .noSpace {
+            // Nothing replaced: the object is absent, or still its previous version.
+            fail(stream, connection, 507, e.message)
         } catch { fail(stream, connection, 500, "\(error)") }
     }
 

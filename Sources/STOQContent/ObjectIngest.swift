@@ -32,6 +32,8 @@ public final class ObjectIngest: @unchecked Sendable {
         public var ticket: UInt64
         /// Why the object was not stored (nil: it is stored and indexed).
         public var failure: String?
+        /// The failure is a full disk (`failure` is then the 507's message, naming the object).
+        public var noSpace = false
         /// What was stored (zero on failure).
         public var report = Report()
     }
@@ -182,6 +184,10 @@ public final class ObjectIngest: @unchecked Sendable {
                     "ms": "\((DispatchTime.now().uptimeNanoseconds - t0) / 1_000_000)",
                 ])
             return Outcome(ticket: job.ticket, failure: nil, report: report)
+        } catch let e as StoreError where e.code == .noSpace {
+            // The store counted it and logs once per episode. The chunks put before it stay
+            // until garbage collection (unreferenced, after the grace period) or a retry reuses them.
+            return Outcome(ticket: job.ticket, failure: e.message, noSpace: true)
         } catch {
             logger.error("ingesting upload failed", metadata: ["object": "\(job.name)", "error": "\(error)"])
             return Outcome(ticket: job.ticket, failure: "\(error)")
@@ -216,14 +222,21 @@ public final class ObjectIngest: @unchecked Sendable {
         var ids: [ChunkID] = []
         entries.reserveCapacity(size / parameters.avgSize + 1)
         ids.reserveCapacity(size / parameters.avgSize + 1)
+        var written = 0  // bytes of new chunks put so far, for a full disk's message
+        func noSpace(_ e: StoreError) -> StoreError {
+            StoreError.noSpace(storing: name, written: written, errno: e.message.hasPrefix("disk quota") ? EDQUOT : ENOSPC)
+        }
         while let c = try chunker.next() {
             guard let map, c.offset + UInt64(c.length) <= UInt64(size) else {
                 throw StoreError(.io, "the upload of \(name) grew while it was ingested")
             }
             let id = ChunkID(bytes: c.id.bytes)!
             let bytes = UnsafeRawBufferPointer(start: map + Int(c.offset), count: c.length)
-            switch try index.chunks.put(id: id, bytes: bytes) {
+            let put: ChunkStore.PutResult
+            do { put = try index.chunks.put(id: id, bytes: bytes) } catch let e as StoreError where e.code == .noSpace { throw noSpace(e) }
+            switch put {
             case .stored:
+                written += c.length
                 report.newChunks += 1
                 report.newBytes += UInt64(c.length)
             case .alreadyPresent:
@@ -241,7 +254,9 @@ public final class ObjectIngest: @unchecked Sendable {
             throw StoreError(.io, "the manifest of \(name): \(error)")
         }
         report.manifest = manifest.encode()
-        try index.putObject(name, manifest: report.manifest, chunkIDs: ids)
+        do { try index.putObject(name, manifest: report.manifest, chunkIDs: ids) } catch let e as StoreError where e.code == .noSpace {
+            throw noSpace(e)
+        }
         report.bytes = UInt64(size)
         report.chunks = entries.count
         return report

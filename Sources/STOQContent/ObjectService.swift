@@ -2,12 +2,16 @@ import Foundation
 import Logging
 import STOQCore
 import STOQQUIC
+import STOQStore
 
 /// Serves `/objects/<name>` from one directory: GET/HEAD (with a single `Range`)
 /// zero-copy from an mmap of the file, and PUT stored atomically (temp file, fsync,
 /// rename, directory fsync) so that an interrupted upload leaves nothing visible.
 /// With an `ObjectIngest` (`chunking.dedup_enabled`), a finished upload is chunked into the
 /// content store instead, off this thread, and answered when it is durable and indexed.
+/// A full disk at any step (the temp file, its fsync, the rename, the ingest's chunks or
+/// record) answers `507 Insufficient Storage` naming the object and the bytes written, removes
+/// the temp file and leaves the object as it was.
 /// One instance per worker; it runs on that worker's thread only.
 public final class ObjectService: QUICApplication {
     struct Upload {
@@ -23,6 +27,8 @@ public final class ObjectService: QUICApplication {
         public var notFound: UInt64 = 0
         public var uploadsStored: UInt64 = 0
         public var uploadsAborted: UInt64 = 0
+        /// Uploads refused with 507 because the disk was full (also in `uploadsAborted`).
+        public var uploadsNoSpace: UInt64 = 0
         /// Uploads chunked into the content store (dedup on ingest), and those that failed.
         public var ingests: UInt64 = 0
         public var ingestFailures: UInt64 = 0
@@ -46,9 +52,13 @@ public final class ObjectService: QUICApplication {
     private var ingesting: [UInt64: (stream: HTTPStream, connection: QUICConnection)] = [:]
     private var nextTicket: UInt64 = 1
     private var outcomes: [ObjectIngest.Outcome] = []
+    /// Where uploads refused for want of space are counted (the node's, shared by every writer).
+    private let diskFull: DiskFullMonitor
 
     /// Serves from `root` (created if missing); with `ingest`, uploads become chunked objects.
-    public init(root: String, maxObjectSize: UInt64, logger: Logger, ingest: ObjectIngest? = nil) throws {
+    /// `diskFull` counts uploads refused for want of space (default: the ingest's store's).
+    public init(root: String, maxObjectSize: UInt64, logger: Logger, ingest: ObjectIngest? = nil, diskFull: DiskFullMonitor? = nil) throws {
+        self.diskFull = diskFull ?? ingest?.index.chunks.diskFull ?? DiskFullMonitor(logger: logger)
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         rootFD = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard rootFD >= 0 else { throw NodeError(.storage, "cannot open storage directory \(root): \(String(cString: strerror(errno)))") }
@@ -183,7 +193,12 @@ public final class ObjectService: QUICApplication {
         }
         let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
         let fd = openat(rootFD, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { return fail(stream, connection, 500, "cannot create upload file") }
+        guard fd >= 0 else {
+            let e = errno
+            // No inode left is a full disk too.
+            if StoreError.isNoSpace(e) { return noSpace(stream, connection, name, written: 0, errno: e) }
+            return fail(stream, connection, 500, "cannot create upload file: \(String(cString: strerror(e)))")
+        }
         uploads[stream] = Upload(fd: fd, temp: temp, name: name)
         stream.setBodySink(fd: fd, limit: maxObjectSize)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
@@ -192,9 +207,14 @@ public final class ObjectService: QUICApplication {
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
         guard let up = uploads.removeValue(forKey: stream) else { return }
         if aborted || stream.sinkErrno != 0 {
+            let written = Self.size(up.fd)
             discard(up)
             counters.uploadsAborted += 1
-            if !aborted { fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))") }
+            if aborted { return }
+            if StoreError.isNoSpace(stream.sinkErrno) {
+                return noSpace(stream, connection, up.name, written: written, errno: stream.sinkErrno)
+            }
+            fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))")
             return
         }
         if let ingest {
@@ -206,13 +226,16 @@ public final class ObjectService: QUICApplication {
             return
         }
         // Durable before visible: data, then the name, then the directory entry.
+        let written = Self.size(up.fd)
         guard fsync(up.fd) == 0, close(up.fd) == 0, renameat(rootFD, up.temp, rootFD, up.name) == 0 else {
             let e = errno
             discard(up)
             counters.uploadsAborted += 1
+            if StoreError.isNoSpace(e) { return noSpace(stream, connection, up.name, written: written, errno: e) }
             return fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(e)))")
         }
         fsync(rootFD)
+        diskFull.stored()
         counters.uploadsStored += 1
         connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
     }
@@ -240,7 +263,9 @@ public final class ObjectService: QUICApplication {
             if let failure = o.failure {
                 counters.ingestFailures += 1
                 counters.uploadsAborted += 1
-                if let wait { fail(wait.stream, wait.connection, 500, "storing the upload failed: \(failure)") }
+                if o.noSpace { counters.uploadsNoSpace += 1 }
+                // The ingest counted a full disk with the store; its message names the object.
+                if let wait { fail(wait.stream, wait.connection, o.noSpace ? 507 : 500, o.noSpace ? failure : "storing the upload failed: \(failure)") }
                 continue
             }
             counters.ingests += 1
@@ -251,6 +276,20 @@ public final class ObjectService: QUICApplication {
             if let wait { wait.connection.respond(wait.stream, status: 201, headers: [("content-length", "0")], body: nil) }
         }
         outcomes.removeAll(keepingCapacity: true)
+    }
+
+    /// 507 for an upload the disk had no room for (counted, and logged once per episode).
+    private func noSpace(_ stream: HTTPStream, _ connection: QUICConnection, _ name: String, written: Int, errno e: Int32) {
+        let refusal = StoreError.noSpace(storing: name, written: written, errno: e)
+        diskFull.refused(refusal.message)
+        counters.uploadsNoSpace += 1
+        fail(stream, connection, 507, refusal.message)
+    }
+
+    /// The size of the open file `fd` (what an upload wrote so far).
+    private static func size(_ fd: Int32) -> Int {
+        var st = stat()
+        return fstat(fd, &st) == 0 ? Int(st.st_size) : 0
     }
 
     private func discard(_ up: Upload) {

@@ -30,6 +30,12 @@ import Synchronization
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
 ///   ticket and picks the completion up from its `Inbox` between batches.
+/// - **A full disk**: a chunk that cannot be stored for want of space is still served, once,
+///   to the requests waiting for it (its bytes verified in memory), and not cached; a manifest
+///   that cannot be saved is served and kept in memory only. Both are counted with the node's
+///   other refused writes (`DiskFullMonitor`), logged once per episode, and the cache stores
+///   again as soon as a write succeeds. Nothing half-written stays: the store's temp file is
+///   removed, and the index snapshot is retried at the next tick.
 /// - **Restart**: the policy's entries (and ghost keys) are snapshotted crash-safely (`CacheIndexFile`) every
 ///   couple of seconds when they changed and at stop; on open the snapshot is checked
 ///   against the chunks actually on disk (missing ones dropped, strays adopted), so the
@@ -199,7 +205,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// disk, and loads the cached manifests. `start()` starts the fetcher.
     public init(
         root: String, capacity: UInt64, ttlDefault: UInt64, upstream: FetchUpstream, trust: ClientTrust,
-        datapath: ClientDatapath, maxChunkSize: Int, logger: Logger
+        datapath: ClientDatapath, maxChunkSize: Int, logger: Logger, diskFull: DiskFullMonitor? = nil
     ) throws {
         self.upstream = upstream
         self.root = root
@@ -210,7 +216,7 @@ public final class EdgeCache: @unchecked Sendable {
         self.logger = logger
         store = try ChunkStore(
             root: root, options: .init(dedup: true, maxChunkSize: maxChunkSize, durable: false),
-            logger: Logger(label: "stoq.edge.store"))
+            logger: Logger(label: "stoq.edge.store"), diskFull: diskFull)
         let manifestBudget = EdgeManifests.budget(of: capacity)
         policy = S3FIFO(capacity: capacity - manifestBudget)
         readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
@@ -276,8 +282,12 @@ public final class EdgeCache: @unchecked Sendable {
             return policy.snapshot()
         }
         guard let entries else { return }
-        do { try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 32) { $0.bytes }, to: indexPath) } catch {
-            logger.error("edge cache: cannot write the index: \(error)")
+        do {
+            try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 32) { $0.bytes }, to: indexPath)
+            store.diskFull.stored()
+        } catch {
+            // A full disk is counted and logged once per episode; the snapshot is retried.
+            if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot write the index: \(error)") }
             lock.withLock { dirty = true }
         }
     }
@@ -701,6 +711,13 @@ public final class EdgeCache: @unchecked Sendable {
                 lock.withLock { counterValues.verificationFailures += 1 }
                 logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
                 return "edge: \(from) sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"
+            } catch let e as StoreError where e.code == .noSpace {
+                // Counted by the store. The bytes verified: the requests waiting get them, the
+                // cache keeps nothing (a later request fetches the chunk again).
+                logger.debug("edge cache: chunk \(id.hex) served uncached: \(e.message)")
+                upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
+                complete(a.fetchKey, nil, chunk: body)
+                return nil
             } catch {
                 logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
                 complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
@@ -729,8 +746,12 @@ public final class EdgeCache: @unchecked Sendable {
             let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
             let m = EdgeManifests.Entry(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
             let file = manifestFile(name)
-            do { try CacheIndexFile.write(EdgeManifests.encode(m), to: file) } catch {
-                logger.error("edge cache: cannot save the manifest of \(name): \(error)")
+            do {
+                try CacheIndexFile.write(EdgeManifests.encode(m), to: file)
+                store.diskFull.stored()
+            } catch {
+                // Kept in memory all the same: only a restart loses it.
+                if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
             }
             let (kept, evicted) = lock.withLock {
                 let r = manifests.insert(name, m)

@@ -75,6 +75,14 @@ public final class Node: @unchecked Sendable {
     /// own CA in embedded mode, plus trust.bundle) and the revoked serials (the CA's list).
     static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
         guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
+        let verifier = try clientVerifier(cfg, for: "network.client_auth")
+        return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+    }
+
+    /// How a client certificate is checked (QUIC mutual TLS and `admin.auth = "mtls"`): it must
+    /// chain to the node's own CA in embedded mode and/or `trust.bundle`, not be revoked by the
+    /// CA, and carry clientAuth. `key` names the setting in errors.
+    static func clientVerifier(_ cfg: NodeConfig, for key: String) throws(NodeError) -> PeerVerifier {
         var roots: [String] = []
         let caDirectory = cfg.node.dataDir + "/trust"
         let embedded = cfg.tls.certFile.isEmpty && cfg.trust.mode == .embedded
@@ -83,15 +91,14 @@ public final class Node: @unchecked Sendable {
         do {
             // The node's CA signs its clients: it must exist before its root can be trusted.
             if embedded && !FileManager.default.fileExists(atPath: roots[0]) { _ = try TrustAuthority.create(in: caDirectory) }
-            let verifier = PeerVerifier(
+            return PeerVerifier(
                 roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
                 revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
                 role: .client, transparencyLogs: try transparencyLogKeys(cfg))
-            return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
         } catch let e as NodeError {
             throw e
         } catch {
-            throw NodeError(.identity, "network.client_auth: \(error)")
+            throw NodeError(.identity, "\(key): \(error)")
         }
     }
 
@@ -213,7 +220,7 @@ public final class Node: @unchecked Sendable {
                 options: .init(
                     dedup: cfg.chunking.dedupEnabled,
                     maxChunkSize: Int(cfg.chunking.maxChunkSize)),
-                logger: Logger(label: "stoq.store"))
+                logger: Logger(label: "stoq.store"), diskFull: DiskFullMonitor(logger: logger))
             content = try ObjectIndex(chunks: store)
         } catch {
             throw NodeError(.storage, "cannot open the content store at \(cfg.storage.contentPath): \(error)")
@@ -246,7 +253,7 @@ public final class Node: @unchecked Sendable {
                 root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                 ttlDefault: cfg.edge.ttlDefault, upstream: upstream,
                 trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
-                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger)
+                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger, diskFull: contentIndex?.chunks.diskFull)
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }
@@ -303,8 +310,13 @@ public final class Node: @unchecked Sendable {
         // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
         // file was just loaded, so a failure here would have failed the start).
         let fixedNotAfter = cfg.tls.certFile.isEmpty ? nil : (try? PEMFiles.readCertificates(cfg.tls.certFile))?.first?.notValidAfter
+        let protection: AdminProtection
+        do { protection = try adminProtection(cfg) } catch {
+            stop()
+            throw error
+        }
         do {
-            admin = try AdminServer(listen: listen, logger: logger) { path in
+            admin = try AdminServer(listen: listen, protection: protection, logger: logger) { path in
                 let certificate = certificates.map {
                     let c = $0.counters
                     return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
@@ -316,7 +328,8 @@ public final class Node: @unchecked Sendable {
                 let metrics = NodeMetrics(
                     workers: snapshots.compactMap(\.latest), store: store.counters,
                     certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
-                    fixedCertificateNotAfter: fixedNotAfter)
+                    fixedCertificateNotAfter: fixedNotAfter,
+                    diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full))
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
@@ -329,8 +342,35 @@ public final class Node: @unchecked Sendable {
         }
     }
 
+    /// `admin.auth` made concrete. For now a token is the one in `admin.token_file` (a fixed
+    /// secret, compared in constant time); the closure is where tokens signed by the node's key
+    /// will be checked instead. Under mutual TLS the server presents the node's certificate
+    /// (re-read when renewal replaces it) and checks clients as `network.client_auth` does.
+    private func adminProtection(_ cfg: NodeConfig) throws(NodeError) -> AdminProtection {
+        switch cfg.admin.auth {
+        case .none:
+            return .none
+        case .token:
+            let token: AdminBearerToken
+            do { token = try AdminBearerToken(file: cfg.admin.tokenFile) } catch { throw NodeError(.config, "\(error)") }
+            return .token(authorize: token.authorize)
+        case .mtls:
+            let verifier = try Self.clientVerifier(cfg, for: "admin.auth = \"mtls\"")
+            let identity = certificates?.identityDirectory ?? cfg.node.dataDir + "/identity"
+            let (cert, key) = cfg.tls.certFile.isEmpty ? (identity + "/cert.pem", identity + "/key.pem") : (cfg.tls.certFile, cfg.tls.keyFile)
+            do {
+                return .mtls(try AdminTLS(certificateFile: cert, keyFile: key) { verifier.refusal(derChain: $0, serverName: nil) })
+            } catch {
+                throw NodeError(.identity, "\(error)")
+            }
+        }
+    }
+
     /// Where the admin API listens, if it is on.
     public var adminAddress: IPv6Endpoint? { admin?.localAddress }
+
+    /// The admin API's base URL (`https` under `admin.auth = "mtls"`), if it is on.
+    public var adminURL: String? { admin.map { "\($0.scheme)://\($0.localAddress)" } }
 
     /// Each worker's latest published numbers.
     public var workerStats: [WorkerStats] { snapshots.compactMap(\.latest) }

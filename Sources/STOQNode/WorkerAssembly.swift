@@ -88,7 +88,7 @@ struct WorkerAssembly: @unchecked Sendable {
     private func makeRouter() throws -> NodeRouter {
         let objects = try ObjectService(
             root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
-            logger: logger, ingest: ingest)
+            logger: logger, ingest: ingest, diskFull: content.chunks.diskFull)
         let chunks = ContentService(
             index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
             edge: edge, maxAge: originMaxAge, mesh: meshService)

@@ -47,11 +47,16 @@ public final class ChunkStore: @unchecked Sendable {
         /// after a crash a chunk may be missing or torn, and a torn one fails verification
         /// when read and is dropped like any corrupt chunk.
         public var durable: Bool
+        /// The `write(2)` chunk and record files are written with. Tests pass one that fails
+        /// with ENOSPC at a chosen byte, to see what a full disk leaves behind.
+        public var write: @Sendable (Int32, UnsafeRawPointer, Int) -> Int
 
         /// Options with the defaults above, or the values given.
         public init(
-            dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20, durable: Bool = true
+            dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20, durable: Bool = true,
+            write: (@Sendable (Int32, UnsafeRawPointer, Int) -> Int)? = nil
         ) {
+            self.write = write ?? Directory.systemWrite
             self.durable = durable
             self.dedup = dedup
             self.collectGracePeriod = collectGracePeriod
@@ -94,6 +99,9 @@ public final class ChunkStore: @unchecked Sendable {
     public let root: String
     /// The options it was opened with.
     public let options: Options
+    /// Where writes refused for want of space are counted (shared with the node's other
+    /// writers; the object index over this store reports to it too).
+    public let diskFull: DiskFullMonitor
     /// What opening it repaired.
     public let recovery: Recovery
 
@@ -113,8 +121,9 @@ public final class ChunkStore: @unchecked Sendable {
     /// missing or corrupt on read.
     public init(
         root: String, options: Options = Options(), source: (any ChunkSource)? = nil,
-        logger: Logger = Logger(label: "stoq.store")
+        logger: Logger = Logger(label: "stoq.store"), diskFull: DiskFullMonitor? = nil
     ) throws {
+        self.diskFull = diskFull ?? DiskFullMonitor(logger: logger)
         do {
             try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         } catch {
@@ -167,9 +176,18 @@ public final class ChunkStore: @unchecked Sendable {
                 state.withLock { counterValues.dedupHits += 1 }
                 return .alreadyPresent
             }
-            let dir = try shardDirectory(id, shard)
-            let temp = ".tmp-\(name)-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
-            try dir.replace(name, tempName: temp, with: bytes, durable: options.durable)
+            do {
+                let dir = try shardDirectory(id, shard)
+                let temp = ".tmp-\(name)-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+                try dir.replace(name, tempName: temp, with: bytes, durable: options.durable, what: "chunk \(id.hex)", write: options.write)
+            } catch let e as StoreError where e.code == .noSpace {
+                // The file's own steps name the chunk and its bytes; a new shard directory's
+                // mkdir or fsync does not, and nothing of the chunk was written then.
+                let refusal = e.message.contains(id.hex + " (") ? e : StoreError.noSpace(storing: "chunk \(id.hex)", written: 0)
+                diskFull.refused(refusal.message)
+                throw refusal
+            }
+            diskFull.stored()
             state.withLock {
                 counterValues.chunksWritten += 1
                 counterValues.bytesWritten += UInt64(bytes.count)
@@ -342,6 +360,8 @@ public final class ChunkStore: @unchecked Sendable {
         guard actual == id else { return refetchFailed(id, why, "the source sent bytes hashing to \(actual)") }
         do {
             _ = try bytes.withUnsafeBytes { try putVerified(id: id, bytes: $0) }
+        } catch let e as StoreError where e.code == .noSpace {
+            // Served anyway; counted (and logged once per episode) by the put.
         } catch {
             // The bytes verified, so the read is served; the store just could not keep them.
             logger.error("refetched chunk could not be stored", metadata: ["chunk": "\(id)", "error": "\(error)"])

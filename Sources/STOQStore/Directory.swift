@@ -37,12 +37,35 @@ final class Directory {
     /// recognises as a temp file, so recovery can remove it.
     /// Without `durable` (a cache, whose reads verify every byte anyway) nothing is fsynced:
     /// the rename still makes the file appear whole or not at all while the system runs.
-    func replace(_ name: String, tempName: String, with bytes: UnsafeRawBufferPointer, durable: Bool = true) throws {
+    ///
+    /// Any step may find the filesystem full (the create, a write, fsync or close on
+    /// filesystems that allocate late, the rename when the directory must grow): that throws
+    /// `.noSpace` naming `what` and the bytes written, after removing the temp file, so a full
+    /// disk leaves nothing behind. A directory fsync that fails after the rename throws too,
+    /// but the new file is then already in place.
+    /// `write` is `write(2)` unless a test makes the disk fill at a chosen byte.
+    func replace(
+        _ name: String, tempName: String, with bytes: UnsafeRawBufferPointer, durable: Bool = true, what: String? = nil,
+        write: (Int32, UnsafeRawPointer, Int) -> Int = systemWrite
+    ) throws {
+        var written = 0
+        do {
+            try replaceSteps(name, tempName: tempName, with: bytes, durable: durable, written: &written, write: write)
+        } catch let e as StoreError where e.code == .noSpace {
+            throw StoreError.noSpace(storing: what ?? name, written: written, errno: e.message.contains("(errno \(EDQUOT))") ? EDQUOT : ENOSPC)
+        }
+        if durable { try sync() }
+    }
+
+    private func replaceSteps(
+        _ name: String, tempName: String, with bytes: UnsafeRawBufferPointer, durable: Bool, written: inout Int,
+        write: (Int32, UnsafeRawPointer, Int) -> Int
+    ) throws {
         let tfd = openat(fd, tempName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard tfd >= 0 else { throw StoreError.io("create", path + "/" + tempName) }
         var open = true
         do {
-            try Self.writeAll(tfd, bytes, path: path + "/" + tempName)
+            try Self.writeAll(tfd, bytes, path: path + "/" + tempName, written: &written, using: write)
             // Data durable before the name points at it.
             guard !durable || fsync(tfd) == 0 else { throw StoreError.io("fsync", path + "/" + tempName) }
             open = false
@@ -53,7 +76,6 @@ final class Directory {
             unlinkat(fd, tempName, 0)
             throw error
         }
-        if durable { try sync() }
     }
 
     /// Reads the regular file `fd` refers to whole, with one buffer of its size and as few
@@ -77,15 +99,23 @@ final class Directory {
         return bytes
     }
 
-    static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
-        var done = 0
+    /// Writes all of `bytes`; `written` counts what the kernel took, also when it throws.
+    static func writeAll(
+        _ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String, written done: inout Int,
+        using write: (Int32, UnsafeRawPointer, Int) -> Int = systemWrite
+    ) throws {
+        done = 0
         while done < bytes.count {
             let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
             if n > 0 { done += n; continue }
             if n < 0, errno == EINTR { continue }
-            throw StoreError.io("write", path)
+            // A write of 0 bytes to a regular file is a full disk by another name.
+            throw StoreError.io("write", path, errno: n == 0 ? ENOSPC : errno)
         }
     }
+
+    /// `write(2)`: what a store writes with unless its options name another.
+    static let systemWrite: @Sendable (Int32, UnsafeRawPointer, Int) -> Int = { Glibc.write($0, $1, $2) }
 
     /// The names in the directory, without `.` and `..`.
     func names() throws -> [String] {

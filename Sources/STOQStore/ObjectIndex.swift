@@ -118,6 +118,7 @@ public final class ObjectIndex: @unchecked Sendable {
 
     /// Stores (or atomically replaces) object `name` with `manifest` and `chunkIDs`. Every
     /// chunk must already be in the store, else `.missingChunks` lists the ones that are not.
+    /// A full disk throws `.noSpace` and leaves the object as it was (absent, or the old version).
     public func putObject(_ name: String, manifest: [UInt8], chunkIDs: [ChunkID]) throws {
         try Self.validateName(name)
         let record = ObjectRecord(name: name, manifest: manifest, chunkIDs: chunkIDs).encoded()
@@ -130,7 +131,16 @@ public final class ObjectIndex: @unchecked Sendable {
                         + missing.map(\.hex).joined(separator: ", "))
             }
             let temp = ".tmp-\(name.prefix(200))-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
-            try record.withUnsafeBytes { try dir.replace(name, tempName: temp, with: $0) }
+            do {
+                try record.withUnsafeBytes {
+                    try dir.replace(name, tempName: temp, with: $0, what: "the record of object \(name)", write: chunks.options.write)
+                }
+            } catch let e as StoreError where e.code == .noSpace {
+                // Nothing replaced: the previous version of the object, if any, is what is served.
+                chunks.diskFull.refused(e.message)
+                throw e
+            }
+            chunks.diskFull.stored()
         }
     }
 

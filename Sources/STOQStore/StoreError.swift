@@ -33,6 +33,11 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         public static let locked = Code("locked")
         /// A system call failed; the message names the call, the path and errno.
         public static let io = Code("io")
+        /// The filesystem is full (ENOSPC), or the process's disk quota is used up (EDQUOT).
+        /// Nothing was stored and no temp file is left; the same write can succeed once space
+        /// returns. The message says what was being stored and how far it got; a server
+        /// answers `507 Insufficient Storage` with it.
+        public static let noSpace = Code("noSpace")
     }
 
     /// The kind of failure.
@@ -48,8 +53,19 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
 
     public var description: String { message }
 
-    /// An `.io` error for the call that just failed, naming the path and `errno`.
+    /// An `.io` error for the call that just failed, naming the path and `errno` (`.noSpace`
+    /// when the errno says the filesystem or the quota is full).
     static func io(_ call: String, _ path: String, errno e: Int32 = errno) -> StoreError {
-        StoreError(.io, "\(call) \(path): \(String(cString: strerror(e))) (errno \(e))")
+        StoreError(isNoSpace(e) ? .noSpace : .io, "\(call) \(path): \(String(cString: strerror(e))) (errno \(e))")
+    }
+
+    /// Whether `errno` means "no room to write": ENOSPC, or EDQUOT (a quota, same remedy).
+    public static func isNoSpace(_ e: Int32) -> Bool { e == ENOSPC || e == EDQUOT }
+
+    /// The `.noSpace` error a server sends back: "no space left on device while storing
+    /// `what` (`written` bytes written)", with the quota named when that is what ran out.
+    public static func noSpace(storing what: String, written: Int, errno e: Int32 = ENOSPC) -> StoreError {
+        let cause = e == EDQUOT ? "disk quota exceeded" : "no space left on device"
+        return StoreError(.noSpace, "\(cause) while storing \(what) (\(written) bytes written)")
     }
 }

@@ -73,7 +73,7 @@ struct StoqNode: AsyncParsableCommand {
         let service = NodeService(node: node) { node in
             print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")
             print("certificate: \(URL(fileURLWithPath: node.servingCertificatePath).standardizedFileURL.path)")
-            if let admin = node.adminAddress { print("admin: http://\(admin)/metrics") }
+            if let admin = node.adminURL { print("admin: \(admin)/metrics") }
             print("listening: \(node.listenAddress)")
             fflush(nil)
         }

@@ -12,6 +12,7 @@ struct StatusCommand: AsyncParsableCommand {
             Example: stoq status http://[::1]:9464
                      stoq status http://[::1]:9464 --json
             The node must run with [admin] listen set; stoq-node prints the address as "admin:".
+            With [admin] auth = "token", set STOQ_ADMIN_TOKEN_FILE to a file holding the token.
             """)
 
     @Argument(help: "The admin API, http://[ipv6]:port") var admin: String
@@ -45,18 +46,31 @@ struct StatusCommand: AsyncParsableCommand {
 
 /// The admin API's `/status` document, for `stoq status` and `stoq mesh`.
 enum AdminAPI {
+    /// Where `stoq status` and `stoq mesh` find the admin API's bearer token (`admin.auth =
+    /// "token"`): the environment, so that every subcommand takes it the same way.
+    static let tokenFileVariable = "STOQ_ADMIN_TOKEN_FILE"
+
     /// GETs `<admin>/status`: the base URL and the body. Exits 2 on a URL that is not
     /// `http://[ipv6]:port`, 1 when the node cannot be read.
     static func status(_ admin: String) async throws -> (base: String, data: Data) {
         let base: String
         do { base = try MeshTables.adminBase(admin) } catch let e as MeshViewError { throw fail(e.message, code: 2) }
+        var request = HTTPClientRequest(url: base + "/status")
+        if let path = ProcessInfo.processInfo.environment[tokenFileVariable], !path.isEmpty {
+            guard let data = FileManager.default.contents(atPath: path) else { throw fail("\(tokenFileVariable)=\(path): cannot read the file") }
+            let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            request.headers.add(name: "authorization", value: "Bearer \(token)")
+        }
         let client = HTTPClient(eventLoopGroupProvider: .singleton)
         let body: ByteBuffer
         do {
-            let response = try await client.execute(HTTPClientRequest(url: base + "/status"), timeout: .seconds(10))
+            let response = try await client.execute(request, timeout: .seconds(10))
             guard response.status == .ok else {
                 try? await client.shutdown()
-                throw fail("\(base)/status: HTTP \(response.status.code)")
+                let hint =
+                    response.status == .unauthorized
+                    ? ": the admin API wants a bearer token (admin.auth = \"token\"); set \(tokenFileVariable) to the file holding it" : ""
+                throw fail("\(base)/status: HTTP \(response.status.code)\(hint)")
             }
             body = try await response.body.collect(upTo: 64 << 20)
         } catch let e as ExitCode {

@@ -143,6 +143,16 @@ def summed_counters(node, names):
     return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in names}
 
 
+def metric_totals(node):
+    """Every sample on the node's /metrics, summed over its labels: name -> total."""
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\d+)$", text, re.M):
+        out[name] = out.get(name, 0) + int(value)
+    return out
+
+
 def settled(read, timeout=20):
     """What `read()` returns once it stops moving: workers publish their counters about once a
     second, so what an earlier test did can still show up a second later; two equal readings

@@ -1,10 +1,12 @@
 """The admin API of a real node: /metrics in Prometheus text format and /status as JSON,
 with counters that move when the node works, over TCP on IPv6 only."""
+import http.client
 import http.server
 import json
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -14,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Node, stoq
+from conftest import Node, need_binary, run, stoq
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +155,156 @@ def test_stoq_mesh_commands_read_the_mesh_object():
         assert r.returncode == 0 and json.loads(r.stdout)["max_hops"] == 4
     finally:
         server.shutdown()
+
+
+# ---- admin.auth (issue #16, item 6) --------------------------------------------------------
+
+NOT_LOOPBACK = 'admin.listen = "[::]:9090" is not loopback: set admin.auth = "token" or "mtls"'
+
+
+def on_loopback(admin_url):
+    """The banner prints the bound address ([::]); ask it on [::1]."""
+    return admin_url.replace("[::]", "[::1]")
+
+
+def test_a_non_loopback_admin_without_auth_refuses_to_start(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path}/data"\n[network]\nlisten_addr = "[::1]:0"\n'
+                   '[admin]\nlisten = "[::]:9090"\n')
+    r = run([need_binary("stoq-node"), "--config", cfg], timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"stoq-node: invalid configuration\n{cfg}: {NOT_LOOPBACK}\n"
+    assert not (tmp_path / "data").exists()          # refused before touching anything
+    r = stoq("config", "check", cfg)
+    assert r.returncode != 0 and NOT_LOOPBACK in r.stdout + r.stderr
+
+
+def test_a_reload_to_a_non_loopback_admin_without_auth_is_refused(tmp_path):
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::1]:0"')
+    try:
+        n.config.write_text(n.config.read_text().replace('listen = "[::1]:0"', 'listen = "[::]:9090"'))
+        n.proc.send_signal(signal.SIGHUP)
+        deadline, log = time.time() + 10, ""
+        while time.time() < deadline and NOT_LOOPBACK not in log:
+            time.sleep(0.2)
+            log = (tmp_path / "node.log").read_text()
+        assert "is invalid, keeping the running configuration" in log and NOT_LOOPBACK in log, log[-2000:]
+        assert fetch(n.admin)[0] == 200                  # still the loopback one
+    finally:
+        assert n.stop() == 0
+
+
+def get_status(url, headers=None, context=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def test_token_auth_answers_401_without_the_token_and_200_with_it(tmp_path):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("0123456789abcdef-admin-token\n")
+    n = Node(tmp_path, workers=1, extra=f'[admin]\nlisten = "[::]:0"\nauth = "token"\ntoken_file = "{token_file}"')
+    try:
+        assert n.admin.startswith("http://[::]:")
+        url = on_loopback(n.admin)
+        status, headers, body = get_status(url)
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+        assert body == "no Authorization header: send Authorization: Bearer <token>\n"
+        status, headers, body = get_status(url, {"Authorization": "Bearer not-the-token"})
+        assert status == 401 and body == "wrong bearer token\n"
+        assert get_status(url.replace("/metrics", "/status"))[0] == 401
+        status, _, text = get_status(url, {"Authorization": "Bearer 0123456789abcdef-admin-token"})
+        assert status == 200
+        assert sample(text, "stoq_admin_refused_total") == 3
+        assert "stoq_quic_datagrams_received_total" in text
+        status, _, body = get_status(url.replace("/metrics", "/status"), {"Authorization": "Bearer 0123456789abcdef-admin-token"})
+        assert status == 200 and "workers" in json.loads(body)
+        # stoq status takes the token from STOQ_ADMIN_TOKEN_FILE, and says so when it is missing.
+        base = url.removesuffix("/metrics")
+        r = stoq("status", base)
+        assert r.returncode == 1 and "HTTP 401: the admin API wants a bearer token" in r.stderr, r.stderr
+        r = stoq("status", base, "--json", env={"STOQ_ADMIN_TOKEN_FILE": str(token_file)})
+        assert r.returncode == 0 and json.loads(r.stdout)["workers"], r.stderr
+    finally:
+        assert n.stop() == 0
+
+
+def test_a_missing_token_file_fails_the_start(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path}/data"\n[network]\nlisten_addr = "[::1]:0"\nworkers = 1\n'
+                   f'[storage]\npath = "{tmp_path}/objects"\ncontent_path = "{tmp_path}/content"\n'
+                   f'[admin]\nlisten = "[::]:0"\nauth = "token"\ntoken_file = "{tmp_path}/nope"\n')
+    r = run([need_binary("stoq-node"), "--config", cfg], timeout=60)
+    assert r.returncode == 1
+    assert f'admin.token_file = "{tmp_path}/nope": cannot read the file' in r.stderr, r.stderr
+
+
+def test_mtls_auth_takes_a_certificate_from_the_nodes_ca_and_nothing_else(tmp_path):
+    import ssl
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::]:0"\nauth = "mtls"')
+    try:
+        assert n.admin.startswith("https://[::]:")
+        url = on_loopback(n.admin)
+        ca = pathlib.Path(n.cert).parent                   # data/trust: the node's CA
+        cert, key = tmp_path / "prom.pem", tmp_path / "prom.key"
+        r = stoq("trust", "issue", "--dir", ca, "--dns", "prometheus.example", "--out", cert, "--key-out", key)
+        assert r.returncode == 0, r.stderr
+        other = tmp_path / "other-ca"
+        assert stoq("trust", "init", "--dir", other).returncode == 0
+        ocert, okey = tmp_path / "stranger.pem", tmp_path / "stranger.key"
+        assert stoq("trust", "issue", "--dir", other, "--dns", "x.example", "--out", ocert, "--key-out", okey).returncode == 0
+
+        def context(chain=None, key=None):
+            ctx = ssl.create_default_context(cafile=n.cert)     # the node's certificate verifies
+            ctx.check_hostname = False                          # (its names: host, addresses)
+            if chain:
+                ctx.load_cert_chain(chain, key)
+            return ctx
+
+        status, _, text = get_status(url, context=context(cert, key))
+        assert status == 200 and "stoq_quic_datagrams_received_total" in text
+        for bad in (context(), context(ocert, okey)):
+            with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+                get_status(url, context=bad)
+        # Plain HTTP gets nothing either.
+        with pytest.raises((ConnectionError, urllib.error.URLError, http.client.HTTPException)):
+            get_status(url.replace("https://", "http://"))
+        status, _, text = get_status(url, context=context(cert, key))
+        assert status == 200 and sample(text, "stoq_admin_refused_total") >= 2
+        assert "client certificate refused" in (tmp_path / "node.log").read_text()
+    finally:
+        assert n.stop() == 0
+
+
+def test_mtls_serves_the_rotated_certificate_from_the_next_connection(tmp_path):
+    """The identity certificate rotates (here every ~7 s: a 20 s lifetime renewed a third
+    before expiry); the admin API serves the new one without a restart."""
+    import ssl
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::1]:0"\nauth = "mtls"\n[trust]\ncert_lifetime = "20s"')
+    try:
+        ca = pathlib.Path(n.cert).parent
+        cert, key = tmp_path / "prom.pem", tmp_path / "prom.key"
+        assert stoq("trust", "issue", "--dir", ca, "--dns", "prometheus.example", "--out", cert, "--key-out", key).returncode == 0
+        ctx = ssl.create_default_context(cafile=n.cert)
+        ctx.check_hostname = False
+        ctx.load_cert_chain(cert, key)
+        host, port = re.match(r"https://\[(.*)\]:(\d+)", n.admin).groups()
+
+        def served():
+            with socket.create_connection((host, int(port)), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+                return tls.getpeercert(binary_form=True)
+
+        first = served()
+        deadline = time.time() + 30
+        while time.time() < deadline and len(re.findall(r"certificate issued", (tmp_path / "node.log").read_text())) < 2:
+            time.sleep(0.5)
+        assert len(re.findall(r"certificate issued", (tmp_path / "node.log").read_text())) >= 2, "no rotation"
+        second = served()
+        assert second != first
+        status, _, _ = get_status(n.admin, context=ctx)
+        assert status == 200
+    finally:
+        assert n.stop() == 0

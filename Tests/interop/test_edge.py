@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from conftest import Node, free_port, random_file, run, sha256_file, stoq
+from conftest import Node, free_port, metric_totals, random_file, run, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -26,12 +25,7 @@ def metrics(node, settle=True):
     # Workers publish their counters about once a second: wait for the latest.
     if settle:
         time.sleep(1.1)
-    with urllib.request.urlopen(node.admin, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\d+)$", text, re.M):
-        out[name] = out.get(name, 0) + int(value)
-    return out
+    return metric_totals(node)
 
 
 def origin_counts(origin):
