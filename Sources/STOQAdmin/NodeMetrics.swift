@@ -67,6 +67,20 @@ package struct NodeMetrics {
     /// Expiry of a fixed certificate (`tls.cert_file`), which no renewal reports; ignored when
     /// `certificate` is set.
     var fixedCertificateNotAfter: Date?
+    /// What the object gate and the rate limiter counted (node-wide: both are shared by the
+    /// workers); nil when the node has neither.
+    var limits: Limits?
+
+    /// The gate's and the rate limiter's numbers.
+    package struct Limits: Sendable {
+        package var gate: ObjectGate.Counters
+        /// Requests answered 429, and clients tracked now (nil: no rate limits).
+        package var rateLimited: UInt64?
+        package var rateClients: Int?
+        package init(gate: ObjectGate.Counters, rateLimited: UInt64?, rateClients: Int?) {
+            (self.gate, self.rateLimited, self.rateClients) = (gate, rateLimited, rateClients)
+        }
+    }
 
     /// `network.datapath` and `network.interface` as written.
     package struct ConfiguredDatapath: Sendable {
@@ -77,10 +91,11 @@ package struct NodeMetrics {
 
     package init(
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
-        mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil
+        mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
+        limits: Limits? = nil
     ) {
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
-        (self.configuredDatapath, self.fixedCertificateNotAfter) = (configuredDatapath, fixedCertificateNotAfter)
+        (self.configuredDatapath, self.fixedCertificateNotAfter, self.limits) = (configuredDatapath, fixedCertificateNotAfter, limits)
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -221,6 +236,23 @@ package struct NodeMetrics {
             family(
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
                 [("", UInt64(max(0, notAfter.timeIntervalSince1970)))])
+        }
+        if let l = limits {
+            family(
+                "stoq_limits_quota_refused_total", "counter", "Writes refused 507: limits.storage_cap or limits.writer_quota.",
+                [("{kind=\"storage_cap\"}", l.gate.storageCapRefused), ("{kind=\"writer_quota\"}", l.gate.writerQuotaRefused)])
+            family(
+                "stoq_precondition_failed_total", "counter", "Writes and deletes refused 412 by If-Match / If-None-Match.",
+                [("", l.gate.preconditionFailed)])
+            family(
+                "stoq_overwrite_refused_total", "counter", "Replacements and deletes refused by access.overwrite (403, or 409 under never).",
+                [("", l.gate.overwriteRefused)])
+            family("stoq_stored_bytes", "gauge", "Bytes the node stores: plain objects and chunks (what limits.storage_cap caps).", [("", l.gate.storedBytes)])
+            family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
+            if let limited = l.rateLimited {
+                family("stoq_limits_rate_limited_total", "counter", "Requests answered 429 by the per-client rate limits.", [("", limited)])
+                family("stoq_limits_rate_clients", "gauge", "Clients the rate limiter tracks now.", [("", UInt64(l.rateClients ?? 0))])
+            }
         }
         if let m = mesh { out += MeshMetrics.prometheus(m) }
         return out

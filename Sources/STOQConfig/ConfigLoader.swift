@@ -295,7 +295,12 @@ public enum ConfigLoader {
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing"])
+        r.limits(&c.limits)  // [limits]: LimitsConfig.swift
+        r.section("access") { s in
+            s.choice("overwrite", &c.overwrite)
+        }
+        r.rejectUnknownSections(
+            ["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing", "limits", "access"])
         return (c, r)
     }
 }

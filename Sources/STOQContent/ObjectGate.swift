@@ -354,13 +354,21 @@ public final class ObjectGate: @unchecked Sendable {
         }
     }
 
-    /// Deletes `name` for `w`: under the lock, checks the conditions and policy, then calls
-    /// `remove` with what is there. 404 when there is nothing.
-    public func delete(_ name: String, by w: Writer, remove: (Current) throws -> Void) throws -> Refusal? {
+    /// Deletes object `name` for `w`, durably: the plain file and the chunked object of the
+    /// name (a chunked object's chunks stay until garbage collection). Under the lock, after
+    /// the conditions and the policy. 404 when there is neither.
+    public func delete(_ name: String, by w: Writer) throws -> Refusal? {
         try lock.withLock {
             guard let current = current(name) else { return Refusal(status: 404, reason: "no object \(name)") }
             if let r = refusalLocked(name, w, current, size: nil, physical: nil, delete: true) { return r }
-            try remove(current)
+            if unlinkat(flatFD, name, 0) == 0 {
+                fsync(flatFD)
+            } else if errno != ENOENT {
+                throw StoreError(.io, "unlink \(name): \(String(cString: strerror(errno)))")
+            }
+            if let index {
+                do { try index.deleteObject(name) } catch let e as StoreError where e.code == .objectNotFound {}
+            }
             release(current)
             return nil
         }

@@ -32,6 +32,8 @@ public final class ObjectIngest: @unchecked Sendable {
         public var ticket: UInt64
         /// Why the object was not stored (nil: it is stored and indexed).
         public var failure: String?
+        /// The status that answers a failure: 500, or the gate's refusal (412, 403, 409, 507).
+        public var status = 500
         /// What was stored (zero on failure).
         public var report = Report()
     }
@@ -65,6 +67,8 @@ public final class ObjectIngest: @unchecked Sendable {
         var name: String
         var ticket: UInt64
         var inbox: Inbox
+        var gate: ObjectGate?
+        var writer: ObjectGate.Writer?
     }
 
     /// The store objects go to.
@@ -128,10 +132,13 @@ public final class ObjectIngest: @unchecked Sendable {
 
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds
     /// the body, `temp` is its name in the storage directory (removed here). The outcome is
-    /// posted to `inbox` with `ticket`. Called on a worker thread; returns at once.
-    public func submit(fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox) {
+    /// posted to `inbox` with `ticket`. With `gate`, the object is committed through it as
+    /// `writer`'s. Called on a worker thread; returns at once.
+    public func submit(
+        fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil
+    ) {
         cond.withLock {
-            jobs.append(Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox))
+            jobs.append(Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer))
             cond.signal()
         }
     }
@@ -171,7 +178,8 @@ public final class ObjectIngest: @unchecked Sendable {
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         do {
-            let report = try Self.ingest(fd: job.fd, as: job.name, into: index, parameters: parameters)
+            let report = try Self.ingest(
+                fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer)
             // The record is durable: a flat copy of the name from before would shadow it.
             if unlinkat(rootFD, job.name, 0) == 0 { fsync(rootFD) }
             logger.debug(
@@ -182,6 +190,8 @@ public final class ObjectIngest: @unchecked Sendable {
                     "ms": "\((DispatchTime.now().uptimeNanoseconds - t0) / 1_000_000)",
                 ])
             return Outcome(ticket: job.ticket, failure: nil, report: report)
+        } catch let r as ObjectGate.Refusal {
+            return Outcome(ticket: job.ticket, failure: r.reason, status: r.status)
         } catch {
             logger.error("ingesting upload failed", metadata: ["object": "\(job.name)", "error": "\(error)"])
             return Outcome(ticket: job.ticket, failure: "\(error)")
@@ -191,8 +201,14 @@ public final class ObjectIngest: @unchecked Sendable {
     /// The ingest step: cuts the whole file open at `fd` (read from its start) with
     /// `parameters`, puts every chunk into `index`'s chunk store, and records the manifest
     /// under `name` (replacing any object of that name). Blocking; returns what was stored.
+    /// With `gate`, the record is committed through it as `writer`'s (conditions, overwrite
+    /// policy, writer quota; the chunks are already stored, charged to the cap only), and a
+    /// refusal is thrown as the `ObjectGate.Refusal`.
     /// Throws the store's errors (`StoreError`), or a `ChunkSourceError` for a failed read.
-    public static func ingest(fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters) throws -> Report {
+    public static func ingest(
+        fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters, gate: ObjectGate? = nil,
+        writer: ObjectGate.Writer? = nil
+    ) throws -> Report {
         try ObjectIndex.validateName(name)
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError(.io, "fstat of the upload of \(name): \(String(cString: strerror(errno)))") }
@@ -241,7 +257,13 @@ public final class ObjectIngest: @unchecked Sendable {
             throw StoreError(.io, "the manifest of \(name): \(error)")
         }
         report.manifest = manifest.encode()
-        try index.putObject(name, manifest: report.manifest, chunkIDs: ids)
+        if let gate, let writer {
+            let encoded = report.manifest
+            let put = { try index.putObject(name, manifest: encoded, chunkIDs: ids, owner: writer.identity) }
+            if let refusal = try gate.commit(name, by: writer, size: UInt64(size), physical: 0, write: put) { throw refusal }
+        } else {
+            try index.putObject(name, manifest: report.manifest, chunkIDs: ids)
+        }
         report.bytes = UInt64(size)
         report.chunks = entries.count
         return report
