@@ -212,7 +212,12 @@ public final class RateLimiter: @unchecked Sendable {
 /// client sends from, `addr:<prefix>/64` (one subscriber's /64 is one client; addresses
 /// inside it are free for the taking).
 public func clientIdentity(_ request: HTTPRequest, peer: IPv6Endpoint) -> String {
-    if !request.identity.isEmpty { return request.identity }
+    clientIdentity(request.identity, peer: peer)
+}
+
+/// `identity` when it is set, else `addr:<the /64 of peer>/64`.
+package func clientIdentity(_ identity: String, peer: IPv6Endpoint) -> String {
+    if !identity.isEmpty { return identity }
     var a = peer.address
     a.bytes.8 = 0; a.bytes.9 = 0; a.bytes.10 = 0; a.bytes.11 = 0
     a.bytes.12 = 0; a.bytes.13 = 0; a.bytes.14 = 0; a.bytes.15 = 0
