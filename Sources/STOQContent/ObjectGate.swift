@@ -248,9 +248,11 @@ public final class ObjectGate: @unchecked Sendable {
     /// `size` is the object's new length and `physical` the bytes it adds to the store, when
     /// known (nil: quotas are not checked yet); `delete` for a delete. Counts refusals.
     /// Under `lock`.
+    /// `moreThan`: the upload was stopped after this many bytes, its size is unknown.
     private func refusalLocked(
-        _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool
+        _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool, moreThan: UInt64? = nil
     ) -> Refusal? {
+        let needs = { (n: UInt64) in moreThan.map { "more than \(Self.bytes($0))" } ?? Self.bytes(n) }
         if let why = Self.preconditionFailure(ifMatch: w.ifMatch, ifNoneMatch: w.ifNoneMatch, current: current?.etag) {
             counterValues.preconditionFailed += 1
             return Refusal(status: 412, reason: "precondition failed for \(name): \(why)")
@@ -278,7 +280,7 @@ public final class ObjectGate: @unchecked Sendable {
                 return Refusal(
                     status: 507,
                     reason: "quota for \(w.identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
-                        + "(limits.writer_quota), this upload needs \(Self.bytes(size))"
+                        + "(limits.writer_quota), this upload needs \(needs(size))"
                         + (freed > 0 ? " and frees \(Self.bytes(freed))" : ""))
             }
         }
@@ -290,7 +292,7 @@ public final class ObjectGate: @unchecked Sendable {
                 return Refusal(
                     status: 507,
                     reason: "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
-                        + "(limits.storage_cap), this upload needs \(Self.bytes(physical))")
+                        + "(limits.storage_cap), this upload needs \(needs(physical))")
             }
         }
         return nil
@@ -329,12 +331,13 @@ public final class ObjectGate: @unchecked Sendable {
         }
     }
 
-    /// Counts an upload the body sink stopped at `headroom` and says why (507).
-    public func overHeadroom(_ name: String, by w: Writer, received: UInt64) -> Refusal {
+    /// Counts an upload the body sink stopped at `limit` (its `headroom`) and says why (507).
+    public func overHeadroom(_ name: String, by w: Writer, limit: UInt64) -> Refusal {
         let current = current(name)
         return lock.withLock {
-            refusalLocked(name, Writer(identity: w.identity), current, size: received, physical: received, delete: false)
-                ?? Refusal(status: 507, reason: "the upload of \(name) exceeded the room its quota left when it began")
+            refusalLocked(
+                name, Writer(identity: w.identity), current, size: limit + 1, physical: limit + 1, delete: false, moreThan: limit)
+                ?? Refusal(status: 507, reason: "the upload of \(name) needs more than the \(Self.bytes(limit)) its quota left when it began")
         }
     }
 

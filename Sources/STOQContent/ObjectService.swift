@@ -23,7 +23,7 @@ public final class ObjectService: QUICApplication {
         var writer: ObjectGate.Writer?
         /// The body sink stops at the room the quotas leave (`ObjectGate.headroom`) when that
         /// is below `storage.max_object_size`: EFBIG then means 507, not 413.
-        var quotaLimited = false
+        var quotaLimit: UInt64?
     }
 
     /// What the service counted.
@@ -205,7 +205,7 @@ public final class ObjectService: QUICApplication {
         let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
         let fd = openat(rootFD, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { return fail(stream, connection, 500, "cannot create upload file") }
-        uploads[stream] = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimited: limit < maxObjectSize)
+        uploads[stream] = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimit: limit < maxObjectSize ? limit : nil)
         // Hashed as it arrives: the SHA-256 is the object's ETag.
         stream.setBodySink(fd: fd, limit: limit, hash: gate != nil)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
@@ -216,8 +216,8 @@ public final class ObjectService: QUICApplication {
         if aborted || stream.sinkErrno != 0 {
             discard(up)
             counters.uploadsAborted += 1
-            if !aborted, stream.sinkErrno == EFBIG, up.quotaLimited, let gate, let w = up.writer {
-                let r = gate.overHeadroom(up.name, by: w, received: stream.bytesReceived)
+            if !aborted, stream.sinkErrno == EFBIG, let limit = up.quotaLimit, let gate, let w = up.writer {
+                let r = gate.overHeadroom(up.name, by: w, limit: limit)
                 return fail(stream, connection, r.status, r.reason)
             }
             if !aborted { fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))") }
