@@ -41,7 +41,9 @@ extension Reader {
         section("limits") { s in
             s.size("storage_cap", &l.storageCap, 0...(1 << 60))
             s.size("writer_quota", &l.writerQuota, 0...(1 << 60))
-            s.rate("requests_per_second", &l.requestsPerSecond, max: 1_000_000, of: "requests a second per client (0 = no limit)")
+            s.number(
+                "requests_per_second", &l.requestsPerSecond, 0...1_000_000,
+                allowed: "a number from 0 to 1000000, requests a second per client (0 = no limit)")
             s.int("request_burst", &l.requestBurst, 0...10_000_000)
             s.size("bytes_per_second", &l.bytesPerSecond, 0...(1 << 40))
         }
@@ -51,24 +53,5 @@ extension Reader {
                     code: .badValue, key: "limits.request_burst", value: "\(l.requestBurst)",
                     allowed: "0 while limits.requests_per_second is 0 (a burst of a rate that is off limits nothing)"))
         }
-    }
-}
-
-extension Section {
-    /// A non-negative number up to `max`, written as a float (`0.5`) or an integer; `of` says
-    /// of what.
-    mutating func rate(_ key: String, _ out: inout Double, max: Double, of meaning: String) {
-        guard let v = value(key) else { return }
-        let allowed = "a number from 0 to \(Int(max)), \(meaning)"
-        let d: Double
-        if v.type == .double, let x = v.double {
-            d = x
-        } else if v.type == .int, let i = v.int {
-            d = Double(i)
-        } else {
-            return fail(.badType, key, v, allowed)
-        }
-        guard d.isFinite, d >= 0, d <= max else { return fail(.outOfRange, key, v, allowed) }
-        out = d
     }
 }

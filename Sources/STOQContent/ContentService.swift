@@ -155,7 +155,7 @@ public final class ContentService: QUICApplication {
                 }
                 return serveChunk(id, head: request.method == "HEAD", stream, connection)
             case "PUT":
-                if let gate, let n = request.contentLength, (try? index.chunks.has(id)) != true,
+                if let gate, gate.settings.storageCap > 0, let n = request.contentLength, (try? index.chunks.has(id)) != true,
                     let r = gate.checkChunk(size: UInt64(n))
                 {
                     return fail(stream, connection, r.status, r.reason)
@@ -483,7 +483,7 @@ public final class ContentService: QUICApplication {
         let span = storeSpan("store.write", stream, chunk: id)
         defer { span?.end() }
         counters.chunkBytesReceived += UInt64(body.count)
-        if let gate, (try? index.chunks.has(id)) != true, let r = gate.checkChunk(size: UInt64(body.count)) {
+        if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true, let r = gate.checkChunk(size: UInt64(body.count)) {
             return fail(stream, connection, r.status, r.reason)
         }
         do {
