@@ -155,6 +155,7 @@ public final class ContentService: QUICApplication {
                 }
                 return serveChunk(id, head: request.method == "HEAD", stream, connection)
             case "PUT":
+                // Refused before the body is read when it cannot fit (storeChunk reserves the room).
                 if let gate, gate.settings.storageCap > 0, let n = request.contentLength, (try? index.chunks.has(id)) != true,
                     let r = gate.checkChunk(size: UInt64(n))
                 {
@@ -483,9 +484,15 @@ public final class ContentService: QUICApplication {
         let span = storeSpan("store.write", stream, chunk: id)
         defer { span?.end() }
         counters.chunkBytesReceived += UInt64(body.count)
-        if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true, let r = gate.checkChunk(size: UInt64(body.count)) {
-            return fail(stream, connection, r.status, r.reason)
+        if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true {
+            if let r = gate.reserve(UInt64(body.count)) { return fail(stream, connection, r.status, r.reason) }
+            defer { gate.release(UInt64(body.count)) }
+            return putChunk(id, body, stream, connection)
         }
+        putChunk(id, body, stream, connection)
+    }
+
+    private func putChunk(_ id: ChunkID, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
         do {
             switch try index.chunks.put(id: id, bytes: body) {
             case .alreadyPresent:

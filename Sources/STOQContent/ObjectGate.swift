@@ -130,6 +130,8 @@ public final class ObjectGate: @unchecked Sendable {
     private let lock = NSLock()
     private var usage: [String: UInt64] = [:]
     private var flatBytes: UInt64 = 0
+    /// Chunk bytes being written (`reserve`).
+    private var reserved: UInt64 = 0
     private var chunkBytesAtStart: UInt64 = 0
     private var storeAtStart = StoreCounters()
     private var counterValues = Counters()
@@ -284,7 +286,8 @@ public final class ObjectGate: @unchecked Sendable {
                         + (freed > 0 ? " and frees \(Self.bytes(freed))" : ""))
             }
         }
-        if let physical, settings.storageCap > 0 {
+        // A write adding nothing (a record over chunks already counted) is never the one refused.
+        if let physical, physical > 0, settings.storageCap > 0 {
             let stored = storedLocked()
             let freed = current?.physical ?? 0
             if stored - min(stored, freed) + physical > settings.storageCap {
@@ -305,11 +308,26 @@ public final class ObjectGate: @unchecked Sendable {
         return lock.withLock { refusalLocked(name, w, current, size: size, physical: physical, delete: false) }
     }
 
-    /// A chunk of `size` bytes about to be stored: refused only by `storage_cap` (chunks are
-    /// charged to no owner).
+    /// Reserves `size` bytes about to be written as chunks (a chunk PUT, or an ingest's
+    /// upper bound), or refuses them by `storage_cap` (chunks are charged to no owner). The
+    /// reservation counts as stored until `release`d once the chunks are written (and counted
+    /// by the store), so concurrent writers cannot together pass the cap.
+    public func reserve(_ size: UInt64) -> Refusal? {
+        lock.withLock {
+            if let r = refusalLocked("chunk", Writer(identity: ""), nil, size: nil, physical: size, delete: false) { return r }
+            reserved += size
+            return nil
+        }
+    }
+
+    /// Whether a chunk of `size` bytes would fit `storage_cap` now (the checks a head gets;
+    /// `reserve` decides).
     public func checkChunk(size: UInt64) -> Refusal? {
         lock.withLock { refusalLocked("chunk", Writer(identity: ""), nil, size: nil, physical: size, delete: false) }
     }
+
+    /// Ends a reservation.
+    public func release(_ size: UInt64) { lock.withLock { reserved -= min(reserved, size) } }
 
     /// The most bytes an upload by `w` to `name` may hold before a quota refuses it (nil: no
     /// limit applies): the body sink stops there, mid-stream.
@@ -386,11 +404,11 @@ public final class ObjectGate: @unchecked Sendable {
     }
 
     private func storedLocked() -> UInt64 {
-        guard let index else { return flatBytes }
+        guard let index else { return flatBytes + reserved }
         let now = index.chunks.counters
         let written = now.bytesWritten - min(now.bytesWritten, storeAtStart.bytesWritten)
         let collected = now.bytesCollected - min(now.bytesCollected, storeAtStart.bytesCollected)
-        return flatBytes + (chunkBytesAtStart + written) - min(chunkBytesAtStart + written, collected)
+        return flatBytes + reserved + (chunkBytesAtStart + written) - min(chunkBytesAtStart + written, collected)
     }
 
     /// Who stores what, from the files and records.

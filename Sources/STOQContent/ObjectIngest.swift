@@ -69,6 +69,8 @@ public final class ObjectIngest: @unchecked Sendable {
         var inbox: Inbox
         var gate: ObjectGate?
         var writer: ObjectGate.Writer?
+        /// Bytes `gate` reserved for the chunks (released once they are written).
+        var reserved: UInt64
     }
 
     /// The store objects go to.
@@ -133,12 +135,15 @@ public final class ObjectIngest: @unchecked Sendable {
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds
     /// the body, `temp` is its name in the storage directory (removed here). The outcome is
     /// posted to `inbox` with `ticket`. With `gate`, the object is committed through it as
-    /// `writer`'s. Called on a worker thread; returns at once.
+    /// `writer`'s, and the `reserved` bytes are released once its chunks are written.
+    /// Called on a worker thread; returns at once.
     public func submit(
-        fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil
+        fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil,
+        reserved: UInt64 = 0
     ) {
         cond.withLock {
-            jobs.append(Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer))
+            jobs.append(
+                Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved))
             cond.signal()
         }
     }
@@ -175,6 +180,7 @@ public final class ObjectIngest: @unchecked Sendable {
         defer {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
+            if job.reserved > 0 { job.gate?.release(job.reserved) }
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         do {

@@ -225,17 +225,29 @@ public final class ObjectService: QUICApplication {
         }
         let size = stream.bytesReceived
         if let ingest {
-            // The storage cap, before the pool writes chunks (the commit checks the rest).
-            if let gate, let w = up.writer, let r = gate.check(up.name, by: w, size: size, physical: size) {
-                discard(up)
-                counters.uploadsAborted += 1
-                return fail(stream, connection, r.status, r.reason)
+            // Before the pool writes chunks: the quota and the conditions now (the commit
+            // decides), and room under the storage cap for all of it, reserved until the pool
+            // has written the chunks.
+            var reserved: UInt64 = 0
+            if let gate, let w = up.writer {
+                var refusal = gate.check(up.name, by: w, size: size, physical: nil)
+                if refusal == nil, gate.settings.storageCap > 0 {
+                    refusal = gate.reserve(size)
+                    reserved = refusal == nil ? size : 0
+                }
+                if let r = refusal {
+                    discard(up)
+                    counters.uploadsAborted += 1
+                    return fail(stream, connection, r.status, r.reason)
+                }
             }
             // The pool owns the file from here; the answer comes when it posts the outcome.
             let ticket = nextTicket
             nextTicket += 1
             ingesting[ticket] = (stream, connection)
-            ingest.submit(fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer)
+            ingest.submit(
+                fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer,
+                reserved: reserved)
             return
         }
         var headers = [("content-length", "0")]

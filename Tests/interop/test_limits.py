@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node, run
+from conftest import Node, run, stoq
 
 HERE = Path(__file__).resolve().parent
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
@@ -43,6 +43,12 @@ def request(node, method, name, body=None, headers=(), host="::1", no_length=Fal
     return json.loads(r.stdout)
 
 
+def stoq_put_chunked(node, path, name):
+    """`stoq put --chunked` (chunks, then the manifest) from this namespace: the CLI's side of
+    `request()`."""
+    return stoq("put", path, f"https://[::1]:{node.port}/objects/{name}", "--chunked", "--ca", node.cert)
+
+
 def metrics(node):
     """Every sample of the node's /metrics: {"name{labels}": value}."""
     with urllib.request.urlopen(node.admin, timeout=10) as r:
@@ -62,6 +68,11 @@ def visible(node):
     return files, [r for r in records if not r.startswith(".")]
 
 
+# Plain uploads are chunked on ingest by default; with dedup off they stay plain files. The
+# gate is the same for both, reached from different threads (ingest pool, worker).
+DEDUP = {"ingest": "", "flat": "[chunking]\ndedup_enabled = false\n"}
+
+
 @pytest.fixture
 def make_node(tmp_path):
     nodes = []
@@ -75,8 +86,9 @@ def make_node(tmp_path):
         assert n.stop() == 0
 
 
-def test_if_none_match_star_refuses_an_existing_object(make_node):
-    node = make_node()
+@pytest.mark.parametrize("store", DEDUP)
+def test_if_none_match_star_refuses_an_existing_object(make_node, store):
+    node = make_node(DEDUP[store])
     data = os.urandom(5000)
     first = request(node, "PUT", "once.bin", data, headers=["if-none-match: *"])
     assert first["status"] == 201 and first["headers"]["etag"] == etag(data)
@@ -88,8 +100,9 @@ def test_if_none_match_star_refuses_an_existing_object(make_node):
     assert metrics(node)["stoq_precondition_failed_total"] == 1
 
 
-def test_if_match_with_a_stale_etag_fails_and_a_fresh_one_succeeds(make_node):
-    node = make_node()
+@pytest.mark.parametrize("store", DEDUP)
+def test_if_match_with_a_stale_etag_fails_and_a_fresh_one_succeeds(make_node, store):
+    node = make_node(DEDUP[store])
     v1, v2 = os.urandom(3000), os.urandom(4000)
     assert request(node, "PUT", "doc", v1)["status"] == 201
     head = request(node, "HEAD", "doc")
@@ -108,8 +121,9 @@ def test_if_match_with_a_stale_etag_fails_and_a_fresh_one_succeeds(make_node):
     assert metrics(node)["stoq_precondition_failed_total"] == 3
 
 
-def test_writer_quota_answers_507_with_the_numbers_and_leaves_nothing(make_node):
-    node = make_node('[limits]\nwriter_quota = "1MB"\n')
+@pytest.mark.parametrize("store", DEDUP)
+def test_writer_quota_answers_507_with_the_numbers_and_leaves_nothing(make_node, store):
+    node = make_node(DEDUP[store] + '[limits]\nwriter_quota = "1MB"\n')
     first = os.urandom(700 << 10)
     assert request(node, "PUT", "a.bin", first)["status"] == 201
     before = visible(node)
@@ -192,3 +206,65 @@ def test_never_makes_objects_immutable(make_node):
     assert request(node, "DELETE", "fixed")["status"] == 409
     assert request(node, "GET", "fixed")["sha256"] == hashlib.sha256(b"v1").hexdigest()
     assert metrics(node)["stoq_overwrite_refused_total"] == 2
+
+
+def test_a_chunked_put_is_charged_to_its_writer_and_conditions_hold_on_manifests(make_node, tmp_path):
+    node = make_node('[limits]\nwriter_quota = "1MB"\n')
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(700 << 10))
+    b.write_bytes(os.urandom(500 << 10))
+    r = stoq_put_chunked(node, a, "a.bin")
+    assert r.returncode == 0, r.stderr
+    # The manifest names 500 KB more than the quota leaves: refused at the manifest PUT.
+    r = stoq_put_chunked(node, b, "b.bin")
+    assert r.returncode != 0
+    assert ("quota for addr:::/64: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) (limits.writer_quota), "
+            "this upload needs 500 KB (512000 bytes)") in r.stderr + r.stdout
+    assert request(node, "GET", "b.bin")["status"] == 404
+    assert metrics(node)['stoq_limits_quota_refused_total{kind="writer_quota"}'] == 1
+    # The chunked object's ETag is its content's SHA-256, and /manifests/ writes are conditional on it.
+    assert request(node, "HEAD", "a.bin")["headers"]["etag"] == etag(a.read_bytes())
+    stale = request(node, "DELETE", "a.bin", headers=['if-match: "00"'], path="/manifests/a.bin")
+    assert stale["status"] == 412
+    assert request(node, "DELETE", "a.bin", headers=[f"if-match: {etag(a.read_bytes())}"], path="/manifests/a.bin")["status"] == 204
+    assert request(node, "GET", "a.bin")["status"] == 404
+    assert metrics(node)["stoq_precondition_failed_total"] == 1
+
+
+def test_a_chunk_over_the_storage_cap_is_507(make_node, tmp_path):
+    node = make_node('[limits]\nstorage_cap = "1MB"\n')
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    r = stoq_put_chunked(node, big, "big.bin")
+    assert r.returncode != 0 and "HTTP 507" in r.stderr
+    assert request(node, "GET", "big.bin")["status"] == 404
+    m = metrics(node)
+    assert m['stoq_limits_quota_refused_total{kind="storage_cap"}'] >= 1
+    # Chunks put at once each reserve their room first: together they stay under the cap.
+    assert m["stoq_stored_bytes"] <= 1 << 20
+    # The answer names the numbers.
+    chunk = os.urandom(600 << 10)
+    r = request(node, "PUT", "", chunk, path=f"/chunks/{hashlib.sha256(chunk).hexdigest()}")
+    assert r["status"] == 507
+    assert r["text"] == (f"storage cap of this node: {stored_text(m['stoq_stored_bytes'])} stored of 1 MB (1048576 bytes) "
+                         "(limits.storage_cap), this upload needs 600 KB (614400 bytes)\n")
+
+
+def stored_text(n):
+    """How a 507 shows `n` bytes (ObjectGate.bytes)."""
+    for size, unit in ((1 << 40, "TB"), (1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "KB")):
+        if n >= size:
+            x = n / size
+            return f"{int(x) if x == int(x) else f'{x:.1f}'} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def test_upload_bytes_over_the_byte_rate_are_paid_for_by_the_next_request(make_node):
+    # 300 KB at 10 KB/s leaves some 29 s of debt: the next request, seconds later, waits.
+    node = make_node('[limits]\nbytes_per_second = "10KB"\n')
+    assert request(node, "PUT", "big", os.urandom(300 << 10))["status"] == 201
+    r = request(node, "GET", "big")
+    assert r["status"] == 429
+    assert 15 <= int(r["headers"]["retry-after"]) <= 29
+    assert r["text"].startswith("rate limit for addr:::/64: uploads over 10KB/s (limits.bytes_per_second); ")
+    assert metrics(node)["stoq_limits_rate_limited_total"] == 1
