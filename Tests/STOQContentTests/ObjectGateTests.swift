@@ -211,4 +211,14 @@ final class ObjectGateTests {
         #expect(try put(g, "legacy", [3], by: .init(identity: "token:carol")) == nil)
         #expect(g.usage(of: "token:carol") == 1)
     }
+
+    @Test func reservedChunkBytesCountUntilReleased() throws {
+        let g = try gate(.init(storageCap: 1000))
+        #expect(g.reserve(600) == nil)
+        // A second writer at the same moment cannot pass the cap with the first.
+        #expect(g.reserve(600)?.status == 507)
+        #expect(g.counters.storedBytes == 600)
+        g.release(600)
+        #expect(g.counters.storedBytes == 0 && g.reserve(600) == nil)
+    }
 }
