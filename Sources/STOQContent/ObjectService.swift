@@ -216,7 +216,11 @@ public final class ObjectService: QUICApplication {
         if aborted || stream.sinkErrno != 0 {
             discard(up)
             counters.uploadsAborted += 1
-            if !aborted, stream.sinkErrno == EFBIG, let limit = up.quotaLimit, let gate, let w = up.writer {
+            if !aborted, stream.sinkErrno == EFBIG {
+                // The body passed the sink's limit: a quota's room, or storage.max_object_size.
+                guard let limit = up.quotaLimit, let gate, let w = up.writer else {
+                    return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
+                }
                 let r = gate.overHeadroom(up.name, by: w, limit: limit)
                 return fail(stream, connection, r.status, r.reason)
             }

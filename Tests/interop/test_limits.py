@@ -268,3 +268,12 @@ def test_upload_bytes_over_the_byte_rate_are_paid_for_by_the_next_request(make_n
     assert 15 <= int(r["headers"]["retry-after"]) <= 29
     assert r["text"].startswith("rate limit for addr:::/64: uploads over 10KB/s (limits.bytes_per_second); ")
     assert metrics(node)["stoq_limits_rate_limited_total"] == 1
+
+
+def test_a_body_over_its_limit_without_a_length_is_answered_not_reset(make_node):
+    # The node stops the client sending (H3_NO_ERROR) and answers on the same stream.
+    node = make_node()
+    chunk = os.urandom(2 << 20)
+    r = request(node, "PUT", "", chunk, path=f"/chunks/{hashlib.sha256(chunk).hexdigest()}", no_length=True)
+    assert r["status"] == 413 and r["text"] == "receiving the body failed: File too large\n"
+    assert request(node, "GET", "still-serving")["status"] == 404
