@@ -535,7 +535,7 @@ public final class ContentService: QUICApplication {
             let bytes = Array(body)
             if let gate, let writer {
                 let put = { try self.index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }
-                if let r = try gate.commit(name, by: writer, size: manifest.totalLength, physical: 0, write: put) {
+                if let r = try gate.commit(name, by: writer, size: manifest.totalLength, physical: 0, chunked: true, write: put) {
                     return fail(stream, connection, r.status, r.reason)
                 }
             } else {

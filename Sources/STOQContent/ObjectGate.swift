@@ -363,11 +363,16 @@ public final class ObjectGate: @unchecked Sendable {
     /// conditions, policy and quotas for an object of `size` bytes adding `physical` to the
     /// store, and calls `write` (the rename or record write) when they hold, then accounts
     /// for it. Returns the refusal (nothing written) or nil; rethrows `write`'s error.
-    public func commit(_ name: String, by w: Writer, size: UInt64, physical: UInt64, write: () throws -> Void) throws -> Refusal? {
+    /// `chunked`: `write` records a chunked object, so a plain file of the name (which would
+    /// shadow it, and whose bytes the accounting releases) is removed with it.
+    public func commit(
+        _ name: String, by w: Writer, size: UInt64, physical: UInt64, chunked: Bool = false, write: () throws -> Void
+    ) throws -> Refusal? {
         try lock.withLock {
             let current = current(name)
             if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false) { return r }
             try write()
+            if chunked, current?.physical ?? 0 > 0, unlinkat(flatFD, name, 0) == 0 { fsync(flatFD) }
             if let current { release(current) }
             usage[w.identity, default: 0] += size
             flatBytes += physical

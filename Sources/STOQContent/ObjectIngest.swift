@@ -266,7 +266,9 @@ public final class ObjectIngest: @unchecked Sendable {
         if let gate, let writer {
             let encoded = report.manifest
             let put = { try index.putObject(name, manifest: encoded, chunkIDs: ids, owner: writer.identity) }
-            if let refusal = try gate.commit(name, by: writer, size: UInt64(size), physical: 0, write: put) { throw refusal }
+            if let refusal = try gate.commit(name, by: writer, size: UInt64(size), physical: 0, chunked: true, write: put) {
+                throw refusal
+            }
         } else {
             try index.putObject(name, manifest: report.manifest, chunkIDs: ids)
         }

@@ -221,4 +221,19 @@ final class ObjectGateTests {
         g.release(600)
         #expect(g.counters.storedBytes == 0 && g.reserve(600) == nil)
     }
+
+    @Test func aChunkedObjectReplacesThePlainFileOfItsName() throws {
+        let g = try gate(.init())
+        let w = ObjectGate.Writer(identity: "token:alice")
+        #expect(try put(g, "x", [UInt8](repeating: 1, count: 100), by: w) == nil)
+        let m = try Manifest(totalLength: 0, digest: .zero, parameters: .default, chunks: [])
+        let r = try g.commit("x", by: w, size: 0, physical: 0, chunked: true) {
+            try index.putObject("x", manifest: m.encode(), chunkIDs: [], owner: w.identity)
+        }
+        #expect(r == nil)
+        // The plain file would have shadowed the record, and its bytes are no longer charged.
+        #expect(!FileManager.default.fileExists(atPath: storage + "/x"))
+        #expect(g.current("x")?.etag == ObjectGate.etag(m))
+        #expect(g.usage(of: "token:alice") == 0 && g.counters.storedBytes == 0)
+    }
 }
