@@ -280,6 +280,15 @@ package struct NodeMetrics {
             ]
         }
         if let m = mesh { obj["mesh"] = MeshMetrics.json(m) }
+        if let l = limits {
+            var o: [String: Any] = [
+                "stored_bytes": l.gate.storedBytes, "writers": l.gate.owners, "storage_cap_refused": l.gate.storageCapRefused,
+                "writer_quota_refused": l.gate.writerQuotaRefused, "precondition_failed": l.gate.preconditionFailed,
+                "overwrite_refused": l.gate.overwriteRefused,
+            ]
+            if let limited = l.rateLimited { (o["rate_limited"], o["rate_clients"]) = (limited, l.rateClients ?? 0) }
+            obj["limits"] = o
+        }
         let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

@@ -421,6 +421,8 @@ public final class Node: @unchecked Sendable {
         note("routing", restNew.routing != restOld.routing, live: false)
         note("mesh", restNew.mesh != restOld.mesh, live: false)
         note("tracing", restNew.tracing != restOld.tracing, live: false)
+        note("limits", restNew.limits != restOld.limits, live: false)
+        note("access.overwrite", restNew.overwrite != restOld.overwrite, live: false)
         config = next
         return report
     }
