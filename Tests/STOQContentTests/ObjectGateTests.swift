@@ -14,12 +14,7 @@ final class ObjectGateTests {
     let index: ObjectIndex
 
     init() throws {
-        var template = Array((NSTemporaryDirectory() + "/stoq-gate-XXXXXX").utf8CString)
-        guard let made = mkdtemp(&template) else { throw StoreError(.io, "mkdtemp failed") }
-        dir = String(cString: made)
-        storage = dir + "/objects"
-        try FileManager.default.createDirectory(atPath: storage, withIntermediateDirectories: true)
-        index = try ObjectIndex(chunks: ChunkStore(root: dir + "/content"))
+        (dir, storage, index) = try makeTempNodeStore("stoq-gate")
     }
 
     deinit { try? FileManager.default.removeItem(atPath: dir) }
