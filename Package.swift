@@ -284,7 +284,7 @@ let package = Package(
         ]),
         // `stoq mesh`'s tables and errors, on the fixture STOQNodeTests checks the admin API renders.
         .testTarget(name: "stoqTests", dependencies: ["stoq"]),
-        .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore",
+        .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore",
                                                              .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
                                                           .product(name: "Crypto", package: "swift-crypto"),

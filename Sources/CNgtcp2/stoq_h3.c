@@ -108,11 +108,19 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   consume(c, stream_id, len);
-  if (!s) return 0;
+  if (!s || s->sink_errno == EFBIG) return 0; /* refused already: the rest is dropped */
   if (s->received + len > s->sink_limit) {
+    s->sink_errno = EFBIG;
+    if (c->is_server && !s->responded && c->ep->ev.on_request_end) {
+      /* More body than allowed (413, or a quota's 507): the answer does not need the rest, so
+       * stop the peer sending it with H3_NO_ERROR and answer now (RFC 9114 §4.1), on the
+       * stream's sending half. The connection stays. */
+      ngtcp2_conn_shutdown_stream_read(c->q, stream_id, STOQ_H3_NO_ERROR);
+      c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
+      return 0;
+    }
     /* More body than allowed: refuse the rest of the stream, keep the connection. */
     ngtcp2_conn_shutdown_stream(c->q, stream_id, STOQ_H3_EXCESSIVE_LOAD);
-    s->sink_errno = EFBIG;
     return 0;
   }
   sink_take(s, data, len);

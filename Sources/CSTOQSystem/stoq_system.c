@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/xattr.h>
 
 int stoq_pin_current_thread(int cpu) {
   cpu_set_t set;
@@ -19,5 +20,13 @@ int stoq_allowed_cpus(void) {
 }
 
 int stoq_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+long stoq_fgetxattr(int fd, const char *name, void *value, unsigned long size) {
+  return (long)fgetxattr(fd, name, value, size);
+}
+
+int stoq_fsetxattr(int fd, const char *name, const void *value, unsigned long size) {
+  return fsetxattr(fd, name, value, size, 0);
+}
 
 int stoq_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }

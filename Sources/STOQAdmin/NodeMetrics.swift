@@ -78,6 +78,21 @@ package struct NodeMetrics {
         package init(refusals: UInt64, episodes: UInt64, full: Bool) { (self.refusals, self.episodes, self.full) = (refusals, episodes, full) }
     }
 
+    /// What the object gate and the rate limiter counted (node-wide: both are shared by the
+    /// workers); nil when the node has neither.
+    var limits: Limits?
+
+    /// The gate's and the rate limiter's numbers.
+    package struct Limits: Sendable {
+        package var gate: ObjectGate.Counters
+        /// Requests answered 429, and clients tracked now (nil: no rate limits).
+        package var rateLimited: UInt64?
+        package var rateClients: Int?
+        package init(gate: ObjectGate.Counters, rateLimited: UInt64?, rateClients: Int?) {
+            (self.gate, self.rateLimited, self.rateClients) = (gate, rateLimited, rateClients)
+        }
+    }
+
     /// `network.datapath` and `network.interface` as written.
     package struct ConfiguredDatapath: Sendable {
         package var datapath: String
@@ -88,11 +103,12 @@ package struct NodeMetrics {
     package init(
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
         mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
-        diskFull: DiskFull? = nil
+        diskFull: DiskFull? = nil,
+        limits: Limits? = nil
     ) {
         self.diskFull = diskFull
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
-        (self.configuredDatapath, self.fixedCertificateNotAfter) = (configuredDatapath, fixedCertificateNotAfter)
+        (self.configuredDatapath, self.fixedCertificateNotAfter, self.limits) = (configuredDatapath, fixedCertificateNotAfter, limits)
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -245,6 +261,23 @@ package struct NodeMetrics {
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
                 [("", UInt64(max(0, notAfter.timeIntervalSince1970)))])
         }
+        if let l = limits {
+            family(
+                "stoq_limits_quota_refused_total", "counter", "Writes refused 507: limits.storage_cap or limits.writer_quota.",
+                [("{kind=\"storage_cap\"}", l.gate.storageCapRefused), ("{kind=\"writer_quota\"}", l.gate.writerQuotaRefused)])
+            family(
+                "stoq_precondition_failed_total", "counter", "Writes and deletes refused 412 by If-Match / If-None-Match.",
+                [("", l.gate.preconditionFailed)])
+            family(
+                "stoq_overwrite_refused_total", "counter", "Replacements and deletes refused by access.overwrite (403, or 409 under never).",
+                [("", l.gate.overwriteRefused)])
+            family("stoq_stored_bytes", "gauge", "Bytes the node stores: plain objects and chunks (what limits.storage_cap caps).", [("", l.gate.storedBytes)])
+            family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
+            if let limited = l.rateLimited {
+                family("stoq_limits_rate_limited_total", "counter", "Requests answered 429 by the per-client rate limits.", [("", limited)])
+                family("stoq_limits_rate_clients", "gauge", "Clients the rate limiter tracks now.", [("", UInt64(l.rateClients ?? 0))])
+            }
+        }
         if let m = mesh { out += MeshMetrics.prometheus(m) }
         return out
     }
@@ -272,6 +305,15 @@ package struct NodeMetrics {
         }
         if let d = diskFull { obj["disk_full"] = ["refusals": d.refusals, "episodes": d.episodes, "full": d.full] }
         if let m = mesh { obj["mesh"] = MeshMetrics.json(m) }
+        if let l = limits {
+            var o: [String: Any] = [
+                "stored_bytes": l.gate.storedBytes, "writers": l.gate.owners, "storage_cap_refused": l.gate.storageCapRefused,
+                "writer_quota_refused": l.gate.writerQuotaRefused, "precondition_failed": l.gate.preconditionFailed,
+                "overwrite_refused": l.gate.overwriteRefused,
+            ]
+            if let limited = l.rateLimited { (o["rate_limited"], o["rate_clients"]) = (limited, l.rateClients ?? 0) }
+            obj["limits"] = o
+        }
         let data = (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

@@ -310,7 +310,12 @@ public enum ConfigLoader {
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing"])
+        r.limits(&c.limits)  // [limits]: LimitsConfig.swift
+        r.section("access") { s in
+            s.choice("overwrite", &c.overwrite)
+        }
+        r.rejectUnknownSections(
+            ["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing", "limits", "access"])
         return (c, r)
     }
 }
@@ -445,8 +450,12 @@ struct Section {
 
     /// A fraction from 0 to 1, written as a float (`0.01`) or as 0 or 1; `of` says of what.
     mutating func fraction(_ key: String, _ out: inout Double, of meaning: String) {
+        number(key, &out, 0...1, allowed: "a number from 0.0 to 1.0, \(meaning)")
+    }
+
+    /// A number in `range`, written as a float or an integer; `allowed` says what is.
+    mutating func number(_ key: String, _ out: inout Double, _ range: ClosedRange<Double>, allowed: String) {
         guard let v = value(key) else { return }
-        let allowed = "a number from 0.0 to 1.0, \(meaning)"
         let d: Double
         if v.type == .double, let x = v.double {
             d = x
@@ -455,7 +464,7 @@ struct Section {
         } else {
             return fail(.badType, key, v, allowed)
         }
-        guard d.isFinite, d >= 0, d <= 1 else { return fail(.outOfRange, key, v, allowed) }
+        guard d.isFinite, range.contains(d) else { return fail(.outOfRange, key, v, allowed) }
         out = d
     }
 

@@ -177,6 +177,10 @@ public struct NodeConfig: Sendable, Equatable {
     public var mesh = Mesh()
     /// `[tracing]`: TracingConfig.swift.
     public var tracing = Tracing()
+    /// `[limits]`: LimitsConfig.swift.
+    public var limits = Limits()
+    /// `access.overwrite`: LimitsConfig.swift.
+    public var overwrite = Overwrite.owner
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

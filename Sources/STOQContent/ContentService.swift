@@ -22,6 +22,11 @@ import STOQTransfer
 ///   refused unless the manifest parses (400, naming what is wrong) and every chunk it
 ///   lists is stored (409).
 ///
+/// With the node's `ObjectGate`, manifest PUTs and DELETEs commit through it (`If-Match`
+/// against the object's ETag, `access.overwrite`, the writer quota charged the object's
+/// length) and chunk PUTs are held to `limits.storage_cap`; chunked objects are served
+/// with their strong `ETag`.
+///
 /// One instance per worker, on that worker's thread; the store it shares is thread-safe.
 /// Request bodies are collected in an anonymous memory file (memfd), never in the heap, and
 /// never on the data disk: a full disk shows only when a chunk or a manifest is stored, which
@@ -48,6 +53,8 @@ public final class ContentService: QUICApplication {
         var kind: Kind
         var fd: Int32
         var limit: UInt64
+        /// A manifest's writer, with the request's conditions (nil without a gate).
+        var writer: ObjectGate.Writer?
     }
 
     /// The largest `/_stoq/missing` body: a million ids.
@@ -106,6 +113,8 @@ public final class ContentService: QUICApplication {
     /// The worker's request spans when `[tracing]` is on (the router opens and closes them):
     /// store reads and writes are their children, edge fetches carry their context upstream.
     package var spans: StreamSpans?
+    /// Conditions, overwrite policy and quotas for writes (nil: none; tests).
+    package var gate: ObjectGate?
 
     /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
     /// refused. With `edge`, what the node lacks is served through the edge cache.
@@ -147,7 +156,14 @@ public final class ContentService: QUICApplication {
                     return serveEdgeChunk(edge, id, head: request.method == "HEAD", stream, connection)
                 }
                 return serveChunk(id, head: request.method == "HEAD", stream, connection)
-            case "PUT": return begin(.chunk(id), limit: maxChunkSize, request, stream, connection)
+            case "PUT":
+                // Refused before the body is read when it cannot fit (storeChunk reserves the room).
+                if let gate, gate.settings.storageCap > 0, let n = request.contentLength, (try? index.chunks.has(id)) != true,
+                    let r = gate.checkChunk(size: UInt64(n))
+                {
+                    return fail(stream, connection, r.status, r.reason)
+                }
+                return begin(.chunk(id), limit: maxChunkSize, request, stream, connection)
             default: return notAllowed(stream, connection, "GET, HEAD, PUT")
             }
         }
@@ -157,8 +173,22 @@ public final class ContentService: QUICApplication {
         case "GET", "HEAD":
             if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: request.method == "HEAD", stream, connection) }
             serveManifest(name, head: request.method == "HEAD", stream, connection)
-        case "PUT": begin(.manifest(name), limit: Self.maxManifestBytes, request, stream, connection)
+        case "PUT":
+            // Conditions and policy now (the length is known once the manifest is read).
+            if let gate, let r = gate.check(name, by: gate.writer(request, peer: connection.peer), size: nil, physical: nil) {
+                return fail(stream, connection, r.status, r.reason)
+            }
+            begin(.manifest(name), limit: Self.maxManifestBytes, request, stream, connection)
         case "DELETE":
+            if let gate {
+                do {
+                    if let r = try gate.delete(name, by: gate.writer(request, peer: connection.peer)) {
+                        return fail(stream, connection, r.status, r.reason)
+                    }
+                    connection.respond(stream, status: 204, headers: [], body: nil)
+                } catch { fail(stream, connection, 500, "\(error)") }
+                return
+            }
             do {
                 try index.deleteObject(name)
                 connection.respond(stream, status: 204, headers: [], body: nil)
@@ -195,6 +225,7 @@ public final class ContentService: QUICApplication {
                 fail: { fail(stream, connection, $0, $1) })
         else { return }
         var headers = head
+        headers.append(("etag", ObjectGate.etag(manifest)))
         if let cacheControl, !edge { headers.append(cacheControl) }
         counters.objectsServed += 1
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
@@ -417,7 +448,9 @@ public final class ContentService: QUICApplication {
         }
         let fd = stoq_memfd("stoq-upload")
         guard fd >= 0 else { return fail(stream, connection, 500, "memfd_create: \(String(cString: strerror(errno)))") }
-        uploads[stream] = Upload(kind: kind, fd: fd, limit: limit)
+        var writer: ObjectGate.Writer?
+        if case .manifest = kind { writer = gate?.writer(request, peer: connection.peer) }
+        uploads[stream] = Upload(kind: kind, fd: fd, limit: limit, writer: writer)
         stream.setBodySink(fd: fd, limit: limit)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
@@ -442,7 +475,7 @@ public final class ContentService: QUICApplication {
         switch up.kind {
         case .chunk(let id): storeChunk(id, body, stream, connection)
         case .missing: answerMissing(body, stream, connection)
-        case .manifest(let name): storeManifest(name, body, stream, connection)
+        case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
             mesh?.receiveAdvert(Array(body))
             connection.respond(stream, status: 202, headers: [("content-length", "0")], body: nil)
@@ -453,6 +486,15 @@ public final class ContentService: QUICApplication {
         let span = storeSpan("store.write", stream, chunk: id)
         defer { span?.end() }
         counters.chunkBytesReceived += UInt64(body.count)
+        if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true {
+            if let r = gate.reserve(UInt64(body.count)) { return fail(stream, connection, r.status, r.reason) }
+            defer { gate.release(UInt64(body.count)) }
+            return putChunk(id, body, stream, connection)
+        }
+        putChunk(id, body, stream, connection)
+    }
+
+    private func putChunk(_ id: ChunkID, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
         do {
             switch try index.chunks.put(id: id, bytes: body) {
             case .alreadyPresent:
@@ -486,16 +528,26 @@ public final class ContentService: QUICApplication {
         } catch { fail(stream, connection, 500, "\(error)") }
     }
 
-    private func storeManifest(_ name: String, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
+    private func storeManifest(
+        _ name: String, _ body: UnsafeRawBufferPointer, _ writer: ObjectGate.Writer?, _ stream: HTTPStream, _ connection: QUICConnection
+    ) {
         let span = storeSpan("store.write", stream, object: name)
         defer { span?.end() }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: body) } catch { return fail(stream, connection, 400, "\(error)") }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
         do {
-            try index.putObject(name, manifest: Array(body), chunkIDs: ids)
+            let bytes = Array(body)
+            if let gate, let writer {
+                let put = { try self.index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }
+                if let r = try gate.commit(name, by: writer, size: manifest.totalLength, physical: 0, chunked: true, write: put) {
+                    return fail(stream, connection, r.status, r.reason)
+                }
+            } else {
+                try index.putObject(name, manifest: bytes, chunkIDs: ids)
+            }
             counters.manifestsStored += 1
-            connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
+            connection.respond(stream, status: 201, headers: [("content-length", "0"), ("etag", ObjectGate.etag(manifest))], body: nil)
         } catch let e as StoreError where e.code == .missingChunks {
             fail(stream, connection, 409, e.message)
         } catch let e as StoreError where e.code == .noSpace {

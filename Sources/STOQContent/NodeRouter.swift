@@ -30,6 +30,11 @@ package final class NodeRouter: QUICApplication {
         didSet { content.spans = spans }
     }
 
+    /// The node's per-client rate limits (nil: none): NodeRouter+Limits.swift.
+    package var rates: RateLimiter?
+    /// Uploads of unannounced length, charged to their client when they end.
+    var unmetered: [HTTPStream: String] = [:]
+
     package func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         guard let spans else { return dispatch(request, stream: stream, connection: connection) }
         spans.begin(request, stream: stream, peer: "\(connection.peer)")
@@ -39,6 +44,7 @@ package final class NodeRouter: QUICApplication {
     }
 
     private func dispatch(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        guard admitRate(request, stream, connection) else { return }
         if request.path.hasPrefix("/_stoq/log/") {
             guard let log, request.method == "GET" || request.method == "HEAD" else {
                 let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
@@ -90,11 +96,13 @@ package final class NodeRouter: QUICApplication {
     }
 
     package func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+        if !unmetered.isEmpty { meterEnded(stream) }
         objects.requestEnded(stream: stream, connection: connection, aborted: aborted)
         content.requestEnded(stream: stream, connection: connection, aborted: aborted)
     }
 
     package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        if !unmetered.isEmpty { meterEnded(stream) }
         objects.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
         content.streamClosed(stream: stream, connection: connection, errorCode: errorCode)
         spans?.end(stream, errorCode: errorCode)

@@ -32,8 +32,9 @@ public final class ObjectIngest: @unchecked Sendable {
         public var ticket: UInt64
         /// Why the object was not stored (nil: it is stored and indexed).
         public var failure: String?
-        /// The failure is a full disk (`failure` is then the 507's message, naming the object).
-        public var noSpace = false
+        /// The status that answers a failure: 500, 507 for a full disk (`failure` is then the
+        /// message, naming the object), or the gate's refusal (412, 403, 409, 507).
+        public var status = 500
         /// What was stored (zero on failure).
         public var report = Report()
     }
@@ -67,6 +68,10 @@ public final class ObjectIngest: @unchecked Sendable {
         var name: String
         var ticket: UInt64
         var inbox: Inbox
+        var gate: ObjectGate?
+        var writer: ObjectGate.Writer?
+        /// Bytes `gate` reserved for the chunks (released once they are written).
+        var reserved: UInt64
     }
 
     /// The store objects go to.
@@ -130,10 +135,16 @@ public final class ObjectIngest: @unchecked Sendable {
 
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds
     /// the body, `temp` is its name in the storage directory (removed here). The outcome is
-    /// posted to `inbox` with `ticket`. Called on a worker thread; returns at once.
-    public func submit(fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox) {
+    /// posted to `inbox` with `ticket`. With `gate`, the object is committed through it as
+    /// `writer`'s, and the `reserved` bytes are released once its chunks are written.
+    /// Called on a worker thread; returns at once.
+    public func submit(
+        fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil,
+        reserved: UInt64 = 0
+    ) {
         cond.withLock {
-            jobs.append(Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox))
+            jobs.append(
+                Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved))
             cond.signal()
         }
     }
@@ -170,10 +181,12 @@ public final class ObjectIngest: @unchecked Sendable {
         defer {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
+            if job.reserved > 0 { job.gate?.release(job.reserved) }
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         do {
-            let report = try Self.ingest(fd: job.fd, as: job.name, into: index, parameters: parameters)
+            let report = try Self.ingest(
+                fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer)
             // The record is durable: a flat copy of the name from before would shadow it.
             if unlinkat(rootFD, job.name, 0) == 0 { fsync(rootFD) }
             logger.debug(
@@ -187,7 +200,9 @@ public final class ObjectIngest: @unchecked Sendable {
         } catch let e as StoreError where e.code == .noSpace {
             // The store counted it and logs once per episode. The chunks put before it stay
             // until garbage collection (unreferenced, after the grace period) or a retry reuses them.
-            return Outcome(ticket: job.ticket, failure: e.message, noSpace: true)
+            return Outcome(ticket: job.ticket, failure: e.message, status: 507)
+        } catch let r as ObjectGate.Refusal {
+            return Outcome(ticket: job.ticket, failure: r.reason, status: r.status)
         } catch {
             logger.error("ingesting upload failed", metadata: ["object": "\(job.name)", "error": "\(error)"])
             return Outcome(ticket: job.ticket, failure: "\(error)")
@@ -197,8 +212,14 @@ public final class ObjectIngest: @unchecked Sendable {
     /// The ingest step: cuts the whole file open at `fd` (read from its start) with
     /// `parameters`, puts every chunk into `index`'s chunk store, and records the manifest
     /// under `name` (replacing any object of that name). Blocking; returns what was stored.
+    /// With `gate`, the record is committed through it as `writer`'s (conditions, overwrite
+    /// policy, writer quota; the chunks are already stored, charged to the cap only), and a
+    /// refusal is thrown as the `ObjectGate.Refusal`.
     /// Throws the store's errors (`StoreError`), or a `ChunkSourceError` for a failed read.
-    public static func ingest(fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters) throws -> Report {
+    public static func ingest(
+        fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters, gate: ObjectGate? = nil,
+        writer: ObjectGate.Writer? = nil
+    ) throws -> Report {
         try ObjectIndex.validateName(name)
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError(.io, "fstat of the upload of \(name): \(String(cString: strerror(errno)))") }
@@ -254,7 +275,17 @@ public final class ObjectIngest: @unchecked Sendable {
             throw StoreError(.io, "the manifest of \(name): \(error)")
         }
         report.manifest = manifest.encode()
-        do { try index.putObject(name, manifest: report.manifest, chunkIDs: ids) } catch let e as StoreError where e.code == .noSpace {
+        do {
+            if let gate, let writer {
+                let encoded = report.manifest
+                let put = { try index.putObject(name, manifest: encoded, chunkIDs: ids, owner: writer.identity) }
+                if let refusal = try gate.commit(name, by: writer, size: UInt64(size), physical: 0, chunked: true, write: put) {
+                    throw refusal
+                }
+            } else {
+                try index.putObject(name, manifest: report.manifest, chunkIDs: ids)
+            }
+        } catch let e as StoreError where e.code == .noSpace {
             throw noSpace(e)
         }
         report.bytes = UInt64(size)

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import STOQChunking
 import STOQCore
 import STOQQUIC
 import STOQStore
@@ -9,6 +10,9 @@ import STOQStore
 /// rename, directory fsync) so that an interrupted upload leaves nothing visible.
 /// With an `ObjectIngest` (`chunking.dedup_enabled`), a finished upload is chunked into the
 /// content store instead, off this thread, and answered when it is durable and indexed.
+/// `DELETE` removes the object (plain or chunked). Every write and delete commits through
+/// the node's `ObjectGate` when it has one: `If-Match`/`If-None-Match`, `access.overwrite`
+/// and the quotas; responses carry the object's strong `ETag` (its content's SHA-256).
 /// A full disk at any step (the temp file, its fsync, the rename, the ingest's chunks or
 /// record) answers `507 Insufficient Storage` naming the object and the bytes written, removes
 /// the temp file and leaves the object as it was.
@@ -18,6 +22,11 @@ public final class ObjectService: QUICApplication {
         var fd: Int32
         var temp: String
         var name: String
+        /// Who uploads, under what conditions (nil without a gate).
+        var writer: ObjectGate.Writer?
+        /// The body sink stops at the room the quotas leave (`ObjectGate.headroom`) when that
+        /// is below `storage.max_object_size`: EFBIG then means 507, not 413.
+        var quotaLimit: UInt64?
     }
 
     /// What the service counted.
@@ -54,6 +63,8 @@ public final class ObjectService: QUICApplication {
     private var outcomes: [ObjectIngest.Outcome] = []
     /// Where uploads refused for want of space are counted (the node's, shared by every writer).
     private let diskFull: DiskFullMonitor
+    /// Conditions, overwrite policy and quotas for writes (nil: none; tests).
+    package var gate: ObjectGate?
 
     /// Serves from `root` (created if missing); with `ingest`, uploads become chunked objects.
     /// `diskFull` counts uploads refused for want of space (default: the ingest's store's).
@@ -149,8 +160,9 @@ public final class ObjectService: QUICApplication {
         switch request.method {
         case "GET", "HEAD": serve(name, request, stream, connection)
         case "PUT": beginUpload(name, request, stream, connection)
+        case "DELETE": delete(name, request, stream, connection)
         default:
-            connection.respond(stream, status: 405, headers: [("allow", "GET, HEAD, PUT")], body: nil)
+            connection.respond(stream, status: 405, headers: [("allow", "GET, HEAD, PUT, DELETE")], body: nil)
         }
     }
 
@@ -172,10 +184,11 @@ public final class ObjectService: QUICApplication {
             return fail(stream, connection, 404, "no object \(name)")
         }
         guard
-            let (status, headers, range) = Self.bodyHead(
+            var (status, headers, range) = Self.bodyHead(
                 size: UInt64(st.st_size), request: request, stream: stream,
                 connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
+        headers.append(("etag", ObjectGate.readMeta(fd).map { "\"\($0.sha256)\"" } ?? ObjectGate.fileETag(st)))
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
         if request.method == "HEAD" {
             connection.respond(stream, status: status, headers: headers, body: nil)
@@ -191,6 +204,13 @@ public final class ObjectService: QUICApplication {
         if let n = request.contentLength, UInt64(n) > maxObjectSize {
             return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
         }
+        let writer = gate?.writer(request, peer: connection.peer)
+        var limit = maxObjectSize
+        if let gate, let writer {
+            let n = request.contentLength.map { UInt64($0) }
+            if let r = gate.check(name, by: writer, size: n, physical: n) { return fail(stream, connection, r.status, r.reason) }
+            if let room = gate.headroom(name, for: writer) { limit = min(limit, room) }
+        }
         let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
         let fd = openat(rootFD, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
@@ -199,8 +219,9 @@ public final class ObjectService: QUICApplication {
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, name, written: 0, errno: e) }
             return fail(stream, connection, 500, "cannot create upload file: \(String(cString: strerror(e)))")
         }
-        uploads[stream] = Upload(fd: fd, temp: temp, name: name)
-        stream.setBodySink(fd: fd, limit: maxObjectSize)
+        uploads[stream] = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimit: limit < maxObjectSize ? limit : nil)
+        // Hashed as it arrives: the SHA-256 is the object's ETag.
+        stream.setBodySink(fd: fd, limit: limit, hash: gate != nil)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
 
@@ -211,33 +232,105 @@ public final class ObjectService: QUICApplication {
             discard(up)
             counters.uploadsAborted += 1
             if aborted { return }
+            if stream.sinkErrno == EFBIG {
+                // The body passed the sink's limit: a quota's room, or storage.max_object_size.
+                guard let limit = up.quotaLimit, let gate, let w = up.writer else {
+                    return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
+                }
+                let r = gate.overHeadroom(up.name, by: w, limit: limit)
+                return fail(stream, connection, r.status, r.reason)
+            }
             if StoreError.isNoSpace(stream.sinkErrno) {
                 return noSpace(stream, connection, up.name, written: written, errno: stream.sinkErrno)
             }
             fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(stream.sinkErrno)))")
             return
         }
+        let size = stream.bytesReceived
         if let ingest {
+            // Before the pool writes chunks: the quota and the conditions now (the commit
+            // decides), and room under the storage cap for all of it, reserved until the pool
+            // has written the chunks.
+            var reserved: UInt64 = 0
+            if let gate, let w = up.writer {
+                var refusal = gate.check(up.name, by: w, size: size, physical: nil)
+                if refusal == nil, gate.settings.storageCap > 0 {
+                    refusal = gate.reserve(size)
+                    reserved = refusal == nil ? size : 0
+                }
+                if let r = refusal {
+                    discard(up)
+                    counters.uploadsAborted += 1
+                    return fail(stream, connection, r.status, r.reason)
+                }
+            }
             // The pool owns the file from here; the answer comes when it posts the outcome.
             let ticket = nextTicket
             nextTicket += 1
             ingesting[ticket] = (stream, connection)
-            ingest.submit(fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox)
+            ingest.submit(
+                fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer,
+                reserved: reserved)
             return
+        }
+        var headers = [("content-length", "0")]
+        if let w = up.writer, let sha = stream.bodySHA256() {
+            headers.append(("etag", "\"\(sha.map { String(format: "%02x", $0) }.joined())\""))
+            if !ObjectGate.writeMeta(up.fd, sha256: sha, owner: w.identity) {
+                logger.warning("cannot keep the owner of \(up.name): the storage filesystem has no user xattrs (\(String(cString: strerror(errno))))")
+            }
         }
         // Durable before visible: data, then the name, then the directory entry.
         let written = Self.size(up.fd)
-        guard fsync(up.fd) == 0, close(up.fd) == 0, renameat(rootFD, up.temp, rootFD, up.name) == 0 else {
+        guard fsync(up.fd) == 0, close(up.fd) == 0 else {
             let e = errno
             discard(up)
             counters.uploadsAborted += 1
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, up.name, written: written, errno: e) }
             return fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(e)))")
         }
+        var renameErrno: Int32 = 0
+        let rename = { [rootFD] in
+            guard renameat(rootFD, up.temp, rootFD, up.name) == 0 else {
+                renameErrno = errno
+                throw StoreError(.io, "storing the upload failed: \(String(cString: strerror(errno)))")
+            }
+        }
+        do {
+            if let gate, let w = up.writer {
+                if let r = try gate.commit(up.name, by: w, size: size, physical: size, write: rename) {
+                    unlinkat(rootFD, up.temp, 0)
+                    counters.uploadsAborted += 1
+                    return fail(stream, connection, r.status, r.reason)
+                }
+            } else {
+                try rename()
+            }
+        } catch {
+            unlinkat(rootFD, up.temp, 0)
+            counters.uploadsAborted += 1
+            if StoreError.isNoSpace(renameErrno) { return noSpace(stream, connection, up.name, written: written, errno: renameErrno) }
+            return fail(stream, connection, 500, "\(error)")
+        }
         fsync(rootFD)
         diskFull.stored()
         counters.uploadsStored += 1
-        connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
+        connection.respond(stream, status: 201, headers: headers, body: nil)
+    }
+
+    /// `DELETE /objects/<name>`: the plain file and the chunked object of the name, through
+    /// the gate (conditions, overwrite policy); 204, or 404 when there is neither.
+    private func delete(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+        guard let gate else {
+            connection.respond(stream, status: 405, headers: [("allow", "GET, HEAD, PUT")], body: nil)
+            return
+        }
+        do {
+            if let r = try gate.delete(name, by: gate.writer(request, peer: connection.peer)) {
+                return fail(stream, connection, r.status, r.reason)
+            }
+        } catch { return fail(stream, connection, 500, "deleting \(name) failed: \(error)") }
+        connection.respond(stream, status: 204, headers: [], body: nil)
     }
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -261,11 +354,13 @@ public final class ObjectService: QUICApplication {
         for o in outcomes {
             let wait = ingesting.removeValue(forKey: o.ticket)
             if let failure = o.failure {
-                counters.ingestFailures += 1
+                if o.status == 500 { counters.ingestFailures += 1 }
                 counters.uploadsAborted += 1
-                if o.noSpace { counters.uploadsNoSpace += 1 }
-                // The ingest counted a full disk with the store; its message names the object.
-                if let wait { fail(wait.stream, wait.connection, o.noSpace ? 507 : 500, o.noSpace ? failure : "storing the upload failed: \(failure)") }
+                if o.status == 507 { counters.uploadsNoSpace += 1 }
+                // A full disk was counted by the store, and its message names the object.
+                if let wait {
+                    fail(wait.stream, wait.connection, o.status, o.status == 500 ? "storing the upload failed: \(failure)" : failure)
+                }
                 continue
             }
             counters.ingests += 1
@@ -273,7 +368,9 @@ public final class ObjectService: QUICApplication {
             counters.ingestBytes += o.report.bytes
             counters.ingestNewBytes += o.report.newBytes
             counters.ingestDedupBytes += o.report.reusedBytes
-            if let wait { wait.connection.respond(wait.stream, status: 201, headers: [("content-length", "0")], body: nil) }
+            var headers = [("content-length", "0")]
+            if let m = try? Manifest(decoding: o.report.manifest) { headers.append(("etag", ObjectGate.etag(m))) }
+            if let wait { wait.connection.respond(wait.stream, status: 201, headers: headers, body: nil) }
         }
         outcomes.removeAll(keepingCapacity: true)
     }

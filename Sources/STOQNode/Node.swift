@@ -35,6 +35,10 @@ public final class Node: @unchecked Sendable {
     /// The mesh service, when `[mesh]` is configured.
     public private(set) var mesh: MeshService?
     private var snapshots: [WorkerSnapshot] = []
+    /// Conditional writes, the overwrite policy and quotas (shared by the workers and ingest).
+    public private(set) var gate: ObjectGate?
+    /// Per-client rate limits (nil: `[limits]` sets none).
+    private var rates: RateLimiter?
     private var admin: AdminServer?
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
@@ -149,6 +153,7 @@ public final class Node: @unchecked Sendable {
         try QLogControl.prepare(cfg.log)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
+        try openLimits(cfg, content: content)
         for line in cfg.notices { logger.notice("\(line)") }
         let meshService = try Self.makeMesh(
             cfg, certificate: servingCertificatePath,
@@ -163,7 +168,7 @@ public final class Node: @unchecked Sendable {
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, qlog: qlog, mesh: mesh, meshService: meshService,
+            certificates: certificates, qlog: qlog, mesh: mesh, meshService: meshService, gate: gate, rates: rates,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
@@ -232,6 +237,29 @@ public final class Node: @unchecked Sendable {
         }
         contentIndex = content
         return content
+    }
+
+    /// The object gate (`access.overwrite`, `limits.storage_cap`, `limits.writer_quota`), which
+    /// computes who stores what at start, and the rate limiter when `[limits]` sets a rate.
+    ///
+    /// Admins: `ObjectGate.isAdmin` decides which requests may replace or delete others'
+    /// objects; no request is an admin's until the access policy supplies it.
+    private func openLimits(_ cfg: NodeConfig, content: ObjectIndex) throws {
+        let settings = ObjectGate.Settings(
+            overwrite: ObjectGate.Overwrite(rawValue: cfg.overwrite.rawValue) ?? .owner,
+            storageCap: cfg.limits.storageCap, writerQuota: cfg.limits.writerQuota)
+        do {
+            gate = try ObjectGate(settings: settings, storagePath: cfg.storage.path, index: content, logger: logger)
+        } catch {
+            throw NodeError(.storage, "cannot account for the stored objects in \(cfg.storage.path): \(error)")
+        }
+        let l = cfg.limits
+        let rate = RateLimiter.Settings(
+            requestsPerSecond: l.requestsPerSecond, requestBurst: l.effectiveBurst, bytesPerSecond: Double(l.bytesPerSecond))
+        rates = rate.enabled ? RateLimiter(settings: rate) : nil
+        if let c = gate?.counters, l.storageCap > 0 || l.writerQuota > 0 {
+            logger.info("limits", metadata: ["stored_bytes": "\(c.storedBytes)", "writers": "\(c.owners)"])
+        }
     }
 
     /// The edge cache and its fetcher: with `edge.origin`, misses go to the origin; in a mesh
@@ -305,6 +333,7 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
+        let gate = self.gate, rates = self.rates
         // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
         let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
         // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
@@ -329,7 +358,8 @@ public final class Node: @unchecked Sendable {
                     workers: snapshots.compactMap(\.latest), store: store.counters,
                     certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
                     fixedCertificateNotAfter: fixedNotAfter,
-                    diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full))
+                    diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full),
+                    limits: gate.map { NodeMetrics.Limits(gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients) })
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
@@ -431,6 +461,8 @@ public final class Node: @unchecked Sendable {
         note("routing", restNew.routing != restOld.routing, live: false)
         note("mesh", restNew.mesh != restOld.mesh, live: false)
         note("tracing", restNew.tracing != restOld.tracing, live: false)
+        note("limits", restNew.limits != restOld.limits, live: false)
+        note("access.overwrite", restNew.overwrite != restOld.overwrite, live: false)
         config = next
         return report
     }

@@ -34,6 +34,10 @@ struct WorkerAssembly: @unchecked Sendable {
     let mesh: WorkerMesh
     /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
     let meshService: MeshService?
+    /// Conditions, overwrite policy and quotas for every write (shared).
+    let gate: ObjectGate?
+    /// Per-client rate limits (shared; nil: none).
+    let rates: RateLimiter?
     let fallback: FallbackQueues
     let stop: StopFlag
     let finished: DispatchGroup
@@ -92,7 +96,10 @@ struct WorkerAssembly: @unchecked Sendable {
         let chunks = ContentService(
             index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
             edge: edge, maxAge: originMaxAge, mesh: meshService)
+        objects.gate = gate
+        chunks.gate = gate
         let router = NodeRouter(objects: objects, content: chunks, logger: logger)
+        router.rates = rates
         if let log = certificates?.log { router.log = { log.handle(path: $0) } }
         if let tracer { router.spans = StreamSpans(tracer: tracer) }
         return router

@@ -116,12 +116,13 @@ public final class ObjectIndex: @unchecked Sendable {
         }
     }
 
-    /// Stores (or atomically replaces) object `name` with `manifest` and `chunkIDs`. Every
-    /// chunk must already be in the store, else `.missingChunks` lists the ones that are not.
-    /// A full disk throws `.noSpace` and leaves the object as it was (absent, or the old version).
-    public func putObject(_ name: String, manifest: [UInt8], chunkIDs: [ChunkID]) throws {
+    /// Stores (or atomically replaces) object `name` with `manifest` and `chunkIDs`, written
+    /// by `owner` ("" = unknown). Every chunk must already be in the store, else
+    /// `.missingChunks` lists the ones that are not. A full disk throws `.noSpace` and leaves
+    /// the object as it was (absent, or the old version).
+    public func putObject(_ name: String, manifest: [UInt8], chunkIDs: [ChunkID], owner: String = "") throws {
         try Self.validateName(name)
-        let record = ObjectRecord(name: name, manifest: manifest, chunkIDs: chunkIDs).encoded()
+        let record = ObjectRecord(name: name, manifest: manifest, chunkIDs: chunkIDs, owner: owner).encoded()
         try chunks.lock.shared {
             let missing = try chunks.missing(chunkIDs)
             guard missing.isEmpty else {

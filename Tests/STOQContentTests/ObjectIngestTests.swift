@@ -16,12 +16,7 @@ final class ObjectIngestTests {
     let parameters = try! ChunkingParameters(minSize: 4 << 10, avgSize: 16 << 10, maxSize: 64 << 10)
 
     init() throws {
-        var template = Array((NSTemporaryDirectory() + "/stoq-ingest-XXXXXX").utf8CString)
-        guard let made = mkdtemp(&template) else { throw StoreError(.io, "mkdtemp failed") }
-        dir = String(cString: made)
-        storage = dir + "/objects"
-        try FileManager.default.createDirectory(atPath: storage, withIntermediateDirectories: true)
-        index = try ObjectIndex(chunks: ChunkStore(root: dir + "/content"))
+        (dir, storage, index) = try makeTempNodeStore("stoq-ingest")
     }
 
     deinit { try? FileManager.default.removeItem(atPath: dir) }

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 
 @testable import STOQAdmin
+import STOQContent
 
 /// The node-level families the monitoring rules (deploy/prometheus/) depend on, rendered from
 /// hand-built inputs: the configured datapath next to the one in use, and a fixed
@@ -30,5 +31,26 @@ import Testing
         #expect(text.contains("\nstoq_tls_certificate_not_after_seconds 1800000000\n"))
         #expect(text.contains("\nstoq_tls_certificates_issued_total 2\n"))
         #expect(!text.contains("stoq_datapath_configured_info"))
+    }
+
+    @Test func limitsFamilies() {
+        var gate = ObjectGate.Counters()
+        (gate.storageCapRefused, gate.writerQuotaRefused, gate.preconditionFailed, gate.overwriteRefused) = (1, 2, 3, 4)
+        (gate.storedBytes, gate.owners) = (5000, 6)
+        let with = NodeMetrics(
+            workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
+        ).prometheus()
+        for line in [
+            #"stoq_limits_quota_refused_total{kind="storage_cap"} 1"#, #"stoq_limits_quota_refused_total{kind="writer_quota"} 2"#,
+            "stoq_precondition_failed_total 3", "stoq_overwrite_refused_total 4", "stoq_stored_bytes 5000",
+            "stoq_limits_writers 6", "stoq_limits_rate_limited_total 7", "stoq_limits_rate_clients 8",
+        ] {
+            #expect(with.contains("\n\(line)\n"), "\(line)")
+        }
+        // Without rate limits there is no rate family that would read as "never limited".
+        let without = NodeMetrics(
+            workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: nil, rateClients: nil)
+        ).prometheus()
+        #expect(!without.contains("stoq_limits_rate_limited_total") && without.contains("stoq_stored_bytes 5000"))
     }
 }

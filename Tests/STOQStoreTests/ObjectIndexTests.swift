@@ -210,4 +210,23 @@ import Testing
             assertStoreError(.corruptRecord) { try index.object("obj") } == ("object record \(root)/objects/obj is damaged: 5 bytes is shorter than any record")
         )
     }
+
+    @Test func ownerIsKeptAndRecordsWithoutOneStayVersion1() throws {
+        let store = try ChunkStore(root: root)
+        let index = try ObjectIndex(chunks: store)
+        let ids = try putChunks(store, ["one"])
+        try index.putObject("owned", manifest: bytes("m"), chunkIDs: ids, owner: "token:alice")
+        try index.putObject("legacy", manifest: bytes("m"), chunkIDs: ids)
+        #expect(try index.object("owned").owner == "token:alice")
+        #expect(try index.object("legacy").owner == "")
+        let owned = try #require(FileManager.default.contents(atPath: root + "/objects/owned"))
+        let legacy = try #require(FileManager.default.contents(atPath: root + "/objects/legacy"))
+        #expect(String(decoding: owned.prefix(8), as: UTF8.self) == "STOQOBJ2")
+        #expect(String(decoding: legacy.prefix(8), as: UTF8.self) == "STOQOBJ1")
+        // A damaged owner length is caught like any other damage.
+        var bad = [UInt8](owned)
+        bad[21] &+= 1
+        try Data(bad).write(to: URL(fileURLWithPath: root + "/objects/owned"))
+        #expect(assertStoreError(.corruptRecord) { try index.object("owned") }.contains("do not fill"))
+    }
 }

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
-Usage: h3client.py URL [--ca CERT] [--out FILE] [--method GET] [--header k:v ...] [--body FILE]
-                   [--close-after-send] [--session-ticket FILE [--early-data]]
+Usage: h3client.py URL [--ca CERT | --insecure] [--out FILE] [--method GET] [--header k:v ...]
+                   [--body FILE [--no-length]] [--close-after-send] [--session-ticket FILE [--early-data]]
+                   [--repeat N]
 Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
 "headers": {"content-length": "N", ...}};
 With --session-ticket, a ticket saved in FILE by an earlier run is offered (resumption) and
 the ticket the server sends is saved there; the JSON then says "resumed" and "early_data"
 (whether the server accepted 0-RTT). --early-data sends the request before the handshake
 completes (in 0-RTT when a ticket allows it).
+--no-length sends the body without a content-length (the server learns its size as it comes).
+--repeat N sends N requests at once on one connection and prints {"statuses": [...],
+"headers": {status: the headers of one response with that status}, "texts": {status: body}}.
 exit 1 on failure.
 """
 import argparse
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import ssl
 import sys
 from urllib.parse import urlparse
 
@@ -39,12 +44,33 @@ class Client(QuicConnectionProtocol):
         self.out = None
         self.head = b""
         self.headers = {}
+        self.multi = None  # --repeat: stream id -> {"status", "headers", "text", "ended"}
+
+    def multi_event(self, ev):
+        st = self.multi.get(ev.stream_id)
+        if st is None:
+            return
+        if isinstance(ev, HeadersReceived):
+            for k, v in ev.headers:
+                if k == b":status":
+                    st["status"] = int(v)
+                else:
+                    st["headers"][k.decode()] = v.decode()
+        elif isinstance(ev, DataReceived):
+            st["text"] += ev.data[:2048].decode("utf-8", "replace")
+        if ev.stream_ended:
+            st["ended"] = True
+            if all(x["ended"] for x in self.multi.values()) and not self.done.done():
+                self.done.set_result(True)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset) and not self.done.done():
             self.done.set_exception(RuntimeError(f"stream reset, error 0x{event.error_code:x}"))
             return
         for ev in self.h3.handle_event(event):
+            if self.multi is not None:
+                self.multi_event(ev)
+                continue
             if isinstance(ev, HeadersReceived):
                 for k, v in ev.headers:
                     if k == b":status":
@@ -63,7 +89,22 @@ class Client(QuicConnectionProtocol):
                 if ev.stream_ended and not self.done.done():
                     self.done.set_result(True)
 
-    async def request(self, method, url, headers, body=None, close_after_send=False):
+    async def repeat(self, method, url, headers, n):
+        u = urlparse(url)
+        self.multi = {}
+        for _ in range(n):
+            sid = self._quic.get_next_available_stream_id()
+            self.multi[sid] = {"status": None, "headers": {}, "text": "", "ended": False}
+            self.h3.send_headers(sid, [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", u.netloc.encode()),
+                                       (b":path", (u.path or "/").encode())] + headers, end_stream=True)
+        self.transmit()
+        await asyncio.wait_for(self.done, 120)
+        ordered = [self.multi[k] for k in sorted(self.multi)]
+        return {"statuses": [x["status"] for x in ordered],
+                "headers": {str(x["status"]): x["headers"] for x in ordered},
+                "texts": {str(x["status"]): x["text"] for x in ordered}}
+
+    async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False):
         u = urlparse(url)
         sid = self._quic.get_next_available_stream_id()
         if method == "HEAD":
@@ -74,6 +115,12 @@ class Client(QuicConnectionProtocol):
                 (b":path", (u.path or "/").encode())] + headers
         if body is None:
             self.h3.send_headers(sid, hdrs, end_stream=True)
+        elif no_length:
+            self.h3.send_headers(sid, hdrs, end_stream=False)
+            for at in range(0, len(body), 64 << 10):
+                self.h3.send_data(sid, body[at:at + (64 << 10)], end_stream=at + (64 << 10) >= len(body))
+            if not body:
+                self.h3.send_data(sid, b"", end_stream=True)
         else:
             self.h3.send_headers(sid, hdrs + [(b"content-length", str(len(body)).encode())], end_stream=False)
             self.h3.send_data(sid, body, end_stream=True)
@@ -100,11 +147,16 @@ async def main() -> int:
                     help="close the connection once the request is acknowledged, without waiting for the response")
     ap.add_argument("--session-ticket", help="offer the ticket saved here, and save the server's")
     ap.add_argument("--early-data", action="store_true", help="send the request without waiting for the handshake")
+    ap.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    ap.add_argument("--no-length", action="store_true", help="send the body without a content-length")
+    ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
     a = ap.parse_args()
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
     if a.ca:
         cfg.load_verify_locations(a.ca)
+    if a.insecure:
+        cfg.verify_mode = ssl.CERT_NONE
     host = u.hostname
     headers = [(k.strip().lower().encode(), v.strip().encode()) for k, v in (h.split(":", 1) for h in a.header)]
     save_ticket = None
@@ -122,8 +174,11 @@ async def main() -> int:
                        session_ticket_handler=save_ticket, wait_connected=not a.early_data) as c:
         if a.out:
             c.out = open(a.out, "wb")
+        if a.repeat:
+            print(json.dumps(await c.repeat(a.method, a.url, headers, a.repeat)))
+            return 0
         body = open(a.body, "rb").read() if a.body else None
-        await c.request(a.method, a.url, headers, body, a.close_after_send)
+        await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length)
         res = {"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
                "text": c.head.decode("utf-8", "replace"), "headers": c.headers}
         if a.session_ticket:

@@ -12,6 +12,10 @@ int stoq_allowed_cpus(void);
 /** An anonymous memory file (memfd_create, close-on-exec), or -1 with errno set: where
  *  request bodies are collected without touching the heap or the disk. */
 int stoq_memfd(const char *name);
+/** fgetxattr/fsetxattr (sys/xattr.h, which Glibc's Swift module does not bring in): an
+ *  object file's owner and digest ride on it. -1 with errno on failure. */
+long stoq_fgetxattr(int fd, const char *name, void *value, unsigned long size);
+int stoq_fsetxattr(int fd, const char *name, const void *value, unsigned long size);
 
 /** A non-blocking, close-on-exec eventfd (another thread writes 8 bytes to wake a datapath
  *  waiting on it); -1 with errno on failure. */

@@ -1,0 +1,57 @@
+import TOMLKit
+
+extension NodeConfig {
+    /// `[limits]`: how much the node stores and how fast each client may ask. Every limit is
+    /// off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
+    /// 429 with `Retry-After` (docs/configuration.md `[limits]`).
+    public struct Limits: Sendable, Equatable {
+        /// `storage_cap`: bytes the node stores at most (plain objects and chunks, each chunk
+        /// once); 0 = unlimited.
+        public var storageCap: UInt64 = 0
+        /// `writer_quota`: bytes each writer's objects may total (an object's length, however
+        /// much of it deduplicates); 0 = unlimited.
+        public var writerQuota: UInt64 = 0
+        /// `requests_per_second`: requests a second per client; 0 = no limit.
+        public var requestsPerSecond = 0.0
+        /// `request_burst`: requests a client may make at once; 0 = one second's worth.
+        public var requestBurst = 0
+        /// `bytes_per_second`: upload bytes a second per client; 0 = no limit.
+        public var bytesPerSecond: UInt64 = 0
+
+        public init() {}
+
+        /// The burst in effect: `request_burst`, or one second of `requests_per_second`.
+        public var effectiveBurst: Double { requestBurst > 0 ? Double(requestBurst) : max(1, requestsPerSecond.rounded(.up)) }
+    }
+
+    /// `access.overwrite`: who may replace or delete an object that exists.
+    public enum Overwrite: String, Sendable, CaseIterable {
+        /// The identity that wrote it, or an admin (default).
+        case owner
+        /// Any writer the node authorizes.
+        case writers
+        /// No one: objects are immutable once written, and deletes are refused.
+        case never
+    }
+}
+
+extension Reader {
+    /// Reads `[limits]`.
+    mutating func limits(_ l: inout NodeConfig.Limits) {
+        section("limits") { s in
+            s.size("storage_cap", &l.storageCap, 0...(1 << 60))
+            s.size("writer_quota", &l.writerQuota, 0...(1 << 60))
+            s.number(
+                "requests_per_second", &l.requestsPerSecond, 0...1_000_000,
+                allowed: "a number from 0 to 1000000, requests a second per client (0 = no limit)")
+            s.int("request_burst", &l.requestBurst, 0...10_000_000)
+            s.size("bytes_per_second", &l.bytesPerSecond, 0...(1 << 40))
+        }
+        if l.requestBurst > 0 && l.requestsPerSecond == 0 {
+            errors.append(
+                ConfigError(
+                    code: .badValue, key: "limits.request_burst", value: "\(l.requestBurst)",
+                    allowed: "0 while limits.requests_per_second is 0 (a burst of a rate that is off limits nothing)"))
+        }
+    }
+}

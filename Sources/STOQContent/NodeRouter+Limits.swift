@@ -1,0 +1,35 @@
+import STOQCore
+import STOQMesh
+import STOQQUIC
+
+/// Per-client rate limits at the router (`[limits] requests_per_second`, `request_burst`,
+/// `bytes_per_second`): every request is admitted or refused here before a service sees it,
+/// keyed by `clientIdentity` (so the access policy's identity once it has set one). Mesh
+/// traffic between nodes (probes, adverts, relays) is not limited: it is the mesh's own
+/// machinery, paced by it.
+extension NodeRouter {
+    /// Whether `request` may go on; answers 429 with `Retry-After` itself when not.
+    func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
+        guard let rates, !MeshWire.handles(request.path) else { return true }
+        let client = clientIdentity(request, peer: connection.peer)
+        let announced = request.contentLength.map { UInt64(max(0, $0)) }
+        guard let refusal = rates.admit(client, bodyBytes: announced, now: monotonicNow()) else {
+            // A body of unknown length is charged when it ends.
+            if request.hasBody, announced == nil, rates.settings.bytesPerSecond > 0 { unmetered[stream] = client }
+            return true
+        }
+        logger.debug("rate limited", metadata: ["client": "\(client)", "path": "\(request.path.prefix(200))"])
+        let body = BodyRegion(copying: Array("\(refusal.reason)\n".utf8))
+        connection.respond(
+            stream, status: 429,
+            headers: [("retry-after", "\(refusal.retryAfter)"), ("content-type", "text/plain"), ("content-length", "\(body.count)")],
+            body: body)
+        return false
+    }
+
+    /// Charges an upload that announced no length for what it sent.
+    func meterEnded(_ stream: HTTPStream) {
+        guard let client = unmetered.removeValue(forKey: stream) else { return }
+        rates?.charge(client, bytes: stream.bytesReceived, now: monotonicNow())
+    }
+}

@@ -1,0 +1,455 @@
+import CSTOQSystem
+import Foundation
+import Logging
+import STOQChunking
+import STOQCore
+import STOQQUIC
+import STOQStore
+
+/// The one place an object write or delete commits through, for plain objects
+/// (`/objects/<name>`), chunked ones (`/manifests/<name>`) and uploads chunked on ingest:
+///
+/// - **Conditional requests** (RFC 9110 §13): `If-Match` and `If-None-Match` against the
+///   object's strong ETag, which is the SHA-256 of its content (`"<64 hex>"`), the same
+///   whether the object is a plain file or chunked.
+/// - **Overwrite policy** (`access.overwrite`): who may replace or delete an object that
+///   exists — its owner (the identity that wrote it) or an admin, any writer, or no one.
+/// - **Quotas** (`limits.writer_quota`, `limits.storage_cap`): bytes per owner and bytes
+///   the node stores.
+///
+/// Race-free: a commit looks up the current object, evaluates all three and performs the
+/// write (a rename, or an object record's replacement) under one lock, so of two
+/// `If-None-Match: *` PUTs of a name only one wins, and two uploads cannot both fit the last
+/// megabyte of a quota. Commits are serialised node-wide; each is one rename or one record
+/// write. The same checks run when a request's head arrives (refused before its body is
+/// read), then again at the commit, which is what decides.
+///
+/// Accounting. An owner is charged the length of each object it owns (a chunked object's
+/// `totalLength`), whether or not its chunks are shared: deduplication saves the node disk,
+/// not the writer quota. Chunks themselves (`PUT /chunks/…`, and ingest's) are charged to
+/// no one but count against `storage_cap` once each; so a manifest PUT is refused for the
+/// owner's quota, a chunk PUT only for the cap. Stored bytes = plain files + chunk files;
+/// deleting or replacing a chunked object frees its chunks only when garbage collection runs.
+/// Usage is computed at start from the files and records, then kept up to date here.
+///
+/// Plain files keep their owner and SHA-256 in an extended attribute (`user.stoq.object`,
+/// `1 <sha256 hex> <owner>`), set on the temp file before its rename so it is atomic with the
+/// content. A file without one (stored before, or on a filesystem without user xattrs) has no
+/// owner (any writer may replace it) and a strong ETag from its inode, mtime and size.
+///
+/// Thread-safe: every worker and the ingest pool share one.
+public final class ObjectGate: @unchecked Sendable {
+    /// `access.overwrite`: who may replace or delete an object that exists.
+    public enum Overwrite: String, Sendable, CaseIterable {
+        /// Its owner or an admin (objects without an owner: any writer).
+        case owner
+        /// Any writer the node authorizes.
+        case writers
+        /// No one: objects are immutable once written (deletes refused too).
+        case never
+    }
+
+    /// The policy and limits. Zero means no limit.
+    public struct Settings: Sendable, Equatable {
+        public var overwrite: Overwrite
+        /// `limits.storage_cap`: bytes the node stores, at most.
+        public var storageCap: UInt64
+        /// `limits.writer_quota`: bytes each owner's objects may total.
+        public var writerQuota: UInt64
+
+        /// Settings with these values.
+        public init(overwrite: Overwrite = .owner, storageCap: UInt64 = 0, writerQuota: UInt64 = 0) {
+            (self.overwrite, self.storageCap, self.writerQuota) = (overwrite, storageCap, writerQuota)
+        }
+    }
+
+    /// What the gate refused, and what is stored.
+    public struct Counters: Sendable, Equatable {
+        /// Writes refused for `limits.storage_cap` and for `limits.writer_quota` (507).
+        public var storageCapRefused: UInt64 = 0
+        public var writerQuotaRefused: UInt64 = 0
+        /// Writes and deletes refused by `If-Match` / `If-None-Match` (412).
+        public var preconditionFailed: UInt64 = 0
+        /// Writes and deletes refused by `access.overwrite` (403, or 409 under "never").
+        public var overwriteRefused: UInt64 = 0
+        /// Bytes stored now: plain files and chunks.
+        public var storedBytes: UInt64 = 0
+        /// Owners with objects stored.
+        public var owners = 0
+
+        /// All zero.
+        public init() {}
+    }
+
+    /// The object a write would replace, as the checks see it.
+    public struct Current: Sendable, Equatable {
+        /// Its strong ETag, quoted.
+        public var etag: String
+        /// Who wrote it ("" = unknown).
+        public var owner: String
+        /// Bytes charged to its owner: its length.
+        public var size: UInt64
+        /// Bytes its replacement or deletion frees at once (a plain file's; a chunked
+        /// object's chunks wait for garbage collection).
+        public var physical: UInt64
+
+        /// An object's state.
+        public init(etag: String, owner: String, size: UInt64, physical: UInt64) {
+            (self.etag, self.owner, self.size, self.physical) = (etag, owner, size, physical)
+        }
+    }
+
+    /// Who writes, and the conditions the request puts on the write.
+    public struct Writer: Sendable, Equatable {
+        /// `clientIdentity(_:peer:)` of the request.
+        public var identity: String
+        /// The access policy's admin role (may replace or delete others' objects).
+        public var admin: Bool
+        public var ifMatch: String
+        public var ifNoneMatch: String
+
+        /// A writer.
+        public init(identity: String, admin: Bool = false, ifMatch: String = "", ifNoneMatch: String = "") {
+            (self.identity, self.admin, self.ifMatch, self.ifNoneMatch) = (identity, admin, ifMatch, ifNoneMatch)
+        }
+    }
+
+    /// A refused write: the status and the sentence the client gets.
+    public struct Refusal: Error, Sendable, Equatable {
+        public var status: Int
+        public var reason: String
+    }
+
+    /// The policy and limits.
+    public let settings: Settings
+    /// Whether a request comes from an admin. The access policy supplies it (the assembly
+    /// wires it); without one, no request is an admin's.
+    public let isAdmin: @Sendable (HTTPRequest) -> Bool
+    private let flatFD: Int32
+    private let index: ObjectIndex?
+    private let lock = NSLock()
+    private var usage: [String: UInt64] = [:]
+    private var flatBytes: UInt64 = 0
+    /// Chunk bytes being written (`reserve`).
+    private var reserved: UInt64 = 0
+    private var chunkBytesAtStart: UInt64 = 0
+    private var storeAtStart = StoreCounters()
+    private var counterValues = Counters()
+    private let logger: Logger
+
+    /// The gate over plain files in `storagePath` and chunked objects in `index`; computes
+    /// who stores what from them (walking every file, record and chunk once).
+    public init(
+        settings: Settings, storagePath: String, index: ObjectIndex?,
+        isAdmin: @escaping @Sendable (HTTPRequest) -> Bool = { _ in false }, logger: Logger = Logger(label: "stoq.gate")
+    ) throws {
+        try FileManager.default.createDirectory(atPath: storagePath, withIntermediateDirectories: true)
+        flatFD = open(storagePath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard flatFD >= 0 else {
+            throw StoreError(.io, "cannot open storage directory \(storagePath): \(String(cString: strerror(errno)))")
+        }
+        (self.settings, self.index, self.isAdmin, self.logger) = (settings, index, isAdmin, logger)
+        try scan()
+    }
+
+    deinit { close(flatFD) }
+
+    /// A snapshot of the counters, with the bytes stored now.
+    public var counters: Counters {
+        lock.withLock {
+            var c = counterValues
+            c.storedBytes = storedLocked()
+            c.owners = usage.count
+            return c
+        }
+    }
+
+    /// Bytes `owner`'s objects total.
+    public func usage(of owner: String) -> UInt64 { lock.withLock { usage[owner] ?? 0 } }
+
+    /// The writer of `request` from `peer`.
+    public func writer(_ request: HTTPRequest, peer: IPv6Endpoint) -> Writer {
+        Writer(
+            identity: clientIdentity(request, peer: peer), admin: isAdmin(request), ifMatch: request.ifMatch,
+            ifNoneMatch: request.ifNoneMatch)
+    }
+
+    // MARK: - The object now
+
+    /// The object `name` as a write sees it: the plain file when there is one (it shadows a
+    /// chunked object of the name), else the chunked object's record; nil when neither.
+    public func current(_ name: String) -> Current? {
+        var st = stat()
+        if fstatat(flatFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG {
+            let fd = openat(flatFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+            let meta = fd >= 0 ? Self.readMeta(fd) : nil
+            if fd >= 0 { close(fd) }
+            return Current(
+                etag: meta.map { "\"\($0.sha256)\"" } ?? Self.fileETag(st), owner: meta?.owner ?? "",
+                size: UInt64(st.st_size), physical: UInt64(st.st_size))
+        }
+        guard let index, let record = try? index.object(name), let manifest = try? Manifest(decoding: record.manifest) else { return nil }
+        return Current(etag: Self.etag(manifest), owner: record.owner, size: manifest.totalLength, physical: 0)
+    }
+
+    /// A chunked object's ETag: its content's SHA-256, from the manifest.
+    public static func etag(_ manifest: Manifest) -> String { "\"\(manifest.digest.hex)\"" }
+
+    /// The ETag of a plain file that has no `user.stoq.object`: a new file is a new inode, so
+    /// inode, mtime and size change whenever its content does.
+    static func fileETag(_ st: stat) -> String {
+        let mtime = UInt64(st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_mtim.tv_nsec)
+        return "\"f\(String(UInt64(st.st_ino), radix: 16))-\(String(mtime, radix: 16))-\(String(UInt64(st.st_size), radix: 16))\""
+    }
+
+    static let metaName = "user.stoq.object"
+
+    /// The owner and SHA-256 kept on a plain file, if it has them.
+    static func readMeta(_ fd: Int32) -> (sha256: String, owner: String)? {
+        var buf = [UInt8](repeating: 0, count: 80 + ObjectRecord.maxOwnerLength)
+        let n = Int(stoq_fgetxattr(fd, metaName, &buf, UInt(buf.count)))
+        guard n > 0 else { return nil }
+        let parts = buf[0..<n].split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: false)
+        guard parts.count >= 2, parts[0].elementsEqual("1".utf8), parts[1].count == 64 else { return nil }
+        return (String(decoding: parts[1], as: UTF8.self), parts.count == 3 ? String(decoding: parts[2], as: UTF8.self) : "")
+    }
+
+    /// Keeps `owner` and the content's SHA-256 on the plain file `fd`; false when the
+    /// filesystem keeps no user xattrs (the file then has no owner).
+    static func writeMeta(_ fd: Int32, sha256: [UInt8], owner: String) -> Bool {
+        let hex = sha256.map { String(format: "%02x", $0) }.joined()
+        let value = Array("1 \(hex) ".utf8) + Array(owner.utf8.prefix(ObjectRecord.maxOwnerLength))
+        return stoq_fsetxattr(fd, metaName, value, UInt(value.count)) == 0
+    }
+
+    // MARK: - Checks
+
+    /// Why `If-Match` / `If-None-Match` fail against the object's current ETag (nil: there is
+    /// no object), or nil when they hold. RFC 9110 §13.2.2's order: If-Match first (strong
+    /// comparison), then If-None-Match (weak comparison; for a write, failing it is 412).
+    package static func preconditionFailure(ifMatch: String, ifNoneMatch: String, current: String?) -> String? {
+        func tags(_ field: String) -> [String] {
+            field.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        }
+        func weak(_ t: String) -> String { t.hasPrefix("W/") ? String(t.dropFirst(2)) : t }
+        if !ifMatch.isEmpty {
+            let list = tags(ifMatch)
+            guard let current else { return "If-Match: \(ifMatch) but there is no such object" }
+            let hit = list.contains("*") || list.contains { !$0.hasPrefix("W/") && $0 == current && !current.hasPrefix("W/") }
+            if !hit { return "If-Match: \(ifMatch) but the object's ETag is \(current)" }
+        }
+        if !ifNoneMatch.isEmpty, let current {
+            let list = tags(ifNoneMatch)
+            if list.contains("*") { return "If-None-Match: * but the object exists (ETag \(current))" }
+            if list.contains(where: { weak($0) == weak(current) }) { return "If-None-Match: \(ifNoneMatch) matches the object's ETag" }
+        }
+        return nil
+    }
+
+    /// What the writer may not do to `name` (whose state is `current`): nil when it may.
+    /// `size` is the object's new length and `physical` the bytes it adds to the store, when
+    /// known (nil: quotas are not checked yet); `delete` for a delete. Counts refusals.
+    /// Under `lock`.
+    /// `moreThan`: the upload was stopped after this many bytes, its size is unknown.
+    private func refusalLocked(
+        _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool, moreThan: UInt64? = nil
+    ) -> Refusal? {
+        let needs = { (n: UInt64) in moreThan.map { "more than \(Self.bytes($0))" } ?? Self.bytes(n) }
+        if let why = Self.preconditionFailure(ifMatch: w.ifMatch, ifNoneMatch: w.ifNoneMatch, current: current?.etag) {
+            counterValues.preconditionFailed += 1
+            return Refusal(status: 412, reason: "precondition failed for \(name): \(why)")
+        }
+        if let current {
+            switch settings.overwrite {
+            case .never:
+                counterValues.overwriteRefused += 1
+                return Refusal(
+                    status: 409,
+                    reason: "object \(name) exists and access.overwrite = \"never\": objects cannot be \(delete ? "deleted" : "replaced")")
+            case .owner where !current.owner.isEmpty && current.owner != w.identity && !w.admin:
+                counterValues.overwriteRefused += 1
+                return Refusal(
+                    status: 403,
+                    reason: "object \(name) belongs to \(current.owner); access.overwrite = \"owner\" lets only its owner or an admin \(delete ? "delete" : "replace") it")
+            default: break
+            }
+        }
+        if let size, settings.writerQuota > 0 {
+            let used = usage[w.identity] ?? 0
+            let freed = current?.owner == w.identity ? current!.size : 0
+            if used - min(used, freed) + size > settings.writerQuota {
+                counterValues.writerQuotaRefused += 1
+                return Refusal(
+                    status: 507,
+                    reason: "quota for \(w.identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
+                        + "(limits.writer_quota), this upload needs \(needs(size))"
+                        + (freed > 0 ? " and frees \(Self.bytes(freed))" : ""))
+            }
+        }
+        // A write adding nothing (a record over chunks already counted) is never the one refused.
+        if let physical, physical > 0, settings.storageCap > 0 {
+            let stored = storedLocked()
+            let freed = current?.physical ?? 0
+            if stored - min(stored, freed) + physical > settings.storageCap {
+                counterValues.storageCapRefused += 1
+                return Refusal(
+                    status: 507,
+                    reason: "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
+                        + "(limits.storage_cap), this upload needs \(needs(physical))")
+            }
+        }
+        return nil
+    }
+
+    /// The checks a request's head can be refused by before its body is read (`size`: its
+    /// `Content-Length`, when sent). The commit checks again.
+    public func check(_ name: String, by w: Writer, size: UInt64?, physical: UInt64?) -> Refusal? {
+        let current = current(name)
+        return lock.withLock { refusalLocked(name, w, current, size: size, physical: physical, delete: false) }
+    }
+
+    /// Reserves `size` bytes about to be written as chunks (a chunk PUT, or an ingest's
+    /// upper bound), or refuses them by `storage_cap` (chunks are charged to no owner). The
+    /// reservation counts as stored until `release`d once the chunks are written (and counted
+    /// by the store), so concurrent writers cannot together pass the cap.
+    public func reserve(_ size: UInt64) -> Refusal? {
+        lock.withLock {
+            if let r = refusalLocked("chunk", Writer(identity: ""), nil, size: nil, physical: size, delete: false) { return r }
+            reserved += size
+            return nil
+        }
+    }
+
+    /// Whether a chunk of `size` bytes would fit `storage_cap` now (the checks a head gets;
+    /// `reserve` decides).
+    public func checkChunk(size: UInt64) -> Refusal? {
+        lock.withLock { refusalLocked("chunk", Writer(identity: ""), nil, size: nil, physical: size, delete: false) }
+    }
+
+    /// Ends a reservation.
+    public func release(_ size: UInt64) { lock.withLock { reserved -= min(reserved, size) } }
+
+    /// The most bytes an upload by `w` to `name` may hold before a quota refuses it (nil: no
+    /// limit applies): the body sink stops there, mid-stream.
+    public func headroom(_ name: String, for w: Writer) -> UInt64? {
+        guard settings.writerQuota > 0 || settings.storageCap > 0 else { return nil }
+        let current = current(name)
+        return lock.withLock {
+            var room = UInt64.max
+            if settings.writerQuota > 0 {
+                let used = usage[w.identity] ?? 0
+                let freed = current?.owner == w.identity ? current!.size : 0
+                room = min(room, settings.writerQuota - min(settings.writerQuota, used - min(used, freed)))
+            }
+            if settings.storageCap > 0 {
+                let stored = storedLocked()
+                room = min(room, settings.storageCap - min(settings.storageCap, stored - min(stored, current?.physical ?? 0)))
+            }
+            return room
+        }
+    }
+
+    /// Counts an upload the body sink stopped at `limit` (its `headroom`) and says why (507).
+    public func overHeadroom(_ name: String, by w: Writer, limit: UInt64) -> Refusal {
+        let current = current(name)
+        return lock.withLock {
+            refusalLocked(
+                name, Writer(identity: w.identity), current, size: limit + 1, physical: limit + 1, delete: false, moreThan: limit)
+                ?? Refusal(status: 507, reason: "the upload of \(name) needs more than the \(Self.bytes(limit)) its quota left when it began")
+        }
+    }
+
+    /// Commits a write of `name` by `w`: under the lock, looks up the object, checks the
+    /// conditions, policy and quotas for an object of `size` bytes adding `physical` to the
+    /// store, and calls `write` (the rename or record write) when they hold, then accounts
+    /// for it. Returns the refusal (nothing written) or nil; rethrows `write`'s error.
+    /// `chunked`: `write` records a chunked object, so a plain file of the name (which would
+    /// shadow it, and whose bytes the accounting releases) is removed with it.
+    public func commit(
+        _ name: String, by w: Writer, size: UInt64, physical: UInt64, chunked: Bool = false, write: () throws -> Void
+    ) throws -> Refusal? {
+        try lock.withLock {
+            let current = current(name)
+            if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false) { return r }
+            try write()
+            if chunked, current?.physical ?? 0 > 0, unlinkat(flatFD, name, 0) == 0 { fsync(flatFD) }
+            if let current { release(current) }
+            usage[w.identity, default: 0] += size
+            flatBytes += physical
+            return nil
+        }
+    }
+
+    /// Deletes object `name` for `w`, durably: the plain file and the chunked object of the
+    /// name (a chunked object's chunks stay until garbage collection). Under the lock, after
+    /// the conditions and the policy. 404 when there is neither.
+    public func delete(_ name: String, by w: Writer) throws -> Refusal? {
+        try lock.withLock {
+            guard let current = current(name) else { return Refusal(status: 404, reason: "no object \(name)") }
+            if let r = refusalLocked(name, w, current, size: nil, physical: nil, delete: true) { return r }
+            if unlinkat(flatFD, name, 0) == 0 {
+                fsync(flatFD)
+            } else if errno != ENOENT {
+                throw StoreError(.io, "unlink \(name): \(String(cString: strerror(errno)))")
+            }
+            if let index {
+                do { try index.deleteObject(name) } catch let e as StoreError where e.code == .objectNotFound {}
+            }
+            release(current)
+            return nil
+        }
+    }
+
+    /// Forgets a replaced or deleted object's bytes. Under `lock`.
+    private func release(_ c: Current) {
+        if let u = usage[c.owner] {
+            usage[c.owner] = u > c.size ? u - c.size : nil
+        }
+        flatBytes -= min(flatBytes, c.physical)
+    }
+
+    private func storedLocked() -> UInt64 {
+        guard let index else { return flatBytes + reserved }
+        let now = index.chunks.counters
+        let written = now.bytesWritten - min(now.bytesWritten, storeAtStart.bytesWritten)
+        let collected = now.bytesCollected - min(now.bytesCollected, storeAtStart.bytesCollected)
+        return flatBytes + reserved + (chunkBytesAtStart + written) - min(chunkBytesAtStart + written, collected)
+    }
+
+    /// Who stores what, from the files and records.
+    private func scan() throws {
+        var shadowing = Set<String>()
+        if let dir = fdopendir(dup(flatFD)) {
+            defer { closedir(dir) }
+            while let e = readdir(dir) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard !name.hasPrefix("."), let c = current(name) else { continue }
+                usage[c.owner, default: 0] += c.size
+                flatBytes += c.physical
+                shadowing.insert(name)
+            }
+        }
+        guard let index else { return }
+        storeAtStart = index.chunks.counters
+        for name in try index.listObjects() where !shadowing.contains(name) {
+            guard let c = current(name) else { continue }
+            usage[c.owner, default: 0] += c.size
+        }
+        for id in try index.chunks.allChunkIDs() {
+            chunkBytesAtStart += UInt64(try index.chunks.size(id) ?? 0)
+        }
+        usage[""] = nil  // objects without an owner count towards the cap only
+        logger.debug("object usage", metadata: ["owners": "\(usage.count)", "flat_bytes": "\(flatBytes)", "chunk_bytes": "\(chunkBytesAtStart)"])
+    }
+
+    /// `9.5 MB (9961472 bytes)`: the numbers a 507 carries.
+    static func bytes(_ n: UInt64) -> String {
+        let units: [(UInt64, String)] = [(1 << 40, "TB"), (1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "KB")]
+        for (size, unit) in units where n >= size {
+            let x = Double(n) / Double(size)
+            let shown = x == x.rounded() ? String(Int(x)) : String(format: "%.1f", x)
+            return "\(shown) \(unit) (\(n) bytes)"
+        }
+        return "\(n) bytes"
+    }
+}

@@ -1,0 +1,225 @@
+import Foundation
+import STOQCore
+import STOQQUIC
+
+/// A token bucket on a monotonic clock (nanoseconds): `rate` tokens a second up to `burst`.
+/// A plain value; whoever owns it serialises access.
+package struct TokenBucket: Sendable, Equatable {
+    /// Tokens added per second.
+    package let rate: Double
+    /// The most tokens it holds (what a client may spend at once after a quiet spell).
+    package let burst: Double
+    /// Tokens now (after the last `refill`); negative when charged into debt.
+    package private(set) var tokens: Double
+    private var updated: UInt64
+
+    /// A full bucket at `now`.
+    package init(rate: Double, burst: Double, now: UInt64) {
+        (self.rate, self.burst, self.tokens, self.updated) = (rate, burst, burst, now)
+    }
+
+    private mutating func refill(_ now: UInt64) {
+        guard now > updated else { return }
+        tokens = min(burst, tokens + Double(now - updated) / 1e9 * rate)
+        updated = now
+    }
+
+    /// Takes `n` tokens if the bucket holds them (returns 0), else takes nothing and returns
+    /// the nanoseconds until it would hold them.
+    package mutating func take(_ n: Double, now: UInt64) -> UInt64 {
+        refill(now)
+        if tokens >= n {
+            tokens -= n
+            return 0
+        }
+        return UInt64(((n - tokens) / rate * 1e9).rounded(.up))
+    }
+
+    /// Takes `n` tokens even into debt: bytes are charged once they are known, and the debt
+    /// delays the client's next request.
+    package mutating func charge(_ n: Double, now: UInt64) {
+        refill(now)
+        tokens -= n
+    }
+
+    /// Nanoseconds until the bucket is out of debt (0 when it is not in debt).
+    package mutating func debt(now: UInt64) -> UInt64 {
+        refill(now)
+        return tokens >= 0 ? 0 : UInt64((-tokens / rate * 1e9).rounded(.up))
+    }
+
+    /// Whether the bucket is full at `now`: it is then the same as a new one, so forgetting
+    /// it loses nothing.
+    package func isFull(now: UInt64) -> Bool {
+        now >= updated && tokens + Double(now - updated) / 1e9 * rate >= burst
+    }
+}
+
+/// Per-client request and upload-byte rate limits (`[limits] requests_per_second`,
+/// `request_burst`, `bytes_per_second`), keyed by the client's identity
+/// (`clientIdentity(_:peer:)`): the authenticated subject, or the /64 an anonymous client
+/// sends from.
+///
+/// One table for the whole node, behind a lock taken once per request head (and once more
+/// at the end of an upload whose length was not announced), never per packet: the workers'
+/// per-packet path does not see it.
+///
+/// Bytes: an upload is charged its `Content-Length` when its head arrives (or what arrived,
+/// at its end, when no length was sent). The byte bucket holds one second's worth and may go
+/// into debt: a large upload is let through and the client's next requests wait until the
+/// debt is paid. Response bytes are not charged.
+///
+/// Bounded: at most `maxClients` buckets. When the table is full, buckets that have refilled
+/// (the same as new ones) are dropped first, then the least recently used, down to three
+/// quarters of the bound, so a flood of identities costs a sort now and then, not memory.
+/// Thread-safe.
+public final class RateLimiter: @unchecked Sendable {
+    /// The limits; a zero rate turns that limit off.
+    public struct Settings: Sendable, Equatable {
+        /// Requests a second per client (0 = no request limit).
+        public var requestsPerSecond: Double
+        /// Requests a client may make at once.
+        public var requestBurst: Double
+        /// Upload bytes a second per client (0 = no byte limit).
+        public var bytesPerSecond: Double
+        /// Clients tracked at once.
+        public var maxClients: Int
+
+        /// Settings with these values.
+        public init(requestsPerSecond: Double, requestBurst: Double, bytesPerSecond: Double, maxClients: Int = 65_536) {
+            (self.requestsPerSecond, self.requestBurst, self.bytesPerSecond) = (requestsPerSecond, requestBurst, bytesPerSecond)
+            self.maxClients = max(4, maxClients)
+        }
+
+        /// Whether any limit is on.
+        public var enabled: Bool { requestsPerSecond > 0 || bytesPerSecond > 0 }
+    }
+
+    /// A request the limiter refused: when to come back and why (the 429's body).
+    public struct Refusal: Sendable, Equatable {
+        /// Whole seconds, at least 1 (`Retry-After`).
+        public var retryAfter: UInt64
+        public var reason: String
+    }
+
+    struct Entry {
+        var requests: TokenBucket?
+        var bytes: TokenBucket?
+        var used: UInt64
+    }
+
+    /// The limits.
+    public let settings: Settings
+    private let lock = NSLock()
+    private var table: [String: Entry] = [:]
+    private var limitedCount: UInt64 = 0
+    private var evictedCount: UInt64 = 0
+
+    /// A limiter with `settings`.
+    public init(settings: Settings) { self.settings = settings }
+
+    /// Requests refused with 429 so far.
+    public var limited: UInt64 { lock.withLock { limitedCount } }
+    /// Buckets dropped to keep the table bounded.
+    public var evicted: UInt64 { lock.withLock { evictedCount } }
+    /// Clients tracked now.
+    public var clients: Int { lock.withLock { table.count } }
+
+    /// Admits a request from `client` announcing `bodyBytes` (nil: unknown or none), or says
+    /// why not. An admitted request is charged one request and its announced bytes.
+    public func admit(_ client: String, bodyBytes: UInt64?, now: UInt64) -> Refusal? {
+        lock.withLock {
+            var e = entry(client, now)
+            defer { table[client] = e }
+            if var b = e.bytes {
+                let wait = b.debt(now: now)
+                e.bytes = b
+                if wait > 0 {
+                    limitedCount += 1
+                    return Refusal(
+                        retryAfter: Self.seconds(wait),
+                        reason: "rate limit for \(client): uploads over \(Self.amount(settings.bytesPerSecond))B/s "
+                            + "(limits.bytes_per_second); \(Self.amount(-b.tokens))B over, retry in \(Self.seconds(wait)) s")
+                }
+            }
+            if var r = e.requests {
+                let wait = r.take(1, now: now)
+                e.requests = r
+                if wait > 0 {
+                    limitedCount += 1
+                    return Refusal(
+                        retryAfter: Self.seconds(wait),
+                        reason: "rate limit for \(client): more than \(Self.amount(settings.requestsPerSecond)) requests/s "
+                            + "with a burst of \(Self.amount(settings.requestBurst)) (limits.requests_per_second, "
+                            + "limits.request_burst), retry in \(Self.seconds(wait)) s")
+                }
+            }
+            if let n = bodyBytes, n > 0 { e.bytes?.charge(Double(n), now: now) }
+            return nil
+        }
+    }
+
+    /// Charges `client` for `bytes` of upload received without an announced length.
+    public func charge(_ client: String, bytes: UInt64, now: UInt64) {
+        guard settings.bytesPerSecond > 0, bytes > 0 else { return }
+        lock.withLock {
+            var e = entry(client, now)
+            e.bytes?.charge(Double(bytes), now: now)
+            table[client] = e
+        }
+    }
+
+    /// The client's entry (a new one, making room if the table is full). Under `lock`.
+    private func entry(_ client: String, _ now: UInt64) -> Entry {
+        if var e = table[client] {
+            e.used = now
+            return e
+        }
+        if table.count >= settings.maxClients { shrink(now) }
+        let s = settings
+        return Entry(
+            requests: s.requestsPerSecond > 0 ? TokenBucket(rate: s.requestsPerSecond, burst: max(1, s.requestBurst), now: now) : nil,
+            bytes: s.bytesPerSecond > 0 ? TokenBucket(rate: s.bytesPerSecond, burst: s.bytesPerSecond, now: now) : nil,
+            used: now)
+    }
+
+    private func shrink(_ now: UInt64) {
+        let before = table.count
+        table = table.filter { !($0.value.requests?.isFull(now: now) ?? true && $0.value.bytes?.isFull(now: now) ?? true) }
+        let target = settings.maxClients * 3 / 4
+        if table.count > target {
+            let oldest = table.sorted { $0.value.used < $1.value.used }.prefix(table.count - target)
+            for (k, _) in oldest { table[k] = nil }
+        }
+        evictedCount += UInt64(before - table.count)
+    }
+
+    static func seconds(_ ns: UInt64) -> UInt64 { max(1, (ns + 999_999_999) / 1_000_000_000) }
+
+    /// `1.5M`, `200K`, `12`: a rate or a size for a message.
+    static func amount(_ v: Double) -> String {
+        let units: [(Double, String)] = [(1_073_741_824, "G"), (1_048_576, "M"), (1024, "K")]
+        for (size, unit) in units where v >= size {
+            let x = v / size
+            return (x == x.rounded() ? String(Int(x)) : String(format: "%.1f", x)) + unit
+        }
+        return v == v.rounded() ? String(Int(v)) : String(format: "%.1f", v)
+    }
+}
+
+/// The key a request's limits and ownership go by: `request.identity` when the access
+/// policy set one (`token:…`, `cert:…`, `addr:…/64`), else the /64 prefix of the address the
+/// client sends from, `addr:<prefix>/64` (one subscriber's /64 is one client; addresses
+/// inside it are free for the taking).
+public func clientIdentity(_ request: HTTPRequest, peer: IPv6Endpoint) -> String {
+    clientIdentity(request.identity, peer: peer)
+}
+
+/// `identity` when it is set, else `addr:<the /64 of peer>/64`.
+package func clientIdentity(_ identity: String, peer: IPv6Endpoint) -> String {
+    if !identity.isEmpty { return identity }
+    var a = peer.address
+    a.bytes.8 = 0; a.bytes.9 = 0; a.bytes.10 = 0; a.bytes.11 = 0
+    a.bytes.12 = 0; a.bytes.13 = 0; a.bytes.14 = 0; a.bytes.15 = 0
+    return "addr:\(a)/64"
+}

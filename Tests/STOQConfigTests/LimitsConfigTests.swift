@@ -1,0 +1,57 @@
+import Testing
+@testable import STOQConfig
+
+/// `[limits]` and `access.overwrite`: off and "owner" by default, every key validated with an
+/// error naming key, value and what is allowed.
+@Suite struct LimitsConfigTests {
+    func errors(_ text: String) -> [ConfigError] {
+        do {
+            _ = try ConfigLoader.parse(text, source: "t.toml")
+            return []
+        } catch { return error.errors }
+    }
+
+    @Test func offByDefault() {
+        let l = NodeConfig.default.limits
+        #expect(l.storageCap == 0 && l.writerQuota == 0 && l.requestsPerSecond == 0 && l.requestBurst == 0 && l.bytesPerSecond == 0)
+        #expect(NodeConfig.default.overwrite == .owner)
+    }
+
+    @Test func readsEveryKey() throws {
+        let c = try ConfigLoader.parse(
+            """
+            [access]
+            overwrite = "never"
+            [limits]
+            storage_cap = "500GB"
+            writer_quota = "10MB"
+            requests_per_second = 2.5
+            request_burst = 10
+            bytes_per_second = "1MB"
+            """)
+        #expect(c.overwrite == .never)
+        #expect(c.limits.storageCap == 500 << 30 && c.limits.writerQuota == 10 << 20)
+        #expect(c.limits.requestsPerSecond == 2.5 && c.limits.requestBurst == 10 && c.limits.bytesPerSecond == 1 << 20)
+        #expect(c.limits.effectiveBurst == 10)
+        // Without a burst, one second's worth (at least one request).
+        #expect(try ConfigLoader.parse("[limits]\nrequests_per_second = 20").limits.effectiveBurst == 20)
+        #expect(try ConfigLoader.parse("[limits]\nrequests_per_second = 0.5").limits.effectiveBurst == 1)
+    }
+
+    @Test func badValuesNameKeyValueAndWhatIsAllowed() {
+        let policy = errors("[access]\noverwrite = \"sometimes\"")
+        #expect(policy.map(\.key) == ["access.overwrite"])
+        #expect(policy.first?.code == .badValue && policy.first?.allowed == "one of \"owner\", \"writers\", \"never\"")
+        let cap = errors("[limits]\nstorage_cap = \"lots\"")
+        #expect(cap.map(\.key) == ["limits.storage_cap"] && cap.first?.code == .badValue)
+        let rate = errors("[limits]\nrequests_per_second = -1")
+        #expect(rate.map(\.key) == ["limits.requests_per_second"] && rate.first?.code == .outOfRange)
+        #expect(rate.first?.allowed == "a number from 0 to 1000000, requests a second per client (0 = no limit)")
+        #expect(errors("[limits]\nrequests_per_second = \"fast\"").first?.code == .badType)
+        let burst = errors("[limits]\nrequest_burst = 5")
+        #expect(burst.map(\.key) == ["limits.request_burst"])
+        #expect(burst.first?.allowed == "0 while limits.requests_per_second is 0 (a burst of a rate that is off limits nothing)")
+        let unknown = errors("[limits]\nquota = 1")
+        #expect(unknown.map(\.key) == ["limits.quota"] && unknown.first?.code == .unknownKey)
+    }
+}

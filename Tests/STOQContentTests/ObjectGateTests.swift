@@ -1,0 +1,234 @@
+import CSTOQSystem
+import Foundation
+import STOQChunking
+import STOQStore
+import Testing
+
+@testable import STOQContent
+
+/// The gate every object write commits through: RFC 9110 preconditions, the overwrite
+/// policy, the quotas and their accounting, over real files and a real store.
+final class ObjectGateTests {
+    let dir: String
+    let storage: String
+    let index: ObjectIndex
+
+    init() throws {
+        (dir, storage, index) = try makeTempNodeStore("stoq-gate")
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
+    func gate(_ settings: ObjectGate.Settings) throws -> ObjectGate {
+        try ObjectGate(settings: settings, storagePath: storage, index: index)
+    }
+
+    /// Stores `bytes` as plain object `name` of `owner` the way ObjectService does: a temp file
+    /// with its owner and digest, renamed through the gate.
+    @discardableResult
+    func put(_ g: ObjectGate, _ name: String, _ bytes: [UInt8], by w: ObjectGate.Writer) throws -> ObjectGate.Refusal? {
+        let temp = storage + "/.upload-test"
+        let fd = open(temp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        #expect(write(fd, bytes, bytes.count) == bytes.count)
+        #expect(ObjectGate.writeMeta(fd, sha256: sha(bytes), owner: w.identity))
+        close(fd)
+        let r = try g.commit(name, by: w, size: UInt64(bytes.count), physical: UInt64(bytes.count)) {
+            #expect(rename(temp, storage + "/" + name) == 0)
+        }
+        unlink(temp)
+        return r
+    }
+
+    func sha(_ bytes: [UInt8]) -> [UInt8] {
+        let hex = Array(ContentDigest.sha256(bytes).hex.utf8)
+        return stride(from: 0, to: 64, by: 2).map { UInt8(String(decoding: hex[$0..<$0 + 2], as: UTF8.self), radix: 16)! }
+    }
+
+    func etag(_ bytes: [UInt8]) -> String { "\"\(ContentDigest.sha256(bytes).hex)\"" }
+
+    // MARK: - Preconditions (pure)
+
+    @Test func preconditionsFollowRFC9110() {
+        let f = ObjectGate.preconditionFailure
+        let cur = "\"abc\""
+        // If-None-Match: * — only when there is nothing.
+        #expect(f("", "*", nil) == nil)
+        #expect(f("", "*", cur) == "If-None-Match: * but the object exists (ETag \"abc\")")
+        // If-Match: strong comparison, lists, and * requires existence.
+        #expect(f("\"abc\"", "", cur) == nil)
+        #expect(f("\"x\", \"abc\"", "", cur) == nil)
+        #expect(f("*", "", cur) == nil)
+        #expect(f("\"old\"", "", cur) == "If-Match: \"old\" but the object's ETag is \"abc\"")
+        #expect(f("W/\"abc\"", "", cur) != nil)
+        #expect(f("*", "", nil) == "If-Match: * but there is no such object")
+        #expect(f("\"abc\"", "", nil) != nil)
+        // If-None-Match with tags: weak comparison.
+        #expect(f("", "W/\"abc\"", cur) != nil)
+        #expect(f("", "\"other\"", cur) == nil)
+        // No conditions: always.
+        #expect(f("", "", cur) == nil && f("", "", nil) == nil)
+    }
+
+    // MARK: - Policy
+
+    @Test func ownerPolicyLetsOnlyTheOwnerOrAnAdminReplaceOrDelete() throws {
+        let g = try gate(.init(overwrite: .owner))
+        let alice = ObjectGate.Writer(identity: "token:alice"), bob = ObjectGate.Writer(identity: "token:bob")
+        #expect(try put(g, "a.bin", [1, 2, 3], by: alice) == nil)
+        #expect(g.current("a.bin")?.owner == "token:alice")
+        #expect(g.current("a.bin")?.etag == etag([1, 2, 3]))
+        let refused = try put(g, "a.bin", [9], by: bob)
+        #expect(refused?.status == 403)
+        #expect(refused?.reason == "object a.bin belongs to token:alice; access.overwrite = \"owner\" lets only its owner or an admin replace it")
+        #expect(try g.delete("a.bin", by: bob)?.status == 403)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: storage + "/a.bin")) == Data([1, 2, 3]))
+        #expect(g.counters.overwriteRefused == 2)
+        // The owner may; so may an admin.
+        #expect(try put(g, "a.bin", [4, 5], by: alice) == nil)
+        #expect(try put(g, "a.bin", [6], by: ObjectGate.Writer(identity: "token:root", admin: true)) == nil)
+        #expect(g.current("a.bin")?.owner == "token:root")
+        #expect(try g.delete("a.bin", by: ObjectGate.Writer(identity: "token:root")) == nil)
+        #expect(g.current("a.bin") == nil)
+        #expect(try g.delete("a.bin", by: alice)?.status == 404)
+    }
+
+    @Test func writersPolicyLetsAnyoneAndNeverLetsNoOne() throws {
+        let w = try gate(.init(overwrite: .writers))
+        #expect(try put(w, "a", [1], by: .init(identity: "token:alice")) == nil)
+        #expect(try put(w, "a", [2], by: .init(identity: "token:bob")) == nil)
+        let never = try gate(.init(overwrite: .never))
+        let r = try put(never, "a", [3], by: .init(identity: "token:bob"))
+        #expect(r?.status == 409)
+        #expect(r?.reason == "object a exists and access.overwrite = \"never\": objects cannot be replaced")
+        #expect(try never.delete("a", by: .init(identity: "token:bob", admin: true))?.status == 409)
+        #expect(try put(never, "b", [3], by: .init(identity: "token:bob")) == nil)
+    }
+
+    @Test func conditionalWritesAreCheckedAtTheCommit() throws {
+        let g = try gate(.init())
+        let w = ObjectGate.Writer(identity: "token:alice")
+        #expect(try put(g, "c", [1], by: w) == nil)
+        var create = w
+        create.ifNoneMatch = "*"
+        #expect(try put(g, "c", [2], by: create)?.status == 412)
+        var stale = w
+        stale.ifMatch = etag([7])
+        #expect(try put(g, "c", [2], by: stale)?.status == 412)
+        var fresh = w
+        fresh.ifMatch = etag([1])
+        #expect(try put(g, "c", [2], by: fresh) == nil)
+        #expect(g.current("c")?.etag == etag([2]))
+        #expect(try g.delete("c", by: fresh)?.status == 412)
+        #expect(g.counters.preconditionFailed == 3)
+    }
+
+    /// Tallies from the racing threads.
+    final class Tally: @unchecked Sendable {
+        let lock = NSLock()
+        var won = 0, refused = 0
+    }
+
+    @Test func ofConcurrentCreatesOnlyOneWins() throws {
+        let g = try gate(.init())
+        let index = self.index
+        let group = DispatchGroup()
+        let tally = Tally()
+        for i in 0..<8 {
+            group.enter()
+            Thread {
+                defer { group.leave() }
+                let w = ObjectGate.Writer(identity: "token:\(i)", ifNoneMatch: "*")
+                let r = try? g.commit("race", by: w, size: 1, physical: 0) {
+                    usleep(2000)  // widen the window a racy check would lose in
+                    let m = try Manifest(totalLength: 0, digest: .zero, parameters: .default, chunks: [])
+                    try index.putObject("race", manifest: m.encode(), chunkIDs: [], owner: w.identity)
+                }
+                tally.lock.withLock { if r == .some(nil) { tally.won += 1 } else { tally.refused += 1 } }
+            }.start()
+        }
+        group.wait()
+        #expect(tally.won == 1 && tally.refused == 7)
+        #expect(g.counters.preconditionFailed == 7)
+    }
+
+    // MARK: - Quotas
+
+    @Test func writerQuotaAndStorageCapRefuseWithTheNumbers() throws {
+        let g = try gate(.init(storageCap: 3 << 20, writerQuota: 2 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        #expect(try put(g, "one", [UInt8](repeating: 1, count: 1 << 20), by: alice) == nil)
+        #expect(g.usage(of: "token:alice") == 1 << 20)
+        // 1.5 MB more does not fit alice's 2 MB.
+        let r = g.check("two", by: alice, size: 3 << 19, physical: 3 << 19)
+        #expect(r?.status == 507)
+        #expect(
+            r?.reason
+                == "quota for token:alice: 1 MB (1048576 bytes) used of 2 MB (2097152 bytes) (limits.writer_quota), this upload needs 1.5 MB (1572864 bytes)"
+        )
+        // Replacing her own object frees its bytes first.
+        #expect(g.check("one", by: alice, size: 3 << 19, physical: 3 << 19) == nil)
+        #expect(g.headroom("two", for: alice) == 1 << 20)
+        #expect(g.headroom("one", for: alice) == 2 << 20)
+        // The cap counts everyone: bob fills it.
+        let bob = ObjectGate.Writer(identity: "token:bob")
+        #expect(try put(g, "b1", [UInt8](repeating: 2, count: 2 << 20), by: bob) == nil)
+        let cap = g.check("c1", by: ObjectGate.Writer(identity: "token:carol"), size: 10, physical: 10)
+        #expect(cap?.reason == "storage cap of this node: 3 MB (3145728 bytes) stored of 3 MB (3145728 bytes) (limits.storage_cap), this upload needs 10 bytes")
+        #expect(g.checkChunk(size: 1)?.status == 507)
+        let c = g.counters
+        #expect(c.writerQuotaRefused == 1 && c.storageCapRefused == 2 && c.storedBytes == 3 << 20 && c.owners == 2)
+        // Deleting gives the room back.
+        #expect(try g.delete("b1", by: bob) == nil)
+        #expect(g.counters.storedBytes == 1 << 20 && g.usage(of: "token:bob") == 0)
+    }
+
+    @Test func usageIsRecomputedAtStartFromFilesRecordsAndChunks() throws {
+        do {
+            let g = try gate(.init())
+            #expect(try put(g, "flat", [UInt8](repeating: 1, count: 1000), by: .init(identity: "token:alice")) == nil)
+        }
+        // A chunked object of bob's: 24 KiB of length, its one 4 KiB chunk stored once.
+        let chunk = [UInt8](repeating: 7, count: 4096)
+        let id = ChunkID(digestOf: chunk)
+        try index.chunks.put(id: id, bytes: chunk)
+        let entries = Array(repeating: Manifest.Entry(id: ContentDigest.sha256(chunk), length: 4096), count: 6)
+        let parameters = try ChunkingParameters(minSize: 1024, avgSize: 4096, maxSize: 8192)
+        let m = try Manifest(totalLength: 6 * 4096, digest: ContentDigest.sha256([1]), parameters: parameters, chunks: entries)
+        try index.putObject("chunked", manifest: m.encode(), chunkIDs: Array(repeating: id, count: 6), owner: "token:bob")
+        // A plain file from before owners were kept: no owner, an ETag from the file.
+        FileManager.default.createFile(atPath: storage + "/legacy", contents: Data([1, 2]))
+        let g = try gate(.init())
+        #expect(g.usage(of: "token:alice") == 1000 && g.usage(of: "token:bob") == 6 * 4096)
+        #expect(g.counters.storedBytes == 1000 + 4096 + 2)
+        #expect(g.current("legacy")?.owner == "" && g.current("legacy")?.etag.hasPrefix("\"f") == true)
+        #expect(g.current("chunked")?.etag == ObjectGate.etag(m))
+        // An object without an owner may be replaced by any writer, who then owns it.
+        #expect(try put(g, "legacy", [3], by: .init(identity: "token:carol")) == nil)
+        #expect(g.usage(of: "token:carol") == 1)
+    }
+
+    @Test func reservedChunkBytesCountUntilReleased() throws {
+        let g = try gate(.init(storageCap: 1000))
+        #expect(g.reserve(600) == nil)
+        // A second writer at the same moment cannot pass the cap with the first.
+        #expect(g.reserve(600)?.status == 507)
+        #expect(g.counters.storedBytes == 600)
+        g.release(600)
+        #expect(g.counters.storedBytes == 0 && g.reserve(600) == nil)
+    }
+
+    @Test func aChunkedObjectReplacesThePlainFileOfItsName() throws {
+        let g = try gate(.init())
+        let w = ObjectGate.Writer(identity: "token:alice")
+        #expect(try put(g, "x", [UInt8](repeating: 1, count: 100), by: w) == nil)
+        let m = try Manifest(totalLength: 0, digest: .zero, parameters: .default, chunks: [])
+        let r = try g.commit("x", by: w, size: 0, physical: 0, chunked: true) {
+            try index.putObject("x", manifest: m.encode(), chunkIDs: [], owner: w.identity)
+        }
+        #expect(r == nil)
+        // The plain file would have shadowed the record, and its bytes are no longer charged.
+        #expect(!FileManager.default.fileExists(atPath: storage + "/x"))
+        #expect(g.current("x")?.etag == ObjectGate.etag(m))
+        #expect(g.usage(of: "token:alice") == 0 && g.counters.storedBytes == 0)
+    }
+}

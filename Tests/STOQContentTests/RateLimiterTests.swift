@@ -1,0 +1,77 @@
+import STOQCore
+import Testing
+
+@testable import STOQContent
+
+/// Token buckets and the per-client table, on a manual clock (nanoseconds).
+@Suite struct RateLimiterTests {
+    static let second: UInt64 = 1_000_000_000
+
+    @Test func aBucketSpendsItsBurstThenRefillsAtItsRate() {
+        var b = TokenBucket(rate: 10, burst: 3, now: 0)
+        #expect(b.take(1, now: 0) == 0 && b.take(1, now: 0) == 0 && b.take(1, now: 0) == 0)
+        // Empty: one token comes in a tenth of a second.
+        #expect(b.take(1, now: 0) == 100_000_000)
+        #expect(b.take(1, now: 50_000_000) == 50_000_000)
+        #expect(b.take(1, now: 100_000_000) == 0)
+        // Never more than the burst, however long it rested.
+        #expect(b.isFull(now: 100 * Self.second))
+        #expect(b.take(3, now: 100 * Self.second) == 0 && b.take(1, now: 100 * Self.second) > 0)
+    }
+
+    @Test func chargingGoesIntoDebtAndTheDebtIsWaitedOut() {
+        var b = TokenBucket(rate: 1000, burst: 1000, now: 0)
+        b.charge(3500, now: 0)
+        #expect(b.tokens == -2500)
+        #expect(b.debt(now: 0) == 2_500_000_000)
+        #expect(b.debt(now: 2 * Self.second) == 500_000_000)
+        #expect(b.debt(now: 3 * Self.second) == 0)
+    }
+
+    @Test func aBurstOverTheLimitIs429WithRetryAfterAndCounted() {
+        let r = RateLimiter(settings: .init(requestsPerSecond: 2, requestBurst: 4, bytesPerSecond: 0))
+        for _ in 0..<4 { #expect(r.admit("addr:2001:db8::/64", bodyBytes: nil, now: 0) == nil) }
+        let refused = r.admit("addr:2001:db8::/64", bodyBytes: nil, now: 0)
+        #expect(refused?.retryAfter == 1)
+        #expect(
+            refused?.reason
+                == "rate limit for addr:2001:db8::/64: more than 2 requests/s with a burst of 4 (limits.requests_per_second, limits.request_burst), retry in 1 s"
+        )
+        #expect(r.limited == 1)
+        // Another client has its own bucket; the first gets one more after half a second.
+        #expect(r.admit("token:bob", bodyBytes: nil, now: 0) == nil)
+        #expect(r.admit("addr:2001:db8::/64", bodyBytes: nil, now: Self.second / 2) == nil)
+    }
+
+    @Test func uploadBytesAreChargedAndTheNextRequestWaits() {
+        let r = RateLimiter(settings: .init(requestsPerSecond: 0, requestBurst: 0, bytesPerSecond: 1_048_576))
+        // The first upload goes through whatever its size; it leaves 3 MB of debt.
+        #expect(r.admit("c", bodyBytes: 4 << 20, now: 0) == nil)
+        let refused: RateLimiter.Refusal? = r.admit("c", bodyBytes: 1, now: Self.second)
+        #expect(refused?.retryAfter == 2)
+        #expect(refused?.reason == "rate limit for c: uploads over 1MB/s (limits.bytes_per_second); 2MB over, retry in 2 s")
+        #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second) == nil)
+        // A body of unknown length is charged when it ends.
+        r.charge("c", bytes: 2 << 20, now: 3 * Self.second)
+        #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second)?.retryAfter == 2)
+    }
+
+    @Test func theTableStaysBoundedUnderAFloodOfClients() {
+        let r = RateLimiter(settings: .init(requestsPerSecond: 1, requestBurst: 1, bytesPerSecond: 0, maxClients: 100))
+        for i in 0..<10_000 { _ = r.admit("addr:\(i)", bodyBytes: nil, now: UInt64(i)) }
+        #expect(r.clients <= 100)
+        #expect(r.evicted >= 9_900)
+        // The most recent clients are still known (and limited).
+        #expect(r.admit("addr:9999", bodyBytes: nil, now: 10_000) != nil)
+    }
+
+    @Test func anonymousClientsAreKeyedByTheirSlash64() {
+        let a = IPv6Endpoint(address: IPv6Address("2001:db8:1:2:aaaa:bbbb:cccc:dddd")!, port: 5000)
+        let b = IPv6Endpoint(address: IPv6Address("2001:db8:1:2::9")!, port: 6000)
+        let c = IPv6Endpoint(address: IPv6Address("2001:db8:1:3::9")!, port: 6000)
+        #expect(clientIdentity("", peer: a) == "addr:2001:db8:1:2::/64")
+        #expect(clientIdentity("", peer: b) == clientIdentity("", peer: a))
+        #expect(clientIdentity("", peer: c) == "addr:2001:db8:1:3::/64")
+        #expect(clientIdentity("token:alice", peer: a) == "token:alice")
+    }
+}
