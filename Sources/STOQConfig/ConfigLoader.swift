@@ -295,7 +295,8 @@ public enum ConfigLoader {
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
-        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing"])
+        r.access(&c.access)  // [access]: AccessConfig.swift
+        r.rejectUnknownSections(["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing", "access"])
         return (c, r)
     }
 }

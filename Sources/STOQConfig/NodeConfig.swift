@@ -11,7 +11,7 @@ import STOQQUIC
 public struct NodeConfig: Sendable, Equatable {
     public struct Node: Sendable, Equatable {
         /// Identity and state live here.
-        public var dataDir = "stoq-data"
+        public var dataDir = NodeConfig.defaultDataDirectory
     }
     /// `network.datapath`.
     public enum Datapath: String, Sendable, CaseIterable {
@@ -59,9 +59,9 @@ public struct NodeConfig: Sendable, Equatable {
         public var quic = QUICSettings()
     }
     public struct Storage: Sendable, Equatable {
-        public var path = "stoq-data/objects"
+        public var path = NodeConfig.defaultDataDirectory + "/objects"
         /// The content-addressed chunk store and object index (chunked transfers).
-        public var contentPath = "stoq-data/content"
+        public var contentPath = NodeConfig.defaultDataDirectory + "/content"
         public var maxObjectSize: UInt64 = 64 << 30
     }
     public struct TLS: Sendable, Equatable {
@@ -162,6 +162,12 @@ public struct NodeConfig: Sendable, Equatable {
     public var mesh = Mesh()
     /// `[tracing]`: TracingConfig.swift.
     public var tracing = Tracing()
+    /// `[access]`: AccessConfig.swift.
+    public var access = Access()
+
+    /// `node.data_dir`'s default, relative to where the node starts: also where `stoq` on the
+    /// same machine looks for the operator token.
+    public static let defaultDataDirectory = "stoq-data"
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

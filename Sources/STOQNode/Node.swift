@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import STOQAccess
 import STOQAdmin
 import STOQConfig
 import STOQContent
@@ -41,6 +42,13 @@ public final class Node: @unchecked Sendable {
     private let finished = DispatchGroup()
     /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
     private let qlog: QLogControl
+
+    /// `[access]` and the accepted token keys as the workers are to apply them (reloadable).
+    private var access: AccessControl?
+    /// The node's token-signing key (`data_dir/access/token-key.pem`).
+    private var tokenKey: P256.Signing.PrivateKey?
+    /// The operator's credential (`data_dir/access/operator.token`).
+    public private(set) var operatorTokenPath = ""
 
     /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
     let tracer: RequestTracer?
@@ -87,7 +95,8 @@ public final class Node: @unchecked Sendable {
                 roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
                 revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
                 role: .client, transparencyLogs: try transparencyLogKeys(cfg))
-            return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+            return ClientAuthentication(
+                mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, identify: certificateIdentity, verifier.refusal))
         } catch let e as NodeError {
             throw e
         } catch {
@@ -140,6 +149,7 @@ public final class Node: @unchecked Sendable {
     public func start() throws {
         let cfg = config
         try QLogControl.prepare(cfg.log)
+        let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
         for line in cfg.notices { logger.notice("\(line)") }
@@ -156,7 +166,7 @@ public final class Node: @unchecked Sendable {
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, qlog: qlog, mesh: mesh, meshService: meshService,
+            certificates: certificates, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
@@ -171,6 +181,48 @@ public final class Node: @unchecked Sendable {
             }
         }
         try startAdmin(cfg, content: content, edge: edge)
+    }
+
+    /// What an accepted client certificate makes its holder (`QUICConnection.peerIdentity`):
+    /// its roles (SAN `urn:stoq:role:…`) and name, in `CertificateIdentity.encoded` form.
+    @Sendable static func certificateIdentity(_ chain: [[UInt8]]) -> String {
+        guard let leaf = chain.first, let id = CertificateSummary.clientIdentity(leafDER: leaf) else { return "" }
+        return CertificateIdentity(subject: id.subject, roles: id.uris.compactMap(CertificateIdentity.role(fromURI:))).encoded
+    }
+
+    /// The node's token key (made at first start), its operator token (made, or re-issued when
+    /// expiring or signed by another key), and the access settings the workers start with.
+    private func startAccess(_ cfg: NodeConfig) throws -> AccessControl {
+        let key: P256.Signing.PrivateKey
+        do {
+            key = try AccessFiles.loadOrCreateTokenKey(dataDir: cfg.node.dataDir)
+            let path = AccessFiles.operatorToken(dataDir: cfg.node.dataDir)
+            if try AccessFiles.ensureOperatorToken(dataDir: cfg.node.dataDir, key: key, now: Int64(time(nil))) {
+                logger.notice("issued the operator token (admin, every path, one year)", metadata: ["path": "\(path)"])
+            }
+            operatorTokenPath = path
+        } catch {
+            throw NodeError(.identity, "access: \(error)")
+        }
+        tokenKey = key
+        let settings = try Self.accessSettings(cfg.access, key: key)
+        if cfg.access.write == .public {
+            logger.warning("access.write = \"public\": anyone who can reach this node may upload, overwrite and delete")
+        }
+        let control = AccessControl(settings)
+        access = control
+        return control
+    }
+
+    /// `[access]` with the node's own key first and `token_keys` after it.
+    static func accessSettings(_ a: NodeConfig.Access, key: P256.Signing.PrivateKey) throws(NodeError) -> AccessSettings {
+        var keys = [key.publicKey]
+        for path in a.tokenKeys {
+            do { keys.append(try AccessFiles.readPublicKey(path)) } catch {
+                throw NodeError(.config, "access.token_keys: \(error.message)")
+            }
+        }
+        return AccessSettings(policy: a.policy, keys: keys)
     }
 
     /// The node's TLS identity: fixed files (`tls.cert_file`), or certificates the node keeps
@@ -342,7 +394,7 @@ public final class Node: @unchecked Sendable {
     }
 
     /// Applies a new, already validated configuration where it can while running: mutual-TLS
-    /// rules (at once), certificate lifetimes (from the next renewal) and qlog (for
+    /// rules and `[access]` (at once), certificate lifetimes (from the next renewal) and qlog (for
     /// connections made from then on). `log.level` is the caller's (it owns the log handler).
     /// Everything else is reported as needing a restart. A qlog directory that cannot be made
     /// throws before anything is applied.
@@ -370,6 +422,14 @@ public final class Node: @unchecked Sendable {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)
         }
+        if fresh.access != old.access, let access, let tokenKey {
+            access.publish(try Self.accessSettings(fresh.access, key: tokenKey))
+            next.access = fresh.access
+            report.applied.append("access")
+            if fresh.access.write == .public && old.access.write != .public {
+                logger.warning("access.write = \"public\": anyone who can reach this node may upload, overwrite and delete")
+            }
+        }
         if fresh.log.level != old.log.level { next.log.level = fresh.log.level; report.applied.append("log.level") }
         if qlogChanged {
             (next.log.qlogDir, next.log.qlogSample) = (fresh.log.qlogDir, fresh.log.qlogSample)
@@ -379,6 +439,7 @@ public final class Node: @unchecked Sendable {
         }
         var restOld = old, restNew = fresh
         (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
+        (restOld.access, restNew.access) = (old.access, old.access)
         restOld.network.clientAuth = .none
         restNew.network.clientAuth = .none
         note("network", restNew.network != restOld.network, live: false)
