@@ -252,7 +252,7 @@ let package = Package(
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking", "STOQAccess",
                                                             .product(name: "TOMLKit", package: "TOMLKit"),
                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),

@@ -192,8 +192,10 @@ public struct AccessPolicy: Sendable, Equatable {
         case .token(let c):
             guard c.role >= .writer else { return .forbidden("token for \(c.subject) has role \(c.role.rawValue), which may not write \(path)") }
             if c.role == .admin { return .allow }
-            guard c.scope.allows(method: method) else {
-                return .forbidden("token for \(c.subject) may not \(method) (it allows \(c.scope.methods.joined(separator: ",")))")
+            // The missing-chunks query is the first step of a chunked PUT: it needs PUT.
+            let needed = target == "/_stoq/missing" ? "PUT" : method
+            guard c.scope.allows(method: needed) else {
+                return .forbidden("token for \(c.subject) may not \(needed) (it allows \(c.scope.methods.joined(separator: ",")))")
             }
             // Content-addressed uploads (chunks, the missing-chunks query) name no object: a
             // writer may send them; the manifest that makes an object of them is scope-checked.
