@@ -175,3 +175,34 @@ def settled(read, timeout=20):
             return now
         last = now
     return last
+
+
+def veth_namespaces(node_ns, node_if, node_addrs, client_ns, client_if, client_addr):
+    """Two network namespaces joined by a veth pair: `node_addrs` (a /64 each) on the node's
+    side, `client_addr` on the client's, both links up. Any half-made state is removed before
+    a failure is raised; the caller deletes the namespaces when done (`ip netns del`)."""
+    if shutil.which("ip") is None:
+        pytest.fail("iproute2 missing: scripts/install-deps installs it")
+
+    def must(cmd):
+        r = run(cmd)
+        assert r.returncode == 0, f"{cmd}: {r.stderr}"
+
+    for ns in (node_ns, client_ns):
+        run(["ip", "netns", "del", ns])
+    try:
+        for ns in (node_ns, client_ns):
+            must(["ip", "netns", "add", ns])
+        must(["ip", "link", "add", node_if, "type", "veth", "peer", "name", client_if])
+        must(["ip", "link", "set", node_if, "netns", node_ns])
+        must(["ip", "link", "set", client_if, "netns", client_ns])
+        for a in node_addrs:  # nodad: usable at once, no duplicate address detection to wait for
+            must(["ip", "-n", node_ns, "addr", "add", f"{a}/64", "dev", node_if, "nodad"])
+        must(["ip", "-n", client_ns, "addr", "add", f"{client_addr}/64", "dev", client_if, "nodad"])
+        for ns, dev in ((node_ns, node_if), (client_ns, client_if)):
+            must(["ip", "-n", ns, "link", "set", "lo", "up"])
+            must(["ip", "-n", ns, "link", "set", dev, "up"])
+    except BaseException:
+        for ns in (node_ns, client_ns):
+            run(["ip", "netns", "del", ns])
+        raise

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import need_binary, read_banner, run, sha256_file, settled
+from conftest import need_binary, read_banner, run, sha256_file, settled, veth_namespaces
 
 HERE = pathlib.Path(__file__).resolve().parent
 NODE_NS, CLIENT_NS = "stoq-acc-node", "stoq-acc-client"
@@ -32,11 +31,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 
 def in_ns(ns, *cmd):
     return ["ip", "netns", "exec", ns, *[str(c) for c in cmd]]
-
-
-def must(cmd):
-    r = run(cmd)
-    assert r.returncode == 0, f"{cmd}: {r.stderr}"
 
 
 def teardown_namespaces():
@@ -85,20 +79,8 @@ class AccessNode:
 
 @pytest.fixture(scope="module")
 def anode(tmp_path_factory):
-    if shutil.which("ip") is None:
-        pytest.fail("iproute2 missing: scripts/install-deps installs it")
-    teardown_namespaces()
+    veth_namespaces(NODE_NS, NODE_IF, [NODE_ADDR], CLIENT_NS, CLIENT_IF, CLIENT_ADDR)
     try:
-        for ns in (NODE_NS, CLIENT_NS):
-            must(["ip", "netns", "add", ns])
-        must(["ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", CLIENT_IF])
-        must(["ip", "link", "set", NODE_IF, "netns", NODE_NS])
-        must(["ip", "link", "set", CLIENT_IF, "netns", CLIENT_NS])
-        must(in_ns(NODE_NS, "ip", "addr", "add", f"{NODE_ADDR}/64", "dev", NODE_IF, "nodad"))
-        must(in_ns(CLIENT_NS, "ip", "addr", "add", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF, "nodad"))
-        for ns, dev in ((NODE_NS, NODE_IF), (CLIENT_NS, CLIENT_IF)):
-            must(["ip", "-n", ns, "link", "set", "lo", "up"])
-            must(["ip", "-n", ns, "link", "set", dev, "up"])
         node = AccessNode(tmp_path_factory.mktemp("access"))
     except BaseException:
         teardown_namespaces()
