@@ -404,6 +404,9 @@ public final class Node: @unchecked Sendable {
         let old = config
         let qlogChanged = (fresh.log.qlogDir, fresh.log.qlogSample) != (old.log.qlogDir, old.log.qlogSample)
         if qlogChanged { try QLogControl.prepare(fresh.log) }
+        // Token keys that do not load refuse the whole reload, before anything is applied.
+        var freshAccess: AccessSettings?
+        if fresh.access != old.access, let tokenKey { freshAccess = try Self.accessSettings(fresh.access, key: tokenKey) }
         func note(_ key: String, _ changed: Bool, live: Bool) {
             guard changed else { return }
             if live { report.applied.append(key) } else { report.restartNeeded.append(key) }
@@ -422,8 +425,8 @@ public final class Node: @unchecked Sendable {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)
         }
-        if fresh.access != old.access, let access, let tokenKey {
-            access.publish(try Self.accessSettings(fresh.access, key: tokenKey))
+        if let freshAccess, let access {
+            access.publish(freshAccess)
             next.access = fresh.access
             report.applied.append("access")
             if fresh.access.write == .public && old.access.write != .public {

@@ -252,3 +252,35 @@ def test_read_rule_needs_a_token(anode, src, tmp_path):
     after = settled(anode.counters)
     assert after["stoq_access_refused_total{401}"] - before["stoq_access_refused_total{401}"] == 2
     assert after["stoq_access_refused_total{403}"] - before["stoq_access_refused_total{403}"] == 1
+
+
+def test_access_reloads_live(anode, src):
+    """`[access]` is reloadable: `write = "public"` opens writes at the next request, and
+    putting the file back closes them again."""
+    cfg = anode.work / "node.toml"
+    original = cfg.read_text()
+    log_before = len(anode.text_log())
+
+    def reloaded():
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = re.search(r"applied=(\S+) restart_needed=(\S*) .*reloaded", anode.text_log()[log_before:])
+            if m:
+                return m
+            time.sleep(0.2)
+        raise AssertionError(anode.text_log()[-2000:])
+
+    try:
+        cfg.write_text(original.replace("[access]\n", '[access]\nwrite = "public"\n'))
+        anode.proc.send_signal(signal.SIGHUP)
+        assert reloaded().group(1) == "access"
+        assert 'access.write = "public"' in anode.text_log()
+        status, err = put(anode, "open.bin", src)
+        assert status == 201, err
+    finally:
+        log_before = len(anode.text_log())
+        cfg.write_text(original)
+        anode.proc.send_signal(signal.SIGHUP)
+        reloaded()
+    status, err = put(anode, "closed.bin", src)
+    assert status == 401, err
