@@ -198,12 +198,12 @@ def test_expired_and_foreign_tokens_are_401(anode, src, tmp_path):
     assert res["status"] == 401
     assert 'error="invalid_token"' in res["headers"]["www-authenticate"]
     assert "expired" in res["headers"]["www-authenticate"]
-    # A key the node does not accept.
+    # A key the node does not accept (made by GnuTLS's certtool, an independent tool).
     other = tmp_path / "other-key.pem"
-    run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", other])
-    r = run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", other, "-out", tmp_path / "other.p8"])
+    r = run(["certtool", "--generate-privkey", "--key-type", "ecdsa", "--curve", "secp256r1", "--no-text",
+             "--outfile", other])
     assert r.returncode == 0, r.stderr
-    r = run([need_binary("stoq"), "trust", "token", "--key", tmp_path / "other.p8", "--subject", "mallory"])
+    r = run([need_binary("stoq"), "trust", "token", "--key", other, "--subject", "mallory"])
     assert r.returncode == 0, r.stderr
     status, err = put(anode, "mallory.bin", src, "--token", r.stdout.strip())
     assert status == 401 and "unknown_key" in err
@@ -254,33 +254,55 @@ def test_read_rule_needs_a_token(anode, src, tmp_path):
     assert after["stoq_access_refused_total{403}"] - before["stoq_access_refused_total{403}"] == 1
 
 
+def reload(node, text):
+    """Writes `text` as the node's config, SIGHUPs it, and returns what it applied."""
+    log_before = len(node.text_log())
+    (node.work / "node.toml").write_text(text)
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        m = re.search(r"applied=(\S*) restart_needed=(\S*) .*reloaded|(is invalid, keeping)", node.text_log()[log_before:])
+        if m:
+            return m.group(1) if m.group(1) is not None else "invalid"
+        time.sleep(0.2)
+    raise AssertionError(node.text_log()[-2000:])
+
+
 def test_access_reloads_live(anode, src):
     """`[access]` is reloadable: `write = "public"` opens writes at the next request, and
     putting the file back closes them again."""
-    cfg = anode.work / "node.toml"
-    original = cfg.read_text()
-    log_before = len(anode.text_log())
-
-    def reloaded():
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            m = re.search(r"applied=(\S+) restart_needed=(\S*) .*reloaded", anode.text_log()[log_before:])
-            if m:
-                return m
-            time.sleep(0.2)
-        raise AssertionError(anode.text_log()[-2000:])
-
+    original = (anode.work / "node.toml").read_text()
     try:
-        cfg.write_text(original.replace("[access]\n", '[access]\nwrite = "public"\n'))
-        anode.proc.send_signal(signal.SIGHUP)
-        assert reloaded().group(1) == "access"
+        assert reload(anode, original.replace("[access]\n", '[access]\nwrite = "public"\n')) == "access"
         assert 'access.write = "public"' in anode.text_log()
         status, err = put(anode, "open.bin", src)
         assert status == 201, err
     finally:
-        log_before = len(anode.text_log())
-        cfg.write_text(original)
-        anode.proc.send_signal(signal.SIGHUP)
-        reloaded()
+        assert reload(anode, original) == "access"
     status, err = put(anode, "closed.bin", src)
     assert status == 401, err
+
+
+def test_token_keys_accept_another_issuer(anode, src, tmp_path):
+    """A token signed by another issuer's key is `unknown_key` until `token_keys` lists it."""
+    other = tmp_path / "issuer-key.pem"
+    r = run(["certtool", "--generate-privkey", "--key-type", "ecdsa", "--curve", "secp256r1", "--no-text",
+             "--outfile", other])
+    assert r.returncode == 0, r.stderr
+    r = run([need_binary("stoq"), "trust", "token", "--key", other, "--subject", "partner", "--prefix", "/objects/p-"])
+    assert r.returncode == 0, r.stderr
+    t = r.stdout.strip()
+    status, err = put(anode, "p-1", src, "--token", t)
+    assert status == 401 and "unknown_key" in err
+    original = (anode.work / "node.toml").read_text()
+    try:
+        # A file that is not a key refuses the reload, naming the key; nothing changes.
+        assert reload(anode, original.replace("[access]\n", f'[access]\ntoken_keys = ["{src}"]\n')) == "invalid"
+        assert "access.token_keys" in anode.text_log()
+        assert reload(anode, original.replace("[access]\n", f'[access]\ntoken_keys = ["{other}"]\n')) == "access"
+        status, err = put(anode, "p-1", src, "--token", t)
+        assert status == 201, err
+    finally:
+        assert reload(anode, original) == "access"
+    status, err = put(anode, "p-2", src, "--token", t)
+    assert status == 401 and "unknown_key" in err
