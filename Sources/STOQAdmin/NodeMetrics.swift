@@ -246,6 +246,8 @@ package struct NodeMetrics {
                 "chunks_served": w.content.chunksServed, "chunks_stored": w.content.chunksStored,
                 "ingests": w.objects.ingests, "ingest_bytes": w.objects.ingestBytes,
                 "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
+                "access_refused_401": w.access.refusedUnauthenticated, "access_refused_403": w.access.refusedForbidden,
+                "access_allowed_writes": w.access.allowedWrites,
             ])
         }
         var obj: [String: Any] = ["workers": list]
