@@ -109,6 +109,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
 
+        // Who may write and read a node: bearer tokens (compact JWS, ES256), certificate roles
+        // (SAN `urn:stoq:role:…`), the `[access]` policy, the node's token key and operator token.
+        // Pure but for those two files; the router in STOQContent is its one enforcement point.
+        .target(
+            name: "STOQAccess",
+            dependencies: ["STOQCore", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")]),
+
         // The mesh's routing engine: link-state database, hop-limited route computation, disjoint
         // backups, route tables. Pure and sans-IO (callers pass `now`); docs/routing.md.
         .target(name: "STOQRouting", dependencies: ["STOQCore"]),
@@ -129,7 +136,7 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", .product(name: "TOMLKit", package: "TOMLKit"),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", "STOQAccess", .product(name: "TOMLKit", package: "TOMLKit"),
                            .product(name: "Logging", package: "swift-log")]),
 
         // Content-addressed chunk store and object index.
@@ -175,7 +182,7 @@ let package = Package(
         .target(
             name: "STOQContent",
             dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "STOQMesh", "STOQTransfer",
-                           "CSTOQSystem", "STOQTracing", .product(name: "Tracing", package: "swift-distributed-tracing"),
+                           "STOQAccess", "CSTOQSystem", "STOQTracing", .product(name: "Tracing", package: "swift-distributed-tracing"),
                            .product(name: "Logging", package: "swift-log")]),
         // The node's TLS identity over time: issue, renew, publish to workers (embedded CA or ACME),
         // and the CA's transparency log.
@@ -207,7 +214,7 @@ let package = Package(
                 "STOQCore", "STOQQUIC", "STOQDatapath", "STOQDatapathURing",
                 .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"])),
                 "STOQWorker", "STOQConfig", "STOQTrust", "STOQStore", "STOQTransfer",
-                "STOQEdge", "STOQContent", "STOQRenewal", "STOQAdmin", "STOQTracing",
+                "STOQEdge", "STOQContent", "STOQRenewal", "STOQAdmin", "STOQTracing", "STOQAccess",
                 .product(name: "Crypto", package: "swift-crypto"),
                 // The OTLP/HTTP span exporter, only when `[tracing] enabled`.
                 .product(name: "OTel", package: "swift-otel"),
@@ -231,7 +238,7 @@ let package = Package(
                            .product(name: "UnixSignals", package: "swift-service-lifecycle")]),
         .executableTarget(
             name: "stoq",
-            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQCore",
+            dependencies: ["STOQ", "STOQConfig", "STOQTrust", "STOQACME", "STOQAccess", "STOQCore",
                            .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"])), "STOQChunking",
                            .product(name: "X509", package: "swift-certificates"),
                            .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -246,7 +253,7 @@ let package = Package(
         .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking",
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking", "STOQAccess",
                                                             .product(name: "TOMLKit", package: "TOMLKit"),
                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
@@ -269,6 +276,7 @@ let package = Package(
                            .product(name: "X509", package: "swift-certificates")],
             exclude: ["Resources"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
+        .testTarget(name: "STOQAccessTests", dependencies: ["STOQAccess", "STOQTrust", "STOQCore", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQTracingTests", dependencies: ["STOQTracing"]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),

@@ -290,6 +290,8 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
 
 int stoq_conn_peer_refused(const stoq_conn *c) { return c->peer_refused; }
 
+const char *stoq_conn_peer_identity(const stoq_conn *c) { return c->peer_identity; }
+
 static stoq_conn *conn_alloc(stoq_endpoint_ctx *ep, const struct sockaddr_in6 *local,
                              const struct sockaddr_in6 *remote) {
   stoq_conn *c = calloc(1, sizeof(*c));

@@ -88,8 +88,9 @@ struct stoq_conn {
   stoq_endpoint_ctx *ep;
   ngtcp2_conn *q;
   gnutls_session_t tls;
-  stoq_tls_ctx *tls_ctx; /* the credentials the session was made with (they may rotate since) */
-  int peer_refused;      /* mutual TLS refused the peer's certificate */
+  stoq_tls_ctx *tls_ctx;   /* the credentials the session was made with (they may rotate since) */
+  int peer_refused;        /* mutual TLS refused the peer's certificate */
+  char peer_identity[256]; /* the accepted client certificate's identity ("" = none), for access */
   ngtcp2_crypto_conn_ref ref;
   nghttp3_conn *h3;
   struct sockaddr_in6 local, remote;

@@ -1,32 +1,11 @@
 @preconcurrency import Crypto
 import Foundation
+import STOQTrust
 @preconcurrency import _CryptoExtras
 
 // JOSE as ACME uses it (RFC 7515 flattened JSON serialization, RFC 7517 keys, RFC 7638
-// thumbprints). One implementation for both the server and the client, so what the client
+// thumbprints), over STOQTrust's Base64URL and ES256. One implementation for both the server and the client, so what the client
 // signs and what the server accepts can never drift apart.
-
-/// Base64url without padding (RFC 4648 §5), the only encoding JOSE and ACME use.
-public enum Base64URL {
-    /// Encodes `bytes` without padding.
-    public static func encode(_ bytes: some DataProtocol) -> String {
-        Data(bytes).base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
-
-    /// Decodes unpadded base64url; nil when the text holds other characters. Padding is refused
-    /// because RFC 7515 §2 forbids it and accepting it would give one value two encodings.
-    public static func decode(_ text: String) -> Data? {
-        guard !text.contains("="), text.utf8.allSatisfy({ $0 != UInt8(ascii: "+") && $0 != UInt8(ascii: "/") }) else {
-            return nil
-        }
-        var s = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        while s.count % 4 != 0 { s += "=" }
-        return Data(base64Encoded: s)
-    }
-}
 
 /// A public key as a JSON Web Key: the account keys ACME accepts.
 public enum JWK: Sendable {
@@ -122,8 +101,7 @@ public enum JWK: Sendable {
         }
         switch self {
         case .p256(let k):
-            guard let sig = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-            return k.isValidSignature(sig, for: input)
+            return ES256.verify(signature, over: input, with: k)
         case .p384(let k):
             guard let sig = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
             return k.isValidSignature(sig, for: input)
@@ -167,7 +145,7 @@ public enum JWSSigner: Sendable {
 
     func sign(_ input: Data) throws -> Data {
         switch self {
-        case .p256(let k): try k.signature(for: input).rawRepresentation
+        case .p256(let k): try ES256.sign(input, with: k)
         case .rsa(let k): try k.signature(for: input, padding: .insecurePKCS1v1_5).rawRepresentation
         case .hmac(let k): Data(HMAC<SHA256>.authenticationCode(for: input, using: k))
         }

@@ -22,15 +22,17 @@ public struct WorkerStats: Sendable {
     public var connections: Int
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
+    /// The router's access check: refusals (401, 403) and writes let through.
+    public var access: AccessCounters
 
     package init(
         index: Int, backend: String, features: String, diagnostics: [String: String], endpoint: EndpointCounters,
         datapath: DatapathCounters, handoff: HandoffCounters, connections: Int, objects: ObjectService.Counters,
-        content: ContentService.Counters
+        content: ContentService.Counters, access: AccessCounters = .init()
     ) {
         (self.index, self.backend, self.features, self.diagnostics) = (index, backend, features, diagnostics)
         (self.endpoint, self.datapath, self.handoff, self.connections) = (endpoint, datapath, handoff, connections)
-        (self.objects, self.content) = (objects, content)
+        (self.objects, self.content, self.access) = (objects, content, access)
     }
 }
 
@@ -182,6 +184,15 @@ package struct NodeMetrics {
         perWorker("stoq_content_manifests_served_total", "Manifests served.") { $0.content.manifestsServed }
         perWorker("stoq_content_objects_served_total", "Chunked objects served as one body (GET/HEAD /objects/).") { $0.content.objectsServed }
         perWorker("stoq_content_edge_requests_total", "Requests answered through the edge cache.") { $0.content.edgeRequests }
+        family(
+            "stoq_access_refused_total", "counter", "Requests the access policy refused ([access]): 401 no or invalid credential, 403 not enough.",
+            workers.flatMap { w in
+                [
+                    ("{worker=\"\(w.index)\",status=\"401\"}", w.access.refusedUnauthenticated),
+                    ("{worker=\"\(w.index)\",status=\"403\"}", w.access.refusedForbidden),
+                ]
+            })
+        perWorker("stoq_access_allowed_writes_total", "Writes (PUT, DELETE, POST) the access policy let through.") { $0.access.allowedWrites }
         // The datapath each worker got, as an info metric: backend, features, AF_XDP mode.
         out += "# HELP stoq_datapath_info The datapath a worker runs on.\n# TYPE stoq_datapath_info gauge\n"
         for w in workers {
@@ -294,6 +305,8 @@ package struct NodeMetrics {
                 "chunks_served": w.content.chunksServed, "chunks_stored": w.content.chunksStored,
                 "ingests": w.objects.ingests, "ingest_bytes": w.objects.ingestBytes,
                 "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
+                "access_refused_401": w.access.refusedUnauthenticated, "access_refused_403": w.access.refusedForbidden,
+                "access_allowed_writes": w.access.allowedWrites,
             ])
         }
         var obj: [String: Any] = ["workers": list]

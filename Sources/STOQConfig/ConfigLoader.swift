@@ -302,18 +302,10 @@ public enum ConfigLoader {
                     code: .unsafe, key: "admin.listen", value: "\"\(listen)\"",
                     allowed: "is not loopback: set admin.auth = \"token\" or \"mtls\""))
         }
-        if c.admin.auth == .token && c.admin.tokenFile.isEmpty {
-            r.errors.append(
-                ConfigError(
-                    code: .badValue, key: "admin.token_file", value: "\"\"",
-                    allowed: "the file holding the bearer token when admin.auth = \"token\""))
-        }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
         r.limits(&c.limits)  // [limits]: LimitsConfig.swift
-        r.section("access") { s in
-            s.choice("overwrite", &c.overwrite)
-        }
+        r.access(&c.access, overwrite: &c.overwrite)  // [access]: AccessConfig.swift
         r.rejectUnknownSections(
             ["node", "network", "storage", "tls", "trust", "routing", "chunking", "edge", "log", "admin", "mesh", "tracing", "limits", "access"])
         return (c, r)

@@ -11,7 +11,7 @@ import STOQQUIC
 public struct NodeConfig: Sendable, Equatable {
     public struct Node: Sendable, Equatable {
         /// Identity and state live here.
-        public var dataDir = "stoq-data"
+        public var dataDir = NodeConfig.defaultDataDirectory
     }
     /// `network.datapath`.
     public enum Datapath: String, Sendable, CaseIterable {
@@ -59,9 +59,9 @@ public struct NodeConfig: Sendable, Equatable {
         public var quic = QUICSettings()
     }
     public struct Storage: Sendable, Equatable {
-        public var path = "stoq-data/objects"
+        public var path = NodeConfig.defaultDataDirectory + "/objects"
         /// The content-addressed chunk store and object index (chunked transfers).
-        public var contentPath = "stoq-data/content"
+        public var contentPath = NodeConfig.defaultDataDirectory + "/content"
         public var maxObjectSize: UInt64 = 64 << 30
     }
     public struct TLS: Sendable, Equatable {
@@ -149,7 +149,8 @@ public struct NodeConfig: Sendable, Equatable {
         public enum Auth: String, Sendable, CaseIterable {
             /// Nobody is asked anything: loopback only.
             case none
-            /// `Authorization: Bearer <token>`, checked against `token_file`.
+            /// `Authorization: Bearer <token>`: a token with the admin role the access check
+            /// accepts, or the secret in `token_file`.
             case token
             /// HTTPS with a client certificate that chains to the node's trust (its CA's root in
             /// embedded mode, and `trust.bundle`); the server presents the node's identity.
@@ -158,8 +159,8 @@ public struct NodeConfig: Sendable, Equatable {
         /// Where it listens; nil = off.
         public var listen: IPv6Endpoint?
         public var auth = Auth.none
-        /// With `auth = "token"`: the file whose content (surrounding whitespace trimmed) is the
-        /// bearer token, read at start.
+        /// With `auth = "token"`, optionally: a file whose content (surrounding whitespace
+        /// trimmed) is a fixed bearer token accepted too, read at start.
         public var tokenFile = ""
     }
 
@@ -181,6 +182,12 @@ public struct NodeConfig: Sendable, Equatable {
     public var limits = Limits()
     /// `access.overwrite`: LimitsConfig.swift.
     public var overwrite = Overwrite.owner
+    /// `[access]`: AccessConfig.swift.
+    public var access = Access()
+
+    /// `node.data_dir`'s default, relative to where the node starts: also where `stoq` on the
+    /// same machine looks for the operator token.
+    public static let defaultDataDirectory = "stoq-data"
 
     /// The embedded default: what `stoq-node` runs with no config file.
     public static let `default` = NodeConfig()

@@ -1,21 +1,41 @@
 import Foundation
 import Logging
+import STOQAccess
 import STOQQUIC
 import STOQStore
 import STOQTracing
 
+/// The access check's outcomes on one worker.
+public struct AccessCounters: Sendable {
+    /// Refused with 401: no credential where one is needed, or an invalid token.
+    public var refusedUnauthenticated: UInt64 = 0
+    /// Refused with 403: the credential does not cover the request.
+    public var refusedForbidden: UInt64 = 0
+    /// Writes (PUT, DELETE, POST) let through to a service.
+    public var allowedWrites: UInt64 = 0
+    public init() {}
+}
+
 /// Sends each request to the service that owns its path: content (chunks, manifests,
 /// have/want), objects, or the CA's transparency log. The services ignore stream events for
 /// streams they do not own. One per worker, on its thread.
+///
+/// It is also the node's one access check (`[access]`, docs/access.md): every request's
+/// principal is established and judged here, before any service sees it.
 package final class NodeRouter: QUICApplication {
     package let objects: ObjectService
     package let content: ContentService
+    /// Who may do what: the policy and the accepted token keys (a reload replaces them).
+    package let access: AccessGate
+    /// What the access check decided, for `/metrics`.
+    package private(set) var accessCounters = AccessCounters()
 
     let logger: Logger
 
-    package init(objects: ObjectService, content: ContentService, logger: Logger) {
+    package init(objects: ObjectService, content: ContentService, access: AccessGate, logger: Logger) {
         self.objects = objects
         self.content = content
+        self.access = access
         self.logger = logger
     }
 
@@ -44,6 +64,8 @@ package final class NodeRouter: QUICApplication {
     }
 
     private func dispatch(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        var request = request
+        guard admit(&request, stream: stream, connection: connection) else { return }
         guard admitRate(request, stream, connection) else { return }
         if request.path.hasPrefix("/_stoq/log/") {
             guard let log, request.method == "GET" || request.method == "HEAD" else {
@@ -70,6 +92,58 @@ package final class NodeRouter: QUICApplication {
         } else {
             objects.request(request, stream: stream, connection: connection)
         }
+    }
+
+    /// Establishes who sent `request` (bearer token, else client certificate, else address),
+    /// records it as `request.identity`, and asks the policy. A refusal is answered here (401
+    /// with `WWW-Authenticate`, or 403), logged and counted; the body, if any, is discarded.
+    private func admit(_ request: inout HTTPRequest, stream: HTTPStream, connection: QUICConnection) -> Bool {
+        let now = Int64(time(nil))
+        let principal: AccessPrincipal
+        do {
+            principal = try access.principal(
+                authorization: request.authorization, certificate: connection.peerIdentity, peer: connection.peer.address, now: now)
+        } catch {
+            request.identity = AccessPrincipal.anonymous(connection.peer.address).identity
+            let why = "invalid bearer token: \(error)"
+            refuse(
+                request, 401, why, challenge: "Bearer realm=\"stoq\", error=\"invalid_token\", error_description=\"\(Self.quotable(why))\"", stream, connection)
+            return false
+        }
+        request.identity = principal.identity
+        request.isAdmin = principal.role == .admin
+        let decision = access.settings.policy.decide(method: request.method, path: request.path, principal: principal)
+        if decision.allowed {
+            if AccessPolicy.isWrite(request.method) { accessCounters.allowedWrites &+= 1 }
+            return true
+        }
+        var challenge: String?
+        if decision.status == 401 {
+            challenge = "Bearer realm=\"stoq\""
+        } else if case .token = principal {
+            challenge = "Bearer realm=\"stoq\", error=\"insufficient_scope\", error_description=\"\(Self.quotable(decision.reason))\""
+        }
+        refuse(request, decision.status, decision.reason, challenge: challenge, stream, connection)
+        return false
+    }
+
+    private func refuse(_ request: HTTPRequest, _ status: Int, _ why: String, challenge: String?, _ stream: HTTPStream, _ connection: QUICConnection) {
+        if status == 401 { accessCounters.refusedUnauthenticated &+= 1 } else { accessCounters.refusedForbidden &+= 1 }
+        logger.notice(
+            "access refused",
+            metadata: [
+                "peer": "\(connection.peer)", "status": "\(status)", "method": "\(request.method)", "path": "\(request.path)",
+                "identity": "\(request.identity)", "reason": "\(why)",
+            ])
+        let body = BodyRegion(copying: Array("\(why)\n".utf8))
+        var headers = [("content-type", "text/plain"), ("content-length", "\(body.count)")]
+        if let challenge { headers.append(("www-authenticate", challenge)) }
+        connection.respond(stream, status: status, headers: headers, body: body)
+    }
+
+    /// `text` made safe inside a quoted header parameter (no quotes, backslashes or controls).
+    static func quotable(_ text: String) -> String {
+        String(text.unicodeScalars.map { $0 == "\"" || $0 == "\\" || $0.value < 0x20 || $0.value > 0x7e ? "'" : Character($0) })
     }
 
     package func bodyWanted(stream: HTTPStream, connection: QUICConnection) {

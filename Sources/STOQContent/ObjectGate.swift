@@ -270,7 +270,9 @@ public final class ObjectGate: @unchecked Sendable {
                 counterValues.overwriteRefused += 1
                 return Refusal(
                     status: 403,
-                    reason: "object \(name) belongs to \(current.owner); access.overwrite = \"owner\" lets only its owner or an admin \(delete ? "delete" : "replace") it")
+                    reason:
+                        "object \(name) belongs to \(current.owner); access.overwrite = \"owner\" lets only its owner or an admin \(delete ? "delete" : "replace") it"
+                )
             default: break
             }
         }

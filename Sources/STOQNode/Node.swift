@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import STOQAccess
 import STOQAdmin
 import STOQConfig
 import STOQContent
@@ -46,6 +47,13 @@ public final class Node: @unchecked Sendable {
     /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
     private let qlog: QLogControl
 
+    /// `[access]` and the accepted token keys as the workers are to apply them (reloadable).
+    private var access: AccessControl?
+    /// The node's token-signing key (`data_dir/access/token-key.pem`).
+    private var tokenKey: P256.Signing.PrivateKey?
+    /// The operator's credential (`data_dir/access/operator.token`).
+    public private(set) var operatorTokenPath = ""
+
     /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
     let tracer: RequestTracer?
 
@@ -80,7 +88,8 @@ public final class Node: @unchecked Sendable {
     static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
         guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
         let verifier = try clientVerifier(cfg, for: "network.client_auth")
-        return ClientAuthentication(mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal))
+        return ClientAuthentication(
+            mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, identify: certificateIdentity, verifier.refusal))
     }
 
     /// How a client certificate is checked (QUIC mutual TLS and `admin.auth = "mtls"`): it must
@@ -151,6 +160,7 @@ public final class Node: @unchecked Sendable {
     public func start() throws {
         let cfg = config
         try QLogControl.prepare(cfg.log)
+        let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
         try openLimits(cfg, content: content)
@@ -168,7 +178,8 @@ public final class Node: @unchecked Sendable {
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, qlog: qlog, mesh: mesh, meshService: meshService, gate: gate, rates: rates,
+            certificates: certificates, qlog: qlog, access: access, mesh: mesh, meshService: meshService, gate: gate,
+            rates: rates,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
@@ -183,6 +194,48 @@ public final class Node: @unchecked Sendable {
             }
         }
         try startAdmin(cfg, content: content, edge: edge)
+    }
+
+    /// What an accepted client certificate makes its holder (`QUICConnection.peerIdentity`):
+    /// its roles (SAN `urn:stoq:role:…`) and name, in `CertificateIdentity.encoded` form.
+    @Sendable static func certificateIdentity(_ chain: [[UInt8]]) -> String {
+        guard let leaf = chain.first, let id = CertificateSummary.clientIdentity(leafDER: leaf) else { return "" }
+        return CertificateIdentity(subject: id.subject, roles: id.uris.compactMap(CertificateIdentity.role(fromURI:))).encoded
+    }
+
+    /// The node's token key (made at first start), its operator token (made, or re-issued when
+    /// expiring or signed by another key), and the access settings the workers start with.
+    private func startAccess(_ cfg: NodeConfig) throws -> AccessControl {
+        let key: P256.Signing.PrivateKey
+        do {
+            key = try AccessFiles.loadOrCreateTokenKey(dataDir: cfg.node.dataDir)
+            let path = AccessFiles.operatorToken(dataDir: cfg.node.dataDir)
+            if try AccessFiles.ensureOperatorToken(dataDir: cfg.node.dataDir, key: key, now: Int64(time(nil))) {
+                logger.notice("issued the operator token (admin, every path, one year)", metadata: ["path": "\(path)"])
+            }
+            operatorTokenPath = path
+        } catch {
+            throw NodeError(.identity, "access: \(error)")
+        }
+        tokenKey = key
+        let settings = try Self.accessSettings(cfg.access, key: key)
+        if cfg.access.write == .public {
+            logger.warning("access.write = \"public\": anyone who can reach this node may upload, overwrite and delete")
+        }
+        let control = AccessControl(settings)
+        access = control
+        return control
+    }
+
+    /// `[access]` with the node's own key first and `token_keys` after it.
+    static func accessSettings(_ a: NodeConfig.Access, key: P256.Signing.PrivateKey) throws(NodeError) -> AccessSettings {
+        var keys = [key.publicKey]
+        for path in a.tokenKeys {
+            do { keys.append(try AccessFiles.readPublicKey(path)) } catch {
+                throw NodeError(.config, "access.token_keys: \(error.message)")
+            }
+        }
+        return AccessSettings(policy: a.policy, keys: keys)
     }
 
     /// The node's TLS identity: fixed files (`tls.cert_file`), or certificates the node keeps
@@ -242,14 +295,15 @@ public final class Node: @unchecked Sendable {
     /// The object gate (`access.overwrite`, `limits.storage_cap`, `limits.writer_quota`), which
     /// computes who stores what at start, and the rate limiter when `[limits]` sets a rate.
     ///
-    /// Admins: `ObjectGate.isAdmin` decides which requests may replace or delete others'
-    /// objects; no request is an admin's until the access policy supplies it.
+    /// Admins (a token or certificate with the admin role, as the router's access check found)
+    /// may replace and delete others' objects.
     private func openLimits(_ cfg: NodeConfig, content: ObjectIndex) throws {
         let settings = ObjectGate.Settings(
             overwrite: ObjectGate.Overwrite(rawValue: cfg.overwrite.rawValue) ?? .owner,
             storageCap: cfg.limits.storageCap, writerQuota: cfg.limits.writerQuota)
         do {
-            gate = try ObjectGate(settings: settings, storagePath: cfg.storage.path, index: content, logger: logger)
+            gate = try ObjectGate(
+                settings: settings, storagePath: cfg.storage.path, index: content, isAdmin: { $0.isAdmin }, logger: logger)
         } catch {
             throw NodeError(.storage, "cannot account for the stored objects in \(cfg.storage.path): \(error)")
         }
@@ -372,18 +426,37 @@ public final class Node: @unchecked Sendable {
         }
     }
 
-    /// `admin.auth` made concrete. For now a token is the one in `admin.token_file` (a fixed
-    /// secret, compared in constant time); the closure is where tokens signed by the node's key
-    /// will be checked instead. Under mutual TLS the server presents the node's certificate
-    /// (re-read when renewal replaces it) and checks clients as `network.client_auth` does.
+    /// `admin.auth` made concrete. A token is a bearer token with the admin role that the
+    /// access check would accept (signed by the node's token key or a `[access] token_keys`
+    /// issuer: the operator token, or `stoq trust token --role admin`), or the fixed secret in
+    /// `admin.token_file` when one is set (compared in constant time). Under mutual TLS the
+    /// server presents the node's certificate (re-read when renewal replaces it) and checks
+    /// clients as `network.client_auth` does.
     private func adminProtection(_ cfg: NodeConfig) throws(NodeError) -> AdminProtection {
         switch cfg.admin.auth {
         case .none:
             return .none
         case .token:
-            let token: AdminBearerToken
-            do { token = try AdminBearerToken(file: cfg.admin.tokenFile) } catch { throw NodeError(.config, "\(error)") }
-            return .token(authorize: token.authorize)
+            var fixed: AdminBearerToken?
+            if !cfg.admin.tokenFile.isEmpty {
+                do { fixed = try AdminBearerToken(file: cfg.admin.tokenFile) } catch { throw NodeError(.config, "\(error)") }
+            }
+            let control = access
+            return .token { [fixed] header in
+                if let fixed, case .allow = fixed.authorize(header) { return .allow }
+                let h = header.trimmingCharacters(in: .whitespaces)
+                guard !h.isEmpty else { return .deny("no Authorization header: send Authorization: Bearer <token>") }
+                guard h.count > 7, h.prefix(7).lowercased() == "bearer ", let control else {
+                    return .deny("the Authorization header is not a Bearer token")
+                }
+                let token = String(h.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+                do {
+                    let claims = try AccessToken.verify(token, keys: control.settings.keys, now: Int64(time(nil)))
+                    return claims.role == .admin ? .allow : .deny("the token's role is \(claims.role.rawValue), not admin")
+                } catch {
+                    return .deny(fixed != nil && !token.contains(".") ? "wrong bearer token" : "invalid bearer token: \(error)")
+                }
+            }
         case .mtls:
             let verifier = try Self.clientVerifier(cfg, for: "admin.auth = \"mtls\"")
             let identity = certificates?.identityDirectory ?? cfg.node.dataDir + "/identity"
@@ -412,7 +485,7 @@ public final class Node: @unchecked Sendable {
     }
 
     /// Applies a new, already validated configuration where it can while running: mutual-TLS
-    /// rules (at once), certificate lifetimes (from the next renewal) and qlog (for
+    /// rules and `[access]` (at once), certificate lifetimes (from the next renewal) and qlog (for
     /// connections made from then on). `log.level` is the caller's (it owns the log handler).
     /// Everything else is reported as needing a restart. A qlog directory that cannot be made
     /// throws before anything is applied.
@@ -422,6 +495,9 @@ public final class Node: @unchecked Sendable {
         let old = config
         let qlogChanged = (fresh.log.qlogDir, fresh.log.qlogSample) != (old.log.qlogDir, old.log.qlogSample)
         if qlogChanged { try QLogControl.prepare(fresh.log) }
+        // Token keys that do not load refuse the whole reload, before anything is applied.
+        var freshAccess: AccessSettings?
+        if fresh.access != old.access, let tokenKey { freshAccess = try Self.accessSettings(fresh.access, key: tokenKey) }
         func note(_ key: String, _ changed: Bool, live: Bool) {
             guard changed else { return }
             if live { report.applied.append(key) } else { report.restartNeeded.append(key) }
@@ -440,6 +516,14 @@ public final class Node: @unchecked Sendable {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)
         }
+        if let freshAccess, let access {
+            access.publish(freshAccess)
+            next.access = fresh.access
+            report.applied.append("access")
+            if fresh.access.write == .public && old.access.write != .public {
+                logger.warning("access.write = \"public\": anyone who can reach this node may upload, overwrite and delete")
+            }
+        }
         if fresh.log.level != old.log.level { next.log.level = fresh.log.level; report.applied.append("log.level") }
         if qlogChanged {
             (next.log.qlogDir, next.log.qlogSample) = (fresh.log.qlogDir, fresh.log.qlogSample)
@@ -449,6 +533,7 @@ public final class Node: @unchecked Sendable {
         }
         var restOld = old, restNew = fresh
         (restOld.trust, restNew.trust, restOld.log, restNew.log) = (old.trust, old.trust, old.log, old.log)
+        (restOld.access, restNew.access) = (old.access, old.access)
         restOld.network.clientAuth = .none
         restNew.network.clientAuth = .none
         note("network", restNew.network != restOld.network, live: false)

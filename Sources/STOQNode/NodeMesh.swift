@@ -24,7 +24,7 @@ extension Node {
         let signingKey: P256.Signing.PrivateKey
         do {
             chain = try PEMFiles.readCertificates(certificate)
-            signingKey = try P256.Signing.PrivateKey(pemRepresentation: String(contentsOfFile: key, encoding: .utf8))
+            signingKey = try PEMFiles.p256PrivateKey(pem: String(contentsOfFile: key, encoding: .utf8))
         } catch {
             throw NodeError(.identity, "mesh: the node's certificate \(certificate) and P-256 key \(key) sign its adverts: \(error)")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import STOQAccess
 import STOQAdmin
 import STOQConfig
 import STOQContent
@@ -31,6 +32,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let certificates: CertificateManager?
     /// qlog settings, applied at start and taken again between batches after a reload.
     let qlog: QLogControl
+    /// `[access]` and the accepted token keys, taken again between batches after a reload.
+    let access: AccessControl
     let mesh: WorkerMesh
     /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
     let meshService: MeshService?
@@ -76,7 +79,7 @@ struct WorkerAssembly: @unchecked Sendable {
                     diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
                     endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
                     connections: endpoint.connectionCount,
-                    objects: router.objects.counters, content: router.content.counters))
+                    objects: router.objects.counters, content: router.content.counters, access: router.accessCounters))
         }
         worker.onTick = publish
         publish()
@@ -98,7 +101,8 @@ struct WorkerAssembly: @unchecked Sendable {
             edge: edge, maxAge: originMaxAge, mesh: meshService)
         objects.gate = gate
         chunks.gate = gate
-        let router = NodeRouter(objects: objects, content: chunks, logger: logger)
+        var version = 0
+        let router = NodeRouter(objects: objects, content: chunks, access: AccessGate(access.take(after: &version)!), logger: logger)
         router.rates = rates
         if let log = certificates?.log { router.log = { log.handle(path: $0) } }
         if let tracer { router.spans = StreamSpans(tracer: tracer) }
@@ -111,6 +115,9 @@ struct WorkerAssembly: @unchecked Sendable {
     private func turnHook(worker i: Int, endpoint: QUICEndpoint, router: NodeRouter, qlogVersion: Int) -> () -> Void {
         var credentialsVersion = 0
         var qlogVersion = qlogVersion
+        // The router started with the settings in force; the first turn takes them again (cheap).
+        var accessVersion = 0
+        let access = self.access
         let qlog = self.qlog, logger = self.logger
         let published = certificates?.published
         let content = router.content, objects = router.objects
@@ -124,6 +131,8 @@ struct WorkerAssembly: @unchecked Sendable {
             if let q = qlog.take(after: &qlogVersion) {
                 do { try QLogControl.apply(q, to: endpoint) } catch { logger.error("worker \(i): \(error)") }
             }
+            // A reloaded [access]: the next request is judged by it.
+            if let a = access.take(after: &accessVersion) { router.access.settings = a }
             // Origin fetches finish on the edge cache's thread; responses complete here.
             if edgeOn { content.drainEdge() }
             // Uploads are chunked on the ingest pool's threads; their 201s go out here.

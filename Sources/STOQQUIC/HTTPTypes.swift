@@ -38,6 +38,8 @@ public struct HTTPRequest: Sendable {
     /// request reaches a service): `token:<subject>`, `cert:<subject>`, or `addr:<prefix>/64`
     /// for anonymous clients. The key quotas, rate limits and object ownership use.
     public var identity = ""
+    /// The credential carries the admin role: it may replace and delete others' objects.
+    public var isAdmin = false
 }
 
 /// A region of memory a response or request body is sent from, without copying:

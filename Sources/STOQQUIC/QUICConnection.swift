@@ -76,6 +76,11 @@ public final class QUICConnection {
         return s
     }
 
+    /// Server, mutual TLS: what the certificate policy said the client is when it accepted
+    /// its certificate (`PeerCertificateCheck.identify`), "" when it presented none. Fixed
+    /// once the handshake is done; read by the access policy on each request.
+    public var peerIdentity: String { String(cString: stoq_conn_peer_identity(raw)) }
+
     /// The last error, if any.
     public var errorDescription: String { String(cString: stoq_conn_error_string(raw)) }
 

@@ -72,10 +72,18 @@ public final class PeerCertificateCheck: Sendable, Equatable {
     /// What the check enforces (the verifier's fingerprint): equal identities are the same
     /// rule (a configuration reload compares them).
     public let identity: String
+    /// Server: what an accepted client certificate says its holder is (the access policy's
+    /// roles and subject), kept on the connection as `QUICConnection.peerIdentity`. At most
+    /// 255 bytes are kept.
+    public let identify: (@Sendable (_ chain: [[UInt8]]) -> String)?
 
     /// Creates a check.
-    public init(identity: String, _ check: @escaping @Sendable (_ chain: [[UInt8]], _ serverName: String?) -> String?) {
+    public init(
+        identity: String, identify: (@Sendable (_ chain: [[UInt8]]) -> String)? = nil,
+        _ check: @escaping @Sendable (_ chain: [[UInt8]], _ serverName: String?) -> String?
+    ) {
         self.identity = identity
+        self.identify = identify
         self.check = check
     }
 
@@ -92,10 +100,17 @@ private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverNa
         guard let p = certs[i] else { return -1 }
         chain.append(Array(UnsafeBufferPointer(start: p, count: lens[i])))
     }
-    guard let reason = check.check(chain, serverName.map { String(cString: $0) }) else { return 0 }
-    let bytes = Array(reason.utf8.prefix(max(0, whyLen - 1)))
-    for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
-    why[bytes.count] = 0
+    func write(_ text: String) {
+        let bytes = Array(text.utf8.prefix(max(0, whyLen - 1)))
+        for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
+        why[bytes.count] = 0
+    }
+    guard let reason = check.check(chain, serverName.map { String(cString: $0) }) else {
+        // Accepted: on the server, `why` carries the client's identity back to the connection.
+        if serverName == nil, let identify = check.identify { write(identify(chain)) }
+        return 0
+    }
+    write(reason)
     return 1
 }
 

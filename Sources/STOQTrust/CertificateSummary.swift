@@ -55,6 +55,20 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         }
     }
 
+    /// A client's name and SAN URIs from its leaf certificate (DER), for the access policy:
+    /// the subject's common name (else the whole subject), and every URI SAN. Nil when the
+    /// bytes do not parse (the handshake's verifier has accepted them already, so never).
+    public static func clientIdentity(leafDER: [UInt8]) -> (subject: String, uris: [String])? {
+        guard let c = try? Certificate(derEncoded: leafDER) else { return nil }
+        var cn: String?
+        for rdn in c.subject { for a in rdn where a.type == .RDNAttributeType.commonName { cn = cn ?? "\(a.value)" } }
+        var uris: [String] = []
+        if let sans = (try? c.extensions.subjectAlternativeNames) ?? nil {
+            for case .uniformResourceIdentifier(let u) in sans { uris.append(u) }
+        }
+        return (cn ?? c.subject.description, uris)
+    }
+
     /// Summarizes `certificate`.
     public init(_ certificate: Certificate) {
         subject = certificate.subject.description

@@ -186,7 +186,7 @@ public enum CertificateTransparency {
         try paths.map { path in
             let text = try PEMFiles.readText(path)
             if let k = try? P256.Signing.PublicKey(pemRepresentation: text) { return k }
-            if let k = try? P256.Signing.PrivateKey(pemRepresentation: text) { return k.publicKey }
+            if let k = try? PEMFiles.p256PrivateKey(pem: text) { return k.publicKey }
             throw TrustError(.invalidPEM, "\(path): not a P-256 log key (PEM public key expected)")
         }
     }

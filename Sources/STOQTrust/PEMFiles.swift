@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import SwiftASN1
 import X509
@@ -9,6 +10,31 @@ import Musl
 
 /// Reading and writing the PEM files TrustChain keeps on disk.
 public enum PEMFiles {
+    /// A P-256 private key from PEM (PKCS#8 or SEC1). SEC1 keys whose private scalar is not
+    /// exactly 32 bytes are taken too: GnuTLS's certtool writes it as an integer, 33 bytes with
+    /// a leading zero whenever its top bit is set (half its keys), which swift-crypto refuses
+    /// (RFC 5915 wants 32). The one parser of P-256 key files (tokens, mesh adverts, the log).
+    public static func p256PrivateKey(pem: String) throws -> P256.Signing.PrivateKey {
+        do { return try P256.Signing.PrivateKey(pemRepresentation: pem) } catch {
+            guard let doc = try? PEMDocument(pemString: pem), doc.discriminator == "EC PRIVATE KEY",
+                let scalar = try? sec1Scalar(doc.derBytes)
+            else { throw error }
+            var bytes = scalar.drop { $0 == 0 }
+            if bytes.count < 32 { bytes = ArraySlice(repeating: 0, count: 32 - bytes.count) + bytes }
+            return try P256.Signing.PrivateKey(rawRepresentation: bytes)
+        }
+    }
+
+    /// The privateKey octets of an RFC 5915 ECPrivateKey.
+    private static func sec1Scalar(_ der: [UInt8]) throws -> [UInt8] {
+        try DER.sequence(try DER.parse(der), identifier: .sequence) { nodes in
+            _ = try Int(derEncoded: &nodes)
+            let key = try ASN1OctetString(derEncoded: &nodes)
+            while nodes.next() != nil {}
+            return Array(key.bytes)
+        }
+    }
+
     /// Every certificate in a PEM file, in file order (a chain file is leaf first).
     public static func readCertificates(_ path: String) throws -> [Certificate] {
         let text = try readText(path)

@@ -42,7 +42,7 @@ public final class TransparencyLog {
     public static func authorityLogKey(caDirectory: String) throws -> P256.Signing.PrivateKey {
         let keyPath = caDirectory + "/log-key.pem"
         if let pem = FileManager.default.contents(atPath: keyPath) {
-            do { return try P256.Signing.PrivateKey(pemRepresentation: String(decoding: pem, as: UTF8.self)) } catch {
+            do { return try PEMFiles.p256PrivateKey(pem: String(decoding: pem, as: UTF8.self)) } catch {
                 throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
             }
         }

@@ -144,16 +144,21 @@ public struct TrustAuthority: Sendable {
     ///     before this returns — and the final certificate carries the log's SCT as its last
     ///     extension. Without one (tests, tools that only need a certificate) nothing is logged
     ///     and the certificate has no SCT; every CA role in STOQ passes its log.
+    ///   - uris: SAN URIs, e.g. `urn:stoq:role:writer` (the access roles a client certificate
+    ///     grants). A certificate with URIs but no DNS name or address is a client's: it gets
+    ///     clientAuth only, and `commonName` (default "stoq client") as its subject.
     public func issue(
         publicKey: Certificate.PublicKey, dnsNames: [String], ipv6Addresses: [String] = [],
+        uris: [String] = [], commonName: String? = nil,
         lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
         log: (any PrecertificateLog)? = nil
     ) throws -> Certificate {
         let names = try dnsNames.map(Self.validatedDNSName)
         let addresses = try ipv6Addresses.map(Self.parseIPv6)
-        guard !names.isEmpty || !addresses.isEmpty else {
+        guard !names.isEmpty || !addresses.isEmpty || !uris.isEmpty else {
             throw TrustError(.noSubjectAlternativeNames, "a node certificate needs at least one DNS name or IPv6 address")
         }
+        let clientOnly = names.isEmpty && addresses.isEmpty
         guard lifetime > 0 else {
             throw TrustError(.invalidLifetime, "lifetime \(String(format: "%g", lifetime))s: expected more than 0 seconds")
         }
@@ -169,14 +174,15 @@ public struct TrustAuthority: Sendable {
         for a in addresses where seenAddrs.insert(a).inserted {
             sans.append(.ipAddress(ASN1OctetString(contentBytes: ArraySlice(withUnsafeBytes(of: a.bytes) { Array($0) }))))
         }
-        let subject = try DistinguishedName { CommonName(names.first ?? addresses[0].description) }
+        for u in uris where !sans.contains(.uniformResourceIdentifier(u)) { sans.append(.uniformResourceIdentifier(u)) }
+        let subject = try DistinguishedName { CommonName(commonName ?? names.first ?? addresses.first?.description ?? "stoq client") }
         let issuerSKI =
             (try? intermediate.extensions.subjectKeyIdentifier)??.keyIdentifier
             ?? SubjectKeyIdentifier(hash: intermediate.publicKey).keyIdentifier
         let extensions = try Certificate.Extensions {
             Critical(BasicConstraints.notCertificateAuthority)
             Critical(KeyUsage(digitalSignature: true))
-            try ExtendedKeyUsage([.serverAuth, .clientAuth])
+            try ExtendedKeyUsage(clientOnly ? [.clientAuth] : [.serverAuth, .clientAuth])
             SubjectAlternativeNames(sans)
             SubjectKeyIdentifier(hash: publicKey)
             AuthorityKeyIdentifier(keyIdentifier: issuerSKI)
@@ -204,6 +210,7 @@ public struct TrustAuthority: Sendable {
     /// arguments, never from the request: the authority decides what a node may claim.
     public func issue(
         csr: CertificateSigningRequest, dnsNames: [String], ipv6Addresses: [String] = [],
+        uris: [String] = [], commonName: String? = nil,
         lifetime: TimeInterval = TrustAuthority.defaultLifetime, now: Date = Date(),
         log: (any PrecertificateLog)? = nil
     ) throws -> Certificate {
@@ -212,13 +219,13 @@ public struct TrustAuthority: Sendable {
         }
         return try issue(
             publicKey: csr.publicKey, dnsNames: dnsNames, ipv6Addresses: ipv6Addresses,
-            lifetime: lifetime, now: now, log: log)
+            uris: uris, commonName: commonName, lifetime: lifetime, now: now, log: log)
     }
 
     /// Generates a P-256 key and issues a certificate for it. Returns the chain (node, then
     /// intermediate) as PEM, ready for a TLS server to present, and the key as PEM.
     public func issueWithNewKey(
-        dnsNames: [String], ipv6Addresses: [String] = [],
+        dnsNames: [String], ipv6Addresses: [String] = [], uris: [String] = [], commonName: String? = nil,
         lifetime: TimeInterval = TrustAuthority.defaultLifetime,
         now: Date = Date(), log: (any PrecertificateLog)? = nil
     )
@@ -227,7 +234,7 @@ public struct TrustAuthority: Sendable {
         let key = P256.Signing.PrivateKey()
         let cert = try issue(
             publicKey: Certificate.PublicKey(key.publicKey), dnsNames: dnsNames,
-            ipv6Addresses: ipv6Addresses, lifetime: lifetime, now: now, log: log)
+            ipv6Addresses: ipv6Addresses, uris: uris, commonName: commonName, lifetime: lifetime, now: now, log: log)
         return (cert, try PEMFiles.pem([cert, intermediate]), key.pemRepresentation + "\n")
     }
 

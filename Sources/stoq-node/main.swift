@@ -73,6 +73,7 @@ struct StoqNode: AsyncParsableCommand {
         let service = NodeService(node: node) { node in
             print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")
             print("certificate: \(URL(fileURLWithPath: node.servingCertificatePath).standardizedFileURL.path)")
+            print("operator token: \(URL(fileURLWithPath: node.operatorTokenPath).standardizedFileURL.path)")
             if let admin = node.adminURL { print("admin: \(admin)/metrics") }
             print("listening: \(node.listenAddress)")
             fflush(nil)

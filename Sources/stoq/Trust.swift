@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import Logging
 import STOQACME
+import STOQAccess
 import STOQConfig
 import STOQCore
 import STOQTrust
@@ -13,7 +14,7 @@ struct TrustCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trust",
         abstract: "TrustChain: create a certificate authority, issue node certificates, inspect and verify them.",
-        subcommands: [Init.self, Issue.self, Show.self, Verify.self, AddNode.self, Serve.self, ACMEIssue.self, Audit.self])
+        subcommands: [Init.self, Issue.self, Token.self, Show.self, Verify.self, AddNode.self, Serve.self, ACMEIssue.self, Audit.self])
 
     struct Init: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -48,10 +49,18 @@ struct TrustCommand: ParsableCommand {
                 (a node serving this CA's log sees the entry at its next request).
 
                 Example: stoq trust issue --dir ca --dns node1.example --ip 2001:db8::1 --lifetime 24h --out cert.pem --key-out key.pem
+
+                --role writer|reader|admin (repeatable) adds the SAN URI urn:stoq:role:<role>: a node \
+                with network.client_auth on grants the certificate's holder that role (docs/access.md). \
+                With roles and no --dns/--ip the certificate is a client's: clientAuth only, subject \
+                CN=--name. Example: stoq trust issue --dir stoq-data/trust --role writer --name alice \
+                --out alice.pem --key-out alice-key.pem
                 """)
         @Option(help: "The authority's directory (from `stoq trust init`).") var dir: String
         @Option(help: "A DNS name for the certificate (repeatable).") var dns: [String] = []
         @Option(help: "An IPv6 address for the certificate (repeatable).") var ip: [String] = []
+        @Option(help: "An access role the certificate grants: writer, reader or admin (repeatable).") var role: [String] = []
+        @Option(help: "The subject's common name (default: the first DNS name or address, or \"stoq client\").") var name: String?
         @Option(help: "Validity, e.g. 1h, 24h, 7d.") var lifetime = "24h"
         @Option(help: "Certify the key in this PEM CSR instead of generating one.") var csr: String?
         @Option(help: "Write the certificate chain here.") var out: String
@@ -64,10 +73,14 @@ struct TrustCommand: ParsableCommand {
                 throw ValidationError("--lifetime \(lifetime): expected a duration of at least 1s, e.g. 1h, 24h, 7d")
             }
             _ = ns
+            for r in role where AccessRole(rawValue: r) == nil {
+                throw ValidationError("--role \(r): expected writer, reader or admin")
+            }
         }
 
         func run() throws {
             let seconds = TimeInterval(Units.duration(lifetime)!) / 1e9
+            let uris = role.compactMap(AccessRole.init(rawValue:)).map(CertificateIdentity.uri(for:))
             do {
                 let ca = try TrustAuthority.load(from: dir)
                 // The CA's own log: the precertificate is logged before the certificate exists.
@@ -75,19 +88,77 @@ struct TrustCommand: ParsableCommand {
                 let cert: Certificate
                 if let csr {
                     cert = try ca.issue(
-                        csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, lifetime: seconds,
-                        log: log)
+                        csr: try PEMFiles.readCSR(csr), dnsNames: dns, ipv6Addresses: ip, uris: uris, commonName: name,
+                        lifetime: seconds, log: log)
                     try PEMFiles.writeFile(try PEMFiles.pem([cert, ca.intermediate]), to: out, mode: 0o644)
                 } else {
-                    let issued = try ca.issueWithNewKey(dnsNames: dns, ipv6Addresses: ip, lifetime: seconds, log: log)
+                    let issued = try ca.issueWithNewKey(
+                        dnsNames: dns, ipv6Addresses: ip, uris: uris, commonName: name, lifetime: seconds, log: log)
                     cert = issued.certificate
                     try PEMFiles.writeFile(issued.keyPEM, to: keyOut!, mode: 0o600)
                     try PEMFiles.writeFile(issued.chainPEM, to: out, mode: 0o644)
                 }
                 let s = CertificateSummary(cert)
-                let names = s.dnsNames.map { "DNS:\($0)" } + s.ipAddresses.map { "IP:\($0)" }
+                let names = s.dnsNames.map { "DNS:\($0)" } + s.ipAddresses.map { "IP:\($0)" } + uris.map { "URI:\($0)" }
                 print("issued \(s.serial) for \(names.joined(separator: ", ")), valid until \(iso(s.notAfter)) -> \(out) (log entry \(log.size - 1))")
             } catch { throw fail("\(error)") }
+        }
+    }
+
+    struct Token: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Issue a bearer token (compact JWS, ES256) a node accepts as a credential.",
+            discussion: """
+                Signs with --key: a node's own data_dir/access/token-key.pem (tokens it always \
+                accepts), or another key a node lists in [access] token_keys. The token names its \
+                issuer key (iss, RFC 7638 thumbprint), its subject, role, path prefixes and methods, \
+                and expires after --lifetime. Hand it to the client: stoq put … --token TOKEN \
+                (or --token-file, or $STOQ_TOKEN). docs/access.md.
+
+                Example: stoq trust token --key stoq-data/access/token-key.pem --subject alice \
+                --prefix /objects/a/ --methods PUT,DELETE --role writer --lifetime 30d
+                """)
+        @Option(help: "The signing key (P-256 PEM), e.g. stoq-data/access/token-key.pem.") var key: String
+        @Option(help: "Who the token is for (the sub claim; the node's identity token:<subject>).") var subject: String
+        @Option(help: "A path prefix the token covers, e.g. /objects/a/ (repeatable; default /).") var prefix: [String] = []
+        @Option(help: "Comma-separated methods, e.g. PUT,DELETE (default: the role's: reader GET,HEAD; writer also PUT,DELETE,POST; admin *).")
+        var methods: String?
+        @Option(help: "reader, writer or admin.") var role = "writer"
+        @Option(help: "Validity, e.g. 1h, 30d.") var lifetime = "30d"
+        @Flag(help: "Print {\"token\": …, \"claims\": …} as JSON.") var json = false
+
+        func validate() throws {
+            guard AccessRole(rawValue: role) != nil else { throw ValidationError("--role \(role): expected reader, writer or admin") }
+            guard let ns = Units.duration(lifetime), ns >= 1_000_000_000 else {
+                throw ValidationError("--lifetime \(lifetime): expected a duration of at least 1s, e.g. 1h, 30d")
+            }
+            for p in prefix where !p.hasPrefix("/") { throw ValidationError("--prefix \(p): a path prefix starts with /") }
+            guard !subject.isEmpty else { throw ValidationError("--subject: must not be empty") }
+            let ms = (methods ?? "GET").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).uppercased() }
+            let known: Set<String> = ["GET", "HEAD", "PUT", "DELETE", "POST", "*"]
+            for m in ms where !known.contains(m) { throw ValidationError("--methods: \(m) is not one of GET, HEAD, PUT, DELETE, POST, *") }
+        }
+
+        func run() throws {
+            let r = AccessRole(rawValue: role)!
+            let now = Int64(Date().timeIntervalSince1970)
+            let scope = AccessScope(
+                prefixes: prefix.isEmpty ? ["/"] : prefix,
+                methods: methods.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? AccessScope.defaultMethods(for: r))
+            let claims = AccessClaims(
+                subject: subject, issuedAt: now, expires: now + Int64(Units.duration(lifetime)! / 1_000_000_000), role: r, scope: scope)
+            let token: String
+            do { token = try AccessToken.sign(claims, with: try AccessFiles.readPrivateKey(key)) } catch { throw fail("\(error)") }
+            guard json else { return print(token) }
+            let obj: [String: Any] = [
+                "token": token,
+                "claims": [
+                    "sub": subject, "role": r.rawValue, "prefixes": scope.prefixes, "methods": scope.methods, "iat": now,
+                    "exp": claims.expires,
+                ],
+            ]
+            let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes])
+            print(String(decoding: data, as: UTF8.self))
         }
     }
 

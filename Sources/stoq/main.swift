@@ -77,6 +77,7 @@ struct Get: ParsableCommand {
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @Option(name: .shortAndLong, help: "Write the body here (default: discard).") var output: String?
     @OptionGroup var trust: TrustOptions
+    @OptionGroup var credential: CredentialOptions
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
     @Option(help: "Congestion control of this end: reno, cubic, bbr or bbr2 (it paces what this end sends).")
@@ -110,7 +111,7 @@ struct Get: ParsableCommand {
                 throw fail("--qlog-dir \(qlogDir): \(error.localizedDescription)", code: 2)
             }
         }
-        let traceHeaders = try tracing.headers()
+        let traceHeaders = try tracing.headers() + credential.headers(for: u)
         if chunked {
             guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
             var st = stat()
@@ -254,11 +255,18 @@ final class ProgressLog {
 struct Put: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Upload a file as an object (stored atomically by the node).",
-        discussion: "Example: stoq put a.bin https://[::1]:4433/objects/a.bin --ca stoq-data/identity/cert.pem")
+        discussion: """
+            Writes need a credential (docs/access.md): --token, --token-file or $STOQ_TOKEN; to a node \
+            on this machine, the operator token a node started here wrote (./stoq-data/access/operator.token) \
+            is used when none is given.
+
+            Example: stoq put a.bin https://[::1]:4433/objects/a.bin --ca stoq-data/trust/root.pem
+            """)
 
     @Argument(help: "The file to upload.") var file: String
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @OptionGroup var trust: TrustOptions
+    @OptionGroup var credential: CredentialOptions
     @Flag(help: "Print one JSON object.") var json = false
     @Flag(help: "Chunk the file, ask the node which chunks it lacks, send only those, then the manifest.")
     var chunked = false
@@ -270,7 +278,7 @@ struct Put: ParsableCommand {
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
-        let traceHeaders = try tracing.headers()
+        let traceHeaders = try tracing.headers() + credential.headers(for: u)
         if chunked {
             let parameters = try chunking.parameters()
             let r: ChunkedPutResult

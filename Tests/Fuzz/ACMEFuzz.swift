@@ -14,6 +14,7 @@
 import Foundation
 import X509
 @testable import STOQACME
+import STOQTrust
 
 // Read-only after start; libFuzzer calls in from one thread.
 nonisolated(unsafe) let eabKey = SymmetricKey(data: Data(repeating: 7, count: 32))

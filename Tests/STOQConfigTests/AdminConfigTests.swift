@@ -46,9 +46,12 @@ import Testing
         #expect(try ConfigLoader.parse("[admin]\nlisten = \"[::]:9090\"\nauth = \"mtls\"\n").admin.auth == .mtls)
     }
 
-    @Test func tokenNeedsItsFile() {
-        let e = errors("[admin]\nlisten = \"[::1]:9090\"\nauth = \"token\"\n")
-        #expect(e.map(\.key) == ["admin.token_file"])
-        #expect(errors("[admin]\nauth = \"password\"\n").first?.description == "admin.auth = \"password\": bad value; expected one of \"none\", \"token\", \"mtls\"")
+    /// A token is an admin-role access token; `token_file` only adds a fixed secret.
+    @Test func tokenNeedsNoFileAndAuthIsOneOfThree() throws {
+        let c = try ConfigLoader.parse("[admin]\nlisten = \"[::]:9090\"\nauth = \"token\"\n")
+        #expect(c.admin.auth == .token && c.admin.tokenFile.isEmpty)
+        #expect(
+            errors("[admin]\nauth = \"password\"\n").first?.description == "admin.auth = \"password\": bad value; expected one of \"none\", \"token\", \"mtls\""
+        )
     }
 }

@@ -26,7 +26,8 @@ import TOMLKit
         func flatten(_ t: TOMLTable, _ prefix: String) {
             for k in t.keys {
                 let key = prefix.isEmpty ? k : prefix + "." + k
-                if let sub = t[k]?.table { flatten(sub, key) } else { inFile.insert(key) }
+                // access.read's keys are path prefixes, not config keys: the table is one value.
+                if let sub = t[k]?.table, key != "access.read" { flatten(sub, key) } else { inFile.insert(key) }
             }
         }
         flatten(try TOMLTable(string: text), "")

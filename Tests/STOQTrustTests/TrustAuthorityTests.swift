@@ -174,6 +174,26 @@ import X509
         let key = try Certificate.PrivateKey(pemEncoded: issued.keyPEM)
         #expect(key.publicKey == issued.certificate.publicKey)
     }
+
+    /// A client's certificate with access roles (`stoq trust issue --role`): URI SANs, no DNS
+    /// name or address, clientAuth only, and the name and URIs the node's access check reads.
+    @Test func roleCertificateIsAClientsWithItsURIs() throws {
+        let f = try AuthorityFixture()
+        defer { f.dir.cleanup() }
+        let uris = ["urn:stoq:role:writer", "urn:stoq:role:reader"]
+        let issued = try f.authority.issueWithNewKey(dnsNames: [], uris: uris, commonName: "alice")
+        let s = CertificateSummary(issued.certificate)
+        #expect(s.extendedKeyUsage == ["clientAuth"])
+        #expect(s.dnsNames.isEmpty && s.ipAddresses.isEmpty)
+        let id = try #require(CertificateSummary.clientIdentity(leafDER: PeerVerifier.der(issued.certificate)))
+        #expect(id.subject == "alice")
+        #expect(id.uris == uris)
+        // A node certificate keeps both usages, and names itself.
+        let node = try f.authority.issueWithNewKey(dnsNames: ["n.test"], uris: ["urn:stoq:role:reader"])
+        #expect(CertificateSummary(node.certificate).extendedKeyUsage == ["serverAuth", "clientAuth"])
+        #expect(CertificateSummary.clientIdentity(leafDER: PeerVerifier.der(node.certificate))?.subject == "n.test")
+        #expect(throws: TrustError.self) { try f.authority.issueWithNewKey(dnsNames: []) }
+    }
 }
 
 @Suite struct PEMFilesTests {

@@ -46,12 +46,17 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+# Each running node's operator token by port: `stoq()` presents it to the node a command names
+# (as `stoq` itself does for a node on this machine whose data_dir is ./stoq-data).
+TOKENS = {}
+
+
 def read_banner(node, timeout=30):
     """Reads what stoq-node prints once it serves (trust:, certificate:, admin:, listening:)
     into node.cert, node.identity_cert, node.admin; kills it and raises with its log if it
     does not get there."""
-    node.cert = node.identity_cert = node.admin = None
-    keys = {"trust": "cert", "certificate": "identity_cert", "admin": "admin"}
+    node.cert = node.identity_cert = node.admin = node.token_file = None
+    keys = {"trust": "cert", "certificate": "identity_cert", "admin": "admin", "operator token": "token_file"}
     deadline = time.time() + timeout
     while time.time() < deadline:
         line = node.proc.stdout.readline()
@@ -61,6 +66,10 @@ def read_banner(node, timeout=30):
         if key in keys:
             setattr(node, keys[key], value.strip())
         if key == "listening":
+            if node.token_file:
+                node.token = pathlib.Path(node.token_file).read_text().strip()
+                node.auth = f"authorization: Bearer {node.token}"
+                TOKENS[str(getattr(node, "port", ""))] = node.token
             return
     node.proc.kill()
     node.log.flush()
@@ -119,8 +128,18 @@ def run(cmd, timeout=180, **kw):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def stoq(*args, timeout=180, env=None):
-    """The stoq CLI; `env` adds variables to this environment."""
+def stoq(*args, timeout=180, env=None, token=True):
+    """The stoq CLI; `env` adds variables to this environment. Unless `token` is False or the
+    command brings its own credential, it presents (as $STOQ_TOKEN) the operator token of the
+    test node whose port the command's URL names: writes need a credential (docs/access.md)."""
+    env = dict(env or {})
+    flat = [str(a) for a in args]
+    if token and "STOQ_TOKEN" not in env and not any(a in ("--token", "--token-file") for a in flat):
+        for a in flat:
+            m = re.match(r"https://\[[^]]+\]:(\d+)/", a)
+            if m and m.group(1) in TOKENS:
+                env["STOQ_TOKEN"] = TOKENS[m.group(1)]
+                break
     return run([need_binary("stoq"), *args], timeout=timeout, env={**os.environ, **env} if env else None)
 
 
@@ -166,3 +185,34 @@ def settled(read, timeout=20):
             return now
         last = now
     return last
+
+
+def veth_namespaces(node_ns, node_if, node_addrs, client_ns, client_if, client_addr):
+    """Two network namespaces joined by a veth pair: `node_addrs` (a /64 each) on the node's
+    side, `client_addr` on the client's, both links up. Any half-made state is removed before
+    a failure is raised; the caller deletes the namespaces when done (`ip netns del`)."""
+    if shutil.which("ip") is None:
+        pytest.fail("iproute2 missing: scripts/install-deps installs it")
+
+    def must(cmd):
+        r = run(cmd)
+        assert r.returncode == 0, f"{cmd}: {r.stderr}"
+
+    for ns in (node_ns, client_ns):
+        run(["ip", "netns", "del", ns])
+    try:
+        for ns in (node_ns, client_ns):
+            must(["ip", "netns", "add", ns])
+        must(["ip", "link", "add", node_if, "type", "veth", "peer", "name", client_if])
+        must(["ip", "link", "set", node_if, "netns", node_ns])
+        must(["ip", "link", "set", client_if, "netns", client_ns])
+        for a in node_addrs:  # nodad: usable at once, no duplicate address detection to wait for
+            must(["ip", "-n", node_ns, "addr", "add", f"{a}/64", "dev", node_if, "nodad"])
+        must(["ip", "-n", client_ns, "addr", "add", f"{client_addr}/64", "dev", client_if, "nodad"])
+        for ns, dev in ((node_ns, node_if), (client_ns, client_if)):
+            must(["ip", "-n", ns, "link", "set", "lo", "up"])
+            must(["ip", "-n", ns, "link", "set", dev, "up"])
+    except BaseException:
+        for ns in (node_ns, client_ns):
+            run(["ip", "netns", "del", ns])
+        raise

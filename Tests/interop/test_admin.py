@@ -228,6 +228,30 @@ def test_token_auth_answers_401_without_the_token_and_200_with_it(tmp_path):
         assert r.returncode == 1 and "HTTP 401: the admin API wants a bearer token" in r.stderr, r.stderr
         r = stoq("status", base, "--json", env={"STOQ_ADMIN_TOKEN_FILE": str(token_file)})
         assert r.returncode == 0 and json.loads(r.stdout)["workers"], r.stderr
+        # Tokens the access check accepts do too, with the admin role only: the operator's,
+        # and one issued with the node's key; a writer's is refused, naming its role.
+        status, _, _ = get_status(url, {"Authorization": f"Bearer {n.token}"})
+        assert status == 200
+        key = tmp_path / "data" / "access" / "token-key.pem"
+        for role, want in (("admin", 200), ("writer", 401)):
+            r = stoq("trust", "token", "--key", key, "--subject", f"prom-{role}", "--role", role, "--lifetime", "1h")
+            assert r.returncode == 0, r.stderr
+            status, _, body = get_status(url, {"Authorization": f"Bearer {r.stdout.strip()}"})
+            assert status == want, body
+            if want == 401:
+                assert body == "the token's role is writer, not admin\n"
+    finally:
+        assert n.stop() == 0
+
+
+def test_token_auth_without_a_token_file_takes_admin_tokens(tmp_path):
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::]:0"\nauth = "token"')
+    try:
+        url = on_loopback(n.admin)
+        assert get_status(url)[0] == 401
+        status, _, body = get_status(url, {"Authorization": "Bearer x.y.z"})
+        assert status == 401 and body.startswith("invalid bearer token: "), body
+        assert get_status(url, {"Authorization": f"Bearer {n.token}"})[0] == 200
     finally:
         assert n.stop() == 0
 

@@ -75,7 +75,9 @@ def test_learner_routes_use_both_next_hops(tmp_path, state):
         return subprocess.run(["nsenter", f"--net=/run/netns/stoq-m{n}", *map(str, cmd)], capture_output=True,
                               text=True, timeout=timeout)
 
-    r = at(1, stoq, "put", "--ca", ca, body, "https://[fd00:57::1]:4433/objects/mp")
+    # As node 1's operator (writes need a credential, docs/access.md).
+    token = state / "node1" / "data" / "access" / "operator.token"
+    r = at(1, stoq, "put", "--ca", ca, "--token-file", token, body, "https://[fd00:57::1]:4433/objects/mp")
     assert r.returncode == 0, r.stderr
     # Node 4 learns its two routes to node 1 (through 2, through 3) from adverts: wait for the
     # two-hop route with its backup before fetching, or the learner has one route to pick.

@@ -25,7 +25,7 @@ def get(node, name, out):
 
 def h3(node, method, path, body=None):
     cmd = [sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}{path}", "--ca", node.cert,
-           "--method", method]
+           "--method", method, "--header", node.auth]
     if body is not None:
         cmd += ["--body", body]
     r = run(cmd, timeout=60)

@@ -77,7 +77,8 @@ def get_sha(node, name, out, chunked=False):
 
 
 def h3(node, path, *extra):
-    r = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}{path}", "--ca", node.cert, *extra],
+    r = run([sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}{path}", "--ca", node.cert,
+             "--header", node.auth, *extra],
             timeout=300)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert "error" not in res, res

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import need_binary, read_banner, run, sha256_file
+from conftest import need_binary, read_banner, run, sha256_file, veth_namespaces
 
 HERE = pathlib.Path(__file__).resolve().parent
 NODE_NS, CLIENT_NS = "stoq-mh-node", "stoq-mh-client"
@@ -40,11 +40,6 @@ def in_client(*cmd):
     return ["ip", "netns", "exec", CLIENT_NS, *[str(c) for c in cmd]]
 
 
-def must(cmd):
-    r = run(cmd)
-    assert r.returncode == 0, f"{cmd}: {r.stderr}"
-
-
 def attempt(cmd, timeout=60):
     """`run`, but a client that hangs (no reply it accepts ever arrives) is a failed attempt
     with its output, not an error of the test."""
@@ -63,24 +58,7 @@ def teardown_namespaces():
 
 @pytest.fixture(scope="module")
 def two_address_node(tmp_path_factory):
-    if shutil.which("ip") is None:
-        pytest.fail("iproute2 missing: scripts/install-deps installs it")
-    teardown_namespaces()
-    try:
-        for ns in (NODE_NS, CLIENT_NS):
-            must(["ip", "netns", "add", ns])
-        must(["ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", CLIENT_IF])
-        must(["ip", "link", "set", NODE_IF, "netns", NODE_NS])
-        must(["ip", "link", "set", CLIENT_IF, "netns", CLIENT_NS])
-        for a in ADDRS:  # nodad: usable at once, no duplicate address detection to wait for
-            must(in_node("ip", "addr", "add", f"{a}/64", "dev", NODE_IF, "nodad"))
-        must(in_client("ip", "addr", "add", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF, "nodad"))
-        for ns, dev in ((NODE_NS, NODE_IF), (CLIENT_NS, CLIENT_IF)):
-            must(["ip", "-n", ns, "link", "set", "lo", "up"])
-            must(["ip", "-n", ns, "link", "set", dev, "up"])
-    except BaseException:
-        teardown_namespaces()
-        raise
+    veth_namespaces(NODE_NS, NODE_IF, ADDRS, CLIENT_NS, CLIENT_IF, CLIENT_ADDR)
 
     work = tmp_path_factory.mktemp("multiaddress")
     objects = work / "objects"

@@ -75,7 +75,7 @@ def test_aioquic_resumes_with_the_ticket_the_node_issued(tnode, tmp_path):
 
 
 def h3client(node, *args):
-    r = run([sys.executable, HERE / "h3client.py", *args, "--ca", node.cert], timeout=60)
+    r = run([sys.executable, HERE / "h3client.py", *args, "--ca", node.cert, "--header", node.auth], timeout=60)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, res
     return res

@@ -65,7 +65,9 @@ void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode);
  *  handshake. `certs[i]` (`lens[i]` bytes, DER) is the chain the peer sent, leaf first, `n` of
  *  them; `server_name` is what the client dialled (DNS name or IPv6 literal) when judging a
  *  server, NULL when judging a client. Returns 0 to accept, else writes the reason to `why`
- *  (NUL-terminated) and returns nonzero. STOQ's is Swift's PeerVerifier: C judges nothing. */
+ *  (NUL-terminated) and returns nonzero. On accepting a client it may write the client's
+ *  identity to `why` instead (the access policy's roles and subject), which the connection
+ *  keeps (`stoq_conn_peer_identity`). STOQ's is Swift's PeerVerifier: C judges nothing. */
 typedef int (*stoq_peer_check_fn)(void *ctx, const uint8_t *const *certs, const size_t *lens, size_t n,
                                   const char *server_name, char *why, size_t why_len);
 
@@ -254,6 +256,10 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
 
 /** Whether the connection failed because the peer's certificate was refused (mutual TLS). */
 int stoq_conn_peer_refused(const stoq_conn *c);
+
+/** Server: the identity the peer check wrote when it accepted the client's certificate
+ *  (mutual TLS), "" when the client presented none. Set once, during the handshake. */
+const char *stoq_conn_peer_identity(const stoq_conn *c);
 
 /** Writes the CONNECTION_CLOSE for the connection's error (or a graceful close with `app_error`
  *  when there is none). Returns its length, 0 if nothing is owed, or <0. */
