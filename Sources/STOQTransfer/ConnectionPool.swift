@@ -25,6 +25,8 @@ package final class ConnectionPool {
         package var maxAge: Int64?
         /// Why the request failed without an answer (the connection's fate); nil otherwise.
         package var failure: String?
+        /// The body's SHA-256, for a request submitted with `hash` that was answered 2xx.
+        package var sha256: [UInt8]? = nil
     }
 
     struct Request {
@@ -35,6 +37,7 @@ package final class ConnectionPool {
         var sinkFD: Int32
         var tag: Int
         var keepErrors: Bool
+        var hash: Bool
     }
 
     final class Upstream {
@@ -49,7 +52,7 @@ package final class ConnectionPool {
     }
 
     final class App: QUICApplication {
-        struct Sink { var fd: Int32; var tag: Int; var keepErrors: Bool }
+        struct Sink { var fd: Int32; var tag: Int; var keepErrors: Bool; var hash: Bool }
         var sinks: [HTTPStream: Sink] = [:]
         var statuses: [HTTPStream: Int] = [:]
         var done: [Done] = []
@@ -60,7 +63,7 @@ package final class ConnectionPool {
             statuses[stream] = status
             let s = sinks[stream]
             let keep = status / 100 == 2 || s?.keepErrors == true
-            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, hash: false)
+            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, hash: s?.hash == true && status / 100 == 2)
         }
 
         func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -68,7 +71,7 @@ package final class ConnectionPool {
             done.append(
                 Done(
                     tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                    received: stream.bytesReceived, maxAge: stream.maxAge))
+                    received: stream.bytesReceived, maxAge: stream.maxAge, sha256: s.hash ? stream.bodySHA256() : nil))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
@@ -88,6 +91,12 @@ package final class ConnectionPool {
     /// Wakes the pool's `drive` from another thread.
     package let waker: Waker
     private var seenHandshakes = 0
+    /// Where sessions are resumed from and kept (per server), if anywhere: offered when a
+    /// connection starts, the server's latest kept when the pool closes.
+    package var sessionCache: SessionCache?
+    /// Handshakes completed, and how many of them resumed a session.
+    package var handshakes: Int { app.handshakes }
+    package private(set) var resumed = 0
 
     /// A pool whose connections present `trust`'s client certificate and verify upstreams
     /// against it, on a queue `datapath` opens.
@@ -115,14 +124,16 @@ package final class ConnectionPool {
     package func wake() { waker.wake() }
 
     /// Sends a request to `url`'s upstream, connecting first if needed; its body goes to
-    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`). Its end comes back from
-    /// `drive` as a `Done` carrying `tag` (unique among the requests in flight).
+    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`), hashed with `hash`. Its
+    /// end comes back from `drive` as a `Done` carrying `tag` (unique among the requests in
+    /// flight).
     package func submit(
         to url: STOQURL, _ method: String, _ path: String, headers: [(String, String)] = [], body: BodyRegion? = nil,
-        sinkFD: Int32 = -1, tag: Int, keepErrors: Bool = false
+        sinkFD: Int32 = -1, tag: Int, keepErrors: Bool = false, hash: Bool = false
     ) {
         let request = Request(
-            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, tag: tag, keepErrors: keepErrors)
+            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, tag: tag, keepErrors: keepErrors,
+            hash: hash)
         let up: Upstream
         if let u = upstreams[url.endpoint] {
             up = u
@@ -131,6 +142,7 @@ package final class ConnectionPool {
             do {
                 let source = IPv6Endpoint(address: STOQClient.sourceAddress(toward: url.endpoint), port: rig.queue.localEndpoint.port)
                 let c = try rig.endpoint.connect(to: url.endpoint, from: source, serverName: url.host, now: now)
+                if let session = sessionCache?.load(for: url) { c.offerSession(session) }
                 up = Upstream(url: url, connection: c, startedAt: now)
                 upstreams[url.endpoint] = up
             } catch {
@@ -147,7 +159,7 @@ package final class ConnectionPool {
             let stream = try up.connection.request(
                 method: r.method, authority: up.url.authority, path: r.path,
                 headers: r.headers + [("content-length", "\(r.body?.count ?? 0)")], body: r.body)
-            app.sinks[stream] = App.Sink(fd: r.sinkFD, tag: r.tag, keepErrors: r.keepErrors)
+            app.sinks[stream] = App.Sink(fd: r.sinkFD, tag: r.tag, keepErrors: r.keepErrors, hash: r.hash)
             requests[r.tag] = (up.url.endpoint, stream)
             up.streams.insert(r.tag)
         } catch {
@@ -241,8 +253,13 @@ package final class ConnectionPool {
         }
     }
 
-    /// Closes every connection (failing what is in flight) and the socket.
+    /// Closes every connection (failing what is in flight) and the socket, keeping each
+    /// server's session first when there is a cache.
     package func close() {
+        for up in upstreams.values where up.connection.isEstablished {
+            if up.connection.isResumed { resumed += 1 }
+            if let sessionCache, let session = up.connection.resumableSession { sessionCache.store(session, for: up.url) }
+        }
         for ep in Array(upstreams.keys) { drop(ep, reason: "the pool is closing") }
         _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
         rig.queue.close()

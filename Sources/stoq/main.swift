@@ -71,11 +71,22 @@ func human(_ n: Double) -> String {
 
 struct Get: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Download an object over HTTP/3.",
-        discussion: "Example: stoq get https://[::1]:4433/objects/a.bin -o a.bin --ca stoq-data/identity/cert.pem")
+        abstract: "Download objects over HTTP/3.",
+        discussion: """
+            Example: stoq get https://[::1]:4433/objects/a.bin -o a.bin --ca stoq-data/trust/root.pem
 
-    @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
-    @Option(name: .shortAndLong, help: "Write the body here (default: discard).") var output: String?
+            Several URLs are fetched over one connection per server, their requests in flight \
+            together (one handshake, as curl does): -O names each file after the last segment of \
+            its path, in the current directory; -o DIR, in DIR. Each file is written to NAME.part \
+            and renamed once its body is complete; a URL that fails leaves nothing, the others \
+            are kept, and the exit status is 1.
+            Example: stoq get https://[::1]:4433/objects/a.bin https://[::1]:4433/objects/b.bin -o out/ --ca root.pem
+            """)
+
+    @Argument(help: "https://[ipv6]:port/objects/<name> (one or more)") var urls: [String]
+    @Option(name: .shortAndLong, help: "Write the body here (default: discard); with several URLs, a directory.") var output: String?
+    @Flag(name: .customShort("O"), help: "Write each body to a file named after its URL's last path segment.")
+    var remoteName = false
     @OptionGroup var trust: TrustOptions
     @OptionGroup var credential: CredentialOptions
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
@@ -102,7 +113,24 @@ struct Get: ParsableCommand {
             discussion: "Sessions are kept per server in $XDG_CACHE_HOME/stoq (or ~/.cache/stoq), mode 0600; never with --insecure or a client certificate."))
     var noSessionCache = false
 
+    func validate() throws {
+        if urls.isEmpty { throw ValidationError("give at least one URL") }
+        if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
+        if urls.count > 1 || remoteName {
+            if chunked { throw ValidationError("--chunked fetches one object: not with several URLs or -O") }
+            if qlogDir != nil { throw ValidationError("--qlog-dir logs one transfer: not with several URLs or -O") }
+            if progressLog != nil { throw ValidationError("--progress-log times one transfer: not with several URLs or -O") }
+        }
+    }
+
     func run() throws {
+        var isDirectory: ObjCBool = false
+        if urls.count > 1 || remoteName
+            || (output.map { FileManager.default.fileExists(atPath: $0, isDirectory: &isDirectory) } == true && isDirectory.boolValue)
+        {
+            return try runMany()
+        }
+        let url = urls[0]
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
         if let qlogDir {
@@ -204,6 +232,75 @@ struct Get: ParsableCommand {
                         human(Double(result.bytes)), result.seconds, result.gbps, result.sha256
                     ).utf8))
         }
+    }
+
+    /// Several URLs (or -O, or -o DIR): one connection per server, files renamed into place
+    /// when whole.
+    func runMany() throws {
+        var parsed: [STOQURL] = []
+        for text in urls {
+            do { parsed.append(try STOQURL(text)) } catch { throw fail("\(text): \(error)", code: 2) }
+        }
+        let directory = remoteName ? "." : output
+        var names: [String?] = []
+        if let directory {
+            var seen = Set<String>()
+            for u in parsed {
+                let name = String(u.path.prefix { $0 != "?" }.split(separator: "/").last ?? "")
+                guard !name.isEmpty, name != ".", name != ".." else {
+                    throw fail("\(u): no file name in its path for -O / -o DIR", code: 2)
+                }
+                guard seen.insert(name).inserted else { throw fail("\(u): two URLs would both write \(name)", code: 2) }
+                names.append(directory + "/" + name)
+            }
+            do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+                throw fail("-o \(directory): \(error.localizedDescription)", code: 2)
+            }
+        } else {
+            names = parsed.map { _ in nil }
+        }
+        var fds: [Int32] = []
+        defer { for fd in fds where fd >= 0 { close(fd) } }
+        for name in names {
+            guard let name else { fds.append(-1); continue }
+            let fd = open(name + ".part", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw fail("\(name).part: \(String(cString: strerror(errno)))") }
+            fds.append(fd)
+        }
+        var headerFailure: Error?
+        let report: ManyGetReport
+        do {
+            report = try STOQClient.getMany(
+                parsed, into: fds, trust: trust.trust, datapath: .ioUring, timeout: timeout,
+                headers: { u in
+                    do { return try tracing.headers() + credential.headers(for: u) } catch {
+                        headerFailure = error
+                        return []
+                    }
+                },
+                sessionCache: noSessionCache || trust.insecure || trust.cert != nil
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory))
+        } catch {
+            for name in names { if let name { unlink(name + ".part") } }
+            throw fail("\(error)")
+        }
+        if let headerFailure { throw fail("\(headerFailure)", code: 2) }
+        var failed = 0
+        for (i, r) in report.results.enumerated() {
+            let ok = r.failure == nil && (r.status ?? 0) / 100 == 2
+            if let name = names[i] {
+                if ok { rename(name + ".part", name) } else { unlink(name + ".part") }
+            }
+            if !ok {
+                failed += 1
+                let why = r.failure ?? "HTTP \(r.status ?? 0)"
+                FileHandle.standardError.write(Data("stoq: \(r.url): \(why)\n".utf8))
+            } else if !json {
+                print("\(names[i] ?? r.url): \(r.bytes) bytes, sha256 \(r.sha256)")
+            }
+        }
+        if json { printCodable(report) }
+        if failed > 0 { throw ExitCode(1) }
     }
 }
 

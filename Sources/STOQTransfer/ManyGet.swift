@@ -1,0 +1,76 @@
+import Foundation
+import STOQCore
+import STOQQUIC
+
+/// One URL's outcome in `STOQClient.getMany`.
+public struct ManyGetResult: Sendable, Codable {
+    public var url: String
+    /// The response's status; nil when none came (`failure` says why).
+    public var status: Int?
+    /// Body bytes received.
+    public var bytes: UInt64
+    /// SHA-256 of a 2xx body, hex ("" otherwise).
+    public var sha256: String
+    /// Why there was no complete answer: the connection's fate, or a reset stream.
+    public var failure: String?
+}
+
+/// What `STOQClient.getMany` did: every URL's outcome, in the order given, and what it cost.
+public struct ManyGetReport: Sendable, Codable {
+    public var results: [ManyGetResult]
+    /// Handshakes completed (one per server reached), and how many resumed a kept session.
+    public var handshakes: Int
+    public var resumed: Int
+    public var seconds: Double
+}
+
+extension STOQClient {
+    /// Downloads several URLs, each into its file descriptor (-1 discards), over one
+    /// connection per server with up to `maxInFlight` requests at once on it (curl-like reuse:
+    /// several objects cost one handshake). `headers(url)` go with each request (a
+    /// credential, trace context). Every URL gets a result; a failure of one does not stop the
+    /// others. With `sessionCache`, each server's kept session is offered and its new one kept.
+    public static func getMany(
+        _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
+        headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, maxInFlight: Int = 64
+    ) throws(ClientError) -> ManyGetReport {
+        precondition(urls.count == fds.count, "one file descriptor per URL")
+        let pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9))
+        pool.sessionCache = sessionCache
+        var closed = false
+        defer { if !closed { pool.close() } }
+        let start = monotonicNow(), deadline = start + UInt64(timeout * 1e9)
+        var results = urls.map { ManyGetResult(url: "\($0)", status: nil, bytes: 0, sha256: "", failure: nil) }
+        var next = 0, inFlight = 0
+        while next < urls.count || inFlight > 0 {
+            while next < urls.count && inFlight < maxInFlight {
+                let u = urls[next]
+                pool.submit(to: u, "GET", u.path, headers: headers(u), sinkFD: fds[next], tag: next, hash: true)
+                next += 1
+                inFlight += 1
+            }
+            let now = monotonicNow()
+            guard now < deadline else {
+                for i in results.indices where results[i].status == nil && results[i].failure == nil {
+                    results[i].failure = "timed out after \(timeout) s"
+                }
+                break
+            }
+            for d in try pool.drive(forNanoseconds: min(deadline - now, 100_000_000)) {
+                inFlight -= 1
+                results[d.tag].status = d.status
+                results[d.tag].bytes = d.received
+                results[d.tag].sha256 = d.sha256.map { $0.map { String(format: "%02x", $0) }.joined() } ?? ""
+                if let f = d.failure {
+                    results[d.tag].failure = f
+                } else if d.errorCode != H3Error.noError {
+                    results[d.tag].failure = "stream reset (HTTP/3 error 0x\(String(d.errorCode, radix: 16))) after \(d.received) bytes"
+                }
+            }
+        }
+        let seconds = Double(monotonicNow() - start) / 1e9
+        pool.close()
+        closed = true
+        return ManyGetReport(results: results, handshakes: pool.handshakes, resumed: pool.resumed, seconds: seconds)
+    }
+}

@@ -1,0 +1,80 @@
+"""`stoq get URL…` (#15 item 3): several objects over one connection per server, their requests
+in flight together, files named curl-like (-O, or -o DIR), each renamed into place when whole;
+a URL that fails leaves no file and fails the run, the others are kept; the session is kept
+and resumed by the next run."""
+import json
+import os
+
+from conftest import Node, random_file, sha256_file, stoq, summed_counters
+
+ADMIN = '[admin]\nlisten = "[::1]:0"\n'
+
+
+def accepted(node):
+    return summed_counters(node, ["stoq_quic_connections_accepted_total"])["stoq_quic_connections_accepted_total"]
+
+
+def test_several_objects_over_one_connection_byte_identical(tmp_path):
+    node = Node(tmp_path / "n", workers=2, extra=ADMIN)
+    try:
+        sizes = [0, 1, 70_000, 3 << 20, 9 << 20, 1200]
+        digests = {}
+        for i, size in enumerate(sizes):
+            digests[f"m{i}.bin"] = node.add_object(f"m{i}.bin", size)
+        cache = tmp_path / "cache"
+        env = {"XDG_CACHE_HOME": str(cache)}
+        before = accepted(node)
+        out = tmp_path / "out"
+        urls = [node.url(n) for n in digests]
+        r = stoq("get", *urls, "-o", out, "--ca", node.cert, "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        # One handshake for six objects, and the node saw one connection.
+        assert report["handshakes"] == 1 and report["resumed"] == 0, report
+        assert accepted(node) - before == 1
+        for res, (name, digest) in zip(report["results"], digests.items()):
+            assert res["status"] == 200 and res["failure"] is None, res
+            assert res["sha256"] == digest == sha256_file(out / name)
+        assert sorted(os.listdir(out)) == sorted(digests), "a .part file was left"
+
+        # -O: named after the path, in the current directory; the kept session resumes.
+        here = tmp_path / "here"
+        here.mkdir()
+        r = stoq("get", "-O", urls[2], urls[3], "--ca", node.cert, "--json", env=env, cwd=here)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["handshakes"] == 1 and report["resumed"] == 1, report
+        assert sorted(os.listdir(here)) == ["m2.bin", "m3.bin"]
+        assert sha256_file(here / "m3.bin") == digests["m3.bin"]
+
+        # One URL that fails: named, no file for it, the others kept, exit 1.
+        mixed = tmp_path / "mixed"
+        r = stoq("get", urls[1], node.url("absent.bin"), urls[4], "-o", mixed, "--ca", node.cert, env=env)
+        assert r.returncode == 1
+        assert f"stoq: {node.url('absent.bin')}: HTTP 404" in r.stderr, r.stderr
+        assert sorted(os.listdir(mixed)) == ["m1.bin", "m4.bin"]
+        assert sha256_file(mixed / "m4.bin") == digests["m4.bin"]
+
+        # Two URLs that would write one file are refused before anything is fetched.
+        r = stoq("get", urls[0], urls[0], "-o", tmp_path / "dup", "--ca", node.cert)
+        assert r.returncode == 2 and "would both write m0.bin" in r.stderr, r.stderr
+        r = stoq("get", urls[0], urls[1], "--chunked", "-o", tmp_path / "x", "--ca", node.cert)
+        assert r.returncode != 0 and "--chunked fetches one object" in r.stderr, r.stderr
+    finally:
+        assert node.stop() == 0
+
+
+def test_one_url_into_a_directory_takes_its_name(tmp_path):
+    node = Node(tmp_path / "n", workers=1)
+    try:
+        digest = node.add_object("solo.bin", 50_000)
+        out = tmp_path / "dir"
+        out.mkdir()
+        r = stoq("get", node.url("solo.bin"), "-o", out, "--ca", node.cert)
+        assert r.returncode == 0, r.stderr
+        assert os.listdir(out) == ["solo.bin"] and sha256_file(out / "solo.bin") == digest
+        # A single URL still writes a file path as before.
+        r = stoq("get", node.url("solo.bin"), "-o", tmp_path / "file.bin", "--ca", node.cert)
+        assert r.returncode == 0 and sha256_file(tmp_path / "file.bin") == digest
+    finally:
+        assert node.stop() == 0
