@@ -61,7 +61,11 @@ metrics = metric_totals
 
 
 def h3(node, method, path, body=None):
+    """One HTTP/3 request; a write presents the node's operator token (writes need a
+    credential, docs/access.md), a read goes anonymous (reads are public)."""
     cmd = [sys.executable, HERE / "h3client.py", f"https://[::1]:{node.port}{path}", "--ca", node.cert, "--method", method]
+    if method in ("PUT", "DELETE", "POST"):
+        cmd += ["--header", node.auth]
     if body is not None:
         cmd += ["--body", body]
     r = run(cmd, timeout=120)

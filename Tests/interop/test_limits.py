@@ -2,32 +2,41 @@
 the overwrite policy, writer quotas and the storage cap (507 with the numbers, nothing partial
 left), per-client rate limits (429 with Retry-After), and the counters for all of it.
 
-Every request goes through `request()` below: the one place to add a credential once writes
-need one."""
+Every request goes through `request()` below, which presents the node's operator token on
+writes (they need a credential, docs/access.md) and sends reads anonymously (reads are public):
+quotas and rate limits are keyed on who the node says sent the request, `token:<sub>` for a
+token and `addr:<the /64>/64` for an anonymous reader."""
 import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import Node, run, stoq
+from conftest import Node, need_binary, run, stoq
 
 HERE = Path(__file__).resolve().parent
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
 
 
-def request(node, method, name, body=None, headers=(), host="::1", no_length=False, repeat=0, path=None):
+WRITES = ("PUT", "DELETE", "POST")
+OPERATOR = object()  # request()'s default credential: the operator token for a write, none for a read
+
+
+def request(node, method, name, body=None, headers=(), no_length=False, repeat=0, path=None, token=OPERATOR):
     """One HTTP/3 request (aioquic, Tests/interop/h3client.py) to `node` from this namespace.
-    `host` is the node address dialled (the client's source address follows it on loopback);
-    returns h3client's JSON: status, headers, text (or statuses with `repeat`)."""
-    url = f"https://[{host}]:{node.port}{path or '/objects/' + name}"
-    args = [sys.executable, str(HERE / "h3client.py"), url, "--method", method]
-    args += ["--ca", node.cert] if host == "::1" else ["--insecure"]
+    `token`: the bearer token presented (None: anonymous); by default the node's operator token
+    on a write and none on a read. Returns h3client's JSON: status, headers, text (or statuses
+    with `repeat`)."""
+    url = f"https://[::1]:{node.port}{path or '/objects/' + name}"
+    args = [sys.executable, str(HERE / "h3client.py"), url, "--method", method, "--ca", node.cert]
+    if token is OPERATOR:
+        token = node.token if method in WRITES else None
+    if token is not None:
+        args += ["--header", f"authorization: Bearer {token}"]
     for h in headers:
         args += ["--header", h]
     if body is not None:
@@ -45,7 +54,7 @@ def request(node, method, name, body=None, headers=(), host="::1", no_length=Fal
 
 def stoq_put_chunked(node, path, name):
     """`stoq put --chunked` (chunks, then the manifest) from this namespace: the CLI's side of
-    `request()`."""
+    `request()`; conftest's `stoq()` presents the node's operator token."""
     return stoq("put", path, f"https://[::1]:{node.port}/objects/{name}", "--chunked", "--ca", node.cert)
 
 
@@ -77,8 +86,8 @@ DEDUP = {"ingest": "", "flat": "[chunking]\ndedup_enabled = false\n"}
 def make_node(tmp_path):
     nodes = []
 
-    def make(extra="", listen="::1", name="node"):
-        n = Node(tmp_path / name, extra=ADMIN + extra, listen=listen)
+    def make(extra="", name="node"):
+        n = Node(tmp_path / name, extra=ADMIN + extra)
         nodes.append(n)
         return n
     yield make
@@ -130,12 +139,12 @@ def test_writer_quota_answers_507_with_the_numbers_and_leaves_nothing(make_node,
     # Content-Length says it cannot fit: refused before the body is read.
     r = request(node, "PUT", "b.bin", os.urandom(500 << 10))
     assert r["status"] == 507
-    assert r["text"] == ("quota for addr:::/64: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) "
+    assert r["text"] == ("quota for token:operator: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) "
                          "(limits.writer_quota), this upload needs 500 KB (512000 bytes)\n")
     # No length: refused once the bytes pass what the quota leaves.
     r = request(node, "PUT", "c.bin", os.urandom(600 << 10), no_length=True)
     assert r["status"] == 507
-    assert r["text"] == ("quota for addr:::/64: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) "
+    assert r["text"] == ("quota for token:operator: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) "
                          "(limits.writer_quota), this upload needs more than 324 KB (331776 bytes)\n")
     for name in ("b.bin", "c.bin"):
         assert request(node, "GET", name)["status"] == 404
@@ -171,30 +180,47 @@ def test_a_burst_over_the_rate_is_429_with_retry_after(make_node):
     assert metrics(node)["stoq_limits_rate_limited_total"] == 7
 
 
-def add_addresses(*addrs):
-    """Puts `addrs` on loopback (in wtrun's private network namespace), or skips."""
-    for a in addrs:
-        r = subprocess.run(["ip", "-6", "addr", "replace", f"{a}/128", "dev", "lo"], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot add {a} to lo (needs a network namespace of one's own): {r.stderr.strip()}")
+def writer_token(node, subject):
+    """A writer token for every path, issued with the node's key as an operator would
+    (`stoq trust token`, docs/access.md): the node knows its holder as `token:<subject>`."""
+    key = node.workdir / "data" / "access" / "token-key.pem"
+    r = run([need_binary("stoq"), "trust", "token", "--key", key, "--subject", subject, "--role", "writer", "--lifetime", "1h"])
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def test_another_identity_cannot_replace_or_delete_under_owner(make_node):
-    # Two anonymous clients in different /64s: on this branch identities are address prefixes.
-    alice, bob = "2001:db8:a::1", "2001:db8:b::1"
-    add_addresses(alice, bob)
-    node = make_node(listen="::")
+    # access.overwrite defaults to "owner": an object belongs to the identity that wrote it.
+    node = make_node()
+    alice, bob = writer_token(node, "alice"), writer_token(node, "bob")
     data = os.urandom(2000)
-    assert request(node, "PUT", "mine.bin", data, host=alice)["status"] == 201
-    r = request(node, "PUT", "mine.bin", b"theirs", host=bob)
+    assert request(node, "PUT", "mine.bin", data, token=alice)["status"] == 201
+    r = request(node, "PUT", "mine.bin", b"theirs", token=bob)
     assert r["status"] == 403
-    assert r["text"] == ('object mine.bin belongs to addr:2001:db8:a::/64; access.overwrite = "owner" '
+    assert r["text"] == ('object mine.bin belongs to token:alice; access.overwrite = "owner" '
                          "lets only its owner or an admin replace it\n")
-    assert request(node, "DELETE", "mine.bin", host=bob)["status"] == 403
-    assert request(node, "GET", "mine.bin", host=bob)["sha256"] == hashlib.sha256(data).hexdigest()
+    r = request(node, "DELETE", "mine.bin", token=bob)
+    assert r["status"] == 403
+    assert r["text"] == ('object mine.bin belongs to token:alice; access.overwrite = "owner" '
+                         "lets only its owner or an admin delete it\n")
+    assert request(node, "GET", "mine.bin")["sha256"] == hashlib.sha256(data).hexdigest()
     assert metrics(node)["stoq_overwrite_refused_total"] == 2
-    assert request(node, "PUT", "mine.bin", b"v2", host=alice)["status"] == 201
-    assert request(node, "DELETE", "mine.bin", host=alice)["status"] == 204
+    # Its owner may replace and delete it.
+    assert request(node, "PUT", "mine.bin", b"v2", token=alice)["status"] == 201
+    assert request(node, "GET", "mine.bin")["sha256"] == hashlib.sha256(b"v2").hexdigest()
+    assert request(node, "DELETE", "mine.bin", token=alice)["status"] == 204
+    assert request(node, "GET", "mine.bin")["status"] == 404
+    # So may an admin: the operator's token (role admin) replaces and deletes alice's objects.
+    assert request(node, "PUT", "a.bin", b"alice's a", token=alice)["status"] == 201
+    assert request(node, "PUT", "b.bin", b"alice's b", token=alice)["status"] == 201
+    # (they are alice's: bob is refused on both)
+    assert request(node, "PUT", "a.bin", b"bob's a", token=bob)["status"] == 403
+    assert request(node, "DELETE", "b.bin", token=bob)["status"] == 403
+    assert request(node, "PUT", "a.bin", b"the operator's a", token=node.token)["status"] == 201
+    assert request(node, "GET", "a.bin")["sha256"] == hashlib.sha256(b"the operator's a").hexdigest()
+    assert request(node, "DELETE", "b.bin", token=node.token)["status"] == 204
+    assert request(node, "GET", "b.bin")["status"] == 404
+    assert metrics(node)["stoq_overwrite_refused_total"] == 4
 
 
 def test_never_makes_objects_immutable(make_node):
@@ -218,7 +244,7 @@ def test_a_chunked_put_is_charged_to_its_writer_and_conditions_hold_on_manifests
     # The manifest names 500 KB more than the quota leaves: refused at the manifest PUT.
     r = stoq_put_chunked(node, b, "b.bin")
     assert r.returncode != 0
-    assert ("quota for addr:::/64: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) (limits.writer_quota), "
+    assert ("quota for token:operator: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) (limits.writer_quota), "
             "this upload needs 500 KB (512000 bytes)") in r.stderr + r.stdout
     assert request(node, "GET", "b.bin")["status"] == 404
     assert metrics(node)['stoq_limits_quota_refused_total{kind="writer_quota"}'] == 1
@@ -261,12 +287,16 @@ def stored_text(n):
 
 def test_upload_bytes_over_the_byte_rate_are_paid_for_by_the_next_request(make_node):
     # 300 KB at 10 KB/s leaves some 29 s of debt: the next request, seconds later, waits.
+    # The debt is the uploader's identity's (the operator token's), not its address's.
     node = make_node('[limits]\nbytes_per_second = "10KB"\n')
-    assert request(node, "PUT", "big", os.urandom(300 << 10))["status"] == 201
-    r = request(node, "GET", "big")
+    body = os.urandom(300 << 10)
+    assert request(node, "PUT", "big", body)["status"] == 201
+    r = request(node, "GET", "big", token=node.token)
     assert r["status"] == 429
     assert 15 <= int(r["headers"]["retry-after"]) <= 29
-    assert r["text"].startswith("rate limit for addr:::/64: uploads over 10KB/s (limits.bytes_per_second); ")
+    assert r["text"].startswith("rate limit for token:operator: uploads over 10KB/s (limits.bytes_per_second); ")
+    # An anonymous reader from the same address has a bucket of its own.
+    assert request(node, "GET", "big", token=None)["sha256"] == hashlib.sha256(body).hexdigest()
     assert metrics(node)["stoq_limits_rate_limited_total"] == 1
 
 
