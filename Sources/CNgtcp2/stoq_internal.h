@@ -111,6 +111,7 @@ struct stoq_conn {
   stoq_stream *streams;
   uint64_t streams_open;
   uint64_t body_rx, body_tx;
+  uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */
   int is_server;
   int established;
   int paced; /* an RTT sample exists: packets count toward pacing (see stoq_conn_write) */

@@ -39,8 +39,11 @@
  * to the peer in steps far below a window. Page aligned (O_DIRECT-ready, and whole pages for
  * the page cache). */
 #define SINK_BUF (256u << 10)
-/* The ring holds one stream window: never less than this, never more than SINK_RING_MAX. */
-#define SINK_RING_MIN (4ull << 20)
+/* Wakeups cost a context switch each when the writer shares the loop's core (measured: 14,000
+ * per GiB, 15% of the client's CPU, with one per buffer each way). The loop wakes the writer
+ * once per turn, or after this many buffers; the writer signals the loop's eventfd after this
+ * many, or when it runs out of work. */
+#define SINK_BATCH 8
 
 struct sink_job {
   stoq_stream *s; /* NULL once the stream is gone (its result was taken at drain) */
@@ -64,12 +67,15 @@ struct stoq_sink_writer {
    * the producer took (producer only). reaped <= tail <= head. */
   _Atomic uint64_t head, tail;
   uint64_t reaped;
+  uint64_t kicked; /* head when the writer was last woken (producer only) */
+  size_t fill;     /* a stream's buffer is queued at this many bytes (<= SINK_BUF) */
+  uint64_t conn_fill; /* ... or when its connection has this many staged in all */
   uint8_t **free_bufs;
   unsigned nfree, nbufs, max_bufs;
   pthread_mutex_t mu;
   pthread_cond_t work, done;
   _Atomic int writer_idle, producer_waiting, stop;
-  _Atomic int wake_fd; /* written once per finished job: the loop comes back to give credit */
+  _Atomic int wake_fd; /* signalled as jobs finish: the loop comes back to give credit */
   int own_wake_fd;
   stoq_sink_stats stats;
   _Atomic uint64_t bytes_written; /* the writer's count */
@@ -92,11 +98,25 @@ static int write_all(const struct sink_job *j) {
   return 0;
 }
 
+static void signal_loop(stoq_sink_writer *w) {
+  int fd = atomic_load_explicit(&w->wake_fd, memory_order_relaxed);
+  if (fd >= 0) {
+    uint64_t one = 1;
+    if (write(fd, &one, sizeof(one)) < 0) { /* saturated: the loop is awake already */
+    }
+  }
+}
+
 static void *writer_main(void *arg) {
   stoq_sink_writer *w = arg;
+  unsigned unsignalled = 0;
   for (;;) {
     uint64_t t = atomic_load_explicit(&w->tail, memory_order_relaxed);
     if (t == atomic_load(&w->head)) {
+      if (unsignalled) {
+        unsignalled = 0;
+        signal_loop(w);
+      }
       pthread_mutex_lock(&w->mu);
       atomic_store(&w->writer_idle, 1);
       while (t == atomic_load(&w->head) && !atomic_load(&w->stop)) pthread_cond_wait(&w->work, &w->mu);
@@ -117,11 +137,9 @@ static void *writer_main(void *arg) {
       pthread_cond_signal(&w->done);
       pthread_mutex_unlock(&w->mu);
     }
-    int fd = atomic_load_explicit(&w->wake_fd, memory_order_relaxed);
-    if (fd >= 0) {
-      uint64_t one = 1;
-      if (write(fd, &one, sizeof(one)) < 0) { /* saturated: the loop is awake already */
-      }
+    if (++unsignalled >= SINK_BATCH) {
+      unsignalled = 0;
+      signal_loop(w);
     }
   }
 }
@@ -150,6 +168,13 @@ stoq_sink_writer *sink_writer_new(stoq_endpoint_ctx *ep, uint64_t ring_bytes) {
   stoq_sink_writer *w = calloc(1, sizeof(*w));
   if (!w) return NULL;
   w->ep = ep;
+  /* Staged bytes keep their credit too: a quarter of the initial stream and connection
+   * windows at most, so a peer always has credit left to fill (and queue) what is staged. */
+  uint64_t fill = SINK_BUF, stream_window = ep->s.initial_max_stream_data, conn_window = ep->s.initial_max_data;
+  if (stream_window && stream_window / 4 < fill) fill = stream_window / 4;
+  if (fill < 4096) fill = 4096;
+  w->fill = (size_t)fill;
+  w->conn_fill = conn_window ? conn_window / 4 : UINT64_MAX;
   w->max_bufs = (unsigned)(ring_bytes / SINK_BUF);
   uint64_t cap = 1;
   while (cap < w->max_bufs) cap <<= 1;
@@ -209,9 +234,22 @@ void stoq_endpoint_ctx_sink_stats(const stoq_endpoint_ctx *ep, stoq_sink_stats *
 
 /* ---- the producer: the loop thread ------------------------------------------------ */
 
+/* Wakes the writer for what was queued since the last time (if it sleeps). */
+static void kick(stoq_sink_writer *w) {
+  uint64_t h = atomic_load_explicit(&w->head, memory_order_relaxed);
+  if (h == w->kicked) return;
+  w->kicked = h;
+  if (atomic_load(&w->writer_idle)) {
+    pthread_mutex_lock(&w->mu);
+    pthread_cond_signal(&w->work);
+    pthread_mutex_unlock(&w->mu);
+  }
+}
+
 /* Waits until the writer has finished job `seq` (exclusive: tail > seq). */
 static void wait_done(stoq_sink_writer *w, uint64_t seq) {
   if (atomic_load(&w->tail) > seq) return;
+  kick(w);
   pthread_mutex_lock(&w->mu);
   atomic_store(&w->producer_waiting, 1);
   while (atomic_load(&w->tail) <= seq) pthread_cond_wait(&w->done, &w->mu);
@@ -252,7 +290,11 @@ static int sink_reap(stoq_sink_writer *w) {
   return n;
 }
 
-int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep) { return ep->sink ? sink_reap(ep->sink) : 0; }
+int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep) {
+  if (!ep->sink) return 0;
+  kick(ep->sink); /* once per turn of the loop: what this turn queued */
+  return sink_reap(ep->sink);
+}
 
 static void writer_ensure_started(stoq_sink_writer *w) {
   if (w->started || w->start_failed) return;
@@ -296,17 +338,14 @@ static void stream_queue(stoq_stream *s) {
       .hash = s->hash,
       .hashing = s->hashing,
   };
+  s->conn->sink_staged -= s->wlen;
   s->wbuf = NULL;
   s->wlen = 0;
   s->pending++;
   s->last_seq = h;
   w->stats.jobs++;
   atomic_store(&w->head, h + 1);
-  if (atomic_load(&w->writer_idle)) {
-    pthread_mutex_lock(&w->mu);
-    pthread_cond_signal(&w->work);
-    pthread_mutex_unlock(&w->mu);
-  }
+  if (h + 1 - w->kicked >= SINK_BATCH) kick(w);
 }
 
 /* No buffer to be had: written here, on the loop, as before the writer existed. Only when
@@ -348,17 +387,18 @@ size_t sink_take(stoq_stream *s, const uint8_t *data, size_t len) {
         return queued;
       }
     }
-    size_t n = SINK_BUF - s->wlen;
+    size_t n = w->fill - s->wlen;
     if (n > len) n = len;
     memcpy(s->wbuf + s->wlen, data, n);
     s->wlen += n;
+    s->conn->sink_staged += n;
     s->received += n;
     queued += n;
     w->stats.bytes_queued += n;
     if (w->stats.bytes_queued > w->stats.peak_bytes_queued) w->stats.peak_bytes_queued = w->stats.bytes_queued;
     data += n;
     len -= n;
-    if (s->wlen == SINK_BUF) {
+    if (s->wlen >= w->fill || s->conn->sink_staged >= w->conn_fill) {
       writer_ensure_started(w);
       stream_queue(s);
     }
@@ -373,6 +413,7 @@ void sink_flush(stoq_stream *s) {
   if (s->wlen) {
     writer_ensure_started(w);
     stream_queue(s);
+    kick(w);
   } else {
     w->free_bufs[w->nfree++] = s->wbuf;
     s->wbuf = NULL;
