@@ -77,6 +77,18 @@ final class PipeReader: @unchecked Sendable {
     let identity: TestIdentity
     init() throws { identity = try TestIdentity() }
 
+    /// A pair running `server` and `client`, connected.
+    func connected(
+        _ server: QUICApplication, _ client: QUICApplication, serverSettings: QUICSettings = QUICSettings()
+    ) throws -> (EndpointPair, QUICConnection) {
+        let pair = try EndpointPair(identity: identity, serverSettings: serverSettings)
+        pair.server.application = server
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        return (pair, conn)
+    }
+
     func tempFile(_ flags: Int32 = O_RDWR) -> (Int32, String) {
         let path = NSTemporaryDirectory() + "stoq-sink-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = open(path, flags | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -91,15 +103,11 @@ final class PipeReader: @unchecked Sendable {
 
     @Test func downloadToFileIsByteIdentical() throws {
         for size in [1, 300_000, 5 << 20 + 17] {
-            let pair = try EndpointPair(identity: identity)
             let object = randomBytes(size, seed: UInt64(size) &+ 3)
             let (fd, path) = tempFile()
             defer { close(fd); unlink(path) }
             let client = FileSinkClient(fd: fd)
-            pair.server.application = MemoryServer(object: object)
-            pair.client.application = client
-            let conn = try pair.connect()
-            #expect(pair.run { conn.isEstablished })
+            let (pair, conn) = try connected(MemoryServer(object: object), client)
             _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
             #expect(pair.run(for: 600_000_000_000) { client.closedCode != nil })
             #expect(client.status == 200 && client.sinkErrno == 0)
@@ -113,15 +121,11 @@ final class PipeReader: @unchecked Sendable {
     }
 
     @Test func uploadToFileIsByteIdenticalBeforeRequestEnds() throws {
-        let pair = try EndpointPair(identity: identity)
         let (fd, path) = tempFile()
         defer { close(fd); unlink(path) }
         let server = FileSinkServer(fd: fd)
         let client = RecordingClient()
-        pair.server.application = server
-        pair.client.application = client
-        let conn = try pair.connect()
-        #expect(pair.run { conn.isEstablished })
+        let (pair, conn) = try connected(server, client)
         let body = randomBytes(3 << 20 + 5, seed: 41)
         _ = try conn.request(method: "PUT", authority: "x", path: "/objects/up", body: BodyRegion(copying: body))
         var wholeAtEnd = false
@@ -139,16 +143,12 @@ final class PipeReader: @unchecked Sendable {
         var settings = QUICSettings()
         settings.initialMaxStreamData = 1 << 20
         settings.maxStreamWindow = 4 << 20
-        let pair = try EndpointPair(identity: identity, serverSettings: settings)
         var p: [Int32] = [0, 0]
         #expect(pipe(&p) == 0)
         defer { close(p[0]) }
         let server = FileSinkServer(fd: p[1])
         let client = RecordingClient()
-        pair.server.application = server
-        pair.client.application = client
-        let conn = try pair.connect()
-        #expect(pair.run { conn.isEstablished })
+        let (pair, conn) = try connected(server, client, serverSettings: settings)
         let body = randomBytes(24 << 20, seed: 5)
         _ = try conn.request(method: "PUT", authority: "x", path: "/objects/up", body: BodyRegion(copying: body))
         // Until nothing more arrives for a simulated second: the writer is stuck after the
@@ -187,13 +187,9 @@ final class PipeReader: @unchecked Sendable {
         let (ro, path) = tempFile(O_RDONLY)
         defer { close(full); close(ro); unlink(path) }
         for (fd, errno) in [(full, ENOSPC), (ro, EBADF)] {
-            let pair = try EndpointPair(identity: identity)
             let server = FileSinkServer(fd: fd)
             let client = RecordingClient()
-            pair.server.application = server
-            pair.client.application = client
-            let conn = try pair.connect()
-            #expect(pair.run { conn.isEstablished })
+            let (pair, conn) = try connected(server, client)
             let body = randomBytes(2 << 20, seed: 9)
             _ = try conn.request(method: "PUT", authority: "x", path: "/objects/up", body: BodyRegion(copying: body))
             #expect(pair.run { client.closedCode != nil })
@@ -206,12 +202,8 @@ final class PipeReader: @unchecked Sendable {
     @Test func writeErrorsReachTheDownloader() throws {
         let full = open("/dev/full", O_WRONLY | O_CLOEXEC)
         defer { close(full) }
-        let pair = try EndpointPair(identity: identity)
         let client = FileSinkClient(fd: full)
-        pair.server.application = MemoryServer(object: randomBytes(1 << 20, seed: 2))
-        pair.client.application = client
-        let conn = try pair.connect()
-        #expect(pair.run { conn.isEstablished })
+        let (pair, conn) = try connected(MemoryServer(object: randomBytes(1 << 20, seed: 2)), client)
         _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
         #expect(pair.run { client.closedCode != nil })
         #expect(client.sinkErrno == ENOSPC)
