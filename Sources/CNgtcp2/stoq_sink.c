@@ -375,6 +375,16 @@ static void write_inline(stoq_stream *s, const uint8_t *data, size_t len) {
  * them were queued: their credit comes back when they are written; the rest is done with. */
 size_t sink_take(stoq_stream *s, const uint8_t *data, size_t len) {
   stoq_sink_writer *w = s->conn->ep->sink;
+  if (s->sink_errno && s->wbuf) {
+    /* A write failed: what is staged goes nowhere (its offset would be past the bytes skipped
+     * since), and its credit goes back now. */
+    consume(s->conn, s->id, s->wlen);
+    s->conn->sink_staged -= s->wlen;
+    w->stats.bytes_queued -= s->wlen;
+    w->free_bufs[w->nfree++] = s->wbuf;
+    s->wbuf = NULL;
+    s->wlen = 0;
+  }
   /* Discarding (fd -1, no hash), or after a failed write: nothing to wait for. */
   if (!s->queued_sink || s->sink_errno || !w) {
     if (s->hashing && !s->queued_sink) gnutls_hash(s->hash, data, len);
