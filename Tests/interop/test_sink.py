@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import Node, random_file, sha256_file, stoq
+from conftest import Node, random_file, settled, sha256_file, stoq, summed_counters
 
 
 def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
@@ -84,3 +84,21 @@ def test_put_into_a_full_store_is_a_500_naming_the_errno(tmp_path):
             assert n.stop() == 0
     finally:
         unmount(work / "objects")
+
+
+def test_the_writer_counts_what_it_wrote(tmp_path):
+    """stoq_sink_* on /metrics: an upload's bytes are written by the worker's writer thread and
+    none is left queued once it is stored."""
+    n = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"')
+    try:
+        names = ["stoq_sink_bytes_written_total", "stoq_sink_bytes_queued"]
+        before = settled(lambda: summed_counters(n, names))
+        body = tmp_path / "counted.bin"
+        random_file(body, 5 << 20, seed=21)
+        r = stoq("put", body, n.url("counted.bin"), "--ca", n.cert)
+        assert r.returncode == 0, r.stderr
+        after = settled(lambda: summed_counters(n, names))
+        assert after["stoq_sink_bytes_written_total"] - before["stoq_sink_bytes_written_total"] == 5 << 20
+        assert after["stoq_sink_bytes_queued"] == 0
+    finally:
+        assert n.stop() == 0
