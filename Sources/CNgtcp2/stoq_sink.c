@@ -495,8 +495,11 @@ void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limi
   if (hash && !s->hashing) {
     if (gnutls_hash_init(&s->hash, GNUTLS_DIG_SHA256) == 0) s->hashing = 1;
   }
-  /* Through the writer when there is a file to write; hashing alone stays inline. */
-  s->queued_sink = fd >= 0 && s->conn->ep->sink != NULL;
+  /* Through the writer when there is a file to write (hashing alone stays inline); its thread
+   * starts now, so that a failure to start writes inline rather than queueing for no one. */
+  stoq_sink_writer *w = s->conn->ep->sink;
+  if (fd >= 0 && w) writer_ensure_started(w);
+  s->queued_sink = fd >= 0 && w && w->started;
 }
 
 int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]) {
