@@ -50,8 +50,18 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->ev = *ev;
   ep->refs = 1;
   ep->qlog_dirfd = -1;
+  /* The writer's ring holds one stream window (fill_settings keeps windows within it):
+   * ngtcp2's own default window when none is set, 4 MB … 256 MB. */
+  uint64_t ring = s->max_stream_window ? s->max_stream_window : 6ull << 20;
+  if (ring < s->initial_max_stream_data) ring = s->initial_max_stream_data;
+  if (ring < (4ull << 20)) ring = 4ull << 20;
+  if (ring > (256ull << 20)) ring = 256ull << 20;
+  ring = (ring + (256u << 10) - 1) & ~(uint64_t)((256u << 10) - 1);
+  ep->sink_ring_bytes = ring;
+  ep->sink = sink_writer_new(ep, ring);
   /* The ticket key is made when the first server endpoint starts, not mid-handshake. */
   if (is_server && s->ticket_lifetime && ticket_key_ready() != 0) {
+    sink_writer_free(ep->sink);
     free(ep);
     return NULL;
   }
@@ -60,6 +70,7 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
 
 static void endpoint_release(stoq_endpoint_ctx *ep) {
   if (--ep->refs) return;
+  sink_writer_free(ep->sink);
   if (ep->qlog_dirfd >= 0) close(ep->qlog_dirfd);
   free(ep);
 }
@@ -269,6 +280,8 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
   st->cc_algo = (ngtcp2_cc_algo)s->cc_algo;
   if (s->max_window) st->max_window = s->max_window;
   if (s->max_stream_window) st->max_stream_window = s->max_stream_window;
+  /* A stream's unwritten body never exceeds its window: keep that within the writer's ring. */
+  if (ep->sink && st->max_stream_window > ep->sink_ring_bytes) st->max_stream_window = ep->sink_ring_bytes;
   if (s->handshake_timeout) st->handshake_timeout = s->handshake_timeout;
   if (s->ack_thresh) st->ack_thresh = s->ack_thresh;
   if (s->max_udp_payload_size) {
@@ -278,9 +291,11 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
   if (s->log) st->log_printf = cb_log;
 
   ngtcp2_transport_params_default(p);
-  p->initial_max_stream_data_bidi_local = s->initial_max_stream_data;
-  p->initial_max_stream_data_bidi_remote = s->initial_max_stream_data;
-  p->initial_max_stream_data_uni = s->initial_max_stream_data;
+  uint64_t stream_data = s->initial_max_stream_data;
+  if (ep->sink && stream_data > ep->sink_ring_bytes) stream_data = ep->sink_ring_bytes;
+  p->initial_max_stream_data_bidi_local = stream_data;
+  p->initial_max_stream_data_bidi_remote = stream_data;
+  p->initial_max_stream_data_uni = stream_data;
   p->initial_max_data = s->initial_max_data;
   p->initial_max_streams_bidi = ep->is_server ? s->max_streams_bidi : 0;
   p->initial_max_streams_uni = 8;
@@ -446,6 +461,7 @@ void stoq_conn_free(stoq_conn *c) {
   if (!c) return;
   while (c->streams) {
     stoq_stream *s = c->streams;
+    sink_drain(s, 1);
     if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_CANCELLED);
     stream_free(c, s);
   }

@@ -36,8 +36,7 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
 }
 
 void stream_free(stoq_conn *c, stoq_stream *s) {
-  sink_flush(s);
-  free(s->wbuf);
+  sink_drain(s, 1);
   free(s->head);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
@@ -96,6 +95,7 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (s) {
+    sink_drain(s, 1); /* the application may close the sink's fd once it hears of the close */
     if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, app_error_code);
     stream_free(c, s);
   }
@@ -107,15 +107,20 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  consume(c, stream_id, len);
-  if (!s || s->sink_errno == EFBIG) return 0; /* refused already: the rest is dropped */
+  if (!s || s->sink_errno == EFBIG) { /* no stream, or refused already: the rest is dropped */
+    consume(c, stream_id, len);
+    return 0;
+  }
   if (s->received + len > s->sink_limit) {
+    consume(c, stream_id, len);
     s->sink_errno = EFBIG;
     if (c->is_server && !s->responded && c->ep->ev.on_request_end) {
       /* More body than allowed (413, or a quota's 507): the answer does not need the rest, so
        * stop the peer sending it with H3_NO_ERROR and answer now (RFC 9114 §4.1), on the
-       * stream's sending half. The connection stays. */
+       * stream's sending half. The connection stays. The writes already queued land first:
+       * the application closes the sink's file once it hears of the end. */
       ngtcp2_conn_shutdown_stream_read(c->q, stream_id, STOQ_H3_NO_ERROR);
+      sink_drain(s, 0);
       c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
       return 0;
     }
@@ -123,7 +128,10 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
     ngtcp2_conn_shutdown_stream(c->q, stream_id, STOQ_H3_EXCESSIVE_LOAD);
     return 0;
   }
-  sink_take(s, data, len);
+  /* Bytes queued for the writer keep their credit until written: flow control is what slows
+   * a peer that sends faster than the disk takes it (stoq_sink.c). */
+  size_t queued = sink_take(s, data, len);
+  if (queued < len) consume(c, stream_id, len - queued);
   c->body_rx += len;
   return 0;
 }
@@ -217,10 +225,9 @@ static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *su
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (!s) return 0;
+  (void)c;
   s->body_complete = 1;
-  sink_flush(s);
-  stream_finish_digest(s);
-  if (c->is_server && c->ep->ev.on_request_end) c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
+  sink_end(s); /* the digest, and a server's on_request_end, once the body is written */
   return 0;
 }
 

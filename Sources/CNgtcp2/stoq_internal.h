@@ -28,6 +28,8 @@ struct stoq_tls_ctx {
   void *peer_check_ctx;
 };
 
+typedef struct stoq_sink_writer stoq_sink_writer;
+
 struct stoq_endpoint_ctx {
   int is_server;
   stoq_tls_ctx *tls;
@@ -40,6 +42,9 @@ struct stoq_endpoint_ctx {
   /* qlog: the directory (O_PATH, -1: off) and the sampling threshold out of 2^32 */
   int qlog_dirfd;
   uint64_t qlog_threshold;
+  /* received bodies go to files through this writer thread (stoq_sink.c); NULL: written inline */
+  stoq_sink_writer *sink;
+  uint64_t sink_ring_bytes; /* what its ring holds: no stream window is larger */
   unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
   stoq_qlog_stats qlog_stats;
 };
@@ -75,9 +80,15 @@ struct stoq_stream {
   int sink_fd;
   uint64_t sink_off, sink_limit, received;
   int sink_errno;
-  /* received body is staged here and written in large pwrites, not one per packet */
+  /* received body is staged in a writer buffer (wlen bytes so far), queued to the endpoint's
+     writer when full; `pending` jobs are queued and not yet reaped, the last as `last_seq` */
   uint8_t *wbuf;
   size_t wlen;
+  unsigned pending;
+  uint64_t last_seq;
+  int queued_sink;  /* bytes go through the writer (a file to write) */
+  int seq_write;    /* the sink is a pipe or socket: write(), not pwrite() */
+  int end_waiting;  /* the body ended; its end is announced once nothing is pending */
   int hashing;
   int digest_done;
   gnutls_hash_hd_t hash;
@@ -101,6 +112,7 @@ struct stoq_conn {
   stoq_stream *streams;
   uint64_t streams_open;
   uint64_t body_rx, body_tx;
+  uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */
   int is_server;
   int established;
   int paced; /* an RTT sample exists: packets count toward pacing (see stoq_conn_write) */
@@ -143,9 +155,15 @@ STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
 /* Opens HTTP/3 once the application keys are there. */
 STOQ_HIDDEN int setup_h3(stoq_conn *c);
 
-/* Body sinks (stoq_sink.c). */
-STOQ_HIDDEN void sink_take(stoq_stream *s, const uint8_t *data, size_t len);
+/* Body sinks (stoq_sink.c): the endpoint's writer; taking body bytes (returns how many were
+   queued: their credit comes back when written); the end of a body (announced once written);
+   waiting for a stream's writes before it closes (`closing`) or changes sink. */
+STOQ_HIDDEN stoq_sink_writer *sink_writer_new(stoq_endpoint_ctx *ep, uint64_t ring_bytes);
+STOQ_HIDDEN void sink_writer_free(stoq_sink_writer *w);
+STOQ_HIDDEN size_t sink_take(stoq_stream *s, const uint8_t *data, size_t len);
 STOQ_HIDDEN void sink_flush(stoq_stream *s);
+STOQ_HIDDEN void sink_end(stoq_stream *s);
+STOQ_HIDDEN void sink_drain(stoq_stream *s, int closing);
 STOQ_HIDDEN void stream_finish_digest(stoq_stream *s);
 
 /* qlog (stoq_qlog.c): samples the connection and, if chosen, opens its file and points

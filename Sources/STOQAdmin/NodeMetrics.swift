@@ -156,6 +156,18 @@ package struct NodeMetrics {
         perWorker("stoq_qlog_bytes_total", "Bytes written to qlog files.") { $0.endpoint.qlogBytes }
         perWorker("stoq_qlog_errors_total", "qlog files that could not be opened or written (a full disk).") { $0.endpoint.qlogErrors }
         perWorker("stoq_qlog_skipped_total", "Connections sampled but not logged: 1024 logged ones were open on the worker.") { $0.endpoint.qlogSkipped }
+        perWorker("stoq_sink_bytes_written_total", "Received body bytes the worker's writer thread wrote to files.") {
+            $0.endpoint.sinkBytesWritten
+        }
+        perWorker("stoq_sink_bytes_queued", "Received body bytes not yet written (their flow control credit is held).", type: "gauge") {
+            $0.endpoint.sinkBytesQueued
+        }
+        perWorker("stoq_sink_peak_bytes_queued", "The most received body the worker ever held unwritten (at most one stream window).", type: "gauge") {
+            $0.endpoint.sinkPeakBytesQueued
+        }
+        perWorker("stoq_sink_waits_total", "Times the worker waited for its writer: uploads together filled its ring, or a closing stream's last writes.") {
+            $0.endpoint.sinkWaits + $0.endpoint.sinkDrainWaits
+        }
         perWorker("stoq_datapath_rx_datagrams_total", "Datagrams the datapath received.") { $0.datapath.rxDatagrams }
         perWorker("stoq_datapath_tx_datagrams_total", "Datagrams the datapath sent.") { $0.datapath.txDatagrams }
         perWorker("stoq_datapath_rx_bytes_total", "UDP payload bytes received.") { $0.datapath.rxBytes }

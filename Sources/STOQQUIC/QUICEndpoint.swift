@@ -42,6 +42,19 @@ public struct EndpointCounters: Sendable {
     public var qlogErrors: UInt64 = 0
     /// Connections the sample picked while `setQLog`'s `maxOpen` logged ones were open (not logged).
     public var qlogSkipped: UInt64 = 0
+    /// Received body bytes the body writer wrote to files (off the loop), and the most it
+    /// ever held unwritten: never more than `sinkRingBytes`, one stream window.
+    public var sinkBytesWritten: UInt64 = 0
+    public var sinkPeakBytesQueued: UInt64 = 0
+    public var sinkRingBytes: UInt64 = 0
+    /// Received body bytes staged or queued and not yet written, now.
+    public var sinkBytesQueued: UInt64 = 0
+    /// Buffers queued to the writer whose results the loop has not taken yet.
+    public var sinkJobsPending: UInt64 = 0
+    /// Times the loop waited for the writer: for a free buffer (several streams together
+    /// filled the ring) or for a closing stream's last writes.
+    public var sinkWaits: UInt64 = 0
+    public var sinkDrainWaits: UInt64 = 0
     public init() {}
 }
 
@@ -73,6 +86,11 @@ public final class QUICEndpoint {
         var q = stoq_qlog_stats()
         stoq_endpoint_ctx_qlog_stats(ctx, &q)
         (c.qlogConnections, c.qlogBytes, c.qlogErrors, c.qlogSkipped) = (q.connections, q.bytes, q.errors, q.skipped)
+        var w = stoq_sink_stats()
+        stoq_endpoint_ctx_sink_stats(ctx, &w)
+        (c.sinkBytesWritten, c.sinkPeakBytesQueued, c.sinkRingBytes) = (w.bytes_written, w.peak_bytes_queued, w.ring_bytes)
+        (c.sinkBytesQueued, c.sinkWaits, c.sinkDrainWaits) = (w.bytes_queued, w.waits, w.drain_waits)
+        c.sinkJobsPending = w.jobs_pending
         return c
     }
     private var tally = EndpointCounters()
@@ -114,8 +132,19 @@ public final class QUICEndpoint {
         ev.on_cid = onCID
         ev.on_handshake = onHandshake
         ev.on_body_wanted = onBodyWanted
+        ev.on_sink_progress = onSinkProgress
         ctx = stoq_endpoint_ctx_new(isServer ? 1 : 0, credentials.raw, &raw, &ev)
     }
+
+    /// The eventfd the body writer signals after each buffer it writes (received bodies go to
+    /// their files on a writer thread, off this endpoint's loop). The loop must wait on it
+    /// beside its datagrams (`DatapathQueue.setWakeup`), or on the one given to
+    /// `setSinkWakeup`, so that flow control credit goes back to a peer that is waiting for it.
+    public var sinkWakeFileDescriptor: Int32 { stoq_endpoint_ctx_sink_wake_fd(ctx) }
+
+    /// Makes the body writer signal `fd` (an eventfd the loop already waits on) instead of its
+    /// own; -1 goes back to its own.
+    public func setSinkWakeup(fileDescriptor fd: Int32) { stoq_endpoint_ctx_set_sink_wake_fd(ctx, fd) }
 
     deinit {
         // Silence the C endpoint first: connections freed below (or later, by an application
@@ -394,8 +423,10 @@ public final class QUICEndpoint {
         return nil
     }
 
-    /// Runs every timer due at `now`.
+    /// Runs every timer due at `now`, and takes the body writer's finished work first (credit
+    /// back to peers, request ends whose bodies are now written).
     public func handleTimeouts(now: Timestamp) {
+        stoq_endpoint_ctx_sink_poll(ctx)
         while let top = timers.min, top.deadline <= now {
             _ = timers.removeMin()
             let conn = top.connection
@@ -639,6 +670,11 @@ private let onBodyWanted: @convention(c) (UnsafeMutableRawPointer?, OpaquePointe
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c), let s else { return }
     ep.application?.bodyWanted(stream: HTTPStream(raw: s), connection: conn)
+}
+
+private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
+    guard let conn = connection(c) else { return }
+    QUICEndpoint.from(ctx).markDirty(conn)
 }
 
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in

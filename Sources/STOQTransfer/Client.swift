@@ -167,6 +167,8 @@ final class TransferApp: QUICApplication {
     /// Where an answer that is not 2xx lands (its text is the server's reason).
     var errorFD: Int32 = -1
     var errorText: String?
+    /// errno of a failed write of the body to `sinkFD` (0: every byte landed).
+    var sinkErrno: Int32 = 0
     init(sinkFD: Int32, hash: Bool) { self.sinkFD = sinkFD; self.hash = hash }
     deinit { if errorFD >= 0 { close(errorFD) } }
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
@@ -179,6 +181,7 @@ final class TransferApp: QUICApplication {
         closed = errorCode
         received = stream.bytesReceived
         sha = stream.bodySHA256()
+        sinkErrno = stream.sinkErrno
         if errorFD >= 0 {
             var bytes = [UInt8](repeating: 0, count: Int(min(stream.bytesReceived, 2000)))
             let n = bytes.withUnsafeMutableBytes { pread(errorFD, $0.baseAddress, $0.count, 0) }
@@ -386,6 +389,9 @@ public enum STOQClient {
         }
         if closed != H3Error.noError {
             throw ClientError(.transfer, "transfer aborted (HTTP/3 error 0x\(String(closed, radix: 16))) after \(app.received) bytes")
+        }
+        if app.sinkErrno != 0 && status / 100 == 2 {
+            throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
         }
         progress?(app.received, app.contentLength.map { UInt64($0) })
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""

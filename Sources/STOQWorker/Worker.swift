@@ -50,6 +50,8 @@ public final class Worker {
         self.queue = queue
         self.endpoint = endpoint
         self.maxPayload = max(endpoint.settings.maxUDPPayloadSize, 1200)
+        // The body writer wakes the loop when written bytes give credit back to a peer.
+        queue.setWakeup(fileDescriptor: endpoint.sinkWakeFileDescriptor)
     }
 
     /// Makes this worker worker `index` of `mesh`: datagrams for connections of other
@@ -58,7 +60,9 @@ public final class Worker {
         self.mesh = mesh
         self.index = index
         toWake = [Bool](repeating: false, count: mesh.count)
+        // One eventfd per loop: the mesh's, which the body writer then signals too.
         queue.setWakeup(fileDescriptor: mesh.wakeFileDescriptor(of: index))
+        endpoint.setSinkWakeup(fileDescriptor: mesh.wakeFileDescriptor(of: index))
     }
 
     /// Pins the calling thread to `cpu` (best effort; returns whether it worked).
@@ -165,7 +169,7 @@ public final class Worker {
                 logger?.warning("worker: \(e); moved to \(next.backendName) on \(next.localEndpoint), connections kept")
                 queue.close()
                 queue = next
-                if let mesh { queue.setWakeup(fileDescriptor: mesh.wakeFileDescriptor(of: index)) }
+                queue.setWakeup(fileDescriptor: mesh?.wakeFileDescriptor(of: index) ?? endpoint.sinkWakeFileDescriptor)
             } catch { logger?.error("worker: \(error)") }
         }
         endpoint.closeAll(now: monotonicNow())

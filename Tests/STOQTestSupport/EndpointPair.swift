@@ -124,10 +124,22 @@ public final class EndpointPair {
             progressed = true
         }
         if progressed { return true }
+        // Body writers are threads and finish in real time: while one has buffers queued, give
+        // it a moment and take what it finished (credit the peer may be waiting for), and let
+        // the clock crawl (1 ms a step) instead of jumping to the next timer, which could be
+        // the idle timeout of a connection that only waits for its writer.
+        var writing = false
+        if client.counters.sinkJobsPending > 0 || server.counters.sinkJobsPending > 0 {
+            usleep(100)
+            client.handleTimeouts(now: now)
+            server.handleTimeouts(now: now)
+            writing = true
+        }
         let next = [client.nextTimeout(), server.nextTimeout(), toServer.nextArrival, toClient.nextArrival]
             .compactMap { $0 }.min()
-        guard let next else { return false }
-        if next > now { now = next }
+        guard let next else { return writing }
+        let target = writing ? min(next, now + 1_000_000) : next
+        if target > now { now = target }
         client.handleTimeouts(now: now)
         server.handleTimeouts(now: now)
         return true

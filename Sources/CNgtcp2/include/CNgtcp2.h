@@ -8,7 +8,8 @@
  * starts a thread: callers pass datagrams and `now` (nanoseconds, monotonic) in,
  * and get packets written into buffers they own. Bodies are zero-copy: a response
  * body is a caller-owned memory region (an mmap of the object), and received bodies
- * go straight to a file descriptor, so the per-packet path allocates nothing.
+ * go to a file descriptor through a writer thread (stoq_sink.c), so the per-packet path
+ * allocates nothing and never waits for a disk.
  *
  * What a head means is not decided here: the shim keeps a head's fields in a bounded
  * per-stream buffer and hands them to Swift once, at the end of the head (stoq_head), where
@@ -123,6 +124,9 @@ typedef struct stoq_events {
   /** Server: a streamed response (stoq_stream_respond_streamed) has sent everything it was
    *  given and has room for more: append the next piece with stoq_stream_body_append. */
   void (*on_body_wanted)(void *ctx, stoq_conn *c, stoq_stream *s);
+  /** Both: received body the connection's streams had queued for writing landed, and its flow
+   *  control credit went back to the peer: write the connection (MAX_STREAM_DATA is owed). */
+  void (*on_sink_progress)(void *ctx, stoq_conn *c);
 } stoq_events;
 
 /** Transport settings shared by an endpoint's connections. */
@@ -161,6 +165,35 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
 /** Swaps the credentials new handshakes use (rotation); existing connections keep theirs. */
 void stoq_endpoint_ctx_set_tls(stoq_endpoint_ctx *ep, stoq_tls_ctx *tls);
 void stoq_endpoint_ctx_free(stoq_endpoint_ctx *ep);
+
+/* ---- Body writer (stoq_sink.c) ------------------------------------------------- */
+
+/** What an endpoint's body writer did: received bodies that go to a file are queued in 256 KB
+ *  buffers to one writer thread per endpoint, off the loop. */
+typedef struct stoq_sink_stats {
+  uint64_t jobs;              /* buffers queued to the writer */
+  uint64_t bytes_written;     /* bytes the writer wrote (failed writes not counted) */
+  uint64_t bytes_queued;      /* received, not yet written (staged or queued) */
+  uint64_t jobs_pending;      /* buffers queued whose results the loop has not taken yet */
+  uint64_t peak_bytes_queued; /* the most that ever was: at most ring_bytes */
+  uint64_t waits;             /* the loop waited for a free buffer (several streams filled the ring) */
+  uint64_t drain_waits;       /* a closing stream waited for its queued writes */
+  uint64_t inline_writes;     /* bytes written on the loop (no buffer could be had) */
+  uint64_t buffers;           /* buffers allocated so far (reused; at most ring_bytes / 256 KB) */
+  uint64_t ring_bytes;        /* the most received body held: one stream window */
+} stoq_sink_stats;
+void stoq_endpoint_ctx_sink_stats(const stoq_endpoint_ctx *ep, stoq_sink_stats *out);
+
+/** Takes the writer's finished work: errors to their streams, flow control credit back to the
+ *  peers (on_sink_progress), request ends that waited for their writes (on_request_end). Call
+ *  on the endpoint's thread every turn of its loop. Returns the buffers taken back. */
+int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
+/** The eventfd the writer signals after each buffer it writes (the endpoint's own, unless set
+ *  with stoq_endpoint_ctx_set_sink_wake_fd): the loop waits on it with its datagrams, so that
+ *  credit goes back while the peer is stopped by flow control. -1 if there is no writer. */
+int stoq_endpoint_ctx_sink_wake_fd(const stoq_endpoint_ctx *ep);
+/** Signals `fd` instead (an eventfd the loop already waits on); -1: the endpoint's own again. */
+void stoq_endpoint_ctx_set_sink_wake_fd(stoq_endpoint_ctx *ep, int fd);
 
 /* ---- qlog (stoq_qlog.c) ------------------------------------------------------ */
 
@@ -338,8 +371,11 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
                                       int has_body, void (*release)(void *), void *arg, void *app, char *err,
                                       size_t errlen);
 
-/** Routes the peer's body for this stream to `fd` (pwrite from `offset`; -1 discards). At most
- *  `limit` bytes are accepted; more resets the stream. With `hash` the body's SHA-256 is kept. */
+/** Routes the peer's body for this stream to `fd` (pwrite from `offset`; write() for a pipe or
+ *  socket; -1 discards). At most `limit` bytes are accepted; more resets the stream. With
+ *  `hash` the body's SHA-256 is kept. Writes happen on the endpoint's writer thread: `fd`
+ *  must stay open until the stream closes (on_stream_close comes after the last write), and
+ *  a server hears on_request_end only once the whole body is written. */
 void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash);
 /** Body bytes received so far, and whether writing them to the sink failed (errno, 0 if fine). */
 uint64_t stoq_stream_received(const stoq_stream *s);

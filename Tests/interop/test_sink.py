@@ -1,0 +1,105 @@
+"""Received bodies reach their files through the body writer (a thread off the QUIC loop):
+byte-identical into a pipe, and a file system that is full fails the transfer by name, on
+either side (stoq get -o; a node storing a PUT: 507)."""
+import hashlib
+import os
+import subprocess
+import threading
+
+import pytest
+
+from conftest import Node, random_file, settled, sha256_file, stoq, summed_counters
+
+
+def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
+    """A FIFO is written with write(), in order (pwrite on a pipe is ESPIPE)."""
+    name = max(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    fifo = tmp_path / "body.fifo"
+    os.mkfifo(fifo)
+    digest = hashlib.sha256()
+    count = [0]
+
+    def drain():
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 16):
+                digest.update(chunk)
+                count[0] += len(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    r = stoq("get", node.url(name), "-o", fifo, "--ca", node.cert)
+    reader.join(timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert digest.hexdigest() == node.digests[name] and count[0] > 0
+
+
+def mount_small_tmpfs(where):
+    """A 2 MiB tmpfs at `where` (the tests run in their own mount namespace, as root)."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+
+def unmount(where):
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_get_into_a_full_file_system_fails_by_name(node, tmp_path):
+    name = max(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    assert os.path.getsize(node.storage / name) > 2 << 20
+    small = tmp_path / "small"
+    mount_small_tmpfs(small)
+    try:
+        out = small / "out.bin"
+        r = stoq("get", node.url(name), "-o", out, "--ca", node.cert)
+        assert r.returncode != 0
+        assert "No space left on device" in r.stderr, r.stderr
+        assert not out.exists() and not (small / "out.bin.part").exists()
+    finally:
+        unmount(small)
+
+
+def test_put_into_a_full_store_is_a_507_naming_how_far_it_got(tmp_path):
+    work = tmp_path / "node"
+    mount_small_tmpfs(work / "objects")  # the node's storage.path: uploads land there first
+    try:
+        n = Node(work, workers=1)
+        try:
+            body = tmp_path / "body.bin"
+            random_file(body, 6 << 20, seed=14)
+            r = stoq("put", body, n.url("big.bin"), "--ca", n.cert)
+            assert r.returncode != 0
+            # The writer's ENOSPC reaches the answer (the full-disk rules: test_full_disk.py).
+            assert "HTTP 507: no space left on device while storing big.bin (" in r.stderr, r.stderr
+            assert not (n.storage / "big.bin").exists()
+            # A body that fits is stored whole: the failure was the disk's, not the path's.
+            small = tmp_path / "small.bin"
+            random_file(small, 300_000, seed=15)
+            r = stoq("put", small, n.url("small.bin"), "--ca", n.cert)
+            assert r.returncode == 0, r.stderr
+            r = stoq("get", n.url("small.bin"), "-o", tmp_path / "back.bin", "--ca", n.cert)
+            assert r.returncode == 0, r.stderr
+            assert sha256_file(tmp_path / "back.bin") == sha256_file(small)
+        finally:
+            assert n.stop() == 0
+    finally:
+        unmount(work / "objects")
+
+
+def test_the_writer_counts_what_it_wrote(tmp_path):
+    """stoq_sink_* on /metrics: an upload's bytes are written by the worker's writer thread and
+    none is left queued once it is stored."""
+    n = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"')
+    try:
+        names = ["stoq_sink_bytes_written_total", "stoq_sink_bytes_queued"]
+        before = settled(lambda: summed_counters(n, names))
+        body = tmp_path / "counted.bin"
+        random_file(body, 5 << 20, seed=21)
+        r = stoq("put", body, n.url("counted.bin"), "--ca", n.cert)
+        assert r.returncode == 0, r.stderr
+        after = settled(lambda: summed_counters(n, names))
+        assert after["stoq_sink_bytes_written_total"] - before["stoq_sink_bytes_written_total"] == 5 << 20
+        assert after["stoq_sink_bytes_queued"] == 0
+    finally:
+        assert n.stop() == 0
