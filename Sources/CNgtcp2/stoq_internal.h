@@ -44,7 +44,7 @@ struct stoq_endpoint_ctx {
   uint64_t qlog_threshold;
   /* received bodies go to files through this writer thread (stoq_sink.c); NULL: written inline */
   stoq_sink_writer *sink;
-  uint64_t sink_ring_bytes; /* what its ring holds: no stream window is larger */
+  uint64_t sink_ring_bytes;          /* what its ring holds: no stream window is larger */
   unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
   stoq_qlog_stats qlog_stats;
 };
@@ -86,9 +86,9 @@ struct stoq_stream {
   size_t wlen;
   unsigned pending;
   uint64_t last_seq;
-  int queued_sink;  /* bytes go through the writer (a file to write) */
-  int seq_write;    /* the sink is a pipe or socket: write(), not pwrite() */
-  int end_waiting;  /* the body ended; its end is announced once nothing is pending */
+  int queued_sink; /* bytes go through the writer (a file to write) */
+  int seq_write;   /* the sink is a pipe or socket: write(), not pwrite() */
+  int end_waiting; /* the body ended; its end is announced once nothing is pending */
   int hashing;
   int digest_done;
   gnutls_hash_hd_t hash;

@@ -68,8 +68,8 @@ struct stoq_sink_writer {
    * the producer took (producer only). reaped <= tail <= head. */
   _Atomic uint64_t head, tail;
   uint64_t reaped;
-  uint64_t kicked; /* head when the writer was last woken (producer only) */
-  size_t fill;     /* a stream's buffer is queued at this many bytes (<= SINK_BUF) */
+  uint64_t kicked;    /* head when the writer was last woken (producer only) */
+  size_t fill;        /* a stream's buffer is queued at this many bytes (<= SINK_BUF) */
   uint64_t conn_fill; /* ... or when its connection has this many staged in all */
   uint8_t **free_bufs;
   unsigned nfree, nbufs, max_bufs;

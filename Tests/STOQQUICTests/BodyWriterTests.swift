@@ -129,7 +129,10 @@ final class PipeReader: @unchecked Sendable {
         let body = randomBytes(3 << 20 + 5, seed: 41)
         _ = try conn.request(method: "PUT", authority: "x", path: "/objects/up", body: BodyRegion(copying: body))
         var wholeAtEnd = false
-        #expect(pair.run { if server.ended && !wholeAtEnd { wholeAtEnd = contents(fd, body.count + 1) == body }; return client.closedCode != nil })
+        #expect(
+            pair.run {
+                if server.ended && !wholeAtEnd { wholeAtEnd = contents(fd, body.count + 1) == body }; return client.closedCode != nil
+            })
         #expect(client.status == 201)
         // requestEnded came after every write landed (ObjectService fsyncs and renames there).
         #expect(wholeAtEnd)
