@@ -77,6 +77,16 @@ def read_banner(node, timeout=30):
     raise RuntimeError(f"stoq-node did not start: {node.log.read()[-2000:]}")
 
 
+def stop_node(proc) -> int:
+    """SIGTERM, then the exit code; -999 (after SIGKILL) when it takes over 15 s to drain."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -999
+
+
 class Node:
     def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = "", listen: str = "::1"):
         self.workdir = workdir
@@ -107,12 +117,7 @@ class Node:
         return sha256_file(path)
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return -999
+        return stop_node(self.proc)
 
 
 @pytest.fixture(scope="session")

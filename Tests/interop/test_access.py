@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import need_binary, read_banner, run, sha256_file, settled, veth_namespaces
+from conftest import need_binary, read_banner, run, settled, sha256_file, stop_node, veth_namespaces
 
 HERE = pathlib.Path(__file__).resolve().parent
 NODE_NS, CLIENT_NS = "stoq-acc-node", "stoq-acc-client"
@@ -86,12 +86,7 @@ def anode(tmp_path_factory):
         teardown_namespaces()
         raise
     yield node
-    node.proc.send_signal(signal.SIGTERM)
-    try:
-        code = node.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        node.proc.kill()
-        code = -999
+    code = stop_node(node.proc)
     teardown_namespaces()
     assert code == 0, f"stoq-node did not exit cleanly on SIGTERM (exit {code})"
 

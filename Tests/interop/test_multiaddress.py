@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import need_binary, read_banner, run, sha256_file, veth_namespaces
+from conftest import need_binary, read_banner, run, sha256_file, stop_node, veth_namespaces
 
 HERE = pathlib.Path(__file__).resolve().parent
 NODE_NS, CLIENT_NS = "stoq-mh-node", "stoq-mh-client"
@@ -86,12 +86,7 @@ def two_address_node(tmp_path_factory):
         raise
     node.digest = sha256_file(objects / "obj.bin")
     yield node
-    node.proc.send_signal(signal.SIGTERM)
-    try:
-        code = node.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        node.proc.kill()
-        code = -999
+    code = stop_node(node.proc)
     teardown_namespaces()
     assert code == 0, f"stoq-node did not exit cleanly on SIGTERM (exit {code})"
 
