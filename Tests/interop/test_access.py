@@ -250,7 +250,14 @@ def test_read_rule_needs_a_token(anode, src, tmp_path):
 
 
 def reload(node, text):
-    """Writes `text` as the node's config, SIGHUPs it, and returns what it applied."""
+    """Writes `text` as the node's config, SIGHUPs it, and returns what it applied. The node
+    also reloads on its own when it sees the file change, so one write can log two verdicts:
+    the log must have settled before this one is read, or an earlier write's late second
+    verdict would be taken for it."""
+    deadline, seen = time.time() + 10, -1
+    while time.time() < deadline and len(node.text_log()) != seen:
+        seen = len(node.text_log())
+        time.sleep(1.0)
     log_before = len(node.text_log())
     (node.work / "node.toml").write_text(text)
     node.proc.send_signal(signal.SIGHUP)
