@@ -199,7 +199,7 @@ let package = Package(
         .target(
             name: "STOQAdmin",
             dependencies: [
-                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQWorker", "STOQStore", "STOQContent", "STOQEdge", "STOQMesh",
+                "STOQCore", "STOQQUIC", "STOQDatapath", "STOQWorker", "STOQStore", "STOQContent", "STOQEdge", "STOQMesh", "STOQAccess",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -69,10 +69,9 @@ public final class AccessGate {
     /// handshake left it; "" for none), else its address.
     public func principal(authorization: String, certificate: String, peer: IPv6Address, now: Int64) throws(AccessError) -> AccessPrincipal {
         if !authorization.isEmpty {
-            guard authorization.count > 7, authorization.prefix(7).lowercased() == "bearer " else {
+            guard let token = AccessToken.bearer(authorization) else {
                 throw AccessError(.malformed, "the Authorization header is not \"Bearer <token>\"")
             }
-            let token = authorization.dropFirst(7).trimmingCharacters(in: .whitespaces)
             if let c = verified[token] {
                 guard now < c.expires else {
                     verified[token] = nil

@@ -88,6 +88,15 @@ public struct AccessClaims: Sendable, Equatable {
 /// `kid`: the `iss` claim is the signing key's RFC 7638 thumbprint, so a node holding several
 /// accepted keys knows which one must verify (and tells "unknown issuer" from "forged").
 public enum AccessToken {
+    /// The token of an `Authorization: Bearer <token>` value (the scheme in any case, blanks
+    /// around either part ignored); nil when the value is not of that form. The one parser of
+    /// the header: the node's access check and its admin API both use it.
+    public static func bearer(_ authorization: String) -> String? {
+        let h = authorization.trimmingCharacters(in: .whitespaces)
+        guard h.count > 7, h.prefix(7).lowercased() == "bearer " else { return nil }
+        return h.dropFirst(7).trimmingCharacters(in: .whitespaces)
+    }
+
     /// Clock skew tolerated on `nbf`/`iat` (seconds): a token minted on a host whose clock
     /// runs a little ahead still works at once.
     public static let skew: Int64 = 60

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOSSL
+import STOQAccess
 
 /// What the admin API's `authorize` closure decided about one request.
 package enum AdminAuthResult: Sendable, Equatable {
@@ -46,10 +47,8 @@ package struct AdminBearerToken: Sendable {
     package func authorize(_ header: String) -> AdminAuthResult {
         let h = header.trimmingCharacters(in: .whitespaces)
         guard !h.isEmpty else { return .deny("no Authorization header: send Authorization: Bearer <token>") }
-        guard h.count > 7, h.prefix(7).lowercased() == "bearer " else {
-            return .deny("the Authorization header is not a Bearer token")
-        }
-        let given = Array(h.dropFirst(7).trimmingCharacters(in: .whitespaces).utf8)
+        guard let bearer = AccessToken.bearer(h) else { return .deny("the Authorization header is not a Bearer token") }
+        let given = Array(bearer.utf8)
         var diff: UInt8 = given.count == token.count ? 0 : 1
         for i in 0..<token.count { diff |= (i < given.count ? given[i] : 0) ^ token[i] }
         return diff == 0 ? .allow : .deny("wrong bearer token")

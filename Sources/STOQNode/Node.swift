@@ -446,10 +446,9 @@ public final class Node: @unchecked Sendable {
                 if let fixed, case .allow = fixed.authorize(header) { return .allow }
                 let h = header.trimmingCharacters(in: .whitespaces)
                 guard !h.isEmpty else { return .deny("no Authorization header: send Authorization: Bearer <token>") }
-                guard h.count > 7, h.prefix(7).lowercased() == "bearer ", let control else {
+                guard let token = AccessToken.bearer(h), let control else {
                     return .deny("the Authorization header is not a Bearer token")
                 }
-                let token = String(h.dropFirst(7)).trimmingCharacters(in: .whitespaces)
                 do {
                     let claims = try AccessToken.verify(token, keys: control.settings.keys, now: Int64(time(nil)))
                     return claims.role == .admin ? .allow : .deny("the token's role is \(claims.role.rawValue), not admin")
