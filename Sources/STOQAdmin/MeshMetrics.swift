@@ -68,6 +68,9 @@ package enum MeshMetrics {
         one("stoq_mesh_adverts_received_total", "counter", "Link-state adverts received from neighbours.", c.advertsReceived)
         one("stoq_mesh_adverts_accepted_total", "counter", "Received adverts accepted into the link-state database.", c.advertsAccepted)
         one("stoq_mesh_adverts_forwarded_total", "counter", "Adverts sent on to neighbours (one per neighbour).", c.advertsForwarded)
+        one(
+            "stoq_mesh_adverts_synchronized_total", "counter", "Held adverts sent to a neighbour whose link came up.",
+            c.advertsSynchronized)
         one("stoq_mesh_adverts_duplicate_total", "counter", "Received adverts already held (the normal end of flooding).", c.advertsDuplicate)
         family(
             "stoq_mesh_adverts_refused_total", "counter", "Received adverts refused, by reason (docs/mesh.md lists the codes).",
@@ -135,6 +138,7 @@ package enum MeshMetrics {
             "counters": [
                 "adverts_originated": c.advertsOriginated, "adverts_received": c.advertsReceived,
                 "adverts_accepted": c.advertsAccepted, "adverts_forwarded": c.advertsForwarded,
+                "adverts_synchronized": c.advertsSynchronized,
                 "adverts_duplicate": c.advertsDuplicate, "adverts_refused": c.advertsRefused,
                 "peers_refused": c.peersRefused, "connect_failures": c.connectFailures,
                 "route_computations": c.routeComputations, "relay_served": c.relayServed,

@@ -48,6 +48,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var viewDirty = true
     var lastRoutesVersion: UInt64 = .max
     var ownSequence: UInt64 = 0
+    /// The newest accepted advert of every live origin, this node's own included, as signed: a
+    /// neighbour whose link comes up is sent all of them at once, so it routes on the whole
+    /// database now rather than after every origin's next refresh (`routing.update_interval`).
+    var held: [NodeID: [UInt8]] = [:]
 
     init(service: MeshService) throws {
         self.service = service
@@ -88,7 +92,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
-                if !engine.expire(now: t).isEmpty { viewDirty = true }
+                let gone = engine.expire(now: t)
+                for id in gone { held[id] = nil }
+                if !gone.isEmpty { viewDirty = true }
             }
             if viewDirty { publishView() }
             if t &- lastStatus >= service.settings.probeInterval {
@@ -249,6 +255,24 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         logger.notice("mesh: link to \(n.id.map { "\($0)" } ?? "?") at \(n.url) is \(state.rawValue)")
         advertDue = true
         viewDirty = true
+        if state == .up { synchronize(n) }
+    }
+
+    /// Sends a neighbour whose link just came up every advert this node holds but its own (which
+    /// follows within 50 ms, listing the new link). Adverts it already has are refused as
+    /// duplicates there and not forwarded further.
+    private func synchronize(_ n: Neighbour) {
+        let mine = me.routingID
+        var sent = 0
+        for (origin, bytes) in held where origin != mine && origin != n.id?.routingID {
+            let tag = nextTag
+            nextTag += 1
+            pending[tag] = .advert
+            pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: BodyRegion(copying: bytes), tag: tag)
+            sent += 1
+        }
+        counters.advertsSynchronized += UInt64(sent)
+        if sent > 0 { logger.debug("mesh: sent \(n.url) the \(sent) advert(s) this node holds") }
     }
 
     // MARK: Adverts
@@ -283,6 +307,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             return
         }
         service.signed(sequence: ownSequence)
+        held[me.routingID] = signed.bytes
         do { try engine.apply(signed.advert.linkState, now: now) } catch {
             logger.error("mesh: this node's own advert was refused: \(error)")
         }
@@ -327,6 +352,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             return
         }
         counters.advertsAccepted += 1
+        held[signed.advert.origin.routingID] = bytes
         identities[signed.advert.origin.routingID] = signed.advert.origin
         for l in signed.advert.links { identities[l.neighbour.routingID] = l.neighbour }
         viewDirty = true

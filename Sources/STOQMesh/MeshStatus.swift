@@ -97,6 +97,8 @@ public struct MeshStatus: Sendable, Equatable {
         public var advertsAccepted: UInt64 = 0
         /// Adverts sent on to neighbours (one per neighbour it went to).
         public var advertsForwarded: UInt64 = 0
+        /// Held adverts sent to a neighbour whose link came up (the database it starts from).
+        public var advertsSynchronized: UInt64 = 0
         /// Received adverts that were already held (flooding's normal end): not errors.
         public var advertsDuplicate: UInt64 = 0
         /// Received adverts refused, by reason (`AdvertError.Code` names, and `stale`).

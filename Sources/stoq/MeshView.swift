@@ -41,6 +41,7 @@ struct MeshStatusView: Decodable, Sendable {
         var advertsReceived: UInt64
         var advertsAccepted: UInt64
         var advertsForwarded: UInt64
+        var advertsSynchronized: UInt64?
         var advertsDuplicate: UInt64
         var advertsRefused: [String: UInt64]
         var peersRefused: UInt64
@@ -155,7 +156,7 @@ enum MeshTables {
         if m.neighbours.isEmpty { out += "(no neighbours)\n" }
         let c = m.counters
         out += "\nadverts: \(c.advertsOriginated) originated, \(c.advertsReceived) received, \(c.advertsAccepted) accepted, "
-        out += "\(c.advertsForwarded) forwarded, \(c.advertsDuplicate) duplicate; refused "
+        out += "\(c.advertsForwarded) forwarded, \(c.advertsSynchronized ?? 0) synchronized, \(c.advertsDuplicate) duplicate; refused "
         out += c.advertsRefused.isEmpty ? "none\n" : "\(reasons(c.advertsRefused))\n"
         out += "relay: \(c.relayServed) served, \(c.relayForwarded) forwarded, \(c.maxHopsRefused) refused over max_hops "
         out += "(most hops seen \(c.maxHopsSeen)); \(c.failovers) failovers, \(c.routeComputations) route computations, "

@@ -24,6 +24,7 @@ import Testing
         counters.advertsReceived = 57
         counters.advertsAccepted = 41
         counters.advertsForwarded = 96
+        counters.advertsSynchronized = 7
         counters.advertsDuplicate = 13
         counters.advertsRefused = ["stale": 2, "bad_signature": 1]
         counters.peersRefused = 1
@@ -189,6 +190,7 @@ import Testing
         c.advertsReceived = try u(cj, "adverts_received")
         c.advertsAccepted = try u(cj, "adverts_accepted")
         c.advertsForwarded = try u(cj, "adverts_forwarded")
+        c.advertsSynchronized = try u(cj, "adverts_synchronized")
         c.advertsDuplicate = try u(cj, "adverts_duplicate")
         c.advertsRefused = try counts(cj, "adverts_refused")
         c.peersRefused = try u(cj, "peers_refused")

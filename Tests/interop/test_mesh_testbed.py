@@ -308,6 +308,20 @@ class Mesh:
             missing = [(a, b) for a, b in pairs if self.route(s[a], b) is None]
             return not missing, f"no route yet for {missing}"
         wait_until("routes", timeout, routes, interval=0.2)
+        self.wait_whole_database(timeout)
+
+    def wait_whole_database(self, timeout, since=None):
+        """Waits until every node holds every node's advert, each listing all of its links: a
+        route may exist before that, over adverts a later cut would leave it without. Returns the
+        seconds it took."""
+        links = sum(len(v) for v in self.neighbours.values())
+
+        def whole():
+            s = self.statuses()
+            seen = {n: (st["nodes_known"], st["links_known"]) for n, st in s.items()}
+            return all(v == (len(self.nodes), links) for v in seen.values()), f"(nodes, links) known: {seen}"
+        return wait_until(f"every node holding {len(self.nodes)} adverts and {links} links", timeout, whole,
+                          interval=0.2, since=since)
 
 
 class MeshKeeper:
@@ -656,3 +670,15 @@ def test_a_link_cut_mid_transfer_fails_over(tmp_path, twopaths6):
     assert sum(failovers.values()) > 0, (cut, at_cut, failovers, m.log_tail(4, "edge:", "mesh: link"))
     print(f"cut {cut[0]}-{cut[1]} with {at_cut / 1e6:.1f} of {size / 1e6:.0f} MB "
           f"at node 4; failovers {failovers}")
+
+
+def test_a_link_that_comes_up_is_sent_the_whole_database(testbed):
+    """twopaths6 with adverts refreshed only every 60 s: what a node flooded before its far peers'
+    links were up reaches them only as the databases its neighbours send when a link comes up.
+    Bringing the mesh up waits (30 s at most, half the refresh) until every node holds all six
+    adverts with all their links; the synchronization counter moved."""
+    m = testbed.up(TWOPATHS6, extras=((None, '[routing]\nupdate_interval = "60s"\n'),))
+    assert "update_interval = \"60s\"" in m.config(1)
+    synced = {n: m.metrics(n).get("stoq_mesh_adverts_synchronized_total", 0) for n in m.nodes}
+    assert sum(synced.values()) > 0, synced
+    print(f"adverts sent to links as they came up, by node: {synced}")

@@ -26,7 +26,7 @@ import Testing
                 https://[fd00:1::3]:4433  e0f1a2b3c4d5e6f7  down     no      20.00       5.00   100.0     0.0      50           4210          700/800
                 https://[fd00:1::4]:4433  -                 unknown  no       0.00       0.00     0.0     0.0       0              -              0/3
 
-                adverts: 12 originated, 57 received, 41 accepted, 96 forwarded, 13 duplicate; refused bad_signature 1, stale 2
+                adverts: 12 originated, 57 received, 41 accepted, 96 forwarded, 7 synchronized, 13 duplicate; refused bad_signature 1, stale 2
                 relay: 30 served, 18 forwarded, 2 refused over max_hops (most hops seen 3); 1 failovers, 9 route computations, 1 peers refused, 4 connect failures
 
                 """)
