@@ -15,11 +15,55 @@
 
 #include <gnutls/gnutls.h>
 
+/* RFC 9000 §20.1. */
+static const char *transport_error_name(uint64_t code) {
+  static const char *names[] = {"NO_ERROR",
+                                "INTERNAL_ERROR",
+                                "CONNECTION_REFUSED",
+                                "FLOW_CONTROL_ERROR",
+                                "STREAM_LIMIT_ERROR",
+                                "STREAM_STATE_ERROR",
+                                "FINAL_SIZE_ERROR",
+                                "FRAME_ENCODING_ERROR",
+                                "TRANSPORT_PARAMETER_ERROR",
+                                "CONNECTION_ID_LIMIT_ERROR",
+                                "PROTOCOL_VIOLATION",
+                                "INVALID_TOKEN",
+                                "APPLICATION_ERROR",
+                                "CRYPTO_BUFFER_EXCEEDED",
+                                "KEY_UPDATE_ERROR",
+                                "AEAD_LIMIT_REACHED",
+                                "NO_VIABLE_PATH"};
+  if (code < sizeof(names) / sizeof(names[0])) return names[code];
+  return (code & ~(uint64_t)0xff) == 0x100 ? "CRYPTO_ERROR" : "unknown transport error";
+}
+
+/* The peer closed: say how, in its words (its reason phrase, printable bytes only). */
+static void note_peer_close(stoq_conn *c) {
+  ngtcp2_connection_close_error e;
+  ngtcp2_conn_get_connection_close_error(c->q, &e);
+  char reason[200];
+  size_t n = 0;
+  for (size_t i = 0; i < e.reasonlen && n + 1 < sizeof(reason); i++) {
+    if (e.reason[i] >= 0x20 && e.reason[i] < 0x7f) reason[n++] = (char)e.reason[i];
+  }
+  reason[n] = 0;
+  if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT) {
+    conn_fail(c, "closed by the peer: %s (0x%llx)%s%s", transport_error_name(e.error_code),
+              (unsigned long long)e.error_code, n ? ": " : "", reason);
+  } else {
+    conn_fail(c, "closed by the peer: application error 0x%llx%s%s", (unsigned long long)e.error_code, n ? ": " : "",
+              reason);
+  }
+}
+
 static int map_error(stoq_conn *c, int rv) {
   switch (rv) {
   case 0:
     return STOQ_CONN_OK;
   case NGTCP2_ERR_DRAINING:
+    if (!c->errstr[0]) note_peer_close(c);
+    return STOQ_CONN_DRAINING;
   case NGTCP2_ERR_CLOSING:
     return STOQ_CONN_DRAINING;
   case NGTCP2_ERR_DROP_CONN:

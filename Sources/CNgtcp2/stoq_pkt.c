@@ -35,6 +35,18 @@ ssize_t stoq_pkt_write_version_negotiation(uint8_t *buf, size_t cap, const stoq_
                                               sizeof(sv) / sizeof(sv[0]));
 }
 
+ssize_t stoq_pkt_write_refusal(uint8_t *buf, size_t cap, const uint8_t *pkt, size_t len, const char *reason,
+                               size_t reasonlen) {
+  ngtcp2_pkt_hd hd;
+  int rv = ngtcp2_accept(&hd, pkt, len);
+  if (rv != 0 && rv != NGTCP2_ERR_RETRY) return 0;
+  if (cap > len * 3) cap = len * 3;
+  /* Our reply swaps the connection IDs; the client's DCID derives the Initial keys. */
+  ssize_t n = ngtcp2_crypto_write_connection_close(buf, cap, hd.version, &hd.scid, &hd.dcid, NGTCP2_CONNECTION_REFUSED,
+                                                   (const uint8_t *)reason, reasonlen);
+  return n < 0 ? -1 : n;
+}
+
 ssize_t stoq_pkt_write_stateless_reset(const stoq_endpoint_ctx *ep, uint8_t *buf, size_t cap, const uint8_t *dcid,
                                        size_t dcidlen, size_t received_len) {
   /* Smaller than what we got (so two endpoints cannot loop), and large enough to look like a packet. */

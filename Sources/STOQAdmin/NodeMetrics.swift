@@ -126,7 +126,10 @@ package struct NodeMetrics {
         perWorker("stoq_quic_datagrams_received_total", "Datagrams the QUIC endpoint handled.") { $0.endpoint.datagramsIn }
         perWorker("stoq_quic_datagrams_sent_total", "Datagrams the QUIC endpoint wrote.") { $0.endpoint.datagramsOut }
         perWorker("stoq_quic_dropped_malformed_total", "Datagrams dropped as malformed.") { $0.endpoint.droppedMalformed }
-        perWorker("stoq_quic_dropped_initials_total", "Initial packets refused (limits, flood).") { $0.endpoint.droppedInitials }
+        perWorker("stoq_quic_dropped_initials_total", "Initial packets dropped (bad token, not an Initial).") { $0.endpoint.droppedInitials }
+        perWorker("stoq_quic_connections_refused_total", "Initials answered CONNECTION_REFUSED: the worker held max_connections.") {
+            $0.endpoint.connectionsRefused
+        }
         perWorker("stoq_quic_dropped_unknown_total", "Datagrams for no known connection that got no answer.") { $0.endpoint.droppedUnknown }
         perWorker("stoq_quic_version_negotiations_total", "Version Negotiation packets sent.") { $0.endpoint.versionNegotiations }
         perWorker("stoq_quic_retries_total", "Stateless Retry packets sent.") { $0.endpoint.retriesSent }

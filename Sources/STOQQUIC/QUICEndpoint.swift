@@ -11,8 +11,11 @@ public struct EndpointCounters: Sendable {
     public var droppedMalformed: UInt64 = 0
     /// For a connection we do not know and cannot answer.
     public var droppedUnknown: UInt64 = 0
-    /// Initials refused (connection limit, bad token, not an Initial).
+    /// Initials refused (bad token, not an Initial).
     public var droppedInitials: UInt64 = 0
+    /// Initials answered CONNECTION_REFUSED, with the reason, because the endpoint already held
+    /// `maxConnections` (RFC 9000 §5.2.2: a server that cannot take a connection says so).
+    public var connectionsRefused: UInt64 = 0
     /// Replies we could not queue (reply queue full).
     public var droppedReplies: UInt64 = 0
     public var versionNegotiations: UInt64 = 0
@@ -233,12 +236,29 @@ public final class QUICEndpoint {
         accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
     }
 
+    /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
+    /// statelessly, so the client gives up at once instead of timing out.
+    private func refuse(_ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint) {
+        // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys.
+        guard base[0] & 0xb0 == 0x80 else {
+            tally.droppedInitials &+= 1
+            return
+        }
+        let reason = "this node holds max_connections (\(settings.maxConnections)) connections"
+        let queued = reason.utf8CString.withUnsafeBufferPointer { r in
+            queueReply(to: peer, from: local) { buf, cap in
+                stoq_pkt_write_refusal(buf, cap, base, count, r.baseAddress!, r.count - 1)
+            }
+        }
+        if queued { tally.connectionsRefused &+= 1 } else { tally.droppedInitials &+= 1 }
+    }
+
     private func accept(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint,
         ecn: ECN, now: Timestamp
     ) {
         guard connections.count < settings.maxConnections else {
-            tally.droppedInitials &+= 1
+            refuse(base, count, from: peer, to: local)
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -319,6 +339,7 @@ public final class QUICEndpoint {
             // The peer closed: before the handshake completed, that is a failed handshake
             // (a client refusing this node's certificate ends up here).
             if !conn.isEstablished { tally.handshakeFailures &+= 1 }
+            if conn.closeReason.isEmpty { conn.closeReason = conn.errorDescription }
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
             schedule(conn, force: true)
         default:

@@ -160,6 +160,29 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(server.uploadedSHA == Array(SHA256.hash(data: body)))
     }
 
+    /// At `maxConnections`, a further client is told CONNECTION_REFUSED with the reason, at
+    /// once and statelessly, while the connection already open keeps working.
+    @Test func overTheConnectionLimitAClientIsRefusedWithTheReason() throws {
+        var settings = QUICSettings()
+        settings.maxConnections = 1
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(5000, seed: 3))
+        let client = RecordingClient()
+        pair.client.application = client
+        let first = try pair.connect()
+        #expect(pair.run { first.isEstablished })
+        let second = try pair.connect()
+        #expect(pair.run { second.isClosed && client.closedReason != nil })
+        #expect(
+            client.closedReason == "closed by the peer: CONNECTION_REFUSED (0x2): this node holds max_connections (1) connections",
+            "\(client.closedReason ?? "-")")
+        #expect(pair.server.counters.connectionsRefused == 1)
+        #expect(pair.server.connectionCount == 1)
+        _ = try first.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 200 && client.received == 5000)
+    }
+
     @Test func retryThenServe() throws {
         var settings = QUICSettings()
         settings.retry = true

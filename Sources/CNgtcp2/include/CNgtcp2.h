@@ -239,6 +239,11 @@ ssize_t stoq_pkt_write_version_negotiation(uint8_t *buf, size_t cap, const stoq_
 /** Writes a Stateless Reset for a packet of `received_len` bytes to `dcid`. Returns its length, 0 if the packet was too small to answer, or <0. */
 ssize_t stoq_pkt_write_stateless_reset(const stoq_endpoint_ctx *ep, uint8_t *buf, size_t cap, const uint8_t *dcid,
                                        size_t dcidlen, size_t received_len);
+/** Answers a client's first Initial `pkt` with a stateless Initial CONNECTION_CLOSE carrying
+ *  CONNECTION_REFUSED and `reason` (no state kept; at most three times `len`, RFC 9000 §8.1).
+ *  Returns its length, 0 when `pkt` is not an Initial that can be answered, or <0. */
+ssize_t stoq_pkt_write_refusal(uint8_t *buf, size_t cap, const uint8_t *pkt, size_t len, const char *reason,
+                               size_t reasonlen);
 
 /* ---- Connections ----------------------------------------------------------- */
 
