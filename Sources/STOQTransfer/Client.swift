@@ -203,7 +203,8 @@ package struct ClientRig {
 
     package init(
         trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
-        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil
+        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
+        handshakeTimeout: Double? = nil
     ) throws(ClientError) {
         let creds: TLSCredentials
         do {
@@ -232,6 +233,7 @@ package struct ClientRig {
         settings.ackThreshold = 8
         // Matters when this end sends (uploads).
         settings.congestionControl = congestionControl
+        if let handshakeTimeout { settings.handshakeTimeout = UInt64(handshakeTimeout * 1e9) }
         endpoint = QUICEndpoint(
             isServer: false, credentials: creds, settings: settings, workerID: 0,
             secret: StaticSecret.random())

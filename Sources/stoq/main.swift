@@ -444,29 +444,60 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Load a node: many connections × streams of GETs; prints goodput, requests/s, latency p50/p99.",
-        discussion: "Example: stoq bench https://[::1]:4433/objects/1m.bin --connections 4 --streams 8 --duration 10 --ca stoq-data/identity/cert.pem")
+        discussion: """
+            Goodput (default): --connections (≤ 10000) each keep --streams GETs in flight for --duration s.
+              stoq bench https://[::1]:4433/objects/1m.bin --connections 4 --streams 8 --duration 10 --ca stoq-data/identity/cert.pem
+            Connection load (--rate or --hold): --connections (≤ 1000000) handshakes at --rate per second, each
+            connection then held --hold s, idle (--streams 0, the default here) or sending --streams GETs every
+            --interval s; reports handshakes established and failed by reason, and handshake and request latency.
+              stoq bench https://[::1]:4433/objects/1k.bin --connections 20000 --rate 2000 --hold 30 --ca …
+            """)
 
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @Option(help: "Concurrent connections.") var connections = 1
-    @Option(help: "Concurrent requests per connection.") var streams = 1
+    @Option(help: "Concurrent requests per connection (connection load: GETs per connection each --interval; default 0).")
+    var streams: Int?
     @Option(help: "Run this many seconds (default 10 unless --bytes is given).") var duration: Double?
     @Option(help: "Stop after this many body bytes.") var bytes: UInt64?
+    @Option(help: "Connection load: new handshakes per second (default: as fast as they complete).") var rate: Double?
+    @Option(help: "Connection load: seconds every connection stays open once established.") var hold: Double?
+    @Option(help: "Connection load: seconds between one connection's rounds of --streams GETs.") var interval = 1.0
+    @Option(help: "Connection load: threads, each with its own socket and endpoint (default: the CPUs this process may use).")
+    var threads: Int?
     @OptionGroup var trust: TrustOptions
     @Flag(help: "Print one JSON object.") var json = false
 
+    var loadMode: Bool { rate != nil || hold != nil }
+
     func validate() throws {
-        guard connections >= 1, connections <= 10_000 else { throw ValidationError("--connections \(connections): expected 1…10000") }
-        guard streams >= 1, streams <= 256 else { throw ValidationError("--streams \(streams): expected 1…256") }
+        if loadMode {
+            guard (1...1_000_000).contains(connections) else { throw ValidationError("--connections \(connections): expected 1…1000000") }
+            if let streams, !(0...256).contains(streams) { throw ValidationError("--streams \(streams): expected 0…256") }
+            if let rate, !(rate > 0) { throw ValidationError("--rate \(rate): expected handshakes per second > 0") }
+            if let hold, !(hold >= 0) { throw ValidationError("--hold \(hold): expected seconds ≥ 0") }
+            guard interval > 0 else { throw ValidationError("--interval \(interval): expected seconds > 0") }
+            if let threads, !(1...256).contains(threads) { throw ValidationError("--threads \(threads): expected 1…256") }
+            guard duration == nil, bytes == nil else {
+                throw ValidationError("--duration and --bytes measure goodput; with --rate or --hold, the load runs for --hold")
+            }
+            return
+        }
+        guard connections >= 1, connections <= 10_000 else {
+            throw ValidationError("--connections \(connections): expected 1…10000 (up to 1000000 with --rate or --hold)")
+        }
+        if let streams, !(1...256).contains(streams) { throw ValidationError("--streams \(streams): expected 1…256") }
         if let duration, duration <= 0 { throw ValidationError("--duration \(duration): expected seconds > 0") }
+        guard threads == nil else { throw ValidationError("--threads applies to connection load (--rate or --hold)") }
     }
 
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        if loadMode { return try runLoad(u) }
         let r: BenchResult
         do {
             r = try STOQClient.bench(
-                u, connections: connections, streams: streams,
+                u, connections: connections, streams: streams ?? 1,
                 duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
         } catch { throw fail("\(error)") }
         if json {
@@ -482,6 +513,30 @@ struct BenchCommand: ParsableCommand {
             String(
                 format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
                 r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
+    }
+
+    private func runLoad(_ u: STOQURL) throws {
+        let plan = LoadPlan(
+            connections: connections, rate: rate, hold: hold ?? 0, streams: streams ?? 0, interval: interval,
+            threads: threads ?? max(1, Worker.availableCPUs))
+        let r: LoadResult
+        do { r = try STOQClient.load(u, plan: plan, trust: trust.trust, datapath: .ioUring) } catch { throw fail("\(error)") }
+        if json { return printCodable(r) }
+        let failed = r.failed.values.reduce(0, +), lost = r.lost.values.reduce(0, +)
+        print(
+            String(
+                format: "%d connection(s) from %d thread(s): %d established, %d failed; at most %d open at once",
+                r.connections, r.threads, r.established, failed, r.peakOpen))
+        for (reason, n) in r.failed.sorted(by: { $0.value > $1.value }) { print("  failed \(n): \(reason)") }
+        print(
+            String(
+                format: "handshakes: %.0f/s over %.2f s, latency p50 %.2f ms, p99 %.2f ms",
+                r.handshakesPerSecond, r.rampSeconds, r.handshakeP50Ms, r.handshakeP99Ms))
+        print(
+            String(
+                format: "held %.1f s: %d lost; %d requests (%d failed), latency p50 %.2f ms, p99 %.2f ms",
+                r.holdSeconds, lost, r.requests, r.requestsFailed, r.requestP50Ms, r.requestP99Ms))
+        for (reason, n) in r.lost.sorted(by: { $0.value > $1.value }) { print("  lost \(n): \(reason)") }
     }
 }
 

@@ -1,0 +1,75 @@
+"""`stoq bench` as a connection load generator (--rate, --hold): every handshake accounted for,
+established or failed by reason, and the node's counters agree."""
+import json
+
+import pytest
+
+from conftest import Node, settled, stoq, summed_counters
+
+ADMIN = '[admin]\nlisten = "[::1]:0"'
+
+
+def bench(node, name, *args):
+    r = stoq("bench", node.url(name), "--ca", node.cert, "--json", *args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def lnode(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("load"), extra=ADMIN)
+    n.add_object("1k.bin", 1000)
+    yield n
+    assert n.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    """A node that holds at most 10 connections per worker (one worker)."""
+    n = Node(tmp_path_factory.mktemp("capped"), workers=1, extra="max_connections = 10\n" + ADMIN)
+    n.add_object("1k.bin", 1000)
+    yield n
+    assert n.stop() == 0
+
+
+def test_connections_are_opened_at_a_rate_held_with_requests_and_counted(lnode):
+    """300 connections at 300/s from two threads, held 1 s with a GET every 0.4 s: all 300
+    established, none failed or lost, every GET answered, and the node accepted 300 more."""
+    names = ["stoq_quic_connections_accepted_total", "stoq_http_requests_total"]
+    before = settled(lambda: summed_counters(lnode, names))
+    r = bench(lnode, "1k.bin", "--connections", "300", "--rate", "300", "--hold", "1", "--streams", "1",
+              "--interval", "0.4", "--threads", "2")
+    assert (r["connections"], r["established"], r["failed"], r["lost"], r["threads"]) == (300, 300, {}, {}, 2), r
+    assert r["peak_open"] == 300, r
+    assert r["requests"] >= 300 and r["requests_failed"] == 0, r
+    assert 0 < r["handshake_p50_ms"] <= r["handshake_p99_ms"], r
+    after = settled(lambda: summed_counters(lnode, names))
+    assert after["stoq_quic_connections_accepted_total"] - before["stoq_quic_connections_accepted_total"] == 300
+    assert after["stoq_http_requests_total"] - before["stoq_http_requests_total"] == r["requests"]
+    print(f"300 connections: {r['handshakes_per_second']:.0f} handshakes/s, handshake p50 {r['handshake_p50_ms']:.1f} ms "
+          f"p99 {r['handshake_p99_ms']:.1f} ms; {r['requests']} GETs p50 {r['request_p50_ms']:.1f} ms")
+
+
+def test_over_max_connections_the_rest_fail_with_the_nodes_reason(capped):
+    """25 connections to a node that holds 10: 10 established and held; the other 15 fail at
+    once with the node's CONNECTION_REFUSED and its reason (not a handshake timeout), counted."""
+    before = settled(lambda: summed_counters(capped, ["stoq_quic_connections_refused_total"]))
+    r = bench(capped, "1k.bin", "--connections", "25", "--hold", "1", "--threads", "1")
+    assert r["established"] == 10, r
+    reason = "closed by the peer: CONNECTION_REFUSED (0x2): this node holds max_connections (10) connections"
+    assert r["failed"] == {reason: 15}, r
+    assert r["lost"] == {}, r
+    after = settled(lambda: summed_counters(capped, ["stoq_quic_connections_refused_total"]))
+    assert after["stoq_quic_connections_refused_total"] - before["stoq_quic_connections_refused_total"] >= 15
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--connections", "0", "--hold", "1"], "--connections 0: expected 1…1000000"),
+    (["--rate", "0"], "--rate 0.0: expected handshakes per second > 0"),
+    (["--hold", "1", "--duration", "3"], "--duration and --bytes measure goodput"),
+    (["--connections", "20000"], "--connections 20000: expected 1…10000 (up to 1000000 with --rate or --hold)"),
+    (["--threads", "2"], "--threads applies to connection load"),
+])
+def test_bad_load_options_are_refused_by_name(lnode, args, error):
+    r = stoq("bench", lnode.url("1k.bin"), "--ca", lnode.cert, *args)
+    assert r.returncode != 0 and error in r.stderr, r.stderr
