@@ -448,6 +448,7 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
     stoq_conn_free(c);
     return NULL;
   }
+  if (ep->s.keep_alive) ngtcp2_conn_set_keep_alive_timeout(c->q, ep->s.keep_alive);
   if (setup_tls(c, server_name) != 0) {
     set_err(err, errlen, "%s", c->errstr);
     stoq_conn_free(c);

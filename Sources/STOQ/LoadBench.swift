@@ -20,6 +20,9 @@ public struct LoadPlan: Sendable {
     public var maxHandshakesInFlight = 512
     /// How long one handshake may take before it counts as failed (ERR_HANDSHAKE_TIMEOUT).
     public var handshakeTimeout: Double = 10
+    /// A PING after this many seconds without traffic, so held connections outlive the node's
+    /// idle timeout (30 s by default) however long the ramp and the hold take.
+    public var keepAlive: Double = 10
 
     public init(connections: Int, rate: Double?, hold: Double, streams: Int, interval: Double, threads: Int) {
         self.connections = connections
@@ -180,7 +183,7 @@ extension STOQClient {
         _ url: STOQURL, count: Int, rate: Double?, plan: LoadPlan, trust: ClientTrust, datapath: ClientDatapath
     ) throws(ClientError) -> LoadShare {
         let app = LoadApp()
-        let rig = try ClientRig(trust: trust, datapath: datapath, application: app, handshakeTimeout: plan.handshakeTimeout)
+        let rig = try ClientRig(trust: trust, datapath: datapath, application: app, handshakeTimeout: plan.handshakeTimeout, keepAlive: plan.keepAlive)
         defer { rig.queue.close() }
         let endpoint = rig.endpoint, worker = rig.worker
         // Handshakes are started between turns: a turn must not sleep past the next one due.

@@ -24,6 +24,9 @@ public struct QUICSettings: Sendable, Equatable {
     public var retry = false
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
+    /// Client: a PING after this long without traffic, in ns, so that an idle connection outlives the
+    /// peer's idle timeout (0: never, the default: an idle connection ends).
+    public var keepAlive: UInt64 = 0
     public var initialMaxData: UInt64 = 16 << 20
     public var initialMaxStreamData: UInt64 = 8 << 20
     public var maxWindow: UInt64 = 64 << 20
@@ -57,6 +60,7 @@ public struct QUICSettings: Sendable, Equatable {
         s.log = debugLog ? 1 : 0
         s.idle_timeout = idleTimeout
         s.handshake_timeout = handshakeTimeout
+        s.keep_alive = keepAlive
         s.initial_max_data = initialMaxData
         s.initial_max_stream_data = initialMaxStreamData
         s.max_window = maxWindow

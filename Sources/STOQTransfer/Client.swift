@@ -204,7 +204,7 @@ package struct ClientRig {
     package init(
         trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
-        handshakeTimeout: Double? = nil
+        handshakeTimeout: Double? = nil, keepAlive: Double? = nil
     ) throws(ClientError) {
         let creds: TLSCredentials
         do {
@@ -234,6 +234,7 @@ package struct ClientRig {
         // Matters when this end sends (uploads).
         settings.congestionControl = congestionControl
         if let handshakeTimeout { settings.handshakeTimeout = UInt64(handshakeTimeout * 1e9) }
+        if let keepAlive { settings.keepAlive = UInt64(keepAlive * 1e9) }
         endpoint = QUICEndpoint(
             isServer: false, credentials: creds, settings: settings, workerID: 0,
             secret: StaticSecret.random())

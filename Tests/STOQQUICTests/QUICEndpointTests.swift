@@ -310,6 +310,24 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(pair.server.connectionCount == 0)
     }
 
+    /// A client with keep-alive outlives the server's idle timeout many times over; without it,
+    /// the same idle connection ends at that timeout.
+    @Test func keepAliveHoldsAnIdleConnectionOpen() throws {
+        var server = QUICSettings()
+        server.idleTimeout = 2_000_000_000
+        for keepAlive: UInt64 in [500_000_000, 0] {
+            var client = QUICSettings()
+            client.keepAlive = keepAlive
+            let pair = try EndpointPair(identity: identity, serverSettings: server, clientSettings: client)
+            pair.server.application = MemoryServer(object: [])
+            let conn = try pair.connect()
+            #expect(pair.run { conn.isEstablished })
+            pair.run(for: 20_000_000_000) { pair.server.connectionCount == 0 && pair.client.connectionCount == 0 }
+            #expect(pair.server.connectionCount == (keepAlive > 0 ? 1 : 0), "keep-alive \(keepAlive) ns")
+            #expect(pair.client.connectionCount == (keepAlive > 0 ? 1 : 0), "keep-alive \(keepAlive) ns")
+        }
+    }
+
     @Test func gracefulCloseReachesThePeer() throws {
         let (client, _, pair) = try download(size: 1000)
         pair.server.closeAll(now: pair.now)

@@ -137,6 +137,7 @@ typedef struct stoq_settings {
   int log;                    /* ngtcp2 debug log to stderr */
   uint64_t idle_timeout;      /* ns */
   uint64_t handshake_timeout; /* ns */
+  uint64_t keep_alive;        /* ns, client: a PING after this long without traffic (0: never) */
   uint64_t initial_max_data;
   uint64_t initial_max_stream_data;
   uint64_t max_window;
