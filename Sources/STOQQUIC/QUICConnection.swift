@@ -23,6 +23,9 @@ public final class QUICConnection {
     /// The deadline it is scheduled at in the endpoint's timer heap.
     var scheduled: Timestamp = .max
     var isDirty = false
+    /// Closing: its CONNECTION_CLOSE has not been sent yet (`pollTransmit` sends it, as it sends
+    /// any connection's packets, so closing thousands at once loses none).
+    var closeOwed = false
     var removed = false
     var closeReason = ""
     var closeResends = 0

@@ -394,6 +394,18 @@ public final class QUICEndpoint {
             return t
         }
         while let conn = dirty.last {
+            if conn.closeOwed, !conn.removed, case .closing(_, let packet) = conn.state, packet.count <= buffer.count {
+                dirty.removeLast()
+                conn.isDirty = false
+                conn.closeOwed = false
+                packet.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                var remote = sockaddr_in6()
+                stoq_conn_remote(conn.raw, &remote)
+                tally.datagramsOut &+= 1
+                return Transmit(
+                    length: packet.count, segmentSize: packet.count, destination: IPv6Endpoint(remote), source: conn.local,
+                    ecn: .notECT)
+            }
             guard case .active = conn.state, !conn.removed else {
                 dirty.removeLast()
                 conn.isDirty = false
@@ -488,15 +500,8 @@ public final class QUICEndpoint {
         }
         let packet = Array(UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
         conn.state = .closing(deadline: stoq_conn_close_deadline(conn.raw, now), packet: packet)
-        var remote = sockaddr_in6()
-        stoq_conn_remote(conn.raw, &remote)
-        _ = packet.withUnsafeBytes { p in
-            queueReply(to: IPv6Endpoint(remote), from: conn.local) { buf, cap in
-                guard p.count <= cap else { return -1 }
-                buf.update(from: p.baseAddress!.assumingMemoryBound(to: UInt8.self), count: p.count)
-                return p.count
-            }
-        }
+        conn.closeOwed = true
+        markDirty(conn)
         schedule(conn, force: true)
     }
 

@@ -328,6 +328,21 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         }
     }
 
+    /// Closing more connections at once than the stateless reply queue holds (256): every
+    /// CONNECTION_CLOSE still goes out, so the server ends them all well before its idle timeout.
+    @Test func closingHundredsOfConnectionsAtOnceReachesThePeer() throws {
+        let pair = try EndpointPair(identity: identity)
+        pair.server.application = MemoryServer(object: [])
+        var conns: [QUICConnection] = []
+        for _ in 0..<300 { conns.append(try pair.connect()) }
+        #expect(pair.run { conns.allSatisfy(\.isEstablished) })
+        #expect(pair.server.connectionCount == 300)
+        for c in conns { c.close(now: pair.now) }
+        #expect(pair.client.counters.droppedReplies == 0, "CONNECTION_CLOSEs lost before they were sent")
+        pair.run(for: 5_000_000_000) { pair.server.connectionCount == 0 }
+        #expect(pair.server.connectionCount == 0, "idle timeout is 30 s; 5 s of simulated time passed")
+    }
+
     @Test func gracefulCloseReachesThePeer() throws {
         let (client, _, pair) = try download(size: 1000)
         pair.server.closeAll(now: pair.now)
