@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <sys/eventfd.h>
 #include "CSTOQSystem.h"
+#include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -30,3 +31,5 @@ int stoq_fsetxattr(int fd, const char *name, const void *value, unsigned long si
 }
 
 int stoq_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+void stoq_release_free_memory(void) { malloc_trim(0); }

@@ -30,6 +30,11 @@ public final class Worker {
     /// worker publishes its counters for the control plane (it never waits on it).
     public var onTick: (() -> Void)?
     public var tickInterval: UInt64 = 1_000_000_000
+    /// When this many connections have ended since the most the worker held (sampled each
+    /// tick), or none is left, the heap's free memory goes back to the kernel
+    /// (`stoq_release_free_memory`).
+    public var releaseAfterClosing = 1_000
+    private var connectionPeak = 0
     /// Datagrams handled between transmit passes within one receive batch.
     public var flushBudget = 64
     /// Called on the worker thread at the start of every turn: where handlers pick up work
@@ -153,13 +158,25 @@ public final class Worker {
         try queue.flush()
     }
 
+    /// Returns freed memory to the kernel once `releaseAfterClosing` connections have ended
+    /// since the peak, or the last one has: one malloc_trim per wave of closes, not per connection.
+    private func releaseFreedMemory() {
+        let open = endpoint.connectionCount
+        connectionPeak = max(connectionPeak, open)
+        guard connectionPeak - open >= releaseAfterClosing || (open == 0 && connectionPeak > 0) else { return }
+        connectionPeak = open
+        stoq_release_free_memory()
+    }
+
     /// Runs until `stop` is set, then closes every connection gracefully and keeps
     /// running (at most `drainTimeout`) until they are gone.
     public func run(stop: StopFlag, drainTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
         while !stop.isStopped {
-            if let onTick {
-                let now = monotonicNow()
-                if now >= nextTick { nextTick = now + tickInterval; onTick() }
+            let now = monotonicNow()
+            if now >= nextTick {
+                nextTick = now + tickInterval
+                onTick?()
+                releaseFreedMemory()
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {

@@ -39,6 +39,10 @@ typedef struct stoq_handoff_item {
   struct sockaddr_in6 peer, local;
 } stoq_handoff_item;
 
+/** Hands the heap's free memory back to the kernel (malloc_trim): glibc keeps what was freed,
+ *  so without it a node that held 100 000 connections stays at that size once they close. */
+void stoq_release_free_memory(void);
+
 /** A bounded lock-free queue into one worker: any worker pushes, the owner pops. */
 typedef struct stoq_handoff stoq_handoff;
 
