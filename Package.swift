@@ -294,6 +294,8 @@ let package = Package(
         .testTarget(name: "stoqTests", dependencies: ["stoq"]),
         .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore",
                                                              .product(name: "Logging", package: "swift-log")]),
+        // The session cache's file format (0-RTT's parameters kept with the session).
+        .testTarget(name: "STOQTransferTests", dependencies: ["STOQTransfer"]),
         .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "Logging", package: "swift-log")]),

@@ -207,9 +207,29 @@ static int cb_recv_rx_key(ngtcp2_conn *q, ngtcp2_crypto_level level, void *ud) {
   return setup_h3(c) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 
+/* Client, handshake done: did the server take what went in 0-RTT? GnuTLS knows from the
+ * server's EncryptedExtensions. 0-RTT was sent only if its keys were made (a ClientHello that
+ * offered early data); without them the requests simply waited for 1-RTT keys. Either way,
+ * when the server did not take early data, ngtcp2 0.12 forgets the streams opened for it,
+ * and the requests go again. */
+static int settle_early_data(stoq_conn *c) {
+  if (c->is_server || !c->early) return 0;
+  int sent = ngtcp2_conn_get_early_crypto_ctx(c->q)->aead.native_handle != NULL;
+  if (stoq_conn_early_data_accepted(c)) {
+    c->early_outcome = sent ? STOQ_EARLY_ACCEPTED : STOQ_EARLY_NONE;
+    drop_early_copies(c);
+    return 0;
+  }
+  c->early_outcome = sent ? STOQ_EARLY_REJECTED : STOQ_EARLY_NONE;
+  int rv = resend_early_requests(c);
+  drop_early_copies(c);
+  return rv;
+}
+
 static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
   (void)q;
   stoq_conn *c = ud;
+  if (settle_early_data(c) != 0) return NGTCP2_ERR_CALLBACK_FAILURE;
   c->established = 1;
   send_session_ticket(c);
   if (c->ep->ev.on_handshake) c->ep->ev.on_handshake(c->ep->ev.ctx, c);
@@ -475,6 +495,50 @@ void stoq_conn_free(stoq_conn *c) {
   endpoint_release(c->ep);
   free(c);
 }
+
+/* ---- 0-RTT (client) ----------------------------------------------------------- */
+
+/* The limits a 0-RTT flight is held to (those ngtcp2_conn_set_early_remote_transport_params
+ * reads), nothing of the old connection's identity: no CIDs, no reset token. */
+static void early_limits(ngtcp2_transport_params *to, const ngtcp2_transport_params *from) {
+  ngtcp2_transport_params_default(to);
+  to->initial_max_streams_bidi = from->initial_max_streams_bidi;
+  to->initial_max_streams_uni = from->initial_max_streams_uni;
+  to->initial_max_stream_data_bidi_local = from->initial_max_stream_data_bidi_local;
+  to->initial_max_stream_data_bidi_remote = from->initial_max_stream_data_bidi_remote;
+  to->initial_max_stream_data_uni = from->initial_max_stream_data_uni;
+  to->initial_max_data = from->initial_max_data;
+  to->active_connection_id_limit = from->active_connection_id_limit;
+  to->max_idle_timeout = from->max_idle_timeout;
+  to->max_udp_payload_size = from->max_udp_payload_size;
+  to->disable_active_migration = from->disable_active_migration;
+  to->max_datagram_frame_size = from->max_datagram_frame_size;
+}
+
+ssize_t stoq_conn_early_params(stoq_conn *c, uint8_t *buf, size_t cap) {
+  if (c->is_server || !c->established) return -1;
+  const ngtcp2_transport_params *remote = ngtcp2_conn_get_remote_transport_params(c->q);
+  if (!remote) return -1;
+  ngtcp2_transport_params p;
+  early_limits(&p, remote);
+  ngtcp2_ssize n = ngtcp2_encode_transport_params(buf, cap, NGTCP2_TRANSPORT_PARAMS_TYPE_ENCRYPTED_EXTENSIONS, &p);
+  return n < 0 ? -1 : (ssize_t)n;
+}
+
+int stoq_conn_set_early_params(stoq_conn *c, const uint8_t *data, size_t len) {
+  if (c->is_server || !c->ep->s.early_data || !c->session_offered || c->h3 || c->early) return -1;
+  ngtcp2_transport_params p, limits;
+  if (ngtcp2_decode_transport_params(&p, NGTCP2_TRANSPORT_PARAMS_TYPE_ENCRYPTED_EXTENSIONS, data, len) != 0) return -1;
+  /* HTTP/3 needs three unidirectional streams of its own, and a request a bidirectional one. */
+  if (p.initial_max_streams_uni < 3 || p.initial_max_streams_bidi < 1 || p.initial_max_data == 0) return -1;
+  early_limits(&limits, &p);
+  ngtcp2_conn_set_early_remote_transport_params(c->q, &limits);
+  if (setup_h3(c) != 0) return -1;
+  c->early = 1;
+  return 0;
+}
+
+int stoq_conn_early_data(const stoq_conn *c) { return c->is_server ? STOQ_EARLY_NONE : c->early_outcome; }
 
 void stoq_conn_set_app(stoq_conn *c, void *app) { c->app = app; }
 void *stoq_conn_get_app(const stoq_conn *c) { return c->app; }

@@ -46,6 +46,7 @@ void stream_free(stoq_conn *c, stoq_stream *s) {
     if (p->release) p->release(p->arg);
   }
   if (s->hashing && !s->digest_done) gnutls_hash_deinit(s->hash, NULL);
+  free(s->early_nv);
   c->streams_open--;
   free(s);
 }
@@ -403,12 +404,75 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   return rv;
 }
 
+/* One block: the fields, then their names and values. */
+static nghttp3_nv *copy_nv(const nghttp3_nv *nva, size_t n) {
+  size_t bytes = n * sizeof(*nva);
+  for (size_t i = 0; i < n; i++) bytes += nva[i].namelen + nva[i].valuelen;
+  nghttp3_nv *copy = malloc(bytes ? bytes : 1);
+  if (!copy) return NULL;
+  uint8_t *at = (uint8_t *)(copy + n);
+  for (size_t i = 0; i < n; i++) {
+    copy[i] = nva[i];
+    copy[i].name = memcpy(at, nva[i].name, nva[i].namelen);
+    at += nva[i].namelen;
+    copy[i].value = memcpy(at, nva[i].value, nva[i].valuelen);
+    at += nva[i].valuelen;
+  }
+  return copy;
+}
+
+void drop_early_copies(stoq_conn *c) {
+  for (stoq_stream *s = c->streams; s; s = s->next) {
+    free(s->early_nv);
+    s->early_nv = NULL;
+  }
+}
+
+int resend_early_requests(stoq_conn *c) {
+  int rv = ngtcp2_conn_early_data_rejected(c->q); /* forgets the streams and their ids */
+  if (rv != 0) {
+    conn_fail(c, "ngtcp2_conn_early_data_rejected: %s", ngtcp2_strerror(rv));
+    return -1;
+  }
+  nghttp3_conn_del(c->h3);
+  c->h3 = NULL;
+  if (setup_h3(c) != 0) return -1;
+  /* Oldest first (the list is newest first), so they go in the order they were made. */
+  stoq_stream *s = c->streams;
+  while (s && s->next) s = s->next;
+  while (s) {
+    stoq_stream *prev = s->prev;
+    if (s->early_nv) {
+      int64_t sid;
+      rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
+      if (rv == 0) {
+        s->id = sid;
+        rv = nghttp3_conn_submit_request(c->h3, sid, s->early_nv, s->early_nvlen, NULL, s);
+      }
+      if (rv != 0) {
+        /* The server now allows fewer streams than it did: this request fails alone. */
+        if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_REJECTED);
+        stream_free(c, s);
+      }
+    }
+    s = prev;
+  }
+  return 0;
+}
+
 stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
                                       const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
                                       int has_body, void (*release)(void *), void *arg, void *app, char *err,
                                       size_t errlen) {
   if (!c->h3) {
     set_err(err, errlen, "the connection is not established");
+    return NULL;
+  }
+  /* Before the handshake: 0-RTT. Kept to be sent again if the server refuses it, which a body
+   * (released as it is acknowledged) would not allow. */
+  int early = !c->is_server && !c->established;
+  if (early && has_body && body_len > 0) {
+    set_err(err, errlen, "a request with a body does not go in 0-RTT: send it once the connection is established");
     return NULL;
   }
   int64_t sid;
@@ -429,7 +493,13 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   nva[4] = make_nv("user-agent", "stoq");
   size_t n = build_nv(nva, 5, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
-  rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && body_len > 0 ? &dr : NULL, s);
+  if (early) {
+    s->early_nv = copy_nv(nva, n);
+    s->early_nvlen = n;
+    rv = s->early_nv ? nghttp3_conn_submit_request(c->h3, sid, nva, n, NULL, s) : NGHTTP3_ERR_NOMEM;
+  } else {
+    rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && body_len > 0 ? &dr : NULL, s);
+  }
   if (rv != 0) {
     set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));
     s->pieces[0].release = NULL; /* the caller keeps ownership on failure */

@@ -91,6 +91,10 @@ struct stoq_stream {
   int end_waiting; /* the body ended; its end is announced once nothing is pending */
   int hashing;
   int digest_done;
+  /* client, a request sent in 0-RTT: a copy of its head, to send again in 1-RTT if the server
+     refuses the early data (freed once the handshake has decided) */
+  nghttp3_nv *early_nv;
+  size_t early_nvlen;
   gnutls_hash_hd_t hash;
   uint8_t digest[32];
 };
@@ -127,6 +131,9 @@ struct stoq_conn {
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
   gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
+  int session_offered;      /* client: GnuTLS took an earlier session (stoq_conn_set_session) */
+  int early;                /* client: HTTP/3 set up on the server's remembered parameters: 0-RTT */
+  int early_outcome;        /* client: STOQ_EARLY_* once the handshake decided */
 };
 
 /* Fills `err` (may be NULL) printf-style. */
@@ -152,8 +159,12 @@ STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);
 STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
 /* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
 STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
-/* Opens HTTP/3 once the application keys are there. */
+/* Opens HTTP/3 once the application keys are there (client: or 0-RTT's). */
 STOQ_HIDDEN int setup_h3(stoq_conn *c);
+/* Client: the server refused 0-RTT. HTTP/3 starts over and each request in it goes again. */
+STOQ_HIDDEN int resend_early_requests(stoq_conn *c);
+/* Forgets the copies of requests sent in 0-RTT (the handshake decided). */
+STOQ_HIDDEN void drop_early_copies(stoq_conn *c);
 
 /* Body sinks (stoq_sink.c): the endpoint's writer; taking body bytes (returns how many were
    queued: their credit comes back when written); the end of a body (announced once written);

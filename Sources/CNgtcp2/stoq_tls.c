@@ -133,7 +133,9 @@ static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, un
 
 int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len) {
   if (c->is_server || !c->tls) return -1;
-  return gnutls_session_set_data(c->tls, data, len) == 0 ? 0 : -1;
+  if (gnutls_session_set_data(c->tls, data, len) != 0) return -1;
+  c->session_offered = 1;
+  return 0;
 }
 
 size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data) {
@@ -292,7 +294,8 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   /* Under mutual TLS no tickets: a resumed handshake carries no certificate, so the policy
    * (revocation, transparency, a reloaded trust bundle) would not see the client again. */
   int tickets = c->is_server && c->ep->s.ticket_lifetime && t->client_auth == STOQ_CLIENT_AUTH_NONE;
-  int early = tickets && c->ep->s.early_data;
+  /* A client offers early data only when it resumes (GnuTLS sends the extension then). */
+  int early = (tickets || !c->is_server) && c->ep->s.early_data;
   /* With tickets, the server sends its NewSessionTicket itself once the handshake is
    * complete (send_session_ticket), as QUIC wants it in 1-RTT CRYPTO frames. QUIC has no
    * EndOfEarlyData message (RFC 9001 §8.3). */
@@ -307,7 +310,7 @@ int setup_tls(stoq_conn *c, const char *server_name) {
     if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;
     gnutls_db_set_cache_expiration(c->tls, (int)c->ep->s.ticket_lifetime);
   }
-  if (early) {
+  if (early && c->is_server) {
     gnutls_anti_replay_enable(c->tls, anti_replay);
     /* QUIC bounds 0-RTT by its flow control; TLS's limit must be this value (RFC 9001 §4.6.1). */
     gnutls_record_set_max_early_data_size(c->tls, 0xffffffffu);

@@ -155,6 +155,9 @@ package struct NodeMetrics {
         perWorker("stoq_http_too_early_total", "Requests in 0-RTT that are not GET/HEAD, answered 425 Too Early.") {
             $0.endpoint.requestsTooEarly
         }
+        perWorker("stoq_http_early_requests_total", "Requests in 0-RTT (GET/HEAD) served before the handshake completed.") {
+            $0.endpoint.requestsEarly
+        }
         perWorker("stoq_qlog_connections_total", "Connections that wrote a qlog (log.qlog_dir, sampled).") { $0.endpoint.qlogConnections }
         perWorker("stoq_qlog_bytes_total", "Bytes written to qlog files.") { $0.endpoint.qlogBytes }
         perWorker("stoq_qlog_errors_total", "qlog files that could not be opened or written (a full disk).") { $0.endpoint.qlogErrors }

@@ -69,6 +69,37 @@ public final class QUICConnection {
     public func offerSession(_ session: [UInt8]) -> Bool {
         session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count) == 0 }
     }
+    /// Client, once established: what 0-RTT needs to remember of the server (its stream and
+    /// flow control limits, RFC 9000 §7.4.1, in transport parameter encoding): keep it with
+    /// `resumableSession` and give both to the next connection. Nil before the handshake.
+    public var earlyParameters: [UInt8]? {
+        var buf = [UInt8](repeating: 0, count: 256)
+        let n = buf.withUnsafeMutableBufferPointer { stoq_conn_early_params(raw, $0.baseAddress, $0.count) }
+        return n > 0 ? Array(buf.prefix(n)) : nil
+    }
+    /// Client, after `offerSession` succeeded and before the first packet leaves: with the
+    /// server's `earlyParameters` from that session's connection, requests may be sent at once,
+    /// in 0-RTT (`canSendEarly`). False when they cannot be used: requests then wait for the
+    /// handshake, as without them.
+    @discardableResult
+    public func offerEarlyParameters(_ parameters: [UInt8]) -> Bool {
+        earlyPrepared = parameters.withUnsafeBufferPointer {
+            stoq_conn_set_early_params(raw, $0.baseAddress, $0.count) == 0
+        }
+        return earlyPrepared
+    }
+    /// Client: whether a request may be sent now, before the handshake completed (0-RTT).
+    /// Only methods safe to replay are (`EarlyData.allows`).
+    public var canSendEarly: Bool { !isEstablished && earlyPrepared }
+    private var earlyPrepared = false
+    /// Client, once established: what became of 0-RTT.
+    public var earlyData: EarlyData {
+        switch stoq_conn_early_data(raw) {
+        case Int32(STOQ_EARLY_ACCEPTED): .accepted
+        case Int32(STOQ_EARLY_REJECTED): .rejected
+        default: .none
+        }
+    }
     /// Closing or draining.
     public var isClosed: Bool { if case .active = state { false } else { true } }
 
@@ -139,6 +170,9 @@ public final class QUICConnection {
         method: String, authority: String, path: String, headers: [(String, String)] = [],
         body: BodyRegion? = nil
     ) throws(QUICError) -> HTTPStream {
+        if !isEstablished && !EarlyData.allows(method) {
+            throw QUICError(.stream, "\(method) \(path): only GET and HEAD go in 0-RTT (RFC 8470); wait for the handshake")
+        }
         var err = [CChar](repeating: 0, count: 256)
         let s: OpaquePointer? = withCHeaders(headers) { hdrs, n in
             if let body {
@@ -182,6 +216,22 @@ public final class QUICConnection {
     public func close(errorCode: UInt64 = H3Error.noError, now: Timestamp) {
         endpoint.close(self, errorCode: errorCode, now: now)
     }
+}
+
+/// What became of a client's 0-RTT (early data) on one connection.
+public enum EarlyData: String, Sendable, Codable {
+    /// Nothing was sent in 0-RTT: no session or parameters were kept for the server, or the
+    /// request could not go in it.
+    case none
+    /// The requests went in 0-RTT and the server took them: answered a round trip sooner.
+    case accepted
+    /// The requests went in 0-RTT and the server refused them (a new ticket key, early data
+    /// off, a replay suspected): they were sent again after the handshake.
+    case rejected
+
+    /// Whether `method` may go in 0-RTT, which an attacker can replay: only the safe,
+    /// idempotent ones (RFC 9001 §9.2, RFC 8470 §2). The node applies the same rule.
+    public static func allows(_ method: String) -> Bool { method == "GET" || method == "HEAD" }
 }
 
 private func releaseBody(_ arg: UnsafeMutableRawPointer?) {

@@ -37,6 +37,8 @@ public struct EndpointCounters: Sendable {
     /// Requests that came in 0-RTT with a method that is not safe to replay (not GET/HEAD),
     /// answered 425 Too Early (RFC 8470) without reaching the application.
     public var requestsTooEarly: UInt64 = 0
+    /// Requests that came in 0-RTT with a safe method (GET/HEAD) and were served from it.
+    public var requestsEarly: UInt64 = 0
     /// Connections that write a qlog (sampled, their file opened).
     public var qlogConnections: UInt64 = 0
     /// Bytes written to qlog files.
@@ -101,6 +103,7 @@ public final class QUICEndpoint {
     fileprivate func countResumed() { tally.tlsResumed &+= 1 }
     fileprivate func countEarlyData() { tally.tlsEarlyData &+= 1 }
     fileprivate func countTooEarly() { tally.requestsTooEarly &+= 1 }
+    fileprivate func countEarlyRequest() { tally.requestsEarly &+= 1 }
     /// The application that handles requests and responses.
     public var application: QUICApplication?
 
@@ -653,10 +656,13 @@ private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?,
     // A server sees a request before its handshake completed only in 0-RTT, which an attacker
     // can replay: only safe, idempotent methods run from it (RFC 9001 §9.2, RFC 8470 §3). The
     // client may send the others again once the handshake is done.
-    if ep.isServer && !conn.isEstablished && request.method != "GET" && request.method != "HEAD" {
-        ep.countTooEarly()
-        conn.respond(HTTPStream(raw: s), status: 425, headers: [("content-length", "0")], body: nil)
-        return
+    if ep.isServer && !conn.isEstablished {
+        guard EarlyData.allows(request.method) else {
+            ep.countTooEarly()
+            conn.respond(HTTPStream(raw: s), status: 425, headers: [("content-length", "0")], body: nil)
+            return
+        }
+        ep.countEarlyRequest()
     }
     if let app = ep.application {
         app.request(request, stream: HTTPStream(raw: s), connection: conn)

@@ -48,6 +48,8 @@ public struct QUICSettings: Sendable, Equatable {
     public var ticketLifetime: UInt64 = 24 * 3600 * 1_000_000_000
     /// Server, with `sessionTickets`: accept 0-RTT from resuming clients (`tls.early_data`).
     /// Only GET and HEAD are served from early data; anything else gets 425 Too Early.
+    /// Client: offer 0-RTT when resuming; requests go in it once the server's kept limits are
+    /// given (`QUICConnection.offerEarlyParameters`).
     public var earlyData = true
 
     public init() {}

@@ -75,15 +75,51 @@ public struct TransferResult: Sendable, Codable {
     public var message: String? = nil
     /// The handshake resumed a session kept from an earlier connection (`SessionCache`).
     public var resumed: Bool? = nil
+    /// With a session cache: whether the request went in 0-RTT, and whether the server took it.
+    public var earlyData: EarlyData? = nil
+    /// Seconds from the start of the connection (before the handshake) to the response's head.
+    public var firstByteSeconds: Double? = nil
 }
 
 /// Sessions kept per server between runs, one file each (`<host>_<port>.session`, mode 0600)
 /// under a directory (`stoq`'s is `$XDG_CACHE_HOME/stoq` or `~/.cache/stoq`): the next
-/// connection to that server resumes instead of a full handshake. A missing, stale or
-/// unreadable file only costs that resumption.
+/// connection to that server resumes instead of a full handshake, and sends its GETs in 0-RTT.
+/// A missing file only costs that; an unreadable, damaged or old one is reported (`warn`) and
+/// costs the same — the next successful run writes a good one over it.
+///
+/// The file (format version 1; integers big-endian): the 8 bytes `STOQSESS`, the version byte,
+/// then the TLS session (GnuTLS's resumption data: 4-byte length, bytes), then the server's
+/// transport parameters that 0-RTT must respect (RFC 9000 §7.4.1; in their wire encoding,
+/// RFC 9000 §18: 4-byte length, bytes; length 0 when none were kept). Nothing follows.
 public struct SessionCache: Sendable {
+    /// What is kept for one server.
+    public struct Entry: Sendable, Equatable {
+        /// GnuTLS's data to resume the session (`QUICConnection.resumableSession`).
+        public var session: [UInt8]
+        /// The server's limits for 0-RTT (`QUICConnection.earlyParameters`); nil: none kept.
+        public var earlyParameters: [UInt8]?
+        public init(session: [UInt8], earlyParameters: [UInt8]?) {
+            self.session = session
+            self.earlyParameters = earlyParameters
+        }
+    }
+
+    /// Why a kept file is not used.
+    public struct FormatError: Error, Sendable, CustomStringConvertible, Equatable {
+        public var description: String
+    }
+
+    /// The format `store` writes and `load` reads; any other is refused.
+    public static let formatVersion: UInt8 = 1
+    static let magic = Array("STOQSESS".utf8)
+
     public let directory: String
-    public init(directory: String) { self.directory = directory }
+    let warn: @Sendable (String) -> Void
+    /// `warn` hears of a kept file that cannot be used (its path and why).
+    public init(directory: String, warn: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.directory = directory
+        self.warn = warn
+    }
 
     /// The user's cache directory for stoq.
     public static var defaultDirectory: String {
@@ -92,24 +128,83 @@ public struct SessionCache: Sendable {
         return (env["HOME"] ?? NSHomeDirectory()) + "/.cache/stoq"
     }
 
+    /// The file's bytes for `entry`.
+    public static func encode(_ entry: Entry) -> [UInt8] {
+        func put(_ bytes: [UInt8], into out: inout [UInt8]) {
+            let n = UInt32(bytes.count)
+            out += [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+            out += bytes
+        }
+        var out = magic + [formatVersion]
+        put(entry.session, into: &out)
+        put(entry.earlyParameters ?? [], into: &out)
+        return out
+    }
+
+    /// Reads a file's bytes; the error says what is wrong with them.
+    public static func decode(_ bytes: [UInt8]) throws(FormatError) -> Entry {
+        guard bytes.count > magic.count, Array(bytes.prefix(magic.count)) == magic else {
+            throw FormatError(description: "not a stoq session file (an older stoq's, or damaged)")
+        }
+        let version = bytes[magic.count]
+        guard version == formatVersion else {
+            throw FormatError(description: "format version \(version), this stoq reads version \(formatVersion)")
+        }
+        var at = magic.count + 1
+        func take() throws(FormatError) -> [UInt8] {
+            guard bytes.count - at >= 4 else { throw FormatError(description: "truncated") }
+            let n = bytes[at..<at + 4].reduce(0) { $0 << 8 | Int($1) }
+            at += 4
+            guard bytes.count - at >= n else { throw FormatError(description: "truncated") }
+            defer { at += n }
+            return Array(bytes[at..<at + n])
+        }
+        let session = try take(), early = try take()
+        guard at == bytes.count else { throw FormatError(description: "\(bytes.count - at) bytes after the end") }
+        guard !session.isEmpty else { throw FormatError(description: "no session in it") }
+        return Entry(session: session, earlyParameters: early.isEmpty ? nil : early)
+    }
+
     func path(for url: STOQURL) -> String {
         let host = url.host.map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" ? $0 : "_" }
         return directory + "/" + String(host) + "_\(url.endpoint.port).session"
     }
 
-    func load(for url: STOQURL) -> [UInt8]? {
-        guard let d = FileManager.default.contents(atPath: path(for: url)), !d.isEmpty else { return nil }
-        return [UInt8](d)
+    /// What is kept for `url`'s server; nil when nothing (usable) is.
+    public func load(for url: STOQURL) -> Entry? {
+        let file = path(for: url)
+        guard let d = FileManager.default.contents(atPath: file) else { return nil }
+        do { return try Self.decode([UInt8](d)) } catch {
+            warn("session cache \(file): \(error); resuming nothing (a full handshake)")
+            return nil
+        }
     }
 
     /// Writes atomically (temp file, rename), readable by the user only: a session is a secret.
-    func store(_ session: [UInt8], for url: STOQURL) {
+    public func store(_ entry: Entry, for url: STOQURL) {
         try? FileManager.default.createDirectory(
             atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let final = path(for: url), temp = final + ".\(getpid()).tmp"
-        guard FileManager.default.createFile(atPath: temp, contents: Data(session), attributes: [.posixPermissions: 0o600])
+        guard
+            FileManager.default.createFile(
+                atPath: temp, contents: Data(Self.encode(entry)), attributes: [.posixPermissions: 0o600])
         else { return }
         if rename(temp, final) != 0 { unlink(temp) }
+    }
+
+    /// Offers `url`'s kept session to `connection` (a client's, before its first packet), and
+    /// with `early` the kept 0-RTT parameters too. Returns whether requests may go now (0-RTT).
+    func offer(for url: STOQURL, to connection: QUICConnection, early: Bool) -> Bool {
+        guard let entry = load(for: url), connection.offerSession(entry.session) else { return false }
+        guard early, let p = entry.earlyParameters else { return false }
+        return connection.offerEarlyParameters(p)
+    }
+
+    /// Keeps what `connection` (established) learnt of its server for the next run: its newest
+    /// session, and the limits 0-RTT needs. Nothing when the server sent no ticket.
+    func keep(from connection: QUICConnection, for url: STOQURL) {
+        guard let session = connection.resumableSession else { return }
+        store(Entry(session: session, earlyParameters: connection.earlyParameters), for: url)
     }
 }
 
@@ -171,7 +266,10 @@ final class TransferApp: QUICApplication {
     var sinkErrno: Int32 = 0
     init(sinkFD: Int32, hash: Bool) { self.sinkFD = sinkFD; self.hash = hash }
     deinit { if errorFD >= 0 { close(errorFD) } }
+    /// When the response's head arrived (monotonic ns).
+    var headAt: UInt64?
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        headAt = monotonicNow()
         self.status = status
         self.contentLength = contentLength
         if status / 100 != 2 && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
@@ -276,17 +374,19 @@ public enum STOQClient {
     /// With `hash` the body's SHA-256 is computed as it arrives (`TransferResult.sha256`).
     /// With `qlogDirectory` the connection writes its qlog there (`<odcid-hex>.client.sqlog`).
     /// `headers` go with the request (e.g. W3C `traceparent`, so the node's spans join a trace).
+    /// With `sessionCache` the server's kept session is resumed and, unless `earlyData` is
+    /// false, the GET goes in 0-RTT when the server's parameters were kept too.
     public static func get(
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
-        sessionCache: SessionCache? = nil,
+        sessionCache: SessionCache? = nil, earlyData: Bool = true,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
             congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
-            progressInterval: progressInterval, progress: progress)
+            earlyData: earlyData, progressInterval: progressInterval, progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
@@ -312,7 +412,7 @@ public enum STOQClient {
         _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
-        sessionCache: SessionCache? = nil,
+        sessionCache: SessionCache? = nil, earlyData: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
@@ -329,13 +429,17 @@ public enum STOQClient {
                 to: url.endpoint, from: source,
                 serverName: url.host, now: start)
         } catch { throw ClientError(.connect, "\(error)") }
-        if let sessionCache, let session = sessionCache.load(for: url) { conn.offerSession(session) }
+        // A GET (or HEAD) to a server we kept a session for goes in 0-RTT, a round trip sooner.
+        let early =
+            sessionCache?.offer(for: url, to: conn, early: earlyData && EarlyData.allows(method) && body == nil) ?? false
         let deadline = UInt64(timeout * 1e9)
-        do {
-            try worker.run(timeout: deadline) { conn.isEstablished || app.connectionError != nil }
-        } catch { throw ClientError(.connect, "\(error)") }
-        guard conn.isEstablished else {
-            throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
+        if !early {
+            do {
+                try worker.run(timeout: deadline) { conn.isEstablished || app.connectionError != nil }
+            } catch { throw ClientError(.connect, "\(error)") }
+            guard conn.isEstablished else {
+                throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
+            }
         }
         let stream: HTTPStream
         do {
@@ -380,8 +484,12 @@ public enum STOQClient {
                     "stats: rx \(d.rxDatagrams) datagrams in \(d.rxBuffers) buffers, tx \(d.txDatagrams) datagrams in \(d.txSends) sends; endpoint in \(e.datagramsIn) out \(e.datagramsOut)\n"
                         .utf8))
         }
-        if let sessionCache, let session = conn.resumableSession { sessionCache.store(session, for: url) }
+        guard conn.isEstablished else {  // a request sent in 0-RTT waited for a handshake that failed
+            throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
+        }
+        if let sessionCache { sessionCache.keep(from: conn, for: url) }
         let resumed = sessionCache == nil ? nil : conn.isResumed
+        let earlyData = sessionCache == nil ? nil : conn.earlyData
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         guard let closed = app.closed else {
@@ -400,6 +508,7 @@ public enum STOQClient {
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
-            seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed)
+            seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,
+            firstByteSeconds: app.headAt.map { Double($0 - start) / 1e9 })
     }
 }

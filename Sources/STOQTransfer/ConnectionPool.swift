@@ -94,9 +94,14 @@ package final class ConnectionPool {
     /// Where sessions are resumed from and kept (per server), if anywhere: offered when a
     /// connection starts, the server's latest kept when the pool closes.
     package var sessionCache: SessionCache?
+    /// With `sessionCache`: send GETs and HEADs in 0-RTT to servers whose parameters were kept.
+    package var earlyData = true
     /// Handshakes completed, and how many of them resumed a session.
     package var handshakes: Int { app.handshakes }
     package private(set) var resumed = 0
+    /// Connections whose requests went in 0-RTT, by what the server made of them.
+    package private(set) var earlyAccepted = 0
+    package private(set) var earlyRejected = 0
 
     /// A pool whose connections present `trust`'s client certificate and verify upstreams
     /// against it, on a queue `datapath` opens.
@@ -142,7 +147,8 @@ package final class ConnectionPool {
             do {
                 let source = IPv6Endpoint(address: STOQClient.sourceAddress(toward: url.endpoint), port: rig.queue.localEndpoint.port)
                 let c = try rig.endpoint.connect(to: url.endpoint, from: source, serverName: url.host, now: now)
-                if let session = sessionCache?.load(for: url) { c.offerSession(session) }
+                // With a kept session, GETs and HEADs go at once, in 0-RTT; the rest waits.
+                _ = sessionCache?.offer(for: url, to: c, early: earlyData)
                 up = Upstream(url: url, connection: c, startedAt: now)
                 upstreams[url.endpoint] = up
             } catch {
@@ -151,7 +157,18 @@ package final class ConnectionPool {
             }
         }
         requests[tag] = (url.endpoint, nil)
-        if up.connection.isEstablished { send(request, on: up) } else { up.pending.append(request) }
+        if up.connection.isEstablished || canSendEarly(request, on: up) {
+            send(request, on: up)
+        } else {
+            up.pending.append(request)
+        }
+    }
+
+    /// Whether `r` may go before the handshake completes, in 0-RTT: a safe method with no
+    /// body, on a connection that resumed with the server's kept parameters, behind nothing
+    /// that waits (requests go in the order submitted).
+    private func canSendEarly(_ r: Request, on up: Upstream) -> Bool {
+        up.connection.canSendEarly && up.pending.isEmpty && EarlyData.allows(r.method) && r.body == nil
     }
 
     private func send(_ r: Request, on up: Upstream) {
@@ -258,7 +275,12 @@ package final class ConnectionPool {
     package func close() {
         for up in upstreams.values where up.connection.isEstablished {
             if up.connection.isResumed { resumed += 1 }
-            if let sessionCache, let session = up.connection.resumableSession { sessionCache.store(session, for: up.url) }
+            switch up.connection.earlyData {
+            case .accepted: earlyAccepted += 1
+            case .rejected: earlyRejected += 1
+            case .none: break
+            }
+            sessionCache?.keep(from: up.connection, for: up.url)
         }
         for ep in Array(upstreams.keys) { drop(ep, reason: "the pool is closing") }
         _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }

@@ -21,6 +21,10 @@ public struct ManyGetReport: Sendable, Codable {
     /// Handshakes completed (one per server reached), and how many resumed a kept session.
     public var handshakes: Int
     public var resumed: Int
+    /// Connections whose GETs went in 0-RTT and the server took them, and those whose 0-RTT
+    /// the server refused (their GETs were sent again after the handshake).
+    public var earlyDataAccepted: Int
+    public var earlyDataRejected: Int
     public var seconds: Double
 }
 
@@ -29,14 +33,17 @@ extension STOQClient {
     /// connection per server with up to `maxInFlight` requests at once on it (curl-like reuse:
     /// several objects cost one handshake). `headers(url)` go with each request (a
     /// credential, trace context). Every URL gets a result; a failure of one does not stop the
-    /// others. With `sessionCache`, each server's kept session is offered and its new one kept.
+    /// others. With `sessionCache`, each server's kept session is offered and its new one kept,
+    /// and (unless `earlyData` is false) the GETs go in 0-RTT where the server's parameters were.
     public static func getMany(
         _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
-        headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, maxInFlight: Int = 64
+        headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, earlyData: Bool = true,
+        maxInFlight: Int = 64
     ) throws(ClientError) -> ManyGetReport {
         precondition(urls.count == fds.count, "one file descriptor per URL")
         let pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9))
         pool.sessionCache = sessionCache
+        pool.earlyData = earlyData
         var closed = false
         defer { if !closed { pool.close() } }
         let start = monotonicNow(), deadline = start + UInt64(timeout * 1e9)
@@ -71,6 +78,8 @@ extension STOQClient {
         let seconds = Double(monotonicNow() - start) / 1e9
         pool.close()
         closed = true
-        return ManyGetReport(results: results, handshakes: pool.handshakes, resumed: pool.resumed, seconds: seconds)
+        return ManyGetReport(
+            results: results, handshakes: pool.handshakes, resumed: pool.resumed, earlyDataAccepted: pool.earlyAccepted,
+            earlyDataRejected: pool.earlyRejected, seconds: seconds)
     }
 }

@@ -58,8 +58,15 @@ func fail(_ message: String, code: Int32 = 1) -> ExitCode {
 func printJSON(_ r: TransferResult) {
     var obj: [String: Any] = ["status": r.status, "bytes": r.bytes, "seconds": r.seconds, "gbps": r.gbps, "sha256": r.sha256]
     if let resumed = r.resumed { obj["resumed"] = resumed }
+    if let early = r.earlyData { obj["early_data"] = early.rawValue }
+    if let first = r.firstByteSeconds { obj["first_byte_seconds"] = first }
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
+}
+
+/// A kept session that cannot be used costs only its resumption: say why, and go on.
+@Sendable func warnSessionCache(_ message: String) {
+    FileHandle.standardError.write(Data("stoq: \(message)\n".utf8))
 }
 
 func human(_ n: Double) -> String {
@@ -112,6 +119,13 @@ struct Get: ParsableCommand {
             "Neither resume a kept TLS session nor keep the server's new one.",
             discussion: "Sessions are kept per server in $XDG_CACHE_HOME/stoq (or ~/.cache/stoq), mode 0600; never with --insecure or a client certificate."))
     var noSessionCache = false
+    @Flag(
+        help: ArgumentHelp(
+            "Resume a kept session, but send the GETs only once the handshake completed (no 0-RTT).",
+            discussion:
+                "By default a GET to a server whose session and 0-RTT parameters are kept goes in 0-RTT, a round trip sooner; a server that refuses it gets the GET again after the handshake."
+        ))
+    var noEarlyData = false
 
     func validate() throws {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
@@ -195,7 +209,8 @@ struct Get: ParsableCommand {
                 // stand in for verification later.
                 // Nor with a client certificate: a session resumed without one would present it.
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
-                    ? nil : SessionCache(directory: SessionCache.defaultDirectory),
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
+                earlyData: !noEarlyData,
                 progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)
@@ -279,7 +294,8 @@ struct Get: ParsableCommand {
                     }
                 },
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
-                    ? nil : SessionCache(directory: SessionCache.defaultDirectory))
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
+                earlyData: !noEarlyData)
         } catch {
             for name in names { if let name { unlink(name + ".part") } }
             throw fail("\(error)")

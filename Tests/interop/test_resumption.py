@@ -19,7 +19,8 @@ from conftest import Node, free_port, run, settled, sha256_file, stoq, summed_co
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-COUNTERS = ["stoq_tls_resumed_total", "stoq_tls_early_data_total", "stoq_http_too_early_total"]
+COUNTERS = ["stoq_tls_resumed_total", "stoq_tls_early_data_total", "stoq_http_too_early_total",
+            "stoq_http_early_requests_total"]
 
 
 def counters(node):
@@ -207,21 +208,26 @@ def test_stoq_get_keeps_sessions_per_server_and_resumes(tnode, tmp_path):
     assert files[0].stat().st_mode & 0o777 == 0o600
 
 
-def test_stoq_get_resumes_against_gtlsserver(tnode, tmp_path):
+def start_gtlsserver(tnode, htdocs, port):
     gtls = shutil.which("gtlsserver") or "/usr/sbin/gtlsserver"
     if not os.path.exists(gtls):
         pytest.fail("gtlsserver missing: scripts/install-deps installs ngtcp2-server")
+    key = pathlib.Path(tnode.identity_cert).with_name("key.pem")
+    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), tnode.identity_cert],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    return srv
+
+
+def test_stoq_get_resumes_against_gtlsserver(tnode, tmp_path):
     htdocs = tmp_path / "htdocs"
     htdocs.mkdir()
     (htdocs / "g.bin").write_bytes(os.urandom(3000))
     digest = sha256_file(htdocs / "g.bin")
-    key = pathlib.Path(tnode.identity_cert).with_name("key.pem")
     port = free_port()
-    srv = subprocess.Popen([gtls, "-q", "-d", str(htdocs), "::1", str(port), str(key), tnode.identity_cert],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    srv = start_gtlsserver(tnode, htdocs, port)
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     try:
-        time.sleep(0.5)
         runs = []
         for _ in range(3):
             r = stoq("get", f"https://[::1]:{port}/g.bin", "--ca", tnode.cert, "--json", env=env)
@@ -233,3 +239,142 @@ def test_stoq_get_resumes_against_gtlsserver(tnode, tmp_path):
     finally:
         srv.terminate()
         srv.wait(timeout=10)
+
+
+def get_json(url, ca, cache, *extra):
+    """`stoq get --json` with its session cache under `cache`: the parsed report."""
+    r = stoq("get", url, "--ca", ca, "--json", *extra, env={"XDG_CACHE_HOME": str(cache)})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_stoq_get_sends_its_get_in_0rtt(tnode, tmp_path):
+    """A second `stoq get` resumes and sends its GET in 0-RTT; the node serves it from early
+    data (stoq_http_early_requests_total), the body byte-identical. --no-early-data resumes
+    and waits for the handshake."""
+    cache, out = tmp_path / "cache", tmp_path / "r.bin"
+    first = get_json(tnode.url("r.bin"), tnode.cert, cache)
+    assert (first["resumed"], first["early_data"]) == (False, "none")
+    before = counters(tnode)
+    res = get_json(tnode.url("r.bin"), tnode.cert, cache, "-o", out)
+    assert (res["resumed"], res["early_data"]) == (True, "accepted")
+    assert res["sha256"] == tnode.digest and sha256_file(out) == tnode.digest
+    after = counters(tnode)
+    assert after["stoq_http_early_requests_total"] == before["stoq_http_early_requests_total"] + 1
+    assert after["stoq_tls_early_data_total"] == before["stoq_tls_early_data_total"] + 1
+    assert after["stoq_tls_resumed_total"] == before["stoq_tls_resumed_total"] + 1
+    res = get_json(tnode.url("r.bin"), tnode.cert, cache, "--no-early-data")
+    assert (res["resumed"], res["early_data"], res["sha256"]) == (True, "none", tnode.digest)
+    assert counters(tnode)["stoq_http_early_requests_total"] == after["stoq_http_early_requests_total"]
+
+
+def test_stoq_get_of_several_urls_sends_them_in_0rtt(tnode, tmp_path):
+    cache = tmp_path / "cache"
+    digests = {"r.bin": tnode.digest, "m1.bin": tnode.add_object("m1.bin", 5000),
+               "m2.bin": tnode.add_object("m2.bin", 200_000)}
+    urls = [tnode.url(n) for n in digests]
+    first = get_json(urls[0], tnode.cert, cache, *urls[1:], "-o", tmp_path / "one")
+    assert (first["resumed"], first["early_data_accepted"]) == (0, 0)
+    before = counters(tnode)
+    rep = get_json(urls[0], tnode.cert, cache, *urls[1:], "-o", tmp_path / "two")
+    assert (rep["handshakes"], rep["resumed"], rep["early_data_accepted"], rep["early_data_rejected"]) == (1, 1, 1, 0)
+    for name, digest in digests.items():
+        assert sha256_file(tmp_path / "two" / name) == digest
+    after = counters(tnode)
+    assert after["stoq_http_early_requests_total"] == before["stoq_http_early_requests_total"] + 3
+
+
+def test_a_bad_or_old_session_file_costs_only_the_resumption(tnode, tmp_path):
+    """The cache file is versioned: an older stoq's (the bare TLS session) or a damaged one is
+    named on stderr, the run does a full handshake, and writes a good file for the next."""
+    cache = tmp_path / "cache"
+    get_json(tnode.url("r.bin"), tnode.cert, cache)
+    kept = cache / "stoq" / f"__1_{tnode.port}.session"
+    assert kept.read_bytes().startswith(b"STOQSESS\x01")
+    for bad, why in [(kept.read_bytes()[13:100], "not a stoq session file (an older stoq's, or damaged)"),
+                     (b"STOQSESS\x07" + bytes(8), "format version 7, this stoq reads version 1"),
+                     (kept.read_bytes()[:40], "truncated")]:
+        kept.write_bytes(bad)
+        r = stoq("get", tnode.url("r.bin"), "--ca", tnode.cert, "--json", env={"XDG_CACHE_HOME": str(cache)})
+        assert r.returncode == 0, r.stderr
+        assert f"stoq: session cache {kept}: {why}; resuming nothing (a full handshake)" in r.stderr
+        res = json.loads(r.stdout)
+        assert (res["resumed"], res["early_data"], res["sha256"]) == (False, "none", tnode.digest)
+        res = get_json(tnode.url("r.bin"), tnode.cert, cache)
+        assert (res["resumed"], res["early_data"]) == (True, "accepted")
+
+
+def test_stoq_get_completes_when_the_node_refuses_0rtt(tmp_path_factory, tmp_path):
+    """A node with tls.early_data = false resumes but refuses 0-RTT: the GETs sent in it go
+    again after the handshake, and the files are whole."""
+    n = Node(tmp_path_factory.mktemp("noearly"), workers=1,
+             extra='[admin]\nlisten = "[::1]:0"\n[tls]\nearly_data = false')
+    try:
+        digest, digest2 = n.add_object("x.bin", 300_000), n.add_object("y.bin", 1000)
+        cache = tmp_path / "cache"
+        assert get_json(n.url("x.bin"), n.cert, cache)["early_data"] == "none"
+        res = get_json(n.url("x.bin"), n.cert, cache, "-o", tmp_path / "x.bin")
+        assert (res["resumed"], res["early_data"], res["sha256"]) == (True, "rejected", digest)
+        assert sha256_file(tmp_path / "x.bin") == digest
+        rep = get_json(n.url("x.bin"), n.cert, cache, n.url("y.bin"), "-o", tmp_path / "d")
+        assert (rep["resumed"], rep["early_data_accepted"], rep["early_data_rejected"]) == (1, 0, 1)
+        assert [r["status"] for r in rep["results"]] == [200, 200]
+        assert sha256_file(tmp_path / "d" / "x.bin") == digest and sha256_file(tmp_path / "d" / "y.bin") == digest2
+        c = counters(n)
+        assert (c["stoq_tls_resumed_total"], c["stoq_tls_early_data_total"], c["stoq_http_early_requests_total"]) == (2, 0, 0)
+    finally:
+        assert n.stop() == 0
+
+
+def test_stoq_get_0rtt_against_gtlsserver_and_after_its_restart(tnode, tmp_path):
+    """ngtcp2's own server takes stoq's 0-RTT. Restarted, it has a new ticket key: the kept
+    session and its 0-RTT are refused, the GET goes again after a full handshake."""
+    htdocs, cache, out = tmp_path / "htdocs", tmp_path / "cache", tmp_path / "g.bin"
+    htdocs.mkdir()
+    (htdocs / "g.bin").write_bytes(os.urandom(100_000))
+    digest = sha256_file(htdocs / "g.bin")
+    port = free_port()
+    url = f"https://[::1]:{port}/g.bin"
+    srv = start_gtlsserver(tnode, htdocs, port)
+    try:
+        assert get_json(url, tnode.cert, cache)["early_data"] == "none"
+        res = get_json(url, tnode.cert, cache, "-o", out)
+        assert (res["resumed"], res["early_data"], res["sha256"]) == (True, "accepted", digest)
+        assert sha256_file(out) == digest
+        srv.terminate()
+        srv.wait(timeout=10)
+        out.unlink()
+        srv = start_gtlsserver(tnode, htdocs, port)
+        res = get_json(url, tnode.cert, cache, "-o", out)
+        assert (res["resumed"], res["early_data"], res["sha256"]) == (False, "rejected", digest)
+        assert sha256_file(out) == digest
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+
+
+def test_stoq_get_resumes_and_sends_0rtt_to_aioquic(tnode, tmp_path):
+    """aioquic's server (Tests/interop/h3server.py) resumes stoq's session and serves its GET
+    from 0-RTT."""
+    htdocs, cache, out = tmp_path / "htdocs", tmp_path / "cache", tmp_path / "a.bin"
+    htdocs.mkdir()
+    (htdocs / "a.bin").write_bytes(os.urandom(150_000))
+    digest = sha256_file(htdocs / "a.bin")
+    port = free_port()
+    key = pathlib.Path(tnode.identity_cert).with_name("key.pem")
+    srv = subprocess.Popen([sys.executable, HERE / "h3server.py", str(port), tnode.identity_cert, key, htdocs],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(srv.stdout.readline()) == {"ready": port}, srv.stderr.read()
+        url = f"https://[::1]:{port}/a.bin"
+        first = get_json(url, tnode.cert, cache)
+        assert (first["resumed"], first["early_data"], first["sha256"]) == (False, "none", digest)
+        res = get_json(url, tnode.cert, cache, "-o", out)
+        assert (res["resumed"], res["early_data"], res["sha256"]) == (True, "accepted", digest)
+        assert sha256_file(out) == digest
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+    requests = [json.loads(line) for line in srv.stdout.read().splitlines()]
+    assert requests == [{"method": "GET", "path": "/a.bin", "early": False},
+                        {"method": "GET", "path": "/a.bin", "early": True}]

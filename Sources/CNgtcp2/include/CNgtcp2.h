@@ -152,7 +152,9 @@ typedef struct stoq_settings {
   uint32_t ticket_lifetime;
   /* server, with tickets: accept 0-RTT (early data) from resuming clients. Each ClientHello
      carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide;
-     what the early requests may do is the application's rule (GET/HEAD only, RFC 8470). */
+     what the early requests may do is the application's rule (GET/HEAD only, RFC 8470).
+     client: offer 0-RTT when resuming a session; requests go in it once the server's
+     parameters are given (stoq_conn_set_early_params). */
   int early_data;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
@@ -332,6 +334,26 @@ int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
 /** Client: the session the newest ticket from the server resumes, to keep for the next
  *  connection (`*data` lives as long as the connection or the next ticket); 0: none yet. */
 size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data);
+
+/** Client, once established: what 0-RTT must remember of the server (RFC 9000 §7.4.1): its
+ *  stream and flow control limits, encoded as transport parameters are on the wire (RFC 9000
+ *  §18), so a blob kept on disk means the same to any ngtcp2. Keep it with the session. Returns
+ *  its length, or -1 (not a client, not established, `cap` too small). */
+ssize_t stoq_conn_early_params(stoq_conn *c, uint8_t *buf, size_t cap);
+/** Client, after stoq_conn_set_session took a session and before the first packet: `data` (an
+ *  earlier connection's stoq_conn_early_params) lets requests go now, in 0-RTT. Only on an
+ *  endpoint with `early_data`. Returns 0 (submit requests at once), or -1 when the blob does
+ *  not decode or allows no requests (then wait for the handshake, as without it). If the
+ *  server refuses the early data, each request sent in it is sent again after the handshake,
+ *  on a new stream id under the same handle: the application does not see it. */
+int stoq_conn_set_early_params(stoq_conn *c, const uint8_t *data, size_t len);
+/** Client: what became of 0-RTT, once established. */
+enum {
+  STOQ_EARLY_NONE = 0,     /* none was sent (no session or parameters, or no 0-RTT keys) */
+  STOQ_EARLY_ACCEPTED = 1, /* requests went in 0-RTT and the server took them */
+  STOQ_EARLY_REJECTED = 2, /* requests went in 0-RTT, the server refused them: sent again */
+};
+int stoq_conn_early_data(const stoq_conn *c);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
 /** The last error, human readable ("" if none). */
@@ -371,7 +393,9 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg);
 
-/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond. */
+/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond.
+ *  Before the handshake completes only with stoq_conn_set_early_params, and without a body:
+ *  the request goes in 0-RTT (which method may is the application's rule). */
 stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
                                       const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
                                       int has_body, void (*release)(void *), void *arg, void *app, char *err,

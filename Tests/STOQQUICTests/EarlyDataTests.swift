@@ -1,0 +1,107 @@
+import Crypto
+import STOQCore
+import STOQQUIC
+import STOQTestSupport
+import Testing
+
+/// A client's 0-RTT, in memory against the node's endpoint: a GET sent before the handshake
+/// on a kept session and the server's kept limits, served from early data; and, when the
+/// server refuses early data, the same GET sent again after the handshake, under the same
+/// stream handle (ngtcp2 0.12 forgets the streams 0-RTT opened).
+@Suite(.serialized) struct EarlyDataTests {
+    let identity: TestIdentity
+    let object = randomBytes(50_000, seed: 7)
+    init() throws { identity = try TestIdentity() }
+
+    /// A first connection: what it leaves to resume with (the newest session and 0-RTT's limits).
+    func firstVisit(_ pair: EndpointPair) throws -> (session: [UInt8], parameters: [UInt8]) {
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        #expect(!conn.canSendEarly && conn.earlyData == .none)
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil && conn.resumableSession != nil })
+        return (try #require(conn.resumableSession), try #require(conn.earlyParameters))
+    }
+
+    /// A second connection that offers them and sends its GET at once.
+    /// Returns too when (the pair's clock) the response's head arrived.
+    func earlyGet(_ pair: EndpointPair, _ kept: (session: [UInt8], parameters: [UInt8])) throws -> (
+        RecordingClient, QUICConnection, Timestamp
+    ) {
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(conn.offerSession(kept.session))
+        #expect(conn.offerEarlyParameters(kept.parameters))
+        #expect(conn.canSendEarly)
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.status != nil || client.closedCode != nil })
+        let head = pair.now
+        #expect(pair.run { client.closedCode != nil })
+        return (client, conn, head)
+    }
+
+    @Test func aGetInZeroRTTIsServedFromEarlyData() throws {
+        let rtt: UInt64 = 2_000_000
+        let pair = try EndpointPair(identity: identity, link: SimulatedLink(delay: rtt / 2))
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let start = pair.now
+        let (client, conn, head) = try earlyGet(pair, kept)
+        #expect(client.status == 200 && client.closedCode == H3Error.noError)
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+        #expect(conn.isResumed && conn.earlyData == .accepted)
+        #expect(pair.server.counters.requestsEarly == 1 && pair.server.counters.tlsEarlyData == 1)
+        #expect(server.requests.count == 2)
+        // The simulated clock: the handshake and the GET share the first round trip, so the
+        // response's head is back after one (after 1-RTT's handshake it takes two).
+        let roundTrips = Double(head - start) / Double(rtt)
+        #expect(roundTrips <= 1.5, "the head of a GET in 0-RTT came after \(roundTrips) round trips of simulated time")
+        // Side by side: resumed, but the GET waits for the handshake.
+        let later = RecordingClient()
+        pair.client.application = later
+        let start1 = pair.now
+        let resumed = try pair.connect()
+        #expect(resumed.offerSession(try #require(conn.resumableSession)))
+        #expect(pair.run { resumed.isEstablished })
+        _ = try resumed.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { later.status != nil })
+        let oneRTT = Double(pair.now - start1) / Double(rtt)
+        #expect(resumed.isResumed && resumed.earlyData == .none && oneRTT >= roundTrips + 0.9, "1-RTT: \(oneRTT), 0-RTT: \(roundTrips)")
+    }
+
+    @Test func refusedEarlyDataIsSentAgainAfterTheHandshake() throws {
+        var settings = QUICSettings()
+        settings.earlyData = false
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let (client, conn, _) = try earlyGet(pair, kept)
+        #expect(client.status == 200 && client.closedCode == H3Error.noError)
+        #expect(client.received == UInt64(object.count) && client.sha == Array(SHA256.hash(data: object)))
+        #expect(conn.isResumed && conn.earlyData == .rejected)
+        #expect(pair.server.counters.requestsEarly == 0 && pair.server.counters.tlsEarlyData == 0)
+        // The server heard the GET once: the copy sent again after the handshake.
+        #expect(server.requests.count == 2)
+    }
+
+    @Test func onlyGetAndHeadGoInZeroRTT() throws {
+        let pair = try EndpointPair(identity: identity)
+        pair.server.application = MemoryServer(object: object)
+        let kept = try firstVisit(pair)
+        let conn = try pair.connect()
+        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        #expect(throws: QUICError.self) { try conn.request(method: "PUT", authority: "x", path: "/objects/y") }
+        #expect(throws: QUICError.self) {
+            try conn.request(method: "GET", authority: "x", path: "/objects/y", body: BodyRegion(copying: [1, 2, 3]))
+        }
+        // Garbage is not taken for the server's limits: the connection waits for its handshake.
+        let other = try pair.connect()
+        #expect(other.offerSession(kept.session))
+        #expect(!other.offerEarlyParameters([0xff, 0x01]) && !other.canSendEarly)
+    }
+}
