@@ -289,6 +289,14 @@ static int verify_server(gnutls_session_t session) {
   return 0;
 }
 
+/* One priority cache for every session: gnutls_priority_set_direct parsed PRIORITY into a
+ * fresh cache (about 8 KB) for each connection and kept it as long as the connection. GnuTLS
+ * reference-counts a shared cache; this one lives as long as the process. */
+static gnutls_priority_t priority;
+static int priority_rv;
+static pthread_once_t priority_once = PTHREAD_ONCE_INIT;
+static void make_priority(void) { priority_rv = gnutls_priority_init(&priority, PRIORITY, NULL); }
+
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
   /* Under mutual TLS no tickets: a resumed handshake carries no certificate, so the policy
@@ -304,7 +312,8 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   if (early) flags |= GNUTLS_ENABLE_EARLY_DATA | GNUTLS_NO_END_OF_EARLY_DATA;
   int rv = gnutls_init(&c->tls, flags);
   if (rv != 0) goto fail;
-  if ((rv = gnutls_priority_set_direct(c->tls, PRIORITY, NULL)) != 0) goto fail;
+  pthread_once(&priority_once, make_priority);
+  if ((rv = priority_rv) != 0 || (rv = gnutls_priority_set(c->tls, priority)) != 0) goto fail;
   if (tickets) {
     if ((rv = ticket_key_ready()) != 0) goto fail;
     if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;
