@@ -127,6 +127,8 @@ struct stoq_conn {
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
   gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
+  int preferred;            /* client: STOQ_PREFERRED_* */
+  uint64_t paths_validated, paths_failed;
 };
 
 /* Fills `err` (may be NULL) printf-style. */

@@ -1,5 +1,6 @@
 import CNgtcp2
 import Foundation
+import STOQCore
 
 /// Congestion controllers ngtcp2 0.12 offers.
 public enum CongestionControl: String, Sendable, CaseIterable {
@@ -46,6 +47,14 @@ public struct QUICSettings: Sendable, Equatable {
     /// Server, with `sessionTickets`: accept 0-RTT from resuming clients (`tls.early_data`).
     /// Only GET and HEAD are served from early data; anything else gets 425 Too Early.
     public var earlyData = true
+    /// Server: the address sent as QUIC's preferred_address transport parameter
+    /// (`network.preferred_address`); clients move there once the handshake is confirmed.
+    /// The endpoint must receive on it. nil = none.
+    public var preferredAddress: IPv6Endpoint? = nil
+    /// Client: send a PING after this long (ns) without hearing from the server; 0 = never. A
+    /// client that only receives is silent once cut off (a NAT that forgot its mapping, its
+    /// own address gone): the PING makes the new mapping, or shows the address is gone.
+    public var keepAlive: UInt64 = 0
 
     public init() {}
 
@@ -66,6 +75,8 @@ public struct QUICSettings: Sendable, Equatable {
         s.ack_thresh = ackThreshold
         s.ticket_lifetime = sessionTickets ? UInt32(max(1, ticketLifetime / 1_000_000_000)) : 0
         s.early_data = earlyData ? 1 : 0
+        if let preferredAddress { s.preferred_address = preferredAddress.sockaddr }
+        s.keep_alive = keepAlive
         withUnsafeMutableBytes(of: &s.static_secret) { dst in
             for i in 0..<min(dst.count, secret.count) { dst[i] = secret[i] }
         }

@@ -153,6 +153,14 @@ typedef struct stoq_settings {
      carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide;
      what the early requests may do is the application's rule (GET/HEAD only, RFC 8470). */
   int early_data;
+  /* server: the address sent as the preferred_address transport parameter (RFC 9000 §9.6),
+     with its own CID (worker byte as any other) and stateless reset token; clients move there
+     once the handshake is confirmed. sin6_family 0: none. The node must receive on it. */
+  struct sockaddr_in6 preferred_address;
+  /* send a PING after this long without hearing from the peer (ns; 0: never). A client that only
+     receives sends nothing once cut off (a NAT that forgot its mapping, an address that went):
+     the PING is what gets a new mapping made, or a failed send noticed. */
+  uint64_t keep_alive;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
 
@@ -328,6 +336,26 @@ int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
 size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
+/** The local address of the current path. */
+void stoq_conn_local(const stoq_conn *c, struct sockaddr_in6 *out);
+
+/** Client: what became of the server's preferred address (RFC 9000 §9.6). */
+enum {
+  STOQ_PREFERRED_NONE = 0,       /* the server offered none (or not an IPv6 one) */
+  STOQ_PREFERRED_VALIDATING = 1, /* offered and chosen: path validation under way */
+  STOQ_PREFERRED_USED = 2,       /* validated: the connection runs to it now */
+  STOQ_PREFERRED_FAILED = 3,     /* validation failed: the connection stayed where it was */
+};
+int stoq_conn_preferred_address_state(const stoq_conn *c);
+
+/** Path validations that ended, by outcome (either side; the preferred address's included). */
+uint64_t stoq_conn_paths_validated(const stoq_conn *c);
+uint64_t stoq_conn_paths_failed(const stoq_conn *c);
+
+/** Client: moves the connection to `local` (its own address changed: the old one is gone),
+ *  at once, validating the new path as it goes (RFC 9000 §9.2). 0, or an ngtcp2 error code
+ *  (no spare connection ID, handshake not confirmed, already on `local`). */
+int stoq_conn_migrate(stoq_conn *c, const struct sockaddr_in6 *local, uint64_t now);
 /** The last error, human readable ("" if none). */
 const char *stoq_conn_error_string(const stoq_conn *c);
 
