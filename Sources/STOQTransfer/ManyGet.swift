@@ -13,6 +13,9 @@ public struct ManyGetResult: Sendable, Codable {
     public var sha256: String
     /// Why there was no complete answer: the connection's fate, or a reset stream.
     public var failure: String?
+    /// What became of the server's preferred address on the connection that answered it
+    /// ("none", "used", "failed"); nil without an answer.
+    public var preferredAddress: String? = nil
 }
 
 /// What `STOQClient.getMany` did: every URL's outcome, in the order given, and what it cost.
@@ -22,6 +25,8 @@ public struct ManyGetReport: Sendable, Codable {
     public var handshakes: Int
     public var resumed: Int
     public var seconds: Double
+    /// Times a connection moved to a new local address because this host's went away.
+    public var localMigrations: Int = 0
 }
 
 extension STOQClient {
@@ -35,7 +40,8 @@ extension STOQClient {
         headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, maxInFlight: Int = 64
     ) throws(ClientError) -> ManyGetReport {
         precondition(urls.count == fds.count, "one file descriptor per URL")
-        let pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9))
+        let pool = try ConnectionPool(
+            trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9), keepAlive: transferKeepAlive)
         pool.sessionCache = sessionCache
         var closed = false
         defer { if !closed { pool.close() } }
@@ -60,6 +66,7 @@ extension STOQClient {
                 inFlight -= 1
                 results[d.tag].status = d.status
                 results[d.tag].bytes = d.received
+                results[d.tag].preferredAddress = d.preferredAddress
                 results[d.tag].sha256 = d.sha256.map { $0.map { String(format: "%02x", $0) }.joined() } ?? ""
                 if let f = d.failure {
                     results[d.tag].failure = f
@@ -71,6 +78,8 @@ extension STOQClient {
         let seconds = Double(monotonicNow() - start) / 1e9
         pool.close()
         closed = true
-        return ManyGetReport(results: results, handshakes: pool.handshakes, resumed: pool.resumed, seconds: seconds)
+        return ManyGetReport(
+            results: results, handshakes: pool.handshakes, resumed: pool.resumed, seconds: seconds,
+            localMigrations: pool.rig.localMigrations)
     }
 }

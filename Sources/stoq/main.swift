@@ -58,6 +58,9 @@ func fail(_ message: String, code: Int32 = 1) -> ExitCode {
 func printJSON(_ r: TransferResult) {
     var obj: [String: Any] = ["status": r.status, "bytes": r.bytes, "seconds": r.seconds, "gbps": r.gbps, "sha256": r.sha256]
     if let resumed = r.resumed { obj["resumed"] = resumed }
+    if let preferred = r.preferredAddress { obj["preferred_address"] = preferred }
+    if let servedFrom = r.servedFrom { obj["served_from"] = servedFrom }
+    if let moves = r.localMigrations { obj["local_migrations"] = moves }
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
 }
