@@ -236,6 +236,32 @@ static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
   return 0;
 }
 
+/* Client: the server offered a preferred address. STOQ is IPv6 only, so only its IPv6 one is
+   taken; the local side stays (the same socket, bound to [::], reaches it). ngtcp2 validates
+   the new path and moves there (cb_path_validation hears how it went). */
+static int cb_select_preferred_addr(ngtcp2_conn *q, ngtcp2_path *dest, const ngtcp2_preferred_addr *pa, void *ud) {
+  (void)q;
+  stoq_conn *c = ud;
+  if (!pa->ipv6_present) return 0;
+  memcpy(dest->remote.addr, &pa->ipv6, sizeof(pa->ipv6));
+  dest->remote.addrlen = sizeof(pa->ipv6);
+  c->preferred = STOQ_PREFERRED_VALIDATING;
+  return 0;
+}
+
+static int cb_path_validation(ngtcp2_conn *q, uint32_t flags, const ngtcp2_path *path,
+                              ngtcp2_path_validation_result res, void *ud) {
+  (void)q;
+  (void)path;
+  stoq_conn *c = ud;
+  int ok = res == NGTCP2_PATH_VALIDATION_RESULT_SUCCESS;
+  if (ok) c->paths_validated++;
+  else c->paths_failed++;
+  if (flags & NGTCP2_PATH_VALIDATION_FLAG_PREFERRED_ADDR)
+    c->preferred = ok ? STOQ_PREFERRED_USED : STOQ_PREFERRED_FAILED;
+  return 0;
+}
+
 static void cb_log(void *ud, const char *fmt, ...) {
   (void)ud;
   va_list ap;
@@ -270,7 +296,9 @@ static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
     cb->client_initial = ngtcp2_crypto_client_initial_cb;
     cb->recv_retry = ngtcp2_crypto_recv_retry_cb;
     cb->recv_rx_key = cb_recv_rx_key;
+    cb->select_preferred_addr = cb_select_preferred_addr;
   }
+  cb->path_validation = cb_path_validation;
   cb->recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb;
   cb->handshake_completed = cb_handshake_completed;
   cb->encrypt = ngtcp2_crypto_encrypt_cb;
@@ -428,6 +456,17 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   }
   p.stateless_reset_token_present = 1;
   ngtcp2_crypto_generate_stateless_reset_token(p.stateless_reset_token, ep->s.static_secret, STOQ_SECRETLEN, &scid);
+  if (ep->s.preferred_address.sin6_family == AF_INET6) {
+    /* Its CID is one of ours like any other (sequence 1): the worker byte steers packets to
+     * this worker whichever address they arrive on, and on_cid puts it in the table below. */
+    ngtcp2_preferred_addr *pa = &p.preferred_address;
+    make_cid(ep, &pa->cid, STOQ_SCIDLEN);
+    ngtcp2_crypto_generate_stateless_reset_token(pa->stateless_reset_token, ep->s.static_secret, STOQ_SECRETLEN,
+                                                 &pa->cid);
+    memcpy(&pa->ipv6, &ep->s.preferred_address, sizeof(pa->ipv6));
+    pa->ipv6_present = 1;
+    p.preferred_address_present = 1;
+  }
   qlog_attach(c, &st, &p.original_dcid);
   ngtcp2_path path = make_path(&c->local, &c->remote);
   rv = ngtcp2_conn_server_new(&c->q, &hd.scid, &scid, &path, hd.version, &cb, &st, &p, NULL, c);
@@ -438,6 +477,8 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   if (ep->ev.on_cid) {
     ep->ev.on_cid(ep->ev.ctx, c, hd.dcid.data, hd.dcid.datalen, 1);
     ep->ev.on_cid(ep->ev.ctx, c, scid.data, scid.datalen, 1);
+    if (p.preferred_address_present)
+      ep->ev.on_cid(ep->ev.ctx, c, p.preferred_address.cid.data, p.preferred_address.cid.datalen, 1);
   }
   *action = STOQ_ACCEPT_OK;
   return c;
@@ -548,6 +589,24 @@ const char *stoq_conn_error_string(const stoq_conn *c) { return c->errstr; }
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out) {
   const ngtcp2_path *p = ngtcp2_conn_get_path(c->q);
   memcpy(out, p->remote.addr, sizeof(*out));
+}
+
+void stoq_conn_local(const stoq_conn *c, struct sockaddr_in6 *out) {
+  const ngtcp2_path *p = ngtcp2_conn_get_path(c->q);
+  memcpy(out, p->local.addr, sizeof(*out));
+}
+
+int stoq_conn_preferred_address_state(const stoq_conn *c) { return c->preferred; }
+uint64_t stoq_conn_paths_validated(const stoq_conn *c) { return c->paths_validated; }
+uint64_t stoq_conn_paths_failed(const stoq_conn *c) { return c->paths_failed; }
+
+int stoq_conn_migrate(stoq_conn *c, const struct sockaddr_in6 *local, uint64_t now) {
+  const ngtcp2_path *cur = ngtcp2_conn_get_path(c->q);
+  struct sockaddr_in6 l = *local, r;
+  memcpy(&r, cur->remote.addr, sizeof(r));
+  ngtcp2_path path = make_path(&l, &r);
+  c->pending_len = 0; /* a held packet names the old path: ngtcp2 sends again what it carried */
+  return ngtcp2_conn_initiate_immediate_migration(c->q, &path, now);
 }
 
 void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out) {

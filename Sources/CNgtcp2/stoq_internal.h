@@ -134,6 +134,8 @@ struct stoq_conn {
   int session_offered;      /* client: GnuTLS took an earlier session (stoq_conn_set_session) */
   int early;                /* client: HTTP/3 set up on the server's remembered parameters: 0-RTT */
   int early_outcome;        /* client: STOQ_EARLY_* once the handshake decided */
+  int preferred;            /* client: STOQ_PREFERRED_* */
+  uint64_t paths_validated, paths_failed;
 };
 
 /* Fills `err` (may be NULL) printf-style. */

@@ -183,7 +183,8 @@ extension STOQClient {
         _ url: STOQURL, count: Int, rate: Double?, plan: LoadPlan, trust: ClientTrust, datapath: ClientDatapath
     ) throws(ClientError) -> LoadShare {
         let app = LoadApp()
-        let rig = try ClientRig(trust: trust, datapath: datapath, application: app, handshakeTimeout: plan.handshakeTimeout, keepAlive: plan.keepAlive)
+        let rig = try ClientRig(
+            trust: trust, datapath: datapath, application: app, handshakeTimeout: plan.handshakeTimeout, keepAlive: UInt64(plan.keepAlive * 1e9))
         defer { rig.queue.close() }
         let endpoint = rig.endpoint, worker = rig.worker
         // Handshakes are started between turns: a turn must not sleep past the next one due.

@@ -142,6 +142,15 @@ package struct NodeMetrics {
         perWorker("stoq_quic_handshake_failures_total", "Connections that ended before their handshake completed.") {
             $0.endpoint.handshakeFailures
         }
+        perWorker("stoq_quic_preferred_address_datagrams_total", "Datagrams received on network.preferred_address (clients that moved there).") {
+            $0.endpoint.datagramsToPreferredAddress
+        }
+        perWorker("stoq_quic_path_validations_total", "Path validations that succeeded on closed connections (peers that moved: NAT rebinding, migration).") {
+            $0.endpoint.pathsValidated
+        }
+        perWorker("stoq_quic_path_validation_failures_total", "Path validations that failed on closed connections.") {
+            $0.endpoint.pathsFailed
+        }
         perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused

@@ -132,6 +132,10 @@ public enum ConfigLoader {
         }
         r.section("network") { s in
             s.endpoint("listen_addr", &c.network.listenAddress)
+            var preferred = IPv6Endpoint(address: .any, port: 0)
+            var preferredGiven = false
+            s.optionalEndpoint("preferred_address", &preferred, given: &preferredGiven)
+            c.network.quic.preferredAddress = preferredGiven ? preferred : nil
             s.int("max_connections", &c.network.quic.maxConnections, 1...1_000_000)
             s.int("workers", &c.network.workers, 0...1024)
             s.bool("retry", &c.network.quic.retry)
@@ -196,6 +200,27 @@ public enum ConfigLoader {
                     allowed:
                         "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"
                 ))
+        }
+        if let preferred = c.network.quic.preferredAddress {
+            let listen = c.network.listenAddress
+            let value = "\"\(preferred)\""
+            if preferred.address.isUnspecified || preferred.port == 0 {
+                r.errors.append(
+                    ConfigError(
+                        code: .badValue, key: "network.preferred_address", value: value,
+                        allowed:
+                            "one of this node's own IPv6 addresses and a port, e.g. \"[2001:db8::2]:\(listen.port)\" (not [::] nor port 0: clients move to exactly this address), or \"\" for none"
+                    ))
+            } else if !listen.address.isUnspecified || preferred.port != listen.port {
+                // The node receives on its listen_addr sockets only: the preferred address must be
+                // one of the addresses they already cover.
+                r.errors.append(
+                    ConfigError(
+                        code: .badValue, key: "network.preferred_address", value: value,
+                        allowed:
+                            "an address the node already receives on: network.listen_addr = \"\(listen)\" covers only \(listen.address.isUnspecified ? "port \(listen.port) of every address" : "itself"); use listen_addr = \"[::]:\(preferred.port)\" or preferred_address on port \(listen.port)"
+                    ))
+            }
         }
         if c.network.datapath == .afXDP && c.network.interface.isEmpty {
             r.errors.append(

@@ -171,6 +171,12 @@ public final class Node: @unchecked Sendable {
             logger: logger)
         mesh = meshService
         let edge = try openEdgeCache(cfg, mesh: meshService)
+        if let preferred = cfg.network.quic.preferredAddress, !STOQClient.isOwnAddress(preferred.address) {
+            throw NodeError(
+                .config,
+                "network.preferred_address = \"\(preferred)\": not an address of this host (a socket cannot bind to it), so clients sent there would never be heard"
+            )
+        }
         let queues = try DatapathSelection(config: cfg, logger: logger).open()
         listenAddress = queues[0].localEndpoint
         let mesh = try connectWorkers(queues)

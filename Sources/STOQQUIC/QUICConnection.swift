@@ -100,6 +100,51 @@ public final class QUICConnection {
         default: .none
         }
     }
+    /// Client: what became of the server's preferred address (RFC 9000 §9.6).
+    public enum PreferredAddress: String, Sendable {
+        /// The server offered none.
+        case none
+        /// Offered; the new path is being validated.
+        case validating
+        /// Validated: the connection runs to the preferred address.
+        case used
+        /// Validation failed: the connection stayed on the address it was dialled on.
+        case failed
+    }
+    public var preferredAddress: PreferredAddress {
+        switch Int(stoq_conn_preferred_address_state(raw)) {
+        case Int(STOQ_PREFERRED_VALIDATING): .validating
+        case Int(STOQ_PREFERRED_USED): .used
+        case Int(STOQ_PREFERRED_FAILED): .failed
+        default: .none
+        }
+    }
+    /// The current path's addresses (they move: the server's preferred address, the client's
+    /// migration, a NAT rebinding the peer's).
+    public var currentRemote: IPv6Endpoint {
+        var sa = sockaddr_in6()
+        stoq_conn_remote(raw, &sa)
+        return IPv6Endpoint(sa)
+    }
+    public var currentLocal: IPv6Endpoint {
+        var sa = sockaddr_in6()
+        stoq_conn_local(raw, &sa)
+        return IPv6Endpoint(sa)
+    }
+    /// Path validations that succeeded and failed so far.
+    public var pathsValidated: UInt64 { stoq_conn_paths_validated(raw) }
+    public var pathsFailed: UInt64 { stoq_conn_paths_failed(raw) }
+
+    /// Client: moves to `local` at once (this host's address changed and the old one is
+    /// gone), validating the new path on the way. Throws when ngtcp2 refuses (no spare
+    /// connection ID from the server, handshake not confirmed, already there).
+    public func migrate(to local: IPv6Endpoint, now: Timestamp) throws(QUICError) {
+        var sa = local.sockaddr
+        let rc = stoq_conn_migrate(raw, &sa, now)
+        guard rc == 0 else { throw QUICError(.connect, "migrating to \(local): ngtcp2 error \(rc)") }
+        endpoint.markDirty(self)
+    }
+
     /// Closing or draining.
     public var isClosed: Bool { if case .active = state { false } else { true } }
 

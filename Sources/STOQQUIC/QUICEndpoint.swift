@@ -39,6 +39,13 @@ public struct EndpointCounters: Sendable {
     public var requestsTooEarly: UInt64 = 0
     /// Requests that came in 0-RTT with a safe method (GET/HEAD) and were served from it.
     public var requestsEarly: UInt64 = 0
+    /// Server: datagrams that arrived addressed to `QUICSettings.preferredAddress` (clients
+    /// that moved there after their handshake).
+    public var datagramsToPreferredAddress: UInt64 = 0
+    /// Path validations that succeeded / failed on this endpoint's connections, added when
+    /// each connection goes: a peer that moved (NAT rebinding, migration, preferred address).
+    public var pathsValidated: UInt64 = 0
+    public var pathsFailed: UInt64 = 0
     /// Connections that write a qlog (sampled, their file opened).
     public var qlogConnections: UInt64 = 0
     /// Bytes written to qlog files.
@@ -199,6 +206,7 @@ public final class QUICEndpoint {
         now: Timestamp
     ) {
         tally.datagramsIn &+= 1
+        if let preferred = settings.preferredAddress, local == preferred { tally.datagramsToPreferredAddress &+= 1 }
         guard let base = datagram.baseAddress?.assumingMemoryBound(to: UInt8.self), datagram.count > 0 else {
             tally.droppedMalformed &+= 1
             return
@@ -518,6 +526,8 @@ public final class QUICEndpoint {
         // go now.
         stoq_conn_qlog_close(conn.raw)
         tally.connectionsClosed &+= 1
+        tally.pathsValidated &+= conn.pathsValidated
+        tally.pathsFailed &+= conn.pathsFailed
         application?.connectionClosed(connection: conn, reason: conn.closeReason)
     }
 

@@ -1,5 +1,6 @@
 import CNgtcp2
 import Foundation
+import STOQCore
 
 /// Congestion controllers ngtcp2 0.12 offers.
 public enum CongestionControl: String, Sendable, CaseIterable {
@@ -24,8 +25,10 @@ public struct QUICSettings: Sendable, Equatable {
     public var retry = false
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
-    /// Client: a PING after this long without traffic, in ns, so that an idle connection outlives the
-    /// peer's idle timeout (0: never, the default: an idle connection ends).
+    /// Client: a PING after this long without traffic, in ns (0: never, the default: an idle
+    /// connection ends). It keeps an idle connection past the peer's idle timeout, and a client
+    /// that only receives is silent once cut off (a NAT that forgot its mapping, its own address
+    /// gone): the PING makes the new mapping, or shows the address is gone.
     public var keepAlive: UInt64 = 0
     public var initialMaxData: UInt64 = 16 << 20
     public var initialMaxStreamData: UInt64 = 8 << 20
@@ -51,6 +54,10 @@ public struct QUICSettings: Sendable, Equatable {
     /// Client: offer 0-RTT when resuming; requests go in it once the server's kept limits are
     /// given (`QUICConnection.offerEarlyParameters`).
     public var earlyData = true
+    /// Server: the address sent as QUIC's preferred_address transport parameter
+    /// (`network.preferred_address`); clients move there once the handshake is confirmed.
+    /// The endpoint must receive on it. nil = none.
+    public var preferredAddress: IPv6Endpoint? = nil
 
     public init() {}
 
@@ -72,6 +79,7 @@ public struct QUICSettings: Sendable, Equatable {
         s.ack_thresh = ackThreshold
         s.ticket_lifetime = sessionTickets ? UInt32(max(1, ticketLifetime / 1_000_000_000)) : 0
         s.early_data = earlyData ? 1 : 0
+        if let preferredAddress { s.preferred_address = preferredAddress.sockaddr }
         withUnsafeMutableBytes(of: &s.static_secret) { dst in
             for i in 0..<min(dst.count, secret.count) { dst[i] = secret[i] }
         }

@@ -79,6 +79,13 @@ public struct TransferResult: Sendable, Codable {
     public var earlyData: EarlyData? = nil
     /// Seconds from the start of the connection (before the handshake) to the response's head.
     public var firstByteSeconds: Double? = nil
+    /// What became of the server's preferred address: "none" (not offered), "used" (the
+    /// transfer moved there after the handshake), "failed" (validation failed; it stayed).
+    public var preferredAddress: String? = nil
+    /// The server address the connection ended on (the preferred one once used).
+    public var servedFrom: String? = nil
+    /// Times the connection moved to a new local address because this host's went away.
+    public var localMigrations: Int? = nil
 }
 
 /// Sessions kept per server between runs, one file each (`<host>_<port>.session`, mode 0600)
@@ -298,11 +305,54 @@ package struct ClientRig {
     package let queue: DatapathQueue
     package let endpoint: QUICEndpoint
     package let worker: Worker
+    private let watch = AddressWatch()
+
+    /// What `followOwnAddress` saw: the datapath's send errors so far, when it last looked,
+    /// and the moves made.
+    private final class AddressWatch {
+        var txErrors: UInt64 = 0
+        var checkedAt: Timestamp = 0
+        var migrations = 0
+    }
+
+    /// How often `followOwnAddress` looks even when no send failed: a client that only
+    /// receives sends nothing once its address is gone (nothing arrives to acknowledge), so
+    /// no failed send would ever tell it.
+    static let ownAddressCheckInterval: UInt64 = 200_000_000
+
+    /// Connections moved to a new local address because this host's old one went away.
+    package var localMigrations: Int { watch.migrations }
+
+    /// Follows this host's own address: when a connection's local address is no longer one
+    /// of the host's (removed, or its interface renumbered), it moves to the address the
+    /// kernel now picks toward the server (RFC 9000 §9.2: the server validates the new path).
+    /// The socket is bound to `[::]`, so it stays. It looks when sends fail (the kernel refuses
+    /// a source it no longer has) and every `ownAddressCheckInterval`: a bind test per
+    /// connection, nothing per packet. Call every turn of the loop. A NAT rebinding the source
+    /// port needs nothing here: the server sees a new peer address and validates it itself.
+    package func followOwnAddress(now: Timestamp) {
+        let errors = queue.counters.txErrors
+        guard errors != watch.txErrors || now &- watch.checkedAt >= Self.ownAddressCheckInterval else { return }
+        (watch.txErrors, watch.checkedAt) = (errors, now)
+        for conn in endpoint.allConnections where conn.isEstablished && !conn.isClosed {
+            let local = conn.currentLocal
+            guard !STOQClient.isOwnAddress(local.address) else { continue }
+            let fresh = STOQClient.sourceAddress(toward: conn.currentRemote)
+            guard !fresh.isUnspecified, fresh != local.address else { continue }
+            do {
+                try conn.migrate(to: IPv6Endpoint(address: fresh, port: local.port), now: now)
+                watch.migrations += 1
+            } catch {
+                // No spare connection ID yet, or a preferred-address move under way: the next
+                // look tries again.
+            }
+        }
+    }
 
     package init(
         trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
-        handshakeTimeout: Double? = nil, keepAlive: Double? = nil
+        handshakeTimeout: Double? = nil, keepAlive: UInt64 = 0
     ) throws(ClientError) {
         let creds: TLSCredentials
         do {
@@ -332,7 +382,7 @@ package struct ClientRig {
         // Matters when this end sends (uploads).
         settings.congestionControl = congestionControl
         if let handshakeTimeout { settings.handshakeTimeout = UInt64(handshakeTimeout * 1e9) }
-        if let keepAlive { settings.keepAlive = UInt64(keepAlive * 1e9) }
+        settings.keepAlive = keepAlive
         endpoint = QUICEndpoint(
             isServer: false, credentials: creds, settings: settings, workerID: 0,
             secret: StaticSecret.random())
@@ -366,6 +416,22 @@ public enum STOQClient {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
         }
         return IPv6Address(local.sin6_addr)
+    }
+
+    /// A transfer's PING after this long without a word from the server (`QUICSettings.keepAlive`):
+    /// after a NAT rebinding or with its address gone, a receiving client would otherwise wait
+    /// silently for the idle timeout.
+    package static let transferKeepAlive: UInt64 = 1_000_000_000
+
+    /// Whether `address` is one of this host's (a UDP socket can bind to it).
+    package static func isOwnAddress(_ address: IPv6Address) -> Bool {
+        let fd = socket(AF_INET6, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var sa = IPv6Endpoint(address: address, port: 0).sockaddr
+        return withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        } == 0 || errno != EADDRNOTAVAIL
     }
 
     /// Downloads `url` into `fd` (-1 discards). `progress(received, total)` is called as bytes arrive,
@@ -418,7 +484,7 @@ public enum STOQClient {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
         let rig = try ClientRig(
             trust: trust, datapath: datapath, application: app, congestionControl: congestionControl,
-            qlogDirectory: qlogDirectory)
+            qlogDirectory: qlogDirectory, keepAlive: transferKeepAlive)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()
@@ -455,6 +521,7 @@ public enum STOQClient {
         var lastSample: UInt64 = 0
         do {
             try worker.run(timeout: deadline) {
+                rig.followOwnAddress(now: monotonicNow())
                 if stats {
                     let now = monotonicNow()
                     if now - lastSample > 100_000_000 {
@@ -490,6 +557,7 @@ public enum STOQClient {
         if let sessionCache { sessionCache.keep(from: conn, for: url) }
         let resumed = sessionCache == nil ? nil : conn.isResumed
         let earlyData = sessionCache == nil ? nil : conn.earlyData
+        let preferred = conn.preferredAddress, servedFrom = conn.currentRemote
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         guard let closed = app.closed else {
@@ -509,6 +577,7 @@ public enum STOQClient {
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
             seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,
-            firstByteSeconds: app.headAt.map { Double($0 - start) / 1e9 })
+            firstByteSeconds: app.headAt.map { Double($0 - start) / 1e9 }, preferredAddress: preferred.rawValue,
+            servedFrom: "\(servedFrom)", localMigrations: rig.localMigrations)
     }
 }

@@ -27,6 +27,9 @@ package final class ConnectionPool {
         package var failure: String?
         /// The body's SHA-256, for a request submitted with `hash` that was answered 2xx.
         package var sha256: [UInt8]? = nil
+        /// What became of the server's preferred address on the connection that answered
+        /// ("none", "validating", "used", "failed"); nil when no stream was answered.
+        package var preferredAddress: String? = nil
     }
 
     struct Request {
@@ -71,7 +74,8 @@ package final class ConnectionPool {
             done.append(
                 Done(
                     tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                    received: stream.bytesReceived, maxAge: stream.maxAge, sha256: s.hash ? stream.bodySHA256() : nil))
+                    received: stream.bytesReceived, maxAge: stream.maxAge, sha256: s.hash ? stream.bodySHA256() : nil,
+                    preferredAddress: connection.preferredAddress.rawValue))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
@@ -105,9 +109,13 @@ package final class ConnectionPool {
 
     /// A pool whose connections present `trust`'s client certificate and verify upstreams
     /// against it, on a queue `datapath` opens.
-    package init(trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000) throws(ClientError) {
+    /// `keepAlive` as `QUICSettings.keepAlive` (0: a connection waiting for nothing stays silent
+    /// and idles out).
+    package init(
+        trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000, keepAlive: UInt64 = 0
+    ) throws(ClientError) {
         self.connectTimeout = connectTimeout
-        rig = try ClientRig(trust: trust, datapath: datapath, application: app)
+        rig = try ClientRig(trust: trust, datapath: datapath, application: app, keepAlive: keepAlive)
         waker = Waker()
         if waker.fd >= 0 { rig.queue.setWakeup(fileDescriptor: waker.fd) }
     }
@@ -235,6 +243,7 @@ package final class ConnectionPool {
     package func drive(forNanoseconds nanoseconds: UInt64) throws(ClientError) -> [Done] {
         rig.worker.idleWait = nanoseconds
         do { try rig.worker.turn() } catch { throw ClientError(.transfer, "\(error)") }
+        rig.followOwnAddress(now: monotonicNow())
         settle()
         let out = app.done
         app.done.removeAll(keepingCapacity: true)

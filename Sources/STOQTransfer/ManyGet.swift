@@ -13,6 +13,9 @@ public struct ManyGetResult: Sendable, Codable {
     public var sha256: String
     /// Why there was no complete answer: the connection's fate, or a reset stream.
     public var failure: String?
+    /// What became of the server's preferred address on the connection that answered it
+    /// ("none", "used", "failed"); nil without an answer.
+    public var preferredAddress: String? = nil
 }
 
 /// What `STOQClient.getMany` did: every URL's outcome, in the order given, and what it cost.
@@ -26,6 +29,8 @@ public struct ManyGetReport: Sendable, Codable {
     public var earlyDataAccepted: Int
     public var earlyDataRejected: Int
     public var seconds: Double
+    /// Times a connection moved to a new local address because this host's went away.
+    public var localMigrations: Int = 0
 }
 
 extension STOQClient {
@@ -41,7 +46,8 @@ extension STOQClient {
         maxInFlight: Int = 64
     ) throws(ClientError) -> ManyGetReport {
         precondition(urls.count == fds.count, "one file descriptor per URL")
-        let pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9))
+        let pool = try ConnectionPool(
+            trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9), keepAlive: transferKeepAlive)
         pool.sessionCache = sessionCache
         pool.earlyData = earlyData
         var closed = false
@@ -67,6 +73,7 @@ extension STOQClient {
                 inFlight -= 1
                 results[d.tag].status = d.status
                 results[d.tag].bytes = d.received
+                results[d.tag].preferredAddress = d.preferredAddress
                 results[d.tag].sha256 = d.sha256.map { $0.map { String(format: "%02x", $0) }.joined() } ?? ""
                 if let f = d.failure {
                     results[d.tag].failure = f
@@ -80,6 +87,6 @@ extension STOQClient {
         closed = true
         return ManyGetReport(
             results: results, handshakes: pool.handshakes, resumed: pool.resumed, earlyDataAccepted: pool.earlyAccepted,
-            earlyDataRejected: pool.earlyRejected, seconds: seconds)
+            earlyDataRejected: pool.earlyRejected, seconds: seconds, localMigrations: pool.rig.localMigrations)
     }
 }

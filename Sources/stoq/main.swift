@@ -60,6 +60,9 @@ func printJSON(_ r: TransferResult) {
     if let resumed = r.resumed { obj["resumed"] = resumed }
     if let early = r.earlyData { obj["early_data"] = early.rawValue }
     if let first = r.firstByteSeconds { obj["first_byte_seconds"] = first }
+    if let preferred = r.preferredAddress { obj["preferred_address"] = preferred }
+    if let servedFrom = r.servedFrom { obj["served_from"] = servedFrom }
+    if let moves = r.localMigrations { obj["local_migrations"] = moves }
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
 }

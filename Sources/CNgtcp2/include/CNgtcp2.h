@@ -137,7 +137,11 @@ typedef struct stoq_settings {
   int log;                    /* ngtcp2 debug log to stderr */
   uint64_t idle_timeout;      /* ns */
   uint64_t handshake_timeout; /* ns */
-  uint64_t keep_alive;        /* ns, client: a PING after this long without traffic (0: never) */
+  /* ns, client: a PING after this long without traffic (0: never). It keeps an idle connection
+     past the peer's idle timeout, and a client that only receives sends nothing once cut off (a
+     NAT that forgot its mapping, an address that went): the PING gets a new mapping made, or a
+     failed send noticed. */
+  uint64_t keep_alive;
   uint64_t initial_max_data;
   uint64_t initial_max_stream_data;
   uint64_t max_window;
@@ -156,6 +160,10 @@ typedef struct stoq_settings {
      client: offer 0-RTT when resuming a session; requests go in it once the server's
      parameters are given (stoq_conn_set_early_params). */
   int early_data;
+  /* server: the address sent as the preferred_address transport parameter (RFC 9000 §9.6),
+     with its own CID (worker byte as any other) and stateless reset token; clients move there
+     once the handshake is confirmed. sin6_family 0: none. The node must receive on it. */
+  struct sockaddr_in6 preferred_address;
   uint8_t static_secret[STOQ_SECRETLEN];
 } stoq_settings;
 
@@ -356,6 +364,26 @@ enum {
 int stoq_conn_early_data(const stoq_conn *c);
 /** The remote address of the current path. */
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out);
+/** The local address of the current path. */
+void stoq_conn_local(const stoq_conn *c, struct sockaddr_in6 *out);
+
+/** Client: what became of the server's preferred address (RFC 9000 §9.6). */
+enum {
+  STOQ_PREFERRED_NONE = 0,       /* the server offered none (or not an IPv6 one) */
+  STOQ_PREFERRED_VALIDATING = 1, /* offered and chosen: path validation under way */
+  STOQ_PREFERRED_USED = 2,       /* validated: the connection runs to it now */
+  STOQ_PREFERRED_FAILED = 3,     /* validation failed: the connection stayed where it was */
+};
+int stoq_conn_preferred_address_state(const stoq_conn *c);
+
+/** Path validations that ended, by outcome (either side; the preferred address's included). */
+uint64_t stoq_conn_paths_validated(const stoq_conn *c);
+uint64_t stoq_conn_paths_failed(const stoq_conn *c);
+
+/** Client: moves the connection to `local` (its own address changed: the old one is gone),
+ *  at once, validating the new path as it goes (RFC 9000 §9.2). 0, or an ngtcp2 error code
+ *  (no spare connection ID, handshake not confirmed, already on `local`). */
+int stoq_conn_migrate(stoq_conn *c, const struct sockaddr_in6 *local, uint64_t now);
 /** The last error, human readable ("" if none). */
 const char *stoq_conn_error_string(const stoq_conn *c);
 
