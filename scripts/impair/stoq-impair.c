@@ -57,6 +57,8 @@ static struct {
     uint32_t loss_ppm, corrupt_ppm;
     uint64_t rng;
     uint64_t seen, passed, dropped, corrupted, overflow;
+    uint64_t drop_list[64];  // --drop: these datagrams (1 = the first seen) are dropped
+    size_t drop_n;
 } S;
 
 static volatile sig_atomic_t stop_requested, stats_requested;
@@ -138,7 +140,9 @@ static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_d
     if (!ph) return 0;
     uint32_t id = ntohl(ph->packet_id);
     S.seen++;
-    if (chance(S.loss_ppm)) {
+    bool listed = false;
+    for (size_t i = 0; i < S.drop_n; i++) listed |= S.drop_list[i] == S.seen;
+    if (listed || chance(S.loss_ppm)) {
         nfq_set_verdict(qh, id, NF_DROP, 0, NULL);
         S.dropped++;
         return 0;
@@ -178,8 +182,10 @@ static void on_signal(int sig) {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: stoq-impair --queue N [--delay-ms D] [--jitter-ms J] [--loss PCT] [--corrupt PCT] [--seed S]\n"
+            "                   [--drop K,L,...]\n"
             "  holds each datagram of NFQUEUE N for D ms (+ uniform 0..J ms, which reorders),\n"
-            "  drops PCT %% of them, corrupts PCT %% of the UDP payloads (checksum fixed)\n");
+            "  drops PCT %% of them, corrupts PCT %% of the UDP payloads (checksum fixed);\n"
+            "  --drop drops the K-th, L-th, ... datagram it sees (1 = the first; at most 64)\n");
 }
 
 static int parse_pct(const char *s, const char *name, uint32_t *ppm) {
@@ -190,6 +196,19 @@ static int parse_pct(const char *s, const char *name, uint32_t *ppm) {
         return -1;
     }
     *ppm = (uint32_t)(v * 10000.0 + 0.5);
+    return 0;
+}
+static int parse_drop_list(const char *s) {
+    for (const char *p = s; *p;) {
+        char *end;
+        unsigned long long v = strtoull(p, &end, 10);
+        if (end == p || v == 0 || S.drop_n == 64 || (*end != ',' && *end != 0)) {
+            fprintf(stderr, "stoq-impair: --drop must be up to 64 datagram numbers from 1, like 2,3,4, not '%s'\n", s);
+            return -1;
+        }
+        S.drop_list[S.drop_n++] = v;
+        p = *end ? end + 1 : end;
+    }
     return 0;
 }
 static int parse_ms(const char *s, const char *name, uint64_t *ns) {
@@ -210,6 +229,7 @@ int main(int argc, char **argv) {
         {"queue", required_argument, 0, 'q'}, {"delay-ms", required_argument, 0, 'd'},
         {"jitter-ms", required_argument, 0, 'j'}, {"loss", required_argument, 0, 'l'},
         {"corrupt", required_argument, 0, 'c'}, {"seed", required_argument, 0, 's'},
+        {"drop", required_argument, 0, 'x'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
@@ -219,6 +239,7 @@ int main(int argc, char **argv) {
         case 'l': if (parse_pct(optarg, "--loss", &S.loss_ppm)) return 2; break;
         case 'c': if (parse_pct(optarg, "--corrupt", &S.corrupt_ppm)) return 2; break;
         case 's': S.rng = strtoull(optarg, NULL, 0); break;
+        case 'x': if (parse_drop_list(optarg)) return 2; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
