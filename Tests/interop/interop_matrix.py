@@ -417,6 +417,10 @@ class StoqServer:
         cfg.write_text(
             f'[node]\ndata_dir = "{r.dir}/node-data"\n'
             f'[network]\nlisten_addr = "[{SERVER_ADDR}]:{PORT}"\nworkers = 1\nretry = {str(r.case.retry).lower()}\n'
+            # Its handshake timeout (10 s by default) is the case's, as for the other servers:
+            # under the runner's 30 % loss a handshake can take longer, and the client's next
+            # Initial would then make a second connection (two handshakes where one was made).
+            f'[network.quic_config]\nhandshake_timeout = "{r.case.timeout_s}s"\n'
             f'[tls]\ncert_file = "{r.chain}"\nkey_file = "{r.key}"\n'
             f'[storage]\npath = "{r.www}"\ncontent_path = "{r.dir}/content"\n'
             f'[log]\nqlog_dir = "{r.qlog}"\n')
@@ -857,6 +861,18 @@ class Result:
     dir: str = ""
 
 
+def client_error(log: pathlib.Path) -> str:
+    """What a failed client said: its first line naming an error (the rest often repeat it for
+    each URL), else its last lines."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    marks = ("ERR_", "error", "Error", "cannot", "failed", "refused", "timed out")
+    hit = next((ln for ln in lines if any(m in ln for m in marks)), None)
+    count = sum(1 for ln in lines if any(m in ln for m in marks))
+    if hit:
+        return hit[-300:] + (f" (and {count - 1} more such lines)" if count > 1 else "")
+    return " | ".join(lines[-3:])[-300:]
+
+
 def run_case(tb: Testbed, case: Case, server: str, client: str, work: pathlib.Path, seed=1) -> Result:
     srv, cli = SERVERS[server], CLIENTS[client]
     try:
@@ -888,8 +904,7 @@ def run_case(tb: Testbed, case: Case, server: str, client: str, work: pathlib.Pa
                 p = subprocess.run(tb.ns(tb.cns, *cmd), stdout=f, stderr=subprocess.STDOUT,
                                    env={**os.environ, **env}, timeout=case.timeout_s + 30)
             if p.returncode != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                return Result("fail", f"client exit {p.returncode} on connection {i + 1}: {' | '.join(tail)[-400:]}",
+                return Result("fail", f"client exit {p.returncode} on connection {i + 1}: {client_error(log)}",
                               time.time() - started, str(work))
         elapsed = time.monotonic() - t0
         time.sleep(0.3)  # the last datagrams reach the captures
@@ -904,6 +919,10 @@ def run_case(tb: Testbed, case: Case, server: str, client: str, work: pathlib.Pa
         problem = CHECKS[name](r, t)
         if problem:
             return Result("fail", f"{name}: {problem}", time.time() - started, str(work))
+    known = KNOWN_STOQ_FAILURES.get((case.name, server, client))
+    if known:
+        note = f"(listed in KNOWN_STOQ_FAILURES: {known})"
+        return Result("pass", note, time.time() - started, str(work))
     note = ""
     if "goodput" in case.checks:
         note = f"{8 * sum(case.files) / elapsed / 1000:.0f} kbit/s"
