@@ -392,7 +392,7 @@ class Run:
         self.qlog = work / "qlog"
         for d in (self.www, self.out, self.qlog):
             d.mkdir(parents=True, exist_ok=True)
-        rnd = random.Random(hash(case.name) & 0xffff)
+        rnd = random.Random(case.name)  # the same files for a case in every run
         self.names = []
         for i, size in enumerate(case.files):
             name = f"{case.name}-{i}-{size}.bin"
@@ -499,7 +499,7 @@ class StoqClient:
 
     def commands(self, r: Run, server):
         env = {"SSLKEYLOGFILE": str(r.keylog), "XDG_CACHE_HOME": str(r.dir / "client-cache")}
-        for i, names in enumerate(connections(r.case, r.names)):
+        for names in connections(r.case, r.names):
             urls = [f"https://[{SERVER_ADDR}]:{PORT}{server.path(n)}" for n in names]
             out = r.out / names[0] if len(names) == 1 else f"{r.out}/"
             qlog = ["--qlog-dir", r.qlog] if len(urls) == 1 else []  # stoq get logs single transfers only
@@ -528,7 +528,7 @@ class GtlsClient:
             if r.case.mode == "resumption":
                 opts.append("--disable-early-data")
         for names in connections(r.case, r.names):
-            urls = [f"https://{SERVER_ADDR.join('[]')}:{PORT}{server.path(n)}" for n in names]
+            urls = [f"https://[{SERVER_ADDR}]:{PORT}{server.path(n)}" for n in names]
             yield [tool("gtlsclient"), *opts, SERVER_ADDR, PORT, *urls], env
 
 
@@ -869,6 +869,7 @@ def client_error(log: pathlib.Path) -> str:
     hit = next((ln for ln in lines if any(m in ln for m in marks)), None)
     count = sum(1 for ln in lines if any(m in ln for m in marks))
     if hit:
+        hit = hit[hit.find("stoq: "):] if "stoq: " in hit else hit  # stoq get's stdout may share the line
         return hit[-300:] + (f" (and {count - 1} more such lines)" if count > 1 else "")
     return " | ".join(lines[-3:])[-300:]
 

@@ -4,7 +4,6 @@ every peer and full-size files: scripts/interop-matrix). Each checks what the ru
 files byte-identical, handshakes counted in the server's capture, and the case's packet-level
 condition read from the captures with the keys both ends logged."""
 import os
-import pathlib
 
 import pytest
 
