@@ -842,6 +842,22 @@ def check_client_addresses(r, t):
         return f"the server sent to one client address only ({sorted(addrs)})"
 
 
+def check_impaired(r, t):
+    """The emulator did what the case asked: the impairers' exit counters show datagrams
+    dropped or corrupted in each direction that was to lose or corrupt some."""
+    link = r.case.link
+    for out, loss, corrupt in (("sv", link.loss_to_server or link.drops_to_server, link.corrupt_to_server),
+                               ("sc", link.loss_to_client, link.corrupt_to_client)):
+        log = r.dir / f"impair-{out}.log"
+        stats = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith('{"event":"exit"')]
+        if not stats:
+            return f"{log.name} has no exit counters"
+        if loss and stats[-1]["dropped"] == 0:
+            return f"{log.name}: no datagram dropped ({stats[-1]})"
+        if corrupt and stats[-1]["corrupted"] == 0:
+            return f"{log.name}: no datagram corrupted ({stats[-1]})"
+
+
 def check_goodput(r, t):
     return None  # measured, not checked: run_case reports the transfer's kbit/s
 
@@ -916,7 +932,7 @@ def run_case(tb: Testbed, case: Case, server: str, client: str, work: pathlib.Pa
     finally:
         tb.reset()
     t = Traces(r)
-    for name in case.checks:
+    for name in ("impaired", *case.checks):
         problem = CHECKS[name](r, t)
         if problem:
             return Result("fail", f"{name}: {problem}", time.time() - started, str(work))
