@@ -563,6 +563,19 @@ _AIOQUIC_ECN = ("aioquic 1.7 has no ECN: its datagrams carry no ECT mark and its
                 "(capture of this case: 0 ECT-marked datagrams from aioquic, 0 ACK_ECN frames from it)")
 KNOWN_PEER_FAILURES = {("ecn", "stoq", "aioquic"): _AIOQUIC_ECN, ("ecn", "aioquic", "stoq"): _AIOQUIC_ECN}
 
+# ngtcp2 0.12, the QUIC library under stoq-node and gtlsserver alike, answers an ack-eliciting
+# datagram from a client's new (rebound) path with a bare ACK on that path at once and sends its
+# PATH_CHALLENGE only 100-160 ms later; the runner wants the challenge first. Whether a case
+# meets it depends on the client's first datagram there. A rebinding failure of exactly that
+# kind with either of these servers is skipped with this evidence.
+NGTCP2_ACK_BEFORE_CHALLENGE = (
+    "ngtcp2 0.12 ACKs the client's first ack-eliciting datagram on the new path before its "
+    "PATH_CHALLENGE: gtlsserver (no STOQ code) did the same in this testbed (rebind-port, frames "
+    "954 ACK+PING in, 955 ACK out 0.13 ms later, 956 PATH_CHALLENGE 159 ms later), as does "
+    "stoq-node (750 ACK, 753 PATH_CHALLENGE 98 ms later)")
+ACK_BEFORE_CHALLENGE = "frame types ['3'])"
+NGTCP2_SERVERS = ("stoq", "ngtcp2")
+
 # STOQ's own failures, found here and not fixed yet: (case, server, client) -> what fails.
 # test_interop_matrix.py expects them to fail (strictly: a fix shows up as a test to update).
 _STREAMS = ("stoq get opens a stream per URL at once and fails the ones past the server's stream "
@@ -934,6 +947,8 @@ def run_case(tb: Testbed, case: Case, server: str, client: str, work: pathlib.Pa
     t = Traces(r)
     for name in ("impaired", *case.checks):
         problem = CHECKS[name](r, t)
+        if problem and name == "rebinding" and server in NGTCP2_SERVERS and problem.endswith(ACK_BEFORE_CHALLENGE):
+            return Result("skip", f"{NGTCP2_ACK_BEFORE_CHALLENGE} (here: {problem})", time.time() - started, str(work))
         if problem:
             return Result("fail", f"{name}: {problem}", time.time() - started, str(work))
     known = KNOWN_STOQ_FAILURES.get((case.name, server, client))
