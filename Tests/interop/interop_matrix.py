@@ -638,7 +638,9 @@ def read_trace(pcap: pathlib.Path, keylog: pathlib.Path, display_filter="quic"):
     if not pcap.exists():
         return []
     prefs = ["-o", f"tls.keylog_file:{keylog}"] if keylog.exists() else []
-    r = run([tool("tshark"), "-n", "-r", pcap, *prefs, "-Y", display_filter, "-T", "json", "--no-duplicate-keys",
+    # -d: whatever the client's port, port 443 is QUIC (the client's random port once was
+    # 37008, TZSP's, and tshark decoded that connection as TZSP: 49 handshakes seen of 50).
+    r = run([tool("tshark"), "-n", "-r", pcap, *prefs, "-d", f"udp.port=={PORT},quic", "-Y", display_filter, "-T", "json", "--no-duplicate-keys",
              "-J", "ipv6 udp quic"], timeout=600)
     out = []
     for frame in json.loads(r.stdout or "[]"):
