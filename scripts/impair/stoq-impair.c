@@ -18,6 +18,7 @@
 // it holds. Prints its counters on exit and on SIGUSR1 (one JSON line to stderr).
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -33,12 +34,7 @@
 #include <unistd.h>
 
 #include <libnetfilter_queue/libnetfilter_queue.h>
-#include <libnetfilter_queue/libnetfilter_queue_ipv6.h>
-#include <libnetfilter_queue/libnetfilter_queue_udp.h>
-#include <libnetfilter_queue/pktbuff.h>
 #include <linux/netfilter/nfnetlink_queue.h>
-#include <netinet/ip6.h>
-#include <netinet/udp.h>
 
 enum { HEAP_CAP = 1 << 17, BUF_SIZE = 1 << 17 };
 
@@ -57,6 +53,8 @@ static struct {
     uint32_t loss_ppm, corrupt_ppm;
     uint64_t rng;
     uint64_t seen, passed, dropped, corrupted, overflow;
+    uint64_t drop_list[64];  // --drop: these datagrams (1 = the first seen) are dropped
+    size_t drop_n;
 } S;
 
 static volatile sig_atomic_t stop_requested, stats_requested;
@@ -111,25 +109,29 @@ static void release_due(uint64_t now) {
     }
 }
 
-// Flips one byte of the UDP payload and recomputes the UDP checksum. Returns 1 when it did.
+// Flips one byte of the UDP payload of an IPv6 datagram (UDP right after the fixed header,
+// as every datagram here is) and recomputes the UDP checksum. Returns 1 when it did.
+// (libnetfilter_queue's nfq_ip6_set_transport_header is not used: in Debian 12's 1.0.5 it
+// spins forever on some datagrams, which froze the link in the first corruption runs.)
 static int corrupt(uint8_t *data, int len, uint32_t id) {
-    struct pkt_buff *pb = pktb_alloc(AF_INET6, data, (size_t)len, 0);
-    if (!pb) return 0;
-    int done = 0;
-    struct ip6_hdr *ip6 = nfq_ip6_get_hdr(pb);
-    if (ip6 && nfq_ip6_set_transport_header(pb, ip6, IPPROTO_UDP) == 0) {
-        struct udphdr *udp = nfq_udp_get_hdr(pb);
-        uint8_t *payload = udp ? nfq_udp_get_payload(udp, pb) : NULL;
-        unsigned plen = udp ? nfq_udp_get_payload_len(udp, pb) : 0;
-        if (payload && plen > 0) {
-            payload[rnd() % plen] ^= (uint8_t)(1u + rnd() % 255u);
-            nfq_udp_compute_checksum_ipv6(udp, ip6);
-            nfq_set_verdict(S.qh, id, NF_ACCEPT, (uint32_t)pktb_len(pb), pktb_data(pb));
-            done = 1;
-        }
-    }
-    pktb_free(pb);
-    return done;
+    if (len < 40 + 8 + 1 || (data[0] >> 4) != 6 || data[6] != IPPROTO_UDP) return 0;
+    uint8_t *udp = data + 40;
+    unsigned ulen = (unsigned)udp[4] << 8 | udp[5];
+    if (ulen < 9 || 40 + ulen > (unsigned)len) return 0;
+    udp[8 + rnd() % (ulen - 8)] ^= (uint8_t)(1u + rnd() % 255u);
+    udp[6] = udp[7] = 0;
+    // RFC 8200 §8.1: the pseudo-header (source, destination, length, next header) and the datagram.
+    uint32_t sum = ulen + IPPROTO_UDP;
+    for (int i = 8; i < 40; i += 2) sum += (uint32_t)data[i] << 8 | data[i + 1];
+    for (unsigned i = 0; i + 1 < ulen; i += 2) sum += (uint32_t)udp[i] << 8 | udp[i + 1];
+    if (ulen & 1) sum += (uint32_t)udp[ulen - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    uint16_t check = (uint16_t)~sum;
+    if (check == 0) check = 0xffff;
+    udp[6] = (uint8_t)(check >> 8);
+    udp[7] = (uint8_t)check;
+    nfq_set_verdict(S.qh, id, NF_ACCEPT, (uint32_t)len, data);
+    return 1;
 }
 
 static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *arg) {
@@ -138,7 +140,9 @@ static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_d
     if (!ph) return 0;
     uint32_t id = ntohl(ph->packet_id);
     S.seen++;
-    if (chance(S.loss_ppm)) {
+    bool listed = false;
+    for (size_t i = 0; i < S.drop_n; i++) listed |= S.drop_list[i] == S.seen;
+    if (listed || chance(S.loss_ppm)) {
         nfq_set_verdict(qh, id, NF_DROP, 0, NULL);
         S.dropped++;
         return 0;
@@ -178,8 +182,10 @@ static void on_signal(int sig) {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: stoq-impair --queue N [--delay-ms D] [--jitter-ms J] [--loss PCT] [--corrupt PCT] [--seed S]\n"
+            "                   [--drop K,L,...]\n"
             "  holds each datagram of NFQUEUE N for D ms (+ uniform 0..J ms, which reorders),\n"
-            "  drops PCT %% of them, corrupts PCT %% of the UDP payloads (checksum fixed)\n");
+            "  drops PCT %% of them, corrupts PCT %% of the UDP payloads (checksum fixed);\n"
+            "  --drop drops the K-th, L-th, ... datagram it sees (1 = the first; at most 64)\n");
 }
 
 static int parse_pct(const char *s, const char *name, uint32_t *ppm) {
@@ -190,6 +196,19 @@ static int parse_pct(const char *s, const char *name, uint32_t *ppm) {
         return -1;
     }
     *ppm = (uint32_t)(v * 10000.0 + 0.5);
+    return 0;
+}
+static int parse_drop_list(const char *s) {
+    for (const char *p = s; *p;) {
+        char *end;
+        unsigned long long v = strtoull(p, &end, 10);
+        if (end == p || v == 0 || S.drop_n == 64 || (*end != ',' && *end != 0)) {
+            fprintf(stderr, "stoq-impair: --drop must be up to 64 datagram numbers from 1, like 2,3,4, not '%s'\n", s);
+            return -1;
+        }
+        S.drop_list[S.drop_n++] = v;
+        p = *end ? end + 1 : end;
+    }
     return 0;
 }
 static int parse_ms(const char *s, const char *name, uint64_t *ns) {
@@ -210,6 +229,7 @@ int main(int argc, char **argv) {
         {"queue", required_argument, 0, 'q'}, {"delay-ms", required_argument, 0, 'd'},
         {"jitter-ms", required_argument, 0, 'j'}, {"loss", required_argument, 0, 'l'},
         {"corrupt", required_argument, 0, 'c'}, {"seed", required_argument, 0, 's'},
+        {"drop", required_argument, 0, 'x'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
@@ -219,6 +239,7 @@ int main(int argc, char **argv) {
         case 'l': if (parse_pct(optarg, "--loss", &S.loss_ppm)) return 2; break;
         case 'c': if (parse_pct(optarg, "--corrupt", &S.corrupt_ppm)) return 2; break;
         case 's': S.rng = strtoull(optarg, NULL, 0); break;
+        case 'x': if (parse_drop_list(optarg)) return 2; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
