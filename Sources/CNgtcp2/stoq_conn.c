@@ -584,6 +584,7 @@ int stoq_conn_early_data(const stoq_conn *c) { return c->is_server ? STOQ_EARLY_
 void stoq_conn_set_app(stoq_conn *c, void *app) { c->app = app; }
 void *stoq_conn_get_app(const stoq_conn *c) { return c->app; }
 int stoq_conn_is_established(const stoq_conn *c) { return c->established; }
+uint64_t stoq_conn_bidi_streams_left(stoq_conn *c) { return ngtcp2_conn_get_streams_bidi_left(c->q); }
 const char *stoq_conn_error_string(const stoq_conn *c) { return c->errstr; }
 
 void stoq_conn_remote(const stoq_conn *c, struct sockaddr_in6 *out) {

@@ -53,6 +53,8 @@ public final class QUICConnection {
 
     /// The handshake completed.
     public var isEstablished: Bool { stoq_conn_is_established(raw) != 0 }
+    /// Requests this end may still start: bidirectional streams the peer's MAX_STREAMS allows.
+    public var bidiStreamsLeft: UInt64 { stoq_conn_bidi_streams_left(raw) }
     /// The handshake resumed an earlier session (a session ticket), without certificates.
     public var isResumed: Bool { stoq_conn_is_resumed(raw) != 0 }
     /// Client: the session the server's newest ticket resumes (opaque GnuTLS data to keep

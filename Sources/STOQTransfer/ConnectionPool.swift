@@ -180,6 +180,12 @@ package final class ConnectionPool {
     }
 
     private func send(_ r: Request, on up: Upstream) {
+        // Past the server's stream limit a request waits for its MAX_STREAMS (settle sends
+        // it then), as a browser's would; failing it lost every URL past the limit.
+        if up.connection.bidiStreamsLeft == 0 {
+            up.pending.append(r)
+            return
+        }
         do {
             let stream = try up.connection.request(
                 method: r.method, authority: up.url.authority, path: r.path,

@@ -330,6 +330,8 @@ void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
 /** Handshake done? */
 int stoq_conn_is_established(const stoq_conn *c);
+/** Bidirectional streams this end may still open under the peer's MAX_STREAMS. */
+uint64_t stoq_conn_bidi_streams_left(stoq_conn *c);
 /** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
 int stoq_conn_is_resumed(const stoq_conn *c);
 /** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
