@@ -18,7 +18,6 @@ and over IPv6 (stoq-impair is IPv6 only).
 """
 import dataclasses
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from conftest import sha256_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -160,12 +161,6 @@ def impairer(build_dir: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_certs(out: pathlib.Path, chain_len: int, bulk=0):
@@ -707,7 +702,7 @@ def check_files(r, t):
         extra = sorted(set(got) - set(r.names))
         return f"downloaded files differ: {len(missing)} missing (e.g. {missing[:3]}), unexpected {extra[:3]}"
     for n in r.names:
-        if (r.out / n).stat().st_size != (r.www / n).stat().st_size or sha256(r.out / n) != sha256(r.www / n):
+        if (r.out / n).stat().st_size != (r.www / n).stat().st_size or sha256_file(r.out / n) != sha256_file(r.www / n):
             return f"{n}: {(r.out / n).stat().st_size} bytes downloaded, not the {(r.www / n).stat().st_size} served"
 
 
