@@ -19,6 +19,12 @@ public struct BenchResult: Sendable, Codable {
     public var latencyP99Ms: Double
 }
 
+/// The nearest-rank `p` percentile of nanosecond latencies, in milliseconds (0 when none):
+/// what every `stoq bench` mode reports.
+func percentileMs(sorted: [UInt64], _ p: Double) -> Double {
+    sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1e6
+}
+
 final class BenchApp: QUICApplication {
     var started: [HTTPStream: Timestamp] = [:]
     var latencies: [UInt64] = []
@@ -92,9 +98,7 @@ extension STOQClient {
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         if let e = app.connectionErrors.first, app.latencies.isEmpty { throw ClientError(.transfer, e) }
         let sorted = app.latencies.sorted()
-        func pct(_ p: Double) -> Double {
-            sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1e6
-        }
+        func pct(_ p: Double) -> Double { percentileMs(sorted: sorted, p) }
         return BenchResult(
             connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
             bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,

@@ -96,7 +96,8 @@ final class LoadApp: QUICApplication {
         if errorCode != H3Error.noError { requestsFailed += 1 }
     }
 
-    /// A reason as a counter key: the message, without the per-connection details some carry.
+    /// A reason as a counter key: the message as it is, cut at 160 characters ("closed" for a
+    /// clean close).
     static func key(_ reason: String) -> String {
         reason.isEmpty ? "closed" : String(reason.prefix(160))
     }
@@ -167,15 +168,11 @@ extension STOQClient {
             r.rampSeconds = Double(last - first) / 1e9
             r.handshakesPerSecond = Double(r.established) / r.rampSeconds
         }
-        (r.handshakeP50Ms, r.handshakeP99Ms) = (percentileMs(&handshakes, 0.5), percentileMs(&handshakes, 0.99))
-        (r.requestP50Ms, r.requestP99Ms) = (percentileMs(&requests, 0.5), percentileMs(&requests, 0.99))
+        handshakes.sort()
+        requests.sort()
+        (r.handshakeP50Ms, r.handshakeP99Ms) = (percentileMs(sorted: handshakes, 0.5), percentileMs(sorted: handshakes, 0.99))
+        (r.requestP50Ms, r.requestP99Ms) = (percentileMs(sorted: requests, 0.5), percentileMs(sorted: requests, 0.99))
         return r
-    }
-
-    private static func percentileMs(_ values: inout [UInt64], _ p: Double) -> Double {
-        guard !values.isEmpty else { return 0 }
-        values.sort()
-        return Double(values[min(values.count - 1, Int(Double(values.count) * p))]) / 1e6
     }
 
     /// One thread: its socket, endpoint and share of the connections, through all three phases.
