@@ -98,13 +98,17 @@ public enum ConfigLoader {
                     i += 1
                 }
                 i += 3
+                // Up to two more quotes belong to the value: `"""x""""` is `x"`.
+                var extra = 0
+                while extra < 2, i < u.count, u[i] == close[0] { i += 1; extra += 1 }
             } else if c == 0x22 || c == 0x27 {
                 i += 1
                 while i < u.count, u[i] != c, u[i] != 0x0A {
-                    if c == 0x22, u[i] == 0x5C { i += 1 }
+                    if c == 0x22, u[i] == 0x5C, i + 1 < u.count, u[i + 1] != 0x0A { i += 1 }
                     i += 1
                 }
-                i += 1
+                // An unclosed string ends at its line; the newline starts the next one.
+                if i < u.count, u[i] == c { i += 1 }
             } else {
                 switch c {
                 case UInt8(ascii: "["): open.append(c); expectElement = true

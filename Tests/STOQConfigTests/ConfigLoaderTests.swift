@@ -302,6 +302,18 @@ import TOMLKit
         }
     }
 
+    /// Found by `scripts/fuzz config` (regression-quote-run-header): a string that ends in a
+    /// run of quotes, or is not closed, hid the header on the next line from the check.
+    @Test(arguments: [
+        "a = \"\"\"x\"\"\"\"\n[$b]\n", "a = '''x'''''\n[$b]\n", "a = \"x\n[$b]\n", "a = \"x\\\n[$b]\n",
+        "[x]\na = \"\"\"\"\n[$b]\nm = \"e\"\n[x.y]\na = \"\"\"\"\n[$b]\n",
+    ])
+    func headerAfterAQuoteRunIsChecked(_ text: String) {
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).lastIndex { $0 == "[$b]" }! + 1
+        #expect(ConfigLoader.tomlHazard(text)?.line == line)
+        #expect(throws: ConfigErrors.self) { _ = try ConfigLoader.parse(text, source: "t.toml") }
+    }
+
     /// A byte order mark does not hide a header from the check (toml++ skips it too).
     @Test func tableHeaderAfterAByteOrderMarkIsChecked() {
         #expect(ConfigLoader.tomlHazard("\u{FEFF}[{")?.line == 1)
@@ -337,6 +349,7 @@ import TOMLKit
         #expect(ConfigLoader.tomlHazard("x = \"\"\"\n[.\n\"\"\"\n") == nil)
         #expect(ConfigLoader.tomlHazard("x = [\n[\n1]]\n") == nil)
         #expect(ConfigLoader.tomlHazard("x = [{a = 1}, {b = \"}\"}]\ny = []\n") == nil)
+        #expect(ConfigLoader.tomlHazard("x = \"\"\"a\"\"\"\"\"\ny = [1]\n[z]\n") == nil)
         _ = try ConfigLoader.parse(text)
     }
 }
