@@ -333,8 +333,12 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
   if (s->handshake_timeout) st->handshake_timeout = s->handshake_timeout;
   if (s->ack_thresh) st->ack_thresh = s->ack_thresh;
   if (s->max_udp_payload_size) {
+    /* Packets are this size from the first Initial (bounded only by the peer's
+     * max_udp_payload_size), so Path MTU discovery could not raise it: its PING probes (1406
+     * and 1452 bytes per connection, each way) would be sent for nothing. */
     st->max_tx_udp_payload_size = s->max_udp_payload_size;
     st->no_tx_udp_payload_size_shaping = 1;
+    st->no_pmtud = 1;
   }
   if (s->log) st->log_printf = cb_log;
 

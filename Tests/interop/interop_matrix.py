@@ -573,12 +573,7 @@ NGTCP2_SERVERS = ("stoq", "ngtcp2")
 
 # STOQ's own failures, found here and not fixed yet: (case, server, client) -> what fails.
 # test_interop_matrix.py expects them to fail (strictly: a fix shows up as a test to update).
-_EARLY = ("stoq get sends its GETs in 0-RTT (about 2 KB) but sends more in 1-RTT after the "
-          "handshake (about 7 KB; not yet analysed), and the runner wants 0-RTT to outweigh 1-RTT")
-KNOWN_STOQ_FAILURES: dict[tuple[str, str, str], str] = {
-    ("zerortt", "ngtcp2", "stoq"): _EARLY,
-    ("zerortt", "aioquic", "stoq"): _EARLY,
-}
+KNOWN_STOQ_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 # ---------------------------------------------------------------------------------------------
