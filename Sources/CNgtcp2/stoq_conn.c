@@ -227,10 +227,13 @@ static int settle_early_data(stoq_conn *c) {
 }
 
 static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
-  (void)q;
   stoq_conn *c = ud;
   if (settle_early_data(c) != 0) return NGTCP2_ERR_CALLBACK_FAILURE;
   c->established = 1;
+  /* Not before: ngtcp2 0.12 would send a keep-alive PING alone in a 0-RTT packet when the
+   * handshake outlasts the timeout (a lossy link), too short for the header-protection sample,
+   * and abort on its assertion in ngtcp2_ppe_final (ngtcp2 issue 901, fixed in later versions). */
+  if (c->ep->s.keep_alive) ngtcp2_conn_set_keep_alive_timeout(q, c->ep->s.keep_alive);
   send_session_ticket(c);
   if (c->ep->ev.on_handshake) c->ep->ev.on_handshake(c->ep->ev.ctx, c);
   return 0;
@@ -513,7 +516,6 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
     stoq_conn_free(c);
     return NULL;
   }
-  if (ep->s.keep_alive) ngtcp2_conn_set_keep_alive_timeout(c->q, ep->s.keep_alive);
   if (setup_tls(c, server_name) != 0) {
     set_err(err, errlen, "%s", c->errstr);
     stoq_conn_free(c);

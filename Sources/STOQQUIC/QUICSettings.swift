@@ -25,7 +25,7 @@ public struct QUICSettings: Sendable, Equatable {
     public var retry = false
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
-    /// Client: a PING after this long without traffic, in ns (0: never, the default: an idle
+    /// Client, once the handshake is done: a PING after this long without traffic, in ns (0: never, the default: an idle
     /// connection ends). It keeps an idle connection past the peer's idle timeout, and a client
     /// that only receives is silent once cut off (a NAT that forgot its mapping, its own address
     /// gone): the PING makes the new mapping, or shows the address is gone.

@@ -441,17 +441,18 @@ public enum STOQClient {
     /// With `qlogDirectory` the connection writes its qlog there (`<odcid-hex>.client.sqlog`).
     /// `headers` go with the request (e.g. W3C `traceparent`, so the node's spans join a trace).
     /// With `sessionCache` the server's kept session is resumed and, unless `earlyData` is
-    /// false, the GET goes in 0-RTT when the server's parameters were kept too.
+    /// false, the GET goes in 0-RTT when the server's parameters were kept too. A handshake not
+    /// done within `connectTimeout` seconds fails (`QUICSettings.handshakeTimeout` by default).
     public static func get(
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
-        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
+        connectTimeout: Double? = nil, congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
         sessionCache: SessionCache? = nil, earlyData: Bool = true,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
+            connectTimeout: connectTimeout, congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
             earlyData: earlyData, progressInterval: progressInterval, progress: progress)
     }
 
@@ -476,7 +477,8 @@ public enum STOQClient {
 
     static func transfer(
         _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
-        datapath: ClientDatapath, timeout: Double, congestionControl: CongestionControl, qlogDirectory: String? = nil,
+        datapath: ClientDatapath, timeout: Double, connectTimeout: Double? = nil, congestionControl: CongestionControl,
+        qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
         sessionCache: SessionCache? = nil, earlyData: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
@@ -484,7 +486,7 @@ public enum STOQClient {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
         let rig = try ClientRig(
             trust: trust, datapath: datapath, application: app, congestionControl: congestionControl,
-            qlogDirectory: qlogDirectory, keepAlive: transferKeepAlive)
+            qlogDirectory: qlogDirectory, handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()

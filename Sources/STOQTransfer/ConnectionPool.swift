@@ -110,12 +110,15 @@ package final class ConnectionPool {
     /// A pool whose connections present `trust`'s client certificate and verify upstreams
     /// against it, on a queue `datapath` opens.
     /// `keepAlive` as `QUICSettings.keepAlive` (0: a connection waiting for nothing stays silent
-    /// and idles out).
+    /// and idles out); `handshakeTimeout` in seconds as `QUICSettings.handshakeTimeout` (nil: its
+    /// default).
     package init(
-        trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000, keepAlive: UInt64 = 0
+        trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000, handshakeTimeout: Double? = nil,
+        keepAlive: UInt64 = 0
     ) throws(ClientError) {
         self.connectTimeout = connectTimeout
-        rig = try ClientRig(trust: trust, datapath: datapath, application: app, keepAlive: keepAlive)
+        rig = try ClientRig(
+            trust: trust, datapath: datapath, application: app, handshakeTimeout: handshakeTimeout, keepAlive: keepAlive)
         waker = Waker()
         if waker.fd >= 0 { rig.queue.setWakeup(fileDescriptor: waker.fd) }
     }

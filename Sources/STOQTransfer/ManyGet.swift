@@ -42,12 +42,14 @@ extension STOQClient {
     /// and (unless `earlyData` is false) the GETs go in 0-RTT where the server's parameters were.
     public static func getMany(
         _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
+        connectTimeout: Double? = nil,
         headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, earlyData: Bool = true,
         maxInFlight: Int = 64
     ) throws(ClientError) -> ManyGetReport {
         precondition(urls.count == fds.count, "one file descriptor per URL")
         let pool = try ConnectionPool(
-            trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, 30) * 1e9), keepAlive: transferKeepAlive)
+            trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, connectTimeout ?? 30) * 1e9),
+            handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive)
         pool.sessionCache = sessionCache
         pool.earlyData = earlyData
         var closed = false

@@ -101,6 +101,8 @@ struct Get: ParsableCommand {
     @OptionGroup var credential: CredentialOptions
     @Flag(help: "Print one JSON object with status, bytes, seconds, gbps and the body's sha256.") var json = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
+    @Option(help: "Give up on a server whose handshake has not completed after this many seconds (lossy links need more).")
+    var connectTimeout: Double = 10
     @Option(help: "Congestion control of this end: reno, cubic, bbr or bbr2 (it paces what this end sends).")
     var cc: CongestionControl = QUICSettings().congestionControl
     @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
@@ -132,6 +134,7 @@ struct Get: ParsableCommand {
 
     func validate() throws {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
+        if !(connectTimeout > 0 && connectTimeout <= 600) { throw ValidationError("--connect-timeout: give 0 < seconds ≤ 600") }
         if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
         if urls.count > 1 || remoteName {
             if chunked { throw ValidationError("--chunked fetches one object: not with several URLs or -O") }
@@ -207,6 +210,7 @@ struct Get: ParsableCommand {
         do {
             result = try STOQClient.get(
                 u, into: fd, trust: trust.trust, datapath: .ioUring, hash: json || tty, timeout: timeout,
+                connectTimeout: connectTimeout,
                 congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
                 // A session proves the server once; one kept from an unverified run must not
                 // stand in for verification later.
@@ -289,7 +293,7 @@ struct Get: ParsableCommand {
         let report: ManyGetReport
         do {
             report = try STOQClient.getMany(
-                parsed, into: fds, trust: trust.trust, datapath: .ioUring, timeout: timeout,
+                parsed, into: fds, trust: trust.trust, datapath: .ioUring, timeout: timeout, connectTimeout: connectTimeout,
                 headers: { u in
                     do { return try tracing.headers() + credential.headers(for: u) } catch {
                         headerFailure = error

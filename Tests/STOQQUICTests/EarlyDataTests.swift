@@ -89,6 +89,32 @@ import Testing
         #expect(server.requests.count == 2)
     }
 
+    /// Found by the interop matrix (handshakeloss, ngtcp2 serving `stoq get`): a client with a
+    /// keep-alive whose 0-RTT handshake outlasts it. ngtcp2 0.12 sent the keep-alive PING alone
+    /// in a 0-RTT packet, too short to protect, and aborted (ngtcp2_ppe.c:135). The keep-alive
+    /// now starts with the handshake's completion.
+    @Test func aKeepAliveDuringALongZeroRTTHandshakeDoesNotAbort() throws {
+        var settings = QUICSettings()
+        settings.keepAlive = 100_000_000
+        let pair = try EndpointPair(identity: identity, clientSettings: settings)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        // Nothing comes back for 3 s: 30 keep-alive periods, while the client only has 0-RTT keys.
+        pair.toClient.down = true
+        let start = pair.now
+        #expect(!pair.run(for: 3_000_000_000) { client.closedCode != nil })
+        #expect(pair.now - start >= 3_000_000_000 && !conn.isEstablished)
+        pair.toClient.down = false
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 200 && client.sha == Array(SHA256.hash(data: object)))
+    }
+
     @Test func onlyGetAndHeadGoInZeroRTT() throws {
         let pair = try EndpointPair(identity: identity)
         pair.server.application = MemoryServer(object: object)

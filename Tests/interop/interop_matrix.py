@@ -498,7 +498,8 @@ class StoqClient:
             urls = [f"https://[{SERVER_ADDR}]:{PORT}{server.path(n)}" for n in names]
             out = r.out / names[0] if len(names) == 1 else f"{r.out}/"
             qlog = ["--qlog-dir", r.qlog] if len(urls) == 1 else []  # stoq get logs single transfers only
-            yield [bin_dir() / "stoq", "get", *urls, "-o", out, "--ca", r.ca, *qlog, "--timeout", r.case.timeout_s], env
+            yield [bin_dir() / "stoq", "get", *urls, "-o", out, "--ca", r.ca, *qlog, "--timeout", r.case.timeout_s,
+                   "--connect-timeout", min(r.case.timeout_s, 600)], env
 
 
 class GtlsClient:
