@@ -61,3 +61,27 @@ def test_interop_case(testbed, case, server, client):
         assert res.status == "fail", f"{case} {server}/{client} passes now: remove it from KNOWN_STOQ_FAILURES"
         pytest.xfail(f"{known} (now: {res.reason})")
     assert res.status == "pass", f"{res.reason} (captures, keys, logs: {res.dir})"
+
+
+def test_migration_check_needs_the_client_to_move_and_stay():
+    """check_migration on made-up traces: it passes only when the offered preferred address got
+    the client's 1-RTT packets to the end and answered them (each other trace names what is
+    missing)."""
+    srv, pa, cli = m.SERVER_ADDR, m.PREFERRED_ADDR, m.CLIENT_ADDR
+    offer = m.QuicPacket(2, "", "", 0, 0, 100, {"tls.quic.parameter.preferred_address.ipv6address": pa})
+    one_rtt = lambda: m.QuicPacket(-1, "", "", 0, 0, 50, {})
+
+    def dgram(src, dst, *pkts):
+        return m.Datagram(src, dst, m.PORT if src != cli else 50000, m.PORT if dst != cli else 50000, 0, 100,
+                          list(pkts))
+
+    class T:
+        def __init__(self, client):
+            self.client = client
+
+    moved = [dgram(srv, cli, offer), dgram(cli, srv, one_rtt()), dgram(cli, pa, one_rtt()), dgram(pa, cli, one_rtt())]
+    assert m.check_migration(None, T(moved)) is None
+    assert "offer no preferred_address" in m.check_migration(None, T(moved[1:]))
+    assert "no 1-RTT packet to the preferred address" in m.check_migration(None, T(moved[:2]))
+    assert "moved back" in m.check_migration(None, T(moved + [dgram(cli, srv, one_rtt())]))
+    assert "never answered" in m.check_migration(None, T(moved[:3]))
