@@ -470,8 +470,11 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
   int n = 0;
   unsigned head, seen = 0;
   io_uring_for_each_cqe(&u->ring, head, cqe) {
-    seen++;
     uint64_t tag = io_uring_cqe_get_data64(cqe);
+    /* A full batch leaves the next datagrams in the ring for the next call (taking them
+     * here would drop them: a loaded worker lost datagrams that way). */
+    if (tag == TAG_RX && n >= max) break;
+    seen++;
     if (!(tag & TAG_RX)) {
       complete_tx(u, (unsigned)tag, cqe->res);
       continue;
@@ -492,10 +495,6 @@ int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, i
     if (!(cqe->flags & IORING_CQE_F_BUFFER)) continue;
     uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
     u->done_bids[u->ndone++] = bid;
-    if (n >= max) {
-      u->counters.rx_dropped++;
-      continue;
-    }
     uint8_t *buf = u->rx_mem + (size_t)bid * u->rx_size;
     struct io_uring_recvmsg_out *o = io_uring_recvmsg_validate(buf, cqe->res, &u->rx_msg);
     if (!o || (o->flags & MSG_TRUNC) || o->namelen < sizeof(struct sockaddr_in6)) {
