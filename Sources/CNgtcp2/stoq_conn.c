@@ -392,8 +392,8 @@ ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote) {
 }
 
 stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
-                            const struct sockaddr_in6 *remote, uint64_t now, void *app, uint8_t *out, size_t outcap,
-                            ssize_t *outlen, int *action) {
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, uint8_t *out,
+                            size_t outcap, ssize_t *outlen, int *action) {
   *action = STOQ_ACCEPT_DROP;
   *outlen = 0;
   ngtcp2_pkt_hd hd;
@@ -422,7 +422,7 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
     token = hd.token.base;
     tokenlen = hd.token.len;
     need_retry = 0;
-  } else if (ep->s.enable_retry) {
+  } else if (retry) {
     need_retry = 1;
   }
 

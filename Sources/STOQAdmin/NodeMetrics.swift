@@ -133,6 +133,10 @@ package struct NodeMetrics {
         perWorker("stoq_quic_dropped_unknown_total", "Datagrams for no known connection that got no answer.") { $0.endpoint.droppedUnknown }
         perWorker("stoq_quic_version_negotiations_total", "Version Negotiation packets sent.") { $0.endpoint.versionNegotiations }
         perWorker("stoq_quic_retries_total", "Stateless Retry packets sent.") { $0.endpoint.retriesSent }
+        perWorker("stoq_quic_retries_forced_total", "Retry packets sent because retry_threshold connections were mid-handshake.") {
+            $0.endpoint.retriesForced
+        }
+        perWorker("stoq_quic_connections_half_open", "Connections mid-handshake.", type: "gauge") { $0.endpoint.halfOpenConnections }
         perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }
         perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }
         perWorker("stoq_quic_connections_closed_total", "Connections closed.") { $0.endpoint.connectionsClosed }

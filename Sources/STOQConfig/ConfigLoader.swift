@@ -143,6 +143,7 @@ public enum ConfigLoader {
             s.int("max_connections", &c.network.quic.maxConnections, 1...1_000_000)
             s.int("workers", &c.network.workers, 0...1024)
             s.bool("retry", &c.network.quic.retry)
+            s.int("retry_threshold", &c.network.quic.retryThreshold, 0...1_000_000)
             s.choice("cc", &c.network.quic.congestionControl)
             s.choice("datapath", &c.network.datapath)
             s.choice("client_auth", &c.network.clientAuth)

@@ -27,6 +27,8 @@ public final class QUICConnection {
     /// any connection's packets, so closing thousands at once loses none).
     var closeOwed = false
     var removed = false
+    /// Counted in the endpoint's established connections (its half-open count is the rest).
+    var countedEstablished = false
     var closeReason = ""
     var closeResends = 0
 

@@ -20,6 +20,11 @@ public struct EndpointCounters: Sendable {
     public var droppedReplies: UInt64 = 0
     public var versionNegotiations: UInt64 = 0
     public var retriesSent: UInt64 = 0
+    /// Of `retriesSent`, those sent only because `QUICSettings.retryThreshold` connections were
+    /// mid-handshake.
+    public var retriesForced: UInt64 = 0
+    /// Connections mid-handshake now (a gauge).
+    public var halfOpenConnections: UInt64 = 0
     public var statelessResets: UInt64 = 0
     public var connectionsAccepted: UInt64 = 0
     public var connectionsClosed: UInt64 = 0
@@ -103,6 +108,7 @@ public final class QUICEndpoint {
         (c.sinkBytesWritten, c.sinkPeakBytesQueued, c.sinkRingBytes) = (w.bytes_written, w.peak_bytes_queued, w.ring_bytes)
         (c.sinkBytesQueued, c.sinkWaits, c.sinkDrainWaits) = (w.bytes_queued, w.waits, w.drain_waits)
         c.sinkJobsPending = w.jobs_pending
+        c.halfOpenConnections = UInt64(halfOpen)
         return c
     }
     private var tally = EndpointCounters()
@@ -174,6 +180,13 @@ public final class QUICEndpoint {
 
     /// Number of live connections (including closing ones).
     public var connectionCount: Int { connections.count }
+    /// Live connections whose handshake completed (the rest are half-open).
+    fileprivate(set) var established = 0
+    /// Connections mid-handshake: a flood of spoofed Initials shows here.
+    public var halfOpen: Int { connections.count - established }
+    /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
+    /// mid-handshake (whatever `settings.retry` says).
+    public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
 
     /// All live connections.
     public var allConnections: some Collection<QUICConnection> { connections.values }
@@ -279,8 +292,10 @@ public final class QUICEndpoint {
         let app = Unmanaged.passUnretained(holder).toOpaque()
         pendingHolder = holder
         defer { pendingHolder = nil }
+        let forced = !settings.retry && retryingUnderLoad
         let raw = stoq_conn_accept(
-            ctx, base, count, &localSA, &peerSA, now, app, scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
+            ctx, base, count, &localSA, &peerSA, now, app, settings.retry || forced ? 1 : 0,
+            scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
         guard let raw else {
             if action == Int32(STOQ_ACCEPT_REPLY), outlen > 0 {
                 let n = outlen
@@ -294,6 +309,7 @@ public final class QUICEndpoint {
                     })
                 {
                     tally.retriesSent &+= 1
+                    if forced { tally.retriesForced &+= 1 }
                 }
             } else {
                 tally.droppedInitials &+= 1
@@ -522,6 +538,7 @@ public final class QUICEndpoint {
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
+        if conn.countedEstablished { established -= 1 }
         // The application may hold the connection a while longer; its qlog file and buffer
         // go now.
         stoq_conn_qlog_close(conn.raw)
@@ -722,6 +739,10 @@ private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePoin
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c) else { return }
+    if !conn.countedEstablished {
+        conn.countedEstablished = true
+        ep.established += 1
+    }
     if stoq_conn_is_resumed(c) != 0 { ep.countResumed() }
     if ep.isServer && stoq_conn_early_data_accepted(c) != 0 { ep.countEarlyData() }
     ep.application?.handshakeCompleted(connection: conn)

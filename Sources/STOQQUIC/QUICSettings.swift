@@ -23,6 +23,10 @@ public struct QUICSettings: Sendable, Equatable {
     public var congestionControl: CongestionControl = .cubic
     /// Send a stateless Retry before accepting (address validation under attack).
     public var retry = false
+    /// Server without `retry`: once this many connections are mid-handshake (half-open), new
+    /// Initials get a Retry first, until fewer are (as msquic does under a flood of spoofed
+    /// Initials: a Retry costs no state). 0: never.
+    public var retryThreshold: Int = 1000
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
     /// Client, once the handshake is done: a PING after this long without traffic, in ns (0: never, the default: an idle
@@ -65,7 +69,6 @@ public struct QUICSettings: Sendable, Equatable {
         var s = stoq_settings()
         s.cc_algo = congestionControl.raw
         s.worker_id = workerID
-        s.enable_retry = retry ? 1 : 0
         s.log = debugLog ? 1 : 0
         s.idle_timeout = idleTimeout
         s.handshake_timeout = handshakeTimeout

@@ -42,6 +42,8 @@ public final class Worker {
     /// Whoever finishes such work wakes the worker with `WorkerMesh.wake`.
     public var onTurn: (() -> Void)?
     private var nextTick: Timestamp = 0
+    /// Whether the last tick found the endpoint answering Initials with Retry under load.
+    private var retryingUnderLoad = false
     private let maxPayload: Int
     /// The node's hand-off mesh and this worker's place in it (nil: a lone worker).
     public private(set) var mesh: WorkerMesh?
@@ -177,6 +179,7 @@ public final class Worker {
                 nextTick = now + tickInterval
                 onTick?()
                 releaseFreedMemory()
+                noteRetryUnderLoad(logger)
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {
@@ -193,6 +196,21 @@ public final class Worker {
         let deadline = monotonicNow() + drainTimeout
         while endpoint.connectionCount > 0 && monotonicNow() < deadline {
             do { try turn() } catch { break }
+        }
+    }
+
+    /// Logs when the endpoint starts or stops answering new Initials with Retry because of its
+    /// half-open connections (`QUICSettings.retryThreshold`), as seen each tick.
+    private func noteRetryUnderLoad(_ logger: Logger?) {
+        let now = endpoint.retryingUnderLoad
+        guard now != retryingUnderLoad else { return }
+        retryingUnderLoad = now
+        let threshold = endpoint.settings.retryThreshold, halfOpen = endpoint.halfOpen
+        if now {
+            logger?.notice(
+                "worker \(index): \(halfOpen) connections mid-handshake (retry_threshold \(threshold)): new ones get a Retry first")
+        } else {
+            logger?.notice("worker \(index): \(halfOpen) connections mid-handshake, under retry_threshold \(threshold): Retry off")
         }
     }
 

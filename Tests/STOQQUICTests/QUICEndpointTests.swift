@@ -191,6 +191,33 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(client.sha == Array(SHA256.hash(data: object)))
     }
 
+    /// Without `retry`, a server with `retryThreshold` connections mid-handshake answers the next
+    /// Initial with a Retry (that connection still completes, a round trip later), and stops
+    /// once its handshakes are done.
+    @Test func retryStartsAtTheHalfOpenThresholdAndStopsBelowIt() throws {
+        var settings = QUICSettings()
+        settings.retryThreshold = 2
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(5000, seed: 3))
+        // The server's replies are lost: its first two connections stay half-open.
+        pair.toClient.down = true
+        let stalled = [try pair.connect(), try pair.connect()]
+        #expect(pair.run(for: 200_000_000) { pair.server.halfOpen == 2 })
+        #expect(pair.server.retryingUnderLoad && pair.server.counters.halfOpenConnections == 2)
+        #expect(pair.server.counters.retriesSent == 0)
+        pair.toClient.down = false
+        let third = try pair.connect()
+        #expect(pair.run { pair.server.counters.retriesSent == 1 })
+        #expect(pair.server.counters.retriesForced == 1 && pair.server.connectionCount == 2)
+        #expect(pair.run { third.isEstablished && stalled.allSatisfy(\.isEstablished) })
+        #expect(pair.run { pair.server.halfOpen == 0 })
+        #expect(!pair.server.retryingUnderLoad)
+        // Below the threshold again: no Retry.
+        let fourth = try pair.connect()
+        #expect(pair.run { fourth.isEstablished })
+        #expect(pair.server.counters.retriesSent == 1 && pair.server.counters.connectionsAccepted == 4)
+    }
+
     @Test func keyUpdateMidTransfer() throws {
         // Without an update, no packet is ever under key phase one (the counter can tell).
         let (_, _, plain) = try download(size: 64 << 10)

@@ -254,3 +254,49 @@ def test_ipv4_never_reaches_the_node(metered):
     assert d["stoq_datapath_rx_dropped_total"] == 0, d
     assert d["stoq_quic_datagrams_received_total"] == 1, d
     assert d["stoq_quic_version_negotiations_total"] == 1, d
+
+
+def test_flood_of_valid_initials_turns_retry_on_until_it_passes(tmp_path):
+    """Initials with real ClientHellos (aioquic's) whose senders never answer, as a spoofed
+    flood looks: each makes a half-open connection. Past `retry_threshold` of them the worker
+    answers new ones with a stateless Retry and logs it; a real client is still served (after a
+    Retry); once the half-open ones time out, Retry is off again and logged so."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    n = Node(tmp_path, workers=1, extra='retry_threshold = 50\n[network.quic_config]\nhandshake_timeout = "3s"\n'
+                                        '[admin]\nlisten = "[::1]:0"')
+    try:
+        n.digests = {"obj-65536.bin": n.add_object("obj-65536.bin", 65536)}
+        names = ["stoq_quic_connections_accepted_total", "stoq_quic_retries_total", "stoq_quic_retries_forced_total",
+                 "stoq_quic_connections_half_open"]
+        s = udp(n)
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=["h3"])
+        for _ in range(200):
+            c = QuicConnection(configuration=cfg)
+            c.connect(("::1", n.port), now=time.time())
+            for data, _addr in c.datagrams_to_send(now=time.time()):
+                s.send(data)
+        flood = settled_reading(lambda: summed_counters(n, names))
+        print("flood of 200 Initials:", flood)
+        assert flood["stoq_quic_connections_accepted_total"] == 50, flood
+        assert flood["stoq_quic_connections_half_open"] == 50, flood
+        assert flood["stoq_quic_retries_forced_total"] == 150 == flood["stoq_quic_retries_total"], flood
+        still_serves(n)
+        after = settled_reading(lambda: summed_counters(n, names))
+        assert after["stoq_quic_retries_forced_total"] == 151, after  # the real client went through a Retry
+        assert after["stoq_quic_connections_accepted_total"] == 51, after
+        # The half-open ones time out (3 s); the worker notices at its next tick.
+        deadline = time.time() + 15
+        while time.time() < deadline and "Retry off" not in n.workdir.joinpath("node.log").read_text():
+            time.sleep(0.2)
+        log = n.workdir.joinpath("node.log").read_text()
+        assert "worker 0: 50 connections mid-handshake (retry_threshold 50): new ones get a Retry first" in log, log[-2000:]
+        assert "under retry_threshold 50: Retry off" in log, log[-2000:]
+        assert settled_reading(lambda: summed_counters(n, names))["stoq_quic_connections_half_open"] == 0
+        still_serves(n)
+        end = settled_reading(lambda: summed_counters(n, names))
+        assert end["stoq_quic_retries_total"] == after["stoq_quic_retries_total"], end  # no Retry now
+        assert end["stoq_quic_connections_accepted_total"] == 52, end
+    finally:
+        assert n.stop() == 0

@@ -133,7 +133,6 @@ typedef struct stoq_events {
 typedef struct stoq_settings {
   uint8_t cc_algo;            /* 0 reno, 1 cubic, 2 bbr, 3 bbr2 */
   uint8_t worker_id;          /* first byte of every CID this endpoint issues */
-  int enable_retry;           /* server: stateless Retry before accepting */
   int log;                    /* ngtcp2 debug log to stderr */
   uint64_t idle_timeout;      /* ns */
   uint64_t handshake_timeout; /* ns */
@@ -265,11 +264,13 @@ enum {
 };
 
 /** Server: accepts a client's first Initial. Returns the connection (the caller then feeds it the
- *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. Announces the
- *  client's original DCID and our first SCID through on_cid; `app` is set before that. */
+ *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. With `retry`, an
+ *  Initial without a valid Retry token is answered with a Retry (the caller decides when: always,
+ *  or under a flood of half-open connections). Announces the client's original DCID and our
+ *  first SCID through on_cid; `app` is set before that. */
 stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
-                            const struct sockaddr_in6 *remote, uint64_t now, void *app, uint8_t *out, size_t outcap,
-                            ssize_t *outlen, int *action);
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, uint8_t *out,
+                            size_t outcap, ssize_t *outlen, int *action);
 
 /** Client: starts a connection to `remote`; `server_name` is verified against the certificate
  *  (an IPv6 literal is checked against IP SANs, and is not sent as SNI). */
