@@ -17,6 +17,23 @@ public struct BenchResult: Sendable, Codable {
     /// Request latency (request sent → stream closed), milliseconds.
     public var latencyP50Ms: Double
     public var latencyP99Ms: Double
+    /// Body bytes received until the run's end (`duration` or `bytes` reached), counting the
+    /// requests then in flight as far as they had got, and that time: the goodput of the load
+    /// itself, without the requests still finishing after it.
+    public var windowBytes: UInt64
+    public var windowSeconds: Double
+    public var windowGbps: Double
+    /// Jain's fairness index of the body bytes each connection received by the run's end: 1 when
+    /// all got the same, 1/connections when one got everything.
+    public var fairness: Double
+    /// The least any connection received, over the mean (0: one starved).
+    public var minShare: Double
+}
+
+/// Jain's fairness index of `x`, (Σx)² / (n·Σx²): 1 for equal shares (and for none at all).
+func jainIndex(_ x: [Double]) -> Double {
+    let sum = x.reduce(0, +), squares = x.reduce(0) { $0 + $1 * $1 }
+    return squares == 0 ? 1 : sum * sum / (Double(x.count) * squares)
 }
 
 /// The nearest-rank `p` percentile of nanosecond latencies, in milliseconds (0 when none):
@@ -27,8 +44,10 @@ func percentileMs(sorted: [UInt64], _ p: Double) -> Double {
 
 final class BenchApp: QUICApplication {
     var started: [HTTPStream: Timestamp] = [:]
+    var connectionOf: [HTTPStream: ObjectIdentifier] = [:]
     var latencies: [UInt64] = []
     var bytes: UInt64 = 0
+    var bytesByConnection: [ObjectIdentifier: UInt64] = [:]
     var failed = 0
     var finished: [QUICConnection] = []
     var connectionErrors: [String] = []
@@ -37,11 +56,13 @@ final class BenchApp: QUICApplication {
         if status / 100 != 2 { failed += 1 }
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        connectionOf.removeValue(forKey: stream)
         if let t0 = started.removeValue(forKey: stream) {
             latencies.append(monotonicNow() - t0)
             if errorCode != H3Error.noError { failed += 1 }
         }
         bytes += stream.bytesReceived
+        bytesByConnection[ObjectIdentifier(connection), default: 0] += stream.bytesReceived
         finished.append(connection)
     }
     func connectionClosed(connection: QUICConnection, reason: String) {
@@ -74,17 +95,22 @@ extension STOQClient {
         func issue(on c: QUICConnection) -> Bool {
             guard let s = try? c.request(method: "GET", authority: url.authority, path: url.path) else { return false }
             app.started[s] = monotonicNow()
+            app.connectionOf[s] = ObjectIdentifier(c)
             return true
         }
         for c in conns { for _ in 0..<streams { _ = issue(on: c) } }
         let t0 = monotonicNow()
         let end = duration.map { t0 + UInt64($0 * 1e9) }
         var stopping = false
+        var window: (bytes: UInt64, seconds: Double, byConnection: [ObjectIdentifier: UInt64]) = (0, 0, [:])
         do {
             try worker.run(timeout: UInt64((duration ?? 3600) * 1e9) + 60_000_000_000) {
                 let now = monotonicNow()
                 if !stopping, (end.map { now >= $0 } ?? false) || (bytes.map { app.bytes >= $0 } ?? false) {
                     stopping = true
+                    var by = app.bytesByConnection
+                    for (s, c) in app.connectionOf { by[c, default: 0] += s.bytesReceived }
+                    window = (by.values.reduce(0, +), Double(now - t0) / 1e9, by)
                 }
                 if !stopping {
                     for c in app.finished where !c.isClosed { _ = issue(on: c) }
@@ -99,9 +125,14 @@ extension STOQClient {
         if let e = app.connectionErrors.first, app.latencies.isEmpty { throw ClientError(.transfer, e) }
         let sorted = app.latencies.sorted()
         func pct(_ p: Double) -> Double { percentileMs(sorted: sorted, p) }
+        let shares = conns.map { Double(window.byConnection[ObjectIdentifier($0)] ?? 0) }
+        let mean = shares.reduce(0, +) / Double(max(shares.count, 1))
         return BenchResult(
             connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
             bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,
-            requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99))
+            requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99),
+            windowBytes: window.bytes, windowSeconds: window.seconds,
+            windowGbps: window.seconds > 0 ? Double(window.bytes) * 8 / window.seconds / 1e9 : 0, fairness: jainIndex(shares),
+            minShare: mean > 0 ? (shares.min() ?? 0) / mean : 0)
     }
 }

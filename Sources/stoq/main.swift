@@ -536,6 +536,12 @@ struct BenchCommand: ParsableCommand {
             String(
                 format: "goodput %.2f Gbps, %.0f requests/s, latency p50 %.2f ms, p99 %.2f ms",
                 r.gbps, r.requestsPerSecond, r.latencyP50Ms, r.latencyP99Ms))
+        if r.connections > 1 {
+            print(
+                String(
+                    format: "in the first %.2fs: %.2f Gbps; fairness (Jain) %.3f, least-served connection %.2f of the mean",
+                    r.windowSeconds, r.windowGbps, r.fairness, r.minShare))
+        }
     }
 
     private func runLoad(_ u: STOQURL) throws {
