@@ -1,4 +1,5 @@
 import CNgtcp2
+import DequeModule
 import Glibc
 import HeapModule
 import STOQCore
@@ -125,7 +126,9 @@ public final class QUICEndpoint {
     private var table: [ConnectionID: QUICConnection] = [:]
     private var connections: [ObjectIdentifier: QUICConnection] = [:]
     private var timers = Heap<TimerEntry>()
-    private var dirty: [QUICConnection] = []
+    /// Connections with something to send, served in turn: each sends one burst and goes to
+    /// the back while it has more, so that no connection waits behind another's window.
+    private var dirty: Deque<QUICConnection> = []
     private var replies: ReplyQueue
     private let scratch: UnsafeMutableRawBufferPointer
 
@@ -420,9 +423,9 @@ public final class QUICEndpoint {
             tally.datagramsOut &+= 1
             return t
         }
-        while let conn = dirty.last {
+        while let conn = dirty.first {
             if conn.closeOwed, !conn.removed, case .closing(_, let packet) = conn.state, packet.count <= buffer.count {
-                dirty.removeLast()
+                dirty.removeFirst()
                 conn.isDirty = false
                 conn.closeOwed = false
                 packet.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
@@ -434,7 +437,7 @@ public final class QUICEndpoint {
                     ecn: .notECT)
             }
             guard case .active = conn.state, !conn.removed else {
-                dirty.removeLast()
+                dirty.removeFirst()
                 conn.isDirty = false
                 continue
             }
@@ -446,6 +449,9 @@ public final class QUICEndpoint {
                 conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
                 maxSegments, stride, &seg, &remote, &local, &ecn, now)
             if n > 0 {
+                // Its turn is over; it comes round again after the others.
+                dirty.removeFirst()
+                dirty.append(conn)
                 schedule(conn)
                 let step = stride > 0 ? stride : max(seg, 1)
                 let segments = (n + step - 1) / step
@@ -454,7 +460,7 @@ public final class QUICEndpoint {
                     length: n, segmentSize: seg, destination: IPv6Endpoint(remote),
                     source: IPv6Endpoint(local), ecn: ECN(lowBitsOf: ecn))
             }
-            dirty.removeLast()
+            dirty.removeFirst()
             conn.isDirty = false
             if n < 0 {
                 after(conn, rc: Int32(n), now: now)
