@@ -109,7 +109,7 @@ public final class QUICEndpoint {
         (c.sinkBytesWritten, c.sinkPeakBytesQueued, c.sinkRingBytes) = (w.bytes_written, w.peak_bytes_queued, w.ring_bytes)
         (c.sinkBytesQueued, c.sinkWaits, c.sinkDrainWaits) = (w.bytes_queued, w.waits, w.drain_waits)
         c.sinkJobsPending = w.jobs_pending
-        c.halfOpenConnections = UInt64(halfOpen)
+        c.halfOpenConnections = UInt64(max(halfOpen, 0))
         return c
     }
     private var tally = EndpointCounters()
@@ -745,7 +745,7 @@ private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePoin
 private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c) else { return }
-    if !conn.countedEstablished {
+    if !conn.countedEstablished, !conn.removed {
         conn.countedEstablished = true
         ep.established += 1
     }
