@@ -280,13 +280,54 @@ ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref) { return ((stoq_conn *)ref->u
    user data, and each endpoint is driven by one thread, so a thread-local names it exactly. */
 _Thread_local stoq_conn *reading_conn;
 
+/* The packet number space of a header with protection removed (QUIC v1): 0 Initial,
+   1 Handshake, 2 application (0-RTT and 1-RTT share it); -1 for none. */
+static int pn_space(uint8_t first) {
+  if (!(first & 0x80)) return 2;
+  switch ((first >> 4) & 3) {
+  case 0: return 0;
+  case 1: return 2;
+  case 2: return 1;
+  default: return -1;
+  }
+}
+
+/* RFC 9000 A.3: the full packet number from its `bits` low bits, next to `largest`. */
+static int64_t decode_pn(int64_t largest, uint64_t truncated, unsigned bits) {
+  int64_t expected = largest + 1, win = (int64_t)1 << bits, hwin = win / 2, mask = win - 1;
+  int64_t candidate = (expected & ~mask) | (int64_t)truncated;
+  if (candidate <= expected - hwin && candidate < ((int64_t)1 << 62) - win) return candidate + win;
+  if (candidate > expected + hwin && candidate >= win) return candidate - win;
+  return candidate;
+}
+
 /* Counts 1-RTT packets by the key phase they decrypted under, so a test can see that a peer
-   moved to updated keys (RFC 9001 §6). `aad` is the header with protection removed. */
+   moved to updated keys (RFC 9001 §6). `aad` is the header with protection removed.
+   It also keeps ngtcp2 0.12.1 alive: a packet numbered one below the largest in its space,
+   arriving once the ACK covering the largest was itself acknowledged, makes its
+   conn_create_ack_frame build a range gap of -1 and ngtcp2_put_uvarintlen abort (the whole
+   process; fixed upstream after 0.12). A peer can send that on purpose (scripts/fuzz worker
+   found it: Tests/Fuzz/known-crashes/). ngtcp2 tells us neither, so every packet numbered
+   one below the largest is taken as undecryptable and dropped: the peer sends its frames
+   again; only a packet overtaken by exactly one is lost. */
 static int cb_decrypt(uint8_t *dest, const ngtcp2_crypto_aead *aead, const ngtcp2_crypto_aead_ctx *aead_ctx,
                       const uint8_t *ciphertext, size_t ciphertextlen, const uint8_t *nonce, size_t noncelen,
                       const uint8_t *aad, size_t aadlen) {
   int rv = ngtcp2_crypto_decrypt_cb(dest, aead, aead_ctx, ciphertext, ciphertextlen, nonce, noncelen, aad, aadlen);
-  if (rv == 0 && reading_conn && aadlen > 0 && !(aad[0] & 0x80)) reading_conn->rx_key_phase[(aad[0] >> 2) & 1]++;
+  stoq_conn *c = reading_conn;
+  if (rv != 0 || !c || aadlen == 0) return rv;
+  if (!(aad[0] & 0x80)) c->rx_key_phase[(aad[0] >> 2) & 1]++;
+  int space = pn_space(aad[0]);
+  size_t pnlen = (size_t)(aad[0] & 3) + 1;
+  if (space < 0 || aadlen < pnlen) return rv;
+  uint64_t truncated = 0;
+  for (size_t i = aadlen - pnlen; i < aadlen; i++) truncated = truncated << 8 | aad[i];
+  int64_t pn = decode_pn(c->rx_largest[space], truncated, (unsigned)pnlen * 8);
+  if (pn == c->rx_largest[space] - 1) {
+    c->rx_below_largest_dropped++;
+    return NGTCP2_ERR_DECRYPT;
+  }
+  if (pn > c->rx_largest[space]) c->rx_largest[space] = pn;
   return rv;
 }
 
@@ -379,6 +420,7 @@ static stoq_conn *conn_alloc(stoq_endpoint_ctx *ep, const struct sockaddr_in6 *l
     return NULL;
   }
   ngtcp2_connection_close_error_default(&c->last_error);
+  for (int i = 0; i < 3; i++) c->rx_largest[i] = -1;
   return c;
 }
 

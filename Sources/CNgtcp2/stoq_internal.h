@@ -129,6 +129,9 @@ struct stoq_conn {
   size_t max_pkt;
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
+  int64_t rx_largest[3];    /* largest packet number decrypted per space (Initial, Handshake,
+                               application), -1 before any: see cb_decrypt */
+  uint64_t rx_below_largest_dropped; /* packets numbered one below the largest, dropped */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
   gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
   int session_offered;      /* client: GnuTLS took an earlier session (stoq_conn_set_session) */

@@ -249,3 +249,4 @@ uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now) { return now + 3 *
 
 int stoq_conn_initiate_key_update(stoq_conn *c, uint64_t now) { return ngtcp2_conn_initiate_key_update(c->q, now); }
 uint64_t stoq_conn_rx_key_phase_packets(const stoq_conn *c, int phase) { return c->rx_key_phase[phase & 1]; }
+uint64_t stoq_conn_rx_below_largest_dropped(const stoq_conn *c) { return c->rx_below_largest_dropped; }

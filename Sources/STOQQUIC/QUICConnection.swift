@@ -261,6 +261,10 @@ public final class QUICConnection {
         (stoq_conn_rx_key_phase_packets(raw, 0), stoq_conn_rx_key_phase_packets(raw, 1))
     }
 
+    /// Packets dropped because they were numbered one below the largest already received in
+    /// their space (they would make ngtcp2 0.12.1 abort; the peer sends their frames again).
+    public var packetsDroppedBelowLargest: UInt64 { stoq_conn_rx_below_largest_dropped(raw) }
+
     /// Closes the connection gracefully with an HTTP/3 application code.
     public func close(errorCode: UInt64 = H3Error.noError, now: Timestamp) {
         endpoint.close(self, errorCode: errorCode, now: now)

@@ -326,6 +326,9 @@ uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now);
 int stoq_conn_initiate_key_update(stoq_conn *c, uint64_t now);
 /** 1-RTT packets received and decrypted with key phase bit `phase` (0 or 1). */
 uint64_t stoq_conn_rx_key_phase_packets(const stoq_conn *c, int phase);
+/** Packets dropped for being numbered one below the largest received in their space (a guard
+ *  against an ngtcp2 0.12.1 abort; see cb_decrypt in stoq_conn.c). */
+uint64_t stoq_conn_rx_below_largest_dropped(const stoq_conn *c);
 /** The connection's application pointer. */
 void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
