@@ -285,10 +285,14 @@ _Thread_local stoq_conn *reading_conn;
 static int pn_space(uint8_t first) {
   if (!(first & 0x80)) return 2;
   switch ((first >> 4) & 3) {
-  case 0: return 0;
-  case 1: return 2;
-  case 2: return 1;
-  default: return -1;
+  case 0:
+    return 0;
+  case 1:
+    return 2;
+  case 2:
+    return 1;
+  default:
+    return -1;
   }
 }
 

@@ -129,9 +129,6 @@ struct stoq_conn {
   size_t max_pkt;
   char verify_name[256];    /* what the client dialled: the server's certificate must name it */
   uint64_t rx_key_phase[2]; /* 1-RTT packets decrypted with key phase bit 0 / 1 */
-  int64_t rx_largest[3];    /* largest packet number decrypted per space (Initial, Handshake,
-                               application), -1 before any: see cb_decrypt */
-  uint64_t rx_below_largest_dropped; /* packets numbered one below the largest, dropped */
   struct stoq_qlog *qlog;   /* NULL unless this connection was sampled (stoq_qlog.c) */
   gnutls_datum_t session;   /* client: the session the newest ticket resumes (gnutls_free'd) */
   int session_offered;      /* client: GnuTLS took an earlier session (stoq_conn_set_session) */
@@ -139,6 +136,10 @@ struct stoq_conn {
   int early_outcome;        /* client: STOQ_EARLY_* once the handshake decided */
   int preferred;            /* client: STOQ_PREFERRED_* */
   uint64_t paths_validated, paths_failed;
+  /* The largest packet number decrypted in each space (Initial, Handshake, application; -1
+   * before any), and the packets dropped for being numbered one below it (see cb_decrypt). */
+  int64_t rx_largest[3];
+  uint64_t rx_below_largest_dropped;
 };
 
 /* Fills `err` (may be NULL) printf-style. */
