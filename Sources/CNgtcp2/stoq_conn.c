@@ -460,7 +460,7 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
                                                        NGTCP2_INVALID_TOKEN, NULL, 0);
       if (n > 0) {
         *outlen = n;
-        *action = STOQ_ACCEPT_REPLY;
+        *action = STOQ_ACCEPT_INVALID_TOKEN;
       }
       return NULL;
     }
@@ -484,7 +484,7 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
     ssize_t n = ngtcp2_crypto_write_retry(out, outcap, hd.version, &hd.scid, &scid, &hd.dcid, tok, (size_t)tl);
     if (n > 0) {
       *outlen = n;
-      *action = STOQ_ACCEPT_REPLY;
+      *action = STOQ_ACCEPT_RETRY;
     }
     return NULL;
   }

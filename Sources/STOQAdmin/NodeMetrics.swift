@@ -126,7 +126,12 @@ package struct NodeMetrics {
         perWorker("stoq_quic_datagrams_received_total", "Datagrams the QUIC endpoint handled.") { $0.endpoint.datagramsIn }
         perWorker("stoq_quic_datagrams_sent_total", "Datagrams the QUIC endpoint wrote.") { $0.endpoint.datagramsOut }
         perWorker("stoq_quic_dropped_malformed_total", "Datagrams dropped as malformed.") { $0.endpoint.droppedMalformed }
-        perWorker("stoq_quic_dropped_initials_total", "Initial packets dropped (bad token, not an Initial).") { $0.endpoint.droppedInitials }
+        perWorker("stoq_quic_dropped_initials_total", "Initial packets dropped (not an Initial, unacceptable, no room to answer).") {
+            $0.endpoint.droppedInitials
+        }
+        perWorker("stoq_quic_invalid_tokens_total", "Initials with a forged or stale Retry token, answered INVALID_TOKEN.") {
+            $0.endpoint.invalidTokens
+        }
         perWorker("stoq_quic_connections_refused_total", "Initials answered CONNECTION_REFUSED: the worker held max_connections.") {
             $0.endpoint.connectionsRefused
         }

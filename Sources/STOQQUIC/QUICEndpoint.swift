@@ -12,8 +12,11 @@ public struct EndpointCounters: Sendable {
     public var droppedMalformed: UInt64 = 0
     /// For a connection we do not know and cannot answer.
     public var droppedUnknown: UInt64 = 0
-    /// Initials refused (bad token, not an Initial).
+    /// Initials dropped: not an Initial, unacceptable to ngtcp2, or no room to answer.
     public var droppedInitials: UInt64 = 0
+    /// Initials whose Retry token was forged, stale or from another address, answered with a
+    /// stateless CONNECTION_CLOSE (INVALID_TOKEN, RFC 9000 §8.1.3).
+    public var invalidTokens: UInt64 = 0
     /// Initials answered CONNECTION_REFUSED, with the reason, because the endpoint already held
     /// `maxConnections` (RFC 9000 §5.2.2: a server that cannot take a connection says so).
     public var connectionsRefused: UInt64 = 0
@@ -300,22 +303,23 @@ public final class QUICEndpoint {
             ctx, base, count, &localSA, &peerSA, now, app, settings.retry || forced ? 1 : 0,
             scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
         guard let raw else {
-            if action == Int32(STOQ_ACCEPT_REPLY), outlen > 0 {
-                let n = outlen
-                let src = scratch
-                if queueReply(
-                    to: peer, from: local,
-                    { buf, cap in
-                        guard n <= cap else { return -1 }
-                        buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
-                        return n
-                    })
-                {
-                    tally.retriesSent &+= 1
-                    if forced { tally.retriesForced &+= 1 }
+            let reply = action == Int32(STOQ_ACCEPT_RETRY) || action == Int32(STOQ_ACCEPT_INVALID_TOKEN)
+            let n = outlen
+            let src = scratch
+            let queued =
+                reply && n > 0
+                && queueReply(to: peer, from: local) { buf, cap in
+                    guard n <= cap else { return -1 }
+                    buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
+                    return n
                 }
-            } else {
+            if !queued {
                 tally.droppedInitials &+= 1
+            } else if action == Int32(STOQ_ACCEPT_RETRY) {
+                tally.retriesSent &+= 1
+                if forced { tally.retriesForced &+= 1 }
+            } else {
+                tally.invalidTokens &+= 1
             }
             return
         }

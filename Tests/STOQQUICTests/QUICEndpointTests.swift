@@ -195,6 +195,31 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(client.sha == Array(SHA256.hash(data: object)))
     }
 
+    /// A Retry token binds the client's address: an Initial carrying one from elsewhere gets a
+    /// stateless CONNECTION_CLOSE (INVALID_TOKEN), counted as such and not as a Retry.
+    @Test func aRetryTokenFromAnotherAddressIsRefused() throws {
+        var settings = QUICSettings()
+        settings.retry = true
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(5000, seed: 4))
+        var initials: [[UInt8]] = []
+        pair.onServerReceive = { d in if d[0] & 0xb0 == 0x80 { initials.append(Array(d)) } }  // QUIC v1 Initials
+        let client = try pair.connect()
+        #expect(pair.run { client.isEstablished })
+        #expect(pair.server.counters.retriesSent == 1 && initials.count >= 2)
+        // Every Initial after the Retry carries its token; the last one, once the connection is gone.
+        let withToken = try #require(initials.last)
+        pair.server.closeAll(now: pair.now)
+        pair.run(for: 10_000_000_000) { pair.server.connectionCount == 0 }
+        #expect(pair.server.connectionCount == 0)
+        pair.inject(withToken, from: IPv6Endpoint(address: IPv6Address("fd00::66")!, port: 50000))
+        pair.run(for: 1_000_000_000) { !pair.strayReplies.isEmpty }
+        let reply = try #require(pair.strayReplies.first)
+        #expect(reply[0] & 0xb0 == 0x80, "an Initial carrying the CONNECTION_CLOSE")
+        #expect(pair.server.counters.invalidTokens == 1)
+        #expect(pair.server.counters.retriesSent == 1 && pair.server.counters.connectionsAccepted == 1)
+    }
+
     /// Without `retry`, a server with `retryThreshold` connections mid-handshake answers the next
     /// Initial with a Retry (that connection still completes, a round trip later), and stops
     /// once its handshakes are done.

@@ -44,6 +44,7 @@ def metered(tmp_path_factory):
 COUNTERS = ["stoq_quic_datagrams_received_total", "stoq_quic_dropped_malformed_total",
             "stoq_quic_dropped_initials_total", "stoq_quic_dropped_unknown_total",
             "stoq_quic_version_negotiations_total", "stoq_quic_retries_total",
+            "stoq_quic_invalid_tokens_total",
             "stoq_quic_stateless_resets_total", "stoq_quic_connections_accepted_total",
             "stoq_datapath_rx_datagrams_total", "stoq_datapath_rx_dropped_total",
             "stoq_worker_handoff_dropped_total", "stoq_quic_connections_closed_total", "stoq_quic_connections",
@@ -51,8 +52,8 @@ COUNTERS = ["stoq_quic_datagrams_received_total", "stoq_quic_dropped_malformed_t
 # Every way the endpoint disposes of a datagram for no known connection.
 OUTCOMES = ["stoq_quic_dropped_malformed_total", "stoq_quic_dropped_initials_total",
             "stoq_quic_dropped_unknown_total", "stoq_quic_version_negotiations_total",
-            "stoq_quic_retries_total", "stoq_quic_stateless_resets_total",
-            "stoq_quic_connections_accepted_total"]
+            "stoq_quic_retries_total", "stoq_quic_invalid_tokens_total",
+            "stoq_quic_stateless_resets_total", "stoq_quic_connections_accepted_total"]
 
 
 def counters(node):

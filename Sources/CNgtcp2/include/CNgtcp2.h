@@ -259,8 +259,9 @@ ssize_t stoq_pkt_write_refusal(uint8_t *buf, size_t cap, const uint8_t *pkt, siz
 
 enum {
   STOQ_ACCEPT_OK = 0,
-  STOQ_ACCEPT_DROP = 1,  /* not an acceptable Initial: drop and count */
-  STOQ_ACCEPT_REPLY = 2, /* `out` holds a Retry or a stateless CONNECTION_CLOSE to send back */
+  STOQ_ACCEPT_DROP = 1,          /* not an acceptable Initial: drop and count */
+  STOQ_ACCEPT_RETRY = 2,         /* `out` holds a Retry to send back */
+  STOQ_ACCEPT_INVALID_TOKEN = 3, /* `out` holds a stateless CONNECTION_CLOSE (INVALID_TOKEN) */
 };
 
 /** Server: accepts a client's first Initial. Returns the connection (the caller then feeds it the
