@@ -107,14 +107,35 @@ private func varint(_ v: Int) -> [UInt8] {
     v < 64 ? [UInt8(v)] : [UInt8(0x40 | v >> 8), UInt8(v & 0xff)]  // every length here is < 16384
 }
 
+/// A client's Initial keys: packet key, IV and header-protection key.
+private struct InitialKeys {
+    let key: SymmetricKey, iv: SymmetricKey, hp: SymmetricKey
+
+    init(dcid: [UInt8]) {
+        let prk = HKDF<SHA256>.extract(inputKeyMaterial: SymmetricKey(data: dcid), salt: initialSaltV1)
+        let client = expandLabel(SymmetricKey(data: Array(prk)), "client in", 32)
+        key = expandLabel(client, "quic key", 16)
+        iv = expandLabel(client, "quic iv", 12)
+        hp = expandLabel(client, "quic hp", 16)
+    }
+}
+
+/// Keys by DCID: deriving them was most of an execution's time, and mutations keep DCIDs.
+nonisolated(unsafe) private var initialKeys: [[UInt8]: InitialKeys] = [:]
+
+private func keys(for dcid: [UInt8]) -> InitialKeys {
+    if let known = initialKeys[dcid] { return known }
+    if initialKeys.count >= 4096 { initialKeys.removeAll(keepingCapacity: true) }
+    let derived = InitialKeys(dcid: dcid)
+    initialKeys[dcid] = derived
+    return derived
+}
+
 /// A client Initial carrying `frames`, protected with the keys its DCID gives.
 private func sealInitial(dcid: [UInt8], scid: [UInt8], token: [UInt8], pnLength: Int, pn: UInt32, frames: [UInt8], pad: Bool)
     -> [UInt8]
 {
-    let prk = HKDF<SHA256>.extract(inputKeyMaterial: SymmetricKey(data: dcid), salt: initialSaltV1)
-    let client = expandLabel(SymmetricKey(data: Array(prk)), "client in", 32)
-    let key = expandLabel(client, "quic key", 16), iv = expandLabel(client, "quic iv", 12)
-    let hp = expandLabel(client, "quic hp", 16)
+    let protection = keys(for: dcid)
 
     var header: [UInt8] = [0xc0 | UInt8(pnLength - 1), 0, 0, 0, 1, UInt8(dcid.count)] + dcid + [UInt8(scid.count)] + scid
     header += varint(token.count) + token
@@ -127,14 +148,14 @@ private func sealInitial(dcid: [UInt8], scid: [UInt8], token: [UInt8], pnLength:
     let pnOffset = header.count
     for i in 0..<pnLength { header.append(UInt8(truncatingIfNeeded: pn >> (8 * UInt32(pnLength - 1 - i)))) }
 
-    var nonce = iv.withUnsafeBytes { Array($0) }
+    var nonce = protection.iv.withUnsafeBytes { Array($0) }
     for i in 0..<4 { nonce[8 + i] ^= UInt8(truncatingIfNeeded: pn >> (8 * UInt32(3 - i))) }
-    guard let box = try? AES.GCM.seal(payload, using: key, nonce: AES.GCM.Nonce(data: nonce), authenticating: header) else {
+    guard let box = try? AES.GCM.seal(payload, using: protection.key, nonce: AES.GCM.Nonce(data: nonce), authenticating: header) else {
         fatalError("worker fuzz: AES-GCM refused a 12-byte nonce")
     }
     var packet = header + Array(box.ciphertext) + Array(box.tag)
     var mask = Array(packet[(pnOffset + 4)..<(pnOffset + 20)])
-    do { try AES.permute(&mask, key: hp) } catch { fatalError("worker fuzz: AES permute: \(error)") }
+    do { try AES.permute(&mask, key: protection.hp) } catch { fatalError("worker fuzz: AES permute: \(error)") }
     packet[0] ^= mask[0] & 0x0f
     for i in 0..<pnLength { packet[pnOffset + i] ^= mask[1 + i] }
     return packet
