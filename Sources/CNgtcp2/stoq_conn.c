@@ -226,6 +226,17 @@ static int settle_early_data(stoq_conn *c) {
   return rv;
 }
 
+/* CRYPTO data for a session release_tls freed: TLS has no message a client may send then. */
+static int cb_recv_crypto_data(ngtcp2_conn *q, ngtcp2_crypto_level level, uint64_t offset, const uint8_t *data,
+                               size_t len, void *ud) {
+  stoq_conn *c = ud;
+  if (!c->tls) {
+    ngtcp2_conn_set_tls_alert(q, GNUTLS_A_UNEXPECTED_MESSAGE);
+    return NGTCP2_ERR_CRYPTO;
+  }
+  return ngtcp2_crypto_recv_crypto_data_cb(q, level, offset, data, len, ud);
+}
+
 static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
   stoq_conn *c = ud;
   if (settle_early_data(c) != 0) return NGTCP2_ERR_CALLBACK_FAILURE;
@@ -347,7 +358,7 @@ static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
     cb->select_preferred_addr = cb_select_preferred_addr;
   }
   cb->path_validation = cb_path_validation;
-  cb->recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb;
+  cb->recv_crypto_data = cb_recv_crypto_data;
   cb->handshake_completed = cb_handshake_completed;
   cb->encrypt = ngtcp2_crypto_encrypt_cb;
   cb->decrypt = cb_decrypt;

@@ -102,10 +102,11 @@ struct stoq_stream {
 struct stoq_conn {
   stoq_endpoint_ctx *ep;
   ngtcp2_conn *q;
-  gnutls_session_t tls;
-  stoq_tls_ctx *tls_ctx;   /* the credentials the session was made with (they may rotate since) */
-  int peer_refused;        /* mutual TLS refused the peer's certificate */
-  char peer_identity[256]; /* the accepted client certificate's identity ("" = none), for access */
+  gnutls_session_t tls;       /* NULL once a server's handshake is done (release_tls) */
+  int tls_resumed, tls_early; /* what the session said before release_tls */
+  stoq_tls_ctx *tls_ctx;      /* the credentials the session was made with (they may rotate since) */
+  int peer_refused;           /* mutual TLS refused the peer's certificate */
+  char peer_identity[256];    /* the accepted client certificate's identity ("" = none), for access */
   ngtcp2_crypto_conn_ref ref;
   nghttp3_conn *h3;
   struct sockaddr_in6 local, remote;
@@ -159,6 +160,8 @@ STOQ_HIDDEN int refuse_peer(stoq_conn *c, const char *why);
    sends its client a ticket (after the handshake, if tickets are on). */
 STOQ_HIDDEN int ticket_key_ready(void);
 STOQ_HIDDEN void send_session_ticket(stoq_conn *c);
+/* Server, handshake done and ticket sent: frees the GnuTLS session (see stoq_tls.c). */
+STOQ_HIDDEN void release_tls(stoq_conn *c);
 
 /* Streams (stoq_h3.c). */
 STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);

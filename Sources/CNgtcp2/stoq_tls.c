@@ -108,10 +108,28 @@ void send_session_ticket(stoq_conn *c) {
   if (rv != 0 && c->ep->s.log) fprintf(stderr, "gnutls_session_ticket_send: %s\n", gnutls_strerror(rv));
 }
 
-int stoq_conn_is_resumed(const stoq_conn *c) { return c->tls && gnutls_session_is_resumed(c->tls) ? 1 : 0; }
+/* Once a server's handshake is done and its ticket sent, QUIC needs nothing more from the TLS
+ * session: packet protection and key updates live in ngtcp2, and a client sends no TLS
+ * message after its Finished (RFC 9001 §4.1.3). So the session and what it holds (about 16 KB:
+ * the handshake's buffers and the peer's certificates) go, and an idle connection keeps less;
+ * what the application still asks of it is kept. CRYPTO data after this ends the connection
+ * (cb_recv_crypto_data). A client keeps its session for the server's tickets. */
+void release_tls(stoq_conn *c) {
+  c->tls_resumed = gnutls_session_is_resumed(c->tls) != 0;
+  c->tls_early = (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) != 0;
+  ngtcp2_conn_set_tls_native_handle(c->q, NULL);
+  gnutls_deinit(c->tls);
+  c->tls = NULL;
+}
+
+int stoq_conn_holds_tls(const stoq_conn *c) { return c->tls != NULL; }
+
+int stoq_conn_is_resumed(const stoq_conn *c) {
+  return c->tls ? gnutls_session_is_resumed(c->tls) != 0 : c->tls_resumed;
+}
 
 int stoq_conn_early_data_accepted(const stoq_conn *c) {
-  return c->tls && (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) ? 1 : 0;
+  return c->tls ? (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) != 0 : c->tls_early;
 }
 
 /* Client: each NewSessionTicket makes the session resumable; keep its blob for the caller's

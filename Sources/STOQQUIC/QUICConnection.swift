@@ -59,6 +59,9 @@ public final class QUICConnection {
     public var bidiStreamsLeft: UInt64 { stoq_conn_bidi_streams_left(raw) }
     /// The handshake resumed an earlier session (a session ticket), without certificates.
     public var isResumed: Bool { stoq_conn_is_resumed(raw) != 0 }
+    /// Whether the connection still holds its TLS session: a server frees it once the
+    /// handshake is done (QUIC needs nothing more from it); a client keeps it for tickets.
+    public var holdsTLSSession: Bool { stoq_conn_holds_tls(raw) != 0 }
     /// Client: the session the server's newest ticket resumes (opaque GnuTLS data to keep
     /// for the next connection to the same server); nil until a ticket arrived.
     public var resumableSession: [UInt8]? {

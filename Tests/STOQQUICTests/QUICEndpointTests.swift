@@ -95,6 +95,24 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         return (client, object, pair)
     }
 
+    /// A server frees its TLS session once the handshake is done (a fifth of an idle
+    /// connection's memory); the client keeps its own for the server's ticket. The connection
+    /// carries on (`keyUpdateMidTransfer` updates keys after it, which ngtcp2 does without TLS).
+    @Test func theServerReleasesItsTLSSessionAfterTheHandshake() throws {
+        let pair = try EndpointPair(identity: identity)
+        let object = randomBytes(100_000, seed: 9)
+        let server = MemoryServer(object: object), client = RecordingClient()
+        (pair.server.application, pair.client.application) = (server, client)
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+        let served = try #require(server.connection)
+        #expect(!served.holdsTLSSession && !served.isResumed)
+        #expect(conn.holdsTLSSession && conn.resumableSession != nil)
+    }
+
     @Test func downloadsByteIdentical() throws {
         for size in [0, 1, 1200, 100_000, 3 << 20] {
             let (client, object, _) = try download(size: size)

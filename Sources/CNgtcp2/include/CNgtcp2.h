@@ -339,6 +339,8 @@ int stoq_conn_is_established(const stoq_conn *c);
 uint64_t stoq_conn_bidi_streams_left(stoq_conn *c);
 /** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
 int stoq_conn_is_resumed(const stoq_conn *c);
+/** Whether the connection still holds its TLS session (a server frees it after the handshake). */
+int stoq_conn_holds_tls(const stoq_conn *c);
 /** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
  *  handshake completed). */
 int stoq_conn_early_data_accepted(const stoq_conn *c);
