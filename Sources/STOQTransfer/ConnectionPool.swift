@@ -275,10 +275,13 @@ package final class ConnectionPool {
         let now = monotonicNow()
         for (ep, up) in upstreams {
             if up.connection.isEstablished {
-                if !up.pending.isEmpty {
-                    let waiting = up.pending
-                    up.pending.removeAll()
-                    for r in waiting { send(r, on: up) }
+                // As many as the server's stream limit takes now; the rest wait for MAX_STREAMS
+                // without being looked at again each turn.
+                let room = Int(min(UInt64(up.pending.count), up.connection.bidiStreamsLeft))
+                if room > 0 {
+                    let ready = up.pending.prefix(room)
+                    up.pending.removeFirst(room)
+                    for r in ready { send(r, on: up) }
                 }
             } else if now &- up.startedAt > connectTimeout {
                 upstreams[ep] = nil
