@@ -61,10 +61,7 @@ let package = Package(
         // Sans-IO QUIC endpoint + HTTP/3 session.
         .target(
             name: "STOQQUIC",
-            dependencies: [
-                "STOQCore", "CNgtcp2", .product(name: "HeapModule", package: "swift-collections"),
-                .product(name: "DequeModule", package: "swift-collections"),
-            ]),
+            dependencies: ["STOQCore", "CNgtcp2", .product(name: "DequeModule", package: "swift-collections")]),
 
         // The datapath contract, and its io_uring implementation.
         .target(name: "STOQDatapath", dependencies: ["STOQCore"]),

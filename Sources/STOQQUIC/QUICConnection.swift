@@ -6,7 +6,7 @@ import Glibc
 
 /// One QUIC connection (with its TLS session and HTTP/3 session), owned by one
 /// endpoint on one worker thread.
-public final class QUICConnection {
+public final class QUICConnection: TimerHeapElement {
     enum State {
         case active
         /// We sent CONNECTION_CLOSE; answer further packets with it until the deadline.
@@ -20,8 +20,9 @@ public final class QUICConnection {
     var state: State = .active
     /// CIDs this connection answers to in the endpoint's table.
     var cids: [ConnectionID] = []
-    /// The deadline it is scheduled at in the endpoint's timer heap.
+    /// Its deadline in the endpoint's timers (`.max`: none), and its place there (-1: none).
     var scheduled: Timestamp = .max
+    var timerIndex = -1
     var isDirty = false
     /// Closing: its CONNECTION_CLOSE has not been sent yet (`pollTransmit` sends it, as it sends
     /// any connection's packets, so closing thousands at once loses none).

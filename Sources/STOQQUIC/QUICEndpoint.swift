@@ -1,7 +1,6 @@
 import CNgtcp2
 import DequeModule
 import Glibc
-import HeapModule
 import STOQCore
 
 /// What an endpoint counted. Plain integers: an endpoint belongs to one worker thread.
@@ -128,7 +127,7 @@ public final class QUICEndpoint {
     private(set) var credentials: TLSCredentials
     private var table: [ConnectionID: QUICConnection] = [:]
     private var connections: [ObjectIdentifier: QUICConnection] = [:]
-    private var timers = Heap<TimerEntry>()
+    private var timers = TimerHeap<QUICConnection>()
     /// Connections with something to send, served in turn: each sends one burst and goes to
     /// the back while it has more, so that no connection waits behind another's window.
     private var dirty: Deque<QUICConnection> = []
@@ -178,7 +177,7 @@ public final class QUICEndpoint {
         for c in connections.values { c.removed = true }
         connections.removeAll()
         table.removeAll()
-        timers = Heap()
+        timers.removeAll()
         dirty.removeAll()
         scratch.deallocate()
         replies.deallocate()
@@ -375,7 +374,7 @@ public final class QUICEndpoint {
             if !conn.isEstablished { tally.handshakeFailures &+= 1 }
             if conn.closeReason.isEmpty { conn.closeReason = conn.errorDescription }
             conn.state = .draining(deadline: stoq_conn_close_deadline(conn.raw, now))
-            schedule(conn, force: true)
+            schedule(conn)
         default:
             conn.closeReason = conn.errorDescription
             if conn.closeReason.isEmpty { conn.closeReason = "dropped" }
@@ -483,25 +482,15 @@ public final class QUICEndpoint {
 
     /// When `handleTimeouts` must next run, or nil for never.
     public func nextTimeout() -> Timestamp? {
-        while let top = timers.min {
-            if top.connection.removed || top.connection.scheduled != top.deadline {
-                _ = timers.removeMin()
-                continue
-            }
-            return top.deadline
-        }
-        return nil
+        timers.first?.scheduled
     }
 
     /// Runs every timer due at `now`, and takes the body writer's finished work first (credit
     /// back to peers, request ends whose bodies are now written).
     public func handleTimeouts(now: Timestamp) {
         stoq_endpoint_ctx_sink_poll(ctx)
-        while let top = timers.min, top.deadline <= now {
-            _ = timers.removeMin()
-            let conn = top.connection
-            guard !conn.removed, conn.scheduled == top.deadline else { continue }
-            conn.scheduled = .max
+        while let conn = timers.first, conn.scheduled <= now {
+            timers.remove(conn)
             switch conn.state {
             case .active:
                 if stoq_conn_expiry(conn.raw) <= now {
@@ -539,12 +528,13 @@ public final class QUICEndpoint {
         conn.state = .closing(deadline: stoq_conn_close_deadline(conn.raw, now), packet: packet)
         conn.closeOwed = true
         markDirty(conn)
-        schedule(conn, force: true)
+        schedule(conn)
     }
 
     private func remove(_ conn: QUICConnection) {
         guard !conn.removed else { return }
         conn.removed = true
+        timers.remove(conn)
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
@@ -566,16 +556,12 @@ public final class QUICEndpoint {
         dirty.append(conn)
     }
 
-    private func schedule(_ conn: QUICConnection, force: Bool = false) {
-        if force { conn.scheduled = .max }
-        let deadline: Timestamp
+    /// Sets the connection's timer to what its state says is next.
+    private func schedule(_ conn: QUICConnection) {
         switch conn.state {
-        case .active: deadline = stoq_conn_expiry(conn.raw)
-        case .closing(let d, _), .draining(let d): deadline = d
+        case .active: timers.schedule(conn, at: stoq_conn_expiry(conn.raw))
+        case .closing(let d, _), .draining(let d): timers.schedule(conn, at: d)
         }
-        guard deadline < conn.scheduled else { return }
-        conn.scheduled = deadline
-        timers.insert(TimerEntry(deadline: deadline, connection: conn))
     }
 
     fileprivate func register(_ cid: ConnectionID, _ conn: QUICConnection) {
@@ -608,13 +594,6 @@ public final class QUICEndpoint {
 /// Collects CIDs for a connection under construction.
 final class ConnectionHolder {
     var cids: [ConnectionID] = []
-}
-
-struct TimerEntry: Comparable {
-    var deadline: Timestamp
-    var connection: QUICConnection
-    static func < (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline < b.deadline }
-    static func == (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline == b.deadline && a.connection === b.connection }
 }
 
 /// Stateless replies (Version Negotiation, Retry, Stateless Reset, repeated CONNECTION_CLOSE)
