@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include "stoq_internal.h"
 
+#include <malloc.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +41,36 @@ void conn_fail(stoq_conn *c, const char *fmt, ...) {
 
 /* ---- Endpoint context ----------------------------------------------------- */
 
+/* The allocators ngtcp2 and nghttp3 get (their mem structs have the same shape): malloc's, with
+ * what each block really takes added to or taken from the int64_t user_data points to. */
+static void *mem_malloc(size_t size, void *total) {
+  void *p = malloc(size);
+  if (p) *(int64_t *)total += (int64_t)malloc_usable_size(p);
+  return p;
+}
+static void mem_free(void *p, void *total) {
+  if (!p) return;
+  *(int64_t *)total -= (int64_t)malloc_usable_size(p);
+  free(p);
+}
+static void *mem_calloc(size_t n, size_t size, void *total) {
+  void *p = calloc(n, size);
+  if (p) *(int64_t *)total += (int64_t)malloc_usable_size(p);
+  return p;
+}
+static void *mem_realloc(void *p, size_t size, void *total) {
+  int64_t before = p ? (int64_t)malloc_usable_size(p) : 0;
+  void *q = realloc(p, size);
+  if (q) *(int64_t *)total += (int64_t)malloc_usable_size(q) - before;
+  else if (size == 0) *(int64_t *)total -= before; /* freed */
+  return q;
+}
+
+void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out) {
+  out->ngtcp2_bytes = ep->ngtcp2_bytes > 0 ? (uint64_t)ep->ngtcp2_bytes : 0;
+  out->nghttp3_bytes = ep->nghttp3_bytes > 0 ? (uint64_t)ep->nghttp3_bytes : 0;
+}
+
 stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const stoq_settings *s,
                                          const stoq_events *ev) {
   stoq_endpoint_ctx *ep = calloc(1, sizeof(*ep));
@@ -50,6 +81,8 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->ev = *ev;
   ep->refs = 1;
   ep->qlog_dirfd = -1;
+  ep->ngtcp2_mem = (ngtcp2_mem){&ep->ngtcp2_bytes, mem_malloc, mem_free, mem_calloc, mem_realloc};
+  ep->nghttp3_mem = (nghttp3_mem){&ep->nghttp3_bytes, mem_malloc, mem_free, mem_calloc, mem_realloc};
   /* The writer's ring holds one stream window (fill_settings keeps windows within it):
    * ngtcp2's own default window when none is set, 4 MB … 256 MB. */
   uint64_t ring = s->max_stream_window ? s->max_stream_window : 6ull << 20;
@@ -533,7 +566,7 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   }
   qlog_attach(c, &st, &p.original_dcid);
   ngtcp2_path path = make_path(&c->local, &c->remote);
-  rv = ngtcp2_conn_server_new(&c->q, &hd.scid, &scid, &path, hd.version, &cb, &st, &p, NULL, c);
+  rv = ngtcp2_conn_server_new(&c->q, &hd.scid, &scid, &path, hd.version, &cb, &st, &p, &ep->ngtcp2_mem, c);
   if (rv != 0 || setup_tls(c, NULL) != 0) {
     stoq_conn_free(c);
     return NULL;
@@ -567,7 +600,7 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
   make_cid(ep, &scid, STOQ_SCIDLEN);
   qlog_attach(c, &st, &dcid); /* a client's ODCID is the DCID it starts with */
   ngtcp2_path path = make_path(&c->local, &c->remote);
-  int rv = ngtcp2_conn_client_new(&c->q, &dcid, &scid, &path, NGTCP2_PROTO_VER_V1, &cb, &st, &p, NULL, c);
+  int rv = ngtcp2_conn_client_new(&c->q, &dcid, &scid, &path, NGTCP2_PROTO_VER_V1, &cb, &st, &p, &ep->ngtcp2_mem, c);
   if (rv != 0) {
     set_err(err, errlen, "ngtcp2_conn_client_new: %s", ngtcp2_strerror(rv));
     stoq_conn_free(c);

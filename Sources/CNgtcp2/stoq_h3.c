@@ -269,8 +269,8 @@ int setup_h3(stoq_conn *c) {
   st.qpack_max_dtable_capacity = 4096;
   st.qpack_blocked_streams = 100;
   st.max_field_section_size = STOQ_HEAD_BUFFER;
-  int rv = c->is_server ? nghttp3_conn_server_new(&c->h3, &cb, &st, nghttp3_mem_default(), c)
-                        : nghttp3_conn_client_new(&c->h3, &cb, &st, nghttp3_mem_default(), c);
+  int rv = c->is_server ? nghttp3_conn_server_new(&c->h3, &cb, &st, &c->ep->nghttp3_mem, c)
+                        : nghttp3_conn_client_new(&c->h3, &cb, &st, &c->ep->nghttp3_mem, c);
   if (rv != 0) {
     conn_fail(c, "nghttp3 conn: %s", nghttp3_strerror(rv));
     return -1;

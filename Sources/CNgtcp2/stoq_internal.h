@@ -47,6 +47,11 @@ struct stoq_endpoint_ctx {
   uint64_t sink_ring_bytes;          /* what its ring holds: no stream window is larger */
   unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
   stoq_qlog_stats qlog_stats;
+  /* ngtcp2's and nghttp3's allocators (counting into the two totals: their user_data); used
+   * only on the endpoint's thread, as its connections are */
+  ngtcp2_mem ngtcp2_mem;
+  nghttp3_mem nghttp3_mem;
+  int64_t ngtcp2_bytes, nghttp3_bytes;
 };
 
 struct stoq_stream {

@@ -161,6 +161,12 @@ package struct NodeMetrics {
             $0.endpoint.pathsFailed
         }
         perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
+        perWorker("stoq_ngtcp2_heap_bytes", "Heap ngtcp2 holds for the worker's connections now.", type: "gauge") {
+            $0.endpoint.ngtcp2HeapBytes
+        }
+        perWorker("stoq_nghttp3_heap_bytes", "Heap nghttp3 holds for the worker's connections now.", type: "gauge") {
+            $0.endpoint.nghttp3HeapBytes
+        }
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused
         }

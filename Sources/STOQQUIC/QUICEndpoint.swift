@@ -75,6 +75,10 @@ public struct EndpointCounters: Sendable {
     /// filled the ring) or for a closing stream's last writes.
     public var sinkWaits: UInt64 = 0
     public var sinkDrainWaits: UInt64 = 0
+    /// Heap ngtcp2 and nghttp3 hold for this endpoint's connections now, by their own
+    /// allocations (what a connection costs beyond the TLS session and STOQ's own objects).
+    public var ngtcp2HeapBytes: UInt64 = 0
+    public var nghttp3HeapBytes: UInt64 = 0
     public init() {}
 }
 
@@ -111,6 +115,9 @@ public final class QUICEndpoint {
         (c.sinkBytesWritten, c.sinkPeakBytesQueued, c.sinkRingBytes) = (w.bytes_written, w.peak_bytes_queued, w.ring_bytes)
         (c.sinkBytesQueued, c.sinkWaits, c.sinkDrainWaits) = (w.bytes_queued, w.waits, w.drain_waits)
         c.sinkJobsPending = w.jobs_pending
+        var m = stoq_mem_stats()
+        stoq_endpoint_ctx_mem_stats(ctx, &m)
+        (c.ngtcp2HeapBytes, c.nghttp3HeapBytes) = (m.ngtcp2_bytes, m.nghttp3_bytes)
         c.halfOpenConnections = UInt64(max(halfOpen, 0))
         return c
     }

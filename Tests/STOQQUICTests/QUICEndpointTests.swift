@@ -375,6 +375,31 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(reset[0] & 0xC0 == 0x40)
     }
 
+    /// ngtcp2's and nghttp3's heap for an endpoint's connections, by their own allocations:
+    /// it grows with each connection and is all given back once they are closed and let go.
+    @Test func theLibrariesGiveBackTheirHeapWhenConnectionsGo() throws {
+        let pair = try EndpointPair(identity: identity)
+        let server = MemoryServer(object: randomBytes(2000, seed: 5)), client = RecordingClient()
+        (pair.server.application, pair.client.application) = (server, client)
+        #expect(pair.server.counters.ngtcp2HeapBytes == 0 && pair.server.counters.nghttp3HeapBytes == 0)
+        do {
+            let conns = try (0..<20).map { _ in try pair.connect() }
+            #expect(pair.run { conns.allSatisfy(\.isEstablished) })
+            for c in conns { _ = try c.request(method: "GET", authority: "x", path: "/objects/x") }
+            #expect(pair.run { server.requests.count == 20 })
+            let held = pair.server.counters
+            #expect(
+                held.ngtcp2HeapBytes > 20 * 4096 && held.nghttp3HeapBytes > 20 * 4096,
+                "ngtcp2 \(held.ngtcp2HeapBytes), nghttp3 \(held.nghttp3HeapBytes) bytes for 20 connections")
+            pair.client.closeAll(now: pair.now)
+        }
+        server.connection = nil
+        pair.run(for: 10_000_000_000) { pair.server.connectionCount == 0 && pair.client.connectionCount == 0 }
+        for (side, c) in [("server", pair.server.counters), ("client", pair.client.counters)] {
+            #expect(c.ngtcp2HeapBytes == 0 && c.nghttp3HeapBytes == 0, "\(side): \(c.ngtcp2HeapBytes) + \(c.nghttp3HeapBytes) bytes left")
+        }
+    }
+
     @Test func idleTimeoutRemovesConnections() throws {
         var settings = QUICSettings()
         settings.idleTimeout = 2_000_000_000

@@ -225,6 +225,14 @@ typedef struct stoq_qlog_stats {
 } stoq_qlog_stats;
 void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out);
 
+/** Heap that ngtcp2 and nghttp3 hold for an endpoint's connections now: every block they take
+ *  goes through counting allocators the shim gives them (malloc_usable_size of each). */
+typedef struct stoq_mem_stats {
+  uint64_t ngtcp2_bytes;
+  uint64_t nghttp3_bytes;
+} stoq_mem_stats;
+void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out);
+
 /* ---- Stateless packet handling -------------------------------------------- */
 
 /** What the header of a received datagram says. */
