@@ -381,7 +381,12 @@ package struct ClientRig {
         settings.ackThreshold = 8
         // Matters when this end sends (uploads).
         settings.congestionControl = congestionControl
-        if let handshakeTimeout { settings.handshakeTimeout = UInt64(handshakeTimeout * 1e9) }
+        if let handshakeTimeout {
+            settings.handshakeTimeout = UInt64(handshakeTimeout * 1e9)
+            // Silence for the idle timeout ends a handshake too: on a lossy link, probes backed
+            // off to 1 + 2 + 4 + 8 + 16 s outlast the default 30 s, cutting a longer timeout short.
+            settings.idleTimeout = max(settings.idleTimeout, settings.handshakeTimeout)
+        }
         settings.keepAlive = keepAlive
         endpoint = QUICEndpoint(
             isServer: false, credentials: creds, settings: settings, workerID: 0,
