@@ -523,11 +523,7 @@ struct BenchCommand: ParsableCommand {
                 u, connections: connections, streams: streams ?? 1,
                 duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
         } catch { throw fail("\(error)") }
-        if json {
-            let data = try JSONEncoder().encode(r)
-            print(String(decoding: data, as: UTF8.self))
-            return
-        }
+        if json { return printCodable(r) }
         print(
             String(
                 format: "%d connection(s) × %d stream(s): %d requests (%d failed) in %.2fs",

@@ -132,9 +132,9 @@ def test_stoq_bench_against_node(node):
     res = json.loads(r.stdout)
     assert res["failed"] == 0 and res["requests"] >= 19, res
     assert res["bytes"] == res["requests"] * ((1 << 20) + 7)
-    assert res["latencyP99Ms"] >= res["latencyP50Ms"] > 0
+    assert res["latency_p99_ms"] >= res["latency_p50_ms"] > 0
     # Each connection's share of the bytes, in whole objects: none starved, Jain's index as computed.
-    assert 1 / 3 <= res["fairness"] <= 1 and res["minShare"] > 0, res
+    assert 1 / 3 <= res["fairness"] <= 1 and res["min_share"] > 0, res
 
 
 def test_get_into_a_device_writes_in_place(node, tmp_path):
