@@ -563,8 +563,9 @@ public final class QUICEndpoint {
         dirty.append(conn)
     }
 
-    /// Sets the connection's timer to what its state says is next.
+    /// Sets the connection's timer to what its state says is next (none once it is removed).
     private func schedule(_ conn: QUICConnection) {
+        guard !conn.removed else { return }
         switch conn.state {
         case .active: timers.schedule(conn, at: stoq_conn_expiry(conn.raw))
         case .closing(let d, _), .draining(let d): timers.schedule(conn, at: d)
