@@ -132,13 +132,11 @@ def test_aioquic_gets_in_0rtt_and_a_put_in_0rtt_is_too_early(tnode, tmp_path):
     assert res["status"] == 201 and res["resumed"] is True
 
 
-def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
-    """An attacker who captured a client's first flight (ClientHello with a ticket, and 0-RTT)
-    sends it again: the node runs the handshake but refuses the early data (RFC 9001 §9.2),
-    so the replayed request is not served. A UDP relay in front of the node records aioquic's
-    first datagram and, once that connection is gone, sends it again from a fresh port."""
-    ticket = tmp_path / "ticket.pickle"
-    h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+def replay_an_early_flight(tnode, tmp_path, ticket, pause=0.0):
+    """Fetches r.bin in 0-RTT through a UDP relay that records aioquic's first flight (its
+    ClientHello with the ticket, and the 0-RTT request), waits `pause` seconds once that
+    connection is gone, then sends the flight again from a fresh port, as an attacker who
+    captured it would. Returns the node's requests served after the fetch and after the replay."""
     relay = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     relay.bind(("::1", 0))
     upstream = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -168,13 +166,14 @@ def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
     finally:
         stop.set()
         t.join()
+    fetched = time.monotonic()
     assert res["status"] == 200 and res["early_data"] is True
     mid = counters(tnode)
     assert mid["stoq_tls_early_data_total"] == before["stoq_tls_early_data_total"] + 1
     requests_mid = settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"]
     assert requests_mid == requests_before + 1
     accepted = summed_counters(tnode, ["stoq_quic_connections_accepted_total"])["stoq_quic_connections_accepted_total"]
-    # The replay, well inside GnuTLS's 10 s freshness window.
+    time.sleep(max(0.0, pause - (time.monotonic() - fetched)))
     attacker = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     for d in first:
         attacker.sendto(d, ("::1", int(tnode.port)))
@@ -183,10 +182,36 @@ def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
     attacker.close()
     assert settled(lambda: summed_counters(tnode, ["stoq_quic_connections_accepted_total"]))[
         "stoq_quic_connections_accepted_total"] > accepted, "the replay did not reach the handshake"
-    # Had the node taken the replayed early data, it would have served the GET in it at once,
-    # before the handshake (which the attacker cannot finish) completes.
-    assert settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"] \
-        == requests_mid
+    requests_after = settled(lambda: summed_counters(tnode, ["stoq_http_requests_total"]))["stoq_http_requests_total"]
+    return requests_mid, requests_after
+
+
+def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
+    """An attacker who captured a client's first flight (ClientHello with a ticket, and 0-RTT)
+    sends it again, well inside GnuTLS's 10 s freshness window: the node runs the handshake but
+    refuses the early data (RFC 9001 §9.2), so the replayed request is not served (had the node
+    taken it, it would have served the GET at once, before the handshake the attacker cannot
+    finish)."""
+    ticket = tmp_path / "ticket.pickle"
+    h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+    served, after = replay_an_early_flight(tnode, tmp_path, ticket)
+    assert after == served
+
+
+def test_a_replay_across_a_new_anti_replay_window_gets_no_early_data(tnode, tmp_path):
+    """GnuTLS keys the ClientHellos it has seen by its current 10 s window and starts a new one
+    once that has elapsed: a replay arriving just after the rollover, its ticket age still inside
+    the window, used to get a fresh key, and its early data was served. Here a first 0-RTT
+    handshake starts a window, the captured one comes 6 s into it and the replay 5 s later, in
+    the next window."""
+    ticket = tmp_path / "ticket.pickle"
+    h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+    time.sleep(10.5)  # whatever window earlier tests started has elapsed
+    res = h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket, "--early-data")
+    assert res["early_data"] is True  # this one starts the window
+    time.sleep(6)
+    served, after = replay_an_early_flight(tnode, tmp_path, ticket, pause=5)
+    assert after == served, "the replay across the window's rollover was served from early data"
 
 
 def test_stoq_get_keeps_sessions_per_server_and_resumes(tnode, tmp_path):
