@@ -26,6 +26,8 @@ struct stoq_tls_ctx {
   /* the certificate policy (Swift's PeerVerifier), either side: the only judge of a chain */
   stoq_peer_check_fn peer_check;
   void *peer_check_ctx;
+  /* the suites offered or accepted (stoq_tls_set_cipher_suites); NULL: the default */
+  gnutls_priority_t priority;
 };
 
 typedef struct stoq_sink_writer stoq_sink_writer;
@@ -109,6 +111,7 @@ struct stoq_conn {
   ngtcp2_conn *q;
   gnutls_session_t tls;       /* NULL once a server's handshake is done (release_tls) */
   int tls_resumed, tls_early; /* what the session said before release_tls */
+  int tls_cipher;             /* ditto: its gnutls_cipher_algorithm_t */
   stoq_tls_ctx *tls_ctx;      /* the credentials the session was made with (they may rotate since) */
   int peer_refused;           /* mutual TLS refused the peer's certificate */
   char peer_identity[256];    /* the accepted client certificate's identity ("" = none), for access */

@@ -16,16 +16,30 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 #include <ngtcp2/ngtcp2_crypto_gnutls.h>
 
-/* TLS 1.3 only; AES-128-GCM first because it is the fastest with AES-NI. */
-static const char PRIORITY[] =
-    "%DISABLE_TLS13_COMPAT_MODE:NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"
-    "+CHACHA20-POLY1305:+AES-128-CCM:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:+GROUP-SECP384R1:+GROUP-SECP521R1";
+/* TLS 1.3 only: the priority string is PRIORITY_HEAD, a cipher list, then PRIORITY_GROUPS. */
+#define PRIORITY_HEAD "%DISABLE_TLS13_COMPAT_MODE:NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL"
+#define PRIORITY_GROUPS ":-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:+GROUP-SECP384R1:+GROUP-SECP521R1"
+
+/* The TLS 1.3 cipher suites QUIC may use (RFC 9001 §5.3; AES-128-CCM-8 it may not), by their
+ * GnuTLS and IANA names, in the order a default endpoint offers them: AES-128-GCM first,
+ * the fastest with AES-NI. */
+static const struct {
+  const char *gnutls, *iana;
+  gnutls_cipher_algorithm_t algorithm;
+} CIPHERS[] = {
+    {"AES-128-GCM", "TLS_AES_128_GCM_SHA256", GNUTLS_CIPHER_AES_128_GCM},
+    {"AES-256-GCM", "TLS_AES_256_GCM_SHA384", GNUTLS_CIPHER_AES_256_GCM},
+    {"CHACHA20-POLY1305", "TLS_CHACHA20_POLY1305_SHA256", GNUTLS_CIPHER_CHACHA20_POLY1305},
+    {"AES-128-CCM", "TLS_AES_128_CCM_SHA256", GNUTLS_CIPHER_AES_128_CCM},
+};
+#define N_CIPHERS (sizeof(CIPHERS) / sizeof(CIPHERS[0]))
 
 static const uint8_t ALPN_H3[] = "h3";
 
@@ -128,6 +142,7 @@ void send_session_ticket(stoq_conn *c) {
 void release_tls(stoq_conn *c) {
   c->tls_resumed = gnutls_session_is_resumed(c->tls) != 0;
   c->tls_early = (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) != 0;
+  c->tls_cipher = (int)gnutls_cipher_get(c->tls);
   ngtcp2_conn_set_tls_native_handle(c->q, NULL);
   gnutls_deinit(c->tls);
   c->tls = NULL;
@@ -141,6 +156,14 @@ int stoq_conn_is_resumed(const stoq_conn *c) {
 
 int stoq_conn_early_data_accepted(const stoq_conn *c) {
   return c->tls ? (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) != 0 : c->tls_early;
+}
+
+const char *stoq_conn_cipher_suite(const stoq_conn *c) {
+  if (!c->established) return NULL;
+  gnutls_cipher_algorithm_t a = c->tls ? gnutls_cipher_get(c->tls) : (gnutls_cipher_algorithm_t)c->tls_cipher;
+  for (size_t i = 0; i < N_CIPHERS; i++)
+    if (CIPHERS[i].algorithm == a) return CIPHERS[i].iana;
+  return NULL;
 }
 
 /* Client: each NewSessionTicket makes the session resumable; keep its blob for the caller's
@@ -244,6 +267,7 @@ void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) 
 void stoq_tls_free(stoq_tls_ctx *t) {
   if (!t) return;
   if (t->cred) gnutls_certificate_free_credentials(t->cred);
+  if (t->priority) gnutls_priority_deinit(t->priority);
   free(t);
 }
 
@@ -318,13 +342,72 @@ static int verify_server(gnutls_session_t session) {
   return 0;
 }
 
-/* One priority cache for every session: gnutls_priority_set_direct parsed PRIORITY into a
- * fresh cache (about 8 KB) for each connection and kept it as long as the connection. GnuTLS
- * reference-counts a shared cache; this one lives as long as the process. */
+/* The priority string offering `ciphers` (a list of CIPHERS' names, either kind, any case,
+ * separated by ':', ',' or spaces; NULL: all of them) into `out`. 0, or -1 with `err` naming
+ * what is wrong. */
+static int priority_string(const char *ciphers, char out[static 512], char *err, size_t errlen) {
+  /* At most every suite once: the string always fits. */
+  size_t n = (size_t)snprintf(out, 512, "%s", PRIORITY_HEAD);
+  if (!ciphers) {
+    for (size_t i = 0; i < N_CIPHERS; i++) n += (size_t)snprintf(out + n, 512 - n, ":+%s", CIPHERS[i].gnutls);
+    snprintf(out + n, 512 - n, "%s", PRIORITY_GROUPS);
+    return 0;
+  }
+  char list[256];
+  if (strlen(ciphers) >= sizeof(list)) {
+    set_err(err, errlen, "cipher suites: the list is too long");
+    return -1;
+  }
+  snprintf(list, sizeof(list), "%s", ciphers);
+  unsigned offered = 0; /* bit i: CIPHERS[i] is in the string */
+  char *save = NULL;
+  for (char *name = strtok_r(list, ":, ", &save); name; name = strtok_r(NULL, ":, ", &save)) {
+    size_t i = 0;
+    while (i < N_CIPHERS && strcasecmp(name, CIPHERS[i].gnutls) != 0 && strcasecmp(name, CIPHERS[i].iana) != 0) i++;
+    if (i == N_CIPHERS) {
+      set_err(err, errlen,
+              "cipher suites: unknown suite '%s' (QUIC's are AES-128-GCM, AES-256-GCM, CHACHA20-POLY1305 and "
+              "AES-128-CCM, or TLS_AES_128_GCM_SHA256 ...)",
+              name);
+      return -1;
+    }
+    if (offered & (1u << i)) continue;
+    offered |= 1u << i;
+    n += (size_t)snprintf(out + n, 512 - n, ":+%s", CIPHERS[i].gnutls);
+  }
+  if (!offered) {
+    set_err(err, errlen, "cipher suites: the list is empty");
+    return -1;
+  }
+  snprintf(out + n, 512 - n, "%s", PRIORITY_GROUPS);
+  return 0;
+}
+
+/* One priority cache for every session that offers the default suites: gnutls_priority_set_direct
+ * parsed the string into a fresh cache (about 8 KB) for each connection and kept it as long as
+ * the connection. GnuTLS reference-counts a shared cache; this one lives as long as the process. */
 static gnutls_priority_t priority;
 static int priority_rv;
 static pthread_once_t priority_once = PTHREAD_ONCE_INIT;
-static void make_priority(void) { priority_rv = gnutls_priority_init(&priority, PRIORITY, NULL); }
+static void make_priority(void) {
+  char s[512];
+  priority_string(NULL, s, NULL, 0);
+  priority_rv = gnutls_priority_init(&priority, s, NULL);
+}
+
+int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const char *ciphers, char *err, size_t errlen) {
+  char s[512];
+  if (priority_string(ciphers, s, err, errlen) != 0) return -1;
+  gnutls_priority_t p;
+  int rv = gnutls_priority_init(&p, s, NULL);
+  if (rv != 0) {
+    set_err(err, errlen, "cipher suites %s: %s", ciphers, gnutls_strerror(rv));
+    return -1;
+  }
+  if (t->priority) gnutls_priority_deinit(t->priority);
+  t->priority = p;
+  return 0;
+}
 
 int setup_tls(stoq_conn *c, const char *server_name) {
   stoq_tls_ctx *t = c->ep->tls;
@@ -341,8 +424,12 @@ int setup_tls(stoq_conn *c, const char *server_name) {
   if (early) flags |= GNUTLS_ENABLE_EARLY_DATA | GNUTLS_NO_END_OF_EARLY_DATA;
   int rv = gnutls_init(&c->tls, flags);
   if (rv != 0) goto fail;
-  pthread_once(&priority_once, make_priority);
-  if ((rv = priority_rv) != 0 || (rv = gnutls_priority_set(c->tls, priority)) != 0) goto fail;
+  if (t->priority) {
+    if ((rv = gnutls_priority_set(c->tls, t->priority)) != 0) goto fail;
+  } else {
+    pthread_once(&priority_once, make_priority);
+    if ((rv = priority_rv) != 0 || (rv = gnutls_priority_set(c->tls, priority)) != 0) goto fail;
+  }
   if (tickets) {
     if ((rv = ticket_key_ready()) != 0) goto fail;
     if ((rv = gnutls_session_ticket_enable_server(c->tls, &ticket_key)) != 0) goto fail;

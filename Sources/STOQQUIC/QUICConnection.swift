@@ -60,6 +60,9 @@ public final class QUICConnection: TimerHeapElement {
     public var bidiStreamsLeft: UInt64 { stoq_conn_bidi_streams_left(raw) }
     /// The handshake resumed an earlier session (a session ticket), without certificates.
     public var isResumed: Bool { stoq_conn_is_resumed(raw) != 0 }
+    /// The TLS cipher suite the handshake agreed on, by its IANA name
+    /// (`TLS_AES_128_GCM_SHA256`, ...); nil before the handshake completed.
+    public var cipherSuite: String? { stoq_conn_cipher_suite(raw).map { String(cString: $0) } }
     /// Whether the connection still holds its TLS session: a server frees it once the
     /// handshake is done (QUIC needs nothing more from it); a client keeps it for tickets.
     public var holdsTLSSession: Bool { stoq_conn_holds_tls(raw) != 0 }
@@ -252,12 +255,17 @@ public final class QUICConnection: TimerHeapElement {
         endpoint.markDirty(self)
     }
 
-    /// Starts a TLS key update (RFC 9001 §6).
+    /// Starts a TLS key update (RFC 9001 §6). False when ngtcp2 refuses: before the handshake
+    /// is confirmed, or while the previous update is not yet acknowledged.
     public func initiateKeyUpdate(now: Timestamp) -> Bool {
         let ok = stoq_conn_initiate_key_update(raw, now) == 0
+        if ok { keyUpdatesInitiated += 1 }
         endpoint.markDirty(self)
         return ok
     }
+
+    /// Key updates this end started (`initiateKeyUpdate` calls that succeeded).
+    public private(set) var keyUpdatesInitiated = 0
 
     /// 1-RTT packets received and decrypted under each key phase bit (RFC 9001 §6). Packets
     /// under phase one mean the peer has moved to updated keys at least once.

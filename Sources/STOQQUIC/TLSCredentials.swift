@@ -16,7 +16,10 @@ public final class TLSCredentials: @unchecked Sendable {
     /// Server credentials from PEM files; with `clientAuth`, clients are asked for a
     /// certificate (mutual TLS) and its policy judges it: a refused client fails the handshake
     /// with the policy's reason.
-    public init(certificateFile: String, keyFile: String, clientAuth: ClientAuthentication? = nil) throws(TLSError) {
+    /// With `cipherSuites`, only those are accepted (see `restrict(cipherSuites:)`).
+    public init(
+        certificateFile: String, keyFile: String, clientAuth: ClientAuthentication? = nil, cipherSuites: [String]? = nil
+    ) throws(TLSError) {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_tls_server_new(certificateFile, keyFile, &err, err.count) else {
             throw TLSError(.serverCredentials, String(cBuffer: err))
@@ -28,15 +31,17 @@ public final class TLSCredentials: @unchecked Sendable {
             stoq_tls_set_peer_check(p, peerCheckThunk, Unmanaged.passUnretained(a.policy).toOpaque())
             stoq_tls_server_set_client_auth(p, a.mode.raw)
         }
+        if let cipherSuites { try restrict(cipherSuites: cipherSuites) }
     }
 
     /// Client credentials: `policy` judges the server's certificate chain and the name it was
     /// dialled by (STOQ's is `PeerVerifier`, through `PeerCertificateCheck`). Only `insecure`
     /// may omit it, and then nothing is checked. With `certificateFile`/`keyFile`, present that
-    /// chain when a server asks.
+    /// chain when a server asks. With `cipherSuites`, only those are offered (see
+    /// `restrict(cipherSuites:)`).
     public init(
         policy: PeerCertificateCheck?, insecure: Bool = false, certificateFile: String? = nil,
-        keyFile: String? = nil
+        keyFile: String? = nil, cipherSuites: [String]? = nil
     ) throws(TLSError) {
         guard policy != nil || insecure else {
             throw TLSError(.trustStore, "client credentials need a certificate policy (or insecure)")
@@ -54,6 +59,19 @@ public final class TLSCredentials: @unchecked Sendable {
         if let certificateFile, let keyFile, stoq_tls_client_set_certificate(p, certificateFile, keyFile, &err, err.count) != 0 {
             // Every property is set: deinit runs and frees `raw`.
             throw TLSError(.clientCertificate, String(cBuffer: err))
+        }
+        if let cipherSuites { try restrict(cipherSuites: cipherSuites) }
+    }
+
+    /// Offers (client) or accepts (server) only `cipherSuites`, in this order: QUIC's TLS 1.3
+    /// suites by their GnuTLS names (`AES-128-GCM`, `AES-256-GCM`, `CHACHA20-POLY1305`,
+    /// `AES-128-CCM`) or their IANA ones (`TLS_CHACHA20_POLY1305_SHA256`, ...), any case.
+    /// By default all four, AES-128-GCM first.
+    private func restrict(cipherSuites: [String]) throws(TLSError) {
+        var err = [CChar](repeating: 0, count: 512)
+        guard stoq_tls_set_cipher_suites(raw, cipherSuites.joined(separator: ":"), &err, err.count) == 0 else {
+            // Every property is set: deinit runs and frees `raw`.
+            throw TLSError(.cipherSuites, String(cBuffer: err))
         }
     }
 
@@ -133,6 +151,8 @@ public struct TLSError: Error, Sendable, Equatable, CustomStringConvertible {
         public static let clientCertificate = Code(name: "client certificate")
         /// The client-authentication policy (trust files, revocation list, depth) is refused.
         public static let clientAuthentication = Code(name: "client authentication")
+        /// A cipher suite named is not one of QUIC's TLS 1.3 suites, or the list is empty.
+        public static let cipherSuites = Code(name: "cipher suites")
         public var description: String { name }
     }
 

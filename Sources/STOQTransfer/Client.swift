@@ -86,6 +86,11 @@ public struct TransferResult: Sendable, Codable {
     public var servedFrom: String? = nil
     /// Times the connection moved to a new local address because this host's went away.
     public var localMigrations: Int? = nil
+    /// The TLS cipher suite agreed on, by its IANA name (`TLS_AES_128_GCM_SHA256`, ...).
+    public var cipherSuite: String? = nil
+    /// With `keyUpdate`: the key updates this end started (one once the handshake is confirmed,
+    /// 0 when the transfer ended before).
+    public var keyUpdates: Int? = nil
 }
 
 /// Sessions kept per server between runs, one file each (`<host>_<port>.session`, mode 0600)
@@ -244,11 +249,15 @@ public struct ClientTrust: Sendable {
     /// When non-empty, transparency is required: the server's certificate must carry an
     /// embedded SCT that verifies with one of these log public keys (PEM files).
     public var transparencyLogs: [String] = []
+    /// The TLS cipher suites to offer, in order (`TLSCredentials.restrict(cipherSuites:)`'s
+    /// names); nil: all of QUIC's, AES-128-GCM first.
+    public var cipherSuites: [String]?
     public init(
         caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil,
-        transparencyLogs: [String] = []
+        transparencyLogs: [String] = [], cipherSuites: [String]? = nil
     ) {
         self.transparencyLogs = transparencyLogs
+        self.cipherSuites = cipherSuites
         self.caFile = caFile
         self.insecure = insecure
         self.certificateFile = certificateFile
@@ -306,6 +315,8 @@ package struct ClientRig {
     package let endpoint: QUICEndpoint
     package let worker: Worker
     private let watch = AddressWatch()
+    /// Whether each connection starts one TLS key update once its handshake is confirmed.
+    private let updatesKeys: Bool
 
     /// What `followOwnAddress` saw: the datapath's send errors so far, when it last looked,
     /// and the moves made.
@@ -323,14 +334,25 @@ package struct ClientRig {
     /// Connections moved to a new local address because this host's old one went away.
     package var localMigrations: Int { watch.migrations }
 
+    /// What the rig does beside the worker: follows this host's address and, with
+    /// `updatesKeys`, starts the key updates. Call every turn of the loop.
+    package func tend(now: Timestamp) {
+        followOwnAddress(now: now)
+        guard updatesKeys else { return }
+        // ngtcp2 refuses the update until the handshake is confirmed: the next turn tries again.
+        for conn in endpoint.allConnections where conn.keyUpdatesInitiated == 0 && conn.isEstablished && !conn.isClosed {
+            _ = conn.initiateKeyUpdate(now: now)
+        }
+    }
+
     /// Follows this host's own address: when a connection's local address is no longer one
     /// of the host's (removed, or its interface renumbered), it moves to the address the
     /// kernel now picks toward the server (RFC 9000 §9.2: the server validates the new path).
     /// The socket is bound to `[::]`, so it stays. It looks when sends fail (the kernel refuses
     /// a source it no longer has) and every `ownAddressCheckInterval`: a bind test per
-    /// connection, nothing per packet. Call every turn of the loop. A NAT rebinding the source
+    /// connection, nothing per packet. `tend` calls it every turn. A NAT rebinding the source
     /// port needs nothing here: the server sees a new peer address and validates it itself.
-    package func followOwnAddress(now: Timestamp) {
+    private func followOwnAddress(now: Timestamp) {
         let errors = queue.counters.txErrors
         guard errors != watch.txErrors || now &- watch.checkedAt >= Self.ownAddressCheckInterval else { return }
         (watch.txErrors, watch.checkedAt) = (errors, now)
@@ -352,8 +374,9 @@ package struct ClientRig {
     package init(
         trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
         congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
-        handshakeTimeout: Double? = nil, keepAlive: UInt64 = 0
+        handshakeTimeout: Double? = nil, keepAlive: UInt64 = 0, updatesKeys: Bool = false
     ) throws(ClientError) {
+        self.updatesKeys = updatesKeys
         let creds: TLSCredentials
         do {
             // The one certificate policy (PeerVerifier, role server), as `stoq trust verify` runs it.
@@ -366,7 +389,7 @@ package struct ClientRig {
             }
             creds = try TLSCredentials(
                 policy: policy, insecure: trust.insecure,
-                certificateFile: trust.certificateFile, keyFile: trust.keyFile)
+                certificateFile: trust.certificateFile, keyFile: trust.keyFile, cipherSuites: trust.cipherSuites)
         } catch {
             throw ClientError(.tls, "\(error)")
         }
@@ -448,17 +471,19 @@ public enum STOQClient {
     /// With `sessionCache` the server's kept session is resumed and, unless `earlyData` is
     /// false, the GET goes in 0-RTT when the server's parameters were kept too. A handshake not
     /// done within `connectTimeout` seconds fails (`QUICSettings.handshakeTimeout` by default).
+    /// With `keyUpdate` the client starts one TLS key update as soon as the handshake is
+    /// confirmed (RFC 9001 §6), to exercise the server's.
     public static func get(
         _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
         connectTimeout: Double? = nil, congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
-        sessionCache: SessionCache? = nil, earlyData: Bool = true,
+        sessionCache: SessionCache? = nil, earlyData: Bool = true, keyUpdate: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
             connectTimeout: connectTimeout, congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
-            earlyData: earlyData, progressInterval: progressInterval, progress: progress)
+            earlyData: earlyData, keyUpdate: keyUpdate, progressInterval: progressInterval, progress: progress)
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
@@ -485,13 +510,13 @@ public enum STOQClient {
         datapath: ClientDatapath, timeout: Double, connectTimeout: Double? = nil, congestionControl: CongestionControl,
         qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
-        sessionCache: SessionCache? = nil, earlyData: Bool = false,
+        sessionCache: SessionCache? = nil, earlyData: Bool = false, keyUpdate: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
         let app = TransferApp(sinkFD: sinkFD, hash: hash)
         let rig = try ClientRig(
             trust: trust, datapath: datapath, application: app, congestionControl: congestionControl,
-            qlogDirectory: qlogDirectory, handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive)
+            qlogDirectory: qlogDirectory, handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive, updatesKeys: keyUpdate)
         defer { rig.queue.close() }
         let queue = rig.queue, endpoint = rig.endpoint, worker = rig.worker
         let start = monotonicNow()
@@ -528,7 +553,7 @@ public enum STOQClient {
         var lastSample: UInt64 = 0
         do {
             try worker.run(timeout: deadline) {
-                rig.followOwnAddress(now: monotonicNow())
+                rig.tend(now: monotonicNow())
                 if stats {
                     let now = monotonicNow()
                     if now - lastSample > 100_000_000 {
@@ -564,7 +589,8 @@ public enum STOQClient {
         if let sessionCache { sessionCache.keep(from: conn, for: url) }
         let resumed = sessionCache == nil ? nil : conn.isResumed
         let earlyData = sessionCache == nil ? nil : conn.earlyData
-        let preferred = conn.preferredAddress, servedFrom = conn.currentRemote
+        let preferred = conn.preferredAddress, servedFrom = conn.currentRemote, cipherSuite = conn.cipherSuite
+        let keyUpdates = keyUpdate ? conn.keyUpdatesInitiated : nil
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         guard let closed = app.closed else {
@@ -585,6 +611,7 @@ public enum STOQClient {
             status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
             seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,
             firstByteSeconds: app.headAt.map { Double($0 - start) / 1e9 }, preferredAddress: preferred.rawValue,
-            servedFrom: "\(servedFrom)", localMigrations: rig.localMigrations)
+            servedFrom: "\(servedFrom)", localMigrations: rig.localMigrations, cipherSuite: cipherSuite,
+            keyUpdates: keyUpdates)
     }
 }

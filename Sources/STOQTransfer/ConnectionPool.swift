@@ -111,14 +111,15 @@ package final class ConnectionPool {
     /// against it, on a queue `datapath` opens.
     /// `keepAlive` as `QUICSettings.keepAlive` (0: a connection waiting for nothing stays silent
     /// and idles out); `handshakeTimeout` in seconds as `QUICSettings.handshakeTimeout` (nil: its
-    /// default).
+    /// default). With `updatesKeys`, each connection starts one key update once confirmed.
     package init(
         trust: ClientTrust, datapath: ClientDatapath, connectTimeout: UInt64 = 3_000_000_000, handshakeTimeout: Double? = nil,
-        keepAlive: UInt64 = 0
+        keepAlive: UInt64 = 0, updatesKeys: Bool = false
     ) throws(ClientError) {
         self.connectTimeout = connectTimeout
         rig = try ClientRig(
-            trust: trust, datapath: datapath, application: app, handshakeTimeout: handshakeTimeout, keepAlive: keepAlive)
+            trust: trust, datapath: datapath, application: app, handshakeTimeout: handshakeTimeout, keepAlive: keepAlive,
+            updatesKeys: updatesKeys)
         waker = Waker()
         if waker.fd >= 0 { rig.queue.setWakeup(fileDescriptor: waker.fd) }
     }
@@ -252,7 +253,7 @@ package final class ConnectionPool {
     package func drive(forNanoseconds nanoseconds: UInt64) throws(ClientError) -> [Done] {
         rig.worker.idleWait = nanoseconds
         do { try rig.worker.turn() } catch { throw ClientError(.transfer, "\(error)") }
-        rig.followOwnAddress(now: monotonicNow())
+        rig.tend(now: monotonicNow())
         settle()
         let out = app.done
         app.done.removeAll(keepingCapacity: true)

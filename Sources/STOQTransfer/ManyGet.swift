@@ -40,16 +40,17 @@ extension STOQClient {
     /// credential, trace context). Every URL gets a result; a failure of one does not stop the
     /// others. With `sessionCache`, each server's kept session is offered and its new one kept,
     /// and (unless `earlyData` is false) the GETs go in 0-RTT where the server's parameters were.
+    /// With `keyUpdate` each connection starts one TLS key update once its handshake is confirmed.
     public static func getMany(
         _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
         connectTimeout: Double? = nil,
         headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, earlyData: Bool = true,
-        maxInFlight: Int = 64
+        keyUpdate: Bool = false, maxInFlight: Int = 64
     ) throws(ClientError) -> ManyGetReport {
         precondition(urls.count == fds.count, "one file descriptor per URL")
         let pool = try ConnectionPool(
             trust: trust, datapath: datapath, connectTimeout: UInt64(min(timeout, connectTimeout ?? 30) * 1e9),
-            handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive)
+            handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive, updatesKeys: keyUpdate)
         pool.sessionCache = sessionCache
         pool.earlyData = earlyData
         var closed = false

@@ -37,10 +37,18 @@ struct TrustOptions: ParsableArguments {
     var requireTransparency = false
     @Option(name: .customLong("log-key"), help: "A trusted transparency log's public key (PEM; repeatable).")
     var logKeys: [String] = []
+    @Option(
+        help: ArgumentHelp(
+            "Offer only these TLS cipher suites, in this order (comma-separated).",
+            discussion:
+                "AES-128-GCM, AES-256-GCM, CHACHA20-POLY1305 and AES-128-CCM, or their IANA names (TLS_CHACHA20_POLY1305_SHA256 ...). Default: all four, AES-128-GCM first."
+        ))
+    var cipherSuites: String?
     var trust: ClientTrust {
         ClientTrust(
             caFile: ca, insecure: insecure, certificateFile: cert, keyFile: key,
-            transparencyLogs: requireTransparency ? logKeys : [])
+            transparencyLogs: requireTransparency ? logKeys : [],
+            cipherSuites: cipherSuites.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } })
     }
 
     func validate() throws {
@@ -63,6 +71,8 @@ func printJSON(_ r: TransferResult) {
     if let preferred = r.preferredAddress { obj["preferred_address"] = preferred }
     if let servedFrom = r.servedFrom { obj["served_from"] = servedFrom }
     if let moves = r.localMigrations { obj["local_migrations"] = moves }
+    if let suite = r.cipherSuite { obj["cipher_suite"] = suite }
+    if let updates = r.keyUpdates { obj["key_updates"] = updates }
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
 }
@@ -131,6 +141,11 @@ struct Get: ParsableCommand {
                 "By default a GET to a server whose session and 0-RTT parameters are kept goes in 0-RTT, a round trip sooner; a server that refuses it gets the GET again after the handshake."
         ))
     var noEarlyData = false
+    @Flag(
+        help: ArgumentHelp(
+            "Start one TLS key update as soon as the handshake is confirmed.",
+            discussion: "RFC 9001 §6: both ends then send under new keys; for testing a server's key update."))
+    var keyUpdate = false
 
     func validate() throws {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
@@ -217,7 +232,7 @@ struct Get: ParsableCommand {
                 // Nor with a client certificate: a session resumed without one would present it.
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
                     ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
-                earlyData: !noEarlyData,
+                earlyData: !noEarlyData, keyUpdate: keyUpdate,
                 progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
                 log?.record(got)
@@ -302,7 +317,7 @@ struct Get: ParsableCommand {
                 },
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
                     ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
-                earlyData: !noEarlyData)
+                earlyData: !noEarlyData, keyUpdate: keyUpdate)
         } catch {
             for name in names { if let name { unlink(name + ".part") } }
             throw fail("\(error)")

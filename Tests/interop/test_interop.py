@@ -115,6 +115,25 @@ def test_an_unknown_congestion_control_is_refused_by_name(node, tmp_path):
     assert "'vegas' is invalid for '--cc <cc>'" in r.stderr
 
 
+def test_stoq_get_offers_only_the_cipher_suites_asked_and_updates_keys(node):
+    """The suite the handshake agreed on is reported; --cipher-suites narrows what is offered;
+    --key-update starts one key update once the handshake is confirmed (the interop matrix's
+    chacha20 and keyupdate cases check both in the capture, against ngtcp2 and aioquic)."""
+    name = f"obj-{16 << 20}.bin"
+    r = stoq("get", node.url(name), "--ca", node.cert, "--json", "--no-session-cache")
+    res = json.loads(r.stdout)
+    assert res["cipher_suite"] == "TLS_AES_128_GCM_SHA256" and "key_updates" not in res, res
+    r = stoq("get", node.url(name), "--ca", node.cert, "--json", "--no-session-cache",
+             "--cipher-suites", "CHACHA20-POLY1305", "--key-update")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["sha256"] == node.digests[name]
+    assert res["cipher_suite"] == "TLS_CHACHA20_POLY1305_SHA256" and res["key_updates"] == 1, res
+    r = stoq("get", node.url(name), "--ca", node.cert, "--cipher-suites", "AES-128-GCM,AES-128-CCM-8")
+    assert r.returncode == 1
+    assert "cipher suites: unknown suite 'AES-128-CCM-8'" in r.stderr, r.stderr
+
+
 def test_range_request(node):
     name = "obj-1200.bin"
     data = (node.storage / name).read_bytes()

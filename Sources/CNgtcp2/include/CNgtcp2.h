@@ -80,6 +80,12 @@ void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx);
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen);
 
+/** Offer (client) or accept (server) only these TLS 1.3 cipher suites, in this order:
+ *  `ciphers` is a list separated by ':', ',' or spaces of AES-128-GCM, AES-256-GCM,
+ *  CHACHA20-POLY1305 and AES-128-CCM (or their IANA names, TLS_AES_128_GCM_SHA256 ...).
+ *  Before the credentials serve a connection. 0, or -1 with `err` naming the bad suite. */
+int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const char *ciphers, char *err, size_t errlen);
+
 /* ---- Endpoint configuration ----------------------------------------------- */
 
 typedef struct stoq_conn stoq_conn;
@@ -347,6 +353,9 @@ int stoq_conn_is_established(const stoq_conn *c);
 uint64_t stoq_conn_bidi_streams_left(stoq_conn *c);
 /** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
 int stoq_conn_is_resumed(const stoq_conn *c);
+/** The TLS cipher suite the handshake agreed on, by its IANA name (TLS_AES_128_GCM_SHA256 ...);
+ *  NULL before the handshake completed. */
+const char *stoq_conn_cipher_suite(const stoq_conn *c);
 /** Whether the connection still holds its TLS session (a server frees it after the handshake). */
 int stoq_conn_holds_tls(const stoq_conn *c);
 /** Whether the server accepted the client's 0-RTT data (server: so far; client: once the

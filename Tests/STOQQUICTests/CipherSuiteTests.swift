@@ -1,0 +1,71 @@
+import STOQCore
+import STOQQUIC
+import STOQTestSupport
+import STOQTrust
+import Testing
+
+/// `TLSCredentials(cipherSuites:)`: what each end offers or accepts decides the suite.
+@Suite struct CipherSuiteTests {
+    let identity: TestIdentity
+    init() throws { identity = try TestIdentity() }
+
+    func pair(client: [String]? = nil, server: [String]? = nil) throws -> EndpointPair {
+        let verifier = PeerVerifier(roots: try PEMFiles.readCertificates(identity.identity.certificatePath))
+        return try EndpointPair(
+            serverCredentials: TLSCredentials(
+                certificateFile: identity.identity.certificatePath, keyFile: identity.identity.keyPath,
+                cipherSuites: server),
+            clientCredentials: TLSCredentials(
+                policy: PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal), cipherSuites: client))
+    }
+
+    /// The suite both ends report once the handshake is done (the server after freeing its
+    /// TLS session), or the client's reason when it failed.
+    func handshake(_ pair: EndpointPair) throws -> (client: String?, server: String?, failure: String?) {
+        pair.server.application = MemoryServer(object: [])
+        let recorder = RecordingClient()
+        pair.client.application = recorder
+        let conn = try pair.connect()
+        #expect(conn.cipherSuite == nil)
+        pair.run(for: 5_000_000_000) { conn.isEstablished || recorder.closedReason != nil }
+        pair.run(for: 100_000_000) { false }  // the server's side settles (HANDSHAKE_DONE acknowledged)
+        let server = pair.server.allConnections.first
+        #expect(server.map { !$0.holdsTLSSession } ?? true)
+        return (conn.cipherSuite, server?.cipherSuite, recorder.closedReason)
+    }
+
+    @Test func byDefaultAES128GCMIsChosen() throws {
+        let r = try handshake(try pair())
+        #expect(r.client == "TLS_AES_128_GCM_SHA256" && r.server == "TLS_AES_128_GCM_SHA256")
+    }
+
+    @Test func aClientOfferingOnlyChaCha20GetsIt() throws {
+        let r = try handshake(try pair(client: ["CHACHA20-POLY1305"]))
+        #expect(r.client == "TLS_CHACHA20_POLY1305_SHA256" && r.server == "TLS_CHACHA20_POLY1305_SHA256")
+    }
+
+    @Test func theClientsOrderDecidesAndIANANamesWork() throws {
+        let r = try handshake(try pair(client: ["tls_aes_256_gcm_sha384", "AES-128-GCM"]))
+        #expect(r.client == "TLS_AES_256_GCM_SHA384" && r.server == "TLS_AES_256_GCM_SHA384")
+    }
+
+    @Test func noSuiteInCommonFailsTheHandshake() throws {
+        let p = try pair(client: ["CHACHA20-POLY1305"], server: ["AES-256-GCM"])
+        let r = try handshake(p)
+        #expect(r.client == nil)
+        // TLS's handshake_failure alert (40), as QUIC carries it (RFC 9001 §4.8: 0x100 + 40).
+        #expect(r.failure == "closed by the peer: CRYPTO_ERROR (0x128)")
+        #expect(p.server.counters.handshakeFailures == 1 && p.server.connectionCount == 0)
+    }
+
+    @Test func anUnknownSuiteIsRefusedByName() throws {
+        for (list, named) in [(["AES-128-GCM", "AES-128-CCM-8"], "'AES-128-CCM-8'"), ([" "], "empty"), ([], "empty")] {
+            #expect {
+                _ = try TLSCredentials(policy: nil, insecure: true, cipherSuites: list)
+            } throws: { error in
+                guard let e = error as? TLSError else { return false }
+                return e.code == .cipherSuites && e.message.contains(named)
+            }
+        }
+    }
+}
