@@ -19,6 +19,8 @@ public struct WorkerStats: Sendable {
     public var datapath: DatapathCounters
     /// Datagrams passed between workers (to the worker owning their connection).
     public var handoff: HandoffCounters
+    /// Times the worker gave the heap's free memory back to the kernel (`Worker.memoryReleases`).
+    public var memoryReleases: UInt64 = 0
     public var connections: Int
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
@@ -208,6 +210,10 @@ package struct NodeMetrics {
         perWorker("stoq_worker_handoff_sent_total", "Datagrams passed to the worker owning their connection.") { $0.handoff.sent }
         perWorker("stoq_worker_handoff_received_total", "Datagrams other workers passed to this one.") { $0.handoff.received }
         perWorker("stoq_worker_handoff_dropped_total", "Datagrams not passed on: the owner's inbox was full.") { $0.handoff.dropped }
+        perWorker(
+            "stoq_worker_memory_releases_total",
+            "Times the worker gave the heap's free memory back to the kernel, once connections had closed and handshakes paused."
+        ) { $0.memoryReleases }
         perWorker("stoq_http_requests_total", "Object requests.") { $0.objects.requests }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
         perWorker("stoq_http_uploads_no_space_total", "Object uploads answered 507: the disk was full (also in stoq_store_disk_full_total).") {

@@ -73,13 +73,14 @@ struct WorkerAssembly: @unchecked Sendable {
         worker.onTurn = turnHook(worker: i, endpoint: endpoint, router: router, qlogVersion: qlogVersion)
         let publish = {
             let q = worker.queue
-            snapshot.publish(
-                WorkerStats(
-                    index: i, backend: q.backendName, features: "\(q.features)",
-                    diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
-                    endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
-                    connections: endpoint.connectionCount,
-                    objects: router.objects.counters, content: router.content.counters, access: router.accessCounters))
+            var stats = WorkerStats(
+                index: i, backend: q.backendName, features: "\(q.features)",
+                diagnostics: Dictionary(q.diagnostics, uniquingKeysWith: { a, _ in a }),
+                endpoint: endpoint.counters, datapath: q.counters, handoff: worker.handoff,
+                connections: endpoint.connectionCount,
+                objects: router.objects.counters, content: router.content.counters, access: router.accessCounters)
+            stats.memoryReleases = worker.memoryReleases
+            snapshot.publish(stats)
         }
         worker.onTick = publish
         publish()

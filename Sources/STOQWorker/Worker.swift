@@ -35,6 +35,8 @@ public final class Worker {
     /// (`stoq_release_free_memory`).
     public var releaseAfterClosing = 1_000
     private var connectionPeak = 0
+    /// Times the worker gave the heap's free memory back.
+    public private(set) var memoryReleases: UInt64 = 0
     /// Datagrams handled between transmit passes within one receive batch.
     public var flushBudget = 64
     /// Called on the worker thread at the start of every turn: where handlers pick up work
@@ -168,6 +170,7 @@ public final class Worker {
         guard connectionPeak - open >= releaseAfterClosing || (open == 0 && connectionPeak > 0) else { return }
         connectionPeak = open
         stoq_release_free_memory()
+        memoryReleases &+= 1
     }
 
     /// Runs until `stop` is set, then closes every connection gracefully and keeps
@@ -177,8 +180,8 @@ public final class Worker {
             let now = monotonicNow()
             if now >= nextTick {
                 nextTick = now + tickInterval
-                onTick?()
                 releaseFreedMemory()
+                onTick?()
                 noteRetryUnderLoad(logger)
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {

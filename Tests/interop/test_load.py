@@ -34,8 +34,9 @@ def capped(tmp_path_factory):
 
 def test_connections_are_opened_at_a_rate_held_with_requests_and_counted(lnode):
     """300 connections at 300/s from two threads, held 1 s with a GET every 0.4 s: all 300
-    established, none failed or lost, every GET answered, and the node accepted 300 more."""
-    names = ["stoq_quic_connections_accepted_total", "stoq_http_requests_total"]
+    established, none failed or lost, every GET answered, the node accepted 300 more, and
+    gave the memory back once they closed."""
+    names = ["stoq_quic_connections_accepted_total", "stoq_http_requests_total", "stoq_worker_memory_releases_total"]
     before = settled(lambda: summed_counters(lnode, names))
     r = bench(lnode, "1k.bin", "--connections", "300", "--rate", "300", "--hold", "1", "--streams", "1",
               "--interval", "0.4", "--threads", "2")
@@ -46,6 +47,8 @@ def test_connections_are_opened_at_a_rate_held_with_requests_and_counted(lnode):
     after = settled(lambda: summed_counters(lnode, names))
     assert after["stoq_quic_connections_accepted_total"] - before["stoq_quic_connections_accepted_total"] == 300
     assert after["stoq_http_requests_total"] - before["stoq_http_requests_total"] == r["requests"]
+    # Once they closed, the workers that held them gave the freed heap back to the kernel.
+    assert after["stoq_worker_memory_releases_total"] > before["stoq_worker_memory_releases_total"], after
     print(f"300 connections: {r['handshakes_per_second']:.0f} handshakes/s, handshake p50 {r['handshake_p50_ms']:.1f} ms "
           f"p99 {r['handshake_p99_ms']:.1f} ms; {r['requests']} GETs p50 {r['request_p50_ms']:.1f} ms")
 
