@@ -482,8 +482,8 @@ ngtcp2_path make_path(struct sockaddr_in6 *local, struct sockaddr_in6 *remote) {
 }
 
 stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
-                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, uint8_t *out,
-                            size_t outcap, ssize_t *outlen, int *action) {
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, int may_reply,
+                            uint8_t *out, size_t outcap, ssize_t *outlen, int *action) {
   *action = STOQ_ACCEPT_DROP;
   *outlen = 0;
   ngtcp2_pkt_hd hd;
@@ -500,6 +500,10 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
                                          hd.version, (const ngtcp2_sockaddr *)remote, sizeof(*remote), &hd.dcid,
                                          RETRY_TOKEN_TIMEOUT, now) != 0) {
       /* A forged or stale Retry token: tell the client plainly (INVALID_TOKEN), statelessly. */
+      if (!may_reply) {
+        *action = STOQ_ACCEPT_UNANSWERED;
+        return NULL;
+      }
       ssize_t n = ngtcp2_crypto_write_connection_close(out, outcap, hd.version, &hd.scid, &hd.dcid,
                                                        NGTCP2_INVALID_TOKEN, NULL, 0);
       if (n > 0) {
@@ -517,6 +521,10 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   }
 
   if (need_retry) {
+    if (!may_reply) {
+      *action = STOQ_ACCEPT_UNANSWERED;
+      return NULL;
+    }
     if (outcap > len * 3) outcap = len * 3; /* stay inside the anti-amplification limit */
     ngtcp2_cid scid;
     make_cid(ep, &scid, STOQ_SCIDLEN);

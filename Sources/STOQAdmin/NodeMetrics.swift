@@ -143,6 +143,10 @@ package struct NodeMetrics {
         perWorker("stoq_quic_retries_forced_total", "Retry packets sent because retry_threshold connections were mid-handshake.") {
             $0.endpoint.retriesForced
         }
+        perWorker(
+            "stoq_quic_replies_withheld_total",
+            "Packets left without their stateless reply (Retry, Version Negotiation, reset, refusal): stateless_reply_rate was spent."
+        ) { $0.endpoint.repliesWithheld }
         perWorker("stoq_quic_connections_half_open", "Connections mid-handshake.", type: "gauge") { $0.endpoint.halfOpenConnections }
         perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }
         perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }

@@ -21,6 +21,9 @@ public struct EndpointCounters: Sendable {
     public var connectionsRefused: UInt64 = 0
     /// Replies we could not queue (reply queue full).
     public var droppedReplies: UInt64 = 0
+    /// Packets that would have had a stateless reply (Retry, Version Negotiation, Stateless
+    /// Reset, a refusal, INVALID_TOKEN) but got none: the second's `statelessReplyRate` was spent.
+    public var repliesWithheld: UInt64 = 0
     public var versionNegotiations: UInt64 = 0
     public var retriesSent: UInt64 = 0
     /// Of `retriesSent`, those sent only because `QUICSettings.retryThreshold` connections were
@@ -139,6 +142,7 @@ public final class QUICEndpoint {
     /// the back while it has more, so that no connection waits behind another's window.
     private var dirty: Deque<QUICConnection> = []
     private var replies: ReplyQueue
+    private var replyBudget: ReplyBudget
     private let scratch: UnsafeMutableRawBufferPointer
 
     /// Creates an endpoint. `secret` must be shared by all workers of a node.
@@ -151,6 +155,7 @@ public final class QUICEndpoint {
         self.settings = settings
         self.credentials = credentials
         self.replies = ReplyQueue(slots: 256, slotSize: 1500)
+        self.replyBudget = ReplyBudget(perSecond: settings.statelessReplyRate)
         self.scratch = .allocate(byteCount: 65536, alignment: 16)
         dirty.reserveCapacity(1024)
         var raw = settings.raw(workerID: workerID, secret: secret.bytes)
@@ -244,6 +249,7 @@ public final class QUICEndpoint {
         }
         if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
             guard isServer else { tally.droppedUnknown &+= 1; return }
+            guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
             tally.versionNegotiations &+= 1
             queueReply(to: peer, from: local) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
             return
@@ -257,6 +263,7 @@ public final class QUICEndpoint {
         if ids.is_long == 0 {
             // A short-header packet for a connection we do not have: tell the peer with a
             // stateless reset so it stops waiting (RFC 9000 §10.3).
+            guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
             let ctx = self.ctx
             let size = datagram.count
             let queued = withUnsafeBytes(of: &ids.dcid) { cid in
@@ -274,12 +281,15 @@ public final class QUICEndpoint {
 
     /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
     /// statelessly, so the client gives up at once instead of timing out.
-    private func refuse(_ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint) {
+    private func refuse(
+        _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, now: Timestamp
+    ) {
         // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys.
         guard base[0] & 0xb0 == 0x80 else {
             tally.droppedInitials &+= 1
             return
         }
+        guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
         let reason = "this node holds max_connections (\(settings.maxConnections)) connections"
         let queued = reason.utf8CString.withUnsafeBufferPointer { r in
             queueReply(to: peer, from: local) { buf, cap in
@@ -294,7 +304,7 @@ public final class QUICEndpoint {
         ecn: ECN, now: Timestamp
     ) {
         guard connections.count < settings.maxConnections else {
-            refuse(base, count, from: peer, to: local)
+            refuse(base, count, from: peer, to: local, now: now)
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -307,8 +317,13 @@ public final class QUICEndpoint {
         let forced = !settings.retry && retryingUnderLoad
         let raw = stoq_conn_accept(
             ctx, base, count, &localSA, &peerSA, now, app, settings.retry || forced ? 1 : 0,
+            replyBudget.hasReply(now: now) ? 1 : 0,
             scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
         guard let raw else {
+            if action == Int32(STOQ_ACCEPT_UNANSWERED) {
+                tally.repliesWithheld &+= 1
+                return
+            }
             let reply = action == Int32(STOQ_ACCEPT_RETRY) || action == Int32(STOQ_ACCEPT_INVALID_TOKEN)
             let n = outlen
             let src = scratch
@@ -319,6 +334,7 @@ public final class QUICEndpoint {
                     buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
                     return n
                 }
+            if queued { _ = replyBudget.take(now: now) }
             if !queued {
                 tally.droppedInitials &+= 1
             } else if action == Int32(STOQ_ACCEPT_RETRY) {
@@ -602,6 +618,47 @@ public final class QUICEndpoint {
 /// Collects CIDs for a connection under construction.
 final class ConnectionHolder {
     var cids: [ConnectionID] = []
+}
+
+/// The stateless replies an endpoint may still send: `perSecond` a second, at most a second's
+/// worth at once (a token bucket; 0: no limit). Under a flood of Initials from spoofed
+/// addresses nobody reads the answers, and each costs a send and a Retry token; past the
+/// budget such packets go unanswered (a real client sends its Initial again), and the core
+/// stays with the connections it serves.
+struct ReplyBudget {
+    let perSecond: UInt64
+    private var tokens: UInt64
+    private var refilledAt: Timestamp = 0
+
+    init(perSecond: Int) {
+        self.perSecond = UInt64(max(perSecond, 0))
+        tokens = self.perSecond
+    }
+
+    /// Whether a reply may be sent now (none taken).
+    mutating func hasReply(now: Timestamp) -> Bool {
+        guard perSecond > 0 else { return true }
+        refill(now)
+        return tokens > 0
+    }
+
+    /// Takes one reply's worth: false when the budget is spent.
+    mutating func take(now: Timestamp) -> Bool {
+        guard perSecond > 0 else { return true }
+        refill(now)
+        guard tokens > 0 else { return false }
+        tokens -= 1
+        return true
+    }
+
+    private mutating func refill(_ now: Timestamp) {
+        let elapsed = min(now &- refilledAt, Nanos.second)
+        let add = elapsed * perSecond / Nanos.second
+        guard add > 0 else { return }
+        tokens = min(perSecond, tokens + add)
+        // Time a whole token's worth has not yet earned carries over; a full bucket keeps none.
+        refilledAt = tokens == perSecond ? now : refilledAt &+ add * Nanos.second / perSecond
+    }
 }
 
 /// Stateless replies (Version Negotiation, Retry, Stateless Reset, repeated CONNECTION_CLOSE)

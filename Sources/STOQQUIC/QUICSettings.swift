@@ -27,6 +27,11 @@ public struct QUICSettings: Sendable, Equatable {
     /// Initials get a Retry first, until fewer are (as msquic does under a flood of spoofed
     /// Initials: a Retry costs no state). 0: never.
     public var retryThreshold: Int = 1000
+    /// Server: stateless replies (Retry, Version Negotiation, Stateless Reset, refusals) an
+    /// endpoint sends at most, a second; packets past it go unanswered. 0: no limit. A
+    /// worker completes about 3,000 handshakes a second (Benchmarks/README.md), so 10,000
+    /// leaves room for every real client while a flood of spoofed Initials costs little.
+    public var statelessReplyRate: Int = 10_000
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
     /// Client, once the handshake is done: a PING after this long without traffic, in ns (0: never, the default: an idle

@@ -265,6 +265,27 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(pair.server.counters.retriesSent == 1 && pair.server.counters.connectionsAccepted == 4)
     }
 
+    /// With `retry` and a budget of 2 stateless replies a second, 5 clients arriving together
+    /// get 2 Retries and 3 silences; their Initials sent again get Retries as the budget
+    /// refills, and an Initial with a valid token is accepted whatever the budget says.
+    @Test func pastTheStatelessReplyRateInitialsGoUnansweredUntilItRefills() throws {
+        var settings = QUICSettings()
+        settings.retry = true
+        settings.statelessReplyRate = 2
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(1000, seed: 5))
+        let clients = try (0..<5).map { _ in try pair.connect() }
+        #expect(pair.run(for: 100_000_000) { pair.server.counters.repliesWithheld == 3 })
+        #expect(pair.server.counters.retriesSent == 2 && pair.server.connectionCount == 0)
+        // The two sent a Retry come back with its token within a few round trips, while the
+        // budget is still spent (one reply comes back every 500 ms): they are accepted anyway.
+        #expect(pair.run(for: 300_000_000) { clients.filter(\.isEstablished).count == 2 })
+        #expect(pair.server.counters.retriesSent == 2)
+        #expect(pair.run(for: 20_000_000_000) { clients.allSatisfy(\.isEstablished) })
+        let c = pair.server.counters
+        #expect(c.connectionsAccepted == 5 && c.retriesSent == 5, "\(c)")
+    }
+
     @Test func keyUpdateMidTransfer() throws {
         // Without an update, no packet is ever under key phase one (the counter can tell).
         let (_, _, plain) = try download(size: 64 << 10)

@@ -276,16 +276,19 @@ enum {
   STOQ_ACCEPT_DROP = 1,          /* not an acceptable Initial: drop and count */
   STOQ_ACCEPT_RETRY = 2,         /* `out` holds a Retry to send back */
   STOQ_ACCEPT_INVALID_TOKEN = 3, /* `out` holds a stateless CONNECTION_CLOSE (INVALID_TOKEN) */
+  STOQ_ACCEPT_UNANSWERED = 4,    /* it wants a stateless reply, but the caller allowed none */
 };
 
 /** Server: accepts a client's first Initial. Returns the connection (the caller then feeds it the
- *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. With `retry`, an
- *  Initial without a valid Retry token is answered with a Retry (the caller decides when: always,
- *  or under a flood of half-open connections). Announces the client's original DCID and our
- *  first SCID through on_cid; `app` is set before that. */
+ *  same packet with stoq_conn_read), or NULL with `*action` saying what to do. With `retry`,
+ *  an Initial without a valid Retry token is answered with a Retry (the
+ *  caller decides when: always, or under a flood of half-open connections). Without
+ *  `may_reply`, an Initial that would be answered statelessly (a Retry, or INVALID_TOKEN for a
+ *  bad token) is dropped before any of that work (STOQ_ACCEPT_UNANSWERED). Announces the
+ *  client's original DCID and our first SCID through on_cid; `app` is set before that. */
 stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t len, const struct sockaddr_in6 *local,
-                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, uint8_t *out,
-                            size_t outcap, ssize_t *outlen, int *action);
+                            const struct sockaddr_in6 *remote, uint64_t now, void *app, int retry, int may_reply,
+                            uint8_t *out, size_t outcap, ssize_t *outlen, int *action);
 
 /** Client: starts a connection to `remote`; `server_name` is verified against the certificate
  *  (an IPv6 literal is checked against IP SANs, and is not sent as SNI). */
