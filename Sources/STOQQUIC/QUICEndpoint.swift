@@ -284,7 +284,8 @@ public final class QUICEndpoint {
     private func refuse(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, now: Timestamp
     ) {
-        // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys.
+        // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys; the C
+        // writer parses it fully, this look keeps anything else from spending the reply budget.
         guard base[0] & 0xb0 == 0x80 else {
             tally.droppedInitials &+= 1
             return
