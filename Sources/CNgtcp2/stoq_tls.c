@@ -342,45 +342,19 @@ static int verify_server(gnutls_session_t session) {
   return 0;
 }
 
-/* The priority string offering `ciphers` (a list of CIPHERS' names, either kind, any case,
- * separated by ':', ',' or spaces; NULL: all of them) into `out`. 0, or -1 with `err` naming
- * what is wrong. */
-static int priority_string(const char *ciphers, char out[static 512], char *err, size_t errlen) {
-  /* At most every suite once: the string always fits. */
-  size_t n = (size_t)snprintf(out, 512, "%s", PRIORITY_HEAD);
-  if (!ciphers) {
-    for (size_t i = 0; i < N_CIPHERS; i++) n += (size_t)snprintf(out + n, 512 - n, ":+%s", CIPHERS[i].gnutls);
-    snprintf(out + n, 512 - n, "%s", PRIORITY_GROUPS);
-    return 0;
-  }
-  char list[256];
-  if (strlen(ciphers) >= sizeof(list)) {
-    set_err(err, errlen, "cipher suites: the list is too long");
-    return -1;
-  }
-  snprintf(list, sizeof(list), "%s", ciphers);
-  unsigned offered = 0; /* bit i: CIPHERS[i] is in the string */
-  char *save = NULL;
-  for (char *name = strtok_r(list, ":, ", &save); name; name = strtok_r(NULL, ":, ", &save)) {
-    size_t i = 0;
-    while (i < N_CIPHERS && strcasecmp(name, CIPHERS[i].gnutls) != 0 && strcasecmp(name, CIPHERS[i].iana) != 0) i++;
-    if (i == N_CIPHERS) {
-      set_err(err, errlen,
-              "cipher suites: unknown suite '%s' (QUIC's are AES-128-GCM, AES-256-GCM, CHACHA20-POLY1305 and "
-              "AES-128-CCM, or TLS_AES_128_GCM_SHA256 ...)",
-              name);
-      return -1;
-    }
-    if (offered & (1u << i)) continue;
-    offered |= 1u << i;
-    n += (size_t)snprintf(out + n, 512 - n, ":+%s", CIPHERS[i].gnutls);
-  }
-  if (!offered) {
-    set_err(err, errlen, "cipher suites: the list is empty");
-    return -1;
-  }
-  snprintf(out + n, 512 - n, "%s", PRIORITY_GROUPS);
-  return 0;
+/* The priority string offering the suites `suites` (indices into CIPHERS, n of them; NULL:
+ * all of them, in the table's order) into `out`. At most every suite once: the string fits. */
+static void priority_string(const uint8_t *suites, size_t n, char out[static 512]) {
+  size_t len = (size_t)snprintf(out, 512, "%s", PRIORITY_HEAD);
+  for (size_t i = 0; i < (suites ? n : N_CIPHERS); i++)
+    len += (size_t)snprintf(out + len, 512 - len, ":+%s", CIPHERS[suites ? suites[i] : i].gnutls);
+  snprintf(out + len, 512 - len, "%s", PRIORITY_GROUPS);
+}
+
+size_t stoq_tls_cipher_suite_count(void) { return N_CIPHERS; }
+
+const char *stoq_tls_cipher_suite_name(size_t i, int iana) {
+  return i < N_CIPHERS ? (iana ? CIPHERS[i].iana : CIPHERS[i].gnutls) : NULL;
 }
 
 /* One priority cache for every session that offers the default suites: gnutls_priority_set_direct
@@ -391,17 +365,29 @@ static int priority_rv;
 static pthread_once_t priority_once = PTHREAD_ONCE_INIT;
 static void make_priority(void) {
   char s[512];
-  priority_string(NULL, s, NULL, 0);
+  priority_string(NULL, 0, s);
   priority_rv = gnutls_priority_init(&priority, s, NULL);
 }
 
-int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const char *ciphers, char *err, size_t errlen) {
+int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const uint8_t *suites, size_t n, char *err, size_t errlen) {
+  if (n == 0 || n > N_CIPHERS) {
+    set_err(err, errlen, "cipher suites: %zu of them (1 to %zu)", n, N_CIPHERS);
+    return -1;
+  }
+  unsigned seen = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (suites[i] >= N_CIPHERS || (seen & (1u << suites[i]))) {
+      set_err(err, errlen, "cipher suites: index %u out of range or repeated", (unsigned)suites[i]);
+      return -1;
+    }
+    seen |= 1u << suites[i];
+  }
   char s[512];
-  if (priority_string(ciphers, s, err, errlen) != 0) return -1;
+  priority_string(suites, n, s);
   gnutls_priority_t p;
   int rv = gnutls_priority_init(&p, s, NULL);
   if (rv != 0) {
-    set_err(err, errlen, "cipher suites %s: %s", ciphers, gnutls_strerror(rv));
+    set_err(err, errlen, "cipher suites: %s", gnutls_strerror(rv));
     return -1;
   }
   if (t->priority) gnutls_priority_deinit(t->priority);

@@ -65,14 +65,41 @@ public final class TLSCredentials: @unchecked Sendable {
 
     /// Offers (client) or accepts (server) only `cipherSuites`, in this order: QUIC's TLS 1.3
     /// suites by their GnuTLS names (`AES-128-GCM`, `AES-256-GCM`, `CHACHA20-POLY1305`,
-    /// `AES-128-CCM`) or their IANA ones (`TLS_CHACHA20_POLY1305_SHA256`, ...), any case.
-    /// By default all four, AES-128-GCM first.
+    /// `AES-128-CCM`) or their IANA ones (`TLS_CHACHA20_POLY1305_SHA256`, ...), any case; an
+    /// element may itself list several, separated by ':', ',' or spaces. By default all four,
+    /// AES-128-GCM first.
     private func restrict(cipherSuites: [String]) throws(TLSError) {
-        var err = [CChar](repeating: 0, count: 512)
-        guard stoq_tls_set_cipher_suites(raw, cipherSuites.joined(separator: ":"), &err, err.count) == 0 else {
+        let suites = try Self.cipherSuiteIndices(cipherSuites)
+        var err = [CChar](repeating: 0, count: 256)
+        guard stoq_tls_set_cipher_suites(raw, suites, suites.count, &err, err.count) == 0 else {
             // Every property is set: deinit runs and frees `raw`.
             throw TLSError(.cipherSuites, String(cBuffer: err))
         }
+    }
+
+    /// The shim's table of suites, by GnuTLS and IANA name.
+    package static let cipherSuiteTable: [(gnutls: String, iana: String)] = (0..<stoq_tls_cipher_suite_count()).map {
+        (String(cString: stoq_tls_cipher_suite_name($0, 0)), String(cString: stoq_tls_cipher_suite_name($0, 1)))
+    }
+
+    /// `names` as indices into the shim's table, each suite once, in the order first named.
+    package static func cipherSuiteIndices(_ names: [String]) throws(TLSError) -> [UInt8] {
+        var suites: [UInt8] = []
+        for name in names.flatMap({ $0.split(whereSeparator: { ":, ".contains($0) }) }) {
+            guard
+                let i = cipherSuiteTable.firstIndex(where: {
+                    name.caseInsensitiveCompare($0.gnutls) == .orderedSame
+                        || name.caseInsensitiveCompare($0.iana) == .orderedSame
+                })
+            else {
+                let known = cipherSuiteTable.map(\.gnutls).joined(separator: ", ")
+                throw TLSError(
+                    .cipherSuites, "cipher suites: unknown suite '\(name)' (QUIC's are \(known), or their IANA names)")
+            }
+            if !suites.contains(UInt8(i)) { suites.append(UInt8(i)) }
+        }
+        if suites.isEmpty { throw TLSError(.cipherSuites, "cipher suites: the list is empty") }
+        return suites
     }
 
     deinit { stoq_tls_free(raw) }

@@ -68,4 +68,18 @@ import Testing
             }
         }
     }
+
+    /// Names are read against the shim's one table: either kind, any case, several to an
+    /// element, each suite once in the order first named.
+    @Test func namesMapOntoTheShimsTable() throws {
+        let picked = try TLSCredentials.cipherSuiteIndices(["tls_chacha20_poly1305_sha256", "AES-128-GCM:ChaCha20-Poly1305"])
+        #expect(
+            picked.map { TLSCredentials.cipherSuiteTable[Int($0)].iana } == [
+                "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256",
+            ])
+        #expect(
+            TLSCredentials.cipherSuiteTable.map(\.gnutls) == [
+                "AES-128-GCM", "AES-256-GCM", "CHACHA20-POLY1305", "AES-128-CCM",
+            ])
+    }
 }

@@ -80,11 +80,16 @@ void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx);
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen);
 
-/** Offer (client) or accept (server) only these TLS 1.3 cipher suites, in this order:
- *  `ciphers` is a list separated by ':', ',' or spaces of AES-128-GCM, AES-256-GCM,
- *  CHACHA20-POLY1305 and AES-128-CCM (or their IANA names, TLS_AES_128_GCM_SHA256 ...).
- *  Before the credentials serve a connection. 0, or -1 with `err` naming the bad suite. */
-int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const char *ciphers, char *err, size_t errlen);
+/** The TLS 1.3 cipher suites QUIC may use, the shim's one table (RFC 9001 §5.3), in the order
+ *  a default endpoint offers them: how many, and suite `i`'s GnuTLS name (AES-128-GCM ...) or,
+ *  with `iana`, its IANA one (TLS_AES_128_GCM_SHA256 ...); NULL past the end. Names are
+ *  parsed in Swift (`TLSCredentials`). */
+size_t stoq_tls_cipher_suite_count(void);
+const char *stoq_tls_cipher_suite_name(size_t i, int iana);
+
+/** Offer (client) or accept (server) only the suites `suites` (n distinct indices into that
+ *  table), in this order. Before the credentials serve a connection. 0, or -1 (err). */
+int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const uint8_t *suites, size_t n, char *err, size_t errlen);
 
 /* ---- Endpoint configuration ----------------------------------------------- */
 
