@@ -135,15 +135,21 @@ public final class StreamingChunker<Source: ChunkSource> {
 
     /// The next chunk with its SHA-256, or nil at the end.
     public func next() throws -> Chunk? {
+        try nextChunk(hash: true)?.chunk
+    }
+
+    /// The next chunk with its SHA-256 and the bytes it was computed from, or nil at the end.
+    /// The bytes are the chunker's own buffer: valid until the next call.
+    public func nextWithBytes() throws -> (chunk: Chunk, bytes: UnsafeRawBufferPointer)? {
         try nextChunk(hash: true)
     }
 
     /// The next chunk without hashing it (`id` is `.zero`): for measuring the cut search alone.
     public func nextBoundary() throws -> Chunk? {
-        try nextChunk(hash: false)
+        try nextChunk(hash: false)?.chunk
     }
 
-    private func nextChunk(hash: Bool) throws -> Chunk? {
+    private func nextChunk(hash: Bool) throws -> (chunk: Chunk, bytes: UnsafeRawBufferPointer)? {
         try refill()
         let available = fill - start
         guard available > 0 else {
@@ -158,7 +164,7 @@ public final class StreamingChunker<Source: ChunkSource> {
         let chunk = Chunk(offset: offset, length: length, id: id)
         start += length
         offset += UInt64(length)
-        return chunk
+        return (chunk, bytes)
     }
 
     /// Buffers at least `max` bytes past `start`, or everything up to the end of the source.

@@ -72,6 +72,8 @@ public final class ObjectIngest: @unchecked Sendable {
         var writer: ObjectGate.Writer?
         /// Bytes `gate` reserved for the chunks (released once they are written).
         var reserved: UInt64
+        /// The body's SHA-256 as the sink computed it while writing, if it did.
+        var digest: ContentDigest?
     }
 
     /// The store objects go to.
@@ -137,14 +139,17 @@ public final class ObjectIngest: @unchecked Sendable {
     /// the body, `temp` is its name in the storage directory (removed here). The outcome is
     /// posted to `inbox` with `ticket`. With `gate`, the object is committed through it as
     /// `writer`'s, and the `reserved` bytes are released once its chunks are written.
+    /// `digest`: the body's SHA-256 if the sink already computed it (saves a pass over it).
     /// Called on a worker thread; returns at once.
     public func submit(
         fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil,
-        reserved: UInt64 = 0
+        reserved: UInt64 = 0, digest: ContentDigest? = nil
     ) {
         cond.withLock {
             jobs.append(
-                Job(fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved))
+                Job(
+                    fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
+                    digest: digest))
             cond.signal()
         }
     }
@@ -186,7 +191,8 @@ public final class ObjectIngest: @unchecked Sendable {
         let t0 = DispatchTime.now().uptimeNanoseconds
         do {
             let report = try Self.ingest(
-                fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer)
+                fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer,
+                digest: job.digest)
             // The record is durable: a flat copy of the name from before would shadow it.
             if unlinkat(rootFD, job.name, 0) == 0 { fsync(rootFD) }
             logger.debug(
@@ -214,30 +220,23 @@ public final class ObjectIngest: @unchecked Sendable {
     /// under `name` (replacing any object of that name). Blocking; returns what was stored.
     /// With `gate`, the record is committed through it as `writer`'s (conditions, overwrite
     /// policy, writer quota; the chunks are already stored, charged to the cap only), and a
-    /// refusal is thrown as the `ObjectGate.Refusal`.
+    /// refusal is thrown as the `ObjectGate.Refusal`. `digest` is the file's SHA-256 when
+    /// the caller knows it; otherwise the chunker computes it alongside the chunks' ids.
     /// Throws the store's errors (`StoreError`), or a `ChunkSourceError` for a failed read.
     public static func ingest(
         fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters, gate: ObjectGate? = nil,
-        writer: ObjectGate.Writer? = nil
+        writer: ObjectGate.Writer? = nil, digest known: ContentDigest? = nil
     ) throws -> Report {
         try ObjectIndex.validateName(name)
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError(.io, "fstat of the upload of \(name): \(String(cString: strerror(errno)))") }
         let size = Int(st.st_size)
-        // The chunker reads the file; the store's puts take the bytes from a mapping of it.
-        var map: UnsafeMutableRawPointer?
-        if size > 0 {
-            guard let m = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), m != MAP_FAILED else {
-                throw StoreError(.io, "mmap of the upload of \(name): \(String(cString: strerror(errno)))")
-            }
-            madvise(m, size, MADV_SEQUENTIAL)
-            map = m
-        }
-        defer { if let map { munmap(map, size) } }
         guard lseek(fd, 0, SEEK_SET) == 0 else {
             throw StoreError(.io, "lseek of the upload of \(name): \(String(cString: strerror(errno)))")
         }
-        let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters, digestObject: true)
+        // The chunker reads the file; each chunk is put from the chunker's buffer, the bytes
+        // its id was just computed from (so the store need not hash them again).
+        let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters, digestObject: known == nil)
         var report = Report()
         var entries: [Manifest.Entry] = []
         var ids: [ChunkID] = []
@@ -247,14 +246,15 @@ public final class ObjectIngest: @unchecked Sendable {
         func noSpace(_ e: StoreError) -> StoreError {
             StoreError.noSpace(storing: name, written: written, errno: e.message.hasPrefix("disk quota") ? EDQUOT : ENOSPC)
         }
-        while let c = try chunker.next() {
-            guard let map, c.offset + UInt64(c.length) <= UInt64(size) else {
+        while let (c, bytes) = try chunker.nextWithBytes() {
+            guard c.offset + UInt64(c.length) <= UInt64(size) else {
                 throw StoreError(.io, "the upload of \(name) grew while it was ingested")
             }
             let id = ChunkID(bytes: c.id.bytes)!
-            let bytes = UnsafeRawBufferPointer(start: map + Int(c.offset), count: c.length)
             let put: ChunkStore.PutResult
-            do { put = try index.chunks.put(id: id, bytes: bytes) } catch let e as StoreError where e.code == .noSpace { throw noSpace(e) }
+            do { put = try index.chunks.put(id: id, hashedBytes: bytes) } catch let e as StoreError where e.code == .noSpace {
+                throw noSpace(e)
+            }
             switch put {
             case .stored:
                 written += c.length
@@ -267,7 +267,7 @@ public final class ObjectIngest: @unchecked Sendable {
             entries.append(Manifest.Entry(id: c.id, length: UInt32(c.length)))
             ids.append(id)
         }
-        guard chunker.bytesConsumed == UInt64(size), let digest = chunker.objectDigest else {
+        guard chunker.bytesConsumed == UInt64(size), let digest = known ?? chunker.objectDigest else {
             throw StoreError(.io, "the upload of \(name) changed size while it was ingested")
         }
         let manifest: Manifest

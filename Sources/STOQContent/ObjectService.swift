@@ -270,7 +270,7 @@ public final class ObjectService: QUICApplication {
             ingesting[ticket] = (stream, connection)
             ingest.submit(
                 fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer,
-                reserved: reserved)
+                reserved: reserved, digest: stream.bodySHA256().flatMap(ContentDigest.init))
             return
         }
         var headers = [("content-length", "0")]

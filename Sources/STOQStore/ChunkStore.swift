@@ -158,15 +158,27 @@ public final class ChunkStore: @unchecked Sendable {
     /// refused (`.chunkTooLarge`).
     @discardableResult
     public func put(id: ChunkID, bytes: some ContiguousBytes) throws -> PutResult {
-        let count = bytes.withUnsafeBytes { $0.count }
-        guard count <= options.maxChunkSize else {
-            throw StoreError(.chunkTooLarge, "chunk \(id) is \(count) bytes, over the store's limit of \(options.maxChunkSize) bytes")
-        }
+        try checkSize(id, bytes.withUnsafeBytes { $0.count })
         let actual = ChunkID(digestOf: bytes)
         guard actual == id else {
             throw StoreError(.digestMismatch, "chunk bytes do not match their id: expected digest \(id), actual digest \(actual)")
         }
         return try bytes.withUnsafeBytes { try putVerified(id: id, bytes: $0) }
+    }
+
+    /// Stores `bytes` as chunk `id` like `put(id:bytes:)`, for a caller that has just computed
+    /// `id` as the SHA-256 of these very bytes (ingest, from the chunker's own buffer): the
+    /// check would hash every byte a second time.
+    @discardableResult
+    public func put(id: ChunkID, hashedBytes bytes: UnsafeRawBufferPointer) throws -> PutResult {
+        try checkSize(id, bytes.count)
+        return try putVerified(id: id, bytes: bytes)
+    }
+
+    private func checkSize(_ id: ChunkID, _ count: Int) throws {
+        guard count <= options.maxChunkSize else {
+            throw StoreError(.chunkTooLarge, "chunk \(id) is \(count) bytes, over the store's limit of \(options.maxChunkSize) bytes")
+        }
     }
 
     private func putVerified(id: ChunkID, bytes: UnsafeRawBufferPointer) throws -> PutResult {

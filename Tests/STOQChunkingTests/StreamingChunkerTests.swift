@@ -25,6 +25,20 @@ import Testing
         }
     }
 
+    /// `nextWithBytes` hands the very bytes each id was computed from: the object's own, at
+    /// the chunk's offset, whatever the reads looked like.
+    @Test func chunksComeWithTheirBytes() throws {
+        let bytes = pseudoRandomBytes(count: 300_000, seed: 22)
+        let s = StreamingChunker(source: BytesSource(bytes, maxRead: 4093), parameters: smallParameters, readSize: 1000)
+        var chunks = 0
+        while let (c, b) = try s.nextWithBytes() {
+            #expect(Array(b) == Array(bytes[Int(c.offset)..<Int(c.offset) + c.length]))
+            #expect(ContentDigest.sha256(b) == c.id)
+            chunks += 1
+        }
+        #expect(chunks > 30 && s.bytesConsumed == UInt64(bytes.count))
+    }
+
     @Test func streamingEqualsOneShotAtDefaults() throws {
         let bytes = pseudoRandomBytes(count: 6 << 20, seed: 0x5354_4F51)
         let expected = Chunker(.default).chunks(of: bytes)

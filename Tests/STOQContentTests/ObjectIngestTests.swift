@@ -55,6 +55,20 @@ final class ObjectIngestTests {
         #expect(try stored("a.bin") == data)
     }
 
+    /// With the body's SHA-256 from the sink (the worker hashed it as it was written), the
+    /// manifest is the same one, and that digest is the one it records.
+    @Test func aDigestTheSinkComputedIsTheManifests() throws {
+        let data = Self.bytes(300_000, seed: 3)
+        let fd = try upload(data, named: ".upload-3")
+        defer { close(fd) }
+        let digest = ContentDigest.sha256(data)
+        let report = try ObjectIngest.ingest(fd: fd, as: "d.bin", into: index, parameters: parameters, digest: digest)
+        let expected = try Manifest(chunking: BytesSource(data), parameters: parameters)
+        #expect(expected.digest == digest)
+        #expect(report.manifest == expected.encode())
+        #expect(try stored("d.bin") == data)
+    }
+
     @Test func theSameBytesAgainWriteNothingNewAndAnEditWritesLittle() throws {
         var data = Self.bytes(600_000, seed: 2)
         let fd = try upload(data, named: ".upload-2")

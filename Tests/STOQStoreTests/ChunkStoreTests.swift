@@ -112,6 +112,23 @@ import Testing
         #expect(store.counters.corruptQuarantined == 1)
     }
 
+    /// A caller that hashed the bytes itself (ingest) stores them without a second hash; the
+    /// size limit and dedup still apply, and what is stored reads back verified.
+    @Test func putOfBytesTheCallerHashed() throws {
+        let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
+        let data = [UInt8](repeating: 9, count: 1000)
+        let id = ChunkID(digestOf: data)
+        let (first, again) = try data.withUnsafeBytes { b in
+            (try store.put(id: id, hashedBytes: b), try store.put(id: id, hashedBytes: b))
+        }
+        #expect(first == .stored && again == .alreadyPresent)
+        #expect(try store.read(id) == data)
+        let big = [UInt8](repeating: 1, count: 1001)
+        #expect(
+            assertStoreError(.chunkTooLarge) { _ = try big.withUnsafeBytes { try store.put(id: ChunkID(digestOf: big), hashedBytes: $0) } }
+                == "chunk \(ChunkID(digestOf: big).hex) is 1001 bytes, over the store's limit of 1000 bytes")
+    }
+
     @Test func truncatedChunkIsCorrupt() throws {
         let store = try ChunkStore(root: root)
         let data = [UInt8](repeating: 7, count: 1000)
