@@ -225,8 +225,10 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
     u->slots[i].buf = txmem + (size_t)i * u->slot_size;
     u->free_list[u->nfree++] = u->nslots - 1 - i;
   }
-  if (u->plain_rx == 0) arm_rx(u);
-  io_uring_submit(&u->ring);
+  /* The multishot receive is armed by the first stoq_uring_receive, on the owning worker's
+   * thread, not here: io_uring completes a receive through task work on the thread that
+   * submitted it, and the node opens queues on another thread. Armed here, an idle Dispatch
+   * thread woke for every batch of datagrams to post it and then woke the worker. */
   return u;
 
 fail:

@@ -71,7 +71,8 @@ unsigned stoq_uring_slot_size(const stoq_uring *u);
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The ring does not own it. */
 void stoq_uring_set_wake_fd(stoq_uring *u, int fd);
-/** Waits up to `timeout_ns` (0: poll) and returns up to `max` received buffers, or -errno. */
+/** Waits up to `timeout_ns` (0: poll) and returns up to `max` received buffers, or -errno.
+ *  The first call arms the receive: make it from the thread that owns the ring. */
 int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, int max);
 /** Gives the buffers of the last receive back to the kernel. */
 void stoq_uring_rx_done(stoq_uring *u);
