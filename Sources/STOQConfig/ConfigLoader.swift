@@ -145,6 +145,7 @@ public enum ConfigLoader {
             s.bool("retry", &c.network.quic.retry)
             s.int("retry_threshold", &c.network.quic.retryThreshold, 0...1_000_000)
             s.int("stateless_reply_rate", &c.network.quic.statelessReplyRate, 0...10_000_000)
+            s.int("stateless_reply_rate_per_prefix", &c.network.quic.statelessReplyRatePerPrefix, 0...10_000_000)
             s.choice("cc", &c.network.quic.congestionControl)
             s.choice("datapath", &c.network.datapath)
             s.choice("client_auth", &c.network.clientAuth)

@@ -22,6 +22,14 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
     /// `::1` — the loopback address.
     public static let loopback = IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1))
 
+    /// The routing prefix, the first 64 bits, as one number: one site (or one host with
+    /// rotating privacy addresses) usually owns a whole /64.
+    public var prefix64: UInt64 {
+        let b = bytes
+        return (UInt64(b.0) << 56) | (UInt64(b.1) << 48) | (UInt64(b.2) << 40) | (UInt64(b.3) << 32)
+            | (UInt64(b.4) << 24) | (UInt64(b.5) << 16) | (UInt64(b.6) << 8) | UInt64(b.7)
+    }
+
     /// Creates an address from its 16 network-order bytes.
     public init(
         bytes: (

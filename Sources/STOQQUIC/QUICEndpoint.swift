@@ -155,7 +155,7 @@ public final class QUICEndpoint {
         self.settings = settings
         self.credentials = credentials
         self.replies = ReplyQueue(slots: 256, slotSize: 1500)
-        self.replyBudget = ReplyBudget(perSecond: settings.statelessReplyRate)
+        self.replyBudget = ReplyBudget(perSecond: settings.statelessReplyRate, perPrefix: settings.statelessReplyRatePerPrefix)
         self.scratch = .allocate(byteCount: 65536, alignment: 16)
         dirty.reserveCapacity(1024)
         var raw = settings.raw(workerID: workerID, secret: secret.bytes)
@@ -249,7 +249,7 @@ public final class QUICEndpoint {
         }
         if rc == Int32(STOQ_PKT_VERSION_NEGOTIATION) {
             guard isServer else { tally.droppedUnknown &+= 1; return }
-            guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
+            guard replyBudget.take(to: peer.address, now: now) else { tally.repliesWithheld &+= 1; return }
             tally.versionNegotiations &+= 1
             queueReply(to: peer, from: local) { stoq_pkt_write_version_negotiation($0, $1, &ids) }
             return
@@ -263,7 +263,7 @@ public final class QUICEndpoint {
         if ids.is_long == 0 {
             // A short-header packet for a connection we do not have: tell the peer with a
             // stateless reset so it stops waiting (RFC 9000 §10.3).
-            guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
+            guard replyBudget.take(to: peer.address, now: now) else { tally.repliesWithheld &+= 1; return }
             let ctx = self.ctx
             let size = datagram.count
             let queued = withUnsafeBytes(of: &ids.dcid) { cid in
@@ -290,7 +290,7 @@ public final class QUICEndpoint {
             tally.droppedInitials &+= 1
             return
         }
-        guard replyBudget.take(now: now) else { tally.repliesWithheld &+= 1; return }
+        guard replyBudget.take(to: peer.address, now: now) else { tally.repliesWithheld &+= 1; return }
         let reason = "this node holds max_connections (\(settings.maxConnections)) connections"
         let queued = reason.utf8CString.withUnsafeBufferPointer { r in
             queueReply(to: peer, from: local) { buf, cap in
@@ -318,7 +318,7 @@ public final class QUICEndpoint {
         let forced = !settings.retry && retryingUnderLoad
         let raw = stoq_conn_accept(
             ctx, base, count, &localSA, &peerSA, now, app, settings.retry || forced ? 1 : 0,
-            replyBudget.hasReply(now: now) ? 1 : 0,
+            replyBudget.hasReply(to: peer.address, now: now) ? 1 : 0,
             scratch.baseAddress!.assumingMemoryBound(to: UInt8.self), scratch.count, &outlen, &action)
         guard let raw else {
             if action == Int32(STOQ_ACCEPT_UNANSWERED) {
@@ -335,7 +335,7 @@ public final class QUICEndpoint {
                     buf.update(from: src.baseAddress!.assumingMemoryBound(to: UInt8.self), count: n)
                     return n
                 }
-            if queued { _ = replyBudget.take(now: now) }
+            if queued { _ = replyBudget.take(to: peer.address, now: now) }
             if !queued {
                 tally.droppedInitials &+= 1
             } else if action == Int32(STOQ_ACCEPT_RETRY) {
@@ -622,11 +622,52 @@ final class ConnectionHolder {
 }
 
 /// The stateless replies an endpoint may still send: `perSecond` a second, at most a second's
-/// worth at once (a token bucket; 0: no limit). Under a flood of Initials from spoofed
-/// addresses nobody reads the answers, and each costs a send and a Retry token; past the
-/// budget such packets go unanswered (a real client sends its Initial again), and the core
-/// stays with the connections it serves.
+/// worth at once (a token bucket; 0: no limit), and of those at most `perPrefix` a second to
+/// any one /64. Under a flood of Initials from spoofed addresses nobody reads the answers, and
+/// each costs a send and a Retry token; past the budget such packets go unanswered (a real
+/// client sends its Initial again), and the core stays with the connections it serves. The
+/// per-/64 share keeps a flood from one prefix from spending the whole budget, so that a
+/// client elsewhere still gets its Retry at the first try. A flood spoofed across many /64s
+/// is held by the whole budget alone.
 struct ReplyBudget {
+    private var total: TokenBucket
+    /// Buckets of recently answered /64s, one slot per hash of the prefix: a fixed table, so
+    /// that answering a flood allocates nothing. A prefix that finds its slot taken by another
+    /// starts from a full bucket; a flood from many prefixes only ever meets the total.
+    private var prefixes: [(prefix: UInt64, bucket: TokenBucket)]
+    private let perPrefix: Int
+    static let prefixSlots = 1024
+
+    init(perSecond: Int, perPrefix: Int = 0) {
+        total = TokenBucket(perSecond: perSecond)
+        self.perPrefix = max(perPrefix, 0)
+        prefixes = self.perPrefix > 0 ? Array(repeating: (0, TokenBucket(perSecond: self.perPrefix)), count: Self.prefixSlots) : []
+    }
+
+    /// Whether a reply to `peer` may be sent now (none taken).
+    mutating func hasReply(to peer: IPv6Address, now: Timestamp) -> Bool {
+        guard total.hasToken(now: now) else { return false }
+        guard perPrefix > 0 else { return true }
+        let i = slot(peer.prefix64)
+        return prefixes[i].prefix != peer.prefix64 || prefixes[i].bucket.hasToken(now: now)
+    }
+
+    /// Takes one reply's worth for `peer`: false when its /64's share or the whole budget is spent.
+    mutating func take(to peer: IPv6Address, now: Timestamp) -> Bool {
+        guard perPrefix > 0 else { return total.take(now: now) }
+        let prefix = peer.prefix64, i = slot(prefix)
+        if prefixes[i].prefix != prefix { prefixes[i] = (prefix, TokenBucket(perSecond: perPrefix)) }
+        guard prefixes[i].bucket.hasToken(now: now), total.take(now: now) else { return false }
+        return prefixes[i].bucket.take(now: now)
+    }
+
+    private func slot(_ prefix: UInt64) -> Int {
+        Int(truncatingIfNeeded: (prefix &* 0x9E37_79B9_7F4A_7C15) >> 54) & (Self.prefixSlots - 1)
+    }
+}
+
+/// `perSecond` tokens a second, at most a second's worth held (0: no limit).
+struct TokenBucket {
     let perSecond: UInt64
     private var tokens: UInt64
     private var refilledAt: Timestamp = 0
@@ -636,14 +677,12 @@ struct ReplyBudget {
         tokens = self.perSecond
     }
 
-    /// Whether a reply may be sent now (none taken).
-    mutating func hasReply(now: Timestamp) -> Bool {
+    mutating func hasToken(now: Timestamp) -> Bool {
         guard perSecond > 0 else { return true }
         refill(now)
         return tokens > 0
     }
 
-    /// Takes one reply's worth: false when the budget is spent.
     mutating func take(now: Timestamp) -> Bool {
         guard perSecond > 0 else { return true }
         refill(now)

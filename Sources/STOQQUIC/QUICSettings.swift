@@ -32,6 +32,9 @@ public struct QUICSettings: Sendable, Equatable {
     /// worker completes about 3,000 handshakes a second (Benchmarks/README.md), so 10,000
     /// leaves room for every real client while a flood of spoofed Initials costs little.
     public var statelessReplyRate: Int = 10_000
+    /// Server: of those, at most this many a second to any one /64 (one site), so that a
+    /// flood from one prefix leaves the rest of the budget to everyone else. 0: no share.
+    public var statelessReplyRatePerPrefix: Int = 1_000
     public var idleTimeout: UInt64 = 30 * 1_000_000_000
     public var handshakeTimeout: UInt64 = 10 * 1_000_000_000
     /// Client, once the handshake is done: a PING after this long without traffic, in ns (0: never, the default: an idle

@@ -286,6 +286,32 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(c.connectionsAccepted == 5 && c.retriesSent == 5, "\(c)")
     }
 
+    /// A flood from one /64 spends at most `statelessReplyRatePerPrefix` of the budget; a
+    /// prober in another /64 is answered at once, and the whole budget still caps them all.
+    @Test func oneSlash64GetsItsShareOfTheStatelessReplies() throws {
+        var pkt = [UInt8](repeating: 0, count: 1200)  // an unknown version: Version Negotiation
+        pkt[0] = 0xC0
+        pkt[1...4] = [0x1a, 0x2a, 0x3a, 0x4a]
+        pkt[5] = 8
+        pkt[14] = 4
+        func probe(total: Int, perPrefix: Int) throws -> EndpointCounters {
+            var settings = QUICSettings()
+            settings.statelessReplyRate = total
+            settings.statelessReplyRatePerPrefix = perPrefix
+            let pair = try EndpointPair(identity: identity, serverSettings: settings)
+            for host in 1...10 { pair.inject(pkt, from: IPv6Endpoint(address: IPv6Address("fd00:1::\(host)")!, port: 999)) }
+            pair.inject(pkt, from: IPv6Endpoint(address: IPv6Address("fd00:2::1")!, port: 999))
+            pair.run(for: 100_000_000) { false }
+            return pair.server.counters
+        }
+        let shared = try probe(total: 100, perPrefix: 3)
+        #expect(shared.versionNegotiations == 4 && shared.repliesWithheld == 7, "\(shared)")
+        let unshared = try probe(total: 100, perPrefix: 0)
+        #expect(unshared.versionNegotiations == 11 && unshared.repliesWithheld == 0, "\(unshared)")
+        let capped = try probe(total: 2, perPrefix: 3)
+        #expect(capped.versionNegotiations == 2 && capped.repliesWithheld == 9, "\(capped)")
+    }
+
     @Test func keyUpdateMidTransfer() throws {
         // Without an update, no packet is ever under key phase one (the counter can tell).
         let (_, _, plain) = try download(size: 64 << 10)
