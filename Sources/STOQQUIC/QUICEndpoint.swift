@@ -630,74 +630,48 @@ final class ConnectionHolder {
 /// client elsewhere still gets its Retry at the first try. A flood spoofed across many /64s
 /// is held by the whole budget alone.
 struct ReplyBudget {
+    private let perSecond: Int, perPrefix: Int
     private var total: TokenBucket
     /// Buckets of recently answered /64s, one slot per hash of the prefix: a fixed table, so
     /// that answering a flood allocates nothing. A prefix that finds its slot taken by another
     /// starts from a full bucket; a flood from many prefixes only ever meets the total.
     private var prefixes: [(prefix: UInt64, bucket: TokenBucket)]
-    private let perPrefix: Int
     static let prefixSlots = 1024
 
     init(perSecond: Int, perPrefix: Int = 0) {
-        total = TokenBucket(perSecond: perSecond)
+        self.perSecond = max(perSecond, 0)
         self.perPrefix = max(perPrefix, 0)
-        prefixes = self.perPrefix > 0 ? Array(repeating: (0, TokenBucket(perSecond: self.perPrefix)), count: Self.prefixSlots) : []
+        total = Self.bucket(self.perSecond)
+        prefixes = self.perPrefix > 0 ? Array(repeating: (0, Self.bucket(self.perPrefix)), count: Self.prefixSlots) : []
+    }
+
+    /// A second's worth, full.
+    private static func bucket(_ perSecond: Int) -> TokenBucket {
+        TokenBucket(rate: Double(perSecond), burst: Double(perSecond), now: 0)
     }
 
     /// Whether a reply to `peer` may be sent now (none taken).
-    mutating func hasReply(to peer: IPv6Address, now: Timestamp) -> Bool {
-        guard total.hasToken(now: now) else { return false }
+    func hasReply(to peer: IPv6Address, now: Timestamp) -> Bool {
+        guard perSecond == 0 || total.holds(1, now: now) else { return false }
         guard perPrefix > 0 else { return true }
         let i = slot(peer.prefix64)
-        return prefixes[i].prefix != peer.prefix64 || prefixes[i].bucket.hasToken(now: now)
+        return prefixes[i].prefix != peer.prefix64 || prefixes[i].bucket.holds(1, now: now)
     }
 
     /// Takes one reply's worth for `peer`: false when its /64's share or the whole budget is spent.
     mutating func take(to peer: IPv6Address, now: Timestamp) -> Bool {
-        guard perPrefix > 0 else { return total.take(now: now) }
-        let prefix = peer.prefix64, i = slot(prefix)
-        if prefixes[i].prefix != prefix { prefixes[i] = (prefix, TokenBucket(perSecond: perPrefix)) }
-        guard prefixes[i].bucket.hasToken(now: now), total.take(now: now) else { return false }
-        return prefixes[i].bucket.take(now: now)
+        if perPrefix > 0 {
+            let prefix = peer.prefix64, i = slot(prefix)
+            if prefixes[i].prefix != prefix { prefixes[i] = (prefix, Self.bucket(perPrefix)) }
+            guard prefixes[i].bucket.holds(1, now: now) else { return false }
+            guard perSecond == 0 || total.take(1, now: now) == 0 else { return false }
+            return prefixes[i].bucket.take(1, now: now) == 0
+        }
+        return perSecond == 0 || total.take(1, now: now) == 0
     }
 
     private func slot(_ prefix: UInt64) -> Int {
         Int(truncatingIfNeeded: (prefix &* 0x9E37_79B9_7F4A_7C15) >> 54) & (Self.prefixSlots - 1)
-    }
-}
-
-/// `perSecond` tokens a second, at most a second's worth held (0: no limit).
-struct TokenBucket {
-    let perSecond: UInt64
-    private var tokens: UInt64
-    private var refilledAt: Timestamp = 0
-
-    init(perSecond: Int) {
-        self.perSecond = UInt64(max(perSecond, 0))
-        tokens = self.perSecond
-    }
-
-    mutating func hasToken(now: Timestamp) -> Bool {
-        guard perSecond > 0 else { return true }
-        refill(now)
-        return tokens > 0
-    }
-
-    mutating func take(now: Timestamp) -> Bool {
-        guard perSecond > 0 else { return true }
-        refill(now)
-        guard tokens > 0 else { return false }
-        tokens -= 1
-        return true
-    }
-
-    private mutating func refill(_ now: Timestamp) {
-        let elapsed = min(now &- refilledAt, Nanos.second)
-        let add = elapsed * perSecond / Nanos.second
-        guard add > 0 else { return }
-        tokens = min(perSecond, tokens + add)
-        // Time a whole token's worth has not yet earned carries over; a full bucket keeps none.
-        refilledAt = tokens == perSecond ? now : refilledAt &+ add * Nanos.second / perSecond
     }
 }
 
