@@ -72,16 +72,8 @@ public enum AccessPrincipal: Sendable, Equatable {
         switch self {
         case .token(let c): "token:\(c.subject)"
         case .certificate(let c): "cert:\(c.subject)"
-        case .anonymous(let a): "addr:\(Self.slash64(a))/64"
+        case .anonymous(let a): "addr:\(a.slash64)/64"
         }
-    }
-
-    /// `a` with its interface identifier zeroed: one identity per /64, as one host (or one
-    /// privacy-address-rotating client) usually owns a whole /64.
-    static func slash64(_ a: IPv6Address) -> IPv6Address {
-        var b = a.bytes
-        (b.8, b.9, b.10, b.11, b.12, b.13, b.14, b.15) = (0, 0, 0, 0, 0, 0, 0, 0)
-        return IPv6Address(bytes: b)
     }
 
     /// The role the credential carries (nil: anonymous).

@@ -165,8 +165,5 @@ public func clientIdentity(_ request: HTTPRequest, peer: IPv6Endpoint) -> String
 /// `identity` when it is set, else `addr:<the /64 of peer>/64`.
 package func clientIdentity(_ identity: String, peer: IPv6Endpoint) -> String {
     if !identity.isEmpty { return identity }
-    var a = peer.address
-    a.bytes.8 = 0; a.bytes.9 = 0; a.bytes.10 = 0; a.bytes.11 = 0
-    a.bytes.12 = 0; a.bytes.13 = 0; a.bytes.14 = 0; a.bytes.15 = 0
-    return "addr:\(a)/64"
+    return "addr:\(peer.address.slash64)/64"
 }

@@ -22,8 +22,15 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
     /// `::1` — the loopback address.
     public static let loopback = IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1))
 
-    /// The routing prefix, the first 64 bits, as one number: one site (or one host with
-    /// rotating privacy addresses) usually owns a whole /64.
+    /// The address with its interface identifier zeroed: the /64 that one site (or one host
+    /// with rotating privacy addresses) usually owns whole, so STOQ counts a /64 as one client.
+    public var slash64: IPv6Address {
+        var b = bytes
+        (b.8, b.9, b.10, b.11, b.12, b.13, b.14, b.15) = (0, 0, 0, 0, 0, 0, 0, 0)
+        return IPv6Address(bytes: b)
+    }
+
+    /// The same /64 as one number (the first 64 bits), for tables keyed by it.
     public var prefix64: UInt64 {
         let b = bytes
         return (UInt64(b.0) << 56) | (UInt64(b.1) << 48) | (UInt64(b.2) << 40) | (UInt64(b.3) << 32)

@@ -32,4 +32,13 @@ import Testing
         let ep = try IPv6Endpoint.parse("[fe80::1%1]:80").get()
         #expect(IPv6Endpoint(ep.sockaddr) == ep)
     }
+
+    /// A /64 is one client: the masked address and the table key name the same prefix.
+    @Test func slash64AndPrefix64NameOnePrefix() throws {
+        let a = try #require(IPv6Address("2001:db8:1:2:aaaa:bbbb:cccc:dddd"))
+        #expect(a.slash64 == IPv6Address("2001:db8:1:2::"))
+        #expect(a.prefix64 == 0x2001_0db8_0001_0002)
+        #expect(a.slash64.prefix64 == a.prefix64)
+        #expect(IPv6Address("2001:db8:1:3::1")!.prefix64 != a.prefix64)
+    }
 }
