@@ -21,8 +21,12 @@ public struct LoadPlan: Sendable {
     /// How long one handshake may take before it counts as failed (ERR_HANDSHAKE_TIMEOUT).
     public var handshakeTimeout: Double = 10
     /// A PING after this many seconds without traffic, so held connections outlive the node's
-    /// idle timeout (30 s by default) however long the ramp and the hold take.
+    /// idle timeout (30 s by default) however long the ramp and the hold take. Every held
+    /// connection's PING and its ACK cost both ends: at 20,000 connections every 10 s, about a
+    /// tenth of a core each. A node with a longer idle timeout allows a longer interval.
     public var keepAlive: Double = 10
+    /// Connections closed a second at the end, per thread.
+    public var closeRate: Double = 20_000
 
     public init(connections: Int, rate: Double?, hold: Double, streams: Int, interval: Double, threads: Int) {
         self.connections = connections
@@ -242,10 +246,21 @@ extension STOQClient {
         share.holdSeconds = Double(monotonicNow() - holdStart) / 1e9
         app.holding = false
 
-        // Close: every connection, and wait (briefly) until the endpoint holds none.
+        // Close: every connection, `plan.closeRate` a second (100,000 CONNECTION_CLOSEs at once
+        // overflow the node's socket buffer, and each one lost leaves its connection to the idle
+        // timeout), then wait briefly until the endpoint holds none.
         share.established = app.handshakeLatencies.count
-        for c in conns where !c.isClosed { c.close(now: monotonicNow()) }
-        _ = try? worker.run(timeout: 2_000_000_000) { endpoint.connectionCount == 0 }
+        let closeStart = monotonicNow()
+        var closed = 0
+        _ = try? worker.run(timeout: UInt64(Double(conns.count) / plan.closeRate * 1e9) + 2_000_000_000) {
+            let now = monotonicNow()
+            let due = min(conns.count, Int(Double(now - closeStart) / 1e9 * plan.closeRate) + 1)
+            while closed < due {
+                if !conns[closed].isClosed { conns[closed].close(now: now) }
+                closed += 1
+            }
+            return closed == conns.count && endpoint.connectionCount == 0
+        }
 
         share.failed.merge(app.failed, uniquingKeysWith: +)
         share.lost = app.lost

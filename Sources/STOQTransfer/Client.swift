@@ -411,6 +411,8 @@ package struct ClientRig {
             settings.idleTimeout = max(settings.idleTimeout, settings.handshakeTimeout)
         }
         settings.keepAlive = keepAlive
+        // This end's idle timeout outlasts three keep-alive intervals; the node's own bounds it.
+        settings.idleTimeout = max(settings.idleTimeout, 3 * keepAlive)
         endpoint = QUICEndpoint(
             isServer: false, credentials: creds, settings: settings, workerID: 0,
             secret: StaticSecret.random())

@@ -66,12 +66,28 @@ def test_over_max_connections_the_rest_fail_with_the_nodes_reason(capped):
     assert after["stoq_quic_connections_refused_total"] - before["stoq_quic_connections_refused_total"] >= 15
 
 
+def test_held_connections_outlive_the_idle_timeout_by_their_keep_alive(tmp_path):
+    """A node that lets a connection idle 2 s: 20 connections held 4 s with a PING every 0.5 s
+    all last; with a PING every 8 s all 20 end on the way, and are counted lost."""
+    n = Node(tmp_path, workers=1, extra='[network.quic_config]\nidle_timeout = "2s"\n' + ADMIN)
+    n.add_object("1k.bin", 1000)
+    try:
+        kept = bench(n, "1k.bin", "--connections", "20", "--hold", "4", "--threads", "1", "--keep-alive", "0.5")
+        assert (kept["established"], kept["failed"], kept["lost"]) == (20, {}, {}), kept
+        silent = bench(n, "1k.bin", "--connections", "20", "--hold", "4", "--threads", "1", "--keep-alive", "8")
+        assert silent["established"] == 20 and sum(silent["lost"].values()) == 20, silent
+    finally:
+        assert n.stop() == 0
+
+
 @pytest.mark.parametrize("args, error", [
     (["--connections", "0", "--hold", "1"], "--connections 0: expected 1…1000000"),
     (["--rate", "0"], "--rate 0.0: expected handshakes per second > 0"),
     (["--hold", "1", "--duration", "3"], "--duration and --bytes measure goodput"),
     (["--connections", "20000"], "--connections 20000: expected 1…10000 (up to 1000000 with --rate or --hold)"),
     (["--threads", "2"], "--threads applies to connection load"),
+    (["--hold", "1", "--keep-alive", "0"], "--keep-alive 0.0: expected seconds > 0"),
+    (["--keep-alive", "5"], "--keep-alive applies to connection load"),
 ])
 def test_bad_load_options_are_refused_by_name(lnode, args, error):
     r = stoq("bench", lnode.url("1k.bin"), "--ca", lnode.cert, *args)
