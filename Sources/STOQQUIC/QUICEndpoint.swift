@@ -197,6 +197,25 @@ public final class QUICEndpoint {
 
     /// Number of live connections (including closing ones).
     public var connectionCount: Int { connections.count }
+    /// The entries the connection tables have room for, as the last `compactTables` left them.
+    package private(set) var tableCapacity = 0
+
+    /// Gives back what the connection tables grew to at their peak, once they are mostly empty:
+    /// a Swift dictionary keeps its capacity as entries go, and after 100,000 connections (each
+    /// with up to 8 connection IDs) the ID table alone kept 64 MB for none. Rebuilding costs a
+    /// moment per entry left, so it waits until at most a quarter of the room is used. The
+    /// worker calls it with its memory release.
+    public func compactTables() {
+        defer { tableCapacity = table.capacity + connections.capacity }
+        func compacted<K, V>(_ d: [K: V]) -> [K: V]? {
+            guard d.capacity > 4 * d.count + 1024 else { return nil }
+            var out = [K: V](minimumCapacity: d.count)
+            for (k, v) in d { out[k] = v }
+            return out
+        }
+        if let t = compacted(table) { table = t }
+        if let c = compacted(connections) { connections = c }
+    }
     /// Live connections whose handshake completed (the rest are half-open).
     fileprivate(set) var established = 0
     /// Connections mid-handshake: a flood of spoofed Initials shows here.

@@ -169,6 +169,7 @@ public final class Worker {
         connectionPeak = max(connectionPeak, open)
         guard connectionPeak - open >= releaseAfterClosing || (open == 0 && connectionPeak > 0) else { return }
         connectionPeak = open
+        endpoint.compactTables()
         stoq_release_free_memory()
         memoryReleases &+= 1
     }
