@@ -259,10 +259,14 @@ static int settle_early_data(stoq_conn *c) {
   return rv;
 }
 
-/* CRYPTO data for a session release_tls freed: TLS has no message a client may send then. */
+/* CRYPTO data for a session release_tls freed. A server's: TLS has no message a client may
+ * send then. A client's: the only message a server may send after its handshake is another
+ * NewSessionTicket (RFC 9001 §4.1.3: no KeyUpdate, no post-handshake authentication), and
+ * the client already kept one. */
 static int cb_recv_crypto_data(ngtcp2_conn *q, ngtcp2_crypto_level level, uint64_t offset, const uint8_t *data,
                                size_t len, void *ud) {
   stoq_conn *c = ud;
+  if (!c->tls && !c->is_server && level == NGTCP2_CRYPTO_LEVEL_APPLICATION) return 0;
   if (!c->tls) {
     ngtcp2_conn_set_tls_alert(q, GNUTLS_A_UNEXPECTED_MESSAGE);
     return NGTCP2_ERR_CRYPTO;

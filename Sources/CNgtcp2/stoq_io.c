@@ -109,8 +109,9 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
   reading_conn = c;
   int rv = ngtcp2_conn_read_pkt(c->q, &path, &pi, pkt, len, now);
   reading_conn = NULL;
-  /* Here, not in the handshake callback: GnuTLS is still on the stack there. */
-  if (rv == 0 && c->is_server && c->established && c->tls) release_tls(c);
+  /* Here, not in the handshake callback: GnuTLS is still on the stack there. A client waits
+   * for the server's ticket, which it keeps for resumption. */
+  if (rv == 0 && c->established && c->tls && (c->is_server || c->session.data)) release_tls(c);
   return map_error(c, rv);
 }
 

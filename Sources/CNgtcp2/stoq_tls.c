@@ -138,7 +138,8 @@ void send_session_ticket(stoq_conn *c) {
  * message after its Finished (RFC 9001 §4.1.3). So the session and what it holds (about 16 KB:
  * the handshake's buffers and the peer's certificates) go, and an idle connection keeps less;
  * what the application still asks of it is kept. CRYPTO data after this ends the connection
- * (cb_recv_crypto_data). A client keeps its session for the server's tickets. */
+ * (cb_recv_crypto_data). A client lets its session go once it kept the server's first
+ * ticket (on_ticket), and ignores later ones; from a server that sends none it keeps it. */
 void release_tls(stoq_conn *c) {
   c->tls_resumed = gnutls_session_is_resumed(c->tls) != 0;
   c->tls_early = (gnutls_session_get_flags(c->tls) & GNUTLS_SFLAGS_EARLY_DATA) != 0;
@@ -167,7 +168,8 @@ const char *stoq_conn_cipher_suite(const stoq_conn *c) {
 }
 
 /* Client: each NewSessionTicket makes the session resumable; keep its blob for the caller's
- * cache. Only the newest is kept (a client resumes with one). */
+ * cache. Only the newest is kept (a client resumes with one); once the packet that brought it
+ * is read the session is let go (release_tls), so tickets arriving later are not seen. */
 static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, unsigned incoming,
                      const gnutls_datum_t *msg) {
   (void)htype;

@@ -64,7 +64,8 @@ public final class QUICConnection: TimerHeapElement {
     /// (`TLS_AES_128_GCM_SHA256`, ...); nil before the handshake completed.
     public var cipherSuite: String? { stoq_conn_cipher_suite(raw).map { String(cString: $0) } }
     /// Whether the connection still holds its TLS session: a server frees it once the
-    /// handshake is done (QUIC needs nothing more from it); a client keeps it for tickets.
+    /// handshake is done (QUIC needs nothing more from it), a client once it has the server's
+    /// ticket.
     public var holdsTLSSession: Bool { stoq_conn_holds_tls(raw) != 0 }
     /// Client: the session the server's newest ticket resumes (opaque GnuTLS data to keep
     /// for the next connection to the same server); nil until a ticket arrived.

@@ -96,10 +96,27 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
     }
 
     /// A server frees its TLS session once the handshake is done (a fifth of an idle
-    /// connection's memory); the client keeps its own for the server's ticket. The connection
+    /// connection's memory), a client once it has kept the server's ticket. The connection
     /// carries on (`keyUpdateMidTransfer` updates keys after it, which ngtcp2 does without TLS).
-    @Test func theServerReleasesItsTLSSessionAfterTheHandshake() throws {
-        let pair = try EndpointPair(identity: identity)
+    @Test func bothEndsReleaseTheirTLSSessionsAfterTheHandshake() throws {
+        let (served, conn) = try fetchOnce(serverSettings: QUICSettings())
+        #expect(!served.holdsTLSSession && !served.isResumed)
+        #expect(!conn.holdsTLSSession && conn.resumableSession != nil)
+        #expect(conn.cipherSuite == served.cipherSuite && conn.cipherSuite != nil)
+    }
+
+    /// From a server that sends no ticket, a client keeps its session: one may still come.
+    @Test func aClientWithoutATicketKeepsItsTLSSession() throws {
+        var settings = QUICSettings()
+        settings.sessionTickets = false
+        let (served, conn) = try fetchOnce(serverSettings: settings)
+        #expect(!served.holdsTLSSession)
+        #expect(conn.holdsTLSSession && conn.resumableSession == nil)
+    }
+
+    /// One GET of 100,000 bytes, byte-identical: the server's and the client's connections.
+    private func fetchOnce(serverSettings: QUICSettings) throws -> (QUICConnection, QUICConnection) {
+        let pair = try EndpointPair(identity: identity, serverSettings: serverSettings)
         let object = randomBytes(100_000, seed: 9)
         let server = MemoryServer(object: object), client = RecordingClient()
         (pair.server.application, pair.client.application) = (server, client)
@@ -108,9 +125,23 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
         #expect(pair.run { client.closedCode != nil })
         #expect(client.sha == Array(SHA256.hash(data: object)))
-        let served = try #require(server.connection)
-        #expect(!served.holdsTLSSession && !served.isResumed)
-        #expect(conn.holdsTLSSession && conn.resumableSession != nil)
+        return (try #require(server.connection), conn)
+    }
+
+    /// Once its connections have gone, an endpoint's tables give back the room they grew to:
+    /// 1,000 connections (each with its connection IDs) and then none.
+    @Test func connectionTablesShrinkOnceTheConnectionsHaveGone() throws {
+        let pair = try EndpointPair(identity: identity)
+        let conns = try (0..<1000).map { _ in try pair.connect() }
+        #expect(pair.run(for: 10_000_000_000) { conns.allSatisfy(\.isEstablished) })
+        #expect(pair.server.connectionCount == 1000)
+        pair.server.compactTables()  // nothing to give back while they are open
+        let held = pair.server.tableCapacity
+        #expect(held >= 1000 * 2)
+        for c in conns { c.close(now: pair.now) }
+        #expect(pair.run(for: 10_000_000_000) { pair.server.connectionCount == 0 && pair.client.connectionCount == 0 })
+        pair.server.compactTables()
+        #expect(pair.server.tableCapacity < held / 4, "room for \(pair.server.tableCapacity) entries, was \(held)")
     }
 
     @Test func downloadsByteIdentical() throws {

@@ -364,7 +364,8 @@ int stoq_conn_is_resumed(const stoq_conn *c);
 /** The TLS cipher suite the handshake agreed on, by its IANA name (TLS_AES_128_GCM_SHA256 ...);
  *  NULL before the handshake completed. */
 const char *stoq_conn_cipher_suite(const stoq_conn *c);
-/** Whether the connection still holds its TLS session (a server frees it after the handshake). */
+/** Whether the connection still holds its TLS session (a server frees it after the handshake,
+ *  a client once it has the server's ticket). */
 int stoq_conn_holds_tls(const stoq_conn *c);
 /** Whether the server accepted the client's 0-RTT data (server: so far; client: once the
  *  handshake completed). */
@@ -373,7 +374,8 @@ int stoq_conn_early_data_accepted(const stoq_conn *c);
  *  connection's `stoq_conn_session` gave) for resumption. 0, or -1 when GnuTLS refuses it
  *  (the handshake is then a full one). */
 int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
-/** Client: the session the newest ticket from the server resumes, to keep for the next
+/** Client: the session the server's ticket resumes (the newest in the packet that brought the
+ *  first; the TLS session goes after it), to keep for the next
  *  connection (`*data` lives as long as the connection or the next ticket); 0: none yet. */
 size_t stoq_conn_session(const stoq_conn *c, const uint8_t **data);
 
