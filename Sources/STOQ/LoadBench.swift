@@ -24,7 +24,8 @@ public struct LoadPlan: Sendable {
     /// idle timeout (30 s by default) however long the ramp and the hold take. Every held
     /// connection's PING and its ACK cost both ends: at 20,000 connections every 10 s, about a
     /// tenth of a core each. A node with a longer idle timeout allows a longer interval.
-    public var keepAlive: Double = 10
+    public var keepAlive = LoadPlan.defaultKeepAlive
+    public static let defaultKeepAlive: Double = 10
     /// Connections closed a second at the end, per thread.
     public var closeRate: Double = 20_000
 

@@ -197,6 +197,14 @@ public final class QUICEndpoint {
 
     /// Number of live connections (including closing ones).
     public var connectionCount: Int { connections.count }
+    /// Live connections whose handshake completed (the rest are half-open).
+    fileprivate(set) var established = 0
+    /// Connections mid-handshake: a flood of spoofed Initials shows here.
+    public var halfOpen: Int { connections.count - established }
+    /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
+    /// mid-handshake (whatever `settings.retry` says).
+    public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
+
     /// The entries the connection tables have room for, as the last `compactTables` left them.
     package private(set) var tableCapacity = 0
 
@@ -216,13 +224,6 @@ public final class QUICEndpoint {
         if let t = compacted(table) { table = t }
         if let c = compacted(connections) { connections = c }
     }
-    /// Live connections whose handshake completed (the rest are half-open).
-    fileprivate(set) var established = 0
-    /// Connections mid-handshake: a flood of spoofed Initials shows here.
-    public var halfOpen: Int { connections.count - established }
-    /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
-    /// mid-handshake (whatever `settings.retry` says).
-    public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
 
     /// All live connections.
     public var allConnections: some Collection<QUICConnection> { connections.values }

@@ -505,9 +505,9 @@ struct BenchCommand: ParsableCommand {
     @Option(
         help: """
             Connection load: a held connection sends a PING after this many seconds without traffic; keep it \
-            below the node's idle_timeout (default 10, for the default 30 s).
+            below the node's idle_timeout (default \(Int(LoadPlan.defaultKeepAlive)), for the default 30 s).
             """)
-    var keepAlive = 10.0
+    var keepAlive: Double?
     @OptionGroup var trust: TrustOptions
     @Flag(help: "Print one JSON object.") var json = false
 
@@ -521,7 +521,7 @@ struct BenchCommand: ParsableCommand {
             if let hold, !(hold >= 0) { throw ValidationError("--hold \(hold): expected seconds ≥ 0") }
             guard interval > 0 else { throw ValidationError("--interval \(interval): expected seconds > 0") }
             if let threads, !(1...256).contains(threads) { throw ValidationError("--threads \(threads): expected 1…256") }
-            guard keepAlive > 0 else { throw ValidationError("--keep-alive \(keepAlive): expected seconds > 0") }
+            if let keepAlive, !(keepAlive > 0) { throw ValidationError("--keep-alive \(keepAlive): expected seconds > 0") }
             guard duration == nil, bytes == nil else {
                 throw ValidationError("--duration and --bytes measure goodput; with --rate or --hold, the load runs for --hold")
             }
@@ -533,7 +533,7 @@ struct BenchCommand: ParsableCommand {
         if let streams, !(1...256).contains(streams) { throw ValidationError("--streams \(streams): expected 1…256") }
         if let duration, duration <= 0 { throw ValidationError("--duration \(duration): expected seconds > 0") }
         guard threads == nil else { throw ValidationError("--threads applies to connection load (--rate or --hold)") }
-        guard keepAlive == 10 else { throw ValidationError("--keep-alive applies to connection load (--rate or --hold)") }
+        guard keepAlive == nil else { throw ValidationError("--keep-alive applies to connection load (--rate or --hold)") }
     }
 
     func run() throws {
@@ -567,7 +567,7 @@ struct BenchCommand: ParsableCommand {
         var plan = LoadPlan(
             connections: connections, rate: rate, hold: hold ?? 0, streams: streams ?? 0, interval: interval,
             threads: threads ?? max(1, Worker.availableCPUs))
-        plan.keepAlive = keepAlive
+        if let keepAlive { plan.keepAlive = keepAlive }
         let r: LoadResult
         do { r = try STOQClient.load(u, plan: plan, trust: trust.trust, datapath: .ioUring) } catch { throw fail("\(error)") }
         if json { return printCodable(r) }
