@@ -205,8 +205,8 @@ public final class QUICEndpoint {
     /// mid-handshake (whatever `settings.retry` says).
     public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
 
-    /// The entries the connection tables have room for, as the last `compactTables` left them.
-    package private(set) var tableCapacity = 0
+    /// The entries the connection tables have room for.
+    package var tableCapacity: Int { table.capacity + connections.capacity }
 
     /// Gives back what the connection tables grew to at their peak, once they are mostly empty:
     /// a Swift dictionary keeps its capacity as entries go, and after 100,000 connections (each
@@ -214,7 +214,6 @@ public final class QUICEndpoint {
     /// moment per entry left, so it waits until at most a quarter of the room is used. The
     /// worker calls it with its memory release.
     public func compactTables() {
-        defer { tableCapacity = table.capacity + connections.capacity }
         func compacted<K, V>(_ d: [K: V]) -> [K: V]? {
             guard d.capacity > 4 * d.count + 1024 else { return nil }
             var out = [K: V](minimumCapacity: d.count)
