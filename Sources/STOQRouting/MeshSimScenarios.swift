@@ -225,10 +225,9 @@ public struct MeshSimComparison: Sendable {
     /// The oracle's split: exponent on capacity and number of routes kept.
     public var oracleSplit: String
     public var oracleCandidates: Int
-    /// When every transfer starts within a second (a burst, as in herding): the least time the
-    /// last of them can take, all bytes over all routes' capacity. No scheduler's p99 (the last
-    /// transfer, with fifty) can be below it, so it bounds how much any can gain over another.
-    public var lastTransferFloor: Double?
+    /// The p99 no scheduler can beat on this workload (MeshSimFloor): how much any scheduler can
+    /// gain over another at the p99 is bounded by how far that one is above it.
+    public var p99Floor: Double
 
     public func result(_ name: String) -> MeshSimResult? { results.first { $0.algorithm == name } }
 
@@ -282,15 +281,9 @@ public struct MeshSimComparison: Sendable {
             }
         }
         results.append(best!)
-        var floor: Double?
-        let starts = s.transfers.map(\.start)
-        if let first = starts.min(), let last = starts.max(), last - first < 1, caps.reduce(0, +) > 0 {
-            let bytes = s.transfers.reduce(0) { $0 + $1.chunkBytes.reduce(0, +) }
-            floor = Double(bytes) / caps.reduce(0, +) - (last - first)
-        }
         return MeshSimComparison(
             scenario: s.name, summary: s.summary, routeCapacity: caps, results: results,
-            oracleSplit: bestName, oracleCandidates: candidates, lastTransferFloor: floor)
+            oracleSplit: bestName, oracleCandidates: candidates, p99Floor: MeshSimFloor.quantile(s, 0.99))
     }
 }
 

@@ -273,7 +273,7 @@ if json {
             out += "\"mean_s\": \(f(r.mean, 4)), \"goodput_mbit\": \(f(r.meanGoodputMbit, 3)), \"regret\": \(f(c.regret(a), 4)), "
             out += "\"load_skew\": \(f(c.loadSkew(a), 4)), \"transfers\": \(r.completion.count), \"incomplete\": \(r.incomplete), "
             out += "\"hedges\": \(r.hedges), \"retries\": \(r.retries), \"route_bytes\": [\(r.routeBytes.map(String.init).joined(separator: ","))]"
-            if let floor = c.lastTransferFloor { out += ", \"p99_floor_s\": \(f(floor, 4))" }
+            out += ", \"p99_floor_s\": \(f(c.p99Floor, 4))"
             out += "}"
         }
         out += "}}"
@@ -305,12 +305,12 @@ for c in comparisons {
             "   " + a.padding(toLength: 13, withPad: " ", startingAt: 0)
                 + cols.map { String(repeating: " ", count: max(0, 12 - $0.count)) + $0 }.joined())
     }
-    if let floor = c.lastTransferFloor, let ml = c.result("ml_optimized"), let m = c.result("min_rtt") {
-        // Said next to the comparison: in a burst the p99 is the last transfer, and how far
-        // any scheduler can beat another is how far that one is above this floor.
+    if let ml = c.result("ml_optimized"), let m = c.result("min_rtt"), c.p99Floor > 0 {
+        // Said next to the comparison: how far any scheduler can beat another at the p99 is
+        // how far that one is above this floor.
         print(
-            "   floor: the last transfer of the burst cannot finish before \(f(floor)) s (all bytes over all capacity); "
-                + "ml_optimized is \(pct(ml.quantile(0.99) / floor - 1)) above it, min_rtt \(pct(m.quantile(0.99) / floor - 1))")
+            "   floor: no scheduler's p99 can be below \(f(c.p99Floor)) s (arrivals over the routes' capacity); "
+                + "ml_optimized is \(pct(ml.quantile(0.99) / c.p99Floor - 1)) above it, min_rtt \(pct(m.quantile(0.99) / c.p99Floor - 1))")
     }
     if let ml = c.result("ml_optimized") {
         for b in ["min_rtt", "round_robin", "best_single"] {

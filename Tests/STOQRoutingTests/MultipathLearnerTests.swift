@@ -95,7 +95,7 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         let ml = MeshSimRunner.run(s, seed: 1, algorithm: "ml_optimized") { _ in learner() }
         let cmp = MeshSimComparison(
             scenario: s.name, summary: s.summary, routeCapacity: MeshSimRunner.routeCapacities(s),
-            results: [ml], oracleSplit: "", oracleCandidates: 0)
+            results: [ml], oracleSplit: "", oracleCandidates: 0, p99Floor: 0)
         #expect(ml.incomplete == 0)
         // Bytes per route within 0.15 (total variation) of the routes' capacity shares, and no
         // route above 1.5x its capacity share plus 2 points.
@@ -103,6 +103,61 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         let total = Double(ml.routeBytes.reduce(0, +)), cap = cmp.routeCapacity.reduce(0, +)
         for i in ml.routeBytes.indices {
             #expect(Double(ml.routeBytes[i]) / total <= 1.5 * cmp.routeCapacity[i] / cap + 0.02)
+        }
+    }
+}
+
+@Suite struct MultipathFloorTests {
+    /// Transfers of `mib` MiB from S to C over both relays of `twoPaths`, starting at `starts`.
+    private func scenario(_ net: MeshSimNetwork, starts: [Double], mib: Int = 4) -> MeshSimScenario {
+        let routes = net.disjointRoutes(from: net.index(of: "S")!, to: net.index(of: "C")!, k: 2, maxHops: 2)
+        let chunks = MeshSimScenarios.chunkList(objectBytes: mib << 20, chunkBytes: 256 << 10)
+        let transfers = starts.map {
+            MeshSimTransferSpec(start: $0, client: net.index(of: "C")!, routes: Array(routes.indices), chunkBytes: chunks)
+        }
+        return MeshSimScenario(name: "floor", summary: "", network: net, routes: routes, transfers: transfers, horizon: 100)
+    }
+
+    @Test func aLoneTransferTakesItsBytesOverBothRoutes() {
+        let net = MeshSimNetwork.from(twoPaths(), defaultRate: { _ in 0 })
+        // Two transfers far apart: p99 of two is the slower, each alone on 110 Mbit/s.
+        let s = scenario(net, starts: [1, 50])
+        let alone = Double(4 << 20) / (110 * 125_000)
+        #expect(abs(MeshSimFloor.quantile(s) - alone) <= MeshSimCapacity.step + 1e-9)
+    }
+
+    @Test func aBurstDrainsAllItsBytesBeforeTheLastFinishes() {
+        let net = MeshSimNetwork.from(twoPaths(), defaultRate: { _ in 0 })
+        // Ten transfers 10 ms apart: the last cannot end before all 40 MiB went over 110 Mbit/s
+        // from the first start, counted from the last start.
+        let starts = (0..<10).map { 1 + 0.01 * Double($0) }
+        let s = scenario(net, starts: starts)
+        let expected = Double(10 * (4 << 20)) / (110 * 125_000) - 0.09
+        #expect(abs(MeshSimFloor.quantile(s) - expected) <= MeshSimCapacity.step + 1e-9)
+    }
+
+    @Test func aDegradedRouteAndAFailedRelayLowerTheCapacity() {
+        var net = MeshSimNetwork.from(twoPaths(), defaultRate: { _ in 0 })
+        net.change("S", "fast", at: 5, rateMbit: 10, lossPercent: 0)
+        let degraded = scenario(net, starts: [10])
+        let expected = Double(4 << 20) / (20 * 125_000)
+        #expect(abs(MeshSimFloor.quantile(degraded) - expected) <= MeshSimCapacity.step + 1e-9)
+        var failed = MeshSimNetwork.from(twoPaths(), defaultRate: { _ in 0 })
+        failed.fail("fast", from: 5)
+        let alone = Double(4 << 20) / (10 * 125_000)
+        #expect(abs(MeshSimFloor.quantile(scenario(failed, starts: [10])) - alone) <= MeshSimCapacity.step + 1e-9)
+    }
+
+    @Test func noSchedulerBeatsTheFloor() throws {
+        for variant in ["stable", "degrade", "node_failure", "herding"] {
+            let s = try #require(MeshSimScenarios.pantheon(try pantheonFile(), variant: variant, seed: 3))
+            let floor = MeshSimFloor.quantile(s)
+            #expect(floor > 0, "\(variant)")
+            let runs = [
+                MeshSimRunner.run(s, seed: 3, algorithm: "ml_optimized") { _ in learner() },
+                MeshSimRunner.run(s, seed: 3, algorithm: "min_rtt") { _ in MinRTTScheduler() },
+            ]
+            for r in runs { #expect(r.quantile(0.99) >= floor, "\(variant) \(r.algorithm): p99 \(r.quantile(0.99)) < \(floor)") }
         }
     }
 }
