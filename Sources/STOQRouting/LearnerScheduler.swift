@@ -24,6 +24,11 @@ public struct LearnerSettings: Sendable, Equatable {
     public var cusumThreshold: Double = 6
     /// Fraction of evidence kept when a change is detected.
     public var keepOnChange: Double = 0.05
+    /// The link state says a route changed when its advertised time per byte (bottleneck rate,
+    /// loss, peer load) moves by this factor or more between two updates: the evidence gathered
+    /// before is then dropped as on a detected change, instead of outvoting the new prior for
+    /// `forgetTime`.
+    public var advertChange: Double = 2
     /// Late binding: a chunk is held back (choose returns nil) while the route it would finish
     /// soonest on already has more than max(queueHorizon, queueHorizonRTTs × its least RTT)
     /// seconds of work queued, so few chunks are committed to a route that may change.
@@ -101,7 +106,9 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
     public override func update(candidates: [MultipathCandidate], now: Double) {
         super.update(candidates: candidates, now: now)
         for i in routes.indices {
+            let th0 = models[i].th0
             setPrior(i)
+            if moved(th0, models[i].th0) { forgetEvidence(i) }
             refresh(i, now: now)
         }
     }
@@ -302,21 +309,30 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         refresh(i, now: now)
     }
 
+    /// True when a link-state value moved by the change factor or more.
+    @inline(__always) private func moved(_ a: Double, _ b: Double) -> Bool {
+        let f = settings.advertChange
+        return b > f * a || a > f * b
+    }
+
+    /// Drops a route's evidence down to `keepOnChange` of it (the network changed under it).
+    private func forgetEvidence(_ i: Int) {
+        let k = settings.keepOnChange
+        models[i].n *= k; models[i].sx *= k; models[i].sxx *= k; models[i].st *= k; models[i].sxt *= k; models[i].rss *= k
+        models[i].fails *= k; models[i].trials *= k
+        models[i].cusumUp = 0; models[i].cusumDown = 0
+        models[i].changes += 1
+    }
+
     private func observe(_ i: Int, x: Double, t: Double) {
-        var m = models[i]
-        let predicted = m.mL + m.mT * x
-        let residual = t - predicted
-        let sd = m.sigma2.squareRoot()
-        let z = residual / sd
-        m.cusumUp = max(0, m.cusumUp + z - settings.cusumSlack)
-        m.cusumDown = max(0, m.cusumDown - z - settings.cusumSlack)
-        if m.cusumUp > settings.cusumThreshold || m.cusumDown > settings.cusumThreshold {
-            let k = settings.keepOnChange
-            m.n *= k; m.sx *= k; m.sxx *= k; m.st *= k; m.sxt *= k; m.rss *= k
-            m.fails *= k; m.trials *= k
-            m.cusumUp = 0; m.cusumDown = 0
-            m.changes += 1
+        let residual = t - (models[i].mL + models[i].mT * x)
+        let z = residual / models[i].sigma2.squareRoot()
+        models[i].cusumUp = max(0, models[i].cusumUp + z - settings.cusumSlack)
+        models[i].cusumDown = max(0, models[i].cusumDown - z - settings.cusumSlack)
+        if models[i].cusumUp > settings.cusumThreshold || models[i].cusumDown > settings.cusumThreshold {
+            forgetEvidence(i)
         }
+        var m = models[i]
         m.n += 1; m.sx += x; m.sxx += x * x; m.st += t; m.sxt += x * t
         m.rss += min(residual * residual, 25 * m.sigma2)
         models[i] = m

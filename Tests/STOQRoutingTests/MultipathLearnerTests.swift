@@ -89,6 +89,41 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         #expect(Double(onFast) <= 0.2 * Double(late.count), "fast route still got \(onFast) of \(late.count): \(rec.after)")
     }
 
+    @Test func anAdvertThatMovesTwofoldDropsTheEvidence() {
+        // 40 chunks taught the learner that route 1 delivers 1 MB in 1 s; then the link state
+        // says it carries 8 MB/s. A 1.5x move keeps the evidence; the 8x move drops it, so the
+        // estimate moves towards the advert at once, where a learner that keeps its evidence
+        // stays near what it measured until that decays.
+        let id = MultipathRouteID(1)
+        func taught(advertChange: Double) -> LearnerScheduler {
+            var settings = LearnerSettings()
+            settings.advertChange = advertChange
+            let l = LearnerScheduler(settings: settings)
+            l.update(candidates: [MultipathCandidate(id: id, features: MultipathRouteFeatures(rttMean: 0.01, deliveryRate: 1e6))], now: 0)
+            for k in 0..<40 {
+                let t = Double(k)
+                l.dispatched(transfer: 0, route: id, bytes: 1_000_000, now: t)
+                l.completed(
+                    MultipathCompletion(route: id, transfer: 0, bytes: 1_000_000, requestedAt: t, endedAt: t + 1, outcome: .delivered),
+                    now: t + 1)
+            }
+            return l
+        }
+        func advertise(_ l: LearnerScheduler, _ rate: Double) {
+            l.update(candidates: [MultipathCandidate(id: id, features: MultipathRouteFeatures(rttMean: 0.01, deliveryRate: rate))], now: 41)
+        }
+        let l = taught(advertChange: 2), keeps = taught(advertChange: .infinity)
+        let changes = l.detectedChanges
+        advertise(l, 1.5e6)
+        #expect(l.detectedChanges == changes)
+        #expect(l.estimates(now: 41)[0].rate < 1.5e6)
+        advertise(l, 8e6)
+        advertise(keeps, 8e6)
+        #expect(l.detectedChanges == changes + 1)
+        let dropped = l.estimates(now: 41)[0].rate, kept = keeps.estimates(now: 41)[0].rate
+        #expect(kept < 1.2e6 && dropped > 1.5 * kept, "dropped \(dropped), kept \(kept)")
+    }
+
     @Test func fiftyTransfersDoNotHerd() throws {
         let s = try #require(MeshSimScenarios.pantheon(try pantheonFile(), variant: "herding", seed: 1))
         #expect(s.transfers.count == 50)
