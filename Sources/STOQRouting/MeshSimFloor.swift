@@ -17,15 +17,13 @@ struct MeshSimCapacity {
     init(_ s: MeshSimScenario, routes: [Int]) {
         let bins = Int((s.horizon / Self.step).rounded(.up)) + 1
         var rate = [Double](repeating: 0, count: bins)
-        let links = s.network.links
         for r in routes {
             let path = s.routes[r]
             var narrowest: MeshSimLink?
             var least = Double.infinity
             for h in 0..<(path.count - 1) {
                 guard let l = s.network.link(path[h], path[h + 1]) else { continue }
-                var link = MeshSimLink(from: links[l].from, to: links[l].to, spec: links[l].spec)
-                link.changes = links[l].changes
+                let link = s.network.fresh(l)
                 let c = link.meanCapacity(horizon: s.horizon)
                 if c < least { least = c; narrowest = link }
             }

@@ -135,6 +135,13 @@ public struct MeshSimNetwork: Sendable {
         links.append(MeshSimLinkSpecEntry(from: i, to: j, spec: spec, changes: []))
     }
 
+    /// Link `l` as the event loop runs it: idle, its scheduled changes included.
+    func fresh(_ l: Int) -> MeshSimLink {
+        var link = MeshSimLink(from: links[l].from, to: links[l].to, spec: links[l].spec)
+        link.changes = links[l].changes
+        return link
+    }
+
     /// The link index from i to j.
     func link(_ i: Int, _ j: Int) -> Int? { linkIndex[i]?.first(where: { $0.to == j })?.link }
 

@@ -101,9 +101,7 @@ public enum MeshSimRunner {
             var cap = Double.infinity
             for h in 0..<(p.count - 1) {
                 guard let l = s.network.link(p[h], p[h + 1]) else { return 0 }
-                var link = MeshSimLink(from: links[l].from, to: links[l].to, spec: links[l].spec)
-                link.changes = links[l].changes
-                cap = min(cap, link.meanCapacity(horizon: s.horizon) * (1 - links[l].spec.loss))
+                cap = min(cap, s.network.fresh(l).meanCapacity(horizon: s.horizon) * (1 - links[l].spec.loss))
             }
             return cap
         }
@@ -115,11 +113,7 @@ public enum MeshSimRunner {
         make: (Int) -> any MultipathChunkScheduler
     ) -> MeshSimResult {
         var rng = MultipathRandom(seed: seed ^ 0x5EED_11E7)
-        var links = s.network.links.map { e -> MeshSimLink in
-            var l = MeshSimLink(from: e.from, to: e.to, spec: e.spec)
-            l.changes = e.changes
-            return l
-        }
+        var links = s.network.links.indices.map { s.network.fresh($0) }
         let routeLinks: [[Int]] = s.routes.map { p in (0..<(p.count - 1)).map { s.network.link(p[$0], p[$0 + 1])! } }
         // One scheduler per client node, in order of first appearance (deterministic).
         var clientOf: [Int: Int] = [:]
