@@ -293,7 +293,7 @@ for c in comparisons {
             .enumerated().map {
                 $0.offset == 0
                     ? $0.element.padding(toLength: 13, withPad: " ", startingAt: 0)
-                    : String(repeating: " ", count: max(0, 12 - $0.element.count)) + $0.element
+                    : String(repeating: " ", count: max(0, 13 - $0.element.count)) + $0.element
             }.joined())
     for a in algorithms {
         guard let r = c.result(a) else { continue }
@@ -303,7 +303,7 @@ for c in comparisons {
         ]
         print(
             "   " + a.padding(toLength: 13, withPad: " ", startingAt: 0)
-                + cols.map { String(repeating: " ", count: max(0, 12 - $0.count)) + $0 }.joined())
+                + cols.map { String(repeating: " ", count: max(0, 13 - $0.count)) + $0 }.joined())
     }
     if let ml = c.result("ml_optimized"), let m = c.result("min_rtt"), c.p99Floor > 0 {
         // Said next to the comparison: how far any scheduler can beat another at the p99 is
