@@ -10,7 +10,6 @@
 #define _GNU_SOURCE
 #include "stoq_internal.h"
 
-#include <malloc.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,35 +40,13 @@ void conn_fail(stoq_conn *c, const char *fmt, ...) {
 
 /* ---- Endpoint context ----------------------------------------------------- */
 
-/* The allocators ngtcp2 and nghttp3 get (their mem structs have the same shape): malloc's, with
- * what each block really takes added to or taken from the int64_t user_data points to. */
-static void *mem_malloc(size_t size, void *total) {
-  void *p = malloc(size);
-  if (p) *(int64_t *)total += (int64_t)malloc_usable_size(p);
-  return p;
-}
-static void mem_free(void *p, void *total) {
-  if (!p) return;
-  *(int64_t *)total -= (int64_t)malloc_usable_size(p);
-  free(p);
-}
-static void *mem_calloc(size_t n, size_t size, void *total) {
-  void *p = calloc(n, size);
-  if (p) *(int64_t *)total += (int64_t)malloc_usable_size(p);
-  return p;
-}
-static void *mem_realloc(void *p, size_t size, void *total) {
-  int64_t before = p ? (int64_t)malloc_usable_size(p) : 0;
-  void *q = realloc(p, size);
-  if (q) *(int64_t *)total += (int64_t)malloc_usable_size(q) - before;
-  else if (size == 0) *(int64_t *)total -= before; /* freed */
-  return q;
+void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out) {
+  out->ngtcp2_bytes = ep->ngtcp2_user.bytes > 0 ? (uint64_t)ep->ngtcp2_user.bytes : 0;
+  out->nghttp3_bytes = ep->nghttp3_user.bytes > 0 ? (uint64_t)ep->nghttp3_user.bytes : 0;
+  stoq_pages_read(ep->pages, &out->pages_warm_bytes, &out->pages_released);
 }
 
-void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out) {
-  out->ngtcp2_bytes = ep->ngtcp2_bytes > 0 ? (uint64_t)ep->ngtcp2_bytes : 0;
-  out->nghttp3_bytes = ep->nghttp3_bytes > 0 ? (uint64_t)ep->nghttp3_bytes : 0;
-}
+void stoq_endpoint_ctx_release_memory(stoq_endpoint_ctx *ep) { stoq_pages_release(ep->pages); }
 
 stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const stoq_settings *s,
                                          const stoq_events *ev) {
@@ -81,8 +58,15 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   ep->ev = *ev;
   ep->refs = 1;
   ep->qlog_dirfd = -1;
-  ep->ngtcp2_mem = (ngtcp2_mem){&ep->ngtcp2_bytes, mem_malloc, mem_free, mem_calloc, mem_realloc};
-  ep->nghttp3_mem = (nghttp3_mem){&ep->nghttp3_bytes, mem_malloc, mem_free, mem_calloc, mem_realloc};
+  ep->pages = stoq_pages_new();
+  if (!ep->pages) {
+    free(ep);
+    return NULL;
+  }
+  ep->ngtcp2_user = (stoq_mem_user){ep->pages, 0};
+  ep->nghttp3_user = (stoq_mem_user){ep->pages, 0};
+  ep->ngtcp2_mem = (ngtcp2_mem){&ep->ngtcp2_user, stoq_mem_malloc, stoq_mem_free, stoq_mem_calloc, stoq_mem_realloc};
+  ep->nghttp3_mem = (nghttp3_mem){&ep->nghttp3_user, stoq_mem_malloc, stoq_mem_free, stoq_mem_calloc, stoq_mem_realloc};
   /* The writer's ring holds one stream window (fill_settings keeps windows within it):
    * ngtcp2's own default window when none is set, 4 MB … 256 MB. */
   uint64_t ring = s->max_stream_window ? s->max_stream_window : 6ull << 20;
@@ -95,6 +79,7 @@ stoq_endpoint_ctx *stoq_endpoint_ctx_new(int is_server, stoq_tls_ctx *tls, const
   /* The ticket key is made when the first server endpoint starts, not mid-handshake. */
   if (is_server && s->ticket_lifetime && ticket_key_ready() != 0) {
     sink_writer_free(ep->sink);
+    stoq_pages_free(ep->pages);
     free(ep);
     return NULL;
   }
@@ -105,6 +90,7 @@ static void endpoint_release(stoq_endpoint_ctx *ep) {
   if (--ep->refs) return;
   sink_writer_free(ep->sink);
   if (ep->qlog_dirfd >= 0) close(ep->qlog_dirfd);
+  stoq_pages_free(ep->pages);
   free(ep);
 }
 

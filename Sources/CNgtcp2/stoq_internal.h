@@ -32,6 +32,27 @@ struct stoq_tls_ctx {
 
 typedef struct stoq_sink_writer stoq_sink_writer;
 
+/* ---- stoq_mem.c: the libraries' allocator ---- */
+
+/* Whole pages for blocks of a page and more, from a region an endpoint reserves. */
+typedef struct stoq_pages stoq_pages;
+STOQ_HIDDEN stoq_pages *stoq_pages_new(void);
+STOQ_HIDDEN void stoq_pages_free(stoq_pages *p);
+/* Gives every warm freed block's pages back to the kernel. */
+STOQ_HIDDEN void stoq_pages_release(stoq_pages *p);
+/* The freed blocks' bytes still resident, and how many blocks went back to the kernel so far. */
+STOQ_HIDDEN void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint64_t *released);
+
+/* The user_data of an ngtcp2_mem or nghttp3_mem: the pages, and what the library holds. */
+typedef struct stoq_mem_user {
+  stoq_pages *pages;
+  int64_t bytes;
+} stoq_mem_user;
+STOQ_HIDDEN void *stoq_mem_malloc(size_t size, void *user);
+STOQ_HIDDEN void *stoq_mem_calloc(size_t n, size_t size, void *user);
+STOQ_HIDDEN void stoq_mem_free(void *q, void *user);
+STOQ_HIDDEN void *stoq_mem_realloc(void *q, size_t size, void *user);
+
 struct stoq_endpoint_ctx {
   int is_server;
   stoq_tls_ctx *tls;
@@ -49,11 +70,12 @@ struct stoq_endpoint_ctx {
   uint64_t sink_ring_bytes;          /* what its ring holds: no stream window is larger */
   unsigned qlog_open, qlog_max_open; /* connections with a qlog file open, and the most */
   stoq_qlog_stats qlog_stats;
-  /* ngtcp2's and nghttp3's allocators (counting into the two totals: their user_data); used
-   * only on the endpoint's thread, as its connections are */
+  /* ngtcp2's and nghttp3's allocators (stoq_mem.c), each counting what its library holds;
+   * used only on the endpoint's thread, as its connections are */
+  stoq_pages *pages;
+  stoq_mem_user ngtcp2_user, nghttp3_user;
   ngtcp2_mem ngtcp2_mem;
   nghttp3_mem nghttp3_mem;
-  int64_t ngtcp2_bytes, nghttp3_bytes;
 };
 
 struct stoq_stream {

@@ -173,6 +173,12 @@ package struct NodeMetrics {
         perWorker("stoq_nghttp3_heap_bytes", "Heap nghttp3 holds for the worker's connections now.", type: "gauge") {
             $0.endpoint.nghttp3HeapBytes
         }
+        perWorker("stoq_library_pages_warm_bytes", "Freed ngtcp2 and nghttp3 blocks of a page and more kept resident for reuse.", type: "gauge") {
+            $0.endpoint.libraryPagesWarmBytes
+        }
+        perWorker("stoq_library_blocks_released_total", "Freed ngtcp2 and nghttp3 blocks of a page and more whose pages went back to the kernel.") {
+            $0.endpoint.libraryBlocksReleased
+        }
         perWorker("stoq_tls_peer_certificates_refused_total", "Handshakes refused: the peer's certificate did not verify.") {
             $0.endpoint.peerCertificatesRefused
         }

@@ -82,6 +82,10 @@ public struct EndpointCounters: Sendable {
     /// allocations (what a connection costs beyond the TLS session and STOQ's own objects).
     public var ngtcp2HeapBytes: UInt64 = 0
     public var nghttp3HeapBytes: UInt64 = 0
+    /// Their freed blocks of a page and more: kept resident for the next connections, and
+    /// given back to the kernel so far (`releaseLibraryPages`, or past what is kept).
+    public var libraryPagesWarmBytes: UInt64 = 0
+    public var libraryBlocksReleased: UInt64 = 0
     public init() {}
 }
 
@@ -121,6 +125,7 @@ public final class QUICEndpoint {
         var m = stoq_mem_stats()
         stoq_endpoint_ctx_mem_stats(ctx, &m)
         (c.ngtcp2HeapBytes, c.nghttp3HeapBytes) = (m.ngtcp2_bytes, m.nghttp3_bytes)
+        (c.libraryPagesWarmBytes, c.libraryBlocksReleased) = (m.pages_warm_bytes, m.pages_released)
         c.halfOpenConnections = UInt64(max(halfOpen, 0))
         return c
     }
@@ -204,6 +209,10 @@ public final class QUICEndpoint {
     /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
     /// mid-handshake (whatever `settings.retry` says).
     public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
+
+    /// Gives the pages of the blocks ngtcp2 and nghttp3 freed back to the kernel, the ones kept
+    /// warm for the next connections too. The worker calls it with its memory release.
+    public func releaseLibraryPages() { stoq_endpoint_ctx_release_memory(ctx) }
 
     /// The entries the connection tables have room for.
     package var tableCapacity: Int { table.capacity + connections.capacity }

@@ -170,6 +170,7 @@ public final class Worker {
         guard connectionPeak - open >= releaseAfterClosing || (open == 0 && connectionPeak > 0) else { return }
         connectionPeak = open
         endpoint.compactTables()
+        endpoint.releaseLibraryPages()
         stoq_release_free_memory()
         memoryReleases &+= 1
     }

@@ -476,6 +476,20 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         for (side, c) in [("server", pair.server.counters), ("client", pair.client.counters)] {
             #expect(c.ngtcp2HeapBytes == 0 && c.nghttp3HeapBytes == 0, "\(side): \(c.ngtcp2HeapBytes) + \(c.nghttp3HeapBytes) bytes left")
         }
+        // Their large blocks wait warm for the next connections until the worker releases
+        // memory; then every page of them goes back to the kernel.
+        let closed = pair.server.counters
+        #expect(closed.libraryPagesWarmBytes >= 20 * 4096, "\(closed.libraryPagesWarmBytes) bytes warm")
+        pair.server.releaseLibraryPages()
+        let released = pair.server.counters
+        #expect(released.libraryPagesWarmBytes == 0)
+        #expect(released.libraryBlocksReleased >= closed.libraryBlocksReleased + 20)
+        // The pages given back are the next connections' pages: they read and write as before.
+        let again = try (0..<5).map { _ in try pair.connect() }
+        #expect(pair.run { again.allSatisfy(\.isEstablished) })
+        for c in again { _ = try c.request(method: "GET", authority: "x", path: "/objects/x") }
+        #expect(pair.run { server.requests.count == 25 })
+        #expect(pair.server.counters.ngtcp2HeapBytes > 5 * 4096)
     }
 
     @Test func idleTimeoutRemovesConnections() throws {

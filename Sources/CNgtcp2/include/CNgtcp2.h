@@ -236,13 +236,19 @@ typedef struct stoq_qlog_stats {
 } stoq_qlog_stats;
 void stoq_endpoint_ctx_qlog_stats(const stoq_endpoint_ctx *ep, stoq_qlog_stats *out);
 
-/** Heap that ngtcp2 and nghttp3 hold for an endpoint's connections now: every block they take
- *  goes through counting allocators the shim gives them (malloc_usable_size of each). */
+/** Memory that ngtcp2 and nghttp3 hold for an endpoint's connections now: every block they take
+ *  goes through the shim's allocators (stoq_mem.c), which count what each holds (malloc's usable
+ *  size, or a large block's whole pages). */
 typedef struct stoq_mem_stats {
   uint64_t ngtcp2_bytes;
   uint64_t nghttp3_bytes;
+  uint64_t pages_warm_bytes; /* freed large blocks kept resident for reuse */
+  uint64_t pages_released;   /* freed large blocks whose pages went back to the kernel, so far */
 } stoq_mem_stats;
 void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out);
+/** Gives the pages of the libraries' freed large blocks back to the kernel: the warm ones kept
+ *  for reuse too (stoq_mem.c). For a wave of closes, as malloc_trim is for malloc's heap. */
+void stoq_endpoint_ctx_release_memory(stoq_endpoint_ctx *ep);
 
 /* ---- Stateless packet handling -------------------------------------------- */
 
