@@ -14,9 +14,10 @@
  * (stoq_endpoint_ctx_release_memory): then their pages go back to the kernel (MADV_DONTNEED, one
  * call per run of adjacent blocks: a connection's blocks were carved together) and they wait
  * cold (a cold block costs its stack 8 bytes; once no block is held the region starts over).
- * Freeing costs no system call, so 20,000 closes a second stay cheap. Zeroed requests (calloc: a struct about to be filled in, every page
- * of it) stay malloc's, which packs them tighter. One endpoint, one thread: no locks. Without
- * the region (the reservation failed) or past it, everything is malloc's.
+ * Freeing costs no system call, so 20,000 closes a second stay cheap. Zeroed requests (calloc:
+ * a struct about to be filled in, every page of it) stay malloc's, which packs them tighter.
+ * One endpoint, one thread: no locks. Without the region (the reservation failed) or past it,
+ * everything is malloc's.
  */
 #include "stoq_internal.h"
 
@@ -120,7 +121,8 @@ static void pages_put(stoq_pages *p, void *q) {
   uint8_t *b = (uint8_t *)q - HEADER;
   uint32_t pages = *(uint32_t *)b;
   p->live--;
-  if (push(&p->warm[pages], b) != 0) { /* no room to remember it: its pages go back now, its address space is lost */
+  /* No room to remember it: its pages go back now, its address space until the region starts over. */
+  if (push(&p->warm[pages], b) != 0) {
     madvise(b, (size_t)pages * PAGE, MADV_DONTNEED);
     p->released++;
   }
@@ -139,7 +141,8 @@ static int by_address(const void *x, const void *y) {
 void stoq_pages_release(stoq_pages *p) {
   size_t n = 0;
   for (uint32_t pages = 1; pages <= MAX_PAGES; pages++) n += p->warm[pages].n;
-  if (p->live == 0 && p->next != p->base) { /* every block is free: the region starts over, its stacks with it */
+  /* Every block is free: the region starts over, its stacks with it. */
+  if (p->live == 0 && p->next != p->base) {
     madvise(p->base, (size_t)(p->next - p->base), MADV_DONTNEED);
     forget_stacks(p);
     p->next = p->base;
