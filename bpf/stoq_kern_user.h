@@ -35,6 +35,42 @@ _Static_assert(STOQ_QUIC_LONG_WORKER_OFFSET == STOQ_QUIC_LONG_DCID_OFFSET + STOQ
 _Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + STOQ_CID_WORKER_BYTE,
                "short-header worker byte");
 
+/*
+ * A QUIC v1 Initial without a token (RFC 9000 §17.2.2): what a new client sends first, what a
+ * client answered with Retry never sends again, and what an Initial flood is made of. Under
+ * such a flood the node's socket filter (CSTOQURing) sheds a share of these in the kernel, and
+ * the endpoint counts the ones that reach it with stoq_quic_sheddable_initial below: one rule,
+ * these offsets, for both. The first byte's form bit and long-packet type (mask 0xb0; the
+ * fixed bit may be greased) say Initial; the version is 1; the SCID length follows the DCID,
+ * and the token length (a varint, 0x00 = none) follows the SCID.
+ */
+#define STOQ_QUIC_INITIAL_MASK 0xb0
+#define STOQ_QUIC_INITIAL_V1 0x80
+#define STOQ_QUIC_VERSION_OFFSET 1
+#define STOQ_QUIC_VERSION_1 1
+/** Offset of the SCID length byte, plus the DCID length. */
+#define STOQ_QUIC_LONG_SCID_LEN_OFFSET 6
+/** Offset of a v1 Initial's token length, plus the DCID and SCID lengths. */
+#define STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET 7
+
+/**
+ * Whether the filter may shed this datagram: a v1 Initial without a token, or one so short
+ * that a byte the rule reads lies past its end (the kernel's classic BPF drops a datagram it
+ * reads past; nothing valid is that short).
+ */
+static inline int stoq_quic_sheddable_initial(const __u8 *p, __u32 len) {
+  if (len < 1 || (p[0] & STOQ_QUIC_INITIAL_MASK) != STOQ_QUIC_INITIAL_V1) return 0;
+  if (len < STOQ_QUIC_VERSION_OFFSET + 4) return 1;
+  const __u8 *v = p + STOQ_QUIC_VERSION_OFFSET;
+  if (((__u32)v[0] << 24 | (__u32)v[1] << 16 | (__u32)v[2] << 8 | v[3]) != STOQ_QUIC_VERSION_1) return 0;
+  if (len <= STOQ_QUIC_LONG_DCID_LEN_OFFSET) return 1;
+  __u32 ids = p[STOQ_QUIC_LONG_DCID_LEN_OFFSET];
+  if (len <= STOQ_QUIC_LONG_SCID_LEN_OFFSET + ids) return 1;
+  ids += p[STOQ_QUIC_LONG_SCID_LEN_OFFSET + ids];
+  if (len <= STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET + ids) return 1;
+  return p[STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET + ids] == 0;
+}
+
 #define STOQ_MAP_XSK "xsk_map"
 #define STOQ_MAP_PORTS "stoq_ports"
 #define STOQ_MAP_CONFIG "stoq_config"

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <linux/filter.h>
+#include <linux/sock_diag.h>
 #include <liburing.h>
 #include <netinet/udp.h>
 #include <stdarg.h>
@@ -51,6 +52,7 @@ struct stoq_uring {
   unsigned features;
   struct sockaddr_in6 local;
   int bound_any; /* bound to [::]: every send names its source (IPV6_PKTINFO) */
+  int shedding;  /* stoq_uring_shed_initials attached its filter */
   stoq_uring_counters counters;
   /* receive */
   struct io_uring_buf_ring *br;
@@ -100,6 +102,95 @@ static int attach_steering(int fd, unsigned nworkers) {
   };
   struct sock_fprog prog = {.len = sizeof(code) / sizeof(code[0]), .filter = code};
   return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog));
+}
+
+/* Classic BPF for SO_ATTACH_FILTER: sheds v1 Initials without a token, keeping one in
+ * 2^shift of them at random, and passes everything else. The rule and its offsets are
+ * stoq_quic_sheddable_initial's (bpf/stoq_kern_user.h); on a UDP socket the program sees the
+ * UDP header first (the payload starts at offset 8), and the IPv6 header at SKF_NET_OFF. A load
+ * past the datagram's end drops it, as stoq_quic_sheddable_initial's "too short" says.
+ *
+ *   is it a sheddable Initial?          no: KEEP
+ *   source in rule i's /64?             keep one in 2^shift_i (first match)
+ *   otherwise                           keep one in 2^shift
+ */
+#define SHED_PAYLOAD 8
+#define SHED_SRC (SKF_NET_OFF + 8) /* struct ipv6hdr's saddr */
+#define SHED_RULE_LEN 7
+#define SHED_LEN (12 + SHED_RULE_LEN * STOQ_URING_SHED_PREFIXES + 3 + 2)
+
+static uint32_t keep_mask(unsigned shift) { return shift >= 32 ? 0xffffffffu : (1u << shift) - 1; }
+
+static int attach_shedding(int fd, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift) {
+  struct sock_filter code[SHED_LEN];
+  unsigned len = 0;
+  const unsigned keep = 12 + SHED_RULE_LEN * n + 3, drop = keep + 1;
+#define EMIT(ins) (code[len] = (struct sock_filter)ins, len++)
+#define TO(label) ((uint8_t)((label)-len - 1)) /* a jump offset from the instruction being emitted */
+  /* 0: a v1 Initial? */
+  EMIT(BPF_STMT(BPF_LD | BPF_B | BPF_ABS, SHED_PAYLOAD));
+  EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, STOQ_QUIC_INITIAL_MASK));
+  EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, STOQ_QUIC_INITIAL_V1, 0, TO(keep)));
+  EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SHED_PAYLOAD + STOQ_QUIC_VERSION_OFFSET));
+  EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, STOQ_QUIC_VERSION_1, 0, TO(keep)));
+  /* 5: X = DCID length + SCID length; A = the token length's first byte; 0 = none */
+  EMIT(BPF_STMT(BPF_LD | BPF_B | BPF_ABS, SHED_PAYLOAD + STOQ_QUIC_LONG_DCID_LEN_OFFSET));
+  EMIT(BPF_STMT(BPF_MISC | BPF_TAX, 0));
+  EMIT(BPF_STMT(BPF_LD | BPF_B | BPF_IND, SHED_PAYLOAD + STOQ_QUIC_LONG_SCID_LEN_OFFSET));
+  EMIT(BPF_STMT(BPF_ALU | BPF_ADD | BPF_X, 0));
+  EMIT(BPF_STMT(BPF_MISC | BPF_TAX, 0));
+  EMIT(BPF_STMT(BPF_LD | BPF_B | BPF_IND, SHED_PAYLOAD + STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET));
+  EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, TO(keep)));
+  /* 12: the rules, SHED_RULE_LEN instructions each */
+  for (unsigned i = 0; i < n; i++) {
+    unsigned next = len + SHED_RULE_LEN;
+    EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SHED_SRC));
+    EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(rules[i].prefix >> 32), 0, TO(next)));
+    EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SHED_SRC + 4));
+    EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)rules[i].prefix, 0, TO(next)));
+    EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM));
+    EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, keep_mask(rules[i].shift)));
+    EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, TO(keep), TO(drop)));
+  }
+  /* everyone else */
+  EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM));
+  EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, keep_mask(shift)));
+  EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, TO(keep), TO(drop)));
+  EMIT(BPF_STMT(BPF_RET | BPF_K, 0xffffffffu)); /* keep */
+  EMIT(BPF_STMT(BPF_RET | BPF_K, 0));           /* drop */
+#undef TO
+#undef EMIT
+  struct sock_fprog prog = {.len = (unsigned short)len, .filter = code};
+  return setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog));
+}
+
+int stoq_uring_shed_initials(stoq_uring *u, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift, char *err,
+                             size_t errlen) {
+  if (n > STOQ_URING_SHED_PREFIXES) n = STOQ_URING_SHED_PREFIXES;
+  int any = shift > 0;
+  for (unsigned i = 0; i < n; i++) any |= rules[i].shift > 0;
+  if (!any) {
+    int none = 0; /* the kernel wants an int's length even here */
+    if (u->shedding && setsockopt(u->fd, SOL_SOCKET, SO_DETACH_FILTER, &none, sizeof(none)) != 0 && errno != ENOENT) {
+      set_err(err, errlen, "setsockopt(SO_DETACH_FILTER): %s", strerror(errno));
+      return -1;
+    }
+    u->shedding = 0;
+    return 0;
+  }
+  if (attach_shedding(u->fd, rules, n, shift) != 0) {
+    set_err(err, errlen, "setsockopt(SO_ATTACH_FILTER): %s", strerror(errno));
+    return -1;
+  }
+  u->shedding = 1;
+  return 0;
+}
+
+uint64_t stoq_uring_socket_drops(const stoq_uring *u) {
+  uint32_t mem[SK_MEMINFO_VARS];
+  socklen_t len = sizeof(mem);
+  if (getsockopt(u->fd, SOL_SOCKET, SO_MEMINFO, mem, &len) != 0 || len <= SK_MEMINFO_DROPS * sizeof(uint32_t)) return 0;
+  return mem[SK_MEMINFO_DROPS];
 }
 
 static void arm_rx(stoq_uring *u) {

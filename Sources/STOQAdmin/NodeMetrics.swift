@@ -21,6 +21,8 @@ public struct WorkerStats: Sendable {
     public var handoff: HandoffCounters
     /// Times the worker gave the heap's free memory back to the kernel (`Worker.memoryReleases`).
     public var memoryReleases: UInt64 = 0
+    /// What the worker's Initial shedding did (`Worker.shedding`).
+    public var shedding = SheddingCounters()
     public var connections: Int
     public var objects: ObjectService.Counters
     public var content: ContentService.Counters
@@ -147,6 +149,26 @@ package struct NodeMetrics {
             "stoq_quic_replies_withheld_total",
             "Packets left without their stateless reply (Retry, Version Negotiation, reset, refusal): stateless_reply_rate was spent."
         ) { $0.endpoint.repliesWithheld }
+        perWorker("stoq_quic_sheddable_initials_total", "v1 Initials without a token for no known connection, answered, accepted or withheld.") {
+            $0.endpoint.sheddableInitials
+        }
+        perWorker("stoq_quic_sheddable_initials_withheld_total", "Of those, the ones left unanswered: stateless_reply_rate (or its per-/64 share) was spent.") {
+            $0.endpoint.sheddableWithheld
+        }
+        perWorker("stoq_datapath_initial_shedding_prefixes", "/64s whose Initials without a token the kernel sheds now (an Initial flood).", type: "gauge") {
+            UInt64($0.shedding.prefixes)
+        }
+        perWorker(
+            "stoq_datapath_initial_shedding_everyone", "1 while the kernel sheds everyone's Initials without a token (a flood across prefixes).", type: "gauge"
+        ) {
+            $0.shedding.everyone ? 1 : 0
+        }
+        perWorker("stoq_datapath_initial_shedding_episodes_total", "Times the worker started shedding an Initial flood in the kernel.") {
+            $0.shedding.episodes
+        }
+        perWorker("stoq_datapath_socket_drops_total", "Datagrams the kernel dropped for the worker's socket: shed Initials, or its receive buffer full.") {
+            $0.shedding.kernelDrops
+        }
         perWorker("stoq_quic_connections_half_open", "Connections mid-handshake.", type: "gauge") { $0.endpoint.halfOpenConnections }
         perWorker("stoq_quic_stateless_resets_total", "Stateless resets sent.") { $0.endpoint.statelessResets }
         perWorker("stoq_quic_connections_accepted_total", "Connections accepted.") { $0.endpoint.connectionsAccepted }

@@ -133,6 +133,14 @@ public protocol DatapathQueue: AnyObject {
     /// it but does not own it.
     func setWakeup(fileDescriptor: Int32)
 
+    /// Under an Initial flood: drops what `plan` says before it reaches the worker (the empty
+    /// plan: nothing). Returns false where the backend cannot shed.
+    func shedInitials(_ plan: InitialShedPlan) throws(DatapathError) -> Bool
+
+    /// Datagrams the kernel dropped for this queue's socket (shed, or its buffer was full),
+    /// a 32-bit count that wraps; nil where there is no such socket.
+    var kernelDrops: UInt32? { get }
+
     /// Releases the queue's kernel resources. Further calls are errors.
     func close()
 
@@ -146,6 +154,36 @@ extension DatapathQueue {
         commitTransmit(length: length, segmentSize: segmentSize, to: peer, ecn: ecn)
     }
     public var transmitStride: Int { 0 }
+    public func shedInitials(_ plan: InitialShedPlan) throws(DatapathError) -> Bool { false }
+    public var kernelDrops: UInt32? { nil }
+}
+
+/// What a datapath sheds under an Initial flood: QUIC v1 Initials without a token (the rule is
+/// `stoq_quic_sheddable_initial` in bpf/stoq_kern_user.h), keeping one in 2^`shift` of them at
+/// random; those from a listed /64 keep one in 2^ its own shift instead. Initials with a token
+/// (clients answering a Retry), every other packet and every established connection pass.
+public struct InitialShedPlan: Equatable, Sendable {
+    /// One /64 singled out, by its first 64 bits (`IPv6Address.prefix64`).
+    public struct Rule: Equatable, Sendable {
+        public var prefix: UInt64
+        public var shift: Int
+        public init(prefix: UInt64, shift: Int) {
+            self.prefix = prefix
+            self.shift = shift
+        }
+    }
+    /// Most /64s one plan singles out (CSTOQURing's STOQ_URING_SHED_PREFIXES).
+    public static let maxRules = 4
+    /// Shifts go up to this: one kept in 2^32.
+    public static let maxShift = 32
+    public var rules: [Rule]
+    public var shift: Int
+    public init(rules: [Rule] = [], shift: Int = 0) {
+        self.rules = rules
+        self.shift = shift
+    }
+    /// Sheds nothing.
+    public var isEmpty: Bool { shift == 0 && rules.allSatisfy { $0.shift == 0 } }
 }
 
 /// Why a datapath failed, with the call and errno that failed.

@@ -136,6 +136,21 @@ public final class URingDatapathQueue: DatapathQueue {
 
     public func setWakeup(fileDescriptor: Int32) { stoq_uring_set_wake_fd(raw, fileDescriptor) }
 
+    public func shedInitials(_ plan: InitialShedPlan) throws(DatapathError) -> Bool {
+        let clamp = { (shift: Int) in UInt32(min(max(shift, 0), InitialShedPlan.maxShift)) }
+        let rules = plan.rules.prefix(Int(STOQ_URING_SHED_PREFIXES)).map {
+            stoq_uring_shed_rule(prefix: $0.prefix, shift: clamp($0.shift))
+        }
+        var err = [CChar](repeating: 0, count: 256)
+        guard stoq_uring_shed_initials(raw, rules, UInt32(rules.count), clamp(plan.shift), &err, err.count) == 0 else {
+            let msg = String(cBuffer: err)
+            throw DatapathError(.unsupported, operation: String(msg.prefix { $0 != ":" }), message: msg)
+        }
+        return true
+    }
+
+    public var kernelDrops: UInt32? { UInt32(truncatingIfNeeded: stoq_uring_socket_drops(raw)) }
+
     public func close() {
         guard !closed else { return }
         closed = true

@@ -80,6 +80,7 @@ struct WorkerAssembly: @unchecked Sendable {
                 connections: endpoint.connectionCount,
                 objects: router.objects.counters, content: router.content.counters, access: router.accessCounters)
             stats.memoryReleases = worker.memoryReleases
+            stats.shedding = worker.shedding
             snapshot.publish(stats)
         }
         worker.onTick = publish

@@ -24,6 +24,11 @@ public struct EndpointCounters: Sendable {
     /// Packets that would have had a stateless reply (Retry, Version Negotiation, Stateless
     /// Reset, a refusal, INVALID_TOKEN) but got none: the second's `statelessReplyRate` was spent.
     public var repliesWithheld: UInt64 = 0
+    /// Server: v1 Initials without a token for no connection we know (new clients, or an
+    /// Initial flood), and of those the ones neither answered nor accepted because the reply
+    /// budget was spent: what the datapath may shed (`Worker`'s `InitialShedding`).
+    public var sheddableInitials: UInt64 = 0
+    public var sheddableWithheld: UInt64 = 0
     public var versionNegotiations: UInt64 = 0
     public var retriesSent: UInt64 = 0
     /// Of `retriesSent`, those sent only because `QUICSettings.retryThreshold` connections were
@@ -148,6 +153,7 @@ public final class QUICEndpoint {
     private var dirty: Deque<QUICConnection> = []
     private var replies: ReplyQueue
     private var replyBudget: ReplyBudget
+    private var initialSources = InitialSources()
     private let scratch: UnsafeMutableRawBufferPointer
 
     /// Creates an endpoint. `secret` must be shared by all workers of a node.
@@ -207,8 +213,15 @@ public final class QUICEndpoint {
     /// Connections mid-handshake: a flood of spoofed Initials shows here.
     public var halfOpen: Int { connections.count - established }
     /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
-    /// mid-handshake (whatever `settings.retry` says).
-    public var retryingUnderLoad: Bool { isServer && settings.retryThreshold > 0 && halfOpen >= settings.retryThreshold }
+    /// mid-handshake, or were and `retryHeld` (whatever `settings.retry` says).
+    public var retryingUnderLoad: Bool {
+        isServer && settings.retryThreshold > 0 && (halfOpen >= settings.retryThreshold || retryHeld)
+    }
+    /// Keeps the Retry `retryingUnderLoad` started after the half-open connections fall under
+    /// the threshold: the worker holds it while Initials without a token keep arriving faster
+    /// than `retryThreshold` a second, or a flood's half-open connections, expiring together,
+    /// would only make room for the flood's next thousand.
+    public var retryHeld = false
 
     /// Gives the pages of the blocks ngtcp2 and nghttp3 freed back to the kernel, the ones kept
     /// warm for the next connections too. The worker calls it with its memory release.
@@ -309,8 +322,19 @@ public final class QUICEndpoint {
 
     /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
     /// statelessly, so the client gives up at once instead of timing out.
+    private func noteSheddable(from peer: IPv6Endpoint, withheld: Bool) {
+        tally.sheddableInitials &+= 1
+        if withheld { tally.sheddableWithheld &+= 1 }
+        initialSources.note(from: peer.address, withheld: withheld)
+    }
+
+    /// Server: where v1 Initials without a token came from since the last call, and how many
+    /// of them the reply budget left unanswered, with the `limit` busiest /64s.
+    public func takeInitialReport(limit: Int) -> InitialReport { initialSources.take(limit: limit) }
+
     private func refuse(
-        _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, now: Timestamp
+        _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, sheddable: Bool,
+        now: Timestamp
     ) {
         // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys; the C
         // writer parses it fully, this look keeps anything else from spending the reply budget.
@@ -318,7 +342,11 @@ public final class QUICEndpoint {
             tally.droppedInitials &+= 1
             return
         }
-        guard replyBudget.take(to: peer.address, now: now) else { tally.repliesWithheld &+= 1; return }
+        guard replyBudget.take(to: peer.address, now: now) else {
+            tally.repliesWithheld &+= 1
+            if sheddable { noteSheddable(from: peer, withheld: true) }
+            return
+        }
         let reason = "this node holds max_connections (\(settings.maxConnections)) connections"
         let queued = reason.utf8CString.withUnsafeBufferPointer { r in
             queueReply(to: peer, from: local) { buf, cap in
@@ -326,14 +354,16 @@ public final class QUICEndpoint {
             }
         }
         if queued { tally.connectionsRefused &+= 1 } else { tally.droppedInitials &+= 1 }
+        if queued && sheddable { noteSheddable(from: peer, withheld: false) }
     }
 
     private func accept(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint,
         ecn: ECN, now: Timestamp
     ) {
+        let sheddable = stoq_pkt_sheddable_initial(base, count) != 0
         guard connections.count < settings.maxConnections else {
-            refuse(base, count, from: peer, to: local, now: now)
+            refuse(base, count, from: peer, to: local, sheddable: sheddable, now: now)
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -351,6 +381,7 @@ public final class QUICEndpoint {
         guard let raw else {
             if action == Int32(STOQ_ACCEPT_UNANSWERED) {
                 tally.repliesWithheld &+= 1
+                if sheddable { noteSheddable(from: peer, withheld: true) }
                 return
             }
             let reply = action == Int32(STOQ_ACCEPT_RETRY) || action == Int32(STOQ_ACCEPT_INVALID_TOKEN)
@@ -364,6 +395,7 @@ public final class QUICEndpoint {
                     return n
                 }
             if queued { _ = replyBudget.take(to: peer.address, now: now) }
+            if queued && sheddable { noteSheddable(from: peer, withheld: false) }
             if !queued {
                 tally.droppedInitials &+= 1
             } else if action == Int32(STOQ_ACCEPT_RETRY) {
@@ -379,6 +411,7 @@ public final class QUICEndpoint {
         connections[ObjectIdentifier(conn)] = conn
         for cid in holder.cids { register(cid, conn) }
         tally.connectionsAccepted &+= 1
+        if sheddable { noteSheddable(from: peer, withheld: false) }
         deliver(conn, base, count, from: peer, to: local, ecn: ecn, now: now)
     }
 

@@ -44,6 +44,12 @@ public final class Worker {
     /// Whoever finishes such work wakes the worker with `WorkerMesh.wake`.
     public var onTurn: (() -> Void)?
     private var nextTick: Timestamp = 0
+    /// Sheds Initial floods in the datapath, checked each tick (`InitialShedding`); nil: off,
+    /// or the datapath cannot.
+    public var initialShedding: InitialShedding? = InitialShedding()
+    /// What that shedding did.
+    public private(set) var shedding = SheddingCounters()
+    private var lastKernelDrops: UInt32?
     /// Whether the last tick found the endpoint answering Initials with Retry under load.
     private var retryingUnderLoad = false
     private let maxPayload: Int
@@ -184,7 +190,10 @@ public final class Worker {
                 nextTick = now + tickInterval
                 releaseFreedMemory()
                 onTick?()
-                noteRetryUnderLoad(logger)
+                let report = endpoint.isServer ? endpoint.takeInitialReport(limit: InitialShedPlan.maxRules) : InitialReport()
+                holdRetry(report)
+                noteRetryUnderLoad(report, logger)
+                shedInitialFloods(report, logger)
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {
@@ -194,6 +203,9 @@ public final class Worker {
                 logger?.warning("worker: \(e); moved to \(next.backendName) on \(next.localEndpoint), connections kept")
                 queue.close()
                 queue = next
+                lastKernelDrops = nil
+                initialShedding = InitialShedding()
+                (shedding.prefixes, shedding.everyone) = (0, false)
                 queue.setWakeup(fileDescriptor: mesh?.wakeFileDescriptor(of: index) ?? endpoint.sinkWakeFileDescriptor)
             } catch { logger?.error("worker: \(error)") }
         }
@@ -206,7 +218,7 @@ public final class Worker {
 
     /// Logs when the endpoint starts or stops answering new Initials with Retry because of its
     /// half-open connections (`QUICSettings.retryThreshold`), as seen each tick.
-    private func noteRetryUnderLoad(_ logger: Logger?) {
+    private func noteRetryUnderLoad(_ report: InitialReport, _ logger: Logger?) {
         let now = endpoint.retryingUnderLoad
         guard now != retryingUnderLoad else { return }
         retryingUnderLoad = now
@@ -215,7 +227,60 @@ public final class Worker {
             logger?.notice(
                 "worker \(index): \(halfOpen) connections mid-handshake (retry_threshold \(threshold)): new ones get a Retry first")
         } else {
-            logger?.notice("worker \(index): \(halfOpen) connections mid-handshake, under retry_threshold \(threshold): Retry off")
+            logger?.notice(
+                "worker \(index): \(halfOpen) connections mid-handshake and \(initialsPerSecond(report)) new Initials a second, both under retry_threshold \(threshold): Retry off"
+            )
+        }
+    }
+
+    /// Tokenless Initials a second that reached the endpoint over the last tick.
+    private func initialsPerSecond(_ report: InitialReport) -> Int {
+        Int(Double(report.used + report.withheld) * 1e9 / Double(max(tickInterval, 1)))
+    }
+
+    /// Holds a Retry the half-open connections started while new Initials without a token
+    /// still arrive at `retryThreshold` a second or more (`QUICEndpoint.retryHeld`).
+    private func holdRetry(_ report: InitialReport) {
+        guard endpoint.isServer else { return }
+        endpoint.retryHeld = endpoint.retryingUnderLoad && initialsPerSecond(report) >= endpoint.settings.retryThreshold
+    }
+
+    /// Counts what the kernel dropped for the socket, and changes what the datapath sheds
+    /// when the endpoint's Initials say so (`InitialShedding`), logging when a flood starts
+    /// and ends being shed.
+    private func shedInitialFloods(_ report: InitialReport, _ logger: Logger?) {
+        if let drops = queue.kernelDrops {
+            if let last = lastKernelDrops { shedding.kernelDrops &+= UInt64(drops &- last) }
+            lastKernelDrops = drops
+        }
+        guard endpoint.isServer, var policy = initialShedding else { return }
+        guard let plan = policy.update(report) else { return }
+        initialShedding = policy
+        do {
+            guard try queue.shedInitials(plan) else {
+                initialShedding = nil
+                logger?.notice("worker \(index): \(queue.backendName) cannot shed Initial floods; the reply budget alone holds them")
+                return
+            }
+        } catch {
+            initialShedding = nil
+            logger?.warning("worker \(index): cannot shed Initial floods, the reply budget alone holds them: \(error)")
+            return
+        }
+        let was = shedding.prefixes > 0 || shedding.everyone
+        (shedding.prefixes, shedding.everyone) = (plan.rules.count, plan.shift > 0)
+        if plan.isEmpty {
+            logger?.notice("worker \(index): Initial flood over: no Initials shed")
+            return
+        }
+        let seen = report.used + report.withheld
+        let message: Logger.Message =
+            "worker \(index): Initial flood: \(seen) Initials without a token in a tick, \(report.withheld) of them withheld (reply budget spent); the kernel now keeps \(plan.summary)"
+        if was {
+            logger?.info(message)
+        } else {
+            shedding.episodes &+= 1
+            logger?.notice(message)
         }
     }
 

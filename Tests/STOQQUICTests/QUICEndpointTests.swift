@@ -317,6 +317,50 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(c.connectionsAccepted == 5 && c.retriesSent == 5, "\(c)")
     }
 
+    /// The endpoint reports where v1 Initials without a token came from, by /64, and which of
+    /// them the reply budget left unanswered: what a worker sheds. One with a token is not one.
+    @Test func tokenlessInitialsAreReportedByTheirSlash64() throws {
+        func initial(token: [UInt8]) -> [UInt8] {
+            var p: [UInt8] = [0xC0, 0, 0, 0, 1, 8] + [UInt8](repeating: 7, count: 8) + [0, UInt8(token.count)] + token
+            let rest = 1200 - p.count - 2
+            p += [0x40 | UInt8(rest >> 8), UInt8(rest & 0xff)]
+            return p + [UInt8](repeating: 0, count: rest)
+        }
+        var settings = QUICSettings()
+        settings.retry = true
+        settings.statelessReplyRatePerPrefix = 3
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        for host in 1...10 { pair.inject(initial(token: []), from: IPv6Endpoint(address: IPv6Address("fd00:1::\(host)")!, port: 999)) }
+        pair.inject(initial(token: []), from: IPv6Endpoint(address: IPv6Address("fd00:2::1")!, port: 999))
+        // Not a Retry token of ours, so answered with a Retry like the rest, but not counted.
+        pair.inject(initial(token: [9, 9, 9]), from: IPv6Endpoint(address: IPv6Address("fd00:3::1")!, port: 999))
+        pair.run(for: 100_000_000) { false }
+        let flooder = IPv6Address("fd00:1::")!.prefix64
+        #expect(pair.server.takeInitialReport(limit: 4) == InitialReport(used: 4, withheld: 7, busiest: [.init(prefix: flooder, used: 3, withheld: 7)]))
+        let c = pair.server.counters
+        #expect(c.sheddableInitials == 11 && c.sheddableWithheld == 7 && c.retriesSent == 5, "\(c)")
+        #expect(pair.server.takeInitialReport(limit: 4) == InitialReport(), "each report starts afresh")
+    }
+
+    /// A held Retry (`retryHeld`: the worker saw the flood go on) keeps answering new Initials
+    /// with Retry after the half-open connections are gone; released, it stops.
+    @Test func aHeldRetryOutlastsTheHalfOpenConnections() throws {
+        var settings = QUICSettings()
+        settings.retryThreshold = 2
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(100, seed: 3))
+        #expect(!pair.server.retryingUnderLoad)
+        pair.server.retryHeld = true
+        #expect(pair.server.retryingUnderLoad && pair.server.halfOpen == 0)
+        let held = try pair.connect()
+        #expect(pair.run { held.isEstablished })
+        #expect(pair.server.counters.retriesForced == 1)
+        pair.server.retryHeld = false
+        let free = try pair.connect()
+        #expect(pair.run { free.isEstablished })
+        #expect(pair.server.counters.retriesForced == 1 && pair.server.counters.connectionsAccepted == 2)
+    }
+
     /// A flood from one /64 spends at most `statelessReplyRatePerPrefix` of the budget; a
     /// prober in another /64 is answered at once, and the whole budget still caps them all.
     @Test func oneSlash64GetsItsShareOfTheStatelessReplies() throws {

@@ -269,6 +269,9 @@ enum {
 
 /** Reads version and connection IDs (short headers: `short_dcidlen` bytes of DCID). */
 int stoq_pkt_decode_ids(const uint8_t *pkt, size_t len, size_t short_dcidlen, stoq_pkt_ids *out);
+/** Whether `pkt` is what the datapath's filter may shed under an Initial flood: a v1 Initial
+ *  without a token (the rule and its offsets: bpf/stoq_kern_user.h). */
+int stoq_pkt_sheddable_initial(const uint8_t *pkt, size_t len);
 /** Writes a Version Negotiation packet answering `ids`. Returns its length or <0. */
 ssize_t stoq_pkt_write_version_negotiation(uint8_t *buf, size_t cap, const stoq_pkt_ids *ids);
 /** Writes a Stateless Reset for a packet of `received_len` bytes to `dcid`. Returns its length, 0 if the packet was too small to answer, or <0. */

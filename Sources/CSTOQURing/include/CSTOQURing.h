@@ -71,6 +71,23 @@ unsigned stoq_uring_slot_size(const stoq_uring *u);
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The ring does not own it. */
 void stoq_uring_set_wake_fd(stoq_uring *u, int fd);
+/** Most /64s stoq_uring_shed_initials singles out. */
+#define STOQ_URING_SHED_PREFIXES 4
+/** Sheddable Initials from `prefix` (an address's first 64 bits, as a number): keep one in 2^shift. */
+typedef struct stoq_uring_shed_rule {
+  uint64_t prefix;
+  unsigned shift;
+} stoq_uring_shed_rule;
+/** Under an Initial flood: sheds v1 Initials without a token in the kernel, before they are
+ *  copied or queued. Those from the /64 of rule i (the first that matches, at most
+ *  STOQ_URING_SHED_PREFIXES) keep one in 2^rules[i].shift at random, the rest one in 2^shift
+ *  (shifts 0…32; 0 keeps all). Everything else passes. All shifts 0 detaches the filter.
+ *  0, or -1 with `err`. */
+int stoq_uring_shed_initials(stoq_uring *u, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift, char *err,
+                             size_t errlen);
+/** Datagrams the kernel dropped for this socket: shed by that filter, or the receive buffer
+ *  was full (SO_MEMINFO). A 32-bit count that wraps. */
+uint64_t stoq_uring_socket_drops(const stoq_uring *u);
 /** Waits up to `timeout_ns` (0: poll) and returns up to `max` received buffers, or -errno.
  *  The first call arms the receive: make it from the thread that owns the ring. */
 int stoq_uring_receive(stoq_uring *u, uint64_t timeout_ns, stoq_uring_rx *out, int max);
