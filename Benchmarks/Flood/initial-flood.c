@@ -5,19 +5,28 @@
  * Initial (long header, version 1, a random DCID the server must derive keys from before the
  * AEAD refuses it). scripts/bench-connections builds and runs it; nothing else links it.
  *
- * usage: initial-flood TARGET PORT PREFIX SECONDS RATE [INITIALS-FILE [VALID-PERCENT]]
+ * usage: initial-flood TARGET PORT PREFIX SECONDS RATE [INITIALS-FILE [VALID-PERCENT [IFNAME DSTMAC]]]
  *   TARGET   the server's IPv6 address; PORT its UDP port
  *   PREFIX   a /64 (e.g. fd00:5704::): every datagram's source is a random address in it
  *   SECONDS  how long to send; RATE datagrams a second (0: as fast as the core can)
  *   INITIALS real client Initials, each a 2-byte big-endian length and the datagram
  *   VALID-PERCENT  the share of datagrams taken from INITIALS (default 50)
+ *   IFNAME DSTMAC  send whole Ethernet frames out of IFNAME to DSTMAC (the next hop's MAC)
+ *            through AF_PACKET, bypassing the qdisc, as packet generators do (trafgen,
+ *            pktgen): the sender then spends no UDP/IPv6 send path, routing or neighbour
+ *            lookup per datagram. Without them: a UDP socket (sendmmsg).
  * Prints one JSON object: datagrams sent, valid among them, seconds, datagrams a second.
  *
- * A spoofed source needs IPV6_FREEBIND (root or CAP_NET_ADMIN): the kernel then accepts any
- * source in IPV6_PKTINFO and builds headers and checksums itself.
+ * A spoofed source needs IPV6_FREEBIND (root or CAP_NET_ADMIN) on the UDP socket: the kernel
+ * then accepts any source in IPV6_PKTINFO and builds headers and checksums itself. AF_PACKET
+ * needs CAP_NET_RAW; the flooder writes the headers and the UDP checksum itself.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdint.h>
@@ -98,6 +107,65 @@ static size_t garbage(uint8_t *p) {
   return n;
 }
 
+/* AF_PACKET: the Ethernet, IPv6 and UDP headers in front of each datagram. */
+#define FRAME_HDR (14 + 40 + 8)
+
+static uint16_t udp6_checksum(const uint8_t *ip6, const uint8_t *udp, size_t udplen) {
+  uint64_t sum = 0;
+  for (int i = 8; i < 40; i += 2) sum += (uint32_t)ip6[i] << 8 | ip6[i + 1]; /* source, destination */
+  sum += udplen + 17;
+  for (size_t i = 0; i + 1 < udplen; i += 2) sum += (uint32_t)udp[i] << 8 | udp[i + 1];
+  if (udplen & 1) sum += (uint32_t)udp[udplen - 1] << 8;
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  uint16_t c = (uint16_t)~sum;
+  return c ? c : 0xffff;
+}
+
+/* Writes the headers of a datagram of `len` bytes at frame + FRAME_HDR. */
+static void frame_headers(uint8_t *f, size_t len, const uint8_t *dmac, const uint8_t *smac, const struct in6_addr *src,
+                          const struct in6_addr *dst, uint16_t sport, uint16_t dport) {
+  memcpy(f, dmac, 6);
+  memcpy(f + 6, smac, 6);
+  f[12] = 0x86, f[13] = 0xdd;
+  uint8_t *ip = f + 14, *udp = ip + 40;
+  size_t ulen = 8 + len;
+  memset(ip, 0, 8);
+  ip[0] = 0x60;
+  ip[4] = (uint8_t)(ulen >> 8), ip[5] = (uint8_t)ulen;
+  ip[6] = 17, ip[7] = 64;
+  memcpy(ip + 8, src, 16);
+  memcpy(ip + 24, dst, 16);
+  udp[0] = (uint8_t)(sport >> 8), udp[1] = (uint8_t)sport;
+  udp[2] = (uint8_t)(dport >> 8), udp[3] = (uint8_t)dport;
+  udp[4] = (uint8_t)(ulen >> 8), udp[5] = (uint8_t)ulen;
+  udp[6] = udp[7] = 0;
+  uint16_t c = udp6_checksum(ip, udp, ulen);
+  udp[6] = (uint8_t)(c >> 8), udp[7] = (uint8_t)c;
+}
+
+static int open_packet_socket(const char *ifname, const char *dmac_text, uint8_t *dmac, uint8_t *smac) {
+  unsigned m[6];
+  if (sscanf(dmac_text, "%x:%x:%x:%x:%x:%x", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]) != 6) {
+    fprintf(stderr, "initial-flood: DSTMAC %s is not aa:bb:cc:dd:ee:ff\n", dmac_text);
+    exit(2);
+  }
+  for (int i = 0; i < 6; i++) dmac[i] = (uint8_t)m[i];
+  int fd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: it receives nothing */
+  struct ifreq ifr = {0};
+  snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+  int one = 1;
+  struct sockaddr_ll ll = {
+      .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IPV6), .sll_ifindex = (int)if_nametoindex(ifname)};
+  if (fd < 0 || ll.sll_ifindex == 0 || ioctl(fd, SIOCGIFHWADDR, &ifr) != 0 ||
+      setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)) != 0 ||
+      bind(fd, (struct sockaddr *)&ll, sizeof(ll)) != 0) {
+    fprintf(stderr, "initial-flood: AF_PACKET socket on %s: %s\n", ifname, strerror(errno));
+    exit(1);
+  }
+  memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
+  return fd;
+}
+
 int main(int argc, char **argv) {
   if (argc < 6) {
     fprintf(stderr, "usage: initial-flood TARGET PORT PREFIX SECONDS RATE [INITIALS-FILE [VALID-PERCENT]]\n");
@@ -115,14 +183,21 @@ int main(int argc, char **argv) {
   if (!nvalid) valid_pct = 0;
   rng_state ^= (uint64_t)getpid() << 17 ^ (uint64_t)time(NULL);
 
-  int fd = socket(AF_INET6, SOCK_DGRAM, 0);
-  int one = 1;
-  if (fd < 0 || setsockopt(fd, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one)) != 0) {
-    fprintf(stderr, "initial-flood: socket with IPV6_FREEBIND: %s\n", strerror(errno));
-    return 1;
+  int raw = argc > 9;
+  uint8_t dmac[6], smac[6];
+  int fd;
+  if (raw) {
+    fd = open_packet_socket(argv[8], argv[9], dmac, smac);
+  } else {
+    fd = socket(AF_INET6, SOCK_DGRAM, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one)) != 0) {
+      fprintf(stderr, "initial-flood: socket with IPV6_FREEBIND: %s\n", strerror(errno));
+      return 1;
+    }
   }
 
-  static uint8_t bufs[BATCH][MAX_DGRAM];
+  static uint8_t bufs[BATCH][FRAME_HDR + MAX_DGRAM];
   static char ctl[BATCH][CMSG_SPACE(sizeof(struct in6_pktinfo))];
   struct mmsghdr msgs[BATCH];
   struct iovec iov[BATCH];
@@ -140,13 +215,24 @@ int main(int argc, char **argv) {
     unsigned n = 0, nv = 0;
     for (; n < BATCH; n++) {
       size_t len;
+      uint8_t *d = bufs[n] + (raw ? FRAME_HDR : 0);
       if ((int)(rnd() % 100) < valid_pct) {
         size_t k = next_valid++ % nvalid;
         len = valid_len[k];
-        memcpy(bufs[n], valid_data + valid_off[k], len);
+        memcpy(d, valid_data + valid_off[k], len);
         nv++;
       } else {
-        len = garbage(bufs[n]);
+        len = garbage(d);
+      }
+      struct in6_addr src = prefix;
+      uint64_t host = rnd() | 0x1000; /* never ::0 .. ::fff, where the testbed's own hosts are */
+      memcpy(&src.s6_addr[8], &host, 8);
+      if (raw) {
+        frame_headers(bufs[n], len, dmac, smac, &src, &dst.sin6_addr, (uint16_t)(1024 + rnd() % 60000),
+                      ntohs(dst.sin6_port));
+        iov[n] = (struct iovec){bufs[n], FRAME_HDR + len};
+        msgs[n].msg_hdr = (struct msghdr){.msg_iov = &iov[n], .msg_iovlen = 1};
+        continue;
       }
       iov[n] = (struct iovec){bufs[n], len};
       memset(ctl[n], 0, sizeof(ctl[n]));
@@ -160,9 +246,7 @@ int main(int argc, char **argv) {
       c->cmsg_level = IPPROTO_IPV6;
       c->cmsg_type = IPV6_PKTINFO;
       c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
-      struct in6_pktinfo pi = {.ipi6_addr = prefix};
-      uint64_t host = rnd() | 0x1000; /* never ::0 .. ::fff, where the testbed's own hosts are */
-      memcpy(&pi.ipi6_addr.s6_addr[8], &host, 8);
+      struct in6_pktinfo pi = {.ipi6_addr = src};
       memcpy(CMSG_DATA(c), &pi, sizeof(pi));
     }
     int k = sendmmsg(fd, msgs, n, 0);
