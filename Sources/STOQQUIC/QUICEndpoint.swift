@@ -320,8 +320,7 @@ public final class QUICEndpoint {
         accept(base, datagram.count, from: peer, to: local, ecn: ecn, now: now)
     }
 
-    /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
-    /// statelessly, so the client gives up at once instead of timing out.
+    /// Counts a v1 Initial without a token, used or `withheld`, for `takeInitialReport`.
     private func noteSheddable(from peer: IPv6Endpoint, withheld: Bool) {
         tally.sheddableInitials &+= 1
         if withheld { tally.sheddableWithheld &+= 1 }
@@ -332,6 +331,8 @@ public final class QUICEndpoint {
     /// of them the reply budget left unanswered, with the `limit` busiest /64s.
     public func takeInitialReport(limit: Int) -> InitialReport { initialSources.take(limit: limit) }
 
+    /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
+    /// statelessly, so the client gives up at once instead of timing out.
     private func refuse(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, sheddable: Bool,
         now: Timestamp
