@@ -38,9 +38,9 @@ _Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + ST
 /*
  * A QUIC v1 Initial without a token (RFC 9000 §17.2.2): what a new client sends first, what a
  * client answered with Retry never sends again, and what an Initial flood is made of. Under
- * such a flood the node's socket filter (CSTOQURing) sheds a share of these in the kernel, and
- * the endpoint counts the ones that reach it with stoq_quic_sheddable_initial below: one rule,
- * these offsets, for both. The first byte's form bit and long-packet type (mask 0xb0; the
+ * such a flood the node's socket filter (CSTOQURing) or XDP program sheds a share of these in
+ * the kernel, and the endpoint counts the ones that reach it with stoq_quic_sheddable_initial
+ * below: one rule, these offsets, for all. The first byte's form bit and long-packet type (mask 0xb0; the
  * fixed bit may be greased) say Initial; the version is 1; the SCID length follows the DCID,
  * and the token length (a varint, 0x00 = none) follows the SCID.
  */
@@ -54,27 +54,51 @@ _Static_assert(STOQ_QUIC_SHORT_WORKER_OFFSET == STOQ_QUIC_SHORT_DCID_OFFSET + ST
 #define STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET 7
 
 /**
- * Whether the filter may shed this datagram: a v1 Initial without a token, or one so short
- * that a byte the rule reads lies past its end (the kernel's classic BPF drops a datagram it
- * reads past; nothing valid is that short).
+ * Whether a datagram from `p` to `end` may be shed: a v1 Initial without a token, or one so
+ * short that a byte the rule reads lies past its end (the kernel's classic BPF drops a
+ * datagram it reads past; nothing valid is that short). Every read is checked against `end`
+ * right before it, the way the BPF verifier wants packet reads checked.
  */
-static inline int stoq_quic_sheddable_initial(const __u8 *p, __u32 len) {
-  if (len < 1 || (p[0] & STOQ_QUIC_INITIAL_MASK) != STOQ_QUIC_INITIAL_V1) return 0;
-  if (len < STOQ_QUIC_VERSION_OFFSET + 4) return 1;
+static inline __attribute__((always_inline)) int stoq_quic_sheddable_initial(const __u8 *p, const __u8 *end) {
+  if (p + 1 > end || (p[0] & STOQ_QUIC_INITIAL_MASK) != STOQ_QUIC_INITIAL_V1) return 0;
   const __u8 *v = p + STOQ_QUIC_VERSION_OFFSET;
+  if (v + 4 > end) return 1;
   if (((__u32)v[0] << 24 | (__u32)v[1] << 16 | (__u32)v[2] << 8 | v[3]) != STOQ_QUIC_VERSION_1) return 0;
-  if (len <= STOQ_QUIC_LONG_DCID_LEN_OFFSET) return 1;
+  if (p + STOQ_QUIC_LONG_DCID_LEN_OFFSET + 1 > end) return 1;
   __u32 ids = p[STOQ_QUIC_LONG_DCID_LEN_OFFSET];
-  if (len <= STOQ_QUIC_LONG_SCID_LEN_OFFSET + ids) return 1;
-  ids += p[STOQ_QUIC_LONG_SCID_LEN_OFFSET + ids];
-  if (len <= STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET + ids) return 1;
-  return p[STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET + ids] == 0;
+  const __u8 *scid_len = p + STOQ_QUIC_LONG_SCID_LEN_OFFSET + ids;
+  if (scid_len + 1 > end) return 1;
+  ids += *scid_len;
+  const __u8 *token_len = p + STOQ_QUIC_INITIAL_TOKEN_LEN_OFFSET + ids;
+  if (token_len + 1 > end) return 1;
+  return *token_len == 0;
 }
+
+/*
+ * Shedding an Initial flood: the plan a worker's datapath follows (STOQDatapath's
+ * InitialShedPlan). Sheddable Initials from the /64 of the first rule that matches keep one in
+ * 2^rule.shift at random, the others one in 2^shift; shift 0 keeps all. The io_uring datapath
+ * compiles it into a socket filter (CSTOQURing); the XDP program reads it from stoq_shed, one
+ * entry per AF_XDP socket (xsk_map index), written by CSTOQXDP.
+ */
+/** Most /64s one plan singles out. */
+#define STOQ_SHED_PREFIXES 4
+struct stoq_shed_rule {
+  __u64 prefix; /* an address's first 64 bits, as a number (network byte order read as one) */
+  __u32 shift;
+  __u32 pad;
+};
+struct stoq_shed {
+  struct stoq_shed_rule rules[STOQ_SHED_PREFIXES];
+  __u32 count; /* rules in use */
+  __u32 shift; /* everyone else */
+};
 
 #define STOQ_MAP_XSK "xsk_map"
 #define STOQ_MAP_PORTS "stoq_ports"
 #define STOQ_MAP_CONFIG "stoq_config"
 #define STOQ_MAP_STATS "stoq_xdp_stats"
+#define STOQ_MAP_SHED "stoq_shed"
 
 /** Most AF_XDP sockets (queues or workers) one interface can feed. */
 #define STOQ_MAX_SOCKETS 64
@@ -106,6 +130,7 @@ enum stoq_stat {
   STOQ_STAT_PASSED_EXT_LIMIT,  /* more extension headers than STOQ_MAX_EXT_HEADERS */
   STOQ_STAT_PASSED_FRAGMENT,   /* a non-first IPv6 fragment */
   STOQ_STAT_STEERED_BY_CID,    /* the worker came from the destination CID */
+  STOQ_STAT_SHED_INITIAL,      /* a v1 Initial without a token, shed under a flood (stoq_shed) */
   STOQ_STAT_WORKER_0,          /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
   STOQ_STAT_MAX = STOQ_STAT_WORKER_0 + STOQ_MAX_COUNTED_WORKERS,
 };
@@ -113,6 +138,6 @@ enum stoq_stat {
 /** User-space names of the counters above, in enum order (the worker_n ones follow). */
 #define STOQ_STAT_NAMES                                                                                                \
   "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4", "passed_no_socket",            \
-      "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid"
+      "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid", "shed_initial"
 
 #endif

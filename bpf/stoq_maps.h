@@ -40,6 +40,16 @@ struct {
   STOQ_PIN_BY_NAME
 } stoq_config SEC(".maps");
 
+/* What each AF_XDP socket's worker has its Initials shed by (struct stoq_shed), by xsk_map
+ * index; all zero: nothing. The worker writes its entry when a flood starts and ends. */
+struct {
+  __uint(type, BPF_MAP_TYPE_ARRAY);
+  __uint(max_entries, STOQ_MAX_SOCKETS);
+  __type(key, __u32);
+  __type(value, struct stoq_shed);
+  STOQ_PIN_BY_NAME
+} stoq_shed SEC(".maps");
+
 /* Per-CPU counters, one per enum stoq_stat. */
 struct {
   __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

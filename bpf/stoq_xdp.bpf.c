@@ -7,6 +7,9 @@
  * Steering: with STOQ_F_STEER_BY_CID the socket is chosen by the worker id in the
  * QUIC destination connection ID (the layout is in stoq_kern_user.h), the way katran
  * picks a server from a CID; otherwise by the receiving queue.
+ *
+ * Under an Initial flood the worker a datagram is steered to may have asked (stoq_shed) for
+ * a share of the v1 Initials without a token to be dropped here, before any copy.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,6 +35,26 @@ static __always_inline int pass(__u32 stat) {
 }
 
 static __always_inline int is_node_port(__u16 port) { return bpf_map_lookup_elem(&stoq_ports, &port) != NULL; }
+
+/* Whether to drop the QUIC datagram at q, from ip6, steered to socket `index`: the rule in
+ * stoq_kern_user.h ("Shedding an Initial flood"). */
+static __always_inline int shed(const struct ipv6hdr *ip6, const __u8 *q, const __u8 *end, __u32 index) {
+  struct stoq_shed *plan = bpf_map_lookup_elem(&stoq_shed, &index);
+  if (!plan || (plan->count == 0 && plan->shift == 0)) return 0;
+  if (!stoq_quic_sheddable_initial(q, end)) return 0;
+  __u64 prefix = (__u64)bpf_ntohl(ip6->saddr.in6_u.u6_addr32[0]) << 32 | bpf_ntohl(ip6->saddr.in6_u.u6_addr32[1]);
+  __u32 shift = plan->shift;
+#pragma unroll
+  for (int i = 0; i < STOQ_SHED_PREFIXES; i++) {
+    if (i < plan->count && plan->rules[i].prefix == prefix) {
+      shift = plan->rules[i].shift;
+      break;
+    }
+  }
+  if (shift == 0) return 0;
+  __u32 keep = shift >= 32 ? 0xffffffffu : (1u << shift) - 1;
+  return (bpf_get_prandom_u32() & keep) != 0;
+}
 
 SEC("xdp")
 int stoq_xdp(struct xdp_md *ctx) {
@@ -112,6 +135,10 @@ int stoq_xdp(struct xdp_md *ctx) {
     }
     index = worker % cfg->workers;
     count(STOQ_STAT_STEERED_BY_CID);
+  }
+  if (shed(ip6, (__u8 *)(udp + 1), end, index)) {
+    count(STOQ_STAT_SHED_INITIAL);
+    return XDP_DROP;
   }
   if (index < STOQ_MAX_COUNTED_WORKERS) count(STOQ_STAT_WORKER_0 + index);
 

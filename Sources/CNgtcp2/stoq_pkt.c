@@ -26,9 +26,7 @@ int stoq_pkt_decode_ids(const uint8_t *pkt, size_t len, size_t short_dcidlen, st
   return rv == NGTCP2_ERR_VERSION_NEGOTIATION ? STOQ_PKT_VERSION_NEGOTIATION : STOQ_PKT_OK;
 }
 
-int stoq_pkt_sheddable_initial(const uint8_t *pkt, size_t len) {
-  return stoq_quic_sheddable_initial(pkt, len > UINT32_MAX ? UINT32_MAX : (uint32_t)len);
-}
+int stoq_pkt_sheddable_initial(const uint8_t *pkt, size_t len) { return stoq_quic_sheddable_initial(pkt, pkt + len); }
 
 ssize_t stoq_pkt_write_version_negotiation(uint8_t *buf, size_t cap, const stoq_pkt_ids *ids) {
   uint32_t sv[] = {NGTCP2_PROTO_VER_V1};

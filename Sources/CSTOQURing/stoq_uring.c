@@ -117,11 +117,11 @@ static int attach_steering(int fd, unsigned nworkers) {
 #define SHED_PAYLOAD 8
 #define SHED_SRC (SKF_NET_OFF + 8) /* struct ipv6hdr's saddr */
 #define SHED_RULE_LEN 7
-#define SHED_LEN (12 + SHED_RULE_LEN * STOQ_URING_SHED_PREFIXES + 3 + 2)
+#define SHED_LEN (12 + SHED_RULE_LEN * STOQ_SHED_PREFIXES + 3 + 2)
 
 static uint32_t keep_mask(unsigned shift) { return shift >= 32 ? 0xffffffffu : (1u << shift) - 1; }
 
-static int attach_shedding(int fd, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift) {
+static int attach_shedding(int fd, const struct stoq_shed_rule *rules, unsigned n, unsigned shift) {
   struct sock_filter code[SHED_LEN];
   unsigned len = 0;
   const unsigned keep = 12 + SHED_RULE_LEN * n + 3, drop = keep + 1;
@@ -164,9 +164,9 @@ static int attach_shedding(int fd, const stoq_uring_shed_rule *rules, unsigned n
   return setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog));
 }
 
-int stoq_uring_shed_initials(stoq_uring *u, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift, char *err,
+int stoq_uring_shed_initials(stoq_uring *u, const struct stoq_shed_rule *rules, unsigned n, unsigned shift, char *err,
                              size_t errlen) {
-  if (n > STOQ_URING_SHED_PREFIXES) n = STOQ_URING_SHED_PREFIXES;
+  if (n > STOQ_SHED_PREFIXES) n = STOQ_SHED_PREFIXES;
   int any = shift > 0;
   for (unsigned i = 0; i < n; i++) any |= rules[i].shift > 0;
   if (!any) {

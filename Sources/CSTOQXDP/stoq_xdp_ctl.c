@@ -97,6 +97,27 @@ const char *stoq_xdp_stat_name(int index, char *buf, size_t len) {
   return buf;
 }
 
+int stoq_xdp_shed_initials(const char *pin_dir, uint32_t index, const struct stoq_shed_rule *rules, unsigned n,
+                           unsigned shift, char *err, size_t errlen) {
+  char path[256];
+  snprintf(path, sizeof(path), "%s/%s", pin_dir, STOQ_MAP_SHED);
+  int fd = bpf_obj_get(path);
+  if (fd < 0) {
+    snprintf(err, errlen, "bpf_obj_get(%s): %s%s", path, strerror(errno),
+             errno == ENOENT ? " (attached by an older scripts/xdp-attach: attach again)" : "");
+    return -1;
+  }
+  struct stoq_shed plan;
+  memset(&plan, 0, sizeof(plan));
+  plan.count = n < STOQ_SHED_PREFIXES ? n : STOQ_SHED_PREFIXES;
+  for (unsigned i = 0; i < plan.count; i++) plan.rules[i] = rules[i];
+  plan.shift = shift;
+  int rc = bpf_map_update_elem(fd, &index, &plan, BPF_ANY);
+  if (rc != 0) snprintf(err, errlen, "bpf_map_update_elem(%s, %u): %s", path, index, strerror(errno));
+  close(fd);
+  return rc == 0 ? 0 : -1;
+}
+
 /* ---- open / close ---- */
 
 int interface_address(const char *ifname, struct in6_addr *out) {

@@ -171,8 +171,11 @@ public struct InitialShedPlan: Equatable, Sendable {
             self.prefix = prefix
             self.shift = shift
         }
+        /// `shift` in 0…`maxShift`, as the datapaths' C engines take it.
+        public var clampedShift: UInt32 { InitialShedPlan.clamp(shift) }
     }
-    /// Most /64s one plan singles out (CSTOQURing's STOQ_URING_SHED_PREFIXES).
+    /// Most /64s one plan singles out (STOQ_SHED_PREFIXES in bpf/stoq_kern_user.h; a test
+    /// checks they agree).
     public static let maxRules = 4
     /// Shifts go up to this: one kept in 2^32.
     public static let maxShift = 32
@@ -184,6 +187,9 @@ public struct InitialShedPlan: Equatable, Sendable {
     }
     /// Sheds nothing.
     public var isEmpty: Bool { shift == 0 && rules.allSatisfy { $0.shift == 0 } }
+    /// `shift` in 0…`maxShift`, as the datapaths' C engines take it.
+    public var clampedShift: UInt32 { Self.clamp(shift) }
+    static func clamp(_ shift: Int) -> UInt32 { UInt32(min(max(shift, 0), maxShift)) }
 }
 
 /// Why a datapath failed, with the call and errno that failed.

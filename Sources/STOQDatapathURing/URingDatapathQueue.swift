@@ -137,12 +137,11 @@ public final class URingDatapathQueue: DatapathQueue {
     public func setWakeup(fileDescriptor: Int32) { stoq_uring_set_wake_fd(raw, fileDescriptor) }
 
     public func shedInitials(_ plan: InitialShedPlan) throws(DatapathError) -> Bool {
-        let clamp = { (shift: Int) in UInt32(min(max(shift, 0), InitialShedPlan.maxShift)) }
-        let rules = plan.rules.prefix(Int(STOQ_URING_SHED_PREFIXES)).map {
-            stoq_uring_shed_rule(prefix: $0.prefix, shift: clamp($0.shift))
+        let rules = plan.rules.prefix(Int(STOQ_SHED_PREFIXES)).map {
+            stoq_shed_rule(prefix: $0.prefix, shift: $0.clampedShift, pad: 0)
         }
         var err = [CChar](repeating: 0, count: 256)
-        guard stoq_uring_shed_initials(raw, rules, UInt32(rules.count), clamp(plan.shift), &err, err.count) == 0 else {
+        guard stoq_uring_shed_initials(raw, rules, UInt32(rules.count), plan.clampedShift, &err, err.count) == 0 else {
             let msg = String(cBuffer: err)
             throw DatapathError(.unsupported, operation: String(msg.prefix { $0 != ":" }), message: msg)
         }

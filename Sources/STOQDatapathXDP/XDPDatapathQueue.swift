@@ -44,6 +44,8 @@ public final class XDPDatapathQueue: DatapathQueue {
     private let rxCapacity: Int
     private var reserved: UnsafeMutableRawBufferPointer?
     private var closed = false
+    /// This socket's stoq_shed entry sheds something.
+    private var shedding = false
     private var nextAttachCheck: Timestamp = 0
     /// How often receive looks whether the XDP program is still attached.
     private let attachCheckInterval: UInt64 = 500_000_000
@@ -104,6 +106,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         xdpMode = String(cString: stoq_xsk_xdp_mode(p))
         isZeroCopy = stoq_xsk_zero_copy(p) != 0
         checksumOffload = stoq_xsk_tx_checksum_offload(p) != 0
+        _ = try? shedInitials(InitialShedPlan())  // what a node before this one left
     }
 
     deinit { close() }
@@ -202,9 +205,29 @@ public final class XDPDatapathQueue: DatapathQueue {
 
     public func setWakeup(fileDescriptor: Int32) { stoq_xsk_set_wake_fd(raw, fileDescriptor) }
 
+    /// Writes this socket's entry of the XDP program's stoq_shed map: the program then drops
+    /// that share of the flood before it reaches the UMEM.
+    public func shedInitials(_ plan: InitialShedPlan) throws(DatapathError) -> Bool {
+        let rules = plan.rules.prefix(Int(STOQ_SHED_PREFIXES)).map {
+            stoq_shed_rule(prefix: $0.prefix, shift: $0.clampedShift, pad: 0)
+        }
+        var err = [CChar](repeating: 0, count: 256)
+        guard
+            stoq_xdp_shed_initials(
+                options.pinDirectory, UInt32(options.mapIndex), rules, UInt32(rules.count), plan.clampedShift, &err,
+                err.count) == 0
+        else {
+            let msg = String(cBuffer: err)
+            throw DatapathError(.unsupported, operation: String(msg.prefix { $0 != "(" }), message: msg)
+        }
+        shedding = !plan.isEmpty
+        return true
+    }
+
     public func close() {
         guard !closed else { return }
         closed = true
+        if shedding { _ = try? shedInitials(InitialShedPlan()) }  // the map outlives the node
         stoq_xsk_close(raw)
         rx.deallocate()
     }

@@ -1,4 +1,5 @@
 import CNgtcp2
+import CSTOQSystem
 import STOQCore
 import STOQDatapath
 import STOQDatapathURing
@@ -20,6 +21,11 @@ import Testing
         let rest = 1200 - p.count - 2
         p += [0x40 | UInt8(rest >> 8), UInt8(rest & 0xff)]
         return p + [UInt8](repeating: 0, count: rest)
+    }
+
+    @Test func aPlanSinglesOutAsManyPrefixesAsTheKernelHeaderHolds() {
+        // The XDP program's map entry and the socket filter's program are sized by it.
+        #expect(InitialShedPlan.maxRules == Int(STOQ_SHED_PREFIXES))
     }
 
     func sheddable(_ d: [UInt8]) -> Bool { d.withUnsafeBufferPointer { stoq_pkt_sheddable_initial($0.baseAddress, $0.count) != 0 } }

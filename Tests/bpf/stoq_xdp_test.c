@@ -16,7 +16,7 @@
 
 #include "../../bpf/stoq_kern_user.h"
 
-static int prog_fd, stats_fd, config_fd;
+static int prog_fd, stats_fd, config_fd, shed_fd;
 static int passed, failed;
 static const uint16_t PORT = 4433;
 
@@ -49,6 +49,12 @@ static void set_config(uint32_t workers, uint32_t flags) {
   struct stoq_config c = {.workers = workers, .flags = flags};
   uint32_t zero = 0;
   bpf_map_update_elem(config_fd, &zero, &c, BPF_ANY);
+}
+
+static void set_shed(uint32_t index, uint64_t prefix, uint32_t rule_shift, uint32_t count, uint32_t shift) {
+  struct stoq_shed plan = {.count = count, .shift = shift};
+  plan.rules[0] = (struct stoq_shed_rule){.prefix = prefix, .shift = rule_shift};
+  bpf_map_update_elem(shed_fd, &index, &plan, BPF_ANY);
 }
 
 /* Ethernet + IPv6 (+ optional extension headers) + UDP + payload. */
@@ -114,6 +120,7 @@ int main(int argc, char **argv) {
   prog_fd = bpf_program__fd(bpf_object__find_program_by_name(obj, "stoq_xdp"));
   stats_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_STATS));
   config_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_CONFIG));
+  shed_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_SHED));
   int ports_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_PORTS));
   uint16_t port = PORT;
   uint8_t one = 1;
@@ -226,6 +233,61 @@ int main(int argc, char **argv) {
     snprintf(name, sizeof(name), "truncated IPv6/UDP/QUIC frames at every length 14..%d -> XDP_PASS", 14 + 40 + 8 + 8);
     expect(name, bad == 0 && stat(STOQ_STAT_PASSED_TRUNCATED) > 0);
     expect("the full frame still steers", run(f, full) == XDP_PASS);
+  }
+
+  /* Shedding: v1 Initials without a token, by the plan of the socket they are steered to. */
+  {
+    set_config(2, STOQ_F_STEER_BY_CID);
+    uint64_t source = 0xfd00000000000000ull; /* ipv6_udp's source, fd00::2, is in fd00::/64 */
+    /* An Initial for worker 1 (DCID byte 1) without a token, one with a token, a Handshake. */
+    size_t pl = long_header(p, 1);
+    p[0] = 0xc3;
+    size_t initial = ipv6_udp(f, PORT, NULL, 0, 0, p, pl);
+    uint8_t tokened[2048], handshake[2048];
+    memcpy(tokened, f, initial);
+    tokened[14 + 40 + 8 + 7 + 8] = 4; /* token length 4 after the 8-byte DCID and empty SCID */
+    memcpy(handshake, f, initial);
+    handshake[14 + 40 + 8] = 0xe3;
+    int dropped = 0, passed_other = 0;
+    uint64_t shed0 = stat(STOQ_STAT_SHED_INITIAL);
+    set_shed(1, source, 16, 1, 0); /* this /64 keeps one in 65536; the others all */
+    for (int i = 0; i < 64; i++) dropped += run(f, initial) == XDP_DROP;
+    for (int i = 0; i < 64; i++)
+      passed_other += run(tokened, initial) == XDP_PASS && run(handshake, initial) == XDP_PASS;
+    snprintf(name, sizeof(name), "shedding: %d of 64 tokenless Initials from the rule's /64 dropped, counted", dropped);
+    expect(name, dropped >= 60 && stat(STOQ_STAT_SHED_INITIAL) == shed0 + (uint64_t)dropped);
+    expect("shedding: Initials with a token and Handshakes pass", passed_other == 64);
+    f[14 + 8 + 7] = 3; /* another /64 */
+    int kept = 0;
+    for (int i = 0; i < 64; i++) kept += run(f, initial) == XDP_PASS;
+    expect("shedding: another /64 with the plan's shift 0 keeps all", kept == 64);
+    set_shed(1, source, 16, 1, 16);
+    dropped = 0;
+    for (int i = 0; i < 64; i++) dropped += run(f, initial) == XDP_DROP;
+    expect("shedding: the plan's own shift sheds everyone else", dropped >= 60);
+    p[6] = 0;
+    size_t other_worker = ipv6_udp(f, PORT, NULL, 0, 0, p, pl);
+    kept = 0;
+    for (int i = 0; i < 64; i++) kept += run(f, other_worker) == XDP_PASS;
+    expect("shedding: a worker without a plan (worker 0) keeps all", kept == 64);
+    /* The verdict agrees with stoq_quic_sheddable_initial at every length from the worker
+     * byte (shorter ones are not steered, so never shed) through the token length. */
+    set_shed(1, 0, 0, 0, 32);
+    ipv6_udp(f, PORT, NULL, 0, 0, p, long_header(p, 1));
+    int disagree = 0, checked = 0;
+    for (size_t len = 14 + 40 + 8 + STOQ_QUIC_LONG_WORKER_OFFSET + 1; len <= 14 + 40 + 8 + 24; len++) {
+      for (int token = 0; token < 3; token++) {
+        f[14 + 40 + 8 + 7 + 8] = (uint8_t)token;
+        uint8_t *q = f + 14 + 40 + 8;
+        int want = stoq_quic_sheddable_initial(q, f + len) ? XDP_DROP : XDP_PASS;
+        /* one kept in 2^32: a sheddable one is dropped unless the draw is 0 */
+        disagree += run(f, len) != want;
+        checked++;
+      }
+    }
+    snprintf(name, sizeof(name), "shedding: XDP and stoq_quic_sheddable_initial agree on %d truncations", checked);
+    expect(name, disagree == 0);
+    set_shed(1, 0, 0, 0, 0);
   }
 
   printf("bpf: %d passed, %d failed\n", passed, failed);

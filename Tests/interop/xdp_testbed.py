@@ -41,13 +41,14 @@ def counters():
 
 
 class XDPNode:
-    def __init__(self, workdir, mode, workers=0):
+    def __init__(self, workdir, mode, workers=0, network=""):
+        """`network`: more [network] lines."""
         self.workdir = workdir
         self.mode = mode
         cfg = workdir / f"node-{mode}.toml"
         cfg.write_text(
             f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[{ADDR_A}]:{PORT}"\n'
-            f'datapath = "af_xdp"\ninterface = "{VA}"\nxdp_mode = "{mode}"\nworkers = {workers}\n'
+            f'datapath = "af_xdp"\ninterface = "{VA}"\nxdp_mode = "{mode}"\nworkers = {workers}\n{network}'
             f'[storage]\npath = "{workdir}/objects"\ncontent_path = "{workdir}/content"\n'
             f'[admin]\nlisten = "[::1]:0"\n')
         self.logpath = workdir / f"node-{mode}.log"

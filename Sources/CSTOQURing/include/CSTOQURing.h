@@ -15,6 +15,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* struct stoq_shed_rule and STOQ_SHED_PREFIXES, shared with the XDP program. By path,
+ * relative to this header: a target's headerSearchPath does not reach the Swift modules
+ * that import it. */
+#include "../../../bpf/stoq_kern_user.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -71,19 +76,11 @@ unsigned stoq_uring_slot_size(const stoq_uring *u);
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The ring does not own it. */
 void stoq_uring_set_wake_fd(stoq_uring *u, int fd);
-/** Most /64s stoq_uring_shed_initials singles out. */
-#define STOQ_URING_SHED_PREFIXES 4
-/** Sheddable Initials from `prefix` (an address's first 64 bits, as a number): keep one in 2^shift. */
-typedef struct stoq_uring_shed_rule {
-  uint64_t prefix;
-  unsigned shift;
-} stoq_uring_shed_rule;
 /** Under an Initial flood: sheds v1 Initials without a token in the kernel, before they are
- *  copied or queued. Those from the /64 of rule i (the first that matches, at most
- *  STOQ_URING_SHED_PREFIXES) keep one in 2^rules[i].shift at random, the rest one in 2^shift
- *  (shifts 0…32; 0 keeps all). Everything else passes. All shifts 0 detaches the filter.
- *  0, or -1 with `err`. */
-int stoq_uring_shed_initials(stoq_uring *u, const stoq_uring_shed_rule *rules, unsigned n, unsigned shift, char *err,
+ *  copied or queued, by the plan in bpf/stoq_kern_user.h ("Shedding an Initial flood"): `n`
+ *  rules (at most STOQ_SHED_PREFIXES), `shift` for everyone else (shifts 0…32). Everything
+ *  else passes. All shifts 0 detaches the filter. 0, or -1 with `err`. */
+int stoq_uring_shed_initials(stoq_uring *u, const struct stoq_shed_rule *rules, unsigned n, unsigned shift, char *err,
                              size_t errlen);
 /** Datagrams the kernel dropped for this socket: shed by that filter, or the receive buffer
  *  was full (SO_MEMINFO). A 32-bit count that wraps. */

@@ -26,6 +26,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* struct stoq_shed_rule and STOQ_SHED_PREFIXES, shared with the XDP program. By path,
+ * relative to this header: a target's headerSearchPath does not reach the Swift modules
+ * that import it. */
+#include "../../../bpf/stoq_kern_user.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -141,6 +146,13 @@ int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *pro
 int stoq_xdp_read_stats(const char *pin_dir, uint64_t *out, int max);
 /** The name of counter `index` ("worker_3" for the per-worker ones). */
 const char *stoq_xdp_stat_name(int index, char *buf, size_t len);
+
+/** Under an Initial flood: has the XDP program shed v1 Initials without a token steered to
+ *  xsk_map slot `index`, by the plan in bpf/stoq_kern_user.h ("Shedding an Initial flood"):
+ *  `n` rules (at most STOQ_SHED_PREFIXES), `shift` for everyone else; all shifts 0 sheds
+ *  nothing. Writes the pinned stoq_shed map under `pin_dir`. 0, or -1 with `err`. */
+int stoq_xdp_shed_initials(const char *pin_dir, uint32_t index, const struct stoq_shed_rule *rules, unsigned n,
+                           unsigned shift, char *err, size_t errlen);
 
 /** Teaches the engine a neighbour (tests and callers that know it better). */
 void stoq_xsk_learn_neighbour(stoq_xsk *x, const struct in6_addr *peer, const uint8_t mac[6]);
