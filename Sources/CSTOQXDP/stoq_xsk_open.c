@@ -158,7 +158,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   x->solicit_fd = -1;
   x->wake_fd = -1;
   x->frame_size = cfg->frame_size ? cfg->frame_size : 2048;
-  if (x->cfg.ring_size == 0) x->cfg.ring_size = 2048;
+  if (x->cfg.ring_size == 0) x->cfg.ring_size = 8192;
   x->cfg.ring_size = pow2_at_least(x->cfg.ring_size);
   x->nframes = cfg->frame_count ? cfg->frame_count : 4 * x->cfg.ring_size;
   if (x->frame_size != 2048 && x->frame_size != 4096) {

@@ -37,7 +37,7 @@ public struct NodeConfig: Sendable, Equatable {
     public struct XDP: Sendable, Equatable {
         public var frameSize = 2048
         public var frames = 16384
-        public var ringSize = 2048
+        public var ringSize = 8192
         public var busyPollMicroseconds = 0
     }
     public struct Network: Sendable, Equatable {

@@ -25,7 +25,7 @@ public struct XDPOptions: Sendable {
     /// UMEM frames; `ringSize` of them feed the fill ring, the rest transmit.
     public var frameCount = 16384
     /// RX/TX/fill ring entries.
-    public var ringSize = 2048
+    public var ringSize = 8192
     public var zeroCopy = ZeroCopy.auto
     /// SO_BUSY_POLL microseconds (0: off).
     public var busyPollMicroseconds = 0

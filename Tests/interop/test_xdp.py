@@ -171,7 +171,7 @@ def test_metrics_expose_the_af_xdp_mode_and_frames(xdp_node):
     for w in (0, 1):
         assert (f'stoq_datapath_info{{worker="{w}",backend="af_xdp",features="ecn",xdp_mode="{xdp_node.mode}",'
                 f'zero_copy="false"}} 1') in r.stdout, r.stdout[-3000:]
-        assert f'stoq_xdp_frames{{worker="{w}",place="kernel_rx"}} 2048' in r.stdout
+        assert f'stoq_xdp_frames{{worker="{w}",place="kernel_rx"}} 8192' in r.stdout
 
 
 def handoff_counters(node):

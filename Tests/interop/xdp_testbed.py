@@ -122,7 +122,7 @@ def xdp_node(request, testbed):
         assert int(fields["frames_tx_reserved"]) in (0, int(fields["frames_per_slot"])), line
         total = int(fields["frames_total"])
         assert int(fields["frames_kernel_rx"]) + int(fields["frames_tx_free"]) + int(fields["frames_tx_reserved"]) == total, line
-        assert int(fields["frames_kernel_rx"]) == 2048, line  # the whole fill ring is back with the kernel
+        assert int(fields["frames_kernel_rx"]) == 8192, line  # the whole fill ring is back with the kernel
     run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
 
 
