@@ -43,7 +43,8 @@ void conn_fail(stoq_conn *c, const char *fmt, ...) {
 void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out) {
   out->ngtcp2_bytes = ep->ngtcp2_user.bytes > 0 ? (uint64_t)ep->ngtcp2_user.bytes : 0;
   out->nghttp3_bytes = ep->nghttp3_user.bytes > 0 ? (uint64_t)ep->nghttp3_user.bytes : 0;
-  stoq_pages_read(ep->pages, &out->pages_warm_bytes, &out->pages_released);
+  stoq_pages_read(ep->pages, &out->pages_warm_bytes, &out->pages_released, &out->pages_cold_runs,
+                  &out->pages_cold_bytes);
 }
 
 void stoq_endpoint_ctx_release_memory(stoq_endpoint_ctx *ep) { stoq_pages_release(ep->pages); }

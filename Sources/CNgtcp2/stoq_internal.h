@@ -41,7 +41,8 @@ STOQ_HIDDEN void stoq_pages_free(stoq_pages *p);
 /* Gives every warm freed block's pages back to the kernel. */
 STOQ_HIDDEN void stoq_pages_release(stoq_pages *p);
 /* The freed blocks' bytes still resident, and how many blocks went back to the kernel so far. */
-STOQ_HIDDEN void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint64_t *released);
+STOQ_HIDDEN void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint64_t *released, uint64_t *cold_runs,
+                                 uint64_t *cold_bytes);
 
 /* The user_data of an ngtcp2_mem or nghttp3_mem: the pages, and what the library holds. */
 typedef struct stoq_mem_user {

@@ -13,7 +13,9 @@
  * without page faults, until the worker releases memory after a wave of closes
  * (stoq_endpoint_ctx_release_memory): then their pages go back to the kernel (MADV_DONTNEED, one
  * call per run of adjacent blocks: a connection's blocks were carved together) and they wait
- * cold (a cold block costs its stack 8 bytes; once no block is held the region starts over).
+ * cold, as runs of pages sorted by address (16 bytes a run, however many blocks it held, so a
+ * wave of 100,000 closes leaves a few runs, not a million entries); once no block is held the
+ * region starts over.
  * Freeing costs no system call, so 20,000 closes a second stay cheap. Zeroed requests (calloc:
  * a struct about to be filled in, every page of it) stay malloc's, which packs them tighter.
  * One endpoint, one thread: no locks. Without the region (the reservation failed) or past it,
@@ -41,9 +43,20 @@ typedef struct block_stack {
   uint32_t n, cap;
 } block_stack;
 
+/* Pages given back to the kernel, free for the taking. */
+typedef struct page_run {
+  uint8_t *at;
+  size_t pages;
+} page_run;
+
+/* Cold runs looked at for a block before carving new pages instead. */
+#define COLD_LOOK 16u
+
 struct stoq_pages {
   uint8_t *base, *next, *end;
-  block_stack warm[MAX_PAGES + 1], cold[MAX_PAGES + 1];
+  block_stack warm[MAX_PAGES + 1];
+  page_run *cold; /* by address; the last is taken from first */
+  size_t ncold, coldcap;
   uint64_t live;     /* blocks the libraries hold */
   uint64_t released; /* blocks whose pages went back to the kernel */
 };
@@ -63,9 +76,27 @@ static int push(block_stack *s, void *b) {
 static void forget_stacks(stoq_pages *p) {
   for (uint32_t pages = 1; pages <= MAX_PAGES; pages++) {
     free(p->warm[pages].at);
-    free(p->cold[pages].at);
-    p->warm[pages] = p->cold[pages] = (block_stack){0};
+    p->warm[pages] = (block_stack){0};
   }
+  free(p->cold);
+  p->cold = NULL;
+  p->ncold = p->coldcap = 0;
+}
+
+/* `pages` pages from the end of one of the last COLD_LOOK cold runs, or NULL. */
+static uint8_t *take_cold(stoq_pages *p, size_t pages) {
+  for (size_t k = 0; k < p->ncold && k < COLD_LOOK; k++) {
+    page_run *r = &p->cold[p->ncold - 1 - k];
+    if (r->pages < pages) continue;
+    r->pages -= pages;
+    uint8_t *b = r->at + r->pages * PAGE;
+    if (r->pages == 0) {
+      memmove(r, r + 1, (size_t)(p->cold + p->ncold - (r + 1)) * sizeof(*r));
+      p->ncold--;
+    }
+    return b;
+  }
+  return NULL;
 }
 
 stoq_pages *stoq_pages_new(void) {
@@ -102,8 +133,7 @@ static void *pages_take(stoq_pages *p, size_t size) {
   uint8_t *b;
   if (p->warm[pages].n) {
     b = p->warm[pages].at[--p->warm[pages].n];
-  } else if (p->cold[pages].n) {
-    b = p->cold[pages].at[--p->cold[pages].n];
+  } else if ((b = take_cold(p, pages))) {
   } else if ((size_t)(p->end - p->next) >= pages * PAGE) {
     b = p->next;
     p->next += pages * PAGE;
@@ -128,13 +158,8 @@ static void pages_put(stoq_pages *p, void *q) {
   }
 }
 
-typedef struct freed_block {
-  uint8_t *at;
-  uint32_t pages;
-} freed_block;
-
 static int by_address(const void *x, const void *y) {
-  const uint8_t *a = ((const freed_block *)x)->at, *b = ((const freed_block *)y)->at;
+  const uint8_t *a = ((const page_run *)x)->at, *b = ((const page_run *)y)->at;
   return (a > b) - (a < b);
 }
 
@@ -150,36 +175,55 @@ void stoq_pages_release(stoq_pages *p) {
     return;
   }
   if (!n) return;
-  freed_block *all = malloc(n * sizeof(*all));
-  if (!all) return; /* no room to sort: they stay warm until the next release */
+  /* The warm blocks and the cold runs, sorted and merged into runs; the warm ones' pages go
+   * back, one call per run of adjacent warm blocks. */
+  if (p->ncold + n > p->coldcap) {
+    size_t cap = p->ncold + n;
+    page_run *cold = realloc(p->cold, cap * sizeof(*cold));
+    if (!cold) return; /* no room to sort: they stay warm until the next release */
+    p->cold = cold;
+    p->coldcap = cap;
+  }
+  page_run *fresh = p->cold + p->ncold;
   size_t k = 0;
-  for (uint32_t pages = 1; pages <= MAX_PAGES; pages++)
-    for (uint32_t i = 0; i < p->warm[pages].n; i++) all[k++] = (freed_block){p->warm[pages].at[i], pages};
-  qsort(all, n, sizeof(*all), by_address);
+  for (uint32_t pages = 1; pages <= MAX_PAGES; pages++) {
+    for (uint32_t i = 0; i < p->warm[pages].n; i++) fresh[k++] = (page_run){p->warm[pages].at[i], pages};
+    free(p->warm[pages].at);
+    p->warm[pages] = (block_stack){0};
+  }
+  qsort(fresh, n, sizeof(*fresh), by_address);
   for (size_t i = 0; i < n;) {
-    uint8_t *start = all[i].at, *end = start;
-    for (; i < n && all[i].at == end; i++) end += (size_t)all[i].pages * PAGE;
+    uint8_t *start = fresh[i].at, *end = start;
+    for (; i < n && fresh[i].at == end; i++) end += fresh[i].pages * PAGE;
     madvise(start, (size_t)(end - start), MADV_DONTNEED);
   }
-  free(all);
-  /* Onto the cold stacks (one that cannot grow leaves the rest warm: their pages went back all
-   * the same, so they are only reused without being counted as warm); an emptied warm stack
-   * lets its array go. */
-  for (uint32_t pages = 1; pages <= MAX_PAGES; pages++) {
-    block_stack *w = &p->warm[pages];
-    while (w->n && push(&p->cold[pages], w->at[w->n - 1]) == 0) w->n--;
-    if (!w->n) {
-      free(w->at);
-      *w = (block_stack){0};
+  size_t all = p->ncold + n, runs = 0;
+  qsort(p->cold, all, sizeof(*p->cold), by_address);
+  for (size_t i = 0; i < all; i++) {
+    page_run *last = runs ? &p->cold[runs - 1] : NULL;
+    if (last && last->at + last->pages * PAGE == p->cold[i].at) last->pages += p->cold[i].pages;
+    else p->cold[runs++] = p->cold[i];
+  }
+  p->ncold = runs;
+  /* Keep the array no larger than twice its runs. */
+  if (p->coldcap > 64 && p->coldcap > 2 * runs) {
+    page_run *cold = realloc(p->cold, (runs ? runs : 1) * sizeof(*cold));
+    if (cold) {
+      p->cold = cold;
+      p->coldcap = runs ? runs : 1;
     }
   }
   p->released += n;
 }
 
-void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint64_t *released) {
+void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint64_t *released, uint64_t *cold_runs,
+                     uint64_t *cold_bytes) {
   *warm_bytes = 0;
   for (uint32_t pages = 1; pages <= MAX_PAGES; pages++) *warm_bytes += (uint64_t)p->warm[pages].n * pages * PAGE;
   *released = p->released;
+  *cold_runs = p->ncold;
+  *cold_bytes = 0;
+  for (size_t i = 0; i < p->ncold; i++) *cold_bytes += p->cold[i].pages * PAGE;
 }
 
 /* ---- The libraries' allocators ----------------------------------------------------------- */

@@ -91,6 +91,10 @@ public struct EndpointCounters: Sendable {
     /// given back to the kernel so far (`releaseLibraryPages`, or past what is kept).
     public var libraryPagesWarmBytes: UInt64 = 0
     public var libraryBlocksReleased: UInt64 = 0
+    /// Runs of those given-back pages waiting for the next connections (16 bytes each), and
+    /// their bytes.
+    public var libraryColdRuns: UInt64 = 0
+    public var libraryColdBytes: UInt64 = 0
     public init() {}
 }
 
@@ -131,6 +135,7 @@ public final class QUICEndpoint {
         stoq_endpoint_ctx_mem_stats(ctx, &m)
         (c.ngtcp2HeapBytes, c.nghttp3HeapBytes) = (m.ngtcp2_bytes, m.nghttp3_bytes)
         (c.libraryPagesWarmBytes, c.libraryBlocksReleased) = (m.pages_warm_bytes, m.pages_released)
+        (c.libraryColdRuns, c.libraryColdBytes) = (m.pages_cold_runs, m.pages_cold_bytes)
         c.halfOpenConnections = UInt64(max(halfOpen, 0))
         return c
     }

@@ -536,6 +536,38 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(pair.server.counters.ngtcp2HeapBytes > 5 * 4096)
     }
 
+    /// With a connection still open the region cannot start over: the closed connections'
+    /// blocks go back to the kernel and wait as runs of pages — a few, not one entry per block
+    /// (a wave of 100,000 closes left 17 MB of entries when it was one per block) — and the
+    /// next connections are carved from them.
+    @Test func closedConnectionsPagesWaitAsAFewRunsWhileOthersStayOpen() throws {
+        let pair = try EndpointPair(identity: identity)
+        let server = MemoryServer(object: randomBytes(2000, seed: 6)), client = RecordingClient()
+        (pair.server.application, pair.client.application) = (server, client)
+        let stays = try pair.connect()
+        #expect(pair.run { stays.isEstablished })
+        let conns = try (0..<20).map { _ in try pair.connect() }
+        #expect(pair.run { conns.allSatisfy(\.isEstablished) })
+        for c in conns { c.close(now: pair.now) }
+        pair.run(for: 10_000_000_000) { pair.server.connectionCount == 1 }
+        #expect(pair.server.connectionCount == 1)
+        let closed = pair.server.counters
+        #expect(closed.libraryPagesWarmBytes >= 20 * 4096, "\(closed.libraryPagesWarmBytes) bytes warm")
+        pair.server.releaseLibraryPages()
+        let released = pair.server.counters
+        #expect(released.libraryPagesWarmBytes == 0)
+        #expect(released.libraryBlocksReleased >= closed.libraryBlocksReleased + 20)
+        // 20 connections' large blocks (each connection's carved together) make a few runs.
+        #expect(released.libraryColdRuns >= 1 && released.libraryColdRuns <= 4, "\(released.libraryColdRuns) runs")
+        let again = try (0..<20).map { _ in try pair.connect() }
+        #expect(pair.run { again.allSatisfy(\.isEstablished) })
+        for c in again + [stays] { _ = try c.request(method: "GET", authority: "x", path: "/objects/x") }
+        #expect(pair.run { server.requests.count == 21 })
+        // They took their pages from the runs, not from fresh address space.
+        #expect(released.libraryColdBytes >= 20 * 4096)
+        #expect(pair.server.counters.libraryColdBytes < released.libraryColdBytes)
+    }
+
     @Test func idleTimeoutRemovesConnections() throws {
         var settings = QUICSettings()
         settings.idleTimeout = 2_000_000_000

@@ -244,6 +244,8 @@ typedef struct stoq_mem_stats {
   uint64_t nghttp3_bytes;
   uint64_t pages_warm_bytes; /* freed large blocks kept resident for reuse */
   uint64_t pages_released;   /* freed large blocks whose pages went back to the kernel, so far */
+  uint64_t pages_cold_runs;  /* runs of given-back pages waiting for reuse */
+  uint64_t pages_cold_bytes; /* the pages in them */
 } stoq_mem_stats;
 void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *out);
 /** Gives the pages of the libraries' freed large blocks back to the kernel: the warm ones kept
