@@ -497,6 +497,19 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(reset[0] & 0xC0 == 0x40)
     }
 
+    /// Releases the server's library pages after `closed` connections closed: the blocks they
+    /// left warm (a page at least each) all go back to the kernel.
+    @discardableResult
+    func releaseLibraryPages(_ pair: EndpointPair, closed n: UInt64) -> EndpointCounters {
+        let closed = pair.server.counters
+        #expect(closed.libraryPagesWarmBytes >= n * 4096, "\(closed.libraryPagesWarmBytes) bytes warm")
+        pair.server.releaseLibraryPages()
+        let released = pair.server.counters
+        #expect(released.libraryPagesWarmBytes == 0)
+        #expect(released.libraryBlocksReleased >= closed.libraryBlocksReleased + n)
+        return released
+    }
+
     /// ngtcp2's and nghttp3's heap for an endpoint's connections, by their own allocations:
     /// it grows with each connection and is all given back once they are closed and let go.
     @Test func theLibrariesGiveBackTheirHeapWhenConnectionsGo() throws {
@@ -522,12 +535,7 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         }
         // Their large blocks wait warm for the next connections until the worker releases
         // memory; then every page of them goes back to the kernel.
-        let closed = pair.server.counters
-        #expect(closed.libraryPagesWarmBytes >= 20 * 4096, "\(closed.libraryPagesWarmBytes) bytes warm")
-        pair.server.releaseLibraryPages()
-        let released = pair.server.counters
-        #expect(released.libraryPagesWarmBytes == 0)
-        #expect(released.libraryBlocksReleased >= closed.libraryBlocksReleased + 20)
+        releaseLibraryPages(pair, closed: 20)
         // The pages given back are the next connections' pages: they read and write as before.
         let again = try (0..<5).map { _ in try pair.connect() }
         #expect(pair.run { again.allSatisfy(\.isEstablished) })
@@ -551,12 +559,7 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         for c in conns { c.close(now: pair.now) }
         pair.run(for: 10_000_000_000) { pair.server.connectionCount == 1 }
         #expect(pair.server.connectionCount == 1)
-        let closed = pair.server.counters
-        #expect(closed.libraryPagesWarmBytes >= 20 * 4096, "\(closed.libraryPagesWarmBytes) bytes warm")
-        pair.server.releaseLibraryPages()
-        let released = pair.server.counters
-        #expect(released.libraryPagesWarmBytes == 0)
-        #expect(released.libraryBlocksReleased >= closed.libraryBlocksReleased + 20)
+        let released = releaseLibraryPages(pair, closed: 20)
         // 20 connections' large blocks (each connection's carved together) make a few runs.
         #expect(released.libraryColdRuns >= 1 && released.libraryColdRuns <= 4, "\(released.libraryColdRuns) runs")
         let again = try (0..<20).map { _ in try pair.connect() }
