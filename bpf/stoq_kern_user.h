@@ -88,6 +88,10 @@ struct stoq_shed_rule {
   __u32 shift;
   __u32 pad;
 };
+/** Keeping one in 2^shift: a random 32-bit draw is kept when its bits under this mask are 0. */
+static inline __attribute__((always_inline)) __u32 stoq_shed_keep_mask(__u32 shift) {
+  return shift >= 32 ? 0xffffffffu : (1u << shift) - 1;
+}
 struct stoq_shed {
   struct stoq_shed_rule rules[STOQ_SHED_PREFIXES];
   __u32 count; /* rules in use */

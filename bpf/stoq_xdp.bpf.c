@@ -52,8 +52,7 @@ static __always_inline int shed(const struct ipv6hdr *ip6, const __u8 *q, const 
     }
   }
   if (shift == 0) return 0;
-  __u32 keep = shift >= 32 ? 0xffffffffu : (1u << shift) - 1;
-  return (bpf_get_prandom_u32() & keep) != 0;
+  return (bpf_get_prandom_u32() & stoq_shed_keep_mask(shift)) != 0;
 }
 
 SEC("xdp")

@@ -119,8 +119,6 @@ static int attach_steering(int fd, unsigned nworkers) {
 #define SHED_RULE_LEN 7
 #define SHED_LEN (12 + SHED_RULE_LEN * STOQ_SHED_PREFIXES + 3 + 2)
 
-static uint32_t keep_mask(unsigned shift) { return shift >= 32 ? 0xffffffffu : (1u << shift) - 1; }
-
 static int attach_shedding(int fd, const struct stoq_shed_rule *rules, unsigned n, unsigned shift) {
   struct sock_filter code[SHED_LEN];
   unsigned len = 0;
@@ -149,12 +147,12 @@ static int attach_shedding(int fd, const struct stoq_shed_rule *rules, unsigned 
     EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SHED_SRC + 4));
     EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)rules[i].prefix, 0, TO(next)));
     EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM));
-    EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, keep_mask(rules[i].shift)));
+    EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, stoq_shed_keep_mask(rules[i].shift)));
     EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, TO(keep), TO(drop)));
   }
   /* everyone else */
   EMIT(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM));
-  EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, keep_mask(shift)));
+  EMIT(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, stoq_shed_keep_mask(shift)));
   EMIT(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, TO(keep), TO(drop)));
   EMIT(BPF_STMT(BPF_RET | BPF_K, 0xffffffffu)); /* keep */
   EMIT(BPF_STMT(BPF_RET | BPF_K, 0));           /* drop */

@@ -546,8 +546,8 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
 
     /// With a connection still open the region cannot start over: the closed connections'
     /// blocks go back to the kernel and wait as runs of pages — a few, not one entry per block
-    /// (a wave of 100,000 closes left 17 MB of entries when it was one per block) — and the
-    /// next connections are carved from them.
+    /// (8 bytes each, ~17 MB with their slack after 100,000 closes) — and the next connections
+    /// are carved from them.
     @Test func closedConnectionsPagesWaitAsAFewRunsWhileOthersStayOpen() throws {
         let pair = try EndpointPair(identity: identity)
         let server = MemoryServer(object: randomBytes(2000, seed: 6)), client = RecordingClient()
