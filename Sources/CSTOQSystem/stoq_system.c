@@ -33,3 +33,8 @@ int stoq_fsetxattr(int fd, const char *name, const void *value, unsigned long si
 int stoq_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 
 void stoq_release_free_memory(void) { malloc_trim(0); }
+
+void stoq_set_heap_thresholds(size_t trim, size_t mmap) {
+  mallopt(M_TRIM_THRESHOLD, (int)trim);
+  mallopt(M_MMAP_THRESHOLD, (int)mmap);
+}

@@ -1,3 +1,4 @@
+import CSTOQSystem
 import Crypto
 import Foundation
 import STOQCore
@@ -249,5 +250,95 @@ private final class Downloader: QUICApplication {
         #expect(first.isClosed)
         #expect(worker.queue === second)
         #expect(!second.receiveTimeouts.isEmpty)
+    }
+}
+
+/// A worker's heap policy: what a thread frees goes back to the kernel, top of its arena
+/// included, even once glibc has raised its trim threshold (as it does, up to 64 MiB, after
+/// every large mmap'd block it frees: malloc_trim then leaves a thread arena's top resident).
+@Suite struct HeapPolicyTests {
+    /// The pages of `[lo, hi)` resident now (mincore, page by page: parts may be unmapped).
+    private static func residentPages(_ lo: UInt, _ hi: UInt) -> Int {
+        let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
+        var count = 0, flag: UInt8 = 0
+        var p = lo & ~(page - 1)
+        while p < hi {
+            if mincore(UnsafeMutableRawPointer(bitPattern: p), Int(page), &flag) == 0, flag & 1 == 1 { count += 1 }
+            p += page
+        }
+        return count
+    }
+
+    /// In a thread of its own, if its arena is new (else it keeps that arena and waits, so the next
+    /// thread cannot take it): 24 MiB of connection-sized blocks, written, freed in order (so they
+    /// merge into the arena's top), the worker's release; `[fresh, pages, resident]` to `fd`.
+    private static let scatterAndRelease: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? = { fd in
+        let report = { (values: [Int]) in
+            _ = values.withUnsafeBytes { write(Int32(Int(bitPattern: fd)), $0.baseAddress, $0.count) }
+        }
+        // A new thread arena starts at a 64 MiB boundary; one other threads left may hold anything.
+        let probe = malloc(16)!
+        guard UInt(bitPattern: probe) & (64 << 20 - 1) < 64 << 10 else {
+            report([0, 0, 0])
+            while true { pause() }
+        }
+        // Nothing else may be allocated until they are freed (it would sit on the top): plain
+        // loops over a buffer taken first, no generic type (whose metadata the runtime allocates
+        // on first use) in between.
+        let count = 100_000
+        let blocks = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: count)
+        defer { blocks.deallocate() }
+        var lo = UInt.max, hi = UInt.min, i = 0
+        while i < count {
+            let b = malloc(240)!
+            memset(b, 7, 240)
+            blocks[i] = b
+            lo = Swift.min(lo, UInt(bitPattern: b))
+            hi = Swift.max(hi, UInt(bitPattern: b) + 240)
+            i += 1
+        }
+        i = 0
+        while i < count {
+            free(blocks[i])
+            i += 1
+        }
+        stoq_release_free_memory()
+        report([1, Int((hi - lo) / UInt(sysconf(Int32(_SC_PAGESIZE)))), residentPages(lo, hi)])
+        return nil
+    }
+
+    @Test func whatAThreadFreesLeavesItsArenaOnceTheWorkerReleases() throws {
+        // In a child process, where no other thread allocates in (or pins) the blocks' arena.
+        var fds: [Int32] = [0, 0]
+        try #require(pipe(&fds) == 0)
+        let child = fork()
+        if child == 0 {
+            // Where glibc's moving threshold ends up once a 32 MiB block has been freed.
+            stoq_set_heap_thresholds(64 << 20, Worker.heapMmapThreshold)
+            Worker.adoptHeapPolicy()
+            var report = [0, 0, 0], threads: [Int32] = [0, 0]
+            guard pipe(&threads) == 0 else { _exit(2) }
+            for _ in 0..<64 {
+                var thread = pthread_t()
+                guard pthread_create(&thread, nil, Self.scatterAndRelease, UnsafeMutableRawPointer(bitPattern: Int(threads[1]))) == 0,
+                    read(threads[0], &report, 3 * MemoryLayout<Int>.size) == 3 * MemoryLayout<Int>.size
+                else { _exit(2) }
+                if report[0] == 1 {
+                    _ = write(fds[1], &report, 3 * MemoryLayout<Int>.size)
+                    _exit(0)
+                }
+            }
+            _exit(3)  // no new arena to be had
+        }
+        close(fds[1])
+        defer { close(fds[0]) }
+        var report = [0, 0, 0], status: Int32 = 0
+        let got = read(fds[0], &report, 3 * MemoryLayout<Int>.size)
+        waitpid(child, &status, 0)
+        try #require(got == 3 * MemoryLayout<Int>.size, "child exit status \(status)")
+        let (pages, resident) = (report[1], report[2])
+        #expect(pages > 5_000)
+        // Without the policy every page stays.
+        #expect(resident * 10 < pages, "\(resident) of \(pages) pages resident")
     }
 }

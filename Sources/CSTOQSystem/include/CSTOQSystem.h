@@ -22,6 +22,7 @@ int stoq_fsetxattr(int fd, const char *name, const void *value, unsigned long si
 int stoq_eventfd(void);
 
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* The CID -> worker layout (STOQ_QUIC_*_WORKER_OFFSET …) that the worker hand-off shares
@@ -42,6 +43,14 @@ typedef struct stoq_handoff_item {
 /** Hands the heap's free memory back to the kernel (malloc_trim): glibc keeps what was freed,
  *  so without it a node that held 100 000 connections stays at that size once they close. */
 void stoq_release_free_memory(void);
+
+/** Fixes glibc's two heap thresholds (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD), process-wide.
+ *  Left to itself glibc raises both after every large mmap'd block it frees: the trim threshold
+ *  to twice that block (up to 64 MiB), and malloc_trim gives back what lies in an arena's bins
+ *  but not a thread arena's top, so a worker's arena kept up to 64 MiB resident once its
+ *  connections had closed. With `trim` fixed, free() hands an arena's top back past `trim`
+ *  bytes; `mmap` keeps blocks below it (chunk buffers) in the arenas, reused without faults. */
+void stoq_set_heap_thresholds(size_t trim, size_t mmap);
 
 /** A bounded lock-free queue into one worker: any worker pushes, the owner pops. */
 typedef struct stoq_handoff stoq_handoff;
