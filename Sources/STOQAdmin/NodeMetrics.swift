@@ -253,6 +253,9 @@ package struct NodeMetrics {
         }
         perWorker("stoq_ingest_objects_total", "Plain uploads chunked into the content store (dedup on ingest).") { $0.objects.ingests }
         perWorker("stoq_ingest_failures_total", "Plain uploads whose ingest failed (answered 500).") { $0.objects.ingestFailures }
+        perWorker("stoq_ingest_followed_total", "Plain uploads chunked while they arrived, however they ended.") {
+            $0.objects.ingestsFollowed
+        }
         perWorker("stoq_ingest_bytes_total", "Bytes of the plain uploads ingested.") { $0.objects.ingestBytes }
         perWorker("stoq_ingest_new_bytes_total", "Ingested bytes in chunks the store did not have (written).") { $0.objects.ingestNewBytes }
         perWorker("stoq_ingest_dedup_bytes_total", "Ingested bytes in chunks the store already had (not written again).") {
@@ -383,7 +386,7 @@ package struct NodeMetrics {
                 "connections_accepted": w.endpoint.connectionsAccepted, "rx_datagrams": w.datapath.rxDatagrams,
                 "tx_datagrams": w.datapath.txDatagrams, "requests": w.objects.requests,
                 "chunks_served": w.content.chunksServed, "chunks_stored": w.content.chunksStored,
-                "ingests": w.objects.ingests, "ingest_bytes": w.objects.ingestBytes,
+                "ingests": w.objects.ingests, "ingests_followed": w.objects.ingestsFollowed, "ingest_bytes": w.objects.ingestBytes,
                 "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
                 "access_refused_401": w.access.refusedUnauthenticated, "access_refused_403": w.access.refusedForbidden,
                 "access_allowed_writes": w.access.allowedWrites,

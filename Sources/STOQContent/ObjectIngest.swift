@@ -14,6 +14,9 @@ import STOQStore
 /// stores it and posts the outcome to that worker's `Inbox`, and the worker answers the
 /// client (201 once the object is durable and indexed) when it drains the inbox between
 /// batches. A client that went away meanwhile gets nothing, but its object is stored.
+/// A large upload (announced at `followMinimum` or more) is not waited for: a follower
+/// thread cuts and stores its body as the sink appends it to the temp file (`follow`), so
+/// that by the end of the body only its last chunks remain.
 ///
 /// Crash safety, step by step: the body is in `.upload-<random>` under `storage.path`
 /// (removed at start if a crash leaves it); chunks are put (each crash-safe; a chunk no
@@ -86,6 +89,14 @@ public final class ObjectIngest: @unchecked Sendable {
     private var jobs: [Job] = []
     private var stopping = false
     private var running = 0
+    private var followers = 0
+
+    /// Uploads announced at this length or more are ingested while they arrive (`follow`);
+    /// below it a thread of their own costs more than the overlap saves.
+    public static let followMinimum: UInt64 = 8 << 20
+    /// At most this many uploads are followed at once; others are ingested once complete.
+    /// A follower of a slow client sleeps on its thread for as long as the client takes.
+    public static let maxFollowers = 8
 
     /// A pool of `threads` threads ingesting into `index`, cutting with `parameters`; uploads
     /// sit in `storagePath` (`storage.path`, where the flat files are).
@@ -154,13 +165,50 @@ public final class ObjectIngest: @unchecked Sendable {
         }
     }
 
+    /// Starts ingesting an upload while it arrives, on a thread of its own, so that chunking
+    /// and hashing overlap receiving instead of following it: `fd` (readable; closed here)
+    /// is the upload's temp file `temp`, which the worker's body sink is still writing, in
+    /// order. The follower cuts and stores what has landed, sleeping when it has caught up,
+    /// until the worker says how the upload ended (`Follower.complete` or `abandon`, once).
+    /// Complete, the object is committed as `submit` would and the outcome posted with
+    /// `ticket`; abandoned, nothing is posted and what was stored is left to garbage
+    /// collection (chunks no object names). `reserved` bytes of `gate` are released at the
+    /// end either way. `sinkHashes`: the sink computes the body's SHA-256 (passed at
+    /// `complete`), so the chunker need not. Returns nil, taking nothing over, when
+    /// `maxFollowers` uploads are being followed already or the pool is stopping.
+    public func follow(
+        fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil,
+        writer: ObjectGate.Writer? = nil, reserved: UInt64 = 0, sinkHashes: Bool
+    ) -> Follower? {
+        let admitted = cond.withLock {
+            guard !stopping, followers < Self.maxFollowers else { return false }
+            followers += 1
+            return true
+        }
+        guard admitted else { return nil }
+        let follower = Follower()
+        let job = Job(
+            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
+            digest: nil)
+        let t = Thread { [self] in
+            if let outcome = run(job, following: follower, sinkHashes: sinkHashes) { inbox.post(outcome) }
+            cond.withLock {
+                followers -= 1
+                cond.broadcast()
+            }
+        }
+        t.name = "stoq-ingest-follow"
+        t.start()
+        return follower
+    }
+
     /// Lets the threads finish what was submitted, then end them (tests; a node's pool lives
     /// as long as the process).
     public func stop() {
         cond.withLock {
             stopping = true
             cond.broadcast()
-            while running > 0 { cond.wait() }
+            while running > 0 || followers > 0 { cond.wait() }
         }
     }
 
@@ -178,21 +226,36 @@ public final class ObjectIngest: @unchecked Sendable {
             }
             let job = jobs.removeFirst()
             cond.unlock()
-            job.inbox.post(run(job))
+            if let outcome = run(job) { job.inbox.post(outcome) }
         }
     }
 
-    private func run(_ job: Job) -> Outcome {
+    /// Ingests `job`: the complete file, or with `follower` the file as it grows. Returns the
+    /// outcome to post, or nil for an upload its worker abandoned.
+    private func run(_ job: Job, following follower: Follower? = nil, sinkHashes: Bool = false) -> Outcome? {
         defer {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
             if job.reserved > 0 { job.gate?.release(job.reserved) }
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
+        let result = Result {
+            guard let follower else {
+                return try Self.ingest(
+                    fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer,
+                    digest: job.digest)
+            }
+            let chunker = StreamingChunker(
+                source: GrowingFileSource(fd: job.fd, follower: follower), parameters: parameters, digestObject: !sinkHashes)
+            return try Self.store(chunker, as: job.name, into: index, sizeHint: 0, gate: job.gate, writer: job.writer) {
+                try follower.ending()
+            }
+        }
+        // Whatever stopped a follower early, its worker has the last word: an abandoned upload
+        // is answered by no one.
+        if let follower, case .abandoned = follower.awaitVerdict() { return nil }
         do {
-            let report = try Self.ingest(
-                fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer,
-                digest: job.digest)
+            let report = try result.get()
             // The record is durable: a flat copy of the name from before would shadow it.
             if unlinkat(rootFD, job.name, 0) == 0 { fsync(rootFD) }
             logger.debug(
@@ -200,7 +263,7 @@ public final class ObjectIngest: @unchecked Sendable {
                 metadata: [
                     "object": "\(job.name)", "bytes": "\(report.bytes)", "chunks": "\(report.chunks)",
                     "new_bytes": "\(report.newBytes)", "reused_bytes": "\(report.reusedBytes)",
-                    "ms": "\((DispatchTime.now().uptimeNanoseconds - t0) / 1_000_000)",
+                    "followed": "\(follower != nil)", "ms": "\((DispatchTime.now().uptimeNanoseconds - t0) / 1_000_000)",
                 ])
             return Outcome(ticket: job.ticket, failure: nil, report: report)
         } catch let e as StoreError where e.code == .noSpace {
@@ -227,29 +290,37 @@ public final class ObjectIngest: @unchecked Sendable {
         fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters, gate: ObjectGate? = nil,
         writer: ObjectGate.Writer? = nil, digest known: ContentDigest? = nil
     ) throws -> Report {
-        try ObjectIndex.validateName(name)
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError(.io, "fstat of the upload of \(name): \(String(cString: strerror(errno)))") }
-        let size = Int(st.st_size)
         guard lseek(fd, 0, SEEK_SET) == 0 else {
             throw StoreError(.io, "lseek of the upload of \(name): \(String(cString: strerror(errno)))")
         }
-        // The chunker reads the file; each chunk is put from the chunker's buffer, the bytes
-        // its id was just computed from (so the store need not hash them again).
+        let size = UInt64(st.st_size)
         let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters, digestObject: known == nil)
+        return try store(chunker, as: name, into: index, sizeHint: size, gate: gate, writer: writer) { (size, known) }
+    }
+
+    /// Stores what `chunker` cuts as the object `name`: each chunk put from the chunker's
+    /// buffer, the bytes its id was just computed from (so the store need not hash them
+    /// again), then the record. `ending`, asked once the chunker has reached its source's
+    /// end, says how long the object is and its SHA-256 if known (else the chunker's).
+    static func store<Source: STOQChunking.ChunkSource>(
+        _ chunker: StreamingChunker<Source>, as name: String, into index: ObjectIndex, sizeHint: UInt64, gate: ObjectGate?,
+        writer: ObjectGate.Writer?, ending: () throws -> (size: UInt64, digest: ContentDigest?)
+    ) throws -> Report {
+        try ObjectIndex.validateName(name)
+        let parameters = chunker.parameters
         var report = Report()
         var entries: [Manifest.Entry] = []
         var ids: [ChunkID] = []
-        entries.reserveCapacity(size / parameters.avgSize + 1)
-        ids.reserveCapacity(size / parameters.avgSize + 1)
+        let expected = Int(min(sizeHint, 1 << 40)) / parameters.avgSize + 1
+        entries.reserveCapacity(expected)
+        ids.reserveCapacity(expected)
         var written = 0  // bytes of new chunks put so far, for a full disk's message
         func noSpace(_ e: StoreError) -> StoreError {
             StoreError.noSpace(storing: name, written: written, errno: e.message.hasPrefix("disk quota") ? EDQUOT : ENOSPC)
         }
         while let (c, bytes) = try chunker.nextWithBytes() {
-            guard c.offset + UInt64(c.length) <= UInt64(size) else {
-                throw StoreError(.io, "the upload of \(name) grew while it was ingested")
-            }
             let id = ChunkID(bytes: c.id.bytes)!
             let put: ChunkStore.PutResult
             do { put = try index.chunks.put(id: id, hashedBytes: bytes) } catch let e as StoreError where e.code == .noSpace {
@@ -267,11 +338,12 @@ public final class ObjectIngest: @unchecked Sendable {
             entries.append(Manifest.Entry(id: c.id, length: UInt32(c.length)))
             ids.append(id)
         }
-        guard chunker.bytesConsumed == UInt64(size), let digest = known ?? chunker.objectDigest else {
-            throw StoreError(.io, "the upload of \(name) changed size while it was ingested")
+        let (size, known) = try ending()
+        guard chunker.bytesConsumed == size, let digest = known ?? chunker.objectDigest else {
+            throw StoreError(.io, "the upload of \(name) changed size while it was ingested (\(chunker.bytesConsumed) of \(size) bytes)")
         }
         let manifest: Manifest
-        do { manifest = try Manifest(totalLength: UInt64(size), digest: digest, parameters: parameters, chunks: entries) } catch {
+        do { manifest = try Manifest(totalLength: size, digest: digest, parameters: parameters, chunks: entries) } catch {
             throw StoreError(.io, "the manifest of \(name): \(error)")
         }
         report.manifest = manifest.encode()
@@ -279,7 +351,7 @@ public final class ObjectIngest: @unchecked Sendable {
             if let gate, let writer {
                 let encoded = report.manifest
                 let put = { try index.putObject(name, manifest: encoded, chunkIDs: ids, owner: writer.identity) }
-                if let refusal = try gate.commit(name, by: writer, size: UInt64(size), physical: 0, chunked: true, write: put) {
+                if let refusal = try gate.commit(name, by: writer, size: size, physical: 0, chunked: true, write: put) {
                     throw refusal
                 }
             } else {
@@ -288,8 +360,103 @@ public final class ObjectIngest: @unchecked Sendable {
         } catch let e as StoreError where e.code == .noSpace {
             throw noSpace(e)
         }
-        report.bytes = UInt64(size)
+        report.bytes = size
         report.chunks = entries.count
         return report
+    }
+}
+
+extension ObjectIngest {
+    /// The worker's side of an upload being followed (`ObjectIngest.follow`): how it ended,
+    /// said once, from the worker's thread.
+    public final class Follower: @unchecked Sendable {
+        enum Verdict {
+            case pending
+            case complete(size: UInt64, digest: ContentDigest?)
+            case abandoned
+        }
+        /// Thrown to the chunker when the worker abandoned the upload.
+        struct Abandoned: Error {}
+
+        private let cond = NSCondition()
+        private var verdict = Verdict.pending
+
+        /// Every byte of the body has landed in the file (`size` of them) and the worker
+        /// accepted it: commit it. `digest`: the body's SHA-256, if the sink computed it.
+        public func complete(size: UInt64, digest: ContentDigest?) { say(.complete(size: size, digest: digest)) }
+
+        /// The upload will not be stored (aborted, too large, refused, a write failed).
+        public func abandon() { say(.abandoned) }
+
+        private func say(_ v: Verdict) {
+            cond.withLock {
+                guard case .pending = verdict else { return }
+                verdict = v
+                cond.broadcast()
+            }
+        }
+
+        /// The verdict, waiting at most `nanoseconds` for one while there is none.
+        func verdict(waitingUpTo nanoseconds: UInt64) -> Verdict {
+            cond.withLock {
+                if case .pending = verdict {
+                    _ = cond.wait(until: Date(timeIntervalSinceNow: Double(nanoseconds) / 1e9))
+                }
+                return verdict
+            }
+        }
+
+        /// The verdict, once there is one.
+        func awaitVerdict() -> Verdict {
+            cond.withLock {
+                while case .pending = verdict { cond.wait() }
+                return verdict
+            }
+        }
+
+        /// The object's length and the sink's digest, for a completed upload.
+        func ending() throws -> (size: UInt64, digest: ContentDigest?) {
+            guard case .complete(let size, let digest) = awaitVerdict() else { throw Abandoned() }
+            return (size, digest)
+        }
+    }
+
+    /// Reads an upload's temp file while the body sink is still appending to it. The sink
+    /// writes in order from one thread, and a read never returns bytes past the file's size,
+    /// so what a read returns is final. Caught up, it sleeps (0.25 ms at first, doubling to
+    /// 16 ms while nothing arrives) until more has landed or the worker's verdict says the
+    /// file is complete (then it reads to the end) or abandoned (then it throws).
+    struct GrowingFileSource: STOQChunking.ChunkSource {
+        let fd: Int32
+        let follower: Follower
+        private var offset: off_t = 0
+        private static let firstNap: UInt64 = 250_000, longestNap: UInt64 = 16_000_000
+
+        init(fd: Int32, follower: Follower) {
+            self.fd = fd
+            self.follower = follower
+        }
+
+        mutating func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+            var nap = Self.firstNap, complete = false
+            while true {
+                let n = pread(fd, buffer.baseAddress, buffer.count, offset)
+                if n > 0 {
+                    offset += off_t(n)
+                    return n
+                }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw ChunkSourceError(errno: errno, call: "pread")
+                }
+                if complete { return 0 }
+                switch follower.verdict(waitingUpTo: nap) {
+                case .pending: nap = min(nap * 2, Self.longestNap)
+                case .abandoned: throw Follower.Abandoned()
+                // Every write landed before the verdict: reading again sees the rest.
+                case .complete: complete = true
+                }
+            }
+        }
     }
 }

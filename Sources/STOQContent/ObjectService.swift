@@ -27,6 +27,10 @@ public final class ObjectService: QUICApplication {
         /// The body sink stops at the room the quotas leave (`ObjectGate.headroom`) when that
         /// is below `storage.max_object_size`: EFBIG then means 507, not 413.
         var quotaLimit: UInt64?
+        /// The ingest following the upload as it arrives (large uploads, with dedup on), and
+        /// the ticket its outcome will carry.
+        var follower: ObjectIngest.Follower?
+        var ticket: UInt64 = 0
     }
 
     /// What the service counted.
@@ -41,6 +45,9 @@ public final class ObjectService: QUICApplication {
         /// Uploads chunked into the content store (dedup on ingest), and those that failed.
         public var ingests: UInt64 = 0
         public var ingestFailures: UInt64 = 0
+        /// Uploads whose ingest started while they arrived (`ObjectIngest.follow`), however
+        /// they ended.
+        public var ingestsFollowed: UInt64 = 0
         /// Bytes of the ingested objects; of those, bytes of chunks written (new to the
         /// store) and of chunks the store already had (deduplicated).
         public var ingestBytes: UInt64 = 0
@@ -219,15 +226,52 @@ public final class ObjectService: QUICApplication {
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, name, written: 0, errno: e) }
             return fail(stream, connection, 500, "cannot create upload file: \(String(cString: strerror(e)))")
         }
-        uploads[stream] = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimit: limit < maxObjectSize ? limit : nil)
+        var up = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimit: limit < maxObjectSize ? limit : nil)
+        if let n = request.contentLength, UInt64(n) >= ObjectIngest.followMinimum, let ingest {
+            if let r = follow(&up, size: UInt64(n), ingest: ingest) {
+                discard(up)
+                return fail(stream, connection, r.status, r.reason)
+            }
+        }
+        uploads[stream] = up
         // Hashed as it arrives: the SHA-256 is the object's ETag.
         stream.setBodySink(fd: fd, limit: limit, hash: gate != nil)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
 
+    /// Hands a large upload to the ingest pool as it starts, so that it is chunked while it
+    /// arrives (`ObjectIngest.follow`), with room under the storage cap reserved for its
+    /// announced `size` until the chunks are written. The gate's refusal when the cap has no
+    /// room for it. Nil with nothing started when the pool follows as many uploads as it may:
+    /// this one is then ingested once complete.
+    private func follow(_ up: inout Upload, size: UInt64, ingest: ObjectIngest) -> ObjectGate.Refusal? {
+        var reserved: UInt64 = 0
+        if let gate, gate.settings.storageCap > 0 {
+            if let r = gate.reserve(size) { return r }
+            reserved = size
+        }
+        let copy = dup(up.fd)
+        up.follower =
+            copy < 0
+            ? nil
+            : ingest.follow(
+                fd: copy, temp: up.temp, name: up.name, ticket: nextTicket, inbox: ingestInbox, gate: gate, writer: up.writer,
+                reserved: reserved, sinkHashes: gate != nil)
+        if up.follower == nil {
+            if copy >= 0 { close(copy) }
+            if reserved > 0 { gate?.release(reserved) }
+        } else {
+            up.ticket = nextTicket
+            nextTicket += 1
+            counters.ingestsFollowed += 1
+        }
+        return nil
+    }
+
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
         guard let up = uploads.removeValue(forKey: stream) else { return }
         if aborted || stream.sinkErrno != 0 {
+            up.follower?.abandon()
             let written = Self.size(up.fd)
             discard(up)
             counters.uploadsAborted += 1
@@ -254,17 +298,24 @@ public final class ObjectService: QUICApplication {
             var reserved: UInt64 = 0
             if let gate, let w = up.writer {
                 var refusal = gate.check(up.name, by: w, size: size, physical: nil)
-                if refusal == nil, gate.settings.storageCap > 0 {
+                if refusal == nil, up.follower == nil, gate.settings.storageCap > 0 {
                     refusal = gate.reserve(size)
                     reserved = refusal == nil ? size : 0
                 }
                 if let r = refusal {
+                    up.follower?.abandon()
                     discard(up)
                     counters.uploadsAborted += 1
                     return fail(stream, connection, r.status, r.reason)
                 }
             }
             // The pool owns the file from here; the answer comes when it posts the outcome.
+            if let follower = up.follower {
+                ingesting[up.ticket] = (stream, connection)
+                close(up.fd)
+                follower.complete(size: size, digest: stream.bodySHA256().flatMap(ContentDigest.init))
+                return
+            }
             let ticket = nextTicket
             nextTicket += 1
             ingesting[ticket] = (stream, connection)
@@ -335,6 +386,7 @@ public final class ObjectService: QUICApplication {
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         if let up = uploads.removeValue(forKey: stream) {
+            up.follower?.abandon()
             discard(up)
             counters.uploadsAborted += 1
         }

@@ -156,3 +156,116 @@ extension ObjectIngestTests {
         #expect(objects.sorted() == ["flat-later", "only-flat"])
     }
 }
+
+/// Following an upload: chunked while the body sink still appends to its temp file.
+extension ObjectIngestTests {
+    func pool() throws -> ObjectIngest {
+        try ObjectIngest(index: index, parameters: parameters, storagePath: storage, logger: Logger(label: "test"))
+    }
+
+    /// Appends `bytes` to the file at `path` in `pieces`, pausing between them, as a sink would.
+    static func append(_ bytes: [UInt8], to path: String, pieces: Int) {
+        let fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC)
+        defer { close(fd) }
+        let step = (bytes.count + pieces - 1) / pieces
+        for at in stride(from: 0, to: bytes.count, by: step) {
+            let n = min(step, bytes.count - at)
+            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + at, n) }
+            usleep(2000)
+        }
+    }
+
+    /// Waits up to 30 s for `condition`.
+    static func eventually(_ condition: () throws -> Bool) rethrows -> Bool {
+        for _ in 0..<3000 {
+            if try condition() { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
+    @Test func aFollowedUploadIsChunkedWhileItArrivesAndStoredOnceComplete() throws {
+        let ingest = try pool()
+        defer { ingest.stop() }
+        let inbox = ObjectIngest.Inbox()
+        let posted = DispatchSemaphore(value: 0)
+        inbox.onPost = { posted.signal() }
+        let data = Self.bytes(900_000, seed: 20)
+        let fd = try upload([], named: ".upload-f")
+        let follower = try #require(
+            ingest.follow(fd: fd, temp: ".upload-f", name: "followed", ticket: 3, inbox: inbox, sinkHashes: false))
+        Self.append(Array(data[..<600_000]), to: storage + "/.upload-f", pieces: 30)
+        // Before the end: chunks of what has landed are in the store already, and nothing is posted.
+        let firstCut = try Manifest(chunking: BytesSource(Array(data[..<600_000])), parameters: parameters).chunks.first!
+        #expect(try Self.eventually { try index.chunks.has(ChunkID(bytes: firstCut.id.bytes)!) })
+        #expect(posted.wait(timeout: .now() + 0.2) == .timedOut)
+        Self.append(Array(data[600_000...]), to: storage + "/.upload-f", pieces: 10)
+        follower.complete(size: 900_000, digest: nil)
+        #expect(posted.wait(timeout: .now() + 30) == .success)
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        let expected = try Manifest(chunking: BytesSource(data), parameters: parameters)
+        #expect(outcomes.count == 1 && outcomes[0].ticket == 3 && outcomes[0].failure == nil)
+        #expect(outcomes[0].report.manifest == expected.encode() && outcomes[0].report.bytes == 900_000)
+        #expect(try stored("followed") == data)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: storage) == [])
+    }
+
+    /// The sink's digest, given at `complete`, is the one the manifest records; a follower
+    /// told the body is longer than what landed fails and stores no object.
+    @Test func theVerdictSaysTheDigestAndALengthThatDidNotLandFails() throws {
+        let ingest = try pool()
+        defer { ingest.stop() }
+        let inbox = ObjectIngest.Inbox()
+        let posted = DispatchSemaphore(value: 0)
+        inbox.onPost = { posted.signal() }
+        let data = Self.bytes(200_000, seed: 21)
+        let digest = ContentDigest.sha256(data)
+        for (ticket, claimed) in [(UInt64(1), 200_000), (2, 200_005)] {
+            let temp = ".upload-\(ticket)"
+            let fd = try upload(data, named: temp)
+            let follower = try #require(
+                ingest.follow(fd: fd, temp: temp, name: "v\(ticket)", ticket: ticket, inbox: inbox, sinkHashes: true))
+            follower.complete(size: UInt64(claimed), digest: digest)
+            #expect(posted.wait(timeout: .now() + 30) == .success)
+        }
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        let byTicket = Dictionary(uniqueKeysWithValues: outcomes.map { ($0.ticket, $0) })
+        #expect(try Manifest(decoding: byTicket[1]!.report.manifest).digest == digest)
+        #expect(byTicket[2]?.failure?.contains("changed size while it was ingested (200000 of 200005 bytes)") == true)
+        #expect(throws: StoreError.self) { try index.object("v2") }
+    }
+
+    /// At most `maxFollowers` at once; an abandoned upload posts nothing, records no object,
+    /// and frees its follower for the next one.
+    @Test func abandonedFollowersPostNothingAndFreeTheirPlace() throws {
+        let ingest = try pool()
+        let inbox = ObjectIngest.Inbox()
+        var followers: [ObjectIngest.Follower] = []
+        for i in 0..<ObjectIngest.maxFollowers {
+            let temp = ".upload-a\(i)"
+            let fd = try upload(Self.bytes(100_000, seed: UInt64(30 + i)), named: temp)
+            followers.append(
+                try #require(ingest.follow(fd: fd, temp: temp, name: "a\(i)", ticket: UInt64(i), inbox: inbox, sinkHashes: false)))
+        }
+        let spare = try upload([1, 2, 3], named: ".upload-spare")
+        #expect(ingest.follow(fd: spare, temp: ".upload-spare", name: "spare", ticket: 99, inbox: inbox, sinkHashes: false) == nil)
+        for f in followers { f.abandon() }
+        // Their places come back: the spare upload is followed once one has ended.
+        var last: ObjectIngest.Follower?
+        #expect(
+            Self.eventually {
+                last = ingest.follow(fd: spare, temp: ".upload-spare", name: "spare", ticket: 99, inbox: inbox, sinkHashes: false)
+                return last != nil
+            })
+        last?.abandon()
+        ingest.stop()  // returns once every follower has ended
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        #expect(outcomes.isEmpty)
+        for i in 0..<ObjectIngest.maxFollowers { #expect(throws: StoreError.self) { try index.object("a\(i)") } }
+        #expect(throws: StoreError.self) { try index.object("spare") }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: storage) == [])
+    }
+}

@@ -2,7 +2,7 @@
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
 Usage: h3client.py URL [--ca CERT | --insecure] [--out FILE] [--method GET] [--header k:v ...]
-                   [--body FILE [--no-length]] [--close-after-send] [--session-ticket FILE [--early-data]]
+                   [--body FILE [--no-length | --abort-after N]] [--close-after-send] [--session-ticket FILE [--early-data]]
                    [--repeat N]
 Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
 "headers": {"content-length": "N", ...}};
@@ -23,6 +23,7 @@ import os
 import pickle
 import ssl
 import sys
+import time
 from urllib.parse import urlparse
 
 from aioquic.asyncio.client import connect
@@ -104,7 +105,7 @@ class Client(QuicConnectionProtocol):
                 "headers": {str(x["status"]): x["headers"] for x in ordered},
                 "texts": {str(x["status"]): x["text"] for x in ordered}}
 
-    async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False):
+    async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False, abort_after=None):
         u = urlparse(url)
         sid = self._quic.get_next_available_stream_id()
         if method == "HEAD":
@@ -115,6 +116,20 @@ class Client(QuicConnectionProtocol):
                 (b":path", (u.path or "/").encode())] + headers
         if body is None:
             self.h3.send_headers(sid, hdrs, end_stream=True)
+        elif abort_after is not None:
+            # Announce the whole body, send only its start, and once the server has acknowledged
+            # that, cancel the request (RESET_STREAM, H3_REQUEST_CANCELLED) and leave.
+            self.h3.send_headers(sid, hdrs + [(b"content-length", str(len(body)).encode())], end_stream=False)
+            self.h3.send_data(sid, body[:abort_after], end_stream=False)
+            self.transmit()
+            stream, deadline = self._quic._streams[sid], time.monotonic() + 60
+            while stream.sender._buffer_start < abort_after and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            self._quic.reset_stream(sid, 0x10C)
+            self.transmit()
+            await asyncio.sleep(0.2)
+            self.close()
+            return
         elif no_length:
             self.h3.send_headers(sid, hdrs, end_stream=False)
             for at in range(0, len(body), 64 << 10):
@@ -149,6 +164,8 @@ async def main() -> int:
     ap.add_argument("--early-data", action="store_true", help="send the request without waiting for the handshake")
     ap.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     ap.add_argument("--no-length", action="store_true", help="send the body without a content-length")
+    ap.add_argument("--abort-after", type=int,
+                    help="announce the whole --body, send this many bytes of it, then cancel the request")
     ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
     a = ap.parse_args()
     u = urlparse(a.url)
@@ -178,7 +195,7 @@ async def main() -> int:
             print(json.dumps(await c.repeat(a.method, a.url, headers, a.repeat)))
             return 0
         body = open(a.body, "rb").read() if a.body else None
-        await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length)
+        await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length, a.abort_after)
         res = {"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
                "text": c.head.decode("utf-8", "replace"), "headers": c.headers}
         if a.session_ticket:

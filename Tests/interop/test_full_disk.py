@@ -196,3 +196,31 @@ def test_an_edge_fill_on_a_full_disk_still_serves(disk, tmp_path):
             assert edge.stop() == 0
     finally:
         assert origin.stop() == 0
+
+
+def test_an_upload_chunked_while_it_arrives_meets_a_full_disk(disk, tmp_path):
+    """A 9 MiB plain PUT (large enough to be chunked while it arrives) to a 14 MiB disk: its
+    temp file and its chunks cannot both fit, so either the body's writes or the chunks' meet
+    the full disk. Either way: 507 naming the object, nothing visible, no temp file, and once
+    space returns the same PUT stores it whole."""
+    mnt, work = disk
+    grow(mnt, "14m")
+    node = Node(work, workers=1, extra=ADMIN)
+    try:
+        src = random_file(tmp_path / "followed.bin", 9 * MiB, 41)
+        r = stoq("put", src, node.url("followed.bin"), "--ca", node.cert)
+        assert r.returncode != 0 and "HTTP 507" in r.stderr, r.stderr
+        assert "no space left on device while storing followed.bin" in r.stderr, r.stderr
+        assert h3(node, "GET", "/objects/followed.bin")["status"] == 404
+        assert h3(node, "GET", "/manifests/followed.bin")["status"] == 404
+        assert temp_files(mnt) == []
+        time.sleep(1.2)  # workers publish about once a second
+        m = metrics(node)
+        assert m["stoq_ingest_followed_total"] == 1 and m["stoq_ingest_objects_total"] == 0, m
+        grow(mnt)
+        r = stoq("put", src, node.url("followed.bin"), "--ca", node.cert)
+        assert r.returncode == 0, r.stderr
+        assert get_sha(node, "followed.bin", tmp_path) == sha256_file(src)
+        assert temp_files(mnt) == []
+    finally:
+        assert node.stop() == 0

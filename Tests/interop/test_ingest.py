@@ -18,7 +18,7 @@ from conftest import settled as settled_reading
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
 INGEST = ["stoq_ingest_objects_total", "stoq_ingest_bytes_total", "stoq_ingest_new_bytes_total",
-          "stoq_ingest_dedup_bytes_total", "stoq_ingest_failures_total"]
+          "stoq_ingest_dedup_bytes_total", "stoq_ingest_failures_total", "stoq_ingest_followed_total"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,8 @@ def test_plain_put_of_the_same_256_mib_twice_stores_under_1_mib_more(inode, tmp_
     c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
     assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 256 * MiB
     assert c1["stoq_ingest_new_bytes_total"] - c0["stoq_ingest_new_bytes_total"] == 256 * MiB
+    # Chunked while it arrived (announced at 8 MiB or more), not after.
+    assert c1["stoq_ingest_followed_total"] - c0["stoq_ingest_followed_total"] == 1
     # The object is a chunked object now: no flat file, no temp file, a record in the index.
     assert not (inode.storage / "big.bin").exists()
     assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
@@ -185,6 +187,30 @@ def test_a_client_that_leaves_before_the_answer_still_gets_its_object_stored(ino
     assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 32 * MiB
     assert h3(inode, "/objects/gone.bin")["sha256"] == sha256_file(src)
     assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+
+
+def test_uploads_cancelled_while_being_chunked_store_nothing_and_free_their_followers(inode, tmp_path):
+    """A large upload is chunked while it arrives (followed). Nine cancelled after 6 of their
+    16 MiB, one more than the node follows at once, one after another: each was followed (so
+    each one before it had freed its follower), none became an object or left a temp file,
+    and the same name then stores whole."""
+    src = random_file(tmp_path / "cut.bin", 16 * MiB, 18)
+    c0 = settled(inode)
+    for _ in range(9):
+        res = h3(inode, "/objects/cut.bin", "--method", "PUT", "--body", str(src), "--abort-after", str(6 * MiB))
+        assert res["status"] is None, res
+    c1 = counters_after(inode, c0, "stoq_ingest_followed_total", 9)
+    print("ingest counters after nine cancelled uploads:", {k: c1[k] - c0[k] for k in INGEST})
+    assert c1["stoq_ingest_followed_total"] - c0["stoq_ingest_followed_total"] == 9
+    assert c1["stoq_ingest_objects_total"] == c0["stoq_ingest_objects_total"]
+    assert c1["stoq_ingest_failures_total"] == c0["stoq_ingest_failures_total"]
+    assert h3(inode, "/objects/cut.bin")["status"] == 404
+    assert h3(inode, "/manifests/cut.bin")["status"] == 404
+    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+    put(inode, src, "cut.bin")
+    c2 = counters_after(inode, c1, "stoq_ingest_objects_total", 1)
+    assert c2["stoq_ingest_followed_total"] - c1["stoq_ingest_followed_total"] == 1
+    assert h3(inode, "/objects/cut.bin")["sha256"] == sha256_file(src)
 
 
 def test_with_dedup_off_a_plain_put_stays_a_flat_file(tmp_path_factory, tmp_path):
