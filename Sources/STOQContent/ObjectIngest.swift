@@ -85,11 +85,11 @@ public final class ObjectIngest: @unchecked Sendable {
     public let parameters: ChunkingParameters
     private let rootFD: Int32
     private let logger: Logger
+    private let pool: WorkPool
+    /// Followers running, and whether the pool is stopping (under `cond`).
     private let cond = NSCondition()
-    private var jobs: [Job] = []
-    private var stopping = false
-    private var running = 0
     private var followers = 0
+    private var stopping = false
 
     /// Uploads announced at this length or more are ingested while they arrive (`follow`);
     /// below it a thread of their own costs more than the overlap saves.
@@ -109,15 +109,10 @@ public final class ObjectIngest: @unchecked Sendable {
         self.index = index
         self.parameters = parameters
         self.logger = logger
+        pool = WorkPool(name: "stoq-ingest", threads: threads)
         let shadowed = removeShadowedFlatFiles()
         if !shadowed.isEmpty {
             logger.notice("removed flat copies older than their ingested objects: \(shadowed.joined(separator: ", "))")
-        }
-        running = max(1, threads)
-        for i in 0..<running {
-            let t = Thread { [self] in work() }
-            t.name = "stoq-ingest-\(i)"
-            t.start()
         }
     }
 
@@ -156,13 +151,10 @@ public final class ObjectIngest: @unchecked Sendable {
         fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil,
         reserved: UInt64 = 0, digest: ContentDigest? = nil
     ) {
-        cond.withLock {
-            jobs.append(
-                Job(
-                    fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
-                    digest: digest))
-            cond.signal()
-        }
+        let job = Job(
+            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
+            digest: digest)
+        pool.submit { [self] in if let outcome = run(job) { inbox.post(outcome) } }
     }
 
     /// Starts ingesting an upload while it arrives, on a thread of its own, so that chunking
@@ -205,30 +197,14 @@ public final class ObjectIngest: @unchecked Sendable {
     /// Lets the threads finish what was submitted, then end them (tests; a node's pool lives
     /// as long as the process).
     public func stop() {
+        pool.stop()
         cond.withLock {
             stopping = true
-            cond.broadcast()
-            while running > 0 || followers > 0 { cond.wait() }
+            while followers > 0 { cond.wait() }
         }
     }
 
     deinit { close(rootFD) }
-
-    private func work() {
-        while true {
-            cond.lock()
-            while jobs.isEmpty && !stopping { cond.wait() }
-            if jobs.isEmpty {
-                running -= 1
-                cond.broadcast()
-                cond.unlock()
-                return
-            }
-            let job = jobs.removeFirst()
-            cond.unlock()
-            if let outcome = run(job) { job.inbox.post(outcome) }
-        }
-    }
 
     /// Ingests `job`: the complete file, or with `follower` the file as it grows. Returns the
     /// outcome to post, or nil for an upload its worker abandoned.

@@ -1,0 +1,63 @@
+import Foundation
+
+/// Threads for the blocking work a worker must not do itself: writing and fsyncing what it
+/// received, chunking an upload. Jobs run in the order they were submitted, each on one of
+/// the pool's threads (`<name>-0`, `<name>-1`, …); a job reports back however its submitter
+/// arranged (a worker's `CompletionInbox`). Thread-safe.
+public final class WorkPool: @unchecked Sendable {
+    private let cond = NSCondition()
+    private var jobs: [() -> Void] = []
+    private var next = 0  // jobs[..<next] have been taken
+    private var stopping = false
+    private var running = 0
+
+    /// Starts `threads` threads (at least one) named after `name`.
+    public init(name: String, threads: Int) {
+        running = max(1, threads)
+        for i in 0..<running {
+            let t = Thread { [self] in work() }
+            t.name = "\(name)-\(i)"
+            t.start()
+        }
+    }
+
+    /// Queues `job` (any thread; returns at once).
+    public func submit(_ job: @escaping () -> Void) {
+        cond.withLock {
+            jobs.append(job)
+            cond.signal()
+        }
+    }
+
+    /// Lets the threads finish every job submitted, then ends them (tests, and a node's
+    /// orderly stop).
+    public func stop() {
+        cond.withLock {
+            stopping = true
+            cond.broadcast()
+            while running > 0 { cond.wait() }
+        }
+    }
+
+    private func work() {
+        while true {
+            cond.lock()
+            while next == jobs.count && !stopping { cond.wait() }
+            if next == jobs.count {
+                running -= 1
+                cond.broadcast()
+                cond.unlock()
+                return
+            }
+            let job = jobs[next]
+            next += 1
+            // Drop what was taken once the queue has drained (amortized, no per-job shifting).
+            if next == jobs.count {
+                jobs.removeAll(keepingCapacity: true)
+                next = 0
+            }
+            cond.unlock()
+            job()
+        }
+    }
+}
