@@ -115,6 +115,23 @@ public final class ContentService: QUICApplication {
     package var spans: StreamSpans?
     /// Conditions, overwrite policy and quotas for writes (nil: none; tests).
     package var gate: ObjectGate?
+    /// Where chunk PUTs are verified, written and fsynced, off this worker's thread (the
+    /// node's; nil: on it, for tests). Their answers come back through `storeInbox`.
+    package var storePool: WorkPool?
+    /// This worker's finished chunk writes; the worker drains it (`drainStores`) between batches.
+    package let storeInbox = CompletionInbox<ChunkWrite>()
+    /// Chunk PUTs being written, by ticket: whom to answer, and the request's store span.
+    private var storing: [UInt64: (stream: HTTPStream, connection: QUICConnection, span: (any Span)?)] = [:]
+    private var nextStore: UInt64 = 1
+    private var written: [ChunkWrite] = []
+
+    /// How writing one chunk PUT ended: its answer's status (201 stored, 200 the store had
+    /// it, or a refusal's) and, for a refusal, why.
+    package struct ChunkWrite: Sendable {
+        var ticket: UInt64
+        var status: Int
+        var reason: String
+    }
 
     /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
     /// refused. With `edge`, what the node lacks is served through the edge cache.
@@ -437,7 +454,17 @@ public final class ContentService: QUICApplication {
     }
 
     /// Forgets what `connection`'s streams waited for (it is gone).
+    /// Forgets whom to answer for the chunk writes `gone` picks (their stream or connection
+    /// is gone); the chunks are stored all the same.
+    private func forgetWrites(_ gone: ((stream: HTTPStream, connection: QUICConnection, span: (any Span)?)) -> Bool) {
+        for (ticket, wait) in storing where gone(wait) {
+            wait.span?.end()
+            storing[ticket] = nil
+        }
+    }
+
     func connectionClosed(_ connection: QUICConnection) {
+        if !storing.isEmpty { forgetWrites { $0.connection === connection } }
         guard !edgeWaits.isEmpty else { return }
         edgeWaits = edgeWaits.filter { $0.value.connection !== connection }
     }
@@ -473,7 +500,7 @@ public final class ContentService: QUICApplication {
         }
         let body = UnsafeRawBufferPointer(start: region.base, count: region.count)
         switch up.kind {
-        case .chunk(let id): storeChunk(id, body, stream, connection)
+        case .chunk(let id): storeChunk(id, region, stream, connection)
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
@@ -482,34 +509,76 @@ public final class ContentService: QUICApplication {
         }
     }
 
-    private func storeChunk(_ id: ChunkID, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// A chunk PUT's body, complete: verified, written and fsynced on the store pool (inline
+    /// without one), room under the storage cap reserved meanwhile; answered when it is durable.
+    private func storeChunk(_ id: ChunkID, _ body: BodyRegion, _ stream: HTTPStream, _ connection: QUICConnection) {
         let span = storeSpan("store.write", stream, chunk: id)
-        defer { span?.end() }
         counters.chunkBytesReceived += UInt64(body.count)
+        var reserved: UInt64 = 0
         if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true {
-            if let r = gate.reserve(UInt64(body.count)) { return fail(stream, connection, r.status, r.reason) }
-            defer { gate.release(UInt64(body.count)) }
-            return putChunk(id, body, stream, connection)
+            if let r = gate.reserve(UInt64(body.count)) {
+                span?.end()
+                return fail(stream, connection, r.status, r.reason)
+            }
+            reserved = UInt64(body.count)
         }
-        putChunk(id, body, stream, connection)
+        let chunks = index.chunks, gate = self.gate
+        let write = { () -> (status: Int, reason: String) in
+            defer { if reserved > 0 { gate?.release(reserved) } }
+            return Self.put(id, body, into: chunks)
+        }
+        guard let storePool else {
+            let (status, reason) = write()
+            countWrite(status)
+            span?.end()
+            return answerWrite(status, reason, stream, connection)
+        }
+        let ticket = nextStore
+        nextStore += 1
+        storing[ticket] = (stream, connection, span)
+        let inbox = storeInbox
+        storePool.submit {
+            let (status, reason) = write()
+            inbox.post(ChunkWrite(ticket: ticket, status: status, reason: reason))
+        }
     }
 
-    private func putChunk(_ id: ChunkID, _ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// Stores a chunk PUT's `body` as `id` (verifying it); the answer's status and reason.
+    static func put(_ id: ChunkID, _ body: BodyRegion, into chunks: ChunkStore) -> (status: Int, reason: String) {
         do {
-            switch try index.chunks.put(id: id, bytes: body) {
-            case .alreadyPresent:
-                counters.chunksAlreadyPresent += 1
-                connection.respond(stream, status: 200, headers: [("content-length", "0")], body: nil)
-            default:
-                counters.chunksStored += 1
-                connection.respond(stream, status: 201, headers: [("content-length", "0")], body: nil)
+            switch try chunks.put(id: id, bytes: UnsafeRawBufferPointer(start: body.base, count: body.count)) {
+            case .alreadyPresent: return (200, "")
+            default: return (201, "")
             }
         } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
-            fail(stream, connection, e.code == .chunkTooLarge ? 413 : 400, e.message)
+            return (e.code == .chunkTooLarge ? 413 : 400, e.message)
         } catch let e as StoreError where e.code == .noSpace {
             // Counted by the store; the client may resend the chunk once space returns.
-            fail(stream, connection, 507, e.message)
-        } catch { fail(stream, connection, 500, "\(error)") }
+            return (507, e.message)
+        } catch { return (500, "\(error)") }
+    }
+
+    private func countWrite(_ status: Int) {
+        if status == 200 { counters.chunksAlreadyPresent += 1 } else if status == 201 { counters.chunksStored += 1 }
+    }
+
+    private func answerWrite(_ status: Int, _ reason: String, _ stream: HTTPStream, _ connection: QUICConnection) {
+        guard status == 200 || status == 201 else { return fail(stream, connection, status, reason) }
+        connection.respond(stream, status: status, headers: [("content-length", "0")], body: nil)
+    }
+
+    /// Answers the chunk PUTs the store pool has written (called by the worker between
+    /// batches). A chunk whose client went away is stored all the same.
+    package func drainStores() {
+        storeInbox.drain(into: &written)
+        guard !written.isEmpty else { return }
+        for w in written {
+            countWrite(w.status)
+            guard let wait = storing.removeValue(forKey: w.ticket) else { continue }
+            wait.span?.end()
+            answerWrite(w.status, w.reason, wait.stream, wait.connection)
+        }
+        written.removeAll(keepingCapacity: true)
     }
 
     private func answerMissing(_ body: UnsafeRawBufferPointer, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -558,6 +627,7 @@ public final class ContentService: QUICApplication {
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         if let up = uploads.removeValue(forKey: stream) { close(up.fd) }
+        if !storing.isEmpty { forgetWrites { $0.stream == stream } }
         sends[stream] = nil
         if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
     }

@@ -43,6 +43,8 @@ public final class Node: @unchecked Sendable {
     private var admin: AdminServer?
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
+    /// The threads that write chunk PUTs for the workers; ended once the workers have.
+    private var storePool: WorkPool?
     private let finished = DispatchGroup()
     /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
     private let qlog: QLogControl
@@ -180,9 +182,12 @@ public final class Node: @unchecked Sendable {
         let queues = try DatapathSelection(config: cfg, logger: logger).open()
         listenAddress = queues[0].localEndpoint
         let mesh = try connectWorkers(queues)
+        let storePool = WorkerAssembly.makeStorePool(workers: queues.count)
+        self.storePool = storePool
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
-            content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger), edge: edge,
+            content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger),
+            storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, qlog: qlog, access: access, mesh: mesh, meshService: meshService, gate: gate,
             rates: rates,
@@ -580,7 +585,10 @@ public final class Node: @unchecked Sendable {
             ? {
                 finished.wait(); return true
             }() : finished.wait(timeout: .now() + timeout) == .success
-        if done { admin?.shutdown() }
+        if done {
+            admin?.shutdown()
+            storePool?.stop()
+        }
         return done
     }
 }

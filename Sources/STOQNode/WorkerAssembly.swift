@@ -26,6 +26,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let content: ObjectIndex
     /// Where plain uploads are chunked (`chunking.dedup_enabled`; nil: stored flat).
     let ingest: ObjectIngest?
+    /// Where chunk PUTs are written and fsynced, off the workers (`makeStorePool`).
+    let storePool: WorkPool
     let edge: EdgeCache?
     /// `Cache-Control: max-age` (seconds) on manifests and chunked objects, if set.
     let originMaxAge: UInt64?
@@ -103,6 +105,7 @@ struct WorkerAssembly: @unchecked Sendable {
             edge: edge, maxAge: originMaxAge, mesh: meshService)
         objects.gate = gate
         chunks.gate = gate
+        chunks.storePool = storePool
         var version = 0
         let router = NodeRouter(objects: objects, content: chunks, access: AccessGate(access.take(after: &version)!), logger: logger)
         router.rates = rates
@@ -112,8 +115,8 @@ struct WorkerAssembly: @unchecked Sendable {
     }
 
     /// What the worker does between batches: take rotated credentials, and complete the
-    /// requests whose origin fetches or upload ingests finished (those wake it through the
-    /// mesh).
+    /// requests whose origin fetches, upload ingests or chunk writes finished (those wake it
+    /// through the mesh).
     private func turnHook(worker i: Int, endpoint: QUICEndpoint, router: NodeRouter, qlogVersion: Int) -> () -> Void {
         var credentialsVersion = 0
         var qlogVersion = qlogVersion
@@ -126,6 +129,7 @@ struct WorkerAssembly: @unchecked Sendable {
         let edgeOn = edge != nil, ingestOn = ingest != nil
         if edgeOn { content.inbox.onPost = { [mesh] in mesh.wake(i) } }
         if ingestOn { objects.ingestInbox.onPost = { [mesh] in mesh.wake(i) } }
+        content.storeInbox.onPost = { [mesh] in mesh.wake(i) }
         return {
             // A rotated or reloaded certificate: new handshakes use it from now on.
             if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
@@ -137,9 +141,17 @@ struct WorkerAssembly: @unchecked Sendable {
             if let a = access.take(after: &accessVersion) { router.access.settings = a }
             // Origin fetches finish on the edge cache's thread; responses complete here.
             if edgeOn { content.drainEdge() }
-            // Uploads are chunked on the ingest pool's threads; their 201s go out here.
+            // Uploads are chunked on the ingest pool's threads, chunk PUTs written on the
+            // store pool's; their answers go out here.
             if ingestOn { objects.drainIngest() }
+            content.drainStores()
         }
+    }
+
+    /// The threads that write and fsync chunk PUTs for every worker: as many as the node has
+    /// workers (a disk's fsyncs then overlap across them), at most four.
+    static func makeStorePool(workers: Int) -> WorkPool {
+        WorkPool(name: "stoq-store", threads: min(4, max(1, workers)))
     }
 
     /// The pool that chunks plain uploads into `content` when `chunking.dedup_enabled` is
