@@ -163,6 +163,13 @@ extension ObjectIngestTests {
         try ObjectIngest(index: index, parameters: parameters, storagePath: storage, logger: Logger(label: "test"))
     }
 
+    /// An inbox, and a semaphore signalled at each post to it.
+    static func signallingInbox() -> (ObjectIngest.Inbox, DispatchSemaphore) {
+        let inbox = ObjectIngest.Inbox(), posted = DispatchSemaphore(value: 0)
+        inbox.onPost = { posted.signal() }
+        return (inbox, posted)
+    }
+
     /// Appends `bytes` to the file at `path` in `pieces`, pausing between them, as a sink would.
     static func append(_ bytes: [UInt8], to path: String, pieces: Int) {
         let fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC)
@@ -187,9 +194,7 @@ extension ObjectIngestTests {
     @Test func aFollowedUploadIsChunkedWhileItArrivesAndStoredOnceComplete() throws {
         let ingest = try pool()
         defer { ingest.stop() }
-        let inbox = ObjectIngest.Inbox()
-        let posted = DispatchSemaphore(value: 0)
-        inbox.onPost = { posted.signal() }
+        let (inbox, posted) = Self.signallingInbox()
         let data = Self.bytes(900_000, seed: 20)
         let fd = try upload([], named: ".upload-f")
         let follower = try #require(
@@ -216,9 +221,7 @@ extension ObjectIngestTests {
     @Test func theVerdictSaysTheDigestAndALengthThatDidNotLandFails() throws {
         let ingest = try pool()
         defer { ingest.stop() }
-        let inbox = ObjectIngest.Inbox()
-        let posted = DispatchSemaphore(value: 0)
-        inbox.onPost = { posted.signal() }
+        let (inbox, posted) = Self.signallingInbox()
         let data = Self.bytes(200_000, seed: 21)
         let digest = ContentDigest.sha256(data)
         for (ticket, claimed) in [(UInt64(1), 200_000), (2, 200_005)] {
