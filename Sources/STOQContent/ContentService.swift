@@ -453,7 +453,6 @@ public final class ContentService: QUICApplication {
         completions.removeAll(keepingCapacity: true)
     }
 
-    /// Forgets what `connection`'s streams waited for (it is gone).
     /// Forgets whom to answer for the chunk writes `gone` picks (their stream or connection
     /// is gone); the chunks are stored all the same.
     private func forgetWrites(_ gone: ((stream: HTTPStream, connection: QUICConnection, span: (any Span)?)) -> Bool) {
@@ -463,6 +462,7 @@ public final class ContentService: QUICApplication {
         }
     }
 
+    /// Forgets what `connection`'s streams waited for (it is gone).
     func connectionClosed(_ connection: QUICConnection) {
         if !storing.isEmpty { forgetWrites { $0.connection === connection } }
         guard !edgeWaits.isEmpty else { return }

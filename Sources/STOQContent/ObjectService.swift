@@ -251,27 +251,25 @@ public final class ObjectService: QUICApplication {
             reserved = size
         }
         let copy = dup(up.fd)
-        up.follower =
-            copy < 0
-            ? nil
-            : ingest.follow(
+        if copy >= 0,
+            let follower = ingest.follow(
                 fd: copy, temp: up.temp, name: up.name, ticket: nextTicket, inbox: ingestInbox, gate: gate, writer: up.writer,
                 reserved: reserved, sinkHashes: gate != nil)
-        if up.follower == nil {
-            if copy >= 0 { close(copy) }
-            if reserved > 0 { gate?.release(reserved) }
-        } else {
+        {
+            up.follower = follower
             up.ticket = nextTicket
             nextTicket += 1
             counters.ingestsFollowed += 1
+            return nil
         }
+        if copy >= 0 { close(copy) }
+        if reserved > 0 { gate?.release(reserved) }
         return nil
     }
 
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
         guard let up = uploads.removeValue(forKey: stream) else { return }
         if aborted || stream.sinkErrno != 0 {
-            up.follower?.abandon()
             let written = Self.size(up.fd)
             discard(up)
             counters.uploadsAborted += 1
@@ -303,7 +301,6 @@ public final class ObjectService: QUICApplication {
                     reserved = refusal == nil ? size : 0
                 }
                 if let r = refusal {
-                    up.follower?.abandon()
                     discard(up)
                     counters.uploadsAborted += 1
                     return fail(stream, connection, r.status, r.reason)
@@ -386,7 +383,6 @@ public final class ObjectService: QUICApplication {
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         if let up = uploads.removeValue(forKey: stream) {
-            up.follower?.abandon()
             discard(up)
             counters.uploadsAborted += 1
         }
@@ -441,7 +437,9 @@ public final class ObjectService: QUICApplication {
         return fstat(fd, &st) == 0 ? Int(st.st_size) : 0
     }
 
+    /// Drops an upload that will not be stored: its follower (if any) is told, its temp file goes.
     private func discard(_ up: Upload) {
+        up.follower?.abandon()
         close(up.fd)
         unlinkat(rootFD, up.temp, 0)
     }

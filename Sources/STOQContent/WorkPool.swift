@@ -7,7 +7,6 @@ import Foundation
 public final class WorkPool: @unchecked Sendable {
     private let cond = NSCondition()
     private var jobs: [() -> Void] = []
-    private var next = 0  // jobs[..<next] have been taken
     private var stopping = false
     private var running = 0
 
@@ -42,20 +41,14 @@ public final class WorkPool: @unchecked Sendable {
     private func work() {
         while true {
             cond.lock()
-            while next == jobs.count && !stopping { cond.wait() }
-            if next == jobs.count {
+            while jobs.isEmpty && !stopping { cond.wait() }
+            if jobs.isEmpty {
                 running -= 1
                 cond.broadcast()
                 cond.unlock()
                 return
             }
-            let job = jobs[next]
-            next += 1
-            // Drop what was taken once the queue has drained (amortized, no per-job shifting).
-            if next == jobs.count {
-                jobs.removeAll(keepingCapacity: true)
-                next = 0
-            }
+            let job = jobs.removeFirst()
             cond.unlock()
             job()
         }
