@@ -3,8 +3,9 @@ import Foundation
 import STOQQUIC
 import Testing
 
-/// File mappings that bodies are sent from: small ones are unmapped where they end, large
-/// ones on the background queue (the worker never pays the page-table teardown).
+/// File mappings that bodies are sent from: small ones fault in on their reader and are
+/// unmapped where they end; large ones get their page tables built and torn down on the
+/// background queue (the worker pays neither).
 struct BodyRegionTests {
     /// A file of `size` bytes (sparse) and its descriptor.
     private func file(_ size: Int) throws -> Int32 {
@@ -40,16 +41,63 @@ struct BodyRegionTests {
     }
 
     @Test func aLargeMappingIsUnmappedOnTheBackgroundQueue() throws {
-        let size = BodyRegion.unmapOffLoopBytes
+        let size = BodyRegion.offLoopBytes
         let fd = try file(size)
         defer { close(fd) }
         // Hold the queue: the region's end must not unmap on this thread.
         let held = DispatchSemaphore(value: 0)
-        BodyRegion.unmapping.async { held.wait() }
+        BodyRegion.pageTables.async { held.wait() }
         let address = try mapAndRelease(fd, size)
         #expect(isMapped(address))
         held.signal()
-        BodyRegion.waitForUnmaps()
+        BodyRegion.waitForPageTables()
+        #expect(!isMapped(address))
+    }
+
+    /// Minor page faults this thread has taken so far.
+    private func minorFaults() -> Int {
+        var usage = rusage()
+        getrusage(1, &usage)  // RUSAGE_THREAD (1), which Glibc does not import
+        return usage.ru_minflt
+    }
+
+    /// Reads one byte of every page of `region`; returns the faults that took.
+    private func faultsReading(_ region: BodyRegion) throws -> Int {
+        let base = try #require(region.base)
+        let before = minorFaults()
+        var sum = 0
+        for offset in stride(from: 0, to: region.count, by: 4096) { sum &+= Int(base.load(fromByteOffset: offset, as: UInt8.self)) }
+        #expect(sum >= 0)
+        return minorFaults() - before
+    }
+
+    @Test func aLargeMappingIsPopulatedOffTheReader() throws {
+        let size = 2 * BodyRegion.offLoopBytes
+        let fd = try file(size)
+        defer { close(fd) }
+        // Pages in the page cache (written, not holes), so that only the mapping is missing.
+        let bytes = [UInt8](repeating: 7, count: size)
+        #expect(pwrite(fd, bytes, size, 0) == size)
+        let region = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
+        BodyRegion.waitForPageTables()
+        #expect(try faultsReading(region) == 0)
+        // A small mapping of the same pages is left to its reader: it faults.
+        let small = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: BodyRegion.offLoopBytes / 2))
+        BodyRegion.waitForPageTables()
+        #expect(try faultsReading(small) > 0)
+    }
+
+    @Test func aRegionDroppedBeforeItsPopulateIsStillUnmapped() throws {
+        let size = BodyRegion.offLoopBytes
+        let fd = try file(size)
+        defer { close(fd) }
+        let held = DispatchSemaphore(value: 0)
+        BodyRegion.pageTables.async { held.wait() }
+        var region = BodyRegion.mapping(fd: fd, offset: 0, length: size)
+        let address = UInt(bitPattern: try #require(region?.base))
+        region = nil  // before the populate ran: it finds nothing to hold and does nothing
+        held.signal()
+        BodyRegion.waitForPageTables()
         #expect(!isMapped(address))
     }
 }
