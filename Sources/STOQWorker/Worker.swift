@@ -49,6 +49,12 @@ public final class Worker {
     public private(set) var memoryReleases: UInt64 = 0
     /// Datagrams handled between transmit passes within one receive batch.
     public var flushBudget = 64
+    /// A transmit pass hands the datapath what it wrote once this many bytes are waiting, so
+    /// that the kernel copies them out of the transmit slots while they are still in this
+    /// core's cache. Flushing only when all slots were full (4 MiB on io_uring) let them fall
+    /// out of it: with 512 connections the kernel's copy was 18 % of the worker against 7.5 %
+    /// with one (perf, 2026-12-04).
+    public var transmitFlushBytes = 256 << 10
     /// Called on the worker thread at the start of every turn: where handlers pick up work
     /// finished elsewhere (an edge cache's origin fetches) and complete their responses.
     /// Whoever finishes such work wakes the worker with `WorkerMesh.wake`.
@@ -165,16 +171,23 @@ public final class Worker {
             stride > 0
             ? queue.maxSegmentsPerSlot
             : max(1, min(queue.maxSegmentsPerSlot, queue.slotCapacity / maxPayload))
+        var waiting = 0
         while true {
             var slot = queue.reserveTransmit()
             if slot == nil {
                 try queue.flush()
+                waiting = 0
                 slot = queue.reserveTransmit()
             }
             guard let slot else { break }
             guard let t = endpoint.pollTransmit(into: slot, maxSegments: segments, stride: stride, now: now) else { break }
             queue.commitTransmit(
                 length: t.length, segmentSize: t.segmentSize, to: t.destination, from: t.source, ecn: t.ecn)
+            waiting += t.length
+            if waiting >= transmitFlushBytes {
+                try queue.flush()
+                waiting = 0
+            }
         }
         try queue.flush()
     }

@@ -198,6 +198,29 @@ private final class Downloader: QUICApplication {
         #expect(fake.flushes.map(\.datagrams) == [0, 8, 2, 0])
     }
 
+    @Test func aTransmitPassFlushesOnceEnoughBytesWait() throws {
+        let fake = FakeDatapathQueue(local: serverAddress, slots: 16)
+        let server = try serverEndpoint()
+        let worker = Worker(queue: fake, endpoint: server)
+        worker.idleWait = 1_000_000
+        let prober = IPv6Endpoint(address: IPv6Address("fd00::77")!, port: 999)
+        func probes(_ first: Int) -> [UInt8] { (0..<10).flatMap { probe(UInt8(first + $0 * 8)) } }
+        // By default ten replies (one slot each) are far below the threshold: one flush at the end.
+        fake.deliver(probes(0), from: prober, segmentSize: 1200)
+        try worker.turn()
+        #expect(fake.flushes.map(\.datagrams) == [0, 10])
+        let reply = try #require(fake.sent.first).bytes.count
+        // Three replies' worth waiting: the pass hands them over, three at a time, in order.
+        fake.clearRecords()
+        worker.transmitFlushBytes = 3 * reply
+        fake.deliver(probes(100), from: prober, segmentSize: 1200)
+        try worker.turn()
+        #expect(fake.flushes.map(\.datagrams) == [0, 3, 3, 3, 1])
+        let echoed: [[UInt8]] = fake.sent.map { Array($0.bytes[6..<10]) }
+        let probed: [[UInt8]] = (0..<10).map { (i: Int) -> [UInt8] in (0..<4).map { (k: Int) -> UInt8 in UInt8(100 + i * 8 + k) } }
+        #expect(echoed == probed)
+    }
+
     @Test func aDatagramForAnotherWorkersConnectionIsHandedToIt() throws {
         let mesh = try WorkerMesh(workers: 2, capacity: 16)
         let secret = StaticSecret.random()
