@@ -191,10 +191,11 @@ public final class ObjectService: QUICApplication {
             return fail(stream, connection, 404, "no object \(name)")
         }
         guard
-            var (status, headers, range) = Self.bodyHead(
+            let (status, head, range) = Self.bodyHead(
                 size: UInt64(st.st_size), request: request, stream: stream,
                 connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
+        var headers = head
         headers.append(("etag", ObjectGate.readMeta(fd).map { "\"\($0.sha256)\"" } ?? ObjectGate.fileETag(st)))
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
         if request.method == "HEAD" {

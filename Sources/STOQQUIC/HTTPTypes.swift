@@ -87,14 +87,18 @@ public final class BodyRegion: @unchecked Sendable {
         guard let p, p != MAP_FAILED else { return nil }
         _ = madvise(p, mapLength, MADV_SEQUENTIAL)
         let offLoop = mapLength >= offLoopBytes
+        let populated = Populated()
         let region = BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { base, _ in
             guard let base else { return }
             let start = UnsafeMutableRawPointer(mutating: base - delta)
             if !offLoop { munmap(start, mapLength); return }
             let address = UInt(bitPattern: start)
-            pageTables.async { munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength) }
+            pageTables.async {
+                munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength)
+                populatedBytes -= populated.bytes
+            }
         }
-        if offLoop { populate(region, start: UInt(bitPattern: p), length: mapLength) }
+        if offLoop { populate(region, populated, start: UInt(bitPattern: p), length: mapLength) }
         return region
     }
 
@@ -113,23 +117,39 @@ public final class BodyRegion: @unchecked Sendable {
     /// What one populate call maps before the queue checks that the region is still wanted.
     static let populateStep = 8 << 20
 
-    /// Maps `region`'s pages in `populateStep` pieces on `pageTables`, holding the region only
-    /// for a piece at a time: a region dropped meanwhile ends the work (its unmap is queued
-    /// behind it, so no piece runs on a range already unmapped).
-    private static func populate(_ region: BodyRegion, start: UInt, length: Int) {
+    /// Bytes of mapping the populates may hold, all regions together. A populated mapping has
+    /// all its page tables (2 MiB per GiB) from the start instead of growing them with the
+    /// transfer, so many slow downloads of large objects would hold all of theirs at once.
+    /// Past this, a mapping faults in on its reader, as a small one does. Tests lower it.
+    nonisolated(unsafe) package static var populateBudget = 4 << 30
+
+    /// Bytes the populates hold now: touched only on `pageTables`.
+    nonisolated(unsafe) private static var populatedBytes = 0
+
+    /// What one region's populate mapped: touched only on `pageTables`.
+    private final class Populated: @unchecked Sendable { var bytes = 0 }
+
+    /// Maps `region`'s pages in `populateStep` pieces on `pageTables`, within `populateBudget`,
+    /// holding the region only for a piece at a time: a region dropped meanwhile ends the work
+    /// (its unmap is queued behind it, so no piece runs on a range already unmapped).
+    private static func populate(_ region: BodyRegion, _ populated: Populated, start: UInt, length: Int) {
         pageTables.async { [weak region] in
-            var done = 0
-            while done < length {
-                guard let held = region else { return }
-                let n = min(populateStep, length - done)
+            while populated.bytes < length {
+                let n = min(populateStep, length - populated.bytes)
+                guard let held = region, populatedBytes + n <= populateBudget else { return }
                 // EINVAL (a kernel before 5.14) or a file cut short (EFAULT): the reader faults.
-                let ok = madvise(UnsafeMutableRawPointer(bitPattern: start + UInt(done)), n, MADV_POPULATE_READ) == 0
+                let at = UnsafeMutableRawPointer(bitPattern: start + UInt(populated.bytes))
+                let ok = madvise(at, n, MADV_POPULATE_READ) == 0
                 withExtendedLifetime(held) {}
                 if !ok { return }
-                done += n
+                populated.bytes += n
+                populatedBytes += n
             }
         }
     }
+
+    /// What the populates hold, once what was queued so far is done (tests).
+    package static func populatedNow() -> Int { pageTables.sync { populatedBytes } }
 
     /// Waits until every populate and unmap queued so far is done (tests).
     package static func waitForPageTables() { pageTables.sync {} }

@@ -6,7 +6,7 @@ import Testing
 /// File mappings that bodies are sent from: small ones fault in on their reader and are
 /// unmapped where they end; large ones get their page tables built and torn down on the
 /// background queue (the worker pays neither).
-struct BodyRegionTests {
+@Suite(.serialized) struct BodyRegionTests {
     /// A file of `size` bytes (sparse) and its descriptor.
     private func file(_ size: Int) throws -> Int32 {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-region-\(UUID())").path
@@ -85,6 +85,31 @@ struct BodyRegionTests {
         let small = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: BodyRegion.offLoopBytes / 2))
         BodyRegion.waitForPageTables()
         #expect(try faultsReading(small) > 0)
+    }
+
+    @Test func populatesStayWithinTheirBudgetAndGiveItBack() throws {
+        let size = 2 * BodyRegion.offLoopBytes
+        let fd = try file(size)
+        defer { close(fd) }
+        let bytes = [UInt8](repeating: 7, count: size)
+        #expect(pwrite(fd, bytes, size, 0) == size)
+        let budget = BodyRegion.populateBudget
+        BodyRegion.populateBudget = BodyRegion.populatedNow() + size
+        defer { BodyRegion.populateBudget = budget }
+        // The first region takes the whole budget; the second is left to fault on its reader.
+        var first = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
+        BodyRegion.waitForPageTables()
+        let second = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
+        BodyRegion.waitForPageTables()
+        #expect(try faultsReading(first) == 0)
+        #expect(try faultsReading(second) > 0)
+        // Once the first is unmapped, its share comes back: a third is populated again.
+        first = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: 4096))
+        BodyRegion.waitForPageTables()
+        let third = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
+        BodyRegion.waitForPageTables()
+        #expect(try faultsReading(third) == 0)
+        withExtendedLifetime((first, second)) {}
     }
 
     @Test func aRegionDroppedBeforeItsPopulateIsStillUnmapped() throws {
