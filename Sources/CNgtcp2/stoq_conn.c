@@ -614,14 +614,18 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
   return c;
 }
 
-void stoq_conn_free(stoq_conn *c) {
-  if (!c) return;
+void stoq_conn_end_streams(stoq_conn *c) {
   while (c->streams) {
     stoq_stream *s = c->streams;
     sink_drain(s, 1);
     if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_CANCELLED);
     stream_free(c, s);
   }
+}
+
+void stoq_conn_free(stoq_conn *c) {
+  if (!c) return;
+  stoq_conn_end_streams(c);
   if (c->h3) nghttp3_conn_del(c->h3);
   if (c->q) ngtcp2_conn_del(c->q); /* writes the qlog's end */
   qlog_free(c);

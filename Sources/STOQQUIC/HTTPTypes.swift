@@ -206,7 +206,9 @@ public protocol QUICApplication: AnyObject {
     func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool)
     /// Client: a response head arrived.
     func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection)
-    /// The stream is gone; `errorCode` is the HTTP/3 code (0x100 = no error).
+    /// The stream is gone; `errorCode` is the HTTP/3 code (0x100 = no error). Streams still
+    /// open when their connection goes end just before `connectionClosed`, with
+    /// H3_REQUEST_CANCELLED (0x10c).
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64)
     /// Server: a streamed response (`respondStreamed`) has room for its next piece.
     func bodyWanted(stream: HTTPStream, connection: QUICConnection)

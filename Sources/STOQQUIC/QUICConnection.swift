@@ -52,7 +52,12 @@ public final class QUICConnection: TimerHeapElement {
         self.local = local
     }
 
-    deinit { stoq_conn_free(raw) }
+    deinit {
+        // Streams it still has (its endpoint went first) end without calling back with this
+        // object: nothing may take a reference to it from here.
+        stoq_conn_set_app(raw, nil)
+        stoq_conn_free(raw)
+    }
 
     /// The handshake completed.
     public var isEstablished: Bool { stoq_conn_is_established(raw) != 0 }

@@ -630,8 +630,11 @@ public final class QUICEndpoint {
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
         if conn.countedEstablished { established -= 1 }
-        // The application may hold the connection a while longer; its qlog file and buffer
-        // go now.
+        // The application may hold the connection a while longer; its streams, qlog file and
+        // buffer go now. Streams end here, not when the connection is freed: the application
+        // hears of each while the connection is alive, and may keep it (from its deinit it
+        // could not: a reference taken there outliving it is a crash).
+        stoq_conn_end_streams(conn.raw)
         stoq_conn_qlog_close(conn.raw)
         tally.connectionsClosed &+= 1
         tally.pathsValidated &+= conn.pathsValidated

@@ -613,6 +613,45 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(pair.server.connectionCount == 0, "idle timeout is 30 s; 5 s of simulated time passed")
     }
 
+    /// A connection that goes with a request still open ends that stream as the endpoint lets it
+    /// go, while the connection is alive: the application may keep the connection it is handed
+    /// (freeing it later must not call back; a reference taken from its deinit crashed
+    /// `stoq bench` when a node went away mid-run).
+    @Test func streamsEndWhenTheEndpointLetsAConnectionGo() throws {
+        final class Silent: QUICApplication {
+            func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {}
+        }
+        final class Keeper: QUICApplication {
+            var events: [String] = []
+            var kept: [QUICConnection] = []
+            var code: UInt64?
+            func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+                events.append("stream")
+                kept.append(connection)
+                code = errorCode
+            }
+            func connectionClosed(connection: QUICConnection, reason: String) { events.append("connection") }
+        }
+        let pair = try EndpointPair(identity: identity)
+        pair.server.application = Silent()
+        let keeper = Keeper()
+        pair.client.application = keeper
+        var conn: QUICConnection? = try pair.connect()
+        #expect(pair.run { conn?.isEstablished == true })
+        _ = try conn?.request(method: "GET", authority: "x", path: "/objects/x")
+        pair.run(for: 100_000_000) { false }
+        pair.server.closeAll(now: pair.now)
+        pair.run(for: 5_000_000_000) { pair.client.connectionCount == 0 }
+        #expect(pair.client.connectionCount == 0)
+        #expect(keeper.events == ["stream", "connection"])
+        #expect(keeper.code == H3Error.requestCancelled)
+        #expect(keeper.kept.count == 1 && keeper.kept.first === conn)
+        // Every reference goes: the connection is freed with no stream left to call back for.
+        conn = nil
+        keeper.kept.removeAll()
+        #expect(keeper.events == ["stream", "connection"])
+    }
+
     @Test func gracefulCloseReachesThePeer() throws {
         let (client, _, pair) = try download(size: 1000)
         pair.server.closeAll(now: pair.now)

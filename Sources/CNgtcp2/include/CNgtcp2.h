@@ -311,7 +311,12 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
 stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, const struct sockaddr_in6 *local,
                              const struct sockaddr_in6 *remote, uint64_t now, void *app, char *err, size_t errlen);
 
-/** Frees a connection (and every stream, releasing bodies); its qlog, if any, is finished. */
+/** Ends every stream the connection still has (on_stream_close with H3_REQUEST_CANCELLED, then
+ *  its body released): the endpoint does this when it lets a connection go, while the
+ *  application may still use the connection in the callback. */
+void stoq_conn_end_streams(stoq_conn *c);
+/** Frees a connection (and every stream still open, as stoq_conn_end_streams does); its qlog,
+ *  if any, is finished. */
 void stoq_conn_free(stoq_conn *c);
 /** Writes out and closes the connection's qlog, if it has one (the endpoint is done with it:
  *  the file descriptor and buffer go now, not when an application lets go of the handle). */
