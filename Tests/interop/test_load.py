@@ -1,10 +1,12 @@
 """`stoq bench` as a connection load generator (--rate, --hold): every handshake accounted for,
 established or failed by reason, and the node's counters agree."""
 import json
+import subprocess
+import time
 
 import pytest
 
-from conftest import Node, settled, stoq, summed_counters
+from conftest import Node, need_binary, settled, stoq, summed_counters
 
 ADMIN = '[admin]\nlisten = "[::1]:0"'
 
@@ -92,3 +94,25 @@ def test_held_connections_outlive_the_idle_timeout_by_their_keep_alive(tmp_path)
 def test_bad_load_options_are_refused_by_name(lnode, args, error):
     r = stoq("bench", lnode.url("1k.bin"), "--ca", lnode.cert, *args)
     assert r.returncode != 0 and error in r.stderr, r.stderr
+
+
+def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
+    """64 connections downloading when their node stops: the bench ends early, exits 0 and
+    reports the requests the node's close cut short as failed. (It crashed here: the client
+    freed connections with streams still open, and the stream-close callback handed out the
+    dying connection.)"""
+    n = Node(tmp_path, workers=1, extra=ADMIN)
+    n.add_object("big.bin", 8 << 20)
+    proc = subprocess.Popen([str(need_binary("stoq")), "bench", n.url("big.bin"), "--ca", n.cert, "--json",
+                             "--connections", "64", "--streams", "1", "--duration", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        assert n.stop() == 0
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    r = json.loads(out)
+    assert r["connections"] == 64 and r["failed"] > 0, r
+    assert r["seconds"] < 20, r
