@@ -44,7 +44,8 @@ import Testing
         let size = BodyRegion.offLoopBytes
         let fd = try file(size)
         defer { close(fd) }
-        // Hold the queue: the region's end must not unmap on this thread.
+        // Hold the queue: the region's end must not unmap on this thread. The region goes before
+        // its populate runs, which then finds nothing to hold and leaves the range to the unmap.
         let held = DispatchSemaphore(value: 0)
         BodyRegion.pageTables.async { held.wait() }
         let address = try mapAndRelease(fd, size)
@@ -71,58 +72,46 @@ import Testing
         return minorFaults() - before
     }
 
-    @Test func aLargeMappingIsPopulatedOffTheReader() throws {
-        let size = 2 * BodyRegion.offLoopBytes
+    /// A file of `size` bytes written (its pages in the page cache, not holes), so that reading
+    /// a mapping of it faults only for the mapping.
+    private func writtenFile(_ size: Int) throws -> Int32 {
         let fd = try file(size)
-        defer { close(fd) }
-        // Pages in the page cache (written, not holes), so that only the mapping is missing.
         let bytes = [UInt8](repeating: 7, count: size)
         #expect(pwrite(fd, bytes, size, 0) == size)
-        let region = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
+        return fd
+    }
+
+    /// Maps `length` bytes of `fd` and lets the background queue do what it will with them.
+    private func settledMapping(_ fd: Int32, _ length: Int) throws -> BodyRegion {
+        let region = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: length))
         BodyRegion.waitForPageTables()
-        #expect(try faultsReading(region) == 0)
+        return region
+    }
+
+    @Test func aLargeMappingIsPopulatedOffTheReader() throws {
+        let size = 2 * BodyRegion.offLoopBytes
+        let fd = try writtenFile(size)
+        defer { close(fd) }
+        #expect(try faultsReading(settledMapping(fd, size)) == 0)
         // A small mapping of the same pages is left to its reader: it faults.
-        let small = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: BodyRegion.offLoopBytes / 2))
-        BodyRegion.waitForPageTables()
-        #expect(try faultsReading(small) > 0)
+        #expect(try faultsReading(settledMapping(fd, BodyRegion.offLoopBytes / 2)) > 0)
     }
 
     @Test func populatesStayWithinTheirBudgetAndGiveItBack() throws {
         let size = 2 * BodyRegion.offLoopBytes
-        let fd = try file(size)
+        let fd = try writtenFile(size)
         defer { close(fd) }
-        let bytes = [UInt8](repeating: 7, count: size)
-        #expect(pwrite(fd, bytes, size, 0) == size)
         let budget = BodyRegion.populateBudget
         BodyRegion.populateBudget = BodyRegion.populatedNow() + size
         defer { BodyRegion.populateBudget = budget }
         // The first region takes the whole budget; the second is left to fault on its reader.
-        var first = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
-        BodyRegion.waitForPageTables()
-        let second = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
-        BodyRegion.waitForPageTables()
+        var first = try settledMapping(fd, size)
+        let second = try settledMapping(fd, size)
         #expect(try faultsReading(first) == 0)
         #expect(try faultsReading(second) > 0)
         // Once the first is unmapped, its share comes back: a third is populated again.
-        first = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: 4096))
-        BodyRegion.waitForPageTables()
-        let third = try #require(BodyRegion.mapping(fd: fd, offset: 0, length: size))
-        BodyRegion.waitForPageTables()
-        #expect(try faultsReading(third) == 0)
+        first = try settledMapping(fd, 4096)
+        #expect(try faultsReading(settledMapping(fd, size)) == 0)
         withExtendedLifetime((first, second)) {}
-    }
-
-    @Test func aRegionDroppedBeforeItsPopulateIsStillUnmapped() throws {
-        let size = BodyRegion.offLoopBytes
-        let fd = try file(size)
-        defer { close(fd) }
-        let held = DispatchSemaphore(value: 0)
-        BodyRegion.pageTables.async { held.wait() }
-        var region = BodyRegion.mapping(fd: fd, offset: 0, length: size)
-        let address = UInt(bitPattern: try #require(region?.base))
-        region = nil  // before the populate ran: it finds nothing to hold and does nothing
-        held.signal()
-        BodyRegion.waitForPageTables()
-        #expect(!isMapped(address))
     }
 }
