@@ -52,7 +52,7 @@ public final class Worker {
     /// A transmit pass hands the datapath what it wrote once this many bytes are waiting, so
     /// that the kernel copies them out of the transmit slots while they are still in this
     /// core's cache. Flushing only when all slots were full (4 MiB on io_uring) let them fall
-    /// out of it: with 512 connections the kernel's copy was 18 % of the worker against 7.5 %
+    /// out of it: with 512 connections the kernel's copy was 15–18 % of the worker against 7.5 %
     /// with one (perf, 2026-12-04).
     public var transmitFlushBytes = 256 << 10
     /// Called on the worker thread at the start of every turn: where handlers pick up work
