@@ -86,19 +86,20 @@ public final class BodyRegion: @unchecked Sendable {
         let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, off_t(aligned))
         guard let p, p != MAP_FAILED else { return nil }
         _ = madvise(p, mapLength, MADV_SEQUENTIAL)
-        let offLoop = mapLength >= offLoopBytes
+        let address = UInt(bitPattern: p)
+        guard mapLength >= offLoopBytes else {
+            return BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { _, _ in
+                munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength)
+            }
+        }
         let populated = Populated()
-        let region = BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { base, _ in
-            guard let base else { return }
-            let start = UnsafeMutableRawPointer(mutating: base - delta)
-            if !offLoop { munmap(start, mapLength); return }
-            let address = UInt(bitPattern: start)
+        let region = BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { _, _ in
             pageTables.async {
                 munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength)
                 populatedBytes -= populated.bytes
             }
         }
-        if offLoop { populate(region, populated, start: UInt(bitPattern: p), length: mapLength) }
+        populate(region, populated, start: address, length: mapLength)
         return region
     }
 
