@@ -1,3 +1,4 @@
+import DequeModule
 import Foundation
 
 /// Threads for the blocking work a worker must not do itself: writing and fsyncing what it
@@ -6,7 +7,7 @@ import Foundation
 /// arranged (a worker's `CompletionInbox`). Thread-safe.
 public final class WorkPool: @unchecked Sendable {
     private let cond = NSCondition()
-    private var jobs: [() -> Void] = []
+    private var jobs = Deque<() -> Void>()
     private var stopping = false
     private var running = 0
 
