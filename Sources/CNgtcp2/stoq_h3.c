@@ -134,6 +134,10 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
   size_t queued = sink_take(s, data, len);
   if (queued < len) consume(c, stream_id, len - queued);
   c->body_rx += len;
+  if (s->mark && s->received >= s->mark) {
+    s->mark = 0;
+    if (c->ep->ev.on_body_mark) c->ep->ev.on_body_mark(c->ep->ev.ctx, c, s);
+  }
   return 0;
 }
 

@@ -109,6 +109,7 @@ struct stoq_stream {
   /* body we receive */
   int sink_fd;
   uint64_t sink_off, sink_limit, received;
+  uint64_t mark; /* on_body_mark once `received` reaches it (0: none) */
   int sink_errno;
   /* received body is staged in a writer buffer (wlen bytes so far), queued to the endpoint's
      writer when full; `pending` jobs are queued and not yet reaped, the last as `last_seq` */

@@ -480,6 +480,7 @@ void sink_drain(stoq_stream *s, int closing) {
 }
 
 uint64_t stoq_stream_received(const stoq_stream *s) { return s->received; }
+void stoq_stream_set_body_mark(stoq_stream *s, uint64_t bytes) { s->mark = bytes; }
 int stoq_stream_sink_errno(const stoq_stream *s) { return s->sink_errno; }
 
 void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash) {

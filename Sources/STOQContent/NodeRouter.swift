@@ -150,6 +150,10 @@ package final class NodeRouter: QUICApplication {
         content.bodyWanted(stream: stream, connection: connection)
     }
 
+    package func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {
+        objects.bodyReachedMark(stream: stream, connection: connection)
+    }
+
     package func connectionClosed(connection: QUICConnection, reason: String) {
         content.connectionClosed(connection)
         objects.connectionClosed(connection)

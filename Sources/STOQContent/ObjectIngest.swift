@@ -14,9 +14,9 @@ import STOQStore
 /// stores it and posts the outcome to that worker's `Inbox`, and the worker answers the
 /// client (201 once the object is durable and indexed) when it drains the inbox between
 /// batches. A client that went away meanwhile gets nothing, but its object is stored.
-/// A large upload (announced at `followMinimum` or more) is not waited for: a follower
-/// thread cuts and stores its body as the sink appends it to the temp file (`follow`), so
-/// that by the end of the body only its last chunks remain.
+/// A large upload (announced at `followMinimum` or more, or sent without a length and past
+/// it) is not waited for: a follower thread cuts and stores its body as the sink appends it
+/// to the temp file (`follow`), so that by the end of the body only its last chunks remain.
 ///
 /// Crash safety, step by step: the body is in `.upload-<random>` under `storage.path`
 /// (removed at start if a crash leaves it); chunks are put (each crash-safe; a chunk no
@@ -75,6 +75,8 @@ public final class ObjectIngest: @unchecked Sendable {
         var writer: ObjectGate.Writer?
         /// Bytes `gate` reserved for the chunks (released once they are written).
         var reserved: UInt64
+        /// The length is not known ahead: each chunk's room is reserved before it is put.
+        var reservesChunks = false
         /// The body's SHA-256 as the sink computed it while writing, if it did.
         var digest: ContentDigest?
     }
@@ -91,8 +93,9 @@ public final class ObjectIngest: @unchecked Sendable {
     private var followers = 0
     private var stopping = false
 
-    /// Uploads announced at this length or more are ingested while they arrive (`follow`);
-    /// below it a thread of their own costs more than the overlap saves.
+    /// Uploads announced at this length or more, or of unannounced length once this much has
+    /// arrived, are ingested while they arrive (`follow`); below it a thread of their own costs
+    /// more than the overlap saves.
     public static let followMinimum: UInt64 = 8 << 20
     /// At most this many uploads are followed at once; others are ingested once complete.
     /// A follower of a slow client sleeps on its thread for as long as the client takes.
@@ -166,11 +169,13 @@ public final class ObjectIngest: @unchecked Sendable {
     /// `ticket`; abandoned, nothing is posted and what was stored is left to garbage
     /// collection (chunks no object names). `reserved` bytes of `gate` are released at the
     /// end either way. `sinkHashes`: the sink computes the body's SHA-256 (passed at
-    /// `complete`), so the chunker need not. Returns nil, taking nothing over, when
-    /// `maxFollowers` uploads are being followed already or the pool is stopping.
+    /// `complete`), so the chunker need not. `reservesChunks` (an upload of unannounced
+    /// length under a storage cap): the follower reserves each chunk's room in `gate` before
+    /// putting it, and a refusal ends the ingest with it. Returns nil, taking nothing over,
+    /// when `maxFollowers` uploads are being followed already or the pool is stopping.
     public func follow(
         fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil,
-        writer: ObjectGate.Writer? = nil, reserved: UInt64 = 0, sinkHashes: Bool
+        writer: ObjectGate.Writer? = nil, reserved: UInt64 = 0, reservesChunks: Bool = false, sinkHashes: Bool
     ) -> Follower? {
         let admitted = cond.withLock {
             guard !stopping, followers < Self.maxFollowers else { return false }
@@ -181,7 +186,7 @@ public final class ObjectIngest: @unchecked Sendable {
         let follower = Follower()
         let job = Job(
             fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
-            digest: nil)
+            reservesChunks: reservesChunks && gate != nil, digest: nil)
         let t = Thread { [self] in
             if let outcome = run(job, following: follower, sinkHashes: sinkHashes) { inbox.post(outcome) }
             cond.withLock {
@@ -209,11 +214,19 @@ public final class ObjectIngest: @unchecked Sendable {
     /// Ingests `job`: the complete file, or with `follower` the file as it grows. Returns the
     /// outcome to post, or nil for an upload its worker abandoned.
     private func run(_ job: Job, following follower: Follower? = nil, sinkHashes: Bool = false) -> Outcome? {
+        var reserved = job.reserved
         defer {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
-            if job.reserved > 0 { job.gate?.release(job.reserved) }
+            if reserved > 0 { job.gate?.release(reserved) }
         }
+        // An upload of unannounced length takes each chunk's room as it comes.
+        let reserve: ((Int) throws -> Void)? =
+            job.reservesChunks
+            ? { bytes in
+                if let refusal = job.gate?.reserve(UInt64(bytes)) { throw refusal }
+                reserved += UInt64(bytes)
+            } : nil
         let t0 = DispatchTime.now().uptimeNanoseconds
         let result = Result {
             guard let follower else {
@@ -223,9 +236,9 @@ public final class ObjectIngest: @unchecked Sendable {
             }
             let chunker = StreamingChunker(
                 source: GrowingFileSource(fd: job.fd, follower: follower), parameters: parameters, digestObject: !sinkHashes)
-            return try Self.store(chunker, as: job.name, into: index, sizeHint: 0, gate: job.gate, writer: job.writer) {
-                try follower.ending()
-            }
+            return try Self.store(
+                chunker, as: job.name, into: index, sizeHint: 0, gate: job.gate, writer: job.writer, reserve: reserve
+            ) { try follower.ending() }
         }
         // Whatever stopped a follower early, its worker has the last word: an abandoned upload
         // is answered by no one.
@@ -278,11 +291,13 @@ public final class ObjectIngest: @unchecked Sendable {
 
     /// Stores what `chunker` cuts as the object `name`: each chunk put from the chunker's
     /// buffer, the bytes its id was just computed from (so the store need not hash them
-    /// again), then the record. `ending`, asked once the chunker has reached its source's
-    /// end, says how long the object is and its SHA-256 if known (else the chunker's).
+    /// again), then the record. `reserve`, when given, is asked for each chunk's room before
+    /// it is put (and throws a refusal). `ending`, asked once the chunker has reached its
+    /// source's end, says how long the object is and its SHA-256 if known (else the chunker's).
     static func store<Source: STOQChunking.ChunkSource>(
         _ chunker: StreamingChunker<Source>, as name: String, into index: ObjectIndex, sizeHint: UInt64, gate: ObjectGate?,
-        writer: ObjectGate.Writer?, ending: () throws -> (size: UInt64, digest: ContentDigest?)
+        writer: ObjectGate.Writer?, reserve: ((Int) throws -> Void)? = nil,
+        ending: () throws -> (size: UInt64, digest: ContentDigest?)
     ) throws -> Report {
         try ObjectIndex.validateName(name)
         let parameters = chunker.parameters
@@ -298,6 +313,7 @@ public final class ObjectIngest: @unchecked Sendable {
         }
         while let (c, bytes) = try chunker.nextWithBytes() {
             let id = ChunkID(bytes: c.id.bytes)!
+            try reserve?(c.length)
             let put: ChunkStore.PutResult
             do { put = try index.chunks.put(id: id, hashedBytes: bytes) } catch let e as StoreError where e.code == .noSpace {
                 throw noSpace(e)

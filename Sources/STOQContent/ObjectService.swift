@@ -237,17 +237,30 @@ public final class ObjectService: QUICApplication {
         uploads[stream] = up
         // Hashed as it arrives: the SHA-256 is the object's ETag.
         stream.setBodySink(fd: fd, limit: limit, hash: gate != nil)
+        // A body of unannounced length is followed once it proves large (`bodyReachedMark`).
+        if request.contentLength == nil, request.hasBody, ingest != nil { stream.setBodyMark(ObjectIngest.followMinimum) }
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
 
-    /// Hands a large upload to the ingest pool as it starts, so that it is chunked while it
-    /// arrives (`ObjectIngest.follow`), with room under the storage cap reserved for its
-    /// announced `size` until the chunks are written. The gate's refusal when the cap has no
-    /// room for it. Nil with nothing started when the pool follows as many uploads as it may:
-    /// this one is then ingested once complete.
-    private func follow(_ up: inout Upload, size: UInt64, ingest: ObjectIngest) -> ObjectGate.Refusal? {
+    /// An upload sent without a content-length has passed `ObjectIngest.followMinimum`: it is
+    /// followed from here like one announced that large, its room under the storage cap
+    /// reserved chunk by chunk as the follower stores them.
+    public func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {
+        guard let ingest, var up = uploads[stream], up.follower == nil else { return }
+        _ = follow(&up, size: nil, ingest: ingest)
+        uploads[stream] = up
+    }
+
+    /// Hands a large upload to the ingest pool, so that it is chunked while it arrives
+    /// (`ObjectIngest.follow`), with room under the storage cap reserved for its announced
+    /// `size` until the chunks are written (nil: not announced; the follower reserves each
+    /// chunk's room as it goes). The gate's refusal when the cap has no room for it. Nil with
+    /// nothing started when the pool follows as many uploads as it may: this one is then
+    /// ingested once complete.
+    private func follow(_ up: inout Upload, size: UInt64?, ingest: ObjectIngest) -> ObjectGate.Refusal? {
         var reserved: UInt64 = 0
-        if let gate, gate.settings.storageCap > 0 {
+        let capped = (gate?.settings.storageCap ?? 0) > 0
+        if capped, let size, let gate {
             if let r = gate.reserve(size) { return r }
             reserved = size
         }
@@ -255,7 +268,7 @@ public final class ObjectService: QUICApplication {
         if copy >= 0,
             let follower = ingest.follow(
                 fd: copy, temp: up.temp, name: up.name, ticket: nextTicket, inbox: ingestInbox, gate: gate, writer: up.writer,
-                reserved: reserved, sinkHashes: gate != nil)
+                reserved: reserved, reservesChunks: capped && size == nil, sinkHashes: gate != nil)
         {
             up.follower = follower
             up.ticket = nextTicket

@@ -185,6 +185,10 @@ public struct HTTPStream: Hashable, @unchecked Sendable {
         stoq_stream_set_sink(raw, fd, offset, limit, hash ? 1 : 0)
     }
 
+    /// Server: the application's `bodyReachedMark` once `bytes` of body have been received
+    /// (once; 0 clears it). Set before the body passes it.
+    public func setBodyMark(_ bytes: UInt64) { stoq_stream_set_body_mark(raw, bytes) }
+
     /// The SHA-256 of the received body, once it is complete and hashing was on.
     public func bodySHA256() -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: 32)
@@ -213,6 +217,8 @@ public protocol QUICApplication: AnyObject {
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64)
     /// Server: a streamed response (`respondStreamed`) has room for its next piece.
     func bodyWanted(stream: HTTPStream, connection: QUICConnection)
+    /// Server: the request body reached the mark set with `HTTPStream.setBodyMark`.
+    func bodyReachedMark(stream: HTTPStream, connection: QUICConnection)
     /// The handshake completed.
     func handshakeCompleted(connection: QUICConnection)
     /// The connection is gone. `reason` is empty for a clean close.
@@ -227,6 +233,7 @@ extension QUICApplication {
     public func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {}
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {}
     public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {}
+    public func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {}
     public func handshakeCompleted(connection: QUICConnection) {}
     public func connectionClosed(connection: QUICConnection, reason: String) {}
 }

@@ -185,6 +185,7 @@ public final class QUICEndpoint {
         ev.on_handshake = onHandshake
         ev.on_body_wanted = onBodyWanted
         ev.on_sink_progress = onSinkProgress
+        ev.on_body_mark = onBodyMark
         ctx = stoq_endpoint_ctx_new(isServer ? 1 : 0, credentials.raw, &raw, &ev)
     }
 
@@ -867,6 +868,12 @@ private let onBodyWanted: @convention(c) (UnsafeMutableRawPointer?, OpaquePointe
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c), let s else { return }
     ep.application?.bodyWanted(stream: HTTPStream(raw: s), connection: conn)
+}
+
+private let onBodyMark: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?) -> Void = { ctx, c, s in
+    let ep = QUICEndpoint.from(ctx)
+    guard let conn = connection(c), let s else { return }
+    ep.application?.bodyReachedMark(stream: HTTPStream(raw: s), connection: conn)
 }
 
 private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in

@@ -240,6 +240,36 @@ extension ObjectIngestTests {
         #expect(throws: StoreError.self) { try index.object("v2") }
     }
 
+    /// An upload of unannounced length under a storage cap: the follower reserves each chunk's
+    /// room before storing it, and the cap's refusal is the outcome once the body is complete;
+    /// nothing is recorded and the reservations are let go.
+    @Test func aFollowerOfUnknownLengthReservesEachChunkAndStopsAtTheCap() throws {
+        let ingest = try pool()
+        defer { ingest.stop() }
+        let gate = try ObjectGate(settings: .init(storageCap: 300_000), storagePath: storage, index: index)
+        let (inbox, posted) = Self.signallingInbox()
+        let data = Self.bytes(900_000, seed: 22)
+        let fd = try upload([], named: ".upload-u")
+        let follower = try #require(
+            ingest.follow(
+                fd: fd, temp: ".upload-u", name: "unsized", ticket: 5, inbox: inbox, gate: gate,
+                writer: .init(identity: "token:u"), reservesChunks: true, sinkHashes: false))
+        Self.append(data, to: storage + "/.upload-u", pieces: 30)
+        // Refused part-way, it posts nothing before the worker's verdict.
+        #expect(posted.wait(timeout: .now() + 0.2) == .timedOut)
+        follower.complete(size: 900_000, digest: nil)
+        #expect(posted.wait(timeout: .now() + 30) == .success)
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        #expect(outcomes.count == 1 && outcomes[0].ticket == 5 && outcomes[0].status == 507)
+        #expect(outcomes[0].failure?.hasPrefix("storage cap of this node: ") == true)
+        #expect(outcomes[0].failure?.contains("(300000 bytes) (limits.storage_cap), this upload needs ") == true)
+        #expect(throws: StoreError.self) { try index.object("unsized") }
+        // What it reserved is free again: only the chunks it stored count.
+        #expect(gate.counters.storedBytes <= 300_000)
+        #expect(gate.reserve(300_000 - gate.counters.storedBytes) == nil)
+    }
+
     /// At most `maxFollowers` at once; an abandoned upload posts nothing, records no object,
     /// and frees its follower for the next one.
     @Test func abandonedFollowersPostNothingAndFreeTheirPlace() throws {

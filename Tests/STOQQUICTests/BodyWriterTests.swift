@@ -139,6 +139,35 @@ final class PipeReader: @unchecked Sendable {
         #expect(server.uploadedSHA == Array(SHA256.hash(data: body)))
     }
 
+    /// The body mark fires once, while the body is still arriving, once it has passed the mark.
+    @Test func theBodyMarkFiresOnceWhenTheBodyPassesIt() throws {
+        final class MarkingServer: QUICApplication {
+            var marks: [(received: UInt64, ended: Bool)] = []
+            var ended = false
+            func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+                stream.setBodySink(fd: -1)
+                stream.setBodyMark(1 << 20)
+            }
+            func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {
+                marks.append((stream.bytesReceived, ended))
+            }
+            func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+                ended = true
+                connection.respond(stream, status: 201, body: nil)
+            }
+        }
+        let server = MarkingServer()
+        let client = RecordingClient()
+        let (pair, conn) = try connected(server, client)
+        let body = randomBytes(3 << 20 + 5, seed: 42)
+        _ = try conn.request(method: "PUT", authority: "x", path: "/objects/m", body: BodyRegion(copying: body))
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 201)
+        #expect(server.marks.count == 1)
+        // At the mark, well before the body's end.
+        #expect(server.marks.first.map { $0.received >= 1 << 20 && $0.received < 2 << 20 && !$0.ended } == true)
+    }
+
     /// The writer blocked (a pipe nobody reads): the sender is stopped by flow control, the
     /// receiver holds at most one ring of body, and once the pipe is read the transfer ends
     /// byte-identical.

@@ -133,18 +133,22 @@ class Client(QuicConnectionProtocol):
         elif no_length:
             self.h3.send_headers(sid, hdrs, end_stream=False)
             for at in range(0, len(body), 64 << 10):
-                self.h3.send_data(sid, body[at:at + (64 << 10)], end_stream=at + (64 << 10) >= len(body))
-            if not body:
+                last = at + (64 << 10) >= len(body)
+                self.h3.send_data(sid, body[at:at + (64 << 10)], end_stream=last and not close_after_send)
+            if not body and not close_after_send:
                 self.h3.send_data(sid, b"", end_stream=True)
         else:
             self.h3.send_headers(sid, hdrs + [(b"content-length", str(len(body)).encode())], end_stream=False)
-            self.h3.send_data(sid, body, end_stream=True)
+            self.h3.send_data(sid, body, end_stream=not close_after_send)
         self.transmit()
         if close_after_send:
-            # Go away once the server has acknowledged the whole request, before its answer.
-            stream = self._quic._streams[sid]
-            while not stream.sender.is_finished:
+            # Go away before any answer can come: once the server has acknowledged the whole
+            # body, end it and close the connection in the very next datagram.
+            sender, deadline = self._quic._streams[sid].sender, time.monotonic() + 120
+            while sender._buffer_start < sender._buffer_stop and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
+            self.h3.send_data(sid, b"", end_stream=True)
+            self.transmit()
             self.close()
             return
         await asyncio.wait_for(self.done, 120)
@@ -159,7 +163,7 @@ async def main() -> int:
     ap.add_argument("--header", action="append", default=[])
     ap.add_argument("--body", help="send this file as the request body")
     ap.add_argument("--close-after-send", action="store_true",
-                    help="close the connection once the request is acknowledged, without waiting for the response")
+                    help="once the body is acknowledged, end it and close the connection at once, before any response")
     ap.add_argument("--session-ticket", help="offer the ticket saved here, and save the server's")
     ap.add_argument("--early-data", action="store_true", help="send the request without waiting for the handshake")
     ap.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")

@@ -179,17 +179,34 @@ def test_aioquic_put_is_deduplicated_too(inode, tmp_path):
 
 
 def test_a_client_that_leaves_before_the_answer_still_gets_its_object_stored(inode, tmp_path):
-    # Sent without a content-length, so it is ingested once its last byte is in (not followed):
-    # a followed upload can be answered within the client's last 5 ms poll, and then the
-    # client had waited for the 201 after all (one run in a few).
+    # The client ends its body and closes its connection in the next datagram: the node has
+    # the whole body, and no one to answer once the object is stored.
     src = random_file(tmp_path / "gone.bin", 32 * MiB, 17)
-    c0 = settled(inode)
-    res = h3(inode, "/objects/gone.bin", "--method", "PUT", "--body", str(src), "--no-length", "--close-after-send")
-    assert res["status"] is None, res                       # it never waited for the 201
-    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
-    assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 32 * MiB
-    assert h3(inode, "/objects/gone.bin")["sha256"] == sha256_file(src)
-    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+    for announced in (True, False):
+        c0 = settled(inode)
+        res = h3(inode, "/objects/gone.bin", "--method", "PUT", "--body", str(src), "--close-after-send",
+                 *([] if announced else ["--no-length"]))
+        assert res["status"] is None, res                       # it never waited for the 201
+        c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+        assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == 32 * MiB
+        assert c1["stoq_ingest_followed_total"] - c0["stoq_ingest_followed_total"] == 1
+        assert h3(inode, "/objects/gone.bin")["sha256"] == sha256_file(src)
+        assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+
+
+def test_an_upload_without_a_length_is_chunked_while_it_arrives(inode, tmp_path):
+    """A body sent without a content-length is followed once 8 MiB of it have arrived, like
+    one announced that large; a smaller one is ingested once complete. Both are stored whole."""
+    for size, followed in ((24 * MiB, 1), (6 * MiB, 0)):
+        src = random_file(tmp_path / f"nolen{size}.bin", size, 19)
+        c0 = settled(inode)
+        res = h3(inode, f"/objects/nolen{size}.bin", "--method", "PUT", "--body", str(src), "--no-length")
+        assert res["status"] == 201, res
+        c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+        assert c1["stoq_ingest_followed_total"] - c0["stoq_ingest_followed_total"] == followed, size
+        assert c1["stoq_ingest_bytes_total"] - c0["stoq_ingest_bytes_total"] == size
+        assert h3(inode, f"/manifests/nolen{size}.bin")["status"] == 200
+        assert h3(inode, f"/objects/nolen{size}.bin")["sha256"] == sha256_file(src)
 
 
 def test_uploads_cancelled_while_being_chunked_store_nothing_and_free_their_followers(inode, tmp_path):

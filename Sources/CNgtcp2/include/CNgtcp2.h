@@ -138,6 +138,8 @@ typedef struct stoq_events {
   /** Both: received body the connection's streams had queued for writing landed, and its flow
    *  control credit went back to the peer: write the connection (MAX_STREAM_DATA is owed). */
   void (*on_sink_progress)(void *ctx, stoq_conn *c);
+  /** Server: the request body reached the mark set with stoq_stream_set_body_mark (once). */
+  void (*on_body_mark)(void *ctx, stoq_conn *c, stoq_stream *s);
 } stoq_events;
 
 /** Transport settings shared by an endpoint's connections. */
@@ -489,6 +491,8 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
 void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limit, int hash);
 /** Body bytes received so far, and whether writing them to the sink failed (errno, 0 if fine). */
 uint64_t stoq_stream_received(const stoq_stream *s);
+/** on_body_mark once `bytes` of body have been received (0 clears it). */
+void stoq_stream_set_body_mark(stoq_stream *s, uint64_t bytes);
 int stoq_stream_sink_errno(const stoq_stream *s);
 /** Copies the SHA-256 of the received body (32 bytes) once the body has ended. Returns 0 if available. */
 int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]);
