@@ -377,7 +377,7 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg) {
-  if (!s->responded || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
+  if ((c->is_server && !s->responded) || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
   struct body_piece *p = &s->pieces[(s->p_head + s->p_count) % STOQ_BODY_PIECES];
   p->base = base;
   p->len = len;
@@ -475,7 +475,8 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   /* Before the handshake: 0-RTT. Kept to be sent again if the server refuses it, which a body
    * (released as it is acknowledged) would not allow. */
   int early = !c->is_server && !c->established;
-  if (early && has_body && body_len > 0) {
+  int streamed = has_body && !body;
+  if (early && has_body && (body_len > 0 || streamed)) {
     set_err(err, errlen, "a request with a body does not go in 0-RTT: send it once the connection is established");
     return NULL;
   }
@@ -488,7 +489,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   stoq_stream *s = stream_new(c, sid);
   if (!s) return NULL;
   s->app = app;
-  set_whole_body(s, body, body_len, release, arg);
+  if (!streamed) set_whole_body(s, body, body_len, release, arg);
   nghttp3_nv nva[MAX_NV];
   nva[0] = make_nv(":method", method);
   nva[1] = make_nv(":scheme", "https");
@@ -502,7 +503,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
     s->early_nvlen = n;
     rv = s->early_nv ? nghttp3_conn_submit_request(c->h3, sid, nva, n, NULL, s) : NGHTTP3_ERR_NOMEM;
   } else {
-    rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && body_len > 0 ? &dr : NULL, s);
+    rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && (body_len > 0 || streamed) ? &dr : NULL, s);
   }
   if (rv != 0) {
     set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));

@@ -191,8 +191,9 @@ public final class QUICConnection: TimerHeapElement {
         return true
     }
 
-    /// Server: the next piece of a streamed body (`last` ends it). Returns false when
-    /// `STOQ_BODY_PIECES` pieces are already held: wait for `bodyWanted`.
+    /// The next piece of a streamed body, a response's (`respondStreamed`) or a request's
+    /// (`requestStreamed`); `last` ends it. Returns false when `STOQ_BODY_PIECES` pieces are
+    /// already held: wait for `bodyWanted`.
     @discardableResult
     public func appendBody(_ stream: HTTPStream, _ piece: BodyRegion, last: Bool) -> Bool {
         let arg = Unmanaged.passRetained(piece).toOpaque()
@@ -249,6 +250,21 @@ public final class QUICConnection: TimerHeapElement {
             return stoq_conn_submit_request(
                 raw, method, authority, path, hdrs, n, nil, 0, 0, nil, nil, nil,
                 &err, err.count)
+        }
+        guard let s else { throw QUICError(.stream, String(cBuffer: err)) }
+        endpoint.markDirty(self)
+        return HTTPStream(raw: s)
+    }
+
+    /// Client: sends a request whose body follows piece by piece, without a content-length:
+    /// the application's `bodyWanted` asks for each next piece, given with `appendBody`, and
+    /// each is released once the peer has acknowledged it. Only once established.
+    public func requestStreamed(
+        method: String, authority: String, path: String, headers: [(String, String)] = []
+    ) throws(QUICError) -> HTTPStream {
+        var err = [CChar](repeating: 0, count: 256)
+        let s: OpaquePointer? = withCHeaders(headers) { hdrs, n in
+            stoq_conn_submit_request(raw, method, authority, path, hdrs, n, nil, 0, 1, nil, nil, nil, &err, err.count)
         }
         guard let s else { throw QUICError(.stream, String(cBuffer: err)) }
         endpoint.markDirty(self)

@@ -280,6 +280,8 @@ final class TransferApp: QUICApplication {
     var errorText: String?
     /// errno of a failed write of the body to `sinkFD` (0: every byte landed).
     var sinkErrno: Int32 = 0
+    /// A request body read as it comes (`STOQClient.put(reading:)`).
+    var streamedBody: StreamedBody?
     init(sinkFD: Int32, hash: Bool) { self.sinkFD = sinkFD; self.hash = hash }
     deinit { if errorFD >= 0 { close(errorFD) } }
     /// When the response's head arrived (monotonic ns).
@@ -302,6 +304,9 @@ final class TransferApp: QUICApplication {
             if n > 0 { errorText = String(decoding: bytes.prefix(n), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) }
         }
         self.stream = nil
+    }
+    func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
+        streamedBody?.feed(connection, stream, asked: true)
     }
     func connectionClosed(connection: QUICConnection, reason: String) {
         connectionError = reason.isEmpty ? "connection closed by the server" : reason
@@ -507,8 +512,20 @@ public enum STOQClient {
             congestionControl: congestionControl, headers: headers, progress: nil)
     }
 
+    /// Uploads what `fd` yields (a pipe, stdin: read until its end, not closed here) to `url`
+    /// with PUT, as it comes and without a content-length; `bytes` in the result is how much
+    /// was read. A failed read resets the request and throws `.io`.
+    public static func put(
+        reading fd: Int32, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
+        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
+    ) throws(ClientError) -> TransferResult {
+        try transfer(
+            url, method: "PUT", body: nil, bodyFrom: fd, sinkFD: -1, hash: false, trust: trust, datapath: datapath,
+            timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
+    }
+
     static func transfer(
-        _ url: STOQURL, method: String, body: BodyRegion?, sinkFD: Int32, hash: Bool, trust: ClientTrust,
+        _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, sinkFD: Int32, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, connectTimeout: Double? = nil, congestionControl: CongestionControl,
         qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
@@ -542,12 +559,19 @@ public enum STOQClient {
             }
         }
         let stream: HTTPStream
+        let streamed = bodyFrom.map { StreamedBody(fd: $0, wakeFD: endpoint.sinkWakeFileDescriptor) }
+        defer { streamed?.cancel() }
         do {
-            stream = try conn.request(
-                method: method, authority: url.authority, path: url.path,
-                headers: headers + (body.map { [("content-length", "\($0.count)")] } ?? []), body: body)
+            if streamed != nil {
+                stream = try conn.requestStreamed(method: method, authority: url.authority, path: url.path, headers: headers)
+            } else {
+                stream = try conn.request(
+                    method: method, authority: url.authority, path: url.path,
+                    headers: headers + (body.map { [("content-length", "\($0.count)")] } ?? []), body: body)
+            }
         } catch { throw ClientError(.transfer, "\(error)") }
         app.stream = stream
+        app.streamedBody = streamed
         let t0 = monotonicNow()
         var lastReport: UInt64 = 0
         // STOQ_STATS=1: the transport's state every 100 ms, then the datapath's counters (stderr).
@@ -556,6 +580,7 @@ public enum STOQClient {
         do {
             try worker.run(timeout: deadline) {
                 rig.tend(now: monotonicNow())
+                if let streamed, let s = app.stream { streamed.feed(conn, s) }
                 if stats {
                     let now = monotonicNow()
                     if now - lastSample > 100_000_000 {
@@ -595,6 +620,10 @@ public enum STOQClient {
         let keyUpdates = keyUpdate ? conn.keyUpdatesInitiated : nil
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+        let sent = streamed?.outcome
+        if let sent, sent.errno != 0 {
+            throw ClientError(.io, "reading the body failed after \(sent.bytes) bytes: \(String(cString: strerror(sent.errno)))")
+        }
         guard let closed = app.closed else {
             throw ClientError(.transfer, "transfer failed: \(app.connectionError ?? "timed out")")
         }
@@ -610,7 +639,7 @@ public enum STOQClient {
         progress?(app.received, app.contentLength.map { UInt64($0) })
         let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
         return TransferResult(
-            status: status, bytes: method == "GET" ? app.received : UInt64(body?.count ?? 0),
+            status: status, bytes: method == "GET" ? app.received : sent?.bytes ?? UInt64(body?.count ?? 0),
             seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,
             firstByteSeconds: app.headAt.map { Double($0 - start) / 1e9 }, preferredAddress: preferred.rawValue,
             servedFrom: "\(servedFrom)", localMigrations: rig.localMigrations, cipherSuite: cipherSuite,

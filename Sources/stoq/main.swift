@@ -395,10 +395,13 @@ struct Put: ParsableCommand {
             on this machine, the operator token a node started here wrote (./stoq-data/access/operator.token) \
             is used when none is given.
 
+            FILE - reads standard input to its end and sends it as it comes, without a \
+            content-length (a pipe: tar c dir | stoq put - URL).
+
             Example: stoq put a.bin https://[::1]:4433/objects/a.bin --ca stoq-data/trust/root.pem
             """)
 
-    @Argument(help: "The file to upload.") var file: String
+    @Argument(help: "The file to upload (- for standard input).") var file: String
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
     @OptionGroup var trust: TrustOptions
     @OptionGroup var credential: CredentialOptions
@@ -415,6 +418,7 @@ struct Put: ParsableCommand {
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
         let traceHeaders = try tracing.headers() + credential.headers(for: u)
         if chunked {
+            guard file != "-" else { throw fail("--chunked cuts a file it can read again: give a FILE, not -", code: 2) }
             let parameters = try chunking.parameters()
             let r: ChunkedPutResult
             do {
@@ -434,7 +438,10 @@ struct Put: ParsableCommand {
         }
         let r: TransferResult
         do {
-            r = try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
+            r =
+                file == "-"
+                ? try STOQClient.put(reading: STDIN_FILENO, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
+                : try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
         } catch { throw fail("\(error)") }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)\(r.message.map { ": \($0)" } ?? "")") }

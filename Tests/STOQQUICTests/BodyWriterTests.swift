@@ -139,6 +139,59 @@ final class PipeReader: @unchecked Sendable {
         #expect(server.uploadedSHA == Array(SHA256.hash(data: body)))
     }
 
+    /// A request body given piece by piece as `bodyWanted` asks (no content-length) arrives
+    /// whole, in order, and each piece is released once the server acknowledged it.
+    @Test func aStreamedRequestBodyArrivesWholeWithoutALength() throws {
+        final class StreamingClient: QUICApplication, @unchecked Sendable {
+            var pieces: [[UInt8]]
+            var status: Int?
+            var closedCode: UInt64?
+            var released = 0
+            init(_ pieces: [[UInt8]]) { self.pieces = pieces }
+            func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
+                guard !pieces.isEmpty else { return }
+                let piece = pieces.removeFirst()
+                let p = UnsafeMutableRawPointer.allocate(byteCount: piece.count, alignment: 16)
+                p.copyMemory(from: piece, byteCount: piece.count)
+                let region = BodyRegion(base: p, count: piece.count) { [self] p, _ in
+                    released += 1
+                    UnsafeMutableRawPointer(mutating: p)?.deallocate()
+                }
+                #expect(connection.appendBody(stream, region, last: pieces.isEmpty))
+            }
+            func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+                self.status = status
+            }
+            func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) { closedCode = errorCode }
+        }
+        final class LengthServer: QUICApplication {
+            let sink: FileSinkServer
+            var contentLength: Int64?? = .none
+            init(fd: Int32) { sink = FileSinkServer(fd: fd) }
+            func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+                contentLength = .some(request.contentLength)
+                sink.request(request, stream: stream, connection: connection)
+            }
+            func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+                sink.requestEnded(stream: stream, connection: connection, aborted: aborted)
+            }
+        }
+        let (fd, path) = tempFile()
+        defer { close(fd); unlink(path) }
+        let pieces = [randomBytes(700_000, seed: 43), randomBytes(1, seed: 44), randomBytes(2 << 20, seed: 45)]
+        let server = LengthServer(fd: fd)
+        let client = StreamingClient(pieces)
+        let (pair, conn) = try connected(server, client)
+        _ = try conn.requestStreamed(method: "PUT", authority: "x", path: "/objects/s")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 201 && client.closedCode == H3Error.noError)
+        #expect(server.contentLength == .some(nil))
+        let body = pieces.flatMap { $0 }
+        #expect(contents(fd, body.count + 1) == body)
+        #expect(server.sink.uploadedSHA == Array(SHA256.hash(data: body)))
+        #expect(client.released == 3)
+    }
+
     /// The body mark fires once, while the body is still arriving, once it has passed the mark.
     @Test func theBodyMarkFiresOnceWhenTheBodyPassesIt() throws {
         final class MarkingServer: QUICApplication {

@@ -133,7 +133,7 @@ def run(cmd, timeout=180, **kw):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def stoq(*args, timeout=180, env=None, token=True, cwd=None):
+def stoq(*args, timeout=180, env=None, token=True, cwd=None, stdin=None):
     """The stoq CLI; `env` adds variables to this environment. Unless `token` is False or the
     command brings its own credential, it presents (as $STOQ_TOKEN) the operator token of the
     test node whose port the command's URL names: writes need a credential (docs/access.md)."""
@@ -145,7 +145,8 @@ def stoq(*args, timeout=180, env=None, token=True, cwd=None):
             if m and m.group(1) in TOKENS:
                 env["STOQ_TOKEN"] = TOKENS[m.group(1)]
                 break
-    return run([need_binary("stoq"), *args], timeout=timeout, env={**os.environ, **env} if env else None, cwd=cwd)
+    return run([need_binary("stoq"), *args], timeout=timeout, env={**os.environ, **env} if env else None, cwd=cwd,
+               stdin=stdin)
 
 
 def random_file(path, size, seed):

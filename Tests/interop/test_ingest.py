@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import Node, random_file, run, sha256_file, stoq, summed_counters
+from conftest import Node, need_binary, random_file, run, sha256_file, stoq, summed_counters
 from conftest import settled as settled_reading
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -231,6 +232,49 @@ def test_uploads_cancelled_while_being_chunked_store_nothing_and_free_their_foll
     c2 = counters_after(inode, c1, "stoq_ingest_objects_total", 1)
     assert c2["stoq_ingest_followed_total"] - c1["stoq_ingest_followed_total"] == 1
     assert h3(inode, "/objects/cut.bin")["sha256"] == sha256_file(src)
+
+
+def test_stoq_put_from_a_pipe_streams_the_body_and_it_is_followed(inode, tmp_path):
+    """`stoq put - URL` sends standard input as it comes, without a content-length: a file
+    redirected in (40 MiB: followed once 8 MiB are in) and a producer that pauses (3 MB in
+    three writes: each piece goes when the pipe runs dry, not when a buffer fills)."""
+    src = random_file(tmp_path / "piped.bin", 40 * MiB, 23)
+    c0 = settled(inode)
+    with open(src, "rb") as f:
+        r = stoq("put", "-", inode.url("piped.bin"), "--ca", inode.cert, "--json", stdin=f, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == 201 and out["bytes"] == 40 * MiB, out
+    c1 = counters_after(inode, c0, "stoq_ingest_objects_total", 1)
+    assert c1["stoq_ingest_followed_total"] - c0["stoq_ingest_followed_total"] == 1
+    assert h3(inode, "/objects/piped.bin")["sha256"] == sha256_file(src)
+
+    pieces = [os.urandom(1_000_000) for _ in range(3)]
+    env = {"STOQ_TOKEN": inode.token}
+    p = subprocess.Popen([str(need_binary("stoq")), "put", "-", inode.url("paused.bin"), "--ca", str(inode.cert), "--json"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+    for piece in pieces:
+        p.stdin.write(piece)
+        p.stdin.flush()
+        time.sleep(0.3)
+    stdout, stderr = p.communicate(timeout=120)  # closes its input: the end of the body
+    assert p.returncode == 0, stderr
+    assert json.loads(stdout)["bytes"] == 3_000_000
+    assert h3(inode, "/objects/paused.bin")["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+    # Input that cannot be read (a directory): the request is cancelled, nothing is stored.
+    fd = os.open("/", os.O_RDONLY)
+    try:
+        r = stoq("put", "-", inode.url("unread.bin"), "--ca", inode.cert, stdin=fd)
+    finally:
+        os.close(fd)
+    assert r.returncode == 1 and "reading the body failed after 0 bytes: Is a directory" in r.stderr, r.stderr
+    assert h3(inode, "/objects/unread.bin")["status"] == 404
+    time.sleep(0.5)
+    assert not [p for p in inode.storage.iterdir() if p.name.startswith(".upload-")]
+
+    r = stoq("put", "--chunked", "-", inode.url("x.bin"), "--ca", inode.cert, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--chunked cuts a file it can read again: give a FILE, not -" in r.stderr, r.stderr
 
 
 def test_with_dedup_off_a_plain_put_stays_a_flat_file(tmp_path_factory, tmp_path):

@@ -465,7 +465,7 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
 /** Most body pieces a streamed response holds at once (sent and not yet acknowledged, or queued). */
 #define STOQ_BODY_PIECES 32
 
-/** Server: answers a request whose body the application supplies piece by piece with
+/** Server: answers a request with a body the application supplies piece by piece with
  *  stoq_stream_body_append, as on_body_wanted asks; each piece is released as soon as the
  *  peer has acknowledged all of it, so a large body never sits in memory whole. */
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs);
@@ -475,9 +475,10 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg);
 
-/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond.
- *  Before the handshake completes only with stoq_conn_set_early_params, and without a body:
- *  the request goes in 0-RTT (which method may is the application's rule). */
+/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond;
+ *  `has_body` with no `body` streams it: pieces come with stoq_stream_body_append, as
+ *  on_body_wanted asks. Before the handshake completes only with stoq_conn_set_early_params,
+ *  and without a body: the request goes in 0-RTT (which method may is the application's rule). */
 stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
                                       const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
                                       int has_body, void (*release)(void *), void *arg, void *app, char *err,
