@@ -1,4 +1,3 @@
-import CSTOQSystem
 import Foundation
 import STOQCore
 import STOQQUIC
