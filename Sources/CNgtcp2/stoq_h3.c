@@ -475,7 +475,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   /* Before the handshake: 0-RTT. Kept to be sent again if the server refuses it, which a body
    * (released as it is acknowledged) would not allow. */
   int early = !c->is_server && !c->established;
-  int streamed = has_body && !body;
+  int streamed = has_body == STOQ_BODY_STREAMED;
   if (early && has_body && (body_len > 0 || streamed)) {
     set_err(err, errlen, "a request with a body does not go in 0-RTT: send it once the connection is established");
     return NULL;

@@ -264,7 +264,8 @@ public final class QUICConnection: TimerHeapElement {
     ) throws(QUICError) -> HTTPStream {
         var err = [CChar](repeating: 0, count: 256)
         let s: OpaquePointer? = withCHeaders(headers) { hdrs, n in
-            stoq_conn_submit_request(raw, method, authority, path, hdrs, n, nil, 0, 1, nil, nil, nil, &err, err.count)
+            stoq_conn_submit_request(
+                raw, method, authority, path, hdrs, n, nil, 0, STOQ_BODY_STREAMED, nil, nil, nil, &err, err.count)
         }
         guard let s else { throw QUICError(.stream, String(cBuffer: err)) }
         endpoint.markDirty(self)

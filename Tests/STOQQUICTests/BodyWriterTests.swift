@@ -192,6 +192,19 @@ final class PipeReader: @unchecked Sendable {
         #expect(client.released == 3)
     }
 
+    /// An empty body (a region with no base, as an empty file maps to) ends at once: it is
+    /// a whole body of zero bytes, not a streamed one waiting for pieces.
+    @Test func anEmptyRequestBodyEndsTheRequest() throws {
+        let (fd, path) = tempFile()
+        defer { close(fd); unlink(path) }
+        let server = FileSinkServer(fd: fd)
+        let client = RecordingClient()
+        let (pair, conn) = try connected(server, client)
+        _ = try conn.request(method: "PUT", authority: "x", path: "/objects/e", body: BodyRegion(base: nil, count: 0, onRelease: nil))
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 201 && server.ended)
+    }
+
     /// The body mark fires once, while the body is still arriving, once it has passed the mark.
     @Test func theBodyMarkFiresOnceWhenTheBodyPassesIt() throws {
         final class MarkingServer: QUICApplication {

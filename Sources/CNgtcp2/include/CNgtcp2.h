@@ -475,10 +475,14 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg);
 
-/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond;
- *  `has_body` with no `body` streams it: pieces come with stoq_stream_body_append, as
- *  on_body_wanted asks. Before the handshake completes only with stoq_conn_set_early_params,
- *  and without a body: the request goes in 0-RTT (which method may is the application's rule). */
+/** `has_body` of stoq_conn_submit_request for a body given piece by piece. */
+#define STOQ_BODY_STREAMED 2
+
+/** Client: sends a request; returns the stream or NULL (err filled). Body as for respond, or
+ *  with `has_body` STOQ_BODY_STREAMED (and no `body`) streamed: pieces come with
+ *  stoq_stream_body_append, as on_body_wanted asks. Before the handshake completes only with
+ *  stoq_conn_set_early_params, and without a body: the request goes in 0-RTT (which method may
+ *  is the application's rule). */
 stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const char *authority, const char *path,
                                       const stoq_header *hdrs, size_t nhdrs, const uint8_t *body, uint64_t body_len,
                                       int has_body, void (*release)(void *), void *arg, void *app, char *err,
