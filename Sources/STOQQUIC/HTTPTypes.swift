@@ -215,7 +215,8 @@ public protocol QUICApplication: AnyObject {
     /// open when their connection goes end just before `connectionClosed`, with
     /// H3_REQUEST_CANCELLED (0x10c).
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64)
-    /// Server: a streamed response (`respondStreamed`) has room for its next piece.
+    /// A streamed body has room for its next piece: a server's response (`respondStreamed`)
+    /// or a client's request (`requestStreamed`).
     func bodyWanted(stream: HTTPStream, connection: QUICConnection)
     /// Server: the request body reached the mark set with `HTTPStream.setBodyMark`.
     func bodyReachedMark(stream: HTTPStream, connection: QUICConnection)

@@ -132,8 +132,9 @@ typedef struct stoq_events {
   void (*on_cid)(void *ctx, stoq_conn *c, const uint8_t *cid, size_t cidlen, int added);
   /** Both: the handshake completed. */
   void (*on_handshake)(void *ctx, stoq_conn *c);
-  /** Server: a streamed response (stoq_stream_respond_streamed) has sent everything it was
-   *  given and has room for more: append the next piece with stoq_stream_body_append. */
+  /** Both: a streamed body (a server's stoq_stream_respond_streamed, a client's request with
+   *  STOQ_BODY_STREAMED) has sent everything it was given and has room for more: append the
+   *  next piece with stoq_stream_body_append. */
   void (*on_body_wanted)(void *ctx, stoq_conn *c, stoq_stream *s);
   /** Both: received body the connection's streams had queued for writing landed, and its flow
    *  control credit went back to the peer: write the connection (MAX_STREAM_DATA is owed). */
