@@ -618,7 +618,8 @@ void stoq_conn_end_streams(stoq_conn *c) {
   while (c->streams) {
     stoq_stream *s = c->streams;
     sink_drain(s, 1);
-    if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_CANCELLED);
+    if (s->abandoned != 2 && c->ep->ev.on_stream_close)
+      c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandoned ? s->abandon_code : STOQ_H3_REQUEST_CANCELLED);
     stream_free(c, s);
   }
 }

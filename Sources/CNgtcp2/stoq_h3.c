@@ -37,6 +37,7 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
 
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_drain(s, 1);
+  if (s->abandoned == 1) c->abandoned--;
   free(s->head);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
@@ -95,9 +96,12 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
+  if (!s && !c->is_server) /* one the application reset and has heard closed: let it go */
+    for (s = c->streams; s && !(s->abandoned == 2 && s->id == stream_id); s = s->next) {
+    }
   if (s) {
     sink_drain(s, 1); /* the application may close the sink's fd once it hears of the close */
-    if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, app_error_code);
+    if (s->abandoned != 2 && c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, app_error_code);
     stream_free(c, s);
   }
   if (c->is_server && ngtcp2_is_bidi_stream(stream_id)) ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
@@ -308,6 +312,7 @@ static nghttp3_ssize body_read(nghttp3_conn *h3, int64_t stream_id, nghttp3_vec 
   (void)veccnt;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
+  if (!s) return NGHTTP3_ERR_WOULDBLOCK; /* abandoned: the transport has reset it */
   if (s->p_read == s->p_count && !s->stream_eof && s->p_count < STOQ_BODY_PIECES && c->ep->ev.on_body_wanted)
     c->ep->ev.on_body_wanted(c->ep->ev.ctx, c, s); /* may append right here */
   /* Skip empty pieces (an empty last piece carries only the end of the body). */
@@ -514,4 +519,33 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   return s;
 }
 
-void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) { ngtcp2_conn_shutdown_stream(c->q, s->id, code); }
+/* A client's reset is the application's last word on the stream: it hears the stream closed
+ * at the next write whether or not the server ever answers. ngtcp2 0.12 forgets a stream whose
+ * RESET_STREAM arrives before any of its data (the request's HEADERS not yet sent, or lost), so
+ * the STOP_SENDING sent with it gets no RESET_STREAM back and the stream would stay half open
+ * until the connection ends. The stoq_stream, and the body pieces ngtcp2 may still retransmit
+ * from, stay until the transport closes the stream or the connection ends. */
+void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
+  ngtcp2_conn_shutdown_stream(c->q, s->id, code);
+  if (c->is_server || s->abandoned) return;
+  s->abandoned = 1;
+  s->abandon_code = code;
+  c->abandoned++;
+}
+
+void end_abandoned_streams(stoq_conn *c) {
+  while (c->abandoned) {
+    stoq_stream *s = c->streams;
+    while (s && s->abandoned != 1) s = s->next;
+    if (!s) break;
+    s->abandoned = 2;
+    c->abandoned--;
+    if (c->h3) {
+      nghttp3_conn_set_stream_user_data(c->h3, s->id, NULL); /* no callback reaches it again */
+      nghttp3_conn_shutdown_stream_write(c->h3, s->id);
+    }
+    sink_drain(s, 1);
+    if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandon_code);
+    s->app = NULL;
+  }
+}

@@ -92,6 +92,10 @@ struct stoq_stream {
   int fin_with_headers;
   int body_complete;
   int reset_by_peer;
+  /* client: reset by the application (1), which has since heard the stream closed (2): the
+     stream waits detached from nghttp3 for the transport to let it go (see stoq_stream_reset) */
+  int abandoned;
+  uint64_t abandon_code;
   int responded;
   int status; /* the response's status once sent (0: none yet), for the application's spans */
   /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
@@ -148,6 +152,7 @@ struct stoq_conn {
   void *app;
   stoq_stream *streams;
   uint64_t streams_open;
+  unsigned abandoned; /* streams whose application has yet to hear of its own reset */
   uint64_t body_rx, body_tx;
   uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */
   int is_server;
@@ -198,6 +203,8 @@ STOQ_HIDDEN void release_tls(stoq_conn *c);
 /* Streams (stoq_h3.c). */
 STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);
 STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
+/* Client: tells the application of the streams it reset; call where no callback is running. */
+STOQ_HIDDEN void end_abandoned_streams(stoq_conn *c);
 /* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
 STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
 /* Opens HTTP/3 once the application keys are there (client: or 0-RTT's). */

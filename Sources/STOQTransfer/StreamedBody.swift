@@ -41,10 +41,10 @@ final class StreamedBody: @unchecked Sendable {
     }
 
     /// The loop's side: appends every filled buffer to `stream`, the last with the body's
-    /// end. After a failed read it closes the connection instead (H3_REQUEST_CANCELLED: the
-    /// server drops the partial upload; the connection carries this one request) — never from
-    /// within `bodyWanted` (`asked`), where HTTP/3 is reading the body: the loop's next call
-    /// does. Cheap when there is nothing new.
+    /// end. After a failed read it resets the stream instead (H3_REQUEST_CANCELLED: the server
+    /// drops the partial upload, the connection stays) — never from within `bodyWanted`
+    /// (`asked`), where HTTP/3 is reading the body: the loop's next call does. Cheap when
+    /// there is nothing new.
     func feed(_ connection: QUICConnection, _ stream: HTTPStream, asked: Bool = false) {
         while true {
             cond.lock()
@@ -59,7 +59,7 @@ final class StreamedBody: @unchecked Sendable {
             cond.unlock()
             if failed {
                 if let next { give(next.0) }
-                connection.close(errorCode: H3Error.requestCancelled, now: monotonicNow())
+                connection.reset(stream, errorCode: H3Error.requestCancelled)
                 return
             }
             if next == nil && !last { return }

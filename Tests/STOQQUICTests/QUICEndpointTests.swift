@@ -652,6 +652,44 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(keeper.events == ["stream", "connection"])
     }
 
+    /// A request the client resets closes for it with its own code at once, whether or not
+    /// the server answers the reset: ngtcp2 0.12 forgets a stream whose RESET_STREAM comes
+    /// before any of its data, and never answered the STOP_SENDING, so a request reset before
+    /// its HEADERS left used to wait for the connection's end. The connection goes on serving.
+    @Test func aResetRequestClosesForTheClientEvenIfTheServerNeverSawIt() throws {
+        let pair = try EndpointPair(identity: identity)
+        let server = MemoryServer(object: randomBytes(4 << 20, seed: 7))
+        let client = RecordingClient()
+        pair.server.application = server
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        for streamed in [false, true] {
+            client.closedCode = nil
+            let stream =
+                streamed
+                ? try conn.requestStreamed(method: "PUT", authority: "x", path: "/objects/r")
+                : try conn.request(method: "GET", authority: "x", path: "/objects/r")
+            conn.reset(stream, errorCode: H3Error.requestCancelled)
+            #expect(pair.run(for: 1_000_000_000) { client.closedCode != nil }, "streamed \(streamed)")
+            #expect(client.closedCode == H3Error.requestCancelled)
+        }
+        #expect(client.closedReason == nil && server.requests.isEmpty)
+        // Reset mid-response, the server answers the STOP_SENDING: the stream is let go then.
+        let open = conn.stats.streams_open
+        client.closedCode = nil
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.receivedSoFar > 0 })
+        conn.reset(client.stream!, errorCode: H3Error.requestCancelled)
+        #expect(pair.run(for: 1_000_000_000) { client.closedCode != nil && conn.stats.streams_open == open })
+        #expect(client.closedCode == H3Error.requestCancelled && client.received < 4 << 20)
+        client.closedCode = nil
+        server.object = randomBytes(5000, seed: 8)
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 200 && client.received == 5000 && client.closedReason == nil)
+    }
+
     @Test func gracefulCloseReachesThePeer() throws {
         let (client, _, pair) = try download(size: 1000)
         pair.server.closeAll(now: pair.now)
