@@ -520,11 +520,13 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
 }
 
 /* A client's reset is the application's last word on the stream: it hears the stream closed
- * at the next write whether or not the server ever answers. ngtcp2 0.12 forgets a stream whose
- * RESET_STREAM arrives before any of its data (the request's HEADERS not yet sent, or lost), so
- * the STOP_SENDING sent with it gets no RESET_STREAM back and the stream would stay half open
- * until the connection ends. The stoq_stream, and the body pieces ngtcp2 may still retransmit
- * from, stay until the transport closes the stream or the connection ends. */
+ * whether or not the server ever answers. ngtcp2 0.12 forgets a stream whose RESET_STREAM
+ * arrives before any of its data (the request's HEADERS not yet sent, or lost), so the
+ * STOP_SENDING sent with it gets no RESET_STREAM back and the stream would stay half open until
+ * the connection ends. The endpoint ends it for the application before the connection's next
+ * write, outside any callback (stoq_conn_end_abandoned_streams). The stoq_stream, and the body
+ * pieces ngtcp2 may still retransmit from, stay until the transport closes the stream or the
+ * connection ends. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
   ngtcp2_conn_shutdown_stream(c->q, s->id, code);
   if (c->is_server || s->abandoned) return;
@@ -533,7 +535,8 @@ void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
   c->abandoned++;
 }
 
-void end_abandoned_streams(stoq_conn *c) {
+int stoq_conn_end_abandoned_streams(stoq_conn *c) {
+  int ended = 0;
   while (c->abandoned) {
     stoq_stream *s = c->streams;
     while (s && s->abandoned != 1) s = s->next;
@@ -547,5 +550,7 @@ void end_abandoned_streams(stoq_conn *c) {
     sink_drain(s, 1);
     if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandon_code);
     s->app = NULL;
+    ended++;
   }
+  return ended;
 }

@@ -124,7 +124,6 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
                         struct sockaddr_in6 *remote, struct sockaddr_in6 *local, uint8_t *ecn, uint64_t now) {
   *segment_size = 0;
   if (ngtcp2_conn_is_in_closing_period(c->q) || ngtcp2_conn_is_in_draining_period(c->q)) return 0;
-  if (c->abandoned) end_abandoned_streams(c);
 
   if (c->pending_len) {
     /* A packet that could not join the previous run goes out alone, first. */

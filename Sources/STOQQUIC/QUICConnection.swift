@@ -273,7 +273,7 @@ public final class QUICConnection: TimerHeapElement {
     }
 
     /// Abandons a stream in both directions. On a client, `streamClosed` follows with
-    /// `errorCode` at the next `pollTransmit`, whether or not the server answers the reset.
+    /// `errorCode` from the next `pollTransmit`, whether or not the server answers the reset.
     public func reset(_ stream: HTTPStream, errorCode: UInt64) {
         stoq_stream_reset(raw, stream.raw, errorCode)
         endpoint.markDirty(self)

@@ -536,6 +536,9 @@ public final class QUICEndpoint {
                 conn.isDirty = false
                 continue
             }
+            // Streams the client reset end now, for its application, which may close the
+            // connection from `streamClosed`: then look at it again.
+            if stoq_conn_end_abandoned_streams(conn.raw) > 0 { continue }
             var seg = 0
             var remote = sockaddr_in6()
             var local = sockaddr_in6()

@@ -690,6 +690,30 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(client.status == 200 && client.received == 5000 && client.closedReason == nil)
     }
 
+    /// A client that closes its connection when it hears its reset stream closed: the close
+    /// (asked for inside `pollTransmit`) still reaches the server.
+    @Test func aConnectionClosedWhenAResetStreamEndsTellsTheServer() throws {
+        final class Closer: QUICApplication {
+            var now: Timestamp = 0
+            var closedCode: UInt64?
+            func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+                closedCode = errorCode
+                connection.close(now: now)
+            }
+        }
+        let pair = try EndpointPair(identity: identity)
+        pair.server.application = MemoryServer(object: [1, 2, 3])
+        let closer = Closer()
+        pair.client.application = closer
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        #expect(pair.server.connectionCount == 1)
+        conn.reset(try conn.request(method: "GET", authority: "x", path: "/objects/x"), errorCode: H3Error.requestCancelled)
+        closer.now = pair.now
+        #expect(pair.run(for: 2_000_000_000) { pair.server.connectionCount == 0 && pair.client.connectionCount == 0 })
+        #expect(closer.closedCode == H3Error.requestCancelled)
+    }
+
     @Test func gracefulCloseReachesThePeer() throws {
         let (client, _, pair) = try download(size: 1000)
         pair.server.closeAll(now: pair.now)

@@ -511,9 +511,13 @@ void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age);
 /** Server: the status of the response sent on the stream, 0 before one is. */
 int stoq_stream_status(const stoq_stream *s);
 /** Abandons a stream in both directions with an HTTP/3 error code. A client's application
- *  hears the stream closed with that code at the connection's next write, whether or not the
- *  server answers the reset. */
+ *  hears the stream closed with that code from stoq_conn_end_abandoned_streams, whether or not
+ *  the server answers the reset. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
+/** Client: tells the application (on_stream_close) of each stream it reset since the last call;
+ *  returns how many. Call outside callbacks, before writing: the application may close the
+ *  connection from on_stream_close. */
+int stoq_conn_end_abandoned_streams(stoq_conn *c);
 /** Per-stream application pointer. */
 void stoq_stream_set_app(stoq_stream *s, void *app);
 void *stoq_stream_get_app(const stoq_stream *s);
