@@ -96,12 +96,13 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (!s && !c->is_server) /* one the application reset and has heard closed: let it go */
-    for (s = c->streams; s && !(s->abandoned == 2 && s->id == stream_id); s = s->next) {
+  if (!s && !c->is_server) /* one the application reset (see stoq_stream_reset) */
+    for (s = c->streams; s && !(s->abandoned && s->id == stream_id); s = s->next) {
     }
   if (s) {
     sink_drain(s, 1); /* the application may close the sink's fd once it hears of the close */
-    if (s->abandoned != 2 && c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, app_error_code);
+    if (s->abandoned != 2 && c->ep->ev.on_stream_close)
+      c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandoned ? s->abandon_code : app_error_code);
     stream_free(c, s);
   }
   if (c->is_server && ngtcp2_is_bidi_stream(stream_id)) ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
@@ -451,7 +452,11 @@ int resend_early_requests(stoq_conn *c) {
   while (s && s->next) s = s->next;
   while (s) {
     stoq_stream *prev = s->prev;
-    if (s->early_nv) {
+    if (s->abandoned) { /* reset by the application: not sent again, and no transport to close it */
+      if (s->abandoned == 1 && c->ep->ev.on_stream_close)
+        c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandon_code);
+      stream_free(c, s);
+    } else if (s->early_nv) {
       int64_t sid;
       rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
       if (rv == 0) {
@@ -519,17 +524,20 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   return s;
 }
 
-/* A client's reset is the application's last word on the stream: it hears the stream closed
- * whether or not the server ever answers. ngtcp2 0.12 forgets a stream whose RESET_STREAM
+/* A client's reset is the application's last word on the stream. From here no callback reaches
+ * the stream and nothing more is written to its sink (what was queued has landed), so the
+ * application may close the sink's file at once; it hears the stream closed, with its own code,
+ * before the connection's next write, outside any callback (stoq_conn_end_abandoned_streams),
+ * whether or not the server ever answers: ngtcp2 0.12 forgets a stream whose RESET_STREAM
  * arrives before any of its data (the request's HEADERS not yet sent, or lost), so the
  * STOP_SENDING sent with it gets no RESET_STREAM back and the stream would stay half open until
- * the connection ends. The endpoint ends it for the application before the connection's next
- * write, outside any callback (stoq_conn_end_abandoned_streams). The stoq_stream, and the body
- * pieces ngtcp2 may still retransmit from, stay until the transport closes the stream or the
- * connection ends. */
+ * the connection ends. The stoq_stream, and the body pieces ngtcp2 may still retransmit from,
+ * stay until the transport closes the stream or the connection ends. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
   ngtcp2_conn_shutdown_stream(c->q, s->id, code);
   if (c->is_server || s->abandoned) return;
+  if (c->h3) nghttp3_conn_set_stream_user_data(c->h3, s->id, NULL);
+  sink_drain(s, 1);
   s->abandoned = 1;
   s->abandon_code = code;
   c->abandoned++;
@@ -543,11 +551,6 @@ int stoq_conn_end_abandoned_streams(stoq_conn *c) {
     if (!s) break;
     s->abandoned = 2;
     c->abandoned--;
-    if (c->h3) {
-      nghttp3_conn_set_stream_user_data(c->h3, s->id, NULL); /* no callback reaches it again */
-      nghttp3_conn_shutdown_stream_write(c->h3, s->id);
-    }
-    sink_drain(s, 1);
     if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandon_code);
     s->app = NULL;
     ended++;

@@ -237,6 +237,30 @@ final class PipeReader: @unchecked Sendable {
     /// The writer blocked (a pipe nobody reads): the sender is stopped by flow control, the
     /// receiver holds at most one ring of body, and once the pipe is read the transfer ends
     /// byte-identical.
+    /// Once a client resets a download, what it received is in its file and nothing more is
+    /// written there, so the file may be closed at once (EdgeCache closes the loser of a hedge
+    /// right after cancelling it); the rest of the response is dropped.
+    @Test func nothingReachesTheSinkAfterAReset() throws {
+        let object = randomBytes(8 << 20, seed: 51)
+        let (fd, path) = tempFile()
+        defer { close(fd); unlink(path) }
+        let client = FileSinkClient(fd: fd)
+        let (pair, conn) = try connected(MemoryServer(object: object), client)
+        let stream = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { stream.bytesReceived > 1 << 20 })
+        conn.reset(stream, errorCode: H3Error.requestCancelled)
+        var st = stat()
+        fstat(fd, &st)
+        let size = Int(st.st_size)
+        #expect(UInt64(size) == stream.bytesReceived)
+        #expect(pair.run(for: 1_000_000_000) { client.closedCode != nil })
+        pair.run(for: 200_000_000) { false }
+        fstat(fd, &st)
+        #expect(Int(st.st_size) == size && size < object.count)
+        #expect(contents(fd, size) == Array(object.prefix(size)))
+        #expect(client.closedCode == H3Error.requestCancelled)
+    }
+
     @Test func blockedWriterHoldsTheSenderByFlowControl() throws {
         var settings = QUICSettings()
         settings.initialMaxStreamData = 1 << 20

@@ -89,6 +89,30 @@ import Testing
         #expect(server.requests.count == 2)
     }
 
+    /// A 0-RTT request the client resets before the server refuses early data is not sent
+    /// again: the client hears it closed with its own code, and the next request is served.
+    @Test func aResetEarlyRequestIsNotSentAgainWhenEarlyDataIsRefused() throws {
+        var settings = QUICSettings()
+        settings.earlyData = false
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        conn.reset(try conn.request(method: "GET", authority: "x", path: "/objects/x"), errorCode: H3Error.requestCancelled)
+        #expect(pair.run { conn.isEstablished && client.closedCode != nil })
+        #expect(client.closedCode == H3Error.requestCancelled && conn.earlyData == .rejected)
+        client.closedCode = nil
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 200 && client.received == UInt64(object.count))
+        // The first visit's GET and this one: the reset request never reached the server.
+        #expect(server.requests.count == 2)
+    }
+
     /// Found by the interop matrix (handshakeloss, ngtcp2 serving `stoq get`): a client with a
     /// keep-alive whose 0-RTT handshake outlasts it. ngtcp2 0.12 sent the keep-alive PING alone
     /// in a 0-RTT packet, too short to protect, and aborted (ngtcp2_ppe.c:135). The keep-alive
