@@ -208,7 +208,8 @@ package final class ConnectionPool {
         requests[tag]?.stream?.bytesReceived ?? 0
     }
 
-    /// Abandons request `tag` (resets its stream); no `Done` comes for it.
+    /// Abandons request `tag` (resets its stream); no `Done` comes for it. Nothing more is
+    /// written to its sink: the caller may close that file as soon as this returns.
     package func cancel(_ tag: Int) {
         guard let r = requests.removeValue(forKey: tag), let up = upstreams[r.upstream] else { return }
         up.pending.removeAll { $0.tag == tag }
