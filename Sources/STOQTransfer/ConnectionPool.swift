@@ -224,9 +224,13 @@ package final class ConnectionPool {
     /// Whether the connection to `endpoint` is established.
     package func isConnected(_ endpoint: IPv6Endpoint) -> Bool { upstreams[endpoint]?.connection.isEstablished == true }
 
-    /// Closes the connection to `endpoint`, failing its requests with `reason`.
+    /// Closes the connection to `endpoint`, failing its requests with `reason`. Their sinks
+    /// get nothing more (each stream is reset first): their files may be closed at once.
     package func drop(_ endpoint: IPv6Endpoint, reason: String) {
         guard let up = upstreams.removeValue(forKey: endpoint) else { return }
+        for tag in up.streams {
+            if let s = requests[tag]?.stream { up.connection.reset(s, errorCode: H3Error.requestCancelled) }
+        }
         fail(up, reason)
         up.connection.close(now: monotonicNow())
     }
