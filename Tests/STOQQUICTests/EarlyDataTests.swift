@@ -43,6 +43,22 @@ import Testing
         return (client, conn, head)
     }
 
+    /// A pair whose client made its first visit and opened a second connection that offers
+    /// what it kept (0-RTT is open), with nothing sent on it yet.
+    func resumed(
+        serverSettings: QUICSettings = QUICSettings(), clientSettings: QUICSettings = QUICSettings()
+    ) throws -> (EndpointPair, MemoryServer, RecordingClient, QUICConnection) {
+        let pair = try EndpointPair(identity: identity, serverSettings: serverSettings, clientSettings: clientSettings)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let client = RecordingClient()
+        pair.client.application = client
+        let conn = try pair.connect()
+        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        return (pair, server, client, conn)
+    }
+
     @Test func aGetInZeroRTTIsServedFromEarlyData() throws {
         let rtt: UInt64 = 2_000_000
         let pair = try EndpointPair(identity: identity, link: SimulatedLink(delay: rtt / 2))
@@ -94,14 +110,7 @@ import Testing
     @Test func aResetEarlyRequestIsNotSentAgainWhenEarlyDataIsRefused() throws {
         var settings = QUICSettings()
         settings.earlyData = false
-        let pair = try EndpointPair(identity: identity, serverSettings: settings)
-        let server = MemoryServer(object: object)
-        pair.server.application = server
-        let kept = try firstVisit(pair)
-        let client = RecordingClient()
-        pair.client.application = client
-        let conn = try pair.connect()
-        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        let (pair, server, client, conn) = try resumed(serverSettings: settings)
         conn.reset(try conn.request(method: "GET", authority: "x", path: "/objects/x"), errorCode: H3Error.requestCancelled)
         #expect(pair.run { conn.isEstablished && client.closedCode != nil })
         #expect(client.closedCode == H3Error.requestCancelled && conn.earlyData == .rejected)
@@ -120,14 +129,7 @@ import Testing
     @Test func aKeepAliveDuringALongZeroRTTHandshakeDoesNotAbort() throws {
         var settings = QUICSettings()
         settings.keepAlive = 100_000_000
-        let pair = try EndpointPair(identity: identity, clientSettings: settings)
-        let server = MemoryServer(object: object)
-        pair.server.application = server
-        let kept = try firstVisit(pair)
-        let client = RecordingClient()
-        pair.client.application = client
-        let conn = try pair.connect()
-        #expect(conn.offerSession(kept.session) && conn.offerEarlyParameters(kept.parameters))
+        let (pair, _, client, conn) = try resumed(clientSettings: settings)
         _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
         // Nothing comes back for 3 s: 30 keep-alive periods, while the client only has 0-RTT keys.
         pair.toClient.down = true
