@@ -272,8 +272,10 @@ public final class QUICConnection: TimerHeapElement {
         return HTTPStream(raw: s)
     }
 
-    /// Abandons a stream in both directions. On a client, `streamClosed` follows with
-    /// `errorCode` from the next `pollTransmit`, whether or not the server answers the reset.
+    /// Abandons a stream in both directions. On a client, nothing more reaches the stream's
+    /// body sink once this returns (what was queued has been written), and `streamClosed`
+    /// follows with `errorCode` from the next `pollTransmit`, whether or not the server
+    /// answers the reset.
     public func reset(_ stream: HTTPStream, errorCode: UInt64) {
         stoq_stream_reset(raw, stream.raw, errorCode)
         endpoint.markDirty(self)

@@ -510,7 +510,8 @@ int64_t stoq_stream_max_age(const stoq_stream *s);
 void stoq_stream_set_max_age(stoq_stream *s, int64_t max_age);
 /** Server: the status of the response sent on the stream, 0 before one is. */
 int stoq_stream_status(const stoq_stream *s);
-/** Abandons a stream in both directions with an HTTP/3 error code. A client's application
+/** Abandons a stream in both directions with an HTTP/3 error code. On a client, nothing more
+ *  reaches the stream's sink once this returns (queued writes have landed), and the application
  *  hears the stream closed with that code from stoq_conn_end_abandoned_streams, whether or not
  *  the server answers the reset. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t app_error_code);
