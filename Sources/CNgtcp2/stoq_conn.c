@@ -615,13 +615,7 @@ stoq_conn *stoq_conn_connect(stoq_endpoint_ctx *ep, const char *server_name, con
 }
 
 void stoq_conn_end_streams(stoq_conn *c) {
-  while (c->streams) {
-    stoq_stream *s = c->streams;
-    sink_drain(s, 1);
-    if (s->abandoned != 2 && c->ep->ev.on_stream_close)
-      c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandoned ? s->abandon_code : STOQ_H3_REQUEST_CANCELLED);
-    stream_free(c, s);
-  }
+  while (c->streams) stream_end(c, c->streams, STOQ_H3_REQUEST_CANCELLED);
 }
 
 void stoq_conn_free(stoq_conn *c) {

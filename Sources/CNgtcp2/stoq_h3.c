@@ -35,6 +35,13 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   return s;
 }
 
+void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code) {
+  sink_drain(s, 1); /* the application may close the sink's fd once it hears of the close */
+  if (s->abandoned != 2 && c->ep->ev.on_stream_close)
+    c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandoned ? s->abandon_code : code);
+  stream_free(c, s);
+}
+
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_drain(s, 1);
   if (s->abandoned == 1) c->abandoned--;
@@ -99,12 +106,7 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   if (!s && !c->is_server) /* one the application reset (see stoq_stream_reset) */
     for (s = c->streams; s && !(s->abandoned && s->id == stream_id); s = s->next) {
     }
-  if (s) {
-    sink_drain(s, 1); /* the application may close the sink's fd once it hears of the close */
-    if (s->abandoned != 2 && c->ep->ev.on_stream_close)
-      c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandoned ? s->abandon_code : app_error_code);
-    stream_free(c, s);
-  }
+  if (s) stream_end(c, s, app_error_code);
   if (c->is_server && ngtcp2_is_bidi_stream(stream_id)) ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
   return 0;
 }
@@ -453,9 +455,7 @@ int resend_early_requests(stoq_conn *c) {
   while (s) {
     stoq_stream *prev = s->prev;
     if (s->abandoned) { /* reset by the application: not sent again, and no transport to close it */
-      if (s->abandoned == 1 && c->ep->ev.on_stream_close)
-        c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, s->abandon_code);
-      stream_free(c, s);
+      stream_end(c, s, s->abandon_code);
     } else if (s->early_nv) {
       int64_t sid;
       rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
@@ -465,8 +465,7 @@ int resend_early_requests(stoq_conn *c) {
       }
       if (rv != 0) {
         /* The server now allows fewer streams than it did: this request fails alone. */
-        if (c->ep->ev.on_stream_close) c->ep->ev.on_stream_close(c->ep->ev.ctx, c, s, STOQ_H3_REQUEST_REJECTED);
-        stream_free(c, s);
+        stream_end(c, s, STOQ_H3_REQUEST_REJECTED);
       }
     }
     s = prev;

@@ -203,6 +203,9 @@ STOQ_HIDDEN void release_tls(stoq_conn *c);
 /* Streams (stoq_h3.c). */
 STOQ_HIDDEN stoq_stream *stream_new(stoq_conn *c, int64_t id);
 STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
+/* The stream ends: its queued writes land, the application hears it closed (once; with its own
+   code if it reset the stream, else `code`) and it is freed. */
+STOQ_HIDDEN void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code);
 /* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
 STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
 /* Opens HTTP/3 once the application keys are there (client: or 0-RTT's). */
