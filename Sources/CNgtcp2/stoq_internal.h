@@ -28,6 +28,9 @@ struct stoq_tls_ctx {
   void *peer_check_ctx;
   /* the suites offered or accepted (stoq_tls_set_cipher_suites); NULL: the default */
   gnutls_priority_t priority;
+  /* the suites offered, in order (indices into stoq_tls.c's table); n_suites 0: all of them */
+  uint8_t suites[8];
+  uint8_t n_suites;
 };
 
 typedef struct stoq_sink_writer stoq_sink_writer;

@@ -40,6 +40,7 @@ static const struct {
     {"AES-128-CCM", "TLS_AES_128_CCM_SHA256", GNUTLS_CIPHER_AES_128_CCM},
 };
 #define N_CIPHERS (sizeof(CIPHERS) / sizeof(CIPHERS[0]))
+_Static_assert(N_CIPHERS <= sizeof(((stoq_tls_ctx *)0)->suites), "stoq_tls_ctx.suites holds every suite");
 
 static const uint8_t ALPN_H3[] = "h3";
 
@@ -185,8 +186,16 @@ static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, un
   return 0;
 }
 
-int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len) {
+/* GnuTLS 3.7 fails a resumption in which the server picks another suite than the ticket's,
+ * though TLS 1.3 allows it (RFC 8446 §4.2.11): between GnuTLS ends the handshake stalls until
+ * the client's timeout, or the server answers handshake_failure, and a GnuTLS server answers
+ * aioquic with illegal_parameter. A server picks the same suite from the same offer, so a
+ * session is offered only by a connection that offers what the one that made it offered. */
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len, const char *offered) {
   if (c->is_server || !c->tls) return -1;
+  char ours[STOQ_SUITES_MAX];
+  stoq_conn_offered_suites(c, ours, sizeof(ours));
+  if (offered && strcmp(offered, ours) != 0) return -2;
   if (gnutls_session_set_data(c->tls, data, len) != 0) return -1;
   c->session_offered = 1;
   return 0;
@@ -394,7 +403,19 @@ int stoq_tls_set_cipher_suites(stoq_tls_ctx *t, const uint8_t *suites, size_t n,
   }
   if (t->priority) gnutls_priority_deinit(t->priority);
   t->priority = p;
+  memcpy(t->suites, suites, n);
+  t->n_suites = (uint8_t)n;
   return 0;
+}
+
+size_t stoq_conn_offered_suites(const stoq_conn *c, char *buf, size_t cap) {
+  const stoq_tls_ctx *t = c->tls_ctx;
+  size_t n = t && t->n_suites ? t->n_suites : N_CIPHERS, len = 0;
+  if (cap) buf[0] = 0;
+  for (size_t i = 0; i < n && len < cap; i++)
+    len +=
+        (size_t)snprintf(buf + len, cap - len, "%s%s", i ? ":" : "", CIPHERS[t && t->n_suites ? t->suites[i] : i].iana);
+  return len;
 }
 
 int setup_tls(stoq_conn *c, const char *server_name) {

@@ -81,10 +81,21 @@ public final class QUICConnection: TimerHeapElement {
         return Array(UnsafeBufferPointer(start: p, count: n))
     }
     /// Client, before the first packet leaves: offer `session` (an earlier connection's
-    /// `resumableSession`). False when GnuTLS cannot use it; the handshake is then a full one.
+    /// `resumableSession`), which a connection offering `offeredCipherSuites` made (that
+    /// connection's `offeredCipherSuites`; nil if unknown). False when it is not offered, and
+    /// the handshake is then a full one: GnuTLS cannot use it, or this connection offers other
+    /// suites or another order (GnuTLS, in either role, fails a resumption that changes the
+    /// suite, and the same offer gets the same suite).
     @discardableResult
-    public func offerSession(_ session: [UInt8]) -> Bool {
-        session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count) == 0 }
+    public func offerSession(_ session: [UInt8], offeredCipherSuites: String? = nil) -> Bool {
+        session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count, offeredCipherSuites) == 0 }
+    }
+    /// The TLS cipher suites this end offers (client) or accepts (server), in order: their IANA
+    /// names separated by ':'.
+    public var offeredCipherSuites: String {
+        var buf = [CChar](repeating: 0, count: Int(STOQ_SUITES_MAX))
+        stoq_conn_offered_suites(raw, &buf, buf.count)
+        return String(cBuffer: buf)
     }
     /// Client, once established: what 0-RTT needs to remember of the server (its stream and
     /// flow control limits, RFC 9000 §7.4.1, in transport parameter encoding): keep it with

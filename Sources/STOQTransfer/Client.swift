@@ -99,10 +99,17 @@ public struct TransferResult: Sendable, Codable {
 /// A missing file only costs that; an unreadable, damaged or old one is reported (`warn`) and
 /// costs the same — the next successful run writes a good one over it.
 ///
-/// The file (format version 1; integers big-endian): the 8 bytes `STOQSESS`, the version byte,
+/// The file (format version 2; integers big-endian): the 8 bytes `STOQSESS`, the version byte,
 /// then the TLS session (GnuTLS's resumption data: 4-byte length, bytes), then the server's
 /// transport parameters that 0-RTT must respect (RFC 9000 §7.4.1; in their wire encoding,
-/// RFC 9000 §18: 4-byte length, bytes; length 0 when none were kept). Nothing follows.
+/// RFC 9000 §18: 4-byte length, bytes; length 0 when none were kept), then the cipher suites
+/// the connection that made the session offered (`QUICConnection.offeredCipherSuites`: IANA
+/// names separated by ':', in ASCII; 4-byte length, bytes). Nothing follows. Version 1 had no
+/// suites; its files are refused.
+///
+/// A session is offered only by a connection that offers the same suites in the same order:
+/// GnuTLS fails a resumption that changes the suite (`QUICConnection.offerSession`), so a run
+/// with other `cipherSuites` makes a full handshake and keeps its own session.
 public struct SessionCache: Sendable {
     /// What is kept for one server.
     public struct Entry: Sendable, Equatable {
@@ -110,9 +117,12 @@ public struct SessionCache: Sendable {
         public var session: [UInt8]
         /// The server's limits for 0-RTT (`QUICConnection.earlyParameters`); nil: none kept.
         public var earlyParameters: [UInt8]?
-        public init(session: [UInt8], earlyParameters: [UInt8]?) {
+        /// What the connection that made the session offered (`QUICConnection.offeredCipherSuites`).
+        public var offeredCipherSuites: String
+        public init(session: [UInt8], earlyParameters: [UInt8]?, offeredCipherSuites: String) {
             self.session = session
             self.earlyParameters = earlyParameters
+            self.offeredCipherSuites = offeredCipherSuites
         }
     }
 
@@ -122,7 +132,7 @@ public struct SessionCache: Sendable {
     }
 
     /// The format `store` writes and `load` reads; any other is refused.
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion: UInt8 = 2
     static let magic = Array("STOQSESS".utf8)
 
     public let directory: String
@@ -150,6 +160,7 @@ public struct SessionCache: Sendable {
         var out = magic + [formatVersion]
         put(entry.session, into: &out)
         put(entry.earlyParameters ?? [], into: &out)
+        put(Array(entry.offeredCipherSuites.utf8), into: &out)
         return out
     }
 
@@ -171,10 +182,15 @@ public struct SessionCache: Sendable {
             defer { at += n }
             return Array(bytes[at..<at + n])
         }
-        let session = try take(), early = try take()
+        let session = try take(), early = try take(), suites = try take()
         guard at == bytes.count else { throw FormatError(description: "\(bytes.count - at) bytes after the end") }
         guard !session.isEmpty else { throw FormatError(description: "no session in it") }
-        return Entry(session: session, earlyParameters: early.isEmpty ? nil : early)
+        guard !suites.isEmpty, suites.allSatisfy({ (0x21...0x7e).contains($0) }) else {
+            throw FormatError(description: "no cipher suite names in it")
+        }
+        return Entry(
+            session: session, earlyParameters: early.isEmpty ? nil : early,
+            offeredCipherSuites: String(decoding: suites, as: UTF8.self))
     }
 
     func path(for url: STOQURL) -> String {
@@ -207,7 +223,9 @@ public struct SessionCache: Sendable {
     /// Offers `url`'s kept session to `connection` (a client's, before its first packet), and
     /// with `early` the kept 0-RTT parameters too. Returns whether requests may go now (0-RTT).
     func offer(for url: STOQURL, to connection: QUICConnection, early: Bool) -> Bool {
-        guard let entry = load(for: url), connection.offerSession(entry.session) else { return false }
+        guard let entry = load(for: url), connection.offerSession(entry.session, offeredCipherSuites: entry.offeredCipherSuites) else {
+            return false
+        }
         guard early, let p = entry.earlyParameters else { return false }
         return connection.offerEarlyParameters(p)
     }
@@ -216,7 +234,9 @@ public struct SessionCache: Sendable {
     /// session, and the limits 0-RTT needs. Nothing when the server sent no ticket.
     func keep(from connection: QUICConnection, for url: STOQURL) {
         guard let session = connection.resumableSession else { return }
-        store(Entry(session: session, earlyParameters: connection.earlyParameters), for: url)
+        store(
+            Entry(session: session, earlyParameters: connection.earlyParameters, offeredCipherSuites: connection.offeredCipherSuites),
+            for: url)
     }
 }
 

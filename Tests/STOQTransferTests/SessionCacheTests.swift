@@ -3,7 +3,7 @@ import Testing
 
 @testable import STOQTransfer
 
-/// The session cache's file format (version 1, `SessionCache`'s doc comment is its spec):
+/// The session cache's file format (version 2, `SessionCache`'s doc comment is its spec):
 /// what `store` writes `load` reads back, and every other file is refused with a reason that
 /// `warn` hears, never used.
 @Suite final class SessionCacheTests {
@@ -33,19 +33,21 @@ import Testing
     }
 
     @Test func theLayoutIsTheDocumentedOne() throws {
-        let entry = SessionCache.Entry(session: [1, 2, 3], earlyParameters: [9, 8])
+        let entry = SessionCache.Entry(session: [1, 2, 3], earlyParameters: [9, 8], offeredCipherSuites: "TLS_X")
         #expect(
             SessionCache.encode(entry)
-                == Array("STOQSESS".utf8) + [1] + [0, 0, 0, 3, 1, 2, 3] + [0, 0, 0, 2, 9, 8])
+                == Array("STOQSESS".utf8) + [2] + [0, 0, 0, 3, 1, 2, 3] + [0, 0, 0, 2, 9, 8] + [0, 0, 0, 5]
+                + Array("TLS_X".utf8))
         #expect(try SessionCache.decode(SessionCache.encode(entry)) == entry)
         // No 0-RTT parameters kept: length 0, read back as none.
-        let bare = SessionCache.Entry(session: [7], earlyParameters: nil)
-        #expect(SessionCache.encode(bare).suffix(4) == [0, 0, 0, 0])
+        let bare = SessionCache.Entry(session: [7], earlyParameters: nil, offeredCipherSuites: "S")
+        #expect(SessionCache.encode(bare).suffix(9) == [0, 0, 0, 0, 0, 0, 0, 1, 0x53])
         #expect(try SessionCache.decode(SessionCache.encode(bare)) == bare)
     }
 
     @Test func whatIsStoredLoadsBackPrivately() throws {
-        let entry = SessionCache.Entry(session: Array(repeating: 0xab, count: 900), earlyParameters: [1, 2, 3, 4])
+        let entry = SessionCache.Entry(
+            session: Array(repeating: 0xab, count: 900), earlyParameters: [1, 2, 3, 4], offeredCipherSuites: "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384")
         #expect(cache.load(for: url) == nil)
         cache.store(entry, for: url)
         #expect(cache.load(for: url) == entry)
@@ -55,14 +57,18 @@ import Testing
     }
 
     static let magic: [UInt8] = Array("STOQSESS".utf8)
-    /// Files that are not version 1's layout, and what `load` says of each.
+    /// Files that are not version 2's layout, and what `load` says of each.
     static let badFiles: [([UInt8], String)] = [
         ([UInt8](repeating: 0x30, count: 200), "not a stoq session file (an older stoq's, or damaged)"),
-        (magic + [2, 0, 0, 0, 1, 5, 0, 0, 0, 0], "format version 2, this stoq reads version 1"),
-        (magic + [1, 0, 0, 0, 9, 5], "truncated"),
-        (magic + [1, 0, 0, 0, 1, 5, 0, 0], "truncated"),
-        (magic + [1, 0, 0, 0, 1, 5, 0, 0, 0, 0, 7], "1 bytes after the end"),
-        (magic + [1, 0, 0, 0, 0, 0, 0, 0, 0], "no session in it"),
+        // Version 1's layout (no suite), as stoq wrote it before.
+        (magic + [1, 0, 0, 0, 1, 5, 0, 0, 0, 0], "format version 1, this stoq reads version 2"),
+        (magic + [2, 0, 0, 0, 9, 5], "truncated"),
+        (magic + [2, 0, 0, 0, 1, 5, 0, 0], "truncated"),
+        (magic + [2, 0, 0, 0, 1, 5, 0, 0, 0, 0], "truncated"),
+        (magic + [2, 0, 0, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0x53, 7], "1 bytes after the end"),
+        (magic + [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x53], "no session in it"),
+        (magic + [2, 0, 0, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0], "no cipher suite names in it"),
+        (magic + [2, 0, 0, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 2, 0x53, 0x0a], "no cipher suite names in it"),
     ]
 
     @Test(arguments: badFiles)

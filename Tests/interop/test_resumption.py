@@ -315,9 +315,9 @@ def test_a_bad_or_old_session_file_costs_only_the_resumption(tnode, tmp_path):
     cache = tmp_path / "cache"
     get_json(tnode.url("r.bin"), tnode.cert, cache)
     kept = cache / "stoq" / f"__1_{tnode.port}.session"
-    assert kept.read_bytes().startswith(b"STOQSESS\x01")
+    assert kept.read_bytes().startswith(b"STOQSESS\x02")
     for bad, why in [(kept.read_bytes()[13:100], "not a stoq session file (an older stoq's, or damaged)"),
-                     (b"STOQSESS\x07" + bytes(8), "format version 7, this stoq reads version 1"),
+                     (b"STOQSESS\x01" + kept.read_bytes()[9:], "format version 1, this stoq reads version 2"),
                      (kept.read_bytes()[:40], "truncated")]:
         kept.write_bytes(bad)
         r = stoq("get", tnode.url("r.bin"), "--ca", tnode.cert, "--json", env={"XDG_CACHE_HOME": str(cache)})
@@ -327,6 +327,21 @@ def test_a_bad_or_old_session_file_costs_only_the_resumption(tnode, tmp_path):
         assert (res["resumed"], res["early_data"], res["sha256"]) == (False, "none", tnode.digest)
         res = get_json(tnode.url("r.bin"), tnode.cert, cache)
         assert (res["resumed"], res["early_data"]) == (True, "accepted")
+
+
+def test_stoq_get_with_other_cipher_suites_makes_a_full_handshake(tnode, tmp_path):
+    """A kept session is offered only where its suite is offered first (GnuTLS stalls a
+    resumption that changes the suite until the handshake times out): a run offering another
+    suite first makes a full handshake, and keeps its own session for the next like it."""
+    cache = tmp_path / "cache"
+    chacha = ["--cipher-suites", "CHACHA20-POLY1305,AES-128-GCM"]
+    seen = []
+    for extra in [[], chacha, chacha, [], []]:
+        res = get_json(tnode.url("r.bin"), tnode.cert, cache, *extra)
+        assert res["sha256"] == tnode.digest
+        seen.append((res["cipher_suite"], res["resumed"]))
+    aes, cc = "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"
+    assert seen == [(aes, False), (cc, False), (cc, True), (aes, False), (aes, True)]
 
 
 def test_stoq_get_completes_when_the_node_refuses_0rtt(tmp_path_factory, tmp_path):

@@ -390,9 +390,16 @@ int stoq_conn_holds_tls(const stoq_conn *c);
  *  handshake completed). */
 int stoq_conn_early_data_accepted(const stoq_conn *c);
 /** Client, before the first packet is written: offer the session `data` (a blob an earlier
- *  connection's `stoq_conn_session` gave) for resumption. 0, or -1 when GnuTLS refuses it
- *  (the handshake is then a full one). */
-int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
+ *  connection's `stoq_conn_session` gave) for resumption; `offered` is what that connection
+ *  offered (`stoq_conn_offered_suites`), NULL if unknown. 0; -1 when GnuTLS refuses it; -2 when
+ *  this connection offers other suites or another order (GnuTLS fails a resumption that
+ *  changes the suite). The handshake is then a full one. */
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len, const char *offered);
+/** The TLS cipher suites the connection offers (client) or accepts (server), in order: their
+ *  IANA names separated by ':' into `buf` (NUL-terminated; STOQ_SUITES_MAX holds all). Returns
+ *  the length. */
+#define STOQ_SUITES_MAX 128
+size_t stoq_conn_offered_suites(const stoq_conn *c, char *buf, size_t cap);
 /** Client: the session the server's ticket resumes (the newest in the packet that brought the
  *  first; the TLS session goes after it), to keep for the next
  *  connection (`*data` lives as long as the connection or the next ticket); 0: none yet. */
