@@ -182,6 +182,7 @@ public enum ConfigLoader {
             s.bool("session_tickets", &c.network.quic.sessionTickets)
             s.duration("ticket_lifetime", &c.network.quic.ticketLifetime, 1_000_000_000...604_800_000_000_000)
             s.bool("early_data", &c.network.quic.earlyData)
+            s.cipherSuites("cipher_suites", &c.tls.cipherSuites)
         }
         if c.network.xdp.frameSize != 2048 && c.network.xdp.frameSize != 4096 {
             r.errors.append(
@@ -443,6 +444,24 @@ struct Section {
             r.append(s)
         }
         out = r
+    }
+
+    /// TLS 1.3 suites by name, checked against the TLS shim's table (`TLSCredentials`).
+    mutating func cipherSuites(_ key: String, _ out: inout [String]) {
+        guard let v = value(key) else { return }
+        let known = TLSCredentials.cipherSuiteTable.map { "\"\($0.gnutls)\"" }.joined(separator: ", ")
+        let allowed = "a non-empty array of \(known) (or their IANA names), each once"
+        guard let a = v.array, a.count > 0 else { return fail(.badType, key, v, allowed) }
+        var names: [String] = [], seen: Set<UInt8> = []
+        for e in a {
+            guard let s = e.string else { return fail(.badType, key, v, allowed) }
+            // One suite per element, named once: the element that is not is the one shown.
+            guard !s.contains(where: { ":, ".contains($0) }), let i = (try? TLSCredentials.cipherSuiteIndices([s]))?.first,
+                seen.insert(i).inserted
+            else { return fail(.badValue, key, shown: "\"\(s)\"", allowed) }
+            names.append(s)
+        }
+        out = names
     }
 
     /// One of `options` by name: the only place a config word becomes its type.

@@ -67,6 +67,9 @@ public struct NodeConfig: Sendable, Equatable {
     public struct TLS: Sendable, Equatable {
         public var certFile = ""
         public var keyFile = ""
+        /// The TLS 1.3 suites the node accepts (`tls.cipher_suites`, validated names); by
+        /// default all of the TLS shim's. A client's order picks among them.
+        public var cipherSuites = TLSCredentials.cipherSuiteTable.map(\.gnutls)
     }
     /// Where the node's certificate comes from and how it rotates (unless `tls.cert_file`
     /// names fixed files).

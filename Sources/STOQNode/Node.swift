@@ -255,7 +255,11 @@ public final class Node: @unchecked Sendable {
         let clientAuth = try Self.clientAuthentication(cfg)
         guard cfg.tls.certFile.isEmpty else {
             let creds: TLSCredentials
-            do { creds = try TLSCredentials(certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile, clientAuth: clientAuth) } catch {
+            do {
+                creds = try TLSCredentials(
+                    certificateFile: cfg.tls.certFile, keyFile: cfg.tls.keyFile, clientAuth: clientAuth,
+                    cipherSuites: cfg.tls.cipherSuites)
+            } catch {
                 throw NodeError(.identity, "\(error)")
             }
             certificatePath = cfg.tls.certFile
@@ -265,7 +269,7 @@ public final class Node: @unchecked Sendable {
         var names = [ProcessInfo.processInfo.hostName]
         if names[0].isEmpty { names = [] }
         let manager = CertificateManager(
-            trust: cfg.trust, clientAuth: clientAuth, dataDirectory: cfg.node.dataDir,
+            trust: cfg.trust, clientAuth: clientAuth, cipherSuites: cfg.tls.cipherSuites, dataDirectory: cfg.node.dataDir,
             names: names, addresses: Self.localAddresses(), logger: logger)
         let creds: TLSCredentials
         do { creds = try manager.start() } catch {

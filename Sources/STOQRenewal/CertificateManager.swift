@@ -58,6 +58,8 @@ package final class CertificateManager: @unchecked Sendable {
     var trust: NodeConfig.Trust { state.withLock { trustValue } }
     /// What clients' certificates must satisfy (mutual TLS), applied to every credential made.
     var clientAuth: ClientAuthentication? { state.withLock { clientAuthValue } }
+    /// The TLS suites every credential made accepts (`tls.cipher_suites`; nil: all).
+    let cipherSuites: [String]?
     package let identityDirectory: String
     let caDirectory: String
     let names: [String]
@@ -77,11 +79,12 @@ package final class CertificateManager: @unchecked Sendable {
     package private(set) var log: CertificateLogService?
 
     package init(
-        trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, dataDirectory: String, names: [String],
-        addresses: [IPv6Address], logger: Logger
+        trust: NodeConfig.Trust, clientAuth: ClientAuthentication?, cipherSuites: [String]? = nil, dataDirectory: String,
+        names: [String], addresses: [IPv6Address], logger: Logger
     ) {
         self.trustValue = trust
         self.clientAuthValue = clientAuth
+        self.cipherSuites = cipherSuites
         self.identityDirectory = dataDirectory + "/identity"
         self.caDirectory = dataDirectory + "/trust"
         // Only what a certificate can name: valid DNS labels, and IPv6 (the node is IPv6 only).
@@ -123,7 +126,7 @@ package final class CertificateManager: @unchecked Sendable {
             published.publish(
                 try TLSCredentials(
                     certificateFile: identityDirectory + "/cert.pem",
-                    keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth))
+                    keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth, cipherSuites: cipherSuites))
         }
     }
 
@@ -185,7 +188,7 @@ package final class CertificateManager: @unchecked Sendable {
         try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
         let creds = try TLSCredentials(
             certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
-            clientAuth: clientAuth)
+            clientAuth: clientAuth, cipherSuites: cipherSuites)
         let serial = CertificateSummary.hex(leaf.serialNumber)
         state.withLock {
             counterValues.rotations += 1

@@ -251,6 +251,24 @@ import TOMLKit
         #expect(e.map(\.key) == ["trust.transparency_logs"])
     }
 
+    @Test func readsTheCipherSuitesByTheShimsNames() throws {
+        #expect(NodeConfig.default.tls.cipherSuites == ["AES-128-GCM", "AES-256-GCM", "CHACHA20-POLY1305", "AES-128-CCM"])
+        let c = try ConfigLoader.parse("[tls]\ncipher_suites = [\"aes-256-gcm\", \"TLS_AES_128_GCM_SHA256\"]")
+        #expect(c.tls.cipherSuites == ["aes-256-gcm", "TLS_AES_128_GCM_SHA256"])
+        let allowed =
+            "a non-empty array of \"AES-128-GCM\", \"AES-256-GCM\", \"CHACHA20-POLY1305\", \"AES-128-CCM\" (or their IANA names), each once"
+        for (toml, shown, code) in [
+            ("[\"AES-128-GCM\", \"AES-128-CCM-8\"]", "\"AES-128-CCM-8\"", ConfigError.Code.badValue),
+            ("[\"AES-128-GCM:AES-256-GCM\"]", "\"AES-128-GCM:AES-256-GCM\"", .badValue),
+            ("[\"AES-128-GCM\", \"TLS_AES_128_GCM_SHA256\"]", "\"TLS_AES_128_GCM_SHA256\"", .badValue),
+            ("[]", "[]", .badType),
+            ("\"AES-128-GCM\"", "\"AES-128-GCM\"", .badType),
+        ] {
+            let e = errors("[tls]\ncipher_suites = \(toml)")
+            #expect(e == [ConfigError(code: code, key: "tls.cipher_suites", value: shown, allowed: allowed)], "\(toml)")
+        }
+    }
+
     @Test func crossChecksChunkSizes() {
         let e = errors("[chunking]\nmin_chunk_size = \"2MB\"\nmax_chunk_size = \"1MB\"")
         #expect(e.first?.key.hasPrefix("chunking.min_chunk_size") == true)

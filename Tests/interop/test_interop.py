@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SIZES, free_port, need_binary, run, sha256_file, stoq
+from conftest import SIZES, Node, free_port, need_binary, run, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -132,6 +132,27 @@ def test_stoq_get_offers_only_the_cipher_suites_asked_and_updates_keys(node):
     r = stoq("get", node.url(name), "--ca", node.cert, "--cipher-suites", "AES-128-GCM,AES-128-CCM-8")
     assert r.returncode == 1
     assert "cipher suites: unknown suite 'AES-128-CCM-8'" in r.stderr, r.stderr
+
+
+def test_a_node_accepts_only_its_cipher_suites(tmp_path_factory):
+    """tls.cipher_suites: the node accepts only those; a client offering none of them gets TLS's
+    handshake_failure, one offering several gets the first of its own order the node accepts."""
+    n = Node(tmp_path_factory.mktemp("suites"), workers=1, extra='[tls]\ncipher_suites = ["AES-128-GCM", "AES-256-GCM"]')
+    try:
+        digest = n.add_object("s.bin", 50_000)
+
+        def get(*suites):
+            return stoq("get", n.url("s.bin"), "--ca", n.cert, "--json", "--no-session-cache", *suites)
+        r = get()
+        assert r.returncode == 0 and json.loads(r.stdout)["cipher_suite"] == "TLS_AES_128_GCM_SHA256", r.stderr
+        r = get("--cipher-suites", "CHACHA20-POLY1305")
+        assert r.returncode == 1 and "closed by the peer: CRYPTO_ERROR (0x128)" in r.stderr, r.stderr
+        r = get("--cipher-suites", "CHACHA20-POLY1305,AES-256-GCM")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert (res["cipher_suite"], res["sha256"]) == ("TLS_AES_256_GCM_SHA384", digest)
+    finally:
+        assert n.stop() == 0
 
 
 def test_range_request(node):
