@@ -186,16 +186,8 @@ static int on_ticket(gnutls_session_t session, unsigned htype, unsigned when, un
   return 0;
 }
 
-/* GnuTLS 3.7 fails a resumption in which the server picks another suite than the ticket's,
- * though TLS 1.3 allows it (RFC 8446 §4.2.11): between GnuTLS ends the handshake stalls until
- * the client's timeout, or the server answers handshake_failure, and a GnuTLS server answers
- * aioquic with illegal_parameter. A server picks the same suite from the same offer, so a
- * session is offered only by a connection that offers what the one that made it offered. */
-int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len, const char *offered) {
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len) {
   if (c->is_server || !c->tls) return -1;
-  char ours[STOQ_SUITES_MAX];
-  stoq_conn_offered_suites(c, ours, sizeof(ours));
-  if (offered && strcmp(offered, ours) != 0) return -2;
   if (gnutls_session_set_data(c->tls, data, len) != 0) return -1;
   c->session_offered = 1;
   return 0;

@@ -88,7 +88,13 @@ public final class QUICConnection: TimerHeapElement {
     /// suite, and the same offer gets the same suite).
     @discardableResult
     public func offerSession(_ session: [UInt8], offeredCipherSuites: String? = nil) -> Bool {
-        session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count, offeredCipherSuites) == 0 }
+        // GnuTLS 3.7 fails a resumption in which the server picks another suite than the
+        // ticket's, though TLS 1.3 allows it (RFC 8446 §4.2.11): between GnuTLS ends the
+        // handshake stalls until the client's timeout, or the server answers handshake_failure,
+        // and a GnuTLS server answers aioquic with illegal_parameter. A server picks the same
+        // suite from the same offer, so a session is offered only under the offer that made it.
+        if let made = offeredCipherSuites, made != self.offeredCipherSuites { return false }
+        return session.withUnsafeBufferPointer { stoq_conn_set_session(raw, $0.baseAddress, $0.count) == 0 }
     }
     /// The TLS cipher suites this end offers (client) or accepts (server), in order: their IANA
     /// names separated by ':'.

@@ -111,7 +111,7 @@ import Testing
 
     /// Why the rule: offered anyway (nothing to compare, as before it), the session stalls the
     /// handshake until the client's handshake timeout (simulated time). Should a GnuTLS fix
-    /// make this test fail, the rule in stoq_conn_set_session may go.
+    /// make this test fail, the rule in QUICConnection.offerSession may go.
     @Test func withoutTheRuleGnuTLSFailsSuchAResumption() throws {
         let aes = try keptSession(try pair())
         let r = try resume(try pair(client: ["CHACHA20-POLY1305", "AES-128-GCM"]), aes, rule: false)

@@ -390,11 +390,10 @@ int stoq_conn_holds_tls(const stoq_conn *c);
  *  handshake completed). */
 int stoq_conn_early_data_accepted(const stoq_conn *c);
 /** Client, before the first packet is written: offer the session `data` (a blob an earlier
- *  connection's `stoq_conn_session` gave) for resumption; `offered` is what that connection
- *  offered (`stoq_conn_offered_suites`), NULL if unknown. 0; -1 when GnuTLS refuses it; -2 when
- *  this connection offers other suites or another order (GnuTLS fails a resumption that
- *  changes the suite). The handshake is then a full one. */
-int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len, const char *offered);
+ *  connection's `stoq_conn_session` gave) for resumption. 0, or -1 when GnuTLS refuses it
+ *  (the handshake is then a full one). Which sessions to offer is the caller's choice
+ *  (`QUICConnection.offerSession`). */
+int stoq_conn_set_session(stoq_conn *c, const uint8_t *data, size_t len);
 /** The TLS cipher suites the connection offers (client) or accepts (server), in order: their
  *  IANA names separated by ':' into `buf` (NUL-terminated; STOQ_SUITES_MAX holds all). Returns
  *  the length. */
