@@ -367,7 +367,7 @@ enum Testbed {
         #if !AFXDP
         return "this build has no AF_XDP (the AFXDP package trait is off)"
         #endif
-        if geteuid() != 0 { return "AF_XDP needs root (network namespaces, bpf()): run under sudo or wtrun" }
+        if geteuid() != 0 { return "AF_XDP needs root (network namespaces, bpf()): run as root" }
         for tool in ["ip", "nsenter", "bpftool", "ethtool"] where sh("command -v \(tool)").status != 0 {
             return "\(tool) is not installed (scripts/install-deps installs it)"
         }

@@ -82,7 +82,7 @@ def deltas_once(node, before, name, at_least, timeout=20):
 
 
 def kernel_udp(version):
-    """This network namespace's UDP counters (the test runs alone in it under wtrun)."""
+    """This network namespace's UDP counters (the suite runs its tests one at a time)."""
     if version == 4:
         lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
         return dict(zip(lines[0][1:], map(int, lines[1][1:])))

@@ -10,7 +10,7 @@ episode; once the tmpfs is made bigger, the next upload succeeds with no restart
 An edge node on such a tmpfs, filling from an origin: the chunks it cannot store are served
 all the same (byte-identical), counted, and cached again once space returns.
 
-Runs as root: wtrun's private mount namespace takes the mounts, and the fixture unmounts."""
+Runs as root (it mounts a tmpfs); the fixture unmounts."""
 import hashlib
 import json
 import os
