@@ -34,7 +34,10 @@ public struct NodeTracing: Sendable {
         }
         var c = OTel.Configuration.default
         c.serviceName = config.serviceName
-        c.diagnosticLogger = .custom(logger)
+        // swift-otel's warnings ("Failed to export batch.") name no endpoint: its logger does.
+        var diagnostics = logger
+        diagnostics[metadataKey: "otlp_endpoint"] = "\(config.endpoint)"
+        c.diagnosticLogger = .custom(diagnostics)
         c.diagnosticLogLevel = .warning
         c.propagators = [.traceContext]
         c.logs.enabled = false

@@ -111,16 +111,19 @@ final class LevelBox: @unchecked Sendable {
 }
 
 /// swift-log's stream handler, with its level read from a `LevelBox` so a reload can change it.
+/// A level set on one logger stays that logger's: swift-otel sets its diagnostic logger (a copy
+/// of the node's) to `warning`, and writing that into the shared box silenced the whole node.
 struct ReloadableLogHandler: LogHandler {
     private var inner: StreamLogHandler
     private let box: LevelBox
+    private var own: Logger.Level?
     init(label: String, level: LevelBox) {
         inner = StreamLogHandler.standardError(label: label)
         box = level
     }
     var logLevel: Logger.Level {
-        get { box.level }
-        set { box.level = newValue }
+        get { own ?? box.level }
+        set { own = newValue }
     }
     var metadata: Logger.Metadata {
         get { inner.metadata }
@@ -134,7 +137,7 @@ struct ReloadableLogHandler: LogHandler {
         level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
         function: String, line: UInt
     ) {
-        guard level >= box.level else { return }
+        guard level >= logLevel else { return }
         inner.log(level: level, message: message, metadata: metadata, source: source, file: file, function: function, line: line)
     }
 }

@@ -211,8 +211,14 @@ def test_an_unreachable_collector_stops_neither_requests_nor_the_node(tmp_path):
             r = stoq("get", n.url(f"d{i}"), "-o", tmp_path / "d.out", "--ca", n.cert, "--trace")
             assert r.returncode == 0, r.stderr
             assert sha256_file(tmp_path / "d.out") == sha256_file(src)
+        time.sleep(1)
     finally:
         assert n.stop() == 0
+    # The exporter's own logger is set to warning; that once silenced every logger of the node.
+    log = (tmp_path / "node" / "node.log").read_text()
+    assert "info stoq-node: " in log and "tracing on" in log and "draining connections and stopping" in log, log[-2000:]
+    failed = [l for l in log.splitlines() if "Failed to export" in l]
+    assert all("otlp_endpoint=http://[::1]:" in l for l in failed), failed
 
 
 def test_a_bad_traceparent_is_refused_by_the_cli(tmp_path):
