@@ -48,7 +48,12 @@ static void note_peer_close(stoq_conn *c) {
     if (e.reason[i] >= 0x20 && e.reason[i] < 0x7f) reason[n++] = (char)e.reason[i];
   }
   reason[n] = 0;
-  if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT) {
+  if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT && (e.error_code & ~(uint64_t)0xff) == 0x100) {
+    /* A TLS alert (RFC 9001 §4.8): its name says what the peer refused, e.g. our certificate. */
+    const char *alert = gnutls_alert_get_name((gnutls_alert_description_t)(e.error_code & 0xff));
+    conn_fail(c, "closed by the peer: CRYPTO_ERROR (0x%llx), TLS alert %u: %s%s%s", (unsigned long long)e.error_code,
+              (unsigned)(e.error_code & 0xff), alert ? alert : "unknown", n ? ": " : "", reason);
+  } else if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT) {
     conn_fail(c, "closed by the peer: %s (0x%llx)%s%s", transport_error_name(e.error_code),
               (unsigned long long)e.error_code, n ? ": " : "", reason);
   } else {

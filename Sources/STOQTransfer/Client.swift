@@ -648,6 +648,9 @@ public enum STOQClient {
             throw ClientError(.transfer, "transfer failed: \(app.connectionError ?? "timed out")")
         }
         guard let status = app.status else {
+            // A connection the server closed ends its streams too: its reason (a refused
+            // certificate's TLS alert, say) is the one to give.
+            if let why = app.connectionError { throw ClientError(.transfer, "connection closed before a response: \(why)") }
             throw ClientError(.transfer, "stream reset by the server (HTTP/3 error 0x\(String(closed, radix: 16)))")
         }
         if closed != H3Error.noError {
