@@ -514,7 +514,8 @@ public enum STOQClient {
     }
 
     /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
-    /// `congestionControl` paces it.
+    /// `congestionControl` paces it. A file that is not a regular one (a FIFO, `/dev/stdin`,
+    /// a process substitution) has no size to map: it is read to its end as `put(reading:)` does.
     public static func put(
         file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
         congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
@@ -523,7 +524,13 @@ public enum STOQClient {
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var st = stat()
-        fstat(fd, &st)
+        guard fstat(fd, &st) == 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFDIR: throw ClientError(.io, "\(file): is a directory")
+        default:
+            return try put(reading: fd, to: url, trust: trust, datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers)
+        }
         guard let region = BodyRegion.mapping(fd: fd, offset: 0, length: Int(st.st_size)) else {
             throw ClientError(.io, "\(file): cannot map")
         }

@@ -104,7 +104,8 @@ struct Get: ParsableCommand {
             """)
 
     @Argument(help: "https://[ipv6]:port/objects/<name> (one or more)") var urls: [String]
-    @Option(name: .shortAndLong, help: "Write the body here (default: discard); with several URLs, a directory.") var output: String?
+    @Option(name: .shortAndLong, help: "Write the body here (- for standard output; default: discard); with several URLs, a directory.")
+    var output: String?
     @Flag(name: .customShort("O"), help: "Write each body to a file named after its URL's last path segment.")
     var remoteName = false
     @OptionGroup var trust: TrustOptions
@@ -151,6 +152,11 @@ struct Get: ParsableCommand {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
         if !(connectTimeout > 0 && connectTimeout <= 600) { throw ValidationError("--connect-timeout: give 0 < seconds ≤ 600") }
         if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
+        if output == "-" {
+            if json { throw ValidationError("-o - writes the body to standard output, where --json prints: give one of them") }
+            if chunked { throw ValidationError("--chunked writes chunks in place: give -o FILE, not -") }
+            if urls.count > 1 { throw ValidationError("-o - takes one URL's body") }
+        }
         if urls.count > 1 || remoteName {
             if chunked { throw ValidationError("--chunked fetches one object: not with several URLs or -O") }
             if qlogDir != nil { throw ValidationError("--qlog-dir logs one transfer: not with several URLs or -O") }
@@ -200,15 +206,27 @@ struct Get: ParsableCommand {
             return
         }
         var fd: Int32 = -1
-        var temp: String?
-        if let output, output != "-" {
+        var temp: String?, target = output
+        if output == "-" {
+            fd = dup(STDOUT_FILENO)
+            guard fd >= 0 else { throw fail("-o -: standard output: \(String(cString: strerror(errno)))") }
+        } else if let output {
             var st = stat()
-            if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
+            let isLink = lstat(output, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
+            if isLink, let real = realpath(output, nil) {
+                // Through a link, to what it names: a temp file renamed over the link itself
+                // would replace the link (and, for /dev/stdout, the system's).
+                target = String(cString: real)
+                free(real)
+            }
+            let exists = stat(target!, &st) == 0
+            if exists && (st.st_mode & S_IFMT) != S_IFREG || isLink && !exists {
                 // A device or a pipe (/dev/null, a FIFO): written in place; a temp file renamed
-                // over it would replace the device with a file.
-                fd = open(output, O_WRONLY | O_CLOEXEC)
+                // over it would replace the device with a file. So is a link that names nothing
+                // yet (opening it makes what it names).
+                fd = open(target!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             } else {
-                temp = output + ".part"
+                temp = target! + ".part"
                 fd = open(temp!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             }
             guard fd >= 0 else { throw fail("-o \(output): \(String(cString: strerror(errno)))") }
@@ -256,7 +274,7 @@ struct Get: ParsableCommand {
         if tty { FileHandle.standardError.write(Data("\n".utf8)) }
         if fd >= 0 {
             close(fd)
-            if let temp { if result.status / 100 == 2 { rename(temp, output!) } else { unlink(temp) } }
+            if let temp { if result.status / 100 == 2 { rename(temp, target!) } else { unlink(temp) } }
         }
         if json { printJSON(result) }
         guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)\(result.message.map { ": \($0)" } ?? "")") }

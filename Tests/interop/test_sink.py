@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import Node, random_file, settled, sha256_file, stoq, summed_counters
+from conftest import Node, need_binary, random_file, settled, sha256_file, stoq, summed_counters
 
 
 def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
@@ -31,6 +31,47 @@ def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
     reader.join(timeout=60)
     assert r.returncode == 0, r.stderr
     assert digest.hexdigest() == node.digests[name] and count[0] > 0
+
+
+def test_get_to_standard_output_and_through_links(node, tmp_path):
+    """-o - is standard output; -o LINK writes what the link names and leaves the link (a temp
+    file renamed over /dev/stdout replaced the system's link)."""
+    name = min(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    with open(tmp_path / "stdout.bin", "wb") as out:
+        r = subprocess.run([str(need_binary("stoq")), "get", node.url(name), "-o", "-", "--ca", str(node.cert)],
+                           stdout=out, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sha256_file(tmp_path / "stdout.bin") == node.digests[name]
+    (tmp_path / "target.txt").write_text("original")
+    os.symlink("target.txt", tmp_path / "link.txt")
+    os.symlink("made.txt", tmp_path / "dangling.txt")
+    for link, target in (("link.txt", "target.txt"), ("dangling.txt", "made.txt")):
+        r = stoq("get", node.url(name), "-o", tmp_path / link, "--ca", node.cert)
+        assert r.returncode == 0, r.stderr
+        assert os.path.islink(tmp_path / link) and sha256_file(tmp_path / target) == node.digests[name]
+    r = stoq("get", node.url(name), "-o", "-", "--json", "--ca", node.cert)
+    assert r.returncode == 64 and "-o - writes the body to standard output, where --json prints" in r.stderr
+
+
+def test_put_from_a_fifo_sends_what_it_yields(node, tmp_path):
+    """A FIFO has no size: it is read to its end (it used to be stored empty, with a 201)."""
+    src = random_file(tmp_path / "src.bin", 700_000, 31)
+    fifo = tmp_path / "up.fifo"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as f, open(src, "rb") as g:
+            f.write(g.read())
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    r = stoq("put", fifo, node.url("from-fifo.bin"), "--ca", node.cert)
+    writer.join(timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = stoq("get", node.url("from-fifo.bin"), "-o", tmp_path / "back.bin", "--ca", node.cert)
+    assert r.returncode == 0 and sha256_file(tmp_path / "back.bin") == sha256_file(src), r.stderr
+    r = stoq("put", tmp_path, node.url("a-directory"), "--ca", node.cert)
+    assert r.returncode == 1 and f"{tmp_path}: is a directory" in r.stderr, r.stderr
 
 
 def mount_small_tmpfs(where):
