@@ -1,4 +1,5 @@
 import CSTOQSystem
+import Crypto
 import Foundation
 import STOQCore
 import STOQDatapath
@@ -110,6 +111,11 @@ public struct TransferResult: Sendable, Codable {
 /// A session is offered only by a connection that offers the same suites in the same order:
 /// GnuTLS fails a resumption that changes the suite (`QUICConnection.offerSession`), so a run
 /// with other `cipherSuites` makes a full handshake and keeps its own session.
+///
+/// A resumed handshake verifies no certificate: the session stands for the verification that
+/// made it. So a cache made with a `ClientTrust` keeps its sessions under that trust's scope
+/// (`<host>_<port>-<scope>.session`, `ClientTrust.sessionScope`): a run with another `--ca` or
+/// other transparency logs resumes none of them and verifies the server itself.
 public struct SessionCache: Sendable {
     /// What is kept for one server.
     public struct Entry: Sendable, Equatable {
@@ -136,10 +142,14 @@ public struct SessionCache: Sendable {
     static let magic = Array("STOQSESS".utf8)
 
     public let directory: String
+    /// The trust its sessions were verified under (`ClientTrust.sessionScope`); "" for none.
+    public let scope: String
     let warn: @Sendable (String) -> Void
-    /// `warn` hears of a kept file that cannot be used (its path and why).
-    public init(directory: String, warn: @escaping @Sendable (String) -> Void = { _ in }) {
+    /// `warn` hears of a kept file that cannot be used (its path and why). `trust`: what the
+    /// connections that use this cache verify servers with.
+    public init(directory: String, trust: ClientTrust? = nil, warn: @escaping @Sendable (String) -> Void = { _ in }) {
         self.directory = directory
+        self.scope = trust?.sessionScope ?? ""
         self.warn = warn
     }
 
@@ -195,7 +205,7 @@ public struct SessionCache: Sendable {
 
     func path(for url: STOQURL) -> String {
         let host = url.host.map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" ? $0 : "_" }
-        return directory + "/" + String(host) + "_\(url.endpoint.port).session"
+        return directory + "/" + String(host) + "_\(url.endpoint.port)" + (scope.isEmpty ? "" : "-" + scope) + ".session"
     }
 
     /// What is kept for `url`'s server; nil when nothing (usable) is.
@@ -282,6 +292,25 @@ public struct ClientTrust: Sendable {
         self.insecure = insecure
         self.certificateFile = certificateFile
         self.keyFile = keyFile
+    }
+
+    /// What a server is verified against, as 16 hex digits (a SHA-256 prefix of the CA file's
+    /// bytes, or "system", and each transparency log key's): the scope of the sessions a
+    /// `SessionCache` keeps, so that a session verified under one trust never stands in for
+    /// another. A file that cannot be read makes a scope of its own (the handshake then fails
+    /// by name).
+    public var sessionScope: String {
+        var h = SHA256()
+        func add(_ label: String, _ file: String?) {
+            h.update(data: Data(label.utf8))
+            guard let file else { return h.update(data: Data("system".utf8)) }
+            let bytes = FileManager.default.contents(atPath: file) ?? Data("unreadable \(file)".utf8)
+            h.update(data: Data(withUnsafeBytes(of: UInt64(bytes.count).bigEndian, Array.init)))
+            h.update(data: bytes)
+        }
+        add("ca", caFile)
+        for key in transparencyLogs.sorted() { add("log", key) }
+        return h.finalize().prefix(8).map { String(format: "%02x", $0) }.joined()
     }
 }
 

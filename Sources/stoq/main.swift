@@ -249,7 +249,7 @@ struct Get: ParsableCommand {
                 // stand in for verification later.
                 // Nor with a client certificate: a session resumed without one would present it.
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
-                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, trust: trust.trust, warn: warnSessionCache),
                 earlyData: !noEarlyData, keyUpdate: keyUpdate,
                 progressInterval: log == nil ? 100_000_000 : 0
             ) { got, total in
@@ -334,7 +334,7 @@ struct Get: ParsableCommand {
                     }
                 },
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
-                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, warn: warnSessionCache),
+                    ? nil : SessionCache(directory: SessionCache.defaultDirectory, trust: trust.trust, warn: warnSessionCache),
                 earlyData: !noEarlyData, keyUpdate: keyUpdate)
         } catch {
             for name in names { if let name { unlink(name + ".part") } }

@@ -56,6 +56,24 @@ import Testing
         #expect(heard.all.isEmpty)
     }
 
+    @Test func sessionsAreKeptPerTrust() throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let a = directory + "/a.pem", b = directory + "/b.pem", log = directory + "/log.pem"
+        #expect(FileManager.default.createFile(atPath: a, contents: Data("A".utf8)))
+        #expect(FileManager.default.createFile(atPath: b, contents: Data("B".utf8)))
+        #expect(FileManager.default.createFile(atPath: log, contents: Data("L".utf8)))
+        let scopes = [
+            ClientTrust(caFile: a), ClientTrust(caFile: b), ClientTrust(), ClientTrust(caFile: a, transparencyLogs: [log]),
+        ].map(\.sessionScope)
+        #expect(Set(scopes).count == 4 && scopes.allSatisfy { $0.count == 16 })
+        #expect(ClientTrust(caFile: a, cipherSuites: ["AES-256-GCM"]).sessionScope == scopes[0])
+        let entry = SessionCache.Entry(session: [1], earlyParameters: nil, offeredCipherSuites: "S")
+        SessionCache(directory: directory, trust: ClientTrust(caFile: a)).store(entry, for: url)
+        #expect(SessionCache(directory: directory, trust: ClientTrust(caFile: a)).load(for: url) == entry)
+        #expect(SessionCache(directory: directory, trust: ClientTrust(caFile: b)).load(for: url) == nil)
+        #expect(FileManager.default.fileExists(atPath: directory + "/__1_4433-\(scopes[0]).session"))
+    }
+
     static let magic: [UInt8] = Array("STOQSESS".utf8)
     /// Files that are not version 2's layout, and what `load` says of each.
     static let badFiles: [([UInt8], String)] = [

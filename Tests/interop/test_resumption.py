@@ -13,6 +13,7 @@ import time
 import pytest
 
 import pathlib
+import re
 
 from conftest import Node, free_port, run, settled, sha256_file, stoq, summed_counters
 
@@ -229,7 +230,7 @@ def test_stoq_get_keeps_sessions_per_server_and_resumes(tnode, tmp_path):
     assert runs == [False, True, None, True]
     assert resumed(tnode) == before + 2
     files = list((tmp_path / "cache" / "stoq").iterdir())
-    assert [f.name for f in files] == [f"__1_{tnode.port}.session"]
+    assert len(files) == 1 and re.fullmatch(rf"__1_{tnode.port}-[0-9a-f]{{16}}\.session", files[0].name), files
     assert files[0].stat().st_mode & 0o777 == 0o600
 
 
@@ -314,7 +315,7 @@ def test_a_bad_or_old_session_file_costs_only_the_resumption(tnode, tmp_path):
     named on stderr, the run does a full handshake, and writes a good file for the next."""
     cache = tmp_path / "cache"
     get_json(tnode.url("r.bin"), tnode.cert, cache)
-    kept = cache / "stoq" / f"__1_{tnode.port}.session"
+    kept, = (cache / "stoq").glob(f"__1_{tnode.port}-*.session")
     assert kept.read_bytes().startswith(b"STOQSESS\x02")
     for bad, why in [(kept.read_bytes()[13:100], "not a stoq session file (an older stoq's, or damaged)"),
                      (b"STOQSESS\x01" + kept.read_bytes()[9:], "format version 1, this stoq reads version 2"),
@@ -342,6 +343,27 @@ def test_stoq_get_with_other_cipher_suites_makes_a_full_handshake(tnode, tmp_pat
         seen.append((res["cipher_suite"], res["resumed"]))
     aes, cc = "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"
     assert seen == [(aes, False), (cc, False), (cc, True), (aes, False), (aes, True)]
+
+
+def test_a_session_is_resumed_only_under_the_trust_that_verified_it(tnode, tmp_path):
+    """A resumption verifies no certificate, so a session kept with one --ca must not let a
+    run with another CA (or with transparency required) skip its verification: such a run
+    makes a full handshake, which then fails by name."""
+    cache = tmp_path / "cache"
+    assert get_json(tnode.url("r.bin"), tnode.cert, cache)["resumed"] is False
+    assert get_json(tnode.url("r.bin"), tnode.cert, cache)["resumed"] is True
+    r = stoq("trust", "init", "--dir", tmp_path / "stranger")
+    assert r.returncode == 0, r.stderr
+    env = {"XDG_CACHE_HOME": str(cache)}
+    r = stoq("get", tnode.url("r.bin"), "--ca", tmp_path / "stranger" / "root.pem", "--json", env=env)
+    assert r.returncode == 1 and "unknownRoot" in r.stderr, (r.stdout, r.stderr)
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", tmp_path / "log.key"], check=True)
+    subprocess.run(["openssl", "pkey", "-in", tmp_path / "log.key", "-pubout", "-out", tmp_path / "log.pub"], check=True)
+    r = stoq("get", tnode.url("r.bin"), "--ca", tnode.cert, "--require-transparency", "--log-key", tmp_path / "log.pub",
+             "--json", env=env)
+    assert r.returncode == 1 and "sct" in r.stderr.lower(), (r.stdout, r.stderr)
+    # The first trust's session is still there for it.
+    assert get_json(tnode.url("r.bin"), tnode.cert, cache)["resumed"] is True
 
 
 def test_stoq_get_completes_when_the_node_refuses_0rtt(tmp_path_factory, tmp_path):
