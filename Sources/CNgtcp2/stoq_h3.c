@@ -411,10 +411,12 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   set_whole_body(s, body, body_len, release, arg);
   nghttp3_data_reader dr = {.read_data = body_read};
-  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 ? &dr : NULL);
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 && !s->no_content ? &dr : NULL);
   if (rv == 0) s->responded = 1, s->status = status;
   return rv;
 }
+
+void stoq_stream_set_no_content(stoq_stream *s) { s->no_content = 1; }
 
 /* One block: the fields, then their names and values. */
 static nghttp3_nv *copy_nv(const nghttp3_nv *nva, size_t n) {

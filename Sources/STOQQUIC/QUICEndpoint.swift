@@ -822,6 +822,9 @@ private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?,
     guard let conn = connection(c), let s, let h = head?.pointee else { return }
     // Once per request: the whole head, parsed by the HTTP rules in HTTPRequestHead.
     let request = HTTPRequestHead.parse(h.httpFields, sectionSize: Int(clamping: h.section_size), hasBody: h.has_body != 0)
+    // A response to HEAD has no content, whatever the application answers: an error's text
+    // included (RFC 9110 §9.3.2).
+    if ep.isServer && request.method == "HEAD" { stoq_stream_set_no_content(s) }
     // A server sees a request before its handshake completed only in 0-RTT, which an attacker
     // can replay: only safe, idempotent methods run from it (RFC 9001 §9.2, RFC 8470 §3). The
     // client may send the others again once the handshake is done.

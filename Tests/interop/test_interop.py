@@ -28,6 +28,18 @@ def test_gtlsclient_downloads_from_stoq_node(node, size, tmp_path):
     assert sha256_file(tmp_path / name) == node.digests[name]
 
 
+@pytest.mark.parametrize("path", ["/objects/nothere", "/objects/..x", "/manifests/nothere", "/chunks/zz"])
+def test_a_refused_head_has_no_content_and_nghttp3_keeps_the_connection(node, path):
+    """A refusal's text went out as DATA on HEAD too; nghttp3 (gtlsclient, curl) then closed the
+    whole connection (H3_MESSAGE_ERROR, 0x10e). One connection: the refused HEAD, then a good one."""
+    name = min(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    r = run(["gtlsclient", "--exit-on-all-streams-close", "-m", "HEAD", "--no-quic-dump", "::1", node.port,
+             f"https://[::1]:{node.port}{path}", node.url(name)], timeout=60)
+    assert r.returncode == 0 and "ERR_MALFORMED" not in r.stderr and "(0x10e)" not in r.stderr, r.stderr[-2000:]
+    statuses = re.findall(r"\[:status: (\d+)\]", r.stderr)
+    assert sorted(statuses) == sorted([statuses[0], "200"]) and statuses[0] != "200", statuses
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_stoq_get_from_stoq_node(node, size, tmp_path):
     name = f"obj-{size}.bin"

@@ -465,9 +465,15 @@ typedef struct stoq_header {
 } stoq_header;
 
 /** Server: answers a request. `body`/`body_len` is a region that stays valid until `release(arg)`
- *  is called (at stream close); NULL/0 with `has_body` = 0 sends headers only (HEAD, errors). */
+ *  is called (at stream close); NULL/0 with `has_body` = 0 sends headers only (HEAD, errors).
+ *  On a stream marked with stoq_stream_set_no_content the body is never sent (released at close). */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg);
+
+/** Server: the response to this request carries no content whatever the application answers
+ *  (a HEAD request: RFC 9110 §9.3.2; nghttp3 clients close the connection on a HEAD response
+ *  with DATA). The application's HTTP layer decides; this only keeps the body off the wire. */
+void stoq_stream_set_no_content(stoq_stream *s);
 
 /** Most body pieces a streamed response holds at once (sent and not yet acknowledged, or queued). */
 #define STOQ_BODY_PIECES 32
