@@ -48,6 +48,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var viewDirty = true
     var lastRoutesVersion: UInt64 = .max
     var ownSequence: UInt64 = 0
+    /// Pairs of neighbour URLs already reported as answering with one node id.
+    var duplicateWarned = Set<[String]>()
     /// The newest accepted advert of every live origin, this node's own included, as signed: a
     /// neighbour whose link comes up is sent all of them at once, so it routes on the whole
     /// database now rather than after every origin's next refresh (`routing.update_interval`).
@@ -284,8 +286,23 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         // Unix milliseconds: newer than anything a previous run of this node signed.
         ownSequence = max(ownSequence + 1, nowMillis)
         var links: [AdvertBody.Link] = []
-        for n in neighbours.values.sorted(by: { $0.url.description < $1.url.description }) {
-            guard n.link.state == .up, let id = n.id else { continue }
+        // One link per neighbour id, the one of least RTT: two URLs answering as one node (a
+        // node listed under two of its addresses, or an identity copied to a second node) made
+        // an advert that repeats a neighbour, which no node accepts; this node then advertised
+        // no link at all and fell out of every route.
+        var seen: [NodeIdentity: String] = [:]
+        let up = neighbours.values.filter { $0.link.state == .up && $0.id != nil }
+        for n in up.sorted(by: { ($0.link.metrics.srtt, $0.url.description) < ($1.link.metrics.srtt, $1.url.description) }) {
+            guard let id = n.id else { continue }
+            if let first = seen[id] {
+                if duplicateWarned.insert([first, n.url.description].sorted()).inserted {
+                    logger.warning(
+                        "mesh: \(first) and \(n.url) both answer as node \(id): one node listed twice, or one identity (key) on two nodes; advertising only the link to \(first)"
+                    )
+                }
+                continue
+            }
+            seen[id] = n.url.description
             let m = n.link.metrics
             links.append(
                 AdvertBody.Link(
@@ -295,6 +312,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                     deliveryKbps: UInt32(min(m.deliveryRate * 8 / 1_000, Double(UInt32.max))),
                     peerLoadPPM: UInt32(min(max(m.peerLoad, 0), 1) * 1_000_000)))
         }
+        links.sort { $0.neighbour < $1.neighbour }
         let signed: SignedAdvert
         do {
             let body = try AdvertBody(
