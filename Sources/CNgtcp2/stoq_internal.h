@@ -101,7 +101,7 @@ struct stoq_stream {
   uint64_t abandon_code;
   int responded;
   int no_content; /* stoq_stream_set_no_content: the response sends no DATA (a HEAD's) */
-  int status; /* the response's status once sent (0: none yet), for the application's spans */
+  int status;     /* the response's status once sent (0: none yet), for the application's spans */
   /* Body we send: pieces, each released once the peer acknowledged all of it. A whole-region
    * body is one piece that ends the body; a streamed one gets pieces as on_body_wanted asks. */
   int stream_eof, stream_blocked;
