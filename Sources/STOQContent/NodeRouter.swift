@@ -56,6 +56,7 @@ package final class NodeRouter: QUICApplication {
     var unmetered: [HTTPStream: String] = [:]
 
     package func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        objects.countRequest()
         guard let spans else { return dispatch(request, stream: stream, connection: connection) }
         spans.begin(request, stream: stream, peer: "\(connection.peer)")
         let handler = spans.child("handler", of: stream)

@@ -35,6 +35,7 @@ public final class ObjectService: QUICApplication {
 
     /// What the service counted.
     public struct Counters: Sendable {
+        /// HTTP requests the node was given (counted by `NodeRouter`, for every service).
         public var requests: UInt64 = 0
         public var badRequests: UInt64 = 0
         public var notFound: UInt64 = 0
@@ -156,8 +157,10 @@ public final class ObjectService: QUICApplication {
         return (status, headers, range)
     }
 
+    /// One more HTTP request reached the node (`NodeRouter` counts every one, whichever service answers it).
+    func countRequest() { counters.requests &+= 1 }
+
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        counters.requests += 1
         if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         guard let name = Self.objectName(fromPath: request.path) else {
             return fail(

@@ -56,6 +56,16 @@ def test_metrics_move_with_traffic(admin_node):
     assert total(after, "stoq_quic_connections_accepted_total") >= total(before, "stoq_quic_connections_accepted_total") + 1
     assert total(after, "stoq_datapath_tx_bytes_total") - total(before, "stoq_datapath_tx_bytes_total") >= 3 << 20
     assert total(after, "stoq_http_requests_total") >= 1
+    # Every request counts, whichever service answers it: a stored upload (chunks, dedup on) and
+    # its GETs are the content service's, and once counted nothing.
+    src = admin_node.workdir / "counted.bin"
+    src.write_bytes(b"x" * 300_000)
+    assert stoq("put", src, admin_node.url("counted.bin"), "--ca", admin_node.cert).returncode == 0
+    for _ in range(3):
+        assert stoq("get", admin_node.url("counted.bin"), "--ca", admin_node.cert).returncode == 0
+    time.sleep(2.2)
+    _, _, later = fetch(admin_node.admin)
+    assert total(later, "stoq_http_requests_total") - total(after, "stoq_http_requests_total") == 4
     assert sample(after, "stoq_tls_certificates_issued_total") == 1
     assert sample(after, "stoq_tls_renewal_failures_total") == 0
     assert sample(after, "stoq_tls_certificate_not_after_seconds") > time.time() + 3600
