@@ -526,6 +526,13 @@ public final class Node: @unchecked Sendable {
             next.network.clientAuth = fresh.network.clientAuth
             note("trust", trustChanged, live: true)
             note("network.client_auth", authChanged, live: true)
+            // The edge's origin and the mesh's neighbours are verified with the trust the node
+            // started with (their connections and pools hold it): that part waits for a restart.
+            if trustChanged && (edge != nil || mesh != nil) {
+                report.restartNeeded.append("trust")
+                logger.warning(
+                    "reload: the new [trust] judges clients and the node's own certificate now; the edge's origin and mesh neighbours are verified with the old one until a restart")
+            }
         } else {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)

@@ -64,3 +64,19 @@ def test_sighup_with_an_invalid_file_keeps_the_running_configuration(node):
     wait_for(node, r"is invalid, keeping the running configuration")
     assert "network.workers" in log_text(node)
     assert get(node).returncode == 0
+
+
+def test_a_trust_change_says_what_waits_for_a_restart_on_an_edge(tmp_path):
+    """An edge verifies its origin with the [trust] it started with: a reload that changes
+    trust applies it to clients and says the origin's part waits (it said "applied" only)."""
+    n = Node(tmp_path, workers=1, extra='[edge]\nenable_caching = true\norigin = "https://[::1]:9"\n')
+    try:
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_text(pathlib.Path(n.cert).read_text())
+        n.config.write_text(n.config.read_text() + f'[trust]\nbundle = "{bundle}"\n')
+        n.proc.send_signal(signal.SIGHUP)
+        m = wait_for(n, r"applied=(\S+) restart_needed=(\S*) .*reloaded")
+        assert "trust" in m.group(1).split(",") and "trust" in m.group(2).split(","), m.group(0)
+        wait_for(n, r"mesh neighbours are verified with the old one until a restart")
+    finally:
+        assert n.stop() == 0
