@@ -46,7 +46,7 @@ extension ContentService {
                 return serveChunk(id, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }
-            serveEdgeChunk(edge, id, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, from: connection.peer.address))
+            serveEdgeChunk(edge, id, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
         } else {
             let name = String(resourcePath.dropFirst("/manifests/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
@@ -55,7 +55,7 @@ extension ContentService {
                 return serveManifest(name, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }
-            serveEdgeManifest(edge, name, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, from: connection.peer.address))
+            serveEdgeManifest(edge, name, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
         }
     }
 

@@ -286,12 +286,15 @@ public struct MeshView: Sendable {
     }
 
     /// The neighbours to ask for something `holder` has, best first: the primary route's next
-    /// hop, then the backup's. Empty when `holder` is unreachable within `max_hops`.
-    public func nextHops(to holder: NodeIdentity) -> [STOQURL] {
+    /// hop, then the backup's, but none of the nodes in `avoiding` (hex ids: those the request
+    /// came through). Empty when `holder` is unreachable within `max_hops`.
+    public func nextHops(to holder: NodeIdentity, avoiding: Set<String> = []) -> [STOQURL] {
         guard let routes, let route = routes.route(to: holder.routingID) else { return [] }
         var out: [STOQURL] = []
         for hop in [route.primary.nextHop, route.backup?.nextHop] {
-            if let hop, let url = neighbourURLs[hop], !down.contains(url.endpoint), !out.contains(where: { $0.endpoint == url.endpoint }) {
+            if let hop, let url = neighbourURLs[hop], !down.contains(url.endpoint), !out.contains(where: { $0.endpoint == url.endpoint }),
+                !(identities[hop].map { avoiding.contains($0.hex) } ?? false)
+            {
                 out.append(url)
             }
         }

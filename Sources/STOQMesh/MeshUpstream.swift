@@ -48,7 +48,7 @@ public final class MeshUpstream: FetchUpstream {
         let view = service.view
         if let hint {
             guard let holder = view.node(hex: hint.holder), hint.hops < view.maxHops else { return [] }
-            return via(view, holder, hops: hint.hops + 1, resource).filter { $0.url.endpoint.address != hint.from }
+            return via(view, holder, hops: hint.hops + 1, resource, after: hint.via)
         }
         var out: [UpstreamAttempt] = []
         if let known = holders.withLock({ $0[Self.hintKey(resource)] }) {
@@ -64,10 +64,13 @@ public final class MeshUpstream: FetchUpstream {
         return out
     }
 
-    private func via(_ view: MeshView, _ holder: NodeIdentity, hops: Int, _ resource: UpstreamResource) -> [UpstreamAttempt] {
-        view.nextHops(to: holder).map { url in
+    /// Through the next hops towards `holder`, none of them a node the request came through
+    /// (`after`: the incoming `Via`, "" when this node asks first), naming this node in `Via`.
+    private func via(_ view: MeshView, _ holder: NodeIdentity, hops: Int, _ resource: UpstreamResource, after: String = "") -> [UpstreamAttempt] {
+        let header = [("via", MeshWire.via(after, adding: view.me))]
+        return view.nextHops(to: holder, avoiding: MeshWire.viaNodes(after)).map { url in
             UpstreamAttempt(
-                url: url, path: MeshWire.relayPath(holder: holder, hops: hops, resource), holder: holder.hex,
+                url: url, path: MeshWire.relayPath(holder: holder, hops: hops, resource), headers: header, holder: holder.hex,
                 label: "node \(holder) via \(url.endpoint)")
         }
     }
@@ -81,7 +84,8 @@ public final class MeshUpstream: FetchUpstream {
             return (
                 holder, p,
                 UpstreamAttempt(
-                    url: url, path: MeshWire.relayPath(holder: holder, hops: 1, resource), holder: holder.hex,
+                    url: url, path: MeshWire.relayPath(holder: holder, hops: 1, resource),
+                    headers: [("via", MeshWire.via("", adding: view.me))], holder: holder.hex,
                     label: "node \(holder) via \(url.endpoint)")
             )
         }

@@ -18,6 +18,24 @@ public enum MeshWire {
     /// Whether a request path is the mesh's (probes, adverts, relays).
     public static func handles(_ path: String) -> Bool { path.hasPrefix("/_stoq/mesh/") || path.hasPrefix(relayPrefix) }
 
+    /// A mesh request's `Via` (RFC 9110 §7.6.3): every node it has passed names itself,
+    /// `3 <node id hex>` (HTTP/3, the node as pseudonym), after those before it. A relay never
+    /// sends the request on to a node already named (split horizon by node, not by address:
+    /// nodes sharing a host share its address).
+    public static func via(_ incoming: String, adding node: NodeIdentity) -> String {
+        incoming.isEmpty ? "3 \(node.hex)" : incoming + ", 3 \(node.hex)"
+    }
+
+    /// The node ids (hex) a `Via` names; entries that are not a mesh node's are ignored.
+    public static func viaNodes(_ via: String) -> Set<String> {
+        Set(
+            via.split(separator: ",").compactMap { entry in
+                let parts = entry.split(separator: " ")
+                guard parts.count == 2, parts[0] == "3", parts[1].count == 64, parts[1].allSatisfy(\.isHexDigit) else { return nil }
+                return parts[1].lowercased()
+            })
+    }
+
     /// The path that asks node `holder` for `resource`, having taken `hops` hops on arrival.
     public static func relayPath(holder: NodeIdentity, hops: Int, _ resource: UpstreamResource) -> String {
         "\(relayPrefix)\(holder.hex)/\(hops)\(resource.path)"

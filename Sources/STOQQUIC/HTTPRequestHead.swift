@@ -67,7 +67,7 @@ public enum HTTPRequestHead {
     /// not end with the head.
     public static func parse(_ fields: [HTTPField], sectionSize: Int, hasBody: Bool) -> HTTPRequest {
         var method: String?, path: String?, authority = "", range = "", traceparent = "", tracestate = ""
-        var authorization = "", ifMatch = "", ifNoneMatch = ""
+        var authorization = "", ifMatch = "", ifNoneMatch = "", via = ""
         var scheme = false, pathLength = 0
         var repeated: String?, methodTooLong = false
         var contentLength: Int64?
@@ -90,6 +90,7 @@ public enum HTTPRequestHead {
             case "authorization" where f.valueLength == f.value.utf8.count: authorization = f.value
             case "if-match" where f.valueLength == f.value.utf8.count: ifMatch = f.value
             case "if-none-match" where f.valueLength == f.value.utf8.count: ifNoneMatch = f.value
+            case "via" where f.valueLength == f.value.utf8.count: via = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
             default: break
@@ -111,7 +112,7 @@ public enum HTTPRequestHead {
             authority: authority, range: range, contentLength: contentLength, pathTooLong: pathTooLong,
             malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
             traceparent: traceparent, tracestate: tracestate, authorization: authorization, ifMatch: ifMatch,
-            ifNoneMatch: ifNoneMatch)
+            ifNoneMatch: ifNoneMatch, via: via)
     }
 
     /// `s` cut to at most `limit` UTF-8 bytes, at a character boundary. Cutting inside a

@@ -35,6 +35,9 @@ public struct HTTPRequest: Sendable {
     /// `If-Match` and `If-None-Match` (RFC 9110 §13.1), "" when absent: conditional writes.
     public var ifMatch = ""
     public var ifNoneMatch = ""
+    /// `Via` (RFC 9110 §7.6.3), "" when absent or cut: the intermediaries the request came
+    /// through (a mesh relay names the nodes on its path: `3 <node id>, 3 <node id>`).
+    public var via = ""
     /// Who sent the request, as the node's access policy identified it (set before the
     /// request reaches a service): `token:<subject>`, `cert:<subject>`, or `addr:<prefix>/64`
     /// for anonymous clients. The key quotas, rate limits and object ownership use.

@@ -23,13 +23,14 @@ public struct RelayHint: Sendable, Hashable {
     public var holder: String
     /// Hops taken so far (1 when a node's neighbour asked it).
     public var hops: Int
-    /// The address the request came from: never sent back there (split horizon).
-    public var from: IPv6Address?
+    /// The request's `Via`: the nodes it already passed, which it is never sent back to
+    /// (split horizon), and which the next hop's request names with this node added.
+    public var via: String
 
-    public init(holder: String, hops: Int, from: IPv6Address? = nil) {
+    public init(holder: String, hops: Int, via: String = "") {
         self.holder = holder
         self.hops = hops
-        self.from = from
+        self.via = via
     }
 }
 

@@ -8,6 +8,18 @@ import Testing
     static let holder = NodeIdentity((0..<32).map { UInt8($0 * 7 & 0xff) })
     static let chunk = String(repeating: "ab", count: 32)
 
+    @Test func viaNamesEveryNodeARequestPassed() {
+        let other = NodeIdentity((0..<32).map { UInt8(255 - $0) })
+        let first = MeshWire.via("", adding: Self.holder)
+        #expect(first == "3 \(Self.holder.hex)")
+        let second = MeshWire.via(first, adding: other)
+        #expect(second == "3 \(Self.holder.hex), 3 \(other.hex)")
+        #expect(MeshWire.viaNodes(second) == [Self.holder.hex, other.hex])
+        // A proxy's own entries (another protocol, a host name) and damaged ones name no node.
+        #expect(MeshWire.viaNodes("1.1 proxy.example, 3 \(other.hex.uppercased()), 3 abc, 3") == [other.hex])
+        #expect(MeshWire.viaNodes("").isEmpty)
+    }
+
     @Test func relayPathsRoundTrip() throws {
         let p = MeshWire.relayPath(holder: Self.holder, hops: 3, .chunk(hex: Self.chunk))
         #expect(p == "/_stoq/relay/\(Self.holder.hex)/3/chunks/\(Self.chunk)")

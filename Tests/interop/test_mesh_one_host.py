@@ -1,0 +1,112 @@
+"""Meshes of nodes on one host ([::1]), where every node has the same address: a relay must
+tell nodes apart by id, not by address. Two neighbours that answer as one node id (one node
+listed under two URLs, or one identity copied to a second node) must not take the node that
+sees them out of the mesh: it advertises one link to that id and says so once. Before, its
+advert repeated the neighbour, it could sign none ("cannot sign this node's advert … repeats
+neighbour", every second), and its neighbours lost their routes through it."""
+import json
+import time
+
+import pytest
+
+from conftest import free_port, need_binary, random_file, sha256_file, stoq
+from test_monitoring import start_node, stop
+
+
+def routes(node):
+    r = stoq("mesh", "routes", f"http://{node.target}", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def status(node):
+    r = stoq("mesh", "status", f"http://{node.target}", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def certificates(tmp_path, names):
+    """One CA (the test's) and a certificate for [::1] per name; returns the CA's directory."""
+    need_binary("stoq")
+    ca = tmp_path / "ca"
+    assert stoq("trust", "init", "--dir", ca).returncode == 0
+    for n in names:
+        r = stoq("trust", "issue", "--dir", ca, "--ip", "::1", "--dns", f"node-{n}", "--lifetime", "2d",
+                 "--out", tmp_path / f"{n}.pem", "--key-out", tmp_path / f"{n}.key")
+        assert r.returncode == 0, r.stderr
+    return ca
+
+
+def mesh_config(tmp_path, ca, cert, peers):
+    urls = ", ".join(f'"https://[::1]:{p}"' for p in peers)
+    return (f'[tls]\ncert_file = "{tmp_path}/{cert}.pem"\nkey_file = "{tmp_path}/{cert}.key"\n'
+            f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = [{urls}]\nprobe_interval = "100ms"\n'
+            f'[routing]\nupdate_interval = "200ms"\n')
+
+
+def wait_for_routes(nodes, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(len(routes(n)) >= count for n in nodes):
+            return
+        time.sleep(0.3)
+    pytest.fail(f"not every node had {count} routes within {timeout} s: {[routes(n) for n in nodes]}")
+
+
+def test_nodes_sharing_an_address_relay_for_each_other(tmp_path):
+    """A - B - C in a line, all on [::1]: an object put at C is fetched at A through B. B's
+    split horizon compared addresses, so it never passed A's request on to C (same address as
+    A): 502 "no route to node … with a live first hop" while B showed the route."""
+    ca = certificates(tmp_path, ("a", "b", "c"))
+    pa, pb, pc = (free_port() for _ in range(3))
+    nodes = []
+    try:
+        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc]), ("c", pc, [pb])):
+            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers)))
+        a, _, c = nodes
+        wait_for_routes(nodes, 2)
+        src = random_file(tmp_path / "o.bin", 3_000_000, 5)
+        r = stoq("put", src, f"https://[::1]:{pc}/objects/far", "--ca", ca / "root.pem", "--token-file", c.token_file)
+        assert r.returncode == 0, r.stderr
+        for extra in ([], ["--chunked"]):
+            out = tmp_path / f"got{len(extra)}.bin"
+            r = stoq("get", f"https://[::1]:{pa}/objects/far", "--ca", ca / "root.pem", "-o", out, *extra)
+            assert r.returncode == 0, r.stderr
+            assert sha256_file(out) == sha256_file(src)
+    finally:
+        for n in nodes:
+            stop(n)
+
+
+def test_a_neighbour_id_seen_twice_is_advertised_once(tmp_path):
+    ca = certificates(tmp_path, ("a", "b", "c"))
+    pa, pb, pc, pd = (free_port() for _ in range(4))
+
+    def cfg(cert, peers):
+        return mesh_config(tmp_path, ca, cert, peers)
+    nodes = []
+    try:
+        for name, port, cert, peers in (("a", pa, "a", [pb]), ("b", pb, "b", [pa, pc, pd]), ("c", pc, "c", [pb]),
+                                        ("dup", pd, "a", [pb])):
+            nodes.append(start_node(tmp_path / name, port, cfg(cert, peers)))
+        a, b, c, _ = nodes
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ups = [x for x in status(b)["neighbours"] if x["state"] == "up"]
+            ra = {r["destination"] for r in routes(a)}
+            rc = {r["destination"] for r in routes(c)}
+            if len(ups) == 3 and len(ra) >= 2 and len(rc) >= 2:
+                break
+            time.sleep(0.3)
+        assert len(ups) == 3, status(b)["neighbours"]
+        assert len({x["node"] for x in ups}) == 2, "A and DUP answer with one id"
+        # A and C reach each other through B (each has routes to B and to the other).
+        assert len(ra) >= 2 and len(rc) >= 2, (routes(a), routes(c))
+        b.log.flush()
+        log = (tmp_path / "b" / "node.log").read_text()
+        assert "cannot sign this node's advert" not in log, log[-3000:]
+        warned = [l for l in log.splitlines() if "both answer as node" in l]
+        assert len(warned) == 1 and f"[::1]:{pa}" in warned[0] and f"[::1]:{pd}" in warned[0], warned
+    finally:
+        for n in nodes:
+            stop(n)
