@@ -98,6 +98,8 @@ public final class ContentService: QUICApplication {
     let index: ObjectIndex
     private var sends: [HTTPStream: ObjectSend] = [:]
     private let maxChunkSize: UInt64
+    /// `storage.max_object_size`: a manifest naming more bytes is refused (413), as a plain PUT is.
+    private let maxObjectSize: UInt64
     private let logger: Logger
     private var uploads: [HTTPStream: Upload] = [:]
     public private(set) var counters = Counters()
@@ -137,12 +139,13 @@ public final class ContentService: QUICApplication {
     /// refused. With `edge`, what the node lacks is served through the edge cache.
     /// `maxAge` (seconds) is the `Cache-Control: max-age` put on manifests and objects.
     public init(
-        index: ObjectIndex, maxChunkSize: UInt64, logger: Logger, edge: EdgeCache? = nil, maxAge: UInt64? = nil,
-        mesh: MeshService? = nil
+        index: ObjectIndex, maxChunkSize: UInt64, maxObjectSize: UInt64 = .max, logger: Logger, edge: EdgeCache? = nil,
+        maxAge: UInt64? = nil, mesh: MeshService? = nil
     ) {
         self.mesh = mesh
         self.index = index
         self.maxChunkSize = maxChunkSize
+        self.maxObjectSize = maxObjectSize
         self.logger = logger
         self.edge = edge
         self.cacheControl = maxAge.map { ("cache-control", "public, max-age=\($0)") }
@@ -604,6 +607,11 @@ public final class ContentService: QUICApplication {
         defer { span?.end() }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: body) } catch { return fail(stream, connection, 400, "\(error)") }
+        guard manifest.totalLength <= maxObjectSize else {
+            return fail(
+                stream, connection, 413,
+                "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)")
+        }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
         do {
             let bytes = Array(body)

@@ -101,7 +101,7 @@ struct WorkerAssembly: @unchecked Sendable {
             root: config.storage.path, maxObjectSize: config.storage.maxObjectSize,
             logger: logger, ingest: ingest, diskFull: content.chunks.diskFull)
         let chunks = ContentService(
-            index: content, maxChunkSize: config.chunking.maxChunkSize, logger: logger,
+            index: content, maxChunkSize: config.chunking.maxChunkSize, maxObjectSize: config.storage.maxObjectSize, logger: logger,
             edge: edge, maxAge: originMaxAge, mesh: meshService)
         objects.gate = gate
         chunks.gate = gate

@@ -88,7 +88,8 @@ def stop_node(proc) -> int:
 
 
 class Node:
-    def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = "", listen: str = "::1"):
+    def __init__(self, workdir: pathlib.Path, workers: int = 2, extra: str = "", listen: str = "::1", storage: str = ""):
+        """`extra` goes after [network]'s keys (its own keys, or whole sections); `storage`, into [storage]."""
         self.workdir = workdir
         self.port = free_port()
         self.storage = workdir / "objects"
@@ -96,7 +97,7 @@ class Node:
         self.config = workdir / "node.toml"
         self.config.write_text(
             f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[{listen}]:{self.port}"\n'
-            f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\ncontent_path = "{workdir}/content"\n')
+            f'workers = {workers}\n{extra}\n[storage]\npath = "{self.storage}"\ncontent_path = "{workdir}/content"\n{storage}')
         self.content = workdir / "content"
         self.log = open(workdir / "node.log", "w+")
         self.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(self.config)],
