@@ -19,7 +19,33 @@ public enum ConfigLoader {
                         allowed: "cannot read the file (missing, unreadable or not UTF-8)")
                 ])
         }
-        return try parse(text, source: path)
+        let config = try parse(text, source: path)
+        let missing = unreadableFiles(config)
+        if !missing.isEmpty { throw ConfigErrors(source: path, errors: missing) }
+        return config
+    }
+
+    /// The files `config` names that the node reads at start, each one that is not there or
+    /// cannot be read: an error naming its key, so that `stoq config check` says so and the
+    /// node refuses to start (exit 2) instead of failing later (a first fetch, an admin
+    /// request). Relative paths are taken from the working directory, as the node takes them.
+    public static func unreadableFiles(_ config: NodeConfig) -> [ConfigError] {
+        var files = [
+            ("tls.cert_file", config.tls.certFile), ("tls.key_file", config.tls.keyFile),
+            ("trust.bundle", config.trust.bundle), ("admin.token_file", config.admin.tokenFile),
+        ]
+        files += config.trust.transparencyLogs.map { ("trust.transparency_logs", $0) }
+        files += config.access.tokenKeys.map { ("access.token_keys", $0) }
+        return files.compactMap { key, path in
+            guard !path.isEmpty else { return nil }
+            var isDirectory: ObjCBool = false
+            let exists = FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory)
+            if exists && !isDirectory.boolValue && FileManager.default.isReadableFile(atPath: path) { return nil }
+            let why =
+                !exists ? "no such file" + (path.hasPrefix("/") ? "" : " (relative to \(FileManager.default.currentDirectoryPath))")
+                : isDirectory.boolValue ? "a directory, not a file" : "not readable by this user"
+            return ConfigError(code: .io, key: key, value: "\"\(path)\"", allowed: "a readable file: \(why)")
+        }
     }
 
     /// Validates TOML text.

@@ -132,6 +132,30 @@ import TOMLKit
         #expect(NodeConfig.default.notices.count == 1)  // routing only
     }
 
+    @Test func filesTheNodeReadsAtStartMustBeThere() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-cfg-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(FileManager.default.createFile(atPath: dir + "/root.pem", contents: Data("x".utf8)))
+        let text = """
+            [trust]
+            bundle = "\(dir)/root.pem"
+            transparency_logs = ["\(dir)/log.pem", "\(dir)"]
+            [admin]
+            token_file = "\(dir)/token"
+            """
+        #expect(FileManager.default.createFile(atPath: dir + "/node.toml", contents: Data(text.utf8)))
+        // parse() reads text only; load(path:) checks the files too, every missing one named.
+        let c = try ConfigLoader.parse(text)
+        #expect(ConfigLoader.unreadableFiles(c).map(\.key) == ["admin.token_file", "trust.transparency_logs", "trust.transparency_logs"])
+        let errors = #expect(throws: ConfigErrors.self) { try ConfigLoader.load(path: dir + "/node.toml") }
+        #expect(errors?.errors.map(\.description) == [
+            "admin.token_file = \"\(dir)/token\": io; expected a readable file: no such file",
+            "trust.transparency_logs = \"\(dir)/log.pem\": io; expected a readable file: no such file",
+            "trust.transparency_logs = \"\(dir)\": io; expected a readable file: a directory, not a file",
+        ])
+    }
+
     @Test func emptyFileIsTheDefault() throws {
         #expect(try ConfigLoader.parse("") == NodeConfig.default)
     }

@@ -266,14 +266,15 @@ def test_token_auth_without_a_token_file_takes_admin_tokens(tmp_path):
         assert n.stop() == 0
 
 
-def test_a_missing_token_file_fails_the_start(tmp_path):
+def test_a_missing_token_file_is_a_config_error(tmp_path):
+    """Refused with every other config error (exit 2), and by `stoq config check` too."""
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path}/data"\n[network]\nlisten_addr = "[::1]:0"\nworkers = 1\n'
                    f'[storage]\npath = "{tmp_path}/objects"\ncontent_path = "{tmp_path}/content"\n'
                    f'[admin]\nlisten = "[::]:0"\nauth = "token"\ntoken_file = "{tmp_path}/nope"\n')
-    r = run([need_binary("stoq-node"), "--config", cfg], timeout=60)
-    assert r.returncode == 1
-    assert f'admin.token_file = "{tmp_path}/nope": cannot read the file' in r.stderr, r.stderr
+    for r in (run([need_binary("stoq-node"), "--config", cfg], timeout=60), stoq("config", "check", cfg)):
+        assert r.returncode == 2
+        assert f'admin.token_file = "{tmp_path}/nope": io; expected a readable file: no such file' in r.stderr, r.stderr
 
 
 def test_mtls_auth_takes_a_certificate_from_the_nodes_ca_and_nothing_else(tmp_path):
