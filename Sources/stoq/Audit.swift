@@ -63,11 +63,14 @@ struct Audit: ParsableCommand {
                 throw fail("audit failed: \(what)")
             }
         }
-        let keyPEM =
-            try logKey.map { try String(contentsOfFile: $0, encoding: .utf8) }
-            ?? String(decoding: try get("/_stoq/log/key"), as: UTF8.self)
         let key: P256.Signing.PublicKey
-        do { key = try P256.Signing.PublicKey(pemRepresentation: keyPEM) } catch { throw fail("the log key is not a P-256 public key: \(error)") }
+        if let logKey {
+            // The same reading as `trust verify --log-key` and the node's trust.transparency_logs.
+            do { key = try CertificateTransparency.loadLogKeys([logKey])[0] } catch { throw fail("--log-key \(logKey): \(error)", code: 2) }
+        } else {
+            let pem = String(decoding: try get("/_stoq/log/key"), as: UTF8.self)
+            do { key = try P256.Signing.PublicKey(pemRepresentation: pem) } catch { throw fail("the node's log key is not a P-256 public key: \(error)") }
+        }
         report["log_key_from"] = logKey == nil ? "the node (trust on first use)" : logKey!
         let head = try JSONDecoder().decode(Head.self, from: Data(try get("/_stoq/log/sth")))
         guard let root = Hex.decode(head.rootHash), let sig = Data(base64Encoded: head.signature) else {
@@ -78,7 +81,13 @@ struct Audit: ParsableCommand {
         try check(sth.verify(with: key), "tree head signature")
 
         if let previous {
-            let old = try JSONDecoder().decode(Head.self, from: Data(contentsOf: URL(fileURLWithPath: previous)))
+            guard let saved = FileManager.default.contents(atPath: previous) else {
+                throw fail("--previous \(previous): cannot read the file", code: 2)
+            }
+            let old: Head
+            do { old = try JSONDecoder().decode(Head.self, from: saved) } catch {
+                throw fail("--previous \(previous): not a tree head saved by --save (JSON with tree_size, timestamp, root_hash, signature)", code: 2)
+            }
             guard let oldRoot = Hex.decode(old.rootHash) else { throw fail("\(previous): bad root_hash") }
             try check(old.treeSize <= head.treeSize, "log did not shrink")
             let proof = try proofPath(try get("/_stoq/log/consistency?first=\(old.treeSize)&second=\(head.treeSize)"))

@@ -116,11 +116,11 @@ struct TrustCommand: ParsableCommand {
                 (or --token-file, or $STOQ_TOKEN). docs/access.md.
 
                 Example: stoq trust token --key stoq-data/access/token-key.pem --subject alice \
-                --prefix /objects/a/ --methods PUT,DELETE --role writer --lifetime 30d
+                --prefix /objects/a- --methods PUT,DELETE --role writer --lifetime 30d
                 """)
         @Option(help: "The signing key (P-256 PEM), e.g. stoq-data/access/token-key.pem.") var key: String
         @Option(help: "Who the token is for (the sub claim; the node's identity token:<subject>).") var subject: String
-        @Option(help: "A path prefix the token covers, e.g. /objects/a/ (repeatable; default /).") var prefix: [String] = []
+        @Option(help: "A path prefix the token covers, e.g. /objects/a- (object names are flat: no /) (repeatable; default /).") var prefix: [String] = []
         @Option(help: "Comma-separated methods, e.g. PUT,DELETE (default: the role's: reader GET,HEAD; writer also PUT,DELETE,POST; admin *).")
         var methods: String?
         @Option(help: "reader, writer or admin.") var role = "writer"

@@ -23,7 +23,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
 }
 
 struct TrustOptions: ParsableArguments {
-    @Option(help: "PEM certificate(s) to trust, e.g. the cert.pem a node prints as 'trust:'.")
+    @Option(help: "PEM certificate(s) to trust, e.g. the root.pem a node prints as 'trust:'.")
     var ca: String?
     @Flag(help: "Do not verify the server's certificate (only for experiments).")
     var insecure = false
@@ -151,6 +151,8 @@ struct Get: ParsableCommand {
     func validate() throws {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
         if !(connectTimeout > 0 && connectTimeout <= 600) { throw ValidationError("--connect-timeout: give 0 < seconds ≤ 600") }
+        if !(timeout > 0) { throw ValidationError("--timeout: give seconds > 0") }
+        if !(1...1024).contains(concurrency) { throw ValidationError("--concurrency: give 1 to 1024 chunk requests in flight") }
         if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
         if output == "-" {
             if json { throw ValidationError("-o - writes the body to standard output, where --json prints: give one of them") }
@@ -431,6 +433,10 @@ struct Put: ParsableCommand {
     @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = QUICSettings().congestionControl
     @OptionGroup var tracing: TraceOptions
 
+    func validate() throws {
+        if !(1...1024).contains(concurrency) { throw ValidationError("--concurrency: give 1 to 1024 chunk uploads in flight") }
+    }
+
     func run() throws {
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
@@ -509,7 +515,7 @@ struct BenchCommand: ParsableCommand {
         abstract: "Load a node: many connections × streams of GETs; prints goodput, requests/s, latency p50/p99.",
         discussion: """
             Goodput (default): --connections (≤ 10000) each keep --streams GETs in flight for --duration s.
-              stoq bench https://[::1]:4433/objects/1m.bin --connections 4 --streams 8 --duration 10 --ca stoq-data/identity/cert.pem
+              stoq bench https://[::1]:4433/objects/1m.bin --connections 4 --streams 8 --duration 10 --ca stoq-data/trust/root.pem
             Connection load (--rate or --hold): --connections (≤ 1000000) handshakes at --rate per second, each
             connection then held --hold s, idle (--streams 0, the default here) or sending --streams GETs every
             --interval s; reports handshakes established and failed by reason, and handshake and request latency.

@@ -63,3 +63,18 @@ def test_a_tampered_head_or_a_foreign_certificate_fails(logged_node, tmp_path):
                 "--key-out", tmp_path / "foreign.key").returncode == 0
     r = audit(n, "--include", foreign)
     assert r.returncode == 1 and "HTTP 404" in r.stderr
+
+
+def test_bad_audit_inputs_are_named(logged_node, tmp_path):
+    """A missing or damaged --previous, and the log's private key as --log-key (which `trust
+    verify` and the node accept): the option named, exit 2; the private key file works."""
+    n = logged_node
+    r = audit(n, "--previous", tmp_path / "nope.json")
+    assert r.returncode == 2 and f"--previous {tmp_path}/nope.json: cannot read the file" in r.stderr, r.stderr
+    (tmp_path / "garbage.json").write_text("-----BEGIN CERTIFICATE-----\n")
+    r = audit(n, "--previous", tmp_path / "garbage.json")
+    assert r.returncode == 2 and "--previous" in r.stderr and "not a tree head saved by --save" in r.stderr, r.stderr
+    r = audit(n, "--log-key", pathlib.Path(n.cert).parent / "log-key.pem")
+    assert r.returncode == 0, r.stderr
+    r = audit(n, "--log-key", tmp_path / "garbage.json")
+    assert r.returncode == 2 and "--log-key" in r.stderr and "not a P-256 log key" in r.stderr, r.stderr
