@@ -58,6 +58,8 @@ public final class Node: @unchecked Sendable {
 
     /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
     let tracer: RequestTracer?
+    /// `data_dir/node.lock`, held (`flock`) while this process runs: one node per data directory.
+    private var dataLock: Int32 = -1
 
     public init(config: NodeConfig, logger: Logger, tracer: RequestTracer? = nil) {
         self.config = config
@@ -161,6 +163,7 @@ public final class Node: @unchecked Sendable {
     /// the workers already started).
     public func start() throws {
         let cfg = config
+        try lockDataDirectory(cfg.node.dataDir)
         try QLogControl.prepare(cfg.log)
         let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)
@@ -283,6 +286,27 @@ public final class Node: @unchecked Sendable {
 
     /// The content store (chunks and manifests) every worker shares, after removing the
     /// uploads a previous run left half-written.
+    /// Before anything is written: a second node started on a running node's `data_dir`
+    /// issued itself a certificate over the running node's, logged it, and removed its
+    /// uploads in progress before the content store's lock stopped it.
+    private func lockDataDirectory(_ dir: String) throws {
+        do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+            throw NodeError(.storage, "node.data_dir \(dir): cannot create it: \(error.localizedDescription)")
+        }
+        let fd = open(dir + "/node.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw NodeError(.storage, "node.data_dir \(dir): cannot open \(dir)/node.lock: \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let e = errno
+            close(fd)
+            throw NodeError(
+                .storage,
+                e == EWOULDBLOCK
+                    ? "node.data_dir \(dir) is in use by another stoq-node (\(dir)/node.lock is locked): one node per data directory"
+                    : "node.data_dir \(dir): flock \(dir)/node.lock: \(String(cString: strerror(e)))")
+        }
+        dataLock = fd
+    }
+
     private func openContentStore(_ cfg: NodeConfig) throws -> ObjectIndex {
         let stale = ObjectService.removeStaleUploads(in: cfg.storage.path)
         if stale > 0 { logger.notice("removed \(stale) interrupted upload(s) from \(cfg.storage.path)") }
@@ -602,6 +626,8 @@ public final class Node: @unchecked Sendable {
         }
         return done
     }
+
+    deinit { if dataLock >= 0 { close(dataLock) } }
 }
 
 /// Hands a queue to the worker thread that will own it from then on.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Node, stoq
+from conftest import Node, need_binary, run, stoq
 
 
 @pytest.fixture
@@ -80,3 +80,16 @@ def test_a_trust_change_says_what_waits_for_a_restart_on_an_edge(tmp_path):
         wait_for(n, r"mesh neighbours are verified with the old one until a restart")
     finally:
         assert n.stop() == 0
+
+
+def test_a_second_node_on_a_running_nodes_data_dir_changes_nothing(node, tmp_path):
+    """Refused before it writes anything: it used to issue itself a certificate over the running
+    node's (which kept serving its own), log it, and remove uploads in progress, before the
+    content store's lock stopped it."""
+    cert = pathlib.Path(node.workdir / "data" / "identity" / "cert.pem")
+    before = cert.read_bytes()
+    r = run([need_binary("stoq-node"), "--config", node.config], timeout=60)
+    assert r.returncode != 0
+    assert f"node.data_dir {node.workdir}/data is in use by another stoq-node" in r.stderr, r.stderr
+    assert cert.read_bytes() == before
+    assert get(node).returncode == 0
