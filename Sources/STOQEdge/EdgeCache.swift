@@ -148,6 +148,9 @@ public final class EdgeCache: @unchecked Sendable {
     public static let maxInFlight = 32
     /// How long connecting to an upstream may take, and one fetch (all its attempts).
     public static let connectTimeout = 3.0
+    /// After a connect timed out, fetches from that upstream fail at once for this long
+    /// (seconds): an origin that is down costs one connect timeout a second, not one a miss.
+    public static let holdUnreachable = 1.0
     public static let requestTimeout: UInt64 = 30_000_000_000
     /// An attempt that receives no byte for this long is abandoned for the next one. Relays
     /// verify a whole chunk before they send its first byte, so this is generous; a link known
@@ -575,7 +578,10 @@ public final class EdgeCache: @unchecked Sendable {
             }
             lastUse = now
             if pool == nil {
-                do { pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9)) } catch {
+                do {
+                    pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9))
+                    pool?.holdUnreachable = UInt64(Self.holdUnreachable * 1e9)
+                } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")
                     for j in backlog { originFailed(FetchKey(key: j.key, holder: j.hint?.holder), Failure(status: 502, reason: why)) }

@@ -286,6 +286,10 @@ def test_the_index_survives_kill_9_and_the_edge_serves_while_the_origin_is_down(
         r = h3(edge.port, edge.cert, "/objects/down-b")
         assert r["status"] == 502 and "unreachable" in r["text"], r
         assert time.time() - t0 < 15
+        # Within the next second another miss fails at once, with the same reason (docs/content.md):
+        # the answer says it is the held failure, not a connect of its own.
+        r = h3(edge.port, edge.cert, "/objects/down-c")
+        assert r["status"] == 502 and "unreachable" in r["text"] and "ms ago; tried again 1000 ms after" in r["text"], r
         assert metrics(edge)["stoq_edge_origin_errors_total"] >= 1
         edge.log.flush()
         assert "unreachable" in (tmp_path / "edge" / "node.log").read_text()
