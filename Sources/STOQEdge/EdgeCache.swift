@@ -469,6 +469,10 @@ public final class EdgeCache: @unchecked Sendable {
         var nextTag = 0
         var lastPersist = DispatchTime.now().uptimeNanoseconds
         var lastUse = lastPersist
+        // Failover notices, at most one a second per upstream: a cut link fails every chunk in
+        // flight through it at once (14 lines in one second for one cut); the rest are counted
+        // (stoq_edge_failovers_total) and summed into the next notice.
+        var failoverNotices: [String: (at: UInt64, held: Int)] = [:]
         var lastCheck = lastPersist
 
         /// Gives up on `a`: every attempt failed (or there was none).
@@ -553,7 +557,15 @@ public final class EdgeCache: @unchecked Sendable {
             guard let next = nextAttempt(a) else { return giveUp(a) }
             if !notFound {
                 lock.withLock { counterValues.failovers += 1 }
-                logger.notice("edge: \(path(a.key)) via \(a.attempt.label) failed (\(why)); trying \(next.label)")
+                let now = DispatchTime.now().uptimeNanoseconds, from = a.attempt.url.description
+                if let last = failoverNotices[from], now &- last.at < 1_000_000_000 {
+                    failoverNotices[from]!.held += 1
+                } else {
+                    let held = failoverNotices[from]?.held ?? 0
+                    let more = held > 0 ? "; \(held) more from it since the last such notice" : ""
+                    logger.notice("edge: \(path(a.key)) via \(a.attempt.label) failed (\(why)); trying \(next.label)\(more)")
+                    failoverNotices[from] = (now, 0)
+                }
             }
             a.attempt = next
             a.tried.append(next)
