@@ -48,6 +48,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var viewDirty = true
     var lastRoutesVersion: UInt64 = .max
     var ownSequence: UInt64 = 0
+    /// When a neighbour first came up, and whether `warnIfDeaf` has spoken.
+    var firstUp: UInt64?
+    var deafWarned = false
     /// Pairs of neighbour URLs already reported as answering with one node id.
     var duplicateWarned = Set<[String]>()
     /// The newest accepted advert of every live origin, this node's own included, as signed: a
@@ -94,6 +97,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
+                warnIfDeaf(now: t)
                 let gone = engine.expire(now: t)
                 for id in gone { held[id] = nil }
                 if !gone.isEmpty { viewDirty = true }
@@ -253,7 +257,21 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
     }
 
+    /// A node whose neighbours answer its probes but that hears no advert from anyone is
+    /// listed by none of them: a node sends adverts only to its own peers (static peering
+    /// must name each other on both sides, or use discovery). Said once, after three update
+    /// intervals (at least 10 s) with a neighbour up.
+    private func warnIfDeaf(now: UInt64) {
+        guard !deafWarned, counters.advertsReceived == 0 else { return }
+        guard let upSince = firstUp, now &- upSince > max(3 * service.settings.updateInterval, 10 * Nanos.second) else { return }
+        deafWarned = true
+        let urls = neighbours.values.filter { $0.link.state == .up }.map(\.url.description).sorted()
+        logger.warning(
+            "mesh: \(urls.joined(separator: ", ")) answer(s) this node's probes, but no node has sent it an advert: a node sends adverts only to the nodes in its own [mesh] peers (or found by discovery), so none of them lists this one; until one does, this node knows no route beyond its neighbours")
+    }
+
     private func changed(_ n: Neighbour, _ state: NeighbourLink.State) {
+        if state == .up && firstUp == nil { firstUp = monotonicNow() }
         logger.notice("mesh: link to \(n.id.map { "\($0)" } ?? "?") at \(n.url) is \(state.rawValue)")
         advertDue = true
         viewDirty = true

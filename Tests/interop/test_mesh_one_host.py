@@ -110,3 +110,26 @@ def test_a_neighbour_id_seen_twice_is_advertised_once(tmp_path):
     finally:
         for n in nodes:
             stop(n)
+
+
+def test_a_node_its_peers_do_not_list_says_so(tmp_path):
+    """Static peering must name each other on both sides: W lists A, A does not list W, so A
+    never sends W an advert and W learns nothing beyond A. W says so once (it said nothing)."""
+    ca = certificates(tmp_path, ("a", "w"))
+    pa, pw, dead = free_port(), free_port(), free_port()
+    nodes = []
+    try:
+        nodes.append(start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [dead])))
+        nodes.append(start_node(tmp_path / "w", pw, mesh_config(tmp_path, ca, "w", [pa])))
+        w = nodes[1]
+        deadline = time.monotonic() + 30
+        warned = []
+        while time.monotonic() < deadline and not warned:
+            time.sleep(0.5)
+            w.log.flush()
+            warned = [l for l in (tmp_path / "w" / "node.log").read_text().splitlines() if "no node has sent it an advert" in l]
+        assert len(warned) == 1 and f"https://[::1]:{pa}" in warned[0], warned
+        assert status(w)["counters"]["adverts_received"] == 0
+    finally:
+        for n in nodes:
+            stop(n)
