@@ -633,8 +633,9 @@ public enum STOQClient {
         // STOQ_STATS=1: the transport's state every 100 ms, then the datapath's counters (stderr).
         let stats = ProcessInfo.processInfo.environment["STOQ_STATS"] != nil
         var lastSample: UInt64 = 0
+        let ended: Bool
         do {
-            try worker.run(timeout: deadline) {
+            ended = try worker.run(timeout: deadline) {
                 rig.tend(now: monotonicNow())
                 if let streamed, let s = app.stream { streamed.feed(conn, s) }
                 if stats {
@@ -676,6 +677,10 @@ public enum STOQClient {
         let keyUpdates = keyUpdate ? conn.keyUpdatesInitiated : nil
         conn.close(now: monotonicNow())
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+        if !ended {
+            // Our own deadline: closing reset the stream (0x10c), which is not the server's doing.
+            throw ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout), \(app.received) bytes received")
+        }
         let sent = streamed?.outcome
         if let sent, sent.errno != 0 {
             throw ClientError(.io, "reading the body failed after \(sent.bytes) bytes: \(String(cString: strerror(sent.errno)))")

@@ -53,6 +53,17 @@ def test_get_to_standard_output_and_through_links(node, tmp_path):
     assert r.returncode == 64 and "-o - writes the body to standard output, where --json prints" in r.stderr
 
 
+def test_the_clients_own_timeout_is_named(node, tmp_path):
+    """--timeout expiring mid-body closed the connection, and the stream our close reset was
+    reported as the server's: 'transfer aborted (HTTP/3 error 0x10c)'."""
+    name = max(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    r = stoq("get", node.url(name), "-o", tmp_path / "partial.bin", "--ca", node.cert, "--timeout", "0.2",
+             "--no-session-cache")
+    assert r.returncode == 1, r.stderr
+    assert "timed out after 0.2 s (the transfer's timeout)" in r.stderr or "cannot connect" in r.stderr, r.stderr
+    assert "0x10c" not in r.stderr and not (tmp_path / "partial.bin").exists()
+
+
 def test_put_from_a_fifo_sends_what_it_yields(node, tmp_path):
     """A FIFO has no size: it is read to its end (it used to be stored empty, with a 201)."""
     src = random_file(tmp_path / "src.bin", 700_000, 31)
