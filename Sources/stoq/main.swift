@@ -168,14 +168,20 @@ struct Get: ParsableCommand {
 
     func run() throws {
         var isDirectory: ObjCBool = false
-        if urls.count > 1 || remoteName
-            || (output.map { FileManager.default.fileExists(atPath: $0, isDirectory: &isDirectory) } == true && isDirectory.boolValue)
-        {
+        let intoDirectory = output.map { FileManager.default.fileExists(atPath: $0, isDirectory: &isDirectory) } == true && isDirectory.boolValue
+        if urls.count > 1 || remoteName || intoDirectory && !chunked {
             return try runMany()
         }
         let url = urls[0]
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
+        var output = self.output
+        if chunked, intoDirectory, let directory = output {
+            // -o DIR names the file after the URL's last segment, as for a plain download.
+            let name = String(u.path.prefix { $0 != "?" }.split(separator: "/").last ?? "")
+            guard !name.isEmpty, name != ".", name != ".." else { throw fail("\(u): no file name in its path for -o DIR", code: 2) }
+            output = directory + "/" + name
+        }
         if let qlogDir {
             guard !chunked else { throw fail("--qlog-dir logs one connection; --chunked uses a pool of them: not supported together", code: 2) }
             do { try FileManager.default.createDirectory(atPath: qlogDir, withIntermediateDirectories: true) } catch {
