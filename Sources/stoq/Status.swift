@@ -75,6 +75,11 @@ enum AdminAPI {
             body = try await response.body.collect(upTo: 64 << 20)
         } catch let e as ExitCode {
             throw e
+        } catch let e as IOError {
+            // NIO's text for a refused connect reads "connection reset (error set): Connection
+            // refused) (errno: 111)"; the errno says it.
+            try? await client.shutdown()
+            throw fail("\(base)/status: cannot connect: \(String(cString: strerror(e.errnoCode)))")
         } catch {
             try? await client.shutdown()
             throw fail("\(base)/status: \(error)")
