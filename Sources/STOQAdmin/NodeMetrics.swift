@@ -246,7 +246,9 @@ package struct NodeMetrics {
             "stoq_worker_memory_releases_total",
             "Times the worker gave the heap's free memory back to the kernel, once connections had closed and handshakes paused."
         ) { $0.memoryReleases }
-        perWorker("stoq_http_requests_total", "HTTP requests, whichever service answered them (objects, chunks, manifests, the mesh, the log).") { $0.objects.requests }
+        perWorker("stoq_http_requests_total", "HTTP requests, whichever service answered them (objects, chunks, manifests, the mesh, the log).") {
+            $0.objects.requests
+        }
         perWorker("stoq_http_uploads_stored_total", "Object uploads stored.") { $0.objects.uploadsStored }
         perWorker("stoq_http_uploads_no_space_total", "Object uploads answered 507: the disk was full (also in stoq_store_disk_full_total).") {
             $0.objects.uploadsNoSpace

@@ -42,7 +42,8 @@ public enum ConfigLoader {
             let exists = FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory)
             if exists && !isDirectory.boolValue && FileManager.default.isReadableFile(atPath: path) { return nil }
             let why =
-                !exists ? "no such file" + (path.hasPrefix("/") ? "" : " (relative to \(FileManager.default.currentDirectoryPath))")
+                !exists
+                ? "no such file" + (path.hasPrefix("/") ? "" : " (relative to \(FileManager.default.currentDirectoryPath))")
                 : isDirectory.boolValue ? "a directory, not a file" : "not readable by this user"
             return ConfigError(code: .io, key: key, value: "\"\(path)\"", allowed: "a readable file: \(why)")
         }

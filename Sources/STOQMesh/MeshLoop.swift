@@ -267,7 +267,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         deafWarned = true
         let urls = neighbours.values.filter { $0.link.state == .up }.map(\.url.description).sorted()
         logger.warning(
-            "mesh: \(urls.joined(separator: ", ")) answer(s) this node's probes, but no node has sent it an advert: a node sends adverts only to the nodes in its own [mesh] peers (or found by discovery), so none of them lists this one; until one does, this node knows no route beyond its neighbours")
+            "mesh: \(urls.joined(separator: ", ")) answer(s) this node's probes, but no node has sent it an advert: a node sends adverts only to the nodes in its own [mesh] peers (or found by discovery), so none of them lists this one; until one does, this node knows no route beyond its neighbours"
+        )
     }
 
     private func changed(_ n: Neighbour, _ state: NeighbourLink.State) {

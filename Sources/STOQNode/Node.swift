@@ -555,7 +555,8 @@ public final class Node: @unchecked Sendable {
             if trustChanged && (edge != nil || mesh != nil) {
                 report.restartNeeded.append("trust")
                 logger.warning(
-                    "reload: the new [trust] judges clients and the node's own certificate now; the edge's origin and mesh neighbours are verified with the old one until a restart")
+                    "reload: the new [trust] judges clients and the node's own certificate now; the edge's origin and mesh neighbours are verified with the old one until a restart"
+                )
             }
         } else {
             note("trust", trustChanged, live: false)

@@ -164,7 +164,10 @@ package final class ConnectionPool {
             if let down = unreachable[url.endpoint] {
                 if now &- down.since < holdUnreachable {
                     let ago = (now &- down.since) / 1_000_000
-                    app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: "\(down.why) (\(ago) ms ago; tried again \(holdUnreachable / 1_000_000) ms after)"))
+                    app.done.append(
+                        Done(
+                            tag: tag, status: nil, errorCode: 0, received: 0,
+                            failure: "\(down.why) (\(ago) ms ago; tried again \(holdUnreachable / 1_000_000) ms after)"))
                     return
                 }
                 unreachable[url.endpoint] = nil

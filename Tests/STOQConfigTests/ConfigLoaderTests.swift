@@ -149,11 +149,12 @@ import TOMLKit
         let c = try ConfigLoader.parse(text)
         #expect(ConfigLoader.unreadableFiles(c).map(\.key) == ["admin.token_file", "trust.transparency_logs", "trust.transparency_logs"])
         let errors = #expect(throws: ConfigErrors.self) { try ConfigLoader.load(path: dir + "/node.toml") }
-        #expect(errors?.errors.map(\.description) == [
-            "admin.token_file = \"\(dir)/token\": io; expected a readable file: no such file",
-            "trust.transparency_logs = \"\(dir)/log.pem\": io; expected a readable file: no such file",
-            "trust.transparency_logs = \"\(dir)\": io; expected a readable file: a directory, not a file",
-        ])
+        #expect(
+            errors?.errors.map(\.description) == [
+                "admin.token_file = \"\(dir)/token\": io; expected a readable file: no such file",
+                "trust.transparency_logs = \"\(dir)/log.pem\": io; expected a readable file: no such file",
+                "trust.transparency_logs = \"\(dir)\": io; expected a readable file: a directory, not a file",
+            ])
     }
 
     @Test func emptyFileIsTheDefault() throws {
