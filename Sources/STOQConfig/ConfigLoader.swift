@@ -8,8 +8,8 @@ import TOMLKit
 /// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
 /// reported together, each naming key, value and what is allowed.
 public enum ConfigLoader {
-    /// Reads and validates a file.
-    public static func load(path: String) throws(ConfigErrors) -> NodeConfig {
+    /// Reads and validates a file, and with `files` the files it names (`unreadableFiles`).
+    public static func load(path: String, files: Bool = true) throws(ConfigErrors) -> NodeConfig {
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
             throw ConfigErrors(
                 source: path,
@@ -20,7 +20,7 @@ public enum ConfigLoader {
                 ])
         }
         let config = try parse(text, source: path)
-        let missing = unreadableFiles(config)
+        let missing = files ? unreadableFiles(config) : []
         if !missing.isEmpty { throw ConfigErrors(source: path, errors: missing) }
         return config
     }
@@ -29,7 +29,12 @@ public enum ConfigLoader {
     /// cannot be read: an error naming its key, so that `stoq config check` says so and the
     /// node refuses to start (exit 2) instead of failing later (a first fetch, an admin
     /// request). Relative paths are taken from the working directory, as the node takes them.
+    /// Paths under `node.data_dir` are not checked: the node makes its own files there at start
+    /// (its CA's `trust/root.pem`, its log key), which a `trust.bundle` may name (the
+    /// Kubernetes ConfigMap does).
     public static func unreadableFiles(_ config: NodeConfig) -> [ConfigError] {
+        func absolute(_ p: String) -> String { URL(fileURLWithPath: p).standardizedFileURL.path }
+        let own = absolute(config.node.dataDir) + "/"
         var files = [
             ("tls.cert_file", config.tls.certFile), ("tls.key_file", config.tls.keyFile),
             ("trust.bundle", config.trust.bundle), ("admin.token_file", config.admin.tokenFile),
@@ -37,7 +42,7 @@ public enum ConfigLoader {
         files += config.trust.transparencyLogs.map { ("trust.transparency_logs", $0) }
         files += config.access.tokenKeys.map { ("access.token_keys", $0) }
         return files.compactMap { key, path in
-            guard !path.isEmpty else { return nil }
+            guard !path.isEmpty, !absolute(path).hasPrefix(own) else { return nil }
             var isDirectory: ObjCBool = false
             let exists = FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory)
             if exists && !isDirectory.boolValue && FileManager.default.isReadableFile(atPath: path) { return nil }

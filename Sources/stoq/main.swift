@@ -488,10 +488,15 @@ struct ConfigCommand: ParsableCommand {
             discussion: "Example: stoq config check config/node.toml")
         @Argument(help: "The TOML file.") var file: String
         @Flag(help: "Print {\"valid\": …, \"errors\": […]}.") var json = false
+        @Flag(
+            help: ArgumentHelp(
+                "Check the values only, not that the files they name are there.",
+                discussion: "For a configuration checked away from the host that runs it (a Kubernetes ConfigMap whose files are mounted Secrets)."))
+        var skipFiles = false
 
         func run() throws {
             do {
-                let cfg = try ConfigLoader.load(path: file)
+                let cfg = try ConfigLoader.load(path: file, files: !skipFiles)
                 if json {
                     let data = try! JSONSerialization.data(
                         withJSONObject: ["valid": true, "errors": [String](), "notices": cfg.notices],
