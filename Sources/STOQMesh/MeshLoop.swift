@@ -310,7 +310,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         // an advert that repeats a neighbour, which no node accepts; this node then advertised
         // no link at all and fell out of every route.
         var seen: [NodeIdentity: String] = [:]
-        let up = neighbours.values.filter { $0.link.state == .up && $0.id != nil }
+        let up = neighbours.values.filter { $0.link.state == .up }
         for n in up.sorted(by: { ($0.link.metrics.srtt, $0.url.description) < ($1.link.metrics.srtt, $1.url.description) }) {
             guard let id = n.id else { continue }
             if let first = seen[id] {

@@ -67,12 +67,19 @@ public final class MeshUpstream: FetchUpstream {
     /// Through the next hops towards `holder`, none of them a node the request came through
     /// (`after`: the incoming `Via`, "" when this node asks first), naming this node in `Via`.
     private func via(_ view: MeshView, _ holder: NodeIdentity, hops: Int, _ resource: UpstreamResource, after: String = "") -> [UpstreamAttempt] {
-        let header = [("via", MeshWire.via(after, adding: view.me))]
-        return view.nextHops(to: holder, avoiding: MeshWire.viaNodes(after)).map { url in
-            UpstreamAttempt(
-                url: url, path: MeshWire.relayPath(holder: holder, hops: hops, resource), headers: header, holder: holder.hex,
-                label: "node \(holder) via \(url.endpoint)")
+        view.nextHops(to: holder, avoiding: MeshWire.viaNodes(after)).map { url in
+            Self.attempt(view, through: url, to: holder, hops: hops, resource, after: after)
         }
+    }
+
+    /// The request asking `holder` for `resource` through the neighbour at `url`: its relay
+    /// path, its `Via` (`after`, then this node), its label.
+    private static func attempt(
+        _ view: MeshView, through url: STOQURL, to holder: NodeIdentity, hops: Int, _ resource: UpstreamResource, after: String = ""
+    ) -> UpstreamAttempt {
+        UpstreamAttempt(
+            url: url, path: MeshWire.relayPath(holder: holder, hops: hops, resource),
+            headers: [("via", MeshWire.via(after, adding: view.me))], holder: holder.hex, label: "node \(holder) via \(url.endpoint)")
     }
 
     /// The routes to `holder` (primary, backup) whose first hop is up, with their attempts.
@@ -81,13 +88,7 @@ public final class MeshUpstream: FetchUpstream {
     {
         (view.paths[holder.routingID] ?? []).compactMap { p in
             guard let url = view.neighbourURLs[p.nextHop], !view.down.contains(url.endpoint) else { return nil }
-            return (
-                holder, p,
-                UpstreamAttempt(
-                    url: url, path: MeshWire.relayPath(holder: holder, hops: 1, resource),
-                    headers: [("via", MeshWire.via("", adding: view.me))], holder: holder.hex,
-                    label: "node \(holder) via \(url.endpoint)")
-            )
+            return (holder, p, Self.attempt(view, through: url, to: holder, hops: 1, resource))
         }
     }
 
