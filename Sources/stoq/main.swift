@@ -178,9 +178,7 @@ struct Get: ParsableCommand {
         var output = self.output
         if chunked, intoDirectory, let directory = output {
             // -o DIR names the file after the URL's last segment, as for a plain download.
-            let name = String(u.path.prefix { $0 != "?" }.split(separator: "/").last ?? "")
-            guard !name.isEmpty, name != ".", name != ".." else { throw fail("\(u): no file name in its path for -o DIR", code: 2) }
-            output = directory + "/" + name
+            output = directory + "/" + (try Self.fileName(u))
         }
         if let qlogDir {
             guard !chunked else { throw fail("--qlog-dir logs one connection; --chunked uses a pool of them: not supported together", code: 2) }
@@ -297,6 +295,13 @@ struct Get: ParsableCommand {
         }
     }
 
+    /// The file -O or -o DIR writes `u`'s body to: its path's last segment.
+    static func fileName(_ u: STOQURL) throws -> String {
+        let name = String(u.path.prefix { $0 != "?" }.split(separator: "/").last ?? "")
+        guard !name.isEmpty, name != ".", name != ".." else { throw fail("\(u): no file name in its path for -O / -o DIR", code: 2) }
+        return name
+    }
+
     /// Several URLs (or -O, or -o DIR): one connection per server, files renamed into place
     /// when whole.
     func runMany() throws {
@@ -309,10 +314,7 @@ struct Get: ParsableCommand {
         if let directory {
             var seen = Set<String>()
             for u in parsed {
-                let name = String(u.path.prefix { $0 != "?" }.split(separator: "/").last ?? "")
-                guard !name.isEmpty, name != ".", name != ".." else {
-                    throw fail("\(u): no file name in its path for -O / -o DIR", code: 2)
-                }
+                let name = try Self.fileName(u)
                 guard seen.insert(name).inserted else { throw fail("\(u): two URLs would both write \(name)", code: 2) }
                 names.append(directory + "/" + name)
             }
