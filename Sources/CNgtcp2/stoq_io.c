@@ -15,6 +15,9 @@
 
 #include <gnutls/gnutls.h>
 
+/* RFC 9000 §20.1: 0x0100-0x01ff carry a TLS alert (RFC 9001 §4.8). */
+static int is_crypto_error(uint64_t code) { return (code & ~(uint64_t)0xff) == 0x100; }
+
 /* RFC 9000 §20.1. */
 static const char *transport_error_name(uint64_t code) {
   static const char *names[] = {"NO_ERROR",
@@ -35,7 +38,7 @@ static const char *transport_error_name(uint64_t code) {
                                 "AEAD_LIMIT_REACHED",
                                 "NO_VIABLE_PATH"};
   if (code < sizeof(names) / sizeof(names[0])) return names[code];
-  return (code & ~(uint64_t)0xff) == 0x100 ? "CRYPTO_ERROR" : "unknown transport error";
+  return is_crypto_error(code) ? "CRYPTO_ERROR" : "unknown transport error";
 }
 
 /* The peer closed: say how, in its words (its reason phrase, printable bytes only). */
@@ -48,7 +51,7 @@ static void note_peer_close(stoq_conn *c) {
     if (e.reason[i] >= 0x20 && e.reason[i] < 0x7f) reason[n++] = (char)e.reason[i];
   }
   reason[n] = 0;
-  if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT && (e.error_code & ~(uint64_t)0xff) == 0x100) {
+  if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT && is_crypto_error(e.error_code)) {
     /* A TLS alert (RFC 9001 §4.8): its name says what the peer refused, e.g. our certificate. */
     const char *alert = gnutls_alert_get_name((gnutls_alert_description_t)(e.error_code & 0xff));
     conn_fail(c, "closed by the peer: CRYPTO_ERROR (0x%llx), TLS alert %u: %s%s%s", (unsigned long long)e.error_code,
