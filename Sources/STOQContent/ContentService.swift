@@ -240,13 +240,10 @@ public final class ContentService: QUICApplication {
         _ connection: QUICConnection
     ) {
         guard
-            let (status, head, range) = ObjectService.bodyHead(
-                size: manifest.totalLength, request: request, stream: stream, connection: connection,
-                fail: { fail(stream, connection, $0, $1) })
+            let (status, headers, range) = ObjectService.bodyHead(
+                size: manifest.totalLength, etag: ObjectGate.etag(manifest), cacheControl: edge ? nil : cacheControl,
+                request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
-        var headers = head
-        headers.append(("etag", ObjectGate.etag(manifest)))
-        if let cacheControl, !edge { headers.append(cacheControl) }
         counters.objectsServed += 1
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
         if request.method == "HEAD" || length == 0 {

@@ -246,6 +246,15 @@ public final class ObjectGate: @unchecked Sendable {
         return nil
     }
 
+    /// What RFC 9110 §13.2.2 makes of a GET's or HEAD's `If-Match` and `If-None-Match` against
+    /// the object's ETag `current`: nil to send the object, 412 and why for an `If-Match` it
+    /// fails, 304 for an `If-None-Match` it matches (weak comparison, as for writes).
+    package static func readPrecondition(ifMatch: String, ifNoneMatch: String, current: String) -> (status: Int, why: String)? {
+        if let why = preconditionFailure(ifMatch: ifMatch, ifNoneMatch: "", current: current) { return (412, why) }
+        if let why = preconditionFailure(ifMatch: "", ifNoneMatch: ifNoneMatch, current: current) { return (304, why) }
+        return nil
+    }
+
     /// What the writer may not do to `name` (whose state is `current`): nil when it may.
     /// `size` is the object's new length and `physical` the bytes it adds to the store, when
     /// known (nil: quotas are not checked yet); `delete` for a delete. Counts refusals.

@@ -130,13 +130,26 @@ public final class ObjectService: QUICApplication {
 
     typealias RangeError = HTTPRangeError
 
-    /// The head of a response to GET/HEAD of an object of `size` bytes with the request's
-    /// `Range`: status, headers (content-length included) and the byte range to send (nil:
-    /// none). Answers 416 or 400 itself and returns nil when the range cannot be served.
+    /// The head of a response to GET/HEAD of an object of `size` bytes whose ETag is `etag`,
+    /// with the request's conditions and `Range`: status, headers (content-length, `etag` and
+    /// `cacheControl` included) and the byte range to send (nil: none). Answers itself and
+    /// returns nil when there is nothing to send: 304 (with `etag` and `cacheControl`) for a
+    /// matching `If-None-Match`, 412 for a failing `If-Match`, 416 or 400 for a range that
+    /// cannot be served.
     static func bodyHead(
-        size: UInt64, request: HTTPRequest, stream: HTTPStream, connection: QUICConnection,
-        fail: (Int, String) -> Void
+        size: UInt64, etag: String, cacheControl: (String, String)? = nil, request: HTTPRequest, stream: HTTPStream,
+        connection: QUICConnection, fail: (Int, String) -> Void
     ) -> (status: Int, headers: [(String, String)], range: ClosedRange<UInt64>?)? {
+        let validators = [("etag", etag)] + (cacheControl.map { [$0] } ?? [])
+        switch ObjectGate.readPrecondition(ifMatch: request.ifMatch, ifNoneMatch: request.ifNoneMatch, current: etag) {
+        case nil: break
+        case (304, _)?:
+            connection.respond(stream, status: 304, headers: validators, body: nil)
+            return nil
+        case let (status, why)?:
+            fail(status, "precondition failed: \(why)")
+            return nil
+        }
         var status = 200
         var range = size == 0 ? nil : Optional(0...(size - 1))
         var headers = [("accept-ranges", "bytes")]
@@ -154,7 +167,7 @@ public final class ObjectService: QUICApplication {
             return nil
         }
         headers.append(("content-length", "\(range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0)"))
-        return (status, headers, range)
+        return (status, headers + validators, range)
     }
 
     /// One more HTTP request reached the node (`NodeRouter` counts every one, whichever service answers it).
@@ -194,12 +207,10 @@ public final class ObjectService: QUICApplication {
             return fail(stream, connection, 404, "no object \(name)")
         }
         guard
-            let (status, head, range) = Self.bodyHead(
-                size: UInt64(st.st_size), request: request, stream: stream,
-                connection: connection, fail: { fail(stream, connection, $0, $1) })
+            let (status, headers, range) = Self.bodyHead(
+                size: UInt64(st.st_size), etag: ObjectGate.readMeta(fd).map { "\"\($0.sha256)\"" } ?? ObjectGate.fileETag(st),
+                request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
-        var headers = head
-        headers.append(("etag", ObjectGate.readMeta(fd).map { "\"\($0.sha256)\"" } ?? ObjectGate.fileETag(st)))
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
         if request.method == "HEAD" {
             connection.respond(stream, status: status, headers: headers, body: nil)

@@ -131,6 +131,27 @@ def test_if_match_with_a_stale_etag_fails_and_a_fresh_one_succeeds(make_node, st
 
 
 @pytest.mark.parametrize("store", DEDUP)
+def test_conditional_reads_answer_304_and_412(make_node, store):
+    """GET and HEAD with If-None-Match matching the ETag (weakly) get 304 and no body; with
+    If-Match not matching, 412 (RFC 9110 §13.2.2). They used to get the whole object."""
+    node = make_node(DEDUP[store])
+    data = os.urandom(300_000)
+    assert request(node, "PUT", "cond.bin", data)["status"] == 201
+    tag = etag(data)
+    for method in ("GET", "HEAD"):
+        for match in (tag, f"W/{tag}", f'"0000", {tag}', "*"):
+            r = request(node, method, "cond.bin", headers=[f"if-none-match: {match}"])
+            assert r["status"] == 304 and r["headers"]["etag"] == tag, (method, match, r)
+            assert "content-length" not in r["headers"] and r["bytes"] == 0, r
+    r = request(node, "GET", "cond.bin", headers=['if-none-match: "0000"'])
+    assert r["status"] == 200 and r["sha256"] == hashlib.sha256(data).hexdigest()
+    r = request(node, "GET", "cond.bin", headers=['if-match: "0000"'])
+    assert r["status"] == 412 and r["text"] == f'precondition failed: If-Match: "0000" but the object\'s ETag is {tag}\n'
+    r = request(node, "GET", "cond.bin", headers=[f"if-match: {tag}", "range: bytes=10-19"])
+    assert r["status"] == 206 and r["sha256"] == hashlib.sha256(data[10:20]).hexdigest()
+
+
+@pytest.mark.parametrize("store", DEDUP)
 def test_writer_quota_answers_507_with_the_numbers_and_leaves_nothing(make_node, store):
     node = make_node(DEDUP[store] + '[limits]\nwriter_quota = "1MB"\n')
     first = os.urandom(700 << 10)
