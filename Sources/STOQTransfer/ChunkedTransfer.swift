@@ -168,7 +168,7 @@ extension STOQClient {
 
     /// Uploads `file` as object `<name>` in chunks: chunks it locally, asks the node which
     /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
-    /// flight, each straight from an mmap of the file), then the manifest.
+    /// flight), then the manifest.
     public static func putChunked(
         file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
         datapath: ClientDatapath,
@@ -209,8 +209,10 @@ extension STOQClient {
         while next < sends.count || inFlight > 0 {
             while next < sends.count && inFlight < concurrency {
                 let i = sends[next]
-                guard let region = BodyRegion.mapping(fd: fd, offset: offsets[i], length: Int(manifest.chunks[i].length)) else {
-                    throw ClientError(.io, "\(file): cannot map chunk \(i)")
+                let length = Int(manifest.chunks[i].length)
+                guard let region = readChunk(fd: fd, offset: offsets[i], length: length) else {
+                    throw ClientError(
+                        .io, "\(file): changed while it was sent: chunk \(i) (\(length) bytes at \(offsets[i])) cannot be read whole")
                 }
                 try session.submit("PUT", "/chunks/\(manifest.chunks[i].id.hex)", body: region, tag: i)
                 next += 1
@@ -315,6 +317,25 @@ extension STOQClient {
             chunksReused: manifest.chunks.count - todo.count, bytesFetched: bytesFetched,
             totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
             sha256: digest.hex)
+    }
+
+    /// `length` bytes of `fd` from `offset`, copied (a chunk is at most
+    /// `ChunkingParameters.maxSize`): nil when the file no longer has them all. A mapping
+    /// would send straight from the page cache, and die of SIGBUS if the file shrank.
+    static func readChunk(fd: Int32, offset: UInt64, length: Int) -> BodyRegion? {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(length, 1), alignment: 4096)
+        var done = 0
+        while done < length {
+            let n = pread(fd, p + done, length - done, off_t(offset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            done += n
+        }
+        guard done == length else {
+            p.deallocate()
+            return nil
+        }
+        return BodyRegion(base: UnsafeRawPointer(p), count: length) { p, _ in UnsafeMutableRawPointer(mutating: p)?.deallocate() }
     }
 
     static func chunkVerifies(fd: Int32, offset: UInt64, length: Int, id: ContentDigest) -> Bool {

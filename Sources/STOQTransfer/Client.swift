@@ -542,9 +542,11 @@ public enum STOQClient {
             earlyData: earlyData, keyUpdate: keyUpdate, progressInterval: progressInterval, progress: progress)
     }
 
-    /// Uploads `file` to `url` with PUT (the body is sent zero-copy from an mmap); this end's
-    /// `congestionControl` paces it. A file that is not a regular one (a FIFO, `/dev/stdin`,
-    /// a process substitution) has no size to map: it is read to its end as `put(reading:)` does.
+    /// Uploads `file` to `url` with PUT, its length announced; this end's `congestionControl`
+    /// paces it. The file is read as it is sent, not mapped: one that shrinks meanwhile resets
+    /// the request and throws `.io` naming it (a mapping would take SIGBUS). A file that is not
+    /// a regular one (a FIFO, `/dev/stdin`, a process substitution) has no length to announce:
+    /// it is read to its end as `put(reading:)` does.
     public static func put(
         file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
         congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
@@ -560,12 +562,13 @@ public enum STOQClient {
         default:
             return try put(reading: fd, to: url, trust: trust, datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers)
         }
-        guard let region = BodyRegion.mapping(fd: fd, offset: 0, length: Int(st.st_size)) else {
-            throw ClientError(.io, "\(file): cannot map")
+        do {
+            return try transfer(
+                url, method: "PUT", body: nil, bodyFrom: fd, bodyLength: UInt64(st.st_size), sinkFD: -1, hash: false, trust: trust,
+                datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
+        } catch let error where error.code == .io {
+            throw ClientError(.io, "\(file): \(error.message)")
         }
-        return try transfer(
-            url, method: "PUT", body: region, sinkFD: -1, hash: false, trust: trust, datapath: datapath, timeout: timeout,
-            congestionControl: congestionControl, headers: headers, progress: nil)
     }
 
     /// Uploads what `fd` yields (a pipe, stdin: read until its end, not closed here) to `url`
@@ -581,7 +584,7 @@ public enum STOQClient {
     }
 
     static func transfer(
-        _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, sinkFD: Int32, hash: Bool, trust: ClientTrust,
+        _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, bodyLength: UInt64? = nil, sinkFD: Int32, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, connectTimeout: Double? = nil, congestionControl: CongestionControl,
         qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
@@ -615,11 +618,13 @@ public enum STOQClient {
             }
         }
         let stream: HTTPStream
-        let streamed = bodyFrom.map { StreamedBody(fd: $0, wakeFD: endpoint.sinkWakeFileDescriptor) }
+        let streamed = bodyFrom.map { StreamedBody(fd: $0, length: bodyLength, wakeFD: endpoint.sinkWakeFileDescriptor) }
         defer { streamed?.cancel() }
         do {
             if streamed != nil {
-                stream = try conn.requestStreamed(method: method, authority: url.authority, path: url.path, headers: headers)
+                stream = try conn.requestStreamed(
+                    method: method, authority: url.authority, path: url.path,
+                    headers: headers + (bodyLength.map { [("content-length", "\($0)")] } ?? []))
             } else {
                 stream = try conn.request(
                     method: method, authority: url.authority, path: url.path,
@@ -684,6 +689,9 @@ public enum STOQClient {
         let sent = streamed?.outcome
         if let sent, sent.errno != 0 {
             throw ClientError(.io, "reading the body failed after \(sent.bytes) bytes: \(String(cString: strerror(sent.errno)))")
+        }
+        if let sent, let announced = sent.shortOf {
+            throw ClientError(.io, "shrank to \(sent.bytes) bytes while it was sent (\(announced) announced); the upload was cancelled")
         }
         guard let closed = app.closed else {
             throw ClientError(.transfer, "transfer failed: \(app.connectionError ?? "timed out")")

@@ -3,7 +3,10 @@ import STOQCore
 import STOQQUIC
 
 /// A request body read from a descriptor as it comes — a pipe, a socket, a terminal
-/// (`stoq put - URL`) — and sent without a content-length. A reader thread fills buffers of
+/// (`stoq put - URL`), sent without a content-length — or a regular file of a known length
+/// (`stoq put FILE`), sent with one: a file cut short while it is read ends the request with a
+/// reset and `outcome.shortOf` instead of a body that lies about its length (a mapping of it
+/// would take SIGBUS instead). A reader thread fills buffers of
 /// `pieceSize` (at most `pieces` of them at once, so memory stays bounded and a slow network
 /// holds the reader back) and wakes the connection's loop, which appends each filled buffer
 /// to the stream (`feed`); a buffer comes back once the server has acknowledged it. A piece
@@ -13,10 +16,15 @@ final class StreamedBody: @unchecked Sendable {
     static let pieceSize = 1 << 20
     static let pieces = 8
 
-    /// Bytes read, and errno of the read that failed (0: none): the body, once it ended.
-    var outcome: (bytes: UInt64, errno: Int32) { cond.withLock { (bytesRead, readErrno) } }
+    /// Bytes read, errno of the read that failed (0: none), and the length announced when the
+    /// descriptor ended before it (nil: it did not): the body, once it ended.
+    var outcome: (bytes: UInt64, errno: Int32, shortOf: UInt64?) {
+        cond.withLock { (bytesRead, readErrno, endedShort ? length : nil) }
+    }
 
     private let fd: Int32
+    /// The announced length (nil: read to the end); bytes past it are not read.
+    private let length: UInt64?
     private let wakeFD: Int32
     private let cond = NSCondition()
     /// Filled buffers the loop has not appended yet, and buffers free for the reader.
@@ -28,11 +36,15 @@ final class StreamedBody: @unchecked Sendable {
     private var closed = false
     private var bytesRead: UInt64 = 0
     private var readErrno: Int32 = 0
+    private var endedShort = false
+    /// The body failed: the stream is reset instead of ended.
+    private var failed: Bool { readErrno != 0 || endedShort }
 
     /// Reads `fd` (left open) on a thread of its own, signalling `wakeFD` (an eventfd the
-    /// loop waits on) whenever a piece is ready.
-    init(fd: Int32, wakeFD: Int32) {
+    /// loop waits on) whenever a piece is ready: `length` bytes of it, or to its end.
+    init(fd: Int32, length: UInt64? = nil, wakeFD: Int32) {
         self.fd = fd
+        self.length = length
         self.wakeFD = wakeFD
         free = (0..<Self.pieces).map { _ in UnsafeMutableRawPointer.allocate(byteCount: Self.pieceSize, alignment: 4096) }
         let t = Thread { [self] in readLoop() }
@@ -48,16 +60,16 @@ final class StreamedBody: @unchecked Sendable {
     func feed(_ connection: QUICConnection, _ stream: HTTPStream, asked: Bool = false) {
         while true {
             cond.lock()
-            if closed || (asked && ended && readErrno != 0 && filled.count <= 1) {
+            if closed || (asked && ended && failed && filled.count <= 1) {
                 cond.unlock()
                 return
             }
             let next = filled.isEmpty ? nil : filled.removeFirst()
             let last = ended && filled.isEmpty
-            let failed = last && readErrno != 0
+            let resets = last && failed
             if last { closed = true }
             cond.unlock()
-            if failed {
+            if resets {
                 if let next { give(next.0) }
                 connection.reset(stream, errorCode: H3Error.requestCancelled)
                 return
@@ -118,10 +130,11 @@ final class StreamedBody: @unchecked Sendable {
             cond.unlock()
             var count = 0
             var atEnd = false
+            let room = length.map { Int(min(UInt64(Self.pieceSize), $0 - bytesRead)) } ?? Self.pieceSize
             // Fill the buffer while the descriptor has more at once; hand it over as soon as
             // it is full or a read would wait.
-            while count < Self.pieceSize {
-                let n = read(fd, buffer + count, Self.pieceSize - count)
+            while count < room {
+                let n = read(fd, buffer + count, room - count)
                 if n < 0 {
                     if errno == EINTR { continue }
                     cond.lock()
@@ -132,6 +145,7 @@ final class StreamedBody: @unchecked Sendable {
                 }
                 if n == 0 {
                     atEnd = true
+                    if let length, bytesRead + UInt64(count) < length { cond.withLock { endedShort = true } }
                     break
                 }
                 count += n
@@ -140,6 +154,7 @@ final class StreamedBody: @unchecked Sendable {
             }
             cond.lock()
             bytesRead += UInt64(count)
+            if bytesRead == length { atEnd = true }
             if count > 0 { filled.append((buffer, count)) } else { free.append(buffer) }
             if atEnd { ended = true }
             cond.unlock()

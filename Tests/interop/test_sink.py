@@ -85,6 +85,34 @@ def test_put_from_a_fifo_sends_what_it_yields(node, tmp_path):
     assert r.returncode == 1 and f"{tmp_path}: is a directory" in r.stderr, r.stderr
 
 
+def test_put_of_a_file_that_shrinks_is_cancelled_by_name(node, tmp_path):
+    """A file cut short while it is sent ends the upload with a reset and an error naming it;
+    the node stores nothing. (The body was an mmap of the file: the client died of SIGBUS.)"""
+    src = tmp_path / "shrinks.bin"
+    with open(src, "wb") as f:
+        f.truncate(8 << 30)  # sparse: read at memory speed, never written
+    cut = threading.Event()
+
+    def cut_short():
+        # Once the node has part of the body, the file loses all but its first MiB.
+        for _ in range(3000):
+            if any(p.stat().st_size > (4 << 20) for p in node.storage.glob(".upload-*")):
+                os.truncate(src, 1 << 20)
+                cut.set()
+                return
+            threading.Event().wait(0.01)
+
+    cutter = threading.Thread(target=cut_short)
+    cutter.start()
+    r = stoq("put", src, node.url("shrinks.bin"), "--ca", node.cert)
+    cutter.join(timeout=60)
+    assert cut.is_set(), "the upload's temp file never passed 4 MiB"
+    assert r.returncode == 1, r.stderr
+    assert f"{src}: shrank to " in r.stderr and f"bytes while it was sent ({8 << 30} announced)" in r.stderr, r.stderr
+    r = stoq("get", node.url("shrinks.bin"), "-o", tmp_path / "back.bin", "--ca", node.cert)
+    assert r.returncode == 1 and "404" in r.stderr, r.stderr
+
+
 def mount_small_tmpfs(where):
     """A 2 MiB tmpfs at `where` (the tests run in their own mount namespace, as root)."""
     where.mkdir(parents=True, exist_ok=True)
