@@ -360,6 +360,11 @@ const char *stoq_tls_cipher_suite_name(size_t i, int iana) {
   return i < N_CIPHERS ? (iana ? CIPHERS[i].iana : CIPHERS[i].gnutls) : NULL;
 }
 
+void stoq_library_versions(char *buf, size_t len) {
+  snprintf(buf, len, "ngtcp2 %s, nghttp3 %s, GnuTLS %s", ngtcp2_version(0)->version_str, nghttp3_version(0)->version_str,
+           gnutls_check_version(NULL));
+}
+
 /* One priority cache for every session that offers the default suites: gnutls_priority_set_direct
  * parsed the string into a fresh cache (about 8 KB) for each connection and kept it as long as
  * the connection. GnuTLS reference-counts a shared cache; this one lives as long as the process. */

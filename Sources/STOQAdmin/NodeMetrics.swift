@@ -127,6 +127,10 @@ package struct NodeMetrics {
         func perWorker(_ name: String, _ help: String, type: String = "counter", _ f: (WorkerStats) -> UInt64) {
             family(name, type, help, workers.map { ("{worker=\"\($0.index)\"}", f($0)) })
         }
+        let libraries = STOQVersion.libraries.map { ",\($0.name.lowercased())=\"\($0.version)\"" }.joined()
+        family(
+            "stoq_build_info", "gauge", "Always 1: this node's version and the libraries it runs, as labels.",
+            [("{version=\"\(STOQVersion.number)\"\(libraries)}", 1)])
         perWorker("stoq_quic_datagrams_received_total", "Datagrams the QUIC endpoint handled.") { $0.endpoint.datagramsIn }
         perWorker("stoq_quic_datagrams_sent_total", "Datagrams the QUIC endpoint wrote.") { $0.endpoint.datagramsOut }
         perWorker("stoq_quic_dropped_malformed_total", "Datagrams dropped as malformed.") { $0.endpoint.droppedMalformed }

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import STOQConfig
 import STOQNode
+import STOQQUIC
 import ServiceLifecycle
 import UnixSignals
 
@@ -17,7 +18,8 @@ struct StoqNode: AsyncParsableCommand {
             Without --config the embedded default runs: [::]:4433, data under ./stoq-data.
             SIGTERM/SIGINT close every connection gracefully and exit 0; SIGHUP or a changed
             config file reloads it.
-            """)
+            """,
+        version: STOQVersion.line)
 
     @Option(help: "TOML configuration file (see config/node.toml).")
     var config: String?

@@ -16,6 +16,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
     static let configuration = CommandConfiguration(
         commandName: "stoq",
         abstract: "STOQ command-line client and operator tool.",
+        version: STOQVersion.line,
         subcommands: [
             Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
             XDPCommand.self, StatusCommand.self, MeshCommand.self,

@@ -48,6 +48,14 @@ def test_metrics_move_with_traffic(admin_node):
     status, ctype, before = fetch(admin_node.admin)
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     assert "# TYPE stoq_quic_datagrams_received_total counter" in before
+    # The version and the libraries the node runs: the packages installed here, as --version says.
+    libs = {lib: run(["pkg-config", "--modversion", pkg]).stdout.strip()
+            for lib, pkg in (("ngtcp2", "libngtcp2"), ("nghttp3", "libnghttp3"), ("gnutls", "gnutls"))}
+    line = run([need_binary("stoq-node"), "--version"]).stdout.strip()
+    version = line.split()[0]
+    assert line == f"{version} (ngtcp2 {libs['ngtcp2']}, nghttp3 {libs['nghttp3']}, GnuTLS {libs['gnutls']})"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version) and run([need_binary("stoq"), "--version"]).stdout.strip() == line
+    assert sample(before, "stoq_build_info", version=version, **libs) == 1
     assert sample(before, "stoq_datapath_info", worker=0, backend="io_uring", features="gso,gro,ecn,multishot") == 1
     r = stoq("get", admin_node.url("a.bin"), "--ca", admin_node.cert, "--json")
     assert r.returncode == 0, r.stderr
