@@ -252,6 +252,13 @@ ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t a
   return n < 0 ? -1 : n;
 }
 
+int stoq_conn_goaway(stoq_conn *c) {
+  if (!c->h3 || !c->is_server) return -1;
+  return nghttp3_conn_shutdown(c->h3) == 0 ? 0 : -1;
+}
+
+uint64_t stoq_conn_streams_open(const stoq_conn *c) { return c->streams_open; }
+
 uint64_t stoq_conn_expiry(stoq_conn *c) { return ngtcp2_conn_get_expiry(c->q); }
 
 int stoq_conn_handle_expiry(stoq_conn *c, uint64_t now) { return map_error(c, ngtcp2_conn_handle_expiry(c->q, now)); }

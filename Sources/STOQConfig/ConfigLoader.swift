@@ -185,6 +185,7 @@ public enum ConfigLoader {
             s.int("queues", &c.network.queues, 0...64)
             s.choice("xdp_mode", &c.network.xdpMode)
             s.choice("zero_copy", &c.network.zeroCopy)
+            s.duration("drain_timeout", &c.network.drainTimeout, 0...600_000_000_000)
             s.subsection("xdp") { x in
                 x.int("frame_size", &c.network.xdp.frameSize, 2048...4096)
                 x.int("frames", &c.network.xdp.frames, 1024...1 << 20)

@@ -54,6 +54,9 @@ public struct NodeConfig: Sendable, Equatable {
         public var xdpMode = XDPMode.auto
         public var zeroCopy = ZeroCopy.auto
         public var xdp = XDP()
+        /// On SIGTERM, how long requests open may take to finish before their connections are
+        /// closed (nanoseconds; 0: closed at once).
+        public var drainTimeout: UInt64 = 15_000_000_000
         /// The transport: `network.cc`, `network.retry`, `network.max_connections` and
         /// `network.quic_config` (a table or a `QUICProfile`). Its defaults are the defaults.
         public var quic = QUICSettings()

@@ -598,12 +598,13 @@ public final class Node: @unchecked Sendable {
         return report
     }
 
-    /// Asks every worker to close its connections gracefully and stop.
+    /// Asks every worker to drain (`network.drain_timeout`: the requests open may finish),
+    /// close its connections and stop. The edge cache's fetches go on for the draining
+    /// requests: it stops once the workers have (`wait`).
     public func stop() {
         certificates?.stop()
         mesh?.stop()
         stopFlag.stop()
-        edge?.stop()
     }
 
     /// Certificate rotations done and failed, and the current certificate's expiry.
@@ -622,6 +623,7 @@ public final class Node: @unchecked Sendable {
                 finished.wait(); return true
             }() : finished.wait(timeout: .now() + timeout) == .success
         if done {
+            edge?.stop()
             admin?.shutdown()
             storePool?.stop()
         }

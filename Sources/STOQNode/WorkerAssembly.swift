@@ -88,7 +88,7 @@ struct WorkerAssembly: @unchecked Sendable {
         worker.onTick = publish
         publish()
         ready.leave()
-        worker.run(stop: stop, logger: logger)
+        worker.run(stop: stop, drainTimeout: config.network.drainTimeout, logger: logger)
         settle(worker, endpoint: endpoint, index: i)
         publish()
         worker.queue.close()

@@ -17,7 +17,8 @@ public struct EndpointCounters: Sendable {
     /// stateless CONNECTION_CLOSE (INVALID_TOKEN, RFC 9000 §8.1.3).
     public var invalidTokens: UInt64 = 0
     /// Initials answered CONNECTION_REFUSED, with the reason, because the endpoint already held
-    /// `maxConnections` (RFC 9000 §5.2.2: a server that cannot take a connection says so).
+    /// `maxConnections` or was draining (RFC 9000 §5.2.2: a server that cannot take a
+    /// connection says so).
     public var connectionsRefused: UInt64 = 0
     /// Replies we could not queue (reply queue full).
     public var droppedReplies: UInt64 = 0
@@ -337,7 +338,7 @@ public final class QUICEndpoint {
     /// of them the reply budget left unanswered, with the `limit` busiest /64s.
     public func takeInitialReport(limit: Int) -> InitialReport { initialSources.take(limit: limit) }
 
-    /// Answers an Initial the connection limit keeps out: CONNECTION_REFUSED with the reason,
+    /// Answers an Initial the connection limit or a drain keeps out: CONNECTION_REFUSED with the reason,
     /// statelessly, so the client gives up at once instead of timing out.
     private func refuse(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, sheddable: Bool,
@@ -354,7 +355,8 @@ public final class QUICEndpoint {
             if sheddable { noteSheddable(from: peer, withheld: true) }
             return
         }
-        let reason = "this node holds max_connections (\(settings.maxConnections)) connections"
+        let reason =
+            isDraining ? "this node is shutting down" : "this node holds max_connections (\(settings.maxConnections)) connections"
         let queued = reason.utf8CString.withUnsafeBufferPointer { r in
             queueReply(to: peer, from: local) { buf, cap in
                 stoq_pkt_write_refusal(buf, cap, base, count, r.baseAddress!, r.count - 1)
@@ -369,7 +371,7 @@ public final class QUICEndpoint {
         ecn: ECN, now: Timestamp
     ) {
         let sheddable = stoq_pkt_sheddable_initial(base, count) != 0
-        guard connections.count < settings.maxConnections else {
+        guard connections.count < settings.maxConnections, !isDraining else {
             refuse(base, count, from: peer, to: local, sheddable: sheddable, now: now)
             return
         }
@@ -600,6 +602,41 @@ public final class QUICEndpoint {
     }
 
     // MARK: Closing
+
+    /// Server: graceful shutdown's first step, `beginDrain` was called. New connections are
+    /// refused (CONNECTION_REFUSED, "this node is shutting down").
+    public private(set) var isDraining = false
+
+    /// Server: starts a graceful shutdown. Every connection gets a GOAWAY
+    /// (`stoq_conn_goaway`): the requests it has open run to their end, later ones are
+    /// rejected for the client to retry elsewhere; one with no request open, or still in its
+    /// handshake, is closed now. Call `closeFinished` as the drain goes on, and `closeAll` at
+    /// its deadline.
+    public func beginDrain(now: Timestamp) {
+        guard isServer, !isDraining else { return }
+        isDraining = true
+        for conn in connections.values {
+            guard case .active = conn.state, !conn.removed else { continue }
+            if stoq_conn_goaway(conn.raw) == 0 { markDirty(conn) }
+        }
+        closeFinished(now: now)
+    }
+
+    /// While draining: closes the connections whose requests have all ended (and those
+    /// without HTTP/3 yet), and returns how many still have requests open.
+    @discardableResult
+    public func closeFinished(now: Timestamp) -> Int {
+        var busy = 0
+        for conn in Array(connections.values) {
+            guard case .active = conn.state, !conn.removed else { continue }
+            if conn.isEstablished && stoq_conn_streams_open(conn.raw) > 0 {
+                busy += 1
+            } else {
+                close(conn, errorCode: H3Error.noError, now: now)
+            }
+        }
+        return busy
+    }
 
     /// Closes every connection gracefully (node shutdown).
     public func closeAll(errorCode: UInt64 = H3Error.noError, now: Timestamp) {

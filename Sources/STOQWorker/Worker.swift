@@ -205,9 +205,10 @@ public final class Worker {
         memoryReleases &+= 1
     }
 
-    /// Runs until `stop` is set, then closes every connection gracefully and keeps
-    /// running (at most `drainTimeout`) until they are gone.
-    public func run(stop: StopFlag, drainTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
+    /// Runs until `stop` is set, then drains: the requests open run to their end, for at most
+    /// `drainTimeout` (`drain`), every connection is closed, and the worker keeps running (at
+    /// most `closeTimeout`) until they are gone.
+    public func run(stop: StopFlag, drainTimeout: UInt64 = 0, closeTimeout: UInt64 = 3_000_000_000, logger: Logger? = nil) {
         while !stop.isStopped {
             let now = monotonicNow()
             if now >= nextTick {
@@ -233,12 +234,41 @@ public final class Worker {
                 queue.setWakeup(fileDescriptor: mesh?.wakeFileDescriptor(of: index) ?? endpoint.sinkWakeFileDescriptor)
             } catch { logger?.error("worker: \(error)") }
         }
+        drain(for: drainTimeout, logger: logger)
         endpoint.closeAll(now: monotonicNow())
-        let deadline = monotonicNow() + drainTimeout
+        let deadline = monotonicNow() + closeTimeout
         while endpoint.connectionCount > 0 && monotonicNow() < deadline {
             do { try turn() } catch { break }
         }
     }
+
+    /// A server's graceful shutdown (`QUICEndpoint.beginDrain`): new connections are refused,
+    /// open ones get a GOAWAY and are closed as their last request ends, for at most `timeout`
+    /// (0: not at all). Uploads finishing meanwhile are stored and answered as usual.
+    private func drain(for timeout: UInt64, logger: Logger?) {
+        guard timeout > 0, endpoint.isServer else { return }
+        let start = monotonicNow()
+        endpoint.beginDrain(now: start)
+        var busy = endpoint.closeFinished(now: start), checked = start
+        if busy > 0 { logger?.info("worker \(index): draining: \(busy) connections have requests open") }
+        while busy > 0 {
+            let now = monotonicNow()
+            if now - start >= timeout {
+                logger?.notice(
+                    "worker \(index): network.drain_timeout (\(timeout / Nanos.millisecond) ms) passed with requests open on \(busy) connections: closing them"
+                )
+                return
+            }
+            do { try turn() } catch { return }
+            if now - checked >= Self.drainCheckInterval {
+                checked = now
+                busy = endpoint.closeFinished(now: now)
+            }
+        }
+    }
+
+    /// How often a draining worker looks for connections whose requests have all ended.
+    static let drainCheckInterval: UInt64 = 10 * Nanos.millisecond
 
     /// Logs when the endpoint starts or stops answering new Initials with Retry because of its
     /// half-open connections (`QUICSettings.retryThreshold`), as seen each tick.

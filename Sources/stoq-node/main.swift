@@ -16,8 +16,8 @@ struct StoqNode: AsyncParsableCommand {
         discussion: """
             Example: stoq-node --config config/node.toml
             Without --config the embedded default runs: [::]:4433, data under ./stoq-data.
-            SIGTERM/SIGINT close every connection gracefully and exit 0; SIGHUP or a changed
-            config file reloads it.
+            SIGTERM/SIGINT drain (requests under way finish, up to network.drain_timeout) and
+            exit 0; SIGHUP or a changed config file reloads it.
             """,
         version: STOQVersion.line)
 

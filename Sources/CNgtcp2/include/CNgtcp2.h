@@ -361,6 +361,14 @@ const char *stoq_conn_peer_identity(const stoq_conn *c);
  *  when there is none). Returns its length, 0 if nothing is owed, or <0. */
 ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t app_error, uint64_t now);
 
+/** Server: starts HTTP/3's graceful shutdown (RFC 9114 §5.2): a GOAWAY naming the last request
+ *  stream received, so the requests the client sent keep going and any later one is rejected
+ *  (H3_REQUEST_REJECTED: never processed, safe to retry elsewhere). 0, or -1 when the
+ *  connection has no HTTP/3 yet (mid-handshake: close it instead). */
+int stoq_conn_goaway(stoq_conn *c);
+/** Request streams the connection has open (not yet closed and ended). */
+uint64_t stoq_conn_streams_open(const stoq_conn *c);
+
 /** Next time stoq_conn_handle_expiry must run (ns, UINT64_MAX for never). */
 uint64_t stoq_conn_expiry(stoq_conn *c);
 /** Runs timers that are due. Returns STOQ_CONN_OK or an error as for read. */
