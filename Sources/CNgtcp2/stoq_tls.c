@@ -361,8 +361,8 @@ const char *stoq_tls_cipher_suite_name(size_t i, int iana) {
 }
 
 void stoq_library_versions(char *buf, size_t len) {
-  snprintf(buf, len, "ngtcp2 %s, nghttp3 %s, GnuTLS %s", ngtcp2_version(0)->version_str, nghttp3_version(0)->version_str,
-           gnutls_check_version(NULL));
+  snprintf(buf, len, "ngtcp2 %s, nghttp3 %s, GnuTLS %s", ngtcp2_version(0)->version_str,
+           nghttp3_version(0)->version_str, gnutls_check_version(NULL));
 }
 
 /* One priority cache for every session that offers the default suites: gnutls_priority_set_direct

@@ -146,7 +146,7 @@ public final class ObjectService: QUICApplication {
         case (304, _)?:
             connection.respond(stream, status: 304, headers: validators, body: nil)
             return nil
-        case let (status, why)?:
+        case (let status, let why)?:
             fail(status, "precondition failed: \(why)")
             return nil
         }
