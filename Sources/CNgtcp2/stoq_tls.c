@@ -11,6 +11,7 @@
 #include "stoq_internal.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -219,18 +220,37 @@ static int check_signing_usage(stoq_tls_ctx *t, const char *cert_file, char *err
   return 0;
 }
 
+/* GnuTLS says only "Error while reading file." for either of the two: name the one, and why. */
+static int load_key_pair(stoq_tls_ctx *t, const char *what, const char *cert_file, const char *key_file, char *err,
+                         size_t errlen) {
+  const char *files[2] = {cert_file, key_file};
+  for (int i = 0; i < 2; i++) {
+    FILE *f = fopen(files[i], "r");
+    if (!f) {
+      set_err(err, errlen, "%s %s %s: %s", what, i ? "key" : "certificate", files[i], strerror(errno));
+      return -1;
+    }
+    fclose(f);
+  }
+  int rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
+  if (rv < 0) {
+    set_err(err, errlen, "loading %s certificate %s / key %s: %s", what, cert_file, key_file, gnutls_strerror(rv));
+    return -1;
+  }
+  return check_signing_usage(t, cert_file, err, errlen);
+}
+
 stoq_tls_ctx *stoq_tls_server_new(const char *cert_file, const char *key_file, char *err, size_t errlen) {
   stoq_tls_ctx *t = calloc(1, sizeof(*t));
   if (!t) return NULL;
   t->is_server = 1;
   int rv = gnutls_certificate_allocate_credentials(&t->cred);
-  if (rv == 0) rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
   if (rv != 0) {
-    set_err(err, errlen, "loading certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
+    set_err(err, errlen, "gnutls_certificate_allocate_credentials: %s", gnutls_strerror(rv));
     stoq_tls_free(t);
     return NULL;
   }
-  if (check_signing_usage(t, cert_file, err, errlen) != 0) {
+  if (load_key_pair(t, "server", cert_file, key_file, err, errlen) != 0) {
     stoq_tls_free(t);
     return NULL;
   }
@@ -254,12 +274,7 @@ void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode) { t->client_auth
 
 int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, const char *key_file, char *err,
                                     size_t errlen) {
-  int rv = gnutls_certificate_set_x509_key_file(t->cred, cert_file, key_file, GNUTLS_X509_FMT_PEM);
-  if (rv < 0) {
-    set_err(err, errlen, "loading client certificate %s / key %s: %s", cert_file, key_file, gnutls_strerror(rv));
-    return -1;
-  }
-  return check_signing_usage(t, cert_file, err, errlen);
+  return load_key_pair(t, "client", cert_file, key_file, err, errlen);
 }
 
 void stoq_tls_set_peer_check(stoq_tls_ctx *t, stoq_peer_check_fn fn, void *ctx) {

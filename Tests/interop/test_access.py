@@ -227,6 +227,11 @@ def test_certificate_roles(anode, src, tmp_path):
     assert after["stoq_access_refused_total{403}"] - before["stoq_access_refused_total{403}"] == 1
     assert after["stoq_access_allowed_writes_total"] - before["stoq_access_allowed_writes_total"] == 1
     assert "identity=cert:reader-client" in anode.text_log()
+    # A missing file of the pair is named (GnuTLS said "Error while reading file." for either).
+    for cert, key, named in ((tmp_path / "absent.pem", certs["writer"][1], "certificate"),
+                             (certs["writer"][0], tmp_path / "absent.key", "key")):
+        status, err = put(anode, "by-nobody", src, "--cert", cert, "--key", key)
+        assert status is None and f"client {named} {tmp_path}/absent." in err and "No such file or directory" in err, err
 
 
 def test_read_rule_needs_a_token(anode, src, tmp_path):
