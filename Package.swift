@@ -142,7 +142,9 @@ let package = Package(
         // Content-addressed chunk store and object index.
         .target(
             name: "STOQStore",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log")]),
+            dependencies: [
+                "STOQCore", .product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log"),
+            ]),
 
         // Cache eviction policies (S3-FIFO, LRU) and their crash-safe index file. Pure: keys and
         // sizes only, no threads.

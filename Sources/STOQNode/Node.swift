@@ -293,18 +293,13 @@ public final class Node: @unchecked Sendable {
         do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
             throw NodeError(.storage, "node.data_dir \(dir): cannot create it: \(error.localizedDescription)")
         }
-        let fd = open(dir + "/node.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw NodeError(.storage, "node.data_dir \(dir): cannot open \(dir)/node.lock: \(String(cString: strerror(errno)))") }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            let e = errno
-            close(fd)
+        do { dataLock = try OwnerLock.take(dir + "/node.lock") } catch {
             throw NodeError(
                 .storage,
-                e == EWOULDBLOCK
+                error == .held
                     ? "node.data_dir \(dir) is in use by another stoq-node (\(dir)/node.lock is locked): one node per data directory"
-                    : "node.data_dir \(dir): flock \(dir)/node.lock: \(String(cString: strerror(e)))")
+                    : "node.data_dir \(dir): \(dir)/node.lock: \(error.reason)")
         }
-        dataLock = fd
     }
 
     private func openContentStore(_ cfg: NodeConfig) throws -> ObjectIndex {

@@ -3,11 +3,12 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import STOQCore
 
 /// The store's two locks.
 ///
-/// Across processes: one process owns a store directory, by an exclusive `flock` on
-/// `<root>/lock` held while the store is open (released by the kernel if it dies).
+/// Across processes: one process owns a store directory, by its `OwnerLock` on `<root>/lock`
+/// held while the store is open.
 ///
 /// Within that process: writes (chunk puts, object puts) take a shared lock and
 /// garbage collection an exclusive one, so an object record is never written between
@@ -18,16 +19,12 @@ final class StoreLock: @unchecked Sendable {
     private let lockFD: Int32
 
     init(root: Directory) throws {
-        lockFD = openat(root.fd, "lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard lockFD >= 0 else { throw StoreError.io("open", root.path + "/lock") }
-        guard flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
-            let e = errno
-            close(lockFD)
-            if e == EWOULDBLOCK {
+        do { lockFD = try OwnerLock.take("lock", relativeTo: root.fd) } catch {
+            guard case .failed(let step, let e) = error else {
                 throw StoreError(
                     .locked, "store \(root.path) is already open (by another process, or by another ChunkStore in this one): \(root.path)/lock is locked")
             }
-            throw StoreError.io("flock", root.path + "/lock", errno: e)
+            throw StoreError.io(step, root.path + "/lock", errno: e)
         }
         rw = .allocate(capacity: 1)
         var attr = pthread_rwlockattr_t()
