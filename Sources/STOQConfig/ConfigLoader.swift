@@ -557,6 +557,10 @@ struct Section {
     mutating func duration(_ key: String, _ out: inout UInt64, _ range: ClosedRange<UInt64>) {
         guard let v = value(key) else { return }
         let allowed = "a duration such as 250ms, 1s, 5m, 1h, 24h (from \(range.lowerBound / 1_000_000)ms to \(range.upperBound / 1_000_000_000)s)"
+        if v.type == .int || v.type == .double {
+            let n = v.int.map(String.init) ?? "\(v.double ?? 0)"
+            return fail(.badType, key, v, "\(allowed) — a bare number has no unit: quote it with one, e.g. \"\(n)ms\" or \"\(n)s\"")
+        }
         guard let s = v.string, let n = Units.duration(s) else { return fail(.badValue, key, v, allowed) }
         guard range.contains(n) else { return fail(.outOfRange, key, v, allowed) }
         out = n

@@ -42,6 +42,9 @@ public struct MeshURL: Hashable, Sendable, CustomStringConvertible {
             if ep.address.isUnspecified {
                 return .failure(AddressError(.syntax, text: text, reason: "[::] is not an address a node can be reached at"))
             }
+            if ep.address.isMulticast {
+                return .failure(AddressError(.syntax, text: text, reason: "\(ep.address) is a multicast group (ff00::/8), not a node's address"))
+            }
             return .success(MeshURL(scheme: scheme, endpoint: ep))
         }
     }
@@ -127,7 +130,8 @@ extension Reader {
         case .static:
             break
         case .dns:
-            if m.dnsName.isEmpty {
+            // A name refused on its own already says what is wrong with it.
+            if m.dnsName.isEmpty && !errors.contains(where: { $0.key == "mesh.dns_name" }) {
                 errors.append(
                     ConfigError(
                         code: .badValue, key: "mesh.dns_name", value: "\"\"",

@@ -84,6 +84,9 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
     /// True for `::`.
     public var isUnspecified: Bool { self == .any }
 
+    /// True for `ff00::/8`: a group, not one host (QUIC connections are unicast).
+    public var isMulticast: Bool { bytes.0 == 0xff }
+
     public static func == (a: IPv6Address, b: IPv6Address) -> Bool {
         withUnsafeBytes(of: a.bytes) { pa in withUnsafeBytes(of: b.bytes) { pb in pa.elementsEqual(pb) } }
     }

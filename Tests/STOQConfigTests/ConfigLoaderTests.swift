@@ -270,6 +270,16 @@ import TOMLKit
         #expect(e.first { $0.key == "network.colour" }?.code == .unknownKey)
     }
 
+    @Test func aBareNumberForADurationIsToldToTakeAUnit() throws {
+        let e = errors("[network]\ndrain_timeout = 5\n")
+        #expect(e.map(\.key) == ["network.drain_timeout"] && e.first?.code == .badType)
+        #expect(e.first?.description.hasSuffix("a bare number has no unit: quote it with one, e.g. \"5ms\" or \"5s\"") == true)
+        #expect(errors("[network]\ndrain_timeout = 1.5\n").first?.code == .badType)
+        #expect(try ConfigLoader.parse("[network]\ndrain_timeout = \"0s\"").network.drainTimeout == 0)
+        #expect(NodeConfig.default.network.drainTimeout == 15_000_000_000)
+        #expect(errors("[network]\ndrain_timeout = \"11m\"\n").first?.code == .outOfRange)
+    }
+
     @Test func readsTransparencySettings() throws {
         #expect(NodeConfig.default.trust.requireTransparency == false && NodeConfig.default.trust.transparencyLogs.isEmpty)
         let c = try ConfigLoader.parse("[trust]\nrequire_transparency = true\ntransparency_logs = [\"a.pem\", \"b.pem\"]")

@@ -89,6 +89,7 @@ import Testing
             ("https://[::1]", "port"),
             ("https://[::1]:0", "port 0"),
             ("https://[::]:4433", "[::]"),
+            ("https://[ff02::1]:4433", "ff02::1 is a multicast group"),
             ("https://[::1]:4433/objects", "no path"),
             ("https://u@[::1]:4433", "user info"),
         ]
@@ -110,6 +111,9 @@ import Testing
         let dns = errors("[mesh]\ndiscovery = \"dns\"")
         #expect(dns.map(\.key) == ["mesh.dns_name"])
         #expect(dns.first?.description.contains("mesh.discovery = \"dns\"") == true)
+        // A name refused on its own is one error, not that and "dns_name is empty".
+        let bad = errors("[mesh]\ndiscovery = \"dns\"\ndns_name = \"a..b\"")
+        #expect(bad.map(\.key) == ["mesh.dns_name"] && bad.first?.description.contains("empty label") == true)
         let etcd = errors("[mesh]\ndiscovery = \"etcd\"")
         #expect(etcd.map(\.key) == ["mesh.etcd_endpoints"])
         let mixed = errors("[mesh]\ndiscovery = \"dns\"\ndns_name = \"a.b\"\npeers = [\"https://[::1]:1\"]")
