@@ -51,7 +51,8 @@ final class BenchApp: QUICApplication {
     var failed = 0
     var finished: [QUICConnection] = []
     var connectionErrors: [String] = []
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         stream.setBodySink(fd: -1)
         if status / 100 != 2 { failed += 1 }
     }

@@ -91,7 +91,8 @@ final class LoadApp: QUICApplication {
             lost[Self.key(reason), default: 0] += 1
         }
     }
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         stream.setBodySink(fd: -1)
         if status / 100 != 2 { requestsFailed += 1 }
     }

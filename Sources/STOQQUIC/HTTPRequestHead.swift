@@ -141,12 +141,23 @@ public struct HTTPResponseHead: Sendable, Equatable {
     public var contentLength: Int64?
     /// `Cache-Control: max-age`, seconds, if sent.
     public var maxAge: Int64?
+    /// `ETag`, as sent (quotes and all), if sent.
+    public var etag: String?
 
     /// A response head with these values.
-    public init(status: Int, contentLength: Int64?, maxAge: Int64?) {
+    public init(status: Int, contentLength: Int64?, maxAge: Int64?, etag: String? = nil) {
         self.status = status
         self.contentLength = contentLength
         self.maxAge = maxAge
+        self.etag = etag
+    }
+
+    /// The SHA-256 a strong `ETag` of 64 hex digits names (how STOQ nodes tag an object:
+    /// its content's digest), lowercase; nil for any other tag.
+    public var etagSHA256: String? {
+        guard let etag, etag.utf8.count == 66, etag.hasPrefix("\""), etag.hasSuffix("\"") else { return nil }
+        let hex = etag.dropFirst().dropLast()
+        return hex.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }) ? hex.lowercased() : nil
     }
 
     /// The response `fields` make.
@@ -159,6 +170,7 @@ public struct HTTPResponseHead: Sendable, Equatable {
                 if let n = HTTPRequestHead.decimal(f.value) { head.contentLength = n }
             case "cache-control":
                 if let n = HTTPCacheControl.maxAge(f.value) { head.maxAge = n }
+            case "etag": head.etag = f.value
             default: break
             }
         }

@@ -213,7 +213,7 @@ public protocol QUICApplication: AnyObject {
     /// Server: the request body ended (`aborted`: the peer gave up).
     func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool)
     /// Client: a response head arrived.
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection)
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection)
     /// The stream is gone; `errorCode` is the HTTP/3 code (0x100 = no error). Streams still
     /// open when their connection goes end just before `connectionClosed`, with
     /// H3_REQUEST_CANCELLED (0x10c).
@@ -234,7 +234,7 @@ extension QUICApplication {
         connection.reset(stream, errorCode: UInt64(STOQ_H3_REQUEST_REJECTED))
     }
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {}
-    public func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {}
+    public func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {}
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {}
     public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {}
     public func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {}

@@ -895,9 +895,7 @@ private let onResponse: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?
     let response = HTTPResponseHead.parse(h.httpFields)
     let stream = HTTPStream(raw: s)
     stream.maxAge = response.maxAge
-    ep.application?.response(
-        status: response.status, contentLength: response.contentLength, stream: stream,
-        connection: conn)
+    ep.application?.response(response, stream: stream, connection: conn)
 }
 
 private let onStreamClose: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, UInt64) -> Void = {

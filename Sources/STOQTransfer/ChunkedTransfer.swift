@@ -48,7 +48,8 @@ package final class MultiRequestApp: QUICApplication {
     package var done: [Done] = []
     package var connectionError: String?
 
-    package func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    package func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         statuses[stream] = status
         let s = sinks[stream]
         let keep = status / 100 == 2 || s?.keepErrors == true

@@ -70,7 +70,8 @@ public struct TransferResult: Sendable, Codable {
     public var bytes: UInt64
     public var seconds: Double
     public var gbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e9 : 0 }
-    /// SHA-256 of the body received (GET) or sent (PUT), hex.
+    /// SHA-256 of the body, hex: received (GET, computed here), or stored (PUT: what the
+    /// node's strong ETag names, "" when it sent none).
     public var sha256: String
     /// The body of an answer that was not 2xx (the server's reason, at most 2000 bytes).
     public var message: String? = nil
@@ -335,10 +336,14 @@ final class TransferApp: QUICApplication {
     deinit { if errorFD >= 0 { close(errorFD) } }
     /// When the response's head arrived (monotonic ns).
     var headAt: UInt64?
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    /// The SHA-256 the response's ETag names (a PUT's: what the node stored).
+    var storedSHA256: String?
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status, contentLength = head.contentLength
         headAt = monotonicNow()
         self.status = status
         self.contentLength = contentLength
+        storedSHA256 = head.etagSHA256
         if status / 100 != 2 && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
         stream.setBodySink(fd: status / 100 == 2 ? sinkFD : errorFD, hash: hash)
     }
@@ -709,7 +714,7 @@ public enum STOQClient {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
         }
         progress?(app.received, app.contentLength.map { UInt64($0) })
-        let sha = (method == "GET" ? app.sha : nil)?.map { String(format: "%02x", $0) }.joined() ?? ""
+        let sha = method == "GET" ? app.sha?.map { String(format: "%02x", $0) }.joined() ?? "" : app.storedSHA256 ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : sent?.bytes ?? UInt64(body?.count ?? 0),
             seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,

@@ -62,7 +62,8 @@ package final class ConnectionPool {
         var closed: [(QUICConnection, String)] = []
         var handshakes = 0
 
-        func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+        func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+            let status = head.status
             statuses[stream] = status
             let s = sinks[stream]
             let keep = status / 100 == 2 || s?.keepErrors == true

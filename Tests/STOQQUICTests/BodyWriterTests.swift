@@ -33,7 +33,8 @@ final class FileSinkClient: QUICApplication {
     var sinkErrno: Int32 = 0
     var received: UInt64 = 0
     init(fd: Int32) { self.fd = fd }
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         self.status = status
         stream.setBodySink(fd: fd, hash: true)
     }
@@ -159,7 +160,8 @@ final class PipeReader: @unchecked Sendable {
                 }
                 #expect(connection.appendBody(stream, region, last: pieces.isEmpty))
             }
-            func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+            func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+                let status = head.status
                 self.status = status
             }
             func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) { closedCode = errorCode }

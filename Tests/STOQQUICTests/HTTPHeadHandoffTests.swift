@@ -16,7 +16,8 @@ final class HeadRecorder: QUICApplication {
 final class ResponseRecorder: QUICApplication {
     var heads: [(status: Int, maxAge: Int64?)] = []
     var closed = 0
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         heads.append((status, stream.maxAge))
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) { closed += 1 }

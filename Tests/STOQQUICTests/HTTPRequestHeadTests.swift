@@ -186,6 +186,18 @@ struct HTTPRequestHeadTests {
         #expect(HTTPResponseHead.parse([]).status == 0)
     }
 
+    @Test func etagNamesTheSHA256OnlyWhenStrongAndWhole() {
+        let hex = String(repeating: "ab", count: 32)
+        func sha(_ tag: String) -> String? { HTTPResponseHead.parse([HTTPField(":status", "201"), HTTPField("etag", tag)]).etagSHA256 }
+        #expect(sha("\"\(hex)\"") == hex)
+        #expect(sha("\"\(hex.uppercased())\"") == hex)
+        #expect(sha("W/\"\(hex)\"") == nil)
+        #expect(sha("\"\(hex.dropLast())\"") == nil)
+        #expect(sha("\"\(hex.dropLast())g\"") == nil)
+        #expect(sha("\"1a2b-3c\"") == nil)
+        #expect(HTTPResponseHead.parse([HTTPField(":status", "201")]).etagSHA256 == nil)
+    }
+
     /// Found by `scripts/fuzz http3`: a value cut inside a UTF-8 character came back with
     /// U+FFFD in the cut character's place, 1 or 2 bytes over the limit. Cuts fall on a
     /// character boundary now.

@@ -46,7 +46,8 @@ final class RecordingClient: QUICApplication {
     var stream: HTTPStream?
     /// Body bytes received so far (the open stream's count, then the final one).
     var receivedSoFar: UInt64 { closedCode == nil ? (stream?.bytesReceived ?? 0) : received }
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         self.status = status
         self.stream = stream
         stream.setBodySink(fd: -1, hash: true)

@@ -24,7 +24,8 @@ private final class Downloader: QUICApplication {
     var status: Int?
     var sha: [UInt8]?
     var closedCode: UInt64?
-    func response(status: Int, contentLength: Int64?, stream: HTTPStream, connection: QUICConnection) {
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        let status = head.status
         self.status = status
         stream.setBodySink(fd: -1, hash: true)
     }

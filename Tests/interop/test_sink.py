@@ -2,6 +2,7 @@
 byte-identical into a pipe, and a file system that is full fails the transfer by name, on
 either side (stoq get -o; a node storing a PUT: 507)."""
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -76,9 +77,11 @@ def test_put_from_a_fifo_sends_what_it_yields(node, tmp_path):
 
     writer = threading.Thread(target=feed)
     writer.start()
-    r = stoq("put", fifo, node.url("from-fifo.bin"), "--ca", node.cert)
+    r = stoq("put", fifo, node.url("from-fifo.bin"), "--ca", node.cert, "--json")
     writer.join(timeout=60)
     assert r.returncode == 0, r.stderr
+    # --json's sha256 is what the node stored (its ETag); it used to be "".
+    assert json.loads(r.stdout)["sha256"] == sha256_file(src), r.stdout
     r = stoq("get", node.url("from-fifo.bin"), "-o", tmp_path / "back.bin", "--ca", node.cert)
     assert r.returncode == 0 and sha256_file(tmp_path / "back.bin") == sha256_file(src), r.stderr
     r = stoq("put", tmp_path, node.url("a-directory"), "--ca", node.cert)
