@@ -32,6 +32,8 @@ public final class QUICConnection: TimerHeapElement {
     var countedEstablished = false
     var closeReason = ""
     var closeResends = 0
+    /// When the last datagram from the peer arrived (0: none yet): a drain lets a silent one go.
+    var lastHeard: Timestamp = 0
 
     /// The peer's address as first seen (the path may migrate; packets go where ngtcp2 says).
     public let peer: IPv6Endpoint

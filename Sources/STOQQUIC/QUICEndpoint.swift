@@ -431,6 +431,7 @@ public final class QUICEndpoint {
         switch conn.state {
         case .active:
             var localSA = local.sockaddr, peerSA = peer.sockaddr
+            conn.lastHeard = now
             let rc = stoq_conn_read(conn.raw, base, count, ecn.rawValue, &localSA, &peerSA, now)
             after(conn, rc: rc, now: now)
         case .closing(_, let packet):
@@ -610,8 +611,9 @@ public final class QUICEndpoint {
     /// Server: starts a graceful shutdown. Every connection gets a GOAWAY
     /// (`stoq_conn_goaway`): the requests it has open run to their end, later ones are
     /// rejected for the client to retry elsewhere; one with no request open, or still in its
-    /// handshake, is closed now. Call `closeFinished` as the drain goes on, and `closeAll` at
-    /// its deadline.
+    /// handshake, is closed now, and so is one whose peer has been silent for `drainSilence`
+    /// (a client that went away mid-request would hold the drain to its deadline). Call
+    /// `closeFinished` as the drain goes on, and `closeAll` at its deadline.
     public func beginDrain(now: Timestamp) {
         guard isServer, !isDraining else { return }
         isDraining = true
@@ -623,13 +625,14 @@ public final class QUICEndpoint {
     }
 
     /// While draining: closes the connections whose requests have all ended (and those
-    /// without HTTP/3 yet), and returns how many still have requests open.
+    /// without HTTP/3 yet, or silent for `drainSilence`), and returns how many still have
+    /// requests open.
     @discardableResult
     public func closeFinished(now: Timestamp) -> Int {
         var busy = 0
         for conn in Array(connections.values) {
             guard case .active = conn.state, !conn.removed else { continue }
-            if conn.isEstablished && stoq_conn_streams_open(conn.raw) > 0 {
+            if conn.isEstablished && stoq_conn_streams_open(conn.raw) > 0 && conn.lastHeard + Self.drainSilence > now {
                 busy += 1
             } else {
                 close(conn, errorCode: H3Error.noError, now: now)
@@ -637,6 +640,10 @@ public final class QUICEndpoint {
         }
         return busy
     }
+
+    /// A peer heard from within this is still there: a transfer's receiver acknowledges or
+    /// opens its window every few milliseconds, a sender sends.
+    public static let drainSilence: UInt64 = 2 * Nanos.second
 
     /// Closes every connection gracefully (node shutdown).
     public func closeAll(errorCode: UInt64 = H3Error.noError, now: Timestamp) {

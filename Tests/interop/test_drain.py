@@ -111,3 +111,22 @@ def test_an_idle_connection_does_not_hold_the_node(tmp_path):
     finally:
         bench.kill()
         bench.communicate()
+
+
+def test_a_client_gone_mid_download_does_not_hold_the_node(tmp_path):
+    """A client killed mid-request leaves its stream open until the idle timeout: a drain takes a
+    peer silent for 2 s (QUICEndpoint.drainSilence) as gone instead of waiting drain_timeout."""
+    node = Node(tmp_path / "node", workers=1, extra='drain_timeout = "60s"')
+    node.add_object("big.bin", SIZE)
+    client, reader, tally = slow_get(node, "big.bin", tmp_path / "body.fifo", pace=0.05)
+    try:
+        wait_for(lambda: tally["bytes"] >= 1 << 20)
+        client.kill()
+        client.wait()
+        start = time.monotonic()
+        assert node.stop() == 0
+        assert time.monotonic() - start < 10, "the node waited on a client that was gone"
+    finally:
+        if client.poll() is None:
+            client.kill()
+        reader.join(timeout=60)
