@@ -12,7 +12,8 @@ import Synchronization
 /// - A **relayed** request names its holder; this node asks the next hop on its primary route
 ///   to the holder, then the backup route's.
 /// - A **manifest** this node is asked for first is looked for at every node it has a route
-///   to, nearest first, until one has it (404s are cheap: a relay answers from its index).
+///   to, nearest first, over its primary route, then over the backup routes in the same
+///   order, until one has it (404s are cheap: a relay answers from its index).
 /// - Its **chunks** are then asked of the node that had the manifest (it stores them), over
 ///   the primary route and then the backup; if that fails, of every other node, nearest first.
 public final class MeshUpstream: FetchUpstream {
@@ -58,8 +59,20 @@ public final class MeshUpstream: FetchUpstream {
                 out += via(view, known.node, hops: 1, resource)
             }
         }
-        for node in view.reachable where out.count < Self.maxAttempts {
-            for a in via(view, node, hops: 1, resource).prefix(1) where !out.contains(where: { $0.same(as: a) }) { out.append(a) }
+        return Self.search(after: out, routes: view.reachable.map { via(view, $0, hops: 1, resource) })
+    }
+
+    /// A search's attempts after `first`: each node's primary route (`routes[i]` holds the
+    /// nearest node's, first hop first), nearest node first, then their backups in the same
+    /// order, each once, `maxAttempts` in all. A relay that fails a primary route (up but
+    /// broken) then leaves the backup to try instead of the search giving up on that node.
+    static func search(after first: [UpstreamAttempt], routes: [[UpstreamAttempt]]) -> [UpstreamAttempt] {
+        var out = first
+        for rank in 0..<2 {
+            for node in routes where out.count < maxAttempts && node.count > rank {
+                let a = node[rank]
+                if !out.contains(where: { $0.same(as: a) }) { out.append(a) }
+            }
         }
         return out
     }
