@@ -101,20 +101,19 @@ public final class ObjectService: QUICApplication {
         return n
     }
 
-    /// Object names are one path segment of `[A-Za-z0-9._-]`, not starting with a dot:
-    /// nothing a client sends can name a file outside the storage directory.
-    static func objectName(fromPath path: String) -> String? {
+    /// The object `/objects/<name>` names, or why it names none: names are the store's
+    /// (`ObjectIndex.validateName`: 1 to 255 bytes of `[A-Za-z0-9._-]`, not starting with a
+    /// dot), one path segment, so nothing a client sends can name a file outside the storage
+    /// directory. Nil for a path outside `/objects/`.
+    static func objectName(checking path: String) -> Result<String, StoreError>? {
         guard path.hasPrefix("/objects/") else { return nil }
-        let name = path.dropFirst("/objects/".count).prefix { $0 != "?" }
-        guard !name.isEmpty, name.count <= 255, name.first != "." else { return nil }
-        for u in name.utf8 {
-            let ok =
-                (u >= 0x30 && u <= 0x39) || (u >= 0x41 && u <= 0x5a) || (u >= 0x61 && u <= 0x7a) || u == 0x2e
-                || u == 0x2d || u == 0x5f
-            if !ok { return nil }
-        }
-        return String(name)
+        let name = String(path.dropFirst("/objects/".count).prefix { $0 != "?" })
+        do { try ObjectIndex.validateName(name) } catch let e as StoreError { return .failure(e) } catch { return nil }
+        return .success(name)
     }
+
+    /// The object `/objects/<name>` names (nil: none, or not an object path).
+    static func objectName(fromPath path: String) -> String? { try? objectName(checking: path)?.get() }
 
     /// Whether `/objects/<name>` names a plain file here (else the content store may have it).
     func hasFile(_ name: String) -> Bool {
@@ -175,10 +174,11 @@ public final class ObjectService: QUICApplication {
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
-        guard let name = Self.objectName(fromPath: request.path) else {
-            return fail(
-                stream, connection, request.path.hasPrefix("/objects/") ? 400 : 404,
-                "bad object path \(request.path.prefix(200))")
+        let name: String
+        switch Self.objectName(checking: request.path) {
+        case .success(let n)?: name = n
+        case .failure(let why)?: return fail(stream, connection, 400, "bad object path \(request.path.prefix(200)): \(why)")
+        case nil: return fail(stream, connection, 404, "bad object path \(request.path.prefix(200))")
         }
         switch request.method {
         case "GET", "HEAD": serve(name, request, stream, connection)

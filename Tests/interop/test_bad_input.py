@@ -192,6 +192,14 @@ def test_path_traversal_and_bad_paths(node):
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res.get("status") in (400, 404, 414), (path, res)
     assert not (node.storage.parent / "passwd").exists()
+    # A refused name says which rule it broke.
+    for path, why in (("/objects/" + "a" * 300, "it is 300 bytes long, the limit is 255"),
+                      ("/objects/.hidden", "it starts with a dot"),
+                      ("/objects/a%20b", 'it contains "%"; only A-Z a-z 0-9 . _ - are allowed')):
+        r = subprocess.run([sys.executable, str(HERE / "h3client.py"), f"https://[::1]:{node.port}{path}",
+                            "--ca", node.cert], capture_output=True, text=True, timeout=60)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["status"] == 400 and why in res["text"], (path, res)
     still_serves(node)
 
 
