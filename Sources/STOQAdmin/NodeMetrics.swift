@@ -193,6 +193,10 @@ package struct NodeMetrics {
             $0.endpoint.pathsFailed
         }
         perWorker("stoq_quic_connections", "Connections open now.", type: "gauge") { UInt64($0.connections) }
+        perWorker(
+            "stoq_http_bodies_cut_short_total",
+            "Responses reset because the file they were sent from shrank under them (replaced in place, not renamed)."
+        ) { $0.endpoint.bodiesCutShort }
         perWorker("stoq_ngtcp2_heap_bytes", "Heap ngtcp2 holds for the worker's connections now.", type: "gauge") {
             $0.endpoint.ngtcp2HeapBytes
         }

@@ -164,6 +164,7 @@ public final class Node: @unchecked Sendable {
     public func start() throws {
         let cfg = config
         try lockDataDirectory(cfg.node.dataDir)
+        BodyRegion.guardFileMappings()
         try QLogControl.prepare(cfg.log)
         let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)

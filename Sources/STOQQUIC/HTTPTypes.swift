@@ -77,9 +77,16 @@ public final class BodyRegion: @unchecked Sendable {
         self.init(base: UnsafeRawPointer(p), count: n) { p, _ in UnsafeMutableRawPointer(mutating: p)?.deallocate() }
     }
 
+    /// Makes a file that shrinks under a mapping cost only the responses sent from it, not the
+    /// process: the SIGBUS of a read past its new end reads zeros, and the endpoint resets the
+    /// streams sending from that range (`stoq_guard.c`, `EndpointCounters.bodiesCutShort`).
+    /// A server calls it once, before it serves.
+    public static func guardFileMappings() { _ = stoq_guard_install() }
+
     /// Maps `length` bytes of a file read-only from `offset` (page cache, no copy).
     /// `offset` need not be page aligned. A mapping of `offLoopBytes` or more gets its page
-    /// tables built and torn down on a background queue (see `pageTables`).
+    /// tables built and torn down on a background queue (see `pageTables`). Guarded
+    /// (`guardFileMappings`) once the process has installed the guard.
     public static func mapping(fd: Int32, offset: UInt64, length: Int) -> BodyRegion? {
         if length == 0 { return BodyRegion(base: nil, count: 0, onRelease: nil) }
         let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
@@ -90,14 +97,17 @@ public final class BodyRegion: @unchecked Sendable {
         guard let p, p != MAP_FAILED else { return nil }
         _ = madvise(p, mapLength, MADV_SEQUENTIAL)
         let address = UInt(bitPattern: p)
+        let slot = stoq_guard_add(p, mapLength)
         guard mapLength >= offLoopBytes else {
             return BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { _, _ in
+                stoq_guard_remove(slot)
                 munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength)
             }
         }
         let populated = Populated()
         let region = BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { _, _ in
             pageTables.async {
+                stoq_guard_remove(slot)
                 munmap(UnsafeMutableRawPointer(bitPattern: address), mapLength)
                 populatedBytes -= populated.bytes
             }

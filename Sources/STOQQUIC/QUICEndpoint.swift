@@ -20,6 +20,9 @@ public struct EndpointCounters: Sendable {
     /// `maxConnections` or was draining (RFC 9000 §5.2.2: a server that cannot take a
     /// connection says so).
     public var connectionsRefused: UInt64 = 0
+    /// Responses reset because the file they were sent from shrank under them (an object
+    /// replaced in place rather than by a rename): `BodyRegion.guardFileMappings`.
+    public var bodiesCutShort: UInt64 = 0
     /// Replies we could not queue (reply queue full).
     public var droppedReplies: UInt64 = 0
     /// Packets that would have had a stateless reply (Retry, Version Negotiation, Stateless
@@ -549,6 +552,12 @@ public final class QUICEndpoint {
             let n = stoq_conn_write(
                 conn.raw, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count,
                 maxSegments, stride, &seg, &remote, &local, &ecn, now)
+            // A body's file shrank under its mapping: what it read there were zeros, so the
+            // streams sending from it end now, with an error, instead of completing.
+            let fault = stoq_guard_take_fault()
+            if fault != 0 {
+                tally.bodiesCutShort &+= UInt64(stoq_conn_reset_streams_at(conn.raw, fault, H3Error.internalError))
+            }
             if n > 0 {
                 // Its turn is over; it comes round again after the others.
                 dirty.removeFirst()

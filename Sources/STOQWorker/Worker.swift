@@ -66,6 +66,8 @@ public final class Worker {
     /// What that shedding did.
     public private(set) var shedding = SheddingCounters()
     private var lastKernelDrops: UInt32?
+    /// `EndpointCounters.bodiesCutShort` as last logged.
+    private var bodiesCutShort: UInt64 = 0
     /// Whether the last tick found the endpoint answering Initials with Retry under load.
     private var retryingUnderLoad = false
     private let maxPayload: Int
@@ -219,6 +221,7 @@ public final class Worker {
                 holdRetry(report)
                 noteRetryUnderLoad(report, logger)
                 shedInitialFloods(report, logger)
+                noteBodiesCutShort(logger)
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {
@@ -269,6 +272,16 @@ public final class Worker {
 
     /// How often a draining worker looks for connections whose requests have all ended.
     static let drainCheckInterval: UInt64 = 10 * Nanos.millisecond
+
+    /// Warns (once a tick at most) of responses reset because their file shrank under them.
+    private func noteBodiesCutShort(_ logger: Logger?) {
+        let now = endpoint.counters.bodiesCutShort
+        guard now != bodiesCutShort else { return }
+        logger?.warning(
+            "worker \(index): \(now - bodiesCutShort) responses reset: the file each was sent from shrank while it was sent (replace an object by writing a new file and renaming it over the old one, as stoq put does, not in place)"
+        )
+        bodiesCutShort = now
+    }
 
     /// Logs when the endpoint starts or stops answering new Initials with Retry because of its
     /// half-open connections (`QUICSettings.retryThreshold`), as seen each tick.

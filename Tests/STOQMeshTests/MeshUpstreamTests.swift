@@ -18,7 +18,8 @@ import Testing
         #expect(order == ["node 1 via 1", "node 2 via 2", "node 3 via 3", "node 1 via 2", "node 3 via 1"])
         // What the holder hint put first is not asked again, and the total is bounded.
         let first = [Self.attempt(2, to: 1)]
-        #expect(MeshUpstream.search(after: first, routes: routes).map(\.label) == ["node 1 via 2", "node 1 via 1", "node 2 via 2", "node 3 via 3", "node 3 via 1"])
+        #expect(
+            MeshUpstream.search(after: first, routes: routes).map(\.label) == ["node 1 via 2", "node 1 via 1", "node 2 via 2", "node 3 via 3", "node 3 via 1"])
         let many = (0..<20).map { [Self.attempt(100 + $0, to: $0), Self.attempt(200 + $0, to: $0)] }
         let bounded = MeshUpstream.search(after: [], routes: many)
         #expect(bounded.count == MeshUpstream.maxAttempts && bounded.allSatisfy { $0.label.contains("via 1") })

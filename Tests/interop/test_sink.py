@@ -116,6 +116,35 @@ def test_put_of_a_file_that_shrinks_is_cancelled_by_name(node, tmp_path):
     assert r.returncode == 1 and "404" in r.stderr, r.stderr
 
 
+def test_a_file_cut_short_under_a_download_costs_that_response_only(tmp_path):
+    """An object truncated in place while it is sent (cp over it, not a rename): the response
+    is reset and counted, and the node serves on. Reading its mapping past the new end raised
+    SIGBUS, which ended the node."""
+    from test_drain import slow_get, wait_for
+    node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
+    node.add_object("big.bin", 48 << 20)
+    small_digest = node.add_object("small.bin", 10_000)
+    client, reader, tally = slow_get(node, "big.bin", tmp_path / "body.fifo", pace=0.02)
+    try:
+        wait_for(lambda: tally["bytes"] >= 2 << 20)
+        os.truncate(node.storage / "big.bin", 1 << 20)
+        out, err = client.communicate(timeout=120)
+        reader.join(timeout=60)
+        assert node.proc.poll() is None, f"the node died ({node.proc.poll()})"
+        assert client.returncode == 1 and "transfer aborted (HTTP/3 error 0x102)" in err, err
+        assert tally["bytes"] < 48 << 20
+        r = stoq("get", node.url("small.bin"), "-o", tmp_path / "small.out", "--ca", node.cert)
+        assert r.returncode == 0 and sha256_file(tmp_path / "small.out") == small_digest, r.stderr
+        counters = settled(lambda: summed_counters(node, ["stoq_http_bodies_cut_short_total"]))
+        assert counters == {"stoq_http_bodies_cut_short_total": 1}, counters
+    finally:
+        if client.poll() is None:
+            client.kill()
+        assert node.stop() == 0
+    node.log.seek(0)
+    assert "1 responses reset: the file each was sent from shrank while it was sent" in node.log.read()
+
+
 def mount_small_tmpfs(where):
     """A 2 MiB tmpfs at `where` (the tests run in their own mount namespace, as root)."""
     where.mkdir(parents=True, exist_ok=True)

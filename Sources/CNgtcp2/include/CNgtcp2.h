@@ -369,6 +369,22 @@ int stoq_conn_goaway(stoq_conn *c);
 /** Request streams the connection has open (not yet closed and ended). */
 uint64_t stoq_conn_streams_open(const stoq_conn *c);
 
+/* ---- The SIGBUS guard (stoq_guard.c) ------------------------------------------ */
+
+/** Installs the process's SIGBUS handler (once; later calls do nothing): a read past the end
+ *  of a file that shrank under a registered mapping then reads a page of zeros instead of
+ *  ending the process, and is reported by stoq_guard_take_fault. 0, or -1 (errno). */
+int stoq_guard_install(void);
+/** Registers the mapping [base, base+len): a slot to pass to stoq_guard_remove, or -1 when it
+ *  is not guarded (no handler installed, or no free slot). */
+long stoq_guard_add(const void *base, size_t len);
+void stoq_guard_remove(long slot);
+/** The first address of a guarded mapping that faulted on this thread since the last call
+ *  (0: none), and forgets it. */
+uintptr_t stoq_guard_take_fault(void);
+/** Resets (with `code`) every stream of `c` whose queued body holds `addr`. How many. */
+int stoq_conn_reset_streams_at(stoq_conn *c, uintptr_t addr, uint64_t code);
+
 /** Next time stoq_conn_handle_expiry must run (ns, UINT64_MAX for never). */
 uint64_t stoq_conn_expiry(stoq_conn *c);
 /** Runs timers that are due. Returns STOQ_CONN_OK or an error as for read. */

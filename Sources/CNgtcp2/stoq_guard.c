@@ -1,0 +1,102 @@
+/* The SIGBUS guard: a response body is sent from a read-only mapping of its file
+ * (BodyRegion.mapping), and a file cut short under it (an object replaced in place, `cp` over
+ * it, rather than renamed over it) makes the next read past its new end raise SIGBUS, which
+ * would end the whole node. Mappings register their range here; a fault inside one gets a page
+ * of zeros mapped in its place, so the read (inside ngtcp2's packet writer) completes, and the
+ * thread's first such address is kept for the endpoint, which resets the streams sending from
+ * that range once the write returns (stoq_conn_reset_streams_at). A fault anywhere else is left
+ * to the default action, as without the guard. */
+#include "stoq_internal.h"
+
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define GUARD_SLOTS 65536u /* ranges registered at once; past this a mapping goes unguarded */
+#define GUARD_PROBE 256u   /* slots a registration looks at */
+
+static _Atomic uintptr_t guard_start[GUARD_SLOTS];
+static _Atomic size_t guard_len[GUARD_SLOTS];
+static _Thread_local uintptr_t guard_fault;
+static struct sigaction guard_previous;
+static atomic_int guard_installed;
+static uintptr_t guard_page = 4096;
+
+static int guarded(uintptr_t a) {
+  for (unsigned i = 0; i < GUARD_SLOTS; i++) {
+    uintptr_t s = atomic_load_explicit(&guard_start[i], memory_order_acquire);
+    if (s && a >= s && a - s < atomic_load_explicit(&guard_len[i], memory_order_acquire)) return 1;
+  }
+  return 0;
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+  (void)sig;
+  (void)uc;
+  uintptr_t a = (uintptr_t)si->si_addr;
+  if (si->si_code == BUS_ADRERR && guarded(a)) {
+    void *page = (void *)(a & ~(guard_page - 1));
+    if (mmap(page, guard_page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+      if (!guard_fault) guard_fault = a;
+      return;
+    }
+  }
+  /* Not a guarded mapping: the fault repeats under the action there was before. */
+  sigaction(SIGBUS, &guard_previous, NULL);
+}
+
+int stoq_guard_install(void) {
+  if (atomic_exchange(&guard_installed, 1)) return 0;
+  long page = sysconf(_SC_PAGESIZE);
+  if (page > 0) guard_page = (uintptr_t)page;
+  struct sigaction sa = {0};
+  sa.sa_sigaction = on_sigbus;
+  sa.sa_flags = SA_SIGINFO;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(SIGBUS, &sa, &guard_previous);
+}
+
+long stoq_guard_add(const void *base, size_t len) {
+  uintptr_t s = (uintptr_t)base;
+  if (!s || !len || !atomic_load(&guard_installed)) return -1;
+  unsigned h = (unsigned)((s / guard_page) * 2654435761u) % GUARD_SLOTS;
+  for (unsigned k = 0; k < GUARD_PROBE; k++) {
+    unsigned i = (h + k) % GUARD_SLOTS;
+    uintptr_t free_slot = 0;
+    if (atomic_load_explicit(&guard_start[i], memory_order_relaxed) == 0 &&
+        atomic_compare_exchange_strong(&guard_start[i], &free_slot, UINTPTR_MAX)) {
+      atomic_store_explicit(&guard_len[i], len, memory_order_release);
+      atomic_store_explicit(&guard_start[i], s, memory_order_release);
+      return (long)i;
+    }
+  }
+  return -1;
+}
+
+void stoq_guard_remove(long slot) {
+  if (slot < 0 || slot >= (long)GUARD_SLOTS) return;
+  atomic_store_explicit(&guard_len[slot], 0, memory_order_release);
+  atomic_store_explicit(&guard_start[slot], 0, memory_order_release);
+}
+
+uintptr_t stoq_guard_take_fault(void) {
+  uintptr_t a = guard_fault;
+  guard_fault = 0;
+  return a;
+}
+
+int stoq_conn_reset_streams_at(stoq_conn *c, uintptr_t addr, uint64_t code) {
+  int n = 0;
+  for (stoq_stream *s = c->streams; s; s = s->next) {
+    for (unsigned i = 0; i < s->p_count; i++) {
+      const struct body_piece *p = &s->pieces[(s->p_head + i) % STOQ_BODY_PIECES];
+      if (p->base && addr >= (uintptr_t)p->base && addr - (uintptr_t)p->base < p->len) {
+        stoq_stream_reset(c, s, code);
+        n++;
+        break;
+      }
+    }
+  }
+  return n;
+}
