@@ -1,4 +1,5 @@
 import CNgtcp2
+import STOQCore
 
 /// One field of a received head. The shim keeps a head in a bounded buffer, so a value may
 /// have been cut: `value` is what was kept, `valueLength` its length on the wire.
@@ -155,9 +156,9 @@ public struct HTTPResponseHead: Sendable, Equatable {
     /// The SHA-256 a strong `ETag` of 64 hex digits names (how STOQ nodes tag an object:
     /// its content's digest), lowercase; nil for any other tag.
     public var etagSHA256: String? {
-        guard let etag, etag.utf8.count == 66, etag.hasPrefix("\""), etag.hasSuffix("\"") else { return nil }
-        let hex = etag.dropFirst().dropLast()
-        return hex.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }) ? hex.lowercased() : nil
+        guard let etag, etag.hasPrefix("\""), etag.hasSuffix("\""), let bytes = Hex.decode(etag.dropFirst().dropLast()), bytes.count == 32
+        else { return nil }
+        return Hex.encode(bytes)
     }
 
     /// The response `fields` make.

@@ -714,7 +714,7 @@ public enum STOQClient {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
         }
         progress?(app.received, app.contentLength.map { UInt64($0) })
-        let sha = method == "GET" ? app.sha?.map { String(format: "%02x", $0) }.joined() ?? "" : app.storedSHA256 ?? ""
+        let sha = method == "GET" ? app.sha.map(Hex.encode) ?? "" : app.storedSHA256 ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : sent?.bytes ?? UInt64(body?.count ?? 0),
             seconds: seconds, sha256: sha, message: app.errorText, resumed: resumed, earlyData: earlyData,
