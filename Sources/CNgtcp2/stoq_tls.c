@@ -375,9 +375,20 @@ const char *stoq_tls_cipher_suite_name(size_t i, int iana) {
   return i < N_CIPHERS ? (iana ? CIPHERS[i].iana : CIPHERS[i].gnutls) : NULL;
 }
 
-void stoq_library_versions(char *buf, size_t len) {
-  snprintf(buf, len, "ngtcp2 %s, nghttp3 %s, GnuTLS %s", ngtcp2_version(0)->version_str,
-           nghttp3_version(0)->version_str, gnutls_check_version(NULL));
+const char *stoq_library_version(size_t i, const char **name) {
+  switch (i) {
+  case 0:
+    *name = "ngtcp2";
+    return ngtcp2_version(0)->version_str;
+  case 1:
+    *name = "nghttp3";
+    return nghttp3_version(0)->version_str;
+  case 2:
+    *name = "GnuTLS";
+    return gnutls_check_version(NULL);
+  default:
+    return NULL;
+  }
 }
 
 /* One priority cache for every session that offers the default suites: gnutls_priority_set_direct

@@ -1,5 +1,4 @@
 import CNgtcp2
-import STOQCore
 
 /// STOQ's version, its one home: `--version` of `stoq` and `stoq-node`, and `stoq_build_info`
 /// on a node's `/metrics`.
@@ -10,12 +9,12 @@ public enum STOQVersion {
     /// The QUIC, HTTP/3 and TLS libraries this process runs (not the headers it was built
     /// with), by name: `[("ngtcp2", "0.12.1"), ("nghttp3", "0.8.0"), ("GnuTLS", "3.7.9")]`.
     public static let libraries: [(name: String, version: String)] = {
-        var buffer = [CChar](repeating: 0, count: 160)
-        stoq_library_versions(&buffer, buffer.count)
-        return String(cBuffer: buffer).split(separator: ", ").map { pair in
-            let parts = pair.split(separator: " ", maxSplits: 1)
-            return (String(parts[0]), parts.count > 1 ? String(parts[1]) : "")
+        var out: [(name: String, version: String)] = []
+        var name: UnsafePointer<CChar>?
+        while let version = stoq_library_version(out.count, &name), let name {
+            out.append((String(cString: name), String(cString: version)))
         }
+        return out
     }()
 
     /// What `--version` prints: `0.1.0 (ngtcp2 0.12.1, nghttp3 0.8.0, GnuTLS 3.7.9)`.

@@ -87,9 +87,9 @@ int stoq_tls_client_set_certificate(stoq_tls_ctx *t, const char *cert_file, cons
 size_t stoq_tls_cipher_suite_count(void);
 const char *stoq_tls_cipher_suite_name(size_t i, int iana);
 
-/** The versions of the libraries this process runs (not the headers it was built with):
- *  "ngtcp2 0.12.1, nghttp3 0.8.0, GnuTLS 3.7.9", NUL-terminated in `buf`. */
-void stoq_library_versions(char *buf, size_t len);
+/** The version of library `i` this process runs (not the headers it was built with), its name
+ *  in `*name`: 0 ngtcp2, 1 nghttp3, 2 GnuTLS; NULL past the end. */
+const char *stoq_library_version(size_t i, const char **name);
 
 /** Offer (client) or accept (server) only the suites `suites` (n distinct indices into that
  *  table), in this order. Before the credentials serve a connection. 0, or -1 (err). */
