@@ -108,7 +108,7 @@ public final class ObjectService: QUICApplication {
     static func objectName(checking path: String) -> Result<String, StoreError>? {
         guard path.hasPrefix("/objects/") else { return nil }
         let name = String(path.dropFirst("/objects/".count).prefix { $0 != "?" })
-        do { try ObjectIndex.validateName(name) } catch let e as StoreError { return .failure(e) } catch { return nil }
+        do { try ObjectIndex.validateName(name) } catch { return .failure(error) }
         return .success(name)
     }
 

@@ -103,7 +103,7 @@ public final class ObjectIndex: @unchecked Sendable {
     /// Throws `.invalidObjectName` unless `name` is 1–255 characters of `[A-Za-z0-9._-]`
     /// not starting with a dot: one path segment that can never name a file outside
     /// `objects/` nor collide with a temp file.
-    public static func validateName(_ name: String) throws {
+    public static func validateName(_ name: String) throws(StoreError) {
         func bad(_ why: String) -> StoreError {
             StoreError(.invalidObjectName, "object name \"\(name.prefix(300))\" is not allowed: \(why)")
         }
