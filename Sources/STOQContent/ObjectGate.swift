@@ -33,9 +33,14 @@ import STOQStore
 /// Usage is computed at start from the files and records, then kept up to date here.
 ///
 /// Plain files keep their owner and SHA-256 in an extended attribute (`user.stoq.object`,
-/// `1 <sha256 hex> <owner>`), set on the temp file before its rename so it is atomic with the
-/// content. A file without one (stored before, or on a filesystem without user xattrs) has no
-/// owner (any writer may replace it) and a strong ETag from its inode, mtime and size.
+/// `2 <sha256 hex> <size> <mtime ns> <owner>`, the numbers in hex), set on the temp file before
+/// its rename so it is atomic with the content. The SHA-256 is the file's only while its size
+/// and mtime are the ones recorded with it: a file rewritten in place (`cp new.bin
+/// objects/a.bin` keeps the inode and its xattrs) keeps its owner but gets the ETag a file
+/// without a digest has. A file without the attribute (stored before, or on a filesystem
+/// without user xattrs) has no owner (any writer may replace it) and a strong ETag from its
+/// inode, mtime and size. The first format (`1 <sha256 hex> <owner>`) is still read, trusted
+/// as it always was.
 ///
 /// Thread-safe: every worker and the ingest pool share one.
 public final class ObjectGate: @unchecked Sendable {
@@ -182,11 +187,9 @@ public final class ObjectGate: @unchecked Sendable {
         var st = stat()
         if fstatat(flatFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG {
             let fd = openat(flatFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-            let meta = fd >= 0 ? Self.readMeta(fd) : nil
+            let file = fd >= 0 ? Self.plainFile(fd, st) : (etag: Self.fileETag(st), owner: "")
             if fd >= 0 { close(fd) }
-            return Current(
-                etag: meta.map { "\"\($0.sha256)\"" } ?? Self.fileETag(st), owner: meta?.owner ?? "",
-                size: UInt64(st.st_size), physical: UInt64(st.st_size))
+            return Current(etag: file.etag, owner: file.owner, size: UInt64(st.st_size), physical: UInt64(st.st_size))
         }
         guard let index, let record = try? index.object(name), let manifest = try? Manifest(decoding: record.manifest) else { return nil }
         return Current(etag: Self.etag(manifest), owner: record.owner, size: manifest.totalLength, physical: 0)
@@ -195,30 +198,58 @@ public final class ObjectGate: @unchecked Sendable {
     /// A chunked object's ETag: its content's SHA-256, from the manifest.
     public static func etag(_ manifest: Manifest) -> String { "\"\(manifest.digest.hex)\"" }
 
-    /// The ETag of a plain file that has no `user.stoq.object`: a new file is a new inode, so
-    /// inode, mtime and size change whenever its content does.
+    /// The ETag and owner of the plain file `fd`, whose status is `st`: its SHA-256 when
+    /// `user.stoq.object` holds one that is still the content's, else `fileETag`; no owner
+    /// without the attribute.
+    package static func plainFile(_ fd: Int32, _ st: stat) -> (etag: String, owner: String) {
+        guard let meta = readMeta(fd) else { return (fileETag(st), "") }
+        let current = meta.stamp.map { $0 == stamp(st) } ?? true
+        return (current ? "\"\(meta.sha256)\"" : fileETag(st), meta.owner)
+    }
+
+    /// The ETag of a plain file with no SHA-256 that is still its own: a new file is a new
+    /// inode, and a file rewritten in place a new mtime, so inode, mtime and size change
+    /// whenever its content does.
     static func fileETag(_ st: stat) -> String {
-        let mtime = UInt64(st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_mtim.tv_nsec)
-        return "\"f\(String(UInt64(st.st_ino), radix: 16))-\(String(mtime, radix: 16))-\(String(UInt64(st.st_size), radix: 16))\""
+        let s = stamp(st)
+        return "\"f\(String(UInt64(st.st_ino), radix: 16))-\(String(s.mtime, radix: 16))-\(String(s.size, radix: 16))\""
+    }
+
+    /// What a recorded SHA-256 is checked against: the file's size and mtime (ns).
+    static func stamp(_ st: stat) -> (size: UInt64, mtime: UInt64) {
+        (UInt64(st.st_size), UInt64(st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_mtim.tv_nsec))
     }
 
     static let metaName = "user.stoq.object"
 
-    /// The owner and SHA-256 kept on a plain file, if it has them.
-    static func readMeta(_ fd: Int32) -> (sha256: String, owner: String)? {
-        var buf = [UInt8](repeating: 0, count: 80 + ObjectRecord.maxOwnerLength)
+    /// `user.stoq.object` of `fd`, if it has one: the SHA-256, the size and mtime it was
+    /// recorded with (nil in the first format, which had none), and the owner.
+    static func readMeta(_ fd: Int32) -> (sha256: String, stamp: (size: UInt64, mtime: UInt64)?, owner: String)? {
+        var buf = [UInt8](repeating: 0, count: 120 + ObjectRecord.maxOwnerLength)
         let n = Int(stoq_fgetxattr(fd, metaName, &buf, UInt(buf.count)))
         guard n > 0 else { return nil }
-        let parts = buf[0..<n].split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: false)
-        guard parts.count >= 2, parts[0].elementsEqual("1".utf8), parts[1].count == 64 else { return nil }
-        return (String(decoding: parts[1], as: UTF8.self), parts.count == 3 ? String(decoding: parts[2], as: UTF8.self) : "")
+        let text = String(decoding: buf[0..<n], as: UTF8.self)
+        func field(_ s: Substring) -> UInt64? { UInt64(s, radix: 16) }
+        if text.hasPrefix("2 ") {
+            let parts = text.split(separator: " ", maxSplits: 4, omittingEmptySubsequences: false)
+            guard parts.count >= 4, parts[1].count == 64, let size = field(parts[2]), let mtime = field(parts[3]) else { return nil }
+            return (String(parts[1]), (size, mtime), parts.count == 5 ? String(parts[4]) : "")
+        }
+        let parts = text.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
+        guard parts.count >= 2, parts[0] == "1", parts[1].count == 64 else { return nil }
+        return (String(parts[1]), nil, parts.count == 3 ? String(parts[2]) : "")
     }
 
-    /// Keeps `owner` and the content's SHA-256 on the plain file `fd`; false when the
-    /// filesystem keeps no user xattrs (the file then has no owner).
+    /// Keeps `owner` and the content's SHA-256 on the plain file `fd`, once its last byte is
+    /// written (the size and mtime recorded are those of now); false when the filesystem
+    /// keeps no user xattrs (the file then has no owner).
     static func writeMeta(_ fd: Int32, sha256: [UInt8], owner: String) -> Bool {
-        let hex = sha256.map { String(format: "%02x", $0) }.joined()
-        let value = Array("1 \(hex) ".utf8) + Array(owner.utf8.prefix(ObjectRecord.maxOwnerLength))
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return false }
+        let s = stamp(st)
+        let value =
+            Array("2 \(Hex.encode(sha256)) \(String(s.size, radix: 16)) \(String(s.mtime, radix: 16)) ".utf8)
+            + Array(owner.utf8.prefix(ObjectRecord.maxOwnerLength))
         return stoq_fsetxattr(fd, metaName, value, UInt(value.count)) == 0
     }
 

@@ -208,7 +208,7 @@ public final class ObjectService: QUICApplication {
         }
         guard
             let (status, headers, range) = Self.bodyHead(
-                size: UInt64(st.st_size), etag: ObjectGate.readMeta(fd).map { "\"\($0.sha256)\"" } ?? ObjectGate.fileETag(st),
+                size: UInt64(st.st_size), etag: ObjectGate.plainFile(fd, st).etag,
                 request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0
@@ -351,7 +351,7 @@ public final class ObjectService: QUICApplication {
         }
         var headers = [("content-length", "0")]
         if let w = up.writer, let sha = stream.bodySHA256() {
-            headers.append(("etag", "\"\(sha.map { String(format: "%02x", $0) }.joined())\""))
+            headers.append(("etag", "\"\(Hex.encode(sha))\""))
             if !ObjectGate.writeMeta(up.fd, sha256: sha, owner: w.identity) {
                 logger.warning("cannot keep the owner of \(up.name): the storage filesystem has no user xattrs (\(String(cString: strerror(errno))))")
             }

@@ -161,6 +161,17 @@ public struct HTTPResponseHead: Sendable, Equatable {
         return Hex.encode(bytes)
     }
 
+    /// Why a body whose SHA-256 is `sha256` is not the one this response announced: for a
+    /// whole body (200) with an ETag that names a SHA-256 (`etagSHA256`) it does not match.
+    /// nil when it matches, or when there is nothing to check it against (no digest kept, a
+    /// part of the object, another kind of tag).
+    public func bodyMismatch(sha256: [UInt8]?) -> String? {
+        guard status == 200, let sha256, let want = etagSHA256 else { return nil }
+        let got = Hex.encode(sha256)
+        guard got != want else { return nil }
+        return "the body's SHA-256 is \(got), not the \(want) its ETag names: the object changed on the server while it was sent, or is damaged there"
+    }
+
     /// The response `fields` make.
     public static func parse(_ fields: [HTTPField]) -> HTTPResponseHead {
         var head = HTTPResponseHead(status: 0, contentLength: nil, maxAge: nil)

@@ -261,6 +261,7 @@ public struct ClientError: Error, Sendable, CustomStringConvertible {
         public static let transfer = Code(name: "transfer")
         public static let http = Code(name: "HTTP")
         public static let io = Code(name: "I/O")
+        public static let integrity = Code(name: "integrity")
     }
     public var code: Code
     public var message: String
@@ -338,8 +339,10 @@ final class TransferApp: QUICApplication {
     var headAt: UInt64?
     /// The SHA-256 the response's ETag names (a PUT's: what the node stored).
     var storedSHA256: String?
+    var head: HTTPResponseHead?
     func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
         let status = head.status, contentLength = head.contentLength
+        self.head = head
         headAt = monotonicNow()
         self.status = status
         self.contentLength = contentLength
@@ -713,6 +716,7 @@ public enum STOQClient {
         if app.sinkErrno != 0 && status / 100 == 2 {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
         }
+        if method == "GET", let why = app.head?.bodyMismatch(sha256: app.sha) { throw ClientError(.integrity, why) }
         progress?(app.received, app.contentLength.map { UInt64($0) })
         let sha = method == "GET" ? app.sha.map(Hex.encode) ?? "" : app.storedSHA256 ?? ""
         return TransferResult(

@@ -57,14 +57,14 @@ package final class ConnectionPool {
     final class App: QUICApplication {
         struct Sink { var fd: Int32; var tag: Int; var keepErrors: Bool; var hash: Bool }
         var sinks: [HTTPStream: Sink] = [:]
-        var statuses: [HTTPStream: Int] = [:]
+        var heads: [HTTPStream: HTTPResponseHead] = [:]
         var done: [Done] = []
         var closed: [(QUICConnection, String)] = []
         var handshakes = 0
 
         func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
             let status = head.status
-            statuses[stream] = status
+            heads[stream] = head
             let s = sinks[stream]
             let keep = status / 100 == 2 || s?.keepErrors == true
             stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, hash: s?.hash == true && status / 100 == 2)
@@ -72,10 +72,12 @@ package final class ConnectionPool {
 
         func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
             guard let s = sinks.removeValue(forKey: stream) else { return }
+            let head = heads.removeValue(forKey: stream)
+            let sha256 = s.hash ? stream.bodySHA256() : nil
             done.append(
                 Done(
-                    tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                    received: stream.bytesReceived, maxAge: stream.maxAge, sha256: s.hash ? stream.bodySHA256() : nil,
+                    tag: s.tag, status: head?.status, errorCode: errorCode, received: stream.bytesReceived, maxAge: stream.maxAge,
+                    failure: errorCode == H3Error.noError ? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
                     preferredAddress: connection.preferredAddress.rawValue))
         }
 
@@ -233,7 +235,7 @@ package final class ConnectionPool {
         up.streams.remove(tag)
         if let s = r.stream {
             app.sinks[s] = nil
-            app.statuses[s] = nil
+            app.heads[s] = nil
             up.connection.reset(s, errorCode: H3Error.requestCancelled)
         }
     }
@@ -262,7 +264,7 @@ package final class ConnectionPool {
             guard let r = requests.removeValue(forKey: tag) else { continue }
             if let s = r.stream {
                 app.sinks[s] = nil
-                app.statuses[s] = nil
+                app.heads[s] = nil
             }
             app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: reason))
         }

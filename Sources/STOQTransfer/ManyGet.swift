@@ -9,7 +9,7 @@ public struct ManyGetResult: Sendable, Codable {
     public var status: Int?
     /// Body bytes received.
     public var bytes: UInt64
-    /// SHA-256 of a 2xx body, hex ("" otherwise).
+    /// SHA-256 of a 2xx body, hex ("" otherwise, or when not verified).
     public var sha256: String
     /// Why there was no complete answer: the connection's fate, or a reset stream.
     public var failure: String?
@@ -41,8 +41,10 @@ extension STOQClient {
     /// others. With `sessionCache`, each server's kept session is offered and its new one kept,
     /// and (unless `earlyData` is false) the GETs go in 0-RTT where the server's parameters were.
     /// With `keyUpdate` each connection starts one TLS key update once its handshake is confirmed.
+    /// With `verify` each 2xx body is hashed (`sha256`), and a whole body that is not the
+    /// object its SHA-256 ETag names fails.
     public static func getMany(
-        _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
+        _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, verify: Bool = true, timeout: Double = 300,
         connectTimeout: Double? = nil,
         headers: (STOQURL) -> [(String, String)] = { _ in [] }, sessionCache: SessionCache? = nil, earlyData: Bool = true,
         keyUpdate: Bool = false, maxInFlight: Int = 64
@@ -61,7 +63,7 @@ extension STOQClient {
         while next < urls.count || inFlight > 0 {
             while next < urls.count && inFlight < maxInFlight {
                 let u = urls[next]
-                pool.submit(to: u, "GET", u.path, headers: headers(u), sinkFD: fds[next], tag: next, hash: true)
+                pool.submit(to: u, "GET", u.path, headers: headers(u), sinkFD: fds[next], tag: next, hash: verify)
                 next += 1
                 inFlight += 1
             }
@@ -77,7 +79,7 @@ extension STOQClient {
                 results[d.tag].status = d.status
                 results[d.tag].bytes = d.received
                 results[d.tag].preferredAddress = d.preferredAddress
-                results[d.tag].sha256 = d.sha256.map { $0.map { String(format: "%02x", $0) }.joined() } ?? ""
+                results[d.tag].sha256 = d.sha256.map(Hex.encode) ?? ""
                 if let f = d.failure {
                     results[d.tag].failure = f
                 } else if d.errorCode != H3Error.noError {

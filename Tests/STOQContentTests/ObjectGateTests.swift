@@ -46,6 +46,31 @@ final class ObjectGateTests {
 
     func etag(_ bytes: [UInt8]) -> String { "\"\(ContentDigest.sha256(bytes).hex)\"" }
 
+    /// A plain file's SHA-256 is its ETag only while the file is as it was recorded: one
+    /// rewritten in place (`cp` keeps the inode and `user.stoq.object`) gets the ETag of a file
+    /// without a digest, and keeps its owner. The first format, with no size or mtime, is
+    /// trusted as it was.
+    @Test func aFileRewrittenInPlaceLosesItsDigestButNotItsOwner() throws {
+        let g = try gate(.init())
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        let old = [UInt8](repeating: 1, count: 1000), new = [UInt8](repeating: 2, count: 1000)
+        #expect(try put(g, "a.bin", old, by: alice) == nil)
+        #expect(g.current("a.bin")?.etag == etag(old))
+        #expect(g.current("a.bin")?.owner == "token:alice")
+        usleep(20_000)  // past the file system's timestamp granularity
+        let fd = open(storage + "/a.bin", O_WRONLY | O_CLOEXEC)
+        #expect(pwrite(fd, new, new.count, 0) == new.count)
+        var st = stat()
+        #expect(fstat(fd, &st) == 0)
+        #expect(g.current("a.bin")?.etag == ObjectGate.fileETag(st))
+        #expect(g.current("a.bin")?.owner == "token:alice")
+        let first = Array("1 \(ContentDigest.sha256(new).hex) token:bob".utf8)
+        #expect(stoq_fsetxattr(fd, ObjectGate.metaName, first, UInt(first.count)) == 0)
+        close(fd)
+        #expect(g.current("a.bin")?.etag == etag(new))
+        #expect(g.current("a.bin")?.owner == "token:bob")
+    }
+
     // MARK: - Preconditions (pure)
 
     @Test func preconditionsFollowRFC9110() {

@@ -215,3 +215,52 @@ def test_the_writer_counts_what_it_wrote(tmp_path):
         assert after["stoq_sink_bytes_queued"] == 0
     finally:
         assert n.stop() == 0
+
+
+def test_a_body_is_checked_against_the_digest_its_etag_names(tmp_path):
+    """A flat upload keeps its SHA-256 on the file (`user.stoq.object`): the object's ETag. A
+    `cp` over the file keeps the inode and that attribute, and the old digest went on being
+    served as the new bytes' ETag. The digest now holds only while the file's size and mtime
+    are those it was recorded with; and `stoq get` checks a whole body against a SHA-256 ETag,
+    so a digest that does not match fails the download by name."""
+    node = Node(tmp_path / "node", workers=1, extra="[chunking]\ndedup_enabled = false\n")
+    try:
+        first = random_file(tmp_path / "first.bin", 300_000, 41)
+        second = random_file(tmp_path / "second.bin", 300_000, 42)
+        r = stoq("put", first, node.url("obj.bin"), "--ca", node.cert, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["sha256"] == sha256_file(first), r.stdout
+        stored = node.storage / "obj.bin"
+        assert os.getxattr(stored, "user.stoq.object").startswith(b"2 " + sha256_file(first).encode())
+        # In place, as cp does: same inode, same attribute, new bytes.
+        inode = os.stat(stored).st_ino
+        threading.Event().wait(0.02)
+        with open(second, "rb") as src, open(stored, "r+b") as dst:
+            dst.write(src.read())
+        assert os.stat(stored).st_ino == inode
+        out = tmp_path / "back.bin"
+        r = stoq("get", node.url("obj.bin"), "-o", out, "--ca", node.cert, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["sha256"] == sha256_file(second) == sha256_file(out)
+        # A digest that lies about the bytes (recorded with the file's own size and mtime).
+        st = os.stat(stored)
+        lie = f"2 {sha256_file(first)} {st.st_size:x} {st.st_mtime_ns:x} token:x".encode()
+        os.setxattr(stored, "user.stoq.object", lie)
+        r = stoq("get", node.url("obj.bin"), "-o", out, "--ca", node.cert)
+        assert r.returncode == 1, r.stderr
+        assert (f"the body's SHA-256 is {sha256_file(second)}, not the {sha256_file(first)} its ETag names"
+                in r.stderr), r.stderr
+        assert sha256_file(out) == sha256_file(second) and not (tmp_path / "back.bin.part").exists()
+        # Several URLs over one connection: the one that fails is not kept, the other is.
+        r = stoq("put", first, node.url("good.bin"), "--ca", node.cert)
+        assert r.returncode == 0, r.stderr
+        many = tmp_path / "many"
+        r = stoq("get", node.url("obj.bin"), node.url("good.bin"), "-o", many, "--ca", node.cert)
+        assert r.returncode == 1 and r.stderr.count("its ETag names") == 1, r.stderr
+        assert sorted(p.name for p in many.iterdir()) == ["good.bin"]
+        assert sha256_file(many / "good.bin") == sha256_file(first)
+        r = stoq("get", node.url("obj.bin"), "-o", tmp_path / "unchecked.bin", "--ca", node.cert, "--no-verify")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "unchecked.bin") == sha256_file(second)
+    finally:
+        assert node.stop() == 0
