@@ -369,6 +369,15 @@ public enum ConfigLoader {
                     allowed: "is not loopback: set admin.auth = \"token\" or \"mtls\""))
         }
         r.mesh(&c.mesh)  // [mesh]: MeshConfig.swift
+        if c.network.listenAddress.port == 0 && (c.mesh.enabled || !c.network.interface.isEmpty) {
+            // Port 0 is a free port picked at each start (printed as `listening:`): fine for a
+            // test node, not where others must know it.
+            let needs = c.mesh.enabled ? "mesh peers reach this node on it" : "the XDP program on network.interface steers it"
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "network.listen_addr", value: "\"\(c.network.listenAddress)\"",
+                    allowed: "a fixed port, e.g. \"[::]:4433\" (port 0 picks a new one at each start, and \(needs))"))
+        }
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
         r.limits(&c.limits)  // [limits]: LimitsConfig.swift
         r.access(&c.access, overwrite: &c.overwrite)  // [access]: AccessConfig.swift

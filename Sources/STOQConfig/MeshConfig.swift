@@ -66,6 +66,9 @@ extension NodeConfig {
         /// This node's neighbours (`discovery = "static"`).
         public var peers: [MeshURL] = []
         public var discovery: Discovery = .static
+        /// Whether `[mesh]` asks for a mesh: neighbours listed, or a discovery backend other
+        /// than the (empty) static list.
+        public var enabled: Bool { !peers.isEmpty || discovery != .static }
         /// The name whose AAAA and SRV records list the members (`discovery = "dns"`).
         public var dnsName = ""
         /// The DNS server asked; nil = the nameservers of /etc/resolv.conf.

@@ -203,13 +203,12 @@ public struct NodeConfig: Sendable, Equatable {
     /// logs them at start and `stoq config check` prints them, so nothing is silently ignored.
     public var notices: [String] {
         var n: [String] = []
-        let meshOn = !mesh.peers.isEmpty || mesh.discovery != .static
-        if !meshOn {
+        if !mesh.enabled {
             n.append(
                 "routing: algorithm = \(routing.algorithm.rawValue), update_interval and max_hops have no effect without a mesh: no [mesh] peers or discovery are configured, so every request is served from this node's store (or its edge origin)"
             )
         }
-        if edge.enableCaching && edge.origin.isEmpty && !meshOn {
+        if edge.enableCaching && edge.origin.isEmpty && !mesh.enabled {
             n.append(
                 "edge: enable_caching = true with neither edge.origin nor [mesh]: this node has nowhere to fetch from, so it caches nothing and serves only its own content"
             )

@@ -8,12 +8,6 @@ import STOQTransfer
 import STOQTrust
 import X509
 
-extension NodeConfig.Mesh {
-    /// Whether `[mesh]` asks for a mesh: neighbours listed, or a discovery backend other than
-    /// the (empty) static list.
-    var enabled: Bool { !peers.isEmpty || discovery != .static }
-}
-
 extension Node {
     /// The mesh service, when `[mesh]` asks for one: this node's certificate and key sign its
     /// adverts; neighbours are verified like an edge's origin (`peerTrust`), and adverts'

@@ -280,6 +280,19 @@ import TOMLKit
         #expect(errors("[network]\ndrain_timeout = \"11m\"\n").first?.code == .outOfRange)
     }
 
+    /// Port 0 (a free port at each start) serves a test node; a mesh or XDP needs a fixed one.
+    @Test func port0IsRefusedWhereOthersMustKnowThePort() throws {
+        #expect(try ConfigLoader.parse("[network]\nlisten_addr = \"[::1]:0\"").network.listenAddress.port == 0)
+        let mesh = errors("[network]\nlisten_addr = \"[::]:0\"\n[mesh]\npeers = [\"https://[fd00::2]:4433\"]\n")
+        #expect(
+            mesh.map(\.description) == [
+                "network.listen_addr = \"[::]:0\": bad value; expected a fixed port, e.g. \"[::]:4433\" (port 0 picks a new one at each start, and mesh peers reach this node on it)"
+            ])
+        let xdp = errors("[network]\nlisten_addr = \"[::]:0\"\ninterface = \"eth0\"\n")
+        #expect(xdp.map(\.key) == ["network.listen_addr"])
+        #expect(xdp.first?.description.hasSuffix("the XDP program on network.interface steers it)") == true)
+    }
+
     @Test func readsTransparencySettings() throws {
         #expect(NodeConfig.default.trust.requireTransparency == false && NodeConfig.default.trust.transparencyLogs.isEmpty)
         let c = try ConfigLoader.parse("[trust]\nrequire_transparency = true\ntransparency_logs = [\"a.pem\", \"b.pem\"]")
