@@ -13,8 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define GUARD_SLOTS 65536u /* ranges registered at once; past this a mapping goes unguarded */
-#define GUARD_PROBE 256u   /* slots a registration looks at */
+#define GUARD_SLOTS STOQ_GUARD_SLOTS
 
 static _Atomic uintptr_t guard_start[GUARD_SLOTS];
 static _Atomic size_t guard_len[GUARD_SLOTS];
@@ -61,7 +60,9 @@ long stoq_guard_add(const void *base, size_t len) {
   uintptr_t s = (uintptr_t)base;
   if (!s || !len || !atomic_load(&guard_installed)) return -1;
   unsigned h = (unsigned)((s / guard_page) * 2654435761u) % GUARD_SLOTS;
-  for (unsigned k = 0; k < GUARD_PROBE; k++) {
+  /* Every slot, if need be: a crowded table costs registrations (one per response), never
+   * packets, and a mapping is refused only when every slot is taken. */
+  for (unsigned k = 0; k < GUARD_SLOTS; k++) {
     unsigned i = (h + k) % GUARD_SLOTS;
     uintptr_t free_slot = 0;
     if (atomic_load_explicit(&guard_start[i], memory_order_relaxed) == 0 &&
@@ -71,7 +72,7 @@ long stoq_guard_add(const void *base, size_t len) {
       return (long)i;
     }
   }
-  return -1;
+  return -2;
 }
 
 void stoq_guard_remove(long slot) {

@@ -217,7 +217,13 @@ public final class ObjectService: QUICApplication {
             return
         }
         guard let region = BodyRegion.mapping(fd: fd, offset: range?.lowerBound ?? 0, length: length) else {
-            return fail(stream, connection, 500, "cannot map \(name)")
+            let e = errno
+            let why = e == EBUSY ? "the SIGBUS guard holds \(BodyRegion.guardedMappingsMax) mappings" : String(cString: strerror(e))
+            // Room for mappings (the guard's, vm.max_map_count) comes back as responses end.
+            if e == EBUSY || e == ENOMEM {
+                return fail(stream, connection, 503, "cannot map \(name) now (\(why)): too many responses are being sent from files at once; try again")
+            }
+            return fail(stream, connection, 500, "cannot map \(name): \(why)")
         }
         connection.respond(stream, status: status, headers: headers, body: region)
     }

@@ -83,10 +83,14 @@ public final class BodyRegion: @unchecked Sendable {
     /// A server calls it once, before it serves.
     public static func guardFileMappings() { _ = stoq_guard_install() }
 
+    /// How many mappings the guard holds at once.
+    public static let guardedMappingsMax = Int(STOQ_GUARD_SLOTS)
+
     /// Maps `length` bytes of a file read-only from `offset` (page cache, no copy).
     /// `offset` need not be page aligned. A mapping of `offLoopBytes` or more gets its page
     /// tables built and torn down on a background queue (see `pageTables`). Guarded
-    /// (`guardFileMappings`) once the process has installed the guard.
+    /// (`guardFileMappings`) once the process has installed the guard; nil with errno EBUSY
+    /// when the guard already holds `guardedMappingsMax` mappings.
     public static func mapping(fd: Int32, offset: UInt64, length: Int) -> BodyRegion? {
         if length == 0 { return BodyRegion(base: nil, count: 0, onRelease: nil) }
         let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
@@ -98,6 +102,11 @@ public final class BodyRegion: @unchecked Sendable {
         _ = madvise(p, mapLength, MADV_SEQUENTIAL)
         let address = UInt(bitPattern: p)
         let slot = stoq_guard_add(p, mapLength)
+        if slot == -2 {
+            munmap(p, mapLength)
+            errno = EBUSY
+            return nil
+        }
         guard mapLength >= offLoopBytes else {
             return BodyRegion(base: UnsafeRawPointer(p + delta), count: length) { _, _ in
                 stoq_guard_remove(slot)

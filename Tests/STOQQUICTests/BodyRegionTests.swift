@@ -1,3 +1,4 @@
+import CNgtcp2
 import Dispatch
 import Foundation
 import STOQQUIC
@@ -15,6 +16,29 @@ import Testing
         unlink(path)
         try #require(ftruncate(fd, off_t(size)) == 0)
         return fd
+    }
+
+    /// The guard holds `guardedMappingsMax` mappings; past that a mapping is refused (EBUSY),
+    /// not sent from unguarded, and a freed slot takes the next. (The table is filled with
+    /// ranges that are not mapped: vm.max_map_count, 65,530 by default, ends mmap sooner.)
+    @Test func aMappingPastTheGuardsRoomIsRefused() throws {
+        BodyRegion.guardFileMappings()
+        let fd = try file(4096)
+        defer { close(fd) }
+        var slots: [Int] = []
+        defer { for s in slots { stoq_guard_remove(s) } }
+        let fake = UnsafeRawPointer(bitPattern: 0x1000)!
+        while slots.count < BodyRegion.guardedMappingsMax {
+            let s = stoq_guard_add(fake + slots.count * 4096, 4096)
+            guard s >= 0 else { break }
+            slots.append(s)
+        }
+        #expect(slots.count == BodyRegion.guardedMappingsMax)
+        errno = 0
+        #expect(BodyRegion.mapping(fd: fd, offset: 0, length: 100) == nil)
+        #expect(errno == EBUSY)
+        stoq_guard_remove(slots.removeLast())
+        #expect(BodyRegion.mapping(fd: fd, offset: 0, length: 100)?.count == 100)
     }
 
     /// Whether `address` is mapped: msync answers ENOMEM for an unmapped page.

@@ -371,12 +371,16 @@ uint64_t stoq_conn_streams_open(const stoq_conn *c);
 
 /* ---- The SIGBUS guard (stoq_guard.c) ------------------------------------------ */
 
+/** Mappings the guard holds at once; past this stoq_guard_add refuses. */
+#define STOQ_GUARD_SLOTS 65536u
+
 /** Installs the process's SIGBUS handler (once; later calls do nothing): a read past the end
  *  of a file that shrank under a registered mapping then reads a page of zeros instead of
  *  ending the process, and is reported by stoq_guard_take_fault. 0, or -1 (errno). */
 int stoq_guard_install(void);
-/** Registers the mapping [base, base+len): a slot to pass to stoq_guard_remove, or -1 when it
- *  is not guarded (no handler installed, or no free slot). */
+/** Registers the mapping [base, base+len): a slot to pass to stoq_guard_remove; -1 when no
+ *  handler is installed (the mapping is not guarded, as without the guard); -2 when every
+ *  slot is taken (the caller must not send from the mapping). */
 long stoq_guard_add(const void *base, size_t len);
 void stoq_guard_remove(long slot);
 /** The first address of a guarded mapping that faulted on this thread since the last call
