@@ -292,6 +292,18 @@ public struct H3Error: Error, Sendable, Hashable, CustomStringConvertible {
         ]
         /// The RFC's name, or the number in hex for codes STOQ does not name.
         public var description: String { Self.names[rawValue] ?? "0x\(String(rawValue, radix: 16))" }
+
+        /// What a client says of a stream reset with this code, e.g. `HTTP/3 error 0x102,
+        /// H3_INTERNAL_ERROR: the server could not finish the response (its log says why)`.
+        public var resetReason: String {
+            let name = Self.names[rawValue].map { ", \($0)" } ?? ""
+            return "HTTP/3 error 0x\(String(rawValue, radix: 16))\(name)\(Self.meanings[rawValue].map { ": \($0)" } ?? "")"
+        }
+        private static let meanings: [UInt64: String] = [
+            0x102: "the server could not finish the response (its log says why)",
+            0x107: "the server found this client's load excessive",
+            0x10b: "the server refused the request before processing it; safe to retry",
+        ]
     }
 
     /// The code sent or received.

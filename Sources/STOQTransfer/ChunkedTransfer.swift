@@ -134,7 +134,7 @@ package final class ClientSession {
         let d = app.done.first { $0.tag == tag }!
         app.done.removeAll { $0.tag == tag }
         guard let status = d.status else {
-            throw ClientError(.transfer, "\(method) \(path): stream reset (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))")
+            throw ClientError(.transfer, "\(method) \(path): stream reset (\(H3Error.Code(rawValue: d.errorCode).resetReason))")
         }
         var bytes = [UInt8](repeating: 0, count: Int(d.received))
         let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }

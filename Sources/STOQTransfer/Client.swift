@@ -708,10 +708,10 @@ public enum STOQClient {
             // A connection the server closed ends its streams too: its reason (a refused
             // certificate's TLS alert, say) is the one to give.
             if let why = app.connectionError { throw ClientError(.transfer, "connection closed before a response: \(why)") }
-            throw ClientError(.transfer, "stream reset by the server (HTTP/3 error 0x\(String(closed, radix: 16)))")
+            throw ClientError(.transfer, "stream reset by the server (\(H3Error.Code(rawValue: closed).resetReason))")
         }
         if closed != H3Error.noError {
-            throw ClientError(.transfer, "transfer aborted (HTTP/3 error 0x\(String(closed, radix: 16))) after \(app.received) bytes")
+            throw ClientError(.transfer, "transfer aborted (\(H3Error.Code(rawValue: closed).resetReason)) after \(app.received) bytes")
         }
         if app.sinkErrno != 0 && status / 100 == 2 {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")

@@ -83,7 +83,7 @@ extension STOQClient {
                 if let f = d.failure {
                     results[d.tag].failure = f
                 } else if d.errorCode != H3Error.noError {
-                    results[d.tag].failure = "stream reset (HTTP/3 error 0x\(String(d.errorCode, radix: 16))) after \(d.received) bytes"
+                    results[d.tag].failure = "stream reset (\(H3Error.Code(rawValue: d.errorCode).resetReason)) after \(d.received) bytes"
                 }
             }
         }

@@ -1,3 +1,4 @@
+import STOQCore
 import STOQQUIC
 import STOQTestSupport
 import Testing
@@ -196,6 +197,32 @@ struct HTTPRequestHeadTests {
         #expect(sha("\"\(hex.dropLast())g\"") == nil)
         #expect(sha("\"1a2b-3c\"") == nil)
         #expect(HTTPResponseHead.parse([HTTPField(":status", "201")]).etagSHA256 == nil)
+    }
+
+    /// A body is checked against a SHA-256 ETag only when it is the whole object (200).
+    @Test func aBodyIsCheckedOnlyWhenWholeAndTaggedWithItsDigest() {
+        let digest = [UInt8](repeating: 0xab, count: 32), other = [UInt8](repeating: 0xcd, count: 32)
+        func head(_ status: String, _ tag: String?) -> HTTPResponseHead {
+            HTTPResponseHead.parse([HTTPField(":status", status)] + (tag.map { [HTTPField("etag", $0)] } ?? []))
+        }
+        let tag = "\"\(Hex.encode(digest))\""
+        #expect(head("200", tag).bodyMismatch(sha256: digest) == nil)
+        #expect(
+            head("200", tag).bodyMismatch(sha256: other)
+                == "the body's SHA-256 is \(Hex.encode(other)), not the \(Hex.encode(digest)) its ETag names: the object changed on the server while it was sent, or is damaged there"
+        )
+        #expect(head("206", tag).bodyMismatch(sha256: other) == nil)
+        #expect(head("200", "\"f1-2-3\"").bodyMismatch(sha256: other) == nil)
+        #expect(head("200", nil).bodyMismatch(sha256: other) == nil)
+        #expect(head("200", tag).bodyMismatch(sha256: nil) == nil)
+    }
+
+    @Test func aResetIsNamedAndExplained() {
+        #expect(
+            H3Error.Code.internalError.resetReason
+                == "HTTP/3 error 0x102, H3_INTERNAL_ERROR: the server could not finish the response (its log says why)")
+        #expect(H3Error.Code.requestCancelled.resetReason == "HTTP/3 error 0x10c, H3_REQUEST_CANCELLED")
+        #expect(H3Error.Code(rawValue: 0x1f).resetReason == "HTTP/3 error 0x1f")
     }
 
     /// Found by `scripts/fuzz http3`: a value cut inside a UTF-8 character came back with
