@@ -168,7 +168,10 @@ public final class EdgeCache: @unchecked Sendable {
     let root: String
     let manifestDir: String
     let ttlDefault: Double
-    let trust: ClientTrust
+    /// How upstreams are verified, and the change a reload asked for that the fetcher has not
+    /// applied yet (`retrust`).
+    private var trust: ClientTrust
+    private var freshTrust: ClientTrust?
     /// The datapath the origin connection runs on (the node's assembly picks it).
     let datapath: ClientDatapath
     let logger: Logger
@@ -392,6 +395,15 @@ public final class EdgeCache: @unchecked Sendable {
         t.start()
     }
 
+    /// Verifies upstreams with `trust` from now on (a reload changed the node's `[trust]`).
+    /// The fetches in flight finish on the connections they have; new ones wait for them, then
+    /// go over connections verified with `trust` (the old ones are closed). Any thread.
+    public func retrust(_ trust: ClientTrust) {
+        lock.withLock { freshTrust = trust }
+        wake.signal()
+        onPoolWake?()
+    }
+
     /// Stops the fetcher (failing what is in flight) and writes the index; waits up to 10 s.
     public func stop() {
         stopFlag.store(true, ordering: .releasing)
@@ -575,9 +587,22 @@ public final class EdgeCache: @unchecked Sendable {
         while !stopFlag.load(ordering: .acquiring) {
             let now = DispatchTime.now().uptimeNanoseconds
             if now - lastPersist > 2_000_000_000 { persist(); lastPersist = now }
-            lock.withLock {
+            let fresh: ClientTrust? = lock.withLock {
                 backlog += jobs; jobs.removeAll()
+                guard active.isEmpty, let t = freshTrust else { return nil }
+                freshTrust = nil
+                return t
             }
+            if let fresh {
+                // Between fetches: connections verified under the old trust go.
+                do {
+                    try pool?.retrust(fresh)
+                    lock.withLock { trust = fresh }
+                } catch {
+                    logger.error("edge: the new [trust] does not load (\(error)); upstreams are still verified with the old one")
+                }
+            }
+            let retrusting = lock.withLock { freshTrust != nil }
             if backlog.isEmpty && active.isEmpty {
                 if let p = pool {
                     // Idle: keep the connections' timers going; close them after a while.
@@ -591,7 +616,8 @@ public final class EdgeCache: @unchecked Sendable {
             lastUse = now
             if pool == nil {
                 do {
-                    pool = try ConnectionPool(trust: trust, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9))
+                    pool = try ConnectionPool(
+                        trust: lock.withLock { trust }, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9))
                     pool?.holdUnreachable = UInt64(Self.holdUnreachable * 1e9)
                 } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
@@ -604,7 +630,7 @@ public final class EdgeCache: @unchecked Sendable {
                 onPoolWake = { [weak p = pool] in p?.wake() }
             }
             guard let p = pool else { continue }
-            while !backlog.isEmpty && active.count < Self.maxInFlight {
+            while !backlog.isEmpty && active.count < Self.maxInFlight && !retrusting {
                 let (key, hint, trace) = backlog.removeFirst()
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {

@@ -77,6 +77,15 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         while !service.stopping {
             let now = monotonicNow()
             if let set = service.takeMembers() { updateMembers(set, now: now) }
+            if let trust = service.takeTrust() {
+                do {
+                    try pool.retrust(trust)
+                    // A neighbour the old trust refused is tried again now, not after its backoff.
+                    for ep in Array(neighbours.keys) { neighbours[ep]!.retryAt = 0 }
+                } catch {
+                    logger.error("mesh: the new [trust] does not load (\(error)); neighbours are still verified with the old one")
+                }
+            }
             if now &- lastProbe >= service.settings.probeInterval {
                 lastProbe = now
                 probe(now: now)
@@ -368,7 +377,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         counters.advertsReceived += 1
         let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
         let signed: SignedAdvert
-        do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.settings.verifyChain) } catch {
+        do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.verifyChain) } catch {
             counters.advertsRefused[error.code.name, default: 0] += 1
             logger.warning("mesh: \(error)")
             return

@@ -14,6 +14,7 @@ import STOQRenewal
 import STOQStore
 import STOQTracing
 import STOQTransfer
+import X509
 import STOQTrust
 import STOQWorker
 
@@ -28,6 +29,9 @@ public final class Node: @unchecked Sendable {
     /// The chain the node presents (its key is key.pem beside it).
     public private(set) var servingCertificatePath = ""
     private var certificates: CertificateManager?
+    /// The credentials the workers serve with, as they change: the manager's, or those of
+    /// `tls.cert_file`, loaded again when a reload changes the client-certificate rules.
+    private var identity: CertificateManager.Published?
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
@@ -193,7 +197,7 @@ public final class Node: @unchecked Sendable {
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger),
             storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, qlog: qlog, access: access, mesh: mesh, meshService: meshService, gate: gate,
+            certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService, gate: gate,
             rates: rates,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
@@ -268,6 +272,7 @@ public final class Node: @unchecked Sendable {
             }
             certificatePath = cfg.tls.certFile
             servingCertificatePath = cfg.tls.certFile
+            identity = CertificateManager.Published(creds)
             return creds
         }
         var names = [ProcessInfo.processInfo.hostName]
@@ -280,6 +285,7 @@ public final class Node: @unchecked Sendable {
             throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")
         }
         certificates = manager
+        identity = manager.published
         certificatePath = manager.trustAnchorPath
         servingCertificatePath = manager.identityDirectory + "/cert.pem"
         return creds
@@ -389,7 +395,7 @@ public final class Node: @unchecked Sendable {
             for q in queues { q.close() }
             throw NodeError(.datapath, "\(error)")
         }
-        certificates?.published.onPublish = { for w in 0..<mesh.count { mesh.wake(w) } }
+        identity?.onPublish = { for w in 0..<mesh.count { mesh.wake(w) } }
         return mesh
     }
 
@@ -538,22 +544,38 @@ public final class Node: @unchecked Sendable {
         }
         let manager = certificates
         let trustChanged = fresh.trust != old.trust, authChanged = fresh.network.clientAuth != old.network.clientAuth
-        if let manager, trustChanged || authChanged, fresh.trust.mode == old.trust.mode {
-            do { try manager.update(trust: fresh.trust, clientAuth: try Self.clientAuthentication(fresh)) } catch {
+        // How the edge's upstreams and the mesh's neighbours (and adverts' signers) are verified
+        // under the new trust: loaded first, so that files which do not load refuse the reload
+        // before anything is applied; applied whatever else of [trust] waits for a restart.
+        var peers: (trust: ClientTrust, adverts: (@Sendable ([Certificate]) throws -> Void)?)?
+        if trustChanged && (edge != nil || mesh != nil) {
+            let t = Self.peerTrust(fresh)
+            do { _ = try ClientRig.credentials(t) } catch {
+                throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
+            }
+            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t))
+        }
+        let fixedIdentity = fresh.tls.certFile.isEmpty ? nil : identity
+        if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode,
+            fresh.tls == old.tls
+        {
+            do {
+                let clientAuth = try Self.clientAuthentication(fresh)
+                if let manager { try manager.update(trust: fresh.trust, clientAuth: clientAuth) }
+                if let fixedIdentity {
+                    // The node's own files, loaded again with the new rules for clients.
+                    fixedIdentity.publish(
+                        try TLSCredentials(
+                            certificateFile: fresh.tls.certFile, keyFile: fresh.tls.keyFile, clientAuth: clientAuth,
+                            cipherSuites: fresh.tls.cipherSuites))
+                }
+            } catch {
                 throw NodeError(.identity, "applying the new trust settings: \(error)")
             }
             next.trust = fresh.trust
             next.network.clientAuth = fresh.network.clientAuth
             note("trust", trustChanged, live: true)
             note("network.client_auth", authChanged, live: true)
-            // The edge's origin and the mesh's neighbours are verified with the trust the node
-            // started with (their connections and pools hold it): that part waits for a restart.
-            if trustChanged && (edge != nil || mesh != nil) {
-                report.restartNeeded.append("trust")
-                logger.warning(
-                    "reload: the new [trust] judges clients and the node's own certificate now; the edge's origin and mesh neighbours are verified with the old one until a restart"
-                )
-            }
         } else {
             note("trust", trustChanged, live: false)
             note("network.client_auth", authChanged, live: false)
@@ -590,6 +612,15 @@ public final class Node: @unchecked Sendable {
         note("tracing", restNew.tracing != restOld.tracing, live: false)
         note("limits", restNew.limits != restOld.limits, live: false)
         note("access.overwrite", restNew.overwrite != restOld.overwrite, live: false)
+        if let peers {
+            edge?.retrust(peers.trust)
+            if let adverts = peers.adverts { mesh?.retrust(peers.trust, verifyChain: adverts) }
+            if report.restartNeeded.contains("trust") {
+                logger.warning(
+                    "reload: the new [trust] verifies the edge's upstreams and mesh neighbours now; clients and this node's own certificate are judged with the old one until a restart"
+                )
+            }
+        }
         config = next
         return report
     }

@@ -24,18 +24,10 @@ extension Node {
         }
         guard !chain.isEmpty else { throw NodeError(.identity, "mesh: \(certificate) holds no certificate") }
         let trust = peerTrust(cfg)
-        let verifier: PeerVerifier
-        do {
-            let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
-            verifier = PeerVerifier(roots: roots, role: .client)
-        } catch {
-            throw NodeError(.identity, "mesh: cannot read the roots adverts are verified against: \(error)")
-        }
         var local = Set(localAddresses())
         local.insert(IPv6Address.loopback)
         var s = MeshService.Settings(
-            chain: chain, key: signingKey, trust: trust,
-            verifyChain: { _ = try verifier.verifySynchronously(chain: $0) },
+            chain: chain, key: signingKey, trust: trust, verifyChain: try advertVerifier(trust),
             listenPort: cfg.network.listenAddress.port, localAddresses: local)
         s.probeInterval = cfg.mesh.probeInterval
         s.downAfter = cfg.mesh.downAfter
@@ -48,6 +40,18 @@ extension Node {
         let discovery = DiscoverySelection.backend(
             for: cfg.mesh, listenPort: cfg.network.listenAddress.port, registration: registration, logger: logger)
         return MeshService(settings: s, discovery: discovery, datapath: DatapathSelection.originFetch, logger: logger)
+    }
+
+    /// What an advert's signer must chain to: the roots neighbours are verified against.
+    static func advertVerifier(_ trust: ClientTrust) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
+        let verifier: PeerVerifier
+        do {
+            let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
+            verifier = PeerVerifier(roots: roots, role: .client)
+        } catch {
+            throw NodeError(.identity, "mesh: cannot read the roots adverts are verified against: \(error)")
+        }
+        return { _ = try verifier.verifySynchronously(chain: $0) }
     }
 
     /// The URL this node registers under (etcd): its listen address when that is specific, else

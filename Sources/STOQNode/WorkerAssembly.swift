@@ -32,6 +32,8 @@ struct WorkerAssembly: @unchecked Sendable {
     /// `Cache-Control: max-age` (seconds) on manifests and chunked objects, if set.
     let originMaxAge: UInt64?
     let certificates: CertificateManager?
+    /// The credentials as they change (rotations, reloads), taken again between batches.
+    let identity: CertificateManager.Published?
     /// qlog settings, applied at start and taken again between batches after a reload.
     let qlog: QLogControl
     /// `[access]` and the accepted token keys, taken again between batches after a reload.
@@ -124,7 +126,7 @@ struct WorkerAssembly: @unchecked Sendable {
         var accessVersion = 0
         let access = self.access
         let qlog = self.qlog, logger = self.logger
-        let published = certificates?.published
+        let published = identity
         let content = router.content, objects = router.objects
         let edgeOn = edge != nil, ingestOn = ingest != nil
         if edgeOn { content.inbox.onPost = { [mesh] in mesh.wake(i) } }

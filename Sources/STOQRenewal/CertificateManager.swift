@@ -24,8 +24,8 @@ package final class CertificateManager: @unchecked Sendable {
         /// Called after each publish (set once at start): wakes the workers so that they
         /// take the new credentials at once rather than at their next turn.
         package var onPublish: (@Sendable () -> Void)?
-        init(_ c: TLSCredentials) { credentials = c }
-        func publish(_ c: TLSCredentials) {
+        package init(_ c: TLSCredentials) { credentials = c }
+        package func publish(_ c: TLSCredentials) {
             lock.withLock {
                 credentials = c
                 version.add(1, ordering: .releasing)

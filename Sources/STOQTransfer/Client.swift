@@ -433,13 +433,9 @@ package struct ClientRig {
         }
     }
 
-    package init(
-        trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
-        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
-        handshakeTimeout: Double? = nil, keepAlive: UInt64 = 0, updatesKeys: Bool = false
-    ) throws(ClientError) {
-        self.updatesKeys = updatesKeys
-        let creds: TLSCredentials
+    /// The TLS credentials a client with `trust` handshakes with: its roots, transparency logs
+    /// and client certificate read now.
+    package static func credentials(_ trust: ClientTrust) throws(ClientError) -> TLSCredentials {
         do {
             // The one certificate policy (PeerVerifier, role server), as `stoq trust verify` runs it.
             var policy: PeerCertificateCheck?
@@ -449,12 +445,21 @@ package struct ClientRig {
                 let verifier = PeerVerifier(roots: roots, role: .server, transparencyLogs: logs)
                 policy = PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal)
             }
-            creds = try TLSCredentials(
+            return try TLSCredentials(
                 policy: policy, insecure: trust.insecure,
                 certificateFile: trust.certificateFile, keyFile: trust.keyFile, cipherSuites: trust.cipherSuites)
         } catch {
             throw ClientError(.tls, "\(error)")
         }
+    }
+
+    package init(
+        trust: ClientTrust, datapath: ClientDatapath, application: QUICApplication,
+        congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
+        handshakeTimeout: Double? = nil, keepAlive: UInt64 = 0, updatesKeys: Bool = false
+    ) throws(ClientError) {
+        self.updatesKeys = updatesKeys
+        let creds = try Self.credentials(trust)
         do { queue = try datapath.open() } catch {
             throw ClientError(.connect, "\(error)")
         }

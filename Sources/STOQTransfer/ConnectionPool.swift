@@ -145,6 +145,15 @@ package final class ConnectionPool {
         }
     }
 
+    /// Verifies upstreams with `trust` from now on (a reload changed the node's): new
+    /// handshakes use it, and every connection made under the old one is closed, its requests
+    /// in flight failing with the reason. Throws, changing nothing, when `trust`'s files do not
+    /// load. The pool's thread.
+    package func retrust(_ trust: ClientTrust) throws(ClientError) {
+        rig.endpoint.replaceCredentials(try ClientRig.credentials(trust))
+        for ep in Array(upstreams.keys) { drop(ep, reason: "the node's trust changed") }
+    }
+
     /// Same as `waker.wake()`.
     package func wake() { waker.wake() }
 

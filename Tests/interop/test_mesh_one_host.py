@@ -5,6 +5,8 @@ sees them out of the mesh: it advertises one link to that id and says so once. B
 advert repeated the neighbour, it could sign none ("cannot sign this node's advert … repeats
 neighbour", every second), and its neighbours lost their routes through it."""
 import json
+import re
+import signal
 import time
 
 import pytest
@@ -130,6 +132,40 @@ def test_a_node_its_peers_do_not_list_says_so(tmp_path):
             warned = [l for l in (tmp_path / "w" / "node.log").read_text().splitlines() if "no node has sent it an advert" in l]
         assert len(warned) == 1 and f"https://[::1]:{pa}" in warned[0], warned
         assert status(w)["counters"]["adverts_received"] == 0
+    finally:
+        for n in nodes:
+            stop(n)
+
+
+def test_a_trust_change_reaches_the_mesh_without_a_restart(tmp_path):
+    """B starts with a bundle that does not hold the mesh's CA: it refuses A as a neighbour, A's
+    client certificate and A's adverts. A reload that gives it the right bundle brings A in,
+    without a restart (a node with its own certificate files applied no [trust] change live,
+    and neighbours were verified with the trust a node started with)."""
+    ca = certificates(tmp_path, ("a", "b"))
+    other = tmp_path / "other"
+    assert stoq("trust", "init", "--dir", other).returncode == 0
+    pa, pb = free_port(), free_port()
+    right, wrong = f'bundle = "{ca}/root.pem"', f'bundle = "{other}/root.pem"'
+    nodes = []
+    try:
+        nodes.append(start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb])))
+        nodes.append(start_node(tmp_path / "b", pb, mesh_config(tmp_path, ca, "b", [pa]).replace(right, wrong)))
+        a, b = nodes
+        deadline = time.monotonic() + 20
+        while status(b)["counters"]["peers_refused"] == 0:
+            assert time.monotonic() < deadline, status(b)
+            time.sleep(0.3)
+        assert routes(b) == []
+        cfg = tmp_path / "b" / "node.toml"
+        cfg.write_text(cfg.read_text().replace(wrong, right))
+        b.proc.send_signal(signal.SIGHUP)
+        wait_for_routes([a, b], 1)
+        b.log.flush()
+        log = (tmp_path / "b" / "node.log").read_text()
+        # As a server too: B judges A's client certificate (client_auth = "optional") with the
+        # new bundle; its own certificate files are loaded again with it.
+        assert re.search(r"applied=\S*trust\S* restart_needed= .*reloaded", log), log[-2000:]
     finally:
         for n in nodes:
             stop(n)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Node, need_binary, run, stoq
+from conftest import Node, need_binary, random_file, run, sha256_file, stoq
 
 
 @pytest.fixture
@@ -66,20 +66,53 @@ def test_sighup_with_an_invalid_file_keeps_the_running_configuration(node):
     assert get(node).returncode == 0
 
 
-def test_a_trust_change_says_what_waits_for_a_restart_on_an_edge(tmp_path):
-    """An edge verifies its origin with the [trust] it started with: a reload that changes
-    trust applies it to clients and says the origin's part waits (it said "applied" only)."""
-    n = Node(tmp_path, workers=1, extra='[edge]\nenable_caching = true\norigin = "https://[::1]:9"\n')
+def test_a_trust_change_reaches_the_edges_origin_without_a_restart(tmp_path):
+    """An edge verifies its origin with [trust] as it is now: a reload that changes the bundle
+    applies to the origin's connection too, both ways (it used to wait for a restart, and
+    said so)."""
+    origin = Node(tmp_path / "origin", workers=1)
+    edge = None
     try:
-        bundle = tmp_path / "bundle.pem"
-        bundle.write_text(pathlib.Path(n.cert).read_text())
-        n.config.write_text(n.config.read_text() + f'[trust]\nbundle = "{bundle}"\n')
-        n.proc.send_signal(signal.SIGHUP)
-        m = wait_for(n, r"applied=(\S+) restart_needed=(\S*) .*reloaded")
-        assert "trust" in m.group(1).split(",") and "trust" in m.group(2).split(","), m.group(0)
-        wait_for(n, r"mesh neighbours are verified with the old one until a restart")
+        digests = {}
+        for name, seed in (("a.bin", 1), ("b.bin", 2)):
+            digests[name] = sha256_file(random_file(tmp_path / name, 300_000, seed))
+            r = stoq("put", tmp_path / name, origin.url(name), "--ca", origin.cert)
+            assert r.returncode == 0, r.stderr
+        edge = Node(tmp_path / "edge", workers=1,
+                    extra=f'[edge]\nenable_caching = true\norigin = "https://[::1]:{origin.port}"\n')
+        base = edge.config.read_text()
+
+        def via_edge(name):
+            return stoq("get", edge.url(name), "-o", tmp_path / f"{name}.out", "--ca", edge.cert, "--timeout", "20")
+
+        def reload(bundle, count):
+            edge.config.write_text(base + f'[trust]\nbundle = "{bundle}"\n')
+            edge.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 8
+            while len(re.findall(r"applied=(\S+) restart_needed=(\S*) .*reloaded", log_text(edge))) < count:
+                assert time.time() < deadline, log_text(edge)[-2000:]
+                time.sleep(0.2)
+            applied, restart = re.findall(r"applied=(\S+) restart_needed=(\S*) .*reloaded", log_text(edge))[-1]
+            assert "trust" in applied.split(",") and restart == "", (applied, restart)
+            time.sleep(1.2)  # past the edge's hold on an upstream that just failed
+
+        # No bundle: the system's roots, which do not know the origin's CA.
+        r = via_edge("a.bin")
+        assert r.returncode == 1 and "HTTP 502" in r.stderr and "certificate" in r.stderr, r.stderr
+        reload(origin.cert, 1)
+        r = via_edge("a.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "a.bin.out") == digests["a.bin"]
+        # Back to a bundle without the origin's CA: the connection verified under the old one
+        # goes with it.
+        reload(edge.cert, 2)
+        r = via_edge("b.bin")
+        assert r.returncode == 1 and "HTTP 502" in r.stderr and "certificate" in r.stderr, r.stderr
+        assert "mesh neighbours are verified with the old one" not in log_text(edge)
     finally:
-        assert n.stop() == 0
+        if edge:
+            assert edge.stop() == 0
+        assert origin.stop() == 0
 
 
 def test_a_second_node_on_a_running_nodes_data_dir_changes_nothing(node, tmp_path):
