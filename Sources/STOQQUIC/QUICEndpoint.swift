@@ -557,6 +557,12 @@ public final class QUICEndpoint {
             let fault = stoq_guard_take_fault()
             if fault != 0 {
                 tally.bodiesCutShort &+= UInt64(stoq_conn_reset_streams_at(conn.raw, fault, H3Error.internalError))
+                // The datagrams just built carry those zeros, perhaps with the body's FIN, which
+                // would complete it at the peer before the reset arrived: they are not sent, as
+                // if lost. ngtcp2 does not send a reset stream's data again; the rest of what
+                // they held is sent again like any loss. The connection's next write carries
+                // the reset.
+                if n > 0 { continue }
             }
             if n > 0 {
                 // Its turn is over; it comes round again after the others.

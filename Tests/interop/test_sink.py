@@ -145,6 +145,32 @@ def test_a_file_cut_short_under_a_download_costs_that_response_only(tmp_path):
     assert "1 responses reset: the file each was sent from shrank while it was sent" in node.log.read()
 
 
+def test_a_file_cut_short_in_its_last_page_is_not_completed_with_zeros(tmp_path):
+    """The last page of an object goes (truncated to a page boundary) while flow control
+    holds its tail: the packet that reads it also carries the body's FIN. It used to be sent
+    with zeros where the bytes were, completing the body at the client before the reset came
+    (stoq get exited 0 with the wrong bytes). Those datagrams are now dropped, as if lost."""
+    from test_drain import slow_get, wait_for
+    node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
+    size = (48 << 20) + 100
+    node.add_object("tail.bin", size)
+    client, reader, tally = slow_get(node, "tail.bin", tmp_path / "body.fifo", pace=0.02)
+    try:
+        wait_for(lambda: tally["bytes"] >= 2 << 20)
+        os.truncate(node.storage / "tail.bin", 48 << 20)
+        out, err = client.communicate(timeout=120)
+        reader.join(timeout=60)
+        assert node.proc.poll() is None, f"the node died ({node.proc.poll()})"
+        assert client.returncode == 1 and "transfer aborted (HTTP/3 error 0x102" in err, (client.returncode, err)
+        assert tally["bytes"] < size
+        counters = settled(lambda: summed_counters(node, ["stoq_http_bodies_cut_short_total"]))
+        assert counters == {"stoq_http_bodies_cut_short_total": 1}, counters
+    finally:
+        if client.poll() is None:
+            client.kill()
+        assert node.stop() == 0
+
+
 def mount_small_tmpfs(where):
     """A 2 MiB tmpfs at `where` (the tests run in their own mount namespace, as root)."""
     where.mkdir(parents=True, exist_ok=True)
