@@ -622,6 +622,9 @@ public final class QUICEndpoint {
     /// Server: graceful shutdown's first step, `beginDrain` was called. New connections are
     /// refused (CONNECTION_REFUSED, "this node is shutting down").
     public private(set) var isDraining = false
+    /// While draining: the connections left with requests open at the last look (no new ones
+    /// are accepted), so that each look costs what is left, not every connection.
+    private var drainWatch: [QUICConnection] = []
 
     /// Server: starts a graceful shutdown. Every connection gets a GOAWAY
     /// (`stoq_conn_goaway`): the requests it has open run to their end, later ones are
@@ -636,6 +639,7 @@ public final class QUICEndpoint {
             guard case .active = conn.state, !conn.removed else { continue }
             if stoq_conn_goaway(conn.raw) == 0 { markDirty(conn) }
         }
+        drainWatch = Array(connections.values)
         closeFinished(now: now)
     }
 
@@ -644,16 +648,17 @@ public final class QUICEndpoint {
     /// requests open.
     @discardableResult
     public func closeFinished(now: Timestamp) -> Int {
-        var busy = 0
-        for conn in Array(connections.values) {
+        let watched = drainWatch
+        drainWatch.removeAll(keepingCapacity: true)
+        for conn in watched {
             guard case .active = conn.state, !conn.removed else { continue }
             if conn.isEstablished && stoq_conn_streams_open(conn.raw) > 0 && conn.lastHeard + Self.drainSilence > now {
-                busy += 1
+                drainWatch.append(conn)
             } else {
                 close(conn, errorCode: H3Error.noError, now: now)
             }
         }
-        return busy
+        return drainWatch.count
     }
 
     /// A peer heard from within this is still there: a transfer's receiver acknowledges or
