@@ -116,7 +116,7 @@ struct Get: ParsableCommand {
         help: ArgumentHelp(
             "Neither hash the body nor check it against the object's ETag.",
             discussion:
-                "A STOQ node tags an object with its content's SHA-256; by default a whole body (200) is hashed as it arrives and a body that is not the object its ETag names fails (exit 1, the file is not kept). Hashing costs the client about a CPU second per 2 GiB."
+                "A STOQ node tags an object with its content's SHA-256; by default a whole body (200) is hashed as it arrives and a body that is not the object its ETag names fails (exit 1, the file is not kept). Hashing costs the client about 0.7 CPU seconds per GiB (SHA-256 runs at ~1.5 GB/s with SHA-NI): a client bound by one core downloads up to a third faster without it (scripts/bench-throughput, row v)."
         ))
     var noVerify = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
