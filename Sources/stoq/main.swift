@@ -116,7 +116,7 @@ struct Get: ParsableCommand {
         help: ArgumentHelp(
             "Neither hash the body nor check it against the object's ETag.",
             discussion:
-                "A STOQ node tags an object with its content's SHA-256; by default a whole body (200) is hashed as it arrives and a body that is not the object its ETag names fails (exit 1, the file is not kept). Hashing costs the client about 0.7 CPU seconds per GiB (SHA-256 runs at ~1.5 GB/s with SHA-NI): a client bound by one core downloads up to a third faster without it (scripts/bench-throughput, row v)."
+                "A STOQ node tags an object with its content's SHA-256. A body that is kept (-o, -O) or reported (--json, the summary on a terminal) is hashed as it arrives, and a whole one (200) that is not the object its ETag names fails (exit 1, the file is not kept); a body discarded silently is not hashed. Hashing costs the client about 0.7 CPU seconds per GiB (SHA-256 runs at ~1.5 GB/s with SHA-NI): a client bound by one core downloads up to a third faster without it (scripts/bench-throughput, row v)."
         ))
     var noVerify = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
@@ -256,7 +256,7 @@ struct Get: ParsableCommand {
         let result: TransferResult
         do {
             result = try STOQClient.get(
-                u, into: fd, trust: trust.trust, datapath: .ioUring, hash: !noVerify, timeout: timeout,
+                u, into: fd, trust: trust.trust, datapath: .ioUring, hash: !noVerify && (output != nil || json || tty), timeout: timeout,
                 connectTimeout: connectTimeout,
                 congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
                 // A session proves the server once; one kept from an unverified run must not
@@ -344,7 +344,7 @@ struct Get: ParsableCommand {
         let report: ManyGetReport
         do {
             report = try STOQClient.getMany(
-                parsed, into: fds, trust: trust.trust, datapath: .ioUring, verify: !noVerify, timeout: timeout, connectTimeout: connectTimeout,
+                parsed, into: fds, trust: trust.trust, datapath: .ioUring, verify: !noVerify && (directory != nil || json), timeout: timeout, connectTimeout: connectTimeout,
                 headers: { u in
                     do { return try tracing.headers() + credential.headers(for: u) } catch {
                         headerFailure = error
