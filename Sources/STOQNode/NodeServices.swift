@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 /// The node as a swift-service-lifecycle `Service`: `run` starts it, serves until the
@@ -55,25 +56,40 @@ public struct ReloadService: Service {
         self.seen = path.map(Self.modificationTime) ?? 0
     }
 
+    /// The modification time of the file as last read, by a reload of either kind: the
+    /// watcher reports a change only past it, so a SIGHUP after an edit is one reload, not two.
+    private final class ReadAt: Sendable {
+        let value: Mutex<Int>
+        init(_ v: Int) { value = Mutex(v) }
+    }
+
     public func run() async throws {
         let (reasons, trigger) = AsyncStream<String>.makeStream()
+        let readAt = ReadAt(seen)
         await withDiscardingTaskGroup { group in
             group.addTask { [hangups] in
                 for await _ in hangups.cancelOnGracefulShutdown() { trigger.yield("SIGHUP") }
                 trigger.finish()
             }
             if let path {
-                group.addTask { [interval, seen] in
-                    var last = seen
+                group.addTask { [interval] in
                     while !Task.isShuttingDownGracefully {
                         do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) } } catch { break }
                         let now = Self.modificationTime(path)
-                        if now != last { last = now; trigger.yield("config file changed") }
+                        if readAt.value.withLock({ $0 != now }) { trigger.yield("config file changed") }
                     }
                     trigger.finish()
                 }
             }
-            for await why in reasons { await reload(why) }
+            for await why in reasons {
+                if let path {
+                    let now = Self.modificationTime(path)
+                    // Already read at this version (the watcher saw the edit a SIGHUP also announced).
+                    if why != "SIGHUP" && readAt.value.withLock({ $0 == now }) { continue }
+                    readAt.value.withLock { $0 = now }
+                }
+                await reload(why)
+            }
         }
     }
 

@@ -344,7 +344,8 @@ struct Get: ParsableCommand {
         let report: ManyGetReport
         do {
             report = try STOQClient.getMany(
-                parsed, into: fds, trust: trust.trust, datapath: .ioUring, verify: !noVerify && (directory != nil || json), timeout: timeout, connectTimeout: connectTimeout,
+                parsed, into: fds, trust: trust.trust, datapath: .ioUring, verify: !noVerify && (directory != nil || json), timeout: timeout,
+                connectTimeout: connectTimeout,
                 headers: { u in
                     do { return try tracing.headers() + credential.headers(for: u) } catch {
                         headerFailure = error

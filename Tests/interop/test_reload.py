@@ -58,6 +58,17 @@ def test_a_changed_file_applies_live_and_names_what_needs_a_restart(node, tmp_pa
     wait_for(node, r"debug stoq-node: .*connection closed")
 
 
+def test_an_edit_announced_by_sighup_is_read_once(node):
+    """The file watcher saw the edit a SIGHUP had already applied and reloaded it a second
+    time ("config file changed: … unchanged", or the restart list again)."""
+    node.config.write_text(node.config.read_text() + '[log]\nlevel = "debug"\n')
+    node.proc.send_signal(signal.SIGHUP)
+    wait_for(node, r"SIGHUP: reloaded")
+    time.sleep(4.5)  # two turns of the watcher
+    reads = re.findall(r"(SIGHUP|config file changed): (reloaded|\S+ unchanged)", log_text(node))
+    assert reads == [("SIGHUP", "reloaded")], reads
+
+
 def test_sighup_with_an_invalid_file_keeps_the_running_configuration(node):
     node.config.write_text(node.config.read_text().replace("workers = 1", "workers = -3"))
     node.proc.send_signal(signal.SIGHUP)
