@@ -22,6 +22,17 @@ public struct STOQURL: Sendable, CustomStringConvertible {
         let rest = text.dropFirst(8)
         let authority = String(rest.prefix { $0 != "/" })
         let path = String(rest.dropFirst(authority.count))
+        // HTTP sends a path as it is: a space, a control character or a non-ASCII byte in it
+        // is a malformed request the server ends the connection for (RFC 3986 §2.1).
+        if let i = path.utf8.firstIndex(where: { $0 <= 0x20 || $0 >= 0x7f }) {
+            let offset = path.utf8.distance(from: path.utf8.startIndex, to: i)
+            let byte = path.utf8[i]
+            let what = byte == 0x20 ? "a space" : byte < 0x20 || byte == 0x7f ? "a control character" : "a non-ASCII character"
+            throw ClientError(
+                .badURL,
+                "\(text): its path has \(what) at byte \(offset), which HTTP does not carry: percent-encode it (\(byte == 0x20 ? "%20" : "%\(String(byte, radix: 16, uppercase: true)) for this byte"))"
+            )
+        }
         self.authority = authority
         self.path = path.isEmpty ? "/" : path
         var host: String, port: UInt16 = 443
