@@ -73,6 +73,10 @@ public final class ContentService: QUICApplication {
         var waiting = false  // the next chunk is being fetched from the origin
         var fetched: [UInt8]?  // the next chunk's verified bytes, as its fetch handed them over
         var readAhead = 0  // chunks up to here have been asked of the origin
+        /// The response's head, held until the first chunk is at hand: a first chunk that
+        /// cannot be had (the origin down, the store failing) is then an error answer naming
+        /// why, not a 200 reset before its first byte.
+        var head: (status: Int, headers: [(String, String)])?
     }
 
     /// A request waiting for the edge cache's fetcher (by ticket).
@@ -259,8 +263,17 @@ public final class ContentService: QUICApplication {
         }
         sends[stream] = ObjectSend(
             name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
-            edge: edge, readAhead: first)
-        connection.respondStreamed(stream, status: status, headers: headers)
+            edge: edge, readAhead: first, head: (status, headers))
+        bodyWanted(stream: stream, connection: connection)
+    }
+
+    /// Ends `send` for a chunk that cannot be had: an error answer while its head is held,
+    /// else (bytes went out) a reset stream.
+    private func abandon(_ send: ObjectSend, _ status: Int, _ why: String, _ stream: HTTPStream, _ connection: QUICConnection) {
+        logger.error("object \(send.name): \(why)")
+        sends[stream] = nil
+        if send.head != nil { return fail(stream, connection, status, why) }
+        connection.reset(stream, errorCode: H3Error.internalError)
     }
 
     public func bodyWanted(stream: HTTPStream, connection: QUICConnection) {
@@ -290,12 +303,13 @@ public final class ContentService: QUICApplication {
             }
         } else {
             do { bytes = try index.chunks.read(id) } catch {
-                // Never send bytes the store cannot vouch for: the client sees the stream fail.
-                logger.error("object \(send.name): chunk \(id.hex) unavailable mid-response: \(error)")
-                sends[stream] = nil
-                connection.reset(stream, errorCode: H3Error.internalError)
-                return
+                // Never send bytes the store cannot vouch for: the client sees the request fail.
+                return abandon(send, 500, "chunk \(id.hex) unavailable: \(error)", stream, connection)
             }
+        }
+        if let head = send.head {
+            send.head = nil
+            connection.respondStreamed(stream, status: head.status, headers: head.headers)
         }
         let take = Int(min(UInt64(bytes.count - send.skip), send.remaining))
         let piece =
@@ -430,10 +444,7 @@ public final class ContentService: QUICApplication {
                 guard var send = sends[stream] else { continue }
                 send.waiting = false
                 if let f = c.failure {
-                    // The head is out: all that can be done is to fail the stream.
-                    logger.error("object \(send.name) via edge: \(f.reason)")
-                    sends[stream] = nil
-                    connection.reset(stream, errorCode: H3Error.internalError)
+                    abandon(send, f.status, f.reason, stream, connection)
                     continue
                 }
                 let id = ChunkID(bytes: send.chunks[send.next].id.bytes)!
@@ -441,9 +452,7 @@ public final class ContentService: QUICApplication {
                 // may evict it before this worker drains its inbox.
                 send.fetched = c.chunk
                 if send.fetched == nil && !edge.holds(id) {
-                    logger.error("object \(send.name) via edge: chunk \(id.hex) could not be kept in the cache")
-                    sends[stream] = nil
-                    connection.reset(stream, errorCode: H3Error.internalError)
+                    abandon(send, 502, "edge: chunk \(id.hex) could not be kept in the cache", stream, connection)
                     continue
                 }
                 sends[stream] = send
