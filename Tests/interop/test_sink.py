@@ -116,25 +116,26 @@ def test_put_of_a_file_that_shrinks_is_cancelled_by_name(node, tmp_path):
     assert r.returncode == 1 and "404" in r.stderr, r.stderr
 
 
-def test_a_file_cut_short_under_a_download_costs_that_response_only(tmp_path):
-    """An object truncated in place while it is sent (cp over it, not a rename): the response
-    is reset and counted, and the node serves on. Reading its mapping past the new end raised
-    SIGBUS, which ended the node."""
+def cut_under_a_download(tmp_path, size, cut_to, check=lambda node: None):
+    """Serves a `size`-byte object to a slow reader, truncates it in place to `cut_to` once
+    2 MiB are read, and asserts what must follow: the node lives, the client fails with
+    H3_INTERNAL_ERROR short of the whole body, and the cut is counted once. `check(node)`
+    runs while the node still serves. Returns the node's log."""
     from test_drain import slow_get, wait_for
     node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
-    node.add_object("big.bin", 48 << 20)
-    small_digest = node.add_object("small.bin", 10_000)
-    client, reader, tally = slow_get(node, "big.bin", tmp_path / "body.fifo", pace=0.02)
+    node.add_object("cut.bin", size)
+    client, reader, tally = slow_get(node, "cut.bin", tmp_path / "body.fifo", pace=0.02)
     try:
         wait_for(lambda: tally["bytes"] >= 2 << 20)
-        os.truncate(node.storage / "big.bin", 1 << 20)
+        os.truncate(node.storage / "cut.bin", cut_to)
         out, err = client.communicate(timeout=120)
         reader.join(timeout=60)
         assert node.proc.poll() is None, f"the node died ({node.proc.poll()})"
-        assert client.returncode == 1 and "transfer aborted (HTTP/3 error 0x102, H3_INTERNAL_ERROR: the server could not finish the response (its log says why)) after" in err, err
-        assert tally["bytes"] < 48 << 20
-        r = stoq("get", node.url("small.bin"), "-o", tmp_path / "small.out", "--ca", node.cert)
-        assert r.returncode == 0 and sha256_file(tmp_path / "small.out") == small_digest, r.stderr
+        assert client.returncode == 1, (client.returncode, err)
+        assert ("transfer aborted (HTTP/3 error 0x102, H3_INTERNAL_ERROR: the server could not finish the response "
+                "(its log says why)) after") in err, err
+        assert tally["bytes"] < size
+        check(node)
         counters = settled(lambda: summed_counters(node, ["stoq_http_bodies_cut_short_total"]))
         assert counters == {"stoq_http_bodies_cut_short_total": 1}, counters
     finally:
@@ -142,7 +143,20 @@ def test_a_file_cut_short_under_a_download_costs_that_response_only(tmp_path):
             client.kill()
         assert node.stop() == 0
     node.log.seek(0)
-    assert "1 responses reset: the file each was sent from shrank while it was sent" in node.log.read()
+    return node.log.read()
+
+
+def test_a_file_cut_short_under_a_download_costs_that_response_only(tmp_path):
+    """An object truncated in place while it is sent (cp over it, not a rename): the response
+    is reset and counted, and the node serves on. Reading its mapping past the new end raised
+    SIGBUS, which ended the node."""
+    def serves_on(node):
+        digest = node.add_object("small.bin", 10_000)
+        r = stoq("get", node.url("small.bin"), "-o", tmp_path / "small.out", "--ca", node.cert)
+        assert r.returncode == 0 and sha256_file(tmp_path / "small.out") == digest, r.stderr
+
+    log = cut_under_a_download(tmp_path, 48 << 20, 1 << 20, serves_on)
+    assert "1 responses reset: the file each was sent from shrank while it was sent" in log
 
 
 def test_a_file_cut_short_in_its_last_page_is_not_completed_with_zeros(tmp_path):
@@ -150,25 +164,7 @@ def test_a_file_cut_short_in_its_last_page_is_not_completed_with_zeros(tmp_path)
     holds its tail: the packet that reads it also carries the body's FIN. It used to be sent
     with zeros where the bytes were, completing the body at the client before the reset came
     (stoq get exited 0 with the wrong bytes). Those datagrams are now dropped, as if lost."""
-    from test_drain import slow_get, wait_for
-    node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
-    size = (48 << 20) + 100
-    node.add_object("tail.bin", size)
-    client, reader, tally = slow_get(node, "tail.bin", tmp_path / "body.fifo", pace=0.02)
-    try:
-        wait_for(lambda: tally["bytes"] >= 2 << 20)
-        os.truncate(node.storage / "tail.bin", 48 << 20)
-        out, err = client.communicate(timeout=120)
-        reader.join(timeout=60)
-        assert node.proc.poll() is None, f"the node died ({node.proc.poll()})"
-        assert client.returncode == 1 and "transfer aborted (HTTP/3 error 0x102" in err, (client.returncode, err)
-        assert tally["bytes"] < size
-        counters = settled(lambda: summed_counters(node, ["stoq_http_bodies_cut_short_total"]))
-        assert counters == {"stoq_http_bodies_cut_short_total": 1}, counters
-    finally:
-        if client.poll() is None:
-            client.kill()
-        assert node.stop() == 0
+    cut_under_a_download(tmp_path, (48 << 20) + 100, 48 << 20)
 
 
 def mount_small_tmpfs(where):
