@@ -14,9 +14,9 @@ import STOQRenewal
 import STOQStore
 import STOQTracing
 import STOQTransfer
-import X509
 import STOQTrust
 import STOQWorker
+import X509
 
 /// A running node: its identity, one pinned worker thread per core (each with its own
 /// datapath queue, QUIC endpoint and object service), and a clean drain on stop.
@@ -555,15 +555,14 @@ public final class Node: @unchecked Sendable {
             }
             peers = (t, mesh == nil ? nil : try Self.advertVerifier(t))
         }
-        let fixedIdentity = fresh.tls.certFile.isEmpty ? nil : identity
-        if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode,
-            fresh.tls == old.tls
-        {
+        // A node with its own certificate files loads them again with the new client rules,
+        // when [tls] itself did not change (that needs a restart).
+        let fixedIdentity = fresh.tls.certFile.isEmpty || fresh.tls != old.tls ? nil : identity
+        if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode {
             do {
                 let clientAuth = try Self.clientAuthentication(fresh)
                 if let manager { try manager.update(trust: fresh.trust, clientAuth: clientAuth) }
                 if let fixedIdentity {
-                    // The node's own files, loaded again with the new rules for clients.
                     fixedIdentity.publish(
                         try TLSCredentials(
                             certificateFile: fresh.tls.certFile, keyFile: fresh.tls.keyFile, clientAuth: clientAuth,
