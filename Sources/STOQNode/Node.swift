@@ -32,6 +32,9 @@ public final class Node: @unchecked Sendable {
     /// The credentials the workers serve with, as they change: the manager's, or those of
     /// `tls.cert_file`, loaded again when a reload changes the client-certificate rules.
     private var identity: CertificateManager.Published?
+    /// Under `admin.auth = "mtls"`: how the admin API checks client certificates now (a
+    /// reload that changes `[trust]` replaces it).
+    private let adminVerifier = Replaceable<PeerVerifier?>(nil)
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
@@ -499,10 +502,14 @@ public final class Node: @unchecked Sendable {
             }
         case .mtls:
             let verifier = try Self.clientVerifier(cfg, for: "admin.auth = \"mtls\"")
+            adminVerifier.replace(verifier)
             let identity = certificates?.identityDirectory ?? cfg.node.dataDir + "/identity"
             let (cert, key) = cfg.tls.certFile.isEmpty ? (identity + "/cert.pem", identity + "/key.pem") : (cfg.tls.certFile, cfg.tls.keyFile)
             do {
-                return .mtls(try AdminTLS(certificateFile: cert, keyFile: key) { verifier.refusal(derChain: $0, serverName: nil) })
+                return .mtls(
+                    try AdminTLS(certificateFile: cert, keyFile: key) { [adminVerifier] chain in
+                        adminVerifier.current.flatMap { $0.refusal(derChain: chain, serverName: nil) }
+                    })
             } catch {
                 throw NodeError(.identity, "\(error)")
             }
@@ -558,6 +565,9 @@ public final class Node: @unchecked Sendable {
         // A node with its own certificate files loads them again with the new client rules,
         // when [tls] itself did not change (that needs a restart).
         let fixedIdentity = fresh.tls.certFile.isEmpty || fresh.tls != old.tls ? nil : identity
+        let freshAdminVerifier =
+            trustChanged && adminVerifier.current != nil
+            ? try Self.clientVerifier(fresh, for: "admin.auth = \"mtls\"") : nil
         if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode {
             do {
                 let clientAuth = try Self.clientAuthentication(fresh)
@@ -571,6 +581,7 @@ public final class Node: @unchecked Sendable {
             } catch {
                 throw NodeError(.identity, "applying the new trust settings: \(error)")
             }
+            if let freshAdminVerifier { adminVerifier.replace(freshAdminVerifier) }
             next.trust = fresh.trust
             next.network.clientAuth = fresh.network.clientAuth
             note("trust", trustChanged, live: true)

@@ -1,7 +1,7 @@
 import Foundation
 import Logging
+import STOQCore
 import ServiceLifecycle
-import Synchronization
 import UnixSignals
 
 /// The node as a swift-service-lifecycle `Service`: `run` starts it, serves until the
@@ -56,16 +56,11 @@ public struct ReloadService: Service {
         self.seen = path.map(Self.modificationTime) ?? 0
     }
 
-    /// The modification time of the file as last read, by a reload of either kind: the
-    /// watcher reports a change only past it, so a SIGHUP after an edit is one reload, not two.
-    private final class ReadAt: Sendable {
-        let value: Mutex<Int>
-        init(_ v: Int) { value = Mutex(v) }
-    }
-
     public func run() async throws {
         let (reasons, trigger) = AsyncStream<String>.makeStream()
-        let readAt = ReadAt(seen)
+        // The file's modification time as last read, by a reload of either kind: the watcher
+        // reports a change only past it, so a SIGHUP after an edit is one reload, not two.
+        let readAt = Replaceable(seen)
         await withDiscardingTaskGroup { group in
             group.addTask { [hangups] in
                 for await _ in hangups.cancelOnGracefulShutdown() { trigger.yield("SIGHUP") }
@@ -76,7 +71,7 @@ public struct ReloadService: Service {
                     while !Task.isShuttingDownGracefully {
                         do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) } } catch { break }
                         let now = Self.modificationTime(path)
-                        if readAt.value.withLock({ $0 != now }) { trigger.yield("config file changed") }
+                        if readAt.current != now { trigger.yield("config file changed") }
                     }
                     trigger.finish()
                 }
@@ -85,8 +80,8 @@ public struct ReloadService: Service {
                 if let path {
                     let now = Self.modificationTime(path)
                     // Already read at this version (the watcher saw the edit a SIGHUP also announced).
-                    if why != "SIGHUP" && readAt.value.withLock({ $0 == now }) { continue }
-                    readAt.value.withLock { $0 = now }
+                    if why != "SIGHUP" && readAt.current == now { continue }
+                    readAt.replace(now)
                 }
                 await reload(why)
             }

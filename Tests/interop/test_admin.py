@@ -318,6 +318,16 @@ def test_mtls_auth_takes_a_certificate_from_the_nodes_ca_and_nothing_else(tmp_pa
         status, _, text = get_status(url, context=context(cert, key))
         assert status == 200 and sample(text, "stoq_admin_refused_total") >= 2
         assert "client certificate refused" in (tmp_path / "node.log").read_text()
+        # A reload that adds the other CA to trust.bundle lets its certificates in, without a
+        # restart (the admin API kept the trust of the start).
+        n.config.write_text(n.config.read_text() + f'[trust]\nbundle = "{other}/root.pem"\n')
+        n.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while not re.search(r"applied=\S*trust\S* restart_needed= .*reloaded", (tmp_path / "node.log").read_text()):
+            assert time.time() < deadline, (tmp_path / "node.log").read_text()[-2000:]
+            time.sleep(0.2)
+        status, _, _ = get_status(url, context=context(ocert, okey))
+        assert status == 200
     finally:
         assert n.stop() == 0
 
