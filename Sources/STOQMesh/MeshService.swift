@@ -73,7 +73,7 @@ public final class MeshService: @unchecked Sendable {
 
     /// What an advert's signer must chain to now (`settings.verifyChain` until a `retrust`),
     /// and a new trust for the neighbour connections that the mesh thread has not taken yet.
-    private let verifier: Mutex<@Sendable ([Certificate]) throws -> Void>
+    private let verifier: Replaceable<@Sendable ([Certificate]) throws -> Void>
     private let freshTrust = Mutex<ClientTrust?>(nil)
     private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
     private let inbox = Mutex<[[UInt8]]>([])
@@ -96,7 +96,7 @@ public final class MeshService: @unchecked Sendable {
         self.discovery = discovery
         self.datapath = datapath
         self.logger = logger
-        verifier = Mutex(settings.verifyChain)
+        verifier = Replaceable(settings.verifyChain)
         published.withLock { $0.view = MeshView(me: identity, maxHops: settings.maxHops) }
     }
 
@@ -105,14 +105,14 @@ public final class MeshService: @unchecked Sendable {
     /// under the old trust are closed on the mesh thread's next turn, and made again under the
     /// new one (a probe in flight is lost, not counted). Any thread.
     public func retrust(_ trust: ClientTrust, verifyChain: @escaping @Sendable ([Certificate]) throws -> Void) {
-        verifier.withLock { $0 = verifyChain }
+        verifier.replace(verifyChain)
         freshTrust.withLock { $0 = trust }
         wakeHook.withLock { $0 }?()
     }
 
     /// Checks an advert's signer chain against this node's trust roots.
     func verifyChain(_ chain: [Certificate]) throws {
-        try verifier.withLock { $0 }(chain)
+        try verifier.current(chain)
     }
 
     func takeTrust() -> ClientTrust? {
