@@ -143,7 +143,7 @@ let package = Package(
         .target(
             name: "STOQStore",
             dependencies: [
-                "STOQCore", .product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log"),
+                "STOQCore", "STOQChunking", .product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log"),
             ]),
 
         // Cache eviction policies (S3-FIFO, LRU) and their crash-safe index file. Pure: keys and

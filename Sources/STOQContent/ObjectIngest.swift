@@ -302,33 +302,28 @@ public final class ObjectIngest: @unchecked Sendable {
         try ObjectIndex.validateName(name)
         let parameters = chunker.parameters
         var report = Report()
-        var entries: [Manifest.Entry] = []
         var ids: [ChunkID] = []
-        let expected = Int(min(sizeHint, 1 << 40)) / parameters.avgSize + 1
-        entries.reserveCapacity(expected)
-        ids.reserveCapacity(expected)
+        ids.reserveCapacity(Int(min(sizeHint, 1 << 40)) / parameters.avgSize + 1)
         var written = 0  // bytes of new chunks put so far, for a full disk's message
         func noSpace(_ e: StoreError) -> StoreError {
             StoreError.noSpace(storing: name, written: written, errno: e.message.hasPrefix("disk quota") ? EDQUOT : ENOSPC)
         }
-        while let (c, bytes) = try chunker.nextWithBytes() {
-            let id = ChunkID(bytes: c.id.bytes)!
-            try reserve?(c.length)
-            let put: ChunkStore.PutResult
-            do { put = try index.chunks.put(id: id, hashedBytes: bytes) } catch let e as StoreError where e.code == .noSpace {
-                throw noSpace(e)
+        let entries: [Manifest.Entry]
+        do {
+            entries = try index.chunks.put(cutBy: chunker, sizeHint: sizeHint, reserve: reserve) { id, length, put in
+                ids.append(id)
+                switch put {
+                case .stored:
+                    written += length
+                    report.newChunks += 1
+                    report.newBytes += UInt64(length)
+                case .alreadyPresent:
+                    report.reusedChunks += 1
+                    report.reusedBytes += UInt64(length)
+                }
             }
-            switch put {
-            case .stored:
-                written += c.length
-                report.newChunks += 1
-                report.newBytes += UInt64(c.length)
-            case .alreadyPresent:
-                report.reusedChunks += 1
-                report.reusedBytes += UInt64(c.length)
-            }
-            entries.append(Manifest.Entry(id: c.id, length: UInt32(c.length)))
-            ids.append(id)
+        } catch let e as StoreError where e.code == .noSpace {
+            throw noSpace(e)
         }
         let (size, known) = try ending()
         guard chunker.bytesConsumed == size, let digest = known ?? chunker.objectDigest else {
