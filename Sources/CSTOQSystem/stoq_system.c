@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <sys/eventfd.h>
 #include "CSTOQSystem.h"
+#include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
@@ -21,6 +22,8 @@ int stoq_allowed_cpus(void) {
 }
 
 int stoq_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+int stoq_tmpfile(const char *dir) { return open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600); }
 
 long stoq_fgetxattr(int fd, const char *name, void *value, unsigned long size) {
   return (long)fgetxattr(fd, name, value, size);

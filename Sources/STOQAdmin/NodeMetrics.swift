@@ -333,6 +333,9 @@ package struct NodeMetrics {
             family("stoq_edge_manifest_misses_total", "counter", "Manifests absent or expired in the edge cache.", [("", e.manifestMisses)])
             family("stoq_edge_origin_chunk_fetches_total", "counter", "Chunk requests sent to the origin.", [("", e.originChunkFetches)])
             family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
+            family(
+                "stoq_edge_origin_object_fetches_total", "counter", "Plain objects fetched whole from the origin (it had no manifest for them).",
+                [("", e.originObjectFetches)])
             family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
             family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])

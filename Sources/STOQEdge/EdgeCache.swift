@@ -26,6 +26,13 @@ import Synchronization
 ///   origin cannot be reached, a stale manifest is served (and counted) rather than none.
 ///   They take at most a sixteenth of `edge.cache_size` (`EdgeManifests`, least recently
 ///   used out first) and the chunks the rest, so the bound holds for both together.
+/// - **Plain objects**: an upstream that answers 404 for a manifest may hold the object as
+///   a plain file (an operator's, or a flat upload). The edge then asks for the object whole
+///   (into a temp file under its root; checked against a SHA-256 ETag, if the upstream sends
+///   one), cuts it into its own chunk store with the node's chunking parameters on a thread
+///   of its own, and keeps the manifest it made (`EdgeManifests.Entry.plain`). Those chunks
+///   exist nowhere upstream, so such a manifest goes as soon as any of its chunks is evicted,
+///   and the next request fetches the object again.
 /// - **Fetching** happens on one thread of its own with one QUIC connection to the origin
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
@@ -51,6 +58,8 @@ public final class EdgeCache: @unchecked Sendable {
         /// Requests sent upstream (to the origin, or through the mesh), retries included.
         public var originChunkFetches: UInt64 = 0
         public var originManifestFetches: UInt64 = 0
+        /// Plain objects fetched whole (the upstream had no manifest for them).
+        public var originObjectFetches: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
         /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
@@ -167,6 +176,10 @@ public final class EdgeCache: @unchecked Sendable {
     public let readAheadChunks: Int
     let root: String
     let manifestDir: String
+    /// How plain objects are cut (the node's `[chunking]`).
+    let chunking: ChunkingParameters
+    /// Cuts plain objects, off the fetcher thread.
+    private let cutQueue = DispatchQueue(label: "stoq-edge-cut")
     let ttlDefault: Double
     /// How upstreams are verified, and the change a reload asked for that the fetcher has not
     /// applied yet (`retrust`).
@@ -178,6 +191,9 @@ public final class EdgeCache: @unchecked Sendable {
     private let lock = NSLock()
     private var policy: S3FIFO<ChunkID>
     private var manifests: EdgeManifests
+    /// For each cached chunk cut from a plain object, the names whose manifest (cut here)
+    /// may hold it; checked against the manifest itself when the chunk leaves.
+    private var plainChunks: [ChunkID: Set<String>] = [:]
     /// A fetch in flight: what, and for which holder when it relays a request addressed to one.
     /// Relays for a holder never join this node's own search for the same key: a request that
     /// came back around a loop would otherwise wait on itself.
@@ -211,8 +227,10 @@ public final class EdgeCache: @unchecked Sendable {
     /// disk, and loads the cached manifests. `start()` starts the fetcher.
     public init(
         root: String, capacity: UInt64, ttlDefault: UInt64, upstream: FetchUpstream, trust: ClientTrust,
-        datapath: ClientDatapath, maxChunkSize: Int, logger: Logger, diskFull: DiskFullMonitor? = nil
+        datapath: ClientDatapath, chunking: ChunkingParameters, logger: Logger, diskFull: DiskFullMonitor? = nil
     ) throws {
+        let maxChunkSize = chunking.maxSize
+        self.chunking = chunking
         self.upstream = upstream
         self.root = root
         manifestDir = root + "/manifests"
@@ -229,6 +247,16 @@ public final class EdgeCache: @unchecked Sendable {
         manifests = try EdgeManifests(dir: manifestDir, capacity: manifestBudget, logger: logger)
         counterValues.manifestEvictions = UInt64(manifests.evictedOnLoad)
         try loadIndex()
+        for (name, entry) in manifests.plainEntries {
+            guard let m = try? Manifest(decoding: entry.bytes) else { continue }
+            let ids = m.chunks.map { ChunkID(bytes: $0.id.bytes)! }
+            if ids.allSatisfy({ policy.contains($0) }) {
+                for id in ids { plainChunks[id, default: []].insert(name) }
+            } else {
+                manifests.remove(name)
+                unlink(manifestFile(name))
+            }
+        }
         counterValues.capacity = capacity
     }
 
@@ -324,6 +352,7 @@ public final class EdgeCache: @unchecked Sendable {
             lock.withLock {
                 policy.remove(id); dirty = true
             }
+            evicted([id], remove: false)
             return nil
         }
     }
@@ -434,6 +463,8 @@ public final class EdgeCache: @unchecked Sendable {
         /// deliver wins and the other is cancelled, and one that fails leaves the other alone.
         var partner: Int?
         var hedge = false
+        /// Asks for the object whole: the upstream had no manifest of this name.
+        var plain = false
         /// The trace of the request that started the fetch, and the current attempt's span.
         var trace: ServiceContext?
         var span: (any Span)?
@@ -525,10 +556,16 @@ public final class EdgeCache: @unchecked Sendable {
                 headers += tracer.headers(for: span.context)
                 a.span = span
             }
-            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, tag: tag, keepErrors: true)
+            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, tag: tag, keepErrors: true, hash: a.plain)
             upstream.dispatched(Self.resource(a.key), via: a.attempt)
             lock.withLock {
-                if case .chunk = a.key { counterValues.originChunkFetches += 1 } else { counterValues.originManifestFetches += 1 }
+                if case .chunk = a.key {
+                    counterValues.originChunkFetches += 1
+                } else if a.plain {
+                    counterValues.originObjectFetches += 1
+                } else {
+                    counterValues.originManifestFetches += 1
+                }
             }
             active[tag] = a
             return tag
@@ -580,7 +617,22 @@ public final class EdgeCache: @unchecked Sendable {
                 }
             }
             a.attempt = next
+            a.plain = false
             a.tried.append(next)
+            submit(a, p)
+        }
+
+        /// `a`'s upstream has no manifest of its name: asks it for the object whole, into a
+        /// file on disk (an object may be large). A name nobody has costs this round trip more.
+        func askForPlain(_ a: Active, _ name: String, _ p: ConnectionPool) {
+            let fd = stoq_tmpfile(root)
+            guard fd >= 0 else {
+                close(a.fd)
+                return complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot open a temp file in \(root): \(String(cString: strerror(errno)))"))
+            }
+            close(a.fd)
+            var a = a
+            (a.fd, a.plain, a.attempt.path) = (fd, true, "/objects/" + name)
             submit(a, p)
         }
 
@@ -665,9 +717,20 @@ public final class EdgeCache: @unchecked Sendable {
             for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
                 guard let a = active.removeValue(forKey: d.tag) else { continue }
                 a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
-                if let failure = d.failure { failed(a, "edge: \(a.attempt.label): \(failure)", notFound: false, p); continue }
+                if let failure = d.failure {
+                    if d.status != nil {  // answered, but the body is not what its ETag names
+                        lock.withLock { counterValues.verificationFailures += 1 }
+                        logger.error("edge cache: refused \(a.attempt.path) from \(a.attempt.label): \(failure)")
+                    }
+                    failed(a, "edge: \(a.attempt.label) sent \(a.attempt.path): \(failure)", notFound: false, p)
+                    continue
+                }
                 guard let status = d.status else {
                     failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
+                    continue
+                }
+                if status == 404, !a.plain, case .manifest(let name) = a.key, a.attempt.path == Self.resource(a.key).path {
+                    askForPlain(a, name, p)
                     continue
                 }
                 if status == 404 { failed(a, "", notFound: true, p); continue }
@@ -688,7 +751,7 @@ public final class EdgeCache: @unchecked Sendable {
                     let down = upstream.isDown(a.attempt.url)
                     guard down || t - a.progressAt > Self.stallTimeout else {
                         // Late but not stalled: hedge on another route, within the budget.
-                        if a.partner == nil, !a.hedge, got == 0, hedges < max(2, active.count / 4),
+                        if a.partner == nil, !a.hedge, !a.plain, got == 0, hedges < max(2, active.count / 4),
                             let delay = upstream.hedgeDelay(Self.resource(a.key), via: a.attempt), t - a.submittedAt > delay,
                             let next = nextAttempt(a)
                         {
@@ -768,47 +831,144 @@ public final class EdgeCache: @unchecked Sendable {
                 return nil
             }
             upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            var evicted: [ChunkID] = []
+            var out: [ChunkID] = []
             let admitted = lock.withLock {
-                let ok = policy.insert(id, size: UInt64(body.count)) { evicted.append($0) }
-                counterValues.evictions += UInt64(evicted.count)
+                let ok = policy.insert(id, size: UInt64(body.count)) { out.append($0) }
+                counterValues.evictions += UInt64(out.count)
                 dirty = true
                 return ok
             }
-            for e in evicted { _ = try? store.remove(e) }
+            evicted(out)
             if !admitted {
                 // Larger than the whole cache: served once from the store copy, then dropped.
                 logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
             }
             complete(a.fetchKey, nil, chunk: body)
             if !admitted { _ = try? store.remove(id) }
+        case .manifest(let name) where a.plain:
+            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
+            let fd = dup(a.fd)
+            guard fd >= 0 else {
+                complete(a.fetchKey, Failure(status: 500, reason: "edge: dup: \(String(cString: strerror(errno)))"))
+                return nil
+            }
+            let (key, size, digest, maxAge) = (a.fetchKey, d.received, d.sha256.flatMap { ContentDigest($0) }, d.maxAge)
+            cutQueue.async(group: finished) { [self] in
+                defer { close(fd) }
+                let cut = cutPlain(name, fd: fd, size: size, digest: digest, maxAge: maxAge, from: from)
+                complete(key, cut.failure, manifest: cut.manifest)
+            }
         case .manifest(let name):
             do { _ = try Manifest(decoding: body) } catch {
                 return "edge: the manifest of \(name) from \(from) is invalid: \(error)"
             }
             upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            let ttl = d.maxAge.map { Double($0) } ?? ttlDefault
-            let m = EdgeManifests.Entry(bytes: Array(body), expires: Date().timeIntervalSince1970 + ttl)
-            let file = manifestFile(name)
-            do {
-                try CacheIndexFile.write(EdgeManifests.encode(m), to: file)
-                store.diskFull.stored()
-            } catch {
-                // Kept in memory all the same: only a restart loses it.
-                if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
-            }
-            let (kept, evicted) = lock.withLock {
-                let r = manifests.insert(name, m)
-                counterValues.manifestEvictions += UInt64(r.evicted.count)
-                return r
-            }
-            for n in evicted { unlink(manifestFile(n)) }
-            if !kept {
-                unlink(file)
-                logger.warning("edge cache: the manifest of \(name) (\(body.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
-            }
-            complete(a.fetchKey, nil, manifest: m.bytes)
+            complete(a.fetchKey, nil, manifest: keep(name, Array(body), maxAge: d.maxAge, plain: false))
         }
         return nil
+    }
+
+    /// Cuts the plain object `name` (`size` bytes at `fd`, whose SHA-256 is `digest` when the
+    /// fetch computed it) into the cache's chunk store and keeps the manifest made of it.
+    /// Returns how the fetch completes: with the manifest, or the failure. On the cut queue.
+    private func cutPlain(
+        _ name: String, fd: Int32, size: UInt64, digest: ContentDigest?, maxAge: Int64?, from: String
+    ) -> (failure: Failure?, manifest: [UInt8]?) {
+        let room = lock.withLock { policy.capacity }
+        guard size <= room else {
+            return (
+                Failure(
+                    status: 502,
+                    reason:
+                        "edge: \(name) from \(from) is a plain object of \(size) bytes, more than this edge's cache holds (\(room) bytes of chunks): not served"
+                ), nil
+            )
+        }
+        guard lseek(fd, 0, SEEK_SET) == 0 else {
+            return (Failure(status: 500, reason: "edge: lseek of the fetched \(name): \(String(cString: strerror(errno)))"), nil)
+        }
+        let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: chunking, digestObject: digest == nil)
+        var ids: [ChunkID] = []
+        let entries: [Manifest.Entry]
+        do {
+            entries = try store.put(cutBy: chunker, sizeHint: size) { id, length, _ in
+                ids.append(id)
+                var out: [ChunkID] = []
+                lock.withLock {
+                    policy.insert(id, size: UInt64(length)) { out.append($0) }
+                    policy.touch(id)  // the requests waiting for the object read it next
+                    plainChunks[id, default: []].insert(name)
+                    counterValues.evictions += UInt64(out.count)
+                    dirty = true
+                }
+                evicted(out)
+            }
+        } catch {
+            logger.error("edge cache: cannot cut \(name) from \(from) into the cache: \(error)")
+            return (Failure(status: 500, reason: "edge: cannot cache \(name) from \(from): \(error)"), nil)
+        }
+        let manifest: [UInt8]
+        do {
+            guard chunker.bytesConsumed == size, let digest = digest ?? chunker.objectDigest else {
+                throw StoreError(.io, "read \(chunker.bytesConsumed) of its \(size) bytes")
+            }
+            manifest = try Manifest(totalLength: size, digest: digest, parameters: chunking, chunks: entries).encode()
+        } catch {
+            return (Failure(status: 500, reason: "edge: the manifest of \(name) from \(from): \(error)"), nil)
+        }
+        // An object near the cache's size can evict its own first chunks while it is cut.
+        guard lock.withLock({ ids.allSatisfy { policy.contains($0) } }) else {
+            return (
+                Failure(status: 502, reason: "edge: \(name) from \(from) (\(size) bytes) does not fit this edge's cache beside what it holds: not served"), nil
+            )
+        }
+        return (nil, keep(name, manifest, maxAge: maxAge, plain: true))
+    }
+
+    /// Keeps `bytes` as the manifest of `name` (in memory and in its file), fresh for the
+    /// upstream's `maxAge` or `edge.ttl_default`; returns them.
+    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plain: Bool) -> [UInt8] {
+        let ttl = maxAge.map { Double($0) } ?? ttlDefault
+        let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: plain)
+        let file = manifestFile(name)
+        do {
+            try CacheIndexFile.write(EdgeManifests.encode(m), to: file)
+            store.diskFull.stored()
+        } catch {
+            // Kept in memory all the same: only a restart loses it.
+            if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
+        }
+        let (kept, evicted) = lock.withLock {
+            let r = manifests.insert(name, m)
+            counterValues.manifestEvictions += UInt64(r.evicted.count)
+            return r
+        }
+        for n in evicted { unlink(manifestFile(n)) }
+        if !kept {
+            unlink(file)
+            logger.warning("edge cache: the manifest of \(name) (\(bytes.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
+        }
+        return bytes
+    }
+
+    /// Removes the files of chunks the policy let go (unless `remove` is false: already
+    /// gone), and every manifest cut here from a plain object that named one of them.
+    private func evicted(_ ids: [ChunkID], remove: Bool = true) {
+        guard !ids.isEmpty else { return }
+        if remove { for id in ids { _ = try? store.remove(id) } }
+        let gone: [String] = lock.withLock {
+            var gone: [String] = []
+            for id in ids {
+                for name in plainChunks.removeValue(forKey: id) ?? [] {
+                    guard let e = manifests.peek(name), e.plain, let m = try? Manifest(decoding: e.bytes),
+                        m.chunks.contains(where: { $0.id.bytes == id.bytes })
+                    else { continue }
+                    manifests.remove(name)
+                    gone.append(name)
+                }
+            }
+            return gone
+        }
+        for name in gone { unlink(manifestFile(name)) }
     }
 }

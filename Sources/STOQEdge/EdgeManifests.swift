@@ -13,12 +13,17 @@ struct EdgeManifests {
         var bytes: [UInt8]
         /// Unix time (seconds) until which it is fresh.
         var expires: Double
+        /// Cut here from the upstream's plain object: its chunks are nowhere upstream, so it
+        /// is good only while the cache holds every one of them.
+        var plain = false
         /// What it takes on disk (and from the budget): the file, header included.
         var size: UInt64 { UInt64(EdgeManifests.headerLength + bytes.count) }
     }
 
-    /// Cached manifest file: `STOQEM1\0`, expiry (Unix ms, UInt64 LE), the manifest bytes.
+    /// Cached manifest file: `STOQEM1\0` (`STOQEP1\0` when cut here from a plain object),
+    /// expiry (Unix ms, UInt64 LE), the manifest bytes.
     static let magic = Array("STOQEM1\0".utf8)
+    static let plainMagic = Array("STOQEP1\0".utf8)
     static let headerLength = 16
     /// The share of `edge.cache_size` manifests may take: a sixteenth. A 1 GiB object's
     /// manifest is ~140 KB, so a 10 GiB cache keeps ~4000 of them.
@@ -84,6 +89,12 @@ struct EdgeManifests {
         return (kept, evicted)
     }
 
+    /// The manifest of `name`, not counted as a use.
+    func peek(_ name: String) -> Entry? { entries[name] }
+
+    /// The manifests cut here from plain objects.
+    var plainEntries: [(name: String, entry: Entry)] { entries.filter { $0.value.plain }.map { ($0.key, $0.value) } }
+
     mutating func remove(_ name: String) {
         entries[name] = nil
         lru.remove(name)
@@ -92,17 +103,17 @@ struct EdgeManifests {
     func path(_ name: String) -> String { dir + "/" + name }
 
     static func encode(_ e: Entry) -> [UInt8] {
-        var out = magic
+        var out = e.plain ? plainMagic : magic
         let ms = UInt64(max(0, e.expires * 1000))
         for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: ms >> (8 * i))) }
         return out + e.bytes
     }
 
     static func decode(_ bytes: [UInt8]) -> Entry? {
-        guard bytes.count >= headerLength, Array(bytes[0..<8]) == magic,
+        guard bytes.count >= headerLength, [magic, plainMagic].contains(Array(bytes[0..<8])),
             (try? Manifest(decoding: Array(bytes[headerLength...]))) != nil
         else { return nil }
         let ms = (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[8 + $1]) << (8 * $1) }
-        return Entry(bytes: Array(bytes[headerLength...]), expires: Double(ms) / 1000)
+        return Entry(bytes: Array(bytes[headerLength...]), expires: Double(ms) / 1000, plain: Array(bytes[0..<8]) == plainMagic)
     }
 }

@@ -379,7 +379,7 @@ public final class Node: @unchecked Sendable {
                 root: cfg.storage.contentPath + "/edge", capacity: cfg.edge.cacheSize,
                 ttlDefault: cfg.edge.ttlDefault, upstream: upstream,
                 trust: Self.peerTrust(cfg), datapath: DatapathSelection.originFetch,
-                maxChunkSize: Int(cfg.chunking.maxChunkSize), logger: logger, diskFull: contentIndex?.chunks.diskFull)
+                chunking: try cfg.chunking.parameters(), logger: logger, diskFull: contentIndex?.chunks.diskFull)
         } catch {
             throw NodeError(.storage, "cannot open the edge cache at \(cfg.storage.contentPath)/edge: \(error)")
         }

@@ -161,13 +161,9 @@ struct WorkerAssembly: @unchecked Sendable {
     /// node's cores belong to its workers first.
     static func makeIngest(_ cfg: NodeConfig, content: ObjectIndex, logger: Logger) throws -> ObjectIngest? {
         guard cfg.chunking.dedupEnabled else { return nil }
-        let c = cfg.chunking
         do {
-            let parameters = try ChunkingParameters(
-                algorithm: c.algorithm, minSize: Int(c.minChunkSize), avgSize: Int(c.avgChunkSize),
-                maxSize: Int(c.maxChunkSize))
             return try ObjectIngest(
-                index: content, parameters: parameters, storagePath: cfg.storage.path,
+                index: content, parameters: try cfg.chunking.parameters(), storagePath: cfg.storage.path,
                 threads: min(4, max(1, Worker.availableCPUs / 4)), logger: logger)
         } catch {
             throw NodeError(.storage, "cannot start ingest (chunking.dedup_enabled): \(error)")
@@ -191,5 +187,13 @@ struct WorkerAssembly: @unchecked Sendable {
                 "datagrams_out": "\(c.datagramsOut)", "dropped_malformed": "\(c.droppedMalformed)",
                 "datapath": "\(worker.queue.backendName)",
             ]) { a, _ in a })
+    }
+}
+
+extension NodeConfig.Chunking {
+    /// The chunker's parameters these settings name (validated with the config, so this
+    /// throws only for a config that skipped validation).
+    func parameters() throws -> ChunkingParameters {
+        try ChunkingParameters(algorithm: algorithm, minSize: Int(minChunkSize), avgSize: Int(avgChunkSize), maxSize: Int(maxChunkSize))
     }
 }

@@ -25,7 +25,8 @@ import Testing
     func open(capacity: UInt64) throws -> EdgeCache {
         try EdgeCache(
             root: root, capacity: capacity, ttlDefault: 3_600_000_000_000, upstream: OriginUpstream(try STOQURL("https://[::1]:9")),
-            trust: ClientTrust(), datapath: Self.noNetwork, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
+            trust: ClientTrust(), datapath: Self.noNetwork, chunking: try ChunkingParameters(minSize: 1 << 16, avgSize: 1 << 18, maxSize: 1 << 20),
+            logger: Logger(label: "test"))
     }
 
     /// These tests never reach an origin: a connect fails at once.
@@ -91,6 +92,21 @@ import Testing
         let data = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ seed &* 7919 &+ $0 >> 7) }
         let p = try ChunkingParameters(algorithm: .fixed, minSize: 64, avgSize: 256, maxSize: 1024)
         return try Manifest(chunking: BytesSource(data), parameters: p).encode()
+    }
+
+    /// A manifest cut here from a plain object says so on disk (its chunks exist nowhere
+    /// upstream); one saved before that flag existed reads as fetched.
+    @Test func aManifestCutFromAPlainObjectKeepsThatOnDisk() throws {
+        let bytes = try manifest(3, bytes: 5000)
+        let plain = EdgeManifests.Entry(bytes: bytes, expires: 1_700_000_000, plain: true)
+        let encoded = EdgeManifests.encode(plain)
+        #expect(Array(encoded.prefix(8)) == Array("STOQEP1\0".utf8))
+        let back = try #require(EdgeManifests.decode(encoded))
+        #expect(back.plain && back.bytes == bytes && back.expires == 1_700_000_000)
+        let fetched = EdgeManifests.encode(EdgeManifests.Entry(bytes: bytes, expires: 1_700_000_000))
+        #expect(Array(fetched.prefix(8)) == Array("STOQEM1\0".utf8))
+        #expect(EdgeManifests.decode(fetched)?.plain == false)
+        #expect(EdgeManifests.decode(Array("STOQEX1\0".utf8) + fetched.dropFirst(8)) == nil)
     }
 
     /// Manifests have a budget of a sixteenth of the bound: the least recently used leave

@@ -4,6 +4,7 @@ cache with the origin's counters unchanged; concurrent fetches coalesce; a chunk
 sends with wrong bytes is refused; the cache keeps its bound, honours TTL and the origin's
 max-age, survives kill -9, and keeps serving what it holds while the origin is down."""
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -133,6 +134,73 @@ def test_concurrent_fetches_coalesce_into_one_origin_fetch_per_chunk(origin, edg
     assert o1["stoq_content_manifests_served_total"] - o0["stoq_content_manifests_served_total"] == 1
     assert e1["stoq_edge_origin_chunk_fetches_total"] - e0["stoq_edge_origin_chunk_fetches_total"] == distinct
     assert e1["stoq_edge_coalesced_total"] > e0["stoq_edge_coalesced_total"]
+
+
+def test_a_plain_file_at_the_origin_is_cut_into_the_edges_cache_and_checked(origin, edge, tmp_path):
+    """A file an operator put in the origin's storage.path has no manifest there (404): the
+    edge fetches the object whole, cuts it into its own cache and serves it, then from the
+    cache; a body that is not the SHA-256 its ETag names is refused and not cached."""
+    digest = origin.add_object("plain-a.bin", 6 * MiB + 123)
+    o0, e0 = origin_counts(origin), metrics(edge)
+    first = get(edge, "plain-a.bin", tmp_path / "first.bin")
+    assert first.returncode == 0, first.stderr
+    assert sha256_file(tmp_path / "first.bin") == digest
+    assert json.loads(first.stdout)["sha256"] == digest
+    o1, e1 = origin_counts(origin), metrics(edge)
+    assert o1["stoq_content_chunks_served_total"] == o0["stoq_content_chunks_served_total"]
+    assert e1["stoq_edge_origin_object_fetches_total"] - e0["stoq_edge_origin_object_fetches_total"] == 1
+    assert e1["stoq_edge_origin_bytes_total"] - e0["stoq_edge_origin_bytes_total"] >= 6 * MiB
+    assert e1["stoq_edge_cached_chunks"] > e0["stoq_edge_cached_chunks"]
+    # From the cache: whole, a range, and the chunked path (manifest and chunks from the edge).
+    second = get(edge, "plain-a.bin", tmp_path / "second.bin")
+    assert second.returncode == 0 and sha256_file(tmp_path / "second.bin") == digest, second.stderr
+    r = run([sys.executable, HERE / "h3client.py", edge.url("plain-a.bin"), "--ca", edge.cert,
+             "--header", "range: bytes=5000000-5999999"], timeout=60)
+    part = json.loads(r.stdout)
+    data = (origin.storage / "plain-a.bin").read_bytes()
+    assert part["status"] == 206 and part["sha256"] == __import__("hashlib").sha256(data[5_000_000:6_000_000]).hexdigest()
+    chunked = get(edge, "plain-a.bin", tmp_path / "chunked.bin", "--chunked")
+    assert chunked.returncode == 0 and sha256_file(tmp_path / "chunked.bin") == digest, chunked.stderr
+    e2 = metrics(edge)
+    for k in ("stoq_edge_origin_object_fetches_total", "stoq_edge_origin_manifest_fetches_total",
+              "stoq_edge_origin_chunk_fetches_total", "stoq_edge_origin_bytes_total"):
+        assert e2[k] == e1[k], f"edge counter {k} moved: {e1[k]} -> {e2[k]}"
+    # A plain file whose recorded SHA-256 (its ETag) is not its bytes' (as a flat upload
+    # leaves it, forged here with the file's own size and mtime).
+    origin.add_object("plain-lie.bin", 300_000)
+    lied = origin.storage / "plain-lie.bin"
+    st = os.stat(lied)
+    os.setxattr(lied, "user.stoq.object", f"2 {digest} {st.st_size:x} {st.st_mtime_ns:x} token:x".encode())
+    bad = h3(edge.port, edge.cert, "/objects/plain-lie.bin")
+    assert bad["status"] == 502 and f"not the {digest} its ETag names" in bad["text"], bad
+    e3 = metrics(edge)
+    assert e3["stoq_edge_verification_failures_total"] > e1["stoq_edge_verification_failures_total"]
+    assert h3(edge.port, edge.cert, "/manifests/plain-lie.bin")["status"] == 502
+    # Not at the origin at all: still a 404.
+    missing = h3(edge.port, edge.cert, "/objects/plain-none.bin")
+    assert missing["status"] == 404, missing
+
+
+def test_a_plain_object_whose_chunks_were_evicted_is_fetched_again(origin, tmp_path):
+    """The chunks an edge cut from a plain object exist nowhere upstream: once one is
+    evicted, the manifest made of them goes too, and the next request fetches the object
+    whole again instead of asking the origin for a chunk it never had."""
+    digests = {n: origin.add_object(f"plain-ev-{n}.bin", 5 * MiB) for n in range(4)}
+    edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert, cache="16MB"))
+    try:
+        for n in range(4):
+            r = get(edge, f"plain-ev-{n}.bin", tmp_path / f"{n}.bin")
+            assert r.returncode == 0 and sha256_file(tmp_path / f"{n}.bin") == digests[n], r.stderr
+        e0 = metrics(edge)
+        assert e0["stoq_edge_evictions_total"] > 0 and e0["stoq_edge_cached_bytes"] <= 16_000_000
+        r = get(edge, "plain-ev-0.bin", tmp_path / "again.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "again.bin") == digests[0]
+        e1 = metrics(edge)
+        assert e1["stoq_edge_origin_object_fetches_total"] == e0["stoq_edge_origin_object_fetches_total"] + 1
+        assert e1["stoq_edge_origin_chunk_fetches_total"] == e0["stoq_edge_origin_chunk_fetches_total"]
+    finally:
+        assert edge.stop() == 0
 
 
 def test_a_chunk_with_wrong_bytes_from_the_origin_is_refused(origin, tmp_path):

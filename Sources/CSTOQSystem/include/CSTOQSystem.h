@@ -12,6 +12,9 @@ int stoq_allowed_cpus(void);
 /** An anonymous memory file (memfd_create, close-on-exec), or -1 with errno set: where
  *  request bodies are collected without touching the heap or the disk. */
 int stoq_memfd(const char *name);
+/* An unnamed file in directory `dir` (O_TMPFILE), read-write, close-on-exec: gone when
+ * closed. -1 with errno. */
+int stoq_tmpfile(const char *dir);
 /** fgetxattr/fsetxattr (sys/xattr.h, which Glibc's Swift module does not bring in): an
  *  object file's owner and digest ride on it. -1 with errno on failure. */
 long stoq_fgetxattr(int fd, const char *name, void *value, unsigned long size);
