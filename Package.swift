@@ -185,7 +185,8 @@ let package = Package(
             name: "STOQContent",
             dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQStore", "STOQEdge", "STOQMesh", "STOQTransfer",
                            "STOQAccess", "CSTOQSystem", "STOQTracing", .product(name: "Tracing", package: "swift-distributed-tracing"),
-                           .product(name: "Logging", package: "swift-log"), .product(name: "DequeModule", package: "swift-collections")]),
+                           .product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log"),
+                           .product(name: "DequeModule", package: "swift-collections")]),
         // The node's TLS identity over time: issue, renew, publish to workers (embedded CA or ACME),
         // and the CA's transparency log.
         .target(

@@ -380,6 +380,13 @@ package struct NodeMetrics {
                 [("", l.gate.overwriteRefused)])
             family("stoq_stored_bytes", "gauge", "Bytes the node stores: plain objects and chunks (what limits.storage_cap caps).", [("", l.gate.storedBytes)])
             family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
+            family(
+                "stoq_plain_digests_total", "counter",
+                "Plain files served without a SHA-256 that were hashed in the background: recorded (their ETag since), changed while read, or not recordable.",
+                [
+                    ("{outcome=\"recorded\"}", l.gate.digests.recorded), ("{outcome=\"changed\"}", l.gate.digests.changed),
+                    ("{outcome=\"unrecorded\"}", l.gate.digests.unrecorded),
+                ])
             if let limited = l.rateLimited {
                 family("stoq_limits_rate_limited_total", "counter", "Requests answered 429 by the per-client rate limits.", [("", limited)])
                 family("stoq_limits_rate_clients", "gauge", "Clients the rate limiter tracks now.", [("", UInt64(l.rateClients ?? 0))])

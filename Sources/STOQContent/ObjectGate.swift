@@ -81,6 +81,8 @@ public final class ObjectGate: @unchecked Sendable {
         public var storedBytes: UInt64 = 0
         /// Owners with objects stored.
         public var owners = 0
+        /// Plain files hashed in the background (`PlainDigests`).
+        public var digests = PlainDigests.Counters()
 
         /// All zero.
         public init() {}
@@ -141,6 +143,8 @@ public final class ObjectGate: @unchecked Sendable {
     private var storeAtStart = StoreCounters()
     private var counterValues = Counters()
     private let logger: Logger
+    /// Hashes the plain files served without a digest (`PlainDigests`).
+    public let digests: PlainDigests
 
     /// The gate over plain files in `storagePath` and chunked objects in `index`; computes
     /// who stores what from them (walking every file, record and chunk once).
@@ -154,6 +158,7 @@ public final class ObjectGate: @unchecked Sendable {
             throw StoreError(.io, "cannot open storage directory \(storagePath): \(String(cString: strerror(errno)))")
         }
         (self.settings, self.index, self.isAdmin, self.logger) = (settings, index, isAdmin, logger)
+        digests = PlainDigests(rootFD: flatFD, logger: logger)
         try scan()
     }
 
@@ -165,6 +170,7 @@ public final class ObjectGate: @unchecked Sendable {
             var c = counterValues
             c.storedBytes = storedLocked()
             c.owners = usage.count
+            c.digests = digests.counters
             return c
         }
     }
@@ -187,7 +193,7 @@ public final class ObjectGate: @unchecked Sendable {
         var st = stat()
         if fstatat(flatFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG {
             let fd = openat(flatFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-            let file = fd >= 0 ? Self.plainFile(fd, st) : (etag: Self.fileETag(st), owner: "")
+            let file = fd >= 0 ? Self.plainFile(fd, st) : (etag: Self.fileETag(st), owner: "", digested: false)
             if fd >= 0 { close(fd) }
             return Current(etag: file.etag, owner: file.owner, size: UInt64(st.st_size), physical: UInt64(st.st_size))
         }
@@ -199,12 +205,12 @@ public final class ObjectGate: @unchecked Sendable {
     public static func etag(_ manifest: Manifest) -> String { "\"\(manifest.digest.hex)\"" }
 
     /// The ETag and owner of the plain file `fd`, whose status is `st`: its SHA-256 when
-    /// `user.stoq.object` holds one that is still the content's, else `fileETag`; no owner
-    /// without the attribute.
-    package static func plainFile(_ fd: Int32, _ st: stat) -> (etag: String, owner: String) {
-        guard let meta = readMeta(fd) else { return (fileETag(st), "") }
+    /// `user.stoq.object` holds one that is still the content's (`digested`), else
+    /// `fileETag`; no owner without the attribute.
+    package static func plainFile(_ fd: Int32, _ st: stat) -> (etag: String, owner: String, digested: Bool) {
+        guard let meta = readMeta(fd) else { return (fileETag(st), "", false) }
         let current = meta.stamp.map { $0 == stamp(st) } ?? true
-        return (current ? "\"\(meta.sha256)\"" : fileETag(st), meta.owner)
+        return (current ? "\"\(meta.sha256)\"" : fileETag(st), meta.owner, current)
     }
 
     /// The ETag of a plain file with no SHA-256 that is still its own: a new file is a new
@@ -241,12 +247,12 @@ public final class ObjectGate: @unchecked Sendable {
     }
 
     /// Keeps `owner` and the content's SHA-256 on the plain file `fd`, once its last byte is
-    /// written (the size and mtime recorded are those of now); false when the filesystem
-    /// keeps no user xattrs (the file then has no owner).
-    static func writeMeta(_ fd: Int32, sha256: [UInt8], owner: String) -> Bool {
+    /// written (the size and mtime recorded are `known`, or those of now); false (errno set)
+    /// when the filesystem keeps no user xattrs (the file then has no owner).
+    static func writeMeta(_ fd: Int32, sha256: [UInt8], owner: String, stamp known: (size: UInt64, mtime: UInt64)? = nil) -> Bool {
         var st = stat()
-        guard fstat(fd, &st) == 0 else { return false }
-        let s = stamp(st)
+        guard known != nil || fstat(fd, &st) == 0 else { return false }
+        let s = known ?? stamp(st)
         let value =
             Array("2 \(Hex.encode(sha256)) \(String(s.size, radix: 16)) \(String(s.mtime, radix: 16)) ".utf8)
             + Array(owner.utf8.prefix(ObjectRecord.maxOwnerLength))

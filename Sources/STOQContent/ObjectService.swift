@@ -206,9 +206,11 @@ public final class ObjectService: QUICApplication {
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
             return fail(stream, connection, 404, "no object \(name)")
         }
+        let plain = ObjectGate.plainFile(fd, st)
+        if !plain.digested { gate?.digests.request(name, st) }
         guard
             let (status, headers, range) = Self.bodyHead(
-                size: UInt64(st.st_size), etag: ObjectGate.plainFile(fd, st).etag,
+                size: UInt64(st.st_size), etag: plain.etag,
                 request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
         let length = range.map { Int($0.upperBound - $0.lowerBound + 1) } ?? 0

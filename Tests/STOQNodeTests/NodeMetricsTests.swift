@@ -37,6 +37,7 @@ import STOQContent
         var gate = ObjectGate.Counters()
         (gate.storageCapRefused, gate.writerQuotaRefused, gate.preconditionFailed, gate.overwriteRefused) = (1, 2, 3, 4)
         (gate.storedBytes, gate.owners) = (5000, 6)
+        (gate.digests.recorded, gate.digests.changed, gate.digests.unrecorded) = (9, 10, 11)
         let with = NodeMetrics(
             workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
         ).prometheus()
@@ -44,6 +45,8 @@ import STOQContent
             #"stoq_limits_quota_refused_total{kind="storage_cap"} 1"#, #"stoq_limits_quota_refused_total{kind="writer_quota"} 2"#,
             "stoq_precondition_failed_total 3", "stoq_overwrite_refused_total 4", "stoq_stored_bytes 5000",
             "stoq_limits_writers 6", "stoq_limits_rate_limited_total 7", "stoq_limits_rate_clients 8",
+            #"stoq_plain_digests_total{outcome="recorded"} 9"#, #"stoq_plain_digests_total{outcome="changed"} 10"#,
+            #"stoq_plain_digests_total{outcome="unrecorded"} 11"#,
         ] {
             #expect(with.contains("\n\(line)\n"), "\(line)")
         }

@@ -4,12 +4,14 @@ either side (stoq get -o; a node storing a PUT: 507)."""
 import hashlib
 import json
 import os
+import pathlib
 import subprocess
+import sys
 import threading
 
 import pytest
 
-from conftest import Node, need_binary, random_file, settled, sha256_file, stoq, summed_counters
+from conftest import Node, metric_totals, need_binary, random_file, run, settled, sha256_file, stoq, summed_counters
 
 
 def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
@@ -284,5 +286,49 @@ def test_a_body_is_checked_against_the_digest_its_etag_names(tmp_path):
         r = stoq("get", node.url("obj.bin"), "-o", tmp_path / "unchecked.bin", "--ca", node.cert, "--no-verify")
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "unchecked.bin") == sha256_file(second)
+    finally:
+        assert node.stop() == 0
+
+
+def test_an_operators_file_gets_its_sha256_as_its_etag_once_it_is_read(tmp_path):
+    """A file copied into storage.path has no recorded SHA-256, so its ETag (inode, mtime,
+    size) lets no client check a body. Its first GET asks for the digest; a background thread
+    hashes the file and records it (format 2, with the size and mtime it belongs to), and the
+    responses after that carry it as their ETag, which `stoq get` checks. A rewrite in place
+    loses it at once and gets the new one the same way."""
+    h3client = pathlib.Path(__file__).resolve().parent / "h3client.py"
+    node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
+
+    def etag():
+        r = run([sys.executable, h3client, node.url("op.bin"), "--ca", node.cert], timeout=60)
+        got = json.loads(r.stdout)
+        assert got["status"] == 200, got
+        return got["headers"]["etag"]
+
+    def becomes(want):
+        for _ in range(100):
+            tag = etag()
+            if tag == want:
+                return
+            threading.Event().wait(0.1)
+        pytest.fail(f"the ETag stayed {tag}, never {want}")
+
+    try:
+        digest = node.add_object("op.bin", (3 << 20) + 5)
+        stored = node.storage / "op.bin"
+        assert etag().startswith('"f')
+        becomes(f'"{digest}"')
+        st = os.stat(stored)
+        assert os.getxattr(stored, "user.stoq.object") == f"2 {digest} {st.st_size:x} {st.st_mtime_ns:x} ".encode()
+        r = stoq("get", node.url("op.bin"), "-o", tmp_path / "out.bin", "--ca", node.cert, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["sha256"] == digest == sha256_file(tmp_path / "out.bin"), r.stderr
+        # In place, as cp does: the old digest is not served for the new bytes, the new one comes.
+        other = random_file(tmp_path / "other.bin", (3 << 20) + 5, 77)
+        with open(other, "rb") as src, open(stored, "r+b") as dst:
+            dst.write(src.read())
+        assert etag().startswith('"f')
+        becomes(f'"{sha256_file(other)}"')
+        totals = settled(lambda: metric_totals(node))
+        assert totals["stoq_plain_digests_total"] == 2, totals.get("stoq_plain_digests_total")
     finally:
         assert node.stop() == 0

@@ -1,0 +1,137 @@
+import CSTOQSystem
+import Crypto
+import Foundation
+import Logging
+import STOQCore
+
+/// SHA-256 digests for the plain files that have none: an operator's file copied into
+/// `storage.path`, or one changed in place since its digest was recorded. Until it has one,
+/// such a file's ETag is its inode, mtime and size, which no client or edge can check a body
+/// against. A GET of such a file asks for its digest (`request`); one background thread reads
+/// the file and records the digest in `user.stoq.object` (`ObjectGate.writeMeta`: format 2,
+/// with the size and mtime it belongs to, keeping any owner), so the responses after it carry
+/// the digest as their ETag.
+///
+/// - A file that changes while it is read keeps no digest (`changed`); the next GET asks again.
+/// - A file whose attribute cannot be written (a filesystem without user xattrs, a file the
+///   node may not change) is not read again while it stays the same (`unrecorded`); logged once.
+/// - At most `maxPending` files wait; a request beyond that is dropped (the next GET asks again).
+public final class PlainDigests: @unchecked Sendable {
+    /// What the digester did since the node started.
+    public struct Counters: Sendable, Equatable {
+        /// Files hashed whose digest was recorded.
+        public var recorded: UInt64 = 0
+        /// Files that changed while they were hashed: nothing recorded.
+        public var changed: UInt64 = 0
+        /// Files hashed whose digest could not be recorded.
+        public var unrecorded: UInt64 = 0
+        /// All zero.
+        public init() {}
+    }
+
+    /// Files that may wait to be hashed at once.
+    public static let maxPending = 64
+    /// Versions of files whose digest could not be recorded, remembered (then forgotten all at once).
+    static let maxUnrecordable = 4096
+
+    /// A version of a file: what a recorded digest is checked against, and its inode.
+    struct Version: Hashable {
+        var inode: UInt64
+        var size: UInt64
+        var mtime: UInt64
+        init(_ st: stat) {
+            let s = ObjectGate.stamp(st)
+            (inode, size, mtime) = (UInt64(st.st_ino), s.size, s.mtime)
+        }
+    }
+
+    private let rootFD: Int32
+    private let logger: Logger
+    private let queue = DispatchQueue(label: "stoq-digest", qos: .utility)
+    private let lock = NSLock()
+    private var pending: Set<String> = []
+    private var unrecordable: Set<Version> = []
+    private var warned = false
+    private var counterValues = Counters()
+
+    /// A digester for the plain files under the directory `rootFD` (which it duplicates).
+    init(rootFD: Int32, logger: Logger) {
+        self.rootFD = dup(rootFD)
+        self.logger = logger
+    }
+
+    deinit {
+        queue.sync {}
+        close(rootFD)
+    }
+
+    /// A snapshot of the counters.
+    public var counters: Counters { lock.withLock { counterValues } }
+
+    /// Asks for the digest of the plain file `name`, whose status is `st` and which has no
+    /// current one. Cheap; any thread.
+    public func request(_ name: String, _ st: stat) {
+        let version = Version(st)
+        let queued: Bool = lock.withLock {
+            guard pending.count < Self.maxPending, !unrecordable.contains(version) else { return false }
+            return pending.insert(name).inserted
+        }
+        guard queued else { return }
+        queue.async { [self] in
+            digest(name, version)
+            _ = lock.withLock { pending.remove(name) }
+        }
+    }
+
+    /// Waits for the files asked for so far (tests).
+    public func settle() { queue.sync {} }
+
+    private func digest(_ name: String, _ asked: Version) {
+        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return }  // gone since: nothing to record
+        defer { close(fd) }
+        var before = stat()
+        guard fstat(fd, &before) == 0, (before.st_mode & S_IFMT) == S_IFREG, Version(before) == asked else { return }
+        if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return }  // recorded meanwhile
+        var hasher = SHA256()
+        let piece = 1 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 64)
+        defer { buffer.deallocate() }
+        var offset: off_t = 0
+        while true {
+            let n = pread(fd, buffer.baseAddress, piece, offset)
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else {
+                logger.warning("storage: cannot read \(name) to hash it: \(String(cString: strerror(errno)))")
+                return
+            }
+            if n == 0 { break }
+            hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            offset += off_t(n)
+        }
+        var after = stat()
+        guard fstat(fd, &after) == 0, Version(after) == asked, UInt64(offset) == asked.size else {
+            lock.withLock { counterValues.changed += 1 }
+            return
+        }
+        let owner = ObjectGate.readMeta(fd)?.owner ?? ""
+        let sha256 = Array(hasher.finalize())
+        if ObjectGate.writeMeta(fd, sha256: sha256, owner: owner, stamp: ObjectGate.stamp(before)) {
+            lock.withLock { counterValues.recorded += 1 }
+            return
+        }
+        let why = String(cString: strerror(errno))
+        let first: Bool = lock.withLock {
+            counterValues.unrecorded += 1
+            if unrecordable.count >= Self.maxUnrecordable { unrecordable.removeAll() }
+            unrecordable.insert(asked)
+            defer { warned = true }
+            return !warned
+        }
+        if first {
+            logger.warning(
+                "storage: cannot record the SHA-256 of \(name) in its \(ObjectGate.metaName) attribute (\(why)); files without one keep an inode/mtime ETag that clients cannot check bodies against (logged once)"
+            )
+        }
+    }
+}
