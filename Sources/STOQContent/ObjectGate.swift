@@ -201,8 +201,8 @@ public final class ObjectGate: @unchecked Sendable {
         return Current(etag: Self.etag(manifest), owner: record.owner, size: manifest.totalLength, physical: 0)
     }
 
-    /// A chunked object's ETag: its content's SHA-256, from the manifest.
-    public static func etag(_ manifest: Manifest) -> String { "\"\(manifest.digest.hex)\"" }
+    /// A chunked object's ETag: its content's SHA-256, from the manifest (`Manifest.etag`).
+    public static func etag(_ manifest: Manifest) -> String { manifest.etag }
 
     /// The ETag and owner of the plain file `fd`, whose status is `st`: its SHA-256 when
     /// `user.stoq.object` holds one that is still the content's (`digested`), else

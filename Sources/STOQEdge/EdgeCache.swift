@@ -60,6 +60,8 @@ public final class EdgeCache: @unchecked Sendable {
         public var originManifestFetches: UInt64 = 0
         /// Plain objects fetched whole (the upstream had no manifest for them).
         public var originObjectFetches: UInt64 = 0
+        /// Of those, expired ones the upstream said were unchanged (304): kept, fresh again.
+        public var notModified: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
         /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
@@ -624,7 +626,8 @@ public final class EdgeCache: @unchecked Sendable {
 
         /// `a`'s upstream has no manifest of its name: asks it for the object whole, into a
         /// file on disk (an object may be large). A name nobody has costs this round trip more.
-        func askForPlain(_ a: Active, _ name: String, _ p: ConnectionPool) {
+        /// `unless`: the ETag of the version cut here before, which the upstream need not send again.
+        func askForPlain(_ a: Active, _ name: String, _ p: ConnectionPool, unless etag: String? = nil) {
             let fd = stoq_tmpfile(root)
             guard fd >= 0 else {
                 close(a.fd)
@@ -633,7 +636,18 @@ public final class EdgeCache: @unchecked Sendable {
             close(a.fd)
             var a = a
             (a.fd, a.plain, a.attempt.path) = (fd, true, "/objects/" + name)
+            if let etag { a.attempt.headers.append(("if-none-match", etag)) }
             submit(a, p)
+        }
+
+        /// The upstream says the plain object `a` asked for is the one cut here before: that
+        /// manifest is fresh again. False when it has gone from the cache meanwhile.
+        func notModified(_ a: Active, _ name: String, maxAge: Int64?) -> Bool {
+            guard let e = lock.withLock({ manifests.peek(name) }), e.plain else { return false }
+            let bytes = keep(name, e.bytes, maxAge: maxAge, plain: true)
+            lock.withLock { counterValues.notModified += 1 }
+            complete(a.fetchKey, nil, manifest: bytes)
+            return true
         }
 
         while !stopFlag.load(ordering: .acquiring) {
@@ -698,7 +712,15 @@ public final class EdgeCache: @unchecked Sendable {
                             progressAt: t, trace: trace))
                     continue
                 }
-                submit(Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace), p)
+                let a = Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
+                if case .manifest(let name) = key, first.path == Self.resource(key).path,
+                    let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes)
+                {
+                    // Cut here from a plain object before: straight to the object, unless unchanged.
+                    askForPlain(a, name, p, unless: cut.etag)
+                } else {
+                    submit(a, p)
+                }
             }
             let done: [ConnectionPool.Done]
             do { done = try p.drive(forNanoseconds: 1_000_000) } catch {
@@ -727,6 +749,10 @@ public final class EdgeCache: @unchecked Sendable {
                 }
                 guard let status = d.status else {
                     failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
+                    continue
+                }
+                if status == 304, a.plain, case .manifest(let name) = a.key {
+                    if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, name, p) }
                     continue
                 }
                 if status == 404, !a.plain, case .manifest(let name) = a.key, a.attempt.path == Self.resource(a.key).path {

@@ -203,6 +203,41 @@ def test_a_plain_object_whose_chunks_were_evicted_is_fetched_again(origin, tmp_p
         assert edge.stop() == 0
 
 
+def test_an_expired_plain_object_is_revalidated_not_fetched_again(origin, tmp_path):
+    """Once the manifest an edge cut from a plain object expires, the edge asks the origin for
+    the object with If-None-Match: its SHA-256 (the origin's ETag once the file has one). An
+    unchanged file is answered 304 and the cut stays; a changed one comes again, whole."""
+    digest = origin.add_object("plain-ttl.bin", 4 * MiB)
+    stored = origin.storage / "plain-ttl.bin"
+    st = os.stat(stored)
+    os.setxattr(stored, "user.stoq.object", f"2 {digest} {st.st_size:x} {st.st_mtime_ns:x} ".encode())
+    edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert, ttl="1s"))
+    try:
+        r = get(edge, "plain-ttl.bin", tmp_path / "a.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "a.bin") == digest, r.stderr
+        e0 = metrics(edge)
+        time.sleep(1.2)
+        r = get(edge, "plain-ttl.bin", tmp_path / "b.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "b.bin") == digest, r.stderr
+        e1 = metrics(edge)
+        assert e1["stoq_edge_origin_not_modified_total"] == e0["stoq_edge_origin_not_modified_total"] + 1
+        assert e1["stoq_edge_origin_object_fetches_total"] == e0["stoq_edge_origin_object_fetches_total"] + 1
+        assert e1["stoq_edge_origin_manifest_fetches_total"] == e0["stoq_edge_origin_manifest_fetches_total"]
+        assert e1["stoq_edge_origin_bytes_total"] == e0["stoq_edge_origin_bytes_total"]
+        # Changed at the origin (its digest recorded with it): the new bytes, whole.
+        new = random_file(tmp_path / "new.bin", 4 * MiB, 99)
+        shutil.copyfile(new, tmp_path / "staged.bin")
+        os.replace(tmp_path / "staged.bin", stored)
+        time.sleep(1.2)
+        r = get(edge, "plain-ttl.bin", tmp_path / "c.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "c.bin") == sha256_file(new), r.stderr
+        e2 = metrics(edge)
+        assert e2["stoq_edge_origin_not_modified_total"] == e1["stoq_edge_origin_not_modified_total"]
+        assert e2["stoq_edge_origin_bytes_total"] - e1["stoq_edge_origin_bytes_total"] >= 4 * MiB
+    finally:
+        assert edge.stop() == 0
+
+
 def test_a_chunk_with_wrong_bytes_from_the_origin_is_refused(origin, tmp_path):
     """The origin here is ngtcp2's gtlsserver serving files (an independent HTTP/3 server
     with the origin node's own certificate): the real manifest, and chunk files of which one
