@@ -8,7 +8,8 @@ import Synchronization
 
 /// The admin API: HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own event
 /// loop thread, far from the workers: `GET /metrics` (Prometheus text) and `GET /status`
-/// (JSON). It reads the snapshots workers publish and nothing else.
+/// (JSON), which read the snapshots workers publish, and the operator's actions as `POST`s
+/// (`act`; `POST /edge/purge/<name>`), which the node answers.
 ///
 /// Who may ask is `protection` (`admin.auth`): anyone (loopback only), a bearer token checked
 /// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
@@ -26,9 +27,13 @@ package final class AdminServer: @unchecked Sendable {
     /// Requests and TLS handshakes refused since the start.
     package var refused: UInt64 { refusals.count.load(ordering: .relaxed) }
 
-    /// Binds and starts serving `render(path)` (nil for 404) to whom `protection` lets in.
+    /// What a `POST` to a path does: its status and text, or nil when the path names no action.
+    package typealias Action = @Sendable (String) -> (status: Int, text: String)?
+
+    /// Binds and starts serving `render(path)` (nil for 404) for GET and HEAD, and `act(path)`
+    /// for POST, to whom `protection` lets in.
     package init(
-        listen: IPv6Endpoint, protection: AdminProtection = .none, logger: Logger,
+        listen: IPv6Endpoint, protection: AdminProtection = .none, logger: Logger, act: Action? = nil,
         render: @escaping @Sendable (String) -> (String, String)?
     ) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -66,7 +71,7 @@ package final class AdminServer: @unchecked Sendable {
                             })
                     }
                     try ops.configureHTTPServerPipeline(withErrorHandling: true)
-                    try ops.addHandler(AdminHandler(render: render, authorize: authorize, refusals: refusals, logger: logger))
+                    try ops.addHandler(AdminHandler(render: render, act: act, authorize: authorize, refusals: refusals, logger: logger))
                     if tls != nil { try ops.addHandler(AdminTLSErrors(refusals: refusals, logger: logger)) }
                 }
             }
@@ -126,16 +131,17 @@ private final class AdminHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     private let render: @Sendable (String) -> (String, String)?
+    private let act: AdminServer.Action?
     private let authorize: (@Sendable (String) -> AdminAuthResult)?
     private let refusals: AdminRefusals
     private let logger: Logger
     private var head: HTTPRequestHead?
 
     init(
-        render: @escaping @Sendable (String) -> (String, String)?, authorize: (@Sendable (String) -> AdminAuthResult)?,
-        refusals: AdminRefusals, logger: Logger
+        render: @escaping @Sendable (String) -> (String, String)?, act: AdminServer.Action?,
+        authorize: (@Sendable (String) -> AdminAuthResult)?, refusals: AdminRefusals, logger: Logger
     ) {
-        (self.render, self.authorize, self.refusals, self.logger) = (render, authorize, refusals, logger)
+        (self.render, self.act, self.authorize, self.refusals, self.logger) = (render, act, authorize, refusals, logger)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -155,9 +161,19 @@ private final class AdminHandler: ChannelInboundHandler {
                 status = .unauthorized
                 body = "\(why)\n"
                 challenge = true
+            } else if h.method == .POST {
+                if let (code, text) = act?(path) {
+                    status = HTTPResponseStatus(statusCode: code)
+                    body = text + "\n"
+                    logger.notice(
+                        "admin API: POST \(path): \(code) \(text)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+                } else {
+                    status = .notFound
+                    body = "no action \(path): try POST /edge/purge/<name>\n"
+                }
             } else if h.method != .GET && h.method != .HEAD {
                 status = .methodNotAllowed
-                body = "only GET and HEAD\n"
+                body = "only GET, HEAD and POST\n"
             } else if let (text, contentType) = render(path) {
                 body = path == "/metrics" ? text + refusals.prometheus : text
                 type = contentType

@@ -339,6 +339,7 @@ package struct NodeMetrics {
             family(
                 "stoq_edge_origin_not_modified_total", "counter", "Expired plain objects the origin answered 304 for: kept, fresh again.", [("", e.notModified)]
             )
+            family("stoq_edge_purges_total", "counter", "Manifests dropped by POST /edge/purge/<name> on the admin API.", [("", e.purges)])
             family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
             family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])

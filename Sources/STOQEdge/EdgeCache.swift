@@ -62,6 +62,8 @@ public final class EdgeCache: @unchecked Sendable {
         public var originObjectFetches: UInt64 = 0
         /// Of those, expired ones the upstream said were unchanged (304): kept, fresh again.
         public var notModified: UInt64 = 0
+        /// Manifests an operator purged (`purge`).
+        public var purges: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
         /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
@@ -371,6 +373,20 @@ public final class EdgeCache: @unchecked Sendable {
             if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
             return (m.bytes, fresh)
         }
+    }
+
+    /// Drops the manifest of `name` (an operator's purge): the next request for the object asks
+    /// the upstream again. Its chunks stay: they are named by their content, so they are still
+    /// right for whatever version comes next. False when the cache held no manifest of `name`.
+    public func purge(_ name: String) -> Bool {
+        let held = lock.withLock {
+            guard manifests.peek(name) != nil else { return false }
+            manifests.remove(name)
+            counterValues.purges += 1
+            return true
+        }
+        if held { unlink(manifestFile(name)) }
+        return held
     }
 
     /// Counts that an expired manifest was served because the origin failed.

@@ -443,7 +443,7 @@ public final class Node: @unchecked Sendable {
             throw error
         }
         do {
-            admin = try AdminServer(listen: listen, protection: protection, logger: logger) { path in
+            admin = try AdminServer(listen: listen, protection: protection, logger: logger, act: Self.adminAction(edge: edge)) { path in
                 let certificate = certificates.map {
                     let c = $0.counters
                     return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
@@ -467,6 +467,19 @@ public final class Node: @unchecked Sendable {
         } catch {
             stop()
             throw error
+        }
+    }
+
+    /// The admin API's actions: `POST /edge/purge/<name>` drops the edge cache's manifest of
+    /// `name` (`EdgeCache.purge`), so the next request for it asks the upstream again.
+    static func adminAction(edge: EdgeCache?) -> AdminServer.Action {
+        { path in
+            let prefix = "/edge/purge/"
+            guard path.hasPrefix(prefix) else { return nil }
+            guard let edge else { return (409, "this node has no edge cache ([edge] enable_caching, or a mesh)") }
+            let name = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
+            do { try ObjectIndex.validateName(name) } catch { return (400, "\(error)") }
+            return edge.purge(name) ? (200, "purged \(name) from the edge cache") : (404, "the edge cache holds no manifest of \(name)")
         }
     }
 

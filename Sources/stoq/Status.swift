@@ -2,6 +2,7 @@ import ArgumentParser
 import AsyncHTTPClient
 import Foundation
 import NIOCore
+import NIOHTTP1
 
 /// `stoq status`: a node's live numbers from its admin API (`[admin] listen`).
 struct StatusCommand: AsyncParsableCommand {
@@ -53,38 +54,43 @@ enum AdminAPI {
     /// GETs `<admin>/status`: the base URL and the body. Exits 2 on a URL that is not
     /// `http://[ipv6]:port`, 1 when the node cannot be read.
     static func status(_ admin: String) async throws -> (base: String, data: Data) {
+        let (base, status, data) = try await request(admin, "/status")
+        guard status == 200 else { throw fail("\(base)/status: HTTP \(status)\(hint(status))") }
+        return (base, data)
+    }
+
+    /// Sends `method` `path` to the admin API `admin`: the base URL, the status and the body.
+    /// Exits 2 on a URL that is not `http://[ipv6]:port`, 1 when the node cannot be reached.
+    static func request(_ admin: String, _ path: String, method: HTTPMethod = .GET) async throws -> (base: String, status: UInt, data: Data) {
         let base: String
         do { base = try MeshTables.adminBase(admin) } catch let e as MeshViewError { throw fail(e.message, code: 2) }
-        var request = HTTPClientRequest(url: base + "/status")
-        if let path = ProcessInfo.processInfo.environment[tokenFileVariable], !path.isEmpty {
-            guard let data = FileManager.default.contents(atPath: path) else { throw fail("\(tokenFileVariable)=\(path): cannot read the file") }
+        var request = HTTPClientRequest(url: base + path)
+        request.method = method
+        if let file = ProcessInfo.processInfo.environment[tokenFileVariable], !file.isEmpty {
+            guard let data = FileManager.default.contents(atPath: file) else { throw fail("\(tokenFileVariable)=\(file): cannot read the file") }
             let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             request.headers.add(name: "authorization", value: "Bearer \(token)")
         }
         let client = HTTPClient(eventLoopGroupProvider: .singleton)
-        let body: ByteBuffer
+        let answer: (status: UInt, body: ByteBuffer)
         do {
             let response = try await client.execute(request, timeout: .seconds(10))
-            guard response.status == .ok else {
-                try? await client.shutdown()
-                let hint =
-                    response.status == .unauthorized
-                    ? ": the admin API wants a bearer token (admin.auth = \"token\"); set \(tokenFileVariable) to the file holding it" : ""
-                throw fail("\(base)/status: HTTP \(response.status.code)\(hint)")
-            }
-            body = try await response.body.collect(upTo: 64 << 20)
-        } catch let e as ExitCode {
-            throw e
+            answer = (response.status.code, try await response.body.collect(upTo: 64 << 20))
         } catch let e as IOError {
+            try? await client.shutdown()
             // NIO's text for a refused connect reads "connection reset (error set): Connection
             // refused) (errno: 111)"; the errno says it.
-            try? await client.shutdown()
-            throw fail("\(base)/status: cannot connect: \(String(cString: strerror(e.errnoCode)))")
+            throw fail("\(base)\(path): cannot connect: \(String(cString: strerror(e.errnoCode)))")
         } catch {
             try? await client.shutdown()
-            throw fail("\(base)/status: \(error)")
+            throw fail("\(base)\(path): \(error)")
         }
         try? await client.shutdown()
-        return (base, Data(body.readableBytesView))
+        return (base, answer.status, Data(answer.body.readableBytesView))
+    }
+
+    /// What to add to an error for `status`: how to pass a token when the API wants one.
+    static func hint(_ status: UInt) -> String {
+        status == 401 ? ": the admin API wants a bearer token (admin.auth = \"token\"); set \(tokenFileVariable) to the file holding it" : ""
     }
 }

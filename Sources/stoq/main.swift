@@ -19,7 +19,7 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
         version: STOQVersion.line,
         subcommands: [
             Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
-            XDPCommand.self, StatusCommand.self, MeshCommand.self,
+            XDPCommand.self, StatusCommand.self, MeshCommand.self, EdgeCommand.self,
         ])
 }
 

@@ -238,6 +238,30 @@ def test_an_expired_plain_object_is_revalidated_not_fetched_again(origin, tmp_pa
         assert edge.stop() == 0
 
 
+def test_an_operator_purges_an_object_and_the_edge_asks_the_origin_again(origin, edge, tmp_path):
+    """An object replaced at the origin stays as it was at the edge until its manifest expires
+    (1 h here): `stoq edge purge` (POST /edge/purge/<name> on the admin API) drops it at once,
+    and the next request gets the new version. What cannot be purged is named."""
+    v1, v2 = random_file(tmp_path / "v1.bin", 3 * MiB, 21), random_file(tmp_path / "v2.bin", 3 * MiB, 22)
+    put(origin, v1, "purged")
+    assert get(edge, "purged", tmp_path / "a.bin").returncode == 0 and sha256_file(tmp_path / "a.bin") == sha256_file(v1)
+    put(origin, v2, "purged")
+    assert get(edge, "purged", tmp_path / "b.bin").returncode == 0 and sha256_file(tmp_path / "b.bin") == sha256_file(v1)
+    purges = metrics(edge)["stoq_edge_purges_total"]
+    r = stoq("edge", "purge", edge.admin, "purged")
+    assert r.returncode == 0 and r.stdout.strip() == "purged purged from the edge cache", (r.stdout, r.stderr)
+    assert get(edge, "purged", tmp_path / "c.bin").returncode == 0 and sha256_file(tmp_path / "c.bin") == sha256_file(v2)
+    assert metrics(edge)["stoq_edge_purges_total"] == purges + 1
+    r = stoq("edge", "purge", edge.admin, "never-cached", "purged")
+    assert r.returncode == 1, r.stderr
+    assert "never-cached: HTTP 404: the edge cache holds no manifest of never-cached" in r.stderr
+    assert r.stdout.strip() == "purged purged from the edge cache"
+    r = stoq("edge", "purge", edge.admin, "../etc")
+    assert r.returncode == 1 and "HTTP 400" in r.stderr and "../etc" in r.stderr, r.stderr
+    r = stoq("edge", "purge", origin.admin, "purged")
+    assert r.returncode == 1 and "HTTP 409: this node has no edge cache" in r.stderr, r.stderr
+
+
 def test_a_chunk_with_wrong_bytes_from_the_origin_is_refused(origin, tmp_path):
     """The origin here is ngtcp2's gtlsserver serving files (an independent HTTP/3 server
     with the origin node's own certificate): the real manifest, and chunk files of which one
