@@ -236,13 +236,14 @@ public final class ObjectGate: @unchecked Sendable {
         guard n > 0 else { return nil }
         let text = String(decoding: buf[0..<n], as: UTF8.self)
         func field(_ s: Substring) -> UInt64? { UInt64(s, radix: 16) }
+        func digest(_ s: Substring) -> Bool { s.utf8.count == 64 && s.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) } }
         if text.hasPrefix("2 ") {
             let parts = text.split(separator: " ", maxSplits: 4, omittingEmptySubsequences: false)
-            guard parts.count >= 4, parts[1].count == 64, let size = field(parts[2]), let mtime = field(parts[3]) else { return nil }
+            guard parts.count >= 4, digest(parts[1]), let size = field(parts[2]), let mtime = field(parts[3]) else { return nil }
             return (String(parts[1]), (size, mtime), parts.count == 5 ? String(parts[4]) : "")
         }
         let parts = text.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
-        guard parts.count >= 2, parts[0] == "1", parts[1].count == 64 else { return nil }
+        guard parts.count >= 2, parts[0] == "1", digest(parts[1]) else { return nil }
         return (String(parts[1]), nil, parts.count == 3 ? String(parts[2]) : "")
     }
 

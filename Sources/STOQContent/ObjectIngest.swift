@@ -310,7 +310,8 @@ public final class ObjectIngest: @unchecked Sendable {
         }
         let entries: [Manifest.Entry]
         do {
-            entries = try index.chunks.put(cutBy: chunker, sizeHint: sizeHint, reserve: reserve) { id, length, put in
+            entries = try index.chunks.put(cutBy: chunker, sizeHint: sizeHint, reserve: reserve) { id, bytes, put in
+                let length = bytes.count
                 ids.append(id)
                 switch put {
                 case .stored:

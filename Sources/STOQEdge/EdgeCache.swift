@@ -182,8 +182,13 @@ public final class EdgeCache: @unchecked Sendable {
     let manifestDir: String
     /// How plain objects are cut (the node's `[chunking]`).
     let chunking: ChunkingParameters
-    /// Cuts plain objects, off the fetcher thread.
+    /// Cuts plain objects, off the fetcher thread; at most `maxCutsWaiting` fetched ones wait
+    /// (each holds its temp file).
     private let cutQueue = DispatchQueue(label: "stoq-edge-cut")
+    private let cutsWaiting = Atomic<Int>(0)
+    static let maxCutsWaiting = 4
+    /// The chunks' share of the bound: no plain object larger than this is fetched whole.
+    let chunkCapacity: UInt64
     let ttlDefault: Double
     /// How upstreams are verified, and the change a reload asked for that the fetcher has not
     /// applied yet (`retrust`).
@@ -247,6 +252,7 @@ public final class EdgeCache: @unchecked Sendable {
             logger: Logger(label: "stoq.edge.store"), diskFull: diskFull)
         let manifestBudget = EdgeManifests.budget(of: capacity)
         policy = S3FIFO(capacity: capacity - manifestBudget)
+        chunkCapacity = capacity - manifestBudget
         readAheadChunks = Int(min(16, max(1, capacity / 4 / UInt64(max(1, maxChunkSize)))))
         manifests = try EdgeManifests(dir: manifestDir, capacity: manifestBudget, logger: logger)
         counterValues.manifestEvictions = UInt64(manifests.evictedOnLoad)
@@ -652,6 +658,7 @@ public final class EdgeCache: @unchecked Sendable {
             close(a.fd)
             var a = a
             (a.fd, a.plain, a.attempt.path) = (fd, true, "/objects/" + name)
+            a.attempt.headers.removeAll { $0.0 == "if-none-match" }
             if let etag { a.attempt.headers.append(("if-none-match", etag)) }
             submit(a, p)
         }
@@ -659,8 +666,9 @@ public final class EdgeCache: @unchecked Sendable {
         /// The upstream says the plain object `a` asked for is the one cut here before: that
         /// manifest is fresh again. False when it has gone from the cache meanwhile.
         func notModified(_ a: Active, _ name: String, maxAge: Int64?) -> Bool {
-            guard let e = lock.withLock({ manifests.peek(name) }), e.plain else { return false }
-            let bytes = keep(name, e.bytes, maxAge: maxAge, plain: true)
+            guard let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes),
+                let bytes = keep(name, e.bytes, maxAge: maxAge, plainChunks: cut.chunks.map { ChunkID(bytes: $0.id.bytes)! })
+            else { return false }
             lock.withLock { counterValues.notModified += 1 }
             complete(a.fetchKey, nil, manifest: bytes)
             return true
@@ -789,6 +797,22 @@ public final class EdgeCache: @unchecked Sendable {
                 for (tag, var a) in active.sorted(by: { $0.value.started < $1.value.started }) {
                     guard active[tag] != nil else { continue }  // a partner's fate settled it above
                     let got = p.received(tag)
+                    if a.plain && got > chunkCapacity {
+                        // Could never be cached: stop the download rather than fill the disk.
+                        p.cancel(tag)
+                        active[tag] = nil
+                        a.endSpan(failure: "larger than the cache")
+                        close(a.fd)
+                        upstream.cancelled(Self.resource(a.key), via: a.attempt)
+                        complete(
+                            a.fetchKey,
+                            Failure(
+                                status: 502,
+                                reason:
+                                    "edge: \(a.attempt.path) from \(a.attempt.label) is a plain object of more than \(chunkCapacity) bytes, more than this edge's cache holds: not served"
+                            ))
+                        continue
+                    }
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
                     guard down || t - a.progressAt > Self.stallTimeout else {
@@ -854,8 +878,9 @@ public final class EdgeCache: @unchecked Sendable {
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.started) / 1e9
         switch a.key {
         case .chunk(let id):
+            let put: ChunkStore.PutResult
             do {
-                try store.put(id: id, bytes: body)
+                put = try store.put(id: id, bytes: body)
             } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
                 lock.withLock { counterValues.verificationFailures += 1 }
                 logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
@@ -874,13 +899,15 @@ public final class EdgeCache: @unchecked Sendable {
             }
             upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
             var out: [ChunkID] = []
-            let admitted = lock.withLock {
+            let (admitted, wasHeld) = lock.withLock {
+                let held = policy.contains(id)
                 let ok = policy.insert(id, size: UInt64(body.count)) { out.append($0) }
                 counterValues.evictions += UInt64(out.count)
                 dirty = true
-                return ok
+                return (ok, held)
             }
             evicted(out)
+            if admitted && !wasHeld && put == .alreadyPresent { restore(id, body) }
             if !admitted {
                 // Larger than the whole cache: served once from the store copy, then dropped.
                 logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
@@ -891,12 +918,20 @@ public final class EdgeCache: @unchecked Sendable {
             upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
             let fd = dup(a.fd)
             guard fd >= 0 else {
-                complete(a.fetchKey, Failure(status: 500, reason: "edge: dup: \(String(cString: strerror(errno)))"))
+                complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot cut \(name): dup: \(String(cString: strerror(errno)))"))
                 return nil
             }
             let (key, size, digest, maxAge) = (a.fetchKey, d.received, d.sha256.flatMap { ContentDigest($0) }, d.maxAge)
+            guard cutsWaiting.add(1, ordering: .relaxed).newValue <= Self.maxCutsWaiting else {
+                cutsWaiting.subtract(1, ordering: .relaxed)
+                close(fd)
+                complete(
+                    a.fetchKey,
+                    Failure(status: 503, reason: "edge: \(Self.maxCutsWaiting) plain objects are being cut into the cache already; try \(name) again"))
+                return nil
+            }
             cutQueue.async(group: finished) { [self] in
-                defer { close(fd) }
+                defer { close(fd); cutsWaiting.subtract(1, ordering: .relaxed) }
                 let cut = cutPlain(name, fd: fd, size: size, digest: digest, maxAge: maxAge, from: from)
                 complete(key, cut.failure, manifest: cut.manifest)
             }
@@ -905,7 +940,7 @@ public final class EdgeCache: @unchecked Sendable {
                 return "edge: the manifest of \(name) from \(from) is invalid: \(error)"
             }
             upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            complete(a.fetchKey, nil, manifest: keep(name, Array(body), maxAge: d.maxAge, plain: false))
+            complete(a.fetchKey, nil, manifest: keep(name, Array(body), maxAge: d.maxAge))
         }
         return nil
     }
@@ -916,7 +951,7 @@ public final class EdgeCache: @unchecked Sendable {
     private func cutPlain(
         _ name: String, fd: Int32, size: UInt64, digest: ContentDigest?, maxAge: Int64?, from: String
     ) -> (failure: Failure?, manifest: [UInt8]?) {
-        let room = lock.withLock { policy.capacity }
+        let room = chunkCapacity
         guard size <= room else {
             return (
                 Failure(
@@ -933,19 +968,30 @@ public final class EdgeCache: @unchecked Sendable {
         var ids: [ChunkID] = []
         let entries: [Manifest.Entry]
         do {
-            entries = try store.put(cutBy: chunker, sizeHint: size) { id, length, _ in
+            let stopping = { [self] (_: Int) throws in
+                if stopFlag.load(ordering: .relaxed) { throw StoreError(.io, "the node is stopping") }
+            }
+            entries = try store.put(cutBy: chunker, sizeHint: size, reserve: stopping) { id, bytes, put in
                 ids.append(id)
                 var out: [ChunkID] = []
-                lock.withLock {
-                    policy.insert(id, size: UInt64(length)) { out.append($0) }
-                    policy.touch(id)  // the requests waiting for the object read it next
-                    plainChunks[id, default: []].insert(name)
+                let wasHeld = lock.withLock {
+                    let held = policy.contains(id)
+                    policy.insert(id, size: UInt64(bytes.count)) { out.append($0) }
+                    // A hit, as if read: otherwise an object larger than S3-FIFO's small queue
+                    // (a tenth of the cache) would evict its own first chunks before the
+                    // requests waiting for it read them. So a cut goes to the main queue.
+                    policy.touch(id)
                     counterValues.evictions += UInt64(out.count)
                     dirty = true
+                    return held
                 }
                 evicted(out)
+                if !wasHeld && put == .alreadyPresent { restore(id, bytes) }
             }
         } catch {
+            if store.diskFull.refusedIfNoSpace(error) {
+                return (Failure(status: 507, reason: "edge: no space left to cache \(name) from \(from): \(error)"), nil)
+            }
             logger.error("edge cache: cannot cut \(name) from \(from) into the cache: \(error)")
             return (Failure(status: 500, reason: "edge: cannot cache \(name) from \(from): \(error)"), nil)
         }
@@ -959,19 +1005,35 @@ public final class EdgeCache: @unchecked Sendable {
             return (Failure(status: 500, reason: "edge: the manifest of \(name) from \(from): \(error)"), nil)
         }
         // An object near the cache's size can evict its own first chunks while it is cut.
-        guard lock.withLock({ ids.allSatisfy { policy.contains($0) } }) else {
+        guard let kept = keep(name, manifest, maxAge: maxAge, plainChunks: ids) else {
             return (
                 Failure(status: 502, reason: "edge: \(name) from \(from) (\(size) bytes) does not fit this edge's cache beside what it holds: not served"), nil
             )
         }
-        return (nil, keep(name, manifest, maxAge: maxAge, plain: true))
+        return (nil, kept)
+    }
+
+    /// Writes chunk `id` again after the policy took it: a put that found the file may have
+    /// raced an eviction that removed it just before (`evicted` removes only what the policy
+    /// no longer holds, under the lock, so after this insert nothing removes it).
+    private func restore(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) {
+        guard (try? store.has(id)) != true else { return }
+        do { _ = try store.put(id: id, hashedBytes: bytes) } catch {
+            logger.error("edge cache: cannot write chunk \(id.hex) again: \(error)")
+            lock.withLock {
+                policy.remove(id); dirty = true
+            }
+        }
     }
 
     /// Keeps `bytes` as the manifest of `name` (in memory and in its file), fresh for the
-    /// upstream's `maxAge` or `edge.ttl_default`; returns them.
-    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plain: Bool) -> [UInt8] {
+    /// upstream's `maxAge` or `edge.ttl_default`; returns them. A manifest cut here names its
+    /// chunks (`plainChunks`): it is kept only if the cache holds every one of them when it is
+    /// inserted (checked under the same lock, so an eviction either comes before and it is
+    /// not kept, or after and drops it); nil otherwise.
+    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8]? {
         let ttl = maxAge.map { Double($0) } ?? ttlDefault
-        let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: plain)
+        let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: chunks != nil)
         let file = manifestFile(name)
         do {
             try CacheIndexFile.write(EdgeManifests.encode(m), to: file)
@@ -980,10 +1042,18 @@ public final class EdgeCache: @unchecked Sendable {
             // Kept in memory all the same: only a restart loses it.
             if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
         }
-        let (kept, evicted) = lock.withLock {
+        let r: (kept: Bool, evicted: [String])? = lock.withLock {
+            if let chunks {
+                guard chunks.allSatisfy({ policy.contains($0) }) else { return nil }
+                for id in chunks { plainChunks[id, default: []].insert(name) }
+            }
             let r = manifests.insert(name, m)
             counterValues.manifestEvictions += UInt64(r.evicted.count)
             return r
+        }
+        guard let (kept, evicted) = r else {
+            unlink(file)
+            return nil
         }
         for n in evicted { unlink(manifestFile(n)) }
         if !kept {
@@ -997,9 +1067,11 @@ public final class EdgeCache: @unchecked Sendable {
     /// gone), and every manifest cut here from a plain object that named one of them.
     private func evicted(_ ids: [ChunkID], remove: Bool = true) {
         guard !ids.isEmpty else { return }
-        if remove { for id in ids { _ = try? store.remove(id) } }
         let gone: [String] = lock.withLock {
             var gone: [String] = []
+            // Under the lock, and only what the policy no longer holds: a cut or a fetch that
+            // took the chunk back meanwhile keeps its file (see `restore`).
+            if remove { for id in ids where !policy.contains(id) { _ = try? store.remove(id) } }
             for id in ids {
                 for name in plainChunks.removeValue(forKey: id) ?? [] {
                     guard let e = manifests.peek(name), e.plain, let m = try? Manifest(decoding: e.bytes),

@@ -199,6 +199,10 @@ def test_a_plain_object_whose_chunks_were_evicted_is_fetched_again(origin, tmp_p
         e1 = metrics(edge)
         assert e1["stoq_edge_origin_object_fetches_total"] == e0["stoq_edge_origin_object_fetches_total"] + 1
         assert e1["stoq_edge_origin_chunk_fetches_total"] == e0["stoq_edge_origin_chunk_fetches_total"]
+        # One that could never be cached: its download stops once it passes the chunks' share.
+        origin.add_object("plain-ev-big.bin", 64 * MiB)
+        big = h3(edge.port, edge.cert, "/objects/plain-ev-big.bin")
+        assert big["status"] == 502 and "is a plain object of more than 15728640 bytes" in big["text"], big
     finally:
         assert edge.stop() == 0
 
@@ -224,7 +228,7 @@ def test_an_expired_plain_object_is_revalidated_not_fetched_again(origin, tmp_pa
         assert e1["stoq_edge_origin_object_fetches_total"] == e0["stoq_edge_origin_object_fetches_total"] + 1
         assert e1["stoq_edge_origin_manifest_fetches_total"] == e0["stoq_edge_origin_manifest_fetches_total"]
         assert e1["stoq_edge_origin_bytes_total"] == e0["stoq_edge_origin_bytes_total"]
-        # Changed at the origin (its digest recorded with it): the new bytes, whole.
+        # Replaced at the origin (a new file, no digest recorded yet, so another ETag): whole again.
         new = random_file(tmp_path / "new.bin", 4 * MiB, 99)
         shutil.copyfile(new, tmp_path / "staged.bin")
         os.replace(tmp_path / "staged.bin", stored)
