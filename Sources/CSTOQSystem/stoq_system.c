@@ -15,6 +15,11 @@ int stoq_pin_current_thread(int cpu) {
   return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
+int stoq_idle_current_thread(void) {
+  struct sched_param p = {.sched_priority = 0};
+  return sched_setscheduler(0, SCHED_IDLE, &p);
+}
+
 int stoq_allowed_cpus(void) {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;

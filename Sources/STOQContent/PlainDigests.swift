@@ -7,8 +7,9 @@ import STOQCore
 /// SHA-256 digests for the plain files that have none: an operator's file copied into
 /// `storage.path`, or one changed in place since its digest was recorded. Until it has one,
 /// such a file's ETag is its inode, mtime and size, which no client or edge can check a body
-/// against. A GET of such a file asks for its digest (`request`); one background thread reads
-/// the file and records the digest in `user.stoq.object` (`ObjectGate.writeMeta`: format 2,
+/// against. A GET or HEAD of such a file asks for its digest (`request`); one background
+/// thread, under SCHED_IDLE so that it only ever takes time no worker wants, reads the file
+/// and records the digest in `user.stoq.object` (`ObjectGate.writeMeta`: format 2,
 /// with the size and mtime it belongs to, keeping any owner), so the responses after it carry
 /// the digest as their ETag.
 ///
@@ -16,6 +17,7 @@ import STOQCore
 /// - A file whose attribute cannot be written (a filesystem without user xattrs, a file the
 ///   node may not change) is not read again while it stays the same (`unrecorded`); logged once.
 /// - At most `maxPending` files wait; a request beyond that is dropped (the next GET asks again).
+/// - A node whose cores are always busy never gets to it: the ETag stays the file's own.
 public final class PlainDigests: @unchecked Sendable {
     /// What the digester did since the node started.
     public struct Counters: Sendable, Equatable {
@@ -47,8 +49,13 @@ public final class PlainDigests: @unchecked Sendable {
 
     private let rootFD: Int32
     private let logger: Logger
-    private let queue = DispatchQueue(label: "stoq-digest", qos: .utility)
     private let lock = NSLock()
+    private let wake = DispatchSemaphore(value: 0)
+    private let done = DispatchSemaphore(value: 0)
+    private var started = false
+    private var stopping = false
+    /// Files asked for, oldest first, and their names (for the bound and duplicates).
+    private var queue: [(name: String, version: Version)] = []
     private var pending: Set<String> = []
     private var unrecordable: Set<Version> = []
     private var warned = false
@@ -61,7 +68,12 @@ public final class PlainDigests: @unchecked Sendable {
     }
 
     deinit {
-        queue.sync {}
+        if lock.withLock({
+            stopping = true; return started
+        }) {
+            wake.signal()
+            done.wait()
+        }
         close(rootFD)
     }
 
@@ -72,19 +84,35 @@ public final class PlainDigests: @unchecked Sendable {
     /// current one. Cheap; any thread.
     public func request(_ name: String, _ st: stat) {
         let version = Version(st)
-        let queued: Bool = lock.withLock {
-            guard pending.count < Self.maxPending, !unrecordable.contains(version) else { return false }
-            return pending.insert(name).inserted
+        let start: Bool? = lock.withLock {
+            guard pending.count < Self.maxPending, !unrecordable.contains(version), pending.insert(name).inserted else { return nil }
+            queue.append((name, version))
+            defer { started = true }
+            return !started
         }
-        guard queued else { return }
-        queue.async { [self] in
-            digest(name, version)
-            _ = lock.withLock { pending.remove(name) }
+        guard let start else { return }
+        if start {
+            // Unowned: deinit waits for the thread to end (`done`).
+            let t = Thread { [unowned(unsafe) self] in run() }
+            t.name = "stoq-digest"
+            t.start()
         }
+        wake.signal()
     }
 
-    /// Waits for the files asked for so far (tests).
-    public func settle() { queue.sync {} }
+    private func run() {
+        _ = stoq_idle_current_thread()
+        while true {
+            wake.wait()
+            guard let job = lock.withLock({ stopping ? nil : queue.first }) else { break }
+            digest(job.name, job.version)
+            lock.withLock {
+                queue.removeFirst()
+                pending.remove(job.name)
+            }
+        }
+        done.signal()
+    }
 
     private func digest(_ name: String, _ asked: Version) {
         let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)

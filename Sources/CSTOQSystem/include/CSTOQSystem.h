@@ -7,6 +7,9 @@
 #define CSTOQSYSTEM_H
 /** Pins the calling thread to `cpu`. Returns 0 or an errno. */
 int stoq_pin_current_thread(int cpu);
+/** Runs the calling thread under SCHED_IDLE: only on time no other thread of the machine
+ *  wants (background work that must never take a worker's core). 0, or -1 with errno. */
+int stoq_idle_current_thread(void);
 /** Number of CPUs this process may run on. */
 int stoq_allowed_cpus(void);
 /** An anonymous memory file (memfd_create, close-on-exec), or -1 with errno set: where
