@@ -14,8 +14,9 @@ import STOQCore
 /// the digest as their ETag.
 ///
 /// - A file that changes while it is read keeps no digest (`changed`); the next GET asks again.
-/// - A file whose attribute cannot be written (a filesystem without user xattrs, a file the
-///   node may not change) is not read again while it stays the same (`unrecorded`); logged once.
+/// - A file the node may not change is not read at all, and one whose attribute could not be
+///   written is not read again while it stays the same (`unrecorded`). A storage that keeps
+///   no user xattrs, or is read-only, turns the digester off for good. Logged once.
 /// - At most `maxPending` files wait; a request beyond that is dropped (the next GET asks again).
 /// - A node whose cores are always busy never gets to it: the ETag stays the file's own.
 public final class PlainDigests: @unchecked Sendable {
@@ -59,6 +60,8 @@ public final class PlainDigests: @unchecked Sendable {
     private var pending: Set<String> = []
     private var unrecordable: Set<Version> = []
     private var warned = false
+    /// The storage cannot keep the attribute at all (ENOTSUP, EROFS).
+    private var off = false
     private var counterValues = Counters()
 
     /// A digester for the plain files under the directory `rootFD` (which it duplicates).
@@ -85,7 +88,7 @@ public final class PlainDigests: @unchecked Sendable {
     public func request(_ name: String, _ st: stat) {
         let version = Version(st)
         let start: Bool? = lock.withLock {
-            guard pending.count < Self.maxPending, !unrecordable.contains(version), pending.insert(name).inserted else { return nil }
+            guard !off, pending.count < Self.maxPending, !unrecordable.contains(version), pending.insert(name).inserted else { return nil }
             queue.append((name, version))
             defer { started = true }
             return !started
@@ -121,6 +124,7 @@ public final class PlainDigests: @unchecked Sendable {
         var before = stat()
         guard fstat(fd, &before) == 0, (before.st_mode & S_IFMT) == S_IFREG, Version(before) == asked else { return }
         if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return }  // recorded meanwhile
+        guard faccessat(rootFD, name, W_OK, AT_EACCESS) == 0 else { return unrecorded(name, asked, errno) }
         var hasher = SHA256()
         let piece = 1 << 20
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 64)
@@ -148,17 +152,25 @@ public final class PlainDigests: @unchecked Sendable {
             lock.withLock { counterValues.recorded += 1 }
             return
         }
-        let why = String(cString: strerror(errno))
+        unrecorded(name, asked, errno)
+    }
+
+    /// The digest of `name` cannot be recorded (`error`): not for this version, or (the storage
+    /// keeps no user xattrs, or is read-only) not for any file.
+    private func unrecorded(_ name: String, _ version: Version, _ error: Int32) {
+        let storageWide = error == ENOTSUP || error == EOPNOTSUPP || error == EROFS
         let first: Bool = lock.withLock {
             counterValues.unrecorded += 1
+            if storageWide { off = true }
             if unrecordable.count >= Self.maxUnrecordable { unrecordable.removeAll() }
-            unrecordable.insert(asked)
+            unrecordable.insert(version)
             defer { warned = true }
             return !warned
         }
         if first {
+            let scope = storageWide ? "no file of this storage will get one" : "files the node may not change keep theirs"
             logger.warning(
-                "storage: cannot record the SHA-256 of \(name) in its \(ObjectGate.metaName) attribute (\(why)); files without one keep an inode/mtime ETag that clients cannot check bodies against (logged once)"
+                "storage: cannot record the SHA-256 of \(name) in its \(ObjectGate.metaName) attribute (\(String(cString: strerror(error)))); \(scope): an inode/mtime ETag, which clients cannot check bodies against (logged once)"
             )
         }
     }

@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -332,3 +334,49 @@ def test_an_operators_file_gets_its_sha256_as_its_etag_once_it_is_read(tmp_path)
         assert totals["stoq_plain_digests_total"] == 2, totals.get("stoq_plain_digests_total")
     finally:
         assert node.stop() == 0
+
+
+def test_a_read_only_storage_turns_the_digester_off_and_says_so(tmp_path):
+    """Where the attribute cannot be written at all (here a read-only tmpfs), the first file
+    tried is counted as unrecorded, the reason is logged once, and no other file is read for
+    nothing: files keep their inode/mtime ETag."""
+    storage = tmp_path / "node" / "objects"
+    storage.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(storage)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    node = None
+    try:
+        for n in ("a.bin", "b.bin"):
+            (storage / n).write_bytes(os.urandom(100_000))
+        subprocess.run(["mount", "-o", "remount,ro", str(storage)], check=True)
+        node = Node(tmp_path / "node", workers=1, extra='[admin]\nlisten = "[::1]:0"\n')
+        h3client = pathlib.Path(__file__).resolve().parent / "h3client.py"
+
+        def etag(name):
+            got = json.loads(run([sys.executable, h3client, node.url(name), "--ca", node.cert], timeout=60).stdout)
+            assert got["status"] == 200, got
+            return got["headers"]["etag"]
+
+        assert etag("a.bin").startswith('"f')
+
+        def unrecorded():
+            text = urllib.request.urlopen(node.admin, timeout=10).read().decode()
+            return int(re.search(r'^stoq_plain_digests_total\{outcome="unrecorded"\} (\d+)$', text, re.M).group(1))
+
+        for _ in range(50):
+            if unrecorded() == 1:
+                break
+            threading.Event().wait(0.1)
+        assert unrecorded() == 1
+        assert etag("b.bin").startswith('"f') and etag("a.bin").startswith('"f')
+        threading.Event().wait(1.5)
+        assert unrecorded() == 1
+        node.log.flush()
+        text = (tmp_path / "node" / "node.log").read_text()
+        assert text.count("no file of this storage will get one") == 1, text[-2000:]
+        assert "Read-only file system" in text
+    finally:
+        if node:
+            assert node.stop() == 0
+        unmount(storage)
