@@ -29,11 +29,15 @@ extension ContentService {
 
     /// `GET /_stoq/relay/<holder>/<hops>/…`: from this node's store when it has the resource
     /// (whoever the holder), else from the next hop towards the holder, if `max_hops` allows.
+    /// An object asked for whole (`…/objects/<name>`, after the holder had no manifest of it)
+    /// is served as a client's `GET /objects/<name>` would be here (`serveOwnObject`), or
+    /// fetched whole from the next hop, cut into this node's cache and served from it.
     private func relay(_ path: String, _ mesh: MeshService, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
         guard request.method == "GET" || request.method == "HEAD" else { return notAllowed(stream, connection, "GET, HEAD") }
         guard let (holder, hops, resourcePath) = MeshWire.parseRelay(path) else {
             return fail(
-                stream, connection, 400, "bad relay path \(path.prefix(200)): expected /_stoq/relay/<64 hex>/<hops>/chunks/<sha256> or …/manifests/<name>")
+                stream, connection, 400,
+                "bad relay path \(path.prefix(200)): expected /_stoq/relay/<64 hex>/<hops>/chunks/<sha256>, …/manifests/<name> or …/objects/<name>")
         }
         let head = request.method == "HEAD"
         let isHolder = holder == mesh.identity.hex
@@ -47,6 +51,13 @@ extension ContentService {
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }
             serveEdgeChunk(edge, id, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
+        } else if resourcePath.hasPrefix("/objects/") {
+            let name = String(resourcePath.dropFirst("/objects/".count))
+            do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
+            if serveOwnObject?(name, request, stream, connection) == true { return mesh.countRelay(.served, hops: hops) }
+            if isHolder { return fail(stream, connection, 404, "no object \(name) at node \(mesh.identity)") }
+            guard forwarding(mesh, holder: holder, hops: hops, stream, connection) != nil else { return }
+            serveEdgeObject(name, request, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via, whole: true))
         } else {
             let name = String(resourcePath.dropFirst("/manifests/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }

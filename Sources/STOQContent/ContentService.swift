@@ -82,18 +82,19 @@ public final class ContentService: QUICApplication {
     /// A request waiting for the edge cache's fetcher (by ticket).
     enum EdgeWait {
         case object(String, HTTPRequest, HTTPStream, QUICConnection)
-        case manifest(String, head: Bool, HTTPStream, QUICConnection)
+        /// `relayed`: for a request another node addressed to a holder (`EdgeCache.manifest`).
+        case manifest(String, head: Bool, relayed: Bool, HTTPStream, QUICConnection)
         case chunk(ChunkID, head: Bool, HTTPStream, QUICConnection)
         case objectChunk(HTTPStream, QUICConnection)
 
         var stream: HTTPStream {
             switch self {
-            case .object(_, _, let s, _), .manifest(_, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
+            case .object(_, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
             }
         }
         var connection: QUICConnection {
             switch self {
-            case .object(_, _, _, let c), .manifest(_, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
+            case .object(_, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
             }
         }
     }
@@ -109,6 +110,10 @@ public final class ContentService: QUICApplication {
     public private(set) var counters = Counters()
     /// The node's edge cache (nil: not an edge node), and this worker's inbox for it.
     package let edge: EdgeCache?
+    /// Serves `GET`/`HEAD /objects/<name>` from this node's own storage (a plain file or a
+    /// chunked object) for a relayed request addressed to it; false when it has no such
+    /// object. The router installs it: it owns both kinds.
+    package var serveOwnObject: ((String, HTTPRequest, HTTPStream, QUICConnection) -> Bool)?
     package let inbox = EdgeCache.Inbox()
     var edgeWaits: [UInt64: EdgeWait] = [:]
     private var completions: [EdgeCache.Completion] = []
@@ -367,12 +372,13 @@ public final class ContentService: QUICApplication {
 
     // MARK: - Edge cache
 
-    /// `GET /objects/<name>` on an edge node for an object it does not store itself.
-    func serveEdgeObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// `GET /objects/<name>` on an edge node for an object it does not store itself (`hint`:
+    /// relayed for a holder, `RelayHint.whole`).
+    func serveEdgeObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil) {
         guard let edge else { return }
         counters.edgeRequests += 1
         if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, trace: spans?.context(of: stream))] = .object(name, request, stream, connection)
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] = .object(name, request, stream, connection)
     }
 
     private func sendEdgeObject(_ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -385,9 +391,10 @@ public final class ContentService: QUICApplication {
         _ edge: EdgeCache, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil
     ) {
         counters.edgeRequests += 1
-        if let m = edge.manifest(name), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
+        let relayed = hint != nil
+        if let m = edge.manifest(name, relayed: relayed), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
         edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
-            .manifest(name, head: head, stream, connection)
+            .manifest(name, head: head, relayed: relayed, stream, connection)
     }
 
     func serveEdgeChunk(
@@ -419,9 +426,9 @@ public final class ContentService: QUICApplication {
                 } else {
                     fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }
-            case .manifest(let name, let head, let stream, let connection):
+            case .manifest(let name, let head, let relayed, let stream, let connection):
                 if let f = c.failure {
-                    if f.status != 404, let stale = edge.manifest(name) {
+                    if f.status != 404, let stale = edge.manifest(name, relayed: relayed) {
                         edge.countStale(name, f.reason)
                         respondManifest(stale.bytes, head: head, origin: false, stream, connection)
                     } else {

@@ -37,6 +37,11 @@ package final class NodeRouter: QUICApplication {
         self.content = content
         self.access = access
         self.logger = logger
+        content.serveOwnObject = { [weak self] name, request, stream, connection in
+            var own = request
+            own.path = "/objects/" + name
+            return self?.serveOwn(name, own, stream, connection) ?? false
+        }
     }
 
     /// Answers a `GET`/`HEAD /_stoq/log/…` request (status, content type, body): the
@@ -93,6 +98,19 @@ package final class NodeRouter: QUICApplication {
         } else {
             objects.request(request, stream: stream, connection: connection)
         }
+    }
+
+    /// A read of object `name` from this node's own storage: its plain file if it has one,
+    /// else its chunked form. False, having answered nothing, when it has neither.
+    private func serveOwn(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
+        if objects.hasFile(name) {
+            objects.request(request, stream: stream, connection: connection)
+        } else if content.hasObject(name) {
+            content.serveObject(name, request, stream, connection)
+        } else {
+            return false
+        }
+        return true
     }
 
     /// Establishes who sent `request` (bearer token, else client certificate, else address),

@@ -203,12 +203,19 @@ public final class EdgeCache: @unchecked Sendable {
     /// For each cached chunk cut from a plain object, the names whose manifest (cut here)
     /// may hold it; checked against the manifest itself when the chunk leaves.
     private var plainChunks: [ChunkID: Set<String>] = [:]
-    /// A fetch in flight: what, and for which holder when it relays a request addressed to one.
-    /// Relays for a holder never join this node's own search for the same key: a request that
-    /// came back around a loop would otherwise wait on itself.
+    /// A fetch in flight: what, for which holder when it relays a request addressed to one,
+    /// and whether a manifest the holder lacks may be fetched as the object whole and cut here
+    /// (`RelayHint.whole`; always for this node's own requests). Relays for a holder never join
+    /// this node's own search for the same key: a request that came back around a loop would
+    /// otherwise wait on itself.
     struct FetchKey: Hashable {
         var key: Key
         var holder: String?
+        var whole: Bool
+
+        init(_ key: Key, _ hint: RelayHint?) {
+            (self.key, holder, whole) = (key, hint?.holder, hint?.whole ?? true)
+        }
     }
     private var inflight: [FetchKey: [Waiter]] = [:]
     /// A fetch to start: what, for which relay, and the trace of the request that asked.
@@ -370,11 +377,13 @@ public final class EdgeCache: @unchecked Sendable {
     /// Whether the cache holds chunk `id` (no hit counted).
     public func holds(_ id: ChunkID) -> Bool { lock.withLock { policy.contains(id) } }
 
-    /// The cached manifest of `name` and whether it is still fresh.
-    public func manifest(_ name: String) -> (bytes: [UInt8], fresh: Bool)? {
+    /// The cached manifest of `name` and whether it is still fresh. `relayed`: for a request
+    /// another node addressed to a holder, which never gets a manifest cut here from a plain
+    /// object (its chunks are in this cache only; `RelayHint.whole`).
+    public func manifest(_ name: String, relayed: Bool = false) -> (bytes: [UInt8], fresh: Bool)? {
         let now = Date().timeIntervalSince1970
         return lock.withLock {
-            guard let m = manifests.get(name) else { counterValues.manifestMisses += 1; return nil }
+            guard let m = manifests.get(name), !(relayed && m.plain) else { counterValues.manifestMisses += 1; return nil }
             let fresh = m.expires > now
             if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
             return (m.bytes, fresh)
@@ -416,7 +425,7 @@ public final class EdgeCache: @unchecked Sendable {
                 immediate = true
                 return
             }
-            let fk = FetchKey(key: key, holder: hint?.holder)
+            let fk = FetchKey(key, hint)
             if inflight[fk] != nil {
                 if let inbox { inflight[fk]!.append(Waiter(inbox: inbox, ticket: ticket)); counterValues.coalesced += 1 }
                 return
@@ -469,7 +478,7 @@ public final class EdgeCache: @unchecked Sendable {
     struct Active {
         var key: Key
         var hint: RelayHint?
-        var fetchKey: FetchKey { FetchKey(key: key, holder: hint?.holder) }
+        var fetchKey: FetchKey { FetchKey(key, hint) }
         var fd: Int32
         var started: UInt64
         var attempt: UpstreamAttempt
@@ -547,8 +556,16 @@ public final class EdgeCache: @unchecked Sendable {
             close(a.fd)
             let p = path(a.key)
             if a.allNotFound {
-                if case .manifest(let name) = a.key {
-                    lock.withLock { manifests.remove(name) }
+                // Gone upstream: so is its manifest here. A relayed manifest request (which never
+                // asks for the object whole) learns only that the holder has no manifest, which a
+                // plain object cut here never had: that cut stays.
+                if case .manifest(let name) = a.key,
+                    lock.withLock({ () -> Bool in
+                        guard let e = manifests.peek(name), a.fetchKey.whole || !e.plain else { return false }
+                        manifests.remove(name)
+                        return true
+                    })
+                {
                     unlink(manifestFile(name))
                 }
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
@@ -646,10 +663,11 @@ public final class EdgeCache: @unchecked Sendable {
             submit(a, p)
         }
 
-        /// `a`'s upstream has no manifest of its name: asks it for the object whole, into a
-        /// file on disk (an object may be large). A name nobody has costs this round trip more.
-        /// `unless`: the ETag of the version cut here before, which the upstream need not send again.
-        func askForPlain(_ a: Active, _ name: String, _ p: ConnectionPool, unless etag: String? = nil) {
+        /// `a`'s upstream has no manifest of its name: asks it for the object whole (`whole`:
+        /// the same attempt for `/objects/<name>`), into a file on disk (an object may be
+        /// large). A name nobody has costs this round trip more. `unless`: the ETag of the
+        /// version cut here before, which the upstream need not send again.
+        func askForPlain(_ a: Active, _ whole: UpstreamAttempt, _ p: ConnectionPool, unless etag: String? = nil) {
             let fd = stoq_tmpfile(root)
             guard fd >= 0 else {
                 close(a.fd)
@@ -657,7 +675,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             close(a.fd)
             var a = a
-            (a.fd, a.plain, a.attempt.path) = (fd, true, "/objects/" + name)
+            (a.fd, a.plain, a.attempt) = (fd, true, whole)
             a.attempt.headers.removeAll { $0.0 == "if-none-match" }
             if let etag { a.attempt.headers.append(("if-none-match", etag)) }
             submit(a, p)
@@ -712,7 +730,7 @@ public final class EdgeCache: @unchecked Sendable {
                 } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")
-                    for j in backlog { originFailed(FetchKey(key: j.key, holder: j.hint?.holder), Failure(status: 502, reason: why)) }
+                    for j in backlog { originFailed(FetchKey(j.key, j.hint), Failure(status: 502, reason: why)) }
                     backlog.removeAll()
                     _ = wake.wait(timeout: .now() + .milliseconds(500))
                     continue
@@ -725,7 +743,7 @@ public final class EdgeCache: @unchecked Sendable {
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {
                     originFailed(
-                        FetchKey(key: key, holder: hint?.holder), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
+                        FetchKey(key, hint), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
                     continue
                 }
                 let t = DispatchTime.now().uptimeNanoseconds
@@ -737,11 +755,11 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 let a = Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
-                if case .manifest(let name) = key, first.path == Self.resource(key).path,
+                if case .manifest(let name) = key, a.fetchKey.whole, let whole = first.whole(name),
                     let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes)
                 {
                     // Cut here from a plain object before: straight to the object, unless unchanged.
-                    askForPlain(a, name, p, unless: cut.etag)
+                    askForPlain(a, whole, p, unless: cut.etag)
                 } else {
                     submit(a, p)
                 }
@@ -776,11 +794,11 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 if status == 304, a.plain, case .manifest(let name) = a.key {
-                    if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, name, p) }
+                    if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, a.attempt, p) }
                     continue
                 }
-                if status == 404, !a.plain, case .manifest(let name) = a.key, a.attempt.path == Self.resource(a.key).path {
-                    askForPlain(a, name, p)
+                if status == 404, !a.plain, a.fetchKey.whole, case .manifest(let name) = a.key, let whole = a.attempt.whole(name) {
+                    askForPlain(a, whole, p)
                     continue
                 }
                 if status == 404 { failed(a, "", notFound: true, p); continue }
@@ -815,7 +833,10 @@ public final class EdgeCache: @unchecked Sendable {
                     }
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
-                    guard down || t - a.progressAt > Self.stallTimeout else {
+                    // A relay sends a plain object's first byte only once it has fetched and
+                    // cut it whole: that wait is bounded by `requestTimeout`, not a stall.
+                    let quiet = a.plain && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
+                    guard down || t - a.progressAt > quiet else {
                         // Late but not stalled: hedge on another route, within the budget.
                         if a.partner == nil, !a.hedge, !a.plain, got == 0, hedges < max(2, active.count / 4),
                             let delay = upstream.hedgeDelay(Self.resource(a.key), via: a.attempt), t - a.submittedAt > delay,
@@ -836,7 +857,7 @@ public final class EdgeCache: @unchecked Sendable {
                     }
                     p.cancel(tag)
                     active[tag] = nil
-                    let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(Self.stallTimeout / 1_000_000) ms"
+                    let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(quiet / 1_000_000) ms"
                     a.endSpan(failure: why)
                     if a.partner != nil {
                         failed(a, why, notFound: false, p)

@@ -9,8 +9,9 @@ public enum MeshWire {
     public static let probePath = "/_stoq/mesh/probe"
     /// `PUT`: a signed advert (`SignedAdvert` bytes); answered 202 once queued.
     public static let advertPath = "/_stoq/mesh/advert"
-    /// `GET /_stoq/relay/<holder>/<hops>/chunks/<sha256>` or `…/manifests/<name>`: fetch a
-    /// resource from node `<holder>` (64 hex digits), relayed hop by hop. `<hops>` is how many
+    /// `GET /_stoq/relay/<holder>/<hops>/chunks/<sha256>`, `…/manifests/<name>` or
+    /// `…/objects/<name>` (an object the holder has no manifest of, whole): fetch a resource
+    /// from node `<holder>` (64 hex digits), relayed hop by hop. `<hops>` is how many
     /// hops the request has taken when it arrives (1 from the first node); each relay adds one
     /// and refuses a request that would exceed `routing.max_hops`.
     public static let relayPrefix = "/_stoq/relay/"
@@ -42,7 +43,7 @@ public enum MeshWire {
     }
 
     /// A relay path, taken apart: the holder (lower-case hex), the hops taken, and the resource
-    /// path (`/chunks/…` or `/manifests/…`). Nil when it is not one.
+    /// path (`/chunks/…`, `/manifests/…` or `/objects/…`). Nil when it is not one.
     public static func parseRelay(_ path: String) -> (holder: String, hops: Int, resourcePath: String)? {
         guard path.hasPrefix(relayPrefix) else { return nil }
         let rest = path.dropFirst(relayPrefix.count)
@@ -52,7 +53,7 @@ public enum MeshWire {
         let digits = afterHolder.prefix { $0.isNumber }
         guard (1...3).contains(digits.count), let hops = Int(digits) else { return nil }
         let resource = afterHolder.dropFirst(digits.count)
-        guard resource.hasPrefix("/chunks/") || resource.hasPrefix("/manifests/") else { return nil }
+        guard resource.hasPrefix("/chunks/") || resource.hasPrefix("/manifests/") || resource.hasPrefix("/objects/") else { return nil }
         return (holder.lowercased(), hops, String(resource))
     }
 

@@ -26,11 +26,17 @@ public struct RelayHint: Sendable, Hashable {
     /// The request's `Via`: the nodes it already passed, which it is never sent back to
     /// (split horizon), and which the next hop's request names with this node added.
     public var via: String
+    /// The relayed request asked for an object whole (`…/objects/<name>`), not its manifest:
+    /// if the holder has no manifest of it, it is fetched whole and cut here (as for this
+    /// node's own requests). A relayed manifest request never is: the chunks of such a cut
+    /// exist only at the node that cut it, so its manifest is not handed on.
+    public var whole: Bool
 
-    public init(holder: String, hops: Int, via: String = "") {
+    public init(holder: String, hops: Int, via: String = "", whole: Bool = false) {
         self.holder = holder
         self.hops = hops
         self.via = via
+        self.whole = whole
     }
 }
 
@@ -53,6 +59,17 @@ public struct UpstreamAttempt: Sendable {
 
     /// Whether two attempts ask the same upstream for the same path.
     public func same(as other: UpstreamAttempt) -> Bool { url.endpoint == other.url.endpoint && path == other.path }
+
+    /// The same request for object `name` whole: `/objects/<name>` in place of the
+    /// `/manifests/<name>` it ends with, after a relay's prefix if it has one. Nil when it asks
+    /// for something else.
+    public func whole(_ name: String) -> UpstreamAttempt? {
+        let manifest = UpstreamResource.manifest(name: name).path
+        guard path.hasSuffix(manifest) else { return nil }
+        var a = self
+        a.path = path.dropLast(manifest.count) + "/objects/" + name
+        return a
+    }
 }
 
 /// Where a fetcher's misses go: the edge cache's origin, or the mesh (the next hop towards a

@@ -30,7 +30,7 @@ public func meshFuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         guard let r = MeshWire.parseRelay(path) else { return 0 }
         guard r.holder.utf8.count == 64, r.holder.allSatisfy(\.isHexDigit), r.holder == r.holder.lowercased() else { fatalError("holder \(r.holder)") }
         guard (0...999).contains(r.hops) else { fatalError("hops \(r.hops)") }
-        guard r.resourcePath.hasPrefix("/chunks/") || r.resourcePath.hasPrefix("/manifests/") else { fatalError("resource \(r.resourcePath)") }
+        guard ["/chunks/", "/manifests/", "/objects/"].contains(where: { r.resourcePath.hasPrefix($0) }) else { fatalError("resource \(r.resourcePath)") }
         guard MeshWire.handles(path) else { fatalError("a relay path the mesh does not handle") }
     case 2:
         guard bytes.count >= 2 else { return 0 }

@@ -109,6 +109,33 @@ import Testing
         #expect(EdgeManifests.decode(Array("STOQEX1\0".utf8) + fetched.dropFirst(8)) == nil)
     }
 
+    /// A manifest cut here from a plain object is served for this node's own requests, never
+    /// for one relayed to another holder: the holder has none of those chunks, so a node that
+    /// reached it over another route would ask it for chunks it cannot have. A fetched
+    /// manifest is served to both.
+    @Test func aCutManifestIsNotHandedOnForAnotherHolder() throws {
+        let data = (0..<6000).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ $0 >> 7) }
+        let p = try ChunkingParameters(algorithm: .fixed, minSize: 64, avgSize: 256, maxSize: 1024)
+        let bytes = try Manifest(chunking: BytesSource(data), parameters: p).encode()
+        do {
+            let cache = try open(capacity: 1_200_000)
+            var at = 0
+            for e in try Manifest(decoding: bytes).chunks {
+                let piece = Array(data[at..<at + Int(e.length)])
+                try cache.store.put(id: ChunkID(digestOf: piece), bytes: piece)
+                at += Int(e.length)
+            }
+            let later = Date().timeIntervalSince1970 + 3600
+            try FileManager.default.createDirectory(atPath: root + "/manifests", withIntermediateDirectories: true)
+            try CacheIndexFile.write(EdgeManifests.encode(.init(bytes: bytes, expires: later, plain: true)), to: root + "/manifests/cut.bin")
+            try CacheIndexFile.write(EdgeManifests.encode(.init(bytes: bytes, expires: later)), to: root + "/manifests/fetched.bin")
+        }
+        let cache = try open(capacity: 1_200_000)
+        #expect(cache.manifest("cut.bin")?.fresh == true)
+        #expect(cache.manifest("cut.bin", relayed: true) == nil)
+        #expect(cache.manifest("fetched.bin", relayed: true)?.bytes == bytes)
+    }
+
     /// Manifests have a budget of a sixteenth of the bound: the least recently used leave
     /// first (file and all), one larger than the budget is not kept, and on reopen the saved
     /// ones come back most recent last, within a budget that may have shrunk.

@@ -27,6 +27,15 @@ import Testing
         #expect(r.holder == Self.holder.hex && r.hops == 3 && r.resourcePath == "/chunks/\(Self.chunk)")
         let m = try #require(MeshWire.parseRelay(MeshWire.relayPath(holder: Self.holder, hops: 1, .manifest(name: "a/b.bin"))))
         #expect(m.resourcePath == "/manifests/a/b.bin" && m.hops == 1)
+        // A holder without that manifest is asked for the object whole, on the same relay path.
+        let url = try STOQURL("https://[::1]:4433/")
+        let asked = UpstreamAttempt(url: url, path: MeshWire.relayPath(holder: Self.holder, hops: 2, .manifest(name: "a/b.bin")), label: "x")
+        let whole = try #require(asked.whole("a/b.bin"))
+        #expect(whole.path == "/_stoq/relay/\(Self.holder.hex)/2/objects/a/b.bin")
+        #expect(MeshWire.parseRelay(whole.path)?.resourcePath == "/objects/a/b.bin")
+        #expect(UpstreamAttempt(url: url, path: "/manifests/a/b.bin", label: "origin").whole("a/b.bin")?.path == "/objects/a/b.bin")
+        #expect(asked.whole("b.bin") == nil)  // another name's manifest
+        #expect(UpstreamAttempt(url: url, path: "/chunks/\(Self.chunk)", label: "x").whole("a/b.bin") == nil)
         #expect(MeshWire.handles(p) && MeshWire.handles(MeshWire.probePath) && !MeshWire.handles("/chunks/\(Self.chunk)"))
     }
 
@@ -36,7 +45,7 @@ import Testing
         "/_stoq/relay/\(String(repeating: "zz", count: 32))/1/chunks/x",  // not hex
         "/_stoq/relay/\(MeshWireTests.holder.hex)/chunks/x",  // no hop count
         "/_stoq/relay/\(MeshWireTests.holder.hex)/1234/chunks/x",  // absurd hop count
-        "/_stoq/relay/\(MeshWireTests.holder.hex)/1/objects/x",  // not a chunk or a manifest
+        "/_stoq/relay/\(MeshWireTests.holder.hex)/1/metrics",  // not a chunk, a manifest or an object
         "/_stoq/relay/\(MeshWireTests.holder.hex)1/chunks/x",  // no separator
     ])
     func malformedRelayPathsAreRefused(_ path: String) {

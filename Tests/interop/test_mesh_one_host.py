@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import free_port, need_binary, random_file, sha256_file, stoq
+from conftest import free_port, metric_totals, need_binary, random_file, sha256_file, stoq
 from test_monitoring import start_node, stop
 
 
@@ -75,6 +75,63 @@ def test_nodes_sharing_an_address_relay_for_each_other(tmp_path):
             r = stoq("get", f"https://[::1]:{pa}/objects/far", "--ca", ca / "root.pem", "-o", out, *extra)
             assert r.returncode == 0, r.stderr
             assert sha256_file(out) == sha256_file(src)
+    finally:
+        for n in nodes:
+            stop(n)
+
+
+def test_a_plain_file_two_hops_away_is_found_and_relayed(tmp_path):
+    """A - B - C, and D - B: a file an operator copied into C's storage.path has no manifest
+    anywhere, so the mesh's search found nothing ("no upstream has /manifests/…", 404 at A).
+    Now a node whose manifest request got a 404 asks the same node for the object whole,
+    through the same relays: B fetches it from C, cuts it into its cache and serves it to A,
+    which does the same. The second fetch at A comes from A's cache. D then asks too: B must
+    not hand D its own cut's manifest as C's (those chunks are only in B's cache, and C has
+    none); D gets the object whole from B's cut. A name nobody has is still a 404."""
+    ca = certificates(tmp_path, ("a", "b", "c", "d"))
+    pa, pb, pc, pd = (free_port() for _ in range(4))
+    nodes = []
+    try:
+        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
+            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers)))
+        a, b, c, d = nodes
+        wait_for_routes(nodes, 3)
+        src = random_file(tmp_path / "c" / "objects" / "copied.bin", 5_000_000 + 7, 21)
+        before = [metric_totals(n) for n in nodes]
+        out = tmp_path / "got.bin"
+        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(out) == sha256_file(src)
+        mid = [metric_totals(n) for n in nodes]
+        # A asks nearest first: B as a holder (nothing), then C and D through B, in either order.
+        # A and B each got the object's bytes once (the 404s have short bodies); C fetched nothing.
+        size = src.stat().st_size
+        for i in range(3):
+            asked = mid[i]["stoq_edge_origin_object_fetches_total"] - before[i]["stoq_edge_origin_object_fetches_total"]
+            got = mid[i]["stoq_edge_origin_bytes_total"] - before[i]["stoq_edge_origin_bytes_total"]
+            assert (asked >= 1 and size <= got < size + 10_000) if i < 2 else asked == got == 0, (i, asked, got)
+        assert mid[1]["stoq_mesh_relay_forwarded_total"] > before[1]["stoq_mesh_relay_forwarded_total"]
+        assert mid[2]["stoq_mesh_relay_served_total"] > before[2]["stoq_mesh_relay_served_total"]
+        # Again, and chunked: from A's cache, nothing more from the mesh.
+        for extra in ([], ["--chunked"]):
+            again = tmp_path / f"again{len(extra)}.bin"
+            r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", again, *extra)
+            assert r.returncode == 0, r.stderr
+            assert sha256_file(again) == sha256_file(src)
+        after = metric_totals(a)
+        for k in ("stoq_edge_origin_object_fetches_total", "stoq_edge_origin_manifest_fetches_total",
+                  "stoq_edge_origin_chunk_fetches_total"):
+            assert after[k] == mid[0][k], f"A's {k} moved: {mid[0][k]} -> {after[k]}"
+        # D, chunked: from B's cut; B fetches nothing more (C may be asked for a manifest, 404).
+        r = stoq("get", f"https://[::1]:{pd}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "d.bin", "--chunked")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "d.bin") == sha256_file(src)
+        bd = metric_totals(b)
+        for k in ("stoq_edge_origin_object_fetches_total", "stoq_edge_origin_chunk_fetches_total"):
+            assert bd[k] == mid[1][k], f"B's {k} moved: {mid[1][k]} -> {bd[k]}"
+        assert bd["stoq_edge_origin_bytes_total"] - mid[1]["stoq_edge_origin_bytes_total"] < 10_000
+        r = stoq("get", f"https://[::1]:{pa}/objects/nobody-has-it", "--ca", ca / "root.pem", "-o", tmp_path / "x")
+        assert r.returncode != 0 and "404" in r.stderr, r.stderr
     finally:
         for n in nodes:
             stop(n)
