@@ -127,7 +127,7 @@ let package = Package(
         // the targets below, STOQConfig first ([chunking] is validated by ChunkingParameters).
         .target(
             name: "STOQChunking",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["STOQCore", .product(name: "Crypto", package: "swift-crypto")]),
 
         // Request tracing on the workers: W3C trace context in HTTP/3 headers and spans through
         // swift-distributed-tracing's synchronous API. The span API only; the exporter
@@ -262,7 +262,7 @@ let package = Package(
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQCore",
                                                               .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"]))]),
-        .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking"]),
+        .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking", "STOQCore"]),
         // Test only: runs bpf/stoq_xdp.bpf.o through BPF_PROG_TEST_RUN (the steering agreement test).
         .target(name: "CSTOQXDPProbe", path: "Tests/CSTOQXDPProbe", cSettings: [.headerSearchPath("../../bpf")],
                 linkerSettings: [.linkedLibrary("bpf")]),

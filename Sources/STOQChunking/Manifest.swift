@@ -38,8 +38,6 @@ public struct Manifest: Hashable, Sendable {
     public let totalLength: UInt64
     /// SHA-256 of the whole object.
     public let digest: ContentDigest
-    /// The object's ETag wherever a STOQ node serves it: its SHA-256, quoted.
-    public var etag: String { "\"\(digest.hex)\"" }
     /// How the object was cut.
     public let parameters: ChunkingParameters
     /// The chunks, in object order.

@@ -250,7 +250,7 @@ public final class ContentService: QUICApplication {
     ) {
         guard
             let (status, headers, range) = ObjectService.bodyHead(
-                size: manifest.totalLength, etag: ObjectGate.etag(manifest), cacheControl: edge ? nil : cacheControl,
+                size: manifest.totalLength, etag: manifest.etag, cacheControl: edge ? nil : cacheControl,
                 request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
         counters.objectsServed += 1
@@ -637,7 +637,7 @@ public final class ContentService: QUICApplication {
                 try index.putObject(name, manifest: bytes, chunkIDs: ids)
             }
             counters.manifestsStored += 1
-            connection.respond(stream, status: 201, headers: [("content-length", "0"), ("etag", ObjectGate.etag(manifest))], body: nil)
+            connection.respond(stream, status: 201, headers: [("content-length", "0"), ("etag", manifest.etag)], body: nil)
         } catch let e as StoreError where e.code == .missingChunks {
             fail(stream, connection, 409, e.message)
         } catch let e as StoreError where e.code == .noSpace {

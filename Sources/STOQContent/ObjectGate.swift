@@ -198,11 +198,8 @@ public final class ObjectGate: @unchecked Sendable {
             return Current(etag: file.etag, owner: file.owner, size: UInt64(st.st_size), physical: UInt64(st.st_size))
         }
         guard let index, let record = try? index.object(name), let manifest = try? Manifest(decoding: record.manifest) else { return nil }
-        return Current(etag: Self.etag(manifest), owner: record.owner, size: manifest.totalLength, physical: 0)
+        return Current(etag: manifest.etag, owner: record.owner, size: manifest.totalLength, physical: 0)
     }
-
-    /// A chunked object's ETag: its content's SHA-256, from the manifest (`Manifest.etag`).
-    public static func etag(_ manifest: Manifest) -> String { manifest.etag }
 
     /// The ETag and owner of the plain file `fd`, whose status is `st`: its SHA-256 when
     /// `user.stoq.object` holds one that is still the content's (`digested`), else
@@ -210,7 +207,7 @@ public final class ObjectGate: @unchecked Sendable {
     package static func plainFile(_ fd: Int32, _ st: stat) -> (etag: String, owner: String, digested: Bool) {
         guard let meta = readMeta(fd) else { return (fileETag(st), "", false) }
         let current = meta.stamp.map { $0 == stamp(st) } ?? true
-        return (current ? "\"\(meta.sha256)\"" : fileETag(st), meta.owner, current)
+        return (current ? ContentETag.of(sha256Hex: meta.sha256) : fileETag(st), meta.owner, current)
     }
 
     /// The ETag of a plain file with no SHA-256 that is still its own: a new file is a new

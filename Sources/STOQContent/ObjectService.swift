@@ -359,7 +359,7 @@ public final class ObjectService: QUICApplication {
         }
         var headers = [("content-length", "0")]
         if let w = up.writer, let sha = stream.bodySHA256() {
-            headers.append(("etag", "\"\(Hex.encode(sha))\""))
+            headers.append(("etag", ContentETag.of(sha256Hex: Hex.encode(sha))))
             if !ObjectGate.writeMeta(up.fd, sha256: sha, owner: w.identity) {
                 logger.warning("cannot keep the owner of \(up.name): the storage filesystem has no user xattrs (\(String(cString: strerror(errno))))")
             }
@@ -453,7 +453,7 @@ public final class ObjectService: QUICApplication {
             counters.ingestNewBytes += o.report.newBytes
             counters.ingestDedupBytes += o.report.reusedBytes
             var headers = [("content-length", "0")]
-            if let m = try? Manifest(decoding: o.report.manifest) { headers.append(("etag", ObjectGate.etag(m))) }
+            if let m = try? Manifest(decoding: o.report.manifest) { headers.append(("etag", m.etag)) }
             if let wait { wait.connection.respond(wait.stream, status: 201, headers: headers, body: nil) }
         }
         outcomes.removeAll(keepingCapacity: true)

@@ -155,11 +155,7 @@ public struct HTTPResponseHead: Sendable, Equatable {
 
     /// The SHA-256 a strong `ETag` of 64 hex digits names (how STOQ nodes tag an object:
     /// its content's digest), lowercase; nil for any other tag.
-    public var etagSHA256: String? {
-        guard let etag, etag.hasPrefix("\""), etag.hasSuffix("\""), let bytes = Hex.decode(etag.dropFirst().dropLast()), bytes.count == 32
-        else { return nil }
-        return Hex.encode(bytes)
-    }
+    public var etagSHA256: String? { etag.flatMap(ContentETag.sha256(in:)) }
 
     /// Why a body whose SHA-256 is `sha256` is not the one this response announced: for a
     /// whole body (200) with an ETag that names a SHA-256 (`etagSHA256`) it does not match.

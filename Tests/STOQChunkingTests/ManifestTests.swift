@@ -1,4 +1,5 @@
 import Foundation
+import STOQCore
 import Testing
 @testable import STOQChunking
 
@@ -47,6 +48,16 @@ import Testing
     }
 
     /// The layout in the doc comment, byte by byte.
+    /// The ETag a node sends for a chunked object is the one rule (`ContentETag`) that
+    /// clients and edges read a digest back from (`HTTPResponseHead.etagSHA256`).
+    @Test func theETagNamesTheObjectsDigest() throws {
+        let m = try sample()
+        #expect(m.etag == "\"\(m.digest.hex)\"")
+        #expect(ContentETag.sha256(in: m.etag) == m.digest.hex)
+        #expect(ContentETag.sha256(in: "W/" + m.etag) == nil)
+        #expect(ContentETag.sha256(in: m.etag.uppercased()) == m.digest.hex)
+    }
+
     @Test func encodingLayout() throws {
         let m = try sample()
         let enc = m.encode()
