@@ -14,8 +14,11 @@ import STOQQUIC
 ///   limit. A client in another /64 keeps getting its Retry at the first try.
 /// - What was withheld beyond those /64s (the whole budget spent: a flood spoofed across
 ///   prefixes) sets the same for everyone else.
-/// - A rule goes when its /64 has fewer than half `minimumWithheld` withheld; shedding stops
-///   when nothing is.
+/// - A rule goes when its /64 has had fewer than half `minimumWithheld` withheld for
+///   `holdTicks` ticks in a row (everyone's shift likewise); shedding stops when nothing is.
+///   Until then it keeps its k: a flood whose rate dips for a tick (a flooder's jitter, a
+///   worker that was descheduled) goes on being shed, instead of ending the episode and
+///   starting another.
 ///
 /// Initials with a token (clients answering a Retry), every other packet and every
 /// established connection pass. A client whose Initial was shed sends it again, as after a loss.
@@ -24,7 +27,12 @@ public struct InitialShedding: Sendable {
     public var minimumWithheld: UInt64 = 256
     /// The most one rule sheds: one kept in 2^maxShift.
     public var maxShift = 16
+    /// Ticks in a row under the floor before a rule (or everyone's shift) goes.
+    public var holdTicks = 3
     public private(set) var plan = InitialShedPlan()
+    /// Ticks in a row each held rule (by /64) has not been needed, and everyone's shift.
+    private var quiet: [UInt64: Int] = [:]
+    private var everyoneQuiet = 0
 
     public init() {}
 
@@ -41,8 +49,24 @@ public struct InitialShedding: Sendable {
             otherUsed -= min(otherUsed, source.used)
             otherWithheld -= min(otherWithheld, source.withheld)
         }
+        // Rules no longer needed this tick stay, unchanged, until they have not been for `holdTicks`.
+        var held: [UInt64: Int] = [:]
+        for old in plan.rules where rules.count < InitialShedPlan.maxRules && !rules.contains(where: { $0.prefix == old.prefix }) {
+            let ticks = quiet[old.prefix, default: 0] + 1
+            if ticks < holdTicks {
+                rules.append(old)
+                held[old.prefix] = ticks
+            }
+        }
+        quiet = held
         let floor = plan.shift > 0 ? minimumWithheld / 2 : minimumWithheld
-        let shift = otherWithheld > 0 && otherWithheld >= floor ? self.shift(used: otherUsed, withheld: otherWithheld, was: plan.shift) : 0
+        var shift = otherWithheld > 0 && otherWithheld >= floor ? self.shift(used: otherUsed, withheld: otherWithheld, was: plan.shift) : 0
+        if shift == 0 && plan.shift > 0 && everyoneQuiet + 1 < holdTicks {
+            everyoneQuiet += 1
+            shift = plan.shift
+        } else {
+            everyoneQuiet = 0
+        }
         let next = InitialShedPlan(rules: rules, shift: shift)
         guard next != plan else { return nil }
         plan = next

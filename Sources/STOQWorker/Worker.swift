@@ -321,8 +321,9 @@ public final class Worker {
             lastKernelDrops = drops
         }
         guard endpoint.isServer, var policy = initialShedding else { return }
-        guard let plan = policy.update(report) else { return }
-        initialShedding = policy
+        let changed = policy.update(report)
+        initialShedding = policy  // it counts quiet ticks even when the plan stays
+        guard let plan = changed else { return }
         do {
             guard try queue.shedInitials(plan) else {
                 initialShedding = nil

@@ -109,9 +109,35 @@ import Testing
         #expect(
             policy.update(InitialReport(used: 1005, withheld: 11_500, busiest: [.init(prefix: flooder, used: 1000, withheld: 11_500)]))
                 == InitialShedPlan(rules: [.init(prefix: flooder, shift: 6)]))
-        // It ends: nothing withheld, nothing shed.
+        // It ends: the rule stays for `holdTicks` - 1 quiet ticks, then nothing is shed.
+        for _ in 1..<policy.holdTicks { #expect(policy.update(InitialReport(used: 12, withheld: 0)) == nil) }
         #expect(policy.update(InitialReport(used: 12, withheld: 0)) == InitialShedPlan())
         #expect(policy.update(InitialReport(used: 12, withheld: 0)) == nil)
+    }
+
+    /// A flood that dips under the floor for a tick (the flooder's rate jitters, or the worker
+    /// was descheduled) is still shed with the same k: one episode, not one per dip. Before
+    /// the hold, the dip ended the rule and the next tick started a new episode.
+    @Test func aOneTickDipInAFloodKeepsItsRule() {
+        let flooder = IPv6Address("fd00:5705::")!.prefix64
+        var policy = InitialShedding()
+        let flood = InitialReport(used: 1005, withheld: 49_000, busiest: [.init(prefix: flooder, used: 1000, withheld: 49_000)])
+        let plan = policy.update(flood)
+        #expect(plan == InitialShedPlan(rules: [.init(prefix: flooder, shift: 4)]))
+        let steady = InitialReport(used: 1005, withheld: 2125, busiest: [.init(prefix: flooder, used: 1000, withheld: 2125)])
+        let dip = InitialReport(used: 1005, withheld: 40, busiest: [.init(prefix: flooder, used: 1000, withheld: 40)])
+        #expect(policy.update(dip) == nil)
+        #expect(policy.update(steady) == nil)
+        #expect(policy.update(dip) == nil)
+        #expect(policy.update(dip) == nil)
+        #expect(policy.update(dip) == InitialShedPlan())  // three in a row: over
+        // Everyone's shift holds the same way.
+        var everyone = InitialShedding()
+        let thin = (1...4).map { InitialReport.Source(prefix: UInt64($0) << 32, used: 50, withheld: 100) }
+        #expect(everyone.update(InitialReport(used: 10_000, withheld: 40_000, busiest: thin)) == InitialShedPlan(shift: 1))
+        #expect(everyone.update(InitialReport(used: 100, withheld: 0)) == nil)
+        #expect(everyone.update(InitialReport(used: 100, withheld: 0)) == nil)
+        #expect(everyone.update(InitialReport(used: 100, withheld: 0)) == InitialShedPlan())
     }
 
     @Test func aFloodAcrossPrefixesShedsEveryonesAndASmallExcessNothing() {
@@ -141,6 +167,9 @@ import Testing
         worker.tickInterval = 20_000_000
         worker.idleWait = 5_000_000
         worker.initialShedding?.minimumWithheld = 50
+        // Half a second at 20 ms a tick: with the default 3 ticks (3 s at the node's 1 s tick)
+        // a worker descheduled for 60 ms by a busy machine ended the episode mid-flood.
+        worker.initialShedding?.holdTicks = 25
         let stop = StopFlag()
         var turns = 0, flooding = true, dropsWhenShedding: UInt64 = 0
         worker.onTurn = {
