@@ -31,8 +31,10 @@ import Synchronization
 ///   (into a temp file under its root; checked against a SHA-256 ETag, if the upstream sends
 ///   one), cuts it into its own chunk store with the node's chunking parameters on a thread
 ///   of its own, and keeps the manifest it made (`EdgeManifests.Entry.plain`). Those chunks
-///   exist nowhere upstream, so such a manifest goes as soon as any of its chunks is evicted,
-///   and the next request fetches the object again.
+///   exist nowhere upstream as chunks: one evicted since is fetched again as the byte range
+///   of the object it was cut from (`Range` on `/objects/<name>`), checked against its id
+///   like any chunk. A range whose bytes are not that chunk means the object changed
+///   upstream: the manifest goes, and the next request fetches the object whole.
 /// - **Fetching** happens on one thread of its own with one QUIC connection to the origin
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
@@ -200,9 +202,12 @@ public final class EdgeCache: @unchecked Sendable {
     private let lock = NSLock()
     private var policy: S3FIFO<ChunkID>
     private var manifests: EdgeManifests
-    /// For each cached chunk cut from a plain object, the names whose manifest (cut here)
-    /// may hold it; checked against the manifest itself when the chunk leaves.
+    /// For each chunk cut here from a plain object, the names whose manifest (cut here) listed
+    /// it: where to fetch it again once it is evicted (`plainSource`). An entry outlives its
+    /// chunk; a name whose manifest no longer lists the chunk is dropped when a lookup finds
+    /// it, and the map is rebuilt from the plain manifests when it outgrows `plainChunksBound`.
     private var plainChunks: [ChunkID: Set<String>] = [:]
+    private var plainChunksBound = 1 << 16
     /// A fetch in flight: what, for which holder when it relays a request addressed to one,
     /// and whether a manifest the holder lacks may be fetched as the object whole and cut here
     /// (`RelayHint.whole`; always for this node's own requests). Relays for a holder never join
@@ -264,16 +269,7 @@ public final class EdgeCache: @unchecked Sendable {
         manifests = try EdgeManifests(dir: manifestDir, capacity: manifestBudget, logger: logger)
         counterValues.manifestEvictions = UInt64(manifests.evictedOnLoad)
         try loadIndex()
-        for (name, entry) in manifests.plainEntries {
-            guard let m = try? Manifest(decoding: entry.bytes) else { continue }
-            let ids = m.chunks.map { ChunkID(bytes: $0.id.bytes)! }
-            if ids.allSatisfy({ policy.contains($0) }) {
-                for id in ids { plainChunks[id, default: []].insert(name) }
-            } else {
-                manifests.remove(name)
-                unlink(manifestFile(name))
-            }
-        }
+        indexPlainChunks()
         counterValues.capacity = capacity
     }
 
@@ -498,6 +494,8 @@ public final class EdgeCache: @unchecked Sendable {
         var hedge = false
         /// Asks for the object whole: the upstream had no manifest of this name.
         var plain = false
+        /// A chunk cut here from a plain object: asked for as this byte range of that object.
+        var source: (name: String, range: ClosedRange<UInt64>)?
         /// The trace of the request that started the fetch, and the current attempt's span.
         var trace: ServiceContext?
         var span: (any Span)?
@@ -535,7 +533,18 @@ public final class EdgeCache: @unchecked Sendable {
     /// The next attempt for `a` that was not tried yet (the upstream is asked again, so a route
     /// that changed since the last attempt counts), or nil when none is left.
     private func nextAttempt(_ a: Active) -> UpstreamAttempt? {
-        upstream.attempts(for: Self.resource(a.key), hint: a.hint).first { c in !a.tried.contains { $0.same(as: c) } }
+        attempts(for: a.key, a.hint, a.source).first { c in !a.tried.contains { $0.same(as: c) } }
+    }
+
+    /// Where to ask for `key`: the upstream's attempts, or for a chunk cut here from a plain
+    /// object (`source`), those for that object whole with a `Range` of the chunk's bytes.
+    private func attempts(for key: Key, _ hint: RelayHint?, _ source: (name: String, range: ClosedRange<UInt64>)?) -> [UpstreamAttempt] {
+        guard let source else { return upstream.attempts(for: Self.resource(key), hint: hint) }
+        return upstream.attempts(for: .manifest(name: source.name), hint: nil).compactMap { a in
+            guard var whole = a.whole(source.name) else { return nil }
+            whole.headers.append(("range", "bytes=\(source.range.lowerBound)-\(source.range.upperBound)"))
+            return whole
+        }
     }
 
     private func run() {
@@ -550,6 +559,7 @@ public final class EdgeCache: @unchecked Sendable {
         // (stoq_edge_failovers_total) and summed into the next notice.
         var failoverNotices: [String: (at: UInt64, held: Int)] = [:]
         var lastCheck = lastPersist
+        var offsets = PlainOffsets()
 
         /// Gives up on `a`: every attempt failed (or there was none).
         func giveUp(_ a: Active) {
@@ -568,6 +578,7 @@ public final class EdgeCache: @unchecked Sendable {
                 {
                     unlink(manifestFile(name))
                 }
+                if let source = a.source { dropCut(source.name) }  // gone upstream
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
                     return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
                 }
@@ -684,9 +695,8 @@ public final class EdgeCache: @unchecked Sendable {
         /// The upstream says the plain object `a` asked for is the one cut here before: that
         /// manifest is fresh again. False when it has gone from the cache meanwhile.
         func notModified(_ a: Active, _ name: String, maxAge: Int64?) -> Bool {
-            guard let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes),
-                let bytes = keep(name, e.bytes, maxAge: maxAge, plainChunks: cut.chunks.map { ChunkID(bytes: $0.id.bytes)! })
-            else { return false }
+            guard let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes) else { return false }
+            let bytes = keep(name, e.bytes, maxAge: maxAge, plainChunks: cut.chunks.map { ChunkID(bytes: $0.id.bytes)! })
             lock.withLock { counterValues.notModified += 1 }
             complete(a.fetchKey, nil, manifest: bytes)
             return true
@@ -747,14 +757,17 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 let t = DispatchTime.now().uptimeNanoseconds
-                guard let first = upstream.attempts(for: Self.resource(key), hint: hint).first else {
+                var source: (name: String, range: ClosedRange<UInt64>)?
+                if case .chunk(let id) = key, hint == nil { source = plainSource(id, &offsets) }
+                guard let first = attempts(for: key, hint, source).first else {
                     giveUp(
                         Active(
                             key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [],
                             progressAt: t, trace: trace))
                     continue
                 }
-                let a = Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
+                var a = Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
+                a.source = source
                 if case .manifest(let name) = key, a.fetchKey.whole, let whole = first.whole(name),
                     let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes)
                 {
@@ -838,7 +851,7 @@ public final class EdgeCache: @unchecked Sendable {
                     let quiet = a.plain && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
                     guard down || t - a.progressAt > quiet else {
                         // Late but not stalled: hedge on another route, within the budget.
-                        if a.partner == nil, !a.hedge, !a.plain, got == 0, hedges < max(2, active.count / 4),
+                        if a.partner == nil, !a.hedge, !a.plain, a.source == nil, got == 0, hedges < max(2, active.count / 4),
                             let delay = upstream.hedgeDelay(Self.resource(a.key), via: a.attempt), t - a.submittedAt > delay,
                             let next = nextAttempt(a)
                         {
@@ -888,7 +901,7 @@ public final class EdgeCache: @unchecked Sendable {
         let from = a.attempt.label
         let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
-        guard status == 200 else {
+        guard status == (a.source == nil ? 200 : 206) else {
             let text = String(decoding: body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             return "edge: \(from) answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")"
         }
@@ -904,6 +917,15 @@ public final class EdgeCache: @unchecked Sendable {
                 put = try store.put(id: id, bytes: body)
             } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
                 lock.withLock { counterValues.verificationFailures += 1 }
+                if let source = a.source {
+                    // Not what was cut here any more: the next request fetches the object whole.
+                    dropCut(source.name)
+                    logger.warning(
+                        "edge cache: bytes \(source.range.lowerBound)-\(source.range.upperBound) of \(source.name) from \(from) are not chunk \(id.hex) any more: the object changed since it was cut here; its manifest is dropped"
+                    )
+                    complete(a.fetchKey, Failure(status: 502, reason: "edge: \(source.name) changed at \(from) since this edge cut it; ask again"))
+                    return nil
+                }
                 logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
                 return "edge: \(from) sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"
             } catch let e as StoreError where e.code == .noSpace {
@@ -1025,13 +1047,8 @@ public final class EdgeCache: @unchecked Sendable {
         } catch {
             return (Failure(status: 500, reason: "edge: the manifest of \(name) from \(from): \(error)"), nil)
         }
-        // An object near the cache's size can evict its own first chunks while it is cut.
-        guard let kept = keep(name, manifest, maxAge: maxAge, plainChunks: ids) else {
-            return (
-                Failure(status: 502, reason: "edge: \(name) from \(from) (\(size) bytes) does not fit this edge's cache beside what it holds: not served"), nil
-            )
-        }
-        return (nil, kept)
+        // Chunks it evicted of its own while it was cut are fetched again as ranges when read.
+        return (nil, keep(name, manifest, maxAge: maxAge, plainChunks: ids))
     }
 
     /// Writes chunk `id` again after the policy took it: a put that found the file may have
@@ -1048,11 +1065,10 @@ public final class EdgeCache: @unchecked Sendable {
     }
 
     /// Keeps `bytes` as the manifest of `name` (in memory and in its file), fresh for the
-    /// upstream's `maxAge` or `edge.ttl_default`; returns them. A manifest cut here names its
-    /// chunks (`plainChunks`): it is kept only if the cache holds every one of them when it is
-    /// inserted (checked under the same lock, so an eviction either comes before and it is
-    /// not kept, or after and drops it); nil otherwise.
-    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8]? {
+    /// upstream's `maxAge` or `edge.ttl_default`; returns them. A manifest cut here from a
+    /// plain object names its chunks (`plainChunks`), so that they can be fetched again.
+    @discardableResult
+    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8] {
         let ttl = maxAge.map { Double($0) } ?? ttlDefault
         let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: chunks != nil)
         let file = manifestFile(name)
@@ -1063,18 +1079,14 @@ public final class EdgeCache: @unchecked Sendable {
             // Kept in memory all the same: only a restart loses it.
             if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
         }
-        let r: (kept: Bool, evicted: [String])? = lock.withLock {
+        let (kept, evicted) = lock.withLock {
             if let chunks {
-                guard chunks.allSatisfy({ policy.contains($0) }) else { return nil }
                 for id in chunks { plainChunks[id, default: []].insert(name) }
+                if plainChunks.count > plainChunksBound { indexPlainChunks() }
             }
             let r = manifests.insert(name, m)
             counterValues.manifestEvictions += UInt64(r.evicted.count)
             return r
-        }
-        guard let (kept, evicted) = r else {
-            unlink(file)
-            return nil
         }
         for n in evicted { unlink(manifestFile(n)) }
         if !kept {
@@ -1084,26 +1096,72 @@ public final class EdgeCache: @unchecked Sendable {
         return bytes
     }
 
-    /// Removes the files of chunks the policy let go (unless `remove` is false: already
-    /// gone), and every manifest cut here from a plain object that named one of them.
+    /// Removes the files of chunks the policy let go (unless `remove` is false: already gone).
     private func evicted(_ ids: [ChunkID], remove: Bool = true) {
-        guard !ids.isEmpty else { return }
-        let gone: [String] = lock.withLock {
-            var gone: [String] = []
+        guard !ids.isEmpty, remove else { return }
+        lock.withLock {
             // Under the lock, and only what the policy no longer holds: a cut or a fetch that
             // took the chunk back meanwhile keeps its file (see `restore`).
-            if remove { for id in ids where !policy.contains(id) { _ = try? store.remove(id) } }
-            for id in ids {
-                for name in plainChunks.removeValue(forKey: id) ?? [] {
-                    guard let e = manifests.peek(name), e.plain, let m = try? Manifest(decoding: e.bytes),
-                        m.chunks.contains(where: { $0.id.bytes == id.bytes })
-                    else { continue }
-                    manifests.remove(name)
-                    gone.append(name)
-                }
-            }
-            return gone
+            for id in ids where !policy.contains(id) { _ = try? store.remove(id) }
         }
-        for name in gone { unlink(manifestFile(name)) }
+    }
+
+    /// Drops the manifest cut here from the plain object `name` (the object changed or went
+    /// upstream), if it is still one.
+    private func dropCut(_ name: String) {
+        let held = lock.withLock { () -> Bool in
+            guard manifests.peek(name)?.plain == true else { return false }
+            manifests.remove(name)
+            return true
+        }
+        if held { unlink(manifestFile(name)) }
+    }
+
+    /// Rebuilds `plainChunks` from the plain manifests held now. Under the lock (or in init).
+    private func indexPlainChunks() {
+        plainChunks.removeAll(keepingCapacity: true)
+        for (name, entry) in manifests.plainEntries {
+            guard let m = try? Manifest(decoding: entry.bytes) else { continue }
+            for c in m.chunks { plainChunks[ChunkID(bytes: c.id.bytes)!, default: []].insert(name) }
+        }
+        plainChunksBound = max(1 << 16, 2 * plainChunks.count)
+    }
+
+    /// Where chunk `id`, cut here from a plain object, is now: the name of an object whose
+    /// current manifest (cut here) lists it, and its byte range there. Nil for any other
+    /// chunk. `offsets` holds the last few manifests' chunk offsets (the fetcher's own), so
+    /// that the chunks of one object missed one after another decode its manifest once.
+    private func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> (name: String, range: ClosedRange<UInt64>)? {
+        for name in lock.withLock({ plainChunks[id] ?? [] }).sorted() {
+            guard let e = lock.withLock({ manifests.peek(name) }), e.plain else {
+                lock.withLock { _ = plainChunks[id]?.remove(name) }
+                continue
+            }
+            if let at = offsets.lookup(name, e.bytes, id) { return (name, at) }
+            lock.withLock { _ = plainChunks[id]?.remove(name) }
+        }
+        return nil
+    }
+}
+
+/// The chunk ranges of the last few manifests cut here that a fetcher looked a chunk up in
+/// (`EdgeCache.plainSource`): the chunks of one object missed one after another decode its
+/// manifest once.
+struct PlainOffsets {
+    private var recent: [(name: String, bytes: [UInt8], ranges: [ChunkID: ClosedRange<UInt64>])] = []
+
+    /// Where chunk `id` lies in the object whose manifest is `bytes`, or nil if it lists no such chunk.
+    mutating func lookup(_ name: String, _ bytes: [UInt8], _ id: ChunkID) -> ClosedRange<UInt64>? {
+        if let r = recent.first(where: { $0.name == name && $0.bytes == bytes }) { return r.ranges[id] }
+        guard let m = try? Manifest(decoding: bytes) else { return nil }
+        var ranges: [ChunkID: ClosedRange<UInt64>] = [:]
+        var at: UInt64 = 0
+        for c in m.chunks where c.length > 0 {
+            ranges[ChunkID(bytes: c.id.bytes)!] = at...(at + UInt64(c.length) - 1)
+            at += UInt64(c.length)
+        }
+        recent.insert((name, bytes, ranges), at: 0)
+        if recent.count > 4 { recent.removeLast() }
+        return ranges[id]
     }
 }

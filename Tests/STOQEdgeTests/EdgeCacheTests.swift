@@ -136,6 +136,22 @@ import Testing
         #expect(cache.manifest("fetched.bin", relayed: true)?.bytes == bytes)
     }
 
+    /// Where a chunk of a cut lies in its object: the range an evicted one is asked for.
+    /// A manifest of another version (another name's, or this name's changed) is decoded anew.
+    @Test func aCutsChunkIsFoundAsItsRangeOfTheObject() throws {
+        let data = (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 5) }
+        let p = try ChunkingParameters(algorithm: .fixed, minSize: 64, avgSize: 256, maxSize: 1024)
+        let m = try Manifest(chunking: BytesSource(data), parameters: p)
+        let bytes = try m.encode()
+        var offsets = PlainOffsets()
+        let third = ChunkID(bytes: m.chunks[2].id.bytes)!
+        let at = UInt64(m.chunks[0].length + m.chunks[1].length)
+        #expect(offsets.lookup("a", bytes, third) == at...(at + UInt64(m.chunks[2].length) - 1))
+        #expect(offsets.lookup("a", bytes, ChunkID(digestOf: [1, 2, 3])) == nil)
+        let other = try Manifest(chunking: BytesSource(Array(data.dropFirst(100))), parameters: p).encode()
+        #expect(offsets.lookup("a", other, third) == nil)
+    }
+
     /// Manifests have a budget of a sixteenth of the bound: the least recently used leave
     /// first (file and all), one larger than the budget is not kept, and on reopen the saved
     /// ones come back most recent last, within a budget that may have shrunk.
