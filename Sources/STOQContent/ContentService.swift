@@ -73,6 +73,9 @@ public final class ContentService: QUICApplication {
         var waiting = false  // the next chunk is being fetched from the origin
         var fetched: [UInt8]?  // the next chunk's verified bytes, as its fetch handed them over
         var readAhead = 0  // chunks up to here have been asked of the origin
+        /// Sent for a relayed request (`RelayHint.whole`): its chunks are fetched for that
+        /// request's holder, with its hops and `Via`, never as this node's own fetches.
+        var hint: RelayHint?
         /// The response's head, held until the first chunk is at hand: a first chunk that
         /// cannot be had (the origin down, the store failing) is then an error answer naming
         /// why, not a 200 reset before its first byte.
@@ -81,7 +84,7 @@ public final class ContentService: QUICApplication {
 
     /// A request waiting for the edge cache's fetcher (by ticket).
     enum EdgeWait {
-        case object(String, HTTPRequest, HTTPStream, QUICConnection)
+        case object(String, HTTPRequest, RelayHint?, HTTPStream, QUICConnection)
         /// `relayed`: for a request another node addressed to a holder (`EdgeCache.manifest`).
         case manifest(String, head: Bool, relayed: Bool, HTTPStream, QUICConnection)
         case chunk(ChunkID, head: Bool, HTTPStream, QUICConnection)
@@ -89,12 +92,12 @@ public final class ContentService: QUICApplication {
 
         var stream: HTTPStream {
             switch self {
-            case .object(_, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
+            case .object(_, _, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
             }
         }
         var connection: QUICConnection {
             switch self {
-            case .object(_, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
+            case .object(_, _, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
             }
         }
     }
@@ -246,7 +249,7 @@ public final class ContentService: QUICApplication {
 
     private func sendObject(
         _ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
-        _ connection: QUICConnection
+        _ connection: QUICConnection, hint: RelayHint? = nil
     ) {
         guard
             let (status, headers, range) = ObjectService.bodyHead(
@@ -268,7 +271,7 @@ public final class ContentService: QUICApplication {
         }
         sends[stream] = ObjectSend(
             name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
-            edge: edge, readAhead: first, head: (status, headers))
+            edge: edge, readAhead: first, hint: hint, head: (status, headers))
         bodyWanted(stream: stream, connection: connection)
     }
 
@@ -292,7 +295,7 @@ public final class ContentService: QUICApplication {
             while send.readAhead < horizon {
                 let ahead = ChunkID(bytes: send.chunks[send.readAhead].id.bytes)!
                 if send.readAhead > send.next, (try? index.chunks.has(ahead)) != true, !edge.holds(ahead) {
-                    edge.fetch(.chunk(ahead), inbox: nil, trace: spans?.context(of: stream))
+                    edge.fetch(.chunk(ahead), inbox: nil, hint: send.hint, trace: spans?.context(of: stream))
                 }
                 send.readAhead += 1
             }
@@ -302,7 +305,7 @@ public final class ContentService: QUICApplication {
             } else {
                 send.waiting = true
                 sends[stream] = send
-                let ticket = edge.fetch(.chunk(id), inbox: inbox, trace: spans?.context(of: stream))
+                let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream))
                 edgeWaits[ticket] = .objectChunk(stream, connection)
                 return
             }
@@ -377,14 +380,17 @@ public final class ContentService: QUICApplication {
     func serveEdgeObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil) {
         guard let edge else { return }
         counters.edgeRequests += 1
-        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] = .object(name, request, stream, connection)
+        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection, hint: hint) }
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
+            .object(name, request, hint, stream, connection)
     }
 
-    private func sendEdgeObject(_ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+    private func sendEdgeObject(
+        _ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint?
+    ) {
         let manifest: Manifest
         do { manifest = try Manifest(decoding: bytes) } catch { return fail(stream, connection, 502, "edge: cached manifest of \(name): \(error)") }
-        sendObject(name, manifest, edge: true, request, stream, connection)
+        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint)
     }
 
     func serveEdgeManifest(
@@ -413,16 +419,16 @@ public final class ContentService: QUICApplication {
         for c in completions {
             guard let wait = edgeWaits.removeValue(forKey: c.ticket), let edge else { continue }
             switch wait {
-            case .object(let name, let request, let stream, let connection):
+            case .object(let name, let request, let hint, let stream, let connection):
                 if let f = c.failure {
                     if f.status != 404, let stale = edge.manifest(name) {
                         edge.countStale(name, f.reason)
-                        sendEdgeObject(name, stale.bytes, request, stream, connection)
+                        sendEdgeObject(name, stale.bytes, request, stream, connection, hint: hint)
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
                 } else if let m = c.manifest {
-                    sendEdgeObject(name, m, request, stream, connection)
+                    sendEdgeObject(name, m, request, stream, connection, hint: hint)
                 } else {
                     fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }

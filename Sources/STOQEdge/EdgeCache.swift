@@ -205,9 +205,11 @@ public final class EdgeCache: @unchecked Sendable {
     /// For each chunk cut here from a plain object, the names whose manifest (cut here) listed
     /// it: where to fetch it again once it is evicted (`plainSource`). An entry outlives its
     /// chunk; a name whose manifest no longer lists the chunk is dropped when a lookup finds
-    /// it, and the map is rebuilt from the plain manifests when it outgrows `plainChunksBound`.
+    /// it, and the map is rebuilt from the plain manifests when it outgrows `plainChunksBound`
+    /// (twice its size after the last rebuild), off the lock (`rebuildPlainChunks`).
     private var plainChunks: [ChunkID: Set<String>] = [:]
     private var plainChunksBound = 1 << 16
+    private var rebuildingPlainChunks = false
     /// A fetch in flight: what, for which holder when it relays a request addressed to one,
     /// and whether a manifest the holder lacks may be fetched as the object whole and cut here
     /// (`RelayHint.whole`; always for this node's own requests). Relays for a holder never join
@@ -269,7 +271,7 @@ public final class EdgeCache: @unchecked Sendable {
         manifests = try EdgeManifests(dir: manifestDir, capacity: manifestBudget, logger: logger)
         counterValues.manifestEvictions = UInt64(manifests.evictedOnLoad)
         try loadIndex()
-        indexPlainChunks()
+        (plainChunks, plainChunksBound) = Self.chunkNames(manifests.plainEntries)
         counterValues.capacity = capacity
     }
 
@@ -495,7 +497,9 @@ public final class EdgeCache: @unchecked Sendable {
         /// Asks for the object whole: the upstream had no manifest of this name.
         var plain = false
         /// A chunk cut here from a plain object: asked for as this byte range of that object.
-        var source: (name: String, range: ClosedRange<UInt64>)?
+        var source: PlainSource?
+        /// A range came back with other bytes, or past the object's end: the object changed there.
+        var changed = false
         /// The trace of the request that started the fetch, and the current attempt's span.
         var trace: ServiceContext?
         var span: (any Span)?
@@ -537,10 +541,11 @@ public final class EdgeCache: @unchecked Sendable {
     }
 
     /// Where to ask for `key`: the upstream's attempts, or for a chunk cut here from a plain
-    /// object (`source`), those for that object whole with a `Range` of the chunk's bytes.
-    private func attempts(for key: Key, _ hint: RelayHint?, _ source: (name: String, range: ClosedRange<UInt64>)?) -> [UpstreamAttempt] {
+    /// object (`source`), those for that object whole with a `Range` of the chunk's bytes
+    /// (for a relayed request, towards its holder, as the object itself was).
+    private func attempts(for key: Key, _ hint: RelayHint?, _ source: PlainSource?) -> [UpstreamAttempt] {
         guard let source else { return upstream.attempts(for: Self.resource(key), hint: hint) }
-        return upstream.attempts(for: .manifest(name: source.name), hint: nil).compactMap { a in
+        return upstream.attempts(for: .manifest(name: source.name), hint: hint).compactMap { a in
             guard var whole = a.whole(source.name) else { return nil }
             whole.headers.append(("range", "bytes=\(source.range.lowerBound)-\(source.range.upperBound)"))
             return whole
@@ -578,7 +583,6 @@ public final class EdgeCache: @unchecked Sendable {
                 {
                     unlink(manifestFile(name))
                 }
-                if let source = a.source { dropCut(source.name) }  // gone upstream
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
                     return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
                 }
@@ -655,7 +659,10 @@ public final class EdgeCache: @unchecked Sendable {
             upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
             var a = a
             if !notFound { a.allNotFound = false; a.lastFailure = why } else if a.allNotFound { a.lastFailure = nil }
-            guard let next = nextAttempt(a) else { return giveUp(a) }
+            guard let next = nextAttempt(a) else {
+                if byID(a, p) { return }
+                return giveUp(a)
+            }
             if !notFound {
                 lock.withLock { counterValues.failovers += 1 }
                 let now = DispatchTime.now().uptimeNanoseconds, from = a.attempt.url.description
@@ -672,6 +679,21 @@ public final class EdgeCache: @unchecked Sendable {
             a.plain = false
             a.tried.append(next)
             submit(a, p)
+        }
+
+        /// `a`, a range of a plain object cut here, got no bytes of it anywhere: the cut goes
+        /// if its object is gone or changed, and the chunk is asked for by its id (another
+        /// object may hold it too). False when there is nothing to ask.
+        func byID(_ a: Active, _ p: ConnectionPool) -> Bool {
+            guard let source = a.source else { return false }
+            if a.allNotFound || a.changed { dropCut(source.name, ifStill: source.cut) }
+            var b = a
+            b.source = nil
+            guard let first = nextAttempt(b) else { return false }
+            b.attempt = first
+            b.tried.append(first)
+            submit(b, p)
+            return true
         }
 
         /// `a`'s upstream has no manifest of its name: asks it for the object whole (`whole`:
@@ -757,8 +779,8 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 let t = DispatchTime.now().uptimeNanoseconds
-                var source: (name: String, range: ClosedRange<UInt64>)?
-                if case .chunk(let id) = key, hint == nil { source = plainSource(id, &offsets) }
+                var source: PlainSource?
+                if case .chunk(let id) = key, hint?.whole ?? true { source = plainSource(id, &offsets) }
                 guard let first = attempts(for: key, hint, source).first else {
                     giveUp(
                         Active(
@@ -792,7 +814,7 @@ public final class EdgeCache: @unchecked Sendable {
             }
             // Oldest first, like stalls below: a relay that lost its link fails them all at once.
             for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
-                guard let a = active.removeValue(forKey: d.tag) else { continue }
+                guard var a = active.removeValue(forKey: d.tag) else { continue }
                 a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
                 if let failure = d.failure {
                     if d.status != nil {  // answered, but the body is not what its ETag names
@@ -815,7 +837,7 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 if status == 404 { failed(a, "", notFound: true, p); continue }
-                if let why = finish(a, d, status: status) { failed(a, why, notFound: false, p); continue }
+                if let why = finish(&a, d, status: status) { failed(a, why, notFound: false, p); continue }
                 delivered(a, p)
             }
             // Stalls: a link the upstream knows is down, or no byte for `stallTimeout`.
@@ -846,9 +868,9 @@ public final class EdgeCache: @unchecked Sendable {
                     }
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
-                    // A relay sends a plain object's first byte only once it has fetched and
-                    // cut it whole: that wait is bounded by `requestTimeout`, not a stall.
-                    let quiet = a.plain && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
+                    // A relay sends a plain object's first byte (or its range's) only once it has
+                    // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a stall.
+                    let quiet = (a.plain || a.source != nil) && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
                     guard down || t - a.progressAt > quiet else {
                         // Late but not stalled: hedge on another route, within the budget.
                         if a.partner == nil, !a.hedge, !a.plain, a.source == nil, got == 0, hedges < max(2, active.count / 4),
@@ -896,12 +918,17 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// A response from the upstream: verified and cached (nil), or why the attempt failed so
     /// that the fetch moves on to the next one. A local failure completes the fetch itself.
-    private func finish(_ a: Active, _ d: ConnectionPool.Done, status: Int) -> String? {
+    private func finish(_ a: inout Active, _ d: ConnectionPool.Done, status: Int) -> String? {
         let p = a.attempt.path
         let from = a.attempt.label
         let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         guard status == (a.source == nil ? 200 : 206) else {
+            if let source = a.source, status == 416 {
+                a.changed = true
+                return
+                    "edge: \(source.name) changed at \(from) since this edge cut it: it no longer holds bytes \(source.range.lowerBound)-\(source.range.upperBound) (416)"
+            }
             let text = String(decoding: body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             return "edge: \(from) answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")"
         }
@@ -918,13 +945,12 @@ public final class EdgeCache: @unchecked Sendable {
             } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
                 lock.withLock { counterValues.verificationFailures += 1 }
                 if let source = a.source {
-                    // Not what was cut here any more: the next request fetches the object whole.
-                    dropCut(source.name)
-                    logger.warning(
-                        "edge cache: bytes \(source.range.lowerBound)-\(source.range.upperBound) of \(source.name) from \(from) are not chunk \(id.hex) any more: the object changed since it was cut here; its manifest is dropped"
-                    )
-                    complete(a.fetchKey, Failure(status: 502, reason: "edge: \(source.name) changed at \(from) since this edge cut it; ask again"))
-                    return nil
+                    // Not what was cut here any more (`byID` drops the cut if no one else has it).
+                    a.changed = true
+                    let why =
+                        "edge: \(source.name) changed at \(from) since this edge cut it: bytes \(source.range.lowerBound)-\(source.range.upperBound) are not chunk \(id.hex)"
+                    logger.warning("\(why)")
+                    return why
                 }
                 logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
                 return "edge: \(from) sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"
@@ -1079,15 +1105,18 @@ public final class EdgeCache: @unchecked Sendable {
             // Kept in memory all the same: only a restart loses it.
             if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
         }
-        let (kept, evicted) = lock.withLock {
+        let (kept, evicted, rebuild) = lock.withLock {
+            var rebuild = false
             if let chunks {
                 for id in chunks { plainChunks[id, default: []].insert(name) }
-                if plainChunks.count > plainChunksBound { indexPlainChunks() }
+                rebuild = plainChunks.count > plainChunksBound && !rebuildingPlainChunks
+                if rebuild { rebuildingPlainChunks = true }
             }
             let r = manifests.insert(name, m)
             counterValues.manifestEvictions += UInt64(r.evicted.count)
-            return r
+            return (r.kept, r.evicted, rebuild)
         }
+        if rebuild { rebuildPlainChunks() }
         for n in evicted { unlink(manifestFile(n)) }
         if !kept {
             unlink(file)
@@ -1107,41 +1136,68 @@ public final class EdgeCache: @unchecked Sendable {
     }
 
     /// Drops the manifest cut here from the plain object `name` (the object changed or went
-    /// upstream), if it is still one.
-    private func dropCut(_ name: String) {
+    /// upstream), if it is still `cut` (a newer cut, kept since, stays).
+    private func dropCut(_ name: String, ifStill cut: [UInt8]) {
         let held = lock.withLock { () -> Bool in
-            guard manifests.peek(name)?.plain == true else { return false }
+            guard let e = manifests.peek(name), e.plain, e.bytes == cut else { return false }
             manifests.remove(name)
             return true
         }
         if held { unlink(manifestFile(name)) }
     }
 
-    /// Rebuilds `plainChunks` from the plain manifests held now. Under the lock (or in init).
-    private func indexPlainChunks() {
-        plainChunks.removeAll(keepingCapacity: true)
-        for (name, entry) in manifests.plainEntries {
-            guard let m = try? Manifest(decoding: entry.bytes) else { continue }
-            for c in m.chunks { plainChunks[ChunkID(bytes: c.id.bytes)!, default: []].insert(name) }
+    /// Rebuilds `plainChunks` from the plain manifests held now, decoding them outside the
+    /// lock; what cuts kept meanwhile added is merged in.
+    private func rebuildPlainChunks() {
+        let held = lock.withLock { manifests.plainEntries }
+        let (fresh, bound) = Self.chunkNames(held)
+        let names = Set(held.map(\.name))
+        lock.withLock {
+            var merged = fresh
+            for (id, n) in plainChunks {
+                let added = n.subtracting(names)
+                if !added.isEmpty { merged[id, default: []].formUnion(added) }
+            }
+            plainChunks = merged
+            plainChunksBound = max(bound, 2 * merged.count)
+            rebuildingPlainChunks = false
         }
-        plainChunksBound = max(1 << 16, 2 * plainChunks.count)
+    }
+
+    /// For each chunk the plain manifests `entries` list, their names; and the size past which
+    /// such a map is rebuilt.
+    private static func chunkNames(_ entries: [(name: String, entry: EdgeManifests.Entry)]) -> ([ChunkID: Set<String>], Int) {
+        var out: [ChunkID: Set<String>] = [:]
+        for (name, entry) in entries {
+            guard let m = try? Manifest(decoding: entry.bytes) else { continue }
+            for c in m.chunks { out[ChunkID(bytes: c.id.bytes)!, default: []].insert(name) }
+        }
+        return (out, max(1 << 16, 2 * out.count))
     }
 
     /// Where chunk `id`, cut here from a plain object, is now: the name of an object whose
     /// current manifest (cut here) lists it, and its byte range there. Nil for any other
     /// chunk. `offsets` holds the last few manifests' chunk offsets (the fetcher's own), so
     /// that the chunks of one object missed one after another decode its manifest once.
-    private func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> (name: String, range: ClosedRange<UInt64>)? {
+    private func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> PlainSource? {
         for name in lock.withLock({ plainChunks[id] ?? [] }).sorted() {
             guard let e = lock.withLock({ manifests.peek(name) }), e.plain else {
                 lock.withLock { _ = plainChunks[id]?.remove(name) }
                 continue
             }
-            if let at = offsets.lookup(name, e.bytes, id) { return (name, at) }
+            if let at = offsets.lookup(name, e.bytes, id) { return PlainSource(name: name, range: at, cut: e.bytes) }
             lock.withLock { _ = plainChunks[id]?.remove(name) }
         }
         return nil
     }
+}
+
+/// Where a chunk cut here from a plain object lies: the object's name, the chunk's bytes in
+/// it, and the manifest of the cut (which a range that is not the chunk drops, if still held).
+struct PlainSource {
+    var name: String
+    var range: ClosedRange<UInt64>
+    var cut: [UInt8]
 }
 
 /// The chunk ranges of the last few manifests cut here that a fetcher looked a chunk up in

@@ -132,19 +132,25 @@ def test_a_plain_file_two_hops_away_is_found_and_relayed(tmp_path):
         assert bd["stoq_edge_origin_bytes_total"] - mid[1]["stoq_edge_origin_bytes_total"] < 10_000
         r = stoq("get", f"https://[::1]:{pa}/objects/nobody-has-it", "--ca", ca / "root.pem", "-o", tmp_path / "x")
         assert r.returncode != 0 and "404" in r.stderr, r.stderr
-        # A loses its chunks (removed while it is stopped; its cut manifest stays): each is
-        # asked for again as a byte range of the object, over the mesh, not the object whole.
+        # A loses its chunks (removed while it is stopped; its cut manifest stays), and B its
+        # cut (purged): each of A's chunks is asked for again as a byte range of the object,
+        # over the mesh, not the object whole; B, relaying those ranges towards C, fetches the
+        # object whole once, cuts it and serves the ranges from its cut.
         stop(a)
         for f in (tmp_path / "a" / "content" / "edge" / "chunks").rglob("*"):
             if f.is_file():
                 f.unlink()
+        r = stoq("edge", "purge", b.admin, "copied.bin")
+        assert r.returncode == 0, r.stderr
+        b0 = metric_totals(b)
         a = nodes[0] = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb]))
         wait_for_routes(nodes, 3)
         r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "ranges.bin")
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "ranges.bin") == sha256_file(src)
-        ar = metric_totals(a)
+        ar, br = metric_totals(a), metric_totals(b)
         assert ar["stoq_edge_origin_object_fetches_total"] == 0 and ar["stoq_edge_origin_chunk_fetches_total"] > 0, ar
+        assert size <= br["stoq_edge_origin_bytes_total"] - b0["stoq_edge_origin_bytes_total"] < size + 10_000
     finally:
         for n in nodes:
             stop(n)
