@@ -290,6 +290,12 @@ public final class ContentService: QUICApplication {
         let id = ChunkID(bytes: entry.id.bytes)!
         let bytes: [UInt8]
         if send.edge, let edge {
+            let have = send.fetched ?? edge.readChunk(id) ?? (try? index.chunks.read(id))
+            if have == nil {
+                // Asked for before the chunks ahead: the fetcher takes jobs in order.
+                let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream))
+                edgeWaits[ticket] = .objectChunk(stream, connection)
+            }
             // Ask the origin for the chunks ahead now, so they arrive while these are sent.
             let horizon = min(send.chunks.count, send.next + 1 + edge.readAheadChunks)
             while send.readAhead < horizon {
@@ -299,16 +305,13 @@ public final class ContentService: QUICApplication {
                 }
                 send.readAhead += 1
             }
-            if let b = send.fetched ?? edge.readChunk(id) ?? (try? index.chunks.read(id)) {
-                bytes = b
-                send.fetched = nil
-            } else {
+            guard let b = have else {
                 send.waiting = true
                 sends[stream] = send
-                let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream))
-                edgeWaits[ticket] = .objectChunk(stream, connection)
                 return
             }
+            bytes = b
+            send.fetched = nil
         } else {
             do { bytes = try index.chunks.read(id) } catch {
                 // Never send bytes the store cannot vouch for: the client sees the request fail.

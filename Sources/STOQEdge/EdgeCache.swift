@@ -498,8 +498,10 @@ public final class EdgeCache: @unchecked Sendable {
         var plain = false
         /// A chunk cut here from a plain object: asked for as this byte range of that object.
         var source: PlainSource?
-        /// A range came back with other bytes, or past the object's end: the object changed there.
-        var changed = false
+        /// Attempts whose range came back with other bytes, or past the object's end (the object
+        /// changed there), and attempts that failed for any reason but a 404.
+        var changed = 0
+        var failures = 0
         /// The trace of the request that started the fetch, and the current attempt's span.
         var trace: ServiceContext?
         var span: (any Span)?
@@ -544,7 +546,14 @@ public final class EdgeCache: @unchecked Sendable {
     /// object (`source`), those for that object whole with a `Range` of the chunk's bytes
     /// (for a relayed request, towards its holder, as the object itself was).
     private func attempts(for key: Key, _ hint: RelayHint?, _ source: PlainSource?) -> [UpstreamAttempt] {
-        guard let source else { return upstream.attempts(for: Self.resource(key), hint: hint) }
+        guard let source else {
+            // A chunk of a relayed object that is not from a cut here: the manifest this node
+            // serves it from may have come from another node than the request's holder, which
+            // then lacks its chunks; so it is looked for as this node's own (still its own
+            // fetch key, `FetchKey`, so it never waits on a fetch of this node's).
+            if case .chunk = key, hint?.whole == true { return upstream.attempts(for: Self.resource(key), hint: nil) }
+            return upstream.attempts(for: Self.resource(key), hint: hint)
+        }
         return upstream.attempts(for: .manifest(name: source.name), hint: hint).compactMap { a in
             guard var whole = a.whole(source.name) else { return nil }
             whole.headers.append(("range", "bytes=\(source.range.lowerBound)-\(source.range.upperBound)"))
@@ -658,7 +667,7 @@ public final class EdgeCache: @unchecked Sendable {
         func retry(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
             upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
             var a = a
-            if !notFound { a.allNotFound = false; a.lastFailure = why } else if a.allNotFound { a.lastFailure = nil }
+            if !notFound { a.allNotFound = false; a.lastFailure = why; a.failures += 1 } else if a.allNotFound { a.lastFailure = nil }
             guard let next = nextAttempt(a) else {
                 if byID(a, p) { return }
                 return giveUp(a)
@@ -682,11 +691,12 @@ public final class EdgeCache: @unchecked Sendable {
         }
 
         /// `a`, a range of a plain object cut here, got no bytes of it anywhere: the cut goes
-        /// if its object is gone or changed, and the chunk is asked for by its id (another
+        /// if its object is gone or changed (every attempt said 404 or showed the change; one
+        /// that merely failed may still have it), and the chunk is asked for by its id (another
         /// object may hold it too). False when there is nothing to ask.
         func byID(_ a: Active, _ p: ConnectionPool) -> Bool {
             guard let source = a.source else { return false }
-            if a.allNotFound || a.changed { dropCut(source.name, ifStill: source.cut) }
+            if a.allNotFound || (a.changed > 0 && a.changed == a.failures) { dropCut(source.name, ifStill: source.cut) }
             var b = a
             b.source = nil
             guard let first = nextAttempt(b) else { return false }
@@ -925,7 +935,7 @@ public final class EdgeCache: @unchecked Sendable {
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         guard status == (a.source == nil ? 200 : 206) else {
             if let source = a.source, status == 416 {
-                a.changed = true
+                a.changed += 1
                 return
                     "edge: \(source.name) changed at \(from) since this edge cut it: it no longer holds bytes \(source.range.lowerBound)-\(source.range.upperBound) (416)"
             }
@@ -946,7 +956,7 @@ public final class EdgeCache: @unchecked Sendable {
                 lock.withLock { counterValues.verificationFailures += 1 }
                 if let source = a.source {
                     // Not what was cut here any more (`byID` drops the cut if no one else has it).
-                    a.changed = true
+                    a.changed += 1
                     let why =
                         "edge: \(source.name) changed at \(from) since this edge cut it: bytes \(source.range.lowerBound)-\(source.range.upperBound) are not chunk \(id.hex)"
                     logger.warning("\(why)")
@@ -1151,11 +1161,13 @@ public final class EdgeCache: @unchecked Sendable {
     private func rebuildPlainChunks() {
         let held = lock.withLock { manifests.plainEntries }
         let (fresh, bound) = Self.chunkNames(held)
-        let names = Set(held.map(\.name))
         lock.withLock {
+            // Names cut (again) since the snapshot keep what `keep` added for them.
+            var same = Set<String>()
+            for (name, entry) in held where manifests.peek(name)?.bytes == entry.bytes { same.insert(name) }
             var merged = fresh
             for (id, n) in plainChunks {
-                let added = n.subtracting(names)
+                let added = n.subtracting(same)
                 if !added.isEmpty { merged[id, default: []].formUnion(added) }
             }
             plainChunks = merged
@@ -1181,12 +1193,12 @@ public final class EdgeCache: @unchecked Sendable {
     /// that the chunks of one object missed one after another decode its manifest once.
     private func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> PlainSource? {
         for name in lock.withLock({ plainChunks[id] ?? [] }).sorted() {
-            guard let e = lock.withLock({ manifests.peek(name) }), e.plain else {
-                lock.withLock { _ = plainChunks[id]?.remove(name) }
-                continue
+            let e = lock.withLock { manifests.peek(name) }
+            if let e, e.plain, let at = offsets.lookup(name, e.bytes, id) { return PlainSource(name: name, range: at, cut: e.bytes) }
+            // Not (or no longer) a cut listing it: forget the name, unless a new cut came meanwhile.
+            lock.withLock {
+                if manifests.peek(name)?.bytes == e?.bytes { _ = plainChunks[id]?.remove(name) }
             }
-            if let at = offsets.lookup(name, e.bytes, id) { return PlainSource(name: name, range: at, cut: e.bytes) }
-            lock.withLock { _ = plainChunks[id]?.remove(name) }
         }
         return nil
     }
