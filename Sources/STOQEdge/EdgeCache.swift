@@ -367,7 +367,6 @@ public final class EdgeCache: @unchecked Sendable {
             lock.withLock {
                 policy.remove(id); dirty = true
             }
-            evicted([id], remove: false)
             return nil
         }
     }
@@ -1135,9 +1134,9 @@ public final class EdgeCache: @unchecked Sendable {
         return bytes
     }
 
-    /// Removes the files of chunks the policy let go (unless `remove` is false: already gone).
-    private func evicted(_ ids: [ChunkID], remove: Bool = true) {
-        guard !ids.isEmpty, remove else { return }
+    /// Removes the files of chunks the policy let go.
+    private func evicted(_ ids: [ChunkID]) {
+        guard !ids.isEmpty else { return }
         lock.withLock {
             // Under the lock, and only what the policy no longer holds: a cut or a fetch that
             // took the chunk back meanwhile keeps its file (see `restore`).
