@@ -334,7 +334,8 @@ package struct NodeMetrics {
             family("stoq_edge_origin_chunk_fetches_total", "counter", "Chunk requests sent to the origin.", [("", e.originChunkFetches)])
             family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
             family(
-                "stoq_edge_origin_object_fetches_total", "counter", "Plain objects fetched whole from the origin (it had no manifest for them).",
+                "stoq_edge_origin_object_fetches_total", "counter",
+                "Plain objects fetched whole from the origin (it had no manifest for them); its 404s not counted.",
                 [("", e.originObjectFetches)])
             family(
                 "stoq_edge_origin_not_modified_total", "counter", "Expired plain objects the origin answered 304 for: kept, fresh again.", [("", e.notModified)]

@@ -60,7 +60,8 @@ public final class EdgeCache: @unchecked Sendable {
         /// Requests sent upstream (to the origin, or through the mesh), retries included.
         public var originChunkFetches: UInt64 = 0
         public var originManifestFetches: UInt64 = 0
-        /// Plain objects fetched whole (the upstream had no manifest for them).
+        /// Plain objects asked for whole (the upstream had no manifest for them) that the
+        /// upstream had: its 404s, the misses of a search, are not counted.
         public var originObjectFetches: UInt64 = 0
         /// Of those, expired ones the upstream said were unchanged (304): kept, fresh again.
         public var notModified: UInt64 = 0
@@ -625,9 +626,7 @@ public final class EdgeCache: @unchecked Sendable {
             lock.withLock {
                 if case .chunk = a.key {
                     counterValues.originChunkFetches += 1
-                } else if a.plain {
-                    counterValues.originObjectFetches += 1
-                } else {
+                } else if !a.plain {
                     counterValues.originManifestFetches += 1
                 }
             }
@@ -837,6 +836,8 @@ public final class EdgeCache: @unchecked Sendable {
                     failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
                     continue
                 }
+                // A 404 to a request for an object whole is a search's miss, not a fetch.
+                if a.plain && status != 404 { lock.withLock { counterValues.originObjectFetches += 1 } }
                 if status == 304, a.plain, case .manifest(let name) = a.key {
                     if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, a.attempt, p) }
                     continue
