@@ -61,8 +61,11 @@ extension ContentService {
         } else {
             let name = String(resourcePath.dropFirst("/manifests/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
-            if isHolder || hasObject(name) {
+            let chunked = hasObject(name)
+            if isHolder || chunked {
                 mesh.countRelay(.served, hops: hops)
+                // Asked as the holder for what it keeps as a plain file: its cut.
+                if !chunked, let plainCuts { return servePlainCut(plainCuts, name, head: head, stream, connection) }
                 return serveManifest(name, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }

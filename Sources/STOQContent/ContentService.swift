@@ -134,6 +134,14 @@ public final class ContentService: QUICApplication {
     package var storePool: WorkPool?
     /// This worker's finished chunk writes; the worker drains it (`drainStores`) between batches.
     package let storeInbox = CompletionInbox<ChunkWrite>()
+    /// Cuts of this node's plain files for the mesh (the node's; nil: no mesh), and this
+    /// worker's inbox for the cuts it waits on (`drainCuts`).
+    package var plainCuts: PlainCuts?
+    package let cutInbox = CompletionInbox<PlainCuts.Done>()
+    /// Manifest requests waiting for a cut, by ticket.
+    private var cutWaits: [UInt64: (name: String, head: Bool, stream: HTTPStream, connection: QUICConnection)] = [:]
+    private var nextCut: UInt64 = 1
+    private var cutsDone: [PlainCuts.Done] = []
     /// Chunk PUTs being written, by ticket: whom to answer, and the request's store span.
     private var storing: [UInt64: (stream: HTTPStream, connection: QUICConnection, span: (any Span)?)] = [:]
     private var nextStore: UInt64 = 1
@@ -184,10 +192,13 @@ public final class ContentService: QUICApplication {
             }
             switch request.method {
             case "GET", "HEAD":
+                let head = request.method == "HEAD"
                 if let edge, (try? index.chunks.has(id)) != true {
-                    return serveEdgeChunk(edge, id, head: request.method == "HEAD", stream, connection)
+                    // One of this node's plain files may hold it (cut for the mesh).
+                    if let bytes = plainCuts?.chunk(id) { return respondChunk(bytes, head: head, stream, connection) }
+                    return serveEdgeChunk(edge, id, head: head, stream, connection)
                 }
-                return serveChunk(id, head: request.method == "HEAD", stream, connection)
+                return serveChunk(id, head: head, stream, connection)
             case "PUT":
                 // Refused before the body is read when it cannot fit (storeChunk reserves the room).
                 if let gate, gate.settings.storageCap > 0, let n = request.contentLength, (try? index.chunks.has(id)) != true,
@@ -341,7 +352,9 @@ public final class ContentService: QUICApplication {
         do { bytes = try index.chunks.read(id) } catch let e as StoreError {
             span?.recordError(e)
             switch e.code {
-            case .chunkNotFound: return fail(stream, connection, 404, "no chunk \(id.hex)")
+            case .chunkNotFound:
+                if let bytes = plainCuts?.chunk(id) { return respondChunk(bytes, head: head, stream, connection) }
+                return fail(stream, connection, 404, "no chunk \(id.hex)")
             case .corrupt: return fail(stream, connection, 500, "chunk \(id.hex) failed verification and was quarantined")
             default: return fail(stream, connection, 500, e.message)
             }
@@ -367,6 +380,35 @@ public final class ContentService: QUICApplication {
             return fail(stream, connection, 404, e.message)
         } catch { return fail(stream, connection, 500, "\(error)") }
         respondManifest(record.manifest, head: head, origin: true, stream, connection)
+    }
+
+    /// The manifest of this node's plain file `name`, cut for the mesh (`PlainCuts`): at once
+    /// when its current version is cut, else once the cut is done (`drainCuts`). A 404 when the
+    /// node has no such file, or the cut failed (the asker then fetches the object whole).
+    func servePlainCut(_ cuts: PlainCuts, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+        let ticket = nextCut
+        nextCut += 1
+        switch cuts.manifest(of: name, ticket: ticket, inbox: cutInbox) {
+        case .manifest(let bytes): respondManifest(bytes, head: head, origin: true, stream, connection)
+        case .cutting: cutWaits[ticket] = (name, head, stream, connection)
+        case .noFile: serveManifest(name, head: head, stream, connection)
+        }
+    }
+
+    /// Answers the manifest requests whose plain file's cut finished (called by the worker
+    /// between batches).
+    package func drainCuts() {
+        cutInbox.drain(into: &cutsDone)
+        guard !cutsDone.isEmpty else { return }
+        for d in cutsDone {
+            guard let wait = cutWaits.removeValue(forKey: d.ticket) else { continue }
+            if let m = d.manifest {
+                respondManifest(m, head: wait.head, origin: true, wait.stream, wait.connection)
+            } else {
+                fail(wait.stream, wait.connection, 404, "no manifest of \(wait.name): \(d.why)")
+            }
+        }
+        cutsDone.removeAll(keepingCapacity: true)
     }
 
     private func respondManifest(_ bytes: [UInt8], head: Bool, origin: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
@@ -490,6 +532,7 @@ public final class ContentService: QUICApplication {
     /// Forgets what `connection`'s streams waited for (it is gone).
     func connectionClosed(_ connection: QUICConnection) {
         if !storing.isEmpty { forgetWrites { $0.connection === connection } }
+        if !cutWaits.isEmpty { cutWaits = cutWaits.filter { $0.value.connection !== connection } }
         guard !edgeWaits.isEmpty else { return }
         edgeWaits = edgeWaits.filter { $0.value.connection !== connection }
     }

@@ -879,8 +879,11 @@ public final class EdgeCache: @unchecked Sendable {
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
                     // A relay sends a plain object's first byte (or its range's) only once it has
-                    // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a stall.
-                    let quiet = (a.plain || a.source != nil) && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
+                    // fetched and cut it whole, and a holder a plain file's manifest once it has
+                    // cut the file: those waits are bounded by `requestTimeout`, not a stall.
+                    var slow = a.source != nil
+                    if case .manifest = a.key { slow = true }  // the plain object's fetch too
+                    let quiet = slow && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
                     guard down || t - a.progressAt > quiet else {
                         // Late but not stalled: hedge on another route, within the budget.
                         if a.partner == nil, !a.hedge, !a.plain, a.source == nil, got == 0, hedges < max(2, active.count / 4),

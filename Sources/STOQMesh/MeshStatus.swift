@@ -88,6 +88,17 @@ public struct MeshStatus: Sendable, Equatable {
     }
 
     /// Counters since the node started.
+    /// What a holder's cutter of plain files did (`PlainCuts.Counters`, seen from the mesh).
+    public struct PlainCutCounts: Sendable, Equatable {
+        public var cut: UInt64 = 0
+        public var failed: UInt64 = 0
+        public var chunksServed: UInt64 = 0
+        public var chunksStale: UInt64 = 0
+        public init(cut: UInt64 = 0, failed: UInt64 = 0, chunksServed: UInt64 = 0, chunksStale: UInt64 = 0) {
+            (self.cut, self.failed, self.chunksServed, self.chunksStale) = (cut, failed, chunksServed, chunksStale)
+        }
+    }
+
     public struct Counters: Sendable, Equatable {
         /// Adverts this node signed and sent (each counted once, whatever the neighbours).
         public var advertsOriginated: UInt64 = 0
@@ -117,6 +128,9 @@ public struct MeshStatus: Sendable, Equatable {
         public var maxHopsSeen: UInt64 = 0
         /// Fetches moved to another route or holder after the one in use failed or stalled.
         public var failovers: UInt64 = 0
+        /// This node's plain files cut for the mesh, cuts given up, and chunks of cuts served
+        /// or found changed (`PlainCuts`).
+        public var plainCuts = PlainCutCounts()
 
         public init() {}
     }

@@ -168,6 +168,19 @@ public final class Node: @unchecked Sendable {
     /// and pinned worker per core, then the admin API. Returns once every worker is
     /// listening. Each step's error names what failed (a worker or admin failure also stops
     /// the workers already started).
+    /// The cutter of this node's plain files for the mesh (`mesh.cut_plain_files`), its
+    /// counters shown with the mesh's; nil without a mesh.
+    private func makePlainCuts(_ cfg: NodeConfig, mesh: MeshService?) throws -> PlainCuts? {
+        guard let mesh, cfg.mesh.cutPlainFiles else { return nil }
+        let cuts = try PlainCuts(
+            root: cfg.storage.path, parameters: cfg.chunking.parameters(), maxObjectSize: cfg.storage.maxObjectSize, logger: logger)
+        mesh.plainCutsSource = { [weak cuts] in
+            let c = cuts?.counters ?? PlainCuts.Counters()
+            return MeshStatus.PlainCutCounts(cut: c.cut, failed: c.failed, chunksServed: c.chunksServed, chunksStale: c.chunksStale)
+        }
+        return cuts
+    }
+
     public func start() throws {
         let cfg = config
         try lockDataDirectory(cfg.node.dataDir)
@@ -200,7 +213,8 @@ public final class Node: @unchecked Sendable {
             content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger),
             storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
-            certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService, gate: gate,
+            certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
+            plainCuts: try makePlainCuts(cfg, mesh: meshService), gate: gate,
             rates: rates,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,

@@ -41,6 +41,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let mesh: WorkerMesh
     /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
     let meshService: MeshService?
+    /// Cuts of the node's plain files for the mesh (with `meshService`).
+    let plainCuts: PlainCuts?
     /// Conditions, overwrite policy and quotas for every write (shared).
     let gate: ObjectGate?
     /// Per-client rate limits (shared; nil: none).
@@ -108,6 +110,7 @@ struct WorkerAssembly: @unchecked Sendable {
         objects.gate = gate
         chunks.gate = gate
         chunks.storePool = storePool
+        chunks.plainCuts = plainCuts
         var version = 0
         let router = NodeRouter(objects: objects, content: chunks, access: AccessGate(access.take(after: &version)!), logger: logger)
         router.rates = rates
@@ -132,6 +135,8 @@ struct WorkerAssembly: @unchecked Sendable {
         if edgeOn { content.inbox.onPost = { [mesh] in mesh.wake(i) } }
         if ingestOn { objects.ingestInbox.onPost = { [mesh] in mesh.wake(i) } }
         content.storeInbox.onPost = { [mesh] in mesh.wake(i) }
+        let cutsOn = plainCuts != nil
+        if cutsOn { content.cutInbox.onPost = { [mesh] in mesh.wake(i) } }
         return {
             // A rotated or reloaded certificate: new handshakes use it from now on.
             if let next = published?.take(after: &credentialsVersion) { endpoint.replaceCredentials(next) }
@@ -147,6 +152,8 @@ struct WorkerAssembly: @unchecked Sendable {
             // store pool's; their answers go out here.
             if ingestOn { objects.drainIngest() }
             content.drainStores()
+            // Plain files are cut for the mesh on the cutter's thread.
+            if cutsOn { content.drainCuts() }
         }
     }
 

@@ -35,8 +35,10 @@ import Testing
             peers = ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443/"]
             probe_interval = "50ms"
             down_after = "1s"
+            cut_plain_files = false
             """
         ).mesh
+        #expect(!m.cutPlainFiles && NodeConfig.default.mesh.cutPlainFiles)
         #expect(m.peers == [MeshURL(endpoint: ep("[fd00:57::2]:4433")), MeshURL(endpoint: ep("[2001:db8::9]:443"))])
         #expect(m.peers.map(\.description) == ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443"])
         #expect(m.probeInterval == 50_000_000 && m.downAfter == 1_000_000_000)
@@ -124,6 +126,7 @@ import Testing
     }
 
     @Test func refusesBadValues() {
+        #expect(errors("[mesh]\ncut_plain_files = \"yes\"").map(\.key) == ["mesh.cut_plain_files"])
         #expect(errors("[mesh]\ndown_after = \"100ms\"").map(\.key) == ["mesh.down_after"])
         #expect(
             errors("[mesh]\nprobe_interval = \"1s\"\ndown_after = \"1s\"").first?.description

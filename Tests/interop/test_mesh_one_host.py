@@ -39,10 +39,10 @@ def certificates(tmp_path, names):
     return ca
 
 
-def mesh_config(tmp_path, ca, cert, peers):
+def mesh_config(tmp_path, ca, cert, peers, mesh=""):
     urls = ", ".join(f'"https://[::1]:{p}"' for p in peers)
     return (f'[tls]\ncert_file = "{tmp_path}/{cert}.pem"\nkey_file = "{tmp_path}/{cert}.key"\n'
-            f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = [{urls}]\nprobe_interval = "100ms"\n'
+            f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = [{urls}]\nprobe_interval = "100ms"\n{mesh}'
             f'[routing]\nupdate_interval = "200ms"\n')
 
 
@@ -80,20 +80,93 @@ def test_nodes_sharing_an_address_relay_for_each_other(tmp_path):
             stop(n)
 
 
-def test_a_plain_file_two_hops_away_is_found_and_relayed(tmp_path):
-    """A - B - C, and D - B: a file an operator copied into C's storage.path has no manifest
-    anywhere, so the mesh's search found nothing ("no upstream has /manifests/…", 404 at A).
-    Now a node whose manifest request got a 404 asks the same node for the object whole,
-    through the same relays: B fetches it from C, cuts it into its cache and serves it to A,
-    which does the same. The second fetch at A comes from A's cache. D then asks too: B must
-    not hand D its own cut's manifest as C's (those chunks are only in B's cache, and C has
-    none); D gets the object whole from B's cut. A name nobody has is still a 404."""
+def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(tmp_path):
+    """A - B - C, and D - B: a 20 MB file an operator copied into C's storage.path. C, asked
+    for its manifest as the holder, cuts it (mesh.cut_plain_files, on by default) and answers
+    with the cut; A and B fetch it chunk by chunk (B relaying each chunk to C), never whole,
+    and C reads each chunk from the file. D then gets it from B's chunks. Rewritten at C (a
+    new version) and purged at A and B, it is cut again and the new bytes arrive; a chunk of
+    the old version is a 404 (stale, counted)."""
     ca = certificates(tmp_path, ("a", "b", "c", "d"))
     pa, pb, pc, pd = (free_port() for _ in range(4))
     nodes = []
     try:
         for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
             nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers)))
+        a, b, c, d = nodes
+        wait_for_routes(nodes, 3)
+        size = 20_000_000 + 11
+        src = random_file(tmp_path / "c" / "objects" / "copied.bin", size, 31)
+        before = [metric_totals(n) for n in nodes]
+        out = tmp_path / "got.bin"
+        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(out) == sha256_file(src)
+        mid = [metric_totals(n) for n in nodes]
+
+        def moved(i, k):
+            return mid[i].get(k, 0) - before[i].get(k, 0)
+
+        def cuts():
+            return status(c)["counters"]
+        # Nobody fetched the object whole; A and B fetched chunks, C cut its file once and
+        # served its chunks from it.
+        for i in range(4):
+            assert moved(i, "stoq_edge_origin_object_fetches_total") == 0, i
+        for i in (0, 1):
+            assert moved(i, "stoq_edge_origin_chunk_fetches_total") > 0, i
+            assert size <= moved(i, "stoq_edge_origin_bytes_total") < size + 100_000, (i, moved(i, "stoq_edge_origin_bytes_total"))
+        cut = cuts()
+        assert (cut["plain_cuts"], cut["plain_cuts_failed"], cut["plain_chunks_stale"]) == (1, 0, 0), cut
+        assert cut["plain_chunks_served"] == moved(1, "stoq_edge_origin_chunk_fetches_total") > 1, cut
+        assert moved(2, "stoq_edge_origin_bytes_total") == 0
+        # D, chunked: the manifest B fetched from C is an ordinary one, so B hands it on and
+        # serves D its chunks from its cache; C serves no more chunks.
+        r = stoq("get", f"https://[::1]:{pd}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "d.bin", "--chunked")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "d.bin") == sha256_file(src)
+        assert cuts()["plain_chunks_served"] == cut["plain_chunks_served"]
+        # A new version at C. A chunk of the first, asked of C as its holder (as a relay's last
+        # hop asks): served from the file, then, once the file is rewritten, a 404.
+        r = stoq("chunk", src, "--json")
+        assert r.returncode == 0, r.stderr
+        first = json.loads(r.stdout)["chunks"][1]
+        relayed = f"https://[::1]:{pc}/_stoq/relay/{status(c)['node']}/1/chunks/{first['id']}"
+        r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c1")
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "c1").read_bytes() == src.read_bytes()[first["offset"]:first["offset"] + first["length"]]
+        src2 = random_file(tmp_path / "c" / "objects" / "copied.bin", size - 5, 32)
+        r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c2")
+        assert r.returncode != 0 and "404" in r.stderr, r.stderr
+        assert cuts()["plain_chunks_stale"] == 1
+        # Purged at A and B, it is cut again and its new bytes arrive.
+        for n in (a, b):
+            r = stoq("edge", "purge", n.admin, "copied.bin")
+            assert r.returncode == 0, r.stderr
+        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "v2.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "v2.bin") == sha256_file(src2)
+        assert cuts()["plain_cuts"] == 2
+    finally:
+        for n in nodes:
+            stop(n)
+
+
+def test_a_plain_file_two_hops_away_is_found_and_relayed_whole(tmp_path):
+    """A - B - C, and D - B, with mesh.cut_plain_files = false: a file an operator copied into
+    C's storage.path has no manifest anywhere, so the mesh's search found nothing ("no
+    upstream has /manifests/…", 404 at A). Now a node whose manifest request got a 404 asks
+    the same node for the object whole, through the same relays: B fetches it from C, cuts
+    it into its cache and serves it to A, which does the same. The second fetch at A comes from A's cache. D then asks too: B must
+    not hand D its own cut's manifest as C's (those chunks are only in B's cache, and C has
+    none); D gets the object whole from B's cut. A name nobody has is still a 404."""
+    ca = certificates(tmp_path, ("a", "b", "c", "d"))
+    pa, pb, pc, pd = (free_port() for _ in range(4))
+    nodes = []
+    try:
+        whole = "cut_plain_files = false\n"
+        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
+            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers, whole)))
         a, b, c, d = nodes
         wait_for_routes(nodes, 3)
         src = random_file(tmp_path / "c" / "objects" / "copied.bin", 5_000_000 + 7, 21)
@@ -143,7 +216,7 @@ def test_a_plain_file_two_hops_away_is_found_and_relayed(tmp_path):
         r = stoq("edge", "purge", b.admin, "copied.bin")
         assert r.returncode == 0, r.stderr
         b0 = metric_totals(b)
-        a = nodes[0] = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb]))
+        a = nodes[0] = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb], whole))
         wait_for_routes(nodes, 3)
         r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "ranges.bin")
         assert r.returncode == 0, r.stderr
