@@ -335,7 +335,7 @@ package struct NodeMetrics {
             family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
             family(
                 "stoq_edge_origin_object_fetches_total", "counter",
-                "Plain objects fetched whole from the origin (it had no manifest for them); its 404s not counted.",
+                "Plain objects fetched whole from the origin (it had no manifest for them): answers 200, 206 or 304.",
                 [("", e.originObjectFetches)])
             family(
                 "stoq_edge_origin_not_modified_total", "counter", "Expired plain objects the origin answered 304 for: kept, fresh again.", [("", e.notModified)]

@@ -61,11 +61,12 @@ extension ContentService {
         } else {
             let name = String(resourcePath.dropFirst("/manifests/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
-            let chunked = hasObject(name)
-            if isHolder || chunked {
+            if isHolder, let plainCuts {
                 mesh.countRelay(.served, hops: hops)
-                // Asked as the holder for what it keeps as a plain file: its cut.
-                if !chunked, let plainCuts { return servePlainCut(plainCuts, name, head: head, stream, connection) }
+                return serveOwnManifest(plainCuts, name, head: head, stream, connection)
+            }
+            if isHolder || hasObject(name) {
+                mesh.countRelay(.served, hops: hops)
                 return serveManifest(name, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }

@@ -382,15 +382,18 @@ public final class ContentService: QUICApplication {
         respondManifest(record.manifest, head: head, origin: true, stream, connection)
     }
 
-    /// The manifest of this node's plain file `name`, cut for the mesh (`PlainCuts`): at once
-    /// when its current version is cut, else once the cut is done (`drainCuts`). A 404 when the
-    /// node has no such file, or the cut failed (the asker then fetches the object whole).
-    func servePlainCut(_ cuts: PlainCuts, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// The manifest of object `name` for a request addressed to this node as its holder: its
+    /// plain file's (a plain file comes first, as for `GET /objects/<name>`), cut for the mesh
+    /// (`PlainCuts`) at once when its current version is cut, else once the cut is done
+    /// (`drainCuts`); else its chunked object's. A 404 when it has neither, or the plain file
+    /// is not cut (the asker then fetches the object whole).
+    func serveOwnManifest(_ cuts: PlainCuts, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
         let ticket = nextCut
         nextCut += 1
         switch cuts.manifest(of: name, ticket: ticket, inbox: cutInbox) {
         case .manifest(let bytes): respondManifest(bytes, head: head, origin: true, stream, connection)
         case .cutting: cutWaits[ticket] = (name, head, stream, connection)
+        case .refused(let why): fail(stream, connection, 404, "no manifest of \(name): \(why)")
         case .noFile: serveManifest(name, head: head, stream, connection)
         }
     }
@@ -703,6 +706,7 @@ public final class ContentService: QUICApplication {
         if !storing.isEmpty { forgetWrites { $0.stream == stream } }
         sends[stream] = nil
         if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
+        if !cutWaits.isEmpty { cutWaits = cutWaits.filter { $0.value.stream != stream } }
     }
 
     /// A store read or write of `stream`'s request, when it is traced.

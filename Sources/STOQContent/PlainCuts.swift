@@ -1,10 +1,10 @@
-import Crypto
 import Foundation
 import Logging
 import STOQChunking
 import STOQCore
 import STOQEdge
 import STOQStore
+import Synchronization
 
 /// Manifests of this node's own plain files, for the mesh: a node asked (as the holder) for
 /// the manifest of an object it keeps as a plain file cuts the file with the node's chunking
@@ -14,20 +14,22 @@ import STOQStore
 ///
 /// Nothing is copied: a chunk of a cut is read from the file when it is asked for, and served
 /// only if it still hashes to its id. A file that changed since its cut (another inode, size
-/// or mtime) is cut again at the next manifest request; its old chunks are 404s.
+/// or mtime, or bytes that no longer hash to the id) is cut again at the next manifest
+/// request; its old chunks are 404s.
 ///
-/// - Cuts run on one thread of their own, never a worker's; the worker that asked is answered
-///   through its inbox (`Done`).
+/// - Cuts run on one thread of their own, never a worker's, at most `maxQueued` files waiting;
+///   the worker that asked is answered through its inbox (`Done`).
 /// - The SHA-256 of the whole file is taken from `user.stoq.object` when the attribute is
 ///   current (one hashing pass instead of two).
-/// - At most `maxChunks` chunks are remembered, all cuts together; the oldest cuts go first.
+/// - At most `maxChunks` chunks are listed by the cuts kept, all together: a larger file is
+///   not cut (it crosses the mesh whole), and the oldest cuts go first.
 /// Thread-safe.
 public final class PlainCuts: @unchecked Sendable {
     /// What the cutter did since the node started (`stoq_mesh_plain_cuts_total`).
     public struct Counters: Sendable, Equatable {
         /// Files cut into a manifest.
         public var cut: UInt64 = 0
-        /// Cuts given up: the file changed while it was read, or could not be read.
+        /// Cuts refused or given up: too large, too many waiting, changed while read, unreadable.
         public var failed: UInt64 = 0
         /// Chunks served from a cut's file.
         public var chunksServed: UInt64 = 0
@@ -53,10 +55,14 @@ public final class PlainCuts: @unchecked Sendable {
         case cutting
         /// The node has no plain file of that name.
         case noFile
+        /// It has one but will not cut it (why).
+        case refused(String)
     }
 
-    /// Chunks remembered, all cuts together (about 100 bytes each).
-    public static let maxChunks = 1 << 20
+    /// Chunks listed by the cuts kept, all together (about 200 bytes each).
+    public let maxChunks: Int
+    /// Files that may wait to be cut at once.
+    public static let maxQueued = 64
 
     private struct Cut {
         var version: PlainDigests.Version
@@ -68,34 +74,54 @@ public final class PlainCuts: @unchecked Sendable {
         var offset: UInt64
         var length: Int
     }
+    private struct Waiter {
+        var ticket: UInt64
+        var version: PlainDigests.Version
+        var inbox: CompletionInbox<Done>
+    }
+    private enum ReadFailure: Error { case changed, io }
 
     private let rootFD: Int32
     private let parameters: ChunkingParameters
     private let maxObjectSize: UInt64
     private let logger: Logger
     private let pool: WorkPool
+    private let stopping = Atomic<Bool>(false)
     private let lock = NSLock()
     private var cuts: [String: Cut] = [:]
-    /// Names of `cuts`, oldest first.
+    /// Names of `cuts`, oldest first, and the chunks they list together.
     private var order: [String] = []
-    private var pieces: [ChunkID: Piece] = [:]
-    /// Cuts under way and who waits for each.
-    private var waiting: [String: [(ticket: UInt64, inbox: CompletionInbox<Done>)]] = [:]
+    private var listed = 0
+    /// Where each chunk is: usually one place, more when files share chunks.
+    private var pieces: [ChunkID: [Piece]] = [:]
+    /// Cuts under way or queued, and who waits for each.
+    private var waiting: [String: [Waiter]] = [:]
     private var counterValues = Counters()
 
     /// A cutter of the plain files under `root`, with the node's chunking parameters.
-    public init(root: String, parameters: ChunkingParameters, maxObjectSize: UInt64, logger: Logger) throws {
+    public init(
+        root: String, parameters: ChunkingParameters, maxObjectSize: UInt64, maxChunks: Int = 1 << 20, logger: Logger
+    ) throws {
         rootFD = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard rootFD >= 0 else { throw NodeError(.storage, "cannot open storage directory \(root): \(String(cString: strerror(errno)))") }
         self.parameters = parameters
         self.maxObjectSize = maxObjectSize
+        self.maxChunks = maxChunks
         self.logger = logger
         pool = WorkPool(name: "stoq-cut", threads: 1)
     }
 
     deinit {
-        pool.stop()
+        // Never waits: the last reference may be dropped by a cut on the cutter's own thread.
+        pool.finish()
         close(rootFD)
+    }
+
+    /// Ends the cut under way (between two chunks) and the queued ones, answering their waiters
+    /// with a failure, and waits for the cutter's thread (a node's orderly stop).
+    public func stop() {
+        stopping.store(true, ordering: .relaxed)
+        pool.stop()
     }
 
     /// A snapshot of the counters.
@@ -107,61 +133,87 @@ public final class PlainCuts: @unchecked Sendable {
         var st = stat()
         guard fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .noFile }
         let version = PlainDigests.Version(st)
+        let size = UInt64(st.st_size)
+        // The largest cut the bound allows: every chunk but the last at least minSize.
+        let most = UInt64(maxChunks) * UInt64(parameters.minSize)
         let (answer, start): (Answer, Bool) = lock.withLock {
             if let c = cuts[name], c.version == version { return (.manifest(c.manifest), false) }
-            waiting[name, default: []].append((ticket, inbox))
+            var why = ""
+            if size > maxObjectSize {
+                why = "the plain file has \(size) bytes, more than storage.max_object_size (\(maxObjectSize))"
+            } else if size > most {
+                why = "the plain file has \(size) bytes, more than this node cuts for the mesh (\(maxChunks) chunks)"
+            } else if waiting[name] == nil && waiting.count >= Self.maxQueued {
+                why = "\(Self.maxQueued) plain files are already waiting to be cut"
+            }
+            guard why.isEmpty else {
+                counterValues.failed += 1
+                return (.refused(why), false)
+            }
+            waiting[name, default: []].append(Waiter(ticket: ticket, version: version, inbox: inbox))
             return (.cutting, waiting[name]!.count == 1)
         }
-        if start { pool.submit { [self] in finish(name, cut(name)) } }
+        if start { submit(name) }
         return answer
     }
 
-    /// The bytes of chunk `id` from the file of the cut that named it, if that file still holds
+    private func submit(_ name: String) {
+        pool.submit { [weak self] in
+            guard let self else { return }
+            finish(name, cut(name))
+        }
+    }
+
+    /// The bytes of chunk `id` from the file of a cut that listed it, if that file still holds
     /// them; nil otherwise (a cut whose file changed is forgotten). Worker thread.
     public func chunk(_ id: ChunkID) -> [UInt8]? {
-        guard let (piece, version) = lock.withLock({ pieces[id].flatMap { p in cuts[p.name].map { (p, $0.version) } } }) else { return nil }
-        let bytes = read(piece, version)
-        let good = bytes.map { ChunkID(digestOf: $0) == id } ?? false
-        lock.withLock {
-            if good {
-                counterValues.chunksServed += 1
-            } else {
+        let places: [(Piece, PlainDigests.Version)] = lock.withLock {
+            (pieces[id] ?? []).compactMap { p in cuts[p.name].map { (p, $0.version) } }
+        }
+        for (piece, version) in places.reversed() {
+            let failure: ReadFailure
+            switch read(piece, version) {
+            case .success(let bytes) where ChunkID(digestOf: bytes) == id:
+                lock.withLock { counterValues.chunksServed += 1 }
+                return bytes
+            case .success: failure = .changed  // same inode, size and mtime, other bytes
+            case .failure(let f): failure = f
+            }
+            guard failure == .changed else { continue }  // an I/O error says nothing of the file
+            lock.withLock {
                 counterValues.chunksStale += 1
                 if cuts[piece.name]?.version == version { forget(piece.name) }
             }
         }
-        return good ? bytes : nil
+        return nil
     }
 
-    private func read(_ p: Piece, _ version: PlainDigests.Version) -> [UInt8]? {
+    private func read(_ p: Piece, _ version: PlainDigests.Version) -> Result<[UInt8], ReadFailure> {
         let fd = openat(rootFD, p.name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { return nil }
+        guard fd >= 0 else { return .failure(errno == ENOENT ? .changed : .io) }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0, PlainDigests.Version(st) == version else { return nil }
+        guard fstat(fd, &st) == 0 else { return .failure(.io) }
+        guard PlainDigests.Version(st) == version else { return .failure(.changed) }
         var out = [UInt8](repeating: 0, count: p.length)
         var done = 0
         while done < p.length {
             let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, p.length - done, off_t(p.offset) + off_t(done)) }
             if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return nil }
+            guard n > 0 else { return .failure(n == 0 ? .changed : .io) }
             done += n
         }
-        return out
+        return .success(out)
     }
 
     /// Cuts `name` (on the cutter's thread): the manifest and its chunks' places, or why not.
     private func cut(_ name: String) -> Result<(Cut, [Piece]), NodeError> {
         let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { return .failure(NodeError(.storage, "cannot open \(name): \(String(cString: strerror(errno)))")) }
+        guard fd >= 0 else { return .failure(NodeError(.storage, "cannot open it: \(String(cString: strerror(errno)))")) }
         defer { close(fd) }
         var before = stat()
         guard fstat(fd, &before) == 0, (before.st_mode & S_IFMT) == S_IFREG else {
-            return .failure(NodeError(.storage, "\(name) is no longer a regular file"))
-        }
-        let size = UInt64(before.st_size)
-        guard size <= maxObjectSize else {
-            return .failure(NodeError(.storage, "\(name) has \(size) bytes, more than storage.max_object_size (\(maxObjectSize))"))
+            return .failure(NodeError(.storage, "it is no longer a regular file"))
         }
         // The recorded SHA-256 of the whole file, when it is still the content's.
         var digest: ContentDigest?
@@ -174,45 +226,54 @@ public final class PlainCuts: @unchecked Sendable {
         var ids: [ChunkID] = []
         do {
             while let c = try chunker.next() {
+                if stopping.load(ordering: .relaxed) { return .failure(NodeError(.storage, "the node is stopping")) }
                 entries.append(Manifest.Entry(id: c.id, length: UInt32(c.length)))
                 pieces.append(Piece(name: name, offset: c.offset, length: c.length))
                 ids.append(ChunkID(bytes: c.id.bytes)!)
             }
-        } catch { return .failure(NodeError(.storage, "cannot read \(name) to cut it: \(error)")) }
+        } catch { return .failure(NodeError(.storage, "cannot read it: \(error)")) }
         var after = stat()
-        guard fstat(fd, &after) == 0, PlainDigests.Version(after) == PlainDigests.Version(before), chunker.bytesConsumed == size,
-            let whole = digest ?? chunker.objectDigest
-        else { return .failure(NodeError(.storage, "\(name) changed while it was cut")) }
+        guard fstat(fd, &after) == 0, PlainDigests.Version(after) == PlainDigests.Version(before),
+            chunker.bytesConsumed == UInt64(before.st_size), let whole = digest ?? chunker.objectDigest
+        else { return .failure(NodeError(.storage, "it changed while it was cut")) }
         do {
-            let manifest = try Manifest(totalLength: size, digest: whole, parameters: parameters, chunks: entries).encode()
+            let manifest = try Manifest(totalLength: UInt64(before.st_size), digest: whole, parameters: parameters, chunks: entries).encode()
             return .success((Cut(version: PlainDigests.Version(before), manifest: manifest, ids: ids), pieces))
-        } catch { return .failure(NodeError(.storage, "the manifest of \(name): \(error)")) }
+        } catch { return .failure(NodeError(.storage, "its manifest: \(error)")) }
     }
 
-    /// Keeps a cut (dropping the oldest past `maxChunks`) and answers whoever waited for it.
+    /// Keeps a cut (dropping the oldest past `maxChunks`) and answers whoever waited for this
+    /// version; a waiter that saw another version (the file changed since the cut began) waits
+    /// for a cut of its own.
     private func finish(_ name: String, _ result: Result<(Cut, [Piece]), NodeError>) {
-        let waiters: [(ticket: UInt64, inbox: CompletionInbox<Done>)] = lock.withLock {
-            switch result {
-            case .success(let (cut, placed)):
-                counterValues.cut += 1
-                if cuts[name] != nil { forget(name) }
-                cuts[name] = cut
-                order.append(name)
-                for (id, p) in zip(cut.ids, placed) { pieces[id] = p }
-                while pieces.count > Self.maxChunks, let oldest = order.first, oldest != name { forget(oldest) }
-            case .failure:
+        let (answered, again): ([Waiter], Bool) = lock.withLock {
+            let all = waiting.removeValue(forKey: name) ?? []
+            guard case .success(let (cut, placed)) = result else {
                 counterValues.failed += 1
+                return (all, false)
             }
-            return waiting.removeValue(forKey: name) ?? []
+            counterValues.cut += 1
+            forget(name)
+            cuts[name] = cut
+            order.append(name)
+            listed += cut.ids.count
+            for (id, p) in zip(cut.ids, placed) { pieces[id, default: []].append(p) }
+            while listed > maxChunks, let oldest = order.first, oldest != name { forget(oldest) }
+            // Waiters of another version (none once the node stops: nobody is left to answer).
+            let later = all.filter { $0.version != cut.version }
+            let again = !later.isEmpty && !stopping.load(ordering: .relaxed)
+            if again { waiting[name] = later }
+            return (all.filter { $0.version == cut.version }, again)
         }
+        if again { submit(name) }
         let done: Done
         switch result {
         case .success(let (cut, _)): done = Done(ticket: 0, manifest: cut.manifest, why: "")
         case .failure(let e):
             logger.warning("mesh: cannot cut the plain file \(name) for the mesh: \(e.message)")
-            done = Done(ticket: 0, manifest: nil, why: e.message)
+            done = Done(ticket: 0, manifest: nil, why: "its plain file could not be cut: \(e.message)")
         }
-        for w in waiters {
+        for w in answered {
             var d = done
             d.ticket = w.ticket
             w.inbox.post(d)
@@ -223,6 +284,11 @@ public final class PlainCuts: @unchecked Sendable {
     private func forget(_ name: String) {
         guard let c = cuts.removeValue(forKey: name) else { return }
         order.removeAll { $0 == name }
-        for id in c.ids where pieces[id]?.name == name { pieces[id] = nil }
+        listed -= c.ids.count
+        for id in c.ids {
+            guard var ps = pieces[id] else { continue }
+            ps.removeAll { $0.name == name }
+            pieces[id] = ps.isEmpty ? nil : ps
+        }
     }
 }

@@ -39,6 +39,15 @@ public final class WorkPool: @unchecked Sendable {
         }
     }
 
+    /// Lets the threads finish every job submitted, then end, without waiting for them: for an
+    /// owner that may be released on one of the pool's own threads.
+    public func finish() {
+        cond.withLock {
+            stopping = true
+            cond.broadcast()
+        }
+    }
+
     private func work() {
         while true {
             cond.lock()

@@ -61,7 +61,7 @@ public final class EdgeCache: @unchecked Sendable {
         public var originChunkFetches: UInt64 = 0
         public var originManifestFetches: UInt64 = 0
         /// Plain objects asked for whole (the upstream had no manifest for them) that the
-        /// upstream had: its 404s, the misses of a search, are not counted.
+        /// upstream sent (200, 206, 304): its 404s, the misses of a search, are not counted.
         public var originObjectFetches: UInt64 = 0
         /// Of those, expired ones the upstream said were unchanged (304): kept, fresh again.
         public var notModified: UInt64 = 0
@@ -837,7 +837,7 @@ public final class EdgeCache: @unchecked Sendable {
                     continue
                 }
                 // A 404 to a request for an object whole is a search's miss, not a fetch.
-                if a.plain && status != 404 { lock.withLock { counterValues.originObjectFetches += 1 } }
+                if a.plain && (status == 200 || status == 206 || status == 304) { lock.withLock { counterValues.originObjectFetches += 1 } }
                 if status == 304, a.plain, case .manifest(let name) = a.key {
                     if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, a.attempt, p) }
                     continue

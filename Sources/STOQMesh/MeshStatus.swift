@@ -87,7 +87,6 @@ public struct MeshStatus: Sendable, Equatable {
         }
     }
 
-    /// Counters since the node started.
     /// What a holder's cutter of plain files did (`PlainCuts.Counters`, seen from the mesh).
     public struct PlainCutCounts: Sendable, Equatable {
         public var cut: UInt64 = 0
@@ -99,6 +98,7 @@ public struct MeshStatus: Sendable, Equatable {
         }
     }
 
+    /// Counters since the node started.
     public struct Counters: Sendable, Equatable {
         /// Adverts this node signed and sent (each counted once, whatever the neighbours).
         public var advertsOriginated: UInt64 = 0

@@ -52,6 +52,7 @@ public final class Node: @unchecked Sendable {
     private var threads: [Thread] = []
     /// The threads that write chunk PUTs for the workers; ended once the workers have.
     private var storePool: WorkPool?
+    private var plainCuts: PlainCuts?
     private let finished = DispatchGroup()
     /// `log.qlog_dir`/`log.qlog_sample` as the workers are to apply them (reloadable).
     private let qlog: QLogControl
@@ -164,12 +165,8 @@ public final class Node: @unchecked Sendable {
         }
     }
 
-    /// Starts the node: its identity, the content store and edge cache, one datapath queue
-    /// and pinned worker per core, then the admin API. Returns once every worker is
-    /// listening. Each step's error names what failed (a worker or admin failure also stops
-    /// the workers already started).
-    /// The cutter of this node's plain files for the mesh (`mesh.cut_plain_files`), its
-    /// counters shown with the mesh's; nil without a mesh.
+    /// The cutter of this node's plain files for the mesh (`mesh.cut_plain_files`), kept here
+    /// to be stopped with the node, its counters shown with the mesh's; nil without a mesh.
     private func makePlainCuts(_ cfg: NodeConfig, mesh: MeshService?) throws -> PlainCuts? {
         guard let mesh, cfg.mesh.cutPlainFiles else { return nil }
         let cuts = try PlainCuts(
@@ -178,9 +175,14 @@ public final class Node: @unchecked Sendable {
             let c = cuts?.counters ?? PlainCuts.Counters()
             return MeshStatus.PlainCutCounts(cut: c.cut, failed: c.failed, chunksServed: c.chunksServed, chunksStale: c.chunksStale)
         }
+        plainCuts = cuts
         return cuts
     }
 
+    /// Starts the node: its identity, the content store and edge cache, one datapath queue
+    /// and pinned worker per core, then the admin API. Returns once every worker is
+    /// listening. Each step's error names what failed (a worker or admin failure also stops
+    /// the workers already started).
     public func start() throws {
         let cfg = config
         try lockDataDirectory(cfg.node.dataDir)
@@ -690,6 +692,7 @@ public final class Node: @unchecked Sendable {
             edge?.stop()
             admin?.shutdown()
             storePool?.stop()
+            plainCuts?.stop()
         }
         return done
     }

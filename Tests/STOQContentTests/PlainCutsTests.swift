@@ -12,9 +12,9 @@ struct PlainCutsTests {
     static let parameters = try! ChunkingParameters(algorithm: .contentAware, minSize: 16 << 10, avgSize: 64 << 10, maxSize: 256 << 10)
 
     /// Waits for the cut the worker would hear of through `inbox`.
-    static func done(_ inbox: CompletionInbox<PlainCuts.Done>) -> [PlainCuts.Done] {
+    static func done(_ inbox: CompletionInbox<PlainCuts.Done>, tries: Int = 1000) -> [PlainCuts.Done] {
         var out: [PlainCuts.Done] = []
-        for _ in 0..<1000 where out.isEmpty {
+        for _ in 0..<tries where out.isEmpty {
             inbox.drain(into: &out)
             if out.isEmpty { usleep(10_000) }
         }
@@ -77,16 +77,95 @@ struct PlainCutsTests {
         #expect(cuts.counters.cut == 2)
     }
 
-    @Test func aFileLargerThanTheObjectLimitIsNotCut() throws {
+    @Test func aFileLargerThanTheLimitsIsNotCut() throws {
         let t = try makeTempNodeStore("plain-cuts")
         defer { try? FileManager.default.removeItem(atPath: t.dir) }
         _ = Self.write(t.storage + "/big.bin", seed: 9, count: 200_000)
-        let cuts = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 100_000, logger: .init(label: "test"))
         let inbox = CompletionInbox<PlainCuts.Done>()
-        #expect(cuts.manifest(of: "big.bin", ticket: 1, inbox: inbox) == .cutting)
-        let d = Self.done(inbox)
-        #expect(d.count == 1 && d[0].manifest == nil)
-        #expect(d.first?.why == "big.bin has 200000 bytes, more than storage.max_object_size (100000)")
-        #expect(cuts.counters.failed == 1 && cuts.counters.cut == 0)
+        let small = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 100_000, logger: .init(label: "test"))
+        #expect(
+            small.manifest(of: "big.bin", ticket: 1, inbox: inbox)
+                == .refused("the plain file has 200000 bytes, more than storage.max_object_size (100000)"))
+        // 200,000 bytes could need 13 chunks of at least 16 KiB; 10 are allowed.
+        let few = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, maxChunks: 10, logger: .init(label: "test"))
+        #expect(
+            few.manifest(of: "big.bin", ticket: 2, inbox: inbox)
+                == .refused("the plain file has 200000 bytes, more than this node cuts for the mesh (10 chunks)"))
+        #expect(small.counters.failed == 1 && few.counters.failed == 1 && few.counters.cut == 0)
+        #expect(Self.done(inbox, tries: 20).isEmpty)
+    }
+
+    static func cut(_ cuts: PlainCuts, _ name: String, _ inbox: CompletionInbox<PlainCuts.Done>) throws -> Manifest? {
+        if case .manifest(let m) = cuts.manifest(of: name, ticket: 9, inbox: inbox) { return try Manifest(decoding: m) }
+        guard let m = Self.done(inbox).first?.manifest else { return nil }
+        return try Manifest(decoding: m)
+    }
+
+    /// Two files with the same bytes list the same chunks: one deleted, the other's still serve.
+    @Test func chunksSharedByTwoFiles() throws {
+        let t = try makeTempNodeStore("plain-cuts")
+        defer { try? FileManager.default.removeItem(atPath: t.dir) }
+        let bytes = Self.write(t.storage + "/one.bin", seed: 3, count: 300_000)
+        FileManager.default.createFile(atPath: t.storage + "/two.bin", contents: Data(bytes))
+        let inbox = CompletionInbox<PlainCuts.Done>()
+        let cuts = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, logger: .init(label: "test"))
+        let one = try #require(try Self.cut(cuts, "one.bin", inbox))
+        let two = try #require(try Self.cut(cuts, "two.bin", inbox))
+        #expect(one == two && one.chunks.count > 2)
+        let id = ChunkID(bytes: one.chunks[0].id.bytes)!
+        try FileManager.default.removeItem(atPath: t.storage + "/two.bin")
+        #expect(cuts.chunk(id) == Array(bytes[0..<Int(one.chunks[0].length)]))
+        #expect(cuts.counters.chunksStale == 1)  // two.bin's place, tried first, is gone
+        #expect(cuts.chunk(id)?.count == Int(one.chunks[0].length))
+        #expect(cuts.counters.chunksStale == 1 && cuts.counters.chunksServed == 2)
+    }
+
+    /// The oldest cuts go once the chunks the cuts list together pass the bound.
+    @Test func theOldestCutsGoPastTheBound() throws {
+        let t = try makeTempNodeStore("plain-cuts")
+        defer { try? FileManager.default.removeItem(atPath: t.dir) }
+        let names = (0..<8).map { "f\($0).bin" }
+        for (i, n) in names.enumerated() { _ = Self.write(t.storage + "/" + n, seed: UInt8(20 + i), count: 300_000) }
+        let inbox = CompletionInbox<PlainCuts.Done>()
+        // 300,000 bytes may need 19 chunks of 16 KiB, so 19 is the least bound that cuts them.
+        let cuts = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, maxChunks: 19, logger: .init(label: "test"))
+        var ms: [Manifest] = []
+        var listed = 0
+        for n in names where listed <= 19 {
+            let m = try #require(try Self.cut(cuts, n, inbox))
+            ms.append(m)
+            listed += m.chunks.count
+        }
+        // The cut that passed the bound dropped the first (and as many more as it took).
+        let first = ChunkID(bytes: ms[0].chunks[0].id.bytes)!
+        let last = ms[ms.count - 1]
+        #expect(listed > 19 && ms.count < names.count)
+        #expect(cuts.chunk(first) == nil)
+        #expect(cuts.chunk(ChunkID(bytes: last.chunks[0].id.bytes)!)?.count == Int(last.chunks[0].length))
+        #expect(cuts.chunk(ChunkID(bytes: ms[ms.count - 2].chunks[0].id.bytes)!) != nil)
+        #expect(cuts.counters.chunksStale == 0 && cuts.counters.cut == UInt64(ms.count))
+    }
+
+    /// Rewritten in place with the same size and its mtime put back: the version looks the
+    /// same, but the bytes no longer hash to the id, so nothing of it is served.
+    @Test func bytesThatNoLongerHashToTheirIdAreNotServed() throws {
+        let t = try makeTempNodeStore("plain-cuts")
+        defer { try? FileManager.default.removeItem(atPath: t.dir) }
+        let path = t.storage + "/same.bin"
+        _ = Self.write(path, seed: 5, count: 200_000)
+        var st = stat()
+        #expect(stat(path, &st) == 0)
+        let inbox = CompletionInbox<PlainCuts.Done>()
+        let cuts = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, logger: .init(label: "test"))
+        let m = try #require(try Self.cut(cuts, "same.bin", inbox))
+        let fd = open(path, O_WRONLY)
+        #expect(fd >= 0)
+        var zeros = [UInt8](repeating: 0, count: 1000)
+        #expect(pwrite(fd, &zeros, zeros.count, 0) == zeros.count)
+        var times = [st.st_atim, st.st_mtim]
+        #expect(futimens(fd, &times) == 0)
+        close(fd)
+        #expect(cuts.chunk(ChunkID(bytes: m.chunks[0].id.bytes)!)?.count == nil)
+        #expect(cuts.counters.chunksStale == 1 && cuts.counters.chunksServed == 0)
     }
 }

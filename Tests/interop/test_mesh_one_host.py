@@ -118,7 +118,11 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
             assert size <= moved(i, "stoq_edge_origin_bytes_total") < size + 100_000, (i, moved(i, "stoq_edge_origin_bytes_total"))
         cut = cuts()
         assert (cut["plain_cuts"], cut["plain_cuts_failed"], cut["plain_chunks_stale"]) == (1, 0, 0), cut
-        assert cut["plain_chunks_served"] == moved(1, "stoq_edge_origin_chunk_fetches_total") > 1, cut
+        r = stoq("chunk", src, "--json")
+        assert r.returncode == 0, r.stderr
+        chunks = json.loads(r.stdout)["chunks"]
+        # Every chunk once at least; more only for B's retries and hedges.
+        assert len(chunks) <= cut["plain_chunks_served"] <= moved(1, "stoq_edge_origin_chunk_fetches_total"), (len(chunks), cut)
         assert moved(2, "stoq_edge_origin_bytes_total") == 0
         # D, chunked: the manifest B fetched from C is an ordinary one, so B hands it on and
         # serves D its chunks from its cache; C serves no more chunks.
@@ -128,9 +132,7 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
         assert cuts()["plain_chunks_served"] == cut["plain_chunks_served"]
         # A new version at C. A chunk of the first, asked of C as its holder (as a relay's last
         # hop asks): served from the file, then, once the file is rewritten, a 404.
-        r = stoq("chunk", src, "--json")
-        assert r.returncode == 0, r.stderr
-        first = json.loads(r.stdout)["chunks"][1]
+        first = chunks[1]
         relayed = f"https://[::1]:{pc}/_stoq/relay/{status(c)['node']}/1/chunks/{first['id']}"
         r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c1")
         assert r.returncode == 0, r.stderr
