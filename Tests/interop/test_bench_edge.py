@@ -1,0 +1,24 @@
+"""scripts/bench-edge --mesh --json on a small object: the three fetch paths through a mesh
+(a chunked object, a plain file cut by its holder, a plain file whole) run, are byte-identical
+(the script exits 1 otherwise), and report their keys. Timings are the benchmark's business,
+never asserted here."""
+import json
+import subprocess
+
+from conftest import ROOT, bin_dir, need_binary
+
+
+def test_mesh_mode_runs_all_three_paths(tmp_path):
+    need_binary("stoq-node")
+    need_binary("stoq")
+    r = subprocess.run([str(ROOT / "scripts" / "bench-edge"), "--mesh", "--bytes", "3000007", "--runs", "1", "--workers", "1",
+                        "--bin", str(bin_dir()), "--dir", str(tmp_path), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    for key in ("chunked", "plain_cut", "plain_whole"):
+        assert result[key]["first_s"] > 0 and result[key]["second_s"] > 0, (key, result[key])
+        assert len(result[key]["runs"]) == 1
+    # The holder cut its plain file and served its chunks: at least one chunk request.
+    assert result["plain_cut"]["runs"][0]["c_chunks_served"] >= 1
+    assert result["speedup_plain_cut_over_whole_first"] > 0
