@@ -61,9 +61,8 @@ extension ContentService {
         } else {
             let name = String(resourcePath.dropFirst("/manifests/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
-            if isHolder, let plainCuts {
-                mesh.countRelay(.served, hops: hops)
-                return serveOwnManifest(plainCuts, name, head: head, stream, connection)
+            if isHolder, let plainCuts, servePlainCut(plainCuts, name, head: head, stream, connection) {
+                return mesh.countRelay(.served, hops: hops)
             }
             if isHolder || hasObject(name) {
                 mesh.countRelay(.served, hops: hops)

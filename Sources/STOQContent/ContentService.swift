@@ -214,8 +214,10 @@ public final class ContentService: QUICApplication {
         do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }
         switch request.method {
         case "GET", "HEAD":
-            if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: request.method == "HEAD", stream, connection) }
-            serveManifest(name, head: request.method == "HEAD", stream, connection)
+            let head = request.method == "HEAD"
+            if let plainCuts, servePlainCut(plainCuts, name, head: head, stream, connection) { return }
+            if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: head, stream, connection) }
+            serveManifest(name, head: head, stream, connection)
         case "PUT":
             // Conditions and policy now (the length is known once the manifest is read).
             if let gate, let r = gate.check(name, by: gate.writer(request, peer: connection.peer), size: nil, physical: nil) {
@@ -382,20 +384,21 @@ public final class ContentService: QUICApplication {
         respondManifest(record.manifest, head: head, origin: true, stream, connection)
     }
 
-    /// The manifest of object `name` for a request addressed to this node as its holder: its
-    /// plain file's (a plain file comes first, as for `GET /objects/<name>`), cut for the mesh
-    /// (`PlainCuts`) at once when its current version is cut, else once the cut is done
-    /// (`drainCuts`); else its chunked object's. A 404 when it has neither, or the plain file
-    /// is not cut (the asker then fetches the object whole).
-    func serveOwnManifest(_ cuts: PlainCuts, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// The manifest of this node's plain file `name` (a plain file comes first, as for
+    /// `GET /objects/<name>`), cut for the mesh (`PlainCuts`): at once when its current version
+    /// is cut, else once the cut is done (`drainCuts`); a 404 when it will not be cut (the
+    /// asker then fetches the object whole). False, having answered nothing, when the node has
+    /// no plain file of that name.
+    func servePlainCut(_ cuts: PlainCuts, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
         let ticket = nextCut
         nextCut += 1
         switch cuts.manifest(of: name, ticket: ticket, inbox: cutInbox) {
         case .manifest(let bytes): respondManifest(bytes, head: head, origin: true, stream, connection)
         case .cutting: cutWaits[ticket] = (name, head, stream, connection)
         case .refused(let why): fail(stream, connection, 404, "no manifest of \(name): \(why)")
-        case .noFile: serveManifest(name, head: head, stream, connection)
+        case .noFile: return false
         }
+        return true
     }
 
     /// Answers the manifest requests whose plain file's cut finished (called by the worker

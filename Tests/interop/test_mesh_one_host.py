@@ -130,6 +130,11 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "d.bin") == sha256_file(src)
         assert cuts()["plain_chunks_served"] == cut["plain_chunks_served"]
+        # At C itself, chunked: its own cut, no second one.
+        r = stoq("get", f"https://[::1]:{pc}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "c.bin", "--chunked")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "c.bin") == sha256_file(src)
+        assert cuts()["plain_cuts"] == 1
         # A new version at C. A chunk of the first, asked of C as its holder (as a relay's last
         # hop asks): served from the file, then, once the file is rewritten, a 404.
         first = chunks[1]
