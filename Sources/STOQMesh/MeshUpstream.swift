@@ -141,6 +141,14 @@ public final class MeshUpstream: FetchUpstream {
         return UInt64(min(after, 5) * 1e9)
     }
 
+    /// Whether a fetch of `resource` by `attempt` shows its holder has it under its own name.
+    /// Not a chunk fetched as a byte range of an object (an edge's own cut of a plain object):
+    /// the holder has the object, and may have no chunk of that id.
+    static func teachesHolder(_ resource: UpstreamResource, _ attempt: UpstreamAttempt) -> Bool {
+        guard case .chunk = resource else { return true }
+        return attempt.path.hasSuffix(resource.path)
+    }
+
     public func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? {
         let view = service.view
         if let hint {
@@ -157,7 +165,7 @@ public final class MeshUpstream: FetchUpstream {
         service.delivered(from: attempt.url.endpoint, bytes: body.count, nanos: UInt64(seconds * 1e9))
         multipath?.ended(attempt, delivered: true)
         if case .chunk = resource { chunkSeconds.withLock { $0 = $0.map { $0 + (seconds - $0) / 8 } ?? seconds } }
-        guard let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
+        guard Self.teachesHolder(resource, attempt), let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
         let holder = NodeIdentity(bytes)
         var keys = [(Self.hintKey(resource), body.count)]
         if case .manifest = resource, let m = try? Manifest(decoding: body) {

@@ -24,4 +24,17 @@ import Testing
         let bounded = MeshUpstream.search(after: [], routes: many)
         #expect(bounded.count == MeshUpstream.maxAttempts && bounded.allSatisfy { $0.label.contains("via 1") })
     }
+
+    /// A chunk fetched by its id teaches who holds it; one fetched as a byte range of an object
+    /// (an edge's own cut of a plain object) does not: the holder may have no such chunk.
+    @Test func onlyAChunkFetchedByItsIdTeachesItsHolder() {
+        let hex = String(repeating: "ab", count: 32)
+        let url = try! STOQURL("https://[fd00::1]:4433/")
+        func at(_ path: String) -> UpstreamAttempt { UpstreamAttempt(url: url, path: path, label: "node") }
+        let relay = "/_stoq/relay/" + String(repeating: "cd", count: 32) + "/1"
+        #expect(MeshUpstream.teachesHolder(.chunk(hex: hex), at(relay + "/chunks/" + hex)))
+        #expect(MeshUpstream.teachesHolder(.chunk(hex: hex), at("/chunks/" + hex)))
+        #expect(!MeshUpstream.teachesHolder(.chunk(hex: hex), at(relay + "/objects/big.iso")))
+        #expect(MeshUpstream.teachesHolder(.manifest(name: "big.iso"), at(relay + "/objects/big.iso")))
+    }
 }
