@@ -85,7 +85,8 @@ package enum MeshMetrics {
         one("stoq_mesh_failovers_total", "counter", "Fetches moved to another route or holder after the one in use failed.", c.failovers)
         let p = c.plainCuts
         family(
-            "stoq_mesh_plain_cuts_total", "counter", "This node's plain files cut into a manifest for the mesh, or given up (changed or unreadable).",
+            "stoq_mesh_plain_cuts_total", "counter",
+            "This node's plain files cut into a manifest for the mesh; failed: a cut refused (too large, too many waiting) or given up (changed, unreadable).",
             [("{outcome=\"cut\"}", "\(p.cut)"), ("{outcome=\"failed\"}", "\(p.failed)")])
         family(
             "stoq_mesh_plain_chunks_total", "counter", "Chunks of those cuts asked for: served from the file, or stale (the file changed since).",

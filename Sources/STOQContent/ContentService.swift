@@ -194,8 +194,7 @@ public final class ContentService: QUICApplication {
             case "GET", "HEAD":
                 let head = request.method == "HEAD"
                 if let edge, (try? index.chunks.has(id)) != true {
-                    // One of this node's plain files may hold it (cut for the mesh).
-                    if let bytes = plainCuts?.chunk(id) { return respondChunk(bytes, head: head, stream, connection) }
+                    if servePlainChunk(id, head: head, stream, connection) { return }
                     return serveEdgeChunk(edge, id, head: head, stream, connection)
                 }
                 return serveChunk(id, head: head, stream, connection)
@@ -355,13 +354,25 @@ public final class ContentService: QUICApplication {
             span?.recordError(e)
             switch e.code {
             case .chunkNotFound:
-                if let bytes = plainCuts?.chunk(id) { return respondChunk(bytes, head: head, stream, connection) }
+                if servePlainChunk(id, head: head, stream, connection) { return }
                 return fail(stream, connection, 404, "no chunk \(id.hex)")
             case .corrupt: return fail(stream, connection, 500, "chunk \(id.hex) failed verification and was quarantined")
             default: return fail(stream, connection, 500, e.message)
             }
         } catch { return fail(stream, connection, 500, "\(error)") }
         respondChunk(bytes, head: head, stream, connection)
+    }
+
+    /// A chunk the store lacks, from one of this node's plain files (cut for the mesh): served,
+    /// or a 503 when a file that lists it cannot be read; false, having answered nothing, when
+    /// no current cut lists it.
+    private func servePlainChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
+        switch plainCuts?.chunk(id) ?? .none {
+        case .bytes(let bytes): respondChunk(bytes, head: head, stream, connection)
+        case .unreadable(let why): fail(stream, connection, 503, "chunk \(id.hex): \(why)")
+        case .none: return false
+        }
+        return true
     }
 
     private func respondChunk(_ bytes: [UInt8], head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) {

@@ -3,6 +3,7 @@ import Logging
 import STOQChunking
 import STOQCore
 import STOQEdge
+import STOQMesh
 import STOQStore
 import Synchronization
 
@@ -25,19 +26,9 @@ import Synchronization
 ///   not cut (it crosses the mesh whole), and the oldest cuts go first.
 /// Thread-safe.
 public final class PlainCuts: @unchecked Sendable {
-    /// What the cutter did since the node started (`stoq_mesh_plain_cuts_total`).
-    public struct Counters: Sendable, Equatable {
-        /// Files cut into a manifest.
-        public var cut: UInt64 = 0
-        /// Cuts refused or given up: too large, too many waiting, changed while read, unreadable.
-        public var failed: UInt64 = 0
-        /// Chunks served from a cut's file.
-        public var chunksServed: UInt64 = 0
-        /// Chunks asked for whose file no longer holds them (changed since its cut).
-        public var chunksStale: UInt64 = 0
-        /// All zero.
-        public init() {}
-    }
+    /// What the cutter did since the node started: the mesh shows it as it is
+    /// (`stoq_mesh_plain_cuts_total`, `stoq_mesh_plain_chunks_total`).
+    public typealias Counters = MeshStatus.PlainCutCounts
 
     /// How a cut ended, for the worker that asked (`ticket` is the worker's).
     public struct Done: Sendable {
@@ -57,6 +48,16 @@ public final class PlainCuts: @unchecked Sendable {
         case noFile
         /// It has one but will not cut it (why).
         case refused(String)
+    }
+
+    /// What `chunk(_:)` found.
+    public enum Chunk: Equatable {
+        /// The chunk's bytes, read from a file that still holds them.
+        case bytes([UInt8])
+        /// No cut lists it, or every file that did has changed since.
+        case none
+        /// A file that lists it could not be read (why): it may still hold it.
+        case unreadable(String)
     }
 
     /// Chunks listed by the cuts kept, all together (about 200 bytes each).
@@ -79,7 +80,7 @@ public final class PlainCuts: @unchecked Sendable {
         var version: PlainDigests.Version
         var inbox: CompletionInbox<Done>
     }
-    private enum ReadFailure: Error { case changed, io }
+    private enum ReadFailure: Error, Equatable { case changed, io(Int32) }
 
     private let rootFD: Int32
     private let parameters: ChunkingParameters
@@ -118,9 +119,10 @@ public final class PlainCuts: @unchecked Sendable {
     }
 
     /// Ends the cut under way (between two chunks) and the queued ones, answering their waiters
-    /// with a failure, and waits for the cutter's thread (a node's orderly stop).
+    /// with a failure, refuses every cut asked for after it, and waits for the cutter's thread
+    /// (a node's orderly stop, once its workers have ended).
     public func stop() {
-        stopping.store(true, ordering: .relaxed)
+        lock.withLock { stopping.store(true, ordering: .relaxed) }
         pool.stop()
     }
 
@@ -134,16 +136,12 @@ public final class PlainCuts: @unchecked Sendable {
         guard fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .noFile }
         let version = PlainDigests.Version(st)
         let size = UInt64(st.st_size)
-        // The largest cut the bound allows: every chunk but the last at least minSize.
-        let most = UInt64(maxChunks) * UInt64(parameters.minSize)
         let (answer, start): (Answer, Bool) = lock.withLock {
             if let c = cuts[name], c.version == version { return (.manifest(c.manifest), false) }
-            var why = ""
-            if size > maxObjectSize {
-                why = "the plain file has \(size) bytes, more than storage.max_object_size (\(maxObjectSize))"
-            } else if size > most {
-                why = "the plain file has \(size) bytes, more than this node cuts for the mesh (\(maxChunks) chunks)"
-            } else if waiting[name] == nil && waiting.count >= Self.maxQueued {
+            var why = tooLarge(size) ?? ""
+            if stopping.load(ordering: .relaxed) {
+                why = "the node is stopping"
+            } else if why.isEmpty && waiting[name] == nil && waiting.count >= Self.maxQueued {
                 why = "\(Self.maxQueued) plain files are already waiting to be cut"
             }
             guard why.isEmpty else {
@@ -157,6 +155,16 @@ public final class PlainCuts: @unchecked Sendable {
         return answer
     }
 
+    /// Why a file of `size` bytes is not cut, or nil.
+    private func tooLarge(_ size: UInt64) -> String? {
+        // The largest cut the bound allows: every chunk but the last at least minSize.
+        if size > maxObjectSize { return "the plain file has \(size) bytes, more than storage.max_object_size (\(maxObjectSize))" }
+        if size > UInt64(maxChunks) * UInt64(parameters.minSize) {
+            return "the plain file has \(size) bytes, more than this node cuts for the mesh (\(maxChunks) chunks)"
+        }
+        return nil
+    }
+
     private func submit(_ name: String) {
         pool.submit { [weak self] in
             guard let self else { return }
@@ -165,42 +173,43 @@ public final class PlainCuts: @unchecked Sendable {
     }
 
     /// The bytes of chunk `id` from the file of a cut that listed it, if that file still holds
-    /// them; nil otherwise (a cut whose file changed is forgotten). Worker thread.
-    public func chunk(_ id: ChunkID) -> [UInt8]? {
+    /// them (a cut whose file changed is forgotten). Worker thread.
+    public func chunk(_ id: ChunkID) -> Chunk {
         let places: [(Piece, PlainDigests.Version)] = lock.withLock {
             (pieces[id] ?? []).compactMap { p in cuts[p.name].map { (p, $0.version) } }
         }
+        var unreadable: String?
         for (piece, version) in places.reversed() {
-            let failure: ReadFailure
             switch read(piece, version) {
             case .success(let bytes) where ChunkID(digestOf: bytes) == id:
                 lock.withLock { counterValues.chunksServed += 1 }
-                return bytes
-            case .success: failure = .changed  // same inode, size and mtime, other bytes
-            case .failure(let f): failure = f
-            }
-            guard failure == .changed else { continue }  // an I/O error says nothing of the file
-            lock.withLock {
-                counterValues.chunksStale += 1
-                if cuts[piece.name]?.version == version { forget(piece.name) }
+                return .bytes(bytes)
+            case .failure(.io(let e)):
+                // Says nothing of the file: it may still hold the chunk.
+                unreadable = "cannot read \(piece.name): \(String(cString: strerror(e)))"
+            case .success, .failure(.changed):  // bytes that no longer hash to the id: changed
+                lock.withLock {
+                    counterValues.chunksStale += 1
+                    if cuts[piece.name]?.version == version { forget(piece.name) }
+                }
             }
         }
-        return nil
+        return unreadable.map { .unreadable($0) } ?? .none
     }
 
     private func read(_ p: Piece, _ version: PlainDigests.Version) -> Result<[UInt8], ReadFailure> {
         let fd = openat(rootFD, p.name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { return .failure(errno == ENOENT ? .changed : .io) }
+        guard fd >= 0 else { return .failure(errno == ENOENT ? .changed : .io(errno)) }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { return .failure(.io) }
+        guard fstat(fd, &st) == 0 else { return .failure(.io(errno)) }
         guard PlainDigests.Version(st) == version else { return .failure(.changed) }
         var out = [UInt8](repeating: 0, count: p.length)
         var done = 0
         while done < p.length {
             let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, p.length - done, off_t(p.offset) + off_t(done)) }
             if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return .failure(n == 0 ? .changed : .io) }
+            guard n > 0 else { return .failure(n == 0 ? .changed : .io(errno)) }
             done += n
         }
         return .success(out)
@@ -215,6 +224,9 @@ public final class PlainCuts: @unchecked Sendable {
         guard fstat(fd, &before) == 0, (before.st_mode & S_IFMT) == S_IFREG else {
             return .failure(NodeError(.storage, "it is no longer a regular file"))
         }
+        // It may have grown since it was asked for: the bounds again, and no byte past its size.
+        let size = UInt64(before.st_size)
+        if let why = tooLarge(size) { return .failure(NodeError(.storage, why)) }
         // The recorded SHA-256 of the whole file, when it is still the content's.
         var digest: ContentDigest?
         if let meta = ObjectGate.readMeta(fd), meta.stamp.map({ $0 == ObjectGate.stamp(before) }) == true {
@@ -227,6 +239,7 @@ public final class PlainCuts: @unchecked Sendable {
         do {
             while let c = try chunker.next() {
                 if stopping.load(ordering: .relaxed) { return .failure(NodeError(.storage, "the node is stopping")) }
+                if c.offset + UInt64(c.length) > size { return .failure(NodeError(.storage, "it changed while it was cut")) }
                 entries.append(Manifest.Entry(id: c.id, length: UInt32(c.length)))
                 pieces.append(Piece(name: name, offset: c.offset, length: c.length))
                 ids.append(ChunkID(bytes: c.id.bytes)!)
@@ -234,18 +247,21 @@ public final class PlainCuts: @unchecked Sendable {
         } catch { return .failure(NodeError(.storage, "cannot read it: \(error)")) }
         var after = stat()
         guard fstat(fd, &after) == 0, PlainDigests.Version(after) == PlainDigests.Version(before),
-            chunker.bytesConsumed == UInt64(before.st_size), let whole = digest ?? chunker.objectDigest
+            chunker.bytesConsumed == size, let whole = digest ?? chunker.objectDigest
         else { return .failure(NodeError(.storage, "it changed while it was cut")) }
         do {
-            let manifest = try Manifest(totalLength: UInt64(before.st_size), digest: whole, parameters: parameters, chunks: entries).encode()
+            let manifest = try Manifest(totalLength: size, digest: whole, parameters: parameters, chunks: entries).encode()
             return .success((Cut(version: PlainDigests.Version(before), manifest: manifest, ids: ids), pieces))
         } catch { return .failure(NodeError(.storage, "its manifest: \(error)")) }
     }
 
-    /// Keeps a cut (dropping the oldest past `maxChunks`) and answers whoever waited for this
-    /// version; a waiter that saw another version (the file changed since the cut began) waits
-    /// for a cut of its own.
+    /// Keeps a cut (dropping the oldest past `maxChunks`) and answers whoever waited: with it,
+    /// when the file is still at its version (a waiter that saw an older one gets the newer);
+    /// when the file changed again since, the waiters that saw another version wait for a cut
+    /// of their own. The cutter's thread.
     private func finish(_ name: String, _ result: Result<(Cut, [Piece]), NodeError>) {
+        var st = stat()
+        let now = fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? PlainDigests.Version(st) : nil
         let (answered, again): ([Waiter], Bool) = lock.withLock {
             let all = waiting.removeValue(forKey: name) ?? []
             guard case .success(let (cut, placed)) = result else {
@@ -259,7 +275,9 @@ public final class PlainCuts: @unchecked Sendable {
             listed += cut.ids.count
             for (id, p) in zip(cut.ids, placed) { pieces[id, default: []].append(p) }
             while listed > maxChunks, let oldest = order.first, oldest != name { forget(oldest) }
-            // Waiters of another version (none once the node stops: nobody is left to answer).
+            // Still this version: everyone has their answer. Changed again: the waiters of
+            // another version wait for the next cut (none once the node stops).
+            guard now != cut.version else { return (all, false) }
             let later = all.filter { $0.version != cut.version }
             let again = !later.isEmpty && !stopping.load(ordering: .relaxed)
             if again { waiting[name] = later }

@@ -172,6 +172,11 @@ public final class EdgeCache: @unchecked Sendable {
     /// verify a whole chunk before they send its first byte, so this is generous; a link known
     /// to be down (`FetchUpstream.isDown`) is abandoned at once.
     public static let stallTimeout: UInt64 = 5_000_000_000
+    /// The same for a manifest asked of a named holder (a mesh node), which may be cutting a
+    /// plain file before it answers: longer than a stall, shorter than `requestTimeout` so that
+    /// the next route is still tried. A holder that stops answering its neighbours' probes is
+    /// caught sooner, by `isDown`.
+    public static let holderTimeout: UInt64 = 20_000_000_000
 
     /// Where misses are fetched from: `edge.origin`, or the mesh.
     public let upstream: FetchUpstream
@@ -879,11 +884,16 @@ public final class EdgeCache: @unchecked Sendable {
                     if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
                     let down = upstream.isDown(a.attempt.url)
                     // A relay sends a plain object's first byte (or its range's) only once it has
-                    // fetched and cut it whole, and a holder a plain file's manifest once it has
-                    // cut the file: those waits are bounded by `requestTimeout`, not a stall.
-                    var slow = a.source != nil
-                    if case .manifest = a.key { slow = true }  // the plain object's fetch too
-                    let quiet = slow && a.attempt.holder != nil && got == 0 ? Self.requestTimeout : Self.stallTimeout
+                    // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a
+                    // stall. A holder sends a plain file's manifest once it has cut the file.
+                    var quiet = Self.stallTimeout
+                    if a.attempt.holder != nil && got == 0 {
+                        if a.plain || a.source != nil {
+                            quiet = Self.requestTimeout
+                        } else if case .manifest = a.key {
+                            quiet = Self.holderTimeout
+                        }
+                    }
                     guard down || t - a.progressAt > quiet else {
                         // Late but not stalled: hedge on another route, within the budget.
                         if a.partner == nil, !a.hedge, !a.plain, a.source == nil, got == 0, hedges < max(2, active.count / 4),

@@ -87,10 +87,14 @@ public struct MeshStatus: Sendable, Equatable {
         }
     }
 
-    /// What a holder's cutter of plain files did (`PlainCuts.Counters`, seen from the mesh).
+    /// What a node's cutter of plain files did (`PlainCuts`, which counts in it).
     public struct PlainCutCounts: Sendable, Equatable {
+        /// Files cut into a manifest.
         public var cut: UInt64 = 0
+        /// Requests for a cut refused (too large, too many waiting, stopping) and cuts given up
+        /// (changed while read, unreadable).
         public var failed: UInt64 = 0
+        /// Chunks served from a cut's file, and chunks asked for whose file had changed since.
         public var chunksServed: UInt64 = 0
         public var chunksStale: UInt64 = 0
         public init(cut: UInt64 = 0, failed: UInt64 = 0, chunksServed: UInt64 = 0, chunksStale: UInt64 = 0) {

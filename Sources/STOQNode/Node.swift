@@ -171,10 +171,7 @@ public final class Node: @unchecked Sendable {
         guard let mesh, cfg.mesh.cutPlainFiles else { return nil }
         let cuts = try PlainCuts(
             root: cfg.storage.path, parameters: cfg.chunking.parameters(), maxObjectSize: cfg.storage.maxObjectSize, logger: logger)
-        mesh.plainCutsSource = { [weak cuts] in
-            let c = cuts?.counters ?? PlainCuts.Counters()
-            return MeshStatus.PlainCutCounts(cut: c.cut, failed: c.failed, chunksServed: c.chunksServed, chunksStale: c.chunksStale)
-        }
+        mesh.plainCutsSource = { [weak cuts] in cuts?.counters ?? PlainCuts.Counters() }
         plainCuts = cuts
         return cuts
     }

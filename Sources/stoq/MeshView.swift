@@ -167,7 +167,7 @@ enum MeshTables {
         out += "(most hops seen \(c.maxHopsSeen)); \(c.failovers) failovers, \(c.routeComputations) route computations, "
         out += "\(c.peersRefused) peers refused, \(c.connectFailures) connect failures\n"
         if let cut = c.plainCuts {
-            out += "plain files cut for the mesh: \(cut), \(c.plainCutsFailed ?? 0) given up; their chunks served "
+            out += "plain files cut for the mesh: \(cut), \(c.plainCutsFailed ?? 0) refused or given up; their chunks served "
             out += "\(c.plainChunksServed ?? 0), stale \(c.plainChunksStale ?? 0)\n"
         }
         return out

@@ -137,11 +137,11 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
         assert cuts()["plain_cuts"] == 1
         # A new version at C. A chunk of the first, asked of C as its holder (as a relay's last
         # hop asks): served from the file, then, once the file is rewritten, a 404.
-        first = chunks[1]
-        relayed = f"https://[::1]:{pc}/_stoq/relay/{status(c)['node']}/1/chunks/{first['id']}"
+        second = chunks[1]
+        relayed = f"https://[::1]:{pc}/_stoq/relay/{status(c)['node']}/1/chunks/{second['id']}"
         r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c1")
         assert r.returncode == 0, r.stderr
-        assert (tmp_path / "c1").read_bytes() == src.read_bytes()[first["offset"]:first["offset"] + first["length"]]
+        assert (tmp_path / "c1").read_bytes() == src.read_bytes()[second["offset"]:second["offset"] + second["length"]]
         src2 = random_file(tmp_path / "c" / "objects" / "copied.bin", size - 5, 32)
         r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c2")
         assert r.returncode != 0 and "404" in r.stderr, r.stderr
