@@ -220,7 +220,8 @@ public final class ObjectGate: @unchecked Sendable {
 
     /// What a recorded SHA-256 is checked against: the file's size and mtime (ns).
     static func stamp(_ st: stat) -> (size: UInt64, mtime: UInt64) {
-        (UInt64(st.st_size), UInt64(st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_mtim.tv_nsec))
+        // Truncating: a file dated before 1970 has a negative tv_sec, and must not trap.
+        (UInt64(st.st_size), UInt64(truncatingIfNeeded: st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(truncatingIfNeeded: st.st_mtim.tv_nsec))
     }
 
     static let metaName = "user.stoq.object"

@@ -136,8 +136,8 @@ public final class PlainCuts: @unchecked Sendable {
         guard fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .noFile }
         let version = PlainDigests.Version(st)
         let size = UInt64(st.st_size)
-        let (answer, start): (Answer, Bool) = lock.withLock {
-            if let c = cuts[name], c.version == version { return (.manifest(c.manifest), false) }
+        return lock.withLock {
+            if let c = cuts[name], c.version == version { return .manifest(c.manifest) }
             var why = tooLarge(size) ?? ""
             if stopping.load(ordering: .relaxed) {
                 why = "the node is stopping"
@@ -146,13 +146,13 @@ public final class PlainCuts: @unchecked Sendable {
             }
             guard why.isEmpty else {
                 counterValues.failed += 1
-                return (.refused(why), false)
+                return .refused(why)
             }
             waiting[name, default: []].append(Waiter(ticket: ticket, version: version, inbox: inbox))
-            return (.cutting, waiting[name]!.count == 1)
+            // Under the lock, so that a `stop` cannot come between the check and the job.
+            if waiting[name]!.count == 1 { submit(name) }
+            return .cutting
         }
-        if start { submit(name) }
-        return answer
     }
 
     /// Why a file of `size` bytes is not cut, or nil.
@@ -163,6 +163,14 @@ public final class PlainCuts: @unchecked Sendable {
             return "the plain file has \(size) bytes, more than this node cuts for the mesh (\(maxChunks) chunks)"
         }
         return nil
+    }
+
+    /// Holds the cutter's thread until the semaphore returned is signalled: tests queue requests
+    /// behind a busy cutter with it.
+    func hold() -> DispatchSemaphore {
+        let go = DispatchSemaphore(value: 0)
+        pool.submit { go.wait() }
+        return go
     }
 
     private func submit(_ name: String) {
@@ -256,17 +264,17 @@ public final class PlainCuts: @unchecked Sendable {
     }
 
     /// Keeps a cut (dropping the oldest past `maxChunks`) and answers whoever waited: with it,
-    /// when the file is still at its version (a waiter that saw an older one gets the newer);
-    /// when the file changed again since, the waiters that saw another version wait for a cut
-    /// of their own. The cutter's thread.
+    /// unless the file changed again since and the waiter saw the version now on disk: those
+    /// wait for its cut, so that each waiter gets at most one cut more however often the file
+    /// changes. The cutter's thread.
     private func finish(_ name: String, _ result: Result<(Cut, [Piece]), NodeError>) {
         var st = stat()
         let now = fstatat(rootFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? PlainDigests.Version(st) : nil
-        let (answered, again): ([Waiter], Bool) = lock.withLock {
+        let answered: [Waiter] = lock.withLock {
             let all = waiting.removeValue(forKey: name) ?? []
             guard case .success(let (cut, placed)) = result else {
                 counterValues.failed += 1
-                return (all, false)
+                return all
             }
             counterValues.cut += 1
             forget(name)
@@ -275,15 +283,16 @@ public final class PlainCuts: @unchecked Sendable {
             listed += cut.ids.count
             for (id, p) in zip(cut.ids, placed) { pieces[id, default: []].append(p) }
             while listed > maxChunks, let oldest = order.first, oldest != name { forget(oldest) }
-            // Still this version: everyone has their answer. Changed again: the waiters of
-            // another version wait for the next cut (none once the node stops).
-            guard now != cut.version else { return (all, false) }
-            let later = all.filter { $0.version != cut.version }
-            let again = !later.isEmpty && !stopping.load(ordering: .relaxed)
-            if again { waiting[name] = later }
-            return (all.filter { $0.version == cut.version }, again)
+            // Changed again since: the waiters that saw the version now on disk wait for its
+            // cut (each at most once more); everyone else has this one. None once stopping.
+            guard let now, now != cut.version, !stopping.load(ordering: .relaxed) else { return all }
+            let (later, rest) = (all.filter { $0.version == now }, all.filter { $0.version != now })
+            if !later.isEmpty {
+                waiting[name] = later
+                submit(name)
+            }
+            return rest
         }
-        if again { submit(name) }
         let done: Done
         switch result {
         case .success(let (cut, _)): done = Done(ticket: 0, manifest: cut.manifest, why: "")

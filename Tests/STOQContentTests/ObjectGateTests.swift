@@ -73,6 +73,17 @@ final class ObjectGateTests {
 
     // MARK: - Preconditions (pure)
 
+    /// A file dated before 1970 (negative tv_sec) has a stamp, not a trap: a peer's manifest
+    /// request for it reaches this through the cutter of plain files.
+    @Test func aFileDatedBefore1970HasAStamp() {
+        var st = stat()
+        st.st_size = 10
+        st.st_mtim.tv_sec = -5
+        st.st_mtim.tv_nsec = 7
+        let s = ObjectGate.stamp(st)
+        #expect(s.size == 10 && s.mtime == UInt64(bitPattern: -5_000_000_000) &+ 7)
+    }
+
     @Test func preconditionsFollowRFC9110() {
         let f = ObjectGate.preconditionFailure
         let cur = "\"abc\""
