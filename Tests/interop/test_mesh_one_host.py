@@ -80,6 +80,22 @@ def test_nodes_sharing_an_address_relay_for_each_other(tmp_path):
             stop(n)
 
 
+def plain_file_fetched_at_a(tmp_path, ca, nodes, size, seed, mesh=""):
+    """A - B - C and D - B on [::1] (started into `nodes`, which the caller stops), `size`
+    random bytes copied into C's storage.path as copied.bin and fetched at A, checked
+    byte-identical: (ports, the file, every node's metrics before and after the fetch)."""
+    ports = pa, pb, pc, pd = [free_port() for _ in range(4)]
+    for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
+        nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers, mesh)))
+    wait_for_routes(nodes, 3)
+    src = random_file(tmp_path / "c" / "objects" / "copied.bin", size, seed)
+    before = [metric_totals(n) for n in nodes]
+    r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "got.bin")
+    assert r.returncode == 0, r.stderr
+    assert sha256_file(tmp_path / "got.bin") == sha256_file(src)
+    return ports, src, before, [metric_totals(n) for n in nodes]
+
+
 def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(tmp_path):
     """A - B - C, and D - B: a 20 MB file an operator copied into C's storage.path. C, asked
     for its manifest as the holder, cuts it (mesh.cut_plain_files, on by default) and answers
@@ -88,21 +104,11 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
     new version) and purged at A and B, it is cut again and the new bytes arrive; a chunk of
     the old version is a 404 (stale, counted)."""
     ca = certificates(tmp_path, ("a", "b", "c", "d"))
-    pa, pb, pc, pd = (free_port() for _ in range(4))
     nodes = []
     try:
-        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
-            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers)))
-        a, b, c, d = nodes
-        wait_for_routes(nodes, 3)
         size = 20_000_000 + 11
-        src = random_file(tmp_path / "c" / "objects" / "copied.bin", size, 31)
-        before = [metric_totals(n) for n in nodes]
-        out = tmp_path / "got.bin"
-        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", out)
-        assert r.returncode == 0, r.stderr
-        assert sha256_file(out) == sha256_file(src)
-        mid = [metric_totals(n) for n in nodes]
+        (pa, pb, pc, pd), src, before, mid = plain_file_fetched_at_a(tmp_path, ca, nodes, size, 31)
+        a, b, c, d = nodes
 
         def moved(i, k):
             return mid[i].get(k, 0) - before[i].get(k, 0)
@@ -168,21 +174,11 @@ def test_a_plain_file_two_hops_away_is_found_and_relayed_whole(tmp_path):
     not hand D its own cut's manifest as C's (those chunks are only in B's cache, and C has
     none); D gets the object whole from B's cut. A name nobody has is still a 404."""
     ca = certificates(tmp_path, ("a", "b", "c", "d"))
-    pa, pb, pc, pd = (free_port() for _ in range(4))
     nodes = []
     try:
         whole = "cut_plain_files = false\n"
-        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
-            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers, whole)))
+        (pa, pb, pc, pd), src, before, mid = plain_file_fetched_at_a(tmp_path, ca, nodes, 5_000_000 + 7, 21, whole)
         a, b, c, d = nodes
-        wait_for_routes(nodes, 3)
-        src = random_file(tmp_path / "c" / "objects" / "copied.bin", 5_000_000 + 7, 21)
-        before = [metric_totals(n) for n in nodes]
-        out = tmp_path / "got.bin"
-        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", out)
-        assert r.returncode == 0, r.stderr
-        assert sha256_file(out) == sha256_file(src)
-        mid = [metric_totals(n) for n in nodes]
         # A asks nearest first: B as a holder (nothing), then C and D through B, in either order.
         # A and B each got the object's bytes once (the 404s have short bodies); C fetched nothing.
         size = src.stat().st_size
