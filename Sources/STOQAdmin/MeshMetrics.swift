@@ -83,14 +83,6 @@ package enum MeshMetrics {
         one("stoq_mesh_max_hops_refused_total", "counter", "Relay requests refused because they would exceed routing.max_hops.", c.maxHopsRefused)
         one("stoq_mesh_max_hops_seen", "gauge", "Most hops any relayed request reaching this node had taken.", c.maxHopsSeen)
         one("stoq_mesh_failovers_total", "counter", "Fetches moved to another route or holder after the one in use failed.", c.failovers)
-        let p = c.plainCuts
-        family(
-            "stoq_mesh_plain_cuts_total", "counter",
-            "This node's plain files cut into a manifest for the mesh; failed: a cut refused (too large, too many waiting) or given up (changed, unreadable).",
-            [("{outcome=\"cut\"}", "\(p.cut)"), ("{outcome=\"failed\"}", "\(p.failed)")])
-        family(
-            "stoq_mesh_plain_chunks_total", "counter", "Chunks of those cuts asked for: served from the file, or stale (the file changed since).",
-            [("{outcome=\"served\"}", "\(p.chunksServed)"), ("{outcome=\"stale\"}", "\(p.chunksStale)")])
 
         let d = m.discoveryCounters
         let backend = "{backend=\"\(label(m.discovery))\"}"
@@ -152,8 +144,6 @@ package enum MeshMetrics {
                 "route_computations": c.routeComputations, "relay_served": c.relayServed,
                 "relay_forwarded": c.relayForwarded, "max_hops_refused": c.maxHopsRefused,
                 "max_hops_seen": c.maxHopsSeen, "failovers": c.failovers,
-                "plain_cuts": c.plainCuts.cut, "plain_cuts_failed": c.plainCuts.failed,
-                "plain_chunks_served": c.plainCuts.chunksServed, "plain_chunks_stale": c.plainCuts.chunksStale,
             ] as [String: Any],
         ]
     }

@@ -65,6 +65,9 @@ package struct NodeMetrics {
     var store: StoreCounters?
     var certificate: Certificate?
     var edge: EdgeCache.Counters?
+    /// What the node's cutter of plain files did; nil when it cuts none
+    /// (`chunking.cut_plain_files = false`).
+    var plainCuts: PlainCuts.Counters?
     /// What the mesh service last published; nil when the node runs no mesh.
     var mesh: MeshStatus?
     /// What the configuration asked for (`network.datapath`, `network.interface`): next to
@@ -110,9 +113,9 @@ package struct NodeMetrics {
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
         mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
         diskFull: DiskFull? = nil,
-        limits: Limits? = nil
+        limits: Limits? = nil, plainCuts: PlainCuts.Counters? = nil
     ) {
-        self.diskFull = diskFull
+        (self.diskFull, self.plainCuts) = (diskFull, plainCuts)
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
         (self.configuredDatapath, self.fixedCertificateNotAfter, self.limits) = (configuredDatapath, fixedCertificateNotAfter, limits)
     }
@@ -277,6 +280,15 @@ package struct NodeMetrics {
         perWorker("stoq_content_manifests_served_total", "Manifests served.") { $0.content.manifestsServed }
         perWorker("stoq_content_objects_served_total", "Chunked objects served as one body (GET/HEAD /objects/).") { $0.content.objectsServed }
         perWorker("stoq_content_edge_requests_total", "Requests answered through the edge cache.") { $0.content.edgeRequests }
+        if let p = plainCuts {
+            family(
+                "stoq_content_plain_cuts_total", "counter",
+                "Plain files cut into a manifest when one was asked for (chunking.cut_plain_files); failed: a cut refused (too large, too many waiting) or given up (changed, unreadable).",
+                [("{outcome=\"cut\"}", p.cut), ("{outcome=\"failed\"}", p.failed)])
+            family(
+                "stoq_content_plain_chunks_total", "counter", "Chunks of those cuts asked for: served from the file, or stale (the file changed since).",
+                [("{outcome=\"served\"}", p.chunksServed), ("{outcome=\"stale\"}", p.chunksStale)])
+        }
         family(
             "stoq_access_refused_total", "counter", "Requests the access policy refused ([access]): 401 no or invalid credential, 403 not enough.",
             workers.flatMap { w in
@@ -341,6 +353,10 @@ package struct NodeMetrics {
                 "stoq_edge_origin_not_modified_total", "counter", "Expired plain objects the origin answered 304 for: kept, fresh again.", [("", e.notModified)]
             )
             family("stoq_edge_purges_total", "counter", "Manifests dropped by POST /edge/purge/<name> on the admin API.", [("", e.purges)])
+            family(
+                "stoq_edge_manifests_forgotten_total", "counter",
+                "Manifests dropped because the origin answered 404 for a chunk they list (its cut went with a restart, or the object changed): asked for again.",
+                [("", e.manifestsForgotten)])
             family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
             family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])
@@ -425,6 +441,9 @@ package struct NodeMetrics {
             ]
         }
         if let d = diskFull { obj["disk_full"] = ["refusals": d.refusals, "episodes": d.episodes, "full": d.full] }
+        if let p = plainCuts {
+            obj["plain_cuts"] = ["cut": p.cut, "failed": p.failed, "chunks_served": p.chunksServed, "chunks_stale": p.chunksStale]
+        }
         if let m = mesh { obj["mesh"] = MeshMetrics.json(m) }
         if let l = limits {
             var o: [String: Any] = [

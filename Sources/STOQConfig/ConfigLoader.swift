@@ -326,6 +326,7 @@ public enum ConfigLoader {
             s.size("avg_chunk_size", &c.chunking.avgChunkSize, 1 << 10...1 << 30)
             s.size("max_chunk_size", &c.chunking.maxChunkSize, 1 << 10...1 << 30)
             s.bool("dedup_enabled", &c.chunking.dedupEnabled)
+            s.bool("cut_plain_files", &c.chunking.cutPlainFiles)
         }
         if let problem = ChunkingParameters.problem(
             minSize: Int(c.chunking.minChunkSize), avgSize: Int(c.chunking.avgChunkSize),
@@ -640,12 +641,17 @@ struct Section {
         walk(key, t, body)
     }
 
+    /// Keys that moved to another section, and where to: their old place is still an unknown
+    /// key, named with the new one.
+    static let movedKeys = ["mesh.cut_plain_files": "chunking.cut_plain_files"]
+
     mutating func rejectUnknown() {
         for k in table.keys where !seen.contains(k) {
+            let key = "\(prefix).\(k)"
             errors.append(
                 ConfigError(
-                    code: .unknownKey, key: "\(prefix).\(k)", value: render(table[k]!),
-                    allowed: "one of " + seen.joined(separator: ", ")))
+                    code: .unknownKey, key: key, value: render(table[k]!),
+                    allowed: Self.movedKeys[key].map { "none here: it moved to \($0)" } ?? "one of " + seen.joined(separator: ", ")))
         }
     }
 }

@@ -85,10 +85,6 @@ extension NodeConfig {
         public var probeInterval: UInt64 = 100_000_000
         /// A neighbour with no probe answered for this long is down (nanoseconds; > probeInterval).
         public var downAfter: UInt64 = 600_000_000
-        /// A holder asked for the manifest of an object it keeps as a plain file cuts the file
-        /// and answers with the cut (`PlainCuts`); false: it answers 404 and the object crosses
-        /// the mesh whole.
-        public var cutPlainFiles = true
 
         public init() {}
 
@@ -113,7 +109,6 @@ extension Reader {
             s.duration("etcd_lease_ttl", &m.etcdLeaseTTL, 2_000_000_000...3_600_000_000_000)
             s.duration("probe_interval", &m.probeInterval, 10_000_000...10_000_000_000)
             s.duration("down_after", &m.downAfter, 20_000_000...60_000_000_000)
-            s.bool("cut_plain_files", &m.cutPlainFiles)
         }
         guard present else { return }
         if let server = m.dnsServer, server.port == 0 || server.address.isUnspecified {

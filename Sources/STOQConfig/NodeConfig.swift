@@ -128,6 +128,11 @@ public struct NodeConfig: Sendable, Equatable {
         public var avgChunkSize: UInt64 = 256 << 10
         public var maxChunkSize: UInt64 = 1 << 20
         public var dedupEnabled = true
+        /// A node asked for the manifest of an object it keeps as a plain file (an edge, a
+        /// mesh relay or a `--chunked` client) cuts the file with these parameters and answers
+        /// with the cut (`PlainCuts`), so the object travels chunk by chunk; false: a 404, and
+        /// the asker fetches the object whole.
+        public var cutPlainFiles = true
     }
     public struct Edge: Sendable, Equatable {
         public var enableCaching = false

@@ -80,11 +80,16 @@ public final class ContentService: QUICApplication {
         /// cannot be had (the origin down, the store failing) is then an error answer naming
         /// why, not a 200 reset before its first byte.
         var head: (status: Int, headers: [(String, String)])?
+        /// An edge object: the manifest it is sent from and the request, asked again once (the
+        /// manifest first) when the upstream has none of a chunk the manifest lists; nil for a
+        /// request asked again, and for this node's own objects.
+        var again: (manifest: [UInt8], request: HTTPRequest)?
     }
 
     /// A request waiting for the edge cache's fetcher (by ticket).
     enum EdgeWait {
-        case object(String, HTTPRequest, RelayHint?, HTTPStream, QUICConnection)
+        /// `again`: the request asked again for the manifest (`ObjectSend.again`).
+        case object(String, HTTPRequest, RelayHint?, again: Bool, HTTPStream, QUICConnection)
         /// `relayed`: for a request another node addressed to a holder (`EdgeCache.manifest`).
         case manifest(String, head: Bool, relayed: Bool, HTTPStream, QUICConnection)
         case chunk(ChunkID, head: Bool, HTTPStream, QUICConnection)
@@ -92,12 +97,12 @@ public final class ContentService: QUICApplication {
 
         var stream: HTTPStream {
             switch self {
-            case .object(_, _, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
+            case .object(_, _, _, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
             }
         }
         var connection: QUICConnection {
             switch self {
-            case .object(_, _, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
+            case .object(_, _, _, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
             }
         }
     }
@@ -261,7 +266,7 @@ public final class ContentService: QUICApplication {
 
     private func sendObject(
         _ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
-        _ connection: QUICConnection, hint: RelayHint? = nil
+        _ connection: QUICConnection, hint: RelayHint? = nil, again: (manifest: [UInt8], request: HTTPRequest)? = nil
     ) {
         guard
             let (status, headers, range) = ObjectService.bodyHead(
@@ -283,7 +288,7 @@ public final class ContentService: QUICApplication {
         }
         sends[stream] = ObjectSend(
             name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
-            edge: edge, readAhead: first, hint: hint, head: (status, headers))
+            edge: edge, readAhead: first, hint: hint, head: (status, headers), again: again)
         bodyWanted(stream: stream, connection: connection)
     }
 
@@ -439,20 +444,23 @@ public final class ContentService: QUICApplication {
 
     /// `GET /objects/<name>` on an edge node for an object it does not store itself (`hint`:
     /// relayed for a holder, `RelayHint.whole`).
-    func serveEdgeObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil) {
+    func serveEdgeObject(
+        _ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil, again: Bool = false
+    ) {
         guard let edge else { return }
-        counters.edgeRequests += 1
-        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection, hint: hint) }
+        if !again { counters.edgeRequests += 1 }
+        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection, hint: hint, again: again) }
         edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
-            .object(name, request, hint, stream, connection)
+            .object(name, request, hint, again: again, stream, connection)
     }
 
     private func sendEdgeObject(
-        _ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint?
+        _ name: String, _ bytes: [UInt8], _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint?,
+        again: Bool
     ) {
         let manifest: Manifest
         do { manifest = try Manifest(decoding: bytes) } catch { return fail(stream, connection, 502, "edge: cached manifest of \(name): \(error)") }
-        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint)
+        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request))
     }
 
     func serveEdgeManifest(
@@ -481,16 +489,16 @@ public final class ContentService: QUICApplication {
         for c in completions {
             guard let wait = edgeWaits.removeValue(forKey: c.ticket), let edge else { continue }
             switch wait {
-            case .object(let name, let request, let hint, let stream, let connection):
+            case .object(let name, let request, let hint, let again, let stream, let connection):
                 if let f = c.failure {
                     if f.status != 404, let stale = edge.manifest(name) {
                         edge.countStale(name, f.reason)
-                        sendEdgeObject(name, stale.bytes, request, stream, connection, hint: hint)
+                        sendEdgeObject(name, stale.bytes, request, stream, connection, hint: hint, again: again)
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
                 } else if let m = c.manifest {
-                    sendEdgeObject(name, m, request, stream, connection, hint: hint)
+                    sendEdgeObject(name, m, request, stream, connection, hint: hint, again: again)
                 } else {
                     fail(stream, connection, 502, "edge: the fetch of the manifest of \(name) returned no bytes")
                 }
@@ -519,6 +527,18 @@ public final class ContentService: QUICApplication {
                 guard var send = sends[stream] else { continue }
                 send.waiting = false
                 if let f = c.failure {
+                    if f.status == 404, let again = send.again {
+                        // The upstream lists no such chunk: its cut of a plain file went with a
+                        // restart or its bound, or the object changed there. The manifest goes;
+                        // a request that has sent nothing yet asks for it again, once.
+                        edge.forgetManifest(send.name, ifStill: again.manifest)
+                        if send.head != nil {
+                            logger.warning("object \(send.name): \(f.reason); asking for its manifest again")
+                            sends[stream] = nil
+                            serveEdgeObject(send.name, again.request, stream, connection, hint: send.hint, again: true)
+                            continue
+                        }
+                    }
                     abandon(send, f.status, f.reason, stream, connection)
                     continue
                 }

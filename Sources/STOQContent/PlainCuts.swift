@@ -3,15 +3,15 @@ import Logging
 import STOQChunking
 import STOQCore
 import STOQEdge
-import STOQMesh
 import STOQStore
 import Synchronization
 
-/// Manifests of this node's own plain files, for the mesh: a node asked (as the holder) for
-/// the manifest of an object it keeps as a plain file cuts the file with the node's chunking
-/// parameters and answers with the cut, so that other nodes fetch it chunk by chunk — over
-/// several routes, relayed chunk by chunk, streamed as chunks arrive — instead of whole
-/// through every hop (docs/mesh.md "Plain files").
+/// Manifests of this node's own plain files (`chunking.cut_plain_files`): a node asked for the
+/// manifest of an object it keeps as a plain file (by an edge, a mesh node or a `--chunked`
+/// client) cuts the file with the node's chunking parameters and answers with the cut, so that
+/// the asker fetches it chunk by chunk — streamed as chunks arrive, in a mesh over several
+/// routes and relayed chunk by chunk — instead of whole before its first byte goes on
+/// (docs/content.md "Edge cache", docs/mesh.md "Plain files").
 ///
 /// Nothing is copied: a chunk of a cut is read from the file when it is asked for, and served
 /// only if it still hashes to its id. A file that changed since its cut (another inode, size
@@ -23,12 +23,24 @@ import Synchronization
 /// - The SHA-256 of the whole file is taken from `user.stoq.object` when the attribute is
 ///   current (one hashing pass instead of two).
 /// - At most `maxChunks` chunks are listed by the cuts kept, all together: a larger file is
-///   not cut (it crosses the mesh whole), and the oldest cuts go first.
+///   not cut (it travels whole), and the oldest cuts go first.
 /// Thread-safe.
 public final class PlainCuts: @unchecked Sendable {
-    /// What the cutter did since the node started: the mesh shows it as it is
-    /// (`stoq_mesh_plain_cuts_total`, `stoq_mesh_plain_chunks_total`).
-    public typealias Counters = MeshStatus.PlainCutCounts
+    /// What the cutter did since the node started (`stoq_content_plain_cuts_total`,
+    /// `stoq_content_plain_chunks_total`).
+    public struct Counters: Sendable, Equatable {
+        /// Files cut into a manifest.
+        public var cut: UInt64 = 0
+        /// Requests for a cut refused (too large, too many waiting, stopping) and cuts given up
+        /// (changed while read, unreadable).
+        public var failed: UInt64 = 0
+        /// Chunks served from a cut's file, and chunks asked for whose file had changed since.
+        public var chunksServed: UInt64 = 0
+        public var chunksStale: UInt64 = 0
+        public init(cut: UInt64 = 0, failed: UInt64 = 0, chunksServed: UInt64 = 0, chunksStale: UInt64 = 0) {
+            (self.cut, self.failed, self.chunksServed, self.chunksStale) = (cut, failed, chunksServed, chunksStale)
+        }
+    }
 
     /// How a cut ended, for the worker that asked (`ticket` is the worker's).
     public struct Done: Sendable {
@@ -160,7 +172,7 @@ public final class PlainCuts: @unchecked Sendable {
         // The largest cut the bound allows: every chunk but the last at least minSize.
         if size > maxObjectSize { return "the plain file has \(size) bytes, more than storage.max_object_size (\(maxObjectSize))" }
         if size > UInt64(maxChunks) * UInt64(parameters.minSize) {
-            return "the plain file has \(size) bytes, more than this node cuts for the mesh (\(maxChunks) chunks)"
+            return "the plain file has \(size) bytes, more than this node cuts (\(maxChunks) chunks)"
         }
         return nil
     }
@@ -297,7 +309,7 @@ public final class PlainCuts: @unchecked Sendable {
         switch result {
         case .success(let (cut, _)): done = Done(ticket: 0, manifest: cut.manifest, why: "")
         case .failure(let e):
-            logger.warning("mesh: cannot cut the plain file \(name) for the mesh: \(e.message)")
+            logger.warning("cannot cut the plain file \(name): \(e.message)")
             done = Done(ticket: 0, manifest: nil, why: "its plain file could not be cut: \(e.message)")
         }
         for w in answered {

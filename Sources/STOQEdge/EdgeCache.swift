@@ -67,6 +67,9 @@ public final class EdgeCache: @unchecked Sendable {
         public var notModified: UInt64 = 0
         /// Manifests an operator purged (`purge`).
         public var purges: UInt64 = 0
+        /// Manifests dropped because the upstream had none of a chunk they list
+        /// (`forgetManifest`).
+        public var manifestsForgotten: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
         /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
@@ -172,11 +175,12 @@ public final class EdgeCache: @unchecked Sendable {
     /// verify a whole chunk before they send its first byte, so this is generous; a link known
     /// to be down (`FetchUpstream.isDown`) is abandoned at once.
     public static let stallTimeout: UInt64 = 5_000_000_000
-    /// The same for a manifest asked of a named holder (a mesh node), which may be cutting a
-    /// plain file before it answers: longer than a stall, shorter than `requestTimeout` so that
-    /// the next route is still tried. A holder that stops answering its neighbours' probes is
-    /// caught sooner, by `isDown`.
-    public static let holderTimeout: UInt64 = 20_000_000_000
+    /// The same for a manifest, which the origin or a holder may be cutting from a plain file
+    /// before it answers (`chunking.cut_plain_files`): longer than a stall, shorter than
+    /// `requestTimeout` so that the next route is still tried. A holder that stops answering its
+    /// neighbours' probes is caught sooner, by `isDown`; an origin that stops answering at all,
+    /// by its connection's idle timeout.
+    public static let manifestTimeout: UInt64 = 20_000_000_000
 
     /// Where misses are fetched from: `edge.origin`, or the mesh.
     public let upstream: FetchUpstream
@@ -407,6 +411,27 @@ public final class EdgeCache: @unchecked Sendable {
         return held
     }
 
+    /// Drops the manifest of `name` if it is still `bytes`: the upstream answered 404 for a chunk
+    /// it lists. Its cut of a plain file went with a restart or its bound, or the object changed
+    /// there; either way the next request asks for the manifest again instead of failing until it
+    /// expires. A newer manifest, kept since, stays. Returns whether it was dropped.
+    @discardableResult
+    public func forgetManifest(_ name: String, ifStill bytes: [UInt8]) -> Bool {
+        dropManifest(name) { $0.bytes == bytes }
+    }
+
+    /// Drops the manifest of `name` (and its file) when `which` holds for it; returns whether it did.
+    private func dropManifest(_ name: String, counted: Bool = true, where which: (EdgeManifests.Entry) -> Bool) -> Bool {
+        let held = lock.withLock { () -> Bool in
+            guard let e = manifests.peek(name), which(e) else { return false }
+            manifests.remove(name)
+            if counted { counterValues.manifestsForgotten += 1 }
+            return true
+        }
+        if held { unlink(manifestFile(name)) }
+        return held
+    }
+
     /// Counts that an expired manifest was served because the origin failed.
     public func countStale(_ name: String, _ why: String) {
         lock.withLock { counterValues.staleServed += 1 }
@@ -588,15 +613,7 @@ public final class EdgeCache: @unchecked Sendable {
                 // Gone upstream: so is its manifest here. A relayed manifest request (which never
                 // asks for the object whole) learns only that the holder has no manifest, which a
                 // plain object cut here never had: that cut stays.
-                if case .manifest(let name) = a.key,
-                    lock.withLock({ () -> Bool in
-                        guard let e = manifests.peek(name), a.fetchKey.whole || !e.plain else { return false }
-                        manifests.remove(name)
-                        return true
-                    })
-                {
-                    unlink(manifestFile(name))
-                }
+                if case .manifest(let name) = a.key { _ = dropManifest(name, counted: false) { a.fetchKey.whole || !$0.plain } }
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
                     return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
                 }
@@ -885,13 +902,14 @@ public final class EdgeCache: @unchecked Sendable {
                     let down = upstream.isDown(a.attempt.url)
                     // A relay sends a plain object's first byte (or its range's) only once it has
                     // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a
-                    // stall. A holder sends a plain file's manifest once it has cut the file.
+                    // stall. A node (origin or holder) sends a plain file's manifest once it has
+                    // cut the file.
                     var quiet = Self.stallTimeout
-                    if a.attempt.holder != nil && got == 0 {
-                        if a.plain || a.source != nil {
+                    if got == 0 {
+                        if a.attempt.holder != nil && (a.plain || a.source != nil) {
                             quiet = Self.requestTimeout
-                        } else if case .manifest = a.key {
-                            quiet = Self.holderTimeout
+                        } else if !a.plain, a.source == nil, case .manifest = a.key {
+                            quiet = Self.manifestTimeout
                         }
                     }
                     guard down || t - a.progressAt > quiet else {
@@ -1161,12 +1179,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// Drops the manifest cut here from the plain object `name` (the object changed or went
     /// upstream), if it is still `cut` (a newer cut, kept since, stays).
     private func dropCut(_ name: String, ifStill cut: [UInt8]) {
-        let held = lock.withLock { () -> Bool in
-            guard let e = manifests.peek(name), e.plain, e.bytes == cut else { return false }
-            manifests.remove(name)
-            return true
-        }
-        if held { unlink(manifestFile(name)) }
+        _ = dropManifest(name, counted: false) { $0.plain && $0.bytes == cut }
     }
 
     /// Rebuilds `plainChunks` from the plain manifests held now, decoding them outside the

@@ -136,7 +136,6 @@ public final class MeshService: @unchecked Sendable {
         s.counters.maxHopsRefused = relayCounters.maxHopsRefused
         s.counters.maxHopsSeen = relayCounters.maxHopsSeen
         s.multipath = multipathSource?() ?? []
-        s.counters.plainCuts = plainCutsSource?() ?? MeshStatus.PlainCutCounts()
         for (code, n) in refusedEarly.withLock({ $0 }) { s.counters.advertsRefused[code, default: 0] += n }
         return s
     }
@@ -151,8 +150,6 @@ public final class MeshService: @unchecked Sendable {
     /// Where the mesh thread reads this node's load (0...1) from, every probe interval; set
     /// before `start`.
     public var loadSource: (@Sendable () -> Double)?
-    /// Where `status` reads what the node's cutter of plain files did; set before `start`.
-    public var plainCutsSource: (@Sendable () -> MeshStatus.PlainCutCounts)?
     /// The learner's routes for `status` (set by `MeshUpstream` with `ml_optimized`).
     var multipathSource: (@Sendable () -> [MeshStatus.MultipathRoute])? {
         get { multipathHook.withLock { $0 } }

@@ -87,21 +87,6 @@ public struct MeshStatus: Sendable, Equatable {
         }
     }
 
-    /// What a node's cutter of plain files did (`PlainCuts`, which counts in it).
-    public struct PlainCutCounts: Sendable, Equatable {
-        /// Files cut into a manifest.
-        public var cut: UInt64 = 0
-        /// Requests for a cut refused (too large, too many waiting, stopping) and cuts given up
-        /// (changed while read, unreadable).
-        public var failed: UInt64 = 0
-        /// Chunks served from a cut's file, and chunks asked for whose file had changed since.
-        public var chunksServed: UInt64 = 0
-        public var chunksStale: UInt64 = 0
-        public init(cut: UInt64 = 0, failed: UInt64 = 0, chunksServed: UInt64 = 0, chunksStale: UInt64 = 0) {
-            (self.cut, self.failed, self.chunksServed, self.chunksStale) = (cut, failed, chunksServed, chunksStale)
-        }
-    }
-
     /// Counters since the node started.
     public struct Counters: Sendable, Equatable {
         /// Adverts this node signed and sent (each counted once, whatever the neighbours).
@@ -132,9 +117,6 @@ public struct MeshStatus: Sendable, Equatable {
         public var maxHopsSeen: UInt64 = 0
         /// Fetches moved to another route or holder after the one in use failed or stalled.
         public var failovers: UInt64 = 0
-        /// This node's plain files cut for the mesh, cuts given up, and chunks of cuts served
-        /// or found changed (`PlainCuts`).
-        public var plainCuts = PlainCutCounts()
 
         public init() {}
     }

@@ -165,13 +165,12 @@ public final class Node: @unchecked Sendable {
         }
     }
 
-    /// The cutter of this node's plain files for the mesh (`mesh.cut_plain_files`), kept here
-    /// to be stopped with the node, its counters shown with the mesh's; nil without a mesh.
-    private func makePlainCuts(_ cfg: NodeConfig, mesh: MeshService?) throws -> PlainCuts? {
-        guard let mesh, cfg.mesh.cutPlainFiles else { return nil }
+    /// The cutter of this node's plain files (`chunking.cut_plain_files`), kept here to be
+    /// stopped with the node and its counters shown.
+    private func makePlainCuts(_ cfg: NodeConfig) throws -> PlainCuts? {
+        guard cfg.chunking.cutPlainFiles else { return nil }
         let cuts = try PlainCuts(
             root: cfg.storage.path, parameters: cfg.chunking.parameters(), maxObjectSize: cfg.storage.maxObjectSize, logger: logger)
-        mesh.plainCutsSource = { [weak cuts] in cuts?.counters ?? PlainCuts.Counters() }
         plainCuts = cuts
         return cuts
     }
@@ -213,7 +212,7 @@ public final class Node: @unchecked Sendable {
             storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
-            plainCuts: try makePlainCuts(cfg, mesh: meshService), gate: gate,
+            plainCuts: try makePlainCuts(cfg), gate: gate,
             rates: rates,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
@@ -444,7 +443,7 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
-        let gate = self.gate, rates = self.rates
+        let gate = self.gate, rates = self.rates, cuts = plainCuts
         // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
         let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
         // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
@@ -470,7 +469,8 @@ public final class Node: @unchecked Sendable {
                     certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
                     fixedCertificateNotAfter: fixedNotAfter,
                     diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full),
-                    limits: gate.map { NodeMetrics.Limits(gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients) })
+                    limits: gate.map { NodeMetrics.Limits(gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients) },
+                    plainCuts: cuts?.counters)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")

@@ -52,11 +52,6 @@ struct MeshStatusView: Decodable, Sendable {
         var maxHopsRefused: UInt64
         var maxHopsSeen: UInt64
         var failovers: UInt64
-        /// Absent from nodes older than the cutter of plain files.
-        var plainCuts: UInt64?
-        var plainCutsFailed: UInt64?
-        var plainChunksServed: UInt64?
-        var plainChunksStale: UInt64?
     }
     var node: String
     var algorithm: String
@@ -166,10 +161,6 @@ enum MeshTables {
         out += "relay: \(c.relayServed) served, \(c.relayForwarded) forwarded, \(c.maxHopsRefused) refused over max_hops "
         out += "(most hops seen \(c.maxHopsSeen)); \(c.failovers) failovers, \(c.routeComputations) route computations, "
         out += "\(c.peersRefused) peers refused, \(c.connectFailures) connect failures\n"
-        if let cut = c.plainCuts {
-            out += "plain files cut for the mesh: \(cut), \(c.plainCutsFailed ?? 0) refused or given up; their chunks served "
-            out += "\(c.plainChunksServed ?? 0), stale \(c.plainChunksStale ?? 0)\n"
-        }
         return out
     }
 

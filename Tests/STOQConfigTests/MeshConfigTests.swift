@@ -35,13 +35,16 @@ import Testing
             peers = ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443/"]
             probe_interval = "50ms"
             down_after = "1s"
-            cut_plain_files = false
             """
         ).mesh
-        #expect(!m.cutPlainFiles && NodeConfig.default.mesh.cutPlainFiles)
         #expect(m.peers == [MeshURL(endpoint: ep("[fd00:57::2]:4433")), MeshURL(endpoint: ep("[2001:db8::9]:443"))])
         #expect(m.peers.map(\.description) == ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443"])
         #expect(m.probeInterval == 50_000_000 && m.downAfter == 1_000_000_000)
+    }
+
+    @Test func readsCutPlainFiles() throws {
+        #expect(NodeConfig.default.chunking.cutPlainFiles)
+        #expect(try !ConfigLoader.parse("[chunking]\ncut_plain_files = false").chunking.cutPlainFiles)
     }
 
     @Test func readsDNSAndEtcd() throws {
@@ -126,7 +129,11 @@ import Testing
     }
 
     @Test func refusesBadValues() {
-        #expect(errors("[mesh]\ncut_plain_files = \"yes\"").map(\.key) == ["mesh.cut_plain_files"])
+        #expect(errors("[chunking]\ncut_plain_files = \"yes\"").map(\.key) == ["chunking.cut_plain_files"])
+        // The key's old home names its new one.
+        let moved = errors("[mesh]\ncut_plain_files = false")
+        #expect(moved.map(\.key) == ["mesh.cut_plain_files"] && moved.first?.code == .unknownKey)
+        #expect(moved.first?.description.contains("it moved to chunking.cut_plain_files") == true)
         #expect(errors("[mesh]\ndown_after = \"100ms\"").map(\.key) == ["mesh.down_after"])
         #expect(
             errors("[mesh]\nprobe_interval = \"1s\"\ndown_after = \"1s\"").first?.description

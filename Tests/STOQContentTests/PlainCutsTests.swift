@@ -6,7 +6,7 @@ import Testing
 
 @testable import STOQContent
 
-/// A holder's cuts of its own plain files for the mesh: the manifest is the file's cut, each
+/// A node's cuts of its own plain files: the manifest is the file's cut, each
 /// chunk is read from the file, and a changed file serves none of its old chunks.
 struct PlainCutsTests {
     static let parameters = try! ChunkingParameters(algorithm: .contentAware, minSize: 16 << 10, avgSize: 64 << 10, maxSize: 256 << 10)
@@ -101,7 +101,7 @@ struct PlainCutsTests {
         let few = try PlainCuts(root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, maxChunks: 10, logger: .init(label: "test"))
         #expect(
             few.manifest(of: "big.bin", ticket: 2, inbox: inbox)
-                == .refused("the plain file has 200000 bytes, more than this node cuts for the mesh (10 chunks)"))
+                == .refused("the plain file has 200000 bytes, more than this node cuts (10 chunks)"))
         #expect(small.counters.failed == 1 && few.counters.failed == 1 && few.counters.cut == 0)
         // Once stopped, nothing more is cut (no request may wait on a cutter that is gone).
         _ = Self.write(t.storage + "/small.bin", seed: 10, count: 50_000)

@@ -35,7 +35,6 @@ import Testing
         counters.maxHopsRefused = 2
         counters.maxHopsSeen = 3
         counters.failovers = 1
-        counters.plainCuts = .init(cut: 3, failed: 1, chunksServed: 40, chunksStale: 2)
         var discovery = DiscoveryCounters()
         discovery.updates = 3
         discovery.members = 4
@@ -97,8 +96,6 @@ import Testing
             "stoq_mesh_adverts_originated_total 12", "stoq_mesh_adverts_duplicate_total 13",
             "stoq_mesh_max_hops_refused_total 2", "# TYPE stoq_mesh_max_hops_seen gauge", "stoq_mesh_max_hops_seen 3",
             "stoq_mesh_failovers_total 1", "stoq_mesh_route_computations_total 9",
-            #"stoq_mesh_plain_cuts_total{outcome="cut"} 3"#, #"stoq_mesh_plain_cuts_total{outcome="failed"} 1"#,
-            #"stoq_mesh_plain_chunks_total{outcome="served"} 40"#, #"stoq_mesh_plain_chunks_total{outcome="stale"} 2"#,
             #"stoq_mesh_discovery_updates_total{backend="dns"} 3"#,
             #"stoq_mesh_discovery_failures_total{backend="dns"} 1"#,
             #"stoq_mesh_discovery_recoveries_total{backend="dns"} 1"#,
@@ -204,9 +201,6 @@ import Testing
         c.maxHopsRefused = try u(cj, "max_hops_refused")
         c.maxHopsSeen = try u(cj, "max_hops_seen")
         c.failovers = try u(cj, "failovers")
-        c.plainCuts = .init(
-            cut: try u(cj, "plain_cuts"), failed: try u(cj, "plain_cuts_failed"), chunksServed: try u(cj, "plain_chunks_served"),
-            chunksStale: try u(cj, "plain_chunks_stale"))
         let neighbours = try #require(j["neighbours"] as? [[String: Any]]).map { n in
             MeshStatus.Neighbour(
                 url: try s(n, "url"), node: try s(n, "node"), state: try s(n, "state"),

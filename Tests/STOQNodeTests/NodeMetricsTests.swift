@@ -56,4 +56,23 @@ import STOQContent
         ).prometheus()
         #expect(!without.contains("stoq_limits_rate_limited_total") && without.contains("stoq_stored_bytes 5000"))
     }
+
+    @Test func plainCutFamiliesOnlyWhenTheNodeCuts() throws {
+        let cuts = PlainCuts.Counters(cut: 3, failed: 1, chunksServed: 40, chunksStale: 2)
+        let m = NodeMetrics(workers: [], store: nil, certificate: nil, edge: nil, plainCuts: cuts)
+        for line in [
+            "# TYPE stoq_content_plain_cuts_total counter",
+            #"stoq_content_plain_cuts_total{outcome="cut"} 3"#, #"stoq_content_plain_cuts_total{outcome="failed"} 1"#,
+            #"stoq_content_plain_chunks_total{outcome="served"} 40"#, #"stoq_content_plain_chunks_total{outcome="stale"} 2"#,
+        ] {
+            #expect(m.prometheus().contains("\n\(line)\n"), "\(line)")
+        }
+        let json = try #require(JSONSerialization.jsonObject(with: Data(m.json().utf8)) as? [String: Any])
+        let p = try #require(json["plain_cuts"] as? [String: UInt64])
+        #expect(p == ["cut": 3, "failed": 1, "chunks_served": 40, "chunks_stale": 2])
+        // chunking.cut_plain_files = false: no family that would read as "never cut".
+        let off = NodeMetrics(workers: [], store: nil, certificate: nil, edge: nil)
+        #expect(!off.prometheus().contains("stoq_content_plain"), "\(off.prometheus().split(separator: "\n").filter { $0.contains("plain") })")
+        #expect(!off.json().contains("plain_cuts"))
+    }
 }

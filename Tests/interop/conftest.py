@@ -169,6 +169,18 @@ def summed_counters(node, names):
     return {name: sum(int(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\d+)$", text, re.M)) for name in names}
 
 
+def plain_cuts(node):
+    """What the node's cutter of plain files did, from /metrics (None: the node cuts none)."""
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+
+    def sample(name, outcome):
+        m = re.search(rf'^{name}{{outcome="{outcome}"}} (\d+)$', text, re.M)
+        return int(m.group(1)) if m else None
+    return {"cut": sample("stoq_content_plain_cuts_total", "cut"), "failed": sample("stoq_content_plain_cuts_total", "failed"),
+            "served": sample("stoq_content_plain_chunks_total", "served"), "stale": sample("stoq_content_plain_chunks_total", "stale")}
+
+
 def metric_totals(node):
     """Every sample on the node's /metrics, summed over its labels: name -> total."""
     with urllib.request.urlopen(node.admin, timeout=10) as r:

@@ -15,11 +15,14 @@ import time
 
 import pytest
 
-from conftest import Node, free_port, metric_totals, random_file, run, sha256_file, stoq
+from conftest import Node, free_port, metric_totals, need_binary, plain_cuts, random_file, read_banner, run, sha256_file, stoq
 
 HERE = pathlib.Path(__file__).resolve().parent
 MiB = 1 << 20
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
+# This module's shared origin cuts no plain files: its plain tests test the edge's own cutting,
+# which serves origins that do not cut (test_a_plain_file_the_origin_cuts_… tests those that do).
+WHOLE = '[chunking]\ncut_plain_files = false\n'
 
 
 def metrics(node, settle=True):
@@ -65,7 +68,7 @@ def chunk_list(path):
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory):
-    n = Node(tmp_path_factory.mktemp("origin"), workers=2, extra=ADMIN)
+    n = Node(tmp_path_factory.mktemp("origin"), workers=2, extra=ADMIN + WHOLE)
     yield n
     assert n.stop() == 0
 
@@ -410,6 +413,61 @@ def test_ttl_expiry_and_origin_max_age_refetch_the_manifest(origin, tmp_path):
     finally:
         assert edge.stop() == 0
         assert short.stop() == 0
+
+
+def restart(node):
+    """Stops `node` and starts it again on its port, data and storage."""
+    assert node.stop() == 0
+    node.proc = subprocess.Popen([str(need_binary("stoq-node")), "--config", str(node.config)],
+                                 stdout=subprocess.PIPE, stderr=node.log, text=True)
+    read_banner(node)
+
+
+def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_restart(tmp_path):
+    """An origin asked for the manifest of a plain file cuts it (chunking.cut_plain_files, the
+    default) and answers with the cut: the edge fetches the object chunk by chunk, never whole,
+    and streams it as chunks arrive instead of after the whole download. The origin's cuts live
+    in its memory: after a restart it has none of the chunks the edge's manifest lists (404).
+    The edge then drops that manifest and, as nothing was sent yet, asks for it again: the
+    origin cuts the file again (the same chunks) and the request succeeds."""
+    origin = Node(tmp_path / "origin", workers=1, extra=ADMIN)
+    edge = None
+    try:
+        digest = origin.add_object("cut.bin", 12 * MiB + 5)
+        chunks = chunk_list(origin.storage / "cut.bin")
+        edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert))
+        r = get(edge, "cut.bin", tmp_path / "a.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "a.bin") == digest, r.stderr
+        e0 = metrics(edge)
+        assert e0["stoq_edge_origin_object_fetches_total"] == 0
+        assert e0["stoq_edge_origin_manifest_fetches_total"] == 1
+        assert e0["stoq_edge_origin_chunk_fetches_total"] >= len(chunks)
+        assert 12 * MiB <= e0["stoq_edge_origin_bytes_total"] < 12 * MiB + 200_000
+        cut = plain_cuts(origin)
+        assert (cut["cut"], cut["failed"], cut["stale"]) == (1, 0, 0) and cut["served"] >= len(chunks), cut
+        # The edge as a --chunked client sees it: the origin's cut, manifest and ids.
+        r = get(edge, "cut.bin", tmp_path / "b.bin", "--chunked")
+        assert r.returncode == 0 and sha256_file(tmp_path / "b.bin") == digest, r.stderr
+        # The edge loses its chunks (stopped; its manifest stays on disk), the origin its cuts.
+        assert edge.stop() == 0
+        for f in (tmp_path / "edge" / "content" / "edge" / "chunks").rglob("*"):
+            if f.is_file():
+                f.unlink()
+        restart(origin)
+        edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert))
+        r = get(edge, "cut.bin", tmp_path / "c.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "c.bin") == digest, r.stderr
+        e1 = metrics(edge)
+        assert e1["stoq_edge_manifests_forgotten_total"] == 1
+        assert e1["stoq_edge_origin_manifest_fetches_total"] == 1
+        assert e1["stoq_edge_origin_object_fetches_total"] == 0
+        assert plain_cuts(origin)["cut"] == 1
+        log = (tmp_path / "edge" / "node.log").read_text()
+        assert "cut.bin" in log and "asking for its manifest again" in log, log[-2000:]
+    finally:
+        if edge:
+            assert edge.stop() == 0
+        assert origin.stop() == 0
 
 
 def test_the_index_survives_kill_9_and_the_edge_serves_while_the_origin_is_down(tmp_path):

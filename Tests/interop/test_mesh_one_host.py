@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import free_port, metric_totals, need_binary, random_file, sha256_file, stoq
+from conftest import free_port, metric_totals, need_binary, plain_cuts, random_file, sha256_file, stoq
 from test_monitoring import start_node, stop
 
 
@@ -39,11 +39,12 @@ def certificates(tmp_path, names):
     return ca
 
 
-def mesh_config(tmp_path, ca, cert, peers, mesh=""):
+def mesh_config(tmp_path, ca, cert, peers, extra=""):
+    """A node's config: its certificate, the CA, its peers; `extra` (whole sections) appended."""
     urls = ", ".join(f'"https://[::1]:{p}"' for p in peers)
     return (f'[tls]\ncert_file = "{tmp_path}/{cert}.pem"\nkey_file = "{tmp_path}/{cert}.key"\n'
-            f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = [{urls}]\nprobe_interval = "100ms"\n{mesh}'
-            f'[routing]\nupdate_interval = "200ms"\n')
+            f'[trust]\nbundle = "{ca}/root.pem"\n[mesh]\npeers = [{urls}]\nprobe_interval = "100ms"\n'
+            f'[routing]\nupdate_interval = "200ms"\n{extra}')
 
 
 def wait_for_routes(nodes, count, timeout=30):
@@ -80,13 +81,13 @@ def test_nodes_sharing_an_address_relay_for_each_other(tmp_path):
             stop(n)
 
 
-def plain_file_fetched_at_a(tmp_path, ca, nodes, size, seed, mesh=""):
+def plain_file_fetched_at_a(tmp_path, ca, nodes, size, seed, extra=""):
     """A - B - C and D - B on [::1] (started into `nodes`, which the caller stops), `size`
     random bytes copied into C's storage.path as copied.bin and fetched at A, checked
     byte-identical: (ports, the file, every node's metrics before and after the fetch)."""
     ports = pa, pb, pc, pd = [free_port() for _ in range(4)]
     for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa, pc, pd]), ("c", pc, [pb]), ("d", pd, [pb])):
-        nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers, mesh)))
+        nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers, extra)))
     wait_for_routes(nodes, 3)
     src = random_file(tmp_path / "c" / "objects" / "copied.bin", size, seed)
     before = [metric_totals(n) for n in nodes]
@@ -98,7 +99,7 @@ def plain_file_fetched_at_a(tmp_path, ca, nodes, size, seed, mesh=""):
 
 def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(tmp_path):
     """A - B - C, and D - B: a 20 MB file an operator copied into C's storage.path. C, asked
-    for its manifest as the holder, cuts it (mesh.cut_plain_files, on by default) and answers
+    for its manifest as the holder, cuts it (chunking.cut_plain_files, on by default) and answers
     with the cut; A and B fetch it chunk by chunk (B relaying each chunk to C), never whole,
     and C reads each chunk from the file. D then gets it from B's chunks. Rewritten at C (a
     new version) and purged at A and B, it is cut again and the new bytes arrive; a chunk of
@@ -114,7 +115,7 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
             return mid[i].get(k, 0) - before[i].get(k, 0)
 
         def cuts():
-            return status(c)["counters"]
+            return plain_cuts(c)
         # Nobody fetched the object whole; A and B fetched chunks, C cut its file once and
         # served its chunks from it.
         for i in range(4):
@@ -123,24 +124,24 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
             assert moved(i, "stoq_edge_origin_chunk_fetches_total") > 0, i
             assert size <= moved(i, "stoq_edge_origin_bytes_total") < size + 100_000, (i, moved(i, "stoq_edge_origin_bytes_total"))
         cut = cuts()
-        assert (cut["plain_cuts"], cut["plain_cuts_failed"], cut["plain_chunks_stale"]) == (1, 0, 0), cut
+        assert (cut["cut"], cut["failed"], cut["stale"]) == (1, 0, 0), cut
         r = stoq("chunk", src, "--json")
         assert r.returncode == 0, r.stderr
         chunks = json.loads(r.stdout)["chunks"]
         # Every chunk once at least; more only for B's retries and hedges.
-        assert len(chunks) <= cut["plain_chunks_served"] <= moved(1, "stoq_edge_origin_chunk_fetches_total"), (len(chunks), cut)
+        assert len(chunks) <= cut["served"] <= moved(1, "stoq_edge_origin_chunk_fetches_total"), (len(chunks), cut)
         assert moved(2, "stoq_edge_origin_bytes_total") == 0
         # D, chunked: the manifest B fetched from C is an ordinary one, so B hands it on and
         # serves D its chunks from its cache; C serves no more chunks.
         r = stoq("get", f"https://[::1]:{pd}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "d.bin", "--chunked")
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "d.bin") == sha256_file(src)
-        assert cuts()["plain_chunks_served"] == cut["plain_chunks_served"]
+        assert cuts()["served"] == cut["served"]
         # At C itself, chunked: its own cut, no second one.
         r = stoq("get", f"https://[::1]:{pc}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "c.bin", "--chunked")
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "c.bin") == sha256_file(src)
-        assert cuts()["plain_cuts"] == 1
+        assert cuts()["cut"] == 1
         # A new version at C. A chunk of the first, asked of C as its holder (as a relay's last
         # hop asks): served from the file, then, once the file is rewritten, a 404.
         second = chunks[1]
@@ -151,7 +152,7 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
         src2 = random_file(tmp_path / "c" / "objects" / "copied.bin", size - 5, 32)
         r = stoq("get", relayed, "--ca", ca / "root.pem", "-o", tmp_path / "c2")
         assert r.returncode != 0 and "404" in r.stderr, r.stderr
-        assert cuts()["plain_chunks_stale"] == 1
+        assert cuts()["stale"] == 1
         # Purged at A and B, it is cut again and its new bytes arrive.
         for n in (a, b):
             r = stoq("edge", "purge", n.admin, "copied.bin")
@@ -159,14 +160,14 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
         r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "v2.bin")
         assert r.returncode == 0, r.stderr
         assert sha256_file(tmp_path / "v2.bin") == sha256_file(src2)
-        assert cuts()["plain_cuts"] == 2
+        assert cuts()["cut"] == 2
     finally:
         for n in nodes:
             stop(n)
 
 
 def test_a_plain_file_two_hops_away_is_found_and_relayed_whole(tmp_path):
-    """A - B - C, and D - B, with mesh.cut_plain_files = false: a file an operator copied into
+    """A - B - C, and D - B, with chunking.cut_plain_files = false: a file an operator copied into
     C's storage.path has no manifest anywhere, so the mesh's search found nothing ("no
     upstream has /manifests/…", 404 at A). Now a node whose manifest request got a 404 asks
     the same node for the object whole, through the same relays: B fetches it from C, cuts
@@ -176,7 +177,7 @@ def test_a_plain_file_two_hops_away_is_found_and_relayed_whole(tmp_path):
     ca = certificates(tmp_path, ("a", "b", "c", "d"))
     nodes = []
     try:
-        whole = "cut_plain_files = false\n"
+        whole = "[chunking]\ncut_plain_files = false\n"
         (pa, pb, pc, pd), src, before, mid = plain_file_fetched_at_a(tmp_path, ca, nodes, 5_000_000 + 7, 21, whole)
         a, b, c, d = nodes
         # A asks nearest first: B as a holder (nothing), then C and D through B, in either order.

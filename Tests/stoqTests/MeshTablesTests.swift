@@ -28,7 +28,6 @@ import Testing
 
                 adverts: 12 originated, 57 received, 41 accepted, 96 forwarded, 7 synchronized, 13 duplicate; refused bad_signature 1, stale 2
                 relay: 30 served, 18 forwarded, 2 refused over max_hops (most hops seen 3); 1 failovers, 9 route computations, 1 peers refused, 4 connect failures
-                plain files cut for the mesh: 3, 1 refused or given up; their chunks served 40, stale 2
 
                 """)
     }
