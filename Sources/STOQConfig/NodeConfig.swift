@@ -131,7 +131,7 @@ public struct NodeConfig: Sendable, Equatable {
         /// A node asked for the manifest of an object it keeps as a plain file (an edge, a
         /// mesh relay or a `--chunked` client) cuts the file with these parameters and answers
         /// with the cut (`PlainCuts`), so the object travels chunk by chunk; false: a 404, and
-        /// the asker fetches the object whole.
+        /// an edge or a mesh node fetches the object whole.
         public var cutPlainFiles = true
     }
     public struct Edge: Sendable, Equatable {

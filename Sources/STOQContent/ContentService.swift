@@ -139,8 +139,8 @@ public final class ContentService: QUICApplication {
     package var storePool: WorkPool?
     /// This worker's finished chunk writes; the worker drains it (`drainStores`) between batches.
     package let storeInbox = CompletionInbox<ChunkWrite>()
-    /// Cuts of this node's plain files for the mesh (the node's; nil: no mesh), and this
-    /// worker's inbox for the cuts it waits on (`drainCuts`).
+    /// Cuts of this node's plain files (the node's; nil: `chunking.cut_plain_files = false`),
+    /// and this worker's inbox for the cuts it waits on (`drainCuts`).
     package var plainCuts: PlainCuts?
     package let cutInbox = CompletionInbox<PlainCuts.Done>()
     /// Manifest requests waiting for a cut, by ticket.
@@ -266,14 +266,15 @@ public final class ContentService: QUICApplication {
 
     private func sendObject(
         _ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
-        _ connection: QUICConnection, hint: RelayHint? = nil, again: (manifest: [UInt8], request: HTTPRequest)? = nil
+        _ connection: QUICConnection, hint: RelayHint? = nil, again: (manifest: [UInt8], request: HTTPRequest)? = nil,
+        counted: Bool = true
     ) {
         guard
             let (status, headers, range) = ObjectService.bodyHead(
                 size: manifest.totalLength, etag: manifest.etag, cacheControl: edge ? nil : cacheControl,
                 request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
-        counters.objectsServed += 1
+        if counted { counters.objectsServed += 1 }
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
         if request.method == "HEAD" || length == 0 {
             connection.respond(stream, status: status, headers: headers, body: nil)
@@ -368,7 +369,7 @@ public final class ContentService: QUICApplication {
         respondChunk(bytes, head: head, stream, connection)
     }
 
-    /// A chunk the store lacks, from one of this node's plain files (cut for the mesh): served,
+    /// A chunk the store lacks, from one of this node's plain files (`PlainCuts`): served,
     /// or a 503 when a file that lists it cannot be read; false, having answered nothing, when
     /// no current cut lists it.
     private func servePlainChunk(_ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
@@ -401,7 +402,7 @@ public final class ContentService: QUICApplication {
     }
 
     /// The manifest of this node's plain file `name` (a plain file comes first, as for
-    /// `GET /objects/<name>`), cut for the mesh (`PlainCuts`): at once when its current version
+    /// `GET /objects/<name>`), cut (`PlainCuts`): at once when its current version
     /// is cut, else once the cut is done (`drainCuts`); a 404 when it will not be cut (the
     /// asker then fetches the object whole). False, having answered nothing, when the node has
     /// no plain file of that name.
@@ -460,7 +461,8 @@ public final class ContentService: QUICApplication {
     ) {
         let manifest: Manifest
         do { manifest = try Manifest(decoding: bytes) } catch { return fail(stream, connection, 502, "edge: cached manifest of \(name): \(error)") }
-        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request))
+        // A request asked again was counted the first time.
+        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request), counted: !again)
     }
 
     func serveEdgeManifest(

@@ -178,8 +178,9 @@ public final class EdgeCache: @unchecked Sendable {
     /// The same for a manifest, which the origin or a holder may be cutting from a plain file
     /// before it answers (`chunking.cut_plain_files`): longer than a stall, shorter than
     /// `requestTimeout` so that the next route is still tried. A holder that stops answering its
-    /// neighbours' probes is caught sooner, by `isDown`; an origin that stops answering at all,
-    /// by its connection's idle timeout.
+    /// neighbours' probes is caught sooner, by `isDown`. An origin that answers nothing is
+    /// given up on after this long, or after the stall when the cache holds an expired manifest
+    /// of the name, which is then served stale (docs/content.md "Origin down").
     public static let manifestTimeout: UInt64 = 20_000_000_000
 
     /// Where misses are fetched from: `edge.origin`, or the mesh.
@@ -903,12 +904,15 @@ public final class EdgeCache: @unchecked Sendable {
                     // A relay sends a plain object's first byte (or its range's) only once it has
                     // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a
                     // stall. A node (origin or holder) sends a plain file's manifest once it has
-                    // cut the file.
+                    // cut the file; an origin is given only the stall when its expired manifest
+                    // can be served instead.
                     var quiet = Self.stallTimeout
                     if got == 0 {
                         if a.attempt.holder != nil && (a.plain || a.source != nil) {
                             quiet = Self.requestTimeout
-                        } else if !a.plain, a.source == nil, case .manifest = a.key {
+                        } else if !a.plain, a.source == nil, case .manifest(let name) = a.key,
+                            a.attempt.holder != nil || lock.withLock({ manifests.peek(name) == nil })
+                        {
                             quiet = Self.manifestTimeout
                         }
                     }

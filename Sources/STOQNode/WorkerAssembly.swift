@@ -41,7 +41,7 @@ struct WorkerAssembly: @unchecked Sendable {
     let mesh: WorkerMesh
     /// The mesh service (probes, adverts, relays), when `[mesh]` is configured.
     let meshService: MeshService?
-    /// Cuts of the node's plain files for the mesh (with `meshService`).
+    /// Cuts of the node's plain files (`chunking.cut_plain_files`).
     let plainCuts: PlainCuts?
     /// Conditions, overwrite policy and quotas for every write (shared).
     let gate: ObjectGate?
@@ -152,7 +152,7 @@ struct WorkerAssembly: @unchecked Sendable {
             // store pool's; their answers go out here.
             if ingestOn { objects.drainIngest() }
             content.drainStores()
-            // Plain files are cut for the mesh on the cutter's thread.
+            // Plain files are cut on the cutter's thread.
             if cutsOn { content.drainCuts() }
         }
     }

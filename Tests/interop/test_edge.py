@@ -459,6 +459,7 @@ def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_r
         assert r.returncode == 0 and sha256_file(tmp_path / "c.bin") == digest, r.stderr
         e1 = metrics(edge)
         assert e1["stoq_edge_manifests_forgotten_total"] == 1
+        assert e1["stoq_content_objects_served_total"] == 1  # one request, asked again: counted once
         assert e1["stoq_edge_origin_manifest_fetches_total"] == 1
         assert e1["stoq_edge_origin_object_fetches_total"] == 0
         assert plain_cuts(origin)["cut"] == 1
