@@ -21,7 +21,7 @@ import Synchronization
 /// - Cuts run on one thread of their own, never a worker's, at most `maxQueued` files waiting;
 ///   the worker that asked is answered through its inbox (`Done`).
 /// - The SHA-256 of the whole file is taken from `user.stoq.object` when the attribute is
-///   current (one hashing pass instead of two).
+///   current (one hashing pass instead of two), and recorded there when a cut computed it.
 /// - At most `maxChunks` chunks are listed by the cuts kept, all together: a larger file is
 ///   not cut (it travels whole), and the oldest cuts go first.
 /// Thread-safe.
@@ -98,6 +98,8 @@ public final class PlainCuts: @unchecked Sendable {
     private let parameters: ChunkingParameters
     private let maxObjectSize: UInt64
     private let logger: Logger
+    /// Where a digest a cut computed is recorded (`user.stoq.object`); nil: nowhere.
+    private let digests: PlainDigests?
     private let pool: WorkPool
     private let stopping = Atomic<Bool>(false)
     private let lock = NSLock()
@@ -111,15 +113,18 @@ public final class PlainCuts: @unchecked Sendable {
     private var waiting: [String: [Waiter]] = [:]
     private var counterValues = Counters()
 
-    /// A cutter of the plain files under `root`, with the node's chunking parameters.
+    /// A cutter of the plain files under `root`, with the node's chunking parameters; the
+    /// digests its cuts compute are recorded through `digests` (the node's `ObjectGate`'s).
     public init(
-        root: String, parameters: ChunkingParameters, maxObjectSize: UInt64, maxChunks: Int = 1 << 20, logger: Logger
+        root: String, parameters: ChunkingParameters, maxObjectSize: UInt64, maxChunks: Int = 1 << 20,
+        digests: PlainDigests? = nil, logger: Logger
     ) throws {
         rootFD = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard rootFD >= 0 else { throw NodeError(.storage, "cannot open storage directory \(root): \(String(cString: strerror(errno)))") }
         self.parameters = parameters
         self.maxObjectSize = maxObjectSize
         self.maxChunks = maxChunks
+        self.digests = digests
         self.logger = logger
         pool = WorkPool(name: "stoq-cut", threads: 1)
     }
@@ -269,6 +274,10 @@ public final class PlainCuts: @unchecked Sendable {
         guard fstat(fd, &after) == 0, PlainDigests.Version(after) == PlainDigests.Version(before),
             chunker.bytesConsumed == size, let whole = digest ?? chunker.objectDigest
         else { return .failure(NodeError(.storage, "it changed while it was cut")) }
+        // A digest computed here is recorded, as a GET's would be: the file's ETag becomes its
+        // SHA-256, and its next cut (after a restart, or once this one is dropped) hashes each
+        // byte once.
+        if digest == nil, let digests { digests.record(name, fd: fd, sha256: whole.bytes, before: before) }
         do {
             let manifest = try Manifest(totalLength: size, digest: whole, parameters: parameters, chunks: entries).encode()
             return .success((Cut(version: PlainDigests.Version(before), manifest: manifest, ids: ids), pieces))

@@ -146,13 +146,26 @@ public final class PlainDigests: @unchecked Sendable {
             lock.withLock { counterValues.changed += 1 }
             return
         }
+        record(name, fd: fd, sha256: Array(hasher.finalize()), before: before, checked: true)
+    }
+
+    /// Records `sha256`, the digest of the plain file `name` (open as `fd`) as it was read
+    /// while its status was `before` (the caller checked it did not change while read), unless
+    /// it has a current one or cannot be given one. `checked`: the caller found the node may
+    /// write it and no digest recorded. Any thread (`PlainCuts` records what a cut computed).
+    func record(_ name: String, fd: Int32, sha256: [UInt8], before: stat, checked: Bool = false) {
+        let version = Version(before)
+        if !checked {
+            guard lock.withLock({ !off && !unrecordable.contains(version) }) else { return }
+            if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return }
+            guard faccessat(rootFD, name, W_OK, AT_EACCESS) == 0 else { return unrecorded(name, version, errno) }
+        }
         let owner = ObjectGate.readMeta(fd)?.owner ?? ""
-        let sha256 = Array(hasher.finalize())
         if ObjectGate.writeMeta(fd, sha256: sha256, owner: owner, stamp: ObjectGate.stamp(before)) {
             lock.withLock { counterValues.recorded += 1 }
             return
         }
-        unrecorded(name, asked, errno)
+        unrecorded(name, version, errno)
     }
 
     /// The digest of `name` cannot be recorded (`error`): not for this version, or (the storage

@@ -170,7 +170,8 @@ public final class Node: @unchecked Sendable {
     private func makePlainCuts(_ cfg: NodeConfig) throws -> PlainCuts? {
         guard cfg.chunking.cutPlainFiles else { return nil }
         let cuts = try PlainCuts(
-            root: cfg.storage.path, parameters: cfg.chunking.parameters(), maxObjectSize: cfg.storage.maxObjectSize, logger: logger)
+            root: cfg.storage.path, parameters: cfg.chunking.parameters(), maxObjectSize: cfg.storage.maxObjectSize,
+            digests: gate?.digests, logger: logger)
         plainCuts = cuts
         return cuts
     }

@@ -42,6 +42,37 @@ struct PlainCutsTests {
         return bytes
     }
 
+    /// The SHA-256 a cut computed is recorded beside the file (as a GET's digest would be), so
+    /// its ETag becomes its digest and the next cut, by a node started again, takes it from
+    /// there; a file with a current one is left as it is.
+    @Test func aCutRecordsTheDigestItComputed() throws {
+        let t = try makeTempNodeStore("plain-cuts-digest")
+        defer { try? FileManager.default.removeItem(atPath: t.dir) }
+        let bytes = Self.write(t.storage + "/d.bin", seed: 9, count: 300_001)
+        let rootFD = open(t.storage, O_RDONLY | O_DIRECTORY)
+        defer { close(rootFD) }
+        let digests = PlainDigests(rootFD: rootFD, logger: .init(label: "test"))
+        func recorded() -> String? {
+            let fd = open(t.storage + "/d.bin", O_RDONLY)
+            defer { close(fd) }
+            return ObjectGate.readMeta(fd)?.sha256
+        }
+        guard recorded() == nil else { return }  // (a storage that keeps xattrs from elsewhere: nothing to learn)
+        let inbox = CompletionInbox<PlainCuts.Done>()
+        for round in 0..<2 {
+            let cuts = try PlainCuts(
+                root: t.storage, parameters: Self.parameters, maxObjectSize: 1 << 30, digests: digests, logger: .init(label: "test"))
+            #expect(cuts.manifest(of: "d.bin", ticket: UInt64(round), inbox: inbox) == .cutting)
+            let m = try #require(Self.done(inbox).first?.manifest)
+            #expect(try Manifest(decoding: m).digest == ContentDigest.sha256(bytes))
+            cuts.stop()
+        }
+        // Storages without user xattrs (some tmpfs) record nothing: counted, not recorded.
+        guard digests.counters.unrecorded == 0 else { return }
+        #expect(recorded() == ContentDigest.sha256(bytes).hex)
+        #expect(digests.counters.recorded == 1)  // the second cut found it current
+    }
+
     @Test func aPlainFileIsCutOnceAndItsChunksAreReadFromIt() throws {
         let t = try makeTempNodeStore("plain-cuts")
         defer { try? FileManager.default.removeItem(atPath: t.dir) }
