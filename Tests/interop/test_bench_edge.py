@@ -1,21 +1,26 @@
-"""scripts/bench-edge --mesh --json on a small object: the three fetch paths through a mesh
-(a chunked object, a plain file cut by its holder, a plain file whole) run, are byte-identical
-(the script exits 1 otherwise), and report their keys. Timings are the benchmark's business,
-never asserted here."""
+"""scripts/bench-edge --json on a small object: --mesh runs the three fetch paths through a mesh
+(a chunked object, a plain file cut by its holder, a plain file whole), --plain an edge in
+front of an origin that cuts plain files and one that does not; all byte-identical (the script
+exits 1 otherwise), with their keys. Timings are the benchmark's business, never asserted here."""
 import json
 import subprocess
 
 from conftest import ROOT, bin_dir, need_binary
 
 
-def test_mesh_mode_runs_all_three_paths(tmp_path):
+def bench_edge(tmp_path, mode):
+    """scripts/bench-edge `mode` on 3 MB, one run, one worker: its JSON (it exited 0)."""
     need_binary("stoq-node")
     need_binary("stoq")
-    r = subprocess.run([str(ROOT / "scripts" / "bench-edge"), "--mesh", "--bytes", "3000007", "--runs", "1", "--workers", "1",
+    r = subprocess.run([str(ROOT / "scripts" / "bench-edge"), mode, "--bytes", "3000007", "--runs", "1", "--workers", "1",
                         "--bin", str(bin_dir()), "--dir", str(tmp_path), "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    result = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_mesh_mode_runs_all_three_paths(tmp_path):
+    result = bench_edge(tmp_path, "--mesh")
     for key in ("chunked", "plain_cut", "plain_whole"):
         assert result[key]["first_s"] > 0 and result[key]["second_s"] > 0, (key, result[key])
         assert len(result[key]["runs"]) == 1
@@ -29,13 +34,7 @@ def test_plain_mode_compares_an_origin_that_cuts_with_one_that_does_not(tmp_path
     """--plain: the same plain file through an edge from an origin that cuts it (the edge asks
     for a manifest and chunks, never the object whole) and from one that does not (the object
     whole, once), byte-identical both ways, with the first-byte times reported."""
-    need_binary("stoq-node")
-    need_binary("stoq")
-    r = subprocess.run([str(ROOT / "scripts" / "bench-edge"), "--plain", "--bytes", "3000007", "--runs", "1", "--workers", "1",
-                        "--bin", str(bin_dir()), "--dir", str(tmp_path), "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    plain = json.loads(r.stdout)["plain"]
+    plain = bench_edge(tmp_path, "--plain")["plain"]
     cut, whole = plain["cut"], plain["whole"]
     assert cut["first_byte_s"] > 0 and whole["first_byte_s"] > 0, plain
     assert cut["edge_first"]["stoq_edge_origin_object_fetches_total"] == 0, cut
