@@ -403,7 +403,7 @@ package struct NodeMetrics {
             family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
             family(
                 "stoq_plain_digests_total", "counter",
-                "Plain files served without a SHA-256 that were hashed in the background: recorded (their ETag since), changed while read, or not recordable.",
+                "Plain files without a SHA-256 hashed in the background (after a GET) or by a cut: recorded (their ETag since), changed while read, or not recordable.",
                 [
                     ("{outcome=\"recorded\"}", l.gate.digests.recorded), ("{outcome=\"changed\"}", l.gate.digests.changed),
                     ("{outcome=\"unrecorded\"}", l.gate.digests.unrecorded),

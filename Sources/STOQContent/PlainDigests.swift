@@ -11,7 +11,8 @@ import STOQCore
 /// thread, under SCHED_IDLE so that it only ever takes time no worker wants, reads the file
 /// and records the digest in `user.stoq.object` (`ObjectGate.writeMeta`: format 2,
 /// with the size and mtime it belongs to, keeping any owner), so the responses after it carry
-/// the digest as their ETag.
+/// the digest as their ETag. A cut of the file (`PlainCuts`) that computed the digest records
+/// it the same way (`record`), so the file's ETag can change without a GET.
 ///
 /// - A file that changes while it is read keeps no digest (`changed`); the next GET asks again.
 /// - A file the node may not change is not read at all, and one whose attribute could not be
@@ -146,26 +147,26 @@ public final class PlainDigests: @unchecked Sendable {
             lock.withLock { counterValues.changed += 1 }
             return
         }
-        record(name, fd: fd, sha256: Array(hasher.finalize()), before: before, checked: true)
+        record(name, fd: fd, sha256: Array(hasher.finalize()), before: before)
     }
 
     /// Records `sha256`, the digest of the plain file `name` (open as `fd`) as it was read
     /// while its status was `before` (the caller checked it did not change while read), unless
-    /// it has a current one or cannot be given one. `checked`: the caller found the node may
-    /// write it and no digest recorded. Any thread (`PlainCuts` records what a cut computed).
-    func record(_ name: String, fd: Int32, sha256: [UInt8], before: stat, checked: Bool = false) {
+    /// it has a current one or cannot be given one. Any thread (`PlainCuts` records what a cut
+    /// computed): the check and the write are one step under the lock, so a file hashed by
+    /// both is recorded once.
+    func record(_ name: String, fd: Int32, sha256: [UInt8], before: stat) {
         let version = Version(before)
-        if !checked {
-            guard lock.withLock({ !off && !unrecordable.contains(version) }) else { return }
-            if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return }
-            guard faccessat(rootFD, name, W_OK, AT_EACCESS) == 0 else { return unrecorded(name, version, errno) }
+        let failed: Int32? = lock.withLock {
+            guard !off, !unrecordable.contains(version) else { return nil }
+            if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return nil }  // recorded meanwhile
+            guard faccessat(rootFD, name, W_OK, AT_EACCESS) == 0 else { return errno }
+            let owner = ObjectGate.readMeta(fd)?.owner ?? ""
+            guard ObjectGate.writeMeta(fd, sha256: sha256, owner: owner, stamp: ObjectGate.stamp(before)) else { return errno }
+            counterValues.recorded += 1
+            return nil
         }
-        let owner = ObjectGate.readMeta(fd)?.owner ?? ""
-        if ObjectGate.writeMeta(fd, sha256: sha256, owner: owner, stamp: ObjectGate.stamp(before)) {
-            lock.withLock { counterValues.recorded += 1 }
-            return
-        }
-        unrecorded(name, version, errno)
+        if let failed { unrecorded(name, version, failed) }
     }
 
     /// The digest of `name` cannot be recorded (`error`): not for this version, or (the storage
