@@ -159,10 +159,10 @@ public final class PlainDigests: @unchecked Sendable {
         let version = Version(before)
         let failed: Int32? = lock.withLock {
             guard !off, !unrecordable.contains(version) else { return nil }
-            if let meta = ObjectGate.readMeta(fd), let s = meta.stamp, s == ObjectGate.stamp(before) { return nil }  // recorded meanwhile
+            let meta = ObjectGate.readMeta(fd)
+            if let s = meta?.stamp, s == ObjectGate.stamp(before) { return nil }  // recorded meanwhile
             guard faccessat(rootFD, name, W_OK, AT_EACCESS) == 0 else { return errno }
-            let owner = ObjectGate.readMeta(fd)?.owner ?? ""
-            guard ObjectGate.writeMeta(fd, sha256: sha256, owner: owner, stamp: ObjectGate.stamp(before)) else { return errno }
+            guard ObjectGate.writeMeta(fd, sha256: sha256, owner: meta?.owner ?? "", stamp: ObjectGate.stamp(before)) else { return errno }
             counterValues.recorded += 1
             return nil
         }

@@ -402,14 +402,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// the upstream again. Its chunks stay: they are named by their content, so they are still
     /// right for whatever version comes next. False when the cache held no manifest of `name`.
     public func purge(_ name: String) -> Bool {
-        let held = lock.withLock {
-            guard manifests.peek(name) != nil else { return false }
-            manifests.remove(name)
-            counterValues.purges += 1
-            return true
-        }
-        if held { unlink(manifestFile(name)) }
-        return held
+        dropManifest(name, counted: \.purges) { _ in true }
     }
 
     /// Drops the manifest of `name` if it is still `bytes`: the upstream answered 404 for a chunk
@@ -418,15 +411,18 @@ public final class EdgeCache: @unchecked Sendable {
     /// expires. A newer manifest, kept since, stays. Returns whether it was dropped.
     @discardableResult
     public func forgetManifest(_ name: String, ifStill bytes: [UInt8]) -> Bool {
-        dropManifest(name) { $0.bytes == bytes }
+        dropManifest(name, counted: \.manifestsForgotten) { $0.bytes == bytes }
     }
 
-    /// Drops the manifest of `name` (and its file) when `which` holds for it; returns whether it did.
-    private func dropManifest(_ name: String, counted: Bool = true, where which: (EdgeManifests.Entry) -> Bool) -> Bool {
+    /// Drops the manifest of `name` (and its file) when `which` holds for it, counting it in
+    /// `counted` if given; returns whether it did.
+    private func dropManifest(
+        _ name: String, counted: WritableKeyPath<Counters, UInt64>? = nil, where which: (EdgeManifests.Entry) -> Bool
+    ) -> Bool {
         let held = lock.withLock { () -> Bool in
             guard let e = manifests.peek(name), which(e) else { return false }
             manifests.remove(name)
-            if counted { counterValues.manifestsForgotten += 1 }
+            if let counted { counterValues[keyPath: counted] += 1 }
             return true
         }
         if held { unlink(manifestFile(name)) }
@@ -614,7 +610,7 @@ public final class EdgeCache: @unchecked Sendable {
                 // Gone upstream: so is its manifest here. A relayed manifest request (which never
                 // asks for the object whole) learns only that the holder has no manifest, which a
                 // plain object cut here never had: that cut stays.
-                if case .manifest(let name) = a.key { _ = dropManifest(name, counted: false) { a.fetchKey.whole || !$0.plain } }
+                if case .manifest(let name) = a.key { _ = dropManifest(name) { a.fetchKey.whole || !$0.plain } }
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
                     return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
                 }
@@ -1183,7 +1179,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// Drops the manifest cut here from the plain object `name` (the object changed or went
     /// upstream), if it is still `cut` (a newer cut, kept since, stays).
     private func dropCut(_ name: String, ifStill cut: [UInt8]) {
-        _ = dropManifest(name, counted: false) { $0.plain && $0.bytes == cut }
+        _ = dropManifest(name) { $0.plain && $0.bytes == cut }
     }
 
     /// Rebuilds `plainChunks` from the plain manifests held now, decoding them outside the
