@@ -69,7 +69,8 @@ extension ContentService {
                 return serveManifest(name, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }
-            serveEdgeManifest(edge, name, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
+            serveEdgeManifest(
+                edge, name, head: head, revalidate: request.noCache, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
         }
     }
 

@@ -220,7 +220,7 @@ public final class ContentService: QUICApplication {
         case "GET", "HEAD":
             let head = request.method == "HEAD"
             if let plainCuts, servePlainCut(plainCuts, name, head: head, stream, connection) { return }
-            if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: head, stream, connection) }
+            if let edge, !hasObject(name) { return serveEdgeManifest(edge, name, head: head, revalidate: request.noCache, stream, connection) }
             serveManifest(name, head: head, stream, connection)
         case "PUT":
             // Conditions and policy now (the length is known once the manifest is read).
@@ -444,14 +444,18 @@ public final class ContentService: QUICApplication {
     // MARK: - Edge cache
 
     /// `GET /objects/<name>` on an edge node for an object it does not store itself (`hint`:
-    /// relayed for a holder, `RelayHint.whole`).
+    /// relayed for a holder, `RelayHint.whole`). `again`: the manifest listed a chunk its
+    /// upstream no longer has, so it is asked for past every cache on the way (a relay's copy
+    /// lists the same chunks; the holder or origin cuts its plain file again).
     func serveEdgeObject(
         _ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil, again: Bool = false
     ) {
         guard let edge else { return }
         if !again { counters.edgeRequests += 1 }
-        if let m = edge.manifest(name), m.fresh { return sendEdgeObject(name, m.bytes, request, stream, connection, hint: hint, again: again) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
+        if !again, let m = edge.manifest(name), m.fresh {
+            return sendEdgeObject(name, m.bytes, request, stream, connection, hint: hint, again: again)
+        }
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream), revalidate: again)] =
             .object(name, request, hint, again: again, stream, connection)
     }
 
@@ -465,13 +469,18 @@ public final class ContentService: QUICApplication {
         sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request), counted: !again)
     }
 
+    /// `GET /manifests/<name>` on an edge node that does not store the object. `revalidate`
+    /// (the request's `Cache-Control: no-cache`): asked upstream even when a fresh copy is here.
     func serveEdgeManifest(
-        _ edge: EdgeCache, _ name: String, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil
+        _ edge: EdgeCache, _ name: String, head: Bool, revalidate: Bool, _ stream: HTTPStream, _ connection: QUICConnection,
+        hint: RelayHint? = nil
     ) {
         counters.edgeRequests += 1
         let relayed = hint != nil
-        if let m = edge.manifest(name, relayed: relayed), m.fresh { return respondManifest(m.bytes, head: head, origin: false, stream, connection) }
-        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] =
+        if !revalidate, let m = edge.manifest(name, relayed: relayed), m.fresh {
+            return respondManifest(m.bytes, head: head, origin: false, stream, connection)
+        }
+        edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream), revalidate: revalidate)] =
             .manifest(name, head: head, relayed: relayed, stream, connection)
     }
 

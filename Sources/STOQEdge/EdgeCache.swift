@@ -225,19 +225,22 @@ public final class EdgeCache: @unchecked Sendable {
     /// and whether a manifest the holder lacks may be fetched as the object whole and cut here
     /// (`RelayHint.whole`; always for this node's own requests). Relays for a holder never join
     /// this node's own search for the same key: a request that came back around a loop would
-    /// otherwise wait on itself.
+    /// otherwise wait on itself. `revalidate`: past every cache on the way (`fetch`), never
+    /// joined by a fetch that a cache may answer, nor the other way round.
     struct FetchKey: Hashable {
         var key: Key
         var holder: String?
         var whole: Bool
+        var revalidate: Bool
 
-        init(_ key: Key, _ hint: RelayHint?) {
-            (self.key, holder, whole) = (key, hint?.holder, hint?.whole ?? true)
+        init(_ key: Key, _ hint: RelayHint?, revalidate: Bool) {
+            (self.key, holder, whole, self.revalidate) = (key, hint?.holder, hint?.whole ?? true, revalidate)
         }
     }
     private var inflight: [FetchKey: [Waiter]] = [:]
-    /// A fetch to start: what, for which relay, and the trace of the request that asked.
-    typealias Job = (key: Key, hint: RelayHint?, trace: ServiceContext?)
+    /// A fetch to start: what, for which relay, the trace of the request that asked, and
+    /// whether it goes past every cache on the way.
+    typealias Job = (key: Key, hint: RelayHint?, trace: ServiceContext?, revalidate: Bool)
     private var jobs: [Job] = []
     /// When `[tracing]` is on: each upstream request is a client span in the trace of the
     /// request that started the fetch, and carries it on in `traceparent`. Set before `start`.
@@ -440,8 +443,13 @@ public final class EdgeCache: @unchecked Sendable {
     /// already holds completes at once; a key already in flight is joined, not refetched.
     /// `hint` names the holder when this node relays a request addressed to it; `trace` is the
     /// context of the traced request that asked (a fetch joined later stays in the first one's trace).
+    /// `revalidate`: each request upstream carries `Cache-Control: no-cache`, so edges and relays
+    /// on the way ask their own upstream instead of answering from a cached copy, and the
+    /// holder or origin answers (which cuts a plain file again if its cut is gone).
     @discardableResult
-    public func fetch(_ key: Key, inbox: Inbox?, hint: RelayHint? = nil, trace: ServiceContext? = nil) -> UInt64 {
+    public func fetch(
+        _ key: Key, inbox: Inbox?, hint: RelayHint? = nil, trace: ServiceContext? = nil, revalidate: Bool = false
+    ) -> UInt64 {
         let ticket = inbox == nil ? 0 : tickets.add(1, ordering: .relaxed).newValue
         var immediate = false
         var signal = false
@@ -450,14 +458,14 @@ public final class EdgeCache: @unchecked Sendable {
                 immediate = true
                 return
             }
-            let fk = FetchKey(key, hint)
+            let fk = FetchKey(key, hint, revalidate: revalidate)
             if inflight[fk] != nil {
                 if let inbox { inflight[fk]!.append(Waiter(inbox: inbox, ticket: ticket)); counterValues.coalesced += 1 }
                 return
             }
             if case .chunk = key { counterValues.misses += 1 }
             inflight[fk] = inbox.map { [Waiter(inbox: $0, ticket: ticket)] } ?? []
-            jobs.append((key, hint, trace))
+            jobs.append((key, hint, trace, revalidate))
             signal = true
         }
         if immediate { inbox?.post(Completion(ticket: ticket, failure: nil)) }
@@ -503,7 +511,8 @@ public final class EdgeCache: @unchecked Sendable {
     struct Active {
         var key: Key
         var hint: RelayHint?
-        var fetchKey: FetchKey { FetchKey(key, hint) }
+        var revalidate = false
+        var fetchKey: FetchKey { FetchKey(key, hint, revalidate: revalidate) }
         var fd: Int32
         var started: UInt64
         var attempt: UpstreamAttempt
@@ -553,6 +562,9 @@ public final class EdgeCache: @unchecked Sendable {
     /// A cached manifest's file (the fetcher's own copy of `EdgeManifests`' directory, so
     /// that it never reads the struct another thread may be changing under the lock).
     private func manifestFile(_ name: String) -> String { manifestDir + "/" + name }
+
+    /// What a revalidating fetch (`fetch(revalidate:)`) adds to each request upstream.
+    static let revalidateHeader = ("cache-control", "no-cache")
 
     static func resource(_ key: Key) -> UpstreamResource {
         switch key {
@@ -632,6 +644,7 @@ public final class EdgeCache: @unchecked Sendable {
             a.progressAt = DispatchTime.now().uptimeNanoseconds
             a.submittedAt = a.progressAt
             var headers = a.attempt.headers
+            if a.revalidate { headers.append(Self.revalidateHeader) }
             a.span = nil
             if let tracer, let trace = a.trace {
                 let span = tracer.clientSpan(
@@ -789,7 +802,7 @@ public final class EdgeCache: @unchecked Sendable {
                 } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")
-                    for j in backlog { originFailed(FetchKey(j.key, j.hint), Failure(status: 502, reason: why)) }
+                    for j in backlog { originFailed(FetchKey(j.key, j.hint, revalidate: j.revalidate), Failure(status: 502, reason: why)) }
                     backlog.removeAll()
                     _ = wake.wait(timeout: .now() + .milliseconds(500))
                     continue
@@ -798,11 +811,11 @@ public final class EdgeCache: @unchecked Sendable {
             }
             guard let p = pool else { continue }
             while !backlog.isEmpty && active.count < Self.maxInFlight && !retrusting {
-                let (key, hint, trace) = backlog.removeFirst()
+                let (key, hint, trace, revalidate) = backlog.removeFirst()
                 let fd = stoq_memfd("stoq-edge-fetch")
                 guard fd >= 0 else {
                     originFailed(
-                        FetchKey(key, hint), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
+                        FetchKey(key, hint, revalidate: revalidate), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
                     continue
                 }
                 let t = DispatchTime.now().uptimeNanoseconds
@@ -811,11 +824,12 @@ public final class EdgeCache: @unchecked Sendable {
                 guard let first = attempts(for: key, hint, source).first else {
                     giveUp(
                         Active(
-                            key: key, hint: hint, fd: fd, started: t, attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [],
-                            progressAt: t, trace: trace))
+                            key: key, hint: hint, revalidate: revalidate, fd: fd, started: t,
+                            attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [], progressAt: t, trace: trace))
                     continue
                 }
-                var a = Active(key: key, hint: hint, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
+                var a = Active(
+                    key: key, hint: hint, revalidate: revalidate, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
                 a.source = source
                 if case .manifest(let name) = key, a.fetchKey.whole, let whole = first.whole(name),
                     let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes)

@@ -69,7 +69,7 @@ public enum HTTPRequestHead {
     public static func parse(_ fields: [HTTPField], sectionSize: Int, hasBody: Bool) -> HTTPRequest {
         var method: String?, path: String?, authority = "", range = "", traceparent = "", tracestate = ""
         var authorization = "", ifMatch = "", ifNoneMatch = "", via = ""
-        var scheme = false, pathLength = 0
+        var scheme = false, pathLength = 0, noCache = false
         var repeated: String?, methodTooLong = false
         var contentLength: Int64?
         for f in fields {
@@ -94,6 +94,7 @@ public enum HTTPRequestHead {
             case "via" where f.valueLength == f.value.utf8.count: via = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
+            case "cache-control": noCache = noCache || names(f.value, directive: "no-cache")
             default: break
             }
         }
@@ -113,7 +114,13 @@ public enum HTTPRequestHead {
             authority: authority, range: range, contentLength: contentLength, pathTooLong: pathTooLong,
             malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
             traceparent: traceparent, tracestate: tracestate, authorization: authorization, ifMatch: ifMatch,
-            ifNoneMatch: ifNoneMatch, via: via)
+            ifNoneMatch: ifNoneMatch, via: via, noCache: noCache)
+    }
+
+    /// Whether the comma-separated list `value` names `directive` (without an argument),
+    /// ignoring case and blanks (a token has none inside).
+    static func names(_ value: String, directive: String) -> Bool {
+        value.split(separator: ",").contains { $0.lowercased().filter { $0 != " " && $0 != "\t" } == directive }
     }
 
     /// `s` cut to at most `limit` UTF-8 bytes, at a character boundary. Cutting inside a

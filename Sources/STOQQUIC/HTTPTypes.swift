@@ -38,6 +38,9 @@ public struct HTTPRequest: Sendable {
     /// `Via` (RFC 9110 §7.6.3), "" when absent or cut: the intermediaries the request came
     /// through (a mesh relay names the nodes on its path: `3 <node id>, 3 <node id>`).
     public var via = ""
+    /// `Cache-Control` names `no-cache` (RFC 9111 §5.2.1.4): a cache must not answer from a
+    /// stored copy without asking its upstream. An edge or mesh relay honours it for manifests.
+    public var noCache = false
     /// Who sent the request, as the node's access policy identified it (set before the
     /// request reaches a service): `token:<subject>`, `cert:<subject>`, or `addr:<prefix>/64`
     /// for anonymous clients. The key quotas, rate limits and object ownership use.

@@ -64,6 +64,19 @@ struct HTTPRequestHeadTests {
         #expect(cut.authorization.isEmpty && cut.refusal == nil)
     }
 
+    /// `Cache-Control: no-cache` in any field, among other directives and in any case, asks
+    /// caches to go upstream; other directives, and `no-cache` as a part of one, do not.
+    @Test func noCacheIsFoundAmongTheDirectives() {
+        #expect(!parse(fields()).noCache)
+        for v in ["no-cache", "max-age=0, No-Cache", " no-cache ,no-store"] {
+            #expect(parse(fields([HTTPField("cache-control", v)])).noCache, "\(v)")
+        }
+        for v in ["no-store", "max-age=0", "no-cache-please", "x-no-cache", ""] {
+            #expect(!parse(fields([HTTPField("cache-control", v)])).noCache, "\(v)")
+        }
+        #expect(parse(fields([HTTPField("cache-control", "max-age=5"), HTTPField("cache-control", "no-cache")])).noCache)
+    }
+
     @Test(arguments: [":method", ":path", ":scheme"])
     func aMissingPseudoHeaderIs400(_ name: String) {
         let r = parse(fields().filter { $0.name != name })

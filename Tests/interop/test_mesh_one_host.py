@@ -166,6 +166,46 @@ def test_a_plain_file_two_hops_away_is_cut_by_its_holder_and_fetched_by_chunks(t
             stop(n)
 
 
+def test_a_restarted_holder_cuts_again_for_a_request_past_a_relays_cached_manifest(tmp_path):
+    """A - B - C (and D - B): a plain file at C fetched at A by chunks leaves its manifest
+    cached at A and at relay B. C restarts (its cut was in memory) while A and B lose the
+    chunks (deleted while stopped; their manifests stay). A's first chunk is then a 404: A drops
+    its manifest and asks again with `Cache-Control: no-cache`, which B honours by asking C
+    instead of answering from its fresh copy, so C cuts the file again and the GET succeeds.
+    Before, B answered the re-ask from its cache, and A's GET failed with the 404 until B's
+    manifest expired (1 h by default)."""
+    ca = certificates(tmp_path, ("a", "b", "c", "d"))
+    nodes = []
+    try:
+        (pa, pb, pc, pd), src, _, _ = plain_file_fetched_at_a(tmp_path, ca, nodes, 8_000_000 + 3, 41)
+        for n in nodes[:3]:
+            stop(n)
+        for name in ("a", "b"):
+            for f in (tmp_path / name / "content" / "edge" / "chunks").rglob("*"):
+                if f.is_file():
+                    f.unlink()
+        for i, (name, port, peers) in enumerate((("c", pc, [pb]), ("b", pb, [pa, pc, pd]), ("a", pa, [pb]))):
+            nodes[2 - i] = start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers))
+        a, b, c, _ = nodes
+        wait_for_routes(nodes, 3)
+        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "again.bin")
+        assert r.returncode == 0, r.stderr
+        assert sha256_file(tmp_path / "again.bin") == sha256_file(src)
+        # Counters start again with each node: A forgot its manifest once and asked again; B,
+        # holding a fresh one, asked upstream (relaying to C, and searching the mesh when A
+        # asked it as a possible holder); C cut the file once more.
+        am, bm = metric_totals(a), metric_totals(b)
+        assert am["stoq_edge_manifests_forgotten_total"] == 1, am
+        assert am["stoq_edge_origin_object_fetches_total"] == bm["stoq_edge_origin_object_fetches_total"] == 0
+        assert bm["stoq_edge_origin_manifest_fetches_total"] >= 1, bm
+        assert plain_cuts(c)["cut"] == 1
+        a.log.seek(0)
+        assert "copied.bin" in (log := a.log.read()) and "asking for its manifest again" in log, log[-2000:]
+    finally:
+        for n in nodes:
+            stop(n)
+
+
 def test_a_plain_file_two_hops_away_is_found_and_relayed_whole(tmp_path):
     """A - B - C, and D - B, with chunking.cut_plain_files = false: a file an operator copied into
     C's storage.path has no manifest anywhere, so the mesh's search found nothing ("no
