@@ -81,8 +81,9 @@ public final class ContentService: QUICApplication {
         /// why, not a 200 reset before its first byte.
         var head: (status: Int, headers: [(String, String)])?
         /// An edge object: the manifest it is sent from and the request, asked again once (the
-        /// manifest first) when the upstream has none of a chunk the manifest lists; nil for a
-        /// request asked again, and for this node's own objects.
+        /// manifest first) when the upstream has none of a chunk the manifest lists, or once
+        /// bytes went out, carried on if the manifest comes back the same; nil for a request
+        /// asked again or carried on, and for this node's own objects.
         var again: (manifest: [UInt8], request: HTTPRequest)?
     }
 
@@ -94,15 +95,22 @@ public final class ContentService: QUICApplication {
         case manifest(String, head: Bool, relayed: Bool, HTTPStream, QUICConnection)
         case chunk(ChunkID, head: Bool, HTTPStream, QUICConnection)
         case objectChunk(HTTPStream, QUICConnection)
+        /// An object whose chunk the upstream lacked after bytes went out: its manifest asked
+        /// for again, the send carried on if it comes back as `manifest`.
+        case resume(manifest: [UInt8], HTTPStream, QUICConnection)
 
         var stream: HTTPStream {
             switch self {
-            case .object(_, _, _, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _): return s
+            case .object(_, _, _, _, let s, _), .manifest(_, _, _, let s, _), .chunk(_, _, let s, _), .objectChunk(let s, _),
+                .resume(_, let s, _):
+                return s
             }
         }
         var connection: QUICConnection {
             switch self {
-            case .object(_, _, _, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c): return c
+            case .object(_, _, _, _, _, let c), .manifest(_, _, _, _, let c), .chunk(_, _, _, let c), .objectChunk(_, let c),
+                .resume(_, _, let c):
+                return c
             }
         }
     }
@@ -540,15 +548,25 @@ public final class ContentService: QUICApplication {
                 if let f = c.failure {
                     if f.status == 404, let again = send.again {
                         // The upstream lists no such chunk: its cut of a plain file went with a
-                        // restart or its bound, or the object changed there. The manifest goes;
-                        // a request that has sent nothing yet asks for it again, once.
+                        // restart or its bound, or the object changed there. The manifest goes
+                        // and is asked for again, once: a request that has sent nothing yet
+                        // starts over with it; one that has goes on if it is the same (a cut
+                        // made again), and is reset if not.
                         edge.forgetManifest(send.name, ifStill: again.manifest)
                         if send.head != nil {
                             logger.warning("object \(send.name): \(f.reason); asking for its manifest again")
                             sends[stream] = nil
                             serveEdgeObject(send.name, again.request, stream, connection, hint: send.hint, again: true)
-                            continue
+                        } else {
+                            logger.warning("object \(send.name): \(f.reason); asking for its manifest again to go on")
+                            send.again = nil
+                            send.waiting = true
+                            sends[stream] = send
+                            let ticket = edge.fetch(
+                                .manifest(send.name), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream), revalidate: true)
+                            edgeWaits[ticket] = .resume(manifest: again.manifest, stream, connection)
                         }
+                        continue
                     }
                     abandon(send, f.status, f.reason, stream, connection)
                     continue
@@ -561,6 +579,18 @@ public final class ContentService: QUICApplication {
                     abandon(send, 502, "edge: chunk \(id.hex) could not be kept in the cache", stream, connection)
                     continue
                 }
+                sends[stream] = send
+                bodyWanted(stream: stream, connection: connection)
+            case .resume(let manifest, let stream, let connection):
+                guard var send = sends[stream] else { continue }
+                guard c.failure == nil, c.manifest == manifest else {
+                    let why = c.failure?.reason ?? "its manifest changed while it was being sent"
+                    abandon(send, 502, "edge: cannot go on: \(why)", stream, connection)
+                    continue
+                }
+                // The same chunks: those asked for ahead failed too, so they are asked again.
+                send.waiting = false
+                send.readAhead = send.next
                 sends[stream] = send
                 bodyWanted(stream: stream, connection: connection)
             }

@@ -429,7 +429,8 @@ def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_r
     and streams it as chunks arrive instead of after the whole download. The origin's cuts live
     in its memory: after a restart it has none of the chunks the edge's manifest lists (404).
     The edge then drops that manifest and, as nothing was sent yet, asks for it again: the
-    origin cuts the file again (the same chunks) and the request succeeds."""
+    origin cuts the file again (the same chunks) and the request succeeds. A request that has
+    sent bytes when it meets the 404 asks too, and goes on with the same manifest."""
     origin = Node(tmp_path / "origin", workers=1, extra=ADMIN)
     edge = None
     try:
@@ -465,6 +466,23 @@ def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_r
         assert plain_cuts(origin)["cut"] == 1
         log = (tmp_path / "edge" / "node.log").read_text()
         assert "cut.bin" in log and "asking for its manifest again" in log, log[-2000:]
+        # Again, but the edge keeps the first chunk: it sends it, then meets the 404. It asks
+        # for the manifest again, gets the same one (the origin cut the same file again) and
+        # goes on where it was; before, the client's stream was reset after the first chunk.
+        assert edge.stop() == 0
+        for f in (tmp_path / "edge" / "content" / "edge" / "chunks").rglob("*"):
+            if f.is_file() and f.name != chunks[0]["id"]:
+                f.unlink()
+        restart(origin)
+        edge = Node(tmp_path / "edge", workers=1, extra=edge_config(origin.port, origin.cert))
+        r = get(edge, "cut.bin", tmp_path / "d.bin")
+        assert r.returncode == 0 and sha256_file(tmp_path / "d.bin") == digest, r.stderr
+        e2 = metrics(edge)
+        assert (e2["stoq_edge_manifests_forgotten_total"], e2["stoq_content_objects_served_total"]) == (1, 1), e2
+        assert e2["stoq_edge_origin_manifest_fetches_total"] == 1 and e2["stoq_edge_origin_object_fetches_total"] == 0
+        assert plain_cuts(origin)["cut"] == 1
+        log = (tmp_path / "edge" / "node.log").read_text()
+        assert "asking for its manifest again to go on" in log, log[-2000:]
     finally:
         if edge:
             assert edge.stop() == 0
