@@ -243,7 +243,8 @@ extension STOQClient {
     /// chunks (several in flight, each written in place at its offset and verified against
     /// its id). Work goes to `output.part`; a chunk already there and verified is not
     /// fetched again, so an interrupted download resumes. The finished file is checked
-    /// against the manifest's digest, made durable and renamed into place.
+    /// against the manifest's digest, made durable and renamed into place. A server without a
+    /// manifest of the object throws `ClientError.Code.noManifest`.
     public static func getChunked(
         _ url: STOQURL, output: String, trust: ClientTrust, datapath: ClientDatapath, concurrency: Int = 16,
         timeout: Double = 600, headers: [(String, String)] = []
@@ -255,7 +256,8 @@ extension STOQClient {
         defer { session.close() }
         let m = try session.call("GET", "/manifests/\(name)")
         guard m.status == 200 else {
-            throw ClientError(.http, "GET /manifests/\(name): HTTP \(m.status) \(String(decoding: m.body.prefix(300), as: UTF8.self))")
+            let why = "GET /manifests/\(name): HTTP \(m.status) \(String(decoding: m.body.prefix(300), as: UTF8.self))"
+            throw ClientError(m.status == 404 ? .noManifest : .http, why)
         }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: m.body) } catch { throw ClientError(.transfer, "the node's manifest for \(name): \(error)") }

@@ -273,6 +273,8 @@ public struct ClientError: Error, Sendable, CustomStringConvertible {
         public static let http = Code(name: "HTTP")
         public static let io = Code(name: "I/O")
         public static let integrity = Code(name: "integrity")
+        /// The server has no manifest of the object (404): it may keep it as a plain file only.
+        public static let noManifest = Code(name: "no manifest")
     }
     public var code: Code
     public var message: String

@@ -124,7 +124,10 @@ struct Get: ParsableCommand {
     var connectTimeout: Double = 10
     @Option(help: "Congestion control of this end: reno, cubic, bbr or bbr2 (it paces what this end sends).")
     var cc: CongestionControl = QUICSettings().congestionControl
-    @Flag(help: "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o).")
+    @Flag(
+        help:
+            "Fetch the object's manifest, then its chunks in parallel, each verified and written in place; resumes an interrupted download (needs -o). An object with no manifest there is fetched whole."
+    )
     var chunked = false
     @Option(help: "Chunk requests in flight with --chunked.") var concurrency = 16
     @Option(
@@ -201,23 +204,25 @@ struct Get: ParsableCommand {
             if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
                 throw fail("--chunked resumes into a regular file and renames it into place; \(output) is not one", code: 2)
             }
-            let r: ChunkedGetResult
             do {
-                r = try STOQClient.getChunked(
+                let r = try STOQClient.getChunked(
                     u, output: output, trust: trust.trust, datapath: .ioUring, concurrency: concurrency, timeout: timeout,
                     headers: traceHeaders)
+                if json {
+                    printCodable(r)
+                } else {
+                    FileHandle.standardError.write(
+                        Data(
+                            "\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(r.chunksFetched) fetched (\(human(Double(r.bytesFetched)))), \(r.chunksReused) already here; sha256 \(r.sha256)\n"
+                                .utf8))
+                }
+                return
+            } catch  where error.code == .noManifest {
+                // A plain file at a node that does not cut it (chunking.cut_plain_files = false).
+                FileHandle.standardError.write(Data("stoq: \(error); getting the object whole instead\n".utf8))
             } catch {
                 throw fail("\(error)")
             }
-            if json {
-                printCodable(r)
-            } else {
-                FileHandle.standardError.write(
-                    Data(
-                        "\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(r.chunksFetched) fetched (\(human(Double(r.bytesFetched)))), \(r.chunksReused) already here; sha256 \(r.sha256)\n"
-                            .utf8))
-            }
-            return
         }
         var fd: Int32 = -1
         var temp: String?, target = output

@@ -423,6 +423,19 @@ def restart(node):
     read_banner(node)
 
 
+def test_chunked_get_of_a_plain_file_a_node_does_not_cut_gets_it_whole(origin, tmp_path):
+    """`stoq get --chunked` of a file in an origin's storage.path with cut_plain_files = false:
+    the origin has no manifest (404), so the client says so and gets the object whole, checked
+    against its ETag, instead of failing. A name the origin lacks still fails, with the 404."""
+    digest = origin.add_object("plain-whole.bin", 3 * MiB + 1)
+    r = get(origin, "plain-whole.bin", tmp_path / "w.bin", "--chunked")
+    assert r.returncode == 0 and sha256_file(tmp_path / "w.bin") == digest, r.stderr
+    assert "GET /manifests/plain-whole.bin: HTTP 404" in r.stderr and "getting the object whole instead" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["bytes"] == 3 * MiB + 1
+    r = get(origin, "nobody-has-it", tmp_path / "x.bin", "--chunked")
+    assert r.returncode != 0 and "404" in r.stderr and not (tmp_path / "x.bin").exists(), r.stderr
+
+
 def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_restart(tmp_path):
     """An origin asked for the manifest of a plain file cuts it (chunking.cut_plain_files, the
     default) and answers with the cut: the edge fetches the object chunk by chunk, never whole,
