@@ -173,34 +173,39 @@ def test_a_restarted_holder_cuts_again_for_a_request_past_a_relays_cached_manife
     its manifest and asks again with `Cache-Control: no-cache`, which B honours by asking C
     instead of answering from its fresh copy, so C cuts the file again and the GET succeeds.
     Before, B answered the re-ask from its cache, and A's GET failed with the 404 until B's
-    manifest expired (1 h by default)."""
+    manifest expired (1 h by default). Again with A keeping the first chunk: A has sent bytes
+    when it meets the 404, asks the same way and goes on with the same manifest."""
     ca = certificates(tmp_path, ("a", "b", "c", "d"))
     nodes = []
     try:
         (pa, pb, pc, pd), src, _, _ = plain_file_fetched_at_a(tmp_path, ca, nodes, 8_000_000 + 3, 41)
-        for n in nodes[:3]:
-            stop(n)
-        for name in ("a", "b"):
-            for f in (tmp_path / name / "content" / "edge" / "chunks").rglob("*"):
-                if f.is_file():
-                    f.unlink()
-        for i, (name, port, peers) in enumerate((("c", pc, [pb]), ("b", pb, [pa, pc, pd]), ("a", pa, [pb]))):
-            nodes[2 - i] = start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers))
-        a, b, c, _ = nodes
-        wait_for_routes(nodes, 3)
-        r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "again.bin")
+        r = stoq("chunk", src, "--json")
         assert r.returncode == 0, r.stderr
-        assert sha256_file(tmp_path / "again.bin") == sha256_file(src)
-        # Counters start again with each node: A forgot its manifest once and asked again; B,
-        # holding a fresh one, asked upstream (relaying to C, and searching the mesh when A
-        # asked it as a possible holder); C cut the file once more.
-        am, bm = metric_totals(a), metric_totals(b)
-        assert am["stoq_edge_manifests_forgotten_total"] == 1, am
-        assert am["stoq_edge_origin_object_fetches_total"] == bm["stoq_edge_origin_object_fetches_total"] == 0
-        assert bm["stoq_edge_origin_manifest_fetches_total"] >= 1, bm
-        assert plain_cuts(c)["cut"] == 1
-        a.log.seek(0)
-        assert "copied.bin" in (log := a.log.read()) and "asking for its manifest again" in log, log[-2000:]
+        first = json.loads(r.stdout)["chunks"][0]["id"]
+        for keep, said in (("", "asking for its manifest again"), (first, "asking for its manifest again to go on")):
+            for n in nodes[:3]:
+                stop(n)
+            for name in ("a", "b"):
+                for f in (tmp_path / name / "content" / "edge" / "chunks").rglob("*"):
+                    if f.is_file() and not (name == "a" and f.name == keep):
+                        f.unlink()
+            for i, (name, port, peers) in enumerate((("c", pc, [pb]), ("b", pb, [pa, pc, pd]), ("a", pa, [pb]))):
+                nodes[2 - i] = start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers))
+            a, b, c, _ = nodes
+            wait_for_routes(nodes, 3)
+            r = stoq("get", f"https://[::1]:{pa}/objects/copied.bin", "--ca", ca / "root.pem", "-o", tmp_path / "again.bin")
+            assert r.returncode == 0, (keep, r.stderr)
+            assert sha256_file(tmp_path / "again.bin") == sha256_file(src)
+            # Counters start again with each node: A forgot its manifest once and asked again; B,
+            # holding a fresh one, asked upstream (relaying to C, and searching the mesh when A
+            # asked it as a possible holder); C cut the file once more.
+            am, bm = metric_totals(a), metric_totals(b)
+            assert am["stoq_edge_manifests_forgotten_total"] == 1, (keep, am)
+            assert am["stoq_edge_origin_object_fetches_total"] == bm["stoq_edge_origin_object_fetches_total"] == 0
+            assert bm["stoq_edge_origin_manifest_fetches_total"] >= 1, (keep, bm)
+            assert plain_cuts(c)["cut"] == 1
+            a.log.seek(0)
+            assert "copied.bin" in (log := a.log.read()) and said in log, log[-2000:]
     finally:
         for n in nodes:
             stop(n)
