@@ -85,6 +85,9 @@ public final class ContentService: QUICApplication {
         /// bytes went out, carried on if the manifest comes back the same; nil for a request
         /// asked again or carried on, and for this node's own objects.
         var again: (manifest: [UInt8], request: HTTPRequest)?
+        /// Asked again or carried on: its chunks are fetched apart from fetches from before
+        /// (`EdgeCache.fetch(revalidate:)`), whose 404s would end it.
+        var afresh = false
     }
 
     /// A request waiting for the edge cache's fetcher (by ticket).
@@ -275,14 +278,14 @@ public final class ContentService: QUICApplication {
     private func sendObject(
         _ name: String, _ manifest: Manifest, edge: Bool, _ request: HTTPRequest, _ stream: HTTPStream,
         _ connection: QUICConnection, hint: RelayHint? = nil, again: (manifest: [UInt8], request: HTTPRequest)? = nil,
-        counted: Bool = true
+        reasked: Bool = false
     ) {
         guard
             let (status, headers, range) = ObjectService.bodyHead(
                 size: manifest.totalLength, etag: manifest.etag, cacheControl: edge ? nil : cacheControl,
                 request: request, stream: stream, connection: connection, fail: { fail(stream, connection, $0, $1) })
         else { return }
-        if counted { counters.objectsServed += 1 }
+        if !reasked { counters.objectsServed += 1 }  // counted when first asked
         let length = range.map { $0.upperBound - $0.lowerBound + 1 } ?? 0
         if request.method == "HEAD" || length == 0 {
             connection.respond(stream, status: status, headers: headers, body: nil)
@@ -297,7 +300,7 @@ public final class ContentService: QUICApplication {
         }
         sends[stream] = ObjectSend(
             name: name, chunks: manifest.chunks, next: first, skip: Int(start - at), remaining: length,
-            edge: edge, readAhead: first, hint: hint, head: (status, headers), again: again)
+            edge: edge, readAhead: first, hint: hint, head: (status, headers), again: again, afresh: reasked)
         bodyWanted(stream: stream, connection: connection)
     }
 
@@ -319,7 +322,7 @@ public final class ContentService: QUICApplication {
             let have = send.fetched ?? edge.readChunk(id) ?? (try? index.chunks.read(id))
             if have == nil {
                 // Asked for before the chunks ahead: the fetcher takes jobs in order.
-                let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream))
+                let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: send.hint, trace: spans?.context(of: stream), revalidate: send.afresh)
                 edgeWaits[ticket] = .objectChunk(stream, connection)
             }
             // Ask the origin for the chunks ahead now, so they arrive while these are sent.
@@ -327,7 +330,7 @@ public final class ContentService: QUICApplication {
             while send.readAhead < horizon {
                 let ahead = ChunkID(bytes: send.chunks[send.readAhead].id.bytes)!
                 if send.readAhead > send.next, (try? index.chunks.has(ahead)) != true, !edge.holds(ahead) {
-                    edge.fetch(.chunk(ahead), inbox: nil, hint: send.hint, trace: spans?.context(of: stream))
+                    edge.fetch(.chunk(ahead), inbox: nil, hint: send.hint, trace: spans?.context(of: stream), revalidate: send.afresh)
                 }
                 send.readAhead += 1
             }
@@ -473,19 +476,20 @@ public final class ContentService: QUICApplication {
     ) {
         let manifest: Manifest
         do { manifest = try Manifest(decoding: bytes) } catch { return fail(stream, connection, 502, "edge: cached manifest of \(name): \(error)") }
-        // A request asked again was counted the first time.
-        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request), counted: !again)
+        sendObject(name, manifest, edge: true, request, stream, connection, hint: hint, again: again ? nil : (bytes, request), reasked: again)
     }
 
     /// `GET /manifests/<name>` on an edge node that does not store the object. `revalidate`
-    /// (the request's `Cache-Control: no-cache`): asked upstream even when a fresh copy is here.
+    /// (the request's `Cache-Control: no-cache`): asked upstream even when a fresh copy is here,
+    /// unless that copy was cut here from a plain object (revalidating it could mean fetching
+    /// the object whole again; its TTL and `If-None-Match` keep it current).
     func serveEdgeManifest(
         _ edge: EdgeCache, _ name: String, head: Bool, revalidate: Bool, _ stream: HTTPStream, _ connection: QUICConnection,
         hint: RelayHint? = nil
     ) {
         counters.edgeRequests += 1
         let relayed = hint != nil
-        if !revalidate, let m = edge.manifest(name, relayed: relayed), m.fresh {
+        if let m = edge.manifest(name, relayed: relayed), m.fresh, !revalidate || m.plain {
             return respondManifest(m.bytes, head: head, origin: false, stream, connection)
         }
         edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream), revalidate: revalidate)] =
@@ -511,7 +515,7 @@ public final class ContentService: QUICApplication {
             case .object(let name, let request, let hint, let again, let stream, let connection):
                 if let f = c.failure {
                     if f.status != 404, let stale = edge.manifest(name) {
-                        edge.countStale(name, f.reason)
+                        edge.countStale(name, fresh: stale.fresh, f.reason)
                         sendEdgeObject(name, stale.bytes, request, stream, connection, hint: hint, again: again)
                     } else {
                         fail(stream, connection, f.status, f.reason)
@@ -524,7 +528,7 @@ public final class ContentService: QUICApplication {
             case .manifest(let name, let head, let relayed, let stream, let connection):
                 if let f = c.failure {
                     if f.status != 404, let stale = edge.manifest(name, relayed: relayed) {
-                        edge.countStale(name, f.reason)
+                        edge.countStale(name, fresh: stale.fresh, f.reason)
                         respondManifest(stale.bytes, head: head, origin: false, stream, connection)
                     } else {
                         fail(stream, connection, f.status, f.reason)
@@ -591,6 +595,7 @@ public final class ContentService: QUICApplication {
                 // The same chunks: those asked for ahead failed too, so they are asked again.
                 send.waiting = false
                 send.readAhead = send.next
+                send.afresh = true
                 sends[stream] = send
                 bodyWanted(stream: stream, connection: connection)
             }

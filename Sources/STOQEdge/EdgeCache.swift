@@ -388,16 +388,16 @@ public final class EdgeCache: @unchecked Sendable {
     /// Whether the cache holds chunk `id` (no hit counted).
     public func holds(_ id: ChunkID) -> Bool { lock.withLock { policy.contains(id) } }
 
-    /// The cached manifest of `name` and whether it is still fresh. `relayed`: for a request
-    /// another node addressed to a holder, which never gets a manifest cut here from a plain
-    /// object (its chunks are in this cache only; `RelayHint.whole`).
-    public func manifest(_ name: String, relayed: Bool = false) -> (bytes: [UInt8], fresh: Bool)? {
+    /// The cached manifest of `name`, whether it is still fresh, and whether it was cut here
+    /// from a plain object. `relayed`: for a request another node addressed to a holder, which
+    /// never gets a manifest cut here (its chunks are in this cache only; `RelayHint.whole`).
+    public func manifest(_ name: String, relayed: Bool = false) -> (bytes: [UInt8], fresh: Bool, plain: Bool)? {
         let now = Date().timeIntervalSince1970
         return lock.withLock {
             guard let m = manifests.get(name), !(relayed && m.plain) else { counterValues.manifestMisses += 1; return nil }
             let fresh = m.expires > now
             if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
-            return (m.bytes, fresh)
+            return (m.bytes, fresh, m.plain)
         }
     }
 
@@ -432,8 +432,10 @@ public final class EdgeCache: @unchecked Sendable {
         return held
     }
 
-    /// Counts that an expired manifest was served because the origin failed.
-    public func countStale(_ name: String, _ why: String) {
+    /// Counts that a manifest was served from the cache because the origin failed: an
+    /// expired one, or a fresh one a `no-cache` request asked past (logged, not counted).
+    public func countStale(_ name: String, fresh: Bool, _ why: String) {
+        if fresh { return logger.notice("edge cache: serving the cached manifest of \(name) asked past: origin failed: \(why)") }
         lock.withLock { counterValues.staleServed += 1 }
         logger.warning("edge cache: serving the expired manifest of \(name): origin failed: \(why)")
     }
@@ -444,8 +446,9 @@ public final class EdgeCache: @unchecked Sendable {
     /// `hint` names the holder when this node relays a request addressed to it; `trace` is the
     /// context of the traced request that asked (a fetch joined later stays in the first one's trace).
     /// `revalidate`: each request upstream carries `Cache-Control: no-cache`, so edges and relays
-    /// on the way ask their own upstream instead of answering from a cached copy, and the
-    /// holder or origin answers (which cuts a plain file again if its cut is gone).
+    /// on the way ask their own upstream for a manifest instead of answering from a cached copy,
+    /// and the holder or origin answers (which cuts a plain file again if its cut is gone); a
+    /// chunk so fetched never joins a fetch from before (whose 404 may predate that cut).
     @discardableResult
     public func fetch(
         _ key: Key, inbox: Inbox?, hint: RelayHint? = nil, trace: ServiceContext? = nil, revalidate: Bool = false

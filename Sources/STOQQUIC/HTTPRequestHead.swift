@@ -94,7 +94,7 @@ public enum HTTPRequestHead {
             case "via" where f.valueLength == f.value.utf8.count: via = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
-            case "cache-control": noCache = noCache || names(f.value, directive: "no-cache")
+            case "cache-control" where f.valueLength == f.value.utf8.count: noCache = noCache || names(f.value, directive: "no-cache")
             default: break
             }
         }

@@ -217,8 +217,9 @@ struct Get: ParsableCommand {
                                 .utf8))
                 }
                 return
-            } catch  where error.code == .noManifest {
+            } catch  where error.code == .noManifest && access(output + ".part", F_OK) != 0 {
                 // A plain file at a node that does not cut it (chunking.cut_plain_files = false).
+                // Not over the .part of an earlier chunked download, which would resume.
                 FileHandle.standardError.write(Data("stoq: \(error); getting the object whole instead\n".utf8))
             } catch {
                 throw fail("\(error)")

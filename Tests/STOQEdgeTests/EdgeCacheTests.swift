@@ -132,6 +132,8 @@ import Testing
         }
         let cache = try open(capacity: 1_200_000)
         #expect(cache.manifest("cut.bin")?.fresh == true)
+        // Which a `no-cache` request is answered from all the same (ContentService.serveEdgeManifest).
+        #expect(cache.manifest("cut.bin")?.plain == true && cache.manifest("fetched.bin")?.plain == false)
         #expect(cache.manifest("cut.bin", relayed: true) == nil)
         #expect(cache.manifest("fetched.bin", relayed: true)?.bytes == bytes)
     }

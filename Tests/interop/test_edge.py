@@ -426,14 +426,21 @@ def restart(node):
 def test_chunked_get_of_a_plain_file_a_node_does_not_cut_gets_it_whole(origin, tmp_path):
     """`stoq get --chunked` of a file in an origin's storage.path with cut_plain_files = false:
     the origin has no manifest (404), so the client says so and gets the object whole, checked
-    against its ETag, instead of failing. A name the origin lacks still fails, with the 404."""
+    against its ETag, instead of failing. A name the origin lacks still fails, with the 404. Over
+    the .part of an earlier --chunked download (which would resume) it does not fall back."""
     digest = origin.add_object("plain-whole.bin", 3 * MiB + 1)
     r = get(origin, "plain-whole.bin", tmp_path / "w.bin", "--chunked")
     assert r.returncode == 0 and sha256_file(tmp_path / "w.bin") == digest, r.stderr
     assert "GET /manifests/plain-whole.bin: HTTP 404" in r.stderr and "getting the object whole instead" in r.stderr, r.stderr
     assert json.loads(r.stdout)["bytes"] == 3 * MiB + 1
     r = get(origin, "nobody-has-it", tmp_path / "x.bin", "--chunked")
-    assert r.returncode != 0 and "404" in r.stderr and not (tmp_path / "x.bin").exists(), r.stderr
+    assert r.returncode != 0 and "getting the object whole instead" in r.stderr, r.stderr
+    assert "/objects/nobody-has-it: HTTP 404" in r.stderr and not (tmp_path / "x.bin").exists(), r.stderr
+    part = tmp_path / "p.bin.part"
+    part.write_bytes(b"chunks of an earlier download")
+    r = get(origin, "plain-whole.bin", tmp_path / "p.bin", "--chunked")
+    assert r.returncode != 0 and "GET /manifests/plain-whole.bin: HTTP 404" in r.stderr, r.stderr
+    assert "whole instead" not in r.stderr and part.read_bytes() == b"chunks of an earlier download"
 
 
 def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_restart(tmp_path):
@@ -478,7 +485,7 @@ def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_r
         assert e1["stoq_edge_origin_object_fetches_total"] == 0
         assert plain_cuts(origin)["cut"] == 1
         log = (tmp_path / "edge" / "node.log").read_text()
-        assert "cut.bin" in log and "asking for its manifest again" in log, log[-2000:]
+        assert "cut.bin" in log and "asking for its manifest again" in log and "to go on" not in log, log[-2000:]
         # Again, but the edge keeps the first chunk: it sends it, then meets the 404. It asks
         # for the manifest again, gets the same one (the origin cut the same file again) and
         # goes on where it was; before, the client's stream was reset after the first chunk.

@@ -206,6 +206,7 @@ def test_a_restarted_holder_cuts_again_for_a_request_past_a_relays_cached_manife
             assert plain_cuts(c)["cut"] == 1
             a.log.seek(0)
             assert "copied.bin" in (log := a.log.read()) and said in log, log[-2000:]
+            assert keep or "to go on" not in log, log[-2000:]
     finally:
         for n in nodes:
             stop(n)
