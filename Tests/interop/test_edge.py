@@ -443,6 +443,30 @@ def test_chunked_get_of_a_plain_file_a_node_does_not_cut_gets_it_whole(origin, t
     assert "whole instead" not in r.stderr and part.read_bytes() == b"chunks of an earlier download"
 
 
+def test_a_cut_outlives_the_request_that_asked_for_it(tmp_path):
+    """A client that gives up on `GET /manifests/<name>` while the node cuts the plain file
+    (its connection closes mid-cut) leaves the cut to finish: the node logs no error, and the
+    next request gets that cut without a second one."""
+    node = Node(tmp_path / "node", workers=1, extra=ADMIN)
+    try:
+        node.add_object("big.bin", 128 * MiB)
+        url = f"https://[::1]:{node.port}/manifests/big.bin"
+        # Two SHA-256 passes of 128 MiB take longer than this at any speed this code runs.
+        r = stoq("get", url, "-o", tmp_path / "m0", "--ca", node.cert, "--timeout", "0.1")
+        assert r.returncode != 0 and not (tmp_path / "m0").exists(), r.stderr
+        deadline = time.monotonic() + 60
+        while (plain_cuts(node)["cut"] or 0) < 1:
+            assert time.monotonic() < deadline, plain_cuts(node)
+            time.sleep(0.2)
+        r = stoq("get", url, "-o", tmp_path / "m1", "--ca", node.cert)
+        assert r.returncode == 0 and (tmp_path / "m1").stat().st_size > 0, r.stderr
+        cut = plain_cuts(node)
+        assert (cut["cut"], cut["failed"]) == (1, 0), cut
+        assert " error " not in (tmp_path / "node" / "node.log").read_text()
+    finally:
+        assert node.stop() == 0
+
+
 def test_a_plain_file_the_origin_cuts_travels_by_chunks_and_survives_an_origin_restart(tmp_path):
     """An origin asked for the manifest of a plain file cuts it (chunking.cut_plain_files, the
     default) and answers with the cut: the edge fetches the object chunk by chunk, never whole,
