@@ -357,6 +357,10 @@ package struct NodeMetrics {
                 "stoq_edge_manifests_forgotten_total", "counter",
                 "Manifests dropped because the origin answered 404 for a chunk they list (its cut went with a restart, or the object changed): asked for again.",
                 [("", e.manifestsForgotten)])
+            family(
+                "stoq_edge_manifest_revalidations_total", "counter",
+                "Fresh manifests asked for upstream all the same: the request said Cache-Control: no-cache (a node re-asking after a chunk 404, or any client).",
+                [("", e.revalidations)])
             family("stoq_edge_coalesced_total", "counter", "Requests that joined an origin fetch already in flight.", [("", e.coalesced)])
             family("stoq_edge_evictions_total", "counter", "Chunks evicted from the edge cache.", [("", e.evictions)])
             family("stoq_edge_manifest_evictions_total", "counter", "Manifests evicted from the edge cache.", [("", e.manifestEvictions)])

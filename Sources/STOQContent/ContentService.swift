@@ -480,16 +480,15 @@ public final class ContentService: QUICApplication {
     }
 
     /// `GET /manifests/<name>` on an edge node that does not store the object. `revalidate`
-    /// (the request's `Cache-Control: no-cache`): asked upstream even when a fresh copy is here,
-    /// unless that copy was cut here from a plain object (revalidating it could mean fetching
-    /// the object whole again; its TTL and `If-None-Match` keep it current).
+    /// (the request's `Cache-Control: no-cache`): asked upstream even when a fresh copy is
+    /// here, as `EdgeCache.manifest(askingPast:)` rules.
     func serveEdgeManifest(
         _ edge: EdgeCache, _ name: String, head: Bool, revalidate: Bool, _ stream: HTTPStream, _ connection: QUICConnection,
         hint: RelayHint? = nil
     ) {
         counters.edgeRequests += 1
         let relayed = hint != nil
-        if let m = edge.manifest(name, relayed: relayed), m.fresh, !revalidate || m.plain {
+        if let m = edge.manifest(name, relayed: relayed, askingPast: revalidate), m.fresh {
             return respondManifest(m.bytes, head: head, origin: false, stream, connection)
         }
         edgeWaits[edge.fetch(.manifest(name), inbox: inbox, hint: hint, trace: spans?.context(of: stream), revalidate: revalidate)] =

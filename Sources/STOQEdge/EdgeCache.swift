@@ -70,6 +70,8 @@ public final class EdgeCache: @unchecked Sendable {
         /// Manifests dropped because the upstream had none of a chunk they list
         /// (`forgetManifest`).
         public var manifestsForgotten: UInt64 = 0
+        /// Fresh manifests a `Cache-Control: no-cache` request asked past (`manifest(askingPast:)`).
+        public var revalidations: UInt64 = 0
         /// Requests that joined a fetch already in flight instead of starting one.
         public var coalesced: UInt64 = 0
         /// Chunks, and manifests, evicted to keep within `edge.cache_size`.
@@ -388,16 +390,23 @@ public final class EdgeCache: @unchecked Sendable {
     /// Whether the cache holds chunk `id` (no hit counted).
     public func holds(_ id: ChunkID) -> Bool { lock.withLock { policy.contains(id) } }
 
-    /// The cached manifest of `name`, whether it is still fresh, and whether it was cut here
-    /// from a plain object. `relayed`: for a request another node addressed to a holder, which
-    /// never gets a manifest cut here (its chunks are in this cache only; `RelayHint.whole`).
-    public func manifest(_ name: String, relayed: Bool = false) -> (bytes: [UInt8], fresh: Bool, plain: Bool)? {
+    /// The cached manifest of `name` and whether it is fresh: may answer without asking the
+    /// upstream. `relayed`: for a request another node addressed to a holder, which never gets a
+    /// manifest cut here from a plain object (its chunks are in this cache only; `RelayHint.whole`).
+    /// `askingPast`: for a request with `Cache-Control: no-cache`, which a fresh copy answers
+    /// only if it was cut here (revalidating it could mean fetching the object whole again; its
+    /// TTL and `If-None-Match` keep it current); otherwise counted as a revalidation.
+    public func manifest(_ name: String, relayed: Bool = false, askingPast: Bool = false) -> (bytes: [UInt8], fresh: Bool)? {
         let now = Date().timeIntervalSince1970
         return lock.withLock {
             guard let m = manifests.get(name), !(relayed && m.plain) else { counterValues.manifestMisses += 1; return nil }
-            let fresh = m.expires > now
+            var fresh = m.expires > now
+            if fresh, askingPast, !m.plain {
+                fresh = false
+                counterValues.revalidations += 1
+            }
             if fresh { counterValues.manifestHits += 1 } else { counterValues.manifestMisses += 1 }
-            return (m.bytes, fresh, m.plain)
+            return (m.bytes, fresh)
         }
     }
 
@@ -434,6 +443,7 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// Counts that a manifest was served from the cache because the origin failed: an
     /// expired one, or a fresh one a `no-cache` request asked past (logged, not counted).
+    /// `fresh` as `manifest(_:relayed:)` says, asked without `askingPast`.
     public func countStale(_ name: String, fresh: Bool, _ why: String) {
         if fresh { return logger.notice("edge cache: serving the cached manifest of \(name) asked past: origin failed: \(why)") }
         lock.withLock { counterValues.staleServed += 1 }
