@@ -342,7 +342,9 @@ package struct NodeMetrics {
             family("stoq_edge_hits_total", "counter", "Chunk reads served from the edge cache.", [("", e.hits)])
             family("stoq_edge_misses_total", "counter", "Chunks asked of the edge cache that it did not hold.", [("", e.misses)])
             family("stoq_edge_manifest_hits_total", "counter", "Fresh cached manifests used.", [("", e.manifestHits)])
-            family("stoq_edge_manifest_misses_total", "counter", "Manifests absent or expired in the edge cache.", [("", e.manifestMisses)])
+            family(
+                "stoq_edge_manifest_misses_total", "counter",
+                "Manifests absent or expired in the edge cache, or fresh but asked past (Cache-Control: no-cache).", [("", e.manifestMisses)])
             family("stoq_edge_origin_chunk_fetches_total", "counter", "Chunk requests sent to the origin.", [("", e.originChunkFetches)])
             family("stoq_edge_origin_manifest_fetches_total", "counter", "Manifest requests sent to the origin.", [("", e.originManifestFetches)])
             family(

@@ -50,7 +50,8 @@ extension ContentService {
                 return serveChunk(id, head: head, stream, connection)
             }
             guard let edge = forwarding(mesh, holder: holder, hops: hops, stream, connection) else { return }
-            serveEdgeChunk(edge, id, head: head, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
+            serveEdgeChunk(
+                edge, id, head: head, afresh: request.noCache, stream, connection, hint: RelayHint(holder: holder, hops: hops, via: request.via))
         } else if resourcePath.hasPrefix("/objects/") {
             let name = String(resourcePath.dropFirst("/objects/".count))
             do { try ObjectIndex.validateName(name) } catch { return fail(stream, connection, 400, "\(error)") }

@@ -211,7 +211,7 @@ public final class ContentService: QUICApplication {
                 let head = request.method == "HEAD"
                 if let edge, (try? index.chunks.has(id)) != true {
                     if servePlainChunk(id, head: head, stream, connection) { return }
-                    return serveEdgeChunk(edge, id, head: head, stream, connection)
+                    return serveEdgeChunk(edge, id, head: head, afresh: request.noCache, stream, connection)
                 }
                 return serveChunk(id, head: head, stream, connection)
             case "PUT":
@@ -495,12 +495,17 @@ public final class ContentService: QUICApplication {
             .manifest(name, head: head, relayed: relayed, stream, connection)
     }
 
+    /// `GET /chunks/<sha256>` on an edge node that does not store the chunk. `afresh` (the
+    /// request's `Cache-Control: no-cache`, sent by a node re-asking after a 404): a fetch is
+    /// never joined to one from before, whose 404 may predate the holder's new cut.
     func serveEdgeChunk(
-        _ edge: EdgeCache, _ id: ChunkID, head: Bool, _ stream: HTTPStream, _ connection: QUICConnection, hint: RelayHint? = nil
+        _ edge: EdgeCache, _ id: ChunkID, head: Bool, afresh: Bool, _ stream: HTTPStream, _ connection: QUICConnection,
+        hint: RelayHint? = nil
     ) {
         counters.edgeRequests += 1
         if let bytes = edge.readChunk(id) { return respondChunk(bytes, head: head, stream, connection) }
-        edgeWaits[edge.fetch(.chunk(id), inbox: inbox, hint: hint, trace: spans?.context(of: stream))] = .chunk(id, head: head, stream, connection)
+        let ticket = edge.fetch(.chunk(id), inbox: inbox, hint: hint, trace: spans?.context(of: stream), revalidate: afresh)
+        edgeWaits[ticket] = .chunk(id, head: head, stream, connection)
     }
 
     /// Completes what the edge cache's fetcher finished for this worker (called by the
@@ -513,9 +518,8 @@ public final class ContentService: QUICApplication {
             switch wait {
             case .object(let name, let request, let hint, let again, let stream, let connection):
                 if let f = c.failure {
-                    if f.status != 404, let stale = edge.manifest(name) {
-                        edge.countStale(name, fresh: stale.fresh, f.reason)
-                        sendEdgeObject(name, stale.bytes, request, stream, connection, hint: hint, again: again)
+                    if f.status != 404, let cached = edge.fallback(name, f.reason) {
+                        sendEdgeObject(name, cached, request, stream, connection, hint: hint, again: again)
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }
@@ -526,9 +530,8 @@ public final class ContentService: QUICApplication {
                 }
             case .manifest(let name, let head, let relayed, let stream, let connection):
                 if let f = c.failure {
-                    if f.status != 404, let stale = edge.manifest(name, relayed: relayed) {
-                        edge.countStale(name, fresh: stale.fresh, f.reason)
-                        respondManifest(stale.bytes, head: head, origin: false, stream, connection)
+                    if f.status != 404, let cached = edge.fallback(name, relayed: relayed, f.reason) {
+                        respondManifest(cached, head: head, origin: false, stream, connection)
                     } else {
                         fail(stream, connection, f.status, f.reason)
                     }

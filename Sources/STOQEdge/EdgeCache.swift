@@ -441,13 +441,24 @@ public final class EdgeCache: @unchecked Sendable {
         return held
     }
 
-    /// Counts that a manifest was served from the cache because the origin failed: an
-    /// expired one, or a fresh one a `no-cache` request asked past (logged, not counted).
-    /// `fresh` as `manifest(_:relayed:)` says, asked without `askingPast`.
-    public func countStale(_ name: String, fresh: Bool, _ why: String) {
-        if fresh { return logger.notice("edge cache: serving the cached manifest of \(name) asked past: origin failed: \(why)") }
-        lock.withLock { counterValues.staleServed += 1 }
-        logger.warning("edge cache: serving the expired manifest of \(name): origin failed: \(why)")
+    /// The cached manifest of `name` to serve when its fetch failed (`why`), or nil: an expired
+    /// one is served stale (counted, logged); a fresh one (a `no-cache` request asked past it,
+    /// or another fetch kept it meanwhile) only logged. No hit or miss is counted: the request
+    /// was counted when it asked.
+    public func fallback(_ name: String, relayed: Bool = false, _ why: String) -> [UInt8]? {
+        let now = Date().timeIntervalSince1970
+        let found = lock.withLock { () -> (bytes: [UInt8], fresh: Bool)? in
+            guard let m = manifests.peek(name), !(relayed && m.plain) else { return nil }
+            if m.expires <= now { counterValues.staleServed += 1 }
+            return (m.bytes, m.expires > now)
+        }
+        guard let found else { return nil }
+        if found.fresh {
+            logger.notice("edge cache: serving the cached manifest of \(name), still fresh: origin failed: \(why)")
+        } else {
+            logger.warning("edge cache: serving the expired manifest of \(name): origin failed: \(why)")
+        }
+        return found.bytes
     }
 
     /// Asks for `key` from upstream. With an `inbox`, returns the ticket its completion
@@ -928,13 +939,14 @@ public final class EdgeCache: @unchecked Sendable {
                     // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a
                     // stall. A node (origin or holder) sends a plain file's manifest once it has
                     // cut the file; an origin is given only the stall when its expired manifest
-                    // can be served instead.
+                    // can be served instead, unless asked past its copy (`revalidate`: the copy
+                    // lists chunks the origin lacks, and it may be cutting again).
                     var quiet = Self.stallTimeout
                     if got == 0 {
                         if a.attempt.holder != nil && (a.plain || a.source != nil) {
                             quiet = Self.requestTimeout
                         } else if !a.plain, a.source == nil, case .manifest(let name) = a.key,
-                            a.attempt.holder != nil || lock.withLock({ manifests.peek(name) == nil })
+                            a.attempt.holder != nil || a.revalidate || lock.withLock({ manifests.peek(name) == nil })
                         {
                             quiet = Self.manifestTimeout
                         }

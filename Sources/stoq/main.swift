@@ -221,6 +221,8 @@ struct Get: ParsableCommand {
                 // A plain file at a node that does not cut it (chunking.cut_plain_files = false).
                 // Not over the .part of an earlier chunked download, which would resume.
                 FileHandle.standardError.write(Data("stoq: \(error); getting the object whole instead\n".utf8))
+            } catch  where error.code == .noManifest {
+                throw fail("\(error); not getting it whole over \(output).part, an earlier --chunked download")
             } catch {
                 throw fail("\(error)")
             }
