@@ -588,7 +588,7 @@ public final class EdgeCache: @unchecked Sendable {
     private func manifestFile(_ name: String) -> String { manifestDir + "/" + name }
 
     /// What a revalidating fetch (`fetch(revalidate:)`) adds to each request upstream.
-    static let revalidateHeader = ("cache-control", "no-cache")
+    static let revalidateHeader = ("cache-control", HTTPCacheControl.noCache)
 
     static func resource(_ key: Key) -> UpstreamResource {
         switch key {

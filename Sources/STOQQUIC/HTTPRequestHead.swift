@@ -94,7 +94,7 @@ public enum HTTPRequestHead {
             case "via" where f.valueLength == f.value.utf8.count: via = f.value
             case "content-length":
                 if let n = decimal(f.value) { contentLength = n }
-            case "cache-control" where f.valueLength == f.value.utf8.count: noCache = noCache || names(f.value, directive: "no-cache")
+            case "cache-control" where f.valueLength == f.value.utf8.count: noCache = noCache || HTTPCacheControl.namesNoCache(f.value)
             default: break
             }
         }
@@ -115,12 +115,6 @@ public enum HTTPRequestHead {
             malformed: malformed != nil, hasBody: hasBody, headersTooLarge: tooLarge, refusal: cause.map(HTTPRefusal.init),
             traceparent: traceparent, tracestate: tracestate, authorization: authorization, ifMatch: ifMatch,
             ifNoneMatch: ifNoneMatch, via: via, noCache: noCache)
-    }
-
-    /// Whether the comma-separated list `value` names `directive` (without an argument),
-    /// ignoring case and blanks (a token has none inside).
-    static func names(_ value: String, directive: String) -> Bool {
-        value.split(separator: ",").contains { $0.lowercased().filter { $0 != " " && $0 != "\t" } == directive }
     }
 
     /// `s` cut to at most `limit` UTF-8 bytes, at a character boundary. Cutting inside a
@@ -193,9 +187,18 @@ public struct HTTPResponseHead: Sendable, Equatable {
     }
 }
 
-/// `Cache-Control`, as far as STOQ reads it: only `max-age` matters (an edge node's freshness
-/// for what an origin sent).
+/// `Cache-Control`, as far as STOQ reads it: `max-age` (an edge node's freshness for what an
+/// origin sent) and a request's `no-cache` (go past cached copies).
 public enum HTTPCacheControl {
+    /// The request directive that asks caches to ask their upstream (RFC 9111 §5.2.1.4).
+    public static let noCache = "no-cache"
+
+    /// Whether the directive list `value` names `no-cache` (without an argument), ignoring case
+    /// and blanks (a token has none inside).
+    public static func namesNoCache(_ value: String) -> Bool {
+        value.split(separator: ",").contains { $0.lowercased().filter { $0 != " " && $0 != "\t" } == noCache }
+    }
+
     /// The seconds after the first `max-age=` in `value` (saturating at Int64.max), or nil when
     /// there is none or no digit follows it.
     public static func maxAge(_ value: String) -> Int64? {

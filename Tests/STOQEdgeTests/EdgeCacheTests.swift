@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import STOQCache
 import STOQChunking
+import STOQQUIC
 import STOQStore
 import STOQTransfer
 import Testing
@@ -36,6 +37,15 @@ import Testing
         var bytes = [UInt8](repeating: 0, count: size)
         for j in 0..<size { bytes[j] = UInt8(truncatingIfNeeded: i &* 31 &+ j &* 7 &+ j >> 8) }
         return (ChunkID(digestOf: bytes), bytes)
+    }
+
+    /// The header a revalidating fetch sends is the one every node's request parser honours.
+    @Test func theRevalidateHeaderIsTheNoCacheTheParserReads() {
+        let (name, value) = EdgeCache.revalidateHeader
+        let fields = [
+            HTTPField(":method", "GET"), HTTPField(":scheme", "https"), HTTPField(":path", "/manifests/x"), HTTPField(name, value),
+        ]
+        #expect(HTTPRequestHead.parse(fields, sectionSize: 0, hasBody: false).noCache)
     }
 
     @Test func chunksOnDiskAreAdoptedAndTheBoundHoldsOnOpen() throws {
