@@ -82,9 +82,44 @@ public enum CacheIndexFile {
 
     /// Writes `bytes` to `path` crash-safely (temp, fsync, rename, directory fsync).
     public static func write(_ bytes: [UInt8], to path: String) throws(Error) {
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw Error(.io, "\(tmp): \(String(cString: strerror(errno)))") }
+        try stage(bytes, for: path).commit()
+        syncDirectory(of: path)
+    }
+
+    /// How the name of a temp file beside a file of this kind starts: with a dot, as no object
+    /// name may (`ObjectIndex.validateName`), so that it never names another file of a
+    /// directory named by objects, whose loader removes leftovers by it.
+    public static let tempPrefix = ".tmp-"
+
+    /// `bytes` written and fsynced beside the file they are for, under a temp name of their
+    /// own; `commit` renames them over it, `discard` removes them. A caller that mirrors the
+    /// file in memory commits or discards in the same critical section as it changes the
+    /// memory, so that two writers (or a writer and a remover) leave the file as they leave
+    /// the memory.
+    public struct Staged: Sendable {
+        /// The file the bytes are for.
+        public let path: String
+        let temp: String
+
+        /// Puts the bytes in place (a rename); throws, after removing the temp file, if it fails.
+        public func commit() throws(Error) {
+            guard rename(temp, path) == 0 else {
+                let e = String(cString: strerror(errno))
+                unlink(temp)
+                throw Error(.io, "\(path): \(e)")
+            }
+        }
+
+        /// Removes the temp file, leaving the file as it was.
+        public func discard() { unlink(temp) }
+    }
+
+    /// Writes and fsyncs `bytes` to a temp file beside `path` (see `Staged`).
+    public static func stage(_ bytes: [UInt8], for path: String) throws(Error) -> Staged {
+        let slash = path.lastIndex(of: "/").map { path.index(after: $0) } ?? path.startIndex
+        let temp = path[..<slash] + tempPrefix + path[slash...] + "-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw Error(.io, "\(temp): \(String(cString: strerror(errno)))") }
         var ok = bytes.withUnsafeBytes { b in
             var off = 0
             while off < b.count {
@@ -95,12 +130,30 @@ public enum CacheIndexFile {
             return true
         }
         ok = ok && fsync(fd) == 0
+        let e = String(cString: strerror(errno))
         close(fd)
-        guard ok, rename(tmp, path) == 0 else {
-            let e = String(cString: strerror(errno))
-            unlink(tmp)
+        guard ok else {
+            unlink(temp)
             throw Error(.io, "\(path): \(e)")
         }
+        return Staged(path: path, temp: temp)
+    }
+
+    /// Removes the temp files a crash left beside `path` (staged, never committed or discarded).
+    public static func removeTemps(of path: String) {
+        let slash = path.lastIndex(of: "/")
+        let dir = slash.map { String(path[..<$0]) } ?? "."
+        let prefix = tempPrefix + (slash.map { String(path[path.index(after: $0)...]) } ?? path) + "-"
+        guard let d = opendir(dir.isEmpty ? "/" : dir) else { return }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if name.hasPrefix(prefix) { unlink(dir + "/" + name) }
+        }
+    }
+
+    /// Fsyncs the directory of `path`, so that a rename or unlink in it survives a crash.
+    public static func syncDirectory(of path: String) {
         let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 { fsync(dfd); close(dfd) }

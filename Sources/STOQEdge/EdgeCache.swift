@@ -297,6 +297,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// chunks the snapshot does not know (fetched after it, before a crash) join the small
     /// queue, and anything over the bound is evicted now.
     private func loadIndex() throws {
+        CacheIndexFile.removeTemps(of: indexPath)
         var entries: [S3FIFO<ChunkID>.Entry] = []
         do {
             if let bytes = try CacheIndexFile.read(indexPath) {
@@ -431,14 +432,15 @@ public final class EdgeCache: @unchecked Sendable {
     private func dropManifest(
         _ name: String, counted: WritableKeyPath<Counters, UInt64>? = nil, where which: (EdgeManifests.Entry) -> Bool
     ) -> Bool {
-        let held = lock.withLock { () -> Bool in
+        lock.withLock { () -> Bool in
             guard let e = manifests.peek(name), which(e) else { return false }
             manifests.remove(name)
+            // Under the lock, as `keep` changes the file: a keep of the same name in between
+            // must not lose its file to this unlink.
+            unlink(manifestFile(name))
             if let counted { counterValues[keyPath: counted] += 1 }
             return true
         }
-        if held { unlink(manifestFile(name)) }
-        return held
     }
 
     /// The cached manifest of `name` to serve when its fetch failed (`why`), or nil: an expired
@@ -1174,18 +1176,18 @@ public final class EdgeCache: @unchecked Sendable {
     /// upstream's `maxAge` or `edge.ttl_default`; returns them. A manifest cut here from a
     /// plain object names its chunks (`plainChunks`), so that they can be fetched again.
     @discardableResult
-    private func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8] {
+    func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8] {
         let ttl = maxAge.map { Double($0) } ?? ttlDefault
         let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: chunks != nil)
         let file = manifestFile(name)
+        var staged: CacheIndexFile.Staged?
         do {
-            try CacheIndexFile.write(EdgeManifests.encode(m), to: file)
-            store.diskFull.stored()
+            staged = try CacheIndexFile.stage(EdgeManifests.encode(m), for: file)
         } catch {
             // Kept in memory all the same: only a restart loses it.
             if !store.diskFull.refusedIfNoSpace(error) { logger.error("edge cache: cannot save the manifest of \(name): \(error)") }
         }
-        let (kept, evicted, rebuild) = lock.withLock {
+        let (kept, rebuild, failed) = lock.withLock { () -> (Bool, Bool, CacheIndexFile.Error?) in
             var rebuild = false
             if let chunks {
                 for id in chunks { plainChunks[id, default: []].insert(name) }
@@ -1194,12 +1196,27 @@ public final class EdgeCache: @unchecked Sendable {
             }
             let r = manifests.insert(name, m)
             counterValues.manifestEvictions += UInt64(r.evicted.count)
-            return (r.kept, r.evicted, rebuild)
+            // The files change with the memory, under the lock: a drop or another keep of the
+            // same name in between would otherwise leave on disk what memory no longer holds.
+            for n in r.evicted { unlink(manifestFile(n)) }
+            var failed: CacheIndexFile.Error?
+            if r.kept, let staged {
+                do throws(CacheIndexFile.Error) { try staged.commit() } catch { failed = error }
+            } else {
+                staged?.discard()
+            }
+            // No older version on disk than in memory.
+            if !r.kept || staged == nil || failed != nil { unlink(file) }
+            return (r.kept, rebuild, failed)
+        }
+        if let failed {
+            logger.error("edge cache: cannot save the manifest of \(name): \(failed)")
+        } else if kept, staged != nil {
+            CacheIndexFile.syncDirectory(of: file)
+            store.diskFull.stored()
         }
         if rebuild { rebuildPlainChunks() }
-        for n in evicted { unlink(manifestFile(n)) }
         if !kept {
-            unlink(file)
             logger.warning("edge cache: the manifest of \(name) (\(bytes.count) bytes) is larger than the manifests' share of edge.cache_size; not cached")
         }
         return bytes

@@ -50,7 +50,7 @@ struct EdgeManifests {
         var found: [(name: String, modified: Date, entry: Entry)] = []
         for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
             let path = dir + "/" + name
-            if name.hasSuffix(".tmp") { unlink(path); continue }
+            if name.hasPrefix(CacheIndexFile.tempPrefix) { unlink(path); continue }
             guard (try? ObjectIndex.validateName(name)) != nil, let bytes = try? CacheIndexFile.read(path),
                 let entry = Self.decode(bytes)
             else {

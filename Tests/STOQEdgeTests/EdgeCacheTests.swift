@@ -207,6 +207,27 @@ import Testing
         }
     }
 
+    /// Object names may end in `.tmp`: the manifests of `a` and `a.tmp` are two files that both
+    /// survive a restart (saving one once went through a temp file named as the other, and a
+    /// reopen deleted names ending `.tmp`), and what a crash left mid-save is removed on open.
+    @Test func manifestsWhoseNamesLookLikeTempFilesSurviveARestart() throws {
+        let one = try manifest(4, bytes: 3000), other = try manifest(5, bytes: 4000)
+        do {
+            let cache = try open(capacity: 1_600_000)
+            cache.keep("a.tmp", one, maxAge: nil)
+            cache.keep("a", other, maxAge: nil)
+        }
+        let leftovers = [root + "/manifests/.tmp-a-1f", root + "/.tmp-index-2e"]
+        for path in leftovers { try Data("torn".utf8).write(to: URL(fileURLWithPath: path)) }
+        let cache = try open(capacity: 1_600_000)
+        #expect(cache.manifest("a.tmp")?.bytes == one)
+        #expect(cache.manifest("a")?.bytes == other)
+        for path in leftovers { #expect(!FileManager.default.fileExists(atPath: path), "\(path) was left") }
+        #expect(Set(try FileManager.default.contentsOfDirectory(atPath: root + "/manifests")) == ["a", "a.tmp"])
+        #expect(cache.forgetManifest("a.tmp", ifStill: one))
+        #expect(Set(try FileManager.default.contentsOfDirectory(atPath: root + "/manifests")) == ["a"])
+    }
+
     /// The edge cache reports manifests in its size, and the chunks' share leaves room for them.
     @Test func cachedBytesCountManifests() throws {
         let dir = root + "/manifests"
