@@ -6,6 +6,7 @@ import STOQDatapath
 import STOQDatapathURing
 #if AFXDP
 import STOQDatapathXDP
+import STOQQUIC
 #endif
 import STOQTransfer
 import STOQWorker
@@ -48,7 +49,7 @@ struct DatapathSelection {
     }
 
     private func workerCount() -> Int {
-        config.network.workers == 0 ? max(1, Worker.availableCPUs) : config.network.workers
+        config.network.workers == 0 ? min(max(1, Worker.availableCPUs), ConnectionID.maxWorkers) : config.network.workers
     }
 
     /// One socket per worker in one SO_REUSEPORT group, opened in worker order (the
@@ -111,7 +112,7 @@ struct DatapathSelection {
                 .open, operation: "bpf_xdp_query",
                 message: "the XDP program runs in \(first.xdpMode) mode but network.xdp_mode = \"\(net.xdpMode)\"")
         }
-        var workers = net.workers == 0 ? count : net.workers
+        var workers = net.workers == 0 ? min(count, ConnectionID.maxWorkers) : net.workers
         if workers > count {
             logger.notice(
                 "AF_XDP: \(count) queue(s) on \(net.interface), so \(count) worker(s), not network.workers = \(net.workers): a worker transmits on a queue of its own"

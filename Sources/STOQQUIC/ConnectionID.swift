@@ -37,6 +37,10 @@ public struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
     /// The worker that issued it (STOQ puts the worker id in byte 0).
     public var workerID: UInt8 { UInt8(truncatingIfNeeded: a) }
 
+    /// The most workers a node can have: a worker's id is one byte of every connection ID it
+    /// issues (`STOQ_CID_WORKER_BYTE`), by which the XDP program and the other workers steer.
+    public static let maxWorkers = 256
+
     public var description: String {
         bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }

@@ -4,6 +4,7 @@ import Glibc
 #endif
 import STOQCore
 import STOQDatapath
+import STOQQUIC
 
 /// How a node's workers hand each other datagrams. A connection lives on the worker whose
 /// id is in byte 0 of the CIDs the node issued; the NIC (RSS), the XDP program or the
@@ -21,7 +22,7 @@ public final class WorkerMesh: @unchecked Sendable {
 
     /// One inbox of `capacity` datagrams (a power of two) of at most `maxDatagram` bytes per worker.
     public init(workers: Int, capacity: Int = 1024, maxDatagram: Int = 4096) throws(DatapathError) {
-        precondition(workers >= 1 && workers <= 256, "1 to 256 workers")
+        precondition((1...ConnectionID.maxWorkers).contains(workers), "1 to \(ConnectionID.maxWorkers) workers")
         var made: [OpaquePointer] = []
         for _ in 0..<workers {
             guard let h = stoq_handoff_create(UInt32(capacity), UInt32(maxDatagram)) else {

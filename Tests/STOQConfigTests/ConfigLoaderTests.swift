@@ -270,6 +270,15 @@ import TOMLKit
         #expect(e.first { $0.key == "network.colour" }?.code == .unknownKey)
     }
 
+    /// A worker's id is one byte of its connection IDs: 256 workers at most, refused in the
+    /// config rather than trapping when the node builds its workers.
+    @Test func workersStopAtWhatAConnectionIDCanName() throws {
+        #expect(try ConfigLoader.parse("[network]\nworkers = 256\n").network.workers == 256)
+        let e = errors("[network]\nworkers = 257\n")
+        #expect(e.map(\.key) == ["network.workers"] && e.first?.code == .outOfRange)
+        #expect(e.first?.description.contains("257") == true)
+    }
+
     @Test func aBareNumberForADurationIsToldToTakeAUnit() throws {
         let e = errors("[network]\ndrain_timeout = 5\n")
         #expect(e.map(\.key) == ["network.drain_timeout"] && e.first?.code == .badType)
