@@ -59,6 +59,16 @@ struct TrustOptions: ParsableArguments {
 
 extension CongestionControl: ExpressibleByArgument {}
 
+/// Checks a flag given in seconds: finite, above zero (or at it, with `orZero`), and at most a
+/// year, so that it converts to the nanoseconds the clocks count in.
+func checkSeconds(_ flag: String, _ value: Double?, orZero: Bool = false) throws {
+    guard let value else { return }
+    let year = 365.0 * 86_400
+    guard value.isFinite, orZero ? value >= 0 : value > 0, value <= year else {
+        throw ValidationError("\(flag) \(value): expected seconds \(orZero ? "≥" : ">") 0, at most \(Int(year)) (a year)")
+    }
+}
+
 func fail(_ message: String, code: Int32 = 1) -> ExitCode {
     FileHandle.standardError.write(Data("stoq: \(message)\n".utf8))
     return ExitCode(code)
@@ -162,7 +172,7 @@ struct Get: ParsableCommand {
     func validate() throws {
         if urls.isEmpty { throw ValidationError("give at least one URL") }
         if !(connectTimeout > 0 && connectTimeout <= 600) { throw ValidationError("--connect-timeout: give 0 < seconds ≤ 600") }
-        if !(timeout > 0) { throw ValidationError("--timeout: give seconds > 0") }
+        try checkSeconds("--timeout", timeout)
         if !(1...1024).contains(concurrency) { throw ValidationError("--concurrency: give 1 to 1024 chunk requests in flight") }
         if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
         if output == "-" {
@@ -578,11 +588,13 @@ struct BenchCommand: ParsableCommand {
         if loadMode {
             guard (1...1_000_000).contains(connections) else { throw ValidationError("--connections \(connections): expected 1…1000000") }
             if let streams, !(0...256).contains(streams) { throw ValidationError("--streams \(streams): expected 0…256") }
-            if let rate, !(rate > 0) { throw ValidationError("--rate \(rate): expected handshakes per second > 0") }
-            if let hold, !(hold >= 0) { throw ValidationError("--hold \(hold): expected seconds ≥ 0") }
-            guard interval > 0 else { throw ValidationError("--interval \(interval): expected seconds > 0") }
+            if let rate, !(rate > 0 && rate <= 10_000_000) {
+                throw ValidationError("--rate \(rate): expected handshakes per second > 0, at most 10000000")
+            }
+            try checkSeconds("--hold", hold, orZero: true)
+            try checkSeconds("--interval", interval)
             if let threads, !(1...256).contains(threads) { throw ValidationError("--threads \(threads): expected 1…256") }
-            if let keepAlive, !(keepAlive > 0) { throw ValidationError("--keep-alive \(keepAlive): expected seconds > 0") }
+            try checkSeconds("--keep-alive", keepAlive)
             guard duration == nil, bytes == nil else {
                 throw ValidationError("--duration and --bytes measure goodput; with --rate or --hold, the load runs for --hold")
             }
@@ -592,7 +604,7 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("--connections \(connections): expected 1…10000 (up to 1000000 with --rate or --hold)")
         }
         if let streams, !(1...256).contains(streams) { throw ValidationError("--streams \(streams): expected 1…256") }
-        if let duration, duration <= 0 { throw ValidationError("--duration \(duration): expected seconds > 0") }
+        try checkSeconds("--duration", duration)
         guard threads == nil else { throw ValidationError("--threads applies to connection load (--rate or --hold)") }
         guard keepAlive == nil else { throw ValidationError("--keep-alive applies to connection load (--rate or --hold)") }
     }

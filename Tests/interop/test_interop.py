@@ -127,6 +127,14 @@ def test_an_unknown_congestion_control_is_refused_by_name(node, tmp_path):
     assert "'vegas' is invalid for '--cc <cc>'" in r.stderr
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "1e10"])
+def test_seconds_no_clock_can_count_are_refused_by_name(value):
+    """Seconds are converted to nanoseconds; past a year they are refused, not trapped on."""
+    r = stoq("get", "https://[::1]:9/objects/x", "--timeout", value)
+    assert r.returncode == 64, r.stderr
+    assert "--timeout " in r.stderr and "expected seconds > 0, at most 31536000 (a year)" in r.stderr, r.stderr
+
+
 def test_stoq_get_offers_only_the_cipher_suites_asked_and_updates_keys(node):
     """The suite the handshake agreed on is reported; --cipher-suites narrows what is offered;
     --key-update starts one key update once the handshake is confirmed (the interop matrix's

@@ -90,6 +90,9 @@ def test_held_connections_outlive_the_idle_timeout_by_their_keep_alive(tmp_path)
     (["--threads", "2"], "--threads applies to connection load"),
     (["--hold", "1", "--keep-alive", "0"], "--keep-alive 0.0: expected seconds > 0"),
     (["--keep-alive", "5"], "--keep-alive applies to connection load"),
+    (["--hold", "inf"], "--hold inf: expected seconds ≥ 0, at most 31536000 (a year)"),
+    (["--rate", "inf"], "--rate inf: expected handshakes per second > 0, at most 10000000"),
+    (["--duration", "2e10"], "--duration 20000000000.0: expected seconds > 0, at most"),
 ])
 def test_bad_load_options_are_refused_by_name(lnode, args, error):
     r = stoq("bench", lnode.url("1k.bin"), "--ca", lnode.cert, *args)
