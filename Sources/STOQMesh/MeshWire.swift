@@ -32,7 +32,7 @@ public enum MeshWire {
         Set(
             via.split(separator: ",").compactMap { entry in
                 let parts = entry.split(separator: " ")
-                guard parts.count == 2, parts[0] == "3", parts[1].count == 64, parts[1].allSatisfy(\.isHexDigit) else { return nil }
+                guard parts.count == 2, parts[0] == "3", parts[1].utf8.count == 64, Hex.isDigits(parts[1]) else { return nil }
                 return parts[1].lowercased()
             })
     }
@@ -48,7 +48,7 @@ public enum MeshWire {
         guard path.hasPrefix(relayPrefix) else { return nil }
         let rest = path.dropFirst(relayPrefix.count)
         let holder = rest.prefix(64)
-        guard holder.count == 64, holder.allSatisfy(\.isHexDigit), rest.dropFirst(64).first == "/" else { return nil }
+        guard holder.utf8.count == 64, Hex.isDigits(holder), rest.dropFirst(64).first == "/" else { return nil }
         let afterHolder = rest.dropFirst(65)
         let digits = afterHolder.prefix { $0.isNumber }
         guard (1...3).contains(digits.count), let hops = Int(digits) else { return nil }

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import STOQCore
 import SwiftASN1
 import X509
 #if canImport(Glibc)
@@ -106,15 +107,8 @@ public enum PEMFiles {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
             let hex = line.filter { $0 != ":" && !$0.isWhitespace }
             if hex.isEmpty { continue }
-            guard hex.count % 2 == 0, hex.allSatisfy(\.isHexDigit) else {
+            guard let bytes = Hex.decode(hex) else {
                 throw TrustError(.invalidPEM, "\(path):\(n + 1): \(line) is not a hex serial number")
-            }
-            var bytes: [UInt8] = []
-            var i = hex.startIndex
-            while i < hex.endIndex {
-                let j = hex.index(i, offsetBy: 2)
-                bytes.append(UInt8(hex[i..<j], radix: 16)!)
-                i = j
             }
             serials.insert(Certificate.SerialNumber(bytes: bytes))
         }

@@ -1,4 +1,5 @@
 import Foundation
+import STOQCore
 
 /// The "mesh" object of a node's `/status` (docs/api.md), as `stoq mesh` reads it, and the
 /// tables it prints. Pure: tested on a fixture document with no node (Tests/stoqTests).
@@ -195,7 +196,7 @@ enum MeshTables {
     /// The route whose destination starts with `prefix` (at least 4 hex digits, unique).
     static func route(_ m: MeshStatusView, prefix: String) throws -> MeshStatusView.Route {
         let p = prefix.lowercased()
-        guard p.count >= 4, p.allSatisfy(\.isHexDigit) else {
+        guard p.count >= 4, Hex.isDigits(p) else {
             throw MeshViewError(.badPrefix, "node \"\(prefix)\": give at least 4 hex digits of its id")
         }
         let matches = m.routes.filter { $0.destination.lowercased().hasPrefix(p) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import STOQCore
 
 /// `--trace`, `--traceparent`: W3C trace context sent with a request, so that the node's spans
 /// (and those of the nodes it fetches through) join one trace. The CLI exports no spans of its
@@ -74,5 +75,5 @@ struct TraceParent: CustomStringConvertible, Equatable {
 
     var description: String { "00-\(traceID)-\(parentID)-\(String(format: "%02x", flags))" }
 
-    private static func isHex(_ s: Substring) -> Bool { s.allSatisfy { $0.isHexDigit && ($0.isNumber || $0.isLowercase) } }
+    private static func isHex(_ s: Substring) -> Bool { Hex.isDigits(s) && s == s.lowercased() }
 }

@@ -9,5 +9,8 @@ import Testing
         #expect(Hex.decode("") == [])
         #expect(Hex.decode("abc") == nil)  // odd length
         #expect(Hex.decode("zz") == nil)  // not hex
+        #expect(Hex.decode("０１") == nil)  // fullwidth: Character.isHexDigit says yes
+        #expect(Hex.isDigits("0aF9b") && Hex.isDigits(""))
+        #expect(!Hex.isDigits("0a０") && !Hex.isDigits("0x1"))
     }
 }

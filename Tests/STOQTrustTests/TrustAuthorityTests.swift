@@ -215,6 +215,9 @@ import X509
         #expect(throws: TrustError(.invalidPEM, "\(path):2: not-a-serial  is not a hex serial number")) {
             try PEMFiles.readSerials(path, missingIsEmpty: true)
         }
+        // Fullwidth digits pass Character.isHexDigit but no radix-16 conversion: refused, not trapped on.
+        try "２３bb\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(throws: TrustError(.invalidPEM, "\(path):1: ２３bb is not a hex serial number")) { try PEMFiles.readSerials(path) }
         // Nothing revoked yet: no file is an empty list where the caller says so.
         #expect(try PEMFiles.readSerials(dir.path + "/absent.txt", missingIsEmpty: true).isEmpty)
         #expect(throws: TrustError.self) { try PEMFiles.readSerials(dir.path + "/absent.txt") }

@@ -221,7 +221,12 @@ def test_an_unreachable_collector_stops_neither_requests_nor_the_node(tmp_path):
     assert all("otlp_endpoint=http://[::1]:" in l for l in failed), failed
 
 
-def test_a_bad_traceparent_is_refused_by_the_cli(tmp_path):
-    r = stoq("get", "https://[::1]:1/objects/x", "--traceparent", "00-abc-def-01")
-    assert r.returncode == 2
-    assert "traceparent 00-abc-def-01: expected 00-<32 hex trace id" in r.stderr
+@pytest.mark.parametrize("value", [
+    "00-abc-def-01",
+    # fullwidth flags: hex digits to Character.isHexDigit, not to a radix-16 conversion
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-\uff10\uff11",
+])
+def test_a_bad_traceparent_is_refused_by_the_cli(value):
+    r = stoq("get", "https://[::1]:1/objects/x", "--traceparent", value)
+    assert r.returncode == 2, r.stderr
+    assert f"traceparent {value}: expected 00-<32 hex trace id" in r.stderr, r.stderr
