@@ -347,6 +347,11 @@ public final class ContentService: QUICApplication {
                 return abandon(send, 500, "chunk \(id.hex) unavailable: \(error)", stream, connection)
             }
         }
+        guard bytes.count == Int(entry.length) else {
+            // Checked when a manifest is stored; an upstream's, or a record from before, may still lie.
+            return abandon(
+                send, send.edge ? 502 : 500, "chunk \(id.hex) is \(bytes.count) bytes, its manifest says \(entry.length)", stream, connection)
+        }
         if let head = send.head {
             send.head = nil
             connection.respondStreamed(stream, status: head.status, headers: head.headers)
@@ -764,6 +769,17 @@ public final class ContentService: QUICApplication {
         }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
         do {
+            // A chunk's length is fixed by its id: one the store holds at another length than the
+            // manifest says would be sent short (or trap a range past it). Missing ones are
+            // `putObject`'s to report.
+            var checked = Set<ChunkID>()
+            for (id, e) in zip(ids, manifest.chunks) where checked.insert(id).inserted {
+                if let size = try index.chunks.size(id), size != Int(e.length) {
+                    return fail(
+                        stream, connection, 400,
+                        "manifest of \(name): chunk \(id.hex) is \(size) bytes in the store, the manifest says \(e.length)")
+                }
+            }
             let bytes = Array(body)
             if let gate, let writer {
                 let put = { try self.index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }

@@ -107,6 +107,22 @@ def test_bad_chunks_and_manifests_are_refused(node, tmp_path):
     assert r["status"] == 409 and "does not have" in r["text"], r
     r = h3(node, "PUT", "/manifests/..", mpath)
     assert r["status"] == 400
+    # A manifest that says its one chunk is longer than the chunk the store holds under that
+    # id: refused (sent as it was, a ranged GET past the chunk's end once killed the node).
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(200))
+    spath = tmp_path / "small.manifest"
+    assert stoq("chunk", small, "--manifest", spath, "--summary").returncode == 0
+    m = bytearray(spath.read_bytes())
+    assert len(m) == 64 + 36 and int.from_bytes(m[96:100], "big") == 200
+    m[20:28], m[96:100] = (300).to_bytes(8, "big"), (300).to_bytes(4, "big")
+    (tmp_path / "liar.manifest").write_bytes(bytes(m))
+    chunk = m[64:96].hex()
+    assert h3(node, "PUT", f"/chunks/{chunk}", small)["status"] in (200, 201)
+    r = h3(node, "PUT", "/manifests/liar", tmp_path / "liar.manifest")
+    assert r["status"] == 400, r
+    assert f"manifest of liar: chunk {chunk} is 200 bytes in the store, the manifest says 300" in r["text"], r
+    assert h3(node, "GET", "/objects/liar")["status"] == 404
     r = h3(node, "GET", "/manifests/never-stored")
     assert r["status"] == 404
 
