@@ -28,7 +28,7 @@ package struct TokenBucket: Sendable, Equatable {
             tokens -= n
             return 0
         }
-        return UInt64(((n - tokens) / rate * 1e9).rounded(.up))
+        return Self.nanoseconds((n - tokens) / rate)
     }
 
     /// Takes `n` tokens even into debt: bytes are charged once they are known, and the debt
@@ -41,7 +41,17 @@ package struct TokenBucket: Sendable, Equatable {
     /// Nanoseconds until the bucket is out of debt (0 when it is not in debt).
     package mutating func debt(now: UInt64) -> UInt64 {
         refill(now)
-        return tokens >= 0 ? 0 : UInt64((-tokens / rate * 1e9).rounded(.up))
+        return tokens >= 0 ? 0 : Self.nanoseconds(-tokens / rate)
+    }
+
+    /// The longest wait reported, about 146 years: a debt of any size (an announced length
+    /// near 2^63 bytes) converts to nanoseconds, with room to round up to seconds.
+    package static let maxWait: UInt64 = 1 << 62
+
+    /// `seconds` as nanoseconds, rounded up, at most `maxWait`.
+    private static func nanoseconds(_ seconds: Double) -> UInt64 {
+        let ns = (seconds * 1e9).rounded(.up)
+        return ns < Double(maxWait) ? UInt64(ns) : maxWait
     }
 
     /// Whether the bucket holds `n` tokens at `now` (none taken).

@@ -56,6 +56,16 @@ import Testing
         #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second)?.retryAfter == 2)
     }
 
+    /// Any client may announce a length near 2^63: the debt it leaves converts to a wait (the
+    /// longest there is) instead of trapping the node on its next request.
+    @Test func aHugeAnnouncedLengthIsALongWaitNotATrap() {
+        let r = RateLimiter(settings: .init(requestsPerSecond: 0, requestBurst: 0, bytesPerSecond: 1_048_576))
+        #expect(r.admit("c", bodyBytes: UInt64(Int64.max), now: 0) == nil)
+        let refused = r.admit("c", bodyBytes: nil, now: Self.second)
+        #expect(refused?.retryAfter == (TokenBucket.maxWait + 999_999_999) / 1_000_000_000)
+        #expect(r.admit("other", bodyBytes: nil, now: Self.second) == nil)
+    }
+
     @Test func theTableStaysBoundedUnderAFloodOfClients() {
         let r = RateLimiter(settings: .init(requestsPerSecond: 1, requestBurst: 1, bytesPerSecond: 0, maxClients: 100))
         for i in 0..<10_000 { _ = r.admit("addr:\(i)", bodyBytes: nil, now: UInt64(i)) }
