@@ -1172,12 +1172,16 @@ public final class EdgeCache: @unchecked Sendable {
         }
     }
 
+    /// The longest a manifest is held fresh, in seconds: a year, as `edge.ttl_default` and
+    /// `edge.origin_max_age` allow; an upstream may say more (`max-age` up to 2^63 s).
+    static let maxTTL: Double = 365 * 86_400
+
     /// Keeps `bytes` as the manifest of `name` (in memory and in its file), fresh for the
-    /// upstream's `maxAge` or `edge.ttl_default`; returns them. A manifest cut here from a
+    /// upstream's `maxAge` (at most `maxTTL`) or `edge.ttl_default`; returns them. A manifest cut here from a
     /// plain object names its chunks (`plainChunks`), so that they can be fetched again.
     @discardableResult
     func keep(_ name: String, _ bytes: [UInt8], maxAge: Int64?, plainChunks chunks: [ChunkID]? = nil) -> [UInt8] {
-        let ttl = maxAge.map { Double($0) } ?? ttlDefault
+        let ttl = min(maxAge.map { Double($0) } ?? ttlDefault, Self.maxTTL)
         let m = EdgeManifests.Entry(bytes: bytes, expires: Date().timeIntervalSince1970 + ttl, plain: chunks != nil)
         let file = manifestFile(name)
         var staged: CacheIndexFile.Staged?

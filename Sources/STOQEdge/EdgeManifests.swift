@@ -104,7 +104,7 @@ struct EdgeManifests {
 
     static func encode(_ e: Entry) -> [UInt8] {
         var out = e.plain ? plainMagic : magic
-        let ms = UInt64(max(0, e.expires * 1000))
+        let ms = UInt64(min(max(0, e.expires * 1000), 0x1p62))
         for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: ms >> (8 * i))) }
         return out + e.bytes
     }

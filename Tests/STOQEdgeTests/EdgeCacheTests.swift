@@ -228,6 +228,20 @@ import Testing
         #expect(Set(try FileManager.default.contentsOfDirectory(atPath: root + "/manifests")) == ["a"])
     }
 
+    /// An upstream may send any `max-age` up to 2^63 seconds: held a year, not trapped on when
+    /// its expiry is written down.
+    @Test func anUpstreamsHugeMaxAgeIsHeldAYear() throws {
+        let m = try manifest(6, bytes: 3000)
+        let cache = try open(capacity: 1_600_000)
+        cache.keep("forever", m, maxAge: .max)
+        #expect(cache.manifest("forever")?.fresh == true)
+        let file = try #require(try CacheIndexFile.read(root + "/manifests/forever"))
+        let saved = try #require(EdgeManifests.decode(file))
+        #expect(saved.expires <= Date().timeIntervalSince1970 + EdgeCache.maxTTL + 1)
+        #expect(saved.expires >= Date().timeIntervalSince1970 + EdgeCache.maxTTL - 60)
+        #expect(EdgeManifests.decode(EdgeManifests.encode(.init(bytes: m, expires: 1e30)))?.expires == 0x1p62 / 1000)
+    }
+
     /// The edge cache reports manifests in its size, and the chunks' share leaves room for them.
     @Test func cachedBytesCountManifests() throws {
         let dir = root + "/manifests"
