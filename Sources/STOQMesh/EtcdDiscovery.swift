@@ -92,9 +92,15 @@ public final class EtcdDiscovery: DiscoveryBackend {
             do {
                 let (lease, revision, view) = try await open(endpoint)
                 log.succeeded(counters: box)
-                backoff.reset()
                 await publish(view, report)
-                try await follow(endpoint, lease: lease, revision: revision, view: view, report)
+                let began = ContinuousClock.now
+                do { try await follow(endpoint, lease: lease, revision: revision, view: view, report) } catch {
+                    // A session that outlived a lease earns the first, short wait again; one that
+                    // ends at once (a proxy that does not stream the watch) must not register
+                    // again and again in a tight loop.
+                    if ContinuousClock.now - began >= .seconds(options.leaseTTLSeconds) { backoff.reset() }
+                    throw error
+                }
             } catch {
                 if Task.isCancelled { break }
                 let e = error as? DiscoveryError ?? DiscoveryError(.unreachable, "etcd \(endpoint): \(error)")
@@ -140,6 +146,10 @@ public final class EtcdDiscovery: DiscoveryBackend {
             ])
         guard let header = answer["header"] as? [String: Any], let revision = Self.int(header["revision"]) else {
             throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: no header revision")
+        }
+        // The watch starts at the next one.
+        guard (0..<Int64.max).contains(revision) else {
+            throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: header revision \(revision) is out of range")
         }
         var view: [String: MeshMember] = [:]
         for kv in answer["kvs"] as? [[String: Any]] ?? [] { apply(kv, deleted: false, to: &view) }

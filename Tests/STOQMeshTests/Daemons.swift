@@ -44,6 +44,18 @@ func freePort() -> UInt16 {
     fatalError("no free loopback port")
 }
 
+/// Whether something accepts TCP connections on loopback `port`, polled every 50 ms for at most `timeout`.
+func listening(_ port: UInt16, timeout: Duration = .seconds(10)) async -> Bool {
+    await eventually(timeout: timeout) {
+        let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var sa = IPv6Endpoint(address: .loopback, port: port).sockaddr
+        return withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) == 0 }
+        }
+    }
+}
+
 /// Spawns `path` with `arguments`, standard output and error appended to `log`, with every
 /// signal unblocked and at its default (posix_spawn: a child of a test thread would otherwise
 /// inherit the thread's blocked signals and ignore SIGTERM). Foundation's Process is not used:

@@ -187,6 +187,56 @@ import Testing
         print("etcd outage: A \(na.counters), B \(nb.counters)")
     }
 
+    /// A stand-in for what a real etcd does not do (it is not etcd: a few lines of Python's
+    /// http.server speaking the JSON gateway): a watch refused at once, or a range whose header
+    /// revision is the largest there is.
+    static let stub = """
+        import http.server, json, socket, sys
+        mode, port = sys.argv[1], int(sys.argv[2])
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path == "/v3/watch":
+                    self.send_response(500); self.send_header("content-length", "0"); self.end_headers(); return
+                rev = "9223372036854775807" if mode == "revision" else "5"
+                body = {"/v3/lease/grant": {"ID": "7", "TTL": "4"}, "/v3/kv/range": {"header": {"revision": rev}, "kvs": []}}
+                data = json.dumps(body.get(self.path, {"header": {"revision": rev}})).encode()
+                self.send_response(200); self.send_header("content-length", str(len(data))); self.end_headers()
+                self.wfile.write(data)
+            def log_message(self, *a): pass
+        class S(http.server.ThreadingHTTPServer): address_family = socket.AF_INET6
+        S(("::1", port), H).serve_forever()
+        """
+
+    /// A watch that fails as soon as it opens (a proxy that does not stream) is a failed
+    /// session like any other: the waits between registrations grow instead of staying at the
+    /// first one (it registered 15–25 times in 3 s). A range at revision 2^63−1, where the watch
+    /// cannot start after it, is refused by name instead of trapping the node.
+    @Test(arguments: ["watch", "revision"]) func aStubWhoseWatchFailsOrWhoseRevisionIsHuge(mode: String) async throws {
+        let dir = try temporaryDirectory("etcd-stub")
+        let script = dir.appendingPathComponent("stub.py")
+        try Self.stub.write(to: script, atomically: true, encoding: .utf8)
+        let port = freePort()
+        let daemon = try Daemon(try requireBinary("/usr/bin/python3", package: "python3"), [script.path, mode, "\(port)"], dir: dir, name: "stub")
+        defer { daemon.kill() }
+        var o = EtcdDiscovery.Options(endpoints: [try MeshURL.parse("http://[::1]:\(port)", scheme: "http").get()], prefix: "/stoq/mesh/")
+        o.leaseTTLSeconds = 4
+        o.registration = Self.a
+        let d = EtcdDiscovery(options: o, logger: Logger(label: "test.etcd"))
+        #expect(await listening(port), "the stub never listened: \(daemon.output)")
+        let t = start(d, into: MemberLog())
+        try await Task.sleep(for: .seconds(3))
+        t.cancel()
+        await t.value
+        let c = d.counters
+        if mode == "watch" {
+            #expect((2...7).contains(c.registrations), "\(c)")
+        } else {
+            #expect(c.failures >= 1 && c.lastError?.contains("header revision 9223372036854775807 is out of range") == true, "\(c)")
+        }
+    }
+
     @Test func memberRecordsRoundTripAndRefuse() throws {
         for m in [Self.a, member("https://[fd00::7]:9")] {
             let key = MemberRecord.key(prefix: "/p/", for: m)
