@@ -3,6 +3,7 @@ import Logging
 import STOQChunking
 import STOQCore
 import STOQQUIC
+import STOQRouting
 import TOMLKit
 
 /// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
@@ -316,8 +317,9 @@ public enum ConfigLoader {
         }
         r.section("routing") { s in
             s.choice("algorithm", &c.routing.algorithm)
-            s.duration("update_interval", &c.routing.updateInterval, 100_000_000...3_600_000_000_000)
-            s.int("max_hops", &c.routing.maxHops, 1...64)
+            // Adverts live three intervals, and an hour at most; routes have at most hopLimit links.
+            s.duration("update_interval", &c.routing.updateInterval, 100_000_000...(UInt64(LinkStateAdvert.maxLifetimeMillis) / 3 * 1_000_000))
+            s.int("max_hops", &c.routing.maxHops, 1...HopLimitedSearch.hopLimit)
             s.choice("multipath_scheduler", &c.routing.multipathScheduler, NodeConfig.Routing.multipathSchedulers.map { ($0.rawValue, $0) })
         }
         r.section("chunking") { s in

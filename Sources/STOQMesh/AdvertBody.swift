@@ -52,7 +52,9 @@ public struct AdvertBody: Hashable, Sendable {
     public static let linkSize = 32 + 5 * 4
     /// No node advertises more neighbours than this.
     public static let maxLinks = 255
-    /// Lifetimes a node may give its advert: from one second to one hour.
+    /// Lifetimes a node may give its advert: from one second to one hour
+    /// (`LinkStateAdvert.maxLifetimeMillis`, which this fuzzed file cannot import; a test
+    /// holds the two equal).
     public static let lifetimeRange: ClosedRange<UInt32> = 1_000...3_600_000
 
     /// The origin: SHA-256 of its node key (`NodeIdentity(publicKey:)`).

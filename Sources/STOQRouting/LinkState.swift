@@ -78,6 +78,10 @@ public struct LinkStateAdvert: Sendable, Equatable {
     /// The origin's outgoing links. At most one entry per peer.
     public var links: [AdvertisedLink]
 
+    /// The longest an advert may live: an hour, in milliseconds. A node gives its own three
+    /// update intervals, so `routing.update_interval` stops at a third of this.
+    public static let maxLifetimeMillis: UInt32 = 3_600_000
+
     /// Creates an advert.
     public init(origin: NodeID, sequence: UInt64, links: [AdvertisedLink]) {
         self.origin = origin

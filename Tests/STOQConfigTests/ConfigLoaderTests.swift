@@ -279,6 +279,15 @@ import TOMLKit
         #expect(e.first?.description.contains("257") == true)
     }
 
+    /// An advert lives three update intervals and an hour at most: a longer interval would
+    /// leave the node with no advert it may sign. Routes stop at the search's hop limit.
+    @Test func routingStopsWhereAdvertsAndRoutesDo() throws {
+        #expect(try ConfigLoader.parse("[routing]\nupdate_interval = \"20m\"\nmax_hops = 63\n").routing.maxHops == 63)
+        let e = errors("[routing]\nupdate_interval = \"21m\"\nmax_hops = 64\n")
+        #expect(Set(e.map(\.key)) == ["routing.update_interval", "routing.max_hops"])
+        #expect(e.allSatisfy { $0.code == .outOfRange })
+    }
+
     @Test func aBareNumberForADurationIsToldToTakeAUnit() throws {
         let e = errors("[network]\ndrain_timeout = 5\n")
         #expect(e.map(\.key) == ["network.drain_timeout"] && e.first?.code == .badType)

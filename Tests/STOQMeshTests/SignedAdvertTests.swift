@@ -111,6 +111,8 @@ func advert(
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[0]]) }  // a link to itself
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1], n[1]]) }  // the same neighbour twice
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[1]], lifetime: 10) }
+        // The longest lifetime is routing's (which bounds routing.update_interval), spelled again in this fuzzed file.
+        #expect(AdvertBody.lifetimeRange.upperBound == LinkStateAdvert.maxLifetimeMillis)
         // The same rules on the wire: a body that repeats a neighbour does not decode.
         var twice = try advert(n[0], to: [n[1], n[2]]).encodeBody()
         let first = AdvertBody.headerSize
