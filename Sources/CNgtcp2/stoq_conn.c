@@ -480,6 +480,9 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   ngtcp2_pkt_hd hd;
   int rv = ngtcp2_accept(&hd, pkt, len);
   if (rv != 0 && rv != NGTCP2_ERR_RETRY) return NULL;
+  /* A tokenless Initial is one the flood rule sees as such (its token length spelled 0x00, as
+   * every client does), or none: one spelled longer would pass the kernel's shedding. */
+  if (hd.type == NGTCP2_PKT_INITIAL && hd.token.len == 0 && !stoq_quic_sheddable_initial(pkt, pkt + len)) return NULL;
 
   ngtcp2_cid odcid, *pocid = NULL;
   const uint8_t *token = NULL;

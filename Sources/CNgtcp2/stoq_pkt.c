@@ -17,6 +17,13 @@ int stoq_pkt_decode_ids(const uint8_t *pkt, size_t len, size_t short_dcidlen, st
   int rv = ngtcp2_pkt_decode_version_cid(&vc, pkt, len, short_dcidlen);
   if (rv != 0 && rv != NGTCP2_ERR_VERSION_NEGOTIATION) return STOQ_PKT_INVALID;
   if (vc.dcidlen > STOQ_MAX_CIDLEN) return STOQ_PKT_INVALID;
+  /* ngtcp2 also speaks QUIC's drafts and v2's; a node speaks v1 alone, the version its flood
+   * rule (stoq_quic_sheddable_initial) knows, and negotiates the others away. Version
+   * Negotiation answers only a datagram a client's first could be (RFC 9000 §6.1). */
+  if (rv == 0 && (pkt[0] & 0x80) && vc.version != 0 && vc.version != NGTCP2_PROTO_VER_V1) {
+    if (len < NGTCP2_MAX_UDP_PAYLOAD_SIZE) return STOQ_PKT_INVALID;
+    rv = NGTCP2_ERR_VERSION_NEGOTIATION;
+  }
   out->version = vc.version;
   out->is_long = (pkt[0] & 0x80) != 0;
   out->dcidlen = vc.dcidlen;

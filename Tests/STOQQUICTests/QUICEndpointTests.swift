@@ -1,3 +1,4 @@
+import CNgtcp2
 import Crypto
 import Foundation
 import STOQCore
@@ -341,6 +342,35 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         let c = pair.server.counters
         #expect(c.sheddableInitials == 11 && c.sheddableWithheld == 7 && c.retriesSent == 5, "\(c)")
         #expect(pair.server.takeInitialReport(limit: 4) == InitialReport(), "each report starts afresh")
+    }
+
+    /// What the kernel's flood rule cannot see as a tokenless v1 Initial makes no state and no
+    /// Retry: a token length of 0 spelled in two bytes is dropped, and a draft version (which
+    /// ngtcp2 would accept) is negotiated to v1. Either would otherwise pass the shedding.
+    @Test func initialsTheFloodRuleCannotSeeMakeNothing() throws {
+        func initial(version: [UInt8], tokenLength: [UInt8]) -> [UInt8] {
+            var p: [UInt8] = [0xC0] + version + [8] + [UInt8](repeating: 7, count: 8) + [0] + tokenLength
+            let rest = 1200 - p.count - 2
+            p += [0x40 | UInt8(rest >> 8), UInt8(rest & 0xff)]
+            return p + [UInt8](repeating: 0, count: rest)
+        }
+        var settings = QUICSettings()
+        settings.retry = true
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        let peer = IPv6Endpoint(address: IPv6Address("fd00:1::1")!, port: 999)
+        let v1 = initial(version: [0, 0, 0, 1], tokenLength: [0])
+        let long = initial(version: [0, 0, 0, 1], tokenLength: [0x40, 0])
+        #expect(v1.withUnsafeBufferPointer { stoq_pkt_sheddable_initial($0.baseAddress, $0.count) } == 1)
+        #expect(long.withUnsafeBufferPointer { stoq_pkt_sheddable_initial($0.baseAddress, $0.count) } == 0)
+        pair.inject(long, from: peer)
+        pair.inject(initial(version: [0xff, 0, 0, 0x1d], tokenLength: [0]), from: peer)  // draft-29
+        pair.run(for: 50_000_000) { false }
+        var c = pair.server.counters
+        #expect(c.retriesSent == 0 && c.droppedInitials == 1 && c.versionNegotiations == 1 && c.sheddableInitials == 0, "\(c)")
+        pair.inject(v1, from: peer)
+        pair.run(for: 50_000_000) { false }
+        c = pair.server.counters
+        #expect(c.retriesSent == 1 && c.sheddableInitials == 1, "\(c)")
     }
 
     /// A held Retry (`retryHeld`: the worker saw the flood go on) keeps answering new Initials
