@@ -530,11 +530,13 @@ public final class QUICEndpoint {
                 conn.isDirty = false
                 conn.closeOwed = false
                 packet.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-                var remote = sockaddr_in6()
+                // The path's ends now: a client that moved (to the preferred address) hears it there.
+                var remote = sockaddr_in6(), local = sockaddr_in6()
                 stoq_conn_remote(conn.raw, &remote)
+                stoq_conn_local(conn.raw, &local)
                 tally.datagramsOut &+= 1
                 return Transmit(
-                    length: packet.count, segmentSize: packet.count, destination: IPv6Endpoint(remote), source: conn.local,
+                    length: packet.count, segmentSize: packet.count, destination: IPv6Endpoint(remote), source: IPv6Endpoint(local),
                     ecn: .notECT)
             }
             guard case .active = conn.state, !conn.removed else {
