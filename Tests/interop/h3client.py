@@ -46,6 +46,8 @@ class Client(QuicConnectionProtocol):
         self.head = b""
         self.headers = {}
         self.multi = None  # --repeat: stream id -> {"status", "headers", "text", "ended"}
+        self.timeout = 120
+        self.abandoned = set()
 
     def multi_event(self, ev):
         st = self.multi.get(ev.stream_id)
@@ -65,6 +67,8 @@ class Client(QuicConnectionProtocol):
                 self.done.set_result(True)
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamReset) and event.stream_id in self.abandoned:
+            return
         if isinstance(event, StreamReset) and not self.done.done():
             self.done.set_exception(RuntimeError(f"stream reset, error 0x{event.error_code:x}"))
             return
@@ -104,6 +108,19 @@ class Client(QuicConnectionProtocol):
         return {"statuses": [x["status"] for x in ordered],
                 "headers": {str(x["status"]): x["headers"] for x in ordered},
                 "texts": {str(x["status"]): x["text"] for x in ordered}}
+
+    async def abandon(self, n):
+        """Opens `n` request streams and gives each up before writing a byte (RESET_STREAM and
+        STOP_SENDING): streams HTTP/3 never sees, whose credit the server must still return."""
+        for i in range(n):
+            sid = self._quic.get_next_available_stream_id()
+            self.abandoned.add(sid)
+            self._quic.reset_stream(sid, 0x10C)
+            self._quic.stop_stream(sid, 0x10C)
+            if i % 32 == 31:
+                self.transmit()
+                await asyncio.sleep(0.02)
+        self.transmit()
 
     async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False, abort_after=None):
         u = urlparse(url)
@@ -151,7 +168,7 @@ class Client(QuicConnectionProtocol):
             self.transmit()
             self.close()
             return
-        await asyncio.wait_for(self.done, 120)
+        await asyncio.wait_for(self.done, self.timeout)
 
 
 async def main() -> int:
@@ -171,6 +188,8 @@ async def main() -> int:
     ap.add_argument("--abort-after", type=int,
                     help="announce the whole --body, send this many bytes of it, then cancel the request")
     ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
+    ap.add_argument("--abandon", type=int, default=0, help="first open N request streams and give each up unwritten")
+    ap.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answer")
     a = ap.parse_args()
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
@@ -198,6 +217,9 @@ async def main() -> int:
         if a.repeat:
             print(json.dumps(await c.repeat(a.method, a.url, headers, a.repeat)))
             return 0
+        if a.abandon:
+            await c.abandon(a.abandon)
+        c.timeout = a.timeout
         body = open(a.body, "rb").read() if a.body else None
         await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length, a.abort_after)
         res = {"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),

@@ -224,6 +224,17 @@ def test_bad_method(node):
     assert res["status"] == 405 and res["headers"]["allow"] == "GET, HEAD, PUT, DELETE"
 
 
+def test_streams_given_up_unwritten_return_their_credit(node):
+    """600 request streams opened and given up before a byte (RESET_STREAM, STOP_SENDING) are
+    streams HTTP/3 never sees; their credit comes back all the same, so the same connection's
+    GET after them is answered (it hung at the stream limit)."""
+    r = subprocess.run([sys.executable, str(HERE / "h3client.py"), node.url("obj-1.bin"), "--ca", node.cert,
+                        "--abandon", "600", "--timeout", "20"], capture_output=True, text=True, timeout=90)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res.get("status") == 200, res
+    still_serves(node)
+
+
 def test_client_vanishes_mid_transfer(node):
     p = subprocess.Popen([str(need_binary("stoq")), "get", node.url(f"obj-{256 << 20}.bin"), "--ca", node.cert],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
