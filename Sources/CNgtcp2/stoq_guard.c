@@ -3,9 +3,9 @@
  * it, rather than renamed over it) makes the next read past its new end raise SIGBUS, which
  * would end the whole node. Mappings register their range here; a fault inside one gets a page
  * of zeros mapped in its place, so the read (inside ngtcp2's packet writer) completes, and the
- * thread's first such address is kept for the endpoint, which resets the streams sending from
- * that range once the write returns (stoq_conn_reset_streams_at). A fault anywhere else is left
- * to the default action, as without the guard. */
+ * mapping is recorded for the thread; once the write returns the endpoint resets every stream
+ * sending from a recorded mapping (stoq_conn_reset_faulted_streams). A fault anywhere else is
+ * left to the default action, as without the guard. */
 #include "stoq_internal.h"
 
 #include <signal.h>
@@ -17,27 +17,49 @@
 
 static _Atomic uintptr_t guard_start[GUARD_SLOTS];
 static _Atomic size_t guard_len[GUARD_SLOTS];
-static _Thread_local uintptr_t guard_fault;
+/* The mappings that faulted on this thread since the last stoq_guard_clear; past
+ * STOQ_GUARD_FAULTS of them, `guard_overflow` says "any guarded mapping may have". */
+static _Thread_local uintptr_t fault_start[STOQ_GUARD_FAULTS];
+static _Thread_local size_t fault_len[STOQ_GUARD_FAULTS];
+static _Thread_local unsigned fault_count;
+static _Thread_local int guard_overflow;
 static struct sigaction guard_previous;
 static atomic_int guard_installed;
 static uintptr_t guard_page = 4096;
 
-static int guarded(uintptr_t a) {
+/* The slot of the guarded mapping holding `a`, or -1. */
+static long guarded(uintptr_t a) {
   for (unsigned i = 0; i < GUARD_SLOTS; i++) {
     uintptr_t s = atomic_load_explicit(&guard_start[i], memory_order_acquire);
-    if (s && a >= s && a - s < atomic_load_explicit(&guard_len[i], memory_order_acquire)) return 1;
+    if (s && a >= s && a - s < atomic_load_explicit(&guard_len[i], memory_order_acquire)) return (long)i;
   }
-  return 0;
+  return -1;
+}
+
+/* Records the mapping of slot `i` as faulted on this thread (once). Signal-safe. */
+static void record(long i) {
+  uintptr_t s = atomic_load_explicit(&guard_start[i], memory_order_acquire);
+  size_t len = atomic_load_explicit(&guard_len[i], memory_order_acquire);
+  for (unsigned k = 0; k < fault_count; k++)
+    if (fault_start[k] == s) return;
+  if (fault_count == STOQ_GUARD_FAULTS) {
+    guard_overflow = 1;
+    return;
+  }
+  fault_start[fault_count] = s;
+  fault_len[fault_count] = len;
+  fault_count++;
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
   (void)sig;
   (void)uc;
   uintptr_t a = (uintptr_t)si->si_addr;
-  if (si->si_code == BUS_ADRERR && guarded(a)) {
+  long slot = si->si_code == BUS_ADRERR ? guarded(a) : -1;
+  if (slot >= 0) {
     void *page = (void *)(a & ~(guard_page - 1));
     if (mmap(page, guard_page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
-      if (!guard_fault) guard_fault = a;
+      record(slot);
       return;
     }
   }
@@ -81,23 +103,34 @@ void stoq_guard_remove(long slot) {
   atomic_store_explicit(&guard_start[slot], 0, memory_order_release);
 }
 
-uintptr_t stoq_guard_take_fault(void) {
-  uintptr_t a = guard_fault;
-  guard_fault = 0;
-  return a;
+int stoq_guard_faulted(void) { return fault_count > 0 || guard_overflow; }
+
+int stoq_guard_hit(const void *base, size_t len) {
+  uintptr_t b = (uintptr_t)base;
+  if (!b || !len) return 0;
+  if (guard_overflow) return guarded(b) >= 0;
+  for (unsigned k = 0; k < fault_count; k++)
+    if (b < fault_start[k] + fault_len[k] && fault_start[k] < b + len) return 1;
+  return 0;
 }
 
-int stoq_conn_reset_streams_at(stoq_conn *c, uintptr_t addr, uint64_t code) {
+void stoq_guard_clear(void) {
+  fault_count = 0;
+  guard_overflow = 0;
+}
+
+int stoq_conn_reset_faulted_streams(stoq_conn *c, uint64_t code) {
   int n = 0;
   for (stoq_stream *s = c->streams; s; s = s->next) {
     for (unsigned i = 0; i < s->p_count; i++) {
       const struct body_piece *p = &s->pieces[(s->p_head + i) % STOQ_BODY_PIECES];
-      if (p->base && addr >= (uintptr_t)p->base && addr - (uintptr_t)p->base < p->len) {
+      if (stoq_guard_hit(p->base, p->len)) {
         stoq_stream_reset(c, s, code);
         n++;
         break;
       }
     }
   }
+  stoq_guard_clear();
   return n;
 }

@@ -556,9 +556,8 @@ public final class QUICEndpoint {
                 maxSegments, stride, &seg, &remote, &local, &ecn, now)
             // A body's file shrank under its mapping: what it read there were zeros, so the
             // streams sending from it end now, with an error, instead of completing.
-            let fault = stoq_guard_take_fault()
-            if fault != 0 {
-                tally.bodiesCutShort &+= UInt64(stoq_conn_reset_streams_at(conn.raw, fault, H3Error.internalError))
+            if stoq_guard_faulted() != 0 {
+                tally.bodiesCutShort &+= UInt64(stoq_conn_reset_faulted_streams(conn.raw, H3Error.internalError))
                 // The datagrams just built carry those zeros, perhaps with the body's FIN, which
                 // would complete it at the peer before the reset arrived: they are not sent, as
                 // if lost. ngtcp2 does not send a reset stream's data again; the rest of what

@@ -41,6 +41,25 @@ import Testing
         #expect(BodyRegion.mapping(fd: fd, offset: 0, length: 100)?.count == 100)
     }
 
+    /// Two files cut short under their mappings in one write: both mappings are recorded, so
+    /// every stream sending from either is reset (only the first fault's address was kept, and
+    /// the second stream was sent zeros and its FIN). A third, untouched, is not hit.
+    @Test func everyMappingThatFaultedIsRecorded() throws {
+        BodyRegion.guardFileMappings()
+        let fds = try (0..<3).map { _ in try file(3 * 4096) }
+        defer { for fd in fds { close(fd) } }
+        let regions = fds.map { BodyRegion.mapping(fd: $0, offset: 0, length: 3 * 4096) }
+        let bases = try regions.map { try #require($0?.base) }
+        stoq_guard_clear()
+        for fd in fds.prefix(2) { #expect(ftruncate(fd, 4096) == 0) }
+        for base in bases { #expect(base.load(fromByteOffset: 2 * 4096, as: UInt8.self) == 0) }  // zeros, not SIGBUS
+        #expect(stoq_guard_faulted() == 1)
+        #expect(stoq_guard_hit(bases[0] + 100, 10) == 1 && stoq_guard_hit(bases[1], 1) == 1)
+        #expect(stoq_guard_hit(bases[2], 3 * 4096) == 0)
+        stoq_guard_clear()
+        #expect(stoq_guard_faulted() == 0 && stoq_guard_hit(bases[0], 1) == 0)
+    }
+
     /// Whether `address` is mapped: msync answers ENOMEM for an unmapped page.
     private func isMapped(_ address: UInt) -> Bool {
         msync(UnsafeMutableRawPointer(bitPattern: address), 1, MS_ASYNC) == 0

@@ -374,20 +374,29 @@ uint64_t stoq_conn_streams_open(const stoq_conn *c);
 /** Mappings the guard holds at once; past this stoq_guard_add refuses. */
 #define STOQ_GUARD_SLOTS 65536u
 
+/** Distinct mappings a thread records as faulted between two clears; past that every guarded
+ *  mapping counts as hit (stoq_guard_hit). */
+#define STOQ_GUARD_FAULTS 8u
+
 /** Installs the process's SIGBUS handler (once; later calls do nothing): a read past the end
  *  of a file that shrank under a registered mapping then reads a page of zeros instead of
- *  ending the process, and is reported by stoq_guard_take_fault. 0, or -1 (errno). */
+ *  ending the process, and the mapping is recorded for the thread (stoq_guard_faulted).
+ *  0, or -1 (errno). */
 int stoq_guard_install(void);
 /** Registers the mapping [base, base+len): a slot to pass to stoq_guard_remove; -1 when no
  *  handler is installed (the mapping is not guarded, as without the guard); -2 when every
  *  slot is taken (the caller must not send from the mapping). */
 long stoq_guard_add(const void *base, size_t len);
 void stoq_guard_remove(long slot);
-/** The first address of a guarded mapping that faulted on this thread since the last call
- *  (0: none), and forgets it. */
-uintptr_t stoq_guard_take_fault(void);
-/** Resets (with `code`) every stream of `c` whose queued body holds `addr`. How many. */
-int stoq_conn_reset_streams_at(stoq_conn *c, uintptr_t addr, uint64_t code);
+/** Whether a guarded mapping faulted on this thread since the last stoq_guard_clear. */
+int stoq_guard_faulted(void);
+/** Whether [base, base+len) overlaps a mapping that faulted on this thread since the last clear. */
+int stoq_guard_hit(const void *base, size_t len);
+/** Forgets this thread's faulted mappings. */
+void stoq_guard_clear(void);
+/** Resets (with `code`) every stream of `c` whose queued body lies in a mapping that faulted
+ *  on this thread, then clears the thread's record. How many. */
+int stoq_conn_reset_faulted_streams(stoq_conn *c, uint64_t code);
 
 /** Next time stoq_conn_handle_expiry must run (ns, UINT64_MAX for never). */
 uint64_t stoq_conn_expiry(stoq_conn *c);
