@@ -122,26 +122,34 @@ public final class ObjectIngest: @unchecked Sendable {
     /// Removes every flat file in the storage directory that an object record of the same
     /// name is newer than: what a crash between an ingest's record and its removal of the
     /// older flat copy leaves (the flat file would keep serving the old version). A flat file
-    /// newer than the record (stored while dedup was off) stays. Returns the names removed.
+    /// newer than the record (stored while dedup was off, or put there by an operator) stays.
+    /// Newer by status change time, which no copy keeps: `cp -a`, `rsync -a` and restores set
+    /// a file's modification time to its source's, and an operator's newer file would go.
+    /// Returns the names removed.
     func removeShadowedFlatFiles() -> [String] {
         guard let dir = fdopendir(dup(rootFD)) else { return [] }
         defer { closedir(dir) }
         var removed: [String] = []
         while let e = readdir(dir) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard !name.hasPrefix("."), (try? ObjectIndex.validateName(name)) != nil else { continue }
-            var flat = stat(), record = stat()
-            // The record's file (the store's documented layout: <content>/objects/<name>).
-            guard fstatat(rootFD, name, &flat, AT_SYMLINK_NOFOLLOW) == 0, (flat.st_mode & S_IFMT) == S_IFREG,
-                stat(index.chunks.root + "/objects/" + name, &record) == 0
-            else { continue }
-            let newer =
-                record.st_mtim.tv_sec > flat.st_mtim.tv_sec
-                || (record.st_mtim.tv_sec == flat.st_mtim.tv_sec && record.st_mtim.tv_nsec > flat.st_mtim.tv_nsec)
-            if newer, unlinkat(rootFD, name, 0) == 0 { removed.append(name) }
+            if Self.isShadowed(name, in: rootFD, by: index), unlinkat(rootFD, name, 0) == 0 { removed.append(name) }
         }
         if !removed.isEmpty { fsync(rootFD) }
         return removed.sorted()
+    }
+
+    /// Whether the flat file `name` in the storage directory `dirFD` is older than the object
+    /// record of the same name in `index`: a copy an ingest meant to remove, which the next
+    /// start does (and a storage cap does not count).
+    static func isShadowed(_ name: String, in dirFD: Int32, by index: ObjectIndex) -> Bool {
+        guard !name.hasPrefix("."), (try? ObjectIndex.validateName(name)) != nil else { return false }
+        var flat = stat(), record = stat()
+        // The record's file (the store's documented layout: <content>/objects/<name>).
+        guard fstatat(dirFD, name, &flat, AT_SYMLINK_NOFOLLOW) == 0, (flat.st_mode & S_IFMT) == S_IFREG,
+            stat(index.chunks.root + "/objects/" + name, &record) == 0
+        else { return false }
+        return record.st_ctim.tv_sec > flat.st_ctim.tv_sec
+            || (record.st_ctim.tv_sec == flat.st_ctim.tv_sec && record.st_ctim.tv_nsec > flat.st_ctim.tv_nsec)
     }
 
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds

@@ -188,6 +188,9 @@ public final class Node: @unchecked Sendable {
         let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
+        // Before the limits count what is stored: ingest's start removes the flat copies its
+        // records replaced (a crash between the two), which they would count.
+        let ingest = try WorkerAssembly.makeIngest(cfg, content: content, logger: logger)
         try openLimits(cfg, content: content)
         for line in cfg.notices { logger.notice("\(line)") }
         let meshService = try Self.makeMesh(
@@ -209,7 +212,7 @@ public final class Node: @unchecked Sendable {
         self.storePool = storePool
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
-            content: content, ingest: try WorkerAssembly.makeIngest(cfg, content: content, logger: logger),
+            content: content, ingest: ingest,
             storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,

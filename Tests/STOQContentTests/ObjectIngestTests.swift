@@ -137,18 +137,21 @@ final class ObjectIngestTests {
 
 extension ObjectIngestTests {
     /// A crash between an ingest's record and its removal of the older flat copy leaves both;
-    /// the pool's start removes the flat copy, but not a flat file newer than its record.
+    /// the pool's start removes the flat copy, but not a flat file put there after its record,
+    /// even with an older modification time (as `cp -a` or a restore leaves it).
     @Test func startingThePoolRemovesFlatCopiesOlderThanTheirRecords() throws {
+        // "crashed": the flat copy is from before the record; "flat-later": put there after it.
+        close(try upload(Self.bytes(10, seed: 10), named: "crashed"))
+        usleep(20_000)  // status change times tick coarsely
         for name in ["crashed", "flat-later"] {
             let fd = try upload(Self.bytes(50_000, seed: 9), named: ".upload-\(name)")
             _ = try ObjectIngest.ingest(fd: fd, as: name, into: index, parameters: parameters)
             close(fd)
         }
-        // "crashed": the flat copy is from before the record; "flat-later": written after it.
-        close(try upload(Self.bytes(10, seed: 10), named: "crashed"))
-        var old = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
-        #expect(utimensat(AT_FDCWD, storage + "/crashed", &old, 0) == 0)
+        usleep(20_000)
         close(try upload(Self.bytes(10, seed: 11), named: "flat-later"))
+        var old = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+        #expect(utimensat(AT_FDCWD, storage + "/flat-later", &old, 0) == 0)
         close(try upload(Self.bytes(10, seed: 12), named: "only-flat"))
         let pool = try ObjectIngest(index: index, parameters: parameters, storagePath: storage, logger: Logger(label: "test"))
         pool.stop()
