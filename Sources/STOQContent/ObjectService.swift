@@ -366,9 +366,15 @@ public final class ObjectService: QUICApplication {
         }
         // Durable before visible: data, then the name, then the directory entry.
         let written = Self.size(up.fd)
-        guard fsync(up.fd) == 0, close(up.fd) == 0 else {
-            let e = errno
-            discard(up)
+        var failed: Int32 = 0
+        if fsync(up.fd) != 0 { failed = errno }
+        // Closed once, whatever happened: closing it again (`discard`) could close a file
+        // another thread opened under the same number since.
+        if close(up.fd) != 0, failed == 0 { failed = errno }
+        guard failed == 0 else {
+            let e = failed
+            up.follower?.abandon()
+            unlinkat(rootFD, up.temp, 0)
             counters.uploadsAborted += 1
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, up.name, written: written, errno: e) }
             return fail(stream, connection, 500, "storing the upload failed: \(String(cString: strerror(e)))")
