@@ -1140,7 +1140,8 @@ public final class EdgeCache: @unchecked Sendable {
                 if !wasHeld && put == .alreadyPresent { restore(id, bytes) }
             }
         } catch {
-            if store.diskFull.refusedIfNoSpace(error) {
+            // The store counted the refusal as it made it.
+            if let e = error as? StoreError, e.code == .noSpace {
                 return (Failure(status: 507, reason: "edge: no space left to cache \(name) from \(from): \(error)"), nil)
             }
             logger.error("edge cache: cannot cut \(name) from \(from) into the cache: \(error)")
