@@ -77,6 +77,9 @@ package enum MeshMetrics {
             c.advertsRefused.sorted { $0.key < $1.key }.map { ("{reason=\"\(label($0.key))\"}", "\($0.value)") })
         one("stoq_mesh_peers_refused_total", "counter", "Neighbours refused: their certificate did not chain to the node's trust.", c.peersRefused)
         one("stoq_mesh_connect_failures_total", "counter", "Connection attempts to neighbours that failed.", c.connectFailures)
+        one(
+            "stoq_mesh_probes_refused_total", "counter", "Probes a neighbour answered with another status than 200 (no mesh there, or refused).",
+            c.probesRefused)
         one("stoq_mesh_route_computations_total", "counter", "Route tables computed after link-state changes.", c.routeComputations)
         one("stoq_mesh_relay_served_total", "counter", "Relay requests this node served from its own store.", c.relayServed)
         one("stoq_mesh_relay_forwarded_total", "counter", "Relay requests this node passed on to the next hop.", c.relayForwarded)
@@ -140,7 +143,7 @@ package enum MeshMetrics {
                 "adverts_accepted": c.advertsAccepted, "adverts_forwarded": c.advertsForwarded,
                 "adverts_synchronized": c.advertsSynchronized,
                 "adverts_duplicate": c.advertsDuplicate, "adverts_refused": c.advertsRefused,
-                "peers_refused": c.peersRefused, "connect_failures": c.connectFailures,
+                "peers_refused": c.peersRefused, "connect_failures": c.connectFailures, "probes_refused": c.probesRefused,
                 "route_computations": c.routeComputations, "relay_served": c.relayServed,
                 "relay_forwarded": c.relayForwarded, "max_hops_refused": c.maxHopsRefused,
                 "max_hops_seen": c.maxHopsSeen, "failovers": c.failovers,

@@ -23,6 +23,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         /// that refuses this node (or is refused) is not asked ten times a second.
         var failures = 0
         var retryAt: UInt64 = 0
+        /// The last probe answer that was not a 200 (logged once until it changes), or 0.
+        var refusedWith = 0
     }
 
     enum Pending {
@@ -196,8 +198,24 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 logger.notice("mesh: \(n.url) answers again after \(n.failures) failed connection attempt(s)")
                 n.failures = 0
                 n.retryAt = 0
+                neighbours[ep] = n
             }
-            guard d.status == 200, d.received > 0, d.received <= 512 else { return }
+            let status = d.status ?? 0
+            guard status == 200 else {
+                // A node that runs no mesh (404), or whose access policy refuses this one (403).
+                if n.refusedWith != status {
+                    logger.warning("mesh: \(n.url) answered the probe with HTTP \(status); logged once until that changes")
+                    n.refusedWith = status
+                    neighbours[ep] = n
+                }
+                counters.probesRefused += 1
+                return
+            }
+            if n.refusedWith != 0 {
+                n.refusedWith = 0
+                neighbours[ep] = n
+            }
+            guard d.received > 0, d.received <= 512 else { return }
             var bytes = [UInt8](repeating: 0, count: Int(d.received))
             guard bytes.withUnsafeMutableBytes({ pread(n.answerFD, $0.baseAddress, $0.count, 0) }) == bytes.count else { return }
             let answer: MeshWire.ProbeAnswer

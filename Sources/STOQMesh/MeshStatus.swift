@@ -106,6 +106,9 @@ public struct MeshStatus: Sendable, Equatable {
         /// Neighbours whose certificate this node refused, and connection attempts that failed.
         public var peersRefused: UInt64 = 0
         public var connectFailures: UInt64 = 0
+        /// Probes a neighbour answered with another status than 200 (it runs no mesh: 404; its
+        /// access policy refuses this node: 403).
+        public var probesRefused: UInt64 = 0
         /// Route tables computed (each after a link-state change that needed it).
         public var routeComputations: UInt64 = 0
         /// Relay requests answered by this node: served from its own store, or passed on.

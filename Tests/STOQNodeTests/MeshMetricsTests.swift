@@ -29,6 +29,7 @@ import Testing
         counters.advertsRefused = ["stale": 2, "bad_signature": 1]
         counters.peersRefused = 1
         counters.connectFailures = 4
+        counters.probesRefused = 2
         counters.routeComputations = 9
         counters.relayServed = 30
         counters.relayForwarded = 18
@@ -195,6 +196,7 @@ import Testing
         c.advertsRefused = try counts(cj, "adverts_refused")
         c.peersRefused = try u(cj, "peers_refused")
         c.connectFailures = try u(cj, "connect_failures")
+        c.probesRefused = try u(cj, "probes_refused")
         c.routeComputations = try u(cj, "route_computations")
         c.relayServed = try u(cj, "relay_served")
         c.relayForwarded = try u(cj, "relay_forwarded")

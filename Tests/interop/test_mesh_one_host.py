@@ -368,3 +368,28 @@ def test_a_trust_change_reaches_the_mesh_without_a_restart(tmp_path):
     finally:
         for n in nodes:
             stop(n)
+
+
+def test_a_peer_that_runs_no_mesh_is_named_once_and_counted(tmp_path):
+    """A's peer B runs no mesh: it answers A's probes with 404. A logs that once and counts
+    every such answer (`probes_refused`); the answer used to be dropped without a word, after
+    logging "answers again" at every probe when B had first been unreachable."""
+    ca = certificates(tmp_path, ("a", "b"))
+    pa, pb = free_port(), free_port()
+    a = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb]))
+    b = None
+    try:
+        time.sleep(1)  # B is not up yet: A's first probes fail to connect
+        b = start_node(tmp_path / "b", pb, f'[tls]\ncert_file = "{tmp_path}/b.pem"\nkey_file = "{tmp_path}/b.key"\n'
+                                              f'[trust]\nbundle = "{ca}/root.pem"\n')
+        deadline = time.monotonic() + 20
+        while status(a)["counters"]["probes_refused"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status(a)["counters"]["probes_refused"] >= 5, status(a)["counters"]
+        log = (tmp_path / "a" / "node.log").read_text()
+        assert log.count(f"mesh: https://[::1]:{pb}/ answered the probe with HTTP 404; logged once until that changes") == 1, log[-3000:]
+        assert log.count("answers again after") <= 1, log[-3000:]
+    finally:
+        for n in (a, b):
+            if n:
+                stop(n)
