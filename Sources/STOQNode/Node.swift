@@ -224,7 +224,8 @@ public final class Node: @unchecked Sendable {
             stop: stopFlag, finished: finished, tracer: tracer, logger: logger)
         try startWorkers(assembly, queues: queues)
         if let meshService {
-            let snapshots = self.snapshots, most = Double(max(1, cfg.network.quic.maxConnections))
+            // max_connections is each worker's: the node holds that many times its workers.
+            let snapshots = self.snapshots, most = Double(max(1, cfg.network.quic.maxConnections) * queues.count)
             meshService.loadSource = { Double(snapshots.compactMap(\.latest).reduce(0) { $0 + $1.connections }) / most }
             do { try meshService.start() } catch {
                 stop()

@@ -393,3 +393,26 @@ def test_a_peer_that_runs_no_mesh_is_named_once_and_counted(tmp_path):
         for n in (a, b):
             if n:
                 stop(n)
+
+
+def test_a_nodes_load_is_over_every_workers_connections(tmp_path):
+    """B has 2 workers of `max_connections = 4` each, and holds one connection (A's): its load
+    is 1 / 8. It was 1 / 4, against one worker's limit, so a node with many workers looked
+    full to its neighbours' routing at a fraction of what it holds."""
+    ca = certificates(tmp_path, ("a", "b"))
+    pa, pb = free_port(), free_port()
+    nodes = []
+    try:
+        nodes.append(start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb])))
+        nodes.append(start_node(tmp_path / "b", pb, mesh_config(tmp_path, ca, "b", [pa]),
+                                network="workers = 2\nmax_connections = 4"))
+        deadline, seen = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            seen = [n["peer_load"] for n in status(nodes[0])["neighbours"]]
+            if seen == [0.125]:
+                break
+            time.sleep(0.2)
+        assert seen == [0.125], seen
+    finally:
+        for n in nodes:
+            stop(n)

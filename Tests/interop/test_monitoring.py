@@ -164,14 +164,15 @@ def tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(workdir: pathlib.Path, port: int, extra: str):
+def start_node(workdir: pathlib.Path, port: int, extra: str, network: str = "workers = 1"):
     """stoq-node on [::1]:port with the admin API on a free port (conftest.Node picks its own
-    port, and each node must name the other's in `[mesh] peers` before either starts)."""
+    port, and each node must name the other's in `[mesh] peers` before either starts);
+    `network`: keys of its [network] section."""
     n = types.SimpleNamespace(workdir=workdir, port=port)
     (workdir / "objects").mkdir(parents=True, exist_ok=True)
     cfg = workdir / "node.toml"
     cfg.write_text(
-        f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[::1]:{port}"\nworkers = 1\n'
+        f'[node]\ndata_dir = "{workdir}/data"\n[network]\nlisten_addr = "[::1]:{port}"\n{network}\n'
         f'client_auth = "optional"\n{extra}\n[admin]\nlisten = "[::1]:0"\n'
         f'[storage]\npath = "{workdir}/objects"\ncontent_path = "{workdir}/content"\n')
     n.log = open(workdir / "node.log", "w+")
