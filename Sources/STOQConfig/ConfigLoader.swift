@@ -291,12 +291,6 @@ public enum ConfigLoader {
                 a.string("ca", &c.trust.acme.ca)
             }
         }
-        if c.network.clientAuth != .none && c.trust.bundle.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
-            r.errors.append(
-                ConfigError(
-                    code: .badValue, key: "trust.bundle", value: "\"\"",
-                    allowed: "a PEM file of the roots client certificates chain to, when network.client_auth is on and the node does not run its own CA"))
-        }
         if c.trust.requireTransparency && c.trust.transparencyLogs.isEmpty && (c.trust.mode == .acme || !c.tls.certFile.isEmpty) {
             r.errors.append(
                 ConfigError(
@@ -380,6 +374,23 @@ public enum ConfigLoader {
                 ConfigError(
                     code: .badValue, key: "network.listen_addr", value: "\"\(c.network.listenAddress)\"",
                     allowed: "a fixed port, e.g. \"[::]:4433\" (port 0 picks a new one at each start, and \(needs))"))
+        }
+        if c.trust.bundle.isEmpty {
+            // Who is verified against trust.bundle, and when nothing else would stand in for it:
+            // the node's own CA verifies clients in embedded mode; nothing but the bundle should
+            // verify mesh nodes (the system store would let any publicly trusted certificate in).
+            let ownCA = c.trust.mode == .embedded && c.tls.certFile.isEmpty
+            var needs: [String] = []
+            if c.network.clientAuth != .none && !ownCA { needs.append("network.client_auth is on") }
+            if c.admin.auth == .mtls && !ownCA { needs.append("admin.auth = \"mtls\"") }
+            if c.mesh.enabled { needs.append("the node is in a mesh (its neighbours and their adverts are verified against it)") }
+            if !needs.isEmpty {
+                r.errors.append(
+                    ConfigError(
+                        code: .badValue, key: "trust.bundle", value: "\"\"",
+                        allowed: "a PEM file of the roots peers' certificates chain to, when "
+                            + needs.joined(separator: " and ") + (needs.count > 1 || !c.mesh.enabled ? "; the node does not run its own CA" : "")))
+            }
         }
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift
         r.limits(&c.limits)  // [limits]: LimitsConfig.swift

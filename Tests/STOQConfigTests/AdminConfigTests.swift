@@ -22,6 +22,17 @@ import Testing
         #expect(errors("[admin]\nlisten = \"\(listen)\"\nauth = \"none\"\n").first?.code == .unsafe)
     }
 
+    /// Admin mTLS checks clients against the node's CA or `trust.bundle`: with neither (a
+    /// certificate of the operator's, no bundle) it would refuse every scraper. Refused by name.
+    @Test func mTLSWithoutTheNodesCANeedsABundle() throws {
+        let cert = "[tls]\ncert_file = \"/etc/stoq/cert.pem\"\nkey_file = \"/etc/stoq/key.pem\"\n"
+        let e = errors(cert + "[admin]\nlisten = \"[::]:9464\"\nauth = \"mtls\"\n")
+        #expect(e.map(\.key) == ["trust.bundle"])
+        #expect(e.first?.description.contains("when admin.auth = \"mtls\"; the node does not run its own CA") == true, "\(e)")
+        #expect(errors(cert + "[admin]\nlisten = \"[::]:9464\"\nauth = \"mtls\"\n[trust]\nbundle = \"/etc/stoq/roots.pem\"\n").isEmpty)
+        #expect(errors("[admin]\nlisten = \"[::]:9464\"\nauth = \"mtls\"\n").isEmpty, "the node's own CA verifies them")
+    }
+
     @Test func theWholeMessageNamesTheFile() throws {
         #expect(throws: ConfigErrors.self) { try ConfigLoader.parse("[admin]\nlisten = \"[::]:9090\"\n", source: "node.toml") }
         do {

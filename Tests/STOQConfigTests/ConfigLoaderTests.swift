@@ -301,7 +301,7 @@ import TOMLKit
     /// Port 0 (a free port at each start) serves a test node; a mesh or XDP needs a fixed one.
     @Test func port0IsRefusedWhereOthersMustKnowThePort() throws {
         #expect(try ConfigLoader.parse("[network]\nlisten_addr = \"[::1]:0\"").network.listenAddress.port == 0)
-        let mesh = errors("[network]\nlisten_addr = \"[::]:0\"\n[mesh]\npeers = [\"https://[fd00::2]:4433\"]\n")
+        let mesh = errors("[network]\nlisten_addr = \"[::]:0\"\n[mesh]\npeers = [\"https://[fd00::2]:4433\"]\n[trust]\nbundle = \"r.pem\"\n")
         #expect(
             mesh.map(\.description) == [
                 "network.listen_addr = \"[::]:0\": bad value; expected a fixed port, e.g. \"[::]:4433\" (port 0 picks a new one at each start, and mesh peers reach this node on it)"
@@ -434,6 +434,7 @@ import TOMLKit
             ]
             [ "trust" ]
             mode = "embedded"
+            bundle = "/etc/stoq/mesh-roots.pem"
             """
         #expect(ConfigLoader.tomlHazard(text) == nil)
         #expect(ConfigLoader.tomlHazard("x = \"\"\"\n[.\n\"\"\"\n") == nil)

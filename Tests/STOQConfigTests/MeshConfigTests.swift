@@ -3,17 +3,34 @@ import Testing
 @testable import STOQConfig
 
 @Suite struct MeshConfigTests {
+    /// A mesh's nodes are verified against `trust.bundle`: every config here names one.
+    static let roots = "\n[trust]\nbundle = \"/etc/stoq/mesh-roots.pem\"\n"
+
+    func parse(_ text: String) throws -> NodeConfig { try ConfigLoader.parse(text + Self.roots) }
+
     func errors(_ text: String) -> [ConfigError] {
         do {
-            _ = try ConfigLoader.parse(text, source: "t.toml")
+            _ = try ConfigLoader.parse(text + Self.roots, source: "t.toml")
             return []
         } catch { return error.errors }
+    }
+
+    /// Without it, a mesh would verify its neighbours and their adverts against the system
+    /// store, where any publicly trusted certificate would pass: refused by name.
+    @Test func aMeshNeedsTheRootsItsNodesChainTo() {
+        do {
+            _ = try ConfigLoader.parse("[mesh]\npeers = [\"https://[fd00:57::2]:4433\"]")
+            Issue.record("a mesh without trust.bundle was accepted")
+        } catch {
+            #expect(error.errors.map(\.key) == ["trust.bundle"])
+            #expect(error.errors.first?.description.contains("when the node is in a mesh") == true)
+        }
     }
 
     func ep(_ s: String) -> IPv6Endpoint { try! IPv6Endpoint.parse(s).get() }
 
     @Test func defaults() throws {
-        let m = try ConfigLoader.parse("[mesh]\n").mesh
+        let m = try parse("[mesh]\n").mesh
         #expect(m == NodeConfig.Mesh())
         #expect(m.discovery == .static && m.peers.isEmpty)
         #expect(m.dnsInterval == 30_000_000_000 && m.dnsServer == nil)
@@ -23,13 +40,13 @@ import Testing
 
     /// A configured mesh runs: no notice says it is ignored, and routing's keys take effect.
     @Test func aConfiguredMeshRaisesNoNotice() throws {
-        let c = try ConfigLoader.parse("[mesh]\npeers = [\"https://[fd00:57::2]:4433\"]")
+        let c = try parse("[mesh]\npeers = [\"https://[fd00:57::2]:4433\"]")
         #expect(c.notices.isEmpty)
         #expect(NodeConfig.default.notices.count == 1 && NodeConfig.default.notices[0].hasPrefix("routing:"))
     }
 
     @Test func readsStaticPeers() throws {
-        let m = try ConfigLoader.parse(
+        let m = try parse(
             """
             [mesh]
             peers = ["https://[fd00:57::2]:4433", "https://[2001:db8::9]:443/"]
@@ -48,7 +65,7 @@ import Testing
     }
 
     @Test func readsDNSAndEtcd() throws {
-        let d = try ConfigLoader.parse(
+        let d = try parse(
             """
             [mesh]
             discovery = "dns"
@@ -61,7 +78,7 @@ import Testing
         #expect(d.dnsName == "_stoq._udp.stoq.mesh.svc.cluster.local.")
         #expect(d.dnsServer == ep("[::1]:5353"))
         #expect(d.dnsInterval == 5_000_000_000)
-        let e = try ConfigLoader.parse(
+        let e = try parse(
             """
             [mesh]
             discovery = "etcd"

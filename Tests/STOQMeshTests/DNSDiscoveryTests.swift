@@ -257,13 +257,14 @@ import Testing
     /// The selection builds the backend `[mesh]` names.
     @Test func selectionNamesTheBackend() throws {
         let logger = Logger(label: "test")
-        let s = try ConfigLoader.parse("[mesh]\npeers = [\"https://[::1]:1\"]").mesh
+        let roots = "\n[trust]\nbundle = \"/etc/stoq/mesh-roots.pem\"\n"
+        let s = try ConfigLoader.parse("[mesh]\npeers = [\"https://[::1]:1\"]" + roots).mesh
         #expect(DiscoverySelection.backend(for: s, listenPort: 4433, registration: nil, logger: logger).backendName == "static")
-        let d = try ConfigLoader.parse("[mesh]\ndiscovery = \"dns\"\ndns_name = \"a.b\"\ndns_interval = \"5s\"").mesh
+        let d = try ConfigLoader.parse("[mesh]\ndiscovery = \"dns\"\ndns_name = \"a.b\"\ndns_interval = \"5s\"" + roots).mesh
         let dns = DiscoverySelection.backend(for: d, listenPort: 4433, registration: nil, logger: logger)
         #expect((dns as? DNSDiscovery)?.options.interval == .seconds(5))
         #expect((dns as? DNSDiscovery)?.options.defaultPort == 4433)
-        let e = try ConfigLoader.parse("[mesh]\ndiscovery = \"etcd\"\netcd_endpoints = [\"http://[::1]:2379\"]\netcd_lease_ttl = \"4s\"").mesh
+        let e = try ConfigLoader.parse("[mesh]\ndiscovery = \"etcd\"\netcd_endpoints = [\"http://[::1]:2379\"]\netcd_lease_ttl = \"4s\"" + roots).mesh
         let etcd = DiscoverySelection.backend(for: e, listenPort: 4433, registration: nil, logger: logger)
         #expect((etcd as? EtcdDiscovery)?.options.leaseTTLSeconds == 4)
     }
