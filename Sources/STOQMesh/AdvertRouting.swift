@@ -1,3 +1,4 @@
+import STOQCore
 import STOQRouting
 
 extension NodeIdentity {
@@ -23,6 +24,6 @@ extension AdvertBody {
                         lossRate: Double(l.lossPPM) / 1_000_000,
                         deliveryRate: Double(l.deliveryKbps) * 1_000 / 8,
                         load: Double(l.peerLoadPPM) / 1_000_000))
-            })
+            }, lifetime: UInt64(lifetimeMillis) * Nanos.millisecond)
     }
 }

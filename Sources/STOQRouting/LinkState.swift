@@ -77,16 +77,20 @@ public struct LinkStateAdvert: Sendable, Equatable {
     public var sequence: UInt64
     /// The origin's outgoing links. At most one entry per peer.
     public var links: [AdvertisedLink]
+    /// How long the origin says its advert stays valid without a newer one, nanoseconds (the
+    /// database counts it from receipt); nil: the database's `maxAge`.
+    public var lifetime: UInt64?
 
     /// The longest an advert may live: an hour, in milliseconds. A node gives its own three
     /// update intervals, so `routing.update_interval` stops at a third of this.
     public static let maxLifetimeMillis: UInt32 = 3_600_000
 
     /// Creates an advert.
-    public init(origin: NodeID, sequence: UInt64, links: [AdvertisedLink]) {
+    public init(origin: NodeID, sequence: UInt64, links: [AdvertisedLink], lifetime: UInt64? = nil) {
         self.origin = origin
         self.sequence = sequence
         self.links = links
+        self.lifetime = lifetime
     }
 }
 

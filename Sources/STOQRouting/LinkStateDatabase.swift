@@ -4,8 +4,9 @@ import STOQCore
 ///
 /// Sans-IO: callers pass `now` (monotonic nanoseconds); the database never reads a clock.
 /// Versioned per origin: an advert replaces the origin's links only if its sequence is newer.
-/// Adverts age out: an origin not heard from for `maxAge` loses its links (its peers keep theirs,
-/// so a silent node stays reachable only through links others still advertise towards it).
+/// Adverts age out: an origin not heard from for its advert's lifetime (`maxAge` when it names
+/// none) loses its links (its peers keep theirs, so a silent node stays reachable only through
+/// links others still advertise towards it).
 public struct LinkStateDatabase: Sendable {
     /// One origin's accepted state.
     public struct Origin: Sendable, Equatable {
@@ -13,6 +14,8 @@ public struct LinkStateDatabase: Sendable {
         public var sequence: UInt64
         /// When it was accepted (`now` of `apply`).
         public var receivedAt: Timestamp
+        /// How long it stays valid from then: its own lifetime, or the database's `maxAge`.
+        public var lifetime: UInt64
         /// Its links, sorted by peer (a deterministic order makes route ties deterministic).
         public var links: [AdvertisedLink]
         /// False once expired: the links are gone but the sequence is remembered, so a delayed
@@ -20,7 +23,7 @@ public struct LinkStateDatabase: Sendable {
         public var live: Bool
     }
 
-    /// How long an advert stays valid without a newer one, nanoseconds.
+    /// How long an advert that names no lifetime stays valid without a newer one, nanoseconds.
     public var maxAge: UInt64
     /// Adverts with more links are refused as `oversized`.
     public var maxLinksPerAdvert: Int
@@ -77,26 +80,28 @@ public struct LinkStateDatabase: Sendable {
             }
         }
         let old = origins[advert.origin].flatMap { $0.live ? $0.links : nil } ?? []
-        origins[advert.origin] = Origin(sequence: advert.sequence, receivedAt: now, links: links, live: true)
+        // The origin's own lifetime: it refreshes on its own update interval, not this node's.
+        origins[advert.origin] = Origin(
+            sequence: advert.sequence, receivedAt: now, lifetime: advert.lifetime ?? maxAge, links: links, live: true)
         accepted += 1
         let changes = Self.diff(origin: advert.origin, old: old, new: links)
         if !changes.isEmpty { version += 1 }
         return changes
     }
 
-    /// Removes the links of every origin whose advert is older than `maxAge` at `now`.
+    /// Removes the links of every origin whose advert is older than its lifetime at `now`.
     /// Returns the expired origins (sorted) and the links that went with them.
     public mutating func expire(now: Timestamp) -> (origins: [NodeID], changes: [LinkChange]) {
         var gone: [NodeID] = []
         var changes: [LinkChange] = []
-        for (id, o) in origins where o.live && now >= o.receivedAt && now - o.receivedAt > maxAge {
+        for (id, o) in origins where o.live && now >= o.receivedAt && now - o.receivedAt > o.lifetime {
             gone.append(id)
         }
         gone.sort()
         for id in gone {
             let o = origins[id]!
             changes += Self.diff(origin: id, old: o.links, new: [])
-            origins[id] = Origin(sequence: o.sequence, receivedAt: o.receivedAt, links: [], live: false)
+            origins[id] = Origin(sequence: o.sequence, receivedAt: o.receivedAt, lifetime: o.lifetime, links: [], live: false)
         }
         if !changes.isEmpty { version += 1 }
         return (gone, changes)

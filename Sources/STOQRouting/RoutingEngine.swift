@@ -86,7 +86,7 @@ public final class RoutingEngine {
         return changes
     }
 
-    /// Expires adverts older than the database's `maxAge` at `now`; returns the expired origins.
+    /// Expires adverts older than their lifetime at `now`; returns the expired origins.
     @discardableResult
     public func expire(now: Timestamp) -> [NodeID] {
         let (gone, changes) = database.expire(now: now)

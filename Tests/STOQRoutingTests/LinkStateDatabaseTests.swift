@@ -77,4 +77,17 @@ import Testing
         let back = try db.apply(LinkStateAdvert(origin: 1, sequence: 8, links: [link]), now: 12 * Nanos.second)
         #expect(back == [LinkChange(from: 1, to: 2, old: nil, new: link.metrics)])
     }
+
+    /// An advert lives as long as its origin says, whatever this node's own interval: a node
+    /// that refreshes every 10 min (its adverts live 30) is not dropped 15 s after each advert
+    /// by a neighbour whose own adverts live 15 s, nor is a short-lived one kept past its end.
+    @Test func anAdvertLivesItsOriginsLifetime() throws {
+        var db = LinkStateDatabase(maxAge: 15 * Nanos.second)
+        try db.apply(LinkStateAdvert(origin: 1, sequence: 1, links: [link], lifetime: 1_800 * Nanos.second), now: 0)
+        try db.apply(LinkStateAdvert(origin: 3, sequence: 1, links: [link], lifetime: 5 * Nanos.second), now: 0)
+        #expect(db.expire(now: 6 * Nanos.second).origins == [3])
+        #expect(db.expire(now: 16 * Nanos.second).origins.isEmpty)
+        #expect(db.links(from: 1) == [link])
+        #expect(db.expire(now: 1_800 * Nanos.second + 1).origins == [1])
+    }
 }
