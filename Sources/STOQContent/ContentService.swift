@@ -662,7 +662,9 @@ public final class ContentService: QUICApplication {
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
-            mesh?.receiveAdvert(Array(body))
+            if mesh?.receiveAdvert(Array(body)) == false {
+                return fail(stream, connection, 503, "mesh: too many adverts wait to be checked; send it again later")
+            }
             connection.respond(stream, status: 202, headers: [("content-length", "0")], body: nil)
         }
     }

@@ -5,12 +5,14 @@ import STOQQUIC
 /// Per-client rate limits at the router (`[limits] requests_per_second`, `request_burst`,
 /// `bytes_per_second`): every request is admitted or refused here before a service sees it,
 /// keyed by `clientIdentity` (so the access policy's identity once it has set one). Mesh
-/// traffic between nodes (probes, adverts, relays) is not limited: it is the mesh's own
-/// machinery, paced by it.
+/// traffic between nodes (probes, adverts, relays) on a connection that showed a certificate
+/// the node verified is not limited: it is the mesh's own machinery, paced by it. The same
+/// paths from anyone else are limited like any request (a relay path serves objects, and an
+/// advert needs no credential).
 extension NodeRouter {
     /// Whether `request` may go on; answers 429 with `Retry-After` itself when not.
     func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
-        guard let rates, !MeshWire.handles(request.path) else { return true }
+        guard let rates, !(MeshWire.handles(request.path) && !connection.peerIdentity.isEmpty) else { return true }
         let client = clientIdentity(request, peer: connection.peer)
         let announced = request.contentLength.map { UInt64(max(0, $0)) }
         guard let refusal = rates.admit(client, bodyBytes: announced, now: monotonicNow()) else {

@@ -59,6 +59,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// neighbour whose link comes up is sent all of them at once, so it routes on the whole
     /// database now rather than after every origin's next refresh (`routing.update_interval`).
     var held: [NodeID: [UInt8]] = [:]
+    /// Refused adverts' log lines, by code.
+    var refusalLogs = LogThrottle()
 
     init(service: MeshService) throws {
         self.service = service
@@ -397,7 +399,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         let signed: SignedAdvert
         do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.verifyChain) } catch {
             counters.advertsRefused[error.code.name, default: 0] += 1
-            logger.warning("mesh: \(error)")
+            if let said = refusalLogs.allow(error.code.name, now: now) { logger.warning("mesh: \(error)\(said)") }
             return
         }
         guard signed.advert.origin != me else {
@@ -411,7 +413,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 counters.advertsDuplicate += 1
             } else {
                 counters.advertsRefused[error.code.rawValue, default: 0] += 1
-                if error.code != .stale { logger.warning("mesh: advert of \(signed.advert.origin) refused: \(error)") }
+                if error.code != .stale, let said = refusalLogs.allow(error.code.rawValue, now: now) {
+                    logger.warning("mesh: advert of \(signed.advert.origin) refused: \(error)\(said)")
+                }
             }
             return
         }

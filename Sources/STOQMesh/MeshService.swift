@@ -136,7 +136,7 @@ public final class MeshService: @unchecked Sendable {
         s.counters.maxHopsRefused = relayCounters.maxHopsRefused
         s.counters.maxHopsSeen = relayCounters.maxHopsSeen
         s.multipath = multipathSource?() ?? []
-        for (code, n) in refusedEarly.withLock({ $0 }) { s.counters.advertsRefused[code, default: 0] += n }
+        for (code, n) in refusedEarly.withLock({ $0.counts }) { s.counters.advertsRefused[code, default: 0] += n }
         return s
     }
 
@@ -162,29 +162,45 @@ public final class MeshService: @unchecked Sendable {
         loadPPM.store(UInt32(min(max(load, 0), 1) * 1_000_000), ordering: .relaxed)
     }
 
-    /// An advert a neighbour `PUT`: queued for the mesh thread, which verifies it.
-    public func receiveAdvert(_ bytes: [UInt8]) {
-        inbox.withLock { q in
-            // A flood of adverts from a broken or hostile neighbour must not grow without bound.
-            if q.count < 4096 { q.append(bytes) }
+    /// Adverts waiting for the mesh thread at most: a flood of them (a broken or hostile
+    /// sender; `PUT /_stoq/mesh/advert` needs no credential) must not grow without bound.
+    public static let advertQueueBound = 4096
+
+    /// An advert a neighbour `PUT`: queued for the mesh thread, which verifies it. False, and
+    /// counted (`queue_full`), when the queue is full: the sender is told to come back.
+    public func receiveAdvert(_ bytes: [UInt8]) -> Bool {
+        let queued = inbox.withLock { q in
+            guard q.count < Self.advertQueueBound else { return false }
+            q.append(bytes)
+            return true
+        }
+        guard queued else {
+            countRefusedAdvert("queue_full", "\(Self.advertQueueBound) adverts already wait for the mesh thread")
+            return false
         }
         wakeHook.withLock { $0 }?()
+        return true
     }
 
     /// A relayed request that arrived having taken `hops` hops, and what this node did with it.
     public enum RelayOutcome: Sendable { case served, forwarded, refusedMaxHops }
 
-    /// Counts an advert refused before the mesh thread saw it (a worker refused its body).
+    /// Counts an advert refused before the mesh thread saw it (a worker refused its body, or
+    /// the queue was full); logged at most once per code every `LogThrottle.interval`.
     public func countRefusedAdvert(_ code: String, _ detail: String) {
-        refusedEarly.withLock { $0[code, default: 0] += 1 }
-        logger.warning("mesh: advert refused (\(code)): \(detail)")
+        let said = refusedEarly.withLock { r in
+            r.counts[code, default: 0] += 1
+            return r.logs.allow(code, now: monotonicNow())
+        }
+        if let said { logger.warning("mesh: advert refused (\(code)): \(detail)\(said)") }
     }
-    private let refusedEarly = Mutex<[String: UInt64]>([:])
+    private let refusedEarly = Mutex<(counts: [String: UInt64], logs: LogThrottle)>(([:], LogThrottle()))
 
     /// Counts a relayed request (a worker calls this once per request).
     public func countRelay(_ outcome: RelayOutcome, hops: Int) {
         relay.withLock { c in
-            c.maxHopsSeen = max(c.maxHopsSeen, UInt64(max(hops, 0)))
+            // A client may write any count into a relay path: what it claims past the limit is not news.
+            c.maxHopsSeen = max(c.maxHopsSeen, UInt64(min(max(hops, 0), settings.maxHops + 1)))
             switch outcome {
             case .served: c.relayServed += 1
             case .forwarded: c.relayForwarded += 1

@@ -201,6 +201,17 @@ def test_a_burst_over_the_rate_is_429_with_retry_after(make_node):
     assert metrics(node)["stoq_limits_rate_limited_total"] == 7
 
 
+def test_mesh_paths_from_a_client_without_a_certificate_are_limited(make_node):
+    """The mesh's paths are exempt from the limits only on a connection whose certificate the
+    node verified (a neighbour's): a relay path serves objects and an advert needs no
+    credential, so anyone else sending them is limited like any request. They were exempt
+    whoever sent them."""
+    node = make_node("[limits]\nrequests_per_second = 1\nrequest_burst = 2\n")
+    r = request(node, "GET", "", path="/_stoq/relay/" + "ab" * 32 + "/1/objects/x", repeat=6)
+    assert sorted(r["statuses"]).count(429) == 4, r["statuses"]
+    assert metrics(node)["stoq_limits_rate_limited_total"] == 4
+
+
 def writer_token(node, subject):
     """A writer token for every path, issued with the node's key as an operator would
     (`stoq trust token`, docs/access.md): the node knows its holder as `token:<subject>`."""
