@@ -38,7 +38,9 @@ public enum ConfigLoader {
         let own = absolute(config.node.dataDir) + "/"
         var files = [
             ("tls.cert_file", config.tls.certFile), ("tls.key_file", config.tls.keyFile),
-            ("trust.bundle", config.trust.bundle), ("admin.token_file", config.admin.tokenFile),
+            ("trust.bundle", config.trust.bundle),
+            // Read only with auth = "token" (a notice says so otherwise).
+            ("admin.token_file", config.admin.auth == .token ? config.admin.tokenFile : ""),
         ]
         files += config.trust.transparencyLogs.map { ("trust.transparency_logs", $0) }
         files += config.access.tokenKeys.map { ("access.token_keys", $0) }

@@ -221,6 +221,20 @@ public struct NodeConfig: Sendable, Equatable {
         if log.qlogDir.isEmpty && log.qlogSample != 1.0 {
             n.append("log: qlog_sample = \(log.qlogSample) has no effect while log.qlog_dir is empty (qlog is off)")
         }
+        if mesh.enabled && network.clientAuth == .none && (limits.requestsPerSecond > 0 || limits.bytesPerSecond > 0) {
+            n.append(
+                "limits: network.client_auth = \"none\", so neighbours show no certificate and the mesh's probes, adverts and relays are limited like any client's requests; set it to \"optional\" to exempt them"
+            )
+        }
+        if !edge.origin.isEmpty && !edge.enableCaching {
+            n.append("edge: origin = \"\(edge.origin)\" has no effect while enable_caching = false")
+        }
+        if !admin.tokenFile.isEmpty && admin.auth != .token {
+            n.append("admin: token_file has no effect unless auth = \"token\" (it is \"\(admin.auth.rawValue)\")")
+        }
+        if network.quic.earlyData && !network.quic.sessionTickets {
+            n.append("tls: early_data = true has no effect with session_tickets = false (0-RTT resumes a ticket)")
+        }
         return n
     }
 }

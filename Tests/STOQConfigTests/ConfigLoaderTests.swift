@@ -147,6 +147,7 @@ import TOMLKit
             bundle = "\(dir)/root.pem"
             transparency_logs = ["\(dir)/log.pem", "\(dir)"]
             [admin]
+            auth = "token"
             token_file = "\(dir)/token"
             """
         #expect(FileManager.default.createFile(atPath: dir + "/node.toml", contents: Data(text.utf8)))
@@ -161,6 +162,33 @@ import TOMLKit
                 "trust.transparency_logs = \"\(dir)/log.pem\": io; expected a readable file: no such file",
                 "trust.transparency_logs = \"\(dir)\": io; expected a readable file: a directory, not a file",
             ])
+        // A token file the node never reads (auth is not "token") is not asked for: a notice says it has no effect.
+        let mtls = try ConfigLoader.parse(text.replacingOccurrences(of: "auth = \"token\"", with: "auth = \"mtls\""))
+        #expect(!ConfigLoader.unreadableFiles(mtls).map(\.key).contains("admin.token_file"))
+        #expect(mtls.notices.contains("admin: token_file has no effect unless auth = \"token\" (it is \"mtls\")"))
+    }
+
+    /// Keys set where they do nothing say so, rather than being silently ignored.
+    @Test func keysThatDoNothingWhereTheyAreSaySo() throws {
+        let c = try ConfigLoader.parse(
+            """
+            [network]
+            client_auth = "none"
+            [tls]
+            session_tickets = false
+            early_data = true
+            [edge]
+            origin = "https://[2001:db8::1]:4433"
+            enable_caching = false
+            [limits]
+            requests_per_second = 100
+            [mesh]
+            peers = ["https://[fd00:57::2]:4433"]
+            [trust]
+            bundle = "/etc/stoq/mesh-roots.pem"
+            """)
+        let n = c.notices.map { String($0.prefix(while: { $0 != ":" })) }
+        #expect(Set(n) == ["limits", "edge", "tls"], "\(c.notices)")
     }
 
     @Test func emptyFileIsTheDefault() throws {
