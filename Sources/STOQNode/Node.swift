@@ -641,10 +641,15 @@ public final class Node: @unchecked Sendable {
         (restOld.access, restNew.access) = (old.access, old.access)
         restOld.network.clientAuth = .none
         restNew.network.clientAuth = .none
+        // tls.session_tickets, ticket_lifetime and early_data live in the QUIC settings: named
+        // as the operator wrote them.
+        func tickets(_ q: QUICSettings) -> (Bool, UInt64, Bool) { (q.sessionTickets, q.ticketLifetime, q.earlyData) }
+        let ticketsChanged = tickets(fresh.network.quic) != tickets(old.network.quic)
+        (restNew.network.quic.sessionTickets, restNew.network.quic.ticketLifetime, restNew.network.quic.earlyData) = tickets(old.network.quic)
         note("network", restNew.network != restOld.network, live: false)
         note("node", restNew.node != restOld.node, live: false)
         note("storage", restNew.storage != restOld.storage, live: false)
-        note("tls", restNew.tls != restOld.tls, live: false)
+        note("tls", restNew.tls != restOld.tls || ticketsChanged, live: false)
         note("admin", restNew.admin != restOld.admin, live: false)
         note("chunking", restNew.chunking != restOld.chunking, live: false)
         note("edge", restNew.edge != restOld.edge, live: false)

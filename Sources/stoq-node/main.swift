@@ -58,8 +58,13 @@ struct StoqNode: AsyncParsableCommand {
             guard let path = configPath else { return logger.notice("\(why): no config file to reload") }
             do {
                 let fresh = try ConfigLoader.load(path: path)
-                let report = try node.reload(fresh)
-                if report.applied.contains("log.level"), !pinnedLevel { levelBox.level = fresh.log.level }
+                var report = try node.reload(fresh)
+                if pinnedLevel {
+                    // --log-level holds the level: the file's is not applied, so not reported either.
+                    report.applied.removeAll { $0 == "log.level" }
+                } else if report.applied.contains("log.level") {
+                    levelBox.level = fresh.log.level
+                }
                 if report.applied.isEmpty && report.restartNeeded.isEmpty {
                     logger.notice("\(why): \(path) unchanged")
                 } else {

@@ -58,6 +58,14 @@ def test_a_changed_file_applies_live_and_names_what_needs_a_restart(node, tmp_pa
     wait_for(node, r"debug stoq-node: .*connection closed")
 
 
+def test_a_tls_key_that_needs_a_restart_is_named_as_written(node):
+    """tls.early_data lives in the QUIC settings: a change to it was reported as
+    `restart_needed=network`, a key the operator had not touched."""
+    node.config.write_text(node.config.read_text() + '[tls]\nearly_data = false\n')
+    m = wait_for(node, r"applied=(\S*) restart_needed=(\S*) .*reloaded")
+    assert m.group(2) == "tls", m.group(0)
+
+
 def test_an_edit_announced_by_sighup_is_read_once(node):
     """The file watcher saw the edit a SIGHUP had already applied and reloaded it a second
     time ("config file changed: … unchanged", or the restart list again)."""
