@@ -114,20 +114,21 @@ package final class CertificateManager: @unchecked Sendable {
 
     /// A reload: new trust settings take effect at the next renewal; new client-certificate
     /// rules at once (the current certificate is loaded again with them and published).
+    /// A failure (the identity cannot be loaded with the new rules) changes nothing: the reload
+    /// keeps the running configuration, and so does the manager.
     package func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
-        let rulesChanged = state.withLock { () -> Bool in
-            let changed = clientAuthValue != clientAuth
+        let rulesChanged = state.withLock { clientAuthValue != clientAuth }
+        let credentials =
+            rulesChanged
+            ? try TLSCredentials(
+                certificateFile: identityDirectory + "/cert.pem",
+                keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth, cipherSuites: cipherSuites) : nil
+        state.withLock {
             trustValue = trust
             clientAuthValue = clientAuth
-            return changed
         }
         wake.set()
-        if rulesChanged {
-            published.publish(
-                try TLSCredentials(
-                    certificateFile: identityDirectory + "/cert.pem",
-                    keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth, cipherSuites: cipherSuites))
-        }
+        if let credentials { published.publish(credentials) }
     }
 
     /// When to renew a certificate that expires at `notAfter`: `renew_before` ahead (a third
