@@ -1004,6 +1004,7 @@ public final class EdgeCache: @unchecked Sendable {
         let p = a.attempt.path
         let from = a.attempt.label
         let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
+        let mapErrno = errno
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         guard status == (a.source == nil ? 200 : 206) else {
             if let source = a.source, status == 416 {
@@ -1016,6 +1017,14 @@ public final class EdgeCache: @unchecked Sendable {
         }
         guard d.errorCode == H3Error.noError else {
             return "edge: the response of \(from) to \(p) was cut off after \(d.received) bytes"
+        }
+        if d.received > 0, region == nil {
+            // This node's failure (the SIGBUS guard full, no memory to map), not the upstream's:
+            // read as empty, the body would not verify and the upstream would be blamed.
+            let why = "edge: cannot map the \(d.received) bytes \(from) sent for \(p): \(String(cString: strerror(mapErrno)))"
+            logger.error("\(why)")
+            complete(a.fetchKey, Failure(status: 503, reason: why))
+            return nil
         }
         lock.withLock { counterValues.bytesFromOrigin += d.received }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.started) / 1e9
