@@ -391,7 +391,8 @@ static inline void frame_headers(stoq_xsk *x, uint8_t *f, size_t len, const stru
   memcpy(udp + 6, &c, 2);
 }
 
-void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn) {
+void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to,
+                        const struct in6_addr *from, uint8_t ecn) {
   if (!x->has_reserved) return;
   x->has_reserved = 0;
   uint32_t slot = x->reserved;
@@ -425,7 +426,12 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
       return;
     }
   }
-  const struct in6_addr *src = is_any(&x->cfg.local.sin6_addr) ? &nb->local : &x->cfg.local.sin6_addr;
+  /* The endpoint's source first: the table's (learnt from any datagram of that peer, before
+   * QUIC checked it) would let one spoofed datagram to another of the node's addresses move
+   * every connection with that peer there. */
+  const struct in6_addr *src = from && !is_any(from)                 ? from
+                               : is_any(&x->cfg.local.sin6_addr) ? &nb->local
+                                                                   : &x->cfg.local.sin6_addr;
   uint64_t base = x->tx_base + (uint64_t)slot * x->slot_bytes;
   for (uint32_t i = 0; i < nseg; i++) {
     size_t plen = i + 1 < nseg ? segment_size : len - (size_t)i * stride;

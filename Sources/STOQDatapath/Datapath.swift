@@ -121,8 +121,8 @@ public protocol DatapathQueue: AnyObject {
     /// As `commitTransmit(length:segmentSize:to:ecn:)`, leaving from `source`: the local
     /// address the peer wrote to (`.any`: the queue's choice). A queue bound to `[::]` on a
     /// host with several addresses must honour it, or the peer sees replies from an address
-    /// it never wrote to and drops them. Queues that build their own headers and already
-    /// answer from the address a peer wrote to (AF_XDP) may ignore it.
+    /// it never wrote to and drops them. Every queue does (AF_XDP builds its own headers from
+    /// it; what a datagram from the peer last said is no guide: anyone may send one).
     func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN)
 
     /// Gives every committed slot to the kernel and reaps finished sends.

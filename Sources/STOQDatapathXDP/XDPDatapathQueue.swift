@@ -195,7 +195,14 @@ public final class XDPDatapathQueue: DatapathQueue {
     public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, ecn: ECN) {
         reserved = nil
         var sa = peer.sockaddr
-        stoq_xsk_tx_commit(raw, length, segmentSize, &sa, ecn.rawValue)
+        stoq_xsk_tx_commit(raw, length, segmentSize, &sa, nil, ecn.rawValue)
+    }
+
+    public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN) {
+        reserved = nil
+        var sa = peer.sockaddr
+        var from = source.sockaddr.sin6_addr
+        stoq_xsk_tx_commit(raw, length, segmentSize, &sa, &from, ecn.rawValue)
     }
 
     public func flush() throws {

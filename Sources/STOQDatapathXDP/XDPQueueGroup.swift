@@ -81,6 +81,10 @@ public final class XDPQueueGroup: DatapathQueue {
         transmitter.commitTransmit(length: length, segmentSize: segmentSize, to: peer, ecn: ecn)
     }
 
+    public func commitTransmit(length: Int, segmentSize: Int, to peer: IPv6Endpoint, from source: IPv6Endpoint, ecn: ECN) {
+        transmitter.commitTransmit(length: length, segmentSize: segmentSize, to: peer, from: source, ecn: ecn)
+    }
+
     public func flush() throws { try transmitter.flush() }
 
     public func setWakeup(fileDescriptor: Int32) { pollFDs[pollFDs.count - 1].fd = fileDescriptor }

@@ -128,8 +128,11 @@ void stoq_xsk_rx_done(stoq_xsk *x);
 /** A free transmit slot's first payload byte, or NULL when every slot is in flight. */
 uint8_t *stoq_xsk_tx_reserve(stoq_xsk *x);
 /** Frames and queues the reserved slot's run: datagram i (`segment_size` bytes, the last
- *  `len - i * stride`) starts at i * stride; all go to `to` with ECN bits `ecn`. */
-void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to, uint8_t ecn);
+ *  `len - i * stride`) starts at i * stride; all go to `to` with ECN bits `ecn`, from
+ *  `from` (the address the peer wrote to, as the endpoint knows it; NULL or :: = the
+ *  socket's local address, else the one `to` last wrote to). */
+void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const struct sockaddr_in6 *to,
+                        const struct in6_addr *from, uint8_t ecn);
 /** Hands queued frames to the kernel and reaps completed ones. 0 or -errno. */
 int stoq_xsk_flush(stoq_xsk *x);
 
