@@ -441,6 +441,15 @@ public actor ACMEServer {
         }
     }
 
+    /// The external account key `a` was bound with, read again now: deleting its file
+    /// withdraws the node's authority at once, for new orders and ready ones alike.
+    private func liveKey(of a: Account) throws -> ExternalAccountKey {
+        guard let eab = try eabKeys.key(kid: a.eabKid) else {
+            throw ACMEProblem(.unauthorized, "the external account key \(a.eabKid) of this account was withdrawn")
+        }
+        return eab
+    }
+
     private func newOrder(_ v: Verified) throws -> ACMEHTTPResponse {
         let a = try requireAccount(v)
         let o = try payloadObject(v, what: "newOrder")
@@ -458,9 +467,7 @@ public actor ACMEServer {
             let n = try normalize(ACMEIdentifier(type: t, value: val))
             if !ids.contains(n) { ids.append(n) }
         }
-        guard let eab = try eabKeys.key(kid: a.eabKid) else {
-            throw ACMEProblem(.unauthorized, "the external account key \(a.eabKid) of this account was withdrawn")
-        }
+        let eab = try liveKey(of: a)
         let allowed = eab.identifiers
         let refused = ids.filter { !allowed.contains($0) }
         guard refused.isEmpty else {
@@ -528,6 +535,17 @@ public actor ACMEServer {
             throw ACMEProblem(.orderNotReady, "order \(orderID) is \(order.status), not ready")
         }
         guard order.expires > Date() else { throw ACMEProblem(.orderNotReady, "order \(orderID) expired at \(RFC3339.string(order.expires))") }
+        if case .account(let a) = v.signer {
+            // Orders are ready at once: without this a withdrawn key kept its ready orders' worth
+            // of certificates for the orders' hour.
+            let allowed = try liveKey(of: a).identifiers
+            let refused = order.identifiers.filter { !allowed.contains($0) }
+            guard refused.isEmpty else {
+                throw ACMEProblem(
+                    .unauthorized,
+                    "finalize: \(refused.map(\.description).joined(separator: ", ")) no longer authorized for external account key \(a.eabKid)")
+            }
+        }
         let o = try payloadObject(v, what: "finalize")
         guard let csrText = o["csr"] as? String, let der = Base64URL.decode(csrText) else {
             throw ACMEProblem(.malformed, "finalize: csr must be the base64url DER of a PKCS#10 request")
@@ -667,15 +685,16 @@ public actor ACMEServer {
             }
         case .account(let a):
             let names = Set(CertificateSummary(cert).dnsNames.map(ACMEIdentifier.dns) + CertificateSummary(cert).ipAddresses.map(ACMEIdentifier.ip))
-            let covered = (try? eabKeys.key(kid: a.eabKid))?.map { names.isSubset(of: $0.identifiers) } ?? false
+            // A certificate naming no host (a role certificate: URI names only) is no account's
+            // to revoke by authorization: the empty set is a subset of every account's names.
+            let covered = !names.isEmpty && ((try? eabKeys.key(kid: a.eabKid))?.map { names.isSubset(of: $0.identifiers) } ?? false)
             guard entry.accountID == a.id || covered else {
                 throw ACMEProblem(.unauthorized, "revokeCert: account \(a.id) neither ordered certificate \(serial) nor is authorized for all its names")
             }
         }
         guard !revoked.contains(serial) else { throw ACMEProblem(.alreadyRevoked, "certificate \(serial) is already revoked") }
         revoked.insert(serial)
-        let text2 = "# serials revoked through ACME, read by `stoq trust verify --revoked`\n" + revoked.sorted().joined(separator: "\n") + "\n"
-        do { try PEMFiles.writeFile(text2, to: revokedPath, mode: 0o644) } catch {
+        do { try Self.appendRevoked(serial, to: revokedPath) } catch {
             revoked.remove(serial)
             throw error
         }
@@ -685,6 +704,31 @@ public actor ACMEServer {
 
     /// Revoked serials (lower-case hex).
     public var revokedSerials: Set<String> { revoked }
+
+    /// Appends `serial` to the revocation list at `path` (made with a header when there is
+    /// none), durably. Appended, not rewritten: the serials an operator added by hand since the
+    /// server started, and their comments, stay.
+    static func appendRevoked(_ serial: String, to path: String) throws(TrustError) {
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+        defer { Glibc.close(fd) }
+        var st = stat()
+        var last: UInt8 = 0x0a
+        guard fstat(fd, &st) == 0, st.st_size == 0 || pread(fd, &last, 1, off_t(st.st_size - 1)) == 1 else {
+            throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
+        }
+        var text = st.st_size == 0 ? "# serials revoked through ACME, read by `stoq trust verify --revoked`\n" : ""
+        if last != 0x0a { text += "\n" }  // a line the operator left open
+        let bytes = Array((text + serial + "\n").utf8)
+        var done = 0
+        while done < bytes.count {
+            let r = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, $0.count - done) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+            done += r
+        }
+        guard fsync(fd) == 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+    }
 
     static func jwk(of cert: Certificate) -> JWK? {
         if let k = P256.Signing.PublicKey(cert.publicKey) { return .p256(k) }

@@ -4,7 +4,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
-import STOQACME
+@testable import STOQACME
 import STOQCore
 import STOQTrust
 import SwiftASN1
@@ -220,6 +220,42 @@ import Testing
         try await again.revoke(got.chain[0], reason: 4)
         let revoked = await server.revokedSerials
         #expect(revoked == [CertificateSummary(got.chain[0]).serial])
+    }
+
+    /// A revocation appends its serial: what the operator wrote by hand since the server
+    /// started (a serial, a comment, a last line without its newline) stays. It used to
+    /// rewrite the file from the serials read at start.
+    @Test func aRevocationKeepsWhatTheOperatorWrote() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-revoked-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/revoked.txt"
+        try ACMEServer.appendRevoked("0a0b", to: path)
+        try String(contentsOfFile: path, encoding: .utf8).appending("# by hand\n7fa6").write(toFile: path, atomically: true, encoding: .utf8)
+        try ACMEServer.appendRevoked("0c0d", to: path)
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(text.hasPrefix("# serials revoked through ACME"))
+        #expect(text.hasSuffix("0a0b\n# by hand\n7fa6\n0c0d\n"), "\(text)")
+        #expect(try PEMFiles.readSerials(path).count == 3)
+    }
+
+    /// Deleting a node's external account key withdraws its authority at once: an order it
+    /// made before, ready, is not finalized after. (Only new orders looked at the key.)
+    @Test func aWithdrawnKeyFinalizesNoReadyOrder() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node8", dns: ["node8.example"])
+        let client = try f.client()
+        defer { Task { await client.shutdown() } }
+        try await client.register(eab: eab)
+        let ids = [ACMEIdentifier.dns("node8.example")]
+        let (url, order) = try await client.newOrder(ids)
+        try await client.completeAuthorizations(order)
+        try FileManager.default.removeItem(atPath: f.caDirectory + "/acme-eab/\(eab.kid).json")
+        let csr = try ACMEClient.makeCSR(identifiers: ids, key: P256.Signing.PrivateKey())
+        await assertProblem(.unauthorized, detailContains: "was withdrawn") {
+            _ = try await client.finalize(orderURL: url, order: order, csrDER: csr)
+        }
     }
 
     @Test func revocation() async throws {
