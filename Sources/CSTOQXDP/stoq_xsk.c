@@ -429,9 +429,9 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
   /* The endpoint's source first: the table's (learnt from any datagram of that peer, before
    * QUIC checked it) would let one spoofed datagram to another of the node's addresses move
    * every connection with that peer there. */
-  const struct in6_addr *src = from && !is_any(from)                 ? from
+  const struct in6_addr *src = from && !is_any(from)             ? from
                                : is_any(&x->cfg.local.sin6_addr) ? &nb->local
-                                                                   : &x->cfg.local.sin6_addr;
+                                                                 : &x->cfg.local.sin6_addr;
   uint64_t base = x->tx_base + (uint64_t)slot * x->slot_bytes;
   for (uint32_t i = 0; i < nseg; i++) {
     size_t plen = i + 1 < nseg ? segment_size : len - (size_t)i * stride;

@@ -405,8 +405,11 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         guard signed.advert.origin != me else {
             // One of this node's own, from before a restart with a clock set back: the mesh holds
             // that sequence, and would refuse every advert below it as stale. Sign past it.
-            if signed.advert.sequence >= ownSequence {
-                logger.notice("mesh: the mesh holds an advert of this node with sequence \(signed.advert.sequence), past its own \(ownSequence) (a clock set back?); signing past it")
+            // Past, not equal: its current advert comes back by flooding all the time.
+            if signed.advert.sequence > ownSequence {
+                logger.notice(
+                    "mesh: the mesh holds an advert of this node with sequence \(signed.advert.sequence), past its own \(ownSequence) (a clock set back?); signing past it"
+                )
                 ownSequence = signed.advert.sequence
                 advertDue = true
             }
