@@ -52,7 +52,7 @@ struct sink_job {
   uint64_t off;
   uint32_t len;
   int fd;
-  int seq_write; /* a pipe or socket: write(), the offset means nothing there */
+  int seq_write; /* not a file (a pipe, a socket, a terminal): write(), no offset there */
   gnutls_hash_hd_t hash;
   int hashing;
   int err; /* the writer's result: errno of the failed write, 0 if written */
@@ -491,7 +491,8 @@ void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limi
   s->seq_write = 0;
   if (fd >= 0) {
     struct stat st;
-    if (fstat(fd, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) s->seq_write = 1;
+    /* Only a file (or a block device) has offsets: a pipe, a socket, a terminal take write(). */
+    if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) s->seq_write = 1;
   }
   if (hash && !s->hashing) {
     if (gnutls_hash_init(&s->hash, GNUTLS_DIG_SHA256) == 0) s->hashing = 1;

@@ -337,6 +337,8 @@ final class TransferApp: QUICApplication {
     var sha: [UInt8]?
     var connectionError: String?
     let sinkFD: Int32
+    /// Where in `sinkFD` (a regular file) the body starts.
+    let sinkOffset: UInt64
     let hash: Bool
     var stream: HTTPStream?
     /// Where an answer that is not 2xx lands (its text is the server's reason).
@@ -346,7 +348,7 @@ final class TransferApp: QUICApplication {
     var sinkErrno: Int32 = 0
     /// A request body read as it comes (`STOQClient.put(reading:)`).
     var streamedBody: StreamedBody?
-    init(sinkFD: Int32, hash: Bool) { self.sinkFD = sinkFD; self.hash = hash }
+    init(sinkFD: Int32, sinkOffset: UInt64 = 0, hash: Bool) { (self.sinkFD, self.sinkOffset, self.hash) = (sinkFD, sinkOffset, hash) }
     deinit { if errorFD >= 0 { close(errorFD) } }
     /// When the response's head arrived (monotonic ns).
     var headAt: UInt64?
@@ -361,7 +363,7 @@ final class TransferApp: QUICApplication {
         self.contentLength = contentLength
         storedSHA256 = head.etagSHA256
         if status / 100 != 2 && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
-        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : errorFD, hash: hash)
+        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : errorFD, offset: status / 100 == 2 ? sinkOffset : 0, hash: hash)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         closed = errorCode
@@ -556,14 +558,15 @@ public enum STOQClient {
     /// With `keyUpdate` the client starts one TLS key update as soon as the handshake is
     /// confirmed (RFC 9001 §6), to exercise the server's.
     public static func get(
-        _ url: STOQURL, into fd: Int32, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true, timeout: Double = 300,
+        _ url: STOQURL, into fd: Int32, at offset: UInt64 = 0, trust: ClientTrust, datapath: ClientDatapath, hash: Bool = true,
+        timeout: Double = 300,
         connectTimeout: Double? = nil, congestionControl: CongestionControl = QUICSettings().congestionControl, qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
         sessionCache: SessionCache? = nil, earlyData: Bool = true, keyUpdate: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
-            url, method: "GET", body: nil, sinkFD: fd, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
+            url, method: "GET", body: nil, sinkFD: fd, sinkOffset: offset, hash: hash, trust: trust, datapath: datapath, timeout: timeout,
             connectTimeout: connectTimeout, congestionControl: congestionControl, qlogDirectory: qlogDirectory, headers: headers, sessionCache: sessionCache,
             earlyData: earlyData, keyUpdate: keyUpdate, progressInterval: progressInterval, progress: progress)
     }
@@ -610,14 +613,15 @@ public enum STOQClient {
     }
 
     static func transfer(
-        _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, bodyLength: UInt64? = nil, sinkFD: Int32, hash: Bool, trust: ClientTrust,
+        _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, bodyLength: UInt64? = nil, sinkFD: Int32,
+        sinkOffset: UInt64 = 0, hash: Bool, trust: ClientTrust,
         datapath: ClientDatapath, timeout: Double, connectTimeout: Double? = nil, congestionControl: CongestionControl,
         qlogDirectory: String? = nil,
         headers: [(String, String)] = [],
         sessionCache: SessionCache? = nil, earlyData: Bool = false, keyUpdate: Bool = false,
         progressInterval: UInt64 = 100_000_000, progress: ((UInt64, UInt64?) -> Void)?
     ) throws(ClientError) -> TransferResult {
-        let app = TransferApp(sinkFD: sinkFD, hash: hash)
+        let app = TransferApp(sinkFD: sinkFD, sinkOffset: sinkOffset, hash: hash)
         let rig = try ClientRig(
             trust: trust, datapath: datapath, application: app, congestionControl: congestionControl,
             qlogDirectory: qlogDirectory, handshakeTimeout: connectTimeout, keepAlive: transferKeepAlive, updatesKeys: keyUpdate)

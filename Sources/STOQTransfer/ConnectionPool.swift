@@ -74,10 +74,15 @@ package final class ConnectionPool {
             guard let s = sinks.removeValue(forKey: stream) else { return }
             let head = heads.removeValue(forKey: stream)
             let sha256 = s.hash ? stream.bodySHA256() : nil
+            // A body the sink could not write (a full disk) is short wherever it went: this
+            // node's failure, said before any mismatch it causes is blamed on the server.
+            let unwritten =
+                stream.sinkErrno != 0
+                ? "writing the body failed after \(stream.bytesReceived) bytes received: \(String(cString: strerror(stream.sinkErrno)))" : nil
             done.append(
                 Done(
                     tag: s.tag, status: head?.status, errorCode: errorCode, received: stream.bytesReceived, maxAge: stream.maxAge,
-                    failure: errorCode == H3Error.noError ? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
+                    failure: errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
                     preferredAddress: connection.preferredAddress.rawValue))
         }
 

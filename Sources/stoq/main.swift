@@ -239,9 +239,14 @@ struct Get: ParsableCommand {
         }
         var fd: Int32 = -1
         var temp: String?, target = output
+        // -o - into a file: the body goes where standard output is now (after what is written
+        // there already), and standard output is left after it, as any writer would.
+        var stdoutAt: off_t = -1
         if output == "-" {
             fd = dup(STDOUT_FILENO)
             guard fd >= 0 else { throw fail("-o -: standard output: \(String(cString: strerror(errno)))") }
+            var st = stat()
+            if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG { stdoutAt = lseek(fd, 0, SEEK_CUR) }
         } else if let output {
             var st = stat()
             let isLink = lstat(output, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
@@ -274,7 +279,7 @@ struct Get: ParsableCommand {
         let result: TransferResult
         do {
             result = try STOQClient.get(
-                u, into: fd, trust: trust.trust, datapath: .ioUring, hash: !noVerify && (output != nil || json || tty), timeout: timeout,
+                u, into: fd, at: UInt64(max(stdoutAt, 0)), trust: trust.trust, datapath: .ioUring, hash: !noVerify && (output != nil || json || tty), timeout: timeout,
                 connectTimeout: connectTimeout,
                 congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
                 // A session proves the server once; one kept from an unverified run must not
@@ -305,8 +310,19 @@ struct Get: ParsableCommand {
         }
         if tty { FileHandle.standardError.write(Data("\n".utf8)) }
         if fd >= 0 {
+            if stdoutAt >= 0, result.status / 100 == 2 { lseek(fd, stdoutAt + off_t(result.bytes), SEEK_SET) }
             close(fd)
-            if let temp { if result.status / 100 == 2 { rename(temp, target!) } else { unlink(temp) } }
+            if let temp {
+                if result.status / 100 == 2 {
+                    guard rename(temp, target!) == 0 else {
+                        let e = String(cString: strerror(errno))
+                        unlink(temp)
+                        throw fail("-o \(target!): cannot put the body in place: \(e)")
+                    }
+                } else {
+                    unlink(temp)
+                }
+            }
         }
         if json { printJSON(result) }
         guard result.status / 100 == 2 else { throw fail("\(u): HTTP \(result.status)\(result.message.map { ": \($0)" } ?? "")") }
@@ -380,13 +396,18 @@ struct Get: ParsableCommand {
         if let headerFailure { throw fail("\(headerFailure)", code: 2) }
         var failed = 0
         for (i, r) in report.results.enumerated() {
-            let ok = r.failure == nil && (r.status ?? 0) / 100 == 2
+            var ok = r.failure == nil && (r.status ?? 0) / 100 == 2
+            var placed: String?
             if let name = names[i] {
-                if ok { rename(name + ".part", name) } else { unlink(name + ".part") }
+                if ok && rename(name + ".part", name) != 0 {
+                    ok = false
+                    placed = "cannot put the body in place at \(name): \(String(cString: strerror(errno)))"
+                }
+                if !ok { unlink(name + ".part") }
             }
             if !ok {
                 failed += 1
-                let why = r.failure ?? "HTTP \(r.status ?? 0)"
+                let why = placed ?? r.failure ?? "HTTP \(r.status ?? 0)"
                 FileHandle.standardError.write(Data("stoq: \(r.url): \(why)\n".utf8))
             } else if !json {
                 print("\(names[i] ?? r.url): \(r.bytes) bytes, sha256 \(r.sha256)")

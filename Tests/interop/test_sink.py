@@ -171,6 +171,48 @@ def test_a_file_cut_short_in_its_last_page_is_not_completed_with_zeros(tmp_path)
     cut_under_a_download(tmp_path, (48 << 20) + 100, 48 << 20)
 
 
+def test_get_to_standard_output_goes_after_what_is_there(node, tmp_path):
+    """-o - into a file writes where standard output is, not at its start, and leaves it after
+    the body: the shell's `(printf HDR; stoq get -o -; printf TAIL) > f` keeps all three (the
+    body was written from byte 0, over HDR, and TAIL then over the body)."""
+    name = min(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    out = tmp_path / "joined.bin"
+    stoq_bin = need_binary("stoq")
+    r = subprocess.run(["sh", "-c", f'printf HDR; "{stoq_bin}" get "{node.url(name)}" -o - --ca "{node.cert}"; printf TAIL'],
+                       stdout=open(out, "wb"), stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    data = out.read_bytes()
+    body = (node.storage / name).read_bytes()
+    assert data[:3] == b"HDR" and data[-4:] == b"TAIL" and data[3:-4] == body, (len(data), len(body))
+
+
+def test_many_gets_into_a_full_file_system_fail_by_name(node, tmp_path):
+    """`stoq get -o DIR` (the many-URL path) checked no write: a full disk left a short file
+    in place and exit 0, or blamed the server for a digest that did not match."""
+    name = max(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    small = tmp_path / "small"
+    mount_small_tmpfs(small)
+    try:
+        r = stoq("get", node.url(name), "-o", small, "--ca", node.cert, "--no-verify")
+        assert r.returncode == 1, r.stderr
+        assert "writing the body failed after" in r.stderr and "No space left on device" in r.stderr, r.stderr
+        assert os.listdir(small) == [], os.listdir(small)
+    finally:
+        unmount(small)
+
+
+def test_a_body_that_cannot_be_put_in_place_fails(node, tmp_path):
+    """-O over a directory of the object's name: the rename fails, and so does the run (it
+    said "N bytes" and exited 0, leaving the body in NAME.part)."""
+    name = min(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    (tmp_path / name).mkdir()
+    r = subprocess.run([str(need_binary("stoq")), "get", "-O", node.url(name), "--ca", str(node.cert)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert f"cannot put the body in place at ./{name}" in r.stderr or f"cannot put the body in place at {name}" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == [name], os.listdir(tmp_path)
+
+
 def mount_small_tmpfs(where):
     """A 2 MiB tmpfs at `where` (the tests run in their own mount namespace, as root)."""
     where.mkdir(parents=True, exist_ok=True)
