@@ -294,7 +294,7 @@ let package = Package(
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),
         // `stoq mesh`'s tables and errors, on the fixture STOQNodeTests checks the admin API renders.
-        .testTarget(name: "stoqTests", dependencies: ["stoq"]),
+        .testTarget(name: "stoqTests", dependencies: ["stoq", "STOQ"]),
         .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore",
                                                              .product(name: "Logging", package: "swift-log")]),
         // The session cache's file format (0-RTT's parameters kept with the session).

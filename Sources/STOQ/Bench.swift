@@ -37,9 +37,12 @@ func jainIndex(_ x: [Double]) -> Double {
 }
 
 /// The nearest-rank `p` percentile of nanosecond latencies, in milliseconds (0 when none):
-/// what every `stoq bench` mode reports.
+/// what every `stoq bench` mode reports. The rank is ⌈n·p⌉ (of 100 samples, p99 is the 99th,
+/// not the largest).
 func percentileMs(sorted: [UInt64], _ p: Double) -> Double {
-    sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1e6
+    guard !sorted.isEmpty else { return 0 }
+    let rank = Int((Double(sorted.count) * p).rounded(.up))
+    return Double(sorted[max(0, min(sorted.count - 1, rank - 1))]) / 1e6
 }
 
 final class BenchApp: QUICApplication {
