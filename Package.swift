@@ -289,7 +289,7 @@ let package = Package(
             name: "STOQStoreTests",
             dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQNodeTests", dependencies: [
-            "STOQNode", "STOQAdmin", "STOQMesh",
+            "STOQNode", "STOQAdmin", "STOQMesh", "STOQRenewal",
             .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),

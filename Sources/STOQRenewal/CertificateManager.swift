@@ -49,6 +49,8 @@ package final class CertificateManager: @unchecked Sendable {
         package var rotations: UInt64 = 0
         package var failures: UInt64 = 0
         package var notAfter: Date = .distantPast
+        /// The current certificate's start of validity.
+        package var notBefore: Date = .distantPast
         package var serial = ""
     }
 
@@ -131,19 +133,25 @@ package final class CertificateManager: @unchecked Sendable {
         if let credentials { published.publish(credentials) }
     }
 
-    /// When to renew a certificate that expires at `notAfter`: `renew_before` ahead (a third
-    /// of the lifetime by default), minus up to 10 % of that window at random, so that a
-    /// fleet issued together does not renew together.
-    func renewalTime(notAfter: Date) -> Date {
+    /// When to renew a certificate valid from `notBefore` to `notAfter`: `renew_before` ahead
+    /// (a third of the lifetime by default), minus up to 10 % of that window at random, so that
+    /// a fleet issued together does not renew together. A window as long as the certificate
+    /// (an ACME CA that issues shorter ones than `cert_lifetime`) is a third of it instead:
+    /// taken as it stood, every certificate would be due as it arrived, and renewed again and
+    /// again without a pause.
+    func renewalTime(notBefore: Date, notAfter: Date) -> Date {
         let lifetime = Double(trust.certLifetime) / 1e9
-        let before = trust.renewBefore > 0 ? Double(trust.renewBefore) / 1e9 : lifetime / 3
+        let configured = trust.renewBefore > 0 ? Double(trust.renewBefore) / 1e9 : lifetime / 3
+        let validity = notAfter.timeIntervalSince(notBefore)
+        let before = configured < validity ? configured : max(0, validity / 3)
         return notAfter.addingTimeInterval(-before - Double.random(in: 0...(before * 0.1)))
     }
 
     private func rotationLoop() {
         var backoff = 1.0
         while !stopped.isSet {
-            let next = renewalTime(notAfter: counters.notAfter)
+            let c = counters
+            let next = renewalTime(notBefore: c.notBefore, notAfter: c.notAfter)
             // A reload (new lifetimes) wakes the wait early, to compute the time again.
             if wake.wait(until: next) {
                 if stopped.isSet { return }
@@ -194,13 +202,14 @@ package final class CertificateManager: @unchecked Sendable {
         state.withLock {
             counterValues.rotations += 1
             counterValues.notAfter = leaf.notValidAfter
+            counterValues.notBefore = leaf.notValidBefore
             counterValues.serial = serial
         }
         logger.notice(
             "certificate issued",
             metadata: [
                 "serial": "\(serial)", "not_after": "\(leaf.notValidAfter)", "mode": "\(trust.mode)",
-                "renews_at": "\(renewalTime(notAfter: leaf.notValidAfter))",
+                "renews_at": "\(renewalTime(notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter))",
             ])
         return creds
     }

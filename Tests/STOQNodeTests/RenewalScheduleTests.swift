@@ -1,0 +1,31 @@
+import Foundation
+import Logging
+import STOQConfig
+import Testing
+
+@testable import STOQRenewal
+
+/// When a certificate is renewed: `renew_before` (a third of `cert_lifetime` by default) ahead
+/// of its end, jittered by up to a tenth of that window.
+@Suite struct RenewalScheduleTests {
+    func manager(_ mode: NodeConfig.Trust.Mode) -> CertificateManager {
+        var trust = NodeConfig.default.trust
+        trust.mode = mode
+        trust.certLifetime = 24 * 3_600_000_000_000
+        return CertificateManager(
+            trust: trust, clientAuth: nil, dataDirectory: "/nonexistent", names: ["n.test"], addresses: [], logger: Logger(label: "test"))
+    }
+
+    /// An ACME CA that issues 6 h certificates to a node whose own window is 8 h (a third of
+    /// 24 h): every certificate was due as it arrived, and the node ran one order after
+    /// another without a pause. The window is now a third of what the CA issued.
+    @Test func aCertificateShorterThanTheWindowIsRenewedAThirdBeforeItsEnd() {
+        let start = Date(timeIntervalSince1970: 1_800_000_000), hour = 3600.0
+        let acme = manager(.acme)
+        let short = acme.renewalTime(notBefore: start, notAfter: start + 6 * hour)
+        #expect(short >= start + 6 * hour - 2.2 * hour && short <= start + 4 * hour, "\(short.timeIntervalSince(start) / hour) h")
+        // The configured window still rules where it fits.
+        let full = acme.renewalTime(notBefore: start, notAfter: start + 24 * hour)
+        #expect(full >= start + 24 * hour - 8.8 * hour && full <= start + 16 * hour, "\(full.timeIntervalSince(start) / hour) h")
+    }
+}
