@@ -28,6 +28,9 @@ public struct BenchResult: Sendable, Codable {
     public var fairness: Double
     /// The least any connection received, over the mean (0: one starved).
     public var minShare: Double
+    /// Why the run ended before its `duration` or `bytes`: the first connection the server
+    /// closed, and its reason (nil: it ran its course).
+    public var endedEarly: String?
 }
 
 /// Jain's fairness index of `x`, (Σx)² / (n·Σx²): 1 for equal shares (and for none at all).
@@ -107,14 +110,18 @@ extension STOQClient {
         let end = duration.map { t0 + UInt64($0 * 1e9) }
         var stopping = false
         var window: (bytes: UInt64, seconds: Double, byConnection: [ObjectIdentifier: UInt64]) = (0, 0, [:])
+        func closeWindow(_ now: UInt64) {
+            stopping = true
+            var by = app.bytesByConnection
+            for (s, c) in app.connectionOf { by[c, default: 0] += s.bytesReceived }
+            window = (by.values.reduce(0, +), Double(now - t0) / 1e9, by)
+        }
         do {
             try worker.run(timeout: UInt64((duration ?? 3600) * 1e9) + 60_000_000_000) {
                 let now = monotonicNow()
-                if !stopping, (end.map { now >= $0 } ?? false) || (bytes.map { app.bytes >= $0 } ?? false) {
-                    stopping = true
-                    var by = app.bytesByConnection
-                    for (s, c) in app.connectionOf { by[c, default: 0] += s.bytesReceived }
-                    window = (by.values.reduce(0, +), Double(now - t0) / 1e9, by)
+                if !stopping, (end.map { now >= $0 } ?? false) || (bytes.map { app.bytes >= $0 } ?? false) || !app.connectionErrors.isEmpty {
+                    // A connection the server closed ends the run too: the window is what came until then.
+                    closeWindow(now)
                 }
                 if !stopping {
                     for c in app.finished where !c.isClosed { _ = issue(on: c) }
@@ -137,6 +144,6 @@ extension STOQClient {
             requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99),
             windowBytes: window.bytes, windowSeconds: window.seconds,
             windowGbps: window.seconds > 0 ? Double(window.bytes) * 8 / window.seconds / 1e9 : 0, fairness: jainIndex(shares),
-            minShare: mean > 0 ? (shares.min() ?? 0) / mean : 0)
+            minShare: mean > 0 ? (shares.min() ?? 0) / mean : 0, endedEarly: app.connectionErrors.first)
     }
 }

@@ -655,6 +655,7 @@ struct BenchCommand: ParsableCommand {
                     format: "in the first %.2fs: %.2f Gbps; fairness (Jain) %.3f, least-served connection %.2f of the mean",
                     r.windowSeconds, r.windowGbps, r.fairness, r.minShare))
         }
+        if let why = r.endedEarly { print("ended early: a connection closed: \(why)") }
     }
 
     private func runLoad(_ u: STOQURL) throws {

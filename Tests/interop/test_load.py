@@ -121,3 +121,6 @@ def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
     r = json.loads(out)
     assert r["connections"] == 64 and r["failed"] > 0, r
     assert r["seconds"] < 20, r
+    # It says why it ended, and its window is what came until then (it read 0 s, 0 Gbps).
+    assert r["ended_early"], r
+    assert 0 < r["window_seconds"] < 20 and r["window_bytes"] > 0, r
