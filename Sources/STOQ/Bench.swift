@@ -31,6 +31,9 @@ public struct BenchResult: Sendable, Codable {
     /// Why the run ended before its `duration` or `bytes`: the first connection the server
     /// closed, and its reason (nil: it ran its course).
     public var endedEarly: String?
+    /// The most requests in flight at once: `connections` × `streams` unless the server's
+    /// stream limit held them back (those waited for its MAX_STREAMS).
+    public var peakInFlight: Int
 }
 
 /// Jain's fairness index of `x`, (Σx)² / (n·Σx²): 1 for equal shares (and for none at all).
@@ -105,7 +108,21 @@ extension STOQClient {
             app.connectionOf[s] = ObjectIdentifier(c)
             return true
         }
-        for c in conns { for _ in 0..<streams { _ = issue(on: c) } }
+        // A request the server's stream limit refuses now is owed, and sent once MAX_STREAMS
+        // allows it: dropped, it left the run with fewer in flight than it said.
+        var owed: [ObjectIdentifier: (connection: QUICConnection, count: Int)] = [:]
+        func issueOrOwe(_ c: QUICConnection) {
+            if !issue(on: c) { owed[ObjectIdentifier(c), default: (c, 0)].count += 1 }
+        }
+        func payOwed() {
+            for (k, o) in owed {
+                var left = o.count
+                while left > 0, !o.connection.isClosed, issue(on: o.connection) { left -= 1 }
+                owed[k] = left > 0 && !o.connection.isClosed ? (o.connection, left) : nil
+            }
+        }
+        for c in conns { for _ in 0..<streams { issueOrOwe(c) } }
+        var peakInFlight = app.started.count
         let t0 = monotonicNow()
         let end = duration.map { t0 + UInt64($0 * 1e9) }
         var stopping = false
@@ -124,7 +141,9 @@ extension STOQClient {
                     closeWindow(now)
                 }
                 if !stopping {
-                    for c in app.finished where !c.isClosed { _ = issue(on: c) }
+                    for c in app.finished where !c.isClosed { issueOrOwe(c) }
+                    if !owed.isEmpty { payOwed() }
+                    peakInFlight = max(peakInFlight, app.started.count)
                 }
                 app.finished.removeAll(keepingCapacity: true)
                 return (stopping && app.started.isEmpty) || !app.connectionErrors.isEmpty
@@ -144,6 +163,6 @@ extension STOQClient {
             requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99),
             windowBytes: window.bytes, windowSeconds: window.seconds,
             windowGbps: window.seconds > 0 ? Double(window.bytes) * 8 / window.seconds / 1e9 : 0, fairness: jainIndex(shares),
-            minShare: mean > 0 ? (shares.min() ?? 0) / mean : 0, endedEarly: app.connectionErrors.first)
+            minShare: mean > 0 ? (shares.min() ?? 0) / mean : 0, endedEarly: app.connectionErrors.first, peakInFlight: peakInFlight)
     }
 }

@@ -655,6 +655,9 @@ struct BenchCommand: ParsableCommand {
                     format: "in the first %.2fs: %.2f Gbps; fairness (Jain) %.3f, least-served connection %.2f of the mean",
                     r.windowSeconds, r.windowGbps, r.fairness, r.minShare))
         }
+        if r.peakInFlight < r.connections * r.streams {
+            print("at most \(r.peakInFlight) requests were in flight at once: the server's stream limit held the rest back")
+        }
         if let why = r.endedEarly { print("ended early: a connection closed: \(why)") }
     }
 

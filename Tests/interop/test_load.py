@@ -124,3 +124,17 @@ def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
     # It says why it ended, and its window is what came until then (it read 0 s, 0 Gbps).
     assert r["ended_early"], r
     assert 0 < r["window_seconds"] < 20 and r["window_bytes"] > 0, r
+
+
+def test_requests_past_the_stream_limit_wait_their_turn(tmp_path):
+    """8 streams on a connection to a node that allows 4 at once: the 4 it refuses wait for
+    MAX_STREAMS and go then (they were dropped, and the run said 8 were in flight)."""
+    n = Node(tmp_path, workers=1, extra="[network.quic_config]\nmax_streams_bidi = 4\n" + ADMIN)
+    n.add_object("1k.bin", 1000)
+    try:
+        r = bench(n, "1k.bin", "--connections", "1", "--streams", "8", "--duration", "2")
+        assert r["peak_in_flight"] == 4 and r["failed"] == 0 and r["requests"] > 100, r
+        text = stoq("bench", n.url("1k.bin"), "--ca", n.cert, "--streams", "8", "--duration", "1", timeout=60)
+        assert "at most 4 requests were in flight at once: the server's stream limit held the rest back" in text.stdout, text.stdout
+    finally:
+        assert n.stop() == 0
