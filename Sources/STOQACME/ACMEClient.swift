@@ -386,7 +386,15 @@ public actor ACMEClient {
     /// Sends the CSR and polls the order until it is valid; returns the final order.
     public func finalize(orderURL: String, order: ACMEOrder, csrDER: [UInt8]) async throws -> ACMEOrder {
         let body = try JSONSerialization.data(withJSONObject: ["csr": Base64URL.encode(csrDER)])
-        var o = try decode(ACMEOrder.self, try await post(order.finalize, payload: body), what: "order")
+        var o: ACMEOrder
+        do {
+            o = try decode(ACMEOrder.self, try await post(order.finalize, payload: body), what: "order")
+        } catch let e as ACMEClientError where e.problem?.code == .orderNotReady {
+            // A finalize sent again after its answer was lost finds the order past ready (the
+            // first one went through): follow the order rather than throw its certificate away.
+            o = try await self.order(orderURL)
+            guard o.status == "processing" || o.status == "valid" else { throw e }
+        }
         let deadline = Date().addingTimeInterval(options.pollTimeout)
         while o.status == "processing" || o.status == "ready" || o.status == "pending" {
             guard Date() < deadline else {

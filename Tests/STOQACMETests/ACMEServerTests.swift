@@ -258,6 +258,25 @@ import Testing
         }
     }
 
+    /// A finalize sent again (its answer was lost, the POST retried) meets the order already
+    /// valid: the client follows the order to its certificate instead of failing on
+    /// `orderNotReady` and throwing the issued certificate away.
+    @Test func aFinalizeSentAgainFollowsTheOrder() async throws {
+        let f = try await ACMEFixture.start()
+        defer { Task { await f.stop() } }
+        let eab = try f.addNode("node9", dns: ["node9.example"])
+        let client = try f.client()
+        defer { Task { await client.shutdown() } }
+        try await client.register(eab: eab)
+        let ids = [ACMEIdentifier.dns("node9.example")]
+        let (url, order) = try await client.newOrder(ids)
+        try await client.completeAuthorizations(order)
+        let csr = try ACMEClient.makeCSR(identifiers: ids, key: P256.Signing.PrivateKey())
+        let first = try await client.finalize(orderURL: url, order: order, csrDER: csr)
+        let again = try await client.finalize(orderURL: url, order: order, csrDER: csr)
+        #expect(first.status == "valid" && again.status == "valid" && again.certificate == first.certificate)
+    }
+
     @Test func revocation() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
@@ -307,7 +326,10 @@ import Testing
         let good = try ACMEClient.makeCSR(identifiers: [.dns("node7.example")], key: P256.Signing.PrivateKey())
         let done = try await client.finalize(orderURL: url, order: order, csrDER: good)
         #expect(done.status == "valid")
-        await assertProblem(.orderNotReady) { _ = try await client.finalize(orderURL: url, order: order, csrDER: good) }
+        // The server refuses a second finalize (the client's `finalize` follows the order then:
+        // aFinalizeSentAgainFollowsTheOrder).
+        let again = try JSONSerialization.data(withJSONObject: ["csr": Base64URL.encode(good)])
+        await assertProblem(.orderNotReady) { _ = try await client.post(order.finalize, payload: again) }
     }
 
     @Test func clientRetriesConnectionErrorsButNotAnUntrustedCertificate() async throws {
