@@ -366,26 +366,30 @@ struct Get: ParsableCommand {
         } else {
             names = parsed.map { _ in nil }
         }
+        // Every request's headers first: one that cannot be made (a bad traceparent, a missing
+        // token file) stops the run before any file is made or any request goes out without it.
+        var headersFor: [String: [(String, String)]] = [:]
+        for u in parsed where headersFor[u.description] == nil {
+            do { headersFor[u.description] = try tracing.headers() + credential.headers(for: u) } catch { throw fail("\(error)", code: 2) }
+        }
         var fds: [Int32] = []
         defer { for fd in fds where fd >= 0 { close(fd) } }
         for name in names {
             guard let name else { fds.append(-1); continue }
             let fd = open(name + ".part", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw fail("\(name).part: \(String(cString: strerror(errno)))") }
+            guard fd >= 0 else {
+                let e = String(cString: strerror(errno))
+                for made in names.prefix(fds.count) { if let made { unlink(made + ".part") } }
+                throw fail("\(name).part: \(e)")
+            }
             fds.append(fd)
         }
-        var headerFailure: Error?
         let report: ManyGetReport
         do {
             report = try STOQClient.getMany(
                 parsed, into: fds, trust: trust.trust, datapath: .ioUring, verify: !noVerify && (directory != nil || json), timeout: timeout,
                 connectTimeout: connectTimeout,
-                headers: { u in
-                    do { return try tracing.headers() + credential.headers(for: u) } catch {
-                        headerFailure = error
-                        return []
-                    }
-                },
+                headers: { u in headersFor[u.description] ?? [] },
                 sessionCache: noSessionCache || trust.insecure || trust.cert != nil
                     ? nil : SessionCache(directory: SessionCache.defaultDirectory, trust: trust.trust, warn: warnSessionCache),
                 earlyData: !noEarlyData, keyUpdate: keyUpdate)
@@ -393,7 +397,6 @@ struct Get: ParsableCommand {
             for name in names { if let name { unlink(name + ".part") } }
             throw fail("\(error)")
         }
-        if let headerFailure { throw fail("\(headerFailure)", code: 2) }
         var failed = 0
         for (i, r) in report.results.enumerated() {
             var ok = r.failure == nil && (r.status ?? 0) / 100 == 2

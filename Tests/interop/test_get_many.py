@@ -80,3 +80,22 @@ def test_one_url_into_a_directory_takes_its_name(tmp_path):
         assert r.returncode == 0 and sha256_file(tmp_path / "file.bin") == digest
     finally:
         assert node.stop() == 0
+
+
+def test_headers_that_cannot_be_made_stop_the_run_before_anything(tmp_path):
+    """A token file that cannot be read: exit 2 naming it, no file made and no request sent.
+    Each GET went out without the token, every body was fetched, and the .part files stayed."""
+    node = Node(tmp_path / "n", workers=1, extra=ADMIN)
+    try:
+        for name in ("h1.bin", "h2.bin"):
+            node.add_object(name, 50_000)
+        out = tmp_path / "out"
+        before = accepted(node)
+        r = stoq("get", node.url("h1.bin"), node.url("h2.bin"), "-o", out, "--ca", node.cert,
+                 "--token-file", tmp_path / "missing.token")
+        assert r.returncode == 2, r.stderr
+        assert "missing.token" in r.stderr, r.stderr
+        assert not out.exists() or os.listdir(out) == [], os.listdir(out)
+        assert accepted(node) == before
+    finally:
+        assert node.stop() == 0
