@@ -225,7 +225,7 @@ extension STOQClient {
         // Hold: every established connection stays open, idle or asking on schedule.
         app.holding = true
         let holdStart = monotonicNow()
-        let holdEnd = holdStart + UInt64(plan.hold * 1e9)
+        let holdEnd = holdStart + UInt64(plan.hold * 1e9), grace = UInt64(max(plan.interval, 10) * 1e9)
         var nextRound = holdStart
         do {
             try worker.run(timeout: UInt64.max / 2) {
@@ -242,9 +242,14 @@ extension STOQClient {
                         }
                     }
                 }
-                return now >= holdEnd && app.requestStarted.isEmpty
+                // Past the hold, the GETs still out get a grace of one interval (at least 10 s),
+                // not forever: a peer that never answers, kept alive by the PINGs, hung the run.
+                return now >= holdEnd && (app.requestStarted.isEmpty || now >= holdEnd + grace)
             }
         } catch { throw ClientError(.transfer, "\(error)") }
+        // Unanswered when the grace ran out: failed (the close resets them).
+        app.requestsFailed += app.requestStarted.count
+        app.requestStarted.removeAll()
         share.holdSeconds = Double(monotonicNow() - holdStart) / 1e9
         app.holding = false
 
