@@ -279,7 +279,8 @@ struct Get: ParsableCommand {
         let result: TransferResult
         do {
             result = try STOQClient.get(
-                u, into: fd, at: UInt64(max(stdoutAt, 0)), trust: trust.trust, datapath: .ioUring, hash: !noVerify && (output != nil || json || tty), timeout: timeout,
+                u, into: fd, at: UInt64(max(stdoutAt, 0)), trust: trust.trust, datapath: .ioUring, hash: !noVerify && (output != nil || json || tty),
+                timeout: timeout,
                 connectTimeout: connectTimeout,
                 congestionControl: cc, qlogDirectory: qlogDir, headers: traceHeaders,
                 // A session proves the server once; one kept from an unverified run must not
