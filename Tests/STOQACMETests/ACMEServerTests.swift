@@ -244,18 +244,26 @@ import Testing
     @Test func aWithdrawnKeyFinalizesNoReadyOrder() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
-        let eab = try f.addNode("node8", dns: ["node8.example"])
+        let r = try await readyOrder(f, "node8")
+        defer { Task { await r.client.shutdown() } }
+        try FileManager.default.removeItem(atPath: f.caDirectory + "/acme-eab/\(r.eab.kid).json")
+        await assertProblem(.unauthorized, detailContains: "was withdrawn") {
+            _ = try await r.client.finalize(orderURL: r.url, order: r.order, csrDER: r.csr)
+        }
+    }
+
+    /// A node registered with its own external account key, its order for `<name>.example`
+    /// ready (authorizations done), and a CSR for it.
+    func readyOrder(_ f: ACMEFixture, _ name: String) async throws
+        -> (client: ACMEClient, eab: ExternalAccountBinding, url: String, order: ACMEOrder, csr: [UInt8])
+    {
+        let eab = try f.addNode(name, dns: ["\(name).example"])
         let client = try f.client()
-        defer { Task { await client.shutdown() } }
         try await client.register(eab: eab)
-        let ids = [ACMEIdentifier.dns("node8.example")]
+        let ids = [ACMEIdentifier.dns("\(name).example")]
         let (url, order) = try await client.newOrder(ids)
         try await client.completeAuthorizations(order)
-        try FileManager.default.removeItem(atPath: f.caDirectory + "/acme-eab/\(eab.kid).json")
-        let csr = try ACMEClient.makeCSR(identifiers: ids, key: P256.Signing.PrivateKey())
-        await assertProblem(.unauthorized, detailContains: "was withdrawn") {
-            _ = try await client.finalize(orderURL: url, order: order, csrDER: csr)
-        }
+        return (client, eab, url, order, try ACMEClient.makeCSR(identifiers: ids, key: P256.Signing.PrivateKey()))
     }
 
     /// A finalize sent again (its answer was lost, the POST retried) meets the order already
@@ -264,16 +272,10 @@ import Testing
     @Test func aFinalizeSentAgainFollowsTheOrder() async throws {
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
-        let eab = try f.addNode("node9", dns: ["node9.example"])
-        let client = try f.client()
-        defer { Task { await client.shutdown() } }
-        try await client.register(eab: eab)
-        let ids = [ACMEIdentifier.dns("node9.example")]
-        let (url, order) = try await client.newOrder(ids)
-        try await client.completeAuthorizations(order)
-        let csr = try ACMEClient.makeCSR(identifiers: ids, key: P256.Signing.PrivateKey())
-        let first = try await client.finalize(orderURL: url, order: order, csrDER: csr)
-        let again = try await client.finalize(orderURL: url, order: order, csrDER: csr)
+        let r = try await readyOrder(f, "node9")
+        defer { Task { await r.client.shutdown() } }
+        let first = try await r.client.finalize(orderURL: r.url, order: r.order, csrDER: r.csr)
+        let again = try await r.client.finalize(orderURL: r.url, order: r.order, csrDER: r.csr)
         #expect(first.status == "valid" && again.status == "valid" && again.certificate == first.certificate)
     }
 
