@@ -66,7 +66,7 @@ int main(int argc, char **argv) {
         i++;
         if (rx[i - 1].len < seg) break;
       }
-      stoq_xsk_tx_commit(x, len, seg, &rx[i - 1].peer, rx[i - 1].ecn);
+      stoq_xsk_tx_commit(x, len, seg, &rx[i - 1].peer, NULL, rx[i - 1].ecn);
       reflected += k;
     }
     stoq_xsk_rx_done(x);

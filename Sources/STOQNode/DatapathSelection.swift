@@ -6,8 +6,8 @@ import STOQDatapath
 import STOQDatapathURing
 #if AFXDP
 import STOQDatapathXDP
-import STOQQUIC
 #endif
+import STOQQUIC
 import STOQTransfer
 import STOQWorker
 
