@@ -1,3 +1,4 @@
+import STOQAccess
 import STOQCore
 import STOQMesh
 import STOQQUIC
@@ -5,14 +6,15 @@ import STOQQUIC
 /// Per-client rate limits at the router (`[limits] requests_per_second`, `request_burst`,
 /// `bytes_per_second`): every request is admitted or refused here before a service sees it,
 /// keyed by `clientIdentity` (so the access policy's identity once it has set one). Mesh
-/// traffic between nodes (probes, adverts, relays) on a connection that showed a certificate
-/// the node verified is not limited: it is the mesh's own machinery, paced by it. The same
-/// paths from anyone else are limited like any request (a relay path serves objects, and an
-/// advert needs no credential).
+/// traffic between nodes (probes, adverts, relays) on a connection that showed a node's
+/// certificate (verified, and granting no access role: a user's certificate carries its roles)
+/// is not limited: it is the mesh's own machinery, paced by it. The same paths from anyone
+/// else are limited like any request (a relay path serves objects, and an advert needs no
+/// credential).
 extension NodeRouter {
     /// Whether `request` may go on; answers 429 with `Retry-After` itself when not.
     func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
-        guard let rates, !(MeshWire.handles(request.path) && !connection.peerIdentity.isEmpty) else { return true }
+        guard let rates, !(MeshWire.handles(request.path) && Self.isNode(connection.peerIdentity)) else { return true }
         let client = clientIdentity(request, peer: connection.peer)
         let announced = request.contentLength.map { UInt64(max(0, $0)) }
         guard let refusal = rates.admit(client, bodyBytes: announced, now: monotonicNow()) else {
@@ -27,6 +29,12 @@ extension NodeRouter {
             headers: [("retry-after", "\(refusal.retryAfter)"), ("content-type", "text/plain"), ("content-length", "\(body.count)")],
             body: body)
         return false
+    }
+
+    /// Whether a connection's certificate identity (`QUICConnection.peerIdentity`) is a node's:
+    /// verified, with no access role.
+    static func isNode(_ peerIdentity: String) -> Bool {
+        CertificateIdentity(encoded: peerIdentity).map { $0.roles.isEmpty } ?? false
     }
 
     /// Charges an upload that announced no length for what it sent.

@@ -56,6 +56,14 @@ import Testing
         #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second)?.retryAfter == 2)
     }
 
+    /// The mesh's paths are exempt only for a node's certificate: verified (an identity at
+    /// all) and granting no role (a user's certificate carries its roles).
+    @Test func onlyANodesCertificateExemptsTheMeshsPaths() {
+        #expect(NodeRouter.isNode("|node-b.mesh"))
+        #expect(!NodeRouter.isNode("reader|alice"))
+        #expect(!NodeRouter.isNode(""))
+    }
+
     /// Any client may announce a length near 2^63: the debt it leaves converts to a wait (the
     /// longest there is) instead of trapping the node on its next request.
     @Test func aHugeAnnouncedLengthIsALongWaitNotATrap() {
