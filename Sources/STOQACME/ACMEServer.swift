@@ -720,14 +720,21 @@ public actor ACMEServer {
         var text = st.st_size == 0 ? "# serials revoked through ACME, read by `stoq trust verify --revoked`\n" : ""
         if last != 0x0a { text += "\n" }  // a line the operator left open
         let bytes = Array((text + serial + "\n").utf8)
+        // A line cut short (a full disk) would not parse, or name another serial: what was
+        // written goes again on failure.
+        func failed() -> TrustError {
+            let e = TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
+            _ = ftruncate(fd, st.st_size)
+            return e
+        }
         var done = 0
         while done < bytes.count {
             let r = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, $0.count - done) }
             if r < 0 && errno == EINTR { continue }
-            guard r > 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+            guard r > 0 else { throw failed() }
             done += r
         }
-        guard fsync(fd) == 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+        guard fsync(fd) == 0 else { throw failed() }
     }
 
     static func jwk(of cert: Certificate) -> JWK? {
