@@ -143,7 +143,9 @@ package final class CertificateManager: @unchecked Sendable {
         let lifetime = Double(trust.certLifetime) / 1e9
         let configured = trust.renewBefore > 0 ? Double(trust.renewBefore) / 1e9 : lifetime / 3
         let validity = notAfter.timeIntervalSince(notBefore)
-        let before = configured < validity ? configured : max(0, validity / 3)
+        // With its jitter (up to a tenth more), the window must still leave a tenth of the
+        // certificate's validity before it is due.
+        let before = configured * 1.1 < validity * 0.9 ? configured : max(0, validity / 3)
         return notAfter.addingTimeInterval(-before - Double.random(in: 0...(before * 0.1)))
     }
 

@@ -24,6 +24,10 @@ import Testing
         let acme = manager(.acme)
         let short = acme.renewalTime(notBefore: start, notAfter: start + 6 * hour)
         #expect(short >= start + 6 * hour - 2.2 * hour && short <= start + 4 * hour, "\(short.timeIntervalSince(start) / hour) h")
+        // Just longer than the window (a CA's 8 h and a minute's backdate): with the jitter it
+        // would still be due on arrival, so a third too.
+        let near = acme.renewalTime(notBefore: start, notAfter: start + 8 * hour + 60)
+        #expect(near >= start + 8 * hour + 60 - 8.01 / 3 * 1.1 * hour && near > start + 5 * hour, "\(near.timeIntervalSince(start) / hour) h")
         // The configured window still rules where it fits.
         let full = acme.renewalTime(notBefore: start, notAfter: start + 24 * hour)
         #expect(full >= start + 24 * hour - 8.8 * hour && full <= start + 16 * hour, "\(full.timeIntervalSince(start) / hour) h")
