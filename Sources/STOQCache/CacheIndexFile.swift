@@ -117,7 +117,7 @@ public enum CacheIndexFile {
     /// Writes and fsyncs `bytes` to a temp file beside `path` (see `Staged`).
     public static func stage(_ bytes: [UInt8], for path: String) throws(Error) -> Staged {
         let slash = path.lastIndex(of: "/").map { path.index(after: $0) } ?? path.startIndex
-        let temp = path[..<slash] + tempPrefix + path[slash...] + "-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        let temp = path[..<slash] + tempStem(String(path[slash...])) + String(UInt64.random(in: 0...UInt64.max), radix: 16)
         let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw Error(.io, "\(temp): \(String(cString: strerror(errno)))") }
         var ok = bytes.withUnsafeBytes { b in
@@ -139,11 +139,15 @@ public enum CacheIndexFile {
         return Staged(path: path, temp: temp)
     }
 
+    /// How the temp files of the file named `base` start: the name cut to 200 bytes (an object
+    /// name may have 255, the most a file name may), so that the temp's name fits too.
+    static func tempStem(_ base: String) -> String { tempPrefix + String(decoding: base.utf8.prefix(200), as: UTF8.self) + "-" }
+
     /// Removes the temp files a crash left beside `path` (staged, never committed or discarded).
     public static func removeTemps(of path: String) {
         let slash = path.lastIndex(of: "/")
         let dir = slash.map { String(path[..<$0]) } ?? "."
-        let prefix = tempPrefix + (slash.map { String(path[path.index(after: $0)...]) } ?? path) + "-"
+        let prefix = tempStem(slash.map { String(path[path.index(after: $0)...]) } ?? path)
         guard let d = opendir(dir.isEmpty ? "/" : dir) else { return }
         defer { closedir(d) }
         while let e = readdir(d) {

@@ -138,7 +138,7 @@ import Testing
         defer { try? FileManager.default.removeItem(at: dir) }
         let path = dir.path + "/index"
         try CacheIndexFile.write(CacheIndexFile.encode(entries, keyLength: 8, keyBytes: keyBytes), to: path)
-        #expect(!FileManager.default.fileExists(atPath: path + ".tmp"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["index"], "no temp file left")
         let back = try CacheIndexFile.decode(try #require(try CacheIndexFile.read(path)), key: key)
         #expect(back.map(\.key) == entries.map(\.key))
         #expect(back.map(\.size) == entries.map(\.size))

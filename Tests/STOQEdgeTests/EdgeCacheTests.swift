@@ -226,6 +226,10 @@ import Testing
         #expect(Set(try FileManager.default.contentsOfDirectory(atPath: root + "/manifests")) == ["a", "a.tmp"])
         #expect(cache.forgetManifest("a.tmp", ifStill: one))
         #expect(Set(try FileManager.default.contentsOfDirectory(atPath: root + "/manifests")) == ["a"])
+        // The longest name there may be (255 bytes): its temp file's name fits too.
+        let longest = String(repeating: "n", count: 255)
+        cache.keep(longest, other, maxAge: nil)
+        #expect(FileManager.default.fileExists(atPath: root + "/manifests/" + longest))
     }
 
     /// An upstream may send any `max-age` up to 2^63 seconds: held a year, not trapped on when
