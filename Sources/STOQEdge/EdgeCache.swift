@@ -883,6 +883,16 @@ public final class EdgeCache: @unchecked Sendable {
             for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
                 guard var a = active.removeValue(forKey: d.tag) else { continue }
                 a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
+                if d.sinkErrno != 0, let failure = d.failure {
+                    // This node could not keep what came (its fetch file's filesystem is full):
+                    // not the upstream's doing, so neither a verification failure nor a failover.
+                    let why = "edge: fetching \(a.attempt.path) from \(a.attempt.label): \(failure)"
+                    logger.error("\(why)")
+                    close(a.fd)
+                    upstream.cancelled(Self.resource(a.key), via: a.attempt)
+                    complete(a.fetchKey, Failure(status: 503, reason: why))
+                    continue
+                }
                 if let failure = d.failure {
                     if d.status != nil {  // answered, but the body is not what its ETag names
                         lock.withLock { counterValues.verificationFailures += 1 }

@@ -30,6 +30,9 @@ package final class ConnectionPool {
         /// What became of the server's preferred address on the connection that answered
         /// ("none", "validating", "used", "failed"); nil when no stream was answered.
         package var preferredAddress: String? = nil
+        /// errno of a failed write of the body where it was to go (0: none): this side's
+        /// failure, named in `failure`, not the server's.
+        package var sinkErrno: Int32 = 0
     }
 
     struct Request {
@@ -83,7 +86,7 @@ package final class ConnectionPool {
                 Done(
                     tag: s.tag, status: head?.status, errorCode: errorCode, received: stream.bytesReceived, maxAge: stream.maxAge,
                     failure: errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
-                    preferredAddress: connection.preferredAddress.rawValue))
+                    preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
