@@ -694,7 +694,9 @@ public actor ACMEServer {
         }
         guard !revoked.contains(serial) else { throw ACMEProblem(.alreadyRevoked, "certificate \(serial) is already revoked") }
         revoked.insert(serial)
-        do { try Self.appendRevoked(serial, to: revokedPath) } catch {
+        do {
+            try PEMFiles.appendSerial(serial, to: revokedPath, header: "# serials revoked through ACME, read by `stoq trust verify --revoked`")
+        } catch {
             revoked.remove(serial)
             throw error
         }
@@ -704,38 +706,6 @@ public actor ACMEServer {
 
     /// Revoked serials (lower-case hex).
     public var revokedSerials: Set<String> { revoked }
-
-    /// Appends `serial` to the revocation list at `path` (made with a header when there is
-    /// none), durably. Appended, not rewritten: the serials an operator added by hand since the
-    /// server started, and their comments, stay.
-    static func appendRevoked(_ serial: String, to path: String) throws(TrustError) {
-        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
-        defer { Glibc.close(fd) }
-        var st = stat()
-        var last: UInt8 = 0x0a
-        guard fstat(fd, &st) == 0, st.st_size == 0 || pread(fd, &last, 1, off_t(st.st_size - 1)) == 1 else {
-            throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
-        }
-        var text = st.st_size == 0 ? "# serials revoked through ACME, read by `stoq trust verify --revoked`\n" : ""
-        if last != 0x0a { text += "\n" }  // a line the operator left open
-        let bytes = Array((text + serial + "\n").utf8)
-        // A line cut short (a full disk) would not parse, or name another serial: what was
-        // written goes again on failure.
-        func failed() -> TrustError {
-            let e = TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
-            _ = ftruncate(fd, st.st_size)
-            return e
-        }
-        var done = 0
-        while done < bytes.count {
-            let r = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, $0.count - done) }
-            if r < 0 && errno == EINTR { continue }
-            guard r > 0 else { throw failed() }
-            done += r
-        }
-        guard fsync(fd) == 0 else { throw failed() }
-    }
 
     static func jwk(of cert: Certificate) -> JWK? {
         if let k = P256.Signing.PublicKey(cert.publicKey) { return .p256(k) }

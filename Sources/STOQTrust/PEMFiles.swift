@@ -131,17 +131,10 @@ public enum PEMFiles {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
         guard fd >= 0 else { throw TrustError(.io, "\(tmp): \(String(cString: strerror(errno)))") }
-        let bytes = Array(text.utf8)
-        var done = 0
-        while done < bytes.count {
-            let r = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
-            if r < 0 && errno == EINTR { continue }
-            guard r > 0 else {
-                let e = String(cString: strerror(errno))
-                close(fd); unlink(tmp)
-                throw TrustError(.io, "\(tmp): \(e)")
-            }
-            done += r
+        guard writeAll(fd, Array(text.utf8)) else {
+            let e = String(cString: strerror(errno))
+            close(fd); unlink(tmp)
+            throw TrustError(.io, "\(tmp): \(e)")
         }
         // The umask may have narrowed `mode`; set it exactly.
         let ok = fchmod(fd, mode) == 0 && fsync(fd) == 0
@@ -150,5 +143,40 @@ public enum PEMFiles {
             unlink(tmp)
             throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
         }
+    }
+
+    /// Appends `serial` as a line of the revocation list at `path` (`readSerials` reads it),
+    /// durably; a new file starts with `header` (a comment). Appended, not rewritten: serials an
+    /// operator added by hand, and their comments, stay. A line the file left open is closed
+    /// first, and one cut short (a full disk) is taken back: it would not parse, or name
+    /// another serial.
+    public static func appendSerial(_ serial: String, to path: String, header: String) throws(TrustError) {
+        let fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        var last: UInt8 = 0x0a
+        guard fstat(fd, &st) == 0, st.st_size == 0 || pread(fd, &last, 1, off_t(st.st_size - 1)) == 1 else {
+            throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
+        }
+        var text = st.st_size == 0 ? header + "\n" : ""
+        if last != 0x0a { text += "\n" }
+        guard writeAll(fd, Array((text + serial + "\n").utf8)), fsync(fd) == 0 else {
+            let e = TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
+            _ = ftruncate(fd, st.st_size)
+            throw e
+        }
+    }
+
+    /// Writes all of `bytes` to `fd`, again after EINTR; false (errno set) on failure.
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var done = 0
+        while done < bytes.count {
+            let r = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { return false }
+            done += r
+        }
+        return true
     }
 }

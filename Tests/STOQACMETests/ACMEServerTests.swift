@@ -4,7 +4,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
-@testable import STOQACME
+import STOQACME
 import STOQCore
 import STOQTrust
 import SwiftASN1
@@ -230,9 +230,9 @@ import Testing
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/revoked.txt"
-        try ACMEServer.appendRevoked("0a0b", to: path)
+        try PEMFiles.appendSerial("0a0b", to: path, header: "# serials revoked through ACME")
         try String(contentsOfFile: path, encoding: .utf8).appending("# by hand\n7fa6").write(toFile: path, atomically: true, encoding: .utf8)
-        try ACMEServer.appendRevoked("0c0d", to: path)
+        try PEMFiles.appendSerial("0c0d", to: path, header: "# serials revoked through ACME")
         let text = try String(contentsOfFile: path, encoding: .utf8)
         #expect(text.hasPrefix("# serials revoked through ACME"))
         #expect(text.hasSuffix("0a0b\n# by hand\n7fa6\n0c0d\n"), "\(text)")
