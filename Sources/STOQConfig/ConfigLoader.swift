@@ -381,17 +381,18 @@ public enum ConfigLoader {
             // Who is verified against trust.bundle, and when nothing else would stand in for it:
             // the node's own CA verifies clients in embedded mode; nothing but the bundle should
             // verify mesh nodes (the system store would let any publicly trusted certificate in).
-            let ownCA = c.trust.mode == .embedded && c.tls.certFile.isEmpty
             var needs: [String] = []
-            if c.network.clientAuth != .none && !ownCA { needs.append("network.client_auth is on") }
-            if c.admin.auth == .mtls && !ownCA { needs.append("admin.auth = \"mtls\"") }
+            if c.trust.mode == .acme || !c.tls.certFile.isEmpty {  // the node runs no CA of its own
+                if c.network.clientAuth != .none { needs.append("network.client_auth is on") }
+                if c.admin.auth == .mtls { needs.append("admin.auth = \"mtls\"") }
+            }
+            let noCA = needs.isEmpty ? "" : "; the node does not run its own CA"
             if c.mesh.enabled { needs.append("the node is in a mesh (its neighbours and their adverts are verified against it)") }
             if !needs.isEmpty {
                 r.errors.append(
                     ConfigError(
                         code: .badValue, key: "trust.bundle", value: "\"\"",
-                        allowed: "a PEM file of the roots peers' certificates chain to, when "
-                            + needs.joined(separator: " and ") + (needs.count > 1 || !c.mesh.enabled ? "; the node does not run its own CA" : "")))
+                        allowed: "a PEM file of the roots peers' certificates chain to, when " + needs.joined(separator: " and ") + noCA))
             }
         }
         r.tracing(&c.tracing)  // [tracing]: TracingConfig.swift

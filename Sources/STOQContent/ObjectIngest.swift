@@ -140,7 +140,7 @@ public final class ObjectIngest: @unchecked Sendable {
 
     /// Whether the flat file `name` in the storage directory `dirFD` is older than the object
     /// record of the same name in `index`: a copy an ingest meant to remove, which the next
-    /// start does (and a storage cap does not count).
+    /// start does.
     static func isShadowed(_ name: String, in dirFD: Int32, by index: ObjectIndex) -> Bool {
         guard !name.hasPrefix("."), (try? ObjectIndex.validateName(name)) != nil else { return false }
         var flat = stat(), record = stat()
