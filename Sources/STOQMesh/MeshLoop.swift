@@ -71,7 +71,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
         engine = RoutingEngine(
             algorithm: service.settings.algorithm, maxHops: service.settings.maxHops, backups: .all,
-            advertMaxAge: service.settings.advertLifetime)
+            advertMaxAge: service.settings.advertLifetime, forgetAfter: SignedAdvert.replayHorizonNanos)
         identities[service.identity.routingID] = service.identity
     }
 
@@ -111,9 +111,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
                 warnIfDeaf(now: t)
-                let gone = engine.expire(now: t)
+                let (gone, forgotten) = engine.expire(now: t)
                 for id in gone { held[id] = nil }
-                if !gone.isEmpty { viewDirty = true }
+                if !forgotten.isEmpty { forgetIdentities() }
+                if !gone.isEmpty || !forgotten.isEmpty { viewDirty = true }
             }
             if viewDirty { publishView() }
             if t &- lastStatus >= service.settings.probeInterval {
@@ -148,6 +149,19 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             neighbours[ep] = Neighbour(url: url, link: NeighbourLink(settings: link, now: now), id: m.nodeID, answerFD: fd)
             logger.info("mesh: neighbour \(m)")
         }
+    }
+
+    /// Keeps the identities of this node, its neighbours and what the database still holds:
+    /// a mesh whose nodes come and go (a new key is a new id) does not grow without end.
+    private func forgetIdentities() {
+        var keep: Set<NodeID> = [me.routingID]
+        for n in neighbours.values { if let id = n.id { keep.insert(id.routingID) } }
+        let db = engine.database
+        for (id, _) in db.origins {
+            keep.insert(id)
+            for l in db.links(from: id) { keep.insert(l.peer) }
+        }
+        identities = identities.filter { keep.contains($0.key) }
     }
 
     private func isMe(_ m: MeshMember) -> Bool {

@@ -21,6 +21,10 @@ public struct SignedAdvert: Sendable {
     public static let maxCertificateSize = 4_096
     /// How far ahead of this node's clock an advert's issue time may be.
     public static let clockSkewMillis: UInt64 = 5_000
+    /// How long after an advert arrived an earlier one of its origin may still pass `verify`:
+    /// issued no later, it lives at most the longest lifetime, give or take the clock skew.
+    /// The routing database forgets an origin silent this long (`LinkStateDatabase.forgetAfter`).
+    public static let replayHorizonNanos = (UInt64(AdvertBody.lifetimeRange.upperBound) + 2 * clockSkewMillis) * 1_000_000
 
     /// The advert.
     public let advert: AdvertBody

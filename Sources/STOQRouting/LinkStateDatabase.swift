@@ -19,7 +19,7 @@ public struct LinkStateDatabase: Sendable {
         /// Its links, sorted by peer (a deterministic order makes route ties deterministic).
         public var links: [AdvertisedLink]
         /// False once expired: the links are gone but the sequence is remembered, so a delayed
-        /// copy of the expired advert is still refused as stale.
+        /// copy of the expired advert is still refused as stale (until `forgetAfter`).
         public var live: Bool
     }
 
@@ -27,7 +27,13 @@ public struct LinkStateDatabase: Sendable {
     public var maxAge: UInt64
     /// Adverts with more links are refused as `oversized`.
     public var maxLinksPerAdvert: Int
-    /// Origins seen, live or expired.
+    /// How long after its last advert arrived an expired origin is forgotten, sequence and all
+    /// (nil: never). Set past the longest time any earlier advert of it can pass the caller's
+    /// checks (its lifetime and clock skew): forgetting then readmits no replay, lets an origin
+    /// whose clock went back (its sequences with it) in again, and keeps a mesh whose nodes
+    /// come and go (new keys, new ids) from growing without end.
+    public var forgetAfter: UInt64?
+    /// Origins seen, live or expired (and not yet forgotten).
     public private(set) var origins: [NodeID: Origin] = [:]
     /// Adverts accepted since creation.
     public private(set) var accepted: UInt64 = 0
@@ -37,9 +43,10 @@ public struct LinkStateDatabase: Sendable {
     public private(set) var version: UInt64 = 0
 
     /// Creates an empty database.
-    public init(maxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024) {
+    public init(maxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024, forgetAfter: UInt64? = nil) {
         self.maxAge = maxAge
         self.maxLinksPerAdvert = maxLinksPerAdvert
+        self.forgetAfter = forgetAfter
     }
 
     /// Validates and applies `advert`, replacing its origin's links. Returns what changed per
@@ -89,22 +96,27 @@ public struct LinkStateDatabase: Sendable {
         return changes
     }
 
-    /// Removes the links of every origin whose advert is older than its lifetime at `now`.
-    /// Returns the expired origins (sorted) and the links that went with them.
-    public mutating func expire(now: Timestamp) -> (origins: [NodeID], changes: [LinkChange]) {
+    /// Removes the links of every origin whose advert is older than its lifetime at `now`, and
+    /// forgets the expired origins received more than `forgetAfter` ago. Returns the expired
+    /// origins (sorted), the links that went with them, and the forgotten origins (sorted).
+    public mutating func expire(now: Timestamp) -> (origins: [NodeID], changes: [LinkChange], forgotten: [NodeID]) {
         var gone: [NodeID] = []
+        var forgotten: [NodeID] = []
         var changes: [LinkChange] = []
-        for (id, o) in origins where o.live && now >= o.receivedAt && now - o.receivedAt > o.lifetime {
-            gone.append(id)
+        for (id, o) in origins where now >= o.receivedAt {
+            if o.live && now - o.receivedAt > o.lifetime { gone.append(id) }
+            if let f = forgetAfter, now - o.receivedAt > max(f, o.lifetime) { forgotten.append(id) }
         }
         gone.sort()
+        forgotten.sort()
         for id in gone {
             let o = origins[id]!
             changes += Self.diff(origin: id, old: o.links, new: [])
             origins[id] = Origin(sequence: o.sequence, receivedAt: o.receivedAt, lifetime: o.lifetime, links: [], live: false)
         }
+        for id in forgotten { origins[id] = nil }
         if !changes.isEmpty { version += 1 }
-        return (gone, changes)
+        return (gone, changes, forgotten)
     }
 
     /// The live links of `origin`, sorted by peer.

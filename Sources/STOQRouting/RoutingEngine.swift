@@ -69,12 +69,12 @@ public final class RoutingEngine {
     /// Creates an engine with an empty database.
     public init(
         algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4, backups: BackupPolicy = .all,
-        advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024
+        advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024, forgetAfter: UInt64? = nil
     ) {
         self.algorithm = algorithm
         self.maxHops = min(max(maxHops, 1), HopLimitedSearch.hopLimit)
         self.backups = backups
-        self.database = LinkStateDatabase(maxAge: advertMaxAge, maxLinksPerAdvert: maxLinksPerAdvert)
+        self.database = LinkStateDatabase(maxAge: advertMaxAge, maxLinksPerAdvert: maxLinksPerAdvert, forgetAfter: forgetAfter)
     }
 
     /// Applies an advert (see `LinkStateDatabase.apply`) and updates the cached routes.
@@ -86,12 +86,20 @@ public final class RoutingEngine {
         return changes
     }
 
-    /// Expires adverts older than their lifetime at `now`; returns the expired origins.
+    /// Expires adverts older than their lifetime at `now` and forgets origins past the
+    /// database's `forgetAfter`; returns both (sorted). Forgetting renumbers the graph's nodes,
+    /// so that the ids of nodes long gone do not stay in it.
     @discardableResult
-    public func expire(now: Timestamp) -> [NodeID] {
-        let (gone, changes) = database.expire(now: now)
+    public func expire(now: Timestamp) -> (expired: [NodeID], forgotten: [NodeID]) {
+        let (gone, changes, forgotten) = database.expire(now: now)
         absorb(changes)
-        return gone
+        if !forgotten.isEmpty {
+            nodeIDs.removeAll()
+            index.removeAll()
+            graphStale = true
+            dropAll()
+        }
+        return (gone, forgotten)
     }
 
     /// The flat graph routes are computed on (rebuilt first if links were added).

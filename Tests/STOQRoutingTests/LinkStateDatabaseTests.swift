@@ -66,7 +66,7 @@ import Testing
         try db.apply(LinkStateAdvert(origin: 1, sequence: 7, links: [link]), now: 0)
         try db.apply(LinkStateAdvert(origin: 3, sequence: 1, links: [AdvertisedLink(peer: 1, metrics: LinkMetrics(rttMs: 1))]), now: 5 * Nanos.second)
         #expect(db.expire(now: 10 * Nanos.second).origins.isEmpty)  // exactly maxAge old: still valid
-        let (gone, changes) = db.expire(now: 10 * Nanos.second + 1)
+        let (gone, changes, _) = db.expire(now: 10 * Nanos.second + 1)
         #expect(gone == [1])
         #expect(changes == [LinkChange(from: 1, to: 2, old: link.metrics, new: nil)])
         #expect(db.links(from: 1).isEmpty)
@@ -89,5 +89,27 @@ import Testing
         #expect(db.expire(now: 16 * Nanos.second).origins.isEmpty)
         #expect(db.links(from: 1) == [link])
         #expect(db.expire(now: 1_800 * Nanos.second + 1).origins == [1])
+    }
+
+    /// An expired origin is forgotten `forgetAfter` after its last advert arrived (not before,
+    /// nor while its own longer lifetime runs): then a lower sequence, from an origin whose
+    /// clock went back, is taken.
+    @Test func expiredOriginsAreForgottenAfterForgetAfter() throws {
+        var db = LinkStateDatabase(maxAge: 10 * Nanos.second, forgetAfter: 60 * Nanos.second)
+        try db.apply(LinkStateAdvert(origin: 1, sequence: 700, links: [link]), now: 0)
+        try db.apply(LinkStateAdvert(origin: 3, sequence: 9, links: [link], lifetime: 100 * Nanos.second), now: 0)
+        #expect(db.expire(now: 11 * Nanos.second) == (origins: [1], changes: [LinkChange(from: 1, to: 2, old: link.metrics, new: nil)], forgotten: []))
+        #expect(db.expire(now: 60 * Nanos.second).forgotten.isEmpty)
+        #expect(throws: LinkStateError.self) { try db.apply(LinkStateAdvert(origin: 1, sequence: 5, links: [link]), now: 60 * Nanos.second) }
+        let later = db.expire(now: 60 * Nanos.second + 1)
+        #expect(later.forgotten == [1] && later.origins.isEmpty)
+        #expect(db.origins[1] == nil && db.origins[3]?.live == true)
+        try db.apply(LinkStateAdvert(origin: 1, sequence: 5, links: [link]), now: 61 * Nanos.second)
+        #expect(db.links(from: 1) == [link])
+        // 3's own lifetime outlasts forgetAfter: expired and forgotten together, past it.
+        #expect(db.expire(now: 100 * Nanos.second).forgotten.isEmpty)
+        let end = db.expire(now: 100 * Nanos.second + 1)
+        #expect(end.origins == [3] && end.forgotten == [3] && end.changes.count == 1)
+        #expect(db.origins.keys.sorted() == [1])
     }
 }

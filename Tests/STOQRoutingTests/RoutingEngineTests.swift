@@ -129,12 +129,36 @@ import Testing
         // 3 keeps advertising; 5 goes silent, so 5 → 6 disappears and 1-3-5-6-4 with it.
         for a in adverts(diamond, sequence: 2) where a.origin != 5 { try e.apply(a, now: 8 * Nanos.second) }
         #expect(e.routes(from: 1).route(to: 4)?.primary.cost == 4)
-        #expect(e.expire(now: 11 * Nanos.second) == [5])
+        #expect(e.expire(now: 11 * Nanos.second) == (expired: [5], forgotten: []))
         #expect(e.routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 2, 4]), cost: 20))
         // 5 is still reachable through the link 3 advertises towards it.
         #expect(e.routes(from: 1).route(to: 5)?.primary.nodes == ids([1, 3, 5]))
         #expect(throws: LinkStateError.self) { try e.apply(adverts(diamond, sequence: 1)[0], now: 12 * Nanos.second) }
         #expect(e.database.refused[.stale] == 1)
+    }
+
+    /// A node that left (a new key is a new id) leaves the graph once it is forgotten: the
+    /// engine of a mesh whose nodes come and go does not keep every id it ever saw.
+    @Test func forgottenNodesLeaveTheGraph() throws {
+        let e = RoutingEngine(advertMaxAge: 10 * Nanos.second, forgetAfter: 100 * Nanos.second)
+        try e.apply(LinkStateAdvert(origin: 1, sequence: 1, links: [AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1))]), now: 0)
+        try e.apply(LinkStateAdvert(origin: 2, sequence: 1, links: [AdvertisedLink(peer: 7, metrics: LinkMetrics(rttMs: 1))]), now: 0)
+        try e.apply(LinkStateAdvert(origin: 7, sequence: 1, links: [AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1))]), now: 0)
+        #expect(Set(e.graph.nodeIDs) == [1, 2, 7])
+        // 1 and 2 keep advertising; 2 drops its link to 7, and 7 goes silent.
+        for t in stride(from: UInt64(5), through: 105, by: 5) {
+            try e.apply(LinkStateAdvert(origin: 1, sequence: t, links: [AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1))]), now: t * Nanos.second)
+            try e.apply(LinkStateAdvert(origin: 2, sequence: t, links: []), now: t * Nanos.second)
+            let (expired, forgotten) = e.expire(now: t * Nanos.second + 1)
+            #expect(expired == (t == 10 ? [7] : []))
+            #expect(forgotten == (t == 100 ? [7] : []))
+        }
+        #expect(e.graph.nodeIDs.sorted() == [1, 2])
+        #expect(e.database.origins[7] == nil)
+        #expect(e.routes(from: 1).route(to: 2)?.primary.nodes == ids([1, 2]))
+        // Forgotten with its sequence: 7 may come back from a clock set back.
+        try e.apply(LinkStateAdvert(origin: 7, sequence: 0, links: [AdvertisedLink(peer: 2, metrics: LinkMetrics(rttMs: 1))]), now: 106 * Nanos.second)
+        #expect(Set(e.graph.nodeIDs) == [1, 2, 7])
     }
 
     @Test func onlyChangesThatCanAffectATableRecomputeIt() throws {
