@@ -90,7 +90,10 @@ package final class ClientSession {
             try rig.worker.run(timeout: deadline - start) { [app, connection] in
                 connection.isEstablished || app.connectionError != nil
             }
-        } catch { throw ClientError(.connect, "\(error)") }
+        } catch {
+            rig.queue.close()
+            throw ClientError(.connect, "\(error)")
+        }
         guard connection.isEstablished else {
             rig.queue.close()
             throw ClientError(.connect, "cannot connect to \(url.endpoint): \(app.connectionError ?? "timed out")")
