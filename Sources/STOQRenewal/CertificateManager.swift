@@ -71,6 +71,10 @@ package final class CertificateManager: @unchecked Sendable {
     package private(set) var trustAnchorPath = ""
     package private(set) var published: Published!
     private let state = NSLock()
+    /// Held while credentials are made from identity/ and published, by a renewal or a reload:
+    /// a reload that read the files before a renewal wrote them would otherwise publish the old
+    /// certificate over the new one (or a key that is not the certificate's).
+    private let publishing = NSLock()
     private var counterValues = Counters()
     private let stopped = StopSignal()
     private let wake = StopSignal()
@@ -118,19 +122,22 @@ package final class CertificateManager: @unchecked Sendable {
     /// rules at once (the current certificate is loaded again with them and published).
     /// A failure (the identity cannot be loaded with the new rules) changes nothing: the reload
     /// keeps the running configuration, and so does the manager.
+    /// Waits for a renewal under way (an ACME order may take a while) to publish first.
     package func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
-        let rulesChanged = state.withLock { clientAuthValue != clientAuth }
-        let credentials =
-            rulesChanged
-            ? try TLSCredentials(
-                certificateFile: identityDirectory + "/cert.pem",
-                keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth, cipherSuites: cipherSuites) : nil
-        state.withLock {
-            trustValue = trust
-            clientAuthValue = clientAuth
+        try publishing.withLock {
+            let rulesChanged = state.withLock { clientAuthValue != clientAuth }
+            let credentials =
+                rulesChanged
+                ? try TLSCredentials(
+                    certificateFile: identityDirectory + "/cert.pem",
+                    keyFile: identityDirectory + "/key.pem", clientAuth: clientAuth, cipherSuites: cipherSuites) : nil
+            state.withLock {
+                trustValue = trust
+                clientAuthValue = clientAuth
+            }
+            if let credentials { published.publish(credentials) }
         }
         wake.set()
-        if let credentials { published.publish(credentials) }
     }
 
     /// When to renew a certificate valid from `notBefore` to `notAfter`: `renew_before` ahead
@@ -161,8 +168,7 @@ package final class CertificateManager: @unchecked Sendable {
                 continue
             }
             do {
-                let creds = try renew()
-                published.publish(creds)
+                try publishing.withLock { published.publish(try renew()) }
                 backoff = 1
             } catch {
                 state.withLock { counterValues.failures += 1 }
