@@ -437,6 +437,10 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
   p->initial_max_stream_data_uni = stream_data;
   p->initial_max_data = s->initial_max_data;
   p->initial_max_streams_bidi = ep->is_server ? s->max_streams_bidi : 0;
+  /* Never extended: ngtcp2 0.12 never closes a peer's unidirectional stream (fixed in 0.14,
+   * "a remote uni stream never be closed"), so each holds its ngtcp2 and nghttp3 state until
+   * the connection ends. Three are HTTP/3's own; a peer that opens more (reserved types) gets
+   * five, and the rest wait, blocked, costing the node nothing. */
   p->initial_max_streams_uni = 8;
   p->max_idle_timeout = s->idle_timeout;
   p->active_connection_id_limit = 7;
