@@ -491,6 +491,10 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   /* A tokenless Initial is one the flood rule sees as such (its token length spelled 0x00, as
    * every client does), or none: one spelled longer would pass the kernel's shedding. */
   if (hd.type == NGTCP2_PKT_INITIAL && hd.token.len == 0 && !stoq_quic_sheddable_initial(pkt, pkt + len)) return NULL;
+  /* A 0-RTT packet ahead of its Initial (reordered): ngtcp2 asks for a Retry. Without Retry
+   * that would cost the client a round trip and a second connection; its data comes again
+   * once the handshake is done, so the packet is dropped. */
+  if (rv == NGTCP2_ERR_RETRY && !retry) return NULL;
 
   ngtcp2_cid odcid, *pocid = NULL;
   const uint8_t *token = NULL;

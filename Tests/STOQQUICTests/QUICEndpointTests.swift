@@ -373,6 +373,25 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(c.retriesSent == 1 && c.sheddableInitials == 1, "\(c)")
     }
 
+    /// A 0-RTT packet that arrives before its connection's Initial (reordered) makes nothing
+    /// with Retry off: a Retry would cost the client a round trip and a second connection.
+    /// With Retry on it gets one, as its Initial will.
+    @Test func aZeroRTTPacketAheadOfItsInitialIsDroppedWithoutRetry() throws {
+        var zeroRTT: [UInt8] = [0xD0, 0, 0, 0, 1, 8] + [UInt8](repeating: 7, count: 8) + [8] + [UInt8](repeating: 9, count: 8)
+        let rest = 1200 - zeroRTT.count - 2
+        zeroRTT += [0x40 | UInt8(rest >> 8), UInt8(rest & 0xff)] + [UInt8](repeating: 0, count: rest)
+        let peer = IPv6Endpoint(address: IPv6Address("fd00:1::1")!, port: 999)
+        for retry in [false, true] {
+            var settings = QUICSettings()
+            settings.retry = retry
+            let pair = try EndpointPair(identity: identity, serverSettings: settings)
+            pair.inject(zeroRTT, from: peer)
+            pair.run(for: 50_000_000) { false }
+            let c = pair.server.counters
+            #expect(c.retriesSent == (retry ? 1 : 0) && c.droppedInitials == (retry ? 0 : 1) && pair.server.connectionCount == 0, "\(c)")
+        }
+    }
+
     /// A held Retry (`retryHeld`: the worker saw the flood go on) keeps answering new Initials
     /// with Retry after the half-open connections are gone; released, it stops.
     @Test func aHeldRetryOutlastsTheHalfOpenConnections() throws {
