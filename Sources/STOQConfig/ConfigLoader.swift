@@ -41,6 +41,8 @@ public enum ConfigLoader {
             ("trust.bundle", config.trust.bundle),
             // Read only with auth = "token" (a notice says so otherwise).
             ("admin.token_file", config.admin.auth == .token ? config.admin.tokenFile : ""),
+            // The ACME server's root, read at each issuance (the first at start).
+            ("trust.acme.ca", config.trust.mode == .acme ? config.trust.acme.ca : ""),
         ]
         files += config.trust.transparencyLogs.map { ("trust.transparency_logs", $0) }
         files += config.access.tokenKeys.map { ("access.token_keys", $0) }
@@ -55,6 +57,12 @@ public enum ConfigLoader {
                 : isDirectory.boolValue ? "a directory, not a file" : "not readable by this user"
             return ConfigError(code: .io, key: key, value: "\"\(path)\"", allowed: "a readable file: \(why)")
         }
+    }
+
+    /// Unpadded base64url: its alphabet only, and a length a whole number of bytes encodes.
+    static func isBase64URL(_ text: String) -> Bool {
+        text.utf8.count % 4 != 1
+            && text.utf8.allSatisfy { ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }
     }
 
     /// Validates TOML text.
@@ -304,6 +312,19 @@ public enum ConfigLoader {
                 ConfigError(
                     code: .outOfRange, key: "trust.renew_before", value: "\(c.trust.renewBefore / 1_000_000_000)s",
                     allowed: "less than trust.cert_lifetime (\(c.trust.certLifetime / 1_000_000_000)s)"))
+        }
+        let eab = c.trust.acme
+        if eab.eabKid.isEmpty != eab.eabHmacKey.isEmpty {
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: eab.eabKid.isEmpty ? "trust.acme.eab_kid" : "trust.acme.eab_hmac_key", value: "\"\"",
+                    allowed: "set together with trust.acme.\(eab.eabKid.isEmpty ? "eab_hmac_key" : "eab_kid") (external account binding)"))
+        }
+        if !eab.eabHmacKey.isEmpty, !Self.isBase64URL(eab.eabHmacKey) {
+            r.errors.append(
+                ConfigError(
+                    code: .badValue, key: "trust.acme.eab_hmac_key", value: "(\(eab.eabHmacKey.utf8.count) characters, not shown)",
+                    allowed: "unpadded base64url (A-Z a-z 0-9 - _), as the ACME server gave it"))
         }
         if c.trust.mode == .acme && !c.trust.acme.directory.hasPrefix("https://") {
             r.errors.append(
@@ -620,10 +641,10 @@ struct Section {
         let allowed = "\"\" or an https://[ipv6]:port URL (STOQ is IPv6 only)"
         guard let s = v.string else { return fail(.badType, key, v, allowed) }
         if s.isEmpty { out = s; return }
-        guard s.hasPrefix("https://") else { return fail(.badValue, key, v, allowed) }
-        let hostPort = String(s.dropFirst(8).prefix { $0 != "/" })
-        if case .failure(let e) = IPv6Endpoint.parse(hostPort) {
-            return fail(e.reason.contains("IPv4") ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(e.reason)")
+        // A node's URL, as a mesh peer's: no path (the edge asks for /objects/… itself), a port,
+        // an address it can be reached at.
+        if case .failure(let e) = MeshURL.parse(s) {
+            return fail(e.code == .ipv4Refused ? .ipv4NotSupported : .badValue, key, v, "\(allowed) — \(e.reason)")
         }
         out = s
     }

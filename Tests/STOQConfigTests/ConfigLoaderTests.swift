@@ -256,6 +256,32 @@ import TOMLKit
         #expect(e.first?.description.contains("IPv6 only") == true)
         #expect(errors("[network]\nlisten_addr = \"[::ffff:1.2.3.4]:1\"").first?.code == .ipv4NotSupported)
         #expect(errors("[edge]\norigin = \"https://10.0.0.1:4433\"").first?.key == "edge.origin")
+        #expect(errors("[edge]\norigin = \"https://[::ffff:10.0.0.1]:4433\"").first?.code == .ipv4NotSupported)
+    }
+
+    /// `edge.origin` is a node's URL, as a mesh peer's: a path, port 0, [::] or a multicast
+    /// group was taken, and failed (or went nowhere) only at the first miss.
+    @Test func anEdgeOriginIsANodesURL() {
+        for bad in ["https://[::1]:4433/objects", "https://[::1]:0", "https://[::]:4433", "https://[ff02::1]:4433", "https://[::1]"] {
+            let e = errors("[edge]\norigin = \"\(bad)\"")
+            #expect(e.count == 1 && e.first?.key == "edge.origin" && e.first?.code == .badValue, "\(bad): \(e)")
+        }
+        #expect(errors("[edge]\norigin = \"https://[::1]:4433/\"").isEmpty)
+    }
+
+    /// External account binding: both keys or neither, and the HMAC key is base64url; the
+    /// ACME server's root (`trust.acme.ca`) is a file that must be there at start.
+    @Test func externalAccountBindingAndTheACMERootAreChecked() {
+        let acme = "[trust]\nmode = \"acme\"\n[trust.acme]\ndirectory = \"https://[::1]:14000/dir\"\n"
+        #expect(errors(acme + "eab_kid = \"kid-1\"\n").map(\.key) == ["trust.acme.eab_hmac_key"])
+        #expect(errors(acme + "eab_hmac_key = \"c2VjcmV0\"\n").map(\.key) == ["trust.acme.eab_kid"])
+        let bad = errors(acme + "eab_kid = \"kid-1\"\neab_hmac_key = \"c2Vj+cmV0\"\n")
+        #expect(bad.map(\.key) == ["trust.acme.eab_hmac_key"] && bad.first?.value.contains("c2Vj") == false, "\(bad)")
+        #expect(errors(acme + "eab_kid = \"kid-1\"\neab_hmac_key = \"c2VjcmV0LWtleS0xMjM0NTY3ODkw_-\"\n").isEmpty)
+        var config = try! ConfigLoader.parse(acme + "ca = \"/nonexistent/pebble.minica.pem\"\n")
+        #expect(ConfigLoader.unreadableFiles(config).map(\.key) == ["trust.acme.ca"])
+        config.trust.mode = .embedded
+        #expect(ConfigLoader.unreadableFiles(config).isEmpty)
     }
 
     /// A datagram, its headers and the TX metadata must fit one UMEM frame when AF_XDP may be used.
