@@ -70,7 +70,12 @@ extension Section {
                 guard after.first == ":" else { return "expected :port after the address" }
                 port = after.dropFirst()
             }
-            if IPv6Address(String(host)) == nil { return "\(host) is not an IPv6 address" }
+            if IPv6Address(String(host)) == nil {
+                if case .failure(let e) = IPv6Endpoint.parse("[\(host)]:1"), e.code == .ipv4Refused {
+                    return "IPv4-mapped addresses are not supported (STOQ is IPv6 only)"
+                }
+                return "\(host) is not an IPv6 address"
+            }
         } else {
             if let colon = authority.firstIndex(of: ":") {
                 host = authority[..<colon]

@@ -50,6 +50,7 @@ import Testing
         #expect(endpoint("grpc://[::1]:4317")?.allowed.hasSuffix("the scheme must be http:// or https://") == true)
         #expect(endpoint("http://[::1]:4318")?.allowed.hasSuffix("the path is missing (an OTLP/HTTP collector takes traces at /v1/traces)") == true)
         #expect(endpoint("http://127.0.0.1:4318/v1/traces")?.code == .ipv4NotSupported)
+        #expect(endpoint("http://[::ffff:192.0.2.1]:4318/v1/traces")?.code == .ipv4NotSupported)
         #expect(endpoint("http://[::1]:0/v1/traces")?.allowed.hasSuffix("the port must be 1-65535") == true)
         #expect(endpoint("http://[::1:4318/v1/traces")?.allowed.hasSuffix("an IPv6 address needs its closing ]") == true)
         #expect(endpoint("http://[zz::1]:4318/v1/traces")?.allowed.hasSuffix("zz::1 is not an IPv6 address") == true)
