@@ -599,7 +599,9 @@ public final class Node: @unchecked Sendable {
         let freshAdminVerifier =
             trustChanged && adminVerifier.current != nil
             ? try Self.clientVerifier(fresh, for: "admin.auth = \"mtls\"") : nil
-        if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode {
+        // [tls] changed (suites, or certificate files newly named) waits for a restart: the
+        // rules must judge clients for the identity the node will present, not the one it had.
+        if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode, fresh.tls == old.tls {
             do {
                 let clientAuth = try Self.clientAuthentication(fresh)
                 if let manager { try manager.update(trust: fresh.trust, clientAuth: clientAuth) }
