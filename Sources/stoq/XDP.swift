@@ -42,9 +42,12 @@ struct XDPCommand: ParsableCommand {
             abstract: "Attach the XDP program to an interface and pin its maps.",
             discussion: "Example: stoq xdp attach eth0 --mode native --ports 4433")
         @Argument(help: "The interface.") var interface: String
-        @Option(help: "native or skb.") var mode = "native"
+        @Option(help: "native (in the driver), skb (generic, any interface) or auto: native, falling back to skb.") var mode = "auto"
         @Option(help: "The node's UDP ports, comma-separated.") var ports = "4433"
         @Option(help: "Steer by the worker id in the QUIC CID across N sockets (0: by receive queue).") var workers = 0
+        func validate() throws {
+            guard ["auto", "native", "skb"].contains(mode) else { throw ValidationError("--mode \(mode): expected auto, native or skb") }
+        }
         func run() throws {
             try XDPCommand.exec([interface, "--mode", mode, "--ports", ports, "--workers", String(workers)])
         }
