@@ -214,11 +214,15 @@ public final class EtcdDiscovery: DiscoveryBackend {
         do {
             for try await chunk in response.body {
                 pending.append(contentsOf: chunk.readableBytesView)
-                while let nl = pending.firstIndex(of: 0x0A) {
-                    let line = Array(pending[..<nl])
-                    pending.removeSubrange(...nl)
+                // Lines taken from a moving start, the consumed prefix dropped once a chunk: a
+                // chunk of many short lines costs its length, not its length squared.
+                var start = pending.startIndex
+                while let nl = pending[start...].firstIndex(of: 0x0A) {
+                    let line = Array(pending[start..<nl])
+                    start = nl + 1
                     if try handle(line, endpoint, &view) { await publish(view, report) }
                 }
+                pending.removeSubrange(..<start)
                 guard pending.count <= maxLine else {
                     throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: a message of more than \(maxLine) bytes")
                 }
