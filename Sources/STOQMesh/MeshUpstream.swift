@@ -168,8 +168,10 @@ public final class MeshUpstream: FetchUpstream {
         guard Self.teachesHolder(resource, attempt), let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
         let holder = NodeIdentity(bytes)
         var keys = [(Self.hintKey(resource), body.count)]
+        // A manifest's chunks, as many as the table holds: one listing millions (a holder's
+        // lie, or a huge object) must not take the table far past its bound.
         if case .manifest = resource, let m = try? Manifest(decoding: body) {
-            keys += m.chunks.map { (Hex.encode($0.id.bytes), Int($0.length)) }
+            keys += m.chunks.prefix(Self.maxHints - 1).map { (Hex.encode($0.id.bytes), Int($0.length)) }
         }
         holders.withLock { h in
             if h.count + keys.count > Self.maxHints { h.removeAll() }
