@@ -645,10 +645,12 @@ public final class EdgeCache: @unchecked Sendable {
             close(a.fd)
             let p = path(a.key)
             if a.allNotFound {
-                // Gone upstream: so is its manifest here. A relayed manifest request (which never
-                // asks for the object whole) learns only that the holder has no manifest, which a
-                // plain object cut here never had: that cut stays.
-                if case .manifest(let name) = a.key { _ = dropManifest(name) { a.fetchKey.whole || !$0.plain } }
+                // Gone upstream: so is its manifest here. A relayed request, addressed to one
+                // holder, learns only that that holder has none: the copy here may have come from
+                // another (and anyone may address a relay to any node), so it stays. A relayed
+                // manifest request (which never asks for the object whole) also learns only that
+                // the holder has no manifest, which a plain object cut here never had.
+                if case .manifest(let name) = a.key, a.hint == nil { _ = dropManifest(name) { a.fetchKey.whole || !$0.plain } }
                 if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
                     return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
                 }
