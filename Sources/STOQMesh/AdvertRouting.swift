@@ -13,7 +13,22 @@ extension NodeIdentity {
 extension AdvertBody {
     /// The advert as the link-state database takes it, in routing's units (milliseconds, shares,
     /// bytes per second). Only for an advert `SignedAdvert.verify` accepted.
-    public var linkState: LinkStateAdvert {
+    public var linkState: LinkStateAdvert { linkState(nowMillis: nil) }
+
+    /// The same, living what is left of its lifetime at `nowMillis` (this node's Unix time)
+    /// rather than all of it from receipt: an advert passed on late (a neighbour's link came
+    /// up, and it was sent everything held) ends where its origin said, not a lifetime later.
+    public func linkState(nowMillis: UInt64?) -> LinkStateAdvert {
+        var advert = linkStateWhole
+        if let nowMillis {
+            let end = issuedMillis &+ UInt64(lifetimeMillis)
+            let left = end > nowMillis ? end - nowMillis : 0
+            advert.lifetime = min(UInt64(lifetimeMillis), max(left, 1)) * Nanos.millisecond
+        }
+        return advert
+    }
+
+    private var linkStateWhole: LinkStateAdvert {
         LinkStateAdvert(
             origin: origin.routingID, sequence: sequence,
             links: links.map { l in

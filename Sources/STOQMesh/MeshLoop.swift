@@ -431,7 +431,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             return
         }
         do {
-            try engine.apply(signed.advert.linkState, now: now)
+            try engine.apply(signed.advert.linkState(nowMillis: nowMillis), now: now)
         } catch {
             if error.code == .duplicate {
                 counters.advertsDuplicate += 1

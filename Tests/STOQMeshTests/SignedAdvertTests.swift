@@ -143,6 +143,17 @@ func advert(
         #expect(db.refused[.duplicate] == 1)
     }
 
+    /// An advert lives what is left of its origin's lifetime when it arrives, not all of it
+    /// again at each hop: passed on late, it still ends when its origin said; an origin's clock
+    /// a little ahead does not lengthen it.
+    @Test func anAdvertLivesWhatIsLeftOfItsLifetime() throws {
+        let a = try advert(f.nodes[0], to: [f.nodes[1]], issued: 1_000_000, lifetime: 15_000)
+        #expect(a.linkState.lifetime == 15_000 * Nanos.millisecond)
+        #expect(a.linkState(nowMillis: 1_010_000).lifetime == 5_000 * Nanos.millisecond)
+        #expect(a.linkState(nowMillis: 997_000).lifetime == 15_000 * Nanos.millisecond)
+        #expect(a.linkState(nowMillis: 1_015_000).lifetime == 1 * Nanos.millisecond)
+    }
+
     /// The format article's independent reader (Python, `cryptography`) decodes and verifies what
     /// this encoder writes, field for field.
     @Test func anIndependentReaderAgreesFieldForField() throws {
