@@ -33,13 +33,16 @@ public struct CertificateIdentity: Sendable, Equatable {
         self.roles = roles
     }
 
+    /// What every role's SAN URI starts with.
+    public static let roleURIPrefix = "urn:stoq:role:"
+
     /// The SAN URI that grants `role` (`stoq trust issue --role`).
-    public static func uri(for role: AccessRole) -> String { "urn:stoq:role:\(role.rawValue)" }
+    public static func uri(for role: AccessRole) -> String { roleURIPrefix + role.rawValue }
 
     /// The role a SAN URI grants, or nil for any other URI.
     public static func role(fromURI uri: String) -> AccessRole? {
-        guard uri.hasPrefix("urn:stoq:role:") else { return nil }
-        return AccessRole(rawValue: String(uri.dropFirst("urn:stoq:role:".count)))
+        guard uri.hasPrefix(roleURIPrefix) else { return nil }
+        return AccessRole(rawValue: String(uri.dropFirst(roleURIPrefix.count)))
     }
 
     /// The strongest role, nil when none.

@@ -591,7 +591,7 @@ public final class Node: @unchecked Sendable {
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
             }
-            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t))
+            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t, dataDir: fresh.node.dataDir))
         }
         // A node with its own certificate files loads them again with the new client rules,
         // when [tls] itself did not change (that needs a restart).

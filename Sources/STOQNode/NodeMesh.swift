@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import STOQAccess
 import STOQConfig
 import STOQCore
 import STOQMesh
@@ -27,7 +28,7 @@ extension Node {
         var local = Set(localAddresses())
         local.insert(IPv6Address.loopback)
         var s = MeshService.Settings(
-            chain: chain, key: signingKey, trust: trust, verifyChain: try advertVerifier(trust),
+            chain: chain, key: signingKey, trust: trust, verifyChain: try advertVerifier(trust, dataDir: cfg.node.dataDir),
             listenPort: cfg.network.listenAddress.port, localAddresses: local)
         s.probeInterval = cfg.mesh.probeInterval
         s.downAfter = cfg.mesh.downAfter
@@ -42,16 +43,29 @@ extension Node {
         return MeshService(settings: s, discovery: discovery, datapath: DatapathSelection.originFetch, logger: logger)
     }
 
-    /// What an advert's signer must chain to: the roots neighbours are verified against.
-    static func advertVerifier(_ trust: ClientTrust) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
+    /// Who may sign an advert: a node's certificate, chaining to the roots neighbours are
+    /// verified against, not revoked by this node's CA (`revoked.txt` under `data_dir`), and
+    /// granting no access role — a user's client certificate, issued under the same roots,
+    /// speaks for a user, not for a node of the mesh.
+    static func advertVerifier(_ trust: ClientTrust, dataDir: String) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
         let verifier: PeerVerifier
         do {
             let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
-            verifier = PeerVerifier(roots: roots, role: .client)
+            let revoked = try PEMFiles.readSerials(dataDir + "/trust/revoked.txt", missingIsEmpty: true)
+            verifier = PeerVerifier(roots: roots, revokedSerials: revoked, role: .client)
         } catch {
             throw NodeError(.identity, "mesh: cannot read the roots adverts are verified against: \(error)")
         }
-        return { _ = try verifier.verifySynchronously(chain: $0) }
+        return { chain in
+            _ = try verifier.verifySynchronously(chain: chain)
+            let uris = (try? chain.first?.extensions.subjectAlternativeNames)??.compactMap { name -> String? in
+                if case .uniformResourceIdentifier(let uri) = name { return uri }
+                return nil
+            } ?? []
+            if let role = uris.first(where: { $0.hasPrefix(CertificateIdentity.roleURIPrefix) }) {
+                throw AdvertSignerError(reason: "the signer's certificate grants an access role (\(role)): a user's, not a node's")
+            }
+        }
     }
 
     /// The URL this node registers under (etcd): its listen address when that is specific, else
@@ -63,4 +77,10 @@ extension Node {
         guard let a = candidates.first else { return nil }
         return MeshURL(endpoint: IPv6Endpoint(address: a, port: listen.port))
     }
+}
+
+/// An advert's signer that chains to the roots but may not sign adverts.
+struct AdvertSignerError: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { reason }
 }
