@@ -125,6 +125,17 @@ public struct LinkStateDatabase: Sendable {
         return o.links
     }
 
+    /// Whether `origin`'s live advert lists a link to `peer`.
+    public func lists(_ origin: NodeID, _ peer: NodeID) -> Bool {
+        guard let o = origins[origin], o.live else { return false }
+        var lo = 0, hi = o.links.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if o.links[mid].peer < peer { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < o.links.count && o.links[lo].peer == peer
+    }
+
     /// Number of live directed links.
     public var linkCount: Int { origins.values.reduce(0) { $0 + ($1.live ? $1.links.count : 0) } }
 

@@ -55,6 +55,11 @@ public final class RoutingEngine {
     public var backups: BackupPolicy {
         didSet { if backups != oldValue { dropAll() } }
     }
+    /// Whether a link counts only when its peer's live advert lists the link back (OSPF's
+    /// two-way check): one origin alone cannot make routes through links it claims to nodes
+    /// that never said so, nor put nodes that never advertised into the graph. The mesh sets
+    /// it; simulators whose adverts are all honest need not.
+    public let requireTwoWay: Bool
     /// Work counters.
     public private(set) var stats = RoutingEngineStats()
 
@@ -69,8 +74,10 @@ public final class RoutingEngine {
     /// Creates an engine with an empty database.
     public init(
         algorithm: RoutingAlgorithm = .latency, maxHops: Int = 4, backups: BackupPolicy = .all,
-        advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024, forgetAfter: UInt64? = nil
+        advertMaxAge: UInt64 = 60 * Nanos.second, maxLinksPerAdvert: Int = 1024, forgetAfter: UInt64? = nil,
+        requireTwoWay: Bool = false
     ) {
+        self.requireTwoWay = requireTwoWay
         self.algorithm = algorithm
         self.maxHops = min(max(maxHops, 1), HopLimitedSearch.hopLimit)
         self.backups = backups
@@ -150,6 +157,11 @@ public final class RoutingEngine {
     private func absorb(_ changes: [LinkChange]) {
         for c in changes {
             if graphStale { return dropAll() }
+            // Two-way: a link that comes or goes also decides whether its reverse counts.
+            if requireTwoWay && (c.old == nil || c.new == nil) {
+                graphStale = true
+                return dropAll()
+            }
             guard let old = c.old, let u = graphStore.index[c.from], let v = graphStore.index[c.to],
                 let e = graphStore.edge(from: u, to: v)
             else {
@@ -187,6 +199,12 @@ public final class RoutingEngine {
         guard graphStale else { return }
         var edges: [(from: Int32, to: Int32, weight: Float)] = []
         edges.reserveCapacity(database.linkCount)
+        // Numbering kept across rebuilds, but not past twice what the database names: ids that
+        // came and went (peers claimed once, nodes long gone) do not pile up in it.
+        if nodeIDs.count > 2 * database.origins.count + 64 {
+            nodeIDs.removeAll()
+            index.removeAll()
+        }
         func idx(_ id: NodeID) -> Int32 {
             if let i = index[id] { return i }
             let i = Int32(nodeIDs.count)
@@ -198,7 +216,7 @@ public final class RoutingEngine {
         // only on the database's content, never on the order adverts arrived in.
         for id in database.origins.keys.sorted() {
             let u = idx(id)
-            for l in database.links(from: id) {
+            for l in database.links(from: id) where !requireTwoWay || database.lists(l.peer, id) {
                 edges.append((u, idx(l.peer), Float(LinkCost.weight(l.metrics, algorithm))))
             }
         }

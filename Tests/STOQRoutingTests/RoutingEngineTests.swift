@@ -161,6 +161,34 @@ import Testing
         #expect(Set(e.graph.nodeIDs) == [1, 2, 7])
     }
 
+    /// With the two-way check (the mesh's), a link counts only while its peer lists it back:
+    /// an origin claiming a cheap link to a real node, or links to nodes that never advertised,
+    /// changes no route and adds no node; once the peer lists it, it counts, and not after.
+    @Test func aOneSidedLinkCountsOnlyWithTheTwoWayCheckMet() throws {
+        func link(_ p: UInt64, _ rtt: Double) -> AdvertisedLink { AdvertisedLink(peer: NodeID(p), metrics: LinkMetrics(rttMs: rtt)) }
+        let e = RoutingEngine(requireTwoWay: true)
+        try e.apply(LinkStateAdvert(origin: 1, sequence: 1, links: [link(2, 10), link(9, 1)]), now: 0)
+        try e.apply(LinkStateAdvert(origin: 2, sequence: 1, links: [link(1, 10), link(3, 10)]), now: 0)
+        try e.apply(LinkStateAdvert(origin: 3, sequence: 1, links: [link(2, 10)]), now: 0)
+        // 9 claims a free link to 3 and links to 1,000 made-up peers; 3 never lists 9.
+        try e.apply(LinkStateAdvert(origin: 9, sequence: 1, links: [link(1, 1), link(3, 0.001)] + (100...1_099).map { link($0, 1) }), now: 0)
+        #expect(e.routes(from: 1).route(to: 3)?.primary.nodes == ids([1, 2, 3]))
+        #expect(Set(e.graph.nodeIDs) == [1, 2, 3, 9])
+        #expect(e.graph.edgeCount == 6)
+        // 3 lists 9: the link counts both ways.
+        try e.apply(LinkStateAdvert(origin: 3, sequence: 2, links: [link(2, 10), link(9, 1)]), now: 1)
+        #expect(e.routes(from: 1).route(to: 3)?.primary.nodes == ids([1, 9, 3]))
+        // And stops counting when 3 drops it, whatever 9 still says.
+        try e.apply(LinkStateAdvert(origin: 3, sequence: 3, links: [link(2, 10)]), now: 2)
+        #expect(e.routes(from: 1).route(to: 3)?.primary.nodes == ids([1, 2, 3]))
+        // Without the check (a simulator's honest adverts), 9's claim routes.
+        let open = RoutingEngine()
+        for a in e.database.origins.keys.sorted() {
+            try open.apply(LinkStateAdvert(origin: a, sequence: 1, links: e.database.links(from: a)), now: 0)
+        }
+        #expect(open.routes(from: 1).route(to: 3)?.primary.nodes == ids([1, 9, 3]))
+    }
+
     @Test func onlyChangesThatCanAffectATableRecomputeIt() throws {
         let e = engine(diamond, backups: .none)
         var seq: UInt64 = 1
