@@ -357,6 +357,9 @@ static int verify_server(gnutls_session_t session) {
   char why[sizeof(c->errstr)];
   if (run_peer_check(c->tls_ctx, chain, n, c->verify_name[0] ? c->verify_name : NULL, why, sizeof(why)) != 0)
     return refuse_server(c, why);
+  /* Accepted: `why` now holds what the policy says the server is, if it says (a mesh
+   * neighbour's node id), or "". */
+  snprintf(c->peer_identity, sizeof(c->peer_identity), "%s", why);
   return 0;
 }
 

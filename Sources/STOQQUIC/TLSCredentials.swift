@@ -117,9 +117,9 @@ public final class PeerCertificateCheck: Sendable, Equatable {
     /// What the check enforces (the verifier's fingerprint): equal identities are the same
     /// rule (a configuration reload compares them).
     public let identity: String
-    /// Server: what an accepted client certificate says its holder is (the access policy's
-    /// roles and subject), kept on the connection as `QUICConnection.peerIdentity`. At most
-    /// 255 bytes are kept.
+    /// What an accepted certificate says its holder is, kept on the connection as
+    /// `QUICConnection.peerIdentity`: on a server, a client's roles and subject (the access
+    /// policy's); on a client, the server's node id (a mesh neighbour). At most 255 bytes.
     public let identify: (@Sendable (_ chain: [[UInt8]]) -> String)?
 
     /// Creates a check.
@@ -151,8 +151,8 @@ private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverNa
         why[bytes.count] = 0
     }
     guard let reason = check.check(chain, serverName.map { String(cString: $0) }) else {
-        // Accepted: on the server, `why` carries the client's identity back to the connection.
-        if serverName == nil, let identify = check.identify { write(identify(chain)) }
+        // Accepted: `why` carries the peer's identity back to the connection.
+        if let identify = check.identify { write(identify(chain)) }
         return 0
     }
     write(reason)

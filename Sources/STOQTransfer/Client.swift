@@ -297,6 +297,9 @@ public struct ClientTrust: Sendable {
     /// The TLS cipher suites to offer, in order (`TLSCredentials.restrict(cipherSuites:)`'s
     /// names); nil: all of QUIC's, AES-128-GCM first.
     public var cipherSuites: [String]?
+    /// What a verified server's chain says it is, kept as `QUICConnection.peerIdentity` (the
+    /// mesh: its node id); nil: nothing.
+    public var identifyServer: (@Sendable (_ chain: [[UInt8]]) -> String)?
     public init(
         caFile: String? = nil, insecure: Bool = false, certificateFile: String? = nil, keyFile: String? = nil,
         transparencyLogs: [String] = [], cipherSuites: [String]? = nil
@@ -458,7 +461,7 @@ package struct ClientRig {
                 let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
                 let logs = trust.transparencyLogs.isEmpty ? nil : try CertificateTransparency.loadLogKeys(trust.transparencyLogs)
                 let verifier = PeerVerifier(roots: roots, role: .server, transparencyLogs: logs)
-                policy = PeerCertificateCheck(identity: verifier.fingerprint, verifier.refusal)
+                policy = PeerCertificateCheck(identity: verifier.fingerprint, identify: trust.identifyServer, verifier.refusal)
             }
             return try TLSCredentials(
                 policy: policy, insecure: trust.insecure,

@@ -33,6 +33,8 @@ package final class ConnectionPool {
         /// errno of a failed write of the body where it was to go (0: none): this side's
         /// failure, named in `failure`, not the server's.
         package var sinkErrno: Int32 = 0
+        /// What the trust's `identifyServer` said the answering server is ("" without one).
+        package var peer = ""
     }
 
     struct Request {
@@ -86,7 +88,8 @@ package final class ConnectionPool {
                 Done(
                     tag: s.tag, status: head?.status, errorCode: errorCode, received: stream.bytesReceived, maxAge: stream.maxAge,
                     failure: errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
-                    preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno))
+                    preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno,
+                    peer: connection.peerIdentity))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
