@@ -5,6 +5,7 @@ import STOQCore
 import STOQQUIC
 import STOQRouting
 import STOQTransfer
+import X509
 
 /// The mesh thread's state: connections, links, link-state. Owned by that thread alone.
 final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touched only there
@@ -38,7 +39,14 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     let engine: RoutingEngine
     var logger: Logger { service.logger }
     var neighbours: [IPv6Endpoint: Neighbour] = [:]
-    var pending: [Int: Pending] = [:]
+    /// Requests out, by tag, and when each was sent.
+    var pending: [Int: (what: Pending, at: UInt64)] = [:]
+    /// A probe or advert unanswered this long is given up (its stream reset): a neighbour
+    /// that answers some and sits on the rest does not grow the tables without end.
+    static let requestDeadline = 10 * Nanos.second
+    /// Adverts verified per pass of the loop (a pass is at most 20 ms of waiting): thousands a
+    /// second, far past what a mesh sends, while probes keep their pace under a flood.
+    static let advertsPerPass = 256
     var nextTag = 1
     var identities: [NodeID: NodeIdentity] = [:]
     var counters = MeshStatus.Counters()
@@ -59,23 +67,36 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// neighbour whose link comes up is sent all of them at once, so it routes on the whole
     /// database now rather than after every origin's next refresh (`routing.update_interval`).
     var held: [NodeID: [UInt8]] = [:]
+    /// How many links the last advert too small for every neighbour held (warned once per count).
+    var advertTrimWarned = -1
     /// Refused adverts' log lines, by code.
     var refusalLogs = LogThrottle()
 
     init(service: MeshService) throws {
         self.service = service
         do {
-            pool = try ConnectionPool(trust: service.settings.trust, datapath: service.datapath, connectTimeout: 3 * Nanos.second)
+            pool = try ConnectionPool(trust: Self.identifying(service.settings.trust), datapath: service.datapath, connectTimeout: 3 * Nanos.second)
         } catch {
             throw NodeError(.datapath, "mesh: cannot open the socket for neighbour connections: \(error)")
         }
         engine = RoutingEngine(
             algorithm: service.settings.algorithm, maxHops: service.settings.maxHops, backups: .all,
-            advertMaxAge: service.settings.advertLifetime, forgetAfter: SignedAdvert.replayHorizonNanos)
+            advertMaxAge: service.settings.advertLifetime, forgetAfter: SignedAdvert.replayHorizonNanos, requireTwoWay: true)
         identities[service.identity.routingID] = service.identity
     }
 
     var me: NodeIdentity { service.identity }
+
+    /// `trust` with neighbours named by their certificate: the node id (hex) of the key in
+    /// the leaf, which a probe answer's id must match.
+    static func identifying(_ trust: ClientTrust) -> ClientTrust {
+        var t = trust
+        t.identifyServer = { chain in
+            guard let der = chain.first, let leaf = try? Certificate(derEncoded: der) else { return "" }
+            return NodeIdentity(publicKey: leaf.publicKey).hex
+        }
+        return t
+    }
 
     func run() {
         while !service.stopping {
@@ -83,7 +104,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let set = service.takeMembers() { updateMembers(set, now: now) }
             if let trust = service.takeTrust() {
                 do {
-                    try pool.retrust(trust)
+                    try pool.retrust(Self.identifying(trust))
                     // A neighbour the old trust refused is tried again now, not after its backoff.
                     for ep in Array(neighbours.keys) { neighbours[ep]!.retryAt = 0 }
                 } catch {
@@ -104,16 +125,24 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             for d in done { finished(d, now: t) }
             for (ep, d) in service.takeDeliveries() { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
             tick(now: t)
-            for bytes in service.takeAdverts() { received(bytes, now: t) }
+            for bytes in service.takeAdverts(limit: Self.advertsPerPass) { received(bytes, now: t) }
             if advertDue && t &- lastAdvert >= 50_000_000 || t &- lastAdvert >= service.settings.updateInterval {
                 advertise(now: t)
             }
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
                 warnIfDeaf(now: t)
+                for (tag, p) in pending where t &- p.at > Self.requestDeadline {
+                    pool.cancel(tag)
+                    pending[tag] = nil
+                }
                 let (gone, forgotten) = engine.expire(now: t)
                 for id in gone { held[id] = nil }
-                if !forgotten.isEmpty { forgetIdentities() }
+                // Claimed peers that never advertised are let go too, once they outnumber what
+                // the database and the neighbours name.
+                if !forgotten.isEmpty || identities.count > 2 * (engine.database.origins.count + neighbours.count) + 64 {
+                    forgetIdentities()
+                }
                 if !gone.isEmpty || !forgotten.isEmpty { viewDirty = true }
             }
             if viewDirty { publishView() }
@@ -151,16 +180,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
     }
 
-    /// Keeps the identities of this node, its neighbours and what the database still holds:
-    /// a mesh whose nodes come and go (a new key is a new id) does not grow without end.
+    /// Keeps the identities of this node, its neighbours and the database's origins: a mesh
+    /// whose nodes come and go (a new key is a new id), or an origin that claims links to
+    /// made-up peers, does not grow the table without end.
     private func forgetIdentities() {
         var keep: Set<NodeID> = [me.routingID]
         for n in neighbours.values { if let id = n.id { keep.insert(id.routingID) } }
-        let db = engine.database
-        for (id, _) in db.origins {
-            keep.insert(id)
-            for l in db.links(from: id) { keep.insert(l.peer) }
-        }
+        for id in engine.database.origins.keys { keep.insert(id) }
         identities = identities.filter { keep.contains($0.key) }
     }
 
@@ -172,16 +198,20 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     // MARK: Probes
 
     private func probe(now: UInt64) {
+        // Neighbours with a probe out, gathered once: a scan of `pending` per neighbour cost
+        // members × probes out on every pass.
+        var probing = Set<IPv6Endpoint>()
+        for p in pending.values { if case .probe(let ep, _) = p.what { probing.insert(ep) } }
         for (ep, n) in neighbours {
             let connected = pool.isConnected(ep)
             if !connected && now < n.retryAt { continue }
             // Until the handshake is done, one probe at a time opens the connection; it is not
             // a sample (its time includes the handshake, and a neighbour still starting up has
             // not lost anything).
-            if !connected && pending.values.contains(where: { if case .probe(ep, _) = $0 { true } else { false } }) { continue }
+            if !connected && probing.contains(ep) { continue }
             let tag = nextTag
             nextTag += 1
-            pending[tag] = .probe(ep, sample: connected)
+            pending[tag] = (.probe(ep, sample: connected), now)
             if connected {
                 neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
                 neighbours[ep]!.probesSent += 1
@@ -191,7 +221,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     }
 
     private func finished(_ d: ConnectionPool.Done, now: UInt64) {
-        guard let p = pending.removeValue(forKey: d.tag) else { return }
+        guard let p = pending.removeValue(forKey: d.tag)?.what else { return }
         switch p {
         case .advert:
             if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
@@ -237,6 +267,16 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             let answer: MeshWire.ProbeAnswer
             do { answer = try MeshWire.ProbeAnswer(decoding: bytes) } catch {
                 logger.warning("mesh: \(n.url) answered a probe with \(error)")
+                return
+            }
+            if !d.peer.isEmpty, d.peer != answer.node.hex {
+                // The answer names a node whose key is not the one the neighbour's certificate
+                // holds: it would have this node advertise, and route to, another node's id.
+                if let said = refusalLogs.allow("misnamed \(n.url)", now: now) {
+                    logger.warning(
+                        "mesh: \(n.url) answered as node \(answer.node), but its certificate's key is node \(d.peer); not taken as a neighbour\(said)")
+                }
+                counters.probesRefused += 1
                 return
             }
             if answer.node == me {
@@ -331,7 +371,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         for (origin, bytes) in held where origin != mine && origin != n.id?.routingID {
             let tag = nextTag
             nextTag += 1
-            pending[tag] = .advert
+            pending[tag] = (.advert, monotonicNow())
             pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: BodyRegion(copying: bytes), tag: tag)
             sent += 1
         }
@@ -374,17 +414,28 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                     deliveryKbps: UInt32(min(m.deliveryRate * 8 / 1_000, Double(UInt32.max))),
                     peerLoadPPM: UInt32(min(max(m.peerLoad, 0), 1) * 1_000_000)))
         }
-        links.sort { $0.neighbour < $1.neighbour }
+        // More neighbours than an advert holds (AdvertBody.maxLinks, and what fits in
+        // SignedAdvert.maxSize beside the chain): the nearest go in, in RTT order as gathered.
+        var kept = Array(links.prefix(AdvertBody.maxLinks))
         let signed: SignedAdvert
-        do {
-            let body = try AdvertBody(
-                origin: me, sequence: ownSequence, issuedMillis: nowMillis,
-                lifetimeMillis: UInt32(service.settings.advertLifetime / Nanos.millisecond), loadPPM: service.ownLoadPPM,
-                links: Array(links.prefix(AdvertBody.maxLinks)))
-            signed = try SignedAdvert.sign(body, chain: service.settings.chain, key: service.settings.key)
-        } catch {
-            logger.error("mesh: cannot sign this node's advert: \(error)")
-            return
+        while true {
+            do {
+                let body = try AdvertBody(
+                    origin: me, sequence: ownSequence, issuedMillis: nowMillis,
+                    lifetimeMillis: UInt32(service.settings.advertLifetime / Nanos.millisecond), loadPPM: service.ownLoadPPM,
+                    links: kept.sorted { $0.neighbour < $1.neighbour })
+                signed = try SignedAdvert.sign(body, chain: service.chain, key: service.settings.key)
+                break
+            } catch let e as AdvertError where e.code == .oversized && !kept.isEmpty {
+                kept.removeLast(max(1, kept.count / 16))
+            } catch {
+                logger.error("mesh: cannot sign this node's advert: \(error)")
+                return
+            }
+        }
+        if kept.count < links.count, advertTrimWarned != kept.count {
+            advertTrimWarned = kept.count
+            logger.warning("mesh: \(links.count) neighbours are up; this node's advert holds the \(kept.count) nearest")
         }
         service.signed(sequence: ownSequence)
         held[me.routingID] = signed.bytes
@@ -401,7 +452,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         for n in neighbours.values where n.link.state == .up && n.id != origin {
             let tag = nextTag
             nextTag += 1
-            pending[tag] = .advert
+            pending[tag] = (.advert, monotonicNow())
             pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: body, tag: tag)
             if origin != nil { counters.advertsForwarded += 1 }
         }
@@ -445,8 +496,11 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
         counters.advertsAccepted += 1
         held[signed.advert.origin.routingID] = bytes
+        // The origin's own identity is signed; a link's peer is only claimed, and never takes
+        // the place of one already known (a peer sharing a node's 64-bit routing id would
+        // otherwise hide that node from every relay addressed to it).
         identities[signed.advert.origin.routingID] = signed.advert.origin
-        for l in signed.advert.links { identities[l.neighbour.routingID] = l.neighbour }
+        for l in signed.advert.links where identities[l.neighbour.routingID] == nil { identities[l.neighbour.routingID] = l.neighbour }
         viewDirty = true
         send(bytes, except: signed.advert.origin)
     }
@@ -460,9 +514,15 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             lastRoutesVersion = table.version
             counters.routeComputations += 1
         }
+        // A node listed under two URLs: the one its advert's link is (up, least RTT), not
+        // whichever the dictionary yields last, which may be down and refused as a next hop.
         var urls: [NodeID: STOQURL] = [:]
-        for n in neighbours.values {
-            if let id = n.id { urls[id.routingID] = n.url }
+        let ranked = neighbours.values.sorted {
+            ($0.link.state == .up ? 0 : 1, $0.link.metrics.srtt, $0.url.description)
+                < ($1.link.state == .up ? 0 : 1, $1.link.metrics.srtt, $1.url.description)
+        }
+        for n in ranked {
+            if let id = n.id, urls[id.routingID] == nil { urls[id.routingID] = n.url }
         }
         let down = unusable
         var paths: [NodeID: [MeshView.PathChoice]] = [:]

@@ -77,6 +77,7 @@ public final class MeshService: @unchecked Sendable {
     private let freshTrust = Mutex<ClientTrust?>(nil)
     private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
     private let inbox = Mutex<[[UInt8]]>([])
+    private let chainBox: Mutex<[Certificate]>
     private let members = Mutex<Set<MeshMember>?>(nil)
     private let deliveries = Mutex<[IPv6Endpoint: (bytes: Int, nanos: UInt64)]>([:])
     private let relay = Mutex(MeshStatus.Counters())
@@ -93,6 +94,7 @@ public final class MeshService: @unchecked Sendable {
     public init(settings: Settings, discovery: DiscoveryBackend, datapath: ClientDatapath, logger: Logger) {
         self.settings = settings
         self.identity = NodeIdentity(publicKey: settings.chain[0].publicKey)
+        self.chainBox = Mutex(settings.chain)
         self.discovery = discovery
         self.datapath = datapath
         self.logger = logger
@@ -108,6 +110,22 @@ public final class MeshService: @unchecked Sendable {
         verifier.replace(verifyChain)
         freshTrust.withLock { $0 = trust }
         wakeHook.withLock { $0 }?()
+    }
+
+    /// The certificate chain this node's adverts carry now (`settings.chain` until a renewal).
+    var chain: [Certificate] { chainBox.withLock { $0 } }
+
+    /// Signs adverts with `chain` from now on: the node's certificate was renewed for the same
+    /// key (`CertificateManager.keepsKey`), so its id stays. A chain for another key is refused
+    /// (false): adverts would name an id its key does not hold. Any thread.
+    @discardableResult
+    public func renewChain(_ chain: [Certificate]) -> Bool {
+        guard let leaf = chain.first, NodeIdentity(publicKey: leaf.publicKey) == identity, SignedAdvert.chainRange.contains(chain.count) else {
+            logger.error("mesh: the renewed certificate is not for this node's key (id \(identity)); adverts keep the old one until it expires")
+            return false
+        }
+        chainBox.withLock { $0 = chain }
+        return true
     }
 
     /// Checks an advert's signer chain against this node's trust roots.
@@ -265,9 +283,14 @@ public final class MeshService: @unchecked Sendable {
             defer { m = nil }; return m
         }
     }
-    func takeAdverts() -> [[UInt8]] {
+    /// The oldest queued adverts, at most `limit`: the loop verifies that many a pass, so a
+    /// full queue (a flood of junk, each a signature check or more) does not hold its probes
+    /// back for the whole queue.
+    func takeAdverts(limit: Int) -> [[UInt8]] {
         inbox.withLock { q in
-            defer { q.removeAll() }; return q
+            let n = min(limit, q.count)
+            defer { q.removeFirst(n) }
+            return Array(q.prefix(n))
         }
     }
     func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] {
