@@ -431,12 +431,13 @@ public actor ACMEClient {
     /// CSR, finalize, poll, download.
     public func obtainCertificate(
         for identifiers: [ACMEIdentifier], eab: ExternalAccountBinding? = nil,
-        contact: [String] = []
+        contact: [String] = [], key certificateKey: P256.Signing.PrivateKey? = nil
     ) async throws -> ACMEIssuedCertificate {
         if accountURL == nil { try await register(eab: eab, contact: contact) }
         let (orderURL, order) = try await newOrder(identifiers)
         try await completeAuthorizations(order)
-        let key = P256.Signing.PrivateKey()
+        // The certificate's key: a new one, or the caller's (a mesh node keeps its id's key).
+        let key = certificateKey ?? P256.Signing.PrivateKey()
         let csr = try Self.makeCSR(identifiers: identifiers, key: key)
         let done = try await finalize(orderURL: orderURL, order: order, csrDER: csr)
         guard let certURL = done.certificate else {

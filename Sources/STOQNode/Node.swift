@@ -198,6 +198,9 @@ public final class Node: @unchecked Sendable {
             key: cfg.tls.certFile.isEmpty ? (certificates?.identityDirectory ?? cfg.node.dataDir + "/identity") + "/key.pem" : cfg.tls.keyFile,
             logger: logger)
         mesh = meshService
+        // Adverts carry the certificate as renewed (for the same key): one signed with the
+        // first, once it expired, was refused by every node.
+        if let meshService { certificates?.onRenew = { [weak meshService] chain in meshService?.renewChain(chain) } }
         let edge = try openEdgeCache(cfg, mesh: meshService)
         if let preferred = cfg.network.quic.preferredAddress, !STOQClient.isOwnAddress(preferred.address) {
             throw NodeError(
@@ -300,6 +303,9 @@ public final class Node: @unchecked Sendable {
         let manager = CertificateManager(
             trust: cfg.trust, clientAuth: clientAuth, cipherSuites: cfg.tls.cipherSuites, dataDirectory: cfg.node.dataDir,
             names: names, addresses: Self.localAddresses(), logger: logger)
+        // A mesh node's id is its key's hash: renewals keep the key, so the id (and every
+        // neighbour's view of it) outlives each certificate.
+        manager.keepsKey = cfg.mesh.enabled
         let creds: TLSCredentials
         do { creds = try manager.start() } catch {
             throw NodeError(.identity, "cannot obtain the node's certificate (trust.mode = \"\(cfg.trust.mode)\"): \(error)")

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Synchronization
 import Logging
@@ -80,6 +81,17 @@ package final class CertificateManager: @unchecked Sendable {
     private let wake = StopSignal()
 
     package var counters: Counters { state.withLock { counterValues } }
+
+    /// Renew for the key already in identity/ (its first issuance too, if one is there)
+    /// instead of a new key each time: a mesh node's id is its key's hash, and its adverts
+    /// must go on verifying under the same id with each new certificate. Set before `start`.
+    package var keepsKey = false
+    /// Called with each renewed chain (leaf first) once it is published; any thread may set it.
+    package var onRenew: (@Sendable ([Certificate]) -> Void)? {
+        get { state.withLock { onRenewValue } }
+        set { state.withLock { onRenewValue = newValue } }
+    }
+    private var onRenewValue: (@Sendable ([Certificate]) -> Void)?
 
     /// The embedded CA's transparency log: every certificate is appended before it is used.
     package private(set) var log: CertificateLogService?
@@ -169,6 +181,7 @@ package final class CertificateManager: @unchecked Sendable {
             }
             do {
                 try publishing.withLock { published.publish(try renew()) }
+                if let onRenew, let chain = try? PEMFiles.readCertificates(identityDirectory + "/cert.pem") { onRenew(chain) }
                 backoff = 1
             } catch {
                 state.withLock { counterValues.failures += 1 }
@@ -186,16 +199,29 @@ package final class CertificateManager: @unchecked Sendable {
     private func renew() throws -> TLSCredentials {
         let lifetime = Double(trust.certLifetime) / 1e9
         let chainPEM: String, keyPEM: String, leaf: Certificate
+        // The key kept (`keepsKey`), when identity/ holds one that loads.
+        let kept: (key: P256.Signing.PrivateKey, pem: String)? =
+            keepsKey
+            ? (try? String(contentsOfFile: identityDirectory + "/key.pem", encoding: .utf8)).flatMap { pem in
+                (try? PEMFiles.p256PrivateKey(pem: pem)).map { ($0, pem) }
+            } : nil
         switch trust.mode {
         case .acme:
-            (chainPEM, keyPEM, leaf) = try acmeIssue()
+            (chainPEM, keyPEM, leaf) = try acmeIssue(key: kept?.key)
             if trustAnchorPath.isEmpty { trustAnchorPath = trust.acme.ca.isEmpty ? identityDirectory + "/cert.pem" : trust.acme.ca }
         case .embedded:
             let ca = try embeddedAuthority()
             if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
             // Logged (as a precertificate) before it exists; the SCT is embedded.
-            let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
-            (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
+            if let kept {
+                let cert = try ca.issue(
+                    publicKey: Certificate.PublicKey(kept.key.publicKey), dnsNames: names, ipv6Addresses: addresses,
+                    lifetime: lifetime, log: log!)
+                (chainPEM, keyPEM, leaf) = (try PEMFiles.pem([cert, ca.intermediate]), kept.pem, cert)
+            } else {
+                let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
+                (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
+            }
             trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
         }
         try FileManager.default.createDirectory(
@@ -230,7 +256,7 @@ package final class CertificateManager: @unchecked Sendable {
     }
 
     /// One ACME issuance, run to completion on this thread (the control plane's, never a worker's).
-    private func acmeIssue() throws -> (String, String, Certificate) {
+    private func acmeIssue(key: P256.Signing.PrivateKey?) throws -> (String, String, Certificate) {
         let a = trust.acme
         let roots = a.ca.isEmpty ? nil : try String(contentsOfFile: a.ca, encoding: .utf8)
         let identifiers = names.map(ACMEIdentifier.dns) + addresses.map(ACMEIdentifier.ip)
@@ -238,8 +264,12 @@ package final class CertificateManager: @unchecked Sendable {
         let client = try ACMEClient(directoryURL: a.directory, trustRootsPEM: roots, logger: logger)
         let result = ResultBox()
         let done = DispatchSemaphore(value: 0)
+        let keyBytes = key?.rawRepresentation  // the key crosses into the task as bytes
         Task {
-            do { result.value = .success(try await client.obtainCertificate(for: identifiers, eab: eab)) } catch {
+            do {
+                let kept = try keyBytes.map { try P256.Signing.PrivateKey(rawRepresentation: $0) }
+                result.value = .success(try await client.obtainCertificate(for: identifiers, eab: eab, key: kept))
+            } catch {
                 result.value = .failure(error)
             }
             await client.shutdown()

@@ -416,3 +416,38 @@ def test_a_nodes_load_is_over_every_workers_connections(tmp_path):
     finally:
         for n in nodes:
             stop(n)
+
+
+def test_a_mesh_node_keeps_its_id_across_certificate_renewals(tmp_path):
+    """Two nodes whose embedded CA (one CA, shared as a mesh's is) renews 20 s certificates.
+    A node signed its adverts with the certificate it started with: once that expired, every
+    neighbour refused its adverts (`untrusted_signer`) and its links fell out of the mesh, a
+    day after start with the default lifetime; and each renewal made a new key, so a new node
+    id. Now renewals keep the key and adverts carry the current certificate: 40 s (two
+    lifetimes) on, the ids, keys and routes are the same and no advert was refused."""
+    import shutil
+    ca = certificates(tmp_path, ())
+    pa, pb = free_port(), free_port()
+    nodes = []
+    try:
+        for name, port, peer in (("a", pa, pb), ("b", pb, pa)):
+            shutil.copytree(ca, tmp_path / name / "data" / "trust")
+            cfg = (f'[trust]\nbundle = "{ca}/root.pem"\ncert_lifetime = "20s"\n[mesh]\npeers = ["https://[::1]:{peer}"]\n'
+                   f'probe_interval = "100ms"\n[routing]\nupdate_interval = "200ms"\n')
+            nodes.append(start_node(tmp_path / name, port, cfg))
+        wait_for_routes(nodes, 1)
+        ids = [status(n)["node"] for n in nodes]
+        keys = [(tmp_path / n / "data/identity/key.pem").read_bytes() for n in ("a", "b")]
+        certs = [(tmp_path / n / "data/identity/cert.pem").read_bytes() for n in ("a", "b")]
+        time.sleep(40)
+        for i, n in enumerate(nodes):
+            s = status(n)
+            assert s["node"] == ids[i]
+            assert s["counters"]["adverts_refused"] == {}, s["counters"]
+            assert len(routes(n)) == 1, routes(n)
+            name = "ab"[i]
+            assert (tmp_path / name / "data/identity/key.pem").read_bytes() == keys[i]
+            assert (tmp_path / name / "data/identity/cert.pem").read_bytes() != certs[i]
+    finally:
+        for n in nodes:
+            stop(n)
