@@ -58,10 +58,11 @@ extension Node {
         }
         return { chain in
             _ = try verifier.verifySynchronously(chain: chain)
-            let uris = (try? chain.first?.extensions.subjectAlternativeNames)??.compactMap { name -> String? in
-                if case .uniformResourceIdentifier(let uri) = name { return uri }
-                return nil
-            } ?? []
+            let uris =
+                (try? chain.first?.extensions.subjectAlternativeNames)??.compactMap { name -> String? in
+                    if case .uniformResourceIdentifier(let uri) = name { return uri }
+                    return nil
+                } ?? []
             if let role = uris.first(where: { $0.hasPrefix(CertificateIdentity.roleURIPrefix) }) {
                 throw AdvertSignerError(reason: "the signer's certificate grants an access role (\(role)): a user's, not a node's")
             }
