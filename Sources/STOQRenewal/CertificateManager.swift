@@ -117,7 +117,7 @@ package final class CertificateManager: @unchecked Sendable {
 
     /// Issues the first certificate (blocking) and starts the renewal thread.
     package func start() throws -> TLSCredentials {
-        let creds = try renew()
+        let creds = try install(try issue())
         published = Published(creds)
         let t = Thread { [self] in rotationLoop() }
         t.name = "stoq-cert-rotation"
@@ -180,8 +180,11 @@ package final class CertificateManager: @unchecked Sendable {
                 continue
             }
             do {
-                try publishing.withLock { published.publish(try renew()) }
-                if let onRenew, let chain = try? PEMFiles.readCertificates(identityDirectory + "/cert.pem") { onRenew(chain) }
+                // Issued without the lock (an ACME order may take minutes: a reload must not
+                // wait on it), installed and published under it.
+                let issued = try issue()
+                try publishing.withLock { published.publish(try install(issued)) }
+                onRenew?(issued.chain)
                 backoff = 1
             } catch {
                 state.withLock { counterValues.failures += 1 }
@@ -194,36 +197,53 @@ package final class CertificateManager: @unchecked Sendable {
         }
     }
 
-    /// Issues (embedded CA or ACME), writes the chain and key atomically under identity/,
-    /// and loads them.
-    private func renew() throws -> TLSCredentials {
+    /// A certificate issued (embedded CA or ACME) and its key, not yet installed.
+    struct Issued {
+        var chainPEM: String
+        var keyPEM: String
+        /// Leaf first.
+        var chain: [Certificate]
+    }
+
+    /// Issues a certificate, by the embedded CA or ACME, for a new key or (`keepsKey`) the one
+    /// in identity/. A kept key that is there but does not load fails the renewal (the current
+    /// certificate stays, and it is retried): a new key would be a new node id.
+    private func issue() throws -> Issued {
         let lifetime = Double(trust.certLifetime) / 1e9
-        let chainPEM: String, keyPEM: String, leaf: Certificate
-        // The key kept (`keepsKey`), when identity/ holds one that loads.
-        let kept: (key: P256.Signing.PrivateKey, pem: String)? =
-            keepsKey
-            ? (try? String(contentsOfFile: identityDirectory + "/key.pem", encoding: .utf8)).flatMap { pem in
-                (try? PEMFiles.p256PrivateKey(pem: pem)).map { ($0, pem) }
-            } : nil
+        let keyPath = identityDirectory + "/key.pem"
+        var kept: (key: P256.Signing.PrivateKey, pem: String)?
+        if keepsKey && FileManager.default.fileExists(atPath: keyPath) {
+            do {
+                let pem = try String(contentsOfFile: keyPath, encoding: .utf8)
+                kept = (try PEMFiles.p256PrivateKey(pem: pem), pem)
+            } catch {
+                throw NodeError(.identity, "\(keyPath): the mesh node's key (its id) does not load: \(error)")
+            }
+        }
         switch trust.mode {
         case .acme:
-            (chainPEM, keyPEM, leaf) = try acmeIssue(key: kept?.key)
+            let issued = try acmeIssue(key: kept?.key)
             if trustAnchorPath.isEmpty { trustAnchorPath = trust.acme.ca.isEmpty ? identityDirectory + "/cert.pem" : trust.acme.ca }
+            return issued
         case .embedded:
             let ca = try embeddedAuthority()
             if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
+            trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
             // Logged (as a precertificate) before it exists; the SCT is embedded.
             if let kept {
                 let cert = try ca.issue(
                     publicKey: Certificate.PublicKey(kept.key.publicKey), dnsNames: names, ipv6Addresses: addresses,
                     lifetime: lifetime, log: log!)
-                (chainPEM, keyPEM, leaf) = (try PEMFiles.pem([cert, ca.intermediate]), kept.pem, cert)
-            } else {
-                let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
-                (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.certificate)
+                return Issued(chainPEM: try PEMFiles.pem([cert, ca.intermediate]), keyPEM: kept.pem, chain: [cert, ca.intermediate])
             }
-            trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
+            let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
+            return Issued(chainPEM: issued.chainPEM, keyPEM: issued.keyPEM, chain: [issued.certificate, ca.intermediate])
         }
+    }
+
+    /// Writes an issued chain and key atomically under identity/, and loads them.
+    private func install(_ issued: Issued) throws -> TLSCredentials {
+        let (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.chain[0])
         try FileManager.default.createDirectory(
             atPath: identityDirectory, withIntermediateDirectories: true,
             attributes: [.posixPermissions: 0o700])
@@ -256,7 +276,7 @@ package final class CertificateManager: @unchecked Sendable {
     }
 
     /// One ACME issuance, run to completion on this thread (the control plane's, never a worker's).
-    private func acmeIssue(key: P256.Signing.PrivateKey?) throws -> (String, String, Certificate) {
+    private func acmeIssue(key: P256.Signing.PrivateKey?) throws -> Issued {
         let a = trust.acme
         let roots = a.ca.isEmpty ? nil : try String(contentsOfFile: a.ca, encoding: .utf8)
         let identifiers = names.map(ACMEIdentifier.dns) + addresses.map(ACMEIdentifier.ip)
@@ -277,7 +297,7 @@ package final class CertificateManager: @unchecked Sendable {
         }
         done.wait()
         let issued = try result.value!.get()
-        return (issued.chainPEM, issued.privateKeyPEM, issued.chain[0])
+        return Issued(chainPEM: issued.chainPEM, keyPEM: issued.privateKeyPEM, chain: issued.chain)
     }
 
     final class ResultBox: @unchecked Sendable { var value: Result<ACMEIssuedCertificate, Error>? }

@@ -32,4 +32,33 @@ import Testing
         let full = acme.renewalTime(notBefore: start, notAfter: start + 24 * hour)
         #expect(full >= start + 24 * hour - 8.8 * hour && full <= start + 16 * hour, "\(full.timeIntervalSince(start) / hour) h")
     }
+
+    /// A mesh node keeps its key (its id) across renewals: the certificate renews for the key
+    /// in identity/, and one that is there but does not load fails the renewal rather than
+    /// make a new key (a new id, and a TLS key its mesh id no longer matches).
+    @Test func aKeptKeyIsRenewedForAndABrokenOneIsNotReplaced() throws {
+        let dir = NSTemporaryDirectory() + "stoq-keep-key-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var trust = NodeConfig.default.trust
+        trust.certLifetime = 3_600_000_000_000
+        func manager() -> CertificateManager {
+            let m = CertificateManager(
+                trust: trust, clientAuth: nil, dataDirectory: dir, names: ["n.test"], addresses: [], logger: Logger(label: "test"))
+            m.keepsKey = true
+            return m
+        }
+        let first = manager()
+        _ = try first.start()
+        first.stop()
+        let key = try String(contentsOfFile: dir + "/identity/key.pem", encoding: .utf8)
+        let serial = first.counters.serial
+        let second = manager()
+        _ = try second.start()
+        second.stop()
+        #expect(try String(contentsOfFile: dir + "/identity/key.pem", encoding: .utf8) == key)
+        #expect(second.counters.serial != serial)
+        try "not a key\n".write(toFile: dir + "/identity/key.pem", atomically: true, encoding: .utf8)
+        #expect(throws: (any Error).self) { _ = try manager().start() }
+        #expect(try String(contentsOfFile: dir + "/identity/key.pem", encoding: .utf8) == "not a key\n")
+    }
 }
