@@ -209,6 +209,8 @@ public final class EdgeCache: @unchecked Sendable {
     /// applied yet (`retrust`).
     private var trust: ClientTrust
     private var freshTrust: ClientTrust?
+    /// The node's certificate was renewed: the pool reads `trust`'s files again.
+    private var credentialsRenewed = false
     /// The datapath the origin connection runs on (the node's assembly picks it).
     let datapath: ClientDatapath
     let logger: Logger
@@ -525,6 +527,14 @@ public final class EdgeCache: @unchecked Sendable {
         onPoolWake?()
     }
 
+    /// The node's certificate was renewed: upstream connections made from now on present it
+    /// (mutual TLS); those open keep theirs. Any thread.
+    public func renewCredentials() {
+        lock.withLock { credentialsRenewed = true }
+        wake.signal()
+        onPoolWake?()
+    }
+
     /// Stops the fetcher (failing what is in flight) and writes the index; waits up to 10 s.
     public func stop() {
         stopFlag.store(true, ordering: .releasing)
@@ -808,6 +818,12 @@ public final class EdgeCache: @unchecked Sendable {
                     lock.withLock { trust = fresh }
                 } catch {
                     logger.error("edge: the new [trust] does not load (\(error)); upstreams are still verified with the old one")
+                }
+            }
+            if let p = pool, let renewed = lock.withLock({ credentialsRenewed ? trust : nil }) {
+                lock.withLock { credentialsRenewed = false }
+                do { try p.renewCredentials(renewed) } catch {
+                    logger.error("edge: the renewed certificate does not load (\(error)); new upstream connections present the old one")
                 }
             }
             let retrusting = lock.withLock { freshTrust != nil }

@@ -72,8 +72,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// Refused adverts' log lines, by code.
     var refusalLogs = LogThrottle()
 
+    /// How neighbours are verified, and the certificate presented to them: the settings',
+    /// or a reload's.
+    var trust: ClientTrust
+
     init(service: MeshService) throws {
         self.service = service
+        trust = service.settings.trust
         do {
             pool = try ConnectionPool(trust: Self.identifying(service.settings.trust), datapath: service.datapath, connectTimeout: 3 * Nanos.second)
         } catch {
@@ -105,10 +110,16 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let trust = service.takeTrust() {
                 do {
                     try pool.retrust(Self.identifying(trust))
+                    self.trust = trust
                     // A neighbour the old trust refused is tried again now, not after its backoff.
                     for ep in Array(neighbours.keys) { neighbours[ep]!.retryAt = 0 }
                 } catch {
                     logger.error("mesh: the new [trust] does not load (\(error)); neighbours are still verified with the old one")
+                }
+            }
+            if service.takeCredentialsRenewed() {
+                do { try pool.renewCredentials(Self.identifying(trust)) } catch {
+                    logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one")
                 }
             }
             if now &- lastProbe >= service.settings.probeInterval {
@@ -350,7 +361,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         deafWarned = true
         let urls = neighbours.values.filter { $0.link.state == .up }.map(\.url.description).sorted()
         logger.warning(
-            "mesh: \(urls.joined(separator: ", ")) answer(s) this node's probes, but no node has sent it an advert: a node sends adverts only to the nodes in its own [mesh] peers (or found by discovery), so none of them lists this one; until one does, this node knows no route beyond its neighbours"
+            "mesh: \(urls.joined(separator: ", ")) answer(s) this node's probes, but no node has sent it an advert: a node sends adverts only to the nodes in its own [mesh] peers (or found by discovery), so none of them lists this one; until one does, this node has no route, not even to them (a link counts only when both ends list it)"
         )
     }
 

@@ -78,6 +78,7 @@ public final class MeshService: @unchecked Sendable {
     private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
     private let inbox = Mutex<[[UInt8]]>([])
     private let chainBox: Mutex<[Certificate]>
+    private let credentialsRenewed = Atomic<Bool>(false)
     private let members = Mutex<Set<MeshMember>?>(nil)
     private let deliveries = Mutex<[IPv6Endpoint: (bytes: Int, nanos: UInt64)]>([:])
     private let relay = Mutex(MeshStatus.Counters())
@@ -125,8 +126,14 @@ public final class MeshService: @unchecked Sendable {
             return false
         }
         chainBox.withLock { $0 = chain }
+        credentialsRenewed.store(true, ordering: .releasing)
+        wakeHook.withLock { $0 }?()
         return true
     }
+
+    /// Whether the certificate was renewed since the last call: the neighbour connections
+    /// made from now on present it (mutual TLS). The mesh thread.
+    func takeCredentialsRenewed() -> Bool { credentialsRenewed.exchange(false, ordering: .acquiring) }
 
     /// Checks an advert's signer chain against this node's trust roots.
     func verifyChain(_ chain: [Certificate]) throws {

@@ -198,10 +198,16 @@ public final class Node: @unchecked Sendable {
             key: cfg.tls.certFile.isEmpty ? (certificates?.identityDirectory ?? cfg.node.dataDir + "/identity") + "/key.pem" : cfg.tls.keyFile,
             logger: logger)
         mesh = meshService
-        // Adverts carry the certificate as renewed (for the same key): one signed with the
-        // first, once it expired, was refused by every node.
-        if let meshService { certificates?.onRenew = { [weak meshService] chain in meshService?.renewChain(chain) } }
         let edge = try openEdgeCache(cfg, mesh: meshService)
+        // Adverts carry the certificate as renewed (for the same key): one signed with the
+        // first, once it expired, was refused by every node. New neighbour and upstream
+        // connections present it (mutual TLS), not the one read at start.
+        if meshService != nil || edge != nil {
+            certificates?.onRenew = { [weak meshService, weak edge] chain in
+                meshService?.renewChain(chain)
+                edge?.renewCredentials()
+            }
+        }
         if let preferred = cfg.network.quic.preferredAddress, !STOQClient.isOwnAddress(preferred.address) {
             throw NodeError(
                 .config,
@@ -597,7 +603,7 @@ public final class Node: @unchecked Sendable {
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
             }
-            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t, dataDir: fresh.node.dataDir))
+            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t, dataDir: old.node.dataDir))
         }
         // A node with its own certificate files loads them again with the new client rules,
         // when [tls] itself did not change (that needs a restart).

@@ -165,6 +165,13 @@ package final class ConnectionPool {
         for ep in Array(upstreams.keys) { drop(ep, reason: "the node's trust changed") }
     }
 
+    /// Presents `trust`'s client certificate, read again now, from the next handshake on (the
+    /// node's certificate was renewed): connections made keep theirs. Throws, changing
+    /// nothing, when the files do not load. The pool's thread.
+    package func renewCredentials(_ trust: ClientTrust) throws(ClientError) {
+        rig.endpoint.replaceCredentials(try ClientRig.credentials(trust))
+    }
+
     /// Same as `waker.wake()`.
     package func wake() { waker.wake() }
 

@@ -424,17 +424,20 @@ def test_a_mesh_node_keeps_its_id_across_certificate_renewals(tmp_path):
     neighbour refused its adverts (`untrusted_signer`) and its links fell out of the mesh, a
     day after start with the default lifetime; and each renewal made a new key, so a new node
     id. Now renewals keep the key and adverts carry the current certificate: 40 s (two
-    lifetimes) on, the ids, keys and routes are the same and no advert was refused."""
+    lifetimes) on, the ids, keys and routes are the same and no advert was refused. Then B
+    restarts: A's new connection to it presents A's current certificate (client_auth is
+    "optional", so a certificate shown is checked; the one read at start had expired)."""
     import shutil
     ca = certificates(tmp_path, ())
     pa, pb = free_port(), free_port()
+    configs = {}
     nodes = []
     try:
         for name, port, peer in (("a", pa, pb), ("b", pb, pa)):
             shutil.copytree(ca, tmp_path / name / "data" / "trust")
-            cfg = (f'[trust]\nbundle = "{ca}/root.pem"\ncert_lifetime = "20s"\n[mesh]\npeers = ["https://[::1]:{peer}"]\n'
-                   f'probe_interval = "100ms"\n[routing]\nupdate_interval = "200ms"\n')
-            nodes.append(start_node(tmp_path / name, port, cfg))
+            configs[name] = (f'[trust]\nbundle = "{ca}/root.pem"\ncert_lifetime = "20s"\n[mesh]\npeers = ["https://[::1]:{peer}"]\n'
+                             f'probe_interval = "100ms"\n[routing]\nupdate_interval = "200ms"\n')
+            nodes.append(start_node(tmp_path / name, port, configs[name]))
         wait_for_routes(nodes, 1)
         ids = [status(n)["node"] for n in nodes]
         keys = [(tmp_path / n / "data/identity/key.pem").read_bytes() for n in ("a", "b")]
@@ -448,6 +451,10 @@ def test_a_mesh_node_keeps_its_id_across_certificate_renewals(tmp_path):
             name = "ab"[i]
             assert (tmp_path / name / "data/identity/key.pem").read_bytes() == keys[i]
             assert (tmp_path / name / "data/identity/cert.pem").read_bytes() != certs[i]
+        stop(nodes[1])
+        nodes[1] = start_node(tmp_path / "b", pb, configs["b"])
+        assert status(nodes[1])["node"] == ids[1]
+        wait_for_routes(nodes, 1)
     finally:
         for n in nodes:
             stop(n)
