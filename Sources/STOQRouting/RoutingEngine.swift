@@ -157,10 +157,15 @@ public final class RoutingEngine {
     private func absorb(_ changes: [LinkChange]) {
         for c in changes {
             if graphStale { return dropAll() }
-            // Two-way: a link that comes or goes also decides whether its reverse counts.
-            if requireTwoWay && (c.old == nil || c.new == nil) {
-                graphStale = true
-                return dropAll()
+            if requireTwoWay {
+                // One-sided (its peer does not list it back): in the graph neither before nor
+                // after (one advert changes one origin's links), so nothing to do. Two-way, a
+                // link that comes or goes also takes its reverse in or out.
+                if !database.lists(c.to, c.from) { continue }
+                if c.old == nil || c.new == nil {
+                    graphStale = true
+                    return dropAll()
+                }
             }
             guard let old = c.old, let u = graphStore.index[c.from], let v = graphStore.index[c.to],
                 let e = graphStore.edge(from: u, to: v)
