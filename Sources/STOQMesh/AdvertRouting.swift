@@ -18,10 +18,12 @@ extension AdvertBody {
     /// The same, living what is left of its lifetime at `nowMillis` (this node's Unix time)
     /// rather than all of it from receipt: an advert passed on late (a neighbour's link came
     /// up, and it was sent everything held) ends where its origin said, not a lifetime later.
-    public func linkState(nowMillis: UInt64?) -> LinkStateAdvert {
+    /// Clocks may differ by `clockSkewMillis`: an origin's clock that far behind does not cut
+    /// its links' lives short between its refreshes.
+    public func linkState(nowMillis: UInt64?, clockSkewMillis: UInt64 = SignedAdvert.clockSkewMillis) -> LinkStateAdvert {
         var advert = linkStateWhole
         if let nowMillis {
-            let end = issuedMillis &+ UInt64(lifetimeMillis)
+            let end = issuedMillis &+ UInt64(lifetimeMillis) &+ clockSkewMillis
             let left = end > nowMillis ? end - nowMillis : 0
             advert.lifetime = min(UInt64(lifetimeMillis), max(left, 1)) * Nanos.millisecond
         }
