@@ -89,7 +89,7 @@ public final class RoutingEngine {
     @discardableResult
     public func apply(_ advert: LinkStateAdvert, now: Timestamp) throws(LinkStateError) -> [LinkChange] {
         let changes = try database.apply(advert, now: now)
-        absorb(changes)
+        absorb(changes, oneOrigin: true)
         return changes
     }
 
@@ -99,7 +99,7 @@ public final class RoutingEngine {
     @discardableResult
     public func expire(now: Timestamp) -> (expired: [NodeID], forgotten: [NodeID]) {
         let (gone, changes, forgotten) = database.expire(now: now)
-        absorb(changes)
+        absorb(changes, oneOrigin: false)
         if !forgotten.isEmpty {
             nodeIDs.removeAll()
             index.removeAll()
@@ -154,14 +154,16 @@ public final class RoutingEngine {
 
     // MARK: - Incremental maintenance
 
-    private func absorb(_ changes: [LinkChange]) {
+    /// `oneOrigin`: the changes are one advert's, so a peer's listing of a link back did not
+    /// change with them (an expiry's batch may take two origins that listed each other).
+    private func absorb(_ changes: [LinkChange], oneOrigin: Bool) {
         for c in changes {
             if graphStale { return dropAll() }
             if requireTwoWay {
-                // One-sided (its peer does not list it back): in the graph neither before nor
-                // after (one advert changes one origin's links), so nothing to do. Two-way, a
-                // link that comes or goes also takes its reverse in or out.
-                if !database.lists(c.to, c.from) { continue }
+                // One-sided (its peer does not list it back, now or before: one advert changes
+                // one origin's links): in the graph neither before nor after, so nothing to
+                // do. Two-way, a link that comes or goes also takes its reverse in or out.
+                if oneOrigin && !database.lists(c.to, c.from) { continue }
                 if c.old == nil || c.new == nil {
                     graphStale = true
                     return dropAll()

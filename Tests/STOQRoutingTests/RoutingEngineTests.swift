@@ -181,6 +181,14 @@ import Testing
         // And stops counting when 3 drops it, whatever 9 still says.
         try e.apply(LinkStateAdvert(origin: 3, sequence: 3, links: [link(2, 10)]), now: 2)
         #expect(e.routes(from: 1).route(to: 3)?.primary.nodes == ids([1, 2, 3]))
+        // Two origins that list each other, expiring together, take the link out (each side
+        // looks one-sided once the other is gone).
+        let pair = RoutingEngine(advertMaxAge: 10 * Nanos.second, requireTwoWay: true)
+        try pair.apply(LinkStateAdvert(origin: 1, sequence: 1, links: [link(2, 1)]), now: 0)
+        try pair.apply(LinkStateAdvert(origin: 2, sequence: 1, links: [link(1, 1)]), now: 0)
+        #expect(pair.routes(from: 1).route(to: 2) != nil && pair.graph.edgeCount == 2)
+        #expect(pair.expire(now: 11 * Nanos.second).expired == [1, 2])
+        #expect(pair.graph.edgeCount == 0 && pair.routes(from: 1).route(to: 2) == nil)
         // Without the check (a simulator's honest adverts), 9's claim routes.
         let open = RoutingEngine()
         for a in e.database.origins.keys.sorted() {
