@@ -648,6 +648,7 @@ public final class EdgeCache: @unchecked Sendable {
         // (stoq_edge_failovers_total) and summed into the next notice.
         var failoverNotices: [String: (at: UInt64, held: Int)] = [:]
         var lastCheck = lastPersist
+        var lastCredentialsTry: UInt64 = 0
         var offsets = PlainOffsets()
 
         /// Gives up on `a`: every attempt failed (or there was none).
@@ -820,9 +821,16 @@ public final class EdgeCache: @unchecked Sendable {
                     logger.error("edge: the new [trust] does not load (\(error)); upstreams are still verified with the old one")
                 }
             }
-            if let p = pool, let renewed = lock.withLock({ credentialsRenewed ? trust : nil }) {
-                lock.withLock { credentialsRenewed = false }
-                do { try p.renewCredentials(renewed) } catch {
+            // A renewal's files are read again for new handshakes; a read that fails is tried
+            // again a second later (the flag stays up) until it works.
+            if let p = pool, now &- lastCredentialsTry >= 1_000_000_000,
+                let renewed = lock.withLock({ credentialsRenewed ? trust : nil })
+            {
+                lastCredentialsTry = now
+                do {
+                    try p.renewCredentials(renewed)
+                    lock.withLock { credentialsRenewed = false }
+                } catch {
                     logger.error("edge: the renewed certificate does not load (\(error)); new upstream connections present the old one")
                 }
             }

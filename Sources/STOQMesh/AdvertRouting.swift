@@ -17,7 +17,8 @@ extension AdvertBody {
 
     /// The same, living what is left of its lifetime at `nowMillis` (this node's Unix time)
     /// rather than all of it from receipt: an advert passed on late (a neighbour's link came
-    /// up, and it was sent everything held) ends where its origin said, not a lifetime later.
+    /// up, and it was sent everything held) ends where its origin said (and the clock skew
+    /// allowed), not a lifetime later.
     /// Clocks may differ by `clockSkewMillis`: an origin's clock that far behind does not cut
     /// its links' lives short between its refreshes.
     public func linkState(nowMillis: UInt64?, clockSkewMillis: UInt64 = SignedAdvert.clockSkewMillis) -> LinkStateAdvert {

@@ -75,6 +75,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// How neighbours are verified, and the certificate presented to them: the settings',
     /// or a reload's.
     var trust: ClientTrust
+    /// A renewal's certificate not yet read for new handshakes, and the last try.
+    var credentialsDue = false
+    var lastCredentialsTry: UInt64 = 0
 
     init(service: MeshService) throws {
         self.service = service
@@ -117,9 +120,18 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                     logger.error("mesh: the new [trust] does not load (\(error)); neighbours are still verified with the old one")
                 }
             }
-            if service.takeCredentialsRenewed() {
-                do { try pool.renewCredentials(Self.identifying(trust)) } catch {
-                    logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one")
+            // A renewal's files are read again for new handshakes; a read that fails (a file
+            // being rewritten, no descriptors left) is tried again every second until it works.
+            if service.takeCredentialsRenewed() { credentialsDue = true }
+            if credentialsDue && now &- lastCredentialsTry >= Nanos.second {
+                lastCredentialsTry = now
+                do {
+                    try pool.renewCredentials(Self.identifying(trust))
+                    credentialsDue = false
+                } catch {
+                    if let said = refusalLogs.allow("renewed credentials", now: now) {
+                        logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one\(said)")
+                    }
                 }
             }
             if now &- lastProbe >= service.settings.probeInterval {

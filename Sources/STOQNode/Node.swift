@@ -130,8 +130,9 @@ public final class Node: @unchecked Sendable {
     /// How this node connects to a peer (its edge origin): it verifies the peer's certificate
     /// against `trust.bundle` (the system store when empty) and its name, requires an SCT from
     /// `trust.transparency_logs` (default: this node's CA log) when `trust.require_transparency`
-    /// is on, and presents its own certificate for mutual TLS. The files are read at each
-    /// connect, so a rotated certificate is presented from the next connection on.
+    /// is on, and presents its own certificate for mutual TLS. The files are read when a pool
+    /// is made, on a reload's retrust and after each renewal, so a rotated certificate is
+    /// presented from the next connection on.
     static func peerTrust(_ cfg: NodeConfig) -> ClientTrust {
         var t = ClientTrust(caFile: cfg.trust.bundle.isEmpty ? nil : cfg.trust.bundle)
         if cfg.tls.certFile.isEmpty {
@@ -599,7 +600,11 @@ public final class Node: @unchecked Sendable {
         // before anything is applied; applied whatever else of [trust] waits for a restart.
         var peers: (trust: ClientTrust, adverts: (@Sendable ([Certificate]) throws -> Void)?)?
         if trustChanged && (edge != nil || mesh != nil) {
-            let t = Self.peerTrust(fresh)
+            // The new [trust], but this node's own certificate as it runs: data_dir and [tls]
+            // change only at a restart.
+            var running = fresh
+            (running.node, running.tls) = (old.node, old.tls)
+            let t = Self.peerTrust(running)
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
             }

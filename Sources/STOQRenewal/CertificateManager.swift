@@ -134,7 +134,7 @@ package final class CertificateManager: @unchecked Sendable {
     /// rules at once (the current certificate is loaded again with them and published).
     /// A failure (the identity cannot be loaded with the new rules) changes nothing: the reload
     /// keeps the running configuration, and so does the manager.
-    /// Waits for a renewal under way (an ACME order may take a while) to publish first.
+    /// Waits for a renewal being installed and published (not for its issuance) to finish.
     package func update(trust: NodeConfig.Trust, clientAuth: ClientAuthentication?) throws {
         try publishing.withLock {
             let rulesChanged = state.withLock { clientAuthValue != clientAuth }
@@ -212,7 +212,9 @@ package final class CertificateManager: @unchecked Sendable {
         let lifetime = Double(trust.certLifetime) / 1e9
         let keyPath = identityDirectory + "/key.pem"
         var kept: (key: P256.Signing.PrivateKey, pem: String)?
-        if keepsKey && FileManager.default.fileExists(atPath: keyPath) {
+        // Once a certificate is out, a kept key that has gone is a failure too: a new one
+        // would be a new id.
+        if keepsKey && (published != nil || FileManager.default.fileExists(atPath: keyPath)) {
             do {
                 let pem = try String(contentsOfFile: keyPath, encoding: .utf8)
                 kept = (try PEMFiles.p256PrivateKey(pem: pem), pem)
