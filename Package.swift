@@ -136,7 +136,7 @@ let package = Package(
 
         .target(
             name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", "STOQAccess", .product(name: "TOMLKit", package: "TOMLKit"),
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", "STOQTrust", "STOQAccess", .product(name: "TOMLKit", package: "TOMLKit"),
                            .product(name: "Logging", package: "swift-log")]),
 
         // Content-addressed chunk store and object index.

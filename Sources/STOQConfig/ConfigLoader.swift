@@ -4,6 +4,7 @@ import STOQChunking
 import STOQCore
 import STOQQUIC
 import STOQRouting
+import STOQTrust
 import TOMLKit
 
 /// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
@@ -57,12 +58,6 @@ public enum ConfigLoader {
                 : isDirectory.boolValue ? "a directory, not a file" : "not readable by this user"
             return ConfigError(code: .io, key: key, value: "\"\(path)\"", allowed: "a readable file: \(why)")
         }
-    }
-
-    /// Unpadded base64url: its alphabet only, and a length a whole number of bytes encodes.
-    static func isBase64URL(_ text: String) -> Bool {
-        text.utf8.count % 4 != 1
-            && text.utf8.allSatisfy { ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }
     }
 
     /// Validates TOML text.
@@ -320,7 +315,7 @@ public enum ConfigLoader {
                     code: .badValue, key: eab.eabKid.isEmpty ? "trust.acme.eab_kid" : "trust.acme.eab_hmac_key", value: "\"\"",
                     allowed: "set together with trust.acme.\(eab.eabKid.isEmpty ? "eab_hmac_key" : "eab_kid") (external account binding)"))
         }
-        if !eab.eabHmacKey.isEmpty, !Self.isBase64URL(eab.eabHmacKey) {
+        if !eab.eabHmacKey.isEmpty, Base64URL.decode(eab.eabHmacKey) == nil {
             r.errors.append(
                 ConfigError(
                     code: .badValue, key: "trust.acme.eab_hmac_key", value: "(\(eab.eabHmacKey.utf8.count) characters, not shown)",
