@@ -209,7 +209,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// applied yet (`retrust`).
     private var trust: ClientTrust
     private var freshTrust: ClientTrust?
-    /// The node's certificate was renewed: the pool reads `trust`'s files again.
+    /// The node's certificate was renewed: for the fetcher to tell its pool.
     private var credentialsRenewed = false
     /// The datapath the origin connection runs on (the node's assembly picks it).
     let datapath: ClientDatapath
@@ -648,7 +648,6 @@ public final class EdgeCache: @unchecked Sendable {
         // (stoq_edge_failovers_total) and summed into the next notice.
         var failoverNotices: [String: (at: UInt64, held: Int)] = [:]
         var lastCheck = lastPersist
-        var lastCredentialsTry: UInt64 = 0
         var offsets = PlainOffsets()
 
         /// Gives up on `a`: every attempt failed (or there was none).
@@ -821,18 +820,13 @@ public final class EdgeCache: @unchecked Sendable {
                     logger.error("edge: the new [trust] does not load (\(error)); upstreams are still verified with the old one")
                 }
             }
-            // A renewal's files are read again for new handshakes; a read that fails is tried
-            // again a second later (the flag stays up) until it works.
-            if let p = pool, now &- lastCredentialsTry >= 1_000_000_000,
-                let renewed = lock.withLock({ credentialsRenewed ? trust : nil })
-            {
-                lastCredentialsTry = now
-                do {
-                    try p.renewCredentials(renewed)
-                    lock.withLock { credentialsRenewed = false }
-                } catch {
-                    logger.error("edge: the renewed certificate does not load (\(error)); new upstream connections present the old one")
-                }
+            // A renewal: the pool reads the files again for its next handshakes (a new pool
+            // reads them anyway).
+            if lock.withLock({ () -> Bool in
+                defer { credentialsRenewed = false }
+                return credentialsRenewed
+            }) {
+                pool?.renewCredentials()
             }
             let retrusting = lock.withLock { freshTrust != nil }
             if backlog.isEmpty && active.isEmpty {
@@ -851,6 +845,9 @@ public final class EdgeCache: @unchecked Sendable {
                     pool = try ConnectionPool(
                         trust: lock.withLock { trust }, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9))
                     pool?.holdUnreachable = UInt64(Self.holdUnreachable * 1e9)
+                    pool?.credentialsFailed = { [logger] error in
+                        logger.error("edge: the renewed certificate does not load (\(error)); new upstream connections present the old one until it does")
+                    }
                 } catch {
                     let why = "edge: cannot open a socket for \(upstream): \(error)"
                     logger.error("\(why)")

@@ -69,19 +69,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var held: [NodeID: [UInt8]] = [:]
     /// How many links the last advert too small for every neighbour held (warned once per count).
     var advertTrimWarned = -1
-    /// Refused adverts' log lines, by code.
-    var refusalLogs = LogThrottle()
+    /// Warnings that repeat (refused adverts by code, a misnamed neighbour): logged at most
+    /// once per `LogThrottle.interval` each.
+    var warnings = LogThrottle()
 
-    /// How neighbours are verified, and the certificate presented to them: the settings',
-    /// or a reload's.
-    var trust: ClientTrust
-    /// A renewal's certificate not yet read for new handshakes, and the last try.
-    var credentialsDue = false
-    var lastCredentialsTry: UInt64 = 0
 
     init(service: MeshService) throws {
         self.service = service
-        trust = service.settings.trust
         do {
             pool = try ConnectionPool(trust: Self.identifying(service.settings.trust), datapath: service.datapath, connectTimeout: 3 * Nanos.second)
         } catch {
@@ -91,6 +85,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             algorithm: service.settings.algorithm, maxHops: service.settings.maxHops, backups: .all,
             advertMaxAge: service.settings.advertLifetime, forgetAfter: SignedAdvert.replayHorizonNanos, requireTwoWay: true)
         identities[service.identity.routingID] = service.identity
+        pool.credentialsFailed = { [logger = service.logger] error in
+            logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one until it does")
+        }
     }
 
     var me: NodeIdentity { service.identity }
@@ -113,27 +110,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let trust = service.takeTrust() {
                 do {
                     try pool.retrust(Self.identifying(trust))
-                    self.trust = trust
                     // A neighbour the old trust refused is tried again now, not after its backoff.
                     for ep in Array(neighbours.keys) { neighbours[ep]!.retryAt = 0 }
                 } catch {
                     logger.error("mesh: the new [trust] does not load (\(error)); neighbours are still verified with the old one")
                 }
             }
-            // A renewal's files are read again for new handshakes; a read that fails (a file
-            // being rewritten, no descriptors left) is tried again every second until it works.
-            if service.takeCredentialsRenewed() { credentialsDue = true }
-            if credentialsDue && now &- lastCredentialsTry >= Nanos.second {
-                lastCredentialsTry = now
-                do {
-                    try pool.renewCredentials(Self.identifying(trust))
-                    credentialsDue = false
-                } catch {
-                    if let said = refusalLogs.allow("renewed credentials", now: now) {
-                        logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one\(said)")
-                    }
-                }
-            }
+            if service.takeCredentialsRenewed() { pool.renewCredentials() }
             if now &- lastProbe >= service.settings.probeInterval {
                 lastProbe = now
                 probe(now: now)
@@ -295,7 +278,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if !d.peer.isEmpty, d.peer != answer.node.hex {
                 // The answer names a node whose key is not the one the neighbour's certificate
                 // holds: it would have this node advertise, and route to, another node's id.
-                if let said = refusalLogs.allow("misnamed \(n.url)", now: now) {
+                if let said = warnings.allow("misnamed \(n.url)", now: now) {
                     logger.warning(
                         "mesh: \(n.url) answered as node \(answer.node), but its certificate's key is node \(d.peer); not taken as a neighbour\(said)")
                 }
@@ -487,7 +470,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         let signed: SignedAdvert
         do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.verifyChain) } catch {
             counters.advertsRefused[error.code.name, default: 0] += 1
-            if let said = refusalLogs.allow(error.code.name, now: now) { logger.warning("mesh: \(error)\(said)") }
+            if let said = warnings.allow(error.code.name, now: now) { logger.warning("mesh: \(error)\(said)") }
             return
         }
         guard signed.advert.origin != me else {
@@ -511,7 +494,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 counters.advertsDuplicate += 1
             } else {
                 counters.advertsRefused[error.code.rawValue, default: 0] += 1
-                if error.code != .stale, let said = refusalLogs.allow(error.code.rawValue, now: now) {
+                if error.code != .stale, let said = warnings.allow(error.code.rawValue, now: now) {
                     logger.warning("mesh: advert of \(signed.advert.origin) refused: \(error)\(said)")
                 }
             }

@@ -118,17 +118,15 @@ public final class MeshService: @unchecked Sendable {
 
     /// Signs adverts with `chain` from now on: the node's certificate was renewed for the same
     /// key (`CertificateManager.keepsKey`), so its id stays. A chain for another key is refused
-    /// (false): adverts would name an id its key does not hold. Any thread.
-    @discardableResult
-    public func renewChain(_ chain: [Certificate]) -> Bool {
+    /// (logged): adverts would name an id its key does not hold. Any thread.
+    public func renewChain(_ chain: [Certificate]) {
         guard let leaf = chain.first, NodeIdentity(publicKey: leaf.publicKey) == identity, SignedAdvert.chainRange.contains(chain.count) else {
             logger.error("mesh: the renewed certificate is not for this node's key (id \(identity)); adverts keep the old one until it expires")
-            return false
+            return
         }
         chainBox.withLock { $0 = chain }
         credentialsRenewed.store(true, ordering: .releasing)
         wakeHook.withLock { $0 }?()
-        return true
     }
 
     /// Whether the certificate was renewed since the last call: the neighbour connections

@@ -109,6 +109,15 @@ package final class ConnectionPool {
     /// Wakes the pool's `drive` from another thread.
     package let waker: Waker
     private var seenHandshakes = 0
+    /// What new handshakes present and verify with (`retrust` replaces it).
+    private var trust: ClientTrust
+    /// A renewal whose files have not loaded yet, when they were last tried, and how often.
+    private var credentialsDue = false
+    private var lastCredentialsTry: UInt64 = 0
+    private var credentialsTries = 0
+    /// Told why a renewal's files do not load, once per renewal (they are read again each
+    /// second until they do).
+    package var credentialsFailed: ((ClientError) -> Void)?
     /// Where sessions are resumed from and kept (per server), if anywhere: offered when a
     /// connection starts, the server's latest kept when the pool closes.
     package var sessionCache: SessionCache?
@@ -136,6 +145,7 @@ package final class ConnectionPool {
         keepAlive: UInt64 = 0, updatesKeys: Bool = false
     ) throws(ClientError) {
         self.connectTimeout = connectTimeout
+        self.trust = trust
         rig = try ClientRig(
             trust: trust, datapath: datapath, application: app, handshakeTimeout: handshakeTimeout, keepAlive: keepAlive,
             updatesKeys: updatesKeys)
@@ -162,14 +172,31 @@ package final class ConnectionPool {
     /// load. The pool's thread.
     package func retrust(_ trust: ClientTrust) throws(ClientError) {
         rig.endpoint.replaceCredentials(try ClientRig.credentials(trust))
+        self.trust = trust
+        credentialsDue = false
         for ep in Array(upstreams.keys) { drop(ep, reason: "the node's trust changed") }
     }
 
-    /// Presents `trust`'s client certificate, read again now, from the next handshake on (the
-    /// node's certificate was renewed): connections made keep theirs. Throws, changing
-    /// nothing, when the files do not load. The pool's thread.
-    package func renewCredentials(_ trust: ClientTrust) throws(ClientError) {
-        rig.endpoint.replaceCredentials(try ClientRig.credentials(trust))
+    /// The node's certificate was renewed: from the next handshake on, connections present
+    /// it, its files read again at the next `drive` (and each second after while they do not
+    /// load: a file being rewritten, no descriptors left; `credentialsFailed` hears why once).
+    /// Connections made keep theirs. The pool's thread.
+    package func renewCredentials() {
+        credentialsDue = true
+        credentialsTries = 0
+        lastCredentialsTry = 0
+    }
+
+    private func readRenewedCredentials(now: UInt64) {
+        guard credentialsDue, credentialsTries == 0 || now &- lastCredentialsTry >= 1_000_000_000 else { return }
+        lastCredentialsTry = now
+        credentialsTries += 1
+        do {
+            rig.endpoint.replaceCredentials(try ClientRig.credentials(trust))
+            credentialsDue = false
+        } catch {
+            if credentialsTries == 1 { credentialsFailed?(error) }
+        }
     }
 
     /// Same as `waker.wake()`.
@@ -302,6 +329,7 @@ package final class ConnectionPool {
     /// handshake completes, a connection is lost or `wake` is called), and returns the
     /// requests that ended. Throws only when the datapath fails.
     package func drive(forNanoseconds nanoseconds: UInt64) throws(ClientError) -> [Done] {
+        readRenewedCredentials(now: monotonicNow())
         rig.worker.idleWait = nanoseconds
         do { try rig.worker.turn() } catch { throw ClientError(.transfer, "\(error)") }
         rig.tend(now: monotonicNow())
