@@ -31,7 +31,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     enum Pending {
         /// A probe to a neighbour; `sample` when it was sent on an established connection.
         case probe(IPv6Endpoint, sample: Bool)
-        case advert
+        /// An advert `PUT` to a neighbour, and how many times it was sent.
+        case advert(STOQURL, BodyRegion, sends: Int)
     }
 
     unowned let service: MeshService
@@ -48,6 +49,11 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// second, far past what a mesh sends, while probes keep their pace under a flood.
     static let advertsPerPass = 256
     var nextTag = 1
+    /// Adverts a neighbour answered 503 (its queue full), sent again at `at`.
+    var resends: [(at: UInt64, url: STOQURL, body: BodyRegion, sends: Int)] = []
+    /// Sends of one advert to one neighbour at most (the first and two more, 1 s and 2 s
+    /// after a 503): past that it waits for the origin's next refresh, like any lost one.
+    static let advertSends = 3
     var identities: [NodeID: NodeIdentity] = [:]
     var counters = MeshStatus.Counters()
     var lastProbe: UInt64 = 0
@@ -132,6 +138,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             for (ep, d) in service.takeDeliveries() { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
             tick(now: t)
             for bytes in service.takeAdverts(limit: Self.advertsPerPass) { received(bytes, now: t) }
+            resend(now: t)
             if advertDue && t &- lastAdvert >= 50_000_000 || t &- lastAdvert >= service.settings.updateInterval {
                 advertise(now: t)
             }
@@ -229,8 +236,11 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     private func finished(_ d: ConnectionPool.Done, now: UInt64) {
         guard let p = pending.removeValue(forKey: d.tag)?.what else { return }
         switch p {
-        case .advert:
+        case .advert(let url, let body, let sends):
             if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
+            if d.status == 503, sends < Self.advertSends {
+                resends.append((now + Nanos.second << UInt64(sends - 1), url, body, sends + 1))
+            }
         case .probe(let ep, let sample):
             guard var n = neighbours[ep] else { return }
             if let f = d.failure {
@@ -375,10 +385,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         let mine = me.routingID
         var sent = 0
         for (origin, bytes) in held where origin != mine && origin != n.id?.routingID {
-            let tag = nextTag
-            nextTag += 1
-            pending[tag] = (.advert, monotonicNow())
-            pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: BodyRegion(copying: bytes), tag: tag)
+            put(BodyRegion(copying: bytes), to: n.url)
             sent += 1
         }
         counters.advertsSynchronized += UInt64(sent)
@@ -456,12 +463,24 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     private func send(_ bytes: [UInt8], except origin: NodeIdentity?) {
         let body = BodyRegion(copying: bytes)
         for n in neighbours.values where n.link.state == .up && n.id != origin {
-            let tag = nextTag
-            nextTag += 1
-            pending[tag] = (.advert, monotonicNow())
-            pool.submit(to: n.url, "PUT", MeshWire.advertPath, body: body, tag: tag)
+            put(body, to: n.url)
             if origin != nil { counters.advertsForwarded += 1 }
         }
+    }
+
+    private func put(_ body: BodyRegion, to url: STOQURL, sends: Int = 1) {
+        let tag = nextTag
+        nextTag += 1
+        pending[tag] = (.advert(url, body, sends: sends), monotonicNow())
+        pool.submit(to: url, "PUT", MeshWire.advertPath, body: body, tag: tag)
+    }
+
+    /// Sends again the adverts whose time has come, to neighbours still up.
+    private func resend(now: UInt64) {
+        guard resends.contains(where: { $0.at <= now }) else { return }
+        let up = Set(neighbours.values.filter { $0.link.state == .up }.map(\.url.endpoint))
+        for r in resends where r.at <= now && up.contains(r.url.endpoint) { put(r.body, to: r.url, sends: r.sends) }
+        resends.removeAll { $0.at <= now }
     }
 
     private func received(_ bytes: [UInt8], now: UInt64) {

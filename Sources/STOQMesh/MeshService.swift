@@ -76,7 +76,9 @@ public final class MeshService: @unchecked Sendable {
     private let verifier: Replaceable<@Sendable ([Certificate]) throws -> Void>
     private let freshTrust = Mutex<ClientTrust?>(nil)
     private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
-    private let inbox = Mutex<[[UInt8]]>([])
+    /// Adverts waiting for the mesh thread, oldest first, each marked when it came from a
+    /// connection without a node's certificate; how many of those wait.
+    private let inbox = Mutex<(queue: [(bytes: [UInt8], anonymous: Bool)], anonymous: Int)>(([], 0))
     private let chainBox: Mutex<[Certificate]>
     private let credentialsRenewed = Atomic<Bool>(false)
     private let members = Mutex<Set<MeshMember>?>(nil)
@@ -188,17 +190,27 @@ public final class MeshService: @unchecked Sendable {
     /// Adverts waiting for the mesh thread at most: a flood of them (a broken or hostile
     /// sender; `PUT /_stoq/mesh/advert` needs no credential) must not grow without bound.
     public static let advertQueueBound = 4096
+    /// Of those, at most this many from connections that showed no node's certificate (a
+    /// verified one granting no access role): an anonymous flood cannot crowd out the adverts
+    /// neighbours send over mutual TLS.
+    public static let anonymousAdvertBound = advertQueueBound / 4
 
-    /// An advert a neighbour `PUT`: queued for the mesh thread, which verifies it. False, and
-    /// counted (`queue_full`), when the queue is full: the sender is told to come back.
-    public func receiveAdvert(_ bytes: [UInt8]) -> Bool {
+    /// An advert a neighbour `PUT`, `fromNode` when its connection showed a node's
+    /// certificate: queued for the mesh thread, which verifies it. False, and counted
+    /// (`queue_full`), when its share of the queue is full: the sender is told to come back.
+    public func receiveAdvert(_ bytes: [UInt8], fromNode: Bool) -> Bool {
         let queued = inbox.withLock { q in
-            guard q.count < Self.advertQueueBound else { return false }
-            q.append(bytes)
+            guard q.queue.count < Self.advertQueueBound, fromNode || q.anonymous < Self.anonymousAdvertBound else { return false }
+            q.queue.append((bytes, !fromNode))
+            if !fromNode { q.anonymous += 1 }
             return true
         }
         guard queued else {
-            countRefusedAdvert("queue_full", "\(Self.advertQueueBound) adverts already wait for the mesh thread")
+            countRefusedAdvert(
+                "queue_full",
+                fromNode
+                    ? "\(Self.advertQueueBound) adverts already wait for the mesh thread"
+                    : "\(Self.anonymousAdvertBound) adverts from connections without a node's certificate already wait for the mesh thread")
             return false
         }
         wakeHook.withLock { $0 }?()
@@ -293,9 +305,10 @@ public final class MeshService: @unchecked Sendable {
     /// back for the whole queue.
     func takeAdverts(limit: Int) -> [[UInt8]] {
         inbox.withLock { q in
-            let n = min(limit, q.count)
-            defer { q.removeFirst(n) }
-            return Array(q.prefix(n))
+            let taken = q.queue.prefix(limit)
+            q.queue.removeFirst(taken.count)
+            q.anonymous -= taken.count(where: \.anonymous)
+            return taken.map(\.bytes)
         }
     }
     func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] {
