@@ -231,14 +231,18 @@ public final class EdgeCache: @unchecked Sendable {
     /// this node's own search for the same key: a request that came back around a loop would
     /// otherwise wait on itself. `revalidate`: past every cache on the way (`fetch`), never
     /// joined by a fetch that a cache may answer, nor the other way round.
+    /// What makes two fetches one. A relayed request joins only one that came through the same
+    /// nodes (`Via`): one that came another way may be on its way through the joiner's own
+    /// previous hop, which then waits for it in turn, both stalled until they time out.
     struct FetchKey: Hashable {
         var key: Key
         var holder: String?
+        var via: String
         var whole: Bool
         var revalidate: Bool
 
         init(_ key: Key, _ hint: RelayHint?, revalidate: Bool) {
-            (self.key, holder, whole, self.revalidate) = (key, hint?.holder, hint?.whole ?? true, revalidate)
+            (self.key, holder, via, whole, self.revalidate) = (key, hint?.holder, hint?.via ?? "", hint?.whole ?? true, revalidate)
         }
     }
     private var inflight: [FetchKey: [Waiter]] = [:]
