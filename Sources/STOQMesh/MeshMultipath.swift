@@ -20,10 +20,19 @@ final class MeshMultipath: @unchecked Sendable {
         var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
         /// Requests out: next hop and path → route, bytes, when.
         var out: [String: (route: MultipathRouteID, bytes: Int, at: Double)] = [:]
-        /// Per route since start: chunk requests sent, verified bytes delivered.
+        /// Per route since it was first offered: chunk requests sent, verified bytes delivered.
         var sent: [MultipathRouteID: Int] = [:]
         var delivered: [MultipathRouteID: Int] = [:]
+        /// When each route was last offered (`order`), the next id, and the last sweep.
+        var offered: [MultipathRouteID: Double] = [:]
+        var nextID = 0
+        var lastSweep = 0.0
     }
+
+    /// A route not offered for this long (seconds: its holder or next hop gone, or nothing
+    /// fetched through it) is forgotten, and learnt afresh if it comes back: a node that runs
+    /// for months keeps only the routes it uses.
+    static let forgetAfter = 600.0
 
     private let state: Mutex<State>
     private let epoch = monotonicNow()
@@ -58,17 +67,25 @@ final class MeshMultipath: @unchecked Sendable {
                 if let known = s.ids[key] {
                     id = known
                 } else {
-                    id = MultipathRouteID(s.ids.count)
+                    id = MultipathRouteID(s.nextID)
+                    s.nextID += 1
                     s.ids[key] = id
                     s.names[id] = (c.holder, c.path.nextHop)
                 }
+                s.offered[id] = t
                 if s.candidates[id] != c.path.features { s.candidates[id] = c.path.features; changed = true }
                 ids.append(id)
             }
-            if changed {
+            var forgot = false
+            if t - s.lastSweep >= Self.forgetAfter / 10 {
+                s.lastSweep = t
+                forgot = forget(&s, now: t)
+            }
+            if changed || forgot {
                 s.scheduler.update(
                     candidates: s.candidates.map { MultipathCandidate(id: $0.key, features: $0.value) }.sorted { $0.id < $1.id }, now: t)
             }
+            if forgot { s.scheduler.forgetWithdrawn() }
             // "Wait" (nil) cannot be honoured: the edge fetcher sends every chunk it is given at
             // once. best_single waits for its one route, so the chunk goes there (falling back to
             // the least expected time spread it over both routes: 57 % / 43 % on the testbed);
@@ -85,6 +102,22 @@ final class MeshMultipath: @unchecked Sendable {
         var out = [choices[chosen].attempt]
         for (i, c) in choices.enumerated() where i != chosen { out.append(c.attempt) }
         return out
+    }
+
+    /// Drops the routes not offered for `forgetAfter` with no request out; the caller's
+    /// `update` then withdraws them from the scheduler, which forgets them. True when any went.
+    private func forget(_ s: inout State, now t: Double) -> Bool {
+        let busy = Set(s.out.values.map(\.route))
+        let stale = s.offered.filter { t - $0.value >= Self.forgetAfter && !busy.contains($0.key) }.map(\.key)
+        guard !stale.isEmpty else { return false }
+        for id in stale {
+            if let n = s.names.removeValue(forKey: id) { s.ids["\(n.holder.hex)|\(n.nextHop.rawValue)"] = nil }
+            s.candidates[id] = nil
+            s.offered[id] = nil
+            s.sent[id] = nil
+            s.delivered[id] = nil
+        }
+        return true
     }
 
     /// A request out: the same path may go to two next hops at once (a hedge).

@@ -103,6 +103,8 @@ public final class LearnerScheduler: MultipathRouteBook, MultipathChunkScheduler
         refresh(i, now: now)
     }
 
+    override func routesKept(_ kept: [Int]) { models = kept.map { models[$0] } }
+
     public override func update(candidates: [MultipathCandidate], now: Double) {
         super.update(candidates: candidates, now: now)
         for i in routes.indices {

@@ -41,6 +41,22 @@ public class MultipathRouteBook {
     /// Hook for subclasses that keep more per-route state.
     func routeAdded(at i: Int, now: Double) {}
 
+    /// Forgets the routes withdrawn by the last `update` that have nothing in flight: their
+    /// state goes for good, and an id that comes back later starts afresh. A long-running
+    /// node calls it now and then, so that routes to holders long gone do not pile up.
+    public func forgetWithdrawn() {
+        let keep = routes.indices.filter { routes[$0].active || routes[$0].inFlightChunks > 0 }
+        guard keep.count < routes.count else { return }
+        routesKept(keep)
+        routes = keep.map { routes[$0] }
+        index = Dictionary(uniqueKeysWithValues: routes.indices.map { (routes[$0].id, $0) })
+        perTransfer = perTransfer.mapValues { c in keep.map { $0 < c.count ? c[$0] : 0 } }.filter { $0.value.contains { $0 > 0 } }
+    }
+
+    /// Hook for subclasses that keep more per-route state: the entries of the routes at
+    /// `kept` (ascending) stay, in that order; the rest go.
+    func routesKept(_ kept: [Int]) {}
+
     /// The route indices a choice may use, in stable order.
     @inline(__always) func usable(_ i: Int, among: [MultipathRouteID]?, excluding: MultipathRouteID?) -> Bool {
         let r = routes[i]
@@ -182,6 +198,7 @@ public final class FixedSplitScheduler: MultipathRouteBook, MultipathChunkSchedu
     }
 
     override func routeAdded(at i: Int, now: Double) { credit.append(0) }
+    override func routesKept(_ kept: [Int]) { credit = kept.map { credit[$0] } }
 
     public func choose(
         transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,

@@ -150,9 +150,15 @@ public protocol MultipathChunkScheduler: AnyObject {
     func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double
     /// Current per-route estimates, for operators.
     func estimates(now: Double) -> [MultipathRouteEstimate]
+    /// Lets go of what it keeps for routes withdrawn (missing from the last `update`) with
+    /// nothing in flight.
+    func forgetWithdrawn()
 }
 
 extension MultipathChunkScheduler {
+    /// A scheduler that keeps nothing per route has nothing to forget.
+    public func forgetWithdrawn() {}
+
     /// A scheduler with no model of its uncertainty: half its expectation, so the transfer's
     /// default hedging (2 spreads) hedges at twice the expectation, as it always did.
     public func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {

@@ -262,6 +262,35 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
         }
     }
 
+    @Test func withdrawnRoutesAreForgottenOnceNothingIsInFlight() {
+        let s = learner()
+        let all = candidates()
+        s.update(candidates: all, now: 0)
+        // Route 3 learns something; route 2 has a chunk in flight when both others go.
+        let r2 = MultipathRouteID(2), r3 = MultipathRouteID(3)
+        for k in 0..<10 {
+            let t = Double(k)
+            s.dispatched(transfer: 1, route: r3, bytes: 1_000_000, now: t)
+            s.completed(MultipathCompletion(route: r3, transfer: 1, bytes: 1_000_000, requestedAt: t, endedAt: t + 0.5, outcome: .delivered), now: t + 0.5)
+        }
+        s.dispatched(transfer: 2, route: r2, bytes: 1000, now: 10)
+        s.update(candidates: [all[2]], now: 10)
+        let learnt = s.estimates(now: 10).first { $0.route == r3 }!
+        s.forgetWithdrawn()
+        #expect(s.estimates(now: 10).map(\.route) == [r2, r3])
+        let kept = s.estimates(now: 10).first { $0.route == r3 }!
+        #expect(kept.rate == learnt.rate && kept.evidence == learnt.evidence && kept.evidence > 0)
+        s.completed(MultipathCompletion(route: r2, transfer: 2, bytes: 1000, requestedAt: 10, endedAt: 11, outcome: .delivered), now: 11)
+        s.forgetWithdrawn()
+        #expect(s.estimates(now: 11).map(\.route) == [r3])
+        #expect(s.choose(transfer: 3, bytes: 1000, backlog: 1000, among: nil, excluding: nil, now: 11) == r3)
+        // Route 1 comes back as new: no evidence, and it is chosen again.
+        s.update(candidates: [all[0], all[2]], now: 12)
+        #expect(s.estimates(now: 12).map(\.route) == [r3, MultipathRouteID(1)])
+        #expect(s.estimates(now: 12).last?.evidence == 0)
+        #expect(s.choose(transfer: 3, bytes: 1000, backlog: 1000, among: [MultipathRouteID(1)], excluding: nil, now: 12) == MultipathRouteID(1))
+    }
+
     @Test func hedgeGoesElsewhereOnceWithinBudget() {
         // A chunk on a route that never answers is hedged once on the other route, and the
         // transfer completes; the budget (5 % + one chunk to start) allows only that one.
