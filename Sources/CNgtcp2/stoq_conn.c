@@ -499,7 +499,9 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
   ngtcp2_cid odcid, *pocid = NULL;
   const uint8_t *token = NULL;
   size_t tokenlen = 0;
-  int need_retry = rv == NGTCP2_ERR_RETRY;
+  /* With retry on, everything but a valid Retry token is answered with a Retry (a 0-RTT
+   * packet ahead of its Initial, which ngtcp2 flags, included). */
+  int need_retry = retry;
 
   if (hd.token.len > 0 && hd.token.base[0] == NGTCP2_CRYPTO_TOKEN_MAGIC_RETRY) {
     if (ngtcp2_crypto_verify_retry_token(&odcid, hd.token.base, hd.token.len, ep->s.static_secret, STOQ_SECRETLEN,
@@ -522,8 +524,6 @@ stoq_conn *stoq_conn_accept(stoq_endpoint_ctx *ep, const uint8_t *pkt, size_t le
     token = hd.token.base;
     tokenlen = hd.token.len;
     need_retry = 0;
-  } else if (retry) {
-    need_retry = 1;
   }
 
   if (need_retry) {
