@@ -16,10 +16,11 @@ struct EdgeCommand: AsyncParsableCommand {
             discussion: """
                 Example: stoq edge purge http://[::1]:9464 index.html video.mp4
                 The object's manifest goes; its chunks stay (they are named by their content).
-                With [admin] auth = "token", set STOQ_ADMIN_TOKEN_FILE to a file holding the token.
+                With [admin] auth = "token", set STOQ_ADMIN_TOKEN_FILE to a file holding the token;
+                with auth = "mtls", STOQ_ADMIN_CA, STOQ_ADMIN_CERT and STOQ_ADMIN_KEY (stoq status --help).
                 Exits 1 if any object could not be purged (each is named), 2 on a bad admin URL.
                 """)
-        @Argument(help: "The edge node's admin API, http://[ipv6]:port") var admin: String
+        @Argument(help: "The edge node's admin API, http://[ipv6]:port (https:// under admin.auth = \"mtls\")") var admin: String
         @Argument(help: "The objects' names, as in /objects/<name>.") var names: [String]
 
         func validate() throws {

@@ -10,7 +10,7 @@ struct MeshCommand: AsyncParsableCommand {
         subcommands: [Status.self, Routes.self, Path.self])
 
     struct Options: ParsableArguments {
-        @Argument(help: "The node's admin API, http://[ipv6]:port") var admin: String
+        @Argument(help: "The node's admin API, http://[ipv6]:port (https:// under admin.auth = \"mtls\")") var admin: String
         @Flag(help: "Print the JSON from /status (its \"mesh\" object, or the part asked for).") var json = false
     }
 

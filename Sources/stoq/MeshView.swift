@@ -117,14 +117,17 @@ enum MeshTables {
     /// Node ids are 64 hex digits; 16 tell nodes apart in a table (as on /metrics).
     static func short(_ id: String) -> String { id.isEmpty ? "-" : String(id.prefix(16)) }
 
-    /// `http://[ipv6]:port` from what the operator typed (a trailing `/`, `/metrics` or
-    /// `/status` is forgiven): the admin API is IPv6 only, like the node.
+    /// `http://[ipv6]:port` (or `https://`, under `admin.auth = "mtls"`) from what the operator
+    /// typed (a trailing `/`, `/metrics` or `/status` is forgiven): the admin API is IPv6 only,
+    /// like the node.
     static func adminBase(_ text: String) throws -> String {
         var base = text.trimmingCharacters(in: .whitespaces)
         for suffix in ["/metrics", "/status", "/"] where base.hasSuffix(suffix) { base.removeLast(suffix.count) }
-        let bad = MeshViewError(.badAdminURL, "<admin> \"\(text)\": expected http://[ipv6]:port (IPv6 only)")
-        guard base.hasPrefix("http://["), let close = base.firstIndex(of: "]") else { throw bad }
-        let host = base[base.index(base.startIndex, offsetBy: 8)..<close]
+        let bad = MeshViewError(.badAdminURL, "<admin> \"\(text)\": expected http://[ipv6]:port or https://[ipv6]:port (IPv6 only)")
+        guard let scheme = ["http://[", "https://["].first(where: { base.hasPrefix($0) }), let close = base.firstIndex(of: "]") else {
+            throw bad
+        }
+        let host = base[base.index(base.startIndex, offsetBy: scheme.count)..<close]
         let rest = base[base.index(after: close)...]
         var addr = in6_addr()
         guard inet_pton(AF_INET6, String(host.split(separator: "%").first ?? ""), &addr) == 1, rest.hasPrefix(":"),

@@ -3,6 +3,7 @@ import AsyncHTTPClient
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// `stoq status`: a node's live numbers from its admin API (`[admin] listen`).
 struct StatusCommand: AsyncParsableCommand {
@@ -14,9 +15,11 @@ struct StatusCommand: AsyncParsableCommand {
                      stoq status http://[::1]:9464 --json
             The node must run with [admin] listen set; stoq-node prints the address as "admin:".
             With [admin] auth = "token", set STOQ_ADMIN_TOKEN_FILE to a file holding the token.
+            With auth = "mtls" (https://), set STOQ_ADMIN_CA to the node's root.pem and
+            STOQ_ADMIN_CERT / STOQ_ADMIN_KEY to a certificate from the node's CA and its key.
             """)
 
-    @Argument(help: "The admin API, http://[ipv6]:port") var admin: String
+    @Argument(help: "The admin API, http://[ipv6]:port (https:// under admin.auth = \"mtls\")") var admin: String
     @Flag(help: "Print the node's /status JSON as it is.") var json = false
 
     func run() async throws {
@@ -47,12 +50,41 @@ struct StatusCommand: AsyncParsableCommand {
 
 /// The admin API's `/status` document, for `stoq status` and `stoq mesh`.
 enum AdminAPI {
-    /// Where `stoq status` and `stoq mesh` find the admin API's bearer token (`admin.auth =
-    /// "token"`): the environment, so that every subcommand takes it the same way.
+    /// Where `stoq status`, `stoq mesh` and `stoq edge` find the admin API's bearer token
+    /// (`admin.auth = "token"`), and under `auth = "mtls"` what verifies the node and the
+    /// certificate presented to it: the environment, so that every subcommand takes them the
+    /// same way.
     static let tokenFileVariable = "STOQ_ADMIN_TOKEN_FILE"
+    static let caVariable = "STOQ_ADMIN_CA"
+    static let certVariable = "STOQ_ADMIN_CERT"
+    static let keyVariable = "STOQ_ADMIN_KEY"
+
+    /// The TLS an `https://` admin API (`auth = "mtls"`) needs: the node verified against
+    /// `STOQ_ADMIN_CA`, the certificate of `STOQ_ADMIN_CERT`/`STOQ_ADMIN_KEY` presented. Exits
+    /// 2 naming what is missing or does not load.
+    static func mutualTLS(_ base: String) throws -> TLSConfiguration {
+        let env = ProcessInfo.processInfo.environment
+        let ca = env[caVariable] ?? "", cert = env[certVariable] ?? "", key = env[keyVariable] ?? ""
+        guard !ca.isEmpty, !cert.isEmpty, !key.isEmpty else {
+            throw fail(
+                "\(base): an https:// admin API (admin.auth = \"mtls\") needs \(caVariable) (the node's root.pem), \(certVariable) and \(keyVariable) (a certificate from the node's CA and its key); \([caVariable, certVariable, keyVariable].filter { (env[$0] ?? "").isEmpty }.joined(separator: ", ")) not set",
+                code: 2)
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        do {
+            tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))
+        } catch { throw fail("\(caVariable)=\(ca): \(error)", code: 2) }
+        do {
+            tls.certificateChain = try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) }
+        } catch { throw fail("\(certVariable)=\(cert): \(error)", code: 2) }
+        do {
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
+        } catch { throw fail("\(keyVariable)=\(key): \(error)", code: 2) }
+        return tls
+    }
 
     /// GETs `<admin>/status`: the base URL and the body. Exits 2 on a URL that is not
-    /// `http://[ipv6]:port`, 1 when the node cannot be read.
+    /// `http[s]://[ipv6]:port`, 1 when the node cannot be read.
     static func status(_ admin: String) async throws -> (base: String, data: Data) {
         let (base, status, data) = try await request(admin, "/status")
         guard status == 200 else { throw fail("\(base)/status: HTTP \(status)\(hint(status))") }
@@ -60,7 +92,7 @@ enum AdminAPI {
     }
 
     /// Sends `method` `path` to the admin API `admin`: the base URL, the status and the body.
-    /// Exits 2 on a URL that is not `http://[ipv6]:port`, 1 when the node cannot be reached.
+    /// Exits 2 on a URL that is not `http[s]://[ipv6]:port`, 1 when the node cannot be reached.
     static func request(_ admin: String, _ path: String, method: HTTPMethod = .GET) async throws -> (base: String, status: UInt, data: Data) {
         let base: String
         do { base = try MeshTables.adminBase(admin) } catch let e as MeshViewError { throw fail(e.message, code: 2) }
@@ -71,7 +103,9 @@ enum AdminAPI {
             let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             request.headers.add(name: "authorization", value: "Bearer \(token)")
         }
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        var configuration = HTTPClient.Configuration()
+        if base.hasPrefix("https://") { configuration.tlsConfiguration = try mutualTLS(base) }
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         let answer: (status: UInt, body: ByteBuffer)
         do {
             let response = try await client.execute(request, timeout: .seconds(10))

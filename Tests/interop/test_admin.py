@@ -309,6 +309,14 @@ def test_mtls_auth_takes_a_certificate_from_the_nodes_ca_and_nothing_else(tmp_pa
 
         status, _, text = get_status(url, context=context(cert, key))
         assert status == 200 and "stoq_quic_datagrams_received_total" in text
+        # The CLI, with the same certificate from the environment (it spoke http:// only).
+        admin_env = {"STOQ_ADMIN_CA": str(n.cert), "STOQ_ADMIN_CERT": str(cert), "STOQ_ADMIN_KEY": str(key)}
+        r = stoq("status", url, "--json", env=admin_env)
+        assert r.returncode == 0 and json.loads(r.stdout)["workers"], r.stderr
+        r = stoq("status", url, env={"STOQ_ADMIN_CA": str(n.cert)})
+        assert r.returncode == 2 and "STOQ_ADMIN_CERT, STOQ_ADMIN_KEY not set" in r.stderr, r.stderr
+        r = stoq("status", url, env={**admin_env, "STOQ_ADMIN_CERT": str(ocert), "STOQ_ADMIN_KEY": str(okey)})
+        assert r.returncode == 1 and url.removesuffix("/metrics") + "/status" in r.stderr, r.stderr
         for bad in (context(), context(ocert, okey)):
             with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
                 get_status(url, context=bad)

@@ -85,11 +85,12 @@ import Testing
         #expect(try MeshTables.adminBase("http://[::1]:9464") == "http://[::1]:9464")
         #expect(try MeshTables.adminBase("http://[fd00:1::2]:9464/status") == "http://[fd00:1::2]:9464")
         #expect(try MeshTables.adminBase("http://[::1]:9464/metrics") == "http://[::1]:9464")
+        #expect(try MeshTables.adminBase("https://[fd00:1::2]:9464/") == "https://[fd00:1::2]:9464")
         for bad in [
             "http://127.0.0.1:9464", "http://[::1]", "http://[::1]:0", "http://[::1]:99999", "http://[zz::1]:80",
-            "https://[::1]:9464", "[::1]:9464", "http://localhost:9464",
+            "https://127.0.0.1:9464", "ftp://[::1]:9464", "[::1]:9464", "http://localhost:9464",
         ] {
-            #expect(throws: MeshViewError(.badAdminURL, "<admin> \"\(bad)\": expected http://[ipv6]:port (IPv6 only)")) {
+            #expect(throws: MeshViewError(.badAdminURL, "<admin> \"\(bad)\": expected http://[ipv6]:port or https://[ipv6]:port (IPv6 only)")) {
                 try MeshTables.adminBase(bad)
             }
         }
