@@ -108,8 +108,8 @@ struct Get: ParsableCommand {
 
             Several URLs are fetched over one connection per server, their requests in flight \
             together (one handshake, as curl does): -O names each file after the last segment of \
-            its path, in the current directory; -o DIR, in DIR. Each file is written to NAME.part \
-            and renamed once its body is complete; a URL that fails leaves nothing, the others \
+            its path, in the current directory; -o DIR, in DIR. Each file is written to \
+            NAME.XXXXXX.part and renamed once its body is complete; a URL that fails leaves nothing, the others \
             are kept, and the exit status is 1.
             Example: stoq get https://[::1]:4433/objects/a.bin https://[::1]:4433/objects/b.bin -o out/ --ca root.pem
             """)
@@ -169,7 +169,15 @@ struct Get: ParsableCommand {
             discussion: "RFC 9001 §6: both ends then send under new keys; for testing a server's key update."))
     var keyUpdate = false
 
+    /// `-o`, with the names of standard output (`/dev/stdout` and its links) taken as `-`:
+    /// through its link, a temp file would be renamed over the file standard output goes to,
+    /// dropping what was written there before.
+    var destination: String? {
+        output.map { ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"].contains($0) ? "-" : $0 }
+    }
+
     func validate() throws {
+        let output = destination
         if urls.isEmpty { throw ValidationError("give at least one URL") }
         if !(connectTimeout > 0 && connectTimeout <= 600) { throw ValidationError("--connect-timeout: give 0 < seconds ≤ 600") }
         try checkSeconds("--timeout", timeout)
@@ -196,7 +204,7 @@ struct Get: ParsableCommand {
         let url = urls[0]
         let u: STOQURL
         do { u = try STOQURL(url) } catch { throw fail("<url>: \(error)", code: 2) }
-        var output = self.output
+        var output = destination
         if chunked, intoDirectory, let directory = output {
             // -o DIR names the file after the URL's last segment, as for a plain download.
             output = directory + "/" + (try Self.fileName(u))
@@ -227,18 +235,17 @@ struct Get: ParsableCommand {
                                 .utf8))
                 }
                 return
-            } catch  where error.code == .noManifest && access(output + ".part", F_OK) != 0 {
-                // A plain file at a node that does not cut it (chunking.cut_plain_files = false).
-                // Not over the .part of an earlier chunked download, which would resume.
-                FileHandle.standardError.write(Data("stoq: \(error); getting the object whole instead\n".utf8))
             } catch  where error.code == .noManifest {
-                throw fail("\(error); not getting it whole over \(output).part, an earlier --chunked download")
+                // A plain file at a node that does not cut it (chunking.cut_plain_files = false).
+                // The whole body goes to a part file of its own: FILE.part, an earlier chunked
+                // download's, is left to resume.
+                FileHandle.standardError.write(Data("stoq: \(error); getting the object whole instead\n".utf8))
             } catch {
                 throw fail("\(error)")
             }
         }
         var fd: Int32 = -1
-        var temp: String?, target = output
+        var temp: PartFile?, target = output
         // -o - into a file: the body goes where standard output is now (after what is written
         // there already), and standard output is left after it, as any writer would.
         var stdoutAt: off_t = -1
@@ -262,11 +269,11 @@ struct Get: ParsableCommand {
                 // over it would replace the device with a file. So is a link that names nothing
                 // yet (opening it makes what it names).
                 fd = open(target!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+                guard fd >= 0 else { throw fail("-o \(output): \(String(cString: strerror(errno)))") }
             } else {
-                temp = target! + ".part"
-                fd = open(temp!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+                temp = try PartFile.create(for: target!)
+                fd = temp!.fd
             }
-            guard fd >= 0 else { throw fail("-o \(output): \(String(cString: strerror(errno)))") }
         }
         let tty = isatty(STDERR_FILENO) == 1 && !json
         let start = Date()
@@ -306,7 +313,7 @@ struct Get: ParsableCommand {
                 FileHandle.standardError.write(Data(line.utf8))
             }
         } catch {
-            if fd >= 0 { close(fd); if let temp { unlink(temp) } }
+            if fd >= 0 { close(fd); temp?.discard() }
             throw fail("\(error)")
         }
         if tty { FileHandle.standardError.write(Data("\n".utf8)) }
@@ -314,15 +321,7 @@ struct Get: ParsableCommand {
             if stdoutAt >= 0, result.status / 100 == 2 { lseek(fd, stdoutAt + off_t(result.bytes), SEEK_SET) }
             close(fd)
             if let temp {
-                if result.status / 100 == 2 {
-                    guard rename(temp, target!) == 0 else {
-                        let e = String(cString: strerror(errno))
-                        unlink(temp)
-                        throw fail("-o \(target!): cannot put the body in place: \(e)")
-                    }
-                } else {
-                    unlink(temp)
-                }
+                if result.status / 100 == 2 { try temp.place(at: target!) } else { temp.discard() }
             }
         }
         if json { printJSON(result) }
@@ -373,18 +372,16 @@ struct Get: ParsableCommand {
         for u in parsed where headersFor[u.description] == nil {
             do { headersFor[u.description] = try tracing.headers() + credential.headers(for: u) } catch { throw fail("\(error)", code: 2) }
         }
-        var fds: [Int32] = []
-        defer { for fd in fds where fd >= 0 { close(fd) } }
+        var parts: [PartFile?] = []
+        defer { for p in parts { if let p { close(p.fd) } } }
         for name in names {
-            guard let name else { fds.append(-1); continue }
-            let fd = open(name + ".part", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else {
-                let e = String(cString: strerror(errno))
-                for made in names.prefix(fds.count) { if let made { unlink(made + ".part") } }
-                throw fail("\(name).part: \(e)")
+            guard let name else { parts.append(nil); continue }
+            do { parts.append(try PartFile.create(for: name)) } catch {
+                for p in parts { p?.discard() }
+                throw error
             }
-            fds.append(fd)
         }
+        let fds = parts.map { $0?.fd ?? -1 }
         let report: ManyGetReport
         do {
             report = try STOQClient.getMany(
@@ -395,19 +392,19 @@ struct Get: ParsableCommand {
                     ? nil : SessionCache(directory: SessionCache.defaultDirectory, trust: trust.trust, warn: warnSessionCache),
                 earlyData: !noEarlyData, keyUpdate: keyUpdate)
         } catch {
-            for name in names { if let name { unlink(name + ".part") } }
+            for p in parts { p?.discard() }
             throw fail("\(error)")
         }
         var failed = 0
         for (i, r) in report.results.enumerated() {
             var ok = r.failure == nil && (r.status ?? 0) / 100 == 2
             var placed: String?
-            if let name = names[i] {
-                if ok && rename(name + ".part", name) != 0 {
+            if let name = names[i], let part = parts[i] {
+                if ok && rename(part.path, name) != 0 {
                     ok = false
-                    placed = "cannot put the body in place at \(name): \(String(cString: strerror(errno)))"
+                    placed = "cannot put the body in place at \(name) (from \(part.path)): \(String(cString: strerror(errno)))"
                 }
-                if !ok { unlink(name + ".part") }
+                if !ok { part.discard() }
             }
             if !ok {
                 failed += 1

@@ -38,6 +38,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def part_file(out):
+    """Where a plain `stoq get -o OUT` writes the body before renaming it over OUT
+    (`OUT.XXXXXX.part`, a name of its own), or None when there is none."""
+    out = pathlib.Path(out)
+    found = sorted(out.parent.glob(out.name + ".??????.part"))
+    return found[0] if found else None
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import need_binary, read_banner, run, sha256_file, stop_node, veth_namespaces
+from conftest import need_binary, part_file, read_banner, run, sha256_file, stop_node, veth_namespaces
 
 NODE_NS, CLIENT_NS = "stoq-pa-node", "stoq-pa-client"
 NODE_IF, CLIENT_IF = "veth-pa-n", "veth-pa-c"
@@ -177,11 +177,11 @@ def start_big_get(node, out):
     proc = subprocess.Popen(
         in_client(need_binary("stoq"), "get", url(ADDR_A, "big.bin"), "-o", out, "--ca", node.cert, "--json",
                   "--timeout", 60), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = out.parent / (out.name + ".part")
     deadline = time.time() + 30
     # Mid-transfer: a quarter of the body has landed.
     while time.time() < deadline and proc.poll() is None:
-        if part.exists() and part.stat().st_size >= BIG // 4:
+        part = part_file(out)
+        if part and part.stat().st_size >= BIG // 4:
             return proc
         time.sleep(0.02)
     proc.kill()
@@ -223,7 +223,7 @@ def test_transfer_survives_a_nat_rebinding(pa_node, slow_link, tmp_path):
         must(in_client(*snat(NAT_PORT + 1, "-I")))
         must(in_client(*snat(NAT_PORT, "-D")))
         run(in_client("conntrack", "-D", "-f", "ipv6", "-p", "udp"))
-        size_at_rebind = (out.parent / (out.name + ".part")).stat().st_size
+        size_at_rebind = part_file(out).stat().st_size
         res = finish(proc, pa_node, out)
         assert size_at_rebind < BIG, "the transfer ended before the rebinding"
         rebound = snat_packets(NAT_PORT + 1)
@@ -247,7 +247,7 @@ def test_transfer_survives_the_client_address_changing(pa_node, slow_link, tmp_p
     try:
         must(in_client("ip", "addr", "add", f"{CLIENT_ADDR2}/64", "dev", CLIENT_IF, "nodad"))
         must(in_client("ip", "addr", "del", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF))
-        size_at_change = (out.parent / (out.name + ".part")).stat().st_size
+        size_at_change = part_file(out).stat().st_size
         res = finish(proc, pa_node, out)
     finally:
         run(in_client("ip", "addr", "add", f"{CLIENT_ADDR}/64", "dev", CLIENT_IF, "nodad"))

@@ -58,6 +58,34 @@ def test_get_to_standard_output_and_through_links(node, tmp_path):
     assert r.returncode == 64 and "-o - writes the body to standard output, where --json prints" in r.stderr
 
 
+def test_a_plain_get_writes_a_part_file_of_its_own(node, tmp_path):
+    """`-o F` writes F.XXXXXX.part and renames it over F: F.part, where an interrupted --chunked
+    download keeps its chunks, stays as it was (it was emptied, and removed when the GET
+    failed); a 0600 F stays 0600 (it became 0644); and `-o /dev/stdout` writes where standard
+    output goes, after what is there (the file standard output went to was replaced)."""
+    name = min(node.digests, key=lambda n: int(n.split("-")[1].split(".")[0]))
+    out, chunks = tmp_path / "f.bin", tmp_path / "f.bin.part"
+    chunks.write_bytes(b"chunks of a --chunked download")
+    out.write_bytes(b"an older copy")
+    os.chmod(out, 0o600)
+    r = stoq("get", node.url(name), "-o", out, "--ca", node.cert)
+    assert r.returncode == 0, r.stderr
+    assert sha256_file(out) == node.digests[name] and out.stat().st_mode & 0o777 == 0o600
+    assert chunks.read_bytes() == b"chunks of a --chunked download"
+    r = stoq("get", node.url("no-such-object"), "-o", out, "--ca", node.cert)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["f.bin", "f.bin.part"] and sha256_file(out) == node.digests[name]
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        f.write(b"what was there\n")
+        f.flush()
+        r = subprocess.run([str(need_binary("stoq")), "get", node.url(name), "-o", "/dev/stdout", "--ca", str(node.cert)],
+                           stdout=f, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 0, r.stderr
+    kept = log.read_bytes()
+    assert kept.startswith(b"what was there\n") and hashlib.sha256(kept[15:]).hexdigest() == node.digests[name]
+
+
 def test_the_clients_own_timeout_is_named(node, tmp_path):
     """--timeout expiring mid-body closed the connection, and the stream our close reset was
     reported as the server's: 'transfer aborted (HTTP/3 error 0x10c)'."""

@@ -4,7 +4,7 @@ import json
 import subprocess
 import time
 
-from conftest import need_binary, run, sha256_file
+from conftest import need_binary, part_file, run, sha256_file
 from xdp_testbed import BIG, PORT, ROOT, VA, XDPNode, in_a, in_b, needs_root, testbed  # noqa: F401 (fixture)
 
 pytestmark = needs_root
@@ -23,7 +23,7 @@ def test_detach_during_a_transfer_moves_to_io_uring(testbed, tmp_path):
                                text=True)
         # Detach once the transfer is under way.
         deadline = time.time() + 30
-        while time.time() < deadline and (not out.exists() and not (tmp_path / "big.bin.part").exists()):
+        while time.time() < deadline and (not out.exists() and part_file(out) is None):
             time.sleep(0.05)
         time.sleep(0.3)
         r = run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
