@@ -37,11 +37,13 @@ public struct ChunkedGetResult: Sendable, Codable {
 /// Several requests in flight on one connection, each with its own body sink.
 package final class MultiRequestApp: QUICApplication {
     /// Where a response body goes; error bodies are discarded unless `keepErrors`.
-    struct Sink { var fd: Int32; var offset: UInt64; var hash: Bool; var tag: Int; var keepErrors = false }
+    struct Sink { var fd: Int32; var offset: UInt64; var limit: UInt64; var hash: Bool; var tag: Int; var keepErrors = false }
     package struct Done {
         package var tag: Int; package var status: Int?; package var errorCode: UInt64; package var received: UInt64; package var sha256: [UInt8]?
         /// The response's Cache-Control max-age (seconds), if it had one.
         package var maxAge: Int64? = nil
+        /// errno of a failed write of the body (EFBIG: more than the sink's limit); 0: none.
+        package var sinkErrno: Int32 = 0
     }
     var sinks: [HTTPStream: Sink] = [:]
     var statuses: [HTTPStream: Int] = [:]
@@ -53,7 +55,7 @@ package final class MultiRequestApp: QUICApplication {
         statuses[stream] = status
         let s = sinks[stream]
         let keep = status / 100 == 2 || s?.keepErrors == true
-        stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, hash: s?.hash ?? false)
+        stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, limit: s?.limit ?? .max, hash: s?.hash ?? false)
     }
 
     package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -61,7 +63,7 @@ package final class MultiRequestApp: QUICApplication {
         done.append(
             Done(
                 tag: s.tag, status: statuses.removeValue(forKey: stream), errorCode: errorCode,
-                received: stream.bytesReceived, sha256: stream.bodySHA256(), maxAge: stream.maxAge))
+                received: stream.bytesReceived, sha256: stream.bodySHA256(), maxAge: stream.maxAge, sinkErrno: stream.sinkErrno))
     }
 
     package func connectionClosed(connection: QUICConnection, reason: String) {
@@ -102,7 +104,7 @@ package final class ClientSession {
 
     /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard).
     package func submit(
-        _ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0,
+        _ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0, limit: UInt64 = .max,
         hash: Bool = false, tag: Int = 0, keepErrors: Bool = false
     ) throws(ClientError) {
         let stream: HTTPStream
@@ -111,7 +113,7 @@ package final class ClientSession {
                 method: method, authority: url.authority, path: path,
                 headers: headers + [("content-length", "\(body?.count ?? 0)")], body: body)
         } catch { throw ClientError(.transfer, "\(method) \(path): \(error)") }
-        app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, hash: hash, tag: tag, keepErrors: keepErrors)
+        app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, limit: limit, hash: hash, tag: tag, keepErrors: keepErrors)
     }
 
     /// Drives the connection until `done` holds; throws on timeout or a lost connection.
@@ -293,7 +295,10 @@ extension STOQClient {
         while next < todo.count || inFlight > 0 {
             while next < todo.count && inFlight < concurrency {
                 let i = todo[next]
-                try session.submit("GET", "/chunks/\(manifest.chunks[i].id.hex)", sinkFD: fd, offset: offsets[i], hash: true, tag: i)
+                // At most the chunk's length lands: a longer body would overwrite the next chunk.
+                try session.submit(
+                    "GET", "/chunks/\(manifest.chunks[i].id.hex)", sinkFD: fd, offset: offsets[i], limit: UInt64(manifest.chunks[i].length),
+                    hash: true, tag: i)
                 next += 1
                 inFlight += 1
             }
@@ -304,7 +309,11 @@ extension STOQClient {
                 guard d.status == 200 else {
                     throw ClientError(.http, "GET /chunks/\(c.id.hex): HTTP \(d.status.map(String.init) ?? "reset")")
                 }
-                guard d.received == UInt64(c.length), let sha = d.sha256, sha == c.id.bytes else {
+                // This side's failure (a full disk), said before a short chunk is blamed on the node.
+                if d.sinkErrno != 0 && d.sinkErrno != EFBIG {
+                    throw ClientError(.io, "\(part): writing chunk \(c.id.hex) failed: \(String(cString: strerror(d.sinkErrno)))")
+                }
+                guard d.sinkErrno == 0, d.received == UInt64(c.length), let sha = d.sha256, sha == c.id.bytes else {
                     throw ClientError(.transfer, "chunk \(c.id.hex) from the node does not match its id (\(d.received) bytes)")
                 }
                 bytesFetched += d.received
@@ -315,8 +324,9 @@ extension STOQClient {
         guard digest == manifest.digest else {
             throw ClientError(.transfer, "\(part): the assembled object's SHA-256 \(digest.hex) is not the manifest's \(manifest.digest.hex)")
         }
-        guard fsync(fd) == 0, rename(part, output) == 0 else {
-            throw ClientError(.io, "\(output): \(String(cString: strerror(errno)))")
+        guard fsync(fd) == 0 else { throw ClientError(.io, "\(part): fsync: \(String(cString: strerror(errno)))") }
+        guard rename(part, output) == 0 else {
+            throw ClientError(.io, "\(output): cannot put the object in place (from \(part)): \(String(cString: strerror(errno)))")
         }
         return ChunkedGetResult(
             chunks: manifest.chunks.count, chunksFetched: todo.count,
