@@ -717,7 +717,9 @@ public enum STOQClient {
         _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
         if !ended {
             // Our own deadline: closing reset the stream (0x10c), which is not the server's doing.
-            throw ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout), \(app.received) bytes received")
+            // An upload is counted by what was read of its body; the response's bytes say nothing.
+            let progress = streamed.map { "\($0.outcome.bytes) bytes of the body read" } ?? "\(app.received) bytes received"
+            throw ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout), \(progress)")
         }
         let sent = streamed?.outcome
         if let sent, sent.errno != 0 {

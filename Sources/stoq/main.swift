@@ -488,10 +488,12 @@ struct Put: ParsableCommand {
     @OptionGroup var chunking: ChunkingOptions
     @Option(help: "Chunk uploads in flight with --chunked.") var concurrency = 16
     @Option(help: "Congestion control of the upload: reno, cubic, bbr or bbr2.") var cc: CongestionControl = QUICSettings().congestionControl
+    @Option(help: "Give up after this many seconds (default: 300; with --chunked, 600).") var timeout: Double?
     @OptionGroup var tracing: TraceOptions
 
     func validate() throws {
         if !(1...1024).contains(concurrency) { throw ValidationError("--concurrency: give 1 to 1024 chunk uploads in flight") }
+        try checkSeconds("--timeout", timeout)
     }
 
     func run() throws {
@@ -505,7 +507,7 @@ struct Put: ParsableCommand {
             do {
                 r = try STOQClient.putChunked(
                     file: file, to: u, parameters: parameters, trust: trust.trust, datapath: .ioUring,
-                    concurrency: concurrency, headers: traceHeaders)
+                    concurrency: concurrency, timeout: timeout ?? 600, headers: traceHeaders)
             } catch { throw fail("\(error)") }
             if json {
                 printCodable(r)
@@ -521,8 +523,12 @@ struct Put: ParsableCommand {
         do {
             r =
                 file == "-"
-                ? try STOQClient.put(reading: STDIN_FILENO, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
-                : try STOQClient.put(file: file, to: u, trust: trust.trust, datapath: .ioUring, congestionControl: cc, headers: traceHeaders)
+                ? try STOQClient.put(
+                    reading: STDIN_FILENO, to: u, trust: trust.trust, datapath: .ioUring, timeout: timeout ?? 300, congestionControl: cc,
+                    headers: traceHeaders)
+                : try STOQClient.put(
+                    file: file, to: u, trust: trust.trust, datapath: .ioUring, timeout: timeout ?? 300, congestionControl: cc,
+                    headers: traceHeaders)
         } catch { throw fail("\(error)") }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)\(r.message.map { ": \($0)" } ?? "")") }
