@@ -126,10 +126,13 @@ public enum PEMFiles {
     }
 
     /// Writes `text` to `path` atomically (temporary file, fsync, rename) with `mode`; keys get
-    /// 0600 from the moment the temporary file exists, never a wider window.
+    /// 0600 from the moment the temporary file exists, never a wider window. The temporary
+    /// file is made new: one left by a crash (with whatever mode it had), or a link planted in
+    /// its place, is removed first, never written through.
     public static func writeFile(_ text: String, to path: String, mode: mode_t) throws {
         let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
+        unlink(tmp)
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
         guard fd >= 0 else { throw TrustError(.io, "\(tmp): \(String(cString: strerror(errno)))") }
         guard writeAll(fd, Array(text.utf8)) else {
             let e = String(cString: strerror(errno))

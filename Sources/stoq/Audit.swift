@@ -131,7 +131,8 @@ struct Audit: ParsableCommand {
                     leafHash: leafHash, leafIndex: index, treeSize: Int(head.treeSize),
                     proof: try proofPath(body), rootHash: root), "\(cert) included")
         }
-        if let save { try JSONEncoder().encode(head).write(to: URL(fileURLWithPath: save)) }
+        // Atomically: a run cut short must not leave a torn head for the next audit to compare with.
+        if let save { try PEMFiles.writeFile(String(decoding: try JSONEncoder().encode(head), as: UTF8.self), to: save, mode: 0o644) }
         if json {
             printReport(report)
         } else {

@@ -37,4 +37,23 @@ import Testing
         // Not a key at all: the library's error.
         #expect(throws: (any Error).self) { try PEMFiles.p256PrivateKey(pem: "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n") }
     }
+
+    /// A temporary file a crash left (0644), or a link planted in its place, is not written
+    /// through: the key lands in a new 0600 file, and what the link named is untouched.
+    @Test func aKeyIsNeverWrittenThroughALeftoverTemporaryFile() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-pem-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/key.pem", victim = dir + "/victim"
+        #expect(FileManager.default.createFile(atPath: key + ".tmp", contents: Data("old".utf8), attributes: [.posixPermissions: 0o644]))
+        try PEMFiles.writeFile("secret 1\n", to: key, mode: 0o600)
+        #expect(try String(contentsOfFile: key, encoding: .utf8) == "secret 1\n")
+        #expect((try FileManager.default.attributesOfItem(atPath: key)[.posixPermissions] as? Int) == 0o600)
+        #expect(FileManager.default.createFile(atPath: victim, contents: Data("untouched".utf8)))
+        try FileManager.default.createSymbolicLink(atPath: key + ".tmp", withDestinationPath: victim)
+        try PEMFiles.writeFile("secret 2\n", to: key, mode: 0o600)
+        #expect(try String(contentsOfFile: key, encoding: .utf8) == "secret 2\n")
+        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "untouched")
+        #expect(!FileManager.default.fileExists(atPath: key + ".tmp"))
+    }
 }
