@@ -268,7 +268,8 @@ extension STOQClient {
         do { manifest = try Manifest(decoding: m.body) } catch { throw ClientError(.transfer, "the node's manifest for \(name): \(error)") }
 
         let part = output + ".part"
-        let fd = open(part, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        // Never through a link planted at FILE.part: that would write chunks where it points.
+        let fd = open(part, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw ClientError(.io, "\(part): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var st = stat()

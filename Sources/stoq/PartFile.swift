@@ -7,9 +7,14 @@ import Foundation
 /// plain download never touches `TARGET.part`, where an interrupted `--chunked` one keeps
 /// the chunks it will resume from. The file takes the mode the target has if it exists
 /// (0666 less the umask if not), so replacing a 0600 file does not widen it.
+///
+/// A run interrupted by SIGINT, SIGTERM or SIGHUP removes the part files it has not placed
+/// yet before it dies, as a failed one does.
 struct PartFile {
     let fd: Int32
     let path: String
+    /// Where `path` is kept (a C string) for the signal handler, until placed or dropped.
+    private let slot: Int
 
     /// Makes the part file for `target`; the error names what failed and why.
     static func create(for target: String) throws(ExitCode) -> PartFile {
@@ -28,18 +33,76 @@ struct PartFile {
             mode = 0o666 & ~mask
         }
         fchmod(fd, mode)
-        return PartFile(fd: fd, path: path)
+        return PartFile(fd: fd, path: path, slot: Unplaced.keep(path))
     }
 
     /// Puts the whole body in place: the part file becomes `target`.
     func place(at target: String) throws(ExitCode) {
         guard rename(path, target) == 0 else {
             let e = String(cString: strerror(errno))
-            unlink(path)
+            discard()
             throw fail("-o \(target): cannot put the body in place (from \(path)): \(e)")
         }
+        Unplaced.forget(slot)
     }
 
     /// Drops the part file (the download failed).
-    func discard() { unlink(path) }
+    func discard() {
+        unlink(path)
+        Unplaced.forget(slot)
+    }
+
+    /// `path` with its links followed, also to a file not made yet (a link naming nothing);
+    /// `path` itself when it is no link, or the links go round.
+    static func resolvingLinks(_ path: String) -> String {
+        if let real = realpath(path, nil) {
+            defer { free(real) }
+            return String(cString: real)
+        }
+        var at = path
+        for _ in 0..<40 {
+            var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+            let n = buffer.withUnsafeMutableBufferPointer { readlink(at, $0.baseAddress!, $0.count) }
+            guard n > 0 else { return at }
+            let named = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let directory = (at as NSString).deletingLastPathComponent
+            at = named.hasPrefix("/") || directory.isEmpty ? named : directory + "/" + named
+        }
+        return path
+    }
+}
+
+/// The part files not placed yet, as C strings a signal handler can unlink (it may call
+/// nothing else): a fixed table, filled on the one thread that makes and places them.
+private enum Unplaced {
+    static let capacity = 4096
+    nonisolated(unsafe) static let paths = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: capacity)
+    nonisolated(unsafe) static var used = 0
+    nonisolated(unsafe) static var armed = false
+
+    /// Keeps `path` for the handler; its slot (-1: the table is full, it is not kept).
+    static func keep(_ path: String) -> Int {
+        if !armed {
+            armed = true
+            paths.initialize(repeating: nil, count: capacity)
+            for sig in [SIGINT, SIGTERM, SIGHUP] { signal(sig, onSignal) }
+        }
+        guard let slot = (0..<capacity).first(where: { paths[$0] == nil }) else { return -1 }
+        paths[slot] = strdup(path)
+        used = max(used, slot + 1)
+        return slot
+    }
+
+    static func forget(_ slot: Int) {
+        guard slot >= 0, let p = paths[slot] else { return }
+        paths[slot] = nil
+        free(p)
+    }
+}
+
+/// Unlinks every part file not placed yet, then dies of the signal as it would have.
+private func onSignal(_ sig: Int32) {
+    for i in 0..<Unplaced.used { if let p = Unplaced.paths[i] { unlink(p) } }
+    signal(sig, SIG_DFL)
+    raise(sig)
 }

@@ -173,7 +173,16 @@ struct Get: ParsableCommand {
     /// through its link, a temp file would be renamed over the file standard output goes to,
     /// dropping what was written there before.
     var destination: String? {
-        output.map { ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"].contains($0) ? "-" : $0 }
+        output.map { Self.isStandardOutput($0) ? "-" : $0 }
+    }
+
+    /// Whether `path` names standard output: one of its names, or the regular file it goes to
+    /// (through a link of the user's own, say).
+    static func isStandardOutput(_ path: String) -> Bool {
+        if ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"].contains(path) { return true }
+        var named = stat(), out = stat()
+        return fstat(STDOUT_FILENO, &out) == 0 && (out.st_mode & S_IFMT) == S_IFREG && stat(path, &named) == 0
+            && (named.st_dev, named.st_ino) == (out.st_dev, out.st_ino)
     }
 
     func validate() throws {
@@ -184,7 +193,9 @@ struct Get: ParsableCommand {
         if !(1...1024).contains(concurrency) { throw ValidationError("--concurrency: give 1 to 1024 chunk requests in flight") }
         if remoteName && output != nil { throw ValidationError("-O names the files itself: not with -o") }
         if output == "-" {
-            if json { throw ValidationError("-o - writes the body to standard output, where --json prints: give one of them") }
+            if json {
+                throw ValidationError("-o \(self.output ?? "-") writes the body to standard output, where --json prints: give one of them")
+            }
             if chunked { throw ValidationError("--chunked writes chunks in place: give -o FILE, not -") }
             if urls.count > 1 { throw ValidationError("-o - takes one URL's body") }
         }
@@ -217,7 +228,9 @@ struct Get: ParsableCommand {
         }
         let traceHeaders = try tracing.headers() + credential.headers(for: u)
         if chunked {
-            guard let output, output != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
+            guard let given = output, given != "-" else { throw fail("--chunked writes chunks in place: give -o FILE", code: 2) }
+            // Through a link, to what it names (the file is renamed into place at the end).
+            let output = PartFile.resolvingLinks(given)
             var st = stat()
             if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
                 throw fail("--chunked resumes into a regular file and renames it into place; \(output) is not one", code: 2)
@@ -256,21 +269,15 @@ struct Get: ParsableCommand {
             if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG { stdoutAt = lseek(fd, 0, SEEK_CUR) }
         } else if let output {
             var st = stat()
-            let isLink = lstat(output, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
-            if isLink, let real = realpath(output, nil) {
-                // Through a link, to what it names: a temp file renamed over the link itself
-                // would replace the link (and, for /dev/stdout, the system's).
-                target = String(cString: real)
-                free(real)
-            }
-            let exists = stat(target!, &st) == 0
-            if exists && (st.st_mode & S_IFMT) != S_IFREG || isLink && !exists {
-                // A device or a pipe (/dev/null, a FIFO): written in place; a temp file renamed
-                // over it would replace the device with a file. So is a link that names nothing
-                // yet (opening it makes what it names).
-                fd = open(target!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            if stat(output, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
+                // A device or a pipe (/dev/null, a FIFO, through any link): written in place; a
+                // temp file renamed over it would replace the device with a file.
+                fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
                 guard fd >= 0 else { throw fail("-o \(output): \(String(cString: strerror(errno)))") }
             } else {
+                // Through a link, to what it names: a temp file renamed over the link itself
+                // would replace the link.
+                target = PartFile.resolvingLinks(output)
                 temp = try PartFile.create(for: target!)
                 fd = temp!.fd
             }
@@ -280,7 +287,12 @@ struct Get: ParsableCommand {
         var log: ProgressLog?
         if let progressLog {
             log = ProgressLog(path: progressLog)
-            guard log != nil else { throw fail("--progress-log \(progressLog): \(String(cString: strerror(errno)))", code: 2) }
+            guard log != nil else {
+                let e = String(cString: strerror(errno))
+                if fd >= 0 { close(fd) }
+                temp?.discard()
+                throw fail("--progress-log \(progressLog): \(e)", code: 2)
+            }
         }
         defer { log?.close() }
         let result: TransferResult

@@ -6,14 +6,16 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
 
-from conftest import Node, metric_totals, need_binary, random_file, run, settled, sha256_file, stoq, summed_counters
+from conftest import Node, metric_totals, need_binary, part_file, random_file, run, settled, sha256_file, stoq, summed_counters
 
 
 def test_get_into_a_pipe_is_byte_identical(node, tmp_path):
@@ -54,6 +56,16 @@ def test_get_to_standard_output_and_through_links(node, tmp_path):
         r = stoq("get", node.url(name), "-o", tmp_path / link, "--ca", node.cert)
         assert r.returncode == 0, r.stderr
         assert os.path.islink(tmp_path / link) and sha256_file(tmp_path / target) == node.digests[name]
+    # A failed GET through a link that names nothing yet makes nothing (it left a partial file).
+    os.symlink("later.txt", tmp_path / "later-link.txt")
+    r = stoq("get", node.url("no-such-object"), "-o", tmp_path / "later-link.txt", "--ca", node.cert)
+    assert r.returncode == 1 and not (tmp_path / "later.txt").exists(), r.stderr
+    assert [p for p in os.listdir(tmp_path) if p.startswith("later")] == ["later-link.txt"]
+    # --chunked through a link: the link stays (its rename replaced the link with the file).
+    (tmp_path / "target.txt").write_text("original")
+    r = stoq("get", node.url(name), "-o", tmp_path / "link.txt", "--ca", node.cert, "--chunked")
+    assert r.returncode == 0, r.stderr
+    assert os.path.islink(tmp_path / "link.txt") and sha256_file(tmp_path / "target.txt") == node.digests[name]
     r = stoq("get", node.url(name), "-o", "-", "--json", "--ca", node.cert)
     assert r.returncode == 64 and "-o - writes the body to standard output, where --json prints" in r.stderr
 
@@ -84,6 +96,31 @@ def test_a_plain_get_writes_a_part_file_of_its_own(node, tmp_path):
     assert r.returncode == 0, r.stderr
     kept = log.read_bytes()
     assert kept.startswith(b"what was there\n") and hashlib.sha256(kept[15:]).hexdigest() == node.digests[name]
+
+
+def test_an_interrupted_get_leaves_no_part_file(node, tmp_path):
+    """SIGTERM mid-body (and SIGINT, as Ctrl-C sends): the run dies of the signal and its part
+    file goes with it; so does a run stopped by a --progress-log it cannot open."""
+    digest = node.add_object("interrupted.bin", 1 << 30)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            out = tmp_path / f"{sig.name}.bin"
+            proc = subprocess.Popen([str(need_binary("stoq")), "get", node.url("interrupted.bin"), "-o", str(out),
+                                     "--ca", str(node.cert)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 30
+            while (part_file(out) is None or part_file(out).stat().st_size == 0) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no part file"
+                time.sleep(0.005)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == -sig, proc.communicate()
+            assert part_file(out) is None and not out.exists(), os.listdir(tmp_path)
+        assert sha256_file(node.storage / "interrupted.bin") == digest
+    finally:
+        os.unlink(node.storage / "interrupted.bin")
+    r = stoq("get", node.url(min(node.digests)), "-o", tmp_path / "p.bin", "--ca", node.cert,
+             "--progress-log", tmp_path / "no-such-dir" / "log")
+    assert r.returncode == 2 and "--progress-log" in r.stderr, r.stderr
+    assert part_file(tmp_path / "p.bin") is None and not (tmp_path / "p.bin").exists()
 
 
 def test_the_clients_own_timeout_is_named(node, tmp_path):
