@@ -178,13 +178,15 @@ package final class ConnectionPool {
     }
 
     /// The node's certificate was renewed: from the next handshake on, connections present
-    /// it, its files read again at the next `drive` (and each second after while they do not
+    /// it, its files read again now (and at each `drive` a second apart while they do not
     /// load: a file being rewritten, no descriptors left; `credentialsFailed` hears why once).
     /// Connections made keep theirs. The pool's thread.
     package func renewCredentials() {
         credentialsDue = true
         credentialsTries = 0
-        lastCredentialsTry = 0
+        // Now, before anything this turn connects: a connection made with the old certificate
+        // would present it for as long as it lives.
+        readRenewedCredentials(now: monotonicNow())
     }
 
     private func readRenewedCredentials(now: UInt64) {
