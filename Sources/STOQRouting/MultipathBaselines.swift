@@ -143,6 +143,8 @@ public final class RoundRobinScheduler: MultipathRouteBook, MultipathChunkSchedu
     public var name: String { MultipathSchedulerKind.roundRobin.rawValue }
     private var next = 0
     public override init() {}
+    /// The turn stays with the route that had it, or the next one kept.
+    override func routesKept(_ kept: [Int]) { next = kept.firstIndex { $0 >= next } ?? 0 }
     public func choose(
         transfer: MultipathTransferID, bytes: Int, backlog: Int, among: [MultipathRouteID]?,
         excluding: MultipathRouteID?, now: Double

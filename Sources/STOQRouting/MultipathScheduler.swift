@@ -156,9 +156,6 @@ public protocol MultipathChunkScheduler: AnyObject {
 }
 
 extension MultipathChunkScheduler {
-    /// A scheduler that keeps nothing per route has nothing to forget.
-    public func forgetWithdrawn() {}
-
     /// A scheduler with no model of its uncertainty: half its expectation, so the transfer's
     /// default hedging (2 spreads) hedges at twice the expectation, as it always did.
     public func expectedSpread(route: MultipathRouteID, bytes: Int, now: Double) -> Double {

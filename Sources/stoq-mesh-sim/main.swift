@@ -193,6 +193,7 @@ final class ExplainingScheduler: MultipathChunkScheduler {
         inner.expectedSpread(route: route, bytes: bytes, now: now)
     }
     func estimates(now: Double) -> [MultipathRouteEstimate] { inner.estimates(now: now) }
+    func forgetWithdrawn() { inner.forgetWithdrawn() }
 }
 
 @MainActor func makeScheduler(_ algorithm: String, client: Int) -> any MultipathChunkScheduler {

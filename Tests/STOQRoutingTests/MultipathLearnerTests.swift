@@ -74,6 +74,7 @@ private func learner(seed: UInt64 = 7) -> LearnerScheduler {
                 inner.expectedSpread(route: route, bytes: bytes, now: now)
             }
             func estimates(now: Double) -> [MultipathRouteEstimate] { inner.estimates(now: now) }
+            func forgetWithdrawn() { inner.forgetWithdrawn() }
         }
         let rec = Recorder()
         let result = MeshSimRunner.run(scenario, seed: 1, algorithm: "ml") { _ in rec }
