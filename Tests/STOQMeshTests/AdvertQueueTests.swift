@@ -41,7 +41,9 @@ import Testing
             taken += batch
         }
         #expect(taken.count == MeshService.advertQueueBound + 2)
-        #expect(taken.prefix(anonymous).allSatisfy { $0[0] == 0 } && taken.dropFirst(anonymous).prefix(MeshService.advertQueueBound - anonymous).allSatisfy { $0 == [1] })
+        #expect(
+            taken.prefix(anonymous).allSatisfy { $0[0] == 0 }
+                && taken.dropFirst(anonymous).prefix(MeshService.advertQueueBound - anonymous).allSatisfy { $0 == [1] })
         #expect(taken.suffix(2) == [[0], [1]])
         for _ in 0..<anonymous { #expect(mesh.receiveAdvert([0], fromNode: false)) }
     }
