@@ -349,7 +349,9 @@ const char *stoq_xsk_xdp_mode(const stoq_xsk *x) { return x->mode; }
 int stoq_xsk_program_attached(stoq_xsk *x) {
   __u32 id = 0;
   if (bpf_xdp_query_id(x->ifindex, 0, &id) != 0) return 1; /* cannot tell: assume still there */
-  return id != 0;
+  /* Another program (scripts/xdp-attach run again) has maps of its own, in which this socket
+   * is not: as deaf as none. */
+  return id != 0 && id == x->prog_id;
 }
 
 void stoq_xsk_local(const stoq_xsk *x, struct sockaddr_in6 *out) {

@@ -165,7 +165,7 @@ public final class XDPDatapathQueue: DatapathQueue {
             if stoq_xsk_program_attached(raw) == 0 {
                 throw DatapathError(
                     .detached, operation: "bpf_xdp_query",
-                    message: "the XDP program was detached from \(options.interface)")
+                    message: "the XDP program the node opened on \(options.interface) was detached or replaced")
             }
         }
         let wait = min(timeoutNanoseconds, attachCheckInterval)

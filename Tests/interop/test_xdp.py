@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import need_binary, run, sha256_file
-from xdp_testbed import (A, ADDR_A, ADDR_B, B, BIG, IPV4_A, IPV4_B, PORT, VA, counters, in_a, in_b, needs_root,
+from xdp_testbed import (A, ADDR_A, ADDR_B, B, BIG, IPV4_A, IPV4_B, PORT, ROOT, VA, counters, in_a, in_b, needs_root,
                          testbed, xdp_node)  # noqa: F401 (fixtures)
 
 pytestmark = needs_root
@@ -20,6 +20,28 @@ def test_node_reports_af_xdp_and_mode(xdp_node):
     log = xdp_node.text()
     assert f"datapath af_xdp: {VA}, 2 queue(s), XDP {xdp_node.mode}" in log, log[-2000:]
     assert "copy mode" in log  # veth has no zero-copy
+
+
+def test_status_names_the_counters_and_bad_ports_change_nothing(xdp_node):
+    """--status names each counter as bpf/stoq_kern_user.h does (shed_initial was shown as
+    worker_0, each worker one further on); --ports out of range, too many or none exit 2
+    before the attached program is touched (70000 was taken as 4464, a 17th port failed with
+    the program attached, none attached a program that steered nothing)."""
+    r = run(in_a(ROOT / "scripts/xdp-attach", "--status", VA))
+    assert r.returncode == 0, r.stderr
+    shown = re.findall(r"^    (\w+): \d+$", r.stdout, re.M)
+    assert shown[:12] == ["redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4",
+                          "passed_no_socket", "passed_truncated", "passed_ext_limit", "passed_fragment",
+                          "steered_by_cid", "shed_initial", "worker_0"], r.stdout
+    program = re.search(r"id (\d+)", r.stdout).group(1)
+    for ports, said in (("70000", "70000 is not a port"), ("", "give 1 to 16 ports"),
+                        (",".join(str(5000 + i) for i in range(17)), "give 1 to 16 ports")):
+        r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--ports", ports))
+        assert r.returncode == 2 and said in r.stderr, (ports, r.stderr)
+    r = run(in_a(ROOT / "scripts/xdp-attach", "--status", VA))
+    assert re.search(r"id (\d+)", r.stdout).group(1) == program
+    r = run(in_b(need_binary("stoq"), "get", xdp_node.url("small.bin"), "--ca", xdp_node.cert, "--json"), timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["sha256"] == xdp_node.digests["small.bin"], r.stderr
 
 
 def test_stoq_get_256_mib_over_af_xdp(xdp_node, tmp_path):

@@ -1,8 +1,10 @@
-"""Detaching the XDP program under a running AF_XDP node: its workers move to
-io_uring on the same address and port, and a transfer in progress completes."""
+"""Detaching the XDP program under a running AF_XDP node, or attaching it again: its workers
+move to io_uring on the same address and port, and a transfer in progress completes."""
 import json
 import subprocess
 import time
+
+import pytest
 
 from conftest import need_binary, part_file, run, sha256_file
 from xdp_testbed import BIG, PORT, ROOT, VA, XDPNode, in_a, in_b, needs_root, testbed  # noqa: F401 (fixture)
@@ -10,8 +12,11 @@ from xdp_testbed import BIG, PORT, ROOT, VA, XDPNode, in_a, in_b, needs_root, te
 pytestmark = needs_root
 
 
-def test_detach_during_a_transfer_moves_to_io_uring(testbed, tmp_path):
-    """Runs last in the module: detaches the program under a 256 MiB download."""
+@pytest.mark.parametrize("change", ["detach", "attach again"])
+def test_detach_during_a_transfer_moves_to_io_uring(testbed, tmp_path, change):
+    """Runs last in the module: detaches the program under a 256 MiB download, or attaches it
+    again (new maps, in which the node's sockets are not: it saw a program still there and
+    stayed on AF_XDP, deaf)."""
     work, digests = testbed
     r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--mode", "native", "--ports", PORT))
     assert r.returncode == 0, r.stderr
@@ -26,7 +31,10 @@ def test_detach_during_a_transfer_moves_to_io_uring(testbed, tmp_path):
         while time.time() < deadline and (not out.exists() and part_file(out) is None):
             time.sleep(0.05)
         time.sleep(0.3)
-        r = run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
+        if change == "detach":
+            r = run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
+        else:
+            r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--mode", "native", "--ports", PORT))
         assert r.returncode == 0, r.stderr
         stdout, stderr = get.communicate(timeout=180)
         assert get.returncode == 0, stderr[-2000:]
@@ -42,3 +50,4 @@ def test_detach_during_a_transfer_moves_to_io_uring(testbed, tmp_path):
         assert json.loads(r.stdout)["sha256"] == digests["small.bin"]
     finally:
         assert node.stop() == 0, node.text()[-2000:]
+        run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
