@@ -146,6 +146,14 @@ static int bind_socket(stoq_xsk *x, uint16_t bind_flags) {
   return rc;
 }
 
+/* The kernel's id of the map `fd` refers to (0: cannot tell). */
+static uint32_t map_id(int fd) {
+  struct bpf_map_info info;
+  uint32_t len = sizeof(info);
+  memset(&info, 0, sizeof(info));
+  return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
+}
+
 stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   stoq_xsk *x = calloc(1, sizeof(*x));
   if (!x) {
@@ -225,6 +233,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       else set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
       goto fail;
     }
+    x->map_id = map_id(x->map_fd);
     snprintf(path, sizeof(path), "%s/%s", cfg->pin_dir, STOQ_MAP_PORTS);
     int ports = bpf_obj_get(path);
     if (ports < 0) {
@@ -349,9 +358,18 @@ const char *stoq_xsk_xdp_mode(const stoq_xsk *x) { return x->mode; }
 int stoq_xsk_program_attached(stoq_xsk *x) {
   __u32 id = 0;
   if (bpf_xdp_query_id(x->ifindex, 0, &id) != 0) return 1; /* cannot tell: assume still there */
-  /* Another program (scripts/xdp-attach run again) has maps of its own, in which this socket
-   * is not: as deaf as none. */
-  return id != 0 && id == x->prog_id;
+  if (id == 0) return 0;
+  /* Attached anew (scripts/xdp-attach run again): new maps are pinned, in which this socket is
+   * not, and the program steers to them: as deaf as none. The map, not the program id, tells:
+   * libxdp makes a new dispatcher when another program joins the interface, around the same
+   * STOQ program and maps. */
+  char path[192];
+  snprintf(path, sizeof(path), "%s/%s", x->cfg.pin_dir, STOQ_MAP_XSK);
+  int fd = bpf_obj_get(path);
+  if (fd < 0) return errno == ENOENT ? 0 : 1;
+  uint32_t pinned = map_id(fd);
+  close(fd);
+  return pinned == 0 || x->map_id == 0 || pinned == x->map_id;
 }
 
 void stoq_xsk_local(const stoq_xsk *x, struct sockaddr_in6 *out) {

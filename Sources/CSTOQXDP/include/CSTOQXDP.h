@@ -96,7 +96,8 @@ void stoq_xsk_close(stoq_xsk *x);
 int stoq_xsk_zero_copy(const stoq_xsk *x);
 /** The XDP attach mode of the interface's program: "native", "skb", "hw" or "none". */
 const char *stoq_xsk_xdp_mode(const stoq_xsk *x);
-/** 1 while an XDP program is attached to the interface (the one seen at open). */
+/** 1 while an XDP program is attached to the interface and the socket's XSKMAP is still the one
+ *  pinned (0: detached, or attached anew with new maps; 1 also when it cannot tell). */
 int stoq_xsk_program_attached(stoq_xsk *x);
 void stoq_xsk_local(const stoq_xsk *x, struct sockaddr_in6 *out);
 /** Counters, with the kernel's XDP_STATISTICS refreshed. */
