@@ -38,12 +38,17 @@ struct PartFile {
 
     /// Puts the whole body in place: the part file becomes `target`.
     func place(at target: String) throws(ExitCode) {
-        guard rename(path, target) == 0 else {
-            let e = String(cString: strerror(errno))
+        if let e = rename(to: target) {
             discard()
             throw fail("-o \(target): cannot put the body in place (from \(path)): \(e)")
         }
+    }
+
+    /// Renames the part file to `target`: nil, or why not (the part file is still there).
+    func rename(to target: String) -> String? {
+        guard Glibc.rename(path, target) == 0 else { return String(cString: strerror(errno)) }
         Unplaced.forget(slot)
+        return nil
     }
 
     /// Drops the part file (the download failed).
@@ -85,7 +90,11 @@ private enum Unplaced {
         if !armed {
             armed = true
             paths.initialize(repeating: nil, count: capacity)
-            for sig in [SIGINT, SIGTERM, SIGHUP] { signal(sig, onSignal) }
+            // Not over a signal ignored (nohup, a background job of a script): it stays ignored.
+            for sig in [SIGINT, SIGTERM, SIGHUP] {
+                let before = signal(sig, onSignal)
+                if let before, unsafeBitCast(before, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) { signal(sig, SIG_IGN) }
+            }
         }
         guard let slot = (0..<capacity).first(where: { paths[$0] == nil }) else { return -1 }
         paths[slot] = strdup(path)

@@ -71,9 +71,10 @@ enum AdminAPI {
                 code: 2)
         }
         var tls = TLSConfiguration.makeClientConfiguration()
-        // The chain must lead to the node's CA; the address typed need not be in the
-        // certificate (one from tls.cert_file or ACME may name DNS names only), as Prometheus
-        // is told to name the server instead (docs/monitoring.md).
+        // The chain must lead to STOQ_ADMIN_CA (the node's own CA: only its nodes hold such
+        // certificates); the address typed need not be in the certificate (one from
+        // tls.cert_file or ACME may name DNS names only). With a public CA there, any
+        // certificate it issued would pass: docs/api.md says to give the node's root.
         tls.certificateVerification = .noHostnameVerification
         do {
             tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))

@@ -412,9 +412,9 @@ struct Get: ParsableCommand {
             var ok = r.failure == nil && (r.status ?? 0) / 100 == 2
             var placed: String?
             if let name = names[i], let part = parts[i] {
-                if ok && rename(part.path, name) != 0 {
+                if ok, let why = part.rename(to: name) {
                     ok = false
-                    placed = "cannot put the body in place at \(name) (from \(part.path)): \(String(cString: strerror(errno)))"
+                    placed = "cannot put the body in place at \(name) (from \(part.path)): \(why)"
                 }
                 if !ok { part.discard() }
             }
