@@ -79,6 +79,7 @@ struct stoq_xsk {
   size_t ring_len[4];
   int map_fd;
   uint32_t map_id; /* the kernel's id of that map, to notice a new one pinned in its place */
+  int alone;       /* the program was attached alone (bpftool), not in libxdp's dispatcher */
   /* Transmit frames start tx_off bytes into their UMEM frame (room for TX metadata when
    * the UMEM reserved it); tx_csum_offload: the kernel or NIC sums the UDP checksum. */
   uint32_t tx_off;

@@ -234,6 +234,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       goto fail;
     }
     x->map_id = map_id(x->map_fd);
+    snprintf(path, sizeof(path), "%s/progs/stoq_xdp", cfg->pin_dir);
+    x->alone = access(path, F_OK) == 0; /* only xdp-attach's bpftool path pins the program */
     snprintf(path, sizeof(path), "%s/%s", cfg->pin_dir, STOQ_MAP_PORTS);
     int ports = bpf_obj_get(path);
     if (ports < 0) {
@@ -363,10 +365,14 @@ int stoq_xsk_program_attached(stoq_xsk *x) {
    * not, and the program steers to them: as deaf as none. The map, not the program id, tells:
    * libxdp makes a new dispatcher when another program joins the interface, around the same
    * STOQ program and maps. */
+  /* Attached alone (bpftool), no dispatcher can be re-made around it: the program id tells too
+   * (STOQ's program taken off by hand, its pins left, another program attached). */
+  if (x->alone && id != x->prog_id) return 0;
   char path[192];
   snprintf(path, sizeof(path), "%s/%s", x->cfg.pin_dir, STOQ_MAP_XSK);
   int fd = bpf_obj_get(path);
-  if (fd < 0) return errno == ENOENT ? 0 : 1;
+  /* Pins this node may not open (a re-attach by root without --owner): the program id. */
+  if (fd < 0) return errno == ENOENT ? 0 : id == x->prog_id;
   uint32_t pinned = map_id(fd);
   close(fd);
   return pinned == 0 || x->map_id == 0 || pinned == x->map_id;

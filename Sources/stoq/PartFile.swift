@@ -92,8 +92,10 @@ private enum Unplaced {
             paths.initialize(repeating: nil, count: capacity)
             // Not over a signal ignored (nohup, a background job of a script): it stays ignored.
             for sig in [SIGINT, SIGTERM, SIGHUP] {
-                let before = signal(sig, onSignal)
-                if let before, unsafeBitCast(before, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) { signal(sig, SIG_IGN) }
+                var now = sigaction()
+                guard sigaction(sig, nil, &now) == 0 else { continue }
+                let ignored = now.__sigaction_handler.sa_handler.map { unsafeBitCast($0, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) }
+                if ignored != true { signal(sig, onSignal) }
             }
         }
         guard let slot = (0..<capacity).first(where: { paths[$0] == nil }) else { return -1 }
