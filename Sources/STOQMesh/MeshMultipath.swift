@@ -62,7 +62,7 @@ final class MeshMultipath: @unchecked Sendable {
             var ids: [MultipathRouteID] = []
             var changed = false
             for c in choices {
-                let key = "\(c.holder.hex)|\(c.path.nextHop.rawValue)"
+                let key = Self.routeKey(c.holder.hex, c.path.nextHop)
                 let id: MultipathRouteID
                 if let known = s.ids[key] {
                     id = known
@@ -111,7 +111,7 @@ final class MeshMultipath: @unchecked Sendable {
         let stale = s.offered.filter { t - $0.value >= Self.forgetAfter && !busy.contains($0.key) }.map(\.key)
         guard !stale.isEmpty else { return false }
         for id in stale {
-            if let n = s.names.removeValue(forKey: id) { s.ids["\(n.holder.hex)|\(n.nextHop.rawValue)"] = nil }
+            if let n = s.names.removeValue(forKey: id) { s.ids[Self.routeKey(n.holder.hex, n.nextHop)] = nil }
             s.candidates[id] = nil
             s.offered[id] = nil
             s.sent[id] = nil
@@ -119,6 +119,9 @@ final class MeshMultipath: @unchecked Sendable {
         }
         return true
     }
+
+    /// The key `State.ids` holds a route under: its holder (hex) and its next hop.
+    private static func routeKey(_ holderHex: String, _ nextHop: NodeID) -> String { "\(holderHex)|\(nextHop.rawValue)" }
 
     /// A request out: the same path may go to two next hops at once (a hedge).
     static func key(_ attempt: UpstreamAttempt) -> String { "\(attempt.url.endpoint) \(attempt.path)" }
@@ -129,7 +132,7 @@ final class MeshMultipath: @unchecked Sendable {
     /// The route an attempt's path took, if the learner knows it.
     private func route(_ s: State, _ attempt: UpstreamAttempt, nextHop: NodeID?) -> MultipathRouteID? {
         guard let holder = attempt.holder, let nextHop else { return nil }
-        return s.ids["\(holder)|\(nextHop.rawValue)"]
+        return s.ids[Self.routeKey(holder, nextHop)]
     }
 
     func dispatched(_ attempt: UpstreamAttempt, nextHop: NodeID?, bytes: Int) {
