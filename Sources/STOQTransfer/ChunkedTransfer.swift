@@ -78,11 +78,14 @@ package final class ClientSession {
     package let connection: QUICConnection
     package let url: STOQURL
     let deadline: Timestamp
+    /// Seconds from the start to `deadline` (the transfer's `--timeout`), for messages.
+    let timeout: Double
     /// Sent with every request (e.g. W3C `traceparent`).
     package var headers: [(String, String)] = []
 
     package init(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double) throws(ClientError) {
         self.url = url
+        self.timeout = timeout
         rig = try ClientRig(trust: trust, datapath: datapath, application: app)
         let start = monotonicNow()
         deadline = start + UInt64(timeout * 1e9)
@@ -116,16 +119,21 @@ package final class ClientSession {
         app.sinks[stream] = MultiRequestApp.Sink(fd: sinkFD, offset: offset, limit: limit, hash: hash, tag: tag, keepErrors: keepErrors)
     }
 
-    /// Drives the connection until `done` holds; throws on timeout or a lost connection.
-    package func run(until done: () -> Bool) throws(ClientError) {
+    /// Drives the connection until `done` holds; throws on timeout or a lost connection. A
+    /// timeout says how far the transfer got: `progress`.
+    package func run(until done: () -> Bool, progress: () -> String = { "" }) throws(ClientError) {
         let now = monotonicNow()
-        guard now < deadline else { throw ClientError(.transfer, "timed out") }
+        func timedOut() -> ClientError {
+            let how = progress()
+            return ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout)" + (how.isEmpty ? "" : ", \(how)"))
+        }
+        guard now < deadline else { throw timedOut() }
         let ok: Bool
         do { ok = try rig.worker.run(timeout: deadline - now) { done() || app.connectionError != nil } } catch {
             throw ClientError(.transfer, "\(error)")
         }
         if let e = app.connectionError { throw ClientError(.transfer, "connection lost: \(e)") }
-        if !ok { throw ClientError(.transfer, "timed out") }
+        if !ok { throw timedOut() }
     }
 
     /// One request, waited for; the response body (if any) comes back in memory.
@@ -224,7 +232,9 @@ extension STOQClient {
                 next += 1
                 inFlight += 1
             }
-            try session.run { !session.app.done.isEmpty }
+            try session.run(until: { !session.app.done.isEmpty }) {
+                "\(next - inFlight) of \(sends.count) missing chunks sent (\(bytesSent) bytes)"
+            }
             for d in session.app.done {
                 inFlight -= 1
                 guard let status = d.status, status == 200 || status == 201 else {
@@ -303,7 +313,9 @@ extension STOQClient {
                 next += 1
                 inFlight += 1
             }
-            try session.run { !session.app.done.isEmpty }
+            try session.run(until: { !session.app.done.isEmpty }) {
+                "\(next - inFlight) of \(todo.count) chunks fetched (\(bytesFetched) bytes); run again to resume from \(part)"
+            }
             for d in session.app.done {
                 inFlight -= 1
                 let c = manifest.chunks[d.tag]

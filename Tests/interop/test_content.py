@@ -5,6 +5,7 @@ never serves a chunk whose bytes no longer match its id."""
 import json
 import os
 import pathlib
+import re
 import sys
 
 from conftest import random_file, run, sha256_file, stoq
@@ -73,6 +74,21 @@ def test_get_resumes_without_refetching_verified_chunks(node, tmp_path):
     assert res["bytes_fetched"] < 24 * MiB
     assert sha256_file(out) == sha256_file(src)
     assert not pathlib.Path(str(out) + ".part").exists()
+
+
+def test_a_chunked_put_that_times_out_says_how_far_it_got(node, tmp_path):
+    """It said only "timed out". The handshake and the missing-chunks query take well under 1 s;
+    256 MiB cannot go in 1 s on loopback from a debug build (a fast machine's release build
+    could: then this fails, and wants a larger file)."""
+    src = random_file(tmp_path / "t.bin", 256 * MiB, 4242)
+    r = stoq("put", src, f"https://[::1]:{node.port}/objects/content-timeout", "--chunked", "--ca", node.cert,
+             "--timeout", "1")
+    assert r.returncode == 1, r.stderr
+    m = re.search(r"timed out after 1\.0 s \(the transfer's timeout\), (\d+) of (\d+) missing chunks sent \((\d+) bytes\)",
+                  r.stderr)
+    assert m, r.stderr
+    sent, missing, sent_bytes = map(int, m.groups())
+    assert sent < missing and missing > 256 and sent_bytes < 256 * MiB, r.stderr
 
 
 def test_missing_query_names_what_the_node_lacks(node, tmp_path):
