@@ -662,7 +662,7 @@ public final class ContentService: QUICApplication {
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
-            if mesh?.receiveAdvert(Array(body), fromNode: NodeRouter.isNode(connection.peerIdentity)) == false {
+            if mesh?.receiveAdvert(Array(body), from: NodeRouter.node(connection.peerIdentity)) == false {
                 return fail(stream, connection, 503, "mesh: too many adverts wait to be checked; send it again later")
             }
             connection.respond(stream, status: 202, headers: [("content-length", "0")], body: nil)

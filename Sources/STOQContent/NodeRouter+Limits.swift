@@ -31,11 +31,14 @@ extension NodeRouter {
         return false
     }
 
-    /// Whether a connection's certificate identity (`QUICConnection.peerIdentity`) is a node's:
-    /// verified, with no access role.
-    static func isNode(_ peerIdentity: String) -> Bool {
-        CertificateIdentity(encoded: peerIdentity).map { $0.roles.isEmpty } ?? false
+    /// The node a connection's certificate identity (`QUICConnection.peerIdentity`) names: its
+    /// subject when the certificate is a node's (verified, with no access role), else nil.
+    static func node(_ peerIdentity: String) -> String? {
+        CertificateIdentity(encoded: peerIdentity).flatMap { $0.roles.isEmpty ? $0.subject : nil }
     }
+
+    /// Whether a connection's certificate identity is a node's.
+    static func isNode(_ peerIdentity: String) -> Bool { node(peerIdentity) != nil }
 
     /// Charges an upload that announced no length for what it sent.
     func meterEnded(_ stream: HTTPStream) {

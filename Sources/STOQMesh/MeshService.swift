@@ -76,9 +76,9 @@ public final class MeshService: @unchecked Sendable {
     private let verifier: Replaceable<@Sendable ([Certificate]) throws -> Void>
     private let freshTrust = Mutex<ClientTrust?>(nil)
     private let published = Mutex<(view: MeshView, status: MeshStatus?)>((MeshView.empty, nil))
-    /// Adverts waiting for the mesh thread, oldest first, each marked when it came from a
-    /// connection without a node's certificate; how many of those wait.
-    private let inbox = Mutex<(queue: [(bytes: [UInt8], anonymous: Bool)], anonymous: Int)>(([], 0))
+    /// Adverts waiting for the mesh thread, oldest first, each with its sender (`senderKey`);
+    /// how many wait from each sender.
+    private let inbox = Mutex<(queue: [(bytes: [UInt8], sender: String)], held: [String: Int])>(([], [:]))
     private let chainBox: Mutex<[Certificate]>
     private let credentialsRenewed = Atomic<Bool>(false)
     private let members = Mutex<Set<MeshMember>?>(nil)
@@ -190,27 +190,34 @@ public final class MeshService: @unchecked Sendable {
     /// Adverts waiting for the mesh thread at most: a flood of them (a broken or hostile
     /// sender; `PUT /_stoq/mesh/advert` needs no credential) must not grow without bound.
     public static let advertQueueBound = 4096
-    /// Of those, at most this many from connections that showed no node's certificate (a
-    /// verified one granting no access role): an anonymous flood cannot crowd out the adverts
-    /// neighbours send over mutual TLS.
-    public static let anonymousAdvertBound = advertQueueBound / 4
+    /// Of those, at most this many from one sender: all connections that showed no node's
+    /// certificate together, always; a node (by its certificate's name) once the queue is half
+    /// full. Below that a node may send more: a neighbour hands a large mesh's adverts over at
+    /// once when its link comes up. So neither an anonymous flood nor a broken or hostile
+    /// node leaves the others fewer than a quarter of the places.
+    public static let senderAdvertBound = advertQueueBound / 4
+    /// The sender an advert is counted against: the node, or "" for every anonymous one.
+    private static func senderKey(_ node: String?) -> String { node.map { "node " + $0 } ?? "" }
 
-    /// An advert a neighbour `PUT`, `fromNode` when its connection showed a node's
-    /// certificate: queued for the mesh thread, which verifies it. False, and counted
-    /// (`queue_full`), when its share of the queue is full: the sender is told to come back.
-    public func receiveAdvert(_ bytes: [UInt8], fromNode: Bool) -> Bool {
-        let queued = inbox.withLock { q in
-            guard q.queue.count < Self.advertQueueBound, fromNode || q.anonymous < Self.anonymousAdvertBound else { return false }
-            q.queue.append((bytes, !fromNode))
-            if !fromNode { q.anonymous += 1 }
-            return true
+    /// An advert a neighbour `PUT` over a connection that showed the certificate of the node
+    /// named `node` (nil: no node's): queued for the mesh thread, which verifies it. False, and
+    /// counted (`queue_full`), when the queue or the sender's share of it is full: the sender
+    /// is told to come back.
+    public func receiveAdvert(_ bytes: [UInt8], from node: String?) -> Bool {
+        let sender = Self.senderKey(node)
+        let refused: String? = inbox.withLock { q in
+            guard q.queue.count < Self.advertQueueBound else { return "\(Self.advertQueueBound) adverts already wait for the mesh thread" }
+            let uncontended = node != nil && q.queue.count < Self.advertQueueBound / 2
+            guard uncontended || q.held[sender, default: 0] < Self.senderAdvertBound else {
+                let who = node.map { "node \($0)" } ?? "connections without a node's certificate"
+                return "\(Self.senderAdvertBound) adverts from \(who) already wait for the mesh thread"
+            }
+            q.queue.append((bytes, sender))
+            q.held[sender, default: 0] += 1
+            return nil
         }
-        guard queued else {
-            countRefusedAdvert(
-                "queue_full",
-                fromNode
-                    ? "\(Self.advertQueueBound) adverts already wait for the mesh thread"
-                    : "\(Self.anonymousAdvertBound) adverts from connections without a node's certificate already wait for the mesh thread")
+        if let refused {
+            countRefusedAdvert("queue_full", refused)
             return false
         }
         wakeHook.withLock { $0 }?()
@@ -307,7 +314,10 @@ public final class MeshService: @unchecked Sendable {
         inbox.withLock { q in
             let taken = q.queue.prefix(limit)
             q.queue.removeFirst(taken.count)
-            q.anonymous -= taken.count(where: \.anonymous)
+            for t in taken {
+                q.held[t.sender]! -= 1
+                if q.held[t.sender] == 0 { q.held[t.sender] = nil }
+            }
             return taken.map(\.bytes)
         }
     }

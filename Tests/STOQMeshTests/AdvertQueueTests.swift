@@ -18,33 +18,37 @@ import Testing
             logger: Logger(label: "test.mesh"))
     }
 
-    /// An anonymous flood fills its quarter of the queue and no more: adverts from nodes (a
-    /// connection that showed a node's certificate) still go in, up to the whole bound; what
-    /// the mesh thread takes, oldest first, makes room in the share it came from.
-    @Test func anonymousAdvertsTakeAQuarterOfTheQueueAtMost() {
+    /// A flood from one sender (anyone anonymous together, or one node once the queue is half
+    /// full) fills its quarter of the queue and no more: the other senders' adverts still go
+    /// in, up to the whole bound; what the mesh thread takes, oldest first, makes room.
+    @Test func eachSenderTakesAQuarterOfTheQueueAtMost() {
         let mesh = service()
-        let anonymous = MeshService.anonymousAdvertBound
-        for i in 0..<anonymous { #expect(mesh.receiveAdvert([0, UInt8(i & 0xff)], fromNode: false)) }
-        #expect(!mesh.receiveAdvert([0], fromNode: false))
-        for _ in anonymous..<MeshService.advertQueueBound { #expect(mesh.receiveAdvert([1], fromNode: true)) }
-        #expect(!mesh.receiveAdvert([1], fromNode: true))
+        let share = MeshService.senderAdvertBound, bound = MeshService.advertQueueBound
+        // Alone, a node goes past its share up to half the queue (a neighbour handing over a
+        // large mesh's adverts), then no further.
+        for i in 0..<bound / 2 { #expect(mesh.receiveAdvert([1, UInt8(i & 0xff)], from: "node-a")) }
+        #expect(!mesh.receiveAdvert([1], from: "node-a"))
+        // Anonymous ones get their quarter and no more, contended or not.
+        for _ in 0..<share { #expect(mesh.receiveAdvert([0], from: nil)) }
+        #expect(!mesh.receiveAdvert([0], from: nil))
+        for _ in 0..<share { #expect(mesh.receiveAdvert([2], from: "node-b")) }
+        #expect(!mesh.receiveAdvert([3], from: "node-c"))  // the queue is full
 
         let first = mesh.takeAdverts(limit: 2)
-        #expect(first == [[0, 0], [0, 1]])
-        #expect(mesh.receiveAdvert([0], fromNode: false) && mesh.receiveAdvert([1], fromNode: true))
-        #expect(!mesh.receiveAdvert([0], fromNode: false) && !mesh.receiveAdvert([1], fromNode: true))
-        // The whole queue drains: anonymous first (they came first), then the nodes'.
+        #expect(first == [[1, 0], [1, 1]])
+        #expect(!mesh.receiveAdvert([1], from: "node-a") && !mesh.receiveAdvert([0], from: nil))  // shares still full
+        #expect(mesh.receiveAdvert([3], from: "node-c") && mesh.receiveAdvert([3], from: "node-c"))
+        #expect(!mesh.receiveAdvert([3], from: "node-c"))  // full again
+        // The whole queue drains, in the order it came.
         var taken = first
         while true {
             let batch = mesh.takeAdverts(limit: 256)
             if batch.isEmpty { break }
             taken += batch
         }
-        #expect(taken.count == MeshService.advertQueueBound + 2)
-        #expect(
-            taken.prefix(anonymous).allSatisfy { $0[0] == 0 }
-                && taken.dropFirst(anonymous).prefix(MeshService.advertQueueBound - anonymous).allSatisfy { $0 == [1] })
-        #expect(taken.suffix(2) == [[0], [1]])
-        for _ in 0..<anonymous { #expect(mesh.receiveAdvert([0], fromNode: false)) }
+        #expect(taken.count == bound + 2)
+        let senders = taken.map { $0[0] }
+        #expect(senders == Array(repeating: 1, count: bound / 2) + Array(repeating: 0, count: share) + Array(repeating: 2, count: share) + [3, 3])
+        for _ in 0..<share { #expect(mesh.receiveAdvert([0], from: nil)) }
     }
 }
