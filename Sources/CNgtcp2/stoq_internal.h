@@ -146,7 +146,9 @@ struct stoq_conn {
   int tls_cipher;             /* ditto: its gnutls_cipher_algorithm_t */
   stoq_tls_ctx *tls_ctx;      /* the credentials the session was made with (they may rotate since) */
   int peer_refused;           /* mutual TLS refused the peer's certificate */
-  char peer_identity[256];    /* the accepted client certificate's identity ("" = none), for access */
+  /* What the peer check said the peer is ("" = none): a client's roles, key id and subject;
+   * on a client, the server's node id. */
+  char peer_identity[STOQ_PEER_IDENTITY_MAX];
   ngtcp2_crypto_conn_ref ref;
   nghttp3_conn *h3;
   struct sockaddr_in6 local, remote;

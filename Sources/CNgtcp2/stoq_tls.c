@@ -335,7 +335,7 @@ static int verify_client(gnutls_session_t session) {
   if (!chain || n == 0) return t->client_auth == STOQ_CLIENT_AUTH_REQUIRED ? refuse_peer(c, "none was presented") : 0;
   char why[sizeof(c->errstr)];
   if (run_peer_check(t, chain, n, NULL, why, sizeof(why)) != 0) return refuse_peer(c, why);
-  /* Accepted: `why` now holds what the policy says the client is (roles, subject). */
+  /* Accepted: `why` now holds what the policy says the client is (roles, key id, subject). */
   snprintf(c->peer_identity, sizeof(c->peer_identity), "%s", why);
   return 0;
 }

@@ -26,11 +26,15 @@ public struct CertificateIdentity: Sendable, Equatable {
     public var subject: String
     /// The roles the certificate carries (empty: it authenticates but grants nothing).
     public var roles: [AccessRole]
+    /// The certified key's id (`CertificateSummary.keyID`, hex; "" when not known): unlike the
+    /// subject, no two holders share it, and a node's stays across its renewals (its mesh id).
+    public var key: String
 
     /// Creates an identity.
-    public init(subject: String, roles: [AccessRole]) {
+    public init(subject: String, roles: [AccessRole], key: String = "") {
         self.subject = subject
         self.roles = roles
+        self.key = key
     }
 
     /// What every role's SAN URI starts with.
@@ -49,14 +53,15 @@ public struct CertificateIdentity: Sendable, Equatable {
     public var highestRole: AccessRole? { roles.max() }
 
     /// The form the TLS layer carries from the handshake to the connection
-    /// (`QUICConnection.peerIdentity`): `roles|subject`, roles comma-separated.
-    public var encoded: String { roles.map(\.rawValue).joined(separator: ",") + "|" + subject }
+    /// (`QUICConnection.peerIdentity`): `roles|key|subject`, roles comma-separated.
+    public var encoded: String { roles.map(\.rawValue).joined(separator: ",") + "|" + key + "|" + subject }
 
     /// Reads `encoded`; nil for "" (no certificate) or another form.
     public init?(encoded: String) {
-        guard let bar = encoded.firstIndex(of: "|") else { return nil }
-        let roles = encoded[..<bar].split(separator: ",").compactMap { AccessRole(rawValue: String($0)) }
-        self.init(subject: String(encoded[encoded.index(after: bar)...]), roles: roles)
+        let parts = encoded.split(separator: "|", maxSplits: 2, omittingEmptySubsequences: false)
+        guard parts.count == 3 else { return nil }
+        let roles = parts[0].split(separator: ",").compactMap { AccessRole(rawValue: String($0)) }
+        self.init(subject: String(parts[2]), roles: roles, key: String(parts[1]))
     }
 }
 

@@ -32,9 +32,10 @@ extension NodeRouter {
     }
 
     /// The node a connection's certificate identity (`QUICConnection.peerIdentity`) names: its
-    /// subject when the certificate is a node's (verified, with no access role), else nil.
+    /// key id (hex; its mesh id) when the certificate is a node's (verified, with no access
+    /// role), else nil.
     static func node(_ peerIdentity: String) -> String? {
-        CertificateIdentity(encoded: peerIdentity).flatMap { $0.roles.isEmpty ? $0.subject : nil }
+        CertificateIdentity(encoded: peerIdentity).flatMap { $0.roles.isEmpty && !$0.key.isEmpty ? $0.key : nil }
     }
 
     /// Whether a connection's certificate identity is a node's.

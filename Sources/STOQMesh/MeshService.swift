@@ -191,26 +191,27 @@ public final class MeshService: @unchecked Sendable {
     /// sender; `PUT /_stoq/mesh/advert` needs no credential) must not grow without bound.
     public static let advertQueueBound = 4096
     /// Of those, at most this many from one sender: all connections that showed no node's
-    /// certificate together, always; a node (by its certificate's name) once the queue is half
+    /// certificate together, always; a node (by its key: its mesh id) once the queue is half
     /// full. Below that a node may send more: a neighbour hands a large mesh's adverts over at
-    /// once when its link comes up. So neither an anonymous flood nor a broken or hostile
-    /// node leaves the others fewer than a quarter of the places.
+    /// once when its link comes up. So an anonymous flood and a broken or hostile node together
+    /// leave the other nodes a quarter of the places.
     public static let senderAdvertBound = advertQueueBound / 4
-    /// The sender an advert is counted against: the node, or "" for every anonymous one.
+    /// The sender an advert is counted against: the node's key id, or "" for every anonymous one.
     private static func senderKey(_ node: String?) -> String { node.map { "node " + $0 } ?? "" }
 
     /// An advert a neighbour `PUT` over a connection that showed the certificate of the node
-    /// named `node` (nil: no node's): queued for the mesh thread, which verifies it. False, and
-    /// counted (`queue_full`), when the queue or the sender's share of it is full: the sender
-    /// is told to come back.
+    /// whose key id (hex) is `node` (nil: no node's): queued for the mesh thread, which
+    /// verifies it. False, and counted (`queue_full`), when the queue or the sender's share of
+    /// it is full: the sender is told to come back.
     public func receiveAdvert(_ bytes: [UInt8], from node: String?) -> Bool {
         let sender = Self.senderKey(node)
         let refused: String? = inbox.withLock { q in
             guard q.queue.count < Self.advertQueueBound else { return "\(Self.advertQueueBound) adverts already wait for the mesh thread" }
             let uncontended = node != nil && q.queue.count < Self.advertQueueBound / 2
-            guard uncontended || q.held[sender, default: 0] < Self.senderAdvertBound else {
-                let who = node.map { "node \($0)" } ?? "connections without a node's certificate"
-                return "\(Self.senderAdvertBound) adverts from \(who) already wait for the mesh thread"
+            let held = q.held[sender, default: 0]
+            guard uncontended || held < Self.senderAdvertBound else {
+                let who = node.map { "node \($0.prefix(16))" } ?? "connections without a node's certificate"
+                return "\(held) adverts from \(who) already wait for the mesh thread (\(q.queue.count) in all)"
             }
             q.queue.append((bytes, sender))
             q.held[sender, default: 0] += 1

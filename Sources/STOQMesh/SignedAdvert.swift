@@ -1,4 +1,5 @@
 import Crypto
+import STOQTrust
 import SwiftASN1
 import X509
 
@@ -141,9 +142,8 @@ public struct SignedAdvert: Sendable {
 }
 
 extension NodeIdentity {
-    /// The id of the node whose key this is: SHA-256 of the subjectPublicKey bit string's bytes
-    /// (for P-256, the 65-byte uncompressed point): RFC 7093's method 1, untruncated.
+    /// The id of the node whose key this is (`CertificateSummary.keyID`).
     public init(publicKey: Certificate.PublicKey) {
-        self.init(Array(SHA256.hash(data: publicKey.subjectPublicKeyInfoBytes)))
+        self.init(CertificateSummary.keyID(publicKey))
     }
 }

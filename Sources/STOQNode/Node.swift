@@ -246,10 +246,11 @@ public final class Node: @unchecked Sendable {
     }
 
     /// What an accepted client certificate makes its holder (`QUICConnection.peerIdentity`):
-    /// its roles (SAN `urn:stoq:role:…`) and name, in `CertificateIdentity.encoded` form.
+    /// its roles (SAN `urn:stoq:role:…`), key id and name, in `CertificateIdentity.encoded` form.
     @Sendable static func certificateIdentity(_ chain: [[UInt8]]) -> String {
         guard let leaf = chain.first, let id = CertificateSummary.clientIdentity(leafDER: leaf) else { return "" }
-        return CertificateIdentity(subject: id.subject, roles: id.uris.compactMap(CertificateIdentity.role(fromURI:))).encoded
+        let roles = id.uris.compactMap(CertificateIdentity.role(fromURI:))
+        return CertificateIdentity(subject: id.subject, roles: roles, key: Hex.encode(id.key)).encoded
     }
 
     /// The node's token key (made at first start), its operator token (made, or re-issued when

@@ -192,7 +192,7 @@ public final class QUICConnection: TimerHeapElement {
     }
 
     /// What the certificate policy said the peer is when it accepted its certificate
-    /// (`PeerCertificateCheck.identify`): a client's roles and subject (server, mutual TLS;
+    /// (`PeerCertificateCheck.identify`): a client's roles, key id and subject (server, mutual TLS;
     /// read by the access policy on each request), a server's node id (a mesh neighbour); ""
     /// when there was no certificate or the policy says nothing. Fixed once the handshake is done.
     public var peerIdentity: String { String(cString: stoq_conn_peer_identity(raw)) }

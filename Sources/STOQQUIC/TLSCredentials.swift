@@ -118,8 +118,9 @@ public final class PeerCertificateCheck: Sendable, Equatable {
     /// rule (a configuration reload compares them).
     public let identity: String
     /// What an accepted certificate says its holder is, kept on the connection as
-    /// `QUICConnection.peerIdentity`: on a server, a client's roles and subject (the access
-    /// policy's); on a client, the server's node id (a mesh neighbour). At most 255 bytes.
+    /// `QUICConnection.peerIdentity`: on a server, a client's roles, key id and subject (the access
+    /// policy's); on a client, the server's node id (a mesh neighbour). Cut to
+    /// `STOQ_PEER_IDENTITY_MAX` - 1 bytes, at a character.
     public let identify: (@Sendable (_ chain: [[UInt8]]) -> String)?
 
     /// Creates a check.
@@ -145,17 +146,25 @@ private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverNa
         guard let p = certs[i] else { return -1 }
         chain.append(Array(UnsafeBufferPointer(start: p, count: lens[i])))
     }
-    func write(_ text: String) {
-        let bytes = Array(text.utf8.prefix(max(0, whyLen - 1)))
+    /// `text`, NUL-terminated, cut to `limit` bytes at a character (a cut UTF-8 sequence would
+    /// read back as U+FFFD).
+    func write(_ text: String, limit: Int) {
+        let cap = max(0, min(limit, whyLen - 1))
+        var n = 0
+        for s in text.unicodeScalars {
+            guard n + UTF8.width(s) <= cap else { break }
+            n += UTF8.width(s)
+        }
+        let bytes = Array(text.utf8.prefix(n))
         for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
         why[bytes.count] = 0
     }
     guard let reason = check.check(chain, serverName.map { String(cString: $0) }) else {
         // Accepted: `why` carries the peer's identity back to the connection.
-        if let identify = check.identify { write(identify(chain)) }
+        if let identify = check.identify { write(identify(chain), limit: Int(STOQ_PEER_IDENTITY_MAX) - 1) }
         return 0
     }
-    write(reason)
+    write(reason, limit: whyLen - 1)
     return 1
 }
 

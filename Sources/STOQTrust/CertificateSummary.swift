@@ -55,10 +55,18 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         }
     }
 
-    /// A client's name and SAN URIs from its leaf certificate (DER), for the access policy:
-    /// the subject's common name (else the whole subject), and every URI SAN. Nil when the
-    /// bytes do not parse (the handshake's verifier has accepted them already, so never).
-    public static func clientIdentity(leafDER: [UInt8]) -> (subject: String, uris: [String])? {
+    /// The id of the key a certificate certifies: SHA-256 of the subjectPublicKey bit string's
+    /// bytes (for P-256, the 65-byte uncompressed point), RFC 7093's method 1, untruncated. A
+    /// mesh node's id (`NodeIdentity`); it stays across renewals that keep the key.
+    public static func keyID(_ publicKey: Certificate.PublicKey) -> [UInt8] {
+        Array(SHA256.hash(data: publicKey.subjectPublicKeyInfoBytes))
+    }
+
+    /// A client's name, SAN URIs and key id from its leaf certificate (DER), for the access
+    /// policy: the subject's common name (else the whole subject), every URI SAN, `keyID`.
+    /// Nil when the bytes do not parse (the handshake's verifier has accepted them already, so
+    /// never).
+    public static func clientIdentity(leafDER: [UInt8]) -> (subject: String, uris: [String], key: [UInt8])? {
         guard let c = try? Certificate(derEncoded: leafDER) else { return nil }
         var cn: String?
         for rdn in c.subject { for a in rdn where a.type == .RDNAttributeType.commonName { cn = cn ?? "\(a.value)" } }
@@ -66,7 +74,7 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         if let sans = (try? c.extensions.subjectAlternativeNames) ?? nil {
             for case .uniformResourceIdentifier(let u) in sans { uris.append(u) }
         }
-        return (cn ?? c.subject.description, uris)
+        return (cn ?? c.subject.description, uris, keyID(c.publicKey))
     }
 
     /// Summarizes `certificate`.

@@ -54,9 +54,10 @@ import Testing
         #expect(p.decide(method: "PUT", path: "/objects/x", principal: none).status == 403)
         #expect(p.decide(method: "PUT", path: "/objects/x", principal: writer).allowed)
         // The encoded form the TLS layer carries.
-        let id = CertificateIdentity(subject: "CN=a|b", roles: [.writer, .admin])
+        let id = CertificateIdentity(subject: "CN=a|b", roles: [.writer, .admin], key: "0a1b")
+        #expect(id.encoded == "writer,admin|0a1b|CN=a|b")
         #expect(CertificateIdentity(encoded: id.encoded) == id)
-        #expect(CertificateIdentity(encoded: "") == nil)
+        #expect(CertificateIdentity(encoded: "|") == nil && CertificateIdentity(encoded: "") == nil)
         #expect(CertificateIdentity.role(fromURI: "urn:stoq:role:writer") == .writer)
         #expect(CertificateIdentity.role(fromURI: "urn:stoq:role:root") == nil)
         #expect(CertificateIdentity.role(fromURI: "https://example/") == nil)

@@ -57,11 +57,14 @@ import Testing
     }
 
     /// The mesh's paths are exempt only for a node's certificate: verified (an identity at
-    /// all) and granting no role (a user's certificate carries its roles).
+    /// all, with its key) and granting no role (a user's certificate carries its roles). A node
+    /// is known by its key (its mesh id), not by its certificate's name.
     @Test func onlyANodesCertificateExemptsTheMeshsPaths() {
-        #expect(NodeRouter.isNode("|node-b.mesh"))
-        #expect(!NodeRouter.isNode("reader|alice"))
-        #expect(!NodeRouter.isNode(""))
+        let key = String(repeating: "ab", count: 32)
+        #expect(NodeRouter.isNode("|\(key)|node-b.mesh") && NodeRouter.node("|\(key)|node-b.mesh") == key)
+        #expect(!NodeRouter.isNode("reader|\(key)|alice"))
+        #expect(!NodeRouter.isNode("||node-b.mesh"))  // no key
+        #expect(!NodeRouter.isNode("|node-b.mesh") && !NodeRouter.isNode(""))  // not the form
     }
 
     /// Any client may announce a length near 2^63: the debt it leaves converts to a wait (the

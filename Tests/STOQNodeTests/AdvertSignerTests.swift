@@ -1,15 +1,32 @@
 import Foundation
+import STOQAccess
+import STOQMesh
 import STOQTransfer
-import STOQTrust
 import Testing
 import X509
 
 @testable import STOQNode
+@testable import STOQTrust
 
 /// Who may sign a mesh advert: a node's certificate under the mesh's roots. A user's client
 /// certificate (issued under the same roots, with an access role) and a certificate this
 /// node's CA revoked are refused, each saying why.
 @Suite struct AdvertSignerTests {
+    /// The identity a node's certificate gives its connections carries the node's key id: its
+    /// mesh id, which the advert queue counts a node's adverts by. Two nodes may share a name
+    /// (nodes on one host do), never a key.
+    @Test func aNodesCertificateIdentityCarriesItsMeshID() throws {
+        let dir = NSTemporaryDirectory() + "stoq-identity-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ca = try TrustAuthority.create(in: dir + "/trust")
+        let a = try ca.issueWithNewKey(dnsNames: ["same.test"]), b = try ca.issueWithNewKey(dnsNames: ["same.test"])
+        let ida = try #require(CertificateIdentity(encoded: Node.certificateIdentity([PeerVerifier.der(a.certificate)])))
+        let idb = try #require(CertificateIdentity(encoded: Node.certificateIdentity([PeerVerifier.der(b.certificate)])))
+        #expect(ida.subject == "same.test" && ida.roles.isEmpty)
+        #expect(ida.key == NodeIdentity(publicKey: a.certificate.publicKey).hex)
+        #expect(idb.subject == ida.subject && idb.key == NodeIdentity(publicKey: b.certificate.publicKey).hex && idb.key != ida.key)
+    }
+
     @Test func onlyANodesUnrevokedCertificateSignsAdverts() throws {
         let dir = NSTemporaryDirectory() + "stoq-advert-signer-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: dir) }
