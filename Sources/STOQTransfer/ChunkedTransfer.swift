@@ -233,7 +233,7 @@ extension STOQClient {
                 inFlight += 1
             }
             try session.run(until: { !session.app.done.isEmpty }) {
-                "\(next - inFlight) of \(sends.count) missing chunks sent (\(bytesSent) bytes)"
+                "\(next - inFlight) of \(sends.count) missing chunks stored (\(bytesSent) bytes)"
             }
             for d in session.app.done {
                 inFlight -= 1

@@ -84,11 +84,11 @@ def test_a_chunked_put_that_times_out_says_how_far_it_got(node, tmp_path):
     r = stoq("put", src, f"https://[::1]:{node.port}/objects/content-timeout", "--chunked", "--ca", node.cert,
              "--timeout", "1")
     assert r.returncode == 1, r.stderr
-    m = re.search(r"timed out after 1\.0 s \(the transfer's timeout\), (\d+) of (\d+) missing chunks sent \((\d+) bytes\)",
+    m = re.search(r"timed out after 1\.0 s \(the transfer's timeout\), (\d+) of (\d+) missing chunks stored \((\d+) bytes\)",
                   r.stderr)
     assert m, r.stderr
-    sent, missing, sent_bytes = map(int, m.groups())
-    assert sent < missing and missing > 256 and sent_bytes < 256 * MiB, r.stderr
+    stored, missing, stored_bytes = map(int, m.groups())
+    assert stored < missing and missing > 256 and stored_bytes < 256 * MiB, r.stderr
 
 
 def test_missing_query_names_what_the_node_lacks(node, tmp_path):
