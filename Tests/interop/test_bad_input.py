@@ -284,7 +284,9 @@ def test_flood_of_valid_initials_turns_retry_on_until_it_passes(tmp_path):
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
-    n = Node(tmp_path, workers=1, extra='retry_threshold = 50\n[network.quic_config]\nhandshake_timeout = "3s"\n'
+    # The half-open ones must outlive the flood's reading and a real client's whole run: with
+    # 3 s, beside other jobs, they had timed out before the client came (no Retry for it).
+    n = Node(tmp_path, workers=1, extra='retry_threshold = 50\n[network.quic_config]\nhandshake_timeout = "10s"\n'
                                         '[admin]\nlisten = "[::1]:0"')
     try:
         n.digests = {"obj-65536.bin": n.add_object("obj-65536.bin", 65536)}
@@ -306,8 +308,8 @@ def test_flood_of_valid_initials_turns_retry_on_until_it_passes(tmp_path):
         after = settled_reading(lambda: summed_counters(n, names))
         assert after["stoq_quic_retries_forced_total"] == 151, after  # the real client went through a Retry
         assert after["stoq_quic_connections_accepted_total"] == 51, after
-        # The half-open ones time out (3 s); the worker notices at its next tick.
-        deadline = time.time() + 15
+        # The half-open ones time out (10 s); the worker notices at its next tick.
+        deadline = time.time() + 25
         while time.time() < deadline and "Retry off" not in n.workdir.joinpath("node.log").read_text():
             time.sleep(0.2)
         log = n.workdir.joinpath("node.log").read_text()

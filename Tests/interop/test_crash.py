@@ -20,8 +20,8 @@ from test_mesh_testbed import MESH, Mesh, mesh, state, testbed, topology  # noqa
 
 MiB = 1 << 20
 ROUNDS = int(os.environ.get("STOQ_CRASH_ROUNDS", "20"))
-# A relay round takes ~20 s (the restarted relay must be seen up and routed through again):
-# scripts/test runs fewer; the full 20 is `STOQ_CRASH_RELAY_ROUNDS=20` (the default here).
+# A relay round takes ~20 s (the restarted relay must be seen up and routed through again).
+# scripts/test runs fewer of both; the full 20 is the default here.
 RELAY_ROUNDS = int(os.environ.get("STOQ_CRASH_RELAY_ROUNDS", str(ROUNDS)))
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
 
