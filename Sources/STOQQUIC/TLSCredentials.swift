@@ -120,7 +120,7 @@ public final class PeerCertificateCheck: Sendable, Equatable {
     /// What an accepted certificate says its holder is, kept on the connection as
     /// `QUICConnection.peerIdentity`: on a server, a client's roles, key id and subject (the access
     /// policy's); on a client, the server's node id (a mesh neighbour). Cut to
-    /// `STOQ_PEER_IDENTITY_MAX` - 1 bytes, at a character.
+    /// `STOQ_PEER_IDENTITY_MAX` - 1 bytes, between Unicode scalars.
     public let identify: (@Sendable (_ chain: [[UInt8]]) -> String)?
 
     /// Creates a check.
@@ -146,16 +146,16 @@ private let peerCheckThunk: stoq_peer_check_fn = { ctx, certs, lens, n, serverNa
         guard let p = certs[i] else { return -1 }
         chain.append(Array(UnsafeBufferPointer(start: p, count: lens[i])))
     }
-    /// `text`, NUL-terminated, cut to `limit` bytes at a character (a cut UTF-8 sequence would
-    /// read back as U+FFFD).
+    /// `text`, NUL-terminated, cut to `limit` bytes between Unicode scalars (a cut UTF-8
+    /// sequence would read back as U+FFFD).
     func write(_ text: String, limit: Int) {
         let cap = max(0, min(limit, whyLen - 1))
-        var n = 0
+        var kept = 0
         for s in text.unicodeScalars {
-            guard n + UTF8.width(s) <= cap else { break }
-            n += UTF8.width(s)
+            guard kept + UTF8.width(s) <= cap else { break }
+            kept += UTF8.width(s)
         }
-        let bytes = Array(text.utf8.prefix(n))
+        let bytes = Array(text.utf8.prefix(kept))
         for (i, b) in bytes.enumerated() { why[i] = CChar(bitPattern: b) }
         why[bytes.count] = 0
     }

@@ -37,8 +37,9 @@ extern "C" {
 /** Bytes of a static secret (tokens, stateless reset). */
 #define STOQ_SECRETLEN 32
 /** Room for what the certificate policy says an accepted peer is (`stoq_conn_peer_identity`),
- *  with its NUL: a client's roles, key id (64 hex digits) and subject; a server's node id. */
-#define STOQ_PEER_IDENTITY_MAX 320
+ *  with its NUL: a client's roles, key id and subject; a server's node id. 256 before the key
+ *  id, whose 64 hex digits and separator take nothing from the subject's room. */
+#define STOQ_PEER_IDENTITY_MAX (256 + 65)
 /** Longest request target STOQ accepts; longer gets 414 (the rule is HTTPRequestHead's). */
 #define STOQ_MAX_PATH 4096
 /** Largest request field section (RFC 9114 §4.2.2 size) STOQ serves; larger gets 431 (ditto). */
@@ -71,7 +72,8 @@ void stoq_tls_server_set_client_auth(stoq_tls_ctx *t, int mode);
  *  server, NULL when judging a client. Returns 0 to accept, else writes the reason to `why`
  *  (NUL-terminated) and returns nonzero. On accepting a client it may write the client's
  *  identity to `why` instead (the access policy's roles, key id and subject), which the
- *  connection keeps (`stoq_conn_peer_identity`, at most STOQ_PEER_IDENTITY_MAX - 1 bytes). STOQ's is Swift's PeerVerifier: C judges nothing. */
+ *  connection keeps (`stoq_conn_peer_identity`, at most STOQ_PEER_IDENTITY_MAX - 1 bytes).
+ *  STOQ's is Swift's PeerVerifier: C judges nothing. */
 typedef int (*stoq_peer_check_fn)(void *ctx, const uint8_t *const *certs, const size_t *lens, size_t n,
                                   const char *server_name, char *why, size_t why_len);
 
