@@ -123,17 +123,13 @@ package final class ClientSession {
     /// timeout says how far the transfer got: `progress`.
     package func run(until done: () -> Bool, progress: () -> String = { "" }) throws(ClientError) {
         let now = monotonicNow()
-        func timedOut() -> ClientError {
-            let how = progress()
-            return ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout)" + (how.isEmpty ? "" : ", \(how)"))
-        }
-        guard now < deadline else { throw timedOut() }
+        guard now < deadline else { throw ClientError.timedOut(after: timeout, progress()) }
         let ok: Bool
         do { ok = try rig.worker.run(timeout: deadline - now) { done() || app.connectionError != nil } } catch {
             throw ClientError(.transfer, "\(error)")
         }
         if let e = app.connectionError { throw ClientError(.transfer, "connection lost: \(e)") }
-        if !ok { throw timedOut() }
+        if !ok { throw ClientError.timedOut(after: timeout, progress()) }
     }
 
     /// One request, waited for; the response body (if any) comes back in memory.

@@ -280,6 +280,12 @@ public struct ClientError: Error, Sendable, CustomStringConvertible {
     public var message: String
     public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
     public var description: String { message }
+
+    /// The client's own deadline passed (`--timeout`, `seconds`); `progress` says how far the
+    /// transfer got ("" when it had not started).
+    static func timedOut(after seconds: Double, _ progress: String) -> ClientError {
+        ClientError(.transfer, "timed out after \(seconds) s (the transfer's timeout)" + (progress.isEmpty ? "" : ", \(progress)"))
+    }
 }
 
 /// Trust settings for a client.
@@ -719,7 +725,7 @@ public enum STOQClient {
             // Our own deadline: closing reset the stream (0x10c), which is not the server's doing.
             // An upload is counted by what was read of its body; the response's bytes say nothing.
             let progress = streamed.map { "\($0.outcome.bytes) bytes of the body read" } ?? "\(app.received) bytes received"
-            throw ClientError(.transfer, "timed out after \(timeout) s (the transfer's timeout), \(progress)")
+            throw ClientError.timedOut(after: timeout, progress)
         }
         let sent = streamed?.outcome
         if let sent, sent.errno != 0 {
