@@ -26,8 +26,9 @@ public struct CertificateIdentity: Sendable, Equatable {
     public var subject: String
     /// The roles the certificate carries (empty: it authenticates but grants nothing).
     public var roles: [AccessRole]
-    /// The certified key's id (`CertificateSummary.keyID`, hex; "" when not known): unlike the
-    /// subject, no two holders share it, and a node's stays across its renewals (its mesh id).
+    /// A node's certified key id (`CertificateSummary.keyID`, hex): its mesh id, which unlike
+    /// the subject no two nodes share and which stays across renewals; "" for a certificate
+    /// that is not a node's (`Node.notANode`), or when not known.
     public var key: String
 
     /// Creates an identity.

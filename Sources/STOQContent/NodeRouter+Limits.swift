@@ -7,10 +7,9 @@ import STOQQUIC
 /// `bytes_per_second`): every request is admitted or refused here before a service sees it,
 /// keyed by `clientIdentity` (so the access policy's identity once it has set one). Mesh
 /// traffic between nodes (probes, adverts, relays) on a connection that showed a node's
-/// certificate (verified, and granting no access role: a user's certificate carries its roles)
-/// is not limited: it is the mesh's own machinery, paced by it. The same paths from anyone
-/// else are limited like any request (a relay path serves objects, and an advert needs no
-/// credential).
+/// certificate (verified, no access role, serverAuth: `Node.notANode`) is not limited: it is
+/// the mesh's own machinery, paced by it. The same paths from anyone else are limited like any
+/// request (a relay path serves objects, and an advert needs no credential).
 extension NodeRouter {
     /// Whether `request` may go on; answers 429 with `Retry-After` itself when not.
     func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
@@ -32,10 +31,10 @@ extension NodeRouter {
     }
 
     /// The node a connection's certificate identity (`QUICConnection.peerIdentity`) names: its
-    /// key id (hex; its mesh id) when the certificate is a node's (verified, with no access
-    /// role), else nil.
+    /// key id (hex; its mesh id), which the identity carries only for a node's certificate
+    /// (`Node.notANode`), else nil.
     static func node(_ peerIdentity: String) -> String? {
-        CertificateIdentity(encoded: peerIdentity).flatMap { $0.roles.isEmpty && !$0.key.isEmpty ? $0.key : nil }
+        CertificateIdentity(encoded: peerIdentity).flatMap { $0.key.isEmpty ? nil : $0.key }
     }
 
     /// Whether a connection's certificate identity is a node's.

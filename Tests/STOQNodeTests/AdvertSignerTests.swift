@@ -27,6 +27,33 @@ import X509
         #expect(idb.subject == ida.subject && idb.key == NodeIdentity(publicKey: b.certificate.publicKey).hex && idb.key != ida.key)
     }
 
+    /// A certificate that grants no role is not a node's for that alone: one with clientAuth
+    /// and no serverAuth is a client's. Neither it nor a user's certificate signs adverts or
+    /// gives its connections a node's key (which would count them as a node's).
+    @Test func aClientOnlyCertificateWithoutRolesIsNotANodes() throws {
+        let dir = NSTemporaryDirectory() + "stoq-client-only-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ca = try TrustAuthority.create(in: dir + "/trust")
+        let gadget = try ca.issueWithNewKey(dnsNames: [], uris: ["urn:example:gadget"], commonName: "gadget")
+        let alice = try ca.issueWithNewKey(dnsNames: [], uris: ["urn:stoq:role:writer"], commonName: "alice")
+        let node = try ca.issueWithNewKey(dnsNames: ["n1.test"])
+        #expect(CertificateSummary(gadget.certificate).extendedKeyUsage == [ExtendedKeyUsage.Usage.clientAuth.description])
+        #expect(Node.notANode(node.certificate) == nil)
+        #expect(Node.notANode(gadget.certificate)?.contains("no serverAuth") == true)
+        #expect(Node.notANode(alice.certificate)?.contains("urn:stoq:role:writer") == true)
+        let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), dataDir: dir)
+        do {
+            try verify([gadget.certificate, ca.intermediate])
+            Issue.record("a client-only certificate signed an advert")
+        } catch {
+            #expect("\(error)".contains("a client's, not a node's"), "\(error)")
+        }
+        for (issued, subject) in [(gadget, "gadget"), (alice, "alice")] {
+            let id = try #require(CertificateIdentity(encoded: Node.certificateIdentity([PeerVerifier.der(issued.certificate)])))
+            #expect(id.subject == subject && id.key.isEmpty)
+        }
+    }
+
     @Test func onlyANodesUnrevokedCertificateSignsAdverts() throws {
         let dir = NSTemporaryDirectory() + "stoq-advert-signer-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: dir) }
