@@ -4,7 +4,8 @@ an HTTP/3 GOAWAY, and the requests under way run to their end, for at most
 close every connection at once, cutting every transfer.)
 
 The transfer is held open by its reader: `stoq get -o FIFO`, drained slowly by this test, so
-QUIC's flow control keeps the node sending for seconds, whatever the machine's speed."""
+QUIC's flow control keeps the node sending for seconds, whatever the machine's speed; a reader
+told to pause stops reading altogether, and the transfer cannot end until it resumes."""
 import hashlib
 import os
 import signal
@@ -17,19 +18,25 @@ from conftest import Node, need_binary, stoq
 SIZE = 48 << 20
 
 
-def slow_get(node, name, fifo, pace):
+def slow_get(node, name, fifo, pace, pause_at=None):
     """Starts `stoq get` of `name` into `fifo` and a reader taking 256 KiB every `pace` seconds.
-    Returns the client, the reader and its tally: bytes read, their SHA-256."""
+    Returns the client, the reader and its tally: bytes read, their SHA-256. With `pause_at`
+    the reader stops once it has read that many bytes, sets tally["paused"] and reads on only
+    once tally["resume"] is set: the client then holds at most a stream window it cannot
+    write, and flow control stops the node (the client's keep-alive keeps the connection)."""
     os.mkfifo(fifo)
     client = subprocess.Popen([str(need_binary("stoq")), "get", node.url(name), "-o", str(fifo), "--ca", str(node.cert)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tally = {"bytes": 0, "sha": hashlib.sha256()}
+    tally = {"bytes": 0, "sha": hashlib.sha256(), "paused": threading.Event(), "resume": threading.Event()}
 
     def read():
         with open(fifo, "rb") as f:
             while chunk := f.read(256 << 10):
                 tally["bytes"] += len(chunk)
                 tally["sha"].update(chunk)
+                if pause_at is not None and tally["bytes"] >= pause_at and not tally["resume"].is_set():
+                    tally["paused"].set()
+                    tally["resume"].wait()
                 time.sleep(pace)
 
     reader = threading.Thread(target=read)
@@ -47,21 +54,31 @@ def wait_for(cond, seconds=30):
 def test_sigterm_lets_a_download_finish_and_refuses_new_connections(tmp_path):
     node = Node(tmp_path / "node", workers=1, extra='drain_timeout = "60s"')
     digest = node.add_object("big.bin", SIZE)
-    client, reader, tally = slow_get(node, "big.bin", tmp_path / "body.fifo", pace=0.02)
+    # The reader stops at 4 MiB until the late get has been refused: what the client may still
+    # take (a stream window, at most 32 MiB) cannot complete the 48 MiB, so the download is
+    # under way for as long as the test looks, however slow the machine.
+    client, reader, tally = slow_get(node, "big.bin", tmp_path / "body.fifo", pace=0.02, pause_at=4 << 20)
     try:
-        wait_for(lambda: tally["bytes"] >= 4 << 20)
+        wait_for(lambda: tally["paused"].is_set() or client.poll() is not None)
+        assert tally["paused"].is_set(), client.communicate()
         node.proc.send_signal(signal.SIGTERM)
+        # The worker logs this once it has begun to drain (new connections refused from then).
+        draining = "worker 0: draining: 1 connections have requests open"
+        wait_for(lambda: draining in (node.workdir / "node.log").read_text() or node.proc.poll() is not None)
         # The node keeps serving the download, and refuses a new connection, saying why.
-        time.sleep(0.3)
-        assert node.proc.poll() is None and tally["bytes"] < SIZE, "the download ended before the test could look"
+        assert node.proc.poll() is None and client.poll() is None and tally["bytes"] < SIZE, \
+            "the download ended before the test could look"
         r = stoq("get", node.url("big.bin"), "-o", tmp_path / "late.bin", "--ca", node.cert, "--no-session-cache")
         assert r.returncode == 1 and "CONNECTION_REFUSED (0x2): this node is shutting down" in r.stderr, r.stderr
+        assert node.proc.poll() is None and client.poll() is None, "the download ended while it was paused"
+        tally["resume"].set()
         out, err = client.communicate(timeout=120)
         reader.join(timeout=60)
         assert client.returncode == 0, err
         assert tally["bytes"] == SIZE and tally["sha"].hexdigest() == digest
         assert node.proc.wait(timeout=30) == 0
     finally:
+        tally["resume"].set()
         if client.poll() is None:
             client.kill()
         if node.proc.poll() is None:

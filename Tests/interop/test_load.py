@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import Node, need_binary, settled, stoq, summed_counters
+from conftest import Node, metric_totals, need_binary, settled, stoq, summed_counters
 
 ADMIN = '[admin]\nlisten = "[::1]:0"'
 
@@ -108,11 +108,25 @@ def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
     so whether any fails is the race's (test_drain.py covers the drain)."""
     n = Node(tmp_path, workers=1, extra='drain_timeout = "0s"\n' + ADMIN)
     n.add_object("big.bin", 8 << 20)
+    duration = 60  # far beyond the wait below: the bench is stopped by the node, not by its clock
     proc = subprocess.Popen([str(need_binary("stoq")), "bench", n.url("big.bin"), "--ca", n.cert, "--json",
-                             "--connections", "64", "--streams", "1", "--duration", "20"],
+                             "--connections", "64", "--streams", "1", "--duration", str(duration)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2)
+        # Mid-download, by the node's /metrics (workers publish about once a second): the bench
+        # sends its first GETs only once all 64 connections are up, so 64 requests mean every
+        # connection has one under way (and it keeps one on each); and the node has sent far
+        # more than the 64 connections' handshakes and initial congestion windows (~1.5 MB),
+        # which it could only do as the bench acknowledged body bytes it had received.
+        deadline = time.monotonic() + 45
+        while True:
+            m = metric_totals(n)
+            seen = {k: m.get(k, 0) for k in ("stoq_http_requests_total", "stoq_datapath_tx_bytes_total")}
+            if seen["stoq_http_requests_total"] >= 64 and seen["stoq_datapath_tx_bytes_total"] >= 16 << 20:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the bench was not mid-download within 45 s: {seen}"
+            time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
     finally:
         assert n.stop() == 0
@@ -120,10 +134,10 @@ def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     r = json.loads(out)
     assert r["connections"] == 64 and r["failed"] > 0, r
-    assert r["seconds"] < 20, r
+    assert r["seconds"] < duration, r
     # It says why it ended, and its window is what came until then (it read 0 s, 0 Gbps).
     assert r["ended_early"], r
-    assert 0 < r["window_seconds"] < 20 and r["window_bytes"] > 0, r
+    assert 0 < r["window_seconds"] < duration and r["window_bytes"] > 0, r
 
 
 def test_requests_past_the_stream_limit_wait_their_turn(tmp_path):
