@@ -3,7 +3,7 @@
 
 Usage: h3client.py URL [--ca CERT | --insecure] [--out FILE] [--method GET] [--header k:v ...]
                    [--body FILE [--no-length | --abort-after N]] [--close-after-send] [--session-ticket FILE [--early-data]]
-                   [--repeat N]
+                   [--repeat N] [--timeout S] [--then PATH ...]
 Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
 "headers": {"content-length": "N", ...}};
 With --session-ticket, a ticket saved in FILE by an earlier run is offered (resumption) and
@@ -11,6 +11,10 @@ the ticket the server sends is saved there; the JSON then says "resumed" and "ea
 (whether the server accepted 0-RTT). --early-data sends the request before the handshake
 completes (in 0-RTT when a ticket allows it).
 --no-length sends the body without a content-length (the server learns its size as it comes).
+--timeout S gives up (exit 1) when the answer is not complete S seconds after the request was
+sent; the time starts once the connection is up, the handshake has none.
+--then PATH (repeatable) sends, once the answer is complete, a GET of PATH on the same connection,
+and so on in turn; it prints a JSON list of the answers, the first URL's first.
 --repeat N sends N requests at once on one connection and prints {"statuses": [...],
 "headers": {status: the headers of one response with that status}, "texts": {status: body}}.
 exit 1 on failure.
@@ -48,6 +52,18 @@ class Client(QuicConnectionProtocol):
         self.multi = None  # --repeat: stream id -> {"status", "headers", "text", "ended"}
         self.timeout = 120
         self.abandoned = set()
+        self.finished = set()  # --then: the streams of earlier requests, whose late events are ignored
+        self.sid = None
+
+    def next_request(self):
+        """Forgets the answer to the last request (--then), for the next one on this connection."""
+        self.finished.add(self.sid)
+        self.done = asyncio.get_event_loop().create_future()
+        self.status, self.hash, self.bytes, self.head, self.headers = None, hashlib.sha256(), 0, b"", {}
+
+    def answer(self):
+        return {"status": self.status, "bytes": self.bytes, "sha256": self.hash.hexdigest(),
+                "text": self.head.decode("utf-8", "replace"), "headers": self.headers}
 
     def multi_event(self, ev):
         st = self.multi.get(ev.stream_id)
@@ -67,7 +83,7 @@ class Client(QuicConnectionProtocol):
                 self.done.set_result(True)
 
     def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamReset) and event.stream_id in self.abandoned:
+        if isinstance(event, StreamReset) and (event.stream_id in self.abandoned or event.stream_id in self.finished):
             return
         if isinstance(event, StreamReset) and not self.done.done():
             self.done.set_exception(RuntimeError(f"stream reset, error 0x{event.error_code:x}"))
@@ -75,6 +91,8 @@ class Client(QuicConnectionProtocol):
         for ev in self.h3.handle_event(event):
             if self.multi is not None:
                 self.multi_event(ev)
+                continue
+            if getattr(ev, "stream_id", None) in self.finished:
                 continue
             if isinstance(ev, HeadersReceived):
                 for k, v in ev.headers:
@@ -124,7 +142,7 @@ class Client(QuicConnectionProtocol):
 
     async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False, abort_after=None):
         u = urlparse(url)
-        sid = self._quic.get_next_available_stream_id()
+        sid = self.sid = self._quic.get_next_available_stream_id()
         if method == "HEAD":
             # A HEAD response's content-length is the GET body's; aioquic 1.x checks it against
             # the (empty) body and fails the connection, so skip that check for HEAD.
@@ -168,7 +186,11 @@ class Client(QuicConnectionProtocol):
             self.transmit()
             self.close()
             return
-        await asyncio.wait_for(self.done, self.timeout)
+        try:
+            await asyncio.wait_for(self.done, self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no complete answer {self.timeout} s after the request (the connection was up): "
+                               f"status {self.status}, {self.bytes} bytes received") from None
 
 
 async def main() -> int:
@@ -189,7 +211,10 @@ async def main() -> int:
                     help="announce the whole --body, send this many bytes of it, then cancel the request")
     ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
     ap.add_argument("--abandon", type=int, default=0, help="first open N request streams and give each up unwritten")
-    ap.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answer")
+    ap.add_argument("--timeout", type=float, default=120,
+                    help="seconds to wait for the answer, from the request (the connection is up by then)")
+    ap.add_argument("--then", action="append", default=[],
+                    help="once the answer is in, GET this path on the same connection (repeatable); prints a list")
     a = ap.parse_args()
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
@@ -222,8 +247,12 @@ async def main() -> int:
         c.timeout = a.timeout
         body = open(a.body, "rb").read() if a.body else None
         await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length, a.abort_after)
-        res = {"status": c.status, "bytes": c.bytes, "sha256": c.hash.hexdigest(),
-               "text": c.head.decode("utf-8", "replace"), "headers": c.headers}
+        res = c.answer()
+        answers = [res]
+        for path in a.then:
+            c.next_request()
+            await c.request("GET", f"{u.scheme}://{u.netloc}{path}", headers)
+            answers.append(c.answer())
         if a.session_ticket:
             # Not wait_connected(): aioquic 1.x only marks a connection connected for a waiter
             # present when the handshake completes, which --early-data has none of. The
@@ -234,7 +263,7 @@ async def main() -> int:
                 await asyncio.sleep(0.02)
             res["resumed"] = bool(c._quic.tls.session_resumed)
             res["early_data"] = bool(c._quic.tls.early_data_accepted)
-        print(json.dumps(res))
+        print(json.dumps(answers if a.then else res))
     return 0
 
 
