@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Node, need_binary, run, stoq
+from conftest import Node, need_binary, run, settled, stoq
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,22 @@ def test_metrics_move_with_traffic(admin_node):
     assert sample(before, "stoq_datapath_info", worker=0, backend="io_uring", features="gso,gro,ecn,multishot") == 1
     r = stoq("get", admin_node.url("a.bin"), "--ca", admin_node.cert, "--json")
     assert r.returncode == 0, r.stderr
-    time.sleep(2.2)  # workers publish about once a second
-    _, _, after = fetch(admin_node.admin)
+
+    # Each of the 2 workers publishes on its own schedule (about once a second): wait until
+    # the GET shows, then until the request count stops moving, so `after` holds all of it.
+    def moved(text):
+        return (total(text, "stoq_quic_connections_accepted_total") >= total(before, "stoq_quic_connections_accepted_total") + 1
+                and total(text, "stoq_datapath_tx_bytes_total") - total(before, "stoq_datapath_tx_bytes_total") >= 3 << 20
+                and total(text, "stoq_http_requests_total") >= 1)
+
+    deadline = time.time() + 10
+    while not moved(after := fetch(admin_node.admin)[2]) and time.time() < deadline:
+        time.sleep(0.2)
     assert total(after, "stoq_quic_connections_accepted_total") >= total(before, "stoq_quic_connections_accepted_total") + 1
     assert total(after, "stoq_datapath_tx_bytes_total") - total(before, "stoq_datapath_tx_bytes_total") >= 3 << 20
     assert total(after, "stoq_http_requests_total") >= 1
+    requests = lambda: total(fetch(admin_node.admin)[2], "stoq_http_requests_total")
+    base = settled(requests)
     # Every request counts, whichever service answers it: a stored upload (chunks, dedup on) and
     # its GETs are the content service's, and once counted nothing.
     src = admin_node.workdir / "counted.bin"
@@ -71,9 +82,10 @@ def test_metrics_move_with_traffic(admin_node):
     assert stoq("put", src, admin_node.url("counted.bin"), "--ca", admin_node.cert).returncode == 0
     for _ in range(3):
         assert stoq("get", admin_node.url("counted.bin"), "--ca", admin_node.cert).returncode == 0
-    time.sleep(2.2)
-    _, _, later = fetch(admin_node.admin)
-    assert total(later, "stoq_http_requests_total") - total(after, "stoq_http_requests_total") == 4
+    deadline = time.time() + 10     # all 4 shown, then no more arriving
+    while requests() - base < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    assert settled(requests) - base == 4
     assert sample(after, "stoq_tls_certificates_issued_total") == 1
     assert sample(after, "stoq_tls_renewal_failures_total") == 0
     assert sample(after, "stoq_tls_certificate_not_after_seconds") > time.time() + 3600
