@@ -1,4 +1,5 @@
 import STOQCore
+import STOQTrust
 
 /// `[access] write`: who may write (PUT, DELETE, POST).
 public enum WriteAccess: String, Sendable, CaseIterable {
@@ -28,7 +29,7 @@ public struct CertificateIdentity: Sendable, Equatable {
     public var roles: [AccessRole]
     /// A node's certified key id (`CertificateSummary.keyID`, hex): its mesh id, which unlike
     /// the subject no two nodes share and which stays across renewals; "" for a certificate
-    /// that is not a node's (`Node.notANode`), or when not known.
+    /// that is not a node's (`NodeCertificate`), or when not known.
     public var key: String
 
     /// Creates an identity.
@@ -39,7 +40,7 @@ public struct CertificateIdentity: Sendable, Equatable {
     }
 
     /// What every role's SAN URI starts with.
-    public static let roleURIPrefix = "urn:stoq:role:"
+    public static let roleURIPrefix = NodeCertificate.roleURIPrefix
 
     /// The SAN URI that grants `role` (`stoq trust issue --role`).
     public static func uri(for role: AccessRole) -> String { roleURIPrefix + role.rawValue }

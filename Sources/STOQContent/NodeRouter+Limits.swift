@@ -7,7 +7,7 @@ import STOQQUIC
 /// `bytes_per_second`): every request is admitted or refused here before a service sees it,
 /// keyed by `clientIdentity` (so the access policy's identity once it has set one). Mesh
 /// traffic between nodes (probes, adverts, relays) on a connection that showed a node's
-/// certificate (verified, no access role, serverAuth: `Node.notANode`) is not limited: it is
+/// certificate (verified, no access role, serverAuth: `NodeCertificate`) is not limited: it is
 /// the mesh's own machinery, paced by it. The same paths from anyone else are limited like any
 /// request (a relay path serves objects, and an advert needs no credential).
 extension NodeRouter {
@@ -32,9 +32,9 @@ extension NodeRouter {
 
     /// The node a connection's certificate identity (`QUICConnection.peerIdentity`) names: its
     /// key id (hex; its mesh id), which the identity carries only for a node's certificate
-    /// (`Node.notANode`), else nil.
+    /// (`NodeCertificate`; so never with a role), else nil.
     static func node(_ peerIdentity: String) -> String? {
-        CertificateIdentity(encoded: peerIdentity).flatMap { $0.key.isEmpty ? nil : $0.key }
+        CertificateIdentity(encoded: peerIdentity).flatMap { $0.roles.isEmpty && !$0.key.isEmpty ? $0.key : nil }
     }
 
     /// Whether a connection's certificate identity is a node's.

@@ -5,6 +5,7 @@ import STOQCore
 import STOQQUIC
 import STOQRouting
 import STOQTransfer
+import STOQTrust
 import X509
 
 /// The mesh thread's state: connections, links, link-state. Owned by that thread alone.
@@ -99,11 +100,14 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var me: NodeIdentity { service.identity }
 
     /// `trust` with neighbours named by their certificate: the node id (hex) of the key in
-    /// the leaf, which a probe answer's id must match.
+    /// the leaf, which a probe answer's id must match; "" for a certificate that is not a
+    /// node's (`NodeCertificate`), whose answers make no neighbour.
     static func identifying(_ trust: ClientTrust) -> ClientTrust {
         var t = trust
         t.identifyServer = { chain in
-            guard let der = chain.first, let leaf = try? Certificate(derEncoded: der) else { return "" }
+            guard let der = chain.first, let leaf = try? Certificate(derEncoded: der), NodeCertificate.refusal(leaf) == nil else {
+                return ""
+            }
             return NodeIdentity(publicKey: leaf.publicKey).hex
         }
         return t
@@ -285,7 +289,17 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 logger.warning("mesh: \(n.url) answered a probe with \(error)")
                 return
             }
-            if !d.peer.isEmpty, d.peer != answer.node.hex {
+            if d.peer.isEmpty {
+                // The mesh resumes no sessions: every answer comes with the neighbour's
+                // certificate, and this one is not a node's (a user's, with an access role).
+                if let said = warnings.allow("not a node \(n.url)", now: now) {
+                    logger.warning(
+                        "mesh: \(n.url) answered a probe, but its certificate is not a node's (it grants an access role); not taken as a neighbour\(said)")
+                }
+                counters.probesRefused += 1
+                return
+            }
+            if d.peer != answer.node.hex {
                 // The answer names a node whose key is not the one the neighbour's certificate
                 // holds: it would have this node advertise, and route to, another node's id.
                 if let said = warnings.allow("misnamed \(n.url)", now: now) {

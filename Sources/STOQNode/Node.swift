@@ -246,14 +246,13 @@ public final class Node: @unchecked Sendable {
     }
 
     /// What an accepted client certificate makes its holder (`QUICConnection.peerIdentity`):
-    /// its roles (SAN `urn:stoq:role:…`), its key id when it is a node's (`notANode`), and its
-    /// name, in `CertificateIdentity.encoded` form.
+    /// its roles (SAN `urn:stoq:role:…`), its key id when it is a node's (`NodeCertificate`),
+    /// and its name, in `CertificateIdentity.encoded` form.
     @Sendable static func certificateIdentity(_ chain: [[UInt8]]) -> String {
-        guard let der = chain.first, let id = CertificateSummary.clientIdentity(leafDER: der),
-            let leaf = try? Certificate(derEncoded: der)
-        else { return "" }
+        guard let der = chain.first, let leaf = try? Certificate(derEncoded: der) else { return "" }
+        let id = CertificateSummary.clientIdentity(leaf)
         let roles = id.uris.compactMap(CertificateIdentity.role(fromURI:))
-        return CertificateIdentity(subject: id.subject, roles: roles, key: notANode(leaf) == nil ? Hex.encode(id.key) : "").encoded
+        return CertificateIdentity(subject: id.subject, roles: roles, key: NodeCertificate.refusal(leaf) == nil ? Hex.encode(id.key) : "").encoded
     }
 
     /// The node's token key (made at first start), its operator token (made, or re-issued when

@@ -43,7 +43,7 @@ extension Node {
         return MeshService(settings: s, discovery: discovery, datapath: DatapathSelection.originFetch, logger: logger)
     }
 
-    /// Who may sign an advert: a node's certificate (`notANode`), chaining to the roots
+    /// Who may sign an advert: a node's certificate (`NodeCertificate`), chaining to the roots
     /// neighbours are verified against, not revoked by this node's CA (`revoked.txt` under
     /// `data_dir`).
     static func advertVerifier(_ trust: ClientTrust, dataDir: String) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
@@ -57,29 +57,8 @@ extension Node {
         }
         return { chain in
             _ = try verifier.verifySynchronously(chain: chain)
-            if let leaf = chain.first, let why = notANode(leaf) { throw AdvertSignerError(reason: why) }
+            if let leaf = chain.first, let why = NodeCertificate.refusal(leaf) { throw AdvertSignerError(reason: why) }
         }
-    }
-
-    /// Why `leaf` is not a mesh node's certificate; nil when it is one. A node's grants no
-    /// access role (a user's client certificate, issued under the same roots, carries its
-    /// roles) and may authenticate a server, as every node does (`stoq trust issue` with a
-    /// name or address, and ACME, give serverAuth; a certificate with clientAuth alone is a
-    /// client's). The one rule for who signs adverts and whose connections count as a node's
-    /// (`certificateIdentity`).
-    static func notANode(_ leaf: Certificate) -> String? {
-        let uris =
-            (try? leaf.extensions.subjectAlternativeNames)??.compactMap { name -> String? in
-                if case .uniformResourceIdentifier(let uri) = name { return uri }
-                return nil
-            } ?? []
-        if let role = uris.first(where: { $0.hasPrefix(CertificateIdentity.roleURIPrefix) }) {
-            return "the signer's certificate grants an access role (\(role)): a user's, not a node's"
-        }
-        if let usages = (try? leaf.extensions.extendedKeyUsage) ?? nil, !usages.contains(.serverAuth), !usages.contains(.any) {
-            return "the signer's certificate allows no serverAuth (\(usages.map(\.description).joined(separator: ", ")) only): a client's, not a node's"
-        }
-        return nil
     }
 
     /// The URL this node registers under (etcd): its listen address when that is specific, else

@@ -68,6 +68,11 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
     /// never).
     public static func clientIdentity(leafDER: [UInt8]) -> (subject: String, uris: [String], key: [UInt8])? {
         guard let c = try? Certificate(derEncoded: leafDER) else { return nil }
+        return clientIdentity(c)
+    }
+
+    /// `clientIdentity(leafDER:)` of a parsed leaf.
+    public static func clientIdentity(_ c: Certificate) -> (subject: String, uris: [String], key: [UInt8]) {
         var cn: String?
         for rdn in c.subject { for a in rdn where a.type == .RDNAttributeType.commonName { cn = cn ?? "\(a.value)" } }
         var uris: [String] = []

@@ -57,12 +57,13 @@ import Testing
     }
 
     /// The mesh's paths are exempt only for a node's certificate: verified (an identity at
-    /// all), with the key the identity carries only for a node's (`Node.notANode`). A node is
+    /// all), with the key the identity carries only for a node's (`NodeCertificate`). A node is
     /// known by its key (its mesh id), not by its certificate's name.
     @Test func onlyANodesCertificateExemptsTheMeshsPaths() {
         let key = String(repeating: "ab", count: 32)
         #expect(NodeRouter.isNode("|\(key)|node-b.mesh") && NodeRouter.node("|\(key)|node-b.mesh") == key)
-        #expect(!NodeRouter.isNode("reader||alice"))  // a user's certificate gives no key (Node.notANode)
+        #expect(!NodeRouter.isNode("reader||alice"))  // a user's certificate gives no key (NodeCertificate)
+        #expect(!NodeRouter.isNode("reader|\(key)|alice"))  // nor would a key with a role count
         #expect(!NodeRouter.isNode("||node-b.mesh"))  // no key
         #expect(!NodeRouter.isNode("|node-b.mesh") && !NodeRouter.isNode(""))  // not the form
     }

@@ -38,9 +38,9 @@ import X509
         let alice = try ca.issueWithNewKey(dnsNames: [], uris: ["urn:stoq:role:writer"], commonName: "alice")
         let node = try ca.issueWithNewKey(dnsNames: ["n1.test"])
         #expect(CertificateSummary(gadget.certificate).extendedKeyUsage == [ExtendedKeyUsage.Usage.clientAuth.description])
-        #expect(Node.notANode(node.certificate) == nil)
-        #expect(Node.notANode(gadget.certificate)?.contains("no serverAuth") == true)
-        #expect(Node.notANode(alice.certificate)?.contains("urn:stoq:role:writer") == true)
+        #expect(NodeCertificate.refusal(node.certificate) == nil)
+        #expect(NodeCertificate.refusal(gadget.certificate)?.contains("no serverAuth") == true)
+        #expect(NodeCertificate.refusal(alice.certificate)?.contains("urn:stoq:role:writer") == true)
         let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), dataDir: dir)
         do {
             try verify([gadget.certificate, ca.intermediate])

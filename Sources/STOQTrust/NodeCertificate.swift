@@ -1,0 +1,38 @@
+import X509
+
+/// What makes a certificate a mesh node's, the one rule for who signs adverts, whose probe
+/// answers make a neighbour, and whose connections count as a node's (unlimited mesh paths,
+/// adverts queued by the node's key). A node's certificate grants no access role (a user's
+/// client certificate, issued under the same roots, carries its roles) and may authenticate a
+/// server, as every node does: `stoq trust issue` with a name or address, the embedded CA and
+/// ACME give serverAuth; a certificate without it (clientAuth only) is a client's.
+public enum NodeCertificate {
+    /// What the SAN URI of every access role starts with (`urn:stoq:role:writer`).
+    public static let roleURIPrefix = "urn:stoq:role:"
+
+    /// Why `leaf` is not a node's certificate; nil when it is one.
+    public static func refusal(_ leaf: Certificate) -> String? {
+        let uris: [String]
+        do {
+            uris =
+                try leaf.extensions.subjectAlternativeNames?.compactMap { name -> String? in
+                    if case .uniformResourceIdentifier(let uri) = name { return uri }
+                    return nil
+                } ?? []
+        } catch {
+            return "the certificate's subjectAltName does not parse (\(error))"
+        }
+        if let role = uris.first(where: { $0.hasPrefix(roleURIPrefix) }) {
+            return "the certificate grants an access role (\(role)): a user's, not a node's"
+        }
+        do {
+            if let usages = try leaf.extensions.extendedKeyUsage, !usages.contains(.serverAuth), !usages.contains(.any) {
+                let named = usages.map(\.description).joined(separator: ", ")
+                return "the certificate allows no serverAuth (\(named.isEmpty ? "no usage" : named + " only")): a client's, not a node's"
+            }
+        } catch {
+            return "the certificate's extendedKeyUsage does not parse (\(error))"
+        }
+        return nil
+    }
+}
