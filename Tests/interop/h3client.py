@@ -12,7 +12,7 @@ the ticket the server sends is saved there; the JSON then says "resumed" and "ea
 completes (in 0-RTT when a ticket allows it).
 --no-length sends the body without a content-length (the server learns its size as it comes).
 --timeout S gives up (exit 1) when the answer is not complete S seconds after the request was
-sent; the time starts once the connection is up, the handshake has none.
+sent (after the handshake, which has no limit, unless --early-data sends it before).
 --then PATH (repeatable) sends, once the answer is complete, a GET of PATH on the same connection,
 and so on in turn; it prints a JSON list of the answers, the first URL's first.
 --repeat N sends N requests at once on one connection and prints {"statuses": [...],
@@ -216,6 +216,9 @@ async def main() -> int:
     ap.add_argument("--then", action="append", default=[],
                     help="once the answer is in, GET this path on the same connection (repeatable); prints a list")
     a = ap.parse_args()
+    if a.then and (a.repeat or a.out or a.close_after_send or a.abort_after is not None or a.method == "HEAD"):
+        ap.error("--then takes one complete answer after another: not with --repeat, --out, "
+                 "--close-after-send, --abort-after or a HEAD")
     u = urlparse(a.url)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=64 << 20)
     if a.ca:

@@ -128,6 +128,10 @@ def test_a_node_going_away_mid_run_ends_the_bench_cleanly(tmp_path):
             assert time.monotonic() < deadline, f"the bench was not mid-download within 45 s: {seen}"
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         assert n.stop() == 0
     out, err = proc.communicate(timeout=60)

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.request
 
 import pytest
 from cryptography import x509
