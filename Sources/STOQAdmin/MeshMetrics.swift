@@ -78,7 +78,8 @@ package enum MeshMetrics {
         one("stoq_mesh_peers_refused_total", "counter", "Neighbours refused: their certificate did not chain to the node's trust.", c.peersRefused)
         one("stoq_mesh_connect_failures_total", "counter", "Connection attempts to neighbours that failed.", c.connectFailures)
         one(
-            "stoq_mesh_probes_refused_total", "counter", "Probes a neighbour answered with another status than 200 (no mesh there, or refused).",
+            "stoq_mesh_probes_refused_total", "counter",
+            "Probe answers not taken: another status than 200 (no mesh there, or refused), a node id that is not the certificate's key's, or a certificate that is not a node's.",
             c.probesRefused)
         one("stoq_mesh_route_computations_total", "counter", "Route tables computed after link-state changes.", c.routeComputations)
         one("stoq_mesh_relay_served_total", "counter", "Relay requests this node served from its own store.", c.relayServed)

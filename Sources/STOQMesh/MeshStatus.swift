@@ -106,8 +106,9 @@ public struct MeshStatus: Sendable, Equatable {
         /// Neighbours whose certificate this node refused, and connection attempts that failed.
         public var peersRefused: UInt64 = 0
         public var connectFailures: UInt64 = 0
-        /// Probes a neighbour answered with another status than 200 (it runs no mesh: 404; its
-        /// access policy refuses this node: 403).
+        /// Probe answers not taken: another status than 200 (it runs no mesh: 404; its access
+        /// policy refuses this node: 403), a node id that is not its certificate's key's, or a
+        /// certificate that is not a node's (`NodeCertificate`).
         public var probesRefused: UInt64 = 0
         /// Route tables computed (each after a link-state change that needed it).
         public var routeComputations: UInt64 = 0

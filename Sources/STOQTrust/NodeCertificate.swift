@@ -4,8 +4,11 @@ import X509
 /// answers make a neighbour, and whose connections count as a node's (unlimited mesh paths,
 /// adverts queued by the node's key). A node's certificate grants no access role (a user's
 /// client certificate, issued under the same roots, carries its roles) and may authenticate a
-/// server, as every node does: `stoq trust issue` with a name or address, the embedded CA and
-/// ACME give serverAuth; a certificate without it (clientAuth only) is a client's.
+/// server, as every node does; a certificate without serverAuth (clientAuth only) is a
+/// client's. An advert's chain is also verified as a client's (`Node.advertVerifier`, as a
+/// neighbour connecting with mutual TLS is), so a node that signs adverts needs clientAuth
+/// too: `stoq trust issue` with a name or address, the embedded CA and STOQ's ACME server give
+/// both; a public ACME CA may give serverAuth alone.
 public enum NodeCertificate {
     /// What the SAN URI of every access role starts with (`urn:stoq:role:writer`).
     public static let roleURIPrefix = "urn:stoq:role:"

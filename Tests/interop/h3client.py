@@ -189,7 +189,7 @@ class Client(QuicConnectionProtocol):
         try:
             await asyncio.wait_for(self.done, self.timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no complete answer {self.timeout} s after the request (the connection was up): "
+            raise TimeoutError(f"no complete answer {self.timeout} s after the request: "
                                f"status {self.status}, {self.bytes} bytes received") from None
 
 
@@ -212,7 +212,7 @@ async def main() -> int:
     ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
     ap.add_argument("--abandon", type=int, default=0, help="first open N request streams and give each up unwritten")
     ap.add_argument("--timeout", type=float, default=120,
-                    help="seconds to wait for the answer, from the request (the connection is up by then)")
+                    help="seconds to wait for the answer, from the request (after the handshake unless --early-data)")
     ap.add_argument("--then", action="append", default=[],
                     help="once the answer is in, GET this path on the same connection (repeatable); prints a list")
     a = ap.parse_args()

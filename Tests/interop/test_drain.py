@@ -22,8 +22,9 @@ def slow_get(node, name, fifo, pace, slow_at=None):
     Returns the client, the reader and its tally: bytes read, their SHA-256. With `slow_at`
     the reader, once it has read that many bytes, sets tally["slowed"] and takes 256 KiB every
     0.25 s (1 MiB/s) until tally["resume"] is set: flow control keeps the node sending at that
-    pace, so the connection stays busy (a drain closes one silent for 2 s) and the rest of the
-    body takes tens of seconds however fast the machine."""
+    pace (credit comes back in steps; between them the client's 1 s keep-alive keeps the
+    connection from looking silent to a drain, which closes one silent for 2 s), and the rest
+    of the body takes tens of seconds however fast the machine."""
     os.mkfifo(fifo)
     client = subprocess.Popen([str(need_binary("stoq")), "get", node.url(name), "-o", str(fifo), "--ca", str(node.cert)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -26,7 +26,7 @@ ADMIN = '[admin]\nlisten = "[::1]:0"\n'
 WHOLE = '[chunking]\ncut_plain_files = false\n'
 # A manifest's TTL (and the origin's max-age) in test_ttl_expiry_…: two gets of 3 MiB must fit in
 # it on a slow machine (a debug build beside compile jobs), or the "still fresh" half cannot be seen.
-TTL = 6
+TTL = 8
 
 
 def metrics(node, settle=True):
@@ -144,18 +144,20 @@ def test_concurrent_fetches_coalesce_into_one_origin_fetch_per_chunk(origin, edg
     procs, joined = [], 0
     os.kill(origin.proc.pid, signal.SIGSTOP)
     try:
-        procs += [subprocess.Popen([str(pathlib.Path(edge.proc.args[0]).with_name("stoq")), "get", edge.url("edge-c"),
-                                    "-o", str(tmp_path / f"c{i}.bin"), "--ca", edge.cert, "--timeout", "60"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
-        # Edge counters are live. At most 4 s: within the edge's stall timeout (5 s), after
-        # which it would ask the origin again.
-        deadline = time.time() + 4
-        while joined < 5 and time.time() < deadline:
-            time.sleep(0.05)
-            joined = metrics(edge, settle=False)["stoq_edge_coalesced_total"] - e0["stoq_edge_coalesced_total"]
-    finally:
-        os.kill(origin.proc.pid, signal.SIGCONT)
-    try:
+        try:
+            for i in range(6):
+                procs.append(subprocess.Popen(
+                    [str(pathlib.Path(edge.proc.args[0]).with_name("stoq")), "get", edge.url("edge-c"),
+                     "-o", str(tmp_path / f"c{i}.bin"), "--ca", edge.cert, "--timeout", "60"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            # Edge counters are live. At most 4 s: within the edge's stall timeout (5 s), after
+            # which it would ask the origin again.
+            deadline = time.time() + 4
+            while joined < 5 and time.time() < deadline:
+                time.sleep(0.05)
+                joined = metrics(edge, settle=False)["stoq_edge_coalesced_total"] - e0["stoq_edge_coalesced_total"]
+        finally:
+            os.kill(origin.proc.pid, signal.SIGCONT)
         assert joined >= 1, "no get joined the first one's fetch while the origin was stopped (4 s)"
         for p in procs:
             out, err = p.communicate(timeout=120)
