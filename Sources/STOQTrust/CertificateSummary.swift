@@ -62,24 +62,22 @@ public struct CertificateSummary: Sendable, Equatable, Codable {
         Array(SHA256.hash(data: publicKey.subjectPublicKeyInfoBytes))
     }
 
-    /// A client's name, SAN URIs and key id from its leaf certificate (DER), for the access
-    /// policy: the subject's common name (else the whole subject), every URI SAN, `keyID`.
-    /// Nil when the bytes do not parse (the handshake's verifier has accepted them already, so
-    /// never).
-    public static func clientIdentity(leafDER: [UInt8]) -> (subject: String, uris: [String], key: [UInt8])? {
-        guard let c = try? Certificate(derEncoded: leafDER) else { return nil }
-        return clientIdentity(c)
-    }
-
-    /// `clientIdentity(leafDER:)` of a parsed leaf.
+    /// A client's name, SAN URIs and key id from its leaf certificate, for the access policy:
+    /// the subject's common name (else the whole subject), every URI SAN (none when the SANs
+    /// do not parse), `keyID`.
     public static func clientIdentity(_ c: Certificate) -> (subject: String, uris: [String], key: [UInt8]) {
         var cn: String?
         for rdn in c.subject { for a in rdn where a.type == .RDNAttributeType.commonName { cn = cn ?? "\(a.value)" } }
+        return (cn ?? c.subject.description, (try? uris(c)) ?? [], keyID(c.publicKey))
+    }
+
+    /// A certificate's URI SANs, in order; throws when its SAN extension does not parse.
+    public static func uris(_ c: Certificate) throws -> [String] {
         var uris: [String] = []
-        if let sans = (try? c.extensions.subjectAlternativeNames) ?? nil {
-            for case .uniformResourceIdentifier(let u) in sans { uris.append(u) }
+        for case .uniformResourceIdentifier(let u) in try c.extensions.subjectAlternativeNames ?? SubjectAlternativeNames() {
+            uris.append(u)
         }
-        return (cn ?? c.subject.description, uris, keyID(c.publicKey))
+        return uris
     }
 
     /// Summarizes `certificate`.

@@ -17,11 +17,7 @@ public enum NodeCertificate {
     public static func refusal(_ leaf: Certificate) -> String? {
         let uris: [String]
         do {
-            uris =
-                try leaf.extensions.subjectAlternativeNames?.compactMap { name -> String? in
-                    if case .uniformResourceIdentifier(let uri) = name { return uri }
-                    return nil
-                } ?? []
+            uris = try CertificateSummary.uris(leaf)
         } catch {
             return "the certificate's subjectAltName does not parse (\(error))"
         }
