@@ -395,6 +395,36 @@ def test_a_peer_that_runs_no_mesh_is_named_once_and_counted(tmp_path):
                 stop(n)
 
 
+def test_a_peer_whose_certificate_is_not_a_nodes_is_refused_as_a_neighbour(tmp_path):
+    """B runs a mesh, but under a user's certificate (it grants the writer role): its probe
+    answers carry no node identity. A names that (rate-limited), counts every such answer
+    (`probes_refused`) and never takes B as a neighbour, so it has no route to B."""
+    ca = certificates(tmp_path, ("a",))
+    r = stoq("trust", "issue", "--dir", ca, "--ip", "::1", "--dns", "node-b", "--role", "writer", "--name", "b",
+             "--lifetime", "2d", "--out", tmp_path / "b.pem", "--key-out", tmp_path / "b.key")
+    assert r.returncode == 0, r.stderr
+    pa, pb = free_port(), free_port()
+    a = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb]))
+    b = None
+    try:
+        b = start_node(tmp_path / "b", pb, mesh_config(tmp_path, ca, "b", [pa]))
+        deadline = time.monotonic() + 20
+        while status(a)["counters"]["probes_refused"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        st = status(a)
+        assert st["counters"]["probes_refused"] >= 5, st["counters"]
+        assert routes(a) == [], routes(a)
+        log = (tmp_path / "a" / "node.log").read_text()
+        line = f"mesh: https://[::1]:{pb}/ answered a probe, but its certificate is not a node's (it grants an access role); not taken as a neighbour"
+        # Rate-limited: 5 refusals at 100 ms probes come within a second or two, and the
+        # warning is said once, perhaps twice, not per probe.
+        assert 1 <= log.count(line) <= 2, log[-3000:]
+    finally:
+        for n in (a, b):
+            if n:
+                stop(n)
+
+
 def test_a_nodes_load_is_over_every_workers_connections(tmp_path):
     """B has 2 workers of `max_connections = 4` each, and holds one connection (A's): its load
     is 1 / 8. It was 1 / 4, against one worker's limit, so a node with many workers looked
