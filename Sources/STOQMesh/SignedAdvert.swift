@@ -125,12 +125,12 @@ public struct SignedAdvert: Sendable {
         guard leaf.publicKey.isValidSignature(signature, for: bytes[..<signedLength], signatureAlgorithm: .ecdsaWithSHA256) else {
             throw AdvertError(.badSignature, "the signature of origin \(advert.origin) does not verify: forged or altered")
         }
-        let expires = advert.issuedMillis &+ UInt64(advert.lifetimeMillis)
-        guard nowMillis <= expires else {
-            throw AdvertError(.expired, "issued \(nowMillis &- advert.issuedMillis) ms ago with a lifetime of \(advert.lifetimeMillis) ms")
-        }
+        // The future first: an issue time near UInt64.max would wrap issue + lifetime.
         guard advert.issuedMillis <= nowMillis &+ clockSkewMillis else {
             throw AdvertError(.fromTheFuture, "issued \(advert.issuedMillis - nowMillis) ms in the future; clocks may differ by \(clockSkewMillis) ms")
+        }
+        guard advert.issuedMillis >= nowMillis || nowMillis - advert.issuedMillis <= UInt64(advert.lifetimeMillis) else {
+            throw AdvertError(.expired, "issued \(nowMillis - advert.issuedMillis) ms ago with a lifetime of \(advert.lifetimeMillis) ms")
         }
         return SignedAdvert(advert: advert, chain: chain, bytes: bytes)
     }

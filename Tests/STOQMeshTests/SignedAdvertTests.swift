@@ -92,6 +92,9 @@ func advert(
         await expectRefused(old.bytes, .expired)
         let future = try SignedAdvert.sign(advert(n[0], to: [n[1]], issued: now + 60_000), chain: n[0].chain, key: n[0].key)
         await expectRefused(future.bytes, .fromTheFuture)
+        // An issue time so far ahead that issue + lifetime wraps: still the future, not expired.
+        let wrapped = try SignedAdvert.sign(advert(n[0], to: [n[1]], issued: .max - 10), chain: n[0].chain, key: n[0].key)
+        await expectRefused(wrapped.bytes, .fromTheFuture)
 
         // Structure.
         await expectRefused(Array(good.prefix(20)), .malformed)
