@@ -132,7 +132,7 @@ let package = Package(
         // Request tracing on the workers: W3C trace context in HTTP/3 headers and spans through
         // swift-distributed-tracing's synchronous API. The span API only; the exporter
         // (swift-otel) is bootstrapped by STOQNode.
-        .target(name: "STOQTracing", dependencies: ["STOQQUIC", .product(name: "Tracing", package: "swift-distributed-tracing")]),
+        .target(name: "STOQTracing", dependencies: ["STOQCore", "STOQQUIC", .product(name: "Tracing", package: "swift-distributed-tracing")]),
 
         .target(
             name: "STOQConfig",

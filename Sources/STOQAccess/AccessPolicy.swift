@@ -148,7 +148,7 @@ public struct AccessPolicy: Sendable, Equatable {
     /// Requests every node accepts without a credential: mesh adverts carry the origin node's
     /// signature (SignedAdvert), which the mesh checks itself.
     public static func selfAuthenticating(method: String, path: String) -> Bool {
-        method == "PUT" && path == "/_stoq/mesh/advert"
+        method == "PUT" && path == NodePaths.meshAdvert
     }
 
     /// The path a request's scope and read rule are judged on: a manifest or a relayed
@@ -157,9 +157,9 @@ public struct AccessPolicy: Sendable, Equatable {
     /// `/chunks/<id>`: a chunk names no object, and its id is the hash of its bytes.
     public static func scopePath(_ path: String) -> String {
         var p = Substring(path)
-        if p.hasPrefix("/_stoq/relay/") {
+        if p.hasPrefix(NodePaths.relayPrefix) {
             // /_stoq/relay/<holder>/<hops>/<resource>
-            let rest = p.dropFirst("/_stoq/relay/".count).split(separator: "/", maxSplits: 2, omittingEmptySubsequences: false)
+            let rest = p.dropFirst(NodePaths.relayPrefix.count).split(separator: "/", maxSplits: 2, omittingEmptySubsequences: false)
             if rest.count == 3 { p = "/" + rest[2] }
         }
         if p.hasPrefix("/manifests/") { return "/objects/" + p.dropFirst("/manifests/".count) }
@@ -196,13 +196,13 @@ public struct AccessPolicy: Sendable, Equatable {
             guard c.role >= .writer else { return .forbidden("token for \(c.subject) has role \(c.role.rawValue), which may not write \(path)") }
             if c.role == .admin { return .allow }
             // The missing-chunks query is the first step of a chunked PUT: it needs PUT.
-            let needed = target == "/_stoq/missing" ? "PUT" : method
+            let needed = target == NodePaths.missing ? "PUT" : method
             guard c.scope.allows(method: needed) else {
                 return .forbidden("token for \(c.subject) may not \(needed) (it allows \(c.scope.methods.joined(separator: ",")))")
             }
             // Content-addressed uploads (chunks, the missing-chunks query) name no object: a
             // writer may send them; the manifest that makes an object of them is scope-checked.
-            if target.hasPrefix("/chunks/") || target == "/_stoq/missing" { return .allow }
+            if target.hasPrefix("/chunks/") || target == NodePaths.missing { return .allow }
             guard c.scope.covers(path: target) else {
                 return .forbidden("token for \(c.scope.prefixes.joined(separator: ",")) may not write \(path)")
             }

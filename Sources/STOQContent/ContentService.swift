@@ -2,6 +2,7 @@ import CSTOQSystem
 import Foundation
 import Logging
 import STOQChunking
+import STOQCore
 import STOQQUIC
 import STOQEdge
 import STOQMesh
@@ -191,14 +192,14 @@ public final class ContentService: QUICApplication {
 
     /// Whether a request path belongs to this service.
     public static func handles(_ path: String) -> Bool {
-        path.hasPrefix("/chunks/") || path.hasPrefix("/manifests/") || path == "/_stoq/missing" || MeshWire.handles(path)
+        path.hasPrefix("/chunks/") || path.hasPrefix("/manifests/") || path == NodePaths.missing || MeshWire.handles(path)
     }
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
         let path = String(request.path.prefix { $0 != "?" })
         if MeshWire.handles(path) { return meshRequest(path, request, stream, connection) }
-        if path == "/_stoq/missing" {
+        if path == NodePaths.missing {
             guard request.method == "POST" else { return notAllowed(stream, connection, "POST") }
             return begin(.missing, limit: Self.maxQueryBytes, request, stream, connection)
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import STOQCore
 import STOQAccess
 import STOQQUIC
 import STOQStore
@@ -73,7 +74,7 @@ package final class NodeRouter: QUICApplication {
         var request = request
         guard admit(&request, stream: stream, connection: connection) else { return }
         guard admitRate(request, stream, connection) else { return }
-        if request.path.hasPrefix("/_stoq/log/") {
+        if request.path.hasPrefix(NodePaths.logPrefix) {
             guard let log, request.method == "GET" || request.method == "HEAD" else {
                 let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
                 connection.respond(stream, status: log == nil ? 404 : 405, headers: [("content-length", "\(body.count)")], body: body)

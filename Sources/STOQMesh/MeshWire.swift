@@ -6,18 +6,18 @@ import STOQTransfer
 /// by the side that asks and the side that answers.
 public enum MeshWire {
     /// `GET`: a probe; the answer is `ProbeAnswer`'s text.
-    public static let probePath = "/_stoq/mesh/probe"
+    public static let probePath = NodePaths.meshProbe
     /// `PUT`: a signed advert (`SignedAdvert` bytes); answered 202 once queued.
-    public static let advertPath = "/_stoq/mesh/advert"
+    public static let advertPath = NodePaths.meshAdvert
     /// `GET /_stoq/relay/<holder>/<hops>/chunks/<sha256>`, `…/manifests/<name>` or
     /// `…/objects/<name>` (an object the holder has no manifest of, whole): fetch a resource
     /// from node `<holder>` (64 hex digits), relayed hop by hop. `<hops>` is how many
     /// hops the request has taken when it arrives (1 from the first node); each relay adds one
     /// and refuses a request that would exceed `routing.max_hops`.
-    public static let relayPrefix = "/_stoq/relay/"
+    public static let relayPrefix = NodePaths.relayPrefix
 
     /// Whether a request path is the mesh's (probes, adverts, relays).
-    public static func handles(_ path: String) -> Bool { path.hasPrefix("/_stoq/mesh/") || path.hasPrefix(relayPrefix) }
+    public static func handles(_ path: String) -> Bool { path.hasPrefix(NodePaths.meshPrefix) || path.hasPrefix(relayPrefix) }
 
     /// A mesh request's `Via` (RFC 9110 §7.6.3): every node it has passed names itself,
     /// `3 <node id hex>` (HTTP/3, the node as pseudonym), after those before it. A relay never
@@ -70,6 +70,8 @@ public enum MeshWire {
         }
 
         static let magic = "stoq-mesh-probe 1"
+        /// The longest answer taken: a prober writes no more of a body than this.
+        public static let maxSize = 512
 
         /// The answer's bytes: four lines of text, so `curl` shows them.
         public var encoded: [UInt8] {
@@ -78,7 +80,9 @@ public enum MeshWire {
 
         /// Parses an answer; throws naming the line that is wrong.
         public init(decoding bytes: some Collection<UInt8>) throws(AdvertError) {
-            guard bytes.count <= 512 else { throw AdvertError(.oversized, "probe answer of \(bytes.count) bytes; at most 512") }
+            guard bytes.count <= Self.maxSize else {
+                throw AdvertError(.oversized, "probe answer of \(bytes.count) bytes; at most \(Self.maxSize)")
+            }
             let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
             guard lines.count == 5, lines[0] == Self.magic, lines[4].isEmpty else {
                 throw AdvertError(.malformed, "not a probe answer (expected \"\(Self.magic)\" and three lines)")

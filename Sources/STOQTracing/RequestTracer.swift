@@ -1,3 +1,4 @@
+import STOQCore
 import STOQQUIC
 import Tracing
 
@@ -79,14 +80,15 @@ public final class RequestTracer: Sendable {
     /// node-internal ones (`/_stoq/…`, a handful).
     public static func route(_ path: String) -> String {
         let p = path.prefix { $0 != "?" }
-        if p.hasPrefix("/_stoq/relay/") {
+        if p.hasPrefix(NodePaths.relayPrefix) {
             let parts = p.split(separator: "/", maxSplits: 5, omittingEmptySubsequences: false)
-            guard parts.count == 6 else { return "/_stoq/relay/{holder}/{hops}" }
-            return "/_stoq/relay/{holder}/{hops}" + route("/" + parts[5])
+            let relay = NodePaths.relayPrefix + "{holder}/{hops}"
+            guard parts.count == 6 else { return relay }
+            return relay + route("/" + parts[5])
         }
         for prefix in ["/objects/", "/manifests/"] where p.hasPrefix(prefix) { return prefix + "{name}" }
         if p.hasPrefix("/chunks/") { return "/chunks/{id}" }
-        if p.hasPrefix("/_stoq/log/") { return "/_stoq/log/{entry}" }
+        if p.hasPrefix(NodePaths.logPrefix) { return NodePaths.logPrefix + "{entry}" }
         return String(p.prefix(64))
     }
 }

@@ -204,7 +204,7 @@ extension STOQClient {
         var query = [UInt8]()
         query.reserveCapacity(manifest.chunks.count * 32)
         for c in manifest.chunks { query += c.id.bytes }
-        let answer = try session.call("POST", "/_stoq/missing", body: BodyRegion(copying: query))
+        let answer = try session.call("POST", NodePaths.missing, body: BodyRegion(copying: query))
         guard answer.status == 200, answer.body.count % 32 == 0 else {
             throw ClientError(.http, "POST /_stoq/missing: HTTP \(answer.status) \(String(decoding: answer.body.prefix(300), as: UTF8.self))")
         }
