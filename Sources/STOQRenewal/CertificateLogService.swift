@@ -54,7 +54,7 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                 case "/_stoq/log/key":
                     return (200, "application/x-pem-file", Array((log.publicKey.pemRepresentation + "\n").utf8))
                 case "/_stoq/log/inclusion":
-                    guard let h = query["hash"].flatMap { Hex.decode($0) }, h.count == 32 else {
+                    guard let h = query["hash"].flatMap({ Hex.decode($0) }), h.count == 32 else {
                         return bad(400, "inclusion needs hash=<64 hex digits: the entry's RFC 6962 leaf hash>")
                     }
                     let size = query["size"].flatMap(Int.init) ?? log.size
