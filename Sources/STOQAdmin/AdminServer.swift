@@ -51,7 +51,7 @@ package final class AdminServer: @unchecked Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             // IPv6 only, even on [::].
             .serverChannelOption(ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only), value: 1)
-            .childChannelInitializer { [authorize] channel in
+            .childChannelInitializer { [authorize, tls] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let ops = channel.pipeline.syncOperations
                     if let tls {

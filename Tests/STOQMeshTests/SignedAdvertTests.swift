@@ -79,7 +79,7 @@ func advert(
 
         // Node 1's advert, signed by node 2's key with node 2's chain: origin is not the signer.
         let body = try advert(n[0], to: [n[1]])
-        await #expect(throws: AdvertError.self) { _ = try SignedAdvert.sign(body, chain: n[1].chain, key: n[1].key) }
+        #expect(throws: AdvertError.self) { _ = try SignedAdvert.sign(body, chain: n[1].chain, key: n[1].key) }
         let forged = replaceChainAndSign(body.encodeBody(), chain: n[1].chain, key: n[1].key)
         await expectRefused(forged, .originMismatch)
 

@@ -77,7 +77,7 @@ import STOQWorker
         var err = [CChar](repeating: 0, count: 256)
         let probe = stoq_xdp_probe_open(Self.repository + "/.build-bpf/stoq_xdp.bpf.o", UInt32(Self.workers), 4433, &err, err.count)
         guard let probe else {
-            Issue.record("cannot load the XDP program: \(String(cString: err))")
+            Issue.record("cannot load the XDP program: \(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
             return []
         }
         defer { stoq_xdp_probe_close(probe) }
