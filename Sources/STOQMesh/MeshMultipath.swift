@@ -18,8 +18,10 @@ final class MeshMultipath: @unchecked Sendable {
         var ids: [String: MultipathRouteID] = [:]
         var names: [MultipathRouteID: (holder: NodeIdentity, nextHop: NodeID)] = [:]
         var candidates: [MultipathRouteID: MultipathRouteFeatures] = [:]
-        /// Requests out: next hop and path → route, bytes, when.
-        var out: [String: (route: MultipathRouteID, bytes: Int, at: Double)] = [:]
+        /// Requests out: next hop and path → route, bytes, when, oldest first. Two fetches
+        /// may send the same path to the same next hop at once (a chunk asked for whole and
+        /// for a relay), so each key holds a list: two sends, two ends.
+        var out: [String: [Out]] = [:]
         /// Per route since it was first offered: chunk requests sent, verified bytes delivered.
         var sent: [MultipathRouteID: Int] = [:]
         var delivered: [MultipathRouteID: Int] = [:]
@@ -27,19 +29,32 @@ final class MeshMultipath: @unchecked Sendable {
         var offered: [MultipathRouteID: Double] = [:]
         var nextID = 0
         var lastSweep = 0.0
+        var lastOutSweep = 0.0
+    }
+
+    struct Out {
+        var route: MultipathRouteID
+        var bytes: Int
+        var at: Double
     }
 
     /// A route not offered for this long (seconds: its holder or next hop gone, or nothing
     /// fetched through it) is forgotten, and learnt afresh if it comes back: a node that runs
     /// for months keeps only the routes it uses.
     static let forgetAfter = 600.0
+    /// A request out this long (seconds) has lost its end: a path of the fetcher that dropped
+    /// it without saying so. It is taken back as cancelled (no information about its route),
+    /// so its bytes stop counting against the route, which would otherwise go unused until a
+    /// restart. Far past any fetch's deadline.
+    static let lostAfter = 120.0
 
     private let state: Mutex<State>
-    private let epoch = monotonicNow()
+    private let clock: @Sendable () -> Double
     private let kind: MultipathSchedulerKind
 
-    /// A scheduler of `kind` (the learner, or a baseline to compare it with).
-    init(kind: MultipathSchedulerKind) {
+    /// A scheduler of `kind` (the learner, or a baseline to compare it with), on `clock`
+    /// (seconds; default: monotonic from now).
+    init(kind: MultipathSchedulerKind, clock: (@Sendable () -> Double)? = nil) {
         let scheduler: any MultipathChunkScheduler =
             switch kind {
             case .minRTT: MinRTTScheduler()
@@ -49,9 +64,11 @@ final class MeshMultipath: @unchecked Sendable {
             }
         state = Mutex(State(scheduler: scheduler))
         self.kind = kind
+        let epoch = monotonicNow()
+        self.clock = clock ?? { Double(monotonicNow() &- epoch) / 1e9 }
     }
 
-    var now: Double { Double(monotonicNow() &- epoch) / 1e9 }
+    var now: Double { clock() }
 
     /// Orders `choices` (the routes to holders of a chunk of `bytes`) with the learner's pick
     /// first; the rest keep their order (primary before backup) for failover.
@@ -75,6 +92,10 @@ final class MeshMultipath: @unchecked Sendable {
                 s.offered[id] = t
                 if s.candidates[id] != c.path.features { s.candidates[id] = c.path.features; changed = true }
                 ids.append(id)
+            }
+            if t - s.lastOutSweep >= Self.lostAfter / 10 {
+                s.lastOutSweep = t
+                takeBackLost(&s, now: t)
             }
             var forgot = false
             if t - s.lastSweep >= Self.forgetAfter / 10 {
@@ -107,7 +128,7 @@ final class MeshMultipath: @unchecked Sendable {
     /// Drops the routes not offered for `forgetAfter` with no request out; the caller's
     /// `update` then withdraws them from the scheduler, which forgets them. True when any went.
     private func forget(_ s: inout State, now t: Double) -> Bool {
-        let busy = Set(s.out.values.map(\.route))
+        let busy = Set(s.out.values.flatMap { $0.map(\.route) })
         let stale = s.offered.filter { t - $0.value >= Self.forgetAfter && !busy.contains($0.key) }.map(\.key)
         guard !stale.isEmpty else { return false }
         for id in stale {
@@ -118,6 +139,27 @@ final class MeshMultipath: @unchecked Sendable {
             s.delivered[id] = nil
         }
         return true
+    }
+
+    /// Cancels the requests out for `lostAfter` (see there).
+    private func takeBackLost(_ s: inout State, now t: Double) {
+        for (key, outs) in s.out where outs.contains(where: { t - $0.at >= Self.lostAfter }) {
+            for o in outs where t - o.at >= Self.lostAfter {
+                s.scheduler.completed(
+                    MultipathCompletion(route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t, outcome: .cancelled),
+                    now: t)
+            }
+            let left = outs.filter { t - $0.at < Self.lostAfter }
+            s.out[key] = left.isEmpty ? nil : left
+        }
+    }
+
+    /// The oldest request out under `key`, taken off the list.
+    private static func takeOut(_ s: inout State, _ key: String) -> Out? {
+        guard var outs = s.out[key], !outs.isEmpty else { return nil }
+        let o = outs.removeFirst()
+        s.out[key] = outs.isEmpty ? nil : outs
+        return o
     }
 
     /// The key `State.ids` holds a route under: its holder (hex) and its next hop.
@@ -140,7 +182,7 @@ final class MeshMultipath: @unchecked Sendable {
         state.withLock { s in
             guard let r = route(s, attempt, nextHop: nextHop) else { return }
             s.scheduler.dispatched(transfer: 0, route: r, bytes: bytes, now: t)
-            s.out[Self.key(attempt)] = (r, bytes, t)
+            s.out[Self.key(attempt), default: []].append(Out(route: r, bytes: bytes, at: t))
             s.sent[r, default: 0] += 1
         }
     }
@@ -148,7 +190,7 @@ final class MeshMultipath: @unchecked Sendable {
     func ended(_ attempt: UpstreamAttempt, delivered: Bool) {
         let t = now
         state.withLock { s in
-            guard let o = s.out.removeValue(forKey: Self.key(attempt)) else { return }
+            guard let o = Self.takeOut(&s, Self.key(attempt)) else { return }
             if delivered { s.delivered[o.route, default: 0] += o.bytes }
             s.scheduler.completed(
                 MultipathCompletion(
@@ -161,7 +203,7 @@ final class MeshMultipath: @unchecked Sendable {
     func cancelled(_ attempt: UpstreamAttempt) {
         let t = now
         state.withLock { s in
-            guard let o = s.out.removeValue(forKey: Self.key(attempt)) else { return }
+            guard let o = Self.takeOut(&s, Self.key(attempt)) else { return }
             s.scheduler.completed(
                 MultipathCompletion(route: o.route, transfer: 0, bytes: o.bytes, requestedAt: o.at, endedAt: t, outcome: .cancelled),
                 now: t)
@@ -174,7 +216,7 @@ final class MeshMultipath: @unchecked Sendable {
     func hedgeAfter(_ attempt: UpstreamAttempt) -> Double? {
         let t = now
         return state.withLock { s in
-            guard let o = s.out[Self.key(attempt)] else { return nil }
+            guard let o = s.out[Self.key(attempt)]?.first else { return nil }
             return MultipathTransferSettings().hedgeAfter(
                 expected: s.scheduler.expectedDuration(route: o.route, bytes: o.bytes, now: t),
                 spread: s.scheduler.expectedSpread(route: o.route, bytes: o.bytes, now: t))
