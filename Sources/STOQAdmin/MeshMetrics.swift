@@ -51,6 +51,12 @@ package enum MeshMetrics {
         perNeighbour("stoq_mesh_neighbour_probes_answered_total", "counter", "Probes the neighbour answered.") { "\($0.probesAnswered)" }
         perNeighbour("stoq_mesh_neighbour_downs_total", "counter", "Times the link to the neighbour was declared down.") { "\($0.downs)" }
         perNeighbour("stoq_mesh_neighbour_ups_total", "counter", "Times the link to the neighbour came back up.") { "\($0.ups)" }
+        perNeighbour(
+            "stoq_mesh_neighbour_suppressed", "gauge", "1 while the link to the neighbour is held down for flapping (mesh.flap_damping), else 0."
+        ) { $0.suppressedMillis == nil ? "0" : "1" }
+        perNeighbour("stoq_mesh_neighbour_flap_penalty", "gauge", "The link's flap penalty: 1000 a down, halving every 15 s; suppressed above 4000.") {
+            "\($0.flapPenalty)"
+        }
 
         family(
             "stoq_mesh_info", "gauge", "This node's mesh identity and settings (routing.algorithm, discovery backend).",
@@ -87,6 +93,7 @@ package enum MeshMetrics {
         one("stoq_mesh_max_hops_refused_total", "counter", "Relay requests refused because they would exceed routing.max_hops.", c.maxHopsRefused)
         one("stoq_mesh_max_hops_seen", "gauge", "Most hops any relayed request reaching this node had taken.", c.maxHopsSeen)
         one("stoq_mesh_failovers_total", "counter", "Fetches moved to another route or holder after the one in use failed.", c.failovers)
+        one("stoq_mesh_flap_suppressions_total", "counter", "Times a neighbour's link was held down for flapping (mesh.flap_damping).", c.flapSuppressions)
 
         let d = m.discoveryCounters
         let backend = "{backend=\"\(label(m.discovery))\"}"
@@ -122,6 +129,7 @@ package enum MeshMetrics {
                     "delivery_bytes_per_second": finite(n.deliveryBytesPerSecond), "peer_load": finite(n.peerLoad),
                     "last_answer_ms_ago": n.lastAnswerMillisAgo.map { $0 as Any } ?? NSNull(),
                     "probes_sent": n.probesSent, "probes_answered": n.probesAnswered, "downs": n.downs, "ups": n.ups,
+                    "suppressed_ms": n.suppressedMillis.map { $0 as Any } ?? NSNull(), "flap_penalty": n.flapPenalty,
                 ]
             },
             "routes": m.routes.map { r -> [String: Any] in
@@ -147,7 +155,7 @@ package enum MeshMetrics {
                 "peers_refused": c.peersRefused, "connect_failures": c.connectFailures, "probes_refused": c.probesRefused,
                 "route_computations": c.routeComputations, "relay_served": c.relayServed,
                 "relay_forwarded": c.relayForwarded, "max_hops_refused": c.maxHopsRefused,
-                "max_hops_seen": c.maxHopsSeen, "failovers": c.failovers,
+                "max_hops_seen": c.maxHopsSeen, "failovers": c.failovers, "flap_suppressions": c.flapSuppressions,
             ] as [String: Any],
         ]
     }

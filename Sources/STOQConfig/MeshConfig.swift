@@ -85,6 +85,9 @@ extension NodeConfig {
         public var probeInterval: UInt64 = 100_000_000
         /// A neighbour with no probe answered for this long is down (nanoseconds; > probeInterval).
         public var downAfter: UInt64 = 600_000_000
+        /// Whether a neighbour whose link keeps going down is held down for a while (RFC 2439
+        /// style flap damping: `FlapDamping` in STOQMesh), so that routes do not follow every flap.
+        public var flapDamping = true
 
         public init() {}
 
@@ -109,6 +112,7 @@ extension Reader {
             s.duration("etcd_lease_ttl", &m.etcdLeaseTTL, 2_000_000_000...3_600_000_000_000)
             s.duration("probe_interval", &m.probeInterval, 10_000_000...10_000_000_000)
             s.duration("down_after", &m.downAfter, 20_000_000...60_000_000_000)
+            s.bool("flap_damping", &m.flapDamping)
         }
         guard present else { return }
         if let server = m.dnsServer, server.port == 0 || server.address.isUnspecified {

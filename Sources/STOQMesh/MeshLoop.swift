@@ -21,6 +21,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         var probesAnswered: UInt64 = 0
         var downs: UInt64 = 0
         var ups: UInt64 = 0
+        /// When its link was last suppressed for flapping (for the notice when it is reused).
+        var suppressedAt: UInt64 = 0
         /// Connection attempts that failed in a row, and when the next may start: a neighbour
         /// that refuses this node (or is refused) is not asked ten times a second.
         var failures = 0
@@ -190,7 +192,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             guard let url = try? STOQURL(m.url.description + "/") else { continue }
             let fd = stoq_memfd("stoq-mesh-probe")
             guard fd >= 0 else { continue }
-            var link = NeighbourLink.Settings(downAfter: service.settings.downAfter)
+            var link = NeighbourLink.Settings(
+                downAfter: service.settings.downAfter, flapDamping: service.settings.flapDamping ? FlapDamping() : nil)
             link.probeTimeout = min(link.probeTimeout, service.settings.downAfter)
             neighbours[ep] = Neighbour(url: url, link: NeighbourLink(settings: link, now: now), id: m.nodeID, answerFD: fd)
             logger.info("mesh: neighbour \(m)")
@@ -357,18 +360,55 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
         for ep in Array(neighbours.keys) {
             let was = neighbours[ep]!.link.state
-            guard let change = neighbours[ep]!.link.tick(now: now) else { continue }
-            if was == .unknown {
+            let (wasLive, wasSuppressed) = (neighbours[ep]!.link.liveness, neighbours[ep]!.link.suppressed)
+            let change = neighbours[ep]!.link.tick(now: now)
+            let suppressed = neighbours[ep]!.link.suppressed
+            if wasSuppressed && !suppressed { damped(ep, now: now) }
+            if wasLive == .up && neighbours[ep]!.link.liveness == .down {
+                // Streams to a silent neighbour would pile up: start afresh when it answers
+                // again (suppressed or not).
+                pool.drop(ep, reason: "the link is down")
+            }
+            switch change {
+            case .down? where was == .unknown:
                 // Never answered yet (it may still be starting): not news.
                 logger.debug("mesh: \(neighbours[ep]!.url) has not answered yet")
-                continue
+            case .down?:
+                neighbours[ep]!.downs += 1
+                changed(neighbours[ep]!, .down)
+            case .up?:
+                // A suppression ended on a link that kept answering.
+                neighbours[ep]!.ups += 1
+                changed(neighbours[ep]!, .up)
+            case .unknown?, nil:
+                break
             }
-            neighbours[ep]!.downs += 1
-            changed(neighbours[ep]!, change)
-            // Streams to a silent neighbour would pile up: start afresh when it answers again.
-            pool.drop(ep, reason: "the link is down")
+            if suppressed && !wasSuppressed { damped(ep, now: now) }
         }
     }
+
+    /// Says once that a neighbour's link is suppressed for flapping (and counts it), or that it
+    /// no longer is.
+    private func damped(_ ep: IPv6Endpoint, now: UInt64) {
+        let n = neighbours[ep]!
+        let link = n.link
+        guard let rules = link.settings.flapDamping else { return }
+        func seconds(_ nanos: UInt64) -> String { String(format: "%.1f s", Double(nanos) / 1e9) }
+        if let until = link.suppressedUntil {
+            counters.flapSuppressions += 1
+            neighbours[ep]!.suppressedAt = now
+            logger.notice(
+                "mesh: link to \(name(n)) at \(n.url) is suppressed for \(seconds(until &- now)): it went down \(link.recentDowns) times in \(seconds(now &- link.recentDownsSince)) (flap penalty \(Int(link.penalty(now: now).rounded())) > \(Int(rules.suppressAbove))); it stays down until then, answering or not (mesh.flap_damping)"
+            )
+        } else {
+            let next = link.liveness == .up ? "it has been answering, so it is up" : "it comes up after \(link.settings.upAfterAnswers) answers in a row"
+            logger.notice(
+                "mesh: link to \(name(n)) at \(n.url) is no longer suppressed after \(seconds(now &- n.suppressedAt)) (flap penalty < \(Int(rules.reuseBelow))): \(next)"
+            )
+        }
+    }
+
+    private func name(_ n: Neighbour) -> String { n.id.map { "\($0)" } ?? "?" }
 
     /// A node whose neighbours answer its probes but that hears no advert from anyone is
     /// listed by none of them: a node sends adverts only to its own peers (static peering
@@ -386,7 +426,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
 
     private func changed(_ n: Neighbour, _ state: NeighbourLink.State) {
         if state == .up && firstUp == nil { firstUp = monotonicNow() }
-        logger.notice("mesh: link to \(n.id.map { "\($0)" } ?? "?") at \(n.url) is \(state.rawValue)")
+        logger.notice("mesh: link to \(name(n)) at \(n.url) is \(state.rawValue)")
         advertDue = true
         viewDirty = true
         if state == .up { synchronize(n) }
@@ -613,7 +653,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 srttMicros: n.link.metrics.srtt / 1_000, rttvarMicros: n.link.metrics.rttvar / 1_000, loss: n.link.metrics.loss,
                 deliveryBytesPerSecond: n.link.metrics.deliveryRate, peerLoad: n.link.metrics.peerLoad,
                 lastAnswerMillisAgo: n.link.lastAnswer.map { (now &- $0) / 1_000_000 }, probesSent: n.probesSent,
-                probesAnswered: n.probesAnswered, downs: n.downs, ups: n.ups)
+                probesAnswered: n.probesAnswered, downs: n.downs, ups: n.ups,
+                suppressedMillis: n.link.suppressedUntil.map { $0 > now ? ($0 - now + 999_999) / 1_000_000 : 0 },
+                flapPenalty: UInt64(n.link.penalty(now: now).rounded()))
         }.sorted { $0.url < $1.url }
         let db = engine.database
         service.publish(

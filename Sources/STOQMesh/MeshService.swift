@@ -20,7 +20,8 @@ import X509
 ///   this node's trust refuses fails its handshake and is counted (`peersRefused`).
 /// - **Probes**: `GET /_stoq/mesh/probe` every `mesh.probe_interval` on each connection. The
 ///   answer names the neighbour's node id and load; answers and timeouts drive its
-///   `NeighbourLink` (RTT, variance, loss, down within `mesh.down_after`).
+///   `NeighbourLink` (RTT, variance, loss, down within `mesh.down_after`, held down while
+///   flapping with `mesh.flap_damping`).
 /// - **Adverts**: this node signs one when a link goes up or down, and every
 ///   `routing.update_interval` with fresh metrics; it lives three intervals (at least 10 s).
 ///   Received adverts are verified (`SignedAdvert.verify`: format, signature, time, chain to
@@ -45,6 +46,8 @@ public final class MeshService: @unchecked Sendable {
         public var localAddresses: Set<IPv6Address>
         public var probeInterval: UInt64 = 100_000_000
         public var downAfter: UInt64 = 600_000_000
+        /// Whether a neighbour whose link keeps going down is held down (`FlapDamping`).
+        public var flapDamping = true
         public var updateInterval: UInt64 = 5_000_000_000
         public var algorithm: RoutingAlgorithm = .adaptive
         public var maxHops = 8
@@ -288,7 +291,7 @@ public final class MeshService: @unchecked Sendable {
             metadata: [
                 "discovery": "\(discovery.backendName)", "algorithm": "\(settings.algorithm.rawValue)",
                 "max_hops": "\(settings.maxHops)", "probe_interval_ms": "\(settings.probeInterval / 1_000_000)",
-                "down_after_ms": "\(settings.downAfter / 1_000_000)",
+                "down_after_ms": "\(settings.downAfter / 1_000_000)", "flap_damping": "\(settings.flapDamping)",
             ])
     }
 

@@ -8,7 +8,7 @@ public struct MeshStatus: Sendable, Equatable {
         public var url: String
         /// Its node id (hex of SHA-256 of its key), once a probe answer named it; "" before.
         public var node: String
-        /// "unknown", "up" or "down".
+        /// "unknown", "up" or "down" (suppressed links are "down").
         public var state: String
         /// Whether the QUIC connection to it is established.
         public var connected: Bool
@@ -27,16 +27,23 @@ public struct MeshStatus: Sendable, Equatable {
         /// Times its link went down, and came back up.
         public var downs: UInt64
         public var ups: UInt64
+        /// While its link is suppressed for flapping (its state is "down", answering or not):
+        /// milliseconds until the penalty is below the reuse threshold; nil when it is not.
+        public var suppressedMillis: UInt64?
+        /// Its flap penalty now, rounded (`FlapDamping`; 0 with `mesh.flap_damping = false`).
+        public var flapPenalty: UInt64
 
         public init(
             url: String, node: String, state: String, connected: Bool, srttMicros: UInt64, rttvarMicros: UInt64,
             loss: Double, deliveryBytesPerSecond: Double, peerLoad: Double, lastAnswerMillisAgo: UInt64?,
-            probesSent: UInt64, probesAnswered: UInt64, downs: UInt64, ups: UInt64
+            probesSent: UInt64, probesAnswered: UInt64, downs: UInt64, ups: UInt64, suppressedMillis: UInt64? = nil,
+            flapPenalty: UInt64 = 0
         ) {
             (self.url, self.node, self.state, self.connected) = (url, node, state, connected)
             (self.srttMicros, self.rttvarMicros, self.loss) = (srttMicros, rttvarMicros, loss)
             (self.deliveryBytesPerSecond, self.peerLoad, self.lastAnswerMillisAgo) = (deliveryBytesPerSecond, peerLoad, lastAnswerMillisAgo)
             (self.probesSent, self.probesAnswered, self.downs, self.ups) = (probesSent, probesAnswered, downs, ups)
+            (self.suppressedMillis, self.flapPenalty) = (suppressedMillis, flapPenalty)
         }
     }
 
@@ -121,6 +128,8 @@ public struct MeshStatus: Sendable, Equatable {
         public var maxHopsSeen: UInt64 = 0
         /// Fetches moved to another route or holder after the one in use failed or stalled.
         public var failovers: UInt64 = 0
+        /// Times a neighbour's link was suppressed for flapping (`FlapDamping`).
+        public var flapSuppressions: UInt64 = 0
 
         public init() {}
     }

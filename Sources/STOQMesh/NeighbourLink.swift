@@ -13,6 +13,12 @@
 /// again after `upAfterAnswers` answers in a row. With probes every 100 ms and the default 600 ms,
 /// six probes in a row must go unanswered: at 1 % loss each way that happens about once in
 /// 10¹⁰ probes, so a lossy link does not flap, and a dead one is known within 0.6 s plus one RTT.
+///
+/// Flap damping (`FlapDamping`, RFC 2439's scheme): a link that goes down and up again and
+/// again would make every node re-route back and forth each time. Each down adds to a penalty
+/// that decays; past a threshold the link is suppressed — it stays down, answers or not — until
+/// the penalty has decayed below the reuse threshold and the usual answers in a row have come.
+/// Its metrics go on being measured meanwhile.
 public struct NeighbourLink: Sendable {
     /// How fast to decide, and how surely.
     public struct Settings: Hashable, Sendable {
@@ -32,13 +38,18 @@ public struct NeighbourLink: Sendable {
         /// estimate (QUIC recovered it by retransmission, so it still proves the link alive, and
         /// its time is not an RTT sample). 25 ms is QUIC's default max ACK delay.
         public var lateSlack: UInt64
+        /// How a link that keeps going down is held down; nil: never (`mesh.flap_damping = false`).
+        public var flapDamping: FlapDamping?
 
-        /// Defaults: down after 600 ms of silence, up after 2 answers, probes lost after 500 ms.
+        /// Defaults: down after 600 ms of silence, up after 2 answers, probes lost after 500 ms,
+        /// flaps damped with `FlapDamping`'s defaults.
         public init(
             downAfter: UInt64 = 600_000_000, upAfterAnswers: Int = 2, probeTimeout: UInt64 = 500_000_000,
-            lossWeight: Double = 0.01, rateWeight: Double = 0.05, lateSlack: UInt64 = 25_000_000
+            lossWeight: Double = 0.01, rateWeight: Double = 0.05, lateSlack: UInt64 = 25_000_000,
+            flapDamping: FlapDamping? = FlapDamping()
         ) {
             self.lateSlack = lateSlack
+            self.flapDamping = flapDamping
             self.downAfter = downAfter
             self.upAfterAnswers = upAfterAnswers
             self.probeTimeout = probeTimeout
@@ -53,7 +64,8 @@ public struct NeighbourLink: Sendable {
         case unknown
         /// Answering.
         case up
-        /// Silent for `downAfter`; stays down until `upAfterAnswers` answers in a row.
+        /// Silent for `downAfter`; stays down until `upAfterAnswers` answers in a row, and while
+        /// suppressed.
         case down
     }
 
@@ -73,8 +85,25 @@ public struct NeighbourLink: Sendable {
 
     /// The rules.
     public let settings: Settings
-    /// Current state.
+    /// Current state: what routes are computed on.
     public private(set) var state: State = .unknown
+    /// What the probes alone say: `state`, except while suppressed, when it may be up (answering)
+    /// or go down again (each such down adds to the penalty).
+    public private(set) var liveness: State = .unknown
+    /// While the link is suppressed: when the penalty falls below the reuse threshold. It comes
+    /// up at the first `tick` at or after this time if `upAfterAnswers` answers in a row have
+    /// come by then, or at the answer that makes them.
+    public private(set) var suppressedUntil: UInt64?
+    /// Whether the link is held down for flapping.
+    public var suppressed: Bool { suppressedUntil != nil }
+    /// Downs in the current run of flapping: since the penalty was last below the reuse
+    /// threshold at a down (so the run that led to a suppression, and its length, can be told).
+    public private(set) var recentDowns = 0
+    /// When the current run of flapping began (its first down).
+    public private(set) var recentDownsSince: UInt64 = 0
+    /// The penalty as of `penaltyAt`, the last down (it decays from there).
+    private var lastPenalty = 0.0
+    private var penaltyAt: UInt64 = 0
     /// Current metrics.
     public private(set) var metrics = Metrics()
     /// When a probe was last answered; nil before the first answer.
@@ -119,11 +148,10 @@ public struct NeighbourLink: Sendable {
         lastAnswer = now
         newestAnsweredSentAt = max(newestAnsweredSentAt, sentAt)
         answersInARow += 1
-        if state != .up && (state == .unknown || answersInARow >= settings.upAfterAnswers) {
-            state = .up
-            return .up
+        if liveness != .up && (liveness == .unknown || answersInARow >= settings.upAfterAnswers) {
+            liveness = .up
         }
-        return nil
+        return settle()
     }
 
     /// An RTT measured elsewhere (the QUIC connection's own samples), nanoseconds.
@@ -145,7 +173,8 @@ public struct NeighbourLink: Sendable {
         metrics.deliveryRate = metrics.deliveryRate == 0 ? rate : ema(metrics.deliveryRate, rate, settings.rateWeight)
     }
 
-    /// Gives up on probes older than the timeout and decides whether the link went down.
+    /// Gives up on probes older than the timeout, decides whether the link went down, and ends
+    /// a suppression whose time has come (the link is up at once if it has been answering).
     /// Call it at least once per probe interval. Returns the new state if it changed.
     public mutating func tick(now: UInt64) -> State? {
         while let first = outstanding.first, now &- first.sentAt >= settings.probeTimeout {
@@ -154,13 +183,44 @@ public struct NeighbourLink: Sendable {
             if lost.sentAt > newestAnsweredSentAt { answersInARow = 0 }
         }
         let silentSince = max(lastAnswer ?? since, since)
-        if state != .down, now &- silentSince >= settings.downAfter {
-            state = .down
+        if liveness != .down, now &- silentSince >= settings.downAfter {
+            // A link that never answered has not flapped (it may still be starting up).
+            if liveness == .up { wentDown(now: now) }
+            liveness = .down
             since = now
             answersInARow = 0
-            return .down
         }
-        return nil
+        if let until = suppressedUntil, now >= until { suppressedUntil = nil }
+        return settle()
+    }
+
+    /// The flap penalty at `now` (0 with damping off).
+    public func penalty(now: UInt64) -> Double {
+        guard let d = settings.flapDamping else { return 0 }
+        return d.decayed(lastPenalty, over: now &- penaltyAt)
+    }
+
+    /// A down of the link: adds to the penalty, and suppresses the link once it is past the
+    /// threshold (again each down while suppressed: the end moves on).
+    private mutating func wentDown(now: UInt64) {
+        guard let d = settings.flapDamping else { return }
+        let before = penalty(now: now)
+        if before < d.reuseBelow {
+            recentDowns = 0
+            recentDownsSince = now
+        }
+        recentDowns += 1
+        lastPenalty = d.afterDown(before)
+        penaltyAt = now
+        if suppressed || lastPenalty > d.suppressAbove { suppressedUntil = now + d.timeToReuse(lastPenalty) }
+    }
+
+    /// `state` from `liveness` and suppression; returns it if it changed.
+    private mutating func settle() -> State? {
+        let s = suppressed && liveness == .up ? .down : liveness
+        guard s != state else { return nil }
+        state = s
+        return s
     }
 
     private mutating func lossSample(lost: Bool) {

@@ -32,6 +32,7 @@ extension Node {
             listenPort: cfg.network.listenAddress.port, localAddresses: local)
         s.probeInterval = cfg.mesh.probeInterval
         s.downAfter = cfg.mesh.downAfter
+        s.flapDamping = cfg.mesh.flapDamping
         s.updateInterval = cfg.routing.updateInterval
         s.algorithm = cfg.routing.algorithm
         s.maxHops = cfg.routing.maxHops

@@ -19,6 +19,11 @@ struct MeshStatusView: Decodable, Sendable {
         var probesAnswered: UInt64
         var downs: UInt64
         var ups: UInt64
+        /// Held down for flapping: milliseconds left (absent from nodes older than flap damping).
+        var suppressedMs: UInt64?
+        var flapPenalty: UInt64?
+        /// The state as a table shows it: "suppressed" for a link held down for flapping.
+        var shownState: String { suppressedMs == nil ? state : "suppressed" }
     }
     struct Route: Decodable, Sendable {
         var destination: String
@@ -53,6 +58,7 @@ struct MeshStatusView: Decodable, Sendable {
         var maxHopsRefused: UInt64
         var maxHopsSeen: UInt64
         var failovers: UInt64
+        var flapSuppressions: UInt64?
     }
     var node: String
     var algorithm: String
@@ -150,7 +156,7 @@ enum MeshTables {
         var rows = [["neighbour", "node", "state", "conn", "srtt ms", "rttvar ms", "loss %", "Mbit/s", "load %", "answer ms ago", "probes ans/sent"]]
         for n in m.neighbours {
             rows.append([
-                n.url, short(n.node), n.state, n.connected ? "yes" : "no", ms(n.srttUs), ms(n.rttvarUs),
+                n.url, short(n.node), n.shownState, n.connected ? "yes" : "no", ms(n.srttUs), ms(n.rttvarUs),
                 String(format: "%.1f", n.loss * 100), String(format: "%.1f", n.deliveryBytesPerSecond * 8 / 1e6),
                 String(format: "%.0f", n.peerLoad * 100), n.lastAnswerMsAgo.map { "\($0)" } ?? "-",
                 "\(n.probesAnswered)/\(n.probesSent)",
@@ -158,13 +164,18 @@ enum MeshTables {
         }
         out += table(rows, right: [4, 5, 6, 7, 8, 9, 10])
         if m.neighbours.isEmpty { out += "(no neighbours)\n" }
+        for n in m.neighbours {
+            guard let left = n.suppressedMs else { continue }
+            out += "\(n.url): suppressed for flapping, \(String(format: "%.1f", Double(left) / 1e3)) s more (flap penalty \(n.flapPenalty ?? 0))\n"
+        }
         let c = m.counters
         out += "\nadverts: \(c.advertsOriginated) originated, \(c.advertsReceived) received, \(c.advertsAccepted) accepted, "
         out += "\(c.advertsForwarded) forwarded, \(c.advertsSynchronized ?? 0) synchronized, \(c.advertsDuplicate) duplicate; refused "
         out += c.advertsRefused.isEmpty ? "none\n" : "\(reasons(c.advertsRefused))\n"
         out += "relay: \(c.relayServed) served, \(c.relayForwarded) forwarded, \(c.maxHopsRefused) refused over max_hops "
         out += "(most hops seen \(c.maxHopsSeen)); \(c.failovers) failovers, \(c.routeComputations) route computations, "
-        out += "\(c.peersRefused) peers refused, \(c.connectFailures) connect failures\n"
+        out += "\(c.peersRefused) peers refused, \(c.connectFailures) connect failures"
+        out += c.flapSuppressions.map { ", \($0) flap suppressions\n" } ?? "\n"
         return out
     }
 
@@ -237,7 +248,7 @@ enum MeshTables {
             if i == 0 {
                 note = "this node"
             } else if i == 1, let n = m.neighbours.first(where: { $0.node == id }) {
-                note = "via \(n.url), \(n.state), srtt \(ms(n.srttUs)) ms, loss \(String(format: "%.1f", n.loss * 100)) %"
+                note = "via \(n.url), \(n.shownState), srtt \(ms(n.srttUs)) ms, loss \(String(format: "%.1f", n.loss * 100)) %"
             }
             if i == path.count - 1 && i > 0 { note += note.isEmpty ? "destination" : "; destination" }
             rows.append(["  \(i)", short(id), note])

@@ -36,6 +36,17 @@ import Testing
         #expect(m.dnsInterval == 30_000_000_000 && m.dnsServer == nil)
         #expect(m.etcdPrefix == "/stoq/mesh/" && m.etcdLeaseTTL == 10_000_000_000)
         #expect(m.probeInterval == 100_000_000 && m.downAfter == 600_000_000)
+        #expect(m.flapDamping)
+    }
+
+    @Test func readsFlapDamping() throws {
+        #expect(try !parse("[mesh]\nflap_damping = false").mesh.flapDamping)
+        #expect(try parse("[mesh]\nflap_damping = true").mesh.flapDamping)
+        for bad in ["\"false\"", "0", "\"off\""] {
+            let e = errors("[mesh]\nflap_damping = \(bad)")
+            #expect(e.map(\.key) == ["mesh.flap_damping"] && e.first?.code == .badType, "\(bad)")
+            #expect(e.first?.description.contains("true or false") == true, "\(e.first?.description ?? "")")
+        }
     }
 
     /// A configured mesh runs: no notice says it is ignored, and routing's keys take effect.

@@ -1,3 +1,4 @@
+import Foundation
 import STOQMesh
 import Testing
 
@@ -99,5 +100,118 @@ import Testing
         #expect(link.metrics.deliveryRate == 1_000_000)
         link.delivered(bytes: 2_000_000, interval: 1_000 * Self.ms)
         #expect(link.metrics.deliveryRate == 1_050_000)  // moving average, weight 0.05
+    }
+
+    // MARK: Flap damping
+
+    /// One second of a flapping neighbour, `cycles` times from `start`: three probes answered,
+    /// then seven not, so it is up (again) at 0.002 or 0.102 s into each second and down at 0.9 s
+    /// (the first tick 600 ms after the answer at 0.202 s).
+    static func flap(_ link: inout NeighbourLink, from start: UInt64, cycles: Int, seq: inout UInt64) -> [(UInt64, NeighbourLink.State)] {
+        drive(&link, from: start, count: 10 * cycles, seq: &seq) { $0 % 10 < 3 }
+    }
+
+    /// The penalty just after downs `spacing` apart, the newest last: 1000 each, halved every 15 s.
+    static func penalty(downs: Int, spacing: Double) -> Double {
+        (0..<downs).reduce(0.0) { $0 + 1000 * exp2(-Double($1) * spacing / 15) }
+    }
+
+    /// The first probe interval's tick at or after `t`.
+    static func tickAtOrAfter(_ t: UInt64) -> UInt64 { (t + interval - 1) / interval * interval }
+
+    /// Five downs a second apart: four make 3737, not past 4000; the fifth makes 4568 and the
+    /// link is suppressed. It answers every probe from then on, and stays down (its metrics
+    /// still move) until 15 s · log₂(4568 / 750) = 39.1 s after that down, and up at the first
+    /// tick after.
+    @Test func fiveDownsInAFewSecondsSuppressUntilThePenaltyDecays() {
+        var link = NeighbourLink(now: 0)
+        var seq: UInt64 = 0
+        var changes = Self.flap(&link, from: 0, cycles: 4, seq: &seq)
+        #expect(changes.filter { $0.1 == .down }.map(\.0) == [900, 1_900, 2_900, 3_900].map { $0 * Self.ms })
+        #expect(!link.suppressed && link.state == .down)
+        #expect(abs(link.penalty(now: 3_900 * Self.ms) - Self.penalty(downs: 4, spacing: 1)) < 1e-6)
+        changes = Self.flap(&link, from: 4_000 * Self.ms, cycles: 1, seq: &seq)
+        #expect(changes.map(\.1) == [.up, .down] && changes.last?.0 == 4_900 * Self.ms)
+        let p = Self.penalty(downs: 5, spacing: 1)
+        #expect(abs(link.penalty(now: 4_900 * Self.ms) - p) < 1e-6 && p > 4_000 && p < 4_600)
+        #expect(link.recentDowns == 5 && link.recentDownsSince == 900 * Self.ms)
+        let reuse = 4_900 * Self.ms + UInt64((15e9 * log2(p / 750)).rounded(.up))
+        #expect(link.suppressedUntil.map { max($0, reuse) - min($0, reuse) <= 1 } == true, "\(String(describing: link.suppressedUntil)) vs \(reuse)")
+        #expect(reuse > 43_900 * Self.ms && reuse < 44_100 * Self.ms)
+
+        // Every probe answered from 5 s on, 10 ms later than before: down all the same, but
+        // alive underneath and measured.
+        let srtt = link.metrics.srtt, loss = link.metrics.loss
+        changes = Self.drive(&link, from: 5_000 * Self.ms, count: 300, seq: &seq, rtt: 10 * Self.ms) { _ in true }
+        #expect(changes.isEmpty)
+        #expect(link.state == .down && link.liveness == .up && link.suppressed)
+        #expect(link.metrics.srtt > srtt && link.metrics.loss < loss)
+        changes = Self.drive(&link, from: 35_000 * Self.ms, count: 150, seq: &seq, rtt: 10 * Self.ms) { _ in true }
+        #expect(changes.count == 1 && changes.first?.1 == .up)
+        #expect(changes.first?.0 == Self.tickAtOrAfter(reuse) && changes.first?.0 == 44_000 * Self.ms + Self.interval)
+        #expect(!link.suppressed && link.penalty(now: 44_100 * Self.ms) < 750)
+    }
+
+    /// Suppressed and silent past its reuse time: the suppression ends with no change (still
+    /// down), and the usual two answers in a row bring it up.
+    @Test func aSuppressedLinkThatIsSilentAtItsReuseTimeNeedsTheUsualAnswers() throws {
+        var link = NeighbourLink(now: 0)
+        var seq: UInt64 = 0
+        _ = Self.flap(&link, from: 0, cycles: 5, seq: &seq)
+        let until = try #require(link.suppressedUntil)
+        var changes = Self.drive(&link, from: 5_000 * Self.ms, count: 400, seq: &seq) { _ in false }
+        #expect(changes.isEmpty && !link.suppressed && link.state == .down && until < 45_000 * Self.ms)
+        changes = Self.drive(&link, from: 45_000 * Self.ms, count: 2, seq: &seq) { _ in true }
+        #expect(changes.map(\.1) == [.up] && changes.first?.0 == 45_100 * Self.ms + 2 * Self.ms)
+    }
+
+    /// A link cut for 0.7 s every 10 s for five minutes (scripts/bench-routing's pace) goes down
+    /// and up every time: its penalty tends to 1000 / (1 − 2^(−10/15)) ≈ 2702, under 4000.
+    @Test func aDownEveryTenSecondsIsNeverSuppressed() {
+        var link = NeighbourLink(now: 0)
+        var seq: UInt64 = 0
+        var highest = 0.0
+        var changes = [(UInt64, NeighbourLink.State)]()
+        for cut in 0..<30 {
+            let start = UInt64(cut) * 10_000 * Self.ms
+            changes += Self.drive(&link, from: start, count: 100, seq: &seq) { !(50..<57).contains($0) }
+            #expect(!link.suppressed, "suppressed after cut \(cut + 1)")
+            highest = max(highest, link.penalty(now: start + 5_600 * Self.ms))
+        }
+        #expect(changes.count == 61 && changes.filter { $0.1 == .down }.count == 30 && changes.last?.1 == .up)
+        #expect(changes.filter { $0.1 == .down }.allSatisfy { $0.0 % (10_000 * Self.ms) == 5_600 * Self.ms })
+        let limit = 1000 / (1 - exp2(-10.0 / 15))
+        #expect(highest > 2_690 && highest < limit && limit < 2_703, "\(highest)")
+    }
+
+    /// `mesh.flap_damping = false`: fifty downs a second apart, and up again after each.
+    @Test func withDampingOffAFlappingLinkIsNeverSuppressed() {
+        var link = NeighbourLink(settings: .init(flapDamping: nil), now: 0)
+        var seq: UInt64 = 0
+        let changes = Self.flap(&link, from: 0, cycles: 50, seq: &seq)
+        #expect(changes.count == 100 && changes.filter { $0.1 == .up }.count == 50)
+        #expect(!link.suppressed && link.penalty(now: 50_000 * Self.ms) == 0 && link.recentDowns == 0)
+    }
+
+    /// Sixty downs a second apart, most of them while suppressed (each moves the end on): the
+    /// penalty reaches the ceiling, 750 · 2⁴ = 12 000, from the 17th, so the link is reused 60 s
+    /// after its last down (uncapped, 20 747 would hold it 72 s), and up at that tick.
+    @Test func theCeilingBoundsTheTimeToReuse() {
+        let rules = FlapDamping()
+        #expect(rules.ceiling == 12_000 && rules.timeToReuse(rules.ceiling) == 60 * 1_000 * Self.ms)
+        var link = NeighbourLink(now: 0)
+        var seq: UInt64 = 0
+        var changes = Self.flap(&link, from: 0, cycles: 16, seq: &seq)
+        #expect(link.penalty(now: 15_900 * Self.ms) < 12_000)
+        changes += Self.flap(&link, from: 16_000 * Self.ms, cycles: 44, seq: &seq)
+        // Reported: up, then down and up four times, then down (suppressed) for good.
+        #expect(changes.count == 10 && changes.last?.0 == 4_900 * Self.ms)
+        #expect(link.recentDowns == 60 && link.penalty(now: 59_900 * Self.ms) == 12_000)
+        let lastDown = 59_900 * Self.ms
+        #expect(link.suppressedUntil == lastDown + 60_000 * Self.ms)
+        let uncapped = Self.penalty(downs: 60, spacing: 1)
+        #expect(uncapped > 20_000 && 15e9 * log2(uncapped / 750) > 70e9)
+        changes = Self.drive(&link, from: 60_000 * Self.ms, count: 700, seq: &seq) { _ in true }
+        #expect(changes.map(\.1) == [.up] && changes.first?.0 == lastDown + 60_000 * Self.ms)
     }
 }

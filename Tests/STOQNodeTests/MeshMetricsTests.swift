@@ -36,6 +36,7 @@ import Testing
         counters.maxHopsRefused = 2
         counters.maxHopsSeen = 3
         counters.failovers = 1
+        counters.flapSuppressions = 1
         var discovery = DiscoveryCounters()
         discovery.updates = 3
         discovery.members = 4
@@ -49,11 +50,12 @@ import Testing
                 .init(
                     url: "https://[fd00:1::2]:4433", node: b, state: "up", connected: true, srttMicros: 1_250,
                     rttvarMicros: 300, loss: 0.005, deliveryBytesPerSecond: 101_500_000, peerLoad: 0.12,
-                    lastAnswerMillisAgo: 140, probesSent: 1_000, probesAnswered: 995, downs: 1, ups: 1),
+                    lastAnswerMillisAgo: 140, probesSent: 1_000, probesAnswered: 995, downs: 1, ups: 1, flapPenalty: 412),
                 .init(
                     url: "https://[fd00:1::3]:4433", node: e, state: "down", connected: false, srttMicros: 20_000,
                     rttvarMicros: 5_000, loss: 1, deliveryBytesPerSecond: 0, peerLoad: 0.5,
-                    lastAnswerMillisAgo: 4_210, probesSent: 800, probesAnswered: 700, downs: 2, ups: 1),
+                    lastAnswerMillisAgo: 4_210, probesSent: 800, probesAnswered: 700, downs: 5, ups: 4, suppressedMillis: 31_300,
+                    flapPenalty: 4_568),
                 .init(
                     url: "https://[fd00:1::4]:4433", node: "", state: "unknown", connected: false, srttMicros: 0,
                     rttvarMicros: 0, loss: 0, deliveryBytesPerSecond: 0, peerLoad: 0, lastAnswerMillisAgo: nil,
@@ -87,7 +89,10 @@ import Testing
             "stoq_mesh_neighbour_last_answer_age_seconds\(down) 4.21",
             "# TYPE stoq_mesh_neighbour_probes_sent_total counter",
             "stoq_mesh_neighbour_probes_sent_total\(up) 1000", "stoq_mesh_neighbour_probes_answered_total\(up) 995",
-            "stoq_mesh_neighbour_downs_total\(down) 2", "stoq_mesh_neighbour_ups_total\(down) 1",
+            "stoq_mesh_neighbour_downs_total\(down) 5", "stoq_mesh_neighbour_ups_total\(down) 4",
+            "# TYPE stoq_mesh_neighbour_suppressed gauge", "stoq_mesh_neighbour_suppressed\(down) 1", "stoq_mesh_neighbour_suppressed\(up) 0",
+            "stoq_mesh_neighbour_flap_penalty\(down) 4568", "stoq_mesh_neighbour_flap_penalty\(up) 412",
+            "# TYPE stoq_mesh_flap_suppressions_total counter", "stoq_mesh_flap_suppressions_total 1",
             "stoq_mesh_nodes_known 5", "stoq_mesh_links_known 6", "stoq_mesh_routes 3", "stoq_mesh_routes_with_backup 1",
             "stoq_mesh_max_hops 4",
             #"stoq_mesh_info{node="\#(Self.a)",algorithm="latency",discovery="dns"} 1"#,
@@ -203,6 +208,7 @@ import Testing
         c.maxHopsRefused = try u(cj, "max_hops_refused")
         c.maxHopsSeen = try u(cj, "max_hops_seen")
         c.failovers = try u(cj, "failovers")
+        c.flapSuppressions = try u(cj, "flap_suppressions")
         let neighbours = try #require(j["neighbours"] as? [[String: Any]]).map { n in
             MeshStatus.Neighbour(
                 url: try s(n, "url"), node: try s(n, "node"), state: try s(n, "state"),
@@ -210,7 +216,8 @@ import Testing
                 rttvarMicros: try u(n, "rttvar_us"), loss: try f(n, "loss"),
                 deliveryBytesPerSecond: try f(n, "delivery_bytes_per_second"), peerLoad: try f(n, "peer_load"),
                 lastAnswerMillisAgo: (n["last_answer_ms_ago"] as? NSNumber)?.uint64Value, probesSent: try u(n, "probes_sent"),
-                probesAnswered: try u(n, "probes_answered"), downs: try u(n, "downs"), ups: try u(n, "ups"))
+                probesAnswered: try u(n, "probes_answered"), downs: try u(n, "downs"), ups: try u(n, "ups"),
+                suppressedMillis: (n["suppressed_ms"] as? NSNumber)?.uint64Value, flapPenalty: try u(n, "flap_penalty"))
         }
         let routes = try #require(j["routes"] as? [[String: Any]]).map { r in
             MeshStatus.Route(

@@ -5,6 +5,7 @@ sees them out of the mesh: it advertises one link to that id and says so once. B
 advert repeated the neighbour, it could sign none ("cannot sign this node's advert … repeats
 neighbour", every second), and its neighbours lost their routes through it."""
 import json
+import math
 import re
 import signal
 import time
@@ -487,4 +488,90 @@ def test_a_mesh_node_keeps_its_id_across_certificate_renewals(tmp_path):
         wait_for_routes(nodes, 1)
     finally:
         for n in nodes:
+            stop(n)
+
+
+def test_a_flapping_neighbour_is_suppressed_then_reused(tmp_path):
+    """B is stopped (SIGSTOP) and let go (SIGCONT) in short cycles, with 50 ms probes and
+    `down_after` 250 ms: each stop takes A's link to B down, and the fifth quick down takes its
+    flap penalty past 4000 (mesh.flap_damping, on by default). A then shows B as suppressed,
+    with the time left and the penalty, counts it on /status and /metrics, says so once in its
+    log, and keeps the link down (no route to B) while B answers every probe. Once the penalty
+    has decayed below 750 (36-40 s after that down), B is back: up, routed, and the reuse said
+    once. About 50 s, most of it the suppression itself."""
+    ca = certificates(tmp_path, ("a", "b"))
+    pa, pb = free_port(), free_port()
+
+    def cfg(name, peer):
+        return mesh_config(tmp_path, ca, name, [peer]).replace(
+            'probe_interval = "100ms"\n', 'probe_interval = "50ms"\ndown_after = "250ms"\n')
+    nodes = []
+    try:
+        nodes.append(start_node(tmp_path / "a", pa, cfg("a", pb)))
+        nodes.append(start_node(tmp_path / "b", pb, cfg("b", pa)))
+        a, b = nodes
+        wait_for_routes(nodes, 1)
+
+        def link():
+            return status(a)["neighbours"][0]
+
+        def wait(what, timeout, ok):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                n = link()
+                if ok(n):
+                    return n
+                time.sleep(0.05)
+            pytest.fail(f"A did not see B {what} within {timeout} s: {link()}")
+
+        assert link()["suppressed_ms"] is None and status(a)["counters"]["flap_suppressions"] == 0
+        started = time.monotonic()
+        n = None
+        for cycle in range(1, 9):
+            b.proc.send_signal(signal.SIGSTOP)
+            try:
+                n = wait(f"down (stop {cycle})", 5, lambda n: n["state"] == "down")
+            finally:
+                b.proc.send_signal(signal.SIGCONT)
+            if n["suppressed_ms"] is not None:
+                break
+            wait(f"up again (stop {cycle})", 5, lambda n: n["state"] == "up")
+        flapped = time.monotonic() - started
+        assert n["suppressed_ms"] is not None, f"not suppressed after {cycle} downs in {flapped:.1f} s: {n}"
+        # Four downs at once make 4000 at most, not above it. The penalty (above 4000 at the
+        # down, decaying since) halves every 15 s, and the time left is what it takes to fall
+        # below 750.
+        assert cycle >= 5 and n["downs"] >= 5, n
+        assert 3_500 < n["flap_penalty"] <= 5_000, n
+        assert abs(n["suppressed_ms"] - 15_000 * math.log2(n["flap_penalty"] / 750)) < 20, n
+        print(f"suppressed at down {cycle}, {flapped:.1f} s after the first stop: {n}")
+        assert status(a)["counters"]["flap_suppressions"] == 1
+        assert metric_totals(a)["stoq_mesh_flap_suppressions_total"] == 1
+        # B answers every probe now; A keeps the link down and measured, and routes around it
+        # (here: no route at all).
+        answered = n["probes_answered"]
+        n = wait("answering while suppressed", 5, lambda n: n["probes_answered"] >= answered + 20)
+        assert n["state"] == "down" and n["suppressed_ms"] is not None, n
+        deadline = time.monotonic() + 5
+        while routes(a) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert routes(a) == [], routes(a)
+        a.log.flush()
+        log = (tmp_path / "a" / "node.log").read_text()
+        said = [l for l in log.splitlines() if "is suppressed for" in l]
+        assert len(said) == 1 and f"https://[::1]:{pb}/" in said[0] and "went down" in said[0], said
+        # Back once the penalty has decayed: up, and routed again.
+        n = wait("up after the suppression", n["suppressed_ms"] / 1000 + 8,
+                 lambda n: n["state"] == "up" and n["suppressed_ms"] is None)
+        assert n["flap_penalty"] < 750, n
+        wait_for_routes(nodes, 1, timeout=15)
+        a.log.flush()
+        log = (tmp_path / "a" / "node.log").read_text()
+        reused = [l for l in log.splitlines() if "no longer suppressed" in l]
+        assert len(reused) == 1 and f"https://[::1]:{pb}/" in reused[0], reused
+        assert status(a)["counters"]["flap_suppressions"] == 1
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGCONT)
             stop(n)

@@ -21,13 +21,14 @@ import Testing
                 discovery dns: 4 members, 3 updates, 1 failures, 1 recoveries; refused bad_port 2
                 discovery last error: timeout: no answer from [fd00::53]:53
 
-                neighbour                 node              state    conn  srtt ms  rttvar ms  loss %  Mbit/s  load %  answer ms ago  probes ans/sent
-                https://[fd00:1::2]:4433  9c4e7f10b2d3a5c6  up       yes      1.25       0.30     0.5   812.0      12            140         995/1000
-                https://[fd00:1::3]:4433  e0f1a2b3c4d5e6f7  down     no      20.00       5.00   100.0     0.0      50           4210          700/800
-                https://[fd00:1::4]:4433  -                 unknown  no       0.00       0.00     0.0     0.0       0              -              0/3
+                neighbour                 node              state       conn  srtt ms  rttvar ms  loss %  Mbit/s  load %  answer ms ago  probes ans/sent
+                https://[fd00:1::2]:4433  9c4e7f10b2d3a5c6  up          yes      1.25       0.30     0.5   812.0      12            140         995/1000
+                https://[fd00:1::3]:4433  e0f1a2b3c4d5e6f7  suppressed  no      20.00       5.00   100.0     0.0      50           4210          700/800
+                https://[fd00:1::4]:4433  -                 unknown     no       0.00       0.00     0.0     0.0       0              -              0/3
+                https://[fd00:1::3]:4433: suppressed for flapping, 31.3 s more (flap penalty 4568)
 
                 adverts: 12 originated, 57 received, 41 accepted, 96 forwarded, 7 synchronized, 13 duplicate; refused bad_signature 1, stale 2
-                relay: 30 served, 18 forwarded, 2 refused over max_hops (most hops seen 3); 1 failovers, 9 route computations, 1 peers refused, 4 connect failures
+                relay: 30 served, 18 forwarded, 2 refused over max_hops (most hops seen 3); 1 failovers, 9 route computations, 1 peers refused, 4 connect failures, 1 flap suppressions
 
                 """)
     }
@@ -54,7 +55,7 @@ import Testing
                   2  7d1e5a9b2c3f4a6b  destination
                 backup: 3 hops, cost 9.75
                   0  a1b2c3d4e5f60718  this node
-                  1  e0f1a2b3c4d5e6f7  via https://[fd00:1::3]:4433, down, srtt 20.00 ms, loss 100.0 %
+                  1  e0f1a2b3c4d5e6f7  via https://[fd00:1::3]:4433, suppressed, srtt 20.00 ms, loss 100.0 %
                   2  7d1e00ff4422aa11
                   3  7d1e5a9b2c3f4a6b  destination
 
