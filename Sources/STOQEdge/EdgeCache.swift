@@ -35,7 +35,7 @@ import Synchronization
 ///   of the object it was cut from (`Range` on `/objects/<name>`), checked against its id
 ///   like any chunk. A range whose bytes are not that chunk means the object changed
 ///   upstream: the manifest goes, and the next request fetches the object whole.
-/// - **Fetching** happens on one thread of its own with one QUIC connection to the origin
+/// - **Fetching** happens on one thread of its own (`EdgeFetcher`) with one QUIC connection to the origin
 ///   (up to `maxInFlight` requests at once), never on a worker. Concurrent requests for the
 ///   same chunk or manifest join the fetch in flight. A worker hands a request off with a
 ///   ticket and picks the completion up from its `Inbox` between batches.
@@ -254,17 +254,17 @@ public final class EdgeCache: @unchecked Sendable {
     /// request that started the fetch, and carries it on in `traceparent`. Set before `start`.
     public var tracer: RequestTracer?
     /// Wakes the fetcher's connection pool when it is driving connections (set by the fetcher).
-    private var onPoolWake: (() -> Void)? {
+    var onPoolWake: (() -> Void)? {
         get { lock.withLock { poolWake } }
         set { lock.withLock { poolWake = newValue } }
     }
     private var poolWake: (() -> Void)?
-    /// Stands in for an attempt never made (a fetch with no attempt at all).
-    private let placeholderURL = try! STOQURL("https://[::1]:1/")
     private var counterValues = Counters()
     private var dirty = false
-    private let wake = DispatchSemaphore(value: 0)
-    private let stopFlag = Atomic<Bool>(false)
+    /// Wakes the fetcher when it sleeps with no pool (`fetch`, `retrust`, `renewCredentials`,
+    /// `stop`), and tells it to stop.
+    let wake = DispatchSemaphore(value: 0)
+    let stopFlag = Atomic<Bool>(false)
     private let finished = DispatchGroup()
     private let tickets = Atomic<UInt64>(1)
 
@@ -435,7 +435,7 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// Drops the manifest of `name` (and its file) when `which` holds for it, counting it in
     /// `counted` if given; returns whether it did.
-    private func dropManifest(
+    func dropManifest(
         _ name: String, counted: WritableKeyPath<Counters, UInt64>? = nil, where which: (EdgeManifests.Entry) -> Bool
     ) -> Bool {
         lock.withLock { () -> Bool in
@@ -508,13 +508,13 @@ public final class EdgeCache: @unchecked Sendable {
         return ticket
     }
 
-    // MARK: - Fetcher
+    // MARK: - Fetcher side
 
     /// Starts the fetcher thread.
     public func start() {
         finished.enter()
         let t = Thread { [self] in
-            run()
+            EdgeFetcher(cache: self).run()
             persist()
             finished.leave()
         }
@@ -547,54 +547,54 @@ public final class EdgeCache: @unchecked Sendable {
         _ = finished.wait(timeout: .now() + 10)
     }
 
-    /// One fetch in flight: what it is for, where its body goes, and the attempts made so far.
-    struct Active {
-        var key: Key
-        var hint: RelayHint?
-        var revalidate = false
-        var fetchKey: FetchKey { FetchKey(key, hint, revalidate: revalidate) }
-        var fd: Int32
-        var started: UInt64
-        var attempt: UpstreamAttempt
-        var tried: [UpstreamAttempt]
-        /// Body bytes seen at the last check, and when they last grew.
-        var seen: UInt64 = 0
-        var progressAt: UInt64
-        /// Whether every attempt so far answered 404, and the last failure's reason.
-        var allNotFound = true
-        var lastFailure: String?
-        /// When the current attempt was sent.
-        var submittedAt: UInt64 = 0
-        /// A hedge: a second request for the same key on another route, started because the
-        /// first was late (`FetchUpstream.hedgeDelay`). The two name each other; the first to
-        /// deliver wins and the other is cancelled, and one that fails leaves the other alone.
-        var partner: Int?
-        var hedge = false
-        /// Asks for the object whole: the upstream had no manifest of this name.
-        var plain = false
-        /// A chunk cut here from a plain object: asked for as this byte range of that object.
-        var source: PlainSource?
-        /// Attempts whose range came back with other bytes, or past the object's end (the object
-        /// changed there), and attempts that failed for any reason but a 404.
-        var changed = 0
-        var failures = 0
-        /// The trace of the request that started the fetch, and the current attempt's span.
-        var trace: ServiceContext?
-        var span: (any Span)?
-
-        /// Ends the current attempt's span: answered with `status`, or failed with `failure`.
-        func endSpan(status: Int = 0, errorCode: UInt64? = nil, failure: String? = nil) {
-            if let span { RequestTracer.end(span, status: status, errorCode: errorCode, failure: failure) }
+    /// The fetches asked for since the last call, and, when the fetcher is `idle` (nothing in
+    /// flight), the trust a reload asked for (`retrust`), which it then applies. Fetcher thread.
+    func takeJobs(idle: Bool) -> (jobs: [Job], trust: ClientTrust?) {
+        lock.withLock {
+            let taken = jobs
+            jobs.removeAll()
+            guard idle, let t = freshTrust else { return (taken, nil) }
+            freshTrust = nil
+            return (taken, t)
         }
     }
 
-    private func complete(_ key: FetchKey, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
+    /// Whether a reload's trust waits for the fetches in flight to finish (`takeJobs`).
+    var retrustPending: Bool { lock.withLock { freshTrust != nil } }
+
+    /// Whether the node's certificate was renewed since the last call (`renewCredentials`).
+    func takeRenewal() -> Bool {
+        lock.withLock { () -> Bool in
+            defer { credentialsRenewed = false }
+            return credentialsRenewed
+        }
+    }
+
+    /// The trust upstreams are verified with: the fetcher's pool opens with it, and the
+    /// fetcher sets it once a reload's has loaded.
+    var currentTrust: ClientTrust {
+        get { lock.withLock { trust } }
+        set { lock.withLock { trust = newValue } }
+    }
+
+    /// Adds `n` to `counter`: what the fetcher counts as it goes.
+    func count(_ counter: WritableKeyPath<Counters, UInt64>, _ n: UInt64 = 1) {
+        lock.withLock { counterValues[keyPath: counter] += n }
+    }
+
+    /// The cached manifest of `name`, neither counted nor made more recent.
+    func peekManifest(_ name: String) -> EdgeManifests.Entry? { lock.withLock { manifests.peek(name) } }
+
+    /// Ends the fetch `key`: every worker waiting for it gets its completion (`failure` nil:
+    /// it is in the cache, or in `manifest` or `chunk`).
+    func complete(_ key: FetchKey, _ failure: Failure?, manifest: [UInt8]? = nil, chunk: UnsafeRawBufferPointer? = nil) {
         let waiters = lock.withLock { inflight.removeValue(forKey: key) ?? [] }
         let bytes = waiters.isEmpty ? nil : chunk.map { Array($0) }  // read-ahead fetches have no waiter: no copy
         for w in waiters { w.inbox.post(Completion(ticket: w.ticket, failure: failure, manifest: manifest, chunk: bytes)) }
     }
 
-    private func originFailed(_ key: FetchKey, _ failure: Failure) {
+    /// Ends the fetch `key` with `failure`, counted as an origin error.
+    func originFailed(_ key: FetchKey, _ failure: Failure) {
         lock.withLock { counterValues.originErrors += 1 }
         complete(key, failure)
     }
@@ -613,533 +613,37 @@ public final class EdgeCache: @unchecked Sendable {
         }
     }
 
-    private func path(_ key: Key) -> String { Self.resource(key).path }
-
-    /// The next attempt for `a` that was not tried yet (the upstream is asked again, so a route
-    /// that changed since the last attempt counts), or nil when none is left.
-    private func nextAttempt(_ a: Active) -> UpstreamAttempt? {
-        attempts(for: a.key, a.hint, a.source).first { c in !a.tried.contains { $0.same(as: c) } }
+    /// Admits chunk `id`, fetched and stored (`put`), to the policy, evicting what it must;
+    /// false when it is larger than the whole cache and was not admitted.
+    func admit(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer, put: ChunkStore.PutResult) -> Bool {
+        var out: [ChunkID] = []
+        let (admitted, wasHeld) = lock.withLock {
+            let held = policy.contains(id)
+            let ok = policy.insert(id, size: UInt64(bytes.count)) { out.append($0) }
+            counterValues.evictions += UInt64(out.count)
+            dirty = true
+            return (ok, held)
+        }
+        evicted(out)
+        if admitted && !wasHeld && put == .alreadyPresent { restore(id, bytes) }
+        return admitted
     }
 
-    /// Where to ask for `key`: the upstream's attempts, or for a chunk cut here from a plain
-    /// object (`source`), those for that object whole with a `Range` of the chunk's bytes
-    /// (for a relayed request, towards its holder, as the object itself was).
-    private func attempts(for key: Key, _ hint: RelayHint?, _ source: PlainSource?) -> [UpstreamAttempt] {
-        guard let source else {
-            // A chunk of a relayed object that is not from a cut here: the manifest this node
-            // serves it from may have come from another node than the request's holder, which
-            // then lacks its chunks; so it is looked for as this node's own (still its own
-            // fetch key, `FetchKey`, so it never waits on a fetch of this node's).
-            if case .chunk = key, hint?.whole == true { return upstream.attempts(for: Self.resource(key), hint: nil) }
-            return upstream.attempts(for: Self.resource(key), hint: hint)
+    /// Cuts the plain object `name`, fetched from `from` into `fd` (closed when done), on the cut
+    /// queue (`cutPlain`), then completes `key`; fails `key` at once when `maxCutsWaiting`
+    /// fetched objects wait to be cut already.
+    func cut(_ name: String, fd: Int32, size: UInt64, digest: ContentDigest?, maxAge: Int64?, from: String, completing key: FetchKey) {
+        guard cutsWaiting.add(1, ordering: .relaxed).newValue <= Self.maxCutsWaiting else {
+            cutsWaiting.subtract(1, ordering: .relaxed)
+            close(fd)
+            complete(key, Failure(status: 503, reason: "edge: \(Self.maxCutsWaiting) plain objects are being cut into the cache already; try \(name) again"))
+            return
         }
-        return upstream.attempts(for: .manifest(name: source.name), hint: hint).compactMap { a in
-            guard var whole = a.whole(source.name) else { return nil }
-            whole.headers.append(("range", "bytes=\(source.range.lowerBound)-\(source.range.upperBound)"))
-            return whole
+        cutQueue.async(group: finished) { [self] in
+            defer { close(fd); cutsWaiting.subtract(1, ordering: .relaxed) }
+            let cut = cutPlain(name, fd: fd, size: size, digest: digest, maxAge: maxAge, from: from)
+            complete(key, cut.failure, manifest: cut.manifest)
         }
-    }
-
-    private func run() {
-        var pool: ConnectionPool?
-        var active: [Int: Active] = [:]
-        var backlog: [Job] = []
-        var nextTag = 0
-        var lastPersist = DispatchTime.now().uptimeNanoseconds
-        var lastUse = lastPersist
-        // Failover notices, at most one a second per upstream: a cut link fails every chunk in
-        // flight through it at once (14 lines in one second for one cut); the rest are counted
-        // (stoq_edge_failovers_total) and summed into the next notice.
-        var failoverNotices: [String: (at: UInt64, held: Int)] = [:]
-        var lastCheck = lastPersist
-        var offsets = PlainOffsets()
-
-        /// Gives up on `a`: every attempt failed (or there was none).
-        func giveUp(_ a: Active) {
-            close(a.fd)
-            let p = path(a.key)
-            if a.allNotFound {
-                // Gone upstream: so is its manifest here. A relayed request, addressed to one
-                // holder, learns only that that holder has none: the copy here may have come from
-                // another (and anyone may address a relay to any node), so it stays. A relayed
-                // manifest request (which never asks for the object whole) also learns only that
-                // the holder has no manifest, which a plain object cut here never had.
-                if case .manifest(let name) = a.key, a.hint == nil { _ = dropManifest(name) { a.fetchKey.whole || !$0.plain } }
-                if a.tried.isEmpty, let why = upstream.unreachable(Self.resource(a.key), hint: a.hint) {
-                    return originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(why)"))
-                }
-                return complete(a.fetchKey, Failure(status: 404, reason: "edge: no upstream has \(p) (\(upstream))"))
-            }
-            let why = a.lastFailure ?? "edge: \(p) failed"
-            logger.warning("\(why)")
-            originFailed(a.fetchKey, Failure(status: 502, reason: why))
-        }
-
-        /// Sends `a` to its current attempt; returns its tag.
-        @discardableResult
-        func submit(_ a: Active, _ p: ConnectionPool) -> Int {
-            let tag = nextTag
-            nextTag += 1
-            ftruncate(a.fd, 0)
-            var a = a
-            a.seen = 0
-            a.progressAt = DispatchTime.now().uptimeNanoseconds
-            a.submittedAt = a.progressAt
-            var headers = a.attempt.headers
-            if a.revalidate { headers.append(Self.revalidateHeader) }
-            a.span = nil
-            if let tracer, let trace = a.trace {
-                let span = tracer.clientSpan(
-                    method: "GET", path: a.attempt.path, server: "\(a.attempt.url.endpoint)", label: a.attempt.label, parent: trace)
-                if a.hedge { span.attributes["stoq.hedge"] = true }
-                headers += tracer.headers(for: span.context)
-                a.span = span
-            }
-            p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, tag: tag, keepErrors: true, hash: a.plain)
-            upstream.dispatched(Self.resource(a.key), via: a.attempt)
-            lock.withLock {
-                if case .chunk = a.key {
-                    counterValues.originChunkFetches += 1
-                } else if !a.plain {
-                    counterValues.originManifestFetches += 1
-                }
-            }
-            active[tag] = a
-            return tag
-        }
-
-        /// `a`'s request failed (`why`): its hedge partner, if still out, carries on alone;
-        /// otherwise `a` moves to its next attempt.
-        func failed(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
-            guard let partner = a.partner, var b = active[partner] else { return retry(a, why, notFound: notFound, p) }
-            upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
-            close(a.fd)
-            b.partner = nil
-            for t in a.tried where !b.tried.contains(where: { $0.same(as: t) }) { b.tried.append(t) }
-            if !notFound {
-                b.allNotFound = false
-                b.lastFailure = why
-            }
-            active[partner] = b
-        }
-
-        /// `a` delivered: its hedge partner, if any, is cancelled.
-        func delivered(_ a: Active, _ p: ConnectionPool) {
-            close(a.fd)
-            if a.hedge { lock.withLock { counterValues.hedgeWins += 1 } }
-            guard let partner = a.partner, let b = active.removeValue(forKey: partner) else { return }
-            b.endSpan(failure: "cancelled: the hedge partner delivered first")
-            p.cancel(partner)
-            close(b.fd)
-            upstream.cancelled(Self.resource(b.key), via: b.attempt)
-        }
-
-        /// Moves `a` to its next attempt after `why` (a failover when the upstream had more
-        /// than a 404 to say), or gives up.
-        func retry(_ a: Active, _ why: String, notFound: Bool, _ p: ConnectionPool) {
-            upstream.failed(Self.resource(a.key), via: a.attempt, notFound: notFound)
-            var a = a
-            if !notFound { a.allNotFound = false; a.lastFailure = why; a.failures += 1 } else if a.allNotFound { a.lastFailure = nil }
-            guard let next = nextAttempt(a) else {
-                if byID(a, p) { return }
-                return giveUp(a)
-            }
-            if !notFound {
-                lock.withLock { counterValues.failovers += 1 }
-                let now = DispatchTime.now().uptimeNanoseconds, from = a.attempt.url.description
-                if let last = failoverNotices[from], now &- last.at < 1_000_000_000 {
-                    failoverNotices[from]!.held += 1
-                } else {
-                    let held = failoverNotices[from]?.held ?? 0
-                    let more = held > 0 ? "; \(held) more from it since the last such notice" : ""
-                    logger.notice("edge: \(path(a.key)) via \(a.attempt.label) failed (\(why)); trying \(next.label)\(more)")
-                    failoverNotices[from] = (now, 0)
-                }
-            }
-            a.attempt = next
-            a.plain = false
-            a.tried.append(next)
-            submit(a, p)
-        }
-
-        /// `a`, a range of a plain object cut here, got no bytes of it anywhere: the cut goes
-        /// if its object is gone or changed (every attempt said 404 or showed the change; one
-        /// that merely failed may still have it), and the chunk is asked for by its id (another
-        /// object may hold it too). False when there is nothing to ask.
-        func byID(_ a: Active, _ p: ConnectionPool) -> Bool {
-            guard let source = a.source else { return false }
-            if a.allNotFound || (a.changed > 0 && a.changed == a.failures) { dropCut(source.name, ifStill: source.cut) }
-            var b = a
-            b.source = nil
-            guard let first = nextAttempt(b) else { return false }
-            b.attempt = first
-            b.tried.append(first)
-            submit(b, p)
-            return true
-        }
-
-        /// `a`'s upstream has no manifest of its name: asks it for the object whole (`whole`:
-        /// the same attempt for `/objects/<name>`), into a file on disk (an object may be
-        /// large). A name nobody has costs this round trip more. `unless`: the ETag of the
-        /// version cut here before, which the upstream need not send again.
-        func askForPlain(_ a: Active, _ whole: UpstreamAttempt, _ p: ConnectionPool, unless etag: String? = nil) {
-            let fd = stoq_tmpfile(root)
-            guard fd >= 0 else {
-                close(a.fd)
-                return complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot open a temp file in \(root): \(String(cString: strerror(errno)))"))
-            }
-            close(a.fd)
-            var a = a
-            (a.fd, a.plain, a.attempt) = (fd, true, whole)
-            a.attempt.headers.removeAll { $0.0 == "if-none-match" }
-            if let etag { a.attempt.headers.append(("if-none-match", etag)) }
-            submit(a, p)
-        }
-
-        /// The upstream says the plain object `a` asked for is the one cut here before: that
-        /// manifest is fresh again. False when it has gone from the cache meanwhile.
-        func notModified(_ a: Active, _ name: String, maxAge: Int64?) -> Bool {
-            guard let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes) else { return false }
-            let bytes = keep(name, e.bytes, maxAge: maxAge, plainChunks: cut.chunks.map { ChunkID(bytes: $0.id.bytes)! })
-            lock.withLock { counterValues.notModified += 1 }
-            complete(a.fetchKey, nil, manifest: bytes)
-            return true
-        }
-
-        while !stopFlag.load(ordering: .acquiring) {
-            let now = DispatchTime.now().uptimeNanoseconds
-            if now - lastPersist > 2_000_000_000 { persist(); lastPersist = now }
-            let fresh: ClientTrust? = lock.withLock {
-                backlog += jobs; jobs.removeAll()
-                guard active.isEmpty, let t = freshTrust else { return nil }
-                freshTrust = nil
-                return t
-            }
-            if let fresh {
-                // Between fetches: connections verified under the old trust go.
-                do {
-                    try pool?.retrust(fresh)
-                    lock.withLock { trust = fresh }
-                } catch {
-                    logger.error("edge: the new [trust] does not load (\(error)); upstreams are still verified with the old one")
-                }
-            }
-            // A renewal: the pool reads the files again for its next handshakes (a new pool
-            // reads them anyway).
-            if lock.withLock({ () -> Bool in
-                defer { credentialsRenewed = false }
-                return credentialsRenewed
-            }) {
-                pool?.renewCredentials()
-            }
-            let retrusting = lock.withLock { freshTrust != nil }
-            if backlog.isEmpty && active.isEmpty {
-                if let p = pool {
-                    // Idle: keep the connections' timers going; close them after a while.
-                    if now - lastUse > 10_000_000_000 { p.close(); pool = nil; continue }
-                    do { _ = try p.drive(forNanoseconds: 5_000_000) } catch { p.close(); pool = nil }
-                } else {
-                    _ = wake.wait(timeout: .now() + .milliseconds(500))
-                }
-                continue
-            }
-            lastUse = now
-            if pool == nil {
-                do {
-                    pool = try ConnectionPool(
-                        trust: lock.withLock { trust }, datapath: datapath, connectTimeout: UInt64(Self.connectTimeout * 1e9))
-                    pool?.holdUnreachable = UInt64(Self.holdUnreachable * 1e9)
-                    pool?.credentialsFailed = { [logger] error in
-                        logger.error("edge: the renewed certificate does not load (\(error)); new upstream connections present the old one until it does")
-                    }
-                } catch {
-                    let why = "edge: cannot open a socket for \(upstream): \(error)"
-                    logger.error("\(why)")
-                    for j in backlog { originFailed(FetchKey(j.key, j.hint, revalidate: j.revalidate), Failure(status: 502, reason: why)) }
-                    backlog.removeAll()
-                    _ = wake.wait(timeout: .now() + .milliseconds(500))
-                    continue
-                }
-                onPoolWake = { [weak p = pool] in p?.wake() }
-            }
-            guard let p = pool else { continue }
-            while !backlog.isEmpty && active.count < Self.maxInFlight && !retrusting {
-                let (key, hint, trace, revalidate) = backlog.removeFirst()
-                let fd = stoq_memfd("stoq-edge-fetch")
-                guard fd >= 0 else {
-                    originFailed(
-                        FetchKey(key, hint, revalidate: revalidate), Failure(status: 500, reason: "edge: memfd_create: \(String(cString: strerror(errno)))"))
-                    continue
-                }
-                let t = DispatchTime.now().uptimeNanoseconds
-                var source: PlainSource?
-                if case .chunk(let id) = key, hint?.whole ?? true { source = plainSource(id, &offsets) }
-                guard let first = attempts(for: key, hint, source).first else {
-                    giveUp(
-                        Active(
-                            key: key, hint: hint, revalidate: revalidate, fd: fd, started: t,
-                            attempt: UpstreamAttempt(url: placeholderURL, path: "", label: ""), tried: [], progressAt: t, trace: trace))
-                    continue
-                }
-                var a = Active(
-                    key: key, hint: hint, revalidate: revalidate, fd: fd, started: t, attempt: first, tried: [first], progressAt: t, trace: trace)
-                a.source = source
-                if case .manifest(let name) = key, a.fetchKey.whole, let whole = first.whole(name),
-                    let e = lock.withLock({ manifests.peek(name) }), e.plain, let cut = try? Manifest(decoding: e.bytes)
-                {
-                    // Cut here from a plain object before: straight to the object, unless unchanged.
-                    askForPlain(a, whole, p, unless: cut.etag)
-                } else {
-                    submit(a, p)
-                }
-            }
-            let done: [ConnectionPool.Done]
-            do { done = try p.drive(forNanoseconds: 1_000_000) } catch {
-                logger.error("edge: the fetcher's datapath failed: \(error)")
-                for (_, a) in active {
-                    a.endSpan(failure: "\(error)")
-                    close(a.fd)
-                    originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(error)"))
-                }
-                active.removeAll()
-                p.close()
-                pool = nil
-                continue
-            }
-            // Oldest first, like stalls below: a relay that lost its link fails them all at once.
-            for d in done.sorted(by: { (active[$0.tag]?.started ?? 0) < (active[$1.tag]?.started ?? 0) }) {
-                guard var a = active.removeValue(forKey: d.tag) else { continue }
-                a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
-                if d.sinkErrno != 0, let failure = d.failure {
-                    // This node could not keep what came (its fetch file's filesystem is full):
-                    // not the upstream's doing, so neither a verification failure nor a failover.
-                    let why = "edge: fetching \(a.attempt.path) from \(a.attempt.label): \(failure)"
-                    logger.error("\(why)")
-                    close(a.fd)
-                    upstream.cancelled(Self.resource(a.key), via: a.attempt)
-                    complete(a.fetchKey, Failure(status: 503, reason: why))
-                    continue
-                }
-                if let failure = d.failure {
-                    if d.status != nil {  // answered, but the body is not what its ETag names
-                        lock.withLock { counterValues.verificationFailures += 1 }
-                        logger.error("edge cache: refused \(a.attempt.path) from \(a.attempt.label): \(failure)")
-                    }
-                    failed(a, "edge: \(a.attempt.label) sent \(a.attempt.path): \(failure)", notFound: false, p)
-                    continue
-                }
-                guard let status = d.status else {
-                    failed(a, "\(a.attempt.label) reset \(a.attempt.path) (HTTP/3 error 0x\(String(d.errorCode, radix: 16)))", notFound: false, p)
-                    continue
-                }
-                // A 404 to a request for an object whole is a search's miss, not a fetch.
-                if a.plain && (status == 200 || status == 206 || status == 304) { lock.withLock { counterValues.originObjectFetches += 1 } }
-                if status == 304, a.plain, case .manifest(let name) = a.key {
-                    if notModified(a, name, maxAge: d.maxAge) { delivered(a, p) } else { askForPlain(a, a.attempt, p) }
-                    continue
-                }
-                if status == 404, !a.plain, a.fetchKey.whole, case .manifest(let name) = a.key, let whole = a.attempt.whole(name) {
-                    askForPlain(a, whole, p)
-                    continue
-                }
-                if status == 404 { failed(a, "", notFound: true, p); continue }
-                if let why = finish(&a, d, status: status) { failed(a, why, notFound: false, p); continue }
-                delivered(a, p)
-            }
-            // Stalls: a link the upstream knows is down, or no byte for `stallTimeout`.
-            let t = DispatchTime.now().uptimeNanoseconds
-            if t - lastCheck > 20_000_000 {
-                lastCheck = t
-                var hedges = active.values.reduce(0) { $0 + ($1.hedge ? 1 : 0) }
-                // Oldest first: when a link dies every fetch over it moves at once, and the next
-                // route serves them in the order they arrive, so the chunk a reader waits on goes first.
-                for (tag, var a) in active.sorted(by: { $0.value.started < $1.value.started }) {
-                    guard active[tag] != nil else { continue }  // a partner's fate settled it above
-                    let got = p.received(tag)
-                    if a.plain && got > chunkCapacity {
-                        // Could never be cached: stop the download rather than fill the disk.
-                        p.cancel(tag)
-                        active[tag] = nil
-                        a.endSpan(failure: "larger than the cache")
-                        close(a.fd)
-                        upstream.cancelled(Self.resource(a.key), via: a.attempt)
-                        complete(
-                            a.fetchKey,
-                            Failure(
-                                status: 502,
-                                reason:
-                                    "edge: \(a.attempt.path) from \(a.attempt.label) is a plain object of more than \(chunkCapacity) bytes, more than this edge's cache holds: not served"
-                            ))
-                        continue
-                    }
-                    if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; continue }
-                    let down = upstream.isDown(a.attempt.url)
-                    // A relay sends a plain object's first byte (or its range's) only once it has
-                    // fetched and cut it whole: that wait is bounded by `requestTimeout`, not a
-                    // stall. A node (origin or holder) sends a plain file's manifest once it has
-                    // cut the file; an origin is given only the stall when its expired manifest
-                    // can be served instead, unless asked past its copy (`revalidate`: the copy
-                    // lists chunks the origin lacks, and it may be cutting again).
-                    var quiet = Self.stallTimeout
-                    if got == 0 {
-                        if a.attempt.holder != nil && (a.plain || a.source != nil) {
-                            quiet = Self.requestTimeout
-                        } else if !a.plain, a.source == nil, case .manifest(let name) = a.key,
-                            a.attempt.holder != nil || a.revalidate || lock.withLock({ manifests.peek(name) == nil })
-                        {
-                            quiet = Self.manifestTimeout
-                        }
-                    }
-                    guard down || t - a.progressAt > quiet else {
-                        // Late but not stalled: hedge on another route, within the budget.
-                        if a.partner == nil, !a.hedge, !a.plain, a.source == nil, got == 0, hedges < max(2, active.count / 4),
-                            let delay = upstream.hedgeDelay(Self.resource(a.key), via: a.attempt), t - a.submittedAt > delay,
-                            let next = nextAttempt(a)
-                        {
-                            let fd = stoq_memfd("stoq-edge-hedge")
-                            guard fd >= 0 else { continue }
-                            var h = a
-                            (h.fd, h.attempt, h.hedge, h.partner) = (fd, next, true, tag)
-                            h.tried.append(next)
-                            a.tried.append(next)
-                            a.partner = submit(h, p)
-                            active[tag] = a
-                            hedges += 1
-                            lock.withLock { counterValues.hedges += 1 }
-                        }
-                        continue
-                    }
-                    p.cancel(tag)
-                    active[tag] = nil
-                    let why = down ? "the link to \(a.attempt.url) is down" : "no byte for \(quiet / 1_000_000) ms"
-                    a.endSpan(failure: why)
-                    if a.partner != nil {
-                        failed(a, why, notFound: false, p)
-                    } else if t - a.started > Self.requestTimeout {
-                        upstream.failed(Self.resource(a.key), via: a.attempt, notFound: false)
-                        var a = a
-                        a.allNotFound = false
-                        a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(Self.requestTimeout / 1_000_000_000) s"
-                        giveUp(a)
-                    } else {
-                        retry(a, why, notFound: false, p)
-                    }
-                }
-            }
-        }
-        for (_, a) in active {
-            a.endSpan(failure: "the node is stopping")
-            close(a.fd)
-            originFailed(a.fetchKey, Failure(status: 502, reason: "edge: the node is stopping"))
-        }
-        pool?.close()
-    }
-
-    /// A response from the upstream: verified and cached (nil), or why the attempt failed so
-    /// that the fetch moves on to the next one. A local failure completes the fetch itself.
-    private func finish(_ a: inout Active, _ d: ConnectionPool.Done, status: Int) -> String? {
-        let p = a.attempt.path
-        let from = a.attempt.label
-        let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
-        let mapErrno = errno
-        let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
-        guard status == (a.source == nil ? 200 : 206) else {
-            if let source = a.source, status == 416 {
-                a.changed += 1
-                return
-                    "edge: \(source.name) changed at \(from) since this edge cut it: it no longer holds bytes \(source.range.lowerBound)-\(source.range.upperBound) (416)"
-            }
-            let text = String(decoding: body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            return "edge: \(from) answered HTTP \(status) for \(p)\(text.isEmpty ? "" : ": \(text)")"
-        }
-        guard d.errorCode == H3Error.noError else {
-            return "edge: the response of \(from) to \(p) was cut off after \(d.received) bytes"
-        }
-        if d.received > 0, region == nil {
-            // This node's failure (the SIGBUS guard full, no memory to map), not the upstream's:
-            // read as empty, the body would not verify and the upstream would be blamed.
-            let why = "edge: cannot map the \(d.received) bytes \(from) sent for \(p): \(String(cString: strerror(mapErrno)))"
-            logger.error("\(why)")
-            complete(a.fetchKey, Failure(status: 503, reason: why))
-            return nil
-        }
-        lock.withLock { counterValues.bytesFromOrigin += d.received }
-        let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.started) / 1e9
-        switch a.key {
-        case .chunk(let id):
-            let put: ChunkStore.PutResult
-            do {
-                put = try store.put(id: id, bytes: body)
-            } catch let e as StoreError where e.code == .digestMismatch || e.code == .chunkTooLarge {
-                lock.withLock { counterValues.verificationFailures += 1 }
-                if let source = a.source {
-                    // Not what was cut here any more (`byID` drops the cut if no one else has it).
-                    a.changed += 1
-                    let why =
-                        "edge: \(source.name) changed at \(from) since this edge cut it: bytes \(source.range.lowerBound)-\(source.range.upperBound) are not chunk \(id.hex)"
-                    logger.warning("\(why)")
-                    return why
-                }
-                logger.error("edge cache: refused chunk \(id.hex) from \(from): \(e.message)")
-                return "edge: \(from) sent chunk \(id.hex) with bytes that do not verify (\(e.message)); refused"
-            } catch let e as StoreError where e.code == .noSpace {
-                // Counted by the store. The bytes verified: the requests waiting get them, the
-                // cache keeps nothing (a later request fetches the chunk again).
-                logger.debug("edge cache: chunk \(id.hex) served uncached: \(e.message)")
-                upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-                complete(a.fetchKey, nil, chunk: body)
-                return nil
-            } catch {
-                logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
-                complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
-                return nil
-            }
-            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            var out: [ChunkID] = []
-            let (admitted, wasHeld) = lock.withLock {
-                let held = policy.contains(id)
-                let ok = policy.insert(id, size: UInt64(body.count)) { out.append($0) }
-                counterValues.evictions += UInt64(out.count)
-                dirty = true
-                return (ok, held)
-            }
-            evicted(out)
-            if admitted && !wasHeld && put == .alreadyPresent { restore(id, body) }
-            if !admitted {
-                // Larger than the whole cache: served once from the store copy, then dropped.
-                logger.warning("edge cache: chunk \(id.hex) (\(body.count) bytes) is larger than edge.cache_size; not cached")
-            }
-            complete(a.fetchKey, nil, chunk: body)
-            if !admitted { _ = try? store.remove(id) }
-        case .manifest(let name) where a.plain:
-            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            let fd = dup(a.fd)
-            guard fd >= 0 else {
-                complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot cut \(name): dup: \(String(cString: strerror(errno)))"))
-                return nil
-            }
-            let (key, size, digest, maxAge) = (a.fetchKey, d.received, d.sha256.flatMap { ContentDigest($0) }, d.maxAge)
-            guard cutsWaiting.add(1, ordering: .relaxed).newValue <= Self.maxCutsWaiting else {
-                cutsWaiting.subtract(1, ordering: .relaxed)
-                close(fd)
-                complete(
-                    a.fetchKey,
-                    Failure(status: 503, reason: "edge: \(Self.maxCutsWaiting) plain objects are being cut into the cache already; try \(name) again"))
-                return nil
-            }
-            cutQueue.async(group: finished) { [self] in
-                defer { close(fd); cutsWaiting.subtract(1, ordering: .relaxed) }
-                let cut = cutPlain(name, fd: fd, size: size, digest: digest, maxAge: maxAge, from: from)
-                complete(key, cut.failure, manifest: cut.manifest)
-            }
-        case .manifest(let name):
-            do { _ = try Manifest(decoding: body) } catch {
-                return "edge: the manifest of \(name) from \(from) is invalid: \(error)"
-            }
-            upstream.fetched(Self.resource(a.key), via: a.attempt, body: body, seconds: seconds)
-            complete(a.fetchKey, nil, manifest: keep(name, Array(body), maxAge: d.maxAge))
-        }
-        return nil
     }
 
     /// Cuts the plain object `name` (`size` bytes at `fd`, whose SHA-256 is `digest` when the
@@ -1285,7 +789,7 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// Drops the manifest cut here from the plain object `name` (the object changed or went
     /// upstream), if it is still `cut` (a newer cut, kept since, stays).
-    private func dropCut(_ name: String, ifStill cut: [UInt8]) {
+    func dropCut(_ name: String, ifStill cut: [UInt8]) {
         _ = dropManifest(name) { $0.plain && $0.bytes == cut }
     }
 
@@ -1324,7 +828,7 @@ public final class EdgeCache: @unchecked Sendable {
     /// current manifest (cut here) lists it, and its byte range there. Nil for any other
     /// chunk. `offsets` holds the last few manifests' chunk offsets (the fetcher's own), so
     /// that the chunks of one object missed one after another decode its manifest once.
-    private func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> PlainSource? {
+    func plainSource(_ id: ChunkID, _ offsets: inout PlainOffsets) -> PlainSource? {
         for name in lock.withLock({ plainChunks[id] ?? [] }).sorted() {
             let e = lock.withLock { manifests.peek(name) }
             if let e, e.plain, let at = offsets.lookup(name, e.bytes, id) { return PlainSource(name: name, range: at, cut: e.bytes) }
@@ -1334,35 +838,5 @@ public final class EdgeCache: @unchecked Sendable {
             }
         }
         return nil
-    }
-}
-
-/// Where a chunk cut here from a plain object lies: the object's name, the chunk's bytes in
-/// it, and the manifest of the cut (which a range that is not the chunk drops, if still held).
-struct PlainSource {
-    var name: String
-    var range: ClosedRange<UInt64>
-    var cut: [UInt8]
-}
-
-/// The chunk ranges of the last few manifests cut here that a fetcher looked a chunk up in
-/// (`EdgeCache.plainSource`): the chunks of one object missed one after another decode its
-/// manifest once.
-struct PlainOffsets {
-    private var recent: [(name: String, bytes: [UInt8], ranges: [ChunkID: ClosedRange<UInt64>])] = []
-
-    /// Where chunk `id` lies in the object whose manifest is `bytes`, or nil if it lists no such chunk.
-    mutating func lookup(_ name: String, _ bytes: [UInt8], _ id: ChunkID) -> ClosedRange<UInt64>? {
-        if let r = recent.first(where: { $0.name == name && $0.bytes == bytes }) { return r.ranges[id] }
-        guard let m = try? Manifest(decoding: bytes) else { return nil }
-        var ranges: [ChunkID: ClosedRange<UInt64>] = [:]
-        var at: UInt64 = 0
-        for c in m.chunks where c.length > 0 {
-            ranges[ChunkID(bytes: c.id.bytes)!] = at...(at + UInt64(c.length) - 1)
-            at += UInt64(c.length)
-        }
-        recent.insert((name, bytes, ranges), at: 0)
-        if recent.count > 4 { recent.removeLast() }
-        return ranges[id]
     }
 }
