@@ -7,7 +7,15 @@
 ///
 /// Loss: probes ride a QUIC connection, which retransmits what is lost, so a lost probe usually
 /// comes back late rather than not at all. An answer later than srtt + 4·rttvar + `lateSlack`
-/// counts as lost for the loss estimate; one that never comes counts too.
+/// counts as lost for the loss estimate; one that never comes counts too. But `slowerAfter`
+/// late answers in a row are a path that got slower, not losses: from the last of them on,
+/// late answers are RTT samples, so the estimate follows the path up instead of freezing at the
+/// old RTT while the loss estimate climbs to 1.
+///
+/// A probe is given up on after `Settings.probeTimeout`, or after srtt + 4·rttvar +
+/// `lateSlack` of the link's estimate or of the QUIC connection's when that is longer: a path
+/// slower than the floor (a satellite hop's 600 ms) still answers in time. The first RTT comes
+/// from the QUIC connection the probes ride (`transportRTT`).
 ///
 /// Liveness: a link is declared down when no probe has been answered for `downAfter`, and up
 /// again after `upAfterAnswers` answers in a row. With probes every 100 ms and the default 600 ms,
@@ -112,6 +120,12 @@ public struct NeighbourLink: Sendable {
     /// answer.
     private var since: UInt64
     private var answersInARow = 0
+    /// Late answers in a row (see `slowerAfter`).
+    private var lateInARow = 0
+    /// Late answers in a row that mean a slower path rather than losses.
+    public static let slowerAfter = 3
+    /// The RTT and its variance of the QUIC connection the probes ride (`transportRTT`).
+    private var transport: (srtt: UInt64, rttvar: UInt64) = (0, 0)
     /// When the newest answered probe was sent: a probe sent before it that times out now is
     /// old news (lost before the link came back) and does not break a streak of answers.
     private var newestAnsweredSentAt: UInt64 = 0
@@ -137,7 +151,9 @@ public struct NeighbourLink: Sendable {
         guard let i = outstanding.firstIndex(where: { $0.sequence == sequence }) else { return nil }
         let sentAt = outstanding.remove(at: i).sentAt
         let rtt = now &- sentAt
-        if metrics.srtt > 0 && rtt > metrics.srtt + 4 * metrics.rttvar + settings.lateSlack {
+        let late = metrics.srtt > 0 && rtt > metrics.srtt + 4 * metrics.rttvar + settings.lateSlack
+        lateInARow = late ? lateInARow + 1 : 0
+        if late && lateInARow < Self.slowerAfter {
             // Lost on the way and retransmitted: a loss, not a slow link.
             lossSample(lost: true)
         } else {
@@ -154,7 +170,23 @@ public struct NeighbourLink: Sendable {
         return settle()
     }
 
-    /// An RTT measured elsewhere (the QUIC connection's own samples), nanoseconds.
+    /// The QUIC connection's own RTT estimate (nanoseconds), from every ACK, not only probes':
+    /// it seeds the link's before a probe has measured one, and bounds the probe timeout from
+    /// below, so a path that got slower than the timeout is still heard.
+    public mutating func transportRTT(srtt: UInt64, rttvar: UInt64) {
+        guard srtt > 0 else { return }
+        transport = (srtt, rttvar)
+        if metrics.srtt == 0 { rttSample(srtt) }
+    }
+
+    /// How long a probe may take before it is given up on.
+    public var probeTimeout: UInt64 {
+        max(
+            settings.probeTimeout, metrics.srtt + 4 * metrics.rttvar + settings.lateSlack,
+            transport.srtt + 4 * transport.rttvar + settings.lateSlack)
+    }
+
+    /// An RTT measured elsewhere, nanoseconds.
     public mutating func rttSample(_ rtt: UInt64) {
         if metrics.srtt == 0 {
             metrics.srtt = rtt
@@ -177,7 +209,8 @@ public struct NeighbourLink: Sendable {
     /// a suppression whose time has come (the link is up at once if it has been answering).
     /// Call it at least once per probe interval. Returns the new state if it changed.
     public mutating func tick(now: UInt64) -> State? {
-        while let first = outstanding.first, now &- first.sentAt >= settings.probeTimeout {
+        let timeout = probeTimeout
+        while let first = outstanding.first, now &- first.sentAt >= timeout {
             let lost = outstanding.removeFirst()
             lossSample(lost: true)
             if lost.sentAt > newestAnsweredSentAt { answersInARow = 0 }

@@ -89,6 +89,53 @@ import Testing
         #expect(link.metrics.srtt > srtt)
     }
 
+    /// A path that gets slower for good: the first late answers are losses, then the streak is
+    /// the path, and the RTT follows it up. Before, srtt froze at 10 ms and the loss estimate
+    /// climbed towards 1 (0.63 after 100 answers), which made the route look lossy and fast.
+    @Test func aPathThatGetsSlowerIsFollowedNotCountedAsLoss() {
+        var link = NeighbourLink(now: 0)
+        var seq: UInt64 = 0
+        _ = Self.drive(&link, from: 0, count: 20, seq: &seq, rtt: 10 * Self.ms) { _ in true }
+        #expect(link.metrics.srtt == 10 * Self.ms)
+        let changes = Self.drive(&link, from: 20 * Self.interval, count: 100, seq: &seq, rtt: 80 * Self.ms) { _ in true }
+        #expect(changes.isEmpty && link.state == .up)
+        #expect(link.metrics.srtt > 70 * Self.ms, "srtt \(link.metrics.srtt)")
+        // The streak's first answers (before it is taken as a slower path) were losses.
+        #expect(link.metrics.loss > 0 && link.metrics.loss < 0.05, "loss \(link.metrics.loss)")
+    }
+
+    /// A path slower than the probe timeout's 500 ms floor (a satellite hop): the QUIC
+    /// connection's RTT seeds the link's and stretches the timeout, so its answers count. Before,
+    /// every probe was given up on at 500 ms and the link never came up.
+    @Test func aPathSlowerThanTheTimeoutFloorComesUp() {
+        let settings = NeighbourLink.Settings(downAfter: 5_000 * Self.ms, probeTimeout: 500 * Self.ms)
+        /// Probes every 100 ms for 3 s, each answered 610 ms later, in time order (10 ms steps).
+        func run(_ link: inout NeighbourLink) -> [NeighbourLink.State] {
+            var changes = [NeighbourLink.State]()
+            for step in 0...300 {
+                let t = UInt64(step) * 10 * Self.ms
+                if t >= 610 * Self.ms, (t - 610 * Self.ms) % Self.interval == 0,
+                    let s = link.probeAnswered(sequence: (t - 610 * Self.ms) / Self.interval, peerLoad: 0, now: t)
+                {
+                    changes.append(s)
+                }
+                if let s = link.tick(now: t) { changes.append(s) }
+                if t % Self.interval == 0 { link.probeSent(sequence: t / Self.interval, now: t) }
+            }
+            return changes
+        }
+        var link = NeighbourLink(settings: settings, now: 0)
+        link.transportRTT(srtt: 600 * Self.ms, rttvar: 30 * Self.ms)
+        #expect(link.metrics.srtt == 600 * Self.ms)
+        #expect(link.probeTimeout >= 600 * Self.ms + 4 * 30 * Self.ms)
+        #expect(run(&link) == [.up])
+        #expect(link.metrics.loss == 0 && link.metrics.srtt > 600 * Self.ms)
+        // Without the transport's RTT every probe is given up on before its answer: never up.
+        var blind = NeighbourLink(settings: settings, now: 0)
+        #expect(run(&blind) == [])
+        #expect(blind.state != .up)
+    }
+
     @Test func rttFollowsRFC6298AndDeliveryRateAverages() {
         var link = NeighbourLink(now: 0)
         link.rttSample(8 * Self.ms)

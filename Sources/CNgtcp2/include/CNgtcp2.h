@@ -496,7 +496,7 @@ const char *stoq_conn_error_string(const stoq_conn *c);
 
 /** Per-connection counters. */
 typedef struct stoq_conn_stats {
-  uint64_t bytes_in_flight, cwnd, smoothed_rtt_ns, min_rtt_ns, pkts_lost;
+  uint64_t bytes_in_flight, cwnd, smoothed_rtt_ns, rttvar_ns, min_rtt_ns, pkts_lost;
   uint64_t body_bytes_received, body_bytes_sent;
   uint64_t streams_open;
 } stoq_conn_stats;
