@@ -81,11 +81,14 @@ package enum MeshMetrics {
         family(
             "stoq_mesh_adverts_refused_total", "counter", "Received adverts refused, by reason (docs/mesh.md lists the codes).",
             c.advertsRefused.sorted { $0.key < $1.key }.map { ("{reason=\"\(label($0.key))\"}", "\($0.value)") })
-        one("stoq_mesh_peers_refused_total", "counter", "Neighbours refused: their certificate did not chain to the node's trust.", c.peersRefused)
+        one(
+            "stoq_mesh_peers_refused_total", "counter",
+            "Connections to neighbours refused in their handshake: a certificate either side would not take, a TLS alert, or the neighbour's CONNECTION_REFUSED (its max_connections, its drain).",
+            c.peersRefused)
         one("stoq_mesh_connect_failures_total", "counter", "Connection attempts to neighbours that failed.", c.connectFailures)
         one(
             "stoq_mesh_probes_refused_total", "counter",
-            "Probe answers not taken: another status than 200 (no mesh there, or refused), a node id that is not the certificate's key's, or a certificate that is not a node's.",
+            "Probe answers not taken: another status than 200 (no mesh there, or refused), an answer that is not one (malformed, empty, or longer than 512 bytes), a node id that is not the certificate's key's, or a certificate that is not a node's.",
             c.probesRefused)
         one("stoq_mesh_route_computations_total", "counter", "Route tables computed after link-state changes.", c.routeComputations)
         one("stoq_mesh_relay_served_total", "counter", "Relay requests this node served from its own store.", c.relayServed)

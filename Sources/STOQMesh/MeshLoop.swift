@@ -63,6 +63,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var lastAdvert: UInt64 = 0
     var advertDue = true
     var lastExpire: UInt64 = 0
+    /// The member list last reported, and whether some of it could not be taken as neighbours
+    /// (tried again each second: discovery reports a set only when it changes).
+    var members: Set<MeshMember> = []
+    var membersShort = false
     var lastStatus: UInt64 = 0
     var viewDirty = true
     var lastRoutesVersion: UInt64 = .max
@@ -118,7 +122,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     func run() {
         while !service.stopping {
             let now = monotonicNow()
-            if let set = service.takeMembers() { updateMembers(set, now: now) }
+            if let set = service.takeMembers() {
+                members = set
+                updateMembers(now: now)
+            }
             if let trust = service.takeTrust() {
                 do {
                     try pool.retrust(Self.identifying(trust))
@@ -135,7 +142,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             let done: [ConnectionPool.Done]
             do { done = try pool.drive(forNanoseconds: min(service.settings.probeInterval / 4, 20_000_000)) } catch {
-                logger.error("mesh: the neighbour connections' datapath failed: \(error)")
+                if let said = warnings.allow("datapath", now: monotonicNow()) {
+                    logger.error("mesh: the neighbour connections' datapath failed: \(error)\(said)")
+                }
                 usleep(100_000)
                 continue
             }
@@ -150,6 +159,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
+                if membersShort { updateMembers(now: t) }
                 warnIfDeaf(now: t)
                 for (tag, p) in pending where t &- p.at > Self.requestDeadline {
                     pool.cancel(tag)
@@ -177,9 +187,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
 
     // MARK: Members
 
-    private func updateMembers(_ set: Set<MeshMember>, now: UInt64) {
+    private func updateMembers(now: UInt64) {
         var wanted: [IPv6Endpoint: MeshMember] = [:]
-        for m in set where !isMe(m) { wanted[m.url.endpoint] = m }
+        for m in members where !isMe(m) { wanted[m.url.endpoint] = m }
+        membersShort = false
         for (ep, n) in neighbours where wanted[ep] == nil {
             logger.notice("mesh: \(n.url) left the member list")
             pool.drop(ep, reason: "no longer a member")
@@ -189,9 +200,22 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             viewDirty = true
         }
         for (ep, m) in wanted where neighbours[ep] == nil {
-            guard let url = try? STOQURL(m.url.description + "/") else { continue }
+            let url: STOQURL
+            do { url = try STOQURL(m.url.description + "/") } catch {
+                if let said = warnings.allow("member \(m.url)", now: now) {
+                    logger.error("mesh: member \(m) is not a URL this node can ask (\(error)); not taken as a neighbour\(said)")
+                }
+                continue
+            }
             let fd = stoq_memfd("stoq-mesh-probe")
-            guard fd >= 0 else { continue }
+            guard fd >= 0 else {
+                let why = String(cString: strerror(errno))
+                if let said = warnings.allow("member file", now: now) {
+                    logger.error("mesh: cannot make the probe answer file of member \(m) (\(why)); trying again each second\(said)")
+                }
+                membersShort = true
+                continue
+            }
             var link = NeighbourLink.Settings(
                 downAfter: service.settings.downAfter, flapDamping: service.settings.flapDamping ? FlapDamping() : nil)
             link.probeTimeout = min(link.probeTimeout, service.settings.downAfter)
@@ -233,10 +257,14 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             nextTag += 1
             pending[tag] = (.probe(ep, sample: connected), now)
             if connected {
+                if let rtt = pool.rtt(ep) { neighbours[ep]!.link.transportRTT(srtt: rtt.srtt, rttvar: rtt.rttvar) }
                 neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
                 neighbours[ep]!.probesSent += 1
             }
-            pool.submit(to: n.url, "GET", MeshWire.probePath, sinkFD: n.answerFD, tag: tag)
+            // No more of an answer is written than one can be: a peer's endless body must not
+            // fill the (RAM-backed) answer file.
+            pool.submit(
+                to: n.url, "GET", MeshWire.probePath, sinkFD: n.answerFD, limit: UInt64(MeshWire.ProbeAnswer.maxSize), tag: tag)
         }
     }
 
@@ -247,13 +275,25 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
             if d.status == 503, sends < Self.advertSends {
                 resends.append((now + Nanos.second << UInt64(sends - 1), url, body, sends + 1))
+            } else if let status = d.status, status / 100 != 2, status != 503 {
+                // Refused for good (its access policy, a path it does not know, its own
+                // failure): said, so the neighbour's "deaf" warning is not the only trace.
+                if let said = warnings.allow("advert \(status) \(url)", now: now) {
+                    logger.warning("mesh: \(url) refused this node's advert with HTTP \(status)\(said)")
+                }
             }
         case .probe(let ep, let sample):
             guard var n = neighbours[ep] else { return }
             if let f = d.failure {
-                let refused = f.contains("certificate") || f.contains("TLS")
-                if refused { counters.peersRefused += 1 } else if f.contains("cannot connect") { counters.connectFailures += 1 }
-                guard refused || f.contains("cannot connect") else { return }
+                // Refused during its handshake (a certificate, a TLS alert, or the neighbour's
+                // CONNECTION_REFUSED: its max_connections, its drain) or never connected: back
+                // off, not a new handshake every probe interval at a neighbour that is full.
+                let refused = d.connectionFailure == .refused
+                switch d.connectionFailure {
+                case .refused: counters.peersRefused += 1
+                case .unreachable: counters.connectFailures += 1
+                default: return
+                }
                 // Backoff from 100 ms, doubling to 5 s; logged once per run of failures.
                 n.failures += 1
                 n.retryAt = now + min(100_000_000 << UInt64(min(n.failures - 1, 6)), 5 * Nanos.second)
@@ -284,12 +324,30 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 n.refusedWith = 0
                 neighbours[ep] = n
             }
-            guard d.received > 0, d.received <= 512 else { return }
+            guard d.sinkErrno == 0, d.received > 0, d.received <= MeshWire.ProbeAnswer.maxSize else {
+                if let said = warnings.allow("answer size \(n.url)", now: now) {
+                    logger.warning(
+                        "mesh: \(n.url) answered a probe with \(d.sinkErrno == EFBIG ? "more than \(MeshWire.ProbeAnswer.maxSize)" : "\(d.received)") bytes; an answer is 1 to \(MeshWire.ProbeAnswer.maxSize)\(said)"
+                    )
+                }
+                counters.probesRefused += 1
+                return
+            }
             var bytes = [UInt8](repeating: 0, count: Int(d.received))
-            guard bytes.withUnsafeMutableBytes({ pread(n.answerFD, $0.baseAddress, $0.count, 0) }) == bytes.count else { return }
+            let read = bytes.withUnsafeMutableBytes { pread(n.answerFD, $0.baseAddress, $0.count, 0) }
+            guard read == bytes.count else {
+                let why = read < 0 ? String(cString: strerror(errno)) : "\(read) of \(bytes.count) bytes"
+                if let said = warnings.allow("answer file \(n.url)", now: now) {
+                    logger.error("mesh: cannot read \(n.url)'s probe answer back: \(why)\(said)")
+                }
+                return
+            }
             let answer: MeshWire.ProbeAnswer
             do { answer = try MeshWire.ProbeAnswer(decoding: bytes) } catch {
-                logger.warning("mesh: \(n.url) answered a probe with \(error)")
+                if let said = warnings.allow("bad answer \(n.url)", now: now) {
+                    logger.warning("mesh: \(n.url) answered a probe with something else (\(error.code)): \(error.detail)\(said)")
+                }
+                counters.probesRefused += 1
                 return
             }
             if d.peer.isEmpty {

@@ -35,6 +35,22 @@ package final class ConnectionPool {
         package var sinkErrno: Int32 = 0
         /// What the trust's `identifyServer` said the answering server is ("" without one).
         package var peer = ""
+        /// How the request's connection failed it, when it did (`failure` says more).
+        package var connectionFailure: ConnectionFailure? = nil
+    }
+
+    /// How a connection failed the requests it held: what a caller backs off on or counts,
+    /// without reading `failure`'s words.
+    package enum ConnectionFailure: Sendable, Equatable {
+        /// Never connected: it could not be made, or nothing answered within `connectTimeout`.
+        case unreachable
+        /// Closed before its handshake completed: refused by the peer (a certificate either
+        /// side would not take, a TLS alert, or CONNECTION_REFUSED: the peer's limits, its drain).
+        case refused
+        /// Closed after its handshake.
+        case lost
+        /// Dropped by this side (`drop`, `close`).
+        case dropped
     }
 
     struct Request {
@@ -43,6 +59,7 @@ package final class ConnectionPool {
         var headers: [(String, String)]
         var body: BodyRegion?
         var sinkFD: Int32
+        var limit: UInt64
         var tag: Int
         var keepErrors: Bool
         var hash: Bool
@@ -60,7 +77,7 @@ package final class ConnectionPool {
     }
 
     final class App: QUICApplication {
-        struct Sink { var fd: Int32; var tag: Int; var keepErrors: Bool; var hash: Bool }
+        struct Sink { var fd: Int32; var limit: UInt64; var tag: Int; var keepErrors: Bool; var hash: Bool }
         var sinks: [HTTPStream: Sink] = [:]
         var heads: [HTTPStream: HTTPResponseHead] = [:]
         var done: [Done] = []
@@ -72,7 +89,7 @@ package final class ConnectionPool {
             heads[stream] = head
             let s = sinks[stream]
             let keep = status / 100 == 2 || s?.keepErrors == true
-            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, hash: s?.hash == true && status / 100 == 2)
+            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, limit: s?.limit ?? .max, hash: s?.hash == true && status / 100 == 2)
         }
 
         func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -205,16 +222,17 @@ package final class ConnectionPool {
     package func wake() { waker.wake() }
 
     /// Sends a request to `url`'s upstream, connecting first if needed; its body goes to
-    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`), hashed with `hash`. Its
-    /// end comes back from `drive` as a `Done` carrying `tag` (unique among the requests in
-    /// flight).
+    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`), hashed with `hash`. A body
+    /// longer than `limit` is not written past it: the stream is refused and its `Done` says
+    /// `sinkErrno` EFBIG. Its end comes back from `drive` as a `Done` carrying `tag` (unique
+    /// among the requests in flight).
     package func submit(
         to url: STOQURL, _ method: String, _ path: String, headers: [(String, String)] = [], body: BodyRegion? = nil,
-        sinkFD: Int32 = -1, tag: Int, keepErrors: Bool = false, hash: Bool = false
+        sinkFD: Int32 = -1, limit: UInt64 = .max, tag: Int, keepErrors: Bool = false, hash: Bool = false
     ) {
         let request = Request(
-            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, tag: tag, keepErrors: keepErrors,
-            hash: hash)
+            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, limit: limit, tag: tag,
+            keepErrors: keepErrors, hash: hash)
         let up: Upstream
         if let u = upstreams[url.endpoint] {
             up = u
@@ -226,7 +244,8 @@ package final class ConnectionPool {
                     app.done.append(
                         Done(
                             tag: tag, status: nil, errorCode: 0, received: 0,
-                            failure: "\(down.why) (\(ago) ms ago; tried again \(holdUnreachable / 1_000_000) ms after)"))
+                            failure: "\(down.why) (\(ago) ms ago; tried again \(holdUnreachable / 1_000_000) ms after)",
+                            connectionFailure: .unreachable))
                     return
                 }
                 unreachable[url.endpoint] = nil
@@ -239,7 +258,10 @@ package final class ConnectionPool {
                 up = Upstream(url: url, connection: c, startedAt: now)
                 upstreams[url.endpoint] = up
             } catch {
-                app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: "cannot connect to \(url.endpoint): \(error)"))
+                app.done.append(
+                    Done(
+                        tag: tag, status: nil, errorCode: 0, received: 0, failure: "cannot connect to \(url.endpoint): \(error)",
+                        connectionFailure: .unreachable))
                 return
             }
         }
@@ -269,7 +291,7 @@ package final class ConnectionPool {
             let stream = try up.connection.request(
                 method: r.method, authority: up.url.authority, path: r.path,
                 headers: r.headers + [("content-length", "\(r.body?.count ?? 0)")], body: r.body)
-            app.sinks[stream] = App.Sink(fd: r.sinkFD, tag: r.tag, keepErrors: r.keepErrors, hash: r.hash)
+            app.sinks[stream] = App.Sink(fd: r.sinkFD, limit: r.limit, tag: r.tag, keepErrors: r.keepErrors, hash: r.hash)
             requests[r.tag] = (up.url.endpoint, stream)
             up.streams.insert(r.tag)
         } catch {
@@ -299,6 +321,13 @@ package final class ConnectionPool {
     /// Whether the connection to `endpoint` is established.
     package func isConnected(_ endpoint: IPv6Endpoint) -> Bool { upstreams[endpoint]?.connection.isEstablished == true }
 
+    /// The established connection to `endpoint`'s RTT estimate (nanoseconds), if there is one.
+    package func rtt(_ endpoint: IPv6Endpoint) -> (srtt: UInt64, rttvar: UInt64)? {
+        guard let c = upstreams[endpoint]?.connection, c.isEstablished else { return nil }
+        let s = c.stats
+        return (s.smoothed_rtt_ns, s.rttvar_ns)
+    }
+
     /// Closes the connection to `endpoint`, failing its requests with `reason`. Their sinks
     /// get nothing more (each stream is reset first): their files may be closed at once.
     package func drop(_ endpoint: IPv6Endpoint, reason: String) {
@@ -306,14 +335,14 @@ package final class ConnectionPool {
         for tag in up.streams {
             if let s = requests[tag]?.stream { up.connection.reset(s, errorCode: H3Error.requestCancelled) }
         }
-        fail(up, reason)
+        fail(up, reason, .dropped)
         up.connection.close(now: monotonicNow())
     }
 
-    private func fail(_ up: Upstream, _ reason: String) {
+    private func fail(_ up: Upstream, _ reason: String, _ kind: ConnectionFailure) {
         for r in up.pending {
             requests[r.tag] = nil
-            app.done.append(Done(tag: r.tag, status: nil, errorCode: 0, received: 0, failure: reason))
+            app.done.append(Done(tag: r.tag, status: nil, errorCode: 0, received: 0, failure: reason, connectionFailure: kind))
         }
         up.pending.removeAll()
         for tag in up.streams {
@@ -322,7 +351,7 @@ package final class ConnectionPool {
                 app.sinks[s] = nil
                 app.heads[s] = nil
             }
-            app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: reason))
+            app.done.append(Done(tag: tag, status: nil, errorCode: 0, received: 0, failure: reason, connectionFailure: kind))
         }
         up.streams.removeAll()
     }
@@ -351,7 +380,7 @@ package final class ConnectionPool {
         for (c, reason) in app.closed {
             guard let (ep, up) = upstreams.first(where: { $0.value.connection === c }) else { continue }
             upstreams[ep] = nil
-            fail(up, "connection to \(ep) lost: \(reason)")
+            fail(up, "connection to \(ep) lost: \(reason)", c.isEstablished ? .lost : .refused)
         }
         app.closed.removeAll()
         let now = monotonicNow()
@@ -369,7 +398,7 @@ package final class ConnectionPool {
                 upstreams[ep] = nil
                 let why = "cannot connect to \(ep): unreachable, no handshake within \(connectTimeout / 1_000_000) ms"
                 if holdUnreachable > 0 { unreachable[ep] = (now, why) }
-                fail(up, why)
+                fail(up, why, .unreachable)
                 up.connection.close(now: now)
             }
         }

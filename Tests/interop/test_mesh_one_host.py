@@ -5,6 +5,7 @@ sees them out of the mesh: it advertises one link to that id and says so once. B
 advert repeated the neighbour, it could sign none ("cannot sign this node's advert … repeats
 neighbour", every second), and its neighbours lost their routes through it."""
 import json
+import pathlib
 import math
 import re
 import signal
@@ -424,6 +425,51 @@ def test_a_peer_whose_certificate_is_not_a_nodes_is_refused_as_a_neighbour(tmp_p
         for n in (a, b):
             if n:
                 stop(n)
+
+
+def test_a_probe_answer_longer_than_an_answer_is_cut_off(tmp_path):
+    """A's member is aioquic's HTTP/3 server (Tests/interop/h3server.py, with a node's
+    certificate), which answers the probe path with 1 MiB. A writes no more of it than an answer
+    can be (512 bytes; the answer file used to take the whole body, in RAM, at link speed),
+    counts it (`probes_refused`) and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ca = certificates(tmp_path, ("a", "b"))
+    htdocs = tmp_path / "htdocs"
+    htdocs.mkdir()
+    (htdocs / "probe").write_bytes(os.urandom(1 << 20))  # h3server serves /<any>/probe from it
+    pa, pb = free_port(), free_port()
+    srv = subprocess.Popen([sys.executable, ROOT / "Tests" / "interop" / "h3server.py", str(pb), tmp_path / "b.pem",
+                            tmp_path / "b.key", htdocs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = None
+    try:
+        assert json.loads(srv.stdout.readline()) == {"ready": pb}, srv.stderr.read()
+        a = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [pb]))
+        deadline = time.monotonic() + 20
+        while status(a)["counters"]["probes_refused"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status(a)["counters"]["probes_refused"] >= 5, status(a)["counters"]
+        log = (tmp_path / "a" / "node.log").read_text()
+        assert f"mesh: https://[::1]:{pb}/ answered a probe with more than 512 bytes; an answer is 1 to 512" in log, log[-3000:]
+        # The answer file (a memfd) holds at most 512 bytes.
+        sizes = []
+        for fd in pathlib.Path(f"/proc/{a.proc.pid}/fd").iterdir():
+            try:
+                if "stoq-mesh-probe" in os.readlink(fd):
+                    sizes.append(os.stat(fd).st_size)
+            except OSError:
+                pass
+        assert sizes and max(sizes) <= 512, sizes
+        assert routes(a) == []
+    finally:
+        if a:
+            stop(a)
+        srv.terminate()
+        srv.wait(timeout=10)
 
 
 def test_a_nodes_load_is_over_every_workers_connections(tmp_path):
