@@ -215,6 +215,7 @@ final class EdgeFetcher {
             for (_, a) in active {
                 a.endSpan(failure: "\(error)")
                 close(a.fd)
+                upstream.cancelled(EdgeCache.resource(a.key), via: a.attempt)
                 cache.originFailed(a.fetchKey, Failure(status: 502, reason: "edge: \(error)"))
             }
             active.removeAll()
@@ -284,8 +285,11 @@ final class EdgeFetcher {
         var hedges = active.values.reduce(0) { $0 + ($1.hedge ? 1 : 0) }
         // Oldest first: when a link dies every fetch over it moves at once, and the next
         // route serves them in the order they arrive, so the chunk a reader waits on goes first.
-        for (tag, a) in active.sorted(by: { $0.value.started < $1.value.started }) {
-            guard active[tag] != nil else { continue }  // a partner's fate settled it above
+        for tag in active.sorted(by: { $0.value.started < $1.value.started }).map(\.key) {
+            // As it is now: a partner's fate above may have settled it, or changed it (its
+            // partner gone, the attempts it tried merged in), which a copy taken before the
+            // pass would undo when written back.
+            guard let a = active[tag] else { continue }
             check(tag, a, at: t, hedges: &hedges, p)
         }
     }
@@ -546,6 +550,9 @@ final class EdgeFetcher {
         let from = a.attempt.label
         let region = d.received > 0 ? BodyRegion.mapping(fd: a.fd, offset: 0, length: Int(d.received)) : nil
         let mapErrno = errno
+        // `body` points into the mapping: it must outlive every use of `body`, which Swift
+        // does not promise past the region's own last use.
+        defer { withExtendedLifetime(region) {} }
         let body = region.map { UnsafeRawBufferPointer(start: $0.base, count: $0.count) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         guard status == (a.source == nil ? 200 : 206) else {
             if let source = a.source, status == 416 {
@@ -564,6 +571,7 @@ final class EdgeFetcher {
             // read as empty, the body would not verify and the upstream would be blamed.
             let why = "edge: cannot map the \(d.received) bytes \(from) sent for \(p): \(String(cString: strerror(mapErrno)))"
             logger.error("\(why)")
+            upstream.cancelled(EdgeCache.resource(a.key), via: a.attempt)
             cache.complete(a.fetchKey, Failure(status: 503, reason: why))
             return nil
         }
@@ -595,6 +603,7 @@ final class EdgeFetcher {
                 return nil
             } catch {
                 logger.error("edge cache: cannot store chunk \(id.hex): \(error)")
+                upstream.cancelled(EdgeCache.resource(a.key), via: a.attempt)
                 cache.complete(a.fetchKey, Failure(status: 500, reason: "edge: cannot store chunk \(id.hex): \(error)"))
                 return nil
             }
