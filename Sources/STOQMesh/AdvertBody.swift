@@ -149,7 +149,7 @@ public struct AdvertBody: Hashable, Sendable {
         guard lifetimeRange.contains(lifetimeMillis) else {
             throw AdvertError(.badValue, "lifetime \(lifetimeMillis) ms; allowed \(lifetimeRange.lowerBound) to \(lifetimeRange.upperBound) ms")
         }
-        guard loadPPM <= 1_000_000 else { throw AdvertError(.badValue, "load \(loadPPM) ppm; at most 1000000") }
+        guard loadPPM <= PPM.whole else { throw AdvertError(.badValue, "load \(loadPPM) ppm; at most \(PPM.whole)") }
         guard links.count <= maxLinks else { throw AdvertError(.tooManyLinks, "\(links.count) links; at most \(maxLinks)") }
         var seen = Set<NodeIdentity>()
         for (i, l) in links.enumerated() {
@@ -157,12 +157,22 @@ public struct AdvertBody: Hashable, Sendable {
             guard seen.insert(l.neighbour).inserted else {
                 throw AdvertError(.badValue, "link \(i) repeats neighbour \(l.neighbour)")
             }
-            guard l.lossPPM < 1_000_000 else { throw AdvertError(.badValue, "link \(i) loss \(l.lossPPM) ppm; below 1000000") }
-            guard l.peerLoadPPM <= 1_000_000 else {
-                throw AdvertError(.badValue, "link \(i) peer load \(l.peerLoadPPM) ppm; at most 1000000")
+            guard l.lossPPM < PPM.whole else { throw AdvertError(.badValue, "link \(i) loss \(l.lossPPM) ppm; below \(PPM.whole)") }
+            guard l.peerLoadPPM <= PPM.whole else {
+                throw AdvertError(.badValue, "link \(i) peer load \(l.peerLoadPPM) ppm; at most \(PPM.whole)")
             }
         }
     }
+}
+
+/// Parts per million: how adverts and probe answers carry a share (a loss, a load) as an integer.
+public enum PPM {
+    /// A share of 1.
+    public static let whole: UInt32 = 1_000_000
+    /// `share`, clamped to 0...1 (NaN: 0), in parts per million.
+    public static func from(_ share: Double) -> UInt32 { UInt32((share.isNaN ? 0 : min(max(share, 0), 1)) * Double(whole)) }
+    /// Parts per million back to a share.
+    public static func share(_ ppm: UInt32) -> Double { Double(ppm) / Double(whole) }
 }
 
 /// A node's name in the mesh: SHA-256 of its node key (`NodeIdentity(publicKey:)`), so a node's name

@@ -39,9 +39,9 @@ extension AdvertBody {
                     peer: l.neighbour.routingID,
                     metrics: LinkMetrics(
                         rttMs: Double(l.rttMicros) / 1_000, rttVarMs: Double(l.rttVarMicros) / 1_000,
-                        lossRate: Double(l.lossPPM) / 1_000_000,
+                        lossRate: PPM.share(l.lossPPM),
                         deliveryRate: Double(l.deliveryKbps) * 1_000 / 8,
-                        load: Double(l.peerLoadPPM) / 1_000_000))
+                        load: PPM.share(l.peerLoadPPM)))
             }, lifetime: UInt64(lifetimeMillis) * Nanos.millisecond)
     }
 }

@@ -389,7 +389,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 return
             }
             n.probesAnswered += 1
-            if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: Double(answer.loadPPM) / 1e6, now: now) {
+            if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: PPM.share(answer.loadPPM), now: now) {
                 n.ups += 1
                 changed(n, change)
             }
@@ -535,9 +535,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 AdvertBody.Link(
                     neighbour: id, rttMicros: UInt32(min(m.srtt / 1_000, UInt64(UInt32.max))),
                     rttVarMicros: UInt32(min(m.rttvar / 1_000, UInt64(UInt32.max))),
-                    lossPPM: UInt32(min(max(m.loss, 0), 1) * 1_000_000),
+                    lossPPM: PPM.from(m.loss),
                     deliveryKbps: UInt32(min(m.deliveryRate * 8 / 1_000, Double(UInt32.max))),
-                    peerLoadPPM: UInt32(min(max(m.peerLoad, 0), 1) * 1_000_000)))
+                    peerLoadPPM: PPM.from(m.peerLoad)))
         }
         // More neighbours than an advert holds (AdvertBody.maxLinks, and what fits in
         // SignedAdvert.maxSize beside the chain): the nearest go in, in RTT order as gathered.

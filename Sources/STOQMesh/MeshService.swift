@@ -187,7 +187,7 @@ public final class MeshService: @unchecked Sendable {
 
     /// This node's load, 0...1 (the node sets it from its workers' connection counts).
     public func setLoad(_ load: Double) {
-        loadPPM.store(UInt32(min(max(load, 0), 1) * 1_000_000), ordering: .relaxed)
+        loadPPM.store(PPM.from(load), ordering: .relaxed)
     }
 
     /// Adverts waiting for the mesh thread at most: a flood of them (a broken or hostile

@@ -95,8 +95,8 @@ public enum MeshWire {
             guard hex.count == 64, let id = Hex.decode(hex) else {
                 throw AdvertError(.malformed, "probe answer: node is not 64 hex digits")
             }
-            guard let load = UInt32(try field(2, "load")), load <= 1_000_000 else {
-                throw AdvertError(.badValue, "probe answer: load is not 0...1000000")
+            guard let load = UInt32(try field(2, "load")), load <= PPM.whole else {
+                throw AdvertError(.badValue, "probe answer: load is not 0...\(PPM.whole)")
             }
             guard let sequence = UInt64(try field(3, "sequence")) else { throw AdvertError(.malformed, "probe answer: bad sequence") }
             self.init(node: NodeIdentity(id), loadPPM: load, sequence: sequence)
