@@ -15,10 +15,11 @@ extension NodeRouter {
     func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
         guard let rates, !(MeshWire.handles(request.path) && Self.isNode(connection.peerIdentity)) else { return true }
         let client = clientIdentity(request, peer: connection.peer)
-        let announced = request.contentLength.map { UInt64(max(0, $0)) }
-        guard let refusal = rates.admit(client, bodyBytes: announced, now: monotonicNow()) else {
-            // A body of unknown length is charged when it ends.
-            if request.hasBody, announced == nil, rates.settings.bytesPerSecond > 0 { unmetered[stream] = client }
+        guard let refusal = rates.admit(client, bodyBytes: nil, now: monotonicNow()) else {
+            // A body is charged what arrived, when it ends, never its announced length: a PUT
+            // refused at its head (413, 507, 412, 405) sends none of the length it announced.
+            let announced = request.contentLength.map { $0 > 0 } ?? false
+            if request.hasBody || announced, rates.settings.bytesPerSecond > 0 { unmetered[stream] = client }
             return true
         }
         logger.debug("rate limited", metadata: ["client": "\(client)", "path": "\(request.path.prefix(200))"])
@@ -40,7 +41,7 @@ extension NodeRouter {
     /// Whether a connection's certificate identity is a node's.
     static func isNode(_ peerIdentity: String) -> Bool { node(peerIdentity) != nil }
 
-    /// Charges an upload that announced no length for what it sent.
+    /// Charges an upload for the body bytes it sent (called when its request or stream ends).
     func meterEnded(_ stream: HTTPStream) {
         guard let client = unmetered.removeValue(forKey: stream) else { return }
         rates?.charge(client, bytes: stream.bytesReceived, now: monotonicNow())

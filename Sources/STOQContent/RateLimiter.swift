@@ -8,11 +8,12 @@ import STOQQUIC
 /// sends from.
 ///
 /// One table for the whole node, behind a lock taken once per request head (and once more
-/// at the end of an upload whose length was not announced), never per packet: the workers'
+/// at the end of an upload), never per packet: the workers'
 /// per-packet path does not see it.
 ///
-/// Bytes: an upload is charged its `Content-Length` when its head arrives (or what arrived,
-/// at its end, when no length was sent). The byte bucket holds one second's worth and may go
+/// Bytes: an upload is charged what arrived, at its end (the router's `meterEnded`), never
+/// the `Content-Length` it announced: a request refused at its head sends no body, so it
+/// owes nothing for one. The byte bucket holds one second's worth and may go
 /// into debt: a large upload is let through and the client's next requests wait until the
 /// debt is paid. Response bytes are not charged.
 ///
@@ -106,7 +107,7 @@ public final class RateLimiter: @unchecked Sendable {
         }
     }
 
-    /// Charges `client` for `bytes` of upload received without an announced length.
+    /// Charges `client` for `bytes` of upload received (at the upload's end).
     public func charge(_ client: String, bytes: UInt64, now: UInt64) {
         guard settings.bytesPerSecond > 0, bytes > 0 else { return }
         lock.withLock {

@@ -2,7 +2,7 @@
 """A minimal HTTP/3 client on aioquic (an implementation nobody here wrote).
 
 Usage: h3client.py URL [--ca CERT | --insecure] [--out FILE] [--method GET] [--header k:v ...]
-                   [--body FILE [--no-length | --abort-after N]] [--close-after-send] [--session-ticket FILE [--early-data]]
+                   [--body FILE [--no-length | --abort-after N]] [--announce N] [--close-after-send] [--session-ticket FILE [--early-data]]
                    [--repeat N] [--timeout S] [--then PATH ...]
 Prints one JSON line: {"status": 200, "bytes": N, "sha256": "...", "text": "<first 2 KiB>",
 "headers": {"content-length": "N", ...}};
@@ -11,6 +11,8 @@ the ticket the server sends is saved there; the JSON then says "resumed" and "ea
 (whether the server accepted 0-RTT). --early-data sends the request before the handshake
 completes (in 0-RTT when a ticket allows it).
 --no-length sends the body without a content-length (the server learns its size as it comes).
+--announce N sends content-length N, then the body (if any; shorter), leaving the request open
+for the answer: a server that refuses the head answers it without waiting for N bytes.
 --timeout S gives up (exit 1) when the answer is not complete S seconds after the request was
 sent (after the handshake, which has no limit, unless --early-data sends it before).
 --then PATH (repeatable) sends, once the answer is complete, a GET of PATH on the same connection,
@@ -140,7 +142,8 @@ class Client(QuicConnectionProtocol):
                 await asyncio.sleep(0.02)
         self.transmit()
 
-    async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False, abort_after=None):
+    async def request(self, method, url, headers, body=None, close_after_send=False, no_length=False, abort_after=None,
+                      announce=None):
         u = urlparse(url)
         sid = self.sid = self._quic.get_next_available_stream_id()
         if method == "HEAD":
@@ -149,7 +152,11 @@ class Client(QuicConnectionProtocol):
             self.h3._check_content_length = lambda stream: None
         hdrs = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", u.netloc.encode()),
                 (b":path", (u.path or "/").encode())] + headers
-        if body is None:
+        if announce is not None:
+            self.h3.send_headers(sid, hdrs + [(b"content-length", str(announce).encode())], end_stream=False)
+            if body:
+                self.h3.send_data(sid, body, end_stream=False)
+        elif body is None:
             self.h3.send_headers(sid, hdrs, end_stream=True)
         elif abort_after is not None:
             # Announce the whole body, send only its start, and once the server has acknowledged
@@ -207,6 +214,7 @@ async def main() -> int:
     ap.add_argument("--early-data", action="store_true", help="send the request without waiting for the handshake")
     ap.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     ap.add_argument("--no-length", action="store_true", help="send the body without a content-length")
+    ap.add_argument("--announce", type=int, help="send this content-length and the body (if any), leaving the request open")
     ap.add_argument("--abort-after", type=int,
                     help="announce the whole --body, send this many bytes of it, then cancel the request")
     ap.add_argument("--repeat", type=int, default=0, help="send N requests at once, print every status")
@@ -249,7 +257,7 @@ async def main() -> int:
             await c.abandon(a.abandon)
         c.timeout = a.timeout
         body = open(a.body, "rb").read() if a.body else None
-        await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length, a.abort_after)
+        await c.request(a.method, a.url, headers, body, a.close_after_send, a.no_length, a.abort_after, a.announce)
         res = c.answer()
         answers = [res]
         for path in a.then:

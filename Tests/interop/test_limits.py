@@ -26,7 +26,7 @@ WRITES = ("PUT", "DELETE", "POST")
 OPERATOR = object()  # request()'s default credential: the operator token for a write, none for a read
 
 
-def request(node, method, name, body=None, headers=(), no_length=False, repeat=0, path=None, token=OPERATOR):
+def request(node, method, name, body=None, headers=(), no_length=False, repeat=0, path=None, token=OPERATOR, announce=None):
     """One HTTP/3 request (aioquic, Tests/interop/h3client.py) to `node` from this namespace.
     `token`: the bearer token presented (None: anonymous); by default the node's operator token
     on a write and none on a read. Returns h3client's JSON: status, headers, text (or statuses
@@ -47,6 +47,8 @@ def request(node, method, name, body=None, headers=(), no_length=False, repeat=0
             args.append("--no-length")
     if repeat:
         args += ["--repeat", str(repeat)]
+    if announce is not None:
+        args += ["--announce", str(announce)]
     r = run(args, timeout=120)
     assert r.returncode == 0, f"h3client failed: {r.stdout} {r.stderr[-2000:]}"
     return json.loads(r.stdout)
@@ -86,8 +88,8 @@ DEDUP = {"ingest": "", "flat": "[chunking]\ndedup_enabled = false\n"}
 def make_node(tmp_path):
     nodes = []
 
-    def make(extra="", name="node"):
-        n = Node(tmp_path / name, extra=ADMIN + extra)
+    def make(extra="", name="node", storage=""):
+        n = Node(tmp_path / name, extra=ADMIN + extra, storage=storage)
         nodes.append(n)
         return n
     yield make
@@ -347,6 +349,17 @@ def test_upload_bytes_over_the_byte_rate_are_paid_for_by_the_next_request(make_n
     # An anonymous reader from the same address has a bucket of its own.
     assert request(node, "GET", "big", token=None)["sha256"] == hashlib.sha256(body).hexdigest()
     assert metrics(node)["stoq_limits_rate_limited_total"] == 1
+
+
+def test_a_put_refused_at_its_head_owes_nothing_for_the_length_it_announced(make_node):
+    # 100 GB announced at 10 KB/s would be months of debt: refused at its head (413, over
+    # storage.max_object_size), the PUT sent no body and is charged none.
+    node = make_node('[limits]\nbytes_per_second = "10KB"\n', storage='max_object_size = "1MB"\n')
+    r = request(node, "PUT", "huge", announce=100 << 30)
+    assert r["status"] == 413 and "max_object_size" in r["text"], r
+    r = request(node, "GET", "huge", token=node.token)
+    assert r["status"] == 404, r
+    assert metrics(node).get("stoq_limits_rate_limited_total", 0) == 0
 
 
 def test_a_body_over_its_limit_without_a_length_is_answered_not_reset(make_node):
