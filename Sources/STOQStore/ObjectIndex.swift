@@ -116,21 +116,29 @@ public final class ObjectIndex: @unchecked Sendable {
         }
     }
 
+    /// Chunk ids a `.missingChunks` error names; the rest are counted. A message that named
+    /// them all would grow with the manifest (16 Mi ids: over 1 GB of hex) only to be cut short.
+    public static let missingChunksNamed = 32
+
+    /// `.missingChunks` for object `name`: the first `missingChunksNamed` of `missing`, and how
+    /// many more there are.
+    static func missingChunks(_ name: String, _ missing: [ChunkID]) -> StoreError {
+        var message = "object \(name) refers to \(missing.count) chunk(s) the store does not have: "
+        message += missing.prefix(missingChunksNamed).map(\.hex).joined(separator: ", ")
+        if missing.count > missingChunksNamed { message += " and \(missing.count - missingChunksNamed) more" }
+        return StoreError(.missingChunks, message)
+    }
+
     /// Stores (or atomically replaces) object `name` with `manifest` and `chunkIDs`, written
     /// by `owner` ("" = unknown). Every chunk must already be in the store, else
-    /// `.missingChunks` lists the ones that are not. A full disk throws `.noSpace` and leaves
+    /// `.missingChunks` names the ones that are not (the first `missingChunksNamed`). A full disk throws `.noSpace` and leaves
     /// the object as it was (absent, or the old version).
     public func putObject(_ name: String, manifest: [UInt8], chunkIDs: [ChunkID], owner: String = "") throws {
         try Self.validateName(name)
         let record = ObjectRecord(name: name, manifest: manifest, chunkIDs: chunkIDs, owner: owner).encoded()
         try chunks.lock.shared {
             let missing = try chunks.missing(chunkIDs)
-            guard missing.isEmpty else {
-                throw StoreError(
-                    .missingChunks,
-                    "object \(name) refers to \(missing.count) chunk(s) the store does not have: "
-                        + missing.map(\.hex).joined(separator: ", "))
-            }
+            guard missing.isEmpty else { throw Self.missingChunks(name, missing) }
             let temp = ".tmp-\(name.prefix(200))-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
             do {
                 try record.withUnsafeBytes {

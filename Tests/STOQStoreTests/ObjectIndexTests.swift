@@ -76,6 +76,16 @@ import Testing
         #expect(try index.listObjects() == [])
     }
 
+    @Test func missingChunksMessageStaysSmallWhateverTheManifest() throws {
+        let index = try ObjectIndex(chunks: ChunkStore(root: root))
+        let absent = (0..<100_000).map { ChunkID(digestOf: bytes("absent \($0)")) }
+        let message = assertStoreError(.missingChunks) { try index.putObject("big", manifest: [], chunkIDs: absent) }
+        #expect(message.utf8.count < 8 << 10)
+        let named = absent.prefix(ObjectIndex.missingChunksNamed).map(\.hex).joined(separator: ", ")
+        #expect(message == "object big refers to 100000 chunk(s) the store does not have: \(named) and 99968 more")
+        #expect(try index.listObjects() == [])
+    }
+
     @Test func collectRemovesUnsharedChunksAndKeepsShared() throws {
         let store = try ChunkStore(root: root, options: .init(collectGracePeriod: .zero))
         let index = try ObjectIndex(chunks: store)
