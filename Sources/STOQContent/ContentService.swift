@@ -58,10 +58,40 @@ public final class ContentService: QUICApplication {
         var writer: ObjectGate.Writer?
     }
 
-    /// The largest `/_stoq/missing` body: a million ids.
-    static let maxQueryBytes: UInt64 = 32 << 20
-    /// The largest manifest body.
-    static let maxManifestBytes: UInt64 = UInt64(Manifest.headerSize + Manifest.entrySize * Manifest.maxChunkCount)
+    /// The most chunks a manifest PUT may list, and ids a `/_stoq/missing` query may ask about
+    /// (a client asks about all of a manifest's chunks at once), whatever
+    /// `storage.max_object_size`: a million (a 36 MiB manifest, a 32 MiB query). Every id
+    /// costs the worker a lookup in the store; this bounds the stall one request can cause.
+    /// It covers an object of 64 GiB (the default `max_object_size`) cut with the default
+    /// 64 KiB `min_chunk_size`.
+    public static let maxListedChunks = 1 << 20
+
+    /// The most chunks this node takes in a manifest (and ids in a query): as many as an object
+    /// of `maxObjectSize` bytes can have when every chunk is as short as a manifest may make it
+    /// (`ChunkingParameters.smallestMinSize`), at most `maxListedChunks`.
+    public static func chunkLimit(maxObjectSize: UInt64) -> Int {
+        let bound = maxObjectSize / UInt64(ChunkingParameters.smallestMinSize) + 1
+        return bound < UInt64(maxListedChunks) ? Int(bound) : maxListedChunks
+    }
+
+    /// Why a manifest PUT whose header lists more than `limit` chunks is refused (413), read
+    /// from the header before anything is decoded or looked up; nil when the count is within
+    /// it, or the body is too short to say (the decoder then names what is wrong).
+    static func manifestCountRefusal(_ name: String, _ body: UnsafeRawBufferPointer, limit: Int, maxObjectSize: UInt64) -> String? {
+        let at = Manifest.headerSize - 4  // the chunk count, big-endian
+        guard body.count >= Manifest.headerSize else { return nil }
+        let count = UInt32(bigEndian: body.loadUnaligned(fromByteOffset: at, as: UInt32.self))
+        guard count > limit else { return nil }
+        return "manifest of \(name) lists \(count) chunks, more than this node takes (\(limit): "
+            + Self.chunkLimitReason(limit, maxObjectSize: maxObjectSize) + ")"
+    }
+
+    /// What bounds `limit` (`chunkLimit`), for a refusal's message.
+    static func chunkLimitReason(_ limit: Int, maxObjectSize: UInt64) -> String {
+        limit < maxListedChunks
+            ? "storage.max_object_size of \(maxObjectSize) bytes in chunks of at least \(ChunkingParameters.smallestMinSize) bytes"
+            : "at most \(maxListedChunks) chunks a manifest"
+    }
 
     /// A chunked object being sent as one body: the chunks still to go, and the byte range.
     struct ObjectSend {
@@ -125,6 +155,12 @@ public final class ContentService: QUICApplication {
     private let maxChunkSize: UInt64
     /// `storage.max_object_size`: a manifest naming more bytes is refused (413), as a plain PUT is.
     private let maxObjectSize: UInt64
+    /// `chunkLimit(maxObjectSize:)`: the most chunks a manifest lists, and ids a query asks about.
+    let chunkLimit: Int
+    /// The largest manifest body: `chunkLimit` entries.
+    var maxManifestBytes: UInt64 { UInt64(Manifest.headerSize + Manifest.entrySize * chunkLimit) }
+    /// The largest `/_stoq/missing` body: `chunkLimit` ids.
+    var maxQueryBytes: UInt64 { UInt64(32 * chunkLimit) }
     private let logger: Logger
     private var uploads: [HTTPStream: Upload] = [:]
     public private(set) var counters = Counters()
@@ -183,6 +219,7 @@ public final class ContentService: QUICApplication {
         self.index = index
         self.maxChunkSize = maxChunkSize
         self.maxObjectSize = maxObjectSize
+        self.chunkLimit = Self.chunkLimit(maxObjectSize: maxObjectSize)
         self.logger = logger
         self.edge = edge
         self.cacheControl = maxAge.map { ("cache-control", "public, max-age=\($0)") }
@@ -201,7 +238,7 @@ public final class ContentService: QUICApplication {
         if MeshWire.handles(path) { return meshRequest(path, request, stream, connection) }
         if path == NodePaths.missing {
             guard request.method == "POST" else { return notAllowed(stream, connection, "POST") }
-            return begin(.missing, limit: Self.maxQueryBytes, request, stream, connection)
+            return begin(.missing, limit: maxQueryBytes, request, stream, connection)
         }
         if path.hasPrefix("/chunks/") {
             guard let id = ChunkID(hex: path.dropFirst("/chunks/".count)) else {
@@ -239,7 +276,7 @@ public final class ContentService: QUICApplication {
             if let gate, let r = gate.check(name, by: gate.writer(request, peer: connection.peer), size: nil, physical: nil) {
                 return fail(stream, connection, r.status, r.reason)
             }
-            begin(.manifest(name), limit: Self.maxManifestBytes, request, stream, connection)
+            begin(.manifest(name), limit: maxManifestBytes, request, stream, connection)
         case "DELETE":
             if let gate {
                 do {
@@ -630,7 +667,7 @@ public final class ContentService: QUICApplication {
 
     func begin(_ kind: Kind, limit: UInt64, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
         if let n = request.contentLength, UInt64(n) > limit {
-            return fail(stream, connection, 413, "body of \(n) bytes is over the limit of \(limit)")
+            return fail(stream, connection, 413, "body of \(n) bytes is over \(limitName(kind, limit))")
         }
         let fd = stoq_memfd("stoq-upload")
         guard fd >= 0 else { return fail(stream, connection, 500, "memfd_create: \(String(cString: strerror(errno)))") }
@@ -649,13 +686,21 @@ public final class ContentService: QUICApplication {
             if case .advert = up.kind, stream.sinkErrno == EFBIG {
                 mesh?.countRefusedAdvert("oversized", "a PUT of more than \(SignedAdvert.maxSize) bytes")
             }
-            return fail(
-                stream, connection, stream.sinkErrno == EFBIG ? 413 : 500,
-                "receiving the body failed: \(String(cString: strerror(stream.sinkErrno)))")
+            if stream.sinkErrno == EFBIG {
+                return fail(stream, connection, 413, "body of more than \(up.limit) bytes is over \(limitName(up.kind, up.limit))")
+            }
+            return fail(stream, connection, 500, "receiving the body failed: \(String(cString: strerror(stream.sinkErrno)))")
         }
         let length = Int(stream.bytesReceived)
         guard let region = BodyRegion.mapping(fd: up.fd, offset: 0, length: length) else {
-            return fail(stream, connection, 500, "cannot map the received body")
+            // As ObjectService answers the same failure: room for mappings (the SIGBUS
+            // guard's, vm.max_map_count) comes back as responses end.
+            let e = errno
+            let why = e == EBUSY ? "the SIGBUS guard holds \(BodyRegion.guardedMappingsMax) mappings" : String(cString: strerror(e))
+            if e == EBUSY || e == ENOMEM {
+                return fail(stream, connection, 503, "cannot map the received body of \(length) bytes now (\(why)); try again")
+            }
+            return fail(stream, connection, 500, "cannot map the received body of \(length) bytes: \(why)")
         }
         let body = UnsafeRawBufferPointer(start: region.base, count: region.count)
         switch up.kind {
@@ -667,6 +712,20 @@ public final class ContentService: QUICApplication {
                 return fail(stream, connection, 503, "mesh: too many adverts wait to be checked; send it again later")
             }
             connection.respond(stream, status: 202, headers: [("content-length", "0")], body: nil)
+        }
+    }
+
+    /// The limit a body of `kind` is held to, named for a 413: the setting or bound, and its value.
+    func limitName(_ kind: Kind, _ limit: UInt64) -> String {
+        switch kind {
+        case .chunk: return "chunking.max_chunk_size (\(limit) bytes)"
+        case .missing:
+            return "the limit of a /_stoq/missing query (\(limit) bytes, \(chunkLimit) ids: "
+                + Self.chunkLimitReason(chunkLimit, maxObjectSize: maxObjectSize) + ")"
+        case .manifest:
+            return "the limit of a manifest (\(limit) bytes, \(chunkLimit) chunks: "
+                + Self.chunkLimitReason(chunkLimit, maxObjectSize: maxObjectSize) + ")"
+        case .advert: return "the limit of a signed advert (\(limit) bytes)"
         }
     }
 
@@ -763,6 +822,10 @@ public final class ContentService: QUICApplication {
     ) {
         let span = storeSpan("store.write", stream, object: name)
         defer { span?.end() }
+        // Before anything is decoded, allocated or looked up per chunk.
+        if let why = Self.manifestCountRefusal(name, body, limit: chunkLimit, maxObjectSize: maxObjectSize) {
+            return fail(stream, connection, 413, why)
+        }
         let manifest: Manifest
         do { manifest = try Manifest(decoding: body) } catch { return fail(stream, connection, 400, "\(error)") }
         guard manifest.totalLength <= maxObjectSize else {

@@ -144,6 +144,20 @@ def test_bad_chunks_and_manifests_are_refused(node, tmp_path):
     assert r["status"] == 404
 
 
+def test_a_manifest_listing_more_chunks_than_the_node_takes_is_413_from_its_header(node, tmp_path):
+    # 16 Mi entries of 64 bytes (1 GiB): the header alone says so, and the node refuses it
+    # before decoding a single entry (the body here is the header: a decoder would say 400).
+    header = (b"STQM" + bytes([1, 1, 0, 0]) + (64).to_bytes(4, "big") + (128).to_bytes(4, "big")
+              + (256).to_bytes(4, "big") + (1 << 30).to_bytes(8, "big") + bytes(32) + (1 << 24).to_bytes(4, "big"))
+    assert len(header) == 64
+    f = tmp_path / "huge.manifest"
+    f.write_bytes(header)
+    r = h3(node, "PUT", "/manifests/huge", f)
+    assert r["status"] == 413, r
+    assert r["text"] == ("manifest of huge lists 16777216 chunks, more than this node takes "
+                         "(1048576: at most 1048576 chunks a manifest)\n"), r
+
+
 def test_a_corrupt_chunk_is_never_served(node, tmp_path):
     src = random_file(tmp_path / "k.bin", 4 * MiB, 5)
     put(node, src, "content-corrupt")

@@ -511,7 +511,7 @@ def test_forged_and_malformed_adverts_are_refused_by_reason(tmp_path, line5):
     key_ = 'stoq_mesh_adverts_refused_total{reason="oversized"}'
     was = m.metrics(target).get(key_, 0)
     j = h3get(m, target, url, method="PUT", body=f)
-    assert j.get("status") == 413 and "over the limit of 16384" in j["text"], j
+    assert j.get("status") == 413 and "over the limit of a signed advert (16384 bytes)" in j["text"], j
     wait_until(f"oversized: {key_} on node {target}", 5, lambda: ((v := m.metrics(target).get(key_, 0)) == was + 1, v))
     assert "mesh: advert refused (oversized): a PUT of 20000 bytes" in m.log(target)
 

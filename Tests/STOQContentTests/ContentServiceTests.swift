@@ -1,0 +1,42 @@
+import STOQChunking
+import Testing
+
+@testable import STOQContent
+
+/// The bounds a manifest PUT and a have/want query are held to, checked before any chunk is
+/// looked up in the store.
+struct ContentServiceTests {
+    /// A manifest's 64-byte header listing `count` chunks (the rest need not be valid: the
+    /// count is read before anything is decoded).
+    func header(count: UInt32) -> [UInt8] {
+        var h = [UInt8](repeating: 0, count: Manifest.headerSize)
+        withUnsafeBytes(of: count.bigEndian) { h.replaceSubrange(60..<64, with: $0) }
+        return h
+    }
+
+    @Test func theChunkLimitFollowsMaxObjectSizeUpToAMillion() {
+        #expect(ContentService.chunkLimit(maxObjectSize: 64 << 30) == ContentService.maxListedChunks)
+        #expect(ContentService.chunkLimit(maxObjectSize: 1 << 50) == 1 << 20)
+        // 1 MB in chunks of at least 64 bytes: 16384, and a short last one.
+        #expect(ContentService.chunkLimit(maxObjectSize: 1 << 20) == 16_385)
+    }
+
+    @Test func aManifestListingMoreChunksThanTheLimitIsRefusedFromItsHeader() {
+        let limit = ContentService.chunkLimit(maxObjectSize: 64 << 30)
+        let over = header(count: 1 << 24)
+        let why = over.withUnsafeBytes { ContentService.manifestCountRefusal("big", $0, limit: limit, maxObjectSize: 64 << 30) }
+        #expect(why == "manifest of big lists 16777216 chunks, more than this node takes (1048576: at most 1048576 chunks a manifest)")
+
+        let small = ContentService.chunkLimit(maxObjectSize: 1 << 20)
+        let past = header(count: UInt32(small) + 1)
+        let named = past.withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: small, maxObjectSize: 1 << 20) }
+        #expect(
+            named == "manifest of o lists 16386 chunks, more than this node takes "
+                + "(16385: storage.max_object_size of 1048576 bytes in chunks of at least 64 bytes)")
+
+        let within = header(count: UInt32(small))
+        #expect(within.withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: small, maxObjectSize: 1 << 20) } == nil)
+        // Too short to say: the decoder names what is wrong.
+        #expect([UInt8](repeating: 0xff, count: 63).withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: 1, maxObjectSize: 1) } == nil)
+    }
+}
