@@ -330,6 +330,9 @@ public final class ObjectService: QUICApplication {
             return
         }
         let size = stream.bytesReceived
+        // A request with no body at all ends before the sink ever finishes a digest: its
+        // SHA-256 is that of nothing.
+        let digest = stream.bodySHA256() ?? (size == 0 ? Self.emptySHA256 : nil)
         if let ingest {
             // Before the pool writes chunks: the quota and the conditions now (the commit
             // decides), and room under the storage cap for all of it, reserved until the pool
@@ -351,7 +354,7 @@ public final class ObjectService: QUICApplication {
             if let follower = up.follower {
                 ingesting[up.ticket] = (stream, connection)
                 close(up.fd)
-                follower.complete(size: size, digest: stream.bodySHA256().flatMap(ContentDigest.init))
+                follower.complete(size: size, digest: digest.flatMap(ContentDigest.init))
                 return
             }
             let ticket = nextTicket
@@ -359,20 +362,27 @@ public final class ObjectService: QUICApplication {
             ingesting[ticket] = (stream, connection)
             ingest.submit(
                 fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer,
-                reserved: reserved, digest: stream.bodySHA256().flatMap(ContentDigest.init))
+                reserved: reserved, digest: digest.flatMap(ContentDigest.init))
             return
         }
         var headers = [("content-length", "0")]
-        if let w = up.writer, let sha = stream.bodySHA256() {
-            headers.append(("etag", ContentETag.of(sha256Hex: Hex.encode(sha))))
-            if !ObjectGate.writeMeta(up.fd, sha256: sha, owner: w.identity) {
-                logger.warning("cannot keep the owner of \(up.name): the storage filesystem has no user xattrs (\(String(cString: strerror(errno))))")
-            }
-        }
         // Durable before visible: data, then the name, then the directory entry.
         let written = Self.size(up.fd)
         var failed: Int32 = 0
-        if fsync(up.fd) != 0 { failed = errno }
+        if let w = up.writer, let sha = digest {
+            headers.append(("etag", ContentETag.of(sha256Hex: Hex.encode(sha))))
+            if !ObjectGate.writeMeta(up.fd, sha256: sha, owner: w.identity) {
+                let e = errno
+                if e == ENOTSUP || e == EOPNOTSUPP {
+                    logger.warning("cannot keep the owner of \(up.name): the storage filesystem has no user xattrs (\(String(cString: strerror(e))))")
+                } else {
+                    // A full disk (or quota) refuses the attribute like the data: stored without
+                    // it, the object would have no owner and not the ETag the 201 names.
+                    failed = e
+                }
+            }
+        }
+        if failed == 0, fsync(up.fd) != 0 { failed = errno }
         // Closed once, whatever happened: closing it again (`discard`) could close a file
         // another thread opened under the same number since.
         if close(up.fd) != 0, failed == 0 { failed = errno }
@@ -477,6 +487,9 @@ public final class ObjectService: QUICApplication {
         counters.uploadsNoSpace += 1
         fail(stream, connection, 507, refusal.message)
     }
+
+    /// The SHA-256 of no bytes: the digest of an empty upload.
+    static let emptySHA256 = ContentDigest.sha256([]).bytes
 
     /// The size of the open file `fd` (what an upload wrote so far).
     private static func size(_ fd: Int32) -> Int {

@@ -339,6 +339,15 @@ def h3(node, method, name_or_path, *args, token=None, answered=True):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def writer_token(node, subject):
+    """A writer token for every path from the node's key: its holder is `token:<subject>`."""
+    key = node.workdir / "data" / "access" / "token-key.pem"
+    r = subprocess.run([str(need_binary("stoq")), "trust", "token", "--key", str(key), "--subject", subject,
+                        "--role", "writer", "--lifetime", "1h"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """A node that keeps uploads as plain files (chunking.dedup_enabled = false)."""
@@ -362,3 +371,17 @@ def test_a_put_announcing_a_body_it_never_sends_changes_nothing(store, plain, no
     assert r.get("status") in (None, 400), r
     assert h3(n, "GET", "announced.bin")["sha256"] == sha256_file(body)
     still_serves(node)
+
+
+def test_an_empty_put_has_an_etag_and_an_owner(plain):
+    """A PUT whose HEADERS end the request (no body, no content-length) stores an empty object
+    like any other: its ETag is the SHA-256 of nothing and it belongs to its writer, so under
+    access.overwrite = "owner" nobody else may replace or delete it."""
+    alice, bob = writer_token(plain, "alice"), writer_token(plain, "bob")
+    r = h3(plain, "PUT", "empty.bin", token=alice)
+    empty = '"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"'
+    assert r["status"] == 201 and r["headers"].get("etag") == empty, r
+    assert h3(plain, "GET", "empty.bin")["headers"].get("etag") == empty
+    assert h3(plain, "PUT", "empty.bin", token=bob)["status"] == 403
+    assert h3(plain, "DELETE", "empty.bin", token=bob)["status"] == 403
+    assert h3(plain, "DELETE", "empty.bin", token=alice)["status"] == 204
