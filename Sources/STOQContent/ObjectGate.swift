@@ -133,6 +133,8 @@ public final class ObjectGate: @unchecked Sendable {
     /// wires it); without one, no request is an admin's.
     public let isAdmin: @Sendable (HTTPRequest) -> Bool
     private let flatFD: Int32
+    /// `fsync(2)` of the storage directory, unless a test makes it fail.
+    private let syncDirectory: @Sendable (Int32) -> Int32
     private let index: ObjectIndex?
     private let lock = NSLock()
     private var usage: [String: UInt64] = [:]
@@ -148,10 +150,13 @@ public final class ObjectGate: @unchecked Sendable {
 
     /// The gate over plain files in `storagePath` and chunked objects in `index`; computes
     /// who stores what from them (walking every file, record and chunk once).
+    /// `syncDirectory` is `fsync(2)` unless a test makes the storage directory's fsync fail.
     public init(
         settings: Settings, storagePath: String, index: ObjectIndex?,
-        isAdmin: @escaping @Sendable (HTTPRequest) -> Bool = { _ in false }, logger: Logger = Logger(label: "stoq.gate")
+        isAdmin: @escaping @Sendable (HTTPRequest) -> Bool = { _ in false }, logger: Logger = Logger(label: "stoq.gate"),
+        syncDirectory: @escaping @Sendable (Int32) -> Int32 = { fsync($0) }
     ) throws {
+        self.syncDirectory = syncDirectory
         try FileManager.default.createDirectory(atPath: storagePath, withIntermediateDirectories: true)
         flatFD = open(storagePath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard flatFD >= 0 else {
@@ -419,10 +424,12 @@ public final class ObjectGate: @unchecked Sendable {
             let current = current(name)
             if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false) { return r }
             try write()
-            if chunked, current?.physical ?? 0 > 0, unlinkat(flatFD, name, 0) == 0 { fsync(flatFD) }
+            // The record is written: account for it, then say whether the shadowing file is durably gone.
+            let failure = chunked && current?.physical ?? 0 > 0 ? removeFile(name).failure : nil
             if let current { release(current) }
             usage[w.identity, default: 0] += size
             flatBytes += physical
+            if let failure { throw failure }
             return nil
         }
     }
@@ -434,17 +441,31 @@ public final class ObjectGate: @unchecked Sendable {
         try lock.withLock {
             guard let current = current(name) else { return Refusal(status: 404, reason: "no object \(name)") }
             if let r = refusalLocked(name, w, current, size: nil, physical: nil, delete: true) { return r }
-            if unlinkat(flatFD, name, 0) == 0 {
-                fsync(flatFD)
-            } else if errno != ENOENT {
-                throw StoreError(.io, "unlink \(name): \(String(cString: strerror(errno)))")
-            }
+            // A file still there (unlink failed) is not deleted; one whose removal may not
+            // survive a crash is gone all the same, so the rest goes too before the 500.
+            let (gone, failure) = removeFile(name)
+            if !gone, let failure { throw failure }
             if let index {
                 do { try index.deleteObject(name) } catch let e as StoreError where e.code == .objectNotFound {}
             }
             release(current)
+            if let failure { throw failure }
             return nil
         }
+    }
+
+    /// Removes plain file `name` durably (unlink, then the directory's fsync): whether it is
+    /// gone (or was never there), and why it is not, or not durably, errno included. Under `lock`.
+    private func removeFile(_ name: String) -> (gone: Bool, failure: StoreError?) {
+        if unlinkat(flatFD, name, 0) != 0 {
+            let e = errno
+            return e == ENOENT ? (true, nil) : (false, StoreError(.io, "unlink \(name): \(String(cString: strerror(e))) (errno \(e))"))
+        }
+        guard syncDirectory(flatFD) == 0 else {
+            let e = errno
+            return (true, StoreError(.io, "fsync of the storage directory: \(String(cString: strerror(e))) (errno \(e))"))
+        }
+        return (true, nil)
     }
 
     /// Forgets a replaced or deleted object's bytes. Under `lock`.

@@ -417,7 +417,11 @@ public final class ObjectService: QUICApplication {
             if StoreError.isNoSpace(renameErrno) { return noSpace(stream, connection, up.name, written: written, errno: renameErrno) }
             return fail(stream, connection, 500, "\(error)")
         }
-        fsync(rootFD)
+        guard fsync(rootFD) == 0 else {
+            // The object is in place but may not survive a crash: not a 201.
+            let e = errno
+            return fail(stream, connection, 500, "fsync of the storage directory: \(String(cString: strerror(e))) (errno \(e))")
+        }
         diskFull.stored()
         counters.uploadsStored += 1
         connection.respond(stream, status: 201, headers: headers, body: nil)

@@ -267,4 +267,41 @@ final class ObjectGateTests {
         #expect(g.current("x")?.etag == m.etag)
         #expect(g.usage(of: "token:alice") == 0 && g.counters.storedBytes == 0)
     }
+
+    // MARK: - Durability
+
+    /// A removal that may not survive a crash is no success: when the storage directory's
+    /// fsync fails after the unlink, a delete (and a chunked write's removal of the plain file
+    /// that would shadow it) throws naming the fsync and its errno (a 500), with the object's
+    /// accounting done all the same, since the file is gone.
+    @Test func aRemovalWhoseDirectoryFsyncFailsIsAnError() throws {
+        let g = try ObjectGate(
+            settings: .init(), storagePath: storage, index: index,
+            syncDirectory: { _ in
+                errno = EIO
+                return -1
+            })
+        let w = ObjectGate.Writer(identity: "token:alice")
+        func message(_ body: () throws -> ObjectGate.Refusal?) -> String? {
+            do { _ = try body() } catch { return "\(error)" }
+            return nil
+        }
+        let why = "fsync of the storage directory: \(String(cString: strerror(EIO))) (errno \(EIO))"
+        #expect(try put(g, "a.bin", [UInt8](repeating: 1, count: 100), by: w) == nil)
+        #expect(message { try g.delete("a.bin", by: w) } == why)
+        #expect(!FileManager.default.fileExists(atPath: storage + "/a.bin"))
+        #expect(g.current("a.bin") == nil && g.usage(of: "token:alice") == 0)
+
+        #expect(try put(g, "x", [UInt8](repeating: 1, count: 100), by: w) == nil)
+        let m = try Manifest(totalLength: 0, digest: .zero, parameters: .default, chunks: [])
+        let thrown = message {
+            try g.commit("x", by: w, size: 0, physical: 0, chunked: true) {
+                try index.putObject("x", manifest: m.encode(), chunkIDs: [], owner: w.identity)
+            }
+        }
+        #expect(thrown == why)
+        #expect(!FileManager.default.fileExists(atPath: storage + "/x"))
+        #expect(g.current("x")?.etag == m.etag)
+        #expect(g.usage(of: "token:alice") == 0 && g.counters.storedBytes == 0)
+    }
 }
