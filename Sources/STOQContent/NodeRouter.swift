@@ -74,6 +74,9 @@ package final class NodeRouter: QUICApplication {
         var request = request
         guard admit(&request, stream: stream, connection: connection) else { return }
         guard admitRate(request, stream, connection) else { return }
+        // A head refused as it was parsed (malformed, path too long, fields too large) gets
+        // its refusal, whichever service its path names: none may serve a cut path or head.
+        if let refused = request.refusal { return objects.refuse(refused, stream: stream, connection: connection) }
         if request.path.hasPrefix(NodePaths.logPrefix) {
             guard let log, request.method == "GET" || request.method == "HEAD" else {
                 let body = BodyRegion(copying: Array("this node keeps no transparency log\n".utf8))
@@ -87,13 +90,12 @@ package final class NodeRouter: QUICApplication {
         } else if ContentService.handles(request.path) {
             content.request(request, stream: stream, connection: connection)
         } else if request.method == "GET" || request.method == "HEAD",
-            let name = ObjectService.objectName(fromPath: request.path),
-            !request.malformed, !request.headersTooLarge, !objects.hasFile(name), content.hasObject(name)
+            let name = ObjectService.objectName(fromPath: request.path), !objects.hasFile(name), content.hasObject(name)
         {
             content.serveObject(name, request, stream, connection)
         } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
-            let name = ObjectService.objectName(fromPath: request.path), !request.malformed, !request.headersTooLarge,
-            (try? ObjectIndex.validateName(name)) != nil, !objects.hasFile(name)
+            let name = ObjectService.objectName(fromPath: request.path), (try? ObjectIndex.validateName(name)) != nil,
+            !objects.hasFile(name)
         {
             content.serveEdgeObject(name, request, stream, connection)
         } else {

@@ -173,7 +173,7 @@ public final class ObjectService: QUICApplication {
     func countRequest() { counters.requests &+= 1 }
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
-        if let refused = request.refusal { return fail(stream, connection, refused.status, refused.reason) }
+        if let refused = request.refusal { return refuse(refused, stream: stream, connection: connection) }
         let name: String
         switch Self.objectName(checking: request.path) {
         case .success(let n)?: name = n
@@ -187,6 +187,12 @@ public final class ObjectService: QUICApplication {
         default:
             connection.respond(stream, status: 405, headers: [("allow", "GET, HEAD, PUT, DELETE")], body: nil)
         }
+    }
+
+    /// Answers a head refused as it was parsed (`HTTPRequest.refusal`) with its status and
+    /// reason, counted as a bad request: the one answer every service's refused head gets.
+    func refuse(_ refusal: HTTPRefusal, stream: HTTPStream, connection: QUICConnection) {
+        fail(stream, connection, refusal.status, refusal.reason)
     }
 
     private func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String) {
