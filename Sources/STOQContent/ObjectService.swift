@@ -237,11 +237,6 @@ public final class ObjectService: QUICApplication {
     }
 
     private func beginUpload(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
-        // A head that ends the request cannot carry the body it announces (nghttp3 says so only
-        // later): storing it would replace the object with nothing.
-        if !request.hasBody, let n = request.contentLength, n > 0 {
-            return fail(stream, connection, 400, "content-length \(n) but no body")
-        }
         if let n = request.contentLength, UInt64(n) > maxObjectSize {
             return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
         }

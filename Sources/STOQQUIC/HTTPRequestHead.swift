@@ -28,6 +28,10 @@ public struct HTTPRefusal: Sendable, Equatable {
         case repeatedPseudoHeader(String)
         /// The method is longer than `HTTPRequestHead.maxMethodLength`.
         case methodTooLong
+        /// `Content-Length` announces a body, but the head ended the request (RFC 9114 §4.1.2:
+        /// malformed). nghttp3 says so only after the request has ended; served, a PUT of it
+        /// would replace an object with nothing.
+        case bodyMissing(Int64)
         /// The path is longer than `HTTPRequestHead.maxPathLength`.
         case pathTooLong
         /// The field section is larger than `HTTPRequestHead.maxFieldSectionSize`.
@@ -43,6 +47,7 @@ public struct HTTPRefusal: Sendable, Equatable {
         switch cause {
         case .missingPseudoHeader, .repeatedPseudoHeader, .methodTooLong:
             (status, reason) = (400, "malformed request")
+        case .bodyMissing(let n): (status, reason) = (400, "content-length \(n) but no body")
         case .pathTooLong: (status, reason) = (414, "path too long")
         case .fieldsTooLarge: (status, reason) = (431, "request header fields too large")
         }
@@ -107,6 +112,8 @@ public enum HTTPRequestHead {
             malformed = .missingPseudoHeader(method == nil ? ":method" : path == nil ? ":path" : ":scheme")
         } else if methodTooLong {
             malformed = .methodTooLong
+        } else if !hasBody, let n = contentLength, n > 0 {
+            malformed = .bodyMissing(n)
         }
         let cause = malformed ?? (pathTooLong ? .pathTooLong : tooLarge ? .fieldsTooLarge : nil)
         return HTTPRequest(

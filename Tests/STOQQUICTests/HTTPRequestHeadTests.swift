@@ -106,6 +106,16 @@ struct HTTPRequestHeadTests {
         refused(r, .methodTooLong, 400, "malformed request")
     }
 
+    /// A head that ends the request while `Content-Length` announces a body: one rule for every
+    /// service (a PUT of it used to replace the object with nothing).
+    @Test func aBodyAnnouncedButAbsentIs400() {
+        let r = parse(fields([HTTPField("content-length", "1000")]), hasBody: false)
+        refused(r, .bodyMissing(1000), 400, "content-length 1000 but no body")
+        #expect(r.malformed)
+        #expect(parse(fields([HTTPField("content-length", "0")]), hasBody: false).refusal == nil)
+        #expect(parse(fields([HTTPField("content-length", "1000")]), hasBody: true).refusal == nil)
+    }
+
     @Test func aPathTooLongIs414() {
         let ok = parse(fields(path: "/" + String(repeating: "a", count: 4095)))
         #expect(ok.refusal == nil && !ok.pathTooLong)
