@@ -103,7 +103,8 @@ import Testing
     /// fault count, which a fresh test thread's own stack pages move too. The region is held
     /// until the entries are read: a temporary passed in may be released after its last use.
     private func mappedBytes(_ region: BodyRegion) throws -> Int {
-        let base = UInt(bitPattern: try #require(region.base))
+        let base = UInt(bitPattern: region.base)
+        try #require(base != 0)
         let pages = (region.count + 4095) / 4096
         let fd = open("/proc/self/pagemap", O_RDONLY)
         try #require(fd >= 0)
