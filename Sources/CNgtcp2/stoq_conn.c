@@ -265,6 +265,12 @@ static int cb_recv_crypto_data(ngtcp2_conn *q, ngtcp2_crypto_level level, uint64
   return ngtcp2_crypto_recv_crypto_data_cb(q, level, offset, data, len, ud);
 }
 
+static int cb_handshake_confirmed(ngtcp2_conn *q, void *ud) {
+  (void)q;
+  ((stoq_conn *)ud)->confirmed = 1;
+  return 0;
+}
+
 static int cb_handshake_completed(ngtcp2_conn *q, void *ud) {
   stoq_conn *c = ud;
   if (settle_early_data(c) != 0) return NGTCP2_ERR_CALLBACK_FAILURE;
@@ -388,6 +394,7 @@ static void fill_callbacks(ngtcp2_callbacks *cb, int is_server) {
   cb->path_validation = cb_path_validation;
   cb->recv_crypto_data = cb_recv_crypto_data;
   cb->handshake_completed = cb_handshake_completed;
+  cb->handshake_confirmed = cb_handshake_confirmed;
   cb->encrypt = ngtcp2_crypto_encrypt_cb;
   cb->decrypt = cb_decrypt;
   cb->hp_mask = ngtcp2_crypto_hp_mask_cb;
@@ -693,6 +700,8 @@ int stoq_conn_early_data(const stoq_conn *c) { return c->is_server ? STOQ_EARLY_
 void stoq_conn_set_app(stoq_conn *c, void *app) { c->app = app; }
 void *stoq_conn_get_app(const stoq_conn *c) { return c->app; }
 int stoq_conn_is_established(const stoq_conn *c) { return c->established; }
+int stoq_conn_is_confirmed(const stoq_conn *c) { return c->confirmed; }
+int stoq_conn_refused_by_peer(const stoq_conn *c) { return c->refused_by_peer; }
 uint64_t stoq_conn_bidi_streams_left(stoq_conn *c) { return ngtcp2_conn_get_streams_bidi_left(c->q); }
 const char *stoq_conn_error_string(const stoq_conn *c) { return c->errstr; }
 

@@ -163,7 +163,9 @@ struct stoq_conn {
   uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */
   int is_server;
   int established;
-  int paced; /* an RTT sample exists: packets count toward pacing (see stoq_conn_write) */
+  int confirmed;       /* the handshake is confirmed (RFC 9001 §4.1.2): the peer took it whole */
+  int refused_by_peer; /* the peer closed with a TLS alert or CONNECTION_REFUSED */
+  int paced;           /* an RTT sample exists: packets count toward pacing (see stoq_conn_write) */
   /* a packet that could not join the previous GSO run; sent first next time */
   uint8_t *pending;
   size_t pending_len;

@@ -51,6 +51,8 @@ static void note_peer_close(stoq_conn *c) {
     if (e.reason[i] >= 0x20 && e.reason[i] < 0x7f) reason[n++] = (char)e.reason[i];
   }
   reason[n] = 0;
+  c->refused_by_peer = e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT &&
+                       (is_crypto_error(e.error_code) || e.error_code == NGTCP2_CONNECTION_REFUSED);
   if (e.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT && is_crypto_error(e.error_code)) {
     /* A TLS alert (RFC 9001 §4.8): its name says what the peer refused, e.g. our certificate. */
     const char *alert = gnutls_alert_get_name((gnutls_alert_description_t)(e.error_code & 0xff));

@@ -30,7 +30,8 @@ public final class QUICConnection: TimerHeapElement {
     var removed = false
     /// Counted in the endpoint's established connections (its half-open count is the rest).
     var countedEstablished = false
-    var closeReason = ""
+    /// Why it closed ("" while it is open): its own words, or the peer's.
+    public internal(set) var closeReason = ""
     var closeResends = 0
     /// When the last datagram from the peer arrived (0: none yet): a drain lets a silent one go.
     var lastHeard: Timestamp = 0
@@ -63,6 +64,12 @@ public final class QUICConnection: TimerHeapElement {
 
     /// The handshake completed.
     public var isEstablished: Bool { stoq_conn_is_established(raw) != 0 }
+    /// The handshake is confirmed (RFC 9001 §4.1.2). A client's completes before the server
+    /// has checked its certificate; it is confirmed once the server took it (HANDSHAKE_DONE).
+    public var isConfirmed: Bool { stoq_conn_is_confirmed(raw) != 0 }
+    /// The peer closed it with a TLS alert (it refused a certificate, perhaps after this end's
+    /// handshake completed) or CONNECTION_REFUSED (its limits, its drain).
+    public var wasRefusedByPeer: Bool { stoq_conn_refused_by_peer(raw) != 0 }
     /// Requests this end may still start: bidirectional streams the peer's MAX_STREAMS allows.
     public var bidiStreamsLeft: UInt64 { stoq_conn_bidi_streams_left(raw) }
     /// The handshake resumed an earlier session (a session ticket), without certificates.

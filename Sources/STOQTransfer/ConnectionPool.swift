@@ -44,13 +44,20 @@ package final class ConnectionPool {
     package enum ConnectionFailure: Sendable, Equatable {
         /// Never connected: it could not be made, or nothing answered within `connectTimeout`.
         case unreachable
-        /// Closed before its handshake completed: refused by the peer (a certificate either
-        /// side would not take, a TLS alert, or CONNECTION_REFUSED: the peer's limits, its drain).
+        /// Refused: closed before its handshake was confirmed, or by the peer with a TLS alert
+        /// (a certificate either side would not take) or CONNECTION_REFUSED (its limits, its drain).
         case refused
-        /// Closed after its handshake.
+        /// Lost after its handshake was confirmed, for another reason.
         case lost
         /// Dropped by this side (`drop`, `close`).
         case dropped
+
+        /// How `c`, closed, failed: refused before its handshake was confirmed (the server had
+        /// not taken this end's certificate yet: a client's handshake completes first) or by
+        /// the peer with a TLS alert or CONNECTION_REFUSED, which may come after; else lost.
+        init(closed c: QUICConnection) {
+            self = c.isConfirmed && !c.wasRefusedByPeer ? .lost : .refused
+        }
     }
 
     struct Request {
@@ -101,12 +108,18 @@ package final class ConnectionPool {
             let unwritten =
                 stream.sinkErrno != 0
                 ? "writing the body failed after \(stream.bytesReceived) bytes received: \(String(cString: strerror(stream.sinkErrno)))" : nil
+            // Cut unanswered by its connection's end (a peer that refuses this end's certificate
+            // closes after the handshake completed here, and the streams end before the
+            // connection is reported): the connection's failure is the request's.
+            let cut = head == nil && connection.isClosed
             done.append(
                 Done(
                     tag: s.tag, status: head?.status, errorCode: errorCode, received: stream.bytesReceived, maxAge: stream.maxAge,
-                    failure: errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil, sha256: sha256,
-                    preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno,
-                    peer: connection.peerIdentity))
+                    failure: cut
+                        ? "connection to \(connection.peer) lost: \(connection.closeReason.isEmpty ? "closed" : connection.closeReason)"
+                        : errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil,
+                    sha256: sha256, preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno,
+                    peer: connection.peerIdentity, connectionFailure: cut ? ConnectionFailure(closed: connection) : nil))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }
@@ -380,7 +393,7 @@ package final class ConnectionPool {
         for (c, reason) in app.closed {
             guard let (ep, up) = upstreams.first(where: { $0.value.connection === c }) else { continue }
             upstreams[ep] = nil
-            fail(up, "connection to \(ep) lost: \(reason)", c.isEstablished ? .lost : .refused)
+            fail(up, "connection to \(ep) lost: \(reason)", ConnectionFailure(closed: c))
         }
         app.closed.removeAll()
         let now = monotonicNow()

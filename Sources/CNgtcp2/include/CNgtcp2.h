@@ -422,6 +422,12 @@ void stoq_conn_set_app(stoq_conn *c, void *app);
 void *stoq_conn_get_app(const stoq_conn *c);
 /** Handshake done? */
 int stoq_conn_is_established(const stoq_conn *c);
+/** Handshake confirmed (RFC 9001 §4.1.2)? A client completes its handshake before the server
+ *  has checked its certificate; it is confirmed once the server has taken it (HANDSHAKE_DONE). */
+int stoq_conn_is_confirmed(const stoq_conn *c);
+/** The peer closed the connection with a TLS alert (CRYPTO_ERROR: it refused a certificate,
+ *  perhaps after the handshake completed here) or CONNECTION_REFUSED (its limits, its drain). */
+int stoq_conn_refused_by_peer(const stoq_conn *c);
 /** Bidirectional streams this end may still open under the peer's MAX_STREAMS. */
 uint64_t stoq_conn_bidi_streams_left(stoq_conn *c);
 /** Whether the handshake resumed an earlier session (a TLS 1.3 PSK from a session ticket). */
