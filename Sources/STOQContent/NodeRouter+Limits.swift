@@ -15,11 +15,15 @@ extension NodeRouter {
     func admitRate(_ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
         guard let rates, !(MeshWire.handles(request.path) && Self.isNode(connection.peerIdentity)) else { return true }
         let client = clientIdentity(request, peer: connection.peer)
-        guard let refusal = rates.admit(client, bodyBytes: nil, now: monotonicNow()) else {
-            // A body is charged what arrived, when it ends, never its announced length: a PUT
-            // refused at its head (413, 507, 412, 405) sends none of the length it announced.
-            let announced = request.contentLength.map { $0 > 0 } ?? false
-            if request.hasBody || announced, rates.settings.bytesPerSecond > 0 { unmetered[stream] = client }
+        let announced = request.contentLength.map { UInt64(max(0, $0)) } ?? 0
+        guard let refusal = rates.admit(client, bodyBytes: announced, now: monotonicNow()) else {
+            // Charged its announced length now, so that uploads started side by side see each
+            // other's debt; settled at its end against what arrived: a PUT refused at its head
+            // (413, 507, 412, 405) gets back the length it never sent, one of unknown length
+            // pays what it sent.
+            if request.hasBody || announced > 0, rates.settings.bytesPerSecond > 0 {
+                unmetered[stream] = (client, announced)
+            }
             return true
         }
         logger.debug("rate limited", metadata: ["client": "\(client)", "path": "\(request.path.prefix(200))"])
@@ -41,9 +45,10 @@ extension NodeRouter {
     /// Whether a connection's certificate identity is a node's.
     static func isNode(_ peerIdentity: String) -> Bool { node(peerIdentity) != nil }
 
-    /// Charges an upload for the body bytes it sent (called when its request or stream ends).
+    /// Settles an upload's charge against the body bytes it sent (called when its request or
+    /// stream ends).
     func meterEnded(_ stream: HTTPStream) {
-        guard let client = unmetered.removeValue(forKey: stream) else { return }
-        rates?.charge(client, bytes: stream.bytesReceived, now: monotonicNow())
+        guard let m = unmetered.removeValue(forKey: stream) else { return }
+        rates?.settle(m.client, charged: m.charged, received: stream.bytesReceived, now: monotonicNow())
     }
 }

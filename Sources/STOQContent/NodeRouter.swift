@@ -58,8 +58,9 @@ package final class NodeRouter: QUICApplication {
 
     /// The node's per-client rate limits (nil: none): NodeRouter+Limits.swift.
     package var rates: RateLimiter?
-    /// Uploads of unannounced length, charged to their client when they end.
-    var unmetered: [HTTPStream: String] = [:]
+    /// Uploads under a byte rate: their client and what their head was charged (the announced
+    /// length), settled against what arrived when they end.
+    var unmetered: [HTTPStream: (client: String, charged: UInt64)] = [:]
 
     package func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         objects.countRequest()

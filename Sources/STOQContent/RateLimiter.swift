@@ -74,7 +74,8 @@ public final class RateLimiter: @unchecked Sendable {
     public var clients: Int { lock.withLock { table.count } }
 
     /// Admits a request from `client` announcing `bodyBytes` (nil: unknown or none), or says
-    /// why not. An admitted request is charged one request and its announced bytes.
+    /// why not. An admitted request is charged one request and its announced bytes, which
+    /// `settle` squares with what arrived.
     public func admit(_ client: String, bodyBytes: UInt64?, now: UInt64) -> Refusal? {
         lock.withLock {
             var e = entry(client, now)
@@ -107,12 +108,18 @@ public final class RateLimiter: @unchecked Sendable {
         }
     }
 
-    /// Charges `client` for `bytes` of upload received (at the upload's end).
-    public func charge(_ client: String, bytes: UInt64, now: UInt64) {
-        guard settings.bytesPerSecond > 0, bytes > 0 else { return }
+    /// Settles an upload at its end: it was charged `charged` bytes at its head (its announced
+    /// length, 0 without one) and `received` came. The difference is charged, or given back
+    /// (a PUT refused at its head sent none of what it announced), never past a full bucket.
+    public func settle(_ client: String, charged: UInt64, received: UInt64, now: UInt64) {
+        guard settings.bytesPerSecond > 0, charged != received else { return }
         lock.withLock {
             var e = entry(client, now)
-            e.bytes?.charge(Double(bytes), now: now)
+            if received > charged {
+                e.bytes?.charge(Double(received - charged), now: now)
+            } else {
+                e.bytes?.refund(Double(charged - received), now: now)
+            }
             table[client] = e
         }
     }

@@ -38,6 +38,12 @@ package struct TokenBucket: Sendable, Equatable {
         tokens -= n
     }
 
+    /// Gives `n` tokens back (what was charged and not spent), never past `burst`.
+    package mutating func refund(_ n: Double, now: UInt64) {
+        refill(now)
+        tokens = min(burst, tokens + n)
+    }
+
     /// Nanoseconds until the bucket is out of debt (0 when it is not in debt).
     package mutating func debt(now: UInt64) -> UInt64 {
         refill(now)

@@ -52,8 +52,25 @@ import Testing
         #expect(refused?.reason == "rate limit for c: uploads over 1MB/s (limits.bytes_per_second); 2MB over, retry in 2 s")
         #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second) == nil)
         // A body of unknown length is charged when it ends.
-        r.charge("c", bytes: 2 << 20, now: 3 * Self.second)
+        r.settle("c", charged: 0, received: 2 << 20, now: 3 * Self.second)
         #expect(r.admit("c", bodyBytes: nil, now: 3 * Self.second)?.retryAfter == 2)
+    }
+
+    /// An upload is charged its announced length at its head, so uploads started side by side
+    /// see each other's debt; what it never sent (refused at its head) is given back at its
+    /// end, never past a full bucket.
+    @Test func anAnnouncedLengthIsSettledAgainstWhatArrived() {
+        let r = RateLimiter(settings: .init(requestsPerSecond: 0, requestBurst: 0, bytesPerSecond: 1_048_576))
+        #expect(r.admit("c", bodyBytes: 100 << 30, now: 0) == nil)
+        // A second upload beside it waits for the first's announced length.
+        #expect(r.admit("c", bodyBytes: 1, now: Self.second) != nil)
+        // The first was refused at its head and sent nothing: its charge comes back.
+        r.settle("c", charged: 100 << 30, received: 0, now: Self.second)
+        #expect(r.admit("c", bodyBytes: 1, now: Self.second) == nil)
+        // A body longer than it said pays the rest.
+        #expect(r.admit("d", bodyBytes: 1 << 20, now: 0) == nil)
+        r.settle("d", charged: 1 << 20, received: 4 << 20, now: 0)
+        #expect(r.admit("d", bodyBytes: nil, now: Self.second)?.retryAfter == 2)  // 3 MiB over, 1 s refilled
     }
 
     /// The mesh's paths are exempt only for a node's certificate: verified (an identity at
