@@ -324,6 +324,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 n.refusedWith = 0
                 neighbours[ep] = n
             }
+            if d.sinkErrno != 0, d.sinkErrno != EFBIG {
+                // This node could not write the answer down (its memory): not the neighbour's doing.
+                if let said = warnings.allow("answer file \(n.url)", now: now) {
+                    logger.error("mesh: cannot keep \(n.url)'s probe answer: \(String(cString: strerror(d.sinkErrno)))\(said)")
+                }
+                return
+            }
             guard d.sinkErrno == 0, d.received > 0, d.received <= MeshWire.ProbeAnswer.maxSize else {
                 if let said = warnings.allow("answer size \(n.url)", now: now) {
                     logger.warning(

@@ -8,9 +8,9 @@
 /// Loss: probes ride a QUIC connection, which retransmits what is lost, so a lost probe usually
 /// comes back late rather than not at all. An answer later than srtt + 4·rttvar + `lateSlack`
 /// counts as lost for the loss estimate; one that never comes counts too. But `slowerAfter`
-/// late answers in a row are a path that got slower, not losses: from the last of them on,
-/// late answers are RTT samples, so the estimate follows the path up instead of freezing at the
-/// old RTT while the loss estimate climbs to 1.
+/// late answers in a row, while the QUIC connection's RTT rose past the bound too, are a path
+/// that got slower, not losses: from then on late answers are RTT samples, so the estimate
+/// follows the path up instead of freezing at the old RTT while the loss estimate climbs to 1.
 ///
 /// A probe is given up on after `Settings.probeTimeout`, or after srtt + 4·rttvar +
 /// `lateSlack` of the link's estimate or of the QUIC connection's when that is longer: a path
@@ -34,8 +34,8 @@ public struct NeighbourLink: Sendable {
         public var downAfter: UInt64
         /// Answers in a row that bring a down link back.
         public var upAfterAnswers: Int
-        /// A probe not answered within this time counts as lost (and keeps counting as down
-        /// time). Nanoseconds.
+        /// The least time a probe is waited for before it counts as lost (and keeps counting as
+        /// down time); longer when the RTT is (`NeighbourLink.probeTimeout`). Nanoseconds.
         public var probeTimeout: UInt64
         /// Weight of the newest probe outcome in the loss estimate (exponential moving average):
         /// 0.01 averages over about 100 probes, ten seconds at the usual interval.
@@ -44,7 +44,8 @@ public struct NeighbourLink: Sendable {
         public var rateWeight: Double
         /// An answer later than srtt + 4·rttvar + this counts as a lost probe for the loss
         /// estimate (QUIC recovered it by retransmission, so it still proves the link alive, and
-        /// its time is not an RTT sample). 25 ms is QUIC's default max ACK delay.
+        /// its time is not an RTT sample, unless the path got slower: `slowerAfter`). 25 ms is
+        /// QUIC's default max ACK delay.
         public var lateSlack: UInt64
         /// How a link that keeps going down is held down; nil: never (`mesh.flap_damping = false`).
         public var flapDamping: FlapDamping?
@@ -153,7 +154,13 @@ public struct NeighbourLink: Sendable {
         let rtt = now &- sentAt
         let late = metrics.srtt > 0 && rtt > metrics.srtt + 4 * metrics.rttvar + settings.lateSlack
         lateInARow = late ? lateInARow + 1 : 0
-        if late && lateInARow < Self.slowerAfter {
+        // A streak of late answers is a slower path only when the QUIC connection's own RTT
+        // (from ACKs, which leave retransmission delays out) rose past the bound too: probes
+        // held up by a short outage come back late together, on a path as fast as before.
+        let slower =
+            lateInARow >= Self.slowerAfter
+            && (transport.srtt == 0 || transport.srtt > metrics.srtt + 4 * metrics.rttvar + settings.lateSlack)
+        if late && !slower {
             // Lost on the way and retransmitted: a loss, not a slow link.
             lossSample(lost: true)
         } else {
@@ -215,6 +222,8 @@ public struct NeighbourLink: Sendable {
             lossSample(lost: true)
             if lost.sentAt > newestAnsweredSentAt { answersInARow = 0 }
         }
+        // An ended suppression first: a down in this same tick is judged on the penalty alone.
+        if let until = suppressedUntil, now >= until { suppressedUntil = nil }
         let silentSince = max(lastAnswer ?? since, since)
         if liveness != .down, now &- silentSince >= settings.downAfter {
             // A link that never answered has not flapped (it may still be starting up).
@@ -223,7 +232,6 @@ public struct NeighbourLink: Sendable {
             since = now
             answersInARow = 0
         }
-        if let until = suppressedUntil, now >= until { suppressedUntil = nil }
         return settle()
     }
 
