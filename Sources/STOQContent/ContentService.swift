@@ -703,6 +703,8 @@ public final class ContentService: QUICApplication {
             return fail(stream, connection, 500, "cannot map the received body of \(length) bytes: \(why)")
         }
         let body = UnsafeRawBufferPointer(start: region.base, count: region.count)
+        // `body` points into the mapping, which Swift may release after the region's last use.
+        defer { withExtendedLifetime(region) {} }
         switch up.kind {
         case .chunk(let id): storeChunk(id, region, stream, connection)
         case .missing: answerMissing(body, stream, connection)

@@ -424,9 +424,10 @@ public final class ObjectGate: @unchecked Sendable {
             let current = current(name)
             if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false) { return r }
             try write()
-            // The record is written: account for it, then say whether the shadowing file is durably gone.
-            let failure = chunked && current?.physical ?? 0 > 0 ? removeFile(name).failure : nil
-            if let current { release(current) }
+            // The record is written: account for it, then say whether the shadowing file is
+            // durably gone. One still there (unlink failed) still takes its bytes on disk.
+            let (gone, failure) = chunked && current?.physical ?? 0 > 0 ? removeFile(name) : (true, nil)
+            if let current { release(current, fileGone: gone) }
             usage[w.identity, default: 0] += size
             flatBytes += physical
             if let failure { throw failure }
@@ -468,12 +469,13 @@ public final class ObjectGate: @unchecked Sendable {
         return (true, nil)
     }
 
-    /// Forgets a replaced or deleted object's bytes. Under `lock`.
-    private func release(_ c: Current) {
+    /// Forgets a replaced or deleted object's bytes: its owner's, and its plain file's on disk
+    /// unless that file is still there. Under `lock`.
+    private func release(_ c: Current, fileGone: Bool = true) {
         if let u = usage[c.owner] {
             usage[c.owner] = u > c.size ? u - c.size : nil
         }
-        flatBytes -= min(flatBytes, c.physical)
+        if fileGone { flatBytes -= min(flatBytes, c.physical) }
     }
 
     private func storedLocked() -> UInt64 {

@@ -156,7 +156,7 @@ import Testing
         let data = (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 5) }
         let p = try ChunkingParameters(algorithm: .fixed, minSize: 64, avgSize: 256, maxSize: 1024)
         let m = try Manifest(chunking: BytesSource(data), parameters: p)
-        let bytes = try m.encode()
+        let bytes = m.encode()
         var offsets = PlainOffsets()
         let third = ChunkID(bytes: m.chunks[2].id.bytes)!
         let at = UInt64(m.chunks[0].length + m.chunks[1].length)
