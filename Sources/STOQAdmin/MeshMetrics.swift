@@ -7,6 +7,13 @@ package enum MeshMetrics {
     /// The first 16 hex digits of a node id: enough to tell nodes apart in labels and tables.
     package static func short(_ node: String) -> String { String(node.prefix(16)) }
 
+    /// The flap penalty gauge's help, from the damping's own constants.
+    static let flapPenaltyHelp: String = {
+        let d = FlapDamping()
+        return "The link's flap penalty: \(Int(d.penaltyPerDown)) a down, halving every \(d.halfLife / 1_000_000_000) s; "
+            + "suppressed above \(Int(d.suppressAbove))."
+    }()
+
     /// The Prometheus families (text format 0.0.4), appended after the node's own.
     package static func prometheus(_ m: MeshStatus) -> String {
         var out = ""
@@ -54,7 +61,7 @@ package enum MeshMetrics {
         perNeighbour(
             "stoq_mesh_neighbour_suppressed", "gauge", "1 while the link to the neighbour is held down for flapping (mesh.flap_damping), else 0."
         ) { $0.suppressedMillis == nil ? "0" : "1" }
-        perNeighbour("stoq_mesh_neighbour_flap_penalty", "gauge", "The link's flap penalty: 1000 a down, halving every 15 s; suppressed above 4000.") {
+        perNeighbour("stoq_mesh_neighbour_flap_penalty", "gauge", Self.flapPenaltyHelp) {
             "\($0.flapPenalty)"
         }
 

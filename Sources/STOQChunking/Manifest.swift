@@ -26,6 +26,15 @@ public struct Manifest: Hashable, Sendable {
     public static let magic: UInt32 = 0x5354_514D
     /// Bytes before the first entry.
     public static let headerSize = 64
+    /// Where the header keeps the chunk count (a big-endian u32).
+    static let chunkCountOffset = 60
+
+    /// The chunk count a manifest's header states, read before anything is decoded; nil when
+    /// `bytes` is shorter than a header.
+    public static func chunkCount(inHeader bytes: UnsafeRawBufferPointer) -> Int? {
+        guard bytes.count >= headerSize else { return nil }
+        return Int(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: chunkCountOffset, as: UInt32.self)))
+    }
     /// Bytes per entry: a 32-byte id and a 32-bit length.
     public static let entrySize = 36
     /// No manifest lists more chunks than this (16 Mi entries, a 604 MB manifest), whatever its
@@ -153,7 +162,7 @@ public struct Manifest: Hashable, Sendable {
         let parameters = ChunkingParameters(uncheckedAlgorithm: algorithm, minSize: minSize, avgSize: avgSize, maxSize: maxSize)
         let totalLength = u64(20)
         let objectDigest = digest(28)
-        let count = Int(u32(60))
+        let count = Int(u32(Self.chunkCountOffset))
         try Self.validate(chunkCount: count, totalLength: totalLength, parameters: parameters)
         // The count is bounded now, so this cannot overflow.
         let expected = Self.headerSize + Self.entrySize * count

@@ -78,10 +78,7 @@ public final class ContentService: QUICApplication {
     /// from the header before anything is decoded or looked up; nil when the count is within
     /// it, or the body is too short to say (the decoder then names what is wrong).
     static func manifestCountRefusal(_ name: String, _ body: UnsafeRawBufferPointer, limit: Int, maxObjectSize: UInt64) -> String? {
-        let at = Manifest.headerSize - 4  // the chunk count, big-endian
-        guard body.count >= Manifest.headerSize else { return nil }
-        let count = UInt32(bigEndian: body.loadUnaligned(fromByteOffset: at, as: UInt32.self))
-        guard count > limit else { return nil }
+        guard let count = Manifest.chunkCount(inHeader: body), count > limit else { return nil }
         return "manifest of \(name) lists \(count) chunks, more than this node takes (\(limit): "
             + Self.chunkLimitReason(limit, maxObjectSize: maxObjectSize) + ")"
     }
