@@ -720,7 +720,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 lastAnswerMillisAgo: n.link.lastAnswer.map { (now &- $0) / 1_000_000 }, probesSent: n.probesSent,
                 probesAnswered: n.probesAnswered, downs: n.downs, ups: n.ups,
                 suppressedMillis: n.link.suppressedUntil.map { $0 > now ? ($0 - now + 999_999) / 1_000_000 : 0 },
-                flapPenalty: UInt64(n.link.penalty(now: now).rounded()))
+                flapPenalty: UInt64(n.link.penalty(now: now).rounded(.down)))
         }.sorted { $0.url < $1.url }
         let db = engine.database
         service.publish(

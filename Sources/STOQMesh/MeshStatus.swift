@@ -30,7 +30,8 @@ public struct MeshStatus: Sendable, Equatable {
         /// While its link is suppressed for flapping (its state is "down", answering or not):
         /// milliseconds until the penalty is below the reuse threshold; nil when it is not.
         public var suppressedMillis: UInt64?
-        /// Its flap penalty now, rounded (`FlapDamping`; 0 with `mesh.flap_damping = false`).
+        /// Its flap penalty now, rounded down — so a link reused below 750 never shows 750
+        /// (`FlapDamping`; 0 with `mesh.flap_damping = false`).
         public var flapPenalty: UInt64
 
         public init(
