@@ -80,12 +80,9 @@ public actor ACMEServer {
         }
     }
 
-    /// File names the server keeps beside the authority's files.
+    /// File names the server keeps beside the authority's files (`TrustAuthority.FileName`
+    /// names those it shares with a node's CA: the transparency log and its key).
     public enum FileName {
-        /// The transparency log of issued certificates (DER leaf per entry).
-        public static let transparencyLog = "transparency.log"
-        /// The log's signing key (P-256, 0600), created on first use.
-        public static let logKey = "log-key.pem"
         /// Revoked serials, one hex serial per line.
         public static let revoked = "revoked.txt"
     }

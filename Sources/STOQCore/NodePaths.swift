@@ -11,6 +11,11 @@ public enum NodePaths {
     public static let relayPrefix = "/_stoq/relay/"
     /// `POST`: which of a list of chunks the node lacks (chunked uploads).
     public static let missing = "/_stoq/missing"
-    /// The transparency log's API.
+    /// The transparency log's API (RFC 6962 hashing): its signed tree head, its public key
+    /// (PEM), `inclusion?hash=<leaf hash hex>[&size=N]`, `consistency?first=M&second=N`.
     public static let logPrefix = "/_stoq/log/"
+    public static let logTreeHead = logPrefix + "sth"
+    public static let logKey = logPrefix + "key"
+    public static let logInclusion = logPrefix + "inclusion"
+    public static let logConsistency = logPrefix + "consistency"
 }

@@ -45,15 +45,15 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                 // `stoq trust issue` on this CA appends from another process.
                 try log.refresh()
                 switch route {
-                case "/_stoq/log/sth":
+                case NodePaths.logTreeHead:
                     let sth = try log.signedTreeHead()
                     return json([
                         "tree_size": sth.treeSize, "timestamp": sth.timestamp, "root_hash": Hex.encode(sth.rootHash),
                         "signature": Data(sth.signature).base64EncodedString(),
                     ])
-                case "/_stoq/log/key":
+                case NodePaths.logKey:
                     return (200, "application/x-pem-file", Array((log.publicKey.pemRepresentation + "\n").utf8))
-                case "/_stoq/log/inclusion":
+                case NodePaths.logInclusion:
                     guard let h = query["hash"].flatMap({ Hex.decode($0) }), h.count == 32 else {
                         return bad(400, "inclusion needs hash=<64 hex digits: the entry's RFC 6962 leaf hash>")
                     }
@@ -64,7 +64,7 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                     }
                     let proof = try log.inclusionProof(index: index, treeSize: size)
                     return json(["index": index, "tree_size": size, "path": proof.map { Hex.encode($0) }])
-                case "/_stoq/log/consistency":
+                case NodePaths.logConsistency:
                     guard let first = query["first"].flatMap(Int.init), let second = query["second"].flatMap(Int.init),
                         first >= 0, first <= second, second <= log.size
                     else {
@@ -73,7 +73,7 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
                     let proof = try log.consistencyProof(from: first, to: second)
                     return json(["first": first, "second": second, "path": proof.map { Hex.encode($0) }])
                 default:
-                    return bad(404, "no \(route): try /_stoq/log/sth, /key, /inclusion, /consistency")
+                    return bad(404, "no \(route): try \(NodePaths.logTreeHead), /key, /inclusion, /consistency")
                 }
             } catch {
                 return bad(500, "\(error)")

@@ -34,13 +34,14 @@ public final class TransparencyLog {
     /// The log a CA directory keeps (`transparency.log`, signed with `log-key.pem`, which is
     /// created — mode 0600 — on first use). The ACME server and a node's own CA share it.
     public static func openForAuthority(caDirectory: String) throws -> TransparencyLog {
-        try TransparencyLog(path: caDirectory + "/transparency.log", signingKey: try authorityLogKey(caDirectory: caDirectory))
+        try TransparencyLog(
+            path: caDirectory + "/" + TrustAuthority.FileName.transparencyLog, signingKey: try authorityLogKey(caDirectory: caDirectory))
     }
 
     /// The signing key of a CA directory's log (`log-key.pem`), created (0600, in a 0700
     /// directory) if missing. Nodes that trust their own CA's log read its public half.
     public static func authorityLogKey(caDirectory: String) throws -> P256.Signing.PrivateKey {
-        let keyPath = caDirectory + "/log-key.pem"
+        let keyPath = caDirectory + "/" + TrustAuthority.FileName.logKey
         if let pem = FileManager.default.contents(atPath: keyPath) {
             do { return try PEMFiles.p256PrivateKey(pem: String(decoding: pem, as: UTF8.self)) } catch {
                 throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")

@@ -31,6 +31,10 @@ public struct TrustAuthority: Sendable {
         public static let intermediateCertificate = "intermediate.pem"
         /// The intermediate key.
         public static let intermediateKey = "intermediate-key.pem"
+        /// The transparency log of issued certificates (`TransparencyLog.openForAuthority`).
+        public static let transparencyLog = "transparency.log"
+        /// The log's signing key (P-256, 0600), created on first use.
+        public static let logKey = "log-key.pem"
     }
 
     /// The default node certificate lifetime: short, so rotation rather than revocation is

@@ -68,11 +68,11 @@ struct Audit: ParsableCommand {
             // The same reading as `trust verify --log-key` and the node's trust.transparency_logs.
             do { key = try CertificateTransparency.loadLogKeys([logKey])[0] } catch { throw fail("--log-key \(logKey): \(error)", code: 2) }
         } else {
-            let pem = String(decoding: try get("/_stoq/log/key"), as: UTF8.self)
+            let pem = String(decoding: try get(NodePaths.logKey), as: UTF8.self)
             do { key = try P256.Signing.PublicKey(pemRepresentation: pem) } catch { throw fail("the node's log key is not a P-256 public key: \(error)") }
         }
         report["log_key_from"] = logKey == nil ? "the node (trust on first use)" : logKey!
-        let head = try JSONDecoder().decode(Head.self, from: Data(try get("/_stoq/log/sth")))
+        let head = try JSONDecoder().decode(Head.self, from: Data(try get(NodePaths.logTreeHead)))
         guard let root = Hex.decode(head.rootHash), let sig = Data(base64Encoded: head.signature) else {
             throw fail("the node's tree head does not parse")
         }
@@ -92,7 +92,7 @@ struct Audit: ParsableCommand {
             }
             guard let oldRoot = Hex.decode(old.rootHash) else { throw fail("\(previous): bad root_hash") }
             try check(old.treeSize <= head.treeSize, "log did not shrink")
-            let proof = try proofPath(try get("/_stoq/log/consistency?first=\(old.treeSize)&second=\(head.treeSize)"))
+            let proof = try proofPath(try get("\(NodePaths.logConsistency)?first=\(old.treeSize)&second=\(head.treeSize)"))
             try check(
                 MerkleTree.verifyConsistency(
                     oldSize: Int(old.treeSize), newSize: Int(head.treeSize), oldRoot: oldRoot,
@@ -122,7 +122,7 @@ struct Audit: ParsableCommand {
                 try der.serialize(leaf)
                 leafHash = MerkleTree.leafHash(der.serializedBytes)
             }
-            let body = try get("/_stoq/log/inclusion?hash=\(Hex.encode(leafHash))&size=\(head.treeSize)")
+            let body = try get("\(NodePaths.logInclusion)?hash=\(Hex.encode(leafHash))&size=\(head.treeSize)")
             let obj = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] ?? [:]
             let index = obj["index"] as? Int ?? -1
             report["cert_index"] = index

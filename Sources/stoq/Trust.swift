@@ -374,7 +374,7 @@ extension TrustCommand {
                 let server = try ACMEServer(caDirectory: dir, configuration: config)
                 let https = try await ACMEHTTPSServer.start(server: server, address: endpoint, certificateChainPEM: chainPEM, keyPEM: keyPEM)
                 print(
-                    "ACME directory: https://[\(https.localAddress.address)]:\(https.localAddress.port)/directory  (TLS trust: \(cert == nil ? dir + "/root.pem" : cert!); log: \(dir)/\(ACMEServer.FileName.transparencyLog), \(await server.transparencyLogSize) entries)"
+                    "ACME directory: https://[\(https.localAddress.address)]:\(https.localAddress.port)/directory  (TLS trust: \(cert ?? dir + "/" + TrustAuthority.FileName.rootCertificate); log: \(dir)/\(TrustAuthority.FileName.transparencyLog), \(await server.transparencyLogSize) entries)"
                 )
                 fflush(nil)  // scripts wait for this line on a pipe
                 await https.waitUntilClosed()
