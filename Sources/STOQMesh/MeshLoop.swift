@@ -96,7 +96,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
         engine = RoutingEngine(
             algorithm: service.settings.algorithm, maxHops: service.settings.maxHops, backups: .all,
-            advertMaxAge: service.settings.advertLifetime, forgetAfter: SignedAdvert.replayHorizonNanos, requireTwoWay: true)
+            advertMaxAge: service.settings.advertLifetime, maxLinksPerAdvert: AdvertBody.maxLinks,
+            forgetAfter: SignedAdvert.replayHorizonNanos, requireTwoWay: true)
         identities[service.identity.routingID] = service.identity
         pool.credentialsFailed = { [logger = service.logger] error in
             logger.error("mesh: the renewed certificate does not load (\(error)); new neighbour connections present the old one until it does")
