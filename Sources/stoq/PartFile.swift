@@ -44,8 +44,11 @@ struct PartFile {
         }
     }
 
-    /// Renames the part file to `target`: nil, or why not (the part file is still there).
+    /// Flushes the part file to its disk, then renames it to `target` (so a crash after the
+    /// rename leaves the whole body there, never a short file, as `--chunked` does): nil, or
+    /// why not (the part file is still there).
     func rename(to target: String) -> String? {
+        guard fsync(fd) == 0 else { return "fsync: \(String(cString: strerror(errno)))" }
         guard Glibc.rename(path, target) == 0 else { return String(cString: strerror(errno)) }
         Unplaced.forget(slot)
         return nil

@@ -330,8 +330,9 @@ struct Get: ParsableCommand {
         }
         if tty { FileHandle.standardError.write(Data("\n".utf8)) }
         if fd >= 0 {
+            // Closed once the part file is placed: placing it flushes it through `fd`.
+            defer { close(fd) }
             if stdoutAt >= 0, result.status / 100 == 2 { lseek(fd, stdoutAt + off_t(result.bytes), SEEK_SET) }
-            close(fd)
             if let temp {
                 if result.status / 100 == 2 { try temp.place(at: target!) } else { temp.discard() }
             }

@@ -4,8 +4,12 @@ a URL that fails leaves no file and fails the run, the others are kept; the sess
 and resumed by the next run."""
 import json
 import os
+import re
+import shutil
 
-from conftest import Node, settled, sha256_file, stoq, summed_counters
+import pytest
+
+from conftest import TOKENS, Node, need_binary, run, settled, sha256_file, stoq, summed_counters
 
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
 
@@ -97,5 +101,43 @@ def test_headers_that_cannot_be_made_stop_the_run_before_anything(tmp_path):
         assert "missing.token" in r.stderr, r.stderr
         assert not out.exists() or os.listdir(out) == [], os.listdir(out)
         assert accepted(node) == before
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_download_is_flushed_to_disk_before_it_is_placed(tmp_path):
+    """`stoq get -o` writes a part file and renames it over the target once whole; it is
+    fsynced first, so a crash after the rename leaves the whole body, never a short file.
+    Seen with strace: one URL to a file, and two into a directory."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (scripts/install-deps installs it)")
+    node = Node(tmp_path / "n", workers=1)
+    try:
+        digests = {name: node.add_object(name, size) for name, size in (("a.bin", 3 << 20), ("b.bin", 70_000))}
+        out = tmp_path / "dir"
+        out.mkdir()
+        for args in ([node.url("a.bin"), "-o", tmp_path / "a.bin"], [node.url("a.bin"), node.url("b.bin"), "-o", out]):
+            trace = tmp_path / "trace"
+            r = run(["strace", "-f", "-qq", "-o", trace, "-e", "trace=openat,fsync,fdatasync,rename,renameat,renameat2",
+                     need_binary("stoq"), "get", *args, "--ca", node.cert],
+                    env={**os.environ, "STOQ_TOKEN": TOKENS[str(node.port)]})
+            assert r.returncode == 0, r.stderr
+            lines = trace.read_text().splitlines()
+            opened = {}  # part file -> its fd
+            placed = []
+            for i, line in enumerate(lines):
+                m = re.search(r'openat\(AT_FDCWD, "([^"]+\.part)", [^)]*\) = (\d+)', line)
+                if m:
+                    opened[m.group(1)] = m.group(2)
+                m = re.search(r'rename(?:at2?)?\((?:AT_FDCWD, )?"([^"]+\.part)"', line)
+                if m:
+                    part = m.group(1)
+                    assert part in opened, (part, lines)
+                    synced = [l for l in lines[:i] if re.search(rf"f(data)?sync\({opened[part]}\) += 0", l)]
+                    assert synced, f"{part} renamed before it was flushed:\n" + "\n".join(lines[:i + 1])
+                    placed.append(part)
+            assert len(placed) == len(args) - 2, lines
+        assert sha256_file(tmp_path / "a.bin") == digests["a.bin"]
+        assert sorted(os.listdir(out)) == ["a.bin", "b.bin"] and sha256_file(out / "b.bin") == digests["b.bin"]
     finally:
         assert node.stop() == 0
