@@ -295,15 +295,20 @@ public final class ContentService: QUICApplication {
     }
 
     /// Whether the store has object `name` (a chunked upload's manifest).
-    func hasObject(_ name: String) -> Bool { (try? index.object(name)) != nil }
+    func hasObject(_ name: String) -> Bool { storedObject(name) != nil }
 
-    /// `GET`/`HEAD /objects/<name>` for a chunked object: one body (with a single `Range`),
-    /// streamed chunk by chunk from the store, each verified as it is read.
-    func serveObject(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// Object `name`'s record (a chunked upload's manifest), if the store has it.
+    func storedObject(_ name: String) -> ObjectRecord? { try? index.object(name) }
+
+    /// `GET`/`HEAD /objects/<name>` for a chunked object, `record` (`storedObject`): one body
+    /// (with a single `Range`), streamed chunk by chunk from the store, each verified as it is read.
+    func serveObject(
+        _ name: String, _ record: ObjectRecord, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection
+    ) {
         let span = storeSpan("store.read", stream, object: name)
         defer { span?.end() }
         let manifest: Manifest
-        do { manifest = try Manifest(decoding: index.object(name).manifest) } catch {
+        do { manifest = try Manifest(decoding: record.manifest) } catch {
             span?.recordError(error)
             return fail(stream, connection, 500, "object \(name): \(error)")
         }

@@ -91,9 +91,10 @@ package final class NodeRouter: QUICApplication {
         } else if ContentService.handles(request.path) {
             content.request(request, stream: stream, connection: connection)
         } else if request.method == "GET" || request.method == "HEAD",
-            let name = ObjectService.objectName(fromPath: request.path), !objects.hasFile(name), content.hasObject(name)
+            let name = ObjectService.objectName(fromPath: request.path), !objects.hasFile(name),
+            let record = content.storedObject(name)
         {
-            content.serveObject(name, request, stream, connection)
+            content.serveObject(name, record, request, stream, connection)
         } else if content.edge != nil, request.method == "GET" || request.method == "HEAD",
             let name = ObjectService.objectName(fromPath: request.path), (try? ObjectIndex.validateName(name)) != nil,
             !objects.hasFile(name)
@@ -109,8 +110,8 @@ package final class NodeRouter: QUICApplication {
     private func serveOwn(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) -> Bool {
         if objects.hasFile(name) {
             objects.request(request, stream: stream, connection: connection)
-        } else if content.hasObject(name) {
-            content.serveObject(name, request, stream, connection)
+        } else if let record = content.storedObject(name) {
+            content.serveObject(name, record, request, stream, connection)
         } else {
             return false
         }
