@@ -32,6 +32,16 @@ import STOQStore
 /// deleting or replacing a chunked object frees its chunks only when garbage collection runs.
 /// Usage is computed at start from the files and records, then kept up to date here.
 ///
+/// Uploads in progress. A `PUT /objects/…` holds bytes from its start to its end (`Hold`),
+/// counted against its writer's quota and the cap as if stored, so that uploads side by side
+/// cannot together write more than the limits leave (their temp files are on the same disk):
+/// an announced length is held whole when the head arrives (refused there when it does not
+/// fit beside what is used and what the writer's other uploads hold); an upload of unannounced
+/// length holds what it has received and a little more (`grow`), and is refused when it passes
+/// what it holds with no room left to grow. The commit turns the hold into usage under the
+/// lock; every other end releases it (`end`). Holds live in memory only: a restart starts
+/// with none (the temp files of the uploads a crash cut short are removed at start).
+///
 /// Plain files keep their owner and SHA-256 in an extended attribute (`user.stoq.object`,
 /// `2 <sha256 hex> <size> <mtime ns> <owner>`, the numbers in hex), set on the temp file before
 /// its rename so it is atomic with the content. The SHA-256 is the file's only while its size
@@ -81,6 +91,10 @@ public final class ObjectGate: @unchecked Sendable {
         public var storedBytes: UInt64 = 0
         /// Owners with objects stored.
         public var owners = 0
+        /// Bytes held by uploads in progress (`Hold`), and how many hold some: counted against
+        /// the quota and the cap, not in `storedBytes`.
+        public var inFlightBytes: UInt64 = 0
+        public var inFlightUploads = 0
         /// Plain files hashed in the background (`PlainDigests`).
         public var digests = PlainDigests.Counters()
 
@@ -127,6 +141,38 @@ public final class ObjectGate: @unchecked Sendable {
         public var reason: String
     }
 
+    /// An upload's hold on the quotas while its body arrives (`hold(_:by:size:)`): bytes
+    /// counted against its writer's `limits.writer_quota` and the node's `limits.storage_cap`
+    /// as if stored. Ended once, by the commit that turns it into usage or by `end`; ending
+    /// it again does nothing.
+    public struct Hold: Sendable, Hashable {
+        /// Its number in this gate.
+        public let id: UInt64
+        /// Bytes held from the start: the announced length, or the first part of an upload of
+        /// unannounced length (which `grow`s).
+        public let bytes: UInt64
+        /// The most bytes the upload may receive: the room the limits would leave it were no
+        /// other upload in progress (the body sink's limit; the hold is the tighter bound).
+        public let limit: UInt64
+    }
+
+    /// A hold's state. `freed`/`freedPhysical`: what the object it replaces (its writer's)
+    /// gives back at the commit, as when the hold began.
+    private struct Held {
+        var identity: String
+        var bytes: UInt64
+        var freed: UInt64
+        var freedPhysical: UInt64
+    }
+
+    /// An upload of unannounced length grows its hold by at most this much past what it has
+    /// received, and by no more than half of the room left (but `growMinimum` or the rest):
+    /// small enough that two uploads that fit together rarely find the room taken by the
+    /// other's unused part, large enough that a gigabyte takes a thousand grows, not millions.
+    public static let growStep: UInt64 = 1 << 20
+    /// The least a hold grows by while there is that much room.
+    public static let growMinimum: UInt64 = 64 << 10
+
     /// The policy and limits.
     public let settings: Settings
     /// Whether a request comes from an admin. The access policy supplies it (the assembly
@@ -141,6 +187,11 @@ public final class ObjectGate: @unchecked Sendable {
     private var flatBytes: UInt64 = 0
     /// Chunk bytes being written (`reserve`).
     private var reserved: UInt64 = 0
+    /// Uploads in progress (`Hold`), by id; their bytes by writer and in all.
+    private var holds: [UInt64: Held] = [:]
+    private var heldBy: [String: (bytes: UInt64, uploads: Int)] = [:]
+    private var heldBytes: UInt64 = 0
+    private var nextHold: UInt64 = 1
     private var chunkBytesAtStart: UInt64 = 0
     private var storeAtStart = StoreCounters()
     private var counterValues = Counters()
@@ -175,6 +226,8 @@ public final class ObjectGate: @unchecked Sendable {
             var c = counterValues
             c.storedBytes = storedLocked()
             c.owners = usage.count
+            c.inFlightBytes = heldBytes
+            c.inFlightUploads = holds.count
             c.digests = digests.counters
             return c
         }
@@ -301,10 +354,16 @@ public final class ObjectGate: @unchecked Sendable {
     /// known (nil: quotas are not checked yet); `delete` for a delete. Counts refusals.
     /// Under `lock`.
     /// `moreThan`: the upload was stopped after this many bytes, its size is unknown.
+    /// Uploads in progress count as stored, but for the hold `excluding` (the write's own).
     private func refusalLocked(
-        _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool, moreThan: UInt64? = nil
+        _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool, moreThan: UInt64? = nil,
+        excluding own: UInt64? = nil
     ) -> Refusal? {
         let needs = { (n: UInt64) in moreThan.map { "more than \(Self.bytes($0))" } ?? Self.bytes(n) }
+        let mine = own.flatMap { holds[$0] }
+        func inFlight(_ bytes: UInt64, _ uploads: Int) -> String {
+            uploads == 0 ? "" : ", \(Self.bytes(bytes)) in flight in \(uploads) other upload\(uploads == 1 ? "" : "s")"
+        }
         if let why = Self.preconditionFailure(ifMatch: w.ifMatch, ifNoneMatch: w.ifNoneMatch, current: current?.etag) {
             counterValues.preconditionFailed += 1
             return Refusal(status: 412, reason: "precondition failed for \(name): \(why)")
@@ -329,12 +388,14 @@ public final class ObjectGate: @unchecked Sendable {
         if let size, settings.writerQuota > 0 {
             let used = usage[w.identity] ?? 0
             let freed = current?.owner == w.identity ? current!.size : 0
-            if used - min(used, freed) + size > settings.writerQuota {
+            var (held, uploads) = heldBy[w.identity] ?? (0, 0)
+            if let mine, mine.identity == w.identity { (held, uploads) = (held - min(held, mine.bytes), uploads - 1) }
+            if used - min(used, freed) + held > settings.writerQuota || size > settings.writerQuota - (used - min(used, freed) + held) {
                 counterValues.writerQuotaRefused += 1
                 return Refusal(
                     status: 507,
                     reason: "quota for \(w.identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
-                        + "(limits.writer_quota), this upload needs \(needs(size))"
+                        + "(limits.writer_quota)\(inFlight(held, uploads)), this upload needs \(needs(size))"
                         + (freed > 0 ? " and frees \(Self.bytes(freed))" : ""))
             }
         }
@@ -342,15 +403,50 @@ public final class ObjectGate: @unchecked Sendable {
         if let physical, physical > 0, settings.storageCap > 0 {
             let stored = storedLocked()
             let freed = current?.physical ?? 0
-            if stored - min(stored, freed) + physical > settings.storageCap {
+            let held = heldBytes - min(heldBytes, mine?.bytes ?? 0), uploads = holds.count - (mine == nil ? 0 : 1)
+            let taken = stored - min(stored, freed) + held
+            if taken > settings.storageCap || physical > settings.storageCap - taken {
                 counterValues.storageCapRefused += 1
                 return Refusal(
                     status: 507,
                     reason: "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
-                        + "(limits.storage_cap), this upload needs \(needs(physical))")
+                        + "(limits.storage_cap)\(inFlight(held, uploads)), this upload needs \(needs(physical))")
             }
         }
         return nil
+    }
+
+    /// The most bytes an upload by `identity` may hold now, given what the object it replaces
+    /// frees (`freed` of the quota, `freedPhysical` of the cap) and what the other uploads hold
+    /// (all but `own`); with `othersToo` false, as if no other upload were in progress (the
+    /// body sink's limit). `.max` when no limit applies. Under `lock`.
+    private func roomLocked(_ identity: String, freed: UInt64, freedPhysical: UInt64, excluding own: UInt64?, othersToo: Bool = true) -> UInt64 {
+        let mine = own.flatMap { holds[$0] }
+        var room = UInt64.max
+        if settings.writerQuota > 0 {
+            let used = usage[identity] ?? 0
+            var held = othersToo ? heldBy[identity]?.bytes ?? 0 : 0
+            if othersToo, let mine, mine.identity == identity { held -= min(held, mine.bytes) }
+            let taken = used - min(used, freed) + held
+            room = min(room, settings.writerQuota - min(settings.writerQuota, taken))
+        }
+        if settings.storageCap > 0 {
+            let stored = storedLocked()
+            let held = othersToo ? heldBytes - min(heldBytes, mine?.bytes ?? 0) : 0
+            let taken = stored - min(stored, freedPhysical) + held
+            room = min(room, settings.storageCap - min(settings.storageCap, taken))
+        }
+        return room
+    }
+
+    /// What an upload of unannounced length that has received `received` bytes, with `room`
+    /// bytes it may hold, holds next: what it received and `growStep` more, no more than half
+    /// of what is left past it (but `growMinimum`), within `room`; `received` when there is no
+    /// room past it.
+    static func grant(received: UInt64, room: UInt64) -> UInt64 {
+        guard room > received else { return received }
+        let left = room - received
+        return received + min(left, min(growStep, max(left / 2, growMinimum)))
     }
 
     /// The checks a request's head can be refused by before its body is read (`size`: its
@@ -381,27 +477,101 @@ public final class ObjectGate: @unchecked Sendable {
     /// Ends a reservation.
     public func release(_ size: UInt64) { lock.withLock { reserved -= min(reserved, size) } }
 
-    /// The most bytes an upload by `w` to `name` may hold before a quota refuses it (nil: no
-    /// limit applies): the body sink stops there, mid-stream.
+    // MARK: - Uploads in progress
+
+    /// Begins an upload by `w` to `name` of `size` bytes (nil: not announced): refuses it
+    /// when the conditions or the policy do, or when an announced length does not fit the
+    /// quota and the cap beside what is stored and what the uploads in progress hold (507
+    /// naming both); else holds the announced length, or for an unannounced one a first part
+    /// (`grant`; 0 when nothing is left, so that its first byte is refused). Nil with nothing
+    /// held when the node has no quota and no cap. The hold ends with the commit or `end`.
+    public func hold(_ name: String, by w: Writer, size: UInt64?) -> Result<Hold?, Refusal> {
+        let current = current(name)
+        return lock.withLock {
+            if let r = refusalLocked(name, w, current, size: size, physical: size, delete: false) { return .failure(r) }
+            guard settings.writerQuota > 0 || settings.storageCap > 0 else { return .success(nil) }
+            let freed = current?.owner == w.identity ? current!.size : 0
+            let freedPhysical = current?.physical ?? 0
+            let room = roomLocked(w.identity, freed: freed, freedPhysical: freedPhysical, excluding: nil)
+            let bytes = size ?? Self.grant(received: 0, room: room)
+            let id = nextHold
+            nextHold += 1
+            holds[id] = Held(identity: w.identity, bytes: bytes, freed: freed, freedPhysical: freedPhysical)
+            heldBy[w.identity, default: (0, 0)].bytes += bytes
+            heldBy[w.identity, default: (0, 0)].uploads += 1
+            heldBytes += bytes
+            let limit = roomLocked(w.identity, freed: freed, freedPhysical: freedPhysical, excluding: id, othersToo: false)
+            return .success(Hold(id: id, bytes: bytes, limit: limit))
+        }
+    }
+
+    /// An upload of unannounced length has received `received` bytes, all it holds: its hold
+    /// grows to cover them and some more (`grant`) as far as the limits leave room. Returns
+    /// the bytes held now; `received` or less when there is no room for another byte (the
+    /// upload must then stop there: 507). A hold already ended stays ended (returns 0).
+    public func grow(_ hold: Hold, received: UInt64) -> UInt64 {
+        lock.withLock {
+            guard let h = holds[hold.id] else { return 0 }
+            let room = roomLocked(h.identity, freed: h.freed, freedPhysical: h.freedPhysical, excluding: hold.id)
+            let bytes = max(h.bytes, Self.grant(received: received, room: room))
+            setLocked(hold.id, bytes)
+            return bytes
+        }
+    }
+
+    /// The body of the upload holding `hold` ended with `size` bytes: holds exactly that (what
+    /// it held past it is free at once), or refuses it, as the commit would, when conditions,
+    /// policy or limits do (the hold stays until `end`). Checked again at the commit.
+    public func settle(_ hold: Hold, _ name: String, by w: Writer, size: UInt64) -> Refusal? {
+        let current = current(name)
+        return lock.withLock {
+            if let r = refusalLocked(name, w, current, size: size, physical: size, delete: false, excluding: hold.id) { return r }
+            setLocked(hold.id, size)
+            return nil
+        }
+    }
+
+    /// Ends `hold` (the upload was refused, aborted or failed): its bytes count no more. Once;
+    /// a hold the commit or an earlier `end` ended is left alone.
+    public func end(_ hold: Hold?) {
+        guard let hold else { return }
+        lock.withLock { endLocked(hold.id) }
+    }
+
+    /// Bytes `hold` holds now (0 once it ended).
+    public func held(_ hold: Hold) -> UInt64 { lock.withLock { holds[hold.id]?.bytes ?? 0 } }
+
+    /// Sets hold `id`'s bytes (if it is still held). Under `lock`.
+    private func setLocked(_ id: UInt64, _ bytes: UInt64) {
+        guard let h = holds[id] else { return }
+        holds[id]!.bytes = bytes
+        heldBy[h.identity]!.bytes = heldBy[h.identity]!.bytes - min(heldBy[h.identity]!.bytes, h.bytes) + bytes
+        heldBytes = heldBytes - min(heldBytes, h.bytes) + bytes
+    }
+
+    /// Ends hold `id` (if it is still held). Under `lock`.
+    private func endLocked(_ id: UInt64) {
+        guard let h = holds.removeValue(forKey: id) else { return }
+        heldBytes -= min(heldBytes, h.bytes)
+        if let by = heldBy[h.identity] {
+            heldBy[h.identity] = by.uploads <= 1 ? nil : (by.bytes - min(by.bytes, h.bytes), by.uploads - 1)
+        }
+    }
+
+    /// The most bytes an upload by `w` to `name` may hold before a quota refuses it, were no
+    /// other upload in progress (nil: no limit applies). `hold`'s `limit`.
     public func headroom(_ name: String, for w: Writer) -> UInt64? {
         guard settings.writerQuota > 0 || settings.storageCap > 0 else { return nil }
         let current = current(name)
         return lock.withLock {
-            var room = UInt64.max
-            if settings.writerQuota > 0 {
-                let used = usage[w.identity] ?? 0
-                let freed = current?.owner == w.identity ? current!.size : 0
-                room = min(room, settings.writerQuota - min(settings.writerQuota, used - min(used, freed)))
-            }
-            if settings.storageCap > 0 {
-                let stored = storedLocked()
-                room = min(room, settings.storageCap - min(settings.storageCap, stored - min(stored, current?.physical ?? 0)))
-            }
-            return room
+            roomLocked(
+                w.identity, freed: current?.owner == w.identity ? current!.size : 0, freedPhysical: current?.physical ?? 0,
+                excluding: nil, othersToo: false)
         }
     }
 
-    /// Counts an upload the body sink stopped at `limit` (its `headroom`) and says why (507).
+    /// Counts an upload the body sink stopped at `limit` (its `headroom`, or what it held when
+    /// it could grow no more; its hold ended first) and says why (507).
     public func overHeadroom(_ name: String, by w: Writer, limit: UInt64) -> Refusal {
         let current = current(name)
         return lock.withLock {
@@ -417,12 +587,16 @@ public final class ObjectGate: @unchecked Sendable {
     /// for it. Returns the refusal (nothing written) or nil; rethrows `write`'s error.
     /// `chunked`: `write` records a chunked object, so a plain file of the name (which would
     /// shadow it, and whose bytes the accounting releases) is removed with it.
+    /// `hold`: the upload's, which becomes the usage (checked without it); ended whatever the
+    /// outcome.
     public func commit(
-        _ name: String, by w: Writer, size: UInt64, physical: UInt64, chunked: Bool = false, write: () throws -> Void
+        _ name: String, by w: Writer, size: UInt64, physical: UInt64, chunked: Bool = false, hold: Hold? = nil,
+        write: () throws -> Void
     ) throws -> Refusal? {
         try lock.withLock {
+            defer { if let hold { endLocked(hold.id) } }
             let current = current(name)
-            if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false) { return r }
+            if let r = refusalLocked(name, w, current, size: size, physical: physical, delete: false, excluding: hold?.id) { return r }
             try write()
             // The record is written: account for it, then say whether the shadowing file is
             // durably gone. One still there (unlink failed) still takes its bytes on disk.

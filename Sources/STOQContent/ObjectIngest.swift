@@ -73,6 +73,9 @@ public final class ObjectIngest: @unchecked Sendable {
         var inbox: Inbox
         var gate: ObjectGate?
         var writer: ObjectGate.Writer?
+        /// The upload's hold on `gate`'s limits: the commit turns it into usage; ended when the
+        /// ingest ends otherwise.
+        var hold: ObjectGate.Hold?
         /// Bytes `gate` reserved for the chunks (released once they are written).
         var reserved: UInt64
         /// The length is not known ahead: each chunk's room is reserved before it is put.
@@ -155,15 +158,16 @@ public final class ObjectIngest: @unchecked Sendable {
     /// Takes over a finished upload: `fd` (readable, positioned anywhere; closed here) holds
     /// the body, `temp` is its name in the storage directory (removed here). The outcome is
     /// posted to `inbox` with `ticket`. With `gate`, the object is committed through it as
-    /// `writer`'s, and the `reserved` bytes are released once its chunks are written.
+    /// `writer`'s, turning the upload's `hold` into usage (or ending it, however the ingest
+    /// ends), and the `reserved` bytes are released once its chunks are written.
     /// `digest`: the body's SHA-256 if the sink already computed it (saves a pass over it).
     /// Called on a worker thread; returns at once.
     public func submit(
         fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil, writer: ObjectGate.Writer? = nil,
-        reserved: UInt64 = 0, digest: ContentDigest? = nil
+        hold: ObjectGate.Hold? = nil, reserved: UInt64 = 0, digest: ContentDigest? = nil
     ) {
         let job = Job(
-            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
+            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, hold: hold, reserved: reserved,
             digest: digest)
         pool.submit { [self] in if let outcome = run(job) { inbox.post(outcome) } }
     }
@@ -175,15 +179,16 @@ public final class ObjectIngest: @unchecked Sendable {
     /// until the worker says how the upload ended (`Follower.complete` or `abandon`, once).
     /// Complete, the object is committed as `submit` would and the outcome posted with
     /// `ticket`; abandoned, nothing is posted and what was stored is left to garbage
-    /// collection (chunks no object names). `reserved` bytes of `gate` are released at the
-    /// end either way. `sinkHashes`: the sink computes the body's SHA-256 (passed at
+    /// collection (chunks no object names). `reserved` bytes of `gate` are released, and its
+    /// `hold` ended if the commit did not take it, at the end either way. `sinkHashes`: the sink computes the body's SHA-256 (passed at
     /// `complete`), so the chunker need not. `reservesChunks` (an upload of unannounced
     /// length under a storage cap): the follower reserves each chunk's room in `gate` before
     /// putting it, and a refusal ends the ingest with it. Returns nil, taking nothing over,
     /// when `maxFollowers` uploads are being followed already or the pool is stopping.
     public func follow(
         fd: Int32, temp: String, name: String, ticket: UInt64, inbox: Inbox, gate: ObjectGate? = nil,
-        writer: ObjectGate.Writer? = nil, reserved: UInt64 = 0, reservesChunks: Bool = false, sinkHashes: Bool
+        writer: ObjectGate.Writer? = nil, hold: ObjectGate.Hold? = nil, reserved: UInt64 = 0, reservesChunks: Bool = false,
+        sinkHashes: Bool
     ) -> Follower? {
         let admitted = cond.withLock {
             guard !stopping, followers < Self.maxFollowers else { return false }
@@ -193,7 +198,7 @@ public final class ObjectIngest: @unchecked Sendable {
         guard admitted else { return nil }
         let follower = Follower()
         let job = Job(
-            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, reserved: reserved,
+            fd: fd, temp: temp, name: name, ticket: ticket, inbox: inbox, gate: gate, writer: writer, hold: hold, reserved: reserved,
             reservesChunks: reservesChunks && gate != nil, digest: nil)
         let t = Thread { [self] in
             if let outcome = run(job, following: follower, sinkHashes: sinkHashes) { inbox.post(outcome) }
@@ -227,6 +232,7 @@ public final class ObjectIngest: @unchecked Sendable {
             close(job.fd)
             unlinkat(rootFD, job.temp, 0)
             if reserved > 0 { job.gate?.release(reserved) }
+            job.gate?.end(job.hold)
         }
         // An upload of unannounced length takes each chunk's room as it comes.
         let reserve: ((Int) throws -> Void)? =
@@ -240,12 +246,12 @@ public final class ObjectIngest: @unchecked Sendable {
             guard let follower else {
                 return try Self.ingest(
                     fd: job.fd, as: job.name, into: index, parameters: parameters, gate: job.gate, writer: job.writer,
-                    digest: job.digest)
+                    hold: job.hold, digest: job.digest)
             }
             let chunker = StreamingChunker(
                 source: GrowingFileSource(fd: job.fd, follower: follower), parameters: parameters, digestObject: !sinkHashes)
             return try Self.store(
-                chunker, as: job.name, into: index, sizeHint: 0, gate: job.gate, writer: job.writer, reserve: reserve
+                chunker, as: job.name, into: index, sizeHint: 0, gate: job.gate, writer: job.writer, hold: job.hold, reserve: reserve
             ) { try follower.ending() }
         }
         // Whatever stopped a follower early, its worker has the last word: an abandoned upload
@@ -280,12 +286,13 @@ public final class ObjectIngest: @unchecked Sendable {
     /// under `name` (replacing any object of that name). Blocking; returns what was stored.
     /// With `gate`, the record is committed through it as `writer`'s (conditions, overwrite
     /// policy, writer quota; the chunks are already stored, charged to the cap only), and a
-    /// refusal is thrown as the `ObjectGate.Refusal`. `digest` is the file's SHA-256 when
-    /// the caller knows it; otherwise the chunker computes it alongside the chunks' ids.
+    /// refusal is thrown as the `ObjectGate.Refusal`; the commit takes the upload's `hold`.
+    /// `digest` is the file's SHA-256 when the caller knows it; otherwise the chunker computes
+    /// it alongside the chunks' ids.
     /// Throws the store's errors (`StoreError`), or a `ChunkSourceError` for a failed read.
     public static func ingest(
         fd: Int32, as name: String, into index: ObjectIndex, parameters: ChunkingParameters, gate: ObjectGate? = nil,
-        writer: ObjectGate.Writer? = nil, digest known: ContentDigest? = nil
+        writer: ObjectGate.Writer? = nil, hold: ObjectGate.Hold? = nil, digest known: ContentDigest? = nil
     ) throws -> Report {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError(.io, "fstat of the upload of \(name): \(String(cString: strerror(errno)))") }
@@ -294,7 +301,7 @@ public final class ObjectIngest: @unchecked Sendable {
         }
         let size = UInt64(st.st_size)
         let chunker = StreamingChunker(source: FileDescriptorSource(fd: fd), parameters: parameters, digestObject: known == nil)
-        return try store(chunker, as: name, into: index, sizeHint: size, gate: gate, writer: writer) { (size, known) }
+        return try store(chunker, as: name, into: index, sizeHint: size, gate: gate, writer: writer, hold: hold) { (size, known) }
     }
 
     /// Stores what `chunker` cuts as the object `name`: each chunk put from the chunker's
@@ -302,9 +309,10 @@ public final class ObjectIngest: @unchecked Sendable {
     /// again), then the record. `reserve`, when given, is asked for each chunk's room before
     /// it is put (and throws a refusal). `ending`, asked once the chunker has reached its
     /// source's end, says how long the object is and its SHA-256 if known (else the chunker's).
+    /// The commit turns `hold` (the upload's) into usage.
     static func store<Source: STOQChunking.ChunkSource>(
         _ chunker: StreamingChunker<Source>, as name: String, into index: ObjectIndex, sizeHint: UInt64, gate: ObjectGate?,
-        writer: ObjectGate.Writer?, reserve: ((Int) throws -> Void)? = nil,
+        writer: ObjectGate.Writer?, hold: ObjectGate.Hold? = nil, reserve: ((Int) throws -> Void)? = nil,
         ending: () throws -> (size: UInt64, digest: ContentDigest?)
     ) throws -> Report {
         try ObjectIndex.validateName(name)
@@ -347,7 +355,7 @@ public final class ObjectIngest: @unchecked Sendable {
             if let gate, let writer {
                 let encoded = report.manifest
                 let put = { try index.putObject(name, manifest: encoded, chunkIDs: ids, owner: writer.identity) }
-                if let refusal = try gate.commit(name, by: writer, size: size, physical: 0, chunked: true, write: put) {
+                if let refusal = try gate.commit(name, by: writer, size: size, physical: 0, chunked: true, hold: hold, write: put) {
                     throw refusal
                 }
             } else {

@@ -27,6 +27,15 @@ public final class ObjectService: QUICApplication {
         /// The body sink stops at the room the quotas leave (`ObjectGate.headroom`) when that
         /// is below `storage.max_object_size`: EFBIG then means 507, not 413.
         var quotaLimit: UInt64?
+        /// What the upload holds of the quotas while it runs (nil: the node has none), and how
+        /// many bytes: it ends with the upload, at the commit or when the upload is discarded.
+        var hold: ObjectGate.Hold?
+        var held: UInt64 = 0
+        /// Of unannounced length under a quota: the hold grows as the body reaches `held`.
+        var growing = false
+        /// Of unannounced length with dedup on: followed by the ingest once it reaches
+        /// `ObjectIngest.followMinimum` (tried once).
+        var followPending = false
         /// The ingest following the upload as it arrives (large uploads, with dedup on), and
         /// the ticket its outcome will carry.
         var follower: ObjectIngest.Follower?
@@ -242,52 +251,94 @@ public final class ObjectService: QUICApplication {
         }
         let writer = gate?.writer(request, peer: connection.peer)
         var limit = maxObjectSize
+        var hold: ObjectGate.Hold?
         if let gate, let writer {
-            let n = request.contentLength.map { UInt64($0) }
-            if let r = gate.check(name, by: writer, size: n, physical: n) { return fail(stream, connection, r.status, r.reason) }
-            if let room = gate.headroom(name, for: writer) { limit = min(limit, room) }
+            // A head without a body is an empty upload; a body without a length grows its hold.
+            let n = request.contentLength.map { UInt64($0) } ?? (request.hasBody ? nil : 0)
+            switch gate.hold(name, by: writer, size: n) {
+            case .failure(let r): return fail(stream, connection, r.status, r.reason)
+            case .success(let h?):
+                hold = h
+                // Nothing left to hold for a body of unannounced length: its first byte is refused.
+                limit = min(limit, n == nil && h.bytes == 0 ? 0 : h.limit)
+            case .success(nil): break
+            }
         }
         let temp = ".upload-\(UInt64.random(in: 0...UInt64.max))"
         let fd = openat(rootFD, temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
             let e = errno
+            gate?.end(hold)
             // No inode left is a full disk too.
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, name, written: 0, errno: e) }
             return fail(stream, connection, 500, "cannot create upload file: \(String(cString: strerror(e)))")
         }
         var up = Upload(fd: fd, temp: temp, name: name, writer: writer, quotaLimit: limit < maxObjectSize ? limit : nil)
+        if let hold {
+            (up.hold, up.held) = (hold, hold.bytes)
+            up.growing = request.contentLength == nil && request.hasBody && hold.bytes > 0
+        }
         if let n = request.contentLength, UInt64(n) >= ObjectIngest.followMinimum, let ingest {
             if let r = follow(&up, size: UInt64(n), ingest: ingest) {
                 discard(up)
                 return fail(stream, connection, r.status, r.reason)
             }
         }
+        // A body of unannounced length is followed once it proves large, and grows its hold
+        // as it arrives (`bodyReachedMark`).
+        up.followPending = request.contentLength == nil && request.hasBody && ingest != nil
         uploads[stream] = up
         // Hashed as it arrives: the SHA-256 is the object's ETag.
         stream.setBodySink(fd: fd, limit: limit, hash: gate != nil)
-        // A body of unannounced length is followed once it proves large (`bodyReachedMark`).
-        if request.contentLength == nil, request.hasBody, ingest != nil { stream.setBodyMark(ObjectIngest.followMinimum) }
+        stream.setBodyMark(Self.nextMark(up))
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
 
-    /// An upload sent without a content-length has passed `ObjectIngest.followMinimum`: it is
-    /// followed from here like one announced that large, its room under the storage cap
-    /// reserved chunk by chunk as the follower stores them.
+    /// Where the body of `up` next needs the worker (0: nowhere): where its hold must grow,
+    /// or where the ingest starts following it, whichever comes first.
+    static func nextMark(_ up: Upload) -> UInt64 {
+        let mark = min(up.growing ? up.held : .max, up.followPending ? ObjectIngest.followMinimum : .max)
+        return mark == .max ? 0 : mark
+    }
+
+    /// An upload sent without a content-length reached its mark (`nextMark`). Past what it
+    /// holds, its hold grows (`ObjectGate.grow`); when nothing is left to grow into, the sink's
+    /// limit comes down to what it received, so that its next byte is refused (507). Past
+    /// `ObjectIngest.followMinimum`, it is followed from here like one announced that large
+    /// (with no quota or cap, the room under the cap is then reserved chunk by chunk).
     public func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {
-        guard let ingest, var up = uploads[stream], up.follower == nil else { return }
-        _ = follow(&up, size: nil, ingest: ingest)
+        guard var up = uploads[stream] else { return }
+        let received = stream.bytesReceived
+        if up.growing, received >= up.held, let gate, let hold = up.hold {
+            up.held = gate.grow(hold, received: received)
+            if up.held <= received {
+                up.growing = false
+                // Setting the sink again waits for its queued writes (at most a stream window):
+                // once per upload, when it runs out of room.
+                if up.quotaLimit.map({ $0 > received }) ?? true {
+                    up.quotaLimit = received
+                    stream.setBodySink(fd: up.fd, limit: received, hash: true)
+                }
+            }
+        }
+        if up.followPending, received >= ObjectIngest.followMinimum, let ingest {
+            up.followPending = false
+            if up.follower == nil { _ = follow(&up, size: nil, ingest: ingest) }
+        }
         uploads[stream] = up
+        stream.setBodyMark(Self.nextMark(up))
     }
 
     /// Hands a large upload to the ingest pool, so that it is chunked while it arrives
-    /// (`ObjectIngest.follow`), with room under the storage cap reserved for its announced
+    /// (`ObjectIngest.follow`). Its hold (any quota or cap) covers the chunks until the commit;
+    /// without one (no gate; tests), room under the storage cap is reserved for its announced
     /// `size` until the chunks are written (nil: not announced; the follower reserves each
     /// chunk's room as it goes). The gate's refusal when the cap has no room for it. Nil with
     /// nothing started when the pool follows as many uploads as it may: this one is then
     /// ingested once complete.
     private func follow(_ up: inout Upload, size: UInt64?, ingest: ObjectIngest) -> ObjectGate.Refusal? {
         var reserved: UInt64 = 0
-        let capped = (gate?.settings.storageCap ?? 0) > 0
+        let capped = up.hold == nil && (gate?.settings.storageCap ?? 0) > 0
         if capped, let size, let gate {
             if let r = gate.reserve(size) { return r }
             reserved = size
@@ -296,7 +347,7 @@ public final class ObjectService: QUICApplication {
         if copy >= 0,
             let follower = ingest.follow(
                 fd: copy, temp: up.temp, name: up.name, ticket: nextTicket, inbox: ingestInbox, gate: gate, writer: up.writer,
-                reserved: reserved, reservesChunks: capped && size == nil, sinkHashes: gate != nil)
+                hold: up.hold, reserved: reserved, reservesChunks: capped && size == nil, sinkHashes: gate != nil)
         {
             up.follower = follower
             up.ticket = nextTicket
@@ -335,16 +386,11 @@ public final class ObjectService: QUICApplication {
         // SHA-256 is that of nothing.
         let digest = stream.bodySHA256() ?? (size == 0 ? Self.emptySHA256 : nil)
         if let ingest {
-            // Before the pool writes chunks: the quota and the conditions now (the commit
-            // decides), and room under the storage cap for all of it, reserved until the pool
-            // has written the chunks.
-            var reserved: UInt64 = 0
+            // Before the pool writes chunks: the conditions and the limits now (the commit
+            // decides); the hold, now exactly the body's length, covers the chunks until the
+            // commit. Without a hold no limit applies.
             if let gate, let w = up.writer {
-                var refusal = gate.check(up.name, by: w, size: size, physical: nil)
-                if refusal == nil, up.follower == nil, gate.settings.storageCap > 0 {
-                    refusal = gate.reserve(size)
-                    reserved = refusal == nil ? size : 0
-                }
+                let refusal = up.hold.map { gate.settle($0, up.name, by: w, size: size) } ?? gate.check(up.name, by: w, size: size, physical: nil)
                 if let r = refusal {
                     discard(up)
                     counters.uploadsAborted += 1
@@ -363,7 +409,7 @@ public final class ObjectService: QUICApplication {
             ingesting[ticket] = (stream, connection)
             ingest.submit(
                 fd: up.fd, temp: up.temp, name: up.name, ticket: ticket, inbox: ingestInbox, gate: gate, writer: up.writer,
-                reserved: reserved, digest: digest.flatMap(ContentDigest.init))
+                hold: up.hold, digest: digest.flatMap(ContentDigest.init))
             return
         }
         var headers = [("content-length", "0")]
@@ -390,6 +436,7 @@ public final class ObjectService: QUICApplication {
         guard failed == 0 else {
             let e = failed
             up.follower?.abandon()
+            gate?.end(up.hold)
             unlinkat(rootFD, up.temp, 0)
             counters.uploadsAborted += 1
             if StoreError.isNoSpace(e) { return noSpace(stream, connection, up.name, written: written, errno: e) }
@@ -404,7 +451,7 @@ public final class ObjectService: QUICApplication {
         }
         do {
             if let gate, let w = up.writer {
-                if let r = try gate.commit(up.name, by: w, size: size, physical: size, write: rename) {
+                if let r = try gate.commit(up.name, by: w, size: size, physical: size, hold: up.hold, write: rename) {
                     unlinkat(rootFD, up.temp, 0)
                     counters.uploadsAborted += 1
                     return fail(stream, connection, r.status, r.reason)
@@ -502,9 +549,11 @@ public final class ObjectService: QUICApplication {
         return fstat(fd, &st) == 0 ? Int(st.st_size) : 0
     }
 
-    /// Drops an upload that will not be stored: its follower (if any) is told, its temp file goes.
+    /// Drops an upload that will not be stored: its follower (if any) is told, its hold ends,
+    /// its temp file goes.
     private func discard(_ up: Upload) {
         up.follower?.abandon()
+        gate?.end(up.hold)
         close(up.fd)
         unlinkat(rootFD, up.temp, 0)
     }

@@ -26,13 +26,13 @@ final class ObjectGateTests {
     /// Stores `bytes` as plain object `name` of `owner` the way ObjectService does: a temp file
     /// with its owner and digest, renamed through the gate.
     @discardableResult
-    func put(_ g: ObjectGate, _ name: String, _ bytes: [UInt8], by w: ObjectGate.Writer) throws -> ObjectGate.Refusal? {
+    func put(_ g: ObjectGate, _ name: String, _ bytes: [UInt8], by w: ObjectGate.Writer, hold: ObjectGate.Hold? = nil) throws -> ObjectGate.Refusal? {
         let temp = storage + "/.upload-test"
         let fd = open(temp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         #expect(write(fd, bytes, bytes.count) == bytes.count)
         #expect(ObjectGate.writeMeta(fd, sha256: sha(bytes), owner: w.identity))
         close(fd)
-        let r = try g.commit(name, by: w, size: UInt64(bytes.count), physical: UInt64(bytes.count)) {
+        let r = try g.commit(name, by: w, size: UInt64(bytes.count), physical: UInt64(bytes.count), hold: hold) {
             #expect(rename(temp, storage + "/" + name) == 0)
         }
         unlink(temp)
@@ -243,6 +243,161 @@ final class ObjectGateTests {
         #expect(g.usage(of: "token:carol") == 1)
     }
 
+    // MARK: - Uploads in progress
+
+    /// A hold, or the refusal's reason.
+    func hold(_ g: ObjectGate, _ name: String, _ w: ObjectGate.Writer, _ size: UInt64?) -> Result<ObjectGate.Hold, ObjectGate.Refusal> {
+        g.hold(name, by: w, size: size).map { $0! }
+    }
+
+    /// Two uploads started side by side that fit the quota together both hold their announced
+    /// length and both commit; each commit turns its hold into usage, checked without it.
+    @Test func twoUploadsThatFitTogetherBothCommit() throws {
+        let g = try gate(.init(storageCap: 8 << 20, writerQuota: 3 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        let a = try hold(g, "a", alice, 3 << 19).get(), b = try hold(g, "b", alice, 3 << 19).get()
+        #expect(a.bytes == 3 << 19 && b.bytes == 3 << 19 && a.id != b.id)
+        // The sink's limit is the room were no other upload in progress; the hold is the bound.
+        #expect(a.limit == 3 << 20 && b.limit == 3 << 20)
+        #expect(g.counters.inFlightBytes == 3 << 20 && g.counters.inFlightUploads == 2 && g.counters.storedBytes == 0)
+        #expect(try put(g, "a", [UInt8](repeating: 1, count: 3 << 19), by: alice, hold: a) == nil)
+        #expect(g.usage(of: "token:alice") == 3 << 19 && g.counters.inFlightBytes == 3 << 19 && g.counters.inFlightUploads == 1)
+        #expect(try put(g, "b", [UInt8](repeating: 2, count: 3 << 19), by: alice, hold: b) == nil)
+        #expect(g.usage(of: "token:alice") == 3 << 20 && g.counters.inFlightBytes == 0 && g.counters.inFlightUploads == 0)
+        #expect(g.counters.writerQuotaRefused == 0 && g.counters.storageCapRefused == 0)
+    }
+
+    /// A third upload that does not fit beside what is used and what the two in progress hold
+    /// is refused at its start, naming all of it; another writer has a quota of its own but
+    /// shares the cap, where every writer's uploads in progress count.
+    @Test func aThirdUploadIsRefusedAtItsStartWithWhatIsInFlight() throws {
+        let g = try gate(.init(storageCap: 6 << 20, writerQuota: 4 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        #expect(try put(g, "old", [UInt8](repeating: 1, count: 1 << 20), by: alice) == nil)
+        _ = try hold(g, "a", alice, 3 << 19).get()
+        _ = try hold(g, "b", alice, 3 << 19).get()
+        let third = hold(g, "c", alice, 3 << 19)
+        #expect(
+            third
+                == .failure(
+                    .init(
+                        status: 507,
+                        reason:
+                            "quota for token:alice: 1 MB (1048576 bytes) used of 4 MB (4194304 bytes) (limits.writer_quota), "
+                            + "3 MB (3145728 bytes) in flight in 2 other uploads, this upload needs 1.5 MB (1572864 bytes)")))
+        #expect(g.counters.writerQuotaRefused == 1 && g.counters.inFlightUploads == 2)
+        // The same check for a manifest (no hold of its own): the uploads in progress count.
+        #expect(g.check("m", by: alice, size: 3 << 19, physical: 0)?.status == 507)
+        let bob = ObjectGate.Writer(identity: "token:bob")
+        _ = try hold(g, "b1", bob, 3 << 19).get()
+        let carol = hold(g, "c1", .init(identity: "token:carol"), 1 << 20)
+        #expect(
+            carol
+                == .failure(
+                    .init(
+                        status: 507,
+                        reason:
+                            "storage cap of this node: 1 MB (1048576 bytes) stored of 6 MB (6291456 bytes) (limits.storage_cap), "
+                            + "4.5 MB (4718592 bytes) in flight in 3 other uploads, this upload needs 1 MB (1048576 bytes)")))
+        // Chunks written meanwhile are refused by the same count.
+        #expect(g.reserve(1 << 20)?.status == 507)
+    }
+
+    /// An upload of unannounced length holds what it received and some more, never more than
+    /// the room left, and can grow no further once that is gone: it is stopped there, and the
+    /// 507 names the uploads in flight.
+    @Test func anUploadOfUnknownLengthIsStoppedAtItsShare() throws {
+        let g = try gate(.init(writerQuota: 4 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        _ = try hold(g, "a", alice, 3 << 19).get()
+        _ = try hold(g, "b", alice, 3 << 19).get()
+        // 1 MB left: half of it first, then half of what is left past what arrived, 64 KB at least.
+        let c = try hold(g, "c", alice, nil).get()
+        #expect(c.bytes == 512 << 10 && c.limit == 4 << 20)
+        var held = c.bytes
+        var grows: [UInt64] = []
+        while true {
+            let next = g.grow(c, received: held)
+            if next <= held { break }
+            grows.append(next)
+            held = next
+        }
+        #expect(grows == [768 << 10, 896 << 10, 960 << 10, 1 << 20])
+        #expect(g.counters.inFlightBytes == 4 << 20)
+        // A body that jumped past its hold is held whole (its bytes are on disk) but grows no more.
+        #expect(g.grow(c, received: (1 << 20) + 100) == (1 << 20) + 100)
+        // The service ends the hold, then says why the body was stopped where it was.
+        g.end(c)
+        let r = g.overHeadroom("c", by: alice, limit: 1 << 20)
+        #expect(
+            r.reason
+                == "quota for token:alice: 0 bytes used of 4 MB (4194304 bytes) (limits.writer_quota), "
+                + "3 MB (3145728 bytes) in flight in 2 other uploads, this upload needs more than 1 MB (1048576 bytes)")
+        // With nothing left at all, an upload of unannounced length holds nothing from the start.
+        _ = try hold(g, "d", alice, 1 << 20).get()
+        #expect(try hold(g, "e", alice, nil).get().bytes == 0)
+    }
+
+    /// Two uploads of unannounced length that fit together both get there, growing side by
+    /// side; three that do not fit never hold more than the quota between them.
+    @Test func uploadsOfUnknownLengthShareTheRoomAsTheyGrow() throws {
+        for (count, size) in [(2, UInt64(3 << 19)), (3, UInt64(3 << 19))] {
+            let g = try gate(.init(writerQuota: 4 << 20))
+            let alice = ObjectGate.Writer(identity: "token:alice")
+            let holds = (0..<count).map { try! hold(g, "u\($0)", alice, nil).get() }
+            var held = holds.map(\.bytes), received = [UInt64](repeating: 0, count: count), stopped = Set<Int>()
+            // 16 KB at a time to each in turn, growing a hold when its body reaches it.
+            while received.indices.contains(where: { received[$0] < size && !stopped.contains($0) }) {
+                for i in received.indices where received[i] < size && !stopped.contains(i) {
+                    if received[i] + (16 << 10) > held[i] {
+                        held[i] = g.grow(holds[i], received: received[i])
+                        if held[i] <= received[i] {
+                            stopped.insert(i)
+                            continue
+                        }
+                    }
+                    received[i] = min(size, received[i] + min(16 << 10, held[i] - received[i]))
+                    #expect(g.counters.inFlightBytes <= 4 << 20)
+                }
+            }
+            if count == 2 {
+                #expect(stopped.isEmpty && received == [size, size])
+            } else {
+                #expect(!stopped.isEmpty && received.reduce(0, +) <= 4 << 20)
+            }
+        }
+    }
+
+    /// A hold ends once, whichever end comes first: an aborted upload gives its room back (the
+    /// upload refused before now fits), ending it again changes nothing, a commit refused ends
+    /// it too, and `settle` frees what an upload held past its length.
+    @Test func aHoldEndsOnceAndGivesItsRoomBack() throws {
+        let g = try gate(.init(writerQuota: 3 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        let a = try hold(g, "a", alice, 2 << 20).get()
+        #expect(hold(g, "b", alice, 2 << 20).isFailure)
+        g.end(a)
+        #expect(g.counters.inFlightBytes == 0 && g.counters.inFlightUploads == 0)
+        let b = try hold(g, "b", alice, 2 << 20).get()
+        g.end(a)
+        #expect(g.counters.inFlightBytes == 2 << 20 && g.held(b) == 2 << 20 && g.held(a) == 0 && g.grow(a, received: 1) == 0)
+        // A commit the conditions refuse ends the hold all the same.
+        #expect(try put(g, "x", [1], by: alice) == nil)
+        let c = try hold(g, "x", alice, 1).get()
+        let refused = try g.commit("x", by: ObjectGate.Writer(identity: "token:alice", ifNoneMatch: "*"), size: 1, physical: 1, hold: c) {
+            Issue.record("written")
+        }
+        #expect(refused?.status == 412 && g.held(c) == 0 && g.counters.inFlightBytes == 2 << 20)
+        // An upload of unannounced length that ended short holds its length only.
+        g.end(b)
+        let u = try hold(g, "u", alice, nil).get()
+        #expect(g.held(u) == 1 << 20)
+        #expect(g.settle(u, "u", by: alice, size: 300) == nil && g.counters.inFlightBytes == 300)
+        // A restart (a new gate over the same files) holds nothing.
+        let again = try gate(.init(writerQuota: 3 << 20))
+        #expect(again.counters.inFlightBytes == 0 && again.counters.inFlightUploads == 0 && again.usage(of: "token:alice") == 1)
+    }
+
     @Test func reservedChunkBytesCountUntilReleased() throws {
         let g = try gate(.init(storageCap: 1000))
         #expect(g.reserve(600) == nil)
@@ -304,4 +459,8 @@ final class ObjectGateTests {
         #expect(g.current("x")?.etag == m.etag)
         #expect(g.usage(of: "token:alice") == 0 && g.counters.storedBytes == 0)
     }
+}
+
+extension Result {
+    var isFailure: Bool { if case .failure = self { true } else { false } }
 }

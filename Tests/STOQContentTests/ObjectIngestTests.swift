@@ -273,6 +273,42 @@ extension ObjectIngestTests {
         #expect(gate.reserve(300_000 - gate.counters.storedBytes) == nil)
     }
 
+    /// An upload's hold goes with it to the pool: a commit turns it into the writer's usage,
+    /// an upload abandoned or refused there ends it; either way the room is the quota's again.
+    @Test func theIngestTurnsTheUploadsHoldIntoUsageOrEndsIt() throws {
+        let ingest = try pool()
+        defer { ingest.stop() }
+        let gate = try ObjectGate(settings: .init(storageCap: 4 << 20, writerQuota: 1 << 20), storagePath: storage, index: index)
+        let (inbox, posted) = Self.signallingInbox()
+        let w = ObjectGate.Writer(identity: "token:u")
+        let data = Self.bytes(300_000, seed: 23)
+        // Submitted whole: committed, the hold becomes usage.
+        let submitted = try #require(try gate.hold("whole", by: w, size: 300_000).get())
+        ingest.submit(
+            fd: try upload(data, named: ".upload-w"), temp: ".upload-w", name: "whole", ticket: 1, inbox: inbox, gate: gate, writer: w,
+            hold: submitted)
+        // Followed, then abandoned: the hold ends with it.
+        let followedHold = try #require(try gate.hold("gone", by: w, size: 300_000).get())
+        let follower = try #require(
+            ingest.follow(
+                fd: try upload(data, named: ".upload-g"), temp: ".upload-g", name: "gone", ticket: 2, inbox: inbox, gate: gate, writer: w,
+                hold: followedHold, sinkHashes: false))
+        #expect(posted.wait(timeout: .now() + 30) == .success)
+        follower.abandon()
+        #expect(Self.eventually { gate.counters.inFlightUploads == 0 })
+        #expect(gate.usage(of: "token:u") == 300_000 && gate.counters.inFlightBytes == 0)
+        // Refused at the commit (If-None-Match: * on an object that exists): ended too.
+        let refusedHold = try #require(try gate.hold("whole", by: w, size: 300_000).get())
+        ingest.submit(
+            fd: try upload(data, named: ".upload-r"), temp: ".upload-r", name: "whole", ticket: 3, inbox: inbox, gate: gate,
+            writer: .init(identity: "token:u", ifNoneMatch: "*"), hold: refusedHold)
+        #expect(posted.wait(timeout: .now() + 30) == .success)
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        #expect(outcomes.map(\.ticket) == [1, 3] && outcomes[0].failure == nil && outcomes[1].status == 412)
+        #expect(gate.usage(of: "token:u") == 300_000 && gate.counters.inFlightBytes == 0 && gate.counters.inFlightUploads == 0)
+    }
+
     /// At most `maxFollowers` at once; an abandoned upload posts nothing, records no object,
     /// and frees its follower for the next one.
     @Test func abandonedFollowersPostNothingAndFreeTheirPlace() throws {
