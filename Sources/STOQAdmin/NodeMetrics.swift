@@ -408,6 +408,11 @@ package struct NodeMetrics {
             family("stoq_stored_bytes", "gauge", "Bytes the node stores: plain objects and chunks (what limits.storage_cap caps).", [("", l.gate.storedBytes)])
             family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
             family(
+                "stoq_limits_in_flight_bytes", "gauge",
+                "Bytes held by uploads in progress: counted against limits.writer_quota and limits.storage_cap until they end.",
+                [("", l.gate.inFlightBytes)])
+            family("stoq_limits_in_flight_uploads", "gauge", "Uploads in progress holding bytes of the limits.", [("", UInt64(l.gate.inFlightUploads))])
+            family(
                 "stoq_plain_digests_total", "counter",
                 "Plain files without a SHA-256 hashed in the background (after a GET) or by a cut: recorded (their ETag since), changed while read, or not recordable.",
                 [
@@ -455,7 +460,8 @@ package struct NodeMetrics {
             var o: [String: Any] = [
                 "stored_bytes": l.gate.storedBytes, "writers": l.gate.owners, "storage_cap_refused": l.gate.storageCapRefused,
                 "writer_quota_refused": l.gate.writerQuotaRefused, "precondition_failed": l.gate.preconditionFailed,
-                "overwrite_refused": l.gate.overwriteRefused,
+                "overwrite_refused": l.gate.overwriteRefused, "in_flight_bytes": l.gate.inFlightBytes,
+                "in_flight_uploads": l.gate.inFlightUploads,
             ]
             if let limited = l.rateLimited { (o["rate_limited"], o["rate_clients"]) = (limited, l.rateClients ?? 0) }
             obj["limits"] = o

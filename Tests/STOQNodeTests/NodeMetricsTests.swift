@@ -33,10 +33,10 @@ import STOQContent
         #expect(!text.contains("stoq_datapath_configured_info"))
     }
 
-    @Test func limitsFamilies() {
+    @Test func limitsFamilies() throws {
         var gate = ObjectGate.Counters()
         (gate.storageCapRefused, gate.writerQuotaRefused, gate.preconditionFailed, gate.overwriteRefused) = (1, 2, 3, 4)
-        (gate.storedBytes, gate.owners) = (5000, 6)
+        (gate.storedBytes, gate.owners, gate.inFlightBytes, gate.inFlightUploads) = (5000, 6, 12, 13)
         (gate.digests.recorded, gate.digests.changed, gate.digests.unrecorded) = (9, 10, 11)
         let with = NodeMetrics(
             workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
@@ -46,10 +46,16 @@ import STOQContent
             "stoq_precondition_failed_total 3", "stoq_overwrite_refused_total 4", "stoq_stored_bytes 5000",
             "stoq_limits_writers 6", "stoq_limits_rate_limited_total 7", "stoq_limits_rate_clients 8",
             #"stoq_plain_digests_total{outcome="recorded"} 9"#, #"stoq_plain_digests_total{outcome="changed"} 10"#,
-            #"stoq_plain_digests_total{outcome="unrecorded"} 11"#,
+            #"stoq_plain_digests_total{outcome="unrecorded"} 11"#, "stoq_limits_in_flight_bytes 12", "stoq_limits_in_flight_uploads 13",
         ] {
             #expect(with.contains("\n\(line)\n"), "\(line)")
         }
+        // /status says the same, beside the other gate numbers.
+        let status = NodeMetrics(
+            workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
+        ).json()
+        let limits = (try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])?["limits"] as? [String: Any]
+        #expect(limits?["in_flight_bytes"] as? Int == 12 && limits?["in_flight_uploads"] as? Int == 13)
         // Without rate limits there is no rate family that would read as "never limited".
         let without = NodeMetrics(
             workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: nil, rateClients: nil)
