@@ -26,6 +26,7 @@ stoq_stream *stream_new(stoq_conn *c, int64_t id) {
   s->id = id;
   s->conn = c;
   s->max_age = -1;
+  s->expected = UINT64_MAX;
   s->sink_fd = -1;
   s->sink_limit = UINT64_MAX;
   s->next = c->streams;
@@ -44,6 +45,8 @@ void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code) {
 
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_drain(s, 1);
+  unwatch_rx(s);
+  unwatch_tx(s);
   if (s->abandoned == 1) c->abandoned--;
   free(s->head);
   if (s->prev) s->prev->next = s->next;
@@ -75,12 +78,16 @@ void consume(stoq_conn *c, int64_t stream_id, size_t n) {
 }
 
 static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
-  (void)ud;
+  stoq_conn *c = ud;
   stoq_stream *s = sud;
   /* Each piece goes back once the peer has acknowledged all of it (acks arrive in order:
    * nghttp3 counts them). */
   if (!s) return 0;
   s->p_acked += datalen;
+  /* Progress for the stall watch: the peer took these bytes. */
+  s->tx_moved = c->tx_moved = c->ep->now;
+  s->tx_acked += datalen;
+  if (s->tx_acked >= s->tx_given) unwatch_tx(s);
   while (s->p_count && s->p_read > 0) {
     struct body_piece *p = &s->pieces[s->p_head];
     if (s->p_acked < p->len) break;
@@ -115,10 +122,11 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (!s || s->sink_errno == EFBIG) { /* no stream, or refused already: the rest is dropped */
+  if (!s || s->sink_errno == EFBIG || s->rx_refused) { /* no stream, or refused already: the rest is dropped */
     consume(c, stream_id, len);
     return 0;
   }
+  s->rx_moved = c->ep->now; /* progress for the stall watch */
   if (s->received + len > s->sink_limit) {
     consume(c, stream_id, len);
     s->sink_errno = EFBIG;
@@ -128,12 +136,15 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
        * stream's sending half. The connection stays. The writes already queued land first:
        * the application closes the sink's file once it hears of the end. */
       ngtcp2_conn_shutdown_stream_read(c->q, stream_id, STOQ_H3_NO_ERROR);
+      unwatch_rx(s);
       sink_drain(s, 0);
       c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
       return 0;
     }
     /* More body than allowed: refuse the rest of the stream, keep the connection. */
     ngtcp2_conn_shutdown_stream(c->q, stream_id, STOQ_H3_EXCESSIVE_LOAD);
+    unwatch_rx(s);
+    unwatch_tx(s);
     return 0;
   }
   /* Bytes queued for the writer keep their credit until written: flow control is what slows
@@ -223,6 +234,7 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
       .has_body = !fin,
   };
   if (c->is_server) {
+    if (!fin) watch_rx(s); /* before the application, which may answer at once */
     if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &head);
   } else {
     if (c->ep->ev.on_response) c->ep->ev.on_response(c->ep->ev.ctx, c, s, &head);
@@ -239,6 +251,7 @@ static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *su
   if (!s) return 0;
   (void)c;
   s->body_complete = 1;
+  unwatch_rx(s);
   sink_end(s); /* the digest, and a server's on_request_end, once the body is written */
   return 0;
 }
@@ -252,8 +265,9 @@ static int h3_stop_sending(nghttp3_conn *h3, int64_t stream_id, uint64_t code, v
 
 static int h3_reset_stream(nghttp3_conn *h3, int64_t stream_id, uint64_t code, void *ud, void *sud) {
   (void)h3;
-  (void)sud;
   stoq_conn *c = ud;
+  stoq_stream *s = sud;
+  if (s) unwatch_tx(s); /* the peer asked us to stop sending: nothing more to wait for */
   return ngtcp2_conn_shutdown_stream_write(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
 }
 
@@ -392,6 +406,7 @@ int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, u
   p->release = release;
   p->arg = arg;
   s->p_count++;
+  watch_tx(s, len);
   if (eof) s->stream_eof = 1;
   if (s->stream_blocked) {
     s->stream_blocked = 0;
@@ -411,8 +426,10 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   set_whole_body(s, body, body_len, release, arg);
   nghttp3_data_reader dr = {.read_data = body_read};
-  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, has_body && body_len > 0 && !s->no_content ? &dr : NULL);
+  int reader = has_body && body_len > 0 && !s->no_content;
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
   if (rv == 0) s->responded = 1, s->status = status;
+  if (rv == 0 && reader) watch_tx(s, body_len);
   return rv;
 }
 
@@ -536,6 +553,8 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
  * stay until the transport closes the stream or the connection ends. */
 void stoq_stream_reset(stoq_conn *c, stoq_stream *s, uint64_t code) {
   ngtcp2_conn_shutdown_stream(c->q, s->id, code);
+  unwatch_rx(s); /* nothing more is waited for, either way */
+  unwatch_tx(s);
   if (c->is_server || s->abandoned) return;
   if (c->h3) nghttp3_conn_set_stream_user_data(c->h3, s->id, NULL);
   sink_drain(s, 1);

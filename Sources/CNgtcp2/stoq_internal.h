@@ -80,6 +80,11 @@ struct stoq_endpoint_ctx {
   stoq_mem_user ngtcp2_user, nghttp3_user;
   ngtcp2_mem ngtcp2_mem;
   nghttp3_mem nghttp3_mem;
+  /* Stalled streams (stoq_endpoint_ctx_sweep): the endpoint's clock as last given, and the
+   * streams watched (intrusive lists; a server's only). Each list's cursor is the sweep's next
+   * stream, moved on when that stream leaves the list during a report. */
+  uint64_t now;
+  stoq_stream *rx_watch, *tx_watch, *rx_cursor, *tx_cursor;
 };
 
 struct stoq_stream {
@@ -114,6 +119,14 @@ struct stoq_stream {
   unsigned p_head, p_count, p_read; /* ring start, pieces held, pieces fully read (from head) */
   uint64_t p_read_off;              /* read position inside piece p_read */
   uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
+  /* Stall watch (server): in the endpoint's lists while receiving a request body (rx) and while
+   * holding body bytes the peer has not acknowledged (tx), and when each last moved. */
+  stoq_stream *rx_wprev, *rx_wnext, *tx_wprev, *tx_wnext;
+  uint8_t rx_watched, tx_watched;
+  uint8_t rx_refused;          /* the body timed out: whatever more arrives is dropped */
+  uint64_t rx_moved, tx_moved; /* endpoint clock */
+  uint64_t tx_given, tx_acked; /* body bytes given to send (with a reader), and acknowledged */
+  uint64_t expected;           /* the announced body length (UINT64_MAX: none) */
   /* body we receive */
   int sink_fd;
   uint64_t sink_off, sink_limit, received;
@@ -160,6 +173,7 @@ struct stoq_conn {
   uint64_t streams_open;
   unsigned abandoned; /* streams whose application has yet to hear of its own reset */
   uint64_t body_rx, body_tx;
+  uint64_t tx_moved;    /* endpoint clock when the peer last acknowledged body bytes of any stream */
   uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */
   int is_server;
   int established;
@@ -214,6 +228,12 @@ STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
 /* The stream ends: its queued writes land, the application hears it closed (once; with its own
    code if it reset the stream, else `code`) and it is freed. */
 STOQ_HIDDEN void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code);
+/* The stall watch (stoq_h3.c): a server stream starts receiving a body, or holds `given` more
+   body bytes to send; leaves the lists (its body ended, was acknowledged, reset, or it goes). */
+STOQ_HIDDEN void watch_rx(stoq_stream *s);
+STOQ_HIDDEN void unwatch_rx(stoq_stream *s);
+STOQ_HIDDEN void watch_tx(stoq_stream *s, uint64_t given);
+STOQ_HIDDEN void unwatch_tx(stoq_stream *s);
 /* Gives back flow control for `n` bytes of stream data nghttp3 is done with. */
 STOQ_HIDDEN void consume(stoq_conn *c, int64_t stream_id, size_t n);
 /* Opens HTTP/3 once the application keys are there (client: or 0-RTT's). */

@@ -116,6 +116,7 @@ int stoq_conn_read(stoq_conn *c, const uint8_t *pkt, size_t len, uint8_t ecn, co
   struct sockaddr_in6 l = *local, r = *remote;
   ngtcp2_path path = make_path(&l, &r);
   ngtcp2_pkt_info pi = {.ecn = ecn};
+  c->ep->now = now; /* the stall watch's clock (stoq_stall.c) */
   reading_conn = c;
   int rv = ngtcp2_conn_read_pkt(c->q, &path, &pi, pkt, len, now);
   reading_conn = NULL;
@@ -133,6 +134,7 @@ static int same_addr(const struct sockaddr_in6 *a, const struct sockaddr *b) {
 ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts, size_t stride, size_t *segment_size,
                         struct sockaddr_in6 *remote, struct sockaddr_in6 *local, uint8_t *ecn, uint64_t now) {
   *segment_size = 0;
+  c->ep->now = now;
   if (ngtcp2_conn_is_in_closing_period(c->q) || ngtcp2_conn_is_in_draining_period(c->q)) return 0;
 
   if (c->pending_len) {
@@ -263,7 +265,10 @@ uint64_t stoq_conn_streams_open(const stoq_conn *c) { return c->streams_open; }
 
 uint64_t stoq_conn_expiry(stoq_conn *c) { return ngtcp2_conn_get_expiry(c->q); }
 
-int stoq_conn_handle_expiry(stoq_conn *c, uint64_t now) { return map_error(c, ngtcp2_conn_handle_expiry(c->q, now)); }
+int stoq_conn_handle_expiry(stoq_conn *c, uint64_t now) {
+  c->ep->now = now;
+  return map_error(c, ngtcp2_conn_handle_expiry(c->q, now));
+}
 
 uint64_t stoq_conn_close_deadline(stoq_conn *c, uint64_t now) { return now + 3 * ngtcp2_conn_get_pto(c->q); }
 

@@ -200,6 +200,15 @@ package struct NodeMetrics {
             "stoq_http_bodies_cut_short_total",
             "Responses reset because the file they were sent from shrank under them (replaced in place, not renamed)."
         ) { $0.endpoint.bodiesCutShort }
+        family(
+            "stoq_http_requests_timed_out_total", "counter",
+            "Stalled streams: request bodies that received no byte for limits.body_timeout (answered 408), responses the client acknowledged nothing of for limits.send_timeout (reset).",
+            workers.flatMap { w in
+                [
+                    ("{worker=\"\(w.index)\",what=\"body\"}", w.endpoint.requestsTimedOutBody),
+                    ("{worker=\"\(w.index)\",what=\"send\"}", w.endpoint.requestsTimedOutSend),
+                ]
+            })
         perWorker("stoq_ngtcp2_heap_bytes", "Heap ngtcp2 holds for the worker's connections now.", type: "gauge") {
             $0.endpoint.ngtcp2HeapBytes
         }
@@ -442,6 +451,7 @@ package struct NodeMetrics {
                 "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
                 "access_refused_401": w.access.refusedUnauthenticated, "access_refused_403": w.access.refusedForbidden,
                 "access_allowed_writes": w.access.allowedWrites,
+                "requests_timed_out_body": w.endpoint.requestsTimedOutBody, "requests_timed_out_send": w.endpoint.requestsTimedOutSend,
             ])
         }
         var obj: [String: Any] = ["workers": list]

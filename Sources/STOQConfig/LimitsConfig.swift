@@ -1,7 +1,8 @@
 import TOMLKit
 
 extension NodeConfig {
-    /// `[limits]`: how much the node stores and how fast each client may ask. Every limit is
+    /// `[limits]`: how much the node stores, how fast each client may ask, and how long a
+    /// stalled request or response may hold what it holds. Every limit but the two timeouts is
     /// off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
     /// 429 with `Retry-After` (docs/configuration.md `[limits]`).
     public struct Limits: Sendable, Equatable {
@@ -17,6 +18,14 @@ extension NodeConfig {
         public var requestBurst = 0
         /// `bytes_per_second`: upload bytes a second per client; 0 = no limit.
         public var bytesPerSecond: UInt64 = 0
+        /// `body_timeout`, ns: a request whose body has received no byte for this long is
+        /// answered 408 and its body dropped (what it held, a memfd or a temp file, is freed);
+        /// 0 = never. nginx's `client_body_timeout`.
+        public var bodyTimeout: UInt64 = 60 * 1_000_000_000
+        /// `send_timeout`, ns: a response of which the client has acknowledged no body byte for
+        /// this long (it stopped granting flow control, or acknowledging) is reset and its
+        /// mapping released; 0 = never. nginx's `send_timeout`.
+        public var sendTimeout: UInt64 = 60 * 1_000_000_000
 
         public init() {}
 
@@ -46,6 +55,8 @@ extension Reader {
                 allowed: "a number from 0 to 1000000, requests a second per client (0 = no limit)")
             s.int("request_burst", &l.requestBurst, 0...10_000_000)
             s.size("bytes_per_second", &l.bytesPerSecond, 0...(1 << 40))
+            s.duration("body_timeout", &l.bodyTimeout, 0...3_600_000_000_000)
+            s.duration("send_timeout", &l.sendTimeout, 0...3_600_000_000_000)
         }
         if l.requestBurst > 0 && l.requestsPerSecond == 0 {
             errors.append(

@@ -221,7 +221,7 @@ public final class Node: @unchecked Sendable {
         let storePool = WorkerAssembly.makeStorePool(workers: queues.count)
         self.storePool = storePool
         let assembly = WorkerAssembly(
-            config: cfg, credentials: credentials, settings: cfg.network.quic, secret: StaticSecret.random(),
+            config: cfg, credentials: credentials, settings: Self.workerSettings(cfg), secret: StaticSecret.random(),
             content: content, ingest: ingest,
             storePool: storePool, edge: edge,
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
@@ -691,6 +691,14 @@ public final class Node: @unchecked Sendable {
         }
         config = next
         return report
+    }
+
+    /// The workers' QUIC settings: `[network]`'s, with `[limits]`'s timeouts for stalled
+    /// requests and responses, which the endpoint enforces (`StallTimeouts`).
+    static func workerSettings(_ cfg: NodeConfig) -> QUICSettings {
+        var s = cfg.network.quic
+        (s.bodyTimeout, s.sendTimeout) = (cfg.limits.bodyTimeout, cfg.limits.sendTimeout)
+        return s
     }
 
     /// Asks every worker to drain (`network.drain_timeout`: the requests open may finish),

@@ -23,6 +23,11 @@ public struct EndpointCounters: Sendable {
     /// Responses reset because the file they were sent from shrank under them (an object
     /// replaced in place rather than by a rename): `BodyRegion.guardFileMappings`.
     public var bodiesCutShort: UInt64 = 0
+    /// Requests whose body received no byte for `QUICSettings.bodyTimeout` (answered 408, their
+    /// body dropped), and responses the peer acknowledged nothing of for
+    /// `QUICSettings.sendTimeout` (reset): stalled streams, `StallTimeouts`.
+    public var requestsTimedOutBody: UInt64 = 0
+    public var requestsTimedOutSend: UInt64 = 0
     /// Replies we could not queue (reply queue full).
     public var droppedReplies: UInt64 = 0
     /// Packets that would have had a stateless reply (Retry, Version Negotiation, Stateless
@@ -190,6 +195,7 @@ public final class QUICEndpoint {
         ev.on_body_wanted = onBodyWanted
         ev.on_sink_progress = onSinkProgress
         ev.on_body_mark = onBodyMark
+        ev.on_stalled = onStalled
         ctx = stoq_endpoint_ctx_new(isServer ? 1 : 0, credentials.raw, &raw, &ev)
     }
 
@@ -594,15 +600,24 @@ public final class QUICEndpoint {
 
     // MARK: Timers
 
-    /// When `handleTimeouts` must next run, or nil for never.
+    /// When `handleTimeouts` must next run, or nil for never: the next timer, or the next sweep
+    /// for stalled streams while some are watched.
     public func nextTimeout() -> Timestamp? {
-        timers.first?.scheduled
+        let timer = timers.first?.scheduled
+        guard sweepsStalls, stoq_endpoint_ctx_watching(ctx) != 0 else { return timer }
+        return min(timer ?? .max, nextSweep)
     }
 
     /// Runs every timer due at `now`, and takes the body writer's finished work first (credit
-    /// back to peers, request ends whose bodies are now written).
+    /// back to peers, request ends whose bodies are now written); about once a
+    /// `sweepInterval`, deals with the streams that stalled (`StallTimeouts`).
     public func handleTimeouts(now: Timestamp) {
+        stoq_endpoint_ctx_clock(ctx, now)
         stoq_endpoint_ctx_sink_poll(ctx)
+        if sweepsStalls && now >= nextSweep {
+            nextSweep = now + Self.sweepInterval
+            stoq_endpoint_ctx_sweep(ctx, now, settings.bodyTimeout, settings.sendTimeout)
+        }
         while let conn = timers.first, conn.scheduled <= now {
             timers.remove(conn)
             switch conn.state {
@@ -615,6 +630,52 @@ public final class QUICEndpoint {
             case .closing(let deadline, _), .draining(let deadline):
                 if deadline <= now { remove(conn) } else { schedule(conn) }
             }
+        }
+    }
+
+    // MARK: Stalled streams
+
+    /// How often the streams receiving a body or sending one are looked at for stalls: a
+    /// timeout fires up to this late, and the sweep's cost (a walk over those streams only) is
+    /// paid this often.
+    public static let sweepInterval: UInt64 = Nanos.second
+    private var sweepsStalls: Bool { isServer && (settings.bodyTimeout > 0 || settings.sendTimeout > 0) }
+    private var nextSweep: Timestamp = 0
+    /// The last stall seen since `takeStallNote`, for the worker's throttled log.
+    private var stallNote: String?
+
+    /// What the last stalled stream was, naming its peer, since the last call (nil: none).
+    public func takeStallNote() -> String? {
+        defer { stallNote = nil }
+        return stallNote
+    }
+
+    /// A stream the sweep found stalled (it no longer watches it). A request body: the
+    /// application hears the request aborted (and frees its memfd or temp file), and the
+    /// request is answered 408 saying what happened, or reset when it was answered already.
+    /// A response: reset with H3_REQUEST_CANCELLED; its body (a mapping) is released when the
+    /// stream closes, once the peer acknowledges the reset. The connection and its other
+    /// streams go on.
+    fileprivate func stalled(_ stream: HTTPStream, _ conn: QUICConnection, body: Bool) {
+        if body {
+            tally.requestsTimedOutBody &+= 1
+            let expected = stoq_stream_expected_length(stream.raw)
+            let what = StallTimeouts.bodyStalled(
+                timeout: settings.bodyTimeout, received: stream.bytesReceived, expected: expected == .max ? nil : expected)
+            stallNote = "\(conn.peer): \(what)"
+            application?.requestEnded(stream: stream, connection: conn, aborted: true)
+            if stream.responseStatus == 0 {
+                let text = BodyRegion(copying: Array("\(what)\n".utf8))
+                conn.respond(stream, status: 408, headers: [("content-type", "text/plain"), ("content-length", "\(text.count)")], body: text)
+            } else {
+                conn.reset(stream, errorCode: H3Error.requestCancelled)
+            }
+        } else {
+            tally.requestsTimedOutSend &+= 1
+            var given: UInt64 = 0
+            let acked = stoq_stream_body_acked(stream.raw, &given)
+            stallNote = "\(conn.peer): \(StallTimeouts.sendStalled(timeout: settings.sendTimeout, acknowledged: acked, given: given))"
+            conn.reset(stream, errorCode: H3Error.requestCancelled)
         }
     }
 
@@ -890,6 +951,8 @@ private let onRequest: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?,
     // A response to HEAD has no content, whatever the application answers: an error's text
     // included (RFC 9110 §9.3.2).
     if ep.isServer && request.method == "HEAD" { stoq_stream_set_no_content(s) }
+    // What a body timeout's 408 says it was waiting for.
+    if ep.isServer, request.hasBody, let n = request.contentLength, n >= 0 { stoq_stream_set_expected_length(s, UInt64(n)) }
     // A server sees a request before its handshake completed only in 0-RTT, which an attacker
     // can replay: only safe, idempotent methods run from it (RFC 9001 §9.2, RFC 8470 §3). The
     // client may send the others again once the handshake is done.
@@ -943,6 +1006,12 @@ private let onBodyMark: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?
     let ep = QUICEndpoint.from(ctx)
     guard let conn = connection(c), let s else { return }
     ep.application?.bodyReachedMark(stream: HTTPStream(raw: s), connection: conn)
+}
+
+private let onStalled: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, Int32) -> Void = {
+    ctx, c, s, what in
+    guard let conn = connection(c), let s else { return }
+    QUICEndpoint.from(ctx).stalled(HTTPStream(raw: s), conn, body: what == STOQ_STALL_BODY)
 }
 
 private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in

@@ -70,6 +70,14 @@ public struct QUICSettings: Sendable, Equatable {
     /// (`network.preferred_address`); clients move there once the handshake is confirmed.
     /// The endpoint must receive on it. nil = none.
     public var preferredAddress: IPv6Endpoint? = nil
+    /// Server: a request whose body has received no byte for this long, in ns, is answered
+    /// 408 and its body dropped (`limits.body_timeout`); 0: never (the default here; the node
+    /// sets it from its config). Swept about once a second (`QUICEndpoint.sweepInterval`).
+    public var bodyTimeout: UInt64 = 0
+    /// Server: a response of which the peer has acknowledged no body byte for this long, in ns,
+    /// while it gives no credit or acknowledges nothing of the connection's responses, is reset
+    /// (`limits.send_timeout`); 0: never (the default here; the node sets it from its config).
+    public var sendTimeout: UInt64 = 0
 
     public init() {}
 

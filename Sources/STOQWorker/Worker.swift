@@ -68,6 +68,8 @@ public final class Worker {
     private var lastKernelDrops: UInt32?
     /// `EndpointCounters.bodiesCutShort` as last logged.
     private var bodiesCutShort: UInt64 = 0
+    /// `EndpointCounters.requestsTimedOutBody` and `requestsTimedOutSend` as last logged.
+    private var stalls: (UInt64, UInt64) = (0, 0)
     /// Whether the last tick found the endpoint answering Initials with Retry under load.
     private var retryingUnderLoad = false
     private let maxPayload: Int
@@ -222,6 +224,7 @@ public final class Worker {
                 noteRetryUnderLoad(report, logger)
                 shedInitialFloods(report, logger)
                 noteBodiesCutShort(logger)
+                noteStalls(logger)
             }
             do { try turn() } catch let e as DatapathError where e.code == .detached {
                 guard let next = fallback?(e) else {
@@ -281,6 +284,19 @@ public final class Worker {
             "worker \(index): \(now - bodiesCutShort) responses reset: the file each was sent from shrank while it was sent (replace an object by writing a new file and renaming it over the old one, as stoq put does, not in place)"
         )
         bodiesCutShort = now
+    }
+
+    /// Logs the stalled requests and responses the endpoint timed out since the last tick, at
+    /// most once a tick, naming the last one's peer (`StallTimeouts`).
+    private func noteStalls(_ logger: Logger?) {
+        let c = endpoint.counters
+        let now = (c.requestsTimedOutBody, c.requestsTimedOutSend)
+        guard now != stalls, let last = endpoint.takeStallNote() else { return }
+        let (body, send) = (now.0 - stalls.0, now.1 - stalls.1)
+        stalls = now
+        logger?.warning(
+            "worker \(index): \(body) request bodies and \(send) responses stalled (limits.body_timeout, limits.send_timeout): the request answered 408 or the response reset; the last, from \(last)"
+        )
     }
 
     /// Logs when the endpoint starts or stops answering new Initials with Retry because of its

@@ -15,6 +15,18 @@ import Testing
         let l = NodeConfig.default.limits
         #expect(l.storageCap == 0 && l.writerQuota == 0 && l.requestsPerSecond == 0 && l.requestBurst == 0 && l.bytesPerSecond == 0)
         #expect(NodeConfig.default.overwrite == .owner)
+        // The two timeouts for stalled streams are on: nginx's defaults.
+        #expect(l.bodyTimeout == 60_000_000_000 && l.sendTimeout == 60_000_000_000)
+    }
+
+    @Test func stallTimeoutsAreDurationsAndZeroTurnsThemOff() throws {
+        let c = try ConfigLoader.parse("[limits]\nbody_timeout = \"1s\"\nsend_timeout = \"0s\"")
+        #expect(c.limits.bodyTimeout == 1_000_000_000 && c.limits.sendTimeout == 0)
+        let bare = errors("[limits]\nbody_timeout = 30")
+        #expect(bare.map(\.key) == ["limits.body_timeout"] && bare.first?.code == .badType)
+        let long = errors("[limits]\nsend_timeout = \"2h\"")
+        #expect(long.map(\.key) == ["limits.send_timeout"] && long.first?.code == .outOfRange)
+        #expect(long.first?.allowed == "a duration such as 250ms, 1s, 5m, 1h, 24h (from 0ms to 3600s)")
     }
 
     @Test func readsEveryKey() throws {

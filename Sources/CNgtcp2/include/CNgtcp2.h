@@ -150,6 +150,9 @@ typedef struct stoq_events {
   void (*on_sink_progress)(void *ctx, stoq_conn *c);
   /** Server: the request body reached the mark set with stoq_stream_set_body_mark (once). */
   void (*on_body_mark)(void *ctx, stoq_conn *c, stoq_stream *s);
+  /** Server, from stoq_endpoint_ctx_sweep: the stream made no progress for its timeout
+   *  (`what`: STOQ_STALL_BODY or STOQ_STALL_SEND). It no longer is watched; see the sweep. */
+  void (*on_stalled)(void *ctx, stoq_conn *c, stoq_stream *s, int what);
 } stoq_events;
 
 /** Transport settings shared by an endpoint's connections. */
@@ -221,6 +224,31 @@ void stoq_endpoint_ctx_sink_stats(const stoq_endpoint_ctx *ep, stoq_sink_stats *
  *  peers (on_sink_progress), request ends that waited for their writes (on_request_end). Call
  *  on the endpoint's thread every turn of its loop. Returns the buffers taken back. */
 int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
+/** Stalled streams (slowloris). A server endpoint watches, without allocating, the streams
+ *  receiving a request body and the streams holding response body bytes the peer has not
+ *  acknowledged, and notes when each last moved (a body byte arrived, or was acknowledged) by
+ *  the endpoint's clock: the `now` of the last read, write, expiry or stoq_endpoint_ctx_clock.
+ *
+ *  The sweep reports, through on_stalled, each watched stream that has not moved for its
+ *  timeout (0: that direction is not swept), once, and stops watching it:
+ *  - STOQ_STALL_BODY: no request body byte arrived for `body_timeout` (a stream whose writes
+ *    are still queued is not stalled: its credit is held by the disk, not the peer). Before
+ *    the call, the queued writes have landed, the rest of the body is dropped, and the peer
+ *    was asked to stop sending it (STOP_SENDING, H3_NO_ERROR: RFC 9114 §4.1 lets a server
+ *    that answers a request in full stop reading it).
+ *  - STOQ_STALL_SEND: no byte of the response body was acknowledged for `send_timeout`, while
+ *    the peer gives the stream or the connection no credit, or acknowledges nothing of the
+ *    connection's responses: a response waiting its turn behind the connection's others, with
+ *    credit, is not stalled while those move.
+ *  Returns how many were reported. */
+int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout);
+/** Sets the endpoint's clock (one store): call before stoq_endpoint_ctx_sink_poll. */
+void stoq_endpoint_ctx_clock(stoq_endpoint_ctx *ep, uint64_t now);
+/** Whether any stream is watched (a sweep has something to look at). */
+int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep);
+#define STOQ_STALL_BODY 1
+#define STOQ_STALL_SEND 2
+
 /** The eventfd the writer signals after each buffer it writes (the endpoint's own, unless set
  *  with stoq_endpoint_ctx_set_sink_wake_fd): the loop waits on it with its datagrams, so that
  *  credit goes back while the peer is stopped by flow control. -1 if there is no writer. */
@@ -563,6 +591,13 @@ void stoq_stream_set_sink(stoq_stream *s, int fd, uint64_t offset, uint64_t limi
 uint64_t stoq_stream_received(const stoq_stream *s);
 /** on_body_mark once `bytes` of body have been received (0 clears it). */
 void stoq_stream_set_body_mark(stoq_stream *s, uint64_t bytes);
+/** Server: the request's announced body length (its content-length), for what a timeout says;
+ *  UINT64_MAX (the default): none announced. */
+void stoq_stream_set_expected_length(stoq_stream *s, uint64_t bytes);
+uint64_t stoq_stream_expected_length(const stoq_stream *s);
+/** Server: response body bytes the peer acknowledged so far; `given` (may be NULL): those given
+ *  to send. */
+uint64_t stoq_stream_body_acked(const stoq_stream *s, uint64_t *given);
 int stoq_stream_sink_errno(const stoq_stream *s);
 /** Copies the SHA-256 of the received body (32 bytes) once the body has ended. Returns 0 if available. */
 int stoq_stream_body_sha256(stoq_stream *s, uint8_t out[32]);

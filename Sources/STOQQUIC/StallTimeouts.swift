@@ -1,0 +1,35 @@
+import STOQCore
+
+/// What a server says of a stalled stream (slowloris: a client that sends part of a request
+/// body and stops, or stops granting flow control to a response, while keeping its connection
+/// alive). The endpoint finds them (`QUICSettings.bodyTimeout`, `sendTimeout`; the C shim's
+/// `stoq_endpoint_ctx_sweep`), answers or resets them, and counts them
+/// (`EndpointCounters.requestsTimedOutBody`, `requestsTimedOutSend`); these are its words, in
+/// the 408's body and the node's log, named after the settings an operator would change.
+///
+/// Why "no byte acknowledged" for a response: in QUIC a peer that stops reading stops granting
+/// MAX_STREAM_DATA, and the sender then has nothing to send and so nothing acknowledged; a peer
+/// that stops acknowledging is the same stall seen earlier. An acknowledgement is what lets the
+/// sender release the body it holds, so it is the progress that frees what a stall holds.
+/// The stream offset advancing would also count bytes sent into the window and never taken.
+/// A response waiting its turn behind its connection's others (nghttp3 sends responses of one
+/// urgency one after another) has credit and a connection that moves: it is not stalled.
+public enum StallTimeouts {
+    /// The 408's text: e.g. `no request body bytes for 60 s (limits.body_timeout); 12345 of
+    /// 1048576 bytes received`.
+    public static func bodyStalled(timeout: UInt64, received: UInt64, expected: UInt64?) -> String {
+        let of = expected.map { "\(received) of \($0) bytes received" } ?? "\(received) bytes received"
+        return "no request body bytes for \(duration(timeout)) (limits.body_timeout); \(of)"
+    }
+
+    /// A reset response, for the log: e.g. `no response body bytes acknowledged for 60 s
+    /// (limits.send_timeout); 65536 of 8388608 bytes acknowledged`.
+    public static func sendStalled(timeout: UInt64, acknowledged: UInt64, given: UInt64) -> String {
+        "no response body bytes acknowledged for \(duration(timeout)) (limits.send_timeout); \(acknowledged) of \(given) bytes acknowledged"
+    }
+
+    /// `ns` as the operator wrote it, near enough: whole seconds as `60 s`, the rest in ms.
+    static func duration(_ ns: UInt64) -> String {
+        ns % Nanos.second == 0 ? "\(ns / Nanos.second) s" : "\(ns / 1_000_000) ms"
+    }
+}
