@@ -1,0 +1,168 @@
+"""Stalled requests and responses (slowloris) on a real node, with aioquic as the client:
+`limits.body_timeout` answers a request whose body stopped 408 and frees its temp file;
+`limits.send_timeout` resets a response whose client stopped granting flow control and
+releases its mapping; the connection, and other clients, are served meanwhile; the counters
+move and the node names the peer in its log. Timeouts of 1 s; durations only with generous bounds."""
+import asyncio
+import os
+import re
+import time
+import urllib.request
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import StreamReset
+
+from conftest import Node, settled, summed_counters
+
+CONFIG = '[admin]\nlisten = "[::1]:0"\n[limits]\nbody_timeout = "1s"\nsend_timeout = "1s"\n'
+BIG = 16 << 20
+
+
+class Client(QuicConnectionProtocol):
+    """Keeps every stream's answer: status, body, end, reset code. `frozen`: streams whose
+    flow control window this client never raises (it stops reading them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.answers = {}
+        self.frozen = set()
+        quic, frozen = self._quic, self.frozen
+        original = QuicConnection._write_stream_limits
+
+        def write_stream_limits(builder, space, stream):
+            if stream.stream_id not in frozen:
+                original(quic, builder, space, stream)
+        quic._write_stream_limits = write_stream_limits
+
+    def answer(self, sid):
+        return self.answers.setdefault(sid, {"status": None, "body": b"", "ended": False, "reset": None})
+
+    def quic_event_received(self, event):
+        if isinstance(event, StreamReset):
+            self.answer(event.stream_id)["reset"] = event.error_code
+            return
+        for ev in self.h3.handle_event(event):
+            sid = getattr(ev, "stream_id", None)
+            if sid is None:
+                continue
+            a = self.answer(sid)
+            if isinstance(ev, HeadersReceived):
+                a["status"] = int(dict(ev.headers).get(b":status", b"0"))
+            elif isinstance(ev, DataReceived):
+                a["body"] += ev.data
+            if getattr(ev, "stream_ended", False):
+                a["ended"] = True
+
+    def send(self, method, node, path, headers=(), body=b"", end=True):
+        sid = self._quic.get_next_available_stream_id()
+        self.answer(sid)
+        self.h3.send_headers(sid, [(b":method", method.encode()), (b":scheme", b"https"),
+                                   (b":authority", f"[::1]:{node.port}".encode()), (b":path", path.encode()),
+                                   *headers], end_stream=end and not body)
+        if body:
+            self.h3.send_data(sid, body, end_stream=end)
+        self.transmit()
+        return sid
+
+    async def until(self, pred, timeout=20):
+        deadline = time.time() + timeout
+        while not pred():
+            assert time.time() < deadline, f"timed out; answers: { {k: {**v, 'body': v['body'][:200]} for k, v in self.answers.items()} }"
+            await asyncio.sleep(0.05)
+
+
+def config(node, window):
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_data=64 << 20, max_stream_data=window,
+                            idle_timeout=60)
+    cfg.load_verify_locations(node.cert)
+    return cfg
+
+
+def held(pid):
+    """What the node holds now for the two stalled requests: its file descriptors open on an
+    upload's temp file, and its mappings of big.bin."""
+    uploads = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            uploads += "/.upload-" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    with open(f"/proc/{pid}/maps") as f:
+        maps = sum(1 for line in f if line.rstrip().endswith("/big.bin"))
+    return uploads, maps
+
+
+@pytest.fixture(scope="module")
+def stall_node(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("stall"), workers=1, extra=CONFIG)
+    n.add_object("big.bin", BIG)
+    n.add_object("small.bin", 1000)
+    yield n
+    assert n.stop() == 0
+
+
+def test_stalled_body_gets_408_and_stalled_response_is_reset(stall_node):
+    node = stall_node
+    pid = node.proc.pid
+    names = ["stoq_http_requests_timed_out_total"]
+    before = settled(lambda: summed_counters(node, names))[names[0]]
+    assert held(pid) == (0, 0)
+
+    async def scenario():
+        async with connect("::1", node.port, configuration=config(node, 64 << 10), create_protocol=Client) as a, \
+                connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as b:
+            # A PUT that announces 1 MiB, sends 12345 bytes and stops; a GET of 16 MiB whose
+            # window (64 KiB) this client never raises. The connection stays up: aioquic
+            # answers the node, and the test's other requests use it.
+            put = a.send("PUT", node, "/objects/slow.bin",
+                         [(b"content-length", b"1048576"), (b"authorization", f"Bearer {node.token}".encode())],
+                         body=os.urandom(12345), end=False)
+            get = a.send("GET", node, "/objects/big.bin")
+            a.frozen.add(get)
+            await a.until(lambda: a.answers[get]["status"] == 200)
+            await asyncio.sleep(0.2)
+            assert held(pid) == (1, 1), "the upload's temp file is open, the response's mapping held"
+            # Meanwhile the same connection and another one are served.
+            small_a = a.send("GET", node, "/objects/small.bin")
+            small_b = b.send("GET", node, "/objects/small.bin")
+            await a.until(lambda: a.answers[small_a]["ended"])
+            await b.until(lambda: b.answers[small_b]["ended"])
+            assert a.answers[small_a]["status"] == 200 and len(a.answers[small_a]["body"]) == 1000
+            assert b.answers[small_b]["status"] == 200 and len(b.answers[small_b]["body"]) == 1000
+            started = time.time()
+            await a.until(lambda: a.answers[put]["ended"] and a.answers[get]["reset"] is not None)
+            assert time.time() - started < 15
+            assert a.answers[put]["status"] == 408
+            assert a.answers[put]["body"].decode() == (  # docs/api.md
+                "no request body bytes for 1 s (limits.body_timeout); 12345 of 1048576 bytes received\n")
+            assert a.answers[get]["reset"] == 0x10C  # H3_REQUEST_CANCELLED
+            assert len(a.answers[get]["body"]) < BIG
+            # Still usable after both.
+            again = a.send("GET", node, "/objects/small.bin")
+            await a.until(lambda: a.answers[again]["ended"])
+            assert a.answers[again]["status"] == 200
+            # What they held goes back while the connection stays open.
+            deadline = time.time() + 15
+            while held(pid) != (0, 0) and time.time() < deadline:
+                await asyncio.sleep(0.1)
+            assert held(pid) == (0, 0), "upload fds, big.bin mappings still held"
+            assert not [f for f in os.listdir(node.storage) if f.startswith(".upload-")]
+
+    asyncio.run(scenario())
+    with open(node.workdir / "node.log") as f:
+        log = f.read()
+    assert "stalled (limits.body_timeout, limits.send_timeout)" in log and "[::1]:" in log
+    after = settled(lambda: summed_counters(node, names))[names[0]]
+    assert after - before == 2
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        text = r.read().decode()
+    body = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="body"\} (\d+)$', text, re.M))
+    send = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="send"\} (\d+)$', text, re.M))
+    assert (body, send) == (1, 1)
