@@ -163,6 +163,8 @@ public final class ObjectGate: @unchecked Sendable {
         var bytes: UInt64
         var freed: UInt64
         var freedPhysical: UInt64
+        /// Why it could grow no more, as it was then (`grow`), and whether by the cap.
+        var stopped: (refusal: Refusal, capped: Bool)?
     }
 
     /// An upload of unannounced length grows its hold by at most this much past what it has
@@ -359,11 +361,6 @@ public final class ObjectGate: @unchecked Sendable {
         _ name: String, _ w: Writer, _ current: Current?, size: UInt64?, physical: UInt64?, delete: Bool, moreThan: UInt64? = nil,
         excluding own: UInt64? = nil
     ) -> Refusal? {
-        let needs = { (n: UInt64) in moreThan.map { "more than \(Self.bytes($0))" } ?? Self.bytes(n) }
-        let mine = own.flatMap { holds[$0] }
-        func inFlight(_ bytes: UInt64, _ uploads: Int) -> String {
-            uploads == 0 ? "" : ", \(Self.bytes(bytes)) in flight in \(uploads) other upload\(uploads == 1 ? "" : "s")"
-        }
         if let why = Self.preconditionFailure(ifMatch: w.ifMatch, ifNoneMatch: w.ifNoneMatch, current: current?.etag) {
             counterValues.preconditionFailed += 1
             return Refusal(status: 412, reason: "precondition failed for \(name): \(why)")
@@ -385,32 +382,53 @@ public final class ObjectGate: @unchecked Sendable {
             default: break
             }
         }
+        let freed = current?.owner == w.identity ? current!.size : 0
+        return limitRefusalLocked(
+            w.identity, freed: freed, freedPhysical: current?.physical ?? 0, size: size, physical: physical, moreThan: moreThan,
+            excluding: own
+        ).map { r in
+            if r.capped { counterValues.storageCapRefused += 1 } else { counterValues.writerQuotaRefused += 1 }
+            return r.refusal
+        }
+    }
+
+    /// Why a write by `identity` of `size` bytes charged to it and `physical` added to the store
+    /// would pass the quota or the cap (nil: checks neither; a `physical` of 0 never passes the
+    /// cap), beside what is used, stored and held by uploads in progress but `own`; `freed` and
+    /// `freedPhysical`: what the object it replaces gives back. `capped`: the cap's refusal, not
+    /// the quota's. Counts nothing. Under `lock`.
+    private func limitRefusalLocked(
+        _ identity: String, freed: UInt64, freedPhysical: UInt64, size: UInt64?, physical: UInt64?, moreThan: UInt64?,
+        excluding own: UInt64?
+    ) -> (refusal: Refusal, capped: Bool)? {
+        let needs = { (n: UInt64) in moreThan.map { "more than \(Self.bytes($0))" } ?? Self.bytes(n) }
+        let mine = own.flatMap { holds[$0] }
+        func inFlight(_ bytes: UInt64, _ uploads: Int) -> String {
+            uploads == 0 ? "" : ", \(Self.bytes(bytes)) in flight in \(uploads) other upload\(uploads == 1 ? "" : "s")"
+        }
         if let size, settings.writerQuota > 0 {
-            let used = usage[w.identity] ?? 0
-            let freed = current?.owner == w.identity ? current!.size : 0
-            var (held, uploads) = heldBy[w.identity] ?? (0, 0)
-            if let mine, mine.identity == w.identity { (held, uploads) = (held - min(held, mine.bytes), uploads - 1) }
-            if used - min(used, freed) + held > settings.writerQuota || size > settings.writerQuota - (used - min(used, freed) + held) {
-                counterValues.writerQuotaRefused += 1
-                return Refusal(
-                    status: 507,
-                    reason: "quota for \(w.identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
-                        + "(limits.writer_quota)\(inFlight(held, uploads)), this upload needs \(needs(size))"
-                        + (freed > 0 ? " and frees \(Self.bytes(freed))" : ""))
+            let used = usage[identity] ?? 0
+            var (held, uploads) = heldBy[identity] ?? (0, 0)
+            if let mine, mine.identity == identity { (held, uploads) = (held - min(held, mine.bytes), uploads - 1) }
+            let taken = used - min(used, freed) + held
+            if taken > settings.writerQuota || size > settings.writerQuota - taken {
+                let reason =
+                    "quota for \(identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
+                    + "(limits.writer_quota)\(inFlight(held, uploads)), this upload needs \(needs(size))"
+                    + (freed > 0 ? " and frees \(Self.bytes(freed))" : "")
+                return (Refusal(status: 507, reason: reason), false)
             }
         }
         // A write adding nothing (a record over chunks already counted) is never the one refused.
         if let physical, physical > 0, settings.storageCap > 0 {
             let stored = storedLocked()
-            let freed = current?.physical ?? 0
             let held = heldBytes - min(heldBytes, mine?.bytes ?? 0), uploads = holds.count - (mine == nil ? 0 : 1)
-            let taken = stored - min(stored, freed) + held
+            let taken = stored - min(stored, freedPhysical) + held
             if taken > settings.storageCap || physical > settings.storageCap - taken {
-                counterValues.storageCapRefused += 1
-                return Refusal(
-                    status: 507,
-                    reason: "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
-                        + "(limits.storage_cap)\(inFlight(held, uploads)), this upload needs \(needs(physical))")
+                let reason =
+                    "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
+                    + "(limits.storage_cap)\(inFlight(held, uploads)), this upload needs \(needs(physical))"
+                return (Refusal(status: 507, reason: reason), true)
             }
         }
         return nil
@@ -507,15 +525,24 @@ public final class ObjectGate: @unchecked Sendable {
 
     /// An upload of unannounced length has received `received` bytes, all it holds: its hold
     /// grows to cover them and some more (`grant`) as far as the limits leave room. Returns
-    /// the bytes held now; `received` or less when there is no room for another byte (the
-    /// upload must then stop there: 507). A hold already ended stays ended (returns 0).
-    public func grow(_ hold: Hold, received: UInt64) -> UInt64 {
+    /// the bytes held now, or, when there is no room for another byte, why (the upload must
+    /// stop there; it holds what it received): the 507 as it is now, with what the other
+    /// uploads hold now, which `overHeadroom` answers and counts if another byte comes. A hold
+    /// already ended stays ended (0 bytes).
+    public func grow(_ hold: Hold, received: UInt64) -> Result<UInt64, Refusal> {
         lock.withLock {
-            guard let h = holds[hold.id] else { return 0 }
+            guard let h = holds[hold.id] else { return .success(0) }
             let room = roomLocked(h.identity, freed: h.freed, freedPhysical: h.freedPhysical, excluding: hold.id)
             let bytes = max(h.bytes, Self.grant(received: received, room: room))
             setLocked(hold.id, bytes)
-            return bytes
+            if bytes > received { return .success(bytes) }
+            let stopped =
+                limitRefusalLocked(
+                    h.identity, freed: h.freed, freedPhysical: h.freedPhysical, size: bytes + 1, physical: bytes + 1, moreThan: bytes,
+                    excluding: hold.id)
+                ?? (Refusal(status: 507, reason: "the upload needs more than the \(Self.bytes(bytes)) the limits left it"), false)
+            holds[hold.id]!.stopped = stopped
+            return .failure(stopped.refusal)
         }
     }
 
@@ -570,13 +597,18 @@ public final class ObjectGate: @unchecked Sendable {
         }
     }
 
-    /// Counts an upload the body sink stopped at `limit` (its `headroom`, or what it held when
-    /// it could grow no more; its hold ended first) and says why (507).
-    public func overHeadroom(_ name: String, by w: Writer, limit: UInt64) -> Refusal {
+    /// Counts an upload the body sink stopped at `limit` and says why (507): past what it held
+    /// when it could grow no more (`hold`'s `grow` said why then), or past its `headroom`.
+    public func overHeadroom(_ name: String, by w: Writer, limit: UInt64, hold: Hold? = nil) -> Refusal {
         let current = current(name)
         return lock.withLock {
-            refusalLocked(
-                name, Writer(identity: w.identity), current, size: limit + 1, physical: limit + 1, delete: false, moreThan: limit)
+            if let stopped = hold.flatMap({ holds[$0.id]?.stopped }) {
+                if stopped.capped { counterValues.storageCapRefused += 1 } else { counterValues.writerQuotaRefused += 1 }
+                return stopped.refusal
+            }
+            return refusalLocked(
+                name, Writer(identity: w.identity), current, size: limit + 1, physical: limit + 1, delete: false, moreThan: limit,
+                excluding: hold?.id)
                 ?? Refusal(status: 507, reason: "the upload of \(name) needs more than the \(Self.bytes(limit)) its quota left when it began")
         }
     }

@@ -303,16 +303,18 @@ public final class ObjectService: QUICApplication {
 
     /// An upload sent without a content-length reached its mark (`nextMark`). Past what it
     /// holds, its hold grows (`ObjectGate.grow`); when nothing is left to grow into, the sink's
-    /// limit comes down to what it received, so that its next byte is refused (507). Past
+    /// limit comes down to what it received, so that its next byte is refused (507, saying
+    /// what the other uploads held then). Past
     /// `ObjectIngest.followMinimum`, it is followed from here like one announced that large
     /// (with no quota or cap, the room under the cap is then reserved chunk by chunk).
     public func bodyReachedMark(stream: HTTPStream, connection: QUICConnection) {
         guard var up = uploads[stream] else { return }
         let received = stream.bytesReceived
         if up.growing, received >= up.held, let gate, let hold = up.hold {
-            up.held = gate.grow(hold, received: received)
-            if up.held <= received {
-                up.growing = false
+            switch gate.grow(hold, received: received) {
+            case .success(let bytes): up.held = bytes
+            case .failure:
+                (up.held, up.growing) = (received, false)
                 // Setting the sink again waits for its queued writes (at most a stream window):
                 // once per upload, when it runs out of room.
                 if up.quotaLimit.map({ $0 > received }) ?? true {
@@ -364,15 +366,19 @@ public final class ObjectService: QUICApplication {
         guard let up = uploads.removeValue(forKey: stream) else { return }
         if aborted || stream.sinkErrno != 0 {
             let written = Self.size(up.fd)
+            // The body passed the sink's limit: a quota's room (why: asked while the upload
+            // still holds its bytes), or storage.max_object_size.
+            var over: ObjectGate.Refusal?
+            if !aborted, stream.sinkErrno == EFBIG, let limit = up.quotaLimit, let gate, let w = up.writer {
+                over = gate.overHeadroom(up.name, by: w, limit: limit, hold: up.hold)
+            }
             discard(up)
             counters.uploadsAborted += 1
             if aborted { return }
             if stream.sinkErrno == EFBIG {
-                // The body passed the sink's limit: a quota's room, or storage.max_object_size.
-                guard let limit = up.quotaLimit, let gate, let w = up.writer else {
+                guard let r = over else {
                     return fail(stream, connection, 413, "object larger than storage.max_object_size (\(maxObjectSize) bytes)")
                 }
-                let r = gate.overHeadroom(up.name, by: w, limit: limit)
                 return fail(stream, connection, r.status, r.reason)
             }
             if StoreError.isNoSpace(stream.sinkErrno) {
