@@ -2,8 +2,8 @@ import TOMLKit
 
 extension NodeConfig {
     /// `[limits]`: how much the node stores, how fast each client may ask, and how long a
-    /// stalled request or response may hold what it holds. Every limit but the two timeouts is
-    /// off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
+    /// stalled request or response may hold what it holds. Every limit but the two timeouts and
+    /// `body_memory` is off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
     /// 429 with `Retry-After` (docs/configuration.md `[limits]`).
     public struct Limits: Sendable, Equatable {
         /// `storage_cap`: bytes the node stores at most (plain objects and chunks, each chunk
@@ -26,6 +26,10 @@ extension NodeConfig {
         /// this long (it stopped granting flow control, or acknowledging) is reset and its
         /// mapping released; 0 = never. nginx's `send_timeout`.
         public var sendTimeout: UInt64 = 60 * 1_000_000_000
+        /// `body_memory`: bytes of request bodies (chunks, manifests, have/want queries) the
+        /// node holds in memory at once, each its announced length or the most its kind may
+        /// be; one past it is answered 503 with `Retry-After` before it is read. 0 = no limit.
+        public var bodyMemory: UInt64 = 1 << 30
 
         public init() {}
 
@@ -57,6 +61,7 @@ extension Reader {
             s.size("bytes_per_second", &l.bytesPerSecond, 0...(1 << 40))
             s.duration("body_timeout", &l.bodyTimeout, 0...3_600_000_000_000)
             s.duration("send_timeout", &l.sendTimeout, 0...3_600_000_000_000)
+            s.size("body_memory", &l.bodyMemory, 0...(1 << 50))
         }
         if l.requestBurst > 0 && l.requestsPerSecond == 0 {
             errors.append(

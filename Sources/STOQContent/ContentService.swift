@@ -54,6 +54,8 @@ public final class ContentService: QUICApplication {
         var kind: Kind
         var fd: Int32
         var limit: UInt64
+        /// What it holds of `bodyMemory` until it ends.
+        var held: UInt64
         /// A manifest's writer, with the request's conditions (nil without a gate).
         var writer: ObjectGate.Writer?
     }
@@ -179,6 +181,8 @@ public final class ContentService: QUICApplication {
     package var spans: StreamSpans?
     /// Conditions, overwrite policy and quotas for writes (nil: none; tests).
     package var gate: ObjectGate?
+    /// The node's bound on request bodies held in memory (`limits.body_memory`; nil: none).
+    package var bodyMemory: BodyMemory?
     /// Where chunk PUTs are verified, written and fsynced, off this worker's thread (the
     /// node's; nil: on it, for tests). Their answers come back through `storeInbox`.
     package var storePool: WorkPool?
@@ -222,7 +226,13 @@ public final class ContentService: QUICApplication {
         self.cacheControl = maxAge.map { ("cache-control", "public, max-age=\($0)") }
     }
 
-    deinit { for u in uploads.values { close(u.fd) } }
+    deinit { for u in uploads.values { release(u) } }
+
+    /// An upload's body ended (however): its memory file closed, its `bodyMemory` given back.
+    private func release(_ up: Upload) {
+        close(up.fd)
+        bodyMemory?.give(up.held)
+    }
 
     /// Whether a request path belongs to this service.
     public static func handles(_ path: String) -> Bool {
@@ -671,18 +681,27 @@ public final class ContentService: QUICApplication {
         if let n = request.contentLength, UInt64(n) > limit {
             return fail(stream, connection, 413, "body of \(n) bytes is over \(limitName(kind, limit))")
         }
+        // Held from here to its end: its announced length (nghttp3 refuses a body longer
+        // than that), else the most it may be.
+        let held = request.hasBody ? request.contentLength.map { UInt64($0) } ?? limit : 0
+        if let bodyMemory, !bodyMemory.take(held) {
+            return fail(stream, connection, 503, bodyMemory.refusal(asked: held), headers: [("retry-after", "1")])
+        }
         let fd = stoq_memfd("stoq-upload")
-        guard fd >= 0 else { return fail(stream, connection, 500, "memfd_create: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            bodyMemory?.give(held)
+            return fail(stream, connection, 500, "memfd_create: \(String(cString: strerror(errno)))")
+        }
         var writer: ObjectGate.Writer?
         if case .manifest = kind { writer = gate?.writer(request, peer: connection.peer) }
-        uploads[stream] = Upload(kind: kind, fd: fd, limit: limit, writer: writer)
+        uploads[stream] = Upload(kind: kind, fd: fd, limit: limit, held: held, writer: writer)
         stream.setBodySink(fd: fd, limit: limit)
         if !request.hasBody { requestEnded(stream: stream, connection: connection, aborted: false) }
     }
 
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
         guard let up = uploads.removeValue(forKey: stream) else { return }
-        defer { close(up.fd) }
+        defer { release(up) }
         if aborted { return }
         if stream.sinkErrno != 0 {
             if case .advert = up.kind, stream.sinkErrno == EFBIG {
@@ -870,7 +889,7 @@ public final class ContentService: QUICApplication {
     }
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
-        if let up = uploads.removeValue(forKey: stream) { close(up.fd) }
+        if let up = uploads.removeValue(forKey: stream) { release(up) }
         if !storing.isEmpty { forgetWrites { $0.stream == stream } }
         sends[stream] = nil
         if !edgeWaits.isEmpty { edgeWaits = edgeWaits.filter { $0.value.stream != stream } }
@@ -890,12 +909,12 @@ public final class ContentService: QUICApplication {
         connection.respond(stream, status: 405, headers: [("allow", allow)], body: nil)
     }
 
-    func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String) {
+    func fail(_ stream: HTTPStream, _ connection: QUICConnection, _ status: Int, _ why: String, headers: [(String, String)] = []) {
         counters.refused += 1
         logger.debug("content request refused", metadata: ["status": "\(status)", "reason": "\(why)"])
         let body = BodyRegion(copying: Array("\(why.prefix(2000))\n".utf8))
         connection.respond(
             stream, status: status,
-            headers: [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
+            headers: headers + [("content-type", "text/plain"), ("content-length", "\(body.count)")], body: body)
     }
 }

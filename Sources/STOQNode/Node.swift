@@ -227,7 +227,7 @@ public final class Node: @unchecked Sendable {
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
             plainCuts: try makePlainCuts(cfg), gate: gate,
-            rates: rates,
+            rates: rates, bodyMemory: BodyMemory(limit: cfg.limits.bodyMemory),
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),

@@ -47,6 +47,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let gate: ObjectGate?
     /// Per-client rate limits (shared; nil: none).
     let rates: RateLimiter?
+    /// Request bodies held in memory, all workers together (`limits.body_memory`).
+    let bodyMemory: BodyMemory
     let fallback: FallbackQueues
     let stop: StopFlag
     let finished: DispatchGroup
@@ -109,6 +111,7 @@ struct WorkerAssembly: @unchecked Sendable {
             edge: edge, maxAge: originMaxAge, mesh: meshService)
         objects.gate = gate
         chunks.gate = gate
+        chunks.bodyMemory = bodyMemory
         chunks.storePool = storePool
         chunks.plainCuts = plainCuts
         var version = 0

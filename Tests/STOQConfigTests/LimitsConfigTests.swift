@@ -17,6 +17,15 @@ import Testing
         #expect(NodeConfig.default.overwrite == .owner)
         // The two timeouts for stalled streams are on: nginx's defaults.
         #expect(l.bodyTimeout == 60_000_000_000 && l.sendTimeout == 60_000_000_000)
+        // And so is the bound on request bodies held in memory.
+        #expect(l.bodyMemory == 1 << 30)
+    }
+
+    @Test func bodyMemoryIsASizeAndZeroTurnsItOff() throws {
+        #expect(try ConfigLoader.parse("[limits]\nbody_memory = \"64MB\"").limits.bodyMemory == 64 << 20)
+        #expect(try ConfigLoader.parse("[limits]\nbody_memory = \"0\"").limits.bodyMemory == 0)
+        let bad = errors("[limits]\nbody_memory = \"plenty\"")
+        #expect(bad.map(\.key) == ["limits.body_memory"] && bad.first?.code == .badValue)
     }
 
     @Test func stallTimeoutsAreDurationsAndZeroTurnsThemOff() throws {

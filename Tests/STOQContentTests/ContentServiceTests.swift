@@ -40,3 +40,28 @@ struct ContentServiceTests {
         #expect([UInt8](repeating: 0xff, count: 63).withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: 1, maxObjectSize: 1) } == nil)
     }
 }
+
+/// The node's bound on request bodies held in memory (`limits.body_memory`).
+struct BodyMemoryTests {
+    @Test func takesUpToTheLimitAndGivesBack() {
+        let m = BodyMemory(limit: 3 << 20)
+        #expect(m.take(1 << 20) && m.take(2 << 20))
+        #expect(m.held == 3 << 20)
+        #expect(!m.take(1), "full: nothing more, however small")
+        #expect(m.held == 3 << 20, "a refusal takes nothing")
+        #expect(
+            m.refusal(asked: 1)
+                == "request bodies held in memory: 3145728 bytes of 3145728 (limits.body_memory); this one may need 1; try again once others end")
+        m.give(1 << 20)
+        #expect(!m.take((1 << 20) + 1) && m.take(1 << 20))
+        m.give(3 << 20)
+        m.give(5)
+        #expect(m.held == 0, "never below nothing")
+        #expect(!m.take(4 << 20), "one body larger than the whole limit")
+    }
+
+    @Test func zeroIsNoLimit() {
+        let m = BodyMemory(limit: 0)
+        #expect(m.take(.max / 2) && m.take(.max / 2))
+    }
+}

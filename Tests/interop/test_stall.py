@@ -166,3 +166,59 @@ def test_stalled_body_gets_408_and_stalled_response_is_reset(stall_node):
     body = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="body"\} (\d+)$', text, re.M))
     send = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="send"\} (\d+)$', text, re.M))
     assert (body, send) == (1, 1)
+
+
+def test_request_bodies_held_in_memory_are_bounded_node_wide(tmp_path):
+    """`limits.body_memory` (here 2 MiB): two chunk PUTs that announce 1 MiB each and send
+    part of it hold the node's room for bodies kept in memory; a third body is answered 503
+    with Retry-After before it is read, naming what is held; once one of the two ends (stored,
+    201), a new one is taken again, and a reset one gives its room back too."""
+    import hashlib
+    node = Node(tmp_path / "n", workers=1, extra='[limits]\nbody_memory = "2MB"\n')
+    auth = (b"authorization", f"Bearer {node.token}".encode())
+
+    def chunk_put(c, body, announced, end):
+        cid = hashlib.sha256(body).hexdigest()
+        return c.send("PUT", node, f"/chunks/{cid}", [(b"content-length", str(announced).encode()), auth],
+                      body=body[:announced] if end else body[:4096], end=end)
+
+    async def scenario():
+        async with connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as a, \
+                connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as b:
+            first, second = os.urandom(1 << 20), os.urandom(1 << 20)
+            p1 = chunk_put(a, first, 1 << 20, end=False)
+            p2 = chunk_put(b, second, 1 << 20, end=False)
+            await asyncio.sleep(0.3)
+            small = os.urandom(1000)
+            p3 = chunk_put(b, small, 1000, end=True)
+            await b.until(lambda: b.answers[p3]["ended"])
+            assert b.answers[p3]["status"] == 503, b.answers[p3]
+            assert b.answers[p3]["body"].decode() == (
+                "request bodies held in memory: 2097152 bytes of 2097152 (limits.body_memory); "
+                "this one may need 1000; try again once others end\n")
+            assert a.answers[p1]["status"] is None and b.answers[p2]["status"] is None, "the two in flight go on"
+            # The first ends and is stored: its room comes back.
+            a.h3.send_data(p1, first[4096:], end_stream=True)
+            a.transmit()
+            await a.until(lambda: a.answers[p1]["ended"])
+            assert a.answers[p1]["status"] == 201, a.answers[p1]
+            p4 = chunk_put(b, small, 1000, end=True)
+            await b.until(lambda: b.answers[p4]["ended"])
+            assert b.answers[p4]["status"] == 201, b.answers[p4]
+            # The second is reset by its client: its room comes back too (1 MiB fits again).
+            b._quic.reset_stream(p2, 0x10C)
+            b.transmit()
+            third = os.urandom(1 << 20)
+            deadline = time.time() + 10
+            while True:
+                p5 = chunk_put(a, third, 1 << 20, end=True)
+                await a.until(lambda: a.answers[p5]["ended"])
+                if a.answers[p5]["status"] != 503 or time.time() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert a.answers[p5]["status"] == 201, a.answers[p5]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert node.stop() == 0
