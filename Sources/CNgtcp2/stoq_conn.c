@@ -189,6 +189,8 @@ static int cb_stream_reset(ngtcp2_conn *q, int64_t stream_id, uint64_t final_siz
   (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
+  stoq_stream *s = c->is_server ? stream_find(c, stream_id) : NULL;
+  if (s) request_body_reset(c, s);
   return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 
@@ -198,6 +200,9 @@ static int cb_stream_stop_sending(ngtcp2_conn *q, int64_t stream_id, uint64_t co
   (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
+  /* ngtcp2 resets the sending half: no more acknowledgements will come, and none are waited for. */
+  stoq_stream *s = c->is_server ? stream_find(c, stream_id) : NULL;
+  if (s) unwatch_tx(s);
   return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 

@@ -77,6 +77,23 @@ void consume(stoq_conn *c, int64_t stream_id, size_t n) {
   ngtcp2_conn_extend_max_offset(c->q, n);
 }
 
+/* A client that resets a request's body before it has an answer cancels the request (RFC 9114
+ * §4.1.1): nothing will be answered, so the sending half is reset too; the stream then closes
+ * and the application lets go of what it held for the request (a memory file, a temp file)
+ * now, not when the body timeout or the connection's end comes. A request already answered
+ * keeps its response: the client may have stopped sending because it was answered. */
+void request_body_reset(stoq_conn *c, stoq_stream *s) {
+  if (s->responded || s->body_complete) return;
+  unwatch_rx(s);
+  ngtcp2_conn_shutdown_stream_write(c->q, s->id, STOQ_H3_REQUEST_CANCELLED);
+}
+
+stoq_stream *stream_find(stoq_conn *c, int64_t id) {
+  stoq_stream *s = c->streams;
+  while (s && s->id != id) s = s->next;
+  return s;
+}
+
 static int h3_acked_stream_data(nghttp3_conn *h3, int64_t stream_id, uint64_t datalen, void *ud, void *sud) {
   stoq_conn *c = ud;
   stoq_stream *s = sud;

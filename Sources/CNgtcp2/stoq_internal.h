@@ -228,6 +228,10 @@ STOQ_HIDDEN void stream_free(stoq_conn *c, stoq_stream *s);
 /* The stream ends: its queued writes land, the application hears it closed (once; with its own
    code if it reset the stream, else `code`) and it is freed. */
 STOQ_HIDDEN void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code);
+/* Stream `id` of `c` (NULL: none; a walk of the connection's streams, for rare events). */
+STOQ_HIDDEN stoq_stream *stream_find(stoq_conn *c, int64_t id);
+/* Server: the client reset request stream `s`'s body (RESET_STREAM). */
+STOQ_HIDDEN void request_body_reset(stoq_conn *c, stoq_stream *s);
 /* The stall watch (stoq_h3.c): a server stream starts receiving a body, or holds `given` more
    body bytes to send; leaves the lists (its body ended, was acknowledged, reset, or it goes). */
 STOQ_HIDDEN void watch_rx(stoq_stream *s);

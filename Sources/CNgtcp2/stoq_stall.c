@@ -72,6 +72,10 @@ uint64_t stoq_stream_body_acked(const stoq_stream *s, uint64_t *given) {
   return s->tx_acked;
 }
 
+/* Whether `then` is at least `span` before `now` (the endpoint's clock; never true for a
+ * stamp from after `now`). */
+static int older(uint64_t now, uint64_t then, uint64_t span) { return now > then && now - then >= span; }
+
 /* A request body that stopped: what was queued lands (the application closes the sink's file
  * once it hears), the rest is dropped, and the peer is asked to stop sending it. */
 static void body_stalled(stoq_stream *s) {
@@ -83,14 +87,15 @@ static void body_stalled(stoq_stream *s) {
   if (c->ep->ev.on_stalled) c->ep->ev.on_stalled(c->ep->ev.ctx, c, s, STOQ_STALL_BODY);
 }
 
-/* Whether the peer holds the response back: no credit for the stream or the connection, or
- * nothing of the connection's responses acknowledged for `timeout`. A response with credit on
+/* Whether the peer holds the response back: no credit for the stream, or nothing of the
+ * connection's responses acknowledged for `timeout`. A response with credit on
  * a connection that moves is waiting its turn (nghttp3 sends a connection's responses of one
  * urgency one after another) or for the congestion window: not the peer's stall. */
 static int peer_holds(stoq_stream *s, uint64_t now, uint64_t timeout) {
   stoq_conn *c = s->conn;
-  if (now - c->tx_moved >= timeout) return 1;
-  return ngtcp2_conn_get_max_stream_data_left(c->q, s->id) == 0 || ngtcp2_conn_get_max_data_left(c->q) == 0;
+  /* No connection credit alone is not the peer's stall while the connection moves: a receiver
+   * bound by flow control (a slow disk behind it) is at zero between its updates. */
+  return older(now, c->tx_moved, timeout) || ngtcp2_conn_get_max_stream_data_left(c->q, s->id) == 0;
 }
 
 int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout) {
@@ -103,7 +108,7 @@ int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_t
         s->rx_moved = now;
         continue;
       }
-      if (now - s->rx_moved < body_timeout) continue;
+      if (!older(now, s->rx_moved, body_timeout)) continue;
       body_stalled(s);
       n++;
     }
@@ -112,7 +117,7 @@ int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_t
   if (send_timeout) {
     for (stoq_stream *s = ep->tx_watch; s; s = ep->tx_cursor) {
       ep->tx_cursor = s->tx_wnext;
-      if (now - s->tx_moved < send_timeout || !peer_holds(s, now, send_timeout)) continue;
+      if (!older(now, s->tx_moved, send_timeout) || !peer_holds(s, now, send_timeout)) continue;
       unwatch_tx(s);
       if (ep->ev.on_stalled) ep->ev.on_stalled(ep->ev.ctx, s->conn, s, STOQ_STALL_SEND);
       n++;

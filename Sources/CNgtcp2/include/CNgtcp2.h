@@ -237,7 +237,7 @@ int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
  *    was asked to stop sending it (STOP_SENDING, H3_NO_ERROR: RFC 9114 §4.1 lets a server
  *    that answers a request in full stop reading it).
  *  - STOQ_STALL_SEND: no byte of the response body was acknowledged for `send_timeout`, while
- *    the peer gives the stream or the connection no credit, or acknowledges nothing of the
+ *    the peer gives the stream no credit, or acknowledges nothing of the
  *    connection's responses: a response waiting its turn behind the connection's others, with
  *    credit, is not stalled while those move.
  *  Returns how many were reported. */
