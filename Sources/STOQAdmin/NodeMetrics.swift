@@ -97,8 +97,12 @@ package struct NodeMetrics {
         /// Requests answered 429, and clients tracked now (nil: no rate limits).
         package var rateLimited: UInt64?
         package var rateClients: Int?
-        package init(gate: ObjectGate.Counters, rateLimited: UInt64?, rateClients: Int?) {
-            (self.gate, self.rateLimited, self.rateClients) = (gate, rateLimited, rateClients)
+        /// Request body bytes held in memory now, and `limits.body_memory` (`BodyMemory`).
+        package var bodyMemory: (held: UInt64, limit: UInt64)?
+        package init(
+            gate: ObjectGate.Counters, rateLimited: UInt64?, rateClients: Int?, bodyMemory: (held: UInt64, limit: UInt64)? = nil
+        ) {
+            (self.gate, self.rateLimited, self.rateClients, self.bodyMemory) = (gate, rateLimited, rateClients, bodyMemory)
         }
     }
 
@@ -421,6 +425,12 @@ package struct NodeMetrics {
                 "Bytes held by uploads in progress: counted against limits.writer_quota and limits.storage_cap until they end.",
                 [("", l.gate.inFlightBytes)])
             family("stoq_limits_in_flight_uploads", "gauge", "Uploads in progress holding bytes of the limits.", [("", UInt64(l.gate.inFlightUploads))])
+            if let m = l.bodyMemory {
+                family(
+                    "stoq_limits_body_memory_bytes", "gauge",
+                    "Request bodies held in memory now (chunks, manifests, queries), each at its announced or largest length: what limits.body_memory bounds.",
+                    [("", m.held)])
+            }
             family(
                 "stoq_plain_digests_total", "counter",
                 "Plain files without a SHA-256 hashed in the background (after a GET) or by a cut: recorded (their ETag since), changed while read, or not recordable.",
@@ -473,6 +483,7 @@ package struct NodeMetrics {
                 "overwrite_refused": l.gate.overwriteRefused, "in_flight_bytes": l.gate.inFlightBytes,
                 "in_flight_uploads": l.gate.inFlightUploads,
             ]
+            if let m = l.bodyMemory { (o["body_memory_held"], o["body_memory_limit"]) = (m.held, m.limit) }
             if let limited = l.rateLimited { (o["rate_limited"], o["rate_clients"]) = (limited, l.rateClients ?? 0) }
             obj["limits"] = o
         }

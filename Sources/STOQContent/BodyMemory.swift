@@ -19,12 +19,15 @@ public final class BodyMemory: @unchecked Sendable {
     /// Bytes held now.
     public var held: UInt64 { lock.withLock { heldBytes } }
 
-    /// Takes `bytes` for a body; false (nothing taken) when that would pass the limit.
-    public func take(_ bytes: UInt64) -> Bool {
+    /// Takes room for a body of at most `bytes`: what was taken (at most the whole limit, so a
+    /// body larger than it may still go while nothing else is held), or nil (nothing taken)
+    /// when that would pass the limit.
+    public func take(_ bytes: UInt64) -> UInt64? {
         lock.withLock {
-            guard limit == 0 || bytes <= limit - min(limit, heldBytes) else { return false }
+            let bytes = limit == 0 ? bytes : min(bytes, limit)
+            guard limit == 0 || bytes <= limit - min(limit, heldBytes) else { return nil }
             heldBytes += bytes
-            return true
+            return bytes
         }
     }
 

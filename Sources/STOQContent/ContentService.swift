@@ -683,9 +683,13 @@ public final class ContentService: QUICApplication {
         }
         // Held from here to its end: its announced length (nghttp3 refuses a body longer
         // than that), else the most it may be.
-        let held = request.hasBody ? request.contentLength.map { UInt64($0) } ?? limit : 0
-        if let bodyMemory, !bodyMemory.take(held) {
-            return fail(stream, connection, 503, bodyMemory.refusal(asked: held), headers: [("retry-after", "1")])
+        let wants = request.hasBody ? request.contentLength.map { UInt64($0) } ?? limit : 0
+        var held: UInt64 = 0
+        if let bodyMemory {
+            guard let took = bodyMemory.take(wants) else {
+                return fail(stream, connection, 503, bodyMemory.refusal(asked: wants), headers: [("retry-after", "1")])
+            }
+            held = took
         }
         let fd = stoq_memfd("stoq-upload")
         guard fd >= 0 else {
@@ -701,7 +705,12 @@ public final class ContentService: QUICApplication {
 
     public func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
         guard let up = uploads.removeValue(forKey: stream) else { return }
-        defer { release(up) }
+        // Its memory is held until here, or until the chunk write that takes on its mapping ends.
+        var held = up.held
+        defer {
+            close(up.fd)
+            bodyMemory?.give(held)
+        }
         if aborted { return }
         if stream.sinkErrno != 0 {
             if case .advert = up.kind, stream.sinkErrno == EFBIG {
@@ -727,7 +736,9 @@ public final class ContentService: QUICApplication {
         // `body` points into the mapping, which Swift may release after the region's last use.
         defer { withExtendedLifetime(region) {} }
         switch up.kind {
-        case .chunk(let id): storeChunk(id, region, stream, connection)
+        case .chunk(let id):
+            storeChunk(id, region, stream, connection, held: held)
+            held = 0
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
@@ -754,20 +765,26 @@ public final class ContentService: QUICApplication {
 
     /// A chunk PUT's body, complete: verified, written and fsynced on the store pool (inline
     /// without one), room under the storage cap reserved meanwhile; answered when it is durable.
-    private func storeChunk(_ id: ChunkID, _ body: BodyRegion, _ stream: HTTPStream, _ connection: QUICConnection) {
+    /// Writes a chunk PUT's `body` (a mapping of its memory file), which holds `held` of
+    /// `bodyMemory` until the write ends.
+    private func storeChunk(_ id: ChunkID, _ body: BodyRegion, _ stream: HTTPStream, _ connection: QUICConnection, held: UInt64) {
         let span = storeSpan("store.write", stream, chunk: id)
         counters.chunkBytesReceived += UInt64(body.count)
         var reserved: UInt64 = 0
         if let gate, gate.settings.storageCap > 0, (try? index.chunks.has(id)) != true {
             if let r = gate.reserve(UInt64(body.count)) {
+                bodyMemory?.give(held)
                 span?.end()
                 return fail(stream, connection, r.status, r.reason)
             }
             reserved = UInt64(body.count)
         }
-        let chunks = index.chunks, gate = self.gate
+        let chunks = index.chunks, gate = self.gate, memory = bodyMemory
         let write = { () -> (status: Int, reason: String) in
-            defer { if reserved > 0 { gate?.release(reserved) } }
+            defer {
+                if reserved > 0 { gate?.release(reserved) }
+                memory?.give(held)
+            }
             return Self.put(id, body, into: chunks)
         }
         guard let storePool else {

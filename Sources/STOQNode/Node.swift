@@ -47,6 +47,8 @@ public final class Node: @unchecked Sendable {
     public private(set) var gate: ObjectGate?
     /// Per-client rate limits (nil: `[limits]` sets none).
     private var rates: RateLimiter?
+    /// Request bodies the workers hold in memory (`limits.body_memory`).
+    private var bodyMemory: BodyMemory?
     private var admin: AdminServer?
     private let stopFlag = StopFlag()
     private var threads: [Thread] = []
@@ -220,6 +222,7 @@ public final class Node: @unchecked Sendable {
         let mesh = try connectWorkers(queues)
         let storePool = WorkerAssembly.makeStorePool(workers: queues.count)
         self.storePool = storePool
+        bodyMemory = BodyMemory(limit: cfg.limits.bodyMemory)
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: Self.workerSettings(cfg), secret: StaticSecret.random(),
             content: content, ingest: ingest,
@@ -227,7 +230,7 @@ public final class Node: @unchecked Sendable {
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
             plainCuts: try makePlainCuts(cfg), gate: gate,
-            rates: rates, bodyMemory: BodyMemory(limit: cfg.limits.bodyMemory),
+            rates: rates, bodyMemory: bodyMemory!,
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),
@@ -464,7 +467,7 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
-        let gate = self.gate, rates = self.rates, cuts = plainCuts
+        let gate = self.gate, rates = self.rates, cuts = plainCuts, bodyMemory = self.bodyMemory
         // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
         let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
         // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
@@ -490,7 +493,11 @@ public final class Node: @unchecked Sendable {
                     certificate: certificate, edge: edgeCounters, mesh: meshStatus, configuredDatapath: configured,
                     fixedCertificateNotAfter: fixedNotAfter,
                     diskFull: .init(refusals: store.diskFull.refusals, episodes: store.diskFull.episodes, full: store.diskFull.full),
-                    limits: gate.map { NodeMetrics.Limits(gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients) },
+                    limits: gate.map {
+                        NodeMetrics.Limits(
+                            gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients,
+                            bodyMemory: bodyMemory.map { ($0.held, $0.limit) })
+                    },
                     plainCuts: cuts?.counters)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")

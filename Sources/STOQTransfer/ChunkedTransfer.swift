@@ -176,9 +176,13 @@ extension STOQClient {
         return String(url.path.dropFirst(9))
     }
 
+    /// Times a chunk PUT answered 503 (the node is busy) is sent again, a second apart.
+    static let busyRetries = 5
+
     /// Uploads `file` as object `<name>` in chunks: chunks it locally, asks the node which
     /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
-    /// flight), then the manifest.
+    /// flight; one the node answers 503 again a second later, up to `busyRetries` times), then
+    /// the manifest.
     public static func putChunked(
         file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
         datapath: ClientDatapath,
@@ -216,23 +220,39 @@ extension STOQClient {
         var queued = Set<ContentDigest>()
         for (i, c) in manifest.chunks.enumerated() where missing.contains(c.id) && queued.insert(c.id).inserted { sends.append(i) }
         var next = 0, inFlight = 0, bytesSent: UInt64 = 0
-        while next < sends.count || inFlight > 0 {
-            while next < sends.count && inFlight < concurrency {
-                let i = sends[next]
+        // Chunks a busy node answered 503 (its memory for bodies is taken: `limits.body_memory`)
+        // go again a second later, each at most `busyRetries` times, before any new one.
+        var busy: [(chunk: Int, due: UInt64)] = [], tries: [Int: Int] = [:]
+        while next < sends.count || inFlight > 0 || !busy.isEmpty {
+            if inFlight == 0, let due = busy.first?.due, due > monotonicNow() { usleep(UInt32((due - monotonicNow()) / 1_000)) }
+            while (next < sends.count || busy.first.map { $0.due <= monotonicNow() } == true) && inFlight < concurrency {
+                let i: Int
+                if let b = busy.first, b.due <= monotonicNow() {
+                    i = b.chunk
+                    busy.removeFirst()
+                } else {
+                    i = sends[next]
+                    next += 1
+                }
                 let length = Int(manifest.chunks[i].length)
                 guard let region = readChunk(fd: fd, offset: offsets[i], length: length) else {
                     throw ClientError(
                         .io, "\(file): changed while it was sent: chunk \(i) (\(length) bytes at \(offsets[i])) cannot be read whole")
                 }
                 try session.submit("PUT", "/chunks/\(manifest.chunks[i].id.hex)", body: region, tag: i)
-                next += 1
                 inFlight += 1
             }
+            if inFlight == 0 { continue }
             try session.run(until: { !session.app.done.isEmpty }) {
                 "\(next - inFlight) of \(sends.count) missing chunks stored (\(bytesSent) bytes)"
             }
             for d in session.app.done {
                 inFlight -= 1
+                if d.status == 503, tries[d.tag, default: 0] < Self.busyRetries {
+                    tries[d.tag, default: 0] += 1
+                    busy.append((d.tag, monotonicNow() + 1_000_000_000))
+                    continue
+                }
                 guard let status = d.status, status == 200 || status == 201 else {
                     throw ClientError(.http, "PUT /chunks/\(manifest.chunks[d.tag].id.hex): HTTP \(d.status.map(String.init) ?? "reset")")
                 }

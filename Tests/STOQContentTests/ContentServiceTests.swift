@@ -45,23 +45,27 @@ struct ContentServiceTests {
 struct BodyMemoryTests {
     @Test func takesUpToTheLimitAndGivesBack() {
         let m = BodyMemory(limit: 3 << 20)
-        #expect(m.take(1 << 20) && m.take(2 << 20))
+        #expect(m.take(1 << 20) == 1 << 20 && m.take(2 << 20) == 2 << 20)
         #expect(m.held == 3 << 20)
-        #expect(!m.take(1), "full: nothing more, however small")
+        #expect(m.take(1) == nil, "full: nothing more, however small")
         #expect(m.held == 3 << 20, "a refusal takes nothing")
         #expect(
             m.refusal(asked: 1)
                 == "request bodies held in memory: 3145728 bytes of 3145728 (limits.body_memory); this one may need 1; try again once others end")
         m.give(1 << 20)
-        #expect(!m.take((1 << 20) + 1) && m.take(1 << 20))
+        #expect(m.take((1 << 20) + 1) == nil && m.take(1 << 20) == 1 << 20)
         m.give(3 << 20)
         m.give(5)
         #expect(m.held == 0, "never below nothing")
-        #expect(!m.take(4 << 20), "one body larger than the whole limit")
+        // A body larger than the whole limit holds all of it, while nothing else is held.
+        #expect(m.take(32 << 20) == 3 << 20)
+        #expect(m.take(1) == nil)
+        m.give(3 << 20)
+        #expect(m.held == 0)
     }
 
     @Test func zeroIsNoLimit() {
         let m = BodyMemory(limit: 0)
-        #expect(m.take(.max / 2) && m.take(.max / 2))
+        #expect(m.take(.max / 2) == .max / 2 && m.take(.max / 2) == .max / 2)
     }
 }

@@ -39,7 +39,8 @@ import STOQContent
         (gate.storedBytes, gate.owners, gate.inFlightBytes, gate.inFlightUploads) = (5000, 6, 12, 13)
         (gate.digests.recorded, gate.digests.changed, gate.digests.unrecorded) = (9, 10, 11)
         let with = NodeMetrics(
-            workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
+            workers: [], store: nil, certificate: nil, edge: nil,
+            limits: .init(gate: gate, rateLimited: 7, rateClients: 8, bodyMemory: (held: 14, limit: 1 << 30))
         ).prometheus()
         for line in [
             #"stoq_limits_quota_refused_total{kind="storage_cap"} 1"#, #"stoq_limits_quota_refused_total{kind="writer_quota"} 2"#,
@@ -47,15 +48,18 @@ import STOQContent
             "stoq_limits_writers 6", "stoq_limits_rate_limited_total 7", "stoq_limits_rate_clients 8",
             #"stoq_plain_digests_total{outcome="recorded"} 9"#, #"stoq_plain_digests_total{outcome="changed"} 10"#,
             #"stoq_plain_digests_total{outcome="unrecorded"} 11"#, "stoq_limits_in_flight_bytes 12", "stoq_limits_in_flight_uploads 13",
+            "stoq_limits_body_memory_bytes 14",
         ] {
             #expect(with.contains("\n\(line)\n"), "\(line)")
         }
         // /status says the same, beside the other gate numbers.
         let status = NodeMetrics(
-            workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: 7, rateClients: 8)
+            workers: [], store: nil, certificate: nil, edge: nil,
+            limits: .init(gate: gate, rateLimited: 7, rateClients: 8, bodyMemory: (held: 14, limit: 1 << 30))
         ).json()
         let limits = (try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])?["limits"] as? [String: Any]
         #expect(limits?["in_flight_bytes"] as? Int == 12 && limits?["in_flight_uploads"] as? Int == 13)
+        #expect(limits?["body_memory_held"] as? Int == 14 && limits?["body_memory_limit"] as? Int == 1 << 30)
         // Without rate limits there is no rate family that would read as "never limited".
         let without = NodeMetrics(
             workers: [], store: nil, certificate: nil, edge: nil, limits: .init(gate: gate, rateLimited: nil, rateClients: nil)
