@@ -41,6 +41,12 @@ import STOQStore
 /// what it holds with no room left to grow. The commit turns the hold into usage under the
 /// lock; every other end releases it (`end`). Holds live in memory only: a restart starts
 /// with none (the temp files of the uploads a crash cut short are removed at start).
+/// Each byte counts once: the chunks an ingest stores for an upload before its commit
+/// (`stored(_:by:)`) are inside that upload's hold, so the bytes stored leave them out until the
+/// hold ends (then they are the object's, or garbage waiting for collection). Stored bytes +
+/// held bytes is what the cap is checked against, and with them counted twice a followed upload
+/// would need twice its size free at its end, and one of unannounced length could grow only
+/// into half of the room left.
 ///
 /// Plain files keep their owner and SHA-256 in an extended attribute (`user.stoq.object`,
 /// `2 <sha256 hex> <size> <mtime ns> <owner>`, the numbers in hex), set on the temp file before
@@ -87,7 +93,8 @@ public final class ObjectGate: @unchecked Sendable {
         public var preconditionFailed: UInt64 = 0
         /// Writes and deletes refused by `access.overwrite` (403, or 409 under "never").
         public var overwriteRefused: UInt64 = 0
-        /// Bytes stored now: plain files and chunks.
+        /// Bytes stored now: plain files and chunks, but the chunks of uploads in progress
+        /// (their holds count them, in `inFlightBytes`).
         public var storedBytes: UInt64 = 0
         /// Owners with objects stored.
         public var owners = 0
@@ -161,6 +168,9 @@ public final class ObjectGate: @unchecked Sendable {
     private struct Held {
         var identity: String
         var bytes: UInt64
+        /// Bytes of chunks the upload's ingest has stored (`stored(_:by:)`), which the chunk
+        /// store counts too; those within `bytes` are the hold's, not the bytes stored.
+        var chunks: UInt64 = 0
         var freed: UInt64
         var freedPhysical: UInt64
         /// Why it could grow no more, as it was then (`grow`), and whether by the cap.
@@ -193,6 +203,8 @@ public final class ObjectGate: @unchecked Sendable {
     private var holds: [UInt64: Held] = [:]
     private var heldBy: [String: (bytes: UInt64, uploads: Int)] = [:]
     private var heldBytes: UInt64 = 0
+    /// Of `heldBytes`, those stored as chunks already: Σ min(chunks, bytes) over the holds.
+    private var heldInChunks: UInt64 = 0
     private var nextHold: UInt64 = 1
     private var chunkBytesAtStart: UInt64 = 0
     private var storeAtStart = StoreCounters()
@@ -568,18 +580,32 @@ public final class ObjectGate: @unchecked Sendable {
     /// Bytes `hold` holds now (0 once it ended).
     public func held(_ hold: Hold) -> UInt64 { lock.withLock { holds[hold.id]?.bytes ?? 0 } }
 
+    /// The ingest of the upload holding `hold` stored a new chunk of `bytes` bytes, before the
+    /// commit: its hold covers them, so the bytes stored leave them out (each byte counts once
+    /// against the cap) until the hold ends. Called after the chunk store counted the chunk:
+    /// between the two it counts twice, never not at all. A hold already ended is left alone.
+    public func stored(_ bytes: UInt64, by hold: Hold) {
+        lock.withLock {
+            guard let h = holds[hold.id] else { return }
+            holds[hold.id]!.chunks = h.chunks + bytes
+            heldInChunks = heldInChunks - min(heldInChunks, min(h.chunks, h.bytes)) + min(h.chunks + bytes, h.bytes)
+        }
+    }
+
     /// Sets hold `id`'s bytes (if it is still held). Under `lock`.
     private func setLocked(_ id: UInt64, _ bytes: UInt64) {
         guard let h = holds[id] else { return }
         holds[id]!.bytes = bytes
         heldBy[h.identity]!.bytes = heldBy[h.identity]!.bytes - min(heldBy[h.identity]!.bytes, h.bytes) + bytes
         heldBytes = heldBytes - min(heldBytes, h.bytes) + bytes
+        heldInChunks = heldInChunks - min(heldInChunks, min(h.chunks, h.bytes)) + min(h.chunks, bytes)
     }
 
-    /// Ends hold `id` (if it is still held). Under `lock`.
+    /// Ends hold `id` (if it is still held): its chunks count as stored from here. Under `lock`.
     private func endLocked(_ id: UInt64) {
         guard let h = holds.removeValue(forKey: id) else { return }
         heldBytes -= min(heldBytes, h.bytes)
+        heldInChunks -= min(heldInChunks, min(h.chunks, h.bytes))
         if let by = heldBy[h.identity] {
             heldBy[h.identity] = by.uploads <= 1 ? nil : (by.bytes - min(by.bytes, h.bytes), by.uploads - 1)
         }
@@ -684,12 +710,15 @@ public final class ObjectGate: @unchecked Sendable {
         if fileGone { flatBytes -= min(flatBytes, c.physical) }
     }
 
+    /// Bytes stored: plain files, reservations and chunks, but the chunks uploads in progress
+    /// have stored, which their holds count (`heldInChunks`). Under `lock`.
     private func storedLocked() -> UInt64 {
         guard let index else { return flatBytes + reserved }
         let now = index.chunks.counters
         let written = now.bytesWritten - min(now.bytesWritten, storeAtStart.bytesWritten)
         let collected = now.bytesCollected - min(now.bytesCollected, storeAtStart.bytesCollected)
-        return flatBytes + reserved + (chunkBytesAtStart + written) - min(chunkBytesAtStart + written, collected)
+        let chunks = (chunkBytesAtStart + written) - min(chunkBytesAtStart + written, collected)
+        return flatBytes + reserved + chunks - min(chunks, heldInChunks)
     }
 
     /// Who stores what, from the files and records.

@@ -309,7 +309,8 @@ public final class ObjectIngest: @unchecked Sendable {
     /// again), then the record. `reserve`, when given, is asked for each chunk's room before
     /// it is put (and throws a refusal). `ending`, asked once the chunker has reached its
     /// source's end, says how long the object is and its SHA-256 if known (else the chunker's).
-    /// The commit turns `hold` (the upload's) into usage.
+    /// `hold` (the upload's) covers the new chunks as they are stored (`ObjectGate.stored`), and
+    /// the commit turns it into usage.
     static func store<Source: STOQChunking.ChunkSource>(
         _ chunker: StreamingChunker<Source>, as name: String, into index: ObjectIndex, sizeHint: UInt64, gate: ObjectGate?,
         writer: ObjectGate.Writer?, hold: ObjectGate.Hold? = nil, reserve: ((Int) throws -> Void)? = nil,
@@ -334,6 +335,8 @@ public final class ObjectIngest: @unchecked Sendable {
                     written += length
                     report.newChunks += 1
                     report.newBytes += UInt64(length)
+                    // Inside the upload's hold from here, not counted again as stored.
+                    if let hold { gate?.stored(UInt64(length), by: hold) }
                 case .alreadyPresent:
                     report.reusedChunks += 1
                     report.reusedBytes += UInt64(length)

@@ -406,6 +406,35 @@ final class ObjectGateTests {
         #expect(again.counters.inFlightBytes == 0 && again.counters.inFlightUploads == 0 && again.usage(of: "token:alice") == 1)
     }
 
+    /// Chunks an upload's ingest stores before its commit are inside the upload's hold: counted
+    /// once against the cap, in flight and not as stored too, so the upload settles with room
+    /// for itself only once; an upload abandoned leaves them stored (garbage until collected).
+    @Test func chunksStoredForAnUploadCountOnceInsideItsHold() throws {
+        let g = try gate(.init(storageCap: 40 << 20, writerQuota: 30 << 20))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        let a = try hold(g, "a", alice, 24 << 20).get()
+        var chunk = [UInt8](repeating: 7, count: 1 << 20)
+        for i in 0..<20 {
+            chunk[0] = UInt8(i)
+            #expect(try index.chunks.put(id: ChunkID(digestOf: chunk), bytes: chunk) == .stored)
+            g.stored(1 << 20, by: a)
+        }
+        #expect(g.counters.storedBytes == 0 && g.counters.inFlightBytes == 24 << 20)
+        // Beside it the cap leaves 16 MiB, and the writer's quota 6 MiB (its object's length).
+        #expect(g.check("b", by: .init(identity: "token:bob"), size: 16 << 20, physical: 16 << 20) == nil)
+        #expect(g.check("b", by: .init(identity: "token:bob"), size: (16 << 20) + 1, physical: (16 << 20) + 1)?.status == 507)
+        #expect(g.check("c", by: alice, size: (6 << 20) + 1, physical: 1)?.status == 507)
+        // Counted twice, its end would need 48 MiB of the 40.
+        #expect(g.settle(a, "a", by: alice, size: 24 << 20) == nil)
+        #expect(g.counters.storedBytes == 0 && g.counters.inFlightBytes == 24 << 20)
+        g.end(a)
+        #expect(g.counters.storedBytes == 20 << 20 && g.counters.inFlightBytes == 0)
+        #expect(g.counters.storageCapRefused == 1 && g.counters.writerQuotaRefused == 1)  // the two checks above
+        // A hold that ended takes no more chunks in.
+        g.stored(1 << 20, by: a)
+        #expect(g.counters.storedBytes == 20 << 20)
+    }
+
     @Test func reservedChunkBytesCountUntilReleased() throws {
         let g = try gate(.init(storageCap: 1000))
         #expect(g.reserve(600) == nil)

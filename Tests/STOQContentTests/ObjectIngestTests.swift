@@ -309,6 +309,94 @@ extension ObjectIngestTests {
         #expect(gate.usage(of: "token:u") == 300_000 && gate.counters.inFlightBytes == 0 && gate.counters.inFlightUploads == 0)
     }
 
+    /// `count` bytes (a multiple of 8) of seeded noise, 8 at a time: fast enough for tens of MiB.
+    static func noise(_ count: Int, seed: UInt64) -> [UInt8] {
+        var s = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        var out = [UInt8](repeating: 0, count: count)
+        out.withUnsafeMutableBytes { raw in
+            for at in stride(from: 0, to: count, by: 8) {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17
+                raw.storeBytes(of: s, toByteOffset: at, as: UInt64.self)
+            }
+        }
+        return out
+    }
+
+    /// Ingests `data` as `name` followed under a 40 MiB storage cap, the worker's part played
+    /// here: the body lands 1 MiB at a time while the follower keeps up (on a real link it
+    /// does), an upload of unannounced length (`announced` false) growing its hold as its body
+    /// reaches it; then the body settles and completes. Returns where it stopped growing (nil:
+    /// it did not), the settle's refusal, the outcome and the gate.
+    func followUnderCap(
+        _ data: [UInt8], as name: String, announced: Bool
+    ) throws -> (stoppedAt: Int?, settle: ObjectGate.Refusal?, outcome: ObjectIngest.Outcome?, gate: ObjectGate) {
+        let ingest = try ObjectIngest(index: index, parameters: .default, storagePath: storage, logger: Logger(label: "test"))
+        defer { ingest.stop() }
+        let gate = try ObjectGate(settings: .init(storageCap: 40 << 20), storagePath: storage, index: index)
+        let (inbox, posted) = Self.signallingInbox()
+        let w = ObjectGate.Writer(identity: "token:u")
+        let hold = try #require(try gate.hold(name, by: w, size: announced ? UInt64(data.count) : nil).get())
+        let temp = ".upload-\(name)"
+        let follower = try #require(
+            ingest.follow(
+                fd: try upload([], named: temp), temp: temp, name: name, ticket: 1, inbox: inbox, gate: gate, writer: w, hold: hold,
+                sinkHashes: false))
+        var held = Int(hold.bytes), received = 0, stoppedAt: Int?
+        let lag = 2 * ChunkingParameters.default.maxSize  // what the chunker keeps until the next bytes come
+        while received < data.count {
+            if !announced, received >= held {
+                guard case .success(let bytes) = gate.grow(hold, received: UInt64(received)) else {
+                    stoppedAt = received
+                    break
+                }
+                held = Int(bytes)
+            }
+            let n = min(1 << 20, data.count - received, announced ? .max : held - received)
+            Self.append(Array(data[received..<received + n]), to: storage + "/" + temp, pieces: 1)
+            received += n
+            #expect(Self.eventually { index.chunks.counters.bytesWritten + UInt64(lag) >= UInt64(received) })
+        }
+        guard stoppedAt == nil else {
+            follower.abandon()
+            return (stoppedAt, nil, nil, gate)
+        }
+        let settle = gate.settle(hold, name, by: w, size: UInt64(data.count))
+        guard settle == nil else {
+            follower.abandon()
+            return (nil, settle, nil, gate)
+        }
+        follower.complete(size: UInt64(data.count), digest: nil)
+        #expect(posted.wait(timeout: .now() + 60) == .success)
+        var outcomes: [ObjectIngest.Outcome] = []
+        inbox.drain(into: &outcomes)
+        return (nil, nil, outcomes.first, gate)
+    }
+
+    /// A followed upload's chunks, stored before its commit, are inside its hold: 24 MiB under
+    /// a 40 MiB cap settles and commits (counted twice, its end needed 48 MiB free), and its
+    /// chunks are then the bytes stored, once.
+    @Test func aFollowedUploadsChunksCountOnceAgainstTheCap() throws {
+        let data = Self.noise(24 << 20, seed: 24)
+        let (_, settle, outcome, gate) = try followUnderCap(data, as: "announced", announced: true)
+        #expect(settle == nil)
+        #expect(outcome?.failure == nil && outcome?.report.newBytes == 24 << 20)
+        #expect(gate.counters.storedBytes == 24 << 20 && gate.counters.storageCapRefused == 0)
+        #expect(gate.counters.inFlightBytes == 0 && gate.counters.inFlightUploads == 0)
+        #expect(try stored("announced") == data)
+    }
+
+    /// An upload of unannounced length grows into all the room the cap leaves while it is
+    /// followed: 32 MiB under 40 (counted twice, it stopped at about half of the room).
+    @Test func aFollowedUploadOfUnknownLengthGrowsIntoAllTheRoomLeft() throws {
+        let data = Self.noise(32 << 20, seed: 25)
+        let (stoppedAt, settle, outcome, gate) = try followUnderCap(data, as: "unannounced", announced: false)
+        #expect(stoppedAt == nil, "stopped growing at \(stoppedAt ?? 0) bytes")
+        #expect(settle == nil)
+        #expect(outcome?.failure == nil && outcome?.report.newBytes == 32 << 20)
+        #expect(gate.counters.storedBytes == 32 << 20 && gate.counters.inFlightBytes == 0 && gate.counters.inFlightUploads == 0)
+        #expect(try stored("unannounced") == data)
+    }
+
     /// At most `maxFollowers` at once; an abandoned upload posts nothing, records no object,
     /// and frees its follower for the next one.
     @Test func abandonedFollowersPostNothingAndFreeTheirPlace() throws {

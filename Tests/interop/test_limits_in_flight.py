@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node, run
+from conftest import Node, random_file, run, sha256_file, stoq
 
 HERE = Path(__file__).resolve().parent
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
@@ -157,3 +157,24 @@ def test_two_uploads_of_unknown_length_that_fit_both_succeed(make_node, store):
     assert [a["status"] for a in answers] == [201, 201], answers
     assert most <= LIMIT
     assert metrics(node)["stoq_limits_in_flight_bytes"] == 0
+
+
+def test_a_followed_upload_counts_once_against_the_cap(make_node, tmp_path):
+    # 24 MB with dedup on is chunked while it arrives (8 MiB or more): its chunks are inside its
+    # hold until the commit, not counted as stored too, so 40 MB is room enough (twice over
+    # it needed 48: a 507 at its end, its chunks left behind).
+    node = make_node('[limits]\nstorage_cap = "40MB"\n')
+    src = random_file(tmp_path / "big.bin", 24 * MB, 61)
+    r = stoq("put", src, node.url("big.bin"), "--ca", node.cert, "--json", timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == 201, r.stdout + r.stderr
+    out = tmp_path / "got.bin"
+    r = stoq("get", node.url("big.bin"), "-o", out, "--ca", node.cert, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sha256_file(out) == sha256_file(src)
+    time.sleep(1.2)  # workers publish about once a second
+    m = metrics(node)
+    assert sum(v for k, v in m.items() if k.startswith("stoq_ingest_followed_total")) == 1, m
+    # Its chunks are stored once, and nothing is in flight any more.
+    assert m["stoq_stored_bytes"] == 24 * MB, m
+    assert m["stoq_limits_in_flight_bytes"] == 0 and m["stoq_limits_in_flight_uploads"] == 0
+    assert m['stoq_limits_quota_refused_total{kind="storage_cap"}'] == 0
