@@ -418,7 +418,10 @@ package struct NodeMetrics {
             family(
                 "stoq_overwrite_refused_total", "counter", "Replacements and deletes refused by access.overwrite (403, or 409 under never).",
                 [("", l.gate.overwriteRefused)])
-            family("stoq_stored_bytes", "gauge", "Bytes the node stores: plain objects and chunks (what limits.storage_cap caps).", [("", l.gate.storedBytes)])
+            family(
+                "stoq_stored_bytes", "gauge",
+                "Bytes the node stores: plain objects and chunks, but for chunks of uploads in progress (in stoq_limits_in_flight_bytes); with those, what limits.storage_cap caps.",
+                [("", l.gate.storedBytes)])
             family("stoq_limits_writers", "gauge", "Writers with objects stored (what limits.writer_quota applies to).", [("", UInt64(l.gate.owners))])
             family(
                 "stoq_limits_in_flight_bytes", "gauge",
