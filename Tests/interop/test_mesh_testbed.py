@@ -630,11 +630,14 @@ def test_a_cut_link_is_down_at_both_ends_and_routes_avoid_it(twopaths6):
     def restored():
         s = m.statuses([2, 3])
         seen = (neighbour_state(m, s[2], 3), neighbour_state(m, s[3], 2))
-        r = m.route(s[2], 3)
-        return seen == ("up", "up") and r is not None and len(r["path"]) == 2, {"states": seen, "route 2→3": r and r["path"]}
-    # Up again takes a new handshake (the connection was dropped when the link went down)
-    # and two answered probes.
-    t_up = wait_until("2-3 up again at both ends", down_after + 5, restored, since=t1)
+        r, back = m.route(s[2], 3), m.route(s[3], 2)
+        return seen == ("up", "up") and r is not None and len(r["path"]) == 2, {
+            "states": seen, "route 2→3": r and r["path"], "route 3→2": back and back["path"],
+            "adverts received (2, 3)": tuple(s[n].get("counters", {}).get("adverts_received") for n in (2, 3))}
+    # Up again takes the next connection attempt (backed off while the link was cut: up to 5 s),
+    # a new handshake (the connection was dropped when the link went down), two answered
+    # probes, and both ends' adverts naming the link; on a loaded machine, some seconds more.
+    t_up = wait_until("2-3 up again at both ends", down_after + 10, restored, since=t1)
     print(f"2-3 seen up again {t_up:.2f} s after the restore")
 
 
