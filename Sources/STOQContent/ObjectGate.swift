@@ -611,20 +611,8 @@ public final class ObjectGate: @unchecked Sendable {
         }
     }
 
-    /// The most bytes an upload by `w` to `name` may hold before a quota refuses it, were no
-    /// other upload in progress (nil: no limit applies). `hold`'s `limit`.
-    public func headroom(_ name: String, for w: Writer) -> UInt64? {
-        guard settings.writerQuota > 0 || settings.storageCap > 0 else { return nil }
-        let current = current(name)
-        return lock.withLock {
-            roomLocked(
-                w.identity, freed: current?.owner == w.identity ? current!.size : 0, freedPhysical: current?.physical ?? 0,
-                excluding: nil, othersToo: false)
-        }
-    }
-
     /// Counts an upload the body sink stopped at `limit` and says why (507): past what it held
-    /// when it could grow no more (`hold`'s `grow` said why then), or past its `headroom`.
+    /// when it could grow no more (`hold`'s `grow` said why then), or past its hold's `limit`.
     public func overHeadroom(_ name: String, by w: Writer, limit: UInt64, hold: Hold? = nil) -> Refusal {
         let current = current(name)
         return lock.withLock {

@@ -24,7 +24,7 @@ public final class ObjectService: QUICApplication {
         var name: String
         /// Who uploads, under what conditions (nil without a gate).
         var writer: ObjectGate.Writer?
-        /// The body sink stops at the room the quotas leave (`ObjectGate.headroom`) when that
+        /// The body sink stops at the room the quotas leave (`ObjectGate.Hold.limit`) when that
         /// is below `storage.max_object_size`: EFBIG then means 507, not 413.
         var quotaLimit: UInt64?
         /// What the upload holds of the quotas while it runs (nil: the node has none), and how

@@ -203,8 +203,12 @@ final class ObjectGateTests {
         )
         // Replacing her own object frees its bytes first.
         #expect(g.check("one", by: alice, size: 3 << 19, physical: 3 << 19) == nil)
-        #expect(g.headroom("two", for: alice) == 1 << 20)
-        #expect(g.headroom("one", for: alice) == 2 << 20)
+        // The most an upload may receive (its sink's limit), as its hold says.
+        for (name, room) in [("two", UInt64(1) << 20), ("one", 2 << 20)] {
+            let h = try #require(try g.hold(name, by: alice, size: nil).get())
+            #expect(h.limit == room)
+            g.end(h)
+        }
         // The cap counts everyone: bob fills it.
         let bob = ObjectGate.Writer(identity: "token:bob")
         #expect(try put(g, "b1", [UInt8](repeating: 2, count: 2 << 20), by: bob) == nil)
