@@ -284,7 +284,7 @@ static int h3_reset_stream(nghttp3_conn *h3, int64_t stream_id, uint64_t code, v
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (s) unwatch_tx(s); /* the peer asked us to stop sending: nothing more to wait for */
+  if (s) unwatch_tx(s); /* nghttp3 resets the sending half: no acknowledgement is waited for */
   return ngtcp2_conn_shutdown_stream_write(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
 }
 

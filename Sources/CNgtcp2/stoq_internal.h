@@ -48,6 +48,19 @@ STOQ_HIDDEN void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint
                                  uint64_t *cold_bytes);
 
 /* The user_data of an ngtcp2_mem or nghttp3_mem: the pages, and what the library holds. */
+/* The stall watch's two lists (stoq_stall.c): streams receiving a request body (WATCH_RX) and
+ * streams holding body bytes the peer has not acknowledged (WATCH_TX). A stream's links into
+ * each live in the stream; a list's cursor is its sweep's next stream, moved on when that
+ * stream leaves the list during a report. */
+enum { WATCH_RX, WATCH_TX };
+struct stoq_watch_link {
+  stoq_stream *prev, *next;
+  uint8_t on;
+};
+struct stoq_watch_list {
+  stoq_stream *head, *cursor;
+};
+
 typedef struct stoq_mem_user {
   stoq_pages *pages;
   int64_t bytes;
@@ -81,10 +94,9 @@ struct stoq_endpoint_ctx {
   ngtcp2_mem ngtcp2_mem;
   nghttp3_mem nghttp3_mem;
   /* Stalled streams (stoq_endpoint_ctx_sweep): the endpoint's clock as last given, and the
-   * streams watched (intrusive lists; a server's only). Each list's cursor is the sweep's next
-   * stream, moved on when that stream leaves the list during a report. */
+   * streams watched (a server's only), by WATCH_RX / WATCH_TX. */
   uint64_t now;
-  stoq_stream *rx_watch, *tx_watch, *rx_cursor, *tx_cursor;
+  struct stoq_watch_list watching[2];
 };
 
 struct stoq_stream {
@@ -121,12 +133,11 @@ struct stoq_stream {
   uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
   /* Stall watch (server): in the endpoint's lists while receiving a request body (rx) and while
    * holding body bytes the peer has not acknowledged (tx), and when each last moved. */
-  stoq_stream *rx_wprev, *rx_wnext, *tx_wprev, *tx_wnext;
-  uint8_t rx_watched, tx_watched;
-  uint8_t rx_refused;          /* the body timed out: whatever more arrives is dropped */
-  uint64_t rx_moved, tx_moved; /* endpoint clock */
-  uint64_t tx_given, tx_acked; /* body bytes given to send (with a reader), and acknowledged */
-  uint64_t expected;           /* the announced body length (UINT64_MAX: none) */
+  struct stoq_watch_link watch[2]; /* by WATCH_RX / WATCH_TX */
+  uint8_t rx_refused;              /* the body timed out: whatever more arrives is dropped */
+  uint64_t rx_moved, tx_moved;     /* endpoint clock */
+  uint64_t tx_given, tx_acked;     /* body bytes given to send (with a reader), and acknowledged */
+  uint64_t expected;               /* the announced body length (UINT64_MAX: none) */
   /* body we receive */
   int sink_fd;
   uint64_t sink_off, sink_limit, received;

@@ -15,55 +15,51 @@
  */
 #include "stoq_internal.h"
 
-void watch_rx(stoq_stream *s) {
-  stoq_endpoint_ctx *ep = s->conn->ep;
-  if (s->rx_watched || !s->conn->is_server) return;
-  s->rx_watched = 1;
-  s->rx_moved = ep->now;
-  s->rx_wprev = NULL;
-  s->rx_wnext = ep->rx_watch;
-  if (ep->rx_watch) ep->rx_watch->rx_wprev = s;
-  ep->rx_watch = s;
+/* Puts `s` at the head of list `w` (WATCH_RX or WATCH_TX); false if it was on it already. */
+static int link_in(stoq_stream *s, int w) {
+  struct stoq_watch_list *l = &s->conn->ep->watching[w];
+  struct stoq_watch_link *k = &s->watch[w];
+  if (k->on) return 0;
+  k->on = 1;
+  k->prev = NULL;
+  k->next = l->head;
+  if (l->head) l->head->watch[w].prev = s;
+  l->head = s;
+  return 1;
 }
 
-void unwatch_rx(stoq_stream *s) {
-  if (!s->rx_watched) return;
-  stoq_endpoint_ctx *ep = s->conn->ep;
-  if (ep->rx_cursor == s) ep->rx_cursor = s->rx_wnext;
-  if (s->rx_wprev) s->rx_wprev->rx_wnext = s->rx_wnext;
-  else ep->rx_watch = s->rx_wnext;
-  if (s->rx_wnext) s->rx_wnext->rx_wprev = s->rx_wprev;
-  s->rx_wprev = s->rx_wnext = NULL;
-  s->rx_watched = 0;
+/* Takes `s` off list `w` (if it is on it), moving the list's sweep cursor past it. */
+static void link_out(stoq_stream *s, int w) {
+  struct stoq_watch_link *k = &s->watch[w];
+  if (!k->on) return;
+  struct stoq_watch_list *l = &s->conn->ep->watching[w];
+  if (l->cursor == s) l->cursor = k->next;
+  if (k->prev) k->prev->watch[w].next = k->next;
+  else l->head = k->next;
+  if (k->next) k->next->watch[w].prev = k->prev;
+  k->prev = k->next = NULL;
+  k->on = 0;
 }
+
+void watch_rx(stoq_stream *s) {
+  if (s->conn->is_server && link_in(s, WATCH_RX)) s->rx_moved = s->conn->ep->now;
+}
+
+void unwatch_rx(stoq_stream *s) { link_out(s, WATCH_RX); }
 
 void watch_tx(stoq_stream *s, uint64_t given) {
-  stoq_endpoint_ctx *ep = s->conn->ep;
   if (!s->conn->is_server || given == 0) return;
   s->tx_given += given;
-  if (s->tx_watched) return;
-  s->tx_watched = 1;
-  s->tx_moved = ep->now; /* the clock starts when there is something to send */
-  s->tx_wprev = NULL;
-  s->tx_wnext = ep->tx_watch;
-  if (ep->tx_watch) ep->tx_watch->tx_wprev = s;
-  ep->tx_watch = s;
+  if (link_in(s, WATCH_TX)) s->tx_moved = s->conn->ep->now; /* the clock starts when there is something to send */
 }
 
-void unwatch_tx(stoq_stream *s) {
-  if (!s->tx_watched) return;
-  stoq_endpoint_ctx *ep = s->conn->ep;
-  if (ep->tx_cursor == s) ep->tx_cursor = s->tx_wnext;
-  if (s->tx_wprev) s->tx_wprev->tx_wnext = s->tx_wnext;
-  else ep->tx_watch = s->tx_wnext;
-  if (s->tx_wnext) s->tx_wnext->tx_wprev = s->tx_wprev;
-  s->tx_wprev = s->tx_wnext = NULL;
-  s->tx_watched = 0;
-}
+void unwatch_tx(stoq_stream *s) { link_out(s, WATCH_TX); }
 
 void stoq_endpoint_ctx_clock(stoq_endpoint_ctx *ep, uint64_t now) { ep->now = now; }
 
-int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep) { return ep->rx_watch || ep->tx_watch; }
+int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep) {
+  return ep->watching[WATCH_RX].head || ep->watching[WATCH_TX].head;
+}
 
 void stoq_stream_set_expected_length(stoq_stream *s, uint64_t bytes) { s->expected = bytes; }
 uint64_t stoq_stream_expected_length(const stoq_stream *s) { return s->expected; }
@@ -102,8 +98,9 @@ int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_t
   ep->now = now;
   int n = 0;
   if (body_timeout) {
-    for (stoq_stream *s = ep->rx_watch; s; s = ep->rx_cursor) {
-      ep->rx_cursor = s->rx_wnext;
+    struct stoq_watch_list *l = &ep->watching[WATCH_RX];
+    for (stoq_stream *s = l->head; s; s = l->cursor) {
+      l->cursor = s->watch[WATCH_RX].next;
       if (s->pending) { /* its credit waits for the writer (a slow disk), not for the peer */
         s->rx_moved = now;
         continue;
@@ -112,17 +109,18 @@ int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_t
       body_stalled(s);
       n++;
     }
-    ep->rx_cursor = NULL;
+    l->cursor = NULL;
   }
   if (send_timeout) {
-    for (stoq_stream *s = ep->tx_watch; s; s = ep->tx_cursor) {
-      ep->tx_cursor = s->tx_wnext;
+    struct stoq_watch_list *l = &ep->watching[WATCH_TX];
+    for (stoq_stream *s = l->head; s; s = l->cursor) {
+      l->cursor = s->watch[WATCH_TX].next;
       if (!older(now, s->tx_moved, send_timeout) || !peer_holds(s, now, send_timeout)) continue;
       unwatch_tx(s);
       if (ep->ev.on_stalled) ep->ev.on_stalled(ep->ev.ctx, s->conn, s, STOQ_STALL_SEND);
       n++;
     }
-    ep->tx_cursor = NULL;
+    l->cursor = NULL;
   }
   return n;
 }
