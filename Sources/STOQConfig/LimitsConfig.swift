@@ -3,7 +3,7 @@ import TOMLKit
 extension NodeConfig {
     /// `[limits]`: how much the node stores, how fast each client may ask, and how long a
     /// stalled request or response may hold what it holds. Every limit but the two timeouts and
-    /// `body_memory` is off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
+    /// the two `body_memory` bounds is off (0) by default. Writer quotas and the cap answer 507 with the numbers; rate limits
     /// 429 with `Retry-After` (docs/configuration.md `[limits]`).
     public struct Limits: Sendable, Equatable {
         /// `storage_cap`: bytes the node stores at most (plain objects and chunks, each chunk
@@ -30,6 +30,10 @@ extension NodeConfig {
         /// node holds in memory at once, each its announced length or the most its kind may
         /// be; one past it is answered 503 with `Retry-After` before it is read. 0 = no limit.
         public var bodyMemory: UInt64 = 1 << 30
+        /// `body_memory_per_client`: the most of `body_memory` one client (keyed as the rate
+        /// limits key it) holds at once, so that one client cannot take it all from the others;
+        /// past it, 503 with `Retry-After`. 0 = no share, only `body_memory`.
+        public var bodyMemoryPerClient: UInt64 = 256 << 20
 
         public init() {}
 
@@ -62,6 +66,7 @@ extension Reader {
             s.duration("body_timeout", &l.bodyTimeout, 0...3_600_000_000_000)
             s.duration("send_timeout", &l.sendTimeout, 0...3_600_000_000_000)
             s.size("body_memory", &l.bodyMemory, 0...(1 << 50))
+            s.size("body_memory_per_client", &l.bodyMemoryPerClient, 0...(1 << 50))
         }
         if l.requestBurst > 0 && l.requestsPerSecond == 0 {
             errors.append(

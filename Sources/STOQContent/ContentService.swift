@@ -55,7 +55,7 @@ public final class ContentService: QUICApplication {
         var fd: Int32
         var limit: UInt64
         /// What it holds of `bodyMemory` until it ends.
-        var held: UInt64
+        var held: BodyMemory.Hold
         /// A manifest's writer, with the request's conditions (nil without a gate).
         var writer: ObjectGate.Writer?
     }
@@ -684,12 +684,12 @@ public final class ContentService: QUICApplication {
         // Held from here to its end: its announced length (nghttp3 refuses a body longer
         // than that), else the most it may be.
         let wants = request.hasBody ? request.contentLength.map { UInt64($0) } ?? limit : 0
-        var held: UInt64 = 0
+        var held = BodyMemory.Hold.nothing
         if let bodyMemory {
-            guard let took = bodyMemory.take(wants) else {
-                return fail(stream, connection, 503, bodyMemory.refusal(asked: wants), headers: [("retry-after", "1")])
+            switch bodyMemory.take(wants, client: clientIdentity(request, peer: connection.peer)) {
+            case .success(let hold): held = hold
+            case .failure(let refusal): return fail(stream, connection, 503, refusal.reason, headers: [("retry-after", "1")])
             }
-            held = took
         }
         let fd = stoq_memfd("stoq-upload")
         guard fd >= 0 else {
@@ -738,7 +738,7 @@ public final class ContentService: QUICApplication {
         switch up.kind {
         case .chunk(let id):
             storeChunk(id, region, stream, connection, held: held)
-            held = 0
+            held = .nothing
         case .missing: answerMissing(body, stream, connection)
         case .manifest(let name): storeManifest(name, body, up.writer, stream, connection)
         case .advert:
@@ -767,7 +767,7 @@ public final class ContentService: QUICApplication {
     /// without one), room under the storage cap reserved meanwhile; answered when it is durable.
     /// Writes a chunk PUT's `body` (a mapping of its memory file), which holds `held` of
     /// `bodyMemory` until the write ends.
-    private func storeChunk(_ id: ChunkID, _ body: BodyRegion, _ stream: HTTPStream, _ connection: QUICConnection, held: UInt64) {
+    private func storeChunk(_ id: ChunkID, _ body: BodyRegion, _ stream: HTTPStream, _ connection: QUICConnection, held: BodyMemory.Hold) {
         let span = storeSpan("store.write", stream, chunk: id)
         counters.chunkBytesReceived += UInt64(body.count)
         var reserved: UInt64 = 0

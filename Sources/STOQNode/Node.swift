@@ -222,7 +222,7 @@ public final class Node: @unchecked Sendable {
         let mesh = try connectWorkers(queues)
         let storePool = WorkerAssembly.makeStorePool(workers: queues.count)
         self.storePool = storePool
-        bodyMemory = BodyMemory(limit: cfg.limits.bodyMemory)
+        bodyMemory = BodyMemory(limit: cfg.limits.bodyMemory, perClient: cfg.limits.bodyMemoryPerClient)
         let assembly = WorkerAssembly(
             config: cfg, credentials: credentials, settings: Self.workerSettings(cfg), secret: StaticSecret.random(),
             content: content, ingest: ingest,

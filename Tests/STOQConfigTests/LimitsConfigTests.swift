@@ -17,8 +17,8 @@ import Testing
         #expect(NodeConfig.default.overwrite == .owner)
         // The two timeouts for stalled streams are on: nginx's defaults.
         #expect(l.bodyTimeout == 60_000_000_000 && l.sendTimeout == 60_000_000_000)
-        // And so is the bound on request bodies held in memory.
-        #expect(l.bodyMemory == 1 << 30)
+        // And so are the bounds on request bodies held in memory, node-wide and per client.
+        #expect(l.bodyMemory == 1 << 30 && l.bodyMemoryPerClient == 256 << 20)
     }
 
     @Test func bodyMemoryIsASizeAndZeroTurnsItOff() throws {
@@ -26,6 +26,10 @@ import Testing
         #expect(try ConfigLoader.parse("[limits]\nbody_memory = \"0\"").limits.bodyMemory == 0)
         let bad = errors("[limits]\nbody_memory = \"plenty\"")
         #expect(bad.map(\.key) == ["limits.body_memory"] && bad.first?.code == .badValue)
+        #expect(try ConfigLoader.parse("[limits]\nbody_memory_per_client = \"8MB\"").limits.bodyMemoryPerClient == 8 << 20)
+        #expect(try ConfigLoader.parse("[limits]\nbody_memory_per_client = \"0\"").limits.bodyMemoryPerClient == 0)
+        let negative = errors("[limits]\nbody_memory_per_client = -1")
+        #expect(negative.map(\.key) == ["limits.body_memory_per_client"] && negative.first?.code == .badValue)
     }
 
     @Test func stallTimeoutsAreDurationsAndZeroTurnsThemOff() throws {

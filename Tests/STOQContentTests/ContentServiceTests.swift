@@ -41,31 +41,68 @@ struct ContentServiceTests {
     }
 }
 
-/// The node's bound on request bodies held in memory (`limits.body_memory`).
+/// The node's bound on request bodies held in memory (`limits.body_memory`), and each
+/// client's share of it (`limits.body_memory_per_client`).
 struct BodyMemoryTests {
-    @Test func takesUpToTheLimitAndGivesBack() {
+    /// What `take` took, or the refusal's text.
+    func taken(_ r: Result<BodyMemory.Hold, BodyMemory.Refusal>) -> UInt64? { try? r.get().bytes }
+
+    @Test func takesUpToTheLimitAndGivesBack() throws {
         let m = BodyMemory(limit: 3 << 20)
-        #expect(m.take(1 << 20) == 1 << 20 && m.take(2 << 20) == 2 << 20)
+        let one = try m.take(1 << 20, client: "a").get(), two = try m.take(2 << 20, client: "b").get()
+        #expect(one.bytes == 1 << 20 && two.bytes == 2 << 20)
         #expect(m.held == 3 << 20)
-        #expect(m.take(1) == nil, "full: nothing more, however small")
-        #expect(m.held == 3 << 20, "a refusal takes nothing")
         #expect(
-            m.refusal(asked: 1)
-                == "request bodies held in memory: 3145728 bytes of 3145728 (limits.body_memory); this one may need 1; try again once others end")
-        m.give(1 << 20)
-        #expect(m.take((1 << 20) + 1) == nil && m.take(1 << 20) == 1 << 20)
-        m.give(3 << 20)
-        m.give(5)
+            m.take(1, client: "c")
+                == .failure(
+                    .init(
+                        reason: "request bodies held in memory: 3145728 bytes of 3145728 (limits.body_memory); "
+                            + "this one may need 1; try again once others end")),
+            "full: nothing more, however small")
+        #expect(m.held == 3 << 20, "a refusal takes nothing")
+        m.give(one)
+        #expect(taken(m.take((1 << 20) + 1, client: "c")) == nil)
+        let three = try m.take(1 << 20, client: "c").get()
+        m.give(two)
+        m.give(three)
+        m.give(three)
         #expect(m.held == 0, "never below nothing")
+        #expect(m.held(by: "a") == 0 && m.held(by: "b") == 0 && m.held(by: "c") == 0)
         // A body larger than the whole limit holds all of it, while nothing else is held.
-        #expect(m.take(32 << 20) == 3 << 20)
-        #expect(m.take(1) == nil)
-        m.give(3 << 20)
+        let whole = try m.take(32 << 20, client: "a").get()
+        #expect(whole.bytes == 3 << 20)
+        #expect(taken(m.take(1, client: "b")) == nil)
+        m.give(whole)
         #expect(m.held == 0)
+    }
+
+    @Test func oneClientHoldsAtMostItsShare() throws {
+        let m = BodyMemory(limit: 4 << 20, perClient: 2 << 20)
+        let a1 = try m.take(1 << 20, client: "token:alice").get(), a2 = try m.take(1 << 20, client: "token:alice").get()
+        #expect(m.held(by: "token:alice") == 2 << 20)
+        #expect(
+            m.take(1000, client: "token:alice")
+                == .failure(
+                    .init(
+                        reason: "request bodies held in memory for token:alice: 2097152 bytes of 2097152 "
+                            + "(limits.body_memory_per_client); this one may need 1000; try again once its others end")))
+        // Another client still has the rest of the node's room.
+        let b = try m.take(2 << 20, client: "addr:2001:db8::/64").get()
+        #expect(m.held == 4 << 20)
+        // The node's limit still binds whoever asks.
+        #expect(taken(m.take(1, client: "token:carol")) == nil)
+        m.give(a1)
+        #expect(taken(m.take(1 << 20, client: "token:alice")) == 1 << 20)
+        // A body larger than the share holds all of it while its client holds nothing else.
+        m.give(a2)
+        m.give(b)
+        #expect(m.held(by: "addr:2001:db8::/64") == 0)
+        let big = try m.take(16 << 20, client: "addr:2001:db8::/64").get()
+        #expect(big.bytes == 2 << 20)
     }
 
     @Test func zeroIsNoLimit() {
         let m = BodyMemory(limit: 0)
-        #expect(m.take(.max / 2) == .max / 2 && m.take(.max / 2) == .max / 2)
+        #expect(taken(m.take(.max / 2, client: "a")) == .max / 2 && taken(m.take(.max / 2, client: "a")) == .max / 2)
     }
 }

@@ -142,6 +142,15 @@ def run(cmd, timeout=180, **kw):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def writer_token(node, subject):
+    """A writer token for every path, issued with the node's key as an operator would
+    (`stoq trust token`, docs/access.md): the node knows its holder as `token:<subject>`."""
+    key = node.workdir / "data" / "access" / "token-key.pem"
+    r = run([need_binary("stoq"), "trust", "token", "--key", key, "--subject", subject, "--role", "writer", "--lifetime", "1h"])
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
 def stoq(*args, timeout=180, env=None, token=True, cwd=None, stdin=None):
     """The stoq CLI; `env` adds variables to this environment. Unless `token` is False or the
     command brings its own credential, it presents (as $STOQ_TOKEN) the operator token of the

@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-from conftest import Node, need_binary, sha256_file, stoq, summed_counters
+from conftest import Node, need_binary, sha256_file, stoq, summed_counters, writer_token
 from conftest import settled as settled_reading
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -349,15 +349,6 @@ def h3(node, method, name_or_path, *args, token=None, answered=True):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 or not answered, r.stdout + r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def writer_token(node, subject):
-    """A writer token for every path from the node's key: its holder is `token:<subject>`."""
-    key = node.workdir / "data" / "access" / "token-key.pem"
-    r = subprocess.run([str(need_binary("stoq")), "trust", "token", "--key", str(key), "--subject", subject,
-                        "--role", "writer", "--lifetime", "1h"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 @pytest.fixture(scope="module")

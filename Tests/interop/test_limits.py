@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node, need_binary, run, stoq
+from conftest import Node, need_binary, run, stoq, writer_token
 
 HERE = Path(__file__).resolve().parent
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
@@ -212,15 +212,6 @@ def test_mesh_paths_from_a_client_without_a_certificate_are_limited(make_node):
     r = request(node, "GET", "", path="/_stoq/relay/" + "ab" * 32 + "/1/objects/x", repeat=6)
     assert sorted(r["statuses"]).count(429) == 4, r["statuses"]
     assert metrics(node)["stoq_limits_rate_limited_total"] == 4
-
-
-def writer_token(node, subject):
-    """A writer token for every path, issued with the node's key as an operator would
-    (`stoq trust token`, docs/access.md): the node knows its holder as `token:<subject>`."""
-    key = node.workdir / "data" / "access" / "token-key.pem"
-    r = run([need_binary("stoq"), "trust", "token", "--key", key, "--subject", subject, "--role", "writer", "--lifetime", "1h"])
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 def test_another_identity_cannot_replace_or_delete_under_owner(make_node):

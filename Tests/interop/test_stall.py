@@ -18,7 +18,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamReset
 
-from conftest import Node, settled, summed_counters
+from conftest import Node, settled, summed_counters, writer_token
 
 # 3 s: long enough that the test sees both requests held before either times out, under load.
 CONFIG = '[admin]\nlisten = "[::1]:0"\n[limits]\nbody_timeout = "3s"\nsend_timeout = "3s"\n'
@@ -228,6 +228,64 @@ def test_request_bodies_held_in_memory_are_bounded_node_wide(tmp_path):
                     break
                 await asyncio.sleep(0.2)
             assert a.answers[p5]["status"] == 201, a.answers[p5]
+            assert held_in_memory() == 0, "every body ended gave its room back"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert node.stop() == 0
+
+
+def test_one_client_holds_at_most_its_share_of_body_memory(tmp_path):
+    """`limits.body_memory_per_client` (here 2 MiB of the node's 4 MiB): alice starts two 1 MiB
+    chunk bodies and trickles them; her third body is answered 503 naming her and her share,
+    while bob, another identity, still has his own room and stores his chunk; once one of
+    alice's ends she gets room again."""
+    import hashlib
+    node = Node(tmp_path / "n", workers=1, extra='[admin]\nlisten = "[::1]:0"\n[limits]\n'
+                'body_memory = "4MB"\nbody_memory_per_client = "2MB"\n')
+    alice, bob = writer_token(node, "alice"), writer_token(node, "bob")
+
+    def chunk_put(c, token, body, end):
+        cid = hashlib.sha256(body).hexdigest()
+        headers = [(b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {token}".encode())]
+        return c.send("PUT", node, f"/chunks/{cid}", headers, body=body if end else body[:4096], end=end)
+
+    def held_in_memory():
+        with urllib.request.urlopen(node.admin, timeout=10) as r:
+            return int(re.search(r"^stoq_limits_body_memory_bytes (\d+)$", r.read().decode(), re.M).group(1))
+
+    async def scenario():
+        async with connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as a, \
+                connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as b:
+            first, second = os.urandom(1 << 20), os.urandom(1 << 20)
+            p1, p2 = chunk_put(a, alice, first, end=False), chunk_put(a, alice, second, end=False)
+            await a.until(lambda: held_in_memory() == 2 << 20)
+            small = os.urandom(1000)
+            p3 = chunk_put(a, alice, small, end=True)
+            await a.until(lambda: a.answers[p3]["ended"])
+            assert a.answers[p3]["status"] == 503, a.answers[p3]
+            assert a.answers[p3]["body"].decode() == (
+                "request bodies held in memory for token:alice: 2097152 bytes of 2097152 "
+                "(limits.body_memory_per_client); this one may need 1000; try again once its others end\n")
+            # Bob is another client: the node's other 2 MiB are his to use.
+            theirs = os.urandom(1 << 20)
+            p4 = chunk_put(b, bob, theirs, end=True)
+            await b.until(lambda: b.answers[p4]["ended"])
+            assert b.answers[p4]["status"] == 201, b.answers[p4]
+            assert a.answers[p1]["status"] is None and a.answers[p2]["status"] is None, "alice's two go on"
+            # One of alice's ends and is stored: her room comes back.
+            a.h3.send_data(p1, first[4096:], end_stream=True)
+            a.transmit()
+            await a.until(lambda: a.answers[p1]["ended"])
+            assert a.answers[p1]["status"] == 201, a.answers[p1]
+            p5 = chunk_put(a, alice, small, end=True)
+            await a.until(lambda: a.answers[p5]["ended"])
+            assert a.answers[p5]["status"] == 201, a.answers[p5]
+            a.h3.send_data(p2, second[4096:], end_stream=True)
+            a.transmit()
+            await a.until(lambda: a.answers[p2]["ended"])
+            assert a.answers[p2]["status"] == 201, a.answers[p2]
             assert held_in_memory() == 0, "every body ended gave its room back"
 
     try:
