@@ -419,10 +419,7 @@ public final class ObjectGate: @unchecked Sendable {
             uploads == 0 ? "" : ", \(Self.bytes(bytes)) in flight in \(uploads) other upload\(uploads == 1 ? "" : "s")"
         }
         if let size, settings.writerQuota > 0 {
-            let used = usage[identity] ?? 0
-            var (held, uploads) = heldBy[identity] ?? (0, 0)
-            if let mine, mine.identity == identity { (held, uploads) = (held - min(held, mine.bytes), uploads - 1) }
-            let taken = used - min(used, freed) + held
+            let (used, held, uploads, taken) = quotaTakenLocked(identity, freed: freed, excluding: mine)
             if taken > settings.writerQuota || size > settings.writerQuota - taken {
                 let reason =
                     "quota for \(identity): \(Self.bytes(used)) used of \(Self.bytes(settings.writerQuota)) "
@@ -433,9 +430,7 @@ public final class ObjectGate: @unchecked Sendable {
         }
         // A write adding nothing (a record over chunks already counted) is never the one refused.
         if let physical, physical > 0, settings.storageCap > 0 {
-            let stored = storedLocked()
-            let held = heldBytes - min(heldBytes, mine?.bytes ?? 0), uploads = holds.count - (mine == nil ? 0 : 1)
-            let taken = stored - min(stored, freedPhysical) + held
+            let (stored, held, uploads, taken) = capTakenLocked(freedPhysical: freedPhysical, excluding: mine)
             if taken > settings.storageCap || physical > settings.storageCap - taken {
                 let reason =
                     "storage cap of this node: \(Self.bytes(stored)) stored of \(Self.bytes(settings.storageCap)) "
@@ -454,19 +449,37 @@ public final class ObjectGate: @unchecked Sendable {
         let mine = own.flatMap { holds[$0] }
         var room = UInt64.max
         if settings.writerQuota > 0 {
-            let used = usage[identity] ?? 0
-            var held = othersToo ? heldBy[identity]?.bytes ?? 0 : 0
-            if othersToo, let mine, mine.identity == identity { held -= min(held, mine.bytes) }
-            let taken = used - min(used, freed) + held
+            let taken = quotaTakenLocked(identity, freed: freed, excluding: mine, othersToo: othersToo).taken
             room = min(room, settings.writerQuota - min(settings.writerQuota, taken))
         }
         if settings.storageCap > 0 {
-            let stored = storedLocked()
-            let held = othersToo ? heldBytes - min(heldBytes, mine?.bytes ?? 0) : 0
-            let taken = stored - min(stored, freedPhysical) + held
+            let taken = capTakenLocked(freedPhysical: freedPhysical, excluding: mine, othersToo: othersToo).taken
             room = min(room, settings.storageCap - min(settings.storageCap, taken))
         }
         return room
+    }
+
+    /// What `identity`'s quota has taken: its objects' bytes `used` less `freed` (what the
+    /// object an upload replaces gives back), plus what its uploads in progress but `mine` hold
+    /// (`held`, by `uploads` of them; none with `othersToo` false). Under `lock`.
+    private func quotaTakenLocked(
+        _ identity: String, freed: UInt64, excluding mine: Held?, othersToo: Bool = true
+    ) -> (used: UInt64, held: UInt64, uploads: Int, taken: UInt64) {
+        let used = usage[identity] ?? 0
+        var (held, uploads) = othersToo ? heldBy[identity] ?? (0, 0) : (0, 0)
+        if othersToo, let mine, mine.identity == identity { (held, uploads) = (held - min(held, mine.bytes), uploads - 1) }
+        return (used, held, uploads, used - min(used, freed) + held)
+    }
+
+    /// What the storage cap has taken: the bytes `stored` less `freedPhysical`, plus what every
+    /// upload in progress but `mine` holds (none with `othersToo` false). Under `lock`.
+    private func capTakenLocked(
+        freedPhysical: UInt64, excluding mine: Held?, othersToo: Bool = true
+    ) -> (stored: UInt64, held: UInt64, uploads: Int, taken: UInt64) {
+        let stored = storedLocked()
+        let held = othersToo ? heldBytes - min(heldBytes, mine?.bytes ?? 0) : 0
+        let uploads = othersToo ? holds.count - (mine == nil ? 0 : 1) : 0
+        return (stored, held, uploads, stored - min(stored, freedPhysical) + held)
     }
 
     /// What an upload of unannounced length that has received `received` bytes, with `room`
