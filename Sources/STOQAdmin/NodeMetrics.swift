@@ -150,6 +150,12 @@ package struct NodeMetrics {
         perWorker("stoq_quic_connections_refused_total", "Initials answered CONNECTION_REFUSED: the worker held max_connections.") {
             $0.endpoint.connectionsRefused
         }
+        perWorker(
+            "stoq_quic_connections_refused_per_client_total",
+            "Initials answered CONNECTION_REFUSED: their /64 held max_connections_per_client established connections on the worker."
+        ) {
+            $0.endpoint.connectionsRefusedPerClient
+        }
         perWorker("stoq_quic_dropped_unknown_total", "Datagrams for no known connection that got no answer.") { $0.endpoint.droppedUnknown }
         perWorker("stoq_quic_version_negotiations_total", "Version Negotiation packets sent.") { $0.endpoint.versionNegotiations }
         perWorker("stoq_quic_retries_total", "Stateless Retry packets sent.") { $0.endpoint.retriesSent }

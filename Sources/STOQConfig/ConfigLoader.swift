@@ -179,6 +179,7 @@ public enum ConfigLoader {
             s.optionalEndpoint("preferred_address", &preferred, given: &preferredGiven)
             c.network.quic.preferredAddress = preferredGiven ? preferred : nil
             s.int("max_connections", &c.network.quic.maxConnections, 1...1_000_000)
+            s.int("max_connections_per_client", &c.network.quic.maxConnectionsPerClient, 0...1_000_000)
             s.int("workers", &c.network.workers, 0...ConnectionID.maxWorkers)
             s.bool("retry", &c.network.quic.retry)
             s.int("retry_threshold", &c.network.quic.retryThreshold, 0...1_000_000)

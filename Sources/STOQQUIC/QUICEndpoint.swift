@@ -20,6 +20,9 @@ public struct EndpointCounters: Sendable {
     /// `maxConnections` or was draining (RFC 9000 §5.2.2: a server that cannot take a
     /// connection says so).
     public var connectionsRefused: UInt64 = 0
+    /// Initials answered CONNECTION_REFUSED, with the reason, because the client's /64 already
+    /// held `maxConnectionsPerClient` established connections on the endpoint.
+    public var connectionsRefusedPerClient: UInt64 = 0
     /// Responses reset because the file they were sent from shrank under them (an object
     /// replaced in place rather than by a rename): `BodyRegion.guardFileMappings`.
     public var bodiesCutShort: UInt64 = 0
@@ -151,6 +154,11 @@ public final class QUICEndpoint {
     private var tally = EndpointCounters()
     /// The handshake callback's way to count a resumption (it runs on this endpoint's thread).
     fileprivate func countResumed() { tally.tlsResumed &+= 1 }
+    /// The handshake callback's way to count an established connection, by its /64 too.
+    fileprivate func countEstablished(_ conn: QUICConnection) {
+        established += 1
+        if settings.maxConnectionsPerClient > 0 && isServer { establishedBy[conn.peer.address.prefix64, default: 0] += 1 }
+    }
     fileprivate func countEarlyData() { tally.tlsEarlyData &+= 1 }
     fileprivate func countTooEarly() { tally.requestsTooEarly &+= 1 }
     fileprivate func countEarlyRequest() { tally.requestsEarly &+= 1 }
@@ -226,6 +234,9 @@ public final class QUICEndpoint {
     public var connectionCount: Int { connections.count }
     /// Live connections whose handshake completed (the rest are half-open).
     fileprivate(set) var established = 0
+    /// Established connections by the /64 they came from (`IPv6Address.prefix64`), kept only
+    /// while `settings.maxConnectionsPerClient` is on: one entry per /64 holding some.
+    private var establishedBy: [UInt64: Int] = [:]
     /// Connections mid-handshake: a flood of spoofed Initials shows here.
     public var halfOpen: Int { connections.count - established }
     /// Server: new Initials get a Retry because `settings.retryThreshold` connections are
@@ -351,7 +362,7 @@ public final class QUICEndpoint {
     /// statelessly, so the client gives up at once instead of timing out.
     private func refuse(
         _ base: UnsafePointer<UInt8>, _ count: Int, from peer: IPv6Endpoint, to local: IPv6Endpoint, sheddable: Bool,
-        now: Timestamp
+        perClient: Bool = false, now: Timestamp
     ) {
         // Only an Initial (long header, type 0 in QUIC v1) can be answered without keys; the C
         // writer parses it fully, this look keeps anything else from spending the reply budget.
@@ -365,13 +376,23 @@ public final class QUICEndpoint {
             return
         }
         let reason =
-            isDraining ? "this node is shutting down" : "this node holds max_connections (\(settings.maxConnections)) connections"
+            isDraining
+            ? "this node is shutting down"
+            : perClient
+                ? "this node holds max_connections_per_client (\(settings.maxConnectionsPerClient)) connections from \(peer.address.slash64)/64"
+                : "this node holds max_connections (\(settings.maxConnections)) connections"
         let queued = reason.utf8CString.withUnsafeBufferPointer { r in
             queueReply(to: peer, from: local) { buf, cap in
                 stoq_pkt_write_refusal(buf, cap, base, count, r.baseAddress!, r.count - 1)
             }
         }
-        if queued { tally.connectionsRefused &+= 1 } else { tally.droppedInitials &+= 1 }
+        if !queued {
+            tally.droppedInitials &+= 1
+        } else if perClient && !isDraining {
+            tally.connectionsRefusedPerClient &+= 1
+        } else {
+            tally.connectionsRefused &+= 1
+        }
         if queued && sheddable { noteSheddable(from: peer, withheld: false) }
     }
 
@@ -382,6 +403,12 @@ public final class QUICEndpoint {
         let sheddable = stoq_pkt_sheddable_initial(base, count) != 0
         guard connections.count < settings.maxConnections, !isDraining else {
             refuse(base, count, from: peer, to: local, sheddable: sheddable, now: now)
+            return
+        }
+        // Counted once established (a spoofed Initial cannot take a /64's room): a client's
+        // handshakes in progress may pass the limit by their number.
+        if settings.maxConnectionsPerClient > 0, establishedBy[peer.address.prefix64, default: 0] >= settings.maxConnectionsPerClient {
+            refuse(base, count, from: peer, to: local, sheddable: sheddable, perClient: true, now: now)
             return
         }
         var localSA = local.sockaddr, peerSA = peer.sockaddr
@@ -759,7 +786,13 @@ public final class QUICEndpoint {
         for cid in conn.cids where table[cid] === conn { table.removeValue(forKey: cid) }
         conn.cids.removeAll()
         connections.removeValue(forKey: ObjectIdentifier(conn))
-        if conn.countedEstablished { established -= 1 }
+        if conn.countedEstablished {
+            established -= 1
+            if settings.maxConnectionsPerClient > 0 && isServer {
+                let prefix = conn.peer.address.prefix64
+                if let n = establishedBy[prefix] { establishedBy[prefix] = n > 1 ? n - 1 : nil }
+            }
+        }
         // The application may hold the connection a while longer; its streams, qlog file and
         // buffer go now. Streams end here, not when the connection is freed: the application
         // hears of each while the connection is alive, and may keep it (from its deinit it
@@ -1024,7 +1057,7 @@ private let onHandshake: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer
     guard let conn = connection(c) else { return }
     if !conn.countedEstablished, !conn.removed {
         conn.countedEstablished = true
-        ep.established += 1
+        ep.countEstablished(conn)
     }
     if stoq_conn_is_resumed(c) != 0 { ep.countResumed() }
     if ep.isServer && stoq_conn_early_data_accepted(c) != 0 { ep.countEarlyData() }

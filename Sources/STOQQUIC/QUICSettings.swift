@@ -55,6 +55,9 @@ public struct QUICSettings: Sendable, Equatable {
     public var debugLog = ProcessInfo.processInfo.environment["STOQ_NGTCP2_LOG"] != nil
     /// The most connections the endpoint keeps; further Initials are refused.
     public var maxConnections: Int = 10_000
+    /// Server: the most established connections the endpoint keeps from one /64 (0: no
+    /// limit); further Initials from it are refused like those past `maxConnections`.
+    public var maxConnectionsPerClient: Int = 0
     /// Server: issue TLS 1.3 session tickets, so a returning client resumes without a full
     /// handshake (`tls.session_tickets`).
     public var sessionTickets = true

@@ -238,6 +238,35 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
         #expect(client.status == 200 && client.received == 5000)
     }
 
+    /// At `maxConnectionsPerClient` established connections from one /64, a further one from
+    /// it is refused with the reason (counted apart from `maxConnections`'s refusals), and once
+    /// one of them has gone the client gets its room back.
+    @Test func overThePerClientLimitAClientIsRefusedWithTheReason() throws {
+        var settings = QUICSettings()
+        settings.maxConnectionsPerClient = 2
+        let pair = try EndpointPair(identity: identity, serverSettings: settings)
+        pair.server.application = MemoryServer(object: randomBytes(5000, seed: 3))
+        let client = RecordingClient()
+        pair.client.application = client
+        let two = try (0..<2).map { _ in try pair.connect() }
+        #expect(pair.run { two.allSatisfy(\.isEstablished) })
+        let third = try pair.connect()
+        #expect(pair.run { third.isClosed && client.closedReason != nil })
+        #expect(
+            client.closedReason
+                == "closed by the peer: CONNECTION_REFUSED (0x2): this node holds max_connections_per_client (2) connections from fd00::/64",
+            "\(client.closedReason ?? "-")")
+        #expect(pair.server.counters.connectionsRefusedPerClient == 1 && pair.server.counters.connectionsRefused == 0)
+        two[0].close(now: pair.now)
+        #expect(pair.run(for: 10_000_000_000) { pair.server.connectionCount == 1 })
+        let fourth = try pair.connect()
+        #expect(pair.run { fourth.isEstablished })
+        _ = try fourth.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.status == 200 && client.received == 5000)
+        #expect(pair.server.counters.connectionsRefusedPerClient == 1)
+    }
+
     @Test func retryThenServe() throws {
         var settings = QUICSettings()
         settings.retry = true

@@ -68,6 +68,32 @@ def test_over_max_connections_the_rest_fail_with_the_nodes_reason(capped):
     assert after["stoq_quic_connections_refused_total"] - before["stoq_quic_connections_refused_total"] >= 15
 
 
+def test_over_max_connections_per_client_one_client_is_refused_and_others_are_not(tmp_path):
+    """A node that holds 8 established connections per /64 (one worker): 20 connections from
+    ::1 opened 20 a second, so each handshake completes before the next begins: 8 established
+    (a handshake still in progress as the 8th completes may make it 9), the rest fail at once
+    with the node's CONNECTION_REFUSED naming the setting and the /64, counted apart from
+    max_connections' refusals; once they close, the same client gets its room back."""
+    n = Node(tmp_path, workers=1, extra="max_connections_per_client = 8\n" + ADMIN)
+    n.add_object("1k.bin", 1000)
+    names = ["stoq_quic_connections_refused_per_client_total", "stoq_quic_connections_refused_total"]
+    try:
+        before = settled(lambda: summed_counters(n, names))
+        r = bench(n, "1k.bin", "--connections", "20", "--rate", "20", "--hold", "1", "--threads", "1")
+        assert r["established"] in (8, 9), r
+        reason = ("closed by the peer: CONNECTION_REFUSED (0x2): this node holds max_connections_per_client (8) "
+                  "connections from ::/64")
+        assert r["failed"] == {reason: 20 - r["established"]}, r
+        assert r["lost"] == {}, r
+        after = settled(lambda: summed_counters(n, names))
+        moved = {k: after[k] - before[k] for k in names}
+        assert moved == {names[0]: 20 - r["established"], names[1]: 0}, moved
+        again = bench(n, "1k.bin", "--connections", "8", "--rate", "20", "--hold", "0.5", "--threads", "1")
+        assert (again["established"], again["failed"]) == (8, {}), again
+    finally:
+        assert n.stop() == 0
+
+
 def test_held_connections_outlive_the_idle_timeout_by_their_keep_alive(tmp_path):
     """A node that lets a connection idle 2 s: 20 connections held 4 s with a PING every 0.5 s
     all last; with a PING every 8 s all 20 end on the way, and are counted lost."""
