@@ -3,18 +3,28 @@ import STOQCore
 import STOQQUIC
 import STOQTrust
 
-/// A throwaway identity for tests, in a fresh temporary directory.
-public struct TestIdentity {
+/// A throwaway identity for tests, in a fresh temporary directory. The directory goes with the
+/// last reference to the identity (a suite that holds one in a property: when swift-testing drops
+/// the suite's instance after the test, failed or not), or earlier by `remove()` from a `defer`.
+public final class TestIdentity {
     public let directory: String
     public let identity: EmbeddedIdentity
 
     public init() throws {
         directory = NSTemporaryDirectory() + "stoq-test-\(UUID().uuidString)"
-        identity = try EmbeddedIdentity.loadOrCreate(
-            in: directory + "/identity", names: ["stoq.test"],
-            addresses: [IPv6Address("fd00::1")!])
+        do {
+            identity = try EmbeddedIdentity.loadOrCreate(
+                in: directory + "/identity", names: ["stoq.test"],
+                addresses: [IPv6Address("fd00::1")!])
+        } catch {
+            try? FileManager.default.removeItem(atPath: directory)
+            throw error
+        }
     }
 
+    deinit { remove() }
+
+    /// Removes the directory and everything in it (again: a no-op).
     public func remove() { try? FileManager.default.removeItem(atPath: directory) }
 
     /// Client credentials that trust this identity (and nothing else), under STOQ's one policy.
