@@ -44,7 +44,9 @@ import Testing
         // Debian's pebble ships no test certificate (its docs name test/certs/, which the package
         // lacks), so the TLS certificate comes from a throwaway TrustChain CA and the client
         // trusts that CA's root.
-        let dir = try temporaryDirectory("stoq-pebble")
+        let scratch = try TemporaryDirectory("stoq-pebble")
+        defer { scratch.remove() }
+        let dir = scratch.path
         let ca = try TrustAuthority.create(in: dir + "/ca")
         let tls = try ca.issueWithNewKey(dnsNames: ["localhost"], ipv6Addresses: ["::1"])
         try tls.chainPEM.write(toFile: dir + "/cert.pem", atomically: true, encoding: .utf8)
@@ -127,7 +129,9 @@ import Testing
         let f = try await ACMEFixture.start()
         defer { Task { await f.stop() } }
         let eab = try f.addNode("legonode", dns: ["lego.example", "www.lego.example"])
-        let work = try temporaryDirectory("stoq-lego")
+        let scratch = try TemporaryDirectory("stoq-lego")
+        defer { scratch.remove() }
+        let work = scratch.path
         try f.rootPEM.write(toFile: work + "/root.pem", atomically: true, encoding: .utf8)
         let httpPort = try freeLoopbackPort()
         let start = Date()

@@ -209,7 +209,7 @@ import Testing
         let https = try await ACMEHTTPSServer.start(
             server: server, address: IPv6Endpoint(address: .loopback, port: 0),
             certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
-        let g = ACMEFixture(dir: f.dir, authority: f.authority, server: server, https: https, rootPEM: f.rootPEM)
+        let g = ACMEFixture(directory: f.directory, authority: f.authority, server: server, https: https, rootPEM: f.rootPEM)
         defer { Task { await g.stop() } }
         let again = try g.client()
         defer { Task { await again.shutdown() } }
@@ -226,10 +226,9 @@ import Testing
     /// started (a serial, a comment, a last line without its newline) stays. It used to
     /// rewrite the file from the serials read at start.
     @Test func aRevocationKeepsWhatTheOperatorWrote() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-revoked-\(UUID())").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let path = dir + "/revoked.txt"
+        let dir = try TemporaryDirectory("stoq-revoked")
+        defer { dir.remove() }
+        let path = dir.path + "/revoked.txt"
         try PEMFiles.appendSerial("0a0b", to: path, header: "# serials revoked through ACME")
         try String(contentsOfFile: path, encoding: .utf8).appending("# by hand\n7fa6").write(toFile: path, atomically: true, encoding: .utf8)
         try PEMFiles.appendSerial("0c0d", to: path, header: "# serials revoked through ACME")
@@ -344,7 +343,9 @@ import Testing
         o.requestTimeout = 1
         let started = Date()
         // A certificate from another CA: refused at once, not retried.
-        let otherRoot = try TrustAuthority.create(in: try temporaryDirectory("stoq-other") + "/ca")
+        let other = try TemporaryDirectory("stoq-other")
+        defer { other.remove() }
+        let otherRoot = try TrustAuthority.create(in: other.path + "/ca")
         let untrusting = try ACMEClient(directoryURL: f.directoryURL, trustRootsPEM: try PEMFiles.pem([otherRoot.root]), options: o)
         do {
             _ = try await untrusting.directory()

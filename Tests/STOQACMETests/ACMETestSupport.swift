@@ -8,18 +8,22 @@ import Glibc
 #endif
 
 /// A CA in a temporary directory with a STOQ ACME server on [::1] (a free port), TLS by a
-/// certificate the CA issued for localhost and ::1.
+/// certificate the CA issued for localhost and ::1. The directory goes with the last copy of the
+/// fixture: after the test, or after the task its `defer { Task { await f.stop() } }` starts has
+/// stopped the servers, so nothing is still writing there.
 struct ACMEFixture {
-    let dir: String
+    let directory: TemporaryDirectory
     let authority: TrustAuthority
     let server: ACMEServer
     let https: ACMEHTTPSServer
     let rootPEM: String
 
+    var dir: String { directory.path }
     var directoryURL: String { "https://[::1]:\(https.localAddress.port)/directory" }
 
     static func start(lifetime: TimeInterval = 3600) async throws -> ACMEFixture {
-        let dir = try temporaryDirectory("stoq-acme")
+        let directory = try TemporaryDirectory("stoq-acme")
+        let dir = directory.path
         let ca = try TrustAuthority.create(in: dir + "/ca")
         let tls = try ca.issueWithNewKey(dnsNames: ["localhost"], ipv6Addresses: ["::1"])
         var config = ACMEServer.Configuration()
@@ -29,7 +33,7 @@ struct ACMEFixture {
             server: server, address: IPv6Endpoint(address: .loopback, port: 0),
             certificateChainPEM: tls.chainPEM, keyPEM: tls.keyPEM)
         let rootPEM = try String(contentsOfFile: dir + "/ca/root.pem", encoding: .utf8)
-        return ACMEFixture(dir: dir, authority: ca, server: server, https: https, rootPEM: rootPEM)
+        return ACMEFixture(directory: directory, authority: ca, server: server, https: https, rootPEM: rootPEM)
     }
 
     var caDirectory: String { dir + "/ca" }
@@ -52,10 +56,24 @@ struct ACMEFixture {
     }
 }
 
-func temporaryDirectory(_ prefix: String) throws -> String {
-    let path = NSTemporaryDirectory() + "\(prefix)-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
+/// A fresh directory `<prefix>-XXXXXX` under the system temporary directory, removed with
+/// everything in it by `remove()` or, at the latest, when the last reference to it goes. A test
+/// that holds one in a local calls `remove()` from a `defer` (which runs when the test fails
+/// too), declared before whatever writes there, so that is stopped first.
+final class TemporaryDirectory: Sendable {
+    let path: String
+
+    init(_ prefix: String) throws {
+        var template = Array((NSTemporaryDirectory() + "\(prefix)-XXXXXX").utf8CString)
+        guard let made = mkdtemp(&template) else {
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
+        }
+        path = String(cString: made)
+    }
+
+    deinit { remove() }
+
+    func remove() { try? FileManager.default.removeItem(atPath: path) }
 }
 
 /// A TCP port on [::1] that was free a moment ago (for servers the test starts as processes).
