@@ -152,9 +152,11 @@ import Testing
     /// up at the next round, an outage keeps the last set and is counted, and the backend works
     /// again when the server is back.
     @Test func followsDnsmasq() async throws {
-        let dir = try temporaryDirectory("dns")
+        let dir = try TemporaryDirectory("dns")
+        defer { dir.remove() }
         let port = freePort()
-        var server = try Self.dnsmasq(port: port, dir: dir, records: Self.first)
+        var server = try Self.dnsmasq(port: port, dir: dir.url, records: Self.first)
+        defer { server.stop() }
         let logger = Logger(label: "test.dns")
         var srvOptions = DNSDiscovery.Options(name: "_stoq._udp.stoq.test", defaultPort: 4433)
         srvOptions.server = IPv6Endpoint(address: .loopback, port: port)
@@ -177,7 +179,7 @@ import Testing
         // Node 2 leaves, node 3 joins: dnsmasq restarts with the new records on the same port.
         server.stop()
         server = try Self.dnsmasq(
-            port: port, dir: dir,
+            port: port, dir: dir.url,
             records: [
                 "--host-record=node1.stoq.test,fd00:57::1", "--host-record=node3.stoq.test,fd00:57::5",
                 "--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501", "--srv-host=_stoq._udp.stoq.test,node3.stoq.test,4505",
@@ -194,7 +196,7 @@ import Testing
         #expect(await srvLog.sets.count == updatesBefore)
         #expect(srv.counters.lastError?.contains("[::1]:\(port)") == true)
         server = try Self.dnsmasq(
-            port: port, dir: dir,
+            port: port, dir: dir.url,
             records: [
                 "--srv-host=_stoq._udp.stoq.test,node1.stoq.test,4501",
                 "--host-record=node1.stoq.test,fd00:57::1",
@@ -202,33 +204,35 @@ import Testing
         #expect(await srvLog.wait { $0 == [member("https://[fd00:57::1]:4501")] })
         #expect(srv.counters.recoveries >= 1)
         print("dns: srv backend counters \(srv.counters)")
-        server.stop()
     }
 
     /// No record at all (NXDOMAIN) is an empty mesh, not a failure.
     @Test func nxdomainIsAnEmptyMesh() async throws {
-        let dir = try temporaryDirectory("dns-nx")
+        let dir = try TemporaryDirectory("dns-nx")
+        defer { dir.remove() }
         let port = freePort()
-        let server = try Self.dnsmasq(port: port, dir: dir, records: [])
+        let server = try Self.dnsmasq(port: port, dir: dir.url, records: [])
+        defer { server.stop() }
         var o = DNSDiscovery.Options(name: "nobody.stoq.test", defaultPort: 4433)
         o.server = IPv6Endpoint(address: .loopback, port: port)
         let backend = DNSDiscovery(options: o, logger: Logger(label: "test.dns"))
         let (members, refused) = try await backend.resolve()
         #expect(members.isEmpty && refused.isEmpty)
-        server.stop()
     }
 
     /// An SRV target whose address is not in the additional section is asked for; a CNAME
     /// chain (the SRV target's, and the name's own) is followed to the AAAA.
     @Test func looksUpSRVTargetsAndFollowsCNAMEs() async throws {
-        let dir = try temporaryDirectory("dns-cname")
+        let dir = try TemporaryDirectory("dns-cname")
+        defer { dir.remove() }
         let port = freePort()
         let server = try Self.dnsmasq(
-            port: port, dir: dir,
+            port: port, dir: dir.url,
             records: [
                 "--host-record=node1.stoq.test,fd00:57::1", "--cname=alias.stoq.test,node1.stoq.test",
                 "--srv-host=_c._udp.stoq.test,alias.stoq.test,4500", "--cname=svc.stoq.test,node1.stoq.test",
             ])
+        defer { server.stop() }
         var o = DNSDiscovery.Options(name: "_c._udp.stoq.test", defaultPort: 4433)
         o.server = IPv6Endpoint(address: .loopback, port: port)
         let (viaTarget, _) = try await DNSDiscovery(options: o, logger: Logger(label: "test.dns")).resolve()
@@ -237,21 +241,21 @@ import Testing
         let (viaCNAME, _) = try await DNSDiscovery(options: o, logger: Logger(label: "test.dns")).resolve()
         #expect(viaCNAME == [member("https://[fd00:57::1]:4433")])
         #expect(server.output.contains("query[AAAA] alias.stoq.test"))
-        server.stop()
     }
 
     /// Without `dns_server`, the nameservers of resolv.conf are asked (port 53).
     @Test func usesTheSystemResolver() async throws {
-        let dir = try temporaryDirectory("dns-sys")
-        let server = try Self.dnsmasq(port: 53, dir: dir, records: ["--host-record=sys.stoq.test,fd00:57::9"])
-        let conf = dir.appendingPathComponent("resolv.conf")
+        let dir = try TemporaryDirectory("dns-sys")
+        defer { dir.remove() }
+        let server = try Self.dnsmasq(port: 53, dir: dir.url, records: ["--host-record=sys.stoq.test,fd00:57::9"])
+        defer { server.stop() }
+        let conf = dir.url.appendingPathComponent("resolv.conf")
         try "nameserver ::1\n".write(to: conf, atomically: true, encoding: .utf8)
         var o = DNSDiscovery.Options(name: "sys.stoq.test", defaultPort: 4433)
         o.resolvConf = conf.path
         let backend = DNSDiscovery(options: o, logger: Logger(label: "test.dns"))
         let (members, _) = try await backend.resolve()
         #expect(members == [member("https://[fd00:57::9]:4433")])
-        server.stop()
     }
 
     /// The selection builds the backend `[mesh]` names.

@@ -8,18 +8,20 @@ import Testing
 /// The etcd backend against a real etcd 3.4 (Debian's etcd-server), started here on loopback
 /// ports with a temporary data directory; foreign writes come from Debian's etcdctl.
 @Suite struct EtcdDiscoveryTests {
-    /// One single-member etcd cluster.
+    /// One single-member etcd cluster in a temporary directory of its own, killed and the
+    /// directory removed when it is dropped.
     final class Etcd {
         let client: UInt16, peer: UInt16
-        let dir: URL
+        let directory: TemporaryDirectory
+        var dir: URL { directory.url }
         var data: URL
         var daemon: Daemon?
 
-        init(dir: URL) throws {
+        init(_ name: String) throws {
             client = freePort()
             peer = freePort()
-            self.dir = dir
-            data = dir.appendingPathComponent("data")
+            directory = try TemporaryDirectory(name)
+            data = directory.url.appendingPathComponent("data")
             try start()
         }
 
@@ -65,7 +67,10 @@ import Testing
             if wipe { try FileManager.default.removeItem(at: data) }
         }
 
-        deinit { daemon?.kill() }
+        deinit {
+            daemon?.kill()
+            directory.remove()
+        }
     }
 
     /// A backend with a 4 s lease (renewed every 1.3 s: a loaded test machine does not lose it;
@@ -86,7 +91,7 @@ import Testing
     /// etcdctl) disappears when its TTL runs out; a node that stops revokes its lease and leaves
     /// the other's view at once.
     @Test func registrationsSeeEachOtherAndDeadLeasesExpire() async throws {
-        let etcd = try Etcd(dir: try temporaryDirectory("etcd"))
+        let etcd = try Etcd("etcd")
         let na = backend(etcd, Self.a), nb = backend(etcd, Self.b)
         let la = MemberLog(), lb = MemberLog()
         let ta = start(na, into: la), tb = start(nb, into: lb)
@@ -126,7 +131,7 @@ import Testing
     /// Malformed values under the prefix are refused with their reason and counted; the backend
     /// keeps going and still sees the valid members.
     @Test func refusesMalformedRecordsAndCountsThem() async throws {
-        let etcd = try Etcd(dir: try temporaryDirectory("etcd-bad"))
+        let etcd = try Etcd("etcd-bad")
         let nb = backend(etcd, Self.b)
         let lb = MemberLog()
         let tb = start(nb, into: lb)
@@ -162,7 +167,7 @@ import Testing
     /// etcd dies and comes back with its data lost: both nodes register again on their own and
     /// see each other again; the outage is counted, and the last view stayed meanwhile.
     @Test func survivesAnEtcdOutageWithDataLoss() async throws {
-        let etcd = try Etcd(dir: try temporaryDirectory("etcd-outage"))
+        let etcd = try Etcd("etcd-outage")
         let na = backend(etcd, Self.a), nb = backend(etcd, Self.b)
         let la = MemberLog(), lb = MemberLog()
         let ta = start(na, into: la), tb = start(nb, into: lb)
@@ -214,7 +219,9 @@ import Testing
     /// first one (it registered 15–25 times in 3 s). A range at revision 2^63−1, where the watch
     /// cannot start after it, is refused by name instead of trapping the node.
     @Test(arguments: ["watch", "revision"]) func aStubWhoseWatchFailsOrWhoseRevisionIsHuge(mode: String) async throws {
-        let dir = try temporaryDirectory("etcd-stub")
+        let scratch = try TemporaryDirectory("etcd-stub")
+        defer { scratch.remove() }
+        let dir = scratch.url
         let script = dir.appendingPathComponent("stub.py")
         try Self.stub.write(to: script, atomically: true, encoding: .utf8)
         let port = freePort()

@@ -26,7 +26,10 @@ struct MeshFixture: Sendable {
             let issued = try! ca.issueWithNewKey(dnsNames: ["node\(n).mesh"])
             return Node(chain: [issued.certificate, ca.intermediate], keyPEM: issued.keyPEM)
         }
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-mesh-\(UUID())").path
+        // The authorities keep what they issue with in memory: their files can go at once.
+        let scratch = try! TemporaryDirectory("mesh")
+        defer { scratch.remove() }
+        let dir = scratch.url.path
         let ca = try! TrustAuthority.create(in: dir + "/ca")
         let other = try! TrustAuthority.create(in: dir + "/other", name: "Elsewhere")
         return MeshFixture(ca: ca, nodes: (1...3).map { node(ca, $0) }, stranger: node(other, 9))
