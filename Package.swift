@@ -298,9 +298,10 @@ let package = Package(
         .testTarget(name: "stoqTests", dependencies: ["stoq", "STOQ"]),
         .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore",
                                                              .product(name: "Logging", package: "swift-log")]),
-        // The session cache's file format (0-RTT's parameters kept with the session).
-        .testTarget(name: "STOQTransferTests", dependencies: ["STOQTransfer"]),
-        .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer",
+        // The session cache's file format (0-RTT's parameters kept with the session), and the
+        // connection pool against upstreams in the test's process (STOQTestSupport).
+        .testTarget(name: "STOQTransferTests", dependencies: ["STOQTransfer", "STOQTestSupport"]),
+        .testTarget(name: "STOQEdgeTests", dependencies: ["STOQEdge", "STOQChunking", "STOQStore", "STOQCache", "STOQTransfer", "STOQTestSupport",
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "Logging", package: "swift-log")]),
         .testTarget(
