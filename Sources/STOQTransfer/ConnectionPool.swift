@@ -30,8 +30,10 @@ package final class ConnectionPool {
         /// What became of the server's preferred address on the connection that answered
         /// ("none", "validating", "used", "failed"); nil when no stream was answered.
         package var preferredAddress: String? = nil
-        /// errno of a failed write of the body where it was to go (0: none): this side's
-        /// failure, named in `failure`, not the server's.
+        /// errno of a failed write of the body where it was to go (0: none). EFBIG: the server
+        /// sent more body than the request's limit (an error status's, `errorBodyLimit`), and
+        /// the rest was refused (`errorCode` H3_EXCESSIVE_LOAD): the server's doing, which the
+        /// caller names. Any other: this side's failure, named in `failure`, not the server's.
         package var sinkErrno: Int32 = 0
         /// What the trust's `identifyServer` said the answering server is ("" without one).
         package var peer = ""
@@ -95,8 +97,13 @@ package final class ConnectionPool {
             let status = head.status
             heads[stream] = head
             let s = sinks[stream]
-            let keep = status / 100 == 2 || s?.keepErrors == true
-            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, limit: s?.limit ?? .max, hash: s?.hash == true && status / 100 == 2)
+            let ok = status / 100 == 2
+            let keep = ok || s?.keepErrors == true
+            // An error body kept is read for its message only: its first bytes are kept, and
+            // an endless one is refused there instead of filling the (often RAM-backed) file.
+            // One discarded costs nothing and is read to its end, as before.
+            let limit = keep && !ok ? min(s?.limit ?? .max, ConnectionPool.errorBodyLimit) : s?.limit ?? .max
+            stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: 0, limit: limit, hash: s?.hash == true && ok)
         }
 
         func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -104,9 +111,10 @@ package final class ConnectionPool {
             let head = heads.removeValue(forKey: stream)
             let sha256 = s.hash ? stream.bodySHA256() : nil
             // A body the sink could not write (a full disk) is short wherever it went: this
-            // node's failure, said before any mismatch it causes is blamed on the server.
+            // node's failure, said before any mismatch it causes is blamed on the server. A body
+            // past its limit (EFBIG) is the server's, left to the caller, which knows the limit.
             let unwritten =
-                stream.sinkErrno != 0
+                stream.sinkErrno != 0 && stream.sinkErrno != EFBIG
                 ? "writing the body failed after \(stream.bytesReceived) bytes received: \(String(cString: strerror(stream.sinkErrno)))" : nil
             // Cut unanswered by its connection's end (a peer that refuses this end's certificate
             // closes after the handshake completed here, and the streams end before the
@@ -128,6 +136,11 @@ package final class ConnectionPool {
             closed.append((connection, reason.isEmpty ? "connection closed by the peer" : reason))
         }
     }
+
+    /// The most of an error response's body (a status other than 2xx) that is kept, with
+    /// `keepErrors`: enough for its message. The rest is refused as a body past its limit is
+    /// (`Done.sinkErrno` EFBIG), so an upstream's endless 404 costs this node 4 KiB.
+    package static let errorBodyLimit: UInt64 = 4096
 
     /// How long a handshake may take before its requests fail.
     package let connectTimeout: UInt64
@@ -235,10 +248,10 @@ package final class ConnectionPool {
     package func wake() { waker.wake() }
 
     /// Sends a request to `url`'s upstream, connecting first if needed; its body goes to
-    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`), hashed with `hash`. A body
-    /// longer than `limit` is not written past it: the stream is refused and its `Done` says
-    /// `sinkErrno` EFBIG. Its end comes back from `drive` as a `Done` carrying `tag` (unique
-    /// among the requests in flight).
+    /// `sinkFD` (-1: discarded; error bodies only with `keepErrors`, at most `errorBodyLimit`
+    /// of each), hashed with `hash`. A body longer than `limit` is not written past it: the
+    /// stream is refused and its `Done` says `sinkErrno` EFBIG. Its end comes back from `drive`
+    /// as a `Done` carrying `tag` (unique among the requests in flight).
     package func submit(
         to url: STOQURL, _ method: String, _ path: String, headers: [(String, String)] = [], body: BodyRegion? = nil,
         sinkFD: Int32 = -1, limit: UInt64 = .max, tag: Int, keepErrors: Bool = false, hash: Bool = false
