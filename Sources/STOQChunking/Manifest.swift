@@ -40,6 +40,16 @@ public struct Manifest: Hashable, Sendable {
     /// No manifest lists more chunks than this (16 Mi entries, a 604 MB manifest), whatever its
     /// total length says: a bound on what a hostile manifest can make a reader allocate.
     public static let maxChunkCount = 1 << 24
+    /// The most chunks a node takes in a manifest, whatever `storage.max_object_size` (a PUT's,
+    /// one fetched from an upstream), and ids a `/_stoq/missing` query may ask about (a client
+    /// asks about all of a manifest's chunks at once): a million (a 36 MiB manifest, a 32 MiB
+    /// query). Every id costs a worker a lookup in the store; this bounds the stall one request
+    /// can cause. It covers an object of 64 GiB (the default `max_object_size`) cut with the
+    /// default 64 KiB `min_chunk_size`.
+    public static let maxListedChunks = 1 << 20
+    /// The largest manifest a node takes: `maxListedChunks` entries (37,748,800 bytes). An
+    /// upstream's longer answer is refused as it arrives, not held whole first.
+    public static let maxListedSize = headerSize + entrySize * maxListedChunks
 
     /// Format version (1).
     public let version: UInt8

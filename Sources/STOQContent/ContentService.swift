@@ -60,20 +60,12 @@ public final class ContentService: QUICApplication {
         var writer: ObjectGate.Writer?
     }
 
-    /// The most chunks a manifest PUT may list, and ids a `/_stoq/missing` query may ask about
-    /// (a client asks about all of a manifest's chunks at once), whatever
-    /// `storage.max_object_size`: a million (a 36 MiB manifest, a 32 MiB query). Every id
-    /// costs the worker a lookup in the store; this bounds the stall one request can cause.
-    /// It covers an object of 64 GiB (the default `max_object_size`) cut with the default
-    /// 64 KiB `min_chunk_size`.
-    public static let maxListedChunks = 1 << 20
-
     /// The most chunks this node takes in a manifest (and ids in a query): as many as an object
     /// of `maxObjectSize` bytes can have when every chunk is as short as a manifest may make it
-    /// (`ChunkingParameters.smallestMinSize`), at most `maxListedChunks`.
+    /// (`ChunkingParameters.smallestMinSize`), at most `Manifest.maxListedChunks`.
     public static func chunkLimit(maxObjectSize: UInt64) -> Int {
         let bound = maxObjectSize / UInt64(ChunkingParameters.smallestMinSize) + 1
-        return bound < UInt64(maxListedChunks) ? Int(bound) : maxListedChunks
+        return bound < UInt64(Manifest.maxListedChunks) ? Int(bound) : Manifest.maxListedChunks
     }
 
     /// Why a manifest PUT whose header lists more than `limit` chunks is refused (413), read
@@ -87,9 +79,9 @@ public final class ContentService: QUICApplication {
 
     /// What bounds `limit` (`chunkLimit`), for a refusal's message.
     static func chunkLimitReason(_ limit: Int, maxObjectSize: UInt64) -> String {
-        limit < maxListedChunks
+        limit < Manifest.maxListedChunks
             ? "storage.max_object_size of \(maxObjectSize) bytes in chunks of at least \(ChunkingParameters.smallestMinSize) bytes"
-            : "at most \(maxListedChunks) chunks a manifest"
+            : "at most \(Manifest.maxListedChunks) chunks a manifest"
     }
 
     /// A chunked object being sent as one body: the chunks still to go, and the byte range.

@@ -15,7 +15,7 @@ struct ContentServiceTests {
     }
 
     @Test func theChunkLimitFollowsMaxObjectSizeUpToAMillion() {
-        #expect(ContentService.chunkLimit(maxObjectSize: 64 << 30) == ContentService.maxListedChunks)
+        #expect(ContentService.chunkLimit(maxObjectSize: 64 << 30) == Manifest.maxListedChunks)
         #expect(ContentService.chunkLimit(maxObjectSize: 1 << 50) == 1 << 20)
         // 1 MB in chunks of at least 64 bytes: 16384, and a short last one.
         #expect(ContentService.chunkLimit(maxObjectSize: 1 << 20) == 16_385)
