@@ -400,6 +400,19 @@ static nghttp3_nv make_nv(const char *n, const char *v) {
   return nv;
 }
 
+/* A final answer given while the request's body is still arriving, to a request whose body
+ * nothing reads (no sink, no digest: refused at its head, 401, 403, 429, 405, 413 …): the rest
+ * is not needed, so the peer is asked to stop sending it (STOP_SENDING with H3_NO_ERROR, RFC 9114
+ * §4.1.2) and what still arrives is dropped. Else a client could keep sending on a refused
+ * stream, taking the worker's time and the link, past the rate limits. */
+static void answered_early(stoq_conn *c, stoq_stream *s) {
+  if (!c->is_server || s->fin_with_headers || s->body_complete || s->rx_refused || s->sink_fd >= 0 || s->hashing)
+    return;
+  s->rx_refused = 1;
+  unwatch_rx(s);
+  ngtcp2_conn_shutdown_stream_read(c->q, s->id, STOQ_H3_NO_ERROR);
+}
+
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
   if (s->responded) return NGHTTP3_ERR_INVALID_STATE;
   char st[8];
@@ -410,7 +423,7 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
-  if (rv == 0) s->responded = 1, s->status = status;
+  if (rv == 0) s->responded = 1, s->status = status, answered_early(c, s);
   return rv;
 }
 
@@ -445,7 +458,7 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   nghttp3_data_reader dr = {.read_data = body_read};
   int reader = has_body && body_len > 0 && !s->no_content;
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
-  if (rv == 0) s->responded = 1, s->status = status;
+  if (rv == 0) s->responded = 1, s->status = status, answered_early(c, s);
   if (rv == 0 && reader) watch_tx(s, body_len);
   return rv;
 }

@@ -134,7 +134,7 @@ struct stoq_stream {
   /* Stall watch (server): in the endpoint's lists while receiving a request body (rx) and while
    * holding body bytes the peer has not acknowledged (tx), and when each last moved. */
   struct stoq_watch_link watch[2]; /* by WATCH_RX / WATCH_TX */
-  uint8_t rx_refused;              /* the body timed out: whatever more arrives is dropped */
+  uint8_t rx_refused;              /* body timed out, or answered before its end: the rest is dropped */
   uint64_t rx_moved, tx_moved;     /* endpoint clock */
   uint64_t tx_given, tx_acked;     /* body bytes given to send (with a reader), and acknowledged */
   uint64_t expected;               /* the announced body length (UINT64_MAX: none) */

@@ -16,7 +16,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import StreamReset
+from aioquic.quic.events import StopSendingReceived, StreamReset
 
 from conftest import Node, settled, summed_counters, writer_token
 
@@ -43,11 +43,14 @@ class Client(QuicConnectionProtocol):
         quic._write_stream_limits = write_stream_limits
 
     def answer(self, sid):
-        return self.answers.setdefault(sid, {"status": None, "body": b"", "ended": False, "reset": None})
+        return self.answers.setdefault(sid, {"status": None, "body": b"", "ended": False, "reset": None, "stop_sending": None})
 
     def quic_event_received(self, event):
         if isinstance(event, StreamReset):
             self.answer(event.stream_id)["reset"] = event.error_code
+            return
+        if isinstance(event, StopSendingReceived):
+            self.answer(event.stream_id)["stop_sending"] = event.error_code
             return
         for ev in self.h3.handle_event(event):
             sid = getattr(ev, "stream_id", None)
@@ -173,6 +176,31 @@ def test_stalled_body_gets_408_and_stalled_response_is_reset(stall_node):
     body = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="body"\} (\d+)$', text, re.M))
     send = sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="send"\} (\d+)$', text, re.M))
     assert (body, send) == (1, 1)
+
+
+def test_a_body_refused_at_its_head_is_not_read_on(tmp_path):
+    """A PUT without a credential, announcing 64 MiB and sending its first 64 KiB, is answered
+    401 before its body ends: the node asks the client to stop sending it (STOP_SENDING,
+    H3_NO_ERROR, RFC 9114 §4.1.2) instead of reading on, for as long as the client cares to send,
+    on a stream it refused; the connection serves a GET after it."""
+    node = Node(tmp_path / "n", workers=1)
+    node.add_object("small.bin", 1000)
+
+    async def scenario():
+        async with connect("::1", node.port, configuration=config(node, 64 << 20), create_protocol=Client) as c:
+            put = c.send("PUT", node, "/objects/refused", [(b"content-length", str(64 << 20).encode())],
+                         body=os.urandom(64 << 10), end=False)
+            await c.until(lambda: c.answers[put]["ended"] and c.answers[put]["stop_sending"] is not None)
+            assert c.answers[put]["status"] == 401, c.answers[put]
+            assert c.answers[put]["stop_sending"] == 0x100, c.answers[put]  # H3_NO_ERROR
+            get = c.send("GET", node, "/objects/small.bin")
+            await c.until(lambda: c.answers[get]["ended"])
+            assert c.answers[get]["status"] == 200 and len(c.answers[get]["body"]) == 1000, c.answers[get]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert node.stop() == 0
 
 
 def test_request_bodies_held_in_memory_are_bounded_node_wide(tmp_path):
