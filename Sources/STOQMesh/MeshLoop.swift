@@ -518,8 +518,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         advertDue = false
         lastAdvert = now
         let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
-        // Unix milliseconds: newer than anything a previous run of this node signed.
-        ownSequence = max(ownSequence + 1, nowMillis)
+        // Unix milliseconds: newer than anything a previous run of this node signed. Saturating:
+        // an advert of this node's own key may have carried any sequence (see `received`).
+        let (next, overflow) = ownSequence.addingReportingOverflow(1)
+        ownSequence = max(overflow ? .max : next, nowMillis)
         var links: [AdvertBody.Link] = []
         // One link per neighbour id, the one of least RTT: two URLs answering as one node (a
         // node listed under two of its addresses, or an identity copied to a second node) made

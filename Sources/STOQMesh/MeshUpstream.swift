@@ -138,6 +138,8 @@ public final class MeshUpstream: FetchUpstream {
             guard let mean = chunkSeconds.withLock({ $0 }) else { return nil }
             after = max(3 * mean, 0.2)
         }
+        // A learner's estimate that is not a positive number (NaN would pass `min`) hedges nothing.
+        guard after.isFinite, after > 0 else { return nil }
         return UInt64(min(after, 5) * 1e9)
     }
 
