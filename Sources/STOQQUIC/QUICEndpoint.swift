@@ -255,7 +255,7 @@ public final class QUICEndpoint {
     public func releaseLibraryPages() { stoq_endpoint_ctx_release_memory(ctx) }
 
     /// The entries the connection tables have room for.
-    package var tableCapacity: Int { table.capacity + connections.capacity }
+    package var tableCapacity: Int { table.capacity + connections.capacity + establishedBy.capacity }
 
     /// Gives back what the connection tables grew to at their peak, once they are mostly empty:
     /// a Swift dictionary keeps its capacity as entries go, and after 100,000 connections (each
@@ -271,6 +271,7 @@ public final class QUICEndpoint {
         }
         if let t = compacted(table) { table = t }
         if let c = compacted(connections) { connections = c }
+        if let e = compacted(establishedBy) { establishedBy = e }
     }
 
     /// All live connections.
