@@ -172,6 +172,8 @@ public final class EdgeCache: @unchecked Sendable {
     /// After a connect timed out, fetches from that upstream fail at once for this long
     /// (seconds): an origin that is down costs one connect timeout a second, not one a miss.
     public static let holdUnreachable = 1.0
+    /// How long one fetch of a chunk or a manifest may take, all its attempts together,
+    /// however its bytes trickle in; a plain object's, only while no byte comes.
     public static let requestTimeout: UInt64 = 30_000_000_000
     /// An attempt that receives no byte for this long is abandoned for the next one. Relays
     /// verify a whole chunk before they send its first byte, so this is generous; a link known
@@ -204,6 +206,8 @@ public final class EdgeCache: @unchecked Sendable {
     static let maxCutsWaiting = 4
     /// The chunks' share of the bound: no plain object larger than this is fetched whole.
     let chunkCapacity: UInt64
+    /// `requestTimeout`, which tests shorten. Set before `start`.
+    var fetchDeadline = EdgeCache.requestTimeout
     let ttlDefault: Double
     /// How upstreams are verified, and the change a reload asked for that the fetcher has not
     /// applied yet (`retrust`).

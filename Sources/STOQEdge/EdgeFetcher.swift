@@ -238,6 +238,12 @@ final class EdgeFetcher {
     private func handleCompletion(_ d: ConnectionPool.Done, _ p: ConnectionPool) {
         guard var a = active.removeValue(forKey: d.tag) else { return }
         a.endSpan(status: d.status ?? 0, errorCode: d.errorCode, failure: d.failure)
+        if d.sinkErrno == EFBIG, let status = d.status, status / 100 == 2 {
+            // More than a chunk or a manifest can be: refused as it came, so no more than the
+            // limit was held. The upstream's doing (an error status's body is only cut short).
+            failed(a, "edge: \(a.attempt.label) sent more than \(bodyLimit(a)) bytes for \(tooLarge(a.key))", notFound: false, p)
+            return
+        }
         if d.sinkErrno != 0, let failure = d.failure {
             // This node could not keep what came (its fetch file's filesystem is full):
             // not the upstream's doing, so neither a verification failure nor a failover.
@@ -314,6 +320,24 @@ final class EdgeFetcher {
                 ))
             return
         }
+        let seconds = cache.fetchDeadline / 1_000_000_000
+        if !a.plain, t - a.started > cache.fetchDeadline {
+            // However its bytes come: an upstream that sends one every few seconds never
+            // stalls, and would hold every request joined to the fetch for ever. (A plain
+            // object, as large as the cache's share, is bounded by that and by its stalls.)
+            p.cancel(tag)
+            active[tag] = nil
+            let why =
+                got == 0
+                ? "edge: \(upstream) did not answer \(path(a.key)) within \(seconds) s"
+                : "edge: \(a.attempt.label) was still sending \(a.attempt.path) when the fetch reached its \(seconds) s deadline (\(got) bytes received)"
+            a.endSpan(failure: why)
+            if a.partner != nil { return failed(a, why, notFound: false, p) }
+            upstream.failed(EdgeCache.resource(a.key), via: a.attempt, notFound: false)
+            a.allNotFound = false
+            a.lastFailure = why
+            return giveUp(a)
+        }
         if got != a.seen { a.seen = got; a.progressAt = t; active[tag] = a; return }
         let down = upstream.isDown(a.attempt.url)
         let quiet = allowedQuiet(a, got: got)
@@ -328,10 +352,10 @@ final class EdgeFetcher {
         a.endSpan(failure: why)
         if a.partner != nil {
             failed(a, why, notFound: false, p)
-        } else if t - a.started > EdgeCache.requestTimeout {
+        } else if t - a.started > cache.fetchDeadline {
             upstream.failed(EdgeCache.resource(a.key), via: a.attempt, notFound: false)
             a.allNotFound = false
-            a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(EdgeCache.requestTimeout / 1_000_000_000) s"
+            a.lastFailure = "edge: \(upstream) did not answer \(path(a.key)) within \(seconds) s"
             giveUp(a)
         } else {
             retry(a, why, notFound: false, p)
@@ -433,7 +457,9 @@ final class EdgeFetcher {
             headers += tracer.headers(for: span.context)
             a.span = span
         }
-        p.submit(to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, tag: tag, keepErrors: true, hash: a.plain)
+        p.submit(
+            to: a.attempt.url, "GET", a.attempt.path, headers: headers, sinkFD: a.fd, limit: bodyLimit(a), tag: tag, keepErrors: true,
+            hash: a.plain)
         upstream.dispatched(EdgeCache.resource(a.key), via: a.attempt)
         if case .chunk = a.key {
             cache.count(\.originChunkFetches)
@@ -442,6 +468,27 @@ final class EdgeFetcher {
         }
         active[tag] = a
         return tag
+    }
+
+    /// The most body an attempt of `a` takes; more is refused as it arrives (the upstream's
+    /// failure), so a fetch never holds more than this in its file (a memfd: memory). A chunk
+    /// is at most the largest this node's store takes (`chunking.max_chunk_size`), a manifest
+    /// the largest a node takes (`Manifest.maxListedSize`). A plain object whole goes to a file
+    /// on disk, and stops at the cache's chunk share (`check`).
+    private func bodyLimit(_ a: Active) -> UInt64 {
+        if a.plain { return .max }
+        switch a.key {
+        case .chunk: return UInt64(cache.store.options.maxChunkSize)
+        case .manifest: return UInt64(Manifest.maxListedSize)
+        }
+    }
+
+    /// What a body past `bodyLimit` was too large for, and the bound's name.
+    private func tooLarge(_ key: Key) -> String {
+        switch key {
+        case .chunk(let id): "chunk \(id.hex) (the most a chunk may be here, chunking.max_chunk_size)"
+        case .manifest(let name): "the manifest of \(name) (the most a manifest may be: \(Manifest.maxListedChunks) chunks)"
+        }
     }
 
     /// `a`'s request failed (`why`): its hedge partner, if still out, carries on alone;
