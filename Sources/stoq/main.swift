@@ -93,13 +93,6 @@ func printJSON(_ r: TransferResult) {
     FileHandle.standardError.write(Data("stoq: \(message)\n".utf8))
 }
 
-func human(_ n: Double) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var v = n, i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    return String(format: "%.1f %@", v, units[i])
-}
-
 struct Get: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Download objects over HTTP/3.",
@@ -312,16 +305,7 @@ struct Get: ParsableCommand {
             ) { got, total in
                 log?.record(got)
                 guard tty, log == nil || log!.dueForDisplay() else { return }
-                let secs = max(Date().timeIntervalSince(start), 0.001)
-                let rate = Double(got) / secs
-                var line = "\r\(human(Double(got)))"
-                if let total, total > 0 {
-                    let pct = Double(got) / Double(total)
-                    let bar = String(repeating: "█", count: Int(pct * 30)).padding(toLength: 30, withPad: " ", startingAt: 0)
-                    let eta = rate > 0 ? Double(total - min(got, total)) / rate : 0
-                    line += " / \(human(Double(total))) [\(bar)] \(Int(pct * 100))%  ETA \(Int(eta))s"
-                }
-                line += "  \(human(rate))/s   "
+                let line = progressLine(got: got, total: total, seconds: Date().timeIntervalSince(start))
                 FileHandle.standardError.write(Data(line.utf8))
             }
         } catch {
