@@ -15,7 +15,19 @@ import Synchronization
 /// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
 /// otherwise). Refusals are counted in `stoq_admin_refused_total`, which the server appends to
 /// `/metrics` itself since it is the only one that sees them.
+///
+/// Connections are bounded before anyone is authenticated (a token is checked only once a
+/// request is whole): one that reads nothing for `idleTimeout` (no request, half a request, a
+/// TLS handshake left unfinished) is closed, and at most `maxConnectionsPerClient` are open
+/// from one /64 and `maxConnections` in all; past them a new one is closed at once. So no one
+/// who can reach the port holds the node's file descriptors, or keeps a scraper out for long.
 package final class AdminServer: @unchecked Sendable {
+    /// How long a connection may read nothing before it is closed.
+    package static let idleTimeout = TimeAmount.seconds(30)
+    /// Connections open at once from one /64, and in all.
+    package static let maxConnectionsPerClient = 32
+    package static let maxConnections = 512
+
     private let group: MultiThreadedEventLoopGroup
     private let channel: Channel
     /// Where it listens (the port the kernel chose, for port 0).
@@ -47,6 +59,7 @@ package final class AdminServer: @unchecked Sendable {
         case .mtls(let t): tls = t
         }
         scheme = tls == nil ? "http" : "https"
+        let open = AdminConnections()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             // IPv6 only, even on [::].
@@ -54,6 +67,14 @@ package final class AdminServer: @unchecked Sendable {
             .childChannelInitializer { [authorize, tls] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let ops = channel.pipeline.syncOperations
+                    if let why = open.admit(channel) {
+                        refusals.addConnection()
+                        logger.debug("admin API: connection closed: \(why)", metadata: ["peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+                        channel.close(promise: nil)
+                        return
+                    }
+                    try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
+                    try ops.addHandler(AdminIdleClose())
                     if let tls {
                         // A fresh look at the identity files per connection: rotation takes
                         // effect from the next one.
@@ -101,12 +122,65 @@ package final class AdminServer: @unchecked Sendable {
 /// What the server refused, shared by its connections.
 final class AdminRefusals: Sendable {
     let count = Atomic<UInt64>(0)
+    let connections = Atomic<UInt64>(0)
     func add() { count.add(1, ordering: .relaxed) }
+    func addConnection() { connections.add(1, ordering: .relaxed) }
 
-    /// The family appended to `/metrics`.
+    /// The families appended to `/metrics`.
     var prometheus: String {
         "# HELP stoq_admin_refused_total Admin API requests refused (no or wrong bearer token) and TLS handshakes refused (no or bad client certificate).\n"
             + "# TYPE stoq_admin_refused_total counter\nstoq_admin_refused_total \(count.load(ordering: .relaxed))\n"
+            + "# HELP stoq_admin_connections_refused_total Admin API connections closed as they opened: their /64, or everyone, held as many as the server keeps.\n"
+            + "# TYPE stoq_admin_connections_refused_total counter\n"
+            + "stoq_admin_connections_refused_total \(connections.load(ordering: .relaxed))\n"
+    }
+}
+
+/// The admin connections open, by the /64 they come from (`AdminServer`'s bounds). Touched
+/// once per connection, on its open and its close.
+final class AdminConnections: Sendable {
+    private let open = Mutex<(all: Int, by: [UInt64: Int])>((0, [:]))
+
+    /// Counts `channel` in and has it counted out when it closes, or says why it may not open.
+    func admit(_ channel: Channel) -> String? {
+        let prefix = channel.remoteAddress.flatMap { Self.prefix64($0) } ?? 0
+        let why: String? = open.withLock { o in
+            if o.all >= AdminServer.maxConnections { return "\(o.all) admin connections are open, the most kept" }
+            let mine = o.by[prefix, default: 0]
+            if mine >= AdminServer.maxConnectionsPerClient { return "\(mine) admin connections are open from its /64, the most kept" }
+            o.all += 1
+            o.by[prefix] = mine + 1
+            return nil
+        }
+        guard why == nil else { return why }
+        channel.closeFuture.whenComplete { _ in self.close(prefix) }
+        return nil
+    }
+
+    private func close(_ prefix: UInt64) {
+        open.withLock { o in
+            o.all -= 1
+            let n = o.by[prefix, default: 1] - 1
+            o.by[prefix] = n > 0 ? n : nil
+        }
+    }
+
+    /// The first 64 bits of an IPv6 peer's address (the admin API listens on IPv6 only).
+    static func prefix64(_ address: SocketAddress) -> UInt64? {
+        guard case .v6(let a) = address else { return nil }
+        return withUnsafeBytes(of: a.address.sin6_addr) { b in b.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+    }
+}
+
+/// Closes a connection that read nothing for `AdminServer.idleTimeout` (`IdleStateHandler`).
+private final class AdminIdleClose: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? IdleStateHandler.IdleStateEvent, e == .read {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
     }
 }
 

@@ -116,6 +116,46 @@ def test_stoq_status_reads_the_admin_api(admin_node):
     assert r.returncode == 2 and "IPv6 only" in r.stderr
 
 
+def test_idle_admin_connections_are_bounded_per_client(tmp_path):
+    """Connections are bounded before anyone is authenticated: 40 idle TCP connections from
+    ::1 to a node's admin API: 32 (the most from one /64) stay open, the other 8 are closed as
+    they open; the 8 refusals are counted; once some idle ones go, a scrape is served. (A
+    connection that reads nothing for 30 s is closed too: not waited for here.)"""
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::1]:0"')
+    host, port = n.admin.split("//")[1].split("/")[0].rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+            idle.append(s)
+        time.sleep(1)
+        closed = 0
+        for s in idle:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+            except BlockingIOError:
+                pass
+        assert closed == 8, f"{closed} of 40 closed as they opened"
+        for s in idle[:10]:
+            s.close()
+        deadline = time.time() + 10
+        while True:  # the server hears of the closes on its own time
+            try:
+                text = fetch(n.admin)[2]
+                break
+            except (ConnectionError, urllib.error.URLError):
+                assert time.time() < deadline, "no scrape served after 10 idle connections went"
+                time.sleep(0.2)
+        assert sample(text, "stoq_admin_connections_refused_total") >= 8
+    finally:
+        for s in idle:
+            s.close()
+        assert n.stop() == 0
+
+
 def test_promtool_accepts_metrics(admin_node):
     """The whole exposition of a real node passes `promtool check metrics` (Debian
     `prometheus`, scripts/install-deps); MeshMetricsTests does the same with the mesh
