@@ -40,6 +40,7 @@ struct StoqNode: AsyncParsableCommand {
         let levelBox = LevelBox(logLevel ?? cfg.log.level)
         LoggingSystem.bootstrap { label in ReloadableLogHandler(label: label, level: levelBox) }
         let logger = Logger(label: "stoq-node")
+        if let (from, to) = OpenFiles.raiseSoftLimit() { logger.info("open files: soft limit raised from \(from) to \(to), the hard limit") }
         // [tracing]: the exporter starts before the node and, last in the group's shutdown
         // order, stops after it, flushing the spans of the last requests.
         let tracing: NodeTracing
