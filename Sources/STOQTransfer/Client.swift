@@ -371,8 +371,13 @@ final class TransferApp: QUICApplication {
         self.status = status
         self.contentLength = contentLength
         storedSHA256 = head.etagSHA256
-        if status / 100 != 2 && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
-        stream.setBodySink(fd: status / 100 == 2 ? sinkFD : errorFD, offset: status / 100 == 2 ? sinkOffset : 0, hash: hash)
+        let ok = status / 100 == 2
+        if !ok && errorFD < 0 { errorFD = stoq_memfd("stoq-error-body") }
+        // An error body is read for its message only (`errorText`): its first bytes are kept
+        // and the rest refused (EFBIG, the stream reset with H3_EXCESSIVE_LOAD), so an endless
+        // 404 costs 4 KiB of this memfd (RAM), not all it sends until the timeout.
+        stream.setBodySink(
+            fd: ok ? sinkFD : errorFD, offset: ok ? sinkOffset : 0, limit: ok ? .max : ConnectionPool.errorBodyLimit, hash: hash)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         closed = errorCode
@@ -743,7 +748,10 @@ public enum STOQClient {
             if let why = app.connectionError { throw ClientError(.transfer, "connection closed before a response: \(why)") }
             throw ClientError(.transfer, "stream reset by the server (\(H3Error.Code(rawValue: closed).resetReason))")
         }
-        if closed != H3Error.noError {
+        // An error body past `ConnectionPool.errorBodyLimit`, refused here: the answer is the
+        // status and the body's first bytes (the server's reason), not a failed transfer.
+        let errorCut = status / 100 != 2 && app.sinkErrno == EFBIG
+        if closed != H3Error.noError && !errorCut {
             throw ClientError(.transfer, "transfer aborted (\(H3Error.Code(rawValue: closed).resetReason)) after \(app.received) bytes")
         }
         if app.sinkErrno != 0 && status / 100 == 2 {

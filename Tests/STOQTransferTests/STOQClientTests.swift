@@ -1,0 +1,122 @@
+import Foundation
+import STOQCore
+import STOQQUIC
+import STOQTestSupport
+import Testing
+
+@testable import STOQTransfer
+
+/// What `stoq get` and `stoq put` keep of a hostile or broken server's answers: an error
+/// body's first bytes only. Against upstreams in this process (`LoopbackUpstreams`), in real
+/// time; the memfds the client holds answers in are sampled from another thread as it waits.
+@Suite(.serialized) final class STOQClientTests {
+    let identity: TestIdentity
+    let upstream = TestUpstream()
+    let loop: LoopbackUpstreams
+    let directory: String
+
+    init() throws {
+        identity = try TestIdentity()
+        loop = try LoopbackUpstreams(identity: identity, [(4433, upstream)])
+        directory = NSTemporaryDirectory() + "stoq-client-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+
+    deinit {
+        identity.remove()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    var trust: ClientTrust { ClientTrust(insecure: true) }
+    var datapath: ClientDatapath { ClientDatapath { [loop] in loop.queue() } }
+    func url(_ path: String) throws -> STOQURL { try STOQURL("https://[::1]:4433" + path) }
+
+    /// The largest of this process's memfds named `stoq-<prefix>…`, sampled every 0.5 ms on
+    /// another thread while `body` runs (the client runs on this one).
+    final class MemfdWatch: @unchecked Sendable {
+        private let lock = NSLock()
+        private var largest = 0, running = true
+        let prefix: String
+        init(_ prefix: String) { self.prefix = "/memfd:" + prefix }
+        var largestSeen: Int { lock.withLock { largest } }
+
+        func run<T>(_ body: () throws -> T) rethrows -> T {
+            let thread = Thread { [self] in
+                while lock.withLock({ running }) {
+                    let n = sample()
+                    lock.withLock { largest = max(largest, n) }
+                    usleep(500)
+                }
+            }
+            thread.start()
+            defer { lock.withLock { running = false } }
+            return try body()
+        }
+
+        private func sample() -> Int {
+            var out = 0
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+                guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + name),
+                    target.hasPrefix(prefix)
+                else { continue }
+                var st = stat()
+                if stat("/proc/self/fd/" + name, &st) == 0 { out = max(out, Int(st.st_size)) }
+            }
+            return out
+        }
+    }
+
+    /// How `path`'s streams closed, once one has (the reset's last packets may still be on
+    /// their way when the client returns). Only for a client that waits for its connection's
+    /// close: the upstreams run on its thread, and stop when it returns.
+    func closed(_ path: String) -> [UInt64] {
+        let until = monotonicNow() + 2_000_000_000
+        while upstream.closed(path).isEmpty && monotonicNow() < until { usleep(1000) }
+        return upstream.closed(path)
+    }
+
+    func thrown(_ body: () throws(ClientError) -> Void) -> ClientError? {
+        do { try body() } catch { return error }
+        return nil
+    }
+
+    // MARK: An error body's first bytes only
+
+    @Test func anEndlessErrorBodyToAGetEndsWithItsStatusAndReason() throws {
+        upstream.answer("/objects/gone", .endless(status: 404, filler: "no such object here; "))
+        let watch = MemfdWatch("stoq-error-body")
+        let t0 = monotonicNow()
+        let r = try watch.run { () throws(ClientError) in
+            try STOQClient.get(try! url("/objects/gone"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+        }
+        let seconds = Double(monotonicNow() - t0) / 1e9
+        #expect(r.status == 404)
+        #expect(r.message?.hasPrefix("no such object here; no such object here;") == true, "\(r.message ?? "no message")")
+        #expect(r.message.map { $0.utf8.count <= 2000 } == true)
+        #expect(watch.largestSeen <= Int(ConnectionPool.errorBodyLimit), "the error body's memfd held \(watch.largestSeen) bytes")
+        #expect(seconds < 5, "it took \(seconds) s")
+        #expect(closed("/objects/gone") == [H3Error.excessiveLoad])
+        #expect(upstream.sent("/objects/gone") < 1 << 20)
+    }
+
+    @Test func anEndlessErrorBodyToAPutEndsWithItsStatusAndReason() throws {
+        let file = directory + "/up"
+        try Data("the object".utf8).write(to: URL(fileURLWithPath: file))
+        upstream.answer("/objects/up", .endless(status: 403, filler: "not yours to write; "))
+        let watch = MemfdWatch("stoq-error-body")
+        let r = try watch.run { () throws(ClientError) in
+            try STOQClient.put(file: file, to: try! url("/objects/up"), trust: trust, datapath: datapath, timeout: 10)
+        }
+        #expect(r.status == 403)
+        #expect(r.message?.hasPrefix("not yours to write; not yours to write;") == true, "\(r.message ?? "no message")")
+        #expect(watch.largestSeen <= Int(ConnectionPool.errorBodyLimit), "the error body's memfd held \(watch.largestSeen) bytes")
+        // Its stream ended (the code the upstream sees for a PUT's is not the reset's own).
+        #expect(closed("/objects/up").count == 1)
+    }
+
+    @Test func aShortErrorBodyIsStillTheReasonWhole() throws {
+        upstream.answer("/objects/busy", .whole(status: 503, body: Array("busy, try again\n".utf8)))
+        let r = try STOQClient.get(try url("/objects/busy"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+        #expect(r.status == 503 && r.message == "busy, try again")
+    }
+}
