@@ -54,8 +54,13 @@ package final class MultiRequestApp: QUICApplication {
         let status = head.status
         statuses[stream] = status
         let s = sinks[stream]
-        let keep = status / 100 == 2 || s?.keepErrors == true
-        stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, limit: s?.limit ?? .max, hash: s?.hash ?? false)
+        let ok = status / 100 == 2
+        let keep = ok || s?.keepErrors == true
+        // An error body kept is read for its message only: its first
+        // `ConnectionPool.errorBodyLimit` bytes, the rest refused (EFBIG) as the pool does. Its
+        // own bound, not the answer's: a 32-byte /missing query still hears the whole reason.
+        let limit = keep && !ok ? ConnectionPool.errorBodyLimit : s?.limit ?? .max
+        stream.setBodySink(fd: keep ? (s?.fd ?? -1) : -1, offset: s?.offset ?? 0, limit: limit, hash: s?.hash ?? false)
     }
 
     package func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
@@ -105,7 +110,10 @@ package final class ClientSession {
         }
     }
 
-    /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard).
+    /// Sends a request whose response body goes to `sinkFD` at `offset` (-1: discard), at
+    /// most `limit` bytes of it; past it the rest is refused and `Done.sinkErrno` is EFBIG.
+    /// With `keepErrors` an error's body goes there too, its first
+    /// `ConnectionPool.errorBodyLimit` bytes (for its message).
     package func submit(
         _ method: String, _ path: String, body: BodyRegion? = nil, sinkFD: Int32 = -1, offset: UInt64 = 0, limit: UInt64 = .max,
         hash: Bool = false, tag: Int = 0, keepErrors: Bool = false
@@ -132,23 +140,43 @@ package final class ClientSession {
         if !ok { throw ClientError.timedOut(after: timeout, progress()) }
     }
 
-    /// One request, waited for; the response body (if any) comes back in memory.
-    package func call(_ method: String, _ path: String, body: BodyRegion? = nil) throws(ClientError) -> (status: Int, body: [UInt8]) {
+    /// One request, waited for; the response body (if any) comes back in memory, at most
+    /// `limit` bytes of it: the most a legitimate answer can be (an error's: its first
+    /// `ConnectionPool.errorBodyLimit` bytes, enough for its message, whatever `limit`). A
+    /// longer 2xx body is refused as it arrives, never held whole, and throws "`tooLarge`
+    /// (`limit` bytes)". A 2xx answer cut short by a reset stream throws too: it is not all
+    /// of the answer.
+    package func call(
+        _ method: String, _ path: String, body: BodyRegion? = nil, limit: UInt64, tooLarge: @autoclosure () -> String
+    ) throws(ClientError) -> (status: Int, body: [UInt8]) {
         let fd = stoq_memfd("stoq-response")
         guard fd >= 0 else { throw ClientError(.io, "memfd_create: \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
         let tag = -1 - app.done.count
-        try submit(method, path, body: body, sinkFD: fd, tag: tag, keepErrors: true)
+        try submit(method, path, body: body, sinkFD: fd, limit: limit, tag: tag, keepErrors: true)
         try run { app.done.contains { $0.tag == tag } }
         let d = app.done.first { $0.tag == tag }!
         app.done.removeAll { $0.tag == tag }
         guard let status = d.status else {
             throw ClientError(.transfer, "\(method) \(path): stream reset (\(H3Error.Code(rawValue: d.errorCode).resetReason))")
         }
-        var bytes = [UInt8](repeating: 0, count: Int(d.received))
+        if status / 100 == 2 {
+            if d.sinkErrno == EFBIG { throw ClientError(.transfer, "\(tooLarge()) (\(limit) bytes)") }
+            if d.sinkErrno != 0 {
+                throw ClientError(.io, "\(method) \(path): keeping the answer failed: \(String(cString: strerror(d.sinkErrno)))")
+            }
+            if d.errorCode != H3Error.noError {
+                throw ClientError(
+                    .transfer, "\(method) \(path): stream reset (\(H3Error.Code(rawValue: d.errorCode).resetReason)) after \(d.received) bytes")
+            }
+        }
+        // What the memfd holds: at most the limit (an error's own), whatever `received` says.
+        var bytes = [UInt8](repeating: 0, count: Int(min(d.received, status / 100 == 2 ? limit : ConnectionPool.errorBodyLimit)))
         let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
-        guard n == bytes.count else { throw ClientError(.io, "reading the response of \(method) \(path) back failed") }
-        return (status, bytes)
+        guard n >= 0, status / 100 != 2 || n == bytes.count else {
+            throw ClientError(.io, "reading the response of \(method) \(path) back failed")
+        }
+        return (status, Array(bytes.prefix(n)))
     }
 
     /// Drives the connection for at most `nanoseconds`, or until `done` holds (a long-lived
@@ -208,7 +236,10 @@ extension STOQClient {
         var query = [UInt8]()
         query.reserveCapacity(manifest.chunks.count * 32)
         for c in manifest.chunks { query += c.id.bytes }
-        let answer = try session.call("POST", NodePaths.missing, body: BodyRegion(copying: query))
+        // The ids the node lacks are some of those asked about: never more bytes than the query.
+        let answer = try session.call(
+            "POST", NodePaths.missing, body: BodyRegion(copying: query), limit: UInt64(query.count),
+            tooLarge: "POST \(NodePaths.missing): the node's answer is longer than the query it answers")
         guard answer.status == 200, answer.body.count % 32 == 0 else {
             throw ClientError(.http, "POST /_stoq/missing: HTTP \(answer.status) \(String(decoding: answer.body.prefix(300), as: UTF8.self))")
         }
@@ -260,7 +291,10 @@ extension STOQClient {
             }
             session.app.done.removeAll()
         }
-        let stored = try session.call("PUT", "/manifests/\(name)", body: BodyRegion(copying: manifest.encode()))
+        // The node answers 201 with no body, or an error whose message is all that is read.
+        let stored = try session.call(
+            "PUT", "/manifests/\(name)", body: BodyRegion(copying: manifest.encode()), limit: ConnectionPool.errorBodyLimit,
+            tooLarge: "PUT /manifests/\(name): the node's answer is longer than any this client reads")
         guard stored.status == 201 else {
             throw ClientError(.http, "PUT /manifests/\(name): HTTP \(stored.status) \(String(decoding: stored.body.prefix(500), as: UTF8.self))")
         }
@@ -285,7 +319,11 @@ extension STOQClient {
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         session.headers = headers
         defer { session.close() }
-        let m = try session.call("GET", "/manifests/\(name)")
+        // No node takes a manifest larger than `Manifest.maxListedSize`: a longer answer is
+        // refused as it arrives, not held whole in memory first.
+        let m = try session.call(
+            "GET", "/manifests/\(name)", limit: UInt64(Manifest.maxListedSize),
+            tooLarge: "the node's manifest for \(name) is larger than any manifest can be")
         guard m.status == 200 else {
             let why = "GET /manifests/\(name): HTTP \(m.status) \(String(decoding: m.body.prefix(300), as: UTF8.self))"
             throw ClientError(m.status == 404 ? .noManifest : .http, why)
@@ -402,13 +440,19 @@ extension STOQClient {
 }
 
 extension STOQClient {
-    /// One GET whose response body comes back in memory: for small documents (manifests,
-    /// transparency-log heads and proofs).
-    public static func fetch(_ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 30) throws(ClientError) -> (
-        status: Int, body: [UInt8]
-    ) {
+    /// The most `fetch` keeps of an answer by default: 64 KiB, several times the largest a
+    /// transparency log sends `stoq trust audit` (a consistency proof of a 2^63-entry log is
+    /// at most 126 hashes, 8.5 KB of JSON; a tree head or a PEM key, a few hundred bytes).
+    public static let fetchLimit: UInt64 = 64 << 10
+
+    /// One GET whose response body comes back in memory: for small documents (transparency-log
+    /// heads and proofs). A 2xx body longer than `limit` is refused as it arrives and throws;
+    /// an error's is kept to its first `ConnectionPool.errorBodyLimit` bytes.
+    public static func fetch(
+        _ url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 30, limit: UInt64 = fetchLimit
+    ) throws(ClientError) -> (status: Int, body: [UInt8]) {
         let session = try ClientSession(url, trust: trust, datapath: datapath, timeout: timeout)
         defer { session.close() }
-        return try session.call("GET", url.path)
+        return try session.call("GET", url.path, limit: limit, tooLarge: "GET \(url.path): the answer is larger than this client reads whole")
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import STOQChunking
 import STOQCore
 import STOQQUIC
 import STOQTestSupport
@@ -6,9 +7,11 @@ import Testing
 
 @testable import STOQTransfer
 
-/// What `stoq get` and `stoq put` keep of a hostile or broken server's answers: an error
-/// body's first bytes only. Against upstreams in this process (`LoopbackUpstreams`), in real
-/// time; the memfds the client holds answers in are sampled from another thread as it waits.
+/// What `stoq get`, `stoq put`, the chunked transfers and `stoq trust audit` keep of a hostile
+/// or broken server's answers: an error body's first bytes only, no answer larger than the most
+/// a legitimate one can be. Against upstreams in
+/// this process (`LoopbackUpstreams`), in real time; the memfds the client holds answers in are
+/// sampled from another thread as it waits.
 @Suite(.serialized) final class STOQClientTests {
     let identity: TestIdentity
     let upstream = TestUpstream()
@@ -118,5 +121,65 @@ import Testing
         upstream.answer("/objects/busy", .whole(status: 503, body: Array("busy, try again\n".utf8)))
         let r = try STOQClient.get(try url("/objects/busy"), into: -1, trust: trust, datapath: datapath, timeout: 10)
         #expect(r.status == 503 && r.message == "busy, try again")
+    }
+
+    // MARK: No answer larger than a legitimate one can be
+
+    @Test func anEndlessManifestIsRefusedAtTheLargestAManifestCanBe() throws {
+        upstream.answer("/manifests/big", .endless(status: 200, filler: "STQM"))
+        let output = directory + "/big"
+        let watch = MemfdWatch("stoq-response")
+        let e = watch.run {
+            thrown { () throws(ClientError) in
+                _ = try STOQClient.getChunked(try! url("/objects/big"), output: output, trust: trust, datapath: datapath, timeout: 30)
+            }
+        }
+        let limit = Manifest.maxListedSize
+        #expect(e?.message == "the node's manifest for big is larger than any manifest can be (\(limit) bytes)")
+        #expect(watch.largestSeen <= limit, "the manifest's memfd held \(watch.largestSeen) bytes")
+        #expect(!FileManager.default.fileExists(atPath: output + ".part") && !FileManager.default.fileExists(atPath: output))
+    }
+
+    @Test func anEndlessErrorBodyForAManifestKeepsItsReason() throws {
+        upstream.answer("/manifests/none", .endless(status: 404, filler: "no manifest; "))
+        let e = thrown { () throws(ClientError) in
+            _ = try STOQClient.getChunked(try! url("/objects/none"), output: directory + "/none", trust: trust, datapath: datapath, timeout: 10)
+        }
+        #expect(e?.code == .noManifest)
+        #expect(e?.message.hasPrefix("GET /manifests/none: HTTP 404 no manifest; no manifest;") == true, "\(e?.message ?? "")")
+    }
+
+    @Test func aMissingAnswerLongerThanTheQueryIsRefused() throws {
+        let file = directory + "/chunked"
+        try Data((0..<(64 << 10)).map { UInt8(truncatingIfNeeded: $0 * 7) }).write(to: URL(fileURLWithPath: file))
+        upstream.answer(NodePaths.missing, .endless(status: 200, filler: String(repeating: "a", count: 32)))
+        let watch = MemfdWatch("stoq-response")
+        let e = watch.run {
+            thrown { () throws(ClientError) in
+                _ = try STOQClient.putChunked(
+                    file: file, to: try! url("/objects/chunked"),
+                    parameters: try! ChunkingParameters(minSize: 1 << 12, avgSize: 1 << 14, maxSize: 1 << 16), trust: trust, datapath: datapath,
+                    timeout: 10)
+            }
+        }
+        // 64 KiB cut at least 4 KiB apart: at most 17 chunks, a 544-byte query.
+        #expect(watch.largestSeen <= 17 * 32, "the answer's memfd held \(watch.largestSeen) bytes")
+        #expect(e?.message.hasPrefix("POST \(NodePaths.missing): the node's answer is longer than the query it answers (") == true, "\(e?.message ?? "")")
+        #expect(!upstream.paths.contains { $0.hasPrefix("/chunks/") || $0.hasPrefix("/manifests/") })
+    }
+
+    @Test func aFetchIsRefusedPastItsLimit() throws {
+        upstream.answer("/_stoq/log/sth", .endless(status: 200, filler: "{\"tree_size\": "))
+        let watch = MemfdWatch("stoq-response")
+        let e = watch.run {
+            thrown { () throws(ClientError) in _ = try STOQClient.fetch(try! url("/_stoq/log/sth"), trust: trust, datapath: datapath, timeout: 10) }
+        }
+        #expect(STOQClient.fetchLimit == 64 << 10)
+        #expect(e?.message == "GET /_stoq/log/sth: the answer is larger than this client reads whole (65536 bytes)")
+        #expect(watch.largestSeen <= 64 << 10, "the answer's memfd held \(watch.largestSeen) bytes")
+        // One within it comes back whole.
+        upstream.answer("/_stoq/log/key", .whole(status: 200, body: Array(repeating: 0x41, count: 5000)))
+        let r = try STOQClient.fetch(try url("/_stoq/log/key"), trust: trust, datapath: datapath, timeout: 10)
+        #expect(r.status == 200 && r.body.count == 5000)
     }
 }
