@@ -626,6 +626,21 @@ public enum STOQClient {
             timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
     }
 
+    /// Why an answer of `status` with `received` body bytes to a GET for a whole object (one
+    /// without `Range`) is not that object; nil when it is, or is no 2xx (the caller reports
+    /// those). Only a 200 is the object, or a 204 with no body an empty one: a 206 is a part of
+    /// it, and another 2xx (202, 203, 205, ...) is not what the server holds. Taken as the
+    /// object, it would be saved over the target unchecked (`bodyMismatch` checks a 200's).
+    static func wholeObjectRefusal(status: Int, received: UInt64) -> String? {
+        switch status {
+        case 200: return nil
+        case 204: return received == 0 ? nil : "the server answered 204 (no content) with \(received) bytes of body"
+        case 206: return "the server sent part of the object (206) to a request for all of it"
+        case 200..<300: return "the server answered \(status), not the object (200) asked for"
+        default: return nil
+        }
+    }
+
     static func transfer(
         _ url: STOQURL, method: String, body: BodyRegion?, bodyFrom: Int32? = nil, bodyLength: UInt64? = nil, sinkFD: Int32,
         sinkOffset: UInt64 = 0, hash: Bool, trust: ClientTrust,
@@ -756,6 +771,11 @@ public enum STOQClient {
         }
         if app.sinkErrno != 0 && status / 100 == 2 {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
+        }
+        if method == "GET", !headers.contains(where: { $0.0.lowercased() == "range" }),
+            let why = Self.wholeObjectRefusal(status: status, received: app.received)
+        {
+            throw ClientError(.http, why)
         }
         if method == "GET", let why = app.head?.bodyMismatch(sha256: app.sha) { throw ClientError(.integrity, why) }
         progress?(app.received, app.contentLength.map { UInt64($0) })

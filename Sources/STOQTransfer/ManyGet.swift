@@ -11,7 +11,8 @@ public struct ManyGetResult: Sendable, Codable {
     public var bytes: UInt64
     /// SHA-256 of a 2xx body, hex ("" otherwise, or when not verified).
     public var sha256: String
-    /// Why there was no complete answer: the connection's fate, or a reset stream.
+    /// Why there was no complete answer: the connection's fate, a reset stream, or an answer
+    /// that is not the whole object asked for (a 206 to a GET without Range).
     public var failure: String?
     /// What became of the server's preferred address on the connection that answered it
     /// ("none", "used", "failed"); nil without an answer.
@@ -42,7 +43,8 @@ extension STOQClient {
     /// and (unless `earlyData` is false) the GETs go in 0-RTT where the server's parameters were.
     /// With `keyUpdate` each connection starts one TLS key update once its handshake is confirmed.
     /// With `verify` each 2xx body is hashed (`sha256`), and a whole body that is not the
-    /// object its SHA-256 ETag names fails.
+    /// object its SHA-256 ETag names fails. A GET without `Range` answered with a part of the
+    /// object (206) or another 2xx than 200 fails too (`wholeObjectRefusal`).
     public static func getMany(
         _ urls: [STOQURL], into fds: [Int32], trust: ClientTrust, datapath: ClientDatapath, verify: Bool = true, timeout: Double = 300,
         connectTimeout: Double? = nil,
@@ -60,10 +62,13 @@ extension STOQClient {
         let start = monotonicNow(), deadline = start + UInt64(timeout * 1e9)
         var results = urls.map { ManyGetResult(url: "\($0)", status: nil, bytes: 0, sha256: "", failure: nil) }
         var next = 0, inFlight = 0
+        // A GET without Range asks for the whole object: only that is a success.
+        var whole = [Bool](repeating: true, count: urls.count)
         while next < urls.count || inFlight > 0 {
             while next < urls.count && inFlight < maxInFlight {
-                let u = urls[next]
-                pool.submit(to: u, "GET", u.path, headers: headers(u), sinkFD: fds[next], tag: next, hash: verify)
+                let u = urls[next], h = headers(u)
+                whole[next] = !h.contains { $0.0.lowercased() == "range" }
+                pool.submit(to: u, "GET", u.path, headers: h, sinkFD: fds[next], tag: next, hash: verify)
                 next += 1
                 inFlight += 1
             }
@@ -84,6 +89,8 @@ extension STOQClient {
                     results[d.tag].failure = f
                 } else if d.errorCode != H3Error.noError {
                     results[d.tag].failure = "stream reset (\(H3Error.Code(rawValue: d.errorCode).resetReason)) after \(d.received) bytes"
+                } else if whole[d.tag], let status = d.status, let why = wholeObjectRefusal(status: status, received: d.received) {
+                    results[d.tag].failure = why
                 }
             }
         }

@@ -9,7 +9,7 @@ import Testing
 
 /// What `stoq get`, `stoq put`, the chunked transfers and `stoq trust audit` keep of a hostile
 /// or broken server's answers: an error body's first bytes only, no answer larger than the most
-/// a legitimate one can be. Against upstreams in
+/// a legitimate one can be, and no part of an object taken for all of it. Against upstreams in
 /// this process (`LoopbackUpstreams`), in real time; the memfds the client holds answers in are
 /// sampled from another thread as it waits.
 @Suite(.serialized) final class STOQClientTests {
@@ -121,6 +121,41 @@ import Testing
         upstream.answer("/objects/busy", .whole(status: 503, body: Array("busy, try again\n".utf8)))
         let r = try STOQClient.get(try url("/objects/busy"), into: -1, trust: trust, datapath: datapath, timeout: 10)
         #expect(r.status == 503 && r.message == "busy, try again")
+    }
+
+    // MARK: No part of an object for all of it
+
+    @Test func aPartOfTheObjectToAPlainGetIsRefused() throws {
+        upstream.answer("/objects/part", .whole(status: 206, body: Array("the first half".utf8)))
+        let e = thrown { () throws(ClientError) in
+            _ = try STOQClient.get(try! url("/objects/part"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+        }
+        #expect(e?.code == .http)
+        #expect(e?.message == "the server sent part of the object (206) to a request for all of it")
+        upstream.answer("/objects/other", .whole(status: 203, body: Array("a proxy's copy".utf8)))
+        let other = thrown { () throws(ClientError) in
+            _ = try STOQClient.get(try! url("/objects/other"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+        }
+        #expect(other?.message == "the server answered 203, not the object (200) asked for")
+        // A 200 is the object, a 204 with no body an empty one.
+        upstream.answer("/objects/whole", .whole(status: 200, body: Array("all of it".utf8)))
+        upstream.answer("/objects/empty", .whole(status: 204, body: []))
+        #expect(try STOQClient.get(try url("/objects/whole"), into: -1, trust: trust, datapath: datapath, timeout: 10).bytes == 9)
+        #expect(try STOQClient.get(try url("/objects/empty"), into: -1, trust: trust, datapath: datapath, timeout: 10).bytes == 0)
+        // A request for a part may have one.
+        let ranged = try STOQClient.get(
+            try url("/objects/part"), into: -1, trust: trust, datapath: datapath, timeout: 10, headers: [("range", "bytes=0-13")])
+        #expect(ranged.status == 206 && ranged.bytes == 14)
+    }
+
+    @Test func aPartOfTheObjectFailsItsURLInAGetMany() throws {
+        upstream.answer("/objects/part", .whole(status: 206, body: Array("the first half".utf8)))
+        upstream.answer("/objects/whole", .whole(status: 200, body: Array("all of it".utf8)))
+        let report = try STOQClient.getMany(
+            [try url("/objects/part"), try url("/objects/whole")], into: [-1, -1], trust: trust, datapath: datapath, timeout: 10)
+        #expect(report.results[0].status == 206)
+        #expect(report.results[0].failure == "the server sent part of the object (206) to a request for all of it")
+        #expect(report.results[1].status == 200 && report.results[1].failure == nil)
     }
 
     // MARK: No answer larger than a legitimate one can be
