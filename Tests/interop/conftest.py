@@ -1,5 +1,6 @@
 """Fixtures for STOQ's integration tests: a real stoq-node on real sockets, and the
 real peers (ngtcp2's gtlsclient/gtlsserver, aioquic) talking to it."""
+import atexit
 import hashlib
 import os
 import pathlib
@@ -16,8 +17,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # `stoq get` keeps TLS sessions under $XDG_CACHE_HOME/stoq: the tests' go to a directory of their
-# own, never the user's cache (tests that need a cache of their own still set one).
+# own, never the user's cache, removed when the run ends (tests that need a cache of their own
+# still set one).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="stoq-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 SIZES = [0, 1, 1200, 65536, (1 << 20) + 7, 16 << 20, 256 << 20]
 
 
