@@ -255,7 +255,11 @@ extension STOQClient {
         // go again a second later, each at most `busyRetries` times, before any new one.
         var busy: [(chunk: Int, due: UInt64)] = [], tries: [Int: Int] = [:]
         while next < sends.count || inFlight > 0 || !busy.isEmpty {
-            if inFlight == 0, let due = busy.first?.due, due > monotonicNow() { usleep(UInt32((due - monotonicNow()) / 1_000)) }
+            // The clock read once: a second read could pass `due` and underflow.
+            if inFlight == 0, let due = busy.first?.due {
+                let now = monotonicNow()
+                if due > now { usleep(UInt32((due - now) / 1_000)) }
+            }
             while (next < sends.count || busy.first.map { $0.due <= monotonicNow() } == true) && inFlight < concurrency {
                 let i: Int
                 if let b = busy.first, b.due <= monotonicNow() {
