@@ -3,7 +3,8 @@
 resumption and 0-RTT tests.
 
 Usage: h3server.py PORT CERT KEY DIR
-Serves GET and HEAD of DIR/<name> at /<name>. Issues session tickets (kept in memory) and,
+Serves GET and HEAD of DIR/<name> at /<name>; at /partial/<name>, a broken server's answer
+to a GET for all of it: 206 with the first half of the file and no Content-Range. Issues session tickets (kept in memory) and,
 with them, accepts 0-RTT. Prints {"ready": PORT} once listening, then one JSON line per
 request: {"method": ..., "path": ..., "early": true when it came before the handshake
 completed (0-RTT)}.
@@ -41,7 +42,10 @@ class Server(QuicConnectionProtocol):
             self.h3.send_headers(ev.stream_id, [(b":status", b"404"), (b"content-length", b"0")], end_stream=True)
         else:
             body = open(file, "rb").read()
-            self.h3.send_headers(ev.stream_id, [(b":status", b"200"), (b"content-length", str(len(body)).encode())],
+            status = b"200"
+            if path.startswith("/partial/"):
+                body, status = body[:len(body) // 2], b"206"
+            self.h3.send_headers(ev.stream_id, [(b":status", status), (b"content-length", str(len(body)).encode())],
                                  end_stream=method == "HEAD")
             if method == "GET":
                 self.h3.send_data(ev.stream_id, body, end_stream=True)

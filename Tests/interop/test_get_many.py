@@ -5,11 +5,14 @@ and resumed by the next run."""
 import json
 import os
 import re
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TOKENS, Node, need_binary, run, settled, sha256_file, stoq, summed_counters
+from conftest import TOKENS, Node, free_port, need_binary, run, settled, sha256_file, stoq, summed_counters
 
 ADMIN = '[admin]\nlisten = "[::1]:0"\n'
 
@@ -140,4 +143,41 @@ def test_a_download_is_flushed_to_disk_before_it_is_placed(tmp_path):
         assert sha256_file(tmp_path / "a.bin") == digests["a.bin"]
         assert sorted(os.listdir(out)) == ["a.bin", "b.bin"] and sha256_file(out / "b.bin") == digests["b.bin"]
     finally:
+        assert node.stop() == 0
+
+
+def test_a_part_of_the_object_is_not_saved_as_all_of_it(tmp_path):
+    """A server answering a GET without Range with 206 (aioquic's h3server, /partial/<name>:
+    half the file) sent a part: stoq get fails naming it and creates no file, for -o FILE,
+    -o DIR and -O alike; the whole object from the same server is still saved."""
+    node = Node(tmp_path / "n", workers=1)
+    htdocs = tmp_path / "htdocs"
+    htdocs.mkdir()
+    (htdocs / "a.bin").write_bytes(os.urandom(100_000))
+    (htdocs / "b.bin").write_bytes(os.urandom(100_000))
+    port = free_port()
+    key = pathlib.Path(node.identity_cert).with_name("key.pem")
+    srv = subprocess.Popen([sys.executable, pathlib.Path(__file__).parent / "h3server.py", str(port), node.identity_cert, key,
+                            htdocs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(srv.stdout.readline()) == {"ready": port}, srv.stderr.read()
+        part, whole = f"https://[::1]:{port}/partial/a.bin", f"https://[::1]:{port}/b.bin"
+        why = "the server sent part of the object (206) to a request for all of it"
+        target = tmp_path / "a.bin"
+        r = stoq("get", part, "-o", target, "--ca", node.cert)
+        assert r.returncode == 1 and why in r.stderr, r.stderr
+        assert not target.exists()
+        out = tmp_path / "out"
+        r = stoq("get", part, whole, "-o", out, "--ca", node.cert)
+        assert r.returncode == 1 and f"stoq: {part}: {why}" in r.stderr, r.stderr
+        # The whole one is saved; no file, and no .part, for the part.
+        assert os.listdir(out) == ["b.bin"] and sha256_file(out / "b.bin") == sha256_file(htdocs / "b.bin")
+        here = tmp_path / "here"
+        here.mkdir()
+        r = stoq("get", "-O", part, "--ca", node.cert, cwd=here)
+        assert r.returncode == 1 and why in r.stderr, r.stderr
+        assert os.listdir(here) == []
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
         assert node.stop() == 0
