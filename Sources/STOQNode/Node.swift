@@ -16,6 +16,7 @@ import STOQTracing
 import STOQTransfer
 import STOQTrust
 import STOQWorker
+import Synchronization
 import X509
 
 /// A running node: its identity, one pinned worker thread per core (each with its own
@@ -24,6 +25,10 @@ public final class Node: @unchecked Sendable {
     /// The configuration in force (a reload updates what it applies).
     public private(set) var config: NodeConfig
     public let logger: Logger
+    /// Whether `start` has returned: the node listens, and a reload may look at what it runs
+    /// (`ReloadService` waits for it; before, a reload read what `start` was still setting).
+    public var isStarted: Bool { started.load(ordering: .acquiring) }
+    private let started = Atomic<Bool>(false)
     /// The certificate clients should trust (the embedded CA's root, or the configured chain).
     public private(set) var certificatePath = ""
     /// The chain the node presents (its key is key.pem beside it).
@@ -246,6 +251,7 @@ public final class Node: @unchecked Sendable {
             }
         }
         try startAdmin(cfg, content: content, edge: edge)
+        started.store(true, ordering: .releasing)
     }
 
     /// What an accepted client certificate makes its holder (`QUICConnection.peerIdentity`):

@@ -31,12 +31,14 @@ public struct NodeService: Service {
 
 /// Reloads the configuration on SIGHUP and when the file changes (its modification time,
 /// polled every `interval`, because the file may be replaced by a rename or live on a
-/// volume without inotify). One reload at a time, in arrival order; stops at graceful
-/// shutdown.
+/// volume without inotify). One reload at a time, in arrival order, none before `ready` says
+/// the node has started (a SIGHUP or an edit while it starts is applied once it has); stops at
+/// graceful shutdown.
 public struct ReloadService: Service {
     let hangups: UnixSignalsSequence
     let path: String?
     let interval: Duration
+    let ready: @Sendable () -> Bool
     let reload: @Sendable (String) async -> Void
     /// The file's modification time when the service was made (before the node started),
     /// so that a change made while the node starts is seen too.
@@ -47,11 +49,12 @@ public struct ReloadService: Service {
     /// SIGHUP triggers (and `reload` says there is nothing to read).
     public init(
         hangups: UnixSignalsSequence, watching path: String?, every interval: Duration = .seconds(2),
-        reload: @escaping @Sendable (String) async -> Void
+        ready: @escaping @Sendable () -> Bool = { true }, reload: @escaping @Sendable (String) async -> Void
     ) {
         self.hangups = hangups
         self.path = path
         self.interval = interval
+        self.ready = ready
         self.reload = reload
         self.seen = path.map(Self.modificationTime) ?? 0
     }
@@ -77,6 +80,10 @@ public struct ReloadService: Service {
                 }
             }
             for await why in reasons {
+                // Read once the node runs: what the file says then is what it applies.
+                while !ready() {
+                    do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(50)) } } catch { return }
+                }
                 if let path {
                     let now = Self.modificationTime(path)
                     // Already read at this version (the watcher saw the edit a SIGHUP also announced).

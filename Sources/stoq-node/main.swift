@@ -55,7 +55,7 @@ struct StoqNode: AsyncParsableCommand {
         let configPath = config, pinnedLevel = logLevel != nil
         // SIGHUP, or a change to the file, reloads: the node applies what it can live and names
         // what needs a restart; an invalid file changes nothing.
-        let reload = ReloadService(hangups: hangups, watching: config) { why in
+        let reload = ReloadService(hangups: hangups, watching: config, ready: { node.isStarted }) { why in
             guard let path = configPath else { return logger.notice("\(why): no config file to reload") }
             do {
                 let fresh = try ConfigLoader.load(path: path)

@@ -46,6 +46,36 @@ import UnixSignals
         #expect(reasons.value == ["config file changed", "SIGHUP"])
     }
 
+    /// An edit while the node is still starting is held until it has started, then reloads
+    /// once (before, the reload read what the node's start was still setting). The file, not
+    /// SIGHUP: one process traps SIGHUP for one sequence at a time, and the test above has it.
+    @Test func anEditWhileTheNodeStartsReloadsOnceItHasStarted() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-reload-start-\(getpid()).toml").path
+        defer { unlink(path) }
+        try Data("[log]\nlevel = \"info\"\n".utf8).write(to: URL(fileURLWithPath: path))
+        let hangups = await UnixSignalsSequence(trapping: .sigusr2)
+        let reasons = Reasons(), started = Atomic<Bool>(false)
+        let service = ReloadService(
+            hangups: hangups, watching: path, every: .milliseconds(10), ready: { started.load(ordering: .acquiring) }
+        ) { reasons.append($0) }
+        try await testGracefulShutdown { shutdown in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await service.run() }
+                var times = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+                #expect(utimensat(AT_FDCWD, path, &times, 0) == 0)
+                // Not started: nothing reloads however long it waits (bounded polls).
+                for _ in 0..<40 { try await Task.sleep(for: .milliseconds(5)) }
+                #expect(reasons.value.isEmpty)
+                started.store(true, ordering: .releasing)
+                try await reasons.await(1)
+                #expect(reasons.value == ["config file changed"])
+                shutdown.triggerGracefulShutdown()
+                try await group.waitForAll()
+            }
+        }
+        #expect(reasons.value == ["config file changed"], "one reload, not one per poll while it waited")
+    }
+
     @Test func anUnreadableFileHasModificationTimeZero() {
         #expect(ReloadService.modificationTime("/nonexistent/stoq-\(getpid())") == 0)
     }
