@@ -273,7 +273,7 @@ let package = Package(
         .testTarget(name: "STOQCacheTests", dependencies: ["STOQCache"]),
         .testTarget(
             name: "STOQMeshTests",
-            dependencies: ["STOQMesh", "STOQTrust", "STOQTransfer", "STOQRouting", "STOQCore", "STOQConfig",
+            dependencies: ["STOQMesh", "STOQTrust", "STOQTransfer", "STOQRouting", "STOQCore", "STOQConfig", "STOQTestSupport",
                            .product(name: "SwiftASN1", package: "swift-asn1"),
                            .product(name: "Logging", package: "swift-log"),
                            .product(name: "Crypto", package: "swift-crypto"),
@@ -319,7 +319,7 @@ let package = Package(
         .testTarget(
             name: "STOQACMETests",
             dependencies: [
-                "STOQACME", "STOQTrust",
+                "STOQACME", "STOQTrust", "STOQTestSupport",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

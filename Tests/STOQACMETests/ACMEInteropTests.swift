@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 @preconcurrency import Crypto
 import Foundation
+import STOQTestSupport
 import NIOCore
 import NIOSSL
 import STOQACME

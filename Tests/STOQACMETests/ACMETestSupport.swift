@@ -1,4 +1,5 @@
 import Foundation
+import STOQTestSupport
 import STOQACME
 import STOQCore
 import STOQTrust
@@ -54,26 +55,6 @@ struct ACMEFixture {
         await https.shutdown()
         await server.close()
     }
-}
-
-/// A fresh directory `<prefix>-XXXXXX` under the system temporary directory, removed with
-/// everything in it by `remove()` or, at the latest, when the last reference to it goes. A test
-/// that holds one in a local calls `remove()` from a `defer` (which runs when the test fails
-/// too), declared before whatever writes there, so that is stopped first.
-final class TemporaryDirectory: Sendable {
-    let path: String
-
-    init(_ prefix: String) throws {
-        var template = Array((NSTemporaryDirectory() + "\(prefix)-XXXXXX").utf8CString)
-        guard let made = mkdtemp(&template) else {
-            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
-        }
-        path = String(cString: made)
-    }
-
-    deinit { remove() }
-
-    func remove() { try? FileManager.default.removeItem(atPath: path) }
 }
 
 /// A TCP port on [::1] that was free a moment ago (for servers the test starts as processes).

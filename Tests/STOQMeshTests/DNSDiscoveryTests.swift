@@ -1,4 +1,5 @@
 import Foundation
+import STOQTestSupport
 import Logging
 import STOQConfig
 import STOQCore
@@ -152,7 +153,7 @@ import Testing
     /// up at the next round, an outage keeps the last set and is counted, and the backend works
     /// again when the server is back.
     @Test func followsDnsmasq() async throws {
-        let dir = try TemporaryDirectory("dns")
+        let dir = try TemporaryDirectory("stoq-dns")
         defer { dir.remove() }
         let port = freePort()
         var server = try Self.dnsmasq(port: port, dir: dir.url, records: Self.first)
@@ -208,7 +209,7 @@ import Testing
 
     /// No record at all (NXDOMAIN) is an empty mesh, not a failure.
     @Test func nxdomainIsAnEmptyMesh() async throws {
-        let dir = try TemporaryDirectory("dns-nx")
+        let dir = try TemporaryDirectory("stoq-dns-nx")
         defer { dir.remove() }
         let port = freePort()
         let server = try Self.dnsmasq(port: port, dir: dir.url, records: [])
@@ -223,7 +224,7 @@ import Testing
     /// An SRV target whose address is not in the additional section is asked for; a CNAME
     /// chain (the SRV target's, and the name's own) is followed to the AAAA.
     @Test func looksUpSRVTargetsAndFollowsCNAMEs() async throws {
-        let dir = try TemporaryDirectory("dns-cname")
+        let dir = try TemporaryDirectory("stoq-dns-cname")
         defer { dir.remove() }
         let port = freePort()
         let server = try Self.dnsmasq(
@@ -245,7 +246,7 @@ import Testing
 
     /// Without `dns_server`, the nameservers of resolv.conf are asked (port 53).
     @Test func usesTheSystemResolver() async throws {
-        let dir = try TemporaryDirectory("dns-sys")
+        let dir = try TemporaryDirectory("stoq-dns-sys")
         defer { dir.remove() }
         let server = try Self.dnsmasq(port: 53, dir: dir.url, records: ["--host-record=sys.stoq.test,fd00:57::9"])
         defer { server.stop() }

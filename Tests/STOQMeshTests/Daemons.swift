@@ -1,4 +1,5 @@
 import Foundation
+import STOQTestSupport
 import STOQConfig
 import STOQCore
 import STOQMesh
@@ -154,25 +155,6 @@ final class Daemon {
     deinit { kill() }
 }
 
-/// A fresh directory `stoq-<name>-XXXXXX` under the system temporary directory, removed with
-/// everything in it by `remove()` or, at the latest, when the last reference to it goes. A test
-/// that holds one in a local calls `remove()` from a `defer` (which runs when the test fails
-/// too), declared before the daemons that write there, so they are stopped first.
-final class TemporaryDirectory: Sendable {
-    let url: URL
-
-    init(_ name: String) throws {
-        var template = Array((NSTemporaryDirectory() + "stoq-\(name)-XXXXXX").utf8CString)
-        guard let made = mkdtemp(&template) else {
-            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
-        }
-        url = URL(fileURLWithPath: String(cString: made), isDirectory: true)
-    }
-
-    deinit { remove() }
-
-    func remove() { try? FileManager.default.removeItem(at: url) }
-}
 
 /// The member sets a backend reported, for tests to wait on.
 actor MemberLog {

@@ -1,4 +1,5 @@
 import Foundation
+import STOQTestSupport
 import Logging
 import STOQConfig
 import STOQCore
@@ -20,7 +21,7 @@ import Testing
         init(_ name: String) throws {
             client = freePort()
             peer = freePort()
-            directory = try TemporaryDirectory(name)
+            directory = try TemporaryDirectory("stoq-\(name)")
             data = directory.url.appendingPathComponent("data")
             try start()
         }
@@ -219,7 +220,7 @@ import Testing
     /// first one (it registered 15–25 times in 3 s). A range at revision 2^63−1, where the watch
     /// cannot start after it, is refused by name instead of trapping the node.
     @Test(arguments: ["watch", "revision"]) func aStubWhoseWatchFailsOrWhoseRevisionIsHuge(mode: String) async throws {
-        let scratch = try TemporaryDirectory("etcd-stub")
+        let scratch = try TemporaryDirectory("stoq-etcd-stub")
         defer { scratch.remove() }
         let dir = scratch.url
         let script = dir.appendingPathComponent("stub.py")

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import STOQTestSupport
 import STOQCore
 import STOQMesh
 import STOQRouting
@@ -27,7 +28,7 @@ struct MeshFixture: Sendable {
             return Node(chain: [issued.certificate, ca.intermediate], keyPEM: issued.keyPEM)
         }
         // The authorities keep what they issue with in memory: their files can go at once.
-        let scratch = try! TemporaryDirectory("mesh")
+        let scratch = try! TemporaryDirectory("stoq-mesh")
         defer { scratch.remove() }
         let dir = scratch.url.path
         let ca = try! TrustAuthority.create(in: dir + "/ca")
