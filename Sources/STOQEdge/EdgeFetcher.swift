@@ -320,17 +320,22 @@ final class EdgeFetcher {
                 ))
             return
         }
-        let seconds = cache.fetchDeadline / 1_000_000_000
-        if !a.plain, t - a.started > cache.fetchDeadline {
-            // However its bytes come: an upstream that sends one every few seconds never
-            // stalls, and would hold every request joined to the fetch for ever. (A plain
-            // object, as large as the cache's share, is bounded by that and by its stalls.)
+        let seconds = cache.fetchDeadline / 1_000_000_000, took = t - a.started
+        if !a.plain, took > cache.fetchDeadline,
+            Double(got) < Double(EdgeCache.slowestFetchRate) * Double(took) / 1e9
+        {
+            // An upstream that sends a byte every few seconds never stalls, and would hold
+            // every request joined to the fetch for ever; one that keeps the least rate goes
+            // on. (A plain object, as large as the cache's share, is bounded by that and by its
+            // stalls.)
             p.cancel(tag)
             active[tag] = nil
+            let rate = UInt64(Double(got) * 1e9 / Double(took))
             let why =
                 got == 0
                 ? "edge: \(upstream) did not answer \(path(a.key)) within \(seconds) s"
-                : "edge: \(a.attempt.label) was still sending \(a.attempt.path) when the fetch reached its \(seconds) s deadline (\(got) bytes received)"
+                : "edge: \(a.attempt.label) was still sending \(a.attempt.path) after \(seconds) s at \(rate) bytes/s, "
+                    + "under the \(EdgeCache.slowestFetchRate) a fetch must keep to go on (\(got) bytes received)"
             a.endSpan(failure: why)
             if a.partner != nil { return failed(a, why, notFound: false, p) }
             upstream.failed(EdgeCache.resource(a.key), via: a.attempt, notFound: false)
