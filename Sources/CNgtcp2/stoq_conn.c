@@ -200,9 +200,9 @@ static int cb_stream_stop_sending(ngtcp2_conn *q, int64_t stream_id, uint64_t co
   (void)sud;
   stoq_conn *c = ud;
   if (!c->h3) return 0;
-  /* ngtcp2 resets the sending half: no more acknowledgements will come, and none are waited for. */
-  stoq_stream *s = c->is_server ? stream_find(c, stream_id) : NULL;
-  if (s) unwatch_tx(s);
+  /* This endpoint stopped reading the stream (ngtcp2_conn_shutdown_stream_read: a body refused,
+   * timed out or answered before its end): nghttp3 stops too. A response being sent on it keeps
+   * its send watch; a peer's STOP_SENDING shows up as NGTCP2_ERR_STREAM_SHUT_WR (stoq_io.c). */
   return nghttp3_conn_shutdown_stream_read(c->h3, stream_id) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE;
 }
 

@@ -135,11 +135,18 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   return 0;
 }
 
+static void answered_early(stoq_conn *c, stoq_stream *s);
+
 static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data, size_t len, void *ud, void *sud) {
   (void)h3;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
   if (!s || s->sink_errno == EFBIG || s->rx_refused) { /* no stream, or refused already: the rest is dropped */
+    consume(c, stream_id, len);
+    return 0;
+  }
+  if (c->is_server && s->responded && s->sink_fd < 0 && !s->hashing) { /* answered, and unread */
+    answered_early(c, s);
     consume(c, stream_id, len);
     return 0;
   }
@@ -400,11 +407,12 @@ static nghttp3_nv make_nv(const char *n, const char *v) {
   return nv;
 }
 
-/* A final answer given while the request's body is still arriving, to a request whose body
- * nothing reads (no sink, no digest: refused at its head, 401, 403, 429, 405, 413 …): the rest
- * is not needed, so the peer is asked to stop sending it (STOP_SENDING with H3_NO_ERROR, RFC 9114
- * §4.1.2) and what still arrives is dropped. Else a client could keep sending on a refused
- * stream, taking the worker's time and the link, past the rate limits. */
+/* A request answered while its body is still arriving (some of it came: at the answer, or
+ * after it), whose body nothing reads (no sink, no digest: refused at its head, 401, 403, 429,
+ * 405, 413 …): the rest is not needed, so the peer is asked to stop sending it (STOP_SENDING with
+ * H3_NO_ERROR, RFC 9114 §4.1.2) and what still arrives is dropped. Else a client could keep
+ * sending on a refused stream, taking the worker's time and the link, past the rate limits. A
+ * GET whose FIN comes after its HEADERS sends no body, and is left alone. */
 static void answered_early(stoq_conn *c, stoq_stream *s) {
   if (!c->is_server || s->fin_with_headers || s->body_complete || s->rx_refused || s->sink_fd >= 0 || s->hashing)
     return;
@@ -423,7 +431,10 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
-  if (rv == 0) s->responded = 1, s->status = status, answered_early(c, s);
+  if (rv == 0) {
+    s->responded = 1, s->status = status;
+    if (s->received) answered_early(c, s);
+  }
   return rv;
 }
 
@@ -458,7 +469,10 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   nghttp3_data_reader dr = {.read_data = body_read};
   int reader = has_body && body_len > 0 && !s->no_content;
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
-  if (rv == 0) s->responded = 1, s->status = status, answered_early(c, s);
+  if (rv == 0) {
+    s->responded = 1, s->status = status;
+    if (s->received) answered_early(c, s);
+  }
   if (rv == 0 && reader) watch_tx(s, body_len);
   return rv;
 }

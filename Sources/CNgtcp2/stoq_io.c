@@ -191,9 +191,14 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
       case NGTCP2_ERR_STREAM_DATA_BLOCKED:
         nghttp3_conn_block_stream(c->h3, sid);
         continue;
-      case NGTCP2_ERR_STREAM_SHUT_WR:
+      case NGTCP2_ERR_STREAM_SHUT_WR: {
+        /* The peer asked for no more (STOP_SENDING) and ngtcp2 reset the sending half: no
+         * acknowledgement will come, and none is waited for. */
+        stoq_stream *s = c->is_server ? stream_find(c, sid) : NULL;
+        if (s) unwatch_tx(s);
         nghttp3_conn_shutdown_stream_write(c->h3, sid);
         continue;
+      }
       case NGTCP2_ERR_WRITE_MORE:
         if (nghttp3_conn_add_write_offset(c->h3, sid, (size_t)ndatalen) != 0) return map_error(c, NGTCP2_ERR_INTERNAL);
         continue;
