@@ -77,6 +77,8 @@ public final class BodyMemory: @unchecked Sendable {
             heldBytes -= min(heldBytes, hold.bytes)
             let left = (byClient[hold.client] ?? 0) - min(byClient[hold.client] ?? 0, hold.bytes)
             byClient[hold.client] = left == 0 ? nil : left
+            // A dictionary keeps the room it grew to: after a wave of clients, give it back.
+            if byClient.isEmpty && byClient.capacity > 1024 { byClient = [:] }
         }
     }
 }

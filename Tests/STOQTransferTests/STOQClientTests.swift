@@ -97,7 +97,7 @@ import Testing
         #expect(r.message?.hasPrefix("no such object here; no such object here;") == true, "\(r.message ?? "no message")")
         #expect(r.message.map { $0.utf8.count <= 2000 } == true)
         #expect(watch.largestSeen <= Int(ConnectionPool.errorBodyLimit), "the error body's memfd held \(watch.largestSeen) bytes")
-        #expect(seconds < 5, "it took \(seconds) s")
+        #expect(seconds < 10, "it took \(seconds) s: the transfer's own timeout, not the cap, ended it")
         #expect(closed("/objects/gone") == [H3Error.excessiveLoad])
         #expect(upstream.sent("/objects/gone") < 1 << 20)
     }

@@ -71,7 +71,7 @@ def test_over_max_connections_the_rest_fail_with_the_nodes_reason(capped):
 def test_over_max_connections_per_client_one_client_is_refused_and_others_are_not(tmp_path):
     """A node that holds 8 established connections per /64 (one worker): 20 connections from
     ::1 opened 20 a second, so each handshake completes before the next begins: 8 established
-    (a handshake still in progress as the 8th completes may make it 9), the rest fail at once
+    (handshakes still in progress as the 8th completes may add one or two), the rest fail at once
     with the node's CONNECTION_REFUSED naming the setting and the /64, counted apart from
     max_connections' refusals; once they close, the same client gets its room back."""
     n = Node(tmp_path, workers=1, extra="max_connections_per_client = 8\n" + ADMIN)
@@ -80,7 +80,7 @@ def test_over_max_connections_per_client_one_client_is_refused_and_others_are_no
     try:
         before = settled(lambda: summed_counters(n, names))
         r = bench(n, "1k.bin", "--connections", "20", "--rate", "20", "--hold", "1", "--threads", "1")
-        assert r["established"] in (8, 9), r
+        assert 8 <= r["established"] <= 10, r  # 8, and any whose handshake was under way
         reason = ("closed by the peer: CONNECTION_REFUSED (0x2): this node holds max_connections_per_client (8) "
                   "connections from ::/64")
         assert r["failed"] == {reason: 20 - r["established"]}, r
