@@ -631,6 +631,12 @@ public enum STOQClient {
     /// those). Only a 200 is the object, or a 204 with no body an empty one: a 206 is a part of
     /// it, and another 2xx (202, 203, 205, ...) is not what the server holds. Taken as the
     /// object, it would be saved over the target unchecked (`bodyMismatch` checks a 200's).
+    /// Whether a GET with `headers` asks for the whole object (no `Range`): then only
+    /// `wholeObjectRefusal`'s answers are it.
+    static func asksForWholeObject(_ headers: [(String, String)]) -> Bool {
+        !headers.contains { $0.0.lowercased() == "range" }
+    }
+
     static func wholeObjectRefusal(status: Int, received: UInt64) -> String? {
         switch status {
         case 200: return nil
@@ -772,7 +778,7 @@ public enum STOQClient {
         if app.sinkErrno != 0 && status / 100 == 2 {
             throw ClientError(.io, "writing the body failed after \(app.received) bytes: \(String(cString: strerror(app.sinkErrno)))")
         }
-        if method == "GET", !headers.contains(where: { $0.0.lowercased() == "range" }),
+        if method == "GET", asksForWholeObject(headers),
             let why = Self.wholeObjectRefusal(status: status, received: app.received)
         {
             throw ClientError(.http, why)

@@ -67,7 +67,7 @@ extension STOQClient {
         while next < urls.count || inFlight > 0 {
             while next < urls.count && inFlight < maxInFlight {
                 let u = urls[next], h = headers(u)
-                whole[next] = !h.contains { $0.0.lowercased() == "range" }
+                whole[next] = asksForWholeObject(h)
                 pool.submit(to: u, "GET", u.path, headers: h, sinkFD: fds[next], tag: next, hash: verify)
                 next += 1
                 inFlight += 1
