@@ -216,16 +216,18 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   u->nslots = cfg->tx_slots ? cfg->tx_slots : 64;
   u->slot_size = cfg->tx_slot_size ? cfg->tx_slot_size : 65536;
   int one = 1;
+  /* Until the ring exists a failure closes the socket only: the ring is all zeros, and
+   * io_uring_queue_exit on it would close fd 0. */
 
   u->fd = socket(AF_INET6, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (u->fd < 0) {
     set_err(err, errlen, "socket: %s", strerror(errno));
-    goto fail;
+    goto fail_noring;
   }
   /* IPv6 only: an IPv4 datagram must never reach QUIC. */
   if (setsockopt(u->fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) {
     set_err(err, errlen, "setsockopt(IPV6_V6ONLY): %s", strerror(errno));
-    goto fail;
+    goto fail_noring;
   }
   /* Deep socket buffers: a GRO burst from a fast sender must not overflow while the worker is busy. */
   int bufsz = 32 << 20;
@@ -244,18 +246,18 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   if (cfg->worker_count > 1) {
     if (setsockopt(u->fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) {
       set_err(err, errlen, "setsockopt(SO_REUSEPORT): %s", strerror(errno));
-      goto fail;
+      goto fail_noring;
     }
   }
   if (bind(u->fd, (const struct sockaddr *)&cfg->bind, sizeof(cfg->bind)) != 0) {
     char a[INET6_ADDRSTRLEN];
     inet_ntop(AF_INET6, &cfg->bind.sin6_addr, a, sizeof(a));
     set_err(err, errlen, "bind([%s]:%u): %s", a, ntohs(cfg->bind.sin6_port), strerror(errno));
-    goto fail;
+    goto fail_noring;
   }
   if (cfg->worker_count > 1 && cfg->worker_index == 0 && attach_steering(u->fd, cfg->worker_count) != 0) {
     set_err(err, errlen, "setsockopt(SO_ATTACH_REUSEPORT_CBPF): %s", strerror(errno));
-    goto fail;
+    goto fail_noring;
   }
   socklen_t ll = sizeof(u->local);
   getsockname(u->fd, (struct sockaddr *)&u->local, &ll);

@@ -1,3 +1,4 @@
+import Foundation
 import STOQCore
 import STOQDatapath
 import STOQDatapathURing
@@ -61,6 +62,24 @@ import Testing
         try send(a, run, segment: 1200, to: b.localEndpoint)
         let got = try receiveAll(b, count: 11)
         #expect(got.map(\.0) == expected)
+    }
+
+    /// A queue that cannot bind (the port is taken) closes its own socket and nothing else:
+    /// it used to tear down a ring it had not made yet, whose descriptor, all zeros, is fd 0.
+    @Test func failedOpenLeavesFileDescriptorZeroOpen() throws {
+        if fcntl(0, F_GETFD) < 0 {  // no stdin: make fd 0 the sentinel
+            let fd = open("/dev/null", O_RDONLY)
+            try #require(fd == 0)
+        }
+        var before = stat()
+        try #require(fstat(0, &before) == 0)
+        let taken = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
+        var failed = false
+        do { _ = try URingDatapathQueue(bind: taken.localEndpoint) } catch { failed = true }
+        #expect(failed)
+        var after = stat()
+        #expect(fstat(0, &after) == 0)
+        #expect(after.st_dev == before.st_dev && after.st_ino == before.st_ino)
     }
 
     @Test func ecnPassesThrough() throws {
