@@ -28,6 +28,16 @@
 #define TAG_RX (1ull << 63)
 #define CMSG_SPACE_RX (CMSG_SPACE(sizeof(int)) * 2 + CMSG_SPACE(sizeof(struct in6_pktinfo)))
 #define CMSG_SPACE_TX (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo)))
+#define RX_NAME_LEN sizeof(struct sockaddr_in6)
+/* The most UDP payload one receive carries: GRO stops merging before the IPv6 payload length
+ * would pass 65535 (skb_gro_receive), as for a single datagram, so 65535 - 8 (the UDP header)
+ * bounds both; a full GRO batch of 1452-byte datagrams is 65,388 bytes. */
+#define RX_PAYLOAD_MAX (65535 - 8)
+/* A multishot recvmsg puts io_uring_recvmsg_out, then rx_msg's name and control areas, then
+ * the payload in one buffer: 64 KiB left less than a full GRO batch, and such a batch came
+ * back MSG_TRUNC and was dropped whole. Rounded to a cache line. */
+#define RX_BUFFER_SIZE                                                                                                 \
+  ((sizeof(struct io_uring_recvmsg_out) + RX_NAME_LEN + CMSG_SPACE_RX + RX_PAYLOAD_MAX + 63) & ~(size_t)63)
 
 struct tx_slot {
   uint8_t *buf;
@@ -212,12 +222,17 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
   u->reserved = -1;
   u->wake_fd = -1;
   u->rx_count = cfg->rx_buffers ? cfg->rx_buffers : 256;
-  u->rx_size = cfg->rx_buffer_size ? cfg->rx_buffer_size : 65536;
+  u->rx_size = cfg->rx_buffer_size ? cfg->rx_buffer_size : (unsigned)RX_BUFFER_SIZE;
   u->nslots = cfg->tx_slots ? cfg->tx_slots : 64;
   u->slot_size = cfg->tx_slot_size ? cfg->tx_slot_size : 65536;
   int one = 1;
   /* Until the ring exists a failure closes the socket only: the ring is all zeros, and
    * io_uring_queue_exit on it would close fd 0. */
+  if (u->rx_size < RX_BUFFER_SIZE) {
+    set_err(err, errlen, "rx_buffer_size: %u is below %zu, the room a full GRO batch takes", u->rx_size,
+            (size_t)RX_BUFFER_SIZE);
+    goto fail_noring;
+  }
 
   u->fd = socket(AF_INET6, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (u->fd < 0) {
@@ -300,7 +315,7 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
     }
   }
   if (!(u->features & STOQ_URING_F_MULTISHOT)) u->plain_rx = 1;
-  u->rx_msg.msg_namelen = sizeof(struct sockaddr_in6);
+  u->rx_msg.msg_namelen = RX_NAME_LEN;
   u->rx_msg.msg_controllen = CMSG_SPACE_RX;
 
   /* Transmit slots. */
@@ -356,6 +371,7 @@ void stoq_uring_close(stoq_uring *u) {
 }
 
 unsigned stoq_uring_features(const stoq_uring *u) { return u->features; }
+size_t stoq_uring_rx_buffer_size(void) { return RX_BUFFER_SIZE; }
 void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out) { *out = u->local; }
 const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u) { return &u->counters; }
 unsigned stoq_uring_slot_size(const stoq_uring *u) { return u->slot_size; }

@@ -9,7 +9,9 @@ public struct URingOptions: Sendable {
     /// How many queues share the address; >1 turns on SO_REUSEPORT with CID steering.
     public var workerCount = 1
     public var receiveBuffers = 256
-    public var receiveBufferSize = 65536
+    /// Bytes per receive buffer; 0: room for a full GRO batch (`URingDatapathQueue.fullBatchBufferSize`),
+    /// which is also the least accepted: a smaller buffer would drop such a batch whole.
+    public var receiveBufferSize = 0
     public var transmitSlots = 64
     public var transmitSlotSize = 65536
     public var disableGSO = false
@@ -27,6 +29,10 @@ public final class URingDatapathQueue: DatapathQueue {
 
     public let backendName = "io_uring"
     public let localEndpoint: IPv6Endpoint
+
+    /// The receive buffer size that holds a full GRO batch (up to 65,527 bytes of payload)
+    /// beside what the multishot receive puts in front of it.
+    public static var fullBatchBufferSize: Int { Int(stoq_uring_rx_buffer_size()) }
 
     /// Opens a socket bound to `bind` and its ring.
     public init(bind: IPv6Endpoint, options: URingOptions = URingOptions()) throws(DatapathError) {

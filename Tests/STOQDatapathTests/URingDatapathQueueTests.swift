@@ -64,6 +64,34 @@ import Testing
         #expect(got.map(\.0) == expected)
     }
 
+    /// A full GRO batch: 45 datagrams of 1452 bytes and a 100-byte tail, 65,440 bytes in one
+    /// GSO send, which loopback hands to the receiving socket as one coalesced batch. A 64 KiB
+    /// receive buffer had 65,404 bytes of room after the multishot header, the address and the
+    /// control data: the batch came back truncated and was dropped whole.
+    @Test func fullGROBatchArrivesWhole() throws {
+        let (a, b) = try pair()
+        #expect(a.features.contains(.segmentationOffload) && b.features.contains(.receiveCoalescing))
+        var run: [UInt8] = []
+        var expected: [[UInt8]] = []
+        for i in 0..<45 { let d = [UInt8](repeating: UInt8(i), count: 1452); expected.append(d); run += d }
+        let tail = [UInt8](repeating: 0xEE, count: 100)
+        expected.append(tail)
+        run += tail
+        #expect(run.count == 65_440)
+        try send(a, run, segment: 1452, to: b.localEndpoint)
+        let got = try receiveAll(b, count: expected.count)
+        #expect(got.map(\.0) == expected)
+        #expect(b.counters.rxDropped == 0)
+    }
+
+    /// A receive buffer too small for a full GRO batch is refused at open, not dropped later.
+    @Test func refusesAReceiveBufferTooSmallForABatch() {
+        var o = URingOptions()
+        o.receiveBufferSize = 65536
+        #expect(URingDatapathQueue.fullBatchBufferSize > 65536)
+        #expect(throws: DatapathError.self) { _ = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0), options: o) }
+    }
+
     /// A queue that cannot bind (the port is taken) closes its own socket and nothing else:
     /// it used to tear down a ring it had not made yet, whose descriptor, all zeros, is fd 0.
     @Test func failedOpenLeavesFileDescriptorZeroOpen() throws {

@@ -3,10 +3,10 @@
  *
  * Why C: this is the packet path. One engine is one socket and one ring, owned by
  * one worker thread: receive is a single multishot recvmsg over a provided-buffer
- * ring (GRO-coalesced batches land in 64 KiB buffers), transmit is SENDMSG from a
- * fixed pool of slots with UDP_SEGMENT (GSO). Everything is allocated at open; the
- * steady state allocates nothing. Offloads the kernel refuses are turned off at run
- * time, counted, and never lose a datagram.
+ * ring (a buffer holds a full GRO batch: up to 65,527 bytes of payload), transmit is
+ * SENDMSG from a fixed pool of slots with UDP_SEGMENT (GSO). Everything is allocated at
+ * open; the steady state allocates nothing. Offloads the kernel refuses are turned off at
+ * run time, counted, and never lose a datagram.
  */
 #ifndef CSTOQURING_H
 #define CSTOQURING_H
@@ -35,10 +35,10 @@ enum stoq_uring_feature {
 
 typedef struct stoq_uring_config {
   struct sockaddr_in6 bind;
-  unsigned worker_index; /* this socket's place in the reuseport group */
-  unsigned worker_count; /* >1: SO_REUSEPORT + steering on the first CID byte */
-  unsigned rx_buffers;   /* provided buffers (power of two) */
-  unsigned rx_buffer_size;
+  unsigned worker_index;   /* this socket's place in the reuseport group */
+  unsigned worker_count;   /* >1: SO_REUSEPORT + steering on the first CID byte */
+  unsigned rx_buffers;     /* provided buffers (power of two) */
+  unsigned rx_buffer_size; /* 0: stoq_uring_rx_buffer_size(); less than that is refused */
   unsigned tx_slots;
   unsigned tx_slot_size;
   int disable_gso, disable_gro;
@@ -68,6 +68,9 @@ typedef struct stoq_uring stoq_uring;
 stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errlen);
 void stoq_uring_close(stoq_uring *u);
 unsigned stoq_uring_features(const stoq_uring *u);
+/** The receive buffer size that holds a full GRO batch beside the multishot header, the peer's
+ *  address and the control data: the default, and the least stoq_uring_open accepts. */
+size_t stoq_uring_rx_buffer_size(void);
 void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out);
 const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u);
 unsigned stoq_uring_max_segments(const stoq_uring *u);
