@@ -1,5 +1,5 @@
 /*
- * AF_XDP control plane: what the kernel says about an interface (its receive queues, its
+ * AF_XDP control plane: what the kernel says about an interface (its active queues, its
  * first global address, the XDP program attached and in which mode, the kernel version) and
  * the XDP program's per-CPU statistics map. Called at open and by `stoq xdp` / metrics, never
  * per packet.
@@ -15,20 +15,45 @@
 #include <bpf/libbpf.h>
 #include <errno.h>
 #include <ifaddrs.h>
+#include <linux/ethtool.h>
 #include <linux/if_link.h>
+#include <linux/sockios.h>
 #include <linux/rtnetlink.h>
 #include <net/if.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
 #include "stoq_kern_user.h"
 
+/* The queues `ethtool -L` made active: an AF_XDP bind refuses a queue id at or past both
+ * real_num_rx_queues and real_num_tx_queues (the kernel's xsk_reg_pool_at_qid), which are the
+ * channels' rx + combined and tx + combined. -EOPNOTSUPP from a driver without get_channels. */
+static int active_queues(const char *ifname) {
+  int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  struct ethtool_channels ch = {.cmd = ETHTOOL_GCHANNELS};
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof(ifr));
+  snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+  ifr.ifr_data = (void *)&ch;
+  int rc = ioctl(fd, SIOCETHTOOL, &ifr) == 0 ? 0 : -errno;
+  close(fd);
+  if (rc != 0) return rc;
+  uint32_t rx = ch.combined_count + ch.rx_count, tx = ch.combined_count + ch.tx_count;
+  return (int)(rx > tx ? rx : tx);
+}
+
 int stoq_xsk_interface_rx_queues(const char *ifname) {
   int ifindex = (int)if_nametoindex(ifname);
   if (ifindex == 0) return -ENODEV;
+  /* The queues the device was allocated (IFLA_NUM_RX_QUEUES) can be more than the active ones
+   * (ixgbe, or after `ethtool -L eth0 combined 8`): binding past those fails with EINVAL. */
+  int active = active_queues(ifname);
+  if (active > 0) return active;
   int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
   if (fd < 0) return -errno;
   struct {

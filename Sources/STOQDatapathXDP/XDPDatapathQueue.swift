@@ -111,8 +111,14 @@ public final class XDPDatapathQueue: DatapathQueue {
 
     deinit { close() }
 
-    /// Receive queues `interface` has in this thread's network namespace (netlink, so it
-    /// is right under `nsenter --net` too, where /sys shows another namespace).
+    /// The most AF_XDP sockets one interface's XDP program can feed (its xsk_map,
+    /// STOQ_MAX_SOCKETS): a socket at a higher index cannot be registered.
+    public static var maxSockets: Int { Int(STOQ_MAX_SOCKETS) }
+
+    /// The queues of `interface` an AF_XDP socket can bind to, in this thread's network
+    /// namespace: the active channels (`ethtool -L`), not the queues the device was allocated
+    /// (an ioctl and netlink, so it is right under `nsenter --net` too, where /sys shows
+    /// another namespace).
     public static func receiveQueues(of interface: String) throws(DatapathError) -> Int {
         let n = stoq_xsk_interface_rx_queues(interface)
         if n == -ENODEV { throw DatapathError(.open, operation: "if_nametoindex", message: "no interface \(interface)") }

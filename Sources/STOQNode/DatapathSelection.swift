@@ -78,12 +78,28 @@ struct DatapathSelection {
     private func openXDP() throws(DatapathError) -> [DatapathQueue] {
         #if AFXDP
         let net = config.network
-        let available = try XDPDatapathQueue.receiveQueues(of: net.interface)
-        let count = net.queues == 0 ? available : net.queues
-        guard count <= available else {
+        let active = try XDPDatapathQueue.receiveQueues(of: net.interface)
+        let count = net.queues == 0 ? active : net.queues
+        guard count <= active else {
             throw DatapathError(
-                .open, operation: "RTM_GETLINK",
-                message: "network.queues = \(count) but \(net.interface) has \(available) receive queue(s)")
+                .open, operation: "ETHTOOL_GCHANNELS",
+                message: "network.queues = \(count) but \(net.interface) has \(active) active queue(s)")
+        }
+        let slots = XDPDatapathQueue.maxSockets
+        guard count <= slots else {
+            throw DatapathError(
+                .open, operation: "xsk_map",
+                message:
+                    "\(net.interface) has \(active) active queues but the XDP program's xsk_map holds \(slots) sockets (STOQ_MAX_SOCKETS): set network.queues to at most \(slots) and confine the port to those queues (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q), or ethtool -L \(net.interface) combined \(slots)"
+            )
+        }
+        if count < active {
+            // RSS spreads the node's port over every active queue; the program passes what
+            // arrives on a queue without a socket to the kernel, where nothing listens.
+            func queues(_ r: Range<Int>) -> String { r.count == 1 ? "queue \(r.lowerBound)" : "queues \(r.lowerBound)…\(r.upperBound - 1)" }
+            logger.warning(
+                "AF_XDP: network.queues = \(count) but \(net.interface) has \(active) active queues: datagrams hashed to \(queues(count..<active)) go to the kernel and get port unreachable, unless an ntuple rule confines port \(net.listenAddress.port) to \(queues(0..<count)) (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q, or an RSS context)"
+            )
         }
         var queues: [XDPDatapathQueue] = []
         for q in 0..<count {

@@ -137,8 +137,10 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
 /** Hands queued frames to the kernel and reaps completed ones. 0 or -errno. */
 int stoq_xsk_flush(stoq_xsk *x);
 
-/** Receive queues of `ifname` in the calling thread's network namespace (netlink
- *  IFLA_NUM_RX_QUEUES), or -errno (-ENODEV: no such interface). */
+/** The queues of `ifname` an AF_XDP socket can bind to, in the calling thread's network
+ *  namespace: the active channels (ETHTOOL_GCHANNELS: the larger of rx + combined and tx +
+ *  combined), or where the driver cannot tell, the queues it was allocated (netlink
+ *  IFLA_NUM_RX_QUEUES); -errno (-ENODEV: no such interface). */
 int stoq_xsk_interface_rx_queues(const char *ifname);
 
 /** What is attached to `ifname`: writes the mode ("native", "skb", "hw", "multi" or
