@@ -4,9 +4,10 @@
  * everything else goes to the kernel untouched (ND, SSH, the admin API, other UDP).
  * IPv4 aimed at a node port is dropped: STOQ is IPv6 only. Every verdict is counted.
  *
- * Steering: with STOQ_F_STEER_BY_CID the socket is chosen by the worker id in the
- * QUIC destination connection ID (the layout is in stoq_kern_user.h), the way katran
- * picks a server from a CID; otherwise by the receiving queue.
+ * Steering: by the receiving queue. With STOQ_F_STEER_BY_CID the socket is chosen by the
+ * worker id in the QUIC destination connection ID (the layout is in stoq_kern_user.h), the
+ * way katran picks a server from a CID; no tool sets it, since stoq-node registers queue q's
+ * socket at xsk_map[q] and the kernel drops a frame redirected to a socket of another queue.
  *
  * Under an Initial flood the worker a datagram is steered to may have asked (stoq_shed) for
  * a share of the v1 Initials without a token to be dropped here, before any copy.

@@ -44,12 +44,20 @@ struct XDPCommand: ParsableCommand {
         @Argument(help: "The interface.") var interface: String
         @Option(help: "native (in the driver), skb (generic, any interface) or auto: native, falling back to skb.") var mode = "auto"
         @Option(help: "The node's UDP ports, comma-separated.") var ports = "4433"
-        @Option(help: "Steer by the worker id in the QUIC CID across N sockets (0: by receive queue).") var workers = 0
+        @Option(help: ArgumentHelp("Refused unless 0: stoq-node needs steering by receive queue.", visibility: .hidden))
+        var workers = 0
         func validate() throws {
             guard ["auto", "native", "skb"].contains(mode) else { throw ValidationError("--mode \(mode): expected auto, native or skb") }
+            // stoq-node registers the socket of queue q at xsk_map[q]; a frame steered by CID to
+            // another index meets a socket bound to another queue, and the kernel drops it.
+            guard workers == 0 else {
+                throw ValidationError(
+                    "--workers \(workers): steering by CID cannot work with stoq-node (it registers the socket of queue q at xsk_map[q], and the kernel drops a frame redirected to a socket bound to another queue); leave it out: the program steers by receive queue"
+                )
+            }
         }
         func run() throws {
-            try XDPCommand.exec([interface, "--mode", mode, "--ports", ports, "--workers", String(workers)])
+            try XDPCommand.exec([interface, "--mode", mode, "--ports", ports])
         }
     }
 

@@ -38,6 +38,12 @@ def test_status_names_the_counters_and_bad_ports_change_nothing(xdp_node):
                         (",".join(str(5000 + i) for i in range(17)), "give 1 to 16 ports")):
         r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--ports", ports))
         assert r.returncode == 2 and said in r.stderr, (ports, r.stderr)
+    # Steering by CID cannot work with the node's one socket per queue: refused, by the script
+    # and the CLI, before anything is touched.
+    r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--ports", PORT, "--workers", "2"))
+    assert r.returncode == 2 and "steering by CID cannot work with stoq-node" in r.stderr, r.stderr
+    r = run(in_a(need_binary("stoq"), "xdp", "attach", VA, "--workers", "2"))
+    assert r.returncode != 0 and "steering by CID cannot work with stoq-node" in r.stderr, r.stderr
     r = run(in_a(ROOT / "scripts/xdp-attach", "--status", VA))
     assert re.search(r"id (\d+)", r.stdout).group(1) == program
     r = run(in_b(need_binary("stoq"), "get", xdp_node.url("small.bin"), "--ca", xdp_node.cert, "--json"), timeout=60)
