@@ -128,7 +128,7 @@ enum stoq_stat {
   STOQ_STAT_PASSED_NOT_IP,     /* not IPv6 or IPv4 (ARP, …) */
   STOQ_STAT_PASSED_NOT_UDP,    /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
   STOQ_STAT_PASSED_OTHER_PORT, /* UDP to a port the node does not own */
-  STOQ_STAT_DROPPED_IPV4,      /* IPv4 UDP aimed at a node port: STOQ is IPv6 only */
+  STOQ_STAT_PASSED_IPV4,       /* IPv4 UDP to a node port: the node is IPv6 only, the host may not be */
   STOQ_STAT_PASSED_NO_SOCKET,  /* no AF_XDP socket at the chosen index */
   STOQ_STAT_PASSED_TRUNCATED,  /* frame ends inside a header */
   STOQ_STAT_PASSED_EXT_LIMIT,  /* more extension headers than STOQ_MAX_EXT_HEADERS */
@@ -141,7 +141,7 @@ enum stoq_stat {
 
 /** User-space names of the counters above, in enum order (the worker_n ones follow). */
 #define STOQ_STAT_NAMES                                                                                                \
-  "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "dropped_ipv4", "passed_no_socket",            \
+  "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "passed_ipv4", "passed_no_socket",             \
       "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid", "shed_initial"
 
 #endif

@@ -2,7 +2,8 @@
 /*
  * STOQ's XDP program: QUIC datagrams for the node's UDP ports go to an AF_XDP socket;
  * everything else goes to the kernel untouched (ND, SSH, the admin API, other UDP).
- * IPv4 aimed at a node port is dropped: STOQ is IPv6 only. Every verdict is counted.
+ * IPv4 passes too, even to a node port: the node is IPv6 only and never sees it, but another
+ * service on the host may use IPv4 on that port. Every verdict is counted.
  *
  * Steering: by the receiving queue. With STOQ_F_STEER_BY_CID the socket is chosen by the
  * worker id in the QUIC destination connection ID (the layout is in stoq_kern_user.h), the
@@ -78,11 +79,7 @@ int stoq_xdp(struct xdp_md *ctx) {
     if (ihl < sizeof(*ip4)) return pass(STOQ_STAT_PASSED_TRUNCATED);
     struct udphdr *udp4 = l3 + ihl;
     if ((void *)(udp4 + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
-    if (is_node_port(bpf_ntohs(udp4->dest))) {
-      count(STOQ_STAT_DROPPED_IPV4);
-      return XDP_DROP;
-    }
-    return pass(STOQ_STAT_PASSED_OTHER_PORT);
+    return pass(is_node_port(bpf_ntohs(udp4->dest)) ? STOQ_STAT_PASSED_IPV4 : STOQ_STAT_PASSED_OTHER_PORT);
   }
   if (proto != bpf_htons(ETH_P_IPV6)) return pass(STOQ_STAT_PASSED_NOT_IP);
 
