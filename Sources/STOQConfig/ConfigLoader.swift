@@ -10,6 +10,10 @@ import TOMLKit
 /// TOML → validated `NodeConfig`. Unknown keys, wrong types and bad values are all
 /// reported together, each naming key, value and what is allowed.
 public enum ConfigLoader {
+    /// What a received AF_XDP frame holds besides the datagram: the kernel's
+    /// XDP_PACKET_HEADROOM (256), then Ethernet (14), one VLAN tag (4), IPv6 (40) and UDP (8).
+    public static let xdpReceiveOverhead = 256 + 66
+
     /// Reads and validates a file, and with `files` the files it names (`unreadableFiles`).
     public static func load(path: String, files: Bool = true) throws(ConfigErrors) -> NodeConfig {
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
@@ -238,15 +242,18 @@ public enum ConfigLoader {
                     allowed: "ring_size a power of two and frames > ring_size (the fill ring takes ring_size frames)"))
         }
         let mayUseXDP = c.network.datapath == .afXDP || (c.network.datapath == .auto && !c.network.interface.isEmpty)
-        // A frame holds one datagram, its Ethernet/IPv6/UDP headers (62) and the 24 bytes of
-        // TX metadata (the checksum request) the engine reserves on kernels that have it.
-        if mayUseXDP && c.network.quic.maxUDPPayloadSize > c.network.xdp.frameSize - 86 {
+        // A received frame gives the kernel's XDP_PACKET_HEADROOM (256) first, then the
+        // Ethernet header, a VLAN tag (the program takes one), IPv6 and UDP (66), then the
+        // datagram; the program is not multi-buffer aware, so a larger one never arrives. A
+        // transmitted frame needs less (62 of headers and 24 of TX metadata).
+        let largestPayload = c.network.xdp.frameSize - ConfigLoader.xdpReceiveOverhead
+        if mayUseXDP && c.network.quic.maxUDPPayloadSize > largestPayload {
             r.errors.append(
                 ConfigError(
                     code: .outOfRange, key: "network.quic_config.max_udp_payload_size",
                     value: "\(c.network.quic.maxUDPPayloadSize)",
                     allowed:
-                        "at most network.xdp.frame_size - 86 = \(c.network.xdp.frameSize - 86) when AF_XDP may be used (one datagram, its Ethernet/IPv6/UDP headers and TX metadata per frame)"
+                        "at most network.xdp.frame_size \(c.network.xdp.frameSize) - 256 (the kernel's XDP headroom) - 66 (Ethernet, VLAN tag, IPv6, UDP) = \(largestPayload) when AF_XDP may be used (a received datagram must fit one frame)"
                 ))
         }
         if let preferred = c.network.quic.preferredAddress {
