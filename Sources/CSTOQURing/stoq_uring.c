@@ -38,6 +38,9 @@
  * back MSG_TRUNC and was dropped whole. Rounded to a cache line. */
 #define RX_BUFFER_SIZE                                                                                                 \
   ((sizeof(struct io_uring_recvmsg_out) + RX_NAME_LEN + CMSG_SPACE_RX + RX_PAYLOAD_MAX + 63) & ~(size_t)63)
+/* The socket buffers asked for: a GRO burst from a fast sender must not overflow while the
+ * worker is busy. */
+#define SOCKET_BUFFER_BYTES (32 << 20)
 
 struct tx_slot {
   uint8_t *buf;
@@ -60,6 +63,7 @@ struct stoq_uring {
   int fd;
   struct io_uring ring;
   unsigned features;
+  unsigned rcvbuf, sndbuf; /* what the kernel granted of SOCKET_BUFFER_BYTES */
   struct sockaddr_in6 local;
   int bound_any; /* bound to [::]: every send names its source (IPV6_PKTINFO) */
   int shedding;  /* stoq_uring_shed_initials attached its filter */
@@ -201,6 +205,18 @@ uint64_t stoq_uring_socket_drops(const stoq_uring *u) {
   return mem[SK_MEMINFO_DROPS];
 }
 
+/* Asks for `want` bytes of socket buffer, forced past net.core.rmem_max / wmem_max where the
+ * process has CAP_NET_ADMIN, and returns what the kernel granted: without the capability the
+ * sysctl caps the request and setsockopt still succeeds. */
+static unsigned set_socket_buffer(int fd, int force, int plain, int want) {
+  if (setsockopt(fd, SOL_SOCKET, force, &want, sizeof(want)) != 0)
+    setsockopt(fd, SOL_SOCKET, plain, &want, sizeof(want));
+  int got = 0;
+  socklen_t len = sizeof(got);
+  if (getsockopt(fd, SOL_SOCKET, plain, &got, &len) != 0) return (unsigned)want;
+  return (unsigned)got / 2; /* the kernel doubles what it grants (bookkeeping overhead) */
+}
+
 static void arm_rx(stoq_uring *u) {
   struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
   if (!sqe) {
@@ -244,12 +260,8 @@ stoq_uring *stoq_uring_open(const stoq_uring_config *cfg, char *err, size_t errl
     set_err(err, errlen, "setsockopt(IPV6_V6ONLY): %s", strerror(errno));
     goto fail_noring;
   }
-  /* Deep socket buffers: a GRO burst from a fast sender must not overflow while the worker is busy. */
-  int bufsz = 32 << 20;
-  if (setsockopt(u->fd, SOL_SOCKET, SO_RCVBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
-    setsockopt(u->fd, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
-  if (setsockopt(u->fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufsz, sizeof(bufsz)) != 0)
-    setsockopt(u->fd, SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
+  u->rcvbuf = set_socket_buffer(u->fd, SO_RCVBUFFORCE, SO_RCVBUF, SOCKET_BUFFER_BYTES);
+  u->sndbuf = set_socket_buffer(u->fd, SO_SNDBUFFORCE, SO_SNDBUF, SOCKET_BUFFER_BYTES);
   setsockopt(u->fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof(one));
   if (setsockopt(u->fd, IPPROTO_IPV6, IPV6_RECVTCLASS, &one, sizeof(one)) == 0) u->features |= STOQ_URING_F_ECN;
   if (!cfg->disable_gro && setsockopt(u->fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0) u->features |= STOQ_URING_F_GRO;
@@ -372,6 +384,11 @@ void stoq_uring_close(stoq_uring *u) {
 
 unsigned stoq_uring_features(const stoq_uring *u) { return u->features; }
 size_t stoq_uring_rx_buffer_size(void) { return RX_BUFFER_SIZE; }
+void stoq_uring_socket_buffers(const stoq_uring *u, unsigned *requested, unsigned *receive, unsigned *send) {
+  *requested = SOCKET_BUFFER_BYTES;
+  *receive = u->rcvbuf;
+  *send = u->sndbuf;
+}
 void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out) { *out = u->local; }
 const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u) { return &u->counters; }
 unsigned stoq_uring_slot_size(const stoq_uring *u) { return u->slot_size; }

@@ -34,6 +34,14 @@ public final class URingDatapathQueue: DatapathQueue {
     /// beside what the multishot receive puts in front of it.
     public static var fullBatchBufferSize: Int { Int(stoq_uring_rx_buffer_size()) }
 
+    /// The socket buffer sizes asked for and granted, in bytes. Without CAP_NET_ADMIN the
+    /// kernel caps the grant at net.core.rmem_max / wmem_max and says nothing.
+    public var socketBuffers: (requested: Int, receive: Int, send: Int) {
+        var requested: UInt32 = 0, receive: UInt32 = 0, send: UInt32 = 0
+        stoq_uring_socket_buffers(raw, &requested, &receive, &send)
+        return (Int(requested), Int(receive), Int(send))
+    }
+
     /// Opens a socket bound to `bind` and its ring.
     public init(bind: IPv6Endpoint, options: URingOptions = URingOptions()) throws(DatapathError) {
         if bind.address.isIPv4Mapped {

@@ -10,6 +10,7 @@ import STOQDatapathXDP
 import STOQQUIC
 import STOQTransfer
 import STOQWorker
+import Synchronization
 
 /// Opens the worker queues the configuration asks for: AF_XDP on `network.interface`
 /// when `network.datapath` is "af_xdp" (or "auto" and the XDP program is attached
@@ -69,7 +70,25 @@ struct DatapathSelection {
             }
         }
         logger.info("datapath io_uring: \(workers) worker(s) on \(queues[0].localEndpoint), features \(queues[0].features)")
+        warnIfSocketBuffersCapped(queues[0])
         return queues
+    }
+
+    /// Set when the capped socket buffers have been reported: once a process, not at every
+    /// fallback to io_uring.
+    private static let reportedCappedBuffers = Atomic<Bool>(false)
+
+    /// The node asks for deep socket buffers, which the kernel grants past net.core.rmem_max /
+    /// wmem_max only to CAP_NET_ADMIN, which no deployment gives it: say so once, with the sysctl.
+    private func warnIfSocketBuffersCapped(_ queue: URingDatapathQueue) {
+        let b = queue.socketBuffers
+        var short: [String] = []
+        if b.receive < b.requested { short.append("receive \(b.receive) bytes (raise net.core.rmem_max)") }
+        if b.send < b.requested { short.append("send \(b.send) bytes (raise net.core.wmem_max)") }
+        guard !short.isEmpty, !Self.reportedCappedBuffers.exchange(true, ordering: .relaxed) else { return }
+        logger.warning(
+            "io_uring socket buffers: asked for \(b.requested) bytes, got \(short.joined(separator: ", ")): a burst that outruns a busy worker is dropped by the kernel; sysctl -w net.core.rmem_max=\(b.requested) net.core.wmem_max=\(b.requested) (docs/deployment.md, Preparing a host)"
+        )
     }
 
     /// One AF_XDP socket per receive queue, each registered at its queue's index, read by

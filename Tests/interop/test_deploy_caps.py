@@ -64,7 +64,7 @@ def attached():
 class ConfinedNode:
     """stoq-node as uid 65534 with exactly `caps`, in the testbed's server namespace."""
 
-    def __init__(self, work, caps, seccomp_profile=None):
+    def __init__(self, work, caps, seccomp_profile=None, config="node.toml"):
         sets = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
         # Under the profile, as a runtime applies it: last, just before the node's execve.
         confine = ["/usr/bin/python3", ROOT / "Tests/interop/seccomp_exec.py", seccomp_profile, "--"] if seccomp_profile else []
@@ -74,8 +74,8 @@ class ConfinedNode:
             "prlimit", "--memlock=8388608",
             "setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs",
             f"--inh-caps={sets}", f"--ambient-caps={sets}", f"--bounding-set={sets}", "--", *confine,
-            need_binary("stoq-node"), "--config", work / "node.toml", "--log-level", "info")
-        self.logpath = work / f"node-{len(caps)}-{'-'.join(caps) or 'none'}.log"
+            need_binary("stoq-node"), "--config", work / config, "--log-level", "info")
+        self.logpath = work / f"node-{len(caps)}-{'-'.join(caps) or 'none'}-{config}.log"
         self.log = open(self.logpath, "w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
@@ -146,6 +146,38 @@ def test_serves_on_af_xdp_with_exactly_the_listed_capabilities(attached, tmp_pat
     finally:
         code = node.stop()
     assert code == 0, f"stoq-node did not exit cleanly on SIGTERM (exit {code}): {node.text()[-2000:]}"
+
+
+def confined_config(work, name, network):
+    """work/name: node.toml with `network` instead of its [network] lines, owned by the node's user."""
+    text = (work / "node.toml").read_text()
+    head, rest = text.split("[network]\n", 1)
+    path = work / name
+    path.write_text(head + "[network]\n" + network + rest[rest.index("[storage]"):])
+    os.chown(path, UID, UID)
+    return name
+
+
+def test_capped_socket_buffers_are_said(attached):
+    """On io_uring the node asks for 32 MiB socket buffers; without CAP_NET_ADMIN
+    net.core.rmem_max / wmem_max cap them without an error: the node says so once a process
+    (two workers, one line), naming the sysctls."""
+    caps = {k: int(run(in_a("cat", f"/proc/sys/net/core/{k}")).stdout) for k in ("rmem_max", "wmem_max")}
+    if min(caps.values()) >= 32 << 20:
+        pytest.skip(f"this host's {caps} do not cap a 32 MiB socket buffer")
+    name = confined_config(attached, "node-uring.toml",
+                           f'listen_addr = "[{ADDR_A}]:{int(PORT) + 1}"\ndatapath = "io_uring"\nworkers = 2\n')
+    node = ConfinedNode(attached, CAPS, config=name)
+    try:
+        read_banner(node)
+        log = node.text()
+        said = [line for line in log.splitlines() if "io_uring socket buffers: asked for 33554432 bytes" in line]
+        assert len(said) == 1, log[-2000:]
+        for k, v in caps.items():
+            if v < 32 << 20:
+                assert f"raise net.core.{k}" in said[0], said
+    finally:
+        assert node.stop() == 0, node.text()[-2000:]
 
 
 @pytest.mark.parametrize("missing", CAPS)

@@ -71,6 +71,9 @@ unsigned stoq_uring_features(const stoq_uring *u);
 /** The receive buffer size that holds a full GRO batch beside the multishot header, the peer's
  *  address and the control data: the default, and the least stoq_uring_open accepts. */
 size_t stoq_uring_rx_buffer_size(void);
+/** The socket buffer size asked for and what the kernel granted for receive and send, in bytes.
+ *  Without CAP_NET_ADMIN net.core.rmem_max and wmem_max cap the grant, without an error. */
+void stoq_uring_socket_buffers(const stoq_uring *u, unsigned *requested, unsigned *receive, unsigned *send);
 void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out);
 const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u);
 unsigned stoq_uring_max_segments(const stoq_uring *u);
