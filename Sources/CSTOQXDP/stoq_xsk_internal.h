@@ -84,6 +84,7 @@ struct stoq_xsk {
    * the UMEM reserved it); tx_csum_offload: the kernel or NIC sums the UDP checksum. */
   uint32_t tx_off;
   int tx_csum_offload;
+  char busy_poll_refused[96]; /* the busy-poll option the kernel refused and why; "" if none */
 
   /* Transmit frames come in slots of SLOT_FRAMES consecutive frames, so that the QUIC
    * core can write a run of datagrams into one slot, one frame apart (stride). A slot is

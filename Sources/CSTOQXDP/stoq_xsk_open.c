@@ -154,6 +154,26 @@ static uint32_t map_id(int fd) {
   return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
 }
 
+/* Busy polling is best effort: the kernel grants each of these options (raising them) only
+ * with CAP_NET_ADMIN, which no deployment gives the node. The first refusal is kept for the
+ * node to say once; the socket works on interrupts without them. */
+static void set_busy_poll(stoq_xsk *x, uint32_t usec) {
+  int one = 1, us = (int)usec, budget = 64;
+  const struct {
+    int opt;
+    const char *name;
+    const int *value;
+  } opts[] = {{SO_PREFER_BUSY_POLL, "SO_PREFER_BUSY_POLL", &one},
+              {SO_BUSY_POLL, "SO_BUSY_POLL", &us},
+              {SO_BUSY_POLL_BUDGET, "SO_BUSY_POLL_BUDGET", &budget}};
+  for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+    if (setsockopt(x->fd, SOL_SOCKET, opts[i].opt, opts[i].value, sizeof(int)) == 0 || x->busy_poll_refused[0])
+      continue;
+    snprintf(x->busy_poll_refused, sizeof(x->busy_poll_refused), "setsockopt(%s): %s%s", opts[i].name, strerror(errno),
+             errno == EPERM ? " (needs CAP_NET_ADMIN)" : "");
+  }
+}
+
 stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   stoq_xsk *x = calloc(1, sizeof(*x));
   if (!x) {
@@ -289,12 +309,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
      * fallback); a zero-copy driver may not, and whether it does is not probed yet. */
     x->tx_csum_offload = x->tx_off != 0 && !x->zc;
   }
-  if (cfg->busy_poll_usec) {
-    int one = 1, usec = (int)cfg->busy_poll_usec, budget = 64;
-    setsockopt(x->fd, SOL_SOCKET, SO_PREFER_BUSY_POLL, &one, sizeof(one));
-    setsockopt(x->fd, SOL_SOCKET, SO_BUSY_POLL, &usec, sizeof(usec));
-    setsockopt(x->fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget));
-  }
+  if (cfg->busy_poll_usec) set_busy_poll(x, cfg->busy_poll_usec);
 
   x->slot_free = calloc(x->nslots, sizeof(uint32_t));
   x->slot_refs = calloc(x->nslots, sizeof(uint16_t));
@@ -414,6 +429,7 @@ stoq_xsk_frames stoq_xsk_get_frames(const stoq_xsk *x) {
 
 uint32_t stoq_xsk_slot_size(const stoq_xsk *x) { return x->slot_bytes - x->tx_off - STOQ_XSK_HEADROOM; }
 int stoq_xsk_tx_checksum_offload(const stoq_xsk *x) { return x->tx_csum_offload; }
+const char *stoq_xsk_busy_poll_refused(const stoq_xsk *x) { return x->busy_poll_refused; }
 uint32_t stoq_xsk_slot_frames(const stoq_xsk *x) {
   (void)x;
   return SLOT_FRAMES;

@@ -60,6 +60,9 @@ public final class XDPDatapathQueue: DatapathQueue {
     /// Whether the kernel or NIC fills in transmitted UDP checksums (TX metadata) rather
     /// than the engine.
     public let checksumOffload: Bool
+    /// Why the socket runs on interrupts although `busyPollMicroseconds` asked for busy
+    /// polling (the option the kernel refused: without CAP_NET_ADMIN it refuses all), or nil.
+    public let busyPollRefusal: String?
 
     /// Binds a socket to `options.interface` queue `options.queueID` and registers it in
     /// the pinned xsk_map; `bind` gives the node's address (may be `::`) and UDP port.
@@ -106,6 +109,8 @@ public final class XDPDatapathQueue: DatapathQueue {
         xdpMode = String(cString: stoq_xsk_xdp_mode(p))
         isZeroCopy = stoq_xsk_zero_copy(p) != 0
         checksumOffload = stoq_xsk_tx_checksum_offload(p) != 0
+        let refused = String(cString: stoq_xsk_busy_poll_refused(p))
+        busyPollRefusal = refused.isEmpty ? nil : refused
         _ = try? shedInitials(InitialShedPlan())  // what a node before this one left
     }
 

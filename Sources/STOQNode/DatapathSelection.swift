@@ -157,6 +157,11 @@ struct DatapathSelection {
         let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == .off ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
         let checksum = first.checksumOffload ? "tx checksum: offloaded" : "tx checksum: software"
         logger.notice("datapath af_xdp: \(net.interface), \(count) queue(s), XDP \(first.xdpMode), \(copy), \(checksum), \(first.localEndpoint)")
+        if let refused = first.busyPollRefusal {
+            logger.warning(
+                "AF_XDP: network.xdp.busy_poll_usec = \(net.xdp.busyPollMicroseconds) is not in effect, the sockets wait on interrupts: \(refused)"
+            )
+        }
         if workers == count { return queues }
         let groups = (0..<workers).map { w in XDPQueueGroup(Swift.stride(from: w, to: count, by: workers).map { queues[$0] }) }
         for (w, g) in groups.enumerated() {

@@ -158,6 +158,23 @@ def confined_config(work, name, network):
     return name
 
 
+def test_busy_polling_the_kernel_refuses_is_said(attached):
+    """busy_poll_usec asks for options the kernel grants only with CAP_NET_ADMIN: the node
+    runs on interrupts and says so once (it set them without looking)."""
+    name = confined_config(attached, "node-busy.toml",
+                           f'listen_addr = "[{ADDR_A}]:{PORT}"\ndatapath = "af_xdp"\ninterface = "{VA}"\n'
+                           f'xdp_mode = "native"\n[network.xdp]\nbusy_poll_usec = 50\n')
+    node = ConfinedNode(attached, CAPS, config=name)
+    try:
+        read_banner(node)
+        log = node.text()
+        said = [line for line in log.splitlines() if "busy_poll_usec = 50 is not in effect" in line]
+        assert len(said) == 1, log[-2000:]
+        assert "setsockopt(SO_PREFER_BUSY_POLL): Operation not permitted (needs CAP_NET_ADMIN)" in said[0], said
+    finally:
+        assert node.stop() == 0, node.text()[-2000:]
+
+
 def test_capped_socket_buffers_are_said(attached):
     """On io_uring the node asks for 32 MiB socket buffers; without CAP_NET_ADMIN
     net.core.rmem_max / wmem_max cap them without an error: the node says so once a process

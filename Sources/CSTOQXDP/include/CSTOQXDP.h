@@ -112,6 +112,9 @@ uint32_t stoq_xsk_slot_frames(const stoq_xsk *x);
 uint32_t stoq_xsk_stride(const stoq_xsk *x);
 /** 1 when the kernel or NIC fills in the UDP checksum (TX metadata), 0 when the engine sums it. */
 int stoq_xsk_tx_checksum_offload(const stoq_xsk *x);
+/** Why busy polling is off although busy_poll_usec asked for it ("setsockopt(OPTION): reason"),
+ *  or "" when every option took (or none was asked for). */
+const char *stoq_xsk_busy_poll_refused(const stoq_xsk *x);
 
 /** Makes a waiting receive also return when `fd` (an eventfd; -1: none) becomes readable,
  *  and drains it. The socket does not own it. */
