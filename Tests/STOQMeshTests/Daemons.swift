@@ -172,6 +172,20 @@ actor MemberLog {
         }
         return false
     }
+
+    /// How many sets have been added so far: a mark for `waitSeen(after:)`.
+    var count: Int { sets.count }
+
+    /// Waits like `wait` until any set added after `mark` satisfies `condition`, however briefly
+    /// it was the latest: a member with a short lease may come and go between two polls.
+    func waitSeen(after mark: Int, timeout: Duration = .seconds(20), _ condition: @Sendable (Set<MeshMember>) -> Bool) async -> Bool {
+        let end = ContinuousClock.now + timeout
+        while ContinuousClock.now < end {
+            if sets.dropFirst(mark).contains(where: condition) { return true }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return false
+    }
 }
 
 /// Runs `backend` in a task feeding `log`.
