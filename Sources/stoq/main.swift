@@ -509,10 +509,11 @@ struct Put: ParsableCommand {
             if json {
                 printCodable(r)
             } else {
+                let had = r.chunks - r.chunksSent
+                let sent = "sent \(r.chunksSent) (\(human(Double(r.bytesSent))))"
+                let rest = had == 0 ? "" : had == r.chunks ? "; the node had them all" : ", the node had the other \(had)"
                 FileHandle.standardError.write(
-                    Data(
-                        "\(human(Double(r.totalBytes))) in \(r.chunks) chunks: sent \(r.chunksSent) (\(human(Double(r.bytesSent)))), the node had the rest\n"
-                            .utf8))
+                    Data("\(human(Double(r.totalBytes))) in \(r.chunks) chunks: \(sent)\(rest)\n".utf8))
             }
             return
         }

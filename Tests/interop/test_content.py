@@ -2,6 +2,7 @@
 chunks the node lacks, `stoq get --chunked` fetches and verifies chunks and resumes;
 the node refuses bad chunks and manifests with the right status and a message, and
 never serves a chunk whose bytes no longer match its id."""
+import hashlib
 import json
 import os
 import pathlib
@@ -58,6 +59,19 @@ def test_put_sends_only_missing_chunks_and_get_is_byte_identical(node, tmp_path)
     res = json.loads(r.stdout)
     assert res["chunks_fetched"] == edit["chunks"] and res["chunks_reused"] == 0
     assert sha256_file(out) == sha256_file(src) == res["sha256"]
+
+
+def test_put_says_how_many_chunks_it_sent_and_how_many_the_node_had(node, tmp_path):
+    src = random_file(tmp_path / "said.bin", 4 * MiB, 7)
+    url = f"https://[::1]:{node.port}/objects/content-said"
+    lines = []
+    for _ in range(2):
+        r = stoq("put", src, url, "--chunked", "--ca", node.cert)
+        assert r.returncode == 0, r.stderr
+        lines.append(r.stderr.strip().splitlines()[-1])
+    n = lines[0].split(" chunks:")[0].split()[-1]
+    assert int(n) >= 4 and lines[0] == f"4.0 MiB in {n} chunks: sent {n} (4.0 MiB)", lines
+    assert lines[1] == f"4.0 MiB in {n} chunks: sent 0 (0.0 B); the node had them all", lines
 
 
 def test_get_resumes_without_refetching_verified_chunks(node, tmp_path):
@@ -142,6 +156,62 @@ def test_bad_chunks_and_manifests_are_refused(node, tmp_path):
     assert h3(node, "GET", "/objects/liar")["status"] == 404
     r = h3(node, "GET", "/manifests/never-stored")
     assert r["status"] == 404
+
+
+def test_a_manifest_whose_digest_is_not_its_chunks_is_refused(node, tmp_path):
+    """The whole-object SHA-256 a manifest claims becomes the object's strong ETag: the node
+    hashes the chunks before it writes the record, and refuses a manifest that claims another
+    (400 naming both); the honest one is stored with its digest as the ETag."""
+    src = random_file(tmp_path / "digest.bin", 3 * MiB, 13)
+    mpath = tmp_path / "digest.manifest"
+    assert stoq("chunk", src, "--manifest", mpath, "--summary").returncode == 0
+    for c in json.loads(stoq("chunk", src, "--json").stdout)["chunks"]:
+        part = tmp_path / f"part-{c['id']}"
+        with open(src, "rb") as f:
+            f.seek(c["offset"])
+            part.write_bytes(f.read(c["length"]))
+        assert h3(node, "PUT", f"/chunks/{c['id']}", part)["status"] in (200, 201)
+    m = bytearray(mpath.read_bytes())
+    true = sha256_file(src)
+    assert m[28:60].hex() == true
+    claimed = hashlib.sha256(b"not this object").hexdigest()
+    m[28:60] = bytes.fromhex(claimed)
+    (tmp_path / "liar.manifest").write_bytes(bytes(m))
+    r = h3(node, "PUT", "/manifests/content-digest", tmp_path / "liar.manifest")
+    assert r["status"] == 400, r
+    assert f"it claims the object's SHA-256 is {claimed}, but its chunks hash to {true}" in r["text"], r
+    assert h3(node, "GET", "/objects/content-digest")["status"] == 404
+    r = h3(node, "PUT", "/manifests/content-digest", mpath)
+    assert r["status"] == 201 and r["headers"]["etag"] == f'"{true}"', r
+    r = h3(node, "GET", "/objects/content-digest")
+    assert r["status"] == 200 and r["sha256"] == true
+
+
+def test_a_fifo_in_storage_path_is_answered_at_once(node, tmp_path):
+    """A FIFO left in storage.path under an object's name: a GET or HEAD of it is answered at
+    once, 404 naming what is there, instead of blocking a worker in open(2) until something
+    writes to the FIFO; the node serves on."""
+    fifo = node.storage / "content-fifo"
+    os.mkfifo(fifo)
+    try:
+        for method in ("GET", "HEAD", "GET", "GET"):                # both workers, more than once
+            r = run([sys.executable, HERE / "h3client.py", node.url("content-fifo"), "--ca", node.cert,
+                     "--method", method, "--timeout", "10"], timeout=30)
+            assert r.returncode == 0, "no answer: a worker blocked on the FIFO? " + r.stdout + r.stderr
+            res = json.loads(r.stdout)
+            assert res["status"] == 404, res
+            if method == "GET":
+                assert "storage.path holds a FIFO of that name, and only regular files are served" in res["text"], res
+        src = random_file(tmp_path / "after-fifo.bin", 1 * MiB, 12)
+        put(node, src, "content-after-fifo")
+        assert h3(node, "GET", "/objects/content-after-fifo")["sha256"] == sha256_file(src)
+    finally:
+        # Release a worker a regression left blocked (a reader is waiting: this open succeeds).
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        os.unlink(fifo)
 
 
 def test_a_manifest_listing_more_chunks_than_the_node_takes_is_413_from_its_header(node, tmp_path):
