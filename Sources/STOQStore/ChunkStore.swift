@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import STOQChunking
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -39,9 +40,10 @@ public final class ChunkStore: @unchecked Sendable {
         /// alone, because an upload puts its chunks before the object that references
         /// them. Default one hour.
         public var collectGracePeriod: Duration
-        /// The largest chunk a put accepts, and the largest file a read loads (a bigger one
-        /// cannot be a chunk this store wrote, so it is treated as corrupt rather than read
-        /// into memory). Default 64 MiB, far above any content-defined chunk size.
+        /// The largest chunk a put accepts. Default 64 MiB, far above any content-defined
+        /// chunk size. Reads do not check it: a store keeps the chunks it took under a larger
+        /// limit when reopened with a smaller one (`chunking.max_chunk_size` lowered), and
+        /// those are still good chunks (`largestChunkFile` bounds what a read loads).
         public var maxChunkSize: Int
         /// fsync each chunk and its directory before a put returns (default). Off for a cache:
         /// after a crash a chunk may be missing or torn, and a torn one fails verification
@@ -94,6 +96,13 @@ public final class ChunkStore: @unchecked Sendable {
         var removed = 0
         var bytesFreed: UInt64 = 0
     }
+
+    /// The largest file a read loads: the largest chunk the format allows
+    /// (`ChunkingParameters.largestMaxSize`, 1 GiB; manifests carry chunk lengths as 32-bit
+    /// integers). A bigger file cannot be a chunk any store wrote, so it is treated as corrupt
+    /// rather than read into memory. Fixed, not `Options.maxChunkSize`: that limit may have been
+    /// lowered since a chunk was stored, and the chunk's digest says whether it is good.
+    public static let largestChunkFile = ChunkingParameters.largestMaxSize
 
     /// The store's root directory.
     public let root: String
@@ -306,10 +315,10 @@ public final class ChunkStore: @unchecked Sendable {
         let bytes: [UInt8]
         do {
             guard fstat(fd, &st) == 0 else { throw StoreError.io("fstat", chunksDir.path + "/" + rel) }
-            if st.st_size > options.maxChunkSize {
-                // Not loaded: no chunk this store accepted is that big.
+            if st.st_size > Self.largestChunkFile {
+                // Not loaded: no chunk the format allows is that big.
                 close(fd)
-                let why = "it is \(st.st_size) bytes, over the store's limit of \(options.maxChunkSize) bytes"
+                let why = "it is \(st.st_size) bytes, larger than any chunk may be (\(Self.largestChunkFile) bytes)"
                 return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
             }
             bytes = try Directory.readWhole(fd, size: Int(st.st_size), path: chunksDir.path + "/" + rel)

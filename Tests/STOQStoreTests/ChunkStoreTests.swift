@@ -146,16 +146,36 @@ import Testing
         #expect(
             assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) } == ("chunk \(id.hex) is 1001 bytes, over the store's limit of 1000 bytes"))
         #expect(throws: Never.self) { try store.put(id: ChunkID(digestOf: big.dropLast()), bytes: Array(big.dropLast())) }
-        // A file that big in the chunk tree is not read into memory: it is damage.
+        // A file larger than any chunk may be is not read into memory: it is damage. (Sparse:
+        // the test writes no gigabyte.)
         let small = bytes("small")
         let sid = ChunkID(digestOf: small)
         try store.put(id: sid, bytes: small)
-        try Data(big).write(to: URL(fileURLWithPath: path(of: sid)))
+        #expect(truncate(path(of: sid), off_t(ChunkStore.largestChunkFile) + 1) == 0)
         let message = assertStoreError(.corrupt) { try store.read(sid) }
         #expect(
-            message.hasPrefix("chunk \(sid.hex) is corrupt on disk: it is 1001 bytes, over the store's limit of 1000 bytes; moved to quarantine/"),
+            message.hasPrefix(
+                "chunk \(sid.hex) is corrupt on disk: it is \(ChunkStore.largestChunkFile + 1) bytes, larger than any chunk may be (\(ChunkStore.largestChunkFile) bytes); moved to quarantine/"
+            ),
             Comment(rawValue: message))
         #expect(store.counters.corruptQuarantined == 1)
+    }
+
+    /// `chunking.max_chunk_size` lowered: the chunks stored under the old limit are still good
+    /// (their digests say so), read and served, not quarantined; only puts are held to the new one.
+    @Test func chunksStoredUnderALargerLimitAreStillRead() throws {
+        let big = [UInt8](repeating: 7, count: 4000)
+        let id = ChunkID(digestOf: big)
+        do {
+            let store = try ChunkStore(root: root, options: .init(maxChunkSize: 4096))
+            try store.put(id: id, bytes: big)
+        }
+        let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
+        #expect(try store.read(id) == big)
+        #expect(store.counters.corruptQuarantined == 0 && quarantined().isEmpty)
+        let scrub = try store.verifyAll()
+        #expect(scrub.checked == 1 && scrub.corrupt == [])
+        #expect(!assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) }.isEmpty)
     }
 
     @Test func corruptChunkIsRefetchedFromSource() throws {
