@@ -389,19 +389,32 @@ public final class EdgeCache: @unchecked Sendable {
 
     /// A cached chunk's bytes (verified as they are read), counted as a hit; nil when the
     /// cache does not hold it (or its copy failed verification and was dropped).
+    ///
+    /// The read runs outside the lock, so the chunk may be evicted between the policy's touch
+    /// and the read (its file removed), and fetched and admitted again before the failure is
+    /// handled. A chunk not found is therefore a plain miss, nothing to log; and after any
+    /// failure the policy entry is dropped only if the file is still absent, checked under the
+    /// lock that eviction and admission take: an entry admitted again meanwhile has its file,
+    /// which must stay tracked.
     public func readChunk(_ id: ChunkID) -> [UInt8]? {
         guard lock.withLock({ policy.touch(id) }) else { return nil }
         do {
             let bytes = try store.read(id)
             lock.withLock { counterValues.hits += 1 }
             return bytes
+        } catch let e as StoreError where e.code == .chunkNotFound {
+            // Evicted since the touch.
         } catch {
             logger.error("edge cache: cached chunk \(id.hex) unreadable, dropping it: \(error)")
-            lock.withLock {
-                policy.remove(id); dirty = true
-            }
-            return nil
         }
+        lock.withLock {
+            // A file that cannot even be looked up is dropped too: it cannot be served.
+            if policy.contains(id), (try? store.has(id)) != true {
+                policy.remove(id)
+                dirty = true
+            }
+        }
+        return nil
     }
 
     /// Whether the cache holds chunk `id` (no hit counted).
