@@ -148,6 +148,7 @@ public actor ACMEServer {
         authority = try TrustAuthority.load(from: caDirectory)
         eabKeys = ExternalAccountKeyStore(caDirectory: caDirectory)
         let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
+        if let r = log.recovery { logger.warning("transparency log repaired on open: \(r.message)") }
         self.log = log
         revokedPath = caDirectory + "/" + FileName.revoked
         if FileManager.default.fileExists(atPath: revokedPath) {

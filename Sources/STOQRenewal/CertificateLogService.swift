@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import Logging
 import STOQCore
 import STOQTrust
 import X509
@@ -13,8 +14,10 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
     private let lock = NSLock()
     private let log: TransparencyLog
 
-    init(caDirectory: String) throws {
+    /// Opens the CA's log; a torn tail cut on open (a crash mid-append) is logged as a warning.
+    init(caDirectory: String, logger: Logger) throws {
         log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
+        if let r = log.recovery { logger.warning("transparency log repaired on open: \(r.message)") }
     }
 
     var size: Int { lock.withLock { log.size } }

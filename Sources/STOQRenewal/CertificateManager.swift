@@ -229,7 +229,7 @@ package final class CertificateManager: @unchecked Sendable {
             return issued
         case .embedded:
             let ca = try embeddedAuthority()
-            if log == nil { log = try CertificateLogService(caDirectory: caDirectory) }
+            if log == nil { log = try CertificateLogService(caDirectory: caDirectory, logger: logger) }
             trustAnchorPath = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
             // Logged (as a precertificate) before it exists; the SCT is embedded.
             if let kept {

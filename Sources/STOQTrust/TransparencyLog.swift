@@ -21,9 +21,11 @@ import Musl
 /// reload tell a complete record from a torn one. Every append is fsync'd before it returns,
 /// so an entry whose index was handed out survives a crash.
 ///
-/// On open, an incomplete last record (a crash mid-append, or a zero-filled tail the file
-/// system left behind) is truncated and reported in `recovery`; damage before the last record
-/// throws `corruptRecord`, because silently dropping history is what a log must never do.
+/// On open, an incomplete last record (a crash mid-append: too short for its length, or a
+/// zero-filled tail the file system left behind) is truncated and reported in `recovery`,
+/// which the opener logs. A complete record whose hash fails throws `corruptRecord`, last or
+/// not: a crash cannot leave one, and dropping it would hand its index to the next append,
+/// forking the log under every tree head already given out.
 ///
 /// Several processes may have the log open (a node serving its CA's log while an operator runs
 /// `stoq trust issue` on the same CA): each append takes an exclusive `flock`, first reads the
@@ -70,6 +72,7 @@ public final class TransparencyLog {
     /// The Merkle tree over every entry.
     public private(set) var tree = MerkleTree()
     /// Set when opening repaired the file (code `tornRecordTruncated`); nil when it was intact.
+    /// The opener logs it: a cut record is an entry whose SCT may be out there unlogged.
     public private(set) var recovery: TransparencyLogError?
     private var entries: [[UInt8]] = []
     private let signingKey: P256.Signing.PrivateKey
@@ -258,8 +261,13 @@ public final class TransparencyLog {
             if !torn {
                 let len = Int(bytes[off]) << 24 | Int(bytes[off + 1]) << 16 | Int(bytes[off + 2]) << 8 | Int(bytes[off + 3])
                 end = off + 4 + len + 32
-                if len > Self.maxEntrySize || end > bytes.count {
-                    torn = true
+                if len > Self.maxEntrySize {
+                    throw TransparencyLogError(
+                        .corruptRecord,
+                        "\(path): record \(entries.count) at offset \(base + off) claims \(len) bytes, more than a record holds (\(Self.maxEntrySize)): the file is damaged; restore it from a backup, or move it aside to start a new log"
+                    )
+                } else if end > bytes.count {
+                    torn = true  // cut short: what a crash mid-append leaves
                 } else {
                     let data = Array(bytes[(off + 4)..<(off + 4 + len)])
                     let leaf = MerkleTree.leafHash(data)
@@ -269,15 +277,19 @@ public final class TransparencyLog {
                         off = end
                         continue
                     }
-                    // A bad last record, or a zero-filled tail, is what a crash leaves; damage
-                    // followed by more data is not.
-                    torn = end == bytes.count || bytes[off...].allSatisfy { $0 == 0 }
+                    // Every byte of this record is there and its hash fails. A crash can only
+                    // leave that with the record's end never written: its hash, and all after
+                    // it, still zero (a file system that grew the file before the data landed).
+                    // Anything else is damage, last record or not: dropping it would hand its
+                    // index to the next append and fork the log under every saved tree head.
+                    torn = bytes[(end - 32)...].allSatisfy { $0 == 0 }
+                    guard torn else {
+                        throw TransparencyLogError(
+                            .corruptRecord,
+                            "\(path): record \(entries.count) at offset \(base + off) is complete (\(len) bytes) but fails its hash: the file is damaged, not cut short by a crash; refusing to open rather than drop the entry and reuse its index. Restore the file from a backup, or move it aside to start a new log (auditors holding a tree head of this one will see the break)"
+                        )
+                    }
                 }
-            }
-            guard torn else {
-                throw TransparencyLogError(
-                    .corruptRecord,
-                    "\(path): record \(entries.count) at offset \(base + off) is damaged and is not the last one")
             }
             guard exclusive else { break }
             recovery = TransparencyLogError(

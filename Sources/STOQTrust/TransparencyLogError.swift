@@ -14,8 +14,9 @@ public struct TransparencyLogError: Error, Sendable, Equatable, CustomStringConv
         /// The last record of the log file was incomplete (a crash mid-append); the log
         /// truncated it and carried on. Reported, not thrown.
         public static let tornRecordTruncated = Code(rawValue: "tornRecordTruncated")
-        /// A record before the end of the file is damaged: history cannot be trusted, so the
-        /// log refuses to open rather than silently dropping entries.
+        /// A complete record fails its hash (or claims an impossible length), wherever it is
+        /// in the file: history cannot be trusted, so the log refuses to open rather than
+        /// silently drop the entry and reuse its index.
         public static let corruptRecord = Code(rawValue: "corruptRecord")
         /// The file does not start with the log's magic bytes.
         public static let badHeader = Code(rawValue: "badHeader")

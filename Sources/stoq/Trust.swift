@@ -84,7 +84,7 @@ struct TrustCommand: ParsableCommand {
             do {
                 let ca = try TrustAuthority.load(from: dir)
                 // The CA's own log: the precertificate is logged before the certificate exists.
-                let log = try TransparencyLog.openForAuthority(caDirectory: dir)
+                let log = try openAuthorityLog(caDirectory: dir)
                 let cert: Certificate
                 if let csr {
                     cert = try ca.issue(
@@ -365,7 +365,7 @@ extension TrustCommand {
                     // Logged like any other certificate; the log is closed again before the
                     // ACME server opens (and locks) it.
                     let tls = try { () throws -> (certificate: Certificate, chainPEM: String, keyPEM: String) in
-                        let log = try TransparencyLog.openForAuthority(caDirectory: dir)
+                        let log = try openAuthorityLog(caDirectory: dir)
                         return try ca.issueWithNewKey(dnsNames: tlsDNS, ipv6Addresses: ips, log: log)
                     }()
                     chainPEM = tls.chainPEM
@@ -446,4 +446,12 @@ private func iso(_ d: Date) -> String { ISO8601DateFormatter().string(from: d) }
 private func printObject(_ obj: [String: Any]) {
     let data = try! JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     print(String(decoding: data, as: UTF8.self))
+}
+
+/// A CA directory's transparency log, opened for a command: a torn tail cut on open (a crash
+/// mid-append) is said on stderr, not only repaired.
+func openAuthorityLog(caDirectory: String) throws -> TransparencyLog {
+    let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
+    if let r = log.recovery { FileHandle.standardError.write(Data("stoq: warning: \(r.message)\n".utf8)) }
+    return log
 }

@@ -95,9 +95,54 @@ import Testing
             Issue.record("a damaged record in the middle was accepted")
         } catch let e as TransparencyLogError {
             #expect(e.code == .corruptRecord)
-            #expect(e.message == "\(path): record 0 at offset 8 is damaged and is not the last one")
+            #expect(e.message.hasPrefix("\(path): record 0 at offset 8 is complete"))
         }
         #expect(Array(FileManager.default.contents(atPath: path)!) == bytes)  // nothing was truncated
+    }
+
+    /// A complete last record whose hash fails was taken for a torn one: cut on open, and its
+    /// index handed to the next append, so the log forked under every tree head that had
+    /// counted it. A crash cannot leave such a record, so the log now refuses to open, naming
+    /// the file, the record and its offset, and leaves the file as it was.
+    @Test func refusesADamagedCompleteLastRecord() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/log"
+        var lastOffset = 0
+        do {
+            let log = try TransparencyLog(path: path, signingKey: key)
+            for i in 0..<2 { try log.append(Array("entry \(i)".utf8)) }
+            lastOffset = try fileSize(path)
+            try log.append(Array("entry 2".utf8))
+        }
+        let intact = Array(FileManager.default.contents(atPath: path)!)
+        // A flipped bit in the entry, and one in the stored hash.
+        for at in [lastOffset + 4 + 2, intact.count - 1] {
+            var bytes = intact
+            bytes[at] ^= 0x01
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+            do {
+                _ = try TransparencyLog(path: path, signingKey: key)
+                Issue.record("a damaged last record at byte \(at) was accepted")
+            } catch let e as TransparencyLogError {
+                #expect(e.code == .corruptRecord)
+                #expect(e.message.hasPrefix("\(path): record 2 at offset \(lastOffset) is complete (7 bytes) but fails its hash"))
+                #expect(e.message.contains("Restore the file from a backup"))
+            }
+            #expect(Array(FileManager.default.contents(atPath: path)!) == bytes)
+        }
+        // A length no record can have is damage too, not a torn tail.
+        var bytes = intact
+        bytes[lastOffset] = 0xff
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        #expect(throws: TransparencyLogError.self) { _ = try TransparencyLog(path: path, signingKey: key) }
+        #expect(Array(FileManager.default.contents(atPath: path)!) == bytes)
+        // A record whose end (hash) never reached the disk is still a crash's, and cut.
+        bytes = intact
+        for i in (intact.count - 32)..<intact.count { bytes[i] = 0 }
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        let log = try TransparencyLog(path: path, signingKey: key)
+        #expect(log.size == 2 && log.recovery?.code == .tornRecordTruncated)
     }
 
     @Test func refusesAForeignFile() throws {
