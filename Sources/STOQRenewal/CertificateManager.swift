@@ -243,14 +243,22 @@ package final class CertificateManager: @unchecked Sendable {
         }
     }
 
-    /// Writes an issued chain and key atomically under identity/, and loads them.
+    /// Writes an issued chain and key under identity/ as one change, and loads them. Both are
+    /// written and fsync'd before either replaces its file, and a failed rename puts back the
+    /// one already replaced (`PEMFiles.replaceFiles`): a full disk between the two must not leave
+    /// a new key beside the old certificate, which neither this node nor a reload could load.
     private func install(_ issued: Issued) throws -> TLSCredentials {
         let (chainPEM, keyPEM, leaf) = (issued.chainPEM, issued.keyPEM, issued.chain[0])
         try FileManager.default.createDirectory(
             atPath: identityDirectory, withIntermediateDirectories: true,
             attributes: [.posixPermissions: 0o700])
-        try Self.writeAtomically(keyPEM, to: identityDirectory + "/key.pem", mode: 0o600)
-        try Self.writeAtomically(chainPEM, to: identityDirectory + "/cert.pem", mode: 0o644)
+        do {
+            try PEMFiles.replaceFiles([
+                (chainPEM, identityDirectory + "/cert.pem", 0o644), (keyPEM, identityDirectory + "/key.pem", 0o600),
+            ])
+        } catch let e as TrustError {
+            throw NodeError(.identity, e.message)
+        }
         let creds = try TLSCredentials(
             certificateFile: identityDirectory + "/cert.pem", keyFile: identityDirectory + "/key.pem",
             clientAuth: clientAuth, cipherSuites: cipherSuites)
@@ -303,19 +311,6 @@ package final class CertificateManager: @unchecked Sendable {
     }
 
     final class ResultBox: @unchecked Sendable { var value: Result<ACMEIssuedCertificate, Error>? }
-
-    static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
-        let temp = path + ".tmp-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
-        guard fd >= 0 else { throw NodeError(.identity, "\(temp): \(String(cString: strerror(errno)))") }
-        let bytes = Array(text.utf8)
-        let ok = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) == $0.count } && fsync(fd) == 0
-        close(fd)
-        guard ok, rename(temp, path) == 0 else {
-            unlink(temp)
-            throw NodeError(.identity, "\(path): \(String(cString: strerror(errno)))")
-        }
-    }
 }
 
 /// A stop signal a thread can sleep on until a deadline.

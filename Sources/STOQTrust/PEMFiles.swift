@@ -125,7 +125,7 @@ public enum PEMFiles {
         return String(decoding: data, as: UTF8.self)
     }
 
-    /// Writes `text` to `path` atomically (temporary file, fsync, rename) with `mode`; keys get
+    /// Writes `text` to `path` atomically (temporary file, fsync, rename, directory fsync) with `mode`; keys get
     /// 0600 from the moment the temporary file exists, never a wider window. The temporary
     /// file is made new: one left by a crash (with whatever mode it had), or a link planted in
     /// its place, is removed first, never written through.
@@ -146,6 +146,78 @@ public enum PEMFiles {
             unlink(tmp)
             throw TrustError(.io, "\(path): \(String(cString: strerror(errno)))")
         }
+        try syncDirectory(of: path)
+    }
+
+    /// Replaces several files that must change together (a certificate chain and its key) as
+    /// nearly at once as POSIX allows: every new file is written to a temporary beside its
+    /// target and fsync'd first, so that a full disk or a failed write changes nothing; then
+    /// each is renamed over its target in order, and the directory fsync'd so the renames
+    /// survive a power cut. A rename that fails puts back the files already replaced (the old
+    /// ones were hard-linked aside, which needs no data blocks), so an error never leaves a new
+    /// key beside an old certificate. `rename` is a seam for tests to make one fail.
+    package static func replaceFiles(
+        _ files: [(text: String, path: String, mode: mode_t)],
+        rename: ((String, String) -> Int32)? = nil
+    ) throws {
+        let rename = rename ?? posixRename
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        var temps: [String] = []
+        var asides: [String?] = []
+        func error(_ path: String, _ what: String) -> TrustError {
+            TrustError(.io, "\(path): \(what): \(String(cString: strerror(errno)))")
+        }
+        defer {
+            for t in temps { unlink(t) }
+            for case let a? in asides { unlink(a) }
+        }
+        for f in files {
+            let tmp = f.path + ".tmp-" + tag
+            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, f.mode)
+            guard fd >= 0 else { throw error(tmp, "cannot create") }
+            temps.append(tmp)
+            // The umask may have narrowed `mode`; set it exactly.
+            let ok = writeAll(fd, Array(f.text.utf8)) && fchmod(fd, f.mode) == 0 && fsync(fd) == 0
+            let e = errno
+            close(fd)
+            errno = e
+            guard ok else { throw error(tmp, "cannot write") }
+        }
+        for f in files {
+            let aside = f.path + ".old-" + tag
+            if link(f.path, aside) == 0 {
+                asides.append(aside)
+            } else if errno == ENOENT {
+                asides.append(nil)  // nothing to put back: restoring is removing the new one
+            } else {
+                throw error(f.path, "cannot keep the old file aside")
+            }
+        }
+        for (i, f) in files.enumerated() {
+            if rename(temps[i], f.path) == 0 { continue }
+            let failure = error(f.path, "cannot replace")
+            for j in 0..<i {
+                if let a = asides[j] { _ = posixRename(a, files[j].path) } else { unlink(files[j].path) }
+            }
+            try? syncDirectory(of: f.path)
+            throw TrustError(
+                failure.code,
+                "\(failure.message); the \(i) file(s) already replaced were put back, so the old set stays in use")
+        }
+        temps = []
+        try syncDirectory(of: files[0].path)
+    }
+
+    /// A rename or a new file is durable only once its directory is fsync'd.
+    static func syncDirectory(of path: String) throws {
+        let dir = (path as NSString).deletingLastPathComponent
+        let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dfd >= 0, fsync(dfd) == 0 else {
+            let e = TrustError(.io, "\(dir): cannot fsync the directory: \(String(cString: strerror(errno)))")
+            if dfd >= 0 { close(dfd) }
+            throw e
+        }
+        close(dfd)
     }
 
     /// Appends `serial` as a line of the revocation list at `path` (`readSerials` reads it),
@@ -183,3 +255,6 @@ public enum PEMFiles {
         return true
     }
 }
+
+/// `rename(2)`, under a name `PEMFiles.replaceFiles`'s parameter does not hide.
+private func posixRename(_ from: String, _ to: String) -> Int32 { rename(from, to) }
