@@ -214,12 +214,18 @@ public final class ObjectService: QUICApplication {
     }
 
     private func serve(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
-        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        // O_NONBLOCK: a FIFO someone left in storage.path would otherwise block this worker in
+        // open(2) until something opened it for writing. It changes nothing for a regular file,
+        // whose body goes out from a mapping.
+        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else { return fail(stream, connection, 404, "no object \(name)") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-            return fail(stream, connection, 404, "no object \(name)")
+        guard fstat(fd, &st) == 0 else { return fail(stream, connection, 500, "fstat of \(name): \(String(cString: strerror(errno)))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            return fail(
+                stream, connection, 404,
+                "no object \(name): storage.path holds \(StoreError.fileKind(st.st_mode)) of that name, and only regular files are served")
         }
         let plain = ObjectGate.plainFile(fd, st)
         if !plain.digested { gate?.digests.request(name, st) }

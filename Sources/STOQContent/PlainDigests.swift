@@ -119,7 +119,9 @@ public final class PlainDigests: @unchecked Sendable {
     }
 
     private func digest(_ name: String, _ asked: Version) {
-        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        // O_NONBLOCK: a FIFO put in the file's place must not block this thread in open(2)
+        // (ObjectService.serve); the fstat below passes it by.
+        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else { return }  // gone since: nothing to record
         defer { close(fd) }
         var before = stat()

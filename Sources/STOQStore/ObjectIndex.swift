@@ -153,10 +153,13 @@ public final class ObjectIndex: @unchecked Sendable {
         }
     }
 
-    /// The record of object `name`; `.objectNotFound` if there is none.
+    /// The record of object `name`; `.objectNotFound` if there is none, `.corruptRecord` when
+    /// something other than a regular file has its name.
     public func object(_ name: String) throws -> ObjectRecord {
         try Self.validateName(name)
-        let fd = openat(dir.fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        // O_NONBLOCK: opening a FIFO left under objects/ would block (a worker serving a GET,
+        // the collector) until something opened it for writing. A regular file's reads ignore it.
+        let fd = openat(dir.fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else {
             if errno == ENOENT { throw StoreError(.objectNotFound, "no object named \(name)") }
             throw StoreError.io("open", dir.path + "/" + name)
@@ -164,6 +167,10 @@ public final class ObjectIndex: @unchecked Sendable {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw StoreError.io("fstat", dir.path + "/" + name) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw StoreError(
+                .corruptRecord, "object record \(dir.path)/\(name) is damaged: it is \(StoreError.fileKind(st.st_mode)), not a regular file")
+        }
         let bytes = try Directory.readWhole(fd, size: Int(st.st_size), path: dir.path + "/" + name)
         return try ObjectRecord(decoding: bytes, name: name, path: dir.path + "/" + name)
     }

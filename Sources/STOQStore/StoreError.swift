@@ -62,6 +62,21 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
     /// Whether `errno` means "no room to write": ENOSPC, or EDQUOT (a quota, same remedy).
     public static func isNoSpace(_ e: Int32) -> Bool { e == ENOSPC || e == EDQUOT }
 
+    /// What a file of `mode` (`st_mode`) is, for a message about a file that should be a regular
+    /// one: "a FIFO", "a directory", …
+    public static func fileKind(_ mode: mode_t) -> String {
+        switch mode & S_IFMT {
+        case S_IFREG: return "a regular file"
+        case S_IFDIR: return "a directory"
+        case S_IFIFO: return "a FIFO"
+        case S_IFSOCK: return "a socket"
+        case S_IFCHR: return "a character device"
+        case S_IFBLK: return "a block device"
+        case S_IFLNK: return "a symbolic link"
+        default: return "a file of type \(String(mode & S_IFMT, radix: 8))"
+        }
+    }
+
     /// The `.noSpace` error a server sends back: "no space left on device while storing
     /// `what` (`written` bytes written)", with the quota named when that is what ran out.
     public static func noSpace(storing what: String, written: Int, errno e: Int32 = ENOSPC) -> StoreError {

@@ -221,6 +221,34 @@ import Testing
         )
     }
 
+    /// A FIFO with an object's name under objects/ is refused at once as a damaged record: its
+    /// open must not wait for a writer (a worker serving a GET would wait forever), and garbage
+    /// collection, which cannot know what it names, refuses to sweep.
+    @Test func aFIFOInPlaceOfARecordIsRefusedWithoutBlocking() throws {
+        let store = try ChunkStore(root: root, options: .init(collectGracePeriod: .zero))
+        let index = try ObjectIndex(chunks: store)
+        let ids = try putChunks(store, ["kept while the FIFO is there"])
+        let fifo = root + "/objects/pipe"
+        #expect(mkfifo(fifo, 0o644) == 0)
+        let answered = DispatchSemaphore(value: 0)
+        let outcome = Failures()
+        Thread {
+            do { _ = try index.object("pipe") } catch { outcome.add("\(error)") }
+            answered.signal()
+        }.start()
+        if answered.wait(timeout: .now() + 5) == .timedOut {
+            // Release the blocked open (a writer arrives), so that the thread ends.
+            let w = open(fifo, O_WRONLY | O_NONBLOCK)
+            answered.wait()
+            if w >= 0 { close(w) }
+            Issue.record("object(\"pipe\") blocked in open(2) on a FIFO")
+            return  // collect would block the same way
+        }
+        #expect(outcome.all.count == 1 && outcome.all[0].contains("object record \(fifo) is damaged: it is a FIFO, not a regular file"), "\(outcome.all)")
+        #expect(assertStoreError(.corruptRecord) { try index.collect() }.contains("it is a FIFO"))
+        #expect(try store.has(ids[0]), "nothing swept")
+    }
+
     @Test func ownerIsKeptAndRecordsWithoutOneStayVersion1() throws {
         let store = try ChunkStore(root: root)
         let index = try ObjectIndex(chunks: store)
