@@ -169,7 +169,7 @@ package final class CertificateManager: @unchecked Sendable {
     }
 
     private func rotationLoop() {
-        var backoff = 1.0
+        var backoff = RenewalBackoff()
         while !stopped.isSet {
             let c = counters
             let next = renewalTime(notBefore: c.notBefore, notAfter: c.notAfter)
@@ -185,14 +185,17 @@ package final class CertificateManager: @unchecked Sendable {
                 let issued = try issue()
                 try publishing.withLock { published.publish(try install(issued)) }
                 onRenew?(issued.chain)
-                backoff = 1
+                backoff.reset()
             } catch {
                 state.withLock { counterValues.failures += 1 }
                 let left = counters.notAfter.timeIntervalSinceNow
-                logger.error("certificate renewal failed (the current one stays, valid for \(Int(left))s more): \(error)")
-                // Retry soon, but at most every tenth of the time left.
-                if stopped.wait(until: Date().addingTimeInterval(min(backoff, max(1, left / 10)))) { return }
-                backoff = min(backoff * 2, 300)
+                let wait = backoff.next(timeLeft: left)
+                let standing =
+                    left > 0
+                    ? "the current one stays, valid for \(Int(left))s more"
+                    : "the current one expired \(Int(-left))s ago; new handshakes fail until a renewal succeeds"
+                logger.error("certificate renewal failed (\(standing)); next attempt in \(Int(wait))s: \(error)")
+                if stopped.wait(until: Date().addingTimeInterval(wait)) { return }
             }
         }
     }
@@ -311,6 +314,33 @@ package final class CertificateManager: @unchecked Sendable {
     }
 
     final class ResultBox: @unchecked Sendable { var value: Result<ACMEIssuedCertificate, Error>? }
+}
+
+/// How long the rotation waits after a failed renewal: exponential, from `floor` to
+/// `ceiling`, and while the certificate is valid and far from its end, at most a tenth of the
+/// time it has left, so one with little left is retried more often. Once it has expired, or
+/// has so little left that a tenth is under the floor, that cap no longer applies and the
+/// backoff goes on growing: applied there, it was a retry every second, forever — in ACME
+/// mode a whole order each time, which a public CA's rate limits answer with a ban, and an
+/// error line each time. The floor holds from the first retry: one order per 30 s at most.
+struct RenewalBackoff {
+    /// The shortest wait: a failure seconds ago is rarely cured yet, and an ACME order costs.
+    static let floor: TimeInterval = 30
+    /// The longest wait: an expired certificate is an outage, so not much longer than this.
+    static let ceiling: TimeInterval = 300
+    private var delay = RenewalBackoff.floor
+
+    /// The wait before the next attempt, `timeLeft` seconds before the certificate's end
+    /// (negative once past it); each call doubles the next, up to `ceiling`.
+    mutating func next(timeLeft: TimeInterval) -> TimeInterval {
+        let cap = timeLeft / 10
+        let wait = cap >= Self.floor ? min(delay, cap) : delay
+        delay = min(delay * 2, Self.ceiling)
+        return wait
+    }
+
+    /// After a success: the next failure starts again at the floor.
+    mutating func reset() { delay = Self.floor }
 }
 
 /// A stop signal a thread can sleep on until a deadline.

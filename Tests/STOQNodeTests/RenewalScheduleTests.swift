@@ -61,4 +61,39 @@ import Testing
         #expect(throws: (any Error).self) { _ = try manager().start() }
         #expect(try String(contentsOfFile: dir + "/identity/key.pem", encoding: .utf8) == "not a key\n")
     }
+
+    /// The waits after failed renewals, on a manual clock. They were `min(backoff, max(1,
+    /// left / 10))`: a second apart once the certificate had expired (and seconds apart just
+    /// before), forever — an ACME order and an error line each time. Now 30 s doubling to
+    /// 5 min, capped by a tenth of the time left only while that is above the floor.
+    @Test func failedRenewalsBackOffAndNeverSpinOnceExpired() {
+        var now = Date(timeIntervalSince1970: 1_800_000_000)
+        let notAfter = now + 3600  // renewals start failing with an hour left
+        var backoff = RenewalBackoff()
+        var waits: [(left: TimeInterval, wait: TimeInterval)] = []
+        while now < notAfter + 3 * 3600 {
+            let left = notAfter.timeIntervalSince(now)
+            let wait = backoff.next(timeLeft: left)
+            waits.append((left, wait))
+            now += wait
+        }
+        #expect(waits.allSatisfy { $0.wait >= 30 && $0.wait <= 300 }, "\(waits.map(\.wait))")
+        #expect(waits.prefix(5).map(\.wait) == [30, 60, 120, 240, 300])
+        // While valid, a tenth of what is left caps the wait as long as that is above the floor.
+        #expect(waits.filter { $0.left / 10 >= 30 }.allSatisfy { $0.wait <= $0.left / 10 })
+        // Expired: one attempt per 5 min — 36 in three hours, where there were 10,800.
+        let expired = waits.filter { $0.left <= 0 }
+        #expect(!expired.isEmpty && expired.allSatisfy { $0.wait == 300 })
+        #expect(expired.count <= 37, "\(expired.count) attempts in the three hours after expiry")
+
+        // A run of failures that starts after expiry (or after a success) still grows from the floor.
+        backoff.reset()
+        var afterExpiry: [TimeInterval] = []
+        for _ in 0..<6 { afterExpiry.append(backoff.next(timeLeft: -100)) }
+        #expect(afterExpiry == [30, 60, 120, 240, 300, 300])
+        // Seconds before the end, no longer a tenth of what is left.
+        backoff.reset()
+        let nearTheEnd = backoff.next(timeLeft: 20)
+        #expect(nearTheEnd == 30)
+    }
 }
