@@ -9,7 +9,7 @@ import Synchronization
 /// The admin API: HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own event
 /// loop thread, far from the workers: `GET /metrics` (Prometheus text) and `GET /status`
 /// (JSON), which read the snapshots workers publish, and the operator's actions as `POST`s
-/// (`act`; `POST /edge/purge/<name>`), which the node answers.
+/// (`act`; `POST /edge/purge/<name>`, `POST /store/collect`), which the node answers.
 ///
 /// Who may ask is `protection` (`admin.auth`): anyone (loopback only), a bearer token checked
 /// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
@@ -243,7 +243,7 @@ private final class AdminHandler: ChannelInboundHandler {
                         "admin API: POST \(path): \(code) \(text)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
                 } else {
                     status = .notFound
-                    body = "no action \(path): try POST /edge/purge/<name>\n"
+                    body = "no action \(path): try POST /edge/purge/<name> or POST /store/collect\n"
                 }
             } else if h.method != .GET && h.method != .HEAD {
                 status = .methodNotAllowed

@@ -57,8 +57,12 @@ package struct NodeMetrics {
         package var rotations: UInt64
         package var failures: UInt64
         package var notAfter: Date
-        package init(rotations: UInt64, failures: UInt64, notAfter: Date) {
+        /// The embedded CA's root and intermediate ends; nil in ACME mode.
+        package var rootNotAfter: Date?
+        package var intermediateNotAfter: Date?
+        package init(rotations: UInt64, failures: UInt64, notAfter: Date, rootNotAfter: Date? = nil, intermediateNotAfter: Date? = nil) {
             (self.rotations, self.failures, self.notAfter) = (rotations, failures, notAfter)
+            (self.rootNotAfter, self.intermediateNotAfter) = (rootNotAfter, intermediateNotAfter)
         }
     }
     var workers: [WorkerStats]
@@ -78,6 +82,8 @@ package struct NodeMetrics {
     var fixedCertificateNotAfter: Date?
     /// Writes refused for want of space (`DiskFullMonitor`, node-wide); nil: not reported.
     var diskFull: DiskFull?
+    /// What the content store's garbage collector did (`storage.gc_interval`); nil: not reported.
+    var collection: GarbageCollector.Counters?
 
     /// What the node's `DiskFullMonitor` reports.
     package struct DiskFull: Sendable {
@@ -117,9 +123,9 @@ package struct NodeMetrics {
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
         mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
         diskFull: DiskFull? = nil,
-        limits: Limits? = nil, plainCuts: PlainCuts.Counters? = nil
+        limits: Limits? = nil, plainCuts: PlainCuts.Counters? = nil, collection: GarbageCollector.Counters? = nil
     ) {
-        (self.diskFull, self.plainCuts) = (diskFull, plainCuts)
+        (self.diskFull, self.plainCuts, self.collection) = (diskFull, plainCuts, collection)
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
         (self.configuredDatapath, self.fixedCertificateNotAfter, self.limits) = (configuredDatapath, fixedCertificateNotAfter, limits)
     }
@@ -348,6 +354,18 @@ package struct NodeMetrics {
             family(
                 "stoq_store_corrupt_quarantined_total", "counter", "Chunks that failed verification and were quarantined.",
                 [("", s.corruptQuarantined)])
+            family(
+                "stoq_store_gc_chunks_removed_total", "counter", "Chunks garbage collection removed (named by no object, past the grace period).",
+                [("", s.chunksCollected)])
+            family(
+                "stoq_store_gc_bytes_freed_total", "counter", "Bytes those chunks held (no longer counted against limits.storage_cap).",
+                [("", s.bytesCollected)])
+        }
+        if let g = collection {
+            family(
+                "stoq_store_gc_runs_total", "counter",
+                "Garbage collections of the content store, scheduled or asked for: completed, or failed (a damaged record refuses one).",
+                [("{outcome=\"completed\"}", g.runs), ("{outcome=\"failed\"}", g.failures)])
         }
         if let d = diskFull {
             family(
@@ -414,6 +432,15 @@ package struct NodeMetrics {
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
                 [("", UInt64(max(0, notAfter.timeIntervalSince1970)))])
         }
+        if let c = certificate, let root = c.rootNotAfter, let intermediate = c.intermediateNotAfter {
+            // Alert well ahead on the root: nothing renews it, and replacing it is fleet-wide work.
+            family(
+                "stoq_trust_ca_not_after_seconds", "gauge", "Expiry of the embedded CA's root and intermediate (Unix time).",
+                [
+                    ("{ca=\"root\"}", UInt64(max(0, root.timeIntervalSince1970))),
+                    ("{ca=\"intermediate\"}", UInt64(max(0, intermediate.timeIntervalSince1970))),
+                ])
+        }
         if let l = limits {
             family(
                 "stoq_limits_quota_refused_total", "counter", "Writes refused 507: limits.storage_cap or limits.writer_quota.",
@@ -477,9 +504,10 @@ package struct NodeMetrics {
         if let s = store {
             obj["store"] = [
                 "chunks_written": s.chunksWritten, "bytes_written": s.bytesWritten, "dedup_hits": s.dedupHits,
-                "corrupt_quarantined": s.corruptQuarantined,
+                "corrupt_quarantined": s.corruptQuarantined, "gc_chunks_removed": s.chunksCollected, "gc_bytes_freed": s.bytesCollected,
             ]
         }
+        if let g = collection { obj["gc"] = ["runs": g.runs, "failures": g.failures] }
         if let d = diskFull { obj["disk_full"] = ["refusals": d.refusals, "episodes": d.episodes, "full": d.full] }
         if let p = plainCuts {
             obj["plain_cuts"] = ["cut": p.cut, "failed": p.failed, "chunks_served": p.chunksServed, "chunks_stale": p.chunksStale]

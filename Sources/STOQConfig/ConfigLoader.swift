@@ -219,6 +219,15 @@ public enum ConfigLoader {
             s.string("path", &c.storage.path, nonEmpty: true)
             s.string("content_path", &c.storage.contentPath, nonEmpty: true)
             s.size("max_object_size", &c.storage.maxObjectSize, 1...(1 << 50))
+            s.duration("gc_interval", &c.storage.gcInterval, 0...604_800_000_000_000)
+            s.duration("gc_grace_period", &c.storage.gcGracePeriod, 60_000_000_000...2_592_000_000_000_000)
+        }
+        // Each collection walks the whole chunk tree while puts wait: not many times a second.
+        if c.storage.gcInterval > 0 && c.storage.gcInterval < 1_000_000_000 {
+            r.errors.append(
+                ConfigError(
+                    code: .outOfRange, key: "storage.gc_interval", value: "\"\(c.storage.gcInterval / 1_000_000)ms\"",
+                    allowed: "\"0s\" (no scheduled collection), or a duration from 1s to 604800s"))
         }
         r.section("tls") { s in
             s.string("cert_file", &c.tls.certFile)

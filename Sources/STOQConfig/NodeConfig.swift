@@ -66,6 +66,12 @@ public struct NodeConfig: Sendable, Equatable {
         /// The content-addressed chunk store and object index (chunked transfers).
         public var contentPath = NodeConfig.defaultDataDirectory + "/content"
         public var maxObjectSize: UInt64 = 64 << 30
+        /// `gc_interval` (ns): how often garbage collection of the content store runs; 0: never
+        /// on a schedule (the admin API's `POST /store/collect` still runs one).
+        public var gcInterval: UInt64 = 3_600_000_000_000
+        /// `gc_grace_period` (ns): chunks no object names are collected only once older than
+        /// this (a client's chunked upload puts its chunks before its manifest).
+        public var gcGracePeriod: UInt64 = 3_600_000_000_000
     }
     public struct TLS: Sendable, Equatable {
         public var certFile = ""

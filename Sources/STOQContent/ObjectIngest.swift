@@ -322,6 +322,9 @@ public final class ObjectIngest: @unchecked Sendable {
         var ids: [ChunkID] = []
         ids.reserveCapacity(Int(min(sizeHint, 1 << 40)) / parameters.avgSize + 1)
         var written = 0  // bytes of new chunks put so far, for a full disk's message
+        // However long the upload takes, garbage collection leaves its chunks until it ends.
+        let pin = index.pinChunks()
+        defer { index.unpin(pin) }
         func noSpace(_ e: StoreError) -> StoreError {
             StoreError.noSpace(storing: name, written: written, errno: e.message.hasPrefix("disk quota") ? EDQUOT : ENOSPC)
         }
@@ -330,6 +333,7 @@ public final class ObjectIngest: @unchecked Sendable {
             entries = try index.chunks.put(cutBy: chunker, sizeHint: sizeHint, reserve: reserve) { id, bytes, put in
                 let length = bytes.count
                 ids.append(id)
+                pin.add(id)
                 switch put {
                 case .stored:
                     written += length

@@ -43,6 +43,8 @@ public final class Node: @unchecked Sendable {
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
+    /// Its garbage collection (`storage.gc_interval`), on a thread of its own.
+    public private(set) var collector: GarbageCollector?
     /// The edge cache, when `edge.enable_caching` is on.
     public private(set) var edge: EdgeCache?
     /// The mesh service, when `[mesh]` is configured.
@@ -250,7 +252,11 @@ public final class Node: @unchecked Sendable {
                 throw error
             }
         }
+        let collector = GarbageCollector(
+            index: content, interval: .nanoseconds(Int64(cfg.storage.gcInterval)), logger: Logger(label: "stoq.store.gc"))
+        self.collector = collector
         try startAdmin(cfg, content: content, edge: edge)
+        collector.start()
         started.store(true, ordering: .releasing)
     }
 
@@ -362,7 +368,7 @@ public final class Node: @unchecked Sendable {
             let store = try ChunkStore(
                 root: cfg.storage.contentPath,
                 options: .init(
-                    dedup: cfg.chunking.dedupEnabled,
+                    dedup: cfg.chunking.dedupEnabled, collectGracePeriod: .nanoseconds(Int64(cfg.storage.gcGracePeriod)),
                     maxChunkSize: Int(cfg.chunking.maxChunkSize)),
                 logger: Logger(label: "stoq.store"), diskFull: DiskFullMonitor(logger: logger))
             content = try ObjectIndex(chunks: store)
@@ -473,7 +479,7 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
-        let gate = self.gate, rates = self.rates, cuts = plainCuts, bodyMemory = self.bodyMemory
+        let gate = self.gate, rates = self.rates, cuts = plainCuts, bodyMemory = self.bodyMemory, collector = self.collector
         // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
         let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
         // A fixed tls.cert_file is loaded once, at start: its expiry is read once too (the
@@ -485,10 +491,14 @@ public final class Node: @unchecked Sendable {
             throw error
         }
         do {
-            admin = try AdminServer(listen: listen, protection: protection, logger: logger, act: Self.adminAction(edge: edge)) { path in
+            admin = try AdminServer(
+                listen: listen, protection: protection, logger: logger, act: Self.adminAction(edge: edge, collector: collector)
+            ) { path in
                 let certificate = certificates.map {
                     let c = $0.counters
-                    return NodeMetrics.Certificate(rotations: c.rotations, failures: c.failures, notAfter: c.notAfter)
+                    return NodeMetrics.Certificate(
+                        rotations: c.rotations, failures: c.failures, notAfter: c.notAfter, rootNotAfter: c.rootNotAfter,
+                        intermediateNotAfter: c.intermediateNotAfter)
                 }
                 let edgeCounters = edge?.counters
                 var meshStatus = meshService?.status
@@ -504,7 +514,7 @@ public final class Node: @unchecked Sendable {
                             gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients,
                             bodyMemory: bodyMemory.map { ($0.held, $0.limit) })
                     },
-                    plainCuts: cuts?.counters)
+                    plainCuts: cuts?.counters, collection: collector?.counters)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")
@@ -518,9 +528,25 @@ public final class Node: @unchecked Sendable {
     }
 
     /// The admin API's actions: `POST /edge/purge/<name>` drops the edge cache's manifest of
-    /// `name` (`EdgeCache.purge`), so the next request for it asks the upstream again.
-    static func adminAction(edge: EdgeCache?) -> AdminServer.Action {
+    /// `name` (`EdgeCache.purge`), so the next request for it asks the upstream again;
+    /// `POST /store/collect` runs a garbage collection of the content store now and answers
+    /// with what it did (on the admin thread, which only the admin API waits on meanwhile).
+    static func adminAction(edge: EdgeCache?, collector: GarbageCollector?) -> AdminServer.Action {
         { path in
+            if path == "/store/collect" {
+                guard let collector else { return (409, "this node has no content store to collect") }
+                do {
+                    let r = try collector.collectNow()
+                    return (
+                        200,
+                        "garbage collection: \(r.objectsScanned) object(s) scanned, \(r.chunksReferenced) chunk(s) referenced, "
+                            + "\(r.chunksInGracePeriod) unreferenced kept for the grace period, \(r.chunksRemoved) removed "
+                            + "(\(r.bytesFreed) bytes freed)"
+                    )
+                } catch {
+                    return (500, "garbage collection failed: \(error)")
+                }
+            }
             let prefix = "/edge/purge/"
             guard path.hasPrefix(prefix) else { return nil }
             guard let edge else { return (409, "this node has no edge cache ([edge] enable_caching, or a mesh)") }
@@ -739,6 +765,7 @@ public final class Node: @unchecked Sendable {
                 finished.wait(); return true
             }() : finished.wait(timeout: .now() + timeout) == .success
         if done {
+            collector?.stop()
             edge?.stop()
             admin?.shutdown()
             storePool?.stop()

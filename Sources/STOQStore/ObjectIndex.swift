@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -16,9 +17,12 @@ import Musl
 ///   mark or written after the sweep, never in between.
 /// - An upload puts its chunks before its object. Chunks referenced by no object are
 ///   collected only when their mtime is older than `Options.collectGracePeriod` (default 1 h);
-///   a put of a chunk the store already has refreshes its mtime. An upload that takes longer
-///   than the grace period between its chunks and its object gets `.missingChunks` listing
-///   what to resend.
+///   a put of a chunk the store already has refreshes its mtime. An ingest (the node cutting
+///   an upload into chunks as it arrives) also pins the chunks it has put (`pinChunks`), so
+///   that an upload slower than the grace period keeps them all until its object is written or
+///   it is abandoned. A client's own chunked upload (chunk PUTs, then its manifest) pins
+///   nothing: one that takes longer than the grace period between its chunks and its object
+///   gets `.missingChunks` listing what to resend.
 /// - Puts wait while a collection runs (it walks the whole chunk tree); collections are
 ///   meant to be occasional.
 /// - One process has a store open at a time (`lock` file), so the rule is in-process only.
@@ -40,7 +44,7 @@ public final class ObjectIndex: @unchecked Sendable {
     public struct CollectResult: Sendable, Equatable {
         /// Object records marked from.
         public var objectsScanned: Int
-        /// Chunks kept because an object references them.
+        /// Chunks kept because an object references them, or an ingest in progress pinned them.
         public var chunksReferenced: Int
         /// Unreferenced chunks kept because they are younger than the grace period.
         public var chunksInGracePeriod: Int
@@ -66,6 +70,22 @@ public final class ObjectIndex: @unchecked Sendable {
 
     private let dir: Directory
     private let logger: Logger
+    private let pinLock = NSLock()
+    private var pins: [ObjectIdentifier: ChunkPin] = [:]
+
+    /// The chunks an upload in progress has put and its object will name, kept by garbage
+    /// collection whatever their age until the upload ends (`ObjectIndex.unpin`). A chunk is
+    /// added just after its put, which wrote it or refreshed its mtime: it is within the grace
+    /// period in between. Thread-safe.
+    public final class ChunkPin: @unchecked Sendable {
+        private let lock = NSLock()
+        private var ids = Set<ChunkID>()
+
+        /// Keeps `id` from collection while the pin lasts.
+        public func add(_ id: ChunkID) { _ = lock.withLock { ids.insert(id) } }
+
+        var pinned: Set<ChunkID> { lock.withLock { ids } }
+    }
 
     /// Opens the objects of `chunks` (creating `objects/` if needed), removes temp files of
     /// interrupted writes and reports objects whose chunks are missing.
@@ -202,12 +222,26 @@ public final class ObjectIndex: @unchecked Sendable {
         return out
     }
 
-    /// Garbage collection: marks every chunk some object refers to, then removes the other
-    /// chunks older than the grace period (`gracePeriod`, else the store's option). Refuses
-    /// (`.corruptRecord`) if any record cannot be read, since its chunks would be lost.
+    /// A new pin for an upload in progress (`ChunkPin`); `unpin` it when the upload ends, however.
+    public func pinChunks() -> ChunkPin {
+        let pin = ChunkPin()
+        pinLock.withLock { pins[ObjectIdentifier(pin)] = pin }
+        return pin
+    }
+
+    /// Ends `pin`: its chunks are left to their object, or to collection after the grace period.
+    public func unpin(_ pin: ChunkPin) {
+        _ = pinLock.withLock { pins.removeValue(forKey: ObjectIdentifier(pin)) }
+    }
+
+    /// Garbage collection: marks every chunk some object refers to or an upload in progress
+    /// pinned, then removes the other chunks older than the grace period (`gracePeriod`, else
+    /// the store's option). Refuses (`.corruptRecord`) if any record cannot be read, since its
+    /// chunks would be lost.
     public func collect(gracePeriod: Duration? = nil) throws -> CollectResult {
         try chunks.lock.exclusive {
             var keep = Set<ChunkID>()
+            for pin in pinLock.withLock({ Array(pins.values) }) { keep.formUnion(pin.pinned) }
             let names = try listObjects()
             for name in names {
                 let record: ObjectRecord

@@ -3,6 +3,7 @@ import Testing
 
 @testable import STOQAdmin
 import STOQContent
+import STOQStore
 
 /// The node-level families the monitoring rules (deploy/prometheus/) depend on, rendered from
 /// hand-built inputs: the configured datapath next to the one in use, and a fixed
@@ -84,5 +85,23 @@ import STOQContent
         let off = NodeMetrics(workers: [], store: nil, certificate: nil, edge: nil)
         #expect(!off.prometheus().contains("stoq_content_plain"), "\(off.prometheus().split(separator: "\n").filter { $0.contains("plain") })")
         #expect(!off.json().contains("plain_cuts"))
+    }
+
+    /// What garbage collection freed and how its runs went, on /metrics and /status.
+    @Test func garbageCollectionIsCounted() throws {
+        var store = StoreCounters()
+        (store.chunksCollected, store.bytesCollected) = (7, 7_000_000)
+        var gc = GarbageCollector.Counters()
+        (gc.runs, gc.failures) = (5, 1)
+        let m = NodeMetrics(workers: [], store: store, certificate: nil, edge: nil, collection: gc)
+        for line in [
+            "stoq_store_gc_chunks_removed_total 7", "stoq_store_gc_bytes_freed_total 7000000",
+            #"stoq_store_gc_runs_total{outcome="completed"} 5"#, #"stoq_store_gc_runs_total{outcome="failed"} 1"#,
+        ] {
+            #expect(m.prometheus().contains("\n\(line)\n"), "\(line)")
+        }
+        let json = try #require(JSONSerialization.jsonObject(with: Data(m.json().utf8)) as? [String: Any])
+        #expect(json["gc"] as? [String: UInt64] == ["runs": 5, "failures": 1])
+        #expect((json["store"] as? [String: Any])?["gc_bytes_freed"] as? UInt64 == 7_000_000)
     }
 }
