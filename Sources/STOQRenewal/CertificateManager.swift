@@ -53,6 +53,10 @@ package final class CertificateManager: @unchecked Sendable {
         /// The current certificate's start of validity.
         package var notBefore: Date = .distantPast
         package var serial = ""
+        /// The embedded CA's root and intermediate ends (nil in ACME mode), so a dashboard can
+        /// alert on a root nobody replaced or an intermediate that stopped being re-issued.
+        package var rootNotAfter: Date?
+        package var intermediateNotAfter: Date?
     }
 
     private var trustValue: NodeConfig.Trust
@@ -281,11 +285,42 @@ package final class CertificateManager: @unchecked Sendable {
         return creds
     }
 
+    /// The node's CA, created on first use. Loaded again for each renewal, which is when its
+    /// own lifetimes are looked after: the intermediate is re-issued from the root a month
+    /// before it ends (`TrustAuthority.renewIntermediateIfDue`) — without that, every renewal
+    /// failed from three years after the CA was made — and a root with under half a year left
+    /// is warned about at every renewal. Neither stops the node's own certificate: a failed
+    /// re-issue is logged and the certificate is issued to end with the intermediate.
     private func embeddedAuthority() throws -> TrustAuthority {
         let root = caDirectory + "/" + TrustAuthority.FileName.rootCertificate
-        if FileManager.default.fileExists(atPath: root) { return try TrustAuthority.load(from: caDirectory) }
-        logger.notice("creating the node's TrustChain CA under \(caDirectory)")
-        return try TrustAuthority.create(in: caDirectory)
+        var ca: TrustAuthority
+        if FileManager.default.fileExists(atPath: root) {
+            ca = try TrustAuthority.load(from: caDirectory)
+        } else {
+            logger.notice("creating the node's TrustChain CA under \(caDirectory)")
+            ca = try TrustAuthority.create(in: caDirectory)
+        }
+        let before = ca.intermediate.notValidAfter
+        do {
+            if let renewed = try ca.renewIntermediateIfDue() {
+                ca = renewed
+                logger.notice(
+                    "intermediate CA re-issued from the root (same key)",
+                    metadata: [
+                        "file": "\(caDirectory)/\(TrustAuthority.FileName.intermediateCertificate)",
+                        "serial": "\(CertificateSummary.hex(ca.intermediate.serialNumber))",
+                        "old_not_after": "\(before)", "not_after": "\(ca.intermediate.notValidAfter)",
+                    ])
+            }
+        } catch {
+            logger.error("intermediate CA not re-issued: \(error)")
+        }
+        if let warning = ca.rootExpiryWarning() { logger.critical("\(warning)") }
+        state.withLock {
+            counterValues.rootNotAfter = ca.root.notValidAfter
+            counterValues.intermediateNotAfter = ca.intermediate.notValidAfter
+        }
+        return ca
     }
 
     /// One ACME issuance, run to completion on this thread (the control plane's, never a worker's).

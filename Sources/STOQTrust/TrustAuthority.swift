@@ -42,6 +42,15 @@ public struct TrustAuthority: Sendable {
     public static let defaultLifetime: TimeInterval = 24 * 3600
     /// How far notBefore is backdated, so peers whose clocks lag slightly accept a fresh certificate.
     public static let backdate: TimeInterval = 60
+    /// How long before the intermediate ends `renewIntermediateIfDue` re-issues it. 30 days is
+    /// far above the 24 h node rotation: dozens of renewals each get a chance, and when one
+    /// cannot (the root key moved offline) the operator has a month of log lines to act on
+    /// before node certificates, clamped to the intermediate's end, stop being issued.
+    public static let intermediateRenewalMargin: TimeInterval = 30 * 86400
+    /// How long before the root ends `rootExpiryWarning` speaks up. Nothing renews a root in
+    /// place: a new one has to reach every peer's and client's trust bundle first, by hand,
+    /// across the fleet, so half a year ahead.
+    public static let rootExpiryWarningWindow: TimeInterval = 180 * 86400
 
     /// The directory holding the authority's files.
     public let directory: String
@@ -137,12 +146,76 @@ public struct TrustAuthority: Sendable {
         return TrustAuthority(directory: directory, root: root, intermediate: intermediate, intermediateKey: key)
     }
 
+    /// Re-issues the intermediate from the root once it has less than `margin` left, and
+    /// returns the authority that issues with it; nil when it is not due (or a new one could
+    /// end no later, the root ending first). The new intermediate keeps the subject, the key
+    /// and every extension, and gets the old one's lifetime again (at most to the root's end):
+    /// peers trust the root and verify the path the chain gives them, so they accept it at
+    /// once, and as the key and its identifier are the same, a certificate issued under either
+    /// verifies under both. Keeping the key also makes the change one file (`intermediate.pem`,
+    /// replaced atomically), so no crash can leave a certificate beside a key that is not its.
+    ///
+    /// Needs the root key (`root-key.pem` in the directory); throws `missingFile` naming the
+    /// date and what to do when it has been moved offline, `invalidLifetime` when the root has
+    /// itself expired.
+    public func renewIntermediateIfDue(
+        now: Date = Date(), margin: TimeInterval = TrustAuthority.intermediateRenewalMargin
+    ) throws -> TrustAuthority? {
+        guard intermediate.notValidAfter.timeIntervalSince(now) < margin else { return nil }
+        let lifetime = intermediate.notValidAfter.timeIntervalSince(intermediate.notValidBefore) - Self.backdate
+        let notAfter = min(now.addingTimeInterval(lifetime), root.notValidAfter)
+        guard notAfter > intermediate.notValidAfter else { return nil }
+        guard root.notValidAfter > now else {
+            throw TrustError(
+                .invalidLifetime,
+                "the root CA \(directory)/\(FileName.rootCertificate) expired at \(root.notValidAfter); nothing it signs verifies: create a new authority (stoq trust init) and give its root.pem to every peer"
+            )
+        }
+        let keyPath = directory + "/" + FileName.rootKey
+        guard FileManager.default.fileExists(atPath: keyPath) else {
+            throw TrustError(
+                .missingFile,
+                "the intermediate CA \(directory)/\(FileName.intermediateCertificate) expires at \(intermediate.notValidAfter) and \(keyPath), which re-issues it, is not there: put the root key back (it is re-issued at the next renewal); until then certificates end with the intermediate"
+            )
+        }
+        let rootKey: Certificate.PrivateKey
+        do { rootKey = Certificate.PrivateKey(try PEMFiles.p256PrivateKey(pem: try PEMFiles.readText(keyPath))) } catch let e as TrustError {
+            throw e
+        } catch {
+            throw TrustError(.invalidPEM, "\(keyPath): not a P-256 private key (\(error))")
+        }
+        guard rootKey.publicKey == root.publicKey else {
+            throw TrustError(.invalidPEM, "\(keyPath) does not match \(directory)/\(FileName.rootCertificate)")
+        }
+        let renewed = try Certificate(
+            version: .v3, serialNumber: Self.randomSerial(), publicKey: intermediate.publicKey,
+            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
+            issuer: root.subject, subject: intermediate.subject, signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: intermediate.extensions, issuerPrivateKey: rootKey)
+        try PEMFiles.writeFile(
+            try PEMFiles.pem([renewed]), to: directory + "/" + FileName.intermediateCertificate, mode: 0o644)
+        return TrustAuthority(directory: directory, root: root, intermediate: renewed, intermediateKey: intermediateKey)
+    }
+
+    /// A warning to log when the root has less than `within` left, naming its end and what the
+    /// operator must do; nil while it has more.
+    public func rootExpiryWarning(now: Date = Date(), within: TimeInterval = TrustAuthority.rootExpiryWarningWindow) -> String? {
+        let left = root.notValidAfter.timeIntervalSince(now)
+        guard left < within else { return nil }
+        let when =
+            left > 0
+            ? "expires at \(root.notValidAfter) (in \(Int(left / 86400)) days)" : "expired at \(root.notValidAfter)"
+        return
+            "the TrustChain root CA \(directory)/\(FileName.rootCertificate) \(when), and nothing renews a root in place: every certificate it anchors stops verifying then. Create a new authority (stoq trust init --dir NEW), add NEW/root.pem to every peer's and client's trust bundle beside the old root, then move this CA's issuing to NEW"
+    }
+
     /// Issues a node certificate for `publicKey`, signed by the intermediate.
     ///
     /// - Parameters:
     ///   - dnsNames: host names for the subject alternative name (at least one name or address overall).
     ///   - ipv6Addresses: IPv6 addresses in text form; IPv4 is refused (`ipv4Refused`).
-    ///   - lifetime: seconds from `now` (default 24 h); may not outlive the intermediate.
+    ///   - lifetime: seconds from `now` (default 24 h); cut to end with the intermediate if it
+    ///     would outlive it. Refused (`invalidLifetime`) once the intermediate has expired.
     ///   - log: the transparency log. With one, the precertificate flow of RFC 6962 §3.1 runs:
     ///     a precertificate (same fields plus the critical poison) is signed and logged — durably,
     ///     before this returns — and the final certificate carries the log's SCT as its last
@@ -166,11 +239,14 @@ public struct TrustAuthority: Sendable {
         guard lifetime > 0 else {
             throw TrustError(.invalidLifetime, "lifetime \(String(format: "%g", lifetime))s: expected more than 0 seconds")
         }
-        let notAfter = now.addingTimeInterval(lifetime)
-        guard notAfter <= intermediate.notValidAfter else {
+        // Clamped rather than refused: a certificate that ends with its issuer is still one a
+        // node can serve with while the intermediate is re-issued (`renewIntermediateIfDue`).
+        let notAfter = min(now.addingTimeInterval(lifetime), intermediate.notValidAfter)
+        guard notAfter > now else {
             throw TrustError(
                 .invalidLifetime,
-                "lifetime \(Int(lifetime))s ends after the intermediate CA expires (\(intermediate.notValidAfter))")
+                "the intermediate CA \(directory)/\(FileName.intermediateCertificate) expired at \(intermediate.notValidAfter): re-issue it from the root (a node does so itself at its next renewal while \(FileName.rootKey) is in \(directory))"
+            )
         }
         var sans: [GeneralName] = []
         var seenNames = Set<String>(), seenAddrs = Set<IPv6Address>()

@@ -82,7 +82,19 @@ struct TrustCommand: ParsableCommand {
             let seconds = TimeInterval(Units.duration(lifetime)!) / 1e9
             let uris = role.compactMap(AccessRole.init(rawValue:)).map(CertificateIdentity.uri(for:))
             do {
-                let ca = try TrustAuthority.load(from: dir)
+                var ca = try TrustAuthority.load(from: dir)
+                // An intermediate near its end is re-issued here as a node does; one that cannot
+                // be (root key offline) only clamps the certificate, and says why.
+                do {
+                    if let renewed = try ca.renewIntermediateIfDue() {
+                        ca = renewed
+                        FileHandle.standardError.write(
+                            Data("stoq: re-issued \(dir)/intermediate.pem from the root (same key), valid until \(ca.intermediate.notValidAfter)\n".utf8))
+                    }
+                } catch {
+                    FileHandle.standardError.write(Data("stoq: warning: \(error)\n".utf8))
+                }
+                if let warning = ca.rootExpiryWarning() { FileHandle.standardError.write(Data("stoq: warning: \(warning)\n".utf8)) }
                 // The CA's own log: the precertificate is logged before the certificate exists.
                 let log = try openAuthorityLog(caDirectory: dir)
                 let cert: Certificate

@@ -1,7 +1,10 @@
 import Foundation
 import Logging
+@testable import STOQAdmin
 import STOQConfig
+import STOQTrust
 import Testing
+import X509
 
 @testable import STOQRenewal
 
@@ -96,4 +99,55 @@ import Testing
         let nearTheEnd = backoff.next(timeLeft: 20)
         #expect(nearTheEnd == 30)
     }
+
+    /// A node whose CA was made 50 days ago with a 60-day intermediate (the 3-year default,
+    /// shortened): its renewal re-issues the intermediate from the root, persists it, logs it,
+    /// and serves the new one in its chain.
+    @Test func theNodesCAReissuesItsIntermediateBeforeItRunsOut() throws {
+        let dir = NSTemporaryDirectory() + "stoq-intermediate-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let day = 86400.0
+        let ca = try TrustAuthority.create(in: dir + "/trust", now: Date() - 50 * day, intermediateLifetime: 60 * day)
+        let lines = CapturedLog()
+        var trust = NodeConfig.default.trust
+        trust.certLifetime = 24 * 3_600_000_000_000
+        let m = CertificateManager(
+            trust: trust, clientAuth: nil, dataDirectory: dir, names: ["n.test"], addresses: [],
+            logger: Logger(label: "test", factory: { _ in lines }))
+        _ = try m.start()
+        m.stop()
+        let onDisk = try PEMFiles.readCertificates(dir + "/trust/intermediate.pem")[0]
+        #expect(onDisk.publicKey == ca.intermediate.publicKey && onDisk.serialNumber != ca.intermediate.serialNumber)
+        #expect(abs(onDisk.notValidAfter.timeIntervalSinceNow - 60 * day) < 60)
+        let chain = try PEMFiles.readCertificates(dir + "/identity/cert.pem")
+        #expect(chain.count == 2 && chain[1] == onDisk)
+        #expect(chain[0].notValidAfter.timeIntervalSinceNow > 23 * 3600)
+        #expect(m.counters.intermediateNotAfter == onDisk.notValidAfter && m.counters.rootNotAfter == ca.root.notValidAfter)
+        #expect(lines.messages.contains { $0.hasPrefix("intermediate CA re-issued from the root") })
+        // Both ends reach the admin API, to alert on.
+        let c = m.counters
+        let text = NodeMetrics(
+            workers: [], store: nil,
+            certificate: .init(
+                rotations: c.rotations, failures: c.failures, notAfter: c.notAfter, rootNotAfter: c.rootNotAfter,
+                intermediateNotAfter: c.intermediateNotAfter),
+            edge: nil
+        ).prometheus()
+        #expect(text.contains("\nstoq_trust_ca_not_after_seconds{ca=\"root\"} \(Int(ca.root.notValidAfter.timeIntervalSince1970))\n"))
+        #expect(text.contains("\nstoq_trust_ca_not_after_seconds{ca=\"intermediate\"} \(Int(onDisk.notValidAfter.timeIntervalSince1970))\n"))
+    }
+}
+
+/// Every message logged through it.
+final class CapturedLog: @unchecked Sendable, LogHandler {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    var logLevel: Logger.Level = .trace
+    var metadata: Logger.Metadata = [:]
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) { lock.withLock { lines.append("\(event.message)") } }
+    var messages: [String] { lock.withLock { lines } }
 }

@@ -100,10 +100,92 @@ import X509
                 try f.authority.issue(publicKey: f.newKey(), dnsNames: ["a.test"], lifetime: bad)
             }
         }
+        // Beyond the intermediate: cut to end with it (`intermediateIsReissued…` below).
+        let long = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["a.test"], lifetime: 20 * 365 * 86400)
+        #expect(long.notValidAfter == f.authority.intermediate.notValidAfter)
+    }
+
+    /// Three years after `trust init` the intermediate ended, `issue` refused every lifetime
+    /// that outlived it, and nothing re-issued it: a node's 24 h certificate lapsed a day
+    /// later. Now the intermediate is re-issued from the root 30 days before its end (same
+    /// key, so certificates from before and after verify under either), and in its last day
+    /// a certificate is cut to end with it rather than refused. Time is the `now` passed in.
+    @Test func intermediateIsReissuedBeforeItRunsOutAndCertificatesNeverOutliveIt() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let t0 = Date(timeIntervalSince1970: 1_800_000_000), day = 86400.0
+        let ca = try TrustAuthority.create(in: dir.path, now: t0, rootLifetime: 400 * day, intermediateLifetime: 60 * day)
+        let old = ca.intermediate
+        let now = t0 + 31 * day
+        let before = try ca.issue(publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), dnsNames: ["a.test"], now: now - 3600)
+
+        // 31 days left: not due.
+        #expect(try ca.renewIntermediateIfDue(now: t0 + 29 * day)?.intermediate == nil)
+        // In its last day, a 24 h certificate ends with it instead of being refused.
+        let lastDay = t0 + 60 * day - 3600
+        let clamped = try ca.issue(publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), dnsNames: ["a.test"], now: lastDay)
+        #expect(clamped.notValidAfter == old.notValidAfter)
+        // Once it has ended, nothing valid can be issued: refused, naming the file and the way out.
         do {
-            _ = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["a.test"], lifetime: 20 * 365 * 86400)
-            Issue.record("a lifetime beyond the intermediate's was accepted")
-        } catch let e as TrustError { #expect(e.code == .invalidLifetime) }
+            _ = try ca.issue(publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), dnsNames: ["a.test"], now: t0 + 61 * day)
+            Issue.record("a certificate was issued under an expired intermediate")
+        } catch let e as TrustError {
+            #expect(e.code == .invalidLifetime)
+            #expect(e.message.contains("\(dir.path)/intermediate.pem expired") && e.message.contains("root-key.pem"))
+        }
+
+        // 29 days left: re-issued, same subject and key, a fresh 60 days, and on disk.
+        let renewed = try #require(try ca.renewIntermediateIfDue(now: now))
+        let fresh = renewed.intermediate
+        #expect(fresh.publicKey == old.publicKey && fresh.subject == old.subject && fresh.serialNumber != old.serialNumber)
+        #expect(abs(fresh.notValidAfter.timeIntervalSince(now + 60 * day)) < 1)
+        #expect(try TrustAuthority.load(from: dir.path).intermediate == fresh)
+        #expect(try renewed.renewIntermediateIfDue(now: now)?.intermediate == nil)
+
+        // Peers trust the root: a certificate from the new intermediate verifies, and so does
+        // one from before the change with either intermediate beside it.
+        let verifier = PeerVerifier(roots: [ca.root])
+        let after = try renewed.issue(publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), dnsNames: ["a.test"], now: now)
+        #expect(after.notValidAfter == now + TrustAuthority.defaultLifetime)
+        _ = try await verifier.verify(chain: [after, fresh], dnsName: "a.test", now: now + 60)
+        _ = try await verifier.verify(chain: [before, fresh], dnsName: "a.test", now: now + 60)
+        _ = try await verifier.verify(chain: [after, old], dnsName: "a.test", now: now + 60)
+    }
+
+    /// With the root key moved offline the intermediate cannot be re-issued: the error names
+    /// the key file, the intermediate's end and what to do, and issuing goes on (clamped).
+    @Test func intermediateRenewalWithoutTheRootKeySaysWhatToDo() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let t0 = Date(timeIntervalSince1970: 1_800_000_000), day = 86400.0
+        let ca = try TrustAuthority.create(in: dir.path, now: t0, rootLifetime: 400 * day, intermediateLifetime: 60 * day)
+        try FileManager.default.removeItem(atPath: dir.path + "/root-key.pem")
+        do {
+            _ = try ca.renewIntermediateIfDue(now: t0 + 50 * day)
+            Issue.record("re-issued without the root key")
+        } catch let e as TrustError {
+            #expect(e.code == .missingFile)
+            #expect(e.message.contains("\(dir.path)/root-key.pem") && e.message.contains("\(ca.intermediate.notValidAfter)"))
+        }
+        #expect(try TrustAuthority.load(from: dir.path).intermediate == ca.intermediate)
+    }
+
+    /// A root cannot be renewed in place; half a year ahead the authority says so, with the
+    /// date and the steps. Near the root's end the intermediate is re-issued only to the root's
+    /// end, and not again once it already ends there.
+    @Test func rootNearItsEndIsWarnedAboutWellAhead() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let t0 = Date(timeIntervalSince1970: 1_800_000_000), day = 86400.0
+        let ca = try TrustAuthority.create(in: dir.path, now: t0, rootLifetime: 400 * day, intermediateLifetime: 300 * day)
+        #expect(ca.rootExpiryWarning(now: t0 + 200 * day) == nil)
+        let warning = try #require(ca.rootExpiryWarning(now: t0 + 230 * day))
+        #expect(warning.contains("\(dir.path)/root.pem expires at \(ca.root.notValidAfter) (in 170 days)"))
+        #expect(warning.contains("stoq trust init"))
+        #expect(ca.rootExpiryWarning(now: t0 + 401 * day)?.contains("expired at") == true)
+        let renewed = try #require(try ca.renewIntermediateIfDue(now: t0 + 280 * day))
+        #expect(renewed.intermediate.notValidAfter == ca.root.notValidAfter)
+        #expect(try renewed.renewIntermediateIfDue(now: t0 + 380 * day)?.intermediate == nil)
     }
 
     @Test func serialsAreRandom() throws {
