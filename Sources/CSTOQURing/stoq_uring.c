@@ -30,9 +30,9 @@
 #define CMSG_SPACE_TX (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo)))
 #define RX_NAME_LEN sizeof(struct sockaddr_in6)
 /* The most UDP payload one receive carries: GRO stops merging before the IPv6 payload length
- * would pass 65535 (skb_gro_receive), as for a single datagram, so 65535 - 8 (the UDP header)
- * bounds both; a full GRO batch of 1452-byte datagrams is 65,388 bytes. */
-#define RX_PAYLOAD_MAX (65535 - 8)
+ * would pass 65535 (skb_gro_receive), as for a single datagram; a full GRO batch of 1452-byte
+ * datagrams is 65,388 bytes. */
+#define RX_PAYLOAD_MAX STOQ_URING_UDP_PAYLOAD_MAX
 /* A multishot recvmsg puts io_uring_recvmsg_out, then rx_msg's name and control areas, then
  * the payload in one buffer: 64 KiB left less than a full GRO batch, and such a batch came
  * back MSG_TRUNC and was dropped whole. Rounded to a cache line. */
@@ -391,7 +391,11 @@ void stoq_uring_socket_buffers(const stoq_uring *u, unsigned *requested, unsigne
 }
 void stoq_uring_local(const stoq_uring *u, struct sockaddr_in6 *out) { *out = u->local; }
 const stoq_uring_counters *stoq_uring_get_counters(const stoq_uring *u) { return &u->counters; }
-unsigned stoq_uring_slot_size(const stoq_uring *u) { return u->slot_size; }
+/* A GSO send is one UDP datagram to the kernel until it is cut: past STOQ_URING_UDP_PAYLOAD_MAX
+ * it fails EMSGSIZE, whatever the slot holds (32 datagrams of 2048 bytes fill 65,536). */
+unsigned stoq_uring_slot_size(const stoq_uring *u) {
+  return u->slot_size < STOQ_URING_UDP_PAYLOAD_MAX ? u->slot_size : STOQ_URING_UDP_PAYLOAD_MAX;
+}
 unsigned stoq_uring_max_segments(const stoq_uring *u) { return (u->features & STOQ_URING_F_GSO) ? 64 : 1; }
 
 static void parse_cmsg(struct cmsghdr *c, stoq_uring_rx *rx) {
@@ -503,9 +507,11 @@ static size_t resend_unsegmented(stoq_uring *u, struct tx_slot *s) {
 static void complete_tx(stoq_uring *u, unsigned idx, int res) {
   struct tx_slot *s = &u->slots[idx];
   if (res < 0) {
-    if ((res == -EIO || res == -EINVAL) && s->segsize < s->len && (u->features & STOQ_URING_F_GSO)) {
+    if ((res == -EIO || res == -EINVAL || res == -EMSGSIZE) && s->segsize < s->len &&
+        (u->features & STOQ_URING_F_GSO)) {
       /* EINVAL also means a source address the host no longer has (IPV6_PKTINFO): then the
-       * single datagrams fail too, and GSO was not to blame. */
+       * single datagrams fail too, and GSO was not to blame. EMSGSIZE: a run the kernel would
+       * not take whole (a device's GSO limit below the slot's); its datagrams alone it takes. */
       if (resend_unsegmented(u, s) > 0 || !s->has_src) {
         u->features &= ~STOQ_URING_F_GSO;
         u->counters.offload_fallbacks++;

@@ -211,7 +211,7 @@ public enum ConfigLoader {
                 q.size("initial_max_stream_data", &c.network.quic.initialMaxStreamData, 1 << 16...1 << 40)
                 q.size("max_window", &c.network.quic.maxWindow, 1 << 16...1 << 40)
                 q.size("max_stream_window", &c.network.quic.maxStreamWindow, 1 << 16...1 << 40)
-                q.int("max_udp_payload_size", &c.network.quic.maxUDPPayloadSize, 1200...65527)
+                q.int("max_udp_payload_size", &c.network.quic.maxUDPPayloadSize, 1200...IPv6Address.largestUDPPayload)
                 q.int("ack_thresh", &c.network.quic.ackThreshold, 1...64)
             }
         }

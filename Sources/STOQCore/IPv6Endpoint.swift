@@ -17,6 +17,11 @@ public struct IPv6Address: Hashable, Sendable, CustomStringConvertible {
             UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8
         )
 
+    /// The most UDP payload one IPv6 datagram carries: its payload length is 16 bits, less the
+    /// 8-byte UDP header (no jumbograms). Also the most one GSO send or GRO batch carries; the
+    /// io_uring engine's `STOQ_URING_UDP_PAYLOAD_MAX` is the same number (a test checks).
+    public static let largestUDPPayload = 65_527
+
     /// `::` — the unspecified address.
     public static let any = IPv6Address(bytes: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     /// `::1` — the loopback address.

@@ -33,6 +33,8 @@ public final class URingDatapathQueue: DatapathQueue {
     /// The receive buffer size that holds a full GRO batch (up to 65,527 bytes of payload)
     /// beside what the multishot receive puts in front of it.
     public static var fullBatchBufferSize: Int { Int(stoq_uring_rx_buffer_size()) }
+    /// The most payload one GSO send (one transmit slot) carries: `IPv6Address.largestUDPPayload`.
+    public static let largestSend = Int(STOQ_URING_UDP_PAYLOAD_MAX)
 
     /// The socket buffer sizes asked for and granted, in bytes. Without CAP_NET_ADMIN the
     /// kernel caps the grant at net.core.rmem_max / wmem_max and says nothing.

@@ -84,6 +84,23 @@ import Testing
         #expect(b.counters.rxDropped == 0)
     }
 
+    /// A transmit slot holds at most one UDP datagram's payload: with 2048-byte datagrams a
+    /// 65,536-byte slot held 32 (65,536 bytes), a send the kernel refuses (EMSGSIZE), and the
+    /// whole run was lost as a transmit error. Now the slot offers 65,527 bytes, 31 datagrams,
+    /// and the run arrives whole.
+    @Test func aFullSlotIsOneSendTheKernelTakes() throws {
+        #expect(URingDatapathQueue.largestSend == IPv6Address.largestUDPPayload)
+        let (a, b) = try pair()
+        #expect(a.slotCapacity == IPv6Address.largestUDPPayload)
+        let count = min(a.maxSegmentsPerSlot, a.slotCapacity / 2048)
+        #expect(count == 31)
+        let expected = (0..<count).map { [UInt8](repeating: UInt8($0), count: 2048) }
+        try send(a, expected.flatMap { $0 }, segment: 2048, to: b.localEndpoint)
+        let got = try receiveAll(b, count: count)
+        #expect(got.map(\.0) == expected)
+        #expect(a.counters.txErrors == 0)
+    }
+
     /// A receive buffer too small for a full GRO batch is refused at open, not dropped later.
     @Test func refusesAReceiveBufferTooSmallForABatch() {
         var o = URingOptions()

@@ -24,6 +24,12 @@
 extern "C" {
 #endif
 
+/** The most UDP payload one IPv6 datagram carries (its payload length is 16 bits, less the
+ *  8-byte UDP header), and so one GRO batch or one GSO send: a larger send fails EMSGSIZE.
+ *  A transmit slot holds at most this much (stoq_uring_slot_size). STOQCore's
+ *  `IPv6Address.largestUDPPayload` is the same number (a test checks they agree). */
+#define STOQ_URING_UDP_PAYLOAD_MAX 65527u
+
 /** The engine's feature bits (stoq_uring_features). STOQDatapathURing maps each to its
  *  DatapathFeatures member by name, so these values are this engine's alone. */
 enum stoq_uring_feature {
