@@ -113,6 +113,17 @@ struct stoq_shed {
 /** Workers whose steering is counted one by one (stats STOQ_STAT_WORKER_0 + n). */
 #define STOQ_MAX_COUNTED_WORKERS 8
 
+/**
+ * stoq_ports' value: where the node listens on that port. Written as all zero by
+ * scripts/xdp-attach (--ports), then by stoq-node when it opens its sockets: its listen_addr,
+ * or all zero for [::]. The program steers a datagram to the port only when it is to that
+ * address (all zero: to any of the interface's), so a routed range, a secondary address or
+ * another service on the same port at another address stays the kernel's.
+ */
+struct stoq_port {
+  __u32 addr[4]; /* IPv6 address, network byte order; all zero: every address */
+};
+
 /** stoq_config[0]. */
 struct stoq_config {
   __u32 workers; /* sockets in xsk_map when steering by CID; 0 = steer by receive queue */
@@ -124,24 +135,26 @@ struct stoq_config {
 
 /** Indices into the per-CPU stoq_xdp_stats array. */
 enum stoq_stat {
-  STOQ_STAT_REDIRECTED = 0,    /* QUIC datagram handed to an AF_XDP socket */
-  STOQ_STAT_PASSED_NOT_IP,     /* not IPv6 or IPv4 (ARP, …) */
-  STOQ_STAT_PASSED_NOT_UDP,    /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
-  STOQ_STAT_PASSED_OTHER_PORT, /* UDP to a port the node does not own */
-  STOQ_STAT_PASSED_IPV4,       /* IPv4 UDP to a node port: the node is IPv6 only, the host may not be */
-  STOQ_STAT_PASSED_NO_SOCKET,  /* no AF_XDP socket at the chosen index */
-  STOQ_STAT_PASSED_TRUNCATED,  /* frame ends inside a header */
-  STOQ_STAT_PASSED_EXT_LIMIT,  /* more extension headers than STOQ_MAX_EXT_HEADERS */
-  STOQ_STAT_PASSED_FRAGMENT,   /* a non-first IPv6 fragment */
-  STOQ_STAT_STEERED_BY_CID,    /* the worker came from the destination CID */
-  STOQ_STAT_SHED_INITIAL,      /* a v1 Initial without a token, shed under a flood (stoq_shed) */
-  STOQ_STAT_WORKER_0,          /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
+  STOQ_STAT_REDIRECTED = 0,       /* QUIC datagram handed to an AF_XDP socket */
+  STOQ_STAT_PASSED_NOT_IP,        /* not IPv6 or IPv4 (ARP, …) */
+  STOQ_STAT_PASSED_NOT_UDP,       /* IPv6 but not UDP (ICMPv6/ND, TCP, …) */
+  STOQ_STAT_PASSED_OTHER_PORT,    /* UDP to a port the node does not own */
+  STOQ_STAT_PASSED_IPV4,          /* IPv4 UDP to a node port: the node is IPv6 only, the host may not be */
+  STOQ_STAT_PASSED_NO_SOCKET,     /* no AF_XDP socket at the chosen index */
+  STOQ_STAT_PASSED_TRUNCATED,     /* frame ends inside a header */
+  STOQ_STAT_PASSED_EXT_LIMIT,     /* more extension headers than STOQ_MAX_EXT_HEADERS */
+  STOQ_STAT_PASSED_FRAGMENT,      /* a non-first IPv6 fragment */
+  STOQ_STAT_STEERED_BY_CID,       /* the worker came from the destination CID */
+  STOQ_STAT_SHED_INITIAL,         /* a v1 Initial without a token, shed under a flood (stoq_shed) */
+  STOQ_STAT_PASSED_OTHER_ADDRESS, /* IPv6 UDP to a node port at an address the node does not listen on */
+  STOQ_STAT_WORKER_0,             /* … STOQ_STAT_WORKER_0 + n: steered to worker n */
   STOQ_STAT_MAX = STOQ_STAT_WORKER_0 + STOQ_MAX_COUNTED_WORKERS,
 };
 
 /** User-space names of the counters above, in enum order (the worker_n ones follow). */
 #define STOQ_STAT_NAMES                                                                                                \
   "redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "passed_ipv4", "passed_no_socket",             \
-      "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid", "shed_initial"
+      "passed_truncated", "passed_ext_limit", "passed_fragment", "steered_by_cid", "shed_initial",                     \
+      "passed_other_address"
 
 #endif

@@ -22,12 +22,12 @@ struct {
   STOQ_PIN_BY_NAME
 } xsk_map SEC(".maps");
 
-/* The node's UDP ports (host order) → 1. */
+/* The node's UDP ports (host order) → the address it listens on there (struct stoq_port). */
 struct {
   __uint(type, BPF_MAP_TYPE_HASH);
   __uint(max_entries, STOQ_MAX_PORTS);
   __type(key, __u16);
-  __type(value, __u8);
+  __type(value, struct stoq_port);
   STOQ_PIN_BY_NAME
 } stoq_ports SEC(".maps");
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * STOQ's XDP program: QUIC datagrams for the node's UDP ports go to an AF_XDP socket;
- * everything else goes to the kernel untouched (ND, SSH, the admin API, other UDP).
+ * STOQ's XDP program: QUIC datagrams for the node's UDP ports, at the address it listens on
+ * there (or at any, for a node on [::]), go to an AF_XDP socket; everything else goes to the
+ * kernel untouched (ND, SSH, the admin API, other UDP, the port at the host's other addresses).
  * IPv4 passes too, even to a node port: the node is IPv6 only and never sees it, but another
  * service on the host may use IPv4 on that port. Every verdict is counted.
  *
@@ -37,6 +38,14 @@ static __always_inline int pass(__u32 stat) {
 }
 
 static __always_inline int is_node_port(__u16 port) { return bpf_map_lookup_elem(&stoq_ports, &port) != NULL; }
+
+/* Whether `owner` (a node port's stoq_ports entry) listens at `dst`: at that address, or at
+ * every one when its address is all zero. */
+static __always_inline int listens_at(const struct stoq_port *owner, const struct in6_addr *dst) {
+  if ((owner->addr[0] | owner->addr[1] | owner->addr[2] | owner->addr[3]) == 0) return 1;
+  return owner->addr[0] == dst->in6_u.u6_addr32[0] && owner->addr[1] == dst->in6_u.u6_addr32[1] &&
+         owner->addr[2] == dst->in6_u.u6_addr32[2] && owner->addr[3] == dst->in6_u.u6_addr32[3];
+}
 
 /* Whether to drop the QUIC datagram at q, from ip6, steered to socket `index`: the rule in
  * stoq_kern_user.h ("Shedding an Initial flood"). */
@@ -113,7 +122,10 @@ int stoq_xdp(struct xdp_md *ctx) {
 
   struct udphdr *udp = l4;
   if ((void *)(udp + 1) > end) return pass(STOQ_STAT_PASSED_TRUNCATED);
-  if (!is_node_port(bpf_ntohs(udp->dest))) return pass(STOQ_STAT_PASSED_OTHER_PORT);
+  __u16 port = bpf_ntohs(udp->dest);
+  struct stoq_port *owner = bpf_map_lookup_elem(&stoq_ports, &port);
+  if (!owner) return pass(STOQ_STAT_PASSED_OTHER_PORT);
+  if (!listens_at(owner, &ip6->daddr)) return pass(STOQ_STAT_PASSED_OTHER_ADDRESS);
 
   __u32 index = ctx->rx_queue_index;
   __u32 zero = 0;

@@ -191,7 +191,8 @@ static void solicit(stoq_xsk *x, const struct in6_addr *peer) {
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
 
-/* Parses one frame; fills `out` and returns 1 for a UDP datagram to our port, else 0. */
+/* Parses one frame; fills `out` and returns 1 for a UDP datagram to our port (at our address,
+ * unless we listen on ::), 0 for anything else, -1 for a bad checksum. */
 static int parse(stoq_xsk *x, uint8_t *p, uint32_t len, stoq_xsk_rx *out) {
   if (len < ETH_HLEN_ + IP6_HLEN + UDP_HLEN) return 0;
   uint32_t off = ETH_HLEN_;
@@ -226,6 +227,9 @@ static int parse(stoq_xsk *x, uint8_t *p, uint32_t len, stoq_xsk_rx *out) {
   struct in6_addr src, dst;
   memcpy(&src, ip6 + 8, 16);
   memcpy(&dst, ip6 + 24, 16);
+  /* A node on one address answers there only (the program steers no other; this is for a
+   * program that did, or a datagram that came another way). */
+  if (!is_any(&x->cfg.local.sin6_addr) && memcmp(&dst, &x->cfg.local.sin6_addr, 16) != 0) return 0;
   if (be16(udp + 6) == 0 || udp6_sum(&src, &dst, udp, ulen) != 0xffff) {
     x->c.rx_checksum_errors++;
     return -1;

@@ -154,6 +154,44 @@ static uint32_t map_id(int fd) {
   return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
 }
 
+/* Claims the node's port in the pinned stoq_ports at its listen address (all zero for [::]),
+ * so that the program steers the port there only (struct stoq_port). Every socket of the node
+ * writes the same entry. 0, or -1 with `err`. */
+static int register_port(stoq_xsk *x, char *err, size_t errlen) {
+  char path[192];
+  snprintf(path, sizeof(path), "%s/%s", x->cfg.pin_dir, STOQ_MAP_PORTS);
+  int ports = bpf_obj_get(path);
+  if (ports < 0) {
+    int e = errno;
+    set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
+    return -1;
+  }
+  /* A program attached before ports carried an address has 1-byte values: it would take the
+   * first byte of the address and steer the port at every address. */
+  struct bpf_map_info info;
+  uint32_t len = sizeof(info);
+  memset(&info, 0, sizeof(info));
+  if (bpf_obj_get_info_by_fd(ports, &info, &len) == 0 && info.value_size != sizeof(struct stoq_port)) {
+    set_err(
+        err, errlen,
+        "bpf_map_update_elem: %s holds %u-byte values, not %zu (attached by an older scripts/xdp-attach: attach again)",
+        path, info.value_size, sizeof(struct stoq_port));
+    close(ports);
+    return -1;
+  }
+  uint16_t port = ntohs(x->port_be);
+  struct stoq_port owner;
+  memcpy(owner.addr, &x->cfg.local.sin6_addr, sizeof(owner.addr));
+  int rc = bpf_map_update_elem(ports, &port, &owner, BPF_ANY);
+  int e = errno;
+  close(ports);
+  if (rc != 0) {
+    set_err(err, errlen, "bpf_map_update_elem: %s port %u: %s", STOQ_MAP_PORTS, port, strerror(e));
+    return -1;
+  }
+  return 0;
+}
+
 /* Busy polling is best effort: the kernel grants each of these options (raising them) only
  * with CAP_NET_ADMIN, which no deployment gives the node. The first refusal is kept for the
  * node to say once; the socket works on interrupts without them. */
@@ -256,21 +294,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     x->map_id = map_id(x->map_fd);
     snprintf(path, sizeof(path), "%s/progs/stoq_xdp", cfg->pin_dir);
     x->alone = access(path, F_OK) == 0; /* only xdp-attach's bpftool path pins the program */
-    snprintf(path, sizeof(path), "%s/%s", cfg->pin_dir, STOQ_MAP_PORTS);
-    int ports = bpf_obj_get(path);
-    if (ports < 0) {
-      int e = errno;
-      set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
-      goto fail;
-    }
-    uint16_t port = ntohs(x->port_be);
-    uint8_t one = 1;
-    int rc = bpf_map_update_elem(ports, &port, &one, BPF_ANY);
-    close(ports);
-    if (rc != 0) {
-      set_err(err, errlen, "bpf_map_update_elem: %s port %u: %s", STOQ_MAP_PORTS, port, strerror(errno));
-      goto fail;
-    }
+    if (register_port(x, err, errlen) != 0) goto fail;
   }
 
   x->area_len = (size_t)x->nframes * x->frame_size;

@@ -59,10 +59,10 @@ stoq_xdp_probe *stoq_xdp_probe_open(const char *object, uint32_t workers, uint16
   p->stats_fd = bpf_map__fd(bpf_object__find_map_by_name(p->obj, STOQ_MAP_STATS));
   int config_fd = bpf_map__fd(bpf_object__find_map_by_name(p->obj, STOQ_MAP_CONFIG));
   int ports_fd = bpf_map__fd(bpf_object__find_map_by_name(p->obj, STOQ_MAP_PORTS));
-  uint8_t one = 1;
+  struct stoq_port every = {{0}}; /* the node listens on [::] */
   uint32_t zero = 0;
   struct stoq_config c = {.workers = workers, .flags = STOQ_F_STEER_BY_CID};
-  if (bpf_map_update_elem(ports_fd, &port, &one, BPF_ANY) != 0 ||
+  if (bpf_map_update_elem(ports_fd, &port, &every, BPF_ANY) != 0 ||
       bpf_map_update_elem(config_fd, &zero, &c, BPF_ANY) != 0) {
     snprintf(err, errlen, "bpf_map_update_elem: %s", strerror(errno));
     stoq_xdp_probe_close(p);

@@ -16,7 +16,7 @@
 
 #include "../../bpf/stoq_kern_user.h"
 
-static int prog_fd, stats_fd, config_fd, shed_fd;
+static int prog_fd, stats_fd, config_fd, shed_fd, ports_fd;
 static int passed, failed;
 static const uint16_t PORT = 4433;
 
@@ -55,6 +55,14 @@ static void set_shed(uint32_t index, uint64_t prefix, uint32_t rule_shift, uint3
   struct stoq_shed plan = {.count = count, .shift = shift};
   plan.rules[0] = (struct stoq_shed_rule){.prefix = prefix, .shift = rule_shift};
   bpf_map_update_elem(shed_fd, &index, &plan, BPF_ANY);
+}
+
+/* Registers PORT as the node's at `addr` ("::": every address), as stoq-node does. */
+static void set_listen(const char *addr) {
+  struct stoq_port owner;
+  inet_pton(AF_INET6, addr, owner.addr);
+  uint16_t port = PORT;
+  bpf_map_update_elem(ports_fd, &port, &owner, BPF_ANY);
 }
 
 /* Ethernet + IPv6 (+ optional extension headers) + UDP + payload. */
@@ -121,10 +129,8 @@ int main(int argc, char **argv) {
   stats_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_STATS));
   config_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_CONFIG));
   shed_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_SHED));
-  int ports_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_PORTS));
-  uint16_t port = PORT;
-  uint8_t one = 1;
-  bpf_map_update_elem(ports_fd, &port, &one, BPF_ANY);
+  ports_fd = bpf_map__fd(bpf_object__find_map_by_name(obj, STOQ_MAP_PORTS));
+  set_listen("::"); /* as scripts/xdp-attach --ports leaves it */
 
   uint8_t f[2048], p[1500];
   char name[128];
@@ -189,6 +195,34 @@ int main(int argc, char **argv) {
     f[12] = 0x08;
     f[13] = 0x06; /* ARP */
     expect("ARP -> XDP_PASS", run(f, 60) == XDP_PASS);
+  }
+
+  /* The node's address: a node on one address gets the port there only; on [::], at any. */
+  {
+    set_config(0, 0);
+    size_t n = ipv6_udp(f, PORT, NULL, 0, 0, p, short_header(p, 0)); /* to fd00::1 */
+    set_listen("fd00::1");
+    uint64_t before = stat(STOQ_STAT_WORKER_0), other = stat(STOQ_STAT_PASSED_OTHER_ADDRESS);
+    expect("listening on fd00::1: the port at fd00::1 -> steered", run(f, n) == XDP_PASS &&
+                                                                       stat(STOQ_STAT_WORKER_0) == before + 1 &&
+                                                                       stat(STOQ_STAT_PASSED_OTHER_ADDRESS) == other);
+    set_listen("fd00::3");
+    before = stat(STOQ_STAT_WORKER_0);
+    expect("listening on fd00::3: the port at fd00::1 -> XDP_PASS, counted as passed_other_address",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_PASSED_OTHER_ADDRESS) == other + 1 &&
+               stat(STOQ_STAT_WORKER_0) == before);
+    f[14 + 24 + 15] = 3; /* now to fd00::3 */
+    expect("listening on fd00::3: the port at fd00::3 -> steered",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_WORKER_0) == before + 1 &&
+               stat(STOQ_STAT_PASSED_OTHER_ADDRESS) == other + 1);
+    f[14 + 24] = 0x20; /* 2000::3: another address on the same port */
+    expect("listening on fd00::3: the port at 2000::3 -> XDP_PASS, counted",
+           run(f, n) == XDP_PASS && stat(STOQ_STAT_PASSED_OTHER_ADDRESS) == other + 2);
+    set_listen("::");
+    expect("listening on [::]: the port at 2000::3 -> steered", run(f, n) == XDP_PASS &&
+                                                                    stat(STOQ_STAT_WORKER_0) == before + 2 &&
+                                                                    stat(STOQ_STAT_PASSED_OTHER_ADDRESS) == other + 2);
+    set_config(2, STOQ_F_STEER_BY_CID);
   }
 
   /* Extension headers: within the bound they are walked; beyond it the frame passes. */

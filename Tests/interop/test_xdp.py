@@ -30,9 +30,9 @@ def test_status_names_the_counters_and_bad_ports_change_nothing(xdp_node):
     r = run(in_a(ROOT / "scripts/xdp-attach", "--status", VA))
     assert r.returncode == 0, r.stderr
     shown = re.findall(r"^    (\w+): \d+$", r.stdout, re.M)
-    assert shown[:12] == ["redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "passed_ipv4",
+    assert shown[:13] == ["redirected", "passed_not_ip", "passed_not_udp", "passed_other_port", "passed_ipv4",
                           "passed_no_socket", "passed_truncated", "passed_ext_limit", "passed_fragment",
-                          "steered_by_cid", "shed_initial", "worker_0"], r.stdout
+                          "steered_by_cid", "shed_initial", "passed_other_address", "worker_0"], r.stdout
     program = re.search(r"id (\d+)", r.stdout).group(1)
     for ports, said in (("70000", "70000 is not a port"), ("", "give 1 to 16 ports"),
                         (",".join(str(5000 + i) for i in range(17)), "give 1 to 16 ports")):
@@ -115,6 +115,40 @@ def test_ipv4_to_the_port_passes_to_the_kernel(xdp_node):
         time.sleep(0.05)
     assert passed == 50
     # … and the node still serves IPv6 clients.
+    r = run(in_b(need_binary("stoq"), "get", xdp_node.url("small.bin"), "--ca", xdp_node.cert, "--json"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sha256"] == xdp_node.digests["small.bin"]
+
+
+def test_the_port_at_another_address_stays_the_kernels(xdp_node):
+    """The node listens on one address (listen_addr = [ADDR_A]:PORT): a datagram to its port at
+    another address of the interface goes to the kernel, where another service answers it,
+    and is counted as passed_other_address; the node (which used to take and answer any
+    address's) never sees it, and still serves its own address."""
+    other = "fd00:5704::3"
+    assert run(["ip", "-n", A, "addr", "replace", f"{other}/64", "dev", VA, "nodad"]).returncode == 0
+    echo = subprocess.Popen(in_a("python3", "-c",
+                                 "import socket\n"
+                                 "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                                 f"s.bind(('{other}', {PORT})); print('bound', flush=True)\n"
+                                 "for _ in range(20):\n"
+                                 "    data, peer = s.recvfrom(2048); s.sendto(b'kernel:' + data, peer)\n"),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout.readline().strip() == "bound"
+        before = counters()
+        code = ("import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\ns.settimeout(5)\n"
+                f"for i in range(20):\n    s.sendto(bytes([0x40, i]) + bytes(38), ('{other}', {PORT}))\n"
+                "    data, _ = s.recvfrom(2048); assert data == b'kernel:' + bytes([0x40, i]) + bytes(38), data\n"
+                "print('answered')\n")
+        r = run(in_b("python3", "-c", code), timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "answered", r.stderr
+        after = counters()
+        assert after["passed_other_address"] - before["passed_other_address"] == 20, (before, after)
+    finally:
+        echo.kill()
+        echo.wait()
+        run(["ip", "-n", A, "addr", "del", f"{other}/64", "dev", VA])
     r = run(in_b(need_binary("stoq"), "get", xdp_node.url("small.bin"), "--ca", xdp_node.cert, "--json"), timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sha256"] == xdp_node.digests["small.bin"]

@@ -17,7 +17,8 @@
  *
  * The XDP program (bpf/stoq_xdp.bpf.c) is attached by scripts/xdp-attach, which pins
  * its maps under /sys/fs/bpf/stoq/<iface>; the engine registers its socket and the
- * node's port there by map name (bpf/stoq_kern_user.h).
+ * node's port, at the node's address (struct stoq_port), there by map name
+ * (bpf/stoq_kern_user.h).
  */
 #ifndef CSTOQXDP_H
 #define CSTOQXDP_H
@@ -43,7 +44,8 @@ enum stoq_xsk_zero_copy { STOQ_XSK_ZC_AUTO = 0, STOQ_XSK_ZC_ON = 1, STOQ_XSK_ZC_
 typedef struct stoq_xsk_config {
   char ifname[16];
   uint32_t queue_id;
-  /** The node's address (may be ::, then replies leave from the address the peer sent to) and port. */
+  /** The node's address and port: only datagrams to that address are steered and received; ::
+   *  takes the port at every address, and replies leave from the address the peer sent to. */
   struct sockaddr_in6 local;
   uint32_t frame_size;     /* 2048 or 4096 */
   uint32_t frame_count;    /* UMEM frames: half receive (fill ring), half transmit */
@@ -69,7 +71,7 @@ typedef struct stoq_xsk_counters {
   uint64_t rx_datagrams, rx_bytes, tx_datagrams, tx_bytes;
   uint64_t tx_kicks;            /* sendto wakeups */
   uint64_t rx_wakeups;          /* fill-ring wakeups (need_wakeup) */
-  uint64_t rx_dropped;          /* frames that were not IPv6/UDP to our port, or malformed */
+  uint64_t rx_dropped;          /* frames that were not IPv6/UDP to our address and port, or malformed */
   uint64_t rx_checksum_errors;  /* UDP checksum wrong: dropped */
   uint64_t tx_errors;           /* kicks the kernel refused with a real error */
   uint64_t tx_no_neighbour;     /* datagrams dropped: next-hop MAC unknown (kernel asked to resolve) */
