@@ -1,4 +1,5 @@
 import CSTOQSystem
+import Crypto
 import Foundation
 import Logging
 import STOQChunking
@@ -20,8 +21,9 @@ import STOQTransfer
 /// - `POST /_stoq/missing`: the have/want query; the body is a run of 32-byte chunk ids,
 ///   the response the ids among them the node lacks.
 /// - `GET`/`HEAD`/`PUT`/`DELETE /manifests/<name>`: an object's manifest; a PUT is
-///   refused unless the manifest parses (400, naming what is wrong) and every chunk it
-///   lists is stored (409).
+///   refused unless the manifest parses (400, naming what is wrong), every chunk it
+///   lists is stored (409), and they hash to the whole-object SHA-256 it claims (400, naming
+///   both; checked on the store pool, since it reads the whole object).
 ///
 /// With the node's `ObjectGate`, manifest PUTs and DELETEs commit through it (`If-Match`
 /// against the object's ETag, `access.overwrite`, the writer quota charged the object's
@@ -193,12 +195,14 @@ public final class ContentService: QUICApplication {
     private var nextStore: UInt64 = 1
     private var written: [ChunkWrite] = []
 
-    /// How writing one chunk PUT ended: its answer's status (201 stored, 200 the store had
-    /// it, or a refusal's) and, for a refusal, why.
+    /// How writing one chunk PUT, or committing one manifest PUT, ended: its answer's status
+    /// (201 stored, 200 the store had the chunk, or a refusal's) and, for a refusal, why.
     package struct ChunkWrite: Sendable {
         var ticket: UInt64
         var status: Int
         var reason: String
+        /// A manifest PUT's: the object's ETag (its answer carries it); nil for a chunk PUT.
+        var etag: String? = nil
     }
 
     /// Serves from `index` (and its chunk store); chunks larger than `maxChunkSize` are
@@ -810,25 +814,32 @@ public final class ContentService: QUICApplication {
         } catch { return (500, "\(error)") }
     }
 
-    private func countWrite(_ status: Int) {
-        if status == 200 { counters.chunksAlreadyPresent += 1 } else if status == 201 { counters.chunksStored += 1 }
+    private func countWrite(_ status: Int, manifest: Bool = false) {
+        if manifest {
+            if status == 201 { counters.manifestsStored += 1 }
+        } else if status == 200 {
+            counters.chunksAlreadyPresent += 1
+        } else if status == 201 {
+            counters.chunksStored += 1
+        }
     }
 
-    private func answerWrite(_ status: Int, _ reason: String, _ stream: HTTPStream, _ connection: QUICConnection) {
+    private func answerWrite(_ status: Int, _ reason: String, _ stream: HTTPStream, _ connection: QUICConnection, etag: String? = nil) {
         guard status == 200 || status == 201 else { return fail(stream, connection, status, reason) }
-        connection.respond(stream, status: status, headers: [("content-length", "0")], body: nil)
+        connection.respond(stream, status: status, headers: [("content-length", "0")] + (etag.map { [("etag", $0)] } ?? []), body: nil)
     }
 
-    /// Answers the chunk PUTs the store pool has written (called by the worker between
-    /// batches). A chunk whose client went away is stored all the same.
+    /// Answers the chunk PUTs the store pool has written and the manifest PUTs it has
+    /// committed (called by the worker between batches). A chunk or manifest whose client went
+    /// away is stored all the same.
     package func drainStores() {
         storeInbox.drain(into: &written)
         guard !written.isEmpty else { return }
         for w in written {
-            countWrite(w.status)
+            countWrite(w.status, manifest: w.etag != nil)
             guard let wait = storing.removeValue(forKey: w.ticket) else { continue }
             wait.span?.end()
-            answerWrite(w.status, w.reason, wait.stream, wait.connection)
+            answerWrite(w.status, w.reason, wait.stream, wait.connection, etag: w.etag)
         }
         written.removeAll(keepingCapacity: true)
     }
@@ -849,21 +860,26 @@ public final class ContentService: QUICApplication {
         } catch { fail(stream, connection, 500, "\(error)") }
     }
 
+    /// A manifest PUT's body, complete: parsed and checked against what the store holds here,
+    /// then verified and committed on the store pool (inline without one), answered once the
+    /// record is durable (201 with the object's ETag) or refused.
     private func storeManifest(
         _ name: String, _ body: UnsafeRawBufferPointer, _ writer: ObjectGate.Writer?, _ stream: HTTPStream, _ connection: QUICConnection
     ) {
         let span = storeSpan("store.write", stream, object: name)
-        defer { span?.end() }
+        func refuse(_ status: Int, _ why: String) {
+            span?.end()
+            fail(stream, connection, status, why)
+        }
         // Before anything is decoded, allocated or looked up per chunk.
         if let why = Self.manifestCountRefusal(name, body, limit: chunkLimit, maxObjectSize: maxObjectSize) {
-            return fail(stream, connection, 413, why)
+            return refuse(413, why)
         }
         let manifest: Manifest
-        do { manifest = try Manifest(decoding: body) } catch { return fail(stream, connection, 400, "\(error)") }
+        do { manifest = try Manifest(decoding: body) } catch { return refuse(400, "\(error)") }
         guard manifest.totalLength <= maxObjectSize else {
-            return fail(
-                stream, connection, 413,
-                "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)")
+            return refuse(
+                413, "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)")
         }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
         do {
@@ -873,28 +889,84 @@ public final class ContentService: QUICApplication {
             var checked = Set<ChunkID>()
             for (id, e) in zip(ids, manifest.chunks) where checked.insert(id).inserted {
                 if let size = try index.chunks.size(id), size != Int(e.length) {
-                    return fail(
-                        stream, connection, 400,
-                        "manifest of \(name): chunk \(id.hex) is \(size) bytes in the store, the manifest says \(e.length)")
+                    return refuse(400, "manifest of \(name): chunk \(id.hex) is \(size) bytes in the store, the manifest says \(e.length)")
                 }
             }
-            let bytes = Array(body)
+        } catch { return refuse(500, "\(error)") }
+        let bytes = Array(body), index = self.index, gate = self.gate
+        let commit = { Self.commitManifest(name, manifest, bytes, ids, writer, index: index, gate: gate) }
+        guard let storePool else {
+            let (status, reason) = commit()
+            countWrite(status, manifest: true)
+            span?.end()
+            return answerWrite(status, reason, stream, connection, etag: manifest.etag)
+        }
+        let ticket = nextStore
+        nextStore += 1
+        storing[ticket] = (stream, connection, span)
+        let inbox = storeInbox, etag = manifest.etag
+        storePool.submit {
+            let (status, reason) = commit()
+            inbox.post(ChunkWrite(ticket: ticket, status: status, reason: reason, etag: etag))
+        }
+    }
+
+    /// Commits the manifest PUT of `name` (`bytes`, decoded as `manifest`, listing `ids`) by
+    /// `writer`: its whole-object SHA-256 checked against its chunks (`digestRefusal`), then
+    /// the record written, through `gate` when there is one. Blocking (the store pool's); the
+    /// answer's status (201, or the refusal's) and the refusal's reason.
+    static func commitManifest(
+        _ name: String, _ manifest: Manifest, _ bytes: [UInt8], _ ids: [ChunkID], _ writer: ObjectGate.Writer?, index: ObjectIndex,
+        gate: ObjectGate?
+    ) -> (status: Int, reason: String) {
+        if let refusal = digestRefusal(name, manifest, ids, chunks: index.chunks) { return refusal }
+        do {
             if let gate, let writer {
-                let put = { try self.index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }
+                let put = { try index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }
                 if let r = try gate.commit(name, by: writer, size: manifest.totalLength, physical: 0, chunked: true, write: put) {
-                    return fail(stream, connection, r.status, r.reason)
+                    return (r.status, r.reason)
                 }
             } else {
                 try index.putObject(name, manifest: bytes, chunkIDs: ids)
             }
-            counters.manifestsStored += 1
-            connection.respond(stream, status: 201, headers: [("content-length", "0"), ("etag", manifest.etag)], body: nil)
+            return (201, "")
         } catch let e as StoreError where e.code == .missingChunks {
-            fail(stream, connection, 409, e.message)
+            return (409, e.message)
         } catch let e as StoreError where e.code == .noSpace {
             // Nothing replaced: the object is absent, or still its previous version.
-            fail(stream, connection, 507, e.message)
-        } catch { fail(stream, connection, 500, "\(error)") }
+            return (507, e.message)
+        } catch { return (500, "\(error)") }
+    }
+
+    /// Why the manifest of `name` cannot be stored as it stands, from its chunks: its
+    /// whole-object SHA-256 (the object's strong ETag from then on, and what `stoq get` checks
+    /// a download against) must be what its chunks, read in order from `chunks` (each verified
+    /// against its id), hash to — 400 naming both digests otherwise. A chunk the store lacks
+    /// (or holds corrupt, now quarantined) is 409 naming the chunks to send, as `putObject`
+    /// says it. Nil when the digest is the chunks'.
+    ///
+    /// One more SHA-256 pass over the object, on the store pool: a client could otherwise give
+    /// an object any ETag it likes, and a later If-Match, a cache or a verifying client would
+    /// trust it.
+    static func digestRefusal(_ name: String, _ manifest: Manifest, _ ids: [ChunkID], chunks: ChunkStore) -> (status: Int, reason: String)? {
+        var hasher = SHA256()
+        for id in ids {
+            do {
+                let bytes = try chunks.read(id)
+                hasher.update(data: bytes)
+            } catch let e as StoreError where e.code == .chunkNotFound || e.code == .corrupt {
+                guard let missing = try? chunks.missing(ids), !missing.isEmpty else { return (500, e.message) }
+                return (409, ObjectIndex.missingChunks(name, missing).message)
+            } catch { return (500, "\(error)") }
+        }
+        let computed = hasher.finalize().withUnsafeBytes { ContentDigest(bytes: $0) }
+        guard computed == manifest.digest else {
+            return (
+                400,
+                "manifest of \(name): it claims the object's SHA-256 is \(manifest.digest.hex), but its chunks hash to \(computed.hex)"
+            )
+        }
+        return nil
     }
 
     public func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {

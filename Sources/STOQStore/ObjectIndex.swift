@@ -141,8 +141,9 @@ public final class ObjectIndex: @unchecked Sendable {
     public static let missingChunksNamed = 32
 
     /// `.missingChunks` for object `name`: the first `missingChunksNamed` of `missing`, and how
-    /// many more there are.
-    static func missingChunks(_ name: String, _ missing: [ChunkID]) -> StoreError {
+    /// many more there are. (Public: a manifest PUT verified before its record is written says
+    /// what it lacks the same way.)
+    public static func missingChunks(_ name: String, _ missing: [ChunkID]) -> StoreError {
         var message = "object \(name) refers to \(missing.count) chunk(s) the store does not have: "
         message += missing.prefix(missingChunksNamed).map(\.hex).joined(separator: ", ")
         if missing.count > missingChunksNamed { message += " and \(missing.count - missingChunksNamed) more" }

@@ -1,4 +1,6 @@
+import Foundation
 import STOQChunking
+import STOQStore
 import Testing
 
 @testable import STOQContent
@@ -38,6 +40,36 @@ struct ContentServiceTests {
         #expect(within.withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: small, maxObjectSize: 1 << 20) } == nil)
         // Too short to say: the decoder names what is wrong.
         #expect([UInt8](repeating: 0xff, count: 63).withUnsafeBytes { ContentService.manifestCountRefusal("o", $0, limit: 1, maxObjectSize: 1) } == nil)
+    }
+
+    /// A manifest's whole-object SHA-256 becomes the object's strong ETag: it is checked against
+    /// the chunks it lists before the record is written, and a manifest that claims another
+    /// is refused naming both digests, with nothing stored.
+    @Test func aManifestWhoseDigestIsNotItsChunksIsRefused() throws {
+        let (dir, _, index) = try makeTempNodeStore("stoq-manifest-digest")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let parts = [[UInt8](repeating: 1, count: 1000), [UInt8](repeating: 2, count: 500)]
+        let ids = parts.map { ChunkID(digestOf: $0) }
+        for (id, p) in zip(ids, parts) { try index.chunks.put(id: id, bytes: p) }
+        let parameters = try ChunkingParameters(minSize: 64, avgSize: 256, maxSize: 1024)
+        let entries = zip(ids, parts).map { Manifest.Entry(id: ContentDigest($0.0.bytes)!, length: UInt32($0.1.count)) }
+        let whole = ContentDigest.sha256(parts[0] + parts[1])
+        let claimed = ContentDigest.sha256(Array("something else".utf8))
+        let liar = try Manifest(totalLength: 1500, digest: claimed, parameters: parameters, chunks: entries)
+        let r = ContentService.commitManifest("liar", liar, liar.encode(), ids, nil, index: index, gate: nil)
+        #expect(r.status == 400)
+        #expect(r.reason == "manifest of liar: it claims the object's SHA-256 is \(claimed.hex), but its chunks hash to \(whole.hex)")
+        #expect(throws: StoreError.self) { try index.object("liar") }
+
+        let honest = try Manifest(totalLength: 1500, digest: whole, parameters: parameters, chunks: entries)
+        let stored = ContentService.commitManifest("honest", honest, honest.encode(), ids, nil, index: index, gate: nil)
+        #expect(stored.status == 201 && stored.reason == "")
+        #expect(try index.object("honest").chunkIDs == ids)
+
+        // A chunk the store lacks cannot be hashed: 409 naming it, as the record's write would.
+        #expect(try index.chunks.remove(ids[1]))
+        let gap = ContentService.commitManifest("gap", honest, honest.encode(), ids, nil, index: index, gate: nil)
+        #expect(gap.status == 409 && gap.reason.contains(ids[1].hex), "\(gap)")
     }
 }
 
