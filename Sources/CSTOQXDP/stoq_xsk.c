@@ -107,7 +107,7 @@ static inline uint32_t neigh_hash(const struct in6_addr *a) {
 static struct neigh *neigh_find(stoq_xsk *x, const struct in6_addr *peer) {
   uint32_t h = neigh_hash(peer);
   for (int i = 0; i < NEIGH_PROBE; i++) {
-    struct neigh *n = &x->neigh[(h + i) & (NEIGH_SLOTS - 1)];
+    struct neigh *n = &x->neigh[(h + i) & x->neigh_mask];
     if (!n->used) return NULL;
     if (memcmp(&n->peer, peer, 16) == 0) return n;
   }
@@ -118,13 +118,13 @@ static void neigh_set(stoq_xsk *x, const struct in6_addr *peer, const uint8_t ma
   uint32_t h = neigh_hash(peer);
   struct neigh *slot = NULL;
   for (int i = 0; i < NEIGH_PROBE; i++) {
-    struct neigh *n = &x->neigh[(h + i) & (NEIGH_SLOTS - 1)];
+    struct neigh *n = &x->neigh[(h + i) & x->neigh_mask];
     if (!n->used || memcmp(&n->peer, peer, 16) == 0) {
       slot = n;
       break;
     }
   }
-  if (!slot) slot = &x->neigh[h & (NEIGH_SLOTS - 1)]; /* full probe window: replace the home slot */
+  if (!slot) slot = &x->neigh[h & x->neigh_mask]; /* full probe window: replace the home slot */
   if (slot->used && memcmp(&slot->peer, peer, 16) == 0 && memcmp(slot->mac, mac, 6) == 0 &&
       (!local || memcmp(&slot->local, local, 16) == 0))
     return;

@@ -25,7 +25,13 @@
 #define ETH_HLEN_ 14
 #define IP6_HLEN 40
 #define UDP_HLEN 8
-#define NEIGH_SLOTS 1024 /* power of two */
+/* The neighbour table has a power of two of slots, at least twice the peers the worker may
+ * hold connections with (stoq_xsk_config.neighbour_peers), so that a learnt peer is evicted
+ * only by more peers than that: 40 bytes a slot (struct neigh), 1.25 MiB for the default
+ * 10000 connections, at most NEIGH_MAX_SLOTS (40 MiB, enough for 524288 peers). */
+#define NEIGH_MIN_SLOTS 1024
+#define NEIGH_MAX_SLOTS (1u << 20)
+#define NEIGH_DEFAULT_PEERS 512
 #define NEIGH_PROBE 8
 #define NEIGH_REFRESH_NS 200000000ull
 #define NL_BUF 32768
@@ -57,6 +63,7 @@ struct neigh {
   uint8_t mac[6];
   uint8_t used;
 };
+_Static_assert(sizeof(struct neigh) == 40, "the slot size docs/deployment.md gives");
 
 struct stoq_xsk {
   stoq_xsk_config cfg;
@@ -103,6 +110,7 @@ struct stoq_xsk {
 
   stoq_xsk_counters c;
   struct neigh *neigh;
+  uint32_t neigh_mask; /* slots - 1 */
   uint64_t last_refresh;
   uint8_t *nl_buf;
   int solicit_fd;

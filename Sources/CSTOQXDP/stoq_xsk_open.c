@@ -57,6 +57,15 @@ static uint32_t pow2_at_least(uint32_t v) {
   return p;
 }
 
+/* Neighbour table slots for `peers` (see NEIGH_MIN_SLOTS): twice as many, a power of two, so
+ * that the table evicts a peer the worker still talks to only past its connection limit. */
+static uint32_t neighbour_slots(uint32_t peers) {
+  if (peers == 0) peers = NEIGH_DEFAULT_PEERS;
+  if (peers > NEIGH_MAX_SLOTS / 2) return NEIGH_MAX_SLOTS;
+  uint32_t slots = pow2_at_least(2 * peers);
+  return slots < NEIGH_MIN_SLOTS ? NEIGH_MIN_SLOTS : slots;
+}
+
 /* Registers the UMEM on the socket: with TX metadata room where the kernel has it (6.11
  * wants the flag, 6.8-6.10 refuse it), else without. Returns 0 or -errno. */
 static int register_umem(stoq_xsk *x) {
@@ -338,7 +347,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   x->slot_free = calloc(x->nslots, sizeof(uint32_t));
   x->slot_refs = calloc(x->nslots, sizeof(uint16_t));
   x->held = calloc(x->cfg.ring_size, sizeof(uint64_t));
-  x->neigh = calloc(NEIGH_SLOTS, sizeof(struct neigh));
+  x->neigh_mask = neighbour_slots(cfg->neighbour_peers) - 1;
+  x->neigh = calloc((size_t)x->neigh_mask + 1, sizeof(struct neigh));
   x->nl_buf = malloc(NL_BUF);
   if (!x->slot_free || !x->slot_refs || !x->held || !x->neigh || !x->nl_buf) {
     set_err(err, errlen, "calloc: out of memory");

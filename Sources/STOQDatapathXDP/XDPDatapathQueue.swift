@@ -29,6 +29,11 @@ public struct XDPOptions: Sendable {
     public var zeroCopy = ZeroCopy.auto
     /// SO_BUSY_POLL microseconds (0: off).
     public var busyPollMicroseconds = 0
+    /// Peers whose next-hop MAC the socket keeps without evicting one: the worker's
+    /// `network.max_connections`. Its neighbour table takes twice as many slots, rounded up to a
+    /// power of two, 40 bytes each (1.25 MiB for 10000), 1024 to 2^20 slots; past it, a reply
+    /// to an evicted peer is dropped (`tx_no_neighbour`) until that peer sends again.
+    public var neighbourPeers = 10_000
     /// Where scripts/xdp-attach pinned the program's maps.
     public var pinDirectory: String { "/sys/fs/bpf/stoq/\(interface)" }
 
@@ -89,6 +94,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         cfg.frame_count = UInt32(options.frameCount)
         cfg.ring_size = UInt32(options.ringSize)
         cfg.busy_poll_usec = UInt32(options.busyPollMicroseconds)
+        cfg.neighbour_peers = UInt32(clamping: options.neighbourPeers)
         switch options.zeroCopy {
         case .auto: cfg.zero_copy = Int32(STOQ_XSK_ZC_AUTO.rawValue)
         case .on: cfg.zero_copy = Int32(STOQ_XSK_ZC_ON.rawValue)

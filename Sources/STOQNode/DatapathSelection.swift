@@ -129,6 +129,7 @@ struct DatapathSelection {
             opts.frameCount = net.xdp.frames
             opts.ringSize = net.xdp.ringSize
             opts.busyPollMicroseconds = net.xdp.busyPollMicroseconds
+            opts.neighbourPeers = net.quic.maxConnections
             opts.zeroCopy =
                 switch net.zeroCopy {
                 case .auto: .auto;

@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// What only the AF_XDP queue does, on the testbed the conformance cases use (Testbed): which
-/// datagrams the XDP program gives it.
+/// datagrams the XDP program gives it, and whom it can answer.
 @Suite(.serialized) struct XDPDatapathQueueTests {
     /// The port at another address of the interface stays the kernel's: the queue, bound to
     /// Testbed.addressA, never sees a datagram to that port at fd00:5704::3 (it used to).
@@ -42,9 +42,133 @@ import Glibc
         #expect(got == [[0x40, 0xff]])
     }
 
+    /// 2000 peers, each at an address of its own (the table is keyed by address) and all in one
+    /// /112 (hosts of a prefix differ in their last bytes), send one datagram each; the queue
+    /// then answers every one with no datagram from it in between. A table sized for 10000
+    /// peers answers all. One sized for 512 (the old fixed 1024 slots) holds about half and
+    /// drops the others' replies (tx_no_neighbour); with the old hash, which sent all 2000 to 8
+    /// probe windows, the big one answered 64.
+    @Test func repliesReachEveryPeerTheTableIsSizedFor() throws {
+        if let reason = Testbed.unavailable { try Test.cancel(Comment(rawValue: reason)) }
+        try Testbed.up()
+        defer { Testbed.down() }
+        let count = 2000
+        let addresses = (0..<count).map { "fd00:5704::1:\(String($0 + 1, radix: 16))" }
+        let batch = addresses.map { "addr add \($0)/128 dev veth-b nodad" }.joined(separator: "\n") + "\n"
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("stoq-peers-\(getpid()).batch")
+        try batch.write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        try Self.sh("ip -n stoq-b -batch \(file.path)")
+        let receiver = try Harness.onThread(namespace: Testbed.namespaceB) { try ManyAddressPeer(port: 40_000) }
+
+        for (peers, answersAll) in [(10_000, true), (512, false)] {
+            let queue = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> XDPDatapathQueue in
+                var o = XDPOptions(interface: "veth-a")
+                o.zeroCopy = .off
+                o.neighbourPeers = peers
+                return try XDPDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(Testbed.addressA)!, port: Testbed.port), options: o)
+            }
+            defer { queue.close() }
+            try Harness.onThread(namespace: Testbed.namespaceB) {
+                for (i, a) in addresses.enumerated() { try receiver.send([UInt8(i >> 8), UInt8(i & 0xff)], from: a, to: queue.localEndpoint) }
+            }
+            let (heard, dropped) = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> (Int, UInt64) in
+                var peersHeard: [IPv6Endpoint] = []
+                for _ in 0..<100 where peersHeard.count < count {
+                    _ = try queue.receive(timeoutNanoseconds: 50_000_000) { d in
+                        let from = d.peer
+                        d.forEachDatagram { _ in peersHeard.append(from) }
+                    }
+                }
+                let before = queue.engineCounters.tx_no_neighbour
+                for (i, p) in peersHeard.enumerated() {
+                    var reserved = queue.reserveTransmit()
+                    if reserved == nil {
+                        try queue.flush()  // every slot in flight: reap the completed ones
+                        reserved = queue.reserveTransmit()
+                    }
+                    guard let slot = reserved else { throw DatapathError(.transmit, operation: "reserve") }
+                    slot.copyBytes(from: [UInt8(i >> 8), UInt8(i & 0xff)])
+                    queue.commitTransmit(length: 2, segmentSize: 2, to: p, ecn: .notECT)
+                    if i % 32 == 31 {
+                        // Paced: veth drops what outruns its peer's 256-entry ring.
+                        try queue.flush()
+                        usleep(1000)
+                    }
+                }
+                try queue.flush()
+                _ = try queue.receive(timeoutNanoseconds: 0) { _ in }
+                return (peersHeard.count, queue.engineCounters.tx_no_neighbour - before)
+            }
+            let answered = try Harness.onThread(namespace: Testbed.namespaceB) { receiver.receiveAll() }
+            print("af_xdp: a table for \(peers) peers heard \(heard) peers, answered \(answered), tx_no_neighbour \(dropped)")
+            #expect(heard == count)
+            if answersAll {
+                #expect(answered == count && dropped == 0)
+            } else {
+                #expect(answered < count * 3 / 4 && dropped > UInt64(count / 4))
+            }
+        }
+    }
+
     static func sh(_ command: String) throws {
         let r = Testbed.sh(command)
         if r.status != 0 { throw DatapathError(.open, operation: command, message: r.output) }
+    }
+}
+
+/// The far end for many peers: sends from any of its addresses and receives every reply on
+/// one socket bound to [::]:port (each send binds a socket of its own to that address and port).
+final class ManyAddressPeer {
+    let fd: Int32
+    let port: UInt16
+
+    init(port: UInt16) throws {
+        self.port = port
+        fd = try Self.socket(bind: IPv6Endpoint(address: .any, port: port))
+        // Room for every reply at once (root may pass net.core.rmem_max).
+        var size: Int32 = 16 << 20
+        setsockopt(fd, SOL_SOCKET, 33 /* SO_RCVBUFFORCE */, &size, 4)
+        var tv = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { Glibc.close(fd) }
+
+    static func socket(bind: IPv6Endpoint) throws -> Int32 {
+        let fd = Glibc.socket(AF_INET6, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { throw DatapathError(.open, operation: "socket", errno: errno) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+        var sa = bind.sockaddr
+        let rc = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        }
+        guard rc == 0 else { let e = errno; Glibc.close(fd); throw DatapathError(.open, operation: "bind \(bind)", errno: e) }
+        return fd
+    }
+
+    func send(_ bytes: [UInt8], from address: String, to: IPv6Endpoint) throws {
+        let s = try Self.socket(bind: IPv6Endpoint(address: IPv6Address(address)!, port: port))
+        defer { Glibc.close(s) }
+        var sa = to.sockaddr
+        let n = bytes.withUnsafeBytes { b in
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(s, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+            }
+        }
+        guard n == bytes.count else { throw DatapathError(.transmit, operation: "sendto from \(address)", errno: errno) }
+    }
+
+    /// Distinct replies received until a second of silence.
+    func receiveAll() -> Int {
+        var seen = Set<UInt16>()
+        var buf = [UInt8](repeating: 0, count: 2048)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 { return seen.count }
+            if n >= 2 { seen.insert(UInt16(buf[0]) << 8 | UInt16(buf[1])) }
+        }
     }
 }
 #endif

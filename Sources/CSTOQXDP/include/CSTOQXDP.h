@@ -8,8 +8,8 @@
  * payload the QUIC core writes directly, then prepends Ethernet/IPv6/UDP headers;
  * the UDP checksum is left to the kernel or NIC through TX metadata where the kernel
  * has it (Linux 6.8+) and the socket is in copy mode, else summed here. Everything is allocated at open: UMEM, a free stack of
- * transmit frames and a fixed neighbour table. The steady state allocates nothing
- * and makes at most one kick syscall per batch.
+ * transmit frames and a neighbour table sized for the worker's connections. The steady
+ * state allocates nothing and makes at most one kick syscall per batch.
  *
  * Frame accounting: every UMEM frame is in exactly one place (fill ring / kernel,
  * held by the caller after receive, free for transmit, reserved, in flight on TX).
@@ -56,6 +56,9 @@ typedef struct stoq_xsk_config {
   char pin_dir[128];
   /** Index in xsk_map (the queue id when steering by queue, the worker id when by CID). */
   uint32_t xsk_map_index;
+  /** Peers the neighbour table holds without evicting one (the worker's max_connections): it
+   *  takes 2 x that slots rounded up to a power of two, 40 bytes each, 1024 to 2^20; 0: 512. */
+  uint32_t neighbour_peers;
 } stoq_xsk_config;
 
 /** One received datagram (the UDP payload, in the UMEM). Valid until stoq_xsk_rx_done. */
