@@ -29,9 +29,10 @@
 
 #include "stoq_kern_user.h"
 
-/* The queues `ethtool -L` made active: an AF_XDP bind refuses a queue id at or past both
- * real_num_rx_queues and real_num_tx_queues (the kernel's xsk_reg_pool_at_qid), which are the
- * channels' rx + combined and tx + combined. -EOPNOTSUPP from a driver without get_channels. */
+/* The receive queues `ethtool -L` made active: the channels' rx + combined, which RSS spreads
+ * over. An AF_XDP bind would take a queue id up to tx + combined when that is more (the kernel's
+ * xsk_reg_pool_at_qid checks the larger of the two), but a socket there never receives, and
+ * zero-copy drivers refuse it. -EOPNOTSUPP from a driver without get_channels. */
 static int active_queues(const char *ifname) {
   int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -errno;
@@ -43,8 +44,7 @@ static int active_queues(const char *ifname) {
   int rc = ioctl(fd, SIOCETHTOOL, &ifr) == 0 ? 0 : -errno;
   close(fd);
   if (rc != 0) return rc;
-  uint32_t rx = ch.combined_count + ch.rx_count, tx = ch.combined_count + ch.tx_count;
-  return (int)(rx > tx ? rx : tx);
+  return (int)(ch.combined_count + ch.rx_count);
 }
 
 int stoq_xsk_interface_rx_queues(const char *ifname) {

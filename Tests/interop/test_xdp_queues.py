@@ -4,24 +4,31 @@ and the node did not start. And a node told to bind fewer queues than are active
 datagrams hashed to the others go to the kernel."""
 import json
 
+import pytest
+
 from conftest import need_binary, run
 from xdp_testbed import B, PORT, ROOT, VA, XDPNode, in_a, in_b, needs_root, testbed  # noqa: F401 (fixture)
 
 pytestmark = needs_root
 
 
-def channels(n):
-    """Sets both ends of the veth to `n` rx and tx channels (the peer first: veth refuses fewer
-    rx channels than its peer has tx channels while XDP is on)."""
-    for ns, dev in ((B, "veth-b"), ("stoq-a", VA)):
-        r = run(["ip", "netns", "exec", ns, "ethtool", "-L", dev, "rx", str(n), "tx", str(n)])
+def channels(rx, tx=None):
+    """Sets the node's end of the veth to `rx` receive and `tx` (default: as many) transmit
+    channels, and the peer's to the mirror image (first: veth refuses fewer rx channels than its
+    peer has tx channels while XDP is on)."""
+    tx = rx if tx is None else tx
+    for ns, dev, r_, t_ in ((B, "veth-b", tx, rx), ("stoq-a", VA, rx, tx)):
+        r = run(["ip", "netns", "exec", ns, "ethtool", "-L", dev, "rx", str(r_), "tx", str(t_)])
         assert r.returncode == 0, r.stderr
 
 
-def test_binds_the_active_queues_only(testbed):
+@pytest.mark.parametrize("rx,tx", [(1, 1), (1, 2)], ids=["one-channel", "more-tx-than-rx"])
+def test_binds_the_active_queues_only(testbed, rx, tx):
+    """A socket binds each receive queue: with 1 rx and 2 tx channels the kernel would let one
+    bind queue 1 too, where nothing ever arrives (and zero-copy drivers refuse it)."""
     work, digests = testbed
     run(in_a(ROOT / "scripts/xdp-attach", "--detach", VA))
-    channels(1)
+    channels(rx, tx)
     node = None
     try:
         r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--mode", "native", "--ports", PORT))
