@@ -201,9 +201,12 @@ static int register_port(stoq_xsk *x, char *err, size_t errlen) {
   return 0;
 }
 
-/* Busy polling is best effort: the kernel grants each of these options (raising them) only
- * with CAP_NET_ADMIN, which no deployment gives the node. The first refusal is kept for the
- * node to say once; the socket works on interrupts without them. */
+/* Busy polling is best effort and all or nothing: the kernel grants SO_PREFER_BUSY_POLL, and
+ * a raised SO_BUSY_POLL_BUDGET, only with CAP_NET_ADMIN, which no deployment gives the node
+ * (SO_BUSY_POLL itself it grants anyone). Half of it — polling that does not defer the
+ * device's interrupts — is neither what was asked nor what the node says: on the first
+ * refusal the socket goes back to interrupts, and the refusal is kept for the node to say
+ * once. */
 static void set_busy_poll(stoq_xsk *x, uint32_t usec) {
   int one = 1, us = (int)usec, budget = 64;
   const struct {
@@ -218,6 +221,10 @@ static void set_busy_poll(stoq_xsk *x, uint32_t usec) {
       continue;
     snprintf(x->busy_poll_refused, sizeof(x->busy_poll_refused), "setsockopt(%s): %s%s", opts[i].name, strerror(errno),
              errno == EPERM ? " (needs CAP_NET_ADMIN)" : "");
+  }
+  if (x->busy_poll_refused[0]) {
+    int zero = 0;
+    (void)setsockopt(x->fd, SOL_SOCKET, SO_BUSY_POLL, &zero, sizeof(zero));
   }
 }
 
