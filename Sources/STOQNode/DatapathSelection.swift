@@ -112,14 +112,6 @@ struct DatapathSelection {
                     "\(net.interface) has \(active) active queues but the XDP program's xsk_map holds \(slots) sockets (STOQ_MAX_SOCKETS): set network.queues to at most \(slots) and confine the port to those queues (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q), or ethtool -L \(net.interface) combined \(slots)"
             )
         }
-        if count < active {
-            // RSS spreads the node's port over every active queue; the program passes what
-            // arrives on a queue without a socket to the kernel, where nothing listens.
-            func queues(_ r: Range<Int>) -> String { r.count == 1 ? "queue \(r.lowerBound)" : "queues \(r.lowerBound)…\(r.upperBound - 1)" }
-            logger.warning(
-                "AF_XDP: network.queues = \(count) but \(net.interface) has \(active) active queues: datagrams hashed to \(queues(count..<active)) go to the kernel and get port unreachable, unless an ntuple rule confines port \(net.listenAddress.port) to \(queues(0..<count)) (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q, or an RSS context)"
-            )
-        }
         var queues: [XDPDatapathQueue] = []
         for q in 0..<count {
             var opts = XDPOptions(interface: net.interface)
@@ -158,6 +150,16 @@ struct DatapathSelection {
         let copy = first.isZeroCopy ? "zero-copy" : (net.zeroCopy == .off ? "copy mode (zero_copy = off)" : "copy mode (the driver has no zero-copy)")
         let checksum = first.checksumOffload ? "tx checksum: offloaded" : "tx checksum: software"
         logger.notice("datapath af_xdp: \(net.interface), \(count) queue(s), XDP \(first.xdpMode), \(copy), \(checksum), \(first.localEndpoint)")
+        if count < active {
+            // RSS spreads the node's port over every active queue; the program passes what
+            // arrives on a queue without a socket to the kernel, where nothing listens. Said
+            // once the sockets are open (a node that falls back to io_uring serves every
+            // queue), as a notice: with an ntuple rule it is what the operator meant.
+            func queues(_ r: Range<Int>) -> String { r.count == 1 ? "queue \(r.lowerBound)" : "queues \(r.lowerBound)…\(r.upperBound - 1)" }
+            logger.notice(
+                "AF_XDP: network.queues = \(count) but \(net.interface) has \(active) active queues: datagrams hashed to \(queues(count..<active)) go to the kernel and get port unreachable, unless an ntuple rule confines port \(net.listenAddress.port) to \(queues(0..<count)) (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q, or an RSS context)"
+            )
+        }
         if let refused = first.busyPollRefusal {
             logger.warning(
                 "AF_XDP: network.xdp.busy_poll_usec = \(net.xdp.busyPollMicroseconds) is not in effect, the sockets wait on interrupts: \(refused)"
