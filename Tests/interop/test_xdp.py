@@ -34,6 +34,10 @@ def test_status_names_the_counters_and_bad_ports_change_nothing(xdp_node):
                           "passed_no_socket", "passed_truncated", "passed_ext_limit", "passed_fragment",
                           "steered_by_cid", "shed_initial", "passed_other_address", "worker_0"], r.stdout
     program = re.search(r"id (\d+)", r.stdout).group(1)
+    # One who may not read the pinned counters is told so, not shown a row of zeros.
+    r = run(in_a("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                 ROOT / "scripts/xdp-attach", "--status", VA))
+    assert r.returncode == 1 and "xdp-attach: " in r.stderr and ": 0\n" not in r.stdout, (r.stdout, r.stderr)
     for ports, said in (("70000", "70000 is not a port"), ("", "give 1 to 16 ports"),
                         (",".join(str(5000 + i) for i in range(17)), "give 1 to 16 ports")):
         r = run(in_a(ROOT / "scripts/xdp-attach", VA, "--ports", ports))
