@@ -254,7 +254,12 @@ let package = Package(
 
         // Runs the multipath scenarios on the simulated mesh (scripts/bench-multipath).
         .executableTarget(name: "stoq-mesh-sim", dependencies: ["STOQRouting"]),
-        .target(name: "STOQTestSupport", dependencies: ["STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/STOQTestSupport"),
+        .target(
+            name: "STOQTestSupport",
+            dependencies: [
+                "STOQCore", "STOQDatapath", "STOQQUIC", "STOQTrust", .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
         .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking", "STOQAccess",
@@ -288,9 +293,9 @@ let package = Package(
         .executableTarget(name: "stoq-store-crash", dependencies: ["STOQStore"], path: "Tests/stoq-store-crash"),
         .testTarget(
             name: "STOQStoreTests",
-            dependencies: ["STOQStore", "stoq-store-crash", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["STOQStore", "stoq-store-crash", "STOQTestSupport", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "STOQNodeTests", dependencies: [
-            "STOQNode", "STOQAdmin", "STOQMesh", "STOQRenewal",
+            "STOQNode", "STOQAdmin", "STOQMesh", "STOQRenewal", "STOQTestSupport",
             .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),

@@ -4,12 +4,7 @@ import Testing
 
 /// `[admin]`: the admin API refuses to be reachable beyond loopback without authentication.
 @Suite struct AdminConfigTests {
-    func errors(_ text: String) -> [ConfigError] {
-        do {
-            _ = try ConfigLoader.parse(text, source: "node.toml")
-            return []
-        } catch { return error.errors }
-    }
+    func errors(_ text: String) -> [ConfigError] { configErrors(text, source: "node.toml") }
 
     @Test(arguments: ["[::]:9090", "[2001:db8::10]:9464", "[::2]:9464"])
     func aNonLoopbackAddressWithoutAuthIsRefused(_ listen: String) throws {

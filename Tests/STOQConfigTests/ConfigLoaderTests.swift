@@ -234,12 +234,7 @@ import TOMLKit
         #expect(errors("[edge]\nenable_caching = true").isEmpty)  // a notice, not an error (operatorsConfigFromTheIssueIsValid)
     }
 
-    func errors(_ text: String) -> [ConfigError] {
-        do {
-            _ = try ConfigLoader.parse(text, source: "t.toml")
-            return []
-        } catch { return error.errors }
-    }
+    func errors(_ text: String) -> [ConfigError] { configErrors(text) }
 
     @Test func multipathSchedulerIsAScheduleNotAFixedSplit() throws {
         #expect(try ConfigLoader.parse("[routing]\nmultipath_scheduler = \"round_robin\"").routing.multipathScheduler == .roundRobin)

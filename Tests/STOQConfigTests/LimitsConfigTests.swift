@@ -4,12 +4,7 @@ import Testing
 /// `[limits]` and `access.overwrite`: off and "owner" by default, every key validated with an
 /// error naming key, value and what is allowed.
 @Suite struct LimitsConfigTests {
-    func errors(_ text: String) -> [ConfigError] {
-        do {
-            _ = try ConfigLoader.parse(text, source: "t.toml")
-            return []
-        } catch { return error.errors }
-    }
+    func errors(_ text: String) -> [ConfigError] { configErrors(text) }
 
     @Test func offByDefault() {
         let l = NodeConfig.default.limits

@@ -5,12 +5,7 @@ import Testing
 /// `[storage]`'s garbage collection keys: on every hour by default, with an hour's grace, each
 /// validated with an error naming the key.
 @Suite struct StorageConfigTests {
-    func errors(_ text: String) -> [ConfigError] {
-        do {
-            _ = try ConfigLoader.parse(text, source: "t.toml")
-            return []
-        } catch { return error.errors }
-    }
+    func errors(_ text: String) -> [ConfigError] { configErrors(text) }
 
     @Test func collectionRunsHourlyByDefault() {
         let s = NodeConfig.default.storage

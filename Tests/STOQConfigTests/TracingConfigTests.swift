@@ -4,12 +4,7 @@ import Testing
 /// `[tracing]`: off by default, every key validated with an error naming key, value and what is
 /// allowed.
 @Suite struct TracingConfigTests {
-    func errors(_ text: String) -> [ConfigError] {
-        do {
-            _ = try ConfigLoader.parse(text, source: "t.toml")
-            return []
-        } catch { return error.errors }
-    }
+    func errors(_ text: String) -> [ConfigError] { configErrors(text) }
 
     @Test func offByDefault() {
         let t = NodeConfig.default.tracing

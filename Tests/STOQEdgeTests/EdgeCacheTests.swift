@@ -6,6 +6,7 @@ import STOQChunking
 import STOQQUIC
 import STOQStore
 import STOQTransfer
+import STOQTestSupport
 import Testing
 
 @testable import STOQEdge
@@ -263,14 +264,14 @@ import Testing
     /// A chunk evicted between `readChunk`'s touch and its read (the file gone under it) is a
     /// plain miss: nothing logged, and the entry dropped since its file is gone.
     @Test func aChunkEvictedWhileReadIsAPlainMiss() throws {
-        let lines = EdgeLogLines()
-        let cache = try open(capacity: 1_200_000, logger: Logger(label: "test") { _ in lines })
+        let lines = LogCapture()
+        let cache = try open(capacity: 1_200_000, logger: lines.logger)
         let (id, bytes) = chunk(1, 5000)
         let put = try cache.store.put(id: id, bytes: bytes)
         #expect(bytes.withUnsafeBytes { cache.admit(id, $0, put: put) })
         try cache.store.remove(id)  // the eviction's unlink, as if it came between touch and read
         #expect(cache.readChunk(id) == nil)
-        #expect(lines.errors == [], "a chunk that went is a miss, not an error")
+        #expect(lines.messages(atLeast: .error) == [], "a chunk that went is a miss, not an error")
         #expect(!cache.holds(id))
     }
 
@@ -278,8 +279,8 @@ import Testing
     /// (here: while the failure is logged), stays in the policy with its new file: dropping the
     /// entry would leave the file on disk, tracked by nothing.
     @Test func aChunkAdmittedAgainWhileItsReadFailedStaysTracked() throws {
-        let lines = EdgeLogLines()
-        let cache = try open(capacity: 1_200_000, logger: Logger(label: "test") { _ in lines })
+        let lines = LogCapture()
+        let cache = try open(capacity: 1_200_000, logger: lines.logger)
         let (id, bytes) = chunk(2, 5000)
         let put = try cache.store.put(id: id, bytes: bytes)
         #expect(bytes.withUnsafeBytes { cache.admit(id, $0, put: put) })
@@ -287,38 +288,14 @@ import Testing
         let hex = id.hex
         let file = root + "/chunks/\(hex.prefix(2))/\(hex.dropFirst(2).prefix(2))/\(hex)"
         try Data(repeating: 0, count: 5000).write(to: URL(fileURLWithPath: file))
-        lines.onError = {
+        lines.onFirst(.error) {
             // The fetcher brings the chunk back meanwhile.
             bytes.withUnsafeBytes { b in _ = cache.admit(id, b, put: (try? cache.store.put(id: id, bytes: bytes)) ?? .stored) }
         }
         #expect(cache.readChunk(id) == nil)
-        #expect(lines.errors.count == 1)
+        #expect(lines.messages(atLeast: .error).count == 1)
         #expect(FileManager.default.fileExists(atPath: file))
         #expect(cache.holds(id), "the file of the chunk admitted again is tracked")
         #expect(cache.readChunk(id) == bytes)
     }
-}
-
-/// Collects the error lines an edge cache logs, and runs `onError` once on the first (to act
-/// at the moment the cache handles a failure).
-final class EdgeLogLines: @unchecked Sendable, LogHandler {
-    private let lock = NSLock()
-    private var lines: [String] = []
-    var onError: (() -> Void)?
-    var logLevel: Logger.Level = .trace
-    var metadata: Logger.Metadata = [:]
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
-        guard level >= .error else { return }
-        let action = lock.withLock {
-            lines.append("\(message)")
-            defer { onError = nil }
-            return onError
-        }
-        action?()
-    }
-    var errors: [String] { lock.withLock { lines } }
 }

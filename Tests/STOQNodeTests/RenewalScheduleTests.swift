@@ -3,6 +3,7 @@ import Logging
 @testable import STOQAdmin
 import STOQConfig
 import STOQTrust
+import STOQTestSupport
 import Testing
 import X509
 
@@ -108,7 +109,7 @@ import X509
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let day = 86400.0
         let ca = try TrustAuthority.create(in: dir + "/trust", now: Date() - 50 * day, intermediateLifetime: 60 * day)
-        let lines = CapturedLog()
+        let lines = LogCapture()
         var trust = NodeConfig.default.trust
         trust.certLifetime = 24 * 3_600_000_000_000
         let m = CertificateManager(
@@ -123,7 +124,7 @@ import X509
         #expect(chain.count == 2 && chain[1] == onDisk)
         #expect(chain[0].notValidAfter.timeIntervalSinceNow > 23 * 3600)
         #expect(m.counters.intermediateNotAfter == onDisk.notValidAfter && m.counters.rootNotAfter == ca.root.notValidAfter)
-        #expect(lines.messages.contains { $0.hasPrefix("intermediate CA re-issued from the root") })
+        #expect(lines.messages().contains { $0.hasPrefix("intermediate CA re-issued from the root") })
         // Both ends reach the admin API, to alert on.
         let c = m.counters
         let text = NodeMetrics(
@@ -136,18 +137,4 @@ import X509
         #expect(text.contains("\nstoq_trust_ca_not_after_seconds{ca=\"root\"} \(Int(ca.root.notValidAfter.timeIntervalSince1970))\n"))
         #expect(text.contains("\nstoq_trust_ca_not_after_seconds{ca=\"intermediate\"} \(Int(onDisk.notValidAfter.timeIntervalSince1970))\n"))
     }
-}
-
-/// Every message logged through it.
-final class CapturedLog: @unchecked Sendable, LogHandler {
-    private let lock = NSLock()
-    private var lines: [String] = []
-    var logLevel: Logger.Level = .trace
-    var metadata: Logger.Metadata = [:]
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) { lock.withLock { lines.append("\(event.message)") } }
-    var messages: [String] { lock.withLock { lines } }
 }

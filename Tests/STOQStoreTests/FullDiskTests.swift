@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import STOQStore
 import Synchronization
+import STOQTestSupport
 import Testing
 
 /// A write(2) that takes `room` bytes in all, then fails with ENOSPC, as a full filesystem
@@ -85,22 +86,6 @@ final class FillingDisk: Sendable {
     }
 }
 
-/// Collects log lines, for counting warnings.
-final class LogLines: @unchecked Sendable, LogHandler {
-    private let lock = NSLock()
-    private var lines: [(Logger.Level, String)] = []
-    var logLevel: Logger.Level = .trace
-    var metadata: Logger.Metadata = [:]
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
-        lock.withLock { lines.append((level, "\(message)")) }
-    }
-    func count(_ level: Logger.Level) -> Int { lock.withLock { lines.filter { $0.0 == level }.count } }
-}
-
 @Suite struct DiskFullMonitorTests {
     final class Clock: Sendable {
         let t = Atomic<UInt64>(1_000_000_000)
@@ -108,7 +93,7 @@ final class LogLines: @unchecked Sendable, LogHandler {
     }
 
     @Test func oneWarningPerEpisodeAndItEndsByItself() {
-        let lines = LogLines(), clock = Clock()
+        let lines = LogCapture(), clock = Clock()
         let m = DiskFullMonitor(logger: Logger(label: "t") { _ in lines }, quietPeriod: .seconds(30)) { clock.t.load(ordering: .relaxed) }
         for _ in 0..<100 { m.refused("chunk x") }
         #expect(m.refusals == 100 && m.episodes == 1 && m.full)
