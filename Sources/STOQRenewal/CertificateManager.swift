@@ -352,12 +352,13 @@ package final class CertificateManager: @unchecked Sendable {
 }
 
 /// How long the rotation waits after a failed renewal: exponential, from `floor` to
-/// `ceiling`, and while the certificate is valid and far from its end, at most a tenth of the
-/// time it has left, so one with little left is retried more often. Once it has expired, or
-/// has so little left that a tenth is under the floor, that cap no longer applies and the
-/// backoff goes on growing: applied there, it was a retry every second, forever — in ACME
-/// mode a whole order each time, which a public CA's rate limits answer with a ban, and an
-/// error line each time. The floor holds from the first retry: one order per 30 s at most.
+/// `ceiling`, and while the certificate is valid at most a tenth of the time it has left, or
+/// the floor when that is less, so one with little left is retried more often — and one with
+/// under five minutes left every 30 s, not after its end. Once it has expired the backoff
+/// alone decides: a tenth of what is left, applied there, was a retry every second, forever —
+/// in ACME mode a whole order each time, which a public CA's rate limits answer with a ban,
+/// and an error line each time. The floor holds from the first retry: one order per 30 s at
+/// most.
 struct RenewalBackoff {
     /// The shortest wait: a failure seconds ago is rarely cured yet, and an ACME order costs.
     static let floor: TimeInterval = 30
@@ -368,8 +369,7 @@ struct RenewalBackoff {
     /// The wait before the next attempt, `timeLeft` seconds before the certificate's end
     /// (negative once past it); each call doubles the next, up to `ceiling`.
     mutating func next(timeLeft: TimeInterval) -> TimeInterval {
-        let cap = timeLeft / 10
-        let wait = cap >= Self.floor ? min(delay, cap) : delay
+        let wait = timeLeft > 0 ? min(delay, max(Self.floor, timeLeft / 10)) : delay
         delay = min(delay * 2, Self.ceiling)
         return wait
     }

@@ -83,8 +83,9 @@ import X509
         }
         #expect(waits.allSatisfy { $0.wait >= 30 && $0.wait <= 300 }, "\(waits.map(\.wait))")
         #expect(waits.prefix(5).map(\.wait) == [30, 60, 120, 240, 300])
-        // While valid, a tenth of what is left caps the wait as long as that is above the floor.
-        #expect(waits.filter { $0.left / 10 >= 30 }.allSatisfy { $0.wait <= $0.left / 10 })
+        // While valid, a tenth of what is left caps the wait, or the floor when that is less:
+        // the last minutes before the end are tried every 30 s, not skipped.
+        #expect(waits.filter { $0.left > 0 }.allSatisfy { $0.wait <= max(30, $0.left / 10) }, "\(waits)")
         // Expired: one attempt per 5 min — 36 in three hours, where there were 10,800.
         let expired = waits.filter { $0.left <= 0 }
         #expect(!expired.isEmpty && expired.allSatisfy { $0.wait == 300 })
@@ -99,6 +100,10 @@ import X509
         backoff.reset()
         let nearTheEnd = backoff.next(timeLeft: 20)
         #expect(nearTheEnd == 30)
+        // A backoff grown to its ceiling, with 290 s left: the next try comes in 30 s, before the
+        // end, not 300 s later (after it).
+        for _ in 0..<6 { _ = backoff.next(timeLeft: -1) }
+        #expect(backoff.next(timeLeft: 290) == 30)
     }
 
     /// A node whose CA was made 50 days ago with a 60-day intermediate (the 3-year default,
