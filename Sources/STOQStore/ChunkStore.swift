@@ -306,7 +306,10 @@ public final class ChunkStore: @unchecked Sendable {
     private func readLocal(_ id: ChunkID, countRead: Bool) throws -> LocalRead {
         let (shard, name) = Self.location(id)
         let rel = shard + "/" + name
-        let fd = openat(chunksDir.fd, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        // O_NONBLOCK: a FIFO put where a chunk belongs would block the opening thread (a worker,
+        // or a store thread holding the shared lock, which then holds off every writer) until a
+        // writer came. On a regular file it changes nothing.
+        let fd = openat(chunksDir.fd, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else {
             if errno == ENOENT || errno == ENOTDIR { return .missing }
             throw StoreError.io("open", chunksDir.path + "/" + rel)
@@ -315,6 +318,11 @@ public final class ChunkStore: @unchecked Sendable {
         let bytes: [UInt8]
         do {
             guard fstat(fd, &st) == 0 else { throw StoreError.io("fstat", chunksDir.path + "/" + rel) }
+            if st.st_mode & S_IFMT != S_IFREG {
+                close(fd)
+                let why = "it is not a regular file (mode \(String(st.st_mode & S_IFMT, radix: 8)))"
+                return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
+            }
             if st.st_size > Self.largestChunkFile {
                 // Not loaded: no chunk the format allows is that big.
                 close(fd)

@@ -178,6 +178,20 @@ import Testing
         #expect(!assertStoreError(.chunkTooLarge) { try store.put(id: id, bytes: big) }.isEmpty)
     }
 
+    /// A FIFO where a chunk belongs is refused at once as not a regular file and moved to
+    /// quarantine: opened without O_NONBLOCK it blocked the reading thread until a writer came
+    /// (here: the test, forever).
+    @Test func aFIFOInPlaceOfAChunkIsCorruptNotABlockedRead() throws {
+        let data = [UInt8](repeating: 0x5a, count: 3000)
+        let id = ChunkID(digestOf: data)
+        let store = try ChunkStore(root: root)
+        try store.put(id: id, bytes: data)
+        #expect(unlink(path(of: id)) == 0 && mkfifo(path(of: id), 0o600) == 0)
+        let thrown = assertStoreError(.corrupt) { _ = try store.read(id) }
+        #expect(thrown.contains("is not a regular file"), "\(thrown)")
+        #expect(quarantined().count == 1 && store.counters.corruptQuarantined == 1)
+    }
+
     @Test func corruptChunkIsRefetchedFromSource() throws {
         let data = [UInt8](repeating: 0xa5, count: 10_000)
         let id = ChunkID(digestOf: data)
