@@ -112,6 +112,10 @@ struct DatapathSelection {
                     "\(net.interface) has \(active) active queues but the XDP program's xsk_map holds \(slots) sockets (STOQ_MAX_SOCKETS): set network.queues to at most \(slots) and confine the port to those queues (ethtool -N \(net.interface) flow-type udp6 dst-port \(net.listenAddress.port) action Q), or ethtool -L \(net.interface) combined \(slots)"
             )
         }
+        // A worker's connections spread over the queues it reads: each socket's neighbour table
+        // is sized for its share, not for all of them (64 queues × 10,000 each was 80 MiB).
+        let readers = min(net.workers == 0 ? min(count, ConnectionID.maxWorkers) : net.workers, count)
+        let peersPerQueue = (net.quic.maxConnections * readers + count - 1) / count
         var queues: [XDPDatapathQueue] = []
         for q in 0..<count {
             var opts = XDPOptions(interface: net.interface)
@@ -121,7 +125,7 @@ struct DatapathSelection {
             opts.frameCount = net.xdp.frames
             opts.ringSize = net.xdp.ringSize
             opts.busyPollMicroseconds = net.xdp.busyPollMicroseconds
-            opts.neighbourPeers = net.quic.maxConnections
+            opts.neighbourPeers = peersPerQueue
             opts.zeroCopy =
                 switch net.zeroCopy {
                 case .auto: .auto;
