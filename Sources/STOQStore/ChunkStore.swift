@@ -436,36 +436,66 @@ public final class ChunkStore: @unchecked Sendable {
         return report
     }
 
-    /// Removes every chunk not in `keep` whose mtime is older than `grace`. The caller
-    /// holds `lock` exclusively, so no put runs meanwhile.
-    func sweepLocked(keeping keep: Set<ChunkID>, grace: Duration) throws -> SweepResult {
-        var result = SweepResult()
-        let graceSeconds = Double(grace.components.seconds) + Double(grace.components.attoseconds) / 1e18
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
+    /// Garbage collection's walk: every stored chunk not in `keep` whose mtime is older than
+    /// `grace`, in walk order; the others counted as kept (in `keep`) or young. Takes no lock:
+    /// puts go on meanwhile, which is why `sweepLocked` looks at each candidate again.
+    func sweepCandidates(keeping keep: Set<ChunkID>, grace: Duration) throws -> (candidates: [ChunkID], counted: SweepResult) {
+        var counted = SweepResult()
+        var candidates: [ChunkID] = []
+        let now = Self.now()
         try forEachShard { dir, names in
-            var removedHere = false
             for name in names {
                 guard let id = Self.chunkID(fileName: name) else { continue }
-                if keep.contains(id) { result.kept += 1; continue }
-                guard let st = try dir.stat(name) else { continue }
-                let age = Double(now.tv_sec - st.st_mtim.tv_sec) + Double(now.tv_nsec - st.st_mtim.tv_nsec) / 1e9
-                if age < graceSeconds { result.young += 1; continue }
-                guard unlinkat(dir.fd, name, 0) == 0 else {
-                    if errno == ENOENT { continue }
-                    throw StoreError.io("unlink", dir.path + "/" + name)
-                }
-                removedHere = true
-                result.removed += 1
-                result.bytesFreed += UInt64(st.st_size)
+                if keep.contains(id) { counted.kept += 1; continue }
+                guard let st = try dir.stat(name) else { continue }  // quarantined or evicted meanwhile
+                if Self.age(of: st, at: now) < Self.seconds(grace) { counted.young += 1; continue }
+                candidates.append(id)
             }
-            if removedHere { try dir.sync() }
         }
+        return (candidates, counted)
+    }
+
+    /// Removes each of `candidates` not in `keep` whose mtime is still older than `grace`, and
+    /// counts it in the store's counters. The caller holds `lock` exclusively, so no put runs
+    /// meanwhile: a put that refreshed a candidate since the walk (dedup) or rewrote it shows
+    /// in its mtime here, and none can refresh or name it between this check and the unlink.
+    func sweepLocked(candidates: some Collection<ChunkID>, keeping keep: Set<ChunkID>, grace: Duration) throws -> SweepResult {
+        var result = SweepResult()
+        let now = Self.now()
+        var touched: [String: Directory] = [:]
+        for id in candidates {
+            if keep.contains(id) { result.kept += 1; continue }
+            let (shard, name) = Self.location(id)
+            guard let st = try chunksDir.stat(shard + "/" + name) else { continue }
+            if Self.age(of: st, at: now) < Self.seconds(grace) { result.young += 1; continue }
+            guard unlinkat(chunksDir.fd, shard + "/" + name, 0) == 0 else {
+                if errno == ENOENT { continue }
+                throw StoreError.io("unlink", "\(chunksDir.path)/\(shard)/\(name)")
+            }
+            if touched[shard] == nil { touched[shard] = try Directory(shard, in: chunksDir) }
+            result.removed += 1
+            result.bytesFreed += UInt64(st.st_size)
+        }
+        for dir in touched.values { try dir.sync() }
         state.withLock {
             counterValues.chunksCollected += UInt64(result.removed)
             counterValues.bytesCollected += result.bytesFreed
         }
         return result
+    }
+
+    private static func now() -> timespec {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return now
+    }
+
+    private static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    private static func age(of st: Glibc.stat, at now: timespec) -> Double {
+        Double(now.tv_sec - st.st_mtim.tv_sec) + Double(now.tv_nsec - st.st_mtim.tv_nsec) / 1e9
     }
 
     /// Calls `body` with each shard directory (`chunks/ab/cd`) and its entries.

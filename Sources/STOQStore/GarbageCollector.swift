@@ -6,10 +6,11 @@ import Logging
 /// API's `POST /store/collect`).
 ///
 /// Never on a worker's thread: a collection reads every object record and walks the whole chunk
-/// tree under the store's exclusive lock, so it takes as long as the store is large, and chunk
-/// puts and object records wait for it. It is safe against uploads in progress as
-/// `ObjectIndex` says: unreferenced chunks younger than the store's grace period stay, and so do
-/// those an ingest has pinned.
+/// tree, so it takes as long as the store is large. Chunk puts and object records go on
+/// meanwhile and wait only for the short turns of its sweep under the store's exclusive lock
+/// (`ObjectIndex.collect`). It is safe against uploads in progress as `ObjectIndex` says:
+/// unreferenced chunks younger than the store's grace period stay, and so do those an ingest has
+/// pinned and those a record written during the run names.
 ///
 /// What a run freed is logged (by `collect`) and counted in the store's counters
 /// (`chunksCollected`, `bytesCollected`), which `ObjectGate` reads for `limits.storage_cap`: the
@@ -54,6 +55,10 @@ public final class GarbageCollector: @unchecked Sendable {
 
     /// A snapshot of what it counted.
     public var counters: Counters { state.withLock { counterValues } }
+
+    /// Whether `start` started the schedule's thread (it does not for a zero interval): what
+    /// a test can check, where waiting to see no run proves nothing.
+    var isScheduled: Bool { cond.withLock { thread != nil } }
 
     /// Starts the schedule (nothing when `interval` is zero): the first collection one interval
     /// from now, then one interval after each ends.

@@ -11,10 +11,11 @@ import Musl
 /// directory fsync). Also the store's garbage collector, since only the objects know which
 /// chunks are still wanted.
 ///
-/// Garbage collection against concurrent writes — the rule:
-/// - `putObject` checks its chunks and writes its record under the store's shared lock;
-///   `collect` marks and sweeps under the exclusive lock. So a record is either seen by the
-///   mark or written after the sweep, never in between.
+/// Garbage collection against concurrent writes — the rule (`collect` says why it holds):
+/// - `collect` marks and walks the chunk tree without the store's lock, while it records the
+///   chunk ids of every record `putObject` writes meanwhile; then, in short turns under the
+///   store's exclusive lock, it removes the old unreferenced chunks the walk found, keeping
+///   what was recorded, what is pinned, and whatever a put has refreshed since.
 /// - An upload puts its chunks before its object. Chunks referenced by no object are
 ///   collected only when their mtime is older than `Options.collectGracePeriod` (default 1 h);
 ///   a put of a chunk the store already has refreshes its mtime. An ingest (the node cutting
@@ -23,8 +24,8 @@ import Musl
 ///   it is abandoned. A client's own chunked upload (chunk PUTs, then its manifest) pins
 ///   nothing: one that takes longer than the grace period between its chunks and its object
 ///   gets `.missingChunks` listing what to resend.
-/// - Puts wait while a collection runs (it walks the whole chunk tree); collections are
-///   meant to be occasional.
+/// - Puts wait only for those short turns, not for the mark or the walk, which take as long
+///   as the store is large.
 /// - One process has a store open at a time (`lock` file), so the rule is in-process only.
 ///
 /// Thread-safe.
@@ -70,8 +71,33 @@ public final class ObjectIndex: @unchecked Sendable {
 
     private let dir: Directory
     private let logger: Logger
+    /// Guards `pins`, `recorded` and `phaseHook`. Taken inside the store's lock, never around it.
     private let pinLock = NSLock()
     private var pins: [ObjectIdentifier: ChunkPin] = [:]
+    /// While a collection runs: the chunk ids of the records written since it began (see
+    /// `collect`); nil otherwise.
+    private var recorded: Set<ChunkID>?
+    /// One collection at a time: `recorded` belongs to it.
+    private let collecting = NSLock()
+    /// Called by `collect` between its phases, outside the store's lock; tests set it to act
+    /// at a chosen point of a collection.
+    var phaseHook: (@Sendable (CollectPhase) -> Void)? {
+        get { pinLock.withLock { hook } }
+        set { pinLock.withLock { hook = newValue } }
+    }
+    private var hook: (@Sendable (CollectPhase) -> Void)?
+
+    /// Where a collection is when it calls `phaseHook`.
+    enum CollectPhase: Sendable {
+        /// Recording, records read; the chunk tree not yet walked.
+        case marked
+        /// The chunk tree walked; nothing removed yet.
+        case walked
+    }
+
+    /// Candidates `collect` re-checks and removes per turn under the exclusive lock: bounds how
+    /// long a put can wait for it (a few thousand stats and unlinks, a few directory fsyncs).
+    static let sweepTurn = 1024
 
     /// The chunks an upload in progress has put and its object will name, kept by garbage
     /// collection whatever their age until the upload ends (`ObjectIndex.unpin`). A chunk is
@@ -170,6 +196,9 @@ public final class ObjectIndex: @unchecked Sendable {
                 chunks.diskFull.refused(e.message)
                 throw e
             }
+            // After the rename, not before: a collection that begins after this check lists
+            // the record, so only one already running needs telling (`collect`).
+            pinLock.withLock { recorded?.formUnion(chunkIDs) }
             chunks.diskFull.stored()
         }
     }
@@ -238,11 +267,49 @@ public final class ObjectIndex: @unchecked Sendable {
     /// Garbage collection: marks every chunk some object refers to or an upload in progress
     /// pinned, then removes the other chunks older than the grace period (`gracePeriod`, else
     /// the store's option). Refuses (`.corruptRecord`) if any record cannot be read, since its
-    /// chunks would be lost.
+    /// chunks would be lost. One at a time (a second call waits).
+    ///
+    /// Phases:
+    /// 1. Recording begins: from now on `putObject` adds the ids of each record it has written
+    ///    to `recorded`.
+    /// 2. Mark, without the store's lock: the ids pinned now and those of every record read.
+    /// 3. Walk, without the store's lock: the chunks neither marked nor younger than the grace
+    ///    period are the candidates.
+    /// 4. Sweep, in turns of `sweepTurn` candidates under the exclusive lock: add what was
+    ///    recorded so far and what is pinned now to the keep set, then remove each candidate
+    ///    not kept whose mtime is still older than the grace period. Recording ends with the
+    ///    last turn.
+    /// Puts and records are written throughout, waiting only for a turn.
+    ///
+    /// Why no chunk an object refers to is removed — take a chunk C unlinked in a turn of
+    /// phase 4, and an object O whose record names C at that moment:
+    /// - O's record was renamed into place before recording began: phase 2 read it (or a later
+    ///   version, which replaced it: then that version is the one that counts, and it is
+    ///   either older than recording, and read, or newer, below). A delete only drops a
+    ///   record, so its chunks may go. C was marked, never a candidate.
+    /// - O's record was written after recording began and before the turn: `putObject` adds
+    ///   the ids under the shared lock, after the rename, and recording was on (the turn had
+    ///   not ended). The turn holds the exclusive lock, so that write finished before it and
+    ///   the turn's keep set has C.
+    /// - O's record was written after the turn: `putObject` checks, under the shared lock,
+    ///   that its chunks are there; C is not, so it refuses with `.missingChunks`, as it would
+    ///   have had the collection come before its chunk puts.
+    /// The same for an upload in progress, whose object is not written yet: its chunks were
+    /// put (written, or refreshed if already stored) just before they were pinned. One pinned
+    /// at the turn is kept; one pinned before and unpinned by then has had its object written
+    /// (above) or was abandoned. A chunk put since the walk (a dedup put refreshes the mtime,
+    /// a non-dedup put rewrites the file) is young at the turn's re-check, which no put can
+    /// overtake while the exclusive lock is held. `missing` (have/want) refreshes nothing: an
+    /// upload that finds chunks present and then waits longer than the grace period before
+    /// its manifest may get `.missingChunks`, as before.
     public func collect(gracePeriod: Duration? = nil) throws -> CollectResult {
-        try chunks.lock.exclusive {
-            var keep = Set<ChunkID>()
-            for pin in pinLock.withLock({ Array(pins.values) }) { keep.formUnion(pin.pinned) }
+        try collecting.withLock {
+            let grace = gracePeriod ?? chunks.options.collectGracePeriod
+            var keep = pinLock.withLock {
+                recorded = []
+                return pins.values.reduce(into: Set<ChunkID>()) { $0.formUnion($1.pinned) }
+            }
+            defer { pinLock.withLock { recorded = nil } }
             let names = try listObjects()
             for name in names {
                 let record: ObjectRecord
@@ -255,7 +322,28 @@ public final class ObjectIndex: @unchecked Sendable {
                 }
                 keep.formUnion(record.chunkIDs)
             }
-            let sweep = try chunks.sweepLocked(keeping: keep, grace: gracePeriod ?? chunks.options.collectGracePeriod)
+            phaseHook?(.marked)
+            let (candidates, walked) = try chunks.sweepCandidates(keeping: keep, grace: grace)
+            phaseHook?(.walked)
+            var sweep = walked
+            var start = candidates.startIndex
+            while start < candidates.endIndex {
+                let turn = candidates[start..<min(start + Self.sweepTurn, candidates.endIndex)]
+                let swept = try chunks.lock.exclusive {
+                    // The recorded ids move into `keep`: each turn takes only what came since.
+                    pinLock.withLock {
+                        keep.formUnion(recorded ?? [])
+                        recorded = []
+                        for pin in pins.values { keep.formUnion(pin.pinned) }
+                    }
+                    return try chunks.sweepLocked(candidates: turn, keeping: keep, grace: grace)
+                }
+                sweep.kept += swept.kept
+                sweep.young += swept.young
+                sweep.removed += swept.removed
+                sweep.bytesFreed += swept.bytesFreed
+                start = turn.endIndex
+            }
             let result = CollectResult(
                 objectsScanned: names.count, chunksReferenced: sweep.kept,
                 chunksInGracePeriod: sweep.young, chunksRemoved: sweep.removed, bytesFreed: sweep.bytesFreed)

@@ -10,9 +10,10 @@ import STOQCore
 /// Across processes: one process owns a store directory, by its `OwnerLock` on `<root>/lock`
 /// held while the store is open.
 ///
-/// Within that process: writes (chunk puts, object puts) take a shared lock and
-/// garbage collection an exclusive one, so an object record is never written between
-/// GC's mark and its sweep. Writer-preferring, so a steady stream of puts cannot starve GC.
+/// Within that process: writes (chunk puts, object puts) take a shared lock and garbage
+/// collection an exclusive one for each short turn of its sweep, so no put refreshes or names a
+/// chunk between the turn's last look at it and its removal (`ObjectIndex.collect`).
+/// Writer-preferring, so a steady stream of puts cannot starve GC.
 /// Not reentrant: never call a store method that locks from inside a locked section.
 final class StoreLock: @unchecked Sendable {
     private let rw: UnsafeMutablePointer<pthread_rwlock_t>

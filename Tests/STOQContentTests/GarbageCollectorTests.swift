@@ -1,8 +1,8 @@
 import Foundation
-import STOQStore
 import Testing
 
 @testable import STOQContent
+@testable import STOQStore
 
 /// Garbage collection on its schedule, as a node runs it: what a replaced chunked object left
 /// is removed once past the grace period, `limits.storage_cap` sees the bytes freed, and the
@@ -66,6 +66,9 @@ import Testing
         #expect(gate.counters.storedBytes == 1000)
         #expect(gate.reserve(1000) == nil, "the cap admits a write again")
         gate.release(1000)
+        // From here each collection is the test's own: a scheduled one could remove d as soon
+        // as it is unpinned, before the `collectNow` that is to show it.
+        collector.stop()
 
         // An ingest in progress: its pinned chunk stays whatever its age, until it ends.
         let d = try putChunk(gate, store, 4)
@@ -82,13 +85,17 @@ import Testing
     @Test func stopEndsTheScheduleAndZeroRunsNone() throws {
         let store = try ChunkStore(root: dir + "/content")
         let index = try ObjectIndex(chunks: store)
+        // Zero: `start` starts no thread, so nothing runs but `collectNow`.
         let off = GarbageCollector(index: index, interval: .zero)
         off.start()
-        usleep(50_000)
-        #expect(off.counters.runs == 0)
+        #expect(!off.isScheduled, "no schedule for a zero interval")
         off.stop()
+        #expect(off.counters.runs == 0)
+        #expect(throws: Never.self) { try off.collectNow() }
+        #expect(off.counters.runs == 1, "collectNow runs with no schedule")
         let on = GarbageCollector(index: index, interval: .milliseconds(10))
         on.start()
+        #expect(on.isScheduled)
         let deadline = Date(timeIntervalSinceNow: 10)
         while on.counters.runs == 0 && Date() < deadline { usleep(5_000) }
         on.stop()

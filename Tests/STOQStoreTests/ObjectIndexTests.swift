@@ -1,6 +1,7 @@
 import Foundation
-import STOQStore
 import Testing
+
+@testable import STOQStore
 
 @Suite final class ObjectIndexTests: StoreTestCase {
     private func putChunks(_ store: ChunkStore, _ texts: [String]) throws -> [ChunkID] {
@@ -113,6 +114,61 @@ import Testing
         result = try index.collect()
         #expect(result.chunksRemoved == 2)
         #expect(try store.allChunkIDs() == [])
+    }
+
+    /// A record written, or a chunk pinned, while a collection runs keeps the chunks it names,
+    /// though they are old and the mark saw no object naming them: `collect` records what
+    /// `putObject` writes and takes the pins again under the exclusive lock. Driven through
+    /// `phaseHook`, at each point between the phases.
+    @Test(arguments: [ObjectIndex.CollectPhase.marked, .walked])
+    func aRecordWrittenDuringACollectionKeepsItsOldChunks(at phase: ObjectIndex.CollectPhase) throws {
+        let store = try ChunkStore(root: root)  // default grace: 1 h
+        let index = try ObjectIndex(chunks: store)
+        let ids = try putChunks(store, ["named by a record written mid-run", "pinned mid-run", "garbage"])
+        for id in ids { age(path(of: id), secondsAgo: 7200) }
+        let pin = index.pinChunks()
+        defer { index.unpin(pin) }
+        let ran = Flag()
+        defer { index.phaseHook = nil }
+        index.phaseHook = { p in
+            guard p == phase else { return }
+            #expect(throws: Never.self) { try index.putObject("late", manifest: [], chunkIDs: [ids[0]]) }
+            pin.add(ids[1])
+            ran.set()
+        }
+        let result = try index.collect()
+        #expect(ran.isSet)
+        #expect(result.chunksRemoved == 1 && result.chunksReferenced == 2)
+        #expect(try store.has(ids[0]) && store.has(ids[1]) && !store.has(ids[2]))
+        #expect(try index.incompleteObjects() == [:])
+    }
+
+    /// The mark and the walk hold no lock a put takes: a chunk put and an object put made while
+    /// a collection is paused between its phases complete (on another thread, so that a put
+    /// that waited would time out here instead of deadlocking the test).
+    @Test(arguments: [ObjectIndex.CollectPhase.marked, .walked])
+    func putsGoOnWhileACollectionWalks(at phase: ObjectIndex.CollectPhase) throws {
+        let store = try ChunkStore(root: root)
+        let index = try ObjectIndex(chunks: store)
+        _ = try putChunks(store, ["something to walk"])
+        let done = Flag()
+        defer { index.phaseHook = nil }
+        index.phaseHook = { p in
+            guard p == phase else { return }
+            let finished = DispatchSemaphore(value: 0)
+            Thread {
+                #expect(throws: Never.self) {
+                    let id = try Self.putChunks(store, ["put mid-collection"])
+                    try index.putObject("mid", manifest: [], chunkIDs: id)
+                }
+                finished.signal()
+            }.start()
+            #expect(finished.wait(timeout: .now() + 10) == .success, "the puts waited for the collection")
+            done.set()
+        }
+        _ = try index.collect()
+        #expect(done.isSet)
+        #expect(try index.object("mid").chunkIDs.count == 1)
     }
 
     @Test func collectSparesYoungUnreferencedChunks() throws {
@@ -267,4 +323,12 @@ import Testing
         try Data(bad).write(to: URL(fileURLWithPath: root + "/objects/owned"))
         #expect(assertStoreError(.corruptRecord) { try index.object("owned") }.contains("do not fill"))
     }
+}
+
+/// Set once, read from another thread.
+private final class Flag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
 }
