@@ -264,8 +264,8 @@ public final class ObjectGate: @unchecked Sendable {
     public func current(_ name: String) -> Current? {
         var st = stat()
         if fstatat(flatFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0, (st.st_mode & S_IFMT) == S_IFREG {
-            // O_NONBLOCK: a FIFO renamed over the file since the fstatat must not block the open.
-            let fd = openat(flatFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+            // A FIFO renamed over the file since the fstatat is not waited for (StoredFile).
+            let fd = openat(flatFD, name, StoredFile.readFlags)
             let file = fd >= 0 ? Self.plainFile(fd, st) : (etag: Self.fileETag(st), owner: "", digested: false)
             if fd >= 0 { close(fd) }
             return Current(etag: file.etag, owner: file.owner, size: UInt64(st.st_size), physical: UInt64(st.st_size))

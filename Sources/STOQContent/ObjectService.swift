@@ -214,10 +214,7 @@ public final class ObjectService: QUICApplication {
     }
 
     private func serve(_ name: String, _ request: HTTPRequest, _ stream: HTTPStream, _ connection: QUICConnection) {
-        // O_NONBLOCK: a FIFO someone left in storage.path would otherwise block this worker in
-        // open(2) until something opened it for writing. It changes nothing for a regular file,
-        // whose body goes out from a mapping.
-        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        let fd = openat(rootFD, name, StoredFile.readFlags)
         guard fd >= 0 else { return fail(stream, connection, 404, "no object \(name)") }
         defer { close(fd) }
         var st = stat()

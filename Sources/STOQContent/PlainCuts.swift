@@ -223,7 +223,7 @@ public final class PlainCuts: @unchecked Sendable {
     }
 
     private func read(_ p: Piece, _ version: PlainDigests.Version) -> Result<[UInt8], ReadFailure> {
-        let fd = openat(rootFD, p.name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)  // as in `cut`
+        let fd = openat(rootFD, p.name, StoredFile.readFlags)
         guard fd >= 0 else { return .failure(errno == ENOENT ? .changed : .io(errno)) }
         defer { close(fd) }
         var st = stat()
@@ -242,9 +242,7 @@ public final class PlainCuts: @unchecked Sendable {
 
     /// Cuts `name` (on the cutter's thread): the manifest and its chunks' places, or why not.
     private func cut(_ name: String) -> Result<(Cut, [Piece]), NodeError> {
-        // O_NONBLOCK: a FIFO put in the file's place must not block the cutter in open(2)
-        // (ObjectService.serve); the fstat below refuses it.
-        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        let fd = openat(rootFD, name, StoredFile.readFlags)
         guard fd >= 0 else { return .failure(NodeError(.storage, "cannot open it: \(String(cString: strerror(errno)))")) }
         defer { close(fd) }
         var before = stat()

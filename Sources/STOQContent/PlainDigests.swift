@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import Logging
 import STOQCore
+import STOQStore
 
 /// SHA-256 digests for the plain files that have none: an operator's file copied into
 /// `storage.path`, or one changed in place since its digest was recorded. Until it has one,
@@ -119,9 +120,7 @@ public final class PlainDigests: @unchecked Sendable {
     }
 
     private func digest(_ name: String, _ asked: Version) {
-        // O_NONBLOCK: a FIFO put in the file's place must not block this thread in open(2)
-        // (ObjectService.serve); the fstat below passes it by.
-        let fd = openat(rootFD, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        let fd = openat(rootFD, name, StoredFile.readFlags)
         guard fd >= 0 else { return }  // gone since: nothing to record
         defer { close(fd) }
         var before = stat()

@@ -306,10 +306,7 @@ public final class ChunkStore: @unchecked Sendable {
     private func readLocal(_ id: ChunkID, countRead: Bool) throws -> LocalRead {
         let (shard, name) = Self.location(id)
         let rel = shard + "/" + name
-        // O_NONBLOCK: a FIFO put where a chunk belongs would block the opening thread (a worker,
-        // or a store thread holding the shared lock, which then holds off every writer) until a
-        // writer came. On a regular file it changes nothing.
-        let fd = openat(chunksDir.fd, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        let fd = openat(chunksDir.fd, rel, StoredFile.readFlags)
         guard fd >= 0 else {
             if errno == ENOENT || errno == ENOTDIR { return .missing }
             throw StoreError.io("open", chunksDir.path + "/" + rel)
@@ -320,7 +317,7 @@ public final class ChunkStore: @unchecked Sendable {
             guard fstat(fd, &st) == 0 else { throw StoreError.io("fstat", chunksDir.path + "/" + rel) }
             if st.st_mode & S_IFMT != S_IFREG {
                 close(fd)
-                let why = "it is not a regular file (mode \(String(st.st_mode & S_IFMT, radix: 8)))"
+                let why = "it is not a regular file but \(StoreError.fileKind(st.st_mode))"
                 return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
             }
             if st.st_size > Self.largestChunkFile {

@@ -4,6 +4,15 @@ import Glibc
 import Musl
 #endif
 
+/// How a node opens a stored name to read it (an object's file or record, a chunk): never
+/// through a symbolic link, and without blocking — O_NONBLOCK, because a FIFO left under that
+/// name would otherwise hold the opening thread (a worker serving a GET, a store thread holding
+/// the shared lock, the collector) in open(2) until something opened it for writing. It changes
+/// nothing for a regular file; each caller refuses any other kind after its fstat.
+public enum StoredFile {
+    public static let readFlags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
+}
+
 /// An open directory and the few things the store does inside one: atomic replace of a
 /// file, reading a file whole, listing names. Everything is relative to the descriptor so
 /// a path is built once per directory, not once per file.

@@ -207,9 +207,7 @@ public final class ObjectIndex: @unchecked Sendable {
     /// something other than a regular file has its name.
     public func object(_ name: String) throws -> ObjectRecord {
         try Self.validateName(name)
-        // O_NONBLOCK: opening a FIFO left under objects/ would block (a worker serving a GET,
-        // the collector) until something opened it for writing. A regular file's reads ignore it.
-        let fd = openat(dir.fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        let fd = openat(dir.fd, name, StoredFile.readFlags)
         guard fd >= 0 else {
             if errno == ENOENT { throw StoreError(.objectNotFound, "no object named \(name)") }
             throw StoreError.io("open", dir.path + "/" + name)
