@@ -147,8 +147,7 @@ public actor ACMEServer {
         self.logger = logger
         authority = try TrustAuthority.load(from: caDirectory)
         eabKeys = ExternalAccountKeyStore(caDirectory: caDirectory)
-        let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
-        if let r = log.recovery { logger.warning("transparency log repaired on open: \(r.message)") }
+        let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory) { [logger] in logger.warning("\($0)") }
         self.log = log
         revokedPath = caDirectory + "/" + FileName.revoked
         if FileManager.default.fileExists(atPath: revokedPath) {

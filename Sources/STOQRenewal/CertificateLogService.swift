@@ -16,8 +16,7 @@ package final class CertificateLogService: PrecertificateLog, @unchecked Sendabl
 
     /// Opens the CA's log; a torn tail cut on open (a crash mid-append) is logged as a warning.
     init(caDirectory: String, logger: Logger) throws {
-        log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
-        if let r = log.recovery { logger.warning("transparency log repaired on open: \(r.message)") }
+        log = try TransparencyLog.openForAuthority(caDirectory: caDirectory) { logger.warning("\($0)") }
     }
 
     var size: Int { lock.withLock { log.size } }

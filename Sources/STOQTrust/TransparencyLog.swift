@@ -35,9 +35,13 @@ import Musl
 public final class TransparencyLog {
     /// The log a CA directory keeps (`transparency.log`, signed with `log-key.pem`, which is
     /// created — mode 0600 — on first use). The ACME server and a node's own CA share it.
-    public static func openForAuthority(caDirectory: String) throws -> TransparencyLog {
-        try TransparencyLog(
+    /// `repaired` hears what was cut on open (a torn tail, from a crash mid-append), for the
+    /// opener to say: a node logs it, the CLI prints it.
+    public static func openForAuthority(caDirectory: String, repaired: (String) -> Void) throws -> TransparencyLog {
+        let log = try TransparencyLog(
             path: caDirectory + "/" + TrustAuthority.FileName.transparencyLog, signingKey: try authorityLogKey(caDirectory: caDirectory))
+        if let r = log.recovery { repaired("transparency log repaired on open: \(r.message)") }
+        return log
     }
 
     /// The signing key of a CA directory's log (`log-key.pem`), created (0600, in a 0700

@@ -463,7 +463,5 @@ private func printObject(_ obj: [String: Any]) {
 /// A CA directory's transparency log, opened for a command: a torn tail cut on open (a crash
 /// mid-append) is said on stderr, not only repaired.
 func openAuthorityLog(caDirectory: String) throws -> TransparencyLog {
-    let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory)
-    if let r = log.recovery { FileHandle.standardError.write(Data("stoq: warning: \(r.message)\n".utf8)) }
-    return log
+    try TransparencyLog.openForAuthority(caDirectory: caDirectory) { FileHandle.standardError.write(Data("stoq: warning: \($0)\n".utf8)) }
 }

@@ -14,7 +14,7 @@ import X509
         let log: TransparencyLog
         init() throws {
             ca = try TrustAuthority.create(in: dir.path + "/ca")
-            log = try TransparencyLog.openForAuthority(caDirectory: dir.path + "/ca")
+            log = try TransparencyLog.openForAuthority(caDirectory: dir.path + "/ca") { _ in }
         }
         func issue(_ name: String = "node1.example", now: Date = Date()) throws -> Certificate {
             let key = P256.Signing.PrivateKey()

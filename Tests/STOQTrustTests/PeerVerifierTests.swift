@@ -325,7 +325,7 @@ import X509
     @Test func transparencyRequiresAValidSCTFromATrustedLog() async throws {
         let f = try AuthorityFixture()
         defer { f.dir.cleanup() }
-        let log = try TransparencyLog.openForAuthority(caDirectory: f.dir.path + "/ct")
+        let log = try TransparencyLog.openForAuthority(caDirectory: f.dir.path + "/ct") { _ in }
         let logged = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["n.test"], log: log)
         let bare = try f.authority.issue(publicKey: f.newKey(), dnsNames: ["n.test"])
         let strict = PeerVerifier(roots: [f.authority.root], transparencyLogs: [log.publicKey])
