@@ -626,17 +626,17 @@ public enum STOQClient {
             timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
     }
 
-    /// Why an answer of `status` with `received` body bytes to a GET for a whole object (one
-    /// without `Range`) is not that object; nil when it is, or is no 2xx (the caller reports
-    /// those). Only a 200 is the object, or a 204 with no body an empty one: a 206 is a part of
-    /// it, and another 2xx (202, 203, 205, ...) is not what the server holds. Taken as the
-    /// object, it would be saved over the target unchecked (`bodyMismatch` checks a 200's).
     /// Whether a GET with `headers` asks for the whole object (no `Range`): then only
     /// `wholeObjectRefusal`'s answers are it.
     static func asksForWholeObject(_ headers: [(String, String)]) -> Bool {
         !headers.contains { $0.0.lowercased() == "range" }
     }
 
+    /// Why an answer of `status` with `received` body bytes to a GET for a whole object (one
+    /// without `Range`) is not that object; nil when it is, or is no 2xx (the caller reports
+    /// those). Only a 200 is the object, or a 204 with no body an empty one: a 206 is a part of
+    /// it, and another 2xx (202, 203, 205, ...) is not what the server holds. Taken as the
+    /// object, it would be saved over the target unchecked (`bodyMismatch` checks a 200's).
     static func wholeObjectRefusal(status: Int, received: UInt64) -> String? {
         switch status {
         case 200: return nil
