@@ -172,11 +172,10 @@ public final class EdgeCache: @unchecked Sendable {
     /// After a connect timed out, fetches from that upstream fail at once for this long
     /// (seconds): an origin that is down costs one connect timeout a second, not one a miss.
     public static let holdUnreachable = 1.0
-    /// How long one fetch of a chunk or a manifest may take, all its attempts together, unless
-    /// its bytes keep coming at `slowestFetchRate` on average; a plain object's, only while no
-    /// byte comes.
+    /// How long one fetch (a chunk, a manifest, a plain object whole) may take, all its
+    /// attempts together, unless its bytes keep coming at `slowestFetchRate` on average.
     public static let requestTimeout: UInt64 = 30_000_000_000
-    /// Bytes a second a chunk or manifest fetch must average, from its start, to go on past
+    /// Bytes a second a fetch must average, from its start, to go on past
     /// `requestTimeout`: 64 KiB/s (512 kbit/s). A large manifest (9.4 MB for a 64 GiB object)
     /// over a slow link goes on; an upstream that sends a byte every few seconds, which never
     /// stalls, is cut off at `requestTimeout`.

@@ -321,13 +321,10 @@ final class EdgeFetcher {
             return
         }
         let seconds = cache.fetchDeadline / 1_000_000_000, took = t - a.started
-        if !a.plain, took > cache.fetchDeadline,
-            Double(got) < Double(EdgeCache.slowestFetchRate) * Double(took) / 1e9
-        {
+        if took > cache.fetchDeadline, Double(got) < Double(EdgeCache.slowestFetchRate) * Double(took) / 1e9 {
             // An upstream that sends a byte every few seconds never stalls, and would hold
-            // every request joined to the fetch for ever; one that keeps the least rate goes
-            // on. (A plain object, as large as the cache's share, is bounded by that and by its
-            // stalls.)
+            // every request joined to the fetch for ever (a plain object's for as long as the
+            // cache's share takes at that pace: days); one that keeps the least rate goes on.
             p.cancel(tag)
             active[tag] = nil
             let rate = UInt64(Double(got) * 1e9 / Double(took))

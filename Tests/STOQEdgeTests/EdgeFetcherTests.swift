@@ -234,4 +234,24 @@ import Testing
         // Its stream was reset: the upstream stops.
         #expect(closed(bad, "/chunks/\(t.hex)") == [H3Error.requestCancelled])
     }
+
+    @Test func aTricklingPlainObjectEndsAtTheFetchDeadline() throws {
+        // bad has no manifest of "o", so the fetcher asks it for the object whole; the body
+        // then trickles in. Bounded by the cache's share alone, that would take days.
+        cache.fetchDeadline = 2_000_000_000
+        bad.answer("/manifests/o", .whole(status: 404, body: Array("no such object".utf8)))
+        bad.answer("/objects/o", .trickle(status: 200, filler: "x", every: 50_000_000))
+        let started = monotonicNow()
+        cache.start()
+        let ticket = cache.fetch(.manifest("o"), inbox: inbox)
+        let done = wait(for: [ticket], seconds: 6)
+        let ended = try #require(done[ticket], "a trickling plain fetch never ended")
+        #expect(ended.at - started >= 2_000_000_000)
+        let reason = try #require(ended.completion.failure).reason
+        #expect(reason.hasPrefix("edge: bad [::1]:4433 was still sending /objects/o after 2 s at "), "\(reason)")
+        #expect(reason.hasSuffix(" bytes received)"), "\(reason)")
+        #expect(bad.paths == ["/manifests/o", "/objects/o"])
+        #expect(good.paths.isEmpty)
+        #expect(closed(bad, "/objects/o") == [H3Error.requestCancelled])
+    }
 }
