@@ -134,17 +134,19 @@ let package = Package(
         // (swift-otel) is bootstrapped by STOQNode.
         .target(name: "STOQTracing", dependencies: ["STOQCore", "STOQQUIC", .product(name: "Tracing", package: "swift-distributed-tracing")]),
 
-        .target(
-            name: "STOQConfig",
-            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", "STOQTrust", "STOQAccess", .product(name: "TOMLKit", package: "TOMLKit"),
-                           .product(name: "Logging", package: "swift-log")]),
-
-        // Content-addressed chunk store and object index.
+        // Content-addressed chunk store and object index. Above STOQConfig, whose `[storage]`
+        // defaults are the store's own (`ChunkStore.Options`).
         .target(
             name: "STOQStore",
             dependencies: [
                 "STOQCore", "STOQChunking", .product(name: "Crypto", package: "swift-crypto"), .product(name: "Logging", package: "swift-log"),
             ]),
+
+        .target(
+            name: "STOQConfig",
+            dependencies: ["STOQCore", "STOQQUIC", "STOQChunking", "STOQRouting", "STOQTrust", "STOQAccess", "STOQStore",
+                           .product(name: "TOMLKit", package: "TOMLKit"),
+                           .product(name: "Logging", package: "swift-log")]),
 
         // Cache eviction policies (S3-FIFO, LRU) and their crash-safe index file. Pure: keys and
         // sizes only, no threads.
@@ -262,7 +264,7 @@ let package = Package(
             ], path: "Tests/STOQTestSupport"),
 
         .testTarget(name: "STOQCoreTests", dependencies: ["STOQCore"]),
-        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking", "STOQAccess",
+        .testTarget(name: "STOQConfigTests", dependencies: ["STOQConfig", "STOQCore", "STOQQUIC", "STOQChunking", "STOQAccess", "STOQStore",
                                                             .product(name: "TOMLKit", package: "TOMLKit"),
                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),

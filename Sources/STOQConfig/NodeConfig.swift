@@ -2,6 +2,7 @@ import Logging
 import STOQChunking
 import STOQCore
 import STOQRouting
+import STOQStore
 import STOQQUIC
 
 /// A node's whole configuration: plain values, validated, immutable once loaded, every
@@ -70,8 +71,14 @@ public struct NodeConfig: Sendable, Equatable {
         /// on a schedule (the admin API's `POST /store/collect` still runs one).
         public var gcInterval: UInt64 = 3_600_000_000_000
         /// `gc_grace_period` (ns): chunks no object names are collected only once older than
-        /// this (a client's chunked upload puts its chunks before its manifest).
-        public var gcGracePeriod: UInt64 = 3_600_000_000_000
+        /// this (a client's chunked upload puts its chunks before its manifest). Default: the
+        /// store's own (`ChunkStore.Options.defaultCollectGracePeriod`, 1 h).
+        public var gcGracePeriod = Self.nanoseconds(ChunkStore.Options.defaultCollectGracePeriod)
+
+        /// `d` in whole nanoseconds (the unit of this config's durations).
+        static func nanoseconds(_ d: Duration) -> UInt64 {
+            UInt64(d.components.seconds) * Nanos.second + UInt64(d.components.attoseconds / 1_000_000_000)
+        }
     }
     public struct TLS: Sendable, Equatable {
         public var certFile = ""

@@ -38,7 +38,7 @@ public final class ChunkStore: @unchecked Sendable {
         public var dedup: Bool
         /// Garbage collection leaves unreferenced chunks younger than this (by mtime)
         /// alone, because an upload puts its chunks before the object that references
-        /// them. Default one hour.
+        /// them. Default `defaultCollectGracePeriod`.
         public var collectGracePeriod: Duration
         /// The largest chunk a put accepts. Default 64 MiB, far above any content-defined
         /// chunk size. Reads do not check it: a store keeps the chunks it took under a larger
@@ -53,9 +53,13 @@ public final class ChunkStore: @unchecked Sendable {
         /// with ENOSPC at a chosen byte, to see what a full disk leaves behind.
         public var write: @Sendable (Int32, UnsafeRawPointer, Int) -> Int
 
+        /// One hour: the one home of this default, which a node's `storage.gc_grace_period`
+        /// takes too (`NodeConfig.Storage`).
+        public static let defaultCollectGracePeriod: Duration = .seconds(3600)
+
         /// Options with the defaults above, or the values given.
         public init(
-            dedup: Bool = true, collectGracePeriod: Duration = .seconds(3600), maxChunkSize: Int = 64 << 20, durable: Bool = true,
+            dedup: Bool = true, collectGracePeriod: Duration = defaultCollectGracePeriod, maxChunkSize: Int = 64 << 20, durable: Bool = true,
             write: (@Sendable (Int32, UnsafeRawPointer, Int) -> Int)? = nil
         ) {
             self.write = write ?? Directory.systemWrite

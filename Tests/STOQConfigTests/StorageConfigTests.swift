@@ -1,3 +1,4 @@
+import STOQStore
 import Testing
 
 @testable import STOQConfig
@@ -10,6 +11,15 @@ import Testing
     @Test func collectionRunsHourlyByDefault() {
         let s = NodeConfig.default.storage
         #expect(s.gcInterval == 3_600_000_000_000 && s.gcGracePeriod == 3_600_000_000_000)
+    }
+
+    /// One home for the grace period's default: the store's, which a store opened without a
+    /// config (the edge cache's, a tool's) gets as well as a node that does not set the key.
+    @Test func theGracePeriodDefaultIsTheStores() {
+        #expect(ChunkStore.Options.defaultCollectGracePeriod == .seconds(3600))
+        #expect(ChunkStore.Options().collectGracePeriod == ChunkStore.Options.defaultCollectGracePeriod)
+        #expect(NodeConfig.default.storage.gcGracePeriod == 3_600_000_000_000)
+        #expect(NodeConfig.Storage.nanoseconds(.milliseconds(1500)) == 1_500_000_000)
     }
 
     @Test func collectionKeysAreDurationsWithinBounds() throws {
