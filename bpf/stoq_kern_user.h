@@ -98,6 +98,21 @@ struct stoq_shed {
   __u32 shift; /* everyone else */
 };
 
+/*
+ * The maps' layout version: bump it whenever a map's key, value, size or meaning changes (a
+ * struct or flag here, a counter's index, a map added, removed or renamed). A node and maps
+ * pinned by another build would otherwise misread each other without a word: 971a56b made
+ * stoq_ports' value a 16-byte struct stoq_port, and a node from before that writes its 1-byte
+ * value there, of which the kernel copies 16 bytes: the port is steered at a garbage address. The program
+ * carries the version as the entry count of its stoq_abi map (stoq_maps.h), pinned with the
+ * others, so no one has to write it and libbpf refuses to reuse a pinned stoq_abi of another
+ * size; CSTOQXDP (stoq_xdp_check_maps) and scripts/xdp-attach refuse pins whose stoq_abi is
+ * another version, or missing (a build from before versions).
+ * 1: stoq_ports -> struct stoq_port; stats through passed_other_address.
+ */
+#define STOQ_MAP_ABI_VERSION 1
+
+#define STOQ_MAP_ABI "stoq_abi"
 #define STOQ_MAP_XSK "xsk_map"
 #define STOQ_MAP_PORTS "stoq_ports"
 #define STOQ_MAP_CONFIG "stoq_config"

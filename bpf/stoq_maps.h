@@ -13,6 +13,16 @@
 #define STOQ_PIN_BY_NAME __uint(pinning, LIBBPF_PIN_BY_NAME);
 #endif
 
+/* The maps' layout version, STOQ_MAP_ABI_VERSION, as its entry count (read from the map's info;
+ * its values are never used). */
+struct {
+  __uint(type, BPF_MAP_TYPE_ARRAY);
+  __uint(max_entries, STOQ_MAP_ABI_VERSION);
+  __type(key, __u32);
+  __type(value, __u32);
+  STOQ_PIN_BY_NAME
+} stoq_abi SEC(".maps");
+
 /* AF_XDP sockets, indexed by receive queue (or by worker when steering by CID). */
 struct {
   __uint(type, BPF_MAP_TYPE_XSKMAP);

@@ -92,8 +92,51 @@ int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *pro
   return 0;
 }
 
+int stoq_xdp_check_maps(const char *pin_dir, char *err, size_t errlen) {
+  char path[256];
+  const char *slash = strrchr(pin_dir, '/'), *iface = slash ? slash + 1 : pin_dir;
+  snprintf(path, sizeof(path), "%s/%s", pin_dir, STOQ_MAP_ABI);
+  unsigned version = 0; /* none: pinned by a build from before versions */
+  int fd = bpf_obj_get(path);
+  if (fd >= 0) {
+    struct bpf_map_info info;
+    uint32_t len = sizeof(info);
+    memset(&info, 0, sizeof(info));
+    int rc = bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? 0 : -errno;
+    close(fd);
+    if (rc != 0) {
+      snprintf(err, errlen, "map ABI: %s: %s", path, strerror(-rc));
+      return rc;
+    }
+    version = info.max_entries;
+    if (version == STOQ_MAP_ABI_VERSION) return 0;
+  } else if (errno != ENOENT) {
+    int e = errno;
+    snprintf(err, errlen, "map ABI: %s: %s", path, strerror(e));
+    return -e;
+  } else {
+    char xsk[256];
+    snprintf(xsk, sizeof(xsk), "%s/%s", pin_dir, STOQ_MAP_XSK);
+    if (access(xsk, F_OK) != 0) {
+      snprintf(err, errlen, "map ABI: %s: nothing pinned (attach with scripts/xdp-attach %s)", path, iface);
+      return -ENOENT;
+    }
+  }
+  char pinned[48];
+  if (version) snprintf(pinned, sizeof(pinned), "%u", version);
+  else snprintf(pinned, sizeof(pinned), "0 (missing: a build from before versions)");
+  snprintf(
+      err, errlen,
+      "map ABI: %s: the pinned maps are layout version %s, this build's is %u: detach and attach with this "
+      "build (scripts/xdp-attach --detach %s; scripts/xdp-attach %s --ports …), or run the build that attached them",
+      path, pinned, STOQ_MAP_ABI_VERSION, iface, iface);
+  return -EPROTO;
+}
+
 int stoq_xdp_read_stats(const char *pin_dir, uint64_t *out, int max) {
   char path[256];
+  int abi = stoq_xdp_check_maps(pin_dir, path, sizeof(path));
+  if (abi != 0) return abi;
   snprintf(path, sizeof(path), "%s/%s", pin_dir, STOQ_MAP_STATS);
   int fd = bpf_obj_get(path);
   if (fd < 0) return -errno;
@@ -124,12 +167,12 @@ const char *stoq_xdp_stat_name(int index, char *buf, size_t len) {
 
 int stoq_xdp_shed_initials(const char *pin_dir, uint32_t index, const struct stoq_shed_rule *rules, unsigned n,
                            unsigned shift, char *err, size_t errlen) {
+  if (stoq_xdp_check_maps(pin_dir, err, errlen) != 0) return -1;
   char path[256];
   snprintf(path, sizeof(path), "%s/%s", pin_dir, STOQ_MAP_SHED);
   int fd = bpf_obj_get(path);
   if (fd < 0) {
-    snprintf(err, errlen, "bpf_obj_get(%s): %s%s", path, strerror(errno),
-             errno == ENOENT ? " (attached by an older scripts/xdp-attach: attach again)" : "");
+    snprintf(err, errlen, "bpf_obj_get(%s): %s", path, strerror(errno));
     return -1;
   }
   struct stoq_shed plan;

@@ -175,19 +175,6 @@ static int register_port(stoq_xsk *x, char *err, size_t errlen) {
     set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
     return -1;
   }
-  /* A program attached before ports carried an address has 1-byte values: it would take the
-   * first byte of the address and steer the port at every address. */
-  struct bpf_map_info info;
-  uint32_t len = sizeof(info);
-  memset(&info, 0, sizeof(info));
-  if (bpf_obj_get_info_by_fd(ports, &info, &len) == 0 && info.value_size != sizeof(struct stoq_port)) {
-    set_err(
-        err, errlen,
-        "bpf_map_update_elem: %s holds %u-byte values, not %zu (attached by an older scripts/xdp-attach: attach again)",
-        path, info.value_size, sizeof(struct stoq_port));
-    close(ports);
-    return -1;
-  }
   uint16_t port = ntohs(x->port_be);
   struct stoq_port owner;
   memcpy(owner.addr, &x->cfg.local.sin6_addr, sizeof(owner.addr));
@@ -307,6 +294,8 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       else set_err(err, errlen, "bpf_obj_get: %s: %s%s", path, strerror(e), privilege_hint("bpf_obj_get", e));
       goto fail;
     }
+    /* Before the socket or the port goes into maps another build laid out. */
+    if (stoq_xdp_check_maps(cfg->pin_dir, err, errlen) != 0) goto fail;
     x->map_id = map_id(x->map_fd);
     snprintf(path, sizeof(path), "%s/progs/stoq_xdp", cfg->pin_dir);
     x->alone = access(path, F_OK) == 0; /* only xdp-attach's bpftool path pins the program */

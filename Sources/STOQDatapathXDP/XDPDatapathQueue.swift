@@ -100,7 +100,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         case .on: cfg.zero_copy = Int32(STOQ_XSK_ZC_ON.rawValue)
         case .off: cfg.zero_copy = Int32(STOQ_XSK_ZC_OFF.rawValue)
         }
-        var err = [CChar](repeating: 0, count: 256)
+        var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_xsk_open(&cfg, &err, err.count) else {
             let msg = String(cBuffer: err)
             throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
@@ -125,6 +125,10 @@ public final class XDPDatapathQueue: DatapathQueue {
     /// The most AF_XDP sockets one interface's XDP program can feed (its xsk_map,
     /// STOQ_MAX_SOCKETS): a socket at a higher index cannot be registered.
     public static var maxSockets: Int { Int(STOQ_MAX_SOCKETS) }
+
+    /// The layout version of the XDP program's maps this build reads and writes
+    /// (STOQ_MAP_ABI_VERSION): a socket refuses maps pinned with another.
+    public static var mapLayoutVersion: Int { Int(STOQ_MAP_ABI_VERSION) }
 
     /// The queues of `interface` an AF_XDP socket can bind to, in this thread's network
     /// namespace: the active channels (`ethtool -L`), not the queues the device was allocated
@@ -235,7 +239,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         let rules = plan.rules.prefix(Int(STOQ_SHED_PREFIXES)).map {
             stoq_shed_rule(prefix: $0.prefix, shift: $0.clampedShift, pad: 0)
         }
-        var err = [CChar](repeating: 0, count: 256)
+        var err = [CChar](repeating: 0, count: 512)
         guard
             stoq_xdp_shed_initials(
                 options.pinDirectory, UInt32(options.mapIndex), rules, UInt32(rules.count), plan.clampedShift, &err,

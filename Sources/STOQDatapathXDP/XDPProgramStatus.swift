@@ -9,7 +9,8 @@ public struct XDPProgramStatus: Sendable {
     public var mode: String
     /// The attached program's id (0: none).
     public var programID: UInt32
-    /// Counter name → value, in the program's order; empty when no maps are pinned.
+    /// Counter name → value, in the program's order; empty when no maps are pinned. Maps of
+    /// another layout version (another build's) are refused rather than read under wrong names.
     public var counters: [(name: String, value: UInt64)]
     /// Where the maps are pinned.
     public var pinDirectory: String
@@ -22,6 +23,12 @@ public struct XDPProgramStatus: Sendable {
         if rc == -ENODEV { throw DatapathError(.open, operation: "if_nametoindex", message: "no interface \(interface)") }
         if rc < 0 { throw DatapathError(.open, operation: "bpf_xdp_query", errno: -rc) }
         let dir = "\(pinRoot)/\(interface)"
+        var err = [CChar](repeating: 0, count: 512)
+        let abi = stoq_xdp_check_maps(dir, &err, err.count)
+        if abi == -EPROTO {
+            let msg = String(cBuffer: err)
+            throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
+        }
         var values = [UInt64](repeating: 0, count: 64)
         let n = stoq_xdp_read_stats(dir, &values, Int32(values.count))
         var counters: [(String, UInt64)] = []

@@ -111,6 +111,36 @@ import Glibc
         }
     }
 
+    /// Maps pinned by a build of another layout version (here: a newer one's stoq_abi) are
+    /// refused by the socket's open, before it writes its port or socket into them, by `stoq xdp
+    /// status` and by `xdp-attach --status`, each naming the pin, both versions and what to run.
+    @Test func mapsPinnedByAnotherLayoutVersionAreRefused() throws {
+        if let reason = Testbed.unavailable { try Test.cancel(Comment(rawValue: reason)) }
+        try Testbed.up()
+        defer { Testbed.down() }
+        let pin = "/sys/fs/bpf/stoq/veth-a/stoq_abi"
+        let this = XDPDatapathQueue.mapLayoutVersion, newer = this + 1
+        try Self.sh("rm \(pin) && bpftool map create \(pin) type array key 4 value 4 entries \(newer) name stoq_abi")
+        let want =
+            "map ABI: \(pin): the pinned maps are layout version \(newer), this build's is \(this): detach and attach with this build (scripts/xdp-attach --detach veth-a; scripts/xdp-attach veth-a --ports …), or run the build that attached them"
+        var refused: DatapathError?
+        do {
+            let queue = try Harness.onThread(namespace: Testbed.namespaceA) { try Testbed.openQueue() }
+            queue.close()
+        } catch let e as DatapathError { refused = e }
+        #expect(refused?.message == want)
+        #expect(refused?.operation == "map ABI")
+        var statusRefused: DatapathError?
+        do {
+            _ = try Harness.onThread(namespace: Testbed.namespaceA) { try XDPProgramStatus.read(interface: "veth-a") }
+        } catch let e as DatapathError { statusRefused = e }
+        #expect(statusRefused?.message == want, "stoq xdp status")
+        let status = Testbed.sh("nsenter --net=\(Testbed.namespaceA) scripts/xdp-attach --status veth-a")
+        #expect(status.status == 1)
+        #expect(status.output.contains("xdp-attach: " + want.dropFirst("map ABI: ".count)))
+        #expect(!status.output.contains("redirected:"), "another layout's counters are not listed by this one's names")
+    }
+
     static func sh(_ command: String) throws {
         let r = Testbed.sh(command)
         if r.status != 0 { throw DatapathError(.open, operation: command, message: r.output) }

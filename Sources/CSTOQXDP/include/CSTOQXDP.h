@@ -92,7 +92,8 @@ typedef struct stoq_xsk_frames {
 typedef struct stoq_xsk stoq_xsk;
 
 /** Creates UMEM + socket, binds (zero-copy if asked/possible, else copy), fills the fill
- *  ring, registers in the pinned xsk_map. NULL with `err` ("step: reason") on failure. */
+ *  ring, registers in the pinned xsk_map (refused when the pinned maps have another layout:
+ *  stoq_xdp_check_maps). NULL with `err` ("step: reason") on failure. */
 stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen);
 /** Removes the socket from xsk_map (if still ours), closes it and frees the UMEM. */
 void stoq_xsk_close(stoq_xsk *x);
@@ -155,8 +156,15 @@ int stoq_xsk_interface_rx_queues(const char *ifname);
  *  "none") and the program id. 0 or -errno (-ENODEV: no such interface). */
 int stoq_xdp_query(const char *ifname, char *mode, size_t modelen, uint32_t *prog_id);
 
+/** Whether the maps pinned under `pin_dir` have this build's layout: their stoq_abi says
+ *  STOQ_MAP_ABI_VERSION (bpf/stoq_kern_user.h). 0; -ENOENT when nothing is pinned there; -EPROTO
+ *  when they have another version, or none (a build from before versions); else -errno. Every
+ *  failure writes `err` ("map ABI: PATH: …", naming both versions and what to run). */
+int stoq_xdp_check_maps(const char *pin_dir, char *err, size_t errlen);
+
 /** Reads the pinned per-CPU counters under `pin_dir` (stoq_xdp_stats), summed over CPUs,
- *  into `out` (up to `max` entries, in enum stoq_stat order). Returns the count or -errno. */
+ *  into `out` (up to `max` entries, in enum stoq_stat order). Returns the count or -errno
+ *  (-EPROTO: the maps have another layout, see stoq_xdp_check_maps). */
 int stoq_xdp_read_stats(const char *pin_dir, uint64_t *out, int max);
 /** The name of counter `index` ("worker_3" for the per-worker ones). */
 const char *stoq_xdp_stat_name(int index, char *buf, size_t len);
@@ -164,7 +172,8 @@ const char *stoq_xdp_stat_name(int index, char *buf, size_t len);
 /** Under an Initial flood: has the XDP program shed v1 Initials without a token steered to
  *  xsk_map slot `index`, by the plan in bpf/stoq_kern_user.h ("Shedding an Initial flood"):
  *  `n` rules (at most STOQ_SHED_PREFIXES), `shift` for everyone else; all shifts 0 sheds
- *  nothing. Writes the pinned stoq_shed map under `pin_dir`. 0, or -1 with `err`. */
+ *  nothing. Writes the pinned stoq_shed map under `pin_dir` (of this build's layout, see
+ *  stoq_xdp_check_maps). 0, or -1 with `err`. */
 int stoq_xdp_shed_initials(const char *pin_dir, uint32_t index, const struct stoq_shed_rule *rules, unsigned n,
                            unsigned shift, char *err, size_t errlen);
 
