@@ -303,7 +303,7 @@ let package = Package(
         ]),
         // `stoq mesh`'s tables and errors, on the fixture STOQNodeTests checks the admin API renders.
         .testTarget(name: "stoqTests", dependencies: ["stoq", "STOQ"]),
-        .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore",
+        .testTarget(name: "STOQContentTests", dependencies: ["STOQContent", "STOQChunking", "STOQStore", "STOQCore", "STOQTestSupport",
                                                              .product(name: "Logging", package: "swift-log")]),
         // The session cache's file format (0-RTT's parameters kept with the session), and the
         // connection pool against upstreams in the test's process (STOQTestSupport).

@@ -388,7 +388,9 @@ public final class ContentService: QUICApplication {
             bytes = b
             send.fetched = nil
         } else {
-            do { bytes = try index.chunks.read(id) } catch {
+            // This node's own record: its lengths were checked against the chunks when it was
+            // committed, so a file of another size is damage, quarantined without being read.
+            do { bytes = try index.chunks.read(id, length: Int(entry.length)) } catch {
                 // Never send bytes the store cannot vouch for: the client sees the request fail.
                 return abandon(send, 500, "chunk \(id.hex) unavailable: \(error)", stream, connection)
             }
@@ -882,19 +884,24 @@ public final class ContentService: QUICApplication {
                 413, "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)")
         }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
+        // What the store holds of each chunk, by size, looked up once per chunk.
+        var sizes: [ChunkID: Int] = [:]
         do {
             // A chunk's length is fixed by its id: one the store holds at another length than the
-            // manifest says would be sent short (or trap a range past it). Missing ones are
-            // `putObject`'s to report.
-            var checked = Set<ChunkID>()
-            for (id, e) in zip(ids, manifest.chunks) where checked.insert(id).inserted {
-                if let size = try index.chunks.size(id), size != Int(e.length) {
-                    return refuse(400, "manifest of \(name): chunk \(id.hex) is \(size) bytes in the store, the manifest says \(e.length)")
+            // manifest says, at any of the places it lists it, would be sent short (or trap a
+            // range past it). Missing ones are `putObject`'s to report.
+            var missing = Set<ChunkID>()
+            for (id, e) in zip(ids, manifest.chunks) where !missing.contains(id) {
+                guard let size = try sizes[id] ?? index.chunks.size(id) else {
+                    missing.insert(id)
+                    continue
                 }
+                sizes[id] = size
+                if size != Int(e.length) { return refuse(400, Self.lengthRefusal(name, id, size, e.length)) }
             }
         } catch { return refuse(500, "\(error)") }
         let bytes = Array(body), index = self.index, gate = self.gate
-        let commit = { Self.commitManifest(name, manifest, bytes, ids, writer, index: index, gate: gate) }
+        let commit = { [sizes] in Self.commitManifest(name, manifest, bytes, ids, writer, index: index, gate: gate, sizes: sizes) }
         guard let storePool else {
             let (status, reason) = commit()
             countWrite(status, manifest: true)
@@ -911,15 +918,22 @@ public final class ContentService: QUICApplication {
         }
     }
 
+    /// Why a manifest of `name` is refused (400) for listing chunk `id` at `claimed` bytes, when
+    /// the store holds it at `size`.
+    static func lengthRefusal(_ name: String, _ id: ChunkID, _ size: Int, _ claimed: UInt32) -> String {
+        "manifest of \(name): chunk \(id.hex) is \(size) bytes in the store, the manifest says \(claimed)"
+    }
+
     /// Commits the manifest PUT of `name` (`bytes`, decoded as `manifest`, listing `ids`) by
-    /// `writer`: its whole-object SHA-256 checked against its chunks (`digestRefusal`), then
-    /// the record written, through `gate` when there is one. Blocking (the store pool's); the
-    /// answer's status (201, or the refusal's) and the refusal's reason.
+    /// `writer`: its whole-object SHA-256 and its lengths checked against its chunks
+    /// (`digestRefusal`; `sizes`: the sizes the store held them at when the manifest arrived),
+    /// then the record written, through `gate` when there is one. Blocking (the store pool's);
+    /// the answer's status (201, or the refusal's) and the refusal's reason.
     static func commitManifest(
         _ name: String, _ manifest: Manifest, _ bytes: [UInt8], _ ids: [ChunkID], _ writer: ObjectGate.Writer?, index: ObjectIndex,
-        gate: ObjectGate?
+        gate: ObjectGate?, sizes: [ChunkID: Int] = [:]
     ) -> (status: Int, reason: String) {
-        if let refusal = digestRefusal(name, manifest, ids, chunks: index.chunks) { return refusal }
+        if let refusal = digestRefusal(name, manifest, ids, chunks: index.chunks, sizes: sizes) { return refusal }
         do {
             if let gate, let writer {
                 let put = { try index.putObject(name, manifest: bytes, chunkIDs: ids, owner: writer.identity) }
@@ -947,12 +961,19 @@ public final class ContentService: QUICApplication {
     ///
     /// One more SHA-256 pass over the object, on the store pool: a client could otherwise give
     /// an object any ETag it likes, and a later If-Match, a cache or a verifying client would
-    /// trust it.
-    static func digestRefusal(_ name: String, _ manifest: Manifest, _ ids: [ChunkID], chunks: ChunkStore) -> (status: Int, reason: String)? {
+    /// trust it. The same pass holds every entry's length to its chunk's (400 otherwise, as on
+    /// arrival), also for a chunk stored since: the record's lengths are then the chunks' own,
+    /// which reads of the object rely on (`ChunkStore.read(_:length:)`). A chunk in `sizes` (its
+    /// size when the manifest arrived) is read only if it still has that size: one that grew
+    /// since is quarantined without being read.
+    static func digestRefusal(
+        _ name: String, _ manifest: Manifest, _ ids: [ChunkID], chunks: ChunkStore, sizes: [ChunkID: Int] = [:]
+    ) -> (status: Int, reason: String)? {
         var hasher = SHA256()
-        for id in ids {
+        for (id, e) in zip(ids, manifest.chunks) {
             do {
-                let bytes = try chunks.read(id)
+                let bytes = try chunks.read(id, length: sizes[id])
+                guard bytes.count == Int(e.length) else { return (400, lengthRefusal(name, id, bytes.count, e.length)) }
                 hasher.update(data: bytes)
             } catch let e as StoreError where e.code == .chunkNotFound || e.code == .corrupt {
                 guard let missing = try? chunks.missing(ids), !missing.isEmpty else { return (500, e.message) }

@@ -395,10 +395,14 @@ public final class EdgeCache: @unchecked Sendable {
     /// failure the policy entry is dropped only if the file is still absent, checked under the
     /// lock that eviction and admission take: an entry admitted again meanwhile has its file,
     /// which must stay tracked.
+    ///
+    /// The read is held to the size the policy knows the chunk by (of the verified bytes it was
+    /// admitted with, or of its file when the cache was opened): a file grown since is dropped
+    /// as corrupt without being read on the worker.
     public func readChunk(_ id: ChunkID) -> [UInt8]? {
-        guard lock.withLock({ policy.touch(id) }) else { return nil }
+        guard let size = lock.withLock({ policy.touch(id) ? policy.size(of: id) : nil }) else { return nil }
         do {
-            let bytes = try store.read(id)
+            let bytes = try store.read(id, length: Int(size))
             lock.withLock { counterValues.hits += 1 }
             return bytes
         } catch let e as StoreError where e.code == .chunkNotFound {

@@ -197,7 +197,7 @@ public final class ChunkStore: @unchecked Sendable {
     private func putVerified(id: ChunkID, bytes: UnsafeRawBufferPointer) throws -> PutResult {
         try lock.shared {
             let (shard, name) = Self.location(id)
-            if options.dedup, try existingVerifies(id, touch: true) {
+            if options.dedup, try existingVerifies(id, length: bytes.count, touch: true) {
                 state.withLock { counterValues.dedupHits += 1 }
                 return .alreadyPresent
             }
@@ -221,10 +221,11 @@ public final class ChunkStore: @unchecked Sendable {
         }
     }
 
-    /// Whether a stored copy of `id` exists and verifies; a copy that does not is quarantined.
+    /// Whether a stored copy of `id` exists and verifies; a copy that does not is quarantined,
+    /// one of another size than `length` (the put's, whose bytes hash to `id`) without being read.
     /// `touch` refreshes its mtime, restarting garbage collection's grace period.
-    private func existingVerifies(_ id: ChunkID, touch: Bool) throws -> Bool {
-        switch try readLocal(id, countRead: false) {
+    private func existingVerifies(_ id: ChunkID, length: Int, touch: Bool) throws -> Bool {
+        switch try readLocal(id, length: length, countRead: false) {
         case .missing: return false
         case .corrupt: return false
         case .ok(_, let fd):
@@ -278,8 +279,15 @@ public final class ChunkStore: @unchecked Sendable {
     /// (`corruptQuarantined`). Missing or corrupt, the chunk is then asked of the
     /// `ChunkSource`, if any; what it returns is verified, stored and returned. Otherwise
     /// this throws `.corrupt` (the copy was bad) or `.chunkNotFound` (there was none).
-    public func read(_ id: ChunkID) throws -> [UInt8] {
-        switch try readLocal(id, countRead: true) {
+    ///
+    /// `length`: the chunk's length, when the caller knows it for certain (an object record
+    /// the store took, whose lengths were checked against the chunks; an edge cache's entry,
+    /// sized from verified bytes). A file of any other size cannot be the chunk: it is
+    /// quarantined as corrupt without being read, so that a file grown on disk costs a
+    /// `fstat`, not a read and a hash of up to `largestChunkFile` bytes. Never pass a length
+    /// only a client claims: a wrong one would quarantine a good chunk.
+    public func read(_ id: ChunkID, length: Int? = nil) throws -> [UInt8] {
+        switch try readLocal(id, length: length, countRead: true) {
         case .ok(let bytes, let fd):
             close(fd)
             return bytes
@@ -307,7 +315,9 @@ public final class ChunkStore: @unchecked Sendable {
         case corrupt(String, String?)
     }
 
-    private func readLocal(_ id: ChunkID, countRead: Bool) throws -> LocalRead {
+    /// Opens chunk `id` and checks the open file before reading any of it (its kind, then its
+    /// size: `length` when given, else `largestChunkFile`), then reads and verifies it.
+    private func readLocal(_ id: ChunkID, length: Int? = nil, countRead: Bool) throws -> LocalRead {
         let (shard, name) = Self.location(id)
         let rel = shard + "/" + name
         let fd = openat(chunksDir.fd, rel, StoredFile.readFlags)
@@ -322,6 +332,12 @@ public final class ChunkStore: @unchecked Sendable {
             if st.st_mode & S_IFMT != S_IFREG {
                 close(fd)
                 let why = "it is not a regular file but \(StoreError.fileKind(st.st_mode))"
+                return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
+            }
+            if let length, st.st_size != length {
+                // Not loaded: the chunk is `length` bytes, so this file is not it.
+                close(fd)
+                let why = "it is \(st.st_size) bytes, and the chunk is \(length) bytes"
                 return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
             }
             if st.st_size > Self.largestChunkFile {

@@ -1,6 +1,7 @@
 import Foundation
 import STOQChunking
 import STOQStore
+import STOQTestSupport
 import Testing
 
 @testable import STOQContent
@@ -70,6 +71,48 @@ struct ContentServiceTests {
         #expect(try index.chunks.remove(ids[1]))
         let gap = ContentService.commitManifest("gap", honest, honest.encode(), ids, nil, index: index, gate: nil)
         #expect(gap.status == 409 && gap.reason.contains(ids[1].hex), "\(gap)")
+    }
+
+    /// The record's lengths are the chunks' own once it is committed (reads of the object hold
+    /// each chunk to its entry's length): a manifest listing a chunk twice, at its length and
+    /// at another, is refused even though its digest is what the chunks hash to.
+    @Test func aManifestGivingAChunkTwoLengthsIsRefused() throws {
+        let (dir, _, index) = try makeTempNodeStore("stoq-manifest-lengths")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let part = [UInt8](repeating: 3, count: 1000)
+        let id = ChunkID(digestOf: part)
+        try index.chunks.put(id: id, bytes: part)
+        let parameters = try ChunkingParameters(minSize: 64, avgSize: 256, maxSize: 1024)
+        let entries = [1000, 500].map { Manifest.Entry(id: ContentDigest(id.bytes)!, length: UInt32($0)) }
+        let twice = try Manifest(totalLength: 1500, digest: ContentDigest.sha256(part + part), parameters: parameters, chunks: entries)
+        let r = ContentService.commitManifest("twice", twice, twice.encode(), [id, id], nil, index: index, gate: nil)
+        #expect(r.status == 400)
+        #expect(r.reason == "manifest of twice: chunk \(id.hex) is 1000 bytes in the store, the manifest says 500")
+        #expect(throws: StoreError.self) { try index.object("twice") }
+        #expect(index.chunks.counters.corruptQuarantined == 0, "a client's claim quarantines nothing")
+    }
+
+    /// A chunk whose file grew after the manifest arrived (its size then is in `sizes`) is
+    /// quarantined by the verification without being read, and the manifest answered 409
+    /// naming it, as for any chunk the store lacks.
+    @Test func aChunkGrownSinceTheManifestArrivedIsQuarantinedUnread() throws {
+        let (dir, _, _) = try makeTempNodeStore("stoq-manifest-grown")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let lines = LogCapture()
+        let index = try ObjectIndex(chunks: ChunkStore(root: dir + "/store", logger: lines.logger))
+        let part = [UInt8](repeating: 4, count: 1000)
+        let id = ChunkID(digestOf: part)
+        try index.chunks.put(id: id, bytes: part)
+        let parameters = try ChunkingParameters(minSize: 64, avgSize: 256, maxSize: 1024)
+        let m = try Manifest(
+            totalLength: 1000, digest: ContentDigest.sha256(part), parameters: parameters,
+            chunks: [Manifest.Entry(id: ContentDigest(id.bytes)!, length: 1000)])
+        let hex = id.hex
+        #expect(truncate(dir + "/store/chunks/\(hex.prefix(2))/\(hex.dropFirst(2).prefix(2))/\(hex)", 64 << 20) == 0)
+        let r = ContentService.commitManifest("grown", m, m.encode(), [id], nil, index: index, gate: nil, sizes: [id: 1000])
+        #expect(r.status == 409 && r.reason.contains(hex), "\(r)")
+        #expect(index.chunks.counters.corruptQuarantined == 1)
+        #expect(lines.metadata("problem", of: "corrupt chunk quarantined") == ["it is \(64 << 20) bytes, and the chunk is 1000 bytes"])
     }
 }
 

@@ -275,6 +275,24 @@ import Testing
         #expect(!cache.holds(id))
     }
 
+    /// A cached chunk whose file grew on disk is dropped at its size, without being read on the
+    /// worker: the policy knows the chunk's length from the verified bytes it admitted.
+    @Test func aCachedChunkGrownOnDiskIsDroppedUnread() throws {
+        let lines = LogCapture()
+        let cache = try open(capacity: 1_200_000, logger: lines.logger)
+        let (id, bytes) = chunk(3, 5000)
+        let put = try cache.store.put(id: id, bytes: bytes)
+        #expect(bytes.withUnsafeBytes { cache.admit(id, $0, put: put) })
+        let hex = id.hex
+        let file = root + "/chunks/\(hex.prefix(2))/\(hex.dropFirst(2).prefix(2))/\(hex)"
+        #expect(truncate(file, 64 << 20) == 0)
+        #expect(cache.readChunk(id) == nil)
+        let logged = lines.messages(atLeast: .error).filter { $0.hasPrefix("edge cache: cached chunk \(hex) unreadable") }
+        #expect(logged.count == 1 && logged.first?.contains("it is \(64 << 20) bytes, and the chunk is 5000 bytes") == true, "\(logged)")
+        #expect(!cache.holds(id) && !FileManager.default.fileExists(atPath: file))
+        #expect(cache.store.counters.corruptQuarantined == 1 && cache.store.counters.bytesRead == 0)
+    }
+
     /// A chunk whose read failed, fetched and admitted again before the failure is handled
     /// (here: while the failure is logged), stays in the policy with its new file: dropping the
     /// entry would leave the file on disk, tracked by nothing.

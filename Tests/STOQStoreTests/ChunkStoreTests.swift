@@ -1,5 +1,6 @@
 import Foundation
 import STOQStore
+import STOQTestSupport
 import Testing
 
 @Suite final class ChunkStoreTests: StoreTestCase {
@@ -159,6 +160,34 @@ import Testing
             ),
             Comment(rawValue: message))
         #expect(store.counters.corruptQuarantined == 1)
+    }
+
+    /// A chunk file grown on disk (here 64 MiB, sparse) is not the chunk a caller knows the
+    /// length of: a read given the length, and a put (whose bytes say it), quarantine it after
+    /// the fstat of the open file, without reading or hashing what it holds.
+    @Test func aChunkFileGrownOnDiskIsQuarantinedUnreadWhenItsLengthIsKnown() throws {
+        let lines = LogCapture()
+        let store = try ChunkStore(root: root, logger: lines.logger)
+        let data = [UInt8](repeating: 0x3c, count: 4000)
+        let id = ChunkID(digestOf: data)
+        let grown = 64 << 20
+        try store.put(id: id, bytes: data)
+        #expect(truncate(path(of: id), off_t(grown)) == 0)
+        let message = assertStoreError(.corrupt) { try store.read(id, length: data.count) }
+        let q = quarantined()
+        #expect(q.count == 1)
+        #expect(message == "chunk \(id.hex) is corrupt on disk: it is \(grown) bytes, and the chunk is 4000 bytes; moved to quarantine/\(q.first ?? "")")
+        #expect(store.counters.corruptQuarantined == 1 && store.counters.bytesRead == 0)
+
+        // A put finds the file grown again: quarantined unread, and replaced by the good copy.
+        try store.put(id: id, bytes: data)
+        #expect(truncate(path(of: id), off_t(grown)) == 0)
+        #expect(try store.put(id: id, bytes: data) == .stored)
+        #expect(store.counters.corruptQuarantined == 2 && store.counters.dedupHits == 0)
+        #expect(lines.metadata("problem", of: "corrupt chunk quarantined") == Array(repeating: "it is \(grown) bytes, and the chunk is 4000 bytes", count: 2))
+        #expect(try store.read(id, length: data.count) == data)
+        // Without a length only the format's ceiling applies (and the digest decides).
+        #expect(try store.read(id) == data)
     }
 
     /// `chunking.max_chunk_size` lowered: the chunks stored under the old limit are still good

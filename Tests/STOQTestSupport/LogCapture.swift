@@ -6,7 +6,7 @@ import Logging
 /// (a failure it is handling, say). `logger` logs through it.
 public final class LogCapture: @unchecked Sendable, LogHandler {  // every field behind `lock`
     private let lock = NSLock()
-    private var lines: [(level: Logger.Level, message: String)] = []
+    private var lines: [(level: Logger.Level, message: String, metadata: Logger.Metadata)] = []
     private var trigger: (level: Logger.Level, action: () -> Void)?
     public var logLevel: Logger.Level = .trace
     public var metadata: Logger.Metadata = [:]
@@ -25,7 +25,7 @@ public final class LogCapture: @unchecked Sendable, LogHandler {  // every field
         line: UInt
     ) {
         let action: (() -> Void)? = lock.withLock {
-            lines.append((level, "\(message)"))
+            lines.append((level, "\(message)", metadata ?? [:]))
             guard let t = trigger, level >= t.level else { return nil }
             trigger = nil
             return t.action
@@ -39,6 +39,11 @@ public final class LogCapture: @unchecked Sendable, LogHandler {  // every field
     /// The messages logged at `level` or above, in order.
     public func messages(atLeast level: Logger.Level = .trace) -> [String] {
         lock.withLock { lines.filter { $0.level >= level }.map(\.message) }
+    }
+
+    /// The metadata value `key` of each message `message` logged, in order.
+    public func metadata(_ key: String, of message: String) -> [String] {
+        lock.withLock { lines.filter { $0.message == message }.compactMap { $0.metadata[key].map { "\($0)" } } }
     }
 
     /// How many messages were logged at exactly `level`.

@@ -246,6 +246,24 @@ def test_a_corrupt_chunk_is_never_served(node, tmp_path):
     assert h3(node, "GET", f"/chunks/{json.loads(stoq('chunk', src, '--json').stdout)['chunks'][0]['id']}")["status"] == 200
 
 
+def test_a_chunk_grown_on_disk_is_quarantined_unread_when_its_object_is_served(node, tmp_path):
+    """A chunk file that grew on disk is not its chunk: a GET of a chunked object, whose record
+    gives each chunk's length, quarantines it at its size (one fstat) instead of reading and
+    hashing what it holds on the worker, and answers 500 naming both sizes."""
+    src = random_file(tmp_path / "grown.bin", 4 * MiB, 14)
+    put(node, src, "content-grown")
+    first = json.loads(stoq("chunk", src, "--json").stdout)["chunks"][0]
+    chunk = first["id"]
+    path = node.content / "chunks" / chunk[:2] / chunk[2:4] / chunk
+    os.truncate(path, 256 * MiB)                              # sparse: nothing is written
+    r = h3(node, "GET", "/objects/content-grown")
+    assert r["status"] == 500, r
+    assert (f"chunk {chunk} is corrupt on disk: it is {256 * MiB} bytes, and the chunk is {first['length']} bytes; "
+            "moved to quarantine/") in r["text"], r
+    assert not path.exists()
+    assert any(p.name.startswith(chunk) for p in (node.content / "quarantine").iterdir())
+
+
 def test_a_chunked_object_is_one_body_at_objects_for_any_client(node, tmp_path):
     src = random_file(tmp_path / "o.bin", 40 * MiB + 12345, 6)
     put(node, src, "content-plain")
