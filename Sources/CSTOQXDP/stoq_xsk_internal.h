@@ -28,10 +28,10 @@
 /* The neighbour table has a power of two of slots, at least twice the peers the worker may
  * hold connections with (stoq_xsk_config.neighbour_peers), so that a learnt peer is evicted
  * only by more peers than that: 40 bytes a slot (struct neigh), 1.25 MiB for the default
- * 10000 connections, at most NEIGH_MAX_SLOTS (40 MiB, enough for 524288 peers). */
+ * 10000 connections (STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS), at most NEIGH_MAX_SLOTS (40 MiB,
+ * enough for 524288 peers). */
 #define NEIGH_MIN_SLOTS 1024
 #define NEIGH_MAX_SLOTS (1u << 20)
-#define NEIGH_DEFAULT_PEERS 512
 #define NEIGH_PROBE 8
 #define NEIGH_REFRESH_NS 200000000ull
 #define NL_BUF 32768

@@ -57,10 +57,10 @@ static uint32_t pow2_at_least(uint32_t v) {
   return p;
 }
 
-/* Neighbour table slots for `peers` (see NEIGH_MIN_SLOTS): twice as many, a power of two, so
- * that the table evicts a peer the worker still talks to only past its connection limit. */
-static uint32_t neighbour_slots(uint32_t peers) {
-  if (peers == 0) peers = NEIGH_DEFAULT_PEERS;
+/* Twice as many slots as peers (see NEIGH_MIN_SLOTS), a power of two, so that the table evicts
+ * a peer the worker still talks to only past its connection limit. */
+uint32_t stoq_xsk_neighbour_slots(uint32_t peers) {
+  if (peers == 0) peers = STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS;
   if (peers > NEIGH_MAX_SLOTS / 2) return NEIGH_MAX_SLOTS;
   uint32_t slots = pow2_at_least(2 * peers);
   return slots < NEIGH_MIN_SLOTS ? NEIGH_MIN_SLOTS : slots;
@@ -343,7 +343,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   x->slot_free = calloc(x->nslots, sizeof(uint32_t));
   x->slot_refs = calloc(x->nslots, sizeof(uint16_t));
   x->held = calloc(x->cfg.ring_size, sizeof(uint64_t));
-  x->neigh_mask = neighbour_slots(cfg->neighbour_peers) - 1;
+  x->neigh_mask = stoq_xsk_neighbour_slots(cfg->neighbour_peers) - 1;
   x->neigh = calloc((size_t)x->neigh_mask + 1, sizeof(struct neigh));
   x->nl_buf = malloc(NL_BUF);
   if (!x->slot_free || !x->slot_refs || !x->held || !x->neigh || !x->nl_buf) {

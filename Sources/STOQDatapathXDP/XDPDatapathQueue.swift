@@ -32,8 +32,11 @@ public struct XDPOptions: Sendable {
     /// Peers whose next-hop MAC the socket keeps without evicting one: the worker's
     /// `network.max_connections`. Its neighbour table takes twice as many slots, rounded up to a
     /// power of two, 40 bytes each (1.25 MiB for 10000), 1024 to 2^20 slots; past it, a reply
-    /// to an evicted peer is dropped (`tx_no_neighbour`) until that peer sends again.
-    public var neighbourPeers = 10_000
+    /// to an evicted peer is dropped (`tx_no_neighbour`) until that peer sends again. The
+    /// default is the engine's (STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS, also what 0 means there).
+    public var neighbourPeers = Int(STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS)
+    /// The slots the socket's neighbour table takes for `neighbourPeers`, 40 bytes each.
+    public var neighbourTableSlots: Int { Int(stoq_xsk_neighbour_slots(UInt32(clamping: neighbourPeers))) }
     /// Where scripts/xdp-attach pinned the program's maps.
     public var pinDirectory: String { "/sys/fs/bpf/stoq/\(interface)" }
 

@@ -111,6 +111,19 @@ import Glibc
         }
     }
 
+    /// One default for the neighbour table, the engine's: a socket opened with XDPOptions'
+    /// defaults and one opened from C with neighbour_peers 0 (the engine's default) get the
+    /// same table, the 32768 slots (1.25 MiB) docs/deployment.md gives for 10000 connections.
+    /// Swift said 10000 and C 512 (1024 slots, which answered 1022 of 2000 peers).
+    @Test func theNeighbourTableDefaultIsTheSameInSwiftAndC() {
+        let defaults = XDPOptions(interface: "eth0")
+        var zero = defaults
+        zero.neighbourPeers = 0
+        #expect(defaults.neighbourPeers == 10_000)
+        #expect(zero.neighbourTableSlots == defaults.neighbourTableSlots)
+        #expect(defaults.neighbourTableSlots == 32768)
+    }
+
     /// Maps pinned by a build of another layout version (here: a newer one's stoq_abi) are
     /// refused by the socket's open, before it writes its port or socket into them, by `stoq xdp
     /// status` and by `xdp-attach --status`, each naming the pin, both versions and what to run.

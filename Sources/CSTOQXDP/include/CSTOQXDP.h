@@ -39,6 +39,12 @@ extern "C" {
 /** Bytes of Ethernet + IPv6 + UDP header the engine writes in front of each payload. */
 #define STOQ_XSK_HEADROOM 62
 
+/** Peers a socket's neighbour table holds when stoq_xsk_config.neighbour_peers is 0, and the
+ *  default of STOQDatapathXDP's XDPOptions.neighbourPeers: a worker's connections at
+ *  network.max_connections' default, 32768 slots (1.25 MiB). Fewer evicted peers the worker
+ *  still talked to (the old fixed 1024 slots answered 1022 of 2000). */
+#define STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS 10000
+
 enum stoq_xsk_zero_copy { STOQ_XSK_ZC_AUTO = 0, STOQ_XSK_ZC_ON = 1, STOQ_XSK_ZC_OFF = 2 };
 
 typedef struct stoq_xsk_config {
@@ -57,7 +63,8 @@ typedef struct stoq_xsk_config {
   /** Index in xsk_map (the queue id when steering by queue, the worker id when by CID). */
   uint32_t xsk_map_index;
   /** Peers the neighbour table holds without evicting one (the worker's max_connections): it
-   *  takes 2 x that slots rounded up to a power of two, 40 bytes each, 1024 to 2^20; 0: 512. */
+   *  takes 2 x that slots rounded up to a power of two, 40 bytes each, 1024 to 2^20
+   *  (stoq_xsk_neighbour_slots); 0: STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS. */
   uint32_t neighbour_peers;
 } stoq_xsk_config;
 
@@ -176,6 +183,10 @@ const char *stoq_xdp_stat_name(int index, char *buf, size_t len);
  *  stoq_xdp_check_maps). 0, or -1 with `err`. */
 int stoq_xdp_shed_initials(const char *pin_dir, uint32_t index, const struct stoq_shed_rule *rules, unsigned n,
                            unsigned shift, char *err, size_t errlen);
+
+/** Slots a socket's neighbour table takes for `peers` (0: STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS), 40
+ *  bytes each: see stoq_xsk_config.neighbour_peers. */
+uint32_t stoq_xsk_neighbour_slots(uint32_t peers);
 
 /** Teaches the engine a neighbour (tests and callers that know it better). */
 void stoq_xsk_learn_neighbour(stoq_xsk *x, const struct in6_addr *peer, const uint8_t mac[6]);
