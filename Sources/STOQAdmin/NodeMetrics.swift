@@ -303,6 +303,10 @@ package struct NodeMetrics {
         perWorker("stoq_content_chunks_stored_total", "Chunks stored.") { $0.content.chunksStored }
         perWorker("stoq_content_chunks_already_present_total", "Chunk uploads the node already had.") { $0.content.chunksAlreadyPresent }
         perWorker("stoq_content_manifests_served_total", "Manifests served.") { $0.content.manifestsServed }
+        perWorker(
+            "stoq_content_manifest_checks_busy_total",
+            "Manifest PUTs answered 503 with Retry-After: as many manifests as the node verifies at once (half its store threads) were being read back and hashed."
+        ) { $0.content.manifestChecksBusy }
         perWorker("stoq_content_objects_served_total", "Chunked objects served as one body (GET/HEAD /objects/).") { $0.content.objectsServed }
         perWorker("stoq_content_edge_requests_total", "Requests answered through the edge cache.") { $0.content.edgeRequests }
         if let p = plainCuts {

@@ -23,7 +23,8 @@ import STOQTransfer
 /// - `GET`/`HEAD`/`PUT`/`DELETE /manifests/<name>`: an object's manifest; a PUT is
 ///   refused unless the manifest parses (400, naming what is wrong), every chunk it
 ///   lists is stored (409), and they hash to the whole-object SHA-256 it claims (400, naming
-///   both; checked on the store pool, since it reads the whole object).
+///   both; checked on the store pool, since it reads the whole object, after the writer's
+///   quota, and at most `ManifestChecks.limit` at once: 503 with `Retry-After` past them).
 ///
 /// With the node's `ObjectGate`, manifest PUTs and DELETEs commit through it (`If-Match`
 /// against the object's ETag, `access.overwrite`, the writer quota charged the object's
@@ -43,6 +44,8 @@ public final class ContentService: QUICApplication {
         public var chunkBytesReceived: UInt64 = 0
         public var manifestsStored: UInt64 = 0
         public var refused: UInt64 = 0
+        /// Manifest PUTs answered 503: as many as `ManifestChecks.limit` were being verified.
+        public var manifestChecksBusy: UInt64 = 0
         /// Manifests and chunked objects served (an origin's request counters).
         public var manifestsServed: UInt64 = 0
         public var objectsServed: UInt64 = 0
@@ -180,6 +183,9 @@ public final class ContentService: QUICApplication {
     /// Where chunk PUTs are verified, written and fsynced, off this worker's thread (the
     /// node's; nil: on it, for tests). Their answers come back through `storeInbox`.
     package var storePool: WorkPool?
+    /// The node's bound on manifest PUTs being verified at once, shared by its workers (nil:
+    /// none, for tests).
+    package var manifestChecks: ManifestChecks?
     /// This worker's finished chunk writes; the worker drains it (`drainStores`) between batches.
     package let storeInbox = CompletionInbox<ChunkWrite>()
     /// Cuts of this node's plain files (the node's; nil: `chunking.cut_plain_files = false`),
@@ -862,26 +868,83 @@ public final class ContentService: QUICApplication {
         } catch { fail(stream, connection, 500, "\(error)") }
     }
 
-    /// A manifest PUT's body, complete: parsed and checked against what the store holds here,
-    /// then verified and committed on the store pool (inline without one), answered once the
-    /// record is durable (201 with the object's ETag) or refused.
+    /// A manifest PUT's body, complete: parsed and checked here (`admitManifest`), then
+    /// verified and committed on the store pool (inline without one), answered once the record
+    /// is durable (201 with the object's ETag) or refused.
     private func storeManifest(
         _ name: String, _ body: UnsafeRawBufferPointer, _ writer: ObjectGate.Writer?, _ stream: HTTPStream, _ connection: QUICConnection
     ) {
         let span = storeSpan("store.write", stream, object: name)
-        func refuse(_ status: Int, _ why: String) {
+        let m: AdmittedManifest
+        switch admitManifest(name, body, writer) {
+        case .success(let admitted): m = admitted
+        case .failure(let r):
             span?.end()
-            fail(stream, connection, status, why)
+            return fail(stream, connection, r.status, r.reason, headers: r.headers)
         }
+        let index = self.index, gate = self.gate, checks = manifestChecks
+        let commit = {
+            defer { checks?.end() }
+            return Self.commitManifest(name, m.manifest, m.bytes, m.ids, writer, index: index, gate: gate, sizes: m.sizes)
+        }
+        guard let storePool else {
+            let (status, reason) = commit()
+            countWrite(status, manifest: true)
+            span?.end()
+            return answerWrite(status, reason, stream, connection, etag: m.manifest.etag)
+        }
+        let ticket = nextStore
+        nextStore += 1
+        storing[ticket] = (stream, connection, span)
+        let inbox = storeInbox, etag = m.manifest.etag
+        storePool.submit {
+            let (status, reason) = commit()
+            inbox.post(ChunkWrite(ticket: ticket, status: status, reason: reason, etag: etag))
+        }
+    }
+
+    /// A manifest PUT past the checks a worker makes (`admitManifest`), to be verified and
+    /// committed: its bytes, decoded, its chunk ids, and the sizes the store held them at.
+    struct AdmittedManifest {
+        var manifest: Manifest
+        var bytes: [UInt8]
+        var ids: [ChunkID]
+        var sizes: [ChunkID: Int]
+    }
+
+    /// Why a manifest PUT is answered before it is verified: the status, the reason, and the
+    /// answer's headers (`Retry-After` for a busy node).
+    struct ManifestRefusal: Error {
+        var status: Int
+        var reason: String
+        var headers: [(String, String)] = []
+    }
+
+    /// The checks a manifest PUT's `body` for object `name` by `writer` passes on the worker
+    /// before its chunks are read back, cheapest first: the chunk count in its header (413),
+    /// its decoding (400), `storage.max_object_size` (413), the gate's conditions, policy and
+    /// quota for an object of its length (412, 403, 409, 507: what the commit checks again, so
+    /// that a write that cannot be stored costs no pass over the object), the lengths of the
+    /// chunks the store has (400), and last a place among the verifications under way
+    /// (`manifestChecks`; 503 with `Retry-After`, counted in `manifestChecksBusy`). Admitted, it
+    /// holds that place until its commit gives it back (`ManifestChecks.end`).
+    func admitManifest(_ name: String, _ body: UnsafeRawBufferPointer, _ writer: ObjectGate.Writer?) -> Result<AdmittedManifest, ManifestRefusal> {
         // Before anything is decoded, allocated or looked up per chunk.
         if let why = Self.manifestCountRefusal(name, body, limit: chunkLimit, maxObjectSize: maxObjectSize) {
-            return refuse(413, why)
+            return .failure(ManifestRefusal(status: 413, reason: why))
         }
         let manifest: Manifest
-        do { manifest = try Manifest(decoding: body) } catch { return refuse(400, "\(error)") }
+        do { manifest = try Manifest(decoding: body) } catch { return .failure(ManifestRefusal(status: 400, reason: "\(error)")) }
         guard manifest.totalLength <= maxObjectSize else {
-            return refuse(
-                413, "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)")
+            return .failure(
+                ManifestRefusal(
+                    status: 413,
+                    reason: "object \(name) of \(manifest.totalLength) bytes is larger than storage.max_object_size (\(maxObjectSize) bytes)"))
+        }
+        // A record adds no bytes to the store (its chunks are counted when put), so the cap
+        // never refuses one: the quota does, as at the commit.
+        if let gate, let writer, let r = gate.check(name, by: writer, size: manifest.totalLength, physical: 0) {
+            return .failure(ManifestRefusal(status: r.status, reason: r.reason))
         }
         let ids = manifest.chunks.map { ChunkID(bytes: $0.id.bytes)! }
         // What the store holds of each chunk, by size, looked up once per chunk.
@@ -897,25 +960,19 @@ public final class ContentService: QUICApplication {
                     continue
                 }
                 sizes[id] = size
-                if size != Int(e.length) { return refuse(400, Self.lengthRefusal(name, id, size, e.length)) }
+                if size != Int(e.length) { return .failure(ManifestRefusal(status: 400, reason: Self.lengthRefusal(name, id, size, e.length))) }
             }
-        } catch { return refuse(500, "\(error)") }
-        let bytes = Array(body), index = self.index, gate = self.gate
-        let commit = { [sizes] in Self.commitManifest(name, manifest, bytes, ids, writer, index: index, gate: gate, sizes: sizes) }
-        guard let storePool else {
-            let (status, reason) = commit()
-            countWrite(status, manifest: true)
-            span?.end()
-            return answerWrite(status, reason, stream, connection, etag: manifest.etag)
+        } catch { return .failure(ManifestRefusal(status: 500, reason: "\(error)")) }
+        if let manifestChecks, !manifestChecks.begin() {
+            counters.manifestChecksBusy += 1
+            return .failure(
+                ManifestRefusal(
+                    status: 503,
+                    reason: "manifest of \(name): the node is verifying \(manifestChecks.limit) manifests already "
+                        + "(each read back and hashed whole); try again",
+                    headers: [("retry-after", "\(ManifestChecks.retryAfter)")]))
         }
-        let ticket = nextStore
-        nextStore += 1
-        storing[ticket] = (stream, connection, span)
-        let inbox = storeInbox, etag = manifest.etag
-        storePool.submit {
-            let (status, reason) = commit()
-            inbox.post(ChunkWrite(ticket: ticket, status: status, reason: reason, etag: etag))
-        }
+        return .success(AdmittedManifest(manifest: manifest, bytes: Array(body), ids: ids, sizes: sizes))
     }
 
     /// Why a manifest of `name` is refused (400) for listing chunk `id` at `claimed` bytes, when
@@ -925,7 +982,7 @@ public final class ContentService: QUICApplication {
     }
 
     /// Commits the manifest PUT of `name` (`bytes`, decoded as `manifest`, listing `ids`) by
-    /// `writer`: its whole-object SHA-256 and its lengths checked against its chunks
+    /// `writer`: the gate's checks first, then its whole-object SHA-256 and its lengths checked against its chunks
     /// (`digestRefusal`; `sizes`: the sizes the store held them at when the manifest arrived),
     /// then the record written, through `gate` when there is one. Blocking (the store pool's);
     /// the answer's status (201, or the refusal's) and the refusal's reason.
@@ -933,6 +990,9 @@ public final class ContentService: QUICApplication {
         _ name: String, _ manifest: Manifest, _ bytes: [UInt8], _ ids: [ChunkID], _ writer: ObjectGate.Writer?, index: ObjectIndex,
         gate: ObjectGate?, sizes: [ChunkID: Int] = [:]
     ) -> (status: Int, reason: String) {
+        // The quota again before the pass over the object (it may have filled while this waited
+        // for a store thread); the gate's commit below is what decides.
+        if let gate, let writer, let r = gate.check(name, by: writer, size: manifest.totalLength, physical: 0) { return (r.status, r.reason) }
         if let refusal = digestRefusal(name, manifest, ids, chunks: index.chunks, sizes: sizes) { return refusal }
         do {
             if let gate, let writer {

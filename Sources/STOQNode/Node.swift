@@ -237,7 +237,7 @@ public final class Node: @unchecked Sendable {
             originMaxAge: cfg.edge.originMaxAge.map { $0 / 1_000_000_000 },
             certificates: certificates, identity: identity, qlog: qlog, access: access, mesh: mesh, meshService: meshService,
             plainCuts: try makePlainCuts(cfg), gate: gate,
-            rates: rates, bodyMemory: bodyMemory!,
+            rates: rates, bodyMemory: bodyMemory!, manifestChecks: WorkerAssembly.makeManifestChecks(workers: queues.count),
             fallback: FallbackQueues(
                 selection: DatapathSelection(config: cfg, logger: logger), workers: queues.count,
                 port: listenAddress.port),

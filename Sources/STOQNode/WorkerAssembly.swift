@@ -49,6 +49,8 @@ struct WorkerAssembly: @unchecked Sendable {
     let rates: RateLimiter?
     /// Request bodies held in memory, all workers together (`limits.body_memory`).
     let bodyMemory: BodyMemory
+    /// Manifest PUTs being verified on `storePool`, all workers together (`makeManifestChecks`).
+    let manifestChecks: ManifestChecks
     let fallback: FallbackQueues
     let stop: StopFlag
     let finished: DispatchGroup
@@ -113,6 +115,7 @@ struct WorkerAssembly: @unchecked Sendable {
         chunks.gate = gate
         chunks.bodyMemory = bodyMemory
         chunks.storePool = storePool
+        chunks.manifestChecks = manifestChecks
         chunks.plainCuts = plainCuts
         var version = 0
         let router = NodeRouter(objects: objects, content: chunks, access: AccessGate(access.take(after: &version)!), logger: logger)
@@ -160,10 +163,18 @@ struct WorkerAssembly: @unchecked Sendable {
         }
     }
 
-    /// The threads that write and fsync chunk PUTs for every worker: as many as the node has
-    /// workers (a disk's fsyncs then overlap across them), at most four.
+    /// The threads that write and fsync chunk PUTs for every worker (and verify manifest PUTs):
+    /// as many as the node has workers (a disk's fsyncs then overlap across them), at most four.
+    static func storeThreads(workers: Int) -> Int { min(4, max(1, workers)) }
+
+    /// The pool of `storeThreads` threads.
     static func makeStorePool(workers: Int) -> WorkPool {
-        WorkPool(name: "stoq-store", threads: min(4, max(1, workers)))
+        WorkPool(name: "stoq-store", threads: storeThreads(workers: workers))
+    }
+
+    /// The bound on manifest PUTs verified at once on that pool (`ManifestChecks.limit`).
+    static func makeManifestChecks(workers: Int) -> ManifestChecks {
+        ManifestChecks(limit: ManifestChecks.limit(storeThreads: storeThreads(workers: workers)))
     }
 
     /// The pool that chunks plain uploads into `content` when `chunking.dedup_enabled` is

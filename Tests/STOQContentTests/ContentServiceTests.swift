@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import STOQChunking
 import STOQStore
 import STOQTestSupport
@@ -179,5 +180,76 @@ struct BodyMemoryTests {
     @Test func zeroIsNoLimit() {
         let m = BodyMemory(limit: 0)
         #expect(taken(m.take(.max / 2, client: "a")) == .max / 2 && taken(m.take(.max / 2, client: "a")) == .max / 2)
+    }
+}
+
+/// A manifest PUT costs a pass over its whole object on the store threads: the checks that can
+/// refuse it without that pass come first, and the passes under way are bounded node-wide.
+struct ManifestAdmissionTests {
+    /// A store holding a 1500-byte object's two chunks, and its manifest.
+    func stored(_ prefix: String) throws -> (dir: String, index: ObjectIndex, ids: [ChunkID], manifest: Manifest) {
+        let (dir, _, index) = try makeTempNodeStore(prefix)
+        let parts = [[UInt8](repeating: 5, count: 1000), [UInt8](repeating: 6, count: 500)]
+        let ids = parts.map { ChunkID(digestOf: $0) }
+        for (id, p) in zip(ids, parts) { try index.chunks.put(id: id, bytes: p) }
+        let entries = zip(ids, parts).map { Manifest.Entry(id: ContentDigest($0.0.bytes)!, length: UInt32($0.1.count)) }
+        let parameters = try ChunkingParameters(minSize: 64, avgSize: 256, maxSize: 1024)
+        let m = try Manifest(totalLength: 1500, digest: ContentDigest.sha256(parts[0] + parts[1]), parameters: parameters, chunks: entries)
+        return (dir, index, ids, m)
+    }
+
+    func service(_ index: ObjectIndex) -> ContentService {
+        ContentService(index: index, maxChunkSize: 1 << 20, logger: Logger(label: "test"))
+    }
+
+    /// `ManifestChecks.limit` verifications at once: the next manifest PUT is answered 503 with
+    /// `Retry-After`, counted, and holds nothing; a place given back lets the next one in.
+    @Test func aManifestPastTheVerificationsUnderWayIsBusy() throws {
+        let (dir, index, _, m) = try stored("stoq-manifest-busy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let s = service(index)
+        let checks = ManifestChecks(limit: 1)
+        s.manifestChecks = checks
+        let body = m.encode()
+        let first = body.withUnsafeBytes { s.admitManifest("one", $0, nil) }
+        #expect((try? first.get()) != nil && checks.inFlight == 1)
+        let second = body.withUnsafeBytes { s.admitManifest("two", $0, nil) }
+        guard case .failure(let busy) = second else { Issue.record("admitted past the bound"); return }
+        #expect(busy.status == 503)
+        #expect(busy.reason == "manifest of two: the node is verifying 1 manifests already (each read back and hashed whole); try again")
+        #expect(busy.headers.map { "\($0.0): \($0.1)" } == ["retry-after: 1"])
+        #expect(s.counters.manifestChecksBusy == 1 && checks.inFlight == 1)
+        checks.end()
+        #expect((try? body.withUnsafeBytes { s.admitManifest("two", $0, nil) }.get()) != nil && checks.inFlight == 1)
+        #expect(ManifestChecks.limit(storeThreads: 1) == 1 && ManifestChecks.limit(storeThreads: 3) == 1)
+        #expect(ManifestChecks.limit(storeThreads: 4) == 2)
+    }
+
+    /// A writer past its quota is refused (507 naming it) before a verification place is taken
+    /// and before a chunk is read: here one of the chunks is damaged on disk, which a read would
+    /// find (quarantined, 409), and the places are all taken (503).
+    @Test func theQuotaComesBeforeTheChunksAreRead() throws {
+        let (dir, index, ids, m) = try stored("stoq-manifest-quota")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let gate = try ObjectGate(settings: .init(writerQuota: 1000), storagePath: dir + "/objects", index: index)
+        let s = service(index)
+        s.gate = gate
+        let checks = ManifestChecks(limit: 1)
+        s.manifestChecks = checks
+        #expect(checks.begin())
+        let hex = ids[0].hex
+        let file = dir + "/content/chunks/\(hex.prefix(2))/\(hex.dropFirst(2).prefix(2))/\(hex)"
+        try Data(repeating: 0, count: 1000).write(to: URL(fileURLWithPath: file))
+        let alice = ObjectGate.Writer(identity: "token:alice")
+        let quota = "quota for token:alice: 0 bytes used of 1000 bytes (limits.writer_quota), this upload needs 1.5 KB (1500 bytes)"
+        let admitted = m.encode().withUnsafeBytes { s.admitManifest("big", $0, alice) }
+        guard case .failure(let r) = admitted else { Issue.record("admitted over the quota"); return }
+        #expect(r.status == 507 && r.reason == quota, "\(r.reason)")
+        #expect(s.counters.manifestChecksBusy == 0 && checks.inFlight == 1)
+        // On the store pool too, in case the quota filled while the commit waited for a thread.
+        let committed = ContentService.commitManifest("big", m, m.encode(), ids, alice, index: index, gate: gate)
+        #expect(committed.status == 507 && committed.reason == quota, "\(committed.reason)")
+        #expect(index.chunks.counters.corruptQuarantined == 0 && FileManager.default.fileExists(atPath: file))
+        #expect(gate.counters.writerQuotaRefused == 2)
     }
 }

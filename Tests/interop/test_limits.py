@@ -282,6 +282,31 @@ def test_a_chunked_put_is_charged_to_its_writer_and_conditions_hold_on_manifests
     assert metrics(node)["stoq_precondition_failed_total"] == 1
 
 
+def test_a_manifest_over_the_quota_is_refused_before_its_chunks_are_read(make_node, tmp_path):
+    """A manifest PUT costs a pass over its whole object on the store threads (its SHA-256 is
+    checked against its chunks): the writer's quota comes first, so one past it is refused 507
+    for the price of a lookup. Here a chunk it names is damaged on disk: read, it would have
+    been quarantined and the answer a 409 asking for it."""
+    node = make_node('[limits]\nwriter_quota = "1MB"\n')
+    a = tmp_path / "a.bin"
+    a.write_bytes(os.urandom(700 << 10))
+    assert stoq_put_chunked(node, a, "a.bin").returncode == 0
+    manifest = tmp_path / "a.manifest"
+    assert stoq("chunk", a, "--manifest", manifest, "--summary").returncode == 0
+    chunk = json.loads(stoq("chunk", a, "--json").stdout)["chunks"][0]["id"]
+    path = node.content / "chunks" / chunk[:2] / chunk[2:4] / chunk
+    with open(path, "r+b") as f:
+        f.write(b"\x00")
+    # The same object again under another name: 700 KB more than the 324 KB the quota leaves.
+    r = request(node, "PUT", "again.bin", body=manifest.read_bytes(), path="/manifests/again.bin")
+    assert r["status"] == 507, r
+    assert ("quota for token:operator: 700 KB (716800 bytes) used of 1 MB (1048576 bytes) (limits.writer_quota), "
+            "this upload needs 700 KB (716800 bytes)") in r["text"], r
+    assert path.exists() and not any((node.content / "quarantine").iterdir()), "the chunks were read"
+    assert metrics(node)['stoq_limits_quota_refused_total{kind="writer_quota"}'] == 1
+    assert metrics(node)["stoq_content_manifest_checks_busy_total{worker=\"0\"}"] == 0
+
+
 def test_a_chunked_put_over_max_object_size_is_refused_like_a_plain_one(tmp_path):
     """storage.max_object_size bounded plain PUTs only: a chunked upload of 3 MB stored fine
     under a 1 MB limit. Its manifest is refused now, naming the sizes, and nothing is visible."""
