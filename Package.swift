@@ -288,7 +288,10 @@ let package = Package(
             exclude: ["Resources"]),
         .testTarget(name: "STOQRoutingTests", dependencies: ["STOQRouting", "STOQCore"]),
         .testTarget(name: "STOQAccessTests", dependencies: ["STOQAccess", "STOQTrust", "STOQCore", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "STOQTracingTests", dependencies: ["STOQTracing"]),
+        .testTarget(
+            name: "STOQTracingTests",
+            dependencies: ["STOQTracing", "STOQQUIC", .product(name: "Tracing", package: "swift-distributed-tracing"),
+                           .product(name: "InMemoryTracing", package: "swift-distributed-tracing")]),
         // Replays a request trace through S3-FIFO and LRU (scripts/bench-cache).
         .executableTarget(name: "stoq-cache-sim", dependencies: ["STOQCache"]),
         // Puts chunks and objects in a loop until killed: the crash test's victim.

@@ -38,11 +38,16 @@ public final class RequestTracer: Sendable {
     }
 
     /// A request's server span: `GET /objects/{name}` (the route, so names stay few), with the
-    /// method and path as attributes, child of the caller's `traceparent`.
+    /// method and path as attributes, child of the caller's `traceparent`. Nothing the client
+    /// chooses reaches the name (OpenTelemetry's HTTP conventions): a path of no known route
+    /// leaves the method alone (`GET`), a method not in `knownMethods` is named `HTTP` and
+    /// recorded as `_OTHER` with the original beside it.
     public func serverSpan(_ request: HTTPRequest, peer: String) -> any Span {
         let parent = context(traceparent: request.traceparent, tracestate: request.tracestate)
-        let span = startSpan("\(request.method) \(Self.route(request.path))", parent: parent, kind: .server)
-        span.attributes["http.request.method"] = request.method
+        let route = Self.route(request.path)
+        let span = startSpan(Self.spanName(method: request.method, route: route), parent: parent, kind: .server)
+        Self.setMethod(request.method, on: span)
+        if let route { span.attributes["http.route"] = route }
         span.attributes["url.path"] = String(request.path.prefix { $0 != "?" })
         span.attributes["url.scheme"] = "https"
         span.attributes["network.protocol.name"] = "http"
@@ -52,14 +57,36 @@ public final class RequestTracer: Sendable {
     }
 
     /// An upstream request's client span (an edge's origin fetch, a mesh relay's next hop),
-    /// child of `parent`, with its attributes.
+    /// child of `parent`, with its attributes; named as `serverSpan` names its span.
     public func clientSpan(method: String, path: String, server: String, label: String, parent: ServiceContext) -> any Span {
-        let span = startSpan("\(method) \(Self.route(path))", parent: parent, kind: .client)
-        span.attributes["http.request.method"] = method
+        let span = startSpan(Self.spanName(method: method, route: Self.route(path)), parent: parent, kind: .client)
+        Self.setMethod(method, on: span)
         span.attributes["url.path"] = path
         span.attributes["server.address"] = server
         span.attributes["stoq.upstream"] = label
         return span
+    }
+
+    /// The methods a span is named after (OpenTelemetry's default: RFC 9110's and PATCH); any
+    /// other is `_OTHER`, so a client cannot mint span names or attribute values by inventing
+    /// methods.
+    public static let knownMethods: Set<String> = ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"]
+
+    /// A span's name: `{method} {route}`, or `{method}` when the path has no known route;
+    /// `{method}` is `HTTP` for a method not in `knownMethods`.
+    static func spanName(method: String, route: String?) -> String {
+        let method = knownMethods.contains(method) ? method : "HTTP"
+        guard let route else { return method }
+        return method + " " + route
+    }
+
+    private static func setMethod(_ method: String, on span: any Span) {
+        if knownMethods.contains(method) {
+            span.attributes["http.request.method"] = method
+        } else {
+            span.attributes["http.request.method"] = "_OTHER"
+            span.attributes["http.request.method_original"] = method
+        }
     }
 
     /// Ends a request's span with its status (0: none was sent) and the stream's HTTP/3 code.
@@ -76,21 +103,26 @@ public final class RequestTracer: Sendable {
     }
 
     /// The route a path belongs to: `/objects/{name}`, `/chunks/{id}`, `/manifests/{name}`, a
-    /// mesh relay's `/_stoq/relay/{holder}/{hops}/chunks/{id}`, or the path itself for the other
-    /// node-internal ones (`/_stoq/…`, a handful).
-    public static func route(_ path: String) -> String {
+    /// mesh relay's `/_stoq/relay/{holder}/{hops}/chunks/{id}`, the transparency log's
+    /// `/_stoq/log/{entry}`, or the node-internal path itself for the few fixed ones
+    /// (`NodePaths`); nil for any other path, whose name would be the client's to choose.
+    public static func route(_ path: String) -> String? {
         let p = path.prefix { $0 != "?" }
         if p.hasPrefix(NodePaths.relayPrefix) {
             let parts = p.split(separator: "/", maxSplits: 5, omittingEmptySubsequences: false)
             let relay = NodePaths.relayPrefix + "{holder}/{hops}"
-            guard parts.count == 6 else { return relay }
-            return relay + route("/" + parts[5])
+            guard parts.count == 6, let resource = route("/" + parts[5]) else { return relay }
+            return relay + resource
         }
         for prefix in ["/objects/", "/manifests/"] where p.hasPrefix(prefix) { return prefix + "{name}" }
         if p.hasPrefix("/chunks/") { return "/chunks/{id}" }
         if p.hasPrefix(NodePaths.logPrefix) { return NodePaths.logPrefix + "{entry}" }
-        return String(p.prefix(64))
+        if fixedRoutes.contains(String(p)) { return String(p) }
+        return nil
     }
+
+    /// The node's own paths that are routes as they stand.
+    private static let fixedRoutes: Set<String> = [NodePaths.meshProbe, NodePaths.meshAdvert, NodePaths.missing]
 }
 
 /// A request's W3C trace context fields, as received.
