@@ -746,3 +746,11 @@ void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out) {
   out->body_bytes_sent = c->body_tx;
   out->streams_open = c->streams_open;
 }
+
+uint64_t stoq_conn_ack_delay(const stoq_conn *c) {
+  /* ngtcp2 0.12's conn_compute_ack_delay, which it does not export. */
+  ngtcp2_conn_stat st;
+  ngtcp2_conn_get_conn_stat(c->q, &st);
+  uint64_t most = ngtcp2_conn_get_local_transport_params(c->q)->max_ack_delay;
+  return st.smoothed_rtt / 8 < most ? st.smoothed_rtt / 8 : most;
+}

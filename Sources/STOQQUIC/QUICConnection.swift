@@ -191,6 +191,10 @@ public final class QUICConnection: TimerHeapElement {
     /// Closing or draining.
     public var isClosed: Bool { if case .active = state { false } else { true } }
 
+    /// How long an acknowledgement this end owes may be held back (ns): one owed for a packet
+    /// received at t is sent by t + this, provided the connection is driven then.
+    public var ackDelay: UInt64 { stoq_conn_ack_delay(raw) }
+
     /// Live transport numbers.
     public var stats: stoq_conn_stats {
         var s = stoq_conn_stats()

@@ -189,8 +189,7 @@ package final class ClientSession {
     }
 
     package func close() {
-        connection.close(now: monotonicNow())
-        _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
+        rig.close(connection)
         rig.queue.close()
     }
 }

@@ -462,6 +462,24 @@ package struct ClientRig {
         }
     }
 
+    /// Closes `conn` once the server can know that everything it sent arrived, then waits (at
+    /// most 200 ms) for the close to go out. The server's side of a stream ends only when its
+    /// last packet is acknowledged (a response's FIN, or the RESET_STREAM answering a refused
+    /// body's STOP_SENDING), ngtcp2 holds an ACK back for `ackDelay`, and a CONNECTION_CLOSE
+    /// carries none: closed at once, the server's stream ended with the connection, as
+    /// H3_REQUEST_CANCELLED (a complete GET traced as an error on the node, a refusal's
+    /// H3_EXCESSIVE_LOAD lost). Driving the connection for that delay first (an eighth of the
+    /// RTT, at most 25 ms) sends the ACK.
+    package func close(_ conn: QUICConnection) {
+        if !conn.isClosed {
+            let delay = conn.ackDelay
+            let until = monotonicNow() + delay
+            _ = try? worker.run(timeout: delay + 1_000_000) { monotonicNow() >= until || conn.isClosed }
+        }
+        conn.close(now: monotonicNow())
+        _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+    }
+
     /// The TLS credentials a client with `trust` handshakes with: its roots, transparency logs
     /// and client certificate read now.
     package static func credentials(_ trust: ClientTrust) throws(ClientError) -> TLSCredentials {
@@ -745,8 +763,7 @@ public enum STOQClient {
         let earlyData = sessionCache == nil ? nil : conn.earlyData
         let preferred = conn.preferredAddress, servedFrom = conn.currentRemote, cipherSuite = conn.cipherSuite
         let keyUpdates = keyUpdate ? conn.keyUpdatesInitiated : nil
-        conn.close(now: monotonicNow())
-        _ = try? worker.run(timeout: 200_000_000) { endpoint.connectionCount == 0 }
+        rig.close(conn)
         if !ended {
             // Our own deadline: closing reset the stream (0x10c), which is not the server's doing.
             // An upload is counted by what was read of its body; the response's bytes say nothing.

@@ -16,9 +16,14 @@ public final class LoopbackUpstreams: @unchecked Sendable {
         var app: TestUpstream
     }
     private let servers: [Server]
+    private let replyDelay: UInt64
 
     /// Servers at `[::1]:port`, one per `(port, app)`, presenting `identity`'s certificate.
-    public init(identity: TestIdentity, _ upstreams: [(port: UInt16, app: TestUpstream)]) throws {
+    /// `replyDelay` (ns) holds back each datagram a server sends for that long: a round trip
+    /// of a real link (what the client sends arrives at once), so that delayed ACKs are
+    /// really delayed.
+    public init(identity: TestIdentity, _ upstreams: [(port: UInt16, app: TestUpstream)], replyDelay: UInt64 = 0) throws {
+        self.replyDelay = replyDelay
         let credentials = try TLSCredentials(certificateFile: identity.identity.certificatePath, keyFile: identity.identity.keyPath)
         servers = upstreams.map { u in
             let ep = QUICEndpoint(isServer: true, credentials: credentials, settings: QUICSettings(), workerID: 0, secret: StaticSecret.random())
@@ -29,7 +34,7 @@ public final class LoopbackUpstreams: @unchecked Sendable {
 
     /// A queue for one client (bound to `[::1]` and a port of its own). Every queue drives
     /// the same servers: use them from one client thread at a time.
-    public func queue() -> DatapathQueue { Queue(servers) }
+    public func queue() -> DatapathQueue { Queue(servers, replyDelay: replyDelay) }
 
     final class Queue: DatapathQueue {
         let backendName = "loopback"
@@ -39,14 +44,15 @@ public final class LoopbackUpstreams: @unchecked Sendable {
         let slotCapacity = 65536
         private(set) var counters = DatapathCounters()
         private let servers: [Server]
+        private let replyDelay: UInt64
         private let slot = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 64)
         private let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 64)
         /// To the servers (flushed), and from them (received).
         private var outbox: [(bytes: [UInt8], from: IPv6Endpoint, to: IPv6Endpoint)] = []
-        private var inbox: [(bytes: [UInt8], from: IPv6Endpoint, to: IPv6Endpoint)] = []
+        private var inbox: [(bytes: [UInt8], from: IPv6Endpoint, to: IPv6Endpoint, due: UInt64)] = []
         private var wakeup: Int32 = -1
 
-        init(_ servers: [Server]) { self.servers = servers }
+        init(_ servers: [Server], replyDelay: UInt64) { (self.servers, self.replyDelay) = (servers, replyDelay) }
         deinit {
             slot.deallocate()
             scratch.deallocate()
@@ -56,9 +62,10 @@ public final class LoopbackUpstreams: @unchecked Sendable {
             let deadline = monotonicNow() + timeoutNanoseconds
             while true {
                 driveServers()
-                if !inbox.isEmpty {
-                    let batch = inbox
-                    inbox.removeAll()
+                let arrived = monotonicNow()
+                if let first = inbox.first, first.due <= arrived {
+                    let batch = inbox.prefix { $0.due <= arrived }
+                    inbox.removeFirst(batch.count)
                     for d in batch {
                         counters.rxDatagrams += 1
                         counters.rxBuffers += 1
@@ -117,7 +124,7 @@ public final class LoopbackUpstreams: @unchecked Sendable {
                     var off = 0
                     while off < t.length {
                         let n = min(t.segmentSize, t.length - off)
-                        inbox.append((Array(scratch[off..<off + n]), s.address, t.destination))
+                        inbox.append((Array(scratch[off..<off + n]), s.address, t.destination, now + replyDelay))
                         off += n
                     }
                 }

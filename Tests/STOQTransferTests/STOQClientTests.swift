@@ -102,6 +102,31 @@ import Testing
         #expect(upstream.sent("/objects/gone") < 1 << 20)
     }
 
+    /// A server's stream ends once the client acknowledges its last packet: a response's FIN,
+    /// or the RESET_STREAM answering the STOP_SENDING that refused an endless error body. The
+    /// client closed its connection as soon as its own stream ended, with that ACK still held
+    /// back (ngtcp2 delays one by an eighth of the RTT), and a CONNECTION_CLOSE carries none: the
+    /// server's stream then ended with the connection, H3_REQUEST_CANCELLED, a complete GET
+    /// traced as an error on the node and the refusal's H3_EXCESSIVE_LOAD lost. On loopback's
+    /// microsecond RTT that was 1 run in 100 (`anEndlessErrorBodyToAGetEndsWithItsStatusAndReason`
+    /// saw 0x10c); with 20 ms of round trip it was nearly every run.
+    @Test func theServerHearsEveryStreamEndBeforeTheClientCloses() throws {
+        let far = TestUpstream()
+        let link = try LoopbackUpstreams(identity: identity, [(4434, far)], replyDelay: 20_000_000)
+        let datapath = ClientDatapath { link.queue() }
+        far.answer("/objects/small", .whole(status: 200, body: Array("all of it".utf8)))
+        far.answer("/objects/gone", .endless(status: 404, filler: "no such object here; "))
+        for _ in 0..<3 {
+            let ok = try STOQClient.get(try STOQURL("https://[::1]:4434/objects/small"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+            #expect(ok.status == 200 && ok.bytes == 9)
+            let gone = try STOQClient.get(try STOQURL("https://[::1]:4434/objects/gone"), into: -1, trust: trust, datapath: datapath, timeout: 10)
+            #expect(gone.status == 404)
+        }
+        // The upstream runs on the client's thread: what it saw is all there is once `get` returns.
+        #expect(far.closed("/objects/small") == Array(repeating: H3Error.noError, count: 3))
+        #expect(far.closed("/objects/gone") == Array(repeating: H3Error.excessiveLoad, count: 3))
+    }
+
     @Test func anEndlessErrorBodyToAPutEndsWithItsStatusAndReason() throws {
         let file = directory + "/up"
         try Data("the object".utf8).write(to: URL(fileURLWithPath: file))

@@ -535,6 +535,10 @@ typedef struct stoq_conn_stats {
   uint64_t streams_open;
 } stoq_conn_stats;
 void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out);
+/** How long ngtcp2 0.12 holds an acknowledgement back (ns): an eighth of the smoothed RTT, at
+ *  most this end's max_ack_delay. An ACK owed for a packet received at t goes out with the
+ *  first write at or after t + this. */
+uint64_t stoq_conn_ack_delay(const stoq_conn *c);
 
 /* ---- HTTP/3 streams --------------------------------------------------------- */
 
