@@ -637,15 +637,17 @@ public final class Node: @unchecked Sendable {
         }
         let manager = certificates
         let trustChanged = fresh.trust != old.trust, authChanged = fresh.network.clientAuth != old.network.clientAuth
+        // What is applied live is the new [trust] and client rules with this node's own CA and
+        // certificate as they run: data_dir and [tls] change only at a restart. (Judged from a
+        // new data_dir, clients met a CA the reload had just made there, and going back to the
+        // old data_dir, "unchanged", did not undo it.)
+        var running = fresh
+        (running.node, running.tls) = (old.node, old.tls)
         // How the edge's upstreams and the mesh's neighbours (and adverts' signers) are verified
         // under the new trust: loaded first, so that files which do not load refuse the reload
         // before anything is applied; applied whatever else of [trust] waits for a restart.
         var peers: (trust: ClientTrust, adverts: (@Sendable ([Certificate]) throws -> Void)?)?
         if trustChanged && (edge != nil || mesh != nil) {
-            // The new [trust], but this node's own certificate as it runs: data_dir and [tls]
-            // change only at a restart.
-            var running = fresh
-            (running.node, running.tls) = (old.node, old.tls)
             let t = Self.peerTrust(running)
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
@@ -657,12 +659,12 @@ public final class Node: @unchecked Sendable {
         let fixedIdentity = fresh.tls.certFile.isEmpty || fresh.tls != old.tls ? nil : identity
         let freshAdminVerifier =
             trustChanged && adminVerifier.current != nil
-            ? try Self.clientVerifier(fresh, for: "admin.auth = \"mtls\"") : nil
+            ? try Self.clientVerifier(running, for: "admin.auth = \"mtls\"") : nil
         // [tls] changed (suites, or certificate files newly named) waits for a restart: the
         // rules must judge clients for the identity the node will present, not the one it had.
         if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode, fresh.tls == old.tls {
             do {
-                let clientAuth = try Self.clientAuthentication(fresh)
+                let clientAuth = try Self.clientAuthentication(running)
                 if let manager { try manager.update(trust: fresh.trust, clientAuth: clientAuth) }
                 if let fixedIdentity {
                     fixedIdentity.publish(

@@ -1,0 +1,82 @@
+import Foundation
+import STOQConfig
+import STOQTestSupport
+import STOQTransfer
+import STOQTrust
+import Testing
+
+@testable import STOQNode
+
+/// `Node.reload` on a running node (one worker on [::1]): what a reload applies live judges
+/// clients with the node's own CA as it runs, and what it hands the edge and the mesh it hands
+/// them once.
+@Suite(.serialized) struct NodeReloadTests {
+    /// A node on `[::1]:0` with its data under `dir/d1`, serving `dir/objects` (`a.bin`).
+    static func config(_ dir: TemporaryDirectory, network: String = "", sections: String = "") throws -> NodeConfig {
+        try FileManager.default.createDirectory(atPath: dir.path + "/objects", withIntermediateDirectories: true)
+        try Data("hello".utf8).write(to: URL(fileURLWithPath: dir.path + "/objects/a.bin"))
+        return try ConfigLoader.parse(
+            """
+            [node]
+            data_dir = "\(dir.path)/d1"
+            [network]
+            listen_addr = "[::1]:0"
+            workers = 1
+            \(network)
+            [storage]
+            path = "\(dir.path)/objects"
+            content_path = "\(dir.path)/content"
+            \(sections)
+            """)
+    }
+
+    /// A client certificate from the CA in `caDirectory`, as files under `dir`.
+    static func client(_ name: String, caDirectory: String, in dir: TemporaryDirectory) throws -> (cert: String, key: String) {
+        let issued = try TrustAuthority.load(from: caDirectory).issueWithNewKey(dnsNames: ["\(name).example"])
+        let (cert, key) = (dir.path + "/\(name).pem", dir.path + "/\(name).key")
+        try Data(issued.chainPEM.utf8).write(to: URL(fileURLWithPath: cert))
+        try Data(issued.keyPEM.utf8).write(to: URL(fileURLWithPath: key))
+        return (cert, key)
+    }
+
+    /// GET a.bin from `node`, presenting `client`'s certificate when given: its status, or the error.
+    static func get(_ node: Node, as client: (cert: String, key: String)?) -> Result<Int, ClientError> {
+        let fd = open("/dev/null", O_WRONLY)
+        defer { close(fd) }
+        let trust = ClientTrust(caFile: node.certificatePath, certificateFile: client?.cert, keyFile: client?.key)
+        do {
+            let url = try STOQURL("https://[::1]:\(node.listenAddress.port)/objects/a.bin")
+            return .success(try STOQClient.get(url, into: fd, trust: trust, datapath: DatapathSelection.originFetch, timeout: 10).status)
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// data_dir needs a restart; client_auth changed with it applies at once, with the CA the
+    /// node runs. It was judged from the new data_dir, where the reload made a CA of its own:
+    /// every client of the running CA was refused, and going back to the old data_dir
+    /// ("unchanged") did not undo it until a restart.
+    @Test func clientRulesAppliedWithANewDataDirUseTheRunningCA() throws {
+        let dir = try TemporaryDirectory("stoq-reload-datadir")
+        defer { dir.remove() }
+        let cfg = try Self.config(dir)
+        let node = Node(config: cfg, logger: LogCapture().logger)
+        try node.start()
+        defer {
+            node.stop()
+            node.wait(timeout: 10)
+        }
+        var fresh = cfg
+        fresh.node.dataDir = dir.path + "/d9"
+        fresh.network.clientAuth = .required
+        let report = try node.reload(fresh)
+        #expect(report.applied == ["network.client_auth"] && report.restartNeeded == ["node"], "\(report)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/d9"), "the reload made a CA under the new data_dir")
+        let alice = try Self.client("alice", caDirectory: dir.path + "/d1/trust", in: dir)
+        #expect(try Self.get(node, as: alice).get() == 200)
+        guard case .failure = Self.get(node, as: nil) else {
+            Issue.record("client_auth = required is not applied")
+            return
+        }
+    }
+}
