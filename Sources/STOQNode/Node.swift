@@ -40,6 +40,11 @@ public final class Node: @unchecked Sendable {
     /// Under `admin.auth = "mtls"`: how the admin API checks client certificates now (a
     /// reload that changes `[trust]` replaces it).
     private let adminVerifier = Replaceable<PeerVerifier?>(nil)
+    /// The `[trust]` the edge's upstreams and the mesh's neighbours are verified with now. A
+    /// reload hands them its `[trust]` even when the rest of it waits for a restart (and
+    /// `config.trust` stays the old one): only when it differs from this, not again at every
+    /// later reload, each of which closed every upstream and neighbour connection.
+    private(set) var peersTrust: NodeConfig.Trust
     public private(set) var listenAddress: IPv6Endpoint
     /// The content store's object index (chunks and manifests), shared by every worker.
     public private(set) var contentIndex: ObjectIndex?
@@ -84,6 +89,7 @@ public final class Node: @unchecked Sendable {
         self.tracer = tracer
         self.listenAddress = config.network.listenAddress
         self.qlog = QLogControl(config.log)
+        self.peersTrust = config.trust
     }
 
     /// The node's IPv6 addresses (for the certificate's SANs).
@@ -647,7 +653,7 @@ public final class Node: @unchecked Sendable {
         // under the new trust: loaded first, so that files which do not load refuse the reload
         // before anything is applied; applied whatever else of [trust] waits for a restart.
         var peers: (trust: ClientTrust, adverts: (@Sendable ([Certificate]) throws -> Void)?)?
-        if trustChanged && (edge != nil || mesh != nil) {
+        if fresh.trust != peersTrust && (edge != nil || mesh != nil) {
             let t = Self.peerTrust(running)
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
@@ -724,6 +730,10 @@ public final class Node: @unchecked Sendable {
         if let peers {
             edge?.retrust(peers.trust)
             if let adverts = peers.adverts { mesh?.retrust(peers.trust, verifyChain: adverts) }
+            peersTrust = fresh.trust
+            // Back to the [trust] the node runs with (a restart was needed for the one before):
+            // the upstreams and neighbours are judged by it again.
+            if !trustChanged { report.applied.append("trust") }
             if report.restartNeeded.contains("trust") {
                 logger.warning(
                     "reload: the new [trust] verifies the edge's upstreams and mesh neighbours now; clients and this node's own certificate are judged with the old one until a restart"

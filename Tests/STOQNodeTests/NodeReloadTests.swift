@@ -79,4 +79,36 @@ import Testing
             return
         }
     }
+
+    /// A [trust] change that needs a restart (here with a [tls] one) still reaches the edge's
+    /// upstreams at once, and only once: `config.trust` stays the running one, and every later
+    /// reload of the same file handed it to the edge and the mesh again, closing every upstream
+    /// and neighbour connection each time. Going back to the running [trust] hands that back.
+    @Test func aTrustChangeThatNeedsARestartRetrustsTheEdgeOnce() throws {
+        let dir = try TemporaryDirectory("stoq-reload-retrust")
+        defer { dir.remove() }
+        let cfg = try Self.config(dir, sections: "[edge]\nenable_caching = true\norigin = \"https://[::1]:9\"\n")
+        let log = LogCapture()
+        let node = Node(config: cfg, logger: log.logger)
+        try node.start()
+        defer {
+            node.stop()
+            node.wait(timeout: 10)
+        }
+        let warning =
+            "reload: the new [trust] verifies the edge's upstreams and mesh neighbours now; clients and this node's own certificate are judged with the old one until a restart"
+        var fresh = cfg
+        fresh.tls.cipherSuites = ["AES-256-GCM"]
+        fresh.trust.certLifetime /= 2
+        for _ in 0..<3 {
+            let report = try node.reload(fresh)
+            #expect(report.applied.isEmpty && Set(report.restartNeeded) == ["trust", "tls"], "\(report)")
+            #expect(node.peersTrust == fresh.trust && node.config.trust == cfg.trust)
+        }
+        #expect(log.messages(atLeast: .warning).filter { $0 == warning }.count == 1, "\(log.messages(atLeast: .warning))")
+        let back = try node.reload(cfg)
+        #expect(back.applied == ["trust"] && back.restartNeeded.isEmpty, "\(back)")
+        #expect(node.peersTrust == cfg.trust)
+        #expect(try node.reload(cfg).applied.isEmpty)
+    }
 }
