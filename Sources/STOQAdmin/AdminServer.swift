@@ -17,13 +17,21 @@ import Synchronization
 /// `/metrics` itself since it is the only one that sees them.
 ///
 /// Connections are bounded before anyone is authenticated (a token is checked only once a
-/// request is whole): one that reads nothing for `idleTimeout` (no request, half a request, a
-/// TLS handshake left unfinished) is closed, and at most `maxConnectionsPerClient` are open
-/// from one /64 and `maxConnections` in all; past them a new one is closed at once. So no one
-/// who can reach the port holds the node's file descriptors, or keeps a scraper out for long.
+/// request is whole): one that has not sent a whole request `requestDeadline` after it opened,
+/// or after the response before it, is closed, however many bytes it trickled meanwhile (no
+/// request, half a request, a TLS handshake left unfinished); and at most
+/// `maxConnectionsPerClient` are open from one /64 and `maxConnections` in all; past them a new
+/// one is closed at once. So no one who can reach the port holds the node's file descriptors,
+/// nor a connection for longer than `requestDeadline` without asking something: one /64 keeps
+/// no other out, and to hold every connection takes many /64s reconnecting without pause.
 package final class AdminServer: @unchecked Sendable {
-    /// How long a connection may read nothing before it is closed.
-    package static let idleTimeout = TimeAmount.seconds(30)
+    /// How long a connection has, from its accept (and, kept alive, from each response's end),
+    /// to finish its TLS handshake (under mutual TLS) and send a whole request: its head and
+    /// the body if it sends one. An absolute deadline, not a read timeout: bytes arriving do
+    /// not extend it, so one trickled a byte at a time is closed at it like one that sends
+    /// nothing. A scraper's request is a few hundred bytes sent at once; a client waiting for
+    /// its answer is not limited.
+    package static let requestDeadline = TimeAmount.seconds(10)
     /// Connections open at once from one /64, and in all.
     package static let maxConnectionsPerClient = 32
     package static let maxConnections = 512
@@ -43,9 +51,11 @@ package final class AdminServer: @unchecked Sendable {
     package typealias Action = @Sendable (String) -> (status: Int, text: String)?
 
     /// Binds and starts serving `render(path)` (nil for 404) for GET and HEAD, and `act(path)`
-    /// for POST, to whom `protection` lets in.
+    /// for POST, to whom `protection` lets in. `requestDeadline` is `Self.requestDeadline`
+    /// but in tests.
     package init(
         listen: IPv6Endpoint, protection: AdminProtection = .none, logger: Logger, act: Action? = nil,
+        requestDeadline: TimeAmount = AdminServer.requestDeadline,
         render: @escaping @Sendable (String) -> (String, String)?
     ) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -73,8 +83,6 @@ package final class AdminServer: @unchecked Sendable {
                         channel.close(promise: nil)
                         return
                     }
-                    try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
-                    try ops.addHandler(AdminIdleClose())
                     if let tls {
                         // A fresh look at the identity files per connection: rotation takes
                         // effect from the next one.
@@ -92,6 +100,9 @@ package final class AdminServer: @unchecked Sendable {
                             })
                     }
                     try ops.configureHTTPServerPipeline(withErrorHandling: true)
+                    // After the decoder, so a request counts as sent once whole; armed now, so
+                    // the TLS handshake counts against it too.
+                    try ops.addHandler(AdminRequestDeadline(requestDeadline))
                     try ops.addHandler(AdminHandler(render: render, act: act, authorize: authorize, refusals: refusals, logger: logger))
                     if tls != nil { try ops.addHandler(AdminTLSErrors(refusals: refusals, logger: logger)) }
                 }
@@ -172,15 +183,46 @@ final class AdminConnections: Sendable {
     }
 }
 
-/// Closes a connection that read nothing for `AdminServer.idleTimeout` (`IdleStateHandler`).
-private final class AdminIdleClose: ChannelInboundHandler {
-    typealias InboundIn = NIOAny
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? IdleStateHandler.IdleStateEvent, e == .read {
-            context.close(promise: nil)
-        } else {
-            context.fireUserInboundEventTriggered(event)
+/// Closes a connection that has not sent a whole request `AdminServer.requestDeadline` after
+/// it was accepted (this handler is added then), or after the end of the response before it.
+/// Not armed while the server works on an answer: that wait is the server's, not the client's.
+/// With HTTP pipelining, `HTTPServerPipelineHandler` holds the next request back until the
+/// response ends, so its parts arrive here after the deadline is armed again.
+private final class AdminRequestDeadline: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+    private let deadline: TimeAmount
+    private var timer: Scheduled<Void>?
+
+    init(_ deadline: TimeAmount) { self.deadline = deadline }
+
+    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .end = unwrapInboundIn(data) {
+            timer?.cancel()
+            timer = nil
         }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if case .end = unwrapOutboundIn(data) { arm(context) }
+        context.write(data, promise: promise)
+    }
+
+    /// From now: an absolute time, which nothing the client sends moves.
+    private func arm(_ context: ChannelHandlerContext) {
+        timer?.cancel()
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(deadline: .now() + deadline) { channel.close(promise: nil) }
     }
 }
 

@@ -1,0 +1,129 @@
+import Foundation
+import Logging
+import NIOCore
+import STOQCore
+import STOQTestSupport
+import Testing
+
+@testable import STOQAdmin
+@testable import STOQTrust
+
+/// The admin API's server on a real socket on [::1]: what a scraper, or someone holding its
+/// connections, sees.
+@Suite struct AdminServerTests {
+    /// A server answering `ok` to every GET, with `requestDeadline` shortened for the test.
+    static func server(
+        requestDeadline: TimeAmount = .milliseconds(600), protection: AdminProtection = .none, logger: Logger = Logger(label: "test"),
+        act: AdminServer.Action? = nil
+    ) throws -> AdminServer {
+        try AdminServer(
+            listen: IPv6Endpoint(address: .loopback, port: 0), protection: protection, logger: logger, act: act,
+            requestDeadline: requestDeadline
+        ) { _ in ("ok\n", "text/plain") }
+    }
+
+    /// Sends `first`, then one byte every 100 ms, until the server closes the connection: how
+    /// long that took, or nil when it did not within 5 s.
+    static func trickle(_ s: AdminSocket, first: [UInt8], byte: UInt8) -> Duration? {
+        let start = ContinuousClock.now
+        guard s.send(first) else { return .zero }
+        while ContinuousClock.now - start < .seconds(5) {
+            Thread.sleep(forTimeInterval: 0.1)  // the trickle itself: the pace is the scenario
+            if s.closedByPeer() || !s.send([byte]) { return ContinuousClock.now - start }
+        }
+        return nil
+    }
+
+    /// A connection that trickles a request's head a byte at a time (each arriving well
+    /// within any read timeout) is closed at the deadline counted from its accept; a kept-alive
+    /// one, at the deadline counted from its last response's end. A whole request is answered.
+    @Test func aTrickledRequestIsClosedAtTheDeadline() throws {
+        let server = try Self.server()
+        defer { server.shutdown() }
+        let trickled = try AdminSocket(port: server.localAddress.port)
+        let took = try #require(Self.trickle(trickled, first: Array("GET /metrics HTTP/1.1\r\n".utf8), byte: UInt8(ascii: "x")))
+        #expect(took >= .milliseconds(600) && took < .milliseconds(2_600), "closed after \(took)")
+
+        let kept = try AdminSocket(port: server.localAddress.port)
+        #expect(kept.send(Array("GET /status HTTP/1.1\r\nhost: a\r\n\r\n".utf8)))
+        #expect(kept.readResponse()?.status == 200)
+        let again = try #require(Self.trickle(kept, first: Array("GET /status HTTP/1.1\r\n".utf8), byte: UInt8(ascii: "x")))
+        #expect(again >= .milliseconds(500) && again < .milliseconds(2_600), "closed after \(again)")
+    }
+
+    /// Under mutual TLS the handshake counts against the same deadline: a ClientHello sent a
+    /// byte at a time is closed at it.
+    @Test func aTrickledTLSHandshakeIsClosedAtTheDeadline() throws {
+        let dir = try TemporaryDirectory("stoq-admin-tls")
+        defer { dir.remove() }
+        let ca = try TrustAuthority.create(in: dir.path + "/trust")
+        let issued = try ca.issueWithNewKey(dnsNames: ["admin.test"])
+        try issued.chainPEM.write(toFile: dir.path + "/cert.pem", atomically: true, encoding: .utf8)
+        try issued.keyPEM.write(toFile: dir.path + "/key.pem", atomically: true, encoding: .utf8)
+        let tls = try AdminTLS(certificateFile: dir.path + "/cert.pem", keyFile: dir.path + "/key.pem") { _ in nil }
+        let server = try Self.server(protection: .mtls(tls))
+        defer { server.shutdown() }
+        let s = try AdminSocket(port: server.localAddress.port)
+        // A TLS record header announcing a 512-byte handshake message: the server waits for the rest.
+        let took = try #require(Self.trickle(s, first: [0x16, 0x03, 0x01, 0x02, 0x00, 0x01], byte: 0))
+        #expect(took >= .milliseconds(600) && took < .milliseconds(2_600), "closed after \(took)")
+    }
+}
+
+/// A blocking TCP connection to [::1]:`port`, as a scraper (or someone holding its slot) opens.
+final class AdminSocket {
+    let fd: Int32
+
+    init(port: UInt16) throws {
+        fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        var sa = IPv6Endpoint(address: .loopback, port: port).sockaddr
+        let ok = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) == 0 }
+        }
+        guard ok else {
+            close(fd)
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
+        }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)  // a read that gets nothing fails the test, not hangs it
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close(fd) }
+
+    /// Whether all of `bytes` went out (false once the server closed the connection).
+    func send(_ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) == $0.count }
+    }
+
+    /// Whether the server closed the connection (what it sent before is read and dropped).
+    func closedByPeer() -> Bool {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { return true }
+            if n < 0 { return false }
+        }
+    }
+
+    /// The next response: its status and body (read as its content-length says), or nil when
+    /// the connection closed or nothing came for 10 s.
+    func readResponse() -> (status: Int, body: String)? {
+        var data = [UInt8]()
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            if let end = data.indices.dropLast(3).first(where: { data[$0..<$0 + 4].elementsEqual("\r\n\r\n".utf8) }) {
+                let head = String(decoding: data[..<end], as: UTF8.self).lowercased()
+                let length =
+                    head.split(separator: "\r\n").first { $0.hasPrefix("content-length:") }
+                    .flatMap { Int($0.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces)) } ?? 0
+                if data.count >= end + 4 + length {
+                    let status = Int(head.split(separator: " ").dropFirst().first ?? "") ?? 0
+                    return (status, String(decoding: data[(end + 4)..<(end + 4 + length)], as: UTF8.self))
+                }
+            }
+            let n = recv(fd, &buffer, buffer.count, 0)
+            guard n > 0 else { return nil }
+            data += buffer[..<n]
+        }
+    }
+}
