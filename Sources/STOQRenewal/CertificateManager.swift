@@ -119,8 +119,10 @@ package final class CertificateManager: @unchecked Sendable {
         self.logger = logger
     }
 
-    /// Issues the first certificate (blocking) and starts the renewal thread.
+    /// Issues the first certificate (blocking) and starts the renewal thread. A replacement of
+    /// identity/'s files that a crash cut short is finished first (`recoverIdentity`).
     package func start() throws -> TLSCredentials {
+        try recoverIdentity()
         let creds = try install(try issue())
         published = Published(creds)
         let t = Thread { [self] in rotationLoop() }
@@ -247,6 +249,21 @@ package final class CertificateManager: @unchecked Sendable {
             }
             let issued = try ca.issueWithNewKey(dnsNames: names, ipv6Addresses: addresses, lifetime: lifetime, log: log!)
             return Issued(chainPEM: issued.chainPEM, keyPEM: issued.keyPEM, chain: [issued.certificate, ca.intermediate])
+        }
+    }
+
+    /// Brings identity/'s chain and key back to one whole pair, old or new, after a crash in the
+    /// middle of replacing them (`PEMFiles.recoverReplacement`), and logs what it found and did:
+    /// the key a mesh node keeps (its id) and any reload must be the certificate's, and the
+    /// copies a replacement keeps beside them must not pile up.
+    private func recoverIdentity() throws {
+        let files = [identityDirectory + "/cert.pem", identityDirectory + "/key.pem"]
+        do {
+            for r in try PEMFiles.recoverReplacement(of: files) {
+                logger.warning("identity files recovered: \(r)", metadata: ["directory": "\(identityDirectory)"])
+            }
+        } catch let e as TrustError {
+            throw NodeError(.identity, "\(e.message) (finishing a replacement of \(files.joined(separator: " and ")) a crash cut short)")
         }
     }
 

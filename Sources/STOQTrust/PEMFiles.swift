@@ -150,62 +150,213 @@ public enum PEMFiles {
     }
 
     /// Replaces several files that must change together (a certificate chain and its key) as
-    /// nearly at once as POSIX allows: every new file is written to a temporary beside its
-    /// target and fsync'd first, so that a full disk or a failed write changes nothing; then
-    /// each is renamed over its target in order, and the directory fsync'd so the renames
-    /// survive a power cut. A rename that fails puts back the files already replaced (the old
-    /// ones were hard-linked aside, which needs no data blocks), so an error never leaves a new
-    /// key beside an old certificate. `rename` is a seam for tests to make one fail.
+    /// nearly at once as POSIX allows, in steps that leave the set recoverable wherever they
+    /// stop (`ReplaceStep`), all named `<path>.<kind>-<tag>` beside each target:
+    /// 1. every new file is written to `.tmp-<tag>` and fsync'd, so that a full disk or a
+    ///    failed write changes nothing;
+    /// 2. every old file is hard-linked aside as `.old-<tag>` (no data blocks needed), or its
+    ///    absence marked by an empty `.absent-<tag>`, and the directory fsync'd;
+    /// 3. each temporary is renamed over its target, in order, and the directory fsync'd;
+    /// 4. the copies and marks are removed.
+    /// A failure rolls the set back (`recoverReplacement`'s rule), so an error never leaves a
+    /// new key beside an old certificate; a crash leaves the files for `recoverReplacement`,
+    /// which the next open runs. `rename` is a seam for tests to make one fail; `stop`, to stop
+    /// as a crash would after a step (it throws `ReplaceStopped` and cleans nothing up).
     package static func replaceFiles(
         _ files: [(text: String, path: String, mode: mode_t)],
-        rename: ((String, String) -> Int32)? = nil
+        rename: ((String, String) -> Int32)? = nil,
+        stop: ((ReplaceStep) -> Bool)? = nil
     ) throws {
         let rename = rename ?? posixRename
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        var temps: [String] = []
-        var asides: [String?] = []
+        let paths = files.map(\.path)
         func error(_ path: String, _ what: String) -> TrustError {
             TrustError(.io, "\(path): \(what): \(String(cString: strerror(errno)))")
         }
-        defer {
-            for t in temps { unlink(t) }
-            for case let a? in asides { unlink(a) }
-        }
-        for f in files {
-            let tmp = f.path + ".tmp-" + tag
-            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, f.mode)
-            guard fd >= 0 else { throw error(tmp, "cannot create") }
-            temps.append(tmp)
-            // The umask may have narrowed `mode`; set it exactly.
-            let ok = writeAll(fd, Array(f.text.utf8)) && fchmod(fd, f.mode) == 0 && fsync(fd) == 0
-            let e = errno
-            close(fd)
-            errno = e
-            guard ok else { throw error(tmp, "cannot write") }
-        }
-        for f in files {
-            let aside = f.path + ".old-" + tag
-            if link(f.path, aside) == 0 {
-                asides.append(aside)
-            } else if errno == ENOENT {
-                asides.append(nil)  // nothing to put back: restoring is removing the new one
-            } else {
-                throw error(f.path, "cannot keep the old file aside")
+        func step(_ s: ReplaceStep) throws { if stop?(s) == true { throw ReplaceStopped(step: s) } }
+        do {
+            for (i, f) in files.enumerated() {
+                let tmp = f.path + ReplaceKind.temporary.infix + tag
+                let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, f.mode)
+                guard fd >= 0 else { throw error(tmp, "cannot create") }
+                // The umask may have narrowed `mode`; set it exactly.
+                let ok = writeAll(fd, Array(f.text.utf8)) && fchmod(fd, f.mode) == 0 && fsync(fd) == 0
+                let e = errno
+                close(fd)
+                errno = e
+                guard ok else { throw error(tmp, "cannot write") }
+                try step(.wroteTemporary(i))
             }
+            for (i, f) in files.enumerated() {
+                if link(f.path, f.path + ReplaceKind.old.infix + tag) != 0 {
+                    guard errno == ENOENT else { throw error(f.path, "cannot keep the old file aside") }
+                    // Nothing to put back: rolling back is removing the new one.
+                    let mark = f.path + ReplaceKind.absent.infix + tag
+                    let fd = open(mark, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+                    guard fd >= 0 else { throw error(mark, "cannot create") }
+                    close(fd)
+                }
+                try step(.keptOld(i))
+            }
+            try syncDirectories(of: paths)
+            try step(.staged)
+        } catch let e as ReplaceStopped {
+            throw e
+        } catch {
+            _ = try? settle(paths, tag: tag)
+            throw error
         }
         for (i, f) in files.enumerated() {
-            if rename(temps[i], f.path) == 0 { continue }
-            let failure = error(f.path, "cannot replace")
-            for j in 0..<i {
-                if let a = asides[j] { _ = posixRename(a, files[j].path) } else { unlink(files[j].path) }
+            if rename(f.path + ReplaceKind.temporary.infix + tag, f.path) == 0 {
+                try step(.renamed(i))
+                continue
             }
-            try? syncDirectory(of: f.path)
+            let failure = error(f.path, "cannot replace")
+            // Temporaries are left (this one's at least): `settle` rolls back.
+            _ = try? settle(paths, tag: tag)
             throw TrustError(
                 failure.code,
                 "\(failure.message); the \(i) file(s) already replaced were put back, so the old set stays in use")
         }
-        temps = []
-        try syncDirectory(of: files[0].path)
+        try syncDirectories(of: paths)
+        try step(.synced)
+        for (i, path) in paths.enumerated() {
+            unlink(path + ReplaceKind.old.infix + tag)
+            unlink(path + ReplaceKind.absent.infix + tag)
+            try step(.removedOld(i))
+        }
+    }
+
+    /// A step of `replaceFiles` after which a test's `stop` may stop it, as a crash would.
+    package enum ReplaceStep: Hashable, Sendable {
+        /// File `i`'s new text is in its temporary, fsync'd.
+        case wroteTemporary(Int)
+        /// File `i`'s old version is linked aside (or its absence marked).
+        case keptOld(Int)
+        /// Every temporary and copy is durable (the directory fsync'd); no target changed yet.
+        case staged
+        /// File `i`'s temporary was renamed over it.
+        case renamed(Int)
+        /// Every rename is durable.
+        case synced
+        /// File `i`'s old copy (or mark) is removed.
+        case removedOld(Int)
+    }
+
+    /// What `replaceFiles` throws when its `stop` hook stopped it: nothing is cleaned up.
+    package struct ReplaceStopped: Error, Equatable {
+        package let step: ReplaceStep
+        package init(step: ReplaceStep) { self.step = step }
+    }
+
+    /// The files a replacement keeps beside each target, `<path><infix><tag>`.
+    enum ReplaceKind: CaseIterable {
+        case temporary, old, absent
+        var infix: String {
+            switch self {
+            case .temporary: ".tmp-"
+            case .old: ".old-"
+            case .absent: ".absent-"
+            }
+        }
+    }
+
+    /// What `recoverReplacement` found of one interrupted replacement and did with it.
+    package struct ReplaceRecovery: Equatable, Sendable, CustomStringConvertible {
+        /// The files replaced together.
+        package var paths: [String]
+        /// The replacement's tag (`<pid>-<random>`).
+        package var tag: String
+        /// Every new file had been renamed in (the new set stays); false: rolled back (the old set stays).
+        package var completed: Bool
+        /// The files it left, by path, as found.
+        package var leftovers: [String]
+        package var description: String {
+            func names(_ ps: [String]) -> String { ps.map { ($0 as NSString).lastPathComponent }.joined(separator: ", ") }
+            return completed
+                ? "replacing \(names(paths)) was cut short once every new file was in place: the new set stays; removed \(names(leftovers))"
+                : "replacing \(names(paths)) was cut short before every new file was in place: the old set is back; cleared \(names(leftovers))"
+        }
+    }
+
+    /// Finishes every replacement of `paths` (a `replaceFiles` set, in the same order) that a
+    /// crash interrupted, so that the set is whole again: the old one or the new one, never a
+    /// mix. The rule, which holds after a stop at any step and again after a stop in the middle
+    /// of applying it: while any temporary of a replacement is left, not every file was renamed
+    /// in, so it is rolled back (each old copy renamed back, each file marked absent before
+    /// removed, then the temporaries removed, last); with none left, every rename happened, and
+    /// the old copies and marks are removed. Returns what it found and did, one entry per
+    /// replacement (none: nothing was left), for the caller to log.
+    package static func recoverReplacement(of paths: [String]) throws -> [ReplaceRecovery] {
+        var tags = Set<String>()
+        var found: [String: [String]] = [:]
+        for path in paths {
+            let dir = (path as NSString).deletingLastPathComponent, base = (path as NSString).lastPathComponent
+            let names: [String]
+            do { names = try FileManager.default.contentsOfDirectory(atPath: dir.isEmpty ? "." : dir) } catch {
+                if !FileManager.default.fileExists(atPath: dir.isEmpty ? "." : dir) { continue }
+                throw TrustError(.io, "\(dir): cannot be listed (\(error))")
+            }
+            for name in names.sorted() {
+                for kind in ReplaceKind.allCases where name.hasPrefix(base + kind.infix) {
+                    let tag = String(name.dropFirst(base.count + kind.infix.count))
+                    tags.insert(tag)
+                    found[tag, default: []].append((dir.isEmpty ? "" : dir + "/") + name)
+                }
+            }
+        }
+        return try tags.sorted().map { tag in
+            ReplaceRecovery(paths: paths, tag: tag, completed: try settle(paths, tag: tag), leftovers: found[tag] ?? [])
+        }
+    }
+
+    /// Brings the replacement `tag` of `paths` to an end by `recoverReplacement`'s rule;
+    /// returns whether it had completed (true) or was rolled back.
+    private static func settle(_ paths: [String], tag: String) throws -> Bool {
+        func exists(_ p: String) -> Bool {
+            var st = stat()
+            return lstat(p, &st) == 0
+        }
+        func gone(_ p: String) throws {
+            guard unlink(p) == 0 || errno == ENOENT else {
+                throw TrustError(.io, "\(p): cannot be removed: \(String(cString: strerror(errno)))")
+            }
+        }
+        let temporaries = paths.map { $0 + ReplaceKind.temporary.infix + tag }
+        let completed = !temporaries.contains(where: exists)
+        if !completed {
+            for path in paths {
+                let old = path + ReplaceKind.old.infix + tag, absent = path + ReplaceKind.absent.infix + tag
+                if exists(old) {
+                    guard posixRename(old, path) == 0 else {
+                        throw TrustError(.io, "\(old): cannot be put back: \(String(cString: strerror(errno)))")
+                    }
+                    // A copy still linked to the file itself (not replaced yet): renaming one
+                    // link over another leaves both.
+                    try gone(old)
+                }
+                if exists(absent) {
+                    try gone(path)
+                    try gone(absent)
+                }
+            }
+            // Durable before the temporaries go: without them the rule would read "completed".
+            try syncDirectories(of: paths)
+            for t in temporaries { try gone(t) }
+        } else {
+            for path in paths {
+                try gone(path + ReplaceKind.old.infix + tag)
+                try gone(path + ReplaceKind.absent.infix + tag)
+            }
+        }
+        try syncDirectories(of: paths)
+        return completed
+    }
+
+    /// `syncDirectory` for each distinct directory of `paths`.
+    static func syncDirectories(of paths: [String]) throws {
+        var seen = Set<String>()
+        for p in paths where seen.insert((p as NSString).deletingLastPathComponent).inserted { try syncDirectory(of: p) }
     }
 
     /// A rename or a new file is durable only once its directory is fsync'd.

@@ -66,6 +66,45 @@ import X509
         #expect(try String(contentsOfFile: dir + "/identity/key.pem", encoding: .utf8) == "not a key\n")
     }
 
+    /// A crash in the middle of a renewal's install left the new certificate beside the old key
+    /// (and the copies kept aside, which nothing removed): the next start puts the old pair back
+    /// before anything reads the key (a mesh node's id), says so in its log, and leaves no copy.
+    @Test func aStartFinishesAnInstallACrashCutShort() throws {
+        let dir = NSTemporaryDirectory() + "stoq-recover-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var trust = NodeConfig.default.trust
+        trust.certLifetime = 3_600_000_000_000
+        func manager(_ logger: Logger) -> CertificateManager {
+            let m = CertificateManager(
+                trust: trust, clientAuth: nil, dataDirectory: dir, names: ["n.test"], addresses: [], logger: logger)
+            m.keepsKey = true
+            return m
+        }
+        let first = manager(Logger(label: "test"))
+        _ = try first.start()
+        first.stop()
+        let identity = dir + "/identity", cert = dir + "/identity/cert.pem", key = dir + "/identity/key.pem"
+        let keptKey = try String(contentsOfFile: key, encoding: .utf8)
+        let other = try EmbeddedIdentity.makeSelfSigned(names: ["n.test"], addresses: [])
+        #expect(throws: PEMFiles.ReplaceStopped(step: .renamed(0))) {
+            try PEMFiles.replaceFiles([(other.certificate, cert, 0o644), (other.key, key, 0o600)], stop: { $0 == .renamed(0) })
+        }
+        let log = LogCapture()
+        let second = manager(log.logger)
+        _ = try second.start()
+        second.stop()
+        #expect(try String(contentsOfFile: key, encoding: .utf8) == keptKey)
+        let leaf = try PEMFiles.readCertificates(cert)[0]
+        #expect(leaf.publicKey == Certificate.PublicKey(try PEMFiles.p256PrivateKey(pem: keptKey).publicKey))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: identity).sorted() == ["cert.pem", "key.pem"])
+        let warnings = log.messages(atLeast: .warning)
+        #expect(
+            warnings.contains {
+                $0.hasPrefix(
+                    "identity files recovered: replacing cert.pem, key.pem was cut short before every new file was in place: the old set is back; cleared ")
+            }, "\(warnings)")
+    }
+
     /// The waits after failed renewals, on a manual clock. They were `min(backoff, max(1,
     /// left / 10))`: a second apart once the certificate had expired (and seconds apart just
     /// before), forever — an ACME order and an error line each time. Now 30 s doubling to
