@@ -139,53 +139,108 @@ void stoq_xsk_learn_neighbour(stoq_xsk *x, const struct in6_addr *peer, const ui
   neigh_set(x, peer, mac, NULL);
 }
 
-/* One netlink dump of the kernel's IPv6 neighbour table for our interface. */
-void refresh_neighbours(stoq_xsk *x) {
-  uint64_t t = now_ns();
-  if (t - x->last_refresh < NEIGH_REFRESH_NS) return;
-  x->last_refresh = t;
-  x->c.neighbour_refreshes++;
-  int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
-  if (fd < 0) return;
-  struct {
+/* ---- a peer missing from the table: ask the kernel ---- */
+
+/* Appends attribute `type` to the request `nh`. */
+static void nl_attr(struct nlmsghdr *nh, uint16_t type, const void *data, uint16_t len) {
+  struct rtattr *a = (struct rtattr *)((char *)nh + NLMSG_ALIGN(nh->nlmsg_len));
+  a->rta_type = type;
+  a->rta_len = (unsigned short)RTA_LENGTH(len);
+  memcpy(RTA_DATA(a), data, len);
+  nh->nlmsg_len = NLMSG_ALIGN(nh->nlmsg_len) + RTA_ALIGN(a->rta_len);
+}
+
+/* Sends one rtnetlink request and returns its answer (in nl_buf) if it is of type `want`; NULL
+ * for an error (no route, no entry) or no answer. rtnetlink answers a request for one object
+ * while the send runs, so the answer is there to read without waiting. */
+static struct nlmsghdr *nl_ask(stoq_xsk *x, struct nlmsghdr *req, uint16_t want) {
+  req->nlmsg_flags = NLM_F_REQUEST;
+  req->nlmsg_seq = ++x->nl_seq;
+  if (send(x->nl_fd, req, req->nlmsg_len, 0) < 0) return NULL;
+  for (;;) {
+    ssize_t n = recv(x->nl_fd, x->nl_buf, NL_BUF, MSG_DONTWAIT);
+    if (n <= 0) return NULL;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)x->nl_buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n))
+      if (h->nlmsg_seq == req->nlmsg_seq) return h->nlmsg_type == want ? h : NULL;
+  }
+}
+
+/* Where a frame to `peer` goes first: the gateway of the kernel's route to it out of our
+ * interface, or `peer` itself when it is on-link. 0, or -1 (no such route). */
+static int next_hop(stoq_xsk *x, const struct in6_addr *peer, struct in6_addr *hop) {
+  union {
     struct nlmsghdr nh;
-    struct ndmsg nd;
+    uint8_t b[NLMSG_SPACE(sizeof(struct rtmsg)) + 2 * RTA_SPACE(16)];
   } req;
   memset(&req, 0, sizeof(req));
-  req.nh.nlmsg_len = sizeof(req);
-  req.nh.nlmsg_type = RTM_GETNEIGH;
-  req.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  req.nh.nlmsg_seq = 1;
-  req.nd.ndm_family = AF_INET6;
-  req.nd.ndm_ifindex = x->ifindex;
-  if (send(fd, &req, sizeof(req), 0) < 0) {
-    close(fd);
-    return;
+  req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
+  req.nh.nlmsg_type = RTM_GETROUTE;
+  struct rtmsg *rq = NLMSG_DATA(&req.nh);
+  rq->rtm_family = AF_INET6;
+  rq->rtm_dst_len = 128;
+  uint32_t oif = (uint32_t)x->ifindex;
+  nl_attr(&req.nh, RTA_DST, peer, 16);
+  nl_attr(&req.nh, RTA_OIF, &oif, 4); /* the route out of this interface, as the frame leaves */
+  struct nlmsghdr *h = nl_ask(x, &req.nh, RTM_NEWROUTE);
+  if (!h) return -1;
+  struct rtmsg *rt = NLMSG_DATA(h);
+  if (rt->rtm_type != RTN_UNICAST) return -1;
+  *hop = *peer;
+  int alen = (int)RTM_PAYLOAD(h);
+  for (struct rtattr *a = RTM_RTA(rt); RTA_OK(a, alen); a = RTA_NEXT(a, alen)) {
+    if (a->rta_type == RTA_OIF && RTA_PAYLOAD(a) == 4 && *(uint32_t *)RTA_DATA(a) != oif) return -1;
+    if (a->rta_type == RTA_GATEWAY && RTA_PAYLOAD(a) == 16) memcpy(hop, RTA_DATA(a), 16);
   }
-  for (int done = 0; !done;) {
-    ssize_t n = recv(fd, x->nl_buf, NL_BUF, 0);
-    if (n <= 0) break;
-    for (struct nlmsghdr *h = (struct nlmsghdr *)x->nl_buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
-      if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) {
-        done = 1;
-        break;
-      }
-      if (h->nlmsg_type != RTM_NEWNEIGH) continue;
-      struct ndmsg *nd = NLMSG_DATA(h);
-      if (nd->ndm_ifindex != x->ifindex || nd->ndm_family != AF_INET6) continue;
-      if (!(nd->ndm_state & (NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT))) continue;
-      const struct in6_addr *dst = NULL;
-      const uint8_t *ll = NULL;
-      int alen = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*nd)));
-      for (struct rtattr *a = (struct rtattr *)((char *)nd + NLMSG_ALIGN(sizeof(*nd))); RTA_OK(a, alen);
-           a = RTA_NEXT(a, alen)) {
-        if (a->rta_type == NDA_DST && RTA_PAYLOAD(a) == 16) dst = RTA_DATA(a);
-        if (a->rta_type == NDA_LLADDR && RTA_PAYLOAD(a) == 6) ll = RTA_DATA(a);
-      }
-      if (dst && ll && !neigh_find(x, dst)) neigh_set(x, dst, ll, NULL);
+  return 0;
+}
+
+/* The MAC of the kernel's neighbour entry for `hop` on our interface (one entry, RTM_GETNEIGH
+ * without a dump: Linux 5.0+). 0, or -1 when it has none usable yet. */
+static int hop_mac(stoq_xsk *x, const struct in6_addr *hop, uint8_t mac[6]) {
+  union {
+    struct nlmsghdr nh;
+    uint8_t b[NLMSG_SPACE(sizeof(struct ndmsg)) + RTA_SPACE(16)];
+  } req;
+  memset(&req, 0, sizeof(req));
+  req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ndmsg));
+  req.nh.nlmsg_type = RTM_GETNEIGH;
+  struct ndmsg *nq = NLMSG_DATA(&req.nh);
+  nq->ndm_family = AF_INET6;
+  nq->ndm_ifindex = x->ifindex;
+  nl_attr(&req.nh, NDA_DST, hop, 16);
+  struct nlmsghdr *h = nl_ask(x, &req.nh, RTM_NEWNEIGH);
+  if (!h) return -1;
+  struct ndmsg *nd = NLMSG_DATA(h);
+  if (!(nd->ndm_state & (NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT))) return -1;
+  int alen = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*nd)));
+  for (struct rtattr *a = (struct rtattr *)((char *)nd + NLMSG_ALIGN(sizeof(*nd))); RTA_OK(a, alen);
+       a = RTA_NEXT(a, alen)) {
+    if (a->rta_type == NDA_LLADDR && RTA_PAYLOAD(a) == 6) {
+      memcpy(mac, RTA_DATA(a), 6);
+      return 0;
     }
   }
-  close(fd);
+  return -1;
+}
+
+/* `peer`'s next-hop MAC from the kernel, learnt into the table: the route to it, then that next
+ * hop's neighbour entry. An off-link peer's next hop is its router, whose entry the kernel
+ * keeps, so an evicted one is answered at once rather than at its next datagram. Two short
+ * requests, within the NEIGH_LOOKUPS budget; NULL when over it or unresolved. */
+static struct neigh *lookup_neighbour(stoq_xsk *x, const struct in6_addr *peer) {
+  uint64_t t = now_ns();
+  if (t - x->lookup_window_start >= NEIGH_LOOKUP_WINDOW_NS) {
+    x->lookup_window_start = t;
+    x->lookups_in_window = 0;
+  }
+  if (x->lookups_in_window >= NEIGH_LOOKUPS) return NULL;
+  x->lookups_in_window++;
+  x->c.neighbour_lookups++;
+  struct in6_addr hop;
+  uint8_t mac[6];
+  if (next_hop(x, peer, &hop) != 0 || hop_mac(x, &hop, mac) != 0) return NULL;
+  neigh_set(x, peer, mac, NULL);
+  return neigh_find(x, peer);
 }
 
 /* Asks the kernel to resolve `peer` (it does ND itself; the XDP program passes ICMPv6):
@@ -412,10 +467,7 @@ void stoq_xsk_tx_commit(stoq_xsk *x, size_t len, size_t segment_size, const stru
   size_t stride = x->frame_size, room = x->frame_size - x->tx_off - STOQ_XSK_HEADROOM;
   uint32_t nseg = (segment_size == 0 || len <= segment_size) ? 1 : (uint32_t)((len + stride - 1) / stride);
   struct neigh *nb = neigh_find(x, &to->sin6_addr);
-  if (!nb) {
-    refresh_neighbours(x);
-    nb = neigh_find(x, &to->sin6_addr);
-  }
+  if (!nb) nb = lookup_neighbour(x, &to->sin6_addr);
   if (len == 0 || !nb || nseg > SLOT_FRAMES || (nseg == 1 ? len : segment_size) > room) {
     if (!nb) {
       x->c.tx_no_neighbour += nseg;

@@ -33,8 +33,13 @@
 #define NEIGH_MIN_SLOTS 1024
 #define NEIGH_MAX_SLOTS (1u << 20)
 #define NEIGH_PROBE 8
-#define NEIGH_REFRESH_NS 200000000ull
-#define NL_BUF 32768
+/* A peer missing from the table is looked up in the kernel (its route, then its next hop's
+ * neighbour entry: two rtnetlink requests on the worker thread), at most NEIGH_LOOKUPS times
+ * per NEIGH_LOOKUP_WINDOW_NS per socket (320 a second, a few ms of the worker's time at
+ * most); past that a reply to a missing peer is dropped as before (tx_no_neighbour). */
+#define NEIGH_LOOKUPS 64
+#define NEIGH_LOOKUP_WINDOW_NS 200000000ull
+#define NL_BUF 8192
 #define SLOT_FRAMES 16
 
 /* TX metadata (Linux 6.8; XDP_UMEM_TX_METADATA_LEN 6.11), newer than Debian 12's headers
@@ -111,7 +116,10 @@ struct stoq_xsk {
   stoq_xsk_counters c;
   struct neigh *neigh;
   uint32_t neigh_mask; /* slots - 1 */
-  uint64_t last_refresh;
+  int nl_fd;           /* rtnetlink, for the lookups */
+  uint32_t nl_seq;
+  uint64_t lookup_window_start; /* NEIGH_LOOKUPS per NEIGH_LOOKUP_WINDOW_NS */
+  uint32_t lookups_in_window;
   uint8_t *nl_buf;
   int solicit_fd;
   int wake_fd;       /* another worker's nudge (eventfd), or -1 */
@@ -135,8 +143,5 @@ STOQ_HIDDEN int interface_address(const char *ifname, struct in6_addr *out);
 /* Sets x->mode and x->prog_id from the XDP program attached to x->ifindex. */
 STOQ_HIDDEN void query_mode(stoq_xsk *x);
 STOQ_HIDDEN int kernel_at_least(int major, int minor);
-
-/* Packet path (stoq_xsk.c): reloads the neighbour table from the kernel (rate-limited). */
-STOQ_HIDDEN void refresh_neighbours(stoq_xsk *x);
 
 #endif

@@ -13,6 +13,7 @@
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <errno.h>
+#include <linux/netlink.h>
 #include <net/if.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -225,6 +226,7 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
   x->fd = -1;
   x->map_fd = -1;
   x->solicit_fd = -1;
+  x->nl_fd = -1;
   x->wake_fd = -1;
   x->frame_size = cfg->frame_size ? cfg->frame_size : 2048;
   if (x->cfg.ring_size == 0) x->cfg.ring_size = 8192;
@@ -275,6 +277,11 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
     }
     memcpy(x->mac, ifr.ifr_hwaddr.sa_data, 6);
     x->solicit_fd = s;
+    x->nl_fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (x->nl_fd < 0) {
+      set_err(err, errlen, "socket(AF_NETLINK): %s", strerror(errno));
+      goto fail;
+    }
   }
 
   query_mode(x);
@@ -372,7 +379,6 @@ stoq_xsk *stoq_xsk_open(const stoq_xsk_config *cfg, char *err, size_t errlen) {
       goto fail;
     }
   }
-  refresh_neighbours(x);
   return x;
 fail:
   stoq_xsk_close(x);
@@ -391,6 +397,7 @@ void stoq_xsk_close(stoq_xsk *x) {
   if (x->fd >= 0) close(x->fd);
   if (x->area) munmap(x->area, x->area_len);
   if (x->solicit_fd >= 0) close(x->solicit_fd);
+  if (x->nl_fd >= 0) close(x->nl_fd);
   free(x->slot_free);
   free(x->slot_refs);
   free(x->held);

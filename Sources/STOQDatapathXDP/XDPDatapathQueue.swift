@@ -32,7 +32,8 @@ public struct XDPOptions: Sendable {
     /// Peers whose next-hop MAC the socket keeps without evicting one: the worker's
     /// `network.max_connections`. Its neighbour table takes twice as many slots, rounded up to a
     /// power of two, 40 bytes each (1.25 MiB for 10000), 1024 to 2^20 slots; past it, a reply
-    /// to an evicted peer is dropped (`tx_no_neighbour`) until that peer sends again. The
+    /// to an evicted peer costs a lookup in the kernel (its route and next hop), or is dropped
+    /// (`tx_no_neighbour`) when that fails or over the lookup budget, until the peer sends. The
     /// default is the engine's (STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS, also what 0 means there).
     public var neighbourPeers = Int(STOQ_XSK_DEFAULT_NEIGHBOUR_PEERS)
     /// The slots the socket's neighbour table takes for `neighbourPeers`, 40 bytes each.

@@ -111,6 +111,77 @@ import Glibc
         }
     }
 
+    /// A reply to an off-link peer missing from the socket's neighbour table (evicted, or never
+    /// heard from on this socket) leaves through the peer's router at once: one lookup of the
+    /// route and the router's entry, and the next reply needs none. It used to be dropped
+    /// (tx_no_neighbour) until the peer's next datagram: the only lookup was a dump of the
+    /// kernel's neighbour table, which holds the router, never an off-link peer.
+    @Test func aReplyToAnOffLinkPeerMissingFromTheTableGoesThroughItsRouter() throws {
+        if let reason = Testbed.unavailable { try Test.cancel(Comment(rawValue: reason)) }
+        try Testbed.up()
+        defer { Testbed.down() }
+        let offLink = "fd00:5705::2"  // stoq-b's, reached from stoq-a through stoq-b (the router)
+        try Self.sh("ip -n stoq-b addr add \(offLink)/128 dev veth-b nodad")
+        try Self.sh("ip -n stoq-a route add fd00:5705::/64 via \(Testbed.addressB) dev veth-a")
+        let queue = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> XDPDatapathQueue in
+            var o = XDPOptions(interface: "veth-a")
+            o.zeroCopy = .off
+            return try XDPDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(Testbed.addressA)!, port: Testbed.port), options: o)
+        }
+        defer { queue.close() }
+        let peer = try Harness.onThread(namespace: Testbed.namespaceB) {
+            try PeerSocket(bind: IPv6Endpoint(address: IPv6Address(offLink)!, port: 0))
+        }
+        let sent: [[UInt8]] = [[1, 2, 3], [4, 5, 6, 7]]
+        let (dropped, lookups) = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> (UInt64, [UInt64]) in
+            var lookups = [queue.engineCounters.neighbour_lookups]
+            for d in sent {
+                guard let slot = queue.reserveTransmit() else { throw DatapathError(.transmit, operation: "reserve") }
+                slot.copyBytes(from: d)
+                queue.commitTransmit(length: d.count, segmentSize: d.count, to: peer.local, ecn: .notECT)
+                try queue.flush()
+                lookups.append(queue.engineCounters.neighbour_lookups)
+            }
+            return (queue.engineCounters.tx_no_neighbour, lookups)
+        }
+        let got = peer.receive(count: sent.count)
+        #expect(got.map(\.bytes) == sent)
+        #expect(got.allSatisfy { $0.from == queue.localEndpoint })
+        #expect(dropped == 0)
+        #expect(lookups == [0, 1, 1])
+    }
+
+    /// Peers the kernel cannot resolve either (on-link, no neighbour entry) are looked up at
+    /// most 64 times (NEIGH_LOOKUPS) per 200 ms window per socket, so a burst of replies to them
+    /// costs the worker a bounded number of netlink requests; every reply to them is dropped
+    /// and counted.
+    @Test func lookupsOfPeersMissingFromTheTableAreBudgeted() throws {
+        if let reason = Testbed.unavailable { try Test.cancel(Comment(rawValue: reason)) }
+        try Testbed.up()
+        defer { Testbed.down() }
+        let queue = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> XDPDatapathQueue in
+            var o = XDPOptions(interface: "veth-a")
+            o.zeroCopy = .off
+            return try XDPDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(Testbed.addressA)!, port: Testbed.port), options: o)
+        }
+        defer { queue.close() }
+        let misses = 100
+        let (dropped, lookups, seconds) = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> (UInt64, UInt64, Double) in
+            let start = monotonicNow()
+            for i in 0..<misses {
+                guard let slot = queue.reserveTransmit() else { throw DatapathError(.transmit, operation: "reserve") }
+                slot.copyBytes(from: [UInt8(i)])
+                let nobody = IPv6Endpoint(address: IPv6Address("fd00:5704::99:\(String(i + 1, radix: 16))")!, port: 9)
+                queue.commitTransmit(length: 1, segmentSize: 1, to: nobody, ecn: .notECT)
+            }
+            let seconds = Double(monotonicNow() - start) / 1e9
+            return (queue.engineCounters.tx_no_neighbour, queue.engineCounters.neighbour_lookups, seconds)
+        }
+        #expect(dropped == UInt64(misses))
+        // Within one window (the 100 commits take well under 200 ms) exactly the budget.
+        if seconds < 0.2 { #expect(lookups == 64) } else { #expect(lookups <= 64 * UInt64(1 + seconds / 0.2)) }
+    }
+
     /// One default for the neighbour table, the engine's: a socket opened with XDPOptions'
     /// defaults and one opened from C with neighbour_peers 0 (the engine's default) get the
     /// same table, the 32768 slots (1.25 MiB) docs/deployment.md gives for 10000 connections.

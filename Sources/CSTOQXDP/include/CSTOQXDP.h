@@ -79,13 +79,13 @@ typedef struct stoq_xsk_rx {
 
 typedef struct stoq_xsk_counters {
   uint64_t rx_datagrams, rx_bytes, tx_datagrams, tx_bytes;
-  uint64_t tx_kicks;            /* sendto wakeups */
-  uint64_t rx_wakeups;          /* fill-ring wakeups (need_wakeup) */
-  uint64_t rx_dropped;          /* frames that were not IPv6/UDP to our address and port, or malformed */
-  uint64_t rx_checksum_errors;  /* UDP checksum wrong: dropped */
-  uint64_t tx_errors;           /* kicks the kernel refused with a real error */
-  uint64_t tx_no_neighbour;     /* datagrams dropped: next-hop MAC unknown (kernel asked to resolve) */
-  uint64_t neighbour_refreshes; /* netlink dumps of the neighbour table */
+  uint64_t tx_kicks;           /* sendto wakeups */
+  uint64_t rx_wakeups;         /* fill-ring wakeups (need_wakeup) */
+  uint64_t rx_dropped;         /* frames that were not IPv6/UDP to our address and port, or malformed */
+  uint64_t rx_checksum_errors; /* UDP checksum wrong: dropped */
+  uint64_t tx_errors;          /* kicks the kernel refused with a real error */
+  uint64_t tx_no_neighbour;    /* datagrams dropped: next-hop MAC unknown (kernel asked to resolve) */
+  uint64_t neighbour_lookups;  /* peers missing from the table looked up in the kernel (route + next hop) */
   /* The kernel's own counters for this socket (XDP_STATISTICS). */
   uint64_t k_rx_dropped, k_rx_invalid_descs, k_tx_invalid_descs, k_rx_ring_full, k_fill_ring_empty, k_tx_ring_empty;
 } stoq_xsk_counters;
