@@ -9,7 +9,15 @@ public struct BenchResult: Sendable, Codable {
     public var connections: Int
     public var streams: Int
     public var requests: Int
+    /// Requests the node answered 2xx (counted as the head arrives: one whose body was then cut
+    /// short is also `failed`).
+    public var answered: Int
+    /// Requests that failed, each once: a non-2xx answer, or a stream that ended with an error.
     public var failed: Int
+    /// Why the first failed request failed (`HTTP 404`, or the stream's HTTP/3 error); nil when
+    /// none did.
+    public var firstFailure: String?
+    /// Body bytes of 2xx answers: an error's body is no goodput.
     public var bytes: UInt64
     public var seconds: Double
     public var gbps: Double
@@ -17,7 +25,7 @@ public struct BenchResult: Sendable, Codable {
     /// Request latency (request sent → stream closed), milliseconds.
     public var latencyP50Ms: Double
     public var latencyP99Ms: Double
-    /// Body bytes received until the run's end (`duration` or `bytes` reached), counting the
+    /// 2xx body bytes received until the run's end (`duration` or `bytes` reached), counting the
     /// requests then in flight as far as they had got, and that time: the goodput of the load
     /// itself, without the requests still finishing after it.
     public var windowBytes: UInt64
@@ -34,6 +42,67 @@ public struct BenchResult: Sendable, Codable {
     /// The most requests in flight at once: `connections` × `streams` unless the server's
     /// stream limit held them back (those waited for its MAX_STREAMS).
     public var peakInFlight: Int
+}
+
+extension BenchResult {
+    /// Why the run failed as a whole, nil when it did not: the node answered no request 2xx,
+    /// so there was nothing to measure (`stoq bench` exits 1). Failures beside 2xx answers are
+    /// the load's to report, not a failed run: a node stopping mid-run cuts every download
+    /// short, and the goodput until then is still measured.
+    public var failure: String? {
+        guard answered == 0 else { return nil }
+        guard requests > 0 else { return "no request completed" }
+        return "no request was answered 2xx: \(failed) of \(requests) failed" + (firstFailure.map { " (the first: \($0))" } ?? "")
+    }
+}
+
+/// The bench's requests' outcomes, each request counted once: it fails on a non-2xx answer or
+/// on a stream that ends with an error code (a 2xx cut short); a non-2xx that is also reset is
+/// one failure. Only a 2xx answer's body is goodput. Keyed by stream (generic, for the tests).
+struct RequestTally<Stream: Hashable> {
+    private(set) var answered = 0
+    private(set) var failed = 0
+    private(set) var firstFailure: String?
+    /// Streams answered 2xx, until they close: their body bytes count.
+    private var good: Set<Stream> = []
+    /// Streams already counted failed, until they close.
+    private var counted: Set<Stream> = []
+
+    /// A response head with `status` arrived on `stream`.
+    mutating func response(status: Int, on stream: Stream) {
+        if status / 100 == 2 {
+            if good.insert(stream).inserted { answered += 1 }
+        } else {
+            fail(stream, "HTTP \(status)")
+        }
+    }
+
+    /// Whether `stream`'s body so far is goodput (it was answered 2xx).
+    func isGood(_ stream: Stream) -> Bool { good.contains(stream) }
+
+    /// `stream` closed with `errorCode`; `request`: it is a request still counted (not one
+    /// already given up on). Returns whether its body was goodput. Forgets the stream: a
+    /// handle may name a new stream after this.
+    mutating func closed(_ stream: Stream, errorCode: UInt64, request: Bool = true) -> Bool {
+        if request, errorCode != H3Error.noError { fail(stream, H3Error.Code(rawValue: errorCode).resetReason) }
+        counted.remove(stream)
+        return good.remove(stream) != nil
+    }
+
+    /// A request that failed before it had a stream (none could be opened).
+    mutating func failUnopened(_ why: String) { count(why) }
+
+    /// `stream`'s request is given up on (no answer in time): failed, unless it already was.
+    mutating func giveUp(_ stream: Stream, _ why: String) { fail(stream, why) }
+
+    private mutating func fail(_ stream: Stream, _ why: String) {
+        if counted.insert(stream).inserted { count(why) }
+    }
+
+    private mutating func count(_ why: String) {
+        failed += 1
+        if firstFailure == nil { firstFailure = why }
+    }
 }
 
 /// Jain's fairness index of `x`, (Σx)² / (n·Σx²): 1 for equal shares (and for none at all).
@@ -55,24 +124,23 @@ final class BenchApp: QUICApplication {
     var started: [HTTPStream: Timestamp] = [:]
     var connectionOf: [HTTPStream: ObjectIdentifier] = [:]
     var latencies: [UInt64] = []
+    var tally = RequestTally<HTTPStream>()
     var bytes: UInt64 = 0
     var bytesByConnection: [ObjectIdentifier: UInt64] = [:]
-    var failed = 0
     var finished: [QUICConnection] = []
     var connectionErrors: [String] = []
     func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
-        let status = head.status
         stream.setBodySink(fd: -1)
-        if status / 100 != 2 { failed += 1 }
+        tally.response(status: head.status, on: stream)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
         connectionOf.removeValue(forKey: stream)
-        if let t0 = started.removeValue(forKey: stream) {
-            latencies.append(monotonicNow() - t0)
-            if errorCode != H3Error.noError { failed += 1 }
+        let t0 = started.removeValue(forKey: stream)
+        if let t0 { latencies.append(monotonicNow() - t0) }
+        if tally.closed(stream, errorCode: errorCode, request: t0 != nil) {
+            bytes += stream.bytesReceived
+            bytesByConnection[ObjectIdentifier(connection), default: 0] += stream.bytesReceived
         }
-        bytes += stream.bytesReceived
-        bytesByConnection[ObjectIdentifier(connection), default: 0] += stream.bytesReceived
         finished.append(connection)
     }
     func connectionClosed(connection: QUICConnection, reason: String) {
@@ -130,7 +198,7 @@ extension STOQClient {
         func closeWindow(_ now: UInt64) {
             stopping = true
             var by = app.bytesByConnection
-            for (s, c) in app.connectionOf { by[c, default: 0] += s.bytesReceived }
+            for (s, c) in app.connectionOf where app.tally.isGood(s) { by[c, default: 0] += s.bytesReceived }
             window = (by.values.reduce(0, +), Double(now - t0) / 1e9, by)
         }
         do {
@@ -158,7 +226,8 @@ extension STOQClient {
         let shares = conns.map { Double(window.byConnection[ObjectIdentifier($0)] ?? 0) }
         let mean = shares.reduce(0, +) / Double(max(shares.count, 1))
         return BenchResult(
-            connections: connections, streams: streams, requests: sorted.count, failed: app.failed,
+            connections: connections, streams: streams, requests: sorted.count, answered: app.tally.answered, failed: app.tally.failed,
+            firstFailure: app.tally.firstFailure,
             bytes: app.bytes, seconds: seconds, gbps: Double(app.bytes) * 8 / seconds / 1e9,
             requestsPerSecond: Double(sorted.count) / seconds, latencyP50Ms: pct(0.5), latencyP99Ms: pct(0.99),
             windowBytes: window.bytes, windowSeconds: window.seconds,

@@ -63,6 +63,20 @@ public struct LoadResult: Sendable, Codable {
     public var requestP99Ms: Double
 }
 
+extension LoadResult {
+    /// Why the run failed as a whole, nil when it did not: no connection was established
+    /// (`stoq bench` exits 1). Some failed or lost among established ones are the load's to
+    /// report (a node's `max_connections` refusing the rest), not a failed run.
+    public var failure: String? {
+        guard established == 0 else { return nil }
+        let total = failed.values.reduce(0, +)
+        guard let (reason, n) = failed.max(by: { ($0.value, $1.key) < ($1.value, $0.key) }) else {
+            return "no connection was established"
+        }
+        return "no connection was established: all \(total) failed (\(n) of them: \(reason))"
+    }
+}
+
 /// One thread's view of its share of the connections.
 final class LoadApp: QUICApplication {
     var handshakeStarted: [ObjectIdentifier: Timestamp] = [:]
@@ -74,7 +88,7 @@ final class LoadApp: QUICApplication {
     var holding = false
     var requestStarted: [HTTPStream: Timestamp] = [:]
     var requestLatencies: [UInt64] = []
-    var requestsFailed = 0
+    var requests = RequestTally<HTTPStream>()
 
     func handshakeCompleted(connection: QUICConnection) {
         let id = ObjectIdentifier(connection)
@@ -92,14 +106,13 @@ final class LoadApp: QUICApplication {
         }
     }
     func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
-        let status = head.status
         stream.setBodySink(fd: -1)
-        if status / 100 != 2 { requestsFailed += 1 }
+        requests.response(status: head.status, on: stream)
     }
     func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
-        guard let t0 = requestStarted.removeValue(forKey: stream) else { return }
-        requestLatencies.append(monotonicNow() - t0)
-        if errorCode != H3Error.noError { requestsFailed += 1 }
+        let t0 = requestStarted.removeValue(forKey: stream)
+        _ = requests.closed(stream, errorCode: errorCode, request: t0 != nil)
+        if let t0 { requestLatencies.append(monotonicNow() - t0) }
     }
 
     /// A reason as a counter key: the message as it is, cut at 160 characters ("closed" for a
@@ -234,8 +247,9 @@ extension STOQClient {
                     nextRound = now + UInt64(plan.interval * 1e9)
                     for c in app.established.values {
                         for _ in 0..<plan.streams {
-                            guard let s = try? c.request(method: "GET", authority: url.authority, path: url.path) else {
-                                app.requestsFailed += 1
+                            let s: HTTPStream
+                            do { s = try c.request(method: "GET", authority: url.authority, path: url.path) } catch {
+                                app.requests.failUnopened("\(error)")
                                 continue
                             }
                             app.requestStarted[s] = now
@@ -248,7 +262,7 @@ extension STOQClient {
             }
         } catch { throw ClientError(.transfer, "\(error)") }
         // Unanswered when the grace ran out: failed (the close resets them).
-        app.requestsFailed += app.requestStarted.count
+        for s in app.requestStarted.keys { app.requests.giveUp(s, "unanswered at the hold's end and its grace") }
         app.requestStarted.removeAll()
         share.holdSeconds = Double(monotonicNow() - holdStart) / 1e9
         app.holding = false
@@ -275,7 +289,7 @@ extension STOQClient {
         share.handshakeLatencies = app.handshakeLatencies
         share.requestLatencies = app.requestLatencies
         share.requests = app.requestLatencies.count
-        share.requestsFailed = app.requestsFailed
+        share.requestsFailed = app.requests.failed
         return share
     }
 }

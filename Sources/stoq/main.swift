@@ -586,6 +586,9 @@ struct BenchCommand: ParsableCommand {
             connection then held --hold s, idle (--streams 0, the default here) or sending --streams GETs every
             --interval s; reports handshakes established and failed by reason, and handshake and request latency.
               stoq bench https://[::1]:4433/objects/1k.bin --connections 20000 --rate 2000 --hold 30 --ca …
+            Exit status: 0 when the node answered a request 2xx (goodput) or a connection was established
+            (connection load), whatever failed beside it (the report counts it); 1 when none was, or the run
+            could not start; 2 for a bad URL.
             """)
 
     @Argument(help: "https://[ipv6]:port/objects/<name>") var url: String
@@ -645,7 +648,11 @@ struct BenchCommand: ParsableCommand {
                 u, connections: connections, streams: streams ?? 1,
                 duration: duration ?? (bytes == nil ? 10 : nil), bytes: bytes, trust: trust.trust, datapath: .ioUring)
         } catch { throw fail("\(error)") }
-        if json { return printCodable(r) }
+        if json { printCodable(r) } else { printText(r) }
+        if let why = r.failure { throw fail(why) }
+    }
+
+    private func printText(_ r: BenchResult) {
         print(
             String(
                 format: "%d connection(s) × %d stream(s): %d requests (%d failed) in %.2fs",
@@ -664,6 +671,7 @@ struct BenchCommand: ParsableCommand {
             print("at most \(r.peakInFlight) requests were in flight at once: the server's stream limit held the rest back")
         }
         if let why = r.endedEarly { print("ended early: a connection closed: \(why)") }
+        if let why = r.firstFailure { print("first failure: \(why)") }
     }
 
     private func runLoad(_ u: STOQURL) throws {
@@ -673,7 +681,11 @@ struct BenchCommand: ParsableCommand {
         if let keepAlive { plan.keepAlive = keepAlive }
         let r: LoadResult
         do { r = try STOQClient.load(u, plan: plan, trust: trust.trust, datapath: .ioUring) } catch { throw fail("\(error)") }
-        if json { return printCodable(r) }
+        if json { printCodable(r) } else { printText(r) }
+        if let why = r.failure { throw fail(why) }
+    }
+
+    private func printText(_ r: LoadResult) {
         let failed = r.failed.values.reduce(0, +), lost = r.lost.values.reduce(0, +)
         print(
             String(
