@@ -168,11 +168,14 @@ static int cb_stream_close(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, ui
   stoq_conn *c = ud;
   if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET)) code = NGHTTP3_H3_NO_ERROR;
   if (!c->h3) return 0;
+  c->h3_closed = -1;
   int rv = nghttp3_conn_close_stream(c->h3, stream_id, code);
   /* A request stream HTTP/3 never saw (given up before a byte: STOP_SENDING, RESET_STREAM)
    * returns its credit here; one it saw does in h3_stream_close. */
   if (rv == NGHTTP3_ERR_STREAM_NOT_FOUND && c->is_server && ngtcp2_is_bidi_stream(stream_id))
     ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
+  /* Closed in nghttp3 without h3_stream_close: a head that waits for QPACK keeps it. */
+  if (rv == 0 && ngtcp2_is_bidi_stream(stream_id) && c->h3_closed != stream_id) rv = stream_outlived(c, stream_id);
   if (rv != 0 && rv != NGHTTP3_ERR_STREAM_NOT_FOUND) {
     ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code(rv), NULL,
                                                         0);

@@ -130,9 +130,30 @@ static int h3_stream_close(nghttp3_conn *h3, int64_t stream_id, uint64_t app_err
   if (!s && !c->is_server) /* one the application reset (see stoq_stream_reset) */
     for (s = c->streams; s && !(s->abandoned && s->id == stream_id); s = s->next) {
     }
+  c->h3_closed = stream_id;
   if (s) stream_end(c, s, app_error_code);
   if (c->is_server && ngtcp2_is_bidi_stream(stream_id)) ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
   return 0;
+}
+
+/* nghttp3 0.8 keeps a stream whose head (or trailers) waits for QPACK encoder instructions when
+ * the transport closes it, and once they come it decodes the head, so the application answers
+ * a stream that is gone; nghttp3 then frees the stream while it is still scheduled to send, and
+ * the next write reads the freed stream (1.12 deletes such a stream at once). With its read side
+ * shut, nghttp3 drops what it holds of the stream unread and deletes it when the instructions
+ * come (or with the connection), with no callback but h3_stream_close; the peer's encoder hears
+ * the stream cancelled. Until then nothing is sent on it (stoq_stream_respond and the others
+ * refuse) and it is not watched. Rare: a stream walk. */
+int stream_outlived(stoq_conn *c, int64_t id) {
+  stoq_stream *s = stream_find(c, id);
+  if (s) {
+    s->transport_closed = 1;
+    unwatch_rx(s);
+    unwatch_tx(s);
+    free(s->head);
+    s->head = NULL;
+  }
+  return nghttp3_conn_shutdown_stream_read(c->h3, id);
 }
 
 static void answered_early(stoq_conn *c, stoq_stream *s);
@@ -423,6 +444,7 @@ static void answered_early(stoq_conn *c, stoq_stream *s) {
 
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
   if (s->responded) return NGHTTP3_ERR_INVALID_STATE;
+  if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND;
   char st[8];
   snprintf(st, sizeof(st), "%d", status);
   nghttp3_nv nva[MAX_NV];
@@ -440,7 +462,8 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
 
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg) {
-  if ((c->is_server && !s->responded) || s->stream_eof || s->p_count == STOQ_BODY_PIECES) return -1;
+  if ((c->is_server && !s->responded) || s->stream_eof || s->p_count == STOQ_BODY_PIECES || s->transport_closed)
+    return -1;
   struct body_piece *p = &s->pieces[(s->p_head + s->p_count) % STOQ_BODY_PIECES];
   p->base = base;
   p->len = len;
@@ -466,6 +489,7 @@ int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_hea
   nva[1] = make_nv("server", "stoq");
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   set_whole_body(s, body, body_len, release, arg);
+  if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND; /* the body goes with the stream */
   nghttp3_data_reader dr = {.read_data = body_read};
   int reader = has_body && body_len > 0 && !s->no_content;
   int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);

@@ -112,6 +112,7 @@ struct stoq_stream {
   int fin_with_headers;
   int body_complete;
   int reset_by_peer;
+  int transport_closed; /* the transport closed it while nghttp3 keeps it (see stream_outlived) */
   /* client: reset by the application (1), which has since heard the stream closed (2): the
      stream waits detached from nghttp3 for the transport to let it go (see stoq_stream_reset) */
   int abandoned;
@@ -182,6 +183,7 @@ struct stoq_conn {
   void *app;
   stoq_stream *streams;
   uint64_t streams_open;
+  int64_t h3_closed;  /* the request stream nghttp3 last closed (h3_stream_close; see cb_stream_close) */
   unsigned abandoned; /* streams whose application has yet to hear of its own reset */
   uint64_t body_rx, body_tx;
   uint64_t tx_moved;    /* endpoint clock when the peer last acknowledged body bytes of any stream */
@@ -243,6 +245,9 @@ STOQ_HIDDEN void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code);
 STOQ_HIDDEN stoq_stream *stream_find(stoq_conn *c, int64_t id);
 /* Server: the client reset request stream `s`'s body (RESET_STREAM). */
 STOQ_HIDDEN void request_body_reset(stoq_conn *c, stoq_stream *s);
+/* The transport closed request stream `id`, which nghttp3 keeps (a head waiting for QPACK):
+   nothing more is read or sent on it. 0, or nghttp3's error. */
+STOQ_HIDDEN int stream_outlived(stoq_conn *c, int64_t id);
 /* The stall watch (stoq_h3.c): a server stream starts receiving a body, or holds `given` more
    body bytes to send; leaves the lists (its body ended, was acknowledged, reset, or it goes). */
 STOQ_HIDDEN void watch_rx(stoq_stream *s);

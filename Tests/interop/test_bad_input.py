@@ -403,3 +403,40 @@ def test_a_path_over_the_limit_is_414_for_every_kind_of_object(node, tmp_path):
         r = h3(node, "GET", f"/objects/{name}?" + "x" * 5000)
         assert r["status"] == 414 and r["text"] == "path too long\n", (name, r)
     still_serves(node)
+
+
+def test_a_head_waiting_for_qpack_on_a_closed_stream_is_never_answered(metered):
+    """A GET whose HEADERS refer to a dynamic table entry not inserted yet waits for the encoder
+    (QPACK blocked). The client gives the stream up (STOP_SENDING; it acknowledges the node's
+    RESET_STREAM), so the stream closes; then the entry comes. The request is dropped unread:
+    nghttp3 0.8 decoded it then, the node answered a stream that was gone, and the next write
+    read the freed stream (the connection closed, or worse). Only the next request reaches the
+    application, and the connection serves it, byte-identical."""
+    import hashlib
+    from raw_h3 import RawH3, request
+    node, requests = metered, ["stoq_http_requests_total"]
+    before = settled_reading(lambda: summed_counters(node, requests))
+    c = RawH3(node)
+    try:
+        sid = c.new_stream()
+        # Required Insert Count 1, base 1: dynamic entry 0 (:authority), then :method GET,
+        # :scheme https, :path / from the static table.
+        c.send(sid, bytes.fromhex("01 06 02 00 80 d1 d7 c1"), end=True)
+        c.quic.stop_stream(sid, 0x10C)
+        c.pump(lambda: sid in c.resets)
+        c.sync()  # the node has our ACK of its RESET_STREAM: the stream is closed
+        # Set Dynamic Table Capacity 4096, then insert :authority "a" (static name 0).
+        c.send(c.encoder, bytes.fromhex("3f e1 1f c0 01 61"))
+        c.sync()  # the node has read the entry, and written since: the connection is up
+        again = c.new_stream()
+        c.send(again, request("GET", "/objects/obj-65536.bin", f"[::1]:{node.port}"), end=True)
+        c.pump(lambda: again in c.finished)
+        c.sync()
+        status, body = c.response(again)
+        assert status == 200 and hashlib.sha256(body).hexdigest() == node.digests["obj-65536.bin"]
+        assert sid not in c.received, "nothing is sent on the stream given up"
+    finally:
+        c.close()
+    after = settled_reading(lambda: summed_counters(node, requests))
+    assert after["stoq_http_requests_total"] - before["stoq_http_requests_total"] == 1, ("the closed stream's head was served", before, after)
+    still_serves(node)
