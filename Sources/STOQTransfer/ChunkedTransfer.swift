@@ -203,13 +203,15 @@ extension STOQClient {
         return String(url.path.dropFirst(9))
     }
 
-    /// Times a chunk PUT answered 503 (the node is busy) is sent again, a second apart.
+    /// Times a chunk or manifest PUT answered 503 (the node is busy) is sent again, a second
+    /// apart.
     static let busyRetries = 5
 
     /// Uploads `file` as object `<name>` in chunks: chunks it locally, asks the node which
     /// chunks it lacks (POST /_stoq/missing), sends only those (PUT /chunks/<id>, several in
     /// flight; one the node answers 503 again a second later, up to `busyRetries` times), then
-    /// the manifest.
+    /// the manifest (again a second later while the node answers 503, as many times: it is
+    /// busy verifying other manifests, `limits` in docs/content.md).
     public static func putChunked(
         file: String, to url: STOQURL, parameters: ChunkingParameters, trust: ClientTrust,
         datapath: ClientDatapath,
@@ -295,9 +297,12 @@ extension STOQClient {
             session.app.done.removeAll()
         }
         // The node answers 201 with no body, or an error whose message is all that is read.
-        let stored = try session.call(
-            "PUT", "/manifests/\(name)", body: BodyRegion(copying: manifest.encode()), limit: ConnectionPool.errorBodyLimit,
-            tooLarge: "PUT /manifests/\(name): the node's answer is longer than any this client reads")
+        let encoded = manifest.encode()
+        var stored = try putManifest(session, name, encoded)
+        for _ in 0..<Self.busyRetries where stored.status == 503 {
+            usleep(1_000_000)
+            stored = try putManifest(session, name, encoded)
+        }
         guard stored.status == 201 else {
             throw ClientError(.http, "PUT /manifests/\(name): HTTP \(stored.status) \(String(decoding: stored.body.prefix(500), as: UTF8.self))")
         }
@@ -305,6 +310,13 @@ extension STOQClient {
             chunks: manifest.chunks.count, chunksSent: sends.count, bytesSent: bytesSent,
             totalBytes: manifest.totalLength, seconds: Double(monotonicNow() - t0) / 1e9,
             sha256: manifest.digest.hex)
+    }
+
+    private static func putManifest(_ session: ClientSession, _ name: String, _ encoded: [UInt8]) throws(ClientError) -> (status: Int, body: [UInt8]) {
+        let answer = try session.call(
+            "PUT", "/manifests/\(name)", body: BodyRegion(copying: encoded), limit: ConnectionPool.errorBodyLimit,
+            tooLarge: "PUT /manifests/\(name): the node's answer is longer than any this client reads")
+        return (answer.status, answer.body)
     }
 
     /// Downloads object `<name>` in chunks into `output`: fetches the manifest, then the

@@ -168,6 +168,10 @@ public final class TestUpstream: QUICApplication, @unchecked Sendable {
     /// Answers `path` with `answer` from now on.
     public func answer(_ path: String, _ answer: Answer) { lock.withLock { answers[path] = answer } }
 
+    /// Answers the next requests for `path` with `first`, one each, before its `answer`.
+    public func answer(_ path: String, first: [Answer]) { lock.withLock { firstAnswers[path, default: []] += first } }
+    private var firstAnswers: [String: [Answer]] = [:]
+
     /// Body bytes handed to the stack for `path` so far, over every request for it.
     public func sent(_ path: String) -> Int { lock.withLock { sentBytes[path] ?? 0 } }
 
@@ -181,6 +185,10 @@ public final class TestUpstream: QUICApplication, @unchecked Sendable {
         let path = request.path
         let answer = lock.withLock { () -> Answer? in
             requested.append(path)
+            if let next = firstAnswers[path]?.first {
+                firstAnswers[path]?.removeFirst()
+                return next
+            }
             return answers[path]
         }
         switch answer {

@@ -228,6 +228,22 @@ import Testing
         #expect(!upstream.paths.contains { $0.hasPrefix("/chunks/") || $0.hasPrefix("/manifests/") })
     }
 
+    @Test func aManifestPutTheNodeIsTooBusyToVerifyIsSentAgain() throws {
+        // The node has every chunk; its first answer to the manifest is 503 (all its manifest
+        // verifications are under way: ManifestChecks), its second 201.
+        let file = directory + "/busy"
+        try Data((0..<(64 << 10)).map { UInt8(truncatingIfNeeded: $0 * 7) }).write(to: URL(fileURLWithPath: file))
+        upstream.answer(NodePaths.missing, .whole(status: 200, body: []))
+        upstream.answer("/manifests/busy", .whole(status: 201, body: []))
+        upstream.answer("/manifests/busy", first: [.whole(status: 503, body: Array("manifest verifications busy".utf8))])
+        let r = try STOQClient.putChunked(
+            file: file, to: try url("/objects/busy"),
+            parameters: try ChunkingParameters(minSize: 1 << 12, avgSize: 1 << 14, maxSize: 1 << 16), trust: trust, datapath: datapath,
+            timeout: 10)
+        #expect(r.chunksSent == 0)
+        #expect(upstream.paths.filter { $0 == "/manifests/busy" }.count == 2)
+    }
+
     @Test func aFetchIsRefusedPastItsLimit() throws {
         upstream.answer("/_stoq/log/sth", .endless(status: 200, filler: "{\"tree_size\": "))
         let watch = MemfdWatch("stoq-response")
