@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import STOQConfig
 import STOQCore
+import Synchronization
 
 /// `mesh.discovery = "dns"`: the members are what `mesh.dns_name` resolves to, asked again every
 /// `mesh.dns_interval` — exactly what a Kubernetes headless Service publishes:
@@ -12,8 +13,10 @@ import STOQCore
 ///
 /// Both are asked each round and the members are their union. A CNAME chain in the answer is
 /// followed (at most 8 links). No record, or NXDOMAIN, is an empty mesh; a timeout, a server
-/// error or a malformed answer is a failure (counted, logged once, retried with backoff) that
-/// keeps the last member set.
+/// error or a malformed answer for the name is a failure (counted, logged once, retried with
+/// backoff) that keeps the last member set. One for an SRV target's addresses fails that target
+/// only (`target_unresolved`): it keeps the addresses it had in the last round, if any, and the
+/// rest of the answer is used.
 public final class DNSDiscovery: DiscoveryBackend {
     /// What to resolve, where, how often.
     public struct Options: Sendable {
@@ -45,6 +48,8 @@ public final class DNSDiscovery: DiscoveryBackend {
     public let options: Options
     private let logger: Logger
     private let box = CounterBox()
+    /// Each SRV target's addresses in the last round: what a target whose lookup fails keeps.
+    private let lastTargets = Mutex<[String: [IPv6Address]]>([:])
 
     /// A backend; nothing happens until `run`.
     public init(options: Options, logger: Logger) {
@@ -116,18 +121,48 @@ public final class DNSDiscovery: DiscoveryBackend {
             if port == 0 { refused["bad_port", default: 0] += 1; continue }
             pending.append((target, port))
         }
-        var lookups = 0
-        for (target, port) in pending {
-            var addresses = targets[target]
-            if addresses == nil {
-                guard lookups < options.maxTargetLookups else { refused["too_many", default: 0] += 1; continue }
-                lookups += 1
-                let answer = try await ask(target, DNSMessage.typeAAAA, servers)
-                addresses = Self.answers(answer, for: target).compactMap { if case .aaaa(let a) = $0.data { a } else { nil } }
-                targets[target] = addresses
-            }
-            for a in addresses ?? [] { found.append((a, port)) }
+        // The targets not in the additional section are asked for together: one whose server
+        // never answers costs the round one timeout, not one each.
+        var missing: [String] = []
+        for (target, _) in pending where targets[target] == nil && !missing.contains(target) {
+            guard missing.count < options.maxTargetLookups else { continue }
+            missing.append(target)
         }
+        let previous = lastTargets.withLock { $0 }
+        await withTaskGroup(of: (String, Result<[IPv6Address], DiscoveryError>).self) { group in
+            for target in missing {
+                group.addTask {
+                    do throws(DiscoveryError) {
+                        let answer = try await self.ask(target, DNSMessage.typeAAAA, servers)
+                        return (target, .success(Self.answers(answer, for: target).compactMap { if case .aaaa(let a) = $0.data { a } else { nil } }))
+                    } catch {
+                        return (target, .failure(error))
+                    }
+                }
+            }
+            for await (target, result) in group {
+                switch result {
+                case .success(let addresses): targets[target] = addresses
+                case .failure(let error):
+                    refused["target_unresolved", default: 0] += 1
+                    targets[target] = previous[target]
+                    logger.debug(
+                        "mesh discovery (dns \(options.name)): SRV target \(target): \(error); \(previous[target].map { "keeping its \($0.count) address(es) of the last round" } ?? "no member this round")"
+                    )
+                }
+            }
+        }
+        var used: [String: [IPv6Address]] = [:]
+        for (target, port) in pending {
+            guard let addresses = targets[target] else {
+                // Beyond the lookups allowed this round, or unresolved and never seen before.
+                if !missing.contains(target) { refused["too_many", default: 0] += 1 }
+                continue
+            }
+            used[target] = addresses
+            for a in addresses { found.append((a, port)) }
+        }
+        lastTargets.withLock { $0 = used }
         for r in Self.answers(aaaa, for: options.name) {
             if case .aaaa(let a) = r.data { found.append((a, options.defaultPort)) }
         }

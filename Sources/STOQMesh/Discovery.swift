@@ -33,9 +33,10 @@ public struct DiscoveryCounters: Sendable, Equatable {
     public var recoveries: UInt64 = 0
     /// Times this node registered itself (etcd: a lease granted and the record put).
     public var registrations: UInt64 = 0
-    /// Records refused, by reason (DNS: `bad_address`, `bad_port`, `too_many`, counted every
-    /// round the record is still served; etcd: the `MemberRecord.Refusal` codes, counted each
-    /// time the record is read). The rest of the answer is still used.
+    /// Records refused, by reason (DNS: `bad_address`, `bad_port`, `target_unresolved`,
+    /// `too_many`, counted every round the record is still served; etcd: the
+    /// `MemberRecord.Refusal` codes, counted each time the record is read). The rest of the
+    /// answer is still used.
     public var refused: [String: UInt64] = [:]
     /// The last failure, for `/status` and logs.
     public var lastError: String?

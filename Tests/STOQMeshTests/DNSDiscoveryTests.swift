@@ -244,6 +244,37 @@ import Testing
         #expect(server.output.contains("query[AAAA] alias.stoq.test"))
     }
 
+    /// An SRV target whose own lookup fails (dnsmasq, with no upstream, REFUSES names outside
+    /// its zones, a server error like SERVFAIL) fails that target only: the round still gives
+    /// the other members, counting it `target_unresolved`; a target that resolved before keeps
+    /// its last addresses meanwhile.
+    @Test func aTargetThatDoesNotResolveFailsAloneAndKeepsItsLastAddresses() async throws {
+        let dir = try TemporaryDirectory("stoq-dns-target")
+        defer { dir.remove() }
+        let port = freePort()
+        let srv = [
+            "--srv-host=_t._udp.stoq.test,node1.stoq.test,4501", "--srv-host=_t._udp.stoq.test,far.other.test,4502",
+            "--srv-host=_t._udp.stoq.test,gone.other.test,4503", "--host-record=node1.stoq.test,fd00:57::1",
+        ]
+        var server = try Self.dnsmasq(port: port, dir: dir.url, records: srv + ["--host-record=far.other.test,fd00:57::7"])
+        defer { server.stop() }
+        var o = DNSDiscovery.Options(name: "_t._udp.stoq.test", defaultPort: 4433)
+        o.server = IPv6Endpoint(address: .loopback, port: port)
+        let backend = DNSDiscovery(options: o, logger: Logger(label: "test.dns"))
+        let (first, firstRefused) = try await backend.resolve()
+        #expect(first == [member("https://[fd00:57::1]:4501"), member("https://[fd00:57::7]:4502")])
+        #expect(firstRefused == ["target_unresolved": 1])
+        #expect(server.output.contains("query[AAAA] gone.other.test"))
+
+        // far.other.test no longer resolves either: it keeps the address it had.
+        server.stop()
+        server = try Self.dnsmasq(port: port, dir: dir.url, records: srv)
+        let (second, secondRefused) = try await backend.resolve()
+        #expect(second == first)
+        #expect(secondRefused == ["target_unresolved": 2])
+        #expect(server.output.contains("query[AAAA] far.other.test"))
+    }
+
     /// Without `dns_server`, the nameservers of resolv.conf are asked (port 53).
     @Test func usesTheSystemResolver() async throws {
         let dir = try TemporaryDirectory("stoq-dns-sys")
