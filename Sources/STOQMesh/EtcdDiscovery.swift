@@ -138,22 +138,71 @@ public final class EtcdDiscovery: DiscoveryBackend {
             box.update { $0.registrations += 1 }
             logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(id) of \(options.leaseTTLSeconds)s")
         }
-        let answer = try await post(
-            endpoint, "/v3/kv/range",
-            [
-                "key": Self.b64(Array(options.prefix.utf8)),
-                "range_end": Self.b64(Self.rangeEnd(options.prefix)),
-            ])
-        guard let header = answer["header"] as? [String: Any], let revision = Self.int(header["revision"]) else {
+        let (revision, view) = try await read(endpoint)
+        return (lease, revision, view)
+    }
+
+    /// The records a page of the prefix holds at most: a page of records of the largest size
+    /// allowed is well within `maxPageBytes`.
+    static let pageRecords = 256
+    /// The largest answer to one page (base64 and JSON included).
+    static let maxPageBytes = 1 << 20
+
+    /// Reads the prefix at one revision, `pageRecords` keys a page: the revision read at and
+    /// the members by key. A page larger than `maxPageBytes` (a record far beyond the 1 KiB
+    /// allowed: etcd takes values of 1.5 MiB) is asked for again in halves, down to one key;
+    /// a single record that large is refused (`too_large`) by its key alone, and the read goes
+    /// on after it. So no size of the prefix ends the session.
+    private func read(_ endpoint: MeshURL) async throws -> (Int64, [String: MeshMember]) {
+        var view: [String: MeshMember] = [:]
+        var from = Array(options.prefix.utf8)
+        let end = Self.rangeEnd(options.prefix)
+        var revision: Int64?
+        var limit = Self.pageRecords
+        while true {
+            var body: [String: Any] = ["key": Self.b64(from), "range_end": Self.b64(end), "limit": String(limit)]
+            if let revision { body["revision"] = String(revision) }
+            do {
+                let answer = try await post(endpoint, "/v3/kv/range", body, upTo: Self.maxPageBytes)
+                if revision == nil { revision = try Self.revision(answer, endpoint) }
+                let kvs = answer["kvs"] as? [[String: Any]] ?? []
+                for kv in kvs { apply(kv, deleted: false, to: &view) }
+                guard answer["more"] as? Bool == true, let last = kvs.last?["key"] as? String, let key = Data(base64Encoded: last) else { break }
+                from = Array(key) + [0]
+                limit = min(Self.pageRecords, limit * 2)
+            } catch is TooLarge {
+                if limit > 1 {
+                    limit /= 2
+                    continue
+                }
+                // One record: its key alone, to refuse it by name and read on after it.
+                body["keys_only"] = true
+                let answer = try await post(endpoint, "/v3/kv/range", body)
+                if revision == nil { revision = try Self.revision(answer, endpoint) }
+                guard let kv = (answer["kvs"] as? [[String: Any]])?.first, let b64 = kv["key"] as? String, let key = Data(base64Encoded: b64) else {
+                    break  // deleted meanwhile (only the first page is read without a revision)
+                }
+                let name = String(decoding: key, as: UTF8.self)
+                refuse(
+                    MemberRecord.Refusal(
+                        code: MemberRecord.Refusal.tooLarge,
+                        detail: "key \(name.prefix(120)): etcd's answer for this record alone is more than \(Self.maxPageBytes) bytes"))
+                from = Array(key) + [0]
+            }
+        }
+        return (revision ?? 0, view)
+    }
+
+    /// A range answer's header revision, which the watch starts after.
+    private static func revision(_ answer: [String: Any], _ endpoint: MeshURL) throws -> Int64 {
+        guard let header = answer["header"] as? [String: Any], let revision = int(header["revision"]) else {
             throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: no header revision")
         }
         // The watch starts at the next one.
         guard (0..<Int64.max).contains(revision) else {
             throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/kv/range: header revision \(revision) is out of range")
         }
-        var view: [String: MeshMember] = [:]
-        for kv in answer["kvs"] as? [[String: Any]] ?? [] { apply(kv, deleted: false, to: &view) }
-        return (lease, revision, view)
+        return revision
     }
 
     /// Keeps the lease alive and follows the watch until either fails; always throws.
@@ -325,8 +374,14 @@ public final class EtcdDiscovery: DiscoveryBackend {
         logger.info("mesh discovery (etcd): stopped; lease \(id) \(done ? "revoked" : "not revoked (it expires by itself)")")
     }
 
-    /// One unary gateway call: JSON in, JSON object out; an HTTP or etcd error throws.
-    private func post(_ endpoint: MeshURL, _ path: String, _ body: [String: Any]) async throws -> [String: Any] {
+    /// An answer longer than the caller allows.
+    private struct TooLarge: Error, CustomStringConvertible {
+        var description: String { "an answer longer than allowed" }
+    }
+
+    /// One unary gateway call: JSON in, JSON object out; an HTTP or etcd error throws, an
+    /// answer of more than `upTo` bytes throws `TooLarge`.
+    private func post(_ endpoint: MeshURL, _ path: String, _ body: [String: Any], upTo: Int = 16 << 20) async throws -> [String: Any] {
         var request = HTTPClientRequest(url: "\(endpoint)\(path)")
         request.method = .POST
         request.headers.add(name: "content-type", value: "application/json")
@@ -336,9 +391,10 @@ public final class EtcdDiscovery: DiscoveryBackend {
         do {
             let response = try await client.execute(request, timeout: .nanoseconds(options.requestTimeout.nanoseconds))
             status = response.status.code
-            bytes = try await response.body.collect(upTo: 16 << 20)
+            bytes = try await response.body.collect(upTo: upTo)
         } catch {
             if Task.isCancelled { throw CancellationError() }
+            if error is NIOTooManyBytesError { throw TooLarge() }
             throw DiscoveryError(.unreachable, "etcd \(endpoint) \(path): \(error)")
         }
         guard let object = try? JSONSerialization.jsonObject(with: Data(bytes.readableBytesView)) as? [String: Any] else {

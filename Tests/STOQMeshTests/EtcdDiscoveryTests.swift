@@ -48,12 +48,15 @@ import Testing
             if !ok { Issue.record("etcd did not become healthy:\n\(daemon?.output ?? "")") }
         }
 
-        /// Runs etcdctl against this cluster; its standard output, or throws with its errors.
+        /// Runs etcdctl against this cluster, its standard input `input` (a value too large for
+        /// an argument); its standard output, or throws with its errors.
         @discardableResult
-        func ctl(_ args: [String]) throws -> String {
+        func ctl(_ args: [String], input: URL? = nil) throws -> String {
             let bin = try requireBinary("/usr/bin/etcdctl", package: "etcd-client")
+            let all = [bin, "--endpoints", url, "--dial-timeout", "1s", "--command-timeout", "2s"] + args
             let (status, out, _) = try runTool(
-                bin, ["--endpoints", url, "--dial-timeout", "1s", "--command-timeout", "2s"] + args,
+                input == nil ? bin : "/bin/sh",
+                input.map { ["-c", "exec \"$@\" < \"$0\"", $0.path] + all } ?? Array(all.dropFirst()),
                 dir: dir, environment: ["ETCDCTL_API=3"])
             guard status == 0 else {
                 throw MissingBinary(path: "etcdctl \(args.joined(separator: " ")) failed (\(status)): \(out)", package: "etcd-client")
@@ -165,6 +168,24 @@ import Testing
         #expect(await lr.wait { $0 == [Self.b, Self.c] })
         #expect(reader.counters.refused == expected)
         #expect(reader.counters.registrations == 0)
+    }
+
+    /// A prefix whose records together are more than one answer may hold (20 values of 1 MB:
+    /// 27 MB in base64) is read in pages: each record too large is refused (`too_large`) by its
+    /// key, and the members beside them are seen.
+    @Test func readsALargePrefixInPages() async throws {
+        let etcd = try Etcd("etcd-large")
+        let big = etcd.dir.appendingPathComponent("big")
+        try Data(repeating: 0x78, count: 1_000_000).write(to: big)
+        for i in 0..<20 { try etcd.ctl(["put", "/stoq/mesh/big-\(i)"], input: big) }
+        try etcd.ctl(["put", "/stoq/mesh/" + String(repeating: "c3", count: 32), String(decoding: MemberRecord.encode(Self.c), as: UTF8.self)])
+        let nb = backend(etcd, Self.b)
+        let lb = MemberLog()
+        let tb = start(nb, into: lb)
+        defer { tb.cancel() }
+        #expect(await lb.wait { $0 == [Self.b, Self.c] })
+        #expect(nb.counters.refused == [MemberRecord.Refusal.tooLarge: 20], "\(nb.counters)")
+        #expect(nb.counters.failures == 0, "\(nb.counters)")
     }
 
     /// etcd dies and comes back with its data lost: both nodes register again on their own and
