@@ -40,6 +40,9 @@ public final class Node: @unchecked Sendable {
     /// Under `admin.auth = "mtls"`: how the admin API checks client certificates now (a
     /// reload that changes `[trust]` replaces it).
     private let adminVerifier = Replaceable<PeerVerifier?>(nil)
+    /// The serials this node's CA revoked, which every check of a client certificate applies
+    /// (read at start and at each reload).
+    let revocations: RevocationList
     /// The `[trust]` the edge's upstreams and the mesh's neighbours are verified with now. A
     /// reload hands them its `[trust]` even when the rest of it waits for a restart (and
     /// `config.trust` stays the old one): only when it differs from this, not again at every
@@ -90,7 +93,12 @@ public final class Node: @unchecked Sendable {
         self.listenAddress = config.network.listenAddress
         self.qlog = QLogControl(config.log)
         self.peersTrust = config.trust
+        self.revocations = RevocationList(dataDir: config.node.dataDir)
     }
+
+    /// The file of serials this node's CA revoked (`data_dir/trust/revoked.txt`): a reload reads
+    /// it again, so a change to it is one to watch (`ReloadService`).
+    public var revocationListPath: String { revocations.path }
 
     /// The node's IPv6 addresses (for the certificate's SANs).
     static func localAddresses() -> [IPv6Address] {
@@ -111,17 +119,22 @@ public final class Node: @unchecked Sendable {
     }
 
     /// Mutual TLS from the config: the roots client certificates must chain to (the node's
-    /// own CA in embedded mode, plus trust.bundle) and the revoked serials (the CA's list).
-    static func clientAuthentication(_ cfg: NodeConfig) throws(NodeError) -> ClientAuthentication? {
+    /// own CA in embedded mode, plus trust.bundle) and the serials `revocations` holds at each
+    /// handshake (the CA's list).
+    static func clientAuthentication(_ cfg: NodeConfig, revocations: RevocationList) throws(NodeError) -> ClientAuthentication? {
         guard case let mode = cfg.network.clientAuth, mode != .none else { return nil }
         let verifier = try clientVerifier(cfg, for: "network.client_auth")
         return ClientAuthentication(
-            mode: mode, policy: PeerCertificateCheck(identity: verifier.fingerprint, identify: certificateIdentity, verifier.refusal))
+            mode: mode,
+            policy: PeerCertificateCheck(identity: verifier.fingerprint, identify: certificateIdentity) { chain, name in
+                revocations.applied(to: verifier).refusal(derChain: chain, serverName: name)
+            })
     }
 
     /// How a client certificate is checked (QUIC mutual TLS and `admin.auth = "mtls"`): it must
-    /// chain to the node's own CA in embedded mode and/or `trust.bundle`, not be revoked by the
-    /// CA, and carry clientAuth. `key` names the setting in errors.
+    /// chain to the node's own CA in embedded mode and/or `trust.bundle` and carry clientAuth;
+    /// the caller applies the CA's revocations (`RevocationList.applied(to:)`) at each check.
+    /// `key` names the setting in errors.
     static func clientVerifier(_ cfg: NodeConfig, for key: String) throws(NodeError) -> PeerVerifier {
         var roots: [String] = []
         let caDirectory = cfg.node.dataDir + "/trust"
@@ -132,9 +145,8 @@ public final class Node: @unchecked Sendable {
             // The node's CA signs its clients: it must exist before its root can be trusted.
             if embedded && !FileManager.default.fileExists(atPath: roots[0]) { _ = try TrustAuthority.create(in: caDirectory) }
             return PeerVerifier(
-                roots: try roots.flatMap { try PEMFiles.readCertificates($0) },
-                revokedSerials: try PEMFiles.readSerials(caDirectory + "/revoked.txt", missingIsEmpty: true),
-                role: .client, transparencyLogs: try transparencyLogKeys(cfg))
+                roots: try roots.flatMap { try PEMFiles.readCertificates($0) }, role: .client,
+                transparencyLogs: try transparencyLogKeys(cfg))
         } catch let e as NodeError {
             throw e
         } catch {
@@ -201,6 +213,7 @@ public final class Node: @unchecked Sendable {
         try lockDataDirectory(cfg.node.dataDir)
         BodyRegion.guardFileMappings()
         try QLogControl.prepare(cfg.log)
+        if RevocationList.needed(by: cfg) { try revocations.reload() }
         let access = try startAccess(cfg)
         let credentials = try startIdentity(cfg)
         let content = try openContentStore(cfg)
@@ -212,7 +225,7 @@ public final class Node: @unchecked Sendable {
         let meshService = try Self.makeMesh(
             cfg, certificate: servingCertificatePath,
             key: cfg.tls.certFile.isEmpty ? (certificates?.identityDirectory ?? cfg.node.dataDir + "/identity") + "/key.pem" : cfg.tls.keyFile,
-            logger: logger)
+            revocations: revocations, logger: logger)
         mesh = meshService
         let edge = try openEdgeCache(cfg, mesh: meshService)
         // Adverts carry the certificate as renewed (for the same key): one signed with the
@@ -314,7 +327,7 @@ public final class Node: @unchecked Sendable {
     /// The node's TLS identity: fixed files (`tls.cert_file`), or certificates the node keeps
     /// renewing (its own CA, or ACME), published to the workers as they change.
     private func startIdentity(_ cfg: NodeConfig) throws -> TLSCredentials {
-        let clientAuth = try Self.clientAuthentication(cfg)
+        let clientAuth = try Self.clientAuthentication(cfg, revocations: revocations)
         guard cfg.tls.certFile.isEmpty else {
             let creds: TLSCredentials
             do {
@@ -599,13 +612,21 @@ public final class Node: @unchecked Sendable {
             let (cert, key) = cfg.tls.certFile.isEmpty ? (identity + "/cert.pem", identity + "/key.pem") : (cfg.tls.certFile, cfg.tls.keyFile)
             do {
                 return .mtls(
-                    try AdminTLS(certificateFile: cert, keyFile: key) { [adminVerifier] chain in
-                        adminVerifier.current.flatMap { $0.refusal(derChain: chain, serverName: nil) }
+                    try AdminTLS(certificateFile: cert, keyFile: key) { [adminVerifier, revocations] chain in
+                        adminVerifier.current.flatMap { revocations.applied(to: $0).refusal(derChain: chain, serverName: nil) }
                     })
             } catch {
                 throw NodeError(.identity, "\(error)")
             }
         }
+    }
+
+    /// Reads the CA's revoked serials again (`revocationListPath`) when something checks client
+    /// certificates, and applies them from the next handshake; whether they changed (reported as
+    /// `trust.revocations`). `reload` does it too: this is for a reload whose file does not load.
+    /// A line that is not a serial throws, naming the file and the line, and changes nothing.
+    public func reloadRevocations() throws(NodeError) -> Bool {
+        RevocationList.needed(by: config) ? try revocations.reload() : false
     }
 
     /// Where the admin API listens, if it is on.
@@ -627,11 +648,17 @@ public final class Node: @unchecked Sendable {
     /// rules and `[access]` (at once), certificate lifetimes (from the next renewal) and qlog (for
     /// connections made from then on). `log.level` is the caller's (it owns the log handler).
     /// Everything else is reported as needing a restart. A qlog directory that cannot be made
-    /// throws before anything is applied.
+    /// throws before anything is applied. The CA's revoked serials are read again too
+    /// (`reloadRevocations`), first: they are not the file's, and apply whatever it says.
     public func reload(_ fresh: NodeConfig) throws(NodeError) -> ReloadReport {
         var report = ReloadReport()
         var next = config
         let old = config
+        // client_auth is the one of the settings that check client certificates a reload may
+        // turn on: the serials must be there for it.
+        var checking = old
+        checking.network.clientAuth = fresh.network.clientAuth
+        if RevocationList.needed(by: checking), try revocations.reload() { report.applied.append("trust.revocations") }
         let qlogChanged = (fresh.log.qlogDir, fresh.log.qlogSample) != (old.log.qlogDir, old.log.qlogSample)
         if qlogChanged { try QLogControl.prepare(fresh.log) }
         // Token keys that do not load refuse the whole reload, before anything is applied.
@@ -658,7 +685,7 @@ public final class Node: @unchecked Sendable {
             do { _ = try ClientRig.credentials(t) } catch {
                 throw NodeError(.identity, "the new [trust] for the edge's upstreams and mesh neighbours: \(error)")
             }
-            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t, dataDir: old.node.dataDir))
+            peers = (t, mesh == nil ? nil : try Self.advertVerifier(t, revocations: revocations))
         }
         // A node with its own certificate files loads them again with the new client rules,
         // when [tls] itself did not change (that needs a restart).
@@ -670,7 +697,7 @@ public final class Node: @unchecked Sendable {
         // rules must judge clients for the identity the node will present, not the one it had.
         if manager != nil || fixedIdentity != nil, trustChanged || authChanged, fresh.trust.mode == old.trust.mode, fresh.tls == old.tls {
             do {
-                let clientAuth = try Self.clientAuthentication(running)
+                let clientAuth = try Self.clientAuthentication(running, revocations: revocations)
                 if let manager { try manager.update(trust: fresh.trust, clientAuth: clientAuth) }
                 if let fixedIdentity {
                     fixedIdentity.publish(

@@ -13,7 +13,9 @@ extension Node {
     /// The mesh service, when `[mesh]` asks for one: this node's certificate and key sign its
     /// adverts; neighbours are verified like an edge's origin (`peerTrust`), and adverts'
     /// signers against the same roots. Started by `start()` once the workers serve.
-    static func makeMesh(_ cfg: NodeConfig, certificate: String, key: String, logger: Logger) throws(NodeError) -> MeshService? {
+    static func makeMesh(
+        _ cfg: NodeConfig, certificate: String, key: String, revocations: RevocationList, logger: Logger
+    ) throws(NodeError) -> MeshService? {
         guard cfg.mesh.enabled else { return nil }
         let chain: [Certificate]
         let signingKey: P256.Signing.PrivateKey
@@ -28,7 +30,7 @@ extension Node {
         var local = Set(localAddresses())
         local.insert(IPv6Address.loopback)
         var s = MeshService.Settings(
-            chain: chain, key: signingKey, trust: trust, verifyChain: try advertVerifier(trust, dataDir: cfg.node.dataDir),
+            chain: chain, key: signingKey, trust: trust, verifyChain: try advertVerifier(trust, revocations: revocations),
             listenPort: cfg.network.listenAddress.port, localAddresses: local)
         s.probeInterval = cfg.mesh.probeInterval
         s.downAfter = cfg.mesh.downAfter
@@ -45,19 +47,20 @@ extension Node {
     }
 
     /// Who may sign an advert: a node's certificate (`NodeCertificate`), chaining to the roots
-    /// neighbours are verified against, not revoked by this node's CA (`revoked.txt` under
-    /// `data_dir`).
-    static func advertVerifier(_ trust: ClientTrust, dataDir: String) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
+    /// neighbours are verified against, not revoked by this node's CA (the serials
+    /// `revocations` holds when the advert arrives).
+    static func advertVerifier(
+        _ trust: ClientTrust, revocations: RevocationList
+    ) throws(NodeError) -> @Sendable ([Certificate]) throws -> Void {
         let verifier: PeerVerifier
         do {
             let roots = try trust.caFile.map { try PEMFiles.readCertificates($0) } ?? PEMFiles.systemRoots()
-            let revoked = try PEMFiles.readSerials(dataDir + "/trust/revoked.txt", missingIsEmpty: true)
-            verifier = PeerVerifier(roots: roots, revokedSerials: revoked, role: .client)
+            verifier = PeerVerifier(roots: roots, role: .client)
         } catch {
             throw NodeError(.identity, "mesh: cannot read the roots adverts are verified against: \(error)")
         }
         return { chain in
-            _ = try verifier.verifySynchronously(chain: chain)
+            _ = try revocations.applied(to: verifier).verifySynchronously(chain: chain)
             if let leaf = chain.first, let why = NodeCertificate.refusal(leaf) { throw AdvertSignerError(reason: why) }
         }
     }

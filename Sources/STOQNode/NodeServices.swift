@@ -29,77 +29,96 @@ public struct NodeService: Service {
     }
 }
 
-/// Reloads the configuration on SIGHUP and when the file changes (its modification time,
-/// polled every `interval`, because the file may be replaced by a rename or live on a
-/// volume without inotify). One reload at a time, in arrival order, none before `ready` says
+/// Reloads the configuration on SIGHUP and when a file a reload reads changes: the config file,
+/// and the others the node reads again at each reload (its CA's revoked serials,
+/// `Node.revocationListPath`). Each is polled every `interval` (its inode, size and modification
+/// time: a file may be replaced by a rename, rewritten within one tick of the clock, or live on
+/// a volume without inotify). One reload at a time, in arrival order, none before `ready` says
 /// the node has started (a SIGHUP or an edit while it starts is applied once it has); stops at
 /// graceful shutdown.
 public struct ReloadService: Service {
     let hangups: UnixSignalsSequence
     let path: String?
+    /// The files watched: the config file first, when there is one, then the others.
+    let files: [String]
     let interval: Duration
     let ready: @Sendable () -> Bool
     let reload: @Sendable (String) async -> Void
-    /// The file's modification time when the service was made (before the node started),
-    /// so that a change made while the node starts is seen too.
-    let seen: Int
+    /// The files' stamps when the service was made (before the node started), so that a change
+    /// made while the node starts is seen too.
+    let seen: [FileStamp?]
 
     /// `hangups` is made before the node starts (`UnixSignalsSequence(trapping: .sighup)`),
     /// so that a SIGHUP sent as soon as the node listens is not lost. Without `path` only
-    /// SIGHUP triggers (and `reload` says there is nothing to read).
+    /// SIGHUP and a change to one of `others` trigger (and `reload` says there is no file to
+    /// read). `reload` gets the reason: "SIGHUP", "config file changed" or "<other> changed".
     public init(
-        hangups: UnixSignalsSequence, watching path: String?, every interval: Duration = .seconds(2),
+        hangups: UnixSignalsSequence, watching path: String?, andFiles others: [String] = [], every interval: Duration = .seconds(2),
         ready: @escaping @Sendable () -> Bool = { true }, reload: @escaping @Sendable (String) async -> Void
     ) {
         self.hangups = hangups
         self.path = path
+        self.files = (path.map { [$0] } ?? []) + others
         self.interval = interval
         self.ready = ready
         self.reload = reload
-        self.seen = path.map(Self.modificationTime) ?? 0
+        self.seen = files.map(Self.stamp)
     }
 
     public func run() async throws {
         let (reasons, trigger) = AsyncStream<String>.makeStream()
-        // The file's modification time as last read, by a reload of either kind: the watcher
-        // reports a change only past it, so a SIGHUP after an edit is one reload, not two.
+        // The files' stamps as last read, by a reload of either kind: the watcher reports a
+        // change only past them, so a SIGHUP after an edit is one reload, not two.
         let readAt = Replaceable(seen)
         await withDiscardingTaskGroup { group in
             group.addTask { [hangups] in
                 for await _ in hangups.cancelOnGracefulShutdown() { trigger.yield("SIGHUP") }
                 trigger.finish()
             }
-            if let path {
+            if !files.isEmpty {
                 group.addTask { [interval] in
                     while !Task.isShuttingDownGracefully {
                         do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) } } catch { break }
-                        let now = Self.modificationTime(path)
-                        if readAt.current != now { trigger.yield("config file changed") }
+                        let now = stamps(), before = readAt.current
+                        if let i = now.indices.first(where: { now[$0] != before[$0] }) {
+                            trigger.yield(i == 0 && path != nil ? "config file changed" : "\(files[i]) changed")
+                        }
                     }
                     trigger.finish()
                 }
             }
             for await why in reasons {
-                // Read once the node runs: what the file says then is what it applies.
+                // Read once the node runs: what the files say then is what it applies.
                 while !ready() {
                     do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(50)) } } catch { return }
                 }
-                if let path {
-                    let now = Self.modificationTime(path)
-                    // Already read at this version (the watcher saw the edit a SIGHUP also announced).
-                    if why != "SIGHUP" && readAt.current == now { continue }
-                    readAt.replace(now)
-                }
+                let now = stamps()
+                // Already read at this version (the watcher saw the edit a SIGHUP also announced).
+                if why != "SIGHUP" && readAt.current == now { continue }
+                readAt.replace(now)
                 await reload(why)
             }
         }
     }
 
-    /// The file's modification time (nanoseconds), 0 when it cannot be read.
-    static func modificationTime(_ path: String) -> Int {
+    private func stamps() -> [FileStamp?] { files.map(Self.stamp) }
+
+    /// What the watcher compares of a file: its device and inode (replaced by a rename), its
+    /// size and its modification time (nanoseconds).
+    struct FileStamp: Equatable, Sendable {
+        var device: UInt64
+        var inode: UInt64
+        var size: Int64
+        var modified: Int
+    }
+
+    /// The file's stamp, nil when it cannot be read (absent).
+    static func stamp(_ path: String) -> FileStamp? {
         var st = stat()
-        guard stat(path, &st) == 0 else { return 0 }
-        return st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec
+        guard stat(path, &st) == 0 else { return nil }
+        return FileStamp(
+            device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
+            modified: st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec)
     }
 }
 

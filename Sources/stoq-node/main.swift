@@ -53,12 +53,28 @@ struct StoqNode: AsyncParsableCommand {
         for sig in [SIGTERM, SIGINT, SIGHUP] { signal(sig, SIG_IGN) }
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let configPath = config, pinnedLevel = logLevel != nil
-        // SIGHUP, or a change to the file, reloads: the node applies what it can live and names
-        // what needs a restart; an invalid file changes nothing.
-        let reload = ReloadService(hangups: hangups, watching: config, ready: { node.isStarted }) { why in
-            guard let path = configPath else { return logger.notice("\(why): no config file to reload") }
+        // SIGHUP, or a change to the file or to the CA's revoked serials, reloads: the node applies
+        // what it can live and names what needs a restart; an invalid file changes nothing.
+        let reload = ReloadService(
+            hangups: hangups, watching: config, andFiles: [node.revocationListPath], ready: { node.isStarted }
+        ) { why in
+            // The revoked serials are not the file's: they apply whether it loads or not (or
+            // there is none).
+            func revocationsAlone() {
+                do {
+                    if try node.reloadRevocations() { logger.notice("\(why): revoked serials reloaded", metadata: ["applied": "trust.revocations"]) }
+                } catch { logger.error("\(why): \(error)") }
+            }
+            guard let path = configPath else {
+                logger.notice("\(why): no config file to reload")
+                return revocationsAlone()
+            }
+            let fresh: NodeConfig
+            do { fresh = try ConfigLoader.load(path: path) } catch {
+                logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)")
+                return revocationsAlone()
+            }
             do {
-                let fresh = try ConfigLoader.load(path: path)
                 var report = try node.reload(fresh)
                 if pinnedLevel {
                     // --log-level holds the level: the file's is not applied, so not reported either.

@@ -41,7 +41,7 @@ import X509
         #expect(NodeCertificate.refusal(node.certificate) == nil)
         #expect(NodeCertificate.refusal(gadget.certificate)?.contains("no serverAuth") == true)
         #expect(NodeCertificate.refusal(alice.certificate)?.contains("urn:stoq:role:writer") == true)
-        let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), dataDir: dir)
+        let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), revocations: RevocationList(dataDir: dir))
         do {
             try verify([gadget.certificate, ca.intermediate])
             Issue.record("a client-only certificate signed an advert")
@@ -58,7 +58,8 @@ import X509
         let dir = NSTemporaryDirectory() + "stoq-advert-signer-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let ca = try TrustAuthority.create(in: dir + "/trust")
-        let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), dataDir: dir)
+        let revocations = RevocationList(dataDir: dir)
+        let verify = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), revocations: revocations)
         func chain(_ issued: (certificate: Certificate, chainPEM: String, keyPEM: String)) -> [Certificate] {
             [issued.certificate, ca.intermediate]
         }
@@ -70,11 +71,14 @@ import X509
         let roleNode = try ca.issueWithNewKey(dnsNames: ["n2.test"], uris: ["urn:stoq:role:reader"])
         #expect(throws: AdvertSignerError.self) { try verify(chain(roleNode)) }
         let revoked = try ca.issueWithNewKey(dnsNames: ["n3.test"])
+        try verify(chain(revoked))
         try PEMFiles.appendSerial(CertificateSummary(revoked.certificate).serial, to: dir + "/trust/revoked.txt", header: "# test")
-        let after = try Node.advertVerifier(ClientTrust(caFile: dir + "/trust/root.pem"), dataDir: dir)
-        try after(chain(node))
+        // The check applies the serials held when the advert arrives: once a reload has read
+        // the file again (SIGHUP, or the file changing), not only at the next start.
+        #expect(try revocations.reload())
+        try verify(chain(node))
         do {
-            try after(chain(revoked))
+            try verify(chain(revoked))
             Issue.record("a revoked node's certificate signed an advert")
         } catch {
             #expect("\(error)".contains("revoked"), "\(error)")

@@ -111,4 +111,43 @@ import Testing
         #expect(node.peersTrust == cfg.trust)
         #expect(try node.reload(cfg).applied.isEmpty)
     }
+
+    /// A serial added to the CA's revoked.txt refuses its certificate from the next handshake
+    /// once a reload has read it (SIGHUP: the same file again). The checks held the serials
+    /// read at start: SIGHUP said "unchanged" and the revoked client kept its access.
+    @Test func aReloadAppliesTheCAsRevokedSerials() throws {
+        let dir = try TemporaryDirectory("stoq-reload-revoked")
+        defer { dir.remove() }
+        let cfg = try Self.config(dir, network: "client_auth = \"required\"")
+        let node = Node(config: cfg, logger: LogCapture().logger)
+        try node.start()
+        defer {
+            node.stop()
+            node.wait(timeout: 10)
+        }
+        let alice = try Self.client("alice", caDirectory: dir.path + "/d1/trust", in: dir)
+        let bob = try Self.client("bob", caDirectory: dir.path + "/d1/trust", in: dir)
+        #expect(try Self.get(node, as: alice).get() == 200)
+        let serial = try CertificateSummary(#require(try PEMFiles.readCertificates(alice.cert).first)).serial
+        let revoked = URL(fileURLWithPath: node.revocationListPath)
+        try Data("\(serial)\n".utf8).write(to: revoked)
+        let report = try node.reload(cfg)
+        #expect(report.applied == ["trust.revocations"] && report.restartNeeded.isEmpty, "\(report)")
+        switch Self.get(node, as: alice) {
+        case .success(let status): Issue.record("a revoked certificate got \(status)")
+        case .failure(let error): #expect("\(error)".contains("TLS alert 42"), "\(error)")
+        }
+        #expect(try Self.get(node, as: bob).get() == 200)
+        #expect(try node.reload(cfg).applied.isEmpty, "read again, and the same")
+        // A line that is not a serial refuses the reload, naming the file and the line; the
+        // serials applied stay.
+        try Data("\(serial)\nnot-a-serial\n".utf8).write(to: revoked)
+        #expect {
+            try node.reload(cfg)
+        } throws: { "\($0)".contains("\(revoked.path):2: not-a-serial is not a hex serial number") }
+        guard case .failure = Self.get(node, as: alice) else {
+            Issue.record("a revoked certificate got through after a refused reload")
+            return
+        }
+    }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import ServiceLifecycleTestKit
 import Synchronization
+import STOQTestSupport
 import Testing
 import UnixSignals
 
@@ -76,7 +77,43 @@ import UnixSignals
         #expect(reasons.value == ["config file changed"], "one reload, not one per poll while it waited")
     }
 
-    @Test func anUnreadableFileHasModificationTimeZero() {
-        #expect(ReloadService.modificationTime("/nonexistent/stoq-\(getpid())") == 0)
+    /// The node reads its CA's revoked serials again at each reload: a change to that file
+    /// reloads too, named. Made where there was none, then appended to with its modification
+    /// time put back (a write within one tick of the clock): its size tells.
+    @Test func aChangeToAnotherFileAReloadReadsReloadsNamingIt() async throws {
+        let dir = try TemporaryDirectory("stoq-reload-files")
+        defer { dir.remove() }
+        let path = dir.path + "/node.toml", revoked = dir.path + "/revoked.txt"
+        try Data("[log]\nlevel = \"info\"\n".utf8).write(to: URL(fileURLWithPath: path))
+        let hangups = await UnixSignalsSequence(trapping: .sigusr1)
+        let reasons = Reasons()
+        let service = ReloadService(hangups: hangups, watching: path, andFiles: [revoked], every: .milliseconds(10)) {
+            reasons.append($0)
+        }
+        try await testGracefulShutdown { shutdown in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await service.run() }
+                try Data("01\n".utf8).write(to: URL(fileURLWithPath: revoked))
+                try await reasons.await(1)
+                #expect(reasons.value == ["\(revoked) changed"])
+                let written = try #require(ReloadService.stamp(revoked))
+                let handle = try #require(FileHandle(forWritingAtPath: revoked))
+                try handle.seekToEnd()
+                try handle.write(contentsOf: Data("02\n".utf8))
+                try handle.close()
+                let seconds = written.modified / 1_000_000_000, nanoseconds = written.modified % 1_000_000_000
+                var times = [timespec(tv_sec: seconds, tv_nsec: nanoseconds), timespec(tv_sec: seconds, tv_nsec: nanoseconds)]
+                #expect(utimensat(AT_FDCWD, revoked, &times, 0) == 0)
+                #expect(ReloadService.stamp(revoked)?.modified == written.modified)
+                try await reasons.await(2)
+                #expect(reasons.value == ["\(revoked) changed", "\(revoked) changed"])
+                shutdown.triggerGracefulShutdown()
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test func anUnreadableFileHasNoStamp() {
+        #expect(ReloadService.stamp("/nonexistent/stoq-\(getpid())") == nil)
     }
 }

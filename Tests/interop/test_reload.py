@@ -1,10 +1,14 @@
 """Hot reload: a changed config file (or SIGHUP) applies mutual-TLS rules and the log level
 to a running node, names the keys that need a restart, and an invalid file changes nothing
 while the node keeps serving."""
+import json
 import pathlib
 import re
 import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -145,3 +149,72 @@ def test_a_second_node_on_a_running_nodes_data_dir_changes_nothing(node, tmp_pat
     assert f"node.data_dir {node.workdir}/data is in use by another stoq-node" in r.stderr, r.stderr
     assert cert.read_bytes() == before
     assert get(node).returncode == 0
+
+
+def test_a_revocation_refuses_its_certificate_without_a_restart(tmp_path):
+    """A serial added to data_dir/trust/revoked.txt (where `stoq trust serve`'s revocations go)
+    refuses its certificate from the next handshake, on QUIC and on the admin API's mutual TLS
+    alike, once the node sees the file change or gets SIGHUP. The list was read once, at start:
+    SIGHUP logged "unchanged" and the revoked client kept its access until a restart."""
+    n = Node(tmp_path, workers=1, extra='client_auth = "required"\n[admin]\nlisten = "[::1]:0"\nauth = "mtls"')
+    try:
+        n.add_object("a.bin", 50_000)
+        ca = pathlib.Path(n.cert).parent
+        certs = {}
+        for name in ("alice", "bob", "carol", "prometheus"):
+            cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+            r = stoq("trust", "issue", "--dir", ca, "--dns", f"{name}.example", "--out", cert, "--key-out", key)
+            assert r.returncode == 0, r.stderr
+            certs[name] = (cert, key)
+
+        def admin(name):
+            ctx = ssl.create_default_context(cafile=n.cert)
+            ctx.check_hostname = False
+            ctx.load_cert_chain(*certs[name])
+            with urllib.request.urlopen(n.admin, timeout=10, context=ctx) as r:
+                return r.read().decode()
+
+        def refused_total():
+            return sum(int(v) for v in re.findall(
+                r"^stoq_tls_peer_certificates_refused_total\{[^}]*\} (\d+)$", admin("prometheus"), re.M))
+
+        def revoke(name):
+            serial = json.loads(stoq("trust", "show", certs[name][0], "--json").stdout)["certificates"][0]["serial"]
+            with open(ca / "revoked.txt", "a") as f:
+                f.write(serial + "\n")
+
+        def refused(name, before):
+            r = get(n, "--cert", certs[name][0], "--key", certs[name][1])
+            assert r.returncode != 0 and "TLS alert 42" in r.stderr, r.stderr   # bad_certificate
+            wait_for(n, rf"client certificate refused: revoked: leaf CN={name}.example serial ")
+            deadline = time.time() + 10                  # workers publish counters every second
+            while refused_total() != before + 1:
+                assert time.time() < deadline, refused_total()
+                time.sleep(0.2)
+            with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+                admin(name)
+
+        for name in ("alice", "bob"):
+            assert get(n, "--cert", certs[name][0], "--key", certs[name][1]).returncode == 0
+            assert "stoq_quic_connections" in admin(name)
+        # SIGHUP: the serial is read at once (the watcher may see the file first: one reload).
+        before = refused_total()
+        revoke("alice")
+        n.proc.send_signal(signal.SIGHUP)
+        wait_for(n, r"applied=trust\.revocations restart_needed= .*(SIGHUP|revoked\.txt changed): reloaded")
+        refused("alice", before)
+        assert get(n, "--cert", certs["bob"][0], "--key", certs["bob"][1]).returncode == 0
+        # No signal: the node sees the file change by itself.
+        before = refused_total()
+        revoke("bob")
+        wait_for(n, r"applied=trust\.revocations restart_needed= .*revoked\.txt changed: reloaded")
+        refused("bob", before)
+        # The serials are not the config file's: they apply while it is invalid too.
+        n.config.write_text(n.config.read_text().replace("workers = 1", "workers = -3"))
+        wait_for(n, r"config file changed: \S+ is invalid, keeping the running configuration")
+        before = refused_total()
+        revoke("carol")
+        wait_for(n, r"applied=trust\.revocations .*revoked\.txt changed: revoked serials reloaded")
+        refused("carol", before)
+    finally:
+        assert n.stop() == 0
