@@ -9,7 +9,9 @@ import Synchronization
 /// The admin API: HTTP/1.1 over TCP on one IPv6 address (`admin.listen`), on its own event
 /// loop thread, far from the workers: `GET /metrics` (Prometheus text) and `GET /status`
 /// (JSON), which read the snapshots workers publish, and the operator's actions as `POST`s
-/// (`act`; `POST /edge/purge/<name>`, `POST /store/collect`), which the node answers.
+/// (`act`; `POST /edge/purge/<name>`, `POST /store/collect`), which the node answers. An action
+/// that blocks (a garbage collection) runs on a thread of the server's own (`AdminAnswer.blocking`),
+/// so the event loop answers everyone else meanwhile.
 ///
 /// Who may ask is `protection` (`admin.auth`): anyone (loopback only), a bearer token checked
 /// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
@@ -37,6 +39,9 @@ package final class AdminServer: @unchecked Sendable {
     package static let maxConnections = 512
 
     private let group: MultiThreadedEventLoopGroup
+    /// Where `AdminAnswer.blocking` work runs: one thread, so one such action at a time (the
+    /// node refuses a second with 409 before it gets here).
+    private let pool = NIOThreadPool(numberOfThreads: 1)
     private let channel: Channel
     /// Where it listens (the port the kernel chose, for port 0).
     package let localAddress: IPv6Endpoint
@@ -47,8 +52,8 @@ package final class AdminServer: @unchecked Sendable {
     /// Requests and TLS handshakes refused since the start.
     package var refused: UInt64 { refusals.count.load(ordering: .relaxed) }
 
-    /// What a `POST` to a path does: its status and text, or nil when the path names no action.
-    package typealias Action = @Sendable (String) -> (status: Int, text: String)?
+    /// What a `POST` to a path does: its answer, or nil when the path names no action.
+    package typealias Action = @Sendable (String) -> AdminAnswer?
 
     /// Binds and starts serving `render(path)` (nil for 404) for GET and HEAD, and `act(path)`
     /// for POST, to whom `protection` lets in. `requestDeadline` is `Self.requestDeadline`
@@ -59,6 +64,7 @@ package final class AdminServer: @unchecked Sendable {
         render: @escaping @Sendable (String) -> (String, String)?
     ) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        pool.start()
         let refusals = AdminRefusals()
         self.refusals = refusals
         var authorize: (@Sendable (String) -> AdminAuthResult)?
@@ -70,11 +76,12 @@ package final class AdminServer: @unchecked Sendable {
         }
         scheme = tls == nil ? "http" : "https"
         let open = AdminConnections()
+        let pool = self.pool
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             // IPv6 only, even on [::].
             .serverChannelOption(ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only), value: 1)
-            .childChannelInitializer { [authorize, tls] channel in
+            .childChannelInitializer { [authorize, tls, pool] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let ops = channel.pipeline.syncOperations
                     if let why = open.admit(channel) {
@@ -103,7 +110,8 @@ package final class AdminServer: @unchecked Sendable {
                     // After the decoder, so a request counts as sent once whole; armed now, so
                     // the TLS handshake counts against it too.
                     try ops.addHandler(AdminRequestDeadline(requestDeadline))
-                    try ops.addHandler(AdminHandler(render: render, act: act, authorize: authorize, refusals: refusals, logger: logger))
+                    try ops.addHandler(
+                        AdminHandler(render: render, act: act, pool: pool, authorize: authorize, refusals: refusals, logger: logger))
                     if tls != nil { try ops.addHandler(AdminTLSErrors(refusals: refusals, logger: logger)) }
                 }
             }
@@ -111,6 +119,7 @@ package final class AdminServer: @unchecked Sendable {
             let address = try SocketAddress(ipAddress: listen.address.description, port: Int(listen.port))
             channel = try bootstrap.bind(to: address).wait()
         } catch {
+            try? pool.syncShutdownGracefully()
             try? group.syncShutdownGracefully()
             throw NodeError(.config, "admin.listen = \"\(listen)\": cannot listen: \(error)")
         }
@@ -124,10 +133,23 @@ package final class AdminServer: @unchecked Sendable {
         logger.info("admin API on \(scheme)://\(localAddress)/metrics and /status, \(how)")
     }
 
+    /// Stops listening, waits for a blocking action under way (its answer still goes out if
+    /// its connection is open), then stops the event loop.
     package func shutdown() {
         try? channel.close().wait()
+        try? pool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
     }
+}
+
+/// What the admin API answers a `POST` (`AdminServer.Action`).
+package enum AdminAnswer: Sendable {
+    /// Its status and text, now.
+    case now(status: Int, text: String)
+    /// Work that blocks for as long as it takes (a garbage collection walks the whole store):
+    /// run on the server's own thread, never its event loop, which answers other requests
+    /// meanwhile; the request is answered with what it returns once it does.
+    case blocking(@Sendable () -> (status: Int, text: String))
 }
 
 /// What the server refused, shared by its connections.
@@ -248,16 +270,17 @@ private final class AdminHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
     private let render: @Sendable (String) -> (String, String)?
     private let act: AdminServer.Action?
+    private let pool: NIOThreadPool
     private let authorize: (@Sendable (String) -> AdminAuthResult)?
     private let refusals: AdminRefusals
     private let logger: Logger
     private var head: HTTPRequestHead?
 
     init(
-        render: @escaping @Sendable (String) -> (String, String)?, act: AdminServer.Action?,
+        render: @escaping @Sendable (String) -> (String, String)?, act: AdminServer.Action?, pool: NIOThreadPool,
         authorize: (@Sendable (String) -> AdminAuthResult)?, refusals: AdminRefusals, logger: Logger
     ) {
-        (self.render, self.act, self.authorize, self.refusals, self.logger) = (render, act, authorize, refusals, logger)
+        (self.render, self.act, self.pool, self.authorize, self.refusals, self.logger) = (render, act, pool, authorize, refusals, logger)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -278,12 +301,20 @@ private final class AdminHandler: ChannelInboundHandler {
                 body = "\(why)\n"
                 challenge = true
             } else if h.method == .POST {
-                if let (code, text) = act?(path) {
-                    status = HTTPResponseStatus(statusCode: code)
-                    body = text + "\n"
-                    logger.notice(
-                        "admin API: POST \(path): \(code) \(text)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
-                } else {
+                switch act?(path) {
+                case .now(let code, let text)?:
+                    (status, body) = answered(context, path, code, text)
+                case .blocking(let work)?:
+                    // HTTPServerPipelineHandler holds this connection's next request until the
+                    // answer ends; the event loop serves the others meanwhile.
+                    pool.runIfActive(eventLoop: context.eventLoop, work).assumeIsolated().whenComplete { result in
+                        let (code, text) = (try? result.get()) ?? (503, "the admin API is shutting down")
+                        let (status, body) = self.answered(context, path, code, text)
+                        guard context.channel.isActive else { return }  // the client left: logged only
+                        self.respond(context, to: h, status: status, body: body)
+                    }
+                    return
+                case nil:
                     status = .notFound
                     body = "no action \(path): try POST /edge/purge/<name> or POST /store/collect\n"
                 }
@@ -297,17 +328,30 @@ private final class AdminHandler: ChannelInboundHandler {
                 status = .notFound
                 body = "no \(path): try /metrics or /status\n"
             }
-            var headers = HTTPHeaders([("content-type", type), ("content-length", "\(body.utf8.count)")])
-            if challenge { headers.add(name: "www-authenticate", value: "Bearer realm=\"stoq-admin\"") }
-            if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
-            context.write(
-                wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))),
-                promise: nil)
-            if h.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil) }
-            let keepAlive = h.isKeepAlive
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [channel = context.channel] _ in
-                if !keepAlive { channel.close(promise: nil) }
-            }
+            respond(context, to: h, status: status, body: body, type: type, challenge: challenge)
+        }
+    }
+
+    /// An action's answer as a response, logged with the peer.
+    private func answered(_ context: ChannelHandlerContext, _ path: String, _ code: Int, _ text: String) -> (HTTPResponseStatus, String) {
+        logger.notice("admin API: POST \(path): \(code) \(text)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        return (HTTPResponseStatus(statusCode: code), text + "\n")
+    }
+
+    private func respond(
+        _ context: ChannelHandlerContext, to h: HTTPRequestHead, status: HTTPResponseStatus, body: String,
+        type: String = "text/plain; charset=utf-8", challenge: Bool = false
+    ) {
+        var headers = HTTPHeaders([("content-type", type), ("content-length", "\(body.utf8.count)")])
+        if challenge { headers.add(name: "www-authenticate", value: "Bearer realm=\"stoq-admin\"") }
+        if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))),
+            promise: nil)
+        if h.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil) }
+        let keepAlive = h.isKeepAlive
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [channel = context.channel] _ in
+            if !keepAlive { channel.close(promise: nil) }
         }
     }
 }

@@ -509,9 +509,11 @@ public final class Node: @unchecked Sendable {
             stop()
             throw error
         }
+        var collect: (@Sendable () throws -> ObjectIndex.CollectResult)?
+        if let collector { collect = { try collector.collectNow() } }
         do {
             admin = try AdminServer(
-                listen: listen, protection: protection, logger: logger, act: Self.adminAction(edge: edge, collector: collector)
+                listen: listen, protection: protection, logger: logger, act: Self.adminAction(edge: edge, collect: collect)
             ) { path in
                 let certificate = certificates.map {
                     let c = $0.counters
@@ -548,31 +550,51 @@ public final class Node: @unchecked Sendable {
 
     /// The admin API's actions: `POST /edge/purge/<name>` drops the edge cache's manifest of
     /// `name` (`EdgeCache.purge`), so the next request for it asks the upstream again;
-    /// `POST /store/collect` runs a garbage collection of the content store now and answers
-    /// with what it did (on the admin thread, which only the admin API waits on meanwhile).
-    static func adminAction(edge: EdgeCache?, collector: GarbageCollector?) -> AdminServer.Action {
-        { path in
+    /// `POST /store/collect` runs a garbage collection of the content store now (`collect`:
+    /// `GarbageCollector.collectNow`) on the admin API's own thread, not its event loop, and
+    /// answers with what it did once done; one at a time: a second meanwhile gets 409.
+    static func adminAction(edge: EdgeCache?, collect: (@Sendable () throws -> ObjectIndex.CollectResult)?) -> AdminServer.Action {
+        let collecting = AdminCollection()
+        return { path in
             if path == "/store/collect" {
-                guard let collector else { return (409, "this node has no content store to collect") }
-                do {
-                    let r = try collector.collectNow()
-                    return (
-                        200,
-                        "garbage collection: \(r.objectsScanned) object(s) scanned, \(r.chunksReferenced) chunk(s) referenced, "
-                            + "\(r.chunksInGracePeriod) unreferenced kept for the grace period, \(r.chunksRemoved) removed "
-                            + "(\(r.bytesFreed) bytes freed)"
-                    )
-                } catch {
-                    return (500, "garbage collection failed: \(error)")
+                guard let collect else { return .now(status: 409, text: "this node has no content store to collect") }
+                guard collecting.begin() else {
+                    return .now(
+                        status: 409,
+                        text: "a garbage collection asked for by POST /store/collect is already running: try again once it has answered")
+                }
+                return .blocking {
+                    defer { collecting.end() }
+                    do {
+                        let r = try collect()
+                        return (
+                            200,
+                            "garbage collection: \(r.objectsScanned) object(s) scanned, \(r.chunksReferenced) chunk(s) referenced, "
+                                + "\(r.chunksInGracePeriod) unreferenced kept for the grace period, \(r.chunksRemoved) removed "
+                                + "(\(r.bytesFreed) bytes freed)"
+                        )
+                    } catch {
+                        return (500, "garbage collection failed: \(error)")
+                    }
                 }
             }
             let prefix = "/edge/purge/"
             guard path.hasPrefix(prefix) else { return nil }
-            guard let edge else { return (409, "this node has no edge cache ([edge] enable_caching, or a mesh)") }
+            guard let edge else { return .now(status: 409, text: "this node has no edge cache ([edge] enable_caching, or a mesh)") }
             let name = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
-            do { try ObjectIndex.validateName(name) } catch { return (400, "\(error)") }
-            return edge.purge(name) ? (200, "purged \(name) from the edge cache") : (404, "the edge cache holds no manifest of \(name)")
+            do { try ObjectIndex.validateName(name) } catch { return .now(status: 400, text: "\(error)") }
+            return edge.purge(name)
+                ? .now(status: 200, text: "purged \(name) from the edge cache") : .now(status: 404, text: "the edge cache holds no manifest of \(name)")
         }
+    }
+
+    /// Whether a `POST /store/collect` is under way (`adminAction`): set by the request on the
+    /// admin API's event loop, cleared on its thread when the collection returns.
+    private final class AdminCollection: Sendable {
+        private let running = Atomic<Bool>(false)
+        /// True when none was running and this one may start.
+        func begin() -> Bool { running.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged }
+        func end() { running.store(false, ordering: .releasing) }
     }
 
     /// `admin.auth` made concrete. A token is a bearer token with the admin role that the

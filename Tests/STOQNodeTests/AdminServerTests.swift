@@ -2,10 +2,12 @@ import Foundation
 import Logging
 import NIOCore
 import STOQCore
+import STOQStore
 import STOQTestSupport
 import Testing
 
 @testable import STOQAdmin
+@testable import STOQNode
 @testable import STOQTrust
 
 /// The admin API's server on a real socket on [::1]: what a scraper, or someone holding its
@@ -68,6 +70,50 @@ import Testing
         let took = try #require(Self.trickle(s, first: [0x16, 0x03, 0x01, 0x02, 0x00, 0x01], byte: 0))
         #expect(took >= .milliseconds(600) && took < .milliseconds(2_600), "closed after \(took)")
     }
+
+    /// `POST /store/collect` runs off the admin API's event loop: while a collection is under
+    /// way (held by the hook), `/metrics` is answered and a second `POST /store/collect` gets a
+    /// 409 saying why; the first is answered once its collection returns, and the next one runs.
+    @Test func aCollectionLeavesTheAdminAPIAnswering() throws {
+        let started = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let result = ObjectIndex.CollectResult(objectsScanned: 3, chunksReferenced: 5, chunksInGracePeriod: 1, chunksRemoved: 2, bytesFreed: 8192)
+        let server = try Self.server(
+            act: Node.adminAction(edge: nil) {
+                started.signal()
+                // Bounded, so that a failing test ends: where the collection blocked the event
+                // loop, a later one would hold the shutdown.
+                _ = release.wait(timeout: .now() + 30)
+                return result
+            })
+        defer { server.shutdown() }
+        var held = true
+        defer { if held { release.signal() } }
+        let port = server.localAddress.port
+
+        let first = try AdminSocket(port: port)
+        #expect(first.send(AdminSocket.request("POST", "/store/collect")))
+        try #require(started.wait(timeout: .now() + 10) == .success, "the collection did not start")
+        let scrape = try AdminSocket(port: port)
+        #expect(scrape.send(AdminSocket.request("GET", "/metrics")))
+        #expect(scrape.readResponse()?.status == 200, "/metrics not answered during a collection")
+        let second = try AdminSocket(port: port)
+        #expect(second.send(AdminSocket.request("POST", "/store/collect")))
+        let busy = second.readResponse()
+        #expect(busy?.status == 409)
+        #expect(busy?.body == "a garbage collection asked for by POST /store/collect is already running: try again once it has answered\n")
+
+        release.signal()
+        held = false
+        let done = first.readResponse()
+        #expect(done?.status == 200)
+        #expect(
+            done?.body
+                == "garbage collection: 3 object(s) scanned, 5 chunk(s) referenced, 1 unreferenced kept for the grace period, 2 removed (8192 bytes freed)\n"
+        )
+        release.signal()  // the next one returns at once
+        #expect(first.send(AdminSocket.request("POST", "/store/collect")))
+        #expect(first.readResponse()?.status == 200)
+    }
 }
 
 /// A blocking TCP connection to [::1]:`port`, as a scraper (or someone holding its slot) opens.
@@ -89,6 +135,9 @@ final class AdminSocket {
     }
 
     deinit { close(fd) }
+
+    /// A whole HTTP/1.1 request without a body.
+    static func request(_ method: String, _ path: String) -> [UInt8] { Array("\(method) \(path) HTTP/1.1\r\nhost: admin\r\n\r\n".utf8) }
 
     /// Whether all of `bytes` went out (false once the server closed the connection).
     func send(_ bytes: [UInt8]) -> Bool {
