@@ -245,6 +245,11 @@ public struct NodeConfig: Sendable, Equatable {
         if !admin.tokenFile.isEmpty && admin.auth != .token {
             n.append("admin: token_file has no effect unless auth = \"token\" (it is \"\(admin.auth.rawValue)\")")
         }
+        if !tls.certFile.isEmpty && trust.mode == .acme {
+            n.append(
+                "trust: mode = \"acme\" has no effect while tls.cert_file is set: the node serves that fixed certificate and asks no ACME server ([trust.acme] is unused)"
+            )
+        }
         if network.quic.earlyData && !network.quic.sessionTickets {
             n.append("tls: early_data = true has no effect with session_tickets = false (0-RTT resumes a ticket)")
         }

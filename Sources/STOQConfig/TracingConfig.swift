@@ -65,6 +65,7 @@ extension Section {
         if authority.first == "[" {
             guard let close = authority.firstIndex(of: "]") else { return "an IPv6 address needs its closing ]" }
             host = authority[authority.index(after: authority.startIndex)..<close]
+            if host.isEmpty { return "no host" }
             let after = authority[authority.index(after: close)...]
             if !after.isEmpty {
                 guard after.first == ":" else { return "expected :port after the address" }
@@ -81,6 +82,8 @@ extension Section {
                 host = authority[..<colon]
                 port = authority[authority.index(after: colon)...]
             }
+            // Checked first: an empty host satisfies the IPv4 test below.
+            if host.isEmpty { return "no host" }
             if host.allSatisfy({ $0.isNumber || $0 == "." }) { return "IPv4 addresses are not supported (STOQ is IPv6 only)" }
             if !host.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "." }) { return "\(host) is not a host name" }
         }

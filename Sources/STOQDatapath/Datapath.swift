@@ -220,10 +220,20 @@ public struct DatapathError: Error, Sendable, CustomStringConvertible {
         self.message = message
     }
 
+    /// A C engine's error, whose message starts with the call that failed: `call: detail`. The
+    /// call is what precedes the first ": ", since its own text may hold colons
+    /// (`bind([::1]:4433): Address already in use`).
+    public init(_ code: Code, engineMessage: String) {
+        let utf8 = Array(engineMessage.utf8)
+        let end = utf8.indices.dropLast().first { utf8[$0] == UInt8(ascii: ":") && utf8[$0 + 1] == UInt8(ascii: " ") }
+        self.init(code, operation: end.map { String(decoding: utf8[..<$0], as: UTF8.self) } ?? engineMessage, message: engineMessage)
+    }
+
     public var description: String {
         var s = code == .detached ? "datapath detached (\(operation))" : "datapath \(code.name) failed in \(operation)"
         if errno != 0 { s += ": errno \(errno)" }
-        if !message.isEmpty { s += ": \(message)" }
+        // A message that starts with the call (an engine's) goes on from it, not repeating it.
+        if !message.isEmpty { s += message.hasPrefix(operation + ": ") ? message.dropFirst(operation.count) : ": \(message)" }
         return s
     }
 }

@@ -62,7 +62,7 @@ public final class URingDatapathQueue: DatapathQueue {
         var err = [CChar](repeating: 0, count: 256)
         guard let p = stoq_uring_open(&cfg, &err, err.count) else {
             let msg = String(cBuffer: err)
-            throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
+            throw DatapathError(.open, engineMessage: msg)
         }
         raw = p
         rxCapacity = options.receiveBuffers
@@ -159,7 +159,7 @@ public final class URingDatapathQueue: DatapathQueue {
         var err = [CChar](repeating: 0, count: 256)
         guard stoq_uring_shed_initials(raw, rules, UInt32(rules.count), plan.clampedShift, &err, err.count) == 0 else {
             let msg = String(cBuffer: err)
-            throw DatapathError(.unsupported, operation: String(msg.prefix { $0 != ":" }), message: msg)
+            throw DatapathError(.unsupported, engineMessage: msg)
         }
         return true
     }

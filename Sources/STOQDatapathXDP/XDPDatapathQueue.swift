@@ -107,7 +107,7 @@ public final class XDPDatapathQueue: DatapathQueue {
         var err = [CChar](repeating: 0, count: 512)
         guard let p = stoq_xsk_open(&cfg, &err, err.count) else {
             let msg = String(cBuffer: err)
-            throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
+            throw DatapathError(.open, engineMessage: msg)
         }
         raw = p
         self.options = options

@@ -27,7 +27,7 @@ public struct XDPProgramStatus: Sendable {
         let abi = stoq_xdp_check_maps(dir, &err, err.count)
         if abi == -EPROTO {
             let msg = String(cBuffer: err)
-            throw DatapathError(.open, operation: String(msg.prefix { $0 != ":" }), message: msg)
+            throw DatapathError(.open, engineMessage: msg)
         }
         var values = [UInt64](repeating: 0, count: 64)
         let n = stoq_xdp_read_stats(dir, &values, Int32(values.count))

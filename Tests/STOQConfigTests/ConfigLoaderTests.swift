@@ -191,6 +191,18 @@ import TOMLKit
         #expect(Set(n) == ["limits", "edge", "tls"], "\(c.notices)")
     }
 
+    /// A fixed certificate wins over trust.mode = "acme": the node asks no ACME server, and said
+    /// nothing about it.
+    @Test func acmeBesideAFixedCertificateSaysItIsUnused() throws {
+        let acme = "[trust]\nmode = \"acme\"\n[trust.acme]\ndirectory = \"https://[::1]:14000/dir\"\n"
+        let fixed = try ConfigLoader.parse("[tls]\ncert_file = \"/etc/stoq/cert.pem\"\nkey_file = \"/etc/stoq/key.pem\"\n" + acme)
+        #expect(
+            fixed.notices.contains(
+                "trust: mode = \"acme\" has no effect while tls.cert_file is set: the node serves that fixed certificate and asks no ACME server ([trust.acme] is unused)"
+            ), "\(fixed.notices)")
+        #expect(try !ConfigLoader.parse(acme).notices.contains { $0.hasPrefix("trust:") })
+    }
+
     @Test func emptyFileIsTheDefault() throws {
         #expect(try ConfigLoader.parse("") == NodeConfig.default)
     }

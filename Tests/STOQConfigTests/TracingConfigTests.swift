@@ -52,5 +52,10 @@ import Testing
         #expect(endpoint("http://[::1]:4318/v1/traces")?.value == nil)
         #expect(endpoint("http://[::1]:4318/v1/traces") == nil)
         #expect(endpoint("http:///v1/traces")?.key == "tracing.endpoint")
+        // A port with no host was "IPv4 addresses are not supported".
+        for url in ["http://:4318/v1/traces", "http://[]:4318/v1/traces"] {
+            #expect(endpoint(url)?.code == .badValue, "\(url)")
+            #expect(endpoint(url)?.allowed.hasSuffix(" — no host") == true, "\(url)")
+        }
     }
 }

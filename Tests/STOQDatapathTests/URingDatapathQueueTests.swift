@@ -127,6 +127,16 @@ import Testing
         #expect(after.st_dev == before.st_dev && after.st_ino == before.st_ino)
     }
 
+    /// A port clash names the call and the address whole: the address's colons cut the call's
+    /// name short ("datapath open failed in bind([: bind([::1]:4433): Address already in use").
+    @Test func aTakenPortIsNamedWhole() throws {
+        let taken = try URingDatapathQueue(bind: IPv6Endpoint(address: .loopback, port: 0))
+        let port = taken.localEndpoint.port
+        let error = try #require(throws: DatapathError.self) { _ = try URingDatapathQueue(bind: taken.localEndpoint) }
+        #expect(error.operation == "bind([::1]:\(port))")
+        #expect("\(error)" == "datapath open failed in bind([::1]:\(port)): Address already in use")
+    }
+
     @Test func ecnPassesThrough() throws {
         let (a, b) = try pair()
         try send(a, [1, 2, 3], segment: 3, to: b.localEndpoint, ecn: .ect0)
