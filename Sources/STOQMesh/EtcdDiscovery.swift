@@ -14,10 +14,11 @@ import STOQConfig
 /// prefix, then keep the lease alive (every TTL/3) and follow the watch from the revision read.
 /// Anything that ends a session — an endpoint gone, the lease unknown to etcd (expired during an
 /// outage, or the cluster's data lost), the watch cancelled or compacted — is counted, logged
-/// once, and a new session starts on the next endpoint after a backoff: it registers again and
-/// reads the prefix afresh. Until then the last member set stays. A node that stops keeping its
-/// lease alive is removed by etcd when the lease expires, and the watch reports it; a node that
-/// stops cleanly revokes its lease, so it disappears at once.
+/// once per run of failures, and a new session starts on the next endpoint after a backoff: it
+/// registers again and reads the prefix afresh. A session that lasts a lease's TTL ends the run
+/// (logged once: working again). Until then the last member set stays. A node that stops
+/// keeping its lease alive is removed by etcd when the lease expires, and the watch reports it;
+/// a node that stops cleanly revokes its lease, so it disappears at once.
 public final class EtcdDiscovery: DiscoveryBackend {
     /// Where and how.
     public struct Options: Sendable {
@@ -91,15 +92,15 @@ public final class EtcdDiscovery: DiscoveryBackend {
             let endpoint = options.endpoints[index % options.endpoints.count]
             do {
                 let (lease, revision, view) = try await open(endpoint)
-                log.succeeded(counters: box)
                 await publish(view, report)
-                let began = ContinuousClock.now
-                do { try await follow(endpoint, lease: lease, revision: revision, view: view, report) } catch {
-                    // A session that outlived a lease earns the first, short wait again; one that
-                    // ends at once (a proxy that does not stream the watch) must not register
-                    // again and again in a tight loop.
-                    if ContinuousClock.now - began >= .seconds(options.leaseTTLSeconds) { backoff.reset() }
-                    throw error
+                try await follow(endpoint, lease: lease, revision: revision, view: view, report) {
+                    // A session works once it has lived a lease's TTL: that is when the backend
+                    // is working again, and earns the first, short wait after its end. One that
+                    // ends at once (a proxy that does not stream the watch) is one failure more
+                    // of the same run: not a recovery and a failure logged each time, nor a
+                    // registration again and again in a tight loop.
+                    log.succeeded(counters: box)
+                    backoff.reset()
                 }
             } catch {
                 if Task.isCancelled { break }
@@ -205,18 +206,32 @@ public final class EtcdDiscovery: DiscoveryBackend {
         return revision
     }
 
-    /// Keeps the lease alive and follows the watch until either fails; always throws.
+    /// Keeps the lease alive and follows the watch until either fails; always throws. Calls
+    /// `matured` once, when the session has lasted a lease's TTL.
     private func follow(
         _ endpoint: MeshURL, lease: Int64?, revision: Int64, view: [String: MeshMember],
-        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void
+        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void, matured: () -> Void
     ) async throws {
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        // Each child returns whether it is the one that marks the session matured; the others
+        // only end by throwing.
+        try await withThrowingTaskGroup(of: Bool.self) { group in
             if let lease {
-                group.addTask { try await self.keepAlive(endpoint, lease: lease) }
+                group.addTask {
+                    try await self.keepAlive(endpoint, lease: lease)
+                    return false
+                }
             }
-            group.addTask { try await self.watch(endpoint, from: revision + 1, view: view, report) }
+            group.addTask {
+                try await self.watch(endpoint, from: revision + 1, view: view, report)
+                return false
+            }
+            let ttl = Duration.seconds(options.leaseTTLSeconds)
+            group.addTask {
+                try await Task.sleep(for: ttl)
+                return true
+            }
             defer { group.cancelAll() }
-            try await group.next()
+            while try await group.next() == true { matured() }
             throw DiscoveryError(.watchEnded, "etcd \(endpoint): session ended")
         }
     }

@@ -211,7 +211,7 @@ import Testing
             })
         #expect(await la.wait { $0 == [Self.a, Self.b] })
         #expect(await lb.wait { $0 == [Self.a, Self.b] })
-        // Registering again happens inside the reconnect, the recovery is counted right after it.
+        // The recovery is counted once the new session has lasted a lease's TTL.
         #expect(await eventually { na.counters.recoveries >= 1 })
         print("etcd outage: A \(na.counters), B \(nb.counters)")
     }
@@ -240,8 +240,9 @@ import Testing
 
     /// A watch that fails as soon as it opens (a proxy that does not stream) is a failed
     /// session like any other: the waits between registrations grow instead of staying at the
-    /// first one (it registered 15–25 times in 3 s). A range at revision 2^63−1, where the watch
-    /// cannot start after it, is refused by name instead of trapping the node.
+    /// first one (it registered 15–25 times in 3 s), and it is one run of failures, logged once,
+    /// not a recovery and a failure each time a session opens. A range at revision 2^63−1, where
+    /// the watch cannot start after it, is refused by name instead of trapping the node.
     @Test(arguments: ["watch", "revision"]) func aStubWhoseWatchFailsOrWhoseRevisionIsHuge(mode: String) async throws {
         let scratch = try TemporaryDirectory("stoq-etcd-stub")
         defer { scratch.remove() }
@@ -254,7 +255,8 @@ import Testing
         var o = EtcdDiscovery.Options(endpoints: [try MeshURL.parse("http://[::1]:\(port)", scheme: "http").get()], prefix: "/stoq/mesh/")
         o.leaseTTLSeconds = 4
         o.registration = Self.a
-        let d = EtcdDiscovery(options: o, logger: Logger(label: "test.etcd"))
+        let log = LogCapture()
+        let d = EtcdDiscovery(options: o, logger: log.logger)
         #expect(await listening(port), "the stub never listened: \(daemon.output)")
         let t = start(d, into: MemberLog())
         try await Task.sleep(for: .seconds(3))
@@ -263,6 +265,8 @@ import Testing
         let c = d.counters
         if mode == "watch" {
             #expect((2...7).contains(c.registrations), "\(c)")
+            #expect(c.failures >= 2 && c.recoveries == 0, "\(c)")
+            #expect(log.messages(atLeast: .notice).count == 1, "\(log.messages(atLeast: .notice))")
         } else {
             #expect(c.failures >= 1 && c.lastError?.contains("header revision 9223372036854775807 is out of range") == true, "\(c)")
         }
