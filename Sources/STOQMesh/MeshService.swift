@@ -385,10 +385,24 @@ public struct MeshView: Sendable {
     /// The neighbours to ask for something `holder` has, best first: the primary route's next
     /// hop, then the backup's, but none of the nodes in `avoiding` (hex ids: those the request
     /// came through). Empty when `holder` is unreachable within `max_hops`.
-    public func nextHops(to holder: NodeIdentity, avoiding: Set<String> = []) -> [STOQURL] {
+    ///
+    /// `within`: the links a relayed request may still take (`max_hops` less the hops it came).
+    /// The primary is then the best route of that many links at most (docs/mesh.md, "Relays"),
+    /// and the backup counts only if it is no longer. When neither fits (this node's view and
+    /// the asker's differ), the routes of `max_hops` links are taken as before: a relay that
+    /// would exceed the limit refuses the request (508).
+    public func nextHops(to holder: NodeIdentity, avoiding: Set<String> = [], within: Int? = nil) -> [STOQURL] {
         guard let routes, let route = routes.route(to: holder.routingID) else { return [] }
+        var hops = [route.primary.nextHop, route.backup?.nextHop]
+        if let within, within < route.primary.hops {
+            let fitting = [
+                routes.nextHop(to: holder.routingID, within: within),
+                route.backup.flatMap { $0.hops <= within ? $0.nextHop : nil },
+            ]
+            if fitting.contains(where: { $0 != nil }) { hops = fitting }
+        }
         var out: [STOQURL] = []
-        for hop in [route.primary.nextHop, route.backup?.nextHop] {
+        for hop in hops {
             if let hop, let url = neighbourURLs[hop], !down.contains(url.endpoint), !out.contains(where: { $0.endpoint == url.endpoint }),
                 !(identities[hop].map { avoiding.contains($0.hex) } ?? false)
             {

@@ -49,7 +49,7 @@ public final class MeshUpstream: FetchUpstream {
         let view = service.view
         if let hint {
             guard let holder = view.node(hex: hint.holder), hint.hops < view.maxHops else { return [] }
-            return via(view, holder, hops: hint.hops + 1, resource, after: hint.via)
+            return via(view, holder, hops: hint.hops + 1, resource, after: hint.via, within: view.maxHops - hint.hops)
         }
         var out: [UpstreamAttempt] = []
         if let known = holders.withLock({ $0[Self.hintKey(resource)] }) {
@@ -78,9 +78,12 @@ public final class MeshUpstream: FetchUpstream {
     }
 
     /// Through the next hops towards `holder`, none of them a node the request came through
-    /// (`after`: the incoming `Via`, "" when this node asks first), naming this node in `Via`.
-    private func via(_ view: MeshView, _ holder: NodeIdentity, hops: Int, _ resource: UpstreamResource, after: String = "") -> [UpstreamAttempt] {
-        view.nextHops(to: holder, avoiding: MeshWire.viaNodes(after)).map { url in
+    /// (`after`: the incoming `Via`, "" when this node asks first), naming this node in `Via`;
+    /// for a relay, on routes of at most `within` links (what `max_hops` leaves the request).
+    private func via(
+        _ view: MeshView, _ holder: NodeIdentity, hops: Int, _ resource: UpstreamResource, after: String = "", within: Int? = nil
+    ) -> [UpstreamAttempt] {
+        view.nextHops(to: holder, avoiding: MeshWire.viaNodes(after), within: within).map { url in
             Self.attempt(view, through: url, to: holder, hops: hops, resource, after: after)
         }
     }

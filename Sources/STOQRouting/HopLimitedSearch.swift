@@ -287,26 +287,41 @@ public final class HopLimitedSearch {
     /// Writes every reached node's route in fixed-stride rows: row v of `paths` (stride
     /// `maxHops + 1`) holds the route's nodes, source first, `lengths[v]` of them (0 for the
     /// source and unreached nodes, whose rows are left alone); `costs[v]` its cost; every edge
-    /// used gets its bit set in `used`. One pass over the reached nodes, O(reached · maxHops),
-    /// no allocation. `reachable` receives the reached nodes but the source, in order of first
-    /// reach; returns their count.
+    /// used gets its bit set in `used`. `reachable` receives the reached nodes but the source,
+    /// in order of first reach; returns their count.
+    ///
+    /// Row v of `budgets` (width `maxHops − 1`) holds, at column j − 1, the first hop of the best
+    /// route to v of at most j links (j < maxHops), as its edge's place among the source's
+    /// (edge index − `firstEdge`; `noSlot` when v has no route that short, or past 65,534
+    /// edges): what a relay whose request has already come `maxHops − j` hops sends it on. That
+    /// route is the one of the last layer ≤ j that improved v, so a walk down from each earlier
+    /// layer that improved v gives it; its edges count as used too. Two bytes a budget, not a
+    /// node index's four: the table's new pages cost more than the walks.
+    ///
+    /// One pass over the reached nodes, O(reached · maxHops²) at worst (a walk per layer a node
+    /// improved in), no allocation. Only after a full run (no `target`).
     func writeRoutes(
         stride: Int, paths: UnsafeMutablePointer<Int32>, lengths: UnsafeMutablePointer<UInt8>,
-        costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>
+        costs: UnsafeMutablePointer<Float>, used: UnsafeMutablePointer<UInt64>, reachable: UnsafeMutablePointer<Int32>,
+        budgets: UnsafeMutablePointer<UInt16>, firstEdge: Int
     ) -> Int {
         precondition(stride > maxHops)
-        let cap = capacity, mask = self.mask, parent = self.parent, dist = self.dist, src = source
+        let cap = capacity, mask = self.mask, parent = self.parent, dist = self.dist, src = source, width = maxHops - 1
+        @inline(__always) func slot(_ e: Int) -> UInt16 { e &- firstEdge < Int(Self.noSlot) ? UInt16(truncatingIfNeeded: e &- firstEdge) : Self.noSlot }
         var count = 0
         for i in 0..<touchedCount {
             let v = Int(touched[i])
             if Int32(v) == src { continue }
-            var h = 63 - mask[v].leadingZeroBitCount
+            let m = mask[v]
+            let hv = 63 - m.leadingZeroBitCount
+            var h = hv
             let row = paths + v * stride
             lengths[v] = UInt8(truncatingIfNeeded: h + 1)
             costs[v] = dist[v]
             reachable[count] = Int32(truncatingIfNeeded: v)
             count &+= 1
             var node = v
+            var firstEdgeUsed = 0
             // A node improved in layer h was reached from one improved in layer h−1 (the
             // frontier), so the walk steps down one layer per link: no mask reads needed.
             while h > 0 {
@@ -314,13 +329,43 @@ public final class HopLimitedSearch {
                 let pe = parent[h * cap + node]
                 let e = Int(pe & 0xFFFF_FFFF)
                 used[e >> 6] |= UInt64(1) << UInt64(e & 63)
+                firstEdgeUsed = e
                 node = Int(pe >> 32)
                 h -= 1
             }
             row[0] = src
+            guard width > 0 else { continue }
+            let budget = budgets + v * width
+            var hop = Self.noSlot
+            var j = 1
+            var earlier = m & ((1 << UInt64(hv)) &- 1) & ~1
+            while earlier != 0 {
+                let k = earlier.trailingZeroBitCount
+                earlier &= earlier &- 1
+                while j < k { budget[j &- 1] = hop; j &+= 1 }
+                var x = v
+                var l = k
+                while true {
+                    let pe = parent[l * cap + x]
+                    let e = Int(pe & 0xFFFF_FFFF)
+                    used[e >> 6] |= UInt64(1) << UInt64(e & 63)
+                    if l == 1 {
+                        hop = slot(e)
+                        break
+                    }
+                    x = Int(pe >> 32)
+                    l -= 1
+                }
+            }
+            while j < hv { budget[j &- 1] = hop; j &+= 1 }
+            let best = slot(firstEdgeUsed)
+            while j <= width { budget[j &- 1] = best; j &+= 1 }
         }
         return count
     }
+
+    /// In `writeRoutes`' budgets: no route within the budget.
+    static let noSlot = UInt16.max
 
     /// The best route to `v` as dense node indices, source first; empty when unreachable.
     public func path(to v: Int32, graph: RoutingGraph) -> [Int32] {

@@ -56,6 +56,12 @@ public final class RouteTable: Sendable {
     /// `lengths[v]` is 0 when v is unreachable or the source.
     let paths: [Int32]
     let lengths: [UInt8]
+    /// Row v (width maxHops − 1), column j − 1: the first hop of the best route to v of at most
+    /// j links (j < maxHops), as an index into `firstHopChoices`; `HopLimitedSearch.noSlot`
+    /// when none is that short. Valid where `lengths[v]` ≥ 2.
+    let budgets: [UInt16]
+    /// The source's neighbours in the graph's edge order (dense indices).
+    let firstHopChoices: [Int32]
     let backupPaths: [Int32]
     let backupLengths: [UInt8]
     let backupCost: [Float]
@@ -67,12 +73,12 @@ public final class RouteTable: Sendable {
 
     init(
         source: NodeID, algorithm: RoutingAlgorithm, maxHops: Int, version: UInt64, index: [NodeID: Int32], nodeIDs: [NodeID],
-        cost: [Float], paths: [Int32], lengths: [UInt8], backupPaths: [Int32], backupLengths: [UInt8], backupCost: [Float],
-        usedEdges: [UInt64], reachable: [Int32]
+        cost: [Float], paths: [Int32], lengths: [UInt8], budgets: [UInt16], firstHopChoices: [Int32], backupPaths: [Int32],
+        backupLengths: [UInt8], backupCost: [Float], usedEdges: [UInt64], reachable: [Int32]
     ) {
         self.source = source; self.algorithm = algorithm; self.maxHops = maxHops; self.version = version
         self.index = index; self.nodeIDs = nodeIDs; self.stride = maxHops + 1; self.cost = cost
-        self.paths = paths; self.lengths = lengths
+        self.paths = paths; self.lengths = lengths; self.budgets = budgets; self.firstHopChoices = firstHopChoices
         self.backupPaths = backupPaths; self.backupLengths = backupLengths; self.backupCost = backupCost
         self.usedEdges = usedEdges; self.reachable = reachable
     }
@@ -88,6 +94,19 @@ public final class RouteTable: Sendable {
     public func nextHop(to destination: NodeID) -> NodeID? {
         guard let v = index[destination], lengths[Int(v)] >= 2 else { return nil }
         return nodeIDs[Int(paths[Int(v) * stride + 1])]
+    }
+
+    /// The neighbour to send to for `destination` on the best route of at most `hops` links, or
+    /// nil when there is none that short. A relay asks this with what `maxHops` leaves of a
+    /// request's budget: the best route within fewer links may start at another neighbour
+    /// (a dearer but shorter way), and the best of `maxHops` links would be refused by a
+    /// later relay. `hops` ≥ `maxHops` is `nextHop(to:)`. No allocation.
+    @inline(__always)
+    public func nextHop(to destination: NodeID, within hops: Int) -> NodeID? {
+        guard hops >= 1, let v = index[destination], lengths[Int(v)] >= 2 else { return nil }
+        guard hops < maxHops else { return nodeIDs[Int(paths[Int(v) * stride + 1])] }
+        let slot = budgets[Int(v) * (maxHops - 1) + hops - 1]
+        return slot == HopLimitedSearch.noSlot ? nil : nodeIDs[Int(firstHopChoices[Int(slot)])]
     }
 
     /// The neighbour to send to on the backup route, or nil when there is none. No allocation.

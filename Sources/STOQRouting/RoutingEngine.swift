@@ -238,7 +238,7 @@ public final class RoutingEngine {
     private func emptyTable(source: NodeID) -> RouteTable {
         RouteTable(
             source: source, algorithm: algorithm, maxHops: maxHops, version: database.version, index: [:], nodeIDs: [],
-            cost: [], paths: [], lengths: [], backupPaths: [], backupLengths: [], backupCost: [],
+            cost: [], paths: [], lengths: [], budgets: [], firstHopChoices: [], backupPaths: [], backupLengths: [], backupCost: [],
             usedEdges: [], reachable: [])
     }
 
@@ -254,14 +254,24 @@ public final class RoutingEngine {
         // Zero-filled rather than uninitialised: a memset of (maxHops + 1) · 4 bytes per node is
         // a few µs on 10,000 nodes, and keeps every row defined.
         var paths = [Int32](repeating: 0, count: n * stride)
+        // Not zero-filled: writeRoutes writes every reached node's row, and lookups read no
+        // other (rows of unreached nodes are never read: their length is 0).
+        let width = maxHops - 1
+        // At least one element (never read), so that the buffer has an address.
+        var budgets = [UInt16](unsafeUninitializedCapacity: max(n * width, 1)) { _, count in count = max(n * width, 1) }
+        let firstEdge = Int(graphStore.offsets[Int(s)])
+        let firstHopChoices = Array(graphStore.targets[firstEdge..<Int(graphStore.offsets[Int(s) + 1])])
         let reachedCount = cost.withUnsafeMutableBufferPointer { c in
             lengths.withUnsafeMutableBufferPointer { l in
                 used.withUnsafeMutableBufferPointer { u in
                     paths.withUnsafeMutableBufferPointer { p in
                         reachable.withUnsafeMutableBufferPointer { r in
-                            search.writeRoutes(
-                                stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!,
-                                costs: c.baseAddress!, used: u.baseAddress!, reachable: r.baseAddress!)
+                            budgets.withUnsafeMutableBufferPointer { b in
+                                search.writeRoutes(
+                                    stride: stride, paths: p.baseAddress!, lengths: l.baseAddress!, costs: c.baseAddress!,
+                                    used: u.baseAddress!, reachable: r.baseAddress!, budgets: b.baseAddress!,
+                                    firstEdge: firstEdge)
+                            }
                         }
                     }
                 }
@@ -297,7 +307,7 @@ public final class RoutingEngine {
         return RouteTable(
             source: ids[Int(s)], algorithm: algorithm, maxHops: maxHops, version: database.version,
             index: graphStore.index, nodeIDs: ids, cost: cost, paths: paths, lengths: lengths,
-            backupPaths: backupPaths, backupLengths: backupLengths, backupCost: backupCost,
+            budgets: budgets, firstHopChoices: firstHopChoices, backupPaths: backupPaths, backupLengths: backupLengths, backupCost: backupCost,
             usedEdges: used, reachable: reachable)
     }
 

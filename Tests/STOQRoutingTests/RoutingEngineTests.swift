@@ -14,6 +14,26 @@ import Testing
         #expect(engine(diamond, maxHops: 1).routes(from: 1).route(to: 4)?.primary == RoutePath(nodes: ids([1, 4]), cost: 50))
     }
 
+    /// A relay whose request has come some hops may send it only `maxHops` − hops links further:
+    /// its table answers with the first hop of the best route within that budget, which is not
+    /// the best route's when that one is longer (the detour 1-3-5-6-4 here).
+    @Test func aTableGivesTheFirstHopOfTheBestRouteWithinEachHopBudget() {
+        for algorithm in [RoutingAlgorithm.latency, .adaptive] {
+            let t = engine(diamond, algorithm: algorithm, maxHops: 4).routes(from: 1)
+            #expect(t.nextHop(to: 4) == NodeID(3))
+            #expect([4, 3, 2, 1, 9].map { t.nextHop(to: 4, within: $0) } == ids([3, 2, 2, 4, 3]))
+            #expect(t.nextHop(to: 4, within: 0) == nil)
+            // 6 is 3 links away the cheap way, 2 links away through 4.
+            #expect([3, 2, 1].map { t.nextHop(to: 6, within: $0) } == [NodeID(3), NodeID(4), nil])
+            #expect(t.nextHop(to: 1, within: 4) == nil && t.nextHop(to: 99, within: 4) == nil)
+        }
+        // Fewest links first: the best route is already the shortest, so a budget only cuts.
+        let s = engine(diamond, algorithm: .shortestPath, maxHops: 4).routes(from: 1)
+        #expect([4, 1].map { s.nextHop(to: 4, within: $0) } == ids([4, 4]))
+        #expect([4, 3, 2].map { s.nextHop(to: 6, within: $0) } == [NodeID(4), NodeID(4), NodeID(4)])
+        #expect(s.nextHop(to: 6, within: 1) == nil)
+    }
+
     @Test func shortestPathCountsHopsFirstAndBreaksTiesByRTT() {
         let t = engine(diamond, algorithm: .shortestPath).routes(from: 1)
         #expect(t.route(to: 4)?.primary == RoutePath(nodes: ids([1, 4]), cost: 50))
@@ -208,21 +228,28 @@ import Testing
         }
         let before = e.routes(from: 1)
         #expect(e.stats.fullComputes == 1)
-        // 2 → 4 is on no route from 1 (4 is reached through 6): dearer, the table is kept.
-        try readvertise(2) { $0 = $0.map { $0.1 == 4 ? ($0.0, $0.1, 30) : $0 } }
+        // 4 → 2 is on no route from 1: dearer, the table is kept. (2 → 4 is: on 1-2-4, the best
+        // route to 4 of ≤ 3 links, which a relay with 3 links left takes.)
+        try readvertise(4) { $0 = $0.map { $0.1 == 2 ? ($0.0, $0.1, 30) : $0 } }
         #expect(e.stats.tablesKept == 1)
         #expect(e.routes(from: 1) === before)
         #expect(e.stats.fullComputes == 1)
+        // 4 → 6 is on no route of ≤ 4 links from 1 (6 is reached through 5), but on 1-4-6, the
+        // best of ≤ 2 links, which a relay with 2 links left takes: dearer, the table goes.
+        try readvertise(4) { $0 = $0.map { $0.1 == 2 ? ($0.0, $0.1, 30) : $0.1 == 6 ? ($0.0, $0.1, 60) : $0 } }
+        #expect(e.stats.tablesInvalidated == 1)
+        #expect(e.routes(from: 1).nextHop(to: 6, within: 2) == NodeID(4))
+        #expect(e.stats.fullComputes == 2)
         // 5 → 6 is on the route to 4: dearer, the table goes and is recomputed when asked.
         try readvertise(5) { $0 = $0.map { $0.1 == 6 ? ($0.0, $0.1, 40) : $0 } }
-        #expect(e.stats.tablesInvalidated == 1)
+        #expect(e.stats.tablesInvalidated == 2)
         #expect(e.routes(from: 1).route(to: 4)?.primary.nodes == ids([1, 2, 4]))
-        #expect(e.stats.fullComputes == 2)
+        #expect(e.stats.fullComputes == 3)
         // Several changes before the next request: one recompute for all of them.
         try readvertise(3) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
         try readvertise(6) { $0 = $0.map { ($0.0, $0.1, 0.5) } }
         _ = e.routes(from: 1)
-        #expect(e.stats.fullComputes == 3)
+        #expect(e.stats.fullComputes == 4)
         // Only the delivery rate moved: the cost is the same, nothing is dropped.
         let t = e.routes(from: 1)
         let m = ["1>2": LinkMetrics(rttMs: 10, deliveryRate: 1e6)]

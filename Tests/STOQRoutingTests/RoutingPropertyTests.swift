@@ -64,6 +64,31 @@ import Testing
         }
     }
 
+    /// The first hop a table keeps for each hop budget j is that of the route an engine capped
+    /// at j links computes (random costs with 10⁻³ ms resolution: no ties).
+    @Test(arguments: [RoutingAlgorithm.latency, .shortestPath, .adaptive])
+    func theFirstHopWithinEachBudgetIsThatOfAnEngineCappedThere(algorithm: RoutingAlgorithm) {
+        var rng = MultipathRandom(seed: 0xB0D6E7)
+        for _ in 0..<20 {
+            let edges = Self.randomEdges(&rng, nodes: 12, outDegree: 3)
+            let table = engine(edges, algorithm: algorithm, maxHops: 5, backups: .none)
+            let capped = (1...5).map { engine(edges, algorithm: algorithm, maxHops: $0, backups: .none) }
+            var differs = 0
+            for s in 1...12 {
+                let t = table.routes(from: NodeID(UInt64(s)))
+                for d in t.destinations {
+                    for j in 1...5 {
+                        let want = capped[j - 1].routes(from: NodeID(UInt64(s))).nextHop(to: d)
+                        #expect(t.nextHop(to: d, within: j) == want, "\(s)→\(d) within \(j)")
+                        if want != nil && want != t.nextHop(to: d) { differs += 1 }
+                    }
+                }
+            }
+            // The budget changes the answer somewhere (else this test would prove nothing).
+            if algorithm != .shortestPath { #expect(differs > 0) }
+        }
+    }
+
     /// A fresh engine holding exactly `db`'s live adverts: no history, graph built in one go.
     static func fresh(from db: LinkStateDatabase, algorithm: RoutingAlgorithm, maxHops: Int) -> RoutingEngine {
         let f = RoutingEngine(algorithm: algorithm, maxHops: maxHops, backups: .all)
@@ -133,6 +158,7 @@ import Testing
                 #expect(Set(inc.destinations) == Set(ref.destinations), "step \(step) from \(s)")
                 for d in ref.destinations {
                     #expect(inc.route(to: d) == ref.route(to: d), "step \(step) \(s)→\(d)")
+                    for j in 1...3 { #expect(inc.nextHop(to: d, within: j) == ref.nextHop(to: d, within: j), "step \(step) \(s)→\(d) within \(j)") }
                 }
                 #expect(inc.route(to: s) == nil)
             }
