@@ -10,8 +10,9 @@ import STOQConfig
 /// over etcd's JSON gateway (etcd 3.4: `/v3/lease/grant`, `/v3/lease/keepalive`, `/v3/kv/put`,
 /// `/v3/kv/range`, `/v3/watch`, `/v3/lease/revoke`), base64 keys and values.
 ///
-/// One session: grant a lease of `mesh.etcd_lease_ttl`, put this node's record with it, read the
-/// prefix, then keep the lease alive (every TTL/3) and follow the watch from the revision read.
+/// One session: grant a lease of `mesh.etcd_lease_ttl` and keep it alive from then on (every
+/// TTL/3), put this node's record with it, read the prefix, then follow the watch from the
+/// revision read.
 /// Anything that ends a session — an endpoint gone, the lease unknown to etcd (expired during an
 /// outage, or the cluster's data lost), the watch cancelled or compacted — is counted, logged
 /// once per run of failures, and a new session starts on the next endpoint after a backoff: it
@@ -30,7 +31,8 @@ public final class EtcdDiscovery: DiscoveryBackend {
         public var leaseTTLSeconds: Int64 = 10
         /// This node's record; nil = watch only.
         public var registration: MeshMember?
-        /// One request's time limit (the watch has none: it ends with its connection).
+        /// One request's time limit (the watch has none: it ends with its connection; a
+        /// keepalive's is at most a third of the TTL).
         public var requestTimeout: Duration = .seconds(3)
         /// The longest wait between two sessions.
         public var maxBackoff: Duration = .seconds(5)
@@ -91,9 +93,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
         while !Task.isCancelled && !options.endpoints.isEmpty {
             let endpoint = options.endpoints[index % options.endpoints.count]
             do {
-                let (lease, revision, view) = try await open(endpoint)
-                await publish(view, report)
-                try await follow(endpoint, lease: lease, revision: revision, view: view, report) {
+                try await session(endpoint, report) {
                     // A session works once it has lived a lease's TTL: that is when the backend
                     // is working again, and earns the first, short wait after its end. One that
                     // ends at once (a proxy that does not stream the watch) is one failure more
@@ -118,29 +118,57 @@ public final class EtcdDiscovery: DiscoveryBackend {
         }
     }
 
-    /// Registers (if this node has a record) and reads the prefix: the lease, the revision read
-    /// at, and the members by key.
-    private func open(_ endpoint: MeshURL) async throws -> (Int64?, Int64, [String: MeshMember]) {
+    /// One session on `endpoint`: registers (if this node has a record) and reads the prefix,
+    /// then follows the watch, keeping the lease alive from the moment it is granted (a slow put
+    /// or range must not let it expire). Always throws. Calls `matured` once, when the session
+    /// has lasted a lease's TTL.
+    private func session(
+        _ endpoint: MeshURL, _ report: @escaping @Sendable (Set<MeshMember>) async -> Void, matured: () -> Void
+    ) async throws {
         var lease: Int64?
-        if let me = options.registration {
+        if options.registration != nil {
             let granted = try await post(endpoint, "/v3/lease/grant", ["TTL": options.leaseTTLSeconds])
             guard let id = Self.int(granted["ID"]), id != 0 else {
                 throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/lease/grant: no lease ID in the answer")
             }
             state.lock.withLock { state.lease = (endpoint, id) }
-            let key = MemberRecord.key(prefix: options.prefix, for: me)
-            _ = try await post(
-                endpoint, "/v3/kv/put",
-                [
-                    "key": Self.b64(Array(key.utf8)),
-                    "value": Self.b64(MemberRecord.encode(me)), "lease": String(id),
-                ])
             lease = id
-            box.update { $0.registrations += 1 }
-            logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(id) of \(options.leaseTTLSeconds)s")
         }
-        let (revision, view) = try await read(endpoint)
-        return (lease, revision, view)
+        // Each child returns whether it is the one that marks the session matured; the others
+        // only end by throwing.
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            defer { group.cancelAll() }
+            if let lease {
+                group.addTask {
+                    try await self.keepAlive(endpoint, lease: lease)
+                    return false
+                }
+            }
+            if let lease, let me = options.registration {
+                let key = MemberRecord.key(prefix: options.prefix, for: me)
+                _ = try await post(
+                    endpoint, "/v3/kv/put",
+                    [
+                        "key": Self.b64(Array(key.utf8)),
+                        "value": Self.b64(MemberRecord.encode(me)), "lease": String(lease),
+                    ])
+                box.update { $0.registrations += 1 }
+                logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(lease) of \(options.leaseTTLSeconds)s")
+            }
+            let (revision, view) = try await read(endpoint)
+            await publish(view, report)
+            group.addTask {
+                try await self.watch(endpoint, from: revision + 1, view: view, report)
+                return false
+            }
+            let ttl = Duration.seconds(options.leaseTTLSeconds)
+            group.addTask {
+                try await Task.sleep(for: ttl)
+                return true
+            }
+            while try await group.next() == true { matured() }
+            throw DiscoveryError(.watchEnded, "etcd \(endpoint): session ended")
+        }
     }
 
     /// The records a page of the prefix holds at most: a page of records of the largest size
@@ -206,40 +234,14 @@ public final class EtcdDiscovery: DiscoveryBackend {
         return revision
     }
 
-    /// Keeps the lease alive and follows the watch until either fails; always throws. Calls
-    /// `matured` once, when the session has lasted a lease's TTL.
-    private func follow(
-        _ endpoint: MeshURL, lease: Int64?, revision: Int64, view: [String: MeshMember],
-        _ report: @escaping @Sendable (Set<MeshMember>) async -> Void, matured: () -> Void
-    ) async throws {
-        // Each child returns whether it is the one that marks the session matured; the others
-        // only end by throwing.
-        try await withThrowingTaskGroup(of: Bool.self) { group in
-            if let lease {
-                group.addTask {
-                    try await self.keepAlive(endpoint, lease: lease)
-                    return false
-                }
-            }
-            group.addTask {
-                try await self.watch(endpoint, from: revision + 1, view: view, report)
-                return false
-            }
-            let ttl = Duration.seconds(options.leaseTTLSeconds)
-            group.addTask {
-                try await Task.sleep(for: ttl)
-                return true
-            }
-            defer { group.cancelAll() }
-            while try await group.next() == true { matured() }
-            throw DiscoveryError(.watchEnded, "etcd \(endpoint): session ended")
-        }
-    }
-
+    /// Renews the lease every TTL/3, each renewal given at most TTL/3 (or the request timeout
+    /// if shorter): renewals land within two thirds of a TTL of each other, or the session ends
+    /// (and the next one registers again) before the lease can expire.
     private func keepAlive(_ endpoint: MeshURL, lease: Int64) async throws {
         let period = Duration.milliseconds(max(500, options.leaseTTLSeconds * 1000 / 3))
+        let limit = min(period, options.requestTimeout)
         while await pause(period) {
-            let answer = try await post(endpoint, "/v3/lease/keepalive", ["ID": String(lease)])
+            let answer = try await post(endpoint, "/v3/lease/keepalive", ["ID": String(lease)], timeout: limit)
             let result = answer["result"] as? [String: Any] ?? [:]
             // etcd answers an unknown lease with its ID and no TTL (TTL 0 is left out of the JSON).
             guard let ttl = Self.int(result["TTL"]), ttl > 0 else {
@@ -396,7 +398,9 @@ public final class EtcdDiscovery: DiscoveryBackend {
 
     /// One unary gateway call: JSON in, JSON object out; an HTTP or etcd error throws, an
     /// answer of more than `upTo` bytes throws `TooLarge`.
-    private func post(_ endpoint: MeshURL, _ path: String, _ body: [String: Any], upTo: Int = 16 << 20) async throws -> [String: Any] {
+    private func post(
+        _ endpoint: MeshURL, _ path: String, _ body: [String: Any], upTo: Int = 16 << 20, timeout: Duration? = nil
+    ) async throws -> [String: Any] {
         var request = HTTPClientRequest(url: "\(endpoint)\(path)")
         request.method = .POST
         request.headers.add(name: "content-type", value: "application/json")
@@ -404,7 +408,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
         let bytes: ByteBuffer
         let status: UInt
         do {
-            let response = try await client.execute(request, timeout: .nanoseconds(options.requestTimeout.nanoseconds))
+            let response = try await client.execute(request, timeout: .nanoseconds((timeout ?? options.requestTimeout).nanoseconds))
             status = response.status.code
             bytes = try await response.body.collect(upTo: upTo)
         } catch {

@@ -272,6 +272,75 @@ import Testing
         }
     }
 
+    /// A TCP proxy in front of a real etcd, to play a slow etcd or a watch connection that a
+    /// NAT drops without a word: each `/v3/kv/put` and `/v3/kv/range` request is held back
+    /// `delay` seconds; on SIGUSR1 the connections carrying a watch then stop passing bytes
+    /// either way, and stay open.
+    static let proxy = """
+        import asyncio, signal, socket, sys
+        port, upstream, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+        connections = []
+        def freeze():
+            for c in connections:
+                if c["watch"]: c["frozen"] = True
+        async def pipe(src, dst, c, request):
+            while True:
+                data = await src.read(65536)
+                if not data: break
+                if request:
+                    if b"POST /v3/watch " in data: c["watch"] = True
+                    if delay and (b"POST /v3/kv/put " in data or b"POST /v3/kv/range " in data): await asyncio.sleep(delay)
+                if c["frozen"]: await asyncio.Event().wait()
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+        async def serve(reader, writer):
+            up_reader, up_writer = await asyncio.open_connection("::1", upstream)
+            c = {"watch": False, "frozen": False}
+            connections.append(c)
+            await asyncio.gather(pipe(reader, up_writer, c, True), pipe(up_reader, writer, c, False), return_exceptions=True)
+        async def main():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, freeze)
+            server = await asyncio.start_server(serve, "::1", port, family=socket.AF_INET6)
+            await server.serve_forever()
+        asyncio.run(main())
+        """
+
+    /// `proxy` in front of `etcd`, listening, and its endpoint.
+    func proxy(_ etcd: Etcd, delay: Double = 0) async throws -> (Daemon, MeshURL) {
+        let script = etcd.dir.appendingPathComponent("proxy.py")
+        try Self.proxy.write(to: script, atomically: true, encoding: .utf8)
+        let port = freePort()
+        let daemon = try Daemon(
+            try requireBinary("/usr/bin/python3", package: "python3"), [script.path, "\(port)", "\(etcd.client)", "\(delay)"],
+            dir: etcd.dir, name: "proxy")
+        #expect(await listening(port), "the proxy never listened: \(daemon.output)")
+        return (daemon, try MeshURL.parse("http://[::1]:\(port)", scheme: "http").get())
+    }
+
+    /// Behind a slow etcd (the put and the range 1 s each, with a 2 s lease), the lease is kept
+    /// alive from the moment it is granted: it does not expire while the node registers and
+    /// reads, so the node is registered once and stays. (It used to be renewed a third of a
+    /// TTL after the range only: lease_lost every session.)
+    @Test func aSlowEtcdDoesNotLetTheLeaseExpireWhileRegistering() async throws {
+        let etcd = try Etcd("etcd-slow")
+        let (daemon, endpoint) = try await proxy(etcd, delay: 1)
+        defer { daemon.kill() }
+        var o = EtcdDiscovery.Options(endpoints: [endpoint], prefix: "/stoq/mesh/")
+        o.leaseTTLSeconds = 2
+        o.registration = Self.b
+        o.maxBackoff = .seconds(1)
+        let nb = EtcdDiscovery(options: o, logger: Logger(label: "test.etcd"))
+        let lb = MemberLog()
+        let tb = start(nb, into: lb)
+        defer { tb.cancel() }
+        #expect(await lb.wait { $0 == [Self.b] })
+        // Three TTLs: before, the lease was lost 2.7 s after it was granted.
+        #expect(!(await eventually(timeout: .seconds(6)) { nb.counters.failures > 0 }), "\(nb.counters)")
+        #expect(nb.counters.registrations == 1, "\(nb.counters)")
+        #expect(try etcd.ctl(["get", "--keys-only", "/stoq/mesh/" + String(repeating: "b2", count: 32)]).contains("b2b2"))
+    }
+
     @Test func memberRecordsRoundTripAndRefuse() throws {
         for m in [Self.a, member("https://[fd00::7]:9")] {
             let key = MemberRecord.key(prefix: "/p/", for: m)
