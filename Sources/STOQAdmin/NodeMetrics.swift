@@ -84,6 +84,19 @@ package struct NodeMetrics {
     var diskFull: DiskFull?
     /// What the content store's garbage collector did (`storage.gc_interval`); nil: not reported.
     var collection: GarbageCollector.Counters?
+    /// What the node's configuration reloads did; nil: not reported.
+    var reloads: Reloads?
+
+    /// Configuration reloads (SIGHUP, or a file a reload reads changing), as the daemon records them.
+    package struct Reloads: Sendable, Equatable {
+        /// Reloads refused: the file did not parse, or something it names did not load.
+        package var failures: UInt64 = 0
+        /// Whether the last reload applied (true until one is tried: the start loaded the file).
+        package var lastSucceeded = true
+        /// When the configuration in force was loaded: the start, or the last reload that applied.
+        package var lastSuccess: Date
+        package init(lastSuccess: Date) { self.lastSuccess = lastSuccess }
+    }
 
     /// What the node's `DiskFullMonitor` reports.
     package struct DiskFull: Sendable {
@@ -123,9 +136,10 @@ package struct NodeMetrics {
         workers: [WorkerStats], store: StoreCounters?, certificate: Certificate?, edge: EdgeCache.Counters?,
         mesh: MeshStatus? = nil, configuredDatapath: ConfiguredDatapath? = nil, fixedCertificateNotAfter: Date? = nil,
         diskFull: DiskFull? = nil,
-        limits: Limits? = nil, plainCuts: PlainCuts.Counters? = nil, collection: GarbageCollector.Counters? = nil
+        limits: Limits? = nil, plainCuts: PlainCuts.Counters? = nil, collection: GarbageCollector.Counters? = nil,
+        reloads: Reloads? = nil
     ) {
-        (self.diskFull, self.plainCuts, self.collection) = (diskFull, plainCuts, collection)
+        (self.diskFull, self.plainCuts, self.collection, self.reloads) = (diskFull, plainCuts, collection, reloads)
         (self.workers, self.store, self.certificate, self.edge, self.mesh) = (workers, store, certificate, edge, mesh)
         (self.configuredDatapath, self.fixedCertificateNotAfter, self.limits) = (configuredDatapath, fixedCertificateNotAfter, limits)
     }
@@ -436,6 +450,18 @@ package struct NodeMetrics {
                 "stoq_tls_certificate_not_after_seconds", "gauge", "Expiry of the certificate new handshakes get (Unix time).",
                 [("", UInt64(max(0, notAfter.timeIntervalSince1970)))])
         }
+        if let r = reloads {
+            family(
+                "stoq_config_reload_failures_total", "counter",
+                "Reloads refused (the file invalid, or a file it names not loading): the running configuration stayed.", [("", r.failures)])
+            family(
+                "stoq_config_last_reload_successful", "gauge",
+                "0 while the last reload was refused (the node tries it again until it applies), else 1.", [("", r.lastSucceeded ? 1 : 0)])
+            family(
+                "stoq_config_last_reload_success_timestamp_seconds", "gauge",
+                "When the configuration in force was loaded (Unix time): the start, or the last reload that applied.",
+                [("", UInt64(max(0, r.lastSuccess.timeIntervalSince1970)))])
+        }
         if let c = certificate, let root = c.rootNotAfter, let intermediate = c.intermediateNotAfter {
             // Alert well ahead on the root: nothing renews it, and replacing it is fleet-wide work.
             family(
@@ -512,6 +538,12 @@ package struct NodeMetrics {
             ]
         }
         if let g = collection { obj["gc"] = ["runs": g.runs, "failures": g.failures] }
+        if let r = reloads {
+            obj["config"] = [
+                "reload_failures": r.failures, "last_reload_successful": r.lastSucceeded,
+                "last_reload_success": UInt64(max(0, r.lastSuccess.timeIntervalSince1970)),
+            ]
+        }
         if let d = diskFull { obj["disk_full"] = ["refusals": d.refusals, "episodes": d.episodes, "full": d.full] }
         if let p = plainCuts {
             obj["plain_cuts"] = ["cut": p.cut, "failed": p.failed, "chunks_served": p.chunksServed, "chunks_stale": p.chunksStale]

@@ -81,6 +81,9 @@ public final class Node: @unchecked Sendable {
     /// The operator's credential (`data_dir/access/operator.token`).
     public private(set) var operatorTokenPath = ""
 
+    /// What configuration reloads did (the admin API's `stoq_config_*`): the daemon records them.
+    public let reloads = ReloadRecord(loadedAt: Date())
+
     /// The request tracer (`[tracing]`, NodeTracing), nil when tracing is off.
     let tracer: RequestTracer?
     /// `data_dir/node.lock`, held (`flock`) while this process runs: one node per data directory.
@@ -498,6 +501,7 @@ public final class Node: @unchecked Sendable {
     private func startAdmin(_ cfg: NodeConfig, content: ObjectIndex, edge: EdgeCache?) throws {
         guard let listen = cfg.admin.listen else { return }
         let store = content.chunks, snapshots = self.snapshots, certificates = self.certificates, meshService = mesh
+        let reloads = self.reloads
         let gate = self.gate, rates = self.rates, cuts = plainCuts, bodyMemory = self.bodyMemory, collector = self.collector
         // network.* is not reloaded (the workers keep their queues), so the start-up values hold.
         let configured = NodeMetrics.ConfiguredDatapath(datapath: cfg.network.datapath.rawValue, interface: cfg.network.interface)
@@ -535,7 +539,7 @@ public final class Node: @unchecked Sendable {
                             gate: $0.counters, rateLimited: rates?.limited, rateClients: rates?.clients,
                             bodyMemory: bodyMemory.map { ($0.held, $0.limit) })
                     },
-                    plainCuts: cuts?.counters, collection: collector?.counters)
+                    plainCuts: cuts?.counters, collection: collector?.counters, reloads: reloads.current)
                 switch path {
                 case "/metrics": return (metrics.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
                 case "/status": return (metrics.json(), "application/json")

@@ -1,7 +1,9 @@
 import Foundation
 import Logging
+import STOQAdmin
 import STOQCore
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 /// The node as a swift-service-lifecycle `Service`: `run` starts it, serves until the
@@ -35,15 +37,19 @@ public struct NodeService: Service {
 /// time: a file may be replaced by a rename, rewritten within one tick of the clock, or live on
 /// a volume without inotify). One reload at a time, in arrival order, none before `ready` says
 /// the node has started (a SIGHUP or an edit while it starts is applied once it has); stops at
-/// graceful shutdown.
+/// graceful shutdown. A reload that fails (`reload` returns false: an invalid file, a file it
+/// names that does not load) is tried again every `retryInterval` until one applies: a refused
+/// reload was left as it was until the next edit or SIGHUP, though what it lacked (a bundle
+/// being written, a directory being mounted) may have come meanwhile.
 public struct ReloadService: Service {
     let hangups: UnixSignalsSequence
     let path: String?
     /// The files watched: the config file first, when there is one, then the others.
     let files: [String]
     let interval: Duration
+    let retryInterval: Duration
     let ready: @Sendable () -> Bool
-    let reload: @Sendable (String) async -> Void
+    let reload: @Sendable (String) async -> Bool
     /// The files' stamps when the service was made (before the node started), so that a change
     /// made while the node starts is seen too.
     let seen: [FileStamp?]
@@ -51,15 +57,18 @@ public struct ReloadService: Service {
     /// `hangups` is made before the node starts (`UnixSignalsSequence(trapping: .sighup)`),
     /// so that a SIGHUP sent as soon as the node listens is not lost. Without `path` only
     /// SIGHUP and a change to one of `others` trigger (and `reload` says there is no file to
-    /// read). `reload` gets the reason: "SIGHUP", "config file changed" or "<other> changed".
+    /// read). `reload` gets the reason: "SIGHUP", "config file changed", "<other> changed" or
+    /// "retry", and returns whether the reload applied.
     public init(
         hangups: UnixSignalsSequence, watching path: String?, andFiles others: [String] = [], every interval: Duration = .seconds(2),
-        ready: @escaping @Sendable () -> Bool = { true }, reload: @escaping @Sendable (String) async -> Void
+        retryEvery retryInterval: Duration = .seconds(30), ready: @escaping @Sendable () -> Bool = { true },
+        reload: @escaping @Sendable (String) async -> Bool
     ) {
         self.hangups = hangups
         self.path = path
         self.files = (path.map { [$0] } ?? []) + others
         self.interval = interval
+        self.retryInterval = retryInterval
         self.ready = ready
         self.reload = reload
         self.seen = files.map(Self.stamp)
@@ -70,9 +79,18 @@ public struct ReloadService: Service {
         // The files' stamps as last read, by a reload of either kind: the watcher reports a
         // change only past them, so a SIGHUP after an edit is one reload, not two.
         let readAt = Replaceable(seen)
+        // Whether the last reload failed: then it is tried again.
+        let failing = Replaceable(false)
         await withDiscardingTaskGroup { group in
             group.addTask { [hangups] in
                 for await _ in hangups.cancelOnGracefulShutdown() { trigger.yield("SIGHUP") }
+                trigger.finish()
+            }
+            group.addTask { [retryInterval] in
+                while !Task.isShuttingDownGracefully {
+                    do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: retryInterval) } } catch { break }
+                    if failing.current { trigger.yield("retry") }
+                }
                 trigger.finish()
             }
             if !files.isEmpty {
@@ -94,9 +112,11 @@ public struct ReloadService: Service {
                 }
                 let now = stamps()
                 // Already read at this version (the watcher saw the edit a SIGHUP also announced).
-                if why != "SIGHUP" && readAt.current == now { continue }
+                if why != "SIGHUP" && why != "retry" && readAt.current == now { continue }
+                // A retry that an edit or a SIGHUP answered meanwhile.
+                if why == "retry" && !failing.current { continue }
                 readAt.replace(now)
-                await reload(why)
+                failing.replace(!(await reload(why)))
             }
         }
     }
@@ -135,4 +155,32 @@ extension Node {
             t.start()
         }
     }
+}
+
+/// What the node's configuration reloads did, for the admin API (`stoq_config_*`): whoever
+/// reloads the node records each outcome here (stoq-node's `ReloadService` closure). Any thread.
+public final class ReloadRecord: Sendable {
+    private let state: Mutex<NodeMetrics.Reloads>
+
+    /// `loadedAt`: when the configuration the node starts with was loaded.
+    init(loadedAt: Date) { state = Mutex(NodeMetrics.Reloads(lastSuccess: loadedAt)) }
+
+    /// A reload applied, or found nothing to change: the file is what the node runs.
+    public func succeeded(at now: Date = Date()) {
+        state.withLock {
+            $0.lastSucceeded = true
+            $0.lastSuccess = now
+        }
+    }
+
+    /// A reload was refused: the running configuration stays.
+    public func failed() {
+        state.withLock {
+            $0.failures += 1
+            $0.lastSucceeded = false
+        }
+    }
+
+    /// The numbers now.
+    var current: NodeMetrics.Reloads { state.withLock { $0 } }
 }

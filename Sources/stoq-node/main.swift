@@ -53,17 +53,21 @@ struct StoqNode: AsyncParsableCommand {
         for sig in [SIGTERM, SIGINT, SIGHUP] { signal(sig, SIG_IGN) }
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let configPath = config, pinnedLevel = logLevel != nil
-        // SIGHUP, or a change to the file or to the CA's revoked serials, reloads: the node applies
-        // what it can live and names what needs a restart; an invalid file changes nothing.
-        let reload = ReloadService(
-            hangups: hangups, watching: config, andFiles: [node.revocationListPath], ready: { node.isStarted }
-        ) { why in
+        // One reload: whether it applied.
+        @Sendable func reloadOnce(_ why: String) -> Bool {
+            // A retry that fails again says so quietly: the first failure said why, and
+            // stoq_config_last_reload_successful says it lasts.
+            let failure: Logger.Level = why == "retry" ? .debug : .error
             // The revoked serials are not the file's: they apply whether it loads or not (or
             // there is none).
-            func revocationsAlone() {
+            func revocationsAlone() -> Bool {
                 do {
                     if try node.reloadRevocations() { logger.notice("\(why): revoked serials reloaded", metadata: ["applied": "trust.revocations"]) }
-                } catch { logger.error("\(why): \(error)") }
+                    return true
+                } catch {
+                    logger.log(level: failure, "\(why): \(error)")
+                    return false
+                }
             }
             guard let path = configPath else {
                 logger.notice("\(why): no config file to reload")
@@ -71,8 +75,9 @@ struct StoqNode: AsyncParsableCommand {
             }
             let fresh: NodeConfig
             do { fresh = try ConfigLoader.load(path: path) } catch {
-                logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)")
-                return revocationsAlone()
+                logger.log(level: failure, "\(why): \(path) is invalid, keeping the running configuration:\n\(error)")
+                _ = revocationsAlone()
+                return false
             }
             do {
                 var report = try node.reload(fresh)
@@ -92,7 +97,21 @@ struct StoqNode: AsyncParsableCommand {
                             "restart_needed": "\(report.restartNeeded.joined(separator: ","))",
                         ])
                 }
-            } catch { logger.error("\(why): \(path) is invalid, keeping the running configuration:\n\(error)") }
+                return true
+            } catch {
+                logger.log(level: failure, "\(why): \(path) is invalid, keeping the running configuration:\n\(error)")
+                return false
+            }
+        }
+        // SIGHUP, or a change to the file or to the CA's revoked serials, reloads: the node applies
+        // what it can live and names what needs a restart; an invalid file changes nothing, and
+        // is tried again until it loads (each try counted: stoq_config_reload_failures_total).
+        let reload = ReloadService(
+            hangups: hangups, watching: config, andFiles: [node.revocationListPath], ready: { node.isStarted }
+        ) { why in
+            let applied = reloadOnce(why)
+            if applied { node.reloads.succeeded() } else { node.reloads.failed() }
+            return applied
         }
         let service = NodeService(node: node) { node in
             print("trust: \(URL(fileURLWithPath: node.certificatePath).standardizedFileURL.path)")

@@ -104,4 +104,22 @@ import STOQStore
         #expect(json["gc"] as? [String: UInt64] == ["runs": 5, "failures": 1])
         #expect((json["store"] as? [String: Any])?["gc_bytes_freed"] as? UInt64 == 7_000_000)
     }
+
+    /// Refused reloads, whether the last applied, and when the running configuration was loaded:
+    /// a refused reload was only a log line.
+    @Test func configurationReloadsAreCounted() throws {
+        var reloads = NodeMetrics.Reloads(lastSuccess: Date(timeIntervalSince1970: 1_800_000_000))
+        (reloads.failures, reloads.lastSucceeded) = (3, false)
+        let m = NodeMetrics(workers: [], store: nil, certificate: nil, edge: nil, reloads: reloads)
+        for line in [
+            "stoq_config_reload_failures_total 3", "stoq_config_last_reload_successful 0",
+            "stoq_config_last_reload_success_timestamp_seconds 1800000000",
+        ] {
+            #expect(m.prometheus().contains("\n\(line)\n"), "\(line)")
+        }
+        let json = try #require(JSONSerialization.jsonObject(with: Data(m.json().utf8)) as? [String: Any])
+        let config = try #require(json["config"] as? [String: Any])
+        #expect(config["reload_failures"] as? UInt64 == 3 && config["last_reload_successful"] as? Bool == false)
+        #expect(!NodeMetrics(workers: [], store: nil, certificate: nil, edge: nil).prometheus().contains("stoq_config_"))
+    }
 }

@@ -27,7 +27,10 @@ import UnixSignals
         signal(SIGHUP, SIG_IGN)
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let reasons = Reasons()
-        let service = ReloadService(hangups: hangups, watching: path, every: .milliseconds(10)) { reasons.append($0) }
+        let service = ReloadService(hangups: hangups, watching: path, every: .milliseconds(10)) {
+            reasons.append($0)
+            return true
+        }
         try await testGracefulShutdown { shutdown in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await service.run() }
@@ -58,7 +61,10 @@ import UnixSignals
         let reasons = Reasons(), started = Atomic<Bool>(false)
         let service = ReloadService(
             hangups: hangups, watching: path, every: .milliseconds(10), ready: { started.load(ordering: .acquiring) }
-        ) { reasons.append($0) }
+        ) {
+            reasons.append($0)
+            return true
+        }
         try await testGracefulShutdown { shutdown in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await service.run() }
@@ -89,6 +95,7 @@ import UnixSignals
         let reasons = Reasons()
         let service = ReloadService(hangups: hangups, watching: path, andFiles: [revoked], every: .milliseconds(10)) {
             reasons.append($0)
+            return true
         }
         try await testGracefulShutdown { shutdown in
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -107,6 +114,37 @@ import UnixSignals
                 #expect(ReloadService.stamp(revoked)?.modified == written.modified)
                 try await reasons.await(2)
                 #expect(reasons.value == ["\(revoked) changed", "\(revoked) changed"])
+                shutdown.triggerGracefulShutdown()
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    /// A reload that fails is tried again every `retryInterval` until one applies, then no
+    /// more: a refused reload waited for the next edit or SIGHUP, though what it lacked (a file
+    /// it names, being written) may have come meanwhile.
+    @Test func aFailedReloadIsTriedAgainUntilItApplies() async throws {
+        let dir = try TemporaryDirectory("stoq-reload-retry")
+        defer { dir.remove() }
+        let path = dir.path + "/node.toml"
+        try Data("[log]\nlevel = \"info\"\n".utf8).write(to: URL(fileURLWithPath: path))
+        let hangups = await UnixSignalsSequence(trapping: .sigwinch)
+        let reasons = Reasons()
+        // The first two reloads fail, the third applies.
+        let service = ReloadService(hangups: hangups, watching: path, every: .milliseconds(10), retryEvery: .milliseconds(20)) {
+            reasons.append($0)
+            return reasons.value.count >= 3
+        }
+        try await testGracefulShutdown { shutdown in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await service.run() }
+                var times = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+                #expect(utimensat(AT_FDCWD, path, &times, 0) == 0)
+                try await reasons.await(3)
+                #expect(reasons.value == ["config file changed", "retry", "retry"])
+                // Applied: no more retries (bounded polls, ten retry intervals).
+                for _ in 0..<40 { try await Task.sleep(for: .milliseconds(5)) }
+                #expect(reasons.value.count == 3)
                 shutdown.triggerGracefulShutdown()
                 try await group.waitForAll()
             }

@@ -218,3 +218,35 @@ def test_a_revocation_refuses_its_certificate_without_a_restart(tmp_path):
         refused("carol", before)
     finally:
         assert n.stop() == 0
+
+
+def test_a_refused_reload_shows_on_metrics_until_one_applies(tmp_path):
+    """A refused reload was a log line only, which automation does not read: now it is counted
+    (stoq_config_reload_failures_total) and stoq_config_last_reload_successful stays 0 until a
+    reload applies (the node also tries it again by itself, every 30 s)."""
+    n = Node(tmp_path, workers=1, extra='[admin]\nlisten = "[::1]:0"')
+    try:
+        def metric(name):
+            with urllib.request.urlopen(n.admin, timeout=10) as r:
+                m = re.search(rf"^{name} (\d+)$", r.read().decode(), re.M)
+            assert m, f"{name} not in /metrics"
+            return int(m.group(1))
+
+        started = metric("stoq_config_last_reload_success_timestamp_seconds")
+        assert started > 0 and metric("stoq_config_last_reload_successful") == 1
+        assert metric("stoq_config_reload_failures_total") == 0
+        good = n.config.read_text()
+        n.config.write_text(good.replace("workers = 1", "workers = -3"))
+        wait_for(n, r"config file changed: \S+ is invalid, keeping the running configuration")
+        assert metric("stoq_config_reload_failures_total") == 1
+        assert metric("stoq_config_last_reload_successful") == 0
+        assert metric("stoq_config_last_reload_success_timestamp_seconds") == started
+        while int(time.time()) <= started:               # a second on: a timestamp of its own
+            time.sleep(0.05)
+        n.config.write_text(good)
+        wait_for(n, r"config file changed: \S+ unchanged")
+        assert metric("stoq_config_last_reload_successful") == 1
+        assert metric("stoq_config_last_reload_success_timestamp_seconds") > started
+        assert metric("stoq_config_reload_failures_total") == 1
+    finally:
+        assert n.stop() == 0
