@@ -16,7 +16,9 @@ import Synchronization
 /// Who may ask is `protection` (`admin.auth`): anyone (loopback only), a bearer token checked
 /// per request (401 otherwise), or HTTPS with a client certificate (the handshake fails
 /// otherwise). Refusals are counted in `stoq_admin_refused_total`, which the server appends to
-/// `/metrics` itself since it is the only one that sees them.
+/// `/metrics` itself since it is the only one that sees them, and logged at notice, at most one
+/// line per `refusalLogInterval` (`AdminRefusals.notice`): anyone who can reach the port can be
+/// refused as often as they like, and the log is not theirs to fill.
 ///
 /// Connections are bounded before anyone is authenticated (a token is checked only once a
 /// request is whole): one that has not sent a whole request `requestDeadline` after it opened,
@@ -37,6 +39,12 @@ package final class AdminServer: @unchecked Sendable {
     /// Connections open at once from one /64, and in all.
     package static let maxConnectionsPerClient = 32
     package static let maxConnections = 512
+    /// At most one refusal notice per this long: the first at once; the others of the interval
+    /// counted, and told in one line at its end (`AdminRefusals.notice`).
+    package static let refusalLogInterval = TimeAmount.seconds(60)
+    /// How much of a request's path (the client's choice, of any length) a log line shows: this
+    /// many characters, then `…` and the path's whole length.
+    package static let loggedPathLength = 64
 
     private let group: MultiThreadedEventLoopGroup
     /// Where `AdminAnswer.blocking` work runs: one thread, so one such action at a time (the
@@ -56,16 +64,16 @@ package final class AdminServer: @unchecked Sendable {
     package typealias Action = @Sendable (String) -> AdminAnswer?
 
     /// Binds and starts serving `render(path)` (nil for 404) for GET and HEAD, and `act(path)`
-    /// for POST, to whom `protection` lets in. `requestDeadline` is `Self.requestDeadline`
-    /// but in tests.
+    /// for POST, to whom `protection` lets in. `requestDeadline` and `refusalLogInterval` are
+    /// `Self`'s but in tests.
     package init(
         listen: IPv6Endpoint, protection: AdminProtection = .none, logger: Logger, act: Action? = nil,
-        requestDeadline: TimeAmount = AdminServer.requestDeadline,
+        requestDeadline: TimeAmount = AdminServer.requestDeadline, refusalLogInterval: TimeAmount = AdminServer.refusalLogInterval,
         render: @escaping @Sendable (String) -> (String, String)?
     ) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         pool.start()
-        let refusals = AdminRefusals()
+        let refusals = AdminRefusals(logger: logger, interval: refusalLogInterval)
         self.refusals = refusals
         var authorize: (@Sendable (String) -> AdminAuthResult)?
         var tls: AdminTLS?
@@ -99,7 +107,7 @@ package final class AdminServer: @unchecked Sendable {
                             NIOSSLServerHandler(context: context) { chain, promise in
                                 let der = chain.compactMap { try? $0.toDERBytes() }
                                 if let why = tls.verify(der) {
-                                    logger.notice("admin API: client certificate refused: \(why)", metadata: ["peer": "\(peer)"])
+                                    refusals.notice("client certificate refused: \(why)", ["peer": "\(peer)"], on: channel.eventLoop)
                                     promise.succeed(.failed)
                                 } else {
                                     promise.succeed(.certificateVerified)
@@ -152,12 +160,66 @@ package enum AdminAnswer: Sendable {
     case blocking(@Sendable () -> (status: Int, text: String))
 }
 
-/// What the server refused, shared by its connections.
+/// What the server refused, shared by its connections: counted, every one, and noticed in
+/// the log at most once per `interval`.
 final class AdminRefusals: Sendable {
     let count = Atomic<UInt64>(0)
     let connections = Atomic<UInt64>(0)
+    private let logger: Logger
+    private let interval: TimeAmount
+    /// Within an interval (`open`): the refusals not logged yet, and the last of them.
+    private let unlogged = Mutex<(open: Bool, more: Int, last: (what: String, metadata: Logger.Metadata)?)>((false, 0, nil))
+
+    init(logger: Logger, interval: TimeAmount) { (self.logger, self.interval) = (logger, interval) }
+
     func add() { count.add(1, ordering: .relaxed) }
     func addConnection() { connections.add(1, ordering: .relaxed) }
+
+    /// Logs `what` (`request refused: …`) at notice when no refusal was logged in the last
+    /// `interval`; else keeps it for one line at the interval's end, `<n> more refused …`,
+    /// with the last one's text and metadata. `loop` keeps that time.
+    func notice(_ what: String, _ metadata: Logger.Metadata, on loop: any EventLoop) {
+        let now = unlogged.withLock { u in
+            if u.open {
+                u.more += 1
+                u.last = (what, metadata)
+                return false
+            }
+            u.open = true
+            return true
+        }
+        guard now else { return }
+        logger.notice("admin API: \(what)", metadata: metadata)
+        loop.scheduleTask(in: interval) { self.endInterval(on: loop) }
+    }
+
+    /// Tells what the interval kept back, which starts another (the line just logged is its
+    /// first); with nothing kept, the next refusal is logged at once.
+    private func endInterval(on loop: any EventLoop) {
+        let kept = unlogged.withLock { u -> (more: Int, what: String, metadata: Logger.Metadata)? in
+            guard u.more > 0, let last = u.last else {
+                u.open = false
+                return nil
+            }
+            defer { (u.more, u.last) = (0, nil) }
+            return (u.more, last.what, last.metadata)
+        }
+        guard let kept else { return }
+        let ns = interval.nanoseconds
+        let span = ns % 1_000_000_000 == 0 ? "\(ns / 1_000_000_000) s" : "\(ns / 1_000_000) ms"
+        logger.notice(
+            "admin API: \(kept.more) more refused in the last \(span) (stoq_admin_refused_total counts each); the last: \(kept.what)",
+            metadata: kept.metadata)
+        loop.scheduleTask(in: interval) { self.endInterval(on: loop) }
+    }
+
+    /// `path` as a log line shows it: its first `AdminServer.loggedPathLength` characters, and
+    /// its length when it is longer.
+    static func shown(_ path: String) -> String {
+        let scalars = path.unicodeScalars
+        guard scalars.count > AdminServer.loggedPathLength else { return path }
+        return String(String.UnicodeScalarView(scalars.prefix(AdminServer.loggedPathLength))) + "… (\(path.utf8.count) bytes)"
+    }
 
     /// The families appended to `/metrics`.
     var prometheus: String {
@@ -296,7 +358,9 @@ private final class AdminHandler: ChannelInboundHandler {
             var challenge = false
             if let authorize, case .deny(let why) = authorize(h.headers["authorization"].first ?? "") {
                 refusals.add()
-                logger.notice("admin API: request refused: \(why)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "path": "\(path)"])
+                refusals.notice(
+                    "request refused: \(why)",
+                    ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "path": "\(AdminRefusals.shown(path))"], on: context.eventLoop)
                 status = .unauthorized
                 body = "\(why)\n"
                 challenge = true

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import STOQCore
 import STOQStore
 import STOQTestSupport
@@ -13,15 +14,63 @@ import Testing
 /// The admin API's server on a real socket on [::1]: what a scraper, or someone holding its
 /// connections, sees.
 @Suite struct AdminServerTests {
-    /// A server answering `ok` to every GET, with `requestDeadline` shortened for the test.
+    /// A server answering `ok` to every GET, with `requestDeadline` shortened for the test and
+    /// an hour between refusal notices.
     static func server(
         requestDeadline: TimeAmount = .milliseconds(600), protection: AdminProtection = .none, logger: Logger = Logger(label: "test"),
         act: AdminServer.Action? = nil
     ) throws -> AdminServer {
         try AdminServer(
             listen: IPv6Endpoint(address: .loopback, port: 0), protection: protection, logger: logger, act: act,
-            requestDeadline: requestDeadline
+            requestDeadline: requestDeadline, refusalLogInterval: .hours(1)
         ) { _ in ("ok\n", "text/plain") }
+    }
+
+    /// Requests refused for their token are counted each; the log has one line for them in the
+    /// interval (an hour here), and the client's path in it is cut.
+    @Test func refusedRequestsAreCountedEachAndLoggedOnce() throws {
+        let log = LogCapture()
+        let server = try Self.server(protection: .token(authorize: AdminBearerToken(token: "s3cret").authorize), logger: log.logger)
+        defer { server.shutdown() }
+        let s = try AdminSocket(port: server.localAddress.port)
+        let long = "/" + String(repeating: "a", count: 5000)
+        for i in 0..<50 {
+            #expect(s.send(AdminSocket.request("GET", i == 0 ? long : "/metrics")))
+            #expect(s.readResponse()?.status == 401)
+        }
+        #expect(server.refused == 50)
+        let line = "admin API: request refused: no Authorization header: send Authorization: Bearer <token>"
+        #expect(log.messages(atLeast: .notice).filter { $0.contains("refused") } == [line])
+        #expect(log.metadata("path", of: line) == ["/" + String(repeating: "a", count: 63) + "… (5001 bytes)"])
+    }
+
+    /// At most one refusal notice per interval: the first at once; the interval's end tells
+    /// how many more came and the last of them, and opens the next interval, whose refusals
+    /// wait for its end in turn.
+    @Test func refusalNoticesAreOnePerInterval() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = LogCapture()
+        let refusals = AdminRefusals(logger: log.logger, interval: .seconds(1))
+        let lines = { log.messages(atLeast: .notice) }
+        /// Waits (polling, at most 10 s) until `n` lines were logged.
+        func waitFor(_ n: Int) {
+            let end = ContinuousClock.now + .seconds(10)
+            while lines().count < n && ContinuousClock.now < end { Thread.sleep(forTimeInterval: 0.02) }
+        }
+        let start = ContinuousClock.now
+        for i in 1...50 { refusals.notice("request refused: #\(i)", ["path": "/p\(i)"], on: group.next()) }
+        #expect(lines() == ["admin API: request refused: #1"])
+        waitFor(2)
+        #expect(ContinuousClock.now - start >= .seconds(1))
+        let summary = "admin API: 49 more refused in the last 1 s (stoq_admin_refused_total counts each); the last: request refused: #50"
+        #expect(lines() == ["admin API: request refused: #1", summary])
+        #expect(log.metadata("path", of: summary) == ["/p50"])
+
+        refusals.notice("request refused: #51", ["path": "/p51"], on: group.next())
+        #expect(lines().count == 2, "logged within the interval the summary opened")
+        waitFor(3)
+        #expect(lines().last == "admin API: 1 more refused in the last 1 s (stoq_admin_refused_total counts each); the last: request refused: #51")
     }
 
     /// Sends `first`, then one byte every 100 ms, until the server closes the connection: how
