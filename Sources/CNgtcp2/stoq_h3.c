@@ -17,6 +17,10 @@
 
 /* How much response body one nghttp3 DATA frame carries. */
 #define BODY_CHUNK (1u << 20)
+/* A head's buffer starts this large, when its first field comes, and doubles as more come, up
+ * to STOQ_HEAD_BUFFER: most heads fit the first, and a HEADERS frame that begins and stops (or
+ * waits for QPACK instructions) holds none. */
+#define HEAD_FIRST 1024u
 
 /* ---- Streams --------------------------------------------------------------- */
 
@@ -43,12 +47,20 @@ void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code) {
   stream_free(c, s);
 }
 
+/* The head buffer goes (the head was handed over or refused, or the stream goes). */
+static void head_free(stoq_stream *s) {
+  free(s->head);
+  s->conn->head_bytes -= s->head_cap;
+  s->head = NULL;
+  s->head_cap = 0;
+}
+
 void stream_free(stoq_conn *c, stoq_stream *s) {
   sink_drain(s, 1);
   unwatch_rx(s);
   unwatch_tx(s);
   if (s->abandoned == 1) c->abandoned--;
-  free(s->head);
+  head_free(s);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
   if (s->next) s->next->prev = s->prev;
@@ -150,8 +162,7 @@ int stream_outlived(stoq_conn *c, int64_t id) {
     s->transport_closed = 1;
     unwatch_rx(s);
     unwatch_tx(s);
-    free(s->head);
-    s->head = NULL;
+    head_free(s);
   }
   return nghttp3_conn_shutdown_stream_read(c->h3, id);
 }
@@ -211,8 +222,9 @@ static int h3_deferred_consume(nghttp3_conn *h3, int64_t stream_id, size_t n, vo
   return 0;
 }
 
-/* A head's fields are gathered into the stream's buffer (allocated here, once per head, freed
- * once the head is handed over) and given to the application whole at the end of the head. */
+/* A head's fields are gathered into the stream's buffer (grown as they come, freed once the
+ * head is handed over) and given to the application whole at the end of the head. A server
+ * watches the head from here: it must end within STOQ_HEAD_TIMEOUT (stoq_stall.c). */
 static int h3_begin_headers(nghttp3_conn *h3, int64_t stream_id, void *ud, void *sud) {
   stoq_conn *c = ud;
   stoq_stream *s = sud;
@@ -222,11 +234,38 @@ static int h3_begin_headers(nghttp3_conn *h3, int64_t stream_id, void *ud, void 
     if (!s) return NGHTTP3_ERR_NOMEM;
     nghttp3_conn_set_stream_user_data(h3, stream_id, s);
   }
-  if (!s->head) s->head = malloc(STOQ_HEAD_BUFFER);
   s->head_len = 0;
   s->head_nfields = 0;
   s->head_dropped = 0;
   s->head_section = 0;
+  s->in_head = 1;
+  watch_rx(s);
+  return 0;
+}
+
+void refuse_head(stoq_conn *c, stoq_stream *s, uint64_t code) {
+  head_free(s);
+  s->rx_refused = 1; /* what nghttp3 still passes on in this read is dropped (it checks only as a read starts) */
+  unwatch_rx(s);
+  ngtcp2_conn_shutdown_stream(c->q, s->id, code); /* nghttp3 stops reading it as the STOP_SENDING goes */
+}
+
+/* Grows the head buffer toward `want` bytes (doubling, at most STOQ_HEAD_BUFFER). A head that
+ * would take its connection's heads past STOQ_HEAD_BYTES_MAX is refused (-1). Without memory
+ * the buffer stays as it is: what does not fit is counted, as ever. */
+static int head_grow(stoq_conn *c, stoq_stream *s, size_t want) {
+  size_t cap = s->head_cap ? s->head_cap : HEAD_FIRST;
+  while (cap < want && cap < STOQ_HEAD_BUFFER) cap *= 2;
+  if (cap > STOQ_HEAD_BUFFER) cap = STOQ_HEAD_BUFFER;
+  if (c->head_bytes - s->head_cap + cap > STOQ_HEAD_BYTES_MAX) {
+    refuse_head(c, s, STOQ_H3_EXCESSIVE_LOAD);
+    return -1;
+  }
+  uint8_t *p = realloc(s->head, cap);
+  if (!p) return 0;
+  s->head = p;
+  c->head_bytes += cap - s->head_cap;
+  s->head_cap = cap;
   return 0;
 }
 
@@ -238,13 +277,15 @@ static int h3_recv_header(nghttp3_conn *h3, int64_t stream_id, int32_t token, ng
   (void)stream_id;
   (void)token;
   (void)flags;
-  (void)ud;
+  stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (!s) return 0;
+  if (!s || s->rx_refused) return 0;
   nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
   /* RFC 9114 §4.2.2 counts name + value + 32 per field. */
   s->head_section += n.len + v.len + 32;
-  size_t room = s->head ? STOQ_HEAD_BUFFER - s->head_len : 0;
+  size_t want = s->head_len + sizeof(stoq_field_hdr) + n.len + v.len;
+  if (want > s->head_cap && s->head_cap < STOQ_HEAD_BUFFER && head_grow(c, s, want) != 0) return 0;
+  size_t room = s->head_cap - s->head_len;
   if (room < sizeof(stoq_field_hdr) + n.len || n.len > UINT32_MAX || v.len > UINT32_MAX) {
     s->head_dropped++;
     return 0;
@@ -265,11 +306,14 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
   (void)stream_id;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (!s) return 0;
+  if (!s || s->rx_refused) return 0; /* refused before its end (refuse_head) */
   s->fin_with_headers = fin;
+  s->in_head = 0;
   /* The buffer leaves the stream first: the callback may end the stream (and free it). */
   uint8_t *buf = s->head;
+  c->head_bytes -= s->head_cap;
   s->head = NULL;
+  s->head_cap = 0;
   stoq_head head = {
       .fields = buf,
       .fields_len = buf ? s->head_len : 0,
@@ -279,7 +323,9 @@ static int h3_end_headers(nghttp3_conn *h3, int64_t stream_id, int fin, void *ud
       .has_body = !fin,
   };
   if (c->is_server) {
-    if (!fin) watch_rx(s); /* before the application, which may answer at once */
+    /* The head's watch ends; a body's starts, before the application, which may answer at once. */
+    unwatch_rx(s);
+    if (!fin) watch_rx(s);
     if (c->ep->ev.on_request) c->ep->ev.on_request(c->ep->ev.ctx, c, s, &head);
   } else {
     if (c->ep->ev.on_response) c->ep->ev.on_response(c->ep->ev.ctx, c, s, &head);
@@ -293,7 +339,7 @@ static int h3_end_stream(nghttp3_conn *h3, int64_t stream_id, void *ud, void *su
   (void)stream_id;
   stoq_conn *c = ud;
   stoq_stream *s = sud;
-  if (!s) return 0;
+  if (!s || s->in_head) return 0; /* a head refused: the application never had the request */
   (void)c;
   s->body_complete = 1;
   unwatch_rx(s);

@@ -48,10 +48,10 @@ STOQ_HIDDEN void stoq_pages_read(const stoq_pages *p, uint64_t *warm_bytes, uint
                                  uint64_t *cold_bytes);
 
 /* The user_data of an ngtcp2_mem or nghttp3_mem: the pages, and what the library holds. */
-/* The stall watch's two lists (stoq_stall.c): streams receiving a request body (WATCH_RX) and
- * streams holding body bytes the peer has not acknowledged (WATCH_TX). A stream's links into
- * each live in the stream; a list's cursor is its sweep's next stream, moved on when that
- * stream leaves the list during a report. */
+/* The stall watch's two lists (stoq_stall.c): streams receiving a request head or body
+ * (WATCH_RX) and streams holding body bytes the peer has not acknowledged (WATCH_TX). A stream's
+ * links into each live in the stream; a list's cursor is its sweep's next stream, moved on when
+ * that stream leaves the list during a report. */
 enum { WATCH_RX, WATCH_TX };
 struct stoq_watch_link {
   stoq_stream *prev, *next;
@@ -104,9 +104,11 @@ struct stoq_stream {
   stoq_conn *conn;
   stoq_stream *prev, *next;
   void *app;
-  /* the head being received: its fields packed as stoq_head describes (NULL between heads) */
+  /* the head being received: its fields packed as stoq_head describes, in a buffer of head_cap
+     bytes (NULL before the first field and between heads) */
   uint8_t *head;
-  size_t head_len, head_nfields, head_dropped;
+  size_t head_cap, head_len, head_nfields, head_dropped;
+  uint8_t in_head; /* begun and not handed to the application (still so once refused) */
   uint64_t head_section;
   int64_t max_age; /* the application's (Swift parses Cache-Control); -1: none */
   int fin_with_headers;
@@ -132,10 +134,11 @@ struct stoq_stream {
   unsigned p_head, p_count, p_read; /* ring start, pieces held, pieces fully read (from head) */
   uint64_t p_read_off;              /* read position inside piece p_read */
   uint64_t p_acked;                 /* body bytes the peer acknowledged, not yet released */
-  /* Stall watch (server): in the endpoint's lists while receiving a request body (rx) and while
-   * holding body bytes the peer has not acknowledged (tx), and when each last moved. */
+  /* Stall watch (server): in the endpoint's lists while receiving a request head or body (rx)
+   * and while holding body bytes the peer has not acknowledged (tx), and when each last moved
+   * (a head: when it began). */
   struct stoq_watch_link watch[2]; /* by WATCH_RX / WATCH_TX */
-  uint8_t rx_refused;              /* body timed out, or answered before its end: the rest is dropped */
+  uint8_t rx_refused;              /* head refused, body timed out, or answered before its end: the rest is dropped */
   uint64_t rx_moved, tx_moved;     /* endpoint clock */
   uint64_t tx_given, tx_acked;     /* body bytes given to send (with a reader), and acknowledged */
   uint64_t expected;               /* the announced body length (UINT64_MAX: none) */
@@ -183,6 +186,7 @@ struct stoq_conn {
   void *app;
   stoq_stream *streams;
   uint64_t streams_open;
+  size_t head_bytes;  /* its streams' head buffers (at most STOQ_HEAD_BYTES_MAX) */
   int64_t h3_closed;  /* the request stream nghttp3 last closed (h3_stream_close; see cb_stream_close) */
   unsigned abandoned; /* streams whose application has yet to hear of its own reset */
   uint64_t body_rx, body_tx;
@@ -248,8 +252,12 @@ STOQ_HIDDEN void request_body_reset(stoq_conn *c, stoq_stream *s);
 /* The transport closed request stream `id`, which nghttp3 keeps (a head waiting for QPACK):
    nothing more is read or sent on it. 0, or nghttp3's error. */
 STOQ_HIDDEN int stream_outlived(stoq_conn *c, int64_t id);
-/* The stall watch (stoq_h3.c): a server stream starts receiving a body, or holds `given` more
-   body bytes to send; leaves the lists (its body ended, was acknowledged, reset, or it goes). */
+/* A head is refused before the application saw it (too large for the connection, or timed
+   out): nothing more of the stream is read, and it is reset with `code`. */
+STOQ_HIDDEN void refuse_head(stoq_conn *c, stoq_stream *s, uint64_t code);
+/* The stall watch (stoq_stall.c): a server stream starts receiving a head or a body, or holds
+   `given` more body bytes to send; leaves the lists (its head or body ended, was acknowledged,
+   reset, or it goes). */
 STOQ_HIDDEN void watch_rx(stoq_stream *s);
 STOQ_HIDDEN void unwatch_rx(stoq_stream *s);
 STOQ_HIDDEN void watch_tx(stoq_stream *s, uint64_t given);

@@ -1,9 +1,11 @@
 /*
- * Stalled streams (slowloris): a client that sends a request's head and part of its body and
- * stops, or stops granting flow control to a response, while keeping its connection alive with
- * ACKs and PINGs, held the body's memfd or temp file, or the response's mapping, for as long as
- * it liked. A server endpoint watches the streams that can stall and reports those that did
- * (`limits.body_timeout`, `limits.send_timeout`; what is done with them is QUICEndpoint's).
+ * Stalled streams (slowloris): a client that begins a request's head and stops, sends a head
+ * and part of its body and stops, or stops granting flow control to a response, while keeping
+ * its connection alive with ACKs and PINGs, held the stream (and the head's buffer), the body's
+ * memfd or temp file, or the response's mapping, for as long as it liked. A server endpoint
+ * watches the streams that can stall and reports those that did (STOQ_HEAD_TIMEOUT,
+ * `limits.body_timeout`, `limits.send_timeout`; what is done with a body or a response is
+ * QUICEndpoint's, a head is refused here: the application never saw it).
  *
  * Cost on the packet path: a store of the endpoint's clock per STREAM frame received and per
  * acknowledgement of body bytes; entering and leaving the lists is O(1) and allocates nothing
@@ -72,6 +74,14 @@ uint64_t stoq_stream_body_acked(const stoq_stream *s, uint64_t *given) {
  * stamp from after `now`). */
 static int older(uint64_t now, uint64_t then, uint64_t span) { return now > then && now - then >= span; }
 
+/* A request head not complete STOQ_HEAD_TIMEOUT after it began (its HEADERS frame stopped, or
+ * waits for QPACK instructions that do not come): the stream is reset, not processed. */
+static void head_stalled(stoq_stream *s) {
+  stoq_conn *c = s->conn;
+  refuse_head(c, s, STOQ_H3_REQUEST_REJECTED);
+  if (c->ep->ev.on_stalled) c->ep->ev.on_stalled(c->ep->ev.ctx, c, s, STOQ_STALL_HEAD);
+}
+
 /* A request body that stopped: what was queued lands (the application closes the sink's file
  * once it hears), the rest is dropped, and the peer is asked to stop sending it. */
 static void body_stalled(stoq_stream *s) {
@@ -97,20 +107,25 @@ static int peer_holds(stoq_stream *s, uint64_t now, uint64_t timeout) {
 int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout) {
   ep->now = now;
   int n = 0;
-  if (body_timeout) {
-    struct stoq_watch_list *l = &ep->watching[WATCH_RX];
-    for (stoq_stream *s = l->head; s; s = l->cursor) {
-      l->cursor = s->watch[WATCH_RX].next;
-      if (s->pending) { /* its credit waits for the writer (a slow disk), not for the peer */
-        s->rx_moved = now;
-        continue;
-      }
-      if (!older(now, s->rx_moved, body_timeout)) continue;
-      body_stalled(s);
+  struct stoq_watch_list *rx = &ep->watching[WATCH_RX];
+  for (stoq_stream *s = rx->head; s; s = rx->cursor) {
+    rx->cursor = s->watch[WATCH_RX].next;
+    if (s->in_head) { /* heads are always swept */
+      if (!older(now, s->rx_moved, STOQ_HEAD_TIMEOUT)) continue;
+      head_stalled(s);
       n++;
+      continue;
     }
-    l->cursor = NULL;
+    if (!body_timeout) continue;
+    if (s->pending) { /* its credit waits for the writer (a slow disk), not for the peer */
+      s->rx_moved = now;
+      continue;
+    }
+    if (!older(now, s->rx_moved, body_timeout)) continue;
+    body_stalled(s);
+    n++;
   }
+  rx->cursor = NULL;
   if (send_timeout) {
     struct stoq_watch_list *l = &ep->watching[WATCH_TX];
     for (stoq_stream *s = l->head; s; s = l->cursor) {

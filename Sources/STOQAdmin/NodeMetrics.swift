@@ -232,9 +232,10 @@ package struct NodeMetrics {
         ) { $0.endpoint.bodiesCutShort }
         family(
             "stoq_http_requests_timed_out_total", "counter",
-            "Stalled streams: request bodies that received no byte for limits.body_timeout (answered 408), responses the client acknowledged nothing of for limits.send_timeout (reset).",
+            "Stalled streams: request heads not complete \(StallTimeouts.duration(StallTimeouts.headTimeout)) after they began (reset), request bodies that received no byte for limits.body_timeout (answered 408), responses the client acknowledged nothing of for limits.send_timeout (reset).",
             workers.flatMap { w in
                 [
+                    ("{worker=\"\(w.index)\",what=\"head\"}", w.endpoint.requestsTimedOutHead),
                     ("{worker=\"\(w.index)\",what=\"body\"}", w.endpoint.requestsTimedOutBody),
                     ("{worker=\"\(w.index)\",what=\"send\"}", w.endpoint.requestsTimedOutSend),
                 ]
@@ -527,6 +528,7 @@ package struct NodeMetrics {
                 "ingest_new_bytes": w.objects.ingestNewBytes, "ingest_dedup_bytes": w.objects.ingestDedupBytes,
                 "access_refused_401": w.access.refusedUnauthenticated, "access_refused_403": w.access.refusedForbidden,
                 "access_allowed_writes": w.access.allowedWrites,
+                "requests_timed_out_head": w.endpoint.requestsTimedOutHead,
                 "requests_timed_out_body": w.endpoint.requestsTimedOutBody, "requests_timed_out_send": w.endpoint.requestsTimedOutSend,
             ])
         }

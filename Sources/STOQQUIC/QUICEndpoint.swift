@@ -26,9 +26,12 @@ public struct EndpointCounters: Sendable {
     /// Responses reset because the file they were sent from shrank under them (an object
     /// replaced in place rather than by a rename): `BodyRegion.guardFileMappings`.
     public var bodiesCutShort: UInt64 = 0
-    /// Requests whose body received no byte for `QUICSettings.bodyTimeout` (answered 408, their
-    /// body dropped), and responses the peer acknowledged nothing of for
-    /// `QUICSettings.sendTimeout` (reset): stalled streams, `StallTimeouts`.
+    /// Requests whose head was not complete `StallTimeouts.headTimeout` after it began (their stream
+    /// reset, never processed), requests whose body received no byte for
+    /// `QUICSettings.bodyTimeout` (answered 408, their body dropped), and responses the peer
+    /// acknowledged nothing of for `QUICSettings.sendTimeout` (reset): stalled streams,
+    /// `StallTimeouts`.
+    public var requestsTimedOutHead: UInt64 = 0
     public var requestsTimedOutBody: UInt64 = 0
     public var requestsTimedOutSend: UInt64 = 0
     /// Replies we could not queue (reply queue full).
@@ -667,7 +670,8 @@ public final class QUICEndpoint {
     /// timeout fires up to this late, and the sweep's cost (a walk over those streams only) is
     /// paid this often.
     public static let sweepInterval: UInt64 = Nanos.second
-    private var sweepsStalls: Bool { isServer && (settings.bodyTimeout > 0 || settings.sendTimeout > 0) }
+    /// A server's: request heads are always timed out (`StallTimeouts.headTimeout`).
+    private var sweepsStalls: Bool { isServer }
     private var nextSweep: Timestamp = 0
     /// The last stall seen since `takeStallNote`, for the worker's throttled log.
     private var stallNote: String?
@@ -678,14 +682,19 @@ public final class QUICEndpoint {
         return stallNote
     }
 
-    /// A stream the sweep found stalled (it no longer watches it). A request body: the
-    /// application hears the request aborted (and frees its memfd or temp file), and the
-    /// request is answered 408 saying what happened, or reset when it was answered already.
+    /// A stream the sweep found stalled (it no longer watches it). A request head: the shim
+    /// has reset the stream (H3_REQUEST_REJECTED); the application never heard of it. A request
+    /// body: the application hears the request aborted (and frees its memfd or temp file), and
+    /// the request is answered 408 saying what happened, or reset when it was answered already.
     /// A response: reset with H3_REQUEST_CANCELLED; its body (a mapping) is released when the
     /// stream closes, once the peer acknowledges the reset. The connection and its other
     /// streams go on.
-    fileprivate func stalled(_ stream: HTTPStream, _ conn: QUICConnection, body: Bool) {
-        if body {
+    fileprivate func stalled(_ stream: HTTPStream, _ conn: QUICConnection, kind: Int32) {
+        if kind == STOQ_STALL_HEAD {
+            tally.requestsTimedOutHead &+= 1
+            stallNote = "\(conn.peer): \(StallTimeouts.headStalled(timeout: StallTimeouts.headTimeout))"
+            markDirty(conn)  // the reset goes out
+        } else if kind == STOQ_STALL_BODY {
             tally.requestsTimedOutBody &+= 1
             let expected = stoq_stream_expected_length(stream.raw)
             let what = StallTimeouts.bodyStalled(
@@ -1045,7 +1054,7 @@ private let onBodyMark: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?
 private let onStalled: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, OpaquePointer?, Int32) -> Void = {
     ctx, c, s, what in
     guard let conn = connection(c), let s else { return }
-    QUICEndpoint.from(ctx).stalled(HTTPStream(raw: s), conn, body: what == STOQ_STALL_BODY)
+    QUICEndpoint.from(ctx).stalled(HTTPStream(raw: s), conn, kind: what)
 }
 
 private let onSinkProgress: @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?) -> Void = { ctx, c in

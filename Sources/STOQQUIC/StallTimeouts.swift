@@ -1,11 +1,13 @@
+import CNgtcp2
 import STOQCore
 
-/// What a server says of a stalled stream (slowloris: a client that sends part of a request
-/// body and stops, or stops granting flow control to a response, while keeping its connection
-/// alive). The endpoint finds them (`QUICSettings.bodyTimeout`, `sendTimeout`; the C shim's
-/// `stoq_endpoint_ctx_sweep`), answers or resets them, and counts them
-/// (`EndpointCounters.requestsTimedOutBody`, `requestsTimedOutSend`); these are its words, in
-/// the 408's body and the node's log, named after the settings an operator would change.
+/// What a server says of a stalled stream (slowloris: a client that begins a request head, or
+/// sends part of a request body, and stops, or stops granting flow control to a response, while
+/// keeping its connection alive). The endpoint finds them (`STOQ_HEAD_TIMEOUT`,
+/// `QUICSettings.bodyTimeout`, `sendTimeout`; the C shim's `stoq_endpoint_ctx_sweep`), answers
+/// or resets them, and counts them (`EndpointCounters.requestsTimedOutHead`,
+/// `requestsTimedOutBody`, `requestsTimedOutSend`); these are its words, in the 408's body and
+/// the node's log, named after the settings an operator would change.
 ///
 /// Why "no byte acknowledged" for a response: in QUIC a peer that stops reading stops granting
 /// MAX_STREAM_DATA, and the sender then has nothing to send and so nothing acknowledged; a peer
@@ -15,6 +17,16 @@ import STOQCore
 /// A response waiting its turn behind its connection's others (nghttp3 sends responses of one
 /// urgency one after another) has credit and a connection that moves: it is not stalled.
 public enum StallTimeouts {
+    /// How long a request head may take (ns), a fixed limit: one not complete this long after
+    /// its HEADERS frame began is refused, its stream reset (`STOQ_HEAD_TIMEOUT`, the shim's).
+    public static let headTimeout: UInt64 = STOQ_HEAD_TIMEOUT
+
+    /// A refused head, for the log: `request head not complete 10 s after it began (a fixed
+    /// limit); the stream reset (H3_REQUEST_REJECTED)`.
+    public static func headStalled(timeout: UInt64) -> String {
+        "request head not complete \(duration(timeout)) after it began (a fixed limit); the stream reset (H3_REQUEST_REJECTED)"
+    }
+
     /// The 408's text: e.g. `no request body bytes for 60 s (limits.body_timeout); 12345 of
     /// 1048576 bytes received`.
     public static func bodyStalled(timeout: UInt64, received: UInt64, expected: UInt64?) -> String {
@@ -29,7 +41,7 @@ public enum StallTimeouts {
     }
 
     /// `ns` as the operator wrote it, near enough: whole seconds as `60 s`, the rest in ms.
-    static func duration(_ ns: UInt64) -> String {
+    public static func duration(_ ns: UInt64) -> String {
         ns % Nanos.second == 0 ? "\(ns / Nanos.second) s" : "\(ns / 1_000_000) ms"
     }
 }

@@ -68,8 +68,9 @@ public final class Worker {
     private var lastKernelDrops: UInt32?
     /// `EndpointCounters.bodiesCutShort` as last logged.
     private var bodiesCutShort: UInt64 = 0
-    /// `EndpointCounters.requestsTimedOutBody` and `requestsTimedOutSend` as last logged.
-    private var stalls: (UInt64, UInt64) = (0, 0)
+    /// `EndpointCounters.requestsTimedOutHead`, `requestsTimedOutBody` and `requestsTimedOutSend`
+    /// as last logged.
+    private var stalls: (UInt64, UInt64, UInt64) = (0, 0, 0)
     /// Whether the last tick found the endpoint answering Initials with Retry under load.
     private var retryingUnderLoad = false
     private let maxPayload: Int
@@ -290,12 +291,12 @@ public final class Worker {
     /// most once a tick, naming the last one's peer (`StallTimeouts`).
     private func noteStalls(_ logger: Logger?) {
         let c = endpoint.counters
-        let now = (c.requestsTimedOutBody, c.requestsTimedOutSend)
+        let now = (c.requestsTimedOutHead, c.requestsTimedOutBody, c.requestsTimedOutSend)
         guard now != stalls, let last = endpoint.takeStallNote() else { return }
-        let (body, send) = (now.0 - stalls.0, now.1 - stalls.1)
+        let (head, body, send) = (now.0 - stalls.0, now.1 - stalls.1, now.2 - stalls.2)
         stalls = now
         logger?.warning(
-            "worker \(index): \(body) request bodies and \(send) responses stalled (limits.body_timeout, limits.send_timeout): the request answered 408 or the response reset; the last, from \(last)"
+            "worker \(index): \(body) request bodies and \(send) responses stalled (limits.body_timeout, limits.send_timeout), \(head) request heads unfinished after \(StallTimeouts.duration(StallTimeouts.headTimeout)): the request answered 408, the response or the head's stream reset; the last, from \(last)"
         )
     }
 

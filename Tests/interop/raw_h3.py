@@ -71,7 +71,13 @@ METHODS = {"DELETE": 16, "GET": 17, "HEAD": 18, "PUT": 21}
 
 
 def request(method, path, authority, headers=()):
-    """A HEADERS frame for a request, static table and literals only (QPACK, RFC 9204 §4.5):
+    """A HEADERS frame for a request."""
+    block = field_section(method, path, authority, headers)
+    return b"\x01" + varint(len(block)) + block
+
+
+def field_section(method, path, authority, headers=()):
+    """A request's encoded field section, static table and literals only (QPACK, RFC 9204 §4.5):
     each field a static entry, or a literal under a static name (:path 1, :authority 0) or
     under its own."""
     def named(index, value):
@@ -82,7 +88,7 @@ def request(method, path, authority, headers=()):
     for name, value in headers:
         n, v = name.encode(), value.encode()
         block += prefixed(0x20, 3, len(n)) + n + prefixed(0x00, 7, len(v)) + v
-    return b"\x01" + varint(len(block)) + block
+    return block
 
 
 class RawH3:
@@ -173,6 +179,7 @@ class RawH3:
         self.pump(lambda: uid in self.pings_acked)
 
     def new_stream(self):
+        """The next request stream's id (the same until something is sent on it)."""
         return self.quic.get_next_available_stream_id()
 
     def response(self, stream_id):

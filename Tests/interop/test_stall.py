@@ -339,3 +339,68 @@ def test_a_chunked_upload_waits_out_a_node_busy_with_bodies(tmp_path):
         node.log.flush()
     finally:
         assert node.stop() == 0
+
+
+def test_unfinished_request_heads_are_refused_and_hold_no_buffer(tmp_path):
+    """200 streams each begin a HEADERS frame of 255 bytes and send none of it (3 bytes each);
+    16 more begin one of 8000 bytes and send a 4000-byte field of it, which the node keeps in
+    an 8 KiB buffer. A connection's heads in progress hold at most 80 KiB (the shim's
+    STOQ_HEAD_BYTES_MAX): the big ones past it are reset at once (H3_EXCESSIVE_LOAD). The rest are
+    reset 10 s after they began (STOQ_HEAD_TIMEOUT, H3_REQUEST_REJECTED), whatever
+    limits.body_timeout says; none reaches the application, the counter and the log say so, and
+    another connection is served meanwhile, this one after (before, every unfinished head held
+    20 KiB for as long as its client liked)."""
+    from raw_h3 import RawH3, field_section, request, varint
+    node = Node(tmp_path / "n", workers=1, extra='[admin]\nlisten = "[::1]:0"\n[limits]\nbody_timeout = "0s"\n')
+    node.add_object("small.bin", 1000)
+    names = ["stoq_http_requests_total"]
+    authority = f"[::1]:{node.port}"
+
+    def timed_out():
+        with urllib.request.urlopen(node.admin, timeout=10) as r:
+            text = r.read().decode()
+        return sum(int(v) for v in re.findall(r'^stoq_http_requests_timed_out_total\{worker="\d+",what="head"\} (\d+)$', text, re.M))
+
+    def get(c):
+        sid = c.new_stream()
+        c.send(sid, request("GET", "/objects/small.bin", authority), end=True)
+        c.pump(lambda: sid in c.finished)
+        status, body = c.response(sid)
+        assert status == 200 and len(body) == 1000
+
+    try:
+        before = settled(lambda: summed_counters(node, names))
+        c = RawH3(node)
+        started = time.time()
+        empty, big = [], []
+        for _ in range(200):
+            empty.append(c.new_stream())
+            c.quic.send_stream_data(empty[-1], b"\x01\x40\xff")
+        block = field_section("GET", "/objects/small.bin", authority, [("x-pad", "p" * 4000)])
+        for _ in range(16):
+            big.append(c.new_stream())
+            c.quic.send_stream_data(big[-1], b"\x01" + varint(8000) + block)
+        c.flush()
+        c.pump(lambda: len(c.resets) >= 6)
+        refused = {sid for sid, code in c.resets.items() if code == 0x107}
+        assert refused <= set(big) and len(refused) >= 16 - (80 << 10) // (8 << 10), c.resets
+        other = RawH3(node)
+        get(other)  # another connection is served meanwhile
+        other.close()
+        assert all(sid not in c.resets for sid in empty), "no head timed out yet"
+        c.pump(lambda: len(c.resets) == 216, timeout=30)
+        assert 9 < time.time() - started < 25
+        assert {code for sid, code in c.resets.items() if sid not in refused} == {0x10B}, c.resets
+        assert not any(c.received.get(sid) for sid in empty + big), "nothing was answered"
+        get(c)
+        c.close()
+        assert settled(timed_out) == 216 - len(refused)
+        after = settled(lambda: summed_counters(node, names))
+        assert after[names[0]] - before[names[0]] == 2, "only the two GETs reached the application"
+        deadline = time.time() + 10
+        while "request heads unfinished" not in (node.workdir / "node.log").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        log = (node.workdir / "node.log").read_text()
+        assert "request head not complete 10 s after it began (a fixed limit)" in log and "[::1]:" in log, log[-2000:]
+    finally:
+        assert node.stop() == 0

@@ -106,8 +106,18 @@ typedef struct stoq_conn stoq_conn;
 typedef struct stoq_stream stoq_stream;
 
 /** Bytes of one head's fields a stream keeps: the largest field section a request may have
- *  plus the longest path (what nghttp3 is told to accept). A larger head is counted, not kept. */
+ *  plus the longest path (what nghttp3 is told to accept). A larger head is counted, not kept.
+ *  The buffer grows to this as the fields come (it starts at 1 KB, when the first one does). */
 #define STOQ_HEAD_BUFFER (STOQ_MAX_FIELD_SECTION + STOQ_MAX_PATH)
+/** Head buffer bytes a connection's heads in progress (begun, not yet handed over) hold at most:
+ *  four heads as large as STOQ_HEAD_BUFFER. A head that would take more is refused: its stream
+ *  is reset with H3_EXCESSIVE_LOAD. (A head arriving whole in one read holds its buffer for that
+ *  read only; QPACK references let a few bytes on the wire stand for a large head.) */
+#define STOQ_HEAD_BYTES_MAX (4 * STOQ_HEAD_BUFFER)
+/** How long a server gives a request head (ns): one not complete this long after its HEADERS
+ *  frame began (the frame stops, or waits for QPACK instructions that do not come) is refused
+ *  by the sweep (stoq_endpoint_ctx_sweep, STOQ_STALL_HEAD). */
+#define STOQ_HEAD_TIMEOUT (10ull * 1000000000ull)
 
 /** One field of a received head, packed: this, then `name_len` bytes of name, then
  *  `value_kept` bytes of value (`value_len` is its length on the wire; it was cut when the
@@ -151,7 +161,8 @@ typedef struct stoq_events {
   /** Server: the request body reached the mark set with stoq_stream_set_body_mark (once). */
   void (*on_body_mark)(void *ctx, stoq_conn *c, stoq_stream *s);
   /** Server, from stoq_endpoint_ctx_sweep: the stream made no progress for its timeout
-   *  (`what`: STOQ_STALL_BODY or STOQ_STALL_SEND). It no longer is watched; see the sweep. */
+   *  (`what`: STOQ_STALL_HEAD, STOQ_STALL_BODY or STOQ_STALL_SEND). It no longer is watched;
+   *  see the sweep. A head's stream is one the application never heard of. */
   void (*on_stalled)(void *ctx, stoq_conn *c, stoq_stream *s, int what);
 } stoq_events;
 
@@ -225,12 +236,16 @@ void stoq_endpoint_ctx_sink_stats(const stoq_endpoint_ctx *ep, stoq_sink_stats *
  *  on the endpoint's thread every turn of its loop. Returns the buffers taken back. */
 int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
 /** Stalled streams (slowloris). A server endpoint watches, without allocating, the streams
- *  receiving a request body and the streams holding response body bytes the peer has not
- *  acknowledged, and notes when each last moved (a body byte arrived, or was acknowledged) by
- *  the endpoint's clock: the `now` of the last read, write, expiry or stoq_endpoint_ctx_clock.
+ *  receiving a request head or body and the streams holding response body bytes the peer has
+ *  not acknowledged, and notes when each began its head or last moved (a body byte arrived, or
+ *  was acknowledged) by the endpoint's clock: the `now` of the last read, write, expiry or
+ *  stoq_endpoint_ctx_clock.
  *
  *  The sweep reports, through on_stalled, each watched stream that has not moved for its
- *  timeout (0: that direction is not swept), once, and stops watching it:
+ *  timeout (0: bodies or responses are not swept), once, and stops watching it:
+ *  - STOQ_STALL_HEAD: the request head was not complete STOQ_HEAD_TIMEOUT after it began
+ *    (always swept). The application never saw the request: the stream is reset with
+ *    H3_REQUEST_REJECTED (RFC 9114 §8.1: not processed) and nothing more of it is read.
  *  - STOQ_STALL_BODY: no request body byte arrived for `body_timeout` (a stream whose writes
  *    are still queued is not stalled: its credit is held by the disk, not the peer). Before
  *    the call, the queued writes have landed, the rest of the body is dropped, and the peer
@@ -248,6 +263,7 @@ void stoq_endpoint_ctx_clock(stoq_endpoint_ctx *ep, uint64_t now);
 int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep);
 #define STOQ_STALL_BODY 1
 #define STOQ_STALL_SEND 2
+#define STOQ_STALL_HEAD 3
 
 /** The eventfd the writer signals after each buffer it writes (the endpoint's own, unless set
  *  with stoq_endpoint_ctx_set_sink_wake_fd): the loop waits on it with its datagrams, so that
