@@ -29,6 +29,15 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         var retryAt: UInt64 = 0
         /// The last probe answer that was not a 200 (logged once until it changes), or 0.
         var refusedWith = 0
+        /// When this node last sent it its own held advert (`returnsOwnAdvert`), and which.
+        var returned: (sequence: UInt64, at: UInt64)?
+    }
+
+    /// An accepted advert as signed, its sequence, and when it was accepted here.
+    struct Held {
+        var bytes: [UInt8]
+        var sequence: UInt64
+        var at: UInt64
     }
 
     enum Pending {
@@ -79,7 +88,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// The newest accepted advert of every live origin, this node's own included, as signed: a
     /// neighbour whose link comes up is sent all of them at once, so it routes on the whole
     /// database now rather than after every origin's next refresh (`routing.update_interval`).
-    var held: [NodeID: [UInt8]] = [:]
+    var held: [NodeID: Held] = [:]
     /// How many links the last advert too small for every neighbour held (warned once per count).
     var advertTrimWarned = -1
     /// Warnings that repeat (refused adverts by code, a misnamed neighbour): logged at most
@@ -392,6 +401,17 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 viewDirty = true
                 advertDue = true
             }
+            if let h = held[answer.node.routingID],
+                Self.returnsOwnAdvert(held: h.sequence, answered: answer.sequence, lastReturned: n.returned, now: now)
+            {
+                n.returned = (h.sequence, now)
+                put(BodyRegion(copying: h.bytes), to: n.url)
+                if let said = warnings.allow("returned \(n.url)", now: now) {
+                    logger.notice(
+                        "mesh: node \(answer.node) at \(n.url) last signed sequence \(answer.sequence), below the \(h.sequence) this node holds for it (its clock set back before a restart?); sent it that advert, so that it signs past it\(said)"
+                    )
+                }
+            }
             guard sample else {
                 neighbours[ep] = n
                 return
@@ -504,8 +524,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     private func synchronize(_ n: Neighbour) {
         let mine = me.routingID
         var sent = 0
-        for (origin, bytes) in held where origin != mine && origin != n.id?.routingID {
-            put(BodyRegion(copying: bytes), to: n.url)
+        for (origin, h) in held where origin != mine && origin != n.id?.routingID {
+            put(BodyRegion(copying: h.bytes), to: n.url)
             sent += 1
         }
         counters.advertsSynchronized += UInt64(sent)
@@ -573,7 +593,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             logger.warning("mesh: \(links.count) neighbours are up; this node's advert holds the \(kept.count) nearest")
         }
         service.signed(sequence: ownSequence)
-        held[me.routingID] = signed.bytes
+        held[me.routingID] = Held(bytes: signed.bytes, sequence: ownSequence, at: now)
         do { try engine.apply(signed.advert.linkState, now: now) } catch {
             logger.error("mesh: this node's own advert was refused: \(error)")
         }
@@ -616,8 +636,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         }
         guard signed.advert.origin != me else {
             // One of this node's own, from before a restart with a clock set back: the mesh holds
-            // that sequence, and would refuse every advert below it as stale. Sign past it.
-            // Past, not equal: its current advert comes back by flooding all the time.
+            // that sequence, and would refuse every advert below it as stale. Sign past it. A
+            // neighbour sends it back when a probe answer shows this node behind
+            // (`returnsOwnAdvert`); flooding never does (no node sends an origin its own).
             if signed.advert.sequence > ownSequence {
                 logger.notice(
                     "mesh: the mesh holds an advert of this node with sequence \(signed.advert.sequence), past its own \(ownSequence) (a clock set back?); signing past it"
@@ -633,16 +654,18 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         } catch {
             if error.code == .duplicate {
                 counters.advertsDuplicate += 1
+            } else if error.code == .stale {
+                refusedStale(signed.advert.origin, sequence: signed.advert.sequence, now: now)
             } else {
                 counters.advertsRefused[error.code.rawValue, default: 0] += 1
-                if error.code != .stale, let said = warnings.allow(error.code.rawValue, now: now) {
+                if let said = warnings.allow(error.code.rawValue, now: now) {
                     logger.warning("mesh: advert of \(signed.advert.origin) refused: \(error)\(said)")
                 }
             }
             return
         }
         counters.advertsAccepted += 1
-        held[signed.advert.origin.routingID] = bytes
+        held[signed.advert.origin.routingID] = Held(bytes: bytes, sequence: signed.advert.sequence, at: now)
         // The origin's own identity is signed; a link's peer is only claimed, and never takes
         // the place of one already known (a peer sharing a node's 64-bit routing id would
         // otherwise hide that node from every relay addressed to it).
@@ -650,6 +673,44 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         for l in signed.advert.links where identities[l.neighbour.routingID] == nil { identities[l.neighbour.routingID] = l.neighbour }
         viewDirty = true
         send(bytes, except: signed.advert.origin)
+    }
+
+    /// Counts an advert of `origin` refused as stale, and says so (at most once per
+    /// `LogThrottle.interval`) unless it is a copy a newer one overtook in the flood: one this
+    /// node accepted under `floodOvertake` ago. Otherwise the origin's sequence went back (its
+    /// clock set back before a restart): its neighbours send it its held advert
+    /// (`returnsOwnAdvert`) and it signs past it; until then, or when no node still holds one
+    /// (it expired), the mesh refuses it.
+    private func refusedStale(_ origin: NodeIdentity, sequence: UInt64, now: UInt64) {
+        counters.advertsRefused[LinkStateError.Code.stale.rawValue, default: 0] += 1
+        let h = held[origin.routingID]
+        if let h, now &- h.at < Self.floodOvertake { return }
+        guard let said = warnings.allow(LinkStateError.Code.stale.rawValue, now: now) else { return }
+        let known = engine.database.origins[origin.routingID]?.sequence ?? h?.sequence ?? 0
+        let age = h.map { String(format: "accepted %.1f s ago", Double(now &- $0.at) / 1e9) } ?? "its advert expired"
+        logger.warning(
+            "mesh: advert of \(origin) refused (stale): sequence \(sequence), not above the \(known) this node holds (\(age)); its sequence went back (a clock set back before a restart?), and the mesh refuses its adverts until it signs past that\(said)"
+        )
+    }
+
+    /// A stale advert that arrives within this of the newer one's acceptance is taken for a copy
+    /// overtaken in the flood (counted, not logged).
+    static let floodOvertake = Nanos.second
+
+    /// How soon a neighbour whose sequence is behind is sent its own advert again (the first
+    /// `PUT` may be lost, or refused while its queue is full).
+    static let returnInterval = Nanos.second
+
+    /// Whether a neighbour should be sent its own advert that this node holds (`held`, its
+    /// sequence) back, given the sequence its probe answer says it signed last (`answered`):
+    /// when that is below the held one, its sequence went back (a restart with its clock set
+    /// back) and every node refuses its adverts as stale. Seeing its own advert, it signs past
+    /// it (`received`). Not before it signed once (0), and the same advert not more than once
+    /// per `returnInterval`.
+    static func returnsOwnAdvert(held: UInt64?, answered: UInt64, lastReturned: (sequence: UInt64, at: UInt64)?, now: UInt64) -> Bool {
+        guard let held, answered > 0, held > answered else { return false }
+        guard let last = lastReturned, last.sequence == held else { return true }
+        return now &- last.at >= returnInterval
     }
 
     // MARK: Publishing

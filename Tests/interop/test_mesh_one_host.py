@@ -9,12 +9,18 @@ import pathlib
 import math
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
+from cryptography import x509
+
 from conftest import free_port, metric_totals, need_binary, plain_cuts, random_file, sha256_file, stoq
 from test_monitoring import start_node, stop
+
+HERE = pathlib.Path(__file__).parent
 
 
 def routes(node):
@@ -627,4 +633,76 @@ def test_a_flapping_neighbour_is_suppressed_then_reused(tmp_path):
         for n in nodes:
             if n.proc.poll() is None:
                 n.proc.send_signal(signal.SIGCONT)
+            stop(n)
+
+
+def put_advert(node_port, ca, path):
+    """PUT /_stoq/mesh/advert with the bytes at `path` (aioquic's client, no credential)."""
+    r = subprocess.run([sys.executable, str(HERE / "h3client.py"), f"https://[::1]:{node_port}/_stoq/mesh/advert",
+                        "--ca", ca / "root.pem", "--method", "PUT", "--body", path],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip(), r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def node_log(node, workdir):
+    node.log.flush()
+    return (workdir / "node.log").read_text()
+
+
+def test_a_node_whose_sequence_went_back_is_sent_its_advert_and_signs_past_it(tmp_path):
+    """A holds an advert of B's signed with a sequence an hour ahead of what B signs now (B's
+    clock was ahead when it signed it, and was set back before a restart). Every node then
+    refused B's adverts as stale, and the recovery (B signs past its own advert when it comes
+    back) never ran: no node sends an origin its own advert. Now A's probe answer from B says
+    B signed less than A holds, so A sends B that advert; B signs past it and A takes B's
+    adverts again. A stale advert is logged unless a newer one came within a second (a copy
+    overtaken in the flood)."""
+    import mesh_advert
+
+    ca = certificates(tmp_path, ("a", "b", "c"))
+    pa, pb = free_port(), free_port()
+    nodes = []
+    try:
+        for name, port, peers in (("a", pa, [pb]), ("b", pb, [pa])):
+            nodes.append(start_node(tmp_path / name, port, mesh_config(tmp_path, ca, name, peers)))
+        a, b = nodes
+        wait_for_routes(nodes, 1)
+        ahead = int(time.time() * 1000) + 3_600_000
+        planted = tmp_path / "b-ahead"
+        planted.write_bytes(mesh_advert.build((tmp_path / "b.pem").read_bytes(), (tmp_path / "b.key").read_bytes(),
+                                              sequence=ahead, lifetime_ms=30_000))
+        assert put_advert(pa, ca, planted).get("status") == 202
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and f"with sequence {ahead}, past its own" not in node_log(b, tmp_path / "b"):
+            time.sleep(0.1)
+        said = [l for l in node_log(b, tmp_path / "b").splitlines() if "signing past it" in l]
+        assert len(said) == 1 and f"with sequence {ahead}, past its own" in said[0], said
+        returned = [l for l in node_log(a, tmp_path / "a").splitlines() if "so that it signs past it" in l]
+        assert len(returned) >= 1 and f"below the {ahead} this node holds for it" in returned[0], returned
+        # B's adverts are taken again: A routes to B, and refuses none of B's as stale any more.
+        wait_for_routes([a], 1, timeout=10)
+        accepted = status(a)["counters"]["adverts_accepted"]
+        stale = status(a)["counters"]["adverts_refused"].get("stale", 0)
+        time.sleep(1.5)  # several of B's update intervals (200 ms)
+        assert status(a)["counters"]["adverts_accepted"] >= accepted + 3
+        assert status(a)["counters"]["adverts_refused"].get("stale", 0) == stale
+        assert routes(a) and routes(b)
+
+        # A stale advert with nothing newer in the last second is said (once per 10 s).
+        chain, key = (tmp_path / "c.pem").read_bytes(), (tmp_path / "c.key").read_bytes()
+        cid = mesh_advert.node_id(x509.load_pem_x509_certificates(chain)[0]).hex()
+        now = int(time.time() * 1000)
+        (tmp_path / "c-new").write_bytes(mesh_advert.build(chain, key, sequence=now, lifetime_ms=30_000))
+        (tmp_path / "c-old").write_bytes(mesh_advert.build(chain, key, sequence=now - 1000, lifetime_ms=30_000))
+        assert put_advert(pa, ca, tmp_path / "c-new").get("status") == 202
+        time.sleep(1.2)
+        assert put_advert(pa, ca, tmp_path / "c-old").get("status") == 202
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and f"advert of {cid[:16]} refused (stale)" not in node_log(a, tmp_path / "a"):
+            time.sleep(0.1)
+        log = [l for l in node_log(a, tmp_path / "a").splitlines() if f"advert of {cid[:16]} refused (stale)" in l]
+        assert len(log) == 1 and f"sequence {now - 1000}, not above the {now} this node holds" in log[0], log
+    finally:
+        for n in nodes:
             stop(n)
