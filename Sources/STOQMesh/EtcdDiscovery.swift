@@ -12,11 +12,11 @@ import STOQConfig
 ///
 /// One session: grant a lease of `mesh.etcd_lease_ttl` and keep it alive from then on (every
 /// TTL/3), put this node's record with it, read the prefix, then follow the watch from the
-/// revision read.
+/// revision read, checking every three TTLs that it still follows etcd (`checkWatch`).
 /// Anything that ends a session — an endpoint gone, the lease unknown to etcd (expired during an
-/// outage, or the cluster's data lost), the watch cancelled or compacted — is counted, logged
-/// once per run of failures, and a new session starts on the next endpoint after a backoff: it
-/// registers again and reads the prefix afresh. A session that lasts a lease's TTL ends the run
+/// outage, or the cluster's data lost), the watch cancelled, compacted or fallen silent — is
+/// counted, logged once per run of failures, and a new session starts on the next endpoint after
+/// a backoff: it registers again and reads the prefix afresh. A session that lasts a lease's TTL ends the run
 /// (logged once: working again). Until then the last member set stays. A node that stops
 /// keeping its lease alive is removed by etcd when the lease expires, and the watch reports it;
 /// a node that stops cleanly revokes its lease, so it disappears at once.
@@ -155,10 +155,15 @@ public final class EtcdDiscovery: DiscoveryBackend {
                 box.update { $0.registrations += 1 }
                 logger.info("mesh discovery (etcd): registered \(key) at \(endpoint), lease \(lease) of \(options.leaseTTLSeconds)s")
             }
-            let (revision, view) = try await read(endpoint)
+            let (revision, view, keys) = try await read(endpoint)
             await publish(view, report)
+            let progress = WatchProgress(keys: keys, revision: revision)
             group.addTask {
-                try await self.watch(endpoint, from: revision + 1, view: view, report)
+                try await self.watch(endpoint, from: revision + 1, view: view, progress, report)
+                return false
+            }
+            group.addTask {
+                try await self.checkWatch(endpoint, progress)
                 return false
             }
             let ttl = Duration.seconds(options.leaseTTLSeconds)
@@ -177,13 +182,14 @@ public final class EtcdDiscovery: DiscoveryBackend {
     /// The largest answer to one page (base64 and JSON included).
     static let maxPageBytes = 1 << 20
 
-    /// Reads the prefix at one revision, `pageRecords` keys a page: the revision read at and
-    /// the members by key. A page larger than `maxPageBytes` (a record far beyond the 1 KiB
+    /// Reads the prefix at one revision, `pageRecords` keys a page: the revision read at, the
+    /// members by key, and how many keys it holds (refused ones too). A page larger than `maxPageBytes` (a record far beyond the 1 KiB
     /// allowed: etcd takes values of 1.5 MiB) is asked for again in halves, down to one key;
     /// a single record that large is refused (`too_large`) by its key alone, and the read goes
     /// on after it. So no size of the prefix ends the session.
-    private func read(_ endpoint: MeshURL) async throws -> (Int64, [String: MeshMember]) {
+    private func read(_ endpoint: MeshURL) async throws -> (revision: Int64, view: [String: MeshMember], keys: Int64) {
         var view: [String: MeshMember] = [:]
+        var keys: Int64 = 0
         var from = Array(options.prefix.utf8)
         let end = Self.rangeEnd(options.prefix)
         var revision: Int64?
@@ -196,6 +202,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
                 if revision == nil { revision = try Self.revision(answer, endpoint) }
                 let kvs = answer["kvs"] as? [[String: Any]] ?? []
                 for kv in kvs { apply(kv, deleted: false, to: &view) }
+                keys += Int64(kvs.count)
                 guard answer["more"] as? Bool == true, let last = kvs.last?["key"] as? String, let key = Data(base64Encoded: last) else { break }
                 from = Array(key) + [0]
                 limit = min(Self.pageRecords, limit * 2)
@@ -212,6 +219,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
                     break  // deleted meanwhile (only the first page is read without a revision)
                 }
                 let name = String(decoding: key, as: UTF8.self)
+                keys += 1
                 refuse(
                     MemberRecord.Refusal(
                         code: MemberRecord.Refusal.tooLarge,
@@ -219,7 +227,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
                 from = Array(key) + [0]
             }
         }
-        return (revision ?? 0, view)
+        return (revision ?? 0, view, keys)
     }
 
     /// A range answer's header revision, which the watch starts after.
@@ -252,7 +260,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
     }
 
     private func watch(
-        _ endpoint: MeshURL, from revision: Int64, view start: [String: MeshMember],
+        _ endpoint: MeshURL, from revision: Int64, view start: [String: MeshMember], _ progress: WatchProgress,
         _ report: @escaping @Sendable (Set<MeshMember>) async -> Void
     ) async throws {
         var view = start
@@ -286,7 +294,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
                 while let nl = pending[start...].firstIndex(of: 0x0A) {
                     let line = Array(pending[start..<nl])
                     start = nl + 1
-                    if try handle(line, endpoint, &view) { await publish(view, report) }
+                    if try handle(line, endpoint, &view, progress) { await publish(view, report) }
                 }
                 pending.removeSubrange(..<start)
                 guard pending.count <= maxLine else {
@@ -303,7 +311,7 @@ public final class EtcdDiscovery: DiscoveryBackend {
     }
 
     /// Applies one watch message; true when events came.
-    private func handle(_ line: [UInt8], _ endpoint: MeshURL, _ view: inout [String: MeshMember]) throws -> Bool {
+    private func handle(_ line: [UInt8], _ endpoint: MeshURL, _ view: inout [String: MeshMember], _ progress: WatchProgress) throws -> Bool {
         if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) { return false }
         guard let message = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any] else {
             throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: a message that is not a JSON object")
@@ -323,9 +331,70 @@ public final class EtcdDiscovery: DiscoveryBackend {
             guard let kv = event["kv"] as? [String: Any] else {
                 throw DiscoveryError(.malformed, "etcd \(endpoint) /v3/watch: an event without \"kv\"")
             }
-            apply(kv, deleted: event["type"] as? String == "DELETE", to: &view)
+            let deleted = event["type"] as? String == "DELETE"
+            apply(kv, deleted: deleted, to: &view)
+            // A put of version 1 created its key; a delete's mod_revision is the deletion's.
+            progress.delivered(created: !deleted && Self.int(kv["version"]) == 1, deleted: deleted, at: Self.int(kv["mod_revision"]) ?? 0)
         }
         return true
+    }
+
+    /// What a session's watch has delivered: how many keys the prefix holds by it (refused ones
+    /// too), and the newest revision of a change it brought.
+    private final class WatchProgress: @unchecked Sendable {  // every field behind `lock`
+        private let lock = NSLock()
+        private var keys: Int64
+        private var seen: Int64
+
+        /// As the prefix was read at `revision`, holding `keys` keys.
+        init(keys: Int64, revision: Int64) {
+            self.keys = keys
+            self.seen = revision
+        }
+
+        func delivered(created: Bool, deleted: Bool, at revision: Int64) {
+            lock.withLock {
+                keys += created ? 1 : deleted ? -1 : 0
+                seen = max(seen, revision)
+            }
+        }
+
+        var snapshot: (keys: Int64, seen: Int64) { lock.withLock { (keys, seen) } }
+    }
+
+    /// Whether the watch still follows etcd, every three TTLs: a watch connection that a NAT or
+    /// a load balancer dropped without a word never ends, and nothing else would notice. One
+    /// range, keys only, sorted to give the newest change: the prefix's key count and its
+    /// newest write, which a watch that has delivered nothing since must match (one that has
+    /// delivered something newer is alive). A watch behind twice in a row, a TTL apart (a change
+    /// still on its way is not a dead watch), ends the session; the next reads the prefix again.
+    private func checkWatch(_ endpoint: MeshURL, _ progress: WatchProgress) async throws {
+        let ttl = Duration.seconds(options.leaseTTLSeconds)
+        var behind: String?
+        while await pause(behind == nil ? ttl * 3 : ttl) {
+            let answer = try await post(
+                endpoint, "/v3/kv/range",
+                [
+                    "key": Self.b64(Array(options.prefix.utf8)), "range_end": Self.b64(Self.rangeEnd(options.prefix)),
+                    "keys_only": true, "limit": "1", "sort_order": "DESCEND", "sort_target": "MOD",
+                ])
+            let at = try Self.revision(answer, endpoint)
+            let count = Self.int(answer["count"]) ?? 0
+            let newest = (answer["kvs"] as? [[String: Any]])?.first.flatMap { Self.int($0["mod_revision"]) } ?? 0
+            let (keys, seen) = progress.snapshot
+            let following = seen > at || (count == keys && newest <= seen)
+            if !following, let before = behind {
+                throw DiscoveryError(
+                    .watchEnded,
+                    "etcd \(endpoint) /v3/watch: it has fallen behind (\(before); a TTL later, again) and its connection says nothing: reading the prefix again"
+                )
+            }
+            behind =
+                following
+                ? nil
+                : "etcd holds \(count) keys under \(options.prefix), the newest written at revision \(newest); by its watch this node has \(keys), up to revision \(seen)"
+        }
+        throw CancellationError()
     }
 
     /// Puts one key's record into the view (or takes it out); a refused record is counted,

@@ -283,6 +283,7 @@ import Testing
         def freeze():
             for c in connections:
                 if c["watch"]: c["frozen"] = True
+            print("frozen", sum(c["frozen"] for c in connections), flush=True)
         async def pipe(src, dst, c, request):
             while True:
                 data = await src.read(65536)
@@ -339,6 +340,39 @@ import Testing
         #expect(!(await eventually(timeout: .seconds(6)) { nb.counters.failures > 0 }), "\(nb.counters)")
         #expect(nb.counters.registrations == 1, "\(nb.counters)")
         #expect(try etcd.ctl(["get", "--keys-only", "/stoq/mesh/" + String(repeating: "b2", count: 32)]).contains("b2b2"))
+    }
+
+    /// A watch whose connection stops passing bytes without closing (a NAT or a load balancer
+    /// that forgot it) is noticed: every three TTLs the backend asks etcd how many keys the
+    /// prefix holds and its newest change, and a watch that has not delivered them (twice in a
+    /// row, a TTL apart) ends the session; the next reads the prefix again. (It used to miss
+    /// every change from then on.)
+    @Test func aWatchThatFallsSilentIsNoticed() async throws {
+        let etcd = try Etcd("etcd-silent")
+        let (daemon, endpoint) = try await proxy(etcd)
+        defer { daemon.kill() }
+        var o = EtcdDiscovery.Options(endpoints: [endpoint], prefix: "/stoq/mesh/")
+        o.leaseTTLSeconds = 2
+        o.registration = Self.b
+        o.maxBackoff = .seconds(1)
+        let nb = EtcdDiscovery(options: o, logger: Logger(label: "test.etcd"))
+        let lb = MemberLog()
+        let tb = start(nb, into: lb)
+        defer { tb.cancel() }
+        #expect(await lb.wait { $0 == [Self.b] })
+        func put(_ m: MeshMember) throws {
+            try etcd.ctl(["put", MemberRecord.key(prefix: "/stoq/mesh/", for: m), String(decoding: MemberRecord.encode(m), as: UTF8.self)])
+        }
+        // A change through the watch: it is open, through the proxy.
+        try put(Self.a)
+        #expect(await lb.wait { $0 == [Self.a, Self.b] })
+        Foundation.kill(daemon.pid, SIGUSR1)
+        #expect(await eventually { daemon.output.contains("frozen 1") }, "\(daemon.output)")
+        try put(Self.c)
+        let clock = ContinuousClock(), put = clock.now
+        #expect(await lb.wait { $0 == [Self.a, Self.b, Self.c] })
+        print("etcd: a change missed by a silent watch was seen \(clock.now - put) after it was made")
+        #expect(nb.counters.lastError?.contains("/v3/watch: it has fallen behind") == true, "\(nb.counters)")
     }
 
     @Test func memberRecordsRoundTripAndRefuse() throws {
