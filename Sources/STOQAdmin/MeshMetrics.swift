@@ -85,6 +85,10 @@ package enum MeshMetrics {
             "stoq_mesh_adverts_synchronized_total", "counter", "Held adverts sent to a neighbour whose link came up.",
             c.advertsSynchronized)
         one("stoq_mesh_adverts_duplicate_total", "counter", "Received adverts already held (the normal end of flooding).", c.advertsDuplicate)
+        one(
+            "stoq_mesh_adverts_unverified_total", "counter",
+            "Received adverts counted as duplicate or refused before their signature was checked: a copy of the advert held, a sequence not above the one held, a copy of one refused before.",
+            c.advertsUnverified)
         family(
             "stoq_mesh_adverts_refused_total", "counter", "Received adverts refused, by reason (docs/mesh.md lists the codes).",
             c.advertsRefused.sorted { $0.key < $1.key }.map { ("{reason=\"\(label($0.key))\"}", "\($0.value)") })

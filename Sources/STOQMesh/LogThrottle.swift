@@ -7,6 +7,12 @@ struct LogThrottle: Sendable {
 
     private var last: [String: (at: UInt64, held: UInt64)] = [:]
 
+    /// Whether the line for `key` would be said now (`allow` would not hold it back).
+    func wouldAllow(_ key: String, now: UInt64) -> Bool {
+        guard let l = last[key] else { return true }
+        return now &- l.at >= Self.interval
+    }
+
     /// Nil when the line for `key` is held back; else what to append to it (the count held back
     /// since the last one, if any).
     mutating func allow(_ key: String, now: UInt64) -> String? {

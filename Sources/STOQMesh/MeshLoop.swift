@@ -1,4 +1,5 @@
 import CSTOQSystem
+import Crypto
 import Foundation
 import Logging
 import STOQCore
@@ -60,6 +61,17 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     /// Adverts verified per pass of the loop (a pass is at most 20 ms of waiting): thousands a
     /// second, far past what a mesh sends, while probes keep their pace under a flood.
     static let advertsPerPass = 256
+    /// And at most this long verifying them in one pass (checked every `advertBatch`): probe
+    /// answers that arrive meanwhile wait in the socket until the next drive, and that wait
+    /// would count in their RTT (a certificate parse, a signature and a chain check are a
+    /// fraction of a millisecond each, several in a debug build).
+    static let advertBudget: UInt64 = 5_000_000
+    static let advertBatch = 8
+    /// Digests of adverts refused by their verification (a signature, a chain, an expiry) and
+    /// why, so that copies of one are refused again without it; at most this many (forgotten
+    /// wholesale when full, and when the node's trust changes).
+    var refusedDigests: [SHA256Digest: String] = [:]
+    static let refusedDigestsBound = 4096
     var nextTag = 1
     /// Adverts a neighbour answered 503 (its queue full), sent again at `at`.
     var resends: [(at: UInt64, url: STOQURL, body: BodyRegion, sends: Int)] = []
@@ -137,6 +149,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 updateMembers(now: now)
             }
             if let trust = service.takeTrust() {
+                refusedDigests.removeAll()
                 do {
                     try pool.retrust(Self.identifying(trust))
                     // A neighbour the old trust refused is tried again now, not after its backoff.
@@ -151,7 +164,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 probe(now: now)
             }
             let done: [ConnectionPool.Done]
-            do { done = try pool.drive(forNanoseconds: min(service.settings.probeInterval / 4, 20_000_000)) } catch {
+            // No wait while adverts are queued: the pass after this one verifies more of them.
+            let wait = service.advertsWaiting ? 0 : min(service.settings.probeInterval / 4, 20_000_000)
+            do { done = try pool.drive(forNanoseconds: wait) } catch {
                 if let said = warnings.allow("datapath", now: monotonicNow()) {
                     logger.error("mesh: the neighbour connections' datapath failed: \(error)\(said)")
                 }
@@ -162,7 +177,13 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             for d in done { finished(d, now: t) }
             for (ep, d) in service.takeDeliveries() { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
             tick(now: t)
-            for bytes in service.takeAdverts(limit: Self.advertsPerPass) { received(bytes, now: t) }
+            var verified = 0
+            while verified < Self.advertsPerPass {
+                let batch = service.takeAdverts(limit: Self.advertBatch)
+                for bytes in batch { received(bytes, now: t) }
+                verified += batch.count
+                if batch.count < Self.advertBatch || monotonicNow() &- t >= Self.advertBudget { break }
+            }
             resend(now: t)
             if advertDue && t &- lastAdvert >= 50_000_000 || t &- lastAdvert >= service.settings.updateInterval {
                 advertise(now: t)
@@ -417,7 +438,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 return
             }
             n.probesAnswered += 1
-            if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: PPM.share(answer.loadPPM), now: now) {
+            // Timed when its stream ended, not after the rest of the pass that found it.
+            let answeredAt = d.endedAt > 0 ? min(d.endedAt, now) : now
+            if let change = n.link.probeAnswered(sequence: UInt64(d.tag), peerLoad: PPM.share(answer.loadPPM), now: answeredAt) {
                 n.ups += 1
                 changed(n, change)
             }
@@ -627,10 +650,26 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
 
     private func received(_ bytes: [UInt8], now: UInt64) {
         counters.advertsReceived += 1
+        if let skip = unverified(bytes, now: now) {
+            counters.advertsUnverified += 1
+            switch skip {
+            case .duplicate: counters.advertsDuplicate += 1
+            case .stale(let origin, let sequence): refusedStale(origin, sequence: sequence, now: now)
+            case .refused(let code):
+                counters.advertsRefused[code, default: 0] += 1
+                if let said = warnings.allow(code, now: now) { logger.warning("mesh: advert refused (\(code)): a copy of one refused before\(said)") }
+            }
+            return
+        }
         let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
         let signed: SignedAdvert
         do { signed = try SignedAdvert.verify(bytes, nowMillis: nowMillis, trusting: service.verifyChain) } catch {
             counters.advertsRefused[error.code.name, default: 0] += 1
+            // It may be valid later; the rest never will be, and copies are refused unchecked.
+            if error.code != .fromTheFuture {
+                if refusedDigests.count >= Self.refusedDigestsBound { refusedDigests.removeAll() }
+                refusedDigests[SHA256.hash(data: bytes)] = error.code.name
+            }
             if let said = warnings.allow(error.code.name, now: now) { logger.warning("mesh: \(error)\(said)") }
             return
         }
@@ -673,6 +712,31 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         for l in signed.advert.links where identities[l.neighbour.routingID] == nil { identities[l.neighbour.routingID] = l.neighbour }
         viewDirty = true
         send(bytes, except: signed.advert.origin)
+    }
+
+    /// Why an advert is refused without its signature or chain being checked, or nil: a copy of
+    /// the advert held for its origin, one whose sequence is not above the one held (or kept
+    /// after it expired), or a copy of one refused before. None of them can change anything
+    /// here, so a flood of copies costs a parse, not a signature check each. A stale one that
+    /// would be logged (`refusedStale`) is verified first, so that the log names a real origin.
+    enum Unverified { case duplicate, stale(NodeIdentity, UInt64), refused(String) }
+
+    private func unverified(_ bytes: [UInt8], now: UInt64) -> Unverified? {
+        if !refusedDigests.isEmpty, let code = refusedDigests[SHA256.hash(data: bytes)] { return .refused(code) }
+        // A body that does not decode is verify's to name.
+        guard let (body, _) = try? AdvertBody.decodeBody(bytes[...]) else { return nil }
+        let origin = body.origin
+        if origin == me {
+            // Past this node's own sequence it must be checked: this node then signs past it.
+            return body.sequence <= ownSequence ? .duplicate : nil
+        }
+        let h = held[origin.routingID]
+        if let h, h.bytes == bytes { return .duplicate }
+        guard let known = engine.database.origins[origin.routingID]?.sequence ?? h?.sequence, body.sequence <= known else { return nil }
+        if body.sequence == known { return .duplicate }
+        let overtaken = h.map { now &- $0.at < Self.floodOvertake } ?? false
+        if !overtaken && warnings.wouldAllow(LinkStateError.Code.stale.rawValue, now: now) { return nil }
+        return .stale(origin, body.sequence)
     }
 
     /// Counts an advert of `origin` refused as stale, and says so (at most once per

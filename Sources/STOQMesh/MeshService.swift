@@ -311,6 +311,8 @@ public final class MeshService: @unchecked Sendable {
             defer { m = nil }; return m
         }
     }
+    /// Whether adverts wait for the mesh thread.
+    var advertsWaiting: Bool { inbox.withLock { !$0.queue.isEmpty } }
     /// The oldest queued adverts, at most `limit`: the loop verifies that many a pass, so a
     /// full queue (a flood of junk, each a signature check or more) does not hold its probes
     /// back for the whole queue.

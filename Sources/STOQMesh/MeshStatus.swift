@@ -111,6 +111,10 @@ public struct MeshStatus: Sendable, Equatable {
         public var advertsDuplicate: UInt64 = 0
         /// Received adverts refused, by reason (`AdvertError.Code` names, and `stale`).
         public var advertsRefused: [String: UInt64] = [:]
+        /// Of the received adverts counted as duplicate or refused, those refused before their
+        /// signature and chain were checked: a copy of the advert held, a sequence not above the
+        /// one held, a copy of one refused before.
+        public var advertsUnverified: UInt64 = 0
         /// Neighbours whose certificate this node refused, and connection attempts that failed.
         public var peersRefused: UInt64 = 0
         public var connectFailures: UInt64 = 0

@@ -92,10 +92,19 @@ public struct SignedAdvert: Sendable {
         return advert
     }
 
-    /// Every rule but trust, in order: size, format, chain shape, origin, signature, time.
+    /// Every rule but trust, cheapest first: size, format, time, chain shape, origin,
+    /// signature. The time window needs the body alone, so an advert out of it (a flood of old
+    /// copies) costs a parse, not a certificate parse and a signature check.
     private static func check(_ bytes: [UInt8], nowMillis: UInt64) throws(AdvertError) -> SignedAdvert {
         guard bytes.count <= maxSize else { throw AdvertError(.oversized, "\(bytes.count) bytes; at most \(maxSize)") }
         let (advert, bodyLength) = try AdvertBody.decodeBody(bytes[...])
+        // The future first: an issue time near UInt64.max would wrap issue + lifetime.
+        guard advert.issuedMillis <= nowMillis &+ clockSkewMillis else {
+            throw AdvertError(.fromTheFuture, "issued \(advert.issuedMillis - nowMillis) ms in the future; clocks may differ by \(clockSkewMillis) ms")
+        }
+        guard advert.issuedMillis >= nowMillis || nowMillis - advert.issuedMillis <= UInt64(advert.lifetimeMillis) else {
+            throw AdvertError(.expired, "issued \(nowMillis - advert.issuedMillis) ms ago with a lifetime of \(advert.lifetimeMillis) ms")
+        }
         var r = Reader(bytes[bodyLength...])
         let count = Int(try r.u8("chain count"))
         guard chainRange.contains(count) else {
@@ -124,13 +133,6 @@ public struct SignedAdvert: Sendable {
         }
         guard leaf.publicKey.isValidSignature(signature, for: bytes[..<signedLength], signatureAlgorithm: .ecdsaWithSHA256) else {
             throw AdvertError(.badSignature, "the signature of origin \(advert.origin) does not verify: forged or altered")
-        }
-        // The future first: an issue time near UInt64.max would wrap issue + lifetime.
-        guard advert.issuedMillis <= nowMillis &+ clockSkewMillis else {
-            throw AdvertError(.fromTheFuture, "issued \(advert.issuedMillis - nowMillis) ms in the future; clocks may differ by \(clockSkewMillis) ms")
-        }
-        guard advert.issuedMillis >= nowMillis || nowMillis - advert.issuedMillis <= UInt64(advert.lifetimeMillis) else {
-            throw AdvertError(.expired, "issued \(nowMillis - advert.issuedMillis) ms ago with a lifetime of \(advert.lifetimeMillis) ms")
         }
         return SignedAdvert(advert: advert, chain: chain, bytes: bytes)
     }

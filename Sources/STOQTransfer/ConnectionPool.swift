@@ -39,6 +39,10 @@ package final class ConnectionPool {
         package var peer = ""
         /// How the request's connection failed it, when it did (`failure` says more).
         package var connectionFailure: ConnectionFailure? = nil
+        /// When its stream ended (monotonic nanoseconds), read as the datagram that ended it
+        /// was handled; 0 for a request that failed without one. What a caller that does other
+        /// work between drives times an answer by (the mesh's probe RTT).
+        package var endedAt: UInt64 = 0
     }
 
     /// How a connection failed the requests it held: what a caller backs off on or counts,
@@ -127,7 +131,8 @@ package final class ConnectionPool {
                         ? "connection to \(connection.peer) lost: \(connection.closeReason.isEmpty ? "closed" : connection.closeReason)"
                         : errorCode == H3Error.noError ? unwritten ?? head?.bodyMismatch(sha256: sha256) : nil,
                     sha256: sha256, preferredAddress: connection.preferredAddress.rawValue, sinkErrno: stream.sinkErrno,
-                    peer: connection.peerIdentity, connectionFailure: cut ? ConnectionFailure(closed: connection) : nil))
+                    peer: connection.peerIdentity, connectionFailure: cut ? ConnectionFailure(closed: connection) : nil,
+                    endedAt: monotonicNow()))
         }
 
         func handshakeCompleted(connection: QUICConnection) { handshakes += 1 }

@@ -113,6 +113,18 @@ func advert(
         await expectRefused(noChain, .badChain)
     }
 
+    /// The time window needs only the body: an advert out of it is refused as such before its
+    /// certificates are parsed or its signature checked (a flood of old copies costs a parse).
+    @Test func theTimeWindowIsCheckedBeforeTheChainAndTheSignature() async throws {
+        let n = f.nodes
+        var old = try SignedAdvert.sign(advert(n[0], to: [n[1]], issued: now - 60_000, lifetime: 30_000), chain: n[0].chain, key: n[0].key).bytes
+        old[AdvertBody.headerSize + 33] ^= 0x01  // the signature no longer verifies
+        await expectRefused(old, .expired)
+        var future = try advert(n[0], to: [n[1]], issued: now + 60_000).encodeBody()
+        future.append(0)  // no certificate at all
+        await expectRefused(future, .fromTheFuture)
+    }
+
     @Test func theBodyRulesHoldForTheEncoderAndTheDecoderAlike() throws {
         let n = f.nodes
         #expect(throws: AdvertError.self) { try advert(n[0], to: [n[0]]) }  // a link to itself

@@ -62,6 +62,29 @@ import Testing
         return done
     }
 
+    /// A request's end is stamped as its stream closes, inside `drive`: a caller that does
+    /// other work between drives (the mesh thread, timing probes) times the answer by it, not
+    /// by when it got round to looking.
+    @Test func aRequestsEndIsStampedWhenItsStreamCloses() throws {
+        upstream.answer("/small", .whole(status: 200, body: Array("hello".utf8)))
+        let p = try pool()
+        defer { p.close() }
+        p.submit(to: url, "GET", "/small", tag: 1)
+        let deadline = monotonicNow() + 10_000_000_000
+        while monotonicNow() < deadline {
+            let before = monotonicNow()
+            let done = try p.drive(forNanoseconds: 2_000_000)
+            let after = monotonicNow()
+            if let d = done.first(where: { $0.tag == 1 }) {
+                #expect(d.status == 200)
+                #expect(before <= d.endedAt && d.endedAt <= after, "ended at \(d.endedAt), drive from \(before) to \(after)")
+                return
+            }
+            usleep(20_000)  // the caller's other work
+        }
+        Issue.record("GET /small never ended")
+    }
+
     @Test func aBodyPastItsLimitIsCutThereAndTheConnectionServesOn() throws {
         upstream.answer("/endless", .endless(status: 200, filler: "0123456789abcdef"))
         upstream.answer("/small", .whole(status: 200, body: Array("hello".utf8)))

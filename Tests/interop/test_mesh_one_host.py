@@ -706,3 +706,65 @@ def test_a_node_whose_sequence_went_back_is_sent_its_advert_and_signs_past_it(tm
     finally:
         for n in nodes:
             stop(n)
+
+
+def test_copies_and_stale_adverts_are_refused_before_their_signature_is_checked(tmp_path):
+    """Anyone may PUT adverts, and each cost the mesh thread a certificate parse, a signature
+    and a chain check, even a copy of the advert it holds; probe answers waited meanwhile. Now
+    what cannot change anything is refused first and counted (stoq_mesh_adverts_unverified_total):
+    copies of the held advert (duplicates), a forged one older than it (stale, not
+    bad_signature), copies of an untrusted one; and an expired forged one is expired, not
+    bad_signature (the time window is checked before the signature)."""
+    import mesh_advert
+
+    ca = certificates(tmp_path, ("a", "c"))
+    other = tmp_path / "other"
+    assert stoq("trust", "init", "--dir", other).returncode == 0
+    r = stoq("trust", "issue", "--dir", other, "--ip", "::1", "--out", tmp_path / "x.pem", "--key-out", tmp_path / "x.key")
+    assert r.returncode == 0, r.stderr
+    pa, dead = free_port(), free_port()
+    a = start_node(tmp_path / "a", pa, mesh_config(tmp_path, ca, "a", [dead]))
+    try:
+        def put(name, data, times=1):
+            (tmp_path / name).write_bytes(data)
+            for _ in range(times):
+                assert put_advert(pa, ca, tmp_path / name).get("status") == 202
+
+        def after(received):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                c = status(a)["counters"]
+                if c["adverts_received"] >= received:
+                    return c, metric_totals(a).get("stoq_mesh_adverts_unverified_total")
+                time.sleep(0.1)
+            pytest.fail(f"the node did not take {received} adverts within 10 s: {status(a)['counters']}")
+
+        chain, key = (tmp_path / "c.pem").read_bytes(), (tmp_path / "c.key").read_bytes()
+        now = int(time.time() * 1000)
+        valid = mesh_advert.build(chain, key, sequence=now, lifetime_ms=60_000)
+        put("valid", valid)
+        c, unverified = after(1)
+        assert c["adverts_accepted"] == 1 and unverified == 0, c
+        put("valid", valid, times=4)
+        c, unverified = after(5)
+        assert c["adverts_duplicate"] == 4 and unverified == 4, c
+        # An older one, signed: checked, refused as stale and logged. Another, forged: refused
+        # as stale unchecked (its log line held back), not as bad_signature.
+        put("older", mesh_advert.build(chain, key, sequence=now - 1000, lifetime_ms=60_000))
+        put("forged", mesh_advert.flip(mesh_advert.build(chain, key, sequence=now - 2000, lifetime_ms=60_000), -3))
+        c, unverified = after(7)
+        assert c["adverts_refused"].get("stale") == 2 and "bad_signature" not in c["adverts_refused"], c
+        assert unverified == 5, c
+        # An untrusted signer's advert: checked once; its copies are refused unchecked.
+        put("untrusted", mesh_advert.build((tmp_path / "x.pem").read_bytes(), (tmp_path / "x.key").read_bytes()), times=3)
+        c, unverified = after(10)
+        assert c["adverts_refused"].get("untrusted_signer") == 3 and unverified == 7, c
+        # Expired and forged: its time says so before its signature is looked at.
+        origin = mesh_advert.node_id(x509.load_pem_x509_certificates(chain)[0])
+        old = mesh_advert.sign(mesh_advert.body(origin, now + 5, now - 60_000, 30_000), chain, key)
+        put("expired", mesh_advert.flip(old, -3))
+        c, unverified = after(11)
+        assert c["adverts_refused"].get("expired") == 1 and "bad_signature" not in c["adverts_refused"], c
+        assert c["adverts_accepted"] == 1 and unverified == 7, c
+    finally:
+        stop(a)
