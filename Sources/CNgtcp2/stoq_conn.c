@@ -174,8 +174,11 @@ static int cb_stream_close(ngtcp2_conn *q, uint32_t flags, int64_t stream_id, ui
    * returns its credit here; one it saw does in h3_stream_close. */
   if (rv == NGHTTP3_ERR_STREAM_NOT_FOUND && c->is_server && ngtcp2_is_bidi_stream(stream_id))
     ngtcp2_conn_extend_max_streams_bidi(c->q, 1);
-  /* Closed in nghttp3 without h3_stream_close: a head that waits for QPACK keeps it. */
-  if (rv == 0 && ngtcp2_is_bidi_stream(stream_id) && c->h3_closed != stream_id) rv = stream_outlived(c, stream_id);
+  /* Closed in nghttp3 without h3_stream_close: a request head that waits for QPACK keeps it.
+   * A server's only: on a client nghttp3 also keeps a response it has not finished handing
+   * over (its FIN came before the rest, under loss), which must still be read. */
+  if (rv == 0 && c->is_server && ngtcp2_is_bidi_stream(stream_id) && c->h3_closed != stream_id)
+    rv = stream_outlived(c, stream_id);
   if (rv != 0 && rv != NGHTTP3_ERR_STREAM_NOT_FOUND) {
     ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code(rv), NULL,
                                                         0);
