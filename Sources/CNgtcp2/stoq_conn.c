@@ -141,6 +141,13 @@ static int cb_recv_stream_data(ngtcp2_conn *q, uint32_t flags, int64_t stream_id
   stoq_conn *c = ud;
   if (!c->h3) return 0;
   nghttp3_ssize n = nghttp3_conn_read_stream(c->h3, stream_id, data, len, flags & NGTCP2_STREAM_DATA_FLAG_FIN);
+  if (n == NGHTTP3_ERR_MALFORMED_HTTP_MESSAGING && ngtcp2_is_bidi_stream(stream_id)) {
+    /* A body longer or shorter than its content-length, or an empty HEADERS frame: a stream
+     * error (RFC 9114 §4.1.2), not the connection's. */
+    if (malformed_message(c, stream_id) != 0) return NGTCP2_ERR_CALLBACK_FAILURE;
+    consume(c, stream_id, len);
+    return 0;
+  }
   if (n < 0) {
     ngtcp2_connection_close_error_set_application_error(&c->last_error, nghttp3_err_infer_quic_app_error_code((int)n),
                                                         NULL, 0);

@@ -167,6 +167,25 @@ int stream_outlived(stoq_conn *c, int64_t id) {
   return nghttp3_conn_shutdown_stream_read(c->h3, id);
 }
 
+/* nghttp3 0.8 returns NGHTTP3_ERR_MALFORMED_HTTP_MESSAGING from nghttp3_conn_read_stream for a
+ * request whose body does not match its content-length (or a response's, on a client), which
+ * RFC 9114 §4.1.2 makes an error of that stream alone: one bad PUT ended every transfer of the
+ * connection, and the 400 already answered to it never left. The stream's read side shuts in
+ * nghttp3 (what follows is dropped unread) and in QUIC (STOP_SENDING, H3_MESSAGE_ERROR). A server
+ * that answered keeps sending its answer (§4.1.2 lets it answer a malformed request); otherwise
+ * the stream is reset both ways and the application hears it closed. Rare: a stream walk. */
+int malformed_message(stoq_conn *c, int64_t id) {
+  stoq_stream *s = stream_find(c, id);
+  if (s) {
+    s->rx_refused = 1;
+    unwatch_rx(s);
+  }
+  int rv = nghttp3_conn_shutdown_stream_read(c->h3, id);
+  if (s && s->responded) ngtcp2_conn_shutdown_stream_read(c->q, id, STOQ_H3_MESSAGE_ERROR);
+  else ngtcp2_conn_shutdown_stream(c->q, id, STOQ_H3_MESSAGE_ERROR);
+  return rv;
+}
+
 static void answered_early(stoq_conn *c, stoq_stream *s);
 
 static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data, size_t len, void *ud, void *sud) {
@@ -194,6 +213,7 @@ static int h3_recv_data(nghttp3_conn *h3, int64_t stream_id, const uint8_t *data
       ngtcp2_conn_shutdown_stream_read(c->q, stream_id, STOQ_H3_NO_ERROR);
       unwatch_rx(s);
       sink_drain(s, 0);
+      s->end_told = 1; /* not again at the FIN, which nghttp3 may pass on in this same read */
       c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
       return 0;
     }

@@ -156,6 +156,7 @@ struct stoq_stream {
   int queued_sink; /* bytes go through the writer (a file to write) */
   int seq_write;   /* the sink is a pipe or socket: write(), not pwrite() */
   int end_waiting; /* the body ended; its end is announced once nothing is pending */
+  int end_told;    /* server: on_request_end was called (it is, once per request) */
   int hashing;
   int digest_done;
   /* client, a request sent in 0-RTT: a copy of its head, to send again in 1-RTT if the server
@@ -249,6 +250,10 @@ STOQ_HIDDEN void stream_end(stoq_conn *c, stoq_stream *s, uint64_t code);
 STOQ_HIDDEN stoq_stream *stream_find(stoq_conn *c, int64_t id);
 /* Server: the client reset request stream `s`'s body (RESET_STREAM). */
 STOQ_HIDDEN void request_body_reset(stoq_conn *c, stoq_stream *s);
+/* nghttp3 found request stream `id`'s message malformed (its body against its content-length):
+   nothing more of it is read; an answer already given goes on, else the stream is reset with
+   H3_MESSAGE_ERROR. 0, or nghttp3's error. */
+STOQ_HIDDEN int malformed_message(stoq_conn *c, int64_t id);
 /* The transport closed request stream `id`, which nghttp3 keeps (a head waiting for QPACK):
    nothing more is read or sent on it. 0, or nghttp3's error. */
 STOQ_HIDDEN int stream_outlived(stoq_conn *c, int64_t id);

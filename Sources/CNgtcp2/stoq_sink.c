@@ -271,7 +271,10 @@ static void stream_settle(stoq_stream *s) {
   s->end_waiting = 0;
   stream_finish_digest(s);
   stoq_conn *c = s->conn;
-  if (c->is_server && c->ep->ev.on_request_end) c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
+  if (c->is_server && !s->end_told && c->ep->ev.on_request_end) {
+    s->end_told = 1;
+    c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 0);
+  }
 }
 
 /* Takes the results of finished jobs: buffers back to the pool, errors to their streams,

@@ -207,6 +207,31 @@ final class PipeReader: @unchecked Sendable {
         #expect(client.status == 201 && server.ended)
     }
 
+    /// A body one byte over its sink's limit, in the one frame that also ends it: the request
+    /// ends once, when the limit is passed (the rest is not read), not again at the FIN, which
+    /// nghttp3 passes on in the same read (the application answered twice: its second answer
+    /// reset the stream).
+    @Test func aBodyOverItsLimitWithItsEndEndsTheRequestOnce() throws {
+        final class LimitedServer: QUICApplication {
+            var ends: [(aborted: Bool, sinkErrno: Int32)] = []
+            func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+                stream.setBodySink(fd: -1, limit: 100)
+            }
+            func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) {
+                ends.append((aborted, stream.sinkErrno))
+                if ends.count == 1 { connection.respond(stream, status: 413, body: nil) }
+            }
+        }
+        let server = LimitedServer()
+        let client = RecordingClient()
+        let (pair, conn) = try connected(server, client)
+        _ = try conn.request(method: "PUT", authority: "x", path: "/objects/l", body: BodyRegion(copying: randomBytes(101, seed: 6)))
+        #expect(pair.run { client.closedCode != nil })
+        #expect(server.ends.count == 1)
+        #expect(server.ends.first.map { !$0.aborted && $0.sinkErrno == EFBIG } == true)
+        #expect(client.status == 413 && client.closedCode == H3Error.noError)
+    }
+
     /// The body mark fires once, while the body is still arriving, once it has passed the mark.
     @Test func theBodyMarkFiresOnceWhenTheBodyPassesIt() throws {
         final class MarkingServer: QUICApplication {
