@@ -132,5 +132,8 @@ int stoq_conn_reset_faulted_streams(stoq_conn *c, uint64_t code) {
     }
   }
   stoq_guard_clear();
+  /* The packet the faulted write held back for the next call was built from the same
+   * mappings: dropped with the rest of that write (ngtcp2 sends its frames again as lost). */
+  c->pending_len = 0;
   return n;
 }

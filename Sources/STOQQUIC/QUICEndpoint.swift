@@ -597,9 +597,9 @@ public final class QUICEndpoint {
                 tally.bodiesCutShort &+= UInt64(stoq_conn_reset_faulted_streams(conn.raw, H3Error.internalError))
                 // The datagrams just built carry those zeros, perhaps with the body's FIN, which
                 // would complete it at the peer before the reset arrived: they are not sent, as
-                // if lost. ngtcp2 does not send a reset stream's data again; the rest of what
-                // they held is sent again like any loss. The connection's next write carries
-                // the reset.
+                // if lost, nor the one the write held back for the next (the shim drops it).
+                // ngtcp2 does not send a reset stream's data again; the rest of what they held
+                // is sent again like any loss. The connection's next write carries the reset.
                 if n > 0 { continue }
             }
             if n > 0 {

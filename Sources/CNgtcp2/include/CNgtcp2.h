@@ -444,7 +444,9 @@ int stoq_guard_hit(const void *base, size_t len);
 /** Forgets this thread's faulted mappings. */
 void stoq_guard_clear(void);
 /** Resets (with `code`) every stream of `c` whose queued body lies in a mapping that faulted
- *  on this thread, then clears the thread's record. How many. */
+ *  on this thread, then clears the thread's record. How many. Call after a stoq_conn_write
+ *  that faulted and drop what it wrote: the packet that write held back for the next call is
+ *  dropped here (each as if lost). */
 int stoq_conn_reset_faulted_streams(stoq_conn *c, uint64_t code);
 
 /** Next time stoq_conn_handle_expiry must run (ns, UINT64_MAX for never). */
