@@ -625,7 +625,9 @@ final class EdgeFetcher {
             return nil
         }
         cache.count(\.bytesFromOrigin, d.received)
-        let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.started) / 1e9
+        // This attempt's time, not the fetch's: an earlier attempt that stalled, or the wait
+        // before a hedge, is not this route's doing.
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - a.submittedAt) / 1e9
         switch a.key {
         case .chunk(let id):
             let put: ChunkStore.PutResult

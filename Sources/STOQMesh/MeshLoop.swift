@@ -175,7 +175,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             let t = monotonicNow()
             for d in done { finished(d, now: t) }
-            for (ep, d) in service.takeDeliveries() { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
+            for (ep, d) in service.takeDeliveries(now: t) { neighbours[ep]?.link.delivered(bytes: d.bytes, interval: d.nanos) }
             tick(now: t)
             var verified = 0
             while verified < Self.advertsPerPass {

@@ -85,7 +85,7 @@ public final class MeshService: @unchecked Sendable {
     private let chainBox: Mutex<[Certificate]>
     private let credentialsRenewed = Atomic<Bool>(false)
     private let members = Mutex<Set<MeshMember>?>(nil)
-    private let deliveries = Mutex<[IPv6Endpoint: (bytes: Int, nanos: UInt64)]>([:])
+    private let deliveries = Mutex<[IPv6Endpoint: DeliveryMeter]>([:])
     private let relay = Mutex(MeshStatus.Counters())
     private let loadPPM = Atomic<UInt32>(0)
     private let ownSequence = Atomic<UInt64>(0)
@@ -255,13 +255,18 @@ public final class MeshService: @unchecked Sendable {
         }
     }
 
-    /// `bytes` arrived from the neighbour at `endpoint` in `nanos` (a chunk fetched through it):
-    /// its delivery rate.
-    public func delivered(from endpoint: IPv6Endpoint, bytes: Int, nanos: UInt64) {
-        deliveries.withLock { d in
-            let old = d[endpoint] ?? (0, 0)
-            d[endpoint] = (old.bytes + bytes, old.nanos + nanos)
-        }
+    /// A chunk fetch through the neighbour at `endpoint` went out (its delivery rate,
+    /// `DeliveryMeter`). Any thread.
+    func deliveryStarted(at endpoint: IPv6Endpoint) {
+        let now = monotonicNow()
+        deliveries.withLock { $0[endpoint, default: DeliveryMeter()].started(now: now) }
+    }
+
+    /// A chunk fetch through the neighbour at `endpoint` ended with `bytes` delivered (0: it
+    /// failed, or was cancelled). Any thread.
+    func deliveryEnded(at endpoint: IPv6Endpoint, bytes: Int) {
+        let now = monotonicNow()
+        deliveries.withLock { $0[endpoint]?.ended(bytes: bytes, now: now) }
     }
 
     // MARK: - Lifecycle
@@ -327,9 +332,16 @@ public final class MeshService: @unchecked Sendable {
             return taken.map(\.bytes)
         }
     }
-    func takeDeliveries() -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] {
+    /// Each neighbour's delivery since the last call: bytes and the time its chunk fetches were
+    /// in flight (`DeliveryMeter.sample`); neighbours that delivered nothing are left out.
+    func takeDeliveries(now: UInt64) -> [IPv6Endpoint: (bytes: Int, nanos: UInt64)] {
         deliveries.withLock { d in
-            defer { d.removeAll() }; return d
+            var out: [IPv6Endpoint: (bytes: Int, nanos: UInt64)] = [:]
+            for ep in Array(d.keys) {
+                if let s = d[ep]!.sample(now: now) { out[ep] = s }
+                if d[ep]!.idle { d[ep] = nil }
+            }
+            return out
         }
     }
     func publish(view: MeshView) { published.withLock { $0.view = view } }

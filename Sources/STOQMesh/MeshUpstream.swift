@@ -113,16 +113,21 @@ public final class MeshUpstream: FetchUpstream {
     }
 
     public func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {
-        guard let multipath, case .chunk = resource else { return }
+        // Chunks only: a manifest's time may hold a search or the holder cutting a plain file.
+        guard case .chunk = resource else { return }
+        service.deliveryStarted(at: attempt.url.endpoint)
+        guard let multipath else { return }
         let length = holders.withLock { $0[Self.hintKey(resource)]?.length } ?? 256 << 10
         multipath.dispatched(attempt, nextHop: nextHop(attempt), bytes: length)
     }
 
     public func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool) {
+        if case .chunk = resource { service.deliveryEnded(at: attempt.url.endpoint, bytes: 0) }
         multipath?.ended(attempt, delivered: false)
     }
 
     public func cancelled(_ resource: UpstreamResource, via attempt: UpstreamAttempt) {
+        if case .chunk = resource { service.deliveryEnded(at: attempt.url.endpoint, bytes: 0) }
         multipath?.cancelled(attempt)
     }
 
@@ -167,9 +172,11 @@ public final class MeshUpstream: FetchUpstream {
     public func isDown(_ url: STOQURL) -> Bool { service.view.down.contains(url.endpoint) }
 
     public func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {
-        service.delivered(from: attempt.url.endpoint, bytes: body.count, nanos: UInt64(seconds * 1e9))
         multipath?.ended(attempt, delivered: true)
-        if case .chunk = resource { chunkSeconds.withLock { $0 = $0.map { $0 + (seconds - $0) / 8 } ?? seconds } }
+        if case .chunk = resource {
+            service.deliveryEnded(at: attempt.url.endpoint, bytes: body.count)
+            chunkSeconds.withLock { $0 = $0.map { $0 + (seconds - $0) / 8 } ?? seconds }
+        }
         guard Self.teachesHolder(resource, attempt), let hex = attempt.holder, let bytes = Hex.decode(hex), bytes.count == 32 else { return }
         let holder = NodeIdentity(bytes)
         var keys = [(Self.hintKey(resource), body.count)]

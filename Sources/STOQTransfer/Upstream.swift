@@ -85,7 +85,9 @@ public protocol FetchUpstream: AnyObject, Sendable, CustomStringConvertible {
     func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String?
     /// Whether requests in flight to `url` should be abandoned now (its link is down).
     func isDown(_ url: STOQURL) -> Bool
-    /// A fetch through `attempt` succeeded: `body` verified, after `seconds`.
+    /// A fetch through `attempt` succeeded: `body` verified, `seconds` after this attempt was
+    /// sent (not after the fetch began: an earlier attempt's stall, or a hedge's wait, is not
+    /// this route's time).
     func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double)
     /// A request went out through `attempt`.
     func dispatched(_ resource: UpstreamResource, via attempt: UpstreamAttempt)

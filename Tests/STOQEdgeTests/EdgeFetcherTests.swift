@@ -29,12 +29,24 @@ import Testing
         }
         func unreachable(_ resource: UpstreamResource, hint: RelayHint?) -> String? { nil }
         func isDown(_ url: STOQURL) -> Bool { false }
-        func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {}
+        func fetched(_ resource: UpstreamResource, via attempt: UpstreamAttempt, body: UnsafeRawBufferPointer, seconds: Double) {
+            lock.withLock { times.append((attempt.label, seconds)) }
+        }
         func failed(_ resource: UpstreamResource, via attempt: UpstreamAttempt, notFound: Bool) {
             lock.withLock { failures.append("\(attempt.label) \(resource.path)\(notFound ? " 404" : "")") }
         }
         /// "<label> <path>[ 404]" for each attempt that failed, in order.
         var failed: [String] { lock.withLock { failures } }
+        /// Each delivery's attempt and the time the fetcher said it took, in order.
+        var fetchedTimes: [(label: String, seconds: Double)] { lock.withLock { times } }
+        private var times: [(label: String, seconds: Double)] = []
+        /// What `hedgeDelay` answers (nil: never hedge).
+        var hedgeAfter: UInt64? {
+            get { lock.withLock { hedge } }
+            set { lock.withLock { hedge = newValue } }
+        }
+        private var hedge: UInt64?
+        func hedgeDelay(_ resource: UpstreamResource, via attempt: UpstreamAttempt) -> UInt64? { lock.withLock { hedge } }
     }
 
     let identity: TestIdentity
@@ -110,6 +122,28 @@ import Testing
         let until = monotonicNow() + 2_000_000_000
         while upstream.closed(path).isEmpty && monotonicNow() < until { usleep(1000) }
         return upstream.closed(path)
+    }
+
+    /// What a delivery tells its upstream it took (a route's delivery rate, the hedge delay) is
+    /// its own attempt's time: a hedge that delivers at once, after the first attempt sat a
+    /// second without a byte, is not charged that second.
+    @Test func aDeliveryIsTimedFromItsOwnAttempt() throws {
+        let (a, aBytes) = chunk(21)
+        bad.answer("/chunks/\(a.hex)", .trickle(status: 200, filler: "x", every: 60_000_000_000))
+        good.answer("/chunks/\(a.hex)", .whole(status: 200, body: aBytes))
+        upstreams.hedgeAfter = 1_000_000_000
+        cache.start()
+        let started = monotonicNow()
+        let ticket = cache.fetch(.chunk(a), inbox: inbox)
+        let done = wait(for: [ticket])
+        let took = Double(monotonicNow() - started) / 1e9
+        #expect(try #require(done[ticket]).completion.failure == nil)
+        #expect(cache.readChunk(a) == aBytes)
+        let times = upstreams.fetchedTimes
+        #expect(times.count == 1 && times.first?.label == "good [::1]:4434", "\(times)")
+        // The whole fetch took the hedge delay and more; the delivering attempt far less.
+        #expect(took >= 1.0)
+        #expect((times.first?.seconds ?? 9) < 0.9, "\(times)")
     }
 
     @Test func aChunkBodyPastTheLargestChunkFailsOverAndIsNeverHeld() throws {

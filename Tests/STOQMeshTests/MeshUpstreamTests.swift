@@ -80,6 +80,32 @@ import Testing
         #expect(upstream.attempts(for: chunk, hint: RelayHint(holder: h.hex, hops: 1, via: via)).map(\.url.endpoint) == [url(2).endpoint])
     }
 
+    /// Only chunk fetches make a neighbour's delivery rate: a manifest's time may hold a search
+    /// or a holder cutting a plain file. A chunk's bytes count from its dispatch to its end.
+    @Test func onlyChunksMakeTheDeliveryRate() throws {
+        let node = MeshFixture.shared.nodes[0]
+        let settings = MeshService.Settings(
+            chain: node.chain, key: node.key, trust: ClientTrust(), verifyChain: { _ in }, listenPort: 4433, localAddresses: [])
+        struct NotOpened: Error {}
+        let service = MeshService(
+            settings: settings, discovery: StaticDiscovery(peers: []), datapath: ClientDatapath { throw NotOpened() },
+            logger: Logger(label: "test.mesh"))
+        let upstream = MeshUpstream(service: service)
+        let url = try STOQURL("https://[fd00::7]:4433/")
+        let body = [UInt8](repeating: 7, count: 100_000)
+        func fetch(_ resource: UpstreamResource) {
+            let a = UpstreamAttempt(url: url, path: MeshWire.relayPath(holder: node.id, hops: 1, resource), label: "n")
+            upstream.dispatched(resource, via: a)
+            body.withUnsafeBytes { upstream.fetched(resource, via: a, body: $0, seconds: 0.5) }
+        }
+        fetch(.manifest(name: "big.iso"))
+        #expect(service.takeDeliveries(now: monotonicNow()).isEmpty)
+        fetch(.chunk(hex: String(repeating: "ab", count: 32)))
+        let d = try #require(service.takeDeliveries(now: monotonicNow())[url.endpoint])
+        // Its own time (a few µs here), not the 0.5 s it was said to take.
+        #expect(d.bytes == 100_000 && d.nanos > 0 && d.nanos < 100_000_000)
+    }
+
     /// A chunk fetched by its id teaches who holds it; one fetched as a byte range of an object
     /// (an edge's own cut of a plain object) does not: the holder may have no such chunk.
     @Test func onlyAChunkFetchedByItsIdTeachesItsHolder() {
