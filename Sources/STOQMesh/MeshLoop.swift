@@ -16,8 +16,6 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         var url: STOQURL
         var link: NeighbourLink
         var id: NodeIdentity?
-        /// Where probe answers are written (one small memory file per neighbour).
-        var answerFD: Int32
         var probesSent: UInt64 = 0
         var probesAnswered: UInt64 = 0
         var downs: UInt64 = 0
@@ -42,8 +40,12 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     }
 
     enum Pending {
-        /// A probe to a neighbour; `sample` when it was sent on an established connection.
-        case probe(IPv6Endpoint, sample: Bool)
+        /// A probe to a neighbour; `sample` when it was sent on an established connection;
+        /// `fd`, the small memory file its answer is written to. One per probe: two answers
+        /// that end in one drive (a burst after a loss, an RTT past the probe interval) were
+        /// both written at offset 0 of one file per neighbour, and one was read as the other.
+        /// Closed when the probe ends, or is given up (`closeFile`).
+        case probe(IPv6Endpoint, sample: Bool, fd: Int32)
         /// An advert `PUT` to a neighbour, and how many times it was sent.
         case advert(STOQURL, BodyRegion, sends: Int)
     }
@@ -84,10 +86,8 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     var lastAdvert: UInt64 = 0
     var advertDue = true
     var lastExpire: UInt64 = 0
-    /// The member list last reported, and whether some of it could not be taken as neighbours
-    /// (tried again each second: discovery reports a set only when it changes).
+    /// The member list last reported.
     var members: Set<MeshMember> = []
-    var membersShort = false
     var lastStatus: UInt64 = 0
     var viewDirty = true
     var lastRoutesVersion: UInt64 = .max
@@ -190,11 +190,11 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             }
             if t &- lastExpire >= Nanos.second {
                 lastExpire = t
-                if membersShort { updateMembers(now: t) }
                 warnIfDeaf(now: t)
                 for (tag, p) in pending where t &- p.at > Self.requestDeadline {
                     pool.cancel(tag)
                     pending[tag] = nil
+                    Self.closeFile(p.what)
                 }
                 let (gone, forgotten) = engine.expire(now: t)
                 for id in gone { held[id] = nil }
@@ -212,8 +212,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 publishStatus(now: t)
             }
         }
-        for n in neighbours.values { close(n.answerFD) }
         pool.close()
+        // Nothing is written to a request's file once the pool is closed.
+        for p in pending.values { Self.closeFile(p.what) }
     }
 
     // MARK: Members
@@ -221,11 +222,9 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
     private func updateMembers(now: UInt64) {
         var wanted: [IPv6Endpoint: MeshMember] = [:]
         for m in members where !isMe(m) { wanted[m.url.endpoint] = m }
-        membersShort = false
         for (ep, n) in neighbours where wanted[ep] == nil {
             logger.notice("mesh: \(n.url) left the member list")
             pool.drop(ep, reason: "no longer a member")
-            close(n.answerFD)
             neighbours[ep] = nil
             advertDue = true
             viewDirty = true
@@ -238,19 +237,10 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 }
                 continue
             }
-            let fd = stoq_memfd("stoq-mesh-probe")
-            guard fd >= 0 else {
-                let why = String(cString: strerror(errno))
-                if let said = warnings.allow("member file", now: now) {
-                    logger.error("mesh: cannot make the probe answer file of member \(m) (\(why)); trying again each second\(said)")
-                }
-                membersShort = true
-                continue
-            }
             var link = NeighbourLink.Settings(
                 downAfter: service.settings.downAfter, flapDamping: service.settings.flapDamping ? FlapDamping() : nil)
             link.probeTimeout = min(link.probeTimeout, service.settings.downAfter)
-            neighbours[ep] = Neighbour(url: url, link: NeighbourLink(settings: link, now: now), id: m.nodeID, answerFD: fd)
+            neighbours[ep] = Neighbour(url: url, link: NeighbourLink(settings: link, now: now), id: m.nodeID)
             logger.info("mesh: neighbour \(m)")
         }
     }
@@ -276,7 +266,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
         // Neighbours with a probe out, gathered once: a scan of `pending` per neighbour cost
         // members × probes out on every pass.
         var probing = Set<IPv6Endpoint>()
-        for p in pending.values { if case .probe(let ep, _) = p.what { probing.insert(ep) } }
+        for p in pending.values { if case .probe(let ep, _, _) = p.what { probing.insert(ep) } }
         for (ep, n) in neighbours {
             let connected = pool.isConnected(ep)
             if !connected && now < n.retryAt { continue }
@@ -284,9 +274,17 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             // a sample (its time includes the handshake, and a neighbour still starting up has
             // not lost anything).
             if !connected && probing.contains(ep) { continue }
+            let fd = stoq_memfd("stoq-mesh-probe")
+            guard fd >= 0 else {
+                let why = String(cString: strerror(errno))
+                if let said = warnings.allow("probe file", now: now) {
+                    logger.error("mesh: cannot make a probe answer's file (\(why)); probes wait until one can be made\(said)")
+                }
+                return
+            }
             let tag = nextTag
             nextTag += 1
-            pending[tag] = (.probe(ep, sample: connected), now)
+            pending[tag] = (.probe(ep, sample: connected, fd: fd), now)
             if connected {
                 if let rtt = pool.rtt(ep) { neighbours[ep]!.link.transportRTT(srtt: rtt.srtt, rttvar: rtt.rttvar) }
                 neighbours[ep]!.link.probeSent(sequence: UInt64(tag), now: now)
@@ -295,12 +293,19 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
             // No more of an answer is written than one can be: a peer's endless body must not
             // fill the (RAM-backed) answer file.
             pool.submit(
-                to: n.url, "GET", MeshWire.probePath, sinkFD: n.answerFD, limit: UInt64(MeshWire.ProbeAnswer.maxSize), tag: tag)
+                to: n.url, "GET", MeshWire.probePath, sinkFD: fd, limit: UInt64(MeshWire.ProbeAnswer.maxSize), tag: tag)
         }
+    }
+
+    /// Closes a probe's answer file: its request ended, was cancelled, or the pool closed (the
+    /// pool writes nothing to it after any of these).
+    static func closeFile(_ p: Pending) {
+        if case .probe(_, _, let fd) = p { close(fd) }
     }
 
     private func finished(_ d: ConnectionPool.Done, now: UInt64) {
         guard let p = pending.removeValue(forKey: d.tag)?.what else { return }
+        defer { Self.closeFile(p) }
         switch p {
         case .advert(let url, let body, let sends):
             if let f = d.failure { logger.debug("mesh: an advert was not delivered: \(f)") }
@@ -313,7 +318,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                     logger.warning("mesh: \(url) refused this node's advert with HTTP \(status)\(said)")
                 }
             }
-        case .probe(let ep, let sample):
+        case .probe(let ep, let sample, let fd):
             guard var n = neighbours[ep] else { return }
             if let f = d.failure {
                 // Refused during its handshake (a certificate, a TLS alert, or the neighbour's
@@ -372,7 +377,7 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 return
             }
             var bytes = [UInt8](repeating: 0, count: Int(d.received))
-            let read = bytes.withUnsafeMutableBytes { pread(n.answerFD, $0.baseAddress, $0.count, 0) }
+            let read = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
             guard read == bytes.count else {
                 let why = read < 0 ? String(cString: strerror(errno)) : "\(read) of \(bytes.count) bytes"
                 if let said = warnings.allow("answer file \(n.url)", now: now) {
@@ -412,7 +417,6 @@ final class MeshLoop: @unchecked Sendable {  // handed to its thread, then touch
                 // This node, under another address: not a neighbour.
                 logger.notice("mesh: \(n.url) is this node; dropping it")
                 pool.drop(ep, reason: "this node")
-                close(n.answerFD)
                 neighbours[ep] = nil
                 return
             }
