@@ -93,6 +93,8 @@ public final class MeshService: @unchecked Sendable {
     private let wakeHook = Mutex<(@Sendable () -> Void)?>(nil)
     private let finished = DispatchGroup()
     private var discoveryTask: Task<Void, Never>?
+    /// Left when the discovery task has returned (having withdrawn this node's registration).
+    private let discoveryFinished = DispatchGroup()
     /// Connections, probes and adverts: the mesh thread's alone.
     private var state: MeshLoop?
 
@@ -278,11 +280,13 @@ public final class MeshService: @unchecked Sendable {
         let waker = loop.pool.waker
         wakeHook.withLock { $0 = { waker.wake() } }
         let backend = discovery
+        discoveryFinished.enter()
         discoveryTask = Task { [self] in
             await backend.run { set in
                 self.members.withLock { $0 = set }
                 self.wakeHook.withLock { $0 }?()
             }
+            discoveryFinished.leave()
         }
         finished.enter()
         let t = Thread { [self] in
@@ -305,7 +309,12 @@ public final class MeshService: @unchecked Sendable {
         stopFlag.store(true, ordering: .releasing)
         wakeHook.withLock { $0 }?()
         discoveryTask?.cancel()
-        _ = finished.wait(timeout: .now() + 5)
+        let deadline = DispatchTime.now() + 5
+        _ = finished.wait(timeout: deadline)
+        // Discovery withdraws this node on its way out (etcd: one revoke, within the request
+        // timeout); a stop that returned before it might exit first, and leave the node listed
+        // for a whole lease TTL instead of gone at once.
+        _ = discoveryFinished.wait(timeout: deadline)
     }
 
     // MARK: - For the mesh thread

@@ -3,6 +3,7 @@ import STOQTestSupport
 import Logging
 import STOQConfig
 import STOQCore
+import STOQTransfer
 import Testing
 @testable import STOQMesh
 
@@ -273,12 +274,13 @@ import Testing
     }
 
     /// A TCP proxy in front of a real etcd, to play a slow etcd or a watch connection that a
-    /// NAT drops without a word: each `/v3/kv/put` and `/v3/kv/range` request is held back
-    /// `delay` seconds; on SIGUSR1 the connections carrying a watch then stop passing bytes
-    /// either way, and stay open.
+    /// NAT drops without a word: each request to one of the paths given (comma-separated) is
+    /// held back `delay` seconds; on SIGUSR1 the connections carrying a watch then stop passing
+    /// bytes either way, and stay open.
     static let proxy = """
         import asyncio, signal, socket, sys
         port, upstream, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+        held = [b"POST " + p.encode() + b" " for p in sys.argv[4].split(",") if p]
         connections = []
         def freeze():
             for c in connections:
@@ -290,7 +292,7 @@ import Testing
                 if not data: break
                 if request:
                     if b"POST /v3/watch " in data: c["watch"] = True
-                    if delay and (b"POST /v3/kv/put " in data or b"POST /v3/kv/range " in data): await asyncio.sleep(delay)
+                    if any(h in data for h in held): await asyncio.sleep(delay)
                 if c["frozen"]: await asyncio.Event().wait()
                 dst.write(data)
                 await dst.drain()
@@ -307,13 +309,14 @@ import Testing
         asyncio.run(main())
         """
 
-    /// `proxy` in front of `etcd`, listening, and its endpoint.
-    func proxy(_ etcd: Etcd, delay: Double = 0) async throws -> (Daemon, MeshURL) {
+    /// `proxy` in front of `etcd`, listening, holding requests to `paths` back `delay` seconds;
+    /// and its endpoint.
+    func proxy(_ etcd: Etcd, delay: Double = 0, holding paths: [String] = []) async throws -> (Daemon, MeshURL) {
         let script = etcd.dir.appendingPathComponent("proxy.py")
         try Self.proxy.write(to: script, atomically: true, encoding: .utf8)
         let port = freePort()
         let daemon = try Daemon(
-            try requireBinary("/usr/bin/python3", package: "python3"), [script.path, "\(port)", "\(etcd.client)", "\(delay)"],
+            try requireBinary("/usr/bin/python3", package: "python3"), [script.path, "\(port)", "\(etcd.client)", "\(delay)", paths.joined(separator: ",")],
             dir: etcd.dir, name: "proxy")
         #expect(await listening(port), "the proxy never listened: \(daemon.output)")
         return (daemon, try MeshURL.parse("http://[::1]:\(port)", scheme: "http").get())
@@ -325,7 +328,7 @@ import Testing
     /// TTL after the range only: lease_lost every session.)
     @Test func aSlowEtcdDoesNotLetTheLeaseExpireWhileRegistering() async throws {
         let etcd = try Etcd("etcd-slow")
-        let (daemon, endpoint) = try await proxy(etcd, delay: 1)
+        let (daemon, endpoint) = try await proxy(etcd, delay: 1, holding: ["/v3/kv/put", "/v3/kv/range"])
         defer { daemon.kill() }
         var o = EtcdDiscovery.Options(endpoints: [endpoint], prefix: "/stoq/mesh/")
         o.leaseTTLSeconds = 2
@@ -373,6 +376,33 @@ import Testing
         #expect(await lb.wait { $0 == [Self.a, Self.b, Self.c] })
         print("etcd: a change missed by a silent watch was seen \(clock.now - put) after it was made")
         #expect(nb.counters.lastError?.contains("/v3/watch: it has fallen behind") == true, "\(nb.counters)")
+    }
+
+    /// A mesh service's `stop` returns once discovery has withdrawn this node: its etcd lease is
+    /// revoked and its record gone by then, even when etcd takes a second to revoke it. (`stop`
+    /// used to wait for the mesh thread only: the revoke might never be sent, and the node stay
+    /// listed for a whole TTL.)
+    @Test func aStoppedMeshServiceHasRevokedItsLease() async throws {
+        let etcd = try Etcd("etcd-stop")
+        let (daemon, endpoint) = try await proxy(etcd, delay: 1, holding: ["/v3/lease/revoke"])
+        defer { daemon.kill() }
+        let node = MeshFixture.shared.nodes[0]
+        let me = MeshMember(url: try MeshURL.parse("https://[fd00:57::9]:4433").get(), nodeID: node.id)
+        var o = EtcdDiscovery.Options(endpoints: [endpoint], prefix: "/stoq/mesh/")
+        o.leaseTTLSeconds = 4
+        o.registration = me
+        let settings = MeshService.Settings(
+            chain: node.chain, key: node.key, trust: ClientTrust(), verifyChain: { _ in }, listenPort: 4433, localAddresses: [])
+        let identity = try TestIdentity()
+        let upstreams = try LoopbackUpstreams(identity: identity, [])
+        let service = MeshService(
+            settings: settings, discovery: EtcdDiscovery(options: o, logger: Logger(label: "test.etcd")),
+            datapath: ClientDatapath { upstreams.queue() }, logger: Logger(label: "test.mesh"))
+        try service.start()
+        let key = MemberRecord.key(prefix: "/stoq/mesh/", for: me)
+        #expect(await eventually { (try? etcd.ctl(["get", "--keys-only", key]))?.contains(key) == true })
+        service.stop()
+        #expect(try etcd.ctl(["get", "--keys-only", key]).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty)
     }
 
     @Test func memberRecordsRoundTripAndRefuse() throws {
