@@ -374,9 +374,11 @@ static int64_t decode_pn(int64_t largest, uint64_t truncated, unsigned bits) {
    arriving once the ACK covering the largest was itself acknowledged, makes its
    conn_create_ack_frame build a range gap of -1 and ngtcp2_put_uvarintlen abort (the whole
    process; fixed upstream after 0.12). A peer can send that on purpose (scripts/fuzz worker
-   found it: Tests/Fuzz/known-crashes/). ngtcp2 tells us neither, so every packet numbered
-   one below the largest is taken as undecryptable and dropped: the peer sends its frames
-   again; only a packet overtaken by exactly one is lost. */
+   found it: Tests/Fuzz/known-crashes/). ngtcp2 tells us neither. But that ACK was built
+   after the largest arrived: a packet numbered one below the largest is taken as
+   undecryptable and dropped (the peer sends its frames again) only when this connection has
+   built a datagram since the largest arrived. One overtaken by its successor in the same
+   receive batch, the usual reordering, is read. */
 static int cb_decrypt(uint8_t *dest, const ngtcp2_crypto_aead *aead, const ngtcp2_crypto_aead_ctx *aead_ctx,
                       const uint8_t *ciphertext, size_t ciphertextlen, const uint8_t *nonce, size_t noncelen,
                       const uint8_t *aad, size_t aadlen) {
@@ -390,11 +392,14 @@ static int cb_decrypt(uint8_t *dest, const ngtcp2_crypto_aead *aead, const ngtcp
   uint64_t truncated = 0;
   for (size_t i = aadlen - pnlen; i < aadlen; i++) truncated = truncated << 8 | aad[i];
   int64_t pn = decode_pn(c->rx_largest[space], truncated, (unsigned)pnlen * 8);
-  if (pn == c->rx_largest[space] - 1) {
+  if (pn == c->rx_largest[space] - 1 && c->tx_built != c->rx_largest_built[space]) {
     c->rx_below_largest_dropped++;
     return NGTCP2_ERR_DECRYPT;
   }
-  if (pn > c->rx_largest[space]) c->rx_largest[space] = pn;
+  if (pn > c->rx_largest[space]) {
+    c->rx_largest[space] = pn;
+    c->rx_largest_built[space] = c->tx_built;
+  }
   return rv;
 }
 

@@ -215,8 +215,11 @@ struct stoq_conn {
   int preferred;            /* client: STOQ_PREFERRED_* */
   uint64_t paths_validated, paths_failed;
   /* The largest packet number decrypted in each space (Initial, Handshake, application; -1
-   * before any), and the packets dropped for being numbered one below it (see cb_decrypt). */
+   * before any), `tx_built` when it was, and the packets dropped for being numbered one below
+   * it (see cb_decrypt). `tx_built` counts the datagrams ngtcp2 has built. */
   int64_t rx_largest[3];
+  uint64_t rx_largest_built[3];
+  uint64_t tx_built;
   uint64_t rx_below_largest_dropped;
 };
 

@@ -209,6 +209,7 @@ ssize_t stoq_conn_write(stoq_conn *c, uint8_t *buf, size_t cap, size_t max_pkts,
     if (ndatalen >= 0 && nghttp3_conn_add_write_offset(c->h3, sid, (size_t)ndatalen) != 0)
       return map_error(c, NGTCP2_ERR_INTERNAL);
     if (nwrite == 0) break;
+    c->tx_built++;
 
     if (npkts == 0) {
       gso = (size_t)nwrite;
@@ -258,6 +259,7 @@ ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t a
   ngtcp2_path_storage_zero(&ps);
   ngtcp2_pkt_info pi;
   ngtcp2_ssize n = ngtcp2_conn_write_connection_close(c->q, &ps.path, &pi, buf, cap, &e, now);
+  if (n > 0) c->tx_built++;
   return n < 0 ? -1 : n;
 }
 

@@ -32,6 +32,9 @@ public struct SimulatedLink {
     /// Probability that a datagram is held back by up to `reorderDelay` (and so overtaken).
     public var reorderRate: Double
     public var reorderDelay: UInt64
+    /// Probability that a datagram arrives just before the one sent before it, together
+    /// (overtaken by one within a receive batch: the usual reordering).
+    public var swapRate: Double = 0
     /// Drops everything while true (a partition).
     public var down = false
 
@@ -65,7 +68,12 @@ public struct SimulatedLink {
         if Double.random(in: 0..<1, using: &rng) < reorderRate {
             arrival += UInt64.random(in: 1...reorderDelay, using: &rng)
         }
-        inFlight.append(Packet(bytes: Array(bytes), from: from, to: to, ecn: ecn, arrival: arrival))
+        let packet = Packet(bytes: Array(bytes), from: from, to: to, ecn: ecn, arrival: arrival)
+        if swapRate > 0, let last = inFlight.last, last.arrival == arrival, Double.random(in: 0..<1, using: &rng) < swapRate {
+            inFlight.insert(packet, at: inFlight.count - 1)
+        } else {
+            inFlight.append(packet)
+        }
     }
 
     /// The earliest arrival still on the link.
@@ -73,7 +81,9 @@ public struct SimulatedLink {
 
     /// Removes and returns every datagram that has arrived by `now`, in arrival order.
     public mutating func deliver(now: Timestamp) -> [Packet] {
-        let due = inFlight.filter { $0.arrival <= now }.sorted { $0.arrival < $1.arrival }
+        // In order of arrival, then of sending (or of a swap).
+        let due = inFlight.enumerated().filter { $0.element.arrival <= now }
+            .sorted { ($0.element.arrival, $0.offset) < ($1.element.arrival, $1.offset) }.map(\.element)
         inFlight.removeAll { $0.arrival <= now }
         return due
     }
