@@ -477,6 +477,7 @@ static void fill_settings(const stoq_endpoint_ctx *ep, ngtcp2_settings *st, ngtc
 }
 
 int stoq_conn_peer_refused(const stoq_conn *c) { return c->peer_refused; }
+int stoq_conn_peer_going_away(const stoq_conn *c) { return c->peer_going_away; }
 
 const char *stoq_conn_peer_identity(const stoq_conn *c) { return c->peer_identity; }
 

@@ -382,6 +382,20 @@ static int h3_reset_stream(nghttp3_conn *h3, int64_t stream_id, uint64_t code, v
   return ngtcp2_conn_shutdown_stream_write(c->q, stream_id, code) == 0 ? 0 : NGHTTP3_ERR_CALLBACK_FAILURE;
 }
 
+/* The peer's GOAWAY (RFC 9114 §5.2). A client sends no new request on the connection, and ends
+ * each it sent with a stream id at or above `id` (the server will not process them) as if it
+ * had reset it with H3_REQUEST_REJECTED: its application hears that, outside this callback, and
+ * may send it again elsewhere. A server is told a push id: it makes no pushes. */
+static int h3_shutdown(nghttp3_conn *h3, int64_t id, void *ud) {
+  (void)h3;
+  stoq_conn *c = ud;
+  if (c->is_server) return 0;
+  c->peer_going_away = 1;
+  for (stoq_stream *s = c->streams; s; s = s->next)
+    if (s->id >= id && !s->abandoned) stoq_stream_reset(c, s, STOQ_H3_REQUEST_REJECTED);
+  return 0;
+}
+
 int setup_h3(stoq_conn *c) {
   if (c->h3) return 0;
   if (ngtcp2_conn_get_max_local_streams_uni(c->q) < 3) {
@@ -399,6 +413,7 @@ int setup_h3(stoq_conn *c) {
       .stop_sending = h3_stop_sending,
       .end_stream = h3_end_stream,
       .reset_stream = h3_reset_stream,
+      .shutdown = h3_shutdown,
   };
   nghttp3_settings st;
   nghttp3_settings_default(&st);
@@ -642,6 +657,10 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
     set_err(err, errlen, "a request with a body does not go in 0-RTT: send it once the connection is established");
     return NULL;
   }
+  if (c->peer_going_away) {
+    set_err(err, errlen, "the server is going away (GOAWAY): send it on another connection");
+    return NULL;
+  }
   int64_t sid;
   int rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
   if (rv != 0) {
@@ -671,6 +690,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
     set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));
     s->pieces[0].release = NULL; /* the caller keeps ownership on failure */
     stream_free(c, s);
+    ngtcp2_conn_shutdown_stream(c->q, sid, STOQ_H3_REQUEST_CANCELLED); /* its credit comes back */
     return NULL;
   }
   return s;

@@ -187,9 +187,10 @@ struct stoq_conn {
   void *app;
   stoq_stream *streams;
   uint64_t streams_open;
-  size_t head_bytes;  /* its streams' head buffers (at most STOQ_HEAD_BYTES_MAX) */
-  int64_t h3_closed;  /* the request stream nghttp3 last closed (h3_stream_close; see cb_stream_close) */
-  unsigned abandoned; /* streams whose application has yet to hear of its own reset */
+  size_t head_bytes;   /* its streams' head buffers (at most STOQ_HEAD_BYTES_MAX) */
+  int64_t h3_closed;   /* the request stream nghttp3 last closed (h3_stream_close; see cb_stream_close) */
+  unsigned abandoned;  /* streams whose application has yet to hear of its own reset */
+  int peer_going_away; /* client: the server's GOAWAY came (h3_shutdown) */
   uint64_t body_rx, body_tx;
   uint64_t tx_moved;    /* endpoint clock when the peer last acknowledged body bytes of any stream */
   uint64_t sink_staged; /* body bytes its streams staged for the writer, not yet queued */

@@ -70,6 +70,9 @@ public final class QUICConnection: TimerHeapElement {
     /// The peer closed it with a TLS alert (it refused a certificate, perhaps after this end's
     /// handshake completed) or CONNECTION_REFUSED (its limits, its drain).
     public var wasRefusedByPeer: Bool { stoq_conn_refused_by_peer(raw) != 0 }
+    /// Client: the server's GOAWAY came. No new request goes on this connection; those it
+    /// will not process end with `H3Error.requestRejected`, to be sent again on another.
+    public var peerIsGoingAway: Bool { stoq_conn_peer_going_away(raw) != 0 }
     /// Requests this end may still start: bidirectional streams the peer's MAX_STREAMS allows.
     public var bidiStreamsLeft: UInt64 { stoq_conn_bidi_streams_left(raw) }
     /// The handshake resumed an earlier session (a session ticket), without certificates.
@@ -177,6 +180,17 @@ public final class QUICConnection: TimerHeapElement {
     /// Path validations that succeeded and failed so far.
     public var pathsValidated: UInt64 { stoq_conn_paths_validated(raw) }
     public var pathsFailed: UInt64 { stoq_conn_paths_failed(raw) }
+
+    /// Server: starts HTTP/3's graceful shutdown on this connection (`stoq_conn_goaway`): its
+    /// GOAWAY names the last request received; the requests open run to their end, later ones
+    /// are rejected for the client to send again elsewhere. False when the connection has no
+    /// HTTP/3 yet (mid-handshake: close it instead).
+    @discardableResult
+    public func goAway() -> Bool {
+        guard stoq_conn_goaway(raw) == 0 else { return false }
+        endpoint.markDirty(self)
+        return true
+    }
 
     /// Client: moves to `local` at once (this host's address changed and the old one is
     /// gone), validating the new path on the way. Throws when ngtcp2 refuses (no spare

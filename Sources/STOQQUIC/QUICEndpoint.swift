@@ -736,7 +736,7 @@ public final class QUICEndpoint {
         isDraining = true
         for conn in connections.values {
             guard case .active = conn.state, !conn.removed else { continue }
-            if stoq_conn_goaway(conn.raw) == 0 { markDirty(conn) }
+            conn.goAway()
         }
         drainWatch = Array(connections.values)
         closeFinished(now: now)

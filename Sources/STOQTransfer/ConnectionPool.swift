@@ -76,6 +76,8 @@ package final class ConnectionPool {
         var tag: Int
         var keepErrors: Bool
         var hash: Bool
+        /// Sent again once already, after a server going away rejected it.
+        var resent = false
     }
 
     final class Upstream {
@@ -152,8 +154,12 @@ package final class ConnectionPool {
     let app = App()
     package let rig: ClientRig
     private var upstreams: [IPv6Endpoint: Upstream] = [:]
-    /// Where each request in flight is: its upstream and, once sent, its stream.
-    private var requests: [Int: (upstream: IPv6Endpoint, stream: HTTPStream?)] = [:]
+    /// Connections whose server is going away (its GOAWAY came): new requests to it go on a
+    /// new connection, in `upstreams`; these finish what they carry, then close.
+    private var retiring: [Upstream] = []
+    /// Where each request in flight is: its upstream and, once sent, its stream; and the
+    /// request, to send again if a server going away rejects it.
+    private var requests: [Int: (upstream: Upstream, stream: HTTPStream?, request: Request)] = [:]
     /// Wakes the pool's `drive` from another thread.
     package let waker: Waker
     private var seenHandshakes = 0
@@ -261,9 +267,17 @@ package final class ConnectionPool {
         to url: STOQURL, _ method: String, _ path: String, headers: [(String, String)] = [], body: BodyRegion? = nil,
         sinkFD: Int32 = -1, limit: UInt64 = .max, tag: Int, keepErrors: Bool = false, hash: Bool = false
     ) {
-        let request = Request(
-            method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, limit: limit, tag: tag,
-            keepErrors: keepErrors, hash: hash)
+        place(
+            Request(
+                method: method, path: path, headers: headers, body: body, sinkFD: sinkFD, limit: limit, tag: tag,
+                keepErrors: keepErrors, hash: hash), to: url)
+    }
+
+    /// Sends `request` on `url`'s connection, or queues it there, connecting first if there is
+    /// none or its server is going away.
+    private func place(_ request: Request, to url: STOQURL) {
+        let tag = request.tag
+        if let u = upstreams[url.endpoint], u.connection.peerIsGoingAway { retire(u) }
         let up: Upstream
         if let u = upstreams[url.endpoint] {
             up = u
@@ -296,7 +310,7 @@ package final class ConnectionPool {
                 return
             }
         }
-        requests[tag] = (url.endpoint, nil)
+        requests[tag] = (up, nil, request)
         if up.connection.isEstablished || canSendEarly(request, on: up) {
             send(request, on: up)
         } else {
@@ -323,7 +337,7 @@ package final class ConnectionPool {
                 method: r.method, authority: up.url.authority, path: r.path,
                 headers: r.headers + [("content-length", "\(r.body?.count ?? 0)")], body: r.body)
             app.sinks[stream] = App.Sink(fd: r.sinkFD, limit: r.limit, tag: r.tag, keepErrors: r.keepErrors, hash: r.hash)
-            requests[r.tag] = (up.url.endpoint, stream)
+            requests[r.tag] = (up, stream, r)
             up.streams.insert(r.tag)
         } catch {
             requests[r.tag] = nil
@@ -339,7 +353,8 @@ package final class ConnectionPool {
     /// Abandons request `tag` (resets its stream); no `Done` comes for it. Nothing more is
     /// written to its sink: the caller may close that file as soon as this returns.
     package func cancel(_ tag: Int) {
-        guard let r = requests.removeValue(forKey: tag), let up = upstreams[r.upstream] else { return }
+        guard let r = requests.removeValue(forKey: tag) else { return }
+        let up = r.upstream
         up.pending.removeAll { $0.tag == tag }
         up.streams.remove(tag)
         if let s = r.stream {
@@ -362,12 +377,26 @@ package final class ConnectionPool {
     /// Closes the connection to `endpoint`, failing its requests with `reason`. Their sinks
     /// get nothing more (each stream is reset first): their files may be closed at once.
     package func drop(_ endpoint: IPv6Endpoint, reason: String) {
-        guard let up = upstreams.removeValue(forKey: endpoint) else { return }
-        for tag in up.streams {
-            if let s = requests[tag]?.stream { up.connection.reset(s, errorCode: H3Error.requestCancelled) }
+        var ups = retiring.filter { $0.url.endpoint == endpoint }
+        retiring.removeAll { $0.url.endpoint == endpoint }
+        if let up = upstreams.removeValue(forKey: endpoint) { ups.append(up) }
+        for up in ups {
+            for tag in up.streams {
+                if let s = requests[tag]?.stream { up.connection.reset(s, errorCode: H3Error.requestCancelled) }
+            }
+            fail(up, reason, .dropped)
+            up.connection.close(now: monotonicNow())
         }
-        fail(up, reason, .dropped)
-        up.connection.close(now: monotonicNow())
+    }
+
+    /// Takes `up`, whose server is going away, out of `upstreams`: what it carries finishes
+    /// there (it closes when nothing is left); what waited to be sent goes on a new connection.
+    private func retire(_ up: Upstream) {
+        upstreams[up.url.endpoint] = nil
+        retiring.append(up)
+        let waiting = up.pending
+        up.pending.removeAll()
+        for r in waiting { place(r, to: up.url) }
     }
 
     private func fail(_ up: Upstream, _ reason: String, _ kind: ConnectionFailure) {
@@ -400,21 +429,48 @@ package final class ConnectionPool {
         app.done.removeAll(keepingCapacity: true)
         // A request that ended on its stream still names its upstream; one failed with its
         // connection was already taken off both.
+        var ended: [Done] = []
         for d in out {
-            if let r = requests.removeValue(forKey: d.tag) { upstreams[r.upstream]?.streams.remove(d.tag) }
+            guard let r = requests.removeValue(forKey: d.tag) else {
+                ended.append(d)
+                continue
+            }
+            r.upstream.streams.remove(d.tag)
+            // Rejected unprocessed by a server going away (its GOAWAY named an earlier stream):
+            // sent again, once, on a new connection.
+            if d.status == nil && d.errorCode == H3Error.requestRejected && r.upstream.connection.peerIsGoingAway
+                && !r.request.resent
+            {
+                var again = r.request
+                again.resent = true
+                place(again, to: r.upstream.url)
+                continue
+            }
+            ended.append(d)
         }
-        return out
+        return ended
     }
 
     /// Sends what waited for a handshake, fails what a lost or slow connection held.
     private func settle() {
         for (c, reason) in app.closed {
-            guard let (ep, up) = upstreams.first(where: { $0.value.connection === c }) else { continue }
-            upstreams[ep] = nil
-            fail(up, "connection to \(ep) lost: \(reason)", ConnectionFailure(closed: c))
+            if let (ep, up) = upstreams.first(where: { $0.value.connection === c }) {
+                upstreams[ep] = nil
+                fail(up, "connection to \(ep) lost: \(reason)", ConnectionFailure(closed: c))
+            } else if let i = retiring.firstIndex(where: { $0.connection === c }) {
+                let up = retiring.remove(at: i)
+                fail(up, "connection to \(up.url.endpoint) lost: \(reason)", ConnectionFailure(closed: c))
+            }
         }
         app.closed.removeAll()
         let now = monotonicNow()
+        for up in upstreams.values where up.connection.peerIsGoingAway { retire(up) }
+        // A connection going away closes once what it carried has ended.
+        retiring.removeAll { up in
+            guard up.streams.isEmpty else { return false }
+            up.connection.close(now: now)
+            return true
+        }
         for (ep, up) in upstreams {
             if up.connection.isEstablished {
                 // As many as the server's stream limit takes now; the rest wait for MAX_STREAMS
@@ -447,7 +503,7 @@ package final class ConnectionPool {
             }
             sessionCache?.keep(from: up.connection, for: up.url)
         }
-        for ep in Array(upstreams.keys) { drop(ep, reason: "the pool is closing") }
+        for ep in Set(upstreams.keys).union(retiring.map(\.url.endpoint)) { drop(ep, reason: "the pool is closing") }
         _ = try? rig.worker.run(timeout: 200_000_000) { rig.endpoint.connectionCount == 0 }
         rig.queue.close()
     }

@@ -162,11 +162,14 @@ public final class TestUpstream: QUICApplication, @unchecked Sendable {
     private var sentBytes: [String: Int] = [:]
     private var closedCodes: [String: [UInt64]] = [:]
     private var requested: [String] = []
+    private var goAways: Set<String> = []
 
     public init(_ answers: [String: Answer] = [:]) { self.answers = answers }
 
     /// Answers `path` with `answer` from now on.
     public func answer(_ path: String, _ answer: Answer) { lock.withLock { answers[path] = answer } }
+    /// After answering a request for `path`, its connection starts a graceful shutdown (GOAWAY).
+    public func goAway(after path: String) { lock.withLock { _ = goAways.insert(path) } }
 
     /// Answers the next requests for `path` with `first`, one each, before its `answer`.
     public func answer(_ path: String, first: [Answer]) { lock.withLock { firstAnswers[path, default: []] += first } }
@@ -183,6 +186,7 @@ public final class TestUpstream: QUICApplication, @unchecked Sendable {
 
     public func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
         let path = request.path
+        defer { if lock.withLock({ goAways.contains(path) }) { connection.goAway() } }
         let answer = lock.withLock { () -> Answer? in
             requested.append(path)
             if let next = firstAnswers[path]?.first {

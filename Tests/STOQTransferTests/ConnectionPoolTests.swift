@@ -65,6 +65,30 @@ import Testing
     /// A request's end is stamped as its stream closes, inside `drive`: a caller that does
     /// other work between drives (the mesh thread, timing probes) times the answer by it, not
     /// by when it got round to looking.
+    /// A server going away (its GOAWAY, as a node draining for a restart sends): the request it
+    /// took is answered on the old connection; one sent with it, which the GOAWAY says will not
+    /// be processed, and one submitted afterwards go on a new connection and are answered. (The
+    /// pool used to keep sending on the old one: every later request failed at once, "CONN
+    /// CLOSING", and burned a stream.)
+    @Test func requestsAfterAGoAwayGoOnANewConnection() throws {
+        upstream.answer("/a", .whole(status: 200, body: Array("a".utf8)))
+        upstream.answer("/b", .whole(status: 200, body: Array("b".utf8)))
+        upstream.answer("/c", .whole(status: 200, body: Array("c".utf8)))
+        upstream.goAway(after: "/a")
+        let pool = try pool()
+        defer { pool.close() }
+        pool.submit(to: url, "GET", "/a", tag: 1)
+        pool.submit(to: url, "GET", "/b", tag: 2)
+        var done = try drive(pool, until: [1, 2])
+        pool.submit(to: url, "GET", "/c", tag: 3)
+        done.merge(try drive(pool, until: [3])) { $1 }
+        for tag in [1, 2, 3] {
+            let d = try #require(done[tag], "request \(tag) never ended")
+            #expect(d.status == 200 && d.failure == nil, "request \(tag): \(d)")
+        }
+        #expect(pool.handshakes == 2)
+    }
+
     @Test func aRequestsEndIsStampedWhenItsStreamCloses() throws {
         upstream.answer("/small", .whole(status: 200, body: Array("hello".utf8)))
         let p = try pool()

@@ -415,6 +415,10 @@ ssize_t stoq_conn_write_close(stoq_conn *c, uint8_t *buf, size_t cap, uint64_t a
  *  (H3_REQUEST_REJECTED: never processed, safe to retry elsewhere). 0, or -1 when the
  *  connection has no HTTP/3 yet (mid-handshake: close it instead). */
 int stoq_conn_goaway(stoq_conn *c);
+/** Client: whether the server started a graceful shutdown (its GOAWAY came): requests no
+ *  longer go on this connection (stoq_conn_submit_request refuses them); those it sent that the
+ *  server will not process end with H3_REQUEST_REJECTED, to be sent again on another. */
+int stoq_conn_peer_going_away(const stoq_conn *c);
 /** Request streams the connection has open (not yet closed and ended). */
 uint64_t stoq_conn_streams_open(const stoq_conn *c);
 
