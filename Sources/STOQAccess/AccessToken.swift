@@ -1,5 +1,6 @@
 @preconcurrency import Crypto
 import Foundation
+import STOQCore
 import STOQTrust
 
 /// What a token (or a certificate) lets its holder do on a node. Ordered: each role may do
@@ -134,14 +135,15 @@ public enum AccessToken {
             throw AccessError(.malformed, "the header is not a JSON object")
         }
         guard let alg = header["alg"] as? String, alg == ES256.algorithm else {
-            throw AccessError(.unsupportedAlgorithm, "alg \(header["alg"].map { "\($0)" } ?? "(none)") is not ES256")
+            // The header is the client's: the line shows only the start of a long alg.
+            throw AccessError(.unsupportedAlgorithm, "alg \(header["alg"].map { ShownText.cut("\($0)") } ?? "(none)") is not ES256")
         }
         guard let body = (try? JSONSerialization.jsonObject(with: bodyData)) as? [String: Any] else {
             throw AccessError(.malformed, "the payload is not a JSON object")
         }
         let claims = try parseClaims(body)
         guard let key = keys.first(where: { thumbprint($0) == claims.issuer }) else {
-            throw AccessError(.unknownKey, "issued by key \(claims.issuer), which this node does not accept")
+            throw AccessError(.unknownKey, "issued by key \(ShownText.cut(claims.issuer)), which this node does not accept")
         }
         let input = Data(token.utf8.prefix(parts[0].utf8.count + 1 + parts[1].utf8.count))
         guard ES256.verify(signature, over: input, with: key) else {

@@ -75,6 +75,19 @@ import Testing
         #expect(code { try AccessToken.verify(t, keys: [], now: now) } == .unknownKey)
     }
 
+    /// The refusal's message (a 401's body, the access log's reason) shows a client-chosen alg
+    /// or iss cut: its first 64 characters and its length, not the whole of it.
+    @Test func refusalShowsALongAlgOrIssuerCut() throws {
+        let t = try AccessToken.sign(claims(), with: key)
+        let long = String(repeating: "x", count: 5000), shown = String(repeating: "x", count: 64) + "… (5000 bytes)"
+        func message(_ token: String) -> String? {
+            do { _ = try AccessToken.verify(token, keys: [key.publicKey], now: now); return nil } catch { return error.message }
+        }
+        #expect(message(forge(t, header: { $0["alg"] = long })) == "alg \(shown) is not ES256")
+        #expect(message(forge(t, payload: { $0["iss"] = long })) == "issued by key \(shown), which this node does not accept")
+        #expect(message(forge(t, header: { $0["alg"] = "HS256" })) == "alg HS256 is not ES256")
+    }
+
     @Test func alteredClaimsOrSignatureAreRefused() throws {
         let t = try AccessToken.sign(claims(), with: key)
         // Widening the scope keeps iss, so the right key is tried, and fails.
