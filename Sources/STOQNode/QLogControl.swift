@@ -21,15 +21,28 @@ final class QLogControl: @unchecked Sendable {
     /// refused before any worker sees it.
     static func prepare(_ log: NodeConfig.Log) throws(NodeError) {
         guard !log.qlogDir.isEmpty, log.qlogSample > 0 else { return }
-        do {
-            try FileManager.default.createDirectory(
-                atPath: log.qlogDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o750])
-        } catch {
-            throw NodeError(.config, "log.qlog_dir = \"\(log.qlogDir)\": cannot create the directory: \(error.localizedDescription)")
+        if let failed = makeDirectories(log.qlogDir) {
+            throw NodeError(.config, "log.qlog_dir = \"\(log.qlogDir)\": cannot create the directory: mkdir \(failed)")
         }
         guard access(log.qlogDir, W_OK | X_OK) == 0 else {
             throw NodeError(.config, "log.qlog_dir = \"\(log.qlogDir)\": not writable by this process: \(String(cString: strerror(errno)))")
         }
+    }
+
+    /// Makes `path` and the directories above it that are missing (mode 0750); nil once it is a
+    /// directory, else the one that could not be made and why (`<dir>: <strerror>`).
+    /// FileManager's error says only "The file doesn't exist", naming neither.
+    private static func makeDirectories(_ path: String) -> String? {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for part in path.split(separator: "/") {
+            prefix += (prefix.isEmpty || prefix == "/" ? "" : "/") + part
+            if mkdir(prefix, 0o750) == 0 { continue }
+            let err = errno
+            var st = stat()
+            if err == EEXIST, stat(prefix, &st) == 0, st.st_mode & S_IFMT == S_IFDIR { continue }
+            return "\(prefix): \(String(cString: strerror(err == EEXIST ? ENOTDIR : err)))"
+        }
+        return nil
     }
 
     func publish(_ log: NodeConfig.Log) {
