@@ -20,6 +20,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 #include <ngtcp2/ngtcp2_crypto_gnutls.h>
@@ -60,15 +61,39 @@ static pthread_once_t ticket_key_once = PTHREAD_ONCE_INIT;
 
 /* 0-RTT replay protection (RFC 8446 §8, RFC 9001 §9.2). GnuTLS refuses early data whose
  * ticket age falls outside its window (10 s) and asks `seen_add` about every ClientHello
- * inside it: one that was seen before — a replay, on this worker or another — gets no 0-RTT
- * (the handshake goes on, 1-RTT). One table for the process, behind a mutex: it is touched
- * once per handshake that offers early data, never per packet. When the table is full of
- * live entries, early data is refused too (fail closed). */
-#define SEEN_SLOTS 8192
+ * inside it: one that was seen before — a replay, on this worker or another, from any
+ * address — gets no 0-RTT (the handshake goes on, 1-RTT). One table for the process, behind a
+ * mutex: it is touched once per handshake that offers early data, never per packet, and each
+ * touch costs O(1): a hash probe, and the expiry of the oldest entries.
+ *
+ * The table holds STOQ_ANTI_REPLAY_SLOTS ClientHellos at once, and one /64 (the source's
+ * first 64 bits, as the endpoint's other per-client limits count) at most
+ * STOQ_ANTI_REPLAY_PER_PREFIX of them: a ticket holder who floods early-data ClientHellos
+ * loses its own 0-RTT past that share, not everyone's. Whatever the table cannot remember it
+ * refuses 0-RTT (fail closed): a ClientHello over its /64's share, or any once the whole
+ * table is live (STOQ_ANTI_REPLAY_SLOTS / STOQ_ANTI_REPLAY_PER_PREFIX /64s flooding at
+ * once). A live entry is never dropped early, so a replay inside the window is always seen.
+ *
+ * Entries sit in a ring in arrival order, which is expiry order (each lives the window on the
+ * monotonic clock), so the oldest expire from its head. Two open-addressing tables of twice
+ * that size (at most half full) find them: by digest (the ring index), and by /64 (its count).
+ * Both hash under a key drawn at start, so a client cannot aim its ClientHellos or addresses
+ * at one probe chain. */
+#define ANTI_REPLAY_HASH (2 * STOQ_ANTI_REPLAY_SLOTS)
+_Static_assert((STOQ_ANTI_REPLAY_SLOTS & (STOQ_ANTI_REPLAY_SLOTS - 1)) == 0, "a power of two");
 static struct seen {
-  uint8_t digest[32];
-  time_t expires;
-} seen[SEEN_SLOTS];
+  uint8_t digest[16]; /* keyed SHA-256 of the ClientHello's identity, its first half */
+  uint64_t prefix;    /* the /64 it came from */
+  int64_t expires;    /* CLOCK_MONOTONIC seconds */
+} seen_ring[STOQ_ANTI_REPLAY_SLOTS];
+static uint32_t seen_head, seen_count;
+static uint32_t seen_by_digest[ANTI_REPLAY_HASH]; /* ring index + 1; 0: empty */
+static struct {
+  uint64_t prefix;
+  uint32_t count; /* 0: empty */
+} seen_by_prefix[ANTI_REPLAY_HASH];
+static uint8_t seen_key[32];
+static stoq_anti_replay_stats seen_stats;
 static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
 static gnutls_anti_replay_t anti_replay;
 
@@ -80,44 +105,162 @@ static gnutls_anti_replay_t anti_replay;
  * asks (its expiry is in whole seconds). */
 #define WINDOW_PREFIX 12
 
+static uint32_t slot_of(const uint8_t *h) {
+  uint32_t v;
+  memcpy(&v, h, sizeof(v));
+  return v & (ANTI_REPLAY_HASH - 1);
+}
+
+static uint32_t prefix_home(uint64_t prefix) {
+  uint8_t h[32];
+  gnutls_hmac_fast(GNUTLS_MAC_SHA256, seen_key, sizeof(seen_key), &prefix, sizeof(prefix), h);
+  return slot_of(h);
+}
+
+/* Whether the occupant of slot j, whose home is k, may move to the emptied slot i (Knuth's
+ * deletion for linear probing: it may unless k lies cyclically in (i, j]). */
+static int may_move(uint32_t i, uint32_t j, uint32_t k) { return i <= j ? (k <= i || k > j) : (k <= i && k > j); }
+
+static void digest_remove(uint32_t ring_index) {
+  uint32_t i = slot_of(seen_ring[ring_index].digest);
+  while (seen_by_digest[i] != ring_index + 1) i = (i + 1) & (ANTI_REPLAY_HASH - 1);
+  for (uint32_t j = i;;) {
+    seen_by_digest[i] = 0;
+    for (;;) {
+      j = (j + 1) & (ANTI_REPLAY_HASH - 1);
+      if (!seen_by_digest[j]) return;
+      if (may_move(i, j, slot_of(seen_ring[seen_by_digest[j] - 1].digest))) break;
+    }
+    seen_by_digest[i] = seen_by_digest[j];
+    i = j;
+  }
+}
+
+/* The /64's slot in seen_by_prefix: where it is, or the empty slot it would take. */
+static uint32_t prefix_slot(uint64_t prefix) {
+  uint32_t i = prefix_home(prefix);
+  while (seen_by_prefix[i].count && seen_by_prefix[i].prefix != prefix) i = (i + 1) & (ANTI_REPLAY_HASH - 1);
+  return i;
+}
+
+static void prefix_release(uint64_t prefix) {
+  uint32_t i = prefix_slot(prefix);
+  if (--seen_by_prefix[i].count) return;
+  for (uint32_t j = i;;) {
+    for (;;) {
+      j = (j + 1) & (ANTI_REPLAY_HASH - 1);
+      if (!seen_by_prefix[j].count) return;
+      if (may_move(i, j, prefix_home(seen_by_prefix[j].prefix))) break;
+    }
+    seen_by_prefix[i] = seen_by_prefix[j];
+    seen_by_prefix[j].count = 0;
+    i = j;
+  }
+}
+
+static int64_t monotonic_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec;
+}
+
+/* The table's one entry point: remembers `id` (a ClientHello's identity) from `prefix` for
+ * `ttl` seconds. Returns STOQ_ANTI_REPLAY_*. */
+static int seen_record(uint64_t prefix, const uint8_t *id, size_t len, int64_t ttl) {
+  uint8_t h[32];
+  if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, seen_key, sizeof(seen_key), id, len, h) != 0) return STOQ_ANTI_REPLAY_FULL;
+  int64_t now = monotonic_seconds();
+  int verdict = STOQ_ANTI_REPLAY_NEW;
+  pthread_mutex_lock(&seen_lock);
+  while (seen_count && seen_ring[seen_head].expires <= now) {
+    digest_remove(seen_head);
+    prefix_release(seen_ring[seen_head].prefix);
+    seen_head = (seen_head + 1) % STOQ_ANTI_REPLAY_SLOTS;
+    seen_count--;
+  }
+  uint32_t i = slot_of(h);
+  for (; seen_by_digest[i]; i = (i + 1) & (ANTI_REPLAY_HASH - 1))
+    if (memcmp(seen_ring[seen_by_digest[i] - 1].digest, h, 16) == 0) {
+      verdict = STOQ_ANTI_REPLAY_SEEN;
+      break;
+    }
+  uint32_t p = prefix_slot(prefix);
+  if (verdict == STOQ_ANTI_REPLAY_NEW && seen_count == STOQ_ANTI_REPLAY_SLOTS) verdict = STOQ_ANTI_REPLAY_FULL;
+  if (verdict == STOQ_ANTI_REPLAY_NEW && seen_by_prefix[p].count >= STOQ_ANTI_REPLAY_PER_PREFIX)
+    verdict = STOQ_ANTI_REPLAY_OVER_SHARE;
+  if (verdict == STOQ_ANTI_REPLAY_NEW) {
+    uint32_t tail = (seen_head + seen_count) % STOQ_ANTI_REPLAY_SLOTS;
+    struct seen *e = &seen_ring[tail];
+    memcpy(e->digest, h, sizeof(e->digest));
+    e->prefix = prefix;
+    e->expires = now + ttl;
+    /* Expiry order is ring order: never before the entry ahead of it. */
+    if (seen_count) {
+      const struct seen *last = &seen_ring[(tail + STOQ_ANTI_REPLAY_SLOTS - 1) % STOQ_ANTI_REPLAY_SLOTS];
+      if (e->expires < last->expires) e->expires = last->expires;
+    }
+    seen_count++;
+    seen_by_digest[i] = tail + 1;
+    seen_by_prefix[p].prefix = prefix;
+    seen_by_prefix[p].count++;
+    seen_stats.accepted++;
+  } else if (verdict == STOQ_ANTI_REPLAY_SEEN) {
+    seen_stats.replays++;
+  } else if (verdict == STOQ_ANTI_REPLAY_OVER_SHARE) {
+    seen_stats.over_share++;
+  } else {
+    seen_stats.full++;
+  }
+  pthread_mutex_unlock(&seen_lock);
+  return verdict;
+}
+
+static uint64_t prefix64(const struct in6_addr *a) {
+  uint64_t p = 0;
+  for (int i = 0; i < 8; i++) p = p << 8 | a->s6_addr[i];
+  return p;
+}
+
+/* GnuTLS's add function: runs inside the handshake, under stoq_conn_read (reading_conn names
+ * the connection, so the ClientHello's source). */
 static int seen_add(void *ptr, time_t expires, const gnutls_datum_t *key, const gnutls_datum_t *data) {
   (void)ptr;
   (void)data;
-  uint8_t d[32];
-  if (key->size <= WINDOW_PREFIX) return GNUTLS_E_DB_ERROR;
-  if (gnutls_hash_fast(GNUTLS_DIG_SHA256, key->data + WINDOW_PREFIX, key->size - WINDOW_PREFIX, d) != 0)
+  if (key->size <= WINDOW_PREFIX || !reading_conn) return GNUTLS_E_DB_ERROR;
+  int64_t ttl = (int64_t)(expires - time(NULL)) + 1;
+  if (ttl < 1) ttl = 1;
+  switch (seen_record(prefix64(&reading_conn->remote.sin6_addr), key->data + WINDOW_PREFIX, key->size - WINDOW_PREFIX,
+                      ttl)) {
+  case STOQ_ANTI_REPLAY_NEW:
+    return 0;
+  case STOQ_ANTI_REPLAY_SEEN:
+    return GNUTLS_E_DB_ENTRY_EXISTS;
+  default:
     return GNUTLS_E_DB_ERROR;
-  expires += 1;
-  time_t now = time(NULL);
-  unsigned h;
-  memcpy(&h, d, sizeof(h));
-  int rv = GNUTLS_E_DB_ERROR;
+  }
+}
+
+/* GnuTLS's anti-replay window, in seconds (its default: gnutls_anti_replay_set_window is not
+ * called); what stoq_anti_replay_record holds an entry for, as seen_add does. */
+#define ANTI_REPLAY_WINDOW 10
+
+int stoq_anti_replay_record(const uint8_t source[16], const uint8_t *id, size_t len) {
+  if (ticket_key_ready() != 0) return STOQ_ANTI_REPLAY_FULL;
+  struct in6_addr a;
+  memcpy(&a, source, sizeof(a));
+  return seen_record(prefix64(&a), id, len, ANTI_REPLAY_WINDOW + 1);
+}
+
+void stoq_anti_replay_stats_get(stoq_anti_replay_stats *out) {
   pthread_mutex_lock(&seen_lock);
-  struct seen *free_slot = NULL;
-  for (unsigned i = 0; i < SEEN_SLOTS; i++) {
-    struct seen *e = &seen[(h + i) % SEEN_SLOTS];
-    if (e->expires < now) {
-      if (!free_slot) free_slot = e;
-      if (e->expires == 0) break; /* never used: the probe ends here */
-      continue;
-    }
-    if (memcmp(e->digest, d, sizeof(d)) == 0) {
-      rv = GNUTLS_E_DB_ENTRY_EXISTS;
-      free_slot = NULL;
-      break;
-    }
-  }
-  if (free_slot) {
-    memcpy(free_slot->digest, d, sizeof(d));
-    free_slot->expires = expires > now ? expires : now + 1;
-    rv = 0;
-  }
+  *out = seen_stats;
+  out->live = seen_count;
   pthread_mutex_unlock(&seen_lock);
-  return rv;
 }
 
 static void ticket_key_make(void) {
   ticket_key_rv = gnutls_session_ticket_key_generate(&ticket_key);
+  if (ticket_key_rv == 0) ticket_key_rv = gnutls_rnd(GNUTLS_RND_KEY, seen_key, sizeof(seen_key));
   if (ticket_key_rv == 0) ticket_key_rv = gnutls_anti_replay_init(&anti_replay);
   if (ticket_key_rv == 0) gnutls_anti_replay_set_add_function(anti_replay, seen_add);
 }

@@ -141,6 +141,69 @@ import Testing
         #expect(client.status == 200 && client.sha == Array(SHA256.hash(data: object)))
     }
 
+    /// A /64 of its own, so that what a test puts in the process's anti-replay table does not
+    /// spend another test's share (fd00::2, the pair's client).
+    func freshPrefix() -> IPv6Address {
+        let r = UInt32.random(in: 1...UInt32.max)
+        return IPv6Address("fd00:\(String(r >> 16, radix: 16)):\(String(r & 0xffff, radix: 16)):1::1")!
+    }
+
+    /// Distinct ClientHello identities, none another run has made.
+    func helloIDs(_ n: Int) -> [[UInt8]] {
+        let run = UInt64.random(in: 0...UInt64.max)
+        return (0..<n).map { i in withUnsafeBytes(of: (run, UInt64(i))) { Array($0) } }
+    }
+
+    /// One ticket holder sends more distinct early-data ClientHellos than the whole anti-replay
+    /// table holds, inside its window. It used to fill every slot, after which the node refused
+    /// 0-RTT to everyone for 10 s. Now its /64 holds its share and no more: the rest of its
+    /// ClientHellos get no 0-RTT, another client's 0-RTT is accepted, and a replay of one of
+    /// the flood's ClientHellos, from any address, is still refused.
+    @Test func aFloodOfEarlyClientHellosCostsOnlyItsSourceItsZeroRTT() throws {
+        let pair = try EndpointPair(identity: identity)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        let attacker = freshPrefix()
+        let ids = helloIDs(AntiReplay.slots)
+        let before = AntiReplay.counters
+        var verdicts: [AntiReplay.Verdict: Int] = [:]
+        for id in ids { verdicts[AntiReplay.record(id, from: attacker), default: 0] += 1 }
+        #expect(verdicts == [.new: AntiReplay.perPrefix, .overShare: AntiReplay.slots - AntiReplay.perPrefix])
+        let (client, conn, _) = try earlyGet(pair, kept)
+        #expect(client.status == 200 && client.sha == Array(SHA256.hash(data: object)))
+        #expect(conn.earlyData == .accepted && pair.server.counters.tlsEarlyData == 1)
+        // A replay of the flood's first ClientHello, from another address or its own.
+        #expect(AntiReplay.record(ids[0], from: IPv6Address("fd00:beef::1")!) == .seen)
+        #expect(AntiReplay.record(ids[0], from: attacker) == .seen)
+        let after = AntiReplay.counters
+        #expect(after.accepted - before.accepted == UInt64(AntiReplay.perPrefix) + 1)
+        #expect(after.overShare - before.overShare == UInt64(AntiReplay.slots - AntiReplay.perPrefix))
+        #expect(after.replays - before.replays == 2 && after.full == before.full)
+    }
+
+    /// The share is counted by the /64 a handshake's ClientHello came from: once the client's
+    /// /64 holds its share, its next 0-RTT is refused (the GET goes again after the handshake),
+    /// and counted so.
+    @Test func aSourceOverItsShareResumesWithoutZeroRTT() throws {
+        let pair = try EndpointPair(identity: identity)
+        pair.clientAddress = IPv6Endpoint(address: freshPrefix(), port: 50000)
+        let server = MemoryServer(object: object)
+        pair.server.application = server
+        let kept = try firstVisit(pair)
+        var neighbour = pair.clientAddress.address.bytes
+        neighbour.15 = 0x99  // the same /64
+        for id in helloIDs(AntiReplay.perPrefix) {
+            #expect(AntiReplay.record(id, from: IPv6Address(bytes: neighbour)) == .new)
+        }
+        let before = AntiReplay.counters
+        let (client, conn, _) = try earlyGet(pair, kept)
+        #expect(client.status == 200 && client.sha == Array(SHA256.hash(data: object)))
+        #expect(conn.isResumed && conn.earlyData == .rejected && pair.server.counters.tlsEarlyData == 0)
+        let after = AntiReplay.counters
+        #expect(after.overShare - before.overShare == 1 && after.accepted == before.accepted)
+    }
+
     @Test func onlyGetAndHeadGoInZeroRTT() throws {
         let pair = try EndpointPair(identity: identity)
         pair.server.application = MemoryServer(object: object)

@@ -42,7 +42,8 @@ public final class EndpointPair {
     public let server: QUICEndpoint
     public var toServer: SimulatedLink
     public var toClient: SimulatedLink
-    public let clientAddress = IPv6Endpoint(address: IPv6Address("fd00::2")!, port: 50000)
+    /// Where the client sends from (set it before connecting: a test of per-source limits).
+    public var clientAddress = IPv6Endpoint(address: IPv6Address("fd00::2")!, port: 50000)
     public let serverAddress = IPv6Endpoint(address: IPv6Address("fd00::1")!, port: 4433)
     /// Datagrams delivered to the server, for tests that inspect raw packets.
     public var onServerReceive: ((UnsafeRawBufferPointer) -> Void)?

@@ -191,8 +191,9 @@ typedef struct stoq_settings {
      tickets sealed under the previous one. */
   uint32_t ticket_lifetime;
   /* server, with tickets: accept 0-RTT (early data) from resuming clients. Each ClientHello
-     carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide;
-     what the early requests may do is the application's rule (GET/HEAD only, RFC 8470).
+     carrying early data is accepted once within GnuTLS's 10 s anti-replay window, node-wide,
+     and each /64 at most STOQ_ANTI_REPLAY_PER_PREFIX of them in it (stoq_tls.c); what the
+     early requests may do is the application's rule (GET/HEAD only, RFC 8470).
      client: offer 0-RTT when resuming a session; requests go in it once the server's
      parameters are given (stoq_conn_set_early_params). */
   int early_data;
@@ -307,6 +308,31 @@ void stoq_endpoint_ctx_mem_stats(const stoq_endpoint_ctx *ep, stoq_mem_stats *ou
 /** Gives the pages of the libraries' freed large blocks back to the kernel: the warm ones kept
  *  for reuse too (stoq_mem.c). For a wave of closes, as malloc_trim is for malloc's heap. */
 void stoq_endpoint_ctx_release_memory(stoq_endpoint_ctx *ep);
+
+/* ---- 0-RTT anti-replay (stoq_tls.c) ------------------------------------------- */
+
+/* The ClientHellos with early data one process remembers at once (each for GnuTLS's 10 s
+   window plus a second), and the most of them one /64 (the source's first 64 bits) may hold:
+   past its share a source's ClientHellos get no 0-RTT (1-RTT instead), and others' still do. */
+#define STOQ_ANTI_REPLAY_SLOTS 16384
+#define STOQ_ANTI_REPLAY_PER_PREFIX 256
+
+/** What the table said of one ClientHello: only NEW gets 0-RTT. */
+enum {
+  STOQ_ANTI_REPLAY_NEW = 0,        /* not seen in the window: remembered, early data accepted */
+  STOQ_ANTI_REPLAY_SEEN = 1,       /* seen in the window, from any address: a replay */
+  STOQ_ANTI_REPLAY_OVER_SHARE = 2, /* its /64 holds STOQ_ANTI_REPLAY_PER_PREFIX live entries */
+  STOQ_ANTI_REPLAY_FULL = 3,       /* all STOQ_ANTI_REPLAY_SLOTS entries are live */
+};
+/** The process's table, since start: its verdicts by kind, and its live entries now. */
+typedef struct stoq_anti_replay_stats {
+  uint64_t accepted, replays, over_share, full;
+  uint64_t live;
+} stoq_anti_replay_stats;
+void stoq_anti_replay_stats_get(stoq_anti_replay_stats *out);
+/** Puts one ClientHello identity from `source` (16 network-order bytes) to the table, as a
+ *  handshake with early data does: what a test fills it with. Returns STOQ_ANTI_REPLAY_*. */
+int stoq_anti_replay_record(const uint8_t source[16], const uint8_t *id, size_t len);
 
 /* ---- Stateless packet handling -------------------------------------------- */
 
