@@ -1,5 +1,6 @@
 @preconcurrency import Crypto
 import Foundation
+import STOQCore
 import STOQTrust
 
 /// The access files a node keeps under `data_dir/access/`: its token key and the operator's
@@ -29,9 +30,17 @@ public enum AccessFiles {
         return key
     }
 
+    /// The file at `path`, or an error naming it and the system's reason.
+    private static func contents(_ path: String, _ code: AccessError.Code) throws(AccessError) -> [UInt8] {
+        switch FileContents.read(path) {
+        case .success(let bytes): return bytes
+        case .failure(let why): throw AccessError(code, "\(path): cannot be read: \(why)")
+        }
+    }
+
     /// Reads a P-256 private key (PKCS#8 or SEC1 PEM).
     public static func readPrivateKey(_ path: String) throws(AccessError) -> P256.Signing.PrivateKey {
-        guard let data = FileManager.default.contents(atPath: path) else { throw AccessError(.badKey, "\(path): cannot be read") }
+        let data = try contents(path, .badKey)
         do { return try PEMFiles.p256PrivateKey(pem: String(decoding: data, as: UTF8.self)) } catch {
             throw AccessError(.badKey, "\(path): not a P-256 private key in PEM (\(error))")
         }
@@ -40,8 +49,7 @@ public enum AccessFiles {
     /// Reads a P-256 public key (SPKI PEM), or the public half of a private key file, so an
     /// operator can point `token_keys` at either.
     public static func readPublicKey(_ path: String) throws(AccessError) -> P256.Signing.PublicKey {
-        guard let data = FileManager.default.contents(atPath: path) else { throw AccessError(.badKey, "\(path): cannot be read") }
-        let text = String(decoding: data, as: UTF8.self)
+        let text = String(decoding: try contents(path, .badKey), as: UTF8.self)
         if let k = try? P256.Signing.PublicKey(pemRepresentation: text) { return k }
         if let k = try? PEMFiles.p256PrivateKey(pem: text) { return k.publicKey }
         throw AccessError(.badKey, "\(path): not a P-256 public key in PEM")
@@ -75,7 +83,7 @@ public enum AccessFiles {
 
     /// Reads a token file (the token, surrounding white space ignored).
     public static func readToken(_ path: String) throws(AccessError) -> String {
-        guard let data = FileManager.default.contents(atPath: path) else { throw AccessError(.io, "\(path): cannot be read") }
+        let data = Data(try contents(path, .io))
         let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         guard !token.isEmpty else { throw AccessError(.malformed, "\(path): empty") }
         return token

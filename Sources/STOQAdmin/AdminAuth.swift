@@ -1,4 +1,5 @@
 import Foundation
+import STOQCore
 import NIOCore
 import NIOSSL
 import STOQAccess
@@ -31,8 +32,10 @@ package struct AdminBearerToken: Sendable {
     /// Reads the token from `path` (surrounding whitespace trimmed); throws a sentence naming
     /// the file when it cannot be read or is empty.
     package init(file path: String) throws(AdminAuthError) {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw AdminAuthError("admin.token_file = \"\(path)\": cannot read the file")
+        let data: [UInt8]
+        switch FileContents.read(path) {
+        case .success(let bytes): data = bytes
+        case .failure(let why): throw AdminAuthError("admin.token_file = \"\(path)\": cannot read the file: \(why)")
         }
         let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         guard !text.isEmpty else { throw AdminAuthError("admin.token_file = \"\(path)\": the file is empty") }

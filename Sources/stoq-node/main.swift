@@ -99,7 +99,9 @@ struct StoqNode: AsyncParsableCommand {
                 }
                 return true
             } catch {
-                logger.log(level: failure, "\(why): \(path) is invalid, keeping the running configuration:\n\(error)")
+                // The file parsed: what failed is applying it (a file it names, a directory),
+                // which the error names with its reason.
+                logger.log(level: failure, "\(why): \(path) could not be applied, keeping the running configuration:\n\(error)")
                 return false
             }
         }

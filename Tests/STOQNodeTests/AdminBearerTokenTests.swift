@@ -29,6 +29,8 @@ import Testing
         #expect(try AdminBearerToken(file: path).authorize("Bearer tok-from-file") == .allow)
         try "\n".write(toFile: path, atomically: true, encoding: .utf8)
         #expect { try AdminBearerToken(file: path) } throws: { "\($0)" == "admin.token_file = \"\(path)\": the file is empty" }
-        #expect { try AdminBearerToken(file: path + ".missing") } throws: { "\($0)" == "admin.token_file = \"\(path).missing\": cannot read the file" }
+        #expect { try AdminBearerToken(file: path + ".missing") } throws: {
+            "\($0)" == "admin.token_file = \"\(path).missing\": cannot read the file: No such file or directory"
+        }
     }
 }

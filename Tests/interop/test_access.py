@@ -268,7 +268,7 @@ def reload(node, text):
     node.proc.send_signal(signal.SIGHUP)
     deadline = time.time() + 20
     while time.time() < deadline:
-        m = re.search(r"applied=(\S*) restart_needed=(\S*) .*reloaded|(is invalid, keeping)", node.text_log()[log_before:])
+        m = re.search(r"applied=(\S*) restart_needed=(\S*) .*reloaded|(is invalid, keeping|could not be applied, keeping)", node.text_log()[log_before:])
         if m:
             return m.group(1) if m.group(1) is not None else "invalid"
         time.sleep(0.2)

@@ -89,6 +89,18 @@ def test_sighup_with_an_invalid_file_keeps_the_running_configuration(node):
     assert get(node).returncode == 0
 
 
+def test_a_file_the_config_names_that_does_not_load_is_named_with_its_reason(node, tmp_path):
+    """The config parses and the file it names is there, but is no key: the refusal does not
+    call the config invalid, it names the file that did not load and why."""
+    notakey = tmp_path / "partner-key.pem"
+    notakey.write_text("not a key\n")
+    node.config.write_text(node.config.read_text() + f'[access]\ntoken_keys = ["{notakey}"]\n')
+    node.proc.send_signal(signal.SIGHUP)
+    m = wait_for(node, r"SIGHUP: (\S+) (.*), keeping the running configuration:\n(.*)")
+    assert m.groups() == (str(node.config), "could not be applied", f"access.token_keys: {notakey}: not a P-256 public key in PEM")
+    assert get(node).returncode == 0
+
+
 def test_a_trust_change_reaches_the_edges_origin_without_a_restart(tmp_path):
     """An edge verifies its origin with [trust] as it is now: a reload that changes the bundle
     applies to the origin's connection too, both ways (it used to wait for a restart, and
