@@ -524,7 +524,7 @@ static void answered_early(stoq_conn *c, stoq_stream *s) {
 }
 
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
-  if (s->responded) return NGHTTP3_ERR_INVALID_STATE;
+  if (s->responded) return STOQ_ERR_ANSWERED;
   if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND;
   char st[8];
   snprintf(st, sizeof(st), "%d", status);
@@ -560,25 +560,32 @@ int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, u
   return 0;
 }
 
+/* The body is the stream's from here, whatever comes of the answer: sent and released once
+ * acknowledged (or at close), or, refused, released before this returns. A refusal leaves
+ * whatever the stream sends as it was: a second answer does not touch the first. */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg) {
-  if (s->responded) return NGHTTP3_ERR_INVALID_STATE; /* one response per request */
-  char st[8];
-  snprintf(st, sizeof(st), "%d", status);
-  nghttp3_nv nva[MAX_NV];
-  nva[0] = make_nv(":status", st);
-  nva[1] = make_nv("server", "stoq");
-  size_t n = build_nv(nva, 2, hdrs, nhdrs);
-  set_whole_body(s, body, body_len, release, arg);
-  if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND; /* the body goes with the stream */
-  nghttp3_data_reader dr = {.read_data = body_read};
-  int reader = has_body && body_len > 0 && !s->no_content;
-  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
+  int rv = s->responded ? STOQ_ERR_ANSWERED : s->transport_closed ? NGHTTP3_ERR_STREAM_NOT_FOUND : 0;
   if (rv == 0) {
-    s->responded = 1, s->status = status;
-    if (s->received) answered_early(c, s);
+    char st[8];
+    snprintf(st, sizeof(st), "%d", status);
+    nghttp3_nv nva[MAX_NV];
+    nva[0] = make_nv(":status", st);
+    nva[1] = make_nv("server", "stoq");
+    size_t n = build_nv(nva, 2, hdrs, nhdrs);
+    set_whole_body(s, body, body_len, release, arg);
+    nghttp3_data_reader dr = {.read_data = body_read};
+    int reader = has_body && body_len > 0 && !s->no_content;
+    rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
+    if (rv == 0) {
+      s->responded = 1, s->status = status;
+      if (s->received) answered_early(c, s);
+      if (reader) watch_tx(s, body_len);
+      return 0;
+    }
+    s->p_count = 0, s->stream_eof = 0; /* the piece goes back here, not at close */
   }
-  if (rv == 0 && reader) watch_tx(s, body_len);
+  if (release) release(arg);
   return rv;
 }
 

@@ -227,13 +227,22 @@ public final class QUICConnection: TimerHeapElement {
 
     /// Server: answers `stream` with `status` and `headers`, the body to follow piece by
     /// piece: the application's `bodyWanted` asks for each next piece, given with
-    /// `appendBody`. Each piece is released once the peer has acknowledged it.
+    /// `appendBody`. Each piece is released once the peer has acknowledged it. False when
+    /// HTTP/3 refused: the stream is then reset, unless it was answered already (that answer
+    /// goes on).
     @discardableResult
     public func respondStreamed(_ stream: HTTPStream, status: Int, headers: [(String, String)] = []) -> Bool {
         let rc = withCHeaders(headers) { hdrs, n in stoq_stream_respond_streamed(raw, stream.raw, Int32(status), hdrs, n) }
         endpoint.markDirty(self)
-        if rc != 0 { reset(stream, errorCode: H3Error.internalError); return false }
-        return true
+        return answered(stream, rc)
+    }
+
+    /// Whether an answer went (rc 0); a refused one resets the stream, unless the refusal was
+    /// that the stream has its answer already (STOQ_ERR_ANSWERED): that one goes on.
+    private func answered(_ stream: HTTPStream, _ rc: Int32) -> Bool {
+        if rc == 0 { return true }
+        if rc != STOQ_ERR_ANSWERED { reset(stream, errorCode: H3Error.internalError) }
+        return false
     }
 
     /// The next piece of a streamed body, a response's (`respondStreamed`) or a request's
@@ -254,7 +263,9 @@ public final class QUICConnection: TimerHeapElement {
     }
 
     /// Server: answers `stream` with `status`, `headers` and a body sent zero-copy from `body`
-    /// (nil: headers only). Returns false when HTTP/3 refused (the stream is then reset).
+    /// (nil: headers only). The stream holds `body` whatever comes of it, and lets it go once
+    /// sent, or at once when refused. Returns false when HTTP/3 refused: the stream is then
+    /// reset, unless it was answered already (that answer goes on).
     @discardableResult
     public func respond(_ stream: HTTPStream, status: Int, headers: [(String, String)] = [], body: BodyRegion?) -> Bool {
         let rc = withCHeaders(headers) { hdrs, n in
@@ -269,8 +280,7 @@ public final class QUICConnection: TimerHeapElement {
             return stoq_stream_respond(raw, stream.raw, Int32(status), hdrs, n, nil, 0, 0, nil, nil)
         }
         endpoint.markDirty(self)
-        if rc != 0 { reset(stream, errorCode: H3Error.internalError); return false }
-        return true
+        return answered(stream, rc)
     }
 
     /// Client: sends a request; the body (if any) is sent zero-copy from `body`.

@@ -596,8 +596,14 @@ typedef struct stoq_header {
   const char *value;
 } stoq_header;
 
+/** What stoq_stream_respond and stoq_stream_respond_streamed return for a stream already
+ *  answered: nothing was sent, and the first answer goes on. Other failures are nghttp3's codes. */
+#define STOQ_ERR_ANSWERED (-1001)
+
 /** Server: answers a request. `body`/`body_len` is a region that stays valid until `release(arg)`
- *  is called (at stream close); NULL/0 with `has_body` = 0 sends headers only (HEAD, errors).
+ *  is called, which the stream owns from the call on whatever it returns: once the peer has
+ *  acknowledged it (or at stream close), or before a refusal returns (STOQ_ERR_ANSWERED, or an
+ *  nghttp3 error). NULL/0 with `has_body` = 0 sends headers only (HEAD, errors).
  *  On a stream marked with stoq_stream_set_no_content the body is never sent (released at close). */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg);

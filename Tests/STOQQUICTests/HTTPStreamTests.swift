@@ -1,0 +1,92 @@
+import CNgtcp2
+import Crypto
+import Foundation
+import STOQCore
+import STOQQUIC
+import STOQTestSupport
+import Testing
+
+/// A server whose answers are the test's: each event calls the closure the test set.
+final class ScriptedServer: QUICApplication {
+    var onRequest: (HTTPRequest, HTTPStream, QUICConnection) -> Void = { _, _, _ in }
+    var requests: [HTTPRequest] = []
+    /// `aborted` of each requestEnded, in order.
+    var ended: [Bool] = []
+    var closed: [UInt64] = []
+    var connection: QUICConnection?
+    func request(_ request: HTTPRequest, stream: HTTPStream, connection: QUICConnection) {
+        requests.append(request)
+        self.connection = connection
+        onRequest(request, stream, connection)
+    }
+    func requestEnded(stream: HTTPStream, connection: QUICConnection, aborted: Bool) { ended.append(aborted) }
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) { closed.append(errorCode) }
+}
+
+/// Keeps the response head whole, and what RecordingClient keeps.
+final class HeadRecordingClient: QUICApplication {
+    var head: HTTPResponseHead?
+    var closedCode: UInt64?
+    var sha: [UInt8]?
+    var received: UInt64 = 0
+    var closedReason: String?
+    func response(_ head: HTTPResponseHead, stream: HTTPStream, connection: QUICConnection) {
+        self.head = head
+        stream.setBodySink(fd: -1, hash: true)
+    }
+    func streamClosed(stream: HTTPStream, connection: QUICConnection, errorCode: UInt64) {
+        closedCode = errorCode
+        sha = stream.bodySHA256()
+        received = stream.bytesReceived
+    }
+    func connectionClosed(connection: QUICConnection, reason: String) { closedReason = reason }
+}
+
+/// Set from a BodyRegion's release (which may run on any thread; here, the test's).
+final class ReleaseFlag: @unchecked Sendable {
+    var released = false
+    /// A region of `count` bytes that sets the flag when it goes.
+    func region(_ count: Int) -> BodyRegion {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 1)
+        return BodyRegion(base: p, count: count) { [self] p, _ in
+            UnsafeMutableRawPointer(mutating: p)?.deallocate()
+            released = true
+        }
+    }
+}
+
+/// How a server's answers and a request's end reach the wire, one stream at a time.
+@Suite(.serialized) struct HTTPStreamTests {
+    let identity: TestIdentity
+    init() throws { identity = try TestIdentity() }
+
+    private func pair(_ server: ScriptedServer, _ client: some QUICApplication) throws -> (EndpointPair, QUICConnection) {
+        let pair = try EndpointPair(identity: identity)
+        (pair.server.application, pair.client.application) = (server, client)
+        let conn = try pair.connect()
+        #expect(pair.run { conn.isEstablished })
+        return (pair, conn)
+    }
+
+    /// A second answer to one request is refused: its body goes back at once (it leaked), and
+    /// the first answer is not reset (it was: respond() reset the stream it refused).
+    @Test func aSecondAnswerIsRefusedReleasedAndTheFirstArrivesWhole() throws {
+        let object = randomBytes(50_000, seed: 8)
+        let flag = ReleaseFlag()
+        var second: Bool?
+        let server = ScriptedServer()
+        server.onRequest = { _, stream, conn in
+            conn.respond(stream, status: 200, headers: [("content-length", "\(object.count)")], body: BodyRegion(copying: object))
+            second = conn.respond(stream, status: 500, headers: [], body: flag.region(100))
+        }
+        let client = HeadRecordingClient()
+        let (pair, conn) = try pair(server, client)
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(second == false)
+        #expect(flag.released, "the refused answer's body was never released")
+        #expect(client.head?.status == 200)
+        #expect(client.closedCode == H3Error.noError)
+        #expect(client.sha == Array(SHA256.hash(data: object)))
+    }
+}
