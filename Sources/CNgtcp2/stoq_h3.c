@@ -533,9 +533,11 @@ int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const
   nva[1] = make_nv("server", "stoq");
   size_t n = build_nv(nva, 2, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
-  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, &dr);
+  /* A HEAD's answer is its head: the stream ends there, and pieces appended are refused. */
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, s->no_content ? NULL : &dr);
   if (rv == 0) {
     s->responded = 1, s->status = status;
+    if (s->no_content) s->stream_eof = 1;
     if (s->received) answered_early(c, s);
   }
   return rv;

@@ -247,7 +247,8 @@ public final class QUICConnection: TimerHeapElement {
 
     /// The next piece of a streamed body, a response's (`respondStreamed`) or a request's
     /// (`requestStreamed`); `last` ends it. Returns false when `STOQ_BODY_PIECES` pieces are
-    /// already held: wait for `bodyWanted`.
+    /// already held (wait for `bodyWanted`), or the body has ended (a HEAD's, with its head):
+    /// the piece is released.
     @discardableResult
     public func appendBody(_ stream: HTTPStream, _ piece: BodyRegion, last: Bool) -> Bool {
         let arg = Unmanaged.passRetained(piece).toOpaque()

@@ -89,4 +89,25 @@ final class ReleaseFlag: @unchecked Sendable {
         #expect(client.closedCode == H3Error.noError)
         #expect(client.sha == Array(SHA256.hash(data: object)))
     }
+
+    /// A HEAD answered with a streamed body sends its head and no DATA (it sent the body, which
+    /// the client's nghttp3 refused on a HEAD): the piece is refused, the stream ends with its
+    /// head, the connection stays.
+    @Test func aHeadAnsweredStreamedSendsNoBody() throws {
+        var appended: Bool?
+        let server = ScriptedServer()
+        server.onRequest = { _, stream, conn in
+            conn.respondStreamed(stream, status: 200, headers: [("content-length", "1000")])
+            appended = conn.appendBody(stream, BodyRegion(copying: randomBytes(1000, seed: 12)), last: true)
+        }
+        let client = HeadRecordingClient()
+        let (pair, conn) = try pair(server, client)
+        _ = try conn.request(method: "HEAD", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.head?.status == 200 && client.head?.contentLength == 1000)
+        #expect(client.closedCode == H3Error.noError && client.received == 0)
+        #expect(client.closedReason == nil && !conn.isClosed)
+        #expect(appended == false)
+        #expect(server.connection?.stats.body_bytes_sent == 0)
+    }
 }

@@ -618,11 +618,14 @@ void stoq_stream_set_no_content(stoq_stream *s);
 
 /** Server: answers a request with a body the application supplies piece by piece with
  *  stoq_stream_body_append, as on_body_wanted asks; each piece is released as soon as the
- *  peer has acknowledged all of it, so a large body never sits in memory whole. */
+ *  peer has acknowledged all of it, so a large body never sits in memory whole. On a stream
+ *  marked with stoq_stream_set_no_content the answer is the head alone: the stream ends with
+ *  it, and stoq_stream_body_append refuses pieces (-1). */
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs);
 
 /** Appends a piece (valid until `release(arg)`); `eof` marks the last. Returns 0, or -1 when
- *  STOQ_BODY_PIECES are already held (wait for on_body_wanted) or the body already ended. */
+ *  STOQ_BODY_PIECES are already held (wait for on_body_wanted) or the body already ended (a
+ *  HEAD's, with its head). */
 int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, uint64_t len, int eof,
                             void (*release)(void *), void *arg);
 
