@@ -39,12 +39,11 @@ package final class AdminServer: @unchecked Sendable {
     /// Connections open at once from one /64, and in all.
     package static let maxConnectionsPerClient = 32
     package static let maxConnections = 512
-    /// At most one refusal notice per this long: the first at once; the others of the interval
-    /// counted, and told in one line at its end (`AdminRefusals.notice`).
+    /// At most one notice of a kind (a refusal; an answered POST of one action and status)
+    /// per this long: the first at once; the others of the interval counted, and told in one
+    /// line at its end (`AdminLogThrottle`). A request's path, the client's choice, is shown
+    /// cut (`ShownText`).
     package static let refusalLogInterval = TimeAmount.seconds(60)
-    /// How much of a request's path (the client's choice, of any length) a log line shows: this
-    /// many characters, then `…` and the path's whole length.
-    package static let loggedPathLength = 64
 
     private let group: MultiThreadedEventLoopGroup
     /// Where `AdminAnswer.blocking` work runs: one thread, so one such action at a time (the
@@ -160,65 +159,71 @@ package enum AdminAnswer: Sendable {
     case blocking(@Sendable () -> (status: Int, text: String))
 }
 
-/// What the server refused, shared by its connections: counted, every one, and noticed in
-/// the log at most once per `interval`.
-final class AdminRefusals: Sendable {
-    let count = Atomic<UInt64>(0)
-    let connections = Atomic<UInt64>(0)
+/// The admin API's notices, at most one line of each kind per `interval`: anyone who can
+/// reach the port may send requests as often as they like, and the log is not theirs to fill.
+/// The first of a kind is logged at once; the others of its interval are counted, and told in
+/// one line at its end: `<n> more <kind> in the last <interval><note>; the last: …`, with the
+/// last one's text and metadata.
+final class AdminLogThrottle: Sendable {
     private let logger: Logger
     private let interval: TimeAmount
-    /// Within an interval (`open`): the refusals not logged yet, and the last of them.
-    private let unlogged = Mutex<(open: Bool, more: Int, last: (what: String, metadata: Logger.Metadata)?)>((false, 0, nil))
+    /// The kinds with an interval open: the lines not logged yet, the last of them, its note.
+    private let open = Mutex<[String: (more: Int, last: (what: String, metadata: Logger.Metadata)?, note: String)]>([:])
 
     init(logger: Logger, interval: TimeAmount) { (self.logger, self.interval) = (logger, interval) }
 
-    func add() { count.add(1, ordering: .relaxed) }
-    func addConnection() { connections.add(1, ordering: .relaxed) }
-
-    /// Logs `what` (`request refused: …`) at notice when no refusal was logged in the last
-    /// `interval`; else keeps it for one line at the interval's end, `<n> more refused …`,
-    /// with the last one's text and metadata. `loop` keeps that time.
-    func notice(_ what: String, _ metadata: Logger.Metadata, on loop: any EventLoop) {
-        let now = unlogged.withLock { u in
-            if u.open {
-                u.more += 1
-                u.last = (what, metadata)
+    /// Logs `what` at notice when no line of `kind` was logged in the last `interval`; else
+    /// keeps it for the interval's end. `loop` keeps that time.
+    func notice(_ kind: String, note: String = "", _ what: String, _ metadata: Logger.Metadata, on loop: any EventLoop) {
+        let now = open.withLock { o in
+            if o[kind] != nil {
+                o[kind]!.more += 1
+                o[kind]!.last = (what, metadata)
                 return false
             }
-            u.open = true
+            o[kind] = (0, nil, note)
             return true
         }
         guard now else { return }
         logger.notice("admin API: \(what)", metadata: metadata)
-        loop.scheduleTask(in: interval) { self.endInterval(on: loop) }
+        loop.scheduleTask(in: interval) { self.endInterval(kind, on: loop) }
     }
 
-    /// Tells what the interval kept back, which starts another (the line just logged is its
-    /// first); with nothing kept, the next refusal is logged at once.
-    private func endInterval(on loop: any EventLoop) {
-        let kept = unlogged.withLock { u -> (more: Int, what: String, metadata: Logger.Metadata)? in
-            guard u.more > 0, let last = u.last else {
-                u.open = false
+    /// Tells what `kind`'s interval kept back, which starts another (the line just logged is
+    /// its first); with nothing kept, its next line is logged at once.
+    private func endInterval(_ kind: String, on loop: any EventLoop) {
+        let kept = open.withLock { o -> (more: Int, what: String, metadata: Logger.Metadata, note: String)? in
+            guard let k = o[kind], k.more > 0, let last = k.last else {
+                o[kind] = nil
                 return nil
             }
-            defer { (u.more, u.last) = (0, nil) }
-            return (u.more, last.what, last.metadata)
+            o[kind] = (0, nil, k.note)
+            return (k.more, last.what, last.metadata, k.note)
         }
         guard let kept else { return }
         let ns = interval.nanoseconds
         let span = ns % 1_000_000_000 == 0 ? "\(ns / 1_000_000_000) s" : "\(ns / 1_000_000) ms"
-        logger.notice(
-            "admin API: \(kept.more) more refused in the last \(span) (stoq_admin_refused_total counts each); the last: \(kept.what)",
-            metadata: kept.metadata)
-        loop.scheduleTask(in: interval) { self.endInterval(on: loop) }
+        logger.notice("admin API: \(kept.more) more \(kind) in the last \(span)\(kept.note); the last: \(kept.what)", metadata: kept.metadata)
+        loop.scheduleTask(in: interval) { self.endInterval(kind, on: loop) }
     }
+}
 
-    /// `path` as a log line shows it: its first `AdminServer.loggedPathLength` characters, and
-    /// its length when it is longer.
-    static func shown(_ path: String) -> String {
-        let scalars = path.unicodeScalars
-        guard scalars.count > AdminServer.loggedPathLength else { return path }
-        return String(String.UnicodeScalarView(scalars.prefix(AdminServer.loggedPathLength))) + "… (\(path.utf8.count) bytes)"
+/// What the server refused, shared by its connections: counted, every one, and noticed in
+/// the log at most once per interval (`AdminLogThrottle`).
+final class AdminRefusals: Sendable {
+    let count = Atomic<UInt64>(0)
+    let connections = Atomic<UInt64>(0)
+    let log: AdminLogThrottle
+
+    init(logger: Logger, interval: TimeAmount) { log = AdminLogThrottle(logger: logger, interval: interval) }
+
+    func add() { count.add(1, ordering: .relaxed) }
+    func addConnection() { connections.add(1, ordering: .relaxed) }
+
+    /// Logs `what` (`request refused: …`) as the throttle lets it: one line a refusal kind per
+    /// interval, then `<n> more refused …` at its end.
+    func notice(_ what: String, _ metadata: Logger.Metadata, on loop: any EventLoop) {
+        log.notice("refused", note: " (stoq_admin_refused_total counts each)", what, metadata, on: loop)
     }
 
     /// The families appended to `/metrics`.
@@ -360,7 +365,7 @@ private final class AdminHandler: ChannelInboundHandler {
                 refusals.add()
                 refusals.notice(
                     "request refused: \(why)",
-                    ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "path": "\(AdminRefusals.shown(path))"], on: context.eventLoop)
+                    ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")", "path": "\(ShownText.cut(path))"], on: context.eventLoop)
                 status = .unauthorized
                 body = "\(why)\n"
                 challenge = true
@@ -396,9 +401,15 @@ private final class AdminHandler: ChannelInboundHandler {
         }
     }
 
-    /// An action's answer as a response, logged with the peer.
+    /// An action's answer as a response, logged with the peer: the audit of who changed what,
+    /// one line per action and status an interval, then how many more (`AdminLogThrottle`).
     private func answered(_ context: ChannelHandlerContext, _ path: String, _ code: Int, _ text: String) -> (HTTPResponseStatus, String) {
-        logger.notice("admin API: POST \(path): \(code) \(text)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        // The action is the path's first two segments (`/edge/purge`, `/store/collect`); only
+        // a path an action answered comes here, so the kinds are few.
+        let action = "/" + path.split(separator: "/", maxSplits: 2).prefix(2).joined(separator: "/")
+        refusals.log.notice(
+            "POST \(action) answered \(code)", "POST \(ShownText.cut(path)): \(code) \(text)",
+            ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"], on: context.eventLoop)
         return (HTTPResponseStatus(statusCode: code), text + "\n")
     }
 

@@ -73,6 +73,47 @@ import Testing
         #expect(lines().last == "admin API: 1 more refused in the last 1 s (stoq_admin_refused_total counts each); the last: request refused: #51")
     }
 
+    /// Every answered POST was logged: one client could fill the log. Now one line per action
+    /// and status an interval (an hour here), the path in it cut; each is still answered.
+    @Test func answeredPostsAreLoggedOncePerActionAndStatus() throws {
+        let log = LogCapture()
+        let server = try Self.server(logger: log.logger) { path in
+            path == "/store/collect" ? .now(status: 200, text: "collected") : .now(status: 200, text: "purged")
+        }
+        defer { server.shutdown() }
+        let s = try AdminSocket(port: server.localAddress.port)
+        let long = "/edge/purge/" + String(repeating: "a", count: 5000)
+        for i in 0..<20 {
+            #expect(s.send(AdminSocket.request("POST", i == 0 ? long : "/edge/purge/n\(i)")))
+            #expect(s.readResponse()?.status == 200)
+        }
+        for _ in 0..<3 {
+            #expect(s.send(AdminSocket.request("POST", "/store/collect")))
+            #expect(s.readResponse()?.status == 200)
+        }
+        #expect(
+            log.messages(atLeast: .notice) == [
+                "admin API: POST /edge/purge/" + String(repeating: "a", count: 52) + "… (5012 bytes): 200 purged",
+                "admin API: POST /store/collect: 200 collected",
+            ])
+    }
+
+    /// The throttle keeps an interval per kind: one kind's lines do not hold another's back,
+    /// and each interval's end tells its own kind's count and last line.
+    @Test func throttledKindsHaveIntervalsOfTheirOwn() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = LogCapture()
+        let throttle = AdminLogThrottle(logger: log.logger, interval: .seconds(1))
+        let lines = { log.messages(atLeast: .notice) }
+        for i in 1...3 { throttle.notice("POST /edge/purge answered 200", "POST /edge/purge/n\(i): 200", [:], on: group.next()) }
+        throttle.notice("POST /store/collect answered 200", "POST /store/collect: 200", [:], on: group.next())
+        #expect(lines() == ["admin API: POST /edge/purge/n1: 200", "admin API: POST /store/collect: 200"])
+        let end = ContinuousClock.now + .seconds(10)
+        while lines().count < 3 && ContinuousClock.now < end { Thread.sleep(forTimeInterval: 0.02) }
+        #expect(lines().last == "admin API: 2 more POST /edge/purge answered 200 in the last 1 s; the last: POST /edge/purge/n3: 200")
+    }
+
     /// Sends `first`, then one byte every 100 ms, until the server closes the connection: how
     /// long that took, or nil when it did not within 5 s.
     static func trickle(_ s: AdminSocket, first: [UInt8], byte: UInt8) -> Duration? {
