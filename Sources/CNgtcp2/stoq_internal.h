@@ -141,7 +141,8 @@ struct stoq_stream {
   uint8_t rx_refused;              /* head refused, body timed out, or answered before its end: the rest is dropped */
   uint64_t rx_moved, tx_moved;     /* endpoint clock */
   uint64_t tx_given, tx_acked;     /* body bytes given to send (with a reader), and acknowledged */
-  uint64_t expected;               /* the announced body length (UINT64_MAX: none) */
+  uint64_t tx_window, tx_window_acked; /* when the current min_send_rate window began, tx_acked then */
+  uint64_t expected;                   /* the announced body length (UINT64_MAX: none) */
   /* body we receive */
   int sink_fd;
   uint64_t sink_off, sink_limit, received;

@@ -52,7 +52,10 @@ void unwatch_rx(stoq_stream *s) { link_out(s, WATCH_RX); }
 void watch_tx(stoq_stream *s, uint64_t given) {
   if (!s->conn->is_server || given == 0) return;
   s->tx_given += given;
-  if (link_in(s, WATCH_TX)) s->tx_moved = s->conn->ep->now; /* the clock starts when there is something to send */
+  if (link_in(s, WATCH_TX)) { /* the clocks start when there is something to send */
+    s->tx_moved = s->tx_window = s->conn->ep->now;
+    s->tx_window_acked = s->tx_acked;
+  }
 }
 
 void unwatch_tx(stoq_stream *s) { link_out(s, WATCH_TX); }
@@ -104,7 +107,19 @@ static int peer_holds(stoq_stream *s, uint64_t now, uint64_t timeout) {
   return older(now, c->tx_moved, timeout) || ngtcp2_conn_get_max_stream_data_left(c->q, s->id) == 0;
 }
 
-int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout) {
+/* Whether `s`'s response went under `min_rate` bytes a second over its window of `span` while
+ * the peer held it; a window passed otherwise ends and the next begins. */
+static int too_slow(stoq_stream *s, uint64_t now, uint64_t span, uint64_t min_rate) {
+  if (!min_rate || !older(now, s->tx_window, span)) return 0;
+  double want = (double)min_rate * (double)(now - s->tx_window) / 1e9;
+  if ((double)(s->tx_acked - s->tx_window_acked) < want && peer_holds(s, now, span)) return 1;
+  s->tx_window = now;
+  s->tx_window_acked = s->tx_acked;
+  return 0;
+}
+
+int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout,
+                            uint64_t min_send_rate) {
   ep->now = now;
   int n = 0;
   struct stoq_watch_list *rx = &ep->watching[WATCH_RX];
@@ -130,9 +145,12 @@ int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_t
     struct stoq_watch_list *l = &ep->watching[WATCH_TX];
     for (stoq_stream *s = l->head; s; s = l->cursor) {
       l->cursor = s->watch[WATCH_TX].next;
-      if (!older(now, s->tx_moved, send_timeout) || !peer_holds(s, now, send_timeout)) continue;
+      int what;
+      if (older(now, s->tx_moved, send_timeout) && peer_holds(s, now, send_timeout)) what = STOQ_STALL_SEND;
+      else if (too_slow(s, now, send_timeout, min_send_rate)) what = STOQ_STALL_SLOW;
+      else continue;
       unwatch_tx(s);
-      if (ep->ev.on_stalled) ep->ev.on_stalled(ep->ev.ctx, s->conn, s, STOQ_STALL_SEND);
+      if (ep->ev.on_stalled) ep->ev.on_stalled(ep->ev.ctx, s->conn, s, what);
       n++;
     }
     l->cursor = NULL;

@@ -26,6 +26,11 @@ extension NodeConfig {
         /// this long (it stopped granting flow control, or acknowledging) is reset and its
         /// mapping released; 0 = never. nginx's `send_timeout`.
         public var sendTimeout: UInt64 = 60 * 1_000_000_000
+        /// `min_send_rate`, bytes a second: a response the client holds (as for `send_timeout`)
+        /// while acknowledging it slower than this over a window of `send_timeout` is reset, so
+        /// that credit granted a few bytes at a time holds it no longer; 0 = never. Apache's
+        /// `mod_reqtimeout` MinRate, for responses.
+        public var minSendRate: UInt64 = 1000
         /// `body_memory`: bytes of request bodies (chunks, manifests, have/want queries) the
         /// node holds in memory at once, each its announced length or the most its kind may
         /// be; one past it is answered 503 with `Retry-After` before it is read. 0 = no limit.
@@ -65,6 +70,7 @@ extension Reader {
             s.size("bytes_per_second", &l.bytesPerSecond, 0...(1 << 40))
             s.duration("body_timeout", &l.bodyTimeout, 0...3_600_000_000_000)
             s.duration("send_timeout", &l.sendTimeout, 0...3_600_000_000_000)
+            s.size("min_send_rate", &l.minSendRate, 0...(1 << 40))
             s.size("body_memory", &l.bodyMemory, 0...(1 << 50))
             s.size("body_memory_per_client", &l.bodyMemoryPerClient, 0...(1 << 50))
         }

@@ -801,7 +801,7 @@ public final class Node: @unchecked Sendable {
     /// requests and responses, which the endpoint enforces (`StallTimeouts`).
     static func workerSettings(_ cfg: NodeConfig) -> QUICSettings {
         var s = cfg.network.quic
-        (s.bodyTimeout, s.sendTimeout) = (cfg.limits.bodyTimeout, cfg.limits.sendTimeout)
+        (s.bodyTimeout, s.sendTimeout, s.minSendRate) = (cfg.limits.bodyTimeout, cfg.limits.sendTimeout, cfg.limits.minSendRate)
         return s
     }
 

@@ -647,7 +647,7 @@ public final class QUICEndpoint {
         stoq_endpoint_ctx_sink_poll(ctx)
         if sweepsStalls && now >= nextSweep {
             nextSweep = now + Self.sweepInterval
-            stoq_endpoint_ctx_sweep(ctx, now, settings.bodyTimeout, settings.sendTimeout)
+            stoq_endpoint_ctx_sweep(ctx, now, settings.bodyTimeout, settings.sendTimeout, settings.minSendRate)
         }
         while let conn = timers.first, conn.scheduled <= now {
             timers.remove(conn)
@@ -711,7 +711,10 @@ public final class QUICEndpoint {
             tally.requestsTimedOutSend &+= 1
             var given: UInt64 = 0
             let acked = stoq_stream_body_acked(stream.raw, &given)
-            stallNote = "\(conn.peer): \(StallTimeouts.sendStalled(timeout: settings.sendTimeout, acknowledged: acked, given: given))"
+            stallNote =
+                kind == STOQ_STALL_SLOW
+                ? "\(conn.peer): \(StallTimeouts.sendTooSlow(window: settings.sendTimeout, minRate: settings.minSendRate, acknowledged: acked, given: given))"
+                : "\(conn.peer): \(StallTimeouts.sendStalled(timeout: settings.sendTimeout, acknowledged: acked, given: given))"
             conn.reset(stream, errorCode: H3Error.requestCancelled)
         }
     }

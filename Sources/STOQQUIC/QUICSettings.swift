@@ -81,6 +81,10 @@ public struct QUICSettings: Sendable, Equatable {
     /// while it gives no credit or acknowledges nothing of the connection's responses, is reset
     /// (`limits.send_timeout`); 0: never (the default here; the node sets it from its config).
     public var sendTimeout: UInt64 = 0
+    /// Server: a response the peer holds (as for `sendTimeout`) while acknowledging its body at
+    /// under this many bytes a second over a window of `sendTimeout` is reset
+    /// (`limits.min_send_rate`); 0: never (the default here; the node sets it from its config).
+    public var minSendRate: UInt64 = 0
 
     public init() {}
 

@@ -40,6 +40,13 @@ public enum StallTimeouts {
         "no response body bytes acknowledged for \(duration(timeout)) (limits.send_timeout); \(acknowledged) of \(given) bytes acknowledged"
     }
 
+    /// A response reset for going too slowly, for the log: e.g. `response body acknowledged at
+    /// under 1000 bytes/s over 60 s while the client held it (limits.min_send_rate); 65536 of
+    /// 8388608 bytes acknowledged`.
+    public static func sendTooSlow(window: UInt64, minRate: UInt64, acknowledged: UInt64, given: UInt64) -> String {
+        "response body acknowledged at under \(minRate) bytes/s over \(duration(window)) while the client held it (limits.min_send_rate); \(acknowledged) of \(given) bytes acknowledged"
+    }
+
     /// `ns` as the operator wrote it, near enough: whole seconds as `60 s`, the rest in ms.
     public static func duration(_ ns: UInt64) -> String {
         ns % Nanos.second == 0 ? "\(ns / Nanos.second) s" : "\(ns / 1_000_000) ms"

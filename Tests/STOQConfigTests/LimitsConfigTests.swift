@@ -37,6 +37,15 @@ import Testing
         #expect(long.first?.allowed == "a duration such as 250ms, 1s, 5m, 1h, 24h (from 0ms to 3600s)")
     }
 
+    /// `min_send_rate` is a size a second, on (1000) by default; "0" turns it off.
+    @Test func minSendRateIsASizeAndZeroTurnsItOff() throws {
+        #expect(NodeConfig.default.limits.minSendRate == 1000)
+        #expect(try ConfigLoader.parse("[limits]\nmin_send_rate = \"64KB\"").limits.minSendRate == 64 << 10)
+        #expect(try ConfigLoader.parse("[limits]\nmin_send_rate = \"0\"").limits.minSendRate == 0)
+        let bad = errors("[limits]\nmin_send_rate = \"slow\"")
+        #expect(bad.map(\.key) == ["limits.min_send_rate"] && bad.first?.code == .badValue)
+    }
+
     @Test func readsEveryKey() throws {
         let c = try ConfigLoader.parse(
             """

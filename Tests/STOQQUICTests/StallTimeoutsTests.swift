@@ -217,6 +217,69 @@ import Testing
         #expect(pair.server.counters.requestsTimedOutSend == 1)
     }
 
+    /// A client that takes the response a trickle at a time (its reader takes 16,000 bytes a
+    /// second, so credit comes back in small steps, often enough that `send_timeout` never
+    /// sees it stop) held it for as long as it liked: with `minSendRate` over the 10 s window it
+    /// is reset as too slow; without, it is not.
+    @Test func aResponseTakenATrickleAtATimeIsResetUnderTheMinimumRate() throws {
+        for minRate: UInt64 in [0, 64000] {
+            let size = 4 << 20
+            let server = Server(object: randomBytes(size, seed: 5))
+            let client = Client()
+            var fds: [Int32] = [0, 0]
+            #expect(pipe(&fds) == 0)
+            #expect(fcntl(fds[0], F_SETFL, O_NONBLOCK) == 0)
+            client.stalledFD = fds[1]
+            var small = QUICSettings()
+            small.initialMaxStreamData = 16 << 10
+            var serverSettings = settings(body: 0, send: 10 * Nanos.second)
+            serverSettings.minSendRate = minRate
+            let (pair, conn) = try connected(server, client, serverSettings, clientSettings: small)
+            let s = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+            let id = s.id
+            client.stalled = id
+            let start = pair.now
+            var taken = 0
+            var buf = [UInt8](repeating: 0, count: 65536)
+            let reset = pair.run(for: 60 * Nanos.second) {
+                let due = Int(Double(pair.now - start) / 1e9 * 16000) - taken
+                if due > 0 {
+                    let n = buf.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, min(due, 65536)) }
+                    if n > 0 { taken += n }
+                }
+                return pair.server.counters.requestsTimedOutSend > 0
+            }
+            // The trickle got past the pipe's own buffer: credit kept coming back.
+            #expect(taken > 100_000, "rate \(minRate): took \(taken) bytes")
+            if minRate == 0 {
+                #expect(!reset && client.answers[id]?.code == nil, "rate 0: \(String(describing: client.answers[id]))")
+            } else {
+                #expect(reset)
+                #expect(pair.now - start < 30 * Nanos.second)
+                let note = pair.server.takeStallNote() ?? ""
+                #expect(
+                    note.contains("response body acknowledged at under 64000 bytes/s over 10 s while the client held it (limits.min_send_rate)"),
+                    "\(note)")
+            }
+            // Let the client's writer go (the connection waits for it when it ends): read the
+            // pipe to its end. Untrickled, the response completes; reset, it ends cancelled.
+            #expect(fcntl(fds[0], F_SETFL, 0) == 0)
+            let done = DispatchSemaphore(value: 0)
+            let readEnd = fds[0]
+            Thread {
+                var buf = [UInt8](repeating: 0, count: 65536)
+                while buf.withUnsafeMutableBytes({ read(readEnd, $0.baseAddress, 65536) }) > 0 {}
+                done.signal()
+            }.start()
+            #expect(pair.run { client.answers[id]?.code != nil })
+            #expect(client.answers[id]?.code == (minRate == 0 ? H3Error.noError : H3Error.requestCancelled))
+            withExtendedLifetime((pair, conn)) {}
+            close(fds[1])
+            done.wait()
+            close(fds[0])
+        }
+    }
+
     @Test func whatATimeoutSays() {
         #expect(
             StallTimeouts.bodyStalled(timeout: 60 * Nanos.second, received: 12345, expected: 1_048_576)

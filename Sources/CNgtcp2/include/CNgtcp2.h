@@ -257,10 +257,16 @@ int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
  *    connection's responses: a response waiting its turn behind the connection's others, with
  *    credit, is not stalled while those move.
  *  Returns how many were reported. */
-int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout);
+int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout,
+                            uint64_t min_send_rate);
 /** Sets the endpoint's clock (one store): call before stoq_endpoint_ctx_sink_poll. */
 void stoq_endpoint_ctx_clock(stoq_endpoint_ctx *ep, uint64_t now);
 /** Whether any stream is watched (a sweep has something to look at). */
+ *  - STOQ_STALL_SLOW: the response body was acknowledged at under `min_send_rate` bytes a
+ *    second (0: never checked) over a window of `send_timeout` (its first begins when there is
+ *    something to send, the next when one is passed), while the peer held it as for
+ *    STOQ_STALL_SEND: a client that grants a few bytes of credit each time it must, to dodge
+ *    `send_timeout`, holds the response no longer than one that grants none.
 int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep);
 #define STOQ_STALL_BODY 1
 #define STOQ_STALL_SEND 2
@@ -270,6 +276,7 @@ int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep);
  *  with stoq_endpoint_ctx_set_sink_wake_fd): the loop waits on it with its datagrams, so that
  *  credit goes back while the peer is stopped by flow control. -1 if there is no writer. */
 int stoq_endpoint_ctx_sink_wake_fd(const stoq_endpoint_ctx *ep);
+#define STOQ_STALL_SLOW 4
 /** Signals `fd` instead (an eventfd the loop already waits on); -1: the endpoint's own again. */
 void stoq_endpoint_ctx_set_sink_wake_fd(stoq_endpoint_ctx *ep, int fd);
 
