@@ -491,22 +491,44 @@ static void set_whole_body(stoq_stream *s, const uint8_t *body, uint64_t len, vo
   s->stream_eof = 1;
 }
 
-#define MAX_NV 24
-
-static size_t build_nv(nghttp3_nv *nva, size_t at, const stoq_header *hdrs, size_t nhdrs) {
-  for (size_t i = 0; i < nhdrs && at < MAX_NV; i++, at++) {
-    nva[at].name = (uint8_t *)(uintptr_t)hdrs[i].name;
-    nva[at].namelen = strlen(hdrs[i].name);
-    nva[at].value = (uint8_t *)(uintptr_t)hdrs[i].value;
-    nva[at].valuelen = strlen(hdrs[i].value);
-    nva[at].flags = NGHTTP3_NV_FLAG_NONE;
-  }
-  return at;
-}
-
 static nghttp3_nv make_nv(const char *n, const char *v) {
   nghttp3_nv nv = {(uint8_t *)(uintptr_t)n, (uint8_t *)(uintptr_t)v, strlen(n), strlen(v), NGHTTP3_NV_FLAG_NONE};
   return nv;
+}
+
+/* A head's fields: `fixed` the caller sets, then every one of `hdrs` (at most STOQ_MAX_HEADERS,
+ * checked before), none dropped. In `stack` when they fit (most heads), else allocated; NULL
+ * without memory. Freed with nv_free; nghttp3 copies what it is given. */
+#define NV_STACK 32
+static nghttp3_nv *nv_make(nghttp3_nv *stack, size_t fixed, const stoq_header *hdrs, size_t nhdrs) {
+  nghttp3_nv *nva = fixed + nhdrs <= NV_STACK ? stack : malloc((fixed + nhdrs) * sizeof(*nva));
+  if (!nva) return NULL;
+  for (size_t i = 0; i < nhdrs; i++) nva[fixed + i] = make_nv(hdrs[i].name, hdrs[i].value);
+  return nva;
+}
+
+static void nv_free(nghttp3_nv *nva, nghttp3_nv *stack) {
+  if (nva != stack) free(nva);
+}
+
+/* Submits a server's answer: :status, server, then the application's fields, and `dr` reading
+ * its body (NULL: the stream ends with the head). Nothing is sent when it fails. */
+static int submit_answer(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
+                         const nghttp3_data_reader *dr) {
+  if (s->responded) return STOQ_ERR_ANSWERED; /* one response per request */
+  if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND;
+  if (nhdrs > STOQ_MAX_HEADERS) return STOQ_ERR_HEADERS;
+  nghttp3_nv stack[NV_STACK];
+  nghttp3_nv *nva = nv_make(stack, 2, hdrs, nhdrs);
+  if (!nva) return NGHTTP3_ERR_NOMEM;
+  char st[8];
+  snprintf(st, sizeof(st), "%d", status);
+  nva[0] = make_nv(":status", st);
+  nva[1] = make_nv("server", "stoq");
+  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, 2 + nhdrs, dr);
+  nv_free(nva, stack);
+  if (rv == 0) s->responded = 1, s->status = status;
+  return rv;
 }
 
 /* A request answered while its body is still arriving (some of it came: at the answer, or
@@ -524,19 +546,10 @@ static void answered_early(stoq_conn *c, stoq_stream *s) {
 }
 
 int stoq_stream_respond_streamed(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs) {
-  if (s->responded) return STOQ_ERR_ANSWERED;
-  if (s->transport_closed) return NGHTTP3_ERR_STREAM_NOT_FOUND;
-  char st[8];
-  snprintf(st, sizeof(st), "%d", status);
-  nghttp3_nv nva[MAX_NV];
-  nva[0] = make_nv(":status", st);
-  nva[1] = make_nv("server", "stoq");
-  size_t n = build_nv(nva, 2, hdrs, nhdrs);
   nghttp3_data_reader dr = {.read_data = body_read};
   /* A HEAD's answer is its head: the stream ends there, and pieces appended are refused. */
-  int rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, s->no_content ? NULL : &dr);
+  int rv = submit_answer(c, s, status, hdrs, nhdrs, s->no_content ? NULL : &dr);
   if (rv == 0) {
-    s->responded = 1, s->status = status;
     if (s->no_content) s->stream_eof = 1;
     if (s->received) answered_early(c, s);
   }
@@ -567,28 +580,17 @@ int stoq_stream_body_append(stoq_conn *c, stoq_stream *s, const uint8_t *base, u
  * whatever the stream sends as it was: a second answer does not touch the first. */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg) {
-  int rv = s->responded ? STOQ_ERR_ANSWERED : s->transport_closed ? NGHTTP3_ERR_STREAM_NOT_FOUND : 0;
-  if (rv == 0) {
-    char st[8];
-    snprintf(st, sizeof(st), "%d", status);
-    nghttp3_nv nva[MAX_NV];
-    nva[0] = make_nv(":status", st);
-    nva[1] = make_nv("server", "stoq");
-    size_t n = build_nv(nva, 2, hdrs, nhdrs);
-    set_whole_body(s, body, body_len, release, arg);
-    nghttp3_data_reader dr = {.read_data = body_read};
-    int reader = has_body && body_len > 0 && !s->no_content;
-    rv = nghttp3_conn_submit_response(c->h3, s->id, nva, n, reader ? &dr : NULL);
-    if (rv == 0) {
-      s->responded = 1, s->status = status;
-      if (s->received) answered_early(c, s);
-      if (reader) watch_tx(s, body_len);
-      return 0;
-    }
-    s->p_count = 0, s->stream_eof = 0; /* the piece goes back here, not at close */
+  nghttp3_data_reader dr = {.read_data = body_read};
+  int reader = has_body && body_len > 0 && !s->no_content;
+  int rv = submit_answer(c, s, status, hdrs, nhdrs, reader ? &dr : NULL);
+  if (rv != 0) {
+    if (release) release(arg);
+    return rv;
   }
-  if (release) release(arg);
-  return rv;
+  set_whole_body(s, body, body_len, release, arg); /* nghttp3 reads it no sooner than the next write */
+  if (s->received) answered_early(c, s);
+  if (reader) watch_tx(s, body_len);
+  return 0;
 }
 
 void stoq_stream_set_no_content(stoq_stream *s) { s->no_content = 1; }
@@ -670,23 +672,36 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
     set_err(err, errlen, "the server is going away (GOAWAY): send it on another connection");
     return NULL;
   }
-  int64_t sid;
-  int rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
-  if (rv != 0) {
-    set_err(err, errlen, "no stream available: %s", ngtcp2_strerror(rv));
+  if (nhdrs > STOQ_MAX_HEADERS) {
+    set_err(err, errlen, "%zu header fields, at most %d go in a request (STOQ_MAX_HEADERS)", nhdrs, STOQ_MAX_HEADERS);
     return NULL;
   }
-  stoq_stream *s = stream_new(c, sid);
-  if (!s) return NULL;
-  s->app = app;
-  if (!streamed) set_whole_body(s, body, body_len, release, arg);
-  nghttp3_nv nva[MAX_NV];
+  nghttp3_nv stack[NV_STACK];
+  nghttp3_nv *nva = nv_make(stack, 5, hdrs, nhdrs);
+  if (!nva) {
+    set_err(err, errlen, "no memory for %zu header fields", nhdrs);
+    return NULL;
+  }
   nva[0] = make_nv(":method", method);
   nva[1] = make_nv(":scheme", "https");
   nva[2] = make_nv(":authority", authority);
   nva[3] = make_nv(":path", path);
   nva[4] = make_nv("user-agent", "stoq");
-  size_t n = build_nv(nva, 5, hdrs, nhdrs);
+  size_t n = 5 + nhdrs;
+  int64_t sid;
+  int rv = ngtcp2_conn_open_bidi_stream(c->q, &sid, NULL);
+  if (rv != 0) {
+    nv_free(nva, stack);
+    set_err(err, errlen, "no stream available: %s", ngtcp2_strerror(rv));
+    return NULL;
+  }
+  stoq_stream *s = stream_new(c, sid);
+  if (!s) {
+    nv_free(nva, stack);
+    return NULL;
+  }
+  s->app = app;
+  if (!streamed) set_whole_body(s, body, body_len, release, arg);
   nghttp3_data_reader dr = {.read_data = body_read};
   if (early) {
     s->early_nv = copy_nv(nva, n);
@@ -695,6 +710,7 @@ stoq_stream *stoq_conn_submit_request(stoq_conn *c, const char *method, const ch
   } else {
     rv = nghttp3_conn_submit_request(c->h3, sid, nva, n, has_body && (body_len > 0 || streamed) ? &dr : NULL, s);
   }
+  nv_free(nva, stack);
   if (rv != 0) {
     set_err(err, errlen, "nghttp3_conn_submit_request: %s", nghttp3_strerror(rv));
     s->pieces[0].release = NULL; /* the caller keeps ownership on failure */

@@ -265,8 +265,9 @@ public final class QUICConnection: TimerHeapElement {
 
     /// Server: answers `stream` with `status`, `headers` and a body sent zero-copy from `body`
     /// (nil: headers only). The stream holds `body` whatever comes of it, and lets it go once
-    /// sent, or at once when refused. Returns false when HTTP/3 refused: the stream is then
-    /// reset, unless it was answered already (that answer goes on).
+    /// sent, or at once when refused. Returns false when HTTP/3 refused (more than
+    /// `STOQ_MAX_HEADERS` headers, say): the stream is then reset, unless it was answered
+    /// already (that answer goes on).
     @discardableResult
     public func respond(_ stream: HTTPStream, status: Int, headers: [(String, String)] = [], body: BodyRegion?) -> Bool {
         let rc = withCHeaders(headers) { hdrs, n in

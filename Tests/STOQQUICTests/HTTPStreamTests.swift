@@ -110,4 +110,55 @@ final class ReleaseFlag: @unchecked Sendable {
         #expect(appended == false)
         #expect(server.connection?.stats.body_bytes_sent == 0)
     }
+
+    /// Thirty fields before content-length and etag: all reach the client (past 24 fields the
+    /// rest were dropped, silently).
+    @Test func aResponseCarriesEveryHeader() throws {
+        let filler = (0..<30).map { ("x-filler-\($0)", "v") }
+        let server = ScriptedServer()
+        server.onRequest = { _, stream, conn in
+            conn.respond(stream, status: 200, headers: filler + [("content-length", "3"), ("etag", "\"e\"")], body: BodyRegion(copying: [1, 2, 3]))
+        }
+        let client = HeadRecordingClient()
+        let (pair, conn) = try pair(server, client)
+        _ = try conn.request(method: "GET", authority: "x", path: "/objects/x")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(client.head?.contentLength == 3 && client.head?.etag == "\"e\"")
+        #expect(client.closedCode == H3Error.noError && client.received == 3)
+    }
+
+    /// A request's fields past the 24th reach the server too; one with more than
+    /// STOQ_MAX_HEADERS is refused whole, naming why, and so is an answer with as many (its
+    /// stream reset, its body released).
+    @Test func aRequestCarriesEveryHeaderAndTooManyAreRefused() throws {
+        let limit = Int(STOQ_MAX_HEADERS)
+        let flag = ReleaseFlag()
+        var answered: Bool?
+        let server = ScriptedServer()
+        server.onRequest = { request, stream, conn in
+            if request.path == "/many" {
+                conn.respond(stream, status: 200, headers: [], body: nil)
+            } else {
+                answered = conn.respond(stream, status: 200, headers: (0...limit).map { ("x-\($0)", "v") }, body: flag.region(10))
+            }
+        }
+        let client = HeadRecordingClient()
+        let (pair, conn) = try pair(server, client)
+        let filler = (0..<30).map { ("x-filler-\($0)", "v") }
+        _ = try conn.request(method: "GET", authority: "x", path: "/many", headers: filler + [("range", "bytes=0-9")])
+        #expect(pair.run { client.closedCode != nil })
+        #expect(server.requests.last?.range == "bytes=0-9")
+
+        let refused = #expect(throws: QUICError.self) {
+            try conn.request(method: "GET", authority: "x", path: "/many", headers: (0...limit).map { ("x-\($0)", "v") })
+        }
+        #expect(refused?.message.contains("\(limit + 1) header fields, at most \(limit)") == true, "\(String(describing: refused))")
+
+        client.closedCode = nil
+        _ = try conn.request(method: "GET", authority: "x", path: "/too-many-back")
+        #expect(pair.run { client.closedCode != nil })
+        #expect(answered == false && flag.released)
+        #expect(client.closedCode == H3Error.internalError)
+        #expect(!conn.isClosed)
+    }
 }

@@ -44,6 +44,11 @@ extern "C" {
 #define STOQ_MAX_PATH 4096
 /** Largest request field section (RFC 9114 §4.2.2 size) STOQ serves; larger gets 431 (ditto). */
 #define STOQ_MAX_FIELD_SECTION 16384
+/** Most header fields a response or request STOQ sends carries besides its own (pseudo-headers,
+ *  server, user-agent): a section of more is larger than STOQ_MAX_FIELD_SECTION (RFC 9114
+ *  §4.2.2 counts each field at least 32 bytes), which STOQ itself refuses. More are refused
+ *  whole, never dropped. */
+#define STOQ_MAX_HEADERS (STOQ_MAX_FIELD_SECTION / 32)
 
 /* ---- TLS credentials ------------------------------------------------------ */
 
@@ -256,27 +261,27 @@ int stoq_endpoint_ctx_sink_poll(stoq_endpoint_ctx *ep);
  *    the peer gives the stream no credit, or acknowledges nothing of the
  *    connection's responses: a response waiting its turn behind the connection's others, with
  *    credit, is not stalled while those move.
+ *  - STOQ_STALL_SLOW: the response body was acknowledged at under `min_send_rate` bytes a
+ *    second (0: never checked) over a window of `send_timeout` (its first begins when there is
+ *    something to send, the next when one is passed), while the peer held it as for
+ *    STOQ_STALL_SEND: a client that grants a few bytes of credit each time it must, to dodge
+ *    `send_timeout`, holds the response no longer than one that grants none.
  *  Returns how many were reported. */
 int stoq_endpoint_ctx_sweep(stoq_endpoint_ctx *ep, uint64_t now, uint64_t body_timeout, uint64_t send_timeout,
                             uint64_t min_send_rate);
 /** Sets the endpoint's clock (one store): call before stoq_endpoint_ctx_sink_poll. */
 void stoq_endpoint_ctx_clock(stoq_endpoint_ctx *ep, uint64_t now);
 /** Whether any stream is watched (a sweep has something to look at). */
- *  - STOQ_STALL_SLOW: the response body was acknowledged at under `min_send_rate` bytes a
- *    second (0: never checked) over a window of `send_timeout` (its first begins when there is
- *    something to send, the next when one is passed), while the peer held it as for
- *    STOQ_STALL_SEND: a client that grants a few bytes of credit each time it must, to dodge
- *    `send_timeout`, holds the response no longer than one that grants none.
 int stoq_endpoint_ctx_watching(const stoq_endpoint_ctx *ep);
 #define STOQ_STALL_BODY 1
 #define STOQ_STALL_SEND 2
 #define STOQ_STALL_HEAD 3
+#define STOQ_STALL_SLOW 4
 
 /** The eventfd the writer signals after each buffer it writes (the endpoint's own, unless set
  *  with stoq_endpoint_ctx_set_sink_wake_fd): the loop waits on it with its datagrams, so that
  *  credit goes back while the peer is stopped by flow control. -1 if there is no writer. */
 int stoq_endpoint_ctx_sink_wake_fd(const stoq_endpoint_ctx *ep);
-#define STOQ_STALL_SLOW 4
 /** Signals `fd` instead (an eventfd the loop already waits on); -1: the endpoint's own again. */
 void stoq_endpoint_ctx_set_sink_wake_fd(stoq_endpoint_ctx *ep, int fd);
 
@@ -606,11 +611,13 @@ typedef struct stoq_header {
 /** What stoq_stream_respond and stoq_stream_respond_streamed return for a stream already
  *  answered: nothing was sent, and the first answer goes on. Other failures are nghttp3's codes. */
 #define STOQ_ERR_ANSWERED (-1001)
+/** What they return for more than STOQ_MAX_HEADERS header fields: nothing was sent. */
+#define STOQ_ERR_HEADERS (-1002)
 
 /** Server: answers a request. `body`/`body_len` is a region that stays valid until `release(arg)`
  *  is called, which the stream owns from the call on whatever it returns: once the peer has
- *  acknowledged it (or at stream close), or before a refusal returns (STOQ_ERR_ANSWERED, or an
- *  nghttp3 error). NULL/0 with `has_body` = 0 sends headers only (HEAD, errors).
+ *  acknowledged it (or at stream close), or before a refusal returns (STOQ_ERR_ANSWERED,
+ *  STOQ_ERR_HEADERS, or an nghttp3 error). NULL/0 with `has_body` = 0 sends headers only (HEAD, errors).
  *  On a stream marked with stoq_stream_set_no_content the body is never sent (released at close). */
 int stoq_stream_respond(stoq_conn *c, stoq_stream *s, int status, const stoq_header *hdrs, size_t nhdrs,
                         const uint8_t *body, uint64_t body_len, int has_body, void (*release)(void *), void *arg);
