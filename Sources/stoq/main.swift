@@ -21,6 +21,25 @@ struct Stoq: AsyncParsableCommand {  // async because `trust verify` awaits swif
             Get.self, Put.self, BenchCommand.self, ConfigCommand.self, ChunkCommand.self, TrustCommand.self,
             XDPCommand.self, StatusCommand.self, MeshCommand.self, EdgeCommand.self,
         ])
+
+    /// The exit status of a command line refused as given: an unknown or malformed option, or
+    /// flags that do not go together. ArgumentParser's own is EX_USAGE (64); STOQ's is 2, as
+    /// for the refusals the commands make themselves (`fail(code: 2)`), `stoq config check` and
+    /// stoq-node's invalid configuration. docs/api.md lists every status.
+    static let usageExitCode: Int32 = 2
+
+    /// `AsyncParsableCommand.main`, but a refused command line exits `usageExitCode`, with
+    /// ArgumentParser's message and usage as before.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand { try await command.run() } else { try command.run() }
+        } catch {
+            guard exitCode(for: error) == .validationFailure else { exit(withError: error) }
+            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(usageExitCode)
+        }
+    }
 }
 
 struct TrustOptions: ParsableArguments {

@@ -123,15 +123,26 @@ def test_put_with_each_congestion_control(node, tmp_path, cc):
 
 def test_an_unknown_congestion_control_is_refused_by_name(node, tmp_path):
     r = stoq("put", tmp_path / "none", node.url("x.bin"), "--cc", "vegas")
-    assert r.returncode == 64
+    assert r.returncode == 2
     assert "'vegas' is invalid for '--cc <cc>'" in r.stderr
+
+
+def test_a_command_line_refused_as_given_exits_2():
+    """Refused by ArgumentParser (an unknown option, flags that do not go together) or by the
+    command itself: one status, 2 (ArgumentParser's own was 64), with the message and usage."""
+    r = stoq("get", "https://[::1]:9/objects/x", "--no-such-flag")
+    assert r.returncode == 2 and "Error: Unknown option '--no-such-flag'" in r.stderr and "Usage: stoq get" in r.stderr, r.stderr
+    r = stoq("get", "https://[::1]:9/objects/x", "--json", "-o", "-")
+    assert r.returncode == 2 and "-o - writes the body to standard output, where --json prints" in r.stderr, r.stderr
+    r = stoq("get", "https://[::1]:9/objects/x", "--chunked", "--qlog-dir", "/nonexistent/q")
+    assert r.returncode == 2 and "--qlog-dir logs one connection" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1e10"])
 def test_seconds_no_clock_can_count_are_refused_by_name(value):
     """Seconds are converted to nanoseconds; past a year they are refused, not trapped on."""
     r = stoq("get", "https://[::1]:9/objects/x", "--timeout", value)
-    assert r.returncode == 64, r.stderr
+    assert r.returncode == 2, r.stderr
     assert "--timeout " in r.stderr and "expected seconds > 0, at most 31536000 (a year)" in r.stderr, r.stderr
 
 

@@ -67,7 +67,7 @@ def test_get_to_standard_output_and_through_links(node, tmp_path):
     assert r.returncode == 0, r.stderr
     assert os.path.islink(tmp_path / "link.txt") and sha256_file(tmp_path / "target.txt") == node.digests[name]
     r = stoq("get", node.url(name), "-o", "-", "--json", "--ca", node.cert)
-    assert r.returncode == 64 and "-o - writes the body to standard output, where --json prints" in r.stderr
+    assert r.returncode == 2 and "-o - writes the body to standard output, where --json prints" in r.stderr
 
 
 def test_a_plain_get_writes_a_part_file_of_its_own(node, tmp_path):
