@@ -432,7 +432,7 @@ public final class ContentService: QUICApplication {
             case .chunkNotFound:
                 if servePlainChunk(id, head: head, stream, connection) { return }
                 return fail(stream, connection, 404, "no chunk \(id.hex)")
-            case .corrupt: return fail(stream, connection, 500, "chunk \(id.hex) failed verification and was quarantined")
+            case .corrupt: return fail(stream, connection, 500, "chunk \(id.hex) failed verification and was quarantined: \(e.message)")
             default: return fail(stream, connection, 500, e.message)
             }
         } catch { return fail(stream, connection, 500, "\(error)") }

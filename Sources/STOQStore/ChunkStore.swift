@@ -14,6 +14,8 @@ import Musl
 /// - `chunks/ab/cd/<64 hex>` — the chunk whose id starts `abcd…` (two levels of 256 so no
 ///   directory grows past what ext4/xfs list quickly);
 /// - `quarantine/<64 hex>.<UTC timestamp>` — copies found corrupt, kept for inspection;
+/// - `largest_chunk` — the largest `maxChunkSize` the store has been opened with, in decimal
+///   (`largestChunk`);
 /// - `lock` — held (`flock`) by the one process that has the store open.
 ///
 /// Guarantees:
@@ -43,7 +45,8 @@ public final class ChunkStore: @unchecked Sendable {
         /// The largest chunk a put accepts. Default 64 MiB, far above any content-defined
         /// chunk size. Reads do not check it: a store keeps the chunks it took under a larger
         /// limit when reopened with a smaller one (`chunking.max_chunk_size` lowered), and
-        /// those are still good chunks (`largestChunkFile` bounds what a read loads).
+        /// those are still good chunks (`largestChunk`, the largest limit it ever had, bounds
+        /// what a read loads).
         public var maxChunkSize: Int
         /// fsync each chunk and its directory before a put returns (default). Off for a cache:
         /// after a crash a chunk may be missing or torn, and a torn one fails verification
@@ -101,12 +104,12 @@ public final class ChunkStore: @unchecked Sendable {
         var bytesFreed: UInt64 = 0
     }
 
-    /// The largest file a read loads: the largest chunk the format allows
-    /// (`ChunkingParameters.largestMaxSize`, 1 GiB; manifests carry chunk lengths as 32-bit
-    /// integers). A bigger file cannot be a chunk any store wrote, so it is treated as corrupt
-    /// rather than read into memory. Fixed, not `Options.maxChunkSize`: that limit may have been
-    /// lowered since a chunk was stored, and the chunk's digest says whether it is good.
+    /// The largest chunk the format allows (`ChunkingParameters.largestMaxSize`, 1 GiB;
+    /// manifests carry chunk lengths as 32-bit integers): no store's `largestChunk` is above it.
     public static let largestChunkFile = ChunkingParameters.largestMaxSize
+
+    /// The file in the store's root that keeps `largestChunk`.
+    static let largestChunkName = "largest_chunk"
 
     /// The store's root directory.
     public let root: String
@@ -117,6 +120,16 @@ public final class ChunkStore: @unchecked Sendable {
     public let diskFull: DiskFullMonitor
     /// What opening it repaired.
     public let recovery: Recovery
+    /// The largest file a read loads: the largest chunk this store has ever taken a put of, by
+    /// its limits — the largest `Options.maxChunkSize` it has been opened with (kept in
+    /// `largest_chunk`, raised when opened with a larger one, never lowered), at most
+    /// `largestChunkFile`. A bigger file cannot be a chunk this store wrote (one grown on disk),
+    /// so a read without a length (`GET /chunks/<id>`, the scrub) quarantines it as corrupt
+    /// after its `fstat`, unread. Not `Options.maxChunkSize` itself: that limit may have been
+    /// lowered since a chunk was stored, and such a chunk is still good. A store that has chunks
+    /// but no `largest_chunk` (made before the file was kept) cannot know, and takes
+    /// `largestChunkFile`.
+    public let largestChunk: Int
 
     let rootDir: Directory
     let lock: StoreLock
@@ -150,6 +163,7 @@ public final class ChunkStore: @unchecked Sendable {
         lock = try StoreLock(root: rootDir)
         chunksDir = try Directory("chunks", in: rootDir, create: true)
         quarantineDir = try Directory("quarantine", in: rootDir, create: true)
+        largestChunk = try Self.keepLargestChunk(options, in: rootDir, chunks: chunksDir, logger: logger)
         try rootDir.sync()
         let removed = try Self.removeTempFiles(in: chunksDir)
         recovery = Recovery(tempFilesRemoved: removed)
@@ -157,6 +171,41 @@ public final class ChunkStore: @unchecked Sendable {
         if removed > 0 {
             logger.notice("removed temp files of interrupted chunk writes", metadata: ["count": "\(removed)", "root": "\(root)"])
         }
+    }
+
+    /// Reads `largest_chunk` in `root` and raises it to `options.maxChunkSize` if that is larger
+    /// (capped at `largestChunkFile`; durably, with `options.durable`); the resulting
+    /// `largestChunk`. Missing, it is written: for a new store (no shard under `chunks`) with the
+    /// options' limit, for one that has chunks with `largestChunkFile`, as for a damaged one.
+    private static func keepLargestChunk(_ options: Options, in root: Directory, chunks: Directory, logger: Logger) throws -> Int {
+        let temp = ".tmp-" + largestChunkName
+        unlinkat(root.fd, temp, 0)
+        var kept: Int?
+        var written = false
+        let fd = openat(root.fd, largestChunkName, StoredFile.readFlags)
+        if fd >= 0 {
+            defer { close(fd) }
+            let text = try Directory.readWhole(fd, size: 32, path: root.path + "/" + largestChunkName)
+            kept = Int(String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)).flatMap { $0 > 0 ? $0 : nil }
+            written = kept != nil
+            if kept == nil {
+                logger.warning(
+                    "store's largest chunk record is damaged; reads load files up to the format's largest chunk",
+                    metadata: ["path": "\(root.path)/\(largestChunkName)", "bytes": "\(largestChunkFile)"])
+                kept = largestChunkFile
+            }
+        } else if errno == ENOENT {
+            if try chunks.names().contains(where: isShardName) { kept = largestChunkFile }
+        } else {
+            throw StoreError.io("open", root.path + "/" + largestChunkName)
+        }
+        let largest = min(max(kept ?? 0, options.maxChunkSize), largestChunkFile)
+        if !written || largest != kept {
+            try Array("\(largest)\n".utf8).withUnsafeBytes {
+                try root.replace(largestChunkName, tempName: temp, with: $0, durable: options.durable)
+            }
+        }
+        return largest
     }
 
     /// A snapshot of what the store counted since it was opened.
@@ -284,7 +333,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// the store took, whose lengths were checked against the chunks; an edge cache's entry,
     /// sized from verified bytes). A file of any other size cannot be the chunk: it is
     /// quarantined as corrupt without being read, so that a file grown on disk costs a
-    /// `fstat`, not a read and a hash of up to `largestChunkFile` bytes. Never pass a length
+    /// `fstat`, not a read and a hash of up to `largestChunk` bytes. Never pass a length
     /// only a client claims: a wrong one would quarantine a good chunk.
     public func read(_ id: ChunkID, length: Int? = nil) throws -> [UInt8] {
         switch try readLocal(id, length: length, countRead: true) {
@@ -316,7 +365,8 @@ public final class ChunkStore: @unchecked Sendable {
     }
 
     /// Opens chunk `id` and checks the open file before reading any of it (its kind, then its
-    /// size: `length` when given, else `largestChunkFile`), then reads and verifies it.
+    /// size: `length` when given, else `largestChunk`), then reads and verifies it: the one
+    /// place a chunk file's size is checked.
     private func readLocal(_ id: ChunkID, length: Int? = nil, countRead: Bool) throws -> LocalRead {
         let (shard, name) = Self.location(id)
         let rel = shard + "/" + name
@@ -340,10 +390,10 @@ public final class ChunkStore: @unchecked Sendable {
                 let why = "it is \(st.st_size) bytes, and the chunk is \(length) bytes"
                 return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
             }
-            if st.st_size > Self.largestChunkFile {
-                // Not loaded: no chunk the format allows is that big.
+            if st.st_size > largestChunk {
+                // Not loaded: no chunk this store took is that big.
                 close(fd)
-                let why = "it is \(st.st_size) bytes, larger than any chunk may be (\(Self.largestChunkFile) bytes)"
+                let why = "it is \(st.st_size) bytes, larger than any chunk this store takes (\(largestChunk) bytes)"
                 return .corrupt(why, quarantine(id, rel: rel, file: st, why: why))
             }
             bytes = try Directory.readWhole(fd, size: Int(st.st_size), path: chunksDir.path + "/" + rel)
@@ -439,7 +489,7 @@ public final class ChunkStore: @unchecked Sendable {
     }
 
     /// Reads and verifies every stored chunk (a scrub); corrupt ones are quarantined as a
-    /// read would.
+    /// read would, and a file larger than `largestChunk` without being read.
     public func verifyAll() throws -> VerifyReport {
         var report = VerifyReport(checked: 0, corrupt: [])
         for id in try allChunkIDs() {

@@ -156,7 +156,7 @@ import Testing
         let message = assertStoreError(.corrupt) { try store.read(sid) }
         #expect(
             message.hasPrefix(
-                "chunk \(sid.hex) is corrupt on disk: it is \(ChunkStore.largestChunkFile + 1) bytes, larger than any chunk may be (\(ChunkStore.largestChunkFile) bytes); moved to quarantine/"
+                "chunk \(sid.hex) is corrupt on disk: it is \(ChunkStore.largestChunkFile + 1) bytes, larger than any chunk this store takes (1000 bytes); moved to quarantine/"
             ),
             Comment(rawValue: message))
         #expect(store.counters.corruptQuarantined == 1)
@@ -186,8 +186,54 @@ import Testing
         #expect(store.counters.corruptQuarantined == 2 && store.counters.dedupHits == 0)
         #expect(lines.metadata("problem", of: "corrupt chunk quarantined") == Array(repeating: "it is \(grown) bytes, and the chunk is 4000 bytes", count: 2))
         #expect(try store.read(id, length: data.count) == data)
-        // Without a length only the format's ceiling applies (and the digest decides).
+        // Without a length only the store's largest chunk applies (and the digest decides).
         #expect(try store.read(id) == data)
+    }
+
+    /// A chunk file grown on disk past the largest chunk the store takes (`largestChunk`, here
+    /// 1 MiB) is quarantined unread also where no length is known: a read (`GET /chunks/<id>`)
+    /// and the scrub, at its `fstat`, counted and logged like any corrupt chunk — not read and
+    /// hashed whole (64 MiB here, up to 1 GiB).
+    @Test func aChunkFileGrownPastTheLargestChunkIsQuarantinedUnreadByReadAndScrub() throws {
+        let lines = LogCapture()
+        let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1 << 20), logger: lines.logger)
+        #expect(store.largestChunk == 1 << 20)
+        let data = [UInt8](repeating: 0x4d, count: 4000)
+        let id = ChunkID(digestOf: data)
+        let grown = 64 << 20
+        let why = "it is \(grown) bytes, larger than any chunk this store takes (\(1 << 20) bytes)"
+        try store.put(id: id, bytes: data)
+        #expect(truncate(path(of: id), off_t(grown)) == 0)
+        let message = assertStoreError(.corrupt) { try store.read(id) }
+        #expect(message == "chunk \(id.hex) is corrupt on disk: \(why); moved to quarantine/\(quarantined().first ?? "")")
+        #expect(store.counters.corruptQuarantined == 1 && store.counters.bytesRead == 0)
+
+        try store.put(id: id, bytes: data)
+        #expect(truncate(path(of: id), off_t(grown)) == 0)
+        let scrub = try store.verifyAll()
+        #expect(scrub.checked == 1 && scrub.corrupt == [id])
+        #expect(quarantined().count == 2 && !FileManager.default.fileExists(atPath: path(of: id)))
+        #expect(store.counters.corruptQuarantined == 2 && store.counters.bytesRead == 0)
+        #expect(lines.metadata("problem", of: "corrupt chunk quarantined") == [why, why])
+    }
+
+    /// `largest_chunk` keeps the largest limit a store was opened with: raised with the
+    /// limit, never lowered; a store with chunks but no such file (older) cannot know, and
+    /// takes the format's largest.
+    @Test func theLargestChunkIsTheLargestLimitTheStoreEverHad() throws {
+        let file = root + "/largest_chunk"
+        do { #expect(try ChunkStore(root: root, options: .init(maxChunkSize: 2000)).largestChunk == 2000) }
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "2000\n")
+        do { #expect(try ChunkStore(root: root, options: .init(maxChunkSize: 5000)).largestChunk == 5000) }
+        do { #expect(try ChunkStore(root: root, options: .init(maxChunkSize: 1000)).largestChunk == 5000) }
+        do {
+            let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
+            try store.put(id: ChunkID(digestOf: bytes("kept")), bytes: bytes("kept"))
+        }
+        try FileManager.default.removeItem(atPath: file)
+        do { #expect(try ChunkStore(root: root, options: .init(maxChunkSize: 1000)).largestChunk == ChunkStore.largestChunkFile) }
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "\(ChunkStore.largestChunkFile)\n")
+        #expect(tempFiles() == [])
     }
 
     /// `chunking.max_chunk_size` lowered: the chunks stored under the old limit are still good
@@ -200,6 +246,7 @@ import Testing
             try store.put(id: id, bytes: big)
         }
         let store = try ChunkStore(root: root, options: .init(maxChunkSize: 1000))
+        #expect(store.largestChunk == 4096)
         #expect(try store.read(id) == big)
         #expect(store.counters.corruptQuarantined == 0 && quarantined().isEmpty)
         let scrub = try store.verifyAll()

@@ -264,6 +264,28 @@ def test_a_chunk_grown_on_disk_is_quarantined_unread_when_its_object_is_served(n
     assert any(p.name.startswith(chunk) for p in (node.content / "quarantine").iterdir())
 
 
+def test_a_chunk_grown_past_the_largest_chunk_is_quarantined_unread_at_chunks(node, tmp_path):
+    """GET /chunks/<id> knows no length: a chunk file grown on disk past the largest chunk the
+    store takes (chunking.max_chunk_size, 1 MiB) is quarantined at its size, logged, and
+    answered 500 saying so, instead of being read and hashed whole (256 MiB) on the worker."""
+    src = random_file(tmp_path / "grown-chunks.bin", 4 * MiB, 15)
+    put(node, src, "content-grown-chunks")
+    chunks = json.loads(stoq("chunk", src, "--json").stdout)["chunks"]
+    chunk = chunks[0]["id"]
+    path = node.content / "chunks" / chunk[:2] / chunk[2:4] / chunk
+    os.truncate(path, 256 * MiB)                              # sparse: nothing is written
+    r = h3(node, "GET", f"/chunks/{chunk}")
+    why = f"it is {256 * MiB} bytes, larger than any chunk this store takes ({MiB} bytes)"
+    assert r["status"] == 500, r
+    assert f"chunk {chunk} is corrupt on disk: {why}; moved to quarantine/" in r["text"], r
+    assert not path.exists()
+    assert any(p.name.startswith(chunk) for p in (node.content / "quarantine").iterdir())
+    log = pathlib.Path(node.log.name).read_text()
+    assert re.search(rf"chunk={chunk} problem={re.escape(why)} quarantine=.* corrupt chunk quarantined", log), log[-2000:]
+    # The node keeps serving the others.
+    assert h3(node, "GET", f"/chunks/{chunks[1]['id']}")["status"] == 200
+
+
 def test_a_chunked_object_is_one_body_at_objects_for_any_client(node, tmp_path):
     src = random_file(tmp_path / "o.bin", 40 * MiB + 12345, 6)
     put(node, src, "content-plain")
