@@ -90,14 +90,20 @@ void consume(stoq_conn *c, int64_t stream_id, size_t n) {
 }
 
 /* A client that resets a request's body before it has an answer cancels the request (RFC 9114
- * §4.1.1): nothing will be answered, so the sending half is reset too; the stream then closes
- * and the application lets go of what it held for the request (a memory file, a temp file)
- * now, not when the body timeout or the connection's end comes. A request already answered
- * keeps its response: the client may have stopped sending because it was answered. */
+ * §4.1.1): nothing will be answered, so the sending half is reset too. A request already
+ * answered keeps its response: the client may have stopped sending because it was answered.
+ * Either way the body will not end: once what was queued of it has landed, the application
+ * hears the request ended, aborted, and lets go of what it held for it (a memory file, a temp
+ * file) now, not when the stream closes. Not a request it never heard of (a head), nor one
+ * whose end it heard or whose body it refused (too large, timed out, answered unread). */
 void request_body_reset(stoq_conn *c, stoq_stream *s) {
-  if (s->responded || s->body_complete) return;
+  if (s->body_complete) return;
   unwatch_rx(s);
-  ngtcp2_conn_shutdown_stream_write(c->q, s->id, STOQ_H3_REQUEST_CANCELLED);
+  if (!s->responded) ngtcp2_conn_shutdown_stream_write(c->q, s->id, STOQ_H3_REQUEST_CANCELLED);
+  if (s->in_head || s->rx_refused || s->end_told || !c->ep->ev.on_request_end) return;
+  sink_drain(s, 1);
+  s->end_told = 1;
+  c->ep->ev.on_request_end(c->ep->ev.ctx, c, s, 1);
 }
 
 stoq_stream *stream_find(stoq_conn *c, int64_t id) {

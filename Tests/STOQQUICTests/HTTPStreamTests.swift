@@ -161,4 +161,20 @@ final class ReleaseFlag: @unchecked Sendable {
         #expect(client.closedCode == H3Error.internalError)
         #expect(!conn.isClosed)
     }
+
+    /// A client that resets its request's body before it ends: the server's application hears
+    /// the request ended, aborted, once (it never heard: only the stream's close, later).
+    @Test func aRequestBodyResetByTheClientEndsTheRequestAborted() throws {
+        let server = ScriptedServer()
+        server.onRequest = { _, stream, _ in stream.setBodySink(fd: -1, hash: true) }
+        let client = HeadRecordingClient()
+        let (pair, conn) = try pair(server, client)
+        let stream = try conn.requestStreamed(method: "PUT", authority: "x", path: "/objects/x")
+        #expect(conn.appendBody(stream, BodyRegion(copying: randomBytes(10_000, seed: 9)), last: false))
+        #expect(pair.run { server.requests.count == 1 && server.ended.isEmpty && pair.server.counters.sinkJobsPending == 0 })
+        conn.reset(stream, errorCode: H3Error.requestCancelled)
+        #expect(pair.run { !server.closed.isEmpty })
+        #expect(server.ended == [true])
+        #expect(!conn.isClosed)
+    }
 }

@@ -146,7 +146,8 @@ typedef struct stoq_events {
   void *ctx;
   /** Server: a request head is complete (once per request). Respond now or later with stoq_stream_respond. */
   void (*on_request)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_head *head);
-  /** Server: the request body (if any) ended; `aborted` when the peer reset the stream. */
+  /** Server: the request body (if any) ended, once per request; `aborted` when the peer reset
+   *  it before its end (what was queued for the sink has been written; nothing more comes). */
   void (*on_request_end)(void *ctx, stoq_conn *c, stoq_stream *s, int aborted);
   /** Client: a response head arrived (once per response). */
   void (*on_response)(void *ctx, stoq_conn *c, stoq_stream *s, const stoq_head *head);
