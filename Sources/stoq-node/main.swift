@@ -27,6 +27,21 @@ struct StoqNode: AsyncParsableCommand {
     @Option(help: "trace, debug, info, notice, warning, error or critical (overrides log.level).")
     var logLevel: Logger.Level?
 
+    /// `AsyncParsableCommand.main`, but a command line refused as given (an unknown option, a
+    /// bad --log-level) exits 2 like an invalid configuration, not ArgumentParser's 64: both are
+    /// the operator's to fix, and systemd's RestartPreventExitStatus=2 keeps either from
+    /// restarting in a loop.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand { try await command.run() } else { try command.run() }
+        } catch {
+            guard exitCode(for: error) == .validationFailure else { exit(withError: error) }
+            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(2)
+        }
+    }
+
     func run() async throws {
         let cfg: NodeConfig
         if let config {

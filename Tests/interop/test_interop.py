@@ -138,6 +138,13 @@ def test_a_command_line_refused_as_given_exits_2():
     assert r.returncode == 2 and "--qlog-dir logs one connection" in r.stderr, r.stderr
 
 
+def test_a_node_command_line_refused_as_given_exits_2():
+    """stoq-node's bad flag exits 2, as its invalid configuration does (systemd does not
+    restart either: RestartPreventExitStatus=2), not ArgumentParser's 64."""
+    r = run([need_binary("stoq-node"), "--log-level", "loud"], timeout=30)
+    assert r.returncode == 2 and "Error: The value 'loud' is invalid for '--log-level <log-level>'" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "1e10"])
 def test_seconds_no_clock_can_count_are_refused_by_name(value):
     """Seconds are converted to nanoseconds; past a year they are refused, not trapped on."""
