@@ -760,7 +760,6 @@ void stoq_conn_get_stats(const stoq_conn *c, stoq_conn_stats *out) {
   out->smoothed_rtt_ns = st.smoothed_rtt;
   out->rttvar_ns = st.rttvar;
   out->min_rtt_ns = st.min_rtt;
-  out->pkts_lost = 0;
   out->body_bytes_received = c->body_rx;
   out->body_bytes_sent = c->body_tx;
   out->streams_open = c->streams_open;
