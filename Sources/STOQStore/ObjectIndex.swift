@@ -204,7 +204,10 @@ public final class ObjectIndex: @unchecked Sendable {
     }
 
     /// The record of object `name`; `.objectNotFound` if there is none, `.corruptRecord` when
-    /// something other than a regular file has its name.
+    /// something other than a regular file has its name, when the file is larger than any record
+    /// may be (`ObjectRecord.maxEncodedSize`, refused unread), or when its fields are past the
+    /// limits a record has (more chunk ids than a manifest may list, a longer manifest or owner).
+    /// Only that record is refused: the others read as before.
     public func object(_ name: String) throws -> ObjectRecord {
         try Self.validateName(name)
         let fd = openat(dir.fd, name, StoredFile.readFlags)
@@ -218,6 +221,11 @@ public final class ObjectIndex: @unchecked Sendable {
         guard (st.st_mode & S_IFMT) == S_IFREG else {
             throw StoreError(
                 .corruptRecord, "object record \(dir.path)/\(name) is damaged: it is \(StoreError.fileKind(st.st_mode)), not a regular file")
+        }
+        guard st.st_size <= ObjectRecord.maxEncodedSize else {
+            throw StoreError(
+                .corruptRecord,
+                "object record \(dir.path)/\(name) is damaged: it is \(st.st_size) bytes, larger than any record may be (\(ObjectRecord.maxEncodedSize) bytes)")
         }
         let bytes = try Directory.readWhole(fd, size: Int(st.st_size), path: dir.path + "/" + name)
         return try ObjectRecord(decoding: bytes, name: name, path: dir.path + "/" + name)

@@ -1,4 +1,5 @@
 import Crypto
+import STOQChunking
 
 /// One object: its name, its manifest (opaque bytes here; the chunking module defines
 /// them), the ordered chunk ids it references, and who wrote it.
@@ -33,6 +34,14 @@ public struct ObjectRecord: Sendable, Equatable {
         self.owner = owner
     }
 
+    /// The most chunk ids a record lists: as many as a manifest may (`Manifest.maxChunkCount`).
+    static let maxChunkCount = Manifest.maxChunkCount
+    /// The longest manifest a record holds: one listing `maxChunkCount` chunks.
+    static let maxManifestSize = Manifest.headerSize + Manifest.entrySize * maxChunkCount
+    /// The largest record (version 2, every field at its most): a bigger file is damage, refused
+    /// before it is read.
+    static let maxEncodedSize = headerSize + 2 + 32 * maxChunkCount + maxManifestSize + maxOwnerLength + 32
+
     static let magic: [UInt8] = Array("STOQOBJ1".utf8)
     static let magicV2: [UInt8] = Array("STOQOBJ2".utf8)
     private static let headerSize = 8 + 4 + 8
@@ -64,6 +73,11 @@ public struct ObjectRecord: Sendable, Equatable {
         let header = Self.headerSize + (v2 ? 2 : 0)
         guard body >= header else { throw bad("\(b.count) bytes is shorter than a version 2 record") }
         let o = v2 ? Int(b[20]) << 8 | Int(b[21]) : 0
+        guard n <= Self.maxChunkCount else { throw bad("it lists \(n) chunk ids, more than any object may have (\(Self.maxChunkCount))") }
+        guard m <= UInt64(Self.maxManifestSize) else {
+            throw bad("its manifest is \(m) bytes, longer than any manifest may be (\(Self.maxManifestSize) bytes)")
+        }
+        guard o <= Self.maxOwnerLength else { throw bad("its owner is \(o) bytes, longer than any owner kept (\(Self.maxOwnerLength) bytes)") }
         guard m <= UInt64(body), header + 32 * n + Int(m) + o == body else {
             throw bad("\(n) chunk ids, a \(m)-byte manifest and a \(o)-byte owner do not fill \(b.count) bytes")
         }

@@ -305,6 +305,42 @@ import Testing
         #expect(try store.has(ids[0]), "nothing swept")
     }
 
+    /// A record file past the largest record (every field at its limit: `Manifest.maxChunkCount`
+    /// ids and entries, the longest owner) is refused before a byte is read; one whose header
+    /// lists more chunk ids, or a longer manifest, than any object may have is refused naming
+    /// the field. Only that record: the index opens, reports it, and serves the others.
+    @Test func aRecordPastTheLimitsIsRefusedAndTheRestStayUsable() throws {
+        let store = try ChunkStore(root: root)
+        let ids = try putChunks(store, ["kept"])
+        try ObjectIndex(chunks: store).putObject("good", manifest: bytes("m"), chunkIDs: ids)
+        let huge = root + "/objects/huge"
+        #expect(FileManager.default.createFile(atPath: huge, contents: Data("STOQOBJ1".utf8)))
+        #expect(truncate(huge, off_t(ObjectRecord.maxEncodedSize) + 1) == 0)  // sparse
+        let hugeWhy =
+            "object record \(huge) is damaged: it is \(ObjectRecord.maxEncodedSize + 1) bytes, larger than any record may be (\(ObjectRecord.maxEncodedSize) bytes)"
+
+        func header(chunks n: UInt32, manifest m: UInt64) -> [UInt8] {
+            var b = Array("STOQOBJ1".utf8)
+            for s in stride(from: 24, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: n >> UInt32(s))) }
+            for s in stride(from: 56, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: m >> UInt64(s))) }
+            return b + [UInt8](repeating: 0, count: 64)
+        }
+        let many = UInt32(ObjectRecord.maxChunkCount + 1)
+        try Data(header(chunks: many, manifest: 0)).write(to: URL(fileURLWithPath: root + "/objects/many"))
+        try Data(header(chunks: 1, manifest: .max)).write(to: URL(fileURLWithPath: root + "/objects/long"))
+        let manyWhy = "object record \(root)/objects/many is damaged: it lists \(many) chunk ids, more than any object may have (\(ObjectRecord.maxChunkCount))"
+        let longWhy =
+            "object record \(root)/objects/long is damaged: its manifest is \(UInt64.max) bytes, longer than any manifest may be (\(ObjectRecord.maxManifestSize) bytes)"
+
+        let index = try ObjectIndex(chunks: store)
+        #expect(index.recovery.unreadableObjects == ["huge": hugeWhy, "many": manyWhy, "long": longWhy])
+        #expect(assertStoreError(.corruptRecord) { try index.object("huge") } == hugeWhy)
+        #expect(assertStoreError(.corruptRecord) { try index.object("many") } == manyWhy)
+        #expect(assertStoreError(.corruptRecord) { try index.object("long") } == longWhy)
+        #expect(try index.object("good").chunkIDs == ids)
+        #expect(try index.listObjects() == ["good", "huge", "long", "many"])
+    }
+
     @Test func ownerIsKeptAndRecordsWithoutOneStayVersion1() throws {
         let store = try ChunkStore(root: root)
         let index = try ObjectIndex(chunks: store)
