@@ -80,13 +80,6 @@ public actor ACMEServer {
         }
     }
 
-    /// File names the server keeps beside the authority's files (`TrustAuthority.FileName`
-    /// names those it shares with a node's CA: the transparency log and its key).
-    public enum FileName {
-        /// Revoked serials, one hex serial per line.
-        public static let revoked = "revoked.txt"
-    }
-
     private struct Account {
         var id: String
         var key: JWK
@@ -149,7 +142,7 @@ public actor ACMEServer {
         eabKeys = ExternalAccountKeyStore(caDirectory: caDirectory)
         let log = try TransparencyLog.openForAuthority(caDirectory: caDirectory) { [logger] in logger.warning("\($0)") }
         self.log = log
-        revokedPath = caDirectory + "/" + FileName.revoked
+        revokedPath = caDirectory + "/" + TrustAuthority.FileName.revoked
         if FileManager.default.fileExists(atPath: revokedPath) {
             revoked = Set(try PEMFiles.readSerials(revokedPath).map { CertificateSummary.hexSerial($0) })
         }

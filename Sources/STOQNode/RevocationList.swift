@@ -14,7 +14,7 @@ final class RevocationList: Sendable {
     let path: String
     private let serials = Replaceable<Set<Certificate.SerialNumber>>([])
 
-    init(dataDir: String) { path = dataDir + "/trust/revoked.txt" }
+    init(dataDir: String) { path = dataDir + "/trust/" + TrustAuthority.FileName.revoked }
 
     /// Whether anything judges client certificates under `cfg`, and so reads the revoked serials.
     static func needed(by cfg: NodeConfig) -> Bool {

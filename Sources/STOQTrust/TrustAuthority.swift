@@ -35,6 +35,9 @@ public struct TrustAuthority: Sendable {
         public static let transparencyLog = "transparency.log"
         /// The log's signing key (P-256, 0600), created on first use.
         public static let logKey = "log-key.pem"
+        /// Revoked serials, one hex serial per line (`PEMFiles.readSerials`): where `stoq trust
+        /// serve` writes its revocations and a node whose CA this is reads them.
+        public static let revoked = "revoked.txt"
     }
 
     /// The default node certificate lifetime: short, so rotation rather than revocation is
