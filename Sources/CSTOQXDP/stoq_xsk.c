@@ -244,9 +244,22 @@ static struct neigh *lookup_neighbour(stoq_xsk *x, const struct in6_addr *peer) 
 }
 
 /* Asks the kernel to resolve `peer` (it does ND itself; the XDP program passes ICMPv6):
- * an empty datagram to the discard port from an ordinary socket. */
+ * an empty datagram to the discard port from an ordinary socket. Once per SOLICIT_INTERVAL_NS
+ * a peer, within the window's budget: every reply to an unresolved peer comes here. */
 static void solicit(stoq_xsk *x, const struct in6_addr *peer) {
   if (x->solicit_fd < 0) return;
+  uint64_t t = now_ns();
+  struct solicited *last = &x->solicited[neigh_hash(peer) & (SOLICIT_SLOTS - 1)];
+  if (last->at && t - last->at < SOLICIT_INTERVAL_NS && memcmp(&last->peer, peer, 16) == 0) return;
+  if (t - x->solicit_window_start >= NEIGH_LOOKUP_WINDOW_NS) {
+    x->solicit_window_start = t;
+    x->solicits_in_window = 0;
+  }
+  if (x->solicits_in_window >= NEIGH_LOOKUPS) return;
+  x->solicits_in_window++;
+  last->peer = *peer;
+  last->at = t;
+  x->c.neighbour_solicits++;
   struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_port = htons(9), .sin6_addr = *peer};
   (void)sendto(x->solicit_fd, "", 0, MSG_DONTWAIT, (struct sockaddr *)&sa, sizeof(sa));
 }

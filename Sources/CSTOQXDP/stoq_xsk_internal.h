@@ -39,6 +39,16 @@
  * most); past that a reply to a missing peer is dropped as before (tx_no_neighbour). */
 #define NEIGH_LOOKUPS 64
 #define NEIGH_LOOKUP_WINDOW_NS 200000000ull
+/* A peer the kernel cannot resolve either is solicited (solicit: an empty datagram to its
+ * discard port, for the kernel to run Neighbour Discovery) at most once per
+ * SOLICIT_INTERVAL_NS: the kernel retransmits its Neighbour Solicitations itself meanwhile
+ * (RetransTimer, 1 s), and each datagram more would only wait in its queue for the address,
+ * then go to the peer's port 9 once it resolves. SOLICIT_SLOTS remember whom, by address
+ * (direct-mapped: a peer whose slot another took may be solicited sooner), and all peers
+ * together are solicited at most NEIGH_LOOKUPS times per NEIGH_LOOKUP_WINDOW_NS, as many as
+ * are looked up (a flood of Initials from spoofed sources is as many peers). */
+#define SOLICIT_INTERVAL_NS 1000000000ull
+#define SOLICIT_SLOTS 64
 #define NL_BUF 8192
 #define SLOT_FRAMES 16
 
@@ -122,6 +132,12 @@ struct stoq_xsk {
   uint32_t lookups_in_window;
   uint8_t *nl_buf;
   int solicit_fd;
+  struct solicited {
+    struct in6_addr peer;
+    uint64_t at; /* now_ns() of its last solicitation; 0: none */
+  } solicited[SOLICIT_SLOTS];
+  uint64_t solicit_window_start; /* NEIGH_LOOKUPS solicitations per NEIGH_LOOKUP_WINDOW_NS */
+  uint32_t solicits_in_window;
   int wake_fd;       /* another worker's nudge (eventfd), or -1 */
   stoq_xsk *learner; /* whose neighbour table received frames teach (itself, or its group's transmitter) */
 };

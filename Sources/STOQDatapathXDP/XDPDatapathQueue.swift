@@ -178,6 +178,7 @@ public final class XDPDatapathQueue: DatapathQueue {
             ("frames_kernel_rx", "\(f.kernel_rx)"), ("frames_held", "\(f.held)"), ("frames_tx_free", "\(f.tx_free)"),
             ("frames_tx_reserved", "\(f.tx_reserved)"), ("frames_tx_in_flight", "\(f.tx_in_flight)"),
             ("rx_checksum_errors", "\(c.rx_checksum_errors)"), ("tx_no_neighbour", "\(c.tx_no_neighbour)"),
+            ("neighbour_solicits", "\(c.neighbour_solicits)"),
             ("kernel_rx_dropped", "\(c.k_rx_dropped)"), ("kernel_rx_ring_full", "\(c.k_rx_ring_full)"),
             ("kernel_fill_ring_empty", "\(c.k_fill_ring_empty)"),
         ]

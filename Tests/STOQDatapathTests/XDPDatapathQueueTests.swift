@@ -182,6 +182,53 @@ import Glibc
         if seconds < 0.2 { #expect(lookups == 64) } else { #expect(lookups <= 64 * UInt64(1 + seconds / 0.2)) }
     }
 
+    /// A burst of replies to a peer nobody can resolve (on-link, no neighbour entry) asks the
+    /// kernel to resolve it once (SOLICIT_INTERVAL_NS, 1 s), not once a reply: `solicit` sent an
+    /// empty datagram to the peer's port 9 for each reply it dropped (tx_no_neighbour), every
+    /// one a syscall and a datagram the kernel queued for the address. The kernel's own count
+    /// of datagrams sent from stoq-a's sockets (Udp6OutDatagrams) says how many left.
+    @Test func aBurstToAnUnresolvedPeerSolicitsItOnce() throws {
+        if let reason = Testbed.unavailable { try Test.cancel(Comment(rawValue: reason)) }
+        try Testbed.up()
+        defer { Testbed.down() }
+        let queue = try Harness.onThread(namespace: Testbed.namespaceA) { () throws -> XDPDatapathQueue in
+            var o = XDPOptions(interface: "veth-a")
+            o.zeroCopy = .off
+            return try XDPDatapathQueue(bind: IPv6Endpoint(address: IPv6Address(Testbed.addressA)!, port: Testbed.port), options: o)
+        }
+        defer { queue.close() }
+        let misses = 100
+        let nobody = IPv6Endpoint(address: IPv6Address("fd00:5704::98:1")!, port: Testbed.port)
+        let (dropped, solicits, sent, seconds) = try Harness.onThread(namespace: Testbed.namespaceA) {
+            () throws -> (UInt64, UInt64, UInt64, Double) in
+            let before = try Self.udp6OutDatagrams()
+            let start = monotonicNow()
+            for i in 0..<misses {
+                guard let slot = queue.reserveTransmit() else { throw DatapathError(.transmit, operation: "reserve") }
+                slot.copyBytes(from: [UInt8(i)])
+                queue.commitTransmit(length: 1, segmentSize: 1, to: nobody, ecn: .notECT)
+            }
+            let seconds = Double(monotonicNow() - start) / 1e9
+            let c = queue.engineCounters
+            return (c.tx_no_neighbour, c.neighbour_solicits, try Self.udp6OutDatagrams() - before, seconds)
+        }
+        #expect(dropped == UInt64(misses))
+        // Within one interval (the 100 commits take well under 1 s) exactly one.
+        let most = seconds < 1 ? 1 : 1 + UInt64(seconds)
+        #expect(solicits >= 1 && solicits <= most, "\(solicits) solicitations in \(seconds) s")
+        #expect(sent == solicits, "the kernel counted \(sent) datagrams sent, the queue \(solicits) solicitations")
+    }
+
+    /// Udp6OutDatagrams of the calling thread's network namespace.
+    static func udp6OutDatagrams() throws -> UInt64 {
+        let text = try String(contentsOfFile: "/proc/thread-self/net/snmp6", encoding: .utf8)
+        for line in text.split(separator: "\n") {
+            let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            if f.count == 2 && f[0] == "Udp6OutDatagrams", let n = UInt64(f[1]) { return n }
+        }
+        throw DatapathError(.receive, operation: "read /proc/thread-self/net/snmp6", message: "no Udp6OutDatagrams")
+    }
+
     /// One default for the neighbour table, the engine's: a socket opened with XDPOptions'
     /// defaults and one opened from C with neighbour_peers 0 (the engine's default) get the
     /// same table, the 32768 slots (1.25 MiB) docs/deployment.md gives for 10000 connections.

@@ -86,6 +86,7 @@ typedef struct stoq_xsk_counters {
   uint64_t tx_errors;          /* kicks the kernel refused with a real error */
   uint64_t tx_no_neighbour;    /* datagrams dropped: next-hop MAC unknown (kernel asked to resolve) */
   uint64_t neighbour_lookups;  /* peers missing from the table looked up in the kernel (route + next hop) */
+  uint64_t neighbour_solicits; /* datagrams sent the kernel to make it resolve a peer (one a second a peer at most) */
   /* The kernel's own counters for this socket (XDP_STATISTICS). */
   uint64_t k_rx_dropped, k_rx_invalid_descs, k_tx_invalid_descs, k_rx_ring_full, k_fill_ring_empty, k_tx_ring_empty;
 } stoq_xsk_counters;
