@@ -268,7 +268,9 @@ let package = Package(
                                                             .product(name: "TOMLKit", package: "TOMLKit"),
                                                             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "STOQQUICTests", dependencies: ["STOQQUIC", "STOQTestSupport"]),
+        // STOQQUIC only for the defaults the AF_XDP engine shares with it (XDPDefaultsTests).
         .testTarget(name: "STOQDatapathTests", dependencies: ["STOQDatapath", "STOQDatapathURing", "STOQCore",
+                                                              .target(name: "STOQQUIC", condition: .when(traits: ["AFXDP"])),
                                                               .target(name: "STOQDatapathXDP", condition: .when(traits: ["AFXDP"]))]),
         .testTarget(name: "STOQChunkingTests", dependencies: ["STOQChunking", "STOQCore"]),
         // Test only: runs bpf/stoq_xdp.bpf.o through BPF_PROG_TEST_RUN (the steering agreement test).
