@@ -261,6 +261,16 @@ package struct NodeMetrics {
         perWorker("stoq_tls_early_data_total", "Handshakes whose 0-RTT data the node accepted (tls.early_data).") {
             $0.endpoint.tlsEarlyData
         }
+        // The anti-replay table is the process's, shared by the workers.
+        let replay = AntiReplay.counters
+        family(
+            "stoq_tls_anti_replay_total", "counter",
+            "ClientHellos with early data, by what the anti-replay table said: accepted (0-RTT), replay, over_share (its /64's share full), full (refused 0-RTT but the last).",
+            [
+                ("{verdict=\"accepted\"}", replay.accepted), ("{verdict=\"replay\"}", replay.replays),
+                ("{verdict=\"over_share\"}", replay.overShare), ("{verdict=\"full\"}", replay.full),
+            ])
+        family("stoq_tls_anti_replay_entries", "gauge", "ClientHellos the anti-replay table remembers now.", [("", replay.live)])
         perWorker("stoq_http_too_early_total", "Requests in 0-RTT that are not GET/HEAD, answered 425 Too Early.") {
             $0.endpoint.requestsTooEarly
         }

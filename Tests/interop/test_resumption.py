@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -26,6 +27,14 @@ COUNTERS = ["stoq_tls_resumed_total", "stoq_tls_early_data_total", "stoq_http_to
 
 def counters(node):
     return settled(lambda: summed_counters(node, COUNTERS))
+
+
+def anti_replay(node, verdict):
+    """The node's stoq_tls_anti_replay_total{verdict=...} (the process's table)."""
+    with urllib.request.urlopen(node.admin, timeout=10) as r:
+        m = re.search(rf'^stoq_tls_anti_replay_total{{verdict="{verdict}"}} (\d+)$', r.read().decode(), re.M)
+    assert m, f"no stoq_tls_anti_replay_total{{verdict=\"{verdict}\"}} in /metrics"
+    return int(m.group(1))
 
 
 def resumed(node):
@@ -195,8 +204,10 @@ def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
     finish)."""
     ticket = tmp_path / "ticket.pickle"
     h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
+    replays = anti_replay(tnode, "replay")
     served, after = replay_an_early_flight(tnode, tmp_path, ticket)
     assert after == served
+    assert anti_replay(tnode, "replay") == replays + 1
 
 
 def test_a_replay_across_a_new_anti_replay_window_gets_no_early_data(tnode, tmp_path):
