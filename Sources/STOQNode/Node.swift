@@ -175,7 +175,7 @@ public final class Node: @unchecked Sendable {
         if cfg.trust.requireTransparency {
             t.transparencyLogs =
                 cfg.trust.transparencyLogs.isEmpty
-                ? [cfg.node.dataDir + "/trust/log-key.pem"]
+                ? [cfg.node.dataDir + "/trust/" + TrustAuthority.FileName.logKey]
                 : cfg.trust.transparencyLogs
         }
         return t
