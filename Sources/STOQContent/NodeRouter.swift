@@ -30,6 +30,8 @@ package final class NodeRouter: QUICApplication {
     package let access: AccessGate
     /// What the access check decided, for `/metrics`.
     package private(set) var accessCounters = AccessCounters()
+    /// "access refused" lines, at most one per status and identity every `LogThrottle.interval`.
+    private var refusalLog = LogThrottle()
 
     let logger: Logger
 
@@ -153,12 +155,17 @@ package final class NodeRouter: QUICApplication {
 
     private func refuse(_ request: HTTPRequest, _ status: Int, _ why: String, challenge: String?, _ stream: HTTPStream, _ connection: QUICConnection) {
         if status == 401 { accessCounters.refusedUnauthenticated &+= 1 } else { accessCounters.refusedForbidden &+= 1 }
-        logger.notice(
-            "access refused",
-            metadata: [
-                "peer": "\(connection.peer)", "status": "\(status)", "method": "\(request.method)", "path": "\(request.path)",
-                "identity": "\(request.identity)", "reason": "\(why)",
-            ])
+        // Counted every one; logged once per status and identity (an anonymous client's is its
+        // /64) every `LogThrottle.interval`: a client may send refused requests as fast as it
+        // likes, and the log is not its to fill.
+        if let more = refusalLog.allow("\(status) \(request.identity)", now: monotonicNow()) {
+            logger.notice(
+                "access refused\(more)",
+                metadata: [
+                    "peer": "\(connection.peer)", "status": "\(status)", "method": "\(ShownText.cut(request.method))",
+                    "path": "\(ShownText.cut(request.path))", "identity": "\(ShownText.cut(request.identity))", "reason": "\(why)",
+                ])
+        }
         let body = BodyRegion(copying: Array("\(why)\n".utf8))
         var headers = [("content-type", "text/plain"), ("content-length", "\(body.count)")]
         if let challenge { headers.append(("www-authenticate", challenge)) }

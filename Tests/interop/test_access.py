@@ -146,6 +146,25 @@ def test_anonymous_write_is_401_and_nothing_is_stored(anode, src):
     assert f"identity=addr:fd00:5707::/64" in anode.text_log()
 
 
+def test_refusals_are_counted_each_and_logged_once_in_a_while(anode, src):
+    """A client sending refused requests as fast as it likes does not write the log as fast:
+    each is counted, but one line per status and identity every 10 s is logged, the next one
+    saying how many were held back."""
+    before = settled(anode.counters)
+    lines = anode.text_log().count("access refused")
+    code = ("import sys, subprocess\n"
+            "for i in range(int(sys.argv[1])):\n"
+            "    subprocess.run(sys.argv[2:], capture_output=True)\n")
+    args = [sys.executable, HERE / "h3client.py", f"https://[{NODE_ADDR}]:{PORT}/objects/flood.bin", "--ca", anode.cert,
+            "--method", "DELETE"]
+    r = run(in_ns(CLIENT_NS, sys.executable, "-c", code, "12", *args), timeout=120)
+    assert r.returncode == 0, r.stderr
+    after = settled(anode.counters)
+    assert after["stoq_access_refused_total{401}"] - before["stoq_access_refused_total{401}"] == 12
+    # Two workers, a line each per 10 s: at most four lines if the twelve take 20 s (before: 12).
+    assert anode.text_log().count("access refused") - lines <= 4, anode.text_log()[-3000:]
+
+
 def test_operator_token_writes_from_another_machine(anode, src, tmp_path):
     before = settled(anode.counters)
     status, err = put(anode, "op.bin", src, "--token-file", anode.token_file)

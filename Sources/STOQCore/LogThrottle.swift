@@ -1,21 +1,23 @@
-import STOQCore
-
 /// At most one log line per key every `interval`, saying how many were held back since: what
-/// anyone may send (adverts need no credential) must not write the log as fast as it arrives.
-struct LogThrottle: Sendable {
-    static let interval: UInt64 = 10 * Nanos.second
+/// anyone may send (mesh adverts, requests the access policy refuses) must not write the log as
+/// fast as it arrives. Not locked: one per thread (a worker's, the mesh thread's) or behind the
+/// owner's lock.
+public struct LogThrottle: Sendable {
+    public static let interval: UInt64 = 10 * Nanos.second
 
     private var last: [String: (at: UInt64, held: UInt64)] = [:]
 
+    public init() {}
+
     /// Whether the line for `key` would be said now (`allow` would not hold it back).
-    func wouldAllow(_ key: String, now: UInt64) -> Bool {
+    public func wouldAllow(_ key: String, now: UInt64) -> Bool {
         guard let l = last[key] else { return true }
         return now &- l.at >= Self.interval
     }
 
     /// Nil when the line for `key` is held back; else what to append to it (the count held back
     /// since the last one, if any).
-    mutating func allow(_ key: String, now: UInt64) -> String? {
+    public mutating func allow(_ key: String, now: UInt64) -> String? {
         if let l = last[key], now &- l.at < Self.interval {
             last[key] = (l.at, l.held + 1)
             return nil
