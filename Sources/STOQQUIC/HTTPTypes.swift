@@ -192,6 +192,8 @@ public struct HTTPStream: Hashable, @unchecked Sendable {
     public var id: Int64 { stoq_stream_id(raw) }
     /// Body bytes received so far.
     public var bytesReceived: UInt64 { stoq_stream_received(raw) }
+    /// Body bytes this end sent that the peer has acknowledged (an upload's progress).
+    public var bodyBytesAcknowledged: UInt64 { stoq_stream_body_acked(raw, nil) }
     /// Server: the status of the response sent, 0 before one is.
     public var responseStatus: Int { Int(stoq_stream_status(raw)) }
     /// errno of a failed body write, or 0.

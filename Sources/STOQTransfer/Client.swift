@@ -608,9 +608,12 @@ public enum STOQClient {
     /// the request and throws `.io` naming it (a mapping would take SIGBUS). A file that is not
     /// a regular one (a FIFO, `/dev/stdin`, a process substitution) has no length to announce:
     /// it is read to its end as `put(reading:)` does.
+    /// `progress(acknowledged, total)` is called as the server acknowledges body bytes, at
+    /// most every 100 ms, and once at the end.
     public static func put(
         file: String, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
-        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
+        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = [],
+        progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         let fd = open(file, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw ClientError(.io, "\(file): \(String(cString: strerror(errno)))") }
@@ -621,12 +624,14 @@ public enum STOQClient {
         case S_IFREG: break
         case S_IFDIR: throw ClientError(.io, "\(file): is a directory")
         default:
-            return try put(reading: fd, to: url, trust: trust, datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers)
+            return try put(
+                reading: fd, to: url, trust: trust, datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers,
+                progress: progress)
         }
         do {
             return try transfer(
                 url, method: "PUT", body: nil, bodyFrom: fd, bodyLength: UInt64(st.st_size), sinkFD: -1, hash: false, trust: trust,
-                datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
+                datapath: datapath, timeout: timeout, congestionControl: congestionControl, headers: headers, progress: progress)
         } catch let error where error.code == .io {
             throw ClientError(.io, "\(file): \(error.message)")
         }
@@ -634,14 +639,16 @@ public enum STOQClient {
 
     /// Uploads what `fd` yields (a pipe, stdin: read until its end, not closed here) to `url`
     /// with PUT, as it comes and without a content-length; `bytes` in the result is how much
-    /// was read. A failed read resets the request and throws `.io`.
+    /// was read. A failed read resets the request and throws `.io`. `progress` as for
+    /// `put(file:)`, with no total.
     public static func put(
         reading fd: Int32, to url: STOQURL, trust: ClientTrust, datapath: ClientDatapath, timeout: Double = 300,
-        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = []
+        congestionControl: CongestionControl = QUICSettings().congestionControl, headers: [(String, String)] = [],
+        progress: ((UInt64, UInt64?) -> Void)? = nil
     ) throws(ClientError) -> TransferResult {
         try transfer(
             url, method: "PUT", body: nil, bodyFrom: fd, sinkFD: -1, hash: false, trust: trust, datapath: datapath,
-            timeout: timeout, congestionControl: congestionControl, headers: headers, progress: nil)
+            timeout: timeout, congestionControl: congestionControl, headers: headers, progress: progress)
     }
 
     /// Whether a GET with `headers` asks for the whole object (no `Range`): then only
@@ -716,6 +723,9 @@ public enum STOQClient {
         } catch { throw ClientError(.transfer, "\(error)") }
         app.stream = stream
         app.streamedBody = streamed
+        // Progress is the body's way: an upload's by what the server acknowledged of it.
+        // nil for a download; .some(nil) for an upload of unknown length (a pipe).
+        let uploadLength: UInt64?? = streamed != nil ? .some(bodyLength) : body.map { .some(UInt64($0.count)) }
         let t0 = monotonicNow()
         var lastReport: UInt64 = 0
         // STOQ_STATS=1: the transport's state every 100 ms, then the datapath's counters (stderr).
@@ -741,7 +751,11 @@ public enum STOQClient {
                     let now = monotonicNow()
                     if now - lastReport >= progressInterval {
                         lastReport = now
-                        progress(s.bytesReceived, app.contentLength.map { UInt64($0) })
+                        if let uploadLength {
+                            progress(s.bodyBytesAcknowledged, uploadLength)
+                        } else {
+                            progress(s.bytesReceived, app.contentLength.map { UInt64($0) })
+                        }
                     }
                 }
                 return app.closed != nil || app.connectionError != nil
@@ -801,7 +815,12 @@ public enum STOQClient {
             throw ClientError(.http, why)
         }
         if method == "GET", let why = app.head?.bodyMismatch(sha256: app.sha) { throw ClientError(.integrity, why) }
-        progress?(app.received, app.contentLength.map { UInt64($0) })
+        if let uploadLength {
+            let total = sent?.bytes ?? UInt64(body?.count ?? 0)
+            progress?(total, uploadLength ?? total)
+        } else {
+            progress?(app.received, app.contentLength.map { UInt64($0) })
+        }
         let sha = method == "GET" ? app.sha.map(Hex.encode) ?? "" : app.storedSHA256 ?? ""
         return TransferResult(
             status: status, bytes: method == "GET" ? app.received : sent?.bytes ?? UInt64(body?.count ?? 0),

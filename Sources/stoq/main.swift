@@ -537,16 +537,28 @@ struct Put: ParsableCommand {
             return
         }
         let r: TransferResult
+        // On a terminal, the body's progress as the node acknowledges it (as `get` shows its).
+        let tty = isatty(STDERR_FILENO) == 1 && !json
+        let start = Date()
+        let progress: ((UInt64, UInt64?) -> Void)? =
+            tty
+            ? { sent, total in
+                FileHandle.standardError.write(Data(progressLine(got: sent, total: total, seconds: Date().timeIntervalSince(start)).utf8))
+            } : nil
         do {
             r =
                 file == "-"
                 ? try STOQClient.put(
                     reading: STDIN_FILENO, to: u, trust: trust.trust, datapath: .ioUring, timeout: timeout ?? 300, congestionControl: cc,
-                    headers: traceHeaders)
+                    headers: traceHeaders, progress: progress)
                 : try STOQClient.put(
                     file: file, to: u, trust: trust.trust, datapath: .ioUring, timeout: timeout ?? 300, congestionControl: cc,
-                    headers: traceHeaders)
-        } catch { throw fail("\(error)") }
+                    headers: traceHeaders, progress: progress)
+        } catch {
+            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            throw fail("\(error)")
+        }
+        if tty { FileHandle.standardError.write(Data("\n".utf8)) }
         if json { printJSON(r) }
         guard r.status / 100 == 2 else { throw fail("\(u): HTTP \(r.status)\(r.message.map { ": \($0)" } ?? "")") }
     }

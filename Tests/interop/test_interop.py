@@ -108,6 +108,34 @@ def test_put_then_get_round_trip(node, tmp_path):
     assert json.loads(r.stdout)["sha256"] == sha256_file(src)
 
 
+def test_put_on_a_terminal_shows_its_progress(node, tmp_path):
+    """Plain `stoq put` with standard error on a terminal redraws a progress line as the node
+    acknowledges the body, ending at 100 % of the file; on a pipe it prints nothing (before:
+    nothing on either, until it ended)."""
+    import pty
+    src = tmp_path / "progress.bin"
+    src.write_bytes(os.urandom(8 << 20))
+    master, slave = pty.openpty()
+    p = subprocess.Popen([need_binary("stoq"), "put", str(src), node.url("progress.bin"), "--ca", str(node.cert)],
+                         stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "STOQ_TOKEN": node.token})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            got = os.read(master, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not got:
+            break
+        out += got
+    os.close(master)
+    assert p.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert text.startswith("\r") and "8.0 MiB" in text and "100%" in text, repr(text)
+    r = stoq("put", src, node.url("progress2.bin"), "--ca", node.cert)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 @pytest.mark.parametrize("cc", ["reno", "bbr", "bbr2"])
 def test_put_with_each_congestion_control(node, tmp_path, cc):
     """`stoq put --cc` sends with that controller; the bytes arrive the same. STOQ_STATS
