@@ -204,10 +204,13 @@ def test_a_replayed_0rtt_client_hello_gets_no_early_data(tnode, tmp_path):
     finish)."""
     ticket = tmp_path / "ticket.pickle"
     h3client(tnode, tnode.url("r.bin"), "--session-ticket", ticket)
-    replays = anti_replay(tnode, "replay")
+    accepted, replays = anti_replay(tnode, "accepted"), anti_replay(tnode, "replay")
     served, after = replay_an_early_flight(tnode, tmp_path, ticket)
     assert after == served
-    assert anti_replay(tnode, "replay") == replays + 1
+    # The table took the fetch's ClientHello, and refused the replay as one unless GnuTLS had
+    # already refused it (its 10 s window rolled over in between: it then asks no table).
+    assert anti_replay(tnode, "accepted") == accepted + 1
+    assert anti_replay(tnode, "replay") - replays in (0, 1)
 
 
 def test_a_replay_across_a_new_anti_replay_window_gets_no_early_data(tnode, tmp_path):
